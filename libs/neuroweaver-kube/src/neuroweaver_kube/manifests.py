@@ -1,0 +1,696 @@
+"""Pure functions that build Kubernetes manifests (plain dicts) from small dataclass specs.
+
+Nothing here talks to a cluster. The model server workload is a Deployment + Service (+ HPA,
+ServiceMonitor, PrometheusRule); a training run is a batch/v1 Job. :func:`to_yaml` renders any list
+of objects as multi-document YAML in apply order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from neuroweaver_kube.metrics import DEFAULT_METRICS, ModelServerMetrics
+
+GRPC_PORT = 50051
+HTTP_PORT = 8080
+INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
+PART_OF = "neuroweaver"
+DEPLOYER_MANAGER = "neuroweaver-deployer"
+TRAINER_MANAGER = "neuroweaver-trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+MODEL_SERVER_MODULE = "neuroweaver_deployer.model_server"
+TRAINER_WORKER_MODULE = "neuroweaver_trainer.worker"
+NON_ROOT_UID = 10001
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+# Kinds in the order they are applied (dependencies first; monitoring CRDs last).
+APPLY_ORDER = (
+    "Namespace",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Service",
+    "Deployment",
+    "Job",
+    "HorizontalPodAutoscaler",
+    "ServiceMonitor",
+    "PrometheusRule",
+)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _short_hash(value: str, n: int = 8) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:n]
+
+
+def is_dns1123_label(value: str) -> bool:
+    """True when ``value`` is a valid RFC 1123 label (lowercase alnum and '-', <= 63 chars)."""
+    return len(value) <= 63 and bool(_DNS1123_LABEL.match(value))
+
+
+def dns1123_name(value: str, *, prefix: str = "nw", max_len: int = 63) -> str:
+    """Derive a DNS-1123 label from any id (e.g. ``projects/p/deployments/My_Dep``).
+
+    Lowercases, maps invalid characters to '-', prefixes ``prefix-`` (so the name also starts with
+    a letter, as Service names require), and when the result is too long or had to be altered in a
+    lossy way keeps it unique by truncating and appending an 8-hex sha256 of the original id.
+    """
+    if max_len < 20:
+        raise ValueError("max_len must leave room for a hash suffix")
+    raw = value.rsplit("/", 1)[-1]
+    cleaned = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", raw.lower())).strip("-")
+    base = "-".join(p for p in (prefix, cleaned) if p)
+    if cleaned == value and len(base) <= max_len and is_dns1123_label(base):
+        return base
+    # Lossy (case, characters, path dropped) or too long: keep it unique with a hash of the id.
+    suffix = _short_hash(value)
+    head = base[: max_len - len(suffix) - 1].rstrip("-")
+    return f"{head}-{suffix}" if head else f"x-{suffix}"
+
+
+def label_value(value: str) -> str:
+    """Make ``value`` a valid label value (<= 63 chars, alnum at both ends; hash when truncated)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-_.")
+    if len(cleaned) > 63:
+        cleaned = f"{cleaned[:54].rstrip('-_.')}-{_short_hash(value)}"
+    assert _LABEL_VALUE.match(cleaned), cleaned
+    return cleaned
+
+
+def recommended_labels(
+    *, name: str, instance: str, component: str, managed_by: str, version: str | None = None
+) -> dict[str, str]:
+    """Kubernetes recommended labels (``app.kubernetes.io/*``)."""
+    labels = {
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": managed_by,
+    }
+    if version:
+        labels["app.kubernetes.io/version"] = label_value(version)
+    return labels
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+@dataclass(frozen=True)
+class Resources:
+    """CPU/memory requests and limits (Kubernetes quantity strings); ``None`` leaves one out."""
+
+    cpu_request: str | None = "1"
+    memory_request: str | None = "4Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = "8Gi"
+    ephemeral_storage_request: str | None = None
+
+
+def _resources(res: Resources, gpus: int, gpu_resource: str) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu_request:
+        requests["cpu"] = res.cpu_request
+    if res.memory_request:
+        requests["memory"] = res.memory_request
+    if res.ephemeral_storage_request:
+        requests["ephemeral-storage"] = res.ephemeral_storage_request
+    if res.cpu_limit:
+        limits["cpu"] = res.cpu_limit
+    if res.memory_limit:
+        limits["memory"] = res.memory_limit
+    if gpus:
+        # Extended resources must have request == limit; both are set explicitly.
+        requests[gpu_resource] = str(gpus)
+        limits[gpu_resource] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": NON_ROOT_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": NON_ROOT_UID,
+        "runAsGroup": NON_ROOT_UID,
+        "fsGroup": NON_ROOT_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _tolerations(tolerations: Sequence[Mapping[str, Any]], gpus: int) -> list[dict[str, Any]]:
+    out = [dict(t) for t in tolerations]
+    if gpus and not any(t.get("key") == GPU_RESOURCE for t in out):
+        out.append(dict(GPU_TOLERATION))
+    return out
+
+
+def _env(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": str(v)} for k, v in env.items()]
+
+
+def _metadata(
+    name: str, namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    md: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if annotations:
+        md["annotations"] = dict(annotations)
+    return md
+
+
+# --------------------------------------------------------------------------- model server
+
+
+@dataclass(frozen=True)
+class ModelServerSpec:
+    """Desired model-server workload for one NeuroWeaver deployment.
+
+    ``name`` is the deployment id (or its resource name); Kubernetes object names derive from it via
+    :func:`dns1123_name`. Autoscaling is on when ``max_replicas`` is greater than ``min_replicas``;
+    then the Deployment omits ``spec.replicas`` so server-side apply never fights the HPA.
+    """
+
+    name: str
+    namespace: str
+    image: str
+    model_version: str
+    served_model_name: str
+    base_model_uri: str
+    adapter_uri: str | None = None
+    adapter_sha256: str | None = None
+    load_in_4bit: bool = False
+    replicas: int = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_cpu_utilization: int = 70
+    resources: Resources = field(default_factory=Resources)
+    gpus: int = 0
+    gpu_resource: str = GPU_RESOURCE
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    grpc_port: int = GRPC_PORT
+    http_port: int = HTTP_PORT
+    #: ``grpc`` is what Istio/Linkerd and most ingresses key on; ``kubernetes.io/h2c`` is the
+    #: standard (Gateway API) value for cleartext HTTP/2. Pick per mesh.
+    grpc_app_protocol: str = "grpc"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = None
+    cache_size_limit: str = "20Gi"
+    startup_timeout_seconds: int = 600
+    monitoring: bool = True
+    scrape_interval: str = "15s"
+    alert_latency_p95_seconds: float = 2.0
+    alert_error_ratio: float = 0.05
+    alert_for: str = "5m"
+    metrics: ModelServerMetrics = DEFAULT_METRICS
+
+    def __post_init__(self) -> None:
+        if not is_dns1123_label(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label")
+        if self.replicas < 0 or self.gpus < 0:
+            raise ValueError("replicas and gpus must be >= 0")
+        if self.adapter_uri and not self.adapter_sha256:
+            raise ValueError("adapter_uri needs adapter_sha256")
+        if self.adapter_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.adapter_sha256):
+            raise ValueError("adapter_sha256 must be 64 lowercase hex characters")
+        if self.max_replicas is not None:
+            lo = self.min_replicas if self.min_replicas is not None else 1
+            if lo < 1 or self.max_replicas < lo:
+                raise ValueError("need 1 <= min_replicas <= max_replicas")
+        if not 1 <= self.target_cpu_utilization <= 100:
+            raise ValueError("target_cpu_utilization must be in 1..100")
+
+    @property
+    def object_name(self) -> str:
+        """Name shared by the Deployment, Service, HPA, ServiceMonitor and PrometheusRule."""
+        return dns1123_name(self.name)
+
+    @property
+    def autoscaling(self) -> bool:
+        lo = self.min_replicas if self.min_replicas is not None else 1
+        return self.max_replicas is not None and self.max_replicas > lo
+
+    @property
+    def version_label(self) -> str:
+        return label_value(self.model_version.rsplit("/", 1)[-1])
+
+    def selector_labels(self) -> dict[str, str]:
+        """Immutable selector: never includes the version, so a new model version rolls in place."""
+        return {
+            "app.kubernetes.io/name": "neuroweaver-model-server",
+            "app.kubernetes.io/instance": self.object_name,
+        }
+
+    def labels_all(self) -> dict[str, str]:
+        labels = recommended_labels(
+            name="neuroweaver-model-server",
+            instance=self.object_name,
+            component="model-server",
+            managed_by=DEPLOYER_MANAGER,
+            version=self.version_label,
+        )
+        labels.update(self.labels)
+        labels.update(self.selector_labels())
+        return labels
+
+
+def model_server_args(spec: ModelServerSpec) -> list[str]:
+    """Command-line contract of ``python -m neuroweaver_deployer.model_server``."""
+    args = [
+        "--grpc-port", str(spec.grpc_port),
+        "--http-port", str(spec.http_port),
+        "--base-model", spec.base_model_uri,
+        "--served-model-name", spec.served_model_name,
+        "--model-version", spec.model_version,
+    ]  # fmt: skip
+    if spec.adapter_uri:
+        args += ["--adapter-uri", spec.adapter_uri, "--adapter-sha256", str(spec.adapter_sha256)]
+    if spec.load_in_4bit:
+        args.append("--load-in-4bit")
+    return args
+
+
+def _grpc_probe(port: int, service: str | None, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    grpc: dict[str, Any] = {"port": port}
+    if service is not None:
+        grpc["service"] = service
+    return {"grpc": grpc, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": timeout}
+
+
+def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
+    """apps/v1 Deployment running the model server with gRPC probes and a zero-downtime rollout."""
+    labels = spec.labels_all()
+    env = {
+        "HF_HOME": "/cache/huggingface",
+        "HOME": "/tmp",
+        "NW_MODEL_SERVER_POD_NAMESPACE": spec.namespace,
+        **spec.env,
+    }
+    env_list = _env(env)
+    env_list.append({"name": "NW_MODEL_SERVER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    container: dict[str, Any] = {
+        "name": "model-server",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", MODEL_SERVER_MODULE],
+        "args": model_server_args(spec),
+        "env": env_list,
+        "ports": [
+            {"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"},
+            {"name": "http", "containerPort": spec.http_port, "protocol": "TCP"},
+        ],
+        # Startup covers model loading; liveness checks the process (overall health, service "");
+        # readiness checks that the inference service itself is SERVING.
+        "startupProbe": _grpc_probe(spec.grpc_port, "", 10, max(1, spec.startup_timeout_seconds // 10)),
+        "livenessProbe": _grpc_probe(spec.grpc_port, "", 10, 3),
+        "readinessProbe": _grpc_probe(spec.grpc_port, INFERENCE_SERVICE, 5, 3),
+        "resources": _resources(spec.resources, spec.gpus, spec.gpu_resource),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+        ],
+    }
+    pod_annotations = {"neuroweaver.ai/model-version": spec.model_version}
+    if spec.adapter_sha256:
+        pod_annotations["neuroweaver.ai/adapter-sha256"] = spec.adapter_sha256
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": _pod_security(),
+        "terminationGracePeriodSeconds": 30,
+        "enableServiceLinks": False,
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
+        ],
+    }
+    if spec.service_account:
+        pod_spec["serviceAccountName"] = spec.service_account
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    tolerations = _tolerations(spec.tolerations, spec.gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    dep_spec: dict[str, Any] = {
+        "revisionHistoryLimit": 5,
+        "selector": {"matchLabels": spec.selector_labels()},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "minReadySeconds": 5,
+        "progressDeadlineSeconds": max(600, spec.startup_timeout_seconds + 120),
+        "template": {
+            "metadata": {"labels": labels, "annotations": pod_annotations},
+            "spec": pod_spec,
+        },
+    }
+    if not spec.autoscaling:
+        dep_spec = {"replicas": spec.replicas, **dep_spec}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(spec.object_name, spec.namespace, labels, spec.annotations),
+        "spec": dep_spec,
+    }
+
+
+def model_server_service(spec: ModelServerSpec) -> dict[str, Any]:
+    """v1 Service exposing the gRPC port (appProtocol grpc) and the HTTP port (OpenAI API, /metrics)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec.object_name, spec.namespace, spec.labels_all(), spec.annotations),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": spec.selector_labels(),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": spec.grpc_port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": spec.grpc_app_protocol,
+                },
+                {
+                    "name": "http",
+                    "port": spec.http_port,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+            ],
+        },
+    }
+
+
+def model_server_hpa(spec: ModelServerSpec) -> dict[str, Any]:
+    """autoscaling/v2 HorizontalPodAutoscaler on CPU utilisation."""
+    lo = spec.min_replicas if spec.min_replicas is not None else 1
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(spec.object_name, spec.namespace, spec.labels_all()),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.object_name},
+            "minReplicas": lo,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": spec.target_cpu_utilization},
+                    },
+                }
+            ],
+            # Model servers are slow to start: scale up promptly, scale down cautiously.
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}],
+                },
+            },
+        },
+    }
+
+
+def model_server_service_monitor(spec: ModelServerSpec) -> dict[str, Any]:
+    """monitoring.coreos.com/v1 ServiceMonitor scraping ``/metrics`` on the HTTP port."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _metadata(spec.object_name, spec.namespace, spec.labels_all()),
+        "spec": {
+            "selector": {"matchLabels": spec.selector_labels()},
+            "namespaceSelector": {"matchNames": [spec.namespace]},
+            "endpoints": [{"port": "http", "path": "/metrics", "scheme": "http", "interval": spec.scrape_interval}],
+        },
+    }
+
+
+def alert_expressions(spec: ModelServerSpec) -> dict[str, str]:
+    """PromQL of the latency-p95 and error-ratio alerts; only uses ``spec.metrics`` names."""
+    m = spec.metrics
+    sel = f'namespace="{spec.namespace}",service="{spec.object_name}"'
+    latency = (
+        f"histogram_quantile(0.95, sum by (le) (rate({m.request_duration_seconds}_bucket{{{sel}}}[5m])))"
+        f" > {spec.alert_latency_p95_seconds:g}"
+    )
+    errors = (
+        f'sum(rate({m.requests_total}{{{sel},{m.code_label}=~"{m.server_error_codes_regex}"}}[5m]))'
+        f" / sum(rate({m.requests_total}{{{sel}}}[5m])) > {spec.alert_error_ratio:g}"
+    )
+    return {"latency_p95": latency, "error_ratio": errors}
+
+
+def model_server_prometheus_rule(spec: ModelServerSpec) -> dict[str, Any]:
+    """monitoring.coreos.com/v1 PrometheusRule with latency-p95 and error-ratio alerts."""
+    exprs = alert_expressions(spec)
+    common = {"namespace": spec.namespace, "deployment": spec.object_name, "model_version": spec.model_version}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _metadata(spec.object_name, spec.namespace, spec.labels_all()),
+        "spec": {
+            "groups": [
+                {
+                    "name": f"{spec.object_name}.model-server",
+                    "rules": [
+                        {
+                            "alert": "NeuroWeaverModelServerHighLatencyP95",
+                            "expr": exprs["latency_p95"],
+                            "for": spec.alert_for,
+                            "labels": {"severity": "warning", **common},
+                            "annotations": {
+                                "summary": (
+                                    f"p95 latency of {spec.served_model_name} above {spec.alert_latency_p95_seconds:g}s"
+                                ),
+                                "description": (
+                                    "95th percentile request latency over 5m is {{ $value | humanizeDuration }}."
+                                ),
+                            },
+                        },
+                        {
+                            "alert": "NeuroWeaverModelServerHighErrorRate",
+                            "expr": exprs["error_ratio"],
+                            "for": spec.alert_for,
+                            "labels": {"severity": "critical", **common},
+                            "annotations": {
+                                "summary": (
+                                    f"error ratio of {spec.served_model_name} above {spec.alert_error_ratio:.0%}"
+                                ),
+                                "description": "Server-error ratio over 5m is {{ $value | humanizePercentage }}.",
+                            },
+                        },
+                    ],
+                }
+            ]
+        },
+    }
+
+
+def model_server_manifests(spec: ModelServerSpec) -> list[dict[str, Any]]:
+    """All objects of a model-server deployment, in apply order."""
+    objs = [model_server_service(spec), model_server_deployment(spec)]
+    if spec.autoscaling:
+        objs.append(model_server_hpa(spec))
+    if spec.monitoring:
+        objs += [model_server_service_monitor(spec), model_server_prometheus_rule(spec)]
+    return sort_for_apply(objs)
+
+
+# --------------------------------------------------------------------------- training job
+
+
+@dataclass(frozen=True)
+class SecretEnv:
+    """An environment variable read from a key of a Secret (``secretKeyRef``)."""
+
+    env: str
+    key: str
+    optional: bool = False
+
+
+DEFAULT_TRAINER_SECRET_ENV = (
+    SecretEnv("NW_TRAINER_DATABASE_URL", "database-url"),
+    SecretEnv("NW_TRAINER_AUTH_TOKEN", "auth-token", optional=True),
+    SecretEnv("NW_REGISTRY_AUTH_TOKEN", "registry-token", optional=True),
+)
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    """Desired batch/v1 Job running one training job's worker.
+
+    ``job`` is the trainer's job id / resource name passed as ``--job``; the Job object name derives
+    from it. With ``checkpoint_pvc`` set the PVC is mounted at ``checkpoint_mount_path`` and
+    ``NW_TRAINER_CHECKPOINT_DIR`` points at a per-job directory, so a retried pod resumes.
+    """
+
+    job: str
+    namespace: str
+    image: str
+    gpus: int = 0
+    gpu_resource: str = GPU_RESOURCE
+    resources: Resources = field(
+        default_factory=lambda: Resources(cpu_request="2", memory_request="8Gi", memory_limit="16Gi")
+    )
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    secret_name: str | None = "neuroweaver-trainer"
+    secret_env: Sequence[SecretEnv] = DEFAULT_TRAINER_SECRET_ENV
+    checkpoint_pvc: str | None = None
+    checkpoint_mount_path: str = "/checkpoints"
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = 86400
+    shm_size_limit: str = "8Gi"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = None
+    extra_args: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not is_dns1123_label(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label")
+        if self.gpus < 0 or self.backoff_limit < 0:
+            raise ValueError("gpus and backoff_limit must be >= 0")
+        if self.checkpoint_pvc is not None and not is_dns1123_label(self.checkpoint_pvc):
+            raise ValueError("checkpoint_pvc must be a DNS-1123 name")
+
+    @property
+    def object_name(self) -> str:
+        return dns1123_name(self.job, prefix="nw-train")
+
+    def labels_all(self) -> dict[str, str]:
+        labels = recommended_labels(
+            name="neuroweaver-trainer-worker",
+            instance=self.object_name,
+            component="training-job",
+            managed_by=TRAINER_MANAGER,
+        )
+        labels.update(self.labels)
+        labels["neuroweaver.ai/training-job"] = label_value(self.job.rsplit("/", 1)[-1])
+        return labels
+
+
+def training_command(spec: TrainingJobSpec) -> list[str]:
+    """Worker entrypoint: plain python for 0-1 GPU, ``accelerate launch`` across GPUs otherwise."""
+    worker = ["--job", spec.job, *spec.extra_args]
+    if spec.gpus > 1:
+        return ["accelerate", "launch", "--num_processes", str(spec.gpus), "-m", TRAINER_WORKER_MODULE, *worker]
+    return ["python", "-m", TRAINER_WORKER_MODULE, *worker]
+
+
+def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
+    """batch/v1 Job for one training run (restartPolicy Never; retries via backoffLimit)."""
+    labels = spec.labels_all()
+    env = {"HF_HOME": "/cache/huggingface", "HOME": "/tmp", "NW_TRAINER_JOB": spec.job, **spec.env}
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+    if spec.checkpoint_pvc:
+        sub = spec.object_name
+        env["NW_TRAINER_CHECKPOINT_DIR"] = f"{spec.checkpoint_mount_path}/{sub}"
+        mounts.append({"name": "checkpoints", "mountPath": spec.checkpoint_mount_path})
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint_pvc}})
+    if spec.gpus > 1:
+        # NCCL needs a large /dev/shm; the default 64Mi breaks multi-GPU collectives.
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size_limit}})
+    env_list = _env(env)
+    if spec.secret_name:
+        for se in spec.secret_env:
+            ref: dict[str, Any] = {"name": spec.secret_name, "key": se.key}
+            if se.optional:
+                ref["optional"] = True
+            env_list.append({"name": se.env, "valueFrom": {"secretKeyRef": ref}})
+    command = training_command(spec)
+    container = {
+        "name": "worker",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": command[:1],
+        "args": command[1:],
+        "env": env_list,
+        "resources": _resources(spec.resources, spec.gpus, spec.gpu_resource),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "securityContext": _pod_security(),
+        "enableServiceLinks": False,
+        "volumes": volumes,
+    }
+    if spec.service_account:
+        pod_spec["serviceAccountName"] = spec.service_account
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    tolerations = _tolerations(spec.tolerations, spec.gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(spec.object_name, spec.namespace, labels, spec.annotations),
+        "spec": job_spec,
+    }
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def sort_for_apply(objects: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Stable sort by :data:`APPLY_ORDER` (unknown kinds go last)."""
+    rank = {k: i for i, k in enumerate(APPLY_ORDER)}
+    return sorted((dict(o) for o in objects), key=lambda o: rank.get(o.get("kind", ""), len(rank)))
+
+
+def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
+    """Multi-document YAML of ``objects`` in apply order (``kubectl apply -f -`` ready)."""
+    return yaml.safe_dump_all(sort_for_apply(objects), sort_keys=False, default_flow_style=False, width=1 << 20)

@@ -1,0 +1,41 @@
+"""Prometheus metric names the model server exports, in one place.
+
+The model server (``neuroweaver_deployer.model_server``) must register its metrics under these
+names, and the PrometheusRule built by :mod:`neuroweaver_kube.manifests` only refers to these names,
+so a test can check that every alert queries a series the server really exports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Histogram of request latency in seconds (labels: ``method``, ``code``). Exposes
+#: ``<name>_bucket``, ``<name>_sum`` and ``<name>_count``.
+INFERENCE_REQUEST_DURATION_SECONDS = "nw_inference_request_duration_seconds"
+#: Counter of finished requests (labels: ``method``, ``code``). With prometheus_client register it as
+#: ``Counter("nw_inference_requests", ...)``: the client appends ``_total`` on exposition.
+INFERENCE_REQUESTS_TOTAL = "nw_inference_requests_total"
+#: Label carrying the outcome: the gRPC status code name (``OK``, ``INTERNAL``...) for gRPC calls and
+#: the HTTP status (``200``, ``503``...) for the OpenAI-compatible HTTP endpoint.
+CODE_LABEL = "code"
+#: Outcomes counted as server errors by the error-rate alert (a regex on ``CODE_LABEL``). Client
+#: errors (INVALID_ARGUMENT, 4xx) are not the server's fault and are left out.
+SERVER_ERROR_CODES_REGEX = "INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|RESOURCE_EXHAUSTED|5.."
+
+
+@dataclass(frozen=True)
+class ModelServerMetrics:
+    """Metric names and label conventions the alert rules are written against."""
+
+    request_duration_seconds: str = INFERENCE_REQUEST_DURATION_SECONDS
+    requests_total: str = INFERENCE_REQUESTS_TOTAL
+    code_label: str = CODE_LABEL
+    server_error_codes_regex: str = SERVER_ERROR_CODES_REGEX
+
+    def exported_series(self) -> frozenset[str]:
+        """Every series name a Prometheus scrape of the model server yields for these metrics."""
+        h = self.request_duration_seconds
+        return frozenset({f"{h}_bucket", f"{h}_sum", f"{h}_count", self.requests_total})
+
+
+DEFAULT_METRICS = ModelServerMetrics()

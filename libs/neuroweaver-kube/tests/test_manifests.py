@@ -1,0 +1,316 @@
+import re
+
+import jsonschema
+import kubernetes_validate
+import prometheus_client
+import pytest
+import yaml
+from crd_schemas import PROMETHEUS_RULE, SERVICE_MONITOR
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuroweaver_kube import metrics
+from neuroweaver_kube.manifests import (
+    INFERENCE_SERVICE,
+    ModelServerSpec,
+    Resources,
+    TrainingJobSpec,
+    alert_expressions,
+    dns1123_name,
+    is_dns1123_label,
+    model_server_manifests,
+    to_yaml,
+    training_job,
+)
+
+K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+SHA = "a" * 64
+
+
+def gpu_spec(**kw):
+    base = dict(
+        name="projects/default/deployments/Service_Advisor-Canary",
+        namespace="neuroweaver",
+        image="ghcr.io/neuroweaver/model-server:0.1.0",
+        model_version="projects/default/models/service-advisor/versions/1.4.0",
+        served_model_name="service-advisor-1.4.0",
+        base_model_uri="file:///models/smollm2-135m",
+        adapter_uri="file:///artifacts/adapters/sa-1.4.0",
+        adapter_sha256=SHA,
+        load_in_4bit=True,
+        min_replicas=2,
+        max_replicas=6,
+        target_cpu_utilization=65,
+        resources=Resources(cpu_request="4", memory_request="24Gi", cpu_limit="8", memory_limit="32Gi"),
+        gpus=1,
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-A10G"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}],
+        labels={"neuroweaver.ai/project": "default"},
+    )
+    base.update(kw)
+    return ModelServerSpec(**base)
+
+
+def cpu_spec(**kw):
+    base = dict(
+        name="chat-demo",
+        namespace="neuroweaver",
+        image="ghcr.io/neuroweaver/model-server:0.1.0",
+        model_version="projects/default/models/chat/versions/0.1.0",
+        served_model_name="chat-0.1.0",
+        base_model_uri="file:///models/smollm2-135m",
+        replicas=2,
+    )
+    base.update(kw)
+    return ModelServerSpec(**base)
+
+
+def multi_gpu_job(**kw):
+    base = dict(
+        job="projects/default/trainingJobs/sft-service-advisor-20250101",
+        namespace="neuroweaver",
+        image="ghcr.io/neuroweaver/trainer:0.1.0",
+        gpus=4,
+        checkpoint_pvc="nw-checkpoints",
+        active_deadline_seconds=6 * 3600,
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    )
+    base.update(kw)
+    return TrainingJobSpec(**base)
+
+
+def validate_all(objs, version):
+    for obj in objs:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            schema = {"ServiceMonitor": SERVICE_MONITOR, "PrometheusRule": PROMETHEUS_RULE}[obj["kind"]]
+            jsonschema.validate(obj, schema)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: model_server_manifests(gpu_spec()),
+        lambda: model_server_manifests(cpu_spec()),
+        lambda: [training_job(multi_gpu_job())],
+        lambda: [training_job(multi_gpu_job(gpus=1))],
+    ],
+    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job"],
+)
+def test_manifests_validate_against_official_schemas(make, version):
+    validate_all(make(), version)
+
+
+def test_validator_rejects_a_broken_manifest():
+    dep = model_server_manifests(cpu_spec())[1]
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"  # must be int
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSIONS[-1], strict=True)
+    rule = model_server_manifests(cpu_spec())[-1]
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rule, PROMETHEUS_RULE)
+    sm = model_server_manifests(cpu_spec())[-2]
+    sm["spec"]["endpoints"][0]["prot"] = "http"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(sm, SERVICE_MONITOR)
+
+
+def test_gpu_deployment_shape():
+    objs = model_server_manifests(gpu_spec())
+    assert [o["kind"] for o in objs] == [
+        "Service",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ]
+    svc, dep, hpa, sm, rule = objs
+    name = dep["metadata"]["name"]
+    assert all(o["metadata"]["name"] == name and o["metadata"]["namespace"] == "neuroweaver" for o in objs)
+    assert "replicas" not in dep["spec"], "HPA owns replicas; SSA must not fight it"
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 6
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 65
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["python", "-m", "neuroweaver_deployer.model_server"]
+    args = c["args"]
+    assert args[args.index("--adapter-sha256") + 1] == SHA and "--load-in-4bit" in args
+    assert args[args.index("--grpc-port") + 1] == "50051" and args[args.index("--http-port") + 1] == "8080"
+    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": INFERENCE_SERVICE}
+    assert c["livenessProbe"]["grpc"]["port"] == 50051 and c["startupProbe"]["grpc"]["port"] == 50051
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10G"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"} in pod["tolerations"]
+    assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http"]["port"] == 8080
+    assert sm["spec"]["endpoints"][0]["port"] == "http" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    labels = dep["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "neuroweaver-deployer"
+    assert labels["app.kubernetes.io/part-of"] == "neuroweaver"
+    assert labels["app.kubernetes.io/version"] == "1.4.0"
+    assert labels["app.kubernetes.io/component"] == "model-server"
+    assert labels["app.kubernetes.io/instance"] == name
+    # The selector is immutable in apps/v1: it must not carry the version, and must select the pods.
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert "app.kubernetes.io/version" not in sel
+    assert sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"] == sel == sm["spec"]["selector"]["matchLabels"]
+
+
+def test_cpu_deployment_has_no_gpu_and_fixed_replicas():
+    objs = model_server_manifests(cpu_spec(monitoring=False))
+    assert [o["kind"] for o in objs] == ["Service", "Deployment"]
+    dep = objs[1]
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in res.get("requests", {}) and "tolerations" not in pod
+    assert "--adapter-uri" not in pod["containers"][0]["args"]
+
+
+def test_version_change_keeps_selector_and_changes_template():
+    a = model_server_manifests(gpu_spec())[1]
+    b = model_server_manifests(
+        gpu_spec(model_version="projects/default/models/service-advisor/versions/1.5.0", adapter_sha256="b" * 64)
+    )[1]
+    assert a["spec"]["selector"] == b["spec"]["selector"]
+    assert a["spec"]["template"] != b["spec"]["template"]
+
+
+def test_multi_gpu_training_job():
+    spec = multi_gpu_job()
+    job = training_job(spec)
+    assert job["kind"] == "Job" and is_dns1123_label(job["metadata"]["name"])
+    js = job["spec"]
+    assert js["backoffLimit"] == 3 and js["activeDeadlineSeconds"] == 21600 and js["ttlSecondsAfterFinished"] == 86400
+    pod = js["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    c = pod["containers"][0]
+    assert c["command"] + c["args"] == [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "4",
+        "-m",
+        "neuroweaver_trainer.worker",
+        "--job",
+        spec.job,
+    ]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NW_TRAINER_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "neuroweaver-trainer",
+        "key": "database-url",
+    }
+    assert env["NW_TRAINER_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    ckpt = env["NW_TRAINER_CHECKPOINT_DIR"]["value"]
+    assert ckpt.startswith("/checkpoints/")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "nw-checkpoints"
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "checkpoints", "mountPath": "/checkpoints"} in c["volumeMounts"]
+    # Same job id -> same checkpoint dir on a retried pod.
+    assert training_job(multi_gpu_job())["spec"]["template"]["spec"]["containers"][0]["env"] == c["env"]
+
+
+def test_single_gpu_job_uses_plain_python():
+    c = training_job(multi_gpu_job(gpus=1, checkpoint_pvc=None))["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] + c["args"][:2] == ["python", "-m", "neuroweaver_trainer.worker"]
+    assert not any(e["name"] == "NW_TRAINER_CHECKPOINT_DIR" for e in c["env"])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "chat",
+        "projects/default/deployments/Chat_Bot",
+        "x" * 200,
+        "UPPER",
+        "--a--",
+        "projects/p/deployments/" + "é" * 40,
+        "9lives",
+        "a.b.c",
+    ],
+)
+def test_names_are_dns1123(value):
+    name = dns1123_name(value)
+    assert is_dns1123_label(name) and name[0].isalpha() and len(name) <= 63
+
+
+def test_names_stay_distinct_after_truncation_and_lossy_mapping():
+    assert dns1123_name("a" * 100 + "1") != dns1123_name("a" * 100 + "2")
+    assert dns1123_name("Chat") != dns1123_name("chat")
+    assert dns1123_name("projects/a/deployments/x") != dns1123_name("projects/b/deployments/x")
+    assert dns1123_name("chat") == "nw-chat"
+    assert dns1123_name("projects/a/deployments/x") == dns1123_name("projects/a/deployments/x")
+    assert not is_dns1123_label("Bad_Name") and not is_dns1123_label("a" * 64)
+
+
+def test_to_yaml_is_multidoc_in_apply_order():
+    objs = list(reversed(model_server_manifests(gpu_spec()))) + [training_job(multi_gpu_job())]
+    docs = list(yaml.safe_load_all(to_yaml(objs)))
+    assert [d["kind"] for d in docs] == [
+        "Service",
+        "Deployment",
+        "Job",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ]
+    assert docs[1] == model_server_manifests(gpu_spec())[1]
+
+
+def _exported_by_a_real_registry(m: metrics.ModelServerMetrics) -> set[str]:
+    """Series names prometheus_client exposes for metrics registered the way the server must."""
+    reg = prometheus_client.CollectorRegistry()
+    h = prometheus_client.Histogram(m.request_duration_seconds, "latency", ["method", m.code_label], registry=reg)
+    c = prometheus_client.Counter(
+        m.requests_total.removesuffix("_total"), "requests", ["method", m.code_label], registry=reg
+    )
+    h.labels("Generate", "OK").observe(0.1)
+    c.labels("Generate", "OK").inc()
+    text = prometheus_client.generate_latest(reg).decode()
+    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _promql_metric_names(expr: str) -> set[str]:
+    # A metric selector is an identifier followed by '{' (every selector in our rules has matchers).
+    return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr))
+
+
+def test_alert_rules_only_query_series_the_server_exports():
+    exported = _exported_by_a_real_registry(metrics.DEFAULT_METRICS)
+    assert exported >= metrics.DEFAULT_METRICS.exported_series()
+    rule = model_server_manifests(gpu_spec())[-1]
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(exprs) == 2
+    used = set().union(*(_promql_metric_names(e) for e in exprs))
+    assert used and used <= exported, used - exported
+    assert all(not tok.startswith("nw_") or tok in exported for e in exprs for tok in re.findall(r"\bnw_\w+", e))
+    ex = alert_expressions(gpu_spec(alert_latency_p95_seconds=1.5))
+    assert "histogram_quantile(0.95" in ex["latency_p95"] and ex["latency_p95"].endswith("> 1.5")
+    assert 'code=~"' in ex["error_ratio"]
+
+
+def test_alert_rules_follow_renamed_metrics():
+    m = metrics.ModelServerMetrics(request_duration_seconds="x_latency_seconds", requests_total="x_requests_total")
+    rule = model_server_manifests(gpu_spec(metrics=m))[-1]
+    used = set().union(*(_promql_metric_names(r["expr"]) for r in rule["spec"]["groups"][0]["rules"]))
+    assert used == {"x_latency_seconds_bucket", "x_requests_total"}
+
+
+def test_spec_validation_errors():
+    with pytest.raises(ValueError):
+        cpu_spec(adapter_uri="file:///a")  # no sha256
+    with pytest.raises(ValueError):
+        cpu_spec(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError):
+        cpu_spec(namespace="Bad_NS")
