@@ -1,0 +1,94 @@
+"""Service configuration: defaults < `NW_<SVC>_<FIELD>` environment variables < command-line flags.
+
+Each service declares a dataclass deriving from `ServiceConfig`; every field becomes a flag
+(`database_url` → `--database-url`) and an environment variable (`NW_REGISTRY_DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T", bound="ServiceConfig")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("NW_DATA_DIR") or str(Path.home() / ".neuroweaver")
+
+
+@dataclass
+class ServiceConfig:
+    """Settings every service shares."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 in containers)"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0 = the service's default)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = default, -1 = off)"})
+    data_dir: str = field(default_factory=default_data_dir, metadata={"help": "embedded-mode data directory"})
+    database_url: str = field(default="", metadata={"help": "SQLAlchemy async URL; default SQLite under data dir"})
+    auth_tokens: str = field(
+        default="",
+        metadata={"help": "bearer tokens: a file path or `token=project:role,...`; empty = auth off (embedded)"},
+    )
+    page_token_secret: str = field(default="", metadata={"help": "HMAC key for page tokens (set it in production)"})
+    tls_cert: str = field(default="", metadata={"help": "server certificate (PEM) to serve TLS"})
+    tls_key: str = field(default="", metadata={"help": "server private key (PEM)"})
+    tls_client_ca: str = field(default="", metadata={"help": "CA bundle; when set, clients must present certificates (mTLS)"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
+    max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "largest request/response"})
+    shutdown_grace_seconds: float = field(default=10.0, metadata={"help": "in-flight calls get this long on SIGTERM"})
+
+    def sqlite_default(self, service: str) -> str:
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{Path(self.data_dir) / (service + '.db')}"
+
+
+def load_config(cls: type[T], service: str, argv: list[str] | None = None, *, defaults: dict | None = None) -> T:
+    """Builds `cls` from defaults, environment (`NW_<SERVICE>_*`) and flags, in rising precedence."""
+    prefix = f"NW_{service.upper()}_"
+    values: dict[str, typing.Any] = dict(defaults or {})
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        env = os.environ.get(prefix + f.name.upper())
+        if env is not None:
+            values[f.name] = _coerce(hints[f.name], env, f.name)
+    parser = argparse.ArgumentParser(prog=f"python -m neuroweaver_{service}", description=f"NeuroWeaver {service} service")
+    for f in dataclasses.fields(cls):
+        kind = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {prefix}{f.name.upper()}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+    args = parser.parse_args(argv)
+    for key, value in vars(args).items():
+        if value is not None:
+            values[key] = value
+    return cls(**values)
+
+
+def _base_type(hint: typing.Any) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint if hint in (int, float, bool) else str
+
+
+def _coerce(hint: typing.Any, raw: str, name: str) -> typing.Any:
+    kind = _base_type(hint)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SystemExit(f"configuration error: {name} expects a boolean, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"configuration error: {name} expects {kind.__name__}, got {raw!r}") from None

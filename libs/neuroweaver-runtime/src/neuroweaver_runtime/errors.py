@@ -1,0 +1,173 @@
+"""Domain errors and their mapping onto canonical gRPC statuses with google.rpc details.
+
+Domain and use-case code raise these (they carry no protobuf); the error interceptor turns them into a
+`google.rpc.Status` with an `ErrorInfo{reason, domain, metadata}` and, for invalid fields, a
+`BadRequest` with field violations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every expected failure. `reason` is a stable UPPER_SNAKE identifier clients may switch on."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason = "ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        violations: list[FieldViolation] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.violations = list(violations or [])
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, field: str | None = None, **kwargs) -> None:  # noqa: A002
+        violations = kwargs.pop("violations", None) or ([FieldViolation(field, message)] if field else [])
+        super().__init__(message, violations=violations, **kwargs)
+        self.field = field
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    """Concurrency conflicts: stale etag, compare-and-set mismatch. The client should re-read and retry."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+@dataclass
+class Violations:
+    """Collects several field violations and raises them as one INVALID_ARGUMENT."""
+
+    items: list[FieldViolation] = field(default_factory=list)
+
+    def add(self, field_path: str, description: str) -> None:
+        self.items.append(FieldViolation(field_path, description))
+
+    def raise_if_any(self, reason: str = "INVALID_ARGUMENT") -> None:
+        if self.items:
+            first = self.items[0]
+            more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
+            raise InvalidArgument(f"{first.field}: {first.description}{more}", reason=reason, violations=self.items)
+
+
+def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
+    """Builds the google.rpc.Status (with ErrorInfo and BadRequest details) for a domain error."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    details = [_pack(info)]
+    if error.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad))
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+def internal_status(domain: str) -> status_pb2.Status:
+    """The status for an unexpected exception: generic message, details only in the server log."""
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain)
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL, message="internal error; the server logged the details", details=[_pack(info)]
+    )
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def error_info(err: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """Client side: extracts the ErrorInfo from a failed call, or None."""
+    for detail in _details(err):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def field_violations(err: grpc.aio.AioRpcError | grpc.RpcError) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """Client side: the BadRequest field violations of a failed call."""
+    out = []
+    for detail in _details(err):
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.extend(bad.field_violations)
+    return out
+
+
+def _details(err) -> list[any_pb2.Any]:
+    metadata = err.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            return list(status.details)
+    return []

@@ -1,0 +1,118 @@
+"""Server bootstrap shared by every service.
+
+`GrpcService` builds a grpc.aio server with the service interceptor, health (per service name,
+SERVING only after `ready()` succeeds, NOT_SERVING first on shutdown), reflection, optional TLS/mTLS,
+Prometheus metrics on their own port, and graceful SIGTERM/SIGINT shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import telemetry
+from .auth import Role, TokenAuthenticator
+from .config import ServiceConfig
+from .interceptors import ServiceInterceptor
+
+log = logging.getLogger("neuroweaver.server")
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service contributes to the shared server."""
+
+    name: str  # short name: registry, trainer, deployer, experiments
+    full_names: Sequence[str]  # fully-qualified gRPC service names, e.g. neuroweaver.registry.v1.RegistryService
+    error_domain: str
+    method_roles: Mapping[str, Role]
+    add_servicers: Callable[[grpc.aio.Server], None]
+    ready: Callable[[], Awaitable[None]] | None = None  # e.g. database ping; health is SERVING only after it
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class GrpcService:
+    def __init__(self, definition: ServiceDefinition, config: ServiceConfig, *, default_port: int, default_metrics_port: int):
+        self.definition = definition
+        self.config = config
+        self.port = config.port or default_port
+        self.metrics_port = config.metrics_port if config.metrics_port else default_metrics_port
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        d = self.definition
+        telemetry.configure_tracing(d.name, self.config.trace_file)
+        authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens)
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        d.add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([*d.full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        for name in [*d.full_names, ""]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.port}"
+        if self.config.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())],
+                root_certificates=Path(self.config.tls_client_ca).read_bytes() if self.config.tls_client_ca else None,
+                require_client_auth=bool(self.config.tls_client_ca),
+            )
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await server.start()
+        self.server = server
+        if self.metrics_port >= 0:
+            self.metrics_port = telemetry.start_metrics_server(self.metrics_port, self.config.host)
+        if d.ready is not None:
+            await d.ready()
+        for name in [*d.full_names, ""]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "auth": authenticator.enabled}},
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (so load balancers drain), then let in-flight calls finish within the grace."""
+        if self.server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace_seconds)
+        for hook in self.definition.on_stop:
+            await hook()
+        self.server = None
+        self._stopped.set()
+        log.info("stopped")
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        print(f"neuroweaver-{self.definition.name} listening on {self.config.host}:{self.port}", flush=True)
+        await stop_requested.wait()
+        await self.stop()

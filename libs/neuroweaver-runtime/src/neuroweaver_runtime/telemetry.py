@@ -1,0 +1,95 @@
+"""Prometheus metrics (grpc-ecosystem names) and OpenTelemetry tracing with W3C context in gRPC metadata."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import Counter, Histogram, start_http_server
+
+GRPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server (for streams: until the stream ends).",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
+    """Serves /metrics on its own port; returns the bound port (useful with port 0)."""
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends finished spans to a file as JSON lines (a real exporter for demos and tests without a collector)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            ctx = span.get_span_context()
+            parent = span.parent
+            lines.append(
+                json.dumps(
+                    {
+                        "name": span.name,
+                        "trace_id": format(ctx.trace_id, "032x"),
+                        "span_id": format(ctx.span_id, "016x"),
+                        "parent_span_id": format(parent.span_id, "016x") if parent else None,
+                        "service": span.resource.attributes.get("service.name"),
+                        "start_ns": span.start_time,
+                        "end_ns": span.end_time,
+                        "status": span.status.status_code.name,
+                        "attributes": dict(span.attributes or {}),
+                    }
+                )
+            )
+        with self._lock, open(self._path, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:  # nothing buffered
+        return None
+
+
+_configured = False
+
+
+def configure_tracing(service: str, trace_file: str = "") -> None:
+    """Installs a tracer provider once per process; spans go to `trace_file` when set."""
+    global _configured
+    if _configured:
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"neuroweaver-{service}"}))
+    if trace_file:
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    trace.set_tracer_provider(provider)
+    _configured = True
+
+
+def extract_context(metadata: Sequence[tuple[str, str | bytes]] | None):
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+def inject_metadata(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return metadata + list(carrier.items())

@@ -1,0 +1,1 @@
+"""NeuroWeaver model registry: models, semantic versions with lineage, aliases, judges, audit events."""

@@ -1,0 +1,408 @@
+"""Registry persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from neuroweaver_runtime.filtering import Comparison
+
+from ..domain.model import (
+    AliasAction,
+    AliasHistoryEntry,
+    Artifact,
+    ArtifactFormat,
+    Direction,
+    Judge,
+    JudgeVersion,
+    Lineage,
+    Metric,
+    Model,
+    ModelAlias,
+    ModelEvent,
+    ModelState,
+    ModelVersion,
+    VersionState,
+)
+from . import tables as t
+
+# Every registry write takes this transaction-scoped advisory lock (PostgreSQL) right before it appends its
+# audit event, so event sequences are committed in order and a watcher never skips a late-committing event.
+_EVENT_LOCK_KEY = 0x4E57_5245  # "NWRE"
+
+
+def aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class RegistryRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    # -- models ----------------------------------------------------------------------------------
+
+    async def model_row(self, name: str, *, for_update: bool = False):
+        query = select(t.models).where(t.models.c.name == name)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.s.execute(query)).first()
+
+    async def insert_model(self, model: Model, project: str) -> None:
+        await self.s.execute(
+            t.models.insert().values(
+                name=model.name,
+                project=project,
+                display_name=model.display_name,
+                description=model.description,
+                specialization=model.specialization,
+                base_model=model.base_model,
+                labels=model.labels,
+                state=model.state.value,
+                latest_version="",
+                version_count=0,
+                creator=model.creator,
+                create_time=model.create_time,
+                update_time=model.update_time,
+                revision=1,
+            )
+        )
+
+    async def update_model(self, model_id: int, **values: Any) -> None:
+        await self.s.execute(
+            update(t.models).where(t.models.c.id == model_id).values(revision=t.models.c.revision + 1, **values)
+        )
+
+    async def delete_model(self, model_id: int) -> None:
+        # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with foreign_keys=ON on every connection.
+        version_ids = select(t.versions.c.id).where(t.versions.c.model_id == model_id)
+        await self.s.execute(delete(t.version_metrics).where(t.version_metrics.c.version_id.in_(version_ids)))
+        for table in (t.versions, t.aliases, t.alias_history):
+            await self.s.execute(delete(table).where(table.c.model_id == model_id))
+        await self.s.execute(delete(t.models).where(t.models.c.id == model_id))
+
+    async def aliases_of(self, model_id: int) -> dict[str, str]:
+        rows = await self.s.execute(
+            select(t.aliases.c.alias, t.aliases.c.version).where(t.aliases.c.model_id == model_id).order_by(t.aliases.c.alias)
+        )
+        return {r.alias: r.version for r in rows}
+
+    async def to_model(self, row) -> Model:
+        return Model(
+            name=row.name,
+            display_name=row.display_name,
+            description=row.description,
+            specialization=row.specialization,
+            base_model=row.base_model,
+            labels=dict(row.labels or {}),
+            state=ModelState(row.state),
+            latest_version=row.latest_version,
+            version_count=row.version_count,
+            aliases=await self.aliases_of(row.id),
+            creator=row.creator,
+            create_time=aware(row.create_time),
+            update_time=aware(row.update_time),
+            revision=row.revision,
+        )
+
+    async def list_models(
+        self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
+    ) -> list:
+        c = t.models.c
+        query = select(t.models).where(c.project == project)
+        field_map = {"specialization": c.specialization, "state": c.state, "base_model": c.base_model}
+        query = query.where(*_filter_clauses(filters, field_map, c.labels))
+        query = _keyset(query, getattr(c, order_field), c.name, desc, cursor, order_field != "name")
+        return list((await self.s.execute(query.limit(limit))).all())
+
+    # -- versions --------------------------------------------------------------------------------
+
+    async def highest_version(self, model_id: int):
+        query = (
+            select(t.versions.c.version)
+            .where(t.versions.c.model_id == model_id)
+            .order_by(t.versions.c.sort_key.desc())
+            .limit(1)
+        )
+        return (await self.s.execute(query)).scalar()
+
+    async def version_row(self, model_id: int, version: str):
+        query = select(t.versions).where(t.versions.c.model_id == model_id, t.versions.c.version == version)
+        return (await self.s.execute(query)).first()
+
+    async def version_exists_with_key(self, model_id: int, sort_key: str) -> bool:
+        query = select(t.versions.c.id).where(t.versions.c.model_id == model_id, t.versions.c.sort_key == sort_key)
+        return (await self.s.execute(query)).first() is not None
+
+    async def insert_version(self, model_id: int, mv: ModelVersion, sort_key: str) -> int:
+        lineage = mv.lineage
+        result = await self.s.execute(
+            t.versions.insert().values(
+                model_id=model_id,
+                version=mv.version,
+                sort_key=sort_key,
+                state=mv.state.value,
+                artifact_uri=mv.artifact.uri,
+                artifact_sha256=mv.artifact.sha256,
+                artifact_size=mv.artifact.size_bytes,
+                artifact_format=mv.artifact.format.value,
+                lineage=lineage.__dict__,
+                training_job=lineage.training_job,
+                base_model=lineage.base_model,
+                labels=mv.labels,
+                notes=mv.notes,
+                creator=mv.creator,
+                create_time=mv.create_time,
+                update_time=mv.update_time,
+                revision=1,
+            )
+        )
+        version_id = int(result.inserted_primary_key[0])
+        await self.insert_metrics(version_id, mv.metrics)
+        return version_id
+
+    async def insert_metrics(self, version_id: int, metrics: list[Metric]) -> None:
+        if metrics:
+            await self.s.execute(
+                t.version_metrics.insert(),
+                [
+                    dict(
+                        version_id=version_id,
+                        name=m.name,
+                        value=m.value,
+                        direction=m.direction.value,
+                        source=m.source,
+                        record_time=m.record_time,
+                    )
+                    for m in metrics
+                ],
+            )
+
+    async def update_version(self, version_id: int, **values: Any) -> None:
+        await self.s.execute(
+            update(t.versions).where(t.versions.c.id == version_id).values(revision=t.versions.c.revision + 1, **values)
+        )
+
+    async def to_versions(self, model_name: str, rows: list) -> list[ModelVersion]:
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        metric_rows = await self.s.execute(
+            select(t.version_metrics).where(t.version_metrics.c.version_id.in_(ids)).order_by(t.version_metrics.c.id)
+        )
+        metrics: dict[int, list[Metric]] = {i: [] for i in ids}
+        for m in metric_rows:
+            metrics[m.version_id].append(
+                Metric(m.name, m.value, Direction(m.direction), m.source, aware(m.record_time))
+            )
+        model_ids = {r.model_id for r in rows}
+        alias_rows = await self.s.execute(
+            select(t.aliases.c.model_id, t.aliases.c.alias, t.aliases.c.version)
+            .where(t.aliases.c.model_id.in_(model_ids))
+            .order_by(t.aliases.c.alias)
+        )
+        aliases: dict[tuple[int, str], list[str]] = {}
+        for a in alias_rows:
+            aliases.setdefault((a.model_id, a.version), []).append(a.alias)
+        return [
+            ModelVersion(
+                name=f"{model_name}/versions/{r.version}",
+                version=r.version,
+                state=VersionState(r.state),
+                artifact=Artifact(r.artifact_uri, r.artifact_sha256, r.artifact_size, ArtifactFormat(r.artifact_format)),
+                lineage=Lineage(**(r.lineage or {})),
+                metrics=metrics[r.id],
+                labels=dict(r.labels or {}),
+                notes=r.notes,
+                aliases=aliases.get((r.model_id, r.version), []),
+                creator=r.creator,
+                create_time=aware(r.create_time),
+                update_time=aware(r.update_time),
+                revision=r.revision,
+            )
+            for r in rows
+        ]
+
+    async def list_versions(
+        self, model_id: int, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
+    ) -> list:
+        c = t.versions.c
+        query = select(t.versions).where(c.model_id == model_id)
+        field_map = {"state": c.state, "base_model": c.base_model, "training_job": c.training_job}
+        query = query.where(*_filter_clauses(filters, field_map, c.labels))
+        order_col = c.sort_key if order_field == "version" else c.create_time
+        query = _keyset(query, order_col, c.id, desc, cursor, order_field != "version")
+        return list((await self.s.execute(query.limit(limit))).all())
+
+    # -- aliases ---------------------------------------------------------------------------------
+
+    async def alias_row(self, model_id: int, alias: str):
+        query = select(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias)
+        return (await self.s.execute(query)).first()
+
+    async def upsert_alias(self, model_id: int, alias: str, version: str, actor: str, reason: str, now: datetime) -> None:
+        values = dict(version=version, actor=actor, reason=reason, update_time=now)
+        result = await self.s.execute(
+            update(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias).values(**values)
+        )
+        if result.rowcount == 0:
+            await self.s.execute(t.aliases.insert().values(model_id=model_id, alias=alias, **values))
+
+    async def delete_alias(self, model_id: int, alias: str) -> None:
+        await self.s.execute(delete(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias))
+
+    async def append_alias_history(self, model_id: int, entry: AliasHistoryEntry) -> None:
+        await self.s.execute(
+            t.alias_history.insert().values(
+                model_id=model_id,
+                alias=entry.alias.rsplit("/", 1)[-1],
+                action=entry.action.value,
+                from_version=entry.from_version,
+                to_version=entry.to_version,
+                actor=entry.actor,
+                reason=entry.reason,
+                create_time=entry.create_time,
+            )
+        )
+
+    async def alias_history_page(self, model_id: int, alias: str, alias_name: str, before_id: int | None, limit: int):
+        c = t.alias_history.c
+        query = select(t.alias_history).where(c.model_id == model_id, c.alias == alias)
+        if before_id is not None:
+            query = query.where(c.id < before_id)
+        rows = (await self.s.execute(query.order_by(c.id.desc()).limit(limit))).all()
+        return [
+            AliasHistoryEntry(
+                alias_name, AliasAction(r.action), r.from_version, r.to_version, r.actor, r.reason, r.id, aware(r.create_time)
+            )
+            for r in rows
+        ]
+
+    async def last_alias_move(self, model_id: int, alias: str):
+        c = t.alias_history.c
+        query = select(t.alias_history).where(c.model_id == model_id, c.alias == alias).order_by(c.id.desc()).limit(1)
+        return (await self.s.execute(query)).first()
+
+    async def versions_with_alias_refs(self, model_id: int, version: str) -> list[str]:
+        rows = await self.s.execute(
+            select(t.aliases.c.alias).where(t.aliases.c.model_id == model_id, t.aliases.c.version == version)
+        )
+        return [r.alias for r in rows]
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def append_event(self, project: str, event: ModelEvent) -> int:
+        if self.s.bind.dialect.name == "postgresql":
+            await self.s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _EVENT_LOCK_KEY})
+        result = await self.s.execute(
+            t.events.insert().values(
+                project=project,
+                type=event.type,
+                resource=event.resource,
+                model=event.model,
+                actor=event.actor,
+                details=event.details,
+                create_time=event.create_time,
+            )
+        )
+        if self.s.bind.dialect.name == "postgresql":
+            await self.s.execute(text("SELECT pg_notify('nw_registry_events', :p)"), {"p": project})
+        return int(result.inserted_primary_key[0])
+
+    async def events_after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
+        c = t.events.c
+        query = select(t.events).where(c.project == project, c.sequence > after)
+        if model:
+            query = query.where(c.model == model)
+        rows = (await self.s.execute(query.order_by(c.sequence).limit(limit))).all()
+        return [
+            ModelEvent(r.type, r.resource, r.model, r.actor, dict(r.details or {}), r.sequence, aware(r.create_time))
+            for r in rows
+        ]
+
+    # -- judges ----------------------------------------------------------------------------------
+
+    async def judge_row(self, name: str, *, for_update: bool = False):
+        query = select(t.judges).where(t.judges.c.name == name)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.s.execute(query)).first()
+
+    async def insert_judge(self, judge: Judge, project: str) -> int:
+        result = await self.s.execute(
+            t.judges.insert().values(
+                name=judge.name,
+                project=project,
+                display_name=judge.display_name,
+                description=judge.description,
+                latest_version=0,
+                creator=judge.creator,
+                create_time=judge.create_time,
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+    async def insert_judge_version(self, judge_id: int, version: JudgeVersion) -> None:
+        await self.s.execute(
+            t.judge_versions.insert().values(
+                judge_id=judge_id,
+                version=version.version,
+                config=version.config,
+                creator=version.creator,
+                create_time=version.create_time,
+            )
+        )
+        await self.s.execute(update(t.judges).where(t.judges.c.id == judge_id).values(latest_version=version.version))
+
+    async def judge_version_row(self, judge_id: int, version: int):
+        query = select(t.judge_versions).where(t.judge_versions.c.judge_id == judge_id, t.judge_versions.c.version == version)
+        return (await self.s.execute(query)).first()
+
+    async def list_judges(self, project: str, after_name: str | None, limit: int) -> list:
+        query = select(t.judges).where(t.judges.c.project == project)
+        if after_name is not None:
+            query = query.where(t.judges.c.name > after_name)
+        return list((await self.s.execute(query.order_by(t.judges.c.name).limit(limit))).all())
+
+    async def list_judge_versions(self, judge_id: int, before: int | None, limit: int) -> list:
+        c = t.judge_versions.c
+        query = select(t.judge_versions).where(c.judge_id == judge_id)
+        if before is not None:
+            query = query.where(c.version < before)
+        return list((await self.s.execute(query.order_by(c.version.desc()).limit(limit))).all())
+
+    async def count_versions(self, model_id: int) -> int:
+        query = select(func.count()).select_from(t.versions).where(t.versions.c.model_id == model_id)
+        return int((await self.s.execute(query)).scalar() or 0)
+
+
+def _filter_clauses(filters: list[Comparison], fields: dict, labels_col) -> list:
+    clauses = []
+    for f in filters:
+        if f.label_key is not None:
+            col = labels_col[f.label_key].as_string()
+            clauses.append(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
+        else:
+            col = fields[f.field]
+            value = f.value.upper() if f.field == "state" else f.value
+            clauses.append(col == value if f.op == "=" else col != value)
+    return clauses
+
+
+def _keyset(query, order_col, tie_col, desc: bool, cursor: list | None, parse_time: bool):
+    """Orders by (order_col, tie_col) and continues after the cursor's (value, tie) pair."""
+    if cursor is not None:
+        value, tie = cursor
+        if parse_time:
+            value = datetime.fromisoformat(value)
+        if desc:
+            query = query.where(or_(order_col < value, and_(order_col == value, tie_col < tie)))
+        else:
+            query = query.where(or_(order_col > value, and_(order_col == value, tie_col > tie)))
+    if desc:
+        return query.order_by(order_col.desc(), tie_col.desc())
+    return query.order_by(order_col, tie_col)

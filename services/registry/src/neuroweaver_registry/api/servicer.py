@@ -1,0 +1,224 @@
+"""RegistryService servicer: protobuf in, use case, protobuf out. No rules live here."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+
+from neuroweaver.registry.v1 import registry_service_pb2 as svc
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import idempotency
+from neuroweaver_runtime.auth import Role
+from neuroweaver_runtime.errors import InvalidArgument
+from neuroweaver_runtime.fieldmask import validate_update_mask
+
+from ..domain.model import ModelState
+from ..service.registry import MODEL_UPDATABLE, RegistryService
+from . import convert
+
+V, O, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+METHOD_ROLES = {
+    "CreateModel": O, "GetModel": V, "ListModels": V, "UpdateModel": O, "DeleteModel": A,
+    "ArchiveModel": O, "RestoreModel": O,
+    "CreateModelVersion": O, "GetModelVersion": V, "ListModelVersions": V, "UpdateModelVersion": O,
+    "SetModelVersionState": O, "AppendModelVersionMetrics": O, "CompareModelVersions": V,
+    "SetModelAlias": O, "GetModelAlias": V, "ListModelAliases": V, "DeleteModelAlias": O,
+    "RollbackModelAlias": O, "ListModelAliasHistory": V,
+    "ListModelEvents": V, "WatchModelEvents": V,
+    "CreateJudge": O, "GetJudge": V, "ListJudges": V, "CreateJudgeVersion": O, "GetJudgeVersion": V,
+    "ListJudgeVersions": V,
+}  # fmt: skip
+
+_BUMP = {svc.VERSION_BUMP_MAJOR: "major", svc.VERSION_BUMP_MINOR: "minor", svc.VERSION_BUMP_PATCH: "patch"}
+_RELATION = {
+    "NEWER": svc.SEMVER_RELATION_NEWER, "OLDER": svc.SEMVER_RELATION_OLDER,
+    "EQUAL": svc.SEMVER_RELATION_EQUAL, "UNRELATED": svc.SEMVER_RELATION_UNRELATED,
+}  # fmt: skip
+_RECOMMENDATION = {
+    "PROMOTE": svc.RECOMMENDATION_PROMOTE, "EXPERIMENT": svc.RECOMMENDATION_EXPERIMENT,
+    "KEEP_BASE": svc.RECOMMENDATION_KEEP_BASE,
+}  # fmt: skip
+
+
+def fingerprint(request) -> str:
+    """Digest of a create request without its request_id: the same id with another body is misuse."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
+
+
+def _enum_value(value: int, enum_type, field: str) -> int:
+    if value not in enum_type.values():
+        raise InvalidArgument(f"{field} has unknown value {value}", field=field, reason="INVALID_ENUM")
+    return value
+
+
+class RegistryServicer(svc_grpc.RegistryServiceServicer):
+    def __init__(self, service: RegistryService) -> None:
+        self.svc = service
+
+    # models
+    async def CreateModel(self, request, context):
+        m = await self.svc.create_model(
+            request.parent, request.model_id, convert.model_from_pb(request.model), request.request_id, fingerprint(request)
+        )
+        return convert.model_to_pb(m)
+
+    async def GetModel(self, request, context):
+        return convert.model_to_pb(await self.svc.get_model(request.name))
+
+    async def ListModels(self, request, context):
+        page = await self.svc.list_models(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        return svc.ListModelsResponse(models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token)
+
+    async def UpdateModel(self, request, context):
+        paths = validate_update_mask(request.update_mask.paths, MODEL_UPDATABLE)
+        m = await self.svc.update_model(convert.model_from_pb(request.model), paths, request.model.etag)
+        return convert.model_to_pb(m)
+
+    async def DeleteModel(self, request, context):
+        await self.svc.delete_model(request.name, request.force, request.etag)
+        return empty_pb2.Empty()
+
+    async def ArchiveModel(self, request, context):
+        return convert.model_to_pb(await self.svc.set_model_state(request.name, ModelState.ARCHIVED, request.etag))
+
+    async def RestoreModel(self, request, context):
+        return convert.model_to_pb(await self.svc.set_model_state(request.name, ModelState.ACTIVE, request.etag))
+
+    # versions
+    async def CreateModelVersion(self, request, context):
+        _enum_value(request.bump, svc.VersionBump, "bump")
+        mv = await self.svc.create_version(
+            request.parent,
+            request.version,
+            _BUMP.get(request.bump, ""),
+            convert.version_from_pb(request.model_version),
+            request.request_id,
+            fingerprint(request),
+        )
+        return convert.version_to_pb(mv)
+
+    async def GetModelVersion(self, request, context):
+        return convert.version_to_pb(await self.svc.get_version(request.name))
+
+    async def ListModelVersions(self, request, context):
+        page = await self.svc.list_versions(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        return svc.ListModelVersionsResponse(
+            model_versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateModelVersion(self, request, context):
+        validate_update_mask(request.update_mask.paths, {"labels"})
+        mv = request.model_version
+        return convert.version_to_pb(await self.svc.update_version_labels(mv.name, dict(mv.labels), mv.etag))
+
+    async def SetModelVersionState(self, request, context):
+        state = convert.VERSION_STATE_FROM_PB.get(request.state)
+        if state is None:
+            raise InvalidArgument("state must be REGISTERED, VALIDATED or DEPRECATED", field="state", reason="INVALID_STATE")
+        return convert.version_to_pb(await self.svc.set_version_state(request.name, state, request.reason, request.etag))
+
+    async def AppendModelVersionMetrics(self, request, context):
+        metrics = [convert.metric_from_pb(m) for m in request.metrics]
+        return convert.version_to_pb(await self.svc.append_metrics(request.name, metrics))
+
+    async def CompareModelVersions(self, request, context):
+        base, cand, cmp = await self.svc.compare(request.base_version, request.candidate_version)
+        return svc.CompareModelVersionsResponse(
+            base_version=convert.version_to_pb(base),
+            candidate_version=convert.version_to_pb(cand),
+            semver_relation=_RELATION[cmp.semver_relation],
+            base_model_compatible=cmp.base_model_compatible,
+            metric_deltas=[
+                svc.MetricDelta(
+                    name=m.name,
+                    direction=convert._DIRECTION[m.direction],
+                    base_value=m.base_value,
+                    candidate_value=m.candidate_value,
+                    delta=m.delta,
+                    relative_delta=m.relative_delta,
+                    improved=m.improved,
+                    regressed=m.regressed,
+                )
+                for m in cmp.metric_deltas
+            ],
+            hyperparameter_diffs=[svc.FieldDiff(field=f, base_value=b, candidate_value=c) for f, b, c in cmp.hyperparameter_diffs],
+            lineage_diffs=[svc.FieldDiff(field=f, base_value=b, candidate_value=c) for f, b, c in cmp.lineage_diffs],
+            recommendation=_RECOMMENDATION[cmp.recommendation],
+            reason=cmp.reason,
+        )
+
+    # aliases
+    async def SetModelAlias(self, request, context):
+        alias = await self.svc.set_alias(request.model, request.alias, request.version, request.expected_version, request.reason)
+        return convert.alias_to_pb(alias)
+
+    async def GetModelAlias(self, request, context):
+        return convert.alias_to_pb(await self.svc.get_alias(request.name))
+
+    async def ListModelAliases(self, request, context):
+        return svc.ListModelAliasesResponse(aliases=[convert.alias_to_pb(a) for a in await self.svc.list_aliases(request.model)])
+
+    async def DeleteModelAlias(self, request, context):
+        await self.svc.delete_alias(request.name, request.expected_version, request.reason)
+        return empty_pb2.Empty()
+
+    async def RollbackModelAlias(self, request, context):
+        alias = await self.svc.rollback_alias(request.name, request.to_version, request.reason, request.expected_version)
+        return convert.alias_to_pb(alias)
+
+    async def ListModelAliasHistory(self, request, context):
+        page = await self.svc.alias_history(request.name, request.page_size, request.page_token)
+        return svc.ListModelAliasHistoryResponse(
+            entries=[convert.history_to_pb(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    # events
+    async def ListModelEvents(self, request, context):
+        page = await self.svc.list_events(request.parent, request.model, request.after_sequence, request.page_size, request.page_token)
+        return svc.ListModelEventsResponse(events=[convert.event_to_pb(e) for e in page.items], next_page_token=page.next_page_token)
+
+    async def WatchModelEvents(self, request, context):
+        async for event in self.svc.watch_events(request.parent, request.model, request.after_sequence):
+            yield svc.WatchModelEventsResponse(event=convert.event_to_pb(event))
+
+    # judges
+    async def CreateJudge(self, request, context):
+        judge = await self.svc.create_judge(
+            request.parent,
+            request.judge_id,
+            convert.judge_from_pb(request.judge),
+            convert.judge_config_from_pb(request.judge_version),
+            request.judge_version.notes,
+            request.request_id,
+            fingerprint(request),
+        )
+        return convert.judge_to_pb(judge)
+
+    async def GetJudge(self, request, context):
+        return convert.judge_to_pb(await self.svc.get_judge(request.name))
+
+    async def ListJudges(self, request, context):
+        page = await self.svc.list_judges(request.parent, request.page_size, request.page_token)
+        return svc.ListJudgesResponse(judges=[convert.judge_to_pb(j) for j in page.items], next_page_token=page.next_page_token)
+
+    async def CreateJudgeVersion(self, request, context):
+        version = await self.svc.create_judge_version(
+            request.parent,
+            convert.judge_config_from_pb(request.judge_version),
+            request.judge_version.notes,
+            request.request_id,
+            fingerprint(request),
+        )
+        return convert.judge_version_to_pb(version)
+
+    async def GetJudgeVersion(self, request, context):
+        return convert.judge_version_to_pb(await self.svc.get_judge_version(request.name))
+
+    async def ListJudgeVersions(self, request, context):
+        page = await self.svc.list_judge_versions(request.parent, request.page_size, request.page_token)
+        return svc.ListJudgeVersionsResponse(
+            judge_versions=[convert.judge_version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
+        )
+

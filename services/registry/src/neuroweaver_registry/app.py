@@ -1,0 +1,63 @@
+"""Composition root: configuration → database → use cases → servicer → shared server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import migrations
+from neuroweaver_runtime.config import ServiceConfig
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.notify import Notifier, PostgresListener
+from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+
+from .api.servicer import METHOD_ROLES, RegistryServicer
+from .service.registry import EVENT_CHANNEL, RegistryService
+
+SERVICE_NAME = "neuroweaver.registry.v1.RegistryService"
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9451
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+
+@dataclass
+class RegistryConfig(ServiceConfig):
+    migrate: bool = True  # run Alembic migrations to head at start
+
+
+def build(config: RegistryConfig) -> GrpcService:
+    database_url = config.database_url or config.sqlite_default("registry")
+    db = Database(database_url)
+    notifier = Notifier()
+    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-registry-page-tokens").hexdigest()
+    service = RegistryService(db, notifier, PageTokens(secret))
+    listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
+
+    async def ready() -> None:
+        await db.wait_until_ready()
+        if config.migrate:
+            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
+        if listener:
+            await listener.start()
+
+    async def close() -> None:
+        if listener:
+            await listener.stop()
+        await db.dispose()
+
+    definition = ServiceDefinition(
+        name="registry",
+        full_names=[SERVICE_NAME],
+        error_domain="registry.neuroweaver.v1",
+        method_roles=METHOD_ROLES,
+        add_servicers=lambda server: svc_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(service), server),
+        ready=ready,
+        on_stop=[close],
+    )
+    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    grpc_service.registry = service  # type: ignore[attr-defined]  # handy for in-process tests
+    return grpc_service

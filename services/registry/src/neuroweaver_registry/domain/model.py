@@ -1,0 +1,342 @@
+"""Registry domain: resources as dataclasses, validation rules and the comparison of two versions.
+
+Nothing here knows protobuf or SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from neuroweaver_runtime.errors import Violations
+from neuroweaver_runtime.names import ResourceName
+
+MODEL = ResourceName("projects/{project}/models/{model}")
+# `{version}` in requests may be a semver string or an alias id; both are checked further by the use cases.
+VERSION = ResourceName(
+    "projects/{project}/models/{model}/versions/{version}",
+    segment_patterns=(("version", r"[0-9A-Za-z.\-]{1,128}"),),
+)
+ALIAS = ResourceName("projects/{project}/models/{model}/aliases/{alias}")
+JUDGE = ResourceName("projects/{project}/judges/{judge}")
+JUDGE_VERSION = ResourceName(
+    "projects/{project}/judges/{judge}/versions/{version}", segment_patterns=(("version", r"[1-9][0-9]{0,17}|latest"),)
+)
+
+RESERVED_ALIASES = {"latest"}  # `versions/latest` always means the highest version
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.\-]{0,62}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ModelState(enum.Enum):
+    ACTIVE = "ACTIVE"
+    ARCHIVED = "ARCHIVED"
+
+
+class VersionState(enum.Enum):
+    REGISTERED = "REGISTERED"
+    VALIDATED = "VALIDATED"
+    DEPRECATED = "DEPRECATED"
+
+
+class ArtifactFormat(enum.Enum):
+    LORA_ADAPTER = "LORA_ADAPTER"
+    MERGED = "MERGED"
+
+
+class Direction(enum.Enum):
+    UNSPECIFIED = "UNSPECIFIED"
+    HIGHER = "HIGHER"
+    LOWER = "LOWER"
+
+
+class AliasAction(enum.Enum):
+    SET = "SET"
+    DELETE = "DELETE"
+    ROLLBACK = "ROLLBACK"
+
+
+@dataclass
+class Model:
+    name: str
+    display_name: str = ""
+    description: str = ""
+    specialization: str = ""
+    base_model: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    state: ModelState = ModelState.ACTIVE
+    latest_version: str = ""
+    version_count: int = 0
+    aliases: dict[str, str] = field(default_factory=dict)
+    creator: str = ""
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    revision: int = 1
+
+    @property
+    def project(self) -> str:
+        return MODEL.parse(self.name)["project"]
+
+
+@dataclass
+class Artifact:
+    uri: str = ""
+    sha256: str = ""
+    size_bytes: int = 0
+    format: ArtifactFormat = ArtifactFormat.LORA_ADAPTER
+
+
+@dataclass
+class Lineage:
+    base_model: str = ""
+    training_job: str = ""
+    dataset_uri: str = ""
+    dataset_digest: str = ""
+    eval_dataset_uri: str = ""
+    eval_dataset_digest: str = ""
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    parent_version: str = ""
+    judge_version: str = ""
+    method: str = ""
+
+
+@dataclass
+class Metric:
+    name: str
+    value: float
+    direction: Direction = Direction.UNSPECIFIED
+    source: str = ""
+    record_time: datetime | None = None
+
+    @property
+    def effective_direction(self) -> Direction:
+        return self.direction if self.direction is not Direction.UNSPECIFIED else infer_direction(self.name)
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    state: VersionState = VersionState.REGISTERED
+    artifact: Artifact = field(default_factory=Artifact)
+    lineage: Lineage = field(default_factory=Lineage)
+    metrics: list[Metric] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+    aliases: list[str] = field(default_factory=list)
+    creator: str = ""
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    revision: int = 1
+
+    def latest_metrics(self) -> dict[str, Metric]:
+        """Newest value of each metric name (metrics are appended, never overwritten)."""
+        latest: dict[str, Metric] = {}
+        for metric in self.metrics:
+            latest[metric.name] = metric
+        return latest
+
+
+@dataclass
+class ModelAlias:
+    name: str
+    version: str
+    actor: str = ""
+    reason: str = ""
+    update_time: datetime | None = None
+
+
+@dataclass
+class AliasHistoryEntry:
+    alias: str
+    action: AliasAction
+    from_version: str
+    to_version: str
+    actor: str
+    reason: str
+    sequence: int = 0
+    create_time: datetime | None = None
+
+
+@dataclass
+class ModelEvent:
+    type: str  # e.g. VERSION_CREATED (the proto enum without its TYPE_ prefix)
+    resource: str
+    model: str = ""
+    actor: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+    sequence: int = 0
+    create_time: datetime | None = None
+
+
+@dataclass
+class Judge:
+    name: str
+    display_name: str = ""
+    description: str = ""
+    latest_version: int = 0
+    creator: str = ""
+    create_time: datetime | None = None
+
+
+@dataclass
+class JudgeVersion:
+    """An immutable judge configuration; `config` holds kind, mode, connection, rubric, template and scale."""
+
+    name: str
+    version: int
+    config: dict = field(default_factory=dict)
+    creator: str = ""
+    create_time: datetime | None = None
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+MAX_TEXT = 4000
+MAX_DISPLAY = 200
+MAX_LABELS = 64
+MAX_METRICS = 1000
+MAX_HYPERPARAMETERS = 200
+
+
+def check_labels(labels: dict[str, str], path: str, v: Violations) -> None:
+    if len(labels) > MAX_LABELS:
+        v.add(path, f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            v.add(f"{path}[{key!r}]", "label keys are 1-63 of [a-z0-9_.-] starting with a letter")
+        if len(value) > 63:
+            v.add(f"{path}[{key!r}]", "label values are at most 63 characters")
+
+
+def check_length(value: str, limit: int, path: str, v: Violations) -> None:
+    if len(value) > limit:
+        v.add(path, f"at most {limit} characters (got {len(value)})")
+
+
+def validate_model_fields(model: Model, v: Violations, prefix: str = "model") -> None:
+    check_length(model.display_name, MAX_DISPLAY, f"{prefix}.display_name", v)
+    check_length(model.description, MAX_TEXT, f"{prefix}.description", v)
+    check_length(model.specialization, 63, f"{prefix}.specialization", v)
+    check_length(model.base_model, 2048, f"{prefix}.base_model", v)
+    check_labels(model.labels, f"{prefix}.labels", v)
+
+
+def validate_new_version(mv: ModelVersion, v: Violations, prefix: str = "model_version") -> None:
+    art = mv.artifact
+    if not art.uri:
+        v.add(f"{prefix}.artifact.uri", "required: where the version's weights are stored")
+    check_length(art.uri, 2048, f"{prefix}.artifact.uri", v)
+    if not SHA256.match(art.sha256 or ""):
+        v.add(f"{prefix}.artifact.sha256", "required: 64 lowercase hex characters")
+    if art.size_bytes < 0:
+        v.add(f"{prefix}.artifact.size_bytes", "must not be negative")
+    lin = mv.lineage
+    for attr in ("base_model", "training_job", "dataset_uri", "eval_dataset_uri", "parent_version", "judge_version"):
+        check_length(getattr(lin, attr), 2048, f"{prefix}.lineage.{attr}", v)
+    for attr in ("dataset_digest", "eval_dataset_digest"):
+        value = getattr(lin, attr)
+        if value and not SHA256.match(value):
+            v.add(f"{prefix}.lineage.{attr}", "must be 64 lowercase hex characters")
+    check_length(lin.method, 63, f"{prefix}.lineage.method", v)
+    if len(lin.hyperparameters) > MAX_HYPERPARAMETERS:
+        v.add(f"{prefix}.lineage.hyperparameters", f"at most {MAX_HYPERPARAMETERS} entries")
+    for key, value in lin.hyperparameters.items():
+        if not key or len(key) > 128 or len(value) > 1024:
+            v.add(f"{prefix}.lineage.hyperparameters[{key[:20]!r}]", "keys 1-128 characters, values at most 1024")
+    validate_metrics(mv.metrics, v, f"{prefix}.metrics")
+    check_labels(mv.labels, f"{prefix}.labels", v)
+    check_length(mv.notes, MAX_TEXT, f"{prefix}.notes", v)
+
+
+def validate_metrics(metrics: list[Metric], v: Violations, path: str) -> None:
+    if len(metrics) > MAX_METRICS:
+        v.add(path, f"at most {MAX_METRICS} metrics per call")
+    for i, metric in enumerate(metrics):
+        if not metric.name or len(metric.name) > 128:
+            v.add(f"{path}[{i}].name", "required, at most 128 characters")
+        if metric.value != metric.value or metric.value in (float("inf"), float("-inf")):
+            v.add(f"{path}[{i}].value", "must be a finite number")
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+_LOWER_IS_BETTER = ("loss", "latency", "perplexity", "error", "cost", "ttft", "time", "toxicity")
+
+
+def infer_direction(metric_name: str) -> Direction:
+    """Direction for metrics recorded without one: losses, latencies, costs and errors go down."""
+    lowered = metric_name.lower()
+    return Direction.LOWER if any(word in lowered for word in _LOWER_IS_BETTER) else Direction.HIGHER
+
+
+@dataclass
+class MetricDelta:
+    name: str
+    direction: Direction
+    base_value: float | None
+    candidate_value: float | None
+    delta: float | None = None
+    relative_delta: float | None = None
+    improved: bool = False
+    regressed: bool = False
+
+
+@dataclass
+class Comparison:
+    semver_relation: str  # NEWER | OLDER | EQUAL | UNRELATED
+    base_model_compatible: bool
+    metric_deltas: list[MetricDelta]
+    hyperparameter_diffs: list[tuple[str, str, str]]
+    lineage_diffs: list[tuple[str, str, str]]
+    recommendation: str  # PROMOTE | EXPERIMENT | KEEP_BASE
+    reason: str
+
+
+def compare_versions(base: ModelVersion, candidate: ModelVersion, semver_relation: str) -> Comparison:
+    base_metrics, cand_metrics = base.latest_metrics(), candidate.latest_metrics()
+    deltas: list[MetricDelta] = []
+    for name in sorted(set(base_metrics) | set(cand_metrics)):
+        b, c = base_metrics.get(name), cand_metrics.get(name)
+        direction = (c or b).effective_direction  # type: ignore[union-attr]
+        d = MetricDelta(name, direction, b.value if b else None, c.value if c else None)
+        if b is not None and c is not None:
+            d.delta = c.value - b.value
+            d.relative_delta = d.delta / abs(b.value) if b.value != 0 else None
+            better = d.delta > 0 if direction is Direction.HIGHER else d.delta < 0
+            worse = d.delta < 0 if direction is Direction.HIGHER else d.delta > 0
+            d.improved, d.regressed = better, worse
+        deltas.append(d)
+    hp_diffs = _dict_diff(base.lineage.hyperparameters, candidate.lineage.hyperparameters, "hyperparameters.")
+    lineage_diffs = []
+    for attr in ("base_model", "dataset_uri", "dataset_digest", "eval_dataset_uri", "eval_dataset_digest", "method", "judge_version", "parent_version", "training_job"):
+        bv, cv = getattr(base.lineage, attr), getattr(candidate.lineage, attr)
+        if bv != cv:
+            lineage_diffs.append((f"lineage.{attr}", bv, cv))
+    compatible = bool(base.lineage.base_model) and base.lineage.base_model == candidate.lineage.base_model
+    recommendation, reason = _recommend(base, candidate, deltas, compatible)
+    return Comparison(semver_relation, compatible, deltas, hp_diffs, lineage_diffs, recommendation, reason)
+
+
+def _dict_diff(a: dict[str, str], b: dict[str, str], prefix: str) -> list[tuple[str, str, str]]:
+    return [(prefix + k, a.get(k, ""), b.get(k, "")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _recommend(base: ModelVersion, candidate: ModelVersion, deltas: list[MetricDelta], compatible: bool) -> tuple[str, str]:
+    if candidate.state is VersionState.DEPRECATED:
+        return "KEEP_BASE", "the candidate is deprecated"
+    shared = [d for d in deltas if d.delta is not None]
+    if not shared:
+        return "EXPERIMENT", "the versions share no metric; run an A/B experiment to compare them"
+    improved = [d.name for d in shared if d.improved]
+    regressed = [d.name for d in shared if d.regressed]
+    if regressed and improved:
+        return "EXPERIMENT", f"mixed evidence: better on {', '.join(improved)} but worse on {', '.join(regressed)}"
+    if regressed:
+        return "KEEP_BASE", f"the candidate is worse on {', '.join(regressed)} and better on nothing"
+    if not improved:
+        return "KEEP_BASE", "the candidate is no better on any shared metric"
+    note = "" if compatible else " (different base model: deploy it as a separate model server)"
+    return "PROMOTE", f"the candidate is better on {', '.join(improved)} and worse on none{note}"
