@@ -51,7 +51,7 @@ class ResourceName:
             )
         overrides = dict(self.segment_patterns)
         values: dict[str, str] = {}
-        for part, tpart in zip(parts, tparts):
+        for part, tpart in zip(parts, tparts, strict=True):
             m = _VAR.fullmatch(tpart)
             if m is None:
                 if part != tpart:

@@ -21,7 +21,6 @@ from ..domain.model import (
     Lineage,
     Metric,
     Model,
-    ModelAlias,
     ModelEvent,
     ModelState,
     ModelVersion,

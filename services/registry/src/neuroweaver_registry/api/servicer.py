@@ -15,16 +15,16 @@ from ..domain.model import ModelState
 from ..service.registry import MODEL_UPDATABLE, RegistryService
 from . import convert
 
-V, O, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 METHOD_ROLES = {
-    "CreateModel": O, "GetModel": V, "ListModels": V, "UpdateModel": O, "DeleteModel": A,
-    "ArchiveModel": O, "RestoreModel": O,
-    "CreateModelVersion": O, "GetModelVersion": V, "ListModelVersions": V, "UpdateModelVersion": O,
-    "SetModelVersionState": O, "AppendModelVersionMetrics": O, "CompareModelVersions": V,
-    "SetModelAlias": O, "GetModelAlias": V, "ListModelAliases": V, "DeleteModelAlias": O,
-    "RollbackModelAlias": O, "ListModelAliasHistory": V,
+    "CreateModel": OP, "GetModel": V, "ListModels": V, "UpdateModel": OP, "DeleteModel": A,
+    "ArchiveModel": OP, "RestoreModel": OP,
+    "CreateModelVersion": OP, "GetModelVersion": V, "ListModelVersions": V, "UpdateModelVersion": OP,
+    "SetModelVersionState": OP, "AppendModelVersionMetrics": OP, "CompareModelVersions": V,
+    "SetModelAlias": OP, "GetModelAlias": V, "ListModelAliases": V, "DeleteModelAlias": OP,
+    "RollbackModelAlias": OP, "ListModelAliasHistory": V,
     "ListModelEvents": V, "WatchModelEvents": V,
-    "CreateJudge": O, "GetJudge": V, "ListJudges": V, "CreateJudgeVersion": O, "GetJudgeVersion": V,
+    "CreateJudge": OP, "GetJudge": V, "ListJudges": V, "CreateJudgeVersion": OP, "GetJudgeVersion": V,
     "ListJudgeVersions": V,
 }  # fmt: skip
 

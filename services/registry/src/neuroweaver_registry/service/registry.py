@@ -28,6 +28,7 @@ from ..adapters import tables
 from ..adapters.repository import RegistryRepository, aware
 from ..domain import versions as semver_rules
 from ..domain.etag import check_etag
+from ..domain.judges import validate_judge_config
 from ..domain.model import (
     ALIAS,
     JUDGE,
@@ -53,7 +54,6 @@ from ..domain.model import (
     validate_model_fields,
     validate_new_version,
 )
-from ..domain.judges import validate_judge_config
 
 MODEL_UPDATABLE = {"display_name", "description", "specialization", "base_model", "labels"}
 EVENT_CHANNEL = "nw_registry_events"

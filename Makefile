@@ -1,0 +1,53 @@
+# NeuroWeaver developer workflow. Everything runs from the repo-root virtualenv (.venv).
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+PIP ?= .venv/bin/pip
+PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+
+.PHONY: install proto proto-check lint test test-fast up demo bench clean
+
+install: .venv/.installed node_modules/.installed ## create .venv with everything (torch pinned to the CPU build)
+
+.venv/.installed: requirements.txt requirements-nodeps.txt $(PACKAGES)
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps $(foreach p,$(PACKAGES),-e $(dir $(p)))
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+proto: ## regenerate Python code from protos/
+	./scripts/gen_protos.sh
+
+proto-check: ## fail when the committed generated code differs from a fresh generation
+	./scripts/gen_protos.sh >/dev/null
+	git diff --exit-code --stat -- libs/neuroweaver-proto || { echo "generated code is stale: run make proto"; exit 1; }
+
+lint: install ## ruff, buf lint, mypy on libs
+	.venv/bin/ruff check .
+	npx buf lint
+	.venv/bin/mypy libs/neuroweaver-runtime/src
+
+test: install proto-check ## the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
+	.venv/bin/ruff check .
+	npx buf lint
+	$(PY) -m pytest libs services tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest libs services -m "not slow and not smollm2" $(PYTEST_ARGS)
+
+up: install ## run every implemented service on the embedded default (SQLite, local executors)
+	$(PY) -m neuroweaver_sdk.up
+
+demo: install ## the whole loop with SmolLM2-135M-Instruct and the automotive kit
+	$(PY) -m neuroweaver_sdk.demo
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .venv node_modules .pytest_cache
