@@ -1,0 +1,1 @@
+"""NeuroWeaver experiments service: A/B tests between model versions."""

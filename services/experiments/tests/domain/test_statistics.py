@@ -1,0 +1,292 @@
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint, proportions_ztest
+
+from neuroweaver_experiments.domain.errors import InvalidArgument
+from neuroweaver_experiments.domain.statistics import (
+    AnalysisMethod,
+    Decision,
+    DecisionConfig,
+    Direction,
+    GuardrailStatus,
+    MetricKind,
+    MetricSpec,
+    SufficientStats,
+    analyze_experiment,
+    analyze_metric,
+    confidence_sequence,
+    decide,
+    holm_bonferroni,
+    mean_confidence_interval,
+    msprt_p_value,
+    power,
+    proportion_confidence_interval,
+    relative_lift,
+    required_sample_size,
+    srm_test,
+    summarize,
+    two_proportion_z_test,
+    unit_value,
+    welch_t_test,
+)
+
+RNG = np.random.default_rng(20240611)
+
+
+def _ss(x):
+    return SufficientStats.from_values(x)
+
+
+@pytest.mark.parametrize("n0,n1,shift", [(10, 12, 0.0), (200, 150, 0.3), (5000, 5000, 0.02), (3, 40, 1.0)])
+def test_means_ci_and_welch_match_scipy(n0, n1, shift):
+    a = RNG.normal(10.0, 2.0, n0)
+    b = RNG.normal(10.0 + shift, 3.0, n1)
+    sa, sb = _ss(a), _ss(b)
+    assert sa.mean == pytest.approx(np.mean(a), rel=1e-12)
+    assert sa.std == pytest.approx(np.std(a, ddof=1), rel=1e-9)
+    lo, hi = sps.t.interval(0.95, n0 - 1, loc=np.mean(a), scale=sps.sem(a))
+    ci = mean_confidence_interval(sa, 0.05)
+    assert (ci.lower, ci.upper) == pytest.approx((lo, hi), rel=1e-9)
+    ref = sps.ttest_ind(b, a, equal_var=False)
+    res = welch_t_test(sa, sb, 0.05)
+    assert res.statistic == pytest.approx(ref.statistic, rel=1e-8)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-7, abs=1e-300)
+    assert res.df == pytest.approx(ref.df, rel=1e-8)
+    rci = ref.confidence_interval(0.95)
+    assert (res.ci.lower, res.ci.upper) == pytest.approx((rci.low, rci.high), rel=1e-8)
+
+
+@pytest.mark.parametrize("x0,n0,x1,n1", [(30, 1000, 45, 1000), (1, 20, 6, 25), (480, 5000, 530, 5100), (0, 50, 3, 50)])
+def test_proportions_match_statsmodels(x0, n0, x1, n1):
+    c = _ss([1.0] * x0 + [0.0] * (n0 - x0))
+    t = _ss([1.0] * x1 + [0.0] * (n1 - x1))
+    z, p = proportions_ztest([x1, x0], [n1, n0])
+    res = two_proportion_z_test(c, t)
+    assert res.statistic == pytest.approx(z, rel=1e-9)
+    assert res.p_value == pytest.approx(p, rel=1e-8)
+    for x, n, s in ((x0, n0, c), (x1, n1, t)):
+        lo, hi = proportion_confint(x, n, alpha=0.05, method="wilson")
+        ci = proportion_confidence_interval(s, 0.05)
+        assert (ci.lower, ci.upper) == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
+    summary = summarize("c", c, MetricKind.PROPORTION)
+    assert summary.mean == pytest.approx(x0 / n0)
+
+
+def test_two_proportion_all_zero_is_no_evidence():
+    zeros = SufficientStats(100, 0.0, 0.0)
+    assert two_proportion_z_test(zeros, zeros).p_value == 1.0
+
+
+def test_sufficient_stats_merge_and_unit_values():
+    x = RNG.normal(0, 1, 100)
+    merged, whole = _ss(x[:40]) + _ss(x[40:]), _ss(x)
+    assert merged.n == 100
+    assert (merged.sum, merged.sum_sq) == pytest.approx((whole.sum, whole.sum_sq), rel=1e-12, abs=1e-12)
+    assert SufficientStats().add(2.0).add(4.0) == SufficientStats(2, 6.0, 20.0)
+    assert math.isnan(SufficientStats().mean) and math.isnan(SufficientStats(1, 1.0, 1.0).std)
+    assert unit_value([0, 0, 3], MetricKind.PROPORTION) == 1.0
+    assert unit_value([0, 0], MetricKind.PROPORTION) == 0.0
+    assert unit_value([1, 2, 6], MetricKind.MEAN) == 3.0
+    with pytest.raises(InvalidArgument):
+        unit_value([], MetricKind.MEAN)
+
+
+def test_relative_lift_delta_method_covers_truth():
+    # Coverage of the delta-method interval for the lift in repeated sampling ≈ 95 %.
+    covered = 0
+    trials = 400
+    for _ in range(trials):
+        a = RNG.normal(10.0, 3.0, 400)
+        b = RNG.normal(11.0, 3.0, 400)
+        lift = relative_lift(_ss(a), _ss(b), MetricKind.MEAN)
+        covered += lift.ci.contains(0.1)
+    assert 0.92 <= covered / trials <= 0.98
+    assert math.isnan(relative_lift(_ss([0.0, 0.0]), _ss([1.0, 2.0]), MetricKind.MEAN).estimate)
+
+
+def test_holm_matches_statsmodels():
+    p = [0.01, 0.04, 0.03, 0.2, 0.0001]
+    ref = multipletests(p, alpha=0.05, method="holm")[1]
+    assert holm_bonferroni(p) == pytest.approx(list(ref))
+
+
+def test_srm_caught_and_balanced_not():
+    ref = sps.chisquare([5100, 4700], [4900, 4900])
+    bad = srm_test([5100, 4700], [0.5, 0.5])
+    assert bad.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert bad.detected
+    ok = srm_test([5012, 4988], [0.5, 0.5])
+    assert not ok.detected and ok.p_value > 0.5
+    three = srm_test([1010, 2950, 6040], [0.1, 0.3, 0.6])
+    assert not three.detected
+    assert srm_test([850, 3000, 6150], [0.1, 0.3, 0.6]).detected
+    assert srm_test([10, 5], [1.0, 0.0]).detected  # units where the weight is 0
+    assert not srm_test([0, 0], [0.5, 0.5]).detected
+
+
+def test_power_and_sample_size():
+    n = required_sample_size(1.0, 0.1, 0.05, 0.8)
+    assert n == math.ceil(2 * (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) ** 2 / 0.01)
+    se = math.sqrt(2 / n)
+    assert power(0.1, se, 0.05) == pytest.approx(0.8, abs=0.005)
+    assert power(0.0, se, 0.05) == pytest.approx(0.05)
+
+
+def test_msprt_formula_and_confidence_sequence_duality():
+    est, var, tau2 = 0.3, 0.01, 0.04
+    lam = math.sqrt(var / (var + tau2)) * math.exp(tau2 * est**2 / (2 * var * (var + tau2)))
+    assert msprt_p_value(est, var, tau2) == pytest.approx(min(1, 1 / lam))
+    cs = confidence_sequence(est, var, tau2, 0.05)
+    # the boundary of the sequence is exactly where the always-valid p equals alpha
+    assert msprt_p_value(est, var, tau2, null=cs.lower) == pytest.approx(0.05)
+    assert msprt_p_value(est, var, tau2, null=cs.upper) == pytest.approx(0.05)
+    # wider than the fixed-horizon interval: the price of peeking
+    assert cs.width > 2 * 1.96 * math.sqrt(var)
+
+
+def _aa_simulation(n_experiments, looks, batch, effect=0.0, kind=MetricKind.MEAN, seed=7):
+    """Simulate experiments, look after every batch; return (sequential_rejected, naive_rejected) rates."""
+    rng = np.random.default_rng(seed)
+    spec = MetricSpec("m", kind=kind)
+    seq_rej = naive_rej = 0
+    for _ in range(n_experiments):
+        if kind is MetricKind.MEAN:
+            a = rng.normal(5.0, 2.0, (looks, batch))
+            b = rng.normal(5.0 + effect, 2.0, (looks, batch))
+        else:
+            a = (rng.random((looks, batch)) < 0.2).astype(float)
+            b = (rng.random((looks, batch)) < 0.2 + effect).astype(float)
+        ca, cb = np.cumsum(a.sum(1)), np.cumsum(b.sum(1))
+        qa, qb = np.cumsum((a * a).sum(1)), np.cumsum((b * b).sum(1))
+        seq = naive = False
+        prev = None
+        for k in range(looks):
+            n = (k + 1) * batch
+            res = analyze_metric(
+                spec,
+                [("c", SufficientStats(n, ca[k], qa[k])), ("t", SufficientStats(n, cb[k], qb[k]))],
+                method=AnalysisMethod.SEQUENTIAL,
+                previous=prev,
+            )
+            c = res.comparisons[0]
+            prev = {"t": c.state}
+            seq |= c.sequential_p_value < 0.05
+            naive |= c.p_value < 0.05
+        seq_rej += seq
+        naive_rej += naive
+    return seq_rej / n_experiments, naive_rej / n_experiments
+
+
+def test_aa_sequential_controls_false_positives_and_naive_peeking_does_not():
+    seq, naive = _aa_simulation(n_experiments=400, looks=20, batch=50)
+    print(f"A/A means: sequential FPR={seq:.3f}, naive peeking FPR={naive:.3f}")
+    assert seq <= 0.05, seq
+    # naive peeking at a fixed-horizon p-value after every batch inflates the error rate several-fold
+    assert naive >= 0.12, naive
+    assert naive > 3 * max(seq, 0.01)
+
+
+def test_aa_sequential_proportions():
+    seq, naive = _aa_simulation(n_experiments=300, looks=15, batch=100, kind=MetricKind.PROPORTION, seed=11)
+    print(f"A/A proportions: sequential FPR={seq:.3f}, naive peeking FPR={naive:.3f}")
+    assert seq <= 0.05, seq
+    assert naive >= 0.1, naive
+
+
+def test_true_effect_is_found_by_sequential_test():
+    seq, _ = _aa_simulation(n_experiments=60, looks=20, batch=100, effect=0.5, seed=3)
+    print(f"true effect 0.25 sd: sequential power={seq:.3f}")
+    assert seq >= 0.9, seq
+
+
+def test_decide_ship_harm_srm_and_keep_running():
+    primary = MetricSpec("judge_score", MetricKind.MEAN, Direction.INCREASE)
+    latency = MetricSpec("latency_ms", MetricKind.MEAN, Direction.DECREASE, tolerance=0.10)
+    ids, w = ["control", "treatment"], [0.5, 0.5]
+    n = 3000
+    good = {"control": _ss(RNG.normal(7.0, 1.5, n)), "treatment": _ss(RNG.normal(7.3, 1.5, n))}
+    lat_ok = {"control": _ss(RNG.normal(800, 100, n)), "treatment": _ss(RNG.normal(805, 100, n))}
+    lat_bad = {"control": _ss(RNG.normal(800, 100, n)), "treatment": _ss(RNG.normal(1000, 100, n))}
+    exposures = {"control": n, "treatment": n}
+
+    a = analyze_experiment(ids, w, exposures, (primary, good), [(latency, lat_ok)])
+    assert a.outcome.decision is Decision.SHIP_VARIANT, a.outcome.reason
+    assert a.outcome.recommended_variant == "treatment"
+    assert a.guardrails[0].comparisons[0].guardrail is GuardrailStatus.WITHIN_TOLERANCE
+    assert a.primary.comparisons[0].improvement and a.primary.comparisons[0].significant
+    assert 0.99 < a.outcome.power <= 1.0 and a.outcome.progress == 1.0
+
+    a = analyze_experiment(ids, w, exposures, (primary, good), [(latency, lat_bad)])
+    assert a.outcome.decision is Decision.STOP_FOR_HARM, a.outcome.reason
+    assert a.guardrails[0].guardrail_violated
+    assert "latency_ms" in a.outcome.reason
+
+    worse = {"control": good["treatment"], "treatment": good["control"]}
+    a = analyze_experiment(ids, w, exposures, (primary, worse), method=AnalysisMethod.FIXED_HORIZON)
+    assert a.outcome.decision is Decision.STOP_FOR_HARM
+
+    a = analyze_experiment(ids, w, {"control": n, "treatment": int(n * 0.9)}, (primary, good), [(latency, lat_ok)])
+    assert a.srm.detected and a.outcome.decision is Decision.INVALID_SAMPLE_RATIO
+    assert "sample ratio mismatch" in a.outcome.reason
+
+    small = {"control": _ss(RNG.normal(7, 1.5, 40)), "treatment": _ss(RNG.normal(9, 1.5, 40))}
+    a = analyze_experiment(ids, w, {"control": 40, "treatment": 40}, (primary, small))
+    assert a.outcome.decision is Decision.KEEP_RUNNING and a.outcome.progress == pytest.approx(0.4)
+
+
+def test_decide_no_detectable_difference():
+    primary = MetricSpec("thumbs_up", MetricKind.PROPORTION, Direction.INCREASE)
+    ids, w = ["control", "treatment"], [0.5, 0.5]
+    n = 200_000
+    same = {
+        "control": SufficientStats(n, 0.5 * n, 0.5 * n),
+        "treatment": SufficientStats(n, 0.5 * n + 50, 0.5 * n + 50),
+    }
+    exposures = {"control": n, "treatment": n}
+    a = analyze_experiment(ids, w, exposures, (primary, same), config=DecisionConfig(equivalence_margin=0.02))
+    assert a.outcome.decision is Decision.NO_DETECTABLE_DIFFERENCE, a.outcome.reason
+    fixed = analyze_experiment(
+        ids, w, exposures, (primary, same), method=AnalysisMethod.FIXED_HORIZON, config=DecisionConfig(1000)
+    )
+    assert fixed.outcome.decision is Decision.NO_DETECTABLE_DIFFERENCE
+    # a sequential look at a smaller, still-ambiguous sample keeps running
+    m = 2000
+    few = {"control": SufficientStats(m, 0.5 * m, 0.5 * m), "treatment": SufficientStats(m, 0.5 * m + 20, 0.5 * m + 20)}
+    a = analyze_experiment(ids, w, {"control": m, "treatment": m}, (primary, few))
+    assert a.outcome.decision is Decision.KEEP_RUNNING
+
+
+def test_multiple_treatments_holm_adjusted_and_best_shipped():
+    spec = MetricSpec("score")
+    rows = [
+        ("control", _ss(RNG.normal(0.0, 1.0, 4000))),
+        ("t1", _ss(RNG.normal(0.15, 1.0, 4000))),
+        ("t2", _ss(RNG.normal(0.25, 1.0, 4000))),
+        ("t3", _ss(RNG.normal(0.0, 1.0, 4000))),
+    ]
+    res = analyze_metric(spec, rows, method=AnalysisMethod.FIXED_HORIZON)
+    raw = [c.p_value_raw for c in res.comparisons]
+    assert [c.p_value for c in res.comparisons] == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    out = decide(res, config=DecisionConfig(min_sample_size=1000))
+    assert out.decision is Decision.SHIP_VARIANT and out.recommended_variant == "t2"
+
+
+def test_invalid_inputs():
+    with pytest.raises(InvalidArgument) as ei:
+        MetricSpec("x", tolerance=-1)
+    assert ei.value.field == "tolerance"
+    with pytest.raises(InvalidArgument) as ei:
+        analyze_metric(MetricSpec("x"), [("c", SufficientStats())], alpha=0.05)
+    assert ei.value.field == "variants"
+    with pytest.raises(InvalidArgument) as ei:
+        analyze_metric(MetricSpec("x"), [("c", SufficientStats()), ("t", SufficientStats())], alpha=1.5)
+    assert ei.value.field == "significance_level"
+    with pytest.raises(InvalidArgument):
+        DecisionConfig(min_sample_size=0)
+    # empty variants analyse without crashing and decide nothing
+    res = analyze_metric(MetricSpec("x"), [("c", SufficientStats()), ("t", SufficientStats())])
+    assert res.comparisons[0].p_value == 1.0 and not res.comparisons[0].significant
