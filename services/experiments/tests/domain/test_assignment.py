@@ -20,7 +20,7 @@ from neuroweaver_experiments.domain.assignment import (
     validate_variants,
     validate_weights,
 )
-from neuroweaver_experiments.domain.errors import InvalidArgument
+from neuroweaver_runtime.errors import InvalidArgument
 
 STRINGS = ["", "a", "user-1", "exp-42user-42", "é", "日本語", "emoji😀x", "mixed-ü-😀-z", "x" * 300]
 

@@ -6,7 +6,6 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
-from neuroweaver_experiments.domain.errors import InvalidArgument
 from neuroweaver_experiments.domain.statistics import (
     AnalysisMethod,
     Decision,
@@ -33,6 +32,7 @@ from neuroweaver_experiments.domain.statistics import (
     unit_value,
     welch_t_test,
 )
+from neuroweaver_runtime.errors import InvalidArgument
 
 RNG = np.random.default_rng(20240611)
 

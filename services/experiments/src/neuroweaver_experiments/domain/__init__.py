@@ -1,8 +1,12 @@
-"""Pure domain core of the experiments service: assignment, statistics, decisions, domain errors.
+"""Pure domain core of the experiments service: assignment, statistics, decisions.
+
+Errors are the shared `neuroweaver_runtime.errors` (re-exported here for convenience).
 
 No gRPC, protobuf or SQL here; the API layer maps these dataclasses and errors onto the
 `neuroweaver.experiments.v1` messages and canonical status codes.
 """
+
+from neuroweaver_runtime.errors import Aborted, DomainError, FailedPrecondition, InvalidArgument, NotFound
 
 from .assignment import (
     BUCKETS,
@@ -19,7 +23,6 @@ from .assignment import (
     validate_variants,
     validate_weights,
 )
-from .errors import Aborted, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from .statistics import (
     AnalysisMethod,
     Comparison,

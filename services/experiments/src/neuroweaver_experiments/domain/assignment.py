@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidArgument
+from neuroweaver_runtime.errors import InvalidArgument
 
 __all__ = [
     "BUCKETS",

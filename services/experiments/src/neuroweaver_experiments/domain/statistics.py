@@ -45,7 +45,7 @@ from enum import StrEnum
 
 from scipy import special
 
-from .errors import InvalidArgument
+from neuroweaver_runtime.errors import InvalidArgument
 
 __all__ = [
     "DEFAULT_ALPHA",
