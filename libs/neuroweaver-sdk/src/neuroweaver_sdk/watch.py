@@ -1,0 +1,89 @@
+"""Live progress from the gRPC streams, resuming after a dropped connection.
+
+A server stream is not retried by gRPC once headers arrived, so the watcher keeps the last event
+sequence it saw and reconnects with `after_sequence` — no event is shown twice or missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+_TERMINAL = {tpb.TrainingJob.STATE_SUCCEEDED, tpb.TrainingJob.STATE_FAILED, tpb.TrainingJob.STATE_CANCELLED}
+
+
+async def follow_training_job(clients, name: str, after_sequence: int = 0, max_reconnects: int = 30):
+    """Yields every event after the cursor, reconnecting on transient failures; ends at a terminal state."""
+    cursor, reconnects = after_sequence, 0
+    while True:
+        try:
+            async for resp in clients.trainer.WatchTrainingJob(tsvc.WatchTrainingJobRequest(name=name, after_sequence=cursor)):
+                cursor = resp.event.sequence
+                reconnects = 0
+                yield resp.event
+            return  # the server ends the stream after the terminal event
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRYABLE or reconnects >= max_reconnects:
+                raise
+            reconnects += 1
+            await asyncio.sleep(min(0.2 * 2**reconnects, 5.0))
+
+
+async def watch_training_job(clients, name: str, *, console: Console, after_sequence: int = 0):
+    """Renders a live progress bar per stage; returns the final job."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    tasks: dict[str, int] = {}
+    with Progress(*columns, console=console, transient=False) as progress:
+        async for event in follow_training_job(clients, name, after_sequence):
+            stage = event.stage or "job"
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=None, info="")
+            task = tasks[stage]
+            if event.type == tpb.EVENT_TYPE_STEP:
+                s = event.step
+                info = f"loss {s.loss:.4f}  lr {s.learning_rate:.2e}  {s.tokens_per_second:.0f} tok/s"
+                progress.update(task, total=s.total_steps or None, completed=s.step, info=info)
+            elif event.type == tpb.EVENT_TYPE_EVAL:
+                progress.console.print(f"  [cyan]eval[/cyan] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items()))
+            elif event.type in (tpb.EVENT_TYPE_STATE_CHANGED, tpb.EVENT_TYPE_RESUMED, tpb.EVENT_TYPE_REGISTERED, tpb.EVENT_TYPE_STAGE_COMPLETED):
+                progress.console.print(f"  [{tpb.EventType.Name(event.type).removeprefix('EVENT_TYPE_').lower()}] {event.message}")
+            elif event.type == tpb.EVENT_TYPE_STAGE_STARTED:
+                progress.console.print(f"  stage [bold]{stage}[/bold] started {event.message}")
+    job = await clients.trainer.GetTrainingJob(tsvc.GetTrainingJobRequest(name=name))
+    state = tpb.TrainingJob.State.Name(job.state).removeprefix("STATE_")
+    console.print(f"{name}: [bold]{state}[/bold] {job.model_version or job.error}")
+    return job
+
+
+async def watch_deployment(clients, name: str, *, console: Console, until_available: bool):
+    """Prints each status change; with until_available, returns once the deployment is AVAILABLE."""
+    last = None
+    reconnects = 0
+    while True:
+        try:
+            async for resp in clients.deployer.WatchDeployment(dsvc.WatchDeploymentRequest(name=name)):
+                d = resp.deployment
+                state = dpb.Deployment.State.Name(d.state).removeprefix("STATE_")
+                line = f"{state} version={d.served_version} ready={d.ready_replicas}/{d.replicas} endpoint={d.endpoint}"
+                if line != last:
+                    console.print(line)
+                    last = line
+                if until_available and d.state == dpb.Deployment.STATE_AVAILABLE:
+                    return d
+                if d.state == dpb.Deployment.STATE_FAILED and until_available:
+                    raise SystemExit(f"deployment failed: {[c.message for c in d.conditions]}")
+            return None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRYABLE or reconnects >= 30:
+                raise
+            reconnects += 1
+            await asyncio.sleep(min(0.2 * 2**reconnects, 5.0))
