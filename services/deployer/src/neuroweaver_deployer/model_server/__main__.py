@@ -1,0 +1,30 @@
+"""`python -m neuroweaver_deployer.model_server --grpc-port P --http-port Q --base-model B --served-model-name N
+--model-version V [--adapter-uri U --adapter-sha256 S] [--load-in-4bit]` (flags or NW_MODEL_SERVER_* variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from neuroweaver_runtime.config import load_config
+from neuroweaver_runtime.logs import configure_logging
+
+from .app import ModelServer, ModelServerConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = load_config(ModelServerConfig, "model_server", argv)
+    configure_logging("model-server", config.log_level)
+    server = ModelServer(config)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(server.grpc.run_until_signal())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`), plus
+`/metrics` (Prometheus) and `/healthz`, served by aiohttp on the model server's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from neuroweaver_runtime.errors import DomainError, InvalidArgument
+
+from . import metrics
+from .domain import GenerationInput, Message, Sampling
+from .service import InferenceService
+
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+}  # fmt: skip
+_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _domain_error(exc: DomainError) -> web.Response:
+    status = _HTTP_STATUS.get(exc.code.name, 500)
+    param = exc.violations[0].field if exc.violations else None
+    return _error(status, exc.message, exc.reason, param)
+
+
+def _content(raw: Any, index: int) -> str:
+    """OpenAI content: a string or a list of parts (`{"type": "text", "text": ...}`)."""
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in raw):
+        return "".join(str(p.get("text", "")) for p in raw)
+    raise InvalidArgument("only text content is supported", field=f"messages[{index}].content", reason="UNSUPPORTED_CONTENT")
+
+
+def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
+    """OpenAI chat-completions JSON → (input, stream, include_usage). Raises INVALID_ARGUMENT."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object", reason="INVALID_JSON")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages must be a non-empty list", field="messages", reason="INVALID_GENERATION_REQUEST")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidArgument("each message must be an object", field=f"messages[{i}]", reason="INVALID_GENERATION_REQUEST")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        parsed.append(Message(str(role), _content(m.get("content"), i)))
+    if body.get("n", 1) != 1:
+        raise InvalidArgument("only n=1 is supported", field="n", reason="UNSUPPORTED_PARAMETER")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or 0
+    temperature = body.get("temperature", 1.0)
+    top_p = body.get("top_p", 1.0)
+    seed = body.get("seed")
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be a number", field=name, reason="INVALID_GENERATION_REQUEST")
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidArgument("stop must be a string or a list of strings", field="stop", reason="INVALID_GENERATION_REQUEST")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidArgument("seed must be an integer", field="seed", reason="INVALID_GENERATION_REQUEST")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise InvalidArgument("model must be a string", field="model", reason="INVALID_GENERATION_REQUEST")
+    sampling = Sampling(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens), stop=stop, seed=seed)
+    stream = bool(body.get("stream", False))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+    return GenerationInput(model=model, messages=parsed, prompt="", sampling=sampling), stream, include_usage
+
+
+def _http_code(exc: BaseException) -> str:
+    if isinstance(exc, DomainError):
+        return str(_HTTP_STATUS.get(exc.code.name, 500))
+    if isinstance(exc, asyncio.CancelledError):
+        return "499"  # client closed the connection
+    return "500"
+
+
+class OpenAIApi:
+    def __init__(self, service: InferenceService) -> None:
+        self.svc = service
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ready = self.svc.engine is not None
+        return web.json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "neuroweaver", "model_version": m.model_version}
+            for m in self.svc.models()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        method = "ChatCompletions"
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            metrics.REQUESTS.labels(method, "400").inc()
+            return _error(400, "the request body is not valid JSON", "INVALID_JSON")
+        try:
+            req, stream, include_usage = parse_chat_request(body)
+        except DomainError as exc:
+            metrics.REQUESTS.labels(method, "400").inc()
+            return _domain_error(exc)
+        if stream:
+            return await self._stream(request, req, include_usage)
+        try:
+            with metrics.observe(method, _http_code, ok="200"):
+                c = await self.svc.generate(req, None, method)
+        except DomainError as exc:
+            return _domain_error(exc)
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": c.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
+                "usage": {
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                    "total_tokens": c.prompt_tokens + c.completion_tokens,
+                },
+            }
+        )
+
+    async def _stream(self, request: web.Request, req: GenerationInput, include_usage: bool) -> web.StreamResponse:
+        method = "ChatCompletionsStream"
+        deltas = self.svc.stream(req, None, method)
+        chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.svc.served.name
+        with metrics.observe(method, _http_code, ok="200"):
+            try:
+                first = await anext(deltas)  # errors before the first token still get a JSON error status
+            except DomainError as exc:
+                return _domain_error(exc)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+
+            def chunk(delta: dict, finish: str | None, usage: dict | None = None) -> bytes:
+                body: dict[str, Any] = {
+                    "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }  # fmt: skip
+                if usage is not None:
+                    body["usage"] = usage
+                return f"data: {json.dumps(body)}\n\n".encode()
+
+            await response.write(chunk({"role": "assistant", "content": ""}, None))
+            d = first
+            while True:
+                if d.finish_reason is None:
+                    await response.write(chunk({"content": d.text}, None))
+                else:
+                    if d.text:
+                        await response.write(chunk({"content": d.text}, None))
+                    usage = {
+                        "prompt_tokens": d.prompt_tokens,
+                        "completion_tokens": d.completion_tokens,
+                        "total_tokens": d.prompt_tokens + d.completion_tokens,
+                    }
+                    await response.write(chunk({}, d.finish_reason, usage if include_usage else None))
+                    break
+                try:
+                    d = await anext(deltas)
+                except DomainError as exc:  # mid-stream failure: report it the way OpenAI does, as an error event
+                    err = {"error": {"message": exc.message, "type": "server_error", "code": exc.reason}}
+                    await response.write(f"data: {json.dumps(err)}\n\n".encode())
+                    break
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        return response

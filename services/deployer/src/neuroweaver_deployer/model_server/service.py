@@ -1,0 +1,117 @@
+"""Model-server use cases: load the model once, then check, tokenize and run generation requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from neuroweaver_runtime.errors import InvalidArgument, Unavailable
+
+from . import metrics
+from .domain import Completion, Delta, GenerationInput, Limits, ServedModel, prompt_too_long, resolve_model, validate
+from .engine import Engine
+
+log = logging.getLogger("neuroweaver.model_server")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    base_model: str  # builtin:..., a local dir or a file:// URI
+    adapter_uri: str  # file:// URI or path of a PEFT adapter dir; empty = base model only
+    adapter_sha256: str
+    load_in_4bit: bool
+    device: str = "auto"
+
+
+class InferenceService:
+    def __init__(self, served: ServedModel, limits: Limits) -> None:
+        self.served = served
+        self.limits = limits
+        self.engine: Engine | None = None
+        self.context_length = 0
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load_blocking(self, spec: LoadSpec) -> None:
+        """Resolves the base model, verifies the adapter's sha256 and loads both (run it in a thread)."""
+        from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path
+
+        started = time.monotonic()
+        base_dir = resolve_base_model(spec.base_model)
+        adapter_dir = uri_to_path(spec.adapter_uri) if spec.adapter_uri else None
+        loaded = load_for_inference(
+            base_dir,
+            adapter_dir,
+            spec.load_in_4bit,
+            expected_adapter_sha256=spec.adapter_sha256 or None,
+            device=spec.device,
+        )
+        self.context_length = loaded.context_length
+        if loaded.adapter_sha256:
+            self.served = ServedModel(
+                self.served.name, self.served.model_version, self.served.base_model, loaded.adapter_sha256, spec.load_in_4bit
+            )
+        self.engine = Engine(loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size)
+        seconds = time.monotonic() - started
+        metrics.LOAD_SECONDS.set(seconds)
+        metrics.MODEL_LOADED.labels(self.served.name, self.served.model_version).set(1)
+        log.info("model loaded", extra={"fields": {"served_model_name": self.served.name, "seconds": round(seconds, 2)}})
+
+    async def load(self, spec: LoadSpec) -> None:
+        await asyncio.to_thread(self.load_blocking, spec)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def models(self) -> list[ServedModel]:
+        return [self.served]
+
+    def _prepare(self, req: GenerationInput, field_prefix: str = "") -> tuple[Engine, list[int]]:
+        resolve_model(req.model, self.served)
+        validate(req, self.limits, field_prefix)
+        engine = self.engine
+        if engine is None:
+            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
+        from neuroweaver_ml import encode_prompt
+
+        prompt = req.prompt if req.prompt else [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            ids = encode_prompt(engine.tokenizer, prompt)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field=f"{field_prefix}messages", reason="INVALID_PROMPT") from exc
+        if not ids:
+            raise InvalidArgument("the prompt encodes to zero tokens", field=f"{field_prefix}prompt", reason="EMPTY_PROMPT")
+        if self.context_length and len(ids) + req.sampling.max_tokens > self.context_length:
+            raise prompt_too_long(len(ids), req.sampling.max_tokens, self.context_length)
+        return engine, ids
+
+    async def stream(self, req: GenerationInput, deadline: float | None, method: str) -> AsyncIterator[Delta]:
+        engine, ids = self._prepare(req)
+        async for delta in engine.run(ids, req.sampling, deadline):
+            if delta.finish_reason is not None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(method).observe(delta.ttft_s)
+                metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
+                metrics.COMPLETION_TOKENS.inc(delta.completion_tokens)
+            yield delta
+
+    async def generate(self, req: GenerationInput, deadline: float | None, method: str) -> Completion:
+        parts: list[str] = []
+        async for delta in self.stream(req, deadline, method):
+            parts.append(delta.text)
+            if delta.finish_reason is not None:
+                return Completion(
+                    model=self.served.name,
+                    text="".join(parts),
+                    finish_reason=delta.finish_reason,
+                    prompt_tokens=delta.prompt_tokens,
+                    completion_tokens=delta.completion_tokens,
+                    latency_s=delta.latency_s,
+                    ttft_s=delta.ttft_s,
+                )
+        raise RuntimeError("generation ended without a final delta")

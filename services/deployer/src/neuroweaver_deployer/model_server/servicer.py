@@ -1,0 +1,112 @@
+"""InferenceService servicer: protobuf in, use case, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from neuroweaver.inference.v1 import inference_pb2 as pb
+from neuroweaver.inference.v1 import inference_service_pb2 as svc
+from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime.auth import Role
+from neuroweaver_runtime.errors import DomainError
+
+from . import metrics
+from .domain import Completion, GenerationInput, Message, Sampling
+from .service import InferenceService
+
+METHOD_ROLES = {"Generate": Role.VIEWER, "GenerateStream": Role.VIEWER, "ListModels": Role.VIEWER}
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def input_from_pb(request) -> GenerationInput:
+    s = request.sampling
+    return GenerationInput(
+        model=request.model,
+        messages=[Message(m.role, m.content) for m in request.messages],
+        prompt=request.prompt,
+        sampling=Sampling(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop),
+            seed=s.seed if s.HasField("seed") else None,
+        ),
+    )
+
+
+def completion_to_pb(c: Completion) -> svc.GenerateResponse:
+    return svc.GenerateResponse(
+        model=c.model,
+        text=c.text,
+        finish_reason=_FINISH[c.finish_reason],
+        usage=pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        latency=_duration(c.latency_s),
+        time_to_first_token=_duration(c.ttft_s),
+    )
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _code_of(deadline: float | None):
+    def code(exc: BaseException) -> str:
+        if isinstance(exc, DomainError):
+            return exc.code.name
+        if isinstance(exc, asyncio.CancelledError):
+            expired = deadline is not None and time.monotonic() >= deadline
+            return grpc.StatusCode.DEADLINE_EXCEEDED.name if expired else grpc.StatusCode.CANCELLED.name
+        return grpc.StatusCode.INTERNAL.name
+
+    return code
+
+
+class InferenceServicer(svc_grpc.InferenceServiceServicer):
+    def __init__(self, service: InferenceService) -> None:
+        self.svc = service
+
+    async def Generate(self, request, context):
+        deadline = _deadline(context)
+        with metrics.observe("Generate", _code_of(deadline)):
+            completion = await self.svc.generate(input_from_pb(request), deadline, "Generate")
+        return completion_to_pb(completion)
+
+    async def GenerateStream(self, request, context):
+        deadline = _deadline(context)
+        with metrics.observe("GenerateStream", _code_of(deadline)):
+            async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
+                if d.finish_reason is None:
+                    yield svc.GenerateStreamResponse(delta=d.text)
+                else:
+                    yield svc.GenerateStreamResponse(
+                        delta=d.text,
+                        finish_reason=_FINISH[d.finish_reason],
+                        usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens),
+                        latency=_duration(d.latency_s),
+                        time_to_first_token=_duration(d.ttft_s),
+                    )
+
+    async def ListModels(self, request, context):
+        return svc.ListModelsResponse(
+            models=[
+                svc.ServedModel(
+                    name=m.name,
+                    model_version=m.model_version,
+                    base_model=m.base_model,
+                    adapter_sha256=m.adapter_sha256,
+                    quantized_4bit=m.quantized_4bit,
+                )
+                for m in self.svc.models()
+            ]
+        )

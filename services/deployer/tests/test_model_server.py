@@ -1,0 +1,267 @@
+"""The model server in-process: health before/after loading, gRPC and OpenAI APIs, bad input, bounded queue,
+deadlines, batching and the metric names the PrometheusRule relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuroweaver.inference.v1 import inference_pb2 as pb
+from neuroweaver.inference.v1 import inference_service_pb2 as svc
+from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
+from neuroweaver_deployer.model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
+from neuroweaver_kube.manifests import ModelServerSpec, alert_expressions
+from neuroweaver_runtime.errors import error_info
+
+NAME = "tiny-1-0-0-abcdef12"
+VERSION = "projects/default/models/tiny/versions/1.0.0"
+
+
+def config(tiny_base, adapter, **kw) -> ModelServerConfig:
+    path, sha = adapter
+    return ModelServerConfig(
+        grpc_port=0, http_port=0, base_model=str(tiny_base), served_model_name=NAME, model_version=VERSION,
+        adapter_uri=path.as_uri(), adapter_sha256=sha, shutdown_grace_seconds=1.0, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def server(tiny_base, adapters):
+    s = ModelServer(config(tiny_base, adapters[0], max_queue=4, max_batch_size=8, max_new_tokens_limit=1000))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture(scope="module")
+async def stub(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
+        yield svc_grpc.InferenceServiceStub(channel)
+
+
+def chat(text="Hello! How can I help you today?", max_tokens=8, **kw) -> svc.GenerateRequest:
+    return svc.GenerateRequest(
+        messages=[pb.ChatMessage(role="user", content=text)], sampling=pb.SamplingParams(max_tokens=max_tokens, **kw)
+    )
+
+
+async def test_health_is_not_serving_until_the_model_is_loaded(tiny_base, adapters):
+    s = ModelServer(config(tiny_base, adapters[0]))
+    gate = asyncio.Event()
+    real_load = s.service.load
+
+    async def gated_load(spec):
+        await gate.wait()
+        await real_load(spec)
+
+    s.service.load = gated_load
+    from neuroweaver_runtime.testing import free_port
+
+    s.config.port = s.config.grpc_port = free_port()
+    s.grpc.port = s.config.port
+    starting = asyncio.create_task(s.start())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.config.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), wait_for_ready=True)
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert overall.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await svc_grpc.InferenceServiceStub(channel).Generate(chat())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(err.value).reason == "MODEL_LOADING"
+            gate.set()
+            second = await watch.read()
+            assert second.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            await starting
+            reply = await svc_grpc.InferenceServiceStub(channel).Generate(chat())
+            assert reply.usage.completion_tokens > 0
+    finally:
+        gate.set()
+        await starting
+        await s.stop()
+
+
+async def test_generate_stream_and_list_models(stub):
+    models = await stub.ListModels(svc.ListModelsRequest())
+    assert [m.name for m in models.models] == [NAME]
+    assert models.models[0].model_version == VERSION and len(models.models[0].adapter_sha256) == 64
+
+    reply = await stub.Generate(chat(max_tokens=12))
+    assert reply.model == NAME
+    assert reply.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+    assert reply.latency.ToNanoseconds() >= reply.time_to_first_token.ToNanoseconds() > 0
+
+    parts = [m async for m in stub.GenerateStream(svc.GenerateStreamRequest(messages=chat().messages, sampling=pb.SamplingParams(max_tokens=12)))]
+    assert "".join(p.delta for p in parts) == reply.text  # greedy: same text streamed and unary
+    assert parts[-1].finish_reason == reply.finish_reason and parts[-1].usage == reply.usage
+    assert all(p.finish_reason == pb.FINISH_REASON_UNSPECIFIED for p in parts[:-1])
+
+    raw = await stub.Generate(svc.GenerateRequest(prompt="The service advisor", sampling=pb.SamplingParams(max_tokens=5)))
+    assert raw.usage.completion_tokens <= 5
+    named = svc.GenerateRequest(model=NAME, messages=chat().messages, sampling=pb.SamplingParams(max_tokens=3))
+    assert (await stub.Generate(named)).model == NAME
+
+
+async def test_stop_sequences_cut_the_text(stub):
+    full = await stub.Generate(chat(max_tokens=20))
+    if len(full.text) < 4:
+        pytest.fail(f"need a longer greedy completion to test stop strings, got {full.text!r}")
+    stop = full.text[2:4]
+    cut = await stub.Generate(chat(max_tokens=20, stop=[stop]))
+    assert cut.finish_reason == pb.FINISH_REASON_STOP
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+@pytest.mark.parametrize(
+    "request_, code, reason",
+    [
+        (svc.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (svc.GenerateRequest(messages=[pb.ChatMessage(role="user", content="  ")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (svc.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (svc.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (chat(max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (chat(max_tokens=-1), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (chat(temperature=7.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (chat(text="word " * 5000, max_tokens=1000), grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_LENGTH_EXCEEDED"),
+        (svc.GenerateRequest(model="someone-else", messages=chat().messages), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+    ],
+)
+async def test_bad_input_gets_a_status_and_the_server_keeps_serving(stub, request_, code, reason):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(request_)
+    assert err.value.code() == code
+    info = error_info(err.value)
+    assert info.reason == reason and info.domain == "inference.neuroweaver.v1"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.GenerateStream(svc.GenerateStreamRequest(model=request_.model, messages=request_.messages, prompt=request_.prompt, sampling=request_.sampling)):
+            pass
+    assert err.value.code() == code
+    assert (await stub.Generate(chat(max_tokens=2))).usage.completion_tokens > 0
+
+
+async def test_full_queue_answers_resource_exhausted_and_deadlines_are_honoured(tiny_base, adapters):
+    s = ModelServer(config(tiny_base, adapters[0], max_queue=1, max_batch_size=1, max_new_tokens_limit=1000))
+    await s.start()
+    engine = s.service.engine
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc.port}") as channel:
+            stub = svc_grpc.InferenceServiceStub(channel)
+            long_call = stub.Generate(chat(max_tokens=1000))  # occupies the worker
+            await wait_until(lambda: engine.running == 1, what="the long request to start decoding")
+            queued = stub.Generate(chat(max_tokens=4))
+            await wait_until(lambda: engine.queue_depth == 1, what="the second request to wait in the queue")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(chat(max_tokens=4))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(err.value).reason == "QUEUE_FULL"
+
+            # The queued request's deadline passes while it waits: DEADLINE_EXCEEDED, and it leaves the queue.
+            queued.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(chat(max_tokens=4), timeout=0.3)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_until(lambda: engine.queue_depth == 0, what="the expired request to leave the queue")
+
+            # A running request past its deadline stops being decoded (the worker frees up long before 1000 tokens).
+            long_call.cancel()
+            await wait_until(lambda: engine.running == 0, what="the cancelled long request to stop")
+            aborted = engine.stats.aborted
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(chat(max_tokens=1000), timeout=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_until(lambda: engine.running == 0, timeout=5, what="decoding of the expired request to stop")
+            assert engine.stats.aborted == aborted + 1
+            assert (await stub.Generate(chat(max_tokens=2))).usage.completion_tokens > 0
+    finally:
+        await s.stop()
+
+
+async def test_waiting_requests_are_batched(tiny_base, adapters):
+    s = ModelServer(config(tiny_base, adapters[0], max_queue=16, max_batch_size=4, max_new_tokens_limit=1000))
+    await s.start()
+    engine = s.service.engine
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc.port}") as channel:
+            stub = svc_grpc.InferenceServiceStub(channel)
+            blocker = stub.Generate(chat(max_tokens=1000))
+            await wait_until(lambda: engine.running == 1, what="the blocker to start")
+            calls = [asyncio.ensure_future(stub.Generate(chat(text=f"question {i}", max_tokens=6))) for i in range(4)]
+            await wait_until(lambda: engine.queue_depth == 4, what="four requests queued")
+            blocker.cancel()
+            replies = await asyncio.gather(*calls)
+            assert all(r.usage.completion_tokens > 0 for r in replies)
+            assert engine.stats.largest_batch == 4
+            # batched decoding gives each request the same text it gets alone (greedy)
+            alone = await stub.Generate(chat(text="question 2", max_tokens=6))
+            assert alone.text == replies[2].text
+    finally:
+        await s.stop()
+
+
+async def test_openai_client_against_the_http_endpoint(server):
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+    messages = [{"role": "user", "content": "Hello! How can I help you today?"}]
+    done = await client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    assert done.model == NAME and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens > 0 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    stream = await client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError) as err:
+        await client.chat.completions.create(model="nope", messages=messages)
+    assert err.value.body["code"] == "MODEL_NOT_FOUND"
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model=NAME, messages=[])
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=NAME, messages=messages, max_tokens=10**7)
+    assert err.value.body["param"] == "sampling.max_tokens"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.http_port}/v1/chat/completions", data=b"{not json") as resp:
+            assert resp.status == 400
+    again = await client.chat.completions.create(model=NAME, messages=messages, max_tokens=2)
+    assert again.usage.completion_tokens > 0
+
+
+async def test_metrics_export_every_series_the_prometheus_rule_queries(server, stub):
+    await stub.Generate(chat(max_tokens=2))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.http_port}/metrics") as resp:
+            text = await resp.text()
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        exported.update(sample.name for sample in family.samples)
+    for name in ("nw_inference_request_duration_seconds_bucket", "nw_inference_requests_total",
+                 "nw_inference_time_to_first_token_seconds_bucket", "nw_inference_queue_depth",
+                 "nw_inference_prompt_tokens_total", "nw_inference_completion_tokens_total"):  # fmt: skip
+        assert name in exported, name
+    ok = [s for f in text_string_to_metric_families(text) for s in f.samples
+          if s.name == "nw_inference_requests_total" and s.labels == {"method": "Generate", "code": "OK"}]  # fmt: skip
+    assert ok and ok[0].value >= 1
+    spec = ModelServerSpec(
+        name="projects/default/deployments/d", namespace="neuroweaver", image="img", model_version=VERSION,
+        served_model_name=NAME, base_model_uri="builtin:smollm2-135m-instruct",
+    )  # fmt: skip
+    queried = set()
+    for expr in alert_expressions(spec).values():
+        queried.update(re.findall(r"\b(nw_[a-z0-9_]+)", expr))
+    assert queried and queried <= exported, queried - exported
