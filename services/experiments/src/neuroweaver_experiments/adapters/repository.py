@@ -1,0 +1,408 @@
+"""Experiments persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction.
+
+The hot paths (assignment batches, metric ingestion) are set-based: one statement per table per batch.
+On PostgreSQL they go straight to asyncpg with `unnest` arrays and COPY (no per-row SQL compilation);
+on SQLite they use SQLAlchemy Core `INSERT ... ON CONFLICT` with multi-row VALUES.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from neuroweaver_runtime.filtering import Comparison
+
+from ..domain.experiment import Experiment, ExperimentState, Variant
+from ..domain.statistics import (
+    AnalysisMethod,
+    Direction,
+    Interval,
+    MetricKind,
+    MetricSpec,
+    SequentialState,
+    SufficientStats,
+)
+from . import tables as t
+
+_SQLITE_CHUNK = 2000  # rows per multi-row statement (SQLite allows 32,766 bound variables)
+
+
+def aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def metric_to_json(m: MetricSpec) -> dict:
+    return {"name": m.name, "kind": m.kind.value, "direction": m.direction.value, "tolerance": m.tolerance}
+
+
+def metric_from_json(d: dict) -> MetricSpec:
+    return MetricSpec(d["name"], MetricKind(d["kind"]), Direction(d["direction"]), float(d.get("tolerance", 0.0)))
+
+
+def _chunks(rows: Sequence, size: int = _SQLITE_CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+def _finite(x: float, default: float) -> float:
+    return default if math.isnan(x) else x
+
+
+class ExperimentsRepository:
+    def __init__(self, session: AsyncSession, is_postgres: bool) -> None:
+        self.s = session
+        self.pg = is_postgres
+
+    async def _raw(self):
+        """The asyncpg connection of this session's transaction (PostgreSQL only)."""
+        conn = await self.s.connection()
+        raw = await conn.get_raw_connection()
+        return raw.driver_connection
+
+    # -- experiments -----------------------------------------------------------------------------
+
+    async def experiment_row(self, name: str, *, for_update: bool = False):
+        query = select(t.experiments).where(t.experiments.c.name == name)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.s.execute(query)).first()
+
+    async def revision_of(self, experiment_id: int) -> int | None:
+        query = select(t.experiments.c.revision).where(t.experiments.c.id == experiment_id)
+        return (await self.s.execute(query)).scalar()
+
+    @staticmethod
+    def _values(exp: Experiment) -> dict[str, Any]:
+        return dict(
+            display_name=exp.display_name,
+            description=exp.description,
+            variants=[v.__dict__ for v in exp.variants],
+            weights_history=exp.weights_history,
+            hash_seed=exp.hash_seed,
+            coverage=exp.coverage,
+            primary_metric=metric_to_json(exp.primary_metric) if exp.primary_metric else {},
+            guardrail_metrics=[metric_to_json(m) for m in exp.guardrail_metrics],
+            secondary_metrics=[metric_to_json(m) for m in exp.secondary_metrics],
+            min_sample_size=exp.min_sample_size,
+            significance_level=exp.significance_level,
+            analysis=exp.analysis.value,
+            auto_conclude=exp.auto_conclude,
+            promote_alias=exp.promote_alias,
+            labels=exp.labels,
+            state=exp.state.value,
+            winner=exp.winner,
+            conclusion=exp.conclusion,
+            update_time=exp.update_time,
+            start_time=exp.start_time,
+            end_time=exp.end_time,
+        )
+
+    async def insert_experiment(self, exp: Experiment, project: str) -> None:
+        await self.s.execute(
+            t.experiments.insert().values(name=exp.name, project=project, create_time=exp.create_time, revision=1, **self._values(exp))
+        )
+
+    async def save_experiment(self, experiment_id: int, exp: Experiment) -> None:
+        """Writes every mutable field and bumps the revision (so the etag changes)."""
+        await self.s.execute(
+            update(t.experiments)
+            .where(t.experiments.c.id == experiment_id)
+            .values(revision=t.experiments.c.revision + 1, **self._values(exp))
+        )
+
+    @staticmethod
+    def to_experiment(row) -> Experiment:
+        return Experiment(
+            name=row.name,
+            display_name=row.display_name,
+            description=row.description,
+            variants=[Variant(**v) for v in row.variants],
+            weights_history=[list(w) for w in row.weights_history],
+            hash_seed=row.hash_seed,
+            coverage=row.coverage,
+            primary_metric=metric_from_json(row.primary_metric) if row.primary_metric else None,
+            guardrail_metrics=[metric_from_json(m) for m in row.guardrail_metrics],
+            secondary_metrics=[metric_from_json(m) for m in row.secondary_metrics],
+            min_sample_size=row.min_sample_size,
+            significance_level=row.significance_level,
+            analysis=AnalysisMethod(row.analysis),
+            auto_conclude=row.auto_conclude,
+            promote_alias=row.promote_alias,
+            labels=dict(row.labels or {}),
+            state=ExperimentState(row.state),
+            winner=row.winner,
+            conclusion=row.conclusion,
+            create_time=aware(row.create_time),
+            update_time=aware(row.update_time),
+            start_time=aware(row.start_time),
+            end_time=aware(row.end_time),
+            revision=row.revision,
+        )
+
+    async def list_experiments(
+        self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
+    ) -> list:
+        c = t.experiments.c
+        query = select(t.experiments).where(c.project == project)
+        for f in filters:
+            if f.label_key is not None:
+                col = c.labels[f.label_key].as_string()
+                query = query.where(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
+            else:
+                value = f.value.upper().removeprefix("STATE_")
+                query = query.where(c.state == value if f.op == "=" else c.state != value)
+        order_col = getattr(c, order_field)
+        if cursor is not None:
+            value, tie = cursor
+            if order_field != "name":
+                value = datetime.fromisoformat(value)
+            if desc:
+                query = query.where(or_(order_col < value, and_(order_col == value, c.name < tie)))
+            else:
+                query = query.where(or_(order_col > value, and_(order_col == value, c.name > tie)))
+        query = query.order_by(order_col.desc(), c.name.desc()) if desc else query.order_by(order_col, c.name)
+        return list((await self.s.execute(query.limit(limit))).all())
+
+    # -- assignments and exposures ----------------------------------------------------------------
+
+    async def stored_assignments(self, experiment_id: int, units: Sequence[str]) -> dict[str, str]:
+        """unit → variant for the units that have a sticky assignment."""
+        if not units:
+            return {}
+        if self.pg:
+            rows = await (await self._raw()).fetch(
+                "SELECT unit_id, variant FROM assignments WHERE experiment_id = $1 AND unit_id = ANY($2::text[])",
+                experiment_id,
+                list(units),
+            )
+            return {r[0]: r[1] for r in rows}
+        out: dict[str, str] = {}
+        a = t.assignments.c
+        for chunk in _chunks(list(units), 10_000):
+            rows = await self.s.execute(
+                select(a.unit_id, a.variant).where(a.experiment_id == experiment_id, a.unit_id.in_(chunk))
+            )
+            out.update({r.unit_id: r.variant for r in rows})
+        return out
+
+    async def insert_assignments(self, experiment_id: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        """Inserts (unit, variant, bucket) rows that are not there yet; returns the units actually inserted."""
+        if not rows:
+            return set()
+        if self.pg:
+            units, variants, buckets = zip(*rows, strict=True)
+            result = await (await self._raw()).fetch(
+                "INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
+                "SELECT $1, u, v, b, $5 FROM unnest($2::text[], $3::text[], $4::int[]) AS x(u, v, b) "
+                "ON CONFLICT DO NOTHING RETURNING unit_id",
+                experiment_id,
+                list(units),
+                list(variants),
+                list(buckets),
+                now,
+            )
+            return {r[0] for r in result}
+        inserted: set[str] = set()
+        for chunk in _chunks(rows):
+            stmt = (
+                sqlite_insert(t.assignments)
+                .values([dict(experiment_id=experiment_id, unit_id=u, variant=v, bucket=b, create_time=now) for u, v, b in chunk])
+                .on_conflict_do_nothing()
+                .returning(t.assignments.c.unit_id)
+            )
+            inserted.update(r[0] for r in await self.s.execute(stmt))
+        return inserted
+
+    async def add_exposures(self, experiment_id: int, epoch: int, counts: dict[str, int]) -> None:
+        """Adds first exposures per variant (in variant order, so concurrent writers lock rows alike)."""
+        for variant in sorted(counts):
+            n = counts[variant]
+            if not n:
+                continue
+            if self.pg:
+                await (await self._raw()).execute(
+                    "INSERT INTO exposure_counts (experiment_id, epoch, variant, units) VALUES ($1, $2, $3, $4) "
+                    "ON CONFLICT (experiment_id, epoch, variant) DO UPDATE SET units = exposure_counts.units + excluded.units",
+                    experiment_id,
+                    epoch,
+                    variant,
+                    n,
+                )
+            else:
+                stmt = sqlite_insert(t.exposure_counts).values(experiment_id=experiment_id, epoch=epoch, variant=variant, units=n)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["experiment_id", "epoch", "variant"],
+                    set_={"units": t.exposure_counts.c.units + stmt.excluded.units},
+                )
+                await self.s.execute(stmt)
+
+    async def exposures(self, experiment_id: int) -> dict[int, dict[str, int]]:
+        """epoch → variant → exposed units."""
+        c = t.exposure_counts.c
+        rows = await self.s.execute(select(c.epoch, c.variant, c.units).where(c.experiment_id == experiment_id))
+        out: dict[int, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(int(r.epoch), {})[r.variant] = int(r.units)
+        return out
+
+    # -- metric ingestion -------------------------------------------------------------------------
+
+    async def insert_event_keys(self, experiment_id: int, keys: Sequence[str]) -> set[str]:
+        """Records idempotency keys; returns the keys that were new (the rest are duplicates)."""
+        if not keys:
+            return set()
+        if self.pg:
+            rows = await (await self._raw()).fetch(
+                "INSERT INTO event_keys (experiment_id, key) SELECT $1, k FROM unnest($2::text[]) AS x(k) "
+                "ON CONFLICT DO NOTHING RETURNING key",
+                experiment_id,
+                list(keys),
+            )
+            return {r[0] for r in rows}
+        new: set[str] = set()
+        for chunk in _chunks(list(keys)):
+            stmt = (
+                sqlite_insert(t.event_keys)
+                .values([{"experiment_id": experiment_id, "key": k} for k in chunk])
+                .on_conflict_do_nothing()
+                .returning(t.event_keys.c.key)
+            )
+            new.update(r[0] for r in await self.s.execute(stmt))
+        return new
+
+    async def insert_events(self, experiment_id: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> None:
+        """Raw events (unit, metric, value, time, key): COPY on PostgreSQL."""
+        if not events:
+            return
+        if self.pg:
+            await (await self._raw()).copy_records_to_table(
+                "metric_events",
+                records=[(experiment_id, *e) for e in events],
+                columns=["experiment_id", "unit_id", "metric", "value", "event_time", "idempotency_key"],
+            )
+            return
+        await self.s.execute(
+            t.metric_events.insert(),
+            [
+                dict(experiment_id=experiment_id, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
+                for u, m, v, ts, k in events
+            ],
+        )
+
+    async def upsert_unit_metrics(
+        self, experiment_id: int, rows: Sequence[tuple[str, str, str, int, float, int]]
+    ) -> list[tuple[str, str, int, float, int]]:
+        """Adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
+        (metric, unit, count, total, positives). Rows must be unique per (metric, unit) and sorted (lock order)."""
+        if not rows:
+            return []
+        if self.pg:
+            cols = list(zip(*rows, strict=True))
+            result = await (await self._raw()).fetch(
+                "INSERT INTO unit_metrics (experiment_id, metric, unit_id, variant, count, total, positives) "
+                "SELECT $1, m, u, v, c, s, p FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
+                "$7::bigint[]) AS x(m, u, v, c, s, p) "
+                "ON CONFLICT (experiment_id, metric, unit_id) DO UPDATE SET count = unit_metrics.count + excluded.count, "
+                "total = unit_metrics.total + excluded.total, positives = unit_metrics.positives + excluded.positives "
+                "RETURNING metric, unit_id, count, total, positives",
+                experiment_id,
+                *[list(c) for c in cols],
+            )
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in result]
+        c = t.unit_metrics.c
+        out: list[tuple[str, str, int, float, int]] = []
+        for chunk in _chunks(rows):
+            stmt = sqlite_insert(t.unit_metrics).values(
+                [
+                    dict(experiment_id=experiment_id, metric=m, unit_id=u, variant=v, count=n, total=s, positives=p)
+                    for m, u, v, n, s, p in chunk
+                ]
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["experiment_id", "metric", "unit_id"],
+                set_={
+                    "count": c.count + stmt.excluded.count,
+                    "total": c.total + stmt.excluded.total,
+                    "positives": c.positives + stmt.excluded.positives,
+                },
+            ).returning(c.metric, c.unit_id, c.count, c.total, c.positives)
+            out.extend((r[0], r[1], r[2], r[3], r[4]) for r in await self.s.execute(stmt))
+        return out
+
+    async def add_variant_stats(self, experiment_id: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
+        """Adds (n, sum, sum_sq) deltas per (metric, variant), in key order."""
+        keys = sorted(deltas)
+        if not keys:
+            return
+        if self.pg:
+            await (await self._raw()).execute(
+                "INSERT INTO variant_stats (experiment_id, metric, variant, n, sum, sum_sq) "
+                "SELECT $1, m, v, n, s, q FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[]) "
+                "AS x(m, v, n, s, q) "
+                "ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET n = variant_stats.n + excluded.n, "
+                "sum = variant_stats.sum + excluded.sum, sum_sq = variant_stats.sum_sq + excluded.sum_sq",
+                experiment_id,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [deltas[k][0] for k in keys],
+                [deltas[k][1] for k in keys],
+                [deltas[k][2] for k in keys],
+            )
+            return
+        c = t.variant_stats.c
+        for m, v in keys:
+            n, s, q = deltas[(m, v)]
+            stmt = sqlite_insert(t.variant_stats).values(experiment_id=experiment_id, metric=m, variant=v, n=n, sum=s, sum_sq=q)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["experiment_id", "metric", "variant"],
+                set_={"n": c.n + stmt.excluded.n, "sum": c.sum + stmt.excluded.sum, "sum_sq": c.sum_sq + stmt.excluded.sum_sq},
+            )
+            await self.s.execute(stmt)
+
+    async def variant_stats(self, experiment_id: int) -> dict[str, dict[str, SufficientStats]]:
+        """metric → variant → sufficient statistics."""
+        c = t.variant_stats.c
+        rows = await self.s.execute(select(c.metric, c.variant, c.n, c.sum, c.sum_sq).where(c.experiment_id == experiment_id))
+        out: dict[str, dict[str, SufficientStats]] = {}
+        for r in rows:
+            out.setdefault(r.metric, {})[r.variant] = SufficientStats(int(r.n), float(r.sum), float(r.sum_sq))
+        return out
+
+    # -- sequential state -------------------------------------------------------------------------
+
+    async def sequential_states(self, experiment_id: int) -> dict[str, dict[str, SequentialState]]:
+        c = t.sequential_states.c
+        rows = await self.s.execute(select(t.sequential_states).where(c.experiment_id == experiment_id))
+        out: dict[str, dict[str, SequentialState]] = {}
+        for r in rows:
+            out.setdefault(r.metric, {})[r.variant] = SequentialState(
+                r.p_value, Interval(r.diff_lower, r.diff_upper), Interval(r.lift_lower, r.lift_upper)
+            )
+        return out
+
+    async def save_sequential_states(self, experiment_id: int, states: dict[tuple[str, str], SequentialState]) -> None:
+        c = t.sequential_states.c
+        inf = math.inf
+        for (metric, variant), st in sorted(states.items()):
+            values = dict(
+                p_value=_finite(st.p_value, 1.0),
+                diff_lower=_finite(st.difference.lower, -inf),
+                diff_upper=_finite(st.difference.upper, inf),
+                lift_lower=_finite(st.lift.lower, -inf),
+                lift_upper=_finite(st.lift.upper, inf),
+            )
+            stmt = pg_insert(t.sequential_states) if self.pg else sqlite_insert(t.sequential_states)
+            stmt = stmt.values(experiment_id=experiment_id, metric=metric, variant=variant, looks=1, **values)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["experiment_id", "metric", "variant"], set_={**values, "looks": c.looks + 1}
+            )
+            await self.s.execute(stmt)

@@ -1,0 +1,146 @@
+"""SQLAlchemy Core tables of the experiments service (one schema for SQLite and PostgreSQL).
+
+Hot tables are keyed for their access paths: `assignments` (sticky store and exposure log) by
+(experiment, unit); `event_keys` (idempotency) by (experiment, key); `unit_metrics` (per-unit aggregates)
+by (experiment, metric, unit); `variant_stats` (sufficient statistics) by (experiment, metric, variant).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from neuroweaver_runtime.idempotency import idempotency_table
+
+metadata = MetaData()
+
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(256), nullable=False, unique=True),
+    Column("project", String(64), nullable=False),
+    Column("display_name", String(200), nullable=False, default=""),
+    Column("description", Text, nullable=False, default=""),
+    Column("variants", JSON, nullable=False),
+    # Weights of every assignment epoch (a new epoch starts when weights change); SRM weighs them by exposures.
+    Column("weights_history", JSON, nullable=False),
+    Column("hash_seed", String(256), nullable=False),
+    Column("coverage", Float, nullable=False),
+    Column("primary_metric", JSON, nullable=False),
+    Column("guardrail_metrics", JSON, nullable=False),
+    Column("secondary_metrics", JSON, nullable=False),
+    Column("min_sample_size", BigInteger, nullable=False),
+    Column("significance_level", Float, nullable=False),
+    Column("analysis", String(32), nullable=False),
+    Column("auto_conclude", Boolean, nullable=False, default=False),
+    Column("promote_alias", String(64), nullable=False, default=""),
+    Column("labels", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("winner", String(64), nullable=False, default=""),
+    Column("conclusion", Text, nullable=False, default=""),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+    Column("start_time", DateTime(timezone=True), nullable=True),
+    Column("end_time", DateTime(timezone=True), nullable=True),
+    Column("revision", Integer, nullable=False, default=1),
+    Index("ix_experiments_project_name", "project", "name"),
+)
+
+# Sticky assignments of in-coverage units; a row is the unit's first exposure.
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("unit_id", String(256), primary_key=True),
+    Column("variant", String(64), nullable=False),
+    Column("bucket", Integer, nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+)
+
+# Exposed units per weights epoch and variant (first exposures), maintained with each batch of new assignments.
+exposure_counts = Table(
+    "exposure_counts",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("epoch", Integer, primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("units", BigInteger, nullable=False, default=0),
+)
+
+# Idempotency keys of metric events already recorded.
+event_keys = Table(
+    "event_keys",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(256), primary_key=True),
+)
+
+# Raw metric events (audit trail; statistics never read them).
+metric_events = Table(
+    "metric_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("unit_id", String(256), nullable=False),
+    Column("metric", String(64), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("idempotency_key", String(256), nullable=True),
+    Index("ix_metric_events_experiment", "experiment_id", "id"),
+)
+
+# Per-unit aggregates: count, sum and number of positive values of the unit's events of one metric.
+unit_metrics = Table(
+    "unit_metrics",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(64), primary_key=True),
+    Column("unit_id", String(256), primary_key=True),
+    Column("variant", String(64), nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("total", Float, nullable=False),
+    Column("positives", BigInteger, nullable=False),
+)
+
+# Sufficient statistics (n, sum, sum of squares) of unit values per variant and metric.
+variant_stats = Table(
+    "variant_stats",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(64), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("sum", Float, nullable=False),
+    Column("sum_sq", Float, nullable=False),
+)
+
+# Running state of the sequential test per comparison (running minimum p, intersected confidence sequences).
+sequential_states = Table(
+    "sequential_states",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", String(64), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("p_value", Float, nullable=False),
+    Column("diff_lower", Float, nullable=False),
+    Column("diff_upper", Float, nullable=False),
+    Column("lift_lower", Float, nullable=False),
+    Column("lift_upper", Float, nullable=False),
+    Column("looks", Integer, nullable=False, default=0),
+)
+
+idempotency_keys = idempotency_table(metadata)

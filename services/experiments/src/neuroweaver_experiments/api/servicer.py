@@ -1,0 +1,101 @@
+"""ExperimentsService servicer: protobuf in, use case, protobuf out. No rules live here."""
+
+from __future__ import annotations
+
+from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import idempotency
+from neuroweaver_runtime.auth import Role
+from neuroweaver_runtime.errors import DomainError
+from neuroweaver_runtime.fieldmask import validate_update_mask
+
+from ..domain.experiment import UPDATABLE
+from ..service.experiments import ExperimentsService
+from ..service.ingest import IngestResult
+from . import convert
+
+V, OP = Role.VIEWER, Role.OPERATOR
+METHOD_ROLES = {
+    "CreateExperiment": OP, "GetExperiment": V, "ListExperiments": V, "UpdateExperiment": OP,
+    "StartExperiment": OP, "StopExperiment": OP, "ConcludeExperiment": OP,
+    "AssignVariant": V, "BatchAssignVariants": V,
+    "RecordMetricEvents": OP, "StreamMetricEvents": OP,
+    "GetExperimentResults": V,
+}  # fmt: skip
+
+
+def fingerprint(request) -> str:
+    """Digest of a create request without its request_id: the same id with another body is misuse."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
+
+
+class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
+    def __init__(self, service: ExperimentsService) -> None:
+        self.svc = service
+
+    async def CreateExperiment(self, request, context):
+        exp = await self.svc.create(
+            request.parent, request.experiment_id, convert.experiment_from_pb(request.experiment), request.request_id, fingerprint(request)
+        )
+        return convert.experiment_to_pb(exp)
+
+    async def GetExperiment(self, request, context):
+        return convert.experiment_to_pb(await self.svc.get(request.name))
+
+    async def ListExperiments(self, request, context):
+        page = await self.svc.list(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        return svc.ListExperimentsResponse(
+            experiments=[convert.experiment_to_pb(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateExperiment(self, request, context):
+        paths = validate_update_mask(request.update_mask.paths, UPDATABLE)
+        exp = await self.svc.update(convert.experiment_from_pb(request.experiment), paths, request.experiment.etag)
+        return convert.experiment_to_pb(exp)
+
+    async def StartExperiment(self, request, context):
+        return convert.experiment_to_pb(await self.svc.start(request.name))
+
+    async def StopExperiment(self, request, context):
+        return convert.experiment_to_pb(await self.svc.stop(request.name, request.reason))
+
+    async def ConcludeExperiment(self, request, context):
+        exp = await self.svc.conclude(
+            request.name, request.winner, request.promote, request.alias, request.expected_current_version, request.reason
+        )
+        return convert.experiment_to_pb(exp)
+
+    async def AssignVariant(self, request, context):
+        exp, (assignment,) = await self.svc.assign(request.experiment, [request.unit_id])
+        return convert.assignment_to_pb(exp, assignment)
+
+    async def BatchAssignVariants(self, request, context):
+        exp, assignments = await self.svc.assign(request.experiment, list(request.unit_ids), batch=True)
+        return svc.BatchAssignVariantsResponse(assignments=[convert.assignment_to_pb(exp, a) for a in assignments])
+
+    async def RecordMetricEvents(self, request, context):
+        result = await self.svc.record(request.experiment, convert.events_from_pb(request.events))
+        return svc.RecordMetricEventsResponse(accepted=result.accepted, duplicates=result.duplicates)
+
+    async def StreamMetricEvents(self, request_iterator, context):
+        """Each message is one atomic batch. A bad message ends the stream with its error; the batches before it
+        are committed, and the error's metadata says how many (`committed_messages`, `committed_events`)."""
+        total = IngestResult()
+        messages = 0
+        async for request in request_iterator:
+            try:
+                total += await self.svc.record(request.experiment, convert.events_from_pb(request.events))
+            except DomainError as exc:
+                exc.metadata.update(
+                    committed_messages=str(messages), committed_events=str(total.accepted), failed_message=str(messages)
+                )
+                raise
+            messages += 1
+        return svc.StreamMetricEventsResponse(accepted=total.accepted, duplicates=total.duplicates)
+
+    async def GetExperimentResults(self, request, context):
+        r = await self.svc.results(request.name)
+        return convert.results_to_pb(r.experiment.name, r.analysis, r.compute_time)

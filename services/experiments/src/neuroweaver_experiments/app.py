@@ -1,0 +1,68 @@
+"""Composition root: configuration → database → clients → use cases → servicer → shared server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import migrations
+from neuroweaver_runtime.config import ServiceConfig
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+
+from .adapters.clients import DeployerClient, RegistryClient
+from .api.servicer import METHOD_ROLES, ExperimentsServicer
+from .service.experiments import ExperimentsService
+
+SERVICE_NAME = "neuroweaver.experiments.v1.ExperimentsService"
+DEFAULT_PORT = 50054
+DEFAULT_METRICS_PORT = 9454
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+
+@dataclass
+class ExperimentsConfig(ServiceConfig):
+    migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
+    deployer_target: str = field(default="127.0.0.1:50053", metadata={"help": "deployer gRPC address (variant endpoints)"})
+    registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address (promotion)"})
+    service_token: str = field(default="", metadata={"help": "bearer token for calls to the deployer and registry"})
+    remote_deadline_seconds: float = field(default=10.0, metadata={"help": "deadline of calls to other services"})
+    snapshot_ttl_seconds: float = field(
+        default=1.0, metadata={"help": "how stale a cached experiment may be before re-checking its revision (other replicas' writes)"}
+    )
+
+
+def build(config: ExperimentsConfig) -> GrpcService:
+    database_url = config.database_url or config.sqlite_default("experiments")
+    db = Database(database_url)
+    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-experiments-page-tokens").hexdigest()
+    deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds)
+    registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds)
+    service = ExperimentsService(db, PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds)
+
+    async def ready() -> None:
+        await db.wait_until_ready()
+        if config.migrate:
+            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
+
+    async def close() -> None:
+        await deployer.close()
+        await registry.close()
+        await db.dispose()
+
+    definition = ServiceDefinition(
+        name="experiments",
+        full_names=[SERVICE_NAME],
+        error_domain="experiments.neuroweaver.v1",
+        method_roles=METHOD_ROLES,
+        add_servicers=lambda server: svc_grpc.add_ExperimentsServiceServicer_to_server(ExperimentsServicer(service), server),
+        ready=ready,
+        on_stop=[close],
+    )
+    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests
+    return grpc_service

@@ -1,0 +1,195 @@
+"""Assignment: cached experiment snapshots, the sticky-unit cache and a group-commit writer.
+
+Hot path of AssignVariant: a snapshot lookup (experiment + its `AssignmentPlan`, cached per experiment and
+re-validated against the stored revision at most once per `snapshot_ttl` seconds, dropped at once by local
+writes), a hash, and a dict lookup of the unit's sticky variant. Only a unit this process has not seen goes
+to the database, and it does not go alone: `AssignmentWriter` gathers the new units of all concurrent
+requests and writes them in one transaction (`INSERT ... ON CONFLICT DO NOTHING`, then reads back the units
+some other writer stored first, then adds the first exposures per variant), and every waiting request is
+answered after that commit. So an answered assignment is durable, and throughput does not cost one
+transaction per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.errors import InvalidArgument, NotFound
+from neuroweaver_runtime.timestamps import utcnow
+
+from ..adapters.repository import ExperimentsRepository
+from ..domain.assignment import Assignment, AssignmentPlan
+from ..domain.experiment import EXPERIMENT, Experiment
+
+MAX_CACHED_UNITS = 2_000_000  # per process; the cache is cleared when it grows past this (the store stays exact)
+
+
+@dataclass
+class Snapshot:
+    id: int
+    experiment: Experiment
+    plan: AssignmentPlan
+    checked: float
+    # Units of the current plan that are outside the coverage and have no stored assignment.
+    outside: set[str] = field(default_factory=set)
+
+
+class StickyCache:
+    """unit → variant of stored assignments, per experiment id. Entries never go stale (assignments are
+    sticky forever); the cache only bounds its size."""
+
+    def __init__(self) -> None:
+        self._units: dict[int, dict[str, str]] = {}
+        self._size = 0
+
+    def get(self, experiment_id: int, unit: str) -> str | None:
+        units = self._units.get(experiment_id)
+        return units.get(unit) if units else None
+
+    def known(self, experiment_id: int) -> dict[str, str]:
+        return self._units.get(experiment_id, {})
+
+    def put_many(self, experiment_id: int, items: dict[str, str]) -> None:
+        if self._size + len(items) > MAX_CACHED_UNITS:
+            self._units.clear()
+            self._size = 0
+        units = self._units.setdefault(experiment_id, {})
+        before = len(units)
+        units.update(items)
+        self._size += len(units) - before
+
+
+class AssignmentWriter:
+    """Group commit of new assignments (see the module docstring)."""
+
+    def __init__(self, db: Database, cache: StickyCache) -> None:
+        self.db = db
+        self.cache = cache
+        # experiment id → (epoch, unit → (variant or None for lookup-only, bucket, futures))
+        self._pending: dict[int, tuple[int, dict[str, tuple[str | None, int, list[asyncio.Future]]]]] = {}
+        self._task: asyncio.Task | None = None
+
+    async def resolve(self, experiment_id: int, epoch: int, items: list[tuple[str, str | None, int]]) -> list[str | None]:
+        """For each (unit, fresh variant or None, bucket): the stored variant after this call (inserting the
+        fresh one when the unit has none), or None when the unit has none and `fresh` was None."""
+        loop = asyncio.get_running_loop()
+        _, units = self._pending.setdefault(experiment_id, (epoch, {}))
+        futures = []
+        for unit, variant, bucket in items:
+            fut = loop.create_future()
+            entry = units.get(unit)
+            if entry is None:
+                units[unit] = (variant, bucket, [fut])
+            else:
+                entry[2].append(fut)
+            futures.append(fut)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        await asyncio.sleep(0)  # let requests that arrived in the same loop iteration join this batch
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                results = await self._write(batch)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+                for _, units in batch.values():
+                    for _, _, futs in units.values():
+                        for f in futs:
+                            if not f.done():
+                                f.set_exception(exc)
+                continue
+            for exp_id, (_, units) in batch.items():
+                stored = results[exp_id]
+                self.cache.put_many(exp_id, {u: v for u, v in stored.items() if v is not None})
+                for unit, (_, _, futs) in units.items():
+                    for f in futs:
+                        if not f.done():
+                            f.set_result(stored.get(unit))
+
+    async def _write(self, batch) -> dict[int, dict[str, str | None]]:
+        now = utcnow()
+        out: dict[int, dict[str, str | None]] = {}
+        async with self.db.transaction() as s:
+            repo = ExperimentsRepository(s, self.db.is_postgres)
+            for exp_id in sorted(batch):
+                epoch, units = batch[exp_id]
+                rows = sorted((u, v, b) for u, (v, b, _) in units.items() if v is not None)
+                inserted = await repo.insert_assignments(exp_id, rows, now)
+                others = [u for u in units if u not in inserted]
+                stored: dict[str, str | None] = dict(await repo.stored_assignments(exp_id, others))
+                counts = Counter(units[u][0] for u in inserted)
+                await repo.add_exposures(exp_id, epoch, dict(counts))
+                for u in inserted:
+                    stored[u] = units[u][0]
+                out[exp_id] = stored
+        return out
+
+
+class Assigner:
+    def __init__(self, db: Database, *, snapshot_ttl: float = 1.0) -> None:
+        self.db = db
+        self.ttl = snapshot_ttl
+        self.cache = StickyCache()
+        self.writer = AssignmentWriter(db, self.cache)
+        self._snapshots: dict[str, Snapshot] = {}
+
+    def invalidate(self, name: str) -> None:
+        self._snapshots.pop(name, None)
+
+    async def snapshot(self, name: str, field: str = "experiment") -> Snapshot:
+        snap = self._snapshots.get(name)
+        now = time.monotonic()
+        if snap is not None and now - snap.checked < self.ttl:
+            return snap
+        EXPERIMENT.parse(name, field)
+        async with self.db.transaction() as s:
+            repo = ExperimentsRepository(s, self.db.is_postgres)
+            if snap is not None and await repo.revision_of(snap.id) == snap.experiment.revision:
+                snap.checked = now
+                return snap
+            row = await repo.experiment_row(name)
+        if row is None:
+            raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
+        exp = ExperimentsRepository.to_experiment(row)
+        snap = Snapshot(row.id, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
+        self._snapshots[name] = snap
+        return snap
+
+    async def assign_many(self, snap: Snapshot, units: list[str]) -> list[Assignment]:
+        """Sticky-or-hash assignment of each unit, persisting first exposures of in-coverage units."""
+        exp = snap.experiment
+        ids = exp.variant_ids
+        index = {v: i for i, v in enumerate(ids)}
+        known = self.cache.known(snap.id)
+        results: list[Assignment | None] = [None] * len(units)
+        todo: list[tuple[int, str, Assignment]] = []
+        for i, unit in enumerate(units):
+            if not unit or len(unit) > 256:
+                field = "unit_id" if len(units) == 1 else f"unit_ids[{i}]"
+                raise InvalidArgument("unit_id must be 1-256 characters", field=field, reason="INVALID_UNIT_ID")
+            fresh = snap.plan.assign(unit)
+            stored = known.get(unit)
+            if stored is not None and stored in index:
+                results[i] = Assignment(index[stored], fresh.bucket, sticky=True)
+            elif not fresh.in_experiment and unit in snap.outside:
+                results[i] = fresh
+            else:
+                todo.append((i, unit, fresh))
+        if todo:
+            items = [(unit, ids[a.variant] if a.variant is not None else None, a.bucket) for _, unit, a in todo]
+            stored_variants = await self.writer.resolve(snap.id, exp.epoch, items)
+            for (i, unit, fresh), stored in zip(todo, stored_variants, strict=True):
+                if stored is not None and stored in index:
+                    results[i] = Assignment(index[stored], fresh.bucket, sticky=True)
+                else:
+                    if len(snap.outside) > MAX_CACHED_UNITS:
+                        snap.outside.clear()
+                    snap.outside.add(unit)
+                    results[i] = fresh
+        return [r for r in results if r is not None]

@@ -1,0 +1,335 @@
+"""Experiments use cases: lifecycle, assignment, ingestion, results and promotion."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from neuroweaver_runtime import idempotency
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from neuroweaver_runtime.filtering import parse_filter, parse_order_by
+from neuroweaver_runtime.names import PROJECT, validate_id
+from neuroweaver_runtime.pagination import PageTokens, page_size
+from neuroweaver_runtime.timestamps import utcnow
+
+from ..adapters import tables
+from ..adapters.clients import DeployerClient, RegistryClient
+from ..adapters.repository import ExperimentsRepository
+from ..domain.assignment import Assignment
+from ..domain.experiment import (
+    EXPERIMENT,
+    MODEL,
+    MODEL_VERSION,
+    UPDATABLE_WHEN_CONCLUDED,
+    Experiment,
+    ExperimentState,
+    Variant,
+    apply_defaults,
+    check_etag,
+    check_metric_kinds_kept,
+    check_weights_only,
+    require_running,
+    srm_weights,
+    transition,
+    validate_experiment,
+)
+from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
+from .assignments import Assigner
+from .ingest import Event, Ingestor, IngestResult
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_ASSIGN = 10_000
+_AUTO_CONCLUDE = {Decision.SHIP_VARIANT, Decision.STOP_FOR_HARM, Decision.NO_DETECTABLE_DIFFERENCE}
+
+
+@dataclass
+class Page:
+    items: list
+    next_page_token: str
+
+
+@dataclass
+class Results:
+    experiment: Experiment
+    analysis: ExperimentAnalysis
+    compute_time: datetime
+
+
+class ExperimentsService:
+    def __init__(
+        self, db: Database, page_tokens: PageTokens, deployer: DeployerClient, registry: RegistryClient, *, snapshot_ttl: float = 1.0
+    ) -> None:
+        self.db = db
+        self.tokens = page_tokens
+        self.deployer = deployer
+        self.registry = registry
+        self.assigner = Assigner(db, snapshot_ttl=snapshot_ttl)
+        self.ingestor = Ingestor(db, self.assigner)
+
+    def _repo(self, session) -> ExperimentsRepository:
+        return ExperimentsRepository(session, self.db.is_postgres)
+
+    async def _row(self, repo: ExperimentsRepository, name: str, *, for_update: bool = False, field: str = "name"):
+        EXPERIMENT.parse(name, field)
+        row = await repo.experiment_row(name, for_update=for_update)
+        if row is None:
+            raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
+        return row
+
+    # -- CRUD ------------------------------------------------------------------------------------
+
+    async def create(self, parent: str, experiment_id: str, exp: Experiment, request_id: str, fingerprint: str) -> Experiment:
+        project = PROJECT.parse(parent, "parent")["project"]
+        validate_id(experiment_id, "experiment_id", "experiment id")
+        request_id = idempotency.validate_request_id(request_id)
+        name = EXPERIMENT.format(project=project, experiment=experiment_id)
+        apply_defaults(exp, experiment_id)
+        for v in exp.variants:  # output-only fields are ignored on input
+            v.endpoint = v.openai_base_url = v.served_model_name = ""
+        validate_experiment(exp)
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateExperiment", fingerprint)
+            if earlier is None:
+                if await repo.experiment_row(name) is not None:
+                    raise AlreadyExists(f"experiment {name} already exists", reason="EXPERIMENT_ALREADY_EXISTS", metadata={"experiment": name})
+                now = utcnow()
+                exp.name, exp.state, exp.winner, exp.conclusion = name, ExperimentState.DRAFT, "", ""
+                exp.create_time = exp.update_time = now
+                exp.start_time = exp.end_time = None
+                exp.weights_history = [exp.weights]
+                await repo.insert_experiment(exp, project)
+                await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateExperiment", fingerprint, name)
+            return repo.to_experiment(await repo.experiment_row(earlier or name))
+
+    async def get(self, name: str) -> Experiment:
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            return repo.to_experiment(await self._row(repo, name))
+
+    async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
+        project = PROJECT.parse(parent, "parent")["project"]
+        limit = page_size(size)
+        filters = parse_filter(filter_text, {"state"})
+        order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
+        query = [parent, filter_text, order_by]
+        cursor = self.tokens.decode(token, query)
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            rows = await repo.list_experiments(project, filters, order_field, desc, cursor, limit + 1)
+        items = [ExperimentsRepository.to_experiment(r) for r in rows[:limit]]
+        next_token = ""
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            value = getattr(last, order_field)
+            next_token = self.tokens.encode([value.isoformat() if order_field != "name" else value, last.name], query)
+        return Page(items, next_token)
+
+    async def update(self, patch: Experiment, paths: set[str], etag: str) -> Experiment:
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            row = await self._row(repo, patch.name, for_update=True, field="experiment.name")
+            check_etag(row.name, row.revision, etag)
+            old = repo.to_experiment(row)
+            if old.state is ExperimentState.CONCLUDED and not paths <= UPDATABLE_WHEN_CONCLUDED:
+                raise FailedPrecondition(
+                    f"experiment {old.name} is concluded: only {sorted(UPDATABLE_WHEN_CONCLUDED)} can change",
+                    reason="EXPERIMENT_CONCLUDED",
+                )
+            new = replace(old, variants=[replace(v) for v in old.variants], weights_history=list(old.weights_history))
+            for p in paths - {"variants"}:
+                setattr(new, p, getattr(patch, p))
+            if "primary_metric" in paths or "guardrail_metrics" in paths or "secondary_metrics" in paths:
+                check_metric_kinds_kept(old, new.metrics)
+            if "variants" in paths:
+                check_weights_only(old, patch.variants)
+                if old.start_time is None:
+                    new.variants = [replace(v, endpoint="", openai_base_url="", served_model_name="") for v in patch.variants]
+                else:
+                    for v, p in zip(new.variants, patch.variants, strict=True):
+                        v.weight = p.weight
+            validate_experiment(new)
+            if new.weights != old.weights:
+                if old.start_time is None:
+                    new.weights_history = [new.weights]
+                else:
+                    new.weights_history.append(new.weights)
+            new.update_time = utcnow()
+            await repo.save_experiment(row.id, new)
+            result = repo.to_experiment(await repo.experiment_row(row.name))
+        self.assigner.invalidate(row.name)
+        return result
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, name: str) -> Experiment:
+        exp = await self.get(name)
+        transition(exp.state, "start", name)
+        # Resolve endpoints before taking the row lock: the deployer may be slow or down.
+        resolved = {}
+        for v in exp.variants:
+            if v.deployment:
+                resolved[v.id] = await self.deployer.endpoint(v.deployment)
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            row = await self._row(repo, name, for_update=True)
+            exp = repo.to_experiment(row)
+            exp.state = transition(exp.state, "start", name)
+            for v in exp.variants:
+                ep = resolved.get(v.id)
+                if v.deployment and ep is None:
+                    raise FailedPrecondition(f"variant {v.id} changed while starting; retry", reason="CONCURRENT_UPDATE")
+                if ep is not None:
+                    v.endpoint, v.openai_base_url, v.served_model_name = ep.endpoint, ep.openai_base_url, ep.served_model_name
+            now = utcnow()
+            exp.start_time = exp.start_time or now
+            exp.end_time = None
+            exp.update_time = now
+            await repo.save_experiment(row.id, exp)
+            result = repo.to_experiment(await repo.experiment_row(name))
+        self.assigner.invalidate(name)
+        return result
+
+    async def stop(self, name: str, reason: str) -> Experiment:
+        if len(reason) > 1024:
+            raise InvalidArgument("reason is at most 1024 characters", field="reason", reason="FIELD_TOO_LONG")
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            row = await self._row(repo, name, for_update=True)
+            exp = repo.to_experiment(row)
+            exp.state = transition(exp.state, "stop", name)
+            exp.end_time = exp.update_time = utcnow()
+            if reason:
+                exp.conclusion = f"stopped: {reason}"
+            await repo.save_experiment(row.id, exp)
+            result = repo.to_experiment(await repo.experiment_row(name))
+        self.assigner.invalidate(name)
+        return result
+
+    async def conclude(
+        self, name: str, winner: str, promote: bool, alias: str, expected_version: str, reason: str
+    ) -> Experiment:
+        """Ends the experiment; with `promote` first moves the registry alias to the winner's model version
+        (compare-and-set on `expected_version`). If the registry refuses, nothing changes here."""
+        if len(reason) > 1000:
+            raise InvalidArgument("reason is at most 1000 characters", field="reason", reason="FIELD_TOO_LONG")
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            row = await self._row(repo, name, for_update=True)
+            exp = repo.to_experiment(row)
+            exp.state = transition(exp.state, "conclude", name)
+            variant: Variant | None = None
+            if winner:
+                variant = exp.variant(winner)
+                if variant is None:
+                    raise InvalidArgument(
+                        f"winner {winner!r} is not a variant of {name} (variants: {exp.variant_ids})",
+                        field="winner",
+                        reason="UNKNOWN_VARIANT",
+                    )
+            text = f"experiment {name} concluded with winner {winner!r}" if winner else f"experiment {name} concluded without a winner"
+            if reason:
+                text += f": {reason}"
+            if promote:
+                target_alias = alias or exp.promote_alias
+                if variant is None:
+                    raise InvalidArgument("promote needs a winner", field="winner", reason="PROMOTE_WITHOUT_WINNER")
+                if not target_alias:
+                    raise InvalidArgument(
+                        "promote needs an alias: set the experiment's promote_alias or pass alias", field="alias", reason="MISSING_ALIAS"
+                    )
+                validate_id(target_alias, "alias", "alias")
+                parts = MODEL_VERSION.parse(variant.model_version, f"variants[{winner}].model_version")
+                model = MODEL.format(project=parts["project"], model=parts["model"])
+                # The remote call runs under this experiment's row lock: a concurrent Conclude waits, and the
+                # experiment only becomes CONCLUDED if the alias moved.
+                await self.registry.set_alias(model, target_alias, parts["version"], expected_version, text[:1024])
+                text += f"; promoted {variant.model_version} to alias {target_alias!r}"
+            exp.winner = winner
+            exp.conclusion = text
+            now = utcnow()
+            exp.end_time = now
+            exp.update_time = now
+            await repo.save_experiment(row.id, exp)
+            result = repo.to_experiment(await repo.experiment_row(name))
+        self.assigner.invalidate(name)
+        return result
+
+    # -- assignment ------------------------------------------------------------------------------
+
+    async def assign(self, experiment: str, units: list[str], *, batch: bool = False) -> tuple[Experiment, list[Assignment]]:
+        if batch:
+            if not units:
+                raise InvalidArgument("unit_ids must not be empty", field="unit_ids", reason="INVALID_UNIT_ID")
+            if len(units) > MAX_BATCH_ASSIGN:
+                raise InvalidArgument(
+                    f"at most {MAX_BATCH_ASSIGN} units per call, got {len(units)}", field="unit_ids", reason="BATCH_TOO_LARGE"
+                )
+        snap = await self.assigner.snapshot(experiment)
+        require_running(snap.experiment, "units are assigned")
+        return snap.experiment, await self.assigner.assign_many(snap, units)
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    async def record(self, experiment: str, events: list[Event]) -> IngestResult:
+        return await self.ingestor.record(experiment, events)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    async def results(self, name: str) -> Results:
+        async with self.db.transaction() as s:
+            repo = self._repo(s)
+            row = await self._row(repo, name, for_update=True)  # one look at a time: sequential state is a running min
+            exp = repo.to_experiment(row)
+            if exp.primary_metric is None:
+                raise FailedPrecondition(f"experiment {name} has no primary metric", reason="NO_PRIMARY_METRIC")
+            stats = await repo.variant_stats(row.id)
+            exposures = await repo.exposures(row.id)
+            previous = await repo.sequential_states(row.id)
+            ids = exp.variant_ids
+            exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
+            weights = srm_weights(ids, exp.weights_history or [exp.weights], exposures)
+            analysis = analyze_experiment(
+                ids,
+                weights,
+                exposed,
+                (exp.primary_metric, stats.get(exp.primary_metric.name, {})),
+                [(g, stats.get(g.name, {})) for g in exp.guardrail_metrics],
+                [(m, stats.get(m.name, {})) for m in exp.secondary_metrics],
+                alpha=exp.significance_level,
+                method=exp.analysis,
+                config=DecisionConfig(min_sample_size=exp.min_sample_size),
+                previous=previous,
+            )
+            if exp.state is not ExperimentState.CONCLUDED:
+                states = {}
+                for mr in (analysis.primary, *analysis.guardrails, *analysis.secondary):
+                    for c in mr.comparisons:
+                        states[(mr.metric.name, c.variant)] = c.state
+                await repo.save_sequential_states(row.id, states)
+        result = Results(exp, analysis, utcnow())
+        if (
+            exp.auto_conclude
+            and exp.analysis is AnalysisMethod.SEQUENTIAL
+            and exp.state is ExperimentState.RUNNING
+            and analysis.outcome.decision in _AUTO_CONCLUDE
+        ):
+            result.experiment = await self._auto_conclude(exp, analysis) or exp
+        return result
+
+    async def _auto_conclude(self, exp: Experiment, analysis: ExperimentAnalysis) -> Experiment | None:
+        outcome = analysis.outcome
+        ship = outcome.decision is Decision.SHIP_VARIANT
+        winner = (outcome.recommended_variant or "") if ship else ""
+        try:
+            return await self.conclude(
+                exp.name, winner, ship and bool(exp.promote_alias), "", "", f"auto-concluded by the sequential test: {outcome.reason}"
+            )
+        except (FailedPrecondition, Unavailable, InvalidArgument) as exc:
+            log.warning("auto-conclude of %s failed, it keeps running: %s", exp.name, exc.message)
+        except Exception as exc:  # noqa: BLE001 - auto-conclude must never fail the results call
+            log.warning("auto-conclude of %s failed, it keeps running: %s", exp.name, exc)
+        return None
