@@ -1,0 +1,1 @@
+"""NeuroWeaver trainer service."""

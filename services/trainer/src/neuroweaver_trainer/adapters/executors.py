@@ -1,0 +1,154 @@
+"""Where a claimed job's worker runs: a local subprocess or a Kubernetes batch/v1 Job.
+
+Both run the same entry point, `python -m neuroweaver_trainer.worker --job <name>`, which reads the job
+from the database, trains through neuroweaver_ml, writes its events and final state itself, and registers
+the result. The scheduler only starts, watches and stops workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuroweaver_kube import KubeClient, KubeNotFound, TrainingJobSpec, training_job
+from neuroweaver_kube.client import KubeConflict
+from neuroweaver_kube.manifests import Resources as KubeResources
+
+from ..domain.job import TrainingJob
+
+# Exit code of a worker that stopped because it was asked to (SIGTERM at shutdown), not because it failed.
+EXIT_INTERRUPTED = 75
+
+
+@dataclass
+class WorkerSettings:
+    """Flags every worker gets (the rest it reads from the database)."""
+
+    database_url: str
+    data_dir: str
+    artifacts_dir: str
+    registry_target: str
+    registry_token: str = ""
+    registry_retry_seconds: float = 120.0
+    model_cache_dir: str = ""
+    log_level: str = "INFO"
+
+    def args(self) -> list[str]:
+        out = [
+            "--database-url", self.database_url, "--data-dir", self.data_dir, "--artifacts-dir", self.artifacts_dir,
+            "--registry-target", self.registry_target, "--registry-retry-seconds", str(self.registry_retry_seconds),
+            "--log-level", self.log_level,
+        ]  # fmt: skip
+        if self.model_cache_dir:
+            out += ["--model-cache-dir", self.model_cache_dir]
+        return out
+
+
+class LocalExecutor:
+    """One worker process per job. Workers die with the server (PR_SET_PDEATHSIG), so a SIGKILLed trainer
+    leaves no orphan training on; the job's lease then expires and it is resumed from its last checkpoint."""
+
+    def __init__(self, settings: WorkerSettings, python: str = sys.executable) -> None:
+        self.settings = settings
+        self.python = python
+
+    def log_path(self, job_id: str, attempt: int) -> Path:
+        return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
+
+    async def start(self, job: TrainingJob, attempt: int) -> asyncio.subprocess.Process:
+        log_path = self.log_path(job.job_id, attempt)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.python, "-m", "neuroweaver_trainer.worker", "--job", job.name, "--attempt", str(attempt),
+            "--die-with-parent", *self.settings.args(),
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        if self.settings.registry_token:
+            env["NW_TRAINER_REGISTRY_TOKEN"] = self.settings.registry_token
+        with open(log_path, "ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, start_new_session=True
+            )
+
+    @staticmethod
+    def signal(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
+        if proc.returncode is None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class KubeSettings:
+    namespace: str = "neuroweaver"
+    image: str = "neuroweaver/trainer:latest"
+    checkpoint_pvc: str = ""
+    secret_name: str = "neuroweaver-trainer"
+    backoff_limit: int = 3
+
+
+@dataclass(frozen=True)
+class KubeJobState:
+    phase: str  # Pending, Running, Succeeded, Failed, Missing
+    reason: str = ""
+
+
+class KubernetesExecutor:
+    """A batch/v1 Job per training job, through neuroweaver_kube's client (created, polled, deleted)."""
+
+    def __init__(self, client: KubeClient, settings: KubeSettings, worker: WorkerSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.worker = worker
+
+    def manifest(self, job: TrainingJob) -> dict:
+        r = job.resources
+        resources = KubeResources(
+            cpu_request=r.cpu or "2", memory_request=r.memory or "8Gi", memory_limit=r.memory or "16Gi"
+        )
+        spec = TrainingJobSpec(
+            job=job.name,
+            namespace=self.settings.namespace,
+            image=r.image or self.settings.image,
+            gpus=r.gpus,
+            resources=resources,
+            node_selector=dict(r.node_selector),
+            tolerations=[{k: v for k, v in t.items() if v} for t in r.tolerations],
+            labels={"neuroweaver.ai/project": job.name.split("/")[1]},
+            env={
+                "NW_TRAINER_REGISTRY_TARGET": self.worker.registry_target,
+                "NW_TRAINER_REGISTRY_RETRY_SECONDS": str(self.worker.registry_retry_seconds),
+                "NW_TRAINER_ARTIFACTS_DIR": self.worker.artifacts_dir,
+                "HF_HUB_OFFLINE": "1",
+            },
+            secret_name=self.settings.secret_name or None,
+            checkpoint_pvc=self.settings.checkpoint_pvc or None,
+            backoff_limit=self.settings.backoff_limit,
+        )
+        return training_job(spec)
+
+    async def start(self, job: TrainingJob) -> str:
+        """Creates the Job (or adopts it when a previous owner of the lease already did); returns `ns/name`."""
+        manifest = self.manifest(job)
+        try:
+            await self.client.create_job(manifest)
+        except KubeConflict:
+            pass  # created by an earlier claim of this job: adopt it
+        return f"{manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
+
+    async def state(self, ref: str) -> KubeJobState:
+        namespace, name = ref.split("/", 1)
+        try:
+            status = await self.client.read_job_status(namespace, name)
+        except KubeNotFound:
+            return KubeJobState("Missing")
+        return KubeJobState(status.phase, status.failure_reason or "")
+
+    async def delete(self, ref: str) -> bool:
+        namespace, name = ref.split("/", 1)
+        return await self.client.delete_job(namespace, name)

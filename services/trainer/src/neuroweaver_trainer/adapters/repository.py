@@ -1,0 +1,220 @@
+"""Trainer persistence: rows ⇄ domain dataclasses, the durable queue and gap-free event sequences.
+
+Every method runs inside the caller's transaction. Used by the server's use cases, its scheduler and
+the worker processes (which open their own connection to the same database).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from neuroweaver_runtime.filtering import Comparison
+
+from ..domain.job import (
+    EventType,
+    Executor,
+    Hyperparameters,
+    JobEvent,
+    JobState,
+    LoraSettings,
+    Method,
+    Resources,
+    StepMetrics,
+    TrainingJob,
+)
+from . import tables as t
+
+EVENT_CHANNEL = "nw_trainer_events"
+
+
+def aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def notify_key(job_pk: int) -> str:
+    """Notifier key of a job's event stream (the NOTIFY payload is `<key>:<sequence>`)."""
+    return f"job{job_pk}"
+
+
+class JobRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.s.bind.dialect.name == "postgresql"
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def job_row(self, name: str, *, for_update: bool = False):
+        query = select(t.jobs).where(t.jobs.c.name == name)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.s.execute(query)).first()
+
+    async def job_row_by_id(self, job_pk: int, *, for_update: bool = False):
+        query = select(t.jobs).where(t.jobs.c.id == job_pk)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.s.execute(query)).first()
+
+    async def insert_job(self, job: TrainingJob, project: str) -> int:
+        spec = {
+            "lora": dataclasses.asdict(job.lora),
+            "hyperparameters": dataclasses.asdict(job.hyperparameters),
+            "resources": dataclasses.asdict(job.resources),
+        }
+        result = await self.s.execute(
+            t.jobs.insert().values(
+                name=job.name, project=project, display_name=job.display_name, base_model=job.base_model,
+                dataset_uri=job.dataset_uri, eval_dataset_uri=job.eval_dataset_uri, method=job.method.value,
+                executor=job.executor.value, spec=spec, target_model=job.target_model, version_bump=job.version_bump,
+                labels=job.labels, state=job.state.value, stage="", error="", model_version="", output_uri="",
+                dataset_digest=job.dataset_digest, eval_dataset_digest=job.eval_dataset_digest, current_step=0,
+                total_steps=0, resumed_from_step=0, attempts=0, metrics={}, creator=job.creator,
+                create_time=job.create_time, last_sequence=0, lease_owner="", lease_expires_at=0.0, external_ref="",
+            )
+        )  # fmt: skip
+        return int(result.inserted_primary_key[0])
+
+    async def update_job(self, job_pk: int, *, fence_attempt: int | None = None, **values: Any) -> bool:
+        """Updates a job; with `fence_attempt`, only while that attempt still owns it. True when a row changed."""
+        query = update(t.jobs).where(t.jobs.c.id == job_pk)
+        if fence_attempt is not None:
+            query = query.where(t.jobs.c.attempts == fence_attempt)
+        return (await self.s.execute(query.values(**values))).rowcount > 0
+
+    async def delete_job(self, job_pk: int) -> None:
+        await self.s.execute(delete(t.events).where(t.events.c.job_id == job_pk))
+        await self.s.execute(delete(t.jobs).where(t.jobs.c.id == job_pk))
+
+    async def list_jobs(self, project: str, filters: list[Comparison], desc: bool, cursor: list | None, limit: int) -> list:
+        c = t.jobs.c
+        query = select(t.jobs).where(c.project == project)
+        for f in filters:
+            if f.label_key is not None:
+                col = c.labels[f.label_key].as_string()
+                query = query.where(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
+                continue
+            column = {"state": c.state, "method": c.method, "target_model": c.target_model}[f.field]
+            value = f.value
+            if f.field in ("state", "method"):
+                value = value.upper().removeprefix("STATE_").removeprefix("TRAINING_METHOD_")
+            query = query.where(column == value if f.op == "=" else column != value)
+        if cursor is not None:
+            value, tie = datetime.fromisoformat(cursor[0]), cursor[1]
+            if desc:
+                query = query.where(or_(c.create_time < value, and_(c.create_time == value, c.id < tie)))
+            else:
+                query = query.where(or_(c.create_time > value, and_(c.create_time == value, c.id > tie)))
+        order = (c.create_time.desc(), c.id.desc()) if desc else (c.create_time, c.id)
+        return list((await self.s.execute(query.order_by(*order).limit(limit))).all())
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def append_event(self, job_pk: int, event: JobEvent, *, fence_attempt: int | None = None) -> int | None:
+        """Appends an event with the job's next sequence; None when the fence no longer holds.
+
+        The sequence comes from `UPDATE ... SET last_sequence = last_sequence + 1`, which locks the job row
+        until commit, so per-job sequences are gap-free and committed in order (a reader of `seq > cursor`
+        can never skip a late-committing event).
+        """
+        query = update(t.jobs).where(t.jobs.c.id == job_pk)
+        if fence_attempt is not None:
+            query = query.where(t.jobs.c.attempts == fence_attempt)
+        query = query.values(last_sequence=t.jobs.c.last_sequence + 1).returning(t.jobs.c.last_sequence)
+        seq = (await self.s.execute(query)).scalar()
+        if seq is None:
+            return None
+        await self.s.execute(
+            t.events.insert().values(
+                job_id=job_pk, sequence=seq, type=event.type.value, stage=event.stage,
+                state=event.state.value if event.state else "", step=dataclasses.asdict(event.step) if event.step else None,
+                metrics=event.metrics, message=event.message, create_time=event.create_time,
+            )
+        )  # fmt: skip
+        if self.is_postgres:
+            await self.s.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENT_CHANNEL, "p": f"{notify_key(job_pk)}:{seq}"})
+        return int(seq)
+
+    async def events_after(self, job_pk: int, job_name: str, after: int, limit: int) -> list[JobEvent]:
+        c = t.events.c
+        query = select(t.events).where(c.job_id == job_pk, c.sequence > after).order_by(c.sequence).limit(limit)
+        return [event_from_row(r, job_name) for r in (await self.s.execute(query)).all()]
+
+    async def last_sequence(self, job_pk: int) -> tuple[int, str] | None:
+        """(last sequence, state) of a job, or None when it was deleted."""
+        row = (await self.s.execute(select(t.jobs.c.last_sequence, t.jobs.c.state).where(t.jobs.c.id == job_pk))).first()
+        return (int(row.last_sequence), row.state) if row else None
+
+    # -- queue -----------------------------------------------------------------------------------
+
+    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]):
+        """Claims the oldest queued job, or a running/cancelling one whose lease expired (its worker or
+        whole replica died). PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never claim the same row;
+        SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the row before the claim."""
+        c = t.jobs.c
+        claimable = or_(
+            c.state == JobState.QUEUED.value,
+            and_(c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]), c.lease_expires_at < now),
+        )
+        query = select(t.jobs).where(claimable, c.executor.in_(executors)).order_by(c.create_time, c.id).limit(1)
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        row = (await self.s.execute(query)).first()
+        if row is None:
+            return None
+        await self.s.execute(
+            update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=now + lease_seconds)
+        )
+        return row
+
+    async def renew_leases(self, owner: str, job_pks: list[int], expires_at: float) -> dict[int, str]:
+        """Extends the leases this owner still holds; returns {job id: state} of those."""
+        if not job_pks:
+            return {}
+        c = t.jobs.c
+        await self.s.execute(
+            update(t.jobs).where(c.id.in_(job_pks), c.lease_owner == owner).values(lease_expires_at=expires_at)
+        )
+        rows = (await self.s.execute(select(c.id, c.state).where(c.id.in_(job_pks), c.lease_owner == owner))).all()
+        return {r.id: r.state for r in rows}
+
+    async def count_by_state(self) -> dict[str, int]:
+        rows = (await self.s.execute(select(t.jobs.c.state, func.count()).group_by(t.jobs.c.state))).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+
+# -- row conversion ------------------------------------------------------------------------------
+
+
+def job_from_row(row) -> TrainingJob:
+    spec = row.spec or {}
+    return TrainingJob(
+        name=row.name, display_name=row.display_name, base_model=row.base_model, dataset_uri=row.dataset_uri,
+        eval_dataset_uri=row.eval_dataset_uri, method=Method(row.method),
+        lora=LoraSettings(**spec.get("lora", {})), hyperparameters=Hyperparameters(**spec.get("hyperparameters", {})),
+        executor=Executor(row.executor), resources=Resources(**spec.get("resources", {})),
+        target_model=row.target_model, version_bump=row.version_bump, labels=dict(row.labels or {}),
+        state=JobState(row.state), stage=row.stage, error=row.error, model_version=row.model_version,
+        output_uri=row.output_uri, dataset_digest=row.dataset_digest, eval_dataset_digest=row.eval_dataset_digest,
+        current_step=int(row.current_step), total_steps=int(row.total_steps), resumed_from_step=int(row.resumed_from_step),
+        attempts=int(row.attempts), metrics={k: float(v) for k, v in (row.metrics or {}).items()},
+        create_time=aware(row.create_time), start_time=aware(row.start_time), end_time=aware(row.end_time),
+        creator=row.creator, last_sequence=int(row.last_sequence),
+    )  # fmt: skip
+
+
+def event_from_row(row, job_name: str) -> JobEvent:
+    return JobEvent(
+        type=EventType(row.type), stage=row.stage, state=JobState(row.state) if row.state else None,
+        step=StepMetrics(**row.step) if row.step else None, metrics={k: float(v) for k, v in (row.metrics or {}).items()},
+        message=row.message, job=job_name, sequence=int(row.sequence), create_time=aware(row.create_time),
+    )  # fmt: skip

@@ -1,0 +1,102 @@
+"""Protobuf ⇄ domain conversions for the trainer API."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+
+from neuroweaver.trainer.v1 import training_job_pb2 as pb
+from neuroweaver_runtime.errors import InvalidArgument
+from neuroweaver_runtime.timestamps import to_timestamp
+
+from ..domain import job as d
+
+_STATE = {
+    d.JobState.QUEUED: pb.TrainingJob.STATE_QUEUED, d.JobState.RUNNING: pb.TrainingJob.STATE_RUNNING,
+    d.JobState.SUCCEEDED: pb.TrainingJob.STATE_SUCCEEDED, d.JobState.FAILED: pb.TrainingJob.STATE_FAILED,
+    d.JobState.CANCELLING: pb.TrainingJob.STATE_CANCELLING, d.JobState.CANCELLED: pb.TrainingJob.STATE_CANCELLED,
+}  # fmt: skip
+_METHOD = {
+    d.Method.SFT_LORA: pb.TRAINING_METHOD_SFT_LORA, d.Method.SFT_QLORA: pb.TRAINING_METHOD_SFT_QLORA,
+    d.Method.RLAIF: pb.TRAINING_METHOD_RLAIF, d.Method.DPO: pb.TRAINING_METHOD_DPO,
+    d.Method.REWARD_MODEL: pb.TRAINING_METHOD_REWARD_MODEL,
+}  # fmt: skip
+_METHOD_FROM_PB = {v: k for k, v in _METHOD.items()}
+_EXECUTOR = {d.Executor.LOCAL: pb.EXECUTOR_LOCAL, d.Executor.KUBERNETES: pb.EXECUTOR_KUBERNETES}
+_EXECUTOR_FROM_PB = {v: k for k, v in _EXECUTOR.items()}
+_EVENT = {t: pb.EventType.Value(f"EVENT_TYPE_{t.value}") for t in d.EventType}
+
+
+def _enum(value: int, enum_type, field: str) -> int:
+    if value not in enum_type.values():
+        raise InvalidArgument(f"{field} has unknown value {value}", field=field, reason="INVALID_ENUM")
+    return value
+
+
+def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
+    _enum(m.method, pb.TrainingMethod, "training_job.method")
+    _enum(m.executor, pb.Executor, "training_job.executor")
+    h, lo, r = m.hyperparameters, m.lora, m.resources
+    return d.TrainingJob(
+        display_name=m.display_name, base_model=m.base_model, dataset_uri=m.dataset_uri, eval_dataset_uri=m.eval_dataset_uri,
+        method=_METHOD_FROM_PB.get(m.method),
+        lora=d.LoraSettings(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)),
+        hyperparameters=d.Hyperparameters(
+            learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps, batch_size=h.batch_size,
+            gradient_accumulation_steps=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length,
+            warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay, seed=h.seed,
+            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
+            gradient_checkpointing=h.gradient_checkpointing, eval_split=h.eval_split, lr_scheduler=h.lr_scheduler,
+            max_grad_norm=h.max_grad_norm,
+        ),
+        executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
+        resources=d.Resources(
+            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=dict(r.node_selector), image=r.image,
+            tolerations=[{"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect} for t in r.tolerations],
+        ),
+        target_model=m.target_model, version_bump=m.version_bump, labels=dict(m.labels),
+    )  # fmt: skip
+
+
+def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
+    h, lo, r = j.hyperparameters, j.lora, j.resources
+    return pb.TrainingJob(
+        name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
+        eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else 0,
+        lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules),
+        hyperparameters=pb.Hyperparameters(
+            learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps, batch_size=h.batch_size,
+            gradient_accumulation_steps=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length,
+            warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay, seed=h.seed,
+            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
+            gradient_checkpointing=h.gradient_checkpointing, eval_split=h.eval_split, lr_scheduler=h.lr_scheduler,
+            max_grad_norm=h.max_grad_norm,
+        ),
+        executor=_EXECUTOR[j.executor],
+        resources=pb.Resources(
+            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=r.node_selector, image=r.image,
+            tolerations=[pb.Toleration(**t) for t in r.tolerations],
+        ),
+        target_model=j.target_model, version_bump=j.version_bump, labels=j.labels,
+        state=_STATE[j.state] if j.state else 0, stage=j.stage, error=j.error, model_version=j.model_version,
+        output_uri=j.output_uri, dataset_digest=j.dataset_digest, current_step=j.current_step, total_steps=j.total_steps,
+        resumed_from_step=j.resumed_from_step, attempts=j.attempts, metrics=j.metrics,
+        create_time=to_timestamp(j.create_time), start_time=to_timestamp(j.start_time), end_time=to_timestamp(j.end_time),
+        creator=j.creator,
+    )  # fmt: skip
+
+
+def event_to_pb(e: d.JobEvent) -> pb.TrainingJobEvent:
+    out = pb.TrainingJobEvent(
+        job=e.job, sequence=e.sequence, type=_EVENT[e.type], stage=e.stage, create_time=to_timestamp(e.create_time),
+        state=_STATE[e.state] if e.state else 0, metrics=e.metrics, message=e.message,
+    )  # fmt: skip
+    if e.step is not None:
+        s = e.step
+        out.step.CopyFrom(
+            pb.StepMetrics(
+                step=s.step, total_steps=s.total_steps, epoch=s.epoch, loss=s.loss, learning_rate=s.learning_rate,
+                grad_norm=s.grad_norm, tokens_per_second=s.tokens_per_second, eta=Duration(seconds=int(s.eta_seconds)),
+                rss_bytes=s.rss_bytes, gpu_memory_bytes=s.gpu_memory_bytes,
+            )
+        )
+    return out

@@ -1,0 +1,69 @@
+"""TrainerService servicer: protobuf in, use case, protobuf out. No rules live here."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+
+from neuroweaver.trainer.v1 import trainer_service_pb2 as svc
+from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import idempotency
+from neuroweaver_runtime.auth import Role
+
+from ..service.jobs import TrainerService
+from . import convert
+
+V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+METHOD_ROLES = {
+    "CreateTrainingJob": OP, "GetTrainingJob": V, "ListTrainingJobs": V, "CancelTrainingJob": OP,
+    "DeleteTrainingJob": A, "ListTrainingJobEvents": V, "WatchTrainingJob": V,
+}  # fmt: skip
+
+
+def fingerprint(request) -> str:
+    """Digest of a create request without its request_id: the same id with another body is misuse."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
+
+
+class TrainerServicer(svc_grpc.TrainerServiceServicer):
+    def __init__(self, service: TrainerService) -> None:
+        self.svc = service
+
+    async def CreateTrainingJob(self, request, context):
+        job = await self.svc.create_job(
+            request.parent,
+            request.training_job_id,
+            convert.job_from_pb(request.training_job),
+            request.request_id,
+            fingerprint(request),
+            request.validate_only,
+        )
+        return convert.job_to_pb(job)
+
+    async def GetTrainingJob(self, request, context):
+        return convert.job_to_pb(await self.svc.get_job(request.name))
+
+    async def ListTrainingJobs(self, request, context):
+        page = await self.svc.list_jobs(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        return svc.ListTrainingJobsResponse(
+            training_jobs=[convert.job_to_pb(j) for j in page.items], next_page_token=page.next_page_token
+        )
+
+    async def CancelTrainingJob(self, request, context):
+        return convert.job_to_pb(await self.svc.cancel_job(request.name))
+
+    async def DeleteTrainingJob(self, request, context):
+        await self.svc.delete_job(request.name)
+        return empty_pb2.Empty()
+
+    async def ListTrainingJobEvents(self, request, context):
+        page = await self.svc.list_events(request.parent, request.after_sequence, request.page_size, request.page_token)
+        return svc.ListTrainingJobEventsResponse(
+            events=[convert.event_to_pb(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    async def WatchTrainingJob(self, request, context):
+        async for event in self.svc.watch(request.name, request.after_sequence):
+            yield svc.WatchTrainingJobResponse(event=convert.event_to_pb(event))

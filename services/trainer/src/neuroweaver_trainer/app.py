@@ -1,0 +1,145 @@
+"""Composition root: configuration → database → use cases, scheduler, executors → servicer → shared server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import migrations
+from neuroweaver_runtime.config import ServiceConfig
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.notify import Notifier, PostgresListener
+from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+
+from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
+from .adapters.inputs import parse_roots
+from .adapters.repository import EVENT_CHANNEL
+from .api.servicer import METHOD_ROLES, TrainerServicer
+from .domain.job import Executor
+from .service.feeds import FeedHub
+from .service.jobs import JobPolicy, TrainerService
+from .service.scheduler import Scheduler, SchedulerSettings
+
+SERVICE_NAME = "neuroweaver.trainer.v1.TrainerService"
+DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9452
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+
+class _JobNotifier(Notifier):
+    """NOTIFY payloads are `<job key>:<sequence>`; watchers wait on the job key."""
+
+    def wake(self, key: str) -> None:
+        super().wake(key.split(":", 1)[0])
+
+
+@dataclass
+class TrainerConfig(ServiceConfig):
+    migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
+    dataset_roots: str = field(default="", metadata={"help": "comma-separated directories datasets may be read from; default <data dir>/datasets, the repo's data/, the working directory"})
+    artifacts_dir: str = field(default="", metadata={"help": "file:// artifact store; default <data dir>/artifacts"})
+    model_cache_dir: str = field(default="", metadata={"help": "cache of converted builtin models; default <data dir>/models"})
+    registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
+    registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
+    registry_retry_seconds: float = field(default=120.0, metadata={"help": "how long a worker retries an unreachable registry before failing the job"})
+    run_jobs: bool = field(default=True, metadata={"help": "claim and run queued jobs (off: API only)"})
+    max_concurrent_jobs: int = field(default=1, metadata={"help": "jobs this replica runs at once"})
+    max_attempts: int = field(default=3, metadata={"help": "worker starts per job before it fails"})
+    lease_seconds: float = field(default=30.0, metadata={"help": "a job whose lease is not renewed for this long is picked up again"})
+    heartbeat_seconds: float = field(default=5.0, metadata={"help": "lease renewal interval"})
+    queue_poll_seconds: float = field(default=2.0, metadata={"help": "queue scan interval (other replicas' jobs, expired leases)"})
+    cancel_grace_seconds: float = field(default=15.0, metadata={"help": "SIGKILL a cancelled worker that has not stopped after this long"})
+    watch_poll_seconds: float = field(default=0.0, metadata={"help": "event poll interval of watchers; 0 = 0.2 s on SQLite, 2 s on PostgreSQL (NOTIFY wakes them sooner)"})
+    kube_api: str = field(default="", metadata={"help": "Kubernetes API URL for the KUBERNETES executor; `in-cluster`; empty = off"})
+    kube_token: str = field(default="", metadata={"help": "bearer token for the Kubernetes API"})
+    kube_namespace: str = field(default="neuroweaver", metadata={"help": "namespace of training Jobs"})
+    kube_image: str = field(default="neuroweaver/trainer:latest", metadata={"help": "default worker image"})
+    kube_checkpoint_pvc: str = field(default="", metadata={"help": "PVC mounted for checkpoints so retried pods resume"})
+    kube_secret: str = field(default="neuroweaver-trainer", metadata={"help": "Secret with database-url (and tokens) for worker pods"})
+
+
+def build(config: TrainerConfig) -> GrpcService:
+    database_url = config.database_url or config.sqlite_default("trainer")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub while validating
+    db = Database(database_url)
+    notifier = _JobNotifier()
+    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-trainer-page-tokens").hexdigest()
+    poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 0.2)
+    hub = FeedHub(db, notifier, poll)
+    worker = WorkerSettings(
+        database_url=db.url,
+        data_dir=config.data_dir,
+        artifacts_dir=config.artifacts_dir or str(Path(config.data_dir) / "artifacts"),
+        registry_target=config.registry_target,
+        registry_token=config.registry_token,
+        registry_retry_seconds=config.registry_retry_seconds,
+        model_cache_dir=config.model_cache_dir,
+        log_level=config.log_level,
+    )
+    kube = None
+    if config.kube_api:
+        from neuroweaver_kube import KubeClient
+
+        client = KubeClient.from_config() if config.kube_api == "in-cluster" else KubeClient.from_config(host=config.kube_api, token=config.kube_token or None)
+        kube = KubernetesExecutor(
+            client,
+            KubeSettings(namespace=config.kube_namespace, image=config.kube_image, checkpoint_pvc=config.kube_checkpoint_pvc, secret_name=config.kube_secret),
+            worker,
+        )
+    scheduler = Scheduler(
+        db,
+        notifier,
+        SchedulerSettings(
+            max_concurrent_jobs=config.max_concurrent_jobs, lease_seconds=config.lease_seconds, heartbeat_seconds=config.heartbeat_seconds,
+            poll_seconds=config.queue_poll_seconds, max_attempts=config.max_attempts, cancel_grace_seconds=config.cancel_grace_seconds,
+        ),
+        LocalExecutor(worker),
+        kube,
+    )  # fmt: skip
+    policy = JobPolicy(
+        dataset_roots=parse_roots(config.dataset_roots, config.data_dir),
+        model_cache_dir=config.model_cache_dir or None,
+        executors={Executor.LOCAL} | ({Executor.KUBERNETES} if kube else set()),
+    )
+    service = TrainerService(
+        db, notifier, PageTokens(secret), policy, hub,
+        on_queued=scheduler.wake, on_cancel=scheduler.cancel,
+    )  # fmt: skip
+    listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
+
+    async def ready() -> None:
+        await db.wait_until_ready()
+        if config.migrate:
+            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
+        if listener:
+            await listener.start()
+        if config.run_jobs:
+            scheduler.start()
+
+    async def close() -> None:
+        await scheduler.stop(config.shutdown_grace_seconds)
+        await hub.close()
+        if listener:
+            await listener.stop()
+        if kube is not None:
+            kube.client.close()
+        await db.dispose()
+
+    definition = ServiceDefinition(
+        name="trainer",
+        full_names=[SERVICE_NAME],
+        error_domain="trainer.neuroweaver.v1",
+        method_roles=METHOD_ROLES,
+        add_servicers=lambda server: svc_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(service), server),
+        ready=ready,
+        on_stop=[close],
+    )
+    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    grpc_service.trainer = service  # type: ignore[attr-defined]  # handy for in-process tests
+    grpc_service.scheduler = scheduler  # type: ignore[attr-defined]
+    return grpc_service

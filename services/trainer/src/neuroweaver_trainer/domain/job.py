@@ -1,0 +1,319 @@
+"""Training jobs: dataclasses, defaults, validation rules and the state machine (no protobuf, no SQL)."""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from neuroweaver_runtime.errors import Violations
+from neuroweaver_runtime.names import ResourceName
+
+JOB = ResourceName("projects/{project}/trainingJobs/{job}")
+TARGET_MODEL = ResourceName("projects/{project}/models/{model}")
+
+# Namespace of the deterministic registration request ids (uuid5 of the job name): a registration retried
+# after a crash or a lost response carries the same request_id, so the registry creates exactly one version.
+REGISTRATION_NAMESPACE = uuid.UUID("6f1b3c2e-5d4a-4e8b-9a0c-7e2f1d3b4a5c")
+
+
+class JobState(enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Method(enum.Enum):
+    SFT_LORA = "SFT_LORA"
+    SFT_QLORA = "SFT_QLORA"
+    RLAIF = "RLAIF"
+    DPO = "DPO"
+    REWARD_MODEL = "REWARD_MODEL"
+
+    @property
+    def lineage_name(self) -> str:
+        return {"SFT_LORA": "sft-lora", "SFT_QLORA": "sft-qlora"}.get(self.value, self.value.lower().replace("_", "-"))
+
+
+SUPPORTED_METHODS = frozenset({Method.SFT_LORA, Method.SFT_QLORA})
+
+
+class Executor(enum.Enum):
+    LOCAL = "LOCAL"
+    KUBERNETES = "KUBERNETES"
+
+
+class EventType(enum.Enum):
+    STATE_CHANGED = "STATE_CHANGED"
+    STAGE_STARTED = "STAGE_STARTED"
+    STAGE_COMPLETED = "STAGE_COMPLETED"
+    STEP = "STEP"
+    EVAL = "EVAL"
+    CHECKPOINT = "CHECKPOINT"
+    LOG = "LOG"
+    RESUMED = "RESUMED"
+    JUDGE = "JUDGE"
+    REGISTERED = "REGISTERED"
+
+
+LR_SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"})
+VERSION_BUMPS = ("major", "minor", "patch")
+_LABEL_KEY = re.compile(r"^[a-z]([a-z0-9_-]{0,62})$")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0
+    alpha: int = 0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Hyperparameters:
+    learning_rate: float = 0.0
+    num_epochs: float = 0.0
+    max_steps: int = 0
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    max_seq_length: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every_steps: int = 0
+    eval_every_steps: int = 0
+    gradient_checkpointing: bool = False
+    eval_split: float = 0.0
+    lr_scheduler: str = ""
+    max_grad_norm: float = 0.0
+
+
+@dataclass
+class Resources:
+    gpus: int = 0
+    cpu: str = ""
+    memory: str = ""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+    image: str = ""
+
+
+@dataclass
+class TrainingJob:
+    name: str = ""
+    display_name: str = ""
+    base_model: str = ""
+    dataset_uri: str = ""
+    eval_dataset_uri: str = ""
+    method: Method | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    executor: Executor = Executor.LOCAL
+    resources: Resources = field(default_factory=Resources)
+    target_model: str = ""
+    version_bump: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # output only
+    state: JobState | None = None
+    stage: str = ""
+    error: str = ""
+    model_version: str = ""
+    output_uri: str = ""
+    dataset_digest: str = ""
+    eval_dataset_digest: str = ""
+    current_step: int = 0
+    total_steps: int = 0
+    resumed_from_step: int = 0
+    attempts: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    create_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    creator: str = ""
+    last_sequence: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    total_steps: int
+    epoch: float = 0.0
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    grad_norm: float = 0.0
+    tokens_per_second: float = 0.0
+    eta_seconds: float = 0.0
+    rss_bytes: int = 0
+    gpu_memory_bytes: int = 0
+
+
+@dataclass
+class JobEvent:
+    type: EventType
+    stage: str = ""
+    state: JobState | None = None
+    step: StepMetrics | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    job: str = ""
+    sequence: int = 0
+    create_time: datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type is EventType.STATE_CHANGED and self.state is not None and self.state.terminal
+
+
+# -- defaults and validation ---------------------------------------------------------------------
+
+
+def apply_defaults(job: TrainingJob) -> None:
+    """Zero values take the documented defaults (proto comments), so stored jobs carry effective values."""
+    h, lo = job.hyperparameters, job.lora
+    h.learning_rate = h.learning_rate or 2e-4
+    h.num_epochs = h.num_epochs or 1.0
+    h.batch_size = h.batch_size or 4
+    h.gradient_accumulation_steps = h.gradient_accumulation_steps or 1
+    h.max_seq_length = h.max_seq_length or 512
+    h.warmup_ratio = h.warmup_ratio or 0.03
+    h.seed = h.seed or 42
+    h.checkpoint_every_steps = h.checkpoint_every_steps or 50
+    h.eval_every_steps = h.eval_every_steps or 50
+    h.eval_split = h.eval_split or 0.05
+    h.lr_scheduler = h.lr_scheduler or "cosine"
+    h.max_grad_norm = h.max_grad_norm or 1.0
+    if job.method is Method.SFT_QLORA:
+        h.gradient_checkpointing = True  # documented default on QLoRA
+    lo.r = lo.r or 8
+    lo.alpha = lo.alpha or 16
+    lo.dropout = lo.dropout or 0.05
+    job.version_bump = job.version_bump or "minor"
+    job.display_name = job.display_name or job.job_id
+
+
+def validate_job(job: TrainingJob, v: Violations) -> None:
+    """Field rules that need no I/O. Paths, datasets and base models are checked by the use case."""
+    p = "training_job."
+    if job.method is None:
+        v.add(p + "method", "method is required: TRAINING_METHOD_SFT_LORA or TRAINING_METHOD_SFT_QLORA")
+    elif job.method not in SUPPORTED_METHODS:
+        v.add(p + "method", f"method {job.method.value} is not available in this trainer yet; use SFT_LORA or SFT_QLORA")
+    if not job.base_model.strip():
+        v.add(p + "base_model", "base_model is required (a directory, file:// URI or builtin:smollm2-135m-instruct)")
+    if not job.dataset_uri.strip():
+        v.add(p + "dataset_uri", "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)")
+    if not job.target_model:
+        v.add(p + "target_model", "target_model is required: the registry model, projects/{project}/models/{model}")
+    else:
+        try:
+            TARGET_MODEL.parse(job.target_model, p + "target_model")
+        except Exception as exc:  # noqa: BLE001 - re-reported as a violation
+            v.add(p + "target_model", str(exc))
+    if job.version_bump and job.version_bump not in VERSION_BUMPS:
+        v.add(p + "version_bump", f"version_bump must be one of {', '.join(VERSION_BUMPS)}")
+    if len(job.display_name) > 200:
+        v.add(p + "display_name", "display_name is longer than 200 characters")
+    h = job.hyperparameters
+    hp = p + "hyperparameters."
+    if not 0 <= h.learning_rate <= 1:
+        v.add(hp + "learning_rate", "learning_rate must be in [0, 1]")
+    if h.num_epochs < 0 or h.num_epochs > 1000:
+        v.add(hp + "num_epochs", "num_epochs must be in [0, 1000]")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "checkpoint_every_steps", "eval_every_steps", "seed"):
+        if getattr(h, name) < 0:
+            v.add(hp + name, f"{name} must not be negative")
+    if h.batch_size > 1024:
+        v.add(hp + "batch_size", "batch_size must be at most 1024")
+    if h.max_seq_length > 131072:
+        v.add(hp + "max_seq_length", "max_seq_length must be at most 131072")
+    if not 0 <= h.warmup_ratio < 1:
+        v.add(hp + "warmup_ratio", "warmup_ratio must be in [0, 1)")
+    if h.weight_decay < 0:
+        v.add(hp + "weight_decay", "weight_decay must not be negative")
+    if not 0 <= h.eval_split < 1:
+        v.add(hp + "eval_split", "eval_split must be in [0, 1)")
+    if h.max_grad_norm < 0:
+        v.add(hp + "max_grad_norm", "max_grad_norm must not be negative")
+    if h.lr_scheduler and h.lr_scheduler not in LR_SCHEDULERS:
+        v.add(hp + "lr_scheduler", f"lr_scheduler must be one of {', '.join(sorted(LR_SCHEDULERS))}")
+    lo = job.lora
+    if not 0 <= lo.r <= 1024:
+        v.add(p + "lora.r", "r must be in [0, 1024]")
+    if lo.alpha < 0:
+        v.add(p + "lora.alpha", "alpha must not be negative")
+    if not 0 <= lo.dropout < 1:
+        v.add(p + "lora.dropout", "dropout must be in [0, 1)")
+    for i, module in enumerate(lo.target_modules):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", module):
+            v.add(f"{p}lora.target_modules[{i}]", f"{module!r} is not a module name")
+    if job.resources.gpus < 0:
+        v.add(p + "resources.gpus", "gpus must not be negative")
+    if len(job.labels) > 64:
+        v.add(p + "labels", "at most 64 labels")
+    for key, value in job.labels.items():
+        if not _LABEL_KEY.match(key):
+            v.add(f"{p}labels.{key}", "label keys are 1-63 lowercase letters, digits, _ or -, starting with a letter")
+        if len(value) > 256:
+            v.add(f"{p}labels.{key}", "label values are at most 256 characters")
+
+
+# -- state machine -------------------------------------------------------------------------------
+
+
+def cancel_transition(state: JobState) -> JobState | None:
+    """Next state when a cancel is requested; None means "nothing to do" (already cancelled/cancelling).
+
+    Raises ValueError for finished jobs (the use case maps it to FAILED_PRECONDITION).
+    """
+    if state is JobState.QUEUED:
+        return JobState.CANCELLED
+    if state is JobState.RUNNING:
+        return JobState.CANCELLING
+    if state in (JobState.CANCELLING, JobState.CANCELLED):
+        return None
+    raise ValueError(f"the job already {state.value.lower()}; only queued or running jobs can be cancelled")
+
+
+def registration_request_id(job_name: str) -> str:
+    """Deterministic UUID for CreateModelVersion: the same for every attempt of the same job."""
+    return str(uuid.uuid5(REGISTRATION_NAMESPACE, job_name))
+
+
+def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
+    """Lineage form of the effective hyperparameters and LoRA settings (compared key by key by the registry)."""
+    h, lo = job.hyperparameters, job.lora
+    out: dict[str, Any] = {
+        "learning_rate": h.learning_rate, "num_epochs": h.num_epochs, "max_steps": h.max_steps,
+        "batch_size": h.batch_size, "gradient_accumulation_steps": h.gradient_accumulation_steps,
+        "max_seq_length": h.max_seq_length, "warmup_ratio": h.warmup_ratio, "weight_decay": h.weight_decay,
+        "seed": h.seed, "lr_scheduler": h.lr_scheduler, "max_grad_norm": h.max_grad_norm,
+        "gradient_checkpointing": str(h.gradient_checkpointing).lower(), "eval_split": h.eval_split,
+        "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
+        "lora_target_modules": ",".join(lo.target_modules) or "auto",
+    }  # fmt: skip
+    return {k: str(v) for k, v in out.items()}
+
+
+def dataset_problem_violations(field_path: str, problems: list[Any], limit: int = 10) -> Violations:
+    """Line-numbered dataset problems as field violations (first `limit`)."""
+    v = Violations()
+    for problem in problems[:limit]:
+        v.add(field_path, str(problem))
+    return v

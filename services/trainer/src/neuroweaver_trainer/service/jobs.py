@@ -1,0 +1,255 @@
+"""Trainer use cases: create (validate + queue), read, list, cancel, delete, events and watch."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from neuroweaver_runtime import idempotency
+from neuroweaver_runtime.auth import current_actor
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from neuroweaver_runtime.filtering import parse_filter, parse_order_by
+from neuroweaver_runtime.names import PROJECT, validate_id
+from neuroweaver_runtime.notify import Notifier
+from neuroweaver_runtime.pagination import PageTokens, page_size
+from neuroweaver_runtime.timestamps import utcnow
+
+from ..adapters import tables
+from ..adapters.inputs import check_inputs
+from ..adapters.repository import JobRepository, job_from_row, notify_key
+from ..domain.job import (
+    JOB,
+    EventType,
+    Executor,
+    JobEvent,
+    JobState,
+    TrainingJob,
+    apply_defaults,
+    cancel_transition,
+    validate_job,
+)
+from .feeds import GONE, LAGGED, FeedHub
+
+EVENT_PAGE = 500
+
+
+@dataclass
+class Page:
+    items: list
+    next_page_token: str
+
+
+@dataclass
+class JobPolicy:
+    """What the deployment allows: where datasets may come from, which executors exist."""
+
+    dataset_roots: list[str]
+    model_cache_dir: str | None = None
+    executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
+
+
+class TrainerService:
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        page_tokens: PageTokens,
+        policy: JobPolicy,
+        hub: FeedHub,
+        on_queued: Callable[[], None] = lambda: None,
+        on_cancel: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.db, self.notifier, self.tokens, self.policy, self.hub = db, notifier, page_tokens, policy, hub
+        self.on_queued = on_queued
+        self.on_cancel = on_cancel
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _row(repo: JobRepository, name: str, *, for_update: bool = False, field: str = "name"):
+        JOB.parse(name, field)
+        row = await repo.job_row(name, for_update=for_update)
+        if row is None:
+            raise NotFound(f"training job {name} does not exist", reason="TRAINING_JOB_NOT_FOUND", metadata={"training_job": name})
+        return row
+
+    # -- create ----------------------------------------------------------------------------------
+
+    async def create_job(
+        self, parent: str, job_id: str, job: TrainingJob, request_id: str, fingerprint: str, validate_only: bool
+    ) -> TrainingJob:
+        project = PROJECT.parse(parent, "parent")["project"]
+        if job_id:
+            validate_id(job_id, "training_job_id", "training job id")
+        else:
+            job_id = "tj-" + uuid.uuid4().hex[:12]
+        request_id = idempotency.validate_request_id(request_id)
+        if request_id and not validate_only:
+            async with self.db.transaction() as s:
+                earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint)
+                if earlier is not None:
+                    return job_from_row(await JobRepository(s).job_row(earlier))
+        v = Violations()
+        validate_job(job, v)
+        v.raise_if_any()
+        if job.executor not in self.policy.executors:
+            raise FailedPrecondition(
+                f"executor {job.executor.value} is not configured on this trainer (configured: "
+                f"{', '.join(sorted(e.value for e in self.policy.executors))})",
+                reason="EXECUTOR_NOT_CONFIGURED",
+                metadata={"executor": job.executor.value},
+            )
+        job.name = JOB.format(project=project, job=job_id)
+        apply_defaults(job)
+        checked = await asyncio.to_thread(
+            check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
+            job.hyperparameters.max_seq_length, self.policy.model_cache_dir,
+        )  # fmt: skip
+        job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
+        job.state, job.creator, job.create_time = JobState.QUEUED, current_actor(), utcnow()
+        if validate_only:
+            return job
+        async with self.db.transaction() as s:
+            repo = JobRepository(s)
+            earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint)
+            if earlier is not None:
+                return job_from_row(await repo.job_row(earlier))
+            if await repo.job_row(job.name) is not None:
+                raise AlreadyExists(f"training job {job.name} already exists", reason="TRAINING_JOB_ALREADY_EXISTS")
+            pk = await repo.insert_job(job, project)
+            await repo.append_event(
+                pk,
+                JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)", create_time=job.create_time),
+            )
+            await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint, job.name)
+            result = job_from_row(await repo.job_row(job.name))
+        self.notifier.wake(notify_key(pk))
+        self.on_queued()
+        return result
+
+    # -- read ------------------------------------------------------------------------------------
+
+    async def get_job(self, name: str) -> TrainingJob:
+        async with self.db.transaction() as s:
+            return job_from_row(await self._row(JobRepository(s), name))
+
+    async def list_jobs(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
+        project = PROJECT.parse(parent, "parent")["project"]
+        limit = page_size(size)
+        filters = parse_filter(filter_text, {"state", "method", "target_model"})
+        _, desc = parse_order_by(order_by, {"create_time"}, "create_time desc")
+        query = [parent, filter_text, order_by]
+        cursor = self.tokens.decode(token, query)
+        async with self.db.transaction() as s:
+            rows = await JobRepository(s).list_jobs(project, filters, desc, cursor, limit + 1)
+        next_token = ""
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_token = self.tokens.encode([last.create_time.isoformat(), last.id], query)
+        return Page([job_from_row(r) for r in rows[:limit]], next_token)
+
+    # -- state changes ---------------------------------------------------------------------------
+
+    async def cancel_job(self, name: str) -> TrainingJob:
+        async with self.db.transaction() as s:
+            repo = JobRepository(s)
+            row = await self._row(repo, name, for_update=True)
+            try:
+                target = cancel_transition(JobState(row.state))
+            except ValueError as exc:
+                raise FailedPrecondition(str(exc), reason="TRAINING_JOB_FINISHED", metadata={"state": row.state}) from None
+            if target is not None:
+                now = utcnow()
+                values = {"state": target.value}
+                if target is JobState.CANCELLED:
+                    values.update(end_time=now, lease_owner="", lease_expires_at=0.0)
+                await repo.update_job(row.id, **values)
+                message = "cancelled before it started" if target is JobState.CANCELLED else "cancel requested; stopping the worker"
+                await repo.append_event(row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=target, message=message, create_time=now))
+            result = job_from_row(await repo.job_row(name))
+        self.notifier.wake(notify_key(row.id))
+        if target is JobState.CANCELLING and self.on_cancel is not None:
+            await self.on_cancel(row.id)
+        return result
+
+    async def delete_job(self, name: str) -> None:
+        async with self.db.transaction() as s:
+            repo = JobRepository(s)
+            row = await self._row(repo, name, for_update=True)
+            if not JobState(row.state).terminal:
+                raise FailedPrecondition(
+                    f"training job {name} is {row.state.lower()}; cancel it and wait until it is cancelled before deleting",
+                    reason="TRAINING_JOB_NOT_FINISHED",
+                    metadata={"state": row.state},
+                )
+            await repo.delete_job(row.id)
+        self.notifier.wake(notify_key(row.id))
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def list_events(self, parent: str, after: int, size: int, token: str) -> Page:
+        if after < 0:
+            raise InvalidArgument("after_sequence must not be negative", field="after_sequence", reason="INVALID_CURSOR")
+        limit = page_size(size)
+        query = [parent, after]
+        cursor = self.tokens.decode(token, query)
+        start = int(cursor[0]) if cursor else after
+        async with self.db.transaction() as s:
+            repo = JobRepository(s)
+            row = await self._row(repo, parent, field="parent")
+            events = await repo.events_after(row.id, row.name, start, limit + 1)
+        next_token = self.tokens.encode([events[limit - 1].sequence], query) if len(events) > limit else ""
+        return Page(events[:limit], next_token)
+
+    async def watch(self, name: str, after: int) -> AsyncIterator[JobEvent]:
+        """Replays events after the cursor, then follows live; ends after the terminal state's event."""
+        if after < 0:
+            raise InvalidArgument("after_sequence must not be negative", field="after_sequence", reason="INVALID_CURSOR")
+        async with self.db.transaction() as s:
+            row = await self._row(JobRepository(s), name)
+        pk = row.id
+        sub = await self.hub.subscribe(pk, name)
+        try:
+            sent = after
+            while True:
+                # Replay from the table (history, or catching up after lagging behind the feed). Pages are
+                # read in short transactions and sent outside them: a slow client never holds a lock.
+                while True:
+                    async with self.db.transaction() as s:
+                        repo = JobRepository(s)
+                        events = await repo.events_after(pk, name, sent, EVENT_PAGE)
+                        current = await repo.last_sequence(pk)
+                    for event in events:
+                        yield event
+                        sent = event.sequence
+                        if event.is_terminal:
+                            return
+                    if len(events) < EVENT_PAGE:
+                        break
+                if current is None:
+                    return
+                if JobState(current[1]).terminal and current[0] <= sent:
+                    return  # the cursor is past the end of a finished job
+                # Live: the shared feed delivers every event committed after we subscribed.
+                while True:
+                    item = await sub.queue.get()
+                    if item == GONE:
+                        return
+                    if item == LAGGED:
+                        sub.lagged = False
+                        while not sub.queue.empty():
+                            sub.queue.get_nowait()
+                        break
+                    if item.sequence <= sent:
+                        continue
+                    if item.sequence != sent + 1:
+                        break  # never expected; re-read from the table rather than skip
+                    yield item
+                    sent = item.sequence
+                    if item.is_terminal:
+                        return
+        finally:
+            self.hub.unsubscribe(pk, sub)
