@@ -17,7 +17,7 @@ install: .venv/.installed node_modules/.installed ## create .venv with everythin
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 proto: ## regenerate Python code from protos/
