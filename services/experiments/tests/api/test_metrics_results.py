@@ -1,0 +1,178 @@
+"""Metric ingestion (unary and streaming), idempotency, atomic rejection, results vs scipy, SRM."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import timestamp_pb2
+from scipy import stats as sps
+
+from neuroweaver.experiments.v1 import experiment_pb2 as pb
+from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
+from neuroweaver_experiments.domain.assignment import AssignmentPlan
+from neuroweaver_runtime.errors import error_info, field_violations
+
+
+async def expect_error(call, code, reason):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    assert error_info(info.value).reason == reason, info.value.details()
+    return info.value
+
+
+async def assign(stub, name, units):
+    got = await stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=name, unit_ids=units))
+    return {u: a.variant.id for u, a in zip(units, got.assignments, strict=True)}
+
+
+def ev(unit, metric, value, key=""):
+    return pb.MetricEvent(unit_id=unit, metric=metric, value=value, idempotency_key=key)
+
+
+async def test_results_equal_scipy_on_raw_unit_values(stub, make_experiment):
+    exp = await make_experiment(min_sample_size=10)
+    rng = random.Random(7)
+    units = [f"r-{i}" for i in range(400)]
+    variant_of = await assign(stub, exp.name, units)
+    events, raw = [], defaultdict(list)
+    thumbs = defaultdict(list)
+    for u in units:
+        lift = 0.3 if variant_of[u] == "treatment" else 0.0
+        for _ in range(rng.randint(1, 4)):
+            x = rng.gauss(1.0 + lift, 1.0)
+            events.append(ev(u, "score", x, key=f"{u}-{len(raw[u])}"))
+            raw[u].append(x)
+        if rng.random() < 0.7:
+            y = 1.0 if rng.random() < (0.5 + lift / 2) else 0.0
+            events.append(ev(u, "thumbs_up", y))
+            thumbs[u].append(y)
+    rng.shuffle(events)
+    # unary in two batches, then the same first batch again through the stream: all duplicates
+    half = len(events) // 2
+    r1 = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=events[:half]))
+
+    async def messages():
+        yield svc.StreamMetricEventsRequest(experiment=exp.name, events=events[half:])
+        yield svc.StreamMetricEventsRequest(experiment=exp.name, events=[e for e in events[:half] if e.idempotency_key])
+
+    r2 = await stub.StreamMetricEvents(messages())
+    keyed_first_half = sum(1 for e in events[:half] if e.idempotency_key)
+    assert r1.accepted == half and r1.duplicates == 0
+    assert r2.accepted == len(events) - half and r2.duplicates == keyed_first_half
+
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    per_unit = {v: [float(np.mean(raw[u])) for u in units if variant_of[u] == v] for v in ("control", "treatment")}
+    by_variant = {s.variant: s for s in res.primary.variants}
+    for v, xs in per_unit.items():
+        assert by_variant[v].units == len(xs)
+        assert by_variant[v].mean == pytest.approx(np.mean(xs), rel=1e-9)
+        assert by_variant[v].standard_deviation == pytest.approx(np.std(xs, ddof=1), rel=1e-9)
+        lo, hi = sps.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=sps.sem(xs))
+        assert (by_variant[v].ci_lower, by_variant[v].ci_upper) == (pytest.approx(lo, rel=1e-9), pytest.approx(hi, rel=1e-9))
+    welch = sps.ttest_ind(per_unit["treatment"], per_unit["control"], equal_var=False)
+    cmp = res.primary.comparisons[0]
+    assert cmp.variant == "treatment"
+    assert cmp.p_value == pytest.approx(welch.pvalue, rel=1e-7)
+    assert cmp.difference == pytest.approx(np.mean(per_unit["treatment"]) - np.mean(per_unit["control"]), rel=1e-9)
+    assert cmp.relative_lift == pytest.approx(np.mean(per_unit["treatment"]) / np.mean(per_unit["control"]) - 1, rel=1e-9)
+    # proportion metric: a unit is 1 if any value > 0
+    sec = {s.variant: s for s in res.secondary[0].variants}
+    for v in ("control", "treatment"):
+        ys = [1.0 if any(y > 0 for y in thumbs[u]) else 0.0 for u in units if variant_of[u] == v and thumbs[u]]
+        assert sec[v].units == len(ys) and sec[v].mean == pytest.approx(np.mean(ys), rel=1e-12)
+    assert not res.srm_detected and res.srm_p_value > 0.001
+    assert res.decision in (pb.DECISION_SHIP_VARIANT, pb.DECISION_NO_DETECTABLE_DIFFERENCE, pb.DECISION_KEEP_RUNNING)
+    assert res.reason
+
+
+async def test_bad_batches_are_rejected_atomically(stub, make_experiment):
+    draft = await make_experiment(start=False)
+    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=draft.name, events=[ev("u", "score", 1)])),
+                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+    exp = await make_experiment()
+    variant_of = await assign(stub, exp.name, ["a", "b", "c"])
+    good = [ev("a", "score", 1.0, "k1"), ev("b", "score", 2.0, "k2")]
+    # unknown metric at index 2: nothing of the batch is applied
+    err = await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[*good, ev("c", "latency", 3.0)])),
+        grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_METRIC",
+    )
+    assert field_violations(err)[0].field == "events[2].metric"
+    assert error_info(err).metadata["first_bad_event_index"] == "2"
+    # unexposed unit
+    err = await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[*good, ev("stranger", "score", 3.0)])),
+        grpc.StatusCode.INVALID_ARGUMENT, "UNIT_NOT_EXPOSED",
+    )
+    assert field_violations(err)[0].field == "events[2].unit_id"
+    # event before the start
+    early = ev("a", "score", 1.0)
+    early.event_time.CopyFrom(timestamp_pb2.Timestamp(seconds=exp.start_time.seconds - 3600))
+    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[early])),
+                       grpc.StatusCode.INVALID_ARGUMENT, "EVENT_BEFORE_START")
+    # huge batch
+    huge = [ev("a", "score", 1.0)] * 10_001
+    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=huge)),
+                       grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+    # NaN value
+    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[ev("a", "score", float("nan"))])),
+                       grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VALUE")
+    # the rejected batches left no trace: the good events (and their keys) are accepted now, once
+    ok = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good))
+    assert (ok.accepted, ok.duplicates) == (2, 0)
+    again = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good))
+    assert (again.accepted, again.duplicates) == (0, 2)
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert sum(v.units for v in res.primary.variants) == 2
+    assert {v.variant: v.mean for v in res.primary.variants if v.units} == {variant_of["a"]: 1.0, variant_of["b"]: 2.0} or \
+        variant_of["a"] == variant_of["b"]
+    # a bad message in a stream: earlier messages are committed, the error says how many
+    async def messages():
+        yield svc.StreamMetricEventsRequest(experiment=exp.name, events=[ev("c", "score", 5.0)])
+        yield svc.StreamMetricEventsRequest(experiment=exp.name, events=[ev("zzz", "score", 5.0)])
+
+    err = await expect_error(stub.StreamMetricEvents(messages()), grpc.StatusCode.INVALID_ARGUMENT, "UNIT_NOT_EXPOSED")
+    assert error_info(err).metadata["committed_messages"] == "1"
+    # after stop
+    await stub.StopExperiment(svc.StopExperimentRequest(name=exp.name))
+    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good)),
+                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+    await expect_error(stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="a")),
+                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+
+
+async def test_sample_ratio_mismatch_blocks_a_winner(stub, make_experiment):
+    exp = await make_experiment(min_sample_size=10)
+    plan = AssignmentPlan(exp.hash_seed, [0.5, 0.5])
+    # broken logging: only 2/3 of treatment units ever reach AssignVariant
+    control = [u for u in (f"s-{i}" for i in range(4000)) if plan.assign(u).variant == 0][:600]
+    treatment = [u for u in (f"s-{i}" for i in range(4000)) if plan.assign(u).variant == 1][:400]
+    await assign(stub, exp.name, control + treatment)
+    events = [ev(u, "score", 1.0) for u in control] + [ev(u, "score", 5.0 + (i % 3)) for i, u in enumerate(treatment)]
+    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=events))
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert res.srm_detected and res.srm_p_value == pytest.approx(sps.chisquare([600, 400], [500, 500]).pvalue, rel=1e-6)
+    assert res.decision == pb.DECISION_INVALID_SAMPLE_RATIO and res.recommended_variant == ""
+    assert res.primary.comparisons[0].significant  # the metric alone would have shipped it
+    assert "sample ratio mismatch" in res.reason
+
+
+async def test_sequential_p_value_is_a_running_minimum(stub, make_experiment):
+    exp = await make_experiment(analysis=pb.ANALYSIS_METHOD_SEQUENTIAL, min_sample_size=10)
+    units = [f"q-{i}" for i in range(200)]
+    variant_of = await assign(stub, exp.name, units)
+    rng = random.Random(3)
+    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[
+        ev(u, "score", rng.gauss(3.0 if variant_of[u] == "treatment" else 1.0, 1.0)) for u in units[:100]]))
+    first = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    # later data with no effect at all: the always-valid p-value must not go back up
+    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[
+        ev(u, "score", rng.gauss(1.0, 3.0)) for u in units[100:]]))
+    second = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert second.primary.comparisons[0].sequential_p_value <= first.primary.comparisons[0].sequential_p_value
+    assert first.primary.comparisons[0].sequential_p_value < 0.05
