@@ -24,7 +24,7 @@ proto: ## regenerate Python code from protos/
 	./scripts/gen_protos.sh
 
 proto-check: ## fail when the committed generated code differs from a fresh generation
-	./scripts/gen_protos.sh >/dev/null
+	./scripts/gen_protos.sh >/dev/null 2>&1
 	git diff --exit-code --stat -- libs/neuroweaver-proto || { echo "generated code is stale: run make proto"; exit 1; }
 
 lint: install ## ruff, buf lint, mypy on libs
@@ -35,7 +35,7 @@ lint: install ## ruff, buf lint, mypy on libs
 test: install proto-check ## the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
 	.venv/bin/ruff check .
 	npx buf lint
-	$(PY) -m pytest libs services tests $(PYTEST_ARGS)
+	$(PY) -m pytest $(wildcard libs services tests) $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest libs services -m "not slow and not smollm2" $(PYTEST_ARGS)
