@@ -24,3 +24,22 @@ def adapters(tiny_base, tmp_path_factory) -> list[tuple[Path, str]]:
     """Three LoRA adapters (different random weights) on the tiny base: (dir, sha256)."""
     root = tmp_path_factory.mktemp("adapters")
     return [make_adapter(tiny_base, root / f"adapter-{i}", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="session")
+def kube_standin():
+    from neuroweaver_kube.testing import KubeApiStandIn
+
+    with KubeApiStandIn() as standin:  # a local STAND-IN of the Kubernetes API, not a cluster
+        yield standin
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory, tiny_base, adapters, kube_standin):
+    """A real registry and a real deployer (in-process gRPC servers) with three registered versions."""
+    from helpers import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("stack"), tiny_base, adapters, kube_standin.url)
+    await stack.start()
+    yield stack
+    await stack.stop()

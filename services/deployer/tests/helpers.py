@@ -31,3 +31,94 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class Stack:
+    MODEL = "projects/default/models/advisor"
+
+    def __init__(self, root: Path, base: Path, adapters, kube_url: str) -> None:
+        self.root, self.base, self.adapters, self.kube_url = root, base, adapters, kube_url
+
+    async def start(self) -> None:
+        import grpc
+
+        from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
+        from neuroweaver.registry.v1 import registry_pb2 as rpb
+        from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+        from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+        from neuroweaver_deployer.app import DeployerConfig
+        from neuroweaver_deployer.app import build as build_deployer
+        from neuroweaver_registry.app import RegistryConfig
+        from neuroweaver_registry.app import build as build_registry
+        from neuroweaver_runtime.testing import free_port
+
+        self.registry = build_registry(
+            RegistryConfig(port=free_port(), metrics_port=-1, data_dir=str(self.root / "registry"), database_url=f"sqlite:///{self.root / 'registry.db'}")
+        )
+        await self.registry.start()
+        self.deployer = build_deployer(
+            DeployerConfig(
+                port=free_port(), metrics_port=-1, data_dir=str(self.root / "deployer"),
+                database_url=f"sqlite:///{self.root / 'deployer.db'}",
+                registry_address=f"127.0.0.1:{self.registry.port}", replica_grace_seconds=5.0,
+                kubernetes=True, kube_api_url=self.kube_url, kube_poll_seconds=0.2,
+            )  # fmt: skip
+        )
+        await self.deployer.start()
+        self.registry_channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.registry.port}")
+        self.deployer_channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.deployer.port}")
+        self.reg = rgrpc.RegistryServiceStub(self.registry_channel)
+        self.dep = dgrpc.DeployerServiceStub(self.deployer_channel)
+        await self.reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(base_model=str(self.base))))
+        self.versions = []
+        for i, (path, sha) in enumerate(self.adapters):
+            mv = await self.reg.CreateModelVersion(
+                rsvc.CreateModelVersionRequest(
+                    parent=self.MODEL,
+                    version=f"1.{i}.0",
+                    model_version=rpb.ModelVersion(
+                        artifact=rpb.Artifact(uri=path.as_uri(), sha256=sha, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+                        lineage=rpb.Lineage(base_model=str(self.base), method="sft-lora"),
+                    ),
+                )
+            )
+            self.versions.append(mv.name)
+
+    async def stop(self) -> None:
+        await self.deployer_channel.close()
+        await self.registry_channel.close()
+        await self.deployer.stop()
+        await self.registry.stop()
+
+
+async def watch_until(dep_stub, name: str, predicate, timeout: float = 180.0, seen: list | None = None):
+    """Follows WatchDeployment until `predicate(deployment)`; records every state seen in `seen`."""
+    from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+
+    call = dep_stub.WatchDeployment(dsvc.WatchDeploymentRequest(name=name))
+    try:
+        async with asyncio.timeout(timeout):
+            async for msg in call:
+                if seen is not None:
+                    seen.append(msg.deployment.state)
+                if predicate(msg.deployment):
+                    return msg.deployment
+    finally:
+        call.cancel()
+    raise AssertionError(f"watch of {name} ended before the condition held")
+
+
+def model_server_processes() -> list:
+    """Model-server processes descended from this test process."""
+    import os
+
+    import psutil
+
+    out = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "neuroweaver_deployer.model_server" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -1,0 +1,123 @@
+"""KUBERNETES backend: the model-server manifests of `neuroweaver_kube` applied with server-side apply into a
+namespace, status read back from the Deployment, scale through the scale subresource, delete on undeploy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from neuroweaver_kube.client import KubeApiError, KubeClient, KubeNotFound
+from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests
+from neuroweaver_kube.manifests import Resources as KubeResources
+
+from ..domain.model import BackendStatus, Target
+from .local import StatusCallback
+
+log = logging.getLogger("neuroweaver.deployer.kube")
+
+
+def model_server_spec(target: Target, *, default_image: str, default_namespace: str) -> ModelServerSpec:
+    """Domain target → the kube library's model-server spec (also what RenderManifests renders)."""
+    v, s, r, a = target.version, target.serving.with_defaults(), target.resources, target.autoscaling
+    resources = KubeResources(
+        cpu_request=r.cpu or "1",
+        memory_request=r.memory or "4Gi",
+        memory_limit=r.memory or "8Gi",
+    )
+    env = {
+        "NW_MODEL_SERVER_MAX_QUEUE": str(s.max_queue),
+        "NW_MODEL_SERVER_MAX_NEW_TOKENS_LIMIT": str(s.max_new_tokens_limit),
+        "NW_MODEL_SERVER_MAX_BATCH_SIZE": str(s.max_batch_size),
+        "NW_MODEL_SERVER_HOST": "0.0.0.0",
+    }
+    return ModelServerSpec(
+        name=target.deployment,
+        namespace=target.namespace or default_namespace,
+        image=s.image or default_image,
+        model_version=v.name,
+        served_model_name=target.served_model_name,
+        base_model_uri=v.base_model,
+        adapter_uri=v.artifact_uri or None,
+        adapter_sha256=v.artifact_sha256 or None,
+        load_in_4bit=s.load_in_4bit,
+        replicas=target.replicas,
+        min_replicas=a.min_replicas if a.enabled else None,
+        max_replicas=a.max_replicas if a.enabled else None,
+        target_cpu_utilization=a.target_cpu_utilization or 70,
+        resources=resources,
+        gpus=r.gpus,
+        node_selector=dict(r.node_selector),
+        tolerations=[{k: val for k, val in vars(t).items() if val} for t in r.tolerations],
+        labels={k: val for k, val in target.labels.items() if k.replace(".", "").replace("-", "").replace("_", "").isalnum()},
+        env=env,
+    )
+
+
+class KubeBackend:
+    def __init__(self, client: KubeClient, on_status: StatusCallback, *, image: str, namespace: str, poll_seconds: float = 2.0) -> None:
+        self.client = client
+        self.on_status = on_status
+        self.image = image
+        self.namespace = namespace
+        self.poll_seconds = poll_seconds
+        self._specs: dict[str, ModelServerSpec] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._pollers: dict[str, asyncio.Task] = {}
+
+    def spec(self, target: Target) -> ModelServerSpec:
+        return model_server_spec(target, default_image=self.image, default_namespace=self.namespace)
+
+    async def apply(self, target: Target) -> None:
+        spec = self.spec(target)
+        same = self._fingerprints.get(target.deployment) == target.fingerprint()
+        if same and not spec.autoscaling and target.deployment in self._specs:
+            await self.client.scale(spec.namespace, spec.object_name, spec.replicas)
+        else:
+            await self.client.apply(model_server_manifests(spec))
+        self._specs[target.deployment] = spec
+        self._fingerprints[target.deployment] = target.fingerprint()
+        if target.deployment not in self._pollers:
+            self._pollers[target.deployment] = asyncio.create_task(self._poll(target.deployment))
+
+    async def _poll(self, name: str) -> None:
+        while True:
+            spec = self._specs[name]
+            try:
+                st = await self.client.read_deployment_status(spec.namespace, spec.object_name)
+                host = f"{spec.object_name}.{spec.namespace}.svc.cluster.local"
+                await self.on_status(
+                    name,
+                    BackendStatus(
+                        desired=st.desired_replicas,
+                        ready=st.ready_replicas,
+                        rolling_out=not st.rolled_out and not st.progress_deadline_exceeded,
+                        failed=st.progress_deadline_exceeded,
+                        message="progress deadline exceeded" if st.progress_deadline_exceeded else "",
+                        endpoint=f"{host}:{spec.grpc_port}",
+                        openai_base_url=f"http://{host}:{spec.http_port}/v1",
+                    ),
+                )
+            except KubeNotFound:
+                log.warning("deployment %s/%s is missing; re-applying", spec.namespace, spec.object_name)
+                with contextlib.suppress(KubeApiError):
+                    await self.client.apply(model_server_manifests(spec))
+            except Exception:  # noqa: BLE001 - keep polling through API hiccups
+                log.exception("reading status of %s failed", name)
+            await asyncio.sleep(self.poll_seconds)  # status poll interval
+
+    async def remove(self, name: str, target: Target | None = None) -> None:
+        task = self._pollers.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        spec = self._specs.pop(name, None) or (self.spec(target) if target is not None else None)
+        self._fingerprints.pop(name, None)
+        if spec is not None:
+            await self.client.delete(model_server_manifests(spec))
+
+    async def close(self) -> None:
+        for task in self._pollers.values():
+            task.cancel()
+        self._pollers.clear()

@@ -1,0 +1,322 @@
+"""LOCAL backend: supervised model-server processes on this host, behind one router per deployment.
+
+- Each replica is `python -m neuroweaver_deployer.model_server` on two free ports, started in its own
+  process group with PR_SET_PDEATHSIG, so replicas never outlive the deployer.
+- A replica is ready when its gRPC health for the inference service turns SERVING (health Watch, no polling).
+- A replica that exits is restarted with exponential backoff (0.5 s doubling to 10 s); meanwhile it is out of
+  the router's rotation and the deployment reports `restarting` (DEGRADED). A replica that fails
+  `max_start_failures` times before it was ever ready makes the rollout fail.
+- Scaling starts or stops replicas of the current version. A new version (or new serving settings) rolls out
+  without downtime: start the new replicas, wait until all are ready, switch the router to them, then stop
+  the old ones gracefully (SIGTERM: health NOT_SERVING, in-flight calls finish). If the new replicas fail,
+  the old ones keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from neuroweaver_runtime.testing import free_port
+
+from ..domain.model import BackendStatus, Target
+from .router import Router, Upstream
+
+log = logging.getLogger("neuroweaver.deployer.local")
+
+StatusCallback = Callable[[str, BackendStatus], Awaitable[None]]
+INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, grace: float) -> list[str]:
+    v, s = target.version, target.serving.with_defaults()
+    args = [
+        sys.executable, "-m", "neuroweaver_deployer.model_server",
+        "--host", host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
+        "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
+        "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace),
+    ]  # fmt: skip
+    if v.artifact_uri:
+        args += ["--adapter-uri", v.artifact_uri, "--adapter-sha256", v.artifact_sha256]
+    if s.load_in_4bit:
+        args.append("--load-in-4bit")
+    return args
+
+
+class Replica:
+    """One supervised model-server process (restarted on crash until stopped)."""
+
+    def __init__(self, deployment: LocalDeployment, target: Target, index: int) -> None:
+        self.dep, self.target, self.index = deployment, target, index
+        self.state = "starting"  # starting | ready | restarting | failed | stopped
+        self.ever_ready = False
+        self.failures = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.upstream: Upstream | None = None
+        self.last_error = ""
+        self.settled = asyncio.Event()  # ready or failed
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"replica-{self.dep.name}-{self.index}")
+
+    async def _spawn(self) -> None:
+        cfg = self.dep.backend
+        grpc_port, http_port = free_port(), free_port()
+        self.upstream = Upstream(f"{cfg.host}:{grpc_port}", f"http://{cfg.host}:{http_port}")
+        log_path = cfg.log_dir / f"{self.dep.object_id}-{self.target.fingerprint()}-{self.index}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *model_server_command(self.target, cfg.host, grpc_port, http_port, cfg.grace_seconds),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=_die_with_parent, start_new_session=True, env={**os.environ, **cfg.env},
+            )  # fmt: skip
+        log.info("replica started", extra={"fields": {"deployment": self.dep.name, "pid": self.process.pid, "grpc": self.upstream.grpc_address}})
+
+    async def _wait_serving(self) -> None:
+        assert self.upstream is not None
+        async with grpc.aio.insecure_channel(self.upstream.grpc_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), wait_for_ready=True)
+            async for msg in call:
+                if msg.status == health_pb2.HealthCheckResponse.SERVING:
+                    call.cancel()
+                    return
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        cfg = self.dep.backend
+        while not self._stopping:
+            await self._spawn()
+            assert self.process is not None
+            exited = asyncio.ensure_future(self.process.wait())
+            serving = asyncio.ensure_future(asyncio.wait_for(self._wait_serving(), cfg.startup_timeout))
+            await asyncio.wait({exited, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done() and not serving.cancelled() and serving.exception() is None and not exited.done():
+                self.state, self.ever_ready, backoff = "ready", True, 0.5
+                self.settled.set()
+                await self.dep.changed()
+                await exited
+            else:
+                serving.cancel()
+                with contextlib.suppress(BaseException):
+                    await serving
+                if not exited.done():  # startup timed out
+                    self.last_error = f"not SERVING within {cfg.startup_timeout:.0f}s"
+                    await self._kill()
+                await exited
+            if self._stopping:
+                break
+            self.failures += 1
+            self.last_error = self.last_error or f"exited with code {self.process.returncode}: {self._log_tail()}"
+            log.warning("replica exited", extra={"fields": {"deployment": self.dep.name, "code": self.process.returncode}})
+            if not self.ever_ready and self.failures >= cfg.max_start_failures:
+                self.state = "failed"
+                self.settled.set()
+                await self.dep.changed()
+                return
+            self.state = "restarting"
+            await self.dep.changed()
+            await asyncio.sleep(backoff)  # restart backoff (not synchronisation)
+            backoff = min(backoff * 2, 10.0)
+            self.last_error = ""
+        self.state = "stopped"
+
+    def _log_tail(self) -> str:
+        try:
+            lines = Path(self.log_path).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1][-300:] if lines else ""
+
+    async def _kill(self) -> None:
+        if self.process and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+    async def stop(self) -> None:
+        """SIGTERM (graceful: in-flight calls finish), SIGKILL after the grace period."""
+        self._stopping = True
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), self.dep.backend.grace_seconds + 10)
+            except TimeoutError:
+                await self._kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.state = "stopped"
+        if self.upstream is not None:
+            await self.dep.router.forget(self.upstream)
+
+
+class LocalDeployment:
+    def __init__(self, backend: LocalBackend, name: str) -> None:
+        self.backend, self.name = backend, name
+        self.object_id = name.rsplit("/", 1)[-1]
+        self.router = Router(backend.host)
+        self.target: Target | None = None
+        self.replicas: list[Replica] = []  # replicas of the current target
+        self.rolling_out = False
+        self.failed_message = ""
+        self._lock = asyncio.Lock()
+        self._counter = 0
+        self._all: list[Replica] = []  # every replica started, so a cancelled rollout leaves nothing behind
+
+    def _new_replica(self, target: Target) -> Replica:
+        self._counter += 1
+        r = Replica(self, target, self._counter)
+        self._all.append(r)
+        r.start()
+        return r
+
+    async def changed(self) -> None:
+        """A replica changed state: update the rotation (current replicas that are ready) and report."""
+        await self.router.set_upstreams([r.upstream for r in self.replicas if r.state == "ready" and r.upstream])
+        await self.report()
+
+    async def report(self) -> None:
+        desired = self.target.replicas if self.target else 0
+        ready = sum(1 for r in self.replicas if r.state == "ready")
+        restarting = sum(1 for r in self.replicas if r.state == "restarting" and r.ever_ready)
+        messages = [r.last_error for r in self.replicas if r.last_error]
+        status = BackendStatus(
+            desired=desired,
+            ready=ready,
+            rolling_out=self.rolling_out,
+            failed=bool(self.failed_message),
+            restarting=restarting,
+            message=self.failed_message or (messages[0] if messages else ""),
+            endpoint=self.router.endpoint,
+            openai_base_url=self.router.openai_base_url,
+        )
+        await self.backend.on_status(self.name, status)
+
+    async def apply(self, target: Target) -> None:
+        async with self._lock:
+            if self.router.grpc_port == 0:
+                await self.router.start()
+            if self.target is not None and self.target.fingerprint() == target.fingerprint() and not self.failed_message:
+                await self._scale(target)
+            else:
+                await self._roll(target)
+
+    async def _scale(self, target: Target) -> None:
+        self.target = target
+        extra = self.replicas[target.replicas:]
+        self.replicas = self.replicas[: target.replicas]
+        new = [self._new_replica(target) for _ in range(target.replicas - len(self.replicas))]
+        self.replicas += new
+        await self.changed()
+        await asyncio.gather(*(r.stop() for r in extra))
+        self._forget_stopped()
+        if new:
+            self.rolling_out = True
+            await self.report()
+            await asyncio.gather(*(r.settled.wait() for r in new))
+            self.rolling_out = False
+            await self.changed()
+
+    async def _roll(self, target: Target) -> None:
+        old = self.replicas
+        self.rolling_out, self.failed_message = True, ""
+        if self.target is None or not old:
+            self.target = target  # first rollout: desired count is the new one right away
+        await self.report()
+        new = [self._new_replica(target) for _ in range(target.replicas)]
+        await asyncio.gather(*(r.settled.wait() for r in new))
+        failed = [r for r in new if r.state != "ready"]
+        if failed:
+            await asyncio.gather(*(r.stop() for r in new))
+            self._forget_stopped()
+            self.failed_message = f"rollout of {target.version.name} failed: {failed[0].last_error}"
+            self.rolling_out = False
+            await self.changed()
+            return
+        self.target, self.replicas = target, new
+        await self.changed()  # switch the router to the new replicas first...
+        self.rolling_out = False
+        await asyncio.gather(*(r.stop() for r in old))  # ...then drain and stop the old ones
+        self._forget_stopped()
+        await self.changed()
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            self.replicas = []
+            await self.router.set_upstreams([])
+            await asyncio.gather(*(r.stop() for r in self._all if r.state != "stopped"))
+            self._all.clear()
+            await self.router.stop()
+
+    def _forget_stopped(self) -> None:
+        self._all = [r for r in self._all if r.state != "stopped"]
+
+    def pids(self) -> list[int]:
+        return [r.pid for r in self._all if r.pid and r.state != "stopped"]
+
+
+class LocalBackend:
+    def __init__(
+        self,
+        on_status: StatusCallback,
+        *,
+        host: str = "127.0.0.1",
+        log_dir: str | os.PathLike = "logs",
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 300.0,
+        max_start_failures: int = 3,
+        grace_seconds: float = 10.0,
+    ) -> None:
+        self.on_status = on_status
+        self.host = host
+        self.log_dir = Path(log_dir)
+        self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.max_start_failures = max_start_failures
+        self.grace_seconds = grace_seconds
+        self.deployments: dict[str, LocalDeployment] = {}
+
+    async def apply(self, target: Target) -> None:
+        dep = self.deployments.get(target.deployment)
+        if dep is None:
+            dep = self.deployments[target.deployment] = LocalDeployment(self, target.deployment)
+        await dep.apply(target)
+
+    async def remove(self, name: str, target: Target | None = None) -> None:
+        dep = self.deployments.pop(name, None)
+        if dep is not None:
+            await dep.shutdown()
+
+    async def close(self) -> None:
+        for name in list(self.deployments):
+            await self.remove(name)

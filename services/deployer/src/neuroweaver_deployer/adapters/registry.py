@@ -1,0 +1,80 @@
+"""The registry, seen from the deployer: resolve versions (and aliases) and follow model events (gRPC stubs)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+from neuroweaver_runtime.client import open_channel
+from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+from ..domain.model import ResolvedVersion
+
+ALIAS_EVENTS = {rpb.ModelEvent.TYPE_ALIAS_SET, rpb.ModelEvent.TYPE_ALIAS_ROLLED_BACK, rpb.ModelEvent.TYPE_ALIAS_DELETED}
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    sequence: int
+    alias_name: str  # projects/p/models/m/aliases/a
+    from_version: str
+    to_version: str
+
+
+class RegistryGateway:
+    def __init__(self, target: str, token: str = "", deadline: float = 10.0) -> None:
+        self.target = target
+        self._channel = open_channel(target, token=token or None, deadline=deadline)
+        self._stub = rgrpc.RegistryServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def resolve(self, version_name: str, field: str = "model_version") -> ResolvedVersion:
+        """A version name (`.../versions/1.2.0` or `.../versions/<alias>`) → the version and its artifact."""
+        try:
+            mv = await self._stub.GetModelVersion(rsvc.GetModelVersionRequest(name=version_name))
+        except grpc.aio.AioRpcError as exc:
+            raise _map(exc, version_name, field) from None
+        if mv.state == rpb.ModelVersion.STATE_DEPRECATED:
+            raise FailedPrecondition(f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name})
+        if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
+            return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri)
+        if not mv.lineage.base_model:
+            raise FailedPrecondition(f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN")
+        return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model)
+
+    async def alias_events(self, project: str, model: str, after: int) -> AsyncIterator[AliasEvent]:
+        """Alias moves of `model` after the cursor, then live; runs until cancelled or the stream breaks."""
+        call = self._stub.WatchModelEvents(rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after))
+        async for msg in call:
+            e = msg.event
+            if e.type in ALIAS_EVENTS:
+                yield AliasEvent(e.sequence, e.resource, e.details.get("from_version", ""), e.details.get("to_version", ""))
+
+    async def latest_sequence(self, project: str, model: str) -> int:
+        """The newest event sequence of a model (the cursor to start following from)."""
+        last, token = 0, ""
+        while True:
+            page = await self._stub.ListModelEvents(
+                rsvc.ListModelEventsRequest(parent=f"projects/{project}", model=model, page_size=1000, page_token=token)
+            )
+            if page.events:
+                last = max(last, max(e.sequence for e in page.events))
+            token = page.next_page_token
+            if not token:
+                return last
+
+
+def _map(exc: grpc.aio.AioRpcError, name: str, field: str):
+    code = exc.code()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{name} was not found in the registry: {exc.details()}", reason="MODEL_VERSION_NOT_FOUND", metadata={"model_version": name})
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"{name}: {exc.details()}", field=field, reason="INVALID_MODEL_VERSION")
+    return Unavailable(f"the registry could not be reached ({code.name}: {exc.details()}); retry", reason="REGISTRY_UNAVAILABLE")

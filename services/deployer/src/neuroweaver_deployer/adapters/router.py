@@ -1,0 +1,205 @@
+"""The stable front door of a multi-replica local deployment: a tiny round-robin gRPC + HTTP proxy.
+
+Each local deployment gets one router inside the deployer process, on its own two ports; the deployment's
+`endpoint` and `openai_base_url` point at it and never change while replicas come and go. Calls are
+forwarded as raw bytes (no re-serialisation) to the next ready replica; a call that fails with UNAVAILABLE
+before any response (a replica that just went away) is retried on another replica. Status codes and
+google.rpc details of the replica pass through unchanged. `/metrics` through the router shows one
+replica's metrics; scrape replicas directly (their ports are in the deployer log) for all of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger("neuroweaver.deployer.router")
+
+INFERENCE_PREFIX = "/neuroweaver.inference.v1.InferenceService/"
+STREAMING = {"GenerateStream"}
+_SKIP_METADATA = {"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-timeout"}
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    grpc_address: str  # host:port
+    http_url: str  # http://host:port
+
+
+class Router(grpc.GenericRpcHandler):
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._upstreams: list[Upstream] = []
+        self._cycle = itertools.count()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}/v1"
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers((self,))
+        self.grpc_port = server.add_insecure_port(f"{self.host}:0")
+        await server.start()
+        self._server = server
+        await self._set_health()
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._http)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        self.http_port = self._runner.addresses[0][1]
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def set_upstreams(self, upstreams: list[Upstream]) -> None:
+        """Atomically replaces the rotation (new calls only go to these); closes channels of dropped ones later."""
+        self._upstreams = list(upstreams)
+        await self._set_health()
+
+    async def forget(self, upstream: Upstream) -> None:
+        """Closes the channel to a stopped replica."""
+        channel = self._channels.pop(upstream.grpc_address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def _set_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self._upstreams else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "neuroweaver.inference.v1.InferenceService"):
+            await self._health.set(name, status)
+
+    def _pick(self) -> Upstream | None:
+        ups = self._upstreams
+        return ups[next(self._cycle) % len(ups)] if ups else None
+
+    def _channel(self, up: Upstream) -> grpc.aio.Channel:
+        channel = self._channels.get(up.grpc_address)
+        if channel is None:
+            channel = self._channels[up.grpc_address] = grpc.aio.insecure_channel(up.grpc_address)
+        return channel
+
+    # -- gRPC --------------------------------------------------------------------------------
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith(INFERENCE_PREFIX):
+            return None
+        if method[len(INFERENCE_PREFIX):] in STREAMING:
+            return grpc.unary_stream_rpc_method_handler(self._stream(method))
+        return grpc.unary_unary_rpc_method_handler(self._unary(method))
+
+    def _attempts(self) -> int:
+        return max(1, len(self._upstreams)) + 1
+
+    @staticmethod
+    def _metadata(context) -> list[tuple[str, str | bytes]]:
+        return [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(":") and k not in _SKIP_METADATA]
+
+    def _unary(self, method: str):
+        async def handle(request: bytes, context):
+            error: grpc.aio.AioRpcError | None = None
+            for _ in range(self._attempts()):
+                up = self._pick()
+                if up is None:
+                    break
+                try:
+                    return await self._channel(up).unary_unary(method)(
+                        request, timeout=context.time_remaining(), metadata=self._metadata(context)
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        break
+            await _abort(context, error)
+
+        return handle
+
+    def _stream(self, method: str):
+        async def handle(request: bytes, context):
+            error: grpc.aio.AioRpcError | None = None
+            for _ in range(self._attempts()):
+                up = self._pick()
+                if up is None:
+                    break
+                sent = False
+                try:
+                    call = self._channel(up).unary_stream(method)(
+                        request, timeout=context.time_remaining(), metadata=self._metadata(context)
+                    )
+                    async for message in call:
+                        sent = True
+                        yield message
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or sent:
+                        break
+            await _abort(context, error)
+
+        return handle
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _http(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        for _ in range(self._attempts()):
+            up = self._pick()
+            if up is None or self._session is None:
+                break
+            try:
+                async with self._session.request(request.method, up.http_url + request.path_qs, data=body, headers=headers) as resp:
+                    out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding", "date", "server"}}
+                    if resp.content_type == "text/event-stream":
+                        stream = web.StreamResponse(status=resp.status, headers=out_headers)
+                        await stream.prepare(request)
+                        async for chunk in resp.content.iter_any():
+                            await stream.write(chunk)
+                        await stream.write_eof()
+                        return stream
+                    return web.Response(status=resp.status, body=await resp.read(), headers=out_headers)
+            except aiohttp.ClientConnectionError as exc:
+                log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
+                continue
+        body = {"error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}}
+        return web.json_response(body, status=503)
+
+
+async def _abort(context, error: grpc.aio.AioRpcError | None) -> None:
+    if error is None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready replica of this deployment")
+    trailing = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin")
+    await context.abort(error.code(), error.details() or "", trailing_metadata=trailing)
+
+
+__all__ = ["Router", "Upstream"]

@@ -1,0 +1,108 @@
+"""Composition root: configuration → database → registry client → backends → controller → use cases → servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import migrations
+from neuroweaver_runtime.config import ServiceConfig
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.notify import Notifier
+from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+
+from .adapters.local import LocalBackend
+from .adapters.registry import RegistryGateway
+from .api.servicer import METHOD_ROLES, DeployerServicer
+from .domain.model import Backend
+from .service.controller import Controller
+from .service.deployer import DeployerService
+from .service.follower import AliasFollower
+
+SERVICE_NAME = "neuroweaver.deployer.v1.DeployerService"
+DEFAULT_PORT = 50053
+DEFAULT_METRICS_PORT = 9453
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+
+
+@dataclass
+class DeployerConfig(ServiceConfig):
+    migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
+    registry_address: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
+    registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
+    local_host: str = field(default="127.0.0.1", metadata={"help": "address local replicas and routers bind"})
+    replica_startup_timeout: float = field(default=600.0, metadata={"help": "seconds a local replica may take to load"})
+    replica_grace_seconds: float = field(default=10.0, metadata={"help": "drain time of a stopping local replica"})
+    kubernetes: bool = field(default=False, metadata={"help": "enable the kubernetes backend"})
+    kube_api_url: str = field(default="", metadata={"help": "API server URL; empty = in-cluster config or kubeconfig"})
+    kube_token: str = field(default="", metadata={"help": "bearer token for kube_api_url"})
+    kube_namespace: str = field(default="neuroweaver", metadata={"help": "default namespace of deployments"})
+    model_server_image: str = field(default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"})
+    kube_poll_seconds: float = field(default=2.0, metadata={"help": "how often Deployment status is read back"})
+
+
+def build(config: DeployerConfig) -> GrpcService:
+    database_url = config.database_url or config.sqlite_default("deployer")
+    db = Database(database_url)
+    notifier = Notifier()
+    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-deployer-page-tokens").hexdigest()
+    registry = RegistryGateway(config.registry_address, config.registry_token)
+    backends: dict = {}
+    controller = Controller(db, notifier, backends)
+    backends[Backend.LOCAL] = LocalBackend(
+        controller.on_status,
+        host=config.local_host,
+        log_dir=Path(config.data_dir) / "deployer-logs",
+        startup_timeout=config.replica_startup_timeout,
+        grace_seconds=config.replica_grace_seconds,
+        env={"NW_DATA_DIR": config.data_dir},
+    )
+    if config.kubernetes:
+        from neuroweaver_kube.client import KubeClient
+
+        from .adapters.kube import KubeBackend
+
+        kwargs = {"host": config.kube_api_url, "token": config.kube_token} if config.kube_api_url else {}
+        backends[Backend.KUBERNETES] = KubeBackend(
+            KubeClient.from_config(**kwargs),
+            controller.on_status,
+            image=config.model_server_image,
+            namespace=config.kube_namespace,
+            poll_seconds=config.kube_poll_seconds,
+        )
+    service = DeployerService(
+        db, notifier, PageTokens(secret), registry, controller, kube_namespace=config.kube_namespace, kube_image=config.model_server_image
+    )
+    follower = AliasFollower(db, registry, service)
+    service.on_alias_change = follower.request_sync
+
+    async def ready() -> None:
+        await db.wait_until_ready()
+        if config.migrate:
+            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
+        await controller.resume_all()
+        await follower.sync()
+
+    async def close() -> None:
+        await follower.close()
+        await controller.close()
+        await registry.close()
+        await db.dispose()
+
+    definition = ServiceDefinition(
+        name="deployer",
+        full_names=[SERVICE_NAME],
+        error_domain="deployer.neuroweaver.v1",
+        method_roles=METHOD_ROLES,
+        add_servicers=lambda server: svc_grpc.add_DeployerServiceServicer_to_server(DeployerServicer(service), server),
+        ready=ready,
+        on_stop=[close],
+    )
+    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    grpc_service.deployer = service  # type: ignore[attr-defined]  # handy for in-process tests
+    grpc_service.controller = controller  # type: ignore[attr-defined]
+    return grpc_service

@@ -1,0 +1,321 @@
+"""Deployer domain: deployments, revisions, conditions, validation and the state rule. No protobuf, no SQL."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from neuroweaver_runtime.errors import InvalidArgument, Violations
+from neuroweaver_runtime.names import ResourceName
+
+DEPLOYMENT = ResourceName("projects/{project}/deployments/{deployment}")
+VERSION = ResourceName(
+    "projects/{project}/models/{model}/versions/{version}", segment_patterns=(("version", r"[0-9A-Za-z.\-+]{1,128}"),)
+)
+ALIAS = ResourceName("projects/{project}/models/{model}/aliases/{alias}")
+MODEL = ResourceName("projects/{project}/models/{model}")
+
+MAX_LOCAL_REPLICAS = 16
+MAX_REPLICAS = 1000
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.\-]{0,62}$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+UPDATABLE = {"model_version", "model_alias", "resources", "autoscaling", "serving", "labels", "display_name"}
+
+
+class State(enum.Enum):
+    PENDING = "PENDING"
+    PROGRESSING = "PROGRESSING"
+    AVAILABLE = "AVAILABLE"
+    DEGRADED = "DEGRADED"
+    FAILED = "FAILED"
+    DELETING = "DELETING"
+
+
+class Backend(enum.Enum):
+    LOCAL = "LOCAL"
+    KUBERNETES = "KUBERNETES"
+
+
+@dataclass
+class Autoscaling:
+    min_replicas: int = 0
+    max_replicas: int = 0
+    target_cpu_utilization: int = 0
+    target_inflight_requests: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_replicas > 0
+
+
+@dataclass
+class Toleration:
+    key: str = ""
+    operator: str = ""
+    value: str = ""
+    effect: str = ""
+
+
+@dataclass
+class Resources:
+    cpu: str = ""
+    memory: str = ""
+    gpus: int = 0
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[Toleration] = field(default_factory=list)
+
+
+@dataclass
+class Serving:
+    load_in_4bit: bool = False
+    max_queue: int = 0
+    max_new_tokens_limit: int = 0
+    max_batch_size: int = 0
+    image: str = ""
+
+    def with_defaults(self) -> Serving:
+        return Serving(
+            self.load_in_4bit, self.max_queue or 64, self.max_new_tokens_limit or 1024, self.max_batch_size or 8, self.image
+        )
+
+
+@dataclass
+class Condition:
+    type: str  # Available, Progressing, Degraded
+    status: str  # True, False, Unknown
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+
+
+@dataclass
+class Deployment:
+    name: str
+    display_name: str = ""
+    model_version: str = ""
+    model_alias: str = ""
+    backend: Backend = Backend.LOCAL
+    replicas: int = 1
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    resources: Resources = field(default_factory=Resources)
+    serving: Serving = field(default_factory=Serving)
+    namespace: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # output only
+    state: State = State.PENDING
+    served_version: str = ""
+    served_model_name: str = ""
+    endpoint: str = ""
+    openai_base_url: str = ""
+    ready_replicas: int = 0
+    revision: int = 0
+    conditions: list[Condition] = field(default_factory=list)
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    generation: int = 1  # bumped on every change; the etag derives from it
+
+    @property
+    def project(self) -> str:
+        return DEPLOYMENT.parse(self.name)["project"]
+
+    @property
+    def deployment_id(self) -> str:
+        return DEPLOYMENT.parse(self.name)["deployment"]
+
+
+@dataclass
+class Revision:
+    deployment: str
+    revision: int
+    model_version: str
+    cause: str
+    actor: str = ""
+    create_time: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.deployment}/revisions/{self.revision}"
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """A registry version with what the model server needs to load it."""
+
+    name: str  # projects/p/models/m/versions/1.2.0
+    version: str  # 1.2.0
+    artifact_uri: str
+    artifact_sha256: str
+    base_model: str
+
+    @property
+    def model_id(self) -> str:
+        return VERSION.parse(self.name)["model"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a backend must run for one deployment: the version plus how to serve it."""
+
+    deployment: str
+    version: ResolvedVersion
+    served_model_name: str
+    replicas: int
+    serving: Serving
+    resources: Resources
+    autoscaling: Autoscaling
+    namespace: str
+    labels: dict[str, str]
+
+    def fingerprint(self) -> str:
+        """Changes whenever replicas would have to be replaced (version or serving settings)."""
+        s = self.serving
+        raw = f"{self.version.name}|{self.version.artifact_sha256}|{s.load_in_4bit}|{s.max_queue}|{s.max_new_tokens_limit}|{s.max_batch_size}|{s.image}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What a backend observes: ready replicas of the target, whether a rollout is under way, failures."""
+
+    desired: int
+    ready: int
+    rolling_out: bool = False
+    failed: bool = False
+    restarting: int = 0
+    message: str = ""
+    endpoint: str = ""
+    openai_base_url: str = ""
+
+
+def served_model_name(v: ResolvedVersion) -> str:
+    """Unique per model version and weights: `<model>-<version with dashes>-<sha256[:8]>`."""
+    version = re.sub(r"[^a-z0-9]+", "-", v.version.lower()).strip("-")
+    return f"{v.model_id}-{version}-{v.artifact_sha256[:8]}"
+
+
+def derive_state(status: BackendStatus, deleting: bool = False) -> tuple[State, list[Condition]]:
+    """The deployment state and its Kubernetes-style conditions from what the backend observes."""
+    if deleting:
+        return State.DELETING, [Condition("Available", "False", "Deleting", "the deployment is being removed")]
+    enough = status.ready >= status.desired
+    available = Condition(
+        "Available",
+        "True" if status.ready > 0 or (status.desired == 0 and enough) else "False",
+        "MinimumReplicasAvailable" if enough else "ReplicasUnavailable",
+        f"{status.ready}/{status.desired} replicas ready",
+    )
+    progressing = Condition(
+        "Progressing",
+        "True" if status.rolling_out else "False",
+        "RolloutInProgress" if status.rolling_out else ("RolloutFailed" if status.failed else "RolloutComplete"),
+        status.message if status.rolling_out or status.failed else "",
+    )
+    degraded_now = (not enough and status.ready > 0) or status.restarting > 0
+    degraded = Condition(
+        "Degraded",
+        "True" if degraded_now else "False",
+        "ReplicaRestarting" if status.restarting else ("ReplicasUnavailable" if degraded_now else "AsExpected"),
+        status.message if degraded_now else "",
+    )
+    conditions = [available, progressing, degraded]
+    if status.failed and status.ready == 0:
+        return State.FAILED, conditions
+    if status.rolling_out:
+        return State.PROGRESSING, conditions
+    if degraded_now or (status.failed and status.ready > 0):
+        return State.DEGRADED, conditions
+    if enough:
+        return State.AVAILABLE, conditions
+    return State.PENDING if status.ready == 0 and not status.restarting else State.DEGRADED, conditions
+
+
+def merge_conditions(old: list[Condition], new: list[Condition], now: datetime) -> list[Condition]:
+    """Keeps each condition's last_transition_time unless its status changed."""
+    before = {c.type: c for c in old}
+    out = []
+    for c in new:
+        prev = before.get(c.type)
+        c.last_transition_time = prev.last_transition_time if prev and prev.status == c.status else now
+        out.append(c)
+    return out
+
+
+def check_labels(labels: dict[str, str], v: Violations, path: str = "deployment.labels") -> None:
+    if len(labels) > 64:
+        v.add(path, "at most 64 labels")
+    for k, val in labels.items():
+        if not LABEL_KEY.match(k):
+            v.add(f"{path}.{k}", "keys are 1-63 of [a-z0-9_.-] starting with a letter")
+        if len(val) > 63:
+            v.add(f"{path}.{k}", "values are at most 63 characters")
+
+
+def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "deployment") -> None:
+    """Checks the user-settable fields of a deployment; every problem is reported as a field violation."""
+    if bool(d.model_version) == bool(d.model_alias):
+        v.add(f"{path}.model_version", "set exactly one of model_version (fixed) and model_alias (followed)")
+    if d.model_version:
+        try:
+            VERSION.parse(d.model_version, f"{path}.model_version")
+        except InvalidArgument as exc:
+            v.add(f"{path}.model_version", exc.message)
+    if d.model_alias:
+        try:
+            ALIAS.parse(d.model_alias, f"{path}.model_alias")
+        except InvalidArgument as exc:
+            v.add(f"{path}.model_alias", exc.message)
+    limit = MAX_LOCAL_REPLICAS if d.backend is Backend.LOCAL else MAX_REPLICAS
+    if creating and not 0 <= d.replicas <= limit:
+        v.add(f"{path}.replicas", f"must be in 0..{limit} for the {d.backend.value.lower()} backend")
+    a = d.autoscaling
+    if a.enabled or a.min_replicas:
+        if a.min_replicas < 1 or a.max_replicas < a.min_replicas or a.max_replicas > limit:
+            v.add(f"{path}.autoscaling", f"need 1 <= min_replicas <= max_replicas <= {limit}")
+    if a.target_cpu_utilization and not 1 <= a.target_cpu_utilization <= 100:
+        v.add(f"{path}.autoscaling.target_cpu_utilization", "must be in 1..100")
+    if a.target_inflight_requests < 0:
+        v.add(f"{path}.autoscaling.target_inflight_requests", "must not be negative")
+    r = d.resources
+    for name, value in (("cpu", r.cpu), ("memory", r.memory)):
+        if value and not QUANTITY.match(value):
+            v.add(f"{path}.resources.{name}", f"{value!r} is not a Kubernetes quantity (e.g. 2, 500m, 4Gi)")
+    if not 0 <= r.gpus <= 16:
+        v.add(f"{path}.resources.gpus", "must be in 0..16")
+    if r.gpus and d.backend is Backend.LOCAL:
+        v.add(f"{path}.resources.gpus", "the local backend does not schedule GPUs; use the kubernetes backend")
+    for i, t in enumerate(r.tolerations):
+        if t.operator not in ("", "Exists", "Equal"):
+            v.add(f"{path}.resources.tolerations[{i}].operator", "must be Exists or Equal")
+        if t.effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            v.add(f"{path}.resources.tolerations[{i}].effect", "must be NoSchedule, PreferNoSchedule or NoExecute")
+    s = d.serving
+    for name, value, hi in (("max_queue", s.max_queue, 100_000), ("max_new_tokens_limit", s.max_new_tokens_limit, 131_072), ("max_batch_size", s.max_batch_size, 256)):
+        if not 0 <= value <= hi:
+            v.add(f"{path}.serving.{name}", f"must be in 0..{hi} (0 = default)")
+    if d.namespace and not DNS_LABEL.match(d.namespace):
+        v.add(f"{path}.namespace", "must be a DNS-1123 label")
+    if len(d.display_name) > 200:
+        v.add(f"{path}.display_name", "at most 200 characters")
+    check_labels(d.labels, v, f"{path}.labels")
+
+
+def validate_replicas(replicas: int, backend: Backend) -> None:
+    limit = MAX_LOCAL_REPLICAS if backend is Backend.LOCAL else MAX_REPLICAS
+    if not 0 <= replicas <= limit:
+        raise InvalidArgument(f"replicas must be in 0..{limit} for the {backend.value.lower()} backend", field="replicas", reason="INVALID_REPLICAS")
+
+
+def alias_version_name(alias_name: str) -> str:
+    """`projects/p/models/m/aliases/a` → `projects/p/models/m/versions/a` (the registry resolves it)."""
+    parts = ALIAS.parse(alias_name, "model_alias")
+    return VERSION.format(project=parts["project"], model=parts["model"], version=parts["alias"])
+
+
+def alias_model(alias_name: str) -> tuple[str, str]:
+    """(model name, alias id) of an alias name."""
+    parts = ALIAS.parse(alias_name, "model_alias")
+    return MODEL.format(project=parts["project"], model=parts["model"]), parts["alias"]

@@ -1,0 +1,136 @@
+"""The controller: converges each deployment's backend onto its stored target and writes observed status back.
+
+One worker task per deployment runs `backend.apply(target)`; a `kick` while it runs marks it dirty, so the
+latest stored target always wins and applies never interleave. Backends report status through
+`on_status`, which derives the state and conditions (domain rule), stores them when they changed and
+wakes watchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.notify import Notifier
+from neuroweaver_runtime.timestamps import utcnow
+
+from ..adapters.repository import DeployerRepository, to_deployment, to_resolved
+from ..domain.model import Backend, BackendStatus, Deployment, ResolvedVersion, State, Target, derive_state, merge_conditions
+
+log = logging.getLogger("neuroweaver.deployer.controller")
+
+
+class DeploymentBackend(Protocol):
+    async def apply(self, target: Target) -> None: ...
+    async def remove(self, name: str, target: Target | None = None) -> None: ...
+    async def close(self) -> None: ...
+
+
+def target_of(d: Deployment, version: ResolvedVersion) -> Target:
+    return Target(
+        deployment=d.name,
+        version=version,
+        served_model_name=d.served_model_name,
+        replicas=d.replicas,
+        serving=d.serving,
+        resources=d.resources,
+        autoscaling=d.autoscaling,
+        namespace=d.namespace,
+        labels=dict(d.labels),
+    )
+
+
+class Controller:
+    def __init__(self, db: Database, notifier: Notifier, backends: dict[Backend, DeploymentBackend]) -> None:
+        self.db = db
+        self.notifier = notifier
+        self.backends = backends
+        self._workers: dict[str, asyncio.Task] = {}
+        self._dirty: dict[str, asyncio.Event] = {}
+        self._deleting: set[str] = set()
+
+    def kick(self, name: str) -> None:
+        event = self._dirty.setdefault(name, asyncio.Event())
+        event.set()
+        if name not in self._workers or self._workers[name].done():
+            self._workers[name] = asyncio.create_task(self._work(name), name=f"converge-{name}")
+
+    async def _load(self, name: str) -> tuple[Deployment, ResolvedVersion] | None:
+        async with self.db.transaction() as s:
+            row = await DeployerRepository(s).row(name)
+        if row is None or row.target is None:
+            return None
+        return to_deployment(row), to_resolved(row)
+
+    async def _work(self, name: str) -> None:
+        event = self._dirty[name]
+        while event.is_set():
+            event.clear()
+            loaded = await self._load(name)
+            if loaded is None or name in self._deleting:
+                return
+            d, version = loaded
+            try:
+                await self.backends[d.backend].apply(target_of(d, version))
+            except Exception as exc:  # noqa: BLE001 - a failed apply becomes a FAILED/DEGRADED status, not a crash
+                log.exception("applying %s failed", name)
+                await self.on_status(name, BackendStatus(desired=d.replicas, ready=d.ready_replicas, failed=True, message=str(exc)[:500]))
+
+    async def on_status(self, name: str, status: BackendStatus) -> None:
+        if name in self._deleting:
+            return
+        async with self.db.transaction() as s:
+            repo = DeployerRepository(s)
+            row = await repo.row(name, for_update=True)
+            if row is None:
+                return
+            d = to_deployment(row)
+            state, conditions = derive_state(status)
+            conditions = merge_conditions(d.conditions, conditions, utcnow())
+            values = {
+                "state": state.value,
+                "ready_replicas": status.ready,
+                "endpoint": status.endpoint or d.endpoint,
+                "openai_base_url": status.openai_base_url or d.openai_base_url,
+            }
+            same = all(getattr(row, k) == v for k, v in values.items()) and [
+                (c.type, c.status, c.reason, c.message) for c in d.conditions
+            ] == [(c.type, c.status, c.reason, c.message) for c in conditions]
+            if same:
+                return
+            await repo.update(row.id, bump=False, conditions=conditions, update_time=utcnow(), **values)
+        self.notifier.wake(name)
+
+    async def remove(self, d: Deployment, version: ResolvedVersion | None) -> None:
+        """Stops converging and tears everything down; returns when nothing is left running."""
+        self._deleting.add(d.name)
+        worker = self._workers.pop(d.name, None)
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
+        self._dirty.pop(d.name, None)
+        try:
+            await self.backends[d.backend].remove(d.name, target_of(d, version) if version else None)
+        finally:
+            self._deleting.discard(d.name)
+
+    async def resume_all(self) -> None:
+        """At start: converge every stored deployment again (local replicas do not survive a deployer restart)."""
+        async with self.db.transaction() as s:
+            rows = await DeployerRepository(s).all_rows()
+        for row in rows:
+            if row.state != State.DELETING.value and row.target:
+                self.kick(row.name)
+
+    async def close(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        for task in self._workers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for backend in self.backends.values():
+            await backend.close()

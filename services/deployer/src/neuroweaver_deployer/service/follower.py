@@ -1,0 +1,87 @@
+"""Alias following: one registry WatchModelEvents stream per followed model.
+
+On start (and after every reconnect) each following deployment re-resolves its alias, so moves made while
+the stream was down are not lost; then every alias event of the model makes the affected deployments
+re-resolve and, when the alias points elsewhere, roll to the new version with a revision
+`alias:<from>-><to>` (see `DeployerService.follow_alias`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.errors import DomainError
+
+from ..adapters.registry import RegistryGateway
+from ..adapters.repository import DeployerRepository
+from ..domain.model import alias_model
+from .deployer import DeployerService
+
+log = logging.getLogger("neuroweaver.deployer.follower")
+
+
+class AliasFollower:
+    def __init__(self, db: Database, registry: RegistryGateway, deployer: DeployerService) -> None:
+        self.db, self.registry, self.deployer = db, registry, deployer
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._sync_task: asyncio.Task | None = None
+
+    def request_sync(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self.sync())
+
+    async def _followers(self) -> dict[str, list[tuple[str, str]]]:
+        """model → [(deployment, alias name)] of every deployment following an alias."""
+        async with self.db.transaction() as s:
+            rows = await DeployerRepository(s).all_rows()
+        out: dict[str, list[tuple[str, str]]] = {}
+        for r in rows:
+            if r.model_alias and r.state != "DELETING":
+                out.setdefault(alias_model(r.model_alias)[0], []).append((r.name, r.model_alias))
+        return out
+
+    async def sync(self) -> None:
+        """Starts a watcher for every followed model and stops those nobody follows any more."""
+        models = await self._followers()
+        for model in list(self._tasks):
+            if model not in models:
+                self._tasks.pop(model).cancel()
+        for model in models:
+            if model not in self._tasks or self._tasks[model].done():
+                self._tasks[model] = asyncio.create_task(self._follow(model), name=f"follow-{model}")
+
+    async def _catch_up(self, model: str, alias: str | None = None) -> None:
+        for deployment, followed in (await self._followers()).get(model, []):
+            if alias is None or followed == alias:
+                try:
+                    await self.deployer.follow_alias(deployment)
+                except DomainError as exc:
+                    log.warning("cannot follow %s for %s: %s", followed, deployment, exc.message)
+
+    async def _follow(self, model: str) -> None:
+        project = model.split("/")[1]
+        backoff = 0.2
+        while True:
+            try:
+                cursor = await self.registry.latest_sequence(project, model)
+                await self._catch_up(model)
+                backoff = 0.2
+                async for event in self.registry.alias_events(project, model, cursor):
+                    await self._catch_up(model, event.alias_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - registry down or stream broken: reconnect with backoff
+                log.warning("following aliases of %s: %s; reconnecting", model, exc)
+            await asyncio.sleep(backoff)  # reconnect backoff
+            backoff = min(backoff * 2, 5.0)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
