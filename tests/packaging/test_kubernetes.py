@@ -1,0 +1,282 @@
+"""Kustomize packaging: render, validate against the Kubernetes 1.30 OpenAPI schemas, and check the
+properties that matter (probes, ports, RBAC, security, secrets, network policies)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from nwpack import (
+    K8S,
+    KUSTOMIZATIONS,
+    METRICS_PORTS,
+    ROOT,
+    SERVICES,
+    default_ports,
+    grpc_service_names,
+    kubectl,
+    load_module,
+)
+
+CRD_SCHEMAS = load_module(ROOT / "libs/neuroweaver-kube/tests/crd_schemas.py", "nw_crd_schemas")
+
+
+def _key(obj):
+    return (obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+
+
+def _deployments(objs):
+    return {o["metadata"]["name"].removeprefix("neuroweaver-"): o for o in objs if o["kind"] == "Deployment"}
+
+
+def _container(dep):
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _env(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_python_renderer_agrees_with_kubectl_kustomize(name, rendered):
+    """The tests read the Python rendering; kubectl's built-in kustomize must produce the same objects."""
+    binary = kubectl()
+    if binary is None:
+        pytest.skip("kubectl (with built-in kustomize) is not installed here; the Python renderer is used alone")
+    out = subprocess.run([binary, "kustomize", str(K8S / name)], check=True, capture_output=True, text=True).stdout
+    theirs = {_key(o): o for o in yaml.safe_load_all(out) if o}
+    ours = {_key(o): o for o in rendered[name]}
+    assert theirs == ours
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_object_is_valid_kubernetes_1_30(name, rendered):
+    keys = [_key(o) for o in rendered[name]]
+    assert not [k for k, n in Counter(keys).items() if n > 1], "duplicate objects"
+    for obj in rendered[name]:
+        if obj["apiVersion"] == "monitoring.coreos.com/v1":
+            schema = {"ServiceMonitor": CRD_SCHEMAS.SERVICE_MONITOR, "PrometheusRule": CRD_SCHEMAS.PROMETHEUS_RULE}[obj["kind"]]
+            jsonschema.validate(obj, schema)
+        else:
+            kubernetes_validate.validate(obj, "1.30.0", strict=True)
+
+
+def test_validation_is_not_vacuous():
+    """A misspelt field must fail strict validation (guards against a validator that accepts anything)."""
+    dep = yaml.safe_load((K8S / "base/registry.yaml").read_text().split("---\n")[3])
+    dep["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, "1.30.0", strict=True)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
+    names = grpc_service_names()
+    ports = default_ports()
+    deps = _deployments(rendered[name])
+    assert set(deps) == set(SERVICES)
+    for svc, dep in deps.items():
+        c = _container(dep)
+        container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert container_ports == {"grpc": ports[svc], "metrics": METRICS_PORTS[svc]}
+        env = _env(c)
+        assert env[f"NW_{svc.upper()}_PORT"]["value"] == str(ports[svc])
+        assert env[f"NW_{svc.upper()}_METRICS_PORT"]["value"] == str(METRICS_PORTS[svc])
+        assert env[f"NW_{svc.upper()}_HOST"]["value"] == "0.0.0.0"
+        for probe in ("startupProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": ports[svc], "service": names[svc]}, (svc, probe)
+        # Liveness asks for the server as a whole ("" is set SERVING together with the service).
+        assert c["livenessProbe"]["grpc"] == {"port": ports[svc], "service": ""}
+
+
+def test_registry_default_ports_match_its_code():
+    from neuroweaver_registry.app import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVICE_NAME
+
+    assert (DEFAULT_PORT, DEFAULT_METRICS_PORT) == (default_ports()["registry"], METRICS_PORTS["registry"])
+    assert SERVICE_NAME == grpc_service_names()["registry"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pods_are_non_root_read_only_and_bounded(name, rendered):
+    for svc, dep in _deployments(rendered[name]).items():
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        c = _container(dep)
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and sc["runAsUser"] == 10001 and sc["readOnlyRootFilesystem"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts, "read-only root needs a writable /tmp"
+        assert pod["serviceAccountName"] == f"neuroweaver-{svc}"
+        assert pod["automountServiceAccountToken"] is (svc in ("trainer", "deployer"))
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_services_select_their_pods_and_declare_grpc(name, rendered):
+    objs = rendered[name]
+    deps = _deployments(objs)
+    services = {o["metadata"]["name"].removeprefix("neuroweaver-"): o for o in objs if o["kind"] == "Service"}
+    assert set(services) == set(SERVICES)
+    for svc, s in services.items():
+        pod_labels = deps[svc]["spec"]["template"]["metadata"]["labels"]
+        assert s["spec"]["selector"].items() <= pod_labels.items()
+        assert deps[svc]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        grpc = next(p for p in s["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc["appProtocol"] == "grpc" and grpc["port"] == default_ports()[svc]
+        named = {p["name"] for p in _container(deps[svc])["ports"]}
+        assert {p["targetPort"] for p in s["spec"]["ports"]} <= named
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_service_monitors_scrape_every_service_metrics_port(name, rendered):
+    objs = rendered[name]
+    services = [o for o in objs if o["kind"] == "Service"]
+    monitors = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    covered = set()
+    for m in monitors:
+        sel = m["spec"]["selector"]["matchLabels"]
+        (target,) = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+        ports = {p["name"] for p in target["spec"]["ports"]}
+        assert all(e["port"] in ports for e in m["spec"]["endpoints"])
+        covered.add(target["metadata"]["name"])
+    assert covered == {f"neuroweaver-{s}" for s in SERVICES}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_rbac_is_least_privilege(name, rendered):
+    objs = rendered[name]
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
+    assert set(roles) == {"neuroweaver-deployer", "neuroweaver-trainer"}
+    allowed_verbs = {"get", "list", "watch", "create", "patch", "delete"}
+    for role in roles.values():
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], (role["metadata"]["name"], rule)
+            assert set(rule["verbs"]) <= allowed_verbs
+            assert not {"secrets", "configmaps", "roles", "rolebindings", "pods/exec"} & set(rule["resources"])
+    grants = {(r["metadata"]["name"], g, res): set(rule["verbs"])
+              for r in roles.values() for rule in r["rules"] for g in rule["apiGroups"] for res in rule["resources"]}
+    assert set(grants) == {
+        ("neuroweaver-deployer", "apps", "deployments"), ("neuroweaver-deployer", "apps", "deployments/scale"),
+        ("neuroweaver-deployer", "", "services"), ("neuroweaver-deployer", "", "pods"),
+        ("neuroweaver-deployer", "autoscaling", "horizontalpodautoscalers"),
+        ("neuroweaver-deployer", "monitoring.coreos.com", "servicemonitors"),
+        ("neuroweaver-deployer", "monitoring.coreos.com", "prometheusrules"),
+        ("neuroweaver-trainer", "batch", "jobs"), ("neuroweaver-trainer", "", "pods"),
+        ("neuroweaver-trainer", "", "pods/log"),
+    }
+    assert grants[("neuroweaver-trainer", "", "pods/log")] == {"get"}
+    assert grants[("neuroweaver-trainer", "", "pods")] == {"get", "list", "watch"}
+    accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
+    for binding in (o for o in objs if o["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["name"] in roles
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
+            assert subject["namespace"] == binding["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_auth_and_database_come_from_secrets(name, rendered):
+    objs = rendered[name]
+    secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    if name == "overlays/dev":
+        assert set(secrets) == {"neuroweaver-auth", "neuroweaver-database"}
+        for s in secrets.values():
+            assert s["metadata"]["annotations"]["neuroweaver.ai/example-values"] == "true"
+            assert all("example" in v for v in s["stringData"].values())
+    else:
+        assert not secrets, "real Secrets are never part of the base or the production overlay"
+    config = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
+    for svc, dep in _deployments(objs).items():
+        env = _env(_container(dep))
+        up = svc.upper()
+        for var in (f"NW_{up}_DATABASE_URL", f"NW_{up}_PAGE_TOKEN_SECRET"):
+            assert "secretKeyRef" in env[var]["valueFrom"], (svc, var)
+        # The token table is a file mounted from the Secret (auth is on: the path is never empty).
+        tokens_path = env[f"NW_{up}_AUTH_TOKENS"]["value"]
+        pod = dep["spec"]["template"]["spec"]
+        mount = next(m for m in _container(dep)["volumeMounts"] if tokens_path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "neuroweaver-auth"
+        (item,) = volume["secret"]["items"]
+        assert mount["mountPath"] + "/" + item["path"] == tokens_path
+        if secrets:
+            assert item["key"] in secrets["neuroweaver-auth"]["stringData"]
+        for e in env.values():
+            ref = e.get("valueFrom", {})
+            if "secretKeyRef" in ref and secrets:
+                assert ref["secretKeyRef"]["key"] in secrets[ref["secretKeyRef"]["name"]]["stringData"], e
+            if "configMapKeyRef" in ref:
+                assert ref["configMapKeyRef"]["key"] in config[ref["configMapKeyRef"]["name"]]["data"], e
+            if e["name"].endswith("_TOKEN") and e["name"] != f"NW_{up}_AUTH_TOKENS":
+                assert "secretKeyRef" in ref, f"{e['name']} must come from a Secret"
+
+
+def test_example_service_tokens_are_in_the_example_token_table(rendered, tmp_path):
+    from neuroweaver_runtime.auth import Role, TokenAuthenticator
+
+    secrets = {o["metadata"]["name"]: o for o in rendered["overlays/dev"] if o["kind"] == "Secret"}
+    auth = secrets["neuroweaver-auth"]["stringData"]
+    (tmp_path / "auth-tokens.json").write_text(auth["auth-tokens.json"])
+    table = TokenAuthenticator.from_setting(str(tmp_path / "auth-tokens.json"))
+    assert table.enabled
+    for caller in ("trainer", "deployer", "experiments"):
+        principal = table.authenticate(f"Bearer {auth[f'{caller}-service-token']}")
+        assert principal.role >= Role.OPERATOR and principal.project == "*"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name, rendered):
+    objs = rendered[name]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"]
+
+    def allowed_ports(pod_labels, source):
+        ports = set()
+        for p in policies:
+            ps = p["spec"]["podSelector"]
+            if ps.get("matchLabels") and not ps["matchLabels"].items() <= pod_labels.items():
+                continue
+            for expr in ps.get("matchExpressions", []):
+                if pod_labels.get(expr["key"]) not in expr["values"]:
+                    continue
+            for rule in p["spec"].get("ingress", []):
+                if any(source in f for f in rule["from"]):
+                    ports |= {x["port"] for x in rule["ports"]}
+        return ports
+
+    for svc, dep in _deployments(objs).items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for p in _container(dep)["ports"]}
+        assert ports["grpc"] in allowed_ports(labels, "podSelector"), svc
+        assert ports["metrics"] in allowed_ports(labels, "namespaceSelector"), svc
+
+
+def test_gpu_overlay_puts_the_trainer_on_a_gpu_node(rendered):
+    trainer = _deployments(rendered["overlays/gpu"])["trainer"]
+    pod = trainer["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    c = _container(trainer)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert _env(c)["NW_TRAINER_EXECUTOR"]["value"] == "local"
+    base_trainer = _deployments(rendered["base"])["trainer"]
+    assert _env(_container(base_trainer))["NW_TRAINER_EXECUTOR"]["value"] == "kubernetes"
+    assert "nodeSelector" not in base_trainer["spec"]["template"]["spec"]
+
+
+def test_configured_images_match_the_dockerfiles(rendered):
+    config = next(o for o in rendered["base"] if o["kind"] == "ConfigMap")["data"]
+    assert config["model-server-image"].startswith("neuroweaver/model-server:")
+    assert config["trainer-image"].startswith("neuroweaver/trainer:")
+    for svc, dep in _deployments(rendered["base"]).items():
+        assert _container(dep)["image"].startswith(f"neuroweaver/{svc}:")
+        assert (ROOT / f"deploy/docker/{svc}.Dockerfile").is_file()
