@@ -74,6 +74,21 @@ def test_prompt_completion_and_preference(tmp_path):
     assert "not accepted here" in r.problems[0].message
 
 
+def test_prompt_only_format(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Why is my check engine light on?", "reference": "A stored fault code."},
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+        {"prompt": "q", "reference": ""},
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"prompt": "q", "completion": "c"},
+    ])
+    r = validate_dataset(f)
+    assert r.format == "prompt"
+    assert problems(r) == [(3, "'reference' must be a non-empty string when present"),
+                           (4, "'prompt' messages must end with a user message"),
+                           (5, "row looks like 'prompt_completion' but the dataset format is 'prompt'")]
+
+
 def test_file_level_problems(tmp_path):
     assert "file not found" in str(validate_dataset(tmp_path / "missing.jsonl").problems[0])
     assert "not a regular file" in str(validate_dataset(tmp_path).problems[0])

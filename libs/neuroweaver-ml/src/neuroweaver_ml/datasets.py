@@ -9,6 +9,8 @@ Formats (one JSON object per line; blank lines are ignored but still counted):
   ``prompt + completion + eos`` (no chat template), loss on the completion only.
 * ``preference``: ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``
   (for DPO / reward models; not accepted by SFT).
+* ``prompt``: ``{"prompt": str | messages, "reference": str (optional)}`` — prompt sets for RLAIF
+  (GRPO/RLOO) and evaluation; not accepted by SFT.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from .errors import DatasetInvalid
 
 log = logging.getLogger(__name__)
 
-DatasetFormat = Literal["chat", "prompt_completion", "preference"]
-FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "preference")
+DatasetFormat = Literal["chat", "prompt_completion", "preference", "prompt"]
+FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 
@@ -72,8 +74,10 @@ def detect_row_format(row: Any) -> str | None:
         return "chat"
     if "chosen" in row or "rejected" in row:
         return "preference"
-    if "prompt" in row or "completion" in row:
+    if "completion" in row:
         return "prompt_completion"
+    if "prompt" in row:
+        return "prompt"
     return None
 
 
@@ -141,6 +145,15 @@ def check_row(row: Any, fmt: str) -> str | None:
         if row["chosen"] == row["rejected"]:
             return "'chosen' and 'rejected' are identical"
         return None
+    if fmt == "prompt":
+        err = _check_text_or_messages(row, "prompt", final_assistant=False, need_user=True)
+        if err:
+            return err
+        if isinstance(row["prompt"], list) and row["prompt"][-1]["role"] != "user":
+            return "'prompt' messages must end with a user message"
+        if "reference" in row and (not isinstance(row["reference"], str) or not row["reference"].strip()):
+            return "'reference' must be a non-empty string when present"
+        return None
     raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
 
 
@@ -153,7 +166,9 @@ def row_text(row: dict, fmt: str, tokenizer=None) -> str:
     if fmt == "prompt_completion":
         return row["prompt"] + row["completion"]
     parts = []
-    for k in ("prompt", "chosen", "rejected"):
+    for k in ("prompt", "chosen", "rejected", "reference"):
+        if k not in row:
+            continue
         v = row[k]
         parts.append(v if isinstance(v, str) else "\n".join(m["content"] for m in v))
     return "\n".join(parts)
@@ -234,7 +249,8 @@ def validate_dataset(
                     add(None, f"dataset format {fmt!r} is not accepted here; expected {', '.join(allowed_formats)}")
                     return report
             report.num_rows += 1
-            if row_fmt is not None and row_fmt != fmt:
+            # a prompt-only row in a prompt/completion file is a missing completion, said so by check_row
+            if row_fmt is not None and row_fmt != fmt and not (row_fmt == "prompt" and fmt == "prompt_completion"):
                 err = f"row looks like {row_fmt!r} but the dataset format is {fmt!r}"
             else:
                 err = check_row(row, fmt)
