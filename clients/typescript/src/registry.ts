@@ -1,0 +1,3 @@
+// neuroweaver.registry.v1: messages, enums and the RegistryService descriptor.
+export * from "./gen/neuroweaver/registry/v1/registry_pb.js";
+export * from "./gen/neuroweaver/registry/v1/registry_service_pb.js";

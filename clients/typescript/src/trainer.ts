@@ -1,0 +1,3 @@
+// neuroweaver.trainer.v1: messages, enums and the TrainerService descriptor.
+export * from "./gen/neuroweaver/trainer/v1/training_job_pb.js";
+export * from "./gen/neuroweaver/trainer/v1/trainer_service_pb.js";
