@@ -62,6 +62,23 @@ def default_ports() -> dict[str, int]:
     return {name: int(target.rsplit(":", 1)[1]) for name, target in DEFAULT_TARGETS.items()}
 
 
+def config_fields() -> dict[str, set[str]]:
+    """Settings each service really reads (its ServiceConfig dataclass fields), keyed by service."""
+    import dataclasses
+    import importlib
+
+    out = {}
+    for svc in SERVICES:
+        module = importlib.import_module(f"neuroweaver_{svc}.app")
+        (cls,) = [c for n, c in vars(module).items() if n.endswith("Config") and dataclasses.is_dataclass(c)
+                  and n.lower() == f"{svc}config"]
+        out[svc] = {f.name for f in dataclasses.fields(cls)}
+    from neuroweaver_deployer.model_server.app import ModelServerConfig
+
+    out["model_server"] = {f.name for f in dataclasses.fields(ModelServerConfig)}
+    return out
+
+
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader

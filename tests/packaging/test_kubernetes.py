@@ -16,6 +16,7 @@ from nwpack import (
     METRICS_PORTS,
     ROOT,
     SERVICES,
+    config_fields,
     default_ports,
     grpc_service_names,
     kubectl,
@@ -187,7 +188,7 @@ def test_auth_and_database_come_from_secrets(name, rendered):
     objs = rendered[name]
     secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
     if name == "overlays/dev":
-        assert set(secrets) == {"neuroweaver-auth", "neuroweaver-database"}
+        assert set(secrets) == {"neuroweaver-auth", "neuroweaver-database", "neuroweaver-trainer"}
         for s in secrets.values():
             assert s["metadata"]["annotations"]["neuroweaver.ai/example-values"] == "true"
             assert all("example" in v for v in s["stringData"].values())
@@ -267,9 +268,9 @@ def test_gpu_overlay_puts_the_trainer_on_a_gpu_node(rendered):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     c = _container(trainer)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "1"
-    assert _env(c)["NW_TRAINER_EXECUTOR"]["value"] == "local"
+    assert _env(c)["NW_TRAINER_KUBE_API"]["value"] == ""  # empty: no Kubernetes executor, local workers
     base_trainer = _deployments(rendered["base"])["trainer"]
-    assert _env(_container(base_trainer))["NW_TRAINER_EXECUTOR"]["value"] == "kubernetes"
+    assert _env(_container(base_trainer))["NW_TRAINER_KUBE_API"]["value"] == "in-cluster"
     assert "nodeSelector" not in base_trainer["spec"]["template"]["spec"]
 
 
@@ -280,3 +281,27 @@ def test_configured_images_match_the_dockerfiles(rendered):
     for svc, dep in _deployments(rendered["base"]).items():
         assert _container(dep)["image"].startswith(f"neuroweaver/{svc}:")
         assert (ROOT / f"deploy/docker/{svc}.Dockerfile").is_file()
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_nw_variable_is_a_real_setting_of_its_service(name, rendered):
+    """load_config silently ignores unknown NW_<SVC>_* variables, so a misspelt one would be lost."""
+    fields = config_fields()
+    for svc, dep in _deployments(rendered[name]).items():
+        for var in _env(_container(dep)):
+            if var.startswith(f"NW_{svc.upper()}_"):
+                assert var.removeprefix(f"NW_{svc.upper()}_").lower() in fields[svc], var
+            else:
+                assert var in ("NW_DATA_DIR", "HOME"), var
+
+
+def test_trainer_job_secret_has_the_keys_the_job_pods_read(rendered):
+    from neuroweaver_kube.manifests import DEFAULT_TRAINER_SECRET_ENV
+
+    trainer_env = _env(_container(_deployments(rendered["base"])["trainer"]))
+    secret_name = trainer_env["NW_TRAINER_KUBE_SECRET"]["value"]
+    secret = next(o for o in rendered["overlays/dev"] if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name)
+    required = {se.key for se in DEFAULT_TRAINER_SECRET_ENV if not se.optional}
+    assert required <= set(secret["stringData"])
+    pvc = trainer_env["NW_TRAINER_KUBE_CHECKPOINT_PVC"]["value"]
+    assert any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == pvc for o in rendered["base"])

