@@ -90,6 +90,10 @@ class RegistryRepository:
         )
         return {r.alias: r.version for r in rows}
 
+    async def alias_rows(self, model_id: int) -> list:
+        query = select(t.aliases).where(t.aliases.c.model_id == model_id).order_by(t.aliases.c.alias)
+        return list((await self.s.execute(query)).all())
+
     async def to_model(self, row) -> Model:
         return Model(
             name=row.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2
 
+from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as svc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import idempotency
@@ -53,6 +54,17 @@ def _enum_value(value: int, enum_type, field: str) -> int:
     return value
 
 
+def _check_metric_directions(metrics, field: str) -> None:
+    for i, metric in enumerate(metrics):
+        _enum_value(metric.direction, pb.MetricDirection, f"{field}[{i}].direction")
+
+
+def _check_judge_enums(version: pb.JudgeVersion, field: str) -> None:
+    """Unknown kind/mode numbers would otherwise fail deep in the conversion as an INTERNAL error."""
+    _enum_value(version.kind, pb.JudgeKind, f"{field}.kind")
+    _enum_value(version.mode, pb.JudgeMode, f"{field}.mode")
+
+
 class RegistryServicer(svc_grpc.RegistryServiceServicer):
     def __init__(self, service: RegistryService) -> None:
         self.svc = service
@@ -89,6 +101,8 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
     # versions
     async def CreateModelVersion(self, request, context):
         _enum_value(request.bump, svc.VersionBump, "bump")
+        _enum_value(request.model_version.artifact.format, pb.ArtifactFormat, "model_version.artifact.format")
+        _check_metric_directions(request.model_version.metrics, "model_version.metrics")
         mv = await self.svc.create_version(
             request.parent,
             request.version,
@@ -120,6 +134,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.version_to_pb(await self.svc.set_version_state(request.name, state, request.reason, request.etag))
 
     async def AppendModelVersionMetrics(self, request, context):
+        _check_metric_directions(request.metrics, "metrics")
         metrics = [convert.metric_from_pb(m) for m in request.metrics]
         return convert.version_to_pb(await self.svc.append_metrics(request.name, metrics))
 
@@ -185,6 +200,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
 
     # judges
     async def CreateJudge(self, request, context):
+        _check_judge_enums(request.judge_version, "judge_version")
         judge = await self.svc.create_judge(
             request.parent,
             request.judge_id,
@@ -204,6 +220,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return svc.ListJudgesResponse(judges=[convert.judge_to_pb(j) for j in page.items], next_page_token=page.next_page_token)
 
     async def CreateJudgeVersion(self, request, context):
+        _check_judge_enums(request.judge_version, "judge_version")
         version = await self.svc.create_judge_version(
             request.parent,
             convert.judge_config_from_pb(request.judge_version),

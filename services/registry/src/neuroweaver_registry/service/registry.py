@@ -446,7 +446,11 @@ class RegistryService:
         async with self.db.transaction() as s:
             repo = RegistryRepository(s)
             row = await self._model(repo, model, field="model")
-            return [await self.get_alias(ALIAS.format(**MODEL.parse(model), alias=a)) for a in await repo.aliases_of(row.id)]
+            # One query in this transaction: a nested transaction per alias deadlocks on SQLite (BEGIN IMMEDIATE).
+            return [
+                ModelAlias(ALIAS.format(**MODEL.parse(model), alias=a.alias), a.version, a.actor, a.reason, aware(a.update_time))
+                for a in await repo.alias_rows(row.id)
+            ]
 
     async def delete_alias(self, name: str, expected: str, reason: str) -> None:
         parts = ALIAS.parse(name)

@@ -1,0 +1,266 @@
+"""Aliases (CAS, history, rollback), events (list, watch), judges over gRPC on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+
+from neuroweaver.registry.v1 import registry_pb2 as pb
+from neuroweaver.registry.v1 import registry_service_pb2 as rs
+
+INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+P = "projects/default"
+
+
+async def test_alias_lifecycle_with_history(registry, expect_error):
+    stub = registry.stub
+    m = await registry.model()
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        await registry.version(m.name, version=v)
+    alias_name = m.name + "/aliases/prod"
+    a = await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", expected_version="-", reason="first"))
+    assert (a.name, a.version, a.actor, a.reason) == (alias_name, "1.0.0", "anonymous", "first")
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="-")), ABORTED, "ALIAS_VERSION_MISMATCH"
+    )
+    err = await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="0.9.0")),
+        ABORTED, "ALIAS_VERSION_MISMATCH",
+    )  # fmt: skip
+    assert "1.0.0" in err.details()
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="1.0.0", reason="better"))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.2.0", reason="best"))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="canary", version="1.2.0"))
+
+    got = await stub.GetModelAlias(rs.GetModelAliasRequest(name=alias_name))
+    assert got.version == "1.2.0" and got.reason == "best"
+    listed = await stub.ListModelAliases(rs.ListModelAliasesRequest(model=m.name))
+    assert [(x.name.rsplit("/", 1)[1], x.version) for x in listed.aliases] == [("canary", "1.2.0"), ("prod", "1.2.0")]
+    model = await stub.GetModel(rs.GetModelRequest(name=m.name))
+    assert dict(model.aliases) == {"canary": "1.2.0", "prod": "1.2.0"}
+
+    # rollback to the previous target, then to a named version
+    back = await stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, reason="regression"))
+    assert back.version == "1.1.0"
+    await expect_error(
+        stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.2.0")), ABORTED, "ALIAS_VERSION_MISMATCH"
+    )
+    named = await stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.1.0"))
+    assert named.version == "1.0.0" and named.reason == "rollback"
+    assert (await stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/prod"))).version == "1.0.0"
+
+    history, token = [], ""
+    while True:
+        page = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=alias_name, page_size=2, page_token=token))
+        history += page.entries
+        token = page.next_page_token
+        if not token:
+            break
+    A = pb.AliasHistoryEntry
+    assert [(e.action, e.from_version, e.to_version, e.reason) for e in history] == [
+        (A.ACTION_ROLLBACK, "1.1.0", "1.0.0", "rollback"),
+        (A.ACTION_ROLLBACK, "1.2.0", "1.1.0", "regression"),
+        (A.ACTION_SET, "1.1.0", "1.2.0", "best"),
+        (A.ACTION_SET, "1.0.0", "1.1.0", "better"),
+        (A.ACTION_SET, "", "1.0.0", "first"),
+    ]  # newest first
+    assert all(e.actor == "anonymous" and e.create_time.seconds > 0 and e.alias == alias_name for e in history)
+    assert [e.sequence for e in history] == sorted((e.sequence for e in history), reverse=True)
+
+    # deprecation is refused while an alias points at the version; an alias cannot point at a deprecated one
+    await expect_error(
+        stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=m.name + "/versions/1.0.0", state=pb.ModelVersion.STATE_DEPRECATED)),
+        FAILED, "VERSION_HAS_ALIASES",
+    )  # fmt: skip
+    await stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=m.name + "/versions/1.1.0", state=pb.ModelVersion.STATE_DEPRECATED))
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0")), FAILED, "VERSION_DEPRECATED")
+    await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.1.0")), FAILED, "VERSION_DEPRECATED")
+
+    await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name, expected_version="1.2.0")), ABORTED, "ALIAS_VERSION_MISMATCH")
+    await stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name, expected_version="1.0.0", reason="retire"))
+    await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
+    await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
+    await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
+    last = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=alias_name, page_size=1))
+    assert (last.entries[0].action, last.entries[0].from_version, last.entries[0].to_version, last.entries[0].reason) == (
+        A.ACTION_DELETE, "1.0.0", "", "retire",
+    )  # fmt: skip
+
+
+async def test_alias_bad_inputs(registry, expect_error):
+    stub = registry.stub
+    m = await registry.model()
+    await registry.version(m.name, version="1.0.0")
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="latest", version="1.0.0")), INVALID, "RESERVED_ALIAS")
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="Prod", version="1.0.0")), INVALID, "INVALID_ID")
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="one")), INVALID, "INVALID_VERSION")
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="9.9.9")), NOT_FOUND, "VERSION_NOT_FOUND")
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", reason="r" * 1025)), INVALID, "FIELD_TOO_LONG"
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=P + "/models/nope-" + uuid.uuid4().hex[:6], alias="prod", version="1.0.0")),
+        NOT_FOUND, "MODEL_NOT_FOUND",
+    )  # fmt: skip
+    await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/aliases/")), INVALID, "MALFORMED_NAME")
+    await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/versions/prod")), INVALID, "MALFORMED_NAME")
+    await expect_error(stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/never")), NOT_FOUND, "ALIAS_NOT_FOUND")
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
+    await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "NO_PREVIOUS_VERSION")
+    await expect_error(
+        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/prod", page_token="x")), INVALID, "INVALID_PAGE_TOKEN"
+    )
+    await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name))
+    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0")), FAILED, "MODEL_ARCHIVED")
+    await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "MODEL_ARCHIVED")
+
+
+async def test_list_events_pages_and_filters_by_model(registry, expect_error):
+    stub = registry.stub
+    start = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=1000))
+    after = start.events[-1].sequence if start.events else 0
+    m = await registry.model()
+    await registry.version(m.name, version="1.0.0")
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", reason="go"))
+    await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name))
+    events, token = [], ""
+    while True:
+        page = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, after_sequence=after, page_size=3, page_token=token))
+        events += page.events
+        token = page.next_page_token
+        if not token:
+            break
+    E = pb.ModelEvent
+    assert [e.type for e in events] == [E.TYPE_MODEL_CREATED, E.TYPE_VERSION_CREATED, E.TYPE_ALIAS_SET, E.TYPE_MODEL_ARCHIVED]
+    assert [e.sequence for e in events] == sorted(e.sequence for e in events)
+    alias_event = events[2]
+    assert alias_event.resource == m.name + "/aliases/prod" and alias_event.details["to_version"] == "1.0.0"
+    assert alias_event.details["reason"] == "go" and alias_event.actor == "anonymous"
+    await expect_error(stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, after_sequence=-1)), INVALID, "INVALID_CURSOR")
+    await expect_error(stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model="nope")), INVALID, "MALFORMED_NAME")
+    first = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, page_size=1))
+    await expect_error(
+        stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=1, page_token=first.next_page_token)), INVALID, "PAGE_TOKEN_QUERY_MISMATCH"
+    )
+
+
+async def test_watch_replays_from_cursor_then_follows_live(registry, expect_error):
+    stub = registry.stub
+    m = await registry.model()
+    await registry.version(m.name, version="1.0.0")
+    history = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name))
+    created = history.events[0]
+    call = stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, model=m.name, after_sequence=created.sequence))
+    stream = call.__aiter__()
+    try:
+        replayed = await asyncio.wait_for(stream.__anext__(), 10)
+        assert replayed.event.type == pb.ModelEvent.TYPE_VERSION_CREATED  # the model creation lies before the cursor
+        live_write = asyncio.create_task(registry.version(m.name, bump=rs.VERSION_BUMP_MINOR))
+        live = await asyncio.wait_for(stream.__anext__(), 10)
+        assert live.event.type == pb.ModelEvent.TYPE_VERSION_CREATED and live.event.details["version"] == "1.1.0"
+        assert live.event.sequence > replayed.event.sequence
+        await live_write
+    finally:
+        call.cancel()
+    bad = stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, after_sequence=-5))
+    await expect_error(bad.read(), INVALID, "INVALID_CURSOR")
+
+
+def _judge_version(**overrides) -> pb.JudgeVersion:
+    fields = dict(
+        kind=pb.JUDGE_KIND_OPENAI_COMPATIBLE, mode=pb.JUDGE_MODE_POINTWISE, score_min=1, score_max=10,
+        prompt_template="Rate this answer: {response}", rubric="helpful and correct",
+        openai=pb.OpenAICompatibleJudge(base_url="http://127.0.0.1:8081/v1", model="judge", api_key_env="JUDGE_API_KEY", max_tokens=64),
+        notes="v1",
+    )  # fmt: skip
+    fields.update(overrides)
+    return pb.JudgeVersion(**fields)
+
+
+async def test_judges_create_get_list_versions(registry, expect_error):
+    stub = registry.stub
+    judge_id = "j-" + uuid.uuid4().hex[:8]
+    judge = await stub.CreateJudge(
+        rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge=pb.Judge(display_name="Helpfulness"), judge_version=_judge_version())
+    )
+    assert judge.name == f"{P}/judges/{judge_id}" and judge.latest_version == 1 and judge.display_name == "Helpfulness"
+    assert await stub.GetJudge(rs.GetJudgeRequest(name=judge.name)) == judge
+    v1 = await stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/1"))
+    assert v1.openai.api_key_env == "JUDGE_API_KEY" and v1.kind == pb.JUDGE_KIND_OPENAI_COMPATIBLE and v1.notes == "v1"
+    assert v1.prompt_template == "Rate this answer: {response}" and v1.score_max == 10
+
+    v2 = await stub.CreateJudgeVersion(
+        rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(mode=pb.JUDGE_MODE_PAIRWISE, prompt_template="{response_a} or {response_b}"))
+    )
+    assert v2.version == 2 and v2.mode == pb.JUDGE_MODE_PAIRWISE
+    assert (await stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/latest"))).version == 2
+    assert (await stub.GetJudge(rs.GetJudgeRequest(name=judge.name))).latest_version == 2
+    page1 = await stub.ListJudgeVersions(rs.ListJudgeVersionsRequest(parent=judge.name, page_size=1))
+    page2 = await stub.ListJudgeVersions(rs.ListJudgeVersionsRequest(parent=judge.name, page_size=1, page_token=page1.next_page_token))
+    assert [v.version for v in [*page1.judge_versions, *page2.judge_versions]] == [2, 1] and not page2.next_page_token
+    names = []
+    token = ""
+    while True:
+        page = await stub.ListJudges(rs.ListJudgesRequest(parent=P, page_size=2, page_token=token))
+        names += [j.name for j in page.judges]
+        token = page.next_page_token
+        if not token:
+            break
+    assert judge.name in names and names == sorted(names)
+
+    # the API key itself is never accepted: only the NAME of an environment variable
+    err = await expect_error(
+        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(openai=pb.OpenAICompatibleJudge(base_url="http://x/v1", model="m", api_key_env="sk-live-123")))),
+        INVALID, "INVALID_ARGUMENT",
+    )  # fmt: skip
+    assert "api_key_env" in err.details()
+    assert (await stub.GetJudge(rs.GetJudgeRequest(name=judge.name))).latest_version == 2  # nothing stored
+    await expect_error(
+        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version())), grpc.StatusCode.ALREADY_EXISTS, "JUDGE_ALREADY_EXISTS"
+    )
+    await expect_error(stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j2" + judge_id, judge_version=_judge_version(kind=0))), INVALID, "INVALID_ARGUMENT")
+    await expect_error(stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j3" + judge_id, judge_version=_judge_version(kind=42))), INVALID, "INVALID_ENUM")
+    await expect_error(
+        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(mode=17))), INVALID, "INVALID_ENUM"
+    )
+    await expect_error(
+        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j4" + judge_id, judge_version=_judge_version(score_min=5, score_max=5))),
+        INVALID, "INVALID_ARGUMENT",
+    )  # fmt: skip
+    await expect_error(stub.GetJudge(rs.GetJudgeRequest(name=P + "/judges/none-" + judge_id)), NOT_FOUND, "JUDGE_NOT_FOUND")
+    await expect_error(stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/9")), NOT_FOUND, "JUDGE_VERSION_NOT_FOUND")
+    await expect_error(stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/0")), INVALID, "MALFORMED_NAME")
+    await expect_error(
+        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=P + "/judges/none-" + judge_id, judge_version=_judge_version())), NOT_FOUND, "JUDGE_NOT_FOUND"
+    )
+
+
+async def test_judge_request_id(registry, expect_error):
+    rid = str(uuid.uuid4())
+    judge_id = "j-" + uuid.uuid4().hex[:8]
+    req = rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version(), request_id=rid)
+    a = await registry.stub.CreateJudge(req)
+    b = await registry.stub.CreateJudge(req)
+    assert a == b
+    changed = rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version(notes="other"), request_id=rid)
+    await expect_error(registry.stub.CreateJudge(changed), INVALID, "REQUEST_ID_REUSED")
+    vreq = rs.CreateJudgeVersionRequest(parent=a.name, judge_version=_judge_version(), request_id=str(uuid.uuid4()))
+    assert (await registry.stub.CreateJudgeVersion(vreq)).version == (await registry.stub.CreateJudgeVersion(vreq)).version == 2
+
+
+async def test_judge_config_stores_only_the_env_var_name(registry):
+    """The stored JSON config (read straight from the table) carries the variable name and no key material."""
+    from sqlalchemy import select
+
+    from neuroweaver_registry.adapters import tables
+
+    judge_id = "j-" + uuid.uuid4().hex[:8]
+    await registry.stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version()))
+    db = registry.service.registry.db
+    async with db.transaction() as s:
+        row = (await s.execute(select(tables.judge_versions.c.config).join(tables.judges).where(tables.judges.c.name == f"{P}/judges/{judge_id}"))).one()
+    assert row.config["openai"]["api_key_env"] == "JUDGE_API_KEY"
+    assert not any("key" in k and k != "api_key_env" for k in row.config["openai"])
