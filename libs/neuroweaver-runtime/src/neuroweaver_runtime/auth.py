@@ -62,8 +62,9 @@ class TokenAuthenticator:
         if not setting:
             return cls({})
         tokens: dict[str, Principal] = {}
+        is_inline = "=" in setting  # inline entries always contain `=`; a long inline list is no path
         path = Path(setting)
-        if path.is_file():
+        if not is_inline and path.is_file():
             data = json.loads(path.read_text())
             for entry in data.get("tokens", []):
                 tokens[entry["token"]] = Principal(
