@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from neuroweaver_kube.client import KubeApiError, KubeClient, KubeNotFound
+from neuroweaver_kube.client import DeploymentStatus, KubeApiError, KubeClient, KubeNotFound
 from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests
 from neuroweaver_kube.manifests import Resources as KubeResources
 
@@ -84,14 +84,17 @@ class KubeBackend:
         while True:
             spec = self._specs[name]
             try:
-                st = await self.client.read_deployment_status(spec.namespace, spec.object_name)
+                obj = await self.client.get("apps/v1", "Deployment", spec.namespace, spec.object_name)
+                st = DeploymentStatus.parse(obj)
+                annotations = obj.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+                current = annotations.get("neuroweaver.ai/model-version") == spec.model_version  # our latest apply landed
                 host = f"{spec.object_name}.{spec.namespace}.svc.cluster.local"
                 await self.on_status(
                     name,
                     BackendStatus(
                         desired=st.desired_replicas,
                         ready=st.ready_replicas,
-                        rolling_out=not st.rolled_out and not st.progress_deadline_exceeded,
+                        rolling_out=not current or (not st.rolled_out and not st.progress_deadline_exceeded),
                         failed=st.progress_deadline_exceeded,
                         message="progress deadline exceeded" if st.progress_deadline_exceeded else "",
                         endpoint=f"{host}:{spec.grpc_port}",

@@ -286,6 +286,7 @@ class LocalDeployment:
 
 
 class LocalBackend:
+    interruptible = True  # a cancelled apply leaves nothing behind: remove() stops every replica started
     def __init__(
         self,
         on_status: StatusCallback,

@@ -108,13 +108,17 @@ class Controller:
         """Stops converging and tears everything down; returns when nothing is left running."""
         self._deleting.add(d.name)
         worker = self._workers.pop(d.name, None)
+        backend = self.backends[d.backend]
         if worker is not None:
-            worker.cancel()
+            # Local applies can be interrupted (every started replica is tracked and stopped by remove); a
+            # Kubernetes apply runs in a thread that cancellation would not stop, so let it finish first.
+            if getattr(backend, "interruptible", False):
+                worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await worker
         self._dirty.pop(d.name, None)
         try:
-            await self.backends[d.backend].remove(d.name, target_of(d, version) if version else None)
+            await backend.remove(d.name, target_of(d, version) if version else None)
         finally:
             self._deleting.discard(d.name)
 

@@ -210,7 +210,10 @@ class DeployerService:
             now = utcnow()
             if version is not None and version.name != row.served_version:
                 revision = row.revision + 1
-                values.update(revision=revision, served_version=version.name, target=version, served_model_name=served_model_name(version))
+                values.update(
+                    revision=revision, served_version=version.name, target=version, served_model_name=served_model_name(version),
+                    state=State.PROGRESSING.value,  # until the backend reports the new version rolled out
+                )
                 await repo.add_revision(row.id, Revision(d.name, revision, version.name, cause, current_actor(), now))
             await repo.update(row.id, update_time=now, **values)
             result = to_deployment(await repo.row(d.name))

@@ -1,0 +1,150 @@
+"""RenderManifests validated against the Kubernetes schemas, the KUBERNETES backend against a local STAND-IN
+of the Kubernetes API (neuroweaver_kube.testing.KubeApiStandIn — not a cluster), and API error statuses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import grpc
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from google.protobuf import field_mask_pb2
+from helpers import watch_until
+
+from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+from neuroweaver_kube.manifests import dns1123_name
+from neuroweaver_runtime.errors import error_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "libs" / "neuroweaver-kube" / "tests"))
+from crd_schemas import PROMETHEUS_RULE, SERVICE_MONITOR  # noqa: E402
+
+AVAILABLE = dpb.Deployment.STATE_AVAILABLE
+
+
+def gpu_spec(stack, name="projects/default/deployments/advisor-gpu", **kw) -> dpb.Deployment:
+    return dpb.Deployment(
+        name=name, model_version=stack.versions[1], backend=dpb.BACKEND_KUBERNETES, replicas=2,
+        autoscaling=dpb.Autoscaling(min_replicas=2, max_replicas=6, target_cpu_utilization=60),
+        resources=dpb.Resources(cpu="4", memory="16Gi", gpus=1, node_selector={"nvidia.com/gpu.product": "NVIDIA-L4"},
+                                tolerations=[dpb.Toleration(key="dedicated", operator="Equal", value="inference", effect="NoSchedule")]),
+        serving=dpb.ServingConfig(load_in_4bit=True, image="ghcr.io/neuroweaver/model-server:0.1.0"), namespace="serving", **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["1.29", kubernetes_validate.latest_version()])
+async def test_rendered_gpu_autoscaling_manifests_validate(stack, version):
+    out = await stack.dep.RenderManifests(dsvc.RenderManifestsRequest(deployment=gpu_spec(stack)))
+    objects = list(yaml.safe_load_all(out.yaml))
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["Service", "Deployment", "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"]
+    assert out.objects == [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":
+            jsonschema.validate(obj, SERVICE_MONITOR)
+        elif obj["kind"] == "PrometheusRule":
+            jsonschema.validate(obj, PROMETHEUS_RULE)
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+    deployment = objects[1]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--load-in-4bit" in container["args"] and "--adapter-sha256" in container["args"]
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    assert objects[2]["spec"]["minReplicas"] == 2 and objects[2]["spec"]["maxReplicas"] == 6
+    assert deployment["metadata"]["namespace"] == "serving"
+
+
+async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
+    dep = stack.dep
+    name = "projects/default/deployments/advisor-k8s"
+    spec = dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, replicas=2, namespace="serving")
+    await dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="advisor-k8s", deployment=spec))
+    d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.ready_replicas == 2, timeout=30)
+    obj = dns1123_name(name)
+    assert d.endpoint == f"{obj}.serving.svc.cluster.local:50051"
+    assert d.openai_base_url == f"http://{obj}.serving.svc.cluster.local:8080/v1"
+    for api_version, kind in [("v1", "Service"), ("apps/v1", "Deployment"), ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")]:
+        assert kube_standin.get_object(api_version, kind, "serving", obj) is not None, kind
+    applies = [r for r in kube_standin.requests if r.method == "PATCH" and r.content_type == "application/apply-patch+yaml"]
+    assert applies and all("fieldManager" in r.query for r in applies)
+
+    await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=name, replicas=3))
+    d = await watch_until(dep, name, lambda d: d.ready_replicas == 3 and d.state == AVAILABLE, timeout=30)
+    assert kube_standin.get_object("apps/v1", "Deployment", "serving", obj)["spec"]["replicas"] == 3
+    assert kube_standin.requests_to("PATCH", "/scale")
+
+    await dep.UpdateDeployment(
+        dsvc.UpdateDeploymentRequest(
+            deployment=dpb.Deployment(name=name, model_version=stack.versions[2]), update_mask=field_mask_pb2.FieldMask(paths=["model_version"])
+        )
+    )
+    d = await watch_until(dep, name, lambda d: d.served_version == stack.versions[2] and d.state == AVAILABLE, timeout=30)
+    args = kube_standin.get_object("apps/v1", "Deployment", "serving", obj)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert stack.versions[2] in args and d.served_model_name in args
+
+    await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
+    for api_version, kind in [("v1", "Service"), ("apps/v1", "Deployment"), ("monitoring.coreos.com/v1", "PrometheusRule")]:
+        assert kube_standin.get_object(api_version, kind, "serving", obj) is None, kind
+
+
+def create(stack, deployment_id="bad", **fields):
+    fields.setdefault("model_version", stack.versions[0])
+    request_id = fields.pop("request_id", "")
+    return dsvc.CreateDeploymentRequest(
+        parent="projects/default", deployment_id=deployment_id, deployment=dpb.Deployment(**fields), request_id=request_id
+    )
+
+
+@pytest.mark.parametrize(
+    "make, code, reason",
+    [
+        (lambda s: create(s, model_alias=f"{s.MODEL}/aliases/production"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, model_version=""), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, deployment_id="Bad_Id"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ID"),
+        (lambda s: create(s, replicas=99), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, resources=dpb.Resources(cpu="lots")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, resources=dpb.Resources(gpus=1)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, autoscaling=dpb.Autoscaling(min_replicas=3, max_replicas=2)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (lambda s: create(s, model_version=f"{s.MODEL}/versions/9.9.9"), grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND"),
+        (lambda s: create(s, model_version="projects/default/models/nope/versions/1.0.0"), grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND"),
+        (lambda s: create(s, request_id="not-a-uuid"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"),
+        (lambda s: dsvc.CreateDeploymentRequest(parent="nope", deployment_id="x"), grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_NAME"),
+    ],
+)
+async def test_bad_create_requests(stack, make, code, reason):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.dep.CreateDeployment(make(stack))
+    assert err.value.code() == code
+    info = error_info(err.value)
+    assert info.reason == reason and info.domain == "deployer.neuroweaver.v1"
+
+
+async def test_bad_requests_on_other_methods(stack):
+    dep = stack.dep
+    missing = "projects/default/deployments/missing"
+    cases = [
+        (dep.GetDeployment(dsvc.GetDeploymentRequest(name=missing)), grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
+        (dep.GetDeployment(dsvc.GetDeploymentRequest(name="projects/default/things/x")), grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_NAME"),
+        (dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=missing, replicas=1)), grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
+        (dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=missing)), grpc.StatusCode.NOT_FOUND, "DEPLOYMENT_NOT_FOUND"),
+        (dep.RollbackDeployment(dsvc.RollbackDeploymentRequest(name=missing, to_revision=-1)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REVISION"),
+        (dep.UpdateDeployment(dsvc.UpdateDeploymentRequest(deployment=dpb.Deployment(name=missing))), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_UPDATE_MASK"),
+        (dep.UpdateDeployment(dsvc.UpdateDeploymentRequest(deployment=dpb.Deployment(name=missing), update_mask=field_mask_pb2.FieldMask(paths=["state"]))),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK"),
+        (dep.ListDeployments(dsvc.ListDeploymentsRequest(parent="projects/default", page_size=-1)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE"),
+        (dep.ListDeployments(dsvc.ListDeploymentsRequest(parent="projects/default", filter="colour = red")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER"),
+        (dep.ListDeployments(dsvc.ListDeploymentsRequest(parent="projects/default", page_token="garbage")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"),
+        (dep.RenderManifests(dsvc.RenderManifestsRequest()), grpc.StatusCode.INVALID_ARGUMENT, "MISSING_NAME"),
+    ]  # fmt: skip
+    for call, code, reason in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert (err.value.code(), error_info(err.value).reason) == (code, reason)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in dep.WatchDeployment(dsvc.WatchDeploymentRequest(name=missing)):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
