@@ -13,12 +13,9 @@ from .app import TrainerConfig, build
 def main(argv: list[str] | None = None) -> None:
     config = load_config(TrainerConfig, "trainer", argv)
     configure_logging("trainer", config.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    # No uvloop here: the trainer forks worker processes from a process that holds tokenizer/torch threads,
+    # and uvloop's fork+exec path crashed such children (SIGSEGV before exec) in our tests. The trainer's
+    # RPC rate is low; the default loop is plenty.
     asyncio.run(build(config).run_until_signal())
 
 

@@ -176,16 +176,16 @@ class JobRepository:
         )
         return row
 
-    async def renew_leases(self, owner: str, job_pks: list[int], expires_at: float) -> dict[int, str]:
-        """Extends the leases this owner still holds; returns {job id: state} of those."""
+    async def renew_leases(self, owner: str, job_pks: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
+        """Extends the leases this owner still holds; returns {job id: (state, lease owner)} of every listed job."""
         if not job_pks:
             return {}
         c = t.jobs.c
         await self.s.execute(
             update(t.jobs).where(c.id.in_(job_pks), c.lease_owner == owner).values(lease_expires_at=expires_at)
         )
-        rows = (await self.s.execute(select(c.id, c.state).where(c.id.in_(job_pks), c.lease_owner == owner))).all()
-        return {r.id: r.state for r in rows}
+        rows = (await self.s.execute(select(c.id, c.state, c.lease_owner).where(c.id.in_(job_pks)))).all()
+        return {r.id: (r.state, r.lease_owner) for r in rows}
 
     async def count_by_state(self) -> dict[str, int]:
         rows = (await self.s.execute(select(t.jobs.c.state, func.count()).group_by(t.jobs.c.state))).all()

@@ -186,8 +186,13 @@ class Scheduler:
         async with self.db.transaction() as s:
             states = await JobRepository(s).renew_leases(self.s.owner, list(self.running), time.time() + self.s.lease_seconds)
         for pk, r in list(self.running.items()):
-            state = states.get(pk)
-            if state is None:  # lost the lease (or the job was deleted): stop our worker, it is fenced anyway
+            state, owner = states.get(pk, ("", ""))
+            if state and JobState(state).terminal:
+                # The worker wrote its final state and is exiting; make sure it does.
+                r.cancel_sent = r.cancel_sent or time.monotonic()
+                if r.proc is not None and time.monotonic() - r.cancel_sent > self.s.cancel_grace_seconds:
+                    LocalExecutor.signal(r.proc, signal.SIGKILL)
+            elif owner != self.s.owner:  # lost the lease (or the job was deleted): our worker is fenced anyway
                 log.warning("lost the lease of %s; stopping its worker", r.name)
                 if r.proc is not None:
                     LocalExecutor.signal(r.proc, signal.SIGKILL)
