@@ -32,4 +32,8 @@ tsc -p tsconfig.json --noEmit
 # The smoke test imports the package by its name, which resolves to dist/: build it, then check the test.
 tsc -p tsconfig.json
 tsc -p test/tsconfig.json --noEmit
-echo "clients/typescript: generated code up to date, tsc --noEmit passes"
+# The RelayCore example builds against this package (linked with file:../../clients/typescript).
+EXAMPLE="$ROOT/examples/relaycore"
+[ -d "$EXAMPLE/node_modules" ] || (cd "$EXAMPLE" && npm ci --no-audit --no-fund --loglevel=error)
+tsc -p "$EXAMPLE/tsconfig.json" --noEmit
+echo "clients/typescript: generated code up to date, tsc --noEmit passes (package, smoke test, examples/relaycore)"

@@ -1,0 +1,248 @@
+/**
+ * The NeuroWeaver side of a RelayCore-style AI gateway, on @neuroweaver/client:
+ *
+ *   1. ExperimentsService/AssignVariant: which variant (model version + deployment) serves this user;
+ *      deterministic and sticky, and it logs the exposure.
+ *   2. The variant's model server: gRPC InferenceService/Generate at `variant.endpoint` with
+ *      `variant.servedModelName`, or the OpenAI-compatible `POST {variant.openaiBaseUrl}/chat/completions`.
+ *   3. ExperimentsService/RecordMetricEvents: the outcome (latency_ms, completion_tokens, judge_score and,
+ *      when the user gave feedback, thumbs_up), each event with an idempotency key so a retried report is
+ *      counted once.
+ *
+ * Every call runs under the request's overall budget (`until(deadline)`), so a slow dependency fails the
+ * request with DEADLINE_EXCEEDED instead of holding it.
+ */
+import { randomUUID } from "node:crypto";
+
+import {
+  Code,
+  ConnectError,
+  createExperimentsClient,
+  createInferenceClient,
+  errorDetails,
+  inferencev1,
+  until,
+  type ExperimentsClient,
+  type InferenceClient,
+  type TokenSource,
+} from "@neuroweaver/client";
+
+export type Transport = "grpc" | "openai";
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant";
+  content: string;
+}
+
+export interface GatewayOptions {
+  /** ExperimentsService address, `host:port`. */
+  experimentsEndpoint: string;
+  /** `projects/{p}/experiments/{e}`. */
+  experiment: string;
+  /** Bearer token for the platform services (omit when auth is off). */
+  token?: TokenSource;
+  /** Budget of one chat request, all calls included (ms). */
+  requestBudgetMs?: number;
+  /** Scores an answer in [0, 1] (an AI judge in production). Default: `lengthJudge`. */
+  judge?: (prompt: ChatMessage[], answer: string) => number | Promise<number>;
+}
+
+export interface ChatRequest {
+  /** Stable id of the user (the experiment's unit). */
+  userId: string;
+  messages: ChatMessage[];
+  maxTokens?: number;
+  /** Which way to call the model server. */
+  transport?: Transport;
+  /** Gateway request id; the metric events' idempotency keys derive from it. */
+  requestId?: string;
+}
+
+export interface ChatResult {
+  requestId: string;
+  variant: string;
+  inExperiment: boolean;
+  modelVersion: string;
+  servedModel: string;
+  transport: Transport;
+  text: string;
+  finishReason: string;
+  promptTokens: number;
+  completionTokens: number;
+  latencyMs: number;
+  judgeScore: number;
+  /** Events accepted / ignored as duplicates by RecordMetricEvents. */
+  recorded: { accepted: number; duplicates: number };
+}
+
+/** A stand-in judge for the example: rewards answers that say something (≥ 1 word) without rambling. */
+export function lengthJudge(_prompt: ChatMessage[], answer: string): number {
+  const words = answer.trim().split(/\s+/).filter(Boolean).length;
+  return words === 0 ? 0 : Math.min(1, words / 20);
+}
+
+export class Gateway {
+  private readonly experiments: ExperimentsClient;
+  private readonly servers = new Map<string, InferenceClient>();
+  private readonly budgetMs: number;
+  private readonly judge: NonNullable<GatewayOptions["judge"]>;
+
+  constructor(private readonly options: GatewayOptions) {
+    this.experiments = createExperimentsClient({ endpoint: options.experimentsEndpoint, token: options.token });
+    this.budgetMs = options.requestBudgetMs ?? 30_000;
+    this.judge = options.judge ?? lengthJudge;
+  }
+
+  /** One HTTP/2 connection per model-server endpoint, reused across requests. */
+  private server(endpoint: string): InferenceClient {
+    let client = this.servers.get(endpoint);
+    if (!client) {
+      client = createInferenceClient({ endpoint });
+      this.servers.set(endpoint, client);
+    }
+    return client;
+  }
+
+  async chat(req: ChatRequest): Promise<ChatResult> {
+    const deadline = Date.now() + this.budgetMs;
+    const requestId = req.requestId ?? randomUUID();
+    const transport = req.transport ?? "grpc";
+
+    // 1. Which variant serves this user.
+    const assignment = await this.experiments.assignVariant(
+      { experiment: this.options.experiment, unitId: req.userId },
+      until(deadline),
+    );
+    const variant = assignment.variant;
+    if (!variant || !variant.endpoint || !variant.servedModelName) {
+      throw new ConnectError(
+        `variant ${variant?.id ?? "?"} of ${this.options.experiment} has no resolved endpoint (is its deployment running?)`,
+        Code.FailedPrecondition,
+      );
+    }
+
+    // 2. Call the deployment's model server.
+    const started = performance.now();
+    const answer =
+      transport === "grpc"
+        ? await this.generateGrpc(variant.endpoint, variant.servedModelName, req, deadline)
+        : await this.generateOpenAI(variant.openaiBaseUrl, variant.servedModelName, req, deadline);
+    const latencyMs = performance.now() - started;
+    const judgeScore = await this.judge(req.messages, answer.text);
+
+    // 3. Report the outcome. Units outside the experiment's coverage were not exposed: nothing to record.
+    let recorded = { accepted: 0, duplicates: 0 };
+    if (assignment.inExperiment) {
+      recorded = await this.recordOutcome(req.userId, requestId, deadline, {
+        latency_ms: latencyMs,
+        completion_tokens: answer.completionTokens,
+        judge_score: judgeScore,
+      });
+    }
+    return {
+      requestId,
+      variant: variant.id,
+      inExperiment: assignment.inExperiment,
+      modelVersion: variant.modelVersion,
+      servedModel: answer.model,
+      transport,
+      text: answer.text,
+      finishReason: answer.finishReason,
+      promptTokens: answer.promptTokens,
+      completionTokens: answer.completionTokens,
+      latencyMs,
+      judgeScore,
+      recorded,
+    };
+  }
+
+  /** The user's thumbs up/down on an earlier answer, reported later (same idempotency scheme). */
+  async feedback(userId: string, requestId: string, thumbsUp: boolean): Promise<{ accepted: number; duplicates: number }> {
+    return this.recordOutcome(userId, requestId, Date.now() + this.budgetMs, { thumbs_up: thumbsUp ? 1 : 0 });
+  }
+
+  /** RecordMetricEvents for one request; `{requestId}:{metric}` keys make a retried report count once. */
+  async recordOutcome(
+    userId: string,
+    requestId: string,
+    deadline: number,
+    metrics: Record<string, number>,
+  ): Promise<{ accepted: number; duplicates: number }> {
+    const eventTime = { seconds: BigInt(Math.floor(Date.now() / 1000)), nanos: (Date.now() % 1000) * 1_000_000 };
+    const res = await this.experiments.recordMetricEvents(
+      {
+        experiment: this.options.experiment,
+        events: Object.entries(metrics).map(([metric, value]) => ({
+          unitId: userId,
+          metric,
+          value,
+          eventTime,
+          idempotencyKey: `${requestId}:${metric}`,
+        })),
+      },
+      until(deadline),
+    );
+    return { accepted: Number(res.accepted), duplicates: Number(res.duplicates) };
+  }
+
+  private async generateGrpc(endpoint: string, model: string, req: ChatRequest, deadline: number): Promise<Answer> {
+    const res = await this.server(endpoint).generate(
+      { model, messages: req.messages, sampling: { maxTokens: req.maxTokens ?? 64, temperature: 0 } },
+      until(deadline),
+    );
+    return {
+      model: res.model,
+      text: res.text,
+      finishReason: inferencev1.FinishReason[res.finishReason] ?? String(res.finishReason),
+      promptTokens: res.usage?.promptTokens ?? 0,
+      completionTokens: res.usage?.completionTokens ?? 0,
+    };
+  }
+
+  private async generateOpenAI(baseUrl: string, model: string, req: ChatRequest, deadline: number): Promise<Answer> {
+    if (!baseUrl) {
+      throw new ConnectError("variant has no OpenAI base URL", Code.FailedPrecondition);
+    }
+    const response = await fetch(`${baseUrl.replace(/\/+$/, "")}/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model, messages: req.messages, max_tokens: req.maxTokens ?? 64, temperature: 0 }),
+      signal: AbortSignal.timeout(Math.max(1, deadline - Date.now())),
+    });
+    const body = (await response.json()) as OpenAIChatCompletion | { error?: { message?: string; code?: string } };
+    if (!response.ok || !("choices" in body)) {
+      const error = "error" in body ? body.error : undefined;
+      throw new Error(`model server HTTP ${response.status}: ${error?.code ?? ""} ${error?.message ?? JSON.stringify(body)}`);
+    }
+    return {
+      model: body.model,
+      text: body.choices[0]?.message.content ?? "",
+      finishReason: body.choices[0]?.finish_reason ?? "",
+      promptTokens: body.usage?.prompt_tokens ?? 0,
+      completionTokens: body.usage?.completion_tokens ?? 0,
+    };
+  }
+}
+
+interface Answer {
+  model: string;
+  text: string;
+  finishReason: string;
+  promptTokens: number;
+  completionTokens: number;
+}
+
+interface OpenAIChatCompletion {
+  model: string;
+  choices: { index: number; message: { role: string; content: string }; finish_reason: string }[];
+  usage?: { prompt_tokens: number; completion_tokens: number };
+}
+
+/** One line for logs: the gRPC code and the ErrorInfo reason of a failed platform call. */
+export function describeError(err: unknown): string {
+  if (err instanceof ConnectError) {
+    const e = errorDetails(err);
+    return `${e.codeName} ${e.reason || "-"} (${e.domain || "-"}): ${e.message}`;
+  }
+  return err instanceof Error ? err.message : String(err);
+}

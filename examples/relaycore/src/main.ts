@@ -1,0 +1,112 @@
+/**
+ * Runs the RelayCore flow for a few users and prints one JSON summary line.
+ *
+ *   node dist/main.js --experiments 127.0.0.1:50054 --experiment projects/default/experiments/advisor-ab \
+ *     [--users 6] [--transport grpc|openai|both] [--token T] [--prompt "..."]
+ *
+ * Per user and transport: AssignVariant → Generate (gRPC) or POST /v1/chat/completions (OpenAI HTTP) →
+ * RecordMetricEvents(latency_ms, completion_tokens, judge_score); then thumbs_up feedback on the first
+ * answer of each user, and one deliberately repeated report to show idempotency (counted as duplicates).
+ * Exits 1 on any failure, printing the gRPC code and ErrorInfo reason.
+ */
+import { parseArgs } from "node:util";
+
+import { createExperimentsClient, errorDetails } from "@neuroweaver/client";
+
+import { describeError, Gateway, type ChatResult, type Transport } from "./gateway.js";
+
+const { values } = parseArgs({
+  options: {
+    experiments: { type: "string", default: "127.0.0.1:50054" },
+    experiment: { type: "string" },
+    users: { type: "string", default: "6" },
+    transport: { type: "string", default: "both" },
+    token: { type: "string" },
+    prompt: { type: "string", default: "My 2019 sedan shakes when I brake at highway speed. What should I check?" },
+    "max-tokens": { type: "string", default: "16" },
+  },
+});
+if (!values.experiment) {
+  console.error("usage: main.js --experiment projects/{p}/experiments/{e} [--experiments host:port] [--users N] [--transport grpc|openai|both]");
+  process.exit(2);
+}
+const transports: Transport[] =
+  values.transport === "both" ? ["grpc", "openai"] : values.transport === "openai" ? ["openai"] : ["grpc"];
+
+async function main(): Promise<void> {
+  const gateway = new Gateway({
+    experimentsEndpoint: values.experiments!,
+    experiment: values.experiment!,
+    token: values.token,
+    requestBudgetMs: 60_000,
+  });
+  const results: ChatResult[] = [];
+  const feedback = { accepted: 0, duplicates: 0 };
+  for (let i = 1; i <= Number(values.users); i++) {
+    const userId = `user-${i}`;
+    for (const transport of transports) {
+      const result = await gateway.chat({
+        userId,
+        transport,
+        maxTokens: Number(values["max-tokens"]),
+        requestId: `req-${userId}-${transport}`,
+        messages: [
+          { role: "system", content: "You are a helpful dealership service advisor." },
+          { role: "user", content: values.prompt! },
+        ],
+      });
+      results.push(result);
+      console.error(
+        `${userId} -> ${result.variant} (${result.servedModel}) via ${transport}: ${result.completionTokens} tokens, ` +
+          `${result.latencyMs.toFixed(1)} ms, judge ${result.judgeScore.toFixed(2)}`,
+      );
+    }
+    // The user's feedback on their first answer arrives later.
+    const first = results.find((r) => r.requestId.startsWith(`req-${userId}-`))!;
+    const fb = await gateway.feedback(userId, first.requestId, first.judgeScore >= 0.5);
+    feedback.accepted += fb.accepted;
+    feedback.duplicates += fb.duplicates;
+  }
+
+  // A retried report (same request id) is recognised by its idempotency keys and not counted twice.
+  const again = results[0];
+  const retry = await gateway.recordOutcome(`user-1`, again.requestId, Date.now() + 10_000, {
+    latency_ms: again.latencyMs,
+    completion_tokens: again.completionTokens,
+    judge_score: again.judgeScore,
+  });
+
+  // Errors carry the canonical code and the ErrorInfo reason.
+  const experiments = createExperimentsClient({ endpoint: values.experiments!, token: values.token });
+  let missing = null;
+  try {
+    await experiments.assignVariant({ experiment: "projects/default/experiments/no-such-experiment", unitId: "user-1" });
+  } catch (err) {
+    const e = errorDetails(err);
+    missing = { code: e.codeName, reason: e.reason, domain: e.domain };
+  }
+
+  const perVariant: Record<string, { requests: number; servedModels: string[]; modelVersion: string }> = {};
+  for (const r of results) {
+    const v = (perVariant[r.variant] ??= { requests: 0, servedModels: [], modelVersion: r.modelVersion });
+    v.requests += 1;
+    if (!v.servedModels.includes(r.servedModel)) v.servedModels.push(r.servedModel);
+  }
+  console.log(
+    JSON.stringify({
+      ok: true,
+      requests: results.length,
+      perVariant,
+      assignments: Object.fromEntries(results.map((r) => [r.requestId, r.variant])),
+      results: results.map(({ text: _text, ...rest }) => rest),
+      feedback,
+      retry,
+      missingExperiment: missing,
+    }),
+  );
+}
+
+main().catch((err: unknown) => {
+  console.error(`relaycore example failed: ${describeError(err)}`);
+  process.exit(1);
+});
