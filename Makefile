@@ -6,7 +6,7 @@ PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
 .PHONY: install proto proto-check lint test test-fast up demo bench clean
 
-install: .venv/.installed node_modules/.installed ## create .venv with everything (torch pinned to the CPU build)
+install: .venv/.installed node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
 
 .venv/.installed: requirements.txt requirements-nodeps.txt $(PACKAGES)
 	test -x $(PY) || python3 -m venv .venv
@@ -20,12 +20,19 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
+clients/typescript/node_modules/.installed: clients/typescript/package.json clients/typescript/package-lock.json node_modules/.installed
+	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed
+
+examples/relaycore/node_modules/.installed: examples/relaycore/package.json examples/relaycore/package-lock.json
+	cd examples/relaycore && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed
+
 proto: ## regenerate Python code from protos/
 	./scripts/gen_protos.sh
 
-proto-check: ## fail when the committed generated code differs from a fresh generation
+proto-check: ## fail when the committed generated code (Python and TypeScript) differs from a fresh generation
 	./scripts/gen_protos.sh >/dev/null 2>&1
 	git diff --exit-code --stat -- libs/neuroweaver-proto || { echo "generated code is stale: run make proto"; exit 1; }
+	clients/typescript/scripts/check-generated.sh
 
 lint: install ## ruff, buf lint, mypy on libs
 	.venv/bin/ruff check .

@@ -1,4 +1,3 @@
-import json
 import os
 from pathlib import Path
 
@@ -8,23 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
-
-
-def chat_rows(n: int = 40):
-    rows = []
-    for i in range(n):
-        a, b = (i * 7) % 50 + 1, (i * 13) % 50 + 1
-        rows.append({"messages": [
-            {"role": "system", "content": "You are a service advisor."},
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]})
-    return rows
+from neuroweaver_ml.testing import chat_rows, write_jsonl  # noqa: F401  (re-exported for fixtures)
 
 
 @pytest.fixture(scope="session")

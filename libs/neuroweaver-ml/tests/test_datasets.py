@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from conftest import chat_rows, write_jsonl
 
 from neuroweaver_ml.datasets import (
     IGNORE_INDEX,
@@ -12,6 +11,7 @@ from neuroweaver_ml.datasets import (
     validate_dataset,
 )
 from neuroweaver_ml.errors import DatasetInvalid
+from neuroweaver_ml.testing import chat_rows, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
