@@ -50,6 +50,7 @@ class _Running:
     proc: asyncio.subprocess.Process | None = None
     ref: str = ""  # Kubernetes Job `namespace/name`
     cancel_sent: float = 0.0
+    terminal_seen: float = 0.0  # when the heartbeat first saw the worker's final state
     task: asyncio.Task | None = None
 
 
@@ -189,8 +190,8 @@ class Scheduler:
             state, owner = states.get(pk, ("", ""))
             if state and JobState(state).terminal:
                 # The worker wrote its final state and is exiting; make sure it does.
-                r.cancel_sent = r.cancel_sent or time.monotonic()
-                if r.proc is not None and time.monotonic() - r.cancel_sent > self.s.cancel_grace_seconds:
+                r.terminal_seen = r.terminal_seen or time.monotonic()
+                if r.proc is not None and time.monotonic() - r.terminal_seen > self.s.cancel_grace_seconds:
                     LocalExecutor.signal(r.proc, signal.SIGKILL)
             elif owner != self.s.owner:  # lost the lease (or the job was deleted): our worker is fenced anyway
                 log.warning("lost the lease of %s; stopping its worker", r.name)
