@@ -12,17 +12,14 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "services" / "experiments" / "src"))
+import growthbook
+from growthbook import Experiment, GrowthBook
+from growthbook import core as gbcore
 
-import growthbook  # noqa: E402
-from growthbook import Experiment, GrowthBook  # noqa: E402
-from growthbook import core as gbcore  # noqa: E402
-
-from neuroweaver_experiments.domain.assignment import AssignmentPlan, assign  # noqa: E402
+from neuroweaver_experiments.domain.assignment import AssignmentPlan, assign
 
 SEED = "bench-experiment"
 WEIGHTS = [0.2, 0.3, 0.5]

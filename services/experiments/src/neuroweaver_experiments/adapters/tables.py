@@ -3,6 +3,10 @@
 Hot tables are keyed for their access paths: `assignments` (sticky store and exposure log) by
 (experiment, unit); `event_keys` (idempotency) by (experiment, key); `unit_metrics` (per-unit aggregates)
 by (experiment, metric, unit); `variant_stats` (sufficient statistics) by (experiment, metric, variant).
+
+The high-volume tables (assignments, event_keys, metric_events, unit_metrics) carry no foreign key to
+`experiments`: the per-row FK check cost about 40% of ingest time on PostgreSQL, experiments are never
+deleted, and every writer resolves the experiment row in the same transaction anyway.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ experiments = Table(
 assignments = Table(
     "assignments",
     metadata,
-    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("experiment_id", Integer, primary_key=True),
     Column("unit_id", String(256), primary_key=True),
     Column("variant", String(64), nullable=False),
     Column("bucket", Integer, nullable=False),
@@ -85,7 +89,7 @@ exposure_counts = Table(
 event_keys = Table(
     "event_keys",
     metadata,
-    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("experiment_id", Integer, primary_key=True),
     Column("key", String(256), primary_key=True),
 )
 
@@ -94,7 +98,7 @@ metric_events = Table(
     "metric_events",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("experiment_id", Integer, nullable=False),
     Column("unit_id", String(256), nullable=False),
     Column("metric", String(64), nullable=False),
     Column("value", Float, nullable=False),
@@ -107,7 +111,7 @@ metric_events = Table(
 unit_metrics = Table(
     "unit_metrics",
     metadata,
-    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("experiment_id", Integer, primary_key=True),
     Column("metric", String(64), primary_key=True),
     Column("unit_id", String(256), primary_key=True),
     Column("variant", String(64), nullable=False),
