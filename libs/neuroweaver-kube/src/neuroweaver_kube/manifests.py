@@ -546,7 +546,7 @@ class SecretEnv:
 DEFAULT_TRAINER_SECRET_ENV = (
     SecretEnv("NW_TRAINER_DATABASE_URL", "database-url"),
     SecretEnv("NW_TRAINER_AUTH_TOKEN", "auth-token", optional=True),
-    SecretEnv("NW_REGISTRY_AUTH_TOKEN", "registry-token", optional=True),
+    SecretEnv("NW_TRAINER_REGISTRY_TOKEN", "registry-token", optional=True),
 )
 
 

@@ -123,7 +123,8 @@ class KubernetesExecutor:
             env={
                 "NW_TRAINER_REGISTRY_TARGET": self.worker.registry_target,
                 "NW_TRAINER_REGISTRY_RETRY_SECONDS": str(self.worker.registry_retry_seconds),
-                "NW_TRAINER_ARTIFACTS_DIR": self.worker.artifacts_dir,
+                # Worker pods have a read-only root filesystem: adapters go to the shared claim when one is mounted.
+                "NW_TRAINER_ARTIFACTS_DIR": "/checkpoints/artifacts" if self.settings.checkpoint_pvc else self.worker.artifacts_dir,
                 "HF_HUB_OFFLINE": "1",
             },
             secret_name=self.settings.secret_name or None,
