@@ -74,7 +74,7 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
                     counts["failed"] += 1
                     counts.setdefault("errors", []).append(exc.code())
 
-        loops = [asyncio.create_task(client_loop()) for _ in range(2)]
+        loops = [asyncio.create_task(client_loop())]
         await wait_for_count(counts, 2)
         old_pids = {p.pid for p in model_server_processes()}
         updated = await dep.UpdateDeployment(
@@ -104,10 +104,13 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         assert victim.pid not in {p.pid for p in model_server_processes()} and len(model_server_processes()) == 2
         assert (await inference.Generate(gen())).model == d.served_model_name
 
-    # roll back to revision 1
+    # scale down (stops one replica at once), then roll back to revision 1
+    await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=name, replicas=1))
+    await watch_until(dep, name, lambda d: d.replicas == 1 and d.ready_replicas == 1 and d.state == AVAILABLE)
+    assert len(model_server_processes()) == 1
     rolled = await dep.RollbackDeployment(dsvc.RollbackDeploymentRequest(name=name))
     assert rolled.revision == 3 and rolled.model_version == stack.versions[0]
-    d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.served_version == stack.versions[0] and d.ready_replicas == 2)
+    d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.served_version == stack.versions[0] and d.ready_replicas == 1)
     revisions = await dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=name))
     assert [(r.revision, r.cause) for r in revisions.revisions] == [(3, "rollback"), (2, "update"), (1, "create")]
     assert revisions.revisions[0].model_version == stack.versions[0]

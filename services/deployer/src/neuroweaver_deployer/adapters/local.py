@@ -100,7 +100,10 @@ class Replica:
 
     async def _wait_serving(self) -> None:
         assert self.upstream is not None
-        async with grpc.aio.insecure_channel(self.upstream.grpc_address) as channel:
+        # Short reconnect backoff: the process needs seconds to import torch before it listens, and gRPC's
+        # default backoff (1 s growing to 120 s) would otherwise notice readiness long after it happened.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 250)]
+        async with grpc.aio.insecure_channel(self.upstream.grpc_address, options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             call = stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), wait_for_ready=True)
             async for msg in call:
@@ -235,11 +238,13 @@ class LocalDeployment:
         self.target = target
         extra = self.replicas[target.replicas:]
         self.replicas = self.replicas[: target.replicas]
+        if extra:  # out of the rotation first, then drained and stopped, then reported
+            await self.router.set_upstreams([r.upstream for r in self.replicas if r.state == "ready" and r.upstream])
+            await asyncio.gather(*(r.stop() for r in extra))
+            self._forget_stopped()
         new = [self._new_replica(target) for _ in range(target.replicas - len(self.replicas))]
         self.replicas += new
         await self.changed()
-        await asyncio.gather(*(r.stop() for r in extra))
-        self._forget_stopped()
         if new:
             self.rolling_out = True
             await self.report()
