@@ -19,7 +19,13 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(build(config).run_until_signal())
+    asyncio.run(_serve(config))
+
+
+async def _serve(config) -> None:
+    # build() opens grpc.aio channels (registry client), which need the running loop: with uvloop installed there is
+    # no implicit default loop outside asyncio.run.
+    await build(config).run_until_signal()
 
 
 if __name__ == "__main__":

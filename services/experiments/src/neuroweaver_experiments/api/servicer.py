@@ -5,7 +5,7 @@ from __future__ import annotations
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import idempotency
-from neuroweaver_runtime.auth import Role
+from neuroweaver_runtime.auth import Role, check_project
 from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.fieldmask import validate_update_mask
 
@@ -87,6 +87,7 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
         messages = 0
         async for request in request_iterator:
             try:
+                check_project(request.experiment)  # the interceptor cannot see streamed messages
                 total += await self.svc.record(request.experiment, convert.events_from_pb(request.events))
             except DomainError as exc:
                 exc.metadata.update(
