@@ -21,5 +21,11 @@ def to_timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
-def from_timestamp(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+def from_timestamp(ts: Timestamp, field: str | None = None) -> datetime:
+    """A client-supplied Timestamp outside 0001-01-01..9999-12-31 or with nanos outside [0, 1e9) is INVALID_ARGUMENT."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        from .errors import InvalidArgument
+
+        raise InvalidArgument(f"{field or 'timestamp'}: {exc}", field=field, reason="INVALID_TIMESTAMP") from None

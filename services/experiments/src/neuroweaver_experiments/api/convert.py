@@ -160,7 +160,7 @@ def events_from_pb(events) -> list[Event]:
     for e in events:
         ts = e.event_time
         out.append(
-            (e.experiment, e.unit_id, e.metric, e.value, from_timestamp(ts) if (ts.seconds or ts.nanos) else None, e.idempotency_key)
+            (e.experiment, e.unit_id, e.metric, e.value, from_timestamp(ts, "events.event_time") if (ts.seconds or ts.nanos) else None, e.idempotency_key)
         )
     return out
 

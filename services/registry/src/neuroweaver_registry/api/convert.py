@@ -179,9 +179,11 @@ def judge_from_pb(j: pb.Judge) -> d.Judge:
 
 def judge_config_from_pb(v: pb.JudgeVersion) -> dict:
     """The stored config: the JudgeVersion's configuration fields as JSON (enum names without prefixes)."""
-    config = json_format.MessageToDict(v, preserving_proto_field_name=True)
+    clean = pb.JudgeVersion()
+    clean.CopyFrom(v)
     for output_only in ("name", "version", "creator", "create_time", "notes"):
-        config.pop(output_only, None)
+        clean.ClearField(output_only)  # before the JSON conversion: a bogus create_time must not fail it
+    config = json_format.MessageToDict(clean, preserving_proto_field_name=True)
     config["kind"] = pb.JudgeKind.Name(v.kind).removeprefix("JUDGE_KIND_")
     config["mode"] = pb.JudgeMode.Name(v.mode).removeprefix("JUDGE_MODE_")
     config["score_min"], config["score_max"] = v.score_min, v.score_max
