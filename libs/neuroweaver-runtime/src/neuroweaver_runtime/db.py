@@ -2,6 +2,11 @@
 
 SQLite transactions start with `BEGIN IMMEDIATE`, so concurrent writers queue on the database lock
 instead of failing on lock upgrade; PostgreSQL uses row locks (`SELECT ... FOR UPDATE`) in use cases.
+
+`Database.read()` is the path for read-only use cases: on SQLite it begins a plain (deferred) transaction,
+which takes no write lock, so reads never queue behind a writer (WAL gives them a consistent snapshot); on
+PostgreSQL it runs in autocommit, saving the BEGIN/COMMIT round trips (under READ COMMITTED each statement
+sees its own snapshot either way). It shares the connection pool with `transaction()`.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class Database:
                 self.url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Same pool; connections checked out through it are marked read-only (see `read`).
+        options = {_READ_ONLY: True} if self.dialect == "sqlite" else {"isolation_level": "AUTOCOMMIT"}
+        self.read_engine: AsyncEngine = self.engine.execution_options(**options)
+        self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -54,6 +63,15 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction: committed on success, rolled back on any exception."""
         async with self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only: no write lock on SQLite, no BEGIN/COMMIT on PostgreSQL.
+
+        Writing through it is a bug (on PostgreSQL each statement would commit on its own).
+        """
+        async with self.read_sessions() as session:
             yield session
 
     async def ping(self) -> None:
@@ -79,6 +97,9 @@ class Database:
         await self.engine.dispose()
 
 
+_READ_ONLY = "neuroweaver_read_only"
+
+
 def _sqlite_setup(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -92,4 +113,5 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads begin deferred (a shared snapshot, no lock); writes take the write lock up front.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
