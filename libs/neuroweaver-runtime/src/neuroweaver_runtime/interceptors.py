@@ -2,11 +2,17 @@
 
 One wrapper per RPC does all four so a call pays for a single extra frame. Handlers of
 `grpc.health.v1` and server reflection pass through untouched (always open, never traced).
+
+Per-call cost is kept small: wrapped handlers and the labelled Prometheus children are built once per
+method, and when no span exporter is configured (`telemetry.spans_are_recorded()` is false) no SDK span is
+recorded: the call runs under a non-recording span that carries the incoming W3C trace context (or a fresh
+trace id), so log lines still get a trace id and outgoing calls still propagate it.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -14,7 +20,7 @@ from collections.abc import Callable, Mapping
 import grpc
 from grpc_status import rpc_status
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import telemetry
 from .auth import Principal, Role, TokenAuthenticator, authorize, principal_var
@@ -53,12 +59,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._roles = dict(method_roles)
         self._auth = authenticator
         self._tracer = trace.get_tracer("neuroweaver.grpc")
+        self._record_spans = telemetry.spans_are_recorded()
+        self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (original handler, wrapped handler)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler, method: str):
         _, service, name = method.split("/")
         required = self._roles.get(name, Role.ADMIN)  # undeclared RPCs need the highest role
         if handler.unary_unary:
@@ -87,17 +103,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     # -- shared pieces ---------------------------------------------------------------------------
 
-    def _begin(self, context, kind: str, service: str, name: str):
+    def _begin(self, context, metrics: _MethodMetrics, service: str, name: str):
         metadata = context.invocation_metadata() or ()
         md = {k: v for k, v in metadata}
         request_id_var.set(str(md.get("x-request-id") or uuid.uuid4().hex[:16]))
-        telemetry.GRPC_STARTED.labels(kind, service, name).inc()
-        span = self._tracer.start_span(
-            f"{service}/{name}",
-            context=telemetry.extract_context(metadata),
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-        )
+        metrics.started.inc()
+        if self._record_spans:
+            span = self._tracer.start_span(
+                f"{service}/{name}",
+                context=telemetry.extract_context(metadata),
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            )
+        else:
+            span = _propagating_span(metadata, md)
         trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
         return md, span
 
@@ -119,17 +138,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             span.set_status(Status(StatusCode.ERROR, "INTERNAL"))
         await context.abort_with_status(rpc_status.to_status(status))
 
-    def _finish(self, context, span, kind, service, name, started, code: grpc.StatusCode | None = None):
+    def _finish(self, context, span, metrics: _MethodMetrics, started, code: grpc.StatusCode | None = None):
         final = code or _code_of(context)
-        telemetry.GRPC_HANDLED.labels(kind, service, name, final.name).inc()
-        telemetry.GRPC_HANDLING_SECONDS.labels(kind, service, name).observe(time.perf_counter() - started)
-        span.set_attribute("rpc.grpc.status_code", final.value[0])
-        span.end()
+        metrics.handled(final).inc()
+        metrics.seconds.observe(time.perf_counter() - started)
+        if self._record_spans:
+            span.set_attribute("rpc.grpc.status_code", final.value[0])
+            span.end()
 
     def _wrap_unary(self, behavior: Callable, kind: str, service: str, name: str, required: Role):
+        metrics = _MethodMetrics(kind, service, name)
+
         async def wrapper(request, context):
             started = time.perf_counter()
-            md, span = self._begin(context, kind, service, name)
+            md, span = self._begin(context, metrics, service, name)
             code = None
             try:
                 with trace.use_span(span, end_on_exit=False):
@@ -141,14 +163,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = exc.code if isinstance(exc, DomainError) else grpc.StatusCode.INTERNAL
                 await self._fail(context, exc, span, service, name)
             finally:
-                self._finish(context, span, kind, service, name, started, code)
+                self._finish(context, span, metrics, started, code)
 
         return wrapper
 
     def _wrap_stream(self, behavior: Callable, kind: str, service: str, name: str, required: Role):
+        metrics = _MethodMetrics(kind, service, name)
+
         async def wrapper(request, context):
             started = time.perf_counter()
-            md, span = self._begin(context, kind, service, name)
+            md, span = self._begin(context, metrics, service, name)
             code = None
             try:
                 with trace.use_span(span, end_on_exit=False):
@@ -161,9 +185,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = exc.code if isinstance(exc, DomainError) else grpc.StatusCode.INTERNAL
                 await self._fail(context, exc, span, service, name)
             finally:
-                self._finish(context, span, kind, service, name, started, code)
+                self._finish(context, span, metrics, started, code)
 
         return wrapper
+
+
+class _MethodMetrics:
+    """The labelled Prometheus children of one method, looked up once instead of on every call."""
+
+    __slots__ = ("_labels", "started", "seconds", "_handled")
+
+    def __init__(self, kind: str, service: str, name: str) -> None:
+        self._labels = (kind, service, name)
+        self.started = telemetry.GRPC_STARTED.labels(kind, service, name)
+        self.seconds = telemetry.GRPC_HANDLING_SECONDS.labels(kind, service, name)
+        self._handled: dict[grpc.StatusCode, object] = {}
+
+    def handled(self, code: grpc.StatusCode):
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = telemetry.GRPC_HANDLED.labels(*self._labels, code.name)
+        return child
+
+
+def _propagating_span(metadata, md: dict) -> NonRecordingSpan:
+    """A span that records nothing but continues the caller's trace (W3C traceparent) or starts a new one."""
+    parent = None
+    if "traceparent" in md:
+        parent = trace.get_current_span(telemetry.extract_context(metadata)).get_span_context()
+    span_id = random.getrandbits(64) or 1
+    if parent is not None and parent.is_valid:
+        ctx = SpanContext(parent.trace_id, span_id, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state)
+    else:
+        ctx = SpanContext(random.getrandbits(128) or 1, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return NonRecordingSpan(ctx)
 
 
 def _code_of(context) -> grpc.StatusCode:

@@ -70,18 +70,31 @@ class JsonLinesSpanExporter(SpanExporter):
 
 
 _configured = False
+_exporting = False
 
 
 def configure_tracing(service: str, trace_file: str = "") -> None:
     """Installs a tracer provider once per process; spans go to `trace_file` when set."""
-    global _configured
+    global _configured, _exporting
     if _configured:
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"neuroweaver-{service}"}))
     if trace_file:
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+        _exporting = True
     trace.set_tracer_provider(provider)
     _configured = True
+
+
+def spans_are_recorded() -> bool:
+    """False only when `configure_tracing` installed the process's provider without an exporter.
+
+    Then recording spans is pure overhead and the server interceptor only propagates trace context.
+    A provider installed by anyone else (an embedding application, a test) is assumed to want spans.
+    """
+    if _configured:
+        return _exporting
+    return True
 
 
 def extract_context(metadata: Sequence[tuple[str, str | bytes]] | None):

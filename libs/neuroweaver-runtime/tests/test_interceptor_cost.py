@@ -1,0 +1,48 @@
+"""The interceptor without a span exporter: trace context still propagates, metrics are still counted."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+
+from neuroweaver_runtime import telemetry
+from neuroweaver_runtime.interceptors import _MethodMetrics, _propagating_span
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_non_recording_span_continues_the_callers_trace():
+    metadata = (("traceparent", TRACEPARENT), ("x-request-id", "r1"))
+    span = _propagating_span(metadata, dict(metadata))
+    ctx = span.get_span_context()
+    assert format(ctx.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert ctx.span_id != 0x00F067AA0BA902B7 and ctx.is_valid and not span.is_recording()
+    # children (and outgoing calls via inject_metadata) carry the same trace id
+    with trace.use_span(span, end_on_exit=False):
+        carrier = dict(telemetry.inject_metadata([]))
+    assert carrier["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_non_recording_span_without_caller_trace_starts_a_new_one():
+    a, b = _propagating_span((), {}), _propagating_span((), {})
+    assert a.get_span_context().is_valid and a.get_span_context().trace_id != b.get_span_context().trace_id
+
+
+def test_method_metrics_are_the_labelled_children():
+    import grpc
+
+    m = _MethodMetrics("unary", "test.Service", "Cost")
+    before = telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NOT_FOUND")._value.get()
+    m.handled(grpc.StatusCode.NOT_FOUND).inc()
+    m.handled(grpc.StatusCode.NOT_FOUND).inc()
+    assert telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NOT_FOUND")._value.get() == before + 2
+    assert m.started is telemetry.GRPC_STARTED.labels("unary", "test.Service", "Cost")
+
+
+def test_spans_are_recorded_unless_configured_without_exporter(monkeypatch):
+    monkeypatch.setattr(telemetry, "_configured", False)
+    assert telemetry.spans_are_recorded()
+    monkeypatch.setattr(telemetry, "_configured", True)
+    monkeypatch.setattr(telemetry, "_exporting", False)
+    assert not telemetry.spans_are_recorded()
+    monkeypatch.setattr(telemetry, "_exporting", True)
+    assert telemetry.spans_are_recorded()
