@@ -75,6 +75,12 @@ class PostgresListener:
         self._notifier = notifier
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
+        self._conn = None
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is open (notifications are being received)."""
+        return self._conn is not None and not self._conn.is_closed()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -89,6 +95,7 @@ class PostgresListener:
             try:
                 conn = await asyncpg.connect(self._dsn)
                 await conn.add_listener(self._channel, lambda *args: self._notifier.wake(args[3]))
+                self._conn = conn
                 self._connected.set()
                 self._notifier.wake("*")  # anything missed while disconnected is re-read from tables
                 delay = 0.2
@@ -101,6 +108,7 @@ class PostgresListener:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
+                self._conn = None
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
 
