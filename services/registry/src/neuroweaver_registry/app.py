@@ -11,11 +11,12 @@ from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import migrations
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
-from neuroweaver_runtime.notify import Notifier, PostgresListener
+from neuroweaver_runtime.notify import PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 
 from .api.servicer import METHOD_ROLES, RegistryServicer
+from .service.cache import InvalidatingNotifier, VersionCache
 from .service.registry import EVENT_CHANNEL, RegistryService
 
 SERVICE_NAME = "neuroweaver.registry.v1.RegistryService"
@@ -27,14 +28,21 @@ MIGRATIONS = str(Path(__file__).parent / "migrations")
 @dataclass
 class RegistryConfig(ServiceConfig):
     migrate: bool = True  # run Alembic migrations to head at start
+    # GetModelVersion results cached per replica (PostgreSQL only; invalidated by LISTEN/NOTIFY); 0 = off
+    version_cache_size: int = 10_000
 
 
 def build(config: RegistryConfig) -> GrpcService:
     database_url = config.database_url or config.sqlite_default("registry")
     db = Database(database_url)
-    notifier = Notifier()
+    listener: PostgresListener | None = None
+    # The cache is sound only while every write anywhere reaches this replica's Notifier: on PostgreSQL through
+    # LISTEN (used only while that connection is open). SQLite has no cross-process notifications: no cache.
+    size = config.version_cache_size if db.is_postgres else 0
+    cache = VersionCache(max_entries=size, enabled=lambda: listener is not None and listener.listening)
+    notifier = InvalidatingNotifier(cache)
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-registry-page-tokens").hexdigest()
-    service = RegistryService(db, notifier, PageTokens(secret))
+    service = RegistryService(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 
     async def ready() -> None:

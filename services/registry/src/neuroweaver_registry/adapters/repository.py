@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.filtering import Comparison
@@ -133,13 +135,17 @@ class RegistryRepository:
         )
         return (await self.s.execute(query)).scalar()
 
+    async def highest_version_and_taken(self, model_id: int, sort_key: str) -> tuple[str | None, bool]:
+        """The highest version and whether `sort_key` is taken, in one round trip."""
+        c = t.versions.c
+        highest = select(c.version).where(c.model_id == model_id).order_by(c.sort_key.desc()).limit(1).scalar_subquery()
+        taken = select(c.id).where(c.model_id == model_id, c.sort_key == sort_key).exists()
+        row = (await self.s.execute(select(highest.label("highest"), taken.label("taken")))).one()
+        return row.highest, bool(row.taken)
+
     async def version_row(self, model_id: int, version: str):
         query = select(t.versions).where(t.versions.c.model_id == model_id, t.versions.c.version == version)
         return (await self.s.execute(query)).first()
-
-    async def version_exists_with_key(self, model_id: int, sort_key: str) -> bool:
-        query = select(t.versions.c.id).where(t.versions.c.model_id == model_id, t.versions.c.sort_key == sort_key)
-        return (await self.s.execute(query)).first() is not None
 
     async def insert_version(self, model_id: int, mv: ModelVersion, sort_key: str) -> int:
         lineage = mv.lineage
@@ -211,24 +217,16 @@ class RegistryRepository:
         aliases: dict[tuple[int, str], list[str]] = {}
         for a in alias_rows:
             aliases.setdefault((a.model_id, a.version), []).append(a.alias)
-        return [
-            ModelVersion(
-                name=f"{model_name}/versions/{r.version}",
-                version=r.version,
-                state=VersionState(r.state),
-                artifact=Artifact(r.artifact_uri, r.artifact_sha256, r.artifact_size, ArtifactFormat(r.artifact_format)),
-                lineage=Lineage(**(r.lineage or {})),
-                metrics=metrics[r.id],
-                labels=dict(r.labels or {}),
-                notes=r.notes,
-                aliases=aliases.get((r.model_id, r.version), []),
-                creator=r.creator,
-                create_time=aware(r.create_time),
-                update_time=aware(r.update_time),
-                revision=r.revision,
-            )
-            for r in rows
-        ]
+        return [version_from_row(model_name, r, metrics[r.id], aliases.get((r.model_id, r.version), [])) for r in rows]
+
+    async def version_with_details(self, kind: str, model_name: str, ref: str) -> list:
+        """One statement for GetModelVersion: model ⟕ [alias] ⟕ version ⟕ metrics, aliases aggregated.
+
+        `kind` is "semver" (ref = normalised version), "latest" or "alias" (ref = alias id). Returns one row per
+        metric (at least one while the model exists); no rows means no such model.
+        """
+        statement = _version_statements(self.s.bind.dialect.name)[kind]
+        return list((await self.s.execute(statement, {"model_name": model_name, "ref": ref})).all())
 
     async def list_versions(
         self, model_id: int, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
@@ -300,7 +298,17 @@ class RegistryRepository:
 
     async def append_event(self, project: str, event: ModelEvent) -> int:
         if self.s.bind.dialect.name == "postgresql":
-            await self.s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _EVENT_LOCK_KEY})
+            # One round trip: the advisory lock is taken (FROM lock) before the row's sequence is drawn,
+            # and the NOTIFY is queued for commit time.
+            result = await self.s.execute(
+                _PG_APPEND_EVENT,
+                {
+                    "k": _EVENT_LOCK_KEY, "project": project, "type": event.type, "resource": event.resource,
+                    "model": event.model, "actor": event.actor, "details": json.dumps(event.details),
+                    "create_time": event.create_time,
+                },
+            )  # fmt: skip
+            return int(result.scalar_one())
         result = await self.s.execute(
             t.events.insert().values(
                 project=project,
@@ -312,8 +320,6 @@ class RegistryRepository:
                 create_time=event.create_time,
             )
         )
-        if self.s.bind.dialect.name == "postgresql":
-            await self.s.execute(text("SELECT pg_notify('nw_registry_events', :p)"), {"p": project})
         return int(result.inserted_primary_key[0])
 
     async def events_after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
@@ -381,6 +387,88 @@ class RegistryRepository:
     async def count_versions(self, model_id: int) -> int:
         query = select(func.count()).select_from(t.versions).where(t.versions.c.model_id == model_id)
         return int((await self.s.execute(query)).scalar() or 0)
+
+
+_PG_APPEND_EVENT = text(
+    "WITH event_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock(:k)) "
+    "INSERT INTO model_events (project, type, resource, model, actor, details, create_time) "
+    "SELECT :project, :type, :resource, :model, :actor, CAST(:details AS JSON), :create_time FROM event_lock "
+    "RETURNING sequence, pg_notify('nw_registry_events', project) IS NULL"
+).bindparams(bindparam("create_time", type_=t.events.c.create_time.type))
+
+
+def version_from_row(model_name: str, r, metrics: list[Metric], aliases: list[str]) -> ModelVersion:
+    return ModelVersion(
+        name=f"{model_name}/versions/{r.version}",
+        version=r.version,
+        state=VersionState(r.state),
+        artifact=Artifact(r.artifact_uri, r.artifact_sha256, r.artifact_size, ArtifactFormat(r.artifact_format)),
+        lineage=Lineage(**(r.lineage or {})),
+        metrics=metrics,
+        labels=dict(r.labels or {}),
+        notes=r.notes,
+        aliases=aliases,
+        creator=r.creator,
+        create_time=aware(r.create_time),
+        update_time=aware(r.update_time),
+        revision=r.revision,
+    )
+
+
+def metric_from_row(r) -> Metric:
+    return Metric(r.metric_name, r.metric_value, Direction(r.metric_direction), r.metric_source, aware(r.metric_time))
+
+
+def alias_list(r, dialect: str) -> list[str]:
+    """The aliases aggregated into `alias_list`, in the order `to_versions` gives them (ORDER BY alias)."""
+    if not r.alias_list:
+        return []
+    names = r.alias_list.split(",")  # alias ids are [a-z0-9-], never a comma
+    return names if dialect == "postgresql" else sorted(names)  # SQLite's BINARY collation is code point order
+
+
+_STATEMENTS: dict[str, dict] = {}
+
+
+def _version_statements(dialect: str) -> dict:
+    cached = _STATEMENTS.get(dialect)
+    if cached is not None:
+        return cached
+    m, v, vm = t.models, t.versions, t.version_metrics
+    target, listed = t.aliases.alias("target_alias"), t.aliases.alias("listed_alias")
+    if dialect == "postgresql":  # the database's collation, as ORDER BY alias in to_versions
+        aggregated = func.string_agg(listed.c.alias, aggregate_order_by(text("','"), listed.c.alias))
+    else:  # group_concat; sorted in Python (BINARY collation = code point order)
+        aggregated = func.aggregate_strings(listed.c.alias, ",")
+    aliases_of_version = (
+        select(aggregated).where(listed.c.model_id == v.c.model_id, listed.c.version == v.c.version).scalar_subquery()
+    )
+    columns = [
+        m.c.id.label("m_id"), m.c.latest_version.label("m_latest"), v, aliases_of_version.label("alias_list"),
+        vm.c.name.label("metric_name"), vm.c.value.label("metric_value"), vm.c.direction.label("metric_direction"),
+        vm.c.source.label("metric_source"), vm.c.record_time.label("metric_time"),
+    ]  # fmt: skip
+    ref = bindparam("ref", type_=v.c.version.type)
+
+    def finish(joined, *extra):
+        return (
+            select(*columns, *extra)
+            .select_from(joined.outerjoin(vm, vm.c.version_id == v.c.id))
+            .where(m.c.name == bindparam("model_name", type_=m.c.name.type))
+            .order_by(vm.c.id)
+        )
+
+    cached = _STATEMENTS[dialect] = {
+        "semver": finish(m.outerjoin(v, and_(v.c.model_id == m.c.id, v.c.version == ref))),
+        "latest": finish(m.outerjoin(v, and_(v.c.model_id == m.c.id, v.c.version == m.c.latest_version))),
+        "alias": finish(
+            m.outerjoin(target, and_(target.c.model_id == m.c.id, target.c.alias == ref)).outerjoin(
+                v, and_(v.c.model_id == m.c.id, v.c.version == target.c.version)
+            ),
+            target.c.version.label("alias_target"),
+        ),
+    }
+    return cached
 
 
 def _filter_clauses(filters: list[Comparison], fields: dict, labels_col) -> list:

@@ -25,7 +25,7 @@ from neuroweaver_runtime.pagination import PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
-from ..adapters.repository import RegistryRepository, aware
+from ..adapters.repository import RegistryRepository, alias_list, aware, metric_from_row, version_from_row
 from ..domain import versions as semver_rules
 from ..domain.etag import check_etag
 from ..domain.judges import validate_judge_config
@@ -54,6 +54,7 @@ from ..domain.model import (
     validate_model_fields,
     validate_new_version,
 )
+from .cache import VersionCache
 
 MODEL_UPDATABLE = {"display_name", "description", "specialization", "base_model", "labels"}
 EVENT_CHANNEL = "nw_registry_events"
@@ -66,10 +67,12 @@ class Page:
 
 
 class RegistryService:
-    def __init__(self, db: Database, notifier: Notifier, page_tokens: PageTokens) -> None:
+    def __init__(self, db: Database, notifier: Notifier, page_tokens: PageTokens, cache: VersionCache | None = None) -> None:
         self.db = db
         self.notifier = notifier
         self.tokens = page_tokens
+        # Only sound if every wake-up of `notifier` invalidates it (InvalidatingNotifier); see service/cache.py.
+        self.cache = cache
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -119,12 +122,19 @@ class RegistryService:
                 await repo.insert_model(model, project)
                 await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateModel", fingerprint, name)
                 await self._event(repo, project, "MODEL_CREATED", name, name)
-            result = await repo.to_model(await repo.model_row(earlier or name))
+            row = await repo.model_row(earlier or name)
+            if row is None:  # AIP-155 retry of a create whose model was deleted since: nothing to return, nothing to redo
+                raise NotFound(
+                    f"model {earlier} created by this request_id has since been deleted",
+                    reason="MODEL_NOT_FOUND",
+                    metadata={"model": earlier or name},
+                )
+            result = await repo.to_model(row)
         self._committed(project)
         return result
 
     async def get_model(self, name: str) -> Model:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             return await repo.to_model(await self._model(repo, name))
 
@@ -135,7 +145,7 @@ class RegistryService:
         order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query)
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             rows = await repo.list_models(project, filters, order_field, desc, cursor, limit + 1)
             items = [await repo.to_model(r) for r in rows[:limit]]
@@ -212,15 +222,26 @@ class RegistryService:
             earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateModelVersion", fingerprint)
             if earlier is not None:
                 model_row = await self._model(repo, parent, field="parent")
-                return (await repo.to_versions(parent, [await repo.version_row(model_row.id, earlier.rsplit("/", 1)[1])]))[0]
+                earlier_row = await repo.version_row(model_row.id, earlier.rsplit("/", 1)[1])
+                if earlier_row is None:  # the model was deleted (and re-created) since the first call
+                    raise NotFound(
+                        f"version {earlier} created by this request_id has since been deleted",
+                        reason="VERSION_NOT_FOUND",
+                        metadata={"version": earlier.rsplit("/", 1)[1]},
+                    )
+                return (await repo.to_versions(parent, [earlier_row]))[0]
             # The model row lock serialises version creation per model, so concurrent bumps never collide.
             row = await self._model(repo, parent, for_update=True, field="parent")
             self._require_active(row)
-            highest_text = await repo.highest_version(row.id)
+            if requested is None:
+                highest_text = await repo.highest_version(row.id)
+                taken = False  # a bump is above the highest existing version, so it cannot exist yet
+            else:
+                highest_text, taken = await repo.highest_version_and_taken(row.id, semver_rules.sort_key(requested))
             highest = semver_rules.parse_version(highest_text) if highest_text else None
             version = requested or semver_rules.bump(highest, bump)
             key = semver_rules.sort_key(version)
-            if await repo.version_exists_with_key(row.id, key):
+            if taken:
                 raise AlreadyExists(
                     f"version {version} of {parent} already exists; versions are immutable, create a new one",
                     reason="VERSION_ALREADY_EXISTS",
@@ -241,9 +262,10 @@ class RegistryService:
             await repo.update_model(row.id, latest_version=new_latest, version_count=row.version_count + 1, update_time=now)
             await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateModelVersion", fingerprint, mv.name)
             await self._event(repo, row.project, "VERSION_CREATED", mv.name, parent, version=mv.version)
-            result = (await repo.to_versions(parent, [await repo.version_row(row.id, mv.version)]))[0]
+        # What a re-read would return: the row as inserted; no alias can point at a version that did not exist.
+        mv.aliases, mv.revision = [], 1
         self._committed(row.project)
-        return result
+        return mv
 
     async def _resolve(self, repo: RegistryRepository, name: str, field: str = "name"):
         """(model row, version row) for `.../versions/{semver|alias|latest}`."""
@@ -273,10 +295,56 @@ class RegistryService:
         return model_row, row
 
     async def get_version(self, name: str) -> ModelVersion:
-        async with self.db.transaction() as s:
-            repo = RegistryRepository(s)
-            model_row, row = await self._resolve(repo, name)
-            return (await repo.to_versions(model_row.name, [row]))[0]
+        """The hot read path: a cache hit, or one statement (model ⟕ alias ⟕ version ⟕ metrics) without locks."""
+        cache = self.cache
+        if cache is not None and (hit := cache.get(name)) is not None:
+            return hit
+        parts = VERSION.parse(name, "name")
+        project = parts["project"]
+        token = cache.token(project) if cache is not None else None
+        model_name = MODEL.format(project=project, model=parts["model"])
+        ref = parts["version"]
+        try:
+            if semver_rules.looks_like_version(ref):
+                kind, ref = "semver", str(semver_rules.parse_version(ref, "name"))
+            elif ref == "latest":
+                kind = "latest"
+            else:
+                kind = "alias"
+                validate_id(ref, "name", "alias")
+        except InvalidArgument:
+            # Malformed references are rare; the step-by-step path reports the same error as always
+            # (a missing model is reported before a malformed version).
+            async with self.db.read() as s:
+                repo = RegistryRepository(s)
+                model_row, row = await self._resolve(repo, name)
+                return (await repo.to_versions(model_row.name, [row]))[0]
+        async with self.db.read() as s:
+            rows = await RegistryRepository(s).version_with_details(kind, model_name, ref)
+        if not rows:
+            raise NotFound(f"model {model_name} does not exist", reason="MODEL_NOT_FOUND", metadata={"model": model_name})
+        first = rows[0]
+        if kind == "latest":
+            version = first.m_latest
+            if not version:
+                raise NotFound(f"model {model_name} has no versions yet", reason="VERSION_NOT_FOUND")
+        elif kind == "alias":
+            if first.alias_target is None:
+                raise NotFound(
+                    f"{ref!r} is neither a version nor an alias of {model_name}",
+                    reason="ALIAS_NOT_FOUND",
+                    metadata={"alias": ref},
+                )
+            version = first.alias_target
+        else:
+            version = ref
+        if first.id is None:
+            raise NotFound(f"version {version} of {model_name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version})
+        metrics = [metric_from_row(r) for r in rows if r.metric_name is not None]
+        result = version_from_row(model_name, first, metrics, alias_list(first, self.db.dialect))
+        if cache is not None:
+            cache.put(name, project, token, result)
+        return result
 
     async def list_versions(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         limit = page_size(size)
@@ -284,7 +352,7 @@ class RegistryService:
         order_field, desc = parse_order_by(order_by, {"version", "create_time"}, "version desc")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query)
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             model_row = await self._model(repo, parent, field="parent")
             rows = await repo.list_versions(model_row.id, filters, order_field, desc, cursor, limit + 1)
@@ -361,7 +429,7 @@ class RegistryService:
         return result
 
     async def compare(self, base_name: str, candidate_name: str) -> tuple[ModelVersion, ModelVersion, Comparison]:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             base_model, base_row = await self._resolve(repo, base_name, "base_version")
             cand_model, cand_row = await self._resolve(repo, candidate_name, "candidate_version")
@@ -434,7 +502,7 @@ class RegistryService:
 
     async def get_alias(self, name: str) -> ModelAlias:
         parts = ALIAS.parse(name)
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await self._model(repo, MODEL.format(project=parts["project"], model=parts["model"]))
             alias = await repo.alias_row(row.id, parts["alias"])
@@ -443,7 +511,7 @@ class RegistryService:
         return ModelAlias(name, alias.version, alias.actor, alias.reason, alias.update_time)
 
     async def list_aliases(self, model: str) -> list[ModelAlias]:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await self._model(repo, model, field="model")
             # One query in this transaction: a nested transaction per alias deadlocks on SQLite (BEGIN IMMEDIATE).
@@ -497,7 +565,7 @@ class RegistryService:
         parts = ALIAS.parse(name)
         limit = page_size(size)
         cursor = self.tokens.decode(token, [name])
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await self._model(repo, MODEL.format(project=parts["project"], model=parts["model"]))
             entries = await repo.alias_history_page(row.id, parts["alias"], name, cursor[0] if cursor else None, limit + 1)
@@ -507,7 +575,7 @@ class RegistryService:
         return Page(entries[:limit], next_token)
 
     async def _alias_missing(self, model_id: int, alias: str) -> bool:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             return await RegistryRepository(s).alias_row(model_id, alias) is None
 
     # -- events ----------------------------------------------------------------------------------
@@ -522,7 +590,7 @@ class RegistryService:
         query = [parent, model, after]
         cursor = self.tokens.decode(token, query)
         start = cursor[0] if cursor else after
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             events = await RegistryRepository(s).events_after(project, model, start, limit + 1)
         next_token = self.tokens.encode([events[limit - 1].sequence], query) if len(events) > limit else ""
         return Page(events[:limit], next_token)
@@ -538,7 +606,7 @@ class RegistryService:
         try:
             cursor = after
             while True:
-                async with self.db.transaction() as s:
+                async with self.db.read() as s:
                     batch = await RegistryRepository(s).events_after(project, model, cursor, 500)
                 for event in batch:
                     cursor = event.sequence
@@ -582,7 +650,7 @@ class RegistryService:
 
     async def get_judge(self, name: str) -> Judge:
         JUDGE.parse(name)
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             row = await RegistryRepository(s).judge_row(name)
         if row is None:
             raise NotFound(f"judge {name} does not exist", reason="JUDGE_NOT_FOUND")
@@ -592,7 +660,7 @@ class RegistryService:
         project = PROJECT.parse(parent, "parent")["project"]
         limit = page_size(size)
         cursor = self.tokens.decode(token, [parent])
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             rows = await RegistryRepository(s).list_judges(project, cursor[0] if cursor else None, limit + 1)
         next_token = self.tokens.encode([rows[limit - 1].name], [parent]) if len(rows) > limit else ""
         return Page([_judge(r) for r in rows[:limit]], next_token)
@@ -624,7 +692,7 @@ class RegistryService:
     async def get_judge_version(self, name: str) -> JudgeVersion:
         parts = JUDGE_VERSION.parse(name)
         judge_name = JUDGE.format(project=parts["project"], judge=parts["judge"])
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await repo.judge_row(judge_name)
             if row is None:
@@ -639,7 +707,7 @@ class RegistryService:
         JUDGE.parse(parent, "parent")
         limit = page_size(size)
         cursor = self.tokens.decode(token, [parent])
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await repo.judge_row(parent)
             if row is None:
