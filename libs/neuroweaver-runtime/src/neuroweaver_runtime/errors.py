@@ -171,3 +171,41 @@ def _details(err) -> list[any_pb2.Any]:
             status = status_pb2.Status.FromString(value)
             return list(status.details)
     return []
+
+
+# SQLSTATEs meaning "the database is (temporarily) unreachable": connection exceptions (class 08), admin/crash
+# shutdown and "cannot connect now" (57P01-57P03), too many connections (53300).
+_UNAVAILABLE_SQLSTATES = ("57P01", "57P02", "57P03", "53300")
+_UNAVAILABLE_CLASS_NAMES = {"ConnectionDoesNotExistError"}
+
+
+def unavailable_from_db_error(exc: BaseException) -> Unavailable | None:
+    """An UNAVAILABLE (retryable) error when `exc` is a lost or refused database connection, else None.
+
+    Meant for the server interceptor's catch-all: a PostgreSQL restart must surface as UNAVAILABLE, which clients
+    retry (writes carry request_id), not INTERNAL. Walks the exception chain (SQLAlchemy wraps the driver's error in
+    `.orig`; asyncpg raises OSError for refused connections). Constraint violations and other SQL errors stay None.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "connection_invalidated", False) or isinstance(e, (ConnectionError, TimeoutError)):
+            return _db_unavailable(e)
+        if isinstance(e, OSError) and type(e) is OSError or type(e).__name__ == "gaierror":
+            return _db_unavailable(e)
+        sqlstate = getattr(e, "sqlstate", None)
+        if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES):
+            return _db_unavailable(e)
+        if type(e).__module__.startswith("asyncpg") and type(e).__name__ in _UNAVAILABLE_CLASS_NAMES:
+            return _db_unavailable(e)
+        stack.extend([getattr(e, "orig", None), e.__cause__, e.__context__])
+    return None
+
+
+def _db_unavailable(cause: BaseException) -> Unavailable:
+    return Unavailable("the database is unavailable; retry with backoff", reason="DATABASE_UNAVAILABLE",
+                       metadata={"cause": type(cause).__name__})  # fmt: skip
