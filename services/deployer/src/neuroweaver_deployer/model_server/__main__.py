@@ -17,12 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(ModelServerConfig, "model_server", argv)
     configure_logging("model-server", config.log_level)
     server = ModelServer(config)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    # No uvloop here (unlike the control-plane services): measured with SmolLM2-135M on 2 cores, uvloop made
+    # generation in the worker thread ~4x slower (TTFT 2.7 s vs 0.33 s, GIL hand-offs), the default loop does not.
     asyncio.run(server.grpc.run_until_signal())
 
 
