@@ -198,7 +198,7 @@ async def deploy(nw: Clients, new_version: str) -> tuple[dpb.Deployment, dpb.Dep
     return prod, cand
 
 
-async def run_experiment(nw: Clients, base_version: str, new_version: str, prod, cand, args) -> tuple:
+async def run_experiment(nw: Clients, base_version: str, new_version: str, judge_version: str, prod, cand, args) -> tuple:
     from neuroweaver_ml.rlaif.judges import JudgeConfig, LocalEmbeddingJudge
 
     exp = await nw.experiments.CreateExperiment(
@@ -224,7 +224,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, prod,
     )
     exp = await nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=exp.name))
     prompts = load_jsonl(DATA / "prompts" / "eval.jsonl")
-    judge = LocalEmbeddingJudge(JudgeConfig(name="projects/default/judges/automotive-embedding/versions/1", kind="LOCAL_EMBEDDING", mode="POINTWISE", score_min=1.0, score_max=10.0))
+    judge = LocalEmbeddingJudge(JudgeConfig(name=judge_version, kind="local_embedding", mode="pointwise", score_min=1.0, score_max=10.0))
     from openai import AsyncOpenAI
 
     openai_clients: dict[str, AsyncOpenAI] = {}
@@ -263,6 +263,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, prod,
         await asyncio.gather(*(one_user(i, progress, task) for i in range(args.users)))
     for client in openai_clients.values():
         await client.close()
+    await judge.aclose()
     results = await nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=exp.name))
     return exp, results, latencies
 
@@ -324,7 +325,7 @@ async def demo(args, data_dir: Path) -> dict:
             with timer.phase("3. deploy production (follows the alias) and the candidate"):
                 prod, cand = await deploy(nw, new_version)
             with timer.phase("4. A/B experiment with live traffic"):
-                exp, results, latencies = await run_experiment(nw, base_version, new_version, prod, cand, args)
+                exp, results, latencies = await run_experiment(nw, base_version, new_version, judge_version, prod, cand, args)
             summary["experiment"] = _results_summary(results, latencies)
             print_results(results)
             with timer.phase("5. conclude, promote, roll over"):
