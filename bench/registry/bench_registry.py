@@ -58,27 +58,37 @@ async def closed_loop(call, total: int, concurrency: int) -> dict:
 
 
 async def open_loop(call, rate: float, seconds: float) -> dict:
-    """Requests start on a fixed schedule whatever the server does; latency counts from the scheduled start."""
-    loop = asyncio.get_running_loop()
+    """Requests start on a fixed schedule whatever the server does; latency counts from the scheduled start.
+
+    Times come from time.perf_counter: uvloop's loop.time() is libuv's cached millisecond clock.
+    """
     n = int(rate * seconds)
     latencies: list[float] = []
-    start = loop.time() + 0.05
+    errors: dict[str, int] = {}
+    start = time.perf_counter() + 0.05
 
     async def one(at: float):
-        await call()
-        latencies.append(loop.time() - at)
+        try:
+            await call()
+        except Exception as exc:  # noqa: BLE001 - counted by kind and reported
+            kind = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            errors[kind] = errors.get(kind, 0) + 1
+            return
+        latencies.append(time.perf_counter() - at)
 
     tasks = []
     for i in range(n):  # a dispatcher starts each request at its scheduled time (no pile of sleeping tasks)
         at = start + i / rate
-        delay = at - loop.time()
+        delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(at)))
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    errors = sum(isinstance(r, BaseException) for r in results)
-    achieved = n / (loop.time() - start)
-    return {"target_rps": rate, "achieved_rps": achieved, "errors": errors, "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3}
+    await asyncio.gather(*tasks)
+    achieved = n / (time.perf_counter() - start)
+    return {
+        "target_rps": rate, "achieved_rps": achieved, "errors": sum(errors.values()), "error_kinds": errors,
+        "p50_ms": pct(latencies, 0.5) * 1e3 if latencies else None, "p99_ms": pct(latencies, 0.99) * 1e3 if latencies else None,
+    }  # fmt: skip
 
 
 async def create_db(prefix: str) -> tuple[str, str]:
@@ -121,24 +131,36 @@ async def main() -> None:
 
     reg_db, reg_url = await create_db("bench_reg")
     ml_db, ml_url = await create_db("bench_mlflow")
-    reg_port, ml_port = free_port(), free_port()
+    reg_port, nocache_port, ml_port = free_port(), free_port(), free_port()
     procs = []
+    load = {"start": os.getloadavg()}
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "neuroweaver_registry", "--port", str(reg_port), "--metrics-port", "-1",
-             "--database-url", reg_url, "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
+        # `python -m neuroweaver_registry` installs uvloop (its __main__). A second replica on the same database
+        # (started once the first has migrated it) runs without the version cache: the uncached read path.
+        def start_registry(port: int, *extra: str) -> None:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "neuroweaver_registry", "--port", str(port), "--metrics-port", "-1",
+                 "--database-url", reg_url, "--log-level", "WARNING", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+
+        start_registry(reg_port)
         procs.append(subprocess.Popen(
             [args.mlflow, "server", "--backend-store-uri", ml_url.replace("postgresql://", "postgresql+psycopg2://", 1), "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp",
         ))  # fmt: skip
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{reg_port}")
         stub = rs_grpc.RegistryServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
+        nocache_channel = grpc.aio.insecure_channel(f"127.0.0.1:{nocache_port}")
+        nocache_stub = rs_grpc.RegistryServiceStub(nocache_channel)
 
-        async def reg_up():
-            r = await health.Check(health_pb2.HealthCheckRequest(service="neuroweaver.registry.v1.RegistryService"), timeout=1)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
+        def reg_up_on(ch):
+            health = health_pb2_grpc.HealthStub(ch)
+
+            async def up():
+                r = await health.Check(health_pb2.HealthCheckRequest(service="neuroweaver.registry.v1.RegistryService"), timeout=1)
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+
+            return up
 
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         base = f"http://127.0.0.1:{ml_port}/api/2.0/mlflow"
@@ -147,7 +169,9 @@ async def main() -> None:
             async with http.get(f"http://127.0.0.1:{ml_port}/health") as r:
                 return r.status == 200
 
-        await wait_for(reg_up, "registry")
+        await wait_for(reg_up_on(channel), "registry")
+        start_registry(nocache_port, "--version-cache-size", "0", "--no-migrate")
+        await wait_for(reg_up_on(nocache_channel), "registry (no cache)")
         await wait_for(ml_up, "mlflow", 240)
 
         # seed: one model with one version on each side
@@ -163,6 +187,9 @@ async def main() -> None:
 
         async def reg_get():
             await stub.GetModelVersion(get_req)
+
+        async def reg_get_nocache():
+            await nocache_stub.GetModelVersion(get_req)
 
         async def ml_get():
             async with http.get(f"{base}/model-versions/get", params={"name": "bench", "version": "1"}) as r:
@@ -183,31 +210,48 @@ async def main() -> None:
 
         # warm up both
         await closed_loop(reg_get, 500, args.concurrency)
+        await closed_loop(reg_get_nocache, 500, args.concurrency)
         await closed_loop(ml_get, 200, args.concurrency)
 
-        results: dict[str, list[dict]] = {k: [] for k in ("registry_get", "mlflow_get", "registry_create", "mlflow_create")}
+        kinds = ("registry_get", "registry_get_nocache", "mlflow_get", "registry_create", "mlflow_create")
+        results: dict[str, list[dict]] = {k: [] for k in kinds}
         for _ in range(args.repeats):  # interleaved so drift hits both peers alike
             results["registry_get"].append(await closed_loop(reg_get, args.requests, args.concurrency))
             print("registry get", results["registry_get"][-1], file=sys.stderr)
+            results["registry_get_nocache"].append(await closed_loop(reg_get_nocache, args.requests, args.concurrency))
+            print("registry get (no cache)", results["registry_get_nocache"][-1], file=sys.stderr)
             results["mlflow_get"].append(await closed_loop(ml_get, args.requests // 4, args.concurrency))
             results["registry_create"].append(await closed_loop(reg_create, args.create_requests, args.concurrency))
             results["mlflow_create"].append(await closed_loop(ml_create, args.create_requests // 4, args.concurrency))
-        open_runs = [await open_loop(reg_get, args.open_rate, args.open_seconds) for _ in range(args.repeats)]
+            print("mlflow get", results["mlflow_get"][-1], file=sys.stderr)
+            print("registry create", results["registry_create"][-1], "mlflow create", results["mlflow_create"][-1], file=sys.stderr)
+        load["after_closed_loop"] = os.getloadavg()
+        open_runs, open_nocache = [], []
+        for _ in range(args.repeats):
+            open_runs.append(await open_loop(reg_get, args.open_rate, args.open_seconds))
+            print("open loop", open_runs[-1], file=sys.stderr)
+            open_nocache.append(await open_loop(reg_get_nocache, args.open_rate, args.open_seconds))
+            print("open loop (no cache)", open_nocache[-1], file=sys.stderr)
+        load["end"] = os.getloadavg()
 
         await http.close()
         await channel.close()
+        await nocache_channel.close()
 
         def med(runs: list[dict], key: str) -> float:
             return statistics.median(r[key] for r in runs)
 
         summary = {k: {m: med(v, m) for m in ("rps", "p50_ms", "p99_ms")} for k, v in results.items()}
-        summary["registry_get_open_loop"] = {m: med(open_runs, m) for m in ("target_rps", "achieved_rps", "p50_ms", "p99_ms")}
+        open_keys = ("target_rps", "achieved_rps", "p50_ms", "p99_ms", "errors")
+        summary["registry_get_open_loop"] = {m: med(open_runs, m) for m in open_keys}
+        summary["registry_get_nocache_open_loop"] = {m: med(open_nocache, m) for m in open_keys}
         summary["ratios"] = {
             "get_throughput_registry_over_mlflow": summary["registry_get"]["rps"] / summary["mlflow_get"]["rps"],
+            "get_throughput_registry_nocache_over_mlflow": summary["registry_get_nocache"]["rps"] / summary["mlflow_get"]["rps"],
             "create_throughput_registry_over_mlflow": summary["registry_create"]["rps"] / summary["mlflow_create"]["rps"],
         }
-        summary["runs"] = {**results, "registry_get_open_loop": open_runs}
-        summary["machine"] = machine(args.mlflow)
+        summary["runs"] = {**results, "registry_get_open_loop": open_runs, "registry_get_nocache_open_loop": open_nocache}
+        summary["machine"] = {**machine(args.mlflow), "load_average": load}
         summary["settings"] = vars(args)
         text = json.dumps(summary, indent=2)
         print(text)
