@@ -265,3 +265,28 @@ async def test_metrics_export_every_series_the_prometheus_rule_queries(server, s
     for expr in alert_expressions(spec).values():
         queried.update(re.findall(r"\b(nw_[a-z0-9_]+)", expr))
     assert queried and queried <= exported, queried - exported
+
+
+async def test_serves_a_4bit_base_with_the_adapter(tiny_base, adapters):
+    s = ModelServer(config(tiny_base, adapters[1], load_in_4bit=True))
+    await s.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.grpc.port}") as channel:
+            stub = svc_grpc.InferenceServiceStub(channel)
+            models = await stub.ListModels(svc.ListModelsRequest())
+            assert models.models[0].quantized_4bit and models.models[0].adapter_sha256 == adapters[1][1]
+            assert (await stub.Generate(chat(max_tokens=3))).usage.completion_tokens > 0
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in s.service.engine.model.modules())
+    finally:
+        await s.stop()
+
+
+async def test_a_wrong_adapter_digest_refuses_to_load(tiny_base, adapters):
+    from neuroweaver_ml import DigestMismatch
+
+    s = ModelServer(config(tiny_base, (adapters[0][0], "0" * 64)))
+    with pytest.raises(DigestMismatch):
+        await s.start()
+    await s.stop()
