@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,11 @@ class LocalPlatform:
         return {name: DEFAULT_TARGETS[name] for name in self.services}
 
     def start(self, timeout: float = 120.0) -> None:
+        for name in self.services:
+            host, port = DEFAULT_TARGETS[name].rsplit(":", 1)
+            with socket.socket() as sock:
+                if sock.connect_ex((host, int(port))) == 0:
+                    raise RuntimeError(f"port {port} ({name}) is already in use: is another NeuroWeaver running? (`make up` stops with Ctrl-C)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
