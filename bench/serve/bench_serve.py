@@ -188,7 +188,7 @@ async def cold_start(base_ref: str, adapter: tuple[Path, str], root: Path) -> fl
 
     registry = build_registry(RegistryConfig(port=free_port(), metrics_port=-1, data_dir=str(root), database_url=f"sqlite:///{root / 'r.db'}"))
     await registry.start()
-    deployer = build_deployer(DeployerConfig(port=free_port(), metrics_port=-1, database_url=f"sqlite:///{root / 'd.db'}", registry_address=f"127.0.0.1:{registry.port}"))
+    deployer = build_deployer(DeployerConfig(port=free_port(), metrics_port=-1, database_url=f"sqlite:///{root / 'd.db'}", registry_target=f"127.0.0.1:{registry.port}"))
     await deployer.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as rc, grpc.aio.insecure_channel(f"127.0.0.1:{deployer.port}") as dc:

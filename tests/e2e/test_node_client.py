@@ -275,7 +275,7 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
         registry = ServiceProcess("registry", tmp_path / "registry")
         procs.append(registry)
         deployer = ServiceProcess(
-            "deployer", tmp_path / "deployer", "--registry-address", registry.target, "--replica-grace-seconds", "2", in_loop=True
+            "deployer", tmp_path / "deployer", "--registry-target", registry.target, "--replica-grace-seconds", "2", in_loop=True
         )
         procs.append(deployer)
         experiments = ServiceProcess(

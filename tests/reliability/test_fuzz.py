@@ -131,7 +131,7 @@ def services(tmp_path_factory):
     work = tmp_path_factory.mktemp("fuzz")
     registry = start_service("registry", work)
     procs = {"registry": registry}
-    procs["deployer"] = start_service("deployer", work, "--registry-address", registry.target)
+    procs["deployer"] = start_service("deployer", work, "--registry-target", registry.target)
     procs["trainer"] = start_service("trainer", work, "--no-run-jobs", "--registry-target", registry.target)
     procs["experiments"] = start_service(
         "experiments", work, "--registry-target", registry.target, "--deployer-target", procs["deployer"].target

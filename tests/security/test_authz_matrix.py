@@ -43,7 +43,7 @@ def stack(tmp_path_factory):
     common = ("--auth-tokens", TOKENS, "--log-level", "DEBUG")
     registry = start_service("registry", work, *common, env={"NW_TEST_JUDGE_KEY": JUDGE_SECRET})
     procs = {"registry": registry}
-    procs["deployer"] = start_service("deployer", work, *common, "--registry-address", registry.target, "--registry-token", TOK["service"])
+    procs["deployer"] = start_service("deployer", work, *common, "--registry-target", registry.target, "--registry-token", TOK["service"])
     procs["trainer"] = start_service(
         "trainer", work, *common, "--no-run-jobs", "--registry-target", registry.target, "--registry-token", TOK["service"]
     )

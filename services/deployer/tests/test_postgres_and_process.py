@@ -32,7 +32,7 @@ async def test_deployer_on_postgres(stack, kube_standin, tmp_path, pg_ok):
     deployer = build(
         DeployerConfig(
             port=free_port(), metrics_port=-1, data_dir=str(tmp_path), database_url=url,
-            registry_address=f"127.0.0.1:{stack.registry.port}", kubernetes=True, kube_api_url=kube_standin.url, kube_poll_seconds=0.2,
+            registry_target=f"127.0.0.1:{stack.registry.port}", kubernetes=True, kube_api_url=kube_standin.url, kube_poll_seconds=0.2,
         )  # fmt: skip
     )
     await deployer.start()

@@ -32,7 +32,7 @@ MIGRATIONS = str(Path(__file__).parent / "migrations")
 @dataclass
 class DeployerConfig(ServiceConfig):
     migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
-    registry_address: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
+    registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
     local_host: str = field(default="127.0.0.1", metadata={"help": "address local replicas and routers bind"})
     replica_startup_timeout: float = field(default=600.0, metadata={"help": "seconds a local replica may take to load"})
@@ -50,7 +50,7 @@ def build(config: DeployerConfig) -> GrpcService:
     db = Database(database_url)
     notifier = Notifier()
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-deployer-page-tokens").hexdigest()
-    registry = RegistryGateway(config.registry_address, config.registry_token)
+    registry = RegistryGateway(config.registry_target, config.registry_token)
     backends: dict = {}
     controller = Controller(db, notifier, backends)
     backends[Backend.LOCAL] = LocalBackend(
