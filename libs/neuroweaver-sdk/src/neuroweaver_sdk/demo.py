@@ -143,7 +143,7 @@ async def train(nw: Clients, judge_version: str, args) -> tpb.TrainingJob:
             max_steps=args.sft_steps,
             batch_size=4,
             gradient_accumulation_steps=1,
-            max_seq_length=320,
+            max_seq_length=512,
             checkpoint_every_steps=20,
             eval_every_steps=max(args.sft_steps // 2, 1),
             seed=7,
