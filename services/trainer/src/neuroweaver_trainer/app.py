@@ -80,6 +80,7 @@ def build(config: TrainerConfig) -> GrpcService:
         registry_retry_seconds=config.registry_retry_seconds,
         model_cache_dir=config.model_cache_dir,
         log_level=config.log_level,
+        trace_file=config.trace_file,
     )
     kube = None
     if config.kube_api:

@@ -7,6 +7,10 @@ as a durable event (gap-free sequence, NOTIFY on PostgreSQL), stores the adapter
 card in the artifact store, registers exactly one registry version (deterministic request_id) and writes the
 final state. Every write is fenced by the attempt number, so a worker that lost its lease cannot write.
 
+The job runs under a span whose parent is the traceparent stored at CreateTrainingJob, so training and the
+registry's CreateModelVersion belong to the trace of the call that created the job (spans are exported only
+with --trace-file; without one the trace id still propagates and appears in the JSON logs).
+
 SIGTERM stops training after the current step: the job becomes CANCELLED when a cancel was requested,
 otherwise (trainer shutdown) the worker exits with code 75 and the job is resumed later.
 """
@@ -26,10 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.config import default_data_dir, load_config
 from neuroweaver_runtime.db import Database
-from neuroweaver_runtime.logs import configure_logging
+from neuroweaver_runtime.logs import configure_logging, trace_id_var
 from neuroweaver_runtime.timestamps import utcnow
 
 from .adapters.executors import EXIT_INTERRUPTED
@@ -46,6 +54,8 @@ from .domain.job import (
 )
 
 log = logging.getLogger("neuroweaver.trainer.worker")
+
+_tracer = trace.get_tracer("neuroweaver.trainer.worker")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -65,6 +75,7 @@ class WorkerConfig:
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the trainer process dies (local executor)"})
     stop_poll_seconds: float = field(default=1.0, metadata={"help": "how often the job's state is checked for a cancel"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
 
 
 class JobFailed(Exception):
@@ -156,11 +167,17 @@ class Worker:
             if row.attempts != self.attempt or row.state not in (JobState.RUNNING.value, JobState.CANCELLING.value):
                 log.warning("job %s is %s at attempt %s; this is attempt %s: nothing to do", row.name, row.state, row.attempts, self.attempt)
                 return 0
-            watcher = asyncio.create_task(self._watch_cancel())
-            try:
-                return await self._run_job()
-            finally:
-                watcher.cancel()
+            parent = TraceContextTextMapPropagator().extract({"traceparent": row.trace_parent}) if row.trace_parent else None
+            with _tracer.start_as_current_span(
+                "TrainingJob/run", context=parent, kind=SpanKind.INTERNAL,
+                attributes={"neuroweaver.training_job": row.name, "neuroweaver.attempt": self.attempt},
+            ) as span:  # fmt: skip
+                trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
+                watcher = asyncio.create_task(self._watch_cancel())
+                try:
+                    return await self._run_job()
+                finally:
+                    watcher.cancel()
         except Fenced:
             log.warning("attempt %s of %s lost its lease; stopping without writing", self.attempt, self.cfg.job)
             return 0
@@ -298,7 +315,6 @@ class Worker:
     async def _register(self, job: TrainingJob, result, metrics: dict[str, float], uri: str, sha: str, size: int) -> str:
         from neuroweaver.registry.v1 import registry_pb2 as rpb
         from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
-        from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
         from neuroweaver_runtime.client import open_channel
 
         bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}[job.version_bump or "minor"]
@@ -318,38 +334,54 @@ class Worker:
                 notes=f"{job.method.lineage_name} of {job.base_model} by {job.name}: {result.global_step} steps",
             ),
         )  # fmt: skip
+        channel = open_channel(self.cfg.registry_target, token=self.cfg.registry_token or None, deadline=10.0)
+        # a client span around the registration (all retries): open_channel injects it as the traceparent
+        span = _tracer.start_span(
+            "RegistryService/CreateModelVersion", kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "CreateModelVersion"},
+        )  # fmt: skip
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                return await self._register_with_retries(job, request, uri, sha, channel)
+        except JobFailed as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+            raise
+        finally:
+            span.end()
+            await channel.close()
+
+    async def _register_with_retries(self, job: TrainingJob, request, uri: str, sha: str, channel) -> str:
+        from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+
         deadline = time.monotonic() + self.cfg.registry_retry_seconds
         delay, tries = 0.5, 0
-        channel = open_channel(self.cfg.registry_target, token=self.cfg.registry_token or None, deadline=10.0)
-        try:
-            stub = rgrpc.RegistryServiceStub(channel)
-            while True:
-                tries += 1
-                try:
-                    version = await stub.CreateModelVersion(request, timeout=10.0)
-                    return version.name
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in _RETRYABLE:
-                        raise JobFailed(
-                            f"the registry refused the new version of {job.target_model}: {exc.code().name}: {exc.details()}; "
-                            f"the adapter is stored at {uri}"
-                        ) from None
-                    if time.monotonic() + delay > deadline:
-                        raise JobFailed(
-                            f"the registry at {self.cfg.registry_target} was unreachable for {self.cfg.registry_retry_seconds:.0f}s "
-                            f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {uri} "
-                            f"(sha256 {sha}); re-run the job once the registry is back"
-                        ) from None
-                    await self._event(JobEvent(EventType.LOG, stage="register", message=f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s"))
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-        finally:
-            await channel.close()
+        stub = rgrpc.RegistryServiceStub(channel)
+        while True:
+            tries += 1
+            try:
+                version = await stub.CreateModelVersion(request, timeout=10.0)
+                return version.name
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    raise JobFailed(
+                        f"the registry refused the new version of {job.target_model}: {exc.code().name}: {exc.details()}; "
+                        f"the adapter is stored at {uri}"
+                    ) from None
+                if time.monotonic() + delay > deadline:
+                    raise JobFailed(
+                        f"the registry at {self.cfg.registry_target} was unreachable for {self.cfg.registry_retry_seconds:.0f}s "
+                        f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {uri} "
+                        f"(sha256 {sha}); re-run the job once the registry is back"
+                    ) from None
+                await self._event(JobEvent(EventType.LOG, stage="register", message=f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s"))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(WorkerConfig, "trainer", argv)
     configure_logging("trainer-worker", cfg.log_level)
+    telemetry.configure_tracing("trainer-worker", cfg.trace_file)
     if cfg.die_with_parent:
         _die_with_parent()
     if not cfg.job or not cfg.database_url:

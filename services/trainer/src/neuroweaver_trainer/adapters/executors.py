@@ -36,6 +36,7 @@ class WorkerSettings:
     registry_retry_seconds: float = 120.0
     model_cache_dir: str = ""
     log_level: str = "INFO"
+    trace_file: str = ""  # the trainer's --trace-file: the worker's spans go there too
 
     def args(self) -> list[str]:
         out = [
@@ -45,6 +46,8 @@ class WorkerSettings:
         ]  # fmt: skip
         if self.model_cache_dir:
             out += ["--model-cache-dir", self.model_cache_dir]
+        if self.trace_file:
+            out += ["--trace-file", self.trace_file]
         return out
 
 

@@ -80,6 +80,7 @@ class JobRepository:
                 dataset_digest=job.dataset_digest, eval_dataset_digest=job.eval_dataset_digest, current_step=0,
                 total_steps=0, resumed_from_step=0, attempts=0, metrics={}, creator=job.creator,
                 create_time=job.create_time, last_sequence=0, lease_owner="", lease_expires_at=0.0, external_ref="",
+                trace_parent=job.trace_parent,
             )
         )  # fmt: skip
         return int(result.inserted_primary_key[0])
@@ -208,7 +209,7 @@ def job_from_row(row) -> TrainingJob:
         current_step=int(row.current_step), total_steps=int(row.total_steps), resumed_from_step=int(row.resumed_from_step),
         attempts=int(row.attempts), metrics={k: float(v) for k, v in (row.metrics or {}).items()},
         create_time=aware(row.create_time), start_time=aware(row.start_time), end_time=aware(row.end_time),
-        creator=row.creator, last_sequence=int(row.last_sequence),
+        creator=row.creator, last_sequence=int(row.last_sequence), trace_parent=row.trace_parent or "",
     )  # fmt: skip
 
 

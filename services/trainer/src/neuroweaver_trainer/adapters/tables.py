@@ -63,6 +63,8 @@ jobs = Table(
     Column("lease_owner", String(128), nullable=False, default=""),
     Column("lease_expires_at", Float, nullable=False, default=0.0),
     Column("external_ref", String(512), nullable=False, default=""),  # Kubernetes Job `namespace/name`
+    # W3C traceparent of the CreateTrainingJob call: the worker continues that trace (0002)
+    Column("trace_parent", String(128), nullable=False, default="", server_default=""),
     Index("ix_jobs_project_create", "project", "create_time", "id"),
     Index("ix_jobs_queue", "state", "create_time", "id"),
 )

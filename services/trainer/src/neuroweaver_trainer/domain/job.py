@@ -144,6 +144,8 @@ class TrainingJob:
     end_time: datetime | None = None
     creator: str = ""
     last_sequence: int = 0
+    # internal: W3C traceparent of the call that created the job; the worker runs the job under it
+    trace_parent: str = ""
 
     @property
     def job_id(self) -> str:

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
 from neuroweaver_runtime.db import Database
@@ -49,6 +51,16 @@ class JobPolicy:
     dataset_roots: list[str]
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
+
+
+def current_traceparent() -> str:
+    """W3C traceparent of the current span (the CreateTrainingJob server span), "" when there is none.
+
+    Stored on the job so that its worker, a separate process started later (maybe on another node),
+    continues this trace and the registry's CreateModelVersion joins it."""
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent", "")
 
 
 class TrainerService:
@@ -110,6 +122,7 @@ class TrainerService:
         )  # fmt: skip
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
         job.state, job.creator, job.create_time = JobState.QUEUED, current_actor(), utcnow()
+        job.trace_parent = current_traceparent()
         if validate_only:
             return job
         async with self.db.transaction() as s:
