@@ -171,3 +171,35 @@ def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(tiny_model_dir
     assert wr.excluded >= 1  # the "coolant" eval prompt got malformed verdicts: excluded, not scored
     statuses = [r.status for r in judge_server.state.requests]
     assert statuses[:2] == [429, 500] or (429 in statuses and 500 in statuses)
+
+
+def test_rloo_with_reward_model_no_eval(tiny_model_dir, prompt_files, tmp_path):
+    cfg = _cfg(tiny_model_dir, prompt_files, tmp_path / "run", algorithm="rloo", reward_source="reward_model",
+               eval_prompts_file=None, candidates_per_prompt=2)
+    events = []
+    res = run_rlaif(cfg, events.append)
+    assert res.status == "completed" and res.policy.algorithm == "rloo" and res.policy.global_step == 2
+    assert res.win_rate_vs_parent is None and res.metrics["judge_win_rate_vs_parent"] is None
+    assert any(e.kind == "rl_step" and "rewards/reward_model/mean" in e.metrics for e in events)
+
+
+def test_direct_reward_model_and_dpo_on_preference_file(tiny_model_dir, tmp_path):
+    from neuroweaver_ml.rlaif import DPOJobConfig, RewardModelConfig, run_dpo, run_reward_model
+
+    rows = [{"prompt": q, "chosen": a, "rejected": "I don't know."} for q, a in QUESTIONS] * 2
+    pf = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    rm = run_reward_model(RewardModelConfig(preference_file=str(pf), output_dir=str(tmp_path / "rm"), max_steps=3,
+                                            batch_size=4, eval_fraction=0.25, learning_rate=1e-4, device="cpu"))
+    assert rm.status == "completed" and rm.eval_pairs == 3 and rm.accuracy is not None
+    assert (Path(rm.model_dir) / "reward_model.json").is_file()
+    events = []
+    pol = run_dpo(DPOJobConfig(base_model_dir=str(tiny_model_dir), preference_file=str(pf),
+                               output_dir=str(tmp_path / "dpo"), max_steps=2, batch_size=2, lora_r=4, lora_alpha=8,
+                               checkpoint_every_steps=1, device="cpu"), events.append)
+    assert pol.status == "completed" and pol.global_step == 2 and pol.adapter_sha256
+    assert [e.kind for e in events].count("checkpoint") == 2
+    # called again: the recorded result, no training
+    again = run_dpo(DPOJobConfig(base_model_dir=str(tiny_model_dir), preference_file=str(pf),
+                                 output_dir=str(tmp_path / "dpo"), max_steps=2, batch_size=2, lora_r=4, lora_alpha=8,
+                                 checkpoint_every_steps=1, device="cpu"))
+    assert again.adapter_sha256 == pol.adapter_sha256
