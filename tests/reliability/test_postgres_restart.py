@@ -105,13 +105,13 @@ class Load:
             if pending_model is None:
                 pending_model = (f"m-{i}", str(uuid.uuid4()))
             model_id, rid = pending_model
-            created = self._op("CreateModel", lambda: self.reg.CreateModel(
+            created = self._op("CreateModel", lambda model_id=model_id, rid=rid: self.reg.CreateModel(
                 rs.CreateModelRequest(parent="projects/default", model_id=model_id, request_id=rid), timeout=5))  # fmt: skip
             if created is not None:
                 with self.lock:
                     self.acked_models.append(created.name)
                 pending_model = None
-                self._op("GetModel", lambda: self.reg.GetModel(rs.GetModelRequest(name=created.name), timeout=5))
+                self._op("GetModel", lambda name=created.name: self.reg.GetModel(rs.GetModelRequest(name=name), timeout=5))
             if pending_exp is None:
                 pending_exp = (f"e-{i}", str(uuid.uuid4()))
             exp_id, erid = pending_exp
@@ -121,7 +121,7 @@ class Load:
                           epb.Variant(id="treatment", model_version="projects/default/models/m/versions/1.0.1", weight=0.5)],
                 primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
             )  # fmt: skip
-            made = self._op("CreateExperiment", lambda: self.exp.CreateExperiment(
+            made = self._op("CreateExperiment", lambda exp_id=exp_id, exp=exp, erid=erid: self.exp.CreateExperiment(
                 es.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp, request_id=erid), timeout=5))  # fmt: skip
             if made is not None:
                 with self.lock:
@@ -183,11 +183,6 @@ def test_services_recover_without_restart_and_keep_every_acknowledged_write(rest
         assert load.exp.GetExperiment(es.GetExperimentRequest(name=name), timeout=10).name == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server interceptor does not map DB connection errors yet: wire errors.unavailable_from_db_error into "
-    "interceptors._fail (owned by the runtime engineer), then drop this marker",
-)
 def test_outage_failures_are_unavailable_not_internal(restart_run):
     load, _, _ = restart_run
     bad = [(what, code.name, details) for what, code, details in load.failures if code != grpc.StatusCode.UNAVAILABLE]

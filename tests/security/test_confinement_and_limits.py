@@ -10,9 +10,9 @@ from nwstack import reason_of, start_service
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rg
-from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver.trainer.v1 import trainer_service_pb2 as ts
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as tg
+from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 
 LIMIT = 64 * 1024
 

@@ -43,6 +43,9 @@ class ServiceConfig:
     trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
     max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "largest request/response"})
     shutdown_grace_seconds: float = field(default=10.0, metadata={"help": "in-flight calls get this long on SIGTERM"})
+    shutdown_drain_seconds: float = field(
+        default=1.0, metadata={"help": "on SIGTERM, keep serving this long after health turns NOT_SERVING (load balancers react)"}
+    )
 
     def sqlite_default(self, service: str) -> str:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ trace id), so log lines still get a trace id and outgoing calls still propagate 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from . import telemetry
 from .auth import Principal, Role, TokenAuthenticator, authorize, principal_var
-from .errors import DomainError, internal_status, to_rpc_status
+from .errors import DomainError, internal_status, to_rpc_status, unavailable_from_db_error
 from .logs import request_id_var, trace_id_var
 from .names import project_of
 
@@ -61,6 +62,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = trace.get_tracer("neuroweaver.grpc")
         self._record_spans = telemetry.spans_are_recorded()
         self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (original handler, wrapped handler)
+        # Tasks of open streaming calls: watches never end by themselves, so shutdown cancels them
+        # (clients resume from their cursor on another replica) instead of waiting out the grace period.
+        self.streams: set[asyncio.Task] = set()
+
+    def cancel_streams(self) -> int:
+        tasks = [t for t in self.streams if not t.done()]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -127,7 +137,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         principal_var.set(principal)
         return principal
 
-    async def _fail(self, context, exc: BaseException, span, service: str, name: str):
+    async def _fail(self, context, exc: BaseException, span, service: str, name: str) -> None:
+        """Aborts the call with the status for `exc` (raises grpc.aio.AbortError)."""
+        if not isinstance(exc, DomainError) and (mapped := unavailable_from_db_error(exc)) is not None:
+            log.warning("database unavailable in %s/%s: %s", service, name, exc)
+            exc = mapped  # a lost database is UNAVAILABLE (retryable), not INTERNAL
         if isinstance(exc, DomainError):
             status = to_rpc_status(exc, self._domain)
             span.set_status(Status(StatusCode.ERROR, exc.reason))
@@ -160,7 +174,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                code = exc.code if isinstance(exc, DomainError) else grpc.StatusCode.INTERNAL
+                code = _code_for(exc)
                 await self._fail(context, exc, span, service, name)
             finally:
                 self._finish(context, span, metrics, started, code)
@@ -174,6 +188,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             md, span = self._begin(context, metrics, service, name)
             code = None
+            task = asyncio.current_task()
+            self.streams.add(task)
             try:
                 with trace.use_span(span, end_on_exit=False):
                     self._check_auth(md, request if kind == "server_stream" else None, required)
@@ -182,9 +198,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                code = exc.code if isinstance(exc, DomainError) else grpc.StatusCode.INTERNAL
+                code = _code_for(exc)
                 await self._fail(context, exc, span, service, name)
             finally:
+                self.streams.discard(task)
                 self._finish(context, span, metrics, started, code)
 
         return wrapper
@@ -219,6 +236,13 @@ def _propagating_span(metadata, md: dict) -> NonRecordingSpan:
     else:
         ctx = SpanContext(random.getrandbits(128) or 1, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
     return NonRecordingSpan(ctx)
+
+
+def _code_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, DomainError):
+        return exc.code
+    mapped = unavailable_from_db_error(exc)
+    return mapped.code if mapped is not None else grpc.StatusCode.INTERNAL
 
 
 def _code_of(context) -> grpc.StatusCode:

@@ -39,13 +39,37 @@ class ServiceDefinition:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
+class _DrainableHealth(health.aio.HealthServicer):
+    """The standard health servicer, except that shutdown can end its Watch streams.
+
+    A Watch never ends by itself; left open it would hold `server.stop()` for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches: set[asyncio.Task] = set()
+
+    async def Watch(self, request, context) -> None:
+        task = asyncio.current_task()
+        self.watches.add(task)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watches.discard(task)
+
+    def cancel_watches(self) -> None:
+        for task in list(self.watches):
+            task.cancel()
+
+
 class GrpcService:
     def __init__(self, definition: ServiceDefinition, config: ServiceConfig, *, default_port: int, default_metrics_port: int):
         self.definition = definition
         self.config = config
         self.port = config.port or default_port
         self.metrics_port = config.metrics_port if config.metrics_port else default_metrics_port
-        self.health = health.aio.HealthServicer()
+        self.health = _DrainableHealth()
+        self.interceptor: ServiceInterceptor | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -54,8 +78,9 @@ class GrpcService:
         telemetry.configure_tracing(d.name, self.config.trace_file)
         authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens)
         limit = self.config.max_message_bytes
+        self.interceptor = ServiceInterceptor(error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator)
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator)],
+            interceptors=[self.interceptor],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -96,10 +121,20 @@ class GrpcService:
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING first (so load balancers drain), then let in-flight calls finish within the grace."""
+        """Graceful shutdown, in order:
+
+        1. health turns NOT_SERVING (Watch streams see it) so load balancers stop sending new calls;
+        2. for `shutdown_drain_seconds` the server still serves whatever arrives meanwhile;
+        3. open streams (watches) are cancelled: their clients resume from their cursor elsewhere;
+        4. the server stops accepting calls and in-flight unary calls get up to the grace period.
+        """
         if self.server is None:
             return
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.config.shutdown_drain_seconds)
+        self.health.cancel_watches()
+        if self.interceptor is not None:
+            self.interceptor.cancel_streams()
         await self.server.stop(self.config.shutdown_grace_seconds)
         for hook in self.definition.on_stop:
             await hook()
