@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -58,6 +59,13 @@ from .cache import VersionCache
 
 MODEL_UPDATABLE = {"display_name", "description", "specialization", "base_model", "labels"}
 EVENT_CHANNEL = "nw_registry_events"
+
+log = logging.getLogger("neuroweaver.registry")
+
+
+def _log_alias_move(what: str, alias: ModelAlias) -> None:
+    """Aliases route production traffic: every committed move is one log line (with the call's request and trace id)."""
+    log.info(what, extra={"fields": {"alias": alias.name, "version": alias.version, "actor": alias.actor, "reason": alias.reason[:200]}})
 
 
 @dataclass
@@ -498,6 +506,7 @@ class RegistryService:
             row = await self._model(repo, model, for_update=True, field="model")
             result = await self._move_alias(repo, row, alias, version, AliasAction.SET, expected, reason, "version")
         self._committed(row.project)
+        _log_alias_move("alias set", result)
         return result
 
     async def get_alias(self, name: str) -> ModelAlias:
@@ -559,6 +568,7 @@ class RegistryService:
                 repo, row, parts["alias"], target, AliasAction.ROLLBACK, expected, reason or "rollback", "to_version"
             )
         self._committed(row.project)
+        _log_alias_move("alias rolled back", result)
         return result
 
     async def alias_history(self, name: str, size: int, token: str) -> Page:
