@@ -15,10 +15,9 @@ import time
 
 import grpc
 import pytest
+from google.protobuf import text_format
 from grpc_health.v1 import health_pb2
 from nwstack import SERVICES, call, health_status, message_class, minimal_request, service_descriptor, start_service
-
-from google.protobuf import text_format
 
 SEED = int(os.environ.get("NW_FUZZ_SEED", "20240611"))
 PER_RPC = int(os.environ.get("NW_FUZZ_PER_RPC", "150"))
