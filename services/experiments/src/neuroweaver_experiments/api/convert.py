@@ -157,11 +157,12 @@ def assignment_to_pb(exp: Experiment, a: Assignment) -> svc.AssignVariantRespons
 
 def events_from_pb(events) -> list[Event]:
     out: list[Event] = []
+    append = out.append
     for e in events:
-        ts = e.event_time
-        out.append(
-            (e.experiment, e.unit_id, e.metric, e.value, from_timestamp(ts, "events.event_time") if (ts.seconds or ts.nanos) else None, e.idempotency_key)
-        )
+        if e.HasField("event_time") and ((ts := e.event_time).seconds or ts.nanos):
+            append((e.experiment, e.unit_id, e.metric, e.value, from_timestamp(ts, "events.event_time"), e.idempotency_key))
+        else:
+            append((e.experiment, e.unit_id, e.metric, e.value, None, e.idempotency_key))
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import idempotency
@@ -69,12 +72,26 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
         return convert.experiment_to_pb(exp)
 
     async def AssignVariant(self, request, context):
-        exp, (assignment,) = await self.svc.assign(request.experiment, [request.unit_id])
-        return convert.assignment_to_pb(exp, assignment)
+        # Fast path: a returning unit of a snapshot validated within the TTL is answered from memory, with no
+        # I/O and no re-rendering (its first exposure is already stored; later exposures are not writes).
+        assigner = self.svc.assigner
+        snap = assigner.fresh(request.experiment)
+        if snap is not None:
+            reply = snap.replies.get(request.unit_id)
+            if reply is not None:
+                return reply
+        snap, (assignment,) = await self.svc.assign_snapshot(request.experiment, [request.unit_id])
+        reply = convert.assignment_to_pb(snap.experiment, assignment)
+        assigner.remember_reply(snap, request.unit_id, assignment, reply)
+        return reply
 
     async def BatchAssignVariants(self, request, context):
-        exp, assignments = await self.svc.assign(request.experiment, list(request.unit_ids), batch=True)
-        return svc.BatchAssignVariantsResponse(assignments=[convert.assignment_to_pb(exp, a) for a in assignments])
+        units = list(request.unit_ids)
+        snap, assignments = await self.svc.assign_snapshot(request.experiment, units, batch=True)
+        replies = [convert.assignment_to_pb(snap.experiment, a) for a in assignments]
+        for unit, a, reply in zip(units, assignments, replies, strict=True):
+            self.svc.assigner.remember_reply(snap, unit, a, reply)
+        return svc.BatchAssignVariantsResponse(assignments=replies)
 
     async def RecordMetricEvents(self, request, context):
         result = await self.svc.record(request.experiment, convert.events_from_pb(request.events))
@@ -85,16 +102,37 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
         are committed, and the error's metadata says how many (`committed_messages`, `committed_events`)."""
         total = IngestResult()
         messages = 0
-        async for request in request_iterator:
+        iterator = aiter(request_iterator)
+
+        async def receive():
+            """Next message, checked and decoded; runs while the previous message's transaction is in flight."""
             try:
-                check_project(request.experiment)  # the interceptor cannot see streamed messages
-                total += await self.svc.record(request.experiment, convert.events_from_pb(request.events))
-            except DomainError as exc:
-                exc.metadata.update(
-                    committed_messages=str(messages), committed_events=str(total.accepted), failed_message=str(messages)
-                )
-                raise
-            messages += 1
+                request = await anext(iterator)
+            except StopAsyncIteration:
+                return None
+            check_project(request.experiment)  # the interceptor cannot see streamed messages
+            return request.experiment, convert.events_from_pb(request.events)
+
+        ahead = asyncio.ensure_future(receive())
+        try:
+            while True:
+                try:
+                    message = await ahead
+                    if message is None:
+                        break
+                    ahead = asyncio.ensure_future(receive())  # decode k+1 while k is written (still one batch each)
+                    total += await self.svc.record(*message)
+                except DomainError as exc:
+                    exc.metadata.update(
+                        committed_messages=str(messages), committed_events=str(total.accepted), failed_message=str(messages)
+                    )
+                    raise
+                messages += 1
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
         return svc.StreamMetricEventsResponse(accepted=total.accepted, duplicates=total.duplicates)
 
     async def GetExperimentResults(self, request, context):

@@ -26,6 +26,7 @@ from ..domain.assignment import Assignment, AssignmentPlan
 from ..domain.experiment import EXPERIMENT, Experiment
 
 MAX_CACHED_UNITS = 2_000_000  # per process; the cache is cleared when it grows past this (the store stays exact)
+MAX_CACHED_REPLIES = 500_000  # per experiment snapshot (rendered AssignVariant replies, ~0.3 KB each)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Snapshot:
     checked: float
     # Units of the current plan that are outside the coverage and have no stored assignment.
     outside: set[str] = field(default_factory=set)
+    # unit → rendered reply (the API layer's response object) of units whose answer cannot change while this
+    # snapshot is current: a stored (sticky) assignment, or outside the coverage of this plan. Dropped with
+    # the snapshot, i.e. on any revision change (weights, coverage, state) — see `Assigner.fresh`.
+    replies: dict[str, object] = field(default_factory=dict)
 
 
 class StickyCache:
@@ -141,6 +146,23 @@ class Assigner:
 
     def invalidate(self, name: str) -> None:
         self._snapshots.pop(name, None)
+
+    def fresh(self, name: str) -> Snapshot | None:
+        """The cached snapshot if it was validated less than `ttl` seconds ago (no I/O), else None.
+        Consistency bound: a change committed by another replica is seen at most `ttl` seconds later (local
+        changes drop the snapshot at once)."""
+        snap = self._snapshots.get(name)
+        if snap is not None and time.monotonic() - snap.checked < self.ttl:
+            return snap
+        return None
+
+    def remember_reply(self, snap: Snapshot, unit: str, assignment: Assignment, reply: object) -> None:
+        """Memoize the reply of a unit whose answer is fixed for this snapshot (sticky, or outside coverage)."""
+        if not (assignment.sticky or assignment.variant is None) or self._snapshots.get(snap.experiment.name) is not snap:
+            return
+        if len(snap.replies) >= MAX_CACHED_REPLIES:
+            snap.replies.clear()
+        snap.replies[unit] = reply
 
     async def snapshot(self, name: str, field: str = "experiment") -> Snapshot:
         snap = self._snapshots.get(name)

@@ -36,7 +36,7 @@ from ..domain.experiment import (
     validate_experiment,
 )
 from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
-from .assignments import Assigner
+from .assignments import Assigner, Snapshot
 from .ingest import Event, Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,10 @@ class ExperimentsService:
     # -- assignment ------------------------------------------------------------------------------
 
     async def assign(self, experiment: str, units: list[str], *, batch: bool = False) -> tuple[Experiment, list[Assignment]]:
+        snap, assignments = await self.assign_snapshot(experiment, units, batch=batch)
+        return snap.experiment, assignments
+
+    async def assign_snapshot(self, experiment: str, units: list[str], *, batch: bool = False) -> tuple[Snapshot, list[Assignment]]:
         if batch:
             if not units:
                 raise InvalidArgument("unit_ids must not be empty", field="unit_ids", reason="INVALID_UNIT_ID")
@@ -270,7 +274,7 @@ class ExperimentsService:
                 )
         snap = await self.assigner.snapshot(experiment)
         require_running(snap.experiment, "units are assigned")
-        return snap.experiment, await self.assigner.assign_many(snap, units)
+        return snap, await self.assigner.assign_many(snap, units)
 
     # -- metrics ---------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from ..adapters import tables as t
 from ..adapters.repository import ExperimentsRepository, aware
 from ..domain.aggregation import UnitAggregate, contribution_delta
 from ..domain.experiment import EXPERIMENT, ExperimentState, require_running
+from ..domain.statistics import MetricKind
 from .assignments import Assigner
 
 MAX_BATCH = 10_000
@@ -136,6 +137,10 @@ class Ingestor:
                     bad.add(i, "event_time", f"event time {ts.isoformat()} is before the experiment started ({start.isoformat()})", "EVENT_BEFORE_START")
             bad.raise_if_any()
 
+            variant_of = {**known, **found} if found else known
+            if self.db.is_postgres:
+                return await self._record_pg(repo, exp_id, events, variant_of, kinds, now)
+
             # duplicates: keys seen before in this batch or in the store
             keyed: dict[str, int] = {}
             duplicates = 0
@@ -168,7 +173,6 @@ class Ingestor:
                 a[1] += value
                 if value > 0:
                     a[2] += 1
-            variant_of = {**known, **found} if found else known
             rows = sorted((m, u, variant_of[u], a[0], a[1], a[2]) for (m, u), a in agg.items())
             updated = await repo.upsert_unit_metrics(exp_id, rows)
             deltas: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -183,3 +187,20 @@ class Ingestor:
                 acc[2] += d.sum_sq
             await repo.add_variant_stats(exp_id, {k: (v[0], v[1], v[2]) for k, v in deltas.items()})
         return IngestResult(len(take), duplicates)
+
+    @staticmethod
+    async def _record_pg(repo: ExperimentsRepository, exp_id: int, events: Sequence[Event], variant_of, kinds, now) -> IngestResult:
+        """PostgreSQL: drop in-batch key repeats here, everything else in one set-based statement
+        (`ExperimentsRepository.ingest_pg`)."""
+        seen: set[str] = set()
+        rows = []
+        for _, unit, metric, value, ts, key in events:
+            if key:
+                if key in seen:
+                    continue
+                seen.add(key)
+            rows.append((unit, metric, value, ts or now, key or None))
+        units = {r[0] for r in rows}
+        proportions = [m for m, k in kinds.items() if k is MetricKind.PROPORTION]
+        accepted = await repo.ingest_pg(exp_id, rows, {u: variant_of[u] for u in units}, proportions)
+        return IngestResult(accepted, len(events) - accepted)
