@@ -459,6 +459,21 @@ class Embedder:
         return torch.cat(outs) if outs else torch.empty(0)
 
 
+_EMBEDDERS: dict[tuple[str, str], Embedder] = {}
+_EMBEDDERS_LOCK = threading.Lock()
+
+
+def shared_embedder(model_dir: str | os.PathLike, device: str = "cpu") -> Embedder:
+    """One loaded encoder per (dir, device) and process. The lock matters beyond saving memory:
+    transformers' model loading patches module-level state (empty-weight init), so two threads
+    loading at once (concurrent executor calls) can leave later loads on the meta device."""
+    key = (str(Path(model_dir).resolve()), device)
+    with _EMBEDDERS_LOCK:
+        if key not in _EMBEDDERS:
+            _EMBEDDERS[key] = Embedder(model_dir, device)
+        return _EMBEDDERS[key]
+
+
 class LocalEmbeddingJudge(Judge):
     """Scores semantic agreement with the reference answer: cosine similarity of MiniLM embeddings,
     clipped to [0, 1] and mapped linearly onto [score_min, score_max]. Items without a reference are
@@ -472,7 +487,7 @@ class LocalEmbeddingJudge(Judge):
 
     def _get_embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = Embedder(self.model_dir, self.device)
+            self._embedder = shared_embedder(self.model_dir, self.device)
         return self._embedder
 
     def score_sync(self, items: Sequence[tuple[str, str, str | None]]) -> list[Judgement]:
