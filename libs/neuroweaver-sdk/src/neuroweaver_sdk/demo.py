@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import time
 import uuid
@@ -395,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
             for file in data_dir.glob(stale + "*"):
                 file.unlink()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the services below are always stopped
+
+    signal.signal(signal.SIGTERM, interrupted)
     platform = LocalPlatform(data_dir)
     console.print(f"starting {', '.join(platform.services)} in {data_dir} (logs in {data_dir / 'logs'})")
     platform.start()
