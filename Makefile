@@ -42,6 +42,7 @@ lint: install ## ruff, buf lint, mypy on libs
 test: install proto-check ## the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
 	.venv/bin/ruff check .
 	npx buf lint
+	.venv/bin/mypy libs/neuroweaver-runtime/src
 	$(PY) -m pytest $(wildcard libs services tests) $(PYTEST_ARGS)
 
 test-fast: install

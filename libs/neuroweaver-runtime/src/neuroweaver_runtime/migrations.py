@@ -34,6 +34,8 @@ def downgrade(url: str, script_location: str, revision: str = "base") -> None:
 def run_env(target_metadata) -> None:
     """Body of a service's migrations/env.py (online mode, async engine)."""
     url = context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic config has no sqlalchemy.url; run migrations through neuroweaver_runtime.migrations.upgrade")
 
     def do_run(connection) -> None:
         context.configure(

@@ -51,6 +51,7 @@ class _DrainableHealth(health.aio.HealthServicer):
 
     async def Watch(self, request, context) -> None:
         task = asyncio.current_task()
+        assert task is not None  # handlers always run in a task
         self.watches.add(task)
         try:
             await super().Watch(request, context)

@@ -46,6 +46,8 @@ class JsonLinesSpanExporter(SpanExporter):
         for span in spans:
             ctx = span.get_span_context()
             parent = span.parent
+            if ctx is None:
+                continue
             lines.append(
                 json.dumps(
                     {
