@@ -43,6 +43,10 @@ class DeployerConfig(ServiceConfig):
     kube_namespace: str = field(default="neuroweaver", metadata={"help": "default namespace of deployments"})
     model_server_image: str = field(default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"})
     kube_poll_seconds: float = field(default=2.0, metadata={"help": "how often Deployment status is read back"})
+    artifact_roots: str = field(
+        default="",
+        metadata={"help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"},
+    )
 
 
 def build(config: DeployerConfig) -> GrpcService:
@@ -50,7 +54,8 @@ def build(config: DeployerConfig) -> GrpcService:
     db = Database(database_url)
     notifier = Notifier()
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-deployer-page-tokens").hexdigest()
-    registry = RegistryGateway(config.registry_target, config.registry_token)
+    roots = [r for r in config.artifact_roots.split(",") if r]
+    registry = RegistryGateway(config.registry_target, config.registry_token, artifact_roots=roots)
     backends: dict = {}
     controller = Controller(db, notifier, backends)
     backends[Backend.LOCAL] = LocalBackend(

@@ -27,8 +27,9 @@ class AliasEvent:
 
 
 class RegistryGateway:
-    def __init__(self, target: str, token: str = "", deadline: float = 10.0) -> None:
+    def __init__(self, target: str, token: str = "", deadline: float = 10.0, artifact_roots: list[str] | None = None) -> None:
         self.target = target
+        self.artifact_roots = artifact_roots or []
         self._channel = open_channel(target, token=token or None, deadline=deadline)
         self._stub = rgrpc.RegistryServiceStub(self._channel)
 
@@ -43,11 +44,28 @@ class RegistryGateway:
             raise _map(exc, version_name, field) from None
         if mv.state == rpb.ModelVersion.STATE_DEPRECATED:
             raise FailedPrecondition(f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name})
+        self._check_confined(mv.name, mv.artifact.uri)
         if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
             return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri)
         if not mv.lineage.base_model:
             raise FailedPrecondition(f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN")
         return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model)
+
+    def _check_confined(self, version: str, uri: str) -> None:
+        """With artifact roots configured, a version whose local artifact lies elsewhere is never served
+        (no `../` escapes or arbitrary host files through a registered URI)."""
+        if not self.artifact_roots or not (uri.startswith("file:") or uri.startswith("/")):
+            return
+        from neuroweaver_ml import PathNotAllowed, confine_path
+
+        try:
+            confine_path(uri, self.artifact_roots)
+        except PathNotAllowed as exc:
+            raise FailedPrecondition(
+                f"{version}: its artifact is outside the deployer's artifact roots ({exc})",
+                reason="ARTIFACT_PATH_NOT_ALLOWED",
+                metadata={"model_version": version},
+            ) from None
 
     async def alias_events(self, project: str, model: str, after: int) -> AsyncIterator[AliasEvent]:
         """Alias moves of `model` after the cursor, then live; runs until cancelled or the stream breaks."""
