@@ -275,6 +275,33 @@ class ExperimentsRepository:
             inserted.update(r[0] for r in await self.s.execute(stmt))
         return inserted
 
+    async def insert_assignments_exposed(
+        self, experiment_id: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime
+    ) -> set[str] | None:
+        """PostgreSQL: `insert_assignments` and `add_exposures` of the units actually inserted, in one statement
+        (one round trip). Returns the inserted units; None on SQLite (use the two calls)."""
+        if not self.pg:
+            return None
+        if not rows:
+            return set()
+        units, variants, buckets = zip(*rows, strict=True)
+        result = await (await self._raw()).fetch(
+            "WITH ins AS (INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
+            "SELECT $1, u, v, b, $5 FROM unnest($2::text[], $3::text[], $4::int[]) AS x(u, v, b) "
+            "ON CONFLICT DO NOTHING RETURNING unit_id, variant), "
+            "exp AS (INSERT INTO exposure_counts AS ec (experiment_id, epoch, variant, units) "
+            "SELECT $1, $6, variant, count(*) FROM ins GROUP BY variant ORDER BY variant "
+            "ON CONFLICT (experiment_id, epoch, variant) DO UPDATE SET units = ec.units + excluded.units) "
+            "SELECT unit_id FROM ins",
+            experiment_id,
+            list(units),
+            list(variants),
+            list(buckets),
+            now,
+            epoch,
+        )
+        return {r[0] for r in result}
+
     async def add_exposures(self, experiment_id: int, epoch: int, counts: dict[str, int]) -> None:
         """Adds first exposures per variant (in variant order, so concurrent writers lock rows alike)."""
         for variant in sorted(counts):

@@ -16,11 +16,12 @@ import math
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver_runtime.errors import InvalidArgument
+from neuroweaver_runtime.etag import etag_for
 from neuroweaver_runtime.timestamps import from_timestamp, to_timestamp
 
 from ..domain import statistics as st
 from ..domain.assignment import Assignment
-from ..domain.experiment import Experiment, ExperimentState, Variant, etag_for
+from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..service.ingest import Event
 
 _STATE = {

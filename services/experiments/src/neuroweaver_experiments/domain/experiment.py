@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from neuroweaver_runtime.errors import Aborted, FailedPrecondition, InvalidArgument, Violations
+from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Violations
 from neuroweaver_runtime.names import ID_PATTERN, ResourceName
 
 from .assignment import validate_coverage, validate_variants
@@ -270,22 +269,6 @@ def require_running(exp: Experiment, what: str) -> None:
             f"experiment {exp.name} is {exp.state.value}: {what} only while it is RUNNING",
             reason="EXPERIMENT_NOT_RUNNING",
             metadata={"experiment": exp.name, "state": exp.state.value},
-        )
-
-
-# ------------------------------------------------------------------------------------------------ etags
-
-
-def etag_for(name: str, revision: int) -> str:
-    return hashlib.sha256(f"{name}#{revision}".encode()).hexdigest()[:16]
-
-
-def check_etag(name: str, revision: int, etag: str) -> None:
-    if etag and etag != etag_for(name, revision):
-        raise Aborted(
-            f"etag {etag!r} is stale: {name} changed since it was read; get it again and retry",
-            reason="ETAG_MISMATCH",
-            metadata={"resource": name},
         )
 
 

@@ -125,11 +125,12 @@ class AssignmentWriter:
             for exp_id in sorted(batch):
                 epoch, units = batch[exp_id]
                 rows = sorted((u, v, b) for u, (v, b, _) in units.items() if v is not None)
-                inserted = await repo.insert_assignments(exp_id, rows, now)
+                inserted = await repo.insert_assignments_exposed(exp_id, epoch, rows, now)  # PostgreSQL: one round trip
+                if inserted is None:
+                    inserted = await repo.insert_assignments(exp_id, rows, now)
+                    await repo.add_exposures(exp_id, epoch, dict(Counter(units[u][0] for u in inserted)))
                 others = [u for u in units if u not in inserted]
                 stored: dict[str, str | None] = dict(await repo.stored_assignments(exp_id, others))
-                counts = Counter(units[u][0] for u in inserted)
-                await repo.add_exposures(exp_id, epoch, dict(counts))
                 for u in inserted:
                     stored[u] = units[u][0]
                 out[exp_id] = stored

@@ -9,6 +9,7 @@ from datetime import datetime
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.pagination import PageTokens, page_size
@@ -27,7 +28,6 @@ from ..domain.experiment import (
     ExperimentState,
     Variant,
     apply_defaults,
-    check_etag,
     check_metric_kinds_kept,
     check_weights_only,
     require_running,
