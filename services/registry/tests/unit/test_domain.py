@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from neuroweaver_registry.domain.etag import check_etag, etag_for
 from neuroweaver_registry.domain.judges import validate_judge_config
 from neuroweaver_registry.domain.model import (
     Artifact,
@@ -21,6 +20,7 @@ from neuroweaver_registry.domain.model import (
     validate_new_version,
 )
 from neuroweaver_runtime.errors import Aborted, InvalidArgument, Violations
+from neuroweaver_runtime.etag import check_etag, etag_for
 
 SHA = "0f" * 32
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from neuroweaver.deployer.v1 import deployment_pb2 as pb
 from neuroweaver_runtime.errors import InvalidArgument
+from neuroweaver_runtime.etag import etag_for
 from neuroweaver_runtime.timestamps import to_timestamp
 
-from ..domain.etag import etag_for
 from ..domain.model import Autoscaling, Backend, Condition, Deployment, Resources, Revision, Serving, State, Toleration
 
 BACKEND_FROM_PB = {pb.BACKEND_UNSPECIFIED: Backend.LOCAL, pb.BACKEND_LOCAL: Backend.LOCAL, pb.BACKEND_KUBERNETES: Backend.KUBERNETES}

@@ -13,6 +13,7 @@ from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.notify import Notifier
@@ -23,7 +24,6 @@ from ..adapters import tables
 from ..adapters.kube import model_server_spec
 from ..adapters.registry import RegistryGateway
 from ..adapters.repository import DeployerRepository, to_deployment, to_resolved
-from ..domain.etag import check_etag
 from ..domain.model import (
     DEPLOYMENT,
     Backend,

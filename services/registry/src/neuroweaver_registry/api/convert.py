@@ -5,10 +5,10 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from neuroweaver.registry.v1 import registry_pb2 as pb
+from neuroweaver_runtime.etag import etag_for
 from neuroweaver_runtime.timestamps import to_timestamp
 
 from ..domain import model as d
-from ..domain.etag import etag_for
 
 _MODEL_STATE = {d.ModelState.ACTIVE: pb.Model.STATE_ACTIVE, d.ModelState.ARCHIVED: pb.Model.STATE_ARCHIVED}
 _VERSION_STATE = {

@@ -19,6 +19,7 @@ from neuroweaver_runtime.errors import (
     NotFound,
     Violations,
 )
+from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.notify import Notifier
@@ -28,7 +29,6 @@ from neuroweaver_runtime.timestamps import utcnow
 from ..adapters import tables
 from ..adapters.repository import RegistryRepository, alias_list, aware, metric_from_row, version_from_row
 from ..domain import versions as semver_rules
-from ..domain.etag import check_etag
 from ..domain.judges import validate_judge_config
 from ..domain.model import (
     ALIAS,

@@ -1,4 +1,4 @@
-"""Etags for optimistic concurrency (AIP-154): derived from the resource name and its revision counter."""
+"""Etags for optimistic concurrency (AIP-154), shared by every service: derived from the resource name and its revision counter."""
 
 from __future__ import annotations
 
