@@ -74,6 +74,17 @@ def load_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def subset(source: Path, target: Path, count: int) -> Path:
+    """An evenly spread subset of a JSONL file (the kit is ordered by specialization), so a 2-core demo
+    covers every specialization within its time budget."""
+    rows = load_jsonl(source)
+    step = max(len(rows) / count, 1.0)
+    picked = [rows[int(i * step)] for i in range(min(count, len(rows)))]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return target
+
+
 async def register_base(nw: Clients, cache_dir: Path) -> str:
     """The untouched base model becomes version 1.0.0 (a merged checkpoint), and `production` points at it."""
     from neuroweaver_ml import digest_path, ensure_builtin
@@ -131,7 +142,7 @@ async def create_judge(nw: Clients) -> str:
     return f"{judge.name}/versions/{judge.latest_version}"
 
 
-async def train(nw: Clients, judge_version: str, args) -> tpb.TrainingJob:
+async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.TrainingJob:
     job = tpb.TrainingJob(
         display_name="dealer-assistant QLoRA SFT + RLAIF",
         base_model=BASE_MODEL,
@@ -154,10 +165,11 @@ async def train(nw: Clients, judge_version: str, args) -> tpb.TrainingJob:
         labels={"demo": "true"},
     )
     if args.method == "rlaif":
+        datasets = data_dir / "datasets"  # inside the trainer's dataset roots
         job.rlaif.CopyFrom(
             tpb.RlaifConfig(
-                prompts_uri=str(DATA / "prompts" / "train.jsonl"),
-                eval_prompts_uri=str(DATA / "prompts" / "eval.jsonl"),
+                prompts_uri=str(subset(DATA / "prompts" / "train.jsonl", datasets / "rlaif-prompts.jsonl", args.rlaif_prompts)),
+                eval_prompts_uri=str(subset(DATA / "prompts" / "eval.jsonl", datasets / "rlaif-eval-prompts.jsonl", args.rlaif_eval_prompts)),
                 judge_version=judge_version,
                 candidates_per_prompt=2,
                 algorithm=tpb.RlaifConfig.POLICY_ALGORITHM_DPO if args.policy == "dpo" else tpb.RlaifConfig.POLICY_ALGORITHM_GRPO,
@@ -312,7 +324,7 @@ async def demo(args, data_dir: Path) -> dict:
                 base_version = await register_base(nw, data_dir / "models")
                 judge_version = await create_judge(nw)
             with timer.phase("2. train: QLoRA SFT" + (" → RLAIF" if args.method == "rlaif" else "")):
-                job = await train(nw, judge_version, args)
+                job = await train(nw, judge_version, args, data_dir)
             new_version = job.model_version
             version = await nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=new_version))
             summary["training"] = {
@@ -379,8 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("NW_DEMO_DIR", str(REPO / ".data" / "demo")))
     parser.add_argument("--method", choices=["rlaif", "sft"], default="rlaif")
     parser.add_argument("--policy", choices=["dpo", "grpo"], default="dpo")
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=24)
     parser.add_argument("--policy-steps", type=int, default=12)
+    parser.add_argument("--rlaif-prompts", type=int, default=32, help="training prompts used by RLAIF (spread over the kit)")
+    parser.add_argument("--rlaif-eval-prompts", type=int, default=16, help="held-out prompts for the win-rate evaluation")
     parser.add_argument("--users", type=int, default=80)
     parser.add_argument("--min-units", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=64)
