@@ -102,3 +102,23 @@ async def test_concurrent_streams_into_the_same_units_stay_exact(stub, make_expe
         assert by_variant[v].units == len(xs)
         assert by_variant[v].mean == pytest.approx(np.mean(xs), rel=1e-9)
         assert by_variant[v].standard_deviation == pytest.approx(np.std(xs, ddof=1), rel=1e-9)
+
+
+async def test_odd_unit_ids_metrics_and_keys_round_trip(stub, make_experiment):
+    exp = await make_experiment()
+    units = ['q"uote', "back\\slash", "com,ma", "{brace}", "NULL", "new\nline", " spaced ", 'x","y', "ünï"]
+    variant_of = await assign(stub, exp.name, units)
+    events = [ev(u, "score", float(i + 1), key=f'k-{u}"\\') for i, u in enumerate(units)] + [ev(units[0], "score", 5.0)]
+    r = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=events))
+    assert (r.accepted, r.duplicates) == (len(events), 0)
+    again = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=events[:-1]))
+    assert (again.accepted, again.duplicates) == (0, len(units))
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    by_variant = {s.variant: s for s in res.primary.variants}
+    value = {u: float(i + 1) for i, u in enumerate(units)}
+    value[units[0]] = (1.0 + 5.0) / 2
+    for v in ("control", "treatment"):
+        xs = [value[u] for u in units if variant_of[u] == v]
+        assert by_variant[v].units == len(xs)
+        if xs:
+            assert by_variant[v].mean == pytest.approx(np.mean(xs), rel=1e-12)
