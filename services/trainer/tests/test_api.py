@@ -94,7 +94,9 @@ async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, 
 
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_DPO)))
-    assert "not available" in exc.value.details()
+    # DPO needs prompt/chosen/rejected rows: a chat dataset is refused at create
+    assert rpc_err(exc)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID")
+    assert "preference" in exc.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl", executor=h.tpb.EXECUTOR_KUBERNETES)))
     assert rpc_err(exc)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "EXECUTOR_NOT_CONFIGURED")

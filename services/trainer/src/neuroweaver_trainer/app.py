@@ -106,6 +106,8 @@ def build(config: TrainerConfig) -> GrpcService:
         dataset_roots=parse_roots(config.dataset_roots, config.data_dir),
         model_cache_dir=config.model_cache_dir or None,
         executors={Executor.LOCAL} | ({Executor.KUBERNETES} if kube else set()),
+        registry_target=config.registry_target,
+        registry_token=config.registry_token,
     )
     service = TrainerService(
         db, notifier, PageTokens(secret), policy, hub,

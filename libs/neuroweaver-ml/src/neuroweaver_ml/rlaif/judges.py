@@ -422,7 +422,7 @@ def minilm_model_dir() -> Path:
 
 
 def resolve_embedding_model(model: str) -> Path:
-    if not model or model.lower() in (BUILTIN_MINILM, "sentence-transformers/all-minilm-l6-v2", "builtin:" + BUILTIN_MINILM):
+    if not model or model.lower() in (BUILTIN_MINILM, "gt-" + BUILTIN_MINILM, "sentence-transformers/all-minilm-l6-v2", "builtin:" + BUILTIN_MINILM):
         return minilm_model_dir()
     p = Path(model[len("file://"):] if model.startswith("file://") else model)
     if not (p / "config.json").is_file():

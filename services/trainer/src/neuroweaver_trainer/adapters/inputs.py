@@ -17,6 +17,8 @@ from neuroweaver_runtime.errors import FieldViolation, InvalidArgument
 from ..domain.job import dataset_problem_violations
 
 SFT_FORMATS = ("chat", "prompt_completion")
+PREFERENCE_FORMATS = ("preference",)
+PROMPT_FORMATS = ("prompt",)
 
 
 @dataclass
@@ -27,6 +29,9 @@ class CheckedInputs:
     dataset_rows: int
     eval_dataset_path: str
     eval_dataset_digest: str
+    prompts_digest: str = ""
+    prompts_rows: int = 0
+    eval_prompts_digest: str = ""
 
 
 def default_dataset_roots(data_dir: str) -> list[str]:
@@ -74,9 +79,11 @@ def confine_dataset(uri: str, roots: list[str], field: str) -> Path:
     return path
 
 
-def check_dataset(uri: str, roots: list[str], field: str, tokenizer, max_seq_length: int) -> tuple[Path, str, int]:
+def check_dataset(
+    uri: str, roots: list[str], field: str, tokenizer, max_seq_length: int, formats: tuple[str, ...] = SFT_FORMATS
+) -> tuple[Path, str, int]:
     path = confine_dataset(uri, roots, field)
-    report = validate_dataset(path, "auto", tokenizer=tokenizer, max_tokens=max_seq_length, allowed_formats=SFT_FORMATS)
+    report = validate_dataset(path, "auto", tokenizer=tokenizer, max_tokens=max_seq_length, allowed_formats=formats)
     if not report.ok:
         lines = [p.line for p in report.problems if p.line is not None]
         shown = "; ".join(str(p) for p in report.problems[:3])
@@ -92,12 +99,17 @@ def check_dataset(uri: str, roots: list[str], field: str, tokenizer, max_seq_len
 
 
 def check_inputs(
-    base_model: str, dataset_uri: str, eval_dataset_uri: str, roots: list[str], max_seq_length: int, cache_dir: str | None
+    base_model: str, dataset_uri: str, eval_dataset_uri: str, roots: list[str], max_seq_length: int, cache_dir: str | None,
+    *, method: str = "SFT_LORA", prompts_uri: str = "", eval_prompts_uri: str = "",
 ) -> CheckedInputs:
+    """SFT (and RLAIF's SFT stage): chat / prompt_completion; DPO / REWARD_MODEL: preference rows; RLAIF prompt
+    files: `{prompt, reference?}` rows. Every problem is line-numbered (`DATASET_INVALID`)."""
+    formats = PREFERENCE_FORMATS if method in ("DPO", "REWARD_MODEL") else SFT_FORMATS
     # Paths first: a refused path must not reveal whether the file exists.
-    confine_dataset(dataset_uri, roots, "training_job.dataset_uri")
-    if eval_dataset_uri:
-        confine_dataset(eval_dataset_uri, roots, "training_job.eval_dataset_uri")
+    for uri, field in ((dataset_uri, "training_job.dataset_uri"), (eval_dataset_uri, "training_job.eval_dataset_uri"),
+                       (prompts_uri, "training_job.rlaif.prompts_uri"), (eval_prompts_uri, "training_job.rlaif.eval_prompts_uri")):
+        if uri:
+            confine_dataset(uri, roots, field)
     base_dir = resolve_model(base_model, cache_dir)
     try:
         tokenizer = _tokenizer(base_dir)
@@ -105,9 +117,21 @@ def check_inputs(
         raise InvalidArgument(
             f"base model {base_model!r} has no loadable tokenizer: {exc}", field="training_job.base_model", reason="BASE_MODEL_INVALID"
         ) from None
-    path, digest, rows = check_dataset(dataset_uri, roots, "training_job.dataset_uri", tokenizer, max_seq_length)
+    path, digest, rows = "", "", 0
+    if dataset_uri:
+        p, digest, rows = check_dataset(dataset_uri, roots, "training_job.dataset_uri", tokenizer, max_seq_length, formats)
+        path = str(p)
     eval_path, eval_digest = "", ""
     if eval_dataset_uri:
-        ep, eval_digest, _ = check_dataset(eval_dataset_uri, roots, "training_job.eval_dataset_uri", tokenizer, max_seq_length)
+        ep, eval_digest, _ = check_dataset(eval_dataset_uri, roots, "training_job.eval_dataset_uri", tokenizer, max_seq_length, formats)
         eval_path = str(ep)
-    return CheckedInputs(base_dir, str(path), digest, rows, eval_path, eval_digest)
+    checked = CheckedInputs(base_dir, path, digest, rows, eval_path, eval_digest)
+    if prompts_uri:
+        _, checked.prompts_digest, checked.prompts_rows = check_dataset(
+            prompts_uri, roots, "training_job.rlaif.prompts_uri", tokenizer, max_seq_length, PROMPT_FORMATS
+        )
+    if eval_prompts_uri:
+        _, checked.eval_prompts_digest, _ = check_dataset(
+            eval_prompts_uri, roots, "training_job.rlaif.eval_prompts_uri", tokenizer, max_seq_length, PROMPT_FORMATS
+        )
+    return checked

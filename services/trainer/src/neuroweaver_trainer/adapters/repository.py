@@ -24,6 +24,7 @@ from ..domain.job import (
     LoraSettings,
     Method,
     Resources,
+    RlaifSettings,
     StepMetrics,
     TrainingJob,
 )
@@ -71,6 +72,8 @@ class JobRepository:
             "hyperparameters": dataclasses.asdict(job.hyperparameters),
             "resources": dataclasses.asdict(job.resources),
         }
+        if job.rlaif.configured or job.rlaif.judge:
+            spec["rlaif"] = dataclasses.asdict(job.rlaif)
         result = await self.s.execute(
             t.jobs.insert().values(
                 name=job.name, project=project, display_name=job.display_name, base_model=job.base_model,
@@ -203,6 +206,7 @@ def job_from_row(row) -> TrainingJob:
         eval_dataset_uri=row.eval_dataset_uri, method=Method(row.method),
         lora=LoraSettings(**spec.get("lora", {})), hyperparameters=Hyperparameters(**spec.get("hyperparameters", {})),
         executor=Executor(row.executor), resources=Resources(**spec.get("resources", {})),
+        rlaif=RlaifSettings(**spec.get("rlaif", {})),
         target_model=row.target_model, version_bump=row.version_bump, labels=dict(row.labels or {}),
         state=JobState(row.state), stage=row.stage, error=row.error, model_version=row.model_version,
         output_uri=row.output_uri, dataset_digest=row.dataset_digest, eval_dataset_digest=row.eval_dataset_digest,

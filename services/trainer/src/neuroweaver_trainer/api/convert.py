@@ -23,6 +23,13 @@ _METHOD = {
 _METHOD_FROM_PB = {v: k for k, v in _METHOD.items()}
 _EXECUTOR = {d.Executor.LOCAL: pb.EXECUTOR_LOCAL, d.Executor.KUBERNETES: pb.EXECUTOR_KUBERNETES}
 _EXECUTOR_FROM_PB = {v: k for k, v in _EXECUTOR.items()}
+_ALGORITHM = {"grpo": pb.RlaifConfig.POLICY_ALGORITHM_GRPO, "rloo": pb.RlaifConfig.POLICY_ALGORITHM_RLOO, "dpo": pb.RlaifConfig.POLICY_ALGORITHM_DPO}
+_ALGORITHM_FROM_PB = {v: k for k, v in _ALGORITHM.items()}
+_REWARD_SOURCE = {
+    "reward_model": pb.RlaifConfig.REWARD_SOURCE_REWARD_MODEL, "judge": pb.RlaifConfig.REWARD_SOURCE_JUDGE,
+    "both": pb.RlaifConfig.REWARD_SOURCE_BOTH,
+}  # fmt: skip
+_REWARD_SOURCE_FROM_PB = {v: k for k, v in _REWARD_SOURCE.items()}
 _EVENT = {t: pb.EventType.Value(f"EVENT_TYPE_{t.value}") for t in d.EventType}
 
 
@@ -35,8 +42,17 @@ def _enum(value: int, enum_type, field: str) -> int:
 def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.method, pb.TrainingMethod, "training_job.method")
     _enum(m.executor, pb.Executor, "training_job.executor")
-    h, lo, r = m.hyperparameters, m.lora, m.resources
+    _enum(m.rlaif.algorithm, pb.RlaifConfig.PolicyAlgorithm, "training_job.rlaif.algorithm")
+    _enum(m.rlaif.reward_source, pb.RlaifConfig.RewardSource, "training_job.rlaif.reward_source")
+    h, lo, r, rl = m.hyperparameters, m.lora, m.resources, m.rlaif
     return d.TrainingJob(
+        rlaif=d.RlaifSettings(
+            prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
+            candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM_FROM_PB.get(rl.algorithm, ""),
+            reward_source=_REWARD_SOURCE_FROM_PB.get(rl.reward_source, ""), reward_model_backbone=rl.reward_model_backbone,
+            kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
+            start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
+        ),
         display_name=m.display_name, base_model=m.base_model, dataset_uri=m.dataset_uri, eval_dataset_uri=m.eval_dataset_uri,
         method=_METHOD_FROM_PB.get(m.method),
         lora=d.LoraSettings(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)),
@@ -58,8 +74,18 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
 
 
 def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
-    h, lo, r = j.hyperparameters, j.lora, j.resources
+    h, lo, r, rl = j.hyperparameters, j.lora, j.resources, j.rlaif
+    rlaif = None
+    if j.method is d.Method.RLAIF or rl.configured:
+        rlaif = pb.RlaifConfig(
+            prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
+            candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM.get(rl.algorithm, 0),
+            reward_source=_REWARD_SOURCE.get(rl.reward_source, 0), reward_model_backbone=rl.reward_model_backbone,
+            kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
+            start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
+        )  # fmt: skip
     return pb.TrainingJob(
+        rlaif=rlaif,
         name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
         eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else 0,
         lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules),

@@ -48,7 +48,12 @@ class Method(enum.Enum):
         return {"SFT_LORA": "sft-lora", "SFT_QLORA": "sft-qlora"}.get(self.value, self.value.lower().replace("_", "-"))
 
 
-SUPPORTED_METHODS = frozenset({Method.SFT_LORA, Method.SFT_QLORA})
+SUPPORTED_METHODS = frozenset(Method)
+PREFERENCE_METHODS = frozenset({Method.DPO, Method.REWARD_MODEL})
+RLAIF_ALGORITHMS = ("grpo", "rloo", "dpo")
+REWARD_SOURCES = ("reward_model", "judge", "both")
+_JUDGE_VERSION = re.compile(r"^projects/[^/]+/judges/[^/]+/versions/[^/]+$")
+_MODEL_VERSION = re.compile(r"^projects/[^/]+/models/[^/]+/versions/[^/]+$")
 
 
 class Executor(enum.Enum):
@@ -102,6 +107,35 @@ class Hyperparameters:
 
 
 @dataclass
+class RlaifSettings:
+    """`RlaifConfig` of an RLAIF job (effective values after defaults), plus what create resolved."""
+
+    prompts_uri: str = ""
+    eval_prompts_uri: str = ""
+    judge_version: str = ""
+    candidates_per_prompt: int = 0
+    algorithm: str = ""  # grpo | rloo | dpo ("" until defaults)
+    reward_source: str = ""  # reward_model | judge | both
+    reward_model_backbone: str = ""
+    kl_coefficient: float = 0.0
+    policy_steps: int = 0
+    min_margin: float = 0.0
+    start_from_version: str = ""
+    max_new_tokens: int = 0
+    # resolved at create (internal; judge versions and model versions are immutable)
+    prompts_digest: str = ""
+    eval_prompts_digest: str = ""
+    judge: dict[str, Any] = field(default_factory=dict)  # JudgeConfig fields of the resolved judge version
+    parent_artifact_uri: str = ""  # start_from_version's adapter
+    parent_artifact_sha256: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return any((self.prompts_uri, self.eval_prompts_uri, self.judge_version, self.start_from_version,
+                    self.candidates_per_prompt, self.algorithm, self.reward_source, self.policy_steps))
+
+
+@dataclass
 class Resources:
     gpus: int = 0
     cpu: str = ""
@@ -121,6 +155,7 @@ class TrainingJob:
     method: Method | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    rlaif: RlaifSettings = field(default_factory=RlaifSettings)
     executor: Executor = Executor.LOCAL
     resources: Resources = field(default_factory=Resources)
     target_model: str = ""
@@ -206,6 +241,15 @@ def apply_defaults(job: TrainingJob) -> None:
     lo.r = lo.r or 8
     lo.alpha = lo.alpha or 16
     lo.dropout = lo.dropout or 0.05
+    if job.method is Method.RLAIF:
+        r = job.rlaif
+        r.candidates_per_prompt = r.candidates_per_prompt or 4
+        r.algorithm = r.algorithm or "grpo"
+        r.reward_source = r.reward_source or "reward_model"
+        r.kl_coefficient = r.kl_coefficient or 0.04
+        r.policy_steps = r.policy_steps or 20
+        r.min_margin = r.min_margin or 1.0
+        r.max_new_tokens = r.max_new_tokens or 96
     job.version_bump = job.version_bump or "minor"
     job.display_name = job.display_name or job.job_id
 
@@ -214,13 +258,50 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
     """Field rules that need no I/O. Paths, datasets and base models are checked by the use case."""
     p = "training_job."
     if job.method is None:
-        v.add(p + "method", "method is required: TRAINING_METHOD_SFT_LORA or TRAINING_METHOD_SFT_QLORA")
+        v.add(p + "method", "method is required: TRAINING_METHOD_SFT_LORA, _SFT_QLORA, _RLAIF, _DPO or _REWARD_MODEL")
     elif job.method not in SUPPORTED_METHODS:
-        v.add(p + "method", f"method {job.method.value} is not available in this trainer yet; use SFT_LORA or SFT_QLORA")
-    if not job.base_model.strip():
+        v.add(p + "method", f"method {job.method.value} is not available in this trainer")
+    rl = job.rlaif
+    starts_from_version = job.method is Method.RLAIF and bool(rl.start_from_version)
+    if not job.base_model.strip() and not starts_from_version:
         v.add(p + "base_model", "base_model is required (a directory, file:// URI or builtin:smollm2-135m-instruct)")
-    if not job.dataset_uri.strip():
-        v.add(p + "dataset_uri", "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)")
+    if not job.dataset_uri.strip() and not starts_from_version:
+        what = {Method.RLAIF: "the SFT dataset (or set rlaif.start_from_version to skip SFT)",
+                Method.DPO: "a preference dataset (prompt/chosen/rejected)",
+                Method.REWARD_MODEL: "a preference dataset (prompt/chosen/rejected)"}.get(job.method, "")  # type: ignore[arg-type]
+        v.add(p + "dataset_uri", "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)" + (f": {what}" if what else ""))
+    if job.method is Method.RLAIF:
+        rp = p + "rlaif."
+        if not rl.prompts_uri.strip():
+            v.add(rp + "prompts_uri", "prompts_uri is required for RLAIF (JSONL of {prompt, reference?} under a dataset root)")
+        if not rl.judge_version.strip():
+            v.add(rp + "judge_version", "judge_version is required for RLAIF: projects/{project}/judges/{judge}/versions/{version}")
+        elif not _JUDGE_VERSION.match(rl.judge_version):
+            v.add(rp + "judge_version", "judge_version must be projects/{project}/judges/{judge}/versions/{version} ({version} may be `latest`)")
+        if rl.start_from_version and not _MODEL_VERSION.match(rl.start_from_version):
+            v.add(rp + "start_from_version", "start_from_version must be projects/{project}/models/{model}/versions/{version or alias}")
+        if rl.algorithm and rl.algorithm not in RLAIF_ALGORITHMS:
+            v.add(rp + "algorithm", f"algorithm must be one of {', '.join(RLAIF_ALGORITHMS)}")
+        if rl.reward_source and rl.reward_source not in REWARD_SOURCES:
+            v.add(rp + "reward_source", f"reward_source must be one of {', '.join(REWARD_SOURCES)}")
+        if not 0 <= rl.candidates_per_prompt <= 64:
+            v.add(rp + "candidates_per_prompt", "candidates_per_prompt must be in [0, 64] (0 = 4); RLAIF needs at least 2")
+        elif rl.candidates_per_prompt == 1:
+            v.add(rp + "candidates_per_prompt", "candidates_per_prompt must be at least 2: preferences compare candidates")
+        if not 0 <= rl.policy_steps <= 100000:
+            v.add(rp + "policy_steps", "policy_steps must be in [0, 100000]")
+        if rl.kl_coefficient < 0:
+            v.add(rp + "kl_coefficient", "kl_coefficient must not be negative")
+        if rl.min_margin < 0:
+            v.add(rp + "min_margin", "min_margin must not be negative")
+        if not 0 <= rl.max_new_tokens <= 4096:
+            v.add(rp + "max_new_tokens", "max_new_tokens must be in [0, 4096]")
+        if rl.reward_model_backbone and len(rl.reward_model_backbone) > 2048:
+            v.add(rp + "reward_model_backbone", "reward_model_backbone is too long")
+    elif job.method is not None and rl.configured:
+        v.add(p + "rlaif", f"rlaif settings apply only to method RLAIF, not {job.method.value}")
+    if job.method is Method.DPO and job.eval_dataset_uri:
+        v.add(p + "eval_dataset_uri", "DPO does not use an evaluation dataset; leave eval_dataset_uri empty")
     if not job.target_model:
         v.add(p + "target_model", "target_model is required: the registry model, projects/{project}/models/{model}")
     else:
@@ -310,7 +391,23 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
         "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_target_modules": ",".join(lo.target_modules) or "auto",
     }  # fmt: skip
+    if job.method is Method.RLAIF:
+        r = job.rlaif
+        out.update({
+            "rlaif_algorithm": r.algorithm, "rlaif_reward_source": r.reward_source,
+            "rlaif_candidates_per_prompt": r.candidates_per_prompt, "rlaif_kl_coefficient": r.kl_coefficient,
+            "rlaif_policy_steps": r.policy_steps, "rlaif_min_margin": r.min_margin,
+            "rlaif_max_new_tokens": r.max_new_tokens, "rlaif_reward_model_backbone": r.reward_model_backbone or "all-minilm-l6-v2",
+            "rlaif_prompts_uri": r.prompts_uri, "rlaif_prompts_digest": r.prompts_digest,
+        })  # fmt: skip
     return {k: str(v) for k, v in out.items()}
+
+
+def lineage_method(job: TrainingJob) -> str:
+    """`sft-lora`, `sft-qlora`, `rlaif-grpo` / `rlaif-rloo` / `rlaif-dpo`, `dpo`, `reward-model`."""
+    if job.method is Method.RLAIF:
+        return f"rlaif-{job.rlaif.algorithm or 'grpo'}"
+    return job.method.lineage_name if job.method else ""
 
 
 def dataset_problem_violations(field_path: str, problems: list[Any], limit: int = 10) -> Violations:

@@ -21,6 +21,7 @@ from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
 from ..adapters.inputs import check_inputs
+from ..adapters.registry import fetch_judge, fetch_start_version
 from ..adapters.repository import JobRepository, job_from_row, notify_key
 from ..domain.job import (
     JOB,
@@ -28,6 +29,7 @@ from ..domain.job import (
     Executor,
     JobEvent,
     JobState,
+    Method,
     TrainingJob,
     apply_defaults,
     cancel_transition,
@@ -51,6 +53,9 @@ class JobPolicy:
     dataset_roots: list[str]
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
+    # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time
+    registry_target: str = ""
+    registry_token: str = ""
 
 
 def current_traceparent() -> str:
@@ -116,11 +121,19 @@ class TrainerService:
             )
         job.name = JOB.format(project=project, job=job_id)
         apply_defaults(job)
+        if job.method is Method.RLAIF:
+            await self._resolve_rlaif(job)
         checked = await asyncio.to_thread(
             check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
-            job.hyperparameters.max_seq_length, self.policy.model_cache_dir,
+            job.hyperparameters.max_seq_length, self.policy.model_cache_dir, method=job.method.value,
+            prompts_uri=job.rlaif.prompts_uri, eval_prompts_uri=job.rlaif.eval_prompts_uri,
         )  # fmt: skip
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
+        job.rlaif.prompts_digest, job.rlaif.eval_prompts_digest = checked.prompts_digest, checked.eval_prompts_digest
+        queued = (
+            f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)" if job.dataset_uri
+            else f"queued (prompts sha256 {job.rlaif.prompts_digest[:12]}…, {checked.prompts_rows} prompts; starts from {job.rlaif.start_from_version})"
+        )
         job.state, job.creator, job.create_time = JobState.QUEUED, current_actor(), utcnow()
         job.trace_parent = current_traceparent()
         if validate_only:
@@ -135,13 +148,31 @@ class TrainerService:
             pk = await repo.insert_job(job, project)
             await repo.append_event(
                 pk,
-                JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)", create_time=job.create_time),
+                JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=queued, create_time=job.create_time),
             )
             await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint, job.name)
             result = job_from_row(await repo.job_row(job.name))
         self.notifier.wake(notify_key(pk))
         self.on_queued()
         return result
+
+    async def _resolve_rlaif(self, job: TrainingJob) -> None:
+        """Judge version → JudgeConfig (stored on the job; `latest` becomes the concrete version); the start
+        version → its adapter (uri + sha256) and base model."""
+        r = job.rlaif
+        if not self.policy.registry_target:
+            raise FailedPrecondition("this trainer has no registry configured; RLAIF needs one to resolve judge versions", reason="REGISTRY_NOT_CONFIGURED")
+        r.judge = await fetch_judge(self.policy.registry_target, self.policy.registry_token, r.judge_version)
+        r.judge_version = r.judge["name"]
+        if r.start_from_version:
+            name, uri, sha, base = await fetch_start_version(self.policy.registry_target, self.policy.registry_token, r.start_from_version)
+            if job.base_model and job.base_model != base:
+                raise InvalidArgument(
+                    f"base_model {job.base_model!r} differs from {name}'s lineage.base_model {base!r}; leave base_model empty or use that base",
+                    field="training_job.base_model", reason="BASE_MODEL_MISMATCH",
+                )
+            r.start_from_version, r.parent_artifact_uri, r.parent_artifact_sha256 = name, uri, sha
+            job.base_model = base
 
     # -- read ------------------------------------------------------------------------------------
 
