@@ -395,10 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-steps", type=int, default=12)
     parser.add_argument("--rlaif-prompts", type=int, default=32, help="training prompts used by RLAIF (spread over the kit)")
     parser.add_argument("--rlaif-eval-prompts", type=int, default=16, help="held-out prompts for the win-rate evaluation")
-    parser.add_argument("--users", type=int, default=80)
-    parser.add_argument("--min-units", type=int, default=30)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--min-units", type=int, default=25)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
     # A fresh platform state per run; the converted base model (models/) is kept as a cache.
@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the services below are always stopped
 
     signal.signal(signal.SIGTERM, interrupted)
-    platform = LocalPlatform(data_dir)
+    # Two model servers share 2 cores during the experiment: one thread each instead of two each fighting for both.
+    replica_threads = max(1, (os.cpu_count() or 2) // 2)
+    platform = LocalPlatform(data_dir, extra_env={"NW_DEPLOYER_LOCAL_REPLICA_THREADS": str(replica_threads)})
     console.print(f"starting {', '.join(platform.services)} in {data_dir} (logs in {data_dir / 'logs'})")
     platform.start()
     try:

@@ -46,7 +46,7 @@ def installed_services() -> list[str]:
 class LocalPlatform:
     data_dir: Path
     services: list[str] = field(default_factory=installed_services)
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # environment of every service, e.g. NW_<SVC>_* settings
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def targets(self) -> dict[str, str]:

@@ -43,6 +43,11 @@ class DeployerConfig(ServiceConfig):
     kube_namespace: str = field(default="neuroweaver", metadata={"help": "default namespace of deployments"})
     model_server_image: str = field(default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"})
     kube_poll_seconds: float = field(default=2.0, metadata={"help": "how often Deployment status is read back"})
+    local_replica_threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads per local model-server replica (OMP/MKL); 0 = torch's default. Set it when several "
+                  "replicas share a small host: oversubscribed OpenMP threads slow generation many times over"},
+    )
     artifact_roots: str = field(
         default="",
         metadata={"help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"},
@@ -64,7 +69,11 @@ def build(config: DeployerConfig) -> GrpcService:
         log_dir=Path(config.data_dir) / "deployer-logs",
         startup_timeout=config.replica_startup_timeout,
         grace_seconds=config.replica_grace_seconds,
-        env={"NW_DATA_DIR": config.data_dir},
+        env={
+            "NW_DATA_DIR": config.data_dir,
+            **({"OMP_NUM_THREADS": str(config.local_replica_threads), "MKL_NUM_THREADS": str(config.local_replica_threads)}
+               if config.local_replica_threads > 0 else {}),
+        },
     )
     if config.kubernetes:
         from neuroweaver_kube.client import KubeClient
