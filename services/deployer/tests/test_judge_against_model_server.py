@@ -64,3 +64,56 @@ async def test_openai_judge_talks_to_the_model_server_and_never_invents_scores(s
         assert verdict.raw is not None and verdict.completion_tokens > 0  # the server really generated an answer
     assert again.cached and again.malformed  # the malformed verdict is cached: not re-sent on resume
     assert await _requests_served(server.http_port) - before == 2
+
+
+async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_injecting_proxy(server, tmp_path):
+    """The first two judge requests get 429 (with Retry-After) and 500 from a proxy; everything else is forwarded
+    to the model server. The judge retries both, the model server answers exactly the forwarded requests, and the
+    client-side request rate limit (120/min: burst 2, then one every 0.5 s) spaces the requests out."""
+    from aiohttp import web
+
+    faults = [web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "0.2"}),
+              web.json_response({"error": {"message": "boom"}}, status=500)]  # fmt: skip
+    seen: list[tuple[float, int]] = []
+    upstream = f"http://127.0.0.1:{server.http_port}"
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        import time
+
+        body = await request.read()
+        if faults:
+            reply = faults.pop(0)
+            seen.append((time.monotonic(), reply.status))
+            return reply
+        async with aiohttp.ClientSession() as http, http.post(upstream + request.path, data=body, headers={"Content-Type": "application/json"}) as resp:
+            payload = await resp.read()
+            seen.append((time.monotonic(), resp.status))
+            return web.Response(body=payload, status=resp.status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    before = await _requests_served(server.http_port)
+    judge = OpenAICompatibleJudge(
+        JudgeConfig(
+            name="projects/default/judges/tiny/versions/2", kind="openai_compatible", mode="pointwise",
+            base_url=f"http://127.0.0.1:{port}/v1", model=NAME, max_tokens=4, max_concurrency=4,
+            requests_per_minute=120, max_retries=4, backoff_base_seconds=0.05, backoff_max_seconds=0.5,
+        )
+    )  # fmt: skip
+    try:
+        verdicts = await judge.score_many([(f"Question {i}?", "An answer.", "A reference.") for i in range(3)])
+    finally:
+        await judge.aclose()
+        await runner.cleanup()
+    assert [status for _, status in seen].count(429) == 1 and [status for _, status in seen].count(500) == 1
+    assert [status for _, status in seen].count(200) == 3
+    assert judge.stats.retries == 2
+    assert all(v.error is None and v.malformed and v.score is None for v in verdicts)  # answered, unparseable, unscored
+    assert await _requests_served(server.http_port) - before == 3
+    times = sorted(t for t, _ in seen)
+    assert times[-1] - times[0] >= 0.9 * (len(times) - 2) * 0.5  # burst of 2, then 2 requests/s
