@@ -18,7 +18,6 @@ otherwise (trainer shutdown) the worker exits with code 75 and the job is resume
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
 import os
@@ -38,6 +37,7 @@ from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.config import default_data_dir, load_config
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.logs import configure_logging, trace_id_var
+from neuroweaver_runtime.process import die_with_parent
 from neuroweaver_runtime.timestamps import utcnow
 
 from .adapters.executors import EXIT_INTERRUPTED
@@ -120,16 +120,6 @@ class JobFailed(Exception):
 
 class Fenced(Exception):
     """This attempt no longer owns the job."""
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 class Worker:
@@ -624,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("trainer-worker", cfg.log_level)
     telemetry.configure_tracing("trainer-worker", cfg.trace_file)
     if cfg.die_with_parent:
-        _die_with_parent()
+        die_with_parent(signal.SIGKILL)
     if not cfg.job or not cfg.database_url:
         raise SystemExit("--job and --database-url are required (or NW_TRAINER_JOB / NW_TRAINER_DATABASE_URL)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,13 +36,6 @@ StatusCallback = Callable[[str, BackendStatus], Awaitable[None]]
 INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, grace: float) -> list[str]:
     v, s = target.version, target.serving.with_defaults()
     args = [
@@ -52,7 +43,7 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
         "--host", host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
         "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
-        "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace),
+        "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace), "--die-with-parent",
     ]  # fmt: skip
     if v.artifact_uri:
         args += ["--adapter-uri", v.artifact_uri, "--adapter-sha256", v.artifact_sha256]
@@ -94,7 +85,7 @@ class Replica:
             self.process = await asyncio.create_subprocess_exec(
                 *model_server_command(self.target, cfg.host, grpc_port, http_port, cfg.grace_seconds),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent, start_new_session=True, env={**os.environ, **cfg.env},
+                start_new_session=True, env={**os.environ, **cfg.env},
             )  # fmt: skip
         log.info("replica started", extra={"fields": {"deployment": self.dep.name, "pid": self.process.pid, "grpc": self.upstream.grpc_address}})
 

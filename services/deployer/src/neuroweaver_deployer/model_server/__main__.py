@@ -8,6 +8,7 @@ import os
 
 from neuroweaver_runtime.config import load_config
 from neuroweaver_runtime.logs import configure_logging
+from neuroweaver_runtime.process import die_with_parent
 
 from .app import ModelServer, ModelServerConfig
 
@@ -15,6 +16,8 @@ from .app import ModelServer, ModelServerConfig
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = load_config(ModelServerConfig, "model_server", argv)
+    if config.die_with_parent:
+        die_with_parent()
     configure_logging("model-server", config.log_level)
     server = ModelServer(config)
     # No uvloop here (unlike the control-plane services): measured with SmolLM2-135M on 2 cores, uvloop made

@@ -37,6 +37,7 @@ class ModelServerConfig(ServiceConfig):
     max_queue: int = field(default=64, metadata={"help": "bounded request queue; full → RESOURCE_EXHAUSTED"})
     max_new_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     max_batch_size: int = field(default=8, metadata={"help": "requests decoded together"})
+    die_with_parent: bool = field(default=False, metadata={"help": "exit when the process that started it dies (local replicas)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
 
 
