@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
     # A fresh platform state per run; the converted base model (models/) is kept as a cache.
-    for stale in ("registry.db", "trainer.db", "deployer.db", "experiments.db", "artifacts", "jobs", "logs", "deployments"):
+    for stale in ("registry.db", "trainer.db", "deployer.db", "experiments.db", "artifacts", "jobs", "logs", "deployer-logs", "datasets"):
         path = data_dir / stale
         if path.is_dir():
             shutil.rmtree(path)
