@@ -174,8 +174,8 @@ def main() -> None:
         f"| ratio service / TRL | {svc['tokens_per_second'] / peer['tokens_per_second']:.2f} | {svc['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f} | |",
         "",
         f"Event latency emit → gRPC watcher ({db}, {svc['events']} events; worker and server are separate processes): "
-        f"p50 {svc['latency_p50_ms']:.1f} ms, p99 {svc['latency_p99_ms']:.1f} ms. On SQLite the server learns of the worker's commits by "
-        "polling (0.2 s default), so latency is bounded by the poll interval; on PostgreSQL LISTEN/NOTIFY wakes the watcher.",
+        f"p50 {svc['latency_p50_ms']:.1f} ms, p99 {svc['latency_p99_ms']:.1f} ms. The worker wakes the trainer's watchers through a "
+        "pipe after each commit (and NOTIFY on PostgreSQL); the poll timer is only a safety net.",
         f"Job wall time create → succeeded (incl. worker start, model load, registration): {svc['wall_seconds']:.1f} s. "
         "Peak RSS of the service job is the worker's RSS sampled at each step; the peer's is getrusage's maximum.",
         "",

@@ -105,3 +105,18 @@ async def test_qlora_job_end_to_end(trainers, registry, tiny_model, data_root, h
     listed = await stub.ListTrainingJobs(h.tsvc.ListTrainingJobsRequest(parent="projects/default", filter='state = SUCCEEDED AND labels.team = "service"'))
     assert job.name in [j.name for j in listed.training_jobs]
     assert Path(adapter).is_dir()
+
+
+async def test_sqlite_watchers_are_woken_by_the_local_worker_not_by_polling(trainers, tiny_model, data_root, h):
+    """SQLite has no NOTIFY: with the poll timer set to an hour, a watcher only sees the worker's steps live
+    (and the job's end at all) because the worker writes each committed event to its pipe to the trainer."""
+    trainer = await trainers(watch_poll_seconds=3600.0)
+    stub = trainer.stub
+    job = await stub.CreateTrainingJob(
+        h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job=h.job_pb(tiny_model, data_root / "chat.jsonl", max_steps=4))
+    )
+    # Without the pipe this would hang: nothing else wakes the feed before the hour-long poll.
+    events = await asyncio.wait_for(h.watch_all(stub, job.name), 240)
+    h.assert_gap_free(events)
+    assert [e.step.step for e in events if e.type == h.tpb.EVENT_TYPE_STEP] == [1, 2, 3, 4]
+    assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED

@@ -1,5 +1,6 @@
 """RLAIF, DPO and reward-model jobs over gRPC on tiny models: stages streamed in order, resume after a SIGKILL in
-the middle of judging (cached verdicts are not judged again), exactly one registered version, bad inputs refused."""
+the middle of judging (cached verdicts are not judged again) and in the middle of policy optimization (resumed
+from its checkpoint), exactly one registered version, bad inputs refused."""
 
 from __future__ import annotations
 
@@ -115,10 +116,11 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
     assert done.metrics["judge_win_rate_vs_parent"] == metrics["judge_win_rate_vs_parent"].value
 
 
-async def test_rlaif_grpo_resumes_after_sigkill_in_judging(trainers, registry, tiny_model, data_root, prompts, h, monkeypatch):
+async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(trainers, registry, tiny_model, data_root, prompts, h, monkeypatch):
     """An OpenAI-compatible judge (slow test server, one request at a time, one verdict per JUDGE event); the
     worker is SIGKILLed right after the first JUDGE event; attempt 2 skips generation, takes the verdicts from the
-    cache and does not send them again, finishes GRPO and registers exactly one version."""
+    cache and does not send them again, and is SIGKILLed again at the first GRPO checkpoint; attempt 3 skips every
+    finished stage, resumes GRPO from that checkpoint and registers exactly one version."""
     from neuroweaver_ml.rlaif.judge_server import JudgeServer
 
     monkeypatch.setenv("NW_TEST_JUDGE_KEY", "sk-test")  # the worker's judge reads it; never stored
@@ -133,22 +135,29 @@ async def test_rlaif_grpo_resumes_after_sigkill_in_judging(trainers, registry, t
         job = await trainer.stub.CreateTrainingJob(h.tsvc.CreateTrainingJobRequest(
             parent="projects/default", training_job_id="rlaif-grpo-kill",
             training_job=rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", algorithm="GRPO",
-                                   reward_source=h.tpb.RlaifConfig.REWARD_SOURCE_JUDGE),
+                                   reward_source=h.tpb.RlaifConfig.REWARD_SOURCE_JUDGE, policy_steps=3),
         ))  # fmt: skip
         killed = []
 
+        def kill_worker():
+            run = next(r for r in trainer.service.scheduler.running.values() if r.name == job.name)
+            os.kill(run.proc.pid, signal.SIGKILL)
+
         def on_event(e):
             if not killed and e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge":
-                run = next(r for r in trainer.service.scheduler.running.values() if r.name == job.name)
-                os.kill(run.proc.pid, signal.SIGKILL)
+                kill_worker()
                 killed.append(len(server.state.contents()))
+            elif len(killed) == 1 and e.type == h.tpb.EVENT_TYPE_CHECKPOINT and e.stage == "policy":
+                kill_worker()
+                killed.append(e.metrics["step"])
 
         events = await asyncio.wait_for(h.watch_all(trainer.stub, job.name, on_event=on_event), 400)
         h.assert_gap_free(events)
-        assert killed and events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
+        assert len(killed) == 2 and events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
         requeued = [i for i, e in enumerate(events) if e.type == h.tpb.EVENT_TYPE_STATE_CHANGED and e.state == h.tpb.TrainingJob.STATE_QUEUED]
-        assert len(requeued) == 2 and "signal 9" in events[requeued[1]].message
-        second = events[requeued[1]:]
+        assert len(requeued) == 3 and all("signal 9" in events[i].message for i in requeued[1:])
+        second = events[requeued[1]:requeued[2]]
+        third = events[requeued[2]:]
         skipped = [e.stage for e in second if e.type == h.tpb.EVENT_TYPE_LOG and "skipped" in e.message]
         assert skipped == ["generate"]
         judge2 = [e for e in second if e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge"]
@@ -161,8 +170,19 @@ async def test_rlaif_grpo_resumes_after_sigkill_in_judging(trainers, registry, t
         first_policy = next(i for i, e in enumerate(events) if e.stage == "policy")
         assert first_policy > requeued[1]
         assert [e.stage for e in second if e.type == h.tpb.EVENT_TYPE_STAGE_STARTED][:3] == ["sft", "judge", "pairs"]
-        steps = [e for e in second if e.type == h.tpb.EVENT_TYPE_STEP and e.stage == "policy"]
-        assert [e.step.step for e in steps] == [1, 2] and "reward" in steps[0].metrics
+        assert [e.step.step for e in second if e.type == h.tpb.EVENT_TYPE_STEP and e.stage == "policy"][0] == 1
+        # attempt 3: nothing generated or judged again, GRPO resumed from its newest checkpoint (the one seen at
+        # the kill, or a later one written before the signal landed), only the remaining steps trained
+        assert killed[1] == 1.0
+        skipped = [e.stage for e in third if e.type == h.tpb.EVENT_TYPE_LOG and "skipped" in e.message]
+        assert {"generate", "judge", "pairs"} <= set(skipped), skipped
+        resumed = [int(e.metrics["step"]) for e in third if e.type == h.tpb.EVENT_TYPE_RESUMED and e.stage == "policy"]
+        assert len(resumed) == 1 and 1 <= resumed[0] < 3, resumed
+        steps = [e for e in third if e.type == h.tpb.EVENT_TYPE_STEP and e.stage == "policy"]
+        assert [e.step.step for e in steps] == list(range(resumed[0] + 1, 4)) and "reward" in steps[0].metrics
+        assert not [e for e in third if e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge" and e.metrics["requests"] > 0]
+        done = await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=job.name))
+        assert done.attempts == 3 and done.resumed_from_step == resumed[0]
         versions = await h.registry_versions_of(registry.stub, job.name)
         assert len(versions) == 1 and versions[0].lineage.method == "rlaif-grpo"
         assert versions[0].lineage.judge_version == judge + "/versions/1"

@@ -54,7 +54,7 @@ class TrainerConfig(ServiceConfig):
     heartbeat_seconds: float = field(default=5.0, metadata={"help": "lease renewal interval"})
     queue_poll_seconds: float = field(default=2.0, metadata={"help": "queue scan interval (other replicas' jobs, expired leases)"})
     cancel_grace_seconds: float = field(default=15.0, metadata={"help": "SIGKILL a cancelled worker that has not stopped after this long"})
-    watch_poll_seconds: float = field(default=0.0, metadata={"help": "event poll interval of watchers; 0 = 0.2 s on SQLite, 2 s on PostgreSQL (NOTIFY wakes them sooner)"})
+    watch_poll_seconds: float = field(default=0.0, metadata={"help": "safety-net event poll of watchers; 0 = 1 s on SQLite, 2 s on PostgreSQL (local workers' pipes and NOTIFY wake them at once)"})
     kube_api: str = field(default="", metadata={"help": "Kubernetes API URL for the KUBERNETES executor; `in-cluster`; empty = off"})
     kube_token: str = field(default="", metadata={"help": "bearer token for the Kubernetes API"})
     kube_namespace: str = field(default="neuroweaver", metadata={"help": "namespace of training Jobs"})
@@ -69,7 +69,7 @@ def build(config: TrainerConfig) -> GrpcService:
     db = Database(database_url)
     notifier = _JobNotifier()
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-trainer-page-tokens").hexdigest()
-    poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 0.2)
+    poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 1.0)
     hub = FeedHub(db, notifier, poll)
     worker = WorkerSettings(
         database_url=db.url,

@@ -41,7 +41,7 @@ from neuroweaver_runtime.process import die_with_parent
 from neuroweaver_runtime.timestamps import utcnow
 
 from .adapters.executors import EXIT_INTERRUPTED
-from .adapters.repository import JobRepository, job_from_row
+from .adapters.repository import JobRepository, job_from_row, notify_key
 from .domain.job import (
     EventType,
     JobEvent,
@@ -74,6 +74,7 @@ class WorkerConfig:
     registry_retry_seconds: float = field(default=120.0, metadata={"help": "keep retrying an unreachable registry this long"})
     model_cache_dir: str = field(default="", metadata={"help": "converted builtin models cache"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the trainer process dies (local executor)"})
+    notify_fd: int = field(default=-1, metadata={"help": "pipe to the local trainer: each committed event's `<job key>:<sequence>` is written to it"})
     rlaif_judge_chunk_size: int = field(default=16, metadata={"help": "RLAIF: verdicts per JUDGE progress event (and per cancel check)"})
     stop_poll_seconds: float = field(default=1.0, metadata={"help": "how often the job's state is checked for a cancel"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
@@ -140,10 +141,16 @@ class Worker:
         event.create_time = event.create_time or utcnow()
         async with self.db.transaction() as s:
             repo = JobRepository(s)
-            if await repo.append_event(self.pk, event, fence_attempt=self.attempt) is None:
+            sequence = await repo.append_event(self.pk, event, fence_attempt=self.attempt)
+            if sequence is None:
                 raise Fenced()
             if job_values:
                 await repo.update_job(self.pk, fence_attempt=self.attempt, **job_values)
+        if self.cfg.notify_fd >= 0:  # after the commit: a woken watcher must find the event
+            try:
+                os.write(self.cfg.notify_fd, f"{notify_key(self.pk)}:{sequence}\n".encode())
+            except OSError:  # the trainer is gone (we die with it) or closed the pipe: watchers still poll
+                pass
 
     def _event_from_thread(self, event: JobEvent, **job_values) -> None:
         assert self.loop is not None

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,15 @@ class LocalExecutor:
     def __init__(self, settings: WorkerSettings, python: str = sys.executable) -> None:
         self.settings = settings
         self.python = python
+        self._forwarders: set[asyncio.Task] = set()
 
     def log_path(self, job_id: str, attempt: int) -> Path:
         return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
 
-    async def start(self, job: TrainingJob, attempt: int) -> asyncio.subprocess.Process:
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None] | None = None) -> asyncio.subprocess.Process:
+        """Starts the worker. With `on_event`, the worker also writes each committed event's notify payload
+        (`<job key>:<sequence>`) to a pipe and `on_event` gets it at once: watchers on this replica then see
+        events without polling the database (SQLite has no NOTIFY; on PostgreSQL it saves the round trip)."""
         log_path = self.log_path(job.job_id, attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         args = [
@@ -72,10 +77,27 @@ class LocalExecutor:
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
         if self.settings.registry_token:
             env["NW_TRAINER_REGISTRY_TOKEN"] = self.settings.registry_token
-        with open(log_path, "ab") as log_file:
-            return await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, start_new_session=True
-            )
+        read_fd, write_fd = os.pipe() if on_event else (-1, -1)
+        if on_event:
+            args += ["--notify-fd", str(write_fd)]
+        try:
+            with open(log_path, "ab") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, start_new_session=True,
+                    pass_fds=(write_fd,) if on_event else (),
+                )  # fmt: skip
+        except BaseException:
+            if on_event:
+                os.close(read_fd)
+            raise
+        finally:
+            if on_event:
+                os.close(write_fd)  # the worker holds the only write end: EOF when it exits
+        if on_event:
+            task = asyncio.create_task(_forward_lines(read_fd, on_event))
+            self._forwarders.add(task)
+            task.add_done_callback(self._forwarders.discard)
+        return proc
 
     @staticmethod
     def signal(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
@@ -84,6 +106,18 @@ class LocalExecutor:
                 proc.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+
+async def _forward_lines(fd: int, on_line: Callable[[str], None]) -> None:
+    """Calls `on_line` for each line read from the pipe `fd` until EOF; closes it."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    try:
+        while line := await reader.readline():
+            on_line(line.decode(errors="replace").strip())
+    finally:
+        transport.close()
 
 
 @dataclass

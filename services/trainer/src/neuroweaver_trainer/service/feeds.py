@@ -3,10 +3,10 @@
 Watchers replay history from the database themselves, then take live events from their feed's queue, so
 N watchers cost one query per wake-up, not N, and never touch the worker that writes the events.
 
-A feed wakes on its job's Notifier key: in-process commits (create, cancel), PostgreSQL NOTIFY from any
-replica or worker process (`PostgresListener`), and a poll timer. With SQLite the worker is another process
-that cannot notify, so the poll timer (`poll_seconds`) bounds the latency there; with PostgreSQL the timer is
-only a safety net.
+A feed wakes on its job's Notifier key: in-process commits (create, cancel), a pipe from each local worker
+this replica started (`LocalExecutor`, one line per committed event), PostgreSQL NOTIFY from any replica or
+worker process (`PostgresListener`), and a poll timer. On SQLite the pipe is the only cross-process signal
+(Kubernetes workers there are seen by polling, `poll_seconds`); with PostgreSQL the timer is only a safety net.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class Scheduler:
                     await JobRepository(s).update_job(pk, fence_attempt=r.attempt, external_ref=r.ref)
                 r.task = asyncio.create_task(self._watch_kube(r))
             else:
-                r.proc = await self.local.start(job, r.attempt)
+                r.proc = await self.local.start(job, r.attempt, on_event=self.notifier.wake)
                 r.task = asyncio.create_task(self._watch_local(r))
         except Exception as exc:  # noqa: BLE001 - a start failure is the job's failure, not the loop's
             log.exception("could not start worker for %s", job.name)
