@@ -10,8 +10,8 @@ the test covers the code as it is in the tree.
 - test_relaycore_flow: examples/relaycore — AssignVariant → the deployment's model server (gRPC Generate and the
   OpenAI-compatible HTTP endpoint) → RecordMetricEvents, against real registry, deployer (local backend, real
   model-server processes on a tiny random Llama with LoRA adapters) and experiments processes; the recorded
-  metrics are then read back through GetExperimentResults in Python. (The deployer is started through
-  IN_LOOP_RUNNER until `python -m neuroweaver_deployer` starts under uvloop; see there.)
+  metrics are then read back through GetExperimentResults in Python. Every service runs as `python -m`, as
+  operators run it: the deployer under uvloop, spawning its model servers from a threaded grpc.aio process.
 """
 
 from __future__ import annotations
@@ -68,38 +68,18 @@ def node_client() -> Path:
     return CLIENT
 
 
-# `python -m neuroweaver_deployer` currently dies at start: its build() opens a grpc.aio channel before any event
-# loop runs, which fails once __main__ has installed uvloop ("There is no current event loop"). Until that is fixed
-# in services/deployer, the deployer runs through this equivalent entry point: the same load_config and build, but
-# called inside the running loop.
-IN_LOOP_RUNNER = """
-import asyncio, importlib, sys
-from neuroweaver_runtime.config import load_config
-from neuroweaver_runtime.logs import configure_logging
-service = sys.argv[1]
-app = importlib.import_module(f"neuroweaver_{service}.app")
-config_class = next(v for k, v in vars(app).items() if k.lower() == f"{service}config")
-async def main():
-    config = load_config(config_class, service, sys.argv[2:])
-    configure_logging(service, config.log_level)
-    await app.build(config).run_until_signal()
-asyncio.run(main())
-"""
-
-
 class ServiceProcess:
     """`python -m neuroweaver_<svc>` on a free port, stopped with SIGTERM (then SIGKILL) at the end."""
 
-    def __init__(self, service: str, data_dir: Path, *args: str, in_loop: bool = False) -> None:
+    def __init__(self, service: str, data_dir: Path, *args: str) -> None:
         self.service = service
         self.port = free_port()
         self.log_path = data_dir / f"{service}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")  # noqa: SIM115
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        entry = ["-c", IN_LOOP_RUNNER, service] if in_loop else ["-m", f"neuroweaver_{service}"]
         self.proc = subprocess.Popen(
-            [sys.executable, *entry, "--port", str(self.port), "--metrics-port", "-1", "--data-dir", str(data_dir), *args],
+            [sys.executable, "-m", f"neuroweaver_{service}", "--port", str(self.port), "--metrics-port", "-1", "--data-dir", str(data_dir), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -275,7 +255,7 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
         registry = ServiceProcess("registry", tmp_path / "registry")
         procs.append(registry)
         deployer = ServiceProcess(
-            "deployer", tmp_path / "deployer", "--registry-target", registry.target, "--replica-grace-seconds", "2", in_loop=True
+            "deployer", tmp_path / "deployer", "--registry-target", registry.target, "--replica-grace-seconds", "2"
         )
         procs.append(deployer)
         experiments = ServiceProcess(

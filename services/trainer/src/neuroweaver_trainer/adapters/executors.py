@@ -18,6 +18,7 @@ from pathlib import Path
 from neuroweaver_kube import KubeClient, KubeNotFound, TrainingJobSpec, training_job
 from neuroweaver_kube.client import KubeConflict
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime.process import Child, spawn
 
 from ..domain.job import TrainingJob
 
@@ -64,7 +65,7 @@ class LocalExecutor:
     def log_path(self, job_id: str, attempt: int) -> Path:
         return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
 
-    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None] | None = None) -> asyncio.subprocess.Process:
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None] | None = None) -> Child:
         """Starts the worker. With `on_event`, the worker also writes each committed event's notify payload
         (`<job key>:<sequence>`) to a pipe and `on_event` gets it at once: watchers on this replica then see
         events without polling the database (SQLite has no NOTIFY; on PostgreSQL it saves the round trip)."""
@@ -82,10 +83,7 @@ class LocalExecutor:
             args += ["--notify-fd", str(write_fd)]
         try:
             with open(log_path, "ab") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    *args, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, start_new_session=True,
-                    pass_fds=(write_fd,) if on_event else (),
-                )  # fmt: skip
+                proc = spawn(args, log=log_file, env=env, pass_fds=(write_fd,) if on_event else ())
         except BaseException:
             if on_event:
                 os.close(read_fd)
@@ -100,7 +98,7 @@ class LocalExecutor:
         return proc
 
     @staticmethod
-    def signal(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
+    def signal(proc: Child, sig: int = signal.SIGTERM) -> None:
         if proc.returncode is None:
             try:
                 proc.send_signal(sig)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
+from neuroweaver_runtime.process import Child
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters.executors import EXIT_INTERRUPTED, KubernetesExecutor, LocalExecutor
@@ -47,7 +48,7 @@ class _Running:
     name: str
     attempt: int
     executor: Executor
-    proc: asyncio.subprocess.Process | None = None
+    proc: Child | None = None
     ref: str = ""  # Kubernetes Job `namespace/name`
     cancel_sent: float = 0.0
     terminal_seen: float = 0.0  # when the heartbeat first saw the worker's final state
