@@ -232,7 +232,8 @@ def wait_available(deployer, name: str, timeout: float = 180.0):
 
 
 def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
-    """AssignVariant → model server (gRPC Generate and OpenAI HTTP) → RecordMetricEvents, all from Node."""
+    """AssignVariant → model server (gRPC Generate and OpenAI HTTP) → RecordMetricEvents, all from Node; then
+    ConcludeExperiment(promote) moves `production` and the deployment following it rolls over."""
     from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
     from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
     from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -290,14 +291,16 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
                     )
                 )
                 versions.append(mv.name)
+            # control is production: its deployment follows the alias; treatment is pinned to the candidate.
+            reg.SetModelAlias(rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0", reason="initial"))
+            targets = {
+                "control": dpb.Deployment(model_alias=f"{model}/aliases/production", replicas=1, backend=dpb.BACKEND_LOCAL),
+                "treatment": dpb.Deployment(model_version=versions[1], replicas=1, backend=dpb.BACKEND_LOCAL),
+            }
             deployments = {}
-            for variant, version in zip(("control", "treatment"), versions, strict=True):
+            for variant, target in targets.items():
                 dep.CreateDeployment(
-                    dsvc.CreateDeploymentRequest(
-                        parent="projects/default",
-                        deployment_id=f"advisor-{variant}",
-                        deployment=dpb.Deployment(model_version=version, replicas=1, backend=dpb.BACKEND_LOCAL),
-                    )
+                    dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id=f"advisor-{variant}", deployment=target)
                 )
             for variant in ("control", "treatment"):
                 deployments[variant] = wait_available(dep, f"projects/default/deployments/advisor-{variant}")
@@ -310,9 +313,10 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
                     experiment_id="advisor-ab",
                     experiment=epb.Experiment(
                         variants=[
-                            epb.Variant(id=v, model_version=d.model_version, deployment=d.name, weight=0.5)
-                            for v, d in deployments.items()
+                            epb.Variant(id=v, model_version=version, deployment=deployments[v].name, weight=0.5)
+                            for v, version in zip(("control", "treatment"), versions, strict=True)
                         ],
+                        promote_alias="production",
                         primary_metric=epb.MetricSpec(name="judge_score", kind=mean, direction=epb.DIRECTION_INCREASE),
                         guardrail_metrics=[
                             epb.MetricSpec(name="latency_ms", kind=mean, direction=epb.DIRECTION_DECREASE, tolerance=10.0)
@@ -341,7 +345,7 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
             served = {v: d.served_model_name for v, d in deployments.items()}
             for r in out["results"]:
                 assert r["servedModel"] == served[r["variant"]], r
-                assert r["modelVersion"] == deployments[r["variant"]].model_version
+                assert r["modelVersion"] == versions[0 if r["variant"] == "control" else 1]
                 assert r["completionTokens"] > 0 and r["latencyMs"] > 0
                 assert r["recorded"] == {"accepted": 3, "duplicates": 0}
             assert {r["transport"] for r in out["results"]} == {"grpc", "openai"}
@@ -373,6 +377,25 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
             secondary = {m.metric.name: m for m in results.secondary}
             assert sum(s.units for s in secondary["thumbs_up"].variants) == users
             assert sum(s.units for s in secondary["completion_tokens"].variants) == users
+
+            # Closing the loop: the operator concludes with the treatment as winner and promotes it; the alias
+            # moves (compare-and-set, history names the experiment) and the deployment following it rolls over.
+            concluded = exp.ConcludeExperiment(
+                esvc.ConcludeExperimentRequest(name=name, winner="treatment", promote=True, expected_current_version="1.0.0", reason="e2e")
+            )
+            assert concluded.state == epb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment"
+            history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{model}/aliases/production"))
+            assert [(e.from_version, e.to_version) for e in history.entries][:1] == [("1.0.0", "1.1.0")]
+            assert name in history.entries[0].reason
+            rolled = None
+            for msg in dep.WatchDeployment(dsvc.WatchDeploymentRequest(name=deployments["control"].name), timeout=180):
+                d = msg.deployment
+                if d.served_version == versions[1] and d.state == dpb.Deployment.STATE_AVAILABLE and d.ready_replicas >= 1:
+                    rolled = d
+                    break
+            assert rolled is not None and rolled.revision == 2
+            revisions = dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=rolled.name))
+            assert revisions.revisions[0].cause == "alias:1.0.0->1.1.0"
 
             for variant in ("control", "treatment"):
                 dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"projects/default/deployments/advisor-{variant}"))

@@ -300,7 +300,7 @@ async def wait_rollover(nw: Clients, prod_name: str, new_version: str, timeout: 
     deadline = time.monotonic() + timeout
     async for resp in nw.deployer.WatchDeployment(dsvc.WatchDeploymentRequest(name=prod_name)):
         d = resp.deployment
-        if d.served_version == new_version.rsplit("/", 1)[-1] and d.state == dpb.Deployment.STATE_AVAILABLE:
+        if d.served_version == new_version and d.state == dpb.Deployment.STATE_AVAILABLE:
             return d
         if time.monotonic() > deadline:
             raise TimeoutError("advisor-prod did not roll over to the promoted version")
