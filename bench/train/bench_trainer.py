@@ -44,7 +44,7 @@ model = AutoModelForCausalLM.from_pretrained(a["model"], **kw)
 cfg = SFTConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"], learning_rate=a["lr"],
                 max_length=a["max_len"], logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                 gradient_checkpointing=a["method"] == "qlora", include_num_input_tokens_seen="all", lr_scheduler_type="cosine",
-                warmup_ratio=0.03, seed=42, padding_free=True, disable_tqdm=True)
+                warmup_steps=0.03, seed=42, disable_tqdm=True)
 peft_cfg = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_cfg)
 t0 = time.monotonic(); trainer.train(); dt = time.monotonic() - t0
@@ -131,7 +131,9 @@ async def run_service(args, model: str, data: Path, work: Path) -> dict:
 def run_peer(args, model: str, data: Path, work: Path) -> dict:
     spec = {"model": model, "data": str(data), "out": str(work / "peer"), "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "max_len": args.max_len, "r": args.r, "alpha": args.alpha, "method": args.method}  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", PEER, json.dumps(spec)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEER, json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the plain TRL/PEFT peer failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

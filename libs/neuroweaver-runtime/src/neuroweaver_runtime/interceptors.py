@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 
 import grpc
 from grpc_status import rpc_status
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -191,23 +190,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = None
             task = asyncio.current_task()
             self.streams.add(task)
-            span_context = trace.set_span_in_context(span)
-            responses = None
             try:
                 with trace.use_span(span, end_on_exit=False):
                     self._check_auth(md, request if kind == "server_stream" else None, required)
-                    responses = behavior(request, context).__aiter__()
-                while True:
-                    # The span's context is attached around each step only, never across a `yield`: a stream the
-                    # client cancels is closed from another context, where detaching a token fails (and logs).
-                    token = otel_context.attach(span_context)
-                    try:
-                        response = await responses.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        otel_context.detach(token)
-                    yield response
+                    async for response in behavior(request, context):
+                        yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -216,8 +203,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 self.streams.discard(task)
                 self._finish(context, span, metrics, started, code)
-                if responses is not None and hasattr(responses, "aclose"):
-                    await responses.aclose()
 
         return wrapper
 
