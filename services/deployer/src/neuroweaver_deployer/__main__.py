@@ -13,12 +13,9 @@ from .app import DeployerConfig, build
 def main(argv: list[str] | None = None) -> None:
     config = load_config(DeployerConfig, "deployer", argv)
     configure_logging("deployer", config.log_level)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    # No uvloop here: its subprocess spawn runs Python's after-fork hooks in the child before exec, and model
+    # servers spawned from this threaded grpc.aio process died with SIGSEGV before writing a byte. The default
+    # loop spawns through subprocess.Popen (no Python between fork and exec).
     asyncio.run(_serve(config))
 
 

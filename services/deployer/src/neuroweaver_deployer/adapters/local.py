@@ -25,7 +25,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from neuroweaver_runtime.process import Child, spawn
 from neuroweaver_runtime.testing import free_port
 
 from ..domain.model import BackendStatus, Target
@@ -61,7 +60,7 @@ class Replica:
         self.state = "starting"  # starting | ready | restarting | failed | stopped
         self.ever_ready = False
         self.failures = 0
-        self.process: Child | None = None
+        self.process: asyncio.subprocess.Process | None = None
         self.upstream: Upstream | None = None
         self.last_error = ""
         self.settled = asyncio.Event()  # ready or failed
@@ -83,7 +82,11 @@ class Replica:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         with open(log_path, "ab") as out:
-            self.process = spawn(model_server_command(self.target, cfg.host, grpc_port, http_port, cfg.grace_seconds), log=out, env={**os.environ, **cfg.env})
+            self.process = await asyncio.create_subprocess_exec(
+                *model_server_command(self.target, cfg.host, grpc_port, http_port, cfg.grace_seconds),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, **cfg.env},
+            )  # fmt: skip
         log.info("replica started", extra={"fields": {"deployment": self.dep.name, "pid": self.process.pid, "grpc": self.upstream.grpc_address}})
 
     async def _wait_serving(self) -> None:
