@@ -43,8 +43,8 @@ if a["method"] == "qlora":
 model = AutoModelForCausalLM.from_pretrained(a["model"], **kw)
 cfg = SFTConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"], learning_rate=a["lr"],
                 max_length=a["max_len"], logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                gradient_checkpointing=a["method"] == "qlora", include_num_input_tokens_seen="all", lr_scheduler_type="cosine",
-                warmup_steps=0.03, seed=42, disable_tqdm=True)
+                gradient_checkpointing=a["method"] == "qlora", include_num_input_tokens_seen="non_padding", lr_scheduler_type="cosine",
+                warmup_steps=0.03, seed=42, disable_tqdm=True, bf16=False)
 peft_cfg = LoraConfig(r=a["r"], lora_alpha=a["alpha"], lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_cfg)
 t0 = time.monotonic(); trainer.train(); dt = time.monotonic() - t0
@@ -70,7 +70,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-async def run_service(args, model: str, data: Path, work: Path) -> dict:
+async def run_service(args, model: str, data: Path, work: Path, database_url: str) -> dict:
     from neuroweaver.registry.v1 import registry_pb2 as rpb
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
     from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
@@ -90,7 +90,7 @@ async def run_service(args, model: str, data: Path, work: Path) -> dict:
     await rgrpc.RegistryServiceStub(rch).CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="bench", model=rpb.Model()))
     trainer = build_trainer(TrainerConfig(
         port=0, metrics_port=-1, data_dir=str(work / "trainer"), dataset_roots=str(data.parent), registry_target=f"127.0.0.1:{rport}",
-        database_url=args.database_url, watch_poll_seconds=args.watch_poll,
+        database_url=database_url, watch_poll_seconds=args.watch_poll,
     ))  # fmt: skip
     trainer.port = 0
     tport = await trainer.start()
@@ -128,6 +128,22 @@ async def run_service(args, model: str, data: Path, work: Path) -> dict:
     }  # fmt: skip
 
 
+async def run_on_fresh_postgres(args, model: str, data: Path, work: Path) -> dict:
+    """The service job again on a new database of the given PostgreSQL server, dropped afterwards."""
+    import uuid
+
+    import asyncpg
+
+    name = f"bench_train_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(args.postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        return await run_service(args, model, data, work, args.postgres_url.rsplit("/", 1)[0] + "/" + name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 def run_peer(args, model: str, data: Path, work: Path) -> dict:
     spec = {"model": model, "data": str(data), "out": str(work / "peer"), "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "max_len": args.max_len, "r": args.r, "alpha": args.alpha, "method": args.method}  # fmt: skip
@@ -147,7 +163,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--database-url", default="")
+    p.add_argument("--postgres-url", default="", help="also run the service job on this PostgreSQL database (event latency via NOTIFY)")
     p.add_argument("--watch-poll", type=float, default=0.0)
     p.add_argument("--write", action="store_true", help="replace the ## Trainer section of bench/RESULTS.md")
     args = p.parse_args()
@@ -159,15 +175,20 @@ def main() -> None:
     data.parent.mkdir()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
     peer = run_peer(args, model, data, work)
-    svc = asyncio.run(run_service(args, model, data, work))
+    svc = asyncio.run(run_service(args, model, data, work / "sqlite", ""))
+    pg = asyncio.run(run_on_fresh_postgres(args, model, data, work / "postgres")) if args.postgres_url else None
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
-    db = "PostgreSQL" if args.database_url.startswith("postgres") else "SQLite"
     lines = [
         "## Trainer",
         "",
         f"`bench/train/bench_trainer.py --model {args.model} --method {args.method} --steps {args.steps}` (batch {args.batch}, "
         f"max_len {args.max_len}, LoRA r={args.r}, same 64-row chat dataset), {time.strftime('%Y-%m-%d')}, {machine}. "
-        "Peer: a plain `trl.SFTTrainer` + `peft` script with the same model, data and hyperparameters, run in the same invocation.",
+        "Peer: a plain `trl.SFTTrainer` + `peft` script with the same model, data and hyperparameters, run in the same invocation, "
+        "in fp32 like the service on CPU (`bf16=False`: TRL defaults to bf16 autocast, which on a CPU without bf16 instructions "
+        "trained ~12x slower). Tokens are real (non-padding) input tokens over train time on both sides; the peer pads each batch "
+        "to its longest row as TRL does without flash attention, the service trains padding-free (rows concatenated with "
+        "restarting position ids). On QLoRA, TRL also casts the LoRA adapter weights to bf16 (its QLoRA recipe, whatever "
+        "`bf16` says), so the peer's adapter matmuls run in emulated bf16 on this CPU.",
         "",
         "| | tokens/s | peak RSS | tokens |",
         "|---|---|---|---|",
@@ -175,9 +196,12 @@ def main() -> None:
         f"| plain TRL/PEFT script | {peer['tokens_per_second']:.0f} | {peer['peak_rss_bytes'] / 2**20:.0f} MiB | {peer['tokens']} |",
         f"| ratio service / TRL | {svc['tokens_per_second'] / peer['tokens_per_second']:.2f} | {svc['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f} | |",
         "",
-        f"Event latency emit → gRPC watcher ({db}, {svc['events']} events; worker and server are separate processes): "
-        f"p50 {svc['latency_p50_ms']:.1f} ms, p99 {svc['latency_p99_ms']:.1f} ms. The worker wakes the trainer's watchers through a "
-        "pipe after each commit (and NOTIFY on PostgreSQL); the poll timer is only a safety net.",
+        f"Event latency emit → gRPC watcher (worker and server are separate processes): SQLite {svc['events']} events, "
+        f"p50 {svc['latency_p50_ms']:.1f} ms, p99 {svc['latency_p99_ms']:.1f} ms"
+        + (f"; PostgreSQL (a second job, same settings; {pg['tokens_per_second']:.0f} tokens/s) {pg['events']} events, "
+           f"p50 {pg['latency_p50_ms']:.1f} ms, p99 {pg['latency_p99_ms']:.1f} ms" if pg else "") + ". "
+        "The worker wakes the trainer's watchers through a pipe after each commit (and NOTIFY on PostgreSQL); the poll "
+        "timer is only a safety net.",
         f"Job wall time create → succeeded (incl. worker start, model load, registration): {svc['wall_seconds']:.1f} s. "
         "Peak RSS of the service job is the worker's RSS sampled at each step; the peer's is getrusage's maximum.",
         "",
