@@ -68,6 +68,38 @@ async def test_other_replica_stop_is_seen_within_the_ttl(stub, make_experiment, 
         await replica.db.dispose()
 
 
+async def test_expired_snapshot_is_revalidated_once_for_all_callers(make_experiment, backend):
+    """When the TTL runs out under load, the requests in flight share one revalidation query instead of each
+    opening a transaction (which made the pool open overflow connections under load)."""
+    exp = await make_experiment()
+    assigner = backend.service.experiments.assigner
+    snap = await assigner.snapshot(exp.name)
+    snap.checked -= assigner.ttl + 1  # expired
+    transactions = 0
+    real = assigner.db.transaction
+
+    def counting():
+        nonlocal transactions
+        transactions += 1
+        return real()
+
+    assigner.db.transaction = counting
+    try:
+        results = await asyncio.gather(*(assigner.snapshot(exp.name) for _ in range(32)))
+    finally:
+        del assigner.db.transaction
+    assert transactions == 1
+    assert all(r is snap for r in results) and assigner.fresh(exp.name) is snap  # same revision: revalidated in place
+
+    # a change made here while a load is in flight: the load's result is not installed, later callers read anew
+    snap.checked -= assigner.ttl + 1
+    pending = asyncio.ensure_future(assigner.snapshot(exp.name))
+    await asyncio.sleep(0)
+    assigner.invalidate(exp.name)
+    await pending
+    assert assigner.fresh(exp.name) is None
+
+
 async def test_concurrent_streams_into_the_same_units_stay_exact(stub, make_experiment):
     exp = await make_experiment()
     units = [f"cc-{i}" for i in range(60)]

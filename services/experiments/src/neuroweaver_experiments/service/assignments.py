@@ -144,9 +144,13 @@ class Assigner:
         self.cache = StickyCache()
         self.writer = AssignmentWriter(db, self.cache)
         self._snapshots: dict[str, Snapshot] = {}
+        # One (re)validation per experiment at a time: when the TTL runs out under load, every request in flight
+        # would otherwise run its own query (and the pool opens overflow connections for them).
+        self._loading: dict[str, asyncio.Future[Snapshot]] = {}
 
     def invalidate(self, name: str) -> None:
         self._snapshots.pop(name, None)
+        self._loading.pop(name, None)  # a load that started before the change must not be joined or installed
 
     def fresh(self, name: str) -> Snapshot | None:
         """The cached snapshot if it was validated less than `ttl` seconds ago (no I/O), else None.
@@ -167,22 +171,37 @@ class Assigner:
 
     async def snapshot(self, name: str, field: str = "experiment") -> Snapshot:
         snap = self._snapshots.get(name)
-        now = time.monotonic()
-        if snap is not None and now - snap.checked < self.ttl:
+        if snap is not None and time.monotonic() - snap.checked < self.ttl:
             return snap
         EXPERIMENT.parse(name, field)
-        async with self.db.transaction() as s:
-            repo = ExperimentsRepository(s, self.db.is_postgres)
-            if snap is not None and await repo.revision_of(snap.id) == snap.experiment.revision:
-                snap.checked = now
-                return snap
-            row = await repo.experiment_row(name)
-        if row is None:
-            raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
-        exp = ExperimentsRepository.to_experiment(row)
-        snap = Snapshot(row.id, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
-        self._snapshots[name] = snap
-        return snap
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.ensure_future(self._load(name, snap))
+            loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if no caller waits
+        return await asyncio.shield(loading)  # a cancelled caller does not cancel the others' load
+
+    async def _load(self, name: str, snap: Snapshot | None) -> Snapshot:
+        """Revalidate `snap` (one `SELECT revision`) or read the experiment; install the result unless the
+        experiment was invalidated meanwhile."""
+        this = asyncio.current_task()
+        now = time.monotonic()
+        try:
+            async with self.db.transaction() as s:
+                repo = ExperimentsRepository(s, self.db.is_postgres)
+                if snap is not None and await repo.revision_of(snap.id) == snap.experiment.revision:
+                    snap.checked = now
+                    return snap
+                row = await repo.experiment_row(name)
+            if row is None:
+                raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
+            exp = ExperimentsRepository.to_experiment(row)
+            fresh = Snapshot(row.id, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
+            if self._loading.get(name) is this:
+                self._snapshots[name] = fresh
+            return fresh
+        finally:
+            if self._loading.get(name) is this:
+                del self._loading[name]
 
     async def assign_many(self, snap: Snapshot, units: list[str]) -> list[Assignment]:
         """Sticky-or-hash assignment of each unit, persisting first exposures of in-coverage units."""
