@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
-.PHONY: install proto proto-check lint test test-fast up demo bench clean
+.PHONY: install proto proto-check lint test test-fast up demo clean
 
 install: .venv/.installed node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
 
@@ -53,9 +53,6 @@ up: install ## run every implemented service on the embedded default (SQLite, lo
 
 demo: install ## the whole loop with SmolLM2-135M-Instruct and the automotive kit
 	$(PY) -m neuroweaver_sdk.demo
-
-bench: install
-	$(PY) bench/run_all.py
 
 clean:
 	rm -rf .venv node_modules .pytest_cache

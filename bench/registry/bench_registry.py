@@ -86,7 +86,6 @@ async def open_loop(call, rate: float, seconds: float) -> dict:
     n = int(rate * seconds)
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    start = time.perf_counter() + 0.05
 
     async def one(at: float):
         try:
@@ -99,6 +98,7 @@ async def open_loop(call, rate: float, seconds: float) -> dict:
 
     tasks = []
     with client_gc_paused():
+        start = time.perf_counter() + 0.05  # after the client's collection, which takes tens of ms
         for i in range(n):  # a dispatcher starts each request at its scheduled time (no pile of sleeping tasks)
             at = start + i / rate
             delay = at - time.perf_counter()
@@ -148,6 +148,7 @@ async def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--open-rate", type=float, default=1000)
     ap.add_argument("--open-seconds", type=float, default=10)
+    ap.add_argument("--open-repeats", type=int, default=5)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -250,20 +251,20 @@ async def main() -> None:
         load["after_closed_loop"] = os.getloadavg()
         open_runs, open_nocache = [], []
         # Cached repeats first: the uncached replica is overloaded at this rate and its backlog would spill into them.
-        for _ in range(args.repeats):
+        for _ in range(args.open_repeats):
             open_runs.append(await open_loop(reg_get, args.open_rate, args.open_seconds))
             print("open loop", open_runs[-1], file=sys.stderr)
-        for _ in range(args.repeats):
-            open_nocache.append(await open_loop(reg_get_nocache, args.open_rate, args.open_seconds))
-            print("open loop (no cache)", open_nocache[-1], file=sys.stderr)
         # The same open loop from h2load (C, a fraction of the client CPU, no client GC): what the server does.
         h2_runs: list[dict] = []
         if h2load_grpc.available():
             body = h2load_grpc.write_body(get_req, Path(tempfile.mkdtemp(prefix="nw-bench-reg-")) / "get.bin")
             method = "/neuroweaver.registry.v1.RegistryService/GetModelVersion"
-            for _ in range(args.repeats):
+            for _ in range(args.open_repeats):
                 h2_runs.append(h2load_grpc.fixed_rate(f"127.0.0.1:{reg_port}", method, body, int(args.open_rate), args.open_seconds))
                 print("open loop (h2load)", h2_runs[-1], file=sys.stderr)
+        for _ in range(args.repeats):
+            open_nocache.append(await open_loop(reg_get_nocache, args.open_rate, args.open_seconds))
+            print("open loop (no cache)", open_nocache[-1], file=sys.stderr)
         load["end"] = os.getloadavg()
 
         await http.close()
