@@ -65,36 +65,31 @@ class LocalExecutor:
     def log_path(self, job_id: str, attempt: int) -> Path:
         return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
 
-    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None] | None = None) -> Child:
-        """Starts the worker. With `on_event`, the worker also writes each committed event's notify payload
-        (`<job key>:<sequence>`) to a pipe and `on_event` gets it at once: watchers on this replica then see
-        events without polling the database (SQLite has no NOTIFY; on PostgreSQL it saves the round trip)."""
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None]) -> Child:
+        """Starts the worker. The worker also writes each committed event's notify payload (`<job key>:<sequence>`)
+        to a pipe and `on_event` gets it at once: watchers on this replica then see events without polling the
+        database (SQLite has no NOTIFY; on PostgreSQL it saves the round trip)."""
         log_path = self.log_path(job.job_id, attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
         args = [
             self.python, "-m", "neuroweaver_trainer.worker", "--job", job.name, "--attempt", str(attempt),
-            "--die-with-parent", *self.settings.args(),
+            "--die-with-parent", *self.settings.args(), "--notify-fd", str(write_fd),
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
         if self.settings.registry_token:
             env["NW_TRAINER_REGISTRY_TOKEN"] = self.settings.registry_token
-        read_fd, write_fd = os.pipe() if on_event else (-1, -1)
-        if on_event:
-            args += ["--notify-fd", str(write_fd)]
         try:
             with open(log_path, "ab") as log_file:
-                proc = spawn(args, log=log_file, env=env, pass_fds=(write_fd,) if on_event else ())
+                proc = spawn(args, log=log_file, env=env, pass_fds=(write_fd,))
         except BaseException:
-            if on_event:
-                os.close(read_fd)
+            os.close(read_fd)
             raise
         finally:
-            if on_event:
-                os.close(write_fd)  # the worker holds the only write end: EOF when it exits
-        if on_event:
-            task = asyncio.create_task(_forward_lines(read_fd, on_event))
-            self._forwarders.add(task)
-            task.add_done_callback(self._forwarders.discard)
+            os.close(write_fd)  # the worker holds the only write end: EOF when it exits
+        task = asyncio.create_task(_forward_lines(read_fd, on_event))
+        self._forwarders.add(task)
+        task.add_done_callback(self._forwarders.discard)
         return proc
 
     @staticmethod
