@@ -170,15 +170,18 @@ async def main(args) -> None:
             ]
             messages.append(svc.StreamMetricEventsRequest(experiment=exp.name, events=evs))
 
-        async def gen():
-            for m in messages:
+        async def gen(share):
+            for m in share:
                 yield m
 
+        # `--streams` concurrent StreamMetricEvents calls (as several gateway replicas would send), messages dealt
+        # round-robin; each message is still one atomic batch.
+        shares = [messages[i :: args.streams] for i in range(args.streams)]
         t0 = time.perf_counter()
-        resp = await stub.StreamMetricEvents(gen(), timeout=3600)
+        responses = await asyncio.gather(*(stub.StreamMetricEvents(gen(share), timeout=3600) for share in shares))
         elapsed = time.perf_counter() - t0
-        assert resp.accepted == args.events, resp
-        report["ingest"] = dict(events=args.events, batch=args.batch, seconds=elapsed, rate=args.events / elapsed)
+        assert sum(r.accepted for r in responses) == args.events, responses
+        report["ingest"] = dict(events=args.events, batch=args.batch, seconds=elapsed, rate=args.events / elapsed, streams=args.streams)
         report["results_ms_at_ingested"] = await time_results(stub, exp.name)
         print(report, flush=True)
 
@@ -246,7 +249,7 @@ def print_report(r: dict, args) -> None:
         print(f"{key}: {a['rate']:.0f} req/s, p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms "
               f"({a['requests']} requests, concurrency {args.concurrency})")
     i = r["ingest"]
-    print(f"ingest: {i['rate']:.0f} events/s ({i['events']} events in {i['seconds']:.1f} s, {i['batch']} per message, "
+    print(f"ingest: {i['rate']:.0f} events/s ({i['events']} events in {i['seconds']:.1f} s, {i['streams']} streams, {i['batch']} per message, "
           f"{args.units} units, 3 metrics, all with idempotency keys)")
     print(f"results: {r['results_ms_small']:.1f} ms with 0 events, {r['results_ms_at_ingested']:.1f} ms at {args.events} events, "
           f"{r['results_ms_10m']:.1f} ms at {args.big_events} events (SQL load took {r['load_seconds']:.0f} s)")
@@ -258,6 +261,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=48)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--units", type=int, default=100_000)
     parser.add_argument("--big-events", type=int, default=10_000_000)
     parser.add_argument("--big-units", type=int, default=100_000)
