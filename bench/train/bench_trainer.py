@@ -1,9 +1,10 @@
 """Trainer benchmark: a job run through the service vs a plain TRL/PEFT script, same model, data and
 hyperparameters, in one run on one machine; plus event latency emit → watcher (p50/p99).
 
-    .venv/bin/python bench/train/bench_trainer.py [--model builtin:smollm2-135m-instruct|tiny] [--steps 20] [--method qlora|lora]
+    .venv/bin/python bench/train/bench_trainer.py [--model builtin:smollm2-135m-instruct|tiny] [--steps 20] [--method qlora|lora] [--postgres]
 
-Service side: registry + trainer in process (SQLite), the job trains in the trainer's worker subprocess;
+Service side: registry + trainer in process (SQLite; with `--postgres` a second job on a fresh PostgreSQL database
+for the NOTIFY path), the job trains in the trainer's worker subprocess;
 tokens/s from the worker's training report (same counter as TRL: input tokens seen / train time), peak RSS
 from the STEP events. Peer: `trl.SFTTrainer` + `peft.LoraConfig` in a subprocess, peak RSS from
 getrusage. Latency: each event's create_time (set in the worker just before its commit) vs the moment a
@@ -129,19 +130,14 @@ async def run_service(args, model: str, data: Path, work: Path, database_url: st
 
 
 async def run_on_fresh_postgres(args, model: str, data: Path, work: Path) -> dict:
-    """The service job again on a new database of the given PostgreSQL server, dropped afterwards."""
-    import uuid
+    """The service job again on a new database of the test PostgreSQL server (NW_TEST_POSTGRES_URL), dropped afterwards."""
+    from neuroweaver_runtime.testing import create_postgres_database
 
-    import asyncpg
-
-    name = f"bench_train_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(args.postgres_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    url, drop = await create_postgres_database("bench_train")
     try:
-        return await run_service(args, model, data, work, args.postgres_url.rsplit("/", 1)[0] + "/" + name)
+        return await run_service(args, model, data, work, url)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop()
 
 
 def run_peer(args, model: str, data: Path, work: Path) -> dict:
@@ -163,7 +159,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--postgres-url", default="", help="also run the service job on this PostgreSQL database (event latency via NOTIFY)")
+    p.add_argument("--postgres", action="store_true", help="also run the service job on PostgreSQL (event latency via NOTIFY)")
     p.add_argument("--watch-poll", type=float, default=0.0)
     p.add_argument("--write", action="store_true", help="replace the ## Trainer section of bench/RESULTS.md")
     args = p.parse_args()
@@ -176,7 +172,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
     peer = run_peer(args, model, data, work)
     svc = asyncio.run(run_service(args, model, data, work / "sqlite", ""))
-    pg = asyncio.run(run_on_fresh_postgres(args, model, data, work / "postgres")) if args.postgres_url else None
+    pg = asyncio.run(run_on_fresh_postgres(args, model, data, work / "postgres")) if args.postgres else None
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
     lines = [
         "## Trainer",
