@@ -38,14 +38,10 @@ from neuroweaver_runtime.testing import create_postgres_database, free_port
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import h2load_grpc  # noqa: E402
+from assign_overhead import cpu_seconds  # noqa: E402
 from service_bench import create_running  # noqa: E402
 
 METHOD = "/neuroweaver.experiments.v1.ExperimentsService/AssignVariant"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def closed_loop(pid: int, port: int, body: Path, requests: int, streams: int) -> dict:

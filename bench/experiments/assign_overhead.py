@@ -39,7 +39,7 @@ from service_bench import create_running, run_assign  # noqa: E402
 UNITS = 10_000
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -131,10 +131,10 @@ async def main(args) -> None:
                         svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=[f"ret-{i}" for i in range(UNITS)])
                     ) if mode != "echo" else None
                     await ch.close()
-                    cpu0 = _cpu_seconds(server.pid)
+                    cpu0 = cpu_seconds(server.pid)
                     r = run_assign(f"127.0.0.1:{port}", exp.name, args.seconds, args.concurrency, "ret", UNITS)
                     # server CPU per request (all its threads): the per-core capacity, whatever limits the client
-                    r["cpu_us"] = (_cpu_seconds(server.pid) - cpu0) / r["requests"] * 1e6
+                    r["cpu_us"] = (cpu_seconds(server.pid) - cpu0) / r["requests"] * 1e6
                 finally:
                     server.terminate()
                     server.wait(30)
