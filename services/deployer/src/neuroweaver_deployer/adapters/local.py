@@ -184,6 +184,7 @@ class LocalDeployment:
         self.rolling_out = False
         self.failed_message = ""
         self._lock = asyncio.Lock()
+        self._publishing = asyncio.Lock()  # orders rotation updates and status reports (see _publish_status)
         self._counter = 0
         self._all: list[Replica] = []  # every replica started, so a cancelled rollout leaves nothing behind
 
@@ -196,10 +197,18 @@ class LocalDeployment:
 
     async def changed(self) -> None:
         """A replica changed state: update the rotation (current replicas that are ready) and report."""
-        await self.router.set_upstreams([r.upstream for r in self.replicas if r.state == "ready" and r.upstream])
-        await self.report()
+        async with self._publishing:
+            await self.router.set_upstreams([r.upstream for r in self.replicas if r.state == "ready" and r.upstream])
+            await self._publish_status()
 
     async def report(self) -> None:
+        async with self._publishing:
+            await self._publish_status()
+
+    async def _publish_status(self) -> None:
+        """Computed and written under `_publishing`, so the last write carries the newest state. Unserialized, two
+        reports in flight (a replica turning ready while the rollout waiting for it finishes) could commit out of
+        order and leave a stale status (PROGRESSING with every replica ready) as the last word."""
         desired = self.target.replicas if self.target else 0
         ready = sum(1 for r in self.replicas if r.state == "ready")
         restarting = sum(1 for r in self.replicas if r.state == "restarting" and r.ever_ready)
