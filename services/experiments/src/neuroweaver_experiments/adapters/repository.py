@@ -1,7 +1,7 @@
 """Experiments persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction.
 
 The hot paths (assignment batches, metric ingestion) are set-based: one statement per table per batch.
-On PostgreSQL they go straight to asyncpg with `unnest` arrays and COPY (no per-row SQL compilation);
+On PostgreSQL they go straight to asyncpg with `unnest` arrays (no per-row SQL compilation);
 on SQLite they use SQLAlchemy Core `INSERT ... ON CONFLICT` with multi-row VALUES.
 """
 
@@ -38,25 +38,18 @@ _SQLITE_CHUNK = 2000  # rows per multi-row statement (SQLite allows 32,766 bound
 # each sees the others' rows only through RETURNING, which is all this needs.
 _INGEST_SQL = """
 WITH ev AS (
-    SELECT unit_id, metric, value, event_time, NULLIF(key, '') AS key, ord
-    FROM unnest($2::text::text[], $3::text::text[], $4::float8[], $5::timestamptz[], $6::text::text[])
+    SELECT unit_id, metric, value, coalesce(event_time, $10) AS event_time, NULLIF(key, '') AS key, ord
+    FROM unnest($2::text::text[], $3::text::text[], $4::text::float8[], $5::text::timestamptz[], $6::text::text[])
         WITH ORDINALITY AS e(unit_id, metric, value, event_time, key, ord)
-), new_keys AS (
-    INSERT INTO event_keys (experiment_id, key)
-    SELECT $1, key FROM ev WHERE key IS NOT NULL ORDER BY key
-    ON CONFLICT DO NOTHING
-    RETURNING key
 ), taken AS (
-    SELECT ev.* FROM ev WHERE ev.key IS NULL
-    UNION ALL
-    SELECT ev.* FROM ev JOIN new_keys USING (key)
-), raw_events AS (
     INSERT INTO metric_events (experiment_id, unit_id, metric, value, event_time, idempotency_key)
-    SELECT $1, unit_id, metric, value, event_time, key FROM taken ORDER BY ord
+    SELECT $1, unit_id, metric, value, event_time, key FROM ev ORDER BY key, ord
+    ON CONFLICT (experiment_id, idempotency_key) DO NOTHING
+    RETURNING id, unit_id, metric, value
 ), variants AS (
     SELECT * FROM unnest($7::text::text[], $8::text::text[]) AS v(unit_id, variant)
 ), added AS (
-    SELECT metric, unit_id, count(*) AS c, sum(value ORDER BY ord) AS s, count(*) FILTER (WHERE value > 0) AS p
+    SELECT metric, unit_id, count(*) AS c, sum(value ORDER BY id) AS s, count(*) FILTER (WHERE value > 0) AS p
     FROM taken GROUP BY metric, unit_id
 ), units AS (
     INSERT INTO unit_metrics AS um (experiment_id, metric, unit_id, variant, count, total, positives)
@@ -67,17 +60,25 @@ WITH ev AS (
     RETURNING um.metric, um.unit_id, um.variant, um.count, um.total, um.positives
 ), vals AS (
     SELECT u.metric, u.variant, u.count - a.c AS old_count,
-        CASE WHEN u.metric = ANY($9::text[]) THEN (u.positives > 0)::int::float8 ELSE u.total / u.count END AS x_new,
+        CASE WHEN u.metric = ANY($9::text[]) THEN (u.positives > 0)::int::float8
+             WHEN abs(u.total) < 1e-300 THEN 0 ELSE u.total / u.count END AS x_new,
         CASE WHEN u.count - a.c <= 0 THEN NULL
              WHEN u.metric = ANY($9::text[]) THEN (u.positives - a.p > 0)::int::float8
+             WHEN abs(u.total - a.s) < 1e-300 THEN 0
              ELSE (u.total - a.s) / (u.count - a.c) END AS x_old
     FROM units u JOIN added a USING (metric, unit_id)
+), squares AS (
+    -- PostgreSQL raises "underflow" where IEEE arithmetic (and the SQLite path) gives ~0, so tiny values are 0
+    -- here (|mean| with |total| < 1e-300, |x| < 1e-150 squared): a difference below 1e-300 from the Python path
+    SELECT *, CASE WHEN abs(x_new) < 1e-150 THEN 0 ELSE x_new * x_new END AS x_new_sq,
+        CASE WHEN abs(x_old) < 1e-150 THEN 0 ELSE x_old * x_old END AS x_old_sq
+    FROM vals
 ), deltas AS (
     SELECT metric, variant,
         CASE WHEN old_count <= 0 THEN 1 ELSE 0 END AS dn,
         CASE WHEN old_count <= 0 THEN x_new WHEN x_old = x_new THEN 0 ELSE x_new - x_old END AS ds,
-        CASE WHEN old_count <= 0 THEN x_new * x_new WHEN x_old = x_new THEN 0 ELSE x_new * x_new - x_old * x_old END AS dq
-    FROM vals
+        CASE WHEN old_count <= 0 THEN x_new_sq WHEN x_old = x_new THEN 0 ELSE x_new_sq - x_old_sq END AS dq
+    FROM squares
 ), stats AS (
     INSERT INTO variant_stats AS vs (experiment_id, metric, variant, n, sum, sum_sq)
     SELECT $1, metric, variant, sum(dn), sum(ds), sum(dq) FROM deltas GROUP BY metric, variant ORDER BY metric, variant
@@ -96,6 +97,17 @@ def _text_array(items: Sequence[str]) -> str:
     if "\\" in plain or '"' in plain:
         items = [i.replace("\\", "\\\\").replace('"', '\\"') for i in items]
     return '{"' + '","'.join(items) + '"}' if items else "{}"
+
+
+def _float_array(values: Sequence[float]) -> str:
+    """A float8[] literal (one text parameter): repr round-trips every finite double exactly, and skips asyncpg's
+    per-element type checks (~4 ms per 5,000 values)."""
+    return "{" + ",".join(map(repr, values)) + "}"
+
+
+def _time_array(times: Sequence[datetime | None]) -> str:
+    """A timestamptz[] literal (one text parameter), NULL where the event has no time of its own."""
+    return "{" + ",".join("NULL" if t is None else f'"{t.isoformat()}"' for t in times) + "}"
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -347,68 +359,33 @@ class ExperimentsRepository:
 
     # -- metric ingestion -------------------------------------------------------------------------
 
-    async def insert_event_keys(self, experiment_id: int, keys: Sequence[str]) -> set[str]:
-        """Records idempotency keys; returns the keys that were new (the rest are duplicates)."""
-        if not keys:
-            return set()
-        if self.pg:
-            rows = await (await self._raw()).fetch(
-                "INSERT INTO event_keys (experiment_id, key) SELECT $1, k FROM unnest($2::text[]) AS x(k) "
-                "ON CONFLICT DO NOTHING RETURNING key",
-                experiment_id,
-                list(keys),
-            )
-            return {r[0] for r in rows}
+    async def insert_events(self, experiment_id: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+        """SQLite: appends raw events (unit, metric, value, time, key or None) whose key is not stored yet; returns
+        the keys that were new (an event with a stored key is a duplicate and is not written). Keys must be
+        unique within `events`."""
         new: set[str] = set()
-        for chunk in _chunks(list(keys)):
+        for chunk in _chunks(list(events)):
             stmt = (
-                sqlite_insert(t.event_keys)
-                .values([{"experiment_id": experiment_id, "key": k} for k in chunk])
-                .on_conflict_do_nothing()
-                .returning(t.event_keys.c.key)
+                sqlite_insert(t.metric_events)
+                .values(
+                    [
+                        dict(experiment_id=experiment_id, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
+                        for u, m, v, ts, k in chunk
+                    ]
+                )
+                .on_conflict_do_nothing(index_elements=["experiment_id", "idempotency_key"])
+                .returning(t.metric_events.c.idempotency_key)
             )
-            new.update(r[0] for r in await self.s.execute(stmt))
+            new.update(r[0] for r in await self.s.execute(stmt) if r[0] is not None)
         return new
-
-    async def insert_events(self, experiment_id: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> None:
-        """Raw events (unit, metric, value, time, key): COPY on PostgreSQL."""
-        if not events:
-            return
-        if self.pg:
-            await (await self._raw()).copy_records_to_table(
-                "metric_events",
-                records=[(experiment_id, *e) for e in events],
-                columns=["experiment_id", "unit_id", "metric", "value", "event_time", "idempotency_key"],
-            )
-            return
-        await self.s.execute(
-            t.metric_events.insert(),
-            [
-                dict(experiment_id=experiment_id, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
-                for u, m, v, ts, k in events
-            ],
-        )
 
     async def upsert_unit_metrics(
         self, experiment_id: int, rows: Sequence[tuple[str, str, str, int, float, int]]
     ) -> list[tuple[str, str, int, float, int]]:
-        """Adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
+        """SQLite: adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
         (metric, unit, count, total, positives). Rows must be unique per (metric, unit) and sorted (lock order)."""
         if not rows:
             return []
-        if self.pg:
-            cols = list(zip(*rows, strict=True))
-            result = await (await self._raw()).fetch(
-                "INSERT INTO unit_metrics (experiment_id, metric, unit_id, variant, count, total, positives) "
-                "SELECT $1, m, u, v, c, s, p FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::float8[], "
-                "$7::bigint[]) AS x(m, u, v, c, s, p) "
-                "ON CONFLICT (experiment_id, metric, unit_id) DO UPDATE SET count = unit_metrics.count + excluded.count, "
-                "total = unit_metrics.total + excluded.total, positives = unit_metrics.positives + excluded.positives "
-                "RETURNING metric, unit_id, count, total, positives",
-                experiment_id,
-                *[list(c) for c in cols],
-            )
-            return [(r[0], r[1], r[2], r[3], r[4]) for r in result]
         c = t.unit_metrics.c
         out: list[tuple[str, str, int, float, int]] = []
         for chunk in _chunks(rows):
@@ -430,24 +407,9 @@ class ExperimentsRepository:
         return out
 
     async def add_variant_stats(self, experiment_id: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
-        """Adds (n, sum, sum_sq) deltas per (metric, variant), in key order."""
+        """SQLite: adds (n, sum, sum_sq) deltas per (metric, variant), in key order."""
         keys = sorted(deltas)
         if not keys:
-            return
-        if self.pg:
-            await (await self._raw()).execute(
-                "INSERT INTO variant_stats (experiment_id, metric, variant, n, sum, sum_sq) "
-                "SELECT $1, m, v, n, s, q FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[]) "
-                "AS x(m, v, n, s, q) "
-                "ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET n = variant_stats.n + excluded.n, "
-                "sum = variant_stats.sum + excluded.sum, sum_sq = variant_stats.sum_sq + excluded.sum_sq",
-                experiment_id,
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [deltas[k][0] for k in keys],
-                [deltas[k][1] for k in keys],
-                [deltas[k][2] for k in keys],
-            )
             return
         c = t.variant_stats.c
         for m, v in keys:
@@ -462,22 +424,22 @@ class ExperimentsRepository:
     async def ingest_pg(
         self,
         experiment_id: int,
-        events: Sequence[tuple[str, str, float, datetime, str | None]],
+        events: tuple[list[str], list[str], list[float], list[datetime | None], list[str]],
         variant_of: dict[str, str],
         proportion_metrics: Sequence[str],
+        now: datetime,
     ) -> int:
         """PostgreSQL hot path of one ingest batch, in ONE statement (one round trip) of the caller's transaction:
-        record the idempotency keys (events whose key was already stored are dropped), append the raw events,
-        upsert the per-unit aggregates and fold each touched unit's change of value into the per-variant
-        sufficient statistics — the arithmetic of `domain.aggregation.contribution_delta`, done set-based.
-        `events` are (unit, metric, value, time, key or None) with keys unique within the batch. Returns the
-        number of events taken (not duplicates). Locks: unit and variant rows are written in (metric, unit) and
-        (metric, variant) order, as in the SQLite path, so concurrent batches do not deadlock."""
-        if not events:
+        append the raw events whose idempotency key is not stored yet (the others are duplicates), upsert the
+        per-unit aggregates of the appended ones and fold each touched unit's change of value into the
+        per-variant sufficient statistics — the arithmetic of `domain.aggregation.contribution_delta`, done
+        set-based. `events` are columns (units, metrics, values, times or None for `now`, keys or '' for none),
+        keys unique within the batch; `variant_of` maps every unit of the batch to its variant. Returns the
+        number of events appended. Locks: events, unit rows and variant rows are written in key, (metric, unit)
+        and (metric, variant) order, as in the SQLite path, so concurrent batches do not deadlock."""
+        units, metrics, values, times, keys = events
+        if not units:
             return 0
-        units, metrics, values, times, keys = (list(c) for c in zip(*events, strict=True))
-        vu = list(variant_of)
-        keys = [k or "" for k in keys]  # '' = no key (NULLIF in SQL)
         raw = await self._raw()
         # The planner cannot see through the unnest/CTE row counts and overestimates ~25x, which crosses the JIT
         # threshold: JIT compilation alone took ~150 ms per 5,000-event batch. A batch is small; no JIT.
@@ -487,12 +449,13 @@ class ExperimentsRepository:
             experiment_id,
             _text_array(units),
             _text_array(metrics),
-            values,
-            times,
+            _float_array(values),
+            _time_array(times),
             _text_array(keys),
-            _text_array(vu),
-            _text_array([variant_of[u] for u in vu]),
+            _text_array(list(variant_of)),
+            _text_array(list(variant_of.values())),
             list(proportion_metrics),
+            now,
         )
         return int(row[0])
 

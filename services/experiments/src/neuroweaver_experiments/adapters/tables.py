@@ -1,10 +1,11 @@
 """SQLAlchemy Core tables of the experiments service (one schema for SQLite and PostgreSQL).
 
 Hot tables are keyed for their access paths: `assignments` (sticky store and exposure log) by
-(experiment, unit); `event_keys` (idempotency) by (experiment, key); `unit_metrics` (per-unit aggregates)
-by (experiment, metric, unit); `variant_stats` (sufficient statistics) by (experiment, metric, variant).
+(experiment, unit); `metric_events` (raw events; its unique (experiment, idempotency key) index is the
+duplicate check); `unit_metrics` (per-unit aggregates) by (experiment, metric, unit); `variant_stats`
+(sufficient statistics) by (experiment, metric, variant).
 
-The high-volume tables (assignments, event_keys, metric_events, unit_metrics) carry no foreign key to
+The high-volume tables (assignments, metric_events, unit_metrics) carry no foreign key to
 `experiments`: the per-row FK check cost about 40% of ingest time on PostgreSQL, experiments are never
 deleted, and every writer resolves the experiment row in the same transaction anyway.
 """
@@ -85,15 +86,8 @@ exposure_counts = Table(
     Column("units", BigInteger, nullable=False, default=0),
 )
 
-# Idempotency keys of metric events already recorded.
-event_keys = Table(
-    "event_keys",
-    metadata,
-    Column("experiment_id", Integer, primary_key=True),
-    Column("key", String(256), primary_key=True),
-)
-
-# Raw metric events (audit trail; statistics never read them).
+# Raw metric events (audit trail; statistics never read them). The unique index on (experiment, key) is the
+# idempotency check: an event whose key is already there is a duplicate (events without a key, NULL, never are).
 metric_events = Table(
     "metric_events",
     metadata,
@@ -104,7 +98,7 @@ metric_events = Table(
     Column("value", Float, nullable=False),
     Column("event_time", DateTime(timezone=True), nullable=False),
     Column("idempotency_key", String(256), nullable=True),
-    Index("ix_metric_events_experiment", "experiment_id", "id"),
+    Index("uq_metric_events_key", "experiment_id", "idempotency_key", unique=True),
 )
 
 # Per-unit aggregates: count, sum and number of positive values of the unit's events of one metric.
@@ -118,6 +112,7 @@ unit_metrics = Table(
     Column("count", BigInteger, nullable=False),
     Column("total", Float, nullable=False),
     Column("positives", BigInteger, nullable=False),
+    postgresql_with={"fillfactor": 70},  # room for in-place (HOT) updates: every batch updates its units' rows
 )
 
 # Sufficient statistics (n, sum, sum of squares) of unit values per variant and metric.

@@ -22,7 +22,7 @@ from neuroweaver_runtime.timestamps import from_timestamp, to_timestamp
 from ..domain import statistics as st
 from ..domain.assignment import Assignment
 from ..domain.experiment import Experiment, ExperimentState, Variant
-from ..service.ingest import Event
+from ..service.ingest import EventBatch
 
 _STATE = {
     ExperimentState.DRAFT: pb.Experiment.STATE_DRAFT,
@@ -156,15 +156,20 @@ def assignment_to_pb(exp: Experiment, a: Assignment) -> svc.AssignVariantRespons
 # -- events ----------------------------------------------------------------------------------------
 
 
-def events_from_pb(events) -> list[Event]:
-    out: list[Event] = []
-    append = out.append
+def events_from_pb(events) -> EventBatch:
+    batch = EventBatch()
+    exps, units, metrics, values, times, keys = batch.experiments, batch.unit_ids, batch.metrics, batch.values, batch.times, batch.keys
     for e in events:
+        exps.append(e.experiment)
+        units.append(e.unit_id)
+        metrics.append(e.metric)
+        values.append(e.value)
+        keys.append(e.idempotency_key)
         if e.HasField("event_time") and ((ts := e.event_time).seconds or ts.nanos):
-            append((e.experiment, e.unit_id, e.metric, e.value, from_timestamp(ts, "events.event_time"), e.idempotency_key))
+            times.append(from_timestamp(ts, "events.event_time"))
         else:
-            append((e.experiment, e.unit_id, e.metric, e.value, None, e.idempotency_key))
-    return out
+            times.append(None)
+    return batch
 
 
 # -- results ---------------------------------------------------------------------------------------

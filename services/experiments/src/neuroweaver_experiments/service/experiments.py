@@ -37,7 +37,7 @@ from ..domain.experiment import (
 )
 from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
 from .assignments import Assigner, Snapshot
-from .ingest import Event, Ingestor, IngestResult
+from .ingest import EventBatch, Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class ExperimentsService:
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    async def record(self, experiment: str, events: list[Event]) -> IngestResult:
+    async def record(self, experiment: str, events: EventBatch) -> IngestResult:
         return await self.ingestor.record(experiment, events)
 
     # -- results ---------------------------------------------------------------------------------

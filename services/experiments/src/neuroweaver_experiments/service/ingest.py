@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
@@ -36,8 +35,22 @@ from .assignments import Assigner
 MAX_BATCH = 10_000
 MAX_VIOLATIONS = 100
 
-# (experiment, unit_id, metric, value, event_time or None, idempotency_key)
-Event = tuple[str, str, str, float, datetime | None, str]
+
+@dataclass(slots=True)
+class EventBatch:
+    """One batch of metric events as columns (event i is index i of every list). A column per field instead of
+    a tuple per event: a 5,000-event batch allocates six lists rather than 5,000 tuples, which kept the
+    garbage collector's older generations busy (12% of the server's ingest time in a profile)."""
+
+    experiments: list[str] = field(default_factory=list)  # "" = the batch's experiment
+    unit_ids: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    times: list[datetime | None] = field(default_factory=list)  # None = when the batch is recorded
+    keys: list[str] = field(default_factory=list)  # "" = no idempotency key
+
+    def __len__(self) -> int:
+        return len(self.unit_ids)
 
 
 @dataclass
@@ -72,12 +85,26 @@ class _Bad:
         )
 
 
+def _first_of_each_key(keys: list[str]) -> list[int]:
+    """Indices of the events to write: each event without a key and the first event of each key (a key's later
+    events in the same batch are duplicates)."""
+    seen: set[str] = set()
+    first: list[int] = []
+    for i, key in enumerate(keys):
+        if key:
+            if key in seen:
+                continue
+            seen.add(key)
+        first.append(i)
+    return first
+
+
 class Ingestor:
     def __init__(self, db: Database, assigner: Assigner) -> None:
         self.db = db
         self.assigner = assigner
 
-    async def record(self, experiment: str, events: Sequence[Event]) -> IngestResult:
+    async def record(self, experiment: str, events: EventBatch) -> IngestResult:
         if len(events) > MAX_BATCH:
             raise InvalidArgument(
                 f"at most {MAX_BATCH} events per batch, got {len(events)}; split the batch (or stream several messages)",
@@ -85,14 +112,16 @@ class Ingestor:
                 reason="BATCH_TOO_LARGE",
                 metadata={"max_events": str(MAX_BATCH), "events": str(len(events))},
             )
-        if not events:
+        if not len(events):
             return IngestResult()
-        name = experiment or events[0][0]
+        name = experiment or events.experiments[0]
         EXPERIMENT.parse(name, "experiment")
         snap = await self.assigner.snapshot(name)
         exp_id = snap.id
         bad = _Bad()
-        for i, (e_exp, unit, metric, value, _, key) in enumerate(events):
+        for i, (e_exp, unit, metric, value, key) in enumerate(
+            zip(events.experiments, events.unit_ids, events.metrics, events.values, events.keys, strict=True)
+        ):
             if e_exp and e_exp != name:
                 bad.add(i, "experiment", f"event is for {e_exp}, the batch for {name}", "EXPERIMENT_MISMATCH")
             if not unit or len(unit) > 256:
@@ -124,11 +153,12 @@ class Ingestor:
 
             # exposure: units with a stored assignment (cache first, then one query for the rest)
             known = self.assigner.cache.known(exp_id)
-            unknown_units = list({u for _, u, *_ in events if u not in known})
+            batch_units = set(events.unit_ids)
+            unknown_units = [u for u in batch_units if u not in known]
             found = await repo.stored_assignments(exp_id, unknown_units) if unknown_units else {}
             if found:
                 self.assigner.cache.put_many(exp_id, found)
-            for i, (_, unit, metric, _, ts, _) in enumerate(events):
+            for i, (unit, metric, ts) in enumerate(zip(events.unit_ids, events.metrics, events.times, strict=True)):
                 if metric not in kinds:
                     bad.add(i, "metric", f"metric {metric!r} is not a metric of {name} (known: {sorted(kinds)})", "UNKNOWN_METRIC")
                 if unit not in known and unit not in found:
@@ -137,37 +167,26 @@ class Ingestor:
                     bad.add(i, "event_time", f"event time {ts.isoformat()} is before the experiment started ({start.isoformat()})", "EVENT_BEFORE_START")
             bad.raise_if_any()
 
-            variant_of = {**known, **found} if found else known
+            variant_of = {u: known[u] if u in known else found[u] for u in batch_units}
             if self.db.is_postgres:
                 return await self._record_pg(repo, exp_id, events, variant_of, kinds, now)
 
-            # duplicates: keys seen before in this batch or in the store
-            keyed: dict[str, int] = {}
-            duplicates = 0
-            take: list[int] = []
-            for i, ev in enumerate(events):
-                key = ev[5]
-                if key:
-                    if key in keyed:
-                        duplicates += 1
-                        continue
-                    keyed[key] = i
-                else:
-                    take.append(i)
-            if keyed:
-                new_keys = await repo.insert_event_keys(exp_id, list(keyed))
-                duplicates += len(keyed) - len(new_keys)
-                take.extend(i for k, i in keyed.items() if k in new_keys)
-                take.sort()
+            # duplicates: keys repeated in this batch, or already stored (`insert_events` skips those)
+            keys = events.keys
+            candidates = _first_of_each_key(keys)
+            new_keys = await repo.insert_events(
+                exp_id,
+                [(events.unit_ids[i], events.metrics[i], events.values[i], events.times[i] or now, keys[i] or None) for i in candidates],
+            )
+            take = [i for i in candidates if not keys[i] or keys[i] in new_keys]
+            duplicates = len(events) - len(take)
             if not take:
                 return IngestResult(0, duplicates)
-
-            await repo.insert_events(exp_id, [(events[i][1], events[i][2], events[i][3], events[i][4] or now, events[i][5] or None) for i in take])
 
             # per-unit aggregates of this batch
             agg: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0])
             for i in take:
-                _, unit, metric, value, _, _ = events[i]
+                unit, metric, value = events.unit_ids[i], events.metrics[i], events.values[i]
                 a = agg[(metric, unit)]
                 a[0] += 1
                 a[1] += value
@@ -189,18 +208,13 @@ class Ingestor:
         return IngestResult(len(take), duplicates)
 
     @staticmethod
-    async def _record_pg(repo: ExperimentsRepository, exp_id: int, events: Sequence[Event], variant_of, kinds, now) -> IngestResult:
+    async def _record_pg(repo: ExperimentsRepository, exp_id: int, events: EventBatch, variant_of, kinds, now) -> IngestResult:
         """PostgreSQL: drop in-batch key repeats here, everything else in one set-based statement
         (`ExperimentsRepository.ingest_pg`)."""
-        seen: set[str] = set()
-        rows = []
-        for _, unit, metric, value, ts, key in events:
-            if key:
-                if key in seen:
-                    continue
-                seen.add(key)
-            rows.append((unit, metric, value, ts or now, key or None))
-        units = {r[0] for r in rows}
+        columns = (events.unit_ids, events.metrics, events.values, events.times, events.keys)
+        first = _first_of_each_key(events.keys)
+        if len(first) < len(events):
+            columns = tuple([column[i] for i in first] for column in columns)  # type: ignore[assignment]
         proportions = [m for m, k in kinds.items() if k is MetricKind.PROPORTION]
-        accepted = await repo.ingest_pg(exp_id, rows, {u: variant_of[u] for u in units}, proportions)
+        accepted = await repo.ingest_pg(exp_id, columns, variant_of, proportions, now)
         return IngestResult(accepted, len(events) - accepted)

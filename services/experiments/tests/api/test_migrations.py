@@ -1,0 +1,75 @@
+"""Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses, and 0002 (idempotency keys
+moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from neuroweaver_experiments.adapters import tables as t
+from neuroweaver_experiments.app import MIGRATIONS
+from neuroweaver_runtime import migrations
+from neuroweaver_runtime.db import normalize_url
+from neuroweaver_runtime.testing import create_postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def empty_db(request):
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tempfile.mkdtemp(prefix='nw-exp-mig-')}/experiments.db"
+        return
+    url, drop = await create_postgres_database("nwexpmig")
+    try:
+        yield url
+    finally:
+        await drop()
+
+
+def _event(key: str | None, unit: str = "u-1") -> dict:
+    return dict(experiment_id=7, unit_id=unit, metric="score", value=1.0, event_time=datetime(2026, 11, 1, tzinfo=UTC), idempotency_key=key)
+
+
+async def test_head_matches_the_tables(empty_db):
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+    engine = create_async_engine(normalize_url(empty_db))
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), t.metadata))
+    finally:
+        await engine.dispose()
+    assert diff == []
+
+
+async def test_event_keys_move_into_metric_events_and_back(empty_db):
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0001")
+    engine = create_async_engine(normalize_url(empty_db))
+    try:
+        async with engine.begin() as conn:  # what 0001's ingest wrote: a key row and its event row, per keyed event
+            await conn.execute(sa.text("INSERT INTO event_keys (experiment_id, key) VALUES (7, 'k1'), (7, 'k2')"))
+            await conn.execute(t.metric_events.insert(), [_event("k1"), _event("k2"), _event(None)])
+
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "event_keys" not in tables
+            assert (await conn.execute(sa.text("SELECT count(*) FROM metric_events"))).scalar() == 3
+        async with engine.begin() as conn:  # keyless events never conflict; a new key is taken
+            await conn.execute(t.metric_events.insert(), [_event(None), _event("k3")])
+        with pytest.raises(IntegrityError):  # a stored key is still a duplicate
+            async with engine.begin() as conn:
+                await conn.execute(t.metric_events.insert(), [_event("k1", unit="u-2")])
+
+        await asyncio.to_thread(migrations.downgrade, empty_db, MIGRATIONS, "0001")
+        async with engine.connect() as conn:
+            keys = (await conn.execute(sa.text("SELECT key FROM event_keys ORDER BY key"))).scalars().all()
+        assert keys == ["k1", "k2", "k3"]
+    finally:
+        await engine.dispose()
