@@ -6,7 +6,8 @@ application/grpc`) at a fraction of the CPU. Servers, each pinned to CPU 0 with 
 
 - `service`: the real `python -m neuroweaver_experiments` (interceptor, metrics, auth, PostgreSQL), a returning
   unit (its reply is memoized in the experiment snapshot, the steady state of a sticky assignment);
-- `echo`:    a grpc.aio + uvloop server whose AssignVariant returns a prebuilt reply (the floor of grpc.aio).
+- `echo`:    a grpc.aio + uvloop server whose AssignVariant returns a prebuilt reply (the floor of grpc.aio);
+- `echo-sync`: the same reply from grpcio's synchronous server (thread pool), grpcio's other server.
 
 For each: closed loop (`--streams` in flight) → requests/s and the server's CPU per request (utime + stime of
 all its threads from /proc; 1e6 / that = requests/s one busy core sustains); then a fixed rate (`--rate`, h2load
@@ -64,7 +65,7 @@ async def main(args) -> None:
     service = subprocess.Popen(
         ["taskset", "-c", "0", sys.executable, "-m", "neuroweaver_experiments", "--port", str(port), "--metrics-port",
          str(metrics_port), "--database-url", url, "--log-level", "WARNING"])  # fmt: skip
-    echo = None
+    echoes: list[subprocess.Popen] = []
     work = Path(tempfile.mkdtemp(prefix="nw-h2load-"))
     try:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -80,20 +81,22 @@ async def main(args) -> None:
         await channel.close()
         body = h2load_grpc.write_body(request, work / "request.bin")
 
-        echo_port = free_port()
-        echo = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.join(os.path.dirname(__file__), "assign_overhead.py"),
-                                 "--serve", "echo", "--port", str(echo_port), "--url", url])  # fmt: skip
-        ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
-        await asyncio.wait_for(ch.channel_ready(), 60)
-        await ch.close()
+        servers = [("service", service, port)]
+        for mode in ("echo", "echo-sync"):
+            echo_port = free_port()
+            echo = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.join(os.path.dirname(__file__), "assign_overhead.py"),
+                                     "--serve", mode, "--port", str(echo_port), "--url", url])  # fmt: skip
+            echoes.append(echo)
+            servers.append((mode, echo, echo_port))
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
+            await asyncio.wait_for(ch.channel_ready(), 60)
+            await ch.close()
 
         ok_before = handled_ok(metrics_port)
-        rows: dict[str, list[dict]] = {"service": [], "echo": []}
         for _ in range(args.rounds):  # interleaved
-            for name, proc, p in (("service", service, port), ("echo", echo, echo_port)):
+            for name, proc, p in servers:
                 r = closed_loop(proc.pid, p, body, args.requests, args.streams)
                 r.update(h2load_grpc.fixed_rate(f"127.0.0.1:{p}", METHOD, body, args.rate, args.rate_seconds, cpu=1))
-                rows[name].append(r)
                 print(f"{name}: {r['closed_rate']:.0f} req/s closed loop ({args.streams} in flight), server CPU {r['cpu_us']:.0f} us/request "
                       f"= {1e6 / r['cpu_us']:.0f} req/s per core; at {args.rate} req/s p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
                       f"max {r['max_ms']:.1f} ms (load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
@@ -103,10 +106,9 @@ async def main(args) -> None:
         if ok != sent:
             raise SystemExit("not every call was answered OK")
     finally:
-        for proc in (service, echo):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+        for proc in (service, *echoes):
+            proc.terminate()
+            proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
         await drop()
 

@@ -4,6 +4,8 @@ Runs the same client (one process pinned to CPU 1, grpc.aio, `--concurrency` cal
 processes pinned to CPU 0, one configuration at a time, interleaved `--rounds` times (the machine is shared):
 
 - `echo`:  grpc.aio + uvloop, a handler that returns a prebuilt AssignVariantResponse (gRPC + client ceiling);
+- `echo-sync`: the same reply from grpcio's synchronous server (thread pool of 4), the other server grpcio has
+           (only as `--serve echo-sync`, for `assign_h2load.py`);
 - `bare`:  the real ExperimentsServicer on the real service (cache hits), no interceptor;
 - `full`:  the same plus the shared ServiceInterceptor (tracing context, metrics, auth, error mapping), as
            `python -m neuroweaver_experiments` runs it.
@@ -51,6 +53,25 @@ def _service(url: str):
     return build(config).experiments  # type: ignore[attr-defined]
 
 
+ECHO_REPLY = svc.AssignVariantResponse(
+    variant=pb.Variant(id="control", model_version="projects/default/models/m/versions/1.0.0"), in_experiment=True, bucket=42
+)
+
+
+def serve_sync_echo(port: int) -> None:
+    from concurrent import futures
+
+    class Echo(svc_grpc.ExperimentsServiceServicer):
+        def AssignVariant(self, request, context):
+            return ECHO_REPLY
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    svc_grpc.add_ExperimentsServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 async def serve(mode: str, port: int, url: str) -> None:
     from neuroweaver_experiments.api.servicer import METHOD_ROLES, ExperimentsServicer
     from neuroweaver_runtime.auth import TokenAuthenticator
@@ -65,12 +86,10 @@ async def serve(mode: str, port: int, url: str) -> None:
         ]
     server = grpc.aio.server(interceptors=interceptors)
     if mode == "echo":
-        reply = svc.AssignVariantResponse(variant=pb.Variant(id="control", model_version="projects/default/models/m/versions/1.0.0"),
-                                          in_experiment=True, bucket=42)
 
         class Echo(svc_grpc.ExperimentsServiceServicer):
             async def AssignVariant(self, request, context):
-                return reply
+                return ECHO_REPLY
 
         svc_grpc.add_ExperimentsServiceServicer_to_server(Echo(), server)
     else:
@@ -161,7 +180,9 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int)
     parser.add_argument("--url")
     a = parser.parse_args()
-    if a.serve:
+    if a.serve == "echo-sync":
+        serve_sync_echo(a.port)
+    elif a.serve:
         import uvloop
 
         uvloop.install()

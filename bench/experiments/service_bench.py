@@ -221,7 +221,8 @@ async def load_big(url: str, name: str, n_events: int) -> None:
                           CASE WHEN a.rn % 3 = 0 THEN 0 ELSE c.n END
                    FROM a CROSS JOIN (VALUES (0, 'score'), (1, 'latency_ms'), (2, 'thumbs_up')) AS m(i, metric)
                    CROSS JOIN LATERAL (SELECT $2 / (3 * a.cnt)
-                                              + CASE WHEN (a.rn - 1) * 3 + m.i < $2 % (3 * a.cnt) THEN 1 ELSE 0 END AS n) c""",
+                                              + CASE WHEN (a.rn - 1) * 3 + m.i < $2 % (3 * a.cnt) THEN 1 ELSE 0 END AS n) c
+                   WHERE c.n > 0""",
                 exp_id, n_events,
             )
             await conn.execute(
