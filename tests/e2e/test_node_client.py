@@ -119,9 +119,9 @@ class ServiceProcess:
                         raise
                 time.sleep(0.05)  # polling interval between health checks, bounded by the deadline above
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 4000) -> str:
         self.log.flush()
-        return self.log_path.read_text()[-4000:]
+        return self.log_path.read_text()[-tail:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -399,6 +399,11 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
 
             for variant in ("control", "treatment"):
                 dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"projects/default/deployments/advisor-{variant}"))
+    except BaseException:
+        # The servers' own logs hold the traceback behind an INTERNAL status; pytest shows this on failure.
+        for proc in procs:
+            print(f"----- {proc.service} log (last 20,000 characters) -----\n{proc.logs(20_000)}")
+        raise
     finally:
         for proc in reversed(procs):
             proc.stop()
