@@ -7,16 +7,28 @@ instead of failing on lock upgrade; PostgreSQL uses row locks (`SELECT ... FOR U
 which takes no write lock, so reads never queue behind a writer (WAL gives them a consistent snapshot); on
 PostgreSQL it runs in autocommit, saving the BEGIN/COMMIT round trips (under READ COMMITTED each statement
 sees its own snapshot either way). It shares the connection pool with `transaction()`.
+
+On SQLite, a statement handed to the driver runs to completion even when the awaiting task is cancelled (a gRPC
+client that disconnects or passes its deadline cancels its handler): the cancellation lands at the task's next await
+outside the driver. Cancelled mid-statement, SQLAlchemy's asyncio clean-up leaves the aiosqlite connection in its
+transaction, so a `BEGIN IMMEDIATE` held the database's write lock until every other writer failed with
+"database is locked" (see `_StatementsFinishOnCancel`). So a transaction cancelled mid-statement commits on SQLite
+when its body has no other await before the end, as if the cancellation had come just after; on PostgreSQL
+SQLAlchemy closes the connection and the server rolls it back. A cancelled caller cannot tell these apart, and
+retries carry request ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
+import aiosqlite
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -42,7 +54,7 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(
-                self.url, echo=echo, connect_args={"timeout": 30}
+                self.url, echo=echo, async_creator=partial(_connect_sqlite, parsed.database or ":memory:")
             )
             _sqlite_setup(self.engine)
         else:
@@ -115,3 +127,36 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
     def _on_begin(conn):
         # Reads begin deferred (a shared snapshot, no lock); writes take the write lock up front.
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+class _StatementsFinishOnCancel(aiosqlite.Connection):
+    """An aiosqlite connection whose calls run to completion when the awaiting task is cancelled.
+
+    Every driver call (execute, fetch, begin, commit, rollback, close) goes through `_execute`. Cancelled while the
+    worker thread runs a call, it waits for the call to finish, returns its result (or error) and re-arms the
+    cancellation, which then lands at the task's next await outside the driver: a transaction in flight commits or
+    rolls back as a whole instead of being left open on a pooled connection.
+    """
+
+    async def _execute(self, fn, *args, **kwargs):
+        call = asyncio.ensure_future(super()._execute(fn, *args, **kwargs))
+        cancellations = 0
+        while not call.done():
+            try:
+                await asyncio.wait((call,))  # unlike shield/wait_for, never cancels `call` nor raises its error
+            except asyncio.CancelledError:
+                cancellations += 1
+        if cancellations:
+            task = asyncio.current_task()
+            assert task is not None
+            for _ in range(cancellations):
+                task.uncancel()
+            task.cancel()  # delivered at the next await outside the driver
+        return call.result()
+
+
+async def _connect_sqlite(database: str) -> aiosqlite.Connection:
+    # What SQLAlchemy's aiosqlite dialect does for a file URL, with the connection class above.
+    connection = _StatementsFinishOnCancel(partial(sqlite3.connect, database, timeout=30), iter_chunk_size=64)
+    connection._thread.daemon = True  # as SQLAlchemy does: an unclosed connection must not keep the process alive
+    return await connection

@@ -59,7 +59,7 @@ class Controller:
             self._workers[name] = asyncio.create_task(self._work(name), name=f"converge-{name}")
 
     async def _load(self, name: str) -> tuple[Deployment, ResolvedVersion] | None:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             row = await DeployerRepository(s).row(name)
         if row is None or row.target is None:
             return None
@@ -124,7 +124,7 @@ class Controller:
 
     async def resume_all(self) -> None:
         """At start: converge every stored deployment again (local replicas do not survive a deployer restart)."""
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             rows = await DeployerRepository(s).all_rows()
         for row in rows:
             if row.state != State.DELETING.value and row.target:

@@ -123,7 +123,7 @@ class DeployerService:
         return result
 
     async def get(self, name: str) -> Deployment:
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             return to_deployment(await self._row(DeployerRepository(s), name))
 
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
@@ -148,7 +148,7 @@ class DeployerService:
             else:
                 labels_eq.append((c.label_key or "", c.value, c.op == "="))
         items, last = [], None
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = DeployerRepository(s)
             while len(items) <= limit:
                 rows = await repo.list(project, state, backend, order_field, desc, cursor, limit + 1)
@@ -172,7 +172,7 @@ class DeployerService:
     async def list_revisions(self, parent: str, size: int, token: str) -> Page:
         limit = page_size(size)
         cursor = self.tokens.decode(token, [parent])
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             repo = DeployerRepository(s)
             row = await self._row(repo, parent, field="parent")
             revs = await repo.revisions(row.id, row.name, int(cursor[0]) if cursor else None, limit + 1)
@@ -294,7 +294,7 @@ class DeployerService:
             last = None
             first = True
             while True:
-                async with self.db.transaction() as s:
+                async with self.db.read() as s:
                     row = await DeployerRepository(s).row(name)
                 if row is None:
                     if first:
@@ -313,7 +313,7 @@ class DeployerService:
 
     async def render(self, name: str, spec: Deployment | None) -> tuple[str, list[str]]:
         if name:
-            async with self.db.transaction() as s:
+            async with self.db.read() as s:
                 row = await self._row(DeployerRepository(s), name)
             d, version = to_deployment(row), to_resolved(row)
         else:

@@ -35,7 +35,7 @@ class AliasFollower:
 
     async def _followers(self) -> dict[str, list[tuple[str, str]]]:
         """model → [(deployment, alias name)] of every deployment following an alias."""
-        async with self.db.transaction() as s:
+        async with self.db.read() as s:
             rows = await DeployerRepository(s).all_rows()
         out: dict[str, list[tuple[str, str]]] = {}
         for r in rows:
