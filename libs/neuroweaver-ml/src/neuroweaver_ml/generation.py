@@ -162,7 +162,7 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _holdback(text: str, stops: Sequence[str]) -> int:
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
     """How many trailing chars might be the start of a stop string (or an incomplete character)."""
     n = 0
     for s in stops:
@@ -190,7 +190,7 @@ def _sample_next(logits, temperature: float, top_p: float, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _Decoder:
+class Decoder:
     """Batched incremental decoding with a KV cache and left padding."""
 
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: SamplingParams):
@@ -292,7 +292,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[PromptLike], max_new_toke
     """Generate completions for several prompts in one left-padded batch (same params for all)."""
     if not prompts:
         return []
-    dec = _Decoder(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
+    dec = Decoder(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
                    _params(max_new_tokens, temperature, top_p, stop, seed))
     while dec.step():
         pass
@@ -305,11 +305,11 @@ def generate_stream(model, tokenizer, prompt: PromptLike, max_new_tokens: int = 
     """Yield text deltas as tokens are generated; the concatenated deltas equal ``generate(...).text``
     for the same arguments. The final delta (possibly empty text) carries finish reason and counts."""
     params = _params(max_new_tokens, temperature, top_p, stop, seed)
-    dec = _Decoder(model, tokenizer, [encode_prompt(tokenizer, prompt)], params)
+    dec = Decoder(model, tokenizer, [encode_prompt(tokenizer, prompt)], params)
     sent = 0
     while dec.step():
         text = dec.texts[0]
-        safe = len(text) - _holdback(text, params.stop)
+        safe = len(text) - stop_holdback(text, params.stop)
         if safe > sent:
             yield StreamDelta(text=text[sent:safe])
             sent = safe

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from neuroweaver_ml.generation import SamplingParams, _Decoder, _holdback
+from neuroweaver_ml.generation import Decoder, SamplingParams, stop_holdback
 from neuroweaver_runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, ResourceExhausted, Unavailable
 
 from . import metrics
@@ -200,7 +200,7 @@ class Engine:
             seed=s.seed,
         )
         try:
-            dec = _Decoder(self.model, self.tokenizer, [j.ids for j in jobs], params)
+            dec = Decoder(self.model, self.tokenizer, [j.ids for j in jobs], params)
         except ValueError as exc:
             raise InvalidArgument(str(exc), reason="INVALID_GENERATION_REQUEST") from exc
         sent = [0] * len(jobs)
@@ -240,7 +240,7 @@ class Engine:
                         )
                     )
                     continue
-                safe = len(text) - _holdback(text, job.sampling.stop)
+                safe = len(text) - stop_holdback(text, job.sampling.stop)
                 if safe > sent[i]:
                     job.emit(Delta(text=text[sent[i]:safe]))
                     sent[i] = safe
