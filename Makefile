@@ -17,7 +17,7 @@ install: .venv/.installed node_modules/.installed clients/typescript/node_module
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 clients/typescript/node_modules/.installed: clients/typescript/package.json clients/typescript/package-lock.json node_modules/.installed
