@@ -15,12 +15,17 @@ from neuroweaver_runtime.db import Database
 SLOW_SELECT = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c")
 
 
-@pytest.fixture
-async def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
+async def _database(path) -> Database:
+    database = Database(f"sqlite:///{path / 'c.db'}")
     async with database.transaction() as s:
         await s.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER NOT NULL)"))
         await s.execute(text("INSERT INTO t (id, v) VALUES (1, 0)"))
+    return database
+
+
+@pytest.fixture
+async def db(tmp_path):
+    database = await _database(tmp_path)
     yield database
     await database.dispose()
 
@@ -36,6 +41,24 @@ async def _value(db: Database) -> int:
 
 
 async def test_a_cancelled_statement_finishes_and_releases_the_write_lock(db):
+    await _cancel_mid_statement(db)
+
+
+def test_a_cancelled_statement_releases_the_write_lock_under_uvloop(tmp_path):
+    """The deployer serves under uvloop."""
+    import uvloop
+
+    async def scenario():
+        database = await _database(tmp_path)
+        try:
+            await _cancel_mid_statement(database)
+        finally:
+            await database.dispose()
+
+    uvloop.run(scenario())
+
+
+async def _cancel_mid_statement(db: Database) -> None:
     started = asyncio.Event()
 
     async def slow_writer():

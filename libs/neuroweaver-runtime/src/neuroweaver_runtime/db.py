@@ -129,30 +129,38 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
 
+class _RunsToCompletion(asyncio.Future):
+    """A driver call's future that refuses cancellation: a task cancelled while awaiting it gets its CancelledError
+    when the call is done (how asyncio's Task treats a future whose cancel() returns False; tests pin it)."""
+
+    def cancel(self, msg=None) -> bool:
+        return False
+
+
 class _StatementsFinishOnCancel(aiosqlite.Connection):
     """An aiosqlite connection whose calls run to completion when the awaiting task is cancelled.
 
-    Every driver call (execute, fetch, begin, commit, rollback, close) goes through `_execute`. Cancelled while the
-    worker thread runs a call, it waits for the call to finish, returns its result (or error) and re-arms the
-    cancellation, which then lands at the task's next await outside the driver: a transaction in flight commits or
-    rolls back as a whole instead of being left open on a pooled connection.
+    Every driver call (execute, fetch, begin, commit, rollback, close) goes through `_execute`, which is aiosqlite's
+    own body with a `_RunsToCompletion` future. The CancelledError that arrives once the call is done is taken back
+    and re-armed (`uncancel` + `cancel`, so `asyncio.timeout` still tells its expiry apart), and the call's result
+    returned: the cancellation lands at the task's next await outside the driver, and a transaction in flight commits
+    or rolls back as a whole instead of being left open on a pooled connection.
     """
 
     async def _execute(self, fn, *args, **kwargs):
-        call = asyncio.ensure_future(super()._execute(fn, *args, **kwargs))
-        cancellations = 0
-        while not call.done():
-            try:
-                await asyncio.wait((call,))  # unlike shield/wait_for, never cancels `call` nor raises its error
-            except asyncio.CancelledError:
-                cancellations += 1
-        if cancellations:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        call = _RunsToCompletion(loop=asyncio.get_running_loop())
+        self._tx.put_nowait((call, partial(fn, *args, **kwargs)))
+        try:
+            return await call
+        except asyncio.CancelledError:
             task = asyncio.current_task()
-            assert task is not None
-            for _ in range(cancellations):
-                task.uncancel()
-            task.cancel()  # delivered at the next await outside the driver
-        return call.result()
+            if not call.done() or task is None:
+                raise
+            task.uncancel()  # this delivery is taken back (the count of requests stays as it was) ...
+            task.cancel()  # ... and made again, for the next await outside the driver
+            return call.result()
 
 
 async def _connect_sqlite(database: str) -> aiosqlite.Connection:
