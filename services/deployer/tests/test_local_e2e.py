@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 
+import aiohttp
 import grpc
 import openai
 import pytest
 from google.protobuf import field_mask_pb2
 from helpers import model_server_processes, watch_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -59,6 +61,12 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=name, replicas=2))
         d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.ready_replicas == 2 and d.replicas == 2)
         assert len(model_server_processes()) == 2
+        # one scrape of the deployment's endpoint sees both replicas, each sample labelled with its replica
+        async with aiohttp.ClientSession() as http, http.get(d.openai_base_url.removesuffix("/v1") + "/metrics") as resp:
+            assert resp.status == 200
+            families = list(text_string_to_metric_families(await resp.text()))
+        replicas = {s.labels["replica"] for f in families for s in f.samples}
+        assert len(replicas) == 2 and len({f.name for f in families}) == len(families)
 
         # update to a new version while a client keeps calling: not one failed request
         counts = {"ok": 0, "failed": 0, "models": set()}

@@ -4,15 +4,18 @@ Each local deployment gets one router inside the deployer process, on its own tw
 `endpoint` and `openai_base_url` point at it and never change while replicas come and go. Calls are
 forwarded as raw bytes (no re-serialisation) to the next ready replica; a call that fails with UNAVAILABLE
 before any response (a replica that just went away) is retried on another replica. Status codes and
-google.rpc details of the replica pass through unchanged. `/metrics` through the router shows one
-replica's metrics; scrape replicas directly (their ports are in the deployer log) for all of them.
+google.rpc details of the replica pass through unchanged. `GET /metrics` through the router is every ready
+replica's metrics in one Prometheus text exposition, each sample labelled `replica="<its gRPC address>"`
+(`merge_expositions`), so a scrape of the deployment sees all of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import aiohttp
 import grpc
@@ -171,6 +174,8 @@ class Router(grpc.GenericRpcHandler):
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _http(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and request.path == "/metrics" and self._upstreams and self._session is not None:
+            return await self._metrics()
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         for _ in range(self._attempts()):
@@ -193,6 +198,75 @@ class Router(grpc.GenericRpcHandler):
                 continue
         body = {"error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}}
         return web.json_response(body, status=503)
+
+
+    async def _metrics(self) -> web.Response:
+        """Every ready replica's /metrics, merged; a replica that does not answer in 5 s is left out (and logged)."""
+        assert self._session is not None
+        session, upstreams = self._session, list(self._upstreams)
+
+        async def scrape(up: Upstream) -> str | None:
+            try:
+                async with session.get(up.http_url + "/metrics", headers={"Accept": EXPOSITION_TYPE},
+                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:  # fmt: skip
+                    if resp.status == 200:
+                        return await resp.text()
+                    log.info("replica %s answered /metrics with %s", up.http_url, resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.info("replica %s /metrics: %s", up.http_url, exc)
+            return None
+
+        texts = await asyncio.gather(*(scrape(up) for up in upstreams))
+        parts = [(up.grpc_address, text) for up, text in zip(upstreams, texts, strict=True) if text is not None]
+        if not parts:
+            return web.Response(status=503, text="no replica answered /metrics\n")
+        return web.Response(body=merge_expositions(parts).encode(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
+
+
+EXPOSITION_TYPE = "text/plain;version=0.0.4"
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+@dataclass
+class _Family:
+    meta: list[str] = field(default_factory=list)  # its # HELP and # TYPE lines, from the first replica that has them
+    samples: list[str] = field(default_factory=list)
+
+
+def merge_expositions(parts: list[tuple[str, str]]) -> str:
+    """Prometheus text expositions of several replicas as one: each metric family once (its HELP and TYPE from the
+    first replica that has it), its samples from every replica with a `replica` label added. Families stay
+    contiguous, as the format requires; a sample belongs to the family of the HELP/TYPE lines before it."""
+    families: dict[str, _Family] = {}
+    for replica, text in parts:
+        label = 'replica="' + replica.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        current: str | None = None
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                words = line.split(None, 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    current = words[2]
+                    family = families.setdefault(current, _Family())
+                    if not any(m.split(None, 2)[1] == words[1] for m in family.meta):
+                        family.meta.append(line)
+                continue
+            name = _METRIC_NAME.match(line)
+            if name is None:
+                continue
+            rest = line[name.end():]
+            if rest.startswith("{"):
+                sample = f"{name.group()}{{{label}{'' if rest.startswith('{}') else ','}{rest[1:]}"
+            else:
+                sample = f"{name.group()}{{{label}}}{rest}"
+            families.setdefault(current or name.group(), _Family()).samples.append(sample)
+    lines: list[str] = []
+    for family in families.values():
+        lines.extend(family.meta)
+        lines.extend(family.samples)
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 async def _abort(context, error: grpc.aio.AioRpcError | None) -> None:
