@@ -87,3 +87,16 @@ def test_adapter_digest_is_verified(tiny_model_dir, chat_file, tmp_path):
         generate(lm.model, lm.tokenizer, MSGS, max_new_tokens=6).text
     with pytest.raises(DigestMismatch):
         load_for_inference(tiny_model_dir, res.adapter_dir, expected_adapter_sha256="ab" * 32)
+
+
+def test_a_scoring_adapter_is_refused(tiny_model_dir, tmp_path):
+    """A reward model's LoRA (task SEQ_CLS, with a score head) loads onto a causal LM without complaint from PEFT,
+    and would generate from a model missing its trained head: refused with the reason instead."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", modules_to_save=["score"])
+    get_peft_model(scorer, lora).save_pretrained(str(tmp_path / "reward"))
+    with pytest.raises(ValueError, match="SEQ_CLS adapter .* cannot generate text"):
+        load_for_inference(tiny_model_dir, tmp_path / "reward")

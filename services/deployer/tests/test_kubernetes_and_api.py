@@ -123,6 +123,34 @@ async def test_bad_create_requests(stack, make, code, reason):
     assert info.reason == reason and info.domain == "deployer.neuroweaver.v1"
 
 
+async def test_a_reward_model_version_is_not_deployed(stack):
+    """What a reward-model training job registers scores texts; serving it as a chat model is refused up front."""
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+
+    model = "projects/default/models/advisor-scorer"
+    await stack.reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor-scorer", model=rpb.Model(base_model=str(stack.base))))
+    path, sha = stack.adapters[0]
+    scorer = await stack.reg.CreateModelVersion(
+        rsvc.CreateModelVersionRequest(
+            parent=model, version="1.0.0",
+            model_version=rpb.ModelVersion(
+                artifact=rpb.Artifact(uri=path.as_uri(), sha256=sha, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+                lineage=rpb.Lineage(base_model=str(stack.base), method="reward-model"),
+            ),
+        )
+    )  # fmt: skip
+    spec = gpu_spec(stack)
+    spec.model_version = scorer.name
+    for call in (stack.dep.CreateDeployment(create(stack, "scorer", model_version=scorer.name)),
+                 stack.dep.RenderManifests(dsvc.RenderManifestsRequest(deployment=spec))):  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(err.value)
+        assert info.reason == "NOT_A_GENERATIVE_MODEL" and info.metadata["model_version"] == scorer.name
+
+
 async def test_bad_requests_on_other_methods(stack):
     dep = stack.dep
     missing = "projects/default/deployments/missing"

@@ -7,6 +7,7 @@ on decoded text; a streamed delta never contains any part of a stop string.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -99,8 +100,13 @@ def load_for_inference(
     dtype = torch.bfloat16 if on_gpu else torch.float32
     adapter_sha = None
     if adapter_dir is not None:
-        if not Path(adapter_dir, "adapter_config.json").is_file():
+        config = Path(adapter_dir, "adapter_config.json")
+        if not config.is_file():
             raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        task = json.loads(config.read_text()).get("task_type")
+        if task not in (None, "CAUSAL_LM"):
+            raise ValueError(f"{adapter_dir} is a {task} adapter (a reward model's scoring head, for example), not a "
+                             "causal-LM adapter: it cannot generate text")
         if expected_adapter_sha256:
             adapter_sha, _ = verify_digest(adapter_dir, expected_adapter_sha256)
     tok_src = adapter_dir if adapter_dir is not None and Path(adapter_dir, "tokenizer_config.json").is_file() else base_dir

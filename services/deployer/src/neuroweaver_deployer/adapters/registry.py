@@ -16,6 +16,9 @@ from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotF
 from ..domain.model import ResolvedVersion
 
 ALIAS_EVENTS = {rpb.ModelEvent.TYPE_ALIAS_SET, rpb.ModelEvent.TYPE_ALIAS_ROLLED_BACK, rpb.ModelEvent.TYPE_ALIAS_DELETED}
+# lineage.method of the versions a reward-model training job registers (LoRA + score head, or a MiniLM classifier):
+# they score texts and cannot generate, so they are never deployed.
+REWARD_MODEL_METHOD = "reward-model"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ class RegistryGateway:
         if mv.state == rpb.ModelVersion.STATE_DEPRECATED:
             raise FailedPrecondition(f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name})
         self._check_confined(mv.name, mv.artifact.uri)
+        if mv.lineage.method == REWARD_MODEL_METHOD:
+            raise FailedPrecondition(
+                f"{mv.name} is a reward model (a scoring head, not a text generator); the model server cannot serve it",
+                reason="NOT_A_GENERATIVE_MODEL",
+                metadata={"model_version": mv.name, "method": mv.lineage.method},
+            )
         if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
             return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri)
         if not mv.lineage.base_model:
