@@ -199,7 +199,6 @@ class Router(grpc.GenericRpcHandler):
         body = {"error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}}
         return web.json_response(body, status=503)
 
-
     async def _metrics(self) -> web.Response:
         """Every ready replica's /metrics, merged; a replica that does not answer in 5 s is left out (and logged)."""
         assert self._session is not None
