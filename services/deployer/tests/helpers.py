@@ -8,6 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+async def start_http_app(app) -> tuple[object, int]:
+    """Serves an aiohttp app on a free port of 127.0.0.1; returns its runner (clean it up) and the port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
 def make_adapter(base_dir: Path, out_dir: Path, seed: int) -> tuple[Path, str]:
     """A LoRA adapter made with peft on the base (non-zero random B so it changes outputs), with its digest."""
     import torch

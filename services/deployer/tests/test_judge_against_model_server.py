@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from helpers import start_http_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuroweaver_deployer.model_server.app import ModelServer, ModelServerConfig
@@ -92,11 +93,7 @@ async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_i
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await start_http_app(app)
     before = await _requests_served(server.http_port)
     judge = OpenAICompatibleJudge(
         JudgeConfig(

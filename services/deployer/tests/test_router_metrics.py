@@ -6,6 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import start_http_app
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -63,17 +64,14 @@ def test_merge_escapes_the_label_value():
     assert samples_by_replica(merged) == {'odd"\\name': {("up", ()): 1.0}}
 
 
-async def _replica_site(registry: CollectorRegistry) -> tuple[web.AppRunner, str]:
+async def _replica_site(registry: CollectorRegistry) -> tuple[object, str]:
     async def metrics(_request):
         return web.Response(body=generate_latest(registry), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, port = await start_http_app(app)
+    return runner, f"http://127.0.0.1:{port}"
 
 
 async def test_router_serves_all_ready_replicas_and_skips_one_that_does_not_answer():

@@ -16,7 +16,7 @@ from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotF
 from ..domain.model import ResolvedVersion
 
 ALIAS_EVENTS = {rpb.ModelEvent.TYPE_ALIAS_SET, rpb.ModelEvent.TYPE_ALIAS_ROLLED_BACK, rpb.ModelEvent.TYPE_ALIAS_DELETED}
-# lineage.method of the versions a reward-model training job registers (LoRA + score head, or a MiniLM classifier):
+# lineage.method of the versions a reward-model training job registers (a LoRA adapter with a score head):
 # they score texts and cannot generate, so they are never deployed.
 REWARD_MODEL_METHOD = "reward-model"
 

@@ -229,7 +229,7 @@ _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 @dataclass
 class _Family:
-    meta: list[str] = field(default_factory=list)  # its # HELP and # TYPE lines, from the first replica that has them
+    meta: dict[str, str] = field(default_factory=dict)  # "HELP"/"TYPE" → its line, from the first replica that has it
     samples: list[str] = field(default_factory=list)
 
 
@@ -248,9 +248,7 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
                 words = line.split(None, 3)
                 if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
                     current = words[2]
-                    family = families.setdefault(current, _Family())
-                    if not any(m.split(None, 2)[1] == words[1] for m in family.meta):
-                        family.meta.append(line)
+                    families.setdefault(current, _Family()).meta.setdefault(words[1], line)
                 continue
             name = _METRIC_NAME.match(line)
             if name is None:
@@ -263,7 +261,7 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
             families.setdefault(current or name.group(), _Family()).samples.append(sample)
     lines: list[str] = []
     for family in families.values():
-        lines.extend(family.meta)
+        lines.extend(family.meta.values())
         lines.extend(family.samples)
     return "\n".join(lines) + "\n" if lines else ""
 
