@@ -173,6 +173,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:  # the client went away (or shutdown): the call reports no status of its own
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 code = _code_for(exc)
                 await self._fail(context, exc, span, service, name)
@@ -193,9 +196,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 with trace.use_span(span, end_on_exit=False):
                     self._check_auth(md, request if kind == "server_stream" else None, required)
-                    async for response in behavior(request, context):
-                        yield response
+                    responses = aiter(behavior(request, context))
+                # The span is current while the handler runs, never across `yield`: when the client goes away
+                # while this generator waits at a `yield`, grpc.aio drops it and the event loop closes it later
+                # from another task, where detaching a context attached here fails (OpenTelemetry logs an ERROR).
+                while True:
+                    with trace.use_span(span, end_on_exit=False):
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            break
+                    yield response
             except grpc.aio.AbortError:
+                raise
+            except (asyncio.CancelledError, GeneratorExit):  # cancelled, or dropped by grpc.aio when the client left
+                code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001
                 code = _code_for(exc)

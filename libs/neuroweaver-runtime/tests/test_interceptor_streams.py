@@ -1,0 +1,111 @@
+"""The interceptor around calls that the client abandons: no spurious errors, counted as CANCELLED."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from neuroweaver_runtime import telemetry
+from neuroweaver_runtime.auth import Role, TokenAuthenticator
+from neuroweaver_runtime.interceptors import ServiceInterceptor
+
+METHOD = "/test.Streams/Count"
+
+
+async def _count(request, context):
+    for i in range(100_000):
+        yield health_pb2.HealthCheckResponse(status=i % 3)
+        await asyncio.sleep(0)
+
+
+async def _wait(request, context):
+    await asyncio.sleep(60)
+    return health_pb2.HealthCheckResponse()
+
+
+async def _serve(interceptor: ServiceInterceptor) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(interceptors=[interceptor])
+    count = grpc.unary_stream_rpc_method_handler(
+        _count,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    wait = grpc.unary_unary_rpc_method_handler(
+        _wait,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Streams", {"Count": count, "Wait": wait})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def _interceptor() -> ServiceInterceptor:
+    return ServiceInterceptor(
+        error_domain="test.neuroweaver.v1",
+        method_roles={"Count": Role.VIEWER, "Wait": Role.VIEWER},
+        authenticator=TokenAuthenticator.from_setting(""),
+    )
+
+
+async def test_a_stream_the_client_cancels_ends_without_context_errors(caplog):
+    """grpc.aio drops the handler's generator while it waits at a `yield` and the event loop closes it later in
+    another task: a span context held across the `yield` then fails to detach, and OpenTelemetry logs an ERROR
+    for every cancelled watch. The call is still counted, as CANCELLED."""
+    interceptor = _interceptor()
+    server, port = await _serve(interceptor)
+    handled = telemetry.GRPC_HANDLED.labels("server_stream", "test.Streams", "Count", "CANCELLED")
+    before = handled._value.get()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            count = channel.unary_stream(
+                METHOD,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            with caplog.at_level(logging.WARNING):
+                for _ in range(5):
+                    call = count(health_pb2.HealthCheckRequest())
+                    await call.read()
+                    await call.read()
+                    call.cancel()
+                    await asyncio.sleep(0.1)
+                gc.collect()  # the dropped generators are closed now (at the latest)
+                for _ in range(50):
+                    await asyncio.sleep(0.02)
+                    if handled._value.get() - before == 5:
+                        break
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        assert handled._value.get() - before == 5
+        assert not [t for t in interceptor.streams if not t.done()]
+    finally:
+        await server.stop(None)
+
+
+async def test_a_unary_call_the_client_cancels_is_counted_as_cancelled():
+    server, port = await _serve(_interceptor())
+    handled = telemetry.GRPC_HANDLED.labels("unary", "test.Streams", "Wait", "CANCELLED")
+    before = handled._value.get()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait = channel.unary_unary(
+                "/test.Streams/Wait",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            call = wait(health_pb2.HealthCheckRequest())
+            await asyncio.sleep(0.2)
+            call.cancel()
+            for _ in range(50):
+                await asyncio.sleep(0.02)
+                if handled._value.get() > before:
+                    break
+        assert handled._value.get() - before == 1
+    finally:
+        await server.stop(None)
