@@ -7,7 +7,9 @@ application/grpc`) at a fraction of the CPU. Servers, each pinned to CPU 0 with 
 - `service`: the real `python -m neuroweaver_experiments` (interceptor, metrics, auth, PostgreSQL), a returning
   unit (its reply is memoized in the experiment snapshot, the steady state of a sticky assignment);
 - `echo`:    a grpc.aio + uvloop server whose AssignVariant returns a prebuilt reply (the floor of grpc.aio);
-- `echo-sync`: the same reply from grpcio's synchronous server (thread pool), grpcio's other server.
+- `echo-sync`: the same reply from grpcio's synchronous server (thread pool), grpcio's other server;
+- `sync-fastpath` (with `--sync-fastpath`): the service's returning-unit path and per-call instrumentation on
+  grpcio's synchronous server (see `assign_overhead.py`), i.e. what that server would give the service.
 
 For each: closed loop (`--streams` in flight) → requests/s and the server's CPU per request (utime + stime of
 all its threads from /proc; 1e6 / that = requests/s one busy core sustains); then a fixed rate (`--rate`, h2load
@@ -15,7 +17,7 @@ all its threads from /proc; 1e6 / that = requests/s one busy core sustains); the
 HTTP 200, so the service's own `grpc_server_handled_total` must count every request as OK.
 
     apt-get install nghttp2-client   # h2load
-    .venv/bin/python bench/experiments/assign_h2load.py [--requests 40000] [--streams 16] [--rate 1000]
+    .venv/bin/python bench/experiments/assign_h2load.py [--requests 40000] [--streams 16] [--rate 1000] [--sync-fastpath]
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ async def main(args) -> None:
         body = h2load_grpc.write_body(request, work / "request.bin")
 
         servers = [("service", service, port)]
-        for mode in ("echo", "echo-sync"):
+        for mode in ("echo", "echo-sync", *(["sync-fastpath"] if args.sync_fastpath else [])):
             echo_port = free_port()
             echo = subprocess.Popen(["taskset", "-c", "0", sys.executable, os.path.join(os.path.dirname(__file__), "assign_overhead.py"),
                                      "--serve", mode, "--port", str(echo_port), "--url", url])  # fmt: skip
@@ -90,6 +92,8 @@ async def main(args) -> None:
             servers.append((mode, echo, echo_port))
             ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
             await asyncio.wait_for(ch.channel_ready(), 60)
+            if mode == "sync-fastpath":  # its first call stores nothing new but memoizes the reply
+                await svc_grpc.ExperimentsServiceStub(ch).AssignVariant(request)
             await ch.close()
 
         ok_before = handled_ok(metrics_port)
@@ -120,4 +124,5 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--rate-seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sync-fastpath", action="store_true", help="also measure the sync-fastpath server")
     asyncio.run(main(parser.parse_args()))

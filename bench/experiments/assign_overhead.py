@@ -6,6 +6,11 @@ processes pinned to CPU 0, one configuration at a time, interleaved `--rounds` t
 - `echo`:  grpc.aio + uvloop, a handler that returns a prebuilt AssignVariantResponse (gRPC + client ceiling);
 - `echo-sync`: the same reply from grpcio's synchronous server (thread pool of 4), the other server grpcio has
            (only as `--serve echo-sync`, for `assign_h2load.py`);
+- `sync-fastpath`: grpcio's synchronous server (thread pool of 16) answering a returning unit from the real
+           service's snapshot in the calling thread, with the interceptor's per-call work (metadata, request id,
+           trace context, auth, metrics), other units through an asyncio loop in a second thread: what moving
+           the service to the synchronous server could give (only as `--serve sync-fastpath`, for
+           `assign_h2load.py --sync-fastpath`; a measurement, not how the service runs);
 - `bare`:  the real ExperimentsServicer on the real service (cache hits), no interceptor;
 - `full`:  the same plus the shared ServiceInterceptor (tracing context, metrics, auth, error mapping), as
            `python -m neuroweaver_experiments` runs it.
@@ -67,6 +72,52 @@ def serve_sync_echo(port: int) -> None:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     svc_grpc.add_ExperimentsServiceServicer_to_server(Echo(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def serve_sync_fastpath(port: int, url: str) -> None:
+    import threading
+    from concurrent import futures
+
+    from opentelemetry import trace
+
+    from neuroweaver_experiments.api.servicer import METHOD_ROLES, ExperimentsServicer
+    from neuroweaver_runtime.auth import Role, TokenAuthenticator
+    from neuroweaver_runtime.interceptors import ServiceInterceptor, _MethodMetrics
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def build():
+        return _service(url)
+
+    service = asyncio.run_coroutine_threadsafe(build(), loop).result()
+    servicer = ExperimentsServicer(service)
+    interceptor = ServiceInterceptor(
+        error_domain="experiments.neuroweaver.v1", method_roles=METHOD_ROLES, authenticator=TokenAuthenticator.from_setting("")
+    )
+    service_name = "neuroweaver.experiments.v1.ExperimentsService"
+    metrics = _MethodMetrics("unary", service_name, "AssignVariant")
+
+    class SyncFastPath(svc_grpc.ExperimentsServiceServicer):
+        def AssignVariant(self, request, context):
+            started = time.perf_counter()
+            md, span = interceptor._begin(context, metrics, service_name, "AssignVariant")
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    interceptor._check_auth(md, request, Role.VIEWER)
+                    snap = service.assigner.fresh(request.experiment)
+                    reply = snap.replies.get(request.unit_id) if snap is not None else None
+                    if reply is not None:
+                        return reply
+                    return asyncio.run_coroutine_threadsafe(servicer.AssignVariant(request, None), loop).result()
+            finally:
+                interceptor._finish(context, span, metrics, started, grpc.StatusCode.OK)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    svc_grpc.add_ExperimentsServiceServicer_to_server(SyncFastPath(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
@@ -182,6 +233,8 @@ if __name__ == "__main__":
     a = parser.parse_args()
     if a.serve == "echo-sync":
         serve_sync_echo(a.port)
+    elif a.serve == "sync-fastpath":
+        serve_sync_fastpath(a.port, a.url)
     elif a.serve:
         import uvloop
 
