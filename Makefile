@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 
-.PHONY: install proto proto-check lint test test-fast up demo clean
+.PHONY: install proto proto-check lint format test test-fast up demo clean
 
 install: .venv/.installed node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
 
@@ -34,13 +34,18 @@ proto-check: ## fail when the committed generated code (Python and TypeScript) d
 	git diff --exit-code --stat -- libs/neuroweaver-proto || { echo "generated code is stale: run make proto"; exit 1; }
 	clients/typescript/scripts/check-generated.sh
 
-lint: install ## ruff, buf lint, mypy on libs
+lint: install ## ruff (lint + format check), buf lint, mypy on libs
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	npx buf lint
 	.venv/bin/mypy libs/neuroweaver-runtime/src
 
+format: install ## format the Python code (CI checks it with ruff format --check)
+	.venv/bin/ruff format .
+
 test: install proto-check ## the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	npx buf lint
 	.venv/bin/mypy libs/neuroweaver-runtime/src
 	$(PY) -m pytest $(wildcard libs services tests) $(PYTEST_ARGS)

@@ -132,7 +132,9 @@ async def serve(mode: str, port: int, url: str) -> None:
     if mode == "full":
         interceptors = [
             ServiceInterceptor(
-                error_domain="experiments.neuroweaver.v1", method_roles=METHOD_ROLES, authenticator=TokenAuthenticator.from_setting("")
+                error_domain="experiments.neuroweaver.v1",
+                method_roles=METHOD_ROLES,
+                authenticator=TokenAuthenticator.from_setting(""),
             )
         ]
     server = grpc.aio.server(interceptors=interceptors)
@@ -171,8 +173,10 @@ async def main(args) -> None:
 
     url, drop = await create_postgres_database("nwbench")
     port = free_port()
-    setup = subprocess.Popen([sys.executable, "-m", "neuroweaver_experiments", "--port", str(port), "--metrics-port", "-1",
-                              "--database-url", url], env=dict(os.environ, NW_EXPERIMENTS_LOG_LEVEL="WARNING"))
+    setup = subprocess.Popen(
+        [sys.executable, "-m", "neuroweaver_experiments", "--port", str(port), "--metrics-port", "-1", "--database-url", url],
+        env=dict(os.environ, NW_EXPERIMENTS_LOG_LEVEL="WARNING"),
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = svc_grpc.ExperimentsServiceStub(channel)
@@ -182,17 +186,23 @@ async def main(args) -> None:
                 break
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.2)
-        await stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=[f"ret-{i}" for i in range(UNITS)]))
+        await stub.BatchAssignVariants(
+            svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=[f"ret-{i}" for i in range(UNITS)])
+        )
         await channel.close()
         setup.terminate()
         setup.wait(30)
-        print(f"in-process ExperimentsServicer.AssignVariant (returning unit): {await in_process(url, exp.name):.1f} us/call", flush=True)
+        print(
+            f"in-process ExperimentsServicer.AssignVariant (returning unit): {await in_process(url, exp.name):.1f} us/call",
+            flush=True,
+        )
         results: dict[str, list] = {m: [] for m in args.modes}
         for rnd in range(args.rounds):
             for mode in args.modes:
                 port = free_port()
-                server = subprocess.Popen(["taskset", "-c", "0", sys.executable, __file__, "--serve", mode, "--port", str(port),
-                                           "--url", url])
+                server = subprocess.Popen(
+                    ["taskset", "-c", "0", sys.executable, __file__, "--serve", mode, "--port", str(port), "--url", url]
+                )
                 try:
                     ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
                     await asyncio.wait_for(ch.channel_ready(), 60)
@@ -209,12 +219,17 @@ async def main(args) -> None:
                     server.terminate()
                     server.wait(30)
                 results[mode].append(r)
-                print(f"round {rnd} {mode}: {r['rate']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; server CPU "
-                      f"{r['cpu_us']:.0f} us/request = {1e6 / r['cpu_us']:.0f} req/s per core (load {os.getloadavg()[0]:.2f})", flush=True)
+                print(
+                    f"round {rnd} {mode}: {r['rate']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; server CPU "
+                    f"{r['cpu_us']:.0f} us/request = {1e6 / r['cpu_us']:.0f} req/s per core (load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
         for mode, rs in results.items():
             best = max(rs, key=lambda r: r["rate"])
-            print(f"{mode}: best {best['rate']:.0f} req/s (p50 {best['p50_ms']:.2f} ms, p99 {best['p99_ms']:.2f} ms); "
-                  f"all {[round(r['rate']) for r in rs]}; server CPU us/request {[round(r['cpu_us']) for r in rs]}")
+            print(
+                f"{mode}: best {best['rate']:.0f} req/s (p50 {best['p50_ms']:.2f} ms, p99 {best['p99_ms']:.2f} ms); "
+                f"all {[round(r['rate']) for r in rs]}; server CPU us/request {[round(r['cpu_us']) for r in rs]}"
+            )
     finally:
         if setup.poll() is None:
             setup.terminate()

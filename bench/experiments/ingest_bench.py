@@ -45,13 +45,19 @@ async def main(args) -> None:
         exp = await service_bench.create_running(Stub(), "bench-ingest")
         units = [f"u-{i}" for i in range(args.units)]
         for i in range(0, len(units), 10_000):
-            await servicer.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units[i : i + 10_000]), None)
+            await servicer.BatchAssignVariants(
+                svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units[i : i + 10_000]), None
+            )
         metrics = ["score", "latency_ms", "thumbs_up"]
         messages = []
         for start in range(0, args.events, args.batch):
             evs = [
-                pb.MetricEvent(unit_id=units[(start + j) * 7919 % len(units)], metric=metrics[(start + j) % 3],
-                               value=float((start + j) % 13), idempotency_key=f"k{start + j}")
+                pb.MetricEvent(
+                    unit_id=units[(start + j) * 7919 % len(units)],
+                    metric=metrics[(start + j) % 3],
+                    value=float((start + j) % 13),
+                    idempotency_key=f"k{start + j}",
+                )
                 for j in range(min(args.batch, args.events - start))
             ]
             messages.append(svc.StreamMetricEventsRequest(experiment=exp.name, events=evs).SerializeToString())
@@ -69,17 +75,23 @@ async def main(args) -> None:
         async with service.db.transaction() as s:
             from sqlalchemy import text
 
-            bad = (await s.execute(text(
-                """WITH u AS (SELECT metric, variant, CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8
+            bad = (
+                await s.execute(
+                    text(
+                        """WITH u AS (SELECT metric, variant, CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8
                                                        ELSE total / count END AS x FROM unit_metrics)
                    SELECT count(*) FROM (SELECT metric, variant, count(*) AS n, sum(x) AS s, sum(x * x) AS q FROM u
                                          GROUP BY metric, variant) r
                    JOIN variant_stats v USING (metric, variant)
                    WHERE r.n <> v.n OR abs(r.s - v.sum) > 1e-6 * greatest(1, abs(r.s)) OR abs(r.q - v.sum_sq) > 1e-6 * greatest(1, abs(r.q))"""
-            ))).scalar()
+                    )
+                )
+            ).scalar()
         assert bad == 0, f"{bad} (metric, variant) statistics disagree with the per-unit aggregates"
-        print(f"ingest in-process: {args.events / elapsed:.0f} events/s ({args.events} events in {elapsed:.2f} s, {args.batch} per "
-              f"message, {args.units} units, load {os.getloadavg()[0]:.2f}); duplicates resend ok; statistics consistent")
+        print(
+            f"ingest in-process: {args.events / elapsed:.0f} events/s ({args.events} events in {elapsed:.2f} s, {args.batch} per "
+            f"message, {args.units} units, load {os.getloadavg()[0]:.2f}); duplicates resend ok; statistics consistent"
+        )
         await service.db.dispose()
     finally:
         await drop()

@@ -99,11 +99,15 @@ async def create_running(stub, exp_id: str) -> pb.Experiment:
             pb.Variant(id="treatment", model_version="projects/default/models/m/versions/1.0.1", weight=0.5),
         ],
         primary_metric=pb.MetricSpec(name="score", kind=pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_INCREASE),
-        guardrail_metrics=[pb.MetricSpec(name="latency_ms", kind=pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_DECREASE, tolerance=0.1)],
+        guardrail_metrics=[
+            pb.MetricSpec(name="latency_ms", kind=pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_DECREASE, tolerance=0.1)
+        ],
         secondary_metrics=[pb.MetricSpec(name="thumbs_up", kind=pb.METRIC_KIND_PROPORTION, direction=pb.DIRECTION_INCREASE)],
         analysis=pb.ANALYSIS_METHOD_SEQUENTIAL,
     )
-    created = await stub.CreateExperiment(svc.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp))
+    created = await stub.CreateExperiment(
+        svc.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp)
+    )
     return await stub.StartExperiment(svc.StartExperimentRequest(name=created.name))
 
 
@@ -127,8 +131,20 @@ async def main(args) -> None:
     target = f"127.0.0.1:{port}"
     env = dict(os.environ, NW_EXPERIMENTS_LOG_LEVEL="WARNING")
     server = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "neuroweaver_experiments", "--port", str(port), "--metrics-port", "-1",
-         "--database-url", url],
+        [
+            "taskset",
+            "-c",
+            "0",
+            sys.executable,
+            "-m",
+            "neuroweaver_experiments",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--database-url",
+            url,
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
     )
@@ -164,8 +180,12 @@ async def main(args) -> None:
         messages = []
         for start in range(0, args.events, args.batch):
             evs = [
-                pb.MetricEvent(unit_id=units[(start + j) * 7919 % len(units)], metric=metrics[(start + j) % 3],
-                               value=float((start + j) % 13), idempotency_key=f"k{start + j}")
+                pb.MetricEvent(
+                    unit_id=units[(start + j) * 7919 % len(units)],
+                    metric=metrics[(start + j) % 3],
+                    value=float((start + j) % 13),
+                    idempotency_key=f"k{start + j}",
+                )
                 for j in range(min(args.batch, args.events - start))
             ]
             messages.append(svc.StreamMetricEventsRequest(experiment=exp.name, events=evs))
@@ -181,7 +201,9 @@ async def main(args) -> None:
         responses = await asyncio.gather(*(stub.StreamMetricEvents(gen(share), timeout=3600) for share in shares))
         elapsed = time.perf_counter() - t0
         assert sum(r.accepted for r in responses) == args.events, responses
-        report["ingest"] = dict(events=args.events, batch=args.batch, seconds=elapsed, rate=args.events / elapsed, streams=args.streams)
+        report["ingest"] = dict(
+            events=args.events, batch=args.batch, seconds=elapsed, rate=args.events / elapsed, streams=args.streams
+        )
         report["results_ms_at_ingested"] = await time_results(stub, exp.name)
         print(report, flush=True)
 
@@ -223,7 +245,8 @@ async def load_big(url: str, name: str, n_events: int) -> None:
                    CROSS JOIN LATERAL (SELECT $2 / (3 * a.cnt)
                                               + CASE WHEN (a.rn - 1) * 3 + m.i < $2 % (3 * a.cnt) THEN 1 ELSE 0 END AS n) c
                    WHERE c.n > 0""",
-                exp_id, n_events,
+                exp_id,
+                n_events,
             )
             await conn.execute(
                 """INSERT INTO variant_stats (experiment_id, metric, variant, n, sum, sum_sq)
@@ -247,13 +270,19 @@ def print_report(r: dict, args) -> None:
     print(f"machine: {os.cpu_count()} cores, {cpu}; server pinned to CPU 0, clients to CPU 1; PostgreSQL 15 local")
     for key in ("assign_new", "assign_returning"):
         a = r[key]
-        print(f"{key}: {a['rate']:.0f} req/s, p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms "
-              f"({a['requests']} requests, concurrency {args.concurrency})")
+        print(
+            f"{key}: {a['rate']:.0f} req/s, p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms "
+            f"({a['requests']} requests, concurrency {args.concurrency})"
+        )
     i = r["ingest"]
-    print(f"ingest: {i['rate']:.0f} events/s ({i['events']} events in {i['seconds']:.1f} s, {i['streams']} streams, {i['batch']} per message, "
-          f"{args.units} units, 3 metrics, all with idempotency keys)")
-    print(f"results: {r['results_ms_small']:.1f} ms with 0 events, {r['results_ms_at_ingested']:.1f} ms at {args.events} events, "
-          f"{r['results_ms_10m']:.1f} ms at {args.big_events} events (SQL load took {r['load_seconds']:.0f} s)")
+    print(
+        f"ingest: {i['rate']:.0f} events/s ({i['events']} events in {i['seconds']:.1f} s, {i['streams']} streams, {i['batch']} per message, "
+        f"{args.units} units, 3 metrics, all with idempotency keys)"
+    )
+    print(
+        f"results: {r['results_ms_small']:.1f} ms with 0 events, {r['results_ms_at_ingested']:.1f} ms at {args.events} events, "
+        f"{r['results_ms_10m']:.1f} ms at {args.big_events} events (SQL load took {r['load_seconds']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

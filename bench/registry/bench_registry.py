@@ -180,7 +180,9 @@ async def main() -> None:
             health = health_pb2_grpc.HealthStub(ch)
 
             async def up():
-                r = await health.Check(health_pb2.HealthCheckRequest(service="neuroweaver.registry.v1.RegistryService"), timeout=1)
+                r = await health.Check(
+                    health_pb2.HealthCheckRequest(service="neuroweaver.registry.v1.RegistryService"), timeout=1
+                )
                 return r.status == health_pb2.HealthCheckResponse.SERVING
 
             return up
@@ -200,7 +202,9 @@ async def main() -> None:
         # seed: one model with one version on each side
         model = await stub.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="bench", model=pb.Model()))
         art = pb.Artifact(uri="file:///tmp/adapter", sha256=SHA, size_bytes=1)
-        await stub.CreateModelVersion(rs.CreateModelVersionRequest(parent=model.name, version="1.0.0", model_version=pb.ModelVersion(artifact=art)))
+        await stub.CreateModelVersion(
+            rs.CreateModelVersionRequest(parent=model.name, version="1.0.0", model_version=pb.ModelVersion(artifact=art))
+        )
         async with http.post(f"{base}/registered-models/create", json={"name": "bench"}) as r:
             assert r.status == 200, await r.text()
         async with http.post(f"{base}/model-versions/create", json={"name": "bench", "source": "s3://bench/adapter"}) as r:
@@ -220,7 +224,9 @@ async def main() -> None:
                     raise RuntimeError(await r.text())
                 await r.read()
 
-        create_req = rs.CreateModelVersionRequest(parent=model.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art))
+        create_req = rs.CreateModelVersionRequest(
+            parent=model.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
+        )
 
         async def reg_create():
             await stub.CreateModelVersion(create_req)
@@ -247,7 +253,9 @@ async def main() -> None:
             results["registry_create"].append(await closed_loop(reg_create, args.create_requests, args.concurrency))
             results["mlflow_create"].append(await closed_loop(ml_create, args.create_requests // 4, args.concurrency))
             print("mlflow get", results["mlflow_get"][-1], file=sys.stderr)
-            print("registry create", results["registry_create"][-1], "mlflow create", results["mlflow_create"][-1], file=sys.stderr)
+            print(
+                "registry create", results["registry_create"][-1], "mlflow create", results["mlflow_create"][-1], file=sys.stderr
+            )
         load["after_closed_loop"] = os.getloadavg()
         open_runs, open_nocache = [], []
         # Cached repeats first: the uncached replica is overloaded at this rate and its backlog would spill into them.
@@ -260,7 +268,9 @@ async def main() -> None:
             body = h2load_grpc.write_body(get_req, Path(tempfile.mkdtemp(prefix="nw-bench-reg-")) / "get.bin")
             method = "/neuroweaver.registry.v1.RegistryService/GetModelVersion"
             for _ in range(args.open_repeats):
-                h2_runs.append(h2load_grpc.fixed_rate(f"127.0.0.1:{reg_port}", method, body, int(args.open_rate), args.open_seconds))
+                h2_runs.append(
+                    h2load_grpc.fixed_rate(f"127.0.0.1:{reg_port}", method, body, int(args.open_rate), args.open_seconds)
+                )
                 print("open loop (h2load)", h2_runs[-1], file=sys.stderr)
         for _ in range(args.repeats):
             open_nocache.append(await open_loop(reg_get_nocache, args.open_rate, args.open_seconds))
@@ -285,8 +295,12 @@ async def main() -> None:
             "get_throughput_registry_nocache_over_mlflow": summary["registry_get_nocache"]["rps"] / summary["mlflow_get"]["rps"],
             "create_throughput_registry_over_mlflow": summary["registry_create"]["rps"] / summary["mlflow_create"]["rps"],
         }
-        summary["runs"] = {**results, "registry_get_open_loop": open_runs, "registry_get_nocache_open_loop": open_nocache,
-                           "registry_get_open_loop_h2load": h2_runs}
+        summary["runs"] = {
+            **results,
+            "registry_get_open_loop": open_runs,
+            "registry_get_nocache_open_loop": open_nocache,
+            "registry_get_open_loop_h2load": h2_runs,
+        }
         summary["machine"] = {**machine(args.mlflow), "load_average": load}
         summary["settings"] = vars(args)
         text = json.dumps(summary, indent=2)
@@ -306,7 +320,9 @@ async def main() -> None:
 
 
 def machine(mlflow_bin: str) -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?"
+    )
     mlflow_version = subprocess.run([mlflow_bin, "--version"], capture_output=True, text=True).stdout.strip()
     pg = subprocess.run(["psql", ADMIN_URL, "-Atc", "show server_version"], capture_output=True, text=True).stdout.strip()
     return {

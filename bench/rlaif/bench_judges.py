@@ -26,17 +26,31 @@ from neuroweaver_runtime.testing import free_port
 
 
 def items(n, tag):
-    return [(f"{tag} question {i}: when should brake pads be replaced?",
-             f"Replace them when the lining is under {i % 5 + 1} millimetres.",
-             "Replace brake pads when the lining is under three millimetres.") for i in range(n)]
+    return [
+        (
+            f"{tag} question {i}: when should brake pads be replaced?",
+            f"Replace them when the lining is under {i % 5 + 1} millimetres.",
+            "Replace brake pads when the lining is under three millimetres.",
+        )
+        for i in range(n)
+    ]
 
 
 def openai_throughput(base_url, model, n, concurrencies, max_tokens=None):
     rows = {}
     for c in concurrencies:
         extra = {"max_tokens": max_tokens} if max_tokens else {}
-        j = OpenAICompatibleJudge(JudgeConfig(name=f"bench/{c}", kind="openai_compatible", base_url=base_url, model=model,
-                                              max_concurrency=c, timeout_seconds=600, **extra))
+        j = OpenAICompatibleJudge(
+            JudgeConfig(
+                name=f"bench/{c}",
+                kind="openai_compatible",
+                base_url=base_url,
+                model=model,
+                max_concurrency=c,
+                timeout_seconds=600,
+                **extra,
+            )
+        )
 
         async def go(j=j, c=c):
             await j.score_many(items(2, f"warm{c}"))
@@ -47,18 +61,39 @@ def openai_throughput(base_url, model, n, concurrencies, max_tokens=None):
             return dt, res
 
         dt, res = asyncio.run(go())
-        rows[c] = {"answers_per_s": round(n / dt, 2), "scored": sum(r.ok for r in res), "malformed": sum(bool(r.malformed) for r in res),
-                   "completion_tokens": sum(r.completion_tokens for r in res), "seconds": round(dt, 2)}
+        rows[c] = {
+            "answers_per_s": round(n / dt, 2),
+            "scored": sum(r.ok for r in res),
+            "malformed": sum(bool(r.malformed) for r in res),
+            "completion_tokens": sum(r.completion_tokens for r in res),
+            "seconds": round(dt, 2),
+        }
     return rows
 
 
 def start_model_server(threads):
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "neuroweaver_deployer.model_server", "--grpc-port", str(grpc_port),
-                             "--http-port", str(http_port), "--base-model", "builtin:smollm2-135m-instruct",
-                             "--served-model-name", "smollm2-judge", "--max-batch-size", "8",
-                             "--data-dir", tempfile.mkdtemp(prefix="nw-bench-judge-")], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "neuroweaver_deployer.model_server",
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--base-model",
+            "builtin:smollm2-135m-instruct",
+            "--served-model-name",
+            "smollm2-judge",
+            "--max-batch-size",
+            "8",
+            "--data-dir",
+            tempfile.mkdtemp(prefix="nw-bench-judge-"),
+        ],
+        env=env,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -78,7 +113,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.1)
-    ap.add_argument("--model-server", action="store_true", help="also measure against a local model server with SmolLM2-135M-Instruct")
+    ap.add_argument(
+        "--model-server", action="store_true", help="also measure against a local model server with SmolLM2-135M-Instruct"
+    )
     ap.add_argument("--ms-n", type=int, default=24, help="answers judged per concurrency against the model server")
     ap.add_argument("--ms-max-tokens", type=int, default=12, help="max_tokens of each verdict from the model server")
     ap.add_argument("--ms-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the model server")
@@ -87,8 +124,11 @@ def main():
     if a.model_server:
         proc, base_url = start_model_server(a.ms_threads)
         try:
-            out["model_server_smollm2"] = {"n": a.ms_n, "max_tokens": a.ms_max_tokens,
-                                           "by_concurrency": openai_throughput(base_url, "smollm2-judge", a.ms_n, (1, 4, 8), a.ms_max_tokens)}
+            out["model_server_smollm2"] = {
+                "n": a.ms_n,
+                "max_tokens": a.ms_max_tokens,
+                "by_concurrency": openai_throughput(base_url, "smollm2-judge", a.ms_n, (1, 4, 8), a.ms_max_tokens),
+            }
         finally:
             proc.terminate()
             proc.wait(60)

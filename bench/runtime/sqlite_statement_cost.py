@@ -63,12 +63,16 @@ async def main(args) -> None:
     for _ in range(args.rounds):
         results["cancellation-safe (ours)"].append(await run_round(ours, args.reads, args.writes))
         results["stock aiosqlite"].append(await run_round(peer, args.reads, args.writes))
-    print(f"{args.rounds} interleaved rounds of {args.reads} reads and {args.writes} writes, µs per transaction (median [min–max])")
+    print(
+        f"{args.rounds} interleaved rounds of {args.reads} reads and {args.writes} writes, µs per transaction (median [min–max])"
+    )
     for name, rows in results.items():
         r = [x[0] for x in rows]
         w = [x[1] for x in rows]
-        print(f"  {name:26s} read {statistics.median(r):7.1f} [{min(r):.1f}–{max(r):.1f}]"
-              f"   write {statistics.median(w):7.1f} [{min(w):.1f}–{max(w):.1f}]")
+        print(
+            f"  {name:26s} read {statistics.median(r):7.1f} [{min(r):.1f}–{max(r):.1f}]"
+            f"   write {statistics.median(w):7.1f} [{min(w):.1f}–{max(w):.1f}]"
+        )
     await ours.dispose()
     await peer.dispose()
 

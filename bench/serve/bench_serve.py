@@ -79,13 +79,17 @@ class PlainTransformers:
 
         started = time.perf_counter()
         with self.lock:
-            ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True)
             out: dict = {}
 
             def run():
                 with torch.inference_mode():
-                    out["seq"] = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, streamer=streamer, pad_token_id=self.tok.eos_token_id)
+                    out["seq"] = self.model.generate(
+                        **ids, max_new_tokens=max_tokens, do_sample=False, streamer=streamer, pad_token_id=self.tok.eos_token_id
+                    )
 
             t = threading.Thread(target=run)
             t.start()
@@ -126,7 +130,8 @@ async def run_server(stub, n: int, concurrency: int, max_tokens: int) -> dict:
             started = time.perf_counter()
             ttft, tokens = None, 0
             request = svc.GenerateStreamRequest(
-                messages=[pb.ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)])], sampling=pb.SamplingParams(max_tokens=max_tokens)
+                messages=[pb.ChatMessage(role="user", content=PROMPTS[i % len(PROMPTS)])],
+                sampling=pb.SamplingParams(max_tokens=max_tokens),
             )
             async for msg in stub.GenerateStream(request):
                 if ttft is None and (msg.delta or msg.finish_reason):
@@ -144,7 +149,14 @@ def summarize(results, wall: float) -> dict:
     lat = [r[0] for r in results]
     ttft = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
-    return {"tok_s": tokens / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ttft50": pct(ttft, 0.5), "ttft99": pct(ttft, 0.99), "tokens": tokens}
+    return {
+        "tok_s": tokens / wall,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+        "ttft50": pct(ttft, 0.5),
+        "ttft99": pct(ttft, 0.99),
+        "tokens": tokens,
+    }
 
 
 async def start_model_server(base_dir: Path, adapter: tuple[Path, str], max_batch: int):
@@ -160,7 +172,9 @@ async def start_model_server(base_dir: Path, adapter: tuple[Path, str], max_batc
         "--adapter-sha256", adapter[1], "--max-batch-size", str(max_batch), "--log-level", "WARNING",
     )  # fmt: skip
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_reconnect_backoff_ms", 250)])
-    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="neuroweaver.inference.v1.InferenceService"), wait_for_ready=True)
+    call = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="neuroweaver.inference.v1.InferenceService"), wait_for_ready=True
+    )
     async for msg in call:
         if msg.status == health_pb2.HealthCheckResponse.SERVING:
             call.cancel()
@@ -186,20 +200,40 @@ async def cold_start(base_ref: str, adapter: tuple[Path, str], root: Path) -> fl
     from neuroweaver_registry.app import build as build_registry
     from neuroweaver_runtime.testing import free_port
 
-    registry = build_registry(RegistryConfig(port=free_port(), metrics_port=-1, data_dir=str(root), database_url=f"sqlite:///{root / 'r.db'}"))
+    registry = build_registry(
+        RegistryConfig(port=free_port(), metrics_port=-1, data_dir=str(root), database_url=f"sqlite:///{root / 'r.db'}")
+    )
     await registry.start()
-    deployer = build_deployer(DeployerConfig(port=free_port(), metrics_port=-1, database_url=f"sqlite:///{root / 'd.db'}", registry_target=f"127.0.0.1:{registry.port}"))
+    deployer = build_deployer(
+        DeployerConfig(
+            port=free_port(),
+            metrics_port=-1,
+            database_url=f"sqlite:///{root / 'd.db'}",
+            registry_target=f"127.0.0.1:{registry.port}",
+        )
+    )
     await deployer.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as rc, grpc.aio.insecure_channel(f"127.0.0.1:{deployer.port}") as dc:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as rc,
+            grpc.aio.insecure_channel(f"127.0.0.1:{deployer.port}") as dc,
+        ):
             reg, dep = rgrpc.RegistryServiceStub(rc), dgrpc.DeployerServiceStub(dc)
-            await reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="smol", model=rpb.Model(base_model=base_ref)))
+            await reg.CreateModel(
+                rsvc.CreateModelRequest(parent="projects/default", model_id="smol", model=rpb.Model(base_model=base_ref))
+            )
             mv = await reg.CreateModelVersion(rsvc.CreateModelVersionRequest(parent="projects/default/models/smol", version="1.0.0", model_version=rpb.ModelVersion(
                 artifact=rpb.Artifact(uri=adapter[0].as_uri(), sha256=adapter[1], format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
                 lineage=rpb.Lineage(base_model=base_ref))))  # fmt: skip
             t0 = time.perf_counter()
-            await dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="smol", deployment=dpb.Deployment(model_version=mv.name, replicas=1)))
-            await watch_until(dep, "projects/default/deployments/smol", lambda d: d.state == dpb.Deployment.STATE_AVAILABLE, timeout=600)
+            await dep.CreateDeployment(
+                dsvc.CreateDeploymentRequest(
+                    parent="projects/default", deployment_id="smol", deployment=dpb.Deployment(model_version=mv.name, replicas=1)
+                )
+            )
+            await watch_until(
+                dep, "projects/default/deployments/smol", lambda d: d.state == dpb.Deployment.STATE_AVAILABLE, timeout=600
+            )
             seconds = time.perf_counter() - t0
             await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name="projects/default/deployments/smol"))
             return seconds
@@ -252,12 +286,22 @@ async def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for c, s, p in rows:
-        lines.append(f"| {c} | model server | {s['tok_s']:.1f} | {s['p50']:.2f} | {s['p99']:.2f} | {s['ttft50']:.3f} | {s['ttft99']:.3f} |")
-        lines.append(f"| {c} | plain transformers | {p['tok_s']:.1f} | {p['p50']:.2f} | {p['p99']:.2f} | {p['ttft50']:.3f} | {p['ttft99']:.3f} |")
+        lines.append(
+            f"| {c} | model server | {s['tok_s']:.1f} | {s['p50']:.2f} | {s['p99']:.2f} | {s['ttft50']:.3f} | {s['ttft99']:.3f} |"
+        )
+        lines.append(
+            f"| {c} | plain transformers | {p['tok_s']:.1f} | {p['p50']:.2f} | {p['p99']:.2f} | {p['ttft50']:.3f} | {p['ttft99']:.3f} |"
+        )
     for c, s, p in rows:
         lines.append("")
-        lines.append(f"Concurrency {c}: model server / plain transformers tokens/s = {s['tok_s'] / p['tok_s']:.2f}x, p50 latency ratio {s['p50'] / p['p50']:.2f}x.")
-    lines += ["", f"Cold start of a local deployment (CreateDeployment → AVAILABLE: process start, imports, model + adapter load, health): {cold:.1f} s.", ""]
+        lines.append(
+            f"Concurrency {c}: model server / plain transformers tokens/s = {s['tok_s'] / p['tok_s']:.2f}x, p50 latency ratio {s['p50'] / p['p50']:.2f}x."
+        )
+    lines += [
+        "",
+        f"Cold start of a local deployment (CreateDeployment → AVAILABLE: process start, imports, model + adapter load, health): {cold:.1f} s.",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.write:
@@ -266,7 +310,7 @@ async def main() -> None:
         start = old.find("## Serving")
         if start >= 0:
             end = old.find("\n## ", start + 3)
-            old = old[:start] + (old[end + 1:] if end >= 0 else "")
+            old = old[:start] + (old[end + 1 :] if end >= 0 else "")
         path.write_text(old.rstrip() + "\n\n" + text)
 
 

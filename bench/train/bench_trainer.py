@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PEER = r'''
+PEER = r"""
 import json, resource, sys, time, torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -51,7 +51,7 @@ trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows
 t0 = time.monotonic(); trainer.train(); dt = time.monotonic() - t0
 print(json.dumps({"tokens_per_second": trainer.state.num_input_tokens_seen / dt, "tokens": trainer.state.num_input_tokens_seen,
                   "seconds": dt, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-'''
+"""
 
 
 def rows(n: int = 64) -> list[dict]:
@@ -88,7 +88,9 @@ async def run_service(args, model: str, data: Path, work: Path, database_url: st
     registry.port = 0
     rport = await registry.start()
     rch = open_channel(f"127.0.0.1:{rport}")
-    await rgrpc.RegistryServiceStub(rch).CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="bench", model=rpb.Model()))
+    await rgrpc.RegistryServiceStub(rch).CreateModel(
+        rsvc.CreateModelRequest(parent="projects/default", model_id="bench", model=rpb.Model())
+    )
     trainer = build_trainer(TrainerConfig(
         port=0, metrics_port=-1, data_dir=str(work / "trainer"), dataset_roots=str(data.parent), registry_target=f"127.0.0.1:{rport}",
         database_url=database_url, watch_poll_seconds=args.watch_poll,
@@ -194,8 +196,13 @@ def main() -> None:
         "",
         f"Event latency emit → gRPC watcher (worker and server are separate processes): SQLite {svc['events']} events, "
         f"p50 {svc['latency_p50_ms']:.1f} ms, p99 {svc['latency_p99_ms']:.1f} ms"
-        + (f"; PostgreSQL (a second job, same settings; {pg['tokens_per_second']:.0f} tokens/s) {pg['events']} events, "
-           f"p50 {pg['latency_p50_ms']:.1f} ms, p99 {pg['latency_p99_ms']:.1f} ms" if pg else "") + ". "
+        + (
+            f"; PostgreSQL (a second job, same settings; {pg['tokens_per_second']:.0f} tokens/s) {pg['events']} events, "
+            f"p50 {pg['latency_p50_ms']:.1f} ms, p99 {pg['latency_p99_ms']:.1f} ms"
+            if pg
+            else ""
+        )
+        + ". "
         "The worker wakes the trainer's watchers through a pipe after each commit (and NOTIFY on PostgreSQL); the poll "
         "timer is only a safety net.",
         f"Job wall time create → succeeded (incl. worker start, model load, registration): {svc['wall_seconds']:.1f} s. "
@@ -210,7 +217,7 @@ def main() -> None:
         if "## Trainer" in old:
             head, _, rest = old.partition("## Trainer")
             nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1:] if nxt >= 0 else "")
+            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
         results.write_text(old.rstrip() + "\n\n" + text)
 
 

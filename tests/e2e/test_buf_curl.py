@@ -41,7 +41,10 @@ def wait_serving(port: int, proc: subprocess.Popen, deadline_s: float = 30.0) ->
             if proc.poll() is not None:
                 raise AssertionError(f"registry exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass

@@ -35,7 +35,10 @@ def registry(tmp_path):
         while True:
             assert proc.poll() is None, "registry exited"
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     break
             except grpc.RpcError:
                 pass
@@ -48,7 +51,9 @@ def registry(tmp_path):
 
 def nw(target: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "NW_REGISTRY_TARGET": target}
-    return subprocess.run([sys.executable, "-m", "neuroweaver_sdk.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "neuroweaver_sdk.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_cli_drives_models_versions_and_aliases(registry):
@@ -68,7 +73,10 @@ def test_cli_drives_models_versions_and_aliases(registry):
     assert versions == ["0.2.0", "0.1.0"]
 
     history = json.loads(nw(registry, "--json", "alias", "history", "advisor", "production").stdout)["entries"]
-    assert [(e.get("from_version", ""), e["to_version"], e["reason"]) for e in history] == [("0.1.0", "0.2.0", "better"), ("", "0.1.0", "first")]
+    assert [(e.get("from_version", ""), e["to_version"], e["reason"]) for e in history] == [
+        ("0.1.0", "0.2.0", "better"),
+        ("", "0.1.0", "first"),
+    ]
 
     rolled = nw(registry, "--json", "alias", "rollback", "advisor", "production")
     assert json.loads(rolled.stdout)["version"] == "0.1.0"
@@ -93,9 +101,13 @@ def test_cli_errors_show_status_reason_and_field(registry):
 def test_training_and_experiment_charts_are_real_pngs(tmp_path):
     events = []
     for step in range(1, 21):
-        events.append(tpb.TrainingJobEvent(sequence=step, type=tpb.EVENT_TYPE_STEP, step=tpb.StepMetrics(step=step, loss=2.0 / step)))
+        events.append(
+            tpb.TrainingJobEvent(sequence=step, type=tpb.EVENT_TYPE_STEP, step=tpb.StepMetrics(step=step, loss=2.0 / step))
+        )
         if step % 10 == 0:
-            events.append(tpb.TrainingJobEvent(type=tpb.EVENT_TYPE_EVAL, step=tpb.StepMetrics(step=step), metrics={"eval_loss": 1.5 / step}))
+            events.append(
+                tpb.TrainingJobEvent(type=tpb.EVENT_TYPE_EVAL, step=tpb.StepMetrics(step=step), metrics={"eval_loss": 1.5 / step})
+            )
     training_png = Path(plot_training(events, str(tmp_path / "training.png"), title="job"))
     results = epb.ExperimentResults(
         experiment="projects/default/experiments/ab",

@@ -79,7 +79,18 @@ class ServiceProcess:
         self.log = open(self.log_path, "w")  # noqa: SIM115
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"neuroweaver_{service}", "--port", str(self.port), "--metrics-port", "-1", "--data-dir", str(data_dir), *args],
+            [
+                sys.executable,
+                "-m",
+                f"neuroweaver_{service}",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "-1",
+                "--data-dir",
+                str(data_dir),
+                *args,
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -381,7 +392,9 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
             # Closing the loop: the operator concludes with the treatment as winner and promotes it; the alias
             # moves (compare-and-set, history names the experiment) and the deployment following it rolls over.
             concluded = exp.ConcludeExperiment(
-                esvc.ConcludeExperimentRequest(name=name, winner="treatment", promote=True, expected_current_version="1.0.0", reason="e2e")
+                esvc.ConcludeExperimentRequest(
+                    name=name, winner="treatment", promote=True, expected_current_version="1.0.0", reason="e2e"
+                )
             )
             assert concluded.state == epb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment"
             history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{model}/aliases/production"))

@@ -83,7 +83,10 @@ def start(tmp_path):
                 if popen.poll() is not None:
                     raise AssertionError(f"{module} exited with {popen.returncode}:\n{log.read_text()[-3000:]}")
                 try:
-                    if health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return proc
                 except grpc.RpcError:
                     pass
@@ -153,7 +156,9 @@ def test_conclude_with_promote_is_one_trace_from_client_through_experiments_to_r
     with grpc.insecure_channel(registry.target) as rch, grpc.insecure_channel(experiments.target) as ech:
         reg, exp = rgrpc.RegistryServiceStub(rch), egrpc.ExperimentsServiceStub(ech)
         model = create_model_with_versions(reg, "advisor", 2)
-        reg.SetModelAlias(rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0", reason="initial"), timeout=10)
+        reg.SetModelAlias(
+            rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0", reason="initial"), timeout=10
+        )
         created = exp.CreateExperiment(esvc.CreateExperimentRequest(
             parent="projects/default", experiment_id="tone",
             experiment=epb.Experiment(
@@ -214,8 +219,11 @@ def test_without_trace_file_nothing_is_exported_but_the_trace_id_reaches_the_log
         reg = rgrpc.RegistryServiceStub(channel)
         model = create_model_with_versions(reg, "quiet", 1)
         trace_id, _, metadata = root_traceparent()
-        reg.SetModelAlias(rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0"), metadata=metadata, timeout=10)
+        reg.SetModelAlias(
+            rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0"), metadata=metadata, timeout=10
+        )
         reg.SetModelAlias(rsvc.SetModelAliasRequest(model=model, alias="staging", version="1.0.0"), timeout=10)
+
     def alias_lines():
         lines = [e for e in registry.log_lines() if e.get("msg") == "alias set"]
         return lines if len(lines) == 2 else None

@@ -32,9 +32,13 @@ def grpc_service_names() -> dict[str, str]:
     from neuroweaver.trainer.v1 import trainer_service_pb2
 
     out = {}
-    for key, module in [("registry", registry_service_pb2), ("trainer", trainer_service_pb2),
-                        ("deployer", deployer_service_pb2), ("experiments", experiments_service_pb2),
-                        ("model-server", inference_service_pb2)]:
+    for key, module in [
+        ("registry", registry_service_pb2),
+        ("trainer", trainer_service_pb2),
+        ("deployer", deployer_service_pb2),
+        ("experiments", experiments_service_pb2),
+        ("model-server", inference_service_pb2),
+    ]:
         (service,) = module.DESCRIPTOR.services_by_name.values()
         out[key] = service.full_name
     return out
@@ -48,8 +52,13 @@ def grpc_methods() -> dict[str, set[str]]:
     from neuroweaver.trainer.v1 import trainer_service_pb2
 
     out: dict[str, set[str]] = {}
-    for module in (registry_service_pb2, trainer_service_pb2, deployer_service_pb2, experiments_service_pb2,
-                   inference_service_pb2):
+    for module in (
+        registry_service_pb2,
+        trainer_service_pb2,
+        deployer_service_pb2,
+        experiments_service_pb2,
+        inference_service_pb2,
+    ):
         for service in module.DESCRIPTOR.services_by_name.values():
             out[service.full_name] = {m.name for m in service.methods}
     return out
@@ -70,8 +79,11 @@ def config_fields() -> dict[str, set[str]]:
     out = {}
     for svc in SERVICES:
         module = importlib.import_module(f"neuroweaver_{svc}.app")
-        (cls,) = [c for n, c in vars(module).items() if n.endswith("Config") and dataclasses.is_dataclass(c)
-                  and n.lower() == f"{svc}config"]
+        (cls,) = [
+            c
+            for n, c in vars(module).items()
+            if n.endswith("Config") and dataclasses.is_dataclass(c) and n.lower() == f"{svc}config"
+        ]
         out[svc] = {f.name for f in dataclasses.fields(cls)}
     from neuroweaver_deployer.model_server.app import ModelServerConfig
 
@@ -90,8 +102,15 @@ def load_module(path: Path, name: str):
 
 # --------------------------------------------------------------------------- kustomize
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
-                  "StorageClass", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+}
 
 
 def _load_docs(path: Path) -> list[dict]:

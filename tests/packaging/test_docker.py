@@ -64,8 +64,10 @@ def test_hadolint_is_not_vacuous(tmp_path):
 def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
     all_stages = stages(DOCKERFILES[svc])
     if svc == "deployer":
-        return {"deployer": all_stages["runtime"] + all_stages["deployer"],
-                "model-server": all_stages["runtime"] + all_stages["model-server"]}
+        return {
+            "deployer": all_stages["runtime"] + all_stages["deployer"],
+            "model-server": all_stages["runtime"] + all_stages["model-server"],
+        }
     return {svc: all_stages["runtime"]}
 
 
@@ -133,8 +135,14 @@ def test_every_library_the_service_needs_is_copied_and_wheeled(svc):
     for source in copied | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/neuroweaver_{svc}/app.py"}:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
-    for excluded in (f"services/{svc}/tests/x.py", ".venv/bin/python", "node_modules/x", f"services/{svc}/src/a.egg-info/PKG-INFO",
-                     ".git/HEAD", "data/x"):
+    for excluded in (
+        f"services/{svc}/tests/x.py",
+        ".venv/bin/python",
+        "node_modules/x",
+        f"services/{svc}/src/a.egg-info/PKG-INFO",
+        ".git/HEAD",
+        "data/x",
+    ):
         assert _ignored(excluded, patterns), excluded
 
 
@@ -158,8 +166,14 @@ async def _run_check(*args: str, env: dict | None = None) -> int:
     import asyncio
     import os
 
-    proc = await asyncio.create_subprocess_exec(sys.executable, str(HEALTH), *args, env={**os.environ, **(env or {})},
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HEALTH),
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     return await proc.wait()
 
 
@@ -169,6 +183,10 @@ async def test_health_check_script_against_a_real_grpc_health_server(health_serv
     assert await _run_check("neuroweaver.trainer.v1.TrainerService", "--port", port) == 1  # NOT_SERVING
     assert await _run_check("neuroweaver.unknown.v1.Nope", "--port", port) == 1  # NOT_FOUND
     # --port-env wins when the variable is set (a port moved with NW_<SVC>_PORT is followed)
-    assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", "1", "--port-env", "NW_X_PORT",
-                            env={"NW_X_PORT": port}) == 0
+    assert (
+        await _run_check(
+            "neuroweaver.registry.v1.RegistryService", "--port", "1", "--port-env", "NW_X_PORT", env={"NW_X_PORT": port}
+        )
+        == 0
+    )
     assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", "1", "--timeout", "1") == 1

@@ -12,8 +12,24 @@ from nwpack import DEPLOY, ROOT, grpc_methods, load_module
 
 GEN = load_module(DEPLOY / "grafana/generate_dashboards.py", "nw_generate_dashboards")
 PROM_TYPES = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"], "Summary": ["_sum", "_count"]}
-PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "ignoring", "group_left", "max", "le", "job", "label_values",
-                "method", "code", "grpc_service", "grpc_method", "grpc_code", "grpc_type"}
+PROMQL_WORDS = {
+    "sum",
+    "by",
+    "rate",
+    "histogram_quantile",
+    "ignoring",
+    "group_left",
+    "max",
+    "le",
+    "job",
+    "label_values",
+    "method",
+    "code",
+    "grpc_service",
+    "grpc_method",
+    "grpc_code",
+    "grpc_type",
+}
 
 
 def exported_series() -> set[str]:
@@ -21,8 +37,13 @@ def exported_series() -> set[str]:
     out = set()
     for path in [*ROOT.glob("libs/*/src/**/*.py"), *ROOT.glob("services/*/src/**/*.py")]:
         tree = ast.parse(path.read_text())
-        consts = {t.id: n.value.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                  for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+        consts = {
+            t.id: n.value.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in PROM_TYPES and node.args:
                 arg = node.args[0]

@@ -162,15 +162,23 @@ def test_rbac_is_least_privilege(name, rendered):
                 assert "*" not in rule[field], (role["metadata"]["name"], rule)
             assert set(rule["verbs"]) <= allowed_verbs
             assert not {"secrets", "configmaps", "roles", "rolebindings", "pods/exec"} & set(rule["resources"])
-    grants = {(r["metadata"]["name"], g, res): set(rule["verbs"])
-              for r in roles.values() for rule in r["rules"] for g in rule["apiGroups"] for res in rule["resources"]}
+    grants = {
+        (r["metadata"]["name"], g, res): set(rule["verbs"])
+        for r in roles.values()
+        for rule in r["rules"]
+        for g in rule["apiGroups"]
+        for res in rule["resources"]
+    }
     assert set(grants) == {
-        ("neuroweaver-deployer", "apps", "deployments"), ("neuroweaver-deployer", "apps", "deployments/scale"),
-        ("neuroweaver-deployer", "", "services"), ("neuroweaver-deployer", "", "pods"),
+        ("neuroweaver-deployer", "apps", "deployments"),
+        ("neuroweaver-deployer", "apps", "deployments/scale"),
+        ("neuroweaver-deployer", "", "services"),
+        ("neuroweaver-deployer", "", "pods"),
         ("neuroweaver-deployer", "autoscaling", "horizontalpodautoscalers"),
         ("neuroweaver-deployer", "monitoring.coreos.com", "servicemonitors"),
         ("neuroweaver-deployer", "monitoring.coreos.com", "prometheusrules"),
-        ("neuroweaver-trainer", "batch", "jobs"), ("neuroweaver-trainer", "", "pods"),
+        ("neuroweaver-trainer", "batch", "jobs"),
+        ("neuroweaver-trainer", "", "pods"),
         ("neuroweaver-trainer", "", "pods/log"),
     }
     assert grants[("neuroweaver-trainer", "", "pods/log")] == {"get"}

@@ -25,16 +25,64 @@ TIME_BOX_S = 100.0  # the whole run; every RPC still gets a fair share because s
 BAD = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 STRINGS = [
-    "", " ", "a", "projects", "projects/", "projects/default", "projects//models/x", "projects/../etc/passwd",
-    "projects/default/models/../../other", "projects/default/models/m1", "projects/default/models/m1/versions/1.0.0",
-    "projects/default/models/m1/versions/-1", "projects/default/models/m1/aliases/prod", "projects/default/judges/j1/versions/0",
-    "projects/default/trainingJobs/j1", "projects/default/deployments/d1", "projects/default/experiments/e1",
-    "projects/other/models/m1", "projects/default/models/M1", "projects/default/models/" + "a" * 70, "1.0.0", "v1",
-    "99999999999999999999.0.0", "1.0.0-rc.1+build", "major", "minor", "patch", "prod", "*", "%", "'; DROP TABLE models; --",
-    "state = STATE_ACTIVE", "name = \"x\" AND", "labels.team = ml", "create_time desc", "name desc, bogus", "create_time desc desc",
-    "ünïcødé-模型-🙂", "\u0000", "\t\n", "file:///etc/passwd", "file://../../etc", "s3://bucket/x", "builtin:tiny", "../" * 20,
-    "/", "\\", "{response}", "{", "x" * 5000, "😀" * 1000, "A" * 200_000, "CAESBnRhbXBlcg==", "eyJ0YW1wZXJlZCI6dHJ1ZX0",
-    "00000000-0000-0000-0000-000000000000", "not-a-uuid", "ab" * 32, "ZZ" * 32,
+    "",
+    " ",
+    "a",
+    "projects",
+    "projects/",
+    "projects/default",
+    "projects//models/x",
+    "projects/../etc/passwd",
+    "projects/default/models/../../other",
+    "projects/default/models/m1",
+    "projects/default/models/m1/versions/1.0.0",
+    "projects/default/models/m1/versions/-1",
+    "projects/default/models/m1/aliases/prod",
+    "projects/default/judges/j1/versions/0",
+    "projects/default/trainingJobs/j1",
+    "projects/default/deployments/d1",
+    "projects/default/experiments/e1",
+    "projects/other/models/m1",
+    "projects/default/models/M1",
+    "projects/default/models/" + "a" * 70,
+    "1.0.0",
+    "v1",
+    "99999999999999999999.0.0",
+    "1.0.0-rc.1+build",
+    "major",
+    "minor",
+    "patch",
+    "prod",
+    "*",
+    "%",
+    "'; DROP TABLE models; --",
+    "state = STATE_ACTIVE",
+    'name = "x" AND',
+    "labels.team = ml",
+    "create_time desc",
+    "name desc, bogus",
+    "create_time desc desc",
+    "ünïcødé-模型-🙂",
+    "\u0000",
+    "\t\n",
+    "file:///etc/passwd",
+    "file://../../etc",
+    "s3://bucket/x",
+    "builtin:tiny",
+    "../" * 20,
+    "/",
+    "\\",
+    "{response}",
+    "{",
+    "x" * 5000,
+    "😀" * 1000,
+    "A" * 200_000,
+    "CAESBnRhbXBlcg==",
+    "eyJ0YW1wZXJlZCI6dHJ1ZX0",
+    "00000000-0000-0000-0000-000000000000",
+    "not-a-uuid",
+    "ab" * 32,
+    "ZZ" * 32,
 ]
 INT32 = [0, 1, -1, 2, 7, 100, 1000, 1001, 2**31 - 1, -(2**31), 50, -50]
 INT64 = INT32 + [2**63 - 1, -(2**63), 2**40]
@@ -166,13 +214,19 @@ def test_fuzz_every_unary_rpc(services):
     failures: list[str] = []
     counts: dict[str, int] = {}
     threads = [
-        threading.Thread(target=_fuzz_service, args=(svc, p.target, deadline, failures, counts), daemon=True) for svc, p in services.items()
+        threading.Thread(target=_fuzz_service, args=(svc, p.target, deadline, failures, counts), daemon=True)
+        for svc, p in services.items()
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(TIME_BOX_S + 60)
-    expected = {f"{svc}.{m.name}" for svc in SERVICES for m in service_descriptor(svc).methods if not m.client_streaming and not m.server_streaming}
+    expected = {
+        f"{svc}.{m.name}"
+        for svc in SERVICES
+        for m in service_descriptor(svc).methods
+        if not m.client_streaming and not m.server_streaming
+    }
     assert set(counts) == expected, f"RPCs never fuzzed: {sorted(expected - set(counts))}"
     assert min(counts.values()) >= 20, f"time box too small for a meaningful run: {counts}"
     print(f"fuzzed {sum(counts.values())} requests over {len(counts)} RPCs (min {min(counts.values())} per RPC, seed {SEED})")

@@ -71,7 +71,9 @@ def cluster():
     try:
         yield port, pg_ctl
     finally:
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"), capture_output=True, timeout=60)
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"), capture_output=True, timeout=60
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -127,7 +129,12 @@ class Load:
                 with self.lock:
                     self.acked_experiments.append(made.name)
                 pending_exp = None
-                self._op("ListExperiments", lambda: self.exp.ListExperiments(es.ListExperimentsRequest(parent="projects/default", page_size=5), timeout=5))
+                self._op(
+                    "ListExperiments",
+                    lambda: self.exp.ListExperiments(
+                        es.ListExperimentsRequest(parent="projects/default", page_size=5), timeout=5
+                    ),
+                )
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +144,9 @@ def restart_run(cluster, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("pgrestart")
     base = f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
     registry = start_service("registry", tmp_path, "--database-url", f"{base}/registry")
-    experiments = start_service("experiments", tmp_path, "--database-url", f"{base}/experiments", "--registry-target", registry.target)
+    experiments = start_service(
+        "experiments", tmp_path, "--database-url", f"{base}/experiments", "--registry-target", registry.target
+    )
     load = None
     try:
         registry.wait_serving()
@@ -172,7 +181,9 @@ def test_services_recover_without_restart_and_keep_every_acknowledged_write(rest
     load, registry, experiments = restart_run
     for p in (registry, experiments):
         assert p.proc.poll() is None, f"{p.svc} exited:\n{p.log_text()[-3000:]}"
-        assert wait_for(lambda p=p: health_status(p.port, SERVICES[p.svc][2]) == health_pb2.HealthCheckResponse.SERVING, 10, "SERVING")
+        assert wait_for(
+            lambda p=p: health_status(p.port, SERVICES[p.svc][2]) == health_pb2.HealthCheckResponse.SERVING, 10, "SERVING"
+        )
     assert load.failures, "the outage produced no failed call: the test did not test anything"
     # Never a client-error code for a database outage (that would tell clients not to retry).
     allowed = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}

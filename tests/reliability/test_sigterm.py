@@ -84,7 +84,11 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path):
         assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen, health_seen
         first_not_serving = health_seen.index(health_pb2.HealthCheckResponse.NOT_SERVING)
         assert health_seen[first_not_serving - 1] == health_pb2.HealthCheckResponse.SERVING
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, (f"exit after {took:.1f}s", [c.name for c in codes], registry.log_text()[-2500:])
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, (
+            f"exit after {took:.1f}s",
+            [c.name for c in codes],
+            registry.log_text()[-2500:],
+        )
         assert codes.count(grpc.StatusCode.OK) >= 1, codes
         wait_for(lambda: len(watch_codes) == len(watch_events), 10, "every watch stream to end")
         channel.close()

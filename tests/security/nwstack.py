@@ -22,9 +22,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SERVICES = {
     # short name: (python module, proto module, full service name)
-    "registry": ("neuroweaver_registry", "neuroweaver.registry.v1.registry_service_pb2", "neuroweaver.registry.v1.RegistryService"),
+    "registry": (
+        "neuroweaver_registry",
+        "neuroweaver.registry.v1.registry_service_pb2",
+        "neuroweaver.registry.v1.RegistryService",
+    ),
     "trainer": ("neuroweaver_trainer", "neuroweaver.trainer.v1.trainer_service_pb2", "neuroweaver.trainer.v1.TrainerService"),
-    "deployer": ("neuroweaver_deployer", "neuroweaver.deployer.v1.deployer_service_pb2", "neuroweaver.deployer.v1.DeployerService"),
+    "deployer": (
+        "neuroweaver_deployer",
+        "neuroweaver.deployer.v1.deployer_service_pb2",
+        "neuroweaver.deployer.v1.DeployerService",
+    ),
     "experiments": (
         "neuroweaver_experiments",
         "neuroweaver.experiments.v1.experiments_service_pb2",
@@ -43,7 +51,11 @@ NAMES = {
     },
     "trainer": {"parent": "projects/default", "name": "projects/default/trainingJobs/j1"},
     "deployer": {"parent": "projects/default", "name": "projects/default/deployments/d1"},
-    "experiments": {"parent": "projects/default", "name": "projects/default/experiments/e1", "experiment": "projects/default/experiments/e1"},
+    "experiments": {
+        "parent": "projects/default",
+        "name": "projects/default/experiments/e1",
+        "experiment": "projects/default/experiments/e1",
+    },
 }
 # Methods whose `parent` is the project itself, or a resource other than the default guess.
 PARENT_OVERRIDES = {
@@ -195,7 +207,18 @@ def start_service(svc: str, workdir: Path, *extra: str, port: int | None = None,
     data_dir = workdir / svc
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{svc}.log"
-    args = [sys.executable, "-m", SERVICES[svc][0], "--port", str(port), "--metrics-port", "-1", "--data-dir", str(data_dir), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        SERVICES[svc][0],
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
     proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=str(data_dir))

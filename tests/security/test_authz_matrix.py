@@ -43,7 +43,9 @@ def stack(tmp_path_factory):
     common = ("--auth-tokens", TOKENS, "--log-level", "DEBUG")
     registry = start_service("registry", work, *common, env={"NW_TEST_JUDGE_KEY": JUDGE_SECRET})
     procs = {"registry": registry}
-    procs["deployer"] = start_service("deployer", work, *common, "--registry-target", registry.target, "--registry-token", TOK["service"])
+    procs["deployer"] = start_service(
+        "deployer", work, *common, "--registry-target", registry.target, "--registry-token", TOK["service"]
+    )
     procs["trainer"] = start_service(
         "trainer", work, *common, "--no-run-jobs", "--registry-target", registry.target, "--registry-token", TOK["service"]
     )
@@ -126,7 +128,10 @@ def test_health_and_reflection_are_open(stack):
     procs, channels, _ = stack
     for svc, ch in channels.items():
         health = health_pb2_grpc.HealthStub(ch)
-        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICES[svc][2]), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=SERVICES[svc][2]), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
@@ -149,9 +154,13 @@ def test_judge_api_keys_are_never_stored_or_returned(stack):
         prompt_template="Rate: {response}", openai=pb.OpenAICompatibleJudge(base_url="http://127.0.0.1:9/v1", model="j", api_key_env="NW_TEST_JUDGE_KEY"),
     )  # fmt: skip
     judge = stub.CreateJudge(
-        rs.CreateJudgeRequest(parent="projects/default", judge_id="secret-check", judge_version=version), metadata=_bearer(TOK["operator"]), timeout=10
+        rs.CreateJudgeRequest(parent="projects/default", judge_id="secret-check", judge_version=version),
+        metadata=_bearer(TOK["operator"]),
+        timeout=10,
     )
-    got = stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/1"), metadata=_bearer(TOK["viewer"]), timeout=10)
+    got = stub.GetJudgeVersion(
+        rs.GetJudgeVersionRequest(name=judge.name + "/versions/1"), metadata=_bearer(TOK["viewer"]), timeout=10
+    )
     assert got.openai.api_key_env == "NW_TEST_JUDGE_KEY"
     assert JUDGE_SECRET.encode() not in got.SerializeToString() + judge.SerializeToString()
     db = work / "registry" / "registry.db"

@@ -57,15 +57,24 @@ def test_trainer_refuses_dataset_paths_outside_its_roots(procs):
         for field in ("dataset_uri", "eval_dataset_uri"):
             for uri in escapes:
                 job = tpb.TrainingJob(
-                    base_model="builtin:tiny-llama", dataset_uri=str(root / "ok.jsonl"), method=tpb.TRAINING_METHOD_SFT_LORA,
-                    target_model="projects/default/models/m1", version_bump="minor", lora=tpb.LoraConfig(r=4, alpha=8),
+                    base_model="builtin:tiny-llama",
+                    dataset_uri=str(root / "ok.jsonl"),
+                    method=tpb.TRAINING_METHOD_SFT_LORA,
+                    target_model="projects/default/models/m1",
+                    version_bump="minor",
+                    lora=tpb.LoraConfig(r=4, alpha=8),
                     hyperparameters=tpb.Hyperparameters(max_steps=2, batch_size=1, max_seq_length=64),
                 )
                 setattr(job, field, uri)
-                req = ts.CreateTrainingJobRequest(parent="projects/default", training_job_id="escape", training_job=job, validate_only=True)
+                req = ts.CreateTrainingJobRequest(
+                    parent="projects/default", training_job_id="escape", training_job=job, validate_only=True
+                )
                 with pytest.raises(grpc.RpcError) as exc:
                     stub.CreateTrainingJob(req, timeout=30)
-                assert (exc.value.code(), reason_of(exc.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_NOT_ALLOWED"), (field, uri, exc.value)
+                assert (exc.value.code(), reason_of(exc.value)) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "DATASET_PATH_NOT_ALLOWED",
+                ), (field, uri, exc.value)
                 assert "secret" not in exc.value.details()
         assert stub.ListTrainingJobs(ts.ListTrainingJobsRequest(parent="projects/default"), timeout=10).training_jobs == []
 

@@ -27,22 +27,33 @@ def test_valid_chat_dataset(tmp_path):
     assert len(r.sha256) == 64 and r.size_bytes == f.stat().st_size
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ("{not json", "invalid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ({"messages": []}, "non-empty list"),
-    ({"messages": "hi"}, "non-empty list"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "must end with an assistant message"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "no user message"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}, "role is 'robot'"),
-    ({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "x"}]}, "content is empty"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "content must be a string"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "content must be a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
-                   {"role": "assistant", "content": "x"}]}, "system message is only allowed as the first"),
-    ({"prompt": "p", "completion": "c"}, "looks like 'prompt_completion'"),
-    ({"text": "x"}, "missing field 'messages'"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": "hi"}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "must end with an assistant message"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "no user message"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}, "role is 'robot'"),
+        ({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "x"}]}, "content is empty"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "content must be a string"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "content must be a string"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
+            "system message is only allowed as the first",
+        ),
+        ({"prompt": "p", "completion": "c"}, "looks like 'prompt_completion'"),
+        ({"text": "x"}, "missing field 'messages'"),
+    ],
+)
 def test_each_bad_chat_row_is_reported_with_its_line(tmp_path, bad, expected):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", bad if isinstance(bad, str) else json.dumps(bad), GOOD])
     r = validate_dataset(f)
@@ -54,19 +65,25 @@ def test_each_bad_chat_row_is_reported_with_its_line(tmp_path, bad, expected):
 
 
 def test_prompt_completion_and_preference(tmp_path):
-    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"},
-                                             {"prompt": "x", "completion": ""},
-                                             {"prompt": "x"}])
+    pc = write_jsonl(
+        tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}, {"prompt": "x", "completion": ""}, {"prompt": "x"}]
+    )
     r = validate_dataset(pc)
     assert r.format == "prompt_completion"
     assert problems(r) == [(2, "'completion' is empty"), (3, "missing field 'completion'")]
-    pref = write_jsonl(tmp_path / "pref.jsonl", [
-        {"prompt": "q", "chosen": "good", "rejected": "bad"},
-        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
-         "rejected": [{"role": "assistant", "content": "b"}]},
-        {"prompt": "q", "chosen": "same", "rejected": "same"},
-        {"prompt": "q", "chosen": "a"},
-    ])
+    pref = write_jsonl(
+        tmp_path / "pref.jsonl",
+        [
+            {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "chosen": "a"},
+        ],
+    )
     r = validate_dataset(pref)
     assert r.format == "preference"
     assert problems(r) == [(3, "'chosen' and 'rejected' are identical"), (4, "missing field 'rejected'")]
@@ -75,18 +92,23 @@ def test_prompt_completion_and_preference(tmp_path):
 
 
 def test_prompt_only_format(tmp_path):
-    f = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "Why is my check engine light on?", "reference": "A stored fault code."},
-        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
-        {"prompt": "q", "reference": ""},
-        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-        {"prompt": "q", "completion": "c"},
-    ])
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Why is my check engine light on?", "reference": "A stored fault code."},
+            {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+            {"prompt": "q", "reference": ""},
+            {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"prompt": "q", "completion": "c"},
+        ],
+    )
     r = validate_dataset(f)
     assert r.format == "prompt"
-    assert problems(r) == [(3, "'reference' must be a non-empty string when present"),
-                           (4, "'prompt' messages must end with a user message"),
-                           (5, "row looks like 'prompt_completion' but the dataset format is 'prompt'")]
+    assert problems(r) == [
+        (3, "'reference' must be a non-empty string when present"),
+        (4, "'prompt' messages must end with a user message"),
+        (5, "row looks like 'prompt_completion' but the dataset format is 'prompt'"),
+    ]
 
 
 def test_file_level_problems(tmp_path):
@@ -138,13 +160,15 @@ def test_completion_only_labels_cover_exactly_the_assistant_turns(tiny_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Oil type?"},
-        {"role": "assistant", "content": "Synthetic oil."},
-        {"role": "user", "content": "When?"},
-        {"role": "assistant", "content": "Every six thousand miles."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Oil type?"},
+            {"role": "assistant", "content": "Synthetic oil."},
+            {"role": "user", "content": "When?"},
+            {"role": "assistant", "content": "Every six thousand miles."},
+        ]
+    }
     ex = tokenize_row(tok, row, "chat", 512)
     assert len(ex["input_ids"]) == len(ex["labels"])
     trained = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]

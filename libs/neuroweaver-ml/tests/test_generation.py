@@ -44,7 +44,10 @@ def test_stream_equals_generate(tiny):
     deltas = list(generate_stream(model, tok, MSGS, max_new_tokens=16))
     assert "".join(d.text for d in deltas) == r.text
     assert (deltas[-1].finish_reason, deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (
-        r.finish_reason, r.prompt_tokens, r.completion_tokens)
+        r.finish_reason,
+        r.prompt_tokens,
+        r.completion_tokens,
+    )
 
 
 def test_batch_with_left_padding_matches_single(tiny):
@@ -77,14 +80,24 @@ def test_bad_arguments(tiny):
 def test_adapter_digest_is_verified(tiny_model_dir, chat_file, tmp_path):
     from neuroweaver_ml.training import SFTConfig, run_sft
 
-    res = run_sft(SFTConfig(base_model_dir=str(tiny_model_dir), train_file=str(chat_file),
-                            output_dir=str(tmp_path / "job"), max_steps=2, lora_r=4, checkpoint_every_steps=0))
+    res = run_sft(
+        SFTConfig(
+            base_model_dir=str(tiny_model_dir),
+            train_file=str(chat_file),
+            output_dir=str(tmp_path / "job"),
+            max_steps=2,
+            lora_r=4,
+            checkpoint_every_steps=0,
+        )
+    )
     lm = load_for_inference(tiny_model_dir, res.adapter_dir, expected_adapter_sha256=res.adapter_sha256)
     assert lm.adapter_sha256 == res.adapter_sha256
     assert generate(lm.model, lm.tokenizer, MSGS, max_new_tokens=3).completion_tokens >= 1
     merged = load_for_inference(tiny_model_dir, res.adapter_dir, merge_adapter=True)
-    assert generate(merged.model, merged.tokenizer, MSGS, max_new_tokens=6).text == \
-        generate(lm.model, lm.tokenizer, MSGS, max_new_tokens=6).text
+    assert (
+        generate(merged.model, merged.tokenizer, MSGS, max_new_tokens=6).text
+        == generate(lm.model, lm.tokenizer, MSGS, max_new_tokens=6).text
+    )
     with pytest.raises(DigestMismatch):
         load_for_inference(tiny_model_dir, res.adapter_dir, expected_adapter_sha256="ab" * 32)
 

@@ -19,8 +19,15 @@ def test_gpt2_conv1d_targets_exclude_head():
 def test_untied_lm_head_is_excluded(tiny_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.model.layers[0].mlp.extra_head = torch.nn.Linear(32, 32)  # any new Linear inside a block counts
     targets = find_lora_target_modules(model)

@@ -41,9 +41,17 @@ def server():
 
 
 def _cfg(server, **kw):
-    base = dict(name="projects/p/judges/j/versions/1", kind="openai_compatible", base_url=server.base_url,
-                model="nw-judge", api_key_env="NW_TEST_JUDGE_KEY", max_concurrency=4, timeout_seconds=5,
-                backoff_base_seconds=0.05, rubric="Agreement with the reference.")
+    base = dict(
+        name="projects/p/judges/j/versions/1",
+        kind="openai_compatible",
+        base_url=server.base_url,
+        model="nw-judge",
+        api_key_env="NW_TEST_JUDGE_KEY",
+        max_concurrency=4,
+        timeout_seconds=5,
+        backoff_base_seconds=0.05,
+        rubric="Agreement with the reference.",
+    )
     base.update(kw)
     return JudgeConfig(**base)
 
@@ -63,8 +71,10 @@ def _reset(server):
 def test_openai_judge_scores_retries_and_accounts(server, tmp_path):
     _reset(server)
     server.state.faults += [{"status": 429, "retry_after": 0.3}, {"status": 500}]
-    j = OpenAICompatibleJudge(_cfg(server, max_concurrency=1, price_per_1k_prompt_tokens=0.5,
-                                   price_per_1k_completion_tokens=1.0), JudgeCache(tmp_path / "c.sqlite"))
+    j = OpenAICompatibleJudge(
+        _cfg(server, max_concurrency=1, price_per_1k_prompt_tokens=0.5, price_per_1k_completion_tokens=1.0),
+        JudgeCache(tmp_path / "c.sqlite"),
+    )
     assert "sk-test-secret" not in repr(j)
 
     async def go():
@@ -88,9 +98,11 @@ def test_malformed_is_recorded_and_cached_not_scored(server, tmp_path):
     _reset(server)
     server.state.malformed_if_contains = "transmission"
     cache = JudgeCache(tmp_path / "c.sqlite")
-    items = [("How often to change transmission fluid?", "Every 60k miles.", "Every 60000 miles."),
-             ("When should brake pads be replaced?", GOOD, REF),
-             ("When should brake pads be replaced?", BAD, REF)]
+    items = [
+        ("How often to change transmission fluid?", "Every 60k miles.", "Every 60000 miles."),
+        ("When should brake pads be replaced?", GOOD, REF),
+        ("When should brake pads be replaced?", BAD, REF),
+    ]
 
     async def go(judge):
         try:

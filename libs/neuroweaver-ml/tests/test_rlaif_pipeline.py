@@ -33,12 +33,24 @@ def prompt_files(tmp_path_factory):
 
 def _cfg(tiny_model_dir, prompt_files, out, **kw):
     train, ev = prompt_files
-    base = dict(base_model_dir=str(tiny_model_dir), prompts_file=str(train), eval_prompts_file=str(ev),
-                output_dir=str(out), judge=JudgeConfig(name="local-minilm/1", kind="local_embedding",
-                                                        score_min=0, score_max=10),
-                candidates_per_prompt=3, max_new_tokens=8, policy_steps=2, min_margin=0.01,
-                reward_model_steps=2, reward_model_batch_size=4, reward_model_eval_fraction=0.25,
-                checkpoint_every_steps=1, learning_rate=1e-4, device="cpu", judge_chunk_size=4)
+    base = dict(
+        base_model_dir=str(tiny_model_dir),
+        prompts_file=str(train),
+        eval_prompts_file=str(ev),
+        output_dir=str(out),
+        judge=JudgeConfig(name="local-minilm/1", kind="local_embedding", score_min=0, score_max=10),
+        candidates_per_prompt=3,
+        max_new_tokens=8,
+        policy_steps=2,
+        min_margin=0.01,
+        reward_model_steps=2,
+        reward_model_batch_size=4,
+        reward_model_eval_fraction=0.25,
+        checkpoint_every_steps=1,
+        learning_rate=1e-4,
+        device="cpu",
+        judge_chunk_size=4,
+    )
     base.update(kw)
     return RlaifConfig(**base)
 
@@ -67,8 +79,14 @@ def test_rlaif_grpo_local_judge_end_to_end(tiny_model_dir, prompt_files, tmp_pat
     wr = res.win_rate_vs_parent
     assert wr is not None and wr.n + wr.excluded == 2 and 0 <= wr.ci_low <= wr.win_rate <= wr.ci_high <= 1
     m = res.metrics
-    for k in ("reward_model_accuracy", "judge_win_rate_vs_parent", "judge_win_rate_vs_base", "judge_cost_usd",
-              "judged", "malformed"):
+    for k in (
+        "reward_model_accuracy",
+        "judge_win_rate_vs_parent",
+        "judge_win_rate_vs_base",
+        "judge_cost_usd",
+        "judged",
+        "malformed",
+    ):
         assert k in m
     assert (Path(res.adapter_dir) / "adapter_config.json").is_file()
     rep = json.loads(Path(res.report_path).read_text())
@@ -81,12 +99,29 @@ def test_rlaif_grpo_local_judge_end_to_end(tiny_model_dir, prompt_files, tmp_pat
 def test_rlaif_dpo_from_sft_parent_with_policy_reward_model(tiny_model_dir, chat_file, prompt_files, tmp_path):
     from neuroweaver_ml.training import SFTConfig, run_sft
 
-    sft = run_sft(SFTConfig(base_model_dir=str(tiny_model_dir), train_file=str(chat_file),
-                            output_dir=str(tmp_path / "sft"), max_steps=2, batch_size=4, lora_r=4, lora_alpha=8,
-                            checkpoint_every_steps=0))
+    sft = run_sft(
+        SFTConfig(
+            base_model_dir=str(tiny_model_dir),
+            train_file=str(chat_file),
+            output_dir=str(tmp_path / "sft"),
+            max_steps=2,
+            batch_size=4,
+            lora_r=4,
+            lora_alpha=8,
+            checkpoint_every_steps=0,
+        )
+    )
     events = []
-    cfg = _cfg(tiny_model_dir, prompt_files, tmp_path / "run", algorithm="dpo", parent_adapter_dir=sft.adapter_dir,
-               reward_model_backbone="policy", lora_r=4, lora_alpha=8)
+    cfg = _cfg(
+        tiny_model_dir,
+        prompt_files,
+        tmp_path / "run",
+        algorithm="dpo",
+        parent_adapter_dir=sft.adapter_dir,
+        reward_model_backbone="policy",
+        lora_r=4,
+        lora_alpha=8,
+    )
     res = run_rlaif(cfg, events.append)
     assert res.status == "completed" and res.policy.algorithm == "dpo" and res.policy.global_step == 2
     assert res.reward_model.backbone == "policy" and res.reward_model.accuracy is not None
@@ -105,11 +140,16 @@ def judge_server():
 
 
 def _spawn(cfg_dict, block_kind):
-    env = dict(os.environ, NW_TEST_JUDGE_KEY="sk-test", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, NW_TEST_JUDGE_KEY="sk-test", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     worker = Path(__file__).with_name("_rlaif_worker.py")
-    return subprocess.Popen([sys.executable, str(worker), json.dumps(cfg_dict), block_kind], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(worker), json.dumps(cfg_dict), block_kind],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
 
 def _read_until(proc, pred):
@@ -127,16 +167,33 @@ def _kill(proc):
     proc.wait(30)
 
 
-def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(tiny_model_dir, prompt_files, tmp_path,
-                                                                   judge_server, monkeypatch):
+def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(
+    tiny_model_dir, prompt_files, tmp_path, judge_server, monkeypatch
+):
     monkeypatch.setenv("NW_TEST_JUDGE_KEY", "sk-test")
     judge_server.state.malformed_if_contains = "coolant"  # eval prompt → malformed verdicts, skipped
     judge_server.state.faults += [{"status": 429, "retry_after": 0.1}, {"status": 500}]
-    jc = JudgeConfig(name="projects/p/judges/http/versions/1", kind="openai_compatible",
-                     base_url=judge_server.base_url, model="nw-judge", api_key_env="NW_TEST_JUDGE_KEY",
-                     max_concurrency=2, backoff_base_seconds=0.05, price_per_1k_prompt_tokens=0.01)
-    cfg = _cfg(tiny_model_dir, prompt_files, tmp_path / "run", judge=jc, algorithm="grpo", reward_source="judge",
-               judge_chunk_size=2, policy_steps=2, train_reward_model=False)
+    jc = JudgeConfig(
+        name="projects/p/judges/http/versions/1",
+        kind="openai_compatible",
+        base_url=judge_server.base_url,
+        model="nw-judge",
+        api_key_env="NW_TEST_JUDGE_KEY",
+        max_concurrency=2,
+        backoff_base_seconds=0.05,
+        price_per_1k_prompt_tokens=0.01,
+    )
+    cfg = _cfg(
+        tiny_model_dir,
+        prompt_files,
+        tmp_path / "run",
+        judge=jc,
+        algorithm="grpo",
+        reward_source="judge",
+        judge_chunk_size=2,
+        policy_steps=2,
+        train_reward_model=False,
+    )
     d = asdict(cfg)
 
     # 1) killed right after the first judge-progress event (2 of 12 verdicts done)
@@ -151,10 +208,11 @@ def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(tiny_model_dir
     seen = _read_until(p, lambda e: e["kind"] == "checkpoint")
     _kill(p)
     assert {"stage": "generate", "status": "skipped"}.items() <= next(
-        e for e in seen if e["kind"] == "stage" and e["stage"] == "generate").items()
+        e for e in seen if e["kind"] == "stage" and e["stage"] == "generate"
+    ).items()
     jp = [e for e in seen if e["kind"] == "judge_progress" and e["stage"] == "judge"]
     assert jp[0]["cache_hits"] == 2 and jp[-1]["done"] == 12
-    judge_stage = judge_server.state.contents()[len(first):len(first) + 10]
+    judge_stage = judge_server.state.contents()[len(first) : len(first) + 10]
     assert not set(first) & set(judge_stage)  # already judged items were not sent again
     assert len(set(first) | set(judge_stage)) == 12
 
@@ -174,8 +232,15 @@ def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(tiny_model_dir
 
 
 def test_rloo_with_reward_model_no_eval(tiny_model_dir, prompt_files, tmp_path):
-    cfg = _cfg(tiny_model_dir, prompt_files, tmp_path / "run", algorithm="rloo", reward_source="reward_model",
-               eval_prompts_file=None, candidates_per_prompt=2)
+    cfg = _cfg(
+        tiny_model_dir,
+        prompt_files,
+        tmp_path / "run",
+        algorithm="rloo",
+        reward_source="reward_model",
+        eval_prompts_file=None,
+        candidates_per_prompt=2,
+    )
     events = []
     res = run_rlaif(cfg, events.append)
     assert res.status == "completed" and res.policy.algorithm == "rloo" and res.policy.global_step == 2
@@ -188,18 +253,48 @@ def test_direct_reward_model_and_dpo_on_preference_file(tiny_model_dir, tmp_path
 
     rows = [{"prompt": q, "chosen": a, "rejected": "I don't know."} for q, a in QUESTIONS] * 2
     pf = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    rm = run_reward_model(RewardModelConfig(preference_file=str(pf), output_dir=str(tmp_path / "rm"), max_steps=3,
-                                            batch_size=4, eval_fraction=0.25, learning_rate=1e-4, device="cpu"))
+    rm = run_reward_model(
+        RewardModelConfig(
+            preference_file=str(pf),
+            output_dir=str(tmp_path / "rm"),
+            max_steps=3,
+            batch_size=4,
+            eval_fraction=0.25,
+            learning_rate=1e-4,
+            device="cpu",
+        )
+    )
     assert rm.status == "completed" and rm.eval_pairs == 3 and rm.accuracy is not None
     assert (Path(rm.model_dir) / "reward_model.json").is_file()
     events = []
-    pol = run_dpo(DPOJobConfig(base_model_dir=str(tiny_model_dir), preference_file=str(pf),
-                               output_dir=str(tmp_path / "dpo"), max_steps=2, batch_size=2, lora_r=4, lora_alpha=8,
-                               checkpoint_every_steps=1, device="cpu"), events.append)
+    pol = run_dpo(
+        DPOJobConfig(
+            base_model_dir=str(tiny_model_dir),
+            preference_file=str(pf),
+            output_dir=str(tmp_path / "dpo"),
+            max_steps=2,
+            batch_size=2,
+            lora_r=4,
+            lora_alpha=8,
+            checkpoint_every_steps=1,
+            device="cpu",
+        ),
+        events.append,
+    )
     assert pol.status == "completed" and pol.global_step == 2 and pol.adapter_sha256
     assert [e.kind for e in events].count("checkpoint") == 2
     # called again: the recorded result, no training
-    again = run_dpo(DPOJobConfig(base_model_dir=str(tiny_model_dir), preference_file=str(pf),
-                                 output_dir=str(tmp_path / "dpo"), max_steps=2, batch_size=2, lora_r=4, lora_alpha=8,
-                                 checkpoint_every_steps=1, device="cpu"))
+    again = run_dpo(
+        DPOJobConfig(
+            base_model_dir=str(tiny_model_dir),
+            preference_file=str(pf),
+            output_dir=str(tmp_path / "dpo"),
+            max_steps=2,
+            batch_size=2,
+            lora_r=4,
+            lora_alpha=8,
+            checkpoint_every_steps=1,
+            device="cpu",
+        )
+    )
     assert again.adapter_sha256 == pol.adapter_sha256

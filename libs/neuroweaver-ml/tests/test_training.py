@@ -23,9 +23,18 @@ HERE = Path(__file__).parent
 
 
 def _cfg(tiny_model_dir, chat_file, out, **kw):
-    base = dict(base_model_dir=str(tiny_model_dir), train_file=str(chat_file), output_dir=str(out),
-                max_steps=6, batch_size=4, learning_rate=1e-3, checkpoint_every_steps=2, seed=7,
-                lora_r=4, lora_alpha=8)
+    base = dict(
+        base_model_dir=str(tiny_model_dir),
+        train_file=str(chat_file),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        learning_rate=1e-3,
+        checkpoint_every_steps=2,
+        seed=7,
+        lora_r=4,
+        lora_alpha=8,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -85,8 +94,7 @@ def test_qlora_really_quantizes_on_cpu(tiny_model_dir, chat_file, tmp_path):
     assert all(torch.isfinite(torch.tensor(e.loss)) for e in events if e.kind == "step")
     from neuroweaver_ml.generation import generate, load_for_inference
 
-    lm = load_for_inference(tiny_model_dir, res.adapter_dir, load_in_4bit=True,
-                            expected_adapter_sha256=res.adapter_sha256)
+    lm = load_for_inference(tiny_model_dir, res.adapter_dir, load_in_4bit=True, expected_adapter_sha256=res.adapter_sha256)
     assert isinstance(lm.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     out = generate(lm.model, lm.tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=4)
     assert out.completion_tokens >= 1
@@ -96,16 +104,19 @@ def test_padding_free_batches_give_the_same_loss_as_padded(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    feats = [{"input_ids": [5, 9, 13, 21, 8], "labels": [-100, -100, 13, 21, 8]},
-             {"input_ids": [30, 31, 32], "labels": [-100, 31, 32]}]
+    feats = [
+        {"input_ids": [5, 9, 13, 21, 8], "labels": [-100, -100, 13, 21, 8]},
+        {"input_ids": [30, 31, 32], "labels": [-100, 31, 32]},
+    ]
 
     def loss_sum(batch):
         # use_cache=False as in training: with a KV cache transformers ignores packed position_ids
         out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
         logits = out.logits[..., :-1, :]
         labels = batch["labels"][..., 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
 
     flat = SFTCollator(pad_token_id=2, padding_free=True)(feats)
     padded = SFTCollator(pad_token_id=2, padding_free=False)(feats)
@@ -116,8 +127,11 @@ def test_padding_free_batches_give_the_same_loss_as_padded(tiny_model_dir):
 
 def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(tiny_model_dir, chat_file, tmp_path):
     seen = []
-    res = run_sft(_cfg(tiny_model_dir, chat_file, tmp_path / "c", max_steps=20),
-                  lambda e: seen.append(e), should_stop=lambda: any(e.kind == "step" and e.step >= 3 for e in seen))
+    res = run_sft(
+        _cfg(tiny_model_dir, chat_file, tmp_path / "c", max_steps=20),
+        lambda e: seen.append(e),
+        should_stop=lambda: any(e.kind == "step" and e.step >= 3 for e in seen),
+    )
     assert res.status == "cancelled" and res.adapter_dir is None
     assert res.global_step == 4  # polled after step 4's optimizer step; step 3's event arrives in on_log
     assert res.last_checkpoint and Path(res.last_checkpoint).name == "checkpoint-2"
@@ -127,9 +141,13 @@ def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(tiny_model_dir, cha
 def test_resume_after_sigkill(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "r"
     cfg = _cfg(tiny_model_dir, chat_file, out, max_steps=8, checkpoint_every_steps=3)
-    proc = subprocess.Popen([sys.executable, str(HERE / "_sft_worker.py"), json.dumps(dataclasses.asdict(cfg))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(HERE)})
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_sft_worker.py"), json.dumps(dataclasses.asdict(cfg))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
     child_events = []
     try:
         for line in proc.stdout:

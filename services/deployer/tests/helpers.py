@@ -28,7 +28,9 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int) -> tuple[Path, str]:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(str(out_dir))
     sha, _ = digest_path(out_dir)
     return out_dir, sha
@@ -63,15 +65,25 @@ class Stack:
         from neuroweaver_runtime.testing import free_port
 
         self.registry = build_registry(
-            RegistryConfig(port=free_port(), metrics_port=-1, data_dir=str(self.root / "registry"), database_url=f"sqlite:///{self.root / 'registry.db'}")
+            RegistryConfig(
+                port=free_port(),
+                metrics_port=-1,
+                data_dir=str(self.root / "registry"),
+                database_url=f"sqlite:///{self.root / 'registry.db'}",
+            )
         )
         await self.registry.start()
         self.deployer = build_deployer(
             DeployerConfig(
-                port=free_port(), metrics_port=-1, data_dir=str(self.root / "deployer"),
+                port=free_port(),
+                metrics_port=-1,
+                data_dir=str(self.root / "deployer"),
                 database_url=f"sqlite:///{self.root / 'deployer.db'}",
-                registry_target=f"127.0.0.1:{self.registry.port}", replica_grace_seconds=5.0,
-                kubernetes=True, kube_api_url=self.kube_url, kube_poll_seconds=0.2,
+                registry_target=f"127.0.0.1:{self.registry.port}",
+                replica_grace_seconds=5.0,
+                kubernetes=True,
+                kube_api_url=self.kube_url,
+                kube_poll_seconds=0.2,
             )  # fmt: skip
         )
         await self.deployer.start()
@@ -79,7 +91,9 @@ class Stack:
         self.deployer_channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.deployer.port}")
         self.reg = rgrpc.RegistryServiceStub(self.registry_channel)
         self.dep = dgrpc.DeployerServiceStub(self.deployer_channel)
-        await self.reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(base_model=str(self.base))))
+        await self.reg.CreateModel(
+            rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(base_model=str(self.base)))
+        )
         self.versions = []
         for i, (path, sha) in enumerate(self.adapters):
             mv = await self.reg.CreateModelVersion(

@@ -56,7 +56,9 @@ async def test_openai_judge_talks_to_the_model_server_and_never_invents_scores(s
             [("Is it safe to drive with a flashing check-engine light?", "No: stop and have it towed.", "Stop driving.")] * 1
             + [("How often should I rotate tyres?", "Every 5,000-7,500 miles.", "About every 5,000 to 7,500 miles.")]
         )
-        again = await judge.score("How often should I rotate tyres?", "Every 5,000-7,500 miles.", "About every 5,000 to 7,500 miles.")
+        again = await judge.score(
+            "How often should I rotate tyres?", "Every 5,000-7,500 miles.", "About every 5,000 to 7,500 miles."
+        )
     finally:
         await judge.aclose()
     assert len(verdicts) == 2
@@ -86,7 +88,10 @@ async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_i
             reply = faults.pop(0)
             seen.append((time.monotonic(), reply.status))
             return reply
-        async with aiohttp.ClientSession() as http, http.post(upstream + request.path, data=body, headers={"Content-Type": "application/json"}) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(upstream + request.path, data=body, headers={"Content-Type": "application/json"}) as resp,
+        ):
             payload = await resp.read()
             seen.append((time.monotonic(), resp.status))
             return web.Response(body=payload, status=resp.status, content_type="application/json")

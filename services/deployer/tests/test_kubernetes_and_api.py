@@ -62,12 +62,19 @@ async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
     dep = stack.dep
     name = "projects/default/deployments/advisor-k8s"
     spec = dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, replicas=2, namespace="serving")
-    await dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="advisor-k8s", deployment=spec))
+    await dep.CreateDeployment(
+        dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="advisor-k8s", deployment=spec)
+    )
     d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.ready_replicas == 2, timeout=30)
     obj = dns1123_name(name)
     assert d.endpoint == f"{obj}.serving.svc.cluster.local:50051"
     assert d.openai_base_url == f"http://{obj}.serving.svc.cluster.local:8080/v1"
-    for api_version, kind in [("v1", "Service"), ("apps/v1", "Deployment"), ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")]:
+    for api_version, kind in [
+        ("v1", "Service"),
+        ("apps/v1", "Deployment"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ]:
         assert kube_standin.get_object(api_version, kind, "serving", obj) is not None, kind
     applies = [r for r in kube_standin.requests if r.method == "PATCH" and r.content_type == "application/apply-patch+yaml"]
     assert applies and all("fieldManager" in r.query for r in applies)
@@ -79,7 +86,8 @@ async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
 
     await dep.UpdateDeployment(
         dsvc.UpdateDeploymentRequest(
-            deployment=dpb.Deployment(name=name, model_version=stack.versions[2]), update_mask=field_mask_pb2.FieldMask(paths=["model_version"])
+            deployment=dpb.Deployment(name=name, model_version=stack.versions[2]),
+            update_mask=field_mask_pb2.FieldMask(paths=["model_version"]),
         )
     )
     d = await watch_until(dep, name, lambda d: d.served_version == stack.versions[2] and d.state == AVAILABLE, timeout=30)
@@ -108,11 +116,23 @@ def create(stack, deployment_id="bad", **fields):
         (lambda s: create(s, replicas=99), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
         (lambda s: create(s, resources=dpb.Resources(cpu="lots")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
         (lambda s: create(s, resources=dpb.Resources(gpus=1)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (lambda s: create(s, autoscaling=dpb.Autoscaling(min_replicas=3, max_replicas=2)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (
+            lambda s: create(s, autoscaling=dpb.Autoscaling(min_replicas=3, max_replicas=2)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
         (lambda s: create(s, model_version=f"{s.MODEL}/versions/9.9.9"), grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND"),
-        (lambda s: create(s, model_version="projects/default/models/nope/versions/1.0.0"), grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND"),
+        (
+            lambda s: create(s, model_version="projects/default/models/nope/versions/1.0.0"),
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_VERSION_NOT_FOUND",
+        ),
         (lambda s: create(s, request_id="not-a-uuid"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"),
-        (lambda s: dsvc.CreateDeploymentRequest(parent="nope", deployment_id="x"), grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_NAME"),
+        (
+            lambda s: dsvc.CreateDeploymentRequest(parent="nope", deployment_id="x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MALFORMED_NAME",
+        ),
     ],
 )
 async def test_bad_create_requests(stack, make, code, reason):
@@ -129,7 +149,9 @@ async def test_a_reward_model_version_is_not_deployed(stack):
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
     model = "projects/default/models/advisor-scorer"
-    await stack.reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor-scorer", model=rpb.Model(base_model=str(stack.base))))
+    await stack.reg.CreateModel(
+        rsvc.CreateModelRequest(parent="projects/default", model_id="advisor-scorer", model=rpb.Model(base_model=str(stack.base)))
+    )
     path, sha = stack.adapters[0]
     scorer = await stack.reg.CreateModelVersion(
         rsvc.CreateModelVersionRequest(

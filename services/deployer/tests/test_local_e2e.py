@@ -28,7 +28,9 @@ DEGRADED = dpb.Deployment.STATE_DEGRADED
 
 
 def gen(max_tokens=4):
-    return isvc.GenerateRequest(messages=[ipb.ChatMessage(role="user", content="Hello!")], sampling=ipb.SamplingParams(max_tokens=max_tokens))
+    return isvc.GenerateRequest(
+        messages=[ipb.ChatMessage(role="user", content="Hello!")], sampling=ipb.SamplingParams(max_tokens=max_tokens)
+    )
 
 
 async def test_deploy_scale_update_kill_rollback_undeploy(stack):
@@ -36,8 +38,14 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
     name = "projects/default/deployments/advisor-local"
     created = await dep.CreateDeployment(
         dsvc.CreateDeploymentRequest(
-            parent="projects/default", deployment_id="advisor-local",
-            deployment=dpb.Deployment(model_version=stack.versions[0], replicas=1, backend=dpb.BACKEND_LOCAL, serving=dpb.ServingConfig(max_new_tokens_limit=64)),
+            parent="projects/default",
+            deployment_id="advisor-local",
+            deployment=dpb.Deployment(
+                model_version=stack.versions[0],
+                replicas=1,
+                backend=dpb.BACKEND_LOCAL,
+                serving=dpb.ServingConfig(max_new_tokens_limit=64),
+            ),
         )  # fmt: skip
     )
     assert created.revision == 1 and created.served_model_name.startswith("advisor-1-0-0-")
@@ -53,7 +61,9 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         reply = await inference.Generate(gen())
         assert reply.model == d.served_model_name and reply.usage.completion_tokens > 0
         client = openai.AsyncOpenAI(base_url=d.openai_base_url, api_key="unused", max_retries=0)
-        chat = await client.chat.completions.create(model=d.served_model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4)
+        chat = await client.chat.completions.create(
+            model=d.served_model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
+        )
         assert chat.model == d.served_model_name and chat.usage.completion_tokens > 0
         assert [m.id for m in (await client.models.list()).data] == [d.served_model_name]
 
@@ -87,7 +97,8 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         old_pids = {p.pid for p in model_server_processes()}
         updated = await dep.UpdateDeployment(
             dsvc.UpdateDeploymentRequest(
-                deployment=dpb.Deployment(name=name, model_version=stack.versions[1]), update_mask=field_mask_pb2.FieldMask(paths=["model_version"])
+                deployment=dpb.Deployment(name=name, model_version=stack.versions[1]),
+                update_mask=field_mask_pb2.FieldMask(paths=["model_version"]),
             )
         )
         assert updated.revision == 2
@@ -103,7 +114,9 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
 
         # SIGKILL a replica: degraded while it restarts, then available again
         seen: list = []
-        watcher = asyncio.create_task(watch_until(dep, name, lambda d: DEGRADED in seen and d.state == AVAILABLE and d.ready_replicas == 2, seen=seen))
+        watcher = asyncio.create_task(
+            watch_until(dep, name, lambda d: DEGRADED in seen and d.state == AVAILABLE and d.ready_replicas == 2, seen=seen)
+        )
         await watch_until(dep, name, lambda d: d.state == AVAILABLE)  # the watcher is subscribed by now
         victim = model_server_processes()[0]
         os.kill(victim.pid, signal.SIGKILL)
@@ -118,7 +131,9 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
     assert len(model_server_processes()) == 1
     rolled = await dep.RollbackDeployment(dsvc.RollbackDeploymentRequest(name=name))
     assert rolled.revision == 3 and rolled.model_version == stack.versions[0]
-    d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.served_version == stack.versions[0] and d.ready_replicas == 1)
+    d = await watch_until(
+        dep, name, lambda d: d.state == AVAILABLE and d.served_version == stack.versions[0] and d.ready_replicas == 1
+    )
     revisions = await dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=name))
     assert [(r.revision, r.cause) for r in revisions.revisions] == [(3, "rollback"), (2, "update"), (1, "create")]
     assert revisions.revisions[0].model_version == stack.versions[0]
@@ -147,13 +162,16 @@ async def test_follows_a_registry_alias(stack):
     name = "projects/default/deployments/advisor-prod"
     await dep.CreateDeployment(
         dsvc.CreateDeploymentRequest(
-            parent="projects/default", deployment_id="advisor-prod",
+            parent="projects/default",
+            deployment_id="advisor-prod",
             deployment=dpb.Deployment(model_alias=f"{stack.MODEL}/aliases/production", replicas=1),
         )  # fmt: skip
     )
     d = await watch_until(dep, name, lambda d: d.state == AVAILABLE)
     assert d.served_version == stack.versions[0]
-    await reg.SetModelAlias(rsvc.SetModelAliasRequest(model=stack.MODEL, alias="production", version="1.2.0", reason="won the A/B test"))
+    await reg.SetModelAlias(
+        rsvc.SetModelAliasRequest(model=stack.MODEL, alias="production", version="1.2.0", reason="won the A/B test")
+    )
     d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.served_version == stack.versions[2])
     assert d.revision == 2 and d.model_alias.endswith("/aliases/production")
     revisions = await dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=name))

@@ -104,7 +104,12 @@ async def test_generate_stream_and_list_models(stub):
     assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
     assert reply.latency.ToNanoseconds() >= reply.time_to_first_token.ToNanoseconds() > 0
 
-    parts = [m async for m in stub.GenerateStream(svc.GenerateStreamRequest(messages=chat().messages, sampling=pb.SamplingParams(max_tokens=12)))]
+    parts = [
+        m
+        async for m in stub.GenerateStream(
+            svc.GenerateStreamRequest(messages=chat().messages, sampling=pb.SamplingParams(max_tokens=12))
+        )
+    ]
     assert "".join(p.delta for p in parts) == reply.text  # greedy: same text streamed and unary
     assert parts[-1].finish_reason == reply.finish_reason and parts[-1].usage == reply.usage
     assert all(p.finish_reason == pb.FINISH_REASON_UNSPECIFIED for p in parts[:-1])
@@ -129,9 +134,21 @@ async def test_stop_sequences_cut_the_text(stub):
     "request_, code, reason",
     [
         (svc.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
-        (svc.GenerateRequest(messages=[pb.ChatMessage(role="user", content="  ")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
-        (svc.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
-        (svc.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
+        (
+            svc.GenerateRequest(messages=[pb.ChatMessage(role="user", content="  ")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_GENERATION_REQUEST",
+        ),
+        (
+            svc.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_GENERATION_REQUEST",
+        ),
+        (
+            svc.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_GENERATION_REQUEST",
+        ),
         (chat(max_tokens=10**9), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
         (chat(max_tokens=-1), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
         (chat(temperature=7.0), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GENERATION_REQUEST"),
@@ -146,7 +163,11 @@ async def test_bad_input_gets_a_status_and_the_server_keeps_serving(stub, reques
     info = error_info(err.value)
     assert info.reason == reason and info.domain == "inference.neuroweaver.v1"
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in stub.GenerateStream(svc.GenerateStreamRequest(model=request_.model, messages=request_.messages, prompt=request_.prompt, sampling=request_.sampling)):
+        async for _ in stub.GenerateStream(
+            svc.GenerateStreamRequest(
+                model=request_.model, messages=request_.messages, prompt=request_.prompt, sampling=request_.sampling
+            )
+        ):
             pass
     assert err.value.code() == code
     assert (await stub.Generate(chat(max_tokens=2))).usage.completion_tokens > 0

@@ -31,8 +31,14 @@ async def test_deployer_on_postgres(stack, kube_standin, tmp_path, pg_ok):
     url, drop = await create_postgres_database("nwdeployer")
     deployer = build(
         DeployerConfig(
-            port=free_port(), metrics_port=-1, data_dir=str(tmp_path), database_url=url,
-            registry_target=f"127.0.0.1:{stack.registry.port}", kubernetes=True, kube_api_url=kube_standin.url, kube_poll_seconds=0.2,
+            port=free_port(),
+            metrics_port=-1,
+            data_dir=str(tmp_path),
+            database_url=url,
+            registry_target=f"127.0.0.1:{stack.registry.port}",
+            kubernetes=True,
+            kube_api_url=kube_standin.url,
+            kube_poll_seconds=0.2,
         )  # fmt: skip
     )
     await deployer.start()
@@ -42,25 +48,47 @@ async def test_deployer_on_postgres(stack, kube_standin, tmp_path, pg_ok):
             for i in range(3):
                 await dep.CreateDeployment(
                     dsvc.CreateDeploymentRequest(
-                        parent="projects/default", deployment_id=f"pg-{i}", request_id=f"00000000-0000-4000-8000-00000000000{i}",
-                        deployment=dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, namespace="pg", labels={"team": "a" if i else "b"}),
+                        parent="projects/default",
+                        deployment_id=f"pg-{i}",
+                        request_id=f"00000000-0000-4000-8000-00000000000{i}",
+                        deployment=dpb.Deployment(
+                            model_version=stack.versions[0],
+                            backend=dpb.BACKEND_KUBERNETES,
+                            namespace="pg",
+                            labels={"team": "a" if i else "b"},
+                        ),
                     )  # fmt: skip
                 )
             again = await dep.CreateDeployment(  # idempotent retry returns the same deployment
                 dsvc.CreateDeploymentRequest(
-                    parent="projects/default", deployment_id="pg-0", request_id="00000000-0000-4000-8000-000000000000",
-                    deployment=dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, namespace="pg", labels={"team": "b"}),
+                    parent="projects/default",
+                    deployment_id="pg-0",
+                    request_id="00000000-0000-4000-8000-000000000000",
+                    deployment=dpb.Deployment(
+                        model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, namespace="pg", labels={"team": "b"}
+                    ),
                 )  # fmt: skip
             )
             assert again.name == "projects/default/deployments/pg-0"
-            await watch_until(dep, "projects/default/deployments/pg-1", lambda d: d.state == dpb.Deployment.STATE_AVAILABLE, timeout=30)
-            page1 = await dep.ListDeployments(dsvc.ListDeploymentsRequest(parent="projects/default", page_size=1, filter='labels.team = "a"'))
-            page2 = await dep.ListDeployments(
-                dsvc.ListDeploymentsRequest(parent="projects/default", page_size=1, filter='labels.team = "a"', page_token=page1.next_page_token)
+            await watch_until(
+                dep, "projects/default/deployments/pg-1", lambda d: d.state == dpb.Deployment.STATE_AVAILABLE, timeout=30
             )
-            assert [d.name for d in [*page1.deployments, *page2.deployments]] == ["projects/default/deployments/pg-1", "projects/default/deployments/pg-2"]
+            page1 = await dep.ListDeployments(
+                dsvc.ListDeploymentsRequest(parent="projects/default", page_size=1, filter='labels.team = "a"')
+            )
+            page2 = await dep.ListDeployments(
+                dsvc.ListDeploymentsRequest(
+                    parent="projects/default", page_size=1, filter='labels.team = "a"', page_token=page1.next_page_token
+                )
+            )
+            assert [d.name for d in [*page1.deployments, *page2.deployments]] == [
+                "projects/default/deployments/pg-1",
+                "projects/default/deployments/pg-2",
+            ]
             assert page2.next_page_token == ""
-            revs = await dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent="projects/default/deployments/pg-1"))
+            revs = await dep.ListDeploymentRevisions(
+                dsvc.ListDeploymentRevisionsRequest(parent="projects/default/deployments/pg-1")
+            )
             assert [r.cause for r in revs.revisions] == ["create"]
             for i in range(3):
                 await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"projects/default/deployments/pg-{i}"))
@@ -82,7 +110,9 @@ async def test_python_m_neuroweaver_deployer_serves_health(tmp_path):
             async for msg in watch:
                 if msg.status == health_pb2.HealthCheckResponse.SERVING:
                     break
-            listed = await dgrpc.DeployerServiceStub(channel).ListDeployments(dsvc.ListDeploymentsRequest(parent="projects/default"))
+            listed = await dgrpc.DeployerServiceStub(channel).ListDeployments(
+                dsvc.ListDeploymentsRequest(parent="projects/default")
+            )
             assert listed.deployments == []
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -54,7 +54,9 @@ def test_merge_keeps_each_family_once_and_labels_every_sample():
     assert by_replica["127.0.0.1:2222"][("nw_latency_seconds_count", ())] == 5
     # every sample of each replica survived, with its own value
     for replica, text in (("127.0.0.1:1111", a), ("127.0.0.1:2222", b)):
-        alone = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        alone = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples
+        }
         assert by_replica[replica] == alone
 
 

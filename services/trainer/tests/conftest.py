@@ -47,7 +47,9 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def job_pb(base_model: str, dataset: Path, *, method=tpb.TRAINING_METHOD_SFT_QLORA, max_steps=8, checkpoint_every=4, **kw) -> tpb.TrainingJob:
+def job_pb(
+    base_model: str, dataset: Path, *, method=tpb.TRAINING_METHOD_SFT_QLORA, max_steps=8, checkpoint_every=4, **kw
+) -> tpb.TrainingJob:
     return tpb.TrainingJob(
         base_model=base_model,
         dataset_uri=dataset.as_uri(),
@@ -56,8 +58,13 @@ def job_pb(base_model: str, dataset: Path, *, method=tpb.TRAINING_METHOD_SFT_QLO
         version_bump=kw.pop("version_bump", "minor"),
         lora=tpb.LoraConfig(r=4, alpha=8),
         hyperparameters=tpb.Hyperparameters(
-            max_steps=max_steps, batch_size=2, max_seq_length=128, checkpoint_every_steps=checkpoint_every,
-            eval_every_steps=kw.pop("eval_every", 4), eval_split=0.1, learning_rate=1e-3,
+            max_steps=max_steps,
+            batch_size=2,
+            max_seq_length=128,
+            checkpoint_every_steps=checkpoint_every,
+            eval_every_steps=kw.pop("eval_every", 4),
+            eval_split=0.1,
+            learning_rate=1e-3,
         ),
         **kw,
     )
@@ -141,7 +148,9 @@ async def registry(tmp_path_factory):
     port = await service.start()
     channel = open_channel(f"127.0.0.1:{port}")
     stub = rgrpc.RegistryServiceStub(channel)
-    await stub.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(display_name="Advisor")))
+    await stub.CreateModel(
+        rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(display_name="Advisor"))
+    )
     yield SimpleNamespace(port=port, target=f"127.0.0.1:{port}", stub=stub, service=service)
     await channel.close()
     await service.stop()

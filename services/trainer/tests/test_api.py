@@ -81,7 +81,13 @@ async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, 
         await api.CreateTrainingJob(create(h, h.job_pb("builtin:gpt-17", data_root / "chat.jsonl")))
     assert rpc_err(exc)[1] == "BASE_MODEL_NOT_FOUND" and "smollm2-135m-instruct" in exc.value.details()
 
-    job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_UNSPECIFIED, target_model="models/x", version_bump="huge")
+    job = h.job_pb(
+        tiny_model,
+        data_root / "chat.jsonl",
+        method=h.tpb.TRAINING_METHOD_UNSPECIFIED,
+        target_model="models/x",
+        version_bump="huge",
+    )
     job.hyperparameters.learning_rate = -1
     job.hyperparameters.lr_scheduler = "zigzag"
     with pytest.raises(grpc.aio.AioRpcError) as exc:
@@ -137,9 +143,13 @@ async def test_queue_cancel_delete_list(api, h, tiny_model, data_root, rpc_err):
     again = await api.CancelTrainingJob(h.tsvc.CancelTrainingJobRequest(name=names[0]))
     assert again.state == h.tpb.TrainingJob.STATE_CANCELLED
 
-    page1 = await api.ListTrainingJobs(h.tsvc.ListTrainingJobsRequest(parent="projects/default", page_size=1, filter="state = QUEUED"))
+    page1 = await api.ListTrainingJobs(
+        h.tsvc.ListTrainingJobsRequest(parent="projects/default", page_size=1, filter="state = QUEUED")
+    )
     page2 = await api.ListTrainingJobs(
-        h.tsvc.ListTrainingJobsRequest(parent="projects/default", page_size=1, filter="state = QUEUED", page_token=page1.next_page_token)
+        h.tsvc.ListTrainingJobsRequest(
+            parent="projects/default", page_size=1, filter="state = QUEUED", page_token=page1.next_page_token
+        )
     )
     listed = [j.name for j in page1.training_jobs] + [j.name for j in page2.training_jobs]
     assert listed == [names[2], names[1]] and not page2.next_page_token

@@ -18,7 +18,13 @@ from neuroweaver_trainer.domain.job import (
 
 
 def _job(**kw) -> TrainingJob:
-    values = dict(name="projects/p/trainingJobs/j", base_model="b", dataset_uri="file:///d", method=Method.SFT_QLORA, target_model="projects/p/models/m")
+    values = dict(
+        name="projects/p/trainingJobs/j",
+        base_model="b",
+        dataset_uri="file:///d",
+        method=Method.SFT_QLORA,
+        target_model="projects/p/models/m",
+    )
     values.update(kw)
     return TrainingJob(**values)
 
@@ -27,7 +33,13 @@ def test_defaults_follow_the_contract():
     job = _job()
     apply_defaults(job)
     h = job.hyperparameters
-    assert (h.learning_rate, h.batch_size, h.max_seq_length, h.checkpoint_every_steps, h.lr_scheduler) == (2e-4, 4, 512, 50, "cosine")
+    assert (h.learning_rate, h.batch_size, h.max_seq_length, h.checkpoint_every_steps, h.lr_scheduler) == (
+        2e-4,
+        4,
+        512,
+        50,
+        "cosine",
+    )
     assert h.gradient_checkpointing is True  # default on QLoRA
     assert (job.lora.r, job.lora.alpha, job.lora.dropout, job.version_bump) == (8, 16, 0.05, "minor")
     strings = hyperparameters_as_strings(job)

@@ -59,7 +59,9 @@ async def test_qlora_job_end_to_end(trainers, registry, tiny_model, data_root, h
     # ListTrainingJobEvents pages the same events.
     paged, token = [], ""
     while True:
-        page = await stub.ListTrainingJobEvents(h.tsvc.ListTrainingJobEventsRequest(parent=job.name, page_size=5, page_token=token))
+        page = await stub.ListTrainingJobEvents(
+            h.tsvc.ListTrainingJobEventsRequest(parent=job.name, page_size=5, page_token=token)
+        )
         paged += page.events
         token = page.next_page_token
         if not token:
@@ -102,7 +104,9 @@ async def test_qlora_job_end_to_end(trainers, registry, tiny_model, data_root, h
     model = await asyncio.to_thread(load)
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
-    listed = await stub.ListTrainingJobs(h.tsvc.ListTrainingJobsRequest(parent="projects/default", filter='state = SUCCEEDED AND labels.team = "service"'))
+    listed = await stub.ListTrainingJobs(
+        h.tsvc.ListTrainingJobsRequest(parent="projects/default", filter='state = SUCCEEDED AND labels.team = "service"')
+    )
     assert job.name in [j.name for j in listed.training_jobs]
     assert Path(adapter).is_dir()
 
@@ -113,7 +117,9 @@ async def test_sqlite_watchers_are_woken_by_the_local_worker_not_by_polling(trai
     trainer = await trainers(watch_poll_seconds=3600.0)
     stub = trainer.stub
     job = await stub.CreateTrainingJob(
-        h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job=h.job_pb(tiny_model, data_root / "chat.jsonl", max_steps=4))
+        h.tsvc.CreateTrainingJobRequest(
+            parent="projects/default", training_job=h.job_pb(tiny_model, data_root / "chat.jsonl", max_steps=4)
+        )
     )
     # Without the pipe this would hang: nothing else wakes the feed before the hour-long poll.
     events = await asyncio.wait_for(h.watch_all(stub, job.name), 240)

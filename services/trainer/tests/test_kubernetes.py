@@ -20,16 +20,28 @@ def standin():
 
 
 async def _created_job(h, standin, index: int) -> dict:
-    posts = await h.wait_for(lambda: len(standin.requests_to("POST")) > index and standin.requests_to("POST"), 30, what="Job POST")
+    posts = await h.wait_for(
+        lambda: len(standin.requests_to("POST")) > index and standin.requests_to("POST"), 30, what="Job POST"
+    )
     body = posts[index].body
     return standin.get_object("batch/v1", "Job", body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 def create(h, stub, job_id, tiny_model, data_root, **kw):
-    job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_SFT_LORA, executor=h.tpb.EXECUTOR_KUBERNETES, max_steps=2, eval_every=2, **kw)
+    job = h.job_pb(
+        tiny_model,
+        data_root / "chat.jsonl",
+        method=h.tpb.TRAINING_METHOD_SFT_LORA,
+        executor=h.tpb.EXECUTOR_KUBERNETES,
+        max_steps=2,
+        eval_every=2,
+        **kw,
+    )
     job.resources.image = "registry.example/neuroweaver-trainer:1.0"
     job.resources.gpus = 1
-    return stub.CreateTrainingJob(h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id=job_id, training_job=job))
+    return stub.CreateTrainingJob(
+        h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id=job_id, training_job=job)
+    )
 
 
 async def test_kubernetes_executor_against_standin(trainers, registry, standin, tiny_model, data_root, h):
@@ -43,7 +55,10 @@ async def test_kubernetes_executor_against_standin(trainers, registry, standin, 
     assert container["image"] == "registry.example/neuroweaver-trainer:1.0"
     assert container["args"][:4] == ["-m", "neuroweaver_trainer.worker", "--job", failing.name]
     assert container["resources"]["limits"]["nvidia.com/gpu"] in ("1", 1)
-    assert standin.requests_to("POST")[0].headers.get("Authorization", standin.requests_to("POST")[0].headers.get("authorization")) == "Bearer t0ken"
+    assert (
+        standin.requests_to("POST")[0].headers.get("Authorization", standin.requests_to("POST")[0].headers.get("authorization"))
+        == "Bearer t0ken"
+    )
     running = await h.wait_state(stub, failing.name, {h.tpb.TrainingJob.STATE_RUNNING}, 30)
     assert running.attempts == 1
     standin.finish_job("training", obj["metadata"]["name"], succeeded=False, reason="BackoffLimitExceeded")

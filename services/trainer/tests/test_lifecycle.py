@@ -23,7 +23,7 @@ def _attempt_two(h, events, total: int) -> int:
     assert len(resumed) == 1, [e.message for e in resumed]
     start = int(resumed[0].metrics["step"])
     assert start >= 4
-    after = [e.step.step for e in events[events.index(resumed[0]):] if e.type == h.tpb.EVENT_TYPE_STEP]
+    after = [e.step.step for e in events[events.index(resumed[0]) :] if e.type == h.tpb.EVENT_TYPE_STEP]
     assert after == list(range(start + 1, total + 1))  # not from zero
     return start
 

@@ -93,7 +93,9 @@ async def test_watch_on_another_server_follows_notify(pg_url, trainers, tiny_mod
         arrived.clear()
         sent = time.monotonic()
         async with writer.transaction() as s:
-            await JobRepository(s).append_event(pk, JobEvent(EventType.STEP, stage="sft", step=StepMetrics(step=step, total_steps=5), create_time=utcnow()))
+            await JobRepository(s).append_event(
+                pk, JobEvent(EventType.STEP, stage="sft", step=StepMetrics(step=step, total_steps=5), create_time=utcnow())
+            )
         await asyncio.wait_for(arrived.wait(), 5)
         latencies.append(received[-1][1] - sent)
     async with writer.transaction() as s:

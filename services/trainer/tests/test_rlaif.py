@@ -52,7 +52,9 @@ async def local_judge(registry, h) -> str:
 
 def rlaif_job(h, tiny_model, data_root, prompts, judge_version: str, *, algorithm="DPO", sft=True, **rl) -> object:
     tpb = h.tpb
-    job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=tpb.TRAINING_METHOD_RLAIF, max_steps=2, checkpoint_every=1, eval_every=2)
+    job = h.job_pb(
+        tiny_model, data_root / "chat.jsonl", method=tpb.TRAINING_METHOD_RLAIF, max_steps=2, checkpoint_every=1, eval_every=2
+    )
     if not sft:
         job.dataset_uri = ""
     values = dict(
@@ -107,8 +109,16 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
     assert v.lineage.judge_version == judge + "/versions/1" and v.lineage.method == "rlaif-dpo"
     assert v.lineage.hyperparameters["rlaif_candidates_per_prompt"] == "2"
     metrics = {m.name: m for m in v.metrics}
-    for name in ("judge_win_rate_vs_parent", "judge_win_rate_vs_parent_ci_low", "judge_win_rate_vs_base", "judge_cost_usd",
-                 "judged", "malformed", "train_loss", "reward_model_accuracy"):
+    for name in (
+        "judge_win_rate_vs_parent",
+        "judge_win_rate_vs_parent_ci_low",
+        "judge_win_rate_vs_base",
+        "judge_cost_usd",
+        "judged",
+        "malformed",
+        "train_loss",
+        "reward_model_accuracy",
+    ):
         assert name in metrics, (name, sorted(metrics))
     assert metrics["judge_win_rate_vs_parent"].direction == h.rpb.METRIC_DIRECTION_HIGHER_IS_BETTER
     assert metrics["judge_cost_usd"].direction == h.rpb.METRIC_DIRECTION_LOWER_IS_BETTER
@@ -116,7 +126,9 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
     assert done.metrics["judge_win_rate_vs_parent"] == metrics["judge_win_rate_vs_parent"].value
 
 
-async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(trainers, registry, tiny_model, data_root, prompts, h, monkeypatch):
+async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(
+    trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
+):
     """An OpenAI-compatible judge (slow test server, one request at a time, one verdict per JUDGE event); the
     worker is SIGKILLed right after the first JUDGE event; attempt 2 skips generation, takes the verdicts from the
     cache and does not send them again, and is SIGKILLed again at the first GRPO checkpoint; attempt 3 skips every
@@ -154,10 +166,14 @@ async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(trainer
         events = await asyncio.wait_for(h.watch_all(trainer.stub, job.name, on_event=on_event), 400)
         h.assert_gap_free(events)
         assert len(killed) == 2 and events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
-        requeued = [i for i, e in enumerate(events) if e.type == h.tpb.EVENT_TYPE_STATE_CHANGED and e.state == h.tpb.TrainingJob.STATE_QUEUED]
+        requeued = [
+            i
+            for i, e in enumerate(events)
+            if e.type == h.tpb.EVENT_TYPE_STATE_CHANGED and e.state == h.tpb.TrainingJob.STATE_QUEUED
+        ]
         assert len(requeued) == 3 and all("signal 9" in events[i].message for i in requeued[1:])
-        second = events[requeued[1]:requeued[2]]
-        third = events[requeued[2]:]
+        second = events[requeued[1] : requeued[2]]
+        third = events[requeued[2] :]
         skipped = [e.stage for e in second if e.type == h.tpb.EVENT_TYPE_LOG and "skipped" in e.message]
         assert skipped == ["generate"]
         judge2 = [e for e in second if e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge"]
@@ -201,7 +217,9 @@ async def test_rlaif_bad_inputs(trainers, registry, tiny_model, data_root, promp
         return rpc_err(exc), exc.value.details()
 
     # judge version that does not exist
-    (code, reason, _), details = await create(rlaif_job(h, tiny_model, data_root, prompts, "projects/default/judges/nope/versions/1"))
+    (code, reason, _), details = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, "projects/default/judges/nope/versions/1")
+    )
     assert code == grpc.StatusCode.NOT_FOUND and reason == "JUDGE_VERSION_NOT_FOUND" and "judge" in details
     # no prompts, no judge version
     job = rlaif_job(h, tiny_model, data_root, prompts, "")
@@ -210,23 +228,45 @@ async def test_rlaif_bad_inputs(trainers, registry, tiny_model, data_root, promp
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert {"training_job.rlaif.prompts_uri", "training_job.rlaif.judge_version"} <= {f for f, _ in violations}
     # prompt file outside the dataset roots, and one that does not exist
-    (code, reason, _), _ = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri="file:///etc/passwd"))
+    (code, reason, _), _ = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri="file:///etc/passwd")
+    )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_NOT_ALLOWED")
-    (code, reason, _), _ = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=(data_root / "none.jsonl").as_uri()))
+    (code, reason, _), _ = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=(data_root / "none.jsonl").as_uri())
+    )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID")
     # bad lines, numbered
-    bad = h.write_jsonl(data_root / "bad_prompts.jsonl", [{"prompt": "Fine?", "reference": "Yes."}, "{not json", {"reference": "no prompt"}])
-    (code, reason, violations), details = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=bad.as_uri()))
+    bad = h.write_jsonl(
+        data_root / "bad_prompts.jsonl", [{"prompt": "Fine?", "reference": "Yes."}, "{not json", {"reference": "no prompt"}]
+    )
+    (code, reason, violations), details = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=bad.as_uri())
+    )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID")
     assert all(f == "training_job.rlaif.prompts_uri" for f, _ in violations) and "line 2" in details and "line 3" in details
     # a chat file is not a prompt file
-    (code, reason, _), details = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=(data_root / "chat.jsonl").as_uri()))
+    (code, reason, _), details = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", prompts_uri=(data_root / "chat.jsonl").as_uri())
+    )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID") and "prompt" in details
     # unknown enum values
-    (code, reason, _), _ = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", algorithm="GRPO", reward_source=42))
+    (code, reason, _), _ = await create(
+        rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", algorithm="GRPO", reward_source=42)
+    )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ENUM")
     # start_from_version that does not exist; RLAIF settings on an SFT job
-    (code, reason, _), _ = await create(rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", sft=False, start_from_version=h.TARGET_MODEL + "/versions/9.9.9"))
+    (code, reason, _), _ = await create(
+        rlaif_job(
+            h,
+            tiny_model,
+            data_root,
+            prompts,
+            judge + "/versions/1",
+            sft=False,
+            start_from_version=h.TARGET_MODEL + "/versions/9.9.9",
+        )
+    )
     assert code == grpc.StatusCode.NOT_FOUND and reason == "START_FROM_VERSION_NOT_FOUND"
     job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_SFT_LORA)
     job.rlaif.judge_version = judge + "/versions/1"
@@ -235,7 +275,11 @@ async def test_rlaif_bad_inputs(trainers, registry, tiny_model, data_root, promp
     # the registry is unreachable
     offline = await trainers(registry_target=f"127.0.0.1:{free_port()}")
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await offline.stub.CreateTrainingJob(h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job=rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1")))
+        await offline.stub.CreateTrainingJob(
+            h.tsvc.CreateTrainingJobRequest(
+                parent="projects/default", training_job=rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1")
+            )
+        )
     assert rpc_err(exc)[:2] == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
 
 
@@ -246,7 +290,9 @@ async def test_dpo_and_reward_model_jobs_register(trainers, registry, tiny_model
     names = {}
     for method, job_id in ((h.tpb.TRAINING_METHOD_DPO, "dpo-job"), (h.tpb.TRAINING_METHOD_REWARD_MODEL, "rm-job")):
         job = h.job_pb(tiny_model, prefs, method=method, max_steps=2, checkpoint_every=1)
-        created = await trainer.stub.CreateTrainingJob(h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id=job_id, training_job=job))
+        created = await trainer.stub.CreateTrainingJob(
+            h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id=job_id, training_job=job)
+        )
         names[job_id] = created.name
     for job_id, name in names.items():
         events = await asyncio.wait_for(h.watch_all(trainer.stub, name), 300)

@@ -142,8 +142,7 @@ def store_artifact(src: str | os.PathLike, store_dir: str | os.PathLike, name: s
     return path_to_uri(dest), digest, size
 
 
-def fetch_artifact(uri: str, allowed_roots: list[str | os.PathLike] | None = None,
-                   expected_sha256: str | None = None) -> Path:
+def fetch_artifact(uri: str, allowed_roots: list[str | os.PathLike] | None = None, expected_sha256: str | None = None) -> Path:
     """Resolve an artifact URI to a local path (confined to ``allowed_roots`` when given) and
     verify its digest when ``expected_sha256`` is given."""
     p = confine_path(uri, allowed_roots) if allowed_roots is not None else uri_to_path(uri).resolve()

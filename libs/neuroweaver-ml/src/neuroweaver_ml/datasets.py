@@ -81,8 +81,9 @@ def detect_row_format(row: Any) -> str | None:
     return None
 
 
-def _check_messages(msgs: Any, *, where: str = "messages", need_final_assistant: bool = True,
-                    need_user: bool = True) -> str | None:
+def _check_messages(
+    msgs: Any, *, where: str = "messages", need_final_assistant: bool = True, need_user: bool = True
+) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return f"'{where}' must be a non-empty list of {{role, content}} objects"
     for i, m in enumerate(msgs):
@@ -202,8 +203,7 @@ def validate_dataset(
     chat template) and/or characters.
     """
     p = Path(path)
-    report = ValidationReport(path=str(p), format=None if fmt == "auto" else fmt, num_rows=0,
-                              sha256=None, size_bytes=0)
+    report = ValidationReport(path=str(p), format=None if fmt == "auto" else fmt, num_rows=0, sha256=None, size_bytes=0)
 
     def add(line: int | None, msg: str) -> bool:
         if len(report.problems) >= max_problems:
@@ -239,9 +239,13 @@ def validate_dataset(
             row_fmt = detect_row_format(row)
             if fmt is None:
                 if row_fmt is None:
-                    add(n, "cannot tell the format: expected 'messages', 'prompt'/'completion' or "
-                           "'prompt'/'chosen'/'rejected' fields" if isinstance(row, dict)
-                        else f"expected a JSON object, got {type(row).__name__}")
+                    add(
+                        n,
+                        "cannot tell the format: expected 'messages', 'prompt'/'completion' or "
+                        "'prompt'/'chosen'/'rejected' fields"
+                        if isinstance(row, dict)
+                        else f"expected a JSON object, got {type(row).__name__}",
+                    )
                     continue
                 fmt = row_fmt
                 report.format = fmt
@@ -313,8 +317,9 @@ def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
     return full, spans
 
 
-def tokenize_row(tokenizer, row: dict, fmt: str, max_seq_length: int,
-                 completion_only: bool = True) -> dict[str, list[int]] | None:
+def tokenize_row(
+    tokenizer, row: dict, fmt: str, max_seq_length: int, completion_only: bool = True
+) -> dict[str, list[int]] | None:
     """Tokenize one SFT row into ``input_ids`` / ``labels`` (``-100`` where no loss is taken).
 
     chat: rendered with the tokenizer's chat template, loss only on assistant turns (falls back to
@@ -362,8 +367,7 @@ class TokenizedDataset:
     num_label_tokens: int = 0
 
 
-def tokenize_rows(tokenizer, rows: list[dict], fmt: str, max_seq_length: int,
-                  completion_only: bool = True) -> TokenizedDataset:
+def tokenize_rows(tokenizer, rows: list[dict], fmt: str, max_seq_length: int, completion_only: bool = True) -> TokenizedDataset:
     out = TokenizedDataset(examples=[])
     for row in rows:
         ex = tokenize_row(tokenizer, row, fmt, max_seq_length + 1, completion_only)

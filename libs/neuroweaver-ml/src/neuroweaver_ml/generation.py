@@ -105,8 +105,10 @@ def load_for_inference(
             raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
         task = json.loads(config.read_text()).get("task_type")
         if task not in (None, "CAUSAL_LM"):
-            raise ValueError(f"{adapter_dir} is a {task} adapter (a reward model's scoring head, for example), not a "
-                             "causal-LM adapter: it cannot generate text")
+            raise ValueError(
+                f"{adapter_dir} is a {task} adapter (a reward model's scoring head, for example), not a "
+                "causal-LM adapter: it cannot generate text"
+            )
         if expected_adapter_sha256:
             adapter_sha, _ = verify_digest(adapter_dir, expected_adapter_sha256)
     tok_src = adapter_dir if adapter_dir is not None and Path(adapter_dir, "tokenizer_config.json").is_file() else base_dir
@@ -115,10 +117,10 @@ def load_for_inference(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if load_in_4bit:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=q, dtype=dtype,
-                                                     device_map={"": dev})
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=q, dtype=dtype, device_map={"": dev})
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).to(dev)
     if adapter_dir is not None:
@@ -128,9 +130,15 @@ def load_for_inference(
         if merge_adapter and not load_in_4bit:
             model = model.merge_and_unload()
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, base_dir=str(base_dir),
-                       adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
-                       adapter_sha256=adapter_sha, load_in_4bit=load_in_4bit)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=dev,
+        base_dir=str(base_dir),
+        adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
+        adapter_sha256=adapter_sha,
+        load_in_4bit=load_in_4bit,
+    )
 
 
 def encode_prompt(tokenizer, prompt: PromptLike) -> list[int]:
@@ -212,16 +220,18 @@ class Decoder:
         ctx = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         longest = max(len(p) for p in prompts)
         if ctx and longest + params.max_new_tokens > ctx:
-            raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={params.max_new_tokens} exceeds "
-                             f"the model's context of {ctx} tokens")
+            raise ValueError(
+                f"prompt of {longest} tokens plus max_new_tokens={params.max_new_tokens} exceeds "
+                f"the model's context of {ctx} tokens"
+            )
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         b = len(prompts)
         ids = torch.full((b, longest), pad, dtype=torch.long)
         mask = torch.zeros((b, longest), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
+            ids[i, longest - len(p) :] = torch.tensor(p)
+            mask[i, longest - len(p) :] = 1
         self.input_ids, self.mask = ids.to(self.device), mask.to(self.device)
         self.prompt_lens = [len(p) for p in prompts]
         self.eos = _eos_ids(model, tokenizer)
@@ -244,9 +254,14 @@ class Decoder:
                 pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
                 o = self.model(input_ids=self.input_ids, attention_mask=self.mask, position_ids=pos, use_cache=True)
             else:
-                pos = (self.mask.sum(-1, keepdim=True) - 1)
-                o = self.model(input_ids=self.input_ids, attention_mask=self.mask, position_ids=pos,
-                               past_key_values=self.cache, use_cache=True)
+                pos = self.mask.sum(-1, keepdim=True) - 1
+                o = self.model(
+                    input_ids=self.input_ids,
+                    attention_mask=self.mask,
+                    position_ids=pos,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
             self.cache = o.past_key_values
             nxt = _sample_next(o.logits[:, -1, :], self.params.temperature, self.params.top_p, self.generator)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -274,40 +289,66 @@ class Decoder:
         return any(f is None for f in self.finish)
 
     def result(self, i: int) -> GenerationResult:
-        return GenerationResult(text=self.texts[i], finish_reason=self.finish[i] or "length",
-                                prompt_tokens=self.prompt_lens[i], completion_tokens=len(self.out[i]))
+        return GenerationResult(
+            text=self.texts[i],
+            finish_reason=self.finish[i] or "length",
+            prompt_tokens=self.prompt_lens[i],
+            completion_tokens=len(self.out[i]),
+        )
 
 
 def _params(max_new_tokens, temperature, top_p, stop, seed) -> SamplingParams:
     if isinstance(stop, str):
         stop = [stop]
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          stop=list(stop or []), seed=seed)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or []), seed=seed)
 
 
-def generate(model, tokenizer, prompt: PromptLike, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, stop: Sequence[str] | str | None = None, seed: int | None = None) -> GenerationResult:
+def generate(
+    model,
+    tokenizer,
+    prompt: PromptLike,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> GenerationResult:
     """Generate one completion. ``prompt``: a list of chat messages (chat template applied) or raw text.
     ``finish_reason`` is ``stop`` (eos or a stop string; the stop string is not included) or ``length``."""
     return generate_batch(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, stop, seed)[0]
 
 
-def generate_batch(model, tokenizer, prompts: Sequence[PromptLike], max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] | str | None = None,
-                   seed: int | None = None) -> list[GenerationResult]:
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[PromptLike],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> list[GenerationResult]:
     """Generate completions for several prompts in one left-padded batch (same params for all)."""
     if not prompts:
         return []
-    dec = Decoder(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
-                   _params(max_new_tokens, temperature, top_p, stop, seed))
+    dec = Decoder(
+        model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], _params(max_new_tokens, temperature, top_p, stop, seed)
+    )
     while dec.step():
         pass
     return [dec.result(i) for i in range(len(prompts))]
 
 
-def generate_stream(model, tokenizer, prompt: PromptLike, max_new_tokens: int = 128, temperature: float = 0.0,
-                    top_p: float = 1.0, stop: Sequence[str] | str | None = None,
-                    seed: int | None = None) -> Iterator[StreamDelta]:
+def generate_stream(
+    model,
+    tokenizer,
+    prompt: PromptLike,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] | str | None = None,
+    seed: int | None = None,
+) -> Iterator[StreamDelta]:
     """Yield text deltas as tokens are generated; the concatenated deltas equal ``generate(...).text``
     for the same arguments. The final delta (possibly empty text) carries finish reason and counts."""
     params = _params(max_new_tokens, temperature, top_p, stop, seed)
@@ -320,5 +361,6 @@ def generate_stream(model, tokenizer, prompt: PromptLike, max_new_tokens: int = 
             yield StreamDelta(text=text[sent:safe])
             sent = safe
     r = dec.result(0)
-    yield StreamDelta(text=r.text[sent:], finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                      completion_tokens=r.completion_tokens)
+    yield StreamDelta(
+        text=r.text[sent:], finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens
+    )

@@ -161,10 +161,16 @@ def ensure_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
         try:
             staged = tmp / name
             convert_gguf_to_hf(gguf, staged)
-            (staged / _COMPLETE_MARKER).write_text(json.dumps({
-                "builtin": name, "source_gguf": str(gguf), "source_size": gguf.stat().st_size,
-                "conversion_seconds": round(time.monotonic() - t0, 2),
-            }))
+            (staged / _COMPLETE_MARKER).write_text(
+                json.dumps(
+                    {
+                        "builtin": name,
+                        "source_gguf": str(gguf),
+                        "source_size": gguf.stat().st_size,
+                        "conversion_seconds": round(time.monotonic() - t0, 2),
+                    }
+                )
+            )
             os.rename(staged, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,12 +186,14 @@ def resolve_base_model(reference: str, cache_dir: str | os.PathLike | None = Non
     ref = reference.strip()
     tried: list[str] = []
     if ref.startswith(BUILTIN_PREFIX):
-        return ensure_builtin(ref[len(BUILTIN_PREFIX):].lower(), cache_dir)
+        return ensure_builtin(ref[len(BUILTIN_PREFIX) :].lower(), cache_dir)
     if ref.startswith("file://") or ref.startswith("/") or ref.startswith(".") or ref.startswith("~"):
         p = uri_to_path(ref).expanduser().resolve()
         if is_hf_checkpoint_dir(p):
             return p
-        raise ModelNotFound(reference, [f"local directory {p} ({'exists but has no config.json + weights' if p.exists() else 'does not exist'})"])
+        raise ModelNotFound(
+            reference, [f"local directory {p} ({'exists but has no config.json + weights' if p.exists() else 'does not exist'})"]
+        )
     p = Path(ref).expanduser()
     if p.is_dir():
         if is_hf_checkpoint_dir(p):
@@ -243,12 +251,17 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tk.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     tok.chat_template = CHATML_TEMPLATE
@@ -287,10 +300,17 @@ def build_tiny_llama(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

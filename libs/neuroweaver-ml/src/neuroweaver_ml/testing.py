@@ -17,9 +17,13 @@ def chat_rows(n: int = 40):
     rows = []
     for i in range(n):
         a, b = (i * 7) % 50 + 1, (i * 13) % 50 + 1
-        rows.append({"messages": [
-            {"role": "system", "content": "You are a service advisor."},
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a service advisor."},
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ]
+            }
+        )
     return rows

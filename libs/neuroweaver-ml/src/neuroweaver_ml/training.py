@@ -87,8 +87,18 @@ class SFTConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """Fields that determine the training trajectory; a resume must match them."""
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "checkpoint_every_steps", "keep_checkpoints", "eval_every_steps",
-                  "base_model_ref", "adapter_name", "device", "train_file", "eval_file", "base_model_dir"):
+        for k in (
+            "output_dir",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "eval_every_steps",
+            "base_model_ref",
+            "adapter_name",
+            "device",
+            "train_file",
+            "eval_file",
+            "base_model_dir",
+        ):
             d.pop(k)
         return d
 
@@ -193,8 +203,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     ckdir = Path(output_dir) / CHECKPOINTS_DIRNAME
     if not ckdir.is_dir():
         return None
-    cands = sorted(((s, p) for p in ckdir.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None),
-                   reverse=True)
+    cands = sorted(((s, p) for p in ckdir.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None), reverse=True)
     for _step, p in cands:
         if is_complete_checkpoint(p):
             return p
@@ -277,14 +286,20 @@ def load_base_for_training(cfg: SFTConfig, device: str):
         from peft import prepare_model_for_kbit_training
 
         bnb = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model_dir, quantization_config=bnb, dtype=dtype, device_map={"": device},
+            cfg.base_model_dir,
+            quantization_config=bnb,
+            dtype=dtype,
+            device_map={"": device},
         )
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif cfg.method == "lora":
@@ -312,8 +327,7 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _make_callback(on_event: Callable[[Event], None] | None, should_stop: Callable[[], bool] | None,
-                   checkpoints_dir: Path):
+def _make_callback(on_event: Callable[[Event], None] | None, should_stop: Callable[[], bool] | None, checkpoints_dir: Path):
     import torch
     from transformers import TrainerCallback
 
@@ -351,12 +365,21 @@ def _make_callback(on_event: Callable[[Event], None] | None, should_stop: Callab
             eta = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
             self.last_loss = float(logs["loss"])
             gpu = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-            self._emit(StepEvent(
-                step=state.global_step, total_steps=state.max_steps, epoch=float(state.epoch or 0.0),
-                loss=self.last_loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
-                tokens_seen=int(state.num_input_tokens_seen), tokens_per_second=tps, eta_seconds=eta,
-                rss_bytes=_rss_bytes(), gpu_memory_bytes=gpu,
-            ))
+            self._emit(
+                StepEvent(
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    epoch=float(state.epoch or 0.0),
+                    loss=self.last_loss,
+                    learning_rate=_f(logs.get("learning_rate")),
+                    grad_norm=_f(logs.get("grad_norm")),
+                    tokens_seen=int(state.num_input_tokens_seen),
+                    tokens_per_second=tps,
+                    eta_seconds=eta,
+                    rss_bytes=_rss_bytes(),
+                    gpu_memory_bytes=gpu,
+                )
+            )
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if metrics and "eval_loss" in metrics:
@@ -437,8 +460,9 @@ def run_sft(
     train_tok = tokenize_rows(tokenizer, train_rows, fmt, cfg.max_seq_length, cfg.completion_only_loss)
     eval_tok = tokenize_rows(tokenizer, eval_rows, fmt, cfg.max_seq_length, cfg.completion_only_loss) if eval_rows else None
     if not train_tok.examples:
-        raise DatasetInvalid(cfg.train_file, ["no trainable rows left after tokenization/truncation "
-                                              f"(max_seq_length={cfg.max_seq_length})"])
+        raise DatasetInvalid(
+            cfg.train_file, [f"no trainable rows left after tokenization/truncation (max_seq_length={cfg.max_seq_length})"]
+        )
 
     fp = _fingerprint(cfg, train_sha, eval_sha, _base_identity(cfg.base_model_dir))
     run_cfg_path = out / RUN_CONFIG_FILENAME
@@ -448,7 +472,8 @@ def run_sft(
         if prev.get("fingerprint") != fp and (ckdir.is_dir() and any(ckdir.iterdir()) or report_path.is_file()):
             raise ResumeMismatch(
                 f"{out} holds a run with a different configuration, dataset or base model; "
-                "use a new output_dir (or delete this one) to start over")
+                "use a new output_dir (or delete this one) to start over"
+            )
     # A finished run called again (e.g. worker restarted after finishing): return its result.
     if report_path.is_file():
         rep = json.loads(report_path.read_text())
@@ -461,10 +486,17 @@ def run_sft(
     set_seed(cfg.seed)
     model = load_base_for_training(cfg, device)
     targets = list(cfg.target_modules) if cfg.target_modules else find_lora_target_modules(model)
-    model = get_peft_model(model, LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     on_gpu = device.startswith("cuda")
     has_eval = eval_tok is not None and bool(eval_tok.examples)
@@ -501,7 +533,8 @@ def run_sft(
     )
     bridge = _make_callback(on_event, should_stop, ckdir)
     trainer = Trainer(
-        model=model, args=args,
+        model=model,
+        args=args,
         data_collator=SFTCollator(tokenizer.pad_token_id, cfg.padding_free),
         train_dataset=_ListDataset(train_tok.examples),
         eval_dataset=_ListDataset(eval_tok.examples) if has_eval else None,
@@ -527,17 +560,32 @@ def run_sft(
     train_elapsed = max(time.monotonic() - (bridge.t0 or t_start), 1e-9)
 
     common = dict(
-        output_dir=str(out), train_loss=_f(train_out.training_loss) if state.global_step > resumed_from else None,
-        final_step_loss=bridge.last_loss, total_steps=int(state.max_steps), global_step=int(state.global_step),
-        tokens_seen=int(state.num_input_tokens_seen), train_examples=len(train_tok.examples),
-        eval_examples=len(eval_tok.examples) if has_eval else 0, resumed_from_step=int(resumed_from),
-        last_checkpoint=str(last_ck) if last_ck else None, runtime_seconds=round(runtime, 3),
-        tokens_per_second=tokens_this_call / train_elapsed, dataset_sha256=train_sha, method=cfg.method,
+        output_dir=str(out),
+        train_loss=_f(train_out.training_loss) if state.global_step > resumed_from else None,
+        final_step_loss=bridge.last_loss,
+        total_steps=int(state.max_steps),
+        global_step=int(state.global_step),
+        tokens_seen=int(state.num_input_tokens_seen),
+        train_examples=len(train_tok.examples),
+        eval_examples=len(eval_tok.examples) if has_eval else 0,
+        resumed_from_step=int(resumed_from),
+        last_checkpoint=str(last_ck) if last_ck else None,
+        runtime_seconds=round(runtime, 3),
+        tokens_per_second=tokens_this_call / train_elapsed,
+        dataset_sha256=train_sha,
+        method=cfg.method,
         target_modules=targets,
     )
     if bridge.cancelled and state.global_step < state.max_steps:
-        return SFTResult(status="cancelled", adapter_dir=None, adapter_sha256=None, adapter_size_bytes=None,
-                         eval_loss=bridge.last_eval, report_path=None, **common)
+        return SFTResult(
+            status="cancelled",
+            adapter_dir=None,
+            adapter_sha256=None,
+            adapter_size_bytes=None,
+            eval_loss=bridge.last_eval,
+            report_path=None,
+            **common,
+        )
 
     eval_loss = bridge.last_eval
     if has_eval and (eval_loss is None or cfg.eval_every_steps <= 0 or state.global_step % cfg.eval_every_steps):
@@ -553,16 +601,30 @@ def run_sft(
         shutil.rmtree(adapter_dir)
     os.rename(staging, adapter_dir)
     sha, size = digest_path(adapter_dir)
-    result = SFTResult(status="completed", adapter_dir=str(adapter_dir), adapter_sha256=sha, adapter_size_bytes=size,
-                       eval_loss=eval_loss, report_path=str(report_path), **common)
+    result = SFTResult(
+        status="completed",
+        adapter_dir=str(adapter_dir),
+        adapter_sha256=sha,
+        adapter_size_bytes=size,
+        eval_loss=eval_loss,
+        report_path=str(report_path),
+        **common,
+    )
     report = {
         "fingerprint": fp,
         "result": dataclasses.asdict(result),
         "config": dataclasses.asdict(cfg),
-        "dataset": {"format": fmt, "train_sha256": train_sha, "eval_sha256": eval_sha,
-                    "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-                    "dropped_rows": train_tok.dropped, "truncated_rows": train_tok.truncated,
-                    "train_tokens_per_epoch": train_tok.num_tokens, "train_label_tokens_per_epoch": train_tok.num_label_tokens},
+        "dataset": {
+            "format": fmt,
+            "train_sha256": train_sha,
+            "eval_sha256": eval_sha,
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "dropped_rows": train_tok.dropped,
+            "truncated_rows": train_tok.truncated,
+            "train_tokens_per_epoch": train_tok.num_tokens,
+            "train_label_tokens_per_epoch": train_tok.num_label_tokens,
+        },
         "device": device,
         "torch": torch.__version__,
         "log_history": state.log_history,

@@ -121,8 +121,7 @@ def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
     if error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in error.violations
             ]
         )
         details.append(_pack(bad))

@@ -22,7 +22,7 @@ class Comparison:
 
     @property
     def label_key(self) -> str | None:
-        return self.field[len("labels."):] if self.field.startswith("labels.") else None
+        return self.field[len("labels.") :] if self.field.startswith("labels.") else None
 
 
 def parse_filter(text: str, allowed_fields: set[str], *, allow_labels: bool = True) -> list[Comparison]:
@@ -37,7 +37,7 @@ def parse_filter(text: str, allowed_fields: set[str], *, allow_labels: bool = Tr
             break
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise _bad(f"unexpected character at position {pos}: {text[pos:pos + 10]!r}")
+            raise _bad(f"unexpected character at position {pos}: {text[pos : pos + 10]!r}")
         kind = m.lastgroup or ""
         tokens.append((kind, m.group(kind)))
         pos = m.end()

@@ -34,9 +34,7 @@ def validate_request_id(request_id: str) -> str:
     try:
         return str(uuid.UUID(request_id))
     except ValueError:
-        raise InvalidArgument(
-            "request_id must be a UUID", field="request_id", reason="INVALID_REQUEST_ID"
-        ) from None
+        raise InvalidArgument("request_id must be a UUID", field="request_id", reason="INVALID_REQUEST_ID") from None
 
 
 def fingerprint(payload: bytes) -> str:

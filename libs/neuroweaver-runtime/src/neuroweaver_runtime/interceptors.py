@@ -247,7 +247,9 @@ def _propagating_span(metadata, md: dict) -> NonRecordingSpan:
         parent = trace.get_current_span(telemetry.extract_context(metadata)).get_span_context()
     span_id = random.getrandbits(64) or 1
     if parent is not None and parent.is_valid:
-        ctx = SpanContext(parent.trace_id, span_id, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state)
+        ctx = SpanContext(
+            parent.trace_id, span_id, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state
+        )
     else:
         ctx = SpanContext(random.getrandbits(128) or 1, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
     return NonRecordingSpan(ctx)

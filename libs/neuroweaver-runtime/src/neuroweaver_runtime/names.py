@@ -46,9 +46,7 @@ class ResourceName:
         if not name:
             raise InvalidArgument(f"{field} is required (format {self.template})", field=field, reason="MISSING_NAME")
         if len(parts) != len(tparts):
-            raise InvalidArgument(
-                f"{field} {name!r} does not match {self.template}", field=field, reason="MALFORMED_NAME"
-            )
+            raise InvalidArgument(f"{field} {name!r} does not match {self.template}", field=field, reason="MALFORMED_NAME")
         overrides = dict(self.segment_patterns)
         values: dict[str, str] = {}
         for part, tpart in zip(parts, tparts, strict=True):
@@ -79,6 +77,6 @@ PROJECT = ResourceName("projects/{project}")
 def project_of(name: str) -> str | None:
     """The `{project}` of any name under `projects/`, or None."""
     if name.startswith("projects/"):
-        rest = name[len("projects/"):]
+        rest = name[len("projects/") :]
         return rest.split("/", 1)[0] or None
     return None

@@ -80,7 +80,9 @@ class GrpcService:
         telemetry.configure_tracing(d.name, self.config.trace_file)
         authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens)
         limit = self.config.max_message_bytes
-        self.interceptor = ServiceInterceptor(error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator)
+        self.interceptor = ServiceInterceptor(
+            error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator
+        )
         server = grpc.aio.server(
             interceptors=[self.interceptor],
             options=[

@@ -12,9 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import Counter, Histogram, start_http_server
 
-GRPC_STARTED = Counter(
-    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
-)
+GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"])
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
     "RPCs completed on the server, regardless of success or failure.",

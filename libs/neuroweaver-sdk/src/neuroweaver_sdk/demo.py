@@ -116,7 +116,11 @@ async def register_base(nw: Clients, cache_dir: Path) -> str:
             request_id=str(uuid.uuid4()),
         )
     )
-    await nw.registry.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="production", version="1.0.0", expected_version="-", reason="demo: base model"))
+    await nw.registry.SetModelAlias(
+        rsvc.SetModelAliasRequest(
+            model=MODEL, alias="production", version="1.0.0", expected_version="-", reason="demo: base model"
+        )
+    )
     console.print(f"registered {base.name} ({size / 1e6:.0f} MB, sha256 {sha256[:12]}…) and production → 1.0.0")
     return base.name
 
@@ -126,7 +130,9 @@ async def create_judge(nw: Clients) -> str:
         rsvc.CreateJudgeRequest(
             parent=PROJECT,
             judge_id="automotive-embedding",
-            judge=rpb.Judge(display_name="Automotive agreement judge", description="all-MiniLM-L6-v2 agreement with reference answers"),
+            judge=rpb.Judge(
+                display_name="Automotive agreement judge", description="all-MiniLM-L6-v2 agreement with reference answers"
+            ),
             judge_version=rpb.JudgeVersion(
                 kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING,
                 mode=rpb.JUDGE_MODE_POINTWISE,
@@ -169,7 +175,9 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
         job.rlaif.CopyFrom(
             tpb.RlaifConfig(
                 prompts_uri=str(subset(DATA / "prompts" / "train.jsonl", datasets / "rlaif-prompts.jsonl", args.rlaif_prompts)),
-                eval_prompts_uri=str(subset(DATA / "prompts" / "eval.jsonl", datasets / "rlaif-eval-prompts.jsonl", args.rlaif_eval_prompts)),
+                eval_prompts_uri=str(
+                    subset(DATA / "prompts" / "eval.jsonl", datasets / "rlaif-eval-prompts.jsonl", args.rlaif_eval_prompts)
+                ),
                 judge_version=judge_version,
                 candidates_per_prompt=2,
                 algorithm=tpb.RlaifConfig.POLICY_ALGORITHM_DPO if args.policy == "dpo" else tpb.RlaifConfig.POLICY_ALGORITHM_GRPO,
@@ -179,7 +187,9 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
                 min_margin=0.5,
             )
         )
-    created = await nw.trainer.CreateTrainingJob(tsvc.CreateTrainingJobRequest(parent=PROJECT, training_job=job, request_id=str(uuid.uuid4())))
+    created = await nw.trainer.CreateTrainingJob(
+        tsvc.CreateTrainingJobRequest(parent=PROJECT, training_job=job, request_id=str(uuid.uuid4()))
+    )
     console.print(f"job {created.name} queued ({tpb.TrainingMethod.Name(created.method)})")
     final = await watch_training_job(nw, created.name, console=console)
     if final.state != tpb.TrainingJob.STATE_SUCCEEDED:
@@ -225,8 +235,12 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                     epb.Variant(id="tuned", model_version=new_version, deployment=cand.name, weight=0.5),
                 ],
                 primary_metric=epb.MetricSpec(name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
-                guardrail_metrics=[epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE, tolerance=1.0)],
-                secondary_metrics=[epb.MetricSpec(name="completion_tokens", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE)],
+                guardrail_metrics=[
+                    epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE, tolerance=1.0)
+                ],
+                secondary_metrics=[
+                    epb.MetricSpec(name="completion_tokens", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE)
+                ],
                 min_sample_size=args.min_units,
                 significance_level=0.05,
                 analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON,
@@ -237,7 +251,9 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
     )
     exp = await nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=exp.name))
     prompts = load_jsonl(DATA / "prompts" / "eval.jsonl")
-    judge = LocalEmbeddingJudge(JudgeConfig(name=judge_version, kind="local_embedding", mode="pointwise", score_min=1.0, score_max=10.0))
+    judge = LocalEmbeddingJudge(
+        JudgeConfig(name=judge_version, kind="local_embedding", mode="pointwise", score_min=1.0, score_max=10.0)
+    )
     from openai import AsyncOpenAI
 
     openai_clients: dict[str, AsyncOpenAI] = {}
@@ -250,7 +266,9 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
         async with semaphore:
             assignment = await nw.experiments.AssignVariant(esvc.AssignVariantRequest(experiment=exp.name, unit_id=unit))
             variant = assignment.variant
-            client = openai_clients.setdefault(variant.openai_base_url, AsyncOpenAI(base_url=variant.openai_base_url, api_key="unused", max_retries=2))
+            client = openai_clients.setdefault(
+                variant.openai_base_url, AsyncOpenAI(base_url=variant.openai_base_url, api_key="unused", max_retries=2)
+            )
             t0 = time.perf_counter()
             reply = await client.chat.completions.create(
                 model=variant.served_model_name,
@@ -264,10 +282,17 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             latencies[variant.id].append(latency_ms)
             events = [
                 epb.MetricEvent(unit_id=unit, metric="latency_ms", value=latency_ms, idempotency_key=f"{unit}:latency"),
-                epb.MetricEvent(unit_id=unit, metric="completion_tokens", value=reply.usage.completion_tokens, idempotency_key=f"{unit}:tokens"),
+                epb.MetricEvent(
+                    unit_id=unit,
+                    metric="completion_tokens",
+                    value=reply.usage.completion_tokens,
+                    idempotency_key=f"{unit}:tokens",
+                ),
             ]
             if judgement.score is not None:
-                events.append(epb.MetricEvent(unit_id=unit, metric="judge_score", value=judgement.score, idempotency_key=f"{unit}:judge"))
+                events.append(
+                    epb.MetricEvent(unit_id=unit, metric="judge_score", value=judgement.score, idempotency_key=f"{unit}:judge")
+                )
             await nw.experiments.RecordMetricEvents(esvc.RecordMetricEventsRequest(experiment=exp.name, events=events))
         progress.advance(task)
 
@@ -286,12 +311,18 @@ async def conclude(nw: Clients, exp, results, new_version: str):
     if results.decision == epb.DECISION_SHIP_VARIANT:
         concluded = await nw.experiments.ConcludeExperiment(
             esvc.ConcludeExperimentRequest(
-                name=exp.name, winner=results.recommended_variant, promote=True, expected_current_version="1.0.0", reason=results.reason
+                name=exp.name,
+                winner=results.recommended_variant,
+                promote=True,
+                expected_current_version="1.0.0",
+                reason=results.reason,
             )
         )
         console.print(f"concluded: winner [bold]{concluded.winner}[/bold]; production promoted")
         return concluded, True
-    concluded = await nw.experiments.ConcludeExperiment(esvc.ConcludeExperimentRequest(name=exp.name, winner="", promote=False, reason=f"{decision}: {results.reason}"))
+    concluded = await nw.experiments.ConcludeExperiment(
+        esvc.ConcludeExperimentRequest(name=exp.name, winner="", promote=False, reason=f"{decision}: {results.reason}")
+    )
     console.print(f"[yellow]no winner[/yellow] ({decision}): {results.reason}; production stays on 1.0.0")
     return concluded, False
 
@@ -346,7 +377,9 @@ async def demo(args, data_dir: Path) -> dict:
                 if promoted:
                     rolled = await wait_rollover(nw, prod.name, new_version)
                     console.print(f"advisor-prod now serves {rolled.served_version} (revision {rolled.revision})")
-                history = await nw.registry.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production"))
+                history = await nw.registry.ListModelAliasHistory(
+                    rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production")
+                )
                 summary["promotion"] = {
                     "promoted": promoted,
                     "winner": concluded.winner,
@@ -365,11 +398,20 @@ def _results_summary(results, latencies) -> dict:
         "reason": results.reason,
         "srm_p_value": results.srm_p_value,
         "variants": {
-            v.variant: {"units": v.units, "judge_score_mean": round(v.mean, 3), "ci": [round(v.ci_lower, 3), round(v.ci_upper, 3)]}
+            v.variant: {
+                "units": v.units,
+                "judge_score_mean": round(v.mean, 3),
+                "ci": [round(v.ci_lower, 3), round(v.ci_upper, 3)],
+            }
             for v in results.primary.variants
         },
         "comparisons": [
-            {"variant": c.variant, "lift": round(c.relative_lift, 4), "lift_ci": [round(c.lift_ci_lower, 4), round(c.lift_ci_upper, 4)], "p_value": c.p_value}
+            {
+                "variant": c.variant,
+                "lift": round(c.relative_lift, 4),
+                "lift_ci": [round(c.lift_ci_lower, 4), round(c.lift_ci_upper, 4)],
+                "p_value": c.p_value,
+            }
             for c in results.primary.comparisons
         ],
         "latency_ms_median": {k: round(statistics.median(v), 1) for k, v in latencies.items() if v},
@@ -382,7 +424,9 @@ def print_results(results) -> None:
         table.add_row(v.variant, str(v.units), f"{v.mean:.3f}", f"[{v.ci_lower:.3f}, {v.ci_upper:.3f}]")
     console.print(table)
     for c in results.primary.comparisons:
-        console.print(f"{c.variant} vs control: lift {c.relative_lift:+.1%} [{c.lift_ci_lower:+.1%}, {c.lift_ci_upper:+.1%}], p = {c.p_value:.3g}")
+        console.print(
+            f"{c.variant} vs control: lift {c.relative_lift:+.1%} [{c.lift_ci_lower:+.1%}, {c.lift_ci_upper:+.1%}], p = {c.p_value:.3g}"
+        )
     console.print(f"decision: [bold]{epb.Decision.Name(results.decision).removeprefix('DECISION_')}[/bold] — {results.reason}")
 
 
@@ -402,7 +446,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
     # A fresh platform state per run; the converted base model (models/) is kept as a cache.
-    for stale in ("registry.db", "trainer.db", "deployer.db", "experiments.db", "artifacts", "jobs", "logs", "deployer-logs", "datasets"):
+    for stale in (
+        "registry.db",
+        "trainer.db",
+        "deployer.db",
+        "experiments.db",
+        "artifacts",
+        "jobs",
+        "logs",
+        "deployer-logs",
+        "datasets",
+    ):
         path = data_dir / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -427,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     (data_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
     console.rule("[bold]summary")
     console.print_json(json.dumps(summary))
-    console.print(f"total {summary['total_seconds'] / 60:.1f} min; every service stopped; summary in {data_dir / 'demo-summary.json'}")
+    console.print(
+        f"total {summary['total_seconds'] / 60:.1f} min; every service stopped; summary in {data_dir / 'demo-summary.json'}"
+    )
 
 
 if __name__ == "__main__":

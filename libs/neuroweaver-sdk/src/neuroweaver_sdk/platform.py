@@ -57,7 +57,9 @@ class LocalPlatform:
             host, port = DEFAULT_TARGETS[name].rsplit(":", 1)
             with socket.socket() as sock:
                 if sock.connect_ex((host, int(port))) == 0:
-                    raise RuntimeError(f"port {port} ({name}) is already in use: is another NeuroWeaver running? (`make up` stops with Ctrl-C)")
+                    raise RuntimeError(
+                        f"port {port} ({name}) is already in use: is another NeuroWeaver running? (`make up` stops with Ctrl-C)"
+                    )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)

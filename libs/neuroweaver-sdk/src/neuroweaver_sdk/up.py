@@ -26,7 +26,10 @@ def main() -> None:
         while not stop.wait(1.0):
             for name, proc in platform.processes.items():
                 if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; stopping everything (see {data_dir / 'logs' / name}.log)", flush=True)
+                    print(
+                        f"{name} exited with {proc.returncode}; stopping everything (see {data_dir / 'logs' / name}.log)",
+                        flush=True,
+                    )
                     stop.set()
     finally:
         platform.stop()

@@ -40,7 +40,13 @@ async def follow_training_job(clients, name: str, after_sequence: int = 0, max_r
 
 async def watch_training_job(clients, name: str, *, console: Console, after_sequence: int = 0):
     """Renders a live progress bar per stage; returns the final job."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     tasks: dict[str, int] = {}
     with Progress(*columns, console=console, transient=False) as progress:
         async for event in follow_training_job(clients, name, after_sequence):
@@ -53,9 +59,18 @@ async def watch_training_job(clients, name: str, *, console: Console, after_sequ
                 info = f"loss {s.loss:.4f}  lr {s.learning_rate:.2e}  {s.tokens_per_second:.0f} tok/s"
                 progress.update(task, total=s.total_steps or None, completed=s.step, info=info)
             elif event.type == tpb.EVENT_TYPE_EVAL:
-                progress.console.print(f"  [cyan]eval[/cyan] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items()))
-            elif event.type in (tpb.EVENT_TYPE_STATE_CHANGED, tpb.EVENT_TYPE_RESUMED, tpb.EVENT_TYPE_REGISTERED, tpb.EVENT_TYPE_STAGE_COMPLETED):
-                progress.console.print(f"  [{tpb.EventType.Name(event.type).removeprefix('EVENT_TYPE_').lower()}] {event.message}")
+                progress.console.print(
+                    f"  [cyan]eval[/cyan] {stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
+                )
+            elif event.type in (
+                tpb.EVENT_TYPE_STATE_CHANGED,
+                tpb.EVENT_TYPE_RESUMED,
+                tpb.EVENT_TYPE_REGISTERED,
+                tpb.EVENT_TYPE_STAGE_COMPLETED,
+            ):
+                progress.console.print(
+                    f"  [{tpb.EventType.Name(event.type).removeprefix('EVENT_TYPE_').lower()}] {event.message}"
+                )
             elif event.type == tpb.EVENT_TYPE_STAGE_STARTED:
                 progress.console.print(f"  stage [bold]{stage}[/bold] started {event.message}")
     job = await clients.trainer.GetTrainingJob(tsvc.GetTrainingJobRequest(name=name))

@@ -41,16 +41,22 @@ class DeployerConfig(ServiceConfig):
     kube_api_url: str = field(default="", metadata={"help": "API server URL; empty = in-cluster config or kubeconfig"})
     kube_token: str = field(default="", metadata={"help": "bearer token for kube_api_url"})
     kube_namespace: str = field(default="neuroweaver", metadata={"help": "default namespace of deployments"})
-    model_server_image: str = field(default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"})
+    model_server_image: str = field(
+        default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"}
+    )
     kube_poll_seconds: float = field(default=2.0, metadata={"help": "how often Deployment status is read back"})
     local_replica_threads: int = field(
         default=0,
-        metadata={"help": "CPU threads per local model-server replica (OMP/MKL); 0 = torch's default. Set it when several "
-                  "replicas share a small host: oversubscribed OpenMP threads slow generation many times over"},
+        metadata={
+            "help": "CPU threads per local model-server replica (OMP/MKL); 0 = torch's default. Set it when several "
+            "replicas share a small host: oversubscribed OpenMP threads slow generation many times over"
+        },
     )
     artifact_roots: str = field(
         default="",
-        metadata={"help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"},
+        metadata={
+            "help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"
+        },
     )
 
 
@@ -71,8 +77,11 @@ def build(config: DeployerConfig) -> GrpcService:
         grace_seconds=config.replica_grace_seconds,
         env={
             "NW_DATA_DIR": config.data_dir,
-            **({"OMP_NUM_THREADS": str(config.local_replica_threads), "MKL_NUM_THREADS": str(config.local_replica_threads)}
-               if config.local_replica_threads > 0 else {}),
+            **(
+                {"OMP_NUM_THREADS": str(config.local_replica_threads), "MKL_NUM_THREADS": str(config.local_replica_threads)}
+                if config.local_replica_threads > 0
+                else {}
+            ),
         },
     )
     if config.kubernetes:
@@ -89,7 +98,13 @@ def build(config: DeployerConfig) -> GrpcService:
             poll_seconds=config.kube_poll_seconds,
         )
     service = DeployerService(
-        db, notifier, PageTokens(secret), registry, controller, kube_namespace=config.kube_namespace, kube_image=config.model_server_image
+        db,
+        notifier,
+        PageTokens(secret),
+        registry,
+        controller,
+        kube_namespace=config.kube_namespace,
+        kube_image=config.model_server_image,
     )
     follower = AliasFollower(db, registry, service)
     service.on_alias_change = follower.request_sync

@@ -32,7 +32,8 @@ class ExperimentsConfig(ServiceConfig):
     service_token: str = field(default="", metadata={"help": "bearer token for calls to the deployer and registry"})
     remote_deadline_seconds: float = field(default=10.0, metadata={"help": "deadline of calls to other services"})
     snapshot_ttl_seconds: float = field(
-        default=1.0, metadata={"help": "how stale a cached experiment may be before re-checking its revision (other replicas' writes)"}
+        default=1.0,
+        metadata={"help": "how stale a cached experiment may be before re-checking its revision (other replicas' writes)"},
     )
 
 

@@ -47,7 +47,9 @@ async def deployer():
 @pytest.fixture(scope="session")
 async def registry():
     tmp = tempfile.mkdtemp(prefix="nw-exp-registry-")
-    service = build_registry(RegistryConfig(port=free_port(), metrics_port=-1, database_url=f"sqlite+aiosqlite:///{tmp}/registry.db"))
+    service = build_registry(
+        RegistryConfig(port=free_port(), metrics_port=-1, database_url=f"sqlite+aiosqlite:///{tmp}/registry.db")
+    )
     port = await service.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = registry_grpc.RegistryServiceStub(channel)
@@ -101,13 +103,21 @@ def make_experiment(stub):
     from neuroweaver.experiments.v1 import experiment_pb2 as pb
     from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 
-    async def make(*, start=True, weights=(0.5, 0.5), coverage=0.0, primary_kind=None, model="projects/default/models/m",
-                   guardrails=(), analysis=pb.ANALYSIS_METHOD_FIXED_HORIZON, min_sample_size=0, **fields):
+    async def make(
+        *,
+        start=True,
+        weights=(0.5, 0.5),
+        coverage=0.0,
+        primary_kind=None,
+        model="projects/default/models/m",
+        guardrails=(),
+        analysis=pb.ANALYSIS_METHOD_FIXED_HORIZON,
+        min_sample_size=0,
+        **fields,
+    ):
         exp_id = "e-" + uuid.uuid4().hex[:10]
         names = ["control", "treatment", "t2", "t3"]
-        variants = [
-            pb.Variant(id=names[i], model_version=f"{model}/versions/1.0.{i}", weight=w) for i, w in enumerate(weights)
-        ]
+        variants = [pb.Variant(id=names[i], model_version=f"{model}/versions/1.0.{i}", weight=w) for i, w in enumerate(weights)]
         exp = pb.Experiment(
             display_name="test",
             variants=variants,
@@ -119,7 +129,9 @@ def make_experiment(stub):
             min_sample_size=min_sample_size,
             **fields,
         )
-        created = await stub.CreateExperiment(svc.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp))
+        created = await stub.CreateExperiment(
+            svc.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp)
+        )
         if start:
             return await stub.StartExperiment(svc.StartExperimentRequest(name=created.name))
         return created

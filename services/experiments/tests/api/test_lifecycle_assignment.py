@@ -29,18 +29,26 @@ async def test_lifecycle_states_and_etag(stub, make_experiment):
     assert exp.state == pb.Experiment.STATE_DRAFT
     assert exp.hash_seed == exp.name.rsplit("/", 1)[1] and exp.coverage == 1.0 and exp.min_sample_size == 100
     # draft experiments do not assign
-    await expect_error(stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="u")),
-                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+    await expect_error(
+        stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="u")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPERIMENT_NOT_RUNNING",
+    )
     # stop before start is not allowed
-    await expect_error(stub.StopExperiment(svc.StopExperimentRequest(name=exp.name)), grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_DRAFT")
+    await expect_error(
+        stub.StopExperiment(svc.StopExperimentRequest(name=exp.name)), grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_DRAFT"
+    )
     running = await stub.StartExperiment(svc.StartExperimentRequest(name=exp.name))
     assert running.state == pb.Experiment.STATE_RUNNING and running.HasField("start_time")
     assert running.etag != exp.etag
     # stale etag
     patch = pb.Experiment(name=exp.name, description="new", etag=exp.etag)
     await expect_error(
-        stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["description"]))),
-        grpc.StatusCode.ABORTED, "ETAG_MISMATCH",
+        stub.UpdateExperiment(
+            svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["description"]))
+        ),
+        grpc.StatusCode.ABORTED,
+        "ETAG_MISMATCH",
     )
     patch.etag = running.etag
     updated = await stub.UpdateExperiment(
@@ -49,8 +57,11 @@ async def test_lifecycle_states_and_etag(stub, make_experiment):
     assert updated.description == "new" and updated.state == pb.Experiment.STATE_RUNNING
     # state is not updatable
     await expect_error(
-        stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["state"]))),
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UPDATE_MASK",
+        stub.UpdateExperiment(
+            svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["state"]))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_UPDATE_MASK",
     )
     stopped = await stub.StopExperiment(svc.StopExperimentRequest(name=exp.name, reason="pause"))
     assert stopped.state == pb.Experiment.STATE_STOPPED
@@ -58,13 +69,22 @@ async def test_lifecycle_states_and_etag(stub, make_experiment):
     assert restarted.state == pb.Experiment.STATE_RUNNING
     concluded = await stub.ConcludeExperiment(svc.ConcludeExperimentRequest(name=exp.name, winner="treatment", reason="done"))
     assert concluded.state == pb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment" and "done" in concluded.conclusion
-    await expect_error(stub.StartExperiment(svc.StartExperimentRequest(name=exp.name)), grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_CONCLUDED")
+    await expect_error(
+        stub.StartExperiment(svc.StartExperimentRequest(name=exp.name)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPERIMENT_CONCLUDED",
+    )
     got = await stub.GetExperiment(svc.GetExperimentRequest(name=exp.name))
     assert got == concluded
-    listed = await stub.ListExperiments(svc.ListExperimentsRequest(parent="projects/default", filter="state = CONCLUDED", page_size=1000))
+    listed = await stub.ListExperiments(
+        svc.ListExperimentsRequest(parent="projects/default", filter="state = CONCLUDED", page_size=1000)
+    )
     assert exp.name in [e.name for e in listed.experiments]
-    await expect_error(stub.GetExperiment(svc.GetExperimentRequest(name="projects/default/experiments/nope")),
-                       grpc.StatusCode.NOT_FOUND, "EXPERIMENT_NOT_FOUND")
+    await expect_error(
+        stub.GetExperiment(svc.GetExperimentRequest(name="projects/default/experiments/nope")),
+        grpc.StatusCode.NOT_FOUND,
+        "EXPERIMENT_NOT_FOUND",
+    )
 
 
 async def test_create_rejects_bad_input(stub, make_experiment):
@@ -89,18 +109,27 @@ async def test_assignment_is_deterministic_and_matches_the_domain_plan(stub, mak
         assert a.variant.id == ["control", "treatment"][expected.variant]
         assert b.variant.id == a.variant.id and b.bucket == a.bucket
         assert a.variant.model_version.endswith(f"/versions/1.0.{expected.variant}")
-    await expect_error(stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="")),
-                       grpc.StatusCode.INVALID_ARGUMENT, "INVALID_UNIT_ID")
+    await expect_error(
+        stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_UNIT_ID",
+    )
 
 
 async def test_sticky_assignment_survives_a_weight_update(stub, make_experiment, backend):
     exp = await make_experiment(weights=(0.5, 0.5))
     units = [f"sticky-{i}" for i in range(300)]
     before = await stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units))
-    patch = pb.Experiment(name=exp.name, etag=exp.etag, variants=[
-        pb.Variant(id=v.id, model_version=v.model_version, weight=w) for v, w in zip(exp.variants, (0.1, 0.9), strict=True)
-    ])
-    updated = await stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"])))
+    patch = pb.Experiment(
+        name=exp.name,
+        etag=exp.etag,
+        variants=[
+            pb.Variant(id=v.id, model_version=v.model_version, weight=w) for v, w in zip(exp.variants, (0.1, 0.9), strict=True)
+        ],
+    )
+    updated = await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
     assert [v.weight for v in updated.variants] == [0.1, 0.9]
     # a fresh process cache must not matter: drop this process's caches, the store answers
     backend.service.experiments.assigner.cache._units.clear()
@@ -115,14 +144,20 @@ async def test_sticky_assignment_survives_a_weight_update(stub, make_experiment,
     patch.etag = updated.etag
     patch.variants[1].model_version = "projects/default/models/m/versions/9.9.9"
     await expect_error(
-        stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))),
-        grpc.StatusCode.INVALID_ARGUMENT, "VARIANTS_IMMUTABLE",
+        stub.UpdateExperiment(
+            svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "VARIANTS_IMMUTABLE",
     )
     patch.variants[1].model_version = exp.variants[1].model_version
     patch.variants[1].weight = 0.3
     await expect_error(
-        stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))),
-        grpc.StatusCode.INVALID_ARGUMENT, "WEIGHTS_DO_NOT_SUM_TO_ONE",
+        stub.UpdateExperiment(
+            svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WEIGHTS_DO_NOT_SUM_TO_ONE",
     )
 
 
@@ -142,8 +177,11 @@ async def test_coverage_gives_control_without_exposure(stub, make_experiment):
     # an out-of-coverage unit was never exposed: its events are rejected
     outside = next(u for u, a in zip(units, got.assignments, strict=True) if not a.in_experiment)
     err = await expect_error(
-        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[pb.MetricEvent(unit_id=outside, metric="score", value=1)])),
-        grpc.StatusCode.INVALID_ARGUMENT, "UNIT_NOT_EXPOSED",
+        stub.RecordMetricEvents(
+            svc.RecordMetricEventsRequest(experiment=exp.name, events=[pb.MetricEvent(unit_id=outside, metric="score", value=1)])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNIT_NOT_EXPOSED",
     )
     assert field_violations(err)[0].field == "events[0].unit_id"
 
@@ -153,19 +191,26 @@ async def test_batch_assign_limits(stub, make_experiment):
     units = [f"b-{i}" for i in range(10_000)]
     got = await stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units))
     assert len(got.assignments) == 10_000
-    await expect_error(stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units + ["one-more"])),
-                       grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+    await expect_error(
+        stub.BatchAssignVariants(svc.BatchAssignVariantsRequest(experiment=exp.name, unit_ids=units + ["one-more"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BATCH_TOO_LARGE",
+    )
 
 
 async def test_start_resolves_deployment_endpoints(stub, deployer, make_experiment):
     deployer.deployments["projects/default/deployments/blue"] = deployment_pb2.Deployment(
-        name="projects/default/deployments/blue", endpoint="10.0.0.1:50051", openai_base_url="http://10.0.0.1:8080/v1",
+        name="projects/default/deployments/blue",
+        endpoint="10.0.0.1:50051",
+        openai_base_url="http://10.0.0.1:8080/v1",
         served_model_name="m-1.0.1",
     )
     exp = await make_experiment(start=False)
     patch = pb.Experiment(name=exp.name, variants=list(exp.variants))
     patch.variants[1].deployment = "projects/default/deployments/blue"
-    await stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"])))
+    await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
     started = await stub.StartExperiment(svc.StartExperimentRequest(name=exp.name))
     assert started.variants[1].endpoint == "10.0.0.1:50051" and started.variants[1].served_model_name == "m-1.0.1"
     plan = AssignmentPlan(exp.hash_seed, [0.5, 0.5])
@@ -176,8 +221,14 @@ async def test_start_resolves_deployment_endpoints(stub, deployer, make_experime
     exp2 = await make_experiment(start=False)
     patch = pb.Experiment(name=exp2.name, variants=list(exp2.variants))
     patch.variants[0].deployment = "projects/default/deployments/missing"
-    await stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"])))
-    await expect_error(stub.StartExperiment(svc.StartExperimentRequest(name=exp2.name)), grpc.StatusCode.FAILED_PRECONDITION, "DEPLOYMENT_NOT_FOUND")
+    await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
+    await expect_error(
+        stub.StartExperiment(svc.StartExperimentRequest(name=exp2.name)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "DEPLOYMENT_NOT_FOUND",
+    )
     assert (await stub.GetExperiment(svc.GetExperimentRequest(name=exp2.name))).state == pb.Experiment.STATE_DRAFT
 
 
@@ -187,11 +238,15 @@ async def test_unreachable_deployer_fails_start_clearly(backend, make_experiment
     exp = await make_experiment(start=False)
     patch = pb.Experiment(name=exp.name, variants=list(exp.variants))
     patch.variants[0].deployment = "projects/default/deployments/blue"
-    await stub.UpdateExperiment(svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"])))
+    await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
     deployer = backend.service.experiments.deployer
     saved, deployer.target, deployer._channel = deployer.target, f"127.0.0.1:{free_port()}", None
     try:
-        await expect_error(stub.StartExperiment(svc.StartExperimentRequest(name=exp.name)), grpc.StatusCode.UNAVAILABLE, "DEPLOYER_UNAVAILABLE")
+        await expect_error(
+            stub.StartExperiment(svc.StartExperimentRequest(name=exp.name)), grpc.StatusCode.UNAVAILABLE, "DEPLOYER_UNAVAILABLE"
+        )
     finally:
         await deployer.close()
         deployer.target = saved

@@ -92,36 +92,50 @@ async def test_results_equal_scipy_on_raw_unit_values(stub, make_experiment):
 
 async def test_bad_batches_are_rejected_atomically(stub, make_experiment):
     draft = await make_experiment(start=False)
-    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=draft.name, events=[ev("u", "score", 1)])),
-                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+    await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=draft.name, events=[ev("u", "score", 1)])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPERIMENT_NOT_RUNNING",
+    )
     exp = await make_experiment()
     variant_of = await assign(stub, exp.name, ["a", "b", "c"])
     good = [ev("a", "score", 1.0, "k1"), ev("b", "score", 2.0, "k2")]
     # unknown metric at index 2: nothing of the batch is applied
     err = await expect_error(
         stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[*good, ev("c", "latency", 3.0)])),
-        grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_METRIC",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNKNOWN_METRIC",
     )
     assert field_violations(err)[0].field == "events[2].metric"
     assert error_info(err).metadata["first_bad_event_index"] == "2"
     # unexposed unit
     err = await expect_error(
         stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[*good, ev("stranger", "score", 3.0)])),
-        grpc.StatusCode.INVALID_ARGUMENT, "UNIT_NOT_EXPOSED",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "UNIT_NOT_EXPOSED",
     )
     assert field_violations(err)[0].field == "events[2].unit_id"
     # event before the start
     early = ev("a", "score", 1.0)
     early.event_time.CopyFrom(timestamp_pb2.Timestamp(seconds=exp.start_time.seconds - 3600))
-    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[early])),
-                       grpc.StatusCode.INVALID_ARGUMENT, "EVENT_BEFORE_START")
+    await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[early])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EVENT_BEFORE_START",
+    )
     # huge batch
     huge = [ev("a", "score", 1.0)] * 10_001
-    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=huge)),
-                       grpc.StatusCode.INVALID_ARGUMENT, "BATCH_TOO_LARGE")
+    await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=huge)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BATCH_TOO_LARGE",
+    )
     # NaN value
-    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[ev("a", "score", float("nan"))])),
-                       grpc.StatusCode.INVALID_ARGUMENT, "INVALID_VALUE")
+    await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[ev("a", "score", float("nan"))])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_VALUE",
+    )
     # the rejected batches left no trace: the good events (and their keys) are accepted now, once
     ok = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good))
     assert (ok.accepted, ok.duplicates) == (2, 0)
@@ -129,8 +143,11 @@ async def test_bad_batches_are_rejected_atomically(stub, make_experiment):
     assert (again.accepted, again.duplicates) == (0, 2)
     res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
     assert sum(v.units for v in res.primary.variants) == 2
-    assert {v.variant: v.mean for v in res.primary.variants if v.units} == {variant_of["a"]: 1.0, variant_of["b"]: 2.0} or \
-        variant_of["a"] == variant_of["b"]
+    assert {v.variant: v.mean for v in res.primary.variants if v.units} == {
+        variant_of["a"]: 1.0,
+        variant_of["b"]: 2.0,
+    } or variant_of["a"] == variant_of["b"]
+
     # a bad message in a stream: earlier messages are committed, the error says how many
     async def messages():
         yield svc.StreamMetricEventsRequest(experiment=exp.name, events=[ev("c", "score", 5.0)])
@@ -140,10 +157,16 @@ async def test_bad_batches_are_rejected_atomically(stub, make_experiment):
     assert error_info(err).metadata["committed_messages"] == "1"
     # after stop
     await stub.StopExperiment(svc.StopExperimentRequest(name=exp.name))
-    await expect_error(stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good)),
-                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
-    await expect_error(stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="a")),
-                       grpc.StatusCode.FAILED_PRECONDITION, "EXPERIMENT_NOT_RUNNING")
+    await expect_error(
+        stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=good)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPERIMENT_NOT_RUNNING",
+    )
+    await expect_error(
+        stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id="a")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPERIMENT_NOT_RUNNING",
+    )
 
 
 async def test_sample_ratio_mismatch_blocks_a_winner(stub, make_experiment):
@@ -167,12 +190,17 @@ async def test_sequential_p_value_is_a_running_minimum(stub, make_experiment):
     units = [f"q-{i}" for i in range(200)]
     variant_of = await assign(stub, exp.name, units)
     rng = random.Random(3)
-    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[
-        ev(u, "score", rng.gauss(3.0 if variant_of[u] == "treatment" else 1.0, 1.0)) for u in units[:100]]))
+    await stub.RecordMetricEvents(
+        svc.RecordMetricEventsRequest(
+            experiment=exp.name,
+            events=[ev(u, "score", rng.gauss(3.0 if variant_of[u] == "treatment" else 1.0, 1.0)) for u in units[:100]],
+        )
+    )
     first = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
     # later data with no effect at all: the always-valid p-value must not go back up
-    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[
-        ev(u, "score", rng.gauss(1.0, 3.0)) for u in units[100:]]))
+    await stub.RecordMetricEvents(
+        svc.RecordMetricEventsRequest(experiment=exp.name, events=[ev(u, "score", rng.gauss(1.0, 3.0)) for u in units[100:]])
+    )
     second = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
     assert second.primary.comparisons[0].sequential_p_value <= first.primary.comparisons[0].sequential_p_value
     assert first.primary.comparisons[0].sequential_p_value < 0.05
@@ -187,7 +215,9 @@ async def test_raw_events_keep_their_time_key_and_value(backend, make_experiment
     await assign(stub, exp.name, ["a", "b", "c"])
     timed = ev("a", "score", 2.5, key="k-timed")
     timed.event_time.CopyFrom(timestamp_pb2.Timestamp(seconds=exp.start_time.seconds + 90, nanos=123_456_000))
-    r = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=[timed, ev("b", "score", -1e-300)]))
+    r = await stub.RecordMetricEvents(
+        svc.RecordMetricEventsRequest(experiment=exp.name, events=[timed, ev("b", "score", -1e-300)])
+    )
     assert (r.accepted, r.duplicates) == (2, 0)
     # values whose mean or square leave the double range at the bottom are still recorded (PostgreSQL would
     # raise "underflow" on the division or the square; IEEE arithmetic gives 0 or a subnormal)

@@ -34,7 +34,14 @@ async def empty_db(request):
 
 
 def _event(key: str | None, unit: str = "u-1") -> dict:
-    return dict(experiment_id=7, unit_id=unit, metric="score", value=1.0, event_time=datetime(2026, 11, 1, tzinfo=UTC), idempotency_key=key)
+    return dict(
+        experiment_id=7,
+        unit_id=unit,
+        metric="score",
+        value=1.0,
+        event_time=datetime(2026, 11, 1, tzinfo=UTC),
+        idempotency_key=key,
+    )
 
 
 async def test_head_matches_the_tables(empty_db):
@@ -42,7 +49,9 @@ async def test_head_matches_the_tables(empty_db):
     engine = create_async_engine(normalize_url(empty_db))
     try:
         async with engine.connect() as conn:
-            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), t.metadata))
+            diff = await conn.run_sync(
+                lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), t.metadata)
+            )
     finally:
         await engine.dispose()
     assert diff == []

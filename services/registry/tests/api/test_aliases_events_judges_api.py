@@ -21,17 +21,23 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
     for v in ("1.0.0", "1.1.0", "1.2.0"):
         await registry.version(m.name, version=v)
     alias_name = m.name + "/aliases/prod"
-    a = await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", expected_version="-", reason="first"))
+    a = await stub.SetModelAlias(
+        rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", expected_version="-", reason="first")
+    )
     assert (a.name, a.version, a.actor, a.reason) == (alias_name, "1.0.0", "anonymous", "first")
     await expect_error(
-        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="-")), ABORTED, "ALIAS_VERSION_MISMATCH"
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="-")),
+        ABORTED,
+        "ALIAS_VERSION_MISMATCH",
     )
     err = await expect_error(
         stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="0.9.0")),
         ABORTED, "ALIAS_VERSION_MISMATCH",
     )  # fmt: skip
     assert "1.0.0" in err.details()
-    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="1.0.0", reason="better"))
+    await stub.SetModelAlias(
+        rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0", expected_version="1.0.0", reason="better")
+    )
     await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.2.0", reason="best"))
     await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="canary", version="1.2.0"))
 
@@ -46,9 +52,13 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
     back = await stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, reason="regression"))
     assert back.version == "1.1.0"
     await expect_error(
-        stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.2.0")), ABORTED, "ALIAS_VERSION_MISMATCH"
+        stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.2.0")),
+        ABORTED,
+        "ALIAS_VERSION_MISMATCH",
     )
-    named = await stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.1.0"))
+    named = await stub.RollbackModelAlias(
+        rs.RollbackModelAliasRequest(name=alias_name, to_version="1.0.0", expected_version="1.1.0")
+    )
     assert named.version == "1.0.0" and named.reason == "rollback"
     assert (await stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/prod"))).version == "1.0.0"
 
@@ -75,11 +85,21 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
         stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=m.name + "/versions/1.0.0", state=pb.ModelVersion.STATE_DEPRECATED)),
         FAILED, "VERSION_HAS_ALIASES",
     )  # fmt: skip
-    await stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=m.name + "/versions/1.1.0", state=pb.ModelVersion.STATE_DEPRECATED))
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0")), FAILED, "VERSION_DEPRECATED")
-    await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.1.0")), FAILED, "VERSION_DEPRECATED")
+    await stub.SetModelVersionState(
+        rs.SetModelVersionStateRequest(name=m.name + "/versions/1.1.0", state=pb.ModelVersion.STATE_DEPRECATED)
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0")), FAILED, "VERSION_DEPRECATED"
+    )
+    await expect_error(
+        stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name, to_version="1.1.0")), FAILED, "VERSION_DEPRECATED"
+    )
 
-    await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name, expected_version="1.2.0")), ABORTED, "ALIAS_VERSION_MISMATCH")
+    await expect_error(
+        stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name, expected_version="1.2.0")),
+        ABORTED,
+        "ALIAS_VERSION_MISMATCH",
+    )
     await stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name, expected_version="1.0.0", reason="retire"))
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
     await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
@@ -94,12 +114,22 @@ async def test_alias_bad_inputs(registry, expect_error):
     stub = registry.stub
     m = await registry.model()
     await registry.version(m.name, version="1.0.0")
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="latest", version="1.0.0")), INVALID, "RESERVED_ALIAS")
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="Prod", version="1.0.0")), INVALID, "INVALID_ID")
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="one")), INVALID, "INVALID_VERSION")
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="9.9.9")), NOT_FOUND, "VERSION_NOT_FOUND")
     await expect_error(
-        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", reason="r" * 1025)), INVALID, "FIELD_TOO_LONG"
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="latest", version="1.0.0")), INVALID, "RESERVED_ALIAS"
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="Prod", version="1.0.0")), INVALID, "INVALID_ID"
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="one")), INVALID, "INVALID_VERSION"
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="9.9.9")), NOT_FOUND, "VERSION_NOT_FOUND"
+    )
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0", reason="r" * 1025)),
+        INVALID,
+        "FIELD_TOO_LONG",
     )
     await expect_error(
         stub.SetModelAlias(rs.SetModelAliasRequest(model=P + "/models/nope-" + uuid.uuid4().hex[:6], alias="prod", version="1.0.0")),
@@ -107,14 +137,22 @@ async def test_alias_bad_inputs(registry, expect_error):
     )  # fmt: skip
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/aliases/")), INVALID, "MALFORMED_NAME")
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/versions/prod")), INVALID, "MALFORMED_NAME")
-    await expect_error(stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/never")), NOT_FOUND, "ALIAS_NOT_FOUND")
-    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
-    await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "NO_PREVIOUS_VERSION")
     await expect_error(
-        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/prod", page_token="x")), INVALID, "INVALID_PAGE_TOKEN"
+        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/never")), NOT_FOUND, "ALIAS_NOT_FOUND"
+    )
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
+    await expect_error(
+        stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "NO_PREVIOUS_VERSION"
+    )
+    await expect_error(
+        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/prod", page_token="x")),
+        INVALID,
+        "INVALID_PAGE_TOKEN",
     )
     await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name))
-    await expect_error(stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0")), FAILED, "MODEL_ARCHIVED")
+    await expect_error(
+        stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0")), FAILED, "MODEL_ARCHIVED"
+    )
     await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "MODEL_ARCHIVED")
 
 
@@ -128,7 +166,9 @@ async def test_list_events_pages_and_filters_by_model(registry, expect_error):
     await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name))
     events, token = [], ""
     while True:
-        page = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, after_sequence=after, page_size=3, page_token=token))
+        page = await stub.ListModelEvents(
+            rs.ListModelEventsRequest(parent=P, model=m.name, after_sequence=after, page_size=3, page_token=token)
+        )
         events += page.events
         token = page.next_page_token
         if not token:
@@ -143,7 +183,9 @@ async def test_list_events_pages_and_filters_by_model(registry, expect_error):
     await expect_error(stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model="nope")), INVALID, "MALFORMED_NAME")
     first = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, page_size=1))
     await expect_error(
-        stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=1, page_token=first.next_page_token)), INVALID, "PAGE_TOKEN_QUERY_MISMATCH"
+        stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=1, page_token=first.next_page_token)),
+        INVALID,
+        "PAGE_TOKEN_QUERY_MISMATCH",
     )
 
 
@@ -184,7 +226,9 @@ async def test_judges_create_get_list_versions(registry, expect_error):
     stub = registry.stub
     judge_id = "j-" + uuid.uuid4().hex[:8]
     judge = await stub.CreateJudge(
-        rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge=pb.Judge(display_name="Helpfulness"), judge_version=_judge_version())
+        rs.CreateJudgeRequest(
+            parent=P, judge_id=judge_id, judge=pb.Judge(display_name="Helpfulness"), judge_version=_judge_version()
+        )
     )
     assert judge.name == f"{P}/judges/{judge_id}" and judge.latest_version == 1 and judge.display_name == "Helpfulness"
     assert await stub.GetJudge(rs.GetJudgeRequest(name=judge.name)) == judge
@@ -193,13 +237,18 @@ async def test_judges_create_get_list_versions(registry, expect_error):
     assert v1.prompt_template == "Rate this answer: {response}" and v1.score_max == 10
 
     v2 = await stub.CreateJudgeVersion(
-        rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(mode=pb.JUDGE_MODE_PAIRWISE, prompt_template="{response_a} or {response_b}"))
+        rs.CreateJudgeVersionRequest(
+            parent=judge.name,
+            judge_version=_judge_version(mode=pb.JUDGE_MODE_PAIRWISE, prompt_template="{response_a} or {response_b}"),
+        )
     )
     assert v2.version == 2 and v2.mode == pb.JUDGE_MODE_PAIRWISE
     assert (await stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/latest"))).version == 2
     assert (await stub.GetJudge(rs.GetJudgeRequest(name=judge.name))).latest_version == 2
     page1 = await stub.ListJudgeVersions(rs.ListJudgeVersionsRequest(parent=judge.name, page_size=1))
-    page2 = await stub.ListJudgeVersions(rs.ListJudgeVersionsRequest(parent=judge.name, page_size=1, page_token=page1.next_page_token))
+    page2 = await stub.ListJudgeVersions(
+        rs.ListJudgeVersionsRequest(parent=judge.name, page_size=1, page_token=page1.next_page_token)
+    )
     assert [v.version for v in [*page1.judge_versions, *page2.judge_versions]] == [2, 1] and not page2.next_page_token
     names = []
     token = ""
@@ -219,22 +268,42 @@ async def test_judges_create_get_list_versions(registry, expect_error):
     assert "api_key_env" in err.details()
     assert (await stub.GetJudge(rs.GetJudgeRequest(name=judge.name))).latest_version == 2  # nothing stored
     await expect_error(
-        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version())), grpc.StatusCode.ALREADY_EXISTS, "JUDGE_ALREADY_EXISTS"
+        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version())),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "JUDGE_ALREADY_EXISTS",
     )
-    await expect_error(stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j2" + judge_id, judge_version=_judge_version(kind=0))), INVALID, "INVALID_ARGUMENT")
-    await expect_error(stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j3" + judge_id, judge_version=_judge_version(kind=42))), INVALID, "INVALID_ENUM")
     await expect_error(
-        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(mode=17))), INVALID, "INVALID_ENUM"
+        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j2" + judge_id, judge_version=_judge_version(kind=0))),
+        INVALID,
+        "INVALID_ARGUMENT",
+    )
+    await expect_error(
+        stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j3" + judge_id, judge_version=_judge_version(kind=42))),
+        INVALID,
+        "INVALID_ENUM",
+    )
+    await expect_error(
+        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=judge.name, judge_version=_judge_version(mode=17))),
+        INVALID,
+        "INVALID_ENUM",
     )
     await expect_error(
         stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id="j4" + judge_id, judge_version=_judge_version(score_min=5, score_max=5))),
         INVALID, "INVALID_ARGUMENT",
     )  # fmt: skip
     await expect_error(stub.GetJudge(rs.GetJudgeRequest(name=P + "/judges/none-" + judge_id)), NOT_FOUND, "JUDGE_NOT_FOUND")
-    await expect_error(stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/9")), NOT_FOUND, "JUDGE_VERSION_NOT_FOUND")
-    await expect_error(stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/0")), INVALID, "MALFORMED_NAME")
     await expect_error(
-        stub.CreateJudgeVersion(rs.CreateJudgeVersionRequest(parent=P + "/judges/none-" + judge_id, judge_version=_judge_version())), NOT_FOUND, "JUDGE_NOT_FOUND"
+        stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/9")), NOT_FOUND, "JUDGE_VERSION_NOT_FOUND"
+    )
+    await expect_error(
+        stub.GetJudgeVersion(rs.GetJudgeVersionRequest(name=judge.name + "/versions/0")), INVALID, "MALFORMED_NAME"
+    )
+    await expect_error(
+        stub.CreateJudgeVersion(
+            rs.CreateJudgeVersionRequest(parent=P + "/judges/none-" + judge_id, judge_version=_judge_version())
+        ),
+        NOT_FOUND,
+        "JUDGE_NOT_FOUND",
     )
 
 
@@ -261,6 +330,10 @@ async def test_judge_config_stores_only_the_env_var_name(registry):
     await registry.stub.CreateJudge(rs.CreateJudgeRequest(parent=P, judge_id=judge_id, judge_version=_judge_version()))
     db = registry.service.registry.db
     async with db.transaction() as s:
-        row = (await s.execute(select(tables.judge_versions.c.config).join(tables.judges).where(tables.judges.c.name == f"{P}/judges/{judge_id}"))).one()
+        row = (
+            await s.execute(
+                select(tables.judge_versions.c.config).join(tables.judges).where(tables.judges.c.name == f"{P}/judges/{judge_id}")
+            )
+        ).one()
     assert row.config["openai"]["api_key_env"] == "JUDGE_API_KEY"
     assert not any("key" in k and k != "api_key_env" for k in row.config["openai"])

@@ -68,7 +68,9 @@ async def test_delete_without_versions_needs_no_force(registry, expect_error):
 async def test_update_labels_replaces_the_map(registry):
     m = await registry.model(labels={"a": "1", "b": "2"})
     upd = await registry.stub.UpdateModel(
-        rs.UpdateModelRequest(model=pb.Model(name=m.name, labels={"c": "3"}), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+        rs.UpdateModelRequest(
+            model=pb.Model(name=m.name, labels={"c": "3"}), update_mask=field_mask_pb2.FieldMask(paths=["labels"])
+        )
     )
     assert dict(upd.labels) == {"c": "3"}
 
@@ -86,19 +88,27 @@ async def test_update_labels_replaces_the_map(registry):
     ],
 )
 async def test_create_model_bad_input(registry, expect_error, model_id, model, field, reason):
-    err = await expect_error(registry.stub.CreateModel(rs.CreateModelRequest(parent=P, model_id=model_id, model=model)), INVALID, reason)
+    err = await expect_error(
+        registry.stub.CreateModel(rs.CreateModelRequest(parent=P, model_id=model_id, model=model)), INVALID, reason
+    )
     assert field in [v.field for v in field_violations(err)]
 
 
 @pytest.mark.parametrize("parent", ["", "projects", "projects/Default", "project/default", "projects/default/models"])
 async def test_create_model_bad_parent(registry, expect_error, parent):
     reason = "MISSING_NAME" if not parent else "MALFORMED_NAME"
-    await expect_error(registry.stub.CreateModel(rs.CreateModelRequest(parent=parent, model_id="ok", model=pb.Model())), INVALID, reason)
+    await expect_error(
+        registry.stub.CreateModel(rs.CreateModelRequest(parent=parent, model_id="ok", model=pb.Model())), INVALID, reason
+    )
 
 
-@pytest.mark.parametrize("name", ["", "models/x", "projects/default/models/X", "projects/default/models/x/versions/1.0.0", "projects/default/models/"])
+@pytest.mark.parametrize(
+    "name", ["", "models/x", "projects/default/models/X", "projects/default/models/x/versions/1.0.0", "projects/default/models/"]
+)
 async def test_get_model_malformed_names(registry, expect_error, name):
-    await expect_error(registry.stub.GetModel(rs.GetModelRequest(name=name)), INVALID, "MISSING_NAME" if not name else "MALFORMED_NAME")
+    await expect_error(
+        registry.stub.GetModel(rs.GetModelRequest(name=name)), INVALID, "MISSING_NAME" if not name else "MALFORMED_NAME"
+    )
 
 
 async def test_update_mask_errors(registry, expect_error):
@@ -144,7 +154,9 @@ async def test_list_models_filters_order_and_pages(registry, expect_error):
     async def collect(filter_text: str, order_by: str = "", size: int = 2) -> list[str]:
         names, token, pages = [], "", 0
         while True:
-            resp = await stub.ListModels(rs.ListModelsRequest(parent=P, page_size=size, page_token=token, filter=filter_text, order_by=order_by))
+            resp = await stub.ListModels(
+                rs.ListModelsRequest(parent=P, page_size=size, page_token=token, filter=filter_text, order_by=order_by)
+            )
             assert len(resp.models) <= size
             names += [m.name for m in resp.models]
             pages += 1

@@ -67,7 +67,9 @@ async def test_create_version_bad_artifact(registry, expect_error, artifact, fie
 
 
 async def test_create_version_unknown_model_and_bad_parent(registry, expect_error):
-    await expect_error(registry.version("projects/default/models/nope-" + uuid.uuid4().hex[:6], bump=PATCH), NOT_FOUND, "MODEL_NOT_FOUND")
+    await expect_error(
+        registry.version("projects/default/models/nope-" + uuid.uuid4().hex[:6], bump=PATCH), NOT_FOUND, "MODEL_NOT_FOUND"
+    )
     await expect_error(registry.version("projects/default/models/Bad", bump=PATCH), INVALID, "MALFORMED_NAME")
 
 
@@ -86,16 +88,38 @@ async def test_create_version_request_id(registry, expect_error):
 
 async def test_list_versions_by_precedence_across_pages(registry, expect_error):
     m = await registry.model()
-    created = ["1.0.0", "1.0.0-rc.1", "0.9.0", "1.0.0-alpha", "1.0.0-rc.10", "1.0.0-rc.2", "2.0.0-beta.1", "1.1.0", "1.0.0-alpha.1"]
+    created = [
+        "1.0.0",
+        "1.0.0-rc.1",
+        "0.9.0",
+        "1.0.0-alpha",
+        "1.0.0-rc.10",
+        "1.0.0-rc.2",
+        "2.0.0-beta.1",
+        "1.1.0",
+        "1.0.0-alpha.1",
+    ]
     for v in created:
         await registry.version(m.name, version=v, labels={"odd": str(created.index(v) % 2)})
-    expected_desc = ["2.0.0-beta.1", "1.1.0", "1.0.0", "1.0.0-rc.10", "1.0.0-rc.2", "1.0.0-rc.1", "1.0.0-alpha.1", "1.0.0-alpha", "0.9.0"]
+    expected_desc = [
+        "2.0.0-beta.1",
+        "1.1.0",
+        "1.0.0",
+        "1.0.0-rc.10",
+        "1.0.0-rc.2",
+        "1.0.0-rc.1",
+        "1.0.0-alpha.1",
+        "1.0.0-alpha",
+        "0.9.0",
+    ]
 
     async def collect(order_by: str = "", size: int = 2, filter_text: str = "") -> list[str]:
         out, token = [], ""
         while True:
             resp = await registry.stub.ListModelVersions(
-                rs.ListModelVersionsRequest(parent=m.name, page_size=size, page_token=token, order_by=order_by, filter=filter_text)
+                rs.ListModelVersionsRequest(
+                    parent=m.name, page_size=size, page_token=token, order_by=order_by, filter=filter_text
+                )
             )
             out += [v.version for v in resp.model_versions]
             token = resp.next_page_token
@@ -112,8 +136,14 @@ async def test_list_versions_by_precedence_across_pages(registry, expect_error):
         registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, page_size=2, order_by="version", page_token=first.next_page_token)),
         INVALID, "PAGE_TOKEN_QUERY_MISMATCH",
     )  # fmt: skip
-    await expect_error(registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, page_size=-3)), INVALID, "INVALID_PAGE_SIZE")
-    await expect_error(registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, filter="specialization = x")), INVALID, "INVALID_FILTER")
+    await expect_error(
+        registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, page_size=-3)), INVALID, "INVALID_PAGE_SIZE"
+    )
+    await expect_error(
+        registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, filter="specialization = x")),
+        INVALID,
+        "INVALID_FILTER",
+    )
     other = await registry.model()
     await expect_error(
         registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=other.name, page_size=2, page_token=first.next_page_token)),
@@ -140,7 +170,9 @@ async def test_get_version_by_semver_alias_and_latest(registry, expect_error):
     empty = await registry.model()
     await expect_error(get(rs.GetModelVersionRequest(name=empty.name + "/versions/latest")), NOT_FOUND, "VERSION_NOT_FOUND")
     await expect_error(
-        get(rs.GetModelVersionRequest(name="projects/default/models/nope-" + uuid.uuid4().hex[:6] + "/versions/1.0.0")), NOT_FOUND, "MODEL_NOT_FOUND"
+        get(rs.GetModelVersionRequest(name="projects/default/models/nope-" + uuid.uuid4().hex[:6] + "/versions/1.0.0")),
+        NOT_FOUND,
+        "MODEL_NOT_FOUND",
     )
 
 
@@ -152,41 +184,61 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         lineage=pb.Lineage(hyperparameters={"lr": "1e-4"}),
     )  # fmt: skip
     assert [(x.name, x.value) for x in base.metrics] == [("accuracy", 0.8), ("eval_loss", 1.2)]
-    cand = await registry.version(m.name, version="1.1.0", metrics=[pb.Metric(name="accuracy", value=0.7)], lineage=pb.Lineage(hyperparameters={"lr": "2e-4"}))
+    cand = await registry.version(
+        m.name,
+        version="1.1.0",
+        metrics=[pb.Metric(name="accuracy", value=0.7)],
+        lineage=pb.Lineage(hyperparameters={"lr": "2e-4"}),
+    )
     appended = await registry.stub.AppendModelVersionMetrics(
         rs.AppendModelVersionMetricsRequest(
-            name=cand.name, metrics=[pb.Metric(name="accuracy", value=0.9, source="eval-job"), pb.Metric(name="eval_loss", value=1.0)]
+            name=cand.name,
+            metrics=[pb.Metric(name="accuracy", value=0.9, source="eval-job"), pb.Metric(name="eval_loss", value=1.0)],
         )
     )
     assert [(x.name, x.value) for x in appended.metrics] == [("accuracy", 0.7), ("accuracy", 0.9), ("eval_loss", 1.0)]
     assert appended.metrics[1].source == "eval-job" and appended.metrics[2].source == "anonymous"
     assert appended.metrics[1].record_time.seconds > 0
-    await expect_error(registry.stub.AppendModelVersionMetrics(rs.AppendModelVersionMetricsRequest(name=cand.name)), INVALID, "NO_METRICS")
+    await expect_error(
+        registry.stub.AppendModelVersionMetrics(rs.AppendModelVersionMetricsRequest(name=cand.name)), INVALID, "NO_METRICS"
+    )
     err = await expect_error(
         registry.stub.AppendModelVersionMetrics(rs.AppendModelVersionMetricsRequest(name=cand.name, metrics=[pb.Metric(name="x", value=math.nan)])),
         INVALID, "INVALID_ARGUMENT",
     )  # fmt: skip
     assert [v.field for v in field_violations(err)] == ["metrics[0].value"]
 
-    cmp = await registry.stub.CompareModelVersions(rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=m.name + "/versions/latest"))
+    cmp = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=m.name + "/versions/latest")
+    )
     assert cmp.semver_relation == rs.SEMVER_RELATION_NEWER and cmp.base_model_compatible
     assert cmp.recommendation == rs.RECOMMENDATION_PROMOTE, cmp.reason
     deltas = {d.name: d for d in cmp.metric_deltas}
     assert deltas["accuracy"].delta == pytest.approx(0.1) and deltas["accuracy"].improved
     assert deltas["eval_loss"].direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER and deltas["eval_loss"].improved
-    assert [(d.field, d.base_value, d.candidate_value) for d in cmp.hyperparameter_diffs] == [("hyperparameters.lr", "1e-4", "2e-4")]
-    reverse = await registry.stub.CompareModelVersions(rs.CompareModelVersionsRequest(base_version=cand.name, candidate_version=base.name))
+    assert [(d.field, d.base_value, d.candidate_value) for d in cmp.hyperparameter_diffs] == [
+        ("hyperparameters.lr", "1e-4", "2e-4")
+    ]
+    reverse = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=cand.name, candidate_version=base.name)
+    )
     assert reverse.semver_relation == rs.SEMVER_RELATION_OLDER and reverse.recommendation == rs.RECOMMENDATION_KEEP_BASE
     other = await registry.model()
     ov = await registry.version(other.name, version="1.0.0")
-    unrelated = await registry.stub.CompareModelVersions(rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=ov.name))
+    unrelated = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=ov.name)
+    )
     assert unrelated.semver_relation == rs.SEMVER_RELATION_UNRELATED and unrelated.recommendation == rs.RECOMMENDATION_EXPERIMENT
     await expect_error(
-        registry.stub.CompareModelVersions(rs.CompareModelVersionsRequest(base_version=base.name, candidate_version="bad")), INVALID, "MALFORMED_NAME"
+        registry.stub.CompareModelVersions(rs.CompareModelVersionsRequest(base_version=base.name, candidate_version="bad")),
+        INVALID,
+        "MALFORMED_NAME",
     )
 
     validated = await registry.stub.SetModelVersionState(
-        rs.SetModelVersionStateRequest(name=cand.name, state=pb.ModelVersion.STATE_VALIDATED, reason="passed eval", etag=appended.etag)
+        rs.SetModelVersionStateRequest(
+            name=cand.name, state=pb.ModelVersion.STATE_VALIDATED, reason="passed eval", etag=appended.etag
+        )
     )
     assert validated.state == pb.ModelVersion.STATE_VALIDATED
     await expect_error(
@@ -194,10 +246,17 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         ABORTED, "ETAG_MISMATCH",
     )  # fmt: skip
     for bad_state in (pb.ModelVersion.STATE_UNSPECIFIED, 99):
-        await expect_error(registry.stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=cand.name, state=bad_state)), INVALID, "INVALID_STATE")
+        await expect_error(
+            registry.stub.SetModelVersionState(rs.SetModelVersionStateRequest(name=cand.name, state=bad_state)),
+            INVALID,
+            "INVALID_STATE",
+        )
 
     labelled = await registry.stub.UpdateModelVersion(
-        rs.UpdateModelVersionRequest(model_version=pb.ModelVersion(name=cand.name, labels={"stage": "qa"}, etag=validated.etag), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))
+        rs.UpdateModelVersionRequest(
+            model_version=pb.ModelVersion(name=cand.name, labels={"stage": "qa"}, etag=validated.etag),
+            update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        )
     )
     assert dict(labelled.labels) == {"stage": "qa"} and labelled.state == pb.ModelVersion.STATE_VALIDATED
     await expect_error(
@@ -212,7 +271,11 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         registry.stub.UpdateModelVersion(rs.UpdateModelVersionRequest(model_version=pb.ModelVersion(name=cand.name, labels={"Bad": "x"}), update_mask=field_mask_pb2.FieldMask(paths=["labels"]))),
         INVALID, "INVALID_ARGUMENT",
     )  # fmt: skip
-    await expect_error(registry.stub.UpdateModelVersion(rs.UpdateModelVersionRequest(model_version=pb.ModelVersion(name=cand.name))), INVALID, "MISSING_UPDATE_MASK")
+    await expect_error(
+        registry.stub.UpdateModelVersion(rs.UpdateModelVersionRequest(model_version=pb.ModelVersion(name=cand.name))),
+        INVALID,
+        "MISSING_UPDATE_MASK",
+    )
 
 
 async def test_unknown_artifact_format_is_rejected(registry, expect_error):

@@ -31,7 +31,10 @@ async def test_get_version_matches_list_for_every_reference(registry, expect_err
     await registry.stub.AppendModelVersionMetrics(
         rs.AppendModelVersionMetricsRequest(
             name=v.name,
-            metrics=[pb.Metric(name="accuracy", value=0.5), pb.Metric(name="loss", value=1.25, direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER)],
+            metrics=[
+                pb.Metric(name="accuracy", value=0.5),
+                pb.Metric(name="loss", value=1.25, direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER),
+            ],
         )
     )
     await registry.stub.AppendModelVersionMetrics(
@@ -47,18 +50,28 @@ async def test_get_version_matches_list_for_every_reference(registry, expect_err
     got = await registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=f"{m.name}/versions/prod"))
     assert [x.value for x in got.metrics] == [0.5, 1.25, 0.75] and len(got.aliases) == 4
     # errors are unchanged, including the order of checks
-    await expect_error(registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/9.9.9")), NOT_FOUND, "VERSION_NOT_FOUND")
-    await expect_error(registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/nope")), NOT_FOUND, "ALIAS_NOT_FOUND")
+    await expect_error(
+        registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/9.9.9")), NOT_FOUND, "VERSION_NOT_FOUND"
+    )
+    await expect_error(
+        registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/nope")), NOT_FOUND, "ALIAS_NOT_FOUND"
+    )
     gone = "projects/default/models/missing-" + uuid.uuid4().hex[:6]
     for ref in ("1.0.0", "latest", "prod", "3000000000.0.0"):
-        await expect_error(registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=f"{gone}/versions/{ref}")), NOT_FOUND, "MODEL_NOT_FOUND")
+        await expect_error(
+            registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=f"{gone}/versions/{ref}")), NOT_FOUND, "MODEL_NOT_FOUND"
+        )
     await expect_error(
         registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=m.name + "/versions/3000000000.0.0")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_VERSION",
     )
     empty = await registry.model()
-    await expect_error(registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=empty.name + "/versions/latest")), NOT_FOUND, "VERSION_NOT_FOUND")
+    await expect_error(
+        registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=empty.name + "/versions/latest")),
+        NOT_FOUND,
+        "VERSION_NOT_FOUND",
+    )
 
 
 async def test_create_version_returns_what_a_read_returns(registry):
@@ -69,7 +82,9 @@ async def test_create_version_returns_what_a_read_returns(registry):
         labels={"team": "nlp"},
         notes="n",
     )
-    created = await registry.stub.CreateModelVersion(rs.CreateModelVersionRequest(parent=m.name, bump=rs.VERSION_BUMP_MINOR, model_version=mv))
+    created = await registry.stub.CreateModelVersion(
+        rs.CreateModelVersionRequest(parent=m.name, bump=rs.VERSION_BUMP_MINOR, model_version=mv)
+    )
     again = await registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=created.name))
     assert created == again
     explicit = await registry.version(m.name, version="0.0.5")
@@ -78,7 +93,9 @@ async def test_create_version_returns_what_a_read_returns(registry):
 
 async def test_create_model_retry_after_delete_is_not_found(registry, expect_error):
     request_id = str(uuid.uuid4())
-    req = rs.CreateModelRequest(parent="projects/default", model_id="m-" + uuid.uuid4().hex[:8], model=pb.Model(), request_id=request_id)
+    req = rs.CreateModelRequest(
+        parent="projects/default", model_id="m-" + uuid.uuid4().hex[:8], model=pb.Model(), request_id=request_id
+    )
     first = await registry.stub.CreateModel(req)
     assert await registry.stub.CreateModel(req) == first  # an ordinary retry returns the same model
     await registry.stub.DeleteModel(rs.DeleteModelRequest(name=first.name))
@@ -92,11 +109,15 @@ async def test_create_version_retry_after_model_recreated_is_not_found(registry,
     m = await registry.model()
     request_id = str(uuid.uuid4())
     art = pb.Artifact(uri="file:///tmp/a", sha256=SHA, size_bytes=1)
-    req = rs.CreateModelVersionRequest(parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art), request_id=request_id)
+    req = rs.CreateModelVersionRequest(
+        parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art), request_id=request_id
+    )
     v = await registry.stub.CreateModelVersion(req)
     assert await registry.stub.CreateModelVersion(req) == v
     await registry.stub.DeleteModel(rs.DeleteModelRequest(name=m.name, force=True))
-    await registry.stub.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id=m.name.rsplit("/", 1)[1], model=pb.Model()))
+    await registry.stub.CreateModel(
+        rs.CreateModelRequest(parent="projects/default", model_id=m.name.rsplit("/", 1)[1], model=pb.Model())
+    )
     await expect_error(registry.stub.CreateModelVersion(req), NOT_FOUND, "VERSION_NOT_FOUND")
 
 
@@ -111,7 +132,9 @@ async def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path):
     try:
         m = await stub.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="locked", model=pb.Model()))
         art = pb.Artifact(uri="file:///tmp/a", sha256=SHA, size_bytes=1)
-        v = await stub.CreateModelVersion(rs.CreateModelVersionRequest(parent=m.name, version="1.0.0", model_version=pb.ModelVersion(artifact=art)))
+        v = await stub.CreateModelVersion(
+            rs.CreateModelVersionRequest(parent=m.name, version="1.0.0", model_version=pb.ModelVersion(artifact=art))
+        )
         db = svc.registry.db
         holding, release = asyncio.Event(), asyncio.Event()
 
@@ -158,7 +181,9 @@ async def test_cache_is_invalidated_by_writes_through_another_replica(tmp_path):
         m = await b.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="cached", model=pb.Model()))
         art = pb.Artifact(uri="file:///tmp/a", sha256=SHA, size_bytes=1)
         for version in ("1.0.0", "1.1.0"):
-            await b.CreateModelVersion(rs.CreateModelVersionRequest(parent=m.name, version=version, model_version=pb.ModelVersion(artifact=art)))
+            await b.CreateModelVersion(
+                rs.CreateModelVersionRequest(parent=m.name, version=version, model_version=pb.ModelVersion(artifact=art))
+            )
         await b.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
         loop = asyncio.get_running_loop()
 
@@ -181,9 +206,13 @@ async def test_cache_is_invalidated_by_writes_through_another_replica(tmp_path):
         delays = []
         await b.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0"))
         delays.append(await visible_on_a("prod", lambda v: v.version == "1.1.0"))
-        await b.CreateModelVersion(rs.CreateModelVersionRequest(parent=m.name, version="2.0.0", model_version=pb.ModelVersion(artifact=art)))
+        await b.CreateModelVersion(
+            rs.CreateModelVersionRequest(parent=m.name, version="2.0.0", model_version=pb.ModelVersion(artifact=art))
+        )
         delays.append(await visible_on_a("latest", lambda v: v.version == "2.0.0"))
-        await b.AppendModelVersionMetrics(rs.AppendModelVersionMetricsRequest(name=f"{m.name}/versions/1.0.0", metrics=[pb.Metric(name="acc", value=1.0)]))
+        await b.AppendModelVersionMetrics(
+            rs.AppendModelVersionMetricsRequest(name=f"{m.name}/versions/1.0.0", metrics=[pb.Metric(name="acc", value=1.0)])
+        )
         delays.append(await visible_on_a("1.0.0", lambda v: len(v.metrics) == 1))
         await b.DeleteModel(rs.DeleteModelRequest(name=m.name, force=True))
         started = loop.time()

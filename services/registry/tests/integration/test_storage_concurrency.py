@@ -62,7 +62,10 @@ async def test_concurrent_patch_bumps_give_consecutive_versions(registry):
         art = pb.Artifact(uri="file:///a", sha256="ef" * 32)
         calls = [
             stubs[i % 5].CreateModelVersion(
-                rs.CreateModelVersionRequest(parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)), timeout=60
+                rs.CreateModelVersionRequest(
+                    parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
+                ),
+                timeout=60,
             )
             for i in range(50)
         ]
@@ -83,7 +86,9 @@ async def test_concurrent_alias_compare_and_set_has_one_winner(registry):
     await registry.stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
     targets = ["2.0.0", "3.0.0"] * 6
     calls = [
-        registry.stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version=t, expected_version="1.0.0", reason=str(i)), timeout=60)
+        registry.stub.SetModelAlias(
+            rs.SetModelAliasRequest(model=m.name, alias="prod", version=t, expected_version="1.0.0", reason=str(i)), timeout=60
+        )
         for i, t in enumerate(targets)
     ]
     results = await asyncio.gather(*calls, return_exceptions=True)

@@ -68,7 +68,9 @@ def _version(**kwargs) -> ModelVersion:
 def test_new_version_rules():
     assert violations_of(validate_new_version, _version()) == []
     assert "model_version.artifact.sha256" in violations_of(validate_new_version, _version(artifact=Artifact("file:///a", "")))
-    assert "model_version.artifact.sha256" in violations_of(validate_new_version, _version(artifact=Artifact("file:///a", SHA.upper())))
+    assert "model_version.artifact.sha256" in violations_of(
+        validate_new_version, _version(artifact=Artifact("file:///a", SHA.upper()))
+    )
     assert "model_version.artifact.uri" in violations_of(validate_new_version, _version(artifact=Artifact("", SHA)))
     assert "model_version.artifact.size_bytes" in violations_of(validate_new_version, _version(artifact=Artifact("u", SHA, -1)))
     bad_digest = _version(lineage=Lineage(dataset_digest="nothex"))
@@ -110,7 +112,9 @@ def test_etag_changes_with_revision_and_name():
 
 def _mv(metrics: dict[str, float], base_model="b", state=VersionState.REGISTERED, **hp) -> ModelVersion:
     return _version(
-        metrics=[Metric(k, v) for k, v in metrics.items()], state=state, lineage=Lineage(base_model=base_model, hyperparameters=hp)
+        metrics=[Metric(k, v) for k, v in metrics.items()],
+        state=state,
+        lineage=Lineage(base_model=base_model, hyperparameters=hp),
     )
 
 
@@ -150,7 +154,10 @@ def test_regression_keeps_base():
 def test_no_shared_metric_means_experiment():
     cmp = compare_versions(_mv({"accuracy": 0.9}), _mv({"bleu": 0.3}), "NEWER")
     assert cmp.recommendation == "EXPERIMENT"
-    assert {d.name: (d.base_value, d.candidate_value) for d in cmp.metric_deltas} == {"accuracy": (0.9, None), "bleu": (None, 0.3)}
+    assert {d.name: (d.base_value, d.candidate_value) for d in cmp.metric_deltas} == {
+        "accuracy": (0.9, None),
+        "bleu": (None, 0.3),
+    }
 
 
 def test_deprecated_candidate_is_never_promoted():

@@ -31,7 +31,22 @@ def test_prerelease_is_below_its_release():
 
 
 @pytest.mark.parametrize(
-    "text", ["", "1", "1.0", "01.0.0", "1.0.0-", "1.0.0-01", "v1.0.0", "1.0.0+build.1", "1.0.0-rc.1+sha", "a.b.c", "1.0.0 ", "2147483648.0.0", "1.0.0-rc.2147483648"]
+    "text",
+    [
+        "",
+        "1",
+        "1.0",
+        "01.0.0",
+        "1.0.0-",
+        "1.0.0-01",
+        "v1.0.0",
+        "1.0.0+build.1",
+        "1.0.0-rc.1+sha",
+        "a.b.c",
+        "1.0.0 ",
+        "2147483648.0.0",
+        "1.0.0-rc.2147483648",
+    ],
 )
 def test_invalid_versions_are_rejected(text):
     with pytest.raises(InvalidArgument) as caught:

@@ -41,26 +41,48 @@ class _JobNotifier(Notifier):
 @dataclass
 class TrainerConfig(ServiceConfig):
     migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
-    dataset_roots: str = field(default="", metadata={"help": "comma-separated directories datasets may be read from; default <data dir>/datasets, the repo's data/, the working directory"})
+    dataset_roots: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated directories datasets may be read from; default <data dir>/datasets, the repo's data/, the working directory"
+        },
+    )
     artifacts_dir: str = field(default="", metadata={"help": "file:// artifact store; default <data dir>/artifacts"})
     model_cache_dir: str = field(default="", metadata={"help": "cache of converted builtin models; default <data dir>/models"})
     registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
-    registry_retry_seconds: float = field(default=120.0, metadata={"help": "how long a worker retries an unreachable registry before failing the job"})
+    registry_retry_seconds: float = field(
+        default=120.0, metadata={"help": "how long a worker retries an unreachable registry before failing the job"}
+    )
     run_jobs: bool = field(default=True, metadata={"help": "claim and run queued jobs (off: API only)"})
     max_concurrent_jobs: int = field(default=1, metadata={"help": "jobs this replica runs at once"})
     max_attempts: int = field(default=3, metadata={"help": "worker starts per job before it fails"})
-    lease_seconds: float = field(default=30.0, metadata={"help": "a job whose lease is not renewed for this long is picked up again"})
+    lease_seconds: float = field(
+        default=30.0, metadata={"help": "a job whose lease is not renewed for this long is picked up again"}
+    )
     heartbeat_seconds: float = field(default=5.0, metadata={"help": "lease renewal interval"})
-    queue_poll_seconds: float = field(default=2.0, metadata={"help": "queue scan interval (other replicas' jobs, expired leases)"})
-    cancel_grace_seconds: float = field(default=15.0, metadata={"help": "SIGKILL a cancelled worker that has not stopped after this long"})
-    watch_poll_seconds: float = field(default=0.0, metadata={"help": "safety-net event poll of watchers; 0 = 1 s on SQLite, 2 s on PostgreSQL (local workers' pipes and NOTIFY wake them at once)"})
-    kube_api: str = field(default="", metadata={"help": "Kubernetes API URL for the KUBERNETES executor; `in-cluster`; empty = off"})
+    queue_poll_seconds: float = field(
+        default=2.0, metadata={"help": "queue scan interval (other replicas' jobs, expired leases)"}
+    )
+    cancel_grace_seconds: float = field(
+        default=15.0, metadata={"help": "SIGKILL a cancelled worker that has not stopped after this long"}
+    )
+    watch_poll_seconds: float = field(
+        default=0.0,
+        metadata={
+            "help": "safety-net event poll of watchers; 0 = 1 s on SQLite, 2 s on PostgreSQL (local workers' pipes and NOTIFY wake them at once)"
+        },
+    )
+    kube_api: str = field(
+        default="", metadata={"help": "Kubernetes API URL for the KUBERNETES executor; `in-cluster`; empty = off"}
+    )
     kube_token: str = field(default="", metadata={"help": "bearer token for the Kubernetes API"})
     kube_namespace: str = field(default="neuroweaver", metadata={"help": "namespace of training Jobs"})
     kube_image: str = field(default="neuroweaver/trainer:latest", metadata={"help": "default worker image"})
     kube_checkpoint_pvc: str = field(default="", metadata={"help": "PVC mounted for checkpoints so retried pods resume"})
-    kube_secret: str = field(default="neuroweaver-trainer", metadata={"help": "Secret with database-url (and tokens) for worker pods"})
+    kube_secret: str = field(
+        default="neuroweaver-trainer", metadata={"help": "Secret with database-url (and tokens) for worker pods"}
+    )
 
 
 def build(config: TrainerConfig) -> GrpcService:
@@ -86,10 +108,19 @@ def build(config: TrainerConfig) -> GrpcService:
     if config.kube_api:
         from neuroweaver_kube import KubeClient
 
-        client = KubeClient.from_config() if config.kube_api == "in-cluster" else KubeClient.from_config(host=config.kube_api, token=config.kube_token or None)
+        client = (
+            KubeClient.from_config()
+            if config.kube_api == "in-cluster"
+            else KubeClient.from_config(host=config.kube_api, token=config.kube_token or None)
+        )
         kube = KubernetesExecutor(
             client,
-            KubeSettings(namespace=config.kube_namespace, image=config.kube_image, checkpoint_pvc=config.kube_checkpoint_pvc, secret_name=config.kube_secret),
+            KubeSettings(
+                namespace=config.kube_namespace,
+                image=config.kube_image,
+                checkpoint_pvc=config.kube_checkpoint_pvc,
+                secret_name=config.kube_secret,
+            ),
             worker,
         )
     scheduler = Scheduler(

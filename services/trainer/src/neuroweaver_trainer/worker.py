@@ -74,16 +74,28 @@ class WorkerConfig:
     registry_retry_seconds: float = field(default=120.0, metadata={"help": "keep retrying an unreachable registry this long"})
     model_cache_dir: str = field(default="", metadata={"help": "converted builtin models cache"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the trainer process dies (local executor)"})
-    notify_fd: int = field(default=-1, metadata={"help": "pipe to the local trainer: each committed event's `<job key>:<sequence>` is written to it"})
-    rlaif_judge_chunk_size: int = field(default=16, metadata={"help": "RLAIF: verdicts per JUDGE progress event (and per cancel check)"})
+    notify_fd: int = field(
+        default=-1, metadata={"help": "pipe to the local trainer: each committed event's `<job key>:<sequence>` is written to it"}
+    )
+    rlaif_judge_chunk_size: int = field(
+        default=16, metadata={"help": "RLAIF: verdicts per JUDGE progress event (and per cancel check)"}
+    )
     stop_poll_seconds: float = field(default=1.0, metadata={"help": "how often the job's state is checked for a cancel"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
 
 
 # Registry metric directions of what the trainer reports (unlisted names: the registry infers them).
-HIGHER = ("reward_model_accuracy", "reward_model_mean_margin", "judge_win_rate_vs_parent", "judge_win_rate_vs_base",
-          "dpo_reward_accuracy", "dpo_reward_margin", "policy_final_reward", "preference_pairs")
+HIGHER = (
+    "reward_model_accuracy",
+    "reward_model_mean_margin",
+    "judge_win_rate_vs_parent",
+    "judge_win_rate_vs_base",
+    "dpo_reward_accuracy",
+    "dpo_reward_margin",
+    "policy_final_reward",
+    "preference_pairs",
+)
 LOWER = ("train_loss", "eval_loss", "judge_cost_usd", "malformed", "policy_final_loss", "judge_errors")
 # the pipeline's stage names → the contract's (TrainingJobEvent.stage)
 _STAGE_NAMES = {"preferences": "pairs"}
@@ -165,7 +177,12 @@ class Worker:
         values.update(state=state.value, end_time=now, lease_owner="", lease_expires_at=0.0)
         if state is JobState.FAILED:
             values["error"] = message
-        await self._event(JobEvent(EventType.STATE_CHANGED, stage=self.job.stage if self.job else "", state=state, message=message, create_time=now), **values)
+        await self._event(
+            JobEvent(
+                EventType.STATE_CHANGED, stage=self.job.stage if self.job else "", state=state, message=message, create_time=now
+            ),
+            **values,
+        )
 
     async def _state(self) -> tuple[str, int] | None:
         async with self.db.transaction() as s:
@@ -199,7 +216,13 @@ class Worker:
             self.pk, self.job = row.id, job_from_row(row)
             self.attempt = self.cfg.attempt or row.attempts
             if row.attempts != self.attempt or row.state not in (JobState.RUNNING.value, JobState.CANCELLING.value):
-                log.warning("job %s is %s at attempt %s; this is attempt %s: nothing to do", row.name, row.state, row.attempts, self.attempt)
+                log.warning(
+                    "job %s is %s at attempt %s; this is attempt %s: nothing to do",
+                    row.name,
+                    row.state,
+                    row.attempts,
+                    self.attempt,
+                )
                 return 0
             parent = TraceContextTextMapPropagator().extract({"traceparent": row.trace_parent}) if row.trace_parent else None
             with _tracer.start_as_current_span(
@@ -243,14 +266,22 @@ class Worker:
             return EXIT_INTERRUPTED
         metrics = outcome.metrics
         job.stage = "register"
-        await self._event(JobEvent(EventType.STAGE_STARTED, stage="register", message="storing artifacts and registering the version"), stage="register", metrics=metrics)
+        await self._event(
+            JobEvent(EventType.STAGE_STARTED, stage="register", message="storing artifacts and registering the version"),
+            stage="register",
+            metrics=metrics,
+        )
         try:
             output_uri, adapter_uri, sha, size = await asyncio.to_thread(self._store, job, outcome)
             version = await self._register(job, outcome, adapter_uri, sha, size)
         except JobFailed as exc:
             await self._finish(JobState.FAILED, str(exc), output_uri=locals().get("output_uri", ""))
             return 0
-        await self._event(JobEvent(EventType.REGISTERED, stage="register", message=version, metrics=metrics), model_version=version, output_uri=output_uri)
+        await self._event(
+            JobEvent(EventType.REGISTERED, stage="register", message=version, metrics=metrics),
+            model_version=version,
+            output_uri=output_uri,
+        )
         await self._finish(JobState.SUCCEEDED, f"registered {version}")
         return 0
 
@@ -278,7 +309,9 @@ class Worker:
         except OSError as exc:
             raise JobFailed(f"{what} {uri} cannot be read any more: {exc}") from None
         if digest and actual != digest:
-            raise JobFailed(f"{what} {uri} changed since the job was submitted (sha256 {actual[:12]}…, submitted {digest[:12]}…); submit a new job")
+            raise JobFailed(
+                f"{what} {uri} changed since the job was submitted (sha256 {actual[:12]}…, submitted {digest[:12]}…); submit a new job"
+            )
         return str(path)
 
     async def _train_rlaif(self, job: TrainingJob) -> Outcome:
@@ -294,10 +327,20 @@ class Worker:
             try:
                 await asyncio.to_thread(verify_digest, parent_dir, r.parent_artifact_sha256)
             except DigestMismatch as exc:
-                raise JobFailed(f"the adapter of {r.start_from_version} at {r.parent_artifact_uri} does not match its registered sha256: {exc}") from None
+                raise JobFailed(
+                    f"the adapter of {r.start_from_version} at {r.parent_artifact_uri} does not match its registered sha256: {exc}"
+                ) from None
             except OSError as exc:
-                raise JobFailed(f"the adapter of {r.start_from_version} cannot be read at {r.parent_artifact_uri}: {exc}") from None
-            await self._event(JobEvent(EventType.LOG, stage="sft", message=f"attempt {self.attempt}: SFT skipped; starting from {r.start_from_version} ({r.parent_artifact_uri})"))
+                raise JobFailed(
+                    f"the adapter of {r.start_from_version} cannot be read at {r.parent_artifact_uri}: {exc}"
+                ) from None
+            await self._event(
+                JobEvent(
+                    EventType.LOG,
+                    stage="sft",
+                    message=f"attempt {self.attempt}: SFT skipped; starting from {r.start_from_version} ({r.parent_artifact_uri})",
+                )
+            )
         else:
             sft = await self._run_sft_stage(job)
             if sft.status == "cancelled":
@@ -305,7 +348,9 @@ class Worker:
             parent_dir, metrics = Path(sft.adapter_dir), self._sft_metrics(sft)
         base_dir = await self._base_dir(job)
         prompts = await self._input_file(r.prompts_uri, r.prompts_digest, "prompt file")
-        eval_prompts = await self._input_file(r.eval_prompts_uri, r.eval_prompts_digest, "eval prompt file") if r.eval_prompts_uri else None
+        eval_prompts = (
+            await self._input_file(r.eval_prompts_uri, r.eval_prompts_digest, "eval prompt file") if r.eval_prompts_uri else None
+        )
         try:
             judge = JudgeConfig(**r.judge)
         except (JudgeConfigError, TypeError) as exc:
@@ -353,7 +398,12 @@ class Worker:
         h, lo = job.hyperparameters, job.lora
         stage = "dpo" if job.method is Method.DPO else "reward_model"
         job.stage = self._stage_name = stage
-        await self._event(JobEvent(EventType.STAGE_STARTED, stage=stage, message=f"attempt {self.attempt}: {job.method.value} on {job.base_model}"), stage=stage)
+        await self._event(
+            JobEvent(
+                EventType.STAGE_STARTED, stage=stage, message=f"attempt {self.attempt}: {job.method.value} on {job.base_model}"
+            ),
+            stage=stage,
+        )
         base_dir = await self._base_dir(job)
         prefs = await self._input_file(job.dataset_uri, job.dataset_digest, "preference dataset")
         out = self._job_dir(job) / stage
@@ -368,7 +418,11 @@ class Worker:
                                    base_model_ref=job.base_model, adapter_name=job.name, **common)  # fmt: skip
                 res = await asyncio.to_thread(run_dpo, cfg, self._on_event, self.stop.is_set)
             else:
-                eval_file = await self._input_file(job.eval_dataset_uri, job.eval_dataset_digest, "eval preference dataset") if job.eval_dataset_uri else None
+                eval_file = (
+                    await self._input_file(job.eval_dataset_uri, job.eval_dataset_digest, "eval preference dataset")
+                    if job.eval_dataset_uri
+                    else None
+                )
                 cfg = RewardModelConfig(preference_file=prefs, output_dir=str(out), backbone="policy", base_model_dir=base_dir,
                                         eval_file=eval_file, eval_fraction=0.0 if eval_file else max(h.eval_split, 0.2), **common)  # fmt: skip
                 res = await asyncio.to_thread(run_reward_model, cfg, self._on_event, self.stop.is_set)
@@ -382,7 +436,13 @@ class Worker:
             return Outcome("cancelled", f"cancelled at step {res.global_step} of stage {stage}; last checkpoint kept")
         if job.method is Method.DPO:
             fm = res.final_metrics
-            metrics = _numeric({"train_loss": res.train_loss, "dpo_reward_accuracy": fm.get("rewards/accuracies"), "dpo_reward_margin": fm.get("rewards/margins")})
+            metrics = _numeric(
+                {
+                    "train_loss": res.train_loss,
+                    "dpo_reward_accuracy": fm.get("rewards/accuracies"),
+                    "dpo_reward_margin": fm.get("rewards/margins"),
+                }
+            )
             adapter, sha = res.adapter_dir, res.adapter_sha256
         else:
             metrics = _numeric({"train_loss": res.train_loss, "reward_model_accuracy": res.accuracy, "reward_model_mean_margin": res.mean_margin,
@@ -390,7 +450,8 @@ class Worker:
             adapter, sha = res.model_dir, res.model_sha256
         await self._event(
             JobEvent(EventType.STAGE_COMPLETED, stage=stage, metrics=metrics, message=f"trained {res.global_step} steps"),
-            current_step=res.global_step, metrics=metrics,
+            current_step=res.global_step,
+            metrics=metrics,
         )
         return Outcome("completed", f"{res.global_step} steps", adapter_dir=str(adapter), adapter_sha256=str(sha), report_path=res.report_path,
                        metrics=metrics, dataset_uri=job.dataset_uri, dataset_digest=job.dataset_digest)  # fmt: skip
@@ -414,7 +475,10 @@ class Worker:
 
     @staticmethod
     def _sft_metrics(result) -> dict[str, float]:
-        values = {"train_loss": result.train_loss if result.train_loss is not None else result.final_step_loss, "eval_loss": result.eval_loss}
+        values = {
+            "train_loss": result.train_loss if result.train_loss is not None else result.final_step_loss,
+            "eval_loss": result.eval_loss,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
     async def _run_sft_stage(self, job: TrainingJob):
@@ -431,7 +495,12 @@ class Worker:
         )
 
         job.stage = "sft"
-        await self._event(JobEvent(EventType.STAGE_STARTED, stage="sft", message=f"attempt {self.attempt}: {job.method.value} on {job.base_model}"), stage="sft")
+        await self._event(
+            JobEvent(
+                EventType.STAGE_STARTED, stage="sft", message=f"attempt {self.attempt}: {job.method.value} on {job.base_model}"
+            ),
+            stage="sft",
+        )
         try:
             base_dir = await asyncio.to_thread(resolve_base_model, job.base_model, self.cfg.model_cache_dir or None)
         except ModelNotFound as exc:
@@ -443,7 +512,9 @@ class Worker:
         except OSError as exc:
             raise JobFailed(f"dataset {job.dataset_uri} cannot be read any more: {exc}") from None
         if job.dataset_digest and digest != job.dataset_digest:
-            raise JobFailed(f"dataset {job.dataset_uri} changed since the job was submitted (sha256 {digest[:12]}…, submitted {job.dataset_digest[:12]}…); submit a new job")
+            raise JobFailed(
+                f"dataset {job.dataset_uri} changed since the job was submitted (sha256 {digest[:12]}…, submitted {job.dataset_digest[:12]}…); submit a new job"
+            )
         h, lo = job.hyperparameters, job.lora
         sft = SFTConfig(
             base_model_dir=str(base_dir), train_file=str(train_file), output_dir=str(self._work_dir(job)),
@@ -468,8 +539,15 @@ class Worker:
         if result.status != "cancelled":
             metrics = self._sft_metrics(result)
             await self._event(
-                JobEvent(EventType.STAGE_COMPLETED, stage="sft", metrics=metrics, message=f"trained {result.global_step} steps, {result.tokens_seen} tokens"),
-                current_step=result.global_step, total_steps=result.total_steps, metrics=metrics,
+                JobEvent(
+                    EventType.STAGE_COMPLETED,
+                    stage="sft",
+                    metrics=metrics,
+                    message=f"trained {result.global_step} steps, {result.tokens_seen} tokens",
+                ),
+                current_step=result.global_step,
+                total_steps=result.total_steps,
+                metrics=metrics,
             )
         return result
 
@@ -485,11 +563,27 @@ class Worker:
                 self._stage_name = name
                 assert self.job is not None
                 self.job.stage = name
-                self._event_from_thread(JobEvent(EventType.STAGE_STARTED, stage=name, message=f"attempt {self.attempt}: {name}"), stage=name)
+                self._event_from_thread(
+                    JobEvent(EventType.STAGE_STARTED, stage=name, message=f"attempt {self.attempt}: {name}"), stage=name
+                )
             elif ev.status == "completed":
-                self._event_from_thread(JobEvent(EventType.STAGE_COMPLETED, stage=name, metrics=detail, message=f"{name} completed in {ev.seconds or 0:.1f}s"))
+                self._event_from_thread(
+                    JobEvent(
+                        EventType.STAGE_COMPLETED,
+                        stage=name,
+                        metrics=detail,
+                        message=f"{name} completed in {ev.seconds or 0:.1f}s",
+                    )
+                )
             elif ev.status == "skipped":
-                self._event_from_thread(JobEvent(EventType.LOG, stage=name, metrics=detail, message=f"{name}: already completed by an earlier attempt; skipped"))
+                self._event_from_thread(
+                    JobEvent(
+                        EventType.LOG,
+                        stage=name,
+                        metrics=detail,
+                        message=f"{name}: already completed by an earlier attempt; skipped",
+                    )
+                )
             else:
                 self._event_from_thread(JobEvent(EventType.LOG, stage=name, message=f"{name}: {ev.status}"))
         elif kind == "judge_progress":
@@ -498,30 +592,67 @@ class Worker:
                 "requests": ev.requests, "retries": ev.retries, "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                 "tokens": ev.prompt_tokens + ev.completion_tokens, "cost_usd": ev.cost_usd,
             }  # fmt: skip
-            self._event_from_thread(JobEvent(EventType.JUDGE, stage=_STAGE_NAMES.get(ev.stage, ev.stage), metrics=_numeric(m), message=f"judged {ev.done}/{ev.total}"))
+            self._event_from_thread(
+                JobEvent(
+                    EventType.JUDGE,
+                    stage=_STAGE_NAMES.get(ev.stage, ev.stage),
+                    metrics=_numeric(m),
+                    message=f"judged {ev.done}/{ev.total}",
+                )
+            )
         elif kind == "rl_step":
             name = _STAGE_NAMES.get(ev.stage, ev.stage) if self._stage_name not in ("dpo",) else self._stage_name
-            step = StepMetrics(step=ev.step, total_steps=ev.total_steps, loss=ev.loss or 0.0, learning_rate=ev.learning_rate or 0.0)
-            m = _numeric({**{k.replace("/", "_"): v for k, v in (ev.metrics or {}).items()}, "loss": ev.loss, "reward": ev.reward, "kl": ev.kl})
-            self._event_from_thread(JobEvent(EventType.STEP, stage=name, step=step, metrics=m), current_step=ev.step, total_steps=ev.total_steps)
+            step = StepMetrics(
+                step=ev.step, total_steps=ev.total_steps, loss=ev.loss or 0.0, learning_rate=ev.learning_rate or 0.0
+            )
+            m = _numeric(
+                {
+                    **{k.replace("/", "_"): v for k, v in (ev.metrics or {}).items()},
+                    "loss": ev.loss,
+                    "reward": ev.reward,
+                    "kl": ev.kl,
+                }
+            )
+            self._event_from_thread(
+                JobEvent(EventType.STEP, stage=name, step=step, metrics=m), current_step=ev.step, total_steps=ev.total_steps
+            )
         elif kind == "metrics":
             name = "evaluate" if ev.stage == "final" else _STAGE_NAMES.get(ev.stage, ev.stage)
-            self._event_from_thread(JobEvent(EventType.EVAL, stage=name, metrics=_numeric(ev.metrics), message="final metrics" if ev.stage == "final" else ""))
+            self._event_from_thread(
+                JobEvent(
+                    EventType.EVAL,
+                    stage=name,
+                    metrics=_numeric(ev.metrics),
+                    message="final metrics" if ev.stage == "final" else "",
+                )
+            )
         elif kind == "step":
             step = StepMetrics(
                 step=ev.step, total_steps=ev.total_steps, epoch=ev.epoch, loss=ev.loss or 0.0, learning_rate=ev.learning_rate or 0.0,
                 grad_norm=ev.grad_norm or 0.0, tokens_per_second=ev.tokens_per_second, eta_seconds=ev.eta_seconds or 0.0,
                 rss_bytes=ev.rss_bytes, gpu_memory_bytes=ev.gpu_memory_bytes or 0,
             )  # fmt: skip
-            self._event_from_thread(JobEvent(EventType.STEP, stage="sft", step=step), current_step=ev.step, total_steps=ev.total_steps)
+            self._event_from_thread(
+                JobEvent(EventType.STEP, stage="sft", step=step), current_step=ev.step, total_steps=ev.total_steps
+            )
         elif kind == "eval":
-            self._event_from_thread(JobEvent(EventType.EVAL, stage="sft", metrics={"eval_loss": ev.eval_loss, "step": float(ev.step)}))
+            self._event_from_thread(
+                JobEvent(EventType.EVAL, stage="sft", metrics={"eval_loss": ev.eval_loss, "step": float(ev.step)})
+            )
         elif kind == "checkpoint":
-            self._event_from_thread(JobEvent(EventType.CHECKPOINT, stage=stage, metrics={"step": float(ev.step)}, message=ev.path))
+            self._event_from_thread(
+                JobEvent(EventType.CHECKPOINT, stage=stage, metrics={"step": float(ev.step)}, message=ev.path)
+            )
         elif kind == "resumed":
             self._event_from_thread(
-                JobEvent(EventType.RESUMED, stage=stage, metrics={"step": float(ev.step)}, message=f"resumed from checkpoint {ev.path} at step {ev.step}"),
-                resumed_from_step=ev.step, current_step=ev.step,
+                JobEvent(
+                    EventType.RESUMED,
+                    stage=stage,
+                    metrics={"step": float(ev.step)},
+                    message=f"resumed from checkpoint {ev.path} at step {ev.step}",
+                ),
+                resumed_from_step=ev.step,
+                current_step=ev.step,
             )
 
     # -- results ---------------------------------------------------------------------------------
@@ -552,8 +683,14 @@ class Worker:
         from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
         from neuroweaver_runtime.client import open_channel
 
-        directions = {"higher": rpb.METRIC_DIRECTION_HIGHER_IS_BETTER, "lower": rpb.METRIC_DIRECTION_LOWER_IS_BETTER, "": rpb.METRIC_DIRECTION_UNSPECIFIED}
-        bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}[job.version_bump or "minor"]
+        directions = {
+            "higher": rpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+            "lower": rpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+            "": rpb.METRIC_DIRECTION_UNSPECIFIED,
+        }
+        bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}[
+            job.version_bump or "minor"
+        ]
         request = rsvc.CreateModelVersionRequest(
             parent=job.target_model,
             bump=bump,
@@ -611,7 +748,13 @@ class Worker:
                         f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {uri} "
                         f"(sha256 {sha}); re-run the job once the registry is back"
                     ) from None
-                await self._event(JobEvent(EventType.LOG, stage="register", message=f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s"))
+                await self._event(
+                    JobEvent(
+                        EventType.LOG,
+                        stage="register",
+                        message=f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s",
+                    )
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

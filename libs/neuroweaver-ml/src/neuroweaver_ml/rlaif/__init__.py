@@ -20,8 +20,19 @@ from .judges import (
 )
 
 __all__ = [
-    "Judge", "JudgeCache", "JudgeConfig", "JudgeConfigError", "JudgeStats", "Judgement", "LocalEmbeddingJudge",
-    "OpenAICompatibleJudge", "Preference", "make_judge", "minilm_model_dir", "parse_score", "parse_winner",
+    "Judge",
+    "JudgeCache",
+    "JudgeConfig",
+    "JudgeConfigError",
+    "JudgeStats",
+    "Judgement",
+    "LocalEmbeddingJudge",
+    "OpenAICompatibleJudge",
+    "Preference",
+    "make_judge",
+    "minilm_model_dir",
+    "parse_score",
+    "parse_winner",
 ]
 from .events import STAGES, JudgeProgressEvent, MetricsEvent, RLStepEvent, StageEvent  # noqa: E402
 from .pipeline import RlaifConfig, RlaifResult, WinRate, run_rlaif, wilson_interval, win_rate  # noqa: E402
@@ -36,7 +47,22 @@ from .training import (  # noqa: E402
 )
 
 __all__ += [
-    "DPOJobConfig", "JudgeProgressEvent", "MetricsEvent", "PolicyResult", "RLStepEvent", "RewardModelConfig",
-    "RewardModelResult", "RewardScorer", "RlaifConfig", "RlaifResult", "STAGES", "StageEvent", "WinRate",
-    "run_dpo", "run_reward_model", "run_rlaif", "wilson_interval", "win_rate",
+    "DPOJobConfig",
+    "JudgeProgressEvent",
+    "MetricsEvent",
+    "PolicyResult",
+    "RLStepEvent",
+    "RewardModelConfig",
+    "RewardModelResult",
+    "RewardScorer",
+    "RlaifConfig",
+    "RlaifResult",
+    "STAGES",
+    "StageEvent",
+    "WinRate",
+    "run_dpo",
+    "run_reward_model",
+    "run_rlaif",
+    "wilson_interval",
+    "win_rate",
 ]

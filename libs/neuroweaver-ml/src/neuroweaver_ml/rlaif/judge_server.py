@@ -107,19 +107,26 @@ def make_app(state: JudgeServerState):
             headers = {}
             if fault.get("retry_after") is not None:
                 headers["Retry-After"] = str(fault["retry_after"])
-            return web.json_response({"error": {"message": f"injected {rec.status}", "type": "injected",
-                                                "code": rec.status}}, status=rec.status, headers=headers)
+            return web.json_response(
+                {"error": {"message": f"injected {rec.status}", "type": "injected", "code": rec.status}},
+                status=rec.status,
+                headers=headers,
+            )
         if (fault and fault.get("malformed")) or (state.malformed_if_contains and state.malformed_if_contains in content):
             text = "I would rather not put a number on this answer."
         else:
             text = judge_text(content)
         pt, ct = len(content.split()), len(text.split())
-        return web.json_response({
-            "id": f"chatcmpl-{len(state.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "nw-judge"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
-        })
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{len(state.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "nw-judge"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+            }
+        )
 
     app = web.Application()
     app.router.add_get("/v1/models", models)

@@ -203,12 +203,13 @@ class JudgeCache:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
-                         "value TEXT NOT NULL, created REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
+            "value TEXT NOT NULL, created REAL NOT NULL)"
+        )
 
     @staticmethod
-    def key(judge: str, kind: str, prompt: str, response: str, other: str | None = None,
-            reference: str | None = None) -> str:
+    def key(judge: str, kind: str, prompt: str, response: str, other: str | None = None, reference: str | None = None) -> str:
         payload = json.dumps([judge, kind, prompt, response, other, reference], ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -219,8 +220,10 @@ class JudgeCache:
 
     def put(self, key: str, judge: str, value: dict) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO verdicts (key, judge, value, created) VALUES (?, ?, ?, ?)",
-                             (key, judge, json.dumps(value), time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO verdicts (key, judge, value, created) VALUES (?, ?, ?, ?)",
+                (key, judge, json.dumps(value), time.time()),
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -235,11 +238,12 @@ class JudgeCache:
 # parsing
 
 
-_SCORE_LINE = re.compile(r"^\s*[*_`#>\s]*score[*_`\s]*[:=]\s*[*_`]*\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+(?:\.\d+)?)?[*_`.\s]*$",
-                         re.IGNORECASE | re.MULTILINE)
+_SCORE_LINE = re.compile(
+    r"^\s*[*_`#>\s]*score[*_`\s]*[:=]\s*[*_`]*\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*\d+(?:\.\d+)?)?[*_`.\s]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 _SCORE_JSON = re.compile(r"\{[^{}]*\"score\"\s*:\s*(-?\d+(?:\.\d+)?)[^{}]*\}", re.IGNORECASE)
-_WINNER_LINE = re.compile(r"^\s*[*_`#>\s]*winner[*_`\s]*[:=]\s*[*_`\"]*\s*(a|b|tie)\b[*_`\".\s]*$",
-                          re.IGNORECASE | re.MULTILINE)
+_WINNER_LINE = re.compile(r"^\s*[*_`#>\s]*winner[*_`\s]*[:=]\s*[*_`\"]*\s*(a|b|tie)\b[*_`\".\s]*$", re.IGNORECASE | re.MULTILINE)
 _WINNER_JSON = re.compile(r"\{[^{}]*\"winner\"\s*:\s*\"(a|b|tie)\"[^{}]*\}", re.IGNORECASE)
 
 
@@ -389,10 +393,16 @@ class Judge:
 
 
 def _preference_from_scores(ja: Judgement, jb: Judgement) -> Preference:
-    p = Preference(winner=None, score_a=ja.score, score_b=jb.score, raw=[ja.raw or "", jb.raw or ""],
-                   prompt_tokens=ja.prompt_tokens + jb.prompt_tokens,
-                   completion_tokens=ja.completion_tokens + jb.completion_tokens,
-                   cost_usd=ja.cost_usd + jb.cost_usd, cached=ja.cached and jb.cached)
+    p = Preference(
+        winner=None,
+        score_a=ja.score,
+        score_b=jb.score,
+        raw=[ja.raw or "", jb.raw or ""],
+        prompt_tokens=ja.prompt_tokens + jb.prompt_tokens,
+        completion_tokens=ja.completion_tokens + jb.completion_tokens,
+        cost_usd=ja.cost_usd + jb.cost_usd,
+        cached=ja.cached and jb.cached,
+    )
     if ja.error or jb.error:
         p.error = ja.error or jb.error
         return p
@@ -422,9 +432,14 @@ def minilm_model_dir() -> Path:
 
 
 def resolve_embedding_model(model: str) -> Path:
-    if not model or model.lower() in (BUILTIN_MINILM, "gt-" + BUILTIN_MINILM, "sentence-transformers/all-minilm-l6-v2", "builtin:" + BUILTIN_MINILM):
+    if not model or model.lower() in (
+        BUILTIN_MINILM,
+        "gt-" + BUILTIN_MINILM,
+        "sentence-transformers/all-minilm-l6-v2",
+        "builtin:" + BUILTIN_MINILM,
+    ):
         return minilm_model_dir()
-    p = Path(model[len("file://"):] if model.startswith("file://") else model)
+    p = Path(model[len("file://") :] if model.startswith("file://") else model)
     if not (p / "config.json").is_file():
         raise JudgeConfigError(f"embedding model {model!r} is not a local model directory")
     return p
@@ -450,8 +465,13 @@ class Embedder:
         outs = []
         with self._lock, torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(
+                    list(texts[i : i + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 h = self.model(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
                 e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -513,8 +533,7 @@ class LocalEmbeddingJudge(Judge):
     async def _compare_once(self, prompt, a, b, reference):
         ja, jb = await self._score_uncached([(prompt, a, reference), (prompt, b, reference)])
         p = _preference_from_scores(ja, jb)
-        return p.winner, Judgement(score=None if p.winner is None else p.margin, malformed=p.malformed,
-                                   raw=f"{ja.raw}; {jb.raw}")
+        return p.winner, Judgement(score=None if p.winner is None else p.margin, malformed=p.malformed, raw=f"{ja.raw}; {jb.raw}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,13 +612,12 @@ class OpenAICompatibleJudge(Judge):
 
         cfg = self.config
         self._loop = loop
-        self._client = AsyncOpenAI(base_url=cfg.base_url, api_key=self._api_key, max_retries=0,
-                                   timeout=cfg.timeout_seconds)
+        self._client = AsyncOpenAI(base_url=cfg.base_url, api_key=self._api_key, max_retries=0, timeout=cfg.timeout_seconds)
         self._sem = asyncio.Semaphore(max(1, cfg.max_concurrency))
-        self._rpm = TokenBucket(cfg.requests_per_minute / 60.0, cfg.requests_per_minute / 60.0) \
-            if cfg.requests_per_minute > 0 else None
-        self._tpm = TokenBucket(cfg.tokens_per_minute / 60.0, cfg.tokens_per_minute / 60.0) \
-            if cfg.tokens_per_minute > 0 else None
+        self._rpm = (
+            TokenBucket(cfg.requests_per_minute / 60.0, cfg.requests_per_minute / 60.0) if cfg.requests_per_minute > 0 else None
+        )
+        self._tpm = TokenBucket(cfg.tokens_per_minute / 60.0, cfg.tokens_per_minute / 60.0) if cfg.tokens_per_minute > 0 else None
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -630,8 +648,11 @@ class OpenAICompatibleJudge(Judge):
                 retry_after: float | None = None
                 try:
                     resp = await self._client.chat.completions.create(  # type: ignore[union-attr]
-                        model=cfg.model, messages=[{"role": "user", "content": content}],
-                        temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout=cfg.timeout_seconds,
+                        model=cfg.model,
+                        messages=[{"role": "user", "content": content}],
+                        temperature=cfg.temperature,
+                        max_tokens=cfg.max_tokens,
+                        timeout=cfg.timeout_seconds,
                     )
                 except openai.APIStatusError as e:
                     if e.status_code not in self.RETRYABLE_STATUS and e.status_code < 500:
@@ -657,16 +678,22 @@ class OpenAICompatibleJudge(Judge):
             if retry_after is not None:
                 delay = min(retry_after, cfg.backoff_max_seconds) + self._rng.uniform(0, 0.05)
             else:
-                delay = self._rng.uniform(0, min(cfg.backoff_max_seconds, cfg.backoff_base_seconds * 2 ** attempt))
+                delay = self._rng.uniform(0, min(cfg.backoff_max_seconds, cfg.backoff_base_seconds * 2**attempt))
             log.info("judge %s: %s, retry %d in %.2fs", cfg.name, last_err, attempt + 1, delay)
             await asyncio.sleep(delay)
         return Judgement(score=None, error=f"gave up after {cfg.max_retries + 1} attempts: {last_err}")
 
     async def _score_one(self, prompt: str, response: str, reference: str | None) -> Judgement:
         cfg = self.config
-        content = render_template(cfg.template(), rubric=cfg.rubric, prompt=prompt, response=response,
-                                  reference=reference or "(none)", score_min=_num(cfg.score_min),
-                                  score_max=_num(cfg.score_max))
+        content = render_template(
+            cfg.template(),
+            rubric=cfg.rubric,
+            prompt=prompt,
+            response=response,
+            reference=reference or "(none)",
+            score_min=_num(cfg.score_min),
+            score_max=_num(cfg.score_max),
+        )
         j = await self._chat(content)
         if j.error is None:
             j.score = parse_score(j.raw, cfg.score_min, cfg.score_max)
@@ -678,9 +705,16 @@ class OpenAICompatibleJudge(Judge):
 
     async def _compare_once(self, prompt, a, b, reference):
         cfg = self.config
-        content = render_template(cfg.template(), rubric=cfg.rubric, prompt=prompt, response_a=a, response_b=b,
-                                  reference=reference or "(none)", score_min=_num(cfg.score_min),
-                                  score_max=_num(cfg.score_max))
+        content = render_template(
+            cfg.template(),
+            rubric=cfg.rubric,
+            prompt=prompt,
+            response_a=a,
+            response_b=b,
+            reference=reference or "(none)",
+            score_min=_num(cfg.score_min),
+            score_max=_num(cfg.score_max),
+        )
         j = await self._chat(content)
         winner = None
         if j.error is None:

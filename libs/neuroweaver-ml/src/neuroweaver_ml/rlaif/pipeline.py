@@ -122,11 +122,29 @@ class RlaifConfig:
 
     def fingerprint(self) -> str:
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "checkpoint_every_steps", "keep_checkpoints", "device", "judge_device",
-                  "base_model_ref", "adapter_name", "judge_chunk_size"):
+        for k in (
+            "output_dir",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "device",
+            "judge_device",
+            "base_model_ref",
+            "adapter_name",
+            "judge_chunk_size",
+        ):
             d.pop(k)
-        for k in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_seconds", "max_retries",
-                  "backoff_base_seconds", "backoff_max_seconds", "api_key_env", "base_url", "batch_size"):
+        for k in (
+            "max_concurrency",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "timeout_seconds",
+            "max_retries",
+            "backoff_base_seconds",
+            "backoff_max_seconds",
+            "api_key_env",
+            "base_url",
+            "batch_size",
+        ):
             d["judge"].pop(k)
         for k in ("prompts_file", "eval_prompts_file", "parent_adapter_dir"):
             p = d.pop(k)
@@ -198,8 +216,17 @@ def win_rate(prefs: list[Preference], opponent: str) -> WinRate:
     ties = sum(1 for p in prefs if p.winner == "tie")
     n = wins + losses + ties
     lo, hi = wilson_interval(wins + 0.5 * ties, n)
-    return WinRate(opponent=opponent, wins=wins, ties=ties, losses=losses, excluded=len(prefs) - n, n=n,
-                   win_rate=(wins + 0.5 * ties) / n if n else None, ci_low=lo, ci_high=hi)
+    return WinRate(
+        opponent=opponent,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        excluded=len(prefs) - n,
+        n=n,
+        win_rate=(wins + 0.5 * ties) / n if n else None,
+        ci_low=lo,
+        ci_high=hi,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,17 +334,32 @@ def _generate_candidates(ctx: _Ctx, prompts: list[dict]) -> dict:
         for b0 in range(start, len(prompts), bs):
             if ctx.should_stop():
                 raise _Cancelled("generate")
-            batch = prompts[b0:b0 + bs]
+            batch = prompts[b0 : b0 + bs]
             inputs = [_gen_input(p["prompt"], lm.tokenizer, cfg.system_prompt) for p in batch for _ in range(k)]
-            res = generate_batch(lm.model, lm.tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + b0 // bs)
+            res = generate_batch(
+                lm.model,
+                lm.tokenizer,
+                inputs,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=cfg.seed + b0 // bs,
+            )
             for i, p in enumerate(batch):
-                cands = [r.text for r in res[i * k:(i + 1) * k]]
-                f.write(json.dumps({"index": b0 + i, "prompt": p["prompt"], "reference": p["reference"],
-                                    "candidates": cands}, ensure_ascii=False) + "\n")
+                cands = [r.text for r in res[i * k : (i + 1) * k]]
+                f.write(
+                    json.dumps(
+                        {"index": b0 + i, "prompt": p["prompt"], "reference": p["reference"], "candidates": cands},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
             f.flush()
-            ctx.emit(MetricsEvent(stage="generate", metrics={"prompts_done": min(b0 + bs, len(prompts)),
-                                                             "prompts_total": len(prompts)}))
+            ctx.emit(
+                MetricsEvent(
+                    stage="generate", metrics={"prompts_done": min(b0 + bs, len(prompts)), "prompts_total": len(prompts)}
+                )
+            )
     del lm
     return {"summary": {"prompts": len(prompts), "candidates": len(prompts) * k}}
 
@@ -342,16 +384,32 @@ class _Progress:
             self.ct += v.completion_tokens
             self.cost += v.cost_usd
         s = self.judge.stats
-        self.ctx.emit(JudgeProgressEvent(
-            stage=self.stage, done=self.done, total=self.total, cache_hits=s.cache_hits - self.hits0,
-            malformed=self.malformed, errors=self.errors, requests=s.requests - self.req0,
-            retries=s.retries - self.retry0, prompt_tokens=self.pt, completion_tokens=self.ct,
-            cost_usd=round(self.cost, 8)))
+        self.ctx.emit(
+            JudgeProgressEvent(
+                stage=self.stage,
+                done=self.done,
+                total=self.total,
+                cache_hits=s.cache_hits - self.hits0,
+                malformed=self.malformed,
+                errors=self.errors,
+                requests=s.requests - self.req0,
+                retries=s.retries - self.retry0,
+                prompt_tokens=self.pt,
+                completion_tokens=self.ct,
+                cost_usd=round(self.cost, 8),
+            )
+        )
 
     def summary(self) -> dict:
-        return {"judged": self.done, "malformed": self.malformed, "errors": self.errors, "prompt_tokens": self.pt,
-                "completion_tokens": self.ct, "cost_usd": round(self.cost, 8),
-                "requests": self.judge.stats.requests - self.req0}
+        return {
+            "judged": self.done,
+            "malformed": self.malformed,
+            "errors": self.errors,
+            "prompt_tokens": self.pt,
+            "completion_tokens": self.ct,
+            "cost_usd": round(self.cost, 8),
+            "requests": self.judge.stats.requests - self.req0,
+        }
 
 
 def _pair_indices(k: int, limit: int) -> list[tuple[int, int]]:
@@ -375,32 +433,57 @@ def _judge_candidates(ctx: _Ctx) -> dict:
                 for i in range(0, len(items), chunk):
                     if ctx.should_stop():
                         raise _Cancelled("judge")
-                    v = await judge.score_many(items[i:i + chunk])
+                    v = await judge.score_many(items[i : i + chunk])
                     verdicts += v
                     prog.add(v)
                 out, pos = [], 0
                 for r in rows:
-                    vs = verdicts[pos:pos + len(r["candidates"])]
+                    vs = verdicts[pos : pos + len(r["candidates"])]
                     pos += len(r["candidates"])
-                    out.append({"index": r["index"], "scores": [v.score for v in vs],
-                                "malformed": [v.malformed for v in vs], "errors": [v.error for v in vs]})
+                    out.append(
+                        {
+                            "index": r["index"],
+                            "scores": [v.score for v in vs],
+                            "malformed": [v.malformed for v in vs],
+                            "errors": [v.error for v in vs],
+                        }
+                    )
                 return out, prog
-            jobs = [(ri, i, j) for ri, r in enumerate(rows)
-                    for i, j in _pair_indices(len(r["candidates"]), cfg.max_pairs_per_prompt)]
+            jobs = [
+                (ri, i, j) for ri, r in enumerate(rows) for i, j in _pair_indices(len(r["candidates"]), cfg.max_pairs_per_prompt)
+            ]
             prog = _Progress(ctx, "judge", judge, len(jobs))
             prefs: list[Preference] = []
             for s in range(0, len(jobs), chunk):
                 if ctx.should_stop():
                     raise _Cancelled("judge")
-                part = jobs[s:s + chunk]
-                v = await judge.compare_many([(prompt_text(rows[ri]["prompt"]), rows[ri]["candidates"][i],
-                                               rows[ri]["candidates"][j], rows[ri]["reference"]) for ri, i, j in part])
+                part = jobs[s : s + chunk]
+                v = await judge.compare_many(
+                    [
+                        (
+                            prompt_text(rows[ri]["prompt"]),
+                            rows[ri]["candidates"][i],
+                            rows[ri]["candidates"][j],
+                            rows[ri]["reference"],
+                        )
+                        for ri, i, j in part
+                    ]
+                )
                 prefs += v
                 prog.add(v)
             out = [{"index": r["index"], "comparisons": []} for r in rows]
             for (ri, i, j), p in zip(jobs, prefs, strict=True):
-                out[ri]["comparisons"].append({"i": i, "j": j, "winner": p.winner, "margin": p.margin,
-                                               "consistent": p.consistent, "malformed": p.malformed, "error": p.error})
+                out[ri]["comparisons"].append(
+                    {
+                        "i": i,
+                        "j": j,
+                        "winner": p.winner,
+                        "margin": p.margin,
+                        "consistent": p.consistent,
+                        "malformed": p.malformed,
+                        "error": p.error,
+                    }
+                )
             return out, prog
         finally:
             await judge.aclose()
@@ -453,13 +536,28 @@ def _build_preferences(ctx: _Ctx) -> dict:
     for idx in sorted(by_prompt):
         ps = sorted(by_prompt[idx], key=lambda p: -p[1])
         if cfg.max_pairs_per_prompt > 0:
-            ps = ps[:cfg.max_pairs_per_prompt]
+            ps = ps[: cfg.max_pairs_per_prompt]
         for _i, m, ch, rj in ps:
-            rows.append({"prompt": cands[idx]["prompt"], "chosen": ch, "rejected": rj, "margin": m,
-                         "reference": cands[idx]["reference"], "index": idx})
+            rows.append(
+                {
+                    "prompt": cands[idx]["prompt"],
+                    "chosen": ch,
+                    "rejected": rj,
+                    "margin": m,
+                    "reference": cands[idx]["reference"],
+                    "index": idx,
+                }
+            )
     _write_jsonl_atomic(ctx.out / "preferences.jsonl", rows)
-    return {"summary": {"pairs": len(rows), "dropped_ties": dropped_ties, "dropped_unusable": dropped_unusable,
-                        "dropped_below_margin": dropped_margin, "min_margin": cfg.min_margin}}
+    return {
+        "summary": {
+            "pairs": len(rows),
+            "dropped_ties": dropped_ties,
+            "dropped_unusable": dropped_unusable,
+            "dropped_below_margin": dropped_margin,
+            "min_margin": cfg.min_margin,
+        }
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,30 +619,70 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
     if cfg.reward_source in ("judge", "both"):
         fn, judge = _judge_reward_fn(ctx)
         funcs.append(fn)
-    model, peft_config = load_policy(cfg.base_model_dir, cfg.parent_adapter_dir,
-                                     PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
-                                     device)
+    model, peft_config = load_policy(
+        cfg.base_model_dir,
+        cfg.parent_adapter_dir,
+        PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+        device,
+    )
     g = max(2, cfg.candidates_per_prompt)
     chat = bool(getattr(tok, "chat_template", None))
-    ds = Dataset.from_list([{"prompt": as_messages(p["prompt"], cfg.system_prompt) if chat else prompt_text(p["prompt"]),
-                             "reference": p["reference"] or ""} for p in prompts])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": as_messages(p["prompt"], cfg.system_prompt) if chat else prompt_text(p["prompt"]),
+                "reference": p["reference"] or "",
+            }
+            for p in prompts
+        ]
+    )
     ckdir = out / "checkpoints"
-    common = _common_args(ckdir, device=device, seed=cfg.seed, learning_rate=cfg.learning_rate,
-                          batch_size=g * max(1, cfg.prompts_per_step), grad_accumulation=1,
-                          max_steps=cfg.policy_steps, num_epochs=1.0, checkpoint_every_steps=cfg.checkpoint_every_steps,
-                          keep_checkpoints=cfg.keep_checkpoints)
+    common = _common_args(
+        ckdir,
+        device=device,
+        seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        batch_size=g * max(1, cfg.prompts_per_step),
+        grad_accumulation=1,
+        max_steps=cfg.policy_steps,
+        num_epochs=1.0,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
     C, T = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-    args = C(num_generations=g, max_completion_length=cfg.max_new_tokens, beta=cfg.kl_coefficient,
-             temperature=cfg.temperature, top_p=cfg.top_p, **common)
+    args = C(
+        num_generations=g,
+        max_completion_length=cfg.max_new_tokens,
+        beta=cfg.kl_coefficient,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        **common,
+    )
     bridge = make_stage_callback("policy", ctx.on_event, ctx.should_stop, ckdir)
-    trainer = T(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
-                peft_config=peft_config, callbacks=[bridge])
+    trainer = T(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[bridge],
+    )
     _quiet(trainer)
     cfg_dict = {"fingerprint": cfg.fingerprint(), "algorithm": cfg.algorithm, "reward_source": cfg.reward_source}
-    card = _card(cfg.algorithm.upper(), cfg.base_model_ref or cfg.base_model_dir, cfg.adapter_name or ctx.out.name,
-                 cfg.parent_adapter_dir, {"reward": cfg.reward_source, "judge": cfg.judge.name,
-                                          "KL beta": cfg.kl_coefficient, "steps": cfg.policy_steps,
-                                          "group size": g})
+    card = _card(
+        cfg.algorithm.upper(),
+        cfg.base_model_ref or cfg.base_model_dir,
+        cfg.adapter_name or ctx.out.name,
+        cfg.parent_adapter_dir,
+        {
+            "reward": cfg.reward_source,
+            "judge": cfg.judge.name,
+            "KL beta": cfg.kl_coefficient,
+            "steps": cfg.policy_steps,
+            "group size": g,
+        },
+    )
     try:
         res = _finish_policy_training(trainer, bridge, tok, out, ckdir, cfg.algorithm, cfg_dict, ctx.on_event, t0, card)
     finally:
@@ -556,14 +694,28 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
 def _policy_stage(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | None) -> PolicyResult:
     cfg = ctx.cfg
     if cfg.algorithm == "dpo":
-        jc = DPOJobConfig(base_model_dir=cfg.base_model_dir, preference_file=str(ctx.out / "preferences.jsonl"),
-                          output_dir=str(ctx.out / "policy"), parent_adapter_dir=cfg.parent_adapter_dir,
-                          system_prompt=cfg.system_prompt, beta=cfg.kl_coefficient, learning_rate=cfg.learning_rate,
-                          max_steps=cfg.policy_steps, batch_size=cfg.dpo_batch_size, max_length=cfg.max_length,
-                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.target_modules, seed=cfg.seed,
-                          checkpoint_every_steps=cfg.checkpoint_every_steps, keep_checkpoints=cfg.keep_checkpoints,
-                          device=cfg.device, base_model_ref=cfg.base_model_ref, adapter_name=cfg.adapter_name)
+        jc = DPOJobConfig(
+            base_model_dir=cfg.base_model_dir,
+            preference_file=str(ctx.out / "preferences.jsonl"),
+            output_dir=str(ctx.out / "policy"),
+            parent_adapter_dir=cfg.parent_adapter_dir,
+            system_prompt=cfg.system_prompt,
+            beta=cfg.kl_coefficient,
+            learning_rate=cfg.learning_rate,
+            max_steps=cfg.policy_steps,
+            batch_size=cfg.dpo_batch_size,
+            max_length=cfg.max_length,
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            seed=cfg.seed,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            keep_checkpoints=cfg.keep_checkpoints,
+            device=cfg.device,
+            base_model_ref=cfg.base_model_ref,
+            adapter_name=cfg.adapter_name,
+        )
         return run_dpo(jc, ctx.on_event, ctx.should_stop)
     return _run_online_policy(ctx, prompts, rm)
 
@@ -582,9 +734,10 @@ def _greedy(ctx: _Ctx, adapter_dir: str | None, prompts: list[dict]) -> list[str
     for i in range(0, len(prompts), bs):
         if ctx.should_stop():
             raise _Cancelled("evaluate")
-        inputs = [_gen_input(p["prompt"], lm.tokenizer, cfg.system_prompt) for p in prompts[i:i + bs]]
-        outs += [r.text for r in generate_batch(lm.model, lm.tokenizer, inputs, max_new_tokens=cfg.max_new_tokens,
-                                                temperature=0.0)]
+        inputs = [_gen_input(p["prompt"], lm.tokenizer, cfg.system_prompt) for p in prompts[i : i + bs]]
+        outs += [
+            r.text for r in generate_batch(lm.model, lm.tokenizer, inputs, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        ]
     del lm
     return outs
 
@@ -611,11 +764,13 @@ def _evaluate(ctx: _Ctx, policy_adapter: str) -> dict:
             prog = _Progress(ctx, "evaluate", judge, total)
             res: dict[str, list[Preference]] = {}
             for opp in vs:
-                items = [(prompt_text(p["prompt"]), a, b, p["reference"])
-                         for p, a, b in zip(prompts, gens["policy"], gens[opp], strict=True)]
+                items = [
+                    (prompt_text(p["prompt"]), a, b, p["reference"])
+                    for p, a, b in zip(prompts, gens["policy"], gens[opp], strict=True)
+                ]
                 res[opp] = []
                 for s in range(0, len(items), max(1, cfg.judge_chunk_size)):
-                    v = await judge.compare_many(items[s:s + cfg.judge_chunk_size])
+                    v = await judge.compare_many(items[s : s + cfg.judge_chunk_size])
                     res[opp] += v
                     prog.add(v)
             return res, prog
@@ -629,16 +784,20 @@ def _evaluate(ctx: _Ctx, policy_adapter: str) -> dict:
         wr["base"] = dict(wr["parent"], opponent="base")  # parent == base
     metrics = {"judge_win_rate_vs_parent": wr["parent"]["win_rate"], "judge_win_rate_vs_base": wr["base"]["win_rate"]}
     ctx.emit(MetricsEvent(stage="evaluate", metrics={**metrics, "win_rates": wr}))
-    return {"summary": {**metrics, **prog.summary(), "eval_prompts": len(prompts)}, "win_rates": wr,
-            "ties": "counted as half a win; malformed/failed verdicts excluded; 95% Wilson interval"}
+    return {
+        "summary": {**metrics, **prog.summary(), "eval_prompts": len(prompts)},
+        "win_rates": wr,
+        "ties": "counted as half a win; malformed/failed verdicts excluded; 95% Wilson interval",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # entry point
 
 
-def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
-              should_stop: Callable[[], bool] | None = None) -> RlaifResult:
+def run_rlaif(
+    config: RlaifConfig, on_event: Callable | None = None, should_stop: Callable[[], bool] | None = None
+) -> RlaifResult:
     """Run (or resume, or return the finished result of) one RLAIF job. See the module docs.
 
     Raises ``ResumeMismatch`` when ``output_dir`` holds a run of a different configuration,
@@ -677,20 +836,30 @@ def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
         need_rm = cfg.train_reward_model or (cfg.algorithm != "dpo" and cfg.reward_source != "judge")
         if need_rm:
             rm_cfg = RewardModelConfig(
-                preference_file=str(out / "preferences.jsonl"), output_dir=str(out / "reward_model"),
-                backbone=cfg.reward_model_backbone, base_model_dir=cfg.base_model_dir,
-                eval_fraction=cfg.reward_model_eval_fraction, learning_rate=cfg.reward_model_learning_rate,
-                num_epochs=cfg.reward_model_epochs, max_steps=cfg.reward_model_steps,
-                batch_size=cfg.reward_model_batch_size, max_length=min(cfg.max_length, 512), seed=cfg.seed,
-                checkpoint_every_steps=cfg.checkpoint_every_steps, device=cfg.device)
+                preference_file=str(out / "preferences.jsonl"),
+                output_dir=str(out / "reward_model"),
+                backbone=cfg.reward_model_backbone,
+                base_model_dir=cfg.base_model_dir,
+                eval_fraction=cfg.reward_model_eval_fraction,
+                learning_rate=cfg.reward_model_learning_rate,
+                num_epochs=cfg.reward_model_epochs,
+                max_steps=cfg.reward_model_steps,
+                batch_size=cfg.reward_model_batch_size,
+                max_length=min(cfg.max_length, 512),
+                seed=cfg.seed,
+                checkpoint_every_steps=cfg.checkpoint_every_steps,
+                device=cfg.device,
+            )
             box: dict[str, RewardModelResult] = {}
 
             def _rm():
                 box["r"] = run_reward_model(rm_cfg, ctx.on_event, ctx.should_stop)
                 if box["r"].status != "completed":
                     raise _Cancelled("reward_model")
-                return {"summary": {"accuracy": box["r"].accuracy, "eval_pairs": box["r"].eval_pairs},
-                        "result": dataclasses.asdict(box["r"])}
+                return {
+                    "summary": {"accuracy": box["r"].accuracy, "eval_pairs": box["r"].eval_pairs},
+                    "result": dataclasses.asdict(box["r"]),
+                }
 
             info = _stage(ctx, "reward_model", out / "reward_model" / "stage.done.json", _rm)
             rm = box.get("r") or RewardModelResult(**info["result"])
@@ -700,9 +869,13 @@ def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
             pbox["r"] = _policy_stage(ctx, prompts, rm)
             if pbox["r"].status != "completed":
                 raise _Cancelled("policy")
-            return {"summary": {"steps": pbox["r"].global_step, **{k: v for k, v in pbox["r"].final_metrics.items()
-                                                                   if k in ("loss", "reward", "kl")}},
-                    "result": dataclasses.asdict(pbox["r"])}
+            return {
+                "summary": {
+                    "steps": pbox["r"].global_step,
+                    **{k: v for k, v in pbox["r"].final_metrics.items() if k in ("loss", "reward", "kl")},
+                },
+                "result": dataclasses.asdict(pbox["r"]),
+            }
 
         pinfo = _stage(ctx, "policy", out / "policy" / "stage.done.json", _pol)
         pol = pbox.get("r") or PolicyResult(**pinfo["result"])
@@ -711,14 +884,34 @@ def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
             ev = _stage(ctx, "evaluate", out / "evaluation.json", lambda: _evaluate(ctx, pol.adapter_dir))  # type: ignore[arg-type]
     except _Cancelled as c:
         ctx.emit(StageEvent(stage=str(c), status="cancelled"))
-        return RlaifResult(status="cancelled", output_dir=str(out), algorithm=cfg.algorithm,
-                           reward_source=cfg.reward_source, judge_version=cfg.judge.name, adapter_dir=None,
-                           adapter_sha256=None, adapter_size_bytes=None, report_path=None, prompts=len(prompts),
-                           candidates=0, judged=0, malformed=0, judge_errors=0, preference_pairs=0, reward_model=rm,
-                           policy=pol, win_rate_vs_parent=None, win_rate_vs_base=None, judge_cost_usd=0.0,
-                           judge_prompt_tokens=0, judge_completion_tokens=0, judge_requests=ctx.judge_requests,
-                           stage_seconds=ctx.stage_seconds, skipped_stages=ctx.skipped,
-                           runtime_seconds=round(time.monotonic() - t_start, 3))
+        return RlaifResult(
+            status="cancelled",
+            output_dir=str(out),
+            algorithm=cfg.algorithm,
+            reward_source=cfg.reward_source,
+            judge_version=cfg.judge.name,
+            adapter_dir=None,
+            adapter_sha256=None,
+            adapter_size_bytes=None,
+            report_path=None,
+            prompts=len(prompts),
+            candidates=0,
+            judged=0,
+            malformed=0,
+            judge_errors=0,
+            preference_pairs=0,
+            reward_model=rm,
+            policy=pol,
+            win_rate_vs_parent=None,
+            win_rate_vs_base=None,
+            judge_cost_usd=0.0,
+            judge_prompt_tokens=0,
+            judge_completion_tokens=0,
+            judge_requests=ctx.judge_requests,
+            stage_seconds=ctx.stage_seconds,
+            skipped_stages=ctx.skipped,
+            runtime_seconds=round(time.monotonic() - t_start, 3),
+        )
     finally:
         ctx.cache.close()
 
@@ -736,16 +929,33 @@ def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
     wrb = WinRate(**ev["win_rates"]["base"]) if ev else None
     cost = js.get("cost_usd", 0.0) + es.get("cost_usd", 0.0)
     result = RlaifResult(
-        status="completed", output_dir=str(out), algorithm=cfg.algorithm, reward_source=cfg.reward_source,
-        judge_version=cfg.judge.name, adapter_dir=str(final), adapter_sha256=sha, adapter_size_bytes=size,
-        report_path=str(report_path), prompts=len(prompts), candidates=gen["summary"]["candidates"],
-        judged=js["judged"], malformed=js["malformed"], judge_errors=js["errors"],
-        preference_pairs=prefs["summary"]["pairs"], reward_model=rm, policy=pol, win_rate_vs_parent=wrp,
-        win_rate_vs_base=wrb, judge_cost_usd=round(cost, 8),
+        status="completed",
+        output_dir=str(out),
+        algorithm=cfg.algorithm,
+        reward_source=cfg.reward_source,
+        judge_version=cfg.judge.name,
+        adapter_dir=str(final),
+        adapter_sha256=sha,
+        adapter_size_bytes=size,
+        report_path=str(report_path),
+        prompts=len(prompts),
+        candidates=gen["summary"]["candidates"],
+        judged=js["judged"],
+        malformed=js["malformed"],
+        judge_errors=js["errors"],
+        preference_pairs=prefs["summary"]["pairs"],
+        reward_model=rm,
+        policy=pol,
+        win_rate_vs_parent=wrp,
+        win_rate_vs_base=wrb,
+        judge_cost_usd=round(cost, 8),
         judge_prompt_tokens=js["prompt_tokens"] + es.get("prompt_tokens", 0),
         judge_completion_tokens=js["completion_tokens"] + es.get("completion_tokens", 0),
-        judge_requests=ctx.judge_requests, stage_seconds=ctx.stage_seconds, skipped_stages=ctx.skipped,
-        runtime_seconds=round(time.monotonic() - t_start, 3))
+        judge_requests=ctx.judge_requests,
+        stage_seconds=ctx.stage_seconds,
+        skipped_stages=ctx.skipped,
+        runtime_seconds=round(time.monotonic() - t_start, 3),
+    )
     result.metrics = {
         "reward_model_accuracy": rm.accuracy if rm else None,
         "judge_win_rate_vs_parent": wrp.win_rate if wrp else None,
@@ -754,14 +964,27 @@ def run_rlaif(config: RlaifConfig, on_event: Callable | None = None,
         "judge_win_rate_vs_base": wrb.win_rate if wrb else None,
         "judge_win_rate_vs_base_ci_low": wrb.ci_low if wrb else None,
         "judge_win_rate_vs_base_ci_high": wrb.ci_high if wrb else None,
-        "judge_cost_usd": result.judge_cost_usd, "judged": float(result.judged), "malformed": float(result.malformed),
-        "preference_pairs": float(result.preference_pairs), "policy_steps": float(pol.global_step),
-        "policy_final_loss": _f(pol.final_metrics.get("loss")), "policy_final_reward": _f(pol.final_metrics.get("reward")),
+        "judge_cost_usd": result.judge_cost_usd,
+        "judged": float(result.judged),
+        "malformed": float(result.malformed),
+        "preference_pairs": float(result.preference_pairs),
+        "policy_steps": float(pol.global_step),
+        "policy_final_loss": _f(pol.final_metrics.get("loss")),
+        "policy_final_reward": _f(pol.final_metrics.get("reward")),
     }
     ctx.emit(MetricsEvent(stage="final", metrics=dict(result.metrics)))
-    atomic_write_json(report_path, {"fingerprint": fp, "judge_version": cfg.judge.name, "config": cfg_dump,
-                                    "result": dataclasses.asdict(result),
-                                    "evaluation": ev, "judging": js, "preferences": prefs["summary"]})
+    atomic_write_json(
+        report_path,
+        {
+            "fingerprint": fp,
+            "judge_version": cfg.judge.name,
+            "config": cfg_dump,
+            "result": dataclasses.asdict(result),
+            "evaluation": ev,
+            "judging": js,
+            "preferences": prefs["summary"],
+        },
+    )
     return result
 
 

@@ -71,8 +71,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _find_resume(ckdir: Path, required: Sequence[str]) -> Path | None:
     if not ckdir.is_dir():
         return None
-    cands = sorted(((s, p) for p in ckdir.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None),
-                   reverse=True)
+    cands = sorted(((s, p) for p in ckdir.iterdir() if p.is_dir() and (s := _checkpoint_step(p)) is not None), reverse=True)
     for _s, p in cands:
         ok = all((p / f).is_file() for f in required) and (p / "trainer_state.json").is_file()
         if ok:
@@ -111,9 +110,18 @@ def make_stage_callback(stage: str, on_event: Callable | None, should_stop: Call
             self.history.append({"step": state.global_step, **metrics})
             if on_event is not None:
                 reward = metrics.get("reward", metrics.get("rewards/margins"))
-                on_event(RLStepEvent(stage=stage, step=state.global_step, total_steps=state.max_steps,
-                                     loss=metrics.get("loss"), reward=reward, kl=metrics.get("kl"),
-                                     learning_rate=metrics.get("learning_rate"), metrics=metrics))
+                on_event(
+                    RLStepEvent(
+                        stage=stage,
+                        step=state.global_step,
+                        total_steps=state.max_steps,
+                        loss=metrics.get("loss"),
+                        reward=reward,
+                        kl=metrics.get("kl"),
+                        learning_rate=metrics.get("learning_rate"),
+                        metrics=metrics,
+                    )
+                )
 
         def on_save(self, args, state, control, **kw):
             if on_event is not None:
@@ -137,18 +145,40 @@ def _device(device: str) -> str:
     return device
 
 
-def _common_args(out_ckdir: Path, *, device: str, seed: int, learning_rate: float, batch_size: int,
-                 grad_accumulation: int, max_steps: int, num_epochs: float, checkpoint_every_steps: int,
-                 keep_checkpoints: int) -> dict[str, Any]:
+def _common_args(
+    out_ckdir: Path,
+    *,
+    device: str,
+    seed: int,
+    learning_rate: float,
+    batch_size: int,
+    grad_accumulation: int,
+    max_steps: int,
+    num_epochs: float,
+    checkpoint_every_steps: int,
+    keep_checkpoints: int,
+) -> dict[str, Any]:
     on_gpu = device.startswith("cuda")
     return dict(
-        output_dir=str(out_ckdir), per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accumulation, learning_rate=learning_rate,
-        num_train_epochs=num_epochs, max_steps=max_steps if max_steps > 0 else -1, logging_steps=1,
+        output_dir=str(out_ckdir),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accumulation,
+        learning_rate=learning_rate,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps if max_steps > 0 else -1,
+        logging_steps=1,
         save_strategy="steps" if checkpoint_every_steps > 0 else "no",
         save_steps=checkpoint_every_steps if checkpoint_every_steps > 0 else 500,
-        save_total_limit=max(1, keep_checkpoints), seed=seed, data_seed=seed, bf16=on_gpu, use_cpu=not on_gpu,
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=on_gpu,
+        save_total_limit=max(1, keep_checkpoints),
+        seed=seed,
+        data_seed=seed,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
         gradient_checkpointing=False,
     )
 
@@ -241,8 +271,13 @@ class RewardScorer:
         out: list[float] = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(
+                    list(texts[i : i + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
 
@@ -260,8 +295,13 @@ def pairwise_accuracy(scorer: RewardScorer, rows: Sequence[dict]) -> tuple[float
     return acc, margin
 
 
-def run_reward_model(config: RewardModelConfig, on_event: Callable | None = None,
-                     should_stop: Callable[[], bool] | None = None, *, stage: str = "reward_model") -> RewardModelResult:
+def run_reward_model(
+    config: RewardModelConfig,
+    on_event: Callable | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    stage: str = "reward_model",
+) -> RewardModelResult:
     """Train (or resume, or return the finished result of) a reward model. See :class:`RewardModelConfig`."""
     import torch
     from datasets import Dataset
@@ -306,23 +346,41 @@ def run_reward_model(config: RewardModelConfig, on_event: Callable | None = None
         from ..lora import find_lora_target_modules
 
         targets = [t for t in find_lora_target_modules(model) if t != "score"]
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=targets, task_type="SEQ_CLS", modules_to_save=["score"])
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="SEQ_CLS",
+            modules_to_save=["score"],
+        )
 
     def ds(rs):
-        return Dataset.from_list([{"chosen": reward_text(r["prompt"], r["chosen"]),
-                                   "rejected": reward_text(r["prompt"], r["rejected"])} for r in rs])
+        return Dataset.from_list(
+            [{"chosen": reward_text(r["prompt"], r["chosen"]), "rejected": reward_text(r["prompt"], r["rejected"])} for r in rs]
+        )
 
     ckdir = out / "checkpoints"
-    args = RewardConfig(max_length=cfg.max_length, eos_token=eos,
-                        **_common_args(ckdir, device=device, seed=cfg.seed, learning_rate=cfg.learning_rate,
-                                       batch_size=cfg.batch_size, grad_accumulation=cfg.grad_accumulation,
-                                       max_steps=cfg.max_steps, num_epochs=cfg.num_epochs,
-                                       checkpoint_every_steps=cfg.checkpoint_every_steps,
-                                       keep_checkpoints=cfg.keep_checkpoints))
+    args = RewardConfig(
+        max_length=cfg.max_length,
+        eos_token=eos,
+        **_common_args(
+            ckdir,
+            device=device,
+            seed=cfg.seed,
+            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_size,
+            grad_accumulation=cfg.grad_accumulation,
+            max_steps=cfg.max_steps,
+            num_epochs=cfg.num_epochs,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            keep_checkpoints=cfg.keep_checkpoints,
+        ),
+    )
     bridge = make_stage_callback(stage, on_event, should_stop, ckdir)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds(train_rows), processing_class=tok,
-                            peft_config=peft_config, callbacks=[bridge])
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=ds(train_rows), processing_class=tok, peft_config=peft_config, callbacks=[bridge]
+    )
     _quiet(trainer)
     resume = _find_resume(ckdir, ("adapter_config.json",) if use_peft else ("model.safetensors",))
     resumed_from = 0
@@ -332,20 +390,34 @@ def run_reward_model(config: RewardModelConfig, on_event: Callable | None = None
             on_event(ResumedEvent(step=resumed_from, path=str(resume)))
     tout = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
-    common = dict(output_dir=str(out), backbone=cfg.backbone or "all-minilm-l6-v2", train_pairs=len(train_rows),
-                  eval_pairs=len(eval_rows), global_step=int(state.global_step),
-                  train_loss=_f(tout.training_loss), resumed_from_step=int(resumed_from))
+    common = dict(
+        output_dir=str(out),
+        backbone=cfg.backbone or "all-minilm-l6-v2",
+        train_pairs=len(train_rows),
+        eval_pairs=len(eval_rows),
+        global_step=int(state.global_step),
+        train_loss=_f(tout.training_loss),
+        resumed_from_step=int(resumed_from),
+    )
     if bridge.cancelled and state.global_step < state.max_steps:
-        return RewardModelResult(status="cancelled", model_dir=None, accuracy=None, mean_margin=None,
-                                 runtime_seconds=time.monotonic() - t0, **common)
+        return RewardModelResult(
+            status="cancelled", model_dir=None, accuracy=None, mean_margin=None, runtime_seconds=time.monotonic() - t0, **common
+        )
     model_dir = out / "model"
     staging = out / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     trainer.model.save_pretrained(str(staging))
     tok.save_pretrained(str(staging))
-    atomic_write_json(staging / "reward_model.json", {
-        "peft": use_peft, "base_model_dir": str(src) if use_peft else None, "backbone": common["backbone"],
-        "max_length": cfg.max_length, "input_format": "Question: {prompt}\\nAnswer: {response}"})
+    atomic_write_json(
+        staging / "reward_model.json",
+        {
+            "peft": use_peft,
+            "base_model_dir": str(src) if use_peft else None,
+            "backbone": common["backbone"],
+            "max_length": cfg.max_length,
+            "input_format": "Question: {prompt}\\nAnswer: {response}",
+        },
+    )
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.rename(staging, model_dir)
@@ -353,14 +425,25 @@ def run_reward_model(config: RewardModelConfig, on_event: Callable | None = None
     scorer = RewardScorer(model_dir, device=device, max_length=cfg.max_length)
     acc, margin = pairwise_accuracy(scorer, eval_rows)
     if on_event is not None:
-        on_event(MetricsEvent(stage=stage, metrics={"reward_model_accuracy": acc, "reward_model_margin": margin,
-                                                    "eval_pairs": len(eval_rows)}))
+        on_event(
+            MetricsEvent(
+                stage=stage, metrics={"reward_model_accuracy": acc, "reward_model_margin": margin, "eval_pairs": len(eval_rows)}
+            )
+        )
     sha, _ = digest_path(model_dir)
-    result = RewardModelResult(status="completed", model_dir=str(model_dir), accuracy=acc, mean_margin=margin,
-                               model_sha256=sha, report_path=str(report_path),
-                               runtime_seconds=round(time.monotonic() - t0, 3), **common)
-    atomic_write_json(report_path, {"config": dataclasses.asdict(cfg), "result": dataclasses.asdict(result),
-                                    "log_history": state.log_history})
+    result = RewardModelResult(
+        status="completed",
+        model_dir=str(model_dir),
+        accuracy=acc,
+        mean_margin=margin,
+        model_sha256=sha,
+        report_path=str(report_path),
+        runtime_seconds=round(time.monotonic() - t0, 3),
+        **common,
+    )
+    atomic_write_json(
+        report_path, {"config": dataclasses.asdict(cfg), "result": dataclasses.asdict(result), "log_history": state.log_history}
+    )
     return result
 
 
@@ -391,8 +474,14 @@ def load_policy(base_model_dir: str, parent_adapter_dir: str | None, lora: Polic
     if parent_adapter_dir:
         return PeftModel.from_pretrained(model, parent_adapter_dir, is_trainable=True), None
     targets = list(lora.target_modules) if lora.target_modules else find_lora_target_modules(model)
-    return model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return model, LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def save_policy_adapter(model, tokenizer, out: Path, card: str) -> tuple[str, str, int]:
@@ -461,16 +550,27 @@ def _chat_rows(rows: Sequence[dict], tokenizer, system_prompt: str | None) -> li
     out = []
     for r in rows:
         if chat:
-            out.append({"prompt": as_messages(r["prompt"], system_prompt),
-                        "chosen": r["chosen"] if isinstance(r["chosen"], list) else [{"role": "assistant", "content": r["chosen"]}],
-                        "rejected": r["rejected"] if isinstance(r["rejected"], list) else [{"role": "assistant", "content": r["rejected"]}]})
+            out.append(
+                {
+                    "prompt": as_messages(r["prompt"], system_prompt),
+                    "chosen": r["chosen"] if isinstance(r["chosen"], list) else [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": r["rejected"]
+                    if isinstance(r["rejected"], list)
+                    else [{"role": "assistant", "content": r["rejected"]}],
+                }
+            )
         else:
             out.append({"prompt": text_of(r["prompt"]), "chosen": text_of(r["chosen"]), "rejected": text_of(r["rejected"])})
     return out
 
 
-def run_dpo(config: DPOJobConfig, on_event: Callable | None = None, should_stop: Callable[[], bool] | None = None,
-            *, stage: str = "policy") -> PolicyResult:
+def run_dpo(
+    config: DPOJobConfig,
+    on_event: Callable | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    stage: str = "policy",
+) -> PolicyResult:
     """DPO (or resume it, or return the finished result). Output: ``output_dir/adapter`` +
     ``output_dir/policy_report.json``; checkpoints in ``output_dir/checkpoints``."""
     from datasets import Dataset
@@ -492,27 +592,62 @@ def run_dpo(config: DPOJobConfig, on_event: Callable | None = None, should_stop:
     tok = AutoTokenizer.from_pretrained(cfg.parent_adapter_dir or cfg.base_model_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model, peft_config = load_policy(cfg.base_model_dir, cfg.parent_adapter_dir,
-                                     PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
-                                     device)
+    model, peft_config = load_policy(
+        cfg.base_model_dir,
+        cfg.parent_adapter_dir,
+        PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
+        device,
+    )
     ckdir = out / "checkpoints"
-    args = DPOConfig(beta=cfg.beta, max_length=cfg.max_length,
-                     **_common_args(ckdir, device=device, seed=cfg.seed, learning_rate=cfg.learning_rate,
-                                    batch_size=cfg.batch_size, grad_accumulation=cfg.grad_accumulation,
-                                    max_steps=cfg.max_steps, num_epochs=cfg.num_epochs,
-                                    checkpoint_every_steps=cfg.checkpoint_every_steps,
-                                    keep_checkpoints=cfg.keep_checkpoints))
+    args = DPOConfig(
+        beta=cfg.beta,
+        max_length=cfg.max_length,
+        **_common_args(
+            ckdir,
+            device=device,
+            seed=cfg.seed,
+            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_size,
+            grad_accumulation=cfg.grad_accumulation,
+            max_steps=cfg.max_steps,
+            num_epochs=cfg.num_epochs,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            keep_checkpoints=cfg.keep_checkpoints,
+        ),
+    )
     bridge = make_stage_callback(stage, on_event, should_stop, ckdir)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_chat_rows(rows, tok, cfg.system_prompt)),
-                         processing_class=tok, peft_config=peft_config, callbacks=[bridge])
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(_chat_rows(rows, tok, cfg.system_prompt)),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[bridge],
+    )
     _quiet(trainer)
-    return _finish_policy_training(trainer, bridge, tok, out, ckdir, "dpo", dataclasses.asdict(cfg), on_event, t0,
-                                   _card("DPO", cfg.base_model_ref or cfg.base_model_dir, cfg.adapter_name or out.name,
-                                         cfg.parent_adapter_dir, {"beta": cfg.beta, "pairs": len(rows)}))
+    return _finish_policy_training(
+        trainer,
+        bridge,
+        tok,
+        out,
+        ckdir,
+        "dpo",
+        dataclasses.asdict(cfg),
+        on_event,
+        t0,
+        _card(
+            "DPO",
+            cfg.base_model_ref or cfg.base_model_dir,
+            cfg.adapter_name or out.name,
+            cfg.parent_adapter_dir,
+            {"beta": cfg.beta, "pairs": len(rows)},
+        ),
+    )
 
 
-def _finish_policy_training(trainer, bridge, tok, out: Path, ckdir: Path, algorithm: str, cfg_dict: dict,
-                            on_event, t0: float, card: str) -> PolicyResult:
+def _finish_policy_training(
+    trainer, bridge, tok, out: Path, ckdir: Path, algorithm: str, cfg_dict: dict, on_event, t0: float, card: str
+) -> PolicyResult:
     report_path = out / "policy_report.json"
     resume = _find_resume(ckdir, ("adapter_config.json", "optimizer.pt", "scheduler.pt"))
     resumed_from = 0
@@ -522,26 +657,54 @@ def _finish_policy_training(trainer, bridge, tok, out: Path, ckdir: Path, algori
             on_event(ResumedEvent(step=resumed_from, path=str(resume)))
     tout = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
-    common = dict(output_dir=str(out), algorithm=algorithm, global_step=int(state.global_step),
-                  total_steps=int(state.max_steps), resumed_from_step=int(resumed_from),
-                  train_loss=_f(tout.training_loss) if state.global_step > resumed_from else None,
-                  final_metrics=bridge.last_logs)
+    common = dict(
+        output_dir=str(out),
+        algorithm=algorithm,
+        global_step=int(state.global_step),
+        total_steps=int(state.max_steps),
+        resumed_from_step=int(resumed_from),
+        train_loss=_f(tout.training_loss) if state.global_step > resumed_from else None,
+        final_metrics=bridge.last_logs,
+    )
     if bridge.cancelled and state.global_step < state.max_steps:
-        return PolicyResult(status="cancelled", adapter_dir=None, adapter_sha256=None, adapter_size_bytes=None,
-                            runtime_seconds=round(time.monotonic() - t0, 3), **common)
+        return PolicyResult(
+            status="cancelled",
+            adapter_dir=None,
+            adapter_sha256=None,
+            adapter_size_bytes=None,
+            runtime_seconds=round(time.monotonic() - t0, 3),
+            **common,
+        )
     adapter_dir, sha, size = save_policy_adapter(trainer.model, tok, out, card)
-    result = PolicyResult(status="completed", adapter_dir=adapter_dir, adapter_sha256=sha, adapter_size_bytes=size,
-                          report_path=str(report_path), runtime_seconds=round(time.monotonic() - t0, 3), **common)
-    atomic_write_json(report_path, {"config": cfg_dict, "result": dataclasses.asdict(result),
-                                    "log_history": state.log_history})
+    result = PolicyResult(
+        status="completed",
+        adapter_dir=adapter_dir,
+        adapter_sha256=sha,
+        adapter_size_bytes=size,
+        report_path=str(report_path),
+        runtime_seconds=round(time.monotonic() - t0, 3),
+        **common,
+    )
+    atomic_write_json(report_path, {"config": cfg_dict, "result": dataclasses.asdict(result), "log_history": state.log_history})
     return result
 
 
 def _card(method: str, base: str, name: str, parent: str | None, extra: dict[str, Any]) -> str:
-    lines = ["---", f"base_model: {base}", "library_name: peft", f"tags: [neuroweaver, lora, {method.lower()}]", "---", "",
-             f"# {name}", "", f"LoRA adapter trained by NeuroWeaver with {method} on `{base}`"
-             + (f", starting from the adapter `{parent}`." if parent else "."), "",
-             "| setting | value |", "|---|---|"]
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: peft",
+        f"tags: [neuroweaver, lora, {method.lower()}]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"LoRA adapter trained by NeuroWeaver with {method} on `{base}`"
+        + (f", starting from the adapter `{parent}`." if parent else "."),
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in extra.items()]
     lines += ["", "Load with `neuroweaver_ml.generation.load_for_inference(base_dir, adapter_dir)`.", ""]
     return "\n".join(lines)

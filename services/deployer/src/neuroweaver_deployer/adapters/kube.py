@@ -55,7 +55,9 @@ def model_server_spec(target: Target, *, default_image: str, default_namespace: 
 
 
 class KubeBackend:
-    def __init__(self, client: KubeClient, on_status: StatusCallback, *, image: str, namespace: str, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self, client: KubeClient, on_status: StatusCallback, *, image: str, namespace: str, poll_seconds: float = 2.0
+    ) -> None:
         self.client = client
         self.on_status = on_status
         self.image = image

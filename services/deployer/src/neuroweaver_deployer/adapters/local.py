@@ -87,13 +87,20 @@ class Replica:
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, **cfg.env},
             )  # fmt: skip
-        log.info("replica started", extra={"fields": {"deployment": self.dep.name, "pid": self.process.pid, "grpc": self.upstream.grpc_address}})
+        log.info(
+            "replica started",
+            extra={"fields": {"deployment": self.dep.name, "pid": self.process.pid, "grpc": self.upstream.grpc_address}},
+        )
 
     async def _wait_serving(self) -> None:
         assert self.upstream is not None
         # Short reconnect backoff: the process needs seconds to import torch before it listens, and gRPC's
         # default backoff (1 s growing to 120 s) would otherwise notice readiness long after it happened.
-        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 250)]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 250),
+        ]
         async with grpc.aio.insecure_channel(self.upstream.grpc_address, options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             call = stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), wait_for_ready=True)
@@ -236,7 +243,7 @@ class LocalDeployment:
 
     async def _scale(self, target: Target) -> None:
         self.target = target
-        extra = self.replicas[target.replicas:]
+        extra = self.replicas[target.replicas :]
         self.replicas = self.replicas[: target.replicas]
         if extra:  # out of the rotation first, then drained and stopped, then reported
             await self.router.set_upstreams([r.upstream for r in self.replicas if r.state == "ready" and r.upstream])
@@ -292,6 +299,7 @@ class LocalDeployment:
 
 class LocalBackend:
     interruptible = True  # a cancelled apply leaves nothing behind: remove() stops every replica started
+
     def __init__(
         self,
         on_status: StatusCallback,

@@ -46,7 +46,9 @@ class RegistryGateway:
         except grpc.aio.AioRpcError as exc:
             raise _map(exc, version_name, field) from None
         if mv.state == rpb.ModelVersion.STATE_DEPRECATED:
-            raise FailedPrecondition(f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name})
+            raise FailedPrecondition(
+                f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name}
+            )
         self._check_confined(mv.name, mv.artifact.uri)
         if mv.lineage.method == REWARD_MODEL_METHOD:
             raise FailedPrecondition(
@@ -57,7 +59,9 @@ class RegistryGateway:
         if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
             return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri)
         if not mv.lineage.base_model:
-            raise FailedPrecondition(f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN")
+            raise FailedPrecondition(
+                f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN"
+            )
         return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model)
 
     def _check_confined(self, version: str, uri: str) -> None:
@@ -78,7 +82,9 @@ class RegistryGateway:
 
     async def alias_events(self, project: str, model: str, after: int) -> AsyncIterator[AliasEvent]:
         """Alias moves of `model` after the cursor, then live; runs until cancelled or the stream breaks."""
-        call = self._stub.WatchModelEvents(rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after))
+        call = self._stub.WatchModelEvents(
+            rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after)
+        )
         async for msg in call:
             e = msg.event
             if e.type in ALIAS_EVENTS:
@@ -101,7 +107,11 @@ class RegistryGateway:
 def _map(exc: grpc.aio.AioRpcError, name: str, field: str):
     code = exc.code()
     if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"{name} was not found in the registry: {exc.details()}", reason="MODEL_VERSION_NOT_FOUND", metadata={"model_version": name})
+        return NotFound(
+            f"{name} was not found in the registry: {exc.details()}",
+            reason="MODEL_VERSION_NOT_FOUND",
+            metadata={"model_version": name},
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"{name}: {exc.details()}", field=field, reason="INVALID_MODEL_VERSION")
     return Unavailable(f"the registry could not be reached ({code.name}: {exc.details()}); retry", reason="REGISTRY_UNAVAILABLE")

@@ -41,7 +41,11 @@ def _conditions_in(raw: list[dict]) -> list[Condition]:
     out = []
     for c in raw or []:
         ltt = c.get("last_transition_time")
-        out.append(Condition(c["type"], c["status"], c.get("reason", ""), c.get("message", ""), datetime.fromisoformat(ltt) if ltt else None))
+        out.append(
+            Condition(
+                c["type"], c["status"], c.get("reason", ""), c.get("message", ""), datetime.fromisoformat(ltt) if ltt else None
+            )
+        )
     return out
 
 
@@ -138,7 +142,9 @@ class DeployerRepository:
         await self.s.execute(delete(t.revisions).where(t.revisions.c.deployment_id == row_id))
         await self.s.execute(delete(t.deployments).where(t.deployments.c.id == row_id))
 
-    async def list(self, project: str, state: str | None, backend: str | None, order: str, desc: bool, cursor: list | None, limit: int):
+    async def list(
+        self, project: str, state: str | None, backend: str | None, order: str, desc: bool, cursor: list | None, limit: int
+    ):
         c = t.deployments.c
         query = select(t.deployments).where(c.project == project)
         if state:

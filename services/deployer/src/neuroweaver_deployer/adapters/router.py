@@ -117,7 +117,7 @@ class Router(grpc.GenericRpcHandler):
         method = handler_call_details.method
         if not method.startswith(INFERENCE_PREFIX):
             return None
-        if method[len(INFERENCE_PREFIX):] in STREAMING:
+        if method[len(INFERENCE_PREFIX) :] in STREAMING:
             return grpc.unary_stream_rpc_method_handler(self._stream(method))
         return grpc.unary_unary_rpc_method_handler(self._unary(method))
 
@@ -183,8 +183,14 @@ class Router(grpc.GenericRpcHandler):
             if up is None or self._session is None:
                 break
             try:
-                async with self._session.request(request.method, up.http_url + request.path_qs, data=body, headers=headers) as resp:
-                    out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding", "date", "server"}}
+                async with self._session.request(
+                    request.method, up.http_url + request.path_qs, data=body, headers=headers
+                ) as resp:
+                    out_headers = {
+                        k: v
+                        for k, v in resp.headers.items()
+                        if k.lower() not in _HOP_HEADERS | {"content-encoding", "date", "server"}
+                    }
                     if resp.content_type == "text/event-stream":
                         stream = web.StreamResponse(status=resp.status, headers=out_headers)
                         await stream.prepare(request)
@@ -196,7 +202,9 @@ class Router(grpc.GenericRpcHandler):
             except aiohttp.ClientConnectionError as exc:
                 log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
                 continue
-        body = {"error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}}
+        body = {
+            "error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}
+        }
         return web.json_response(body, status=503)
 
     async def _metrics(self) -> web.Response:
@@ -253,7 +261,7 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
             name = _METRIC_NAME.match(line)
             if name is None:
                 continue
-            rest = line[name.end():]
+            rest = line[name.end() :]
             if rest.startswith("{"):
                 sample = f"{name.group()}{{{label}{'' if rest.startswith('{}') else ','}{rest[1:]}"
             else:

@@ -9,7 +9,11 @@ from neuroweaver_runtime.timestamps import to_timestamp
 
 from ..domain.model import Autoscaling, Backend, Condition, Deployment, Resources, Revision, Serving, State, Toleration
 
-BACKEND_FROM_PB = {pb.BACKEND_UNSPECIFIED: Backend.LOCAL, pb.BACKEND_LOCAL: Backend.LOCAL, pb.BACKEND_KUBERNETES: Backend.KUBERNETES}
+BACKEND_FROM_PB = {
+    pb.BACKEND_UNSPECIFIED: Backend.LOCAL,
+    pb.BACKEND_LOCAL: Backend.LOCAL,
+    pb.BACKEND_KUBERNETES: Backend.KUBERNETES,
+}
 BACKEND_TO_PB = {Backend.LOCAL: pb.BACKEND_LOCAL, Backend.KUBERNETES: pb.BACKEND_KUBERNETES}
 STATE_TO_PB = {s: getattr(pb.Deployment, f"STATE_{s.value}") for s in State}
 
@@ -27,7 +31,11 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
         replicas=m.replicas,
         autoscaling=Autoscaling(a.min_replicas, a.max_replicas, a.target_cpu_utilization, a.target_inflight_requests),
         resources=Resources(
-            r.cpu, r.memory, r.gpus, dict(r.node_selector), [Toleration(t.key, t.operator, t.value, t.effect) for t in r.tolerations]
+            r.cpu,
+            r.memory,
+            r.gpus,
+            dict(r.node_selector),
+            [Toleration(t.key, t.operator, t.value, t.effect) for t in r.tolerations],
         ),
         serving=Serving(s.load_in_4bit, s.max_queue, s.max_new_tokens_limit, s.max_batch_size, s.image),
         namespace=m.namespace,
@@ -37,7 +45,11 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
 
 def _condition(c: Condition) -> pb.Condition:
     return pb.Condition(
-        type=c.type, status=c.status, reason=c.reason, message=c.message, last_transition_time=to_timestamp(c.last_transition_time)
+        type=c.type,
+        status=c.status,
+        reason=c.reason,
+        message=c.message,
+        last_transition_time=to_timestamp(c.last_transition_time),
     )
 
 
@@ -51,16 +63,24 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
         backend=BACKEND_TO_PB[d.backend],
         replicas=d.replicas,
         autoscaling=pb.Autoscaling(
-            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-            target_cpu_utilization=a.target_cpu_utilization, target_inflight_requests=a.target_inflight_requests,
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            target_cpu_utilization=a.target_cpu_utilization,
+            target_inflight_requests=a.target_inflight_requests,
         ),  # fmt: skip
         resources=pb.Resources(
-            cpu=r.cpu, memory=r.memory, gpus=r.gpus, node_selector=r.node_selector,
+            cpu=r.cpu,
+            memory=r.memory,
+            gpus=r.gpus,
+            node_selector=r.node_selector,
             tolerations=[pb.Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in r.tolerations],
         ),  # fmt: skip
         serving=pb.ServingConfig(
-            load_in_4bit=s.load_in_4bit, max_queue=s.max_queue, max_new_tokens_limit=s.max_new_tokens_limit,
-            max_batch_size=s.max_batch_size, image=s.image,
+            load_in_4bit=s.load_in_4bit,
+            max_queue=s.max_queue,
+            max_new_tokens_limit=s.max_new_tokens_limit,
+            max_batch_size=s.max_batch_size,
+            image=s.image,
         ),  # fmt: skip
         namespace=d.namespace,
         labels=d.labels,

@@ -35,7 +35,11 @@ class DeployerServicer(svc_grpc.DeployerServiceServicer):
 
     async def CreateDeployment(self, request, context):
         d = await self.svc.create(
-            request.parent, request.deployment_id, convert.deployment_from_pb(request.deployment), request.request_id, fingerprint(request)
+            request.parent,
+            request.deployment_id,
+            convert.deployment_from_pb(request.deployment),
+            request.request_id,
+            fingerprint(request),
         )
         return convert.deployment_to_pb(d)
 
@@ -44,7 +48,9 @@ class DeployerServicer(svc_grpc.DeployerServiceServicer):
 
     async def ListDeployments(self, request, context):
         page = await self.svc.list(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
-        return svc.ListDeploymentsResponse(deployments=[convert.deployment_to_pb(d) for d in page.items], next_page_token=page.next_page_token)
+        return svc.ListDeploymentsResponse(
+            deployments=[convert.deployment_to_pb(d) for d in page.items], next_page_token=page.next_page_token
+        )
 
     async def UpdateDeployment(self, request, context):
         paths = validate_update_mask(request.update_mask.paths, UPDATABLE)

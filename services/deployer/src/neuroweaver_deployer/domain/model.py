@@ -293,7 +293,11 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
         if t.effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
             v.add(f"{path}.resources.tolerations[{i}].effect", "must be NoSchedule, PreferNoSchedule or NoExecute")
     s = d.serving
-    for name, value, hi in (("max_queue", s.max_queue, 100_000), ("max_new_tokens_limit", s.max_new_tokens_limit, 131_072), ("max_batch_size", s.max_batch_size, 256)):
+    for name, value, hi in (
+        ("max_queue", s.max_queue, 100_000),
+        ("max_new_tokens_limit", s.max_new_tokens_limit, 131_072),
+        ("max_batch_size", s.max_batch_size, 256),
+    ):
         if not 0 <= value <= hi:
             v.add(f"{path}.serving.{name}", f"must be in 0..{hi} (0 = default)")
     if d.namespace and not DNS_LABEL.match(d.namespace):
@@ -306,7 +310,9 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
 def validate_replicas(replicas: int, backend: Backend) -> None:
     limit = MAX_LOCAL_REPLICAS if backend is Backend.LOCAL else MAX_REPLICAS
     if not 0 <= replicas <= limit:
-        raise InvalidArgument(f"replicas must be in 0..{limit} for the {backend.value.lower()} backend", field="replicas", reason="INVALID_REPLICAS")
+        raise InvalidArgument(
+            f"replicas must be in 0..{limit} for the {backend.value.lower()} backend", field="replicas", reason="INVALID_REPLICAS"
+        )
 
 
 def alias_version_name(alias_name: str) -> str:

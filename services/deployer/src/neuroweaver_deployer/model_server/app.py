@@ -57,7 +57,9 @@ class ModelServer:
             ServedModel(name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit),
             Limits(config.max_new_tokens_limit, config.max_queue, config.max_batch_size),
         )
-        self.load_spec = LoadSpec(config.base_model, config.adapter_uri, config.adapter_sha256, config.load_in_4bit, config.device)
+        self.load_spec = LoadSpec(
+            config.base_model, config.adapter_uri, config.adapter_sha256, config.load_in_4bit, config.device
+        )
         self.http_runner: web.AppRunner | None = None
         self.http_port = config.http_port
         config.metrics_port = -1  # /metrics lives on the HTTP port
@@ -74,7 +76,9 @@ class ModelServer:
         self.grpc = GrpcService(definition, config, default_port=config.grpc_port, default_metrics_port=-1)
 
     async def start_http(self) -> int:
-        runner = web.AppRunner(OpenAIApi(self.service).app(), access_log=None, shutdown_timeout=self.config.shutdown_grace_seconds)
+        runner = web.AppRunner(
+            OpenAIApi(self.service).app(), access_log=None, shutdown_timeout=self.config.shutdown_grace_seconds
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.http_port, reuse_address=True)
         await site.start()

@@ -163,7 +163,9 @@ class Engine:
                 if job.expired(now):
                     self.stats.dropped_expired += 1
                     job.finished = True
-                    job.emit(DeadlineExceeded("the request's deadline passed while it waited in the queue", reason="DEADLINE_EXCEEDED"))
+                    job.emit(
+                        DeadlineExceeded("the request's deadline passed while it waited in the queue", reason="DEADLINE_EXCEEDED")
+                    )
                     continue
                 live.append(job)
             if not live:
@@ -231,7 +233,7 @@ class Engine:
                     self.stats.completed += 1
                     job.emit(
                         Delta(
-                            text=r.text[sent[i]:],
+                            text=r.text[sent[i] :],
                             finish_reason=r.finish_reason,
                             prompt_tokens=r.prompt_tokens,
                             completion_tokens=r.completion_tokens,
@@ -242,5 +244,5 @@ class Engine:
                     continue
                 safe = len(text) - stop_holdback(text, job.sampling.stop)
                 if safe > sent[i]:
-                    job.emit(Delta(text=text[sent[i]:safe]))
+                    job.emit(Delta(text=text[sent[i] : safe]))
                     sent[i] = safe

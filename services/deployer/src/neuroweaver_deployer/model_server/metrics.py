@@ -25,7 +25,9 @@ REQUESTS = Counter(
     ["method", CODE_LABEL],
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "nw_inference_time_to_first_token_seconds", "Time from admission to the first generated token.", ["method"],
+    "nw_inference_time_to_first_token_seconds",
+    "Time from admission to the first generated token.",
+    ["method"],
     buckets=_LATENCY_BUCKETS,
 )
 PROMPT_TOKENS = Counter("nw_inference_prompt_tokens", "Prompt tokens processed.")
@@ -33,7 +35,9 @@ COMPLETION_TOKENS = Counter("nw_inference_completion_tokens", "Tokens generated.
 QUEUE_DEPTH = Gauge("nw_inference_queue_depth", "Requests waiting for the generation worker.")
 INFLIGHT = Gauge("nw_inference_inflight_requests", "Requests being decoded right now.")
 BATCH_SIZE = Histogram("nw_inference_batch_size", "Requests decoded together per batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
-MODEL_LOADED = Gauge("nw_inference_model_loaded", "1 once the model is loaded and serving.", ["served_model_name", "model_version"])
+MODEL_LOADED = Gauge(
+    "nw_inference_model_loaded", "1 once the model is loaded and serving.", ["served_model_name", "model_version"]
+)
 LOAD_SECONDS = Gauge("nw_inference_model_load_seconds", "Seconds the model took to load.")
 
 

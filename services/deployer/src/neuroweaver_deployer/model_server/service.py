@@ -58,7 +58,9 @@ class InferenceService:
             self.served = ServedModel(
                 self.served.name, self.served.model_version, self.served.base_model, loaded.adapter_sha256, spec.load_in_4bit
             )
-        self.engine = Engine(loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size)
+        self.engine = Engine(
+            loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size
+        )
         seconds = time.monotonic() - started
         metrics.LOAD_SECONDS.set(seconds)
         metrics.MODEL_LOADED.labels(self.served.name, self.served.model_version).set(1)

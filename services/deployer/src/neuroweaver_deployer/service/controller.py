@@ -77,7 +77,9 @@ class Controller:
                 await self.backends[d.backend].apply(target_of(d, version))
             except Exception as exc:  # noqa: BLE001 - a failed apply becomes a FAILED/DEGRADED status, not a crash
                 log.exception("applying %s failed", name)
-                await self.on_status(name, BackendStatus(desired=d.replicas, ready=d.ready_replicas, failed=True, message=str(exc)[:500]))
+                await self.on_status(
+                    name, BackendStatus(desired=d.replicas, ready=d.ready_replicas, failed=True, message=str(exc)[:500])
+                )
 
     async def on_status(self, name: str, status: BackendStatus) -> None:
         if name in self._deleting:

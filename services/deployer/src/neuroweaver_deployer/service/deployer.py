@@ -109,7 +109,9 @@ class DeployerService:
             earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateDeployment", fingerprint)
             if earlier is None:
                 if await repo.row(d.name) is not None:
-                    raise AlreadyExists(f"deployment {d.name} already exists", reason="DEPLOYMENT_ALREADY_EXISTS", metadata={"deployment": d.name})
+                    raise AlreadyExists(
+                        f"deployment {d.name} already exists", reason="DEPLOYMENT_ALREADY_EXISTS", metadata={"deployment": d.name}
+                    )
                 now = utcnow()
                 d.state, d.revision, d.served_model_name = State.PENDING, 1, served_model_name(version)
                 d.create_time = d.update_time = now
@@ -139,7 +141,11 @@ class DeployerService:
             value = c.value.upper().removeprefix("STATE_").removeprefix("BACKEND_")
             if c.field == "state":
                 if value not in State.__members__ or c.op != "=":
-                    raise InvalidArgument("filter: state = PENDING|PROGRESSING|AVAILABLE|DEGRADED|FAILED|DELETING", field="filter", reason="INVALID_FILTER")
+                    raise InvalidArgument(
+                        "filter: state = PENDING|PROGRESSING|AVAILABLE|DEGRADED|FAILED|DELETING",
+                        field="filter",
+                        reason="INVALID_FILTER",
+                    )
                 state = value
             elif c.field == "backend":
                 if value not in Backend.__members__ or c.op != "=":
@@ -198,7 +204,9 @@ class DeployerService:
         version = await self._resolve(merged) if paths & {"model_version", "model_alias"} else None
         return await self._write_spec(merged, paths, version, "update", current.generation)
 
-    async def _write_spec(self, d: Deployment, paths: set[str], version: ResolvedVersion | None, cause: str, generation: int) -> Deployment:
+    async def _write_spec(
+        self, d: Deployment, paths: set[str], version: ResolvedVersion | None, cause: str, generation: int
+    ) -> Deployment:
         async with self.db.transaction() as s:
             repo = DeployerRepository(s)
             row = await self._row(repo, d.name, for_update=True)
@@ -211,7 +219,10 @@ class DeployerService:
             if version is not None and version.name != row.served_version:
                 revision = row.revision + 1
                 values.update(
-                    revision=revision, served_version=version.name, target=version, served_model_name=served_model_name(version),
+                    revision=revision,
+                    served_version=version.name,
+                    target=version,
+                    served_model_name=served_model_name(version),
                     state=State.PROGRESSING.value,  # until the backend reports the new version rolled out
                 )
                 await repo.add_revision(row.id, Revision(d.name, revision, version.name, cause, current_actor(), now))
@@ -243,7 +254,11 @@ class DeployerService:
             row = await self._row(repo, name)
             number = to_revision or row.revision - 1
             if number >= row.revision and to_revision:
-                raise InvalidArgument(f"to_revision must be below the current revision {row.revision}", field="to_revision", reason="INVALID_REVISION")
+                raise InvalidArgument(
+                    f"to_revision must be below the current revision {row.revision}",
+                    field="to_revision",
+                    reason="INVALID_REVISION",
+                )
             rev = await repo.revision(row.id, name, number) if number >= 1 else None
             current = to_deployment(row)
         if rev is None:

@@ -184,7 +184,9 @@ class ExperimentsRepository:
 
     async def insert_experiment(self, exp: Experiment, project: str) -> None:
         await self.s.execute(
-            t.experiments.insert().values(name=exp.name, project=project, create_time=exp.create_time, revision=1, **self._values(exp))
+            t.experiments.insert().values(
+                name=exp.name, project=project, create_time=exp.create_time, revision=1, **self._values(exp)
+            )
         )
 
     async def save_experiment(self, experiment_id: int, exp: Experiment) -> None:

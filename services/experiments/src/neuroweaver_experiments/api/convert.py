@@ -70,16 +70,20 @@ def metric_to_pb(m: st.MetricSpec | None) -> pb.MetricSpec | None:
 
 def metric_from_pb(m: pb.MetricSpec, field: str) -> st.MetricSpec:
     if m.kind not in _KIND_FROM_PB:
-        raise InvalidArgument(f"{field}.kind must be METRIC_KIND_MEAN or METRIC_KIND_PROPORTION", field=f"{field}.kind", reason="INVALID_METRIC_KIND")
+        raise InvalidArgument(
+            f"{field}.kind must be METRIC_KIND_MEAN or METRIC_KIND_PROPORTION",
+            field=f"{field}.kind",
+            reason="INVALID_METRIC_KIND",
+        )
     if m.direction not in _DIRECTION_FROM_PB and m.direction != pb.DIRECTION_UNSPECIFIED:
-        raise InvalidArgument(f"{field}.direction has unknown value {m.direction}", field=f"{field}.direction", reason="INVALID_ENUM")
+        raise InvalidArgument(
+            f"{field}.direction has unknown value {m.direction}", field=f"{field}.direction", reason="INVALID_ENUM"
+        )
     if not math.isfinite(m.tolerance) or m.tolerance < 0:
         raise InvalidArgument("tolerance must be a finite number >= 0", field=f"{field}.tolerance", reason="INVALID_TOLERANCE")
     if not m.name:
         raise InvalidArgument("metric name must not be empty", field=f"{field}.name", reason="INVALID_METRIC")
-    return st.MetricSpec(
-        m.name, _KIND_FROM_PB[m.kind], _DIRECTION_FROM_PB.get(m.direction, st.Direction.INCREASE), m.tolerance
-    )
+    return st.MetricSpec(m.name, _KIND_FROM_PB[m.kind], _DIRECTION_FROM_PB.get(m.direction, st.Direction.INCREASE), m.tolerance)
 
 
 def variant_to_pb(v: Variant) -> pb.Variant:
@@ -158,7 +162,14 @@ def assignment_to_pb(exp: Experiment, a: Assignment) -> svc.AssignVariantRespons
 
 def events_from_pb(events) -> EventBatch:
     batch = EventBatch()
-    exps, units, metrics, values, times, keys = batch.experiments, batch.unit_ids, batch.metrics, batch.values, batch.times, batch.keys
+    exps, units, metrics, values, times, keys = (
+        batch.experiments,
+        batch.unit_ids,
+        batch.metrics,
+        batch.values,
+        batch.times,
+        batch.keys,
+    )
     for e in events:
         exps.append(e.experiment)
         units.append(e.unit_id)

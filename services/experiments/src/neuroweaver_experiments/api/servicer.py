@@ -41,7 +41,11 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
 
     async def CreateExperiment(self, request, context):
         exp = await self.svc.create(
-            request.parent, request.experiment_id, convert.experiment_from_pb(request.experiment), request.request_id, fingerprint(request)
+            request.parent,
+            request.experiment_id,
+            convert.experiment_from_pb(request.experiment),
+            request.request_id,
+            fingerprint(request),
         )
         return convert.experiment_to_pb(exp)
 

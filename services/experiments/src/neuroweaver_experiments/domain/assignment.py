@@ -98,9 +98,7 @@ def validate_weights(weights: Sequence[float], *, field: str = "variants") -> tu
     """
     ws = tuple(weights)
     if len(ws) < 2:
-        raise InvalidArgument(
-            f"an experiment needs at least 2 variants, got {len(ws)}", field=field, reason="TOO_FEW_VARIANTS"
-        )
+        raise InvalidArgument(f"an experiment needs at least 2 variants, got {len(ws)}", field=field, reason="TOO_FEW_VARIANTS")
     for i, w in enumerate(ws):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise InvalidArgument(
@@ -123,23 +121,17 @@ def validate_coverage(coverage: float, *, field: str = "coverage") -> float:
     return float(coverage)
 
 
-def validate_variants(
-    variant_ids: Sequence[str], weights: Sequence[float], *, field: str = "variants"
-) -> tuple[float, ...]:
+def validate_variants(variant_ids: Sequence[str], weights: Sequence[float], *, field: str = "variants") -> tuple[float, ...]:
     """Validate ids (non-empty, unique) together with their weights; returns the weights as floats."""
     ids = list(variant_ids)
     if len(ids) != len(weights):
-        raise InvalidArgument(
-            f"{len(ids)} variant ids but {len(weights)} weights", field=field, reason="VARIANT_WEIGHT_MISMATCH"
-        )
+        raise InvalidArgument(f"{len(ids)} variant ids but {len(weights)} weights", field=field, reason="VARIANT_WEIGHT_MISMATCH")
     seen: set[str] = set()
     for i, vid in enumerate(ids):
         if not isinstance(vid, str) or not vid:
             raise InvalidArgument("variant id must not be empty", field=f"{field}[{i}].id", reason="INVALID_VARIANT_ID")
         if vid in seen:
-            raise InvalidArgument(
-                f"variant id {vid!r} is used twice", field=f"{field}[{i}].id", reason="DUPLICATE_VARIANT_ID"
-            )
+            raise InvalidArgument(f"variant id {vid!r} is used twice", field=f"{field}[{i}].id", reason="DUPLICATE_VARIANT_ID")
         seen.add(vid)
     return validate_weights(weights, field=field)
 

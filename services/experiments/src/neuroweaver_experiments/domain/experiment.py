@@ -15,9 +15,7 @@ from .assignment import validate_coverage, validate_variants
 from .statistics import DEFAULT_ALPHA, DEFAULT_MIN_SAMPLE_SIZE, AnalysisMethod, Direction, MetricKind, MetricSpec
 
 EXPERIMENT = ResourceName("projects/{project}/experiments/{experiment}")
-MODEL_VERSION = ResourceName(
-    "projects/{project}/models/{model}/versions/{version}", (("version", r"[0-9A-Za-z.+\-]{1,160}"),)
-)
+MODEL_VERSION = ResourceName("projects/{project}/models/{model}/versions/{version}", (("version", r"[0-9A-Za-z.+\-]{1,160}"),))
 MODEL = ResourceName("projects/{project}/models/{model}")
 DEPLOYMENT = ResourceName("projects/{project}/deployments/{deployment}")
 
@@ -156,7 +154,9 @@ def validate_variant_list(variants: list[Variant], v: Violations) -> None:
         v.add("experiment.variants", f"at most {MAX_VARIANTS} variants")
     for i, var in enumerate(variants):
         if not ID_PATTERN.match(var.id or ""):
-            v.add(f"experiment.variants[{i}].id", f"variant id {var.id!r} is invalid: 1-63 of a-z, 0-9, -, starting with a letter")
+            v.add(
+                f"experiment.variants[{i}].id", f"variant id {var.id!r} is invalid: 1-63 of a-z, 0-9, -, starting with a letter"
+            )
         try:
             MODEL_VERSION.parse(var.model_version, f"experiment.variants[{i}].model_version")
         except InvalidArgument as exc:

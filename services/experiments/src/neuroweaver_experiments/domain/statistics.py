@@ -351,9 +351,7 @@ def welch_t_test(control: SufficientStats, treatment: SufficientStats, alpha: fl
     return TestResult(diff, se, t, min(1.0, p), df, Interval(diff - half, diff + half))
 
 
-def two_proportion_z_test(
-    control: SufficientStats, treatment: SufficientStats, alpha: float = DEFAULT_ALPHA
-) -> TestResult:
+def two_proportion_z_test(control: SufficientStats, treatment: SufficientStats, alpha: float = DEFAULT_ALPHA) -> TestResult:
     """Two-sided two-proportion z-test, pooled variance under H0 (statsmodels `proportions_ztest`); the
     interval for the difference uses the unpooled standard error."""
     if control.n == 0 or treatment.n == 0:
@@ -387,9 +385,7 @@ class Lift:
     ci: Interval
 
 
-def relative_lift(
-    control: SufficientStats, treatment: SufficientStats, kind: MetricKind, alpha: float = DEFAULT_ALPHA
-) -> Lift:
+def relative_lift(control: SufficientStats, treatment: SufficientStats, kind: MetricKind, alpha: float = DEFAULT_ALPHA) -> Lift:
     mc, mt = control.mean, treatment.mean
     if not (control.n and treatment.n) or mc == 0:
         return Lift(_NAN, _NAN, _UNBOUNDED)
@@ -442,9 +438,7 @@ def srm_test(counts: Sequence[int], weights: Sequence[float], threshold: float =
     none may). With no units at all p = 1.
     """
     if len(counts) != len(weights):
-        raise InvalidArgument(
-            f"{len(counts)} counts for {len(weights)} weights", field="counts", reason="SRM_SHAPE_MISMATCH"
-        )
+        raise InvalidArgument(f"{len(counts)} counts for {len(weights)} weights", field="counts", reason="SRM_SHAPE_MISMATCH")
     total = sum(counts)
     wsum = math.fsum(weights)
     expected = tuple(total * w / wsum for w in weights) if wsum > 0 else tuple(0.0 for _ in weights)
@@ -487,9 +481,7 @@ def confidence_sequence(estimate: float, variance: float, tau2: float, alpha: fl
     ``estimate ± √(V(V+τ²)/τ² · (ln((V+τ²)/V) − 2 ln α))``. Intersect over looks for a running interval."""
     if not (variance > 0 and tau2 > 0) or math.isnan(estimate):
         return _UNBOUNDED
-    half = math.sqrt(
-        variance * (variance + tau2) / tau2 * (math.log((variance + tau2) / variance) - 2 * math.log(alpha))
-    )
+    half = math.sqrt(variance * (variance + tau2) / tau2 * (math.log((variance + tau2) / variance) - 2 * math.log(alpha)))
     return Interval(estimate - half, estimate + half)
 
 
@@ -510,9 +502,7 @@ def default_tau2(
     else:
         if control.n < 2 or treatment.n < 2:
             return 0.0
-        var = ((control.n - 1) * control.variance + (treatment.n - 1) * treatment.variance) / (
-            control.n + treatment.n - 2
-        )
+        var = ((control.n - 1) * control.variance + (treatment.n - 1) * treatment.variance) / (control.n + treatment.n - 2)
     return (effect_size * effect_size) * max(0.0, var)
 
 
@@ -904,16 +894,14 @@ def decide(
         return DecisionOutcome(
             Decision.NO_DETECTABLE_DIFFERENCE,
             None,
-            f"no detectable difference on {name!r}: every treatment's lift confidence sequence lies within "
-            f"±{m * 100:.1f}%",
+            f"no detectable difference on {name!r}: every treatment's lift confidence sequence lies within ±{m * 100:.1f}%",
             progress,
             pw,
         )
     return DecisionOutcome(
         Decision.KEEP_RUNNING,
         None,
-        f"no significant difference on {name!r} yet (smallest always-valid p = {by_p.sequential_p_value:.3g}); "
-        f"keep collecting",
+        f"no significant difference on {name!r} yet (smallest always-valid p = {by_p.sequential_p_value:.3g}); keep collecting",
         progress,
         pw,
     )

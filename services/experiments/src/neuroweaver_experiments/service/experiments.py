@@ -60,7 +60,13 @@ class Results:
 
 class ExperimentsService:
     def __init__(
-        self, db: Database, page_tokens: PageTokens, deployer: DeployerClient, registry: RegistryClient, *, snapshot_ttl: float = 1.0
+        self,
+        db: Database,
+        page_tokens: PageTokens,
+        deployer: DeployerClient,
+        registry: RegistryClient,
+        *,
+        snapshot_ttl: float = 1.0,
     ) -> None:
         self.db = db
         self.tokens = page_tokens
@@ -95,7 +101,9 @@ class ExperimentsService:
             earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateExperiment", fingerprint)
             if earlier is None:
                 if await repo.experiment_row(name) is not None:
-                    raise AlreadyExists(f"experiment {name} already exists", reason="EXPERIMENT_ALREADY_EXISTS", metadata={"experiment": name})
+                    raise AlreadyExists(
+                        f"experiment {name} already exists", reason="EXPERIMENT_ALREADY_EXISTS", metadata={"experiment": name}
+                    )
                 now = utcnow()
                 exp.name, exp.state, exp.winner, exp.conclusion = name, ExperimentState.DRAFT, "", ""
                 exp.create_time = exp.update_time = now
@@ -209,9 +217,7 @@ class ExperimentsService:
         self.assigner.invalidate(name)
         return result
 
-    async def conclude(
-        self, name: str, winner: str, promote: bool, alias: str, expected_version: str, reason: str
-    ) -> Experiment:
+    async def conclude(self, name: str, winner: str, promote: bool, alias: str, expected_version: str, reason: str) -> Experiment:
         """Ends the experiment; with `promote` first moves the registry alias to the winner's model version
         (compare-and-set on `expected_version`). If the registry refuses, nothing changes here."""
         if len(reason) > 1000:
@@ -230,7 +236,11 @@ class ExperimentsService:
                         field="winner",
                         reason="UNKNOWN_VARIANT",
                     )
-            text = f"experiment {name} concluded with winner {winner!r}" if winner else f"experiment {name} concluded without a winner"
+            text = (
+                f"experiment {name} concluded with winner {winner!r}"
+                if winner
+                else f"experiment {name} concluded without a winner"
+            )
             if reason:
                 text += f": {reason}"
             if promote:
@@ -239,7 +249,9 @@ class ExperimentsService:
                     raise InvalidArgument("promote needs a winner", field="winner", reason="PROMOTE_WITHOUT_WINNER")
                 if not target_alias:
                     raise InvalidArgument(
-                        "promote needs an alias: set the experiment's promote_alias or pass alias", field="alias", reason="MISSING_ALIAS"
+                        "promote needs an alias: set the experiment's promote_alias or pass alias",
+                        field="alias",
+                        reason="MISSING_ALIAS",
                     )
                 validate_id(target_alias, "alias", "alias")
                 parts = MODEL_VERSION.parse(variant.model_version, f"variants[{winner}].model_version")
@@ -264,7 +276,9 @@ class ExperimentsService:
         snap, assignments = await self.assign_snapshot(experiment, units, batch=batch)
         return snap.experiment, assignments
 
-    async def assign_snapshot(self, experiment: str, units: list[str], *, batch: bool = False) -> tuple[Snapshot, list[Assignment]]:
+    async def assign_snapshot(
+        self, experiment: str, units: list[str], *, batch: bool = False
+    ) -> tuple[Snapshot, list[Assignment]]:
         if batch:
             if not units:
                 raise InvalidArgument("unit_ids must not be empty", field="unit_ids", reason="INVALID_UNIT_ID")
@@ -330,7 +344,12 @@ class ExperimentsService:
         winner = (outcome.recommended_variant or "") if ship else ""
         try:
             return await self.conclude(
-                exp.name, winner, ship and bool(exp.promote_alias), "", "", f"auto-concluded by the sequential test: {outcome.reason}"
+                exp.name,
+                winner,
+                ship and bool(exp.promote_alias),
+                "",
+                "",
+                f"auto-concluded by the sequential test: {outcome.reason}",
             )
         except (FailedPrecondition, Unavailable, InvalidArgument) as exc:
             log.warning("auto-conclude of %s failed, it keeps running: %s", exp.name, exc.message)

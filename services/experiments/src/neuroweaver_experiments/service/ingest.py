@@ -160,11 +160,20 @@ class Ingestor:
                 self.assigner.cache.put_many(exp_id, found)
             for i, (unit, metric, ts) in enumerate(zip(events.unit_ids, events.metrics, events.times, strict=True)):
                 if metric not in kinds:
-                    bad.add(i, "metric", f"metric {metric!r} is not a metric of {name} (known: {sorted(kinds)})", "UNKNOWN_METRIC")
+                    bad.add(
+                        i, "metric", f"metric {metric!r} is not a metric of {name} (known: {sorted(kinds)})", "UNKNOWN_METRIC"
+                    )
                 if unit not in known and unit not in found:
-                    bad.add(i, "unit_id", f"unit {unit!r} was never exposed (assign it with AssignVariant first)", "UNIT_NOT_EXPOSED")
+                    bad.add(
+                        i, "unit_id", f"unit {unit!r} was never exposed (assign it with AssignVariant first)", "UNIT_NOT_EXPOSED"
+                    )
                 if ts is not None and start is not None and ts < start:
-                    bad.add(i, "event_time", f"event time {ts.isoformat()} is before the experiment started ({start.isoformat()})", "EVENT_BEFORE_START")
+                    bad.add(
+                        i,
+                        "event_time",
+                        f"event time {ts.isoformat()} is before the experiment started ({start.isoformat()})",
+                        "EVENT_BEFORE_START",
+                    )
             bad.raise_if_any()
 
             variant_of = {u: known[u] if u in known else found[u] for u in batch_units}
@@ -176,7 +185,10 @@ class Ingestor:
             candidates = _first_of_each_key(keys)
             new_keys = await repo.insert_events(
                 exp_id,
-                [(events.unit_ids[i], events.metrics[i], events.values[i], events.times[i] or now, keys[i] or None) for i in candidates],
+                [
+                    (events.unit_ids[i], events.metrics[i], events.values[i], events.times[i] or now, keys[i] or None)
+                    for i in candidates
+                ],
             )
             take = [i for i in candidates if not keys[i] or keys[i] in new_keys]
             duplicates = len(events) - len(take)
@@ -198,7 +210,9 @@ class Ingestor:
             for metric, unit, count, total, positives in updated:
                 added = agg[(metric, unit)]
                 d = contribution_delta(
-                    kinds[metric], UnitAggregate(int(count), float(total), int(positives)), UnitAggregate(added[0], added[1], added[2])
+                    kinds[metric],
+                    UnitAggregate(int(count), float(total), int(positives)),
+                    UnitAggregate(added[0], added[1], added[2]),
                 )
                 acc = deltas[(metric, variant_of[unit])]
                 acc[0] += d.n

@@ -74,9 +74,7 @@ class RegistryRepository:
         )
 
     async def update_model(self, model_id: int, **values: Any) -> None:
-        await self.s.execute(
-            update(t.models).where(t.models.c.id == model_id).values(revision=t.models.c.revision + 1, **values)
-        )
+        await self.s.execute(update(t.models).where(t.models.c.id == model_id).values(revision=t.models.c.revision + 1, **values))
 
     async def delete_model(self, model_id: int) -> None:
         # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with foreign_keys=ON on every connection.
@@ -128,10 +126,7 @@ class RegistryRepository:
 
     async def highest_version(self, model_id: int):
         query = (
-            select(t.versions.c.version)
-            .where(t.versions.c.model_id == model_id)
-            .order_by(t.versions.c.sort_key.desc())
-            .limit(1)
+            select(t.versions.c.version).where(t.versions.c.model_id == model_id).order_by(t.versions.c.sort_key.desc()).limit(1)
         )
         return (await self.s.execute(query)).scalar()
 
@@ -205,9 +200,7 @@ class RegistryRepository:
         )
         metrics: dict[int, list[Metric]] = {i: [] for i in ids}
         for m in metric_rows:
-            metrics[m.version_id].append(
-                Metric(m.name, m.value, Direction(m.direction), m.source, aware(m.record_time))
-            )
+            metrics[m.version_id].append(Metric(m.name, m.value, Direction(m.direction), m.source, aware(m.record_time)))
         model_ids = {r.model_id for r in rows}
         alias_rows = await self.s.execute(
             select(t.aliases.c.model_id, t.aliases.c.alias, t.aliases.c.version)

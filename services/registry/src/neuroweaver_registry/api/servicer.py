@@ -117,7 +117,9 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.version_to_pb(await self.svc.get_version(request.name))
 
     async def ListModelVersions(self, request, context):
-        page = await self.svc.list_versions(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        page = await self.svc.list_versions(
+            request.parent, request.page_size, request.page_token, request.filter, request.order_by
+        )
         return svc.ListModelVersionsResponse(
             model_versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )
@@ -158,7 +160,9 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
                 )
                 for m in cmp.metric_deltas
             ],
-            hyperparameter_diffs=[svc.FieldDiff(field=f, base_value=b, candidate_value=c) for f, b, c in cmp.hyperparameter_diffs],
+            hyperparameter_diffs=[
+                svc.FieldDiff(field=f, base_value=b, candidate_value=c) for f, b, c in cmp.hyperparameter_diffs
+            ],
             lineage_diffs=[svc.FieldDiff(field=f, base_value=b, candidate_value=c) for f, b, c in cmp.lineage_diffs],
             recommendation=_RECOMMENDATION[cmp.recommendation],
             reason=cmp.reason,
@@ -191,8 +195,12 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
 
     # events
     async def ListModelEvents(self, request, context):
-        page = await self.svc.list_events(request.parent, request.model, request.after_sequence, request.page_size, request.page_token)
-        return svc.ListModelEventsResponse(events=[convert.event_to_pb(e) for e in page.items], next_page_token=page.next_page_token)
+        page = await self.svc.list_events(
+            request.parent, request.model, request.after_sequence, request.page_size, request.page_token
+        )
+        return svc.ListModelEventsResponse(
+            events=[convert.event_to_pb(e) for e in page.items], next_page_token=page.next_page_token
+        )
 
     async def WatchModelEvents(self, request, context):
         async for event in self.svc.watch_events(request.parent, request.model, request.after_sequence):
@@ -238,4 +246,3 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return svc.ListJudgeVersionsResponse(
             judge_versions=[convert.judge_version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )
-

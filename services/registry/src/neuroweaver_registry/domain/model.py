@@ -311,7 +311,17 @@ def compare_versions(base: ModelVersion, candidate: ModelVersion, semver_relatio
         deltas.append(d)
     hp_diffs = _dict_diff(base.lineage.hyperparameters, candidate.lineage.hyperparameters, "hyperparameters.")
     lineage_diffs = []
-    for attr in ("base_model", "dataset_uri", "dataset_digest", "eval_dataset_uri", "eval_dataset_digest", "method", "judge_version", "parent_version", "training_job"):
+    for attr in (
+        "base_model",
+        "dataset_uri",
+        "dataset_digest",
+        "eval_dataset_uri",
+        "eval_dataset_digest",
+        "method",
+        "judge_version",
+        "parent_version",
+        "training_job",
+    ):
         bv, cv = getattr(base.lineage, attr), getattr(candidate.lineage, attr)
         if bv != cv:
             lineage_diffs.append((f"lineage.{attr}", bv, cv))

@@ -65,7 +65,10 @@ log = logging.getLogger("neuroweaver.registry")
 
 def _log_alias_move(what: str, alias: ModelAlias) -> None:
     """Aliases route production traffic: every committed move is one log line (with the call's request and trace id)."""
-    log.info(what, extra={"fields": {"alias": alias.name, "version": alias.version, "actor": alias.actor, "reason": alias.reason[:200]}})
+    log.info(
+        what,
+        extra={"fields": {"alias": alias.name, "version": alias.version, "actor": alias.actor, "reason": alias.reason[:200]}},
+    )
 
 
 @dataclass
@@ -299,7 +302,9 @@ class RegistryService:
             version = alias.version
         row = await repo.version_row(model_row.id, version)
         if row is None:
-            raise NotFound(f"version {version} of {model_name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version})
+            raise NotFound(
+                f"version {version} of {model_name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version}
+            )
         return model_row, row
 
     async def get_version(self, name: str) -> ModelVersion:
@@ -347,7 +352,9 @@ class RegistryService:
         else:
             version = ref
         if first.id is None:
-            raise NotFound(f"version {version} of {model_name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version})
+            raise NotFound(
+                f"version {version} of {model_name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version}
+            )
         metrics = [metric_from_row(r) for r in rows if r.metric_name is not None]
         result = version_from_row(model_name, first, metrics, alias_list(first, self.db.dialect))
         if cache is not None:
@@ -405,8 +412,14 @@ class RegistryService:
             if row.state != state.value:
                 await repo.update_version(row.id, state=state.value, update_time=utcnow())
                 await self._event(
-                    repo, model_row.project, "VERSION_STATE_CHANGED", full, model_row.name,
-                    from_state=row.state, to_state=state.value, reason=reason,
+                    repo,
+                    model_row.project,
+                    "VERSION_STATE_CHANGED",
+                    full,
+                    model_row.name,
+                    from_state=row.state,
+                    to_state=state.value,
+                    reason=reason,
                 )
             result = (await repo.to_versions(model_row.name, [await repo.version_row(model_row.id, row.version)]))[0]
         self._committed(model_row.project)
@@ -429,7 +442,11 @@ class RegistryService:
             await repo.update_version(row.id, update_time=now)
             full = f"{model_row.name}/versions/{row.version}"
             await self._event(
-                repo, model_row.project, "VERSION_METRICS_APPENDED", full, model_row.name,
+                repo,
+                model_row.project,
+                "VERSION_METRICS_APPENDED",
+                full,
+                model_row.name,
                 metrics=",".join(m.name for m in metrics[:20]),
             )
             result = (await repo.to_versions(model_row.name, [await repo.version_row(model_row.id, row.version)]))[0]
@@ -456,7 +473,11 @@ class RegistryService:
     def _check_alias_id(alias: str, field: str) -> None:
         validate_id(alias, field, "alias")
         if alias in RESERVED_ALIASES:
-            raise InvalidArgument(f"alias {alias!r} is reserved (versions/{alias} always resolves to the highest version)", field=field, reason="RESERVED_ALIAS")
+            raise InvalidArgument(
+                f"alias {alias!r} is reserved (versions/{alias} always resolves to the highest version)",
+                field=field,
+                reason="RESERVED_ALIAS",
+            )
 
     @staticmethod
     def _check_expected(current: str | None, expected: str, alias: str) -> None:
@@ -472,15 +493,29 @@ class RegistryService:
             )
 
     async def _move_alias(
-        self, repo: RegistryRepository, model_row, alias: str, target: str, action: AliasAction, expected: str, reason: str, field: str
+        self,
+        repo: RegistryRepository,
+        model_row,
+        alias: str,
+        target: str,
+        action: AliasAction,
+        expected: str,
+        reason: str,
+        field: str,
     ) -> ModelAlias:
         self._require_active(model_row)
         version_text = str(semver_rules.parse_version(target, field))
         version_row = await repo.version_row(model_row.id, version_text)
         if version_row is None:
-            raise NotFound(f"version {version_text} of {model_row.name} does not exist", reason="VERSION_NOT_FOUND", metadata={"version": version_text})
+            raise NotFound(
+                f"version {version_text} of {model_row.name} does not exist",
+                reason="VERSION_NOT_FOUND",
+                metadata={"version": version_text},
+            )
         if version_row.state == VersionState.DEPRECATED.value:
-            raise FailedPrecondition(f"version {version_text} is deprecated; an alias cannot point at it", reason="VERSION_DEPRECATED")
+            raise FailedPrecondition(
+                f"version {version_text} is deprecated; an alias cannot point at it", reason="VERSION_DEPRECATED"
+            )
         current_row = await repo.alias_row(model_row.id, alias)
         current = current_row.version if current_row else None
         alias_name = ALIAS.format(**MODEL.parse(model_row.name), alias=alias)
@@ -492,8 +527,15 @@ class RegistryService:
         )
         kind = "ALIAS_ROLLED_BACK" if action is AliasAction.ROLLBACK else "ALIAS_SET"
         await self._event(
-            repo, model_row.project, kind, alias_name, model_row.name,
-            alias=alias, from_version=current or "", to_version=version_text, reason=reason,
+            repo,
+            model_row.project,
+            kind,
+            alias_name,
+            model_row.name,
+            alias=alias,
+            from_version=current or "",
+            to_version=version_text,
+            reason=reason,
         )
         return ModelAlias(alias_name, version_text, actor, reason, now)
 
@@ -544,7 +586,16 @@ class RegistryService:
             await repo.append_alias_history(
                 row.id, AliasHistoryEntry(name, AliasAction.DELETE, current.version, "", actor, reason, create_time=now)
             )
-            await self._event(repo, row.project, "ALIAS_DELETED", name, row.name, alias=parts["alias"], from_version=current.version, reason=reason)
+            await self._event(
+                repo,
+                row.project,
+                "ALIAS_DELETED",
+                name,
+                row.name,
+                alias=parts["alias"],
+                from_version=current.version,
+                reason=reason,
+            )
         self._committed(row.project)
 
     async def rollback_alias(self, name: str, to_version: str, reason: str, expected: str) -> ModelAlias:
@@ -628,7 +679,9 @@ class RegistryService:
 
     # -- judges ----------------------------------------------------------------------------------
 
-    async def create_judge(self, parent: str, judge_id: str, judge: Judge, config: dict, notes: str, request_id: str, fingerprint: str) -> Judge:
+    async def create_judge(
+        self, parent: str, judge_id: str, judge: Judge, config: dict, notes: str, request_id: str, fingerprint: str
+    ) -> Judge:
         project = PROJECT.parse(parent, "parent")["project"]
         validate_id(judge_id, "judge_id", "judge id")
         request_id = idempotency.validate_request_id(request_id)
@@ -675,7 +728,9 @@ class RegistryService:
         next_token = self.tokens.encode([rows[limit - 1].name], [parent]) if len(rows) > limit else ""
         return Page([_judge(r) for r in rows[:limit]], next_token)
 
-    async def create_judge_version(self, parent: str, config: dict, notes: str, request_id: str, fingerprint: str) -> JudgeVersion:
+    async def create_judge_version(
+        self, parent: str, config: dict, notes: str, request_id: str, fingerprint: str
+    ) -> JudgeVersion:
         JUDGE.parse(parent, "parent")
         request_id = idempotency.validate_request_id(request_id)
         v = Violations()
@@ -692,7 +747,9 @@ class RegistryService:
             else:
                 number = row.latest_version + 1
                 name = f"{parent}/versions/{number}"
-                await repo.insert_judge_version(row.id, JudgeVersion(name, number, {**config, "notes": notes}, current_actor(), utcnow()))
+                await repo.insert_judge_version(
+                    row.id, JudgeVersion(name, number, {**config, "notes": notes}, current_actor(), utcnow())
+                )
                 await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateJudgeVersion", fingerprint, name)
                 await self._event(repo, row.project, "JUDGE_VERSION_CREATED", name)
             version_row = await repo.judge_version_row(row.id, number)
@@ -732,4 +789,6 @@ def _judge(row) -> Judge:
 
 
 def _judge_version(judge_name: str, row) -> JudgeVersion:
-    return JudgeVersion(f"{judge_name}/versions/{row.version}", row.version, dict(row.config), row.creator, aware(row.create_time))
+    return JudgeVersion(
+        f"{judge_name}/versions/{row.version}", row.version, dict(row.config), row.creator, aware(row.create_time)
+    )

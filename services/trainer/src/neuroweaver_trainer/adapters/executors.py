@@ -138,9 +138,7 @@ class KubernetesExecutor:
 
     def manifest(self, job: TrainingJob) -> dict:
         r = job.resources
-        resources = KubeResources(
-            cpu_request=r.cpu or "2", memory_request=r.memory or "8Gi", memory_limit=r.memory or "16Gi"
-        )
+        resources = KubeResources(cpu_request=r.cpu or "2", memory_request=r.memory or "8Gi", memory_limit=r.memory or "16Gi")
         spec = TrainingJobSpec(
             job=job.name,
             namespace=self.settings.namespace,
@@ -154,7 +152,9 @@ class KubernetesExecutor:
                 "NW_TRAINER_REGISTRY_TARGET": self.worker.registry_target,
                 "NW_TRAINER_REGISTRY_RETRY_SECONDS": str(self.worker.registry_retry_seconds),
                 # Worker pods have a read-only root filesystem: adapters go to the shared claim when one is mounted.
-                "NW_TRAINER_ARTIFACTS_DIR": "/checkpoints/artifacts" if self.settings.checkpoint_pvc else self.worker.artifacts_dir,
+                "NW_TRAINER_ARTIFACTS_DIR": "/checkpoints/artifacts"
+                if self.settings.checkpoint_pvc
+                else self.worker.artifacts_dir,
                 "HF_HUB_OFFLINE": "1",
             },
             secret_name=self.settings.secret_name or None,

@@ -99,15 +99,27 @@ def check_dataset(
 
 
 def check_inputs(
-    base_model: str, dataset_uri: str, eval_dataset_uri: str, roots: list[str], max_seq_length: int, cache_dir: str | None,
-    *, method: str = "SFT_LORA", prompts_uri: str = "", eval_prompts_uri: str = "",
+    base_model: str,
+    dataset_uri: str,
+    eval_dataset_uri: str,
+    roots: list[str],
+    max_seq_length: int,
+    cache_dir: str | None,
+    *,
+    method: str = "SFT_LORA",
+    prompts_uri: str = "",
+    eval_prompts_uri: str = "",
 ) -> CheckedInputs:
     """SFT (and RLAIF's SFT stage): chat / prompt_completion; DPO / REWARD_MODEL: preference rows; RLAIF prompt
     files: `{prompt, reference?}` rows. Every problem is line-numbered (`DATASET_INVALID`)."""
     formats = PREFERENCE_FORMATS if method in ("DPO", "REWARD_MODEL") else SFT_FORMATS
     # Paths first: a refused path must not reveal whether the file exists.
-    for uri, field in ((dataset_uri, "training_job.dataset_uri"), (eval_dataset_uri, "training_job.eval_dataset_uri"),
-                       (prompts_uri, "training_job.rlaif.prompts_uri"), (eval_prompts_uri, "training_job.rlaif.eval_prompts_uri")):
+    for uri, field in (
+        (dataset_uri, "training_job.dataset_uri"),
+        (eval_dataset_uri, "training_job.eval_dataset_uri"),
+        (prompts_uri, "training_job.rlaif.prompts_uri"),
+        (eval_prompts_uri, "training_job.rlaif.eval_prompts_uri"),
+    ):
         if uri:
             confine_dataset(uri, roots, field)
     base_dir = resolve_model(base_model, cache_dir)
@@ -115,7 +127,9 @@ def check_inputs(
         tokenizer = _tokenizer(base_dir)
     except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
         raise InvalidArgument(
-            f"base model {base_model!r} has no loadable tokenizer: {exc}", field="training_job.base_model", reason="BASE_MODEL_INVALID"
+            f"base model {base_model!r} has no loadable tokenizer: {exc}",
+            field="training_job.base_model",
+            reason="BASE_MODEL_INVALID",
         ) from None
     path, digest, rows = "", "", 0
     if dataset_uri:
@@ -123,7 +137,9 @@ def check_inputs(
         path = str(p)
     eval_path, eval_digest = "", ""
     if eval_dataset_uri:
-        ep, eval_digest, _ = check_dataset(eval_dataset_uri, roots, "training_job.eval_dataset_uri", tokenizer, max_seq_length, formats)
+        ep, eval_digest, _ = check_dataset(
+            eval_dataset_uri, roots, "training_job.eval_dataset_uri", tokenizer, max_seq_length, formats
+        )
         eval_path = str(ep)
     checked = CheckedInputs(base_dir, path, digest, rows, eval_path, eval_digest)
     if prompts_uri:

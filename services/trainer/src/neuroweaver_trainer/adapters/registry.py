@@ -29,17 +29,22 @@ async def _call(target: str, token: str | None, method: str, request, what: str,
         if code is grpc.StatusCode.NOT_FOUND:
             raise NotFound(
                 f"{field}: {what} does not exist in the registry ({exc.details()})",
-                reason=f"{field.rsplit('.', 1)[-1].upper()}_NOT_FOUND", metadata={"name": request.name},
+                reason=f"{field.rsplit('.', 1)[-1].upper()}_NOT_FOUND",
+                metadata={"name": request.name},
             ) from None
         if code in _UNREACHABLE:
             raise Unavailable(
                 f"the registry at {target} is unreachable ({code.name}); cannot resolve {what}. Retry later",
-                reason="REGISTRY_UNAVAILABLE", metadata={"registry": target},
+                reason="REGISTRY_UNAVAILABLE",
+                metadata={"registry": target},
             ) from None
         if code is grpc.StatusCode.INVALID_ARGUMENT:
-            raise InvalidArgument(f"{field}: the registry refused {request.name!r}: {exc.details()}", field=field, reason="INVALID_NAME") from None
+            raise InvalidArgument(
+                f"{field}: the registry refused {request.name!r}: {exc.details()}", field=field, reason="INVALID_NAME"
+            ) from None
         raise FailedPrecondition(
-            f"{field}: the registry answered {code.name} for {what}: {exc.details()}", reason="REGISTRY_REFUSED",
+            f"{field}: the registry answered {code.name} for {what}: {exc.details()}",
+            reason="REGISTRY_REFUSED",
             metadata={"name": request.name},
         ) from None
     finally:
@@ -55,27 +60,46 @@ def judge_config_from_version(v) -> dict[str, Any]:
     if kind is None:
         raise FailedPrecondition(f"judge version {v.name} has no kind; it cannot score", reason="JUDGE_VERSION_UNUSABLE")
     values: dict[str, Any] = dict(
-        name=v.name, kind=kind, mode="pairwise" if v.mode == rpb.JUDGE_MODE_PAIRWISE else "pointwise",
-        rubric=v.rubric, prompt_template=v.prompt_template, swap_positions=v.swap_positions,
+        name=v.name,
+        kind=kind,
+        mode="pairwise" if v.mode == rpb.JUDGE_MODE_PAIRWISE else "pointwise",
+        rubric=v.rubric,
+        prompt_template=v.prompt_template,
+        swap_positions=v.swap_positions,
     )
     if v.score_max > v.score_min:
         values.update(score_min=v.score_min, score_max=v.score_max)
     if kind == "openai_compatible":
         o = v.openai
         values.update(model=o.model, base_url=o.base_url, api_key_env=o.api_key_env, temperature=o.temperature)
-        values.update({k: getattr(o, k) for k in ("max_tokens", "requests_per_minute", "tokens_per_minute", "max_concurrency", "timeout_seconds") if getattr(o, k)})
+        values.update(
+            {
+                k: getattr(o, k)
+                for k in ("max_tokens", "requests_per_minute", "tokens_per_minute", "max_concurrency", "timeout_seconds")
+                if getattr(o, k)
+            }
+        )
     else:
         values["model"] = v.local_embedding.model
     try:
         return asdict(JudgeConfig(**values))
     except (JudgeConfigError, TypeError, ValueError) as exc:
-        raise FailedPrecondition(f"judge version {v.name} is not usable: {exc}", reason="JUDGE_VERSION_UNUSABLE", metadata={"judge_version": v.name}) from None
+        raise FailedPrecondition(
+            f"judge version {v.name} is not usable: {exc}", reason="JUDGE_VERSION_UNUSABLE", metadata={"judge_version": v.name}
+        ) from None
 
 
 async def fetch_judge(target: str, token: str | None, name: str) -> dict[str, Any]:
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
-    version = await _call(target, token, "GetJudgeVersion", rsvc.GetJudgeVersionRequest(name=name), f"judge version {name}", "training_job.rlaif.judge_version")
+    version = await _call(
+        target,
+        token,
+        "GetJudgeVersion",
+        rsvc.GetJudgeVersionRequest(name=name),
+        f"judge version {name}",
+        "training_job.rlaif.judge_version",
+    )
     return judge_config_from_version(version)
 
 
@@ -87,7 +111,12 @@ async def fetch_start_version(target: str, token: str | None, name: str):
     field = "training_job.rlaif.start_from_version"
     v = await _call(target, token, "GetModelVersion", rsvc.GetModelVersionRequest(name=name), f"model version {name}", field)
     if v.artifact.format not in (rpb.ARTIFACT_FORMAT_LORA_ADAPTER, rpb.ARTIFACT_FORMAT_UNSPECIFIED) or not v.artifact.uri:
-        raise FailedPrecondition(f"{field}: {v.name} is not a LoRA adapter version; RLAIF continues an adapter", reason="START_VERSION_NOT_ADAPTER")
+        raise FailedPrecondition(
+            f"{field}: {v.name} is not a LoRA adapter version; RLAIF continues an adapter", reason="START_VERSION_NOT_ADAPTER"
+        )
     if not v.lineage.base_model:
-        raise FailedPrecondition(f"{field}: {v.name} records no lineage.base_model; cannot tell which base it applies to", reason="START_VERSION_NO_BASE")
+        raise FailedPrecondition(
+            f"{field}: {v.name} records no lineage.base_model; cannot tell which base it applies to",
+            reason="START_VERSION_NO_BASE",
+        )
     return v.name, v.artifact.uri, v.artifact.sha256, v.lineage.base_model

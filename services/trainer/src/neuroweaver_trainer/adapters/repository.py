@@ -175,9 +175,7 @@ class JobRepository:
         row = (await self.s.execute(query)).first()
         if row is None:
             return None
-        await self.s.execute(
-            update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=now + lease_seconds)
-        )
+        await self.s.execute(update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=now + lease_seconds))
         return row
 
     async def renew_leases(self, owner: str, job_pks: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
@@ -185,9 +183,7 @@ class JobRepository:
         if not job_pks:
             return {}
         c = t.jobs.c
-        await self.s.execute(
-            update(t.jobs).where(c.id.in_(job_pks), c.lease_owner == owner).values(lease_expires_at=expires_at)
-        )
+        await self.s.execute(update(t.jobs).where(c.id.in_(job_pks), c.lease_owner == owner).values(lease_expires_at=expires_at))
         rows = (await self.s.execute(select(c.id, c.state, c.lease_owner).where(c.id.in_(job_pks)))).all()
         return {r.id: (r.state, r.lease_owner) for r in rows}
 

@@ -23,7 +23,11 @@ _METHOD = {
 _METHOD_FROM_PB = {v: k for k, v in _METHOD.items()}
 _EXECUTOR = {d.Executor.LOCAL: pb.EXECUTOR_LOCAL, d.Executor.KUBERNETES: pb.EXECUTOR_KUBERNETES}
 _EXECUTOR_FROM_PB = {v: k for k, v in _EXECUTOR.items()}
-_ALGORITHM = {"grpo": pb.RlaifConfig.POLICY_ALGORITHM_GRPO, "rloo": pb.RlaifConfig.POLICY_ALGORITHM_RLOO, "dpo": pb.RlaifConfig.POLICY_ALGORITHM_DPO}
+_ALGORITHM = {
+    "grpo": pb.RlaifConfig.POLICY_ALGORITHM_GRPO,
+    "rloo": pb.RlaifConfig.POLICY_ALGORITHM_RLOO,
+    "dpo": pb.RlaifConfig.POLICY_ALGORITHM_DPO,
+}
 _ALGORITHM_FROM_PB = {v: k for k, v in _ALGORITHM.items()}
 _REWARD_SOURCE = {
     "reward_model": pb.RlaifConfig.REWARD_SOURCE_REWARD_MODEL, "judge": pb.RlaifConfig.REWARD_SOURCE_JUDGE,
@@ -120,9 +124,16 @@ def event_to_pb(e: d.JobEvent) -> pb.TrainingJobEvent:
         s = e.step
         out.step.CopyFrom(
             pb.StepMetrics(
-                step=s.step, total_steps=s.total_steps, epoch=s.epoch, loss=s.loss, learning_rate=s.learning_rate,
-                grad_norm=s.grad_norm, tokens_per_second=s.tokens_per_second, eta=Duration(seconds=int(s.eta_seconds)),
-                rss_bytes=s.rss_bytes, gpu_memory_bytes=s.gpu_memory_bytes,
+                step=s.step,
+                total_steps=s.total_steps,
+                epoch=s.epoch,
+                loss=s.loss,
+                learning_rate=s.learning_rate,
+                grad_norm=s.grad_norm,
+                tokens_per_second=s.tokens_per_second,
+                eta=Duration(seconds=int(s.eta_seconds)),
+                rss_bytes=s.rss_bytes,
+                gpu_memory_bytes=s.gpu_memory_bytes,
             )
         )
     return out

@@ -131,8 +131,18 @@ class RlaifSettings:
 
     @property
     def configured(self) -> bool:
-        return any((self.prompts_uri, self.eval_prompts_uri, self.judge_version, self.start_from_version,
-                    self.candidates_per_prompt, self.algorithm, self.reward_source, self.policy_steps))
+        return any(
+            (
+                self.prompts_uri,
+                self.eval_prompts_uri,
+                self.judge_version,
+                self.start_from_version,
+                self.candidates_per_prompt,
+                self.algorithm,
+                self.reward_source,
+                self.policy_steps,
+            )
+        )
 
 
 @dataclass
@@ -266,20 +276,33 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
     if not job.base_model.strip() and not starts_from_version:
         v.add(p + "base_model", "base_model is required (a directory, file:// URI or builtin:smollm2-135m-instruct)")
     if not job.dataset_uri.strip() and not starts_from_version:
-        what = {Method.RLAIF: "the SFT dataset (or set rlaif.start_from_version to skip SFT)",
-                Method.DPO: "a preference dataset (prompt/chosen/rejected)",
-                Method.REWARD_MODEL: "a preference dataset (prompt/chosen/rejected)"}.get(job.method, "")  # type: ignore[arg-type]
-        v.add(p + "dataset_uri", "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)" + (f": {what}" if what else ""))
+        what = {
+            Method.RLAIF: "the SFT dataset (or set rlaif.start_from_version to skip SFT)",
+            Method.DPO: "a preference dataset (prompt/chosen/rejected)",
+            Method.REWARD_MODEL: "a preference dataset (prompt/chosen/rejected)",
+        }.get(job.method, "")  # type: ignore[arg-type]
+        v.add(
+            p + "dataset_uri",
+            "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)" + (f": {what}" if what else ""),
+        )
     if job.method is Method.RLAIF:
         rp = p + "rlaif."
         if not rl.prompts_uri.strip():
             v.add(rp + "prompts_uri", "prompts_uri is required for RLAIF (JSONL of {prompt, reference?} under a dataset root)")
         if not rl.judge_version.strip():
-            v.add(rp + "judge_version", "judge_version is required for RLAIF: projects/{project}/judges/{judge}/versions/{version}")
+            v.add(
+                rp + "judge_version", "judge_version is required for RLAIF: projects/{project}/judges/{judge}/versions/{version}"
+            )
         elif not _JUDGE_VERSION.match(rl.judge_version):
-            v.add(rp + "judge_version", "judge_version must be projects/{project}/judges/{judge}/versions/{version} ({version} may be `latest`)")
+            v.add(
+                rp + "judge_version",
+                "judge_version must be projects/{project}/judges/{judge}/versions/{version} ({version} may be `latest`)",
+            )
         if rl.start_from_version and not _MODEL_VERSION.match(rl.start_from_version):
-            v.add(rp + "start_from_version", "start_from_version must be projects/{project}/models/{model}/versions/{version or alias}")
+            v.add(
+                rp + "start_from_version",
+                "start_from_version must be projects/{project}/models/{model}/versions/{version or alias}",
+            )
         if rl.algorithm and rl.algorithm not in RLAIF_ALGORITHMS:
             v.add(rp + "algorithm", f"algorithm must be one of {', '.join(RLAIF_ALGORITHMS)}")
         if rl.reward_source and rl.reward_source not in REWARD_SOURCES:
@@ -319,7 +342,15 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
         v.add(hp + "learning_rate", "learning_rate must be in [0, 1]")
     if h.num_epochs < 0 or h.num_epochs > 1000:
         v.add(hp + "num_epochs", "num_epochs must be in [0, 1000]")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_seq_length", "checkpoint_every_steps", "eval_every_steps", "seed"):
+    for name in (
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_seq_length",
+        "checkpoint_every_steps",
+        "eval_every_steps",
+        "seed",
+    ):
         if getattr(h, name) < 0:
             v.add(hp + name, f"{name} must not be negative")
     if h.batch_size > 1024:

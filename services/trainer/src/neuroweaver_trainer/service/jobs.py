@@ -90,7 +90,9 @@ class TrainerService:
         JOB.parse(name, field)
         row = await repo.job_row(name, for_update=for_update)
         if row is None:
-            raise NotFound(f"training job {name} does not exist", reason="TRAINING_JOB_NOT_FOUND", metadata={"training_job": name})
+            raise NotFound(
+                f"training job {name} does not exist", reason="TRAINING_JOB_NOT_FOUND", metadata={"training_job": name}
+            )
         return row
 
     # -- create ----------------------------------------------------------------------------------
@@ -131,7 +133,8 @@ class TrainerService:
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
         job.rlaif.prompts_digest, job.rlaif.eval_prompts_digest = checked.prompts_digest, checked.eval_prompts_digest
         queued = (
-            f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)" if job.dataset_uri
+            f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)"
+            if job.dataset_uri
             else f"queued (prompts sha256 {job.rlaif.prompts_digest[:12]}…, {checked.prompts_rows} prompts; starts from {job.rlaif.start_from_version})"
         )
         job.state, job.creator, job.create_time = JobState.QUEUED, current_actor(), utcnow()
@@ -161,15 +164,21 @@ class TrainerService:
         version → its adapter (uri + sha256) and base model."""
         r = job.rlaif
         if not self.policy.registry_target:
-            raise FailedPrecondition("this trainer has no registry configured; RLAIF needs one to resolve judge versions", reason="REGISTRY_NOT_CONFIGURED")
+            raise FailedPrecondition(
+                "this trainer has no registry configured; RLAIF needs one to resolve judge versions",
+                reason="REGISTRY_NOT_CONFIGURED",
+            )
         r.judge = await fetch_judge(self.policy.registry_target, self.policy.registry_token, r.judge_version)
         r.judge_version = r.judge["name"]
         if r.start_from_version:
-            name, uri, sha, base = await fetch_start_version(self.policy.registry_target, self.policy.registry_token, r.start_from_version)
+            name, uri, sha, base = await fetch_start_version(
+                self.policy.registry_target, self.policy.registry_token, r.start_from_version
+            )
             if job.base_model and job.base_model != base:
                 raise InvalidArgument(
                     f"base_model {job.base_model!r} differs from {name}'s lineage.base_model {base!r}; leave base_model empty or use that base",
-                    field="training_job.base_model", reason="BASE_MODEL_MISMATCH",
+                    field="training_job.base_model",
+                    reason="BASE_MODEL_MISMATCH",
                 )
             r.start_from_version, r.parent_artifact_uri, r.parent_artifact_sha256 = name, uri, sha
             job.base_model = base
@@ -211,8 +220,12 @@ class TrainerService:
                 if target is JobState.CANCELLED:
                     values.update(end_time=now, lease_owner="", lease_expires_at=0.0)
                 await repo.update_job(row.id, **values)
-                message = "cancelled before it started" if target is JobState.CANCELLED else "cancel requested; stopping the worker"
-                await repo.append_event(row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=target, message=message, create_time=now))
+                message = (
+                    "cancelled before it started" if target is JobState.CANCELLED else "cancel requested; stopping the worker"
+                )
+                await repo.append_event(
+                    row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=target, message=message, create_time=now)
+                )
             result = job_from_row(await repo.job_row(name))
         self.notifier.wake(notify_key(row.id))
         if target is JobState.CANCELLING and self.on_cancel is not None:

@@ -145,20 +145,40 @@ class Scheduler:
             state = JobState(row.state)
             if state is JobState.CANCELLING:  # its worker died while stopping: nothing left to stop
                 await repo.update_job(row.id, state=JobState.CANCELLED.value, end_time=now, lease_owner="", lease_expires_at=0.0)
-                await repo.append_event(row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.CANCELLED, message="cancelled (its worker had already stopped)", create_time=now))
+                await repo.append_event(
+                    row.id,
+                    JobEvent(
+                        EventType.STATE_CHANGED,
+                        stage=row.stage,
+                        state=JobState.CANCELLED,
+                        message="cancelled (its worker had already stopped)",
+                        create_time=now,
+                    ),
+                )
                 pk = None
             elif row.attempts >= self.s.max_attempts:
                 reason = f"gave up after {row.attempts} attempts: the worker kept dying (last: lease expired, no heartbeat)"
-                await repo.update_job(row.id, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0)
-                await repo.append_event(row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.FAILED, message=reason, create_time=now))
+                await repo.update_job(
+                    row.id, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0
+                )
+                await repo.append_event(
+                    row.id,
+                    JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.FAILED, message=reason, create_time=now),
+                )
                 pk = None
             else:
                 attempt = row.attempts + 1
-                await repo.update_job(row.id, state=JobState.RUNNING.value, attempts=attempt, start_time=row.start_time or now, error="")
+                await repo.update_job(
+                    row.id, state=JobState.RUNNING.value, attempts=attempt, start_time=row.start_time or now, error=""
+                )
                 message = f"attempt {attempt} claimed by {self.s.owner}"
                 if state is JobState.RUNNING:
                     message = f"lease of attempt {row.attempts} expired (its worker or trainer died); attempt {attempt} resumes from the last checkpoint"
-                await repo.append_event(row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.RUNNING, message=message, create_time=now), fence_attempt=attempt)
+                await repo.append_event(
+                    row.id,
+                    JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.RUNNING, message=message, create_time=now),
+                    fence_attempt=attempt,
+                )
                 pk = row.id
             job = job_from_row(await repo.job_row_by_id(row.id))
         self.notifier.wake(notify_key(row.id))
@@ -241,7 +261,9 @@ class Scheduler:
         if state is JobState.CANCELLING:
             await self._finish(r.pk, r.attempt, JobState.CANCELLED, "cancelled; the last checkpoint is kept")
         elif code == EXIT_INTERRUPTED or self._stopping:
-            await self._requeue(r, "the trainer is shutting down; the job is queued again and will resume from its last checkpoint")
+            await self._requeue(
+                r, "the trainer is shutting down; the job is queued again and will resume from its last checkpoint"
+            )
         elif r.attempt >= self.s.max_attempts:
             what = f"signal {-code}" if code < 0 else f"exit code {code}"
             await self._finish(
@@ -267,16 +289,28 @@ class Scheduler:
                     async with self.db.transaction() as s:
                         row = await JobRepository(s).job_row_by_id(r.pk)
                     if row is not None and not JobState(row.state).terminal:
-                        await self._finish(r.pk, r.attempt, JobState.FAILED, f"Kubernetes Job {r.ref} completed but its worker never reported a result")
+                        await self._finish(
+                            r.pk,
+                            r.attempt,
+                            JobState.FAILED,
+                            f"Kubernetes Job {r.ref} completed but its worker never reported a result",
+                        )
                     break
                 if st.phase == "Failed":
-                    await self._finish(r.pk, r.attempt, JobState.FAILED, f"Kubernetes Job {r.ref} failed ({st.reason or 'no reason given'}); see its pod logs")
+                    await self._finish(
+                        r.pk,
+                        r.attempt,
+                        JobState.FAILED,
+                        f"Kubernetes Job {r.ref} failed ({st.reason or 'no reason given'}); see its pod logs",
+                    )
                     break
                 if st.phase == "Missing":
                     if row.state == JobState.CANCELLING.value:
                         await self._finish(r.pk, r.attempt, JobState.CANCELLED, f"cancelled; Kubernetes Job {r.ref} deleted")
                     else:
-                        await self._finish(r.pk, r.attempt, JobState.FAILED, f"Kubernetes Job {r.ref} disappeared (deleted outside the trainer?)")
+                        await self._finish(
+                            r.pk, r.attempt, JobState.FAILED, f"Kubernetes Job {r.ref} disappeared (deleted outside the trainer?)"
+                        )
                     break
                 if row.state == JobState.CANCELLING.value:
                     await self.cancel(r.pk)
@@ -304,6 +338,10 @@ class Scheduler:
         now = utcnow()
         async with self.db.transaction() as s:
             repo = JobRepository(s)
-            if await repo.update_job(r.pk, fence_attempt=r.attempt, state=JobState.QUEUED.value, lease_owner="", lease_expires_at=0.0):
-                await repo.append_event(r.pk, JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=message, create_time=now))
+            if await repo.update_job(
+                r.pk, fence_attempt=r.attempt, state=JobState.QUEUED.value, lease_owner="", lease_expires_at=0.0
+            ):
+                await repo.append_event(
+                    r.pk, JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=message, create_time=now)
+                )
         self.notifier.wake(notify_key(r.pk))
