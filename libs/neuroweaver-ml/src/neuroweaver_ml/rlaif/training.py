@@ -183,6 +183,22 @@ def _common_args(
     )
 
 
+def _stage_args(cfg: RewardModelConfig | DPOJobConfig, ckdir: Path, device: str) -> dict[str, Any]:
+    """`_common_args` from a stage config's own training fields."""
+    return _common_args(
+        ckdir,
+        device=device,
+        seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        grad_accumulation=cfg.grad_accumulation,
+        max_steps=cfg.max_steps,
+        num_epochs=cfg.num_epochs,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
+
+
 def load_preference_rows(path: str) -> list[dict]:
     _fmt, rows = load_rows(path, "preference")
     return rows
@@ -364,18 +380,7 @@ def run_reward_model(
     args = RewardConfig(
         max_length=cfg.max_length,
         eos_token=eos,
-        **_common_args(
-            ckdir,
-            device=device,
-            seed=cfg.seed,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.batch_size,
-            grad_accumulation=cfg.grad_accumulation,
-            max_steps=cfg.max_steps,
-            num_epochs=cfg.num_epochs,
-            checkpoint_every_steps=cfg.checkpoint_every_steps,
-            keep_checkpoints=cfg.keep_checkpoints,
-        ),
+        **_stage_args(cfg, ckdir, device),
     )
     bridge = make_stage_callback(stage, on_event, should_stop, ckdir)
     trainer = RewardTrainer(
@@ -602,18 +607,7 @@ def run_dpo(
     args = DPOConfig(
         beta=cfg.beta,
         max_length=cfg.max_length,
-        **_common_args(
-            ckdir,
-            device=device,
-            seed=cfg.seed,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.batch_size,
-            grad_accumulation=cfg.grad_accumulation,
-            max_steps=cfg.max_steps,
-            num_epochs=cfg.num_epochs,
-            checkpoint_every_steps=cfg.checkpoint_every_steps,
-            keep_checkpoints=cfg.keep_checkpoints,
-        ),
+        **_stage_args(cfg, ckdir, device),
     )
     bridge = make_stage_callback(stage, on_event, should_stop, ckdir)
     trainer = DPOTrainer(
