@@ -267,34 +267,20 @@ def test_direct_reward_model_and_dpo_on_preference_file(tiny_model_dir, tmp_path
     assert rm.status == "completed" and rm.eval_pairs == 3 and rm.accuracy is not None
     assert (Path(rm.model_dir) / "reward_model.json").is_file()
     events = []
-    pol = run_dpo(
-        DPOJobConfig(
-            base_model_dir=str(tiny_model_dir),
-            preference_file=str(pf),
-            output_dir=str(tmp_path / "dpo"),
-            max_steps=2,
-            batch_size=2,
-            lora_r=4,
-            lora_alpha=8,
-            checkpoint_every_steps=1,
-            device="cpu",
-        ),
-        events.append,
+    dpo = DPOJobConfig(
+        base_model_dir=str(tiny_model_dir),
+        preference_file=str(pf),
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=2,
+        batch_size=2,
+        lora_r=4,
+        lora_alpha=8,
+        checkpoint_every_steps=1,
+        device="cpu",
     )
+    pol = run_dpo(dpo, events.append)
     assert pol.status == "completed" and pol.global_step == 2 and pol.adapter_sha256
     assert [e.kind for e in events].count("checkpoint") == 2
     # called again: the recorded result, no training
-    again = run_dpo(
-        DPOJobConfig(
-            base_model_dir=str(tiny_model_dir),
-            preference_file=str(pf),
-            output_dir=str(tmp_path / "dpo"),
-            max_steps=2,
-            batch_size=2,
-            lora_r=4,
-            lora_alpha=8,
-            checkpoint_every_steps=1,
-            device="cpu",
-        )
-    )
+    again = run_dpo(dpo)
     assert again.adapter_sha256 == pol.adapter_sha256
