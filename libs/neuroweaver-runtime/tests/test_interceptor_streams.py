@@ -1,4 +1,5 @@
-"""The interceptor around calls that the client abandons: no spurious errors, counted as CANCELLED."""
+"""The interceptor around streams and cancelled calls: errors mid-stream become statuses; calls the client abandons
+end without spurious errors and are counted as CANCELLED."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.auth import Role, TokenAuthenticator
+from neuroweaver_runtime.errors import NotFound, error_info
 from neuroweaver_runtime.interceptors import ServiceInterceptor
 
 METHOD = "/test.Streams/Count"
@@ -20,6 +22,12 @@ async def _count(request, context):
     for i in range(100_000):
         yield health_pb2.HealthCheckResponse(status=i % 3)
         await asyncio.sleep(0)
+
+
+async def _fail_after_two(request, context):
+    yield health_pb2.HealthCheckResponse(status=1)
+    yield health_pb2.HealthCheckResponse(status=2)
+    raise NotFound("the watched thing is gone", reason="THING_GONE")
 
 
 async def _wait(request, context):
@@ -34,12 +42,19 @@ async def _serve(interceptor: ServiceInterceptor) -> tuple[grpc.aio.Server, int]
         request_deserializer=health_pb2.HealthCheckRequest.FromString,
         response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
     )
+    fail = grpc.unary_stream_rpc_method_handler(
+        _fail_after_two,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
     wait = grpc.unary_unary_rpc_method_handler(
         _wait,
         request_deserializer=health_pb2.HealthCheckRequest.FromString,
         response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Streams", {"Count": count, "Wait": wait})])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("test.Streams", {"Count": count, "Fail": fail, "Wait": wait})]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
@@ -48,7 +63,7 @@ async def _serve(interceptor: ServiceInterceptor) -> tuple[grpc.aio.Server, int]
 def _interceptor() -> ServiceInterceptor:
     return ServiceInterceptor(
         error_domain="test.neuroweaver.v1",
-        method_roles={"Count": Role.VIEWER, "Wait": Role.VIEWER},
+        method_roles={"Count": Role.VIEWER, "Fail": Role.VIEWER, "Wait": Role.VIEWER},
         authenticator=TokenAuthenticator.from_setting(""),
     )
 
@@ -106,6 +121,32 @@ async def test_a_unary_call_the_client_cancels_is_counted_as_cancelled():
                 await asyncio.sleep(0.02)
                 if handled._value.get() > before:
                     break
+        assert handled._value.get() - before == 1
+    finally:
+        await server.stop(None)
+
+
+async def test_an_error_after_some_messages_ends_the_stream_with_its_status():
+    server, port = await _serve(_interceptor())
+    handled = telemetry.GRPC_HANDLED.labels("server_stream", "test.Streams", "Fail", "NOT_FOUND")
+    before = handled._value.get()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            fail = channel.unary_stream(
+                "/test.Streams/Fail",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            received = []
+            try:
+                async for response in fail(health_pb2.HealthCheckRequest()):
+                    received.append(response.status)
+                raise AssertionError("the stream ended without its error")
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+                info = error_info(err)
+                assert info is not None and info.reason == "THING_GONE" and info.domain == "test.neuroweaver.v1"
+            assert received == [1, 2]
         assert handled._value.get() - before == 1
     finally:
         await server.stop(None)
