@@ -8,6 +8,7 @@ import gc
 import logging
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
 from neuroweaver_runtime import telemetry
@@ -15,7 +16,11 @@ from neuroweaver_runtime.auth import Role, TokenAuthenticator
 from neuroweaver_runtime.errors import NotFound, error_info
 from neuroweaver_runtime.interceptors import ServiceInterceptor
 
-METHOD = "/test.Streams/Count"
+SERVICE = "test.Streams"
+_SERVER_CODEC = dict(
+    request_deserializer=health_pb2.HealthCheckRequest.FromString,
+    response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+)
 
 
 async def _count(request, context):
@@ -35,26 +40,16 @@ async def _wait(request, context):
     return health_pb2.HealthCheckResponse()
 
 
+HANDLERS = {
+    "Count": grpc.unary_stream_rpc_method_handler(_count, **_SERVER_CODEC),
+    "Fail": grpc.unary_stream_rpc_method_handler(_fail_after_two, **_SERVER_CODEC),
+    "Wait": grpc.unary_unary_rpc_method_handler(_wait, **_SERVER_CODEC),
+}
+
+
 async def _serve(interceptor: ServiceInterceptor) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(interceptors=[interceptor])
-    count = grpc.unary_stream_rpc_method_handler(
-        _count,
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-    )
-    fail = grpc.unary_stream_rpc_method_handler(
-        _fail_after_two,
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-    )
-    wait = grpc.unary_unary_rpc_method_handler(
-        _wait,
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("test.Streams", {"Count": count, "Fail": fail, "Wait": wait})]
-    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, HANDLERS)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
@@ -63,9 +58,27 @@ async def _serve(interceptor: ServiceInterceptor) -> tuple[grpc.aio.Server, int]
 def _interceptor() -> ServiceInterceptor:
     return ServiceInterceptor(
         error_domain="test.neuroweaver.v1",
-        method_roles={"Count": Role.VIEWER, "Fail": Role.VIEWER, "Wait": Role.VIEWER},
+        method_roles=dict.fromkeys(HANDLERS, Role.VIEWER),
         authenticator=TokenAuthenticator.from_setting(""),
     )
+
+
+def _method(channel: grpc.aio.Channel, name: str):
+    """The client side of HANDLERS[name] (unary_unary or unary_stream, as the handler is)."""
+    make = channel.unary_stream if HANDLERS[name].response_streaming else channel.unary_unary
+    return make(
+        f"/{SERVICE}/{name}",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
+async def _until_counted(counter, expected: float) -> None:
+    """Waits up to ~1 s for a Prometheus counter to reach `expected` (calls are counted when their handler ends)."""
+    for _ in range(50):
+        if counter._value.get() >= expected:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def test_a_stream_the_client_cancels_ends_without_context_errors(caplog):
@@ -78,11 +91,7 @@ async def test_a_stream_the_client_cancels_ends_without_context_errors(caplog):
     before = handled._value.get()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            count = channel.unary_stream(
-                METHOD,
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
+            count = _method(channel, "Count")
             with caplog.at_level(logging.WARNING):
                 for _ in range(5):
                     call = count(health_pb2.HealthCheckRequest())
@@ -91,10 +100,7 @@ async def test_a_stream_the_client_cancels_ends_without_context_errors(caplog):
                     call.cancel()
                     await asyncio.sleep(0.1)
                 gc.collect()  # the dropped generators are closed now (at the latest)
-                for _ in range(50):
-                    await asyncio.sleep(0.02)
-                    if handled._value.get() - before == 5:
-                        break
+                await _until_counted(handled, before + 5)
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert errors == []
         assert handled._value.get() - before == 5
@@ -109,18 +115,10 @@ async def test_a_unary_call_the_client_cancels_is_counted_as_cancelled():
     before = handled._value.get()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            wait = channel.unary_unary(
-                "/test.Streams/Wait",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
-            call = wait(health_pb2.HealthCheckRequest())
+            call = _method(channel, "Wait")(health_pb2.HealthCheckRequest())
             await asyncio.sleep(0.2)
             call.cancel()
-            for _ in range(50):
-                await asyncio.sleep(0.02)
-                if handled._value.get() > before:
-                    break
+            await _until_counted(handled, before + 1)
         assert handled._value.get() - before == 1
     finally:
         await server.stop(None)
@@ -132,20 +130,13 @@ async def test_an_error_after_some_messages_ends_the_stream_with_its_status():
     before = handled._value.get()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            fail = channel.unary_stream(
-                "/test.Streams/Fail",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
             received = []
-            try:
-                async for response in fail(health_pb2.HealthCheckRequest()):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for response in _method(channel, "Fail")(health_pb2.HealthCheckRequest()):
                     received.append(response.status)
-                raise AssertionError("the stream ended without its error")
-            except grpc.aio.AioRpcError as err:
-                assert err.code() == grpc.StatusCode.NOT_FOUND
-                info = error_info(err)
-                assert info is not None and info.reason == "THING_GONE" and info.domain == "test.neuroweaver.v1"
+            assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+            info = error_info(failed.value)
+            assert info is not None and info.reason == "THING_GONE" and info.domain == "test.neuroweaver.v1"
             assert received == [1, 2]
         assert handled._value.get() - before == 1
     finally:
