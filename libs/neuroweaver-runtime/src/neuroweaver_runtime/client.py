@@ -5,11 +5,19 @@
 
 Every call gets a default deadline unless it sets its own; UNAVAILABLE is retried with exponential
 backoff by gRPC's retry policy (only safe because writes carry request_id / etag).
+
+TLS: `open_channel(target, tls=ClientTLS(ca=..., cert=..., key=...))`. Every internal caller builds its
+`ClientTLS` from the service's `--client-tls-*` settings (`ClientTLS.from_config`), the CLI and SDK from
+`NW_TLS_*` (`ClientTLS.from_env`); there is no other way to configure outbound TLS.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -64,16 +72,79 @@ class _ClientInterceptor(
         return await continuation(self._details(client_call_details, False), request_iterator)
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """Outbound TLS settings: PEM file paths.
+
+    TLS is on when `ca` or `cert` is set: `ca` verifies the server (without it, the system roots do);
+    `cert` + `key` are this client's identity for servers that require client certificates (mTLS).
+    `server_name` overrides the name checked against the server's certificate, for when the address
+    dialled is not a name the certificate carries (a port-forward, a mesh, a test CA).
+    """
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("client TLS: a client certificate needs its private key and a key its certificate (set both)")
+        if self.server_name and not self.enabled:
+            raise ValueError("client TLS: a server-name override needs a CA bundle or a client certificate")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    @classmethod
+    def from_config(cls, config) -> ClientTLS:
+        """A service's outbound settings (`--client-tls-ca/-cert/-key`); unreadable files stop the service at start."""
+        try:
+            tls = cls(config.client_tls_ca, config.client_tls_cert, config.client_tls_key)
+            tls.credentials()
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+        return tls
+
+    @classmethod
+    def from_env(cls, prefix: str = "NW_", environ: Mapping[str, str] = os.environ, **overrides: str | None) -> ClientTLS:
+        """`<prefix>TLS_CA`, `_CERT`, `_KEY`, `_SERVER_NAME` (the CLI and SDK: `NW_TLS_*`); overrides that are not None win."""
+        values = {f: environ.get(f"{prefix}TLS_{f.upper()}", "") for f in ("ca", "cert", "key", "server_name")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca, "CA bundle") if self.ca else None,
+            private_key=_read_pem(self.key, "private key") if self.key else None,
+            certificate_chain=_read_pem(self.cert, "certificate") if self.cert else None,
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"client TLS: cannot read the {what} {path!r}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"client TLS: the {what} {path!r} is not PEM")
+    return data
+
+
 def open_channel(
     target: str,
     *,
     token: str | None = None,
     deadline: float | None = DEFAULT_DEADLINE_SECONDS,
-    tls_ca: bytes | None = None,
-    tls_cert: bytes | None = None,
-    tls_key: bytes | None = None,
+    tls: ClientTLS | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
 ) -> grpc.aio.Channel:
+    """The one way NeuroWeaver code dials a gRPC server: retries, default deadline, bearer token, trace
+    context, and TLS/mTLS when `tls` is enabled (plaintext otherwise)."""
     options = [
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
@@ -81,7 +152,7 @@ def open_channel(
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     interceptors = [_ClientInterceptor(token, deadline)]
-    if tls_ca is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert)
-        return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
+    if tls is not None and tls.enabled:
+        options += tls.channel_options()
+        return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

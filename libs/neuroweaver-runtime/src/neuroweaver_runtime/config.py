@@ -39,6 +39,12 @@ class ServiceConfig:
     tls_cert: str = field(default="", metadata={"help": "server certificate (PEM) to serve TLS"})
     tls_key: str = field(default="", metadata={"help": "server private key (PEM)"})
     tls_client_ca: str = field(default="", metadata={"help": "CA bundle; when set, clients must present certificates (mTLS)"})
+    # Outbound: every call this service makes to another (registry, deployer, ...) uses these (ClientTLS).
+    client_tls_ca: str = field(
+        default="", metadata={"help": "CA bundle (PEM) that verifies the services this one calls; set = TLS"}
+    )
+    client_tls_cert: str = field(default="", metadata={"help": "this service's client certificate (PEM) for mTLS"})
+    client_tls_key: str = field(default="", metadata={"help": "private key (PEM) of --client-tls-cert"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
     max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "largest request/response"})

@@ -1,4 +1,4 @@
-"""Test helpers shared by every service: fresh PostgreSQL databases and free ports.
+"""Test helpers shared by every service: fresh PostgreSQL databases, free ports and a throw-away CA.
 
 PostgreSQL tests use `NW_TEST_POSTGRES_URL` (default `postgresql://postgres@127.0.0.1:5432/postgres`)
 as an admin connection and create one throw-away database per call.
@@ -7,10 +7,13 @@ as an admin connection and create one throw-away database per call.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 ADMIN_URL = os.environ.get("NW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -56,3 +59,93 @@ def postgres_available() -> bool:
         return True
 
     return asyncio.run(probe())
+
+
+class TestCA:
+    """A certificate authority for TLS/mTLS tests (the `cryptography` package; EC P-256 keys, one day valid).
+
+        ca = TestCA(tmp_path / "pki")
+        cert, key = ca.issue("registry")          # SANs 127.0.0.1 and localhost; server and client use
+        ClientTLS(ca=str(ca.cert), cert=str(cert), key=str(key))
+
+    PEM files go to `directory`: `<name>.pem` and `<name>-key.pem`, the CA's certificate at `ca.cert`.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, name: str = "NeuroWeaver test CA") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(self._name)
+            .issuer_name(self._name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self._key, hashes.SHA256())
+        )  # fmt: skip
+        self.cert = self._write("ca.pem", cert)
+
+    def issue(
+        self, name: str, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"), server: bool = True, client: bool = True
+    ) -> tuple[Path, Path]:
+        """A leaf certificate for `name` (its CN) with `hosts` as DNS/IP SANs; returns (certificate, key) paths."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on]
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        key_path = self.directory / f"{name}-key.pem"
+        key_path.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        key_path.chmod(0o600)
+        return self._write(f"{name}.pem", cert), key_path
+
+    def _write(self, filename: str, cert) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        path = self.directory / filename
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
