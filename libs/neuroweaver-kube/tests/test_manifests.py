@@ -95,8 +95,9 @@ def validate_all(objs, version):
         lambda: model_server_manifests(cpu_spec()),
         lambda: [training_job(multi_gpu_job())],
         lambda: [training_job(multi_gpu_job(gpus=1))],
+        lambda: [training_job(multi_gpu_job(gpus=1, tls_secret="neuroweaver-trainer-tls"))],
     ],
-    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job"],
+    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job", "tls-job"],
 )
 def test_manifests_validate_against_official_schemas(make, version):
     validate_all(make(), version)
@@ -219,6 +220,24 @@ def test_multi_gpu_training_job():
     assert {"name": "checkpoints", "mountPath": "/checkpoints"} in c["volumeMounts"]
     # Same job id -> same checkpoint dir on a retried pod.
     assert training_job(multi_gpu_job())["spec"]["template"]["spec"]["containers"][0]["env"] == c["env"]
+
+
+def test_tls_secret_is_mounted_read_only_and_the_worker_points_at_it():
+    pod = training_job(multi_gpu_job(gpus=1, tls_secret="neuroweaver-trainer-tls"))["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert {"name": "tls", "mountPath": "/var/run/secrets/neuroweaver-tls", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "tls", "secret": {"secretName": "neuroweaver-trainer-tls", "defaultMode": 0o440}} in pod["volumes"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert {k: v for k, v in env.items() if "_TLS_" in k} == {
+        "NW_TRAINER_CLIENT_TLS_CA": "/var/run/secrets/neuroweaver-tls/ca.crt",
+        "NW_TRAINER_CLIENT_TLS_CERT": "/var/run/secrets/neuroweaver-tls/tls.crt",
+        "NW_TRAINER_CLIENT_TLS_KEY": "/var/run/secrets/neuroweaver-tls/tls.key",
+    }
+    plain = training_job(multi_gpu_job(gpus=1))["spec"]["template"]["spec"]
+    assert not any("_TLS_" in e["name"] for e in plain["containers"][0]["env"])
+    assert all(v["name"] != "tls" for v in plain["volumes"])
+    with pytest.raises(ValueError, match="tls_secret"):
+        multi_gpu_job(tls_secret="Not_A_Name")
 
 
 def test_single_gpu_job_uses_plain_python():

@@ -90,3 +90,25 @@ async def test_kubernetes_executor_against_standin(trainers, registry, standin, 
     assert final.state == h.tpb.TrainingJob.STATE_SUCCEEDED, final.error
     versions = await h.registry_versions_of(registry.stub, ok.name)
     assert [v.name for v in versions] == [final.model_version]
+
+
+def test_client_tls_reaches_the_workers_and_kube_jobs_need_a_tls_secret(tmp_path):
+    """Local workers get the trainer's --client-tls-* as flags; with the KUBERNETES executor and client TLS on,
+    the trainer refuses to start without a Secret for the worker pods (they would fail only at registration)."""
+    from neuroweaver_runtime.client import ClientTLS
+    from neuroweaver_runtime.config import load_config
+    from neuroweaver_runtime.testing import TestCA
+    from neuroweaver_trainer.adapters.executors import WorkerSettings
+    from neuroweaver_trainer.app import TrainerConfig, build
+    from neuroweaver_trainer.worker import WorkerConfig
+
+    ca = TestCA(tmp_path / "pki")
+    cert, key = ca.issue("trainer", server=False)
+    tls = ClientTLS(str(ca.cert), str(cert), str(key))
+    settings = WorkerSettings(
+        database_url="sqlite+aiosqlite:///unused.db", data_dir=str(tmp_path), artifacts_dir=str(tmp_path),
+        registry_target="127.0.0.1:1", client_tls=tls,
+    )  # fmt: skip
+    assert ClientTLS.from_config(load_config(WorkerConfig, "trainer", settings.args())) == tls
+    with pytest.raises(SystemExit, match="set kube_tls_secret"):
+        build(TrainerConfig(data_dir=str(tmp_path), kube_api="http://127.0.0.1:1", client_tls_ca=str(ca.cert)))

@@ -556,7 +556,9 @@ class TrainingJobSpec:
 
     ``job`` is the trainer's job id / resource name passed as ``--job``; the Job object name derives
     from it. With ``checkpoint_pvc`` set the PVC is mounted at ``checkpoint_mount_path`` and
-    ``NW_TRAINER_CHECKPOINT_DIR`` points at a per-job directory, so a retried pod resumes.
+    ``NW_TRAINER_CHECKPOINT_DIR`` points at a per-job directory, so a retried pod resumes. With
+    ``tls_secret`` set (keys ``ca.crt``, ``tls.crt``, ``tls.key``, as cert-manager writes them) it is
+    mounted read-only at ``tls_mount_path`` and the worker's client TLS settings point at it.
     """
 
     job: str
@@ -576,6 +578,8 @@ class TrainingJobSpec:
     secret_env: Sequence[SecretEnv] = DEFAULT_TRAINER_SECRET_ENV
     checkpoint_pvc: str | None = None
     checkpoint_mount_path: str = "/checkpoints"
+    tls_secret: str | None = None
+    tls_mount_path: str = "/var/run/secrets/neuroweaver-tls"
     backoff_limit: int = 3
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = 86400
@@ -591,6 +595,8 @@ class TrainingJobSpec:
             raise ValueError("gpus and backoff_limit must be >= 0")
         if self.checkpoint_pvc is not None and not is_dns1123_label(self.checkpoint_pvc):
             raise ValueError("checkpoint_pvc must be a DNS-1123 name")
+        if self.tls_secret is not None and not is_dns1123_label(self.tls_secret):
+            raise ValueError("tls_secret must be a DNS-1123 name")
 
     @property
     def object_name(self) -> str:
@@ -627,6 +633,11 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
         env["NW_TRAINER_CHECKPOINT_DIR"] = f"{spec.checkpoint_mount_path}/{sub}"
         mounts.append({"name": "checkpoints", "mountPath": spec.checkpoint_mount_path})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint_pvc}})
+    if spec.tls_secret:
+        for setting, key in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key")):
+            env[f"NW_TRAINER_CLIENT_TLS_{setting}"] = f"{spec.tls_mount_path}/{key}"
+        mounts.append({"name": "tls", "mountPath": spec.tls_mount_path, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
     if spec.gpus > 1:
         # NCCL needs a large /dev/shm; the default 64Mi breaks multi-GPU collectives.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import migrations
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
@@ -66,7 +67,9 @@ def build(config: DeployerConfig) -> GrpcService:
     notifier = Notifier()
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-deployer-page-tokens").hexdigest()
     roots = [r for r in config.artifact_roots.split(",") if r]
-    registry = RegistryGateway(config.registry_target, config.registry_token, artifact_roots=roots)
+    registry = RegistryGateway(
+        config.registry_target, config.registry_token, artifact_roots=roots, tls=ClientTLS.from_config(config)
+    )
     backends: dict = {}
     controller = Controller(db, notifier, backends)
     backends[Backend.LOCAL] = LocalBackend(

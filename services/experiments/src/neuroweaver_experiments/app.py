@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import migrations
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.pagination import PageTokens
@@ -41,8 +42,9 @@ def build(config: ExperimentsConfig) -> GrpcService:
     database_url = config.database_url or config.sqlite_default("experiments")
     db = Database(database_url)
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-experiments-page-tokens").hexdigest()
-    deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds)
-    registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds)
+    tls = ClientTLS.from_config(config)
+    deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds, tls)
+    registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds, tls)
     service = ExperimentsService(db, PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds)
 
     async def ready() -> None:

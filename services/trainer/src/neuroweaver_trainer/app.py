@@ -10,6 +10,7 @@ from pathlib import Path
 
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import migrations
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier, PostgresListener
@@ -83,6 +84,10 @@ class TrainerConfig(ServiceConfig):
     kube_secret: str = field(
         default="neuroweaver-trainer", metadata={"help": "Secret with database-url (and tokens) for worker pods"}
     )
+    kube_tls_secret: str = field(
+        default="",
+        metadata={"help": "Secret (ca.crt, tls.crt, tls.key) mounted into worker pods for client TLS to the registry"},
+    )
 
 
 def build(config: TrainerConfig) -> GrpcService:
@@ -93,6 +98,7 @@ def build(config: TrainerConfig) -> GrpcService:
     secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-trainer-page-tokens").hexdigest()
     poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 1.0)
     hub = FeedHub(db, notifier, poll)
+    client_tls = ClientTLS.from_config(config)
     worker = WorkerSettings(
         database_url=db.url,
         data_dir=config.data_dir,
@@ -103,9 +109,12 @@ def build(config: TrainerConfig) -> GrpcService:
         model_cache_dir=config.model_cache_dir,
         log_level=config.log_level,
         trace_file=config.trace_file,
+        client_tls=client_tls,
     )
     kube = None
     if config.kube_api:
+        if client_tls.enabled and not config.kube_tls_secret:
+            raise SystemExit("configuration error: client TLS is on, so worker pods need certificates too: set kube_tls_secret")
         from neuroweaver_kube import KubeClient
 
         client = (
@@ -120,6 +129,7 @@ def build(config: TrainerConfig) -> GrpcService:
                 image=config.kube_image,
                 checkpoint_pvc=config.kube_checkpoint_pvc,
                 secret_name=config.kube_secret,
+                tls_secret=config.kube_tls_secret,
             ),
             worker,
         )
@@ -139,6 +149,7 @@ def build(config: TrainerConfig) -> GrpcService:
         executors={Executor.LOCAL} | ({Executor.KUBERNETES} if kube else set()),
         registry_target=config.registry_target,
         registry_token=config.registry_token,
+        registry_tls=client_tls,
     )
     service = TrainerService(
         db, notifier, PageTokens(secret), policy, hub,

@@ -34,6 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from neuroweaver_runtime import telemetry
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import default_data_dir, load_config
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.logs import configure_logging, trace_id_var
@@ -72,6 +73,9 @@ class WorkerConfig:
     registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
     registry_retry_seconds: float = field(default=120.0, metadata={"help": "keep retrying an unreachable registry this long"})
+    client_tls_ca: str = field(default="", metadata={"help": "CA bundle (PEM) that verifies the registry; set = TLS"})
+    client_tls_cert: str = field(default="", metadata={"help": "client certificate (PEM) for mTLS"})
+    client_tls_key: str = field(default="", metadata={"help": "private key (PEM) of --client-tls-cert"})
     model_cache_dir: str = field(default="", metadata={"help": "converted builtin models cache"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the trainer process dies (local executor)"})
     notify_fd: int = field(
@@ -139,6 +143,8 @@ class Worker:
     def __init__(self, cfg: WorkerConfig, stop: threading.Event) -> None:
         self.cfg = cfg
         self.stop = stop
+        # checked before any training: unreadable certificates would otherwise fail only at registration
+        self.registry_tls = ClientTLS.from_config(cfg)
         self.db = Database(cfg.database_url)
         self.pk = 0
         self.attempt = 0
@@ -709,7 +715,12 @@ class Worker:
                 notes=f"{lineage_method(job)} of {job.base_model} by {job.name}: {result.message}",
             ),
         )  # fmt: skip
-        channel = open_channel(self.cfg.registry_target, token=self.cfg.registry_token or None, deadline=10.0)
+        channel = open_channel(
+            self.cfg.registry_target,
+            token=self.cfg.registry_token or None,
+            deadline=10.0,
+            tls=self.registry_tls,
+        )
         # a client span around the registration (all retries): open_channel injects it as the traceparent
         span = _tracer.start_span(
             "RegistryService/CreateModelVersion", kind=SpanKind.CLIENT,

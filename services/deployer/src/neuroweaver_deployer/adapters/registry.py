@@ -10,7 +10,7 @@ import grpc
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
-from neuroweaver_runtime.client import open_channel
+from neuroweaver_runtime.client import ClientTLS, open_channel
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from ..domain.model import ResolvedVersion
@@ -30,10 +30,17 @@ class AliasEvent:
 
 
 class RegistryGateway:
-    def __init__(self, target: str, token: str = "", deadline: float = 10.0, artifact_roots: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str = "",
+        deadline: float = 10.0,
+        artifact_roots: list[str] | None = None,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.target = target
         self.artifact_roots = artifact_roots or []
-        self._channel = open_channel(target, token=token or None, deadline=deadline)
+        self._channel = open_channel(target, token=token or None, deadline=deadline, tls=tls)
         self._stub = rgrpc.RegistryServiceStub(self._channel)
 
     async def close(self) -> None:

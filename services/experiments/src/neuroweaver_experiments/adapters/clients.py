@@ -15,7 +15,7 @@ from neuroweaver.deployer.v1 import deployer_service_pb2 as deployer_pb
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.registry.v1 import registry_service_pb2 as registry_pb
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from neuroweaver_runtime.client import open_channel
+from neuroweaver_runtime.client import ClientTLS, open_channel
 from neuroweaver_runtime.errors import Aborted, FailedPrecondition, Unavailable, error_info
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -34,15 +34,16 @@ def _remote_reason(err: grpc.aio.AioRpcError) -> str:
 
 
 class _Remote:
-    def __init__(self, target: str, token: str, deadline: float) -> None:
+    def __init__(self, target: str, token: str, deadline: float, tls: ClientTLS | None = None) -> None:
         self.target = target
         self._token = token or None
         self._deadline = deadline
+        self._tls = tls
         self._channel: grpc.aio.Channel | None = None
 
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = open_channel(self.target, token=self._token, deadline=self._deadline)
+            self._channel = open_channel(self.target, token=self._token, deadline=self._deadline, tls=self._tls)
         return self._channel
 
     async def close(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from neuroweaver_kube import KubeClient, KubeNotFound, TrainingJobSpec, training_job
 from neuroweaver_kube.client import KubeConflict
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.process import Child, spawn
 
 from ..domain.job import TrainingJob
@@ -39,6 +40,7 @@ class WorkerSettings:
     model_cache_dir: str = ""
     log_level: str = "INFO"
     trace_file: str = ""  # the trainer's --trace-file: the worker's spans go there too
+    client_tls: ClientTLS = ClientTLS()  # the trainer's own --client-tls-*: the worker registers with them
 
     def args(self) -> list[str]:
         out = [
@@ -50,6 +52,9 @@ class WorkerSettings:
             out += ["--model-cache-dir", self.model_cache_dir]
         if self.trace_file:
             out += ["--trace-file", self.trace_file]
+        for flag, path in (("ca", self.client_tls.ca), ("cert", self.client_tls.cert), ("key", self.client_tls.key)):
+            if path:
+                out += [f"--client-tls-{flag}", path]
         return out
 
 
@@ -120,6 +125,7 @@ class KubeSettings:
     checkpoint_pvc: str = ""
     secret_name: str = "neuroweaver-trainer"
     backoff_limit: int = 3
+    tls_secret: str = ""  # ca.crt, tls.crt, tls.key: the worker's client TLS towards the registry
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ class KubernetesExecutor:
                 "HF_HUB_OFFLINE": "1",
             },
             secret_name=self.settings.secret_name or None,
+            tls_secret=self.settings.tls_secret or None,
             checkpoint_pvc=self.settings.checkpoint_pvc or None,
             backoff_limit=self.settings.backoff_limit,
         )

@@ -12,16 +12,17 @@ from typing import Any
 
 import grpc
 
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-async def _call(target: str, token: str | None, method: str, request, what: str, field: str):
+async def _call(target: str, token: str | None, tls: ClientTLS | None, method: str, request, what: str, field: str):
     from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
     from neuroweaver_runtime.client import open_channel
 
-    channel = open_channel(target, token=token or None, deadline=10.0)
+    channel = open_channel(target, token=token or None, deadline=10.0, tls=tls)
     try:
         return await getattr(rgrpc.RegistryServiceStub(channel), method)(request, timeout=10.0)
     except grpc.aio.AioRpcError as exc:
@@ -89,12 +90,13 @@ def judge_config_from_version(v) -> dict[str, Any]:
         ) from None
 
 
-async def fetch_judge(target: str, token: str | None, name: str) -> dict[str, Any]:
+async def fetch_judge(target: str, token: str | None, name: str, *, tls: ClientTLS | None = None) -> dict[str, Any]:
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
     version = await _call(
         target,
         token,
+        tls,
         "GetJudgeVersion",
         rsvc.GetJudgeVersionRequest(name=name),
         f"judge version {name}",
@@ -103,13 +105,13 @@ async def fetch_judge(target: str, token: str | None, name: str) -> dict[str, An
     return judge_config_from_version(version)
 
 
-async def fetch_start_version(target: str, token: str | None, name: str):
+async def fetch_start_version(target: str, token: str | None, name: str, *, tls: ClientTLS | None = None):
     """The version an RLAIF job starts from: (full name, artifact uri, sha256, lineage.base_model)."""
     from neuroweaver.registry.v1 import registry_pb2 as rpb
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
     field = "training_job.rlaif.start_from_version"
-    v = await _call(target, token, "GetModelVersion", rsvc.GetModelVersionRequest(name=name), f"model version {name}", field)
+    v = await _call(target, token, tls, "GetModelVersion", rsvc.GetModelVersionRequest(name=name), f"model version {name}", field)
     if v.artifact.format not in (rpb.ARTIFACT_FORMAT_LORA_ADAPTER, rpb.ARTIFACT_FORMAT_UNSPECIFIED) or not v.artifact.uri:
         raise FailedPrecondition(
             f"{field}: {v.name} is not a LoRA adapter version; RLAIF continues an adapter", reason="START_VERSION_NOT_ADAPTER"

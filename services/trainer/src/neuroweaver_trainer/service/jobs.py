@@ -11,6 +11,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
@@ -56,6 +57,7 @@ class JobPolicy:
     # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time
     registry_target: str = ""
     registry_token: str = ""
+    registry_tls: ClientTLS | None = None
 
 
 def current_traceparent() -> str:
@@ -168,11 +170,13 @@ class TrainerService:
                 "this trainer has no registry configured; RLAIF needs one to resolve judge versions",
                 reason="REGISTRY_NOT_CONFIGURED",
             )
-        r.judge = await fetch_judge(self.policy.registry_target, self.policy.registry_token, r.judge_version)
+        r.judge = await fetch_judge(
+            self.policy.registry_target, self.policy.registry_token, r.judge_version, tls=self.policy.registry_tls
+        )
         r.judge_version = r.judge["name"]
         if r.start_from_version:
             name, uri, sha, base = await fetch_start_version(
-                self.policy.registry_target, self.policy.registry_token, r.start_from_version
+                self.policy.registry_target, self.policy.registry_token, r.start_from_version, tls=self.policy.registry_tls
             )
             if job.base_model and job.base_model != base:
                 raise InvalidArgument(
