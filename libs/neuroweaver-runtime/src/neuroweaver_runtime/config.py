@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import types
 import typing
@@ -35,7 +36,16 @@ class ServiceConfig:
         default="",
         metadata={"help": "bearer tokens: a file path or `token=project:role,...`; empty = auth off (embedded)"},
     )
-    page_token_secret: str = field(default="", metadata={"help": "HMAC key for page tokens (set it in production)"})
+    page_token_secret: str = field(
+        default="", metadata={"help": "HMAC key for page tokens; required when auth is on (empty = a per-process key)"}
+    )
+    project_grants: str = field(
+        default="",
+        metadata={"help": "read grants between projects: `granting=>reader|reader;...` (models and judges only)"},
+    )
+    max_streams_per_principal: int = field(
+        default=256, metadata={"help": "open streaming calls one caller may hold; more get RESOURCE_EXHAUSTED"}
+    )
     tls_cert: str = field(default="", metadata={"help": "server certificate (PEM) to serve TLS"})
     tls_key: str = field(default="", metadata={"help": "server private key (PEM)"})
     tls_client_ca: str = field(default="", metadata={"help": "CA bundle; when set, clients must present certificates (mTLS)"})
@@ -52,6 +62,15 @@ class ServiceConfig:
     shutdown_drain_seconds: float = field(
         default=1.0, metadata={"help": "on SIGTERM, keep serving this long after health turns NOT_SERVING (load balancers react)"}
     )
+
+    def page_token_key(self, service: str) -> bytes:
+        """The HMAC key of page tokens. With auth on a configured secret is required: the built-in key of the
+        embedded default is public (tokens signed with it are still checked like any other)."""
+        if self.page_token_secret:
+            return self.page_token_secret.encode()
+        if self.auth_tokens:
+            raise SystemExit("configuration error: page_token_secret is required when auth_tokens is set")
+        return hashlib.sha256(f"neuroweaver-{service}-page-tokens".encode()).hexdigest().encode()
 
     def sqlite_default(self, service: str) -> str:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)

@@ -114,18 +114,40 @@ class Violations:
             raise InvalidArgument(f"{first.field}: {first.description}{more}", reason=reason, violations=self.items)
 
 
+# Bounds on what an error carries back. Messages quote the caller's input, and the status travels in trailers:
+# one larger than the peer's metadata limit would reach the caller as RESOURCE_EXHAUSTED instead of the real error
+# (the message is also percent-encoded in `grpc-message`: up to 12 bytes per non-ASCII character).
+MAX_MESSAGE_CHARS = 200
+MAX_DETAIL_CHARS = 120
+MAX_VIOLATIONS = 10
+MAX_METADATA_ENTRIES = 16
+MAX_DETAILS_BYTES = 2000
+
+
+def truncate(value: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """`value` cut to about `limit` characters, marking the cut with how much was left out."""
+    if len(value) <= limit:
+        return value
+    marker = f"…[+{len(value)} chars]"  # at least as long as the final marker
+    keep = max(limit - len(marker), 0)
+    return f"{value[:keep]}…[+{len(value) - keep} chars]"
+
+
 def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
-    """Builds the google.rpc.Status (with ErrorInfo and BadRequest details) for a domain error."""
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
-    details = [_pack(info)]
-    if error.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in error.violations
-            ]
-        )
-        details.append(_pack(bad))
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+    """Builds the google.rpc.Status (with ErrorInfo and BadRequest details) for a domain error, bounded in size."""
+    metadata = {truncate(k, 64): truncate(v) for k, v in list(error.metadata.items())[:MAX_METADATA_ENTRIES]}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=truncate(error.reason, 64), domain=domain, metadata=metadata))]
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=truncate(v.field), description=truncate(v.description, 200))
+        for v in error.violations[:MAX_VIOLATIONS]
+    ]
+    while violations:
+        bad = _pack(error_details_pb2.BadRequest(field_violations=violations))
+        if bad.ByteSize() <= MAX_DETAILS_BYTES or len(violations) == 1:
+            details.append(bad)
+            break
+        violations = violations[: len(violations) // 2]
+    return status_pb2.Status(code=error.code.value[0], message=truncate(error.message, MAX_MESSAGE_CHARS), details=details)
 
 
 def internal_status(domain: str) -> status_pb2.Status:

@@ -24,28 +24,14 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import telemetry
-from .auth import Principal, Role, TokenAuthenticator, authorize, principal_var
-from .errors import DomainError, internal_status, to_rpc_status, unavailable_from_db_error
+from .auth import NO_GRANTS, ON_BEHALF_OF_HEADER, Principal, ProjectGrants, Role, TokenAuthenticator, authorize, principal_var
+from .errors import DomainError, ResourceExhausted, internal_status, to_rpc_status, unavailable_from_db_error
+from .inspection import Incoming, Undecodable, inspect, lenient_deserializer, refuse_undecodable
 from .logs import request_id_var, trace_id_var
-from .names import project_of
 
 log = logging.getLogger("neuroweaver.rpc")
 
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-def projects_in_request(request) -> set[str]:
-    """Projects named by the request's resource-name fields (top level and one level down)."""
-    projects: set[str] = set()
-    for desc, value in request.ListFields():
-        if desc.type == desc.TYPE_STRING and not desc.is_repeated:
-            if (p := project_of(value)) is not None:
-                projects.add(p)
-        elif desc.type == desc.TYPE_MESSAGE and not desc.is_repeated:
-            name = getattr(value, "name", None)
-            if isinstance(name, str) and (p := project_of(name)) is not None:
-                projects.add(p)
-    return projects
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -55,10 +41,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         error_domain: str,
         method_roles: Mapping[str, Role],
         authenticator: TokenAuthenticator,
+        grants: ProjectGrants = NO_GRANTS,
+        max_streams_per_principal: int = 256,
     ) -> None:
         self._domain = error_domain
         self._roles = dict(method_roles)
         self._auth = authenticator
+        self._grants = grants
+        self._max_streams = max_streams_per_principal
+        self._open_streams: dict[str, int] = {}  # principal subject -> open streaming calls
         self._tracer = trace.get_tracer("neuroweaver.grpc")
         self._record_spans = telemetry.spans_are_recorded()
         self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (original handler, wrapped handler)
@@ -87,27 +78,32 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_handler(self, handler, method: str):
         _, service, name = method.split("/")
         required = self._roles.get(name, Role.ADMIN)  # undeclared RPCs need the highest role
+        request_type = getattr(getattr(handler.request_deserializer, "__self__", None), "DESCRIPTOR", None)
+        # Bad bytes become an INVALID_ARGUMENT after authentication instead of grpc's UNKNOWN before it.
+        deserializer = lenient_deserializer(
+            handler.request_deserializer, request_type.full_name if request_type is not None else "request"
+        )
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, "unary", service, name, required),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, "server_stream", service, name, required),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, "client_stream", service, name, required),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(handler.stream_stream, "bidi_stream", service, name, required),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -131,11 +127,48 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return md, span
 
     def _check_auth(self, md, request, required: Role) -> Principal:
-        principal = self._auth.authenticate(md.get("authorization"))
-        projects = projects_in_request(request) if request is not None else set()
-        authorize(principal, required, projects)
+        """Authenticates the caller and authorizes it for every resource name in `request` (None: streamed)."""
+        principal = self._auth.authenticate(md.get("authorization"), md.get(ON_BEHALF_OF_HEADER))
+        authorize(principal, required, set())
         principal_var.set(principal)
+        if request is not None:
+            self._check_message(principal, request, required)
         return principal
+
+    def _check_message(self, principal: Principal, request: Incoming | Undecodable, required: Role, prefix: str = ""):
+        if isinstance(request, Undecodable):
+            refuse_undecodable(request)
+        found = inspect(request, prefix)
+        if required == Role.VIEWER:  # a read: every name it touches may be a granted one
+            authorize(principal, required, set(), references=found.targets | found.references, grants=self._grants)
+        else:
+            targets = {n[len("projects/") :].split("/", 1)[0] for n in found.targets}
+            authorize(principal, required, targets, references=found.references, grants=self._grants)
+        return request.message
+
+    async def _checked_stream(self, requests, principal: Principal, required: Role):
+        """A client stream whose every message passes the same checks as a unary request."""
+        index = 0
+        async for request in requests:
+            yield self._check_message(principal, request, required, prefix=f"message[{index}].")
+            index += 1
+
+    def _enter_stream(self, principal: Principal) -> None:
+        open_now = self._open_streams.get(principal.subject, 0)
+        if open_now >= self._max_streams:
+            raise ResourceExhausted(
+                f"too many open streams for this caller (limit {self._max_streams}); close some first",
+                reason="TOO_MANY_STREAMS",
+                metadata={"limit": str(self._max_streams)},
+            )
+        self._open_streams[principal.subject] = open_now + 1
+
+    def _leave_stream(self, principal: Principal) -> None:
+        left = self._open_streams.get(principal.subject, 1) - 1
+        if left > 0:
+            self._open_streams[principal.subject] = left
+        else:
+            self._open_streams.pop(principal.subject, None)
 
     async def _fail(self, context, exc: BaseException, span, service: str, name: str) -> None:
         """Aborts the call with the status for `exc` (raises grpc.aio.AbortError)."""
@@ -169,8 +202,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = None
             try:
                 with trace.use_span(span, end_on_exit=False):
-                    self._check_auth(md, request if kind == "unary" else None, required)
-                    return await behavior(request, context)
+                    if kind == "unary":
+                        self._check_auth(md, request, required)
+                        return await behavior(request.message, context)
+                    principal = self._check_auth(md, None, required)
+                    return await behavior(self._checked_stream(request, principal, required), context)
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:  # the client went away (or shutdown): the call reports no status of its own
@@ -193,10 +229,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = None
             task = asyncio.current_task()
             self.streams.add(task)
+            principal = None
             try:
                 with trace.use_span(span, end_on_exit=False):
-                    self._check_auth(md, request if kind == "server_stream" else None, required)
-                    responses = aiter(behavior(request, context))
+                    caller = self._check_auth(md, request if kind == "server_stream" else None, required)
+                    self._enter_stream(caller)
+                    principal = caller
+                    if kind == "server_stream":
+                        responses = aiter(behavior(request.message, context))
+                    else:
+                        responses = aiter(behavior(self._checked_stream(request, caller, required), context))
                 # The span is current while the handler runs, never across `yield`: when the client goes away
                 # while this generator waits at a `yield`, grpc.aio drops it and the event loop closes it later
                 # from another task, where detaching a context attached here fails (OpenTelemetry logs an ERROR).
@@ -217,6 +259,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(context, exc, span, service, name)
             finally:
                 self.streams.discard(task)
+                if principal is not None:
+                    self._leave_stream(principal)
                 self._finish(context, span, metrics, started, code)
 
         return wrapper

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+from datetime import datetime
 from typing import Any
 
 from .errors import InvalidArgument
@@ -39,29 +40,59 @@ class PageTokens:
         sig = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(sig + body).decode().rstrip("=")
 
-    def decode(self, token: str, query: Any) -> list[Any] | None:
-        """The cursor of a token, or None for an empty token (first page)."""
+    def decode(self, token: str, query: Any, *kinds: type) -> list[Any] | None:
+        """The cursor of a token, or None for an empty token (first page).
+
+        `kinds` is the cursor's shape, one type per position: `str`, `int`, or `datetime` (an ISO-8601 string,
+        returned as the string). A token that is not exactly that shape is refused like a forged one, even when its
+        signature is valid: the cursor reaches SQL, and a wrong type there would be an internal error.
+        """
         if not token:
             return None
+        invalid = InvalidArgument(
+            "page_token is invalid: pass back exactly the next_page_token of the previous response",
+            field="page_token",
+            reason="INVALID_PAGE_TOKEN",
+        )
+        if len(token) > MAX_TOKEN_CHARS:
+            raise invalid
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             sig, body = raw[:16], raw[16:]
             if not hmac.compare_digest(sig, hmac.new(self._key, body, hashlib.sha256).digest()[:16]):
                 raise ValueError("signature")
             data = json.loads(body)
-        except (ValueError, TypeError, json.JSONDecodeError):
-            raise InvalidArgument(
-                "page_token is invalid: pass back exactly the next_page_token of the previous response",
-                field="page_token",
-                reason="INVALID_PAGE_TOKEN",
-            ) from None
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise invalid from None
+        if not isinstance(data, dict) or not isinstance(data.get("c"), list):
+            raise invalid
         if data.get("q") != _fingerprint(query):
             raise InvalidArgument(
                 "page_token was issued for a different query: keep parent, filter and order_by unchanged while paging",
                 field="page_token",
                 reason="PAGE_TOKEN_QUERY_MISMATCH",
             )
-        return list(data["c"])
+        cursor = data["c"]
+        if kinds and (len(cursor) != len(kinds) or not all(map(_fits, cursor, kinds))):
+            raise invalid
+        return list(cursor)
+
+
+MAX_TOKEN_CHARS = 4096
+_INT64 = 2**63
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int and -_INT64 <= value < _INT64
+    if not isinstance(value, str) or len(value) > 1024 or "\x00" in value:
+        return False
+    if kind is datetime:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            return False
+    return True
 
 
 def _fingerprint(query: Any) -> str:

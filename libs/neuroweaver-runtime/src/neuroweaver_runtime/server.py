@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import telemetry
-from .auth import Role, TokenAuthenticator
+from .auth import ProjectGrants, Role, TokenAuthenticator
 from .config import ServiceConfig
 from .interceptors import ServiceInterceptor
 
@@ -81,7 +81,11 @@ class GrpcService:
         authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens)
         limit = self.config.max_message_bytes
         self.interceptor = ServiceInterceptor(
-            error_domain=d.error_domain, method_roles=d.method_roles, authenticator=authenticator
+            error_domain=d.error_domain,
+            method_roles=d.method_roles,
+            authenticator=authenticator,
+            grants=ProjectGrants.from_setting(self.config.project_grants),
+            max_streams_per_principal=self.config.max_streams_per_principal,
         )
         server = grpc.aio.server(
             interceptors=[self.interceptor],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def build(config: DeployerConfig) -> GrpcService:
     database_url = config.database_url or config.sqlite_default("deployer")
     db = Database(database_url)
     notifier = Notifier()
-    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-deployer-page-tokens").hexdigest()
+    secret = config.page_token_key("deployer")
     roots = [r for r in config.artifact_roots.split(",") if r]
     registry = RegistryGateway(
         config.registry_target, config.registry_token, artifact_roots=roots, tls=ClientTLS.from_config(config)

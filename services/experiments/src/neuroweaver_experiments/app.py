@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ class ExperimentsConfig(ServiceConfig):
 def build(config: ExperimentsConfig) -> GrpcService:
     database_url = config.database_url or config.sqlite_default("experiments")
     db = Database(database_url)
-    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-experiments-page-tokens").hexdigest()
+    secret = config.page_token_key("experiments")
     tls = ClientTLS.from_config(config)
     deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds, tls)
     registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds, tls)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def build(config: RegistryConfig) -> GrpcService:
     size = config.version_cache_size if db.is_postgres else 0
     cache = VersionCache(max_entries=size, enabled=lambda: listener is not None and listener.listening)
     notifier = InvalidatingNotifier(cache)
-    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-registry-page-tokens").hexdigest()
+    secret = config.page_token_key("registry")
     service = RegistryService(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 

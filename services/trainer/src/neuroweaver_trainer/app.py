@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +94,7 @@ def build(config: TrainerConfig) -> GrpcService:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub while validating
     db = Database(database_url)
     notifier = _JobNotifier()
-    secret = config.page_token_secret or hashlib.sha256(b"neuroweaver-trainer-page-tokens").hexdigest()
+    secret = config.page_token_key("trainer")
     poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 1.0)
     hub = FeedHub(db, notifier, poll)
     client_tls = ClientTLS.from_config(config)

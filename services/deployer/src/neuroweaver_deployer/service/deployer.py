@@ -7,6 +7,7 @@ import copy
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from neuroweaver_kube.manifests import model_server_manifests, to_yaml
 from neuroweaver_runtime import idempotency
@@ -134,7 +135,7 @@ class DeployerService:
         filters = parse_filter(filter_text, {"state", "backend"})
         order_field, desc = parse_order_by(order_by, {"name", "create_time"}, "name")
         query = [parent, filter_text, order_by]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, *((str,) if order_field == "name" else (datetime, str)))
         state = backend = None
         labels_eq: list[tuple[str, str, bool]] = []
         for c in filters:
@@ -177,7 +178,7 @@ class DeployerService:
 
     async def list_revisions(self, parent: str, size: int, token: str) -> Page:
         limit = page_size(size)
-        cursor = self.tokens.decode(token, [parent])
+        cursor = self.tokens.decode(token, [parent], int)
         async with self.db.read() as s:
             repo = DeployerRepository(s)
             row = await self._row(repo, parent, field="parent")

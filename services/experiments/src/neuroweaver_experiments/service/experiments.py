@@ -124,7 +124,7 @@ class ExperimentsService:
         filters = parse_filter(filter_text, {"state"})
         order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
         query = [parent, filter_text, order_by]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, str if order_field == "name" else datetime, str)
         async with self.db.transaction() as s:
             repo = self._repo(s)
             rows = await repo.list_experiments(project, filters, order_field, desc, cursor, limit + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 
@@ -155,7 +156,7 @@ class RegistryService:
         filters = parse_filter(filter_text, {"specialization", "state", "base_model"})
         order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
         query = [parent, filter_text, order_by]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, str if order_field == "name" else datetime, str)
         async with self.db.read() as s:
             repo = RegistryRepository(s)
             rows = await repo.list_models(project, filters, order_field, desc, cursor, limit + 1)
@@ -366,7 +367,7 @@ class RegistryService:
         filters = parse_filter(filter_text, {"state", "base_model", "training_job"})
         order_field, desc = parse_order_by(order_by, {"version", "create_time"}, "version desc")
         query = [parent, filter_text, order_by]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, str if order_field == "version" else datetime, int)
         async with self.db.read() as s:
             repo = RegistryRepository(s)
             model_row = await self._model(repo, parent, field="parent")
@@ -625,7 +626,7 @@ class RegistryService:
     async def alias_history(self, name: str, size: int, token: str) -> Page:
         parts = ALIAS.parse(name)
         limit = page_size(size)
-        cursor = self.tokens.decode(token, [name])
+        cursor = self.tokens.decode(token, [name], int)
         async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await self._model(repo, MODEL.format(project=parts["project"], model=parts["model"]))
@@ -649,7 +650,7 @@ class RegistryService:
             raise InvalidArgument("after_sequence must not be negative", field="after_sequence", reason="INVALID_CURSOR")
         limit = page_size(size)
         query = [parent, model, after]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, int)
         start = cursor[0] if cursor else after
         async with self.db.read() as s:
             events = await RegistryRepository(s).events_after(project, model, start, limit + 1)
@@ -722,7 +723,7 @@ class RegistryService:
     async def list_judges(self, parent: str, size: int, token: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
         limit = page_size(size)
-        cursor = self.tokens.decode(token, [parent])
+        cursor = self.tokens.decode(token, [parent], str)
         async with self.db.read() as s:
             rows = await RegistryRepository(s).list_judges(project, cursor[0] if cursor else None, limit + 1)
         next_token = self.tokens.encode([rows[limit - 1].name], [parent]) if len(rows) > limit else ""
@@ -773,7 +774,7 @@ class RegistryService:
     async def list_judge_versions(self, parent: str, size: int, token: str) -> Page:
         JUDGE.parse(parent, "parent")
         limit = page_size(size)
-        cursor = self.tokens.decode(token, [parent])
+        cursor = self.tokens.decode(token, [parent], int)
         async with self.db.read() as s:
             repo = RegistryRepository(s)
             row = await repo.judge_row(parent)

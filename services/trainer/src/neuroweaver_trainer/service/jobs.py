@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -199,7 +200,7 @@ class TrainerService:
         filters = parse_filter(filter_text, {"state", "method", "target_model"})
         _, desc = parse_order_by(order_by, {"create_time"}, "create_time desc")
         query = [parent, filter_text, order_by]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, datetime, int)
         async with self.db.transaction() as s:
             rows = await JobRepository(s).list_jobs(project, filters, desc, cursor, limit + 1)
         next_token = ""
@@ -256,7 +257,7 @@ class TrainerService:
             raise InvalidArgument("after_sequence must not be negative", field="after_sequence", reason="INVALID_CURSOR")
         limit = page_size(size)
         query = [parent, after]
-        cursor = self.tokens.decode(token, query)
+        cursor = self.tokens.decode(token, query, int)
         start = int(cursor[0]) if cursor else after
         async with self.db.transaction() as s:
             repo = JobRepository(s)
