@@ -28,6 +28,7 @@ from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.errors import error_info, field_violations
 
 from .clients import DEFAULT_TARGETS, Clients, Endpoints
@@ -659,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, target in DEFAULT_TARGETS.items():
         parser.add_argument(f"--{name}", help=f"{name} endpoint (env NW_{name.upper()}_TARGET, default {target})")
     parser.add_argument("--token", help="bearer token (env NW_TOKEN)")
+    parser.add_argument("--tls-ca", help="CA bundle (PEM) that verifies the services; set = TLS (env NW_TLS_CA)")
+    parser.add_argument("--tls-cert", help="client certificate (PEM) for mTLS (env NW_TLS_CERT)")
+    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (env NW_TLS_KEY)")
+    parser.add_argument(
+        "--tls-server-name", help="name to verify in the server certificates instead of the host (env NW_TLS_SERVER_NAME)"
+    )
     parser.add_argument("--project", help="project (env NW_PROJECT, default `default`)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -879,11 +886,17 @@ def print_rpc_error(exc: grpc.aio.AioRpcError) -> None:
 
 async def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    endpoints = Endpoints.from_env(
-        **{name: getattr(args, name) for name in DEFAULT_TARGETS}, token=args.token, project=args.project
-    )
+    try:
+        tls = ClientTLS.from_env("NW_", ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+        endpoints = Endpoints.from_env(
+            **{name: getattr(args, name) for name in DEFAULT_TARGETS}, token=args.token, project=args.project, tls=tls
+        )
+        clients = Clients(endpoints)
+    except ValueError as exc:  # unusable TLS settings: say which, before any call
+        err_console.print(f"[red]error[/red] {exc}")
+        return 2
     args.project = endpoints.project
-    async with Clients(endpoints) as clients:
+    async with clients:
         try:
             await args.fn(Ctx(args, clients))
         except grpc.aio.AioRpcError as exc:

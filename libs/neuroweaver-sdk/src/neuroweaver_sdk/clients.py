@@ -2,18 +2,20 @@
 
 async with Clients(Endpoints.from_env()) as nw:
     model = await nw.registry.GetModel(GetModelRequest(name="projects/default/models/m"))
+
+TLS: `NW_TLS_CA` (verify the services), `NW_TLS_CERT` + `NW_TLS_KEY` (mTLS), `NW_TLS_SERVER_NAME` (override).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as experiments_grpc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
-from neuroweaver_runtime.client import open_channel
+from neuroweaver_runtime.client import ClientTLS, open_channel
 
 DEFAULT_TARGETS = {
     "registry": "127.0.0.1:50051",
@@ -31,12 +33,14 @@ class Endpoints:
     experiments: str = DEFAULT_TARGETS["experiments"]
     token: str | None = None
     project: str = "default"
+    tls: ClientTLS = field(default_factory=ClientTLS)  # one setting for every service (one CA, one client identity)
 
     @classmethod
     def from_env(cls, **overrides) -> Endpoints:
         values = {name: os.environ.get(f"NW_{name.upper()}_TARGET", default) for name, default in DEFAULT_TARGETS.items()}
         values["token"] = os.environ.get("NW_TOKEN") or None
         values["project"] = os.environ.get("NW_PROJECT", "default")
+        values["tls"] = ClientTLS.from_env("NW_")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -45,7 +49,8 @@ class Clients:
     def __init__(self, endpoints: Endpoints, deadline: float = 30.0) -> None:
         self.endpoints = endpoints
         self._channels = {
-            name: open_channel(getattr(endpoints, name), token=endpoints.token, deadline=deadline) for name in DEFAULT_TARGETS
+            name: open_channel(getattr(endpoints, name), token=endpoints.token, deadline=deadline, tls=endpoints.tls)
+            for name in DEFAULT_TARGETS
         }
         self.registry = registry_grpc.RegistryServiceStub(self._channels["registry"])
         self.trainer = trainer_grpc.TrainerServiceStub(self._channels["trainer"])

@@ -34,6 +34,7 @@ from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime.client import ClientTLS
 
 from .clients import Clients, Endpoints
 from .platform import LocalPlatform
@@ -349,7 +350,7 @@ async def undeploy(nw: Clients) -> None:
 async def demo(args, data_dir: Path) -> dict:
     timer = Timer()
     summary: dict = {"machine": {"cpus": os.cpu_count()}, "settings": vars(args).copy()}
-    async with Clients(Endpoints(), deadline=120.0) as nw:
+    async with Clients(Endpoints(tls=ClientTLS.from_env("NW_")), deadline=120.0) as nw:
         try:
             with timer.phase("1. register base model and judge"):
                 base_version = await register_base(nw, data_dir / "models")

@@ -1,7 +1,8 @@
 """Starts the NeuroWeaver services as local processes (embedded default: SQLite, local executors).
 
 Used by `make up` (foreground until Ctrl-C) and by the demo; every child gets SIGTERM on exit, so
-nothing is left running.
+nothing is left running. With TLS on (the services' `NW_<SVC>_TLS_*` in the environment), the health
+checks dial with `NW_TLS_*` like the CLI.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from neuroweaver_runtime.client import ClientTLS, open_channel
 
 from .clients import DEFAULT_TARGETS
 
@@ -47,6 +50,7 @@ class LocalPlatform:
     data_dir: Path
     services: list[str] = field(default_factory=installed_services)
     extra_env: dict[str, str] = field(default_factory=dict)  # environment of every service, e.g. NW_<SVC>_* settings
+    tls: ClientTLS = field(default_factory=lambda: ClientTLS.from_env("NW_"))  # how the health checks dial
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def targets(self) -> dict[str, str]:
@@ -83,7 +87,7 @@ class LocalPlatform:
     async def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for name in self.services:
-            async with grpc.aio.insecure_channel(DEFAULT_TARGETS[name]) as channel:
+            async with open_channel(DEFAULT_TARGETS[name], tls=self.tls, deadline=None) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 while True:
                     proc = self.processes[name]
