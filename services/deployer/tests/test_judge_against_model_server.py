@@ -23,7 +23,7 @@ async def server(tiny_base, adapters):
     path, sha = adapters[0]
     s = ModelServer(
         ModelServerConfig(
-            grpc_port=0, http_port=0, base_model=str(tiny_base), served_model_name=NAME,
+            grpc_port=0, http_port=0, metrics_port=0, base_model=str(tiny_base), served_model_name=NAME,
             model_version="projects/default/models/judge/versions/1.0.0", adapter_uri=path.as_uri(), adapter_sha256=sha,
             shutdown_grace_seconds=1.0,
         )
@@ -44,7 +44,7 @@ async def _requests_served(port: int) -> float:
 
 
 async def test_openai_judge_talks_to_the_model_server_and_never_invents_scores(server, tmp_path):
-    before = await _requests_served(server.http_port)
+    before = await _requests_served(server.metrics_port)
     config = JudgeConfig(
         name="projects/default/judges/tiny/versions/1", kind="openai_compatible", mode="pointwise",
         base_url=f"http://127.0.0.1:{server.http_port}/v1", model=NAME, max_tokens=8, max_concurrency=2,
@@ -66,7 +66,7 @@ async def test_openai_judge_talks_to_the_model_server_and_never_invents_scores(s
         assert verdict.score is None and verdict.malformed, verdict  # gibberish is recorded, never scored
         assert verdict.raw is not None and verdict.completion_tokens > 0  # the server really generated an answer
     assert again.cached and again.malformed  # the malformed verdict is cached: not re-sent on resume
-    assert await _requests_served(server.http_port) - before == 2
+    assert await _requests_served(server.metrics_port) - before == 2
 
 
 async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_injecting_proxy(server, tmp_path):
@@ -99,7 +99,7 @@ async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_i
     app = web.Application()
     app.router.add_post("/v1/chat/completions", proxy)
     runner, port = await start_http_app(app)
-    before = await _requests_served(server.http_port)
+    before = await _requests_served(server.metrics_port)
     judge = OpenAICompatibleJudge(
         JudgeConfig(
             name="projects/default/judges/tiny/versions/2", kind="openai_compatible", mode="pointwise",
@@ -116,6 +116,6 @@ async def test_retries_and_rate_limits_against_the_model_server_behind_a_fault_i
     assert [status for _, status in seen].count(200) == 3
     assert judge.stats.retries == 2
     assert all(v.error is None and v.malformed and v.score is None for v in verdicts)  # answered, unparseable, unscored
-    assert await _requests_served(server.http_port) - before == 3
+    assert await _requests_served(server.metrics_port) - before == 3
     times = sorted(t for t, _ in seen)
     assert times[-1] - times[0] >= 0.9 * (len(times) - 2) * 0.5  # burst of 2, then 2 requests/s

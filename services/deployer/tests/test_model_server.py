@@ -28,7 +28,7 @@ VERSION = "projects/default/models/tiny/versions/1.0.0"
 def config(tiny_base, adapter, **kw) -> ModelServerConfig:
     path, sha = adapter
     return ModelServerConfig(
-        grpc_port=0, http_port=0, base_model=str(tiny_base), served_model_name=NAME, model_version=VERSION,
+        grpc_port=0, http_port=0, metrics_port=0, base_model=str(tiny_base), served_model_name=NAME, model_version=VERSION,
         adapter_uri=path.as_uri(), adapter_sha256=sha, shutdown_grace_seconds=1.0, **kw,
     )  # fmt: skip
 
@@ -266,7 +266,7 @@ async def test_openai_client_against_the_http_endpoint(server):
 async def test_metrics_export_every_series_the_prometheus_rule_queries(server, stub):
     await stub.Generate(chat(max_tokens=2))
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{server.http_port}/metrics") as resp:
+        async with http.get(f"http://127.0.0.1:{server.metrics_port}/metrics") as resp:
             text = await resp.text()
     exported = set()
     for family in text_string_to_metric_families(text):

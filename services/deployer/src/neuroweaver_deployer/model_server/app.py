@@ -1,8 +1,14 @@
-"""Composition root of the model server: config → use cases → gRPC servicer (shared runtime server) + HTTP app.
+"""Composition root of the model server: config → use cases → gRPC servicer (shared runtime server) + HTTP apps.
 
 Health stays NOT_SERVING (overall and for `neuroweaver.inference.v1.InferenceService`) until the model is
 loaded: the shared `GrpcService` runs `ready()` (start HTTP, load the model) after the port is bound and
-flips health to SERVING only when it returns. `/metrics` is served on the HTTP port, next to the OpenAI API.
+flips health to SERVING only when it returns.
+
+Three ports: gRPC, the OpenAI-compatible HTTP API, and the ops port (`/metrics`, `/healthz`), so scrapes and
+probes never share a port with inference traffic. With `--auth-tokens` (the platform's token table, as every
+service takes it) gRPC inference and the HTTP API need a bearer token valid for `--project` with at least the
+viewer role; health and the ops port stay open. With `--tls-cert/--tls-key` all three ports speak TLS; with
+`--tls-client-ca` gRPC and the API require client certificates (the ops port does not: probes carry none).
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime.auth import TokenAuthenticator
 from neuroweaver_runtime.config import ServiceConfig
+from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 
+from ..tls import ServerTLS
 from .domain import Limits, ServedModel, validate_served_name
 from .http_api import OpenAIApi
 from .service import InferenceService, LoadSpec
@@ -22,12 +31,22 @@ from .servicer import METHOD_ROLES, InferenceServicer
 
 SERVICE_NAME = "neuroweaver.inference.v1.InferenceService"
 ERROR_DOMAIN = "inference.neuroweaver.v1"
+DEFAULT_METRICS_PORT = 9460
+DEFAULT_PROJECT = "default"
 
 
 @dataclass
 class ModelServerConfig(ServiceConfig):
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
-    http_port: int = field(default=8080, metadata={"help": "HTTP port: OpenAI API, /metrics, /healthz (0 = any free port)"})
+    http_port: int = field(default=8080, metadata={"help": "HTTP port: OpenAI API and /healthz (0 = any free port)"})
+    metrics_port: int = field(
+        default=DEFAULT_METRICS_PORT,
+        metadata={"help": "ops port: Prometheus /metrics and /healthz, apart from the API (0 = any free port, -1 = off)"},
+    )
+    project: str = field(
+        default="",
+        metadata={"help": "project whose callers may use this server when auth is on (default: --model-version's project)"},
+    )
     base_model: str = field(default="", metadata={"help": "base model: builtin:<name>, a local dir or a file:// URI"})
     served_model_name: str = field(default="", metadata={"help": "name clients address the model by (unique per version)"})
     model_version: str = field(default="", metadata={"help": "registry version served (full resource name)"})
@@ -52,6 +71,12 @@ class ModelServer:
         if min(config.max_queue, config.max_new_tokens_limit, config.max_batch_size) < 1:
             raise SystemExit("configuration error: --max-queue, --max-new-tokens-limit and --max-batch-size must be >= 1")
         name = validate_served_name(config.served_model_name or "model")
+        try:
+            self.tls = ServerTLS.from_config(config)
+            self.authenticator = TokenAuthenticator.from_setting(config.auth_tokens)
+        except (ValueError, KeyError, OSError) as exc:  # OSError/KeyError: an unreadable or malformed token file
+            raise SystemExit(f"configuration error: {exc}") from None
+        self.project = config.project or project_of(config.model_version) or DEFAULT_PROJECT
         self.config = config
         self.service = InferenceService(
             ServedModel(name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit),
@@ -60,30 +85,40 @@ class ModelServer:
         self.load_spec = LoadSpec(
             config.base_model, config.adapter_uri, config.adapter_sha256, config.load_in_4bit, config.device
         )
+        self.api = OpenAIApi(self.service, self.authenticator, self.project)
         self.http_runner: web.AppRunner | None = None
+        self.ops_runner: web.AppRunner | None = None
         self.http_port = config.http_port
-        config.metrics_port = -1  # /metrics lives on the HTTP port
+        self.metrics_port = config.metrics_port
+        config.metrics_port = -1  # the shared server's own metrics listener stays off: the ops port serves /metrics
         config.port = config.grpc_port
         definition = ServiceDefinition(
             name="model-server",
             full_names=[SERVICE_NAME],
             error_domain=ERROR_DOMAIN,
             method_roles=METHOD_ROLES,
-            add_servicers=lambda server: svc_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.service), server),
+            add_servicers=lambda server: svc_grpc.add_InferenceServiceServicer_to_server(
+                InferenceServicer(self.service, self.project), server
+            ),
             ready=self._ready,
             on_stop=[self._close],
         )
         self.grpc = GrpcService(definition, config, default_port=config.grpc_port, default_metrics_port=-1)
 
-    async def start_http(self) -> int:
-        runner = web.AppRunner(
-            OpenAIApi(self.service).app(), access_log=None, shutdown_timeout=self.config.shutdown_grace_seconds
-        )
+    async def _serve(self, app: web.Application, port: int, *, require_client_cert: bool) -> tuple[web.AppRunner, int]:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_grace_seconds)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.http_port, reuse_address=True)
+        ssl_context = self.tls.ssl_context(require_client_cert=require_client_cert) if self.tls.enabled else None
+        site = web.TCPSite(runner, self.config.host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
-        self.http_runner = runner
-        self.http_port = runner.addresses[0][1]
+        return runner, runner.addresses[0][1]
+
+    async def start_http(self) -> int:
+        self.http_runner, self.http_port = await self._serve(self.api.app(), self.config.http_port, require_client_cert=True)
+        if self.metrics_port >= 0:
+            self.ops_runner, self.metrics_port = await self._serve(
+                self.api.ops_app(), self.metrics_port, require_client_cert=False
+            )
         return self.http_port
 
     async def _ready(self) -> None:
@@ -93,9 +128,10 @@ class ModelServer:
 
     async def _close(self) -> None:
         self.service.stop()
-        if self.http_runner is not None:
-            await self.http_runner.cleanup()
-            self.http_runner = None
+        for runner in (self.http_runner, self.ops_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self.http_runner = self.ops_runner = None
 
     async def start(self) -> int:
         return await self.grpc.start()

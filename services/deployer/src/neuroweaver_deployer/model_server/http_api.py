@@ -1,5 +1,10 @@
-"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`), plus
-`/metrics` (Prometheus) and `/healthz`, served by aiohttp on the model server's event loop."""
+"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`) and `/healthz`,
+plus the ops app of the separate ops port (`/metrics` for Prometheus, `/healthz`), served by aiohttp on the model
+server's event loop.
+
+With auth on, every API path but `/healthz` needs `Authorization: Bearer <token>` (what OpenAI clients send as
+their API key): no or an unknown token → 401, a token of another project or below viewer → 403, each with an
+OpenAI-style error body."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from neuroweaver_runtime.auth import Role, TokenAuthenticator, authorize
 from neuroweaver_runtime.errors import DomainError, InvalidArgument
 
 from . import metrics
@@ -22,7 +28,11 @@ _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
 }  # fmt: skip
-_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_ERROR_TYPE = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    429: "rate_limit_error", 503: "service_unavailable",
+}  # fmt: skip
+OPEN_PATHS = frozenset({"/healthz"})  # readiness probes carry no token
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
@@ -33,7 +43,10 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> we
 def _domain_error(exc: DomainError) -> web.Response:
     status = _HTTP_STATUS.get(exc.code.name, 500)
     param = exc.violations[0].field if exc.violations else None
-    return _error(status, exc.message, exc.reason, param)
+    response = _error(status, exc.message, exc.reason, param)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="neuroweaver"'  # RFC 6750
+    return response
 
 
 def _content(raw: Any, index: int) -> str:
@@ -96,16 +109,34 @@ def _http_code(exc: BaseException) -> str:
 
 
 class OpenAIApi:
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, authenticator: TokenAuthenticator | None = None, project: str = "") -> None:
         self.svc = service
+        self.authenticator = authenticator or TokenAuthenticator({})
+        self.project = project
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[self._authenticate])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    def ops_app(self) -> web.Application:
+        """The ops port: what scrapers and probes read, no inference."""
+        app = web.Application()
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         return app
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """Inference needs the viewer role in this server's project (the same check as gRPC)."""
+        if self.authenticator.enabled and request.path not in OPEN_PATHS:
+            try:
+                authorize(self.authenticator.authenticate(request.headers.get("Authorization")), Role.VIEWER, {self.project})
+            except DomainError as exc:
+                return _domain_error(exc)
+        return await handler(request)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

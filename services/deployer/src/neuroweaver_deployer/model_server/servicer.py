@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from neuroweaver.inference.v1 import inference_pb2 as pb
 from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime.auth import Role
+from neuroweaver_runtime.auth import Role, authorize, principal_var
 from neuroweaver_runtime.errors import DomainError
 
 from . import metrics
@@ -73,16 +73,24 @@ def _code_of(deadline: float | None):
 
 
 class InferenceServicer(svc_grpc.InferenceServiceServicer):
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, project: str) -> None:
         self.svc = service
+        self.project = project
+
+    def _check_project(self) -> None:
+        """The shared interceptor authenticated the caller and checked the role; no inference request names a
+        resource it could take the project from, so the server's own project is checked here."""
+        authorize(principal_var.get(), Role.VIEWER, {self.project})
 
     async def Generate(self, request, context):
+        self._check_project()
         deadline = _deadline(context)
         with metrics.observe("Generate", _code_of(deadline)):
             completion = await self.svc.generate(input_from_pb(request), deadline, "Generate")
         return completion_to_pb(completion)
 
     async def GenerateStream(self, request, context):
+        self._check_project()
         deadline = _deadline(context)
         with metrics.observe("GenerateStream", _code_of(deadline)):
             async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
@@ -98,6 +106,7 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
                     )
 
     async def ListModels(self, request, context):
+        self._check_project()
         return svc.ListModelsResponse(
             models=[
                 svc.ServedModel(
