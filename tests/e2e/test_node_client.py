@@ -155,6 +155,7 @@ def test_registry_smoke(node_client: Path, tmp_path: Path) -> None:
     registry = ServiceProcess(
         "registry", tmp_path / "registry",
         "--auth-tokens", "adm-7f3a=default:admin:relaycore-smoke,view-91c2=default:viewer:dashboard",
+        "--page-token-secret", "smoke-page-token-secret",
     )  # fmt: skip
     try:
         registry.wait_serving("neuroweaver.registry.v1.RegistryService")

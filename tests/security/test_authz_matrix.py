@@ -24,7 +24,7 @@ TOKENS = ",".join(
         f"{TOK['operator']}=default:operator:bob",
         f"{TOK['admin']}=default:admin:carol",
         f"{TOK['other']}=other:admin:mallory",
-        f"{TOK['service']}=*:operator:service",
+        f"{TOK['service']}=*:service:service",
     ]
 )
 JUDGE_SECRET = "sk-judge-" + secrets.token_hex(16)
@@ -40,7 +40,7 @@ def method_roles(svc: str) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("authz")
-    common = ("--auth-tokens", TOKENS, "--log-level", "DEBUG")
+    common = ("--auth-tokens", TOKENS, "--page-token-secret", secrets.token_hex(16), "--log-level", "DEBUG")
     registry = start_service("registry", work, *common, env={"NW_TEST_JUDGE_KEY": JUDGE_SECRET})
     procs = {"registry": registry}
     procs["deployer"] = start_service(

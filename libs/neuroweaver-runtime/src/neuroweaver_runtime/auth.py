@@ -26,11 +26,12 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from .errors import PermissionDenied, Unauthenticated
 
 ON_BEHALF_OF_HEADER = "x-nw-on-behalf-of"
-_SUBJECT = re.compile(r"^[\w.@+-]{1,128}$")
+_SUBJECT = re.compile(r"^[^\x00-\x1f:]{1,128}$")
 
 
 class Role(enum.IntEnum):
@@ -52,7 +53,7 @@ class Principal:
 
     def header(self) -> str:
         """This principal as the on-behalf-of value another service accepts from a delegate."""
-        return f"{self.project}:{self.role.name.lower()}:{self.subject}"
+        return f"{self.project}:{self.role.name.lower()}:{quote(self.subject, safe='@.+-_')}"
 
 
 ANONYMOUS_ADMIN = Principal("anonymous", "*", Role.ADMIN)
@@ -80,7 +81,8 @@ def acting_as(principal: Principal) -> Iterator[Principal]:
 
 def parse_principal(value: str, *, via: str = "") -> Principal:
     """`project:role:subject` (the on-behalf-of form) → Principal; ValueError when malformed."""
-    project, role, subject = (value.split(":", 2) + ["", ""])[:3]
+    project, role, quoted = (value.split(":", 2) + ["", ""])[:3]
+    subject = unquote(quoted)
     if not project or not _SUBJECT.match(subject) or role.upper() not in Role.__members__:
         raise ValueError("expected project:role:subject")
     if project != "*" and not re.match(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", project):

@@ -18,6 +18,7 @@ otherwise (trainer shutdown) the worker exits with code 75 and the job is resume
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from neuroweaver_runtime import telemetry
+from neuroweaver_runtime.auth import ANONYMOUS_ADMIN, Principal, Role, acting_as
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import default_data_dir, load_config
 from neuroweaver_runtime.db import Database
@@ -58,6 +60,15 @@ from .domain.job import (
 log = logging.getLogger("neuroweaver.trainer.worker")
 
 _tracer = trace.get_tracer("neuroweaver.trainer.worker")
+
+
+def _as_creator(job: TrainingJob):
+    """The registry authorizes the job's creator, not the trainer: a job can only register where its creator may
+    (with auth off the creator is anonymous and the trainer's own token is used as it is)."""
+    if not job.creator or job.creator == ANONYMOUS_ADMIN.subject:
+        return contextlib.nullcontext()
+    return acting_as(Principal(job.creator, job.name.split("/")[1], Role.OPERATOR))
+
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -727,7 +738,7 @@ class Worker:
             attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "CreateModelVersion"},
         )  # fmt: skip
         try:
-            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False), _as_creator(job):
                 return await self._register_with_retries(job, request, uri, sha, channel)
         except JobFailed as exc:
             span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from neuroweaver_runtime.auth import Principal, Role, acting_as
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import DomainError
 
@@ -63,6 +64,11 @@ class AliasFollower:
 
     async def _follow(self, model: str) -> None:
         project = model.split("/")[1]
+        # The registry sees this watcher as what it is: a reader of one project, never an all-projects identity.
+        with acting_as(Principal("alias-follower", project, Role.VIEWER)):
+            await self._follow_as(project, model)
+
+    async def _follow_as(self, project: str, model: str) -> None:
         backoff = 0.2
         while True:
             try:
