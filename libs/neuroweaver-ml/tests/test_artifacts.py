@@ -54,7 +54,7 @@ def test_uri_roundtrip_and_schemes(tmp_path):
     assert uri_to_path(uri) == (tmp_path / "a b").resolve()
     with pytest.raises(PathNotAllowed, match="scheme"):
         uri_to_path("s3://bucket/key")
-    with pytest.raises(PathNotAllowed, match="remote host"):
+    with pytest.raises(PathNotAllowed, match="host"):
         uri_to_path("file://evil.example/etc/passwd")
 
 
@@ -65,7 +65,7 @@ def test_confine_path(tmp_path):
     outside.mkdir()
     assert confine_path(str(root / "ok"), [root]) == (root / "ok").resolve()
     assert confine_path(path_to_uri(root / "ok"), [root]) == (root / "ok").resolve()
-    with pytest.raises(PathNotAllowed, match="outside the allowed roots"):
+    with pytest.raises(PathNotAllowed, match="outside the directories"):
         confine_path(str(root / ".." / "outside"), [root])
     (root / "link").symlink_to(outside)
     with pytest.raises(PathNotAllowed):

@@ -114,6 +114,7 @@ def test_prompt_only_format(tmp_path):
 def test_file_level_problems(tmp_path):
     assert "file not found" in str(validate_dataset(tmp_path / "missing.jsonl").problems[0])
     assert "not a regular file" in str(validate_dataset(tmp_path).problems[0])
+    assert not any(str(tmp_path) in str(p) for p in validate_dataset(tmp_path / "missing.jsonl").problems)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     assert problems(validate_dataset(empty)) == [(None, "dataset has no rows")]
@@ -189,3 +190,40 @@ def test_prompt_completion_tokenization_and_truncation(tiny_model_dir):
     td = tokenize_rows(tok, rows, "prompt_completion", 32)
     assert td.dropped == 1  # the completion of row 1 is cut off entirely
     assert td.truncated == 1 and len(td.examples) == 1 and len(td.examples[0]["input_ids"]) == 32
+
+
+def test_a_line_over_the_limit_is_a_numbered_problem_and_is_never_read_whole(tmp_path):
+    import tracemalloc
+
+    from neuroweaver_ml.datasets import MAX_LINE_BYTES
+
+    f = tmp_path / "long.jsonl"
+    with open(f, "wb") as out:
+        out.write(json.dumps(GOOD).encode() + b"\n")
+        out.write(b'{"messages": "' + b"x" * (24 * MAX_LINE_BYTES) + b'"}\n')  # 24 MiB, one line
+        out.write(json.dumps(GOOD).encode() + b"\n" + b"y" * (3 * MAX_LINE_BYTES))  # last line: no newline
+    tracemalloc.start()
+    try:
+        r = validate_dataset(f)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    too_long = f"line is longer than {MAX_LINE_BYTES} bytes (the maximum)"
+    assert problems(r) == [(2, too_long), (4, too_long)]  # line numbers stay right after a skipped line
+    assert r.num_rows == 2
+    assert peak < 6 * MAX_LINE_BYTES, peak  # a few 1 MiB buffers, not the 24 MiB line
+
+
+def test_line_limit_boundary(tmp_path):
+    row = json.dumps(GOOD).encode()
+    f = tmp_path / "edge.jsonl"
+    f.write_bytes(row + b"\n" + row + b" " * 10 + b"\n" + row)
+    limit = len(row)
+    assert problems(validate_dataset(f, max_line_bytes=limit)) == [(2, f"line is longer than {limit} bytes (the maximum)")]
+    assert validate_dataset(f, max_line_bytes=limit + 10).ok
+
+
+def test_deeply_nested_json_is_a_problem_not_a_crash(tmp_path):
+    f = tmp_path / "deep.jsonl"
+    f.write_text(json.dumps(GOOD) + "\n" + "[" * 200_000 + "\n")
+    assert problems(validate_dataset(f)) == [(2, "invalid JSON: nested too deeply")]

@@ -13,9 +13,9 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
-from .errors import DigestMismatch, PathNotAllowed
+from .errors import DigestMismatch, PathNotAllowed, PathUnusable
+from .paths import CONTROL, UNCONFINED, URI_SCHEME, PathRoots, parse_path
 
 _CHUNK = 1 << 20
 
@@ -74,33 +74,25 @@ def path_to_uri(path: str | os.PathLike) -> str:
 
 
 def uri_to_path(uri_or_path: str | os.PathLike) -> Path:
-    """Local path of a ``file://`` URI or a plain path (other schemes → ``PathNotAllowed``)."""
+    """Local path of a ``file://`` URI or a plain path, parsed like every path input
+    (:func:`neuroweaver_ml.paths.parse_path`); relative plain paths are returned as they are.
+    Other schemes, NUL bytes, invalid UTF-8 → ``PathNotAllowed``."""
     s = os.fspath(uri_or_path)
-    if "://" in s:
-        u = urlparse(s)
-        if u.scheme != "file":
-            raise PathNotAllowed(f"unsupported URI scheme {u.scheme!r} in {s!r} (only file:// is supported)")
-        if u.netloc not in ("", "localhost"):
-            raise PathNotAllowed(f"file URI with a remote host is not supported: {s!r}")
-        return Path(unquote(u.path))
-    return Path(s)
+    if isinstance(s, str) and s and not s.startswith("/") and not URI_SCHEME.match(s):
+        if "\0" in s:
+            raise PathNotAllowed(CONTROL)
+        return Path(s)
+    return Path(parse_path(s))
 
 
-def confine_path(uri_or_path: str | os.PathLike, allowed_roots: list[str | os.PathLike]) -> Path:
-    """Resolve a URI/path (following symlinks and ``..``) and return it only if it lies under
-    one of ``allowed_roots``; otherwise raise ``PathNotAllowed`` naming the roots."""
-    p = uri_to_path(uri_or_path).expanduser()
-    if not p.is_absolute():
-        raise PathNotAllowed(f"path must be absolute: {os.fspath(uri_or_path)!r}")
-    resolved = p.resolve()
-    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
-    for root in roots:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
-    raise PathNotAllowed(
-        f"{os.fspath(uri_or_path)!r} resolves to {resolved}, which is outside the allowed roots: "
-        + ", ".join(str(r) for r in roots)
-    )
+def confine_path(uri_or_path: str | os.PathLike, allowed_roots: list[str | os.PathLike] | PathRoots) -> Path:
+    """Resolve a URI/path (``..`` and symlinks, never looking outside the roots) and return it only if it lies
+    under one of ``allowed_roots``, existing or not; ``PathNotAllowed`` otherwise (see :mod:`neuroweaver_ml.paths`)."""
+    roots = allowed_roots if isinstance(allowed_roots, PathRoots) else PathRoots(allowed_roots)
+    try:
+        return roots.resolve(uri_or_path, must_exist=False)
+    except PathUnusable as exc:  # inside the roots but unreadable: refused all the same
+        raise PathNotAllowed(exc.detail) from None
 
 
 def store_artifact(src: str | os.PathLike, store_dir: str | os.PathLike, name: str) -> tuple[str, str, int]:
@@ -115,7 +107,7 @@ def store_artifact(src: str | os.PathLike, store_dir: str | os.PathLike, name: s
     store = Path(store_dir).resolve()
     dest = confine_path(str(store / name), [store])
     if dest == store:
-        raise PathNotAllowed("artifact name must not be empty")
+        raise PathNotAllowed("must name an artifact inside the store, not the store itself")
     digest, size = digest_path(src_p)
     if dest.exists():
         existing, _ = digest_path(dest)
@@ -142,12 +134,17 @@ def store_artifact(src: str | os.PathLike, store_dir: str | os.PathLike, name: s
     return path_to_uri(dest), digest, size
 
 
-def fetch_artifact(uri: str, allowed_roots: list[str | os.PathLike] | None = None, expected_sha256: str | None = None) -> Path:
-    """Resolve an artifact URI to a local path (confined to ``allowed_roots`` when given) and
-    verify its digest when ``expected_sha256`` is given."""
-    p = confine_path(uri, allowed_roots) if allowed_roots is not None else uri_to_path(uri).resolve()
-    if not p.exists():
-        raise FileNotFoundError(f"artifact not found: {uri} ({p})")
+def fetch_artifact(
+    uri: str, allowed_roots: list[str | os.PathLike] | PathRoots | None = None, expected_sha256: str | None = None
+) -> Path:
+    """Resolve an artifact URI to an existing local file or directory (confined to ``allowed_roots`` when given)
+    and verify its digest when ``expected_sha256`` is given. ``PathNotAllowed`` / ``PathNotFound`` /
+    ``PathUnusable`` as :meth:`PathRoots.resolve`; ``DigestMismatch``."""
+    if allowed_roots is None:
+        roots = UNCONFINED
+    else:
+        roots = allowed_roots if isinstance(allowed_roots, PathRoots) else PathRoots(allowed_roots)
+    p = roots.resolve(uri)
     if expected_sha256:
         verify_digest(p, expected_sha256)
     return p

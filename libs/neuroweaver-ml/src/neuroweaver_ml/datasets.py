@@ -175,10 +175,26 @@ def row_text(row: dict, fmt: str, tokenizer=None) -> str:
     return "\n".join(parts)
 
 
-def _iter_lines(path: Path):
-    """Yield (1-based line number, decoded text or UnicodeDecodeError)."""
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any row a max_seq_length allows, small enough to hold in memory
+
+
+@dataclass(frozen=True)
+class _LineTooLong:
+    limit: int
+
+
+def _iter_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES):
+    """Yield (1-based line number, decoded text | UnicodeDecodeError | _LineTooLong). A line longer than
+    ``max_line_bytes`` is skipped in 1 MiB chunks, never held whole in memory."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        n = 0
+        while raw := f.readline(max_line_bytes + 1):
+            n += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield n, _LineTooLong(max_line_bytes)
+                continue
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -194,13 +210,15 @@ def validate_dataset(
     max_chars: int | None = None,
     max_problems: int = 10,
     allowed_formats: tuple[str, ...] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> ValidationReport:
     """Validate a JSONL dataset without raising; returns a report with up to ``max_problems``
     line-numbered problems (the rest are counted in ``truncated``).
 
     ``fmt="auto"`` takes the format of the first parseable row; rows of another format are
     problems. Length limits are checked in tokens (needs ``tokenizer``; chat rows rendered with its
-    chat template) and/or characters.
+    chat template) and/or characters. A line longer than ``max_line_bytes`` (newline excluded; default
+    1 MiB) is a problem and is never read whole. Problems never name the file's path.
     """
     p = Path(path)
     report = ValidationReport(path=str(p), format=None if fmt == "auto" else fmt, num_rows=0, sha256=None, size_bytes=0)
@@ -216,16 +234,19 @@ def validate_dataset(
         add(None, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto")
         return report
     if not p.exists():
-        add(None, f"file not found: {p}")
+        add(None, "file not found")
         return report
-    if not p.is_file():
-        add(None, f"not a regular file: {p}")
+    if not p.is_file():  # a directory, FIFO or device: never opened (a FIFO would block the reader)
+        add(None, "not a regular file")
         return report
     try:
         report.sha256, report.size_bytes = digest_path(p)
-        lines = _iter_lines(p)
+        lines = _iter_lines(p, max_line_bytes)
         fmt = report.format  # None until the first parseable row when auto-detecting
         for n, text in lines:
+            if isinstance(text, _LineTooLong):
+                add(n, f"line is longer than {text.limit} bytes (the maximum)")
+                continue
             if isinstance(text, UnicodeDecodeError):
                 add(n, f"not valid UTF-8 ({text.reason} at byte {text.start})")
                 continue
@@ -235,6 +256,9 @@ def validate_dataset(
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 add(n, f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            except RecursionError:
+                add(n, "invalid JSON: nested too deeply")
                 continue
             row_fmt = detect_row_format(row)
             if fmt is None:
@@ -271,7 +295,7 @@ def validate_dataset(
                     if ntok > max_tokens:
                         add(n, f"row is {ntok} tokens, over the maximum of {max_tokens}")
     except OSError as e:
-        add(None, f"cannot read {p}: {e.strerror or e}")
+        add(None, f"cannot be read ({e.strerror or type(e).__name__})")
         return report
     if report.num_rows == 0 and not report.problems:
         add(None, "dataset has no rows")

@@ -1,7 +1,7 @@
 """Domain errors raised by neuroweaver_ml.
 
 Services map them to gRPC codes: ``ModelNotFound`` → NOT_FOUND / FAILED_PRECONDITION,
-``DatasetInvalid`` and ``PathNotAllowed`` → INVALID_ARGUMENT, ``DigestMismatch`` → FAILED_PRECONDITION,
+``DatasetInvalid`` and ``PathError`` (``PathNotAllowed``, ``PathNotFound``, ``PathUnusable``) → INVALID_ARGUMENT, ``DigestMismatch`` → FAILED_PRECONDITION,
 ``ResumeMismatch`` → FAILED_PRECONDITION.
 """
 
@@ -15,13 +15,17 @@ class NeuroWeaverMLError(Exception):
 
 
 class ModelNotFound(NeuroWeaverMLError):
-    """A base-model reference could not be resolved to a loadable local checkpoint."""
+    """A base-model reference could not be resolved to a loadable local checkpoint.
+
+    ``tried`` says what was looked at, without server paths (it may end up in an API error);
+    ``exists`` is true when the reference named something that exists but is not a model."""
 
     reason = "MODEL_NOT_FOUND"
 
-    def __init__(self, reference: str, tried: list[str]):
+    def __init__(self, reference: str, tried: list[str], *, exists: bool = False):
         self.reference = reference
         self.tried = list(tried)
+        self.exists = exists
         super().__init__(f"base model {reference!r} not found; tried: " + "; ".join(self.tried))
 
 
@@ -38,10 +42,36 @@ class DatasetInvalid(NeuroWeaverMLError):
         super().__init__(f"dataset {path} is invalid: {shown}{more}")
 
 
-class PathNotAllowed(NeuroWeaverMLError):
-    """A path or URI resolves outside the allowed roots (or uses an unsupported scheme)."""
+class PathError(NeuroWeaverMLError):
+    """A path input was refused or is unusable. ``detail`` completes a sentence that starts with the
+    field's name ("training_job.base_model" + " is outside ..."); it never holds a server path, a root,
+    a symlink target or the input itself, so it is safe in an API error."""
+
+    reason = "PATH_ERROR"
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__("path " + detail)
+
+
+class PathNotAllowed(PathError):
+    """A path or URI is refused without looking at the filesystem outside the roots: outside every allowed
+    root (after ``..`` and symlinks), relative, an unsupported scheme, NUL/control characters, too long."""
 
     reason = "PATH_NOT_ALLOWED"
+
+
+class PathNotFound(PathError):
+    """A path inside the allowed roots does not exist."""
+
+    reason = "PATH_NOT_FOUND"
+
+
+class PathUnusable(PathError):
+    """A path inside the allowed roots exists but cannot be used: wrong type (a device, FIFO, a directory
+    where a file is needed), unreadable, or a symlink loop."""
+
+    reason = "PATH_UNUSABLE"
 
 
 class DigestMismatch(NeuroWeaverMLError):

