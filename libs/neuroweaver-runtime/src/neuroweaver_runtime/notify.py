@@ -51,7 +51,8 @@ class Subscription:
         self.event = asyncio.Event()
         notifier._waiters[key].add(self.event)
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float | None) -> None:
+        """Returns when woken (a wake-up since the last wait counts), or after `timeout` seconds (None: never)."""
         try:
             await asyncio.wait_for(self.event.wait(), timeout)
         except TimeoutError:

@@ -337,3 +337,36 @@ async def test_judge_config_stores_only_the_env_var_name(registry):
         ).one()
     assert row.config["openai"]["api_key_env"] == "JUDGE_API_KEY"
     assert not any("key" in k and k != "api_key_env" for k in row.config["openai"])
+
+
+async def test_idle_watches_do_not_poll_the_database(registry, monkeypatch):
+    """Idle WatchModelEvents streams wait on notifications: no reads until something is committed, then one
+    read per stream delivers it."""
+    from neuroweaver_registry.adapters.repository import RegistryRepository
+
+    stub = registry.stub
+    m = await registry.model()
+    reads = []
+    original = RegistryRepository.events_after
+
+    async def counting(self, *args, **kwargs):
+        reads.append(args)
+        return await original(self, *args, **kwargs)
+
+    latest = (await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name))).events[-1].sequence
+    monkeypatch.setattr(RegistryRepository, "events_after", counting)
+    calls = [stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, model=m.name, after_sequence=latest)) for _ in range(20)]
+    try:
+        for _ in range(200):  # every stream made its first read (nothing to replay) and now waits
+            if len(reads) >= 20:
+                break
+            await asyncio.sleep(0.01)
+        assert len(reads) == 20
+        await asyncio.sleep(2.5)  # the interval measured (the old watchers re-read every 2 s)
+        assert len(reads) == 20
+        await registry.version(m.name, version="1.0.0")
+        events = [await asyncio.wait_for(call.read(), 10) for call in calls]
+        assert {e.event.type for e in events} == {pb.ModelEvent.TYPE_VERSION_CREATED}
+    finally:
+        for call in calls:
+            call.cancel()

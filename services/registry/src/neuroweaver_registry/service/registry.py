@@ -674,7 +674,9 @@ class RegistryService:
                     cursor = event.sequence
                     yield event
                 if len(batch) < 500:
-                    await subscription.wait(timeout=2.0)
+                    # No polling: every commit here wakes it, and on PostgreSQL so does every replica's (LISTEN;
+                    # a reconnected listener wakes all watchers to re-read what it may have missed).
+                    await subscription.wait(timeout=None)
         finally:
             subscription.close()
 
