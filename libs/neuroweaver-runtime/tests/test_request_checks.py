@@ -4,6 +4,7 @@ service delegation (on-behalf-of), project grants, invalid UTF-8 and NUL charact
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import grpc
 import pytest
@@ -259,3 +260,80 @@ async def test_errors_carry_bounded_details(server):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # the real error, not RESOURCE_EXHAUSTED on trailers
     assert len(caught.value.details()) <= 200
     assert all(len(v) <= 120 for v in error_info(caught.value).metadata.values())
+
+
+async def test_client_certificates_identify_callers_when_mapped(tmp_path):
+    """With mTLS, a verified client certificate's common name can stand for a caller (a service's identity);
+    a bearer token, when sent, wins; an unmapped certificate is no credential."""
+    from neuroweaver_runtime.client import ClientTLS
+    from neuroweaver_runtime.testing import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    server_cert, server_key = ca.issue("server")
+    recorder = Recorder()
+    interceptor = ServiceInterceptor(
+        error_domain="test.neuroweaver.v1",
+        method_roles=ROLES,
+        authenticator=TokenAuthenticator.from_setting(TOKENS, "gateway=a:operator:relaycore-gw,trainer=*:service:trainer"),
+    )
+    srv = grpc.aio.server(interceptors=[interceptor])
+    srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, recorder.handlers())])
+    credentials = grpc.ssl_server_credentials(
+        [(server_key.read_bytes(), server_cert.read_bytes())], root_certificates=ca.cert.read_bytes(), require_client_auth=True
+    )
+    port = srv.add_secure_port("127.0.0.1:0", credentials)
+    await srv.start()
+    request = Request(experiment="projects/a/experiments/e1", events=_events("projects/a/experiments/e1"))
+
+    async def call_as(common_name: str, token: str | None = None, principal=None):
+        cert, key = ca.issue(common_name, server=False)
+        channel = open_channel(f"127.0.0.1:{port}", token=token, tls=ClientTLS(ca=str(ca.cert), cert=str(cert), key=str(key)))
+        try:
+            if principal is None:
+                return await _unary(channel, "Record")(request)
+            with acting_as(principal):
+                return await _unary(channel, "Record")(request)
+        finally:
+            await channel.close()
+
+    try:
+        await call_as("gateway")
+        assert recorder.seen == [("relaycore-gw", "projects/a/experiments/e1")]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # the viewer token wins over the operator certificate
+            await call_as("gateway", token="tv")
+        assert error_info(caught.value).reason == "ROLE_TOO_LOW"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call_as("stranger")
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A service's certificate works only on behalf of a caller, and the caller is what gets recorded.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call_as("trainer")
+        assert error_info(caught.value).reason == "ON_BEHALF_OF_REQUIRED"
+        await call_as("trainer", principal=parse_principal("a:operator:alice"))
+        assert recorder.seen[-1] == ("alice", "projects/a/experiments/e1")
+    finally:
+        await srv.stop(None)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [[], ["x"], [1, 2], ["not a time", 3], ["2026-01-01T00:00:00", "3"], [None, 1], [{"a": 1}, 1], [True, 1], [2**70, 1]],
+)
+def test_a_validly_signed_page_token_of_the_wrong_shape_is_invalid_argument(cursor):
+    from neuroweaver_runtime.errors import InvalidArgument
+    from neuroweaver_runtime.pagination import PageTokens
+
+    tokens = PageTokens("known-key")  # as if the key had leaked: the shape is still checked
+    query = ["projects/a", "", ""]
+    with pytest.raises(InvalidArgument) as caught:
+        tokens.decode(tokens.encode(cursor, query), query, datetime, int)
+    assert caught.value.reason == "INVALID_PAGE_TOKEN"
+    assert tokens.decode(tokens.encode(["2026-01-01T00:00:00+00:00", 3], query), query, datetime, int)[1] == 3
+
+
+def test_auth_without_a_page_token_secret_refuses_to_start():
+    from neuroweaver_runtime.config import ServiceConfig
+
+    with pytest.raises(SystemExit, match="page_token_secret"):
+        ServiceConfig(auth_tokens="t=a:viewer").page_token_key("registry")
+    assert ServiceConfig(auth_tokens="t=a:viewer", page_token_secret="s").page_token_key("registry") == b"s"

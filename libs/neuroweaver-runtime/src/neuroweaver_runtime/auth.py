@@ -90,55 +90,68 @@ def parse_principal(value: str, *, via: str = "") -> Principal:
     return Principal(subject, project, Role[role.upper()], via=via)
 
 
-class TokenAuthenticator:
-    """Resolves `authorization: Bearer <token>` (and a delegate's on-behalf-of header) to a Principal."""
+def _identity_table(setting: str, key: str, what: str) -> dict[str, Principal]:
+    """`setting`: empty, a JSON file path, or inline `credential=project:role[:subject],...`.
 
-    def __init__(self, tokens: dict[str, Principal]) -> None:
+    JSON file: `{"<key>s": [{"<key>": "...", "project": "default", "role": "operator", "subject": "ci"}]}`.
+    Role `service` makes a delegate: `svc-token=*:service:trainer`.
+    """
+    table: dict[str, Principal] = {}
+    if not setting:
+        return table
+    is_inline = "=" in setting  # inline entries always contain `=`; a long inline list is no path
+    path = Path(setting)
+    if not is_inline and path.is_file():
+        data = json.loads(path.read_text())
+        for entry in data.get(key + "s", []):
+            subject = entry.get("subject", entry[key][:6] + "...")
+            table[entry[key]] = _principal(subject, entry["project"], entry["role"])
+        return table
+    for item in filter(None, (s.strip() for s in setting.split(","))):
+        credential, _, rest = item.partition("=")
+        parts = rest.split(":")
+        if not credential or len(parts) < 2:
+            raise ValueError(f"{what} entry {item[:8]}... must be {key}=project:role[:subject]")
+        subject = parts[2] if len(parts) > 2 else f"{what.split()[0]}-{len(table) + 1}"
+        table[credential] = _principal(subject, parts[0], parts[1])
+    return table
+
+
+class TokenAuthenticator:
+    """Resolves the caller to a Principal: a bearer token (`authorization: Bearer <token>`) or, without one, the
+    common name of a verified client certificate (mTLS) found in the certificate table; then a delegate's
+    on-behalf-of header."""
+
+    def __init__(self, tokens: dict[str, Principal], certificates: dict[str, Principal] | None = None) -> None:
         self._tokens = tokens
+        self._certificates = certificates or {}
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tokens)
+        return bool(self._tokens or self._certificates)
+
+    @property
+    def uses_certificates(self) -> bool:
+        return bool(self._certificates)
 
     @classmethod
-    def from_setting(cls, setting: str) -> TokenAuthenticator:
-        """`setting` is empty (off), a JSON file path, or inline `token=project:role[:subject],...`.
+    def from_setting(cls, setting: str, certificates: str = "") -> TokenAuthenticator:
+        """`setting`: the token table (`token=project:role[:subject],...` or a JSON file of `tokens`);
+        `certificates`: the client-certificate table (`common-name=project:role[:subject],...` or a JSON file of
+        `common_names`)."""
+        return cls(_identity_table(setting, "token", "auth token"), _identity_table(certificates, "common_name", "cert"))
 
-        JSON file: `{"tokens": [{"token": "...", "project": "default", "role": "operator", "subject": "ci"}]}`.
-        Role `service` makes a delegate: `svc-token=*:service:trainer`.
-        """
-        if not setting:
-            return cls({})
-        tokens: dict[str, Principal] = {}
-        is_inline = "=" in setting  # inline entries always contain `=`; a long inline list is no path
-        path = Path(setting)
-        if not is_inline and path.is_file():
-            data = json.loads(path.read_text())
-            for entry in data.get("tokens", []):
-                subject = entry.get("subject", entry["token"][:6] + "…")
-                tokens[entry["token"]] = _principal(subject, entry["project"], entry["role"])
-        else:
-            for item in filter(None, (s.strip() for s in setting.split(","))):
-                token, _, rest = item.partition("=")
-                parts = rest.split(":")
-                if not token or len(parts) < 2:
-                    raise ValueError(f"auth token entry {item[:8]}… must be token=project:role[:subject]")
-                subject = parts[2] if len(parts) > 2 else f"token-{len(tokens) + 1}"
-                tokens[token] = _principal(subject, parts[0], parts[1])
-        return cls(tokens)
-
-    def authenticate(self, authorization: str | None, on_behalf_of: str | None = None) -> Principal:
+    def authenticate(
+        self, authorization: str | None, on_behalf_of: str | None = None, peer_common_name: str | None = None
+    ) -> Principal:
         if not self.enabled:
             return ANONYMOUS_ADMIN
-        if not authorization or not authorization.lower().startswith("bearer "):
+        if authorization:
+            principal = self._by_token(authorization)
+        elif peer_common_name is not None and peer_common_name in self._certificates:
+            principal = self._certificates[peer_common_name]
+        else:
             raise Unauthenticated("missing bearer token: send `authorization: Bearer <token>`", reason="MISSING_TOKEN")
-        presented = authorization[7:].strip().encode()
-        principal = None
-        for token, candidate in self._tokens.items():
-            if hmac.compare_digest(token.encode(), presented):
-                principal = candidate
-        if principal is None:
-            raise Unauthenticated("unknown bearer token", reason="INVALID_TOKEN")
         if not principal.delegate:
             if on_behalf_of:
                 raise PermissionDenied(f"only service identities may send {ON_BEHALF_OF_HEADER}", reason="DELEGATION_NOT_ALLOWED")
@@ -155,6 +168,18 @@ class TokenAuthenticator:
         if caller.project == "*" or not principal.allows_project(caller.project):
             raise PermissionDenied("the service identity may not act in that project", reason="WRONG_PROJECT")
         return caller
+
+    def _by_token(self, authorization: str) -> Principal:
+        if not authorization.lower().startswith("bearer "):
+            raise Unauthenticated("missing bearer token: send `authorization: Bearer <token>`", reason="MISSING_TOKEN")
+        presented = authorization[7:].strip().encode()
+        principal = None
+        for token, candidate in self._tokens.items():
+            if hmac.compare_digest(token.encode(), presented):
+                principal = candidate
+        if principal is None:
+            raise Unauthenticated("unknown bearer token", reason="INVALID_TOKEN")
+        return principal
 
 
 def _principal(subject: str, project: str, role: str) -> Principal:

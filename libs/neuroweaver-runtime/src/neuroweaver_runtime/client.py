@@ -57,10 +57,10 @@ class _ClientInterceptor(
         metadata = list(details.metadata or [])
         if self._token and not any(k == "authorization" for k, _ in metadata):
             metadata.append(("authorization", f"Bearer {self._token}"))
-            # Inside a service: the callee authorizes the caller this service is working for, not the service.
-            caller = principal_var.get()
-            if caller is not ANONYMOUS_ADMIN and not any(k == ON_BEHALF_OF_HEADER for k, _ in metadata):
-                metadata.append((ON_BEHALF_OF_HEADER, caller.header()))
+        # Inside a service (token or client certificate): the callee authorizes the caller this service works for.
+        caller = principal_var.get()
+        if caller is not ANONYMOUS_ADMIN and not any(k == ON_BEHALF_OF_HEADER for k, _ in metadata):
+            metadata.append((ON_BEHALF_OF_HEADER, caller.header()))
         metadata = inject_metadata(metadata)
         timeout = details.timeout
         if timeout is None and not streaming_response:  # watch streams are long-lived by design

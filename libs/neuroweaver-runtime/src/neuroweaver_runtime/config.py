@@ -36,6 +36,13 @@ class ServiceConfig:
         default="",
         metadata={"help": "bearer tokens: a file path or `token=project:role,...`; empty = auth off (embedded)"},
     )
+    cert_identities: str = field(
+        default="",
+        metadata={
+            "help": "mTLS client certificates as callers: `common-name=project:role[:subject],...` or a JSON file; "
+            "a bearer token, when sent, wins"
+        },
+    )
     page_token_secret: str = field(
         default="", metadata={"help": "HMAC key for page tokens; required when auth is on (empty = a per-process key)"}
     )
@@ -68,8 +75,8 @@ class ServiceConfig:
         embedded default is public (tokens signed with it are still checked like any other)."""
         if self.page_token_secret:
             return self.page_token_secret.encode()
-        if self.auth_tokens:
-            raise SystemExit("configuration error: page_token_secret is required when auth_tokens is set")
+        if self.auth_tokens or self.cert_identities:
+            raise SystemExit("configuration error: page_token_secret is required when auth is on")
         return hashlib.sha256(f"neuroweaver-{service}-page-tokens".encode()).hexdigest().encode()
 
     def sqlite_default(self, service: str) -> str:

@@ -126,9 +126,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
         return md, span
 
-    def _check_auth(self, md, request, required: Role) -> Principal:
+    def _check_auth(self, md, request, required: Role, context) -> Principal:
         """Authenticates the caller and authorizes it for every resource name in `request` (None: streamed)."""
-        principal = self._auth.authenticate(md.get("authorization"), md.get(ON_BEHALF_OF_HEADER))
+        peer = None
+        if self._auth.uses_certificates and "authorization" not in md:
+            names = context.auth_context().get("x509_common_name") or ()
+            peer = names[0].decode(errors="replace") if names else None
+        principal = self._auth.authenticate(md.get("authorization"), md.get(ON_BEHALF_OF_HEADER), peer)
         authorize(principal, required, set())
         principal_var.set(principal)
         if request is not None:
@@ -203,9 +207,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 with trace.use_span(span, end_on_exit=False):
                     if kind == "unary":
-                        self._check_auth(md, request, required)
+                        self._check_auth(md, request, required, context)
                         return await behavior(request.message, context)
-                    principal = self._check_auth(md, None, required)
+                    principal = self._check_auth(md, None, required, context)
                     return await behavior(self._checked_stream(request, principal, required), context)
             except grpc.aio.AbortError:
                 raise
@@ -232,7 +236,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             principal = None
             try:
                 with trace.use_span(span, end_on_exit=False):
-                    caller = self._check_auth(md, request if kind == "server_stream" else None, required)
+                    caller = self._check_auth(md, request if kind == "server_stream" else None, required, context)
                     self._enter_stream(caller)
                     principal = caller
                     if kind == "server_stream":

@@ -78,7 +78,7 @@ class GrpcService:
     async def start(self) -> int:
         d = self.definition
         telemetry.configure_tracing(d.name, self.config.trace_file)
-        authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens)
+        authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens, self.config.cert_identities)
         limit = self.config.max_message_bytes
         self.interceptor = ServiceInterceptor(
             error_domain=d.error_domain,
