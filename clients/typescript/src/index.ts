@@ -10,7 +10,12 @@
  * const nw = createNeuroWeaverClients({ registry: "127.0.0.1:50051", token: process.env.NW_TOKEN, timeoutMs: 5000 });
  * const version = await nw.registry.getModelVersion({ name: "projects/default/models/auto-advisor/versions/production" });
  * ```
+ *
+ * TLS / mTLS: `tls: { ca, cert, key }` (PEM contents; `tlsFromEnv()` reads the files named by `NW_TLS_CA`,
+ * `NW_TLS_CERT`, `NW_TLS_KEY`, as the `nw` CLI does) on any client or on `createNeuroWeaverClients`.
  */
+import { readFileSync } from "node:fs";
+
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport, type GrpcTransportOptions } from "@connectrpc/connect-node";
 
@@ -77,10 +82,10 @@ export function until(deadlineEpochMs: number, signal?: AbortSignal): CallOption
 
 /**
  * Turns what service responses and config carry into a base URL for the gRPC transport:
- * `host:port` (as in `Variant.endpoint` or `Deployment.endpoint`) becomes `http://host:port`;
- * a URL with a scheme is kept (use `https://` for TLS).
+ * `host:port` (as in `Variant.endpoint` or `Deployment.endpoint`) becomes `http://host:port`, or
+ * `https://host:port` when `tls` is on; a URL with a scheme is kept.
  */
-export function toBaseUrl(endpoint: string): string {
+export function toBaseUrl(endpoint: string, tls = false): string {
   const trimmed = endpoint.trim();
   if (!trimmed) {
     throw new Error("empty endpoint");
@@ -88,7 +93,43 @@ export function toBaseUrl(endpoint: string): string {
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(trimmed)) {
     return trimmed.replace(/\/+$/, "");
   }
-  return `http://${trimmed}`;
+  return `${tls ? "https" : "http"}://${trimmed}`;
+}
+
+/**
+ * TLS settings of a connection, PEM contents (not paths). `ca` verifies the server (default: Node's
+ * built-in roots); `cert` + `key` are this client's identity for servers that require client certificates
+ * (mTLS); `serverName` is the name checked against the server certificate instead of the dialled host.
+ */
+export interface TlsOptions {
+  ca?: string | Buffer;
+  cert?: string | Buffer;
+  key?: string | Buffer;
+  serverName?: string;
+}
+
+/**
+ * TLS settings from PEM files named by `NW_TLS_CA`, `NW_TLS_CERT`, `NW_TLS_KEY` (and `NW_TLS_SERVER_NAME`),
+ * the variables the `nw` CLI reads; undefined when neither a CA nor a certificate is set (plaintext).
+ */
+export function tlsFromEnv(env: NodeJS.ProcessEnv = process.env): TlsOptions | undefined {
+  return loadTls({ ca: env.NW_TLS_CA, cert: env.NW_TLS_CERT, key: env.NW_TLS_KEY, serverName: env.NW_TLS_SERVER_NAME });
+}
+
+/** Reads PEM files into `TlsOptions`; undefined when neither `ca` nor `cert` is given. */
+export function loadTls(paths: { ca?: string; cert?: string; key?: string; serverName?: string }): TlsOptions | undefined {
+  const { ca, cert, key, serverName } = paths;
+  if (!ca && !cert) {
+    if (key || serverName) {
+      throw new Error("TLS: a key or server name without a CA bundle or certificate");
+    }
+    return undefined;
+  }
+  if (!cert !== !key) {
+    throw new Error("TLS: a client certificate needs its private key and a key its certificate (set both)");
+  }
+  const read = (path: string | undefined) => (path ? readFileSync(path) : undefined);
+  return { ca: read(ca), cert: read(cert), key: read(key), serverName: serverName || undefined };
 }
 
 export interface TransportOptions {
@@ -100,7 +141,9 @@ export interface TransportOptions {
   timeoutMs?: number;
   /** More interceptors, run after the bearer token one. */
   interceptors?: Interceptor[];
-  /** Anything else createGrpcTransport accepts (TLS nodeOptions, ping interval, compression, ...). */
+  /** TLS / mTLS; a `host:port` endpoint is then dialled as `https://`. */
+  tls?: TlsOptions;
+  /** Anything else createGrpcTransport accepts (ping interval, compression, ...). */
   transport?: Partial<Omit<GrpcTransportOptions, "baseUrl" | "interceptors" | "defaultTimeoutMs">>;
 }
 
@@ -114,9 +157,17 @@ export function createTransport(options: TransportOptions): Transport {
   }
   interceptors.push(...(options.interceptors ?? []));
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const baseUrl = toBaseUrl(options.endpoint, options.tls !== undefined);
+  const tls = options.tls;
+  if (tls && !baseUrl.startsWith("https://")) {
+    throw new Error(`TLS options given for a plaintext endpoint (${baseUrl}); use host:port or https://`);
+  }
   return createGrpcTransport({
     ...options.transport,
-    baseUrl: toBaseUrl(options.endpoint),
+    ...(tls && {
+      nodeOptions: { ...options.transport?.nodeOptions, ca: tls.ca, cert: tls.cert, key: tls.key, servername: tls.serverName },
+    }),
+    baseUrl,
     interceptors,
     defaultTimeoutMs: timeoutMs > 0 ? timeoutMs : undefined,
   });

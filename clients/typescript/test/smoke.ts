@@ -3,6 +3,9 @@
  *
  *   node dist-test/smoke.js --registry 127.0.0.1:50051 --admin-token T --viewer-token V
  *
+ * With `NW_TLS_CA` (and `NW_TLS_CERT` + `NW_TLS_KEY` for mTLS) set, every call goes over TLS (tests/e2e/test_mtls.py),
+ * and the JSON line also says how a connection without the client certificate ended.
+ *
  * Talks gRPC over HTTP/2 to the Python grpc.aio server through the package's public entry point (self-import
  * of "@neuroweaver/client"), checks every answer, prints one JSON line with what it saw and exits 0; any
  * failed check throws and exits 1.
@@ -17,6 +20,7 @@ import {
   errorDetails,
   registryv1,
   RegistryService,
+  tlsFromEnv,
   waitForServing,
   until,
   type ErrorDetails,
@@ -53,8 +57,11 @@ async function expectError(what: string, call: () => Promise<unknown>): Promise<
 
 const seen: Record<string, unknown> = {};
 
+const tls = tlsFromEnv(); // undefined: plaintext
+seen.tls = tls !== undefined;
+
 // Health is open even with auth on; poll it until the registry says SERVING.
-await waitForServing(createHealthClient(endpoint), RegistryService.typeName, { timeoutMs: 20_000 });
+await waitForServing(createHealthClient({ endpoint, tls }), RegistryService.typeName, { timeoutMs: 20_000 });
 
 // The token is read per call (a function), as a gateway with rotating credentials would do it.
 let tokenReads = 0;
@@ -65,9 +72,10 @@ const registry = createRegistryClient({
     return adminToken;
   },
   timeoutMs: 5_000,
+  tls,
 });
-const anonymous = createRegistryClient({ endpoint, timeoutMs: 5_000 });
-const viewer = createRegistryClient({ endpoint, token: values["viewer-token"], timeoutMs: 5_000 });
+const anonymous = createRegistryClient({ endpoint, timeoutMs: 5_000, tls });
+const viewer = createRegistryClient({ endpoint, token: values["viewer-token"], timeoutMs: 5_000, tls });
 
 const modelId = values.model ?? `node-smoke-${randomUUID().slice(0, 8)}`;
 const modelName = `projects/default/models/${modelId}`;
@@ -183,5 +191,17 @@ const versions = await registry.listModelVersions({ parent: modelName, pageSize:
 check(versions.modelVersions.length === 1 && versions.nextPageToken !== "", "first page of one with a next token");
 const rest = await registry.listModelVersions({ parent: modelName, pageSize: 1, pageToken: versions.nextPageToken });
 check(rest.modelVersions.length === 1 && rest.modelVersions[0].version !== versions.modelVersions[0].version, "second page");
+
+// 8. TLS: the same call without a client certificate (the CA only); a server requiring mTLS refuses the handshake.
+if (tls) {
+  const caOnly = { ca: tls.ca, serverName: tls.serverName };
+  const noCert = createRegistryClient({ endpoint, token: adminToken, timeoutMs: 5_000, tls: caOnly });
+  try {
+    await noCert.getModel({ name: modelName });
+    seen.withoutClientCertificate = "OK";
+  } catch (err) {
+    seen.withoutClientCertificate = errorDetails(err).codeName;
+  }
+}
 
 console.log(JSON.stringify({ ok: true, ...seen }));

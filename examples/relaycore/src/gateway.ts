@@ -10,9 +10,12 @@
  *      counted once.
  *
  * Every call runs under the request's overall budget (`until(deadline)`), so a slow dependency fails the
- * request with DEADLINE_EXCEEDED instead of holding it.
+ * request with DEADLINE_EXCEEDED instead of holding it. With `tls` set, every hop (experiments service,
+ * model servers over gRPC and HTTP) uses TLS with that CA and, for mTLS, that client certificate.
  */
 import { randomUUID } from "node:crypto";
+import { request as httpRequest } from "node:http";
+import { request as httpsRequest } from "node:https";
 
 import {
   Code,
@@ -24,6 +27,7 @@ import {
   until,
   type ExperimentsClient,
   type InferenceClient,
+  type TlsOptions,
   type TokenSource,
 } from "@neuroweaver/client";
 
@@ -41,6 +45,8 @@ export interface GatewayOptions {
   experiment: string;
   /** Bearer token for the platform services (omit when auth is off). */
   token?: TokenSource;
+  /** TLS / mTLS for every hop (PEM contents; `tlsFromEnv()` reads NW_TLS_*). Omit for plaintext. */
+  tls?: TlsOptions;
   /** Budget of one chat request, all calls included (ms). */
   requestBudgetMs?: number;
   /** Scores an answer in [0, 1] (an AI judge in production). Default: `lengthJudge`. */
@@ -88,7 +94,7 @@ export class Gateway {
   private readonly judge: NonNullable<GatewayOptions["judge"]>;
 
   constructor(private readonly options: GatewayOptions) {
-    this.experiments = createExperimentsClient({ endpoint: options.experimentsEndpoint, token: options.token });
+    this.experiments = createExperimentsClient({ endpoint: options.experimentsEndpoint, token: options.token, tls: options.tls });
     this.budgetMs = options.requestBudgetMs ?? 30_000;
     this.judge = options.judge ?? lengthJudge;
   }
@@ -97,7 +103,7 @@ export class Gateway {
   private server(endpoint: string): InferenceClient {
     let client = this.servers.get(endpoint);
     if (!client) {
-      client = createInferenceClient({ endpoint });
+      client = createInferenceClient({ endpoint, tls: this.options.tls });
       this.servers.set(endpoint, client);
     }
     return client;
@@ -203,14 +209,14 @@ export class Gateway {
     if (!baseUrl) {
       throw new ConnectError("variant has no OpenAI base URL", Code.FailedPrecondition);
     }
-    const response = await fetch(`${baseUrl.replace(/\/+$/, "")}/chat/completions`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model, messages: req.messages, max_tokens: req.maxTokens ?? 64, temperature: 0 }),
-      signal: AbortSignal.timeout(Math.max(1, deadline - Date.now())),
-    });
-    const body = (await response.json()) as OpenAIChatCompletion | { error?: { message?: string; code?: string } };
-    if (!response.ok || !("choices" in body)) {
+    const response = await postJson(
+      `${baseUrl.replace(/\/+$/, "")}/chat/completions`,
+      { model, messages: req.messages, max_tokens: req.maxTokens ?? 64, temperature: 0 },
+      AbortSignal.timeout(Math.max(1, deadline - Date.now())),
+      this.options.tls,
+    );
+    const body = response.body as OpenAIChatCompletion | { error?: { message?: string; code?: string } };
+    if (response.status !== 200 || !("choices" in body)) {
       const error = "error" in body ? body.error : undefined;
       throw new Error(`model server HTTP ${response.status}: ${error?.code ?? ""} ${error?.message ?? JSON.stringify(body)}`);
     }
@@ -222,6 +228,36 @@ export class Gateway {
       completionTokens: body.usage?.completion_tokens ?? 0,
     };
   }
+}
+
+/**
+ * POST a JSON body, parse the JSON answer. node:http(s) rather than fetch: fetch cannot take a CA bundle or a
+ * client certificate, which an https:// model server with its own CA (or mTLS) needs.
+ */
+function postJson(url: string, payload: unknown, signal: AbortSignal, tls?: TlsOptions): Promise<{ status: number; body: any }> {
+  const data = Buffer.from(JSON.stringify(payload));
+  const headers = { "content-type": "application/json", "content-length": String(data.length) };
+  return new Promise((resolve, reject) => {
+    const options = { method: "POST", headers, signal };
+    const onResponse = (res: import("node:http").IncomingMessage) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (chunk: Buffer) => chunks.push(chunk));
+      res.on("error", reject);
+      res.on("end", () => {
+        const text = Buffer.concat(chunks).toString("utf8");
+        try {
+          resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
+        } catch {
+          reject(new Error(`model server HTTP ${res.statusCode}: not JSON: ${text.slice(0, 200)}`));
+        }
+      });
+    };
+    const req = url.startsWith("https:")
+      ? httpsRequest(url, { ...options, ca: tls?.ca, cert: tls?.cert, key: tls?.key, servername: tls?.serverName }, onResponse)
+      : httpRequest(url, options, onResponse);
+    req.on("error", reject);
+    req.end(data);
+  });
 }
 
 interface Answer {

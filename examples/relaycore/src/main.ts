@@ -2,7 +2,8 @@
  * Runs the RelayCore flow for a few users and prints one JSON summary line.
  *
  *   node dist/main.js --experiments 127.0.0.1:50054 --experiment projects/default/experiments/advisor-ab \
- *     [--users 6] [--transport grpc|openai|both] [--token T] [--prompt "..."]
+ *     [--users 6] [--transport grpc|openai|both] [--token T] [--prompt "..."] \
+ *     [--tls-ca ca.pem [--tls-cert me.pem --tls-key me-key.pem] [--tls-server-name NAME]]   (or env NW_TLS_*)
  *
  * Per user and transport: AssignVariant → Generate (gRPC) or POST /v1/chat/completions (OpenAI HTTP) →
  * RecordMetricEvents(latency_ms, completion_tokens, judge_score); then thumbs_up feedback on the first
@@ -11,7 +12,7 @@
  */
 import { parseArgs } from "node:util";
 
-import { createExperimentsClient, errorDetails } from "@neuroweaver/client";
+import { createExperimentsClient, errorDetails, loadTls } from "@neuroweaver/client";
 
 import { describeError, Gateway, type ChatResult, type Transport } from "./gateway.js";
 
@@ -22,6 +23,10 @@ const { values } = parseArgs({
     users: { type: "string", default: "6" },
     transport: { type: "string", default: "both" },
     token: { type: "string" },
+    "tls-ca": { type: "string" },
+    "tls-cert": { type: "string" },
+    "tls-key": { type: "string" },
+    "tls-server-name": { type: "string" },
     prompt: { type: "string", default: "My 2019 sedan shakes when I brake at highway speed. What should I check?" },
     "max-tokens": { type: "string", default: "16" },
   },
@@ -30,6 +35,14 @@ if (!values.experiment) {
   console.error("usage: main.js --experiment projects/{p}/experiments/{e} [--experiments host:port] [--users N] [--transport grpc|openai|both]");
   process.exit(2);
 }
+// Flags win over NW_TLS_* (the `nw` CLI's variables); neither set: plaintext.
+const env = process.env;
+const tls = loadTls({
+  ca: values["tls-ca"] ?? env.NW_TLS_CA,
+  cert: values["tls-cert"] ?? env.NW_TLS_CERT,
+  key: values["tls-key"] ?? env.NW_TLS_KEY,
+  serverName: values["tls-server-name"] ?? env.NW_TLS_SERVER_NAME,
+});
 const transports: Transport[] =
   values.transport === "both" ? ["grpc", "openai"] : values.transport === "openai" ? ["openai"] : ["grpc"];
 
@@ -38,6 +51,7 @@ async function main(): Promise<void> {
     experimentsEndpoint: values.experiments!,
     experiment: values.experiment!,
     token: values.token,
+    tls,
     requestBudgetMs: 60_000,
   });
   const results: ChatResult[] = [];
@@ -77,7 +91,7 @@ async function main(): Promise<void> {
   });
 
   // Errors carry the canonical code and the ErrorInfo reason.
-  const experiments = createExperimentsClient({ endpoint: values.experiments!, token: values.token });
+  const experiments = createExperimentsClient({ endpoint: values.experiments!, token: values.token, tls });
   let missing = null;
   try {
     await experiments.assignVariant({ experiment: "projects/default/experiments/no-such-experiment", unitId: "user-1" });
