@@ -59,6 +59,6 @@ FROM runtime AS deployer
 ENV NW_DEPLOYER_HOST=0.0.0.0
 EXPOSE 50053 9453
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.deployer.v1.DeployerService", "--port", "50053", "--port-env", "NW_DEPLOYER_PORT"]
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.deployer.v1.DeployerService", "--port", "50053", "--port-env", "NW_DEPLOYER_PORT", "--tls-env-prefix", "NW_DEPLOYER_CLIENT_"]
 ENTRYPOINT ["python", "-m", "neuroweaver_deployer"]
 CMD ["--host", "0.0.0.0"]

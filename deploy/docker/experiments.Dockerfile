@@ -35,6 +35,6 @@ USER 10001:10001
 WORKDIR /home/neuroweaver
 EXPOSE 50054 9454
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.experiments.v1.ExperimentsService", "--port", "50054", "--port-env", "NW_EXPERIMENTS_PORT"]
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.experiments.v1.ExperimentsService", "--port", "50054", "--port-env", "NW_EXPERIMENTS_PORT", "--tls-env-prefix", "NW_EXPERIMENTS_CLIENT_"]
 ENTRYPOINT ["python", "-m", "neuroweaver_experiments"]
 CMD ["--host", "0.0.0.0"]

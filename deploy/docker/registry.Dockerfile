@@ -35,6 +35,6 @@ USER 10001:10001
 WORKDIR /home/neuroweaver
 EXPOSE 50051 9451
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.registry.v1.RegistryService", "--port", "50051", "--port-env", "NW_REGISTRY_PORT"]
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.registry.v1.RegistryService", "--port", "50051", "--port-env", "NW_REGISTRY_PORT", "--tls-env-prefix", "NW_REGISTRY_CLIENT_"]
 ENTRYPOINT ["python", "-m", "neuroweaver_registry"]
 CMD ["--host", "0.0.0.0"]

@@ -62,6 +62,6 @@ USER 10001:10001
 WORKDIR /home/neuroweaver
 EXPOSE 50052 9452
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.trainer.v1.TrainerService", "--port", "50052", "--port-env", "NW_TRAINER_PORT"]
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.trainer.v1.TrainerService", "--port", "50052", "--port-env", "NW_TRAINER_PORT", "--tls-env-prefix", "NW_TRAINER_CLIENT_"]
 ENTRYPOINT ["python", "-m", "neuroweaver_trainer"]
 CMD ["--host", "0.0.0.0"]

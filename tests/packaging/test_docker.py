@@ -90,6 +90,8 @@ def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
         assert cmd[cmd.index("--port") + 1] == str(ports[target])
         env_prefix = "NW_MODEL_SERVER_GRPC_PORT" if target == "model-server" else f"NW_{svc.upper()}_PORT"
         assert cmd[cmd.index("--port-env") + 1] == env_prefix
+        if target != "model-server":  # with the service's --client-tls-* set, the check dials TLS like the service does
+            assert cmd[cmd.index("--tls-env-prefix") + 1] == f"NW_{svc.upper()}_CLIENT_"
         assert any(w == "COPY" and "/opt/venv" in r for w, r in ins), "runtime gets the prebuilt venv only"
         assert not any(w == "RUN" and "pip" in r for w, r in ins), "no package installs in the runtime stage"
 
@@ -190,3 +192,38 @@ async def test_health_check_script_against_a_real_grpc_health_server(health_serv
         == 0
     )
     assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", "1", "--timeout", "1") == 1
+    # --tls-env-prefix with nothing set under it: plaintext, as before
+    assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", port, "--tls-env-prefix", "NW_X_CLIENT_") == 0
+
+
+async def test_health_check_script_dials_tls_and_mtls_with_the_service_client_settings(tmp_path):
+    """Against the services' own server bootstrap with mTLS on: the check passes with the service's client
+    settings (the env of --tls-env-prefix), and fails without a client certificate or with plaintext."""
+    from neuroweaver_runtime.config import ServiceConfig
+    from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+    from neuroweaver_runtime.testing import TestCA
+
+    ca = TestCA(tmp_path)
+    server_cert, server_key = ca.issue("registry", hosts=("neuroweaver-registry",))
+    client_cert, client_key = ca.issue("registry-client", server=False)
+    config = ServiceConfig(
+        port=0, metrics_port=-1, data_dir=str(tmp_path), tls_cert=str(server_cert), tls_key=str(server_key),
+        tls_client_ca=str(ca.cert),
+    )  # fmt: skip
+    name = "neuroweaver.registry.v1.RegistryService"
+    definition = ServiceDefinition(
+        name="registry", full_names=[name], error_domain="registry.neuroweaver.v1", method_roles={}, add_servicers=lambda s: None
+    )
+    service = GrpcService(definition, config, default_port=0, default_metrics_port=-1)
+    port = str(await service.start())
+    mtls = {"NW_R_CLIENT_TLS_CA": str(ca.cert), "NW_R_CLIENT_TLS_CERT": str(client_cert), "NW_R_CLIENT_TLS_KEY": str(client_key)}
+    tls_args = ("--tls-env-prefix", "NW_R_CLIENT_", "--tls-server-name", "neuroweaver-registry", "--timeout", "2")
+    try:
+        assert await _run_check(name, "--port", port, *tls_args, env=mtls) == 0
+        no_cert = {"NW_R_CLIENT_TLS_CA": str(ca.cert)}
+        assert await _run_check(name, "--port", port, *tls_args, env=no_cert) == 1
+        assert await _run_check(name, "--port", port, "--timeout", "2") == 1  # plaintext
+        # the certificate names neuroweaver-registry, not 127.0.0.1: without the override the name check fails
+        assert await _run_check(name, "--port", port, "--tls-env-prefix", "NW_R_CLIENT_", "--timeout", "2", env=mtls) == 1
+    finally:
+        await service.stop()
