@@ -71,10 +71,56 @@ def inspect(incoming: Incoming, prefix: str = "") -> Findings:
     findings = Findings()
     if not (incoming.may_hold_names or incoming.may_hold_nul):
         return findings
-    violations = Violations()
-    _walk(incoming.message, prefix, True, findings, violations, incoming.may_hold_nul)
-    violations.raise_if_any(reason="INVALID_CHARACTERS")
+    message = incoming.message
+    strings: list[str] = []
+    for desc, kind in _plan(message.DESCRIPTOR):  # the top level: where targets are
+        if kind == "str":
+            value = getattr(message, desc.name)
+            if desc.name in TARGET_FIELDS and value.startswith("projects/"):
+                findings.targets.add(value)
+            else:
+                strings.append(value)
+    _collect([message], strings, top=True)
+    if incoming.may_hold_nul and "\x00" in "\n".join(strings):
+        violations = Violations()  # rare: walk again, slowly, for the paths of the offending fields
+        _walk(message, prefix, True, Findings(), violations, True)
+        violations.raise_if_any(reason="INVALID_CHARACTERS")
+    if incoming.may_hold_names:
+        findings.references.update(v for v in set(strings) if v.startswith("projects/"))
     return findings
+
+
+def _collect(messages: list, out: list[str], top: bool = False) -> None:
+    """Appends every string below `messages` (all of one type) to `out`, one field across all messages at a time:
+    a batch of thousands of events costs a few list comprehensions, not a call per field per event."""
+    for desc, kind in _plan(messages[0].DESCRIPTOR):
+        name = desc.name
+        if kind == "str":
+            if not top:
+                out.extend([getattr(m, name) for m in messages])
+        elif kind == "strs":
+            for m in messages:
+                out.extend(getattr(m, name))
+        elif kind == "msg":
+            children = [getattr(m, name) for m in messages if m.HasField(name)]
+            if children:
+                _collect(children, out)
+        elif kind == "msgs":
+            children = [c for m in messages for c in getattr(m, name)]
+            if children:
+                _collect(children, out)
+        elif kind == "map_str":
+            for m in messages:
+                for key, value in getattr(m, name).items():
+                    out.append(key)
+                    out.append(value)
+        elif kind == "map_msg":
+            for m in messages:
+                entries = getattr(m, name)
+                out.extend(entries.keys())
+                children = list(entries.values())
+                if children:
+                    _collect(children, out)
 
 
 def _walk(message, path: str, top: bool, found: Findings, violations: Violations, check_nul: bool) -> None:
