@@ -11,7 +11,7 @@ bytes tell up front whether a walk can find anything: no `projects/` and no NUL 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
@@ -28,7 +28,7 @@ _MAX_VIOLATIONS = 20
 class Incoming:
     """A deserialized request plus what its wire bytes say about it."""
 
-    message: object
+    message: Any
     may_hold_names: bool
     may_hold_nul: bool
 
