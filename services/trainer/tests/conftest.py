@@ -157,8 +157,9 @@ async def registry(tmp_path_factory):
 
 
 @pytest.fixture
-async def trainers(tmp_path, data_root, registry):
-    """Factory of in-process trainers (real worker subprocesses); stops them all at the end."""
+async def trainers(tmp_path, data_root, registry, tiny_model):
+    """Factory of in-process trainers (real worker subprocesses); stops them all at the end. Base models may come
+    from the tiny model's directory (`model_roots`), datasets from `data_root`."""
     from neuroweaver_trainer.app import TrainerConfig, build
 
     started = []
@@ -168,7 +169,7 @@ async def trainers(tmp_path, data_root, registry):
             port=0, metrics_port=-1, data_dir=str(tmp_path / "trainer"), dataset_roots=str(data_root),
             registry_target=registry.target, lease_seconds=4.0, heartbeat_seconds=0.5, queue_poll_seconds=0.5,
             watch_poll_seconds=0.1, registry_retry_seconds=30.0, cancel_grace_seconds=10.0, shutdown_grace_seconds=2.0,
-            model_cache_dir=str(tmp_path / "models"),
+            model_cache_dir=str(tmp_path / "models"), model_roots=str(Path(tiny_model).parent),
         )  # fmt: skip
         values.update(overrides)
         service = build(TrainerConfig(**values))

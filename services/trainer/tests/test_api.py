@@ -4,6 +4,7 @@ status codes with ErrorInfo reasons, queue states, cancel of a queued job, listi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -72,11 +73,13 @@ async def test_dataset_paths_are_confined(api, h, tiny_model, data_root, tmp_pat
 
 
 async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, rpc_err):
+    model_root = str(Path(tiny_model).parent)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await api.CreateTrainingJob(create(h, h.job_pb("/nonexistent/model", data_root / "chat.jsonl")))
+        await api.CreateTrainingJob(create(h, h.job_pb(f"{model_root}/nonexistent-model", data_root / "chat.jsonl")))
     code, reason, violations = rpc_err(exc)
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BASE_MODEL_NOT_FOUND")
     assert violations[0][0] == "training_job.base_model" and "does not exist" in exc.value.details()
+    assert model_root not in exc.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.CreateTrainingJob(create(h, h.job_pb("builtin:gpt-17", data_root / "chat.jsonl")))
     assert rpc_err(exc)[1] == "BASE_MODEL_NOT_FOUND" and "smollm2-135m-instruct" in exc.value.details()
@@ -112,6 +115,39 @@ async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, 
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl"), request_id="not-a-uuid"))
     assert rpc_err(exc)[1] == "INVALID_REQUEST_ID"
+
+
+async def test_base_model_paths_are_confined_to_the_model_roots(api, h, data_root, tiny_model, tmp_path, rpc_err):
+    model_root = Path(tiny_model).parent
+    (model_root / "not-a-model").mkdir(exist_ok=True)
+    (model_root / "link-to-tiny").unlink(missing_ok=True)
+    (model_root / "link-to-tiny").symlink_to(tiny_model)
+
+    async def refusal(base_model: str):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await api.CreateTrainingJob(create(h, h.job_pb(base_model, data_root / "chat.jsonl"), validate_only=True))
+        return (*rpc_err(exc), exc.value.details())
+
+    outside = [
+        "/etc", "/root", "file:///etc/passwd", "/proc/1/root", "/etc/no-such-dir", str(data_root), str(tmp_path / "missing"),
+        f"{model_root}/../{data_root.name}", "./tiny-llama", "~/tiny-llama", "tiny/../../etc", "file:///x%00y", "file:///x%FF",
+    ]  # fmt: skip
+    # a raw NUL may be refused earlier by the generic request checks; either way never INTERNAL
+    code, reason, _, _ = await refusal(f"{model_root}/tiny-llama\x00")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and reason in ("BASE_MODEL_PATH_NOT_ALLOWED", "INVALID_CHARACTERS")
+    answers = {ref: await refusal(ref) for ref in outside}
+    for ref, (code, reason, violations, details) in answers.items():
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BASE_MODEL_PATH_NOT_ALLOWED"), (ref, details)
+        assert violations[0][0] == "training_job.base_model"
+        assert str(model_root) not in details and str(tmp_path) not in details and str(data_root) not in details
+    # existing and missing outside paths are indistinguishable
+    assert answers["/etc"] == answers["/etc/no-such-dir"] == answers[str(data_root)] == answers[str(tmp_path / "missing")]
+    code, reason, _, details = await refusal(str(model_root / "not-a-model"))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BASE_MODEL_INVALID") and "config.json" in details
+    checked = await api.CreateTrainingJob(
+        create(h, h.job_pb((model_root / "link-to-tiny").as_uri(), data_root / "chat.jsonl"), validate_only=True)
+    )
+    assert checked.dataset_digest
 
 
 async def test_queue_cancel_delete_list(api, h, tiny_model, data_root, rpc_err):

@@ -87,6 +87,7 @@ async def test_trainer_sigkill_and_restart_resumes(registry, tiny_model, data_ro
         "--port", str(port), "--metrics-port", "-1", "--data-dir", str(data), "--dataset-roots", str(data_root),
         "--registry-target", registry.target, "--lease-seconds", "3", "--heartbeat-seconds", "0.5",
         "--queue-poll-seconds", "0.5", "--watch-poll-seconds", "0.1", "--model-cache-dir", str(tmp_path / "models"),
+        "--model-roots", str(Path(tiny_model).parent),
     ]  # fmt: skip
     proc = await _start_trainer_process(args, tmp_path / "trainer.log")
     channel = open_channel(target)

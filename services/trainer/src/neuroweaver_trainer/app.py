@@ -17,7 +17,7 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 
 from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
-from .adapters.inputs import parse_roots
+from .adapters.inputs import default_dataset_roots, default_model_roots, parse_roots
 from .adapters.repository import EVENT_CHANNEL
 from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
@@ -44,7 +44,14 @@ class TrainerConfig(ServiceConfig):
     dataset_roots: str = field(
         default="",
         metadata={
-            "help": "comma-separated directories datasets may be read from; default <data dir>/datasets, the repo's data/, the working directory"
+            "help": "comma-separated directories datasets may be read from; default <data dir>/datasets and the repo's data/"
+        },
+    )
+    model_roots: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated directories base models (paths, file:// URIs) may be read from; default the model "
+            "cache dir and the artifact store. builtin:<name> and hub ids are names, not paths"
         },
     )
     artifacts_dir: str = field(default="", metadata={"help": "file:// artifact store; default <data dir>/artifacts"})
@@ -142,9 +149,14 @@ def build(config: TrainerConfig) -> GrpcService:
         LocalExecutor(worker),
         kube,
     )  # fmt: skip
+    model_cache_dir = config.model_cache_dir or str(Path(config.data_dir) / "models")
     policy = JobPolicy(
-        dataset_roots=parse_roots(config.dataset_roots, config.data_dir),
-        model_cache_dir=config.model_cache_dir or None,
+        dataset_roots=parse_roots(config.dataset_roots, default_dataset_roots(config.data_dir)),
+        model_roots=parse_roots(
+            config.model_roots,
+            default_model_roots(model_cache_dir, config.artifacts_dir or str(Path(config.data_dir) / "artifacts")),
+        ),
+        model_cache_dir=model_cache_dir,
         executors={Executor.LOCAL} | ({Executor.KUBERNETES} if kube else set()),
         registry_target=config.registry_target,
         registry_token=config.registry_token,

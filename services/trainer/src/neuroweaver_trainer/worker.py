@@ -309,11 +309,11 @@ class Worker:
         return self._job_dir(job) / "run"
 
     async def _base_dir(self, job: TrainingJob) -> str:
-        from neuroweaver_ml import ModelNotFound, resolve_base_model
+        from neuroweaver_ml import ModelNotFound, PathError, resolve_base_model
 
         try:
             return str(await asyncio.to_thread(resolve_base_model, job.base_model, self.cfg.model_cache_dir or None))
-        except ModelNotFound as exc:
+        except (ModelNotFound, PathError) as exc:
             raise JobFailed(f"base model is no longer available: {exc}") from None
 
     async def _input_file(self, uri: str, digest: str, what: str) -> str:
@@ -503,6 +503,7 @@ class Worker:
         from neuroweaver_ml import (
             DatasetInvalid,
             ModelNotFound,
+            PathError,
             ResumeMismatch,
             SFTConfig,
             digest_path,
@@ -520,7 +521,7 @@ class Worker:
         )
         try:
             base_dir = await asyncio.to_thread(resolve_base_model, job.base_model, self.cfg.model_cache_dir or None)
-        except ModelNotFound as exc:
+        except (ModelNotFound, PathError) as exc:
             raise JobFailed(f"base model is no longer available: {exc}") from None
         train_file = uri_to_path(job.dataset_uri)
         eval_file = uri_to_path(job.eval_dataset_uri) if job.eval_dataset_uri else None

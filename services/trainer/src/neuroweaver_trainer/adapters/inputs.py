@@ -7,18 +7,29 @@ Blocking (tokenizer loading, file reads): call through `asyncio.to_thread`. Ever
 from __future__ import annotations
 
 import functools
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuroweaver_ml import ModelNotFound, PathNotAllowed, confine_path, resolve_base_model, validate_dataset
+from neuroweaver_ml import (
+    BUILTIN_MODELS,
+    ModelNotFound,
+    PathNotAllowed,
+    PathRoots,
+    PathUnusable,
+    resolve_base_model,
+    validate_dataset,
+)
 from neuroweaver_runtime.errors import FieldViolation, InvalidArgument
 
 from ..domain.job import dataset_problem_violations
 
+log = logging.getLogger(__name__)
+
 SFT_FORMATS = ("chat", "prompt_completion")
 PREFERENCE_FORMATS = ("preference",)
 PROMPT_FORMATS = ("prompt",)
+BASE_MODEL = "training_job.base_model"
 
 
 @dataclass
@@ -35,18 +46,23 @@ class CheckedInputs:
 
 
 def default_dataset_roots(data_dir: str) -> list[str]:
-    """Data dir's `datasets/`, the repository's `data/` (when run from a checkout) and the working directory."""
+    """Data dir's `datasets/` and the repository's `data/` (when run from a checkout). Never the working directory:
+    a service started in `/` would otherwise read any file on the host."""
     roots = [str(Path(data_dir) / "datasets")]
     repo_data = Path(__file__).resolve().parents[5] / "data"
     if repo_data.is_dir():
         roots.append(str(repo_data))
-    roots.append(os.getcwd())
     return roots
 
 
-def parse_roots(setting: str, data_dir: str) -> list[str]:
-    roots = [r.strip() for r in setting.split(",") if r.strip()] if setting else default_dataset_roots(data_dir)
-    return [str(Path(r).expanduser().resolve()) for r in roots]
+def default_model_roots(model_cache_dir: str, artifacts_dir: str) -> list[str]:
+    """The converted-model cache (builtin models live there) and the artifact store (merged checkpoints)."""
+    return [model_cache_dir, artifacts_dir]
+
+
+def parse_roots(setting: str, default: list[str]) -> PathRoots:
+    """Comma-separated directories from a setting, or `default` when it is empty."""
+    return PathRoots.parse(setting, default)
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,31 +72,45 @@ def _tokenizer(base_dir: str):
     return AutoTokenizer.from_pretrained(base_dir)
 
 
-def resolve_model(reference: str, cache_dir: str | None) -> str:
-    try:
-        return str(resolve_base_model(reference, cache_dir))
-    except ModelNotFound as exc:
-        raise InvalidArgument(
-            f"base model {reference!r} cannot be found: {'; '.join(exc.tried)}. Use a local checkpoint directory, "
-            "a file:// URI or builtin:smollm2-135m-instruct",
-            field="training_job.base_model",
-            reason="BASE_MODEL_NOT_FOUND",
-            metadata={"base_model": reference},
-        ) from None
+def path_refused(field: str, exc: PathNotAllowed, reason: str) -> InvalidArgument:
+    """The error of a refused path: the field and a fixed sentence, never the path, a root or a symlink target
+    (a refusal is the same whether the path exists or not)."""
+    return InvalidArgument(f"{field} {exc.detail}", field=field, reason=reason)
 
 
-def confine_dataset(uri: str, roots: list[str], field: str) -> Path:
+def resolve_model(reference: str, cache_dir: str | None, roots: PathRoots) -> str:
+    """A base model: `builtin:<name>`, a hub id in the local HF cache, or a directory under `roots`."""
     try:
-        path = confine_path(uri, roots)
+        return str(resolve_base_model(reference, cache_dir, roots))
     except PathNotAllowed as exc:
+        raise path_refused(BASE_MODEL, exc, "BASE_MODEL_PATH_NOT_ALLOWED") from None
+    except ModelNotFound as exc:
+        if exc.exists:
+            raise InvalidArgument(
+                f"{BASE_MODEL} is not a usable model: {'; '.join(exc.tried)}",
+                field=BASE_MODEL,
+                reason="BASE_MODEL_INVALID",
+            ) from None
         raise InvalidArgument(
-            f"{field}: {exc}", field=field, reason="DATASET_PATH_NOT_ALLOWED", metadata={"dataset_uri": uri}
+            f"{BASE_MODEL} cannot be found: {'; '.join(exc.tried)}. Use a checkpoint directory under the trainer's "
+            f"model roots (a path or a file:// URI) or one of {', '.join('builtin:' + n for n in sorted(BUILTIN_MODELS))}",
+            field=BASE_MODEL,
+            reason="BASE_MODEL_NOT_FOUND",
         ) from None
-    return path
+
+
+def confine_dataset(uri: str, roots: PathRoots, field: str) -> Path:
+    """A dataset path inside the dataset roots, existing or not (a missing one is reported by validation)."""
+    try:
+        return roots.resolve(uri, kind="file", must_exist=False)
+    except PathNotAllowed as exc:
+        raise path_refused(field, exc, "DATASET_PATH_NOT_ALLOWED") from None
+    except PathUnusable as exc:  # inside the roots: a directory, FIFO, device, symlink loop or unreadable
+        raise InvalidArgument(f"{field} {exc.detail}", field=field, reason="DATASET_INVALID") from None
 
 
 def check_dataset(
-    uri: str, roots: list[str], field: str, tokenizer, max_seq_length: int, formats: tuple[str, ...] = SFT_FORMATS
+    uri: str, roots: PathRoots, field: str, tokenizer, max_seq_length: int, formats: tuple[str, ...] = SFT_FORMATS
 ) -> tuple[Path, str, int]:
     path = confine_dataset(uri, roots, field)
     report = validate_dataset(path, "auto", tokenizer=tokenizer, max_tokens=max_seq_length, allowed_formats=formats)
@@ -90,10 +120,10 @@ def check_dataset(
         more = len(report.problems) - 3
         violations = dataset_problem_violations(field, report.problems).items
         raise InvalidArgument(
-            f"dataset {uri} is invalid: {shown}" + (f" (and {more} more)" if more > 0 else ""),
+            f"{field} is invalid: {shown}" + (f" (and {more} more)" if more > 0 else ""),
             reason="DATASET_INVALID",
             violations=[FieldViolation(v.field, v.description) for v in violations],
-            metadata={"dataset_uri": uri, "first_line": str(lines[0]) if lines else "", "problems": str(len(report.problems))},
+            metadata={"first_line": str(lines[0]) if lines else "", "problems": str(len(report.problems))},
         )
     return path, report.sha256 or "", report.num_rows
 
@@ -102,10 +132,11 @@ def check_inputs(
     base_model: str,
     dataset_uri: str,
     eval_dataset_uri: str,
-    roots: list[str],
+    roots: PathRoots,
     max_seq_length: int,
     cache_dir: str | None,
     *,
+    model_roots: PathRoots,
     method: str = "SFT_LORA",
     prompts_uri: str = "",
     eval_prompts_uri: str = "",
@@ -122,14 +153,14 @@ def check_inputs(
     ):
         if uri:
             confine_dataset(uri, roots, field)
-    base_dir = resolve_model(base_model, cache_dir)
+    base_dir = resolve_model(base_model, cache_dir, model_roots)
     try:
         tokenizer = _tokenizer(base_dir)
     except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
+        # the exception names files of the checkpoint (server paths): logged, not returned
+        log.warning("tokenizer of base model %r failed to load: %s", base_model, exc)
         raise InvalidArgument(
-            f"base model {base_model!r} has no loadable tokenizer: {exc}",
-            field="training_job.base_model",
-            reason="BASE_MODEL_INVALID",
+            f"{BASE_MODEL} has no loadable tokenizer ({type(exc).__name__})", field=BASE_MODEL, reason="BASE_MODEL_INVALID"
         ) from None
     path, digest, rows = "", "", 0
     if dataset_uri:

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from neuroweaver_ml import PathRoots
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
 from neuroweaver_runtime.client import ClientTLS
@@ -50,9 +51,10 @@ class Page:
 
 @dataclass
 class JobPolicy:
-    """What the deployment allows: where datasets may come from, which executors exist."""
+    """What the deployment allows: where datasets and base models may come from, which executors exist."""
 
-    dataset_roots: list[str]
+    dataset_roots: PathRoots
+    model_roots: PathRoots = field(default_factory=lambda: PathRoots([]))
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
     # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time
@@ -130,7 +132,7 @@ class TrainerService:
             await self._resolve_rlaif(job)
         checked = await asyncio.to_thread(
             check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
-            job.hyperparameters.max_seq_length, self.policy.model_cache_dir, method=job.method.value,
+            job.hyperparameters.max_seq_length, self.policy.model_cache_dir, model_roots=self.policy.model_roots, method=job.method.value,
             prompts_uri=job.rlaif.prompts_uri, eval_prompts_uri=job.rlaif.eval_prompts_uri,
         )  # fmt: skip
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
