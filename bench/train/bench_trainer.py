@@ -93,7 +93,7 @@ async def run_service(args, model: str, data: Path, work: Path, database_url: st
     )
     trainer = build_trainer(TrainerConfig(
         port=0, metrics_port=-1, data_dir=str(work / "trainer"), dataset_roots=str(data.parent), registry_target=f"127.0.0.1:{rport}",
-        database_url=database_url, watch_poll_seconds=args.watch_poll,
+        database_url=database_url, watch_poll_seconds=args.watch_poll, model_roots=str(Path(model).parent),
     ))  # fmt: skip
     trainer.port = 0
     tport = await trainer.start()

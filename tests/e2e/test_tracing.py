@@ -250,7 +250,8 @@ def test_training_job_registers_its_version_in_the_trace_of_create_training_job(
 
     registry = start("neuroweaver_registry", REGISTRY, "registry")
     trainer = start("neuroweaver_trainer", TRAINER, "trainer", "--registry-target", registry.target,
-                    "--dataset-roots", str(datasets), "--queue-poll-seconds", "0.5", "--registry-retry-seconds", "20")  # fmt: skip
+                    "--dataset-roots", str(datasets), "--model-roots", str(tiny.parent), "--queue-poll-seconds", "0.5",
+                    "--registry-retry-seconds", "20")  # fmt: skip
     with grpc.insecure_channel(registry.target) as rch, grpc.insecure_channel(trainer.target) as tch:
         reg, tr = rgrpc.RegistryServiceStub(rch), tgrpc.TrainerServiceStub(tch)
         reg.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="advisor"), timeout=10)
