@@ -38,8 +38,11 @@ class RegistryGateway:
         artifact_roots: list[str] | None = None,
         tls: ClientTLS | None = None,
     ) -> None:
+        from neuroweaver_ml import PathRoots
+
         self.target = target
-        self.artifact_roots = artifact_roots or []
+        # None = no restriction (embedded mode); otherwise every local file a model server is handed lies inside
+        self.artifact_roots = PathRoots(artifact_roots) if artifact_roots else None
         self._channel = open_channel(target, token=token or None, deadline=deadline, tls=tls)
         self._stub = rgrpc.RegistryServiceStub(self._channel)
 
@@ -56,7 +59,7 @@ class RegistryGateway:
             raise FailedPrecondition(
                 f"{mv.name} is deprecated and must not be deployed", reason="VERSION_DEPRECATED", metadata={"version": mv.name}
             )
-        self._check_confined(mv.name, mv.artifact.uri)
+        self._check_confined(mv.name, mv.artifact.uri, mv.lineage.base_model)
         if mv.lineage.method == REWARD_MODEL_METHOD:
             raise FailedPrecondition(
                 f"{mv.name} is a reward model (a scoring head, not a text generator); the model server cannot serve it",
@@ -71,21 +74,30 @@ class RegistryGateway:
             )
         return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model)
 
-    def _check_confined(self, version: str, uri: str) -> None:
-        """With artifact roots configured, a version whose local artifact lies elsewhere is never served
-        (no `../` escapes or arbitrary host files through a registered URI)."""
-        if not self.artifact_roots or not (uri.startswith("file:") or uri.startswith("/")):
+    def _check_confined(self, version: str, uri: str, base_model: str = "") -> None:
+        """With artifact roots configured, a version whose local artifact or base-model checkpoint (a path in its
+        lineage) lies elsewhere is never served: no `../` escapes or host files through a registered URI. Decided
+        by the shared resolver without looking outside the roots; the error names neither the path nor the roots.
+        Object-storage URIs (s3://...) and builtin/hub base models are names, not host paths."""
+        if self.artifact_roots is None:
             return
-        from neuroweaver_ml import PathNotAllowed, confine_path
+        from neuroweaver_ml import PathError, reference_kind
+        from neuroweaver_ml.paths import URI_SCHEME
 
-        try:
-            confine_path(uri, self.artifact_roots)
-        except PathNotAllowed as exc:
-            raise FailedPrecondition(
-                f"{version}: its artifact is outside the deployer's artifact roots ({exc})",
-                reason="ARTIFACT_PATH_NOT_ALLOWED",
-                metadata={"model_version": version},
-            ) from None
+        checks = []
+        if uri and (not URI_SCHEME.match(uri) or uri.lower().startswith("file:")):
+            checks.append(("artifact", uri, "ARTIFACT_PATH_NOT_ALLOWED"))
+        if base_model and reference_kind(base_model) == "path":
+            checks.append(("base model", base_model, "BASE_MODEL_PATH_NOT_ALLOWED"))
+        for what, value, reason in checks:
+            try:
+                self.artifact_roots.resolve(value, must_exist=False)
+            except PathError as exc:
+                raise FailedPrecondition(
+                    f"{version}: its {what} {exc.detail} (the deployer's artifact roots)",
+                    reason=reason,
+                    metadata={"model_version": version},
+                ) from None
 
     async def alias_events(self, project: str, model: str, after: int) -> AsyncIterator[AliasEvent]:
         """Alias moves of `model` after the cursor, then live; runs until cancelled or the stream breaks."""
