@@ -198,9 +198,10 @@ if (tls) {
   const noCert = createRegistryClient({ endpoint, token: adminToken, timeoutMs: 5_000, tls: caOnly });
   try {
     await noCert.getModel({ name: modelName });
-    seen.withoutClientCertificate = "OK";
+    seen.withoutClientCertificate = { code: "OK" };
   } catch (err) {
-    seen.withoutClientCertificate = errorDetails(err).codeName;
+    const e = errorDetails(err);
+    seen.withoutClientCertificate = { code: e.codeName, message: e.message };
   }
 }
 
