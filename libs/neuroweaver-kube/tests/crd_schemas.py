@@ -21,6 +21,32 @@ OBJECT_META = {
         "annotations": STR_MAP,
     },
 }
+SECRET_KEY_SELECTOR = {
+    "type": "object",
+    "required": ["key"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string"}, "key": {"type": "string"}, "optional": {"type": "boolean"}},
+}
+SECRET_OR_CONFIG_MAP = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"secret": SECRET_KEY_SELECTOR, "configMap": SECRET_KEY_SELECTOR},
+}
+# monitoring.coreos.com/v1 TLSConfig (SafeTLSConfig plus the file fields).
+TLS_CONFIG = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "ca": SECRET_OR_CONFIG_MAP,
+        "cert": SECRET_OR_CONFIG_MAP,
+        "keySecret": SECRET_KEY_SELECTOR,
+        "serverName": {"type": "string"},
+        "insecureSkipVerify": {"type": "boolean"},
+        "caFile": {"type": "string"},
+        "certFile": {"type": "string"},
+        "keyFile": {"type": "string"},
+    },
+}
 LABEL_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
@@ -66,6 +92,7 @@ SERVICE_MONITOR = {
                             "targetPort": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
                             "path": {"type": "string"},
                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "tlsConfig": TLS_CONFIG,
                             "interval": DURATION,
                             "scrapeTimeout": DURATION,
                             "honorLabels": {"type": "boolean"},

@@ -96,8 +96,9 @@ def validate_all(objs, version):
         lambda: [training_job(multi_gpu_job())],
         lambda: [training_job(multi_gpu_job(gpus=1))],
         lambda: [training_job(multi_gpu_job(gpus=1, tls_secret="neuroweaver-trainer-tls"))],
+        lambda: model_server_manifests(secured_spec()),
     ],
-    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job", "tls-job"],
+    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job", "tls-job", "auth-mtls-deployment"],
 )
 def test_manifests_validate_against_official_schemas(make, version):
     validate_all(make(), version)
@@ -141,6 +142,7 @@ def test_gpu_deployment_shape():
     args = c["args"]
     assert args[args.index("--adapter-sha256") + 1] == SHA and "--load-in-4bit" in args
     assert args[args.index("--grpc-port") + 1] == "50051" and args[args.index("--http-port") + 1] == "8080"
+    assert args[args.index("--metrics-port") + 1] == "9460"
     assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": INFERENCE_SERVICE}
     assert c["livenessProbe"]["grpc"]["port"] == 50051 and c["startupProbe"]["grpc"]["port"] == 50051
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" == c["resources"]["limits"]["nvidia.com/gpu"]
@@ -151,8 +153,10 @@ def test_gpu_deployment_shape():
     assert pod["securityContext"]["runAsNonRoot"]
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "grpc"
-    assert ports["http"]["port"] == 8080
-    assert sm["spec"]["endpoints"][0]["port"] == "http" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert ports["http"]["port"] == 8080 and ports["metrics"]["port"] == 9460
+    # Scrapes go to the ops port, never to the port that serves inference.
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "15s"}]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50051, "http": 8080, "metrics": 9460}
     labels = dep["metadata"]["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "neuroweaver-deployer"
     assert labels["app.kubernetes.io/part-of"] == "neuroweaver"
@@ -164,6 +168,92 @@ def test_gpu_deployment_shape():
     assert "app.kubernetes.io/version" not in sel
     assert sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["selector"] == sel == sm["spec"]["selector"]["matchLabels"]
+
+
+def secured_spec(**kw):
+    base = dict(
+        name="projects/team-a/deployments/chat",
+        project="team-a",
+        auth_secret="neuroweaver-auth",
+        tls_secret="chat-model-server-tls",
+        tls_client_auth=True,
+        env={"NW_MODEL_SERVER_AUTH_TOKENS": "", "NW_MODEL_SERVER_MAX_QUEUE": "8"},
+    )
+    return cpu_spec(**{**base, **kw})
+
+
+def _secret_volume_files(pod, container, env_value):
+    """The Secret and key a file path in the container's env comes from (through its volume mount)."""
+    mount = next(m for m in container["volumeMounts"] if env_value.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    item = next(i for i in volume["items"] if mount["mountPath"] + "/" + i["path"] == env_value)
+    return volume["secretName"], item["key"], volume
+
+
+def test_credentials_and_tls_come_from_secrets_never_from_the_manifest():
+    svc, dep, sm, _rule = model_server_manifests(secured_spec())
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    secret_files = {
+        name: _secret_volume_files(pod, c, env[name]["value"])[:2]
+        for name in (
+            "NW_MODEL_SERVER_AUTH_TOKENS",
+            "NW_MODEL_SERVER_TLS_CERT",
+            "NW_MODEL_SERVER_TLS_KEY",
+            "NW_MODEL_SERVER_TLS_CLIENT_CA",
+        )
+    }
+    assert secret_files == {
+        "NW_MODEL_SERVER_AUTH_TOKENS": ("neuroweaver-auth", "auth-tokens.json"),
+        "NW_MODEL_SERVER_TLS_CERT": ("chat-model-server-tls", "tls.crt"),
+        "NW_MODEL_SERVER_TLS_KEY": ("chat-model-server-tls", "tls.key"),
+        "NW_MODEL_SERVER_TLS_CLIENT_CA": ("chat-model-server-tls", "ca.crt"),
+    }
+    # Only the token table is projected from the shared auth Secret (it also holds the services' own tokens).
+    _, _, auth_volume = _secret_volume_files(pod, c, env["NW_MODEL_SERVER_AUTH_TOKENS"]["value"])
+    assert auth_volume["items"] == [{"key": "auth-tokens.json", "path": "auth-tokens.json"}]
+    assert auth_volume["defaultMode"] == 0o440
+    assert env["NW_MODEL_SERVER_MAX_QUEUE"]["value"] == "8"  # the spec's own env stays; it cannot blank the table
+    args = c["args"]
+    assert args[args.index("--project") + 1] == "team-a"
+    # Nothing secret on the command line or in plain values: only paths.
+    assert all(not e.get("value", "").startswith("{") for e in c["env"]) and "--auth-tokens" not in args
+    # The kubelet cannot probe gRPC over TLS: HTTPS /healthz on the ops port, which asks no client certificate.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": 9460, "scheme": "HTTPS"}, probe
+    assert {p["name"]: p["appProtocol"] for p in svc["spec"]["ports"]} == {
+        "grpc": "grpc",
+        "http": "https",
+        "metrics": "https",
+    }
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "chat-model-server-tls", "key": "ca.crt"}},
+        "serverName": f"{dep['metadata']['name']}.neuroweaver.svc",
+    }
+
+
+def test_tls_without_client_auth_mounts_no_client_ca_and_plain_specs_mount_nothing():
+    pod = model_server_manifests(secured_spec(tls_client_auth=False))[1]["spec"]["template"]["spec"]
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert {"NW_MODEL_SERVER_TLS_CERT", "NW_MODEL_SERVER_TLS_KEY"} <= env and "NW_MODEL_SERVER_TLS_CLIENT_CA" not in env
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]
+    assert [i["key"] for i in tls["items"]] == ["tls.crt", "tls.key"]
+
+    plain = model_server_manifests(cpu_spec())[1]["spec"]["template"]["spec"]
+    (c,) = plain["containers"]
+    assert not [e for e in c["env"] if "AUTH" in e["name"] or "_TLS_" in e["name"]]
+    assert not [v for v in plain["volumes"] if "secret" in v]
+    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": INFERENCE_SERVICE}
+    with pytest.raises(ValueError, match="tls_secret"):
+        cpu_spec(tls_client_auth=True)
+    with pytest.raises(ValueError, match="auth_secret"):
+        cpu_spec(auth_secret="Not_A_Name")
+    with pytest.raises(ValueError, match="must differ"):
+        cpu_spec(metrics_port=8080)
 
 
 def test_cpu_deployment_has_no_gpu_and_fixed_replicas():

@@ -19,6 +19,7 @@ from neuroweaver_kube.metrics import DEFAULT_METRICS, ModelServerMetrics
 
 GRPC_PORT = 50051
 HTTP_PORT = 8080
+METRICS_PORT = 9460  # the model server's ops port: /metrics and /healthz, apart from inference
 INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
 PART_OF = "neuroweaver"
 DEPLOYER_MANAGER = "neuroweaver-deployer"
@@ -195,6 +196,19 @@ class ModelServerSpec:
     ``name`` is the deployment id (or its resource name); Kubernetes object names derive from it via
     :func:`dns1123_name`. Autoscaling is on when ``max_replicas`` is greater than ``min_replicas``;
     then the Deployment omits ``spec.replicas`` so server-side apply never fights the HPA.
+
+    Credentials come from Secrets that already exist in the namespace, mounted read-only; the manifests
+    only reference them, so rendered YAML never carries a token or a key:
+
+    - ``auth_secret``: its key ``auth_secret_key`` is the platform's token table (JSON), mounted at
+      ``auth_mount_path`` and named by ``NW_MODEL_SERVER_AUTH_TOKENS``; inference then needs a token
+      of ``project`` (``--project``).
+    - ``tls_secret``: keys ``tls.crt``, ``tls.key`` and, with ``tls_client_auth`` (mTLS), ``ca.crt``
+      (as cert-manager writes them), mounted at ``tls_mount_path`` and named by
+      ``NW_MODEL_SERVER_TLS_CERT/_KEY/_CLIENT_CA``. The kubelet cannot probe gRPC over TLS, so the
+      probes then read ``/healthz`` over HTTPS on the ops port (which asks no client certificate),
+      and the ServiceMonitor scrapes it over HTTPS, checking the certificate against ``ca.crt`` and
+      the Service's DNS name (``<object_name>.<namespace>.svc``): the certificate must carry it.
     """
 
     name: str
@@ -220,6 +234,14 @@ class ModelServerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     grpc_port: int = GRPC_PORT
     http_port: int = HTTP_PORT
+    metrics_port: int = METRICS_PORT
+    project: str | None = None
+    auth_secret: str | None = None
+    auth_secret_key: str = "auth-tokens.json"
+    auth_mount_path: str = "/var/run/secrets/neuroweaver-auth"
+    tls_secret: str | None = None
+    tls_client_auth: bool = False
+    tls_mount_path: str = "/var/run/secrets/neuroweaver-tls"
     #: ``grpc`` is what Istio/Linkerd and most ingresses key on; ``kubernetes.io/h2c`` is the
     #: standard (Gateway API) value for cleartext HTTP/2. Pick per mesh.
     grpc_app_protocol: str = "grpc"
@@ -249,6 +271,13 @@ class ModelServerSpec:
                 raise ValueError("need 1 <= min_replicas <= max_replicas")
         if not 1 <= self.target_cpu_utilization <= 100:
             raise ValueError("target_cpu_utilization must be in 1..100")
+        for what, secret in (("auth_secret", self.auth_secret), ("tls_secret", self.tls_secret)):
+            if secret is not None and not is_dns1123_label(secret):
+                raise ValueError(f"{what} must be a DNS-1123 name")
+        if self.tls_client_auth and not self.tls_secret:
+            raise ValueError("tls_client_auth needs tls_secret")
+        if len({self.grpc_port, self.http_port, self.metrics_port}) != 3:
+            raise ValueError("grpc_port, http_port and metrics_port must differ")
 
     @property
     def object_name(self) -> str:
@@ -259,6 +288,15 @@ class ModelServerSpec:
     def autoscaling(self) -> bool:
         lo = self.min_replicas if self.min_replicas is not None else 1
         return self.max_replicas is not None and self.max_replicas > lo
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the model server speaks TLS (its HTTP API and ops port)."""
+        return "https" if self.tls_secret else "http"
+
+    @property
+    def service_host(self) -> str:
+        return f"{self.object_name}.{self.namespace}.svc"
 
     @property
     def version_label(self) -> str:
@@ -289,10 +327,13 @@ def model_server_args(spec: ModelServerSpec) -> list[str]:
     args = [
         "--grpc-port", str(spec.grpc_port),
         "--http-port", str(spec.http_port),
+        "--metrics-port", str(spec.metrics_port),
         "--base-model", spec.base_model_uri,
         "--served-model-name", spec.served_model_name,
         "--model-version", spec.model_version,
     ]  # fmt: skip
+    if spec.project:
+        args += ["--project", spec.project]
     if spec.adapter_uri:
         args += ["--adapter-uri", spec.adapter_uri, "--adapter-sha256", str(spec.adapter_sha256)]
     if spec.load_in_4bit:
@@ -307,14 +348,64 @@ def _grpc_probe(port: int, service: str | None, period: int, failures: int, time
     return {"grpc": grpc, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
+def _http_probe(port: int, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    get = {"path": "/healthz", "port": port, "scheme": "HTTPS"}
+    return {"httpGet": get, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": timeout}
+
+
+def _probes(spec: ModelServerSpec) -> dict[str, Any]:
+    """Startup covers model loading; liveness checks the process; readiness that the inference service is SERVING.
+
+    gRPC probes (overall health ``""`` for liveness, the inference service for readiness) unless the server
+    speaks TLS, which the kubelet's gRPC probe cannot: then ``/healthz`` on the ops port over HTTPS (SERVING
+    only once the model is loaded; the kubelet does not verify the certificate).
+    """
+    startup_failures = max(1, spec.startup_timeout_seconds // 10)
+    if spec.tls_secret:
+        return {
+            "startupProbe": _http_probe(spec.metrics_port, 10, startup_failures),
+            "livenessProbe": _http_probe(spec.metrics_port, 10, 3),
+            "readinessProbe": _http_probe(spec.metrics_port, 5, 3),
+        }
+    return {
+        "startupProbe": _grpc_probe(spec.grpc_port, "", 10, startup_failures),
+        "livenessProbe": _grpc_probe(spec.grpc_port, "", 10, 3),
+        "readinessProbe": _grpc_probe(spec.grpc_port, INFERENCE_SERVICE, 5, 3),
+    }
+
+
+def _credential_volumes(spec: ModelServerSpec) -> tuple[dict[str, str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(env, volumeMounts, volumes) that hand the model server its token table and TLS files from Secrets."""
+    env: dict[str, str] = {}
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    if spec.auth_secret:
+        env["NW_MODEL_SERVER_AUTH_TOKENS"] = f"{spec.auth_mount_path}/auth-tokens.json"
+        mounts.append({"name": "auth-tokens", "mountPath": spec.auth_mount_path, "readOnly": True})
+        # Only the table: the Secret may hold other keys (the services' own tokens) this pod must not see.
+        items = [{"key": spec.auth_secret_key, "path": "auth-tokens.json"}]
+        volumes.append(
+            {"name": "auth-tokens", "secret": {"secretName": spec.auth_secret, "items": items, "defaultMode": 0o440}}
+        )
+    if spec.tls_secret:
+        keys = {"CERT": "tls.crt", "KEY": "tls.key", **({"CLIENT_CA": "ca.crt"} if spec.tls_client_auth else {})}
+        env.update({f"NW_MODEL_SERVER_TLS_{setting}": f"{spec.tls_mount_path}/{key}" for setting, key in keys.items()})
+        mounts.append({"name": "tls", "mountPath": spec.tls_mount_path, "readOnly": True})
+        items = [{"key": key, "path": key} for key in keys.values()]
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "items": items, "defaultMode": 0o440}})
+    return env, mounts, volumes
+
+
 def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
-    """apps/v1 Deployment running the model server with gRPC probes and a zero-downtime rollout."""
+    """apps/v1 Deployment running the model server with health probes and a zero-downtime rollout."""
     labels = spec.labels_all()
+    credential_env, credential_mounts, credential_volumes = _credential_volumes(spec)
     env = {
         "HF_HOME": "/cache/huggingface",
         "HOME": "/tmp",
         "NW_MODEL_SERVER_POD_NAMESPACE": spec.namespace,
         **spec.env,
+        **credential_env,  # last: a spec's plain env never overrides where the credentials come from
     }
     env_list = _env(env)
     env_list.append({"name": "NW_MODEL_SERVER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
@@ -328,17 +419,15 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
         "ports": [
             {"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"},
             {"name": "http", "containerPort": spec.http_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"},
         ],
-        # Startup covers model loading; liveness checks the process (overall health, service "");
-        # readiness checks that the inference service itself is SERVING.
-        "startupProbe": _grpc_probe(spec.grpc_port, "", 10, max(1, spec.startup_timeout_seconds // 10)),
-        "livenessProbe": _grpc_probe(spec.grpc_port, "", 10, 3),
-        "readinessProbe": _grpc_probe(spec.grpc_port, INFERENCE_SERVICE, 5, 3),
+        **_probes(spec),
         "resources": _resources(spec.resources, spec.gpus, spec.gpu_resource),
         "securityContext": _container_security(),
         "volumeMounts": [
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
+            *credential_mounts,
         ],
     }
     pod_annotations = {"neuroweaver.ai/model-version": spec.model_version}
@@ -352,6 +441,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
             {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
+            *credential_volumes,
         ],
     }
     if spec.service_account:
@@ -383,7 +473,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
 
 
 def model_server_service(spec: ModelServerSpec) -> dict[str, Any]:
-    """v1 Service exposing the gRPC port (appProtocol grpc) and the HTTP port (OpenAI API, /metrics)."""
+    """v1 Service exposing the gRPC port (appProtocol grpc), the HTTP port (OpenAI API) and the ops port (/metrics)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -404,7 +494,14 @@ def model_server_service(spec: ModelServerSpec) -> dict[str, Any]:
                     "port": spec.http_port,
                     "targetPort": "http",
                     "protocol": "TCP",
-                    "appProtocol": "http",
+                    "appProtocol": spec.scheme,
+                },
+                {
+                    "name": "metrics",
+                    "port": spec.metrics_port,
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                    "appProtocol": spec.scheme,
                 },
             ],
         },
@@ -447,7 +544,16 @@ def model_server_hpa(spec: ModelServerSpec) -> dict[str, Any]:
 
 
 def model_server_service_monitor(spec: ModelServerSpec) -> dict[str, Any]:
-    """monitoring.coreos.com/v1 ServiceMonitor scraping ``/metrics`` on the HTTP port."""
+    """monitoring.coreos.com/v1 ServiceMonitor scraping ``/metrics`` on the ops port (HTTPS with TLS on)."""
+    endpoint: dict[str, Any] = {
+        "port": "metrics",
+        "path": "/metrics",
+        "scheme": spec.scheme,
+        "interval": spec.scrape_interval,
+    }
+    if spec.tls_secret:
+        ca = {"secret": {"name": spec.tls_secret, "key": "ca.crt"}}
+        endpoint["tlsConfig"] = {"ca": ca, "serverName": spec.service_host}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
@@ -455,7 +561,7 @@ def model_server_service_monitor(spec: ModelServerSpec) -> dict[str, Any]:
         "spec": {
             "selector": {"matchLabels": spec.selector_labels()},
             "namespaceSelector": {"matchNames": [spec.namespace]},
-            "endpoints": [{"port": "http", "path": "/metrics", "scheme": "http", "interval": spec.scrape_interval}],
+            "endpoints": [endpoint],
         },
     }
 
