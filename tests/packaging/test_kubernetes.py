@@ -43,6 +43,15 @@ def _env(container):
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def _probed(probe) -> dict:
+    """What a probe checks: a native gRPC probe, or (TLS on) the image's nw-grpc-health run as an exec probe."""
+    if "grpc" in probe:
+        return probe["grpc"]
+    cmd = probe["exec"]["command"]
+    assert cmd[:2] == ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health"], cmd
+    return {"port": int(cmd[cmd.index("--port") + 1]), "service": cmd[2]}
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_python_renderer_agrees_with_kubectl_kustomize(name, rendered):
     """The tests read the Python rendering; kubectl's built-in kustomize must produce the same objects."""
@@ -90,9 +99,9 @@ def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
         assert env[f"NW_{svc.upper()}_METRICS_PORT"]["value"] == str(METRICS_PORTS[svc])
         assert env[f"NW_{svc.upper()}_HOST"]["value"] == "0.0.0.0"
         for probe in ("startupProbe", "readinessProbe"):
-            assert c[probe]["grpc"] == {"port": ports[svc], "service": names[svc]}, (svc, probe)
+            assert _probed(c[probe]) == {"port": ports[svc], "service": names[svc]}, (svc, probe)
         # Liveness asks for the server as a whole ("" is set SERVING together with the service).
-        assert c["livenessProbe"]["grpc"] == {"port": ports[svc], "service": ""}
+        assert _probed(c["livenessProbe"]) == {"port": ports[svc], "service": ""}
 
 
 def test_registry_default_ports_match_its_code():
@@ -267,6 +276,37 @@ def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name
         ports = {p["name"]: p["containerPort"] for p in _container(dep)["ports"]}
         assert ports["grpc"] in allowed_ports(labels, "podSelector"), svc
         assert ports["metrics"] in allowed_ports(labels, "namespaceSelector"), svc
+
+
+def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
+    """Each service mounts its own Secret (cert-manager's ca.crt/tls.crt/tls.key), serves mTLS with it, calls the
+    others and probes itself with it, and verifies peers by the Service names its targets dial; the trainer's
+    Job pods get the same Secret. The plain base keeps TLS off."""
+    objs = rendered["overlays/mtls"]
+    deps = _deployments(objs)
+    services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
+    for svc, dep in deps.items():
+        up, c = svc.upper(), _container(dep)
+        pod = dep["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"] == {"secretName": f"neuroweaver-{svc}-tls", "defaultMode": 0o440}
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        files = {k: v["value"] for k, v in _env(c).items() if k.startswith((f"NW_{up}_TLS_", f"NW_{up}_CLIENT_TLS_"))}
+        expected = {"TLS_CERT": "tls.crt", "TLS_KEY": "tls.key", "TLS_CLIENT_CA": "ca.crt"}
+        expected |= {"CLIENT_TLS_CA": "ca.crt", "CLIENT_TLS_CERT": "tls.crt", "CLIENT_TLS_KEY": "tls.key"}
+        assert files == {f"NW_{up}_{k}": f"{mount['mountPath']}/{f}" for k, f in expected.items()}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            cmd = c[probe]["exec"]["command"]
+            assert cmd[cmd.index("--tls-env-prefix") + 1] == f"NW_{up}_CLIENT_"
+            assert cmd[cmd.index("--tls-server-name") + 1] == f"neuroweaver-{svc}" in services
+        for var, e in _env(c).items():
+            if var.endswith("_TARGET"):  # the name its peers' certificates must carry is the Service it dials
+                assert e["value"].rsplit(":", 1)[0] in services, var
+    trainer = _env(_container(deps["trainer"]))
+    assert trainer["NW_TRAINER_KUBE_TLS_SECRET"]["value"] == "neuroweaver-trainer-tls"
+    for dep in _deployments(rendered["base"]).values():
+        assert not [k for k in _env(_container(dep)) if "_TLS_" in k]
 
 
 def test_gpu_overlay_puts_the_trainer_on_a_gpu_node(rendered):
