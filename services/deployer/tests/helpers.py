@@ -46,13 +46,19 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what:
 
 
 class Stack:
+    """A real registry and deployer in-process, with extra settings for each (auth, TLS), and `credentials` (TLS and a
+    bearer token, for every call including streams) for the test's channels."""
+
     MODEL = "projects/default/models/advisor"
 
-    def __init__(self, root: Path, base: Path, adapters, kube_url: str) -> None:
+    def __init__(
+        self, root: Path, base: Path, adapters, kube_url: str, *, registry_extra: dict | None = None,
+        deployer_extra: dict | None = None, credentials=None,
+    ) -> None:  # fmt: skip
         self.root, self.base, self.adapters, self.kube_url = root, base, adapters, kube_url
+        self.registry_extra, self.deployer_extra, self.credentials = registry_extra or {}, deployer_extra or {}, credentials
 
     async def start(self) -> None:
-        import grpc
 
         from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
         from neuroweaver.registry.v1 import registry_pb2 as rpb
@@ -70,6 +76,7 @@ class Stack:
                 metrics_port=-1,
                 data_dir=str(self.root / "registry"),
                 database_url=f"sqlite:///{self.root / 'registry.db'}",
+                **self.registry_extra,
             )
         )
         await self.registry.start()
@@ -84,11 +91,12 @@ class Stack:
                 kubernetes=True,
                 kube_api_url=self.kube_url,
                 kube_poll_seconds=0.2,
+                **self.deployer_extra,
             )  # fmt: skip
         )
         await self.deployer.start()
-        self.registry_channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.registry.port}")
-        self.deployer_channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.deployer.port}")
+        self.registry_channel = self.channel(f"127.0.0.1:{self.registry.port}")
+        self.deployer_channel = self.channel(f"127.0.0.1:{self.deployer.port}")
         self.reg = rgrpc.RegistryServiceStub(self.registry_channel)
         self.dep = dgrpc.DeployerServiceStub(self.deployer_channel)
         await self.reg.CreateModel(
@@ -107,6 +115,13 @@ class Stack:
                 )
             )
             self.versions.append(mv.name)
+
+    def channel(self, target: str):
+        import grpc
+
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, self.credentials)
 
     async def stop(self) -> None:
         await self.deployer_channel.close()

@@ -72,7 +72,8 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         d = await watch_until(dep, name, lambda d: d.state == AVAILABLE and d.ready_replicas == 2 and d.replicas == 2)
         assert len(model_server_processes()) == 2
         # one scrape of the deployment's endpoint sees both replicas, each sample labelled with its replica
-        async with aiohttp.ClientSession() as http, http.get(d.openai_base_url.removesuffix("/v1") + "/metrics") as resp:
+        router = stack.deployer.controller.backends[Backend.LOCAL].deployments[name].router
+        async with aiohttp.ClientSession() as http, http.get(router.metrics_url) as resp:
             assert resp.status == 200
             families = list(text_string_to_metric_families(await resp.text()))
         replicas = {s.labels["replica"] for f in families for s in f.samples}

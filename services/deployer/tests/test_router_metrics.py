@@ -1,5 +1,5 @@
-"""`GET /metrics` on a local deployment's router: every ready replica's metrics in one exposition, each sample
-labelled with its replica, parsed back with prometheus_client's own parser."""
+"""`GET /metrics` on a local deployment's router (its own metrics port, not the API port): every ready replica's
+metrics in one exposition, each sample labelled with its replica, parsed back with prometheus_client's own parser."""
 
 from __future__ import annotations
 
@@ -81,12 +81,14 @@ async def test_router_serves_all_ready_replicas_and_skips_one_that_does_not_answ
     for i, (requests, queue) in enumerate(((3, 2.0), (5, 0.0))):
         runner, url = await _replica_site(replica_registry(requests, queue))
         runners.append(runner)
-        upstreams.append(Upstream(grpc_address=f"127.0.0.1:{5000 + i}", http_url=url))
-    gone = Upstream(grpc_address="127.0.0.1:5002", http_url=f"http://127.0.0.1:{free_port()}")  # nothing listens
+        upstreams.append(Upstream(grpc_address=f"127.0.0.1:{5000 + i}", http_url=url, metrics_url=url + "/metrics"))
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    gone = Upstream(grpc_address="127.0.0.1:5002", http_url=nowhere, metrics_url=nowhere + "/metrics")
     router = Router()
     await router.start()
     try:
-        metrics_url = router.openai_base_url.removesuffix("/v1") + "/metrics"
+        metrics_url = router.metrics_url
+        assert router.metrics_port not in (router.http_port, router.grpc_port)
         async with aiohttp.ClientSession() as http:
             async with http.get(metrics_url) as resp:  # no ready replica yet
                 assert resp.status == 503

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 
+from .adapters.kube import KubeDefaults
 from .adapters.local import LocalBackend
 from .adapters.registry import RegistryGateway
 from .api.servicer import METHOD_ROLES, DeployerServicer
@@ -22,6 +24,7 @@ from .domain.model import Backend
 from .service.controller import Controller
 from .service.deployer import DeployerService
 from .service.follower import AliasFollower
+from .tls import ServerTLS
 
 SERVICE_NAME = "neuroweaver.deployer.v1.DeployerService"
 DEFAULT_PORT = 50053
@@ -58,6 +61,27 @@ class DeployerConfig(ServiceConfig):
             "help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"
         },
     )
+    local_tls_server_name: str = field(
+        default="",
+        metadata={
+            "help": "name checked on local replicas' certificate (they serve with --tls-cert) when --local-host is not "
+            "one of its names; empty = the address dialled"
+        },
+    )
+    kube_model_server_auth_secret: str = field(
+        default="neuroweaver-auth",
+        metadata={
+            "help": "Secret in a deployment's namespace whose key auth-tokens.json (the token table) model-server pods "
+            "mount when auth is on"
+        },
+    )
+    kube_model_server_tls_secret: str = field(
+        default="",
+        metadata={
+            "help": "Secret (tls.crt, tls.key, ca.crt) model-server pods serve TLS with; empty = plaintext. With "
+            "--tls-client-ca set they also require client certificates (mTLS)"
+        },
+    )
 
 
 def build(config: DeployerConfig) -> GrpcService:
@@ -66,9 +90,29 @@ def build(config: DeployerConfig) -> GrpcService:
     notifier = Notifier()
     secret = config.page_token_key("deployer")
     roots = [r for r in config.artifact_roots.split(",") if r]
-    registry = RegistryGateway(
-        config.registry_target, config.registry_token, artifact_roots=roots, tls=ClientTLS.from_config(config)
-    )
+    client_tls = ClientTLS.from_config(config)
+    try:
+        # Local replicas and routers serve with the deployer's own certificate; routers dial replicas as the deployer.
+        server_tls = ServerTLS.from_config(config)
+        local_client_tls = (
+            dataclasses.replace(client_tls, server_name=config.local_tls_server_name)
+            if config.local_tls_server_name
+            else client_tls
+        )
+        if server_tls.enabled and not local_client_tls.enabled:
+            raise ValueError("local replicas serve TLS with --tls-cert: set --client-tls-ca so the deployer can reach them")
+        kube = KubeDefaults(
+            image=config.model_server_image,
+            namespace=config.kube_namespace,
+            auth_secret=(config.kube_model_server_auth_secret or None) if config.auth_tokens else None,
+            tls_secret=config.kube_model_server_tls_secret or None,
+            tls_client_auth=bool(config.kube_model_server_tls_secret and config.tls_client_ca),
+        )
+        if config.auth_tokens and config.kubernetes and not kube.auth_secret:
+            raise ValueError("auth is on: set --kube-model-server-auth-secret so model-server pods can authenticate callers")
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    registry = RegistryGateway(config.registry_target, config.registry_token, artifact_roots=roots, tls=client_tls)
     backends: dict = {}
     controller = Controller(db, notifier, backends)
     backends[Backend.LOCAL] = LocalBackend(
@@ -77,6 +121,9 @@ def build(config: DeployerConfig) -> GrpcService:
         log_dir=Path(config.data_dir) / "deployer-logs",
         startup_timeout=config.replica_startup_timeout,
         grace_seconds=config.replica_grace_seconds,
+        auth_tokens=config.auth_tokens,
+        server_tls=server_tls,
+        client_tls=local_client_tls,
         env={
             "NW_DATA_DIR": config.data_dir,
             **(
@@ -95,8 +142,7 @@ def build(config: DeployerConfig) -> GrpcService:
         backends[Backend.KUBERNETES] = KubeBackend(
             KubeClient.from_config(**kwargs),
             controller.on_status,
-            image=config.model_server_image,
-            namespace=config.kube_namespace,
+            defaults=kube,
             poll_seconds=config.kube_poll_seconds,
         )
     service = DeployerService(
@@ -105,8 +151,7 @@ def build(config: DeployerConfig) -> GrpcService:
         PageTokens(secret),
         registry,
         controller,
-        kube_namespace=config.kube_namespace,
-        kube_image=config.model_server_image,
+        kube=kube,
     )
     follower = AliasFollower(db, registry, service)
     service.on_alias_change = follower.request_sync

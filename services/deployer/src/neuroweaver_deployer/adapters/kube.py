@@ -1,15 +1,22 @@
 """KUBERNETES backend: the model-server manifests of `neuroweaver_kube` applied with server-side apply into a
-namespace, status read back from the Deployment, scale through the scale subresource, delete on undeploy."""
+namespace, status read back from the Deployment, scale through the scale subresource, delete on undeploy.
+
+Model-server pods get their credentials from Secrets that exist in the namespace (the deployer never writes a
+Secret and holds no RBAC on them): with the platform's auth on, the token table (`auth_secret`, key
+`auth-tokens.json`, as every service reads it) and `--project`; with TLS, `tls_secret` (cert-manager keys
+`tls.crt`, `tls.key`, `ca.crt`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from neuroweaver_kube.client import DeploymentStatus, KubeApiError, KubeClient, KubeNotFound
 from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime.names import project_of
 
 from ..domain.model import BackendStatus, Target
 from .local import StatusCallback
@@ -17,7 +24,18 @@ from .local import StatusCallback
 log = logging.getLogger("neuroweaver.deployer.kube")
 
 
-def model_server_spec(target: Target, *, default_image: str, default_namespace: str) -> ModelServerSpec:
+@dataclass(frozen=True)
+class KubeDefaults:
+    """What every model-server workload gets unless its deployment says otherwise."""
+
+    image: str
+    namespace: str
+    auth_secret: str | None = None  # the token table's Secret; None = auth off (the deployer's own auth is off)
+    tls_secret: str | None = None  # the model server's certificate; None = plaintext
+    tls_client_auth: bool = False  # mTLS: callers must present certificates (ca.crt of tls_secret)
+
+
+def model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec:
     """Domain target → the kube library's model-server spec (also what RenderManifests renders)."""
     v, s, r, a = target.version, target.serving.with_defaults(), target.resources, target.autoscaling
     resources = KubeResources(
@@ -33,8 +51,12 @@ def model_server_spec(target: Target, *, default_image: str, default_namespace: 
     }
     return ModelServerSpec(
         name=target.deployment,
-        namespace=target.namespace or default_namespace,
-        image=s.image or default_image,
+        namespace=target.namespace or defaults.namespace,
+        image=s.image or defaults.image,
+        project=project_of(target.deployment),
+        auth_secret=defaults.auth_secret,
+        tls_secret=defaults.tls_secret,
+        tls_client_auth=defaults.tls_client_auth,
         model_version=v.name,
         served_model_name=target.served_model_name,
         base_model_uri=v.base_model,
@@ -56,19 +78,18 @@ def model_server_spec(target: Target, *, default_image: str, default_namespace: 
 
 class KubeBackend:
     def __init__(
-        self, client: KubeClient, on_status: StatusCallback, *, image: str, namespace: str, poll_seconds: float = 2.0
+        self, client: KubeClient, on_status: StatusCallback, *, defaults: KubeDefaults, poll_seconds: float = 2.0
     ) -> None:
         self.client = client
         self.on_status = on_status
-        self.image = image
-        self.namespace = namespace
+        self.defaults = defaults
         self.poll_seconds = poll_seconds
         self._specs: dict[str, ModelServerSpec] = {}
         self._fingerprints: dict[str, str] = {}
         self._pollers: dict[str, asyncio.Task] = {}
 
     def spec(self, target: Target) -> ModelServerSpec:
-        return model_server_spec(target, default_image=self.image, default_namespace=self.namespace)
+        return model_server_spec(target, self.defaults)
 
     async def apply(self, target: Target) -> None:
         spec = self.spec(target)
@@ -100,7 +121,7 @@ class KubeBackend:
                         failed=st.progress_deadline_exceeded,
                         message="progress deadline exceeded" if st.progress_deadline_exceeded else "",
                         endpoint=f"{host}:{spec.grpc_port}",
-                        openai_base_url=f"http://{host}:{spec.http_port}/v1",
+                        openai_base_url=f"{spec.scheme}://{host}:{spec.http_port}/v1",
                     ),
                 )
             except KubeNotFound:

@@ -1,7 +1,12 @@
 """LOCAL backend: supervised model-server processes on this host, behind one router per deployment.
 
-- Each replica is `python -m neuroweaver_deployer.model_server` on two free ports, started in its own
-  process group with PR_SET_PDEATHSIG, so replicas never outlive the deployer.
+- Each replica is `python -m neuroweaver_deployer.model_server` on three free ports (gRPC, OpenAI API, ops port with
+  /metrics), started in its own process group with PR_SET_PDEATHSIG, so replicas never outlive the deployer.
+- Credentials and TLS reach a replica through its environment, never its command line (/proc/PID/cmdline is
+  world-readable; /proc/PID/environ is not): NW_MODEL_SERVER_AUTH_TOKENS is the deployer's own token table setting
+  (auth on: inference needs a token of the deployment's project, passed as --project), and
+  NW_MODEL_SERVER_TLS_CERT/_KEY/_CLIENT_CA are the deployer's server TLS files. The router and the readiness
+  check dial replicas with the deployer's outbound ClientTLS.
 - A replica is ready when its gRPC health for the inference service turns SERVING (health Watch, no polling).
 - A replica that exits is restarted with exponential backoff (0.5 s doubling to 10 s); meanwhile it is out of
   the router's rotation and the deployment reports `restarting` (DEGRADED). A replica that fails
@@ -25,9 +30,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver_runtime.client import ClientTLS
+from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.testing import free_port
 
 from ..domain.model import BackendStatus, Target
+from ..tls import ServerTLS
 from .router import Router, Upstream
 
 log = logging.getLogger("neuroweaver.deployer.local")
@@ -36,11 +44,13 @@ StatusCallback = Callable[[str, BackendStatus], Awaitable[None]]
 INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
 
 
-def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, grace: float) -> list[str]:
+def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, metrics_port: int, grace: float) -> list[str]:
+    """The replica's command line: nothing secret goes here (see the module docstring)."""
     v, s = target.version, target.serving.with_defaults()
     args = [
         sys.executable, "-m", "neuroweaver_deployer.model_server",
         "--host", host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port), "--project", project_of(target.deployment) or "default",
         "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
         "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
         "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace), "--die-with-parent",
@@ -76,16 +86,19 @@ class Replica:
 
     async def _spawn(self) -> None:
         cfg = self.dep.backend
-        grpc_port, http_port = free_port(), free_port()
-        self.upstream = Upstream(f"{cfg.host}:{grpc_port}", f"http://{cfg.host}:{http_port}")
+        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        scheme = "https" if cfg.server_tls.enabled else "http"
+        self.upstream = Upstream(
+            f"{cfg.host}:{grpc_port}", f"{scheme}://{cfg.host}:{http_port}", f"{scheme}://{cfg.host}:{metrics_port}/metrics"
+        )
         log_path = cfg.log_dir / f"{self.dep.object_id}-{self.target.fingerprint()}-{self.index}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         with open(log_path, "ab") as out:
             self.process = await asyncio.create_subprocess_exec(
-                *model_server_command(self.target, cfg.host, grpc_port, http_port, cfg.grace_seconds),
+                *model_server_command(self.target, cfg.host, grpc_port, http_port, metrics_port, cfg.grace_seconds),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **cfg.env},
+                start_new_session=True, env={**os.environ, **cfg.env, **cfg.credentials_env()},
             )  # fmt: skip
         log.info(
             "replica started",
@@ -101,7 +114,14 @@ class Replica:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 250),
         ]
-        async with grpc.aio.insecure_channel(self.upstream.grpc_address, options=options) as channel:
+        tls = self.dep.backend.client_tls
+        if tls.enabled:
+            channel = grpc.aio.secure_channel(
+                self.upstream.grpc_address, tls.credentials(), options=options + tls.channel_options()
+            )
+        else:
+            channel = grpc.aio.insecure_channel(self.upstream.grpc_address, options=options)
+        async with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             call = stub.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), wait_for_ready=True)
             async for msg in call:
@@ -185,7 +205,7 @@ class LocalDeployment:
     def __init__(self, backend: LocalBackend, name: str) -> None:
         self.backend, self.name = backend, name
         self.object_id = name.rsplit("/", 1)[-1]
-        self.router = Router(backend.host)
+        self.router = Router(backend.host, server_tls=backend.server_tls, client_tls=backend.client_tls)
         self.target: Target | None = None
         self.replicas: list[Replica] = []  # replicas of the current target
         self.rolling_out = False
@@ -310,7 +330,16 @@ class LocalBackend:
         startup_timeout: float = 300.0,
         max_start_failures: int = 3,
         grace_seconds: float = 10.0,
+        auth_tokens: str = "",
+        server_tls: ServerTLS | None = None,
+        client_tls: ClientTLS | None = None,
     ) -> None:
+        """`auth_tokens`: the token-table setting replicas authenticate callers with (the deployer's own; empty = auth
+        off). `server_tls`: what replicas and routers serve with. `client_tls`: how routers and readiness checks dial
+        replicas; it must be on whenever `server_tls` is."""
+        self.server_tls = server_tls or ServerTLS()
+        self.client_tls = client_tls or ClientTLS()
+        self.auth_tokens = auth_tokens
         self.on_status = on_status
         self.host = host
         self.log_dir = Path(log_dir)
@@ -319,6 +348,16 @@ class LocalBackend:
         self.max_start_failures = max_start_failures
         self.grace_seconds = grace_seconds
         self.deployments: dict[str, LocalDeployment] = {}
+
+    def credentials_env(self) -> dict[str, str]:
+        """Set even when empty, so a variable in the deployer's own environment cannot turn a replica's auth off."""
+        tls = self.server_tls
+        return {
+            "NW_MODEL_SERVER_AUTH_TOKENS": self.auth_tokens,
+            "NW_MODEL_SERVER_TLS_CERT": tls.cert,
+            "NW_MODEL_SERVER_TLS_KEY": tls.key,
+            "NW_MODEL_SERVER_TLS_CLIENT_CA": tls.client_ca,
+        }
 
     async def apply(self, target: Target) -> None:
         dep = self.deployments.get(target.deployment)

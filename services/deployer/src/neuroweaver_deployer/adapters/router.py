@@ -1,12 +1,21 @@
 """The stable front door of a multi-replica local deployment: a tiny round-robin gRPC + HTTP proxy.
 
-Each local deployment gets one router inside the deployer process, on its own two ports; the deployment's
+Each local deployment gets one router inside the deployer process, on its own ports; the deployment's
 `endpoint` and `openai_base_url` point at it and never change while replicas come and go. Calls are
 forwarded as raw bytes (no re-serialisation) to the next ready replica; a call that fails with UNAVAILABLE
 before any response (a replica that just went away) is retried on another replica. Status codes and
-google.rpc details of the replica pass through unchanged. `GET /metrics` through the router is every ready
-replica's metrics in one Prometheus text exposition, each sample labelled `replica="<its gRPC address>"`
-(`merge_expositions`), so a scrape of the deployment sees all of them.
+google.rpc details of the replica pass through unchanged.
+
+Credentials pass through: the caller's `authorization` metadata / `Authorization` header reaches the replica,
+which authorizes that caller (auth on: a token of the deployment's project), so the router never lends its own
+identity to a caller and a refusal (401/403, UNAUTHENTICATED/PERMISSION_DENIED) comes back unchanged.
+
+TLS: with `server_tls` the router serves gRPC and HTTPS with the deployer's certificate (mTLS when it has a client
+CA); it dials replicas with `client_tls`, the deployer's outbound `ClientTLS`.
+
+`GET /metrics` on the router's own metrics port (`metrics_url`, never the API port) is every ready replica's
+metrics (read from their ops ports) in one Prometheus text exposition, each sample labelled
+`replica="<its gRPC address>"` (`merge_expositions`), so a scrape of the deployment sees all of them.
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from neuroweaver_runtime.client import ClientTLS
+
+from ..tls import ServerTLS, client_ssl_context
+
 log = logging.getLogger("neuroweaver.deployer.router")
 
 INFERENCE_PREFIX = "/neuroweaver.inference.v1.InferenceService/"
@@ -33,52 +46,80 @@ _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "ke
 @dataclass(frozen=True)
 class Upstream:
     grpc_address: str  # host:port
-    http_url: str  # http://host:port
+    http_url: str  # http(s)://host:port of the OpenAI API
+    metrics_url: str  # http(s)://host:port of the ops port (/metrics)
 
 
 class Router(grpc.GenericRpcHandler):
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", *, server_tls: ServerTLS | None = None, client_tls: ClientTLS | None = None
+    ) -> None:
         self.host = host
+        self.server_tls = server_tls or ServerTLS()
+        self.client_tls = client_tls or ClientTLS()
         self._upstreams: list[Upstream] = []
         self._cycle = itertools.count()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.grpc_port = 0
         self.http_port = 0
+        self.metrics_port = 0
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
     @property
+    def _scheme(self) -> str:
+        return "https" if self.server_tls.enabled else "http"
+
+    @property
     def openai_base_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}/v1"
+        return f"{self._scheme}://{self.host}:{self.http_port}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self._scheme}://{self.host}:{self.metrics_port}/metrics"
 
     async def start(self) -> None:
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((self,))
-        self.grpc_port = server.add_insecure_port(f"{self.host}:0")
+        address = f"{self.host}:0"
+        tls = self.server_tls
+        self.grpc_port = (
+            server.add_secure_port(address, tls.grpc_credentials()) if tls.enabled else server.add_insecure_port(address)
+        )
         await server.start()
         self._server = server
         await self._set_health()
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._http)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        self.http_port = self._runner.addresses[0][1]
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        self._runner, self.http_port = await self._serve(app, require_client_cert=True)
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", self._metrics)
+        self._metrics_runner, self.metrics_port = await self._serve(metrics_app, require_client_cert=False)
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.client_tls) or True)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+
+    async def _serve(self, app: web.Application, *, require_client_cert: bool) -> tuple[web.AppRunner, int]:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        tls = self.server_tls
+        ssl_context = tls.ssl_context(require_client_cert=require_client_cert) if tls.enabled else None
+        await web.TCPSite(runner, self.host, 0, ssl_context=ssl_context).start()
+        return runner, runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(1.0)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
         if self._session is not None:
             await self._session.close()
         for channel in self._channels.values():
@@ -108,7 +149,14 @@ class Router(grpc.GenericRpcHandler):
     def _channel(self, up: Upstream) -> grpc.aio.Channel:
         channel = self._channels.get(up.grpc_address)
         if channel is None:
-            channel = self._channels[up.grpc_address] = grpc.aio.insecure_channel(up.grpc_address)
+            # A plain channel, not the runtime's open_channel: calls are forwarded with the caller's own deadline
+            # and metadata, and failed attempts are retried here, on another replica.
+            tls = self.client_tls
+            if tls.enabled:
+                channel = grpc.aio.secure_channel(up.grpc_address, tls.credentials(), options=tls.channel_options())
+            else:
+                channel = grpc.aio.insecure_channel(up.grpc_address)
+            self._channels[up.grpc_address] = channel
         return channel
 
     # -- gRPC --------------------------------------------------------------------------------
@@ -174,8 +222,6 @@ class Router(grpc.GenericRpcHandler):
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _http(self, request: web.Request) -> web.StreamResponse:
-        if request.method == "GET" and request.path == "/metrics" and self._upstreams and self._session is not None:
-            return await self._metrics()
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         for _ in range(self._attempts()):
@@ -184,7 +230,7 @@ class Router(grpc.GenericRpcHandler):
                 break
             try:
                 async with self._session.request(
-                    request.method, up.http_url + request.path_qs, data=body, headers=headers
+                    request.method, up.http_url + request.path_qs, data=body, headers=headers, **self._server_hostname
                 ) as resp:
                     out_headers = {
                         k: v
@@ -207,20 +253,26 @@ class Router(grpc.GenericRpcHandler):
         }
         return web.json_response(body, status=503)
 
-    async def _metrics(self) -> web.Response:
+    @property
+    def _server_hostname(self) -> dict[str, str]:
+        """The name checked on a replica's certificate when it is not the address dialled (`ClientTLS.server_name`)."""
+        return {"server_hostname": self.client_tls.server_name} if self.client_tls.server_name else {}
+
+    async def _metrics(self, request: web.Request) -> web.Response:
         """Every ready replica's /metrics, merged; a replica that does not answer in 5 s is left out (and logged)."""
-        assert self._session is not None
         session, upstreams = self._session, list(self._upstreams)
+        if session is None or not upstreams:
+            return web.Response(status=503, text="no ready replica\n")
 
         async def scrape(up: Upstream) -> str | None:
             try:
-                async with session.get(up.http_url + "/metrics", headers={"Accept": EXPOSITION_TYPE},
-                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:  # fmt: skip
+                async with session.get(up.metrics_url, headers={"Accept": EXPOSITION_TYPE},
+                                       timeout=aiohttp.ClientTimeout(total=5), **self._server_hostname) as resp:  # fmt: skip
                     if resp.status == 200:
                         return await resp.text()
-                    log.info("replica %s answered /metrics with %s", up.http_url, resp.status)
+                    log.info("replica %s answered /metrics with %s", up.metrics_url, resp.status)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.info("replica %s /metrics: %s", up.http_url, exc)
+                log.info("replica %s /metrics: %s", up.metrics_url, exc)
             return None
 
         texts = await asyncio.gather(*(scrape(up) for up in upstreams))

@@ -22,7 +22,7 @@ from neuroweaver_runtime.pagination import PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
-from ..adapters.kube import model_server_spec
+from ..adapters.kube import KubeDefaults, model_server_spec
 from ..adapters.registry import RegistryGateway
 from ..adapters.repository import DeployerRepository, to_deployment, to_resolved
 from ..domain.model import (
@@ -57,12 +57,11 @@ class DeployerService:
         registry: RegistryGateway,
         controller: Controller,
         *,
-        kube_namespace: str,
-        kube_image: str,
+        kube: KubeDefaults,
     ) -> None:
         self.db, self.notifier, self.tokens = db, notifier, tokens
         self.registry, self.controller = registry, controller
-        self.kube_namespace, self.kube_image = kube_namespace, kube_image
+        self.kube = kube
         self.on_alias_change = None  # set by the app: re-syncs the alias follower
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -343,9 +342,7 @@ class DeployerService:
             version = await self._resolve(d)
             d.served_model_name = served_model_name(version)
         try:
-            objects = model_server_manifests(
-                model_server_spec(target_of(d, version), default_image=self.kube_image, default_namespace=self.kube_namespace)
-            )
+            objects = model_server_manifests(model_server_spec(target_of(d, version), self.kube))
         except ValueError as exc:
             raise InvalidArgument(f"cannot render manifests: {exc}", field="deployment", reason="INVALID_MANIFEST_SPEC") from exc
         return to_yaml(objects), [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
