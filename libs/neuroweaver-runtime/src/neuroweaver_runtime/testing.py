@@ -62,7 +62,8 @@ def postgres_available() -> bool:
 
 
 class TestCA:
-    """A certificate authority for TLS/mTLS tests (the `cryptography` package; EC P-256 keys, one day valid).
+    """A throw-away certificate authority for TLS/mTLS tests and dev setups (the `cryptography` package; EC P-256
+    keys; valid for `days`, one by default).
 
         ca = TestCA(tmp_path / "pki")
         cert, key = ca.issue("registry")          # SANs 127.0.0.1 and localhost; server and client use
@@ -73,7 +74,7 @@ class TestCA:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, name: str = "NeuroWeaver test CA") -> None:
+    def __init__(self, directory: Path, name: str = "NeuroWeaver test CA", days: int = 1) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -81,6 +82,7 @@ class TestCA:
 
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.days = days
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = dt.datetime.now(dt.UTC)
@@ -91,7 +93,7 @@ class TestCA:
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -129,7 +131,7 @@ class TestCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=self.days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
