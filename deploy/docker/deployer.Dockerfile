@@ -44,11 +44,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/neuroweaver
 
-# Target `model-server`: python -m neuroweaver_deployer.model_server (gRPC + OpenAI-compatible HTTP
-# with /metrics). Kubernetes passes its own command and args (neuroweaver_kube.manifests).
+# Target `model-server`: python -m neuroweaver_deployer.model_server (gRPC 50051, OpenAI-compatible HTTP 8080,
+# ops port 9460 with /metrics and /healthz). Kubernetes passes its own command and args (neuroweaver_kube.manifests).
 FROM runtime AS model-server
 ENV NW_MODEL_SERVER_HOST=0.0.0.0
-EXPOSE 50051 8080
+EXPOSE 50051 8080 9460
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.inference.v1.InferenceService", "--port", "50051", "--port-env", "NW_MODEL_SERVER_GRPC_PORT"]
 ENTRYPOINT ["python", "-m", "neuroweaver_deployer.model_server"]

@@ -169,7 +169,9 @@ def test_ports_metrics_and_databases_are_consistent(compose):
         assert s["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert targets[svc] == [f"{svc}:{METRICS_PORTS[svc]}"]
     ms = compose["services"]["model-server"]["environment"]
-    assert targets["model-server"] == [f"model-server:{ms['NW_MODEL_SERVER_HTTP_PORT']}"]
+    # Prometheus scrapes the model server's ops port, never the port that serves inference.
+    assert targets["model-server"] == [f"model-server:{ms['NW_MODEL_SERVER_METRICS_PORT']}"]
+    assert ms["NW_MODEL_SERVER_METRICS_PORT"] != ms["NW_MODEL_SERVER_HTTP_PORT"]
     assert ms["NW_MODEL_SERVER_GRPC_PORT"] == "50060"
 
 

@@ -75,12 +75,13 @@ def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
 def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
     names = grpc_service_names()
     ports = {**default_ports(), "model-server": 50051}
-    metrics = {**METRICS_PORTS, "model-server": 8080}
+    metrics = {**METRICS_PORTS, "model-server": 9460}
+    api = {"model-server": {"8080"}}  # the OpenAI-compatible HTTP API, apart from the metrics port
     assert len(stages(DOCKERFILES[svc])) >= 3
     for target, ins in _final_stages(svc).items():
         words = dict(ins)  # last one wins, as in Docker
         assert words["USER"] == "10001:10001", target
-        assert set(words["EXPOSE"].split()) == {str(ports[target]), str(metrics[target])}
+        assert set(words["EXPOSE"].split()) == {str(ports[target]), str(metrics[target]), *api.get(target, ())}
         module = "neuroweaver_deployer.model_server" if target == "model-server" else f"neuroweaver_{svc}"
         assert json.loads(words["ENTRYPOINT"]) == ["python", "-m", module]
         assert json.loads(words["CMD"]) == ["--host", "0.0.0.0"]

@@ -353,3 +353,45 @@ def test_trainer_job_secret_has_the_keys_the_job_pods_read(rendered):
     assert required <= set(secret["stringData"])
     pvc = trainer_env["NW_TRAINER_KUBE_CHECKPOINT_PVC"]["value"]
     assert any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == pvc for o in rendered["base"])
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_model_server_pods_get_the_token_table_and_tls_from_secrets(name, rendered):
+    """With auth on (it is, in every overlay) the deployer's model-server pods mount the token table from the Secret
+    the deployer names (NW_DEPLOYER_KUBE_MODEL_SERVER_AUTH_SECRET), and with a TLS Secret its certificate; never a value."""
+    from neuroweaver_kube.manifests import METRICS_PORT, ModelServerSpec, model_server_manifests
+
+    objs = rendered[name]
+    env = _env(_container(_deployments(objs)["deployer"]))
+    assert env["NW_DEPLOYER_AUTH_TOKENS"]["value"], "auth is on"
+    auth_secret = env["NW_DEPLOYER_KUBE_MODEL_SERVER_AUTH_SECRET"]["value"]
+    spec = ModelServerSpec(
+        name="projects/default/deployments/chat", namespace="neuroweaver", image="neuroweaver/model-server:0.1.0",
+        model_version="projects/default/models/chat/versions/1.0.0", served_model_name="chat-1-0-0",
+        base_model_uri="builtin:smollm2-135m-instruct", project="default", auth_secret=auth_secret,
+        tls_secret="chat-model-server-tls", tls_client_auth=True,
+    )  # fmt: skip
+    deployment = next(o for o in model_server_manifests(spec) if o["kind"] == "Deployment")
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ms_env = _env(container)
+    secret_volumes = {v["secret"]["secretName"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert set(secret_volumes) == {"neuroweaver-auth", "chat-model-server-tls"}
+    assert [i["key"] for i in secret_volumes["neuroweaver-auth"]["items"]] == ["auth-tokens.json"]
+    assert {i["key"] for i in secret_volumes["chat-model-server-tls"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    for var in (
+        "NW_MODEL_SERVER_AUTH_TOKENS",
+        "NW_MODEL_SERVER_TLS_CERT",
+        "NW_MODEL_SERVER_TLS_KEY",
+        "NW_MODEL_SERVER_TLS_CLIENT_CA",
+    ):
+        assert ms_env[var]["value"].startswith("/var/run/secrets/"), var  # a path into a mounted Secret
+    secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    if secrets:  # the dev overlay's example Secret has the key the pods mount
+        assert "auth-tokens.json" in secrets[auth_secret]["stringData"]
+
+    # Prometheus reaches the model servers' ops port; inference stays for the gateway and the platform's pods.
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    scrape = next(p for p in policies if p["metadata"]["name"] == "allow-prometheus-scrape")
+    assert METRICS_PORT in {port["port"] for rule in scrape["spec"]["ingress"] for port in rule["ports"]}
