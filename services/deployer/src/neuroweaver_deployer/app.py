@@ -58,7 +58,8 @@ class DeployerConfig(ServiceConfig):
     artifact_roots: str = field(
         default="",
         metadata={
-            "help": "comma-separated directories file:// artifacts may be served from; empty = no restriction (embedded mode)"
+            "help": "comma-separated directories a version's local artifact (and its lineage base model, when that is "
+            "a path) may be served from; empty = no restriction (embedded mode)"
         },
     )
     local_tls_server_name: str = field(
