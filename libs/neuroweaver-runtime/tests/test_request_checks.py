@@ -337,3 +337,29 @@ def test_auth_without_a_page_token_secret_refuses_to_start():
     with pytest.raises(SystemExit, match="page_token_secret"):
         ServiceConfig(auth_tokens="t=a:viewer").page_token_key("registry")
     assert ServiceConfig(auth_tokens="t=a:viewer", page_token_secret="s").page_token_key("registry") == b"s"
+
+
+async def test_the_runtime_client_authenticates_streaming_calls_too(server):
+    """grpc.aio applies an interceptor only to the first call kind it implements: every kind needs its own."""
+    recorder, _, port = server
+    channel = open_channel(f"127.0.0.1:{port}", token="svc")
+    try:
+        watch = channel.unary_stream(
+            f"/{SERVICE}/Watch", request_serializer=Request.SerializeToString, response_deserializer=Response.FromString
+        )
+        ingest = channel.stream_unary(
+            f"/{SERVICE}/Ingest", request_serializer=Request.SerializeToString, response_deserializer=Response.FromString
+        )
+
+        async def messages():
+            yield Request(experiment="projects/a/experiments/e1", events=_events("projects/a/experiments/e1"))
+
+        with acting_as(parse_principal("a:viewer:victor")):
+            call = watch(Request())
+            assert await call.read() == Response()
+            call.cancel()
+        with acting_as(parse_principal("a:operator:alice")):
+            assert (await ingest(messages())).accepted == 1
+        assert recorder.seen == [("alice", "stream")]
+    finally:
+        await channel.close()

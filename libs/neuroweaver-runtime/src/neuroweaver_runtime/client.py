@@ -44,16 +44,14 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-class _ClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-):
+class _CallMetadata:
+    """What every outgoing call carries: bearer token, on-behalf-of, trace context, and a default deadline."""
+
     def __init__(self, token: str | None, deadline: float | None) -> None:
         self._token = token
         self._deadline = deadline
 
-    def _details(self, details: grpc.aio.ClientCallDetails, streaming_response: bool) -> grpc.aio.ClientCallDetails:
+    def details(self, details: grpc.aio.ClientCallDetails, streaming_response: bool) -> grpc.aio.ClientCallDetails:
         metadata = list(details.metadata or [])
         if self._token and not any(k == "authorization" for k, _ in metadata):
             metadata.append(("authorization", f"Bearer {self._token}"))
@@ -67,14 +65,38 @@ class _ClientInterceptor(
             timeout = self._deadline
         return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
 
+
+# grpc.aio files each interceptor under the first call kind it implements, so one object per kind.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, call: _CallMetadata) -> None:
+        self._call = call
+
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details, False), request)
+        return await continuation(self._call.details(client_call_details, False), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, call: _CallMetadata) -> None:
+        self._call = call
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details, True), request)
+        return await continuation(self._call.details(client_call_details, True), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, call: _CallMetadata) -> None:
+        self._call = call
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details, False), request_iterator)
+        return await continuation(self._call.details(client_call_details, False), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, call: _CallMetadata) -> None:
+        self._call = call
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._call.details(client_call_details, True), request_iterator)
 
 
 @dataclass(frozen=True)
@@ -121,22 +143,24 @@ class ClientTLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
-            root_certificates=_read_pem(self.ca, "CA bundle") if self.ca else None,
-            private_key=_read_pem(self.key, "private key") if self.key else None,
-            certificate_chain=_read_pem(self.cert, "certificate") if self.cert else None,
+            root_certificates=read_pem(self.ca, "client TLS CA bundle") if self.ca else None,
+            private_key=read_pem(self.key, "client TLS private key") if self.key else None,
+            certificate_chain=read_pem(self.cert, "client TLS certificate") if self.cert else None,
         )
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def _read_pem(path: str, what: str) -> bytes:
+def read_pem(path: str, what: str) -> bytes:
+    """A PEM file's bytes; ValueError naming `what` when it cannot be read or holds no PEM block (TLS settings
+    are checked at start: gRPC itself would only fail at the first handshake)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"client TLS: cannot read the {what} {path!r}: {exc.strerror}") from None
+        raise ValueError(f"{what} {path!r} cannot be read: {exc.strerror}") from None
     if b"-----BEGIN " not in data:
-        raise ValueError(f"client TLS: the {what} {path!r} is not PEM")
+        raise ValueError(f"{what} {path!r} is not PEM")
     return data
 
 
@@ -156,7 +180,8 @@ def open_channel(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
-    interceptors = [_ClientInterceptor(token, deadline)]
+    call = _CallMetadata(token, deadline)
+    interceptors = [_UnaryUnary(call), _UnaryStream(call), _StreamUnary(call), _StreamStream(call)]
     if tls is not None and tls.enabled:
         options += tls.channel_options()
         return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
