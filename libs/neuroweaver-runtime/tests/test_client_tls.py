@@ -33,9 +33,11 @@ def pki(tmp_path_factory):
 
 
 async def _serve(tmp_path, cert, key, client_ca="") -> GrpcService:
-    config = ServiceConfig(
-        port=0, metrics_port=-1, data_dir=str(tmp_path), tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_ca)
-    )
+    return await _serve_config(tmp_path, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_ca))
+
+
+async def _serve_config(tmp_path, **tls) -> GrpcService:
+    config = ServiceConfig(port=0, metrics_port=-1, data_dir=str(tmp_path), **tls)
     definition = ServiceDefinition(
         name="tls-probe", full_names=[SERVICE], error_domain="test.neuroweaver.v1", method_roles={}, add_servicers=lambda s: None
     )
@@ -98,7 +100,7 @@ def test_bad_settings_stop_a_service_at_start_with_a_clear_message(pki, tmp_path
     (tmp_path / "not-pem.txt").write_text("hello")
     cases = {
         "needs its private key": ServiceConfig(client_tls_ca=str(pki["ca"].cert), client_tls_cert=str(cert)),
-        "cannot read the CA bundle": ServiceConfig(client_tls_ca=str(tmp_path / "missing.pem")),
+        "client TLS CA bundle '.*' cannot be read": ServiceConfig(client_tls_ca=str(tmp_path / "missing.pem")),
         "is not PEM": ServiceConfig(client_tls_ca=str(tmp_path / "not-pem.txt")),
     }
     for message, config in cases.items():
@@ -106,6 +108,21 @@ def test_bad_settings_stop_a_service_at_start_with_a_clear_message(pki, tmp_path
             ClientTLS.from_config(config)
     with pytest.raises(ValueError, match="server-name override needs"):
         ClientTLS(server_name="registry")
+
+
+async def test_server_settings_that_cannot_work_stop_it_instead_of_serving_plaintext(pki, tmp_path):
+    cert, key = pki["server"]
+    ca = str(pki["ca"].cert)
+    cases = {
+        "needs both tls_cert and tls_key": dict(tls_client_ca=ca),  # mTLS asked for, no certificate
+        "needs both": dict(tls_cert=str(cert)),
+        "server TLS client CA bundle '.*' cannot be read": dict(
+            tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(tmp_path / "missing.pem")
+        ),
+    }
+    for message, settings in cases.items():
+        with pytest.raises(SystemExit, match=message):
+            await _serve_config(tmp_path, **settings)
 
 
 def test_cli_environment_and_overrides():
