@@ -195,6 +195,7 @@ def test_every_nw_variable_is_a_real_setting(compose):
 
 def test_auth_is_on_everywhere_and_service_tokens_are_accepted(compose, example_env, tmp_path):
     from neuroweaver_runtime.auth import Role, TokenAuthenticator
+    from neuroweaver_runtime.errors import PermissionDenied
 
     table_file = compose["secrets"]["nw_auth_tokens"]["file"]
     assert table_file == "./deploy/compose/auth-tokens.json"
@@ -207,8 +208,10 @@ def test_auth_is_on_everywhere_and_service_tokens_are_accepted(compose, example_
         assert s["environment"][f"NW_{key}_AUTH_TOKENS"] == "/run/secrets/nw_auth_tokens"
         assert "nw_auth_tokens" in s["secrets"]
         for var, value in s["environment"].items():
-            if var.endswith("_TOKEN"):
-                principal = table.authenticate(f"Bearer {value}")
-                assert principal.role >= Role.OPERATOR and principal.project == "*", var
+            if var.endswith("_TOKEN"):  # service identities: they act only on behalf of a caller
+                with pytest.raises(PermissionDenied):
+                    table.authenticate(f"Bearer {value}")
+                principal = table.authenticate(f"Bearer {value}", "default:operator:alice")
+                assert (principal.subject, principal.role) == ("alice", Role.OPERATOR), var
     assert "auth-tokens.json" in (DEPLOY / "compose/.gitignore").read_text().split()
     assert "tokens.env" in (DEPLOY / "compose/.gitignore").read_text().split()

@@ -239,6 +239,7 @@ def test_auth_and_database_come_from_secrets(name, rendered):
 
 def test_example_service_tokens_are_in_the_example_token_table(rendered, tmp_path):
     from neuroweaver_runtime.auth import Role, TokenAuthenticator
+    from neuroweaver_runtime.errors import PermissionDenied
 
     secrets = {o["metadata"]["name"]: o for o in rendered["overlays/dev"] if o["kind"] == "Secret"}
     auth = secrets["neuroweaver-auth"]["stringData"]
@@ -246,8 +247,13 @@ def test_example_service_tokens_are_in_the_example_token_table(rendered, tmp_pat
     table = TokenAuthenticator.from_setting(str(tmp_path / "auth-tokens.json"))
     assert table.enabled
     for caller in ("trainer", "deployer", "experiments"):
-        principal = table.authenticate(f"Bearer {auth[f'{caller}-service-token']}")
-        assert principal.role >= Role.OPERATOR and principal.project == "*"
+        token = f"Bearer {auth[f'{caller}-service-token']}"
+        # A service identity: accepted only on behalf of a caller, whose identity is what the callee authorizes.
+        with pytest.raises(PermissionDenied):
+            table.authenticate(token)
+        principal = table.authenticate(token, "default:operator:alice")
+        assert (principal.subject, principal.project, principal.role) == ("alice", "default", Role.OPERATOR)
+        assert principal.via == f"svc-{caller}"
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
