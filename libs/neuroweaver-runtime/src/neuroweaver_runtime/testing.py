@@ -10,18 +10,13 @@ import asyncio
 import datetime as dt
 import ipaddress
 import os
-import socket
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .ports import free_port as free_port  # re-exported: tests import it from here
+
 ADMIN_URL = os.environ.get("NW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def create_postgres_database(prefix: str = "nwtest") -> tuple[str, Callable]:

@@ -11,6 +11,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(value: datetime | None) -> datetime | None:
+    """`value` with UTC attached when it has no time zone: SQLite hands back naive datetimes for UTC columns."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def to_timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
