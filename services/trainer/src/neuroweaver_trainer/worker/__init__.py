@@ -43,9 +43,9 @@ from neuroweaver_runtime.logs import configure_logging, trace_id_var
 from neuroweaver_runtime.process import die_with_parent
 from neuroweaver_runtime.timestamps import utcnow
 
-from .adapters.executors import EXIT_INTERRUPTED
-from .adapters.repository import JobRepository, job_from_row, notify_key
-from .domain.job import (
+from ..adapters.executors import EXIT_INTERRUPTED
+from ..adapters.repository import JobRepository, job_from_row, notify_key
+from ..domain.job import (
     EventType,
     JobEvent,
     JobState,
