@@ -16,7 +16,8 @@ from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 
 from .api.servicer import METHOD_ROLES, RegistryServicer
 from .service.cache import InvalidatingNotifier, VersionCache
-from .service.registry import EVENT_CHANNEL, RegistryService
+from .service.events import EVENT_CHANNEL
+from .service.registry import Registry
 
 SERVICE_NAME = "neuroweaver.registry.v1.RegistryService"
 DEFAULT_PORT = 50051
@@ -41,7 +42,7 @@ def build(config: RegistryConfig) -> GrpcService:
     cache = VersionCache(max_entries=size, enabled=lambda: listener is not None and listener.listening)
     notifier = InvalidatingNotifier(cache)
     secret = config.page_token_key("registry")
-    service = RegistryService(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
+    service = Registry.on_database(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 
     async def ready() -> None:

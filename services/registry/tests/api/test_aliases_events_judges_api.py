@@ -342,19 +342,19 @@ async def test_judge_config_stores_only_the_env_var_name(registry):
 async def test_idle_watches_do_not_poll_the_database(registry, monkeypatch):
     """Idle WatchModelEvents streams wait on notifications: no reads until something is committed, then one
     read per stream delivers it."""
-    from neuroweaver_registry.adapters.repository import RegistryRepository
+    from neuroweaver_registry.adapters.repository import SqlEventRepository
 
     stub = registry.stub
     m = await registry.model()
     reads = []
-    original = RegistryRepository.events_after
+    original = SqlEventRepository.after
 
     async def counting(self, *args, **kwargs):
         reads.append(args)
         return await original(self, *args, **kwargs)
 
     latest = (await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name))).events[-1].sequence
-    monkeypatch.setattr(RegistryRepository, "events_after", counting)
+    monkeypatch.setattr(SqlEventRepository, "after", counting)
     calls = [stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, model=m.name, after_sequence=latest)) for _ in range(20)]
     try:
         for _ in range(200):  # every stream made its first read (nothing to replay) and now waits

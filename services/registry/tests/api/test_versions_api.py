@@ -14,6 +14,7 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver_runtime.errors import field_violations
 
 INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
+UP, DOWN = pb.METRIC_DIRECTION_HIGHER_IS_BETTER, pb.METRIC_DIRECTION_LOWER_IS_BETTER
 FAILED, EXISTS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
 PATCH, MINOR, MAJOR = rs.VERSION_BUMP_PATCH, rs.VERSION_BUMP_MINOR, rs.VERSION_BUMP_MAJOR
 
@@ -180,7 +181,7 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
     m = await registry.model(base_model="smollm2")
     base = await registry.version(
         m.name, version="1.0.0",
-        metrics=[pb.Metric(name="accuracy", value=0.8), pb.Metric(name="eval_loss", value=1.2)],
+        metrics=[pb.Metric(name="accuracy", value=0.8, direction=UP), pb.Metric(name="eval_loss", value=1.2, direction=DOWN)],
         lineage=pb.Lineage(hyperparameters={"lr": "1e-4"}),
     )  # fmt: skip
     assert [(x.name, x.value) for x in base.metrics] == [("accuracy", 0.8), ("eval_loss", 1.2)]
@@ -193,7 +194,10 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
     appended = await registry.stub.AppendModelVersionMetrics(
         rs.AppendModelVersionMetricsRequest(
             name=cand.name,
-            metrics=[pb.Metric(name="accuracy", value=0.9, source="eval-job"), pb.Metric(name="eval_loss", value=1.0)],
+            metrics=[
+                pb.Metric(name="accuracy", value=0.9, source="eval-job"),
+                pb.Metric(name="eval_loss", value=1.0, direction=DOWN),
+            ],
         )
     )
     assert [(x.name, x.value) for x in appended.metrics] == [("accuracy", 0.7), ("accuracy", 0.9), ("eval_loss", 1.0)]
@@ -212,6 +216,7 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=m.name + "/versions/latest")
     )
     assert cmp.semver_relation == rs.SEMVER_RELATION_NEWER and cmp.base_model_compatible
+    # accuracy: declared by the base only (the candidate's records say nothing), which is enough
     assert cmp.recommendation == rs.RECOMMENDATION_PROMOTE, cmp.reason
     deltas = {d.name: d for d in cmp.metric_deltas}
     assert deltas["accuracy"].delta == pytest.approx(0.1) and deltas["accuracy"].improved
@@ -223,6 +228,35 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         rs.CompareModelVersionsRequest(base_version=cand.name, candidate_version=base.name)
     )
     assert reverse.semver_relation == rs.SEMVER_RELATION_OLDER and reverse.recommendation == rs.RECOMMENDATION_KEEP_BASE
+    # A tolerance per metric: +0.1 accuracy within 20 % is no change, and eval_loss alone decides.
+    tolerant = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=cand.name, metric_tolerances={"accuracy": 0.2})
+    )
+    tolerant_deltas = {d.name: d for d in tolerant.metric_deltas}
+    assert not tolerant_deltas["accuracy"].improved and tolerant_deltas["eval_loss"].improved
+    assert tolerant.recommendation == rs.RECOMMENDATION_PROMOTE and "eval_loss" in tolerant.reason
+    err = await expect_error(
+        registry.stub.CompareModelVersions(
+            rs.CompareModelVersionsRequest(base_version=base.name, candidate_version=cand.name, metric_tolerances={"accuracy": -1})
+        ),
+        INVALID, "INVALID_ARGUMENT",
+    )  # fmt: skip
+    assert [v.field for v in field_violations(err)] == ["metric_tolerances['accuracy']"]
+    # A metric without a declared direction is a change without a verdict, whatever its name suggests.
+    plain = await registry.version(m.name, version="1.2.0", metrics=[pb.Metric(name="eval_loss", value=0.5)])
+    unjudged = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=m.name + "/versions/1.1.0", candidate_version=plain.name)
+    )
+    loss = {d.name: d for d in unjudged.metric_deltas}["eval_loss"]
+    assert loss.direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER  # the base declares it
+    undeclared = await registry.version(m.name, version="1.3.0", metrics=[pb.Metric(name="eval_loss", value=0.4)])
+    neither = await registry.stub.CompareModelVersions(
+        rs.CompareModelVersionsRequest(base_version=plain.name, candidate_version=undeclared.name)
+    )
+    loss = {d.name: d for d in neither.metric_deltas}["eval_loss"]
+    assert loss.direction == pb.METRIC_DIRECTION_UNSPECIFIED and loss.HasField("delta")
+    assert not loss.improved and not loss.regressed
+    assert neither.recommendation == rs.RECOMMENDATION_EXPERIMENT and "direction" in neither.reason
     other = await registry.model()
     ov = await registry.version(other.name, version="1.0.0")
     unrelated = await registry.stub.CompareModelVersions(

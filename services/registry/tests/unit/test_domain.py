@@ -1,4 +1,4 @@
-"""Registry domain rules: validation limits, etags, the compare recommendation, judge configs."""
+"""Registry domain rules: validation limits, etags, judge configs (comparison: test_compare.py; rules: test_rules.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import pytest
 from neuroweaver_registry.domain.judges import validate_judge_config
 from neuroweaver_registry.domain.model import (
     Artifact,
-    Direction,
     Lineage,
     Metric,
     Model,
     ModelVersion,
-    VersionState,
-    compare_versions,
-    infer_direction,
     validate_metrics,
     validate_model_fields,
     validate_new_version,
@@ -105,79 +101,6 @@ def test_etag_changes_with_revision_and_name():
     with pytest.raises(Aborted) as caught:
         check_etag("m", 3, etag_for("m", 2))
     assert caught.value.reason == "ETAG_MISMATCH"
-
-
-# -- comparison ----------------------------------------------------------------------------------
-
-
-def _mv(metrics: dict[str, float], base_model="b", state=VersionState.REGISTERED, **hp) -> ModelVersion:
-    return _version(
-        metrics=[Metric(k, v) for k, v in metrics.items()],
-        state=state,
-        lineage=Lineage(base_model=base_model, hyperparameters=hp),
-    )
-
-
-def test_infer_direction():
-    assert infer_direction("eval_loss") is Direction.LOWER
-    assert infer_direction("p99_latency_ms") is Direction.LOWER
-    assert infer_direction("accuracy") is Direction.HIGHER
-
-
-def test_promote_when_better_and_worse_on_nothing():
-    cmp = compare_versions(_mv({"accuracy": 0.8, "loss": 1.0}), _mv({"accuracy": 0.9, "loss": 0.8}), "NEWER")
-    assert cmp.recommendation == "PROMOTE"
-    deltas = {d.name: d for d in cmp.metric_deltas}
-    assert deltas["accuracy"].improved and deltas["loss"].improved
-    assert deltas["loss"].delta == pytest.approx(-0.2) and deltas["loss"].relative_delta == pytest.approx(-0.2)
-    assert cmp.base_model_compatible
-
-
-def test_promote_notes_a_different_base_model():
-    cmp = compare_versions(_mv({"accuracy": 0.8}), _mv({"accuracy": 0.9}, base_model="other"), "NEWER")
-    assert cmp.recommendation == "PROMOTE" and not cmp.base_model_compatible
-    assert "different base model" in cmp.reason
-    assert ("lineage.base_model", "b", "other") in cmp.lineage_diffs
-
-
-def test_mixed_evidence_means_experiment():
-    cmp = compare_versions(_mv({"accuracy": 0.8, "latency_ms": 10}), _mv({"accuracy": 0.9, "latency_ms": 20}), "NEWER")
-    assert cmp.recommendation == "EXPERIMENT"
-    assert "accuracy" in cmp.reason and "latency_ms" in cmp.reason
-
-
-def test_regression_keeps_base():
-    assert compare_versions(_mv({"accuracy": 0.9}), _mv({"accuracy": 0.8}), "NEWER").recommendation == "KEEP_BASE"
-    assert compare_versions(_mv({"accuracy": 0.9}), _mv({"accuracy": 0.9}), "NEWER").recommendation == "KEEP_BASE"
-
-
-def test_no_shared_metric_means_experiment():
-    cmp = compare_versions(_mv({"accuracy": 0.9}), _mv({"bleu": 0.3}), "NEWER")
-    assert cmp.recommendation == "EXPERIMENT"
-    assert {d.name: (d.base_value, d.candidate_value) for d in cmp.metric_deltas} == {
-        "accuracy": (0.9, None),
-        "bleu": (None, 0.3),
-    }
-
-
-def test_deprecated_candidate_is_never_promoted():
-    cmp = compare_versions(_mv({"accuracy": 0.5}), _mv({"accuracy": 0.9}, state=VersionState.DEPRECATED), "NEWER")
-    assert cmp.recommendation == "KEEP_BASE"
-
-
-def test_latest_metric_value_wins_and_explicit_direction_overrides_the_name():
-    base = _version(metrics=[Metric("score", 5.0, Direction.LOWER)])
-    cand = _version(metrics=[Metric("score", 9.0, Direction.LOWER), Metric("score", 3.0, Direction.LOWER)])
-    cmp = compare_versions(base, cand, "NEWER")
-    assert cmp.metric_deltas[0].candidate_value == 3.0 and cmp.metric_deltas[0].improved
-    assert cmp.recommendation == "PROMOTE"
-
-
-def test_hyperparameter_diffs():
-    cmp = compare_versions(_mv({}, lr="1e-4", r="8"), _mv({}, lr="2e-4", alpha="16"), "NEWER")
-    assert cmp.hyperparameter_diffs == [
-        ("hyperparameters.alpha", "", "16"), ("hyperparameters.lr", "1e-4", "2e-4"), ("hyperparameters.r", "8", ""),
-    ]  # fmt: skip
 
 
 # -- judges --------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Registry persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction."""
+"""Registry persistence: rows ⇄ domain objects, one repository per resource, all inside one unit of work's session.
+
+Domain objects carry their row id in `key`; the other repositories address rows by it.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,11 +27,13 @@ from ..domain.model import (
     Lineage,
     Metric,
     Model,
+    ModelAlias,
     ModelEvent,
     ModelState,
     ModelVersion,
     VersionState,
 )
+from ..service.ports import Resolved
 from . import tables as t
 
 # Every registry write takes this transaction-scoped advisory lock (PostgreSQL) right before it appends its
@@ -41,23 +47,26 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
-class RegistryRepository:
+class _Repository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
-    # -- models ----------------------------------------------------------------------------------
 
-    async def model_row(self, name: str, *, for_update: bool = False):
+class SqlModelRepository(_Repository):
+    async def get(self, name: str, *, lock: bool = False, aliases: bool = False) -> Model | None:
         query = select(t.models).where(t.models.c.name == name)
-        if for_update:
+        if lock:
             query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+        row = (await self.s.execute(query)).first()
+        if row is None:
+            return None
+        return await self._to_model(row) if aliases else model_from_row(row, {})
 
-    async def insert_model(self, model: Model, project: str) -> None:
-        await self.s.execute(
+    async def add(self, model: Model) -> None:
+        result = await self.s.execute(
             t.models.insert().values(
                 name=model.name,
-                project=project,
+                project=model.project,
                 display_name=model.display_name,
                 description=model.description,
                 specialization=model.specialization,
@@ -72,81 +81,88 @@ class RegistryRepository:
                 revision=1,
             )
         )
+        model.key = int(result.inserted_primary_key[0])
 
-    async def update_model(self, model_id: int, **values: Any) -> None:
-        await self.s.execute(update(t.models).where(t.models.c.id == model_id).values(revision=t.models.c.revision + 1, **values))
+    async def update(self, model: Model, **values: Any) -> None:
+        values = {k: v.value if isinstance(v, ModelState) else v for k, v in values.items()}
+        await self.s.execute(
+            update(t.models).where(t.models.c.id == model.key).values(revision=t.models.c.revision + 1, **values)
+        )
 
-    async def delete_model(self, model_id: int) -> None:
+    async def delete(self, model: Model) -> None:
         # Explicit child deletes: SQLite enforces ON DELETE CASCADE only with foreign_keys=ON on every connection.
-        version_ids = select(t.versions.c.id).where(t.versions.c.model_id == model_id)
+        version_ids = select(t.versions.c.id).where(t.versions.c.model_id == model.key)
         await self.s.execute(delete(t.version_metrics).where(t.version_metrics.c.version_id.in_(version_ids)))
         for table in (t.versions, t.aliases, t.alias_history):
-            await self.s.execute(delete(table).where(table.c.model_id == model_id))
-        await self.s.execute(delete(t.models).where(t.models.c.id == model_id))
+            await self.s.execute(delete(table).where(table.c.model_id == model.key))
+        await self.s.execute(delete(t.models).where(t.models.c.id == model.key))
 
-    async def aliases_of(self, model_id: int) -> dict[str, str]:
-        rows = await self.s.execute(
-            select(t.aliases.c.alias, t.aliases.c.version).where(t.aliases.c.model_id == model_id).order_by(t.aliases.c.alias)
-        )
-        return {r.alias: r.version for r in rows}
-
-    async def alias_rows(self, model_id: int) -> list:
-        query = select(t.aliases).where(t.aliases.c.model_id == model_id).order_by(t.aliases.c.alias)
-        return list((await self.s.execute(query)).all())
-
-    async def to_model(self, row) -> Model:
-        return Model(
-            name=row.name,
-            display_name=row.display_name,
-            description=row.description,
-            specialization=row.specialization,
-            base_model=row.base_model,
-            labels=dict(row.labels or {}),
-            state=ModelState(row.state),
-            latest_version=row.latest_version,
-            version_count=row.version_count,
-            aliases=await self.aliases_of(row.id),
-            creator=row.creator,
-            create_time=aware(row.create_time),
-            update_time=aware(row.update_time),
-            revision=row.revision,
-        )
-
-    async def list_models(
+    async def list(
         self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
-    ) -> list:
+    ) -> tuple[list[Model], list | None]:
         c = t.models.c
         query = select(t.models).where(c.project == project)
         field_map = {"specialization": c.specialization, "state": c.state, "base_model": c.base_model}
         query = query.where(*_filter_clauses(filters, field_map, c.labels))
         query = _keyset(query, getattr(c, order_field), c.name, desc, cursor, order_field != "name")
-        return list((await self.s.execute(query.limit(limit))).all())
+        rows = list((await self.s.execute(query.limit(limit + 1))).all())
+        items = [await self._to_model(r) for r in rows[:limit]]
+        after = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            value = getattr(last, order_field)
+            after = [value.isoformat() if order_field != "name" else value, last.name]
+        return items, after
 
-    # -- versions --------------------------------------------------------------------------------
-
-    async def highest_version(self, model_id: int):
-        query = (
-            select(t.versions.c.version).where(t.versions.c.model_id == model_id).order_by(t.versions.c.sort_key.desc()).limit(1)
+    async def _to_model(self, row) -> Model:
+        aliases = await self.s.execute(
+            select(t.aliases.c.alias, t.aliases.c.version).where(t.aliases.c.model_id == row.id).order_by(t.aliases.c.alias)
         )
+        return model_from_row(row, {r.alias: r.version for r in aliases})
+
+
+class SqlVersionRepository(_Repository):
+    async def get(self, model: Model, version: str, *, details: bool = True) -> ModelVersion | None:
+        query = select(t.versions).where(t.versions.c.model_id == model.key, t.versions.c.version == version)
+        row = (await self.s.execute(query)).first()
+        if row is None:
+            return None
+        if not details:
+            return version_from_row(model.name, row, [], [])
+        return (await self._to_versions(model.name, [row]))[0]
+
+    async def resolve(self, kind: str, model_name: str, ref: str) -> Resolved:
+        """One statement (model ⟕ [alias] ⟕ version ⟕ metrics, aliases aggregated), one row per metric."""
+        dialect = self.s.bind.dialect.name
+        statement = _version_statements(dialect)[kind]
+        rows = list((await self.s.execute(statement, {"model_name": model_name, "ref": ref})).all())
+        if not rows:
+            return Resolved(model_exists=False)
+        first = rows[0]
+        resolved = Resolved(True, first.m_latest, first.alias_target if kind == "alias" else None)
+        if first.id is not None:
+            metrics = [metric_from_row(r) for r in rows if r.metric_name is not None]
+            resolved.version = version_from_row(model_name, first, metrics, alias_list(first, dialect))
+        return resolved
+
+    async def highest(self, model: Model) -> str | None:
+        c = t.versions.c
+        query = select(c.version).where(c.model_id == model.key).order_by(c.sort_key.desc()).limit(1)
         return (await self.s.execute(query)).scalar()
 
-    async def highest_version_and_taken(self, model_id: int, sort_key: str) -> tuple[str | None, bool]:
+    async def highest_and_taken(self, model: Model, sort_key: str) -> tuple[str | None, bool]:
         """The highest version and whether `sort_key` is taken, in one round trip."""
         c = t.versions.c
-        highest = select(c.version).where(c.model_id == model_id).order_by(c.sort_key.desc()).limit(1).scalar_subquery()
-        taken = select(c.id).where(c.model_id == model_id, c.sort_key == sort_key).exists()
+        highest = select(c.version).where(c.model_id == model.key).order_by(c.sort_key.desc()).limit(1).scalar_subquery()
+        taken = select(c.id).where(c.model_id == model.key, c.sort_key == sort_key).exists()
         row = (await self.s.execute(select(highest.label("highest"), taken.label("taken")))).one()
         return row.highest, bool(row.taken)
 
-    async def version_row(self, model_id: int, version: str):
-        query = select(t.versions).where(t.versions.c.model_id == model_id, t.versions.c.version == version)
-        return (await self.s.execute(query)).first()
-
-    async def insert_version(self, model_id: int, mv: ModelVersion, sort_key: str) -> int:
+    async def add(self, model: Model, mv: ModelVersion, sort_key: str) -> None:
         lineage = mv.lineage
         result = await self.s.execute(
             t.versions.insert().values(
-                model_id=model_id,
+                model_id=model.key,
                 version=mv.version,
                 sort_key=sort_key,
                 state=mv.state.value,
@@ -165,17 +181,16 @@ class RegistryRepository:
                 revision=1,
             )
         )
-        version_id = int(result.inserted_primary_key[0])
-        await self.insert_metrics(version_id, mv.metrics)
-        return version_id
+        mv.key = int(result.inserted_primary_key[0])
+        await self.add_metrics(mv, mv.metrics)
 
-    async def insert_metrics(self, version_id: int, metrics: list[Metric]) -> None:
+    async def add_metrics(self, version: ModelVersion, metrics: Sequence[Metric]) -> None:
         if metrics:
             await self.s.execute(
                 t.version_metrics.insert(),
                 [
                     dict(
-                        version_id=version_id,
+                        version_id=version.key,
                         name=m.name,
                         value=m.value,
                         direction=m.direction.value,
@@ -186,12 +201,34 @@ class RegistryRepository:
                 ],
             )
 
-    async def update_version(self, version_id: int, **values: Any) -> None:
+    async def update(self, version: ModelVersion, **values: Any) -> None:
+        values = {k: v.value if isinstance(v, VersionState) else v for k, v in values.items()}
         await self.s.execute(
-            update(t.versions).where(t.versions.c.id == version_id).values(revision=t.versions.c.revision + 1, **values)
+            update(t.versions).where(t.versions.c.id == version.key).values(revision=t.versions.c.revision + 1, **values)
         )
 
-    async def to_versions(self, model_name: str, rows: list) -> list[ModelVersion]:
+    async def count(self, model: Model) -> int:
+        query = select(func.count()).select_from(t.versions).where(t.versions.c.model_id == model.key)
+        return int((await self.s.execute(query)).scalar() or 0)
+
+    async def list(
+        self, model: Model, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
+    ) -> tuple[list[ModelVersion], list | None]:
+        c = t.versions.c
+        query = select(t.versions).where(c.model_id == model.key)
+        field_map = {"state": c.state, "base_model": c.base_model, "training_job": c.training_job}
+        query = query.where(*_filter_clauses(filters, field_map, c.labels))
+        order_col = c.sort_key if order_field == "version" else c.create_time
+        query = _keyset(query, order_col, c.id, desc, cursor, order_field != "version")
+        rows = list((await self.s.execute(query.limit(limit + 1))).all())
+        items = await self._to_versions(model.name, rows[:limit])
+        after = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            after = [last.sort_key if order_field == "version" else last.create_time.isoformat(), last.id]
+        return items, after
+
+    async def _to_versions(self, model_name: str, rows: list) -> list[ModelVersion]:
         if not rows:
             return []
         ids = [r.id for r in rows]
@@ -212,47 +249,32 @@ class RegistryRepository:
             aliases.setdefault((a.model_id, a.version), []).append(a.alias)
         return [version_from_row(model_name, r, metrics[r.id], aliases.get((r.model_id, r.version), [])) for r in rows]
 
-    async def version_with_details(self, kind: str, model_name: str, ref: str) -> list:
-        """One statement for GetModelVersion: model ⟕ [alias] ⟕ version ⟕ metrics, aliases aggregated.
 
-        `kind` is "semver" (ref = normalised version), "latest" or "alias" (ref = alias id). Returns one row per
-        metric (at least one while the model exists); no rows means no such model.
-        """
-        statement = _version_statements(self.s.bind.dialect.name)[kind]
-        return list((await self.s.execute(statement, {"model_name": model_name, "ref": ref})).all())
+class SqlAliasRepository(_Repository):
+    async def get(self, model: Model, alias: str) -> ModelAlias | None:
+        query = select(t.aliases).where(t.aliases.c.model_id == model.key, t.aliases.c.alias == alias)
+        row = (await self.s.execute(query)).first()
+        return None if row is None else _alias(model, row)
 
-    async def list_versions(
-        self, model_id: int, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
-    ) -> list:
-        c = t.versions.c
-        query = select(t.versions).where(c.model_id == model_id)
-        field_map = {"state": c.state, "base_model": c.base_model, "training_job": c.training_job}
-        query = query.where(*_filter_clauses(filters, field_map, c.labels))
-        order_col = c.sort_key if order_field == "version" else c.create_time
-        query = _keyset(query, order_col, c.id, desc, cursor, order_field != "version")
-        return list((await self.s.execute(query.limit(limit))).all())
+    async def list(self, model: Model) -> list[ModelAlias]:
+        query = select(t.aliases).where(t.aliases.c.model_id == model.key).order_by(t.aliases.c.alias)
+        return [_alias(model, r) for r in (await self.s.execute(query)).all()]
 
-    # -- aliases ---------------------------------------------------------------------------------
-
-    async def alias_row(self, model_id: int, alias: str):
-        query = select(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias)
-        return (await self.s.execute(query)).first()
-
-    async def upsert_alias(self, model_id: int, alias: str, version: str, actor: str, reason: str, now: datetime) -> None:
-        values = dict(version=version, actor=actor, reason=reason, update_time=now)
+    async def set(self, model: Model, alias: str, target: ModelAlias) -> None:
+        values = dict(version=target.version, actor=target.actor, reason=target.reason, update_time=target.update_time)
         result = await self.s.execute(
-            update(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias).values(**values)
+            update(t.aliases).where(t.aliases.c.model_id == model.key, t.aliases.c.alias == alias).values(**values)
         )
         if result.rowcount == 0:
-            await self.s.execute(t.aliases.insert().values(model_id=model_id, alias=alias, **values))
+            await self.s.execute(t.aliases.insert().values(model_id=model.key, alias=alias, **values))
 
-    async def delete_alias(self, model_id: int, alias: str) -> None:
-        await self.s.execute(delete(t.aliases).where(t.aliases.c.model_id == model_id, t.aliases.c.alias == alias))
+    async def delete(self, model: Model, alias: str) -> None:
+        await self.s.execute(delete(t.aliases).where(t.aliases.c.model_id == model.key, t.aliases.c.alias == alias))
 
-    async def append_alias_history(self, model_id: int, entry: AliasHistoryEntry) -> None:
+    async def append_history(self, model: Model, entry: AliasHistoryEntry) -> None:
         await self.s.execute(
             t.alias_history.insert().values(
-                model_id=model_id,
+                model_id=model.key,
                 alias=entry.alias.rsplit("/", 1)[-1],
                 action=entry.action.value,
                 from_version=entry.from_version,
@@ -263,33 +285,23 @@ class RegistryRepository:
             )
         )
 
-    async def alias_history_page(self, model_id: int, alias: str, alias_name: str, before_id: int | None, limit: int):
+    async def history(self, model: Model, alias: str, before: int | None, limit: int) -> list[AliasHistoryEntry]:
         c = t.alias_history.c
-        query = select(t.alias_history).where(c.model_id == model_id, c.alias == alias)
-        if before_id is not None:
-            query = query.where(c.id < before_id)
+        query = select(t.alias_history).where(c.model_id == model.key, c.alias == alias)
+        if before is not None:
+            query = query.where(c.id < before)
         rows = (await self.s.execute(query.order_by(c.id.desc()).limit(limit))).all()
-        return [
-            AliasHistoryEntry(
-                alias_name, AliasAction(r.action), r.from_version, r.to_version, r.actor, r.reason, r.id, aware(r.create_time)
-            )
-            for r in rows
-        ]
+        return [_history(model, r) for r in rows]
 
-    async def last_alias_move(self, model_id: int, alias: str):
+    async def last_move(self, model: Model, alias: str) -> AliasHistoryEntry | None:
         c = t.alias_history.c
-        query = select(t.alias_history).where(c.model_id == model_id, c.alias == alias).order_by(c.id.desc()).limit(1)
-        return (await self.s.execute(query)).first()
+        query = select(t.alias_history).where(c.model_id == model.key, c.alias == alias).order_by(c.id.desc()).limit(1)
+        row = (await self.s.execute(query)).first()
+        return None if row is None else _history(model, row)
 
-    async def versions_with_alias_refs(self, model_id: int, version: str) -> list[str]:
-        rows = await self.s.execute(
-            select(t.aliases.c.alias).where(t.aliases.c.model_id == model_id, t.aliases.c.version == version)
-        )
-        return [r.alias for r in rows]
 
-    # -- events ----------------------------------------------------------------------------------
-
-    async def append_event(self, project: str, event: ModelEvent) -> int:
+class SqlEventRepository(_Repository):
+    async def append(self, project: str, event: ModelEvent) -> int:
         if self.s.bind.dialect.name == "postgresql":
             # One round trip: the advisory lock is taken (FROM lock) before the row's sequence is drawn,
             # and the NOTIFY is queued for commit time.
@@ -315,7 +327,7 @@ class RegistryRepository:
         )
         return int(result.inserted_primary_key[0])
 
-    async def events_after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
+    async def after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
         c = t.events.c
         query = select(t.events).where(c.project == project, c.sequence > after)
         if model:
@@ -326,19 +338,20 @@ class RegistryRepository:
             for r in rows
         ]
 
-    # -- judges ----------------------------------------------------------------------------------
 
-    async def judge_row(self, name: str, *, for_update: bool = False):
+class SqlJudgeRepository(_Repository):
+    async def get(self, name: str, *, lock: bool = False) -> Judge | None:
         query = select(t.judges).where(t.judges.c.name == name)
-        if for_update:
+        if lock:
             query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+        row = (await self.s.execute(query)).first()
+        return None if row is None else _judge(row)
 
-    async def insert_judge(self, judge: Judge, project: str) -> int:
+    async def add(self, judge: Judge) -> None:
         result = await self.s.execute(
             t.judges.insert().values(
                 name=judge.name,
-                project=project,
+                project=judge.project,
                 display_name=judge.display_name,
                 description=judge.description,
                 latest_version=0,
@@ -346,40 +359,39 @@ class RegistryRepository:
                 create_time=judge.create_time,
             )
         )
-        return int(result.inserted_primary_key[0])
+        judge.key = int(result.inserted_primary_key[0])
 
-    async def insert_judge_version(self, judge_id: int, version: JudgeVersion) -> None:
+    async def add_version(self, judge: Judge, version: JudgeVersion) -> None:
         await self.s.execute(
             t.judge_versions.insert().values(
-                judge_id=judge_id,
+                judge_id=judge.key,
                 version=version.version,
                 config=version.config,
                 creator=version.creator,
                 create_time=version.create_time,
             )
         )
-        await self.s.execute(update(t.judges).where(t.judges.c.id == judge_id).values(latest_version=version.version))
+        await self.s.execute(update(t.judges).where(t.judges.c.id == judge.key).values(latest_version=version.version))
+        judge.latest_version = version.version
 
-    async def judge_version_row(self, judge_id: int, version: int):
-        query = select(t.judge_versions).where(t.judge_versions.c.judge_id == judge_id, t.judge_versions.c.version == version)
-        return (await self.s.execute(query)).first()
+    async def get_version(self, judge: Judge, number: int) -> JudgeVersion | None:
+        c = t.judge_versions.c
+        row = (await self.s.execute(select(t.judge_versions).where(c.judge_id == judge.key, c.version == number))).first()
+        return None if row is None else _judge_version(judge.name, row)
 
-    async def list_judges(self, project: str, after_name: str | None, limit: int) -> list:
+    async def list(self, project: str, after_name: str | None, limit: int) -> list[Judge]:
         query = select(t.judges).where(t.judges.c.project == project)
         if after_name is not None:
             query = query.where(t.judges.c.name > after_name)
-        return list((await self.s.execute(query.order_by(t.judges.c.name).limit(limit))).all())
+        return [_judge(r) for r in (await self.s.execute(query.order_by(t.judges.c.name).limit(limit))).all()]
 
-    async def list_judge_versions(self, judge_id: int, before: int | None, limit: int) -> list:
+    async def list_versions(self, judge: Judge, before: int | None, limit: int) -> list[JudgeVersion]:
         c = t.judge_versions.c
-        query = select(t.judge_versions).where(c.judge_id == judge_id)
+        query = select(t.judge_versions).where(c.judge_id == judge.key)
         if before is not None:
             query = query.where(c.version < before)
-        return list((await self.s.execute(query.order_by(c.version.desc()).limit(limit))).all())
-
-    async def count_versions(self, model_id: int) -> int:
-        query = select(func.count()).select_from(t.versions).where(t.versions.c.model_id == model_id)
-        return int((await self.s.execute(query)).scalar() or 0)
+        rows = (await self.s.execute(query.order_by(c.version.desc()).limit(limit))).all()
+        return [_judge_version(judge.name, r) for r in rows]
 
 
 _PG_APPEND_EVENT = text(
@@ -405,11 +417,57 @@ def version_from_row(model_name: str, r, metrics: list[Metric], aliases: list[st
         create_time=aware(r.create_time),
         update_time=aware(r.update_time),
         revision=r.revision,
+        key=r.id,
     )
 
 
 def metric_from_row(r) -> Metric:
     return Metric(r.metric_name, r.metric_value, Direction(r.metric_direction), r.metric_source, aware(r.metric_time))
+
+
+def model_from_row(r, aliases: dict[str, str]) -> Model:
+    return Model(
+        name=r.name,
+        display_name=r.display_name,
+        description=r.description,
+        specialization=r.specialization,
+        base_model=r.base_model,
+        labels=dict(r.labels or {}),
+        state=ModelState(r.state),
+        latest_version=r.latest_version,
+        version_count=r.version_count,
+        aliases=aliases,
+        creator=r.creator,
+        create_time=aware(r.create_time),
+        update_time=aware(r.update_time),
+        revision=r.revision,
+        key=r.id,
+    )
+
+
+def _alias(model: Model, r) -> ModelAlias:
+    return ModelAlias(f"{model.name}/aliases/{r.alias}", r.version, r.actor, r.reason, aware(r.update_time))
+
+
+def _history(model: Model, r) -> AliasHistoryEntry:
+    return AliasHistoryEntry(
+        f"{model.name}/aliases/{r.alias}",
+        AliasAction(r.action),
+        r.from_version,
+        r.to_version,
+        r.actor,
+        r.reason,
+        r.id,
+        aware(r.create_time),
+    )
+
+
+def _judge(r) -> Judge:
+    return Judge(r.name, r.display_name, r.description, r.latest_version, r.creator, aware(r.create_time), key=r.id)
+
+
+def _judge_version(judge_name: str, r) -> JudgeVersion:
+    return JudgeVersion(f"{judge_name}/versions/{r.version}", r.version, dict(r.config), r.creator, aware(r.create_time))
 
 
 def alias_list(r, dialect: str) -> list[str]:

@@ -13,7 +13,8 @@ from neuroweaver_runtime.errors import InvalidArgument
 from neuroweaver_runtime.fieldmask import validate_update_mask
 
 from ..domain.model import ModelState
-from ..service.registry import MODEL_UPDATABLE, RegistryService
+from ..service.models import MODEL_UPDATABLE
+from ..service.registry import Registry
 from . import convert
 
 V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
@@ -66,44 +67,48 @@ def _check_judge_enums(version: pb.JudgeVersion, field: str) -> None:
 
 
 class RegistryServicer(svc_grpc.RegistryServiceServicer):
-    def __init__(self, service: RegistryService) -> None:
-        self.svc = service
+    def __init__(self, registry: Registry) -> None:
+        self.models = registry.models
+        self.versions = registry.versions
+        self.aliases = registry.aliases
+        self.events = registry.events
+        self.judges = registry.judges
 
     # models
     async def CreateModel(self, request, context):
-        m = await self.svc.create_model(
+        m = await self.models.create(
             request.parent, request.model_id, convert.model_from_pb(request.model), request.request_id, fingerprint(request)
         )
         return convert.model_to_pb(m)
 
     async def GetModel(self, request, context):
-        return convert.model_to_pb(await self.svc.get_model(request.name))
+        return convert.model_to_pb(await self.models.get(request.name))
 
     async def ListModels(self, request, context):
-        page = await self.svc.list_models(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
+        page = await self.models.list(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
         return svc.ListModelsResponse(models=[convert.model_to_pb(m) for m in page.items], next_page_token=page.next_page_token)
 
     async def UpdateModel(self, request, context):
         paths = validate_update_mask(request.update_mask.paths, MODEL_UPDATABLE)
-        m = await self.svc.update_model(convert.model_from_pb(request.model), paths, request.model.etag)
+        m = await self.models.update(convert.model_from_pb(request.model), paths, request.model.etag)
         return convert.model_to_pb(m)
 
     async def DeleteModel(self, request, context):
-        await self.svc.delete_model(request.name, request.force, request.etag)
+        await self.models.delete(request.name, request.force, request.etag)
         return empty_pb2.Empty()
 
     async def ArchiveModel(self, request, context):
-        return convert.model_to_pb(await self.svc.set_model_state(request.name, ModelState.ARCHIVED, request.etag))
+        return convert.model_to_pb(await self.models.set_state(request.name, ModelState.ARCHIVED, request.etag))
 
     async def RestoreModel(self, request, context):
-        return convert.model_to_pb(await self.svc.set_model_state(request.name, ModelState.ACTIVE, request.etag))
+        return convert.model_to_pb(await self.models.set_state(request.name, ModelState.ACTIVE, request.etag))
 
     # versions
     async def CreateModelVersion(self, request, context):
         _enum_value(request.bump, svc.VersionBump, "bump")
         _enum_value(request.model_version.artifact.format, pb.ArtifactFormat, "model_version.artifact.format")
         _check_metric_directions(request.model_version.metrics, "model_version.metrics")
-        mv = await self.svc.create_version(
+        mv = await self.versions.create(
             request.parent,
             request.version,
             _BUMP.get(request.bump, ""),
@@ -114,12 +119,10 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.version_to_pb(mv)
 
     async def GetModelVersion(self, request, context):
-        return convert.version_to_pb(await self.svc.get_version(request.name))
+        return convert.version_to_pb(await self.versions.get(request.name))
 
     async def ListModelVersions(self, request, context):
-        page = await self.svc.list_versions(
-            request.parent, request.page_size, request.page_token, request.filter, request.order_by
-        )
+        page = await self.versions.list(request.parent, request.page_size, request.page_token, request.filter, request.order_by)
         return svc.ListModelVersionsResponse(
             model_versions=[convert.version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )
@@ -127,21 +130,23 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
     async def UpdateModelVersion(self, request, context):
         validate_update_mask(request.update_mask.paths, {"labels"})
         mv = request.model_version
-        return convert.version_to_pb(await self.svc.update_version_labels(mv.name, dict(mv.labels), mv.etag))
+        return convert.version_to_pb(await self.versions.update_labels(mv.name, dict(mv.labels), mv.etag))
 
     async def SetModelVersionState(self, request, context):
         state = convert.VERSION_STATE_FROM_PB.get(request.state)
         if state is None:
             raise InvalidArgument("state must be REGISTERED, VALIDATED or DEPRECATED", field="state", reason="INVALID_STATE")
-        return convert.version_to_pb(await self.svc.set_version_state(request.name, state, request.reason, request.etag))
+        return convert.version_to_pb(await self.versions.set_state(request.name, state, request.reason, request.etag))
 
     async def AppendModelVersionMetrics(self, request, context):
         _check_metric_directions(request.metrics, "metrics")
         metrics = [convert.metric_from_pb(m) for m in request.metrics]
-        return convert.version_to_pb(await self.svc.append_metrics(request.name, metrics))
+        return convert.version_to_pb(await self.versions.append_metrics(request.name, metrics))
 
     async def CompareModelVersions(self, request, context):
-        base, cand, cmp = await self.svc.compare(request.base_version, request.candidate_version)
+        base, cand, cmp = await self.versions.compare(
+            request.base_version, request.candidate_version, dict(request.metric_tolerances)
+        )
         return svc.CompareModelVersionsResponse(
             base_version=convert.version_to_pb(base),
             candidate_version=convert.version_to_pb(cand),
@@ -170,32 +175,32 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
 
     # aliases
     async def SetModelAlias(self, request, context):
-        alias = await self.svc.set_alias(request.model, request.alias, request.version, request.expected_version, request.reason)
+        alias = await self.aliases.set(request.model, request.alias, request.version, request.expected_version, request.reason)
         return convert.alias_to_pb(alias)
 
     async def GetModelAlias(self, request, context):
-        return convert.alias_to_pb(await self.svc.get_alias(request.name))
+        return convert.alias_to_pb(await self.aliases.get(request.name))
 
     async def ListModelAliases(self, request, context):
-        return svc.ListModelAliasesResponse(aliases=[convert.alias_to_pb(a) for a in await self.svc.list_aliases(request.model)])
+        return svc.ListModelAliasesResponse(aliases=[convert.alias_to_pb(a) for a in await self.aliases.list(request.model)])
 
     async def DeleteModelAlias(self, request, context):
-        await self.svc.delete_alias(request.name, request.expected_version, request.reason)
+        await self.aliases.delete(request.name, request.expected_version, request.reason)
         return empty_pb2.Empty()
 
     async def RollbackModelAlias(self, request, context):
-        alias = await self.svc.rollback_alias(request.name, request.to_version, request.reason, request.expected_version)
+        alias = await self.aliases.rollback(request.name, request.to_version, request.reason, request.expected_version)
         return convert.alias_to_pb(alias)
 
     async def ListModelAliasHistory(self, request, context):
-        page = await self.svc.alias_history(request.name, request.page_size, request.page_token)
+        page = await self.aliases.history(request.name, request.page_size, request.page_token)
         return svc.ListModelAliasHistoryResponse(
             entries=[convert.history_to_pb(e) for e in page.items], next_page_token=page.next_page_token
         )
 
     # events
     async def ListModelEvents(self, request, context):
-        page = await self.svc.list_events(
+        page = await self.events.list(
             request.parent, request.model, request.after_sequence, request.page_size, request.page_token
         )
         return svc.ListModelEventsResponse(
@@ -203,13 +208,13 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         )
 
     async def WatchModelEvents(self, request, context):
-        async for event in self.svc.watch_events(request.parent, request.model, request.after_sequence):
+        async for event in self.events.watch(request.parent, request.model, request.after_sequence):
             yield svc.WatchModelEventsResponse(event=convert.event_to_pb(event))
 
     # judges
     async def CreateJudge(self, request, context):
         _check_judge_enums(request.judge_version, "judge_version")
-        judge = await self.svc.create_judge(
+        judge = await self.judges.create(
             request.parent,
             request.judge_id,
             convert.judge_from_pb(request.judge),
@@ -221,15 +226,15 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.judge_to_pb(judge)
 
     async def GetJudge(self, request, context):
-        return convert.judge_to_pb(await self.svc.get_judge(request.name))
+        return convert.judge_to_pb(await self.judges.get(request.name))
 
     async def ListJudges(self, request, context):
-        page = await self.svc.list_judges(request.parent, request.page_size, request.page_token)
+        page = await self.judges.list(request.parent, request.page_size, request.page_token)
         return svc.ListJudgesResponse(judges=[convert.judge_to_pb(j) for j in page.items], next_page_token=page.next_page_token)
 
     async def CreateJudgeVersion(self, request, context):
         _check_judge_enums(request.judge_version, "judge_version")
-        version = await self.svc.create_judge_version(
+        version = await self.judges.create_version(
             request.parent,
             convert.judge_config_from_pb(request.judge_version),
             request.judge_version.notes,
@@ -239,10 +244,10 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.judge_version_to_pb(version)
 
     async def GetJudgeVersion(self, request, context):
-        return convert.judge_version_to_pb(await self.svc.get_judge_version(request.name))
+        return convert.judge_version_to_pb(await self.judges.get_version(request.name))
 
     async def ListJudgeVersions(self, request, context):
-        page = await self.svc.list_judge_versions(request.parent, request.page_size, request.page_token)
+        page = await self.judges.list_versions(request.parent, request.page_size, request.page_token)
         return svc.ListJudgeVersionsResponse(
             judge_versions=[convert.judge_version_to_pb(v) for v in page.items], next_page_token=page.next_page_token
         )

@@ -1,4 +1,4 @@
-"""Registry domain: resources as dataclasses, validation rules and the comparison of two versions.
+"""Registry domain: resources as dataclasses and their validation rules (comparison: compare.py; rules: rules.py).
 
 Nothing here knows protobuf or SQL.
 """
@@ -74,6 +74,8 @@ class Model:
     create_time: datetime | None = None
     update_time: datetime | None = None
     revision: int = 1
+    # Storage identity, set by the repository that loaded or stored it; opaque here and never part of equality.
+    key: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def project(self) -> str:
@@ -110,10 +112,6 @@ class Metric:
     source: str = ""
     record_time: datetime | None = None
 
-    @property
-    def effective_direction(self) -> Direction:
-        return self.direction if self.direction is not Direction.UNSPECIFIED else infer_direction(self.name)
-
 
 @dataclass
 class ModelVersion:
@@ -130,6 +128,8 @@ class ModelVersion:
     create_time: datetime | None = None
     update_time: datetime | None = None
     revision: int = 1
+    # Storage identity, set by the repository that loaded or stored it; opaque here and never part of equality.
+    key: int | None = field(default=None, compare=False, repr=False)
 
     def latest_metrics(self) -> dict[str, Metric]:
         """Newest value of each metric name (metrics are appended, never overwritten)."""
@@ -179,6 +179,12 @@ class Judge:
     latest_version: int = 0
     creator: str = ""
     create_time: datetime | None = None
+    # Storage identity, set by the repository that loaded or stored it; opaque here and never part of equality.
+    key: int | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def project(self) -> str:
+        return JUDGE.parse(self.name)["project"]
 
 
 @dataclass
@@ -259,94 +265,3 @@ def validate_metrics(metrics: list[Metric], v: Violations, path: str) -> None:
             v.add(f"{path}[{i}].name", "required, at most 128 characters")
         if metric.value != metric.value or metric.value in (float("inf"), float("-inf")):
             v.add(f"{path}[{i}].value", "must be a finite number")
-
-
-# -- comparison ----------------------------------------------------------------------------------
-
-_LOWER_IS_BETTER = ("loss", "latency", "perplexity", "error", "cost", "ttft", "time", "toxicity")
-
-
-def infer_direction(metric_name: str) -> Direction:
-    """Direction for metrics recorded without one: losses, latencies, costs and errors go down."""
-    lowered = metric_name.lower()
-    return Direction.LOWER if any(word in lowered for word in _LOWER_IS_BETTER) else Direction.HIGHER
-
-
-@dataclass
-class MetricDelta:
-    name: str
-    direction: Direction
-    base_value: float | None
-    candidate_value: float | None
-    delta: float | None = None
-    relative_delta: float | None = None
-    improved: bool = False
-    regressed: bool = False
-
-
-@dataclass
-class Comparison:
-    semver_relation: str  # NEWER | OLDER | EQUAL | UNRELATED
-    base_model_compatible: bool
-    metric_deltas: list[MetricDelta]
-    hyperparameter_diffs: list[tuple[str, str, str]]
-    lineage_diffs: list[tuple[str, str, str]]
-    recommendation: str  # PROMOTE | EXPERIMENT | KEEP_BASE
-    reason: str
-
-
-def compare_versions(base: ModelVersion, candidate: ModelVersion, semver_relation: str) -> Comparison:
-    base_metrics, cand_metrics = base.latest_metrics(), candidate.latest_metrics()
-    deltas: list[MetricDelta] = []
-    for name in sorted(set(base_metrics) | set(cand_metrics)):
-        b, c = base_metrics.get(name), cand_metrics.get(name)
-        direction = (c or b).effective_direction  # type: ignore[union-attr]
-        d = MetricDelta(name, direction, b.value if b else None, c.value if c else None)
-        if b is not None and c is not None:
-            d.delta = c.value - b.value
-            d.relative_delta = d.delta / abs(b.value) if b.value != 0 else None
-            better = d.delta > 0 if direction is Direction.HIGHER else d.delta < 0
-            worse = d.delta < 0 if direction is Direction.HIGHER else d.delta > 0
-            d.improved, d.regressed = better, worse
-        deltas.append(d)
-    hp_diffs = _dict_diff(base.lineage.hyperparameters, candidate.lineage.hyperparameters, "hyperparameters.")
-    lineage_diffs = []
-    for attr in (
-        "base_model",
-        "dataset_uri",
-        "dataset_digest",
-        "eval_dataset_uri",
-        "eval_dataset_digest",
-        "method",
-        "judge_version",
-        "parent_version",
-        "training_job",
-    ):
-        bv, cv = getattr(base.lineage, attr), getattr(candidate.lineage, attr)
-        if bv != cv:
-            lineage_diffs.append((f"lineage.{attr}", bv, cv))
-    compatible = bool(base.lineage.base_model) and base.lineage.base_model == candidate.lineage.base_model
-    recommendation, reason = _recommend(base, candidate, deltas, compatible)
-    return Comparison(semver_relation, compatible, deltas, hp_diffs, lineage_diffs, recommendation, reason)
-
-
-def _dict_diff(a: dict[str, str], b: dict[str, str], prefix: str) -> list[tuple[str, str, str]]:
-    return [(prefix + k, a.get(k, ""), b.get(k, "")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _recommend(base: ModelVersion, candidate: ModelVersion, deltas: list[MetricDelta], compatible: bool) -> tuple[str, str]:
-    if candidate.state is VersionState.DEPRECATED:
-        return "KEEP_BASE", "the candidate is deprecated"
-    shared = [d for d in deltas if d.delta is not None]
-    if not shared:
-        return "EXPERIMENT", "the versions share no metric; run an A/B experiment to compare them"
-    improved = [d.name for d in shared if d.improved]
-    regressed = [d.name for d in shared if d.regressed]
-    if regressed and improved:
-        return "EXPERIMENT", f"mixed evidence: better on {', '.join(improved)} but worse on {', '.join(regressed)}"
-    if regressed:
-        return "KEEP_BASE", f"the candidate is worse on {', '.join(regressed)} and better on nothing"
-    if not improved:
-        return "KEEP_BASE", "the candidate is no better on any shared metric"
-    note = "" if compatible else " (different base model: deploy it as a separate model server)"
-    return "PROMOTE", f"the candidate is better on {', '.join(improved)} and worse on none{note}"

@@ -73,22 +73,32 @@ class _RecommendationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recomm
     DESCRIPTOR: _descriptor.EnumDescriptor
     RECOMMENDATION_UNSPECIFIED: _Recommendation.ValueType  # 0
     RECOMMENDATION_PROMOTE: _Recommendation.ValueType  # 1
-    """Candidate is at least as good on every shared metric and better on one."""
+    """Candidate is better on one shared metric, worse on none, and no shared metric without a declared
+    direction changed.
+    """
     RECOMMENDATION_EXPERIMENT: _Recommendation.ValueType  # 2
-    """Mixed or missing evidence: run an experiment."""
+    """Mixed or missing evidence (better on one metric and worse on another, no shared metric, or a change in
+    a metric without a declared direction): run an experiment.
+    """
     RECOMMENDATION_KEEP_BASE: _Recommendation.ValueType  # 3
-    """Candidate is worse or incompatible."""
+    """Candidate is worse on a metric and better on none, no better on any, or deprecated."""
 
 class Recommendation(_Recommendation, metaclass=_RecommendationEnumTypeWrapper):
-    """Overall advice of a comparison."""
+    """Overall advice of a comparison. Metrics are judged only in the direction they declare
+    (Metric.direction; never guessed from the name) and only beyond their tolerance.
+    """
 
 RECOMMENDATION_UNSPECIFIED: Recommendation.ValueType  # 0
 RECOMMENDATION_PROMOTE: Recommendation.ValueType  # 1
-"""Candidate is at least as good on every shared metric and better on one."""
+"""Candidate is better on one shared metric, worse on none, and no shared metric without a declared
+direction changed.
+"""
 RECOMMENDATION_EXPERIMENT: Recommendation.ValueType  # 2
-"""Mixed or missing evidence: run an experiment."""
+"""Mixed or missing evidence (better on one metric and worse on another, no shared metric, or a change in
+a metric without a declared direction): run an experiment.
+"""
 RECOMMENDATION_KEEP_BASE: Recommendation.ValueType  # 3
-"""Candidate is worse or incompatible."""
+"""Candidate is worse on a metric and better on none, no better on any, or deprecated."""
 Global___Recommendation: _TypeAlias = Recommendation  # noqa: Y015
 
 @_typing.final
@@ -502,21 +512,50 @@ Global___AppendModelVersionMetricsRequest: _TypeAlias = AppendModelVersionMetric
 class CompareModelVersionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetricTolerancesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    METRIC_TOLERANCES_FIELD_NUMBER: _builtins.int
     base_version: _builtins.str
     """The version compared against (for example the current production), full name; aliases allowed."""
     candidate_version: _builtins.str
     """The version that might replace it; may belong to another model."""
+    @_builtins.property
+    def metric_tolerances(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Relative tolerance per metric name: a difference of at most tolerance × |base value| (× |candidate value|
+        when the base value is 0) counts as no change. Metrics not listed here use 0.01 (1 %). Finite and ≥ 0;
+        0 makes any difference count.
+        """
+
     def __init__(
         self,
         *,
         base_version: _builtins.str = ...,
         candidate_version: _builtins.str = ...,
+        metric_tolerances: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "candidate_version", b"candidate_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "candidate_version", b"candidate_version", "metric_tolerances", b"metric_tolerances"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,6 +575,9 @@ class MetricDelta(_message.Message):
     REGRESSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     direction: _registry_pb2.MetricDirection.ValueType
+    """The direction the metric declares (on either side that has it); UNSPECIFIED when neither declares one or
+    the two disagree: then a change gets no verdict (improved and regressed stay false).
+    """
     base_value: _builtins.float
     """Absent on the side that lacks the metric."""
     candidate_value: _builtins.float
@@ -544,9 +586,9 @@ class MetricDelta(_message.Message):
     relative_delta: _builtins.float
     """delta / |base|, when both exist and base != 0."""
     improved: _builtins.bool
-    """True when the candidate is better in the metric's direction."""
+    """True when the candidate is better in the metric's declared direction by more than its tolerance."""
     regressed: _builtins.bool
-    """True when the candidate is worse."""
+    """True when the candidate is worse in the metric's declared direction by more than its tolerance."""
     def __init__(
         self,
         *,
