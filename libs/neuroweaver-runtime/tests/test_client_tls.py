@@ -130,3 +130,50 @@ def test_cli_environment_and_overrides():
     assert ClientTLS.from_env("NW_", env) == ClientTLS("/etc/nw/ca.pem", "/etc/nw/me.pem", "/etc/nw/me-key.pem")
     assert ClientTLS.from_env("NW_", env, ca="/tmp/other.pem", cert=None).ca == "/tmp/other.pem"
     assert not ClientTLS.from_env("NW_", {}).enabled
+
+
+async def test_server_tls_over_https_checks_the_same_client_certificates_as_grpc(pki, tmp_path):
+    """ServerTLS.ssl_context (the model server's HTTPS, the router) with client_ssl_context on the other end: the
+    same CA and client certificate as the gRPC side; the ops-port variant asks for no client certificate."""
+    import asyncio
+    import ssl
+
+    from neuroweaver_runtime.tls import ServerTLS, client_ssl_context
+
+    ca = str(pki["ca"].cert)
+    cert, key = pki["server"]
+    tls = ServerTLS.from_config(ServiceConfig(tls_cert=str(cert), tls_key=str(key), tls_client_ca=ca))
+    assert tls.mutual and client_ssl_context(ClientTLS()) is None  # TLS off: plain http://
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(await reader.readexactly(4))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # a refused handshake
+        finally:
+            writer.close()
+
+    async def answered(server_ctx: ssl.SSLContext, client: ClientTLS) -> bool:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            # With TLS 1.3 the server checks the client certificate after the client's handshake: read an answer.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl_context(client))
+            writer.write(b"ping")
+            return await reader.read(4) == b"ping"
+        except (ConnectionError, ssl.SSLError):
+            return False
+        finally:
+            server.close()
+
+    client_cert, client_key = pki["client"]
+    stranger, stranger_key = pki["stranger"]
+    mine = ClientTLS(ca=ca, cert=str(client_cert), key=str(client_key))
+    assert await answered(tls.ssl_context(), mine)
+    assert not await answered(tls.ssl_context(), ClientTLS(ca=ca))  # no client certificate
+    assert not await answered(tls.ssl_context(), ClientTLS(ca=ca, cert=str(stranger), key=str(stranger_key)))
+    assert not await answered(
+        tls.ssl_context(), ClientTLS(ca=str(pki["other_ca"].cert), cert=str(client_cert), key=str(client_key))
+    )
+    assert await answered(tls.ssl_context(require_client_cert=False), ClientTLS(ca=ca))  # an ops port

@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 
 from . import telemetry
 from .auth import ProjectGrants, Role, TokenAuthenticator
-from .client import read_pem
 from .config import ServiceConfig
 from .interceptors import ServiceInterceptor
+from .tls import ServerTLS
 
 log = logging.getLogger("neuroweaver.server")
 
@@ -64,21 +64,6 @@ class _DrainableHealth(health.aio.HealthServicer):
             task.cancel()
 
 
-def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials:
-    """TLS, and mTLS with a client CA. Settings that cannot work stop the service at start; a client CA without a
-    certificate must not quietly serve plaintext."""
-    try:
-        if not (config.tls_cert and config.tls_key):
-            raise ValueError("server TLS needs both tls_cert and tls_key (tls_client_ca alone cannot turn on mTLS)")
-        return grpc.ssl_server_credentials(
-            [(read_pem(config.tls_key, "server TLS private key"), read_pem(config.tls_cert, "server TLS certificate"))],
-            root_certificates=read_pem(config.tls_client_ca, "server TLS client CA bundle") if config.tls_client_ca else None,
-            require_client_auth=bool(config.tls_client_ca),
-        )
-    except ValueError as exc:
-        raise SystemExit(f"configuration error: {exc}") from None
-
-
 class GrpcService:
     def __init__(self, definition: ServiceDefinition, config: ServiceConfig, *, default_port: int, default_metrics_port: int):
         self.definition = definition
@@ -118,8 +103,9 @@ class GrpcService:
         for name in [*d.full_names, ""]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.port}"
-        if self.config.tls_cert or self.config.tls_key or self.config.tls_client_ca:
-            self.port = server.add_secure_port(address, _server_credentials(self.config))
+        tls = ServerTLS.from_config(self.config)
+        if tls.enabled:
+            self.port = server.add_secure_port(address, tls.grpc_credentials())
         else:
             self.port = server.add_insecure_port(address)
         if self.port == 0:

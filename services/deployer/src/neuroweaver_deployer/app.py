@@ -15,6 +15,7 @@ from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.tls import ServerTLS
 
 from .adapters.kube import KubeDefaults
 from .adapters.local import LocalBackend
@@ -24,7 +25,6 @@ from .domain.model import Backend
 from .service.controller import Controller
 from .service.deployer import DeployerService
 from .service.follower import AliasFollower
-from .tls import ServerTLS
 
 SERVICE_NAME = "neuroweaver.deployer.v1.DeployerService"
 DEFAULT_PORT = 50053

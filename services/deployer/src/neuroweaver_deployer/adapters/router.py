@@ -32,8 +32,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from neuroweaver_runtime.client import ClientTLS
-
-from ..tls import ServerTLS, client_ssl_context
+from neuroweaver_runtime.tls import ServerTLS, client_ssl_context
 
 log = logging.getLogger("neuroweaver.deployer.router")
 

@@ -22,8 +22,8 @@ from neuroweaver_runtime.auth import TokenAuthenticator
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.tls import ServerTLS
 
-from ..tls import ServerTLS
 from .domain import Limits, ServedModel, validate_served_name
 from .http_api import OpenAIApi
 from .service import InferenceService, LoadSpec
@@ -71,8 +71,8 @@ class ModelServer:
         if min(config.max_queue, config.max_new_tokens_limit, config.max_batch_size) < 1:
             raise SystemExit("configuration error: --max-queue, --max-new-tokens-limit and --max-batch-size must be >= 1")
         name = validate_served_name(config.served_model_name or "model")
+        self.tls = ServerTLS.from_config(config)  # HTTPS and the ops port; gRPC reads the same settings
         try:
-            self.tls = ServerTLS.from_config(config)
             self.authenticator = TokenAuthenticator.from_setting(config.auth_tokens)
         except (ValueError, KeyError, OSError) as exc:  # OSError/KeyError: an unreadable or malformed token file
             raise SystemExit(f"configuration error: {exc}") from None
