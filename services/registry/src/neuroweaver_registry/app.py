@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime import migrations
+from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
-from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.server import GrpcService
 
 from .api.servicer import METHOD_ROLES, RegistryServicer
 from .service.cache import InvalidatingNotifier, VersionCache
@@ -45,27 +44,19 @@ def build(config: RegistryConfig) -> GrpcService:
     service = Registry.on_database(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 
-    async def ready() -> None:
-        await db.wait_until_ready()
-        if config.migrate:
-            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
-        if listener:
-            await listener.start()
-
-    async def close() -> None:
-        if listener:
-            await listener.stop()
-        await db.dispose()
-
-    definition = ServiceDefinition(
+    grpc_service = database_service(
+        config,
+        db,
         name="registry",
-        full_names=[SERVICE_NAME],
-        error_domain="registry.neuroweaver.v1",
+        full_name=SERVICE_NAME,
         method_roles=METHOD_ROLES,
         add_servicers=lambda server: svc_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(service), server),
-        ready=ready,
-        on_stop=[close],
+        migrations_dir=MIGRATIONS,
+        migrate=config.migrate,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+        on_ready=[listener.start] if listener else [],
+        on_stop=[listener.stop] if listener else [],
     )
-    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     grpc_service.registry = service  # type: ignore[attr-defined]  # handy for in-process tests
     return grpc_service

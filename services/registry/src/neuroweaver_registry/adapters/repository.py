@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, or_, select, text, update
@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.filtering import Comparison
+from neuroweaver_runtime.timestamps import aware
 
 from ..domain.model import (
     AliasAction,
@@ -39,12 +40,6 @@ from . import tables as t
 # Every registry write takes this transaction-scoped advisory lock (PostgreSQL) right before it appends its
 # audit event, so event sequences are committed in order and a watcher never skips a late-committing event.
 _EVENT_LOCK_KEY = 0x4E57_5245  # "NWRE"
-
-
-def aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 class _Repository:

@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager, contextmanager
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import Aborted, DomainError
+from neuroweaver_runtime.idempotency import CreateOnce
 from neuroweaver_runtime.notify import Notifier
 
 from ..domain.model import ModelEvent
@@ -39,7 +39,7 @@ class SqlUnitOfWork:
         self.woken: set[str] = set()
 
     async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        return await idempotency.find(self.session, tables.idempotency_keys, request_id, method, fingerprint)
+        return await CreateOnce(tables.idempotency_keys, method, request_id, fingerprint).earlier(self.session)
 
     async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
         # A concurrent call with the same request_id got there first (both missed in `find_request`): this one rolls
@@ -50,7 +50,7 @@ class SqlUnitOfWork:
                 reason="REQUEST_ID_IN_FLIGHT",
             )
         ):
-            await idempotency.remember(self.session, tables.idempotency_keys, request_id, method, fingerprint, resource)
+            await CreateOnce(tables.idempotency_keys, method, request_id, fingerprint).remember(self.session, resource)
 
     @contextmanager
     def duplicate(self, error: DomainError) -> Iterator[None]:

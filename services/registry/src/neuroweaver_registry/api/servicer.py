@@ -7,10 +7,10 @@ from google.protobuf import empty_pb2
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as svc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import Role
 from neuroweaver_runtime.errors import InvalidArgument
 from neuroweaver_runtime.fieldmask import validate_update_mask
+from neuroweaver_runtime.idempotency import request_fingerprint
 
 from ..domain.model import ModelState
 from ..service.models import MODEL_UPDATABLE
@@ -41,14 +41,6 @@ _RECOMMENDATION = {
 }  # fmt: skip
 
 
-def fingerprint(request) -> str:
-    """Digest of a create request without its request_id: the same id with another body is misuse."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
-
-
 def _enum_value(value: int, enum_type, field: str) -> int:
     if value not in enum_type.values():
         raise InvalidArgument(f"{field} has unknown value {value}", field=field, reason="INVALID_ENUM")
@@ -77,7 +69,11 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
     # models
     async def CreateModel(self, request, context):
         m = await self.models.create(
-            request.parent, request.model_id, convert.model_from_pb(request.model), request.request_id, fingerprint(request)
+            request.parent,
+            request.model_id,
+            convert.model_from_pb(request.model),
+            request.request_id,
+            request_fingerprint(request),
         )
         return convert.model_to_pb(m)
 
@@ -114,7 +110,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
             _BUMP.get(request.bump, ""),
             convert.version_from_pb(request.model_version),
             request.request_id,
-            fingerprint(request),
+            request_fingerprint(request),
         )
         return convert.version_to_pb(mv)
 
@@ -221,7 +217,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
             convert.judge_config_from_pb(request.judge_version),
             request.judge_version.notes,
             request.request_id,
-            fingerprint(request),
+            request_fingerprint(request),
         )
         return convert.judge_to_pb(judge)
 
@@ -239,7 +235,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
             convert.judge_config_from_pb(request.judge_version),
             request.judge_version.notes,
             request.request_id,
-            fingerprint(request),
+            request_fingerprint(request),
         )
         return convert.judge_version_to_pb(version)
 
