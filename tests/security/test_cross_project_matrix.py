@@ -44,7 +44,7 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.trainer.v1 import trainer_service_pb2 as ts
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_runtime.auth import Role
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 
 # -- identities -------------------------------------------------------------------------------------------------------
 

@@ -363,3 +363,39 @@ async def test_the_runtime_client_authenticates_streaming_calls_too(server):
         assert recorder.seen == [("alice", "stream")]
     finally:
         await channel.close()
+
+
+def test_what_a_call_writes_is_a_target_never_a_grantable_reference():
+    """`model` at the top level and the `name` of a top-level resource message are what the call writes into."""
+    from neuroweaver.registry.v1 import registry_pb2, registry_service_pb2
+    from neuroweaver_runtime.inspection import inspect, lenient_deserializer
+
+    def findings(message):
+        raw = message.SerializeToString()
+        return inspect(lenient_deserializer(type(message).FromString, "x")(raw))
+
+    g = "projects/g/models/m"
+    alias = findings(
+        registry_service_pb2.SetModelAliasRequest(model=g, alias="prod", version="projects/a/models/m/versions/1.0.0")
+    )
+    assert alias.targets == {g}
+    update = findings(registry_service_pb2.UpdateModelRequest(model=registry_pb2.Model(name=g, description="x")))
+    assert update.targets == {g}
+    version = findings(
+        registry_service_pb2.CreateModelVersionRequest(
+            parent="projects/a/models/m",
+            model_version=registry_pb2.ModelVersion(lineage=registry_pb2.Lineage(parent_version=g + "/versions/1.0.0")),
+        )
+    )
+    assert version.targets == {"projects/a/models/m"} and version.references == {g + "/versions/1.0.0"}
+
+
+def test_a_platform_admin_can_be_relayed_only_by_a_platform_wide_service():
+    from neuroweaver_runtime.errors import PermissionDenied
+
+    auth = TokenAuthenticator.from_setting("svc=*:service:deployer,proj-svc=a:service:deployer-a")
+    admin = auth.authenticate("Bearer svc", "*:admin:root")
+    assert (admin.subject, admin.project, admin.role, admin.via) == ("root", "*", Role.ADMIN, "deployer")
+    with pytest.raises(PermissionDenied):
+        auth.authenticate("Bearer proj-svc", "*:admin:root")
+    assert auth.authenticate("Bearer proj-svc", "a:operator:alice").project == "a"

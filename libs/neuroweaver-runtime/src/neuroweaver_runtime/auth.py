@@ -165,7 +165,8 @@ class TokenAuthenticator:
             caller = parse_principal(on_behalf_of, via=principal.subject)
         except ValueError:
             raise Unauthenticated(f"{ON_BEHALF_OF_HEADER} must be project:role:subject", reason="INVALID_ON_BEHALF_OF") from None
-        if caller.project == "*" or not principal.allows_project(caller.project):
+        # A platform-wide caller (`*`) may be relayed only by a platform-wide service identity.
+        if not principal.allows_project(caller.project) or (caller.project == "*" and principal.project != "*"):
             raise PermissionDenied("the service identity may not act in that project", reason="WRONG_PROJECT")
         return caller
 

@@ -18,8 +18,9 @@ from google.protobuf.message import DecodeError
 
 from .errors import InvalidArgument, Violations, truncate
 
-# Fields whose name is what a call acts on (writes into); every other name in a request is a reference.
-TARGET_FIELDS = frozenset({"name", "parent", "target_model", "experiment"})
+# What a call acts on (writes into): these top-level fields, and the `name` of a resource message at the top level
+# (`UpdateModelRequest.model.name`). Every other name in a request is a reference, which a read grant may cover.
+TARGET_FIELDS = frozenset({"name", "parent", "target_model", "experiment", "model"})
 _PROJECTS = b"projects/"
 _MAX_VIOLATIONS = 20
 
@@ -80,6 +81,10 @@ def inspect(incoming: Incoming, prefix: str = "") -> Findings:
                 findings.targets.add(value)
             else:
                 strings.append(value)
+        elif kind == "msg" and "name" in desc.message_type.fields_by_name and message.HasField(desc.name):
+            value = getattr(message, desc.name).name
+            if isinstance(value, str) and value.startswith("projects/"):
+                findings.targets.add(value)
     _collect([message], strings, top=True)
     if incoming.may_hold_nul and "\x00" in "\n".join(strings):
         violations = Violations()  # rare: walk again, slowly, for the paths of the offending fields

@@ -21,6 +21,7 @@ from .adapters.inputs import default_dataset_roots, default_model_roots, parse_r
 from .adapters.repository import EVENT_CHANNEL
 from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
+from .domain.judge_endpoints import JudgeEndpoints
 from .service.feeds import FeedHub
 from .service.jobs import JobPolicy, TrainerService
 from .service.scheduler import Scheduler, SchedulerSettings
@@ -58,6 +59,13 @@ class TrainerConfig(ServiceConfig):
     model_cache_dir: str = field(default="", metadata={"help": "cache of converted builtin models; default <data dir>/models"})
     registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
+    judge_endpoints: str = field(
+        default="",
+        metadata={
+            "help": "URL prefixes RLAIF judges may call, each with the key variables allowed to go there: "
+            "`https://api.openai.com/v1=OPENAI_API_KEY,http://judge:8080/v1`; empty = any with auth off, none with auth on"
+        },
+    )
     registry_retry_seconds: float = field(
         default=120.0, metadata={"help": "how long a worker retries an unreachable registry before failing the job"}
     )
@@ -161,6 +169,7 @@ def build(config: TrainerConfig) -> GrpcService:
         registry_target=config.registry_target,
         registry_token=config.registry_token,
         registry_tls=client_tls,
+        judge_endpoints=_judge_endpoints(config),
     )
     service = TrainerService(
         db, notifier, PageTokens(secret), policy, hub,
@@ -199,3 +208,12 @@ def build(config: TrainerConfig) -> GrpcService:
     grpc_service.trainer = service  # type: ignore[attr-defined]  # handy for in-process tests
     grpc_service.scheduler = scheduler  # type: ignore[attr-defined]
     return grpc_service
+
+
+def _judge_endpoints(config: TrainerConfig) -> JudgeEndpoints:
+    try:
+        return JudgeEndpoints.from_setting(
+            config.judge_endpoints, auth_enabled=bool(config.auth_tokens or config.cert_identities)
+        )
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None

@@ -38,6 +38,7 @@ from ..domain.job import (
     cancel_transition,
     validate_job,
 )
+from ..domain.judge_endpoints import JudgeEndpoints
 from .feeds import GONE, LAGGED, FeedHub
 
 EVENT_PAGE = 500
@@ -61,6 +62,7 @@ class JobPolicy:
     registry_target: str = ""
     registry_token: str = ""
     registry_tls: ClientTLS | None = None
+    judge_endpoints: JudgeEndpoints = field(default_factory=JudgeEndpoints)
 
 
 def current_traceparent() -> str:
@@ -176,6 +178,7 @@ class TrainerService:
         r.judge = await fetch_judge(
             self.policy.registry_target, self.policy.registry_token, r.judge_version, tls=self.policy.registry_tls
         )
+        self.policy.judge_endpoints.check(r.judge)
         r.judge_version = r.judge["name"]
         if r.start_from_version:
             name, uri, sha, base = await fetch_start_version(
