@@ -11,7 +11,9 @@
  *
  * Every call runs under the request's overall budget (`until(deadline)`), so a slow dependency fails the
  * request with DEADLINE_EXCEEDED instead of holding it. With `tls` set, every hop (experiments service,
- * model servers over gRPC and HTTP) uses TLS with that CA and, for mTLS, that client certificate.
+ * model servers over gRPC and HTTP) uses TLS with that CA and, for mTLS, that client certificate. `token` goes
+ * on every hop too: with auth on, model servers serve only callers with a token of their deployment's project
+ * (`authorization: Bearer` on gRPC, `Authorization: Bearer` on the OpenAI endpoint), as the platform services do.
  */
 import { randomUUID } from "node:crypto";
 import { request as httpRequest } from "node:http";
@@ -43,7 +45,7 @@ export interface GatewayOptions {
   experimentsEndpoint: string;
   /** `projects/{p}/experiments/{e}`. */
   experiment: string;
-  /** Bearer token for the platform services (omit when auth is off). */
+  /** Bearer token for the platform services and their model servers (omit when auth is off). */
   token?: TokenSource;
   /** TLS / mTLS for every hop (PEM contents; `tlsFromEnv()` reads NW_TLS_*). Omit for plaintext. */
   tls?: TlsOptions;
@@ -103,7 +105,8 @@ export class Gateway {
   private server(endpoint: string): InferenceClient {
     let client = this.servers.get(endpoint);
     if (!client) {
-      client = createInferenceClient({ endpoint, tls: this.options.tls });
+      // The model server authorizes the gateway itself (auth on: a viewer token of the deployment's project).
+      client = createInferenceClient({ endpoint, token: this.options.token, tls: this.options.tls });
       this.servers.set(endpoint, client);
     }
     return client;
@@ -214,6 +217,7 @@ export class Gateway {
       { model, messages: req.messages, max_tokens: req.maxTokens ?? 64, temperature: 0 },
       AbortSignal.timeout(Math.max(1, deadline - Date.now())),
       this.options.tls,
+      await bearer(this.options.token),
     );
     const body = response.body as OpenAIChatCompletion | { error?: { message?: string; code?: string } };
     if (response.status !== 200 || !("choices" in body)) {
@@ -234,9 +238,18 @@ export class Gateway {
  * POST a JSON body, parse the JSON answer. node:http(s) rather than fetch: fetch cannot take a CA bundle or a
  * client certificate, which an https:// model server with its own CA (or mTLS) needs.
  */
-function postJson(url: string, payload: unknown, signal: AbortSignal, tls?: TlsOptions): Promise<{ status: number; body: any }> {
+function postJson(
+  url: string,
+  payload: unknown,
+  signal: AbortSignal,
+  tls?: TlsOptions,
+  authorization?: string,
+): Promise<{ status: number; body: any }> {
   const data = Buffer.from(JSON.stringify(payload));
-  const headers = { "content-type": "application/json", "content-length": String(data.length) };
+  const headers: Record<string, string> = { "content-type": "application/json", "content-length": String(data.length) };
+  if (authorization) {
+    headers.authorization = authorization;
+  }
   return new Promise((resolve, reject) => {
     const options = { method: "POST", headers, signal };
     const onResponse = (res: import("node:http").IncomingMessage) => {
@@ -258,6 +271,12 @@ function postJson(url: string, payload: unknown, signal: AbortSignal, tls?: TlsO
     req.on("error", reject);
     req.end(data);
   });
+}
+
+/** `Bearer <token>` for the OpenAI endpoint (as the gRPC clients send it), or undefined when auth is off. */
+async function bearer(token?: TokenSource): Promise<string | undefined> {
+  const value = typeof token === "function" ? await token() : token;
+  return value ? `Bearer ${value}` : undefined;
 }
 
 interface Answer {
