@@ -4,11 +4,10 @@ UNAVAILABLE; SQL errors that are the caller's or the code's fault do not."""
 from __future__ import annotations
 
 import asyncpg
-import grpc
 import pytest
 import sqlalchemy.exc as sa_exc
 
-from neuroweaver_runtime.errors import unavailable_from_db_error
+from neuroweaver_runtime.errors import ErrorKind, unavailable_from_db_error
 
 
 @pytest.mark.parametrize(
@@ -26,7 +25,7 @@ from neuroweaver_runtime.errors import unavailable_from_db_error
 )
 def test_connection_failures_are_unavailable(exc):
     err = unavailable_from_db_error(exc)
-    assert err is not None and err.code == grpc.StatusCode.UNAVAILABLE and err.reason == "DATABASE_UNAVAILABLE"
+    assert err is not None and err.kind is ErrorKind.UNAVAILABLE and err.reason == "DATABASE_UNAVAILABLE"
 
 
 def test_chained_cause_is_found():

@@ -131,7 +131,7 @@ def call(channel: grpc.Channel, svc: str, method, request, *, metadata=(), timeo
 
 
 def reason_of(err) -> str | None:
-    from neuroweaver_runtime.errors import error_info
+    from neuroweaver_runtime.grpc_errors import error_info
 
     if err is None:
         return None

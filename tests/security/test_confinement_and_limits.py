@@ -23,7 +23,7 @@ from neuroweaver.registry.v1 import registry_service_pb2_grpc as rg
 from neuroweaver.trainer.v1 import trainer_service_pb2 as ts
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as tg
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
-from neuroweaver_runtime.errors import field_violations
+from neuroweaver_runtime.grpc_errors import field_violations
 
 LIMIT = 64 * 1024
 MiB = 1 << 20

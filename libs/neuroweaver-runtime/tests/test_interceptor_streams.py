@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2
 
 from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.auth import Role, TokenAuthenticator
-from neuroweaver_runtime.errors import NotFound, error_info
+from neuroweaver_runtime.errors import NotFound
+from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.interceptors import ServiceInterceptor
 
 SERVICE = "test.Streams"

@@ -22,7 +22,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as isvc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as igrpc
 from neuroweaver_deployer.domain.model import Backend
 from neuroweaver_kube.manifests import dns1123_name
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import TestCA
 
 ADMIN, VIEWER, FOREIGN, SERVICE = "admin-default-token", "viewer-default-token", "admin-b-token", "svc-deployer-token"

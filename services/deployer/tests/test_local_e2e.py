@@ -21,7 +21,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as isvc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as igrpc
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver_deployer.domain.model import Backend
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 
 AVAILABLE = dpb.Deployment.STATE_AVAILABLE
 DEGRADED = dpb.Deployment.STATE_DEGRADED

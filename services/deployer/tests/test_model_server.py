@@ -19,7 +19,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
 from neuroweaver_deployer.model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
 from neuroweaver_kube.manifests import ModelServerSpec, alert_expressions
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 
 NAME = "tiny-1-0-0-abcdef12"
 VERSION = "projects/default/models/tiny/versions/1.0.0"

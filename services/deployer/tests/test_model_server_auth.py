@@ -18,7 +18,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
 from neuroweaver_deployer.model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
 from neuroweaver_runtime.client import ClientTLS, open_channel
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import TestCA
 
 NAME = "tiny-a-1-0-0-abcdef12"

@@ -187,7 +187,7 @@ async def trainers(tmp_path, data_root, registry, tiny_model):
 
 
 def rpc_error(exc_info) -> tuple[grpc.StatusCode, str, list]:
-    from neuroweaver_runtime.errors import error_info, field_violations
+    from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
     err = exc_info.value
     info = error_info(err)

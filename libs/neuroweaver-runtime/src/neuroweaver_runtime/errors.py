@@ -1,17 +1,31 @@
-"""Domain errors and their mapping onto canonical gRPC statuses with google.rpc details.
+"""Domain errors: what went wrong (a kind), a stable reason, and the details a caller can act on.
 
-Domain and use-case code raise these (they carry no protobuf); the error interceptor turns them into a
-`google.rpc.Status` with an `ErrorInfo{reason, domain, metadata}` and, for invalid fields, a
-`BadRequest` with field violations.
+Domain and use-case code raise these; they carry no gRPC and no protobuf, so `domain/` packages stay free of both.
+The API edge (`grpc_errors`) maps each kind onto its canonical gRPC status code and builds the `google.rpc.Status`
+with an `ErrorInfo{reason, domain, metadata}` and, for invalid fields, a `BadRequest` with field violations.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import Any
 
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+class ErrorKind(enum.StrEnum):
+    """The kind of failure. Each is named after the canonical status code (google.rpc.Code) it maps to."""
+
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 @dataclass(frozen=True)
@@ -23,7 +37,7 @@ class FieldViolation:
 class DomainError(Exception):
     """Base of every expected failure. `reason` is a stable UPPER_SNAKE identifier clients may switch on."""
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    kind: ErrorKind = ErrorKind.UNKNOWN
     default_reason = "ERROR"
 
     def __init__(
@@ -42,7 +56,7 @@ class DomainError(Exception):
 
 
 class InvalidArgument(DomainError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, *, field: str | None = None, **kwargs) -> None:  # noqa: A002
@@ -52,49 +66,49 @@ class InvalidArgument(DomainError):
 
 
 class NotFound(DomainError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = ErrorKind.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(DomainError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    kind = ErrorKind.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(DomainError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = ErrorKind.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
 class Aborted(DomainError):
     """Concurrency conflicts: stale etag, compare-and-set mismatch. The client should re-read and retry."""
 
-    code = grpc.StatusCode.ABORTED
+    kind = ErrorKind.ABORTED
     default_reason = "ABORTED"
 
 
 class PermissionDenied(DomainError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = ErrorKind.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
 class Unauthenticated(DomainError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = ErrorKind.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(DomainError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(DomainError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
 class DeadlineExceeded(DomainError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = ErrorKind.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
 
 
@@ -133,67 +147,6 @@ def truncate(value: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return f"{value[:keep]}…[+{len(value) - keep} chars]"
 
 
-def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
-    """Builds the google.rpc.Status (with ErrorInfo and BadRequest details) for a domain error, bounded in size."""
-    metadata = {truncate(k, 64): truncate(v) for k, v in list(error.metadata.items())[:MAX_METADATA_ENTRIES]}
-    details = [_pack(error_details_pb2.ErrorInfo(reason=truncate(error.reason, 64), domain=domain, metadata=metadata))]
-    violations = [
-        error_details_pb2.BadRequest.FieldViolation(field=truncate(v.field), description=truncate(v.description, 200))
-        for v in error.violations[:MAX_VIOLATIONS]
-    ]
-    while violations:
-        bad = _pack(error_details_pb2.BadRequest(field_violations=violations))
-        if bad.ByteSize() <= MAX_DETAILS_BYTES or len(violations) == 1:
-            details.append(bad)
-            break
-        violations = violations[: len(violations) // 2]
-    return status_pb2.Status(code=error.code.value[0], message=truncate(error.message, MAX_MESSAGE_CHARS), details=details)
-
-
-def internal_status(domain: str) -> status_pb2.Status:
-    """The status for an unexpected exception: generic message, details only in the server log."""
-    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain)
-    return status_pb2.Status(
-        code=code_pb2.INTERNAL, message="internal error; the server logged the details", details=[_pack(info)]
-    )
-
-
-def _pack(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
-
-
-def error_info(err: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """Client side: extracts the ErrorInfo from a failed call, or None."""
-    for detail in _details(err):
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
-
-
-def field_violations(err: grpc.aio.AioRpcError | grpc.RpcError) -> list[error_details_pb2.BadRequest.FieldViolation]:
-    """Client side: the BadRequest field violations of a failed call."""
-    out = []
-    for detail in _details(err):
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.extend(bad.field_violations)
-    return out
-
-
-def _details(err) -> list[any_pb2.Any]:
-    metadata = err.trailing_metadata() or ()
-    for key, value in metadata:
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            return list(status.details)
-    return []
-
-
 # SQLSTATEs meaning "the database is (temporarily) unreachable": connection exceptions (class 08), admin/crash
 # shutdown and "cannot connect now" (57P01-57P03), too many connections (53300).
 _UNAVAILABLE_SQLSTATES = ("57P01", "57P02", "57P03", "53300")
@@ -230,3 +183,16 @@ def unavailable_from_db_error(exc: BaseException) -> Unavailable | None:
 def _db_unavailable(cause: BaseException) -> Unavailable:
     return Unavailable("the database is unavailable; retry with backoff", reason="DATABASE_UNAVAILABLE",
                        metadata={"cause": type(cause).__name__})  # fmt: skip
+
+
+# The client helpers moved to the API edge (grpc_errors). Until every test imports them from there, the old names
+# still resolve here, loading gRPC only when asked for.
+_MOVED_TO_GRPC_ERRORS = {"error_info", "field_violations"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_GRPC_ERRORS:
+        from . import grpc_errors
+
+        return getattr(grpc_errors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

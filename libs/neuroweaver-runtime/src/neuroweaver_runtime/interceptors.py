@@ -25,7 +25,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from . import telemetry
 from .auth import NO_GRANTS, ON_BEHALF_OF_HEADER, Principal, ProjectGrants, Role, TokenAuthenticator, authorize, principal_var
-from .errors import DomainError, ResourceExhausted, internal_status, to_rpc_status, unavailable_from_db_error
+from .errors import DomainError, ResourceExhausted, unavailable_from_db_error
+from .grpc_errors import internal_status, status_code, to_rpc_status
 from .inspection import Incoming, Undecodable, inspect, lenient_deserializer, refuse_undecodable
 from .logs import request_id_var, trace_id_var
 
@@ -305,9 +306,9 @@ def _propagating_span(metadata, md: dict) -> NonRecordingSpan:
 
 def _code_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, DomainError):
-        return exc.code
+        return status_code(exc.kind)
     mapped = unavailable_from_db_error(exc)
-    return mapped.code if mapped is not None else grpc.StatusCode.INTERNAL
+    return status_code(mapped.kind) if mapped is not None else grpc.StatusCode.INTERNAL
 
 
 def _code_of(context) -> grpc.StatusCode:

@@ -29,7 +29,7 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_runtime.client import ClientTLS
-from neuroweaver_runtime.errors import error_info, field_violations
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 from .clients import DEFAULT_TARGETS, Clients, Endpoints
 from .watch import watch_deployment, watch_training_job

@@ -10,7 +10,7 @@ from neuroweaver.deployer.v1 import deployment_pb2
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver_experiments.domain.assignment import AssignmentPlan
-from neuroweaver_runtime.errors import error_info, field_violations
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 
 async def expect_error(call, code: grpc.StatusCode, reason: str):

@@ -12,7 +12,7 @@ from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 
 
 async def make_model(registry) -> str:

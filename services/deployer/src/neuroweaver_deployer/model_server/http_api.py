@@ -41,7 +41,7 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> we
 
 
 def _domain_error(exc: DomainError) -> web.Response:
-    status = _HTTP_STATUS.get(exc.code.name, 500)
+    status = _HTTP_STATUS.get(exc.kind.name, 500)
     param = exc.violations[0].field if exc.violations else None
     response = _error(status, exc.message, exc.reason, param)
     if status == 401:
@@ -102,7 +102,7 @@ def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
 
 def _http_code(exc: BaseException) -> str:
     if isinstance(exc, DomainError):
-        return str(_HTTP_STATUS.get(exc.code.name, 500))
+        return str(_HTTP_STATUS.get(exc.kind.name, 500))
     if isinstance(exc, asyncio.CancelledError):
         return "499"  # client closed the connection
     return "500"

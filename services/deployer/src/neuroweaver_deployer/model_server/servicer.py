@@ -63,7 +63,7 @@ def _deadline(context) -> float | None:
 def _code_of(deadline: float | None):
     def code(exc: BaseException) -> str:
         if isinstance(exc, DomainError):
-            return exc.code.name
+            return exc.kind.name
         if isinstance(exc, asyncio.CancelledError):
             expired = deadline is not None and time.monotonic() >= deadline
             return grpc.StatusCode.DEADLINE_EXCEEDED.name if expired else grpc.StatusCode.CANCELLED.name

@@ -16,7 +16,8 @@ from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.registry.v1 import registry_service_pb2 as registry_pb
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from neuroweaver_runtime.client import ClientTLS, open_channel
-from neuroweaver_runtime.errors import Aborted, FailedPrecondition, Unavailable, error_info
+from neuroweaver_runtime.errors import Aborted, FailedPrecondition, Unavailable
+from neuroweaver_runtime.grpc_errors import error_info
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
