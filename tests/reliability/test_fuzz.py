@@ -759,11 +759,22 @@ def test_invalid_utf8_on_the_model_server(model_server):
     check_invalid_utf8_after_authentication({"inference": model_server})
 
 
+# Open defects, each (rpc, field path): reason. A fixed one fails the test until its entry is removed.
+_MAP_KEYS = (
+    "the runtime's request inspection (inspection._plan) skips maps whose values are scalars other than strings, so "
+    "their string keys are never checked for NUL (nor for resource names)"
+)
+KNOWN_NUL_GAPS = {
+    ("registry.CompareModelVersions", "metric_tolerances"): _MAP_KEYS + ": map<string, double> metric_tolerances",
+    ("trainer.CreateTrainingJob", "training_job.metrics"): _MAP_KEYS + ": map<string, double> TrainingJob.metrics",
+}
+
+
 def test_nul_in_any_string_field_is_invalid_argument_naming_the_field(services):
     """A NUL character in any string field of any request (nested, repeated, map keys and values), inside an otherwise
     plausible request, is refused by validation with a field violation that names the field: never stored (PostgreSQL
     refuses it: INTERNAL) and never INTERNAL."""
-    wrong = []
+    wrong: dict[tuple[str, str], str] = {}
     for svc, p in services.items():
         with grpc.insecure_channel(p.target) as ch:
             for method in descriptor(svc).methods:
@@ -773,11 +784,15 @@ def test_nul_in_any_string_field_is_invalid_argument_naming_the_field(services):
                     code, err = call_raw(
                         ch, svc, method, [msg.SerializeToString()], FUZZER, 2.0 if method.server_streaming else 20.0
                     )
-                    where = ".".join(f.name for f, _ in slot)
                     fields = [v.field for v in field_violations(err)] if err is not None else []
-                    leaf = slot[-1][0].name
-                    if code != grpc.StatusCode.INVALID_ARGUMENT or not any(leaf in v or slot[0][0].name in v for v in fields):
-                        wrong.append(
-                            f"{svc}.{method.name} {where}: {code.name} {fields} {(err.details() or '')[:120] if err else ''}"
-                        )
-    assert not wrong, f"{len(wrong)} string fields took a NUL:\n" + "\n".join(wrong[:60])
+                    if code != grpc.StatusCode.INVALID_ARGUMENT or not any(slot[-1][0].name in v for v in fields):
+                        where = (f"{svc}.{method.name}", ".".join(f.name for f, _ in slot))
+                        wrong[where] = f"{code.name} {fields} {(err.details() or '')[:120] if err else ''}"
+    unknown = {k: v for k, v in wrong.items() if k not in KNOWN_NUL_GAPS}
+    assert not unknown, f"{len(unknown)} string fields took a NUL:\n" + "\n".join(
+        f"{r} {f}: {v}" for (r, f), v in unknown.items()
+    )
+    fixed = [k for k in KNOWN_NUL_GAPS if k not in wrong]
+    assert not fixed, f"fixed: remove {fixed} from KNOWN_NUL_GAPS"
+    if wrong:
+        pytest.xfail("; ".join(KNOWN_NUL_GAPS[k] for k in wrong))
