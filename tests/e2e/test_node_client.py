@@ -12,6 +12,8 @@ the test covers the code as it is in the tree.
   model-server processes on a tiny random Llama with LoRA adapters) and experiments processes; the recorded
   metrics are then read back through GetExperimentResults in Python. Every service runs as `python -m`, as
   operators run it: the deployer under uvloop, spawning its model servers from a threaded grpc.aio process.
+  Plaintext and auth off (the embedded default); test_relaycore_mtls.py runs the same steps (the helpers below) in
+  the production shape.
 """
 
 from __future__ import annotations
@@ -23,12 +25,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
+from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+from neuroweaver.experiments.v1 import experiment_pb2 as epb
+from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as egrpc
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
 from neuroweaver_runtime.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +49,14 @@ CLIENT = ROOT / "clients" / "typescript"
 EXAMPLE = ROOT / "examples" / "relaycore"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
+HEALTH = {
+    "registry": "neuroweaver.registry.v1.RegistryService",
+    "trainer": "neuroweaver.trainer.v1.TrainerService",
+    "deployer": "neuroweaver.deployer.v1.DeployerService",
+    "experiments": "neuroweaver.experiments.v1.ExperimentsService",
+}
+PROJECT = "projects/default"
+MODEL = f"{PROJECT}/models/advisor"
 
 
 def npm_ci_if_missing(package_dir: Path) -> None:
@@ -100,11 +121,14 @@ class ServiceProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def wait_serving(self, health_service: str, timeout: float = 60.0) -> None:
-        """Polls grpc.health.v1 Check until SERVING, with an overall deadline (no fixed sleeps)."""
+    def wait_serving(
+        self, health_service: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        """Polls grpc.health.v1 Check until SERVING, with an overall deadline (no fixed sleeps); `credentials`: the
+        TLS/mTLS a service with --tls-* needs."""
         deadline = time.monotonic() + timeout
         last = "no answer"
-        with grpc.insecure_channel(self.target) as channel:
+        with open_grpc(self.target, credentials) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -143,6 +167,26 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def open_grpc(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """Plaintext, or TLS/mTLS (and per-call credentials such as a bearer token) with `credentials`."""
+    return grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+
+
+@contextmanager
+def stopped_at_exit(procs: list[ServiceProcess]) -> Iterator[list[ServiceProcess]]:
+    """Stops every process started into `procs`; on failure first prints their logs (the servers' own logs hold the
+    traceback behind an INTERNAL status; pytest shows this output on failure)."""
+    try:
+        yield procs
+    except BaseException:
+        for proc in procs:
+            print(f"----- {proc.service} log (last 20,000 characters) -----\n{proc.logs(20_000)}")
+        raise
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
 
 
 def run_node(script: Path, *args: str, timeout: float = 120.0) -> dict:
@@ -232,9 +276,6 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int) -> str:
 
 def wait_available(deployer, name: str, timeout: float = 180.0):
     """Follows WatchDeployment until the deployment is AVAILABLE with a ready replica (deadline, no sleeps)."""
-    from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
-    from neuroweaver.deployer.v1 import deployment_pb2 as dpb
-
     last = None
     for msg in deployer.WatchDeployment(dsvc.WatchDeploymentRequest(name=name), timeout=timeout):
         last = msg.deployment
@@ -243,28 +284,160 @@ def wait_available(deployer, name: str, timeout: float = 180.0):
     raise AssertionError(f"watch of {name} ended before it was available: {last}")
 
 
-def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
-    """AssignVariant → model server (gRPC Generate and OpenAI HTTP) → RecordMetricEvents, all from Node; then
-    ConcludeExperiment(promote) moves `production` and the deployment following it rolls over."""
-    from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
-    from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
-    from neuroweaver.deployer.v1 import deployment_pb2 as dpb
-    from neuroweaver.experiments.v1 import experiment_pb2 as epb
-    from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
-    from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as egrpc
-    from neuroweaver.registry.v1 import registry_pb2 as rpb
-    from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
-    from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+# The RelayCore flow in steps, shared by test_relaycore_flow (plaintext, auth off) and test_relaycore_mtls.py
+# (mTLS and auth on everywhere): the stubs passed in carry whatever credentials the shape needs.
+
+
+def tiny_base_and_adapters(tmp_path: Path, count: int) -> tuple[Path, list[tuple[Path, str]]]:
+    """A tiny random Llama and `count` LoRA adapters on it: (path, sha256) each."""
     from neuroweaver_ml.models import build_tiny_llama
 
     base = build_tiny_llama(tmp_path / "tiny-llama")
-    adapters = []
-    for i in range(2):
-        out = tmp_path / f"adapter-{i}"
-        adapters.append((out, make_adapter(base, out, seed=i)))
+    return base, [(tmp_path / f"adapter-{i}", make_adapter(base, tmp_path / f"adapter-{i}", seed=i)) for i in range(count)]
 
-    procs: list[ServiceProcess] = []
-    try:
+
+def register_versions(reg, base: Path, adapters: list[tuple[Path, str]]) -> list[str]:
+    """MODEL with versions 1.0.0, 1.1.0, ... from `adapters`; `production` → 1.0.0. Returns the version names."""
+    reg.CreateModel(rsvc.CreateModelRequest(parent=PROJECT, model_id="advisor", model=rpb.Model(base_model=str(base))))
+    versions = []
+    for i, (path, sha) in enumerate(adapters):
+        mv = reg.CreateModelVersion(
+            rsvc.CreateModelVersionRequest(
+                parent=MODEL,
+                version=f"1.{i}.0",
+                model_version=rpb.ModelVersion(
+                    artifact=rpb.Artifact(uri=path.as_uri(), sha256=sha, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+                    lineage=rpb.Lineage(base_model=str(base), method="sft-lora"),
+                ),
+            )
+        )
+        versions.append(mv.name)
+    reg.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="production", version="1.0.0", reason="initial"))
+    return versions
+
+
+def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.Deployment]]:
+    """Two local deployments, control following `production` and treatment pinned to the candidate, each AVAILABLE;
+    then an A/B experiment over them, started. Returns (experiment name, deployments by variant)."""
+    targets = {
+        "control": dpb.Deployment(model_alias=f"{MODEL}/aliases/production", replicas=1, backend=dpb.BACKEND_LOCAL),
+        "treatment": dpb.Deployment(model_version=versions[1], replicas=1, backend=dpb.BACKEND_LOCAL),
+    }
+    for variant, target in targets.items():
+        dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent=PROJECT, deployment_id=f"advisor-{variant}", deployment=target))
+    deployments = {v: wait_available(dep, f"{PROJECT}/deployments/advisor-{v}") for v in targets}
+
+    mean, prop = epb.METRIC_KIND_MEAN, epb.METRIC_KIND_PROPORTION
+    experiment = exp.CreateExperiment(
+        esvc.CreateExperimentRequest(
+            parent=PROJECT,
+            experiment_id="advisor-ab",
+            experiment=epb.Experiment(
+                variants=[
+                    epb.Variant(id=v, model_version=version, deployment=deployments[v].name, weight=0.5)
+                    for v, version in zip(("control", "treatment"), versions, strict=True)
+                ],
+                promote_alias="production",
+                primary_metric=epb.MetricSpec(name="judge_score", kind=mean, direction=epb.DIRECTION_INCREASE),
+                guardrail_metrics=[
+                    epb.MetricSpec(name="latency_ms", kind=mean, direction=epb.DIRECTION_DECREASE, tolerance=10.0)
+                ],
+                secondary_metrics=[
+                    epb.MetricSpec(name="completion_tokens", kind=mean, direction=epb.DIRECTION_INCREASE),
+                    epb.MetricSpec(name="thumbs_up", kind=prop, direction=epb.DIRECTION_INCREASE),
+                ],
+                min_sample_size=1,
+            ),
+        )
+    )
+    exp.StartExperiment(esvc.StartExperimentRequest(name=experiment.name))
+    return experiment.name, deployments
+
+
+def run_relaycore(example: Path, experiments: ServiceProcess, experiment: str, users: int, *args: str) -> dict:
+    """examples/relaycore for `users` users over both transports (`args`: its --token and --tls-* flags); its summary."""
+    done = subprocess.run(
+        [NODE, str(example / "dist" / "main.js"), "--experiments", experiments.target,
+         "--experiment", experiment, "--users", str(users), "--transport", "both", "--max-tokens", "6", *args],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, f"relaycore example failed:\n{done.stdout}\n{done.stderr}\n{experiments.logs()}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, versions: list[str], users: int) -> None:
+    """What Node saw, and what the experiments service recorded from its reports (read back in Python)."""
+    # Every request went to the assigned variant's deployment, under its served name.
+    assert out["ok"] is True and out["requests"] == 2 * users
+    served = {v: d.served_model_name for v, d in deployments.items()}
+    for r in out["results"]:
+        assert r["servedModel"] == served[r["variant"]], r
+        assert r["modelVersion"] == versions[0 if r["variant"] == "control" else 1]
+        assert r["completionTokens"] > 0 and r["latencyMs"] > 0
+        assert r["recorded"] == {"accepted": 3, "duplicates": 0}
+    assert {r["transport"] for r in out["results"]} == {"grpc", "openai"}
+    # Sticky: both transports of a user landed on the same variant.
+    for i in range(1, users + 1):
+        assert out["assignments"][f"req-user-{i}-grpc"] == out["assignments"][f"req-user-{i}-openai"]
+    assert out["feedback"] == {"accepted": users, "duplicates": 0}
+    assert out["retry"] == {"accepted": 0, "duplicates": 3}
+    assert out["missingExperiment"] == {
+        "code": "NotFound", "reason": "EXPERIMENT_NOT_FOUND", "domain": "experiments.neuroweaver.v1",
+    }  # fmt: skip
+
+    results = exp.GetExperimentResults(esvc.GetExperimentResultsRequest(name=experiment))
+    by_variant = {s.variant: s for s in results.primary.variants}
+    expected_units = {v: sum(1 for i in range(1, users + 1) if out["assignments"][f"req-user-{i}-grpc"] == v) for v in served}
+    assert {v: by_variant[v].units for v in served} == expected_units
+    # judge_score is a per-unit mean (a user's two answers average first), then averaged over units.
+    for variant in served:
+        per_unit: dict[str, list[float]] = {}
+        for r in out["results"]:
+            if r["variant"] == variant:
+                per_unit.setdefault(r["requestId"].rsplit("-", 1)[0], []).append(r["judgeScore"])
+        if per_unit:
+            means = [sum(v) / len(v) for v in per_unit.values()]
+            assert by_variant[variant].mean == pytest.approx(sum(means) / len(means))
+    secondary = {m.metric.name: m for m in results.secondary}
+    assert sum(s.units for s in secondary["thumbs_up"].variants) == users
+    assert sum(s.units for s in secondary["completion_tokens"].variants) == users
+
+
+def conclude_and_roll_over(exp, reg, dep, experiment: str, deployments: dict, versions: list[str]):
+    """The operator concludes with the treatment as winner and promotes it: the alias moves (compare-and-set, history
+    names the experiment) and the deployment following it rolls over. Returns the alias history's newest entry."""
+    concluded = exp.ConcludeExperiment(
+        esvc.ConcludeExperimentRequest(
+            name=experiment, winner="treatment", promote=True, expected_current_version="1.0.0", reason="e2e"
+        )
+    )
+    assert concluded.state == epb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment"
+    history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production"))
+    latest = history.entries[0]
+    assert (latest.from_version, latest.to_version) == ("1.0.0", versions[1].rsplit("/", 1)[1])
+    assert experiment in latest.reason
+    rolled = None
+    for msg in dep.WatchDeployment(dsvc.WatchDeploymentRequest(name=deployments["control"].name), timeout=180):
+        d = msg.deployment
+        if d.served_version == versions[1] and d.state == dpb.Deployment.STATE_AVAILABLE and d.ready_replicas >= 1:
+            rolled = d
+            break
+    assert rolled is not None and rolled.revision == 2
+    revisions = dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=rolled.name))
+    assert revisions.revisions[0].cause == f"alias:1.0.0->{latest.to_version}"
+    return latest
+
+
+def delete_deployments(dep, deployments: dict) -> None:
+    for d in deployments.values():
+        dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=d.name))
+
+
+def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
+    """AssignVariant → model server (gRPC Generate and OpenAI HTTP) → RecordMetricEvents, all from Node; then
+    ConcludeExperiment(promote) moves `production` and the deployment following it rolls over."""
+    base, adapters = tiny_base_and_adapters(tmp_path, 2)
+    with stopped_at_exit([]) as procs:
         registry = ServiceProcess("registry", tmp_path / "registry")
         procs.append(registry)
         deployer = ServiceProcess(
@@ -276,148 +449,15 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
             "--deployer-target", deployer.target, "--registry-target", registry.target,
         )  # fmt: skip
         procs.append(experiments)
-        registry.wait_serving("neuroweaver.registry.v1.RegistryService")
-        deployer.wait_serving("neuroweaver.deployer.v1.DeployerService")
-        experiments.wait_serving("neuroweaver.experiments.v1.ExperimentsService")
-
-        with (
-            grpc.insecure_channel(registry.target) as rch,
-            grpc.insecure_channel(deployer.target) as dch,
-            grpc.insecure_channel(experiments.target) as ech,
-        ):
-            reg, dep, exp = rgrpc.RegistryServiceStub(rch), dgrpc.DeployerServiceStub(dch), egrpc.ExperimentsServiceStub(ech)
-            model = "projects/default/models/advisor"
-            reg.CreateModel(
-                rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(base_model=str(base)))
-            )
-            versions = []
-            for i, (path, sha) in enumerate(adapters):
-                mv = reg.CreateModelVersion(
-                    rsvc.CreateModelVersionRequest(
-                        parent=model,
-                        version=f"1.{i}.0",
-                        model_version=rpb.ModelVersion(
-                            artifact=rpb.Artifact(uri=path.as_uri(), sha256=sha, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
-                            lineage=rpb.Lineage(base_model=str(base), method="sft-lora"),
-                        ),
-                    )
-                )
-                versions.append(mv.name)
-            # control is production: its deployment follows the alias; treatment is pinned to the candidate.
-            reg.SetModelAlias(rsvc.SetModelAliasRequest(model=model, alias="production", version="1.0.0", reason="initial"))
-            targets = {
-                "control": dpb.Deployment(model_alias=f"{model}/aliases/production", replicas=1, backend=dpb.BACKEND_LOCAL),
-                "treatment": dpb.Deployment(model_version=versions[1], replicas=1, backend=dpb.BACKEND_LOCAL),
-            }
-            deployments = {}
-            for variant, target in targets.items():
-                dep.CreateDeployment(
-                    dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id=f"advisor-{variant}", deployment=target)
-                )
-            for variant in ("control", "treatment"):
-                deployments[variant] = wait_available(dep, f"projects/default/deployments/advisor-{variant}")
-
-            name = "projects/default/experiments/advisor-ab"
-            mean, prop = epb.METRIC_KIND_MEAN, epb.METRIC_KIND_PROPORTION
-            exp.CreateExperiment(
-                esvc.CreateExperimentRequest(
-                    parent="projects/default",
-                    experiment_id="advisor-ab",
-                    experiment=epb.Experiment(
-                        variants=[
-                            epb.Variant(id=v, model_version=version, deployment=deployments[v].name, weight=0.5)
-                            for v, version in zip(("control", "treatment"), versions, strict=True)
-                        ],
-                        promote_alias="production",
-                        primary_metric=epb.MetricSpec(name="judge_score", kind=mean, direction=epb.DIRECTION_INCREASE),
-                        guardrail_metrics=[
-                            epb.MetricSpec(name="latency_ms", kind=mean, direction=epb.DIRECTION_DECREASE, tolerance=10.0)
-                        ],
-                        secondary_metrics=[
-                            epb.MetricSpec(name="completion_tokens", kind=mean, direction=epb.DIRECTION_INCREASE),
-                            epb.MetricSpec(name="thumbs_up", kind=prop, direction=epb.DIRECTION_INCREASE),
-                        ],
-                        min_sample_size=1,
-                    ),
-                )
-            )
-            exp.StartExperiment(esvc.StartExperimentRequest(name=name))
-
-            users = 8
-            done = subprocess.run(
-                [NODE, str(relaycore_example / "dist" / "main.js"), "--experiments", experiments.target,
-                 "--experiment", name, "--users", str(users), "--transport", "both", "--max-tokens", "6"],
-                capture_output=True, text=True, timeout=240,
-            )  # fmt: skip
-            assert done.returncode == 0, f"relaycore example failed:\n{done.stdout}\n{done.stderr}\n{experiments.logs()}"
-            out = json.loads(done.stdout.strip().splitlines()[-1])
-
-            # What Node saw: every request went to the assigned variant's deployment, under its served name.
-            assert out["ok"] is True and out["requests"] == 2 * users
-            served = {v: d.served_model_name for v, d in deployments.items()}
-            for r in out["results"]:
-                assert r["servedModel"] == served[r["variant"]], r
-                assert r["modelVersion"] == versions[0 if r["variant"] == "control" else 1]
-                assert r["completionTokens"] > 0 and r["latencyMs"] > 0
-                assert r["recorded"] == {"accepted": 3, "duplicates": 0}
-            assert {r["transport"] for r in out["results"]} == {"grpc", "openai"}
-            # Sticky: both transports of a user landed on the same variant.
-            for i in range(1, users + 1):
-                assert out["assignments"][f"req-user-{i}-grpc"] == out["assignments"][f"req-user-{i}-openai"]
-            assert out["feedback"] == {"accepted": users, "duplicates": 0}
-            assert out["retry"] == {"accepted": 0, "duplicates": 3}
-            assert out["missingExperiment"] == {
-                "code": "NotFound", "reason": "EXPERIMENT_NOT_FOUND", "domain": "experiments.neuroweaver.v1",
-            }  # fmt: skip
-
-            # What the experiments service recorded from Node's reports, read back in Python.
-            results = exp.GetExperimentResults(esvc.GetExperimentResultsRequest(name=name))
-            by_variant = {s.variant: s for s in results.primary.variants}
-            expected_units = {
-                v: sum(1 for i in range(1, users + 1) if out["assignments"][f"req-user-{i}-grpc"] == v) for v in served
-            }
-            assert {v: by_variant[v].units for v in served} == expected_units
-            # judge_score is a per-unit mean (a user's two answers average first), then averaged over units.
-            for variant in served:
-                per_unit: dict[str, list[float]] = {}
-                for r in out["results"]:
-                    if r["variant"] == variant:
-                        per_unit.setdefault(r["requestId"].rsplit("-", 1)[0], []).append(r["judgeScore"])
-                if per_unit:
-                    means = [sum(v) / len(v) for v in per_unit.values()]
-                    assert by_variant[variant].mean == pytest.approx(sum(means) / len(means))
-            secondary = {m.metric.name: m for m in results.secondary}
-            assert sum(s.units for s in secondary["thumbs_up"].variants) == users
-            assert sum(s.units for s in secondary["completion_tokens"].variants) == users
-
-            # Closing the loop: the operator concludes with the treatment as winner and promotes it; the alias
-            # moves (compare-and-set, history names the experiment) and the deployment following it rolls over.
-            concluded = exp.ConcludeExperiment(
-                esvc.ConcludeExperimentRequest(
-                    name=name, winner="treatment", promote=True, expected_current_version="1.0.0", reason="e2e"
-                )
-            )
-            assert concluded.state == epb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment"
-            history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{model}/aliases/production"))
-            assert [(e.from_version, e.to_version) for e in history.entries][:1] == [("1.0.0", "1.1.0")]
-            assert name in history.entries[0].reason
-            rolled = None
-            for msg in dep.WatchDeployment(dsvc.WatchDeploymentRequest(name=deployments["control"].name), timeout=180):
-                d = msg.deployment
-                if d.served_version == versions[1] and d.state == dpb.Deployment.STATE_AVAILABLE and d.ready_replicas >= 1:
-                    rolled = d
-                    break
-            assert rolled is not None and rolled.revision == 2
-            revisions = dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=rolled.name))
-            assert revisions.revisions[0].cause == "alias:1.0.0->1.1.0"
-
-            for variant in ("control", "treatment"):
-                dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"projects/default/deployments/advisor-{variant}"))
-    except BaseException:
-        # The servers' own logs hold the traceback behind an INTERNAL status; pytest shows this on failure.
         for proc in procs:
-            print(f"----- {proc.service} log (last 20,000 characters) -----\n{proc.logs(20_000)}")
-        raise
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+            proc.wait_serving(HEALTH[proc.service])
+
+        with open_grpc(registry.target) as rch, open_grpc(deployer.target) as dch, open_grpc(experiments.target) as ech:
+            reg, dep, exp = rgrpc.RegistryServiceStub(rch), dgrpc.DeployerServiceStub(dch), egrpc.ExperimentsServiceStub(ech)
+            versions = register_versions(reg, base, adapters)
+            experiment, deployments = start_experiment(dep, exp, versions)
+            users = 8
+            out = run_relaycore(relaycore_example, experiments, experiment, users)
+            check_relaycore_run(out, exp, experiment, deployments, versions, users)
+            conclude_and_roll_over(exp, reg, dep, experiment, deployments, versions)
+            delete_deployments(dep, deployments)
