@@ -1,30 +1,51 @@
-"""Registry look-ups at create time: the RLAIF judge version and the version an RLAIF job starts from.
+"""The registry, seen from the trainer: look-ups at create time, and the worker's registration of its result.
 
-Judge versions and model versions are immutable, so what is read here is stored on the job (spec) and the
-worker never needs these calls. The API key of an OpenAI-compatible judge is never read here: only the
-*name* of its environment variable travels (the worker's judge reads the variable).
+At create time the RLAIF judge version and the version an RLAIF job starts from are resolved. Judge versions
+and model versions are immutable, so what is read there is stored on the job (spec) and the worker never
+needs those calls. The API key of an OpenAI-compatible judge is never read here: only the *name* of its
+environment variable travels (the worker's judge reads the variable).
+
+The worker registers exactly one version per job (`register_version`): a deterministic request_id, retries
+while the registry is unreachable, on behalf of the job's creator, under one client span.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from neuroweaver_runtime.client import ClientTLS
+from neuroweaver_runtime.auth import ANONYMOUS_ADMIN, Principal, Role, acting_as
+from neuroweaver_runtime.client import ClientTLS, open_channel
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
+from ..domain.job import TrainingJob, hyperparameters_as_strings, lineage_method, registration_request_id
+
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# what registration keeps retrying (until --registry-retry-seconds): the registry may come back
+_RETRYABLE = _UNREACHABLE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+_DEADLINE = 10.0  # seconds per call
+
+_tracer = trace.get_tracer("neuroweaver.trainer.registry")
+
+
+def _open(target: str, token: str | None, tls: ClientTLS | None) -> grpc.aio.Channel:
+    return open_channel(target, token=token or None, deadline=_DEADLINE, tls=tls)
 
 
 async def _call(target: str, token: str | None, tls: ClientTLS | None, method: str, request, what: str, field: str):
     from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
-    from neuroweaver_runtime.client import open_channel
 
-    channel = open_channel(target, token=token or None, deadline=10.0, tls=tls)
+    channel = _open(target, token, tls)
     try:
-        return await getattr(rgrpc.RegistryServiceStub(channel), method)(request, timeout=10.0)
+        return await getattr(rgrpc.RegistryServiceStub(channel), method)(request, timeout=_DEADLINE)
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code is grpc.StatusCode.NOT_FOUND:
@@ -122,3 +143,144 @@ async def fetch_start_version(target: str, token: str | None, name: str, *, tls:
             reason="START_VERSION_NO_BASE",
         )
     return v.name, v.artifact.uri, v.artifact.sha256, v.lineage.base_model
+
+
+# -- registration of a training job's result (the worker) ------------------------------------------
+
+# Registry metric directions of what the trainer reports (unlisted names: the registry infers them).
+HIGHER = (
+    "reward_model_accuracy",
+    "reward_model_mean_margin",
+    "judge_win_rate_vs_parent",
+    "judge_win_rate_vs_base",
+    "dpo_reward_accuracy",
+    "dpo_reward_margin",
+    "policy_final_reward",
+    "preference_pairs",
+)
+LOWER = ("train_loss", "eval_loss", "judge_cost_usd", "malformed", "policy_final_loss", "judge_errors")
+
+
+def metric_direction(name: str) -> str:
+    base = name.removesuffix("_ci_low").removesuffix("_ci_high")
+    return "higher" if base in HIGHER else "lower" if base in LOWER else ""
+
+
+def _as_creator(job: TrainingJob):
+    """The registry authorizes the job's creator, not the trainer: a job can only register where its creator may
+    (with auth off the creator is anonymous and the trainer's own token is used as it is)."""
+    if not job.creator or job.creator == ANONYMOUS_ADMIN.subject:
+        return contextlib.nullcontext()
+    return acting_as(Principal(job.creator, job.name.split("/")[1], Role.OPERATOR))
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """What a finished job registers: its stored adapter and what training measured and read."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    summary: str  # the end of the version's notes
+    metrics: dict[str, float]
+    dataset_uri: str = ""
+    dataset_digest: str = ""
+    parent_version: str = ""
+    judge_version: str = ""
+
+
+class RegistrationFailed(Exception):
+    """The registry refused the version, or stayed unreachable; the message says where the adapter is."""
+
+
+def version_request(job: TrainingJob, new: NewVersion):
+    """The CreateModelVersionRequest of a job's result; its request_id is the job's, so a retry never registers twice."""
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+
+    directions = {
+        "higher": rpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+        "lower": rpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+        "": rpb.METRIC_DIRECTION_UNSPECIFIED,
+    }
+    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}[
+        job.version_bump or "minor"
+    ]
+    return rsvc.CreateModelVersionRequest(
+        parent=job.target_model,
+        bump=bump,
+        request_id=registration_request_id(job.name),
+        model_version=rpb.ModelVersion(
+            artifact=rpb.Artifact(uri=new.uri, sha256=new.sha256, size_bytes=new.size_bytes, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+            lineage=rpb.Lineage(
+                base_model=job.base_model, training_job=job.name, dataset_uri=new.dataset_uri, dataset_digest=new.dataset_digest,
+                eval_dataset_uri=job.eval_dataset_uri or job.rlaif.eval_prompts_uri,
+                eval_dataset_digest=job.eval_dataset_digest or job.rlaif.eval_prompts_digest,
+                hyperparameters=hyperparameters_as_strings(job), method=lineage_method(job),
+                parent_version=new.parent_version, judge_version=new.judge_version,
+            ),
+            metrics=[rpb.Metric(name=k, value=v, direction=directions[metric_direction(k)], source="trainer") for k, v in sorted(new.metrics.items())],
+            labels={k: v for k, v in job.labels.items()},
+            notes=f"{lineage_method(job)} of {job.base_model} by {job.name}: {new.summary}",
+        ),
+    )  # fmt: skip
+
+
+async def register_version(
+    target: str,
+    token: str | None,
+    job: TrainingJob,
+    new: NewVersion,
+    *,
+    tls: ClientTLS | None = None,
+    retry_seconds: float = 120.0,
+    on_retry: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
+    """Registers `new` as the next version of the job's target model, on behalf of the job's creator; returns its
+    name. An unreachable registry is retried (backoff 0.5 s doubling to 5 s) for `retry_seconds`, each retry
+    announced to `on_retry`; anything else the registry answers, or the time running out, is RegistrationFailed."""
+    request = version_request(job, new)
+    channel = _open(target, token, tls)
+    # a client span around the registration (all retries): open_channel injects it as the traceparent
+    span = _tracer.start_span(
+        "RegistryService/CreateModelVersion", kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "CreateModelVersion"},
+    )  # fmt: skip
+    try:
+        with trace.use_span(span, record_exception=False, set_status_on_exception=False), _as_creator(job):
+            return await _create_with_retries(channel, request, target, job, new, retry_seconds, on_retry)
+    except RegistrationFailed as exc:
+        span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+        raise
+    finally:
+        span.end()
+        await channel.close()
+
+
+async def _create_with_retries(channel, request, target, job, new, retry_seconds, on_retry) -> str:
+    from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+
+    deadline = time.monotonic() + retry_seconds
+    delay, tries = 0.5, 0
+    stub = rgrpc.RegistryServiceStub(channel)
+    while True:
+        tries += 1
+        try:
+            version = await stub.CreateModelVersion(request, timeout=_DEADLINE)
+            return version.name
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRYABLE:
+                raise RegistrationFailed(
+                    f"the registry refused the new version of {job.target_model}: {exc.code().name}: {exc.details()}; "
+                    f"the adapter is stored at {new.uri}"
+                ) from None
+            if time.monotonic() + delay > deadline:
+                raise RegistrationFailed(
+                    f"the registry at {target} was unreachable for {retry_seconds:.0f}s "
+                    f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {new.uri} "
+                    f"(sha256 {new.sha256}); re-run the job once the registry is back"
+                ) from None
+            if on_retry is not None:
+                await on_retry(f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

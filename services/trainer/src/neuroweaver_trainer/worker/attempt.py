@@ -1,0 +1,69 @@
+"""One attempt at a job, from training to its final state: train → store → register → SUCCEEDED.
+
+A failure with a reason (`JobFailed`) or any other error ends the job FAILED with that reason; a stop ends it
+CANCELLED when a cancel was requested, otherwise (trainer shutdown) the process exits EXIT_INTERRUPTED and the
+job is resumed later from its checkpoints. A lost lease (`Fenced`) propagates: nothing more is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from neuroweaver_runtime.client import ClientTLS
+
+from ..adapters.executors import EXIT_INTERRUPTED
+from ..domain.job import EventType, JobEvent, JobState, TrainingJob
+from .config import WorkerConfig
+from .journal import Fenced, Journal
+from .results import register, store
+from .training import JobFailed, Training
+
+log = logging.getLogger("neuroweaver.trainer.worker")
+
+
+async def run_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: threading.Event) -> int:
+    """The process's exit code: 0 once the job is in a final state, EXIT_INTERRUPTED when it is to be resumed."""
+    try:
+        outcome = await Training.for_job(cfg, job, journal, stop).train()
+    except JobFailed as exc:
+        await journal.finish(JobState.FAILED, str(exc), job.stage)
+        return 0
+    except Fenced:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure ends as FAILED with its reason
+        log.exception("training %s failed", job.name)
+        await journal.finish(JobState.FAILED, f"training failed: {type(exc).__name__}: {exc}", job.stage)
+        return 0
+    if journal.fenced:
+        raise Fenced()
+    if outcome.status == "cancelled":
+        current = await journal.state()
+        if current and current[0] == JobState.CANCELLING.value:
+            await journal.finish(JobState.CANCELLED, outcome.message, job.stage)
+            return 0
+        log.info("interrupted (%s, shutdown); the job will resume from its last checkpoint", outcome.message)
+        return EXIT_INTERRUPTED
+    metrics = outcome.metrics
+    job.stage = "register"
+    await journal.write(
+        JobEvent(EventType.STAGE_STARTED, stage="register", message="storing artifacts and registering the version"),
+        stage="register",
+        metrics=metrics,
+    )
+    output_uri = ""
+    try:
+        stored = await asyncio.to_thread(store, cfg, job, outcome)
+        output_uri = stored.output_uri
+        version = await register(cfg, tls, job, outcome, stored, journal)
+    except JobFailed as exc:
+        await journal.finish(JobState.FAILED, str(exc), job.stage, output_uri=output_uri)
+        return 0
+    await journal.write(
+        JobEvent(EventType.REGISTERED, stage="register", message=version, metrics=metrics),
+        model_version=version,
+        output_uri=output_uri,
+    )
+    await journal.finish(JobState.SUCCEEDED, f"registered {version}", job.stage)
+    return 0

@@ -1,0 +1,173 @@
+"""Training one job with neuroweaver_ml: `Training` (SFT) and the methods built on it, each giving an `Outcome`.
+
+Training runs on a thread (the ML code is synchronous); its events are mapped (events.py) and committed
+before it goes on, and `stop` (SIGTERM, a cancel, a lost lease) ends it after the current step. Every stage
+writes under the job's directory, so a later attempt resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..domain.job import EventType, JobEvent, Method, TrainingJob
+from .config import WorkerConfig
+from .events import EventMapper
+from .journal import Journal
+
+
+class JobFailed(Exception):
+    """A failure with a reason a person can act on."""
+
+
+@dataclass
+class Outcome:
+    """What a method's training produced, in the form registration needs."""
+
+    status: str  # completed | cancelled
+    message: str  # summary (notes / cancel message)
+    adapter_dir: str = ""
+    adapter_sha256: str = ""
+    report_path: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_artifacts: list[tuple[str, str]] = field(default_factory=list)  # (local path, name in the store)
+    parent_version: str = ""
+    judge_version: str = ""
+    dataset_uri: str = ""
+    dataset_digest: str = ""
+
+
+def sft_cancel_message(result) -> str:
+    return f"cancelled at step {result.global_step}; last checkpoint kept: {result.last_checkpoint or 'none'}"
+
+
+def sft_metrics(result) -> dict[str, float]:
+    values = {
+        "train_loss": result.train_loss if result.train_loss is not None else result.final_step_loss,
+        "eval_loss": result.eval_loss,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class Training:
+    """SFT_LORA / SFT_QLORA: the `sft` stage. Subclasses train the other methods (`for_job` picks)."""
+
+    def __init__(self, cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.job = job
+        self.journal = journal
+        self.stop = stop
+        self.events = EventMapper(journal.attempt)
+
+    @staticmethod
+    def for_job(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> Training:
+        from .preferences import PreferenceTraining
+        from .rlaif import RlaifTraining
+
+        kind: dict[Method | None, type[Training]] = {
+            Method.RLAIF: RlaifTraining,
+            Method.DPO: PreferenceTraining,
+            Method.REWARD_MODEL: PreferenceTraining,
+        }
+        return kind.get(job.method, Training)(cfg, job, journal, stop)
+
+    async def train(self) -> Outcome:
+        job = self.job
+        result = await self.sft_stage()
+        if result.status == "cancelled":
+            return Outcome("cancelled", sft_cancel_message(result))
+        return Outcome(
+            "completed", f"{result.global_step} steps", adapter_dir=result.adapter_dir, adapter_sha256=result.adapter_sha256,
+            report_path=result.report_path, metrics=sft_metrics(result), dataset_uri=job.dataset_uri, dataset_digest=job.dataset_digest,
+        )  # fmt: skip
+
+    # -- shared by the methods -------------------------------------------------------------------
+
+    def on_event(self, ev) -> None:
+        """Called by run_sft / run_rlaif / run_dpo / run_reward_model on the training thread; blocks until the event
+        row is committed."""
+        mapped = self.events.map(ev)
+        if mapped is None:
+            return
+        if mapped.event.type is EventType.STAGE_STARTED:
+            self.job.stage = mapped.event.stage
+        self.journal.write_from_thread(mapped.event, **mapped.job_values)
+
+    async def start_stage(self, stage: str, message: str) -> None:
+        self.job.stage = self.events.stage = stage
+        await self.journal.write(
+            JobEvent(EventType.STAGE_STARTED, stage=stage, message=f"attempt {self.journal.attempt}: {message}"), stage=stage
+        )
+
+    def job_dir(self) -> Path:
+        cfg = self.cfg
+        return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.data_dir) / "jobs" / self.job.job_id
+
+    async def base_dir(self) -> str:
+        from neuroweaver_ml import ModelNotFound, PathError, resolve_base_model
+
+        try:
+            return str(await asyncio.to_thread(resolve_base_model, self.job.base_model, self.cfg.model_cache_dir or None))
+        except (ModelNotFound, PathError) as exc:
+            raise JobFailed(f"base model is no longer available: {exc}") from None
+
+    async def input_file(self, uri: str, digest: str, what: str) -> str:
+        """Local path of a dataset/prompt file, refusing one that changed since the job was submitted."""
+        from neuroweaver_ml import digest_path, uri_to_path
+
+        path = uri_to_path(uri)
+        try:
+            actual = (await asyncio.to_thread(digest_path, path))[0]
+        except OSError as exc:
+            raise JobFailed(f"{what} {uri} cannot be read any more: {exc}") from None
+        if digest and actual != digest:
+            raise JobFailed(
+                f"{what} {uri} changed since the job was submitted (sha256 {actual[:12]}…, submitted {digest[:12]}…); submit a new job"
+            )
+        return str(path)
+
+    async def sft_stage(self):
+        """The `sft` stage (SFT methods, and RLAIF's first stage); resumes from its newest checkpoint."""
+        from neuroweaver_ml import DatasetInvalid, ResumeMismatch, SFTConfig, run_sft, uri_to_path
+
+        job = self.job
+        await self.start_stage("sft", f"{job.method.value} on {job.base_model}")
+        base_dir = await self.base_dir()
+        train_file = await self.input_file(job.dataset_uri, job.dataset_digest, "dataset")
+        eval_file = uri_to_path(job.eval_dataset_uri) if job.eval_dataset_uri else None
+        h, lo = job.hyperparameters, job.lora
+        sft = SFTConfig(
+            base_model_dir=base_dir, train_file=train_file, output_dir=str(self.job_dir() / "run"),
+            eval_file=str(eval_file) if eval_file else None, eval_fraction=0.0 if eval_file else h.eval_split,
+            method="qlora" if job.method is Method.SFT_QLORA else "lora", lora_r=lo.r, lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout, target_modules=list(lo.target_modules) or None, learning_rate=h.learning_rate,
+            num_epochs=h.num_epochs, max_steps=h.max_steps if h.max_steps > 0 else -1, batch_size=h.batch_size,
+            grad_accumulation=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length, warmup_ratio=h.warmup_ratio,
+            lr_scheduler=h.lr_scheduler, weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed,
+            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
+            gradient_checkpointing=h.gradient_checkpointing, base_model_ref=job.base_model, adapter_name=job.name,
+        )  # fmt: skip
+        try:
+            result = await asyncio.to_thread(run_sft, sft, self.on_event, self.stop.is_set)
+        except (DatasetInvalid, ResumeMismatch) as exc:
+            raise JobFailed(str(exc)) from None
+        except ValueError as exc:
+            raise JobFailed(f"invalid training configuration: {exc}") from None
+        except MemoryError:
+            raise JobFailed("out of memory: lower batch_size or max_seq_length, or use SFT_QLORA") from None
+        if result.status != "cancelled":
+            metrics = sft_metrics(result)
+            await self.journal.write(
+                JobEvent(
+                    EventType.STAGE_COMPLETED,
+                    stage="sft",
+                    metrics=metrics,
+                    message=f"trained {result.global_step} steps, {result.tokens_seen} tokens",
+                ),
+                current_step=result.global_step,
+                total_steps=result.total_steps,
+                metrics=metrics,
+            )
+        return result
