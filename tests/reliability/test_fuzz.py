@@ -759,17 +759,6 @@ def test_invalid_utf8_on_the_model_server(model_server):
     check_invalid_utf8_after_authentication({"inference": model_server})
 
 
-# Open defects, each (rpc, field path): reason. A fixed one fails the test until its entry is removed.
-_MAP_KEYS = (
-    "the runtime's request inspection (inspection._plan) skips maps whose values are scalars other than strings, so "
-    "their string keys are never checked for NUL (nor for resource names)"
-)
-KNOWN_NUL_GAPS = {
-    ("registry.CompareModelVersions", "metric_tolerances"): _MAP_KEYS + ": map<string, double> metric_tolerances",
-    ("trainer.CreateTrainingJob", "training_job.metrics"): _MAP_KEYS + ": map<string, double> TrainingJob.metrics",
-}
-
-
 def test_nul_in_any_string_field_is_invalid_argument_naming_the_field(services):
     """A NUL character in any string field of any request (nested, repeated, map keys and values), inside an otherwise
     plausible request, is refused by validation with a field violation that names the field: never stored (PostgreSQL
@@ -788,11 +777,4 @@ def test_nul_in_any_string_field_is_invalid_argument_naming_the_field(services):
                     if code != grpc.StatusCode.INVALID_ARGUMENT or not any(slot[-1][0].name in v for v in fields):
                         where = (f"{svc}.{method.name}", ".".join(f.name for f, _ in slot))
                         wrong[where] = f"{code.name} {fields} {(err.details() or '')[:120] if err else ''}"
-    unknown = {k: v for k, v in wrong.items() if k not in KNOWN_NUL_GAPS}
-    assert not unknown, f"{len(unknown)} string fields took a NUL:\n" + "\n".join(
-        f"{r} {f}: {v}" for (r, f), v in unknown.items()
-    )
-    fixed = [k for k in KNOWN_NUL_GAPS if k not in wrong]
-    assert not fixed, f"fixed: remove {fixed} from KNOWN_NUL_GAPS"
-    if wrong:
-        pytest.xfail("; ".join(KNOWN_NUL_GAPS[k] for k in wrong))
+    assert not wrong, f"{len(wrong)} string fields took a NUL:\n" + "\n".join(f"{r} {f}: {v}" for (r, f), v in wrong.items())

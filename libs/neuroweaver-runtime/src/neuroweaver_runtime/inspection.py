@@ -119,6 +119,9 @@ def _collect(messages: list, out: list[str], top: bool = False) -> None:
                 for key, value in getattr(m, name).items():
                     out.append(key)
                     out.append(value)
+        elif kind == "map_keys":
+            for m in messages:
+                out.extend(getattr(m, name).keys())
         elif kind == "map_msg":
             for m in messages:
                 entries = getattr(m, name)
@@ -147,6 +150,9 @@ def _walk(message, path: str, top: bool, found: Findings, violations: Violations
             for key, item in value.items():
                 _string(key, f"{where}.key", False, found, violations, check_nul)
                 _string(item, f"{where}[{truncate(key, 40)!r}]", False, found, violations, check_nul)
+        elif kind == "map_keys":
+            for key in value:
+                _string(key, f"{where}.key", False, found, violations, check_nul)
         elif kind == "map_msg":
             for key, item in value.items():
                 _string(key, f"{where}.key", False, found, violations, check_nul)
@@ -184,6 +190,8 @@ def _plan(descriptor) -> tuple[tuple[FieldDescriptor, str], ...]:
                         steps.append((desc, "map_str"))
                     elif value.type == FieldDescriptor.TYPE_MESSAGE:
                         steps.append((desc, "map_msg"))
+                    elif entry.fields_by_name["key"].type == FieldDescriptor.TYPE_STRING:
+                        steps.append((desc, "map_keys"))  # e.g. map<string, double>: only the keys are text
                 elif _holds_strings(entry, set()):
                     steps.append((desc, "msgs" if repeated else "msg"))
         plan = _PLANS[descriptor.full_name] = tuple(steps)
