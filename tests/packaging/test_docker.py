@@ -93,6 +93,10 @@ def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
         assert cmd[cmd.index("--port-env") + 1] == env_prefix
         if target != "model-server":  # with the service's --client-tls-* set, the check dials TLS like the service does
             assert cmd[cmd.index("--tls-env-prefix") + 1] == f"NW_{svc.upper()}_CLIENT_"
+        else:  # serving TLS, the model server is checked on its ops port (test_model_server_health_check_*)
+            assert cmd[cmd.index("--server-tls-env") + 1] == "NW_MODEL_SERVER_TLS_CERT"
+            assert cmd[cmd.index("--ops-port") + 1] == str(metrics[target])
+            assert cmd[cmd.index("--ops-port-env") + 1] == "NW_MODEL_SERVER_METRICS_PORT"
         assert any(w == "COPY" and "/opt/venv" in r for w, r in ins), "runtime gets the prebuilt venv only"
         assert not any(w == "RUN" and "pip" in r for w, r in ins), "no package installs in the runtime stage"
 
@@ -228,3 +232,53 @@ async def test_health_check_script_dials_tls_and_mtls_with_the_service_client_se
         assert await _run_check(name, "--port", port, "--tls-env-prefix", "NW_R_CLIENT_", "--timeout", "2", env=mtls) == 1
     finally:
         await service.stop()
+
+
+def _model_server_healthcheck() -> list[str]:
+    """The model-server image's HEALTHCHECK command after `python /usr/local/bin/nw-grpc-health`."""
+    words = dict(_final_stages("deployer")["model-server"])
+    return json.loads(words["HEALTHCHECK"].split("CMD", 1)[1].strip())[2:]
+
+
+async def test_model_server_health_check_with_and_without_tls(tmp_path):
+    """The image's HEALTHCHECK arguments against a real model server (a tiny random Llama), configured through the
+    NW_MODEL_SERVER_* environment as the deployer and the Kubernetes manifests configure it. With mTLS and a
+    certificate for the Service's name (not 127.0.0.1) the gRPC check cannot pass; the ops port's /healthz can."""
+    from neuroweaver_deployer.model_server.app import ModelServer, ModelServerConfig
+    from neuroweaver_ml.models import build_tiny_llama
+    from neuroweaver_runtime.testing import TestCA
+
+    base = str(build_tiny_llama(tmp_path / "tiny-llama"))
+    ca = TestCA(tmp_path / "pki")
+    cert, key = ca.issue("advisor", hosts=("advisor.serving.svc",))
+    tls = {
+        "NW_MODEL_SERVER_TLS_CERT": str(cert),
+        "NW_MODEL_SERVER_TLS_KEY": str(key),
+        "NW_MODEL_SERVER_TLS_CLIENT_CA": str(ca.cert),
+    }
+    args = _model_server_healthcheck()
+    for settings in ({}, tls):
+        server = ModelServer(
+            ModelServerConfig(
+                grpc_port=0, http_port=0, metrics_port=0, base_model=base, shutdown_grace_seconds=1.0,
+                tls_cert=settings.get("NW_MODEL_SERVER_TLS_CERT", ""), tls_key=settings.get("NW_MODEL_SERVER_TLS_KEY", ""),
+                tls_client_ca=settings.get("NW_MODEL_SERVER_TLS_CLIENT_CA", ""),
+            )
+        )  # fmt: skip
+        await server.start()  # returns once the model is loaded: health SERVING on gRPC and /healthz
+        ports = {"NW_MODEL_SERVER_GRPC_PORT": str(server.grpc.port), "NW_MODEL_SERVER_METRICS_PORT": str(server.metrics_port)}
+        try:
+            assert await _run_check(*args, env={**ports, **settings}) == 0, settings
+            if settings:
+                # What the image ran before: gRPC health in plaintext against the TLS port.
+                grpc_only = args[: args.index("--server-tls-env")]
+                assert await _run_check(*grpc_only, "--timeout", "2", env={**ports, **settings}) == 1
+                off = {**ports, **settings, "NW_MODEL_SERVER_METRICS_PORT": "-1"}  # no ops port: nothing to check
+                assert await _run_check(*args, env=off) == 1
+            else:  # plaintext: gRPC health on the gRPC port; a dead port fails
+                dead = {**ports, "NW_MODEL_SERVER_GRPC_PORT": "1"}
+                assert await _run_check(*args, "--timeout", "2", env=dead) == 1
+        finally:
+            await server.stop()
+    # TLS on and the server gone: the ops port refuses, the check fails.
+    assert await _run_check(*args, "--timeout", "2", env={**ports, **tls}) == 1
