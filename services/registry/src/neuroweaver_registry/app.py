@@ -13,6 +13,7 @@ from neuroweaver_runtime.notify import PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 
+from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, RegistryServicer
 from .service.cache import InvalidatingNotifier, VersionCache
 from .service.events import EVENT_CHANNEL
@@ -41,7 +42,8 @@ def build(config: RegistryConfig) -> GrpcService:
     cache = VersionCache(max_entries=size, enabled=lambda: listener is not None and listener.listening)
     notifier = InvalidatingNotifier(cache)
     secret = config.page_token_key("registry")
-    service = Registry.on_database(db, notifier, PageTokens(secret), cache=cache if size > 0 else None)
+    service = Registry.on(SqlUnitOfWorkFactory(db, notifier), notifier, PageTokens(secret), cache=cache if size > 0 else None)
+    service.db = db
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 
     grpc_service = database_service(

@@ -90,7 +90,7 @@ class FakeModels(_Repo):
                 del table[k]
         self.store.history = [(k, e) for k, e in self.store.history if k != model.key]
 
-    async def list(self, project, filters, order_field, desc, cursor, limit):
+    async def page(self, project, filters, order_field, desc, cursor, limit):
         assert not filters and order_field == "name", "the fake lists by name only"
         models = sorted((m for m in self.store.models.values() if m.project == project), key=lambda m: m.name, reverse=desc)
         if cursor is not None:
@@ -149,7 +149,7 @@ class FakeVersions(_Repo):
     async def count(self, model: Model) -> int:
         return len(self._of(model))
 
-    async def list(self, model, filters, order_field, desc, cursor, limit):
+    async def page(self, model, filters, order_field, desc, cursor, limit):
         assert not filters and order_field == "version", "the fake lists by version only"
         versions = sorted(self._of(model), key=lambda v: semver_rules.sort_key(semver_rules.parse_version(v.version)))
         if desc:
@@ -169,7 +169,7 @@ class FakeAliases(_Repo):
     async def get(self, model: Model, alias: str) -> ModelAlias | None:
         return copy.deepcopy(self.store.aliases.get((model.key, alias)))
 
-    async def list(self, model: Model) -> list[ModelAlias]:
+    async def all(self, model: Model) -> list[ModelAlias]:
         return [copy.deepcopy(a) for (k, _), a in sorted(self.store.aliases.items()) if k == model.key]
 
     async def set(self, model: Model, alias: str, target: ModelAlias) -> None:
@@ -222,7 +222,7 @@ class FakeJudges(_Repo):
     async def get_version(self, judge: Judge, number: int) -> JudgeVersion | None:
         return copy.deepcopy(self.store.judge_versions.get((judge.key, number)))
 
-    async def list(self, project: str, after_name: str | None, limit: int) -> list[Judge]:
+    async def page(self, project: str, after_name: str | None, limit: int) -> list[Judge]:
         judges = sorted((j for j in self.store.judges.values() if j.project == project), key=lambda j: j.name)
         return copy.deepcopy([j for j in judges if after_name is None or j.name > after_name][:limit])
 

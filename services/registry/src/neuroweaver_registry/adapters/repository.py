@@ -92,7 +92,7 @@ class SqlModelRepository(_Repository):
             await self.s.execute(delete(table).where(table.c.model_id == model.key))
         await self.s.execute(delete(t.models).where(t.models.c.id == model.key))
 
-    async def list(
+    async def page(
         self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
     ) -> tuple[list[Model], list | None]:
         c = t.models.c
@@ -206,7 +206,7 @@ class SqlVersionRepository(_Repository):
         query = select(func.count()).select_from(t.versions).where(t.versions.c.model_id == model.key)
         return int((await self.s.execute(query)).scalar() or 0)
 
-    async def list(
+    async def page(
         self, model: Model, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
     ) -> tuple[list[ModelVersion], list | None]:
         c = t.versions.c
@@ -251,7 +251,7 @@ class SqlAliasRepository(_Repository):
         row = (await self.s.execute(query)).first()
         return None if row is None else _alias(model, row)
 
-    async def list(self, model: Model) -> list[ModelAlias]:
+    async def all(self, model: Model) -> list[ModelAlias]:
         query = select(t.aliases).where(t.aliases.c.model_id == model.key).order_by(t.aliases.c.alias)
         return [_alias(model, r) for r in (await self.s.execute(query)).all()]
 
@@ -374,7 +374,7 @@ class SqlJudgeRepository(_Repository):
         row = (await self.s.execute(select(t.judge_versions).where(c.judge_id == judge.key, c.version == number))).first()
         return None if row is None else _judge_version(judge.name, row)
 
-    async def list(self, project: str, after_name: str | None, limit: int) -> list[Judge]:
+    async def page(self, project: str, after_name: str | None, limit: int) -> list[Judge]:
         query = select(t.judges).where(t.judges.c.project == project)
         if after_name is not None:
             query = query.where(t.judges.c.name > after_name)

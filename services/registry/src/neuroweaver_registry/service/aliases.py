@@ -3,6 +3,7 @@ recorded in the history and the audit log, and logged (aliases route production 
 
 from __future__ import annotations
 
+import builtins
 import logging
 
 from neuroweaver_runtime.auth import current_actor
@@ -88,10 +89,10 @@ class AliasUseCases(UseCases):
             raise _missing(name)
         return found
 
-    async def list(self, model: str) -> list[ModelAlias]:
+    async def list(self, model: str) -> builtins.list[ModelAlias]:
         async with self.uow.read() as uow:
             # One query in this transaction: a nested transaction per alias deadlocks on SQLite (BEGIN IMMEDIATE).
-            return await uow.aliases.list(await get_model(uow, model, field="model"))
+            return await uow.aliases.all(await get_model(uow, model, field="model"))
 
     async def delete(self, name: str, expected: str, reason: str) -> None:
         model_name, alias = _model_of(name)

@@ -63,7 +63,7 @@ class JudgeUseCases(UseCases):
         limit = page_size(size)
         cursor = self.tokens.decode(token, [parent], str)
         async with self.uow.read() as uow:
-            judges = await uow.judges.list(project, cursor[0] if cursor else None, limit + 1)
+            judges = await uow.judges.page(project, cursor[0] if cursor else None, limit + 1)
         next_token = self.tokens.encode([judges[limit - 1].name], [parent]) if len(judges) > limit else ""
         return Page(judges[:limit], next_token)
 

@@ -62,7 +62,7 @@ class ModelUseCases(UseCases):
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, str if order_field == "name" else datetime, str)
         async with self.uow.read() as uow:
-            items, after = await uow.models.list(project, filters, order_field, desc, cursor, limit)
+            items, after = await uow.models.page(project, filters, order_field, desc, cursor, limit)
         return Page(items, self.tokens.encode(after, query) if after else "")
 
     async def update(self, model: Model, paths: set[str], etag: str) -> Model:

@@ -1,4 +1,4 @@
-"""The registry's use cases, one object per resource, wired to one unit-of-work factory."""
+"""The registry's use cases, one object per resource, wired to one unit-of-work factory (SQL: app.build; fakes: tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
 
-from ..adapters.unit_of_work import SqlUnitOfWorkFactory
 from .aliases import AliasUseCases
 from .cache import VersionCache
 from .events import EventUseCases
@@ -25,7 +24,7 @@ class Registry:
     aliases: AliasUseCases
     events: EventUseCases
     judges: JudgeUseCases
-    db: Database | None = None  # the database behind the units of work (None with in-memory fakes)
+    db: Database | None = None  # the database behind the units of work (app.build sets it; None with in-memory fakes)
 
     @property
     def cache(self) -> VersionCache | None:
@@ -43,11 +42,3 @@ class Registry:
             EventUseCases(uow, page_tokens, notifier),
             JudgeUseCases(uow, page_tokens),
         )
-
-    @classmethod
-    def on_database(
-        cls, db: Database, notifier: Notifier, page_tokens: PageTokens, cache: VersionCache | None = None
-    ) -> Registry:
-        registry = cls.on(SqlUnitOfWorkFactory(db, notifier), notifier, page_tokens, cache)
-        registry.db = db
-        return registry

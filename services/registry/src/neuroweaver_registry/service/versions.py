@@ -3,6 +3,7 @@ metrics, and the comparison of two versions."""
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -187,7 +188,7 @@ class VersionUseCases(UseCases):
         cursor = self.tokens.decode(token, query, str if order_field == "version" else datetime, int)
         async with self.uow.read() as uow:
             model = await get_model(uow, parent, field="parent")
-            items, after = await uow.versions.list(model, filters, order_field, desc, cursor, limit)
+            items, after = await uow.versions.page(model, filters, order_field, desc, cursor, limit)
         return Page(items, self.tokens.encode(after, query) if after else "")
 
     async def update_labels(self, name: str, labels: dict[str, str], etag: str) -> ModelVersion:
@@ -219,7 +220,7 @@ class VersionUseCases(UseCases):
                 )
             return await self._reread(uow, model, version)
 
-    async def append_metrics(self, name: str, metrics: list[Metric]) -> ModelVersion:
+    async def append_metrics(self, name: str, metrics: builtins.list[Metric]) -> ModelVersion:
         if not metrics:
             raise InvalidArgument("metrics must not be empty", field="metrics", reason="NO_METRICS")
         v = Violations()
