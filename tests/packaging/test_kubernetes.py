@@ -287,7 +287,8 @@ def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name
 def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
     """Each service mounts its own Secret (cert-manager's ca.crt/tls.crt/tls.key), serves mTLS with it, calls the
     others and probes itself with it, and verifies peers by the Service names its targets dial; the trainer's
-    Job pods get the same Secret. The plain base keeps TLS off."""
+    Job pods get the same Secret, the deployer's model-server pods neuroweaver-model-server-tls. The plain base keeps
+    TLS off."""
     objs = rendered["overlays/mtls"]
     deps = _deployments(objs)
     services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
@@ -311,6 +312,9 @@ def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
                 assert e["value"].rsplit(":", 1)[0] in services, var
     trainer = _env(_container(deps["trainer"]))
     assert trainer["NW_TRAINER_KUBE_TLS_SECRET"]["value"] == "neuroweaver-trainer-tls"
+    # ... and the model-server pods the deployer creates get their certificate (mTLS: the deployer has a client CA).
+    deployer = _env(_container(deps["deployer"]))
+    assert deployer["NW_DEPLOYER_KUBE_MODEL_SERVER_TLS_SECRET"]["value"] == "neuroweaver-model-server-tls"
     for dep in _deployments(rendered["base"]).values():
         assert not [k for k in _env(_container(dep)) if "_TLS_" in k]
 
