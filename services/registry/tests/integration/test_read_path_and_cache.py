@@ -178,6 +178,9 @@ async def test_cache_is_invalidated_by_writes_through_another_replica(tmp_path):
         a, b = (rs_grpc.RegistryServiceStub(c) for c in channels)
         cache_a = replicas[0].registry.cache
         assert cache_a is not None
+        # An hour-long TTL: whatever A serves fresh within the waits below came from a NOTIFY, not from expiry
+        # (and no wall-clock bound makes the test depend on the machine's load).
+        cache_a.ttl = 3600.0
         m = await b.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="cached", model=pb.Model()))
         art = pb.Artifact(uri="file:///tmp/a", sha256=SHA, size_bytes=1)
         for version in ("1.0.0", "1.1.0"):
@@ -190,30 +193,28 @@ async def test_cache_is_invalidated_by_writes_through_another_replica(tmp_path):
         async def read(ref: str) -> pb.ModelVersion:
             return await a.GetModelVersion(rs.GetModelVersionRequest(name=f"{m.name}/versions/{ref}"))
 
-        async def visible_on_a(ref: str, check) -> float:
-            """Seconds until A serves the write B just acknowledged (polling A's cached read path)."""
+        async def visible_on_a(ref: str, check) -> None:
+            """Waits until A serves the write B just acknowledged (polling A's cached read path)."""
             started = loop.time()
             while not check(await read(ref)):
-                assert loop.time() - started < 2.0, f"replica A still serves a stale {ref}"
+                assert loop.time() - started < 30.0, f"replica A still serves a stale {ref}"
                 await asyncio.sleep(0.001)
-            return loop.time() - started
 
         # fill A's cache and prove it is used
         for ref in ("prod", "latest", "1.0.0"):
             await read(ref)
         hits = cache_a.hits
         assert (await read("prod")).version == "1.0.0" and cache_a.hits == hits + 1
-        delays = []
         await b.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0"))
-        delays.append(await visible_on_a("prod", lambda v: v.version == "1.1.0"))
+        await visible_on_a("prod", lambda v: v.version == "1.1.0")
         await b.CreateModelVersion(
             rs.CreateModelVersionRequest(parent=m.name, version="2.0.0", model_version=pb.ModelVersion(artifact=art))
         )
-        delays.append(await visible_on_a("latest", lambda v: v.version == "2.0.0"))
+        await visible_on_a("latest", lambda v: v.version == "2.0.0")
         await b.AppendModelVersionMetrics(
             rs.AppendModelVersionMetricsRequest(name=f"{m.name}/versions/1.0.0", metrics=[pb.Metric(name="acc", value=1.0)])
         )
-        delays.append(await visible_on_a("1.0.0", lambda v: len(v.metrics) == 1))
+        await visible_on_a("1.0.0", lambda v: len(v.metrics) == 1)
         await b.DeleteModel(rs.DeleteModelRequest(name=m.name, force=True))
         started = loop.time()
         while True:
@@ -222,10 +223,8 @@ async def test_cache_is_invalidated_by_writes_through_another_replica(tmp_path):
             except grpc.aio.AioRpcError as err:
                 assert err.code() == NOT_FOUND
                 break
-            assert loop.time() - started < 2.0, "replica A still serves a deleted model"
+            assert loop.time() - started < 30.0, "replica A still serves a deleted model"
             await asyncio.sleep(0.001)
-        # NOTIFY latency, not the 5 s TTL: a generous bound for a loaded CI machine
-        assert max(delays) < 1.0, delays
         # with the LISTEN connection gone, the cache is bypassed (notifications could be lost)
         cache_a.enabled = lambda: False
         assert cache_a.token("default") is None and len(cache_a) == 0
