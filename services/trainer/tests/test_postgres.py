@@ -105,4 +105,4 @@ async def test_watch_on_another_server_follows_notify(pg_url, trainers, tiny_mod
     h.assert_gap_free(events)
     assert [e.step.step for e in events if e.type == h.tpb.EVENT_TYPE_STEP] == [1, 2, 3, 4, 5]
     assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED
-    assert max(latencies) < 2.0, latencies  # far below the 30 s poll: delivered by NOTIFY
+    assert max(latencies) < 10.0, latencies  # well below the 30 s poll: delivered by NOTIFY (a bound, not a speed claim)
