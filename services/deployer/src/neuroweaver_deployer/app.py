@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime import migrations
+from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
-from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.server import GrpcService
 from neuroweaver_runtime.tls import ServerTLS
 
 from .adapters.kube import KubeDefaults
@@ -157,29 +156,20 @@ def build(config: DeployerConfig) -> GrpcService:
     follower = AliasFollower(db, registry, service)
     service.on_alias_change = follower.request_sync
 
-    async def ready() -> None:
-        await db.wait_until_ready()
-        if config.migrate:
-            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
-        await controller.resume_all()
-        await follower.sync()
-
-    async def close() -> None:
-        await follower.close()
-        await controller.close()
-        await registry.close()
-        await db.dispose()
-
-    definition = ServiceDefinition(
+    grpc_service = database_service(
+        config,
+        db,
         name="deployer",
-        full_names=[SERVICE_NAME],
-        error_domain="deployer.neuroweaver.v1",
+        full_name=SERVICE_NAME,
         method_roles=METHOD_ROLES,
         add_servicers=lambda server: svc_grpc.add_DeployerServiceServicer_to_server(DeployerServicer(service), server),
-        ready=ready,
-        on_stop=[close],
+        migrations_dir=MIGRATIONS,
+        migrate=config.migrate,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+        on_ready=[controller.resume_all, follower.sync],
+        on_stop=[follower.close, controller.close, registry.close],
     )
-    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     grpc_service.deployer = service  # type: ignore[attr-defined]  # handy for in-process tests
     grpc_service.controller = controller  # type: ignore[attr-defined]
     return grpc_service

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime import migrations
+from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.pagination import PageTokens
-from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.server import GrpcService
 
 from .adapters.clients import DeployerClient, RegistryClient
 from .api.servicer import METHOD_ROLES, ExperimentsServicer
@@ -46,25 +45,18 @@ def build(config: ExperimentsConfig) -> GrpcService:
     registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds, tls)
     service = ExperimentsService(db, PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds)
 
-    async def ready() -> None:
-        await db.wait_until_ready()
-        if config.migrate:
-            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
-
-    async def close() -> None:
-        await deployer.close()
-        await registry.close()
-        await db.dispose()
-
-    definition = ServiceDefinition(
+    grpc_service = database_service(
+        config,
+        db,
         name="experiments",
-        full_names=[SERVICE_NAME],
-        error_domain="experiments.neuroweaver.v1",
+        full_name=SERVICE_NAME,
         method_roles=METHOD_ROLES,
         add_servicers=lambda server: svc_grpc.add_ExperimentsServiceServicer_to_server(ExperimentsServicer(service), server),
-        ready=ready,
-        on_stop=[close],
+        migrations_dir=MIGRATIONS,
+        migrate=config.migrate,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+        on_stop=[deployer.close, registry.close],
     )
-    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests
     return grpc_service

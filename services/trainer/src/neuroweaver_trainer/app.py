@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as svc_grpc
-from neuroweaver_runtime import migrations
+from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier, PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
-from neuroweaver_runtime.server import GrpcService, ServiceDefinition
+from neuroweaver_runtime.server import GrpcService
 
 from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
 from .adapters.inputs import default_dataset_roots, default_model_roots, parse_roots
@@ -177,34 +176,34 @@ def build(config: TrainerConfig) -> GrpcService:
     )  # fmt: skip
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 
-    async def ready() -> None:
-        await db.wait_until_ready()
-        if config.migrate:
-            await asyncio.to_thread(migrations.upgrade, db.url, MIGRATIONS)
+    async def start_work() -> None:
         if listener:
             await listener.start()
         if config.run_jobs:
             scheduler.start()
 
-    async def close() -> None:
+    async def stop_work() -> None:
         await scheduler.stop(config.shutdown_grace_seconds)
         await hub.close()
         if listener:
             await listener.stop()
         if kube is not None:
             kube.client.close()
-        await db.dispose()
 
-    definition = ServiceDefinition(
+    grpc_service = database_service(
+        config,
+        db,
         name="trainer",
-        full_names=[SERVICE_NAME],
-        error_domain="trainer.neuroweaver.v1",
+        full_name=SERVICE_NAME,
         method_roles=METHOD_ROLES,
         add_servicers=lambda server: svc_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(service), server),
-        ready=ready,
-        on_stop=[close],
+        migrations_dir=MIGRATIONS,
+        migrate=config.migrate,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+        on_ready=[start_work],
+        on_stop=[stop_work],
     )
-    grpc_service = GrpcService(definition, config, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     grpc_service.trainer = service  # type: ignore[attr-defined]  # handy for in-process tests
     grpc_service.scheduler = scheduler  # type: ignore[attr-defined]
     return grpc_service

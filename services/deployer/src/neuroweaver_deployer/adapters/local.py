@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.names import project_of
-from neuroweaver_runtime.testing import free_port
+from neuroweaver_runtime.ports import free_port
 from neuroweaver_runtime.tls import ServerTLS
 
 from ..domain.model import BackendStatus, Target

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from neuroweaver_runtime.timestamps import aware
 
 from ..domain.model import (
     Autoscaling,
@@ -22,12 +24,6 @@ from ..domain.model import (
     Toleration,
 )
 from . import tables as t
-
-
-def aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _conditions_out(conditions: list[Condition]) -> list[dict]:

@@ -22,13 +22,6 @@ METHOD_ROLES = {
 }  # fmt: skip
 
 
-def fingerprint(request) -> str:
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
-
-
 class DeployerServicer(svc_grpc.DeployerServiceServicer):
     def __init__(self, service: DeployerService) -> None:
         self.svc = service
@@ -39,7 +32,7 @@ class DeployerServicer(svc_grpc.DeployerServiceServicer):
             request.deployment_id,
             convert.deployment_from_pb(request.deployment),
             request.request_id,
-            fingerprint(request),
+            idempotency.request_fingerprint(request),
         )
         return convert.deployment_to_pb(d)
 

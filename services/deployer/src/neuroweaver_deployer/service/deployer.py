@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
 
 from neuroweaver_kube.manifests import model_server_manifests, to_yaml
@@ -18,7 +17,7 @@ from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.notify import Notifier
-from neuroweaver_runtime.pagination import PageTokens, page_size
+from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
@@ -40,12 +39,6 @@ from ..domain.model import (
 from .controller import Controller, target_of
 
 log = logging.getLogger("neuroweaver.deployer")
-
-
-@dataclass
-class Page:
-    items: list
-    next_page_token: str
 
 
 class DeployerService:
@@ -97,7 +90,7 @@ class DeployerService:
     async def create(self, parent: str, deployment_id: str, d: Deployment, request_id: str, fingerprint: str) -> Deployment:
         project = PROJECT.parse(parent, "parent")["project"]
         validate_id(deployment_id, "deployment_id", "deployment id")
-        request_id = idempotency.validate_request_id(request_id)
+        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateDeployment", request_id, fingerprint)
         v = Violations()
         validate_spec(d, v, creating=True)
         v.raise_if_any()
@@ -106,7 +99,7 @@ class DeployerService:
         version = await self._resolve(d)
         async with self.db.transaction() as s:
             repo = DeployerRepository(s)
-            earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateDeployment", fingerprint)
+            earlier = await once.earlier(s)
             if earlier is None:
                 if await repo.row(d.name) is not None:
                     raise AlreadyExists(
@@ -117,7 +110,7 @@ class DeployerService:
                 d.create_time = d.update_time = now
                 row_id = await repo.insert(d, version)
                 await repo.add_revision(row_id, Revision(d.name, 1, version.name, "create", current_actor(), now))
-                await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateDeployment", fingerprint, d.name)
+                await once.remember(s, d.name)
             result = to_deployment(await repo.row(earlier or d.name))
         if earlier is None:
             self._changed(d.name)

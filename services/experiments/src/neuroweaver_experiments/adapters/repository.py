@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -18,6 +18,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.filtering import Comparison
+from neuroweaver_runtime.timestamps import aware
 
 from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..domain.statistics import (
@@ -108,12 +109,6 @@ def _float_array(values: Sequence[float]) -> str:
 def _time_array(times: Sequence[datetime | None]) -> str:
     """A timestamptz[] literal (one text parameter), NULL where the event has no time of its own."""
     return "{" + ",".join("NULL" if t is None else f'"{t.isoformat()}"' for t in times) + "}"
-
-
-def aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def metric_to_json(m: MetricSpec) -> dict:

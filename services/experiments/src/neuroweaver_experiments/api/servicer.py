@@ -27,14 +27,6 @@ METHOD_ROLES = {
 }  # fmt: skip
 
 
-def fingerprint(request) -> str:
-    """Digest of a create request without its request_id: the same id with another body is misuse."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
-
-
 class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
     def __init__(self, service: ExperimentsService) -> None:
         self.svc = service
@@ -45,7 +37,7 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
             request.experiment_id,
             convert.experiment_from_pb(request.experiment),
             request.request_id,
-            fingerprint(request),
+            idempotency.request_fingerprint(request),
         )
         return convert.experiment_to_pb(exp)
 

@@ -12,7 +12,7 @@ from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, Invali
 from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
-from neuroweaver_runtime.pagination import PageTokens, page_size
+from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_ASSIGN = 10_000
 _AUTO_CONCLUDE = {Decision.SHIP_VARIANT, Decision.STOP_FOR_HARM, Decision.NO_DETECTABLE_DIFFERENCE}
-
-
-@dataclass
-class Page:
-    items: list
-    next_page_token: str
 
 
 @dataclass
@@ -90,7 +84,7 @@ class ExperimentsService:
     async def create(self, parent: str, experiment_id: str, exp: Experiment, request_id: str, fingerprint: str) -> Experiment:
         project = PROJECT.parse(parent, "parent")["project"]
         validate_id(experiment_id, "experiment_id", "experiment id")
-        request_id = idempotency.validate_request_id(request_id)
+        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateExperiment", request_id, fingerprint)
         name = EXPERIMENT.format(project=project, experiment=experiment_id)
         apply_defaults(exp, experiment_id)
         for v in exp.variants:  # output-only fields are ignored on input
@@ -98,7 +92,7 @@ class ExperimentsService:
         validate_experiment(exp)
         async with self.db.transaction() as s:
             repo = self._repo(s)
-            earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateExperiment", fingerprint)
+            earlier = await once.earlier(s)
             if earlier is None:
                 if await repo.experiment_row(name) is not None:
                     raise AlreadyExists(
@@ -110,7 +104,7 @@ class ExperimentsService:
                 exp.start_time = exp.end_time = None
                 exp.weights_history = [exp.weights]
                 await repo.insert_experiment(exp, project)
-                await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateExperiment", fingerprint, name)
+                await once.remember(s, name)
             return repo.to_experiment(await repo.experiment_row(earlier or name))
 
     async def get(self, name: str) -> Experiment:

@@ -23,10 +23,10 @@ from sqlalchemy import select
 
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import FieldViolation, InvalidArgument, NotFound
-from neuroweaver_runtime.timestamps import utcnow
+from neuroweaver_runtime.timestamps import aware, utcnow
 
 from ..adapters import tables as t
-from ..adapters.repository import ExperimentsRepository, aware
+from ..adapters.repository import ExperimentsRepository
 from ..domain.aggregation import UnitAggregate, contribution_delta
 from ..domain.experiment import EXPERIMENT, ExperimentState, require_running
 from ..domain.statistics import MetricKind

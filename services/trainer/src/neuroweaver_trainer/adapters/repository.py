@@ -7,13 +7,14 @@ the worker processes (which open their own connection to the same database).
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.filtering import Comparison
+from neuroweaver_runtime.timestamps import aware
 
 from ..domain.job import (
     EventType,
@@ -31,12 +32,6 @@ from ..domain.job import (
 from . import tables as t
 
 EVENT_CHANNEL = "nw_trainer_events"
-
-
-def aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def notify_key(job_pk: int) -> str:

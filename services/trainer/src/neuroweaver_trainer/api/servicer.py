@@ -19,14 +19,6 @@ METHOD_ROLES = {
 }  # fmt: skip
 
 
-def fingerprint(request) -> str:
-    """Digest of a create request without its request_id: the same id with another body is misuse."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return idempotency.fingerprint(copy.SerializeToString(deterministic=True))
-
-
 class TrainerServicer(svc_grpc.TrainerServiceServicer):
     def __init__(self, service: TrainerService) -> None:
         self.svc = service
@@ -37,7 +29,7 @@ class TrainerServicer(svc_grpc.TrainerServiceServicer):
             request.training_job_id,
             convert.job_from_pb(request.training_job),
             request.request_id,
-            fingerprint(request),
+            idempotency.request_fingerprint(request),
             request.validate_only,
         )
         return convert.job_to_pb(job)

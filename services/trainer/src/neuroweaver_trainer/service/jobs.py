@@ -19,7 +19,7 @@ from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, Invali
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.notify import Notifier
-from neuroweaver_runtime.pagination import PageTokens, page_size
+from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
 from ..adapters import tables
@@ -42,12 +42,6 @@ from ..domain.judge_endpoints import JudgeEndpoints
 from .feeds import GONE, LAGGED, FeedHub
 
 EVENT_PAGE = 500
-
-
-@dataclass
-class Page:
-    items: list
-    next_page_token: str
 
 
 @dataclass
@@ -112,10 +106,10 @@ class TrainerService:
             validate_id(job_id, "training_job_id", "training job id")
         else:
             job_id = "tj-" + uuid.uuid4().hex[:12]
-        request_id = idempotency.validate_request_id(request_id)
-        if request_id and not validate_only:
+        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateTrainingJob", request_id, fingerprint)
+        if once.request_id and not validate_only:  # a retry answers before the (slow) input checks run again
             async with self.db.transaction() as s:
-                earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint)
+                earlier = await once.earlier(s)
                 if earlier is not None:
                     return job_from_row(await JobRepository(s).job_row(earlier))
         v = Violations()
@@ -150,7 +144,7 @@ class TrainerService:
             return job
         async with self.db.transaction() as s:
             repo = JobRepository(s)
-            earlier = await idempotency.find(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint)
+            earlier = await once.earlier(s)
             if earlier is not None:
                 return job_from_row(await repo.job_row(earlier))
             if await repo.job_row(job.name) is not None:
@@ -160,7 +154,7 @@ class TrainerService:
                 pk,
                 JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=queued, create_time=job.create_time),
             )
-            await idempotency.remember(s, tables.idempotency_keys, request_id, "CreateTrainingJob", fingerprint, job.name)
+            await once.remember(s, job.name)
             result = job_from_row(await repo.job_row(job.name))
         self.notifier.wake(notify_key(pk))
         self.on_queued()
