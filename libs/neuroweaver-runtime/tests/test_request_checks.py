@@ -12,7 +12,8 @@ import pytest
 from neuroweaver.experiments.v1 import experiment_pb2, experiments_service_pb2
 from neuroweaver_runtime.auth import ProjectGrants, Role, TokenAuthenticator, acting_as, current_actor, parse_principal
 from neuroweaver_runtime.client import open_channel
-from neuroweaver_runtime.errors import NotFound, error_info, field_violations
+from neuroweaver_runtime.errors import NotFound
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 from neuroweaver_runtime.interceptors import ServiceInterceptor
 
 SERVICE = "test.Checks"
