@@ -36,9 +36,18 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from nwstack import SERVICES, health_status, message_class, minimal_request, service_descriptor, start_service, wait_for
+from nwstack import (
+    SERVICES,
+    health_status,
+    message_class,
+    minimal_request,
+    service_databases,
+    service_descriptor,
+    start_service,
+    wait_for,
+)
 
-from neuroweaver_runtime.errors import field_violations
+from neuroweaver_runtime.grpc_errors import field_violations
 from neuroweaver_runtime.testing import free_port
 
 SEED = int(os.environ.get("NW_FUZZ_SEED", "20240611"))
@@ -546,22 +555,12 @@ def _around(text: str, needle: str, width: int = 3000) -> str:
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def services(request, tmp_path_factory):
-    import asyncio
-
     work = tmp_path_factory.mktemp(f"fuzz-{request.param}")
-    urls, drops = {}, []
-    if request.param == "postgres":
-        from neuroweaver_runtime.testing import create_postgres_database, postgres_available
+    with service_databases(request.param, "nwfz") as urls:
+        yield from _fuzz_stack(work, urls)
 
-        if not postgres_available():
-            pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
 
-        async def create():
-            return {svc: await create_postgres_database(f"nwfz{svc[:3]}") for svc in SERVICES}
-
-        made = asyncio.run(create())
-        urls, drops = {svc: url for svc, (url, _) in made.items()}, [drop for _, drop in made.values()]
-
+def _fuzz_stack(work, urls):
     def common(svc):
         db = ("--database-url", urls[svc]) if svc in urls else ()
         return ("--auth-tokens", TOKENS, "--page-token-secret", PAGE_TOKEN_SECRET, "--max-message-bytes", str(LIMIT), *db)
@@ -588,13 +587,6 @@ def services(request, tmp_path_factory):
     finally:
         for p in procs.values():
             p.stop()
-
-        async def drop_all():
-            for drop in drops:
-                await drop()
-
-        if drops:
-            asyncio.run(drop_all())
 
 
 def seed_default_project(procs: dict) -> None:

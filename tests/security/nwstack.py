@@ -5,6 +5,7 @@ Every wait polls a condition with a deadline; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -223,3 +224,34 @@ def start_service(svc: str, workdir: Path, *extra: str, port: int | None = None,
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=proc_env, cwd=str(data_dir))
     return ServiceProcess(svc, port, proc, log_path, args)
+
+
+@contextlib.contextmanager
+def service_databases(kind: str, prefix: str):
+    """{service: database URL} for a stack on `kind` ("sqlite": {} — each service's default file; "postgres": a fresh
+    database per service, dropped on exit). Skips the test when PostgreSQL is not reachable."""
+    if kind == "sqlite":
+        yield {}
+        return
+    import asyncio
+
+    import pytest
+
+    from neuroweaver_runtime.testing import create_postgres_database, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
+
+    async def create():
+        return {svc: await create_postgres_database(f"{prefix}{svc[:3]}") for svc in SERVICES}
+
+    made = asyncio.run(create())
+    try:
+        yield {svc: url for svc, (url, _) in made.items()}
+    finally:
+
+        async def drop_all():
+            for _, drop in made.values():
+                await drop()
+
+        asyncio.run(drop_all())

@@ -21,7 +21,6 @@ reference, metric events naming another project, promotion moving another projec
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import re
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format
-from nwstack import SERVICES, message_class, service_descriptor, start_service, wait_for
+from nwstack import SERVICES, message_class, service_databases, service_descriptor, start_service, wait_for
 
 from neuroweaver.deployer.v1 import deployer_service_pb2 as ds
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -567,21 +566,6 @@ def state_diff(before: dict, after: dict) -> list[str]:
 # -- the stack --------------------------------------------------------------------------------------------------------
 
 
-def _databases(kind: str) -> tuple[dict[str, str], list]:
-    if kind == "sqlite":
-        return {}, []
-    from neuroweaver_runtime.testing import create_postgres_database, postgres_available
-
-    if not postgres_available():
-        pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
-
-    async def create():
-        return {svc: await create_postgres_database(f"nwx{svc[:3]}") for svc in SERVICES}
-
-    made = asyncio.run(create())
-    return {svc: url for svc, (url, _) in made.items()}, [drop for _, drop in made.values()]
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     from neuroweaver_ml import build_tiny_llama
@@ -591,14 +575,19 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stack(request, tmp_path_factory, tiny_model):
-    from neuroweaver_kube.testing import KubeApiStandIn
 
     work = tmp_path_factory.mktemp(f"xproject-{request.param}")
     data = work / "datasets"
     data.mkdir()
     prompts = data / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?"}) + "\n" for i in range(8)))
-    urls, drops = _databases(request.param)
+    with service_databases(request.param, "nwx") as urls:
+        yield from _matrix_stack(work, urls, data, prompts, request.param, tiny_model)
+
+
+def _matrix_stack(work, urls, data, prompts, kind, tiny_model):
+    from neuroweaver_kube.testing import KubeApiStandIn
+
     procs = {}
     common = ("--auth-tokens", TOKENS, "--page-token-secret", PAGE_TOKEN_SECRET, "--project-grants", GRANTS)
 
@@ -625,7 +614,7 @@ def stack(request, tmp_path_factory, tiny_model):
                 p.wait_serving()
             channels = {svc: grpc.insecure_channel(p.target) for svc, p in procs.items()}
             env = SimpleNamespace(tiny=tiny_model, prompts=prompts.as_uri())
-            st = SimpleNamespace(db=request.param, procs=procs, channels=channels, env=env, kube=kube, uid=0, last={})
+            st = SimpleNamespace(db=kind, procs=procs, channels=channels, env=env, kube=kube, uid=0, last={})
             for p in ("a", "b"):
                 seed_project(st, p)
             seed_registry(st, "g")
@@ -636,13 +625,6 @@ def stack(request, tmp_path_factory, tiny_model):
         finally:
             for p in procs.values():
                 p.stop()
-
-            async def drop_all():
-                for drop in drops:
-                    await drop()
-
-            if drops:
-                asyncio.run(drop_all())
 
 
 def _ok(stack, svc: str, method: str, request, key: str):

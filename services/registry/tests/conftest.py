@@ -17,7 +17,7 @@ from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
 from neuroweaver_registry.app import RegistryConfig, build
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import create_postgres_database, postgres_available
 
 PG_AVAILABLE = postgres_available()

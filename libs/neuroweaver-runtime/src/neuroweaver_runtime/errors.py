@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class ErrorKind(enum.StrEnum):
@@ -183,16 +182,3 @@ def unavailable_from_db_error(exc: BaseException) -> Unavailable | None:
 def _db_unavailable(cause: BaseException) -> Unavailable:
     return Unavailable("the database is unavailable; retry with backoff", reason="DATABASE_UNAVAILABLE",
                        metadata={"cause": type(cause).__name__})  # fmt: skip
-
-
-# The client helpers moved to the API edge (grpc_errors). Until every test imports them from there, the old names
-# still resolve here, loading gRPC only when asked for.
-_MOVED_TO_GRPC_ERRORS = {"error_info", "field_violations"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_GRPC_ERRORS:
-        from . import grpc_errors
-
-        return getattr(grpc_errors, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

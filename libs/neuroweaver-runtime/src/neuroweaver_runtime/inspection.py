@@ -81,8 +81,9 @@ def inspect(incoming: Incoming, prefix: str = "") -> Findings:
                 findings.targets.add(value)
             else:
                 strings.append(value)
-        elif kind == "msg" and "name" in desc.message_type.fields_by_name and message.HasField(desc.name):
-            value = getattr(message, desc.name).name
+        elif kind == "msg" and message.HasField(desc.name):
+            resource = getattr(message, desc.name)
+            value = getattr(resource, "name", None) if "name" in resource.DESCRIPTOR.fields_by_name else None
             if isinstance(value, str) and value.startswith("projects/"):
                 findings.targets.add(value)
     _collect([message], strings, top=True)

@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
-from neuroweaver_runtime.errors import field_violations
+from neuroweaver_runtime.grpc_errors import field_violations
 
 INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
 FAILED, EXISTS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS

@@ -17,7 +17,7 @@ from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
 from neuroweaver_registry.adapters.tables import metadata
 from neuroweaver_registry.app import MIGRATIONS
 from neuroweaver_runtime import migrations
-from neuroweaver_runtime.errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import create_postgres_database
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
