@@ -43,11 +43,7 @@ lint: install ## ruff (lint + format check), buf lint, mypy on libs
 format: install ## format the Python code (CI checks it with ruff format --check)
 	.venv/bin/ruff format .
 
-test: install proto-check ## the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
-	.venv/bin/ruff check .
-	.venv/bin/ruff format --check .
-	npx buf lint
-	.venv/bin/mypy libs/neuroweaver-runtime/src
+test: lint proto-check ## lint, then the whole test suite (unit, API, SQLite + PostgreSQL, end-to-end)
 	$(PY) -m pytest $(wildcard libs services tests) $(PYTEST_ARGS)
 
 test-fast: install
