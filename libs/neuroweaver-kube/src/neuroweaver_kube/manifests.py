@@ -26,7 +26,7 @@ DEPLOYER_MANAGER = "neuroweaver-deployer"
 TRAINER_MANAGER = "neuroweaver-trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-MODEL_SERVER_MODULE = "neuroweaver_deployer.model_server"
+MODEL_SERVER_MODULE = "neuroweaver_model_server"
 TRAINER_WORKER_MODULE = "neuroweaver_trainer.worker"
 NON_ROOT_UID = 10001
 
@@ -323,7 +323,7 @@ class ModelServerSpec:
 
 
 def model_server_args(spec: ModelServerSpec) -> list[str]:
-    """Command-line contract of ``python -m neuroweaver_deployer.model_server``."""
+    """Command-line contract of ``python -m neuroweaver_model_server``."""
     args = [
         "--grpc-port", str(spec.grpc_port),
         "--http-port", str(spec.http_port),
@@ -732,7 +732,7 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
     """batch/v1 Job for one training run (restartPolicy Never; retries via backoffLimit)."""
     labels = spec.labels_all()
     env = {"HF_HOME": "/cache/huggingface", "HOME": "/tmp", "NW_TRAINER_JOB": spec.job, **spec.env}
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     if spec.checkpoint_pvc:
         sub = spec.object_name

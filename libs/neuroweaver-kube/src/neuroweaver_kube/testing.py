@@ -152,6 +152,8 @@ class KubeApiStandIn:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        # typeshed types the host as str | bytes (any socket family); a TCP server's is a str
+        assert isinstance(host, str)
         return f"http://{host}:{port}"
 
     def start(self) -> KubeApiStandIn:
@@ -228,6 +230,8 @@ class KubeApiStandIn:
         raw = h.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in h.headers.items()}
         body: Any = None
+        code: int
+        payload: dict[str, Any]
         code, payload = 200, {}
         try:
             if raw:
