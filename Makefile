@@ -31,7 +31,7 @@ proto: ## regenerate Python code from protos/
 
 proto-check: ## fail when the committed generated code (Python and TypeScript) differs from a fresh generation
 	./scripts/gen_protos.sh >/dev/null 2>&1
-	git diff --exit-code --stat -- libs/neuroweaver-proto || { echo "generated code is stale: run make proto"; exit 1; }
+	git diff --exit-code --stat -- libs/neuroweaver-proto protos/google || { echo "generated code or vendored google/api protos are stale: run make proto"; exit 1; }
 	clients/typescript/scripts/check-generated.sh
 
 lint: install ## ruff (lint + format check), buf lint, mypy on libs

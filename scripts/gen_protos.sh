@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 BIN="$(dirname "$PY")"
 OUT=libs/neuroweaver-proto/src
+# The AIP annotations (google/api/field_behavior.proto, resource.proto) resolve locally: the Buf Schema Registry is
+# not reachable. They are copied from the installed googleapis-common-protos into protos/google/api, committed so that
+# buf (lint, breaking, the TypeScript generation) reads them without a venv; `make proto-check` fails when the copies
+# drift from the package. The generated Python imports google.api.*_pb2 from that same package at run time.
+SITE="$("$PY" -c 'import os, google.api.field_behavior_pb2 as m; print(os.path.dirname(m.__file__))')"
+mkdir -p protos/google/api
+for f in field_behavior.proto resource.proto; do cp "$SITE/$f" "protos/google/api/$f"; done
 rm -rf "$OUT/neuroweaver"
 mkdir -p "$OUT"
 mapfile -t files < <(cd protos && find neuroweaver -name '*.proto' | sort)

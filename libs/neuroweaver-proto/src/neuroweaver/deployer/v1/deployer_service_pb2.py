@@ -22,46 +22,106 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from neuroweaver.deployer.v1 import deployment_pb2 as neuroweaver_dot_deployer_dot_v1_dot_deployment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.neuroweaver/deployer/v1/deployer_service.proto\x12\x17neuroweaver.deployer.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a(neuroweaver/deployer/v1/deployment.proto\"\x8d\x01\n\x17\x43reateDeploymentRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x37\n\ndeployment\x18\x03 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\x14GetDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"q\n\x16ListDeploymentsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"l\n\x17ListDeploymentsResponse\x12\x38\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x17UpdateDeploymentRequest\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x17\x44\x65leteDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x16ScaleDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\">\n\x19RollbackDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bto_revision\x18\x02 \x01(\x03\"W\n\x1eListDeploymentRevisionsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"z\n\x1fListDeploymentRevisionsResponse\x12>\n\trevisions\x18\x01 \x03(\x0b\x32+.neuroweaver.deployer.v1.DeploymentRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16WatchDeploymentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x17WatchDeploymentResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\"_\n\x16RenderManifestsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\ndeployment\x18\x02 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\"8\n\x17RenderManifestsResponse\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t2\xf5\x08\n\x0f\x44\x65ployerService\x12i\n\x10\x43reateDeployment\x12\x30.neuroweaver.deployer.v1.CreateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\x63\n\rGetDeployment\x12-.neuroweaver.deployer.v1.GetDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12t\n\x0fListDeployments\x12/.neuroweaver.deployer.v1.ListDeploymentsRequest\x1a\x30.neuroweaver.deployer.v1.ListDeploymentsResponse\x12i\n\x10UpdateDeployment\x12\x30.neuroweaver.deployer.v1.UpdateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\\\n\x10\x44\x65leteDeployment\x12\x30.neuroweaver.deployer.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0fScaleDeployment\x12/.neuroweaver.deployer.v1.ScaleDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12m\n\x12RollbackDeployment\x12\x32.neuroweaver.deployer.v1.RollbackDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\x8c\x01\n\x17ListDeploymentRevisions\x12\x37.neuroweaver.deployer.v1.ListDeploymentRevisionsRequest\x1a\x38.neuroweaver.deployer.v1.ListDeploymentRevisionsResponse\x12v\n\x0fWatchDeployment\x12/.neuroweaver.deployer.v1.WatchDeploymentRequest\x1a\x30.neuroweaver.deployer.v1.WatchDeploymentResponse0\x01\x12t\n\x0fRenderManifests\x12/.neuroweaver.deployer.v1.RenderManifestsRequest\x1a\x30.neuroweaver.deployer.v1.RenderManifestsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.neuroweaver/deployer/v1/deployer_service.proto\x12\x17neuroweaver.deployer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a(neuroweaver/deployer/v1/deployment.proto\"\xcc\x01\n\x17\x43reateDeploymentRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x1b\n\rdeployment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12=\n\ndeployment\x18\x03 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Q\n\x14GetDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"\xb6\x01\n\x16ListDeploymentsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"l\n\x17ListDeploymentsResponse\x12\x38\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x17UpdateDeploymentRequest\x12=\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"h\n\x17\x44\x65leteDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x16ScaleDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x16\n\x08replicas\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"q\n\x19RollbackDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x19\n\x0bto_revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\x98\x01\n\x1eListDeploymentRevisionsRequest\x12\x43\n\x06parent\x18\x01 \x01(\tB3\xe2\x41\x01\x02\xfa\x41,\x12*deployer.neuroweaver.ai/DeploymentRevision\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"z\n\x1fListDeploymentRevisionsResponse\x12>\n\trevisions\x18\x01 \x03(\x0b\x32+.neuroweaver.deployer.v1.DeploymentRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x16WatchDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"R\n\x17WatchDeploymentResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\"\x92\x01\n\x16RenderManifestsRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x01\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12=\n\ndeployment\x18\x02 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x01\"8\n\x17RenderManifestsResponse\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t2\x8e\t\n\x0f\x44\x65ployerService\x12i\n\x10\x43reateDeployment\x12\x30.neuroweaver.deployer.v1.CreateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12h\n\rGetDeployment\x12-.neuroweaver.deployer.v1.GetDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\"\x03\x90\x02\x01\x12y\n\x0fListDeployments\x12/.neuroweaver.deployer.v1.ListDeploymentsRequest\x1a\x30.neuroweaver.deployer.v1.ListDeploymentsResponse\"\x03\x90\x02\x01\x12i\n\x10UpdateDeployment\x12\x30.neuroweaver.deployer.v1.UpdateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\\\n\x10\x44\x65leteDeployment\x12\x30.neuroweaver.deployer.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0fScaleDeployment\x12/.neuroweaver.deployer.v1.ScaleDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12m\n\x12RollbackDeployment\x12\x32.neuroweaver.deployer.v1.RollbackDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\x91\x01\n\x17ListDeploymentRevisions\x12\x37.neuroweaver.deployer.v1.ListDeploymentRevisionsRequest\x1a\x38.neuroweaver.deployer.v1.ListDeploymentRevisionsResponse\"\x03\x90\x02\x01\x12{\n\x0fWatchDeployment\x12/.neuroweaver.deployer.v1.WatchDeploymentRequest\x1a\x30.neuroweaver.deployer.v1.WatchDeploymentResponse\"\x03\x90\x02\x01\x30\x01\x12y\n\x0fRenderManifests\x12/.neuroweaver.deployer.v1.RenderManifestsRequest\x1a\x30.neuroweaver.deployer.v1.RenderManifestsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neuroweaver.deployer.v1.deployer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=181
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=322
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=324
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=360
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=362
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=475
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=477
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=585
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=588
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=719
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=721
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=774
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=776
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=832
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=834
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=896
-  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_start=898
-  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_end=985
-  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_start=987
-  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_end=1109
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1111
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1149
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1151
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1233
-  _globals['_RENDERMANIFESTSREQUEST']._serialized_start=1235
-  _globals['_RENDERMANIFESTSREQUEST']._serialized_end=1330
-  _globals['_RENDERMANIFESTSRESPONSE']._serialized_start=1332
-  _globals['_RENDERMANIFESTSRESPONSE']._serialized_end=1388
-  _globals['_DEPLOYERSERVICE']._serialized_start=1391
-  _globals['_DEPLOYERSERVICE']._serialized_end=2532
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\022\"deployer.neuroweaver.ai/Deployment'
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEDEPLOYMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETDEPLOYMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETDEPLOYMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\022\"deployer.neuroweaver.ai/Deployment'
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['filter']._loaded_options = None
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['filter']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['order_by']._loaded_options = None
+  _globals['_LISTDEPLOYMENTSREQUEST'].fields_by_name['order_by']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._loaded_options = None
+  _globals['_UPDATEDEPLOYMENTREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEDEPLOYMENTREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEDEPLOYMENTREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEDEPLOYMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEDEPLOYMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_DELETEDEPLOYMENTREQUEST'].fields_by_name['etag']._loaded_options = None
+  _globals['_DELETEDEPLOYMENTREQUEST'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_SCALEDEPLOYMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_SCALEDEPLOYMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_SCALEDEPLOYMENTREQUEST'].fields_by_name['replicas']._loaded_options = None
+  _globals['_SCALEDEPLOYMENTREQUEST'].fields_by_name['replicas']._serialized_options = b'\342A\001\002'
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['to_revision']._loaded_options = None
+  _globals['_ROLLBACKDEPLOYMENTREQUEST'].fields_by_name['to_revision']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A,\022*deployer.neuroweaver.ai/DeploymentRevision'
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_WATCHDEPLOYMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_WATCHDEPLOYMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\001\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['deployment']._loaded_options = None
+  _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\001'
+  _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeployment']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeployment']._serialized_options = b'\220\002\001'
+  _globals['_DEPLOYERSERVICE'].methods_by_name['ListDeployments']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['ListDeployments']._serialized_options = b'\220\002\001'
+  _globals['_DEPLOYERSERVICE'].methods_by_name['ListDeploymentRevisions']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['ListDeploymentRevisions']._serialized_options = b'\220\002\001'
+  _globals['_DEPLOYERSERVICE'].methods_by_name['WatchDeployment']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['WatchDeployment']._serialized_options = b'\220\002\001'
+  _globals['_DEPLOYERSERVICE'].methods_by_name['RenderManifests']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['RenderManifests']._serialized_options = b'\220\002\001'
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=241
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=445
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=447
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=528
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=531
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=713
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=715
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=823
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=826
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=969
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=971
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1075
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=1077
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1184
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=1186
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=1299
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_start=1302
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_end=1454
+  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_start=1456
+  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_end=1578
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1580
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1663
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1665
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1747
+  _globals['_RENDERMANIFESTSREQUEST']._serialized_start=1750
+  _globals['_RENDERMANIFESTSREQUEST']._serialized_end=1896
+  _globals['_RENDERMANIFESTSRESPONSE']._serialized_start=1898
+  _globals['_RENDERMANIFESTSRESPONSE']._serialized_end=1954
+  _globals['_DEPLOYERSERVICE']._serialized_start=1957
+  _globals['_DEPLOYERSERVICE']._serialized_end=3123
 # @@protoc_insertion_point(module_scope)

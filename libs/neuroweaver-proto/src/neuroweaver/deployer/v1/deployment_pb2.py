@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(neuroweaver/deployer/v1/deployment.proto\x12\x17neuroweaver.deployer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x01(\x05\x12K\n\rnode_selector\x18\x04 \x03(\x0b\x32\x34.neuroweaver.deployer.v1.Resources.NodeSelectorEntry\x12\x38\n\x0btolerations\x18\x05 \x03(\x0b\x32#.neuroweaver.deployer.v1.Toleration\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\nToleration\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x04 \x01(\t\"{\n\x0b\x41utoscaling\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x1e\n\x16target_cpu_utilization\x18\x03 \x01(\x05\x12 \n\x18target_inflight_requests\x18\x04 \x01(\x05\"}\n\rServingConfig\x12\x14\n\x0cload_in_4bit\x18\x01 \x01(\x08\x12\x11\n\tmax_queue\x18\x02 \x01(\x05\x12\x1c\n\x14max_new_tokens_limit\x18\x03 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\r\n\x05image\x18\x05 \x01(\t\"\xd3\x07\n\nDeployment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x0bmodel_alias\x18\x04 \x01(\t\x12\x31\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32 .neuroweaver.deployer.v1.Backend\x12\x10\n\x08replicas\x18\x06 \x01(\x05\x12\x39\n\x0b\x61utoscaling\x18\x07 \x01(\x0b\x32$.neuroweaver.deployer.v1.Autoscaling\x12\x35\n\tresources\x18\x08 \x01(\x0b\x32\".neuroweaver.deployer.v1.Resources\x12\x37\n\x07serving\x18\t \x01(\x0b\x32&.neuroweaver.deployer.v1.ServingConfig\x12\x11\n\tnamespace\x18\n \x01(\t\x12?\n\x06labels\x18\x0b \x03(\x0b\x32/.neuroweaver.deployer.v1.Deployment.LabelsEntry\x12\x38\n\x05state\x18\x14 \x01(\x0e\x32).neuroweaver.deployer.v1.Deployment.State\x12\x16\n\x0eserved_version\x18\x15 \x01(\t\x12\x19\n\x11served_model_name\x18\x16 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x17 \x01(\t\x12\x17\n\x0fopenai_base_url\x18\x18 \x01(\t\x12\x16\n\x0eready_replicas\x18\x19 \x01(\x05\x12\x10\n\x08revision\x18\x1a \x01(\x03\x12\x36\n\nconditions\x18\x1b \x03(\x0b\x32\".neuroweaver.deployer.v1.Condition\x12/\n\x0b\x63reate_time\x18\x1c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1d \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x1e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x15\n\x11STATE_PROGRESSING\x10\x02\x12\x13\n\x0fSTATE_AVAILABLE\x10\x03\x12\x12\n\x0eSTATE_DEGRADED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\x12\x12\n\x0eSTATE_DELETING\x10\x06\"\x84\x01\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x38\n\x14last_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9a\x01\n\x12\x44\x65ploymentRevision\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05\x63\x61use\x18\x04 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*M\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_LOCAL\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_KUBERNETES\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(neuroweaver/deployer/v1/deployment.proto\x12\x17neuroweaver.deployer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x01(\x05\x12K\n\rnode_selector\x18\x04 \x03(\x0b\x32\x34.neuroweaver.deployer.v1.Resources.NodeSelectorEntry\x12\x38\n\x0btolerations\x18\x05 \x03(\x0b\x32#.neuroweaver.deployer.v1.Toleration\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\nToleration\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08operator\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x04 \x01(\t\"{\n\x0b\x41utoscaling\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x1e\n\x16target_cpu_utilization\x18\x03 \x01(\x05\x12 \n\x18target_inflight_requests\x18\x04 \x01(\x05\"}\n\rServingConfig\x12\x14\n\x0cload_in_4bit\x18\x01 \x01(\x08\x12\x11\n\tmax_queue\x18\x02 \x01(\x05\x12\x1c\n\x14max_new_tokens_limit\x18\x03 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\r\n\x05image\x18\x05 \x01(\t\"\x9f\n\n\nDeployment\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12@\n\rmodel_version\x18\x03 \x01(\tB)\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12<\n\x0bmodel_alias\x18\x04 \x01(\tB\'\xfa\x41$\n\"registry.neuroweaver.ai/ModelAlias\x12\x37\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32 .neuroweaver.deployer.v1.BackendB\x04\xe2\x41\x01\x05\x12\x10\n\x08replicas\x18\x06 \x01(\x05\x12\x39\n\x0b\x61utoscaling\x18\x07 \x01(\x0b\x32$.neuroweaver.deployer.v1.Autoscaling\x12\x35\n\tresources\x18\x08 \x01(\x0b\x32\".neuroweaver.deployer.v1.Resources\x12\x37\n\x07serving\x18\t \x01(\x0b\x32&.neuroweaver.deployer.v1.ServingConfig\x12\x17\n\tnamespace\x18\n \x01(\tB\x04\xe2\x41\x01\x05\x12\x45\n\x06labels\x18\x0b \x03(\x0b\x32/.neuroweaver.deployer.v1.Deployment.LabelsEntryB\x04\xe2\x41\x01\x01\x12>\n\x05state\x18\x14 \x01(\x0e\x32).neuroweaver.deployer.v1.Deployment.StateB\x04\xe2\x41\x01\x03\x12\x45\n\x0eserved_version\x18\x15 \x01(\tB-\xe2\x41\x01\x03\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x1f\n\x11served_model_name\x18\x16 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65ndpoint\x18\x17 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fopenai_base_url\x18\x18 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eready_replicas\x18\x19 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08revision\x18\x1a \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\nconditions\x18\x1b \x03(\x0b\x32\".neuroweaver.deployer.v1.ConditionB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x1c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x1d \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x1e \x01(\tB\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x15\n\x11STATE_PROGRESSING\x10\x02\x12\x13\n\x0fSTATE_AVAILABLE\x10\x03\x12\x12\n\x0eSTATE_DEGRADED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\x12\x12\n\x0eSTATE_DELETING\x10\x06:m\xea\x41j\n\"deployer.neuroweaver.ai/Deployment\x12+projects/{project}/deployments/{deployment}*\x0b\x64\x65ployments2\ndeployment\"\x84\x01\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x38\n\x14last_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x03\n\x12\x44\x65ploymentRevision\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x44\n\rmodel_version\x18\x03 \x01(\tB-\xe2\x41\x01\x03\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x13\n\x05\x63\x61use\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x61\x63tor\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:\x9b\x01\xea\x41\x97\x01\n*deployer.neuroweaver.ai/DeploymentRevision\x12@projects/{project}/deployments/{deployment}/revisions/{revision}*\x13\x64\x65ploymentRevisions2\x12\x64\x65ploymentRevision*M\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_LOCAL\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_KUBERNETES\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,26 +38,78 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOURCES_NODESELECTORENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYMENT_LABELSENTRY']._loaded_options = None
   _globals['_DEPLOYMENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_BACKEND']._serialized_start=1949
-  _globals['_BACKEND']._serialized_end=2026
-  _globals['_RESOURCES']._serialized_start=103
-  _globals['_RESOURCES']._serialized_end=345
-  _globals['_RESOURCES_NODESELECTORENTRY']._serialized_start=294
-  _globals['_RESOURCES_NODESELECTORENTRY']._serialized_end=345
-  _globals['_TOLERATION']._serialized_start=347
-  _globals['_TOLERATION']._serialized_end=421
-  _globals['_AUTOSCALING']._serialized_start=423
-  _globals['_AUTOSCALING']._serialized_end=546
-  _globals['_SERVINGCONFIG']._serialized_start=548
-  _globals['_SERVINGCONFIG']._serialized_end=673
-  _globals['_DEPLOYMENT']._serialized_start=676
-  _globals['_DEPLOYMENT']._serialized_end=1655
-  _globals['_DEPLOYMENT_LABELSENTRY']._serialized_start=1456
-  _globals['_DEPLOYMENT_LABELSENTRY']._serialized_end=1501
-  _globals['_DEPLOYMENT_STATE']._serialized_start=1504
-  _globals['_DEPLOYMENT_STATE']._serialized_end=1655
-  _globals['_CONDITION']._serialized_start=1658
-  _globals['_CONDITION']._serialized_end=1790
-  _globals['_DEPLOYMENTREVISION']._serialized_start=1793
-  _globals['_DEPLOYMENTREVISION']._serialized_end=1947
+  _globals['_DEPLOYMENT'].fields_by_name['name']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_DEPLOYMENT'].fields_by_name['display_name']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['display_name']._serialized_options = b'\342A\001\001'
+  _globals['_DEPLOYMENT'].fields_by_name['model_version']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['model_version']._serialized_options = b'\372A&\n$registry.neuroweaver.ai/ModelVersion'
+  _globals['_DEPLOYMENT'].fields_by_name['model_alias']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['model_alias']._serialized_options = b'\372A$\n\"registry.neuroweaver.ai/ModelAlias'
+  _globals['_DEPLOYMENT'].fields_by_name['backend']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['backend']._serialized_options = b'\342A\001\005'
+  _globals['_DEPLOYMENT'].fields_by_name['namespace']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['namespace']._serialized_options = b'\342A\001\005'
+  _globals['_DEPLOYMENT'].fields_by_name['labels']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['labels']._serialized_options = b'\342A\001\001'
+  _globals['_DEPLOYMENT'].fields_by_name['state']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['served_version']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['served_version']._serialized_options = b'\342A\001\003\372A&\n$registry.neuroweaver.ai/ModelVersion'
+  _globals['_DEPLOYMENT'].fields_by_name['served_model_name']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['served_model_name']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['endpoint']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['endpoint']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['openai_base_url']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['openai_base_url']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['ready_replicas']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['ready_replicas']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['revision']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['conditions']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['conditions']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['update_time']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENT'].fields_by_name['etag']._loaded_options = None
+  _globals['_DEPLOYMENT'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_DEPLOYMENT']._loaded_options = None
+  _globals['_DEPLOYMENT']._serialized_options = b'\352Aj\n\"deployer.neuroweaver.ai/Deployment\022+projects/{project}/deployments/{deployment}*\013deployments2\ndeployment'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['name']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['revision']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['model_version']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['model_version']._serialized_options = b'\342A\001\003\372A&\n$registry.neuroweaver.ai/ModelVersion'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['cause']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['cause']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['actor']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['actor']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_DEPLOYMENTREVISION']._loaded_options = None
+  _globals['_DEPLOYMENTREVISION']._serialized_options = b'\352A\227\001\n*deployer.neuroweaver.ai/DeploymentRevision\022@projects/{project}/deployments/{deployment}/revisions/{revision}*\023deploymentRevisions2\022deploymentRevision'
+  _globals['_BACKEND']._serialized_start=2576
+  _globals['_BACKEND']._serialized_end=2653
+  _globals['_RESOURCES']._serialized_start=163
+  _globals['_RESOURCES']._serialized_end=405
+  _globals['_RESOURCES_NODESELECTORENTRY']._serialized_start=354
+  _globals['_RESOURCES_NODESELECTORENTRY']._serialized_end=405
+  _globals['_TOLERATION']._serialized_start=407
+  _globals['_TOLERATION']._serialized_end=481
+  _globals['_AUTOSCALING']._serialized_start=483
+  _globals['_AUTOSCALING']._serialized_end=606
+  _globals['_SERVINGCONFIG']._serialized_start=608
+  _globals['_SERVINGCONFIG']._serialized_end=733
+  _globals['_DEPLOYMENT']._serialized_start=736
+  _globals['_DEPLOYMENT']._serialized_end=2047
+  _globals['_DEPLOYMENT_LABELSENTRY']._serialized_start=1737
+  _globals['_DEPLOYMENT_LABELSENTRY']._serialized_end=1782
+  _globals['_DEPLOYMENT_STATE']._serialized_start=1785
+  _globals['_DEPLOYMENT_STATE']._serialized_end=1936
+  _globals['_CONDITION']._serialized_start=2050
+  _globals['_CONDITION']._serialized_end=2182
+  _globals['_DEPLOYMENTREVISION']._serialized_start=2185
+  _globals['_DEPLOYMENTREVISION']._serialized_end=2574
 # @@protoc_insertion_point(module_scope)

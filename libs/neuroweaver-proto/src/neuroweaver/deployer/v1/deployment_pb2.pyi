@@ -284,19 +284,18 @@ class Deployment(_message.Message):
     namespace: _builtins.str
     """Kubernetes namespace (default `neuroweaver`)."""
     state: Global___Deployment.State.ValueType
-    """Output only."""
     served_version: _builtins.str
-    """Output only. Version currently served (resolved from the alias when following one)."""
+    """Version currently served (resolved from the alias when following one)."""
     served_model_name: _builtins.str
-    """Output only. Adapter name the model server serves it under (unique per version)."""
+    """Adapter name the model server serves it under (unique per version)."""
     endpoint: _builtins.str
-    """Output only. gRPC endpoint (`host:port`) of the model server or its Service."""
+    """gRPC endpoint (`host:port`) of the model server or its Service."""
     openai_base_url: _builtins.str
-    """Output only. OpenAI-compatible base URL (`http://host:port/v1`)."""
+    """OpenAI-compatible base URL (`http://host:port/v1`)."""
     ready_replicas: _builtins.int
-    """Output only. Replicas ready to serve."""
+    """Replicas ready to serve."""
     revision: _builtins.int
-    """Output only. Current revision number (increases on every version change)."""
+    """Current revision number (increases on every version change)."""
     etag: _builtins.str
     @_builtins.property
     def autoscaling(self) -> Global___Autoscaling: ...

@@ -22,44 +22,96 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+neuroweaver/experiments/v1/experiment.proto\x12\x1aneuroweaver.experiments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\nMetricSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x04kind\x18\x02 \x01(\x0e\x32&.neuroweaver.experiments.v1.MetricKind\x12\x38\n\tdirection\x18\x03 \x01(\x0e\x32%.neuroweaver.experiments.v1.Direction\x12\x11\n\ttolerance\x18\x04 \x01(\x01\"\x96\x01\n\x07Variant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x17\n\x0fopenai_base_url\x18\x06 \x01(\t\x12\x19\n\x11served_model_name\x18\x07 \x01(\t\"\xe5\x07\n\nExperiment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x35\n\x08variants\x18\x04 \x03(\x0b\x32#.neuroweaver.experiments.v1.Variant\x12\x11\n\thash_seed\x18\x05 \x01(\t\x12\x10\n\x08\x63overage\x18\x06 \x01(\x01\x12>\n\x0eprimary_metric\x18\x07 \x01(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x41\n\x11guardrail_metrics\x18\x08 \x03(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x41\n\x11secondary_metrics\x18\t \x03(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x17\n\x0fmin_sample_size\x18\n \x01(\x03\x12\x1a\n\x12significance_level\x18\x0b \x01(\x01\x12<\n\x08\x61nalysis\x18\x0c \x01(\x0e\x32*.neuroweaver.experiments.v1.AnalysisMethod\x12\x15\n\rauto_conclude\x18\r \x01(\x08\x12\x15\n\rpromote_alias\x18\x0e \x01(\t\x12\x42\n\x06labels\x18\x0f \x03(\x0b\x32\x32.neuroweaver.experiments.v1.Experiment.LabelsEntry\x12;\n\x05state\x18\x14 \x01(\x0e\x32,.neuroweaver.experiments.v1.Experiment.State\x12\x0e\n\x06winner\x18\x15 \x01(\t\x12\x12\n\nconclusion\x18\x16 \x01(\t\x12/\n\x0b\x63reate_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x1a \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x11\n\rSTATE_STOPPED\x10\x03\x12\x13\n\x0fSTATE_CONCLUDED\x10\x04\"\x9a\x01\n\x0bMetricEvent\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07unit_id\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\x81\x01\n\x11VariantStatistics\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x1a\n\x12standard_deviation\x18\x04 \x01(\x01\x12\x10\n\x08\x63i_lower\x18\x05 \x01(\x01\x12\x10\n\x08\x63i_upper\x18\x06 \x01(\x01\"\xcd\x01\n\nComparison\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x12\n\ndifference\x18\x02 \x01(\x01\x12\x15\n\rrelative_lift\x18\x03 \x01(\x01\x12\x15\n\rlift_ci_lower\x18\x04 \x01(\x01\x12\x15\n\rlift_ci_upper\x18\x05 \x01(\x01\x12\x0f\n\x07p_value\x18\x06 \x01(\x01\x12\x1a\n\x12sequential_p_value\x18\x07 \x01(\x01\x12\x13\n\x0bsignificant\x18\x08 \x01(\x08\x12\x13\n\x0bimprovement\x18\t \x01(\x08\"\xe0\x01\n\x0cMetricResult\x12\x36\n\x06metric\x18\x01 \x01(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12?\n\x08variants\x18\x02 \x03(\x0b\x32-.neuroweaver.experiments.v1.VariantStatistics\x12;\n\x0b\x63omparisons\x18\x03 \x03(\x0b\x32&.neuroweaver.experiments.v1.Comparison\x12\x1a\n\x12guardrail_violated\x18\x04 \x01(\x08\"\xc0\x03\n\x11\x45xperimentResults\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x39\n\x07primary\x18\x02 \x01(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12<\n\nguardrails\x18\x03 \x03(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12;\n\tsecondary\x18\x04 \x03(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12\x13\n\x0bsrm_p_value\x18\x05 \x01(\x01\x12\x14\n\x0csrm_detected\x18\x06 \x01(\x08\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\r\n\x05power\x18\x08 \x01(\x01\x12\x36\n\x08\x64\x65\x63ision\x18\t \x01(\x0e\x32$.neuroweaver.experiments.v1.Decision\x12\x1b\n\x13recommended_variant\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x30\n\x0c\x63ompute_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp*[\n\nMetricKind\x12\x1b\n\x17METRIC_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10METRIC_KIND_MEAN\x10\x01\x12\x1a\n\x16METRIC_KIND_PROPORTION\x10\x02*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_INCREASE\x10\x01\x12\x16\n\x12\x44IRECTION_DECREASE\x10\x02*t\n\x0e\x41nalysisMethod\x12\x1f\n\x1b\x41NALYSIS_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1d\x41NALYSIS_METHOD_FIXED_HORIZON\x10\x01\x12\x1e\n\x1a\x41NALYSIS_METHOD_SEQUENTIAL\x10\x02*\xc0\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ISION_KEEP_RUNNING\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_SHIP_VARIANT\x10\x02\x12%\n!DECISION_NO_DETECTABLE_DIFFERENCE\x10\x03\x12\x1a\n\x16\x44\x45\x43ISION_STOP_FOR_HARM\x10\x04\x12!\n\x1d\x44\x45\x43ISION_INVALID_SAMPLE_RATIO\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+neuroweaver/experiments/v1/experiment.proto\x12\x1aneuroweaver.experiments.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\nMetricSpec\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x04kind\x18\x02 \x01(\x0e\x32&.neuroweaver.experiments.v1.MetricKind\x12\x38\n\tdirection\x18\x03 \x01(\x0e\x32%.neuroweaver.experiments.v1.Direction\x12\x11\n\ttolerance\x18\x04 \x01(\x01\"\x8a\x02\n\x07Variant\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x44\n\rmodel_version\x18\x02 \x01(\tB-\xe2\x41\x01\x02\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12?\n\ndeployment\x18\x03 \x01(\tB+\xe2\x41\x01\x01\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x16\n\x08\x65ndpoint\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fopenai_base_url\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1f\n\x11served_model_name\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\"\x9f\t\n\nExperiment\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12;\n\x08variants\x18\x04 \x03(\x0b\x32#.neuroweaver.experiments.v1.VariantB\x04\xe2\x41\x01\x02\x12\x11\n\thash_seed\x18\x05 \x01(\t\x12\x10\n\x08\x63overage\x18\x06 \x01(\x01\x12>\n\x0eprimary_metric\x18\x07 \x01(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x41\n\x11guardrail_metrics\x18\x08 \x03(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x41\n\x11secondary_metrics\x18\t \x03(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12\x17\n\x0fmin_sample_size\x18\n \x01(\x03\x12\x1a\n\x12significance_level\x18\x0b \x01(\x01\x12<\n\x08\x61nalysis\x18\x0c \x01(\x0e\x32*.neuroweaver.experiments.v1.AnalysisMethod\x12\x15\n\rauto_conclude\x18\r \x01(\x08\x12\x15\n\rpromote_alias\x18\x0e \x01(\t\x12H\n\x06labels\x18\x0f \x03(\x0b\x32\x32.neuroweaver.experiments.v1.Experiment.LabelsEntryB\x04\xe2\x41\x01\x01\x12\x41\n\x05state\x18\x14 \x01(\x0e\x32,.neuroweaver.experiments.v1.Experiment.StateB\x04\xe2\x41\x01\x03\x12\x14\n\x06winner\x18\x15 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nconclusion\x18\x16 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\x1a \x01(\tB\x04\xe2\x41\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x11\n\rSTATE_STOPPED\x10\x03\x12\x13\n\x0fSTATE_CONCLUDED\x10\x04:p\xea\x41m\n%experiments.neuroweaver.ai/Experiment\x12+projects/{project}/experiments/{experiment}*\x0b\x65xperiments2\nexperiment\"\xdc\x01\n\x0bMetricEvent\x12\x42\n\nexperiment\x18\x01 \x01(\tB.\xe2\x41\x01\x01\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x15\n\x07unit_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06metric\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05value\x18\x04 \x01(\x01\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x0fidempotency_key\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\"\x81\x01\n\x11VariantStatistics\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0c\n\x04mean\x18\x03 \x01(\x01\x12\x1a\n\x12standard_deviation\x18\x04 \x01(\x01\x12\x10\n\x08\x63i_lower\x18\x05 \x01(\x01\x12\x10\n\x08\x63i_upper\x18\x06 \x01(\x01\"\xcd\x01\n\nComparison\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x12\n\ndifference\x18\x02 \x01(\x01\x12\x15\n\rrelative_lift\x18\x03 \x01(\x01\x12\x15\n\rlift_ci_lower\x18\x04 \x01(\x01\x12\x15\n\rlift_ci_upper\x18\x05 \x01(\x01\x12\x0f\n\x07p_value\x18\x06 \x01(\x01\x12\x1a\n\x12sequential_p_value\x18\x07 \x01(\x01\x12\x13\n\x0bsignificant\x18\x08 \x01(\x08\x12\x13\n\x0bimprovement\x18\t \x01(\x08\"\xe0\x01\n\x0cMetricResult\x12\x36\n\x06metric\x18\x01 \x01(\x0b\x32&.neuroweaver.experiments.v1.MetricSpec\x12?\n\x08variants\x18\x02 \x03(\x0b\x32-.neuroweaver.experiments.v1.VariantStatistics\x12;\n\x0b\x63omparisons\x18\x03 \x03(\x0b\x32&.neuroweaver.experiments.v1.Comparison\x12\x1a\n\x12guardrail_violated\x18\x04 \x01(\x08\"\xec\x03\n\x11\x45xperimentResults\x12>\n\nexperiment\x18\x01 \x01(\tB*\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x39\n\x07primary\x18\x02 \x01(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12<\n\nguardrails\x18\x03 \x03(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12;\n\tsecondary\x18\x04 \x03(\x0b\x32(.neuroweaver.experiments.v1.MetricResult\x12\x13\n\x0bsrm_p_value\x18\x05 \x01(\x01\x12\x14\n\x0csrm_detected\x18\x06 \x01(\x08\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\r\n\x05power\x18\x08 \x01(\x01\x12\x36\n\x08\x64\x65\x63ision\x18\t \x01(\x0e\x32$.neuroweaver.experiments.v1.Decision\x12\x1b\n\x13recommended_variant\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x30\n\x0c\x63ompute_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp*[\n\nMetricKind\x12\x1b\n\x17METRIC_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10METRIC_KIND_MEAN\x10\x01\x12\x1a\n\x16METRIC_KIND_PROPORTION\x10\x02*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_INCREASE\x10\x01\x12\x16\n\x12\x44IRECTION_DECREASE\x10\x02*t\n\x0e\x41nalysisMethod\x12\x1f\n\x1b\x41NALYSIS_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1d\x41NALYSIS_METHOD_FIXED_HORIZON\x10\x01\x12\x1e\n\x1a\x41NALYSIS_METHOD_SEQUENTIAL\x10\x02*\xc0\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ISION_KEEP_RUNNING\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_SHIP_VARIANT\x10\x02\x12%\n!DECISION_NO_DETECTABLE_DIFFERENCE\x10\x03\x12\x1a\n\x16\x44\x45\x43ISION_STOP_FOR_HARM\x10\x04\x12!\n\x1d\x44\x45\x43ISION_INVALID_SAMPLE_RATIO\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neuroweaver.experiments.v1.experiment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_METRICSPEC'].fields_by_name['name']._loaded_options = None
+  _globals['_METRICSPEC'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_VARIANT'].fields_by_name['id']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_VARIANT'].fields_by_name['model_version']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['model_version']._serialized_options = b'\342A\001\002\372A&\n$registry.neuroweaver.ai/ModelVersion'
+  _globals['_VARIANT'].fields_by_name['deployment']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['deployment']._serialized_options = b'\342A\001\001\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_VARIANT'].fields_by_name['endpoint']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['endpoint']._serialized_options = b'\342A\001\003'
+  _globals['_VARIANT'].fields_by_name['openai_base_url']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['openai_base_url']._serialized_options = b'\342A\001\003'
+  _globals['_VARIANT'].fields_by_name['served_model_name']._loaded_options = None
+  _globals['_VARIANT'].fields_by_name['served_model_name']._serialized_options = b'\342A\001\003'
   _globals['_EXPERIMENT_LABELSENTRY']._loaded_options = None
   _globals['_EXPERIMENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_METRICKIND']._serialized_start=2596
-  _globals['_METRICKIND']._serialized_end=2687
-  _globals['_DIRECTION']._serialized_start=2689
-  _globals['_DIRECTION']._serialized_end=2775
-  _globals['_ANALYSISMETHOD']._serialized_start=2777
-  _globals['_ANALYSISMETHOD']._serialized_end=2893
-  _globals['_DECISION']._serialized_start=2896
-  _globals['_DECISION']._serialized_end=3088
-  _globals['_METRICSPEC']._serialized_start=109
-  _globals['_METRICSPEC']._serialized_end=266
-  _globals['_VARIANT']._serialized_start=269
-  _globals['_VARIANT']._serialized_end=419
-  _globals['_EXPERIMENT']._serialized_start=422
-  _globals['_EXPERIMENT']._serialized_end=1419
-  _globals['_EXPERIMENT_LABELSENTRY']._serialized_start=1266
-  _globals['_EXPERIMENT_LABELSENTRY']._serialized_end=1311
-  _globals['_EXPERIMENT_STATE']._serialized_start=1313
-  _globals['_EXPERIMENT_STATE']._serialized_end=1419
-  _globals['_METRICEVENT']._serialized_start=1422
-  _globals['_METRICEVENT']._serialized_end=1576
-  _globals['_VARIANTSTATISTICS']._serialized_start=1579
-  _globals['_VARIANTSTATISTICS']._serialized_end=1708
-  _globals['_COMPARISON']._serialized_start=1711
-  _globals['_COMPARISON']._serialized_end=1916
-  _globals['_METRICRESULT']._serialized_start=1919
-  _globals['_METRICRESULT']._serialized_end=2143
-  _globals['_EXPERIMENTRESULTS']._serialized_start=2146
-  _globals['_EXPERIMENTRESULTS']._serialized_end=2594
+  _globals['_EXPERIMENT'].fields_by_name['name']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_EXPERIMENT'].fields_by_name['display_name']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['display_name']._serialized_options = b'\342A\001\001'
+  _globals['_EXPERIMENT'].fields_by_name['description']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['description']._serialized_options = b'\342A\001\001'
+  _globals['_EXPERIMENT'].fields_by_name['variants']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['variants']._serialized_options = b'\342A\001\002'
+  _globals['_EXPERIMENT'].fields_by_name['labels']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['labels']._serialized_options = b'\342A\001\001'
+  _globals['_EXPERIMENT'].fields_by_name['state']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['winner']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['winner']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['conclusion']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['conclusion']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['start_time']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['start_time']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['end_time']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
+  _globals['_EXPERIMENT'].fields_by_name['etag']._loaded_options = None
+  _globals['_EXPERIMENT'].fields_by_name['etag']._serialized_options = b'\342A\001\001'
+  _globals['_EXPERIMENT']._loaded_options = None
+  _globals['_EXPERIMENT']._serialized_options = b'\352Am\n%experiments.neuroweaver.ai/Experiment\022+projects/{project}/experiments/{experiment}*\013experiments2\nexperiment'
+  _globals['_METRICEVENT'].fields_by_name['experiment']._loaded_options = None
+  _globals['_METRICEVENT'].fields_by_name['experiment']._serialized_options = b'\342A\001\001\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_METRICEVENT'].fields_by_name['unit_id']._loaded_options = None
+  _globals['_METRICEVENT'].fields_by_name['unit_id']._serialized_options = b'\342A\001\002'
+  _globals['_METRICEVENT'].fields_by_name['metric']._loaded_options = None
+  _globals['_METRICEVENT'].fields_by_name['metric']._serialized_options = b'\342A\001\002'
+  _globals['_METRICEVENT'].fields_by_name['idempotency_key']._loaded_options = None
+  _globals['_METRICEVENT'].fields_by_name['idempotency_key']._serialized_options = b'\342A\001\001'
+  _globals['_EXPERIMENTRESULTS'].fields_by_name['experiment']._loaded_options = None
+  _globals['_EXPERIMENTRESULTS'].fields_by_name['experiment']._serialized_options = b'\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_METRICKIND']._serialized_start=3074
+  _globals['_METRICKIND']._serialized_end=3165
+  _globals['_DIRECTION']._serialized_start=3167
+  _globals['_DIRECTION']._serialized_end=3253
+  _globals['_ANALYSISMETHOD']._serialized_start=3255
+  _globals['_ANALYSISMETHOD']._serialized_end=3371
+  _globals['_DECISION']._serialized_start=3374
+  _globals['_DECISION']._serialized_end=3566
+  _globals['_METRICSPEC']._serialized_start=169
+  _globals['_METRICSPEC']._serialized_end=332
+  _globals['_VARIANT']._serialized_start=335
+  _globals['_VARIANT']._serialized_end=601
+  _globals['_EXPERIMENT']._serialized_start=604
+  _globals['_EXPERIMENT']._serialized_end=1787
+  _globals['_EXPERIMENT_LABELSENTRY']._serialized_start=1520
+  _globals['_EXPERIMENT_LABELSENTRY']._serialized_end=1565
+  _globals['_EXPERIMENT_STATE']._serialized_start=1567
+  _globals['_EXPERIMENT_STATE']._serialized_end=1673
+  _globals['_METRICEVENT']._serialized_start=1790
+  _globals['_METRICEVENT']._serialized_end=2010
+  _globals['_VARIANTSTATISTICS']._serialized_start=2013
+  _globals['_VARIANTSTATISTICS']._serialized_end=2142
+  _globals['_COMPARISON']._serialized_start=2145
+  _globals['_COMPARISON']._serialized_end=2350
+  _globals['_METRICRESULT']._serialized_start=2353
+  _globals['_METRICRESULT']._serialized_end=2577
+  _globals['_EXPERIMENTRESULTS']._serialized_start=2580
+  _globals['_EXPERIMENTRESULTS']._serialized_end=3072
 # @@protoc_insertion_point(module_scope)

@@ -160,11 +160,11 @@ class Variant(_message.Message):
     weight: _builtins.float
     """Traffic share; all weights sum to 1."""
     endpoint: _builtins.str
-    """Output only. Endpoint of the deployment at start (`host:port`), returned by AssignVariant."""
+    """Endpoint of the deployment at start (`host:port`), returned by AssignVariant."""
     openai_base_url: _builtins.str
-    """Output only. OpenAI-compatible base URL of the deployment."""
+    """OpenAI-compatible base URL of the deployment."""
     served_model_name: _builtins.str
-    """Output only. Model name to send to the endpoint."""
+    """Model name to send to the endpoint."""
     def __init__(
         self,
         *,
@@ -270,11 +270,10 @@ class Experiment(_message.Message):
     promote_alias: _builtins.str
     """Alias the winner is promoted to, for example `production`."""
     state: Global___Experiment.State.ValueType
-    """Output only."""
     winner: _builtins.str
-    """Output only. Winner variant id once concluded."""
+    """Winner variant id once concluded."""
     conclusion: _builtins.str
-    """Output only. Conclusion in words."""
+    """Conclusion in words."""
     etag: _builtins.str
     @_builtins.property
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:

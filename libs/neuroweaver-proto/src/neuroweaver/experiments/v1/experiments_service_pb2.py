@@ -22,51 +22,117 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from neuroweaver.experiments.v1 import experiment_pb2 as neuroweaver_dot_experiments_dot_v1_dot_experiment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4neuroweaver/experiments/v1/experiments_service.proto\x12\x1aneuroweaver.experiments.v1\x1a google/protobuf/field_mask.proto\x1a+neuroweaver/experiments/v1/experiment.proto\"\x90\x01\n\x17\x43reateExperimentRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12:\n\nexperiment\x18\x03 \x01(\x0b\x32&.neuroweaver.experiments.v1.Experiment\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\x14GetExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"q\n\x16ListExperimentsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"o\n\x17ListExperimentsResponse\x12;\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32&.neuroweaver.experiments.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x17UpdateExperimentRequest\x12:\n\nexperiment\x18\x01 \x01(\x0b\x32&.neuroweaver.experiments.v1.Experiment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"&\n\x16StartExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x15StopExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8b\x01\n\x19\x43oncludeExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06winner\x18\x02 \x01(\t\x12\x0f\n\x07promote\x18\x03 \x01(\x08\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12 \n\x18\x65xpected_current_version\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\";\n\x14\x41ssignVariantRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07unit_id\x18\x02 \x01(\t\"t\n\x15\x41ssignVariantResponse\x12\x34\n\x07variant\x18\x01 \x01(\x0b\x32#.neuroweaver.experiments.v1.Variant\x12\x15\n\rin_experiment\x18\x02 \x01(\x08\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\x05\"B\n\x1a\x42\x61tchAssignVariantsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x10\n\x08unit_ids\x18\x02 \x03(\t\"e\n\x1b\x42\x61tchAssignVariantsResponse\x12\x46\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x31.neuroweaver.experiments.v1.AssignVariantResponse\"h\n\x19RecordMetricEventsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x37\n\x06\x65vents\x18\x02 \x03(\x0b\x32\'.neuroweaver.experiments.v1.MetricEvent\"B\n\x1aRecordMetricEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"h\n\x19StreamMetricEventsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x37\n\x06\x65vents\x18\x02 \x03(\x0b\x32\'.neuroweaver.experiments.v1.MetricEvent\"B\n\x1aStreamMetricEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"+\n\x1bGetExperimentResultsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xbb\x0b\n\x12\x45xperimentsService\x12o\n\x10\x43reateExperiment\x12\x33.neuroweaver.experiments.v1.CreateExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12i\n\rGetExperiment\x12\x30.neuroweaver.experiments.v1.GetExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12z\n\x0fListExperiments\x12\x32.neuroweaver.experiments.v1.ListExperimentsRequest\x1a\x33.neuroweaver.experiments.v1.ListExperimentsResponse\x12o\n\x10UpdateExperiment\x12\x33.neuroweaver.experiments.v1.UpdateExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12m\n\x0fStartExperiment\x12\x32.neuroweaver.experiments.v1.StartExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12k\n\x0eStopExperiment\x12\x31.neuroweaver.experiments.v1.StopExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12s\n\x12\x43oncludeExperiment\x12\x35.neuroweaver.experiments.v1.ConcludeExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12t\n\rAssignVariant\x12\x30.neuroweaver.experiments.v1.AssignVariantRequest\x1a\x31.neuroweaver.experiments.v1.AssignVariantResponse\x12\x86\x01\n\x13\x42\x61tchAssignVariants\x12\x36.neuroweaver.experiments.v1.BatchAssignVariantsRequest\x1a\x37.neuroweaver.experiments.v1.BatchAssignVariantsResponse\x12\x83\x01\n\x12RecordMetricEvents\x12\x35.neuroweaver.experiments.v1.RecordMetricEventsRequest\x1a\x36.neuroweaver.experiments.v1.RecordMetricEventsResponse\x12\x85\x01\n\x12StreamMetricEvents\x12\x35.neuroweaver.experiments.v1.StreamMetricEventsRequest\x1a\x36.neuroweaver.experiments.v1.StreamMetricEventsResponse(\x01\x12~\n\x14GetExperimentResults\x12\x37.neuroweaver.experiments.v1.GetExperimentResultsRequest\x1a-.neuroweaver.experiments.v1.ExperimentResultsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4neuroweaver/experiments/v1/experiments_service.proto\x12\x1aneuroweaver.experiments.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a+neuroweaver/experiments/v1/experiment.proto\"\xd2\x01\n\x17\x43reateExperimentRequest\x12>\n\x06parent\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\x12%experiments.neuroweaver.ai/Experiment\x12\x1b\n\rexperiment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12@\n\nexperiment\x18\x03 \x01(\x0b\x32&.neuroweaver.experiments.v1.ExperimentB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"T\n\x14GetExperimentRequest\x12<\n\x04name\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\"\xb9\x01\n\x16ListExperimentsRequest\x12>\n\x06parent\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\x12%experiments.neuroweaver.ai/Experiment\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x17ListExperimentsResponse\x12;\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32&.neuroweaver.experiments.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x17UpdateExperimentRequest\x12@\n\nexperiment\x18\x01 \x01(\x0b\x32&.neuroweaver.experiments.v1.ExperimentB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"V\n\x16StartExperimentRequest\x12<\n\x04name\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\"k\n\x15StopExperimentRequest\x12<\n\x04name\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"\xd9\x01\n\x19\x43oncludeExperimentRequest\x12<\n\x04name\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x14\n\x06winner\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07promote\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x13\n\x05\x61lias\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x18\x65xpected_current_version\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06reason\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\"q\n\x14\x41ssignVariantRequest\x12\x42\n\nexperiment\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x15\n\x07unit_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"t\n\x15\x41ssignVariantResponse\x12\x34\n\x07variant\x18\x01 \x01(\x0b\x32#.neuroweaver.experiments.v1.Variant\x12\x15\n\rin_experiment\x18\x02 \x01(\x08\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\x05\"x\n\x1a\x42\x61tchAssignVariantsRequest\x12\x42\n\nexperiment\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12\x16\n\x08unit_ids\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\"e\n\x1b\x42\x61tchAssignVariantsResponse\x12\x46\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x31.neuroweaver.experiments.v1.AssignVariantResponse\"\x9e\x01\n\x19RecordMetricEventsRequest\x12\x42\n\nexperiment\x18\x01 \x01(\tB.\xe2\x41\x01\x01\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12=\n\x06\x65vents\x18\x02 \x03(\x0b\x32\'.neuroweaver.experiments.v1.MetricEventB\x04\xe2\x41\x01\x02\"B\n\x1aRecordMetricEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"\x9e\x01\n\x19StreamMetricEventsRequest\x12\x42\n\nexperiment\x18\x01 \x01(\tB.\xe2\x41\x01\x01\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment\x12=\n\x06\x65vents\x18\x02 \x03(\x0b\x32\'.neuroweaver.experiments.v1.MetricEventB\x04\xe2\x41\x01\x02\"B\n\x1aStreamMetricEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\"[\n\x1bGetExperimentResultsRequest\x12<\n\x04name\x18\x01 \x01(\tB.\xe2\x41\x01\x02\xfa\x41\'\n%experiments.neuroweaver.ai/Experiment2\xc5\x0b\n\x12\x45xperimentsService\x12o\n\x10\x43reateExperiment\x12\x33.neuroweaver.experiments.v1.CreateExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12n\n\rGetExperiment\x12\x30.neuroweaver.experiments.v1.GetExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\"\x03\x90\x02\x01\x12\x7f\n\x0fListExperiments\x12\x32.neuroweaver.experiments.v1.ListExperimentsRequest\x1a\x33.neuroweaver.experiments.v1.ListExperimentsResponse\"\x03\x90\x02\x01\x12o\n\x10UpdateExperiment\x12\x33.neuroweaver.experiments.v1.UpdateExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12m\n\x0fStartExperiment\x12\x32.neuroweaver.experiments.v1.StartExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12k\n\x0eStopExperiment\x12\x31.neuroweaver.experiments.v1.StopExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12s\n\x12\x43oncludeExperiment\x12\x35.neuroweaver.experiments.v1.ConcludeExperimentRequest\x1a&.neuroweaver.experiments.v1.Experiment\x12t\n\rAssignVariant\x12\x30.neuroweaver.experiments.v1.AssignVariantRequest\x1a\x31.neuroweaver.experiments.v1.AssignVariantResponse\x12\x86\x01\n\x13\x42\x61tchAssignVariants\x12\x36.neuroweaver.experiments.v1.BatchAssignVariantsRequest\x1a\x37.neuroweaver.experiments.v1.BatchAssignVariantsResponse\x12\x83\x01\n\x12RecordMetricEvents\x12\x35.neuroweaver.experiments.v1.RecordMetricEventsRequest\x1a\x36.neuroweaver.experiments.v1.RecordMetricEventsResponse\x12\x85\x01\n\x12StreamMetricEvents\x12\x35.neuroweaver.experiments.v1.StreamMetricEventsRequest\x1a\x36.neuroweaver.experiments.v1.StreamMetricEventsResponse(\x01\x12~\n\x14GetExperimentResults\x12\x37.neuroweaver.experiments.v1.GetExperimentResultsRequest\x1a-.neuroweaver.experiments.v1.ExperimentResultsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neuroweaver.experiments.v1.experiments_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=164
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=308
-  _globals['_GETEXPERIMENTREQUEST']._serialized_start=310
-  _globals['_GETEXPERIMENTREQUEST']._serialized_end=346
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=348
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=461
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=463
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=574
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=577
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=711
-  _globals['_STARTEXPERIMENTREQUEST']._serialized_start=713
-  _globals['_STARTEXPERIMENTREQUEST']._serialized_end=751
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=753
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=806
-  _globals['_CONCLUDEEXPERIMENTREQUEST']._serialized_start=809
-  _globals['_CONCLUDEEXPERIMENTREQUEST']._serialized_end=948
-  _globals['_ASSIGNVARIANTREQUEST']._serialized_start=950
-  _globals['_ASSIGNVARIANTREQUEST']._serialized_end=1009
-  _globals['_ASSIGNVARIANTRESPONSE']._serialized_start=1011
-  _globals['_ASSIGNVARIANTRESPONSE']._serialized_end=1127
-  _globals['_BATCHASSIGNVARIANTSREQUEST']._serialized_start=1129
-  _globals['_BATCHASSIGNVARIANTSREQUEST']._serialized_end=1195
-  _globals['_BATCHASSIGNVARIANTSRESPONSE']._serialized_start=1197
-  _globals['_BATCHASSIGNVARIANTSRESPONSE']._serialized_end=1298
-  _globals['_RECORDMETRICEVENTSREQUEST']._serialized_start=1300
-  _globals['_RECORDMETRICEVENTSREQUEST']._serialized_end=1404
-  _globals['_RECORDMETRICEVENTSRESPONSE']._serialized_start=1406
-  _globals['_RECORDMETRICEVENTSRESPONSE']._serialized_end=1472
-  _globals['_STREAMMETRICEVENTSREQUEST']._serialized_start=1474
-  _globals['_STREAMMETRICEVENTSREQUEST']._serialized_end=1578
-  _globals['_STREAMMETRICEVENTSRESPONSE']._serialized_start=1580
-  _globals['_STREAMMETRICEVENTSRESPONSE']._serialized_end=1646
-  _globals['_GETEXPERIMENTRESULTSREQUEST']._serialized_start=1648
-  _globals['_GETEXPERIMENTRESULTSREQUEST']._serialized_end=1691
-  _globals['_EXPERIMENTSSERVICE']._serialized_start=1694
-  _globals['_EXPERIMENTSSERVICE']._serialized_end=3161
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\'\022%experiments.neuroweaver.ai/Experiment'
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['experiment_id']._loaded_options = None
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['experiment_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEEXPERIMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETEXPERIMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETEXPERIMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\'\022%experiments.neuroweaver.ai/Experiment'
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['filter']._loaded_options = None
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['filter']._serialized_options = b'\342A\001\001'
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['order_by']._loaded_options = None
+  _globals['_LISTEXPERIMENTSREQUEST'].fields_by_name['order_by']._serialized_options = b'\342A\001\001'
+  _globals['_UPDATEEXPERIMENTREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_UPDATEEXPERIMENTREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEEXPERIMENTREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEEXPERIMENTREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
+  _globals['_STARTEXPERIMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_STARTEXPERIMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_STOPEXPERIMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_STOPEXPERIMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_STOPEXPERIMENTREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_STOPEXPERIMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['winner']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['winner']._serialized_options = b'\342A\001\001'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['promote']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['promote']._serialized_options = b'\342A\001\001'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['alias']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['alias']._serialized_options = b'\342A\001\001'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['expected_current_version']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['expected_current_version']._serialized_options = b'\342A\001\001'
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_CONCLUDEEXPERIMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
+  _globals['_ASSIGNVARIANTREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_ASSIGNVARIANTREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_ASSIGNVARIANTREQUEST'].fields_by_name['unit_id']._loaded_options = None
+  _globals['_ASSIGNVARIANTREQUEST'].fields_by_name['unit_id']._serialized_options = b'\342A\001\002'
+  _globals['_BATCHASSIGNVARIANTSREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_BATCHASSIGNVARIANTSREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_BATCHASSIGNVARIANTSREQUEST'].fields_by_name['unit_ids']._loaded_options = None
+  _globals['_BATCHASSIGNVARIANTSREQUEST'].fields_by_name['unit_ids']._serialized_options = b'\342A\001\002'
+  _globals['_RECORDMETRICEVENTSREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_RECORDMETRICEVENTSREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\001\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_RECORDMETRICEVENTSREQUEST'].fields_by_name['events']._loaded_options = None
+  _globals['_RECORDMETRICEVENTSREQUEST'].fields_by_name['events']._serialized_options = b'\342A\001\002'
+  _globals['_STREAMMETRICEVENTSREQUEST'].fields_by_name['experiment']._loaded_options = None
+  _globals['_STREAMMETRICEVENTSREQUEST'].fields_by_name['experiment']._serialized_options = b'\342A\001\001\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_STREAMMETRICEVENTSREQUEST'].fields_by_name['events']._loaded_options = None
+  _globals['_STREAMMETRICEVENTSREQUEST'].fields_by_name['events']._serialized_options = b'\342A\001\002'
+  _globals['_GETEXPERIMENTRESULTSREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETEXPERIMENTRESULTSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\'\n%experiments.neuroweaver.ai/Experiment'
+  _globals['_EXPERIMENTSSERVICE'].methods_by_name['GetExperiment']._loaded_options = None
+  _globals['_EXPERIMENTSSERVICE'].methods_by_name['GetExperiment']._serialized_options = b'\220\002\001'
+  _globals['_EXPERIMENTSSERVICE'].methods_by_name['ListExperiments']._loaded_options = None
+  _globals['_EXPERIMENTSSERVICE'].methods_by_name['ListExperiments']._serialized_options = b'\220\002\001'
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=224
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=434
+  _globals['_GETEXPERIMENTREQUEST']._serialized_start=436
+  _globals['_GETEXPERIMENTREQUEST']._serialized_end=520
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=523
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=708
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=710
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=821
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=824
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=970
+  _globals['_STARTEXPERIMENTREQUEST']._serialized_start=972
+  _globals['_STARTEXPERIMENTREQUEST']._serialized_end=1058
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1060
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1167
+  _globals['_CONCLUDEEXPERIMENTREQUEST']._serialized_start=1170
+  _globals['_CONCLUDEEXPERIMENTREQUEST']._serialized_end=1387
+  _globals['_ASSIGNVARIANTREQUEST']._serialized_start=1389
+  _globals['_ASSIGNVARIANTREQUEST']._serialized_end=1502
+  _globals['_ASSIGNVARIANTRESPONSE']._serialized_start=1504
+  _globals['_ASSIGNVARIANTRESPONSE']._serialized_end=1620
+  _globals['_BATCHASSIGNVARIANTSREQUEST']._serialized_start=1622
+  _globals['_BATCHASSIGNVARIANTSREQUEST']._serialized_end=1742
+  _globals['_BATCHASSIGNVARIANTSRESPONSE']._serialized_start=1744
+  _globals['_BATCHASSIGNVARIANTSRESPONSE']._serialized_end=1845
+  _globals['_RECORDMETRICEVENTSREQUEST']._serialized_start=1848
+  _globals['_RECORDMETRICEVENTSREQUEST']._serialized_end=2006
+  _globals['_RECORDMETRICEVENTSRESPONSE']._serialized_start=2008
+  _globals['_RECORDMETRICEVENTSRESPONSE']._serialized_end=2074
+  _globals['_STREAMMETRICEVENTSREQUEST']._serialized_start=2077
+  _globals['_STREAMMETRICEVENTSREQUEST']._serialized_end=2235
+  _globals['_STREAMMETRICEVENTSRESPONSE']._serialized_start=2237
+  _globals['_STREAMMETRICEVENTSRESPONSE']._serialized_end=2303
+  _globals['_GETEXPERIMENTRESULTSREQUEST']._serialized_start=2305
+  _globals['_GETEXPERIMENTRESULTSREQUEST']._serialized_end=2396
+  _globals['_EXPERIMENTSSERVICE']._serialized_start=2399
+  _globals['_EXPERIMENTSSERVICE']._serialized_end=3876
 # @@protoc_insertion_point(module_scope)

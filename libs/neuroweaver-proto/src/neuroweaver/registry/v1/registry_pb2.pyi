@@ -194,31 +194,26 @@ class Model(_message.Message):
     base_model: _builtins.str
     """Default base model of the line (a local path, an artifact URI or a hub id)."""
     state: Global___Model.State.ValueType
-    """Output only."""
     latest_version: _builtins.str
-    """Output only. Highest version by semver precedence, empty when there is none."""
+    """Highest version by semver precedence, empty when there is none."""
     version_count: _builtins.int
-    """Output only. Number of versions."""
+    """Number of versions."""
     creator: _builtins.str
-    """Output only. Principal that created the model."""
+    """Principal that created the model."""
     etag: _builtins.str
-    """Output only. Changes on every update; send it back on UpdateModel to guard against lost updates."""
+    """Changes on every update; send it back on UpdateModel to guard against lost updates."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """User labels; keys and values at most 63 characters."""
 
     @_builtins.property
     def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Output only. Alias name -> version it points to, for example `production` -> `1.2.0`."""
+        """Alias name -> version it points to, for example `production` -> `1.2.0`."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -374,9 +369,7 @@ class Metric(_message.Message):
     source: _builtins.str
     """Who measured it, for example `trainer` or `experiments/projects/default/experiments/ab1`."""
     @_builtins.property
-    def record_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def record_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -464,14 +457,12 @@ class ModelVersion(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
-    """Output only. The semver string, the last segment of `name`."""
+    """The semver string, the last segment of `name`."""
     state: Global___ModelVersion.State.ValueType
     notes: _builtins.str
     """Release notes (at most 4,000 characters)."""
     creator: _builtins.str
-    """Output only."""
     etag: _builtins.str
-    """Output only."""
     @_builtins.property
     def artifact(self) -> Global___Artifact: ...
     @_builtins.property
@@ -482,16 +473,12 @@ class ModelVersion(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Aliases that point at this version."""
+        """Aliases that point at this version."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -746,13 +733,10 @@ class Judge(_message.Message):
     display_name: _builtins.str
     description: _builtins.str
     latest_version: _builtins.int
-    """Output only. Newest version number."""
+    """Newest version number."""
     creator: _builtins.str
-    """Output only."""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -867,7 +851,6 @@ class JudgeVersion(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
-    """Output only."""
     kind: Global___JudgeKind.ValueType
     mode: Global___JudgeMode.ValueType
     rubric: _builtins.str
@@ -881,7 +864,6 @@ class JudgeVersion(_message.Message):
     """Pairwise mode: judge both orders and keep only consistent preferences, cancelling position bias."""
     notes: _builtins.str
     creator: _builtins.str
-    """Output only."""
     @_builtins.property
     def openai(self) -> Global___OpenAICompatibleJudge:
         """Set when kind is OPENAI_COMPATIBLE."""
@@ -891,9 +873,7 @@ class JudgeVersion(_message.Message):
         """Set when kind is LOCAL_EMBEDDING."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,

@@ -22,37 +22,85 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from neuroweaver.trainer.v1 import training_job_pb2 as neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,neuroweaver/trainer/v1/trainer_service.proto\x12\x16neuroweaver.trainer.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a)neuroweaver/trainer/v1/training_job.proto\"\xa9\x01\n\x18\x43reateTrainingJobRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x17\n\x0ftraining_job_id\x18\x02 \x01(\t\x12\x39\n\x0ctraining_job\x18\x03 \x01(\x0b\x32#.neuroweaver.trainer.v1.TrainingJob\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"%\n\x15GetTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"r\n\x17ListTrainingJobsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"o\n\x18ListTrainingJobsResponse\x12:\n\rtraining_jobs\x18\x01 \x03(\x0b\x32#.neuroweaver.trainer.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x43\x61ncelTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x18\x44\x65leteTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"m\n\x1cListTrainingJobEventsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"r\n\x1dListTrainingJobEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x17WatchTrainingJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"S\n\x18WatchTrainingJobResponse\x12\x37\n\x05\x65vent\x18\x01 \x01(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent2\xa4\x06\n\x0eTrainerService\x12j\n\x11\x43reateTrainingJob\x12\x30.neuroweaver.trainer.v1.CreateTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12\x64\n\x0eGetTrainingJob\x12-.neuroweaver.trainer.v1.GetTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12u\n\x10ListTrainingJobs\x12/.neuroweaver.trainer.v1.ListTrainingJobsRequest\x1a\x30.neuroweaver.trainer.v1.ListTrainingJobsResponse\x12j\n\x11\x43\x61ncelTrainingJob\x12\x30.neuroweaver.trainer.v1.CancelTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12]\n\x11\x44\x65leteTrainingJob\x12\x30.neuroweaver.trainer.v1.DeleteTrainingJobRequest\x1a\x16.google.protobuf.Empty\x12\x84\x01\n\x15ListTrainingJobEvents\x12\x34.neuroweaver.trainer.v1.ListTrainingJobEventsRequest\x1a\x35.neuroweaver.trainer.v1.ListTrainingJobEventsResponse\x12w\n\x10WatchTrainingJob\x12/.neuroweaver.trainer.v1.WatchTrainingJobRequest\x1a\x30.neuroweaver.trainer.v1.WatchTrainingJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,neuroweaver/trainer/v1/trainer_service.proto\x12\x16neuroweaver.trainer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a)neuroweaver/trainer/v1/training_job.proto\"\xee\x01\n\x18\x43reateTrainingJobRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x1d\n\x0ftraining_job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12?\n\x0ctraining_job\x18\x03 \x01(\x0b\x32#.neuroweaver.trainer.v1.TrainingJobB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"R\n\x15GetTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xb7\x01\n\x17ListTrainingJobsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x18ListTrainingJobsResponse\x12:\n\rtraining_jobs\x18\x01 \x03(\x0b\x32#.neuroweaver.trainer.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18\x43\x61ncelTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"U\n\x18\x44\x65leteTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xac\x01\n\x1cListTrainingJobEventsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"r\n\x1dListTrainingJobEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x17WatchTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"S\n\x18WatchTrainingJobResponse\x12\x37\n\x05\x65vent\x18\x01 \x01(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent2\xb8\x06\n\x0eTrainerService\x12j\n\x11\x43reateTrainingJob\x12\x30.neuroweaver.trainer.v1.CreateTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12i\n\x0eGetTrainingJob\x12-.neuroweaver.trainer.v1.GetTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\"\x03\x90\x02\x01\x12z\n\x10ListTrainingJobs\x12/.neuroweaver.trainer.v1.ListTrainingJobsRequest\x1a\x30.neuroweaver.trainer.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12j\n\x11\x43\x61ncelTrainingJob\x12\x30.neuroweaver.trainer.v1.CancelTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12]\n\x11\x44\x65leteTrainingJob\x12\x30.neuroweaver.trainer.v1.DeleteTrainingJobRequest\x1a\x16.google.protobuf.Empty\x12\x89\x01\n\x15ListTrainingJobEvents\x12\x34.neuroweaver.trainer.v1.ListTrainingJobEventsRequest\x1a\x35.neuroweaver.trainer.v1.ListTrainingJobEventsResponse\"\x03\x90\x02\x01\x12|\n\x10WatchTrainingJob\x12/.neuroweaver.trainer.v1.WatchTrainingJobRequest\x1a\x30.neuroweaver.trainer.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neuroweaver.trainer.v1.trainer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=145
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=314
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=316
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=353
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=355
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=469
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=471
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=582
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=584
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=624
-  _globals['_DELETETRAININGJOBREQUEST']._serialized_start=626
-  _globals['_DELETETRAININGJOBREQUEST']._serialized_end=666
-  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_start=668
-  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_end=777
-  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_start=779
-  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_end=893
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=895
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=958
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=960
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1043
-  _globals['_TRAINERSERVICE']._serialized_start=1046
-  _globals['_TRAINERSERVICE']._serialized_end=1850
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\022\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job_id']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['training_job']._serialized_options = b'\342A\001\002'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['validate_only']._loaded_options = None
+  _globals['_CREATETRAININGJOBREQUEST'].fields_by_name['validate_only']._serialized_options = b'\342A\001\001'
+  _globals['_GETTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\022\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['filter']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['filter']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['order_by']._loaded_options = None
+  _globals['_LISTTRAININGJOBSREQUEST'].fields_by_name['order_by']._serialized_options = b'\342A\001\001'
+  _globals['_CANCELTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CANCELTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_DELETETRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETETRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['after_sequence']._loaded_options = None
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTRAININGJOBEVENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['after_sequence']._loaded_options = None
+  _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_TRAINERSERVICE'].methods_by_name['GetTrainingJob']._loaded_options = None
+  _globals['_TRAINERSERVICE'].methods_by_name['GetTrainingJob']._serialized_options = b'\220\002\001'
+  _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobs']._loaded_options = None
+  _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobs']._serialized_options = b'\220\002\001'
+  _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobEvents']._loaded_options = None
+  _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobEvents']._serialized_options = b'\220\002\001'
+  _globals['_TRAINERSERVICE'].methods_by_name['WatchTrainingJob']._loaded_options = None
+  _globals['_TRAINERSERVICE'].methods_by_name['WatchTrainingJob']._serialized_options = b'\220\002\001'
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=205
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=443
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=445
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=527
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=530
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=713
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=715
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=826
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=828
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=913
+  _globals['_DELETETRAININGJOBREQUEST']._serialized_start=915
+  _globals['_DELETETRAININGJOBREQUEST']._serialized_end=1000
+  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_start=1003
+  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_end=1175
+  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_start=1177
+  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_end=1291
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=1293
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1407
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1409
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1492
+  _globals['_TRAINERSERVICE']._serialized_start=1495
+  _globals['_TRAINERSERVICE']._serialized_end=2319
 # @@protoc_insertion_point(module_scope)

@@ -540,24 +540,23 @@ class TrainingJob(_message.Message):
     version_bump: _builtins.str
     """Bump level for the new version: `major`, `minor` or `patch` (default `minor`)."""
     state: Global___TrainingJob.State.ValueType
-    """Output only."""
     stage: _builtins.str
-    """Output only. Current stage while running, for example `sft`, `judge`, `policy`."""
+    """Current stage while running, for example `sft`, `judge`, `policy`."""
     error: _builtins.str
-    """Output only. A reason a person can act on, when failed."""
+    """A reason a person can act on, when failed."""
     model_version: _builtins.str
-    """Output only. Registered version, when succeeded."""
+    """Registered version, when succeeded."""
     output_uri: _builtins.str
-    """Output only. Where the adapter, tokenizer, report and model card were stored."""
+    """Where the adapter, tokenizer, report and model card were stored."""
     dataset_digest: _builtins.str
-    """Output only. Dataset sha256 digest recorded at submission."""
+    """Dataset sha256 digest recorded at submission."""
     current_step: _builtins.int
-    """Output only. Progress."""
+    """Progress."""
     total_steps: _builtins.int
     resumed_from_step: _builtins.int
-    """Output only. Last step restored from a checkpoint (0 when the job never resumed)."""
+    """Last step restored from a checkpoint (0 when the job never resumed)."""
     attempts: _builtins.int
-    """Output only. Number of times a worker was started for this job."""
+    """Number of times a worker was started for this job."""
     creator: _builtins.str
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
@@ -571,12 +570,10 @@ class TrainingJob(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Output only. Final metrics (train_loss, eval_loss, ...)."""
+        """Final metrics (train_loss, eval_loss, ...)."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only."""
-
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property

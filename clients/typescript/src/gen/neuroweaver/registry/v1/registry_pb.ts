@@ -4,6 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
+import { file_google_api_resource } from "../../../google/api/resource_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/registry/v1/registry.proto.
  */
 export const file_neuroweaver_registry_v1_registry: GenFile = /*@__PURE__*/
-  fileDesc("CiZuZXVyb3dlYXZlci9yZWdpc3RyeS92MS9yZWdpc3RyeS5wcm90bxIXbmV1cm93ZWF2ZXIucmVnaXN0cnkudjEi8AQKBU1vZGVsEgwKBG5hbWUYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEhYKDnNwZWNpYWxpemF0aW9uGAQgASgJEhIKCmJhc2VfbW9kZWwYBSABKAkSOgoGbGFiZWxzGAYgAygLMioubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWwuTGFiZWxzRW50cnkSMwoFc3RhdGUYByABKA4yJC5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbC5TdGF0ZRIWCg5sYXRlc3RfdmVyc2lvbhgIIAEoCRIVCg12ZXJzaW9uX2NvdW50GAkgASgFEjwKB2FsaWFzZXMYCiADKAsyKy5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbC5BbGlhc2VzRW50cnkSDwoHY3JlYXRvchgLIAEoCRIvCgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYDiABKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARouCgxBbGlhc2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJECgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX0FDVElWRRABEhIKDlNUQVRFX0FSQ0hJVkVEEAIidAoIQXJ0aWZhY3QSCwoDdXJpGAEgASgJEg4KBnNoYTI1NhgCIAEoCRISCgpzaXplX2J5dGVzGAMgASgDEjcKBmZvcm1hdBgEIAEoDjInLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLkFydGlmYWN0Rm9ybWF0It4CCgdMaW5lYWdlEhIKCmJhc2VfbW9kZWwYASABKAkSFAoMdHJhaW5pbmdfam9iGAIgASgJEhMKC2RhdGFzZXRfdXJpGAMgASgJEhYKDmRhdGFzZXRfZGlnZXN0GAQgASgJEhgKEGV2YWxfZGF0YXNldF91cmkYBSABKAkSGwoTZXZhbF9kYXRhc2V0X2RpZ2VzdBgGIAEoCRJOCg9oeXBlcnBhcmFtZXRlcnMYByADKAsyNS5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5MaW5lYWdlLkh5cGVycGFyYW1ldGVyc0VudHJ5EhYKDnBhcmVudF92ZXJzaW9uGAggASgJEhUKDWp1ZGdlX3ZlcnNpb24YCSABKAkSDgoGbWV0aG9kGAogASgJGjYKFEh5cGVycGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiowEKBk1ldHJpYxIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgBEjsKCWRpcmVjdGlvbhgDIAEoDjIoLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk1ldHJpY0RpcmVjdGlvbhIOCgZzb3VyY2UYBCABKAkSLwoLcmVjb3JkX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvcECgxNb2RlbFZlcnNpb24SDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEjoKBXN0YXRlGAMgASgOMisubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWxWZXJzaW9uLlN0YXRlEjMKCGFydGlmYWN0GAQgASgLMiEubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuQXJ0aWZhY3QSMQoHbGluZWFnZRgFIAEoCzIgLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLkxpbmVhZ2USMAoHbWV0cmljcxgGIAMoCzIfLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk1ldHJpYxJBCgZsYWJlbHMYByADKAsyMS5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbFZlcnNpb24uTGFiZWxzRW50cnkSDQoFbm90ZXMYCCABKAkSDwoHYWxpYXNlcxgJIAMoCRIPCgdjcmVhdG9yGAogASgJEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgNIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASFAoQU1RBVEVfUkVHSVNURVJFRBABEhMKD1NUQVRFX1ZBTElEQVRFRBACEhQKEFNUQVRFX0RFUFJFQ0FURUQQAyJ7CgpNb2RlbEFsaWFzEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRINCgVhY3RvchgDIAEoCRIOCgZyZWFzb24YBCABKAkSLwoLdXBkYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIssCChFBbGlhc0hpc3RvcnlFbnRyeRINCgVhbGlhcxgBIAEoCRJBCgZhY3Rpb24YAiABKA4yMS5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5BbGlhc0hpc3RvcnlFbnRyeS5BY3Rpb24SFAoMZnJvbV92ZXJzaW9uGAMgASgJEhIKCnRvX3ZlcnNpb24YBCABKAkSDQoFYWN0b3IYBSABKAkSDgoGcmVhc29uGAYgASgJEi8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghzZXF1ZW5jZRgIIAEoAyJYCgZBY3Rpb24SFgoSQUNUSU9OX1VOU1BFQ0lGSUVEEAASDgoKQUNUSU9OX1NFVBABEhEKDUFDVElPTl9ERUxFVEUQAhITCg9BQ1RJT05fUk9MTEJBQ0sQAyK6BQoKTW9kZWxFdmVudBIQCghzZXF1ZW5jZRgBIAEoAxI2CgR0eXBlGAIgASgOMigubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWxFdmVudC5UeXBlEhAKCHJlc291cmNlGAMgASgJEg0KBW1vZGVsGAQgASgJEg0KBWFjdG9yGAUgASgJEkEKB2RldGFpbHMYBiADKAsyMC5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbEV2ZW50LkRldGFpbHNFbnRyeRIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEijQMKBFR5cGUSFAoQVFlQRV9VTlNQRUNJRklFRBAAEhYKElRZUEVfTU9ERUxfQ1JFQVRFRBABEhYKElRZUEVfTU9ERUxfVVBEQVRFRBACEhcKE1RZUEVfTU9ERUxfQVJDSElWRUQQAxIWChJUWVBFX01PREVMX0RFTEVURUQQBBIYChRUWVBFX1ZFUlNJT05fQ1JFQVRFRBAFEhgKFFRZUEVfVkVSU0lPTl9VUERBVEVEEAYSHgoaVFlQRV9WRVJTSU9OX1NUQVRFX0NIQU5HRUQQBxIhCh1UWVBFX1ZFUlNJT05fTUVUUklDU19BUFBFTkRFRBAIEhIKDlRZUEVfQUxJQVNfU0VUEAkSFgoSVFlQRV9BTElBU19ERUxFVEVEEAoSGgoWVFlQRV9BTElBU19ST0xMRURfQkFDSxALEhYKElRZUEVfSlVER0VfQ1JFQVRFRBAMEh4KGlRZUEVfSlVER0VfVkVSU0lPTl9DUkVBVEVEEA0SFwoTVFlQRV9NT0RFTF9SRVNUT1JFRBAOIpoBCgVKdWRnZRIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIWCg5sYXRlc3RfdmVyc2lvbhgEIAEoAxIvCgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHY3JlYXRvchgGIAEoCSLgAQoVT3BlbkFJQ29tcGF0aWJsZUp1ZGdlEhAKCGJhc2VfdXJsGAEgASgJEg0KBW1vZGVsGAIgASgJEhMKC2FwaV9rZXlfZW52GAMgASgJEhMKC3RlbXBlcmF0dXJlGAQgASgBEhIKCm1heF90b2tlbnMYBSABKAUSGwoTcmVxdWVzdHNfcGVyX21pbnV0ZRgGIAEoBRIZChF0b2tlbnNfcGVyX21pbnV0ZRgHIAEoBRIXCg9tYXhfY29uY3VycmVuY3kYCCABKAUSFwoPdGltZW91dF9zZWNvbmRzGAkgASgBIiQKE0xvY2FsRW1iZWRkaW5nSnVkZ2USDQoFbW9kZWwYASABKAki0AMKDEp1ZGdlVmVyc2lvbhIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSMAoEa2luZBgDIAEoDjIiLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLkp1ZGdlS2luZBIwCgRtb2RlGAQgASgOMiIubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuSnVkZ2VNb2RlEj4KBm9wZW5haRgFIAEoCzIuLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk9wZW5BSUNvbXBhdGlibGVKdWRnZRJFCg9sb2NhbF9lbWJlZGRpbmcYBiABKAsyLC5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Mb2NhbEVtYmVkZGluZ0p1ZGdlEg4KBnJ1YnJpYxgHIAEoCRIXCg9wcm9tcHRfdGVtcGxhdGUYCCABKAkSEQoJc2NvcmVfbWluGAkgASgBEhEKCXNjb3JlX21heBgKIAEoARIWCg5zd2FwX3Bvc2l0aW9ucxgLIAEoCBINCgVub3RlcxgMIAEoCRIPCgdjcmVhdG9yGA0gASgJEi8KC2NyZWF0ZV90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCpvCg5BcnRpZmFjdEZvcm1hdBIfChtBUlRJRkFDVF9GT1JNQVRfVU5TUEVDSUZJRUQQABIgChxBUlRJRkFDVF9GT1JNQVRfTE9SQV9BREFQVEVSEAESGgoWQVJUSUZBQ1RfRk9STUFUX01FUkdFRBACKoABCg9NZXRyaWNEaXJlY3Rpb24SIAocTUVUUklDX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEiUKIU1FVFJJQ19ESVJFQ1RJT05fSElHSEVSX0lTX0JFVFRFUhABEiQKIE1FVFJJQ19ESVJFQ1RJT05fTE9XRVJfSVNfQkVUVEVSEAIqaQoJSnVkZ2VLaW5kEhoKFkpVREdFX0tJTkRfVU5TUEVDSUZJRUQQABIgChxKVURHRV9LSU5EX09QRU5BSV9DT01QQVRJQkxFEAESHgoaSlVER0VfS0lORF9MT0NBTF9FTUJFRERJTkcQAipaCglKdWRnZU1vZGUSGgoWSlVER0VfTU9ERV9VTlNQRUNJRklFRBAAEhgKFEpVREdFX01PREVfUE9JTlRXSVNFEAESFwoTSlVER0VfTU9ERV9QQUlSV0lTRRACYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiZuZXVyb3dlYXZlci9yZWdpc3RyeS92MS9yZWdpc3RyeS5wcm90bxIXbmV1cm93ZWF2ZXIucmVnaXN0cnkudjEimgYKBU1vZGVsEhIKBG5hbWUYASABKAlCBOJBAQgSGgoMZGlzcGxheV9uYW1lGAIgASgJQgTiQQEBEhkKC2Rlc2NyaXB0aW9uGAMgASgJQgTiQQEBEhwKDnNwZWNpYWxpemF0aW9uGAQgASgJQgTiQQEBEhgKCmJhc2VfbW9kZWwYBSABKAlCBOJBAQESQAoGbGFiZWxzGAYgAygLMioubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWwuTGFiZWxzRW50cnlCBOJBAQESOQoFc3RhdGUYByABKA4yJC5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbC5TdGF0ZUIE4kEBAxIcCg5sYXRlc3RfdmVyc2lvbhgIIAEoCUIE4kEBAxIbCg12ZXJzaW9uX2NvdW50GAkgASgFQgTiQQEDEkIKB2FsaWFzZXMYCiADKAsyKy5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbC5BbGlhc2VzRW50cnlCBOJBAQMSFQoHY3JlYXRvchgLIAEoCUIE4kEBAxI1CgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNQoLdXBkYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhIKBGV0YWcYDiABKAlCBOJBAQEaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARouCgxBbGlhc2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJECgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX0FDVElWRRABEhIKDlNUQVRFX0FSQ0hJVkVEEAI6VOpBUQodcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWwSIXByb2plY3RzL3twcm9qZWN0fS9tb2RlbHMve21vZGVsfSoGbW9kZWxzMgVtb2RlbCJ0CghBcnRpZmFjdBILCgN1cmkYASABKAkSDgoGc2hhMjU2GAIgASgJEhIKCnNpemVfYnl0ZXMYAyABKAMSNwoGZm9ybWF0GAQgASgOMicubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuQXJ0aWZhY3RGb3JtYXQi3QMKB0xpbmVhZ2USEgoKYmFzZV9tb2RlbBgBIAEoCRI9Cgx0cmFpbmluZ19qb2IYAiABKAlCJ/pBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhITCgtkYXRhc2V0X3VyaRgDIAEoCRIWCg5kYXRhc2V0X2RpZ2VzdBgEIAEoCRIYChBldmFsX2RhdGFzZXRfdXJpGAUgASgJEhsKE2V2YWxfZGF0YXNldF9kaWdlc3QYBiABKAkSTgoPaHlwZXJwYXJhbWV0ZXJzGAcgAygLMjUubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTGluZWFnZS5IeXBlcnBhcmFtZXRlcnNFbnRyeRJBCg5wYXJlbnRfdmVyc2lvbhgIIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SQAoNanVkZ2VfdmVyc2lvbhgJIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9KdWRnZVZlcnNpb24SDgoGbWV0aG9kGAogASgJGjYKFEh5cGVycGFyYW1ldGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEirwEKBk1ldHJpYxISCgRuYW1lGAEgASgJQgTiQQECEg0KBXZhbHVlGAIgASgBEjsKCWRpcmVjdGlvbhgDIAEoDjIoLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk1ldHJpY0RpcmVjdGlvbhIOCgZzb3VyY2UYBCABKAkSNQoLcmVjb3JkX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDIr0GCgxNb2RlbFZlcnNpb24SEgoEbmFtZRgBIAEoCUIE4kEBCBIVCgd2ZXJzaW9uGAIgASgJQgTiQQEDEkAKBXN0YXRlGAMgASgOMisubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWxWZXJzaW9uLlN0YXRlQgTiQQEDEjkKCGFydGlmYWN0GAQgASgLMiEubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuQXJ0aWZhY3RCBOJBAQUSNwoHbGluZWFnZRgFIAEoCzIgLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLkxpbmVhZ2VCBOJBAQUSMAoHbWV0cmljcxgGIAMoCzIfLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk1ldHJpYxJHCgZsYWJlbHMYByADKAsyMS5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Nb2RlbFZlcnNpb24uTGFiZWxzRW50cnlCBOJBAQESEwoFbm90ZXMYCCABKAlCBOJBAQUSFQoHYWxpYXNlcxgJIAMoCUIE4kEBAxIVCgdjcmVhdG9yGAogASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSEgoEZXRhZxgNIAEoCUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASFAoQU1RBVEVfUkVHSVNURVJFRBABEhMKD1NUQVRFX1ZBTElEQVRFRBACEhQKEFNUQVRFX0RFUFJFQ0FURUQQAzp86kF5CiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SNHByb2plY3RzL3twcm9qZWN0fS9tb2RlbHMve21vZGVsfS92ZXJzaW9ucy97dmVyc2lvbn0qDW1vZGVsVmVyc2lvbnMyDG1vZGVsVmVyc2lvbiKPAgoKTW9kZWxBbGlhcxISCgRuYW1lGAEgASgJQgTiQQEIEhUKB3ZlcnNpb24YAiABKAlCBOJBAQMSEwoFYWN0b3IYAyABKAlCBOJBAQMSFAoGcmVhc29uGAQgASgJQgTiQQEDEjUKC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAzp06kFxCiJyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbEFsaWFzEjFwcm9qZWN0cy97cHJvamVjdH0vbW9kZWxzL3ttb2RlbH0vYWxpYXNlcy97YWxpYXN9Kgxtb2RlbEFsaWFzZXMyCm1vZGVsQWxpYXMi9AIKEUFsaWFzSGlzdG9yeUVudHJ5EjYKBWFsaWFzGAEgASgJQif6QSQKInJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsQWxpYXMSQQoGYWN0aW9uGAIgASgOMjEubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuQWxpYXNIaXN0b3J5RW50cnkuQWN0aW9uEhQKDGZyb21fdmVyc2lvbhgDIAEoCRISCgp0b192ZXJzaW9uGAQgASgJEg0KBWFjdG9yGAUgASgJEg4KBnJlYXNvbhgGIAEoCRIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIc2VxdWVuY2UYCCABKAMiWAoGQWN0aW9uEhYKEkFDVElPTl9VTlNQRUNJRklFRBAAEg4KCkFDVElPTl9TRVQQARIRCg1BQ1RJT05fREVMRVRFEAISEwoPQUNUSU9OX1JPTExCQUNLEAMi3gUKCk1vZGVsRXZlbnQSEAoIc2VxdWVuY2UYASABKAMSNgoEdHlwZRgCIAEoDjIoLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk1vZGVsRXZlbnQuVHlwZRIQCghyZXNvdXJjZRgDIAEoCRIxCgVtb2RlbBgEIAEoCUIi+kEfCh1yZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbBINCgVhY3RvchgFIAEoCRJBCgdkZXRhaWxzGAYgAygLMjAubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuTW9kZWxFdmVudC5EZXRhaWxzRW50cnkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi4KDERldGFpbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIo0DCgRUeXBlEhQKEFRZUEVfVU5TUEVDSUZJRUQQABIWChJUWVBFX01PREVMX0NSRUFURUQQARIWChJUWVBFX01PREVMX1VQREFURUQQAhIXChNUWVBFX01PREVMX0FSQ0hJVkVEEAMSFgoSVFlQRV9NT0RFTF9ERUxFVEVEEAQSGAoUVFlQRV9WRVJTSU9OX0NSRUFURUQQBRIYChRUWVBFX1ZFUlNJT05fVVBEQVRFRBAGEh4KGlRZUEVfVkVSU0lPTl9TVEFURV9DSEFOR0VEEAcSIQodVFlQRV9WRVJTSU9OX01FVFJJQ1NfQVBQRU5ERUQQCBISCg5UWVBFX0FMSUFTX1NFVBAJEhYKElRZUEVfQUxJQVNfREVMRVRFRBAKEhoKFlRZUEVfQUxJQVNfUk9MTEVEX0JBQ0sQCxIWChJUWVBFX0pVREdFX0NSRUFURUQQDBIeChpUWVBFX0pVREdFX1ZFUlNJT05fQ1JFQVRFRBANEhcKE1RZUEVfTU9ERUxfUkVTVE9SRUQQDiKIAgoFSnVkZ2USEgoEbmFtZRgBIAEoCUIE4kEBCBIUCgxkaXNwbGF5X25hbWUYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSHAoObGF0ZXN0X3ZlcnNpb24YBCABKANCBOJBAQMSNQoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhUKB2NyZWF0b3IYBiABKAlCBOJBAQM6VOpBUQodcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvSnVkZ2USIXByb2plY3RzL3twcm9qZWN0fS9qdWRnZXMve2p1ZGdlfSoGanVkZ2VzMgVqdWRnZSLgAQoVT3BlbkFJQ29tcGF0aWJsZUp1ZGdlEhAKCGJhc2VfdXJsGAEgASgJEg0KBW1vZGVsGAIgASgJEhMKC2FwaV9rZXlfZW52GAMgASgJEhMKC3RlbXBlcmF0dXJlGAQgASgBEhIKCm1heF90b2tlbnMYBSABKAUSGwoTcmVxdWVzdHNfcGVyX21pbnV0ZRgGIAEoBRIZChF0b2tlbnNfcGVyX21pbnV0ZRgHIAEoBRIXCg9tYXhfY29uY3VycmVuY3kYCCABKAUSFwoPdGltZW91dF9zZWNvbmRzGAkgASgBIiQKE0xvY2FsRW1iZWRkaW5nSnVkZ2USDQoFbW9kZWwYASABKAki5gQKDEp1ZGdlVmVyc2lvbhISCgRuYW1lGAEgASgJQgTiQQEIEhUKB3ZlcnNpb24YAiABKANCBOJBAQMSMAoEa2luZBgDIAEoDjIiLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLkp1ZGdlS2luZBIwCgRtb2RlGAQgASgOMiIubmV1cm93ZWF2ZXIucmVnaXN0cnkudjEuSnVkZ2VNb2RlEj4KBm9wZW5haRgFIAEoCzIuLm5ldXJvd2VhdmVyLnJlZ2lzdHJ5LnYxLk9wZW5BSUNvbXBhdGlibGVKdWRnZRJFCg9sb2NhbF9lbWJlZGRpbmcYBiABKAsyLC5uZXVyb3dlYXZlci5yZWdpc3RyeS52MS5Mb2NhbEVtYmVkZGluZ0p1ZGdlEg4KBnJ1YnJpYxgHIAEoCRIXCg9wcm9tcHRfdGVtcGxhdGUYCCABKAkSEQoJc2NvcmVfbWluGAkgASgBEhEKCXNjb3JlX21heBgKIAEoARIWCg5zd2FwX3Bvc2l0aW9ucxgLIAEoCBINCgVub3RlcxgMIAEoCRIVCgdjcmVhdG9yGA0gASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAzp86kF5CiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9KdWRnZVZlcnNpb24SNHByb2plY3RzL3twcm9qZWN0fS9qdWRnZXMve2p1ZGdlfS92ZXJzaW9ucy97dmVyc2lvbn0qDWp1ZGdlVmVyc2lvbnMyDGp1ZGdlVmVyc2lvbipvCg5BcnRpZmFjdEZvcm1hdBIfChtBUlRJRkFDVF9GT1JNQVRfVU5TUEVDSUZJRUQQABIgChxBUlRJRkFDVF9GT1JNQVRfTE9SQV9BREFQVEVSEAESGgoWQVJUSUZBQ1RfRk9STUFUX01FUkdFRBACKoABCg9NZXRyaWNEaXJlY3Rpb24SIAocTUVUUklDX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEiUKIU1FVFJJQ19ESVJFQ1RJT05fSElHSEVSX0lTX0JFVFRFUhABEiQKIE1FVFJJQ19ESVJFQ1RJT05fTE9XRVJfSVNfQkVUVEVSEAIqaQoJSnVkZ2VLaW5kEhoKFkpVREdFX0tJTkRfVU5TUEVDSUZJRUQQABIgChxKVURHRV9LSU5EX09QRU5BSV9DT01QQVRJQkxFEAESHgoaSlVER0VfS0lORF9MT0NBTF9FTUJFRERJTkcQAipaCglKdWRnZU1vZGUSGgoWSlVER0VfTU9ERV9VTlNQRUNJRklFRBAAEhgKFEpVREdFX01PREVfUE9JTlRXSVNFEAESFwoTSlVER0VfTU9ERV9QQUlSV0lTRRACYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
  * A registered model: a named line of versions that share a purpose (for example an automotive
@@ -64,56 +66,50 @@ export type Model = Message<"neuroweaver.registry.v1.Model"> & {
   labels: { [key: string]: string };
 
   /**
-   * Output only.
-   *
    * @generated from field: neuroweaver.registry.v1.Model.State state = 7;
    */
   state: Model_State;
 
   /**
-   * Output only. Highest version by semver precedence, empty when there is none.
+   * Highest version by semver precedence, empty when there is none.
    *
    * @generated from field: string latest_version = 8;
    */
   latestVersion: string;
 
   /**
-   * Output only. Number of versions.
+   * Number of versions.
    *
    * @generated from field: int32 version_count = 9;
    */
   versionCount: number;
 
   /**
-   * Output only. Alias name -> version it points to, for example `production` -> `1.2.0`.
+   * Alias name -> version it points to, for example `production` -> `1.2.0`.
    *
    * @generated from field: map<string, string> aliases = 10;
    */
   aliases: { [key: string]: string };
 
   /**
-   * Output only. Principal that created the model.
+   * Principal that created the model.
    *
    * @generated from field: string creator = 11;
    */
   creator: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp create_time = 12;
    */
   createTime?: Timestamp | undefined;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp update_time = 13;
    */
   updateTime?: Timestamp | undefined;
 
   /**
-   * Output only. Changes on every update; send it back on UpdateModel to guard against lost updates.
+   * Changes on every update; send it back on UpdateModel to guard against lost updates.
    *
    * @generated from field: string etag = 14;
    */
@@ -310,8 +306,6 @@ export type Metric = Message<"neuroweaver.registry.v1.Metric"> & {
   source: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp record_time = 5;
    */
   recordTime?: Timestamp | undefined;
@@ -339,7 +333,7 @@ export type ModelVersion = Message<"neuroweaver.registry.v1.ModelVersion"> & {
   name: string;
 
   /**
-   * Output only. The semver string, the last segment of `name`.
+   * The semver string, the last segment of `name`.
    *
    * @generated from field: string version = 2;
    */
@@ -378,36 +372,28 @@ export type ModelVersion = Message<"neuroweaver.registry.v1.ModelVersion"> & {
   notes: string;
 
   /**
-   * Output only. Aliases that point at this version.
+   * Aliases that point at this version.
    *
    * @generated from field: repeated string aliases = 9;
    */
   aliases: string[];
 
   /**
-   * Output only.
-   *
    * @generated from field: string creator = 10;
    */
   creator: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp create_time = 11;
    */
   createTime?: Timestamp | undefined;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp update_time = 12;
    */
   updateTime?: Timestamp | undefined;
 
   /**
-   * Output only.
-   *
    * @generated from field: string etag = 13;
    */
   etag: string;
@@ -769,22 +755,18 @@ export type Judge = Message<"neuroweaver.registry.v1.Judge"> & {
   description: string;
 
   /**
-   * Output only. Newest version number.
+   * Newest version number.
    *
    * @generated from field: int64 latest_version = 4;
    */
   latestVersion: bigint;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp create_time = 5;
    */
   createTime?: Timestamp | undefined;
 
   /**
-   * Output only.
-   *
    * @generated from field: string creator = 6;
    */
   creator: string;
@@ -900,8 +882,6 @@ export type JudgeVersion = Message<"neuroweaver.registry.v1.JudgeVersion"> & {
   name: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: int64 version = 2;
    */
   version: bigint;
@@ -969,15 +949,11 @@ export type JudgeVersion = Message<"neuroweaver.registry.v1.JudgeVersion"> & {
   notes: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: string creator = 13;
    */
   creator: string;
 
   /**
-   * Output only.
-   *
    * @generated from field: google.protobuf.Timestamp create_time = 14;
    */
   createTime?: Timestamp | undefined;
