@@ -242,7 +242,7 @@ def validate_dataset(
     try:
         report.sha256, report.size_bytes = digest_path(p)
         lines = _iter_lines(p, max_line_bytes)
-        fmt = report.format  # None until the first parseable row when auto-detecting
+        dataset_fmt = report.format  # None until the first parseable row when auto-detecting
         for n, text in lines:
             if isinstance(text, _LineTooLong):
                 add(n, f"line is longer than {text.limit} bytes (the maximum)")
@@ -261,7 +261,7 @@ def validate_dataset(
                 add(n, "invalid JSON: nested too deeply")
                 continue
             row_fmt = detect_row_format(row)
-            if fmt is None:
+            if dataset_fmt is None:
                 if row_fmt is None:
                     add(
                         n,
@@ -271,22 +271,26 @@ def validate_dataset(
                         else f"expected a JSON object, got {type(row).__name__}",
                     )
                     continue
-                fmt = row_fmt
-                report.format = fmt
-                if allowed_formats is not None and fmt not in allowed_formats:
-                    add(None, f"dataset format {fmt!r} is not accepted here; expected {', '.join(allowed_formats)}")
+                dataset_fmt = row_fmt
+                report.format = dataset_fmt
+                if allowed_formats is not None and dataset_fmt not in allowed_formats:
+                    add(None, f"dataset format {dataset_fmt!r} is not accepted here; expected {', '.join(allowed_formats)}")
                     return report
             report.num_rows += 1
             # a prompt-only row in a prompt/completion file is a missing completion, said so by check_row
-            if row_fmt is not None and row_fmt != fmt and not (row_fmt == "prompt" and fmt == "prompt_completion"):
-                err = f"row looks like {row_fmt!r} but the dataset format is {fmt!r}"
+            if (
+                row_fmt is not None
+                and row_fmt != dataset_fmt
+                and not (row_fmt == "prompt" and dataset_fmt == "prompt_completion")
+            ):
+                err: str | None = f"row looks like {row_fmt!r} but the dataset format is {dataset_fmt!r}"
             else:
-                err = check_row(row, fmt)
+                err = check_row(row, dataset_fmt)
             if err:
                 add(n, err)
                 continue
             if max_chars is not None or (max_tokens is not None and tokenizer is not None):
-                txt = row_text(row, fmt, tokenizer)
+                txt = row_text(row, dataset_fmt, tokenizer)
                 if max_chars is not None and len(txt) > max_chars:
                     add(n, f"row is {len(txt)} characters, over the maximum of {max_chars}")
                     continue

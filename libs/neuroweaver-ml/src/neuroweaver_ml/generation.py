@@ -116,13 +116,15 @@ def load_for_inference(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Any: transformers' stubs reject .to(str) (a decorated method) and PeftModel is no PreTrainedModel
+    model: Any
     if load_in_4bit:
         q = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=q, dtype=dtype, device_map={"": dev})
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).to(dev)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).to(dev)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
     if adapter_dir is not None:
         from peft import PeftModel
 

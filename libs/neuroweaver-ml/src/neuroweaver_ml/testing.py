@@ -27,3 +27,21 @@ def chat_rows(n: int = 40):
             }
         )
     return rows
+
+
+def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int) -> tuple[Path, str]:
+    """A LoRA adapter made with peft on the base (non-zero random B so it changes outputs), with its digest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .artifacts import digest_path
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(str(out_dir))
+    sha, _ = digest_path(out_dir)
+    return out_dir, sha

@@ -240,16 +240,16 @@ class SFTCollator:
         import torch
 
         if self.padding_free:
-            ids, labels, pos = [], [], []
+            flat_ids, flat_labels, flat_pos = [], [], []
             for f in features:
                 n = len(f["input_ids"])
-                ids += f["input_ids"]
-                labels += [IGNORE_INDEX] + list(f["labels"][1:])
-                pos += list(range(n))
+                flat_ids += f["input_ids"]
+                flat_labels += [IGNORE_INDEX] + list(f["labels"][1:])
+                flat_pos += list(range(n))
             return {
-                "input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([pos], dtype=torch.long),
+                "input_ids": torch.tensor([flat_ids], dtype=torch.long),
+                "labels": torch.tensor([flat_labels], dtype=torch.long),
+                "position_ids": torch.tensor([flat_pos], dtype=torch.long),
             }
         width = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
@@ -304,7 +304,7 @@ def load_base_for_training(cfg: SFTConfig, device: str):
         )
     elif cfg.method == "lora":
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model_dir, dtype=dtype)
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -499,7 +499,8 @@ def run_sft(
     )
 
     on_gpu = device.startswith("cuda")
-    has_eval = eval_tok is not None and bool(eval_tok.examples)
+    eval_examples = eval_tok.examples if eval_tok is not None else []
+    has_eval = bool(eval_examples)
     args = TrainingArguments(
         output_dir=str(ckdir),
         per_device_train_batch_size=cfg.batch_size,
@@ -537,7 +538,7 @@ def run_sft(
         args=args,
         data_collator=SFTCollator(tokenizer.pad_token_id, cfg.padding_free),
         train_dataset=_ListDataset(train_tok.examples),
-        eval_dataset=_ListDataset(eval_tok.examples) if has_eval else None,
+        eval_dataset=_ListDataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
         callbacks=[bridge],
     )
@@ -567,7 +568,7 @@ def run_sft(
         global_step=int(state.global_step),
         tokens_seen=int(state.num_input_tokens_seen),
         train_examples=len(train_tok.examples),
-        eval_examples=len(eval_tok.examples) if has_eval else 0,
+        eval_examples=len(eval_examples),
         resumed_from_step=int(resumed_from),
         last_checkpoint=str(last_ck) if last_ck else None,
         runtime_seconds=round(runtime, 3),

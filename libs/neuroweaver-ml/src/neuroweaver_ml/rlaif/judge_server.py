@@ -19,7 +19,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -143,7 +146,7 @@ class JudgeServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._runner = None
+        self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -174,7 +177,8 @@ class JudgeServer:
     def stop(self) -> None:
         if self._loop is None:
             return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)  # type: ignore[union-attr]
+        assert self._runner is not None  # set on the loop before start() returns
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
         fut.result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None

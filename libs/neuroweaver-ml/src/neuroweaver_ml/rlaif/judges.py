@@ -30,7 +30,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 log = logging.getLogger(__name__)
 
@@ -347,12 +350,13 @@ class Judge:
         if any(j.error for _, j in verdicts):
             pref.error = next(j.error for _, j in verdicts if j.error)
             return pref
-        if any(w is None for w, _ in verdicts):
+        winners = [w for w, _ in verdicts if w is not None]
+        if len(winners) < len(verdicts):
             pref.malformed = True
             return pref
-        w1 = first[0]
+        w1 = winners[0]
         if self.config.swap_positions:
-            w2 = {"a": "b", "b": "a", "tie": "tie"}[verdicts[1][0]]  # back to the original labels
+            w2 = {"a": "b", "b": "a", "tie": "tie"}[winners[1]]  # back to the original labels
             if w1 != w2:
                 pref.winner, pref.consistent = "tie", False
                 return pref
@@ -593,7 +597,7 @@ class OpenAICompatibleJudge(Judge):
         else:
             self._api_key = "not-needed"
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = None
+        self._client: AsyncOpenAI | None = None
         self._sem: asyncio.Semaphore | None = None
         self._rpm: TokenBucket | None = None
         self._tpm: TokenBucket | None = None

@@ -257,7 +257,7 @@ class _Cancelled(Exception):
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     if not path.is_file():
         return rows
     with open(path, encoding="utf-8") as f:
@@ -662,7 +662,7 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
     trainer = T(
         model=model,
         reward_funcs=funcs,
-        args=args,
+        args=args,  # type: ignore[arg-type]  # (C, T) is (GRPOConfig, GRPOTrainer) or (RLOOConfig, RLOOTrainer): mypy can't pair them
         train_dataset=ds,
         processing_class=tok,
         peft_config=peft_config,

@@ -395,7 +395,7 @@ def run_reward_model(
             on_event(ResumedEvent(step=resumed_from, path=str(resume)))
     tout = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
-    common = dict(
+    common: dict[str, Any] = dict(
         output_dir=str(out),
         backbone=cfg.backbone or "all-minilm-l6-v2",
         train_pairs=len(train_rows),
@@ -411,7 +411,7 @@ def run_reward_model(
     model_dir = out / "model"
     staging = out / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(str(staging))
+    trainer.model.save_pretrained(str(staging))  # type: ignore[union-attr,operator]  # Trainer.model: PreTrainedModel | nn.Module | None
     tok.save_pretrained(str(staging))
     atomic_write_json(
         staging / "reward_model.json",
@@ -475,7 +475,7 @@ def load_policy(base_model_dir: str, parent_adapter_dir: str | None, lora: Polic
     from ..lora import find_lora_target_modules
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype).to(device)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
     if parent_adapter_dir:
         return PeftModel.from_pretrained(model, parent_adapter_dir, is_trainable=True), None
     targets = list(lora.target_modules) if lora.target_modules else find_lora_target_modules(model)
@@ -552,7 +552,7 @@ class PolicyResult:
 
 def _chat_rows(rows: Sequence[dict], tokenizer, system_prompt: str | None) -> list[dict]:
     chat = bool(getattr(tokenizer, "chat_template", None))
-    out = []
+    out: list[dict[str, Any]] = []
     for r in rows:
         if chat:
             out.append(
