@@ -14,6 +14,7 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 
 from .adapters.clients import DeployerClient, RegistryClient
+from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, ExperimentsServicer
 from .service.experiments import ExperimentsService
 
@@ -43,7 +44,9 @@ def build(config: ExperimentsConfig) -> GrpcService:
     tls = ClientTLS.from_config(config)
     deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds, tls)
     registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds, tls)
-    service = ExperimentsService(db, PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds)
+    service = ExperimentsService(
+        SqlUnitOfWorkFactory(db), PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds
+    )
 
     grpc_service = database_service(
         config,
@@ -59,4 +62,5 @@ def build(config: ExperimentsConfig) -> GrpcService:
         on_stop=[deployer.close, registry.close],
     )
     grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests
+    grpc_service.db = db  # type: ignore[attr-defined]
     return grpc_service

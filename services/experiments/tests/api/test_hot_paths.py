@@ -65,7 +65,7 @@ async def test_other_replica_stop_is_seen_within_the_ttl(stub, make_experiment, 
         with pytest.raises(FailedPrecondition):
             await servicer.AssignVariant(req, None)
     finally:
-        await replica.db.dispose()
+        await other.db.dispose()
 
 
 async def test_expired_snapshot_is_revalidated_once_for_all_callers(make_experiment, backend):
@@ -76,18 +76,18 @@ async def test_expired_snapshot_is_revalidated_once_for_all_callers(make_experim
     snap = await assigner.snapshot(exp.name)
     snap.checked -= assigner.ttl + 1  # expired
     transactions = 0
-    real = assigner.db.transaction
+    real = assigner.uow.transaction
 
     def counting():
         nonlocal transactions
         transactions += 1
         return real()
 
-    assigner.db.transaction = counting
+    assigner.uow.transaction = counting
     try:
         results = await asyncio.gather(*(assigner.snapshot(exp.name) for _ in range(32)))
     finally:
-        del assigner.db.transaction
+        del assigner.uow.transaction
     assert transactions == 1
     assert all(r is snap for r in results) and assigner.fresh(exp.name) is snap  # same revision: revalidated in place
 

@@ -224,7 +224,7 @@ async def test_raw_events_keep_their_time_key_and_value(backend, make_experiment
     tiny = [ev("c", "score", 5e-324), ev("c", "score", 0.0), ev("a", "score", 1e-160)]
     r = await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=tiny))
     assert (r.accepted, r.duplicates) == (3, 0)
-    async with backend.service.experiments.db.transaction() as s:
+    async with backend.service.db.transaction() as s:
         rows = (await s.execute(sa.text(
             "SELECT unit_id, value, event_time, idempotency_key FROM metric_events m JOIN experiments e ON e.id = m.experiment_id "
             "WHERE e.name = :name ORDER BY unit_id, m.id"), {"name": exp.name})).all()  # fmt: skip

@@ -1,4 +1,5 @@
-"""Experiments persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction.
+"""Experiments persistence: rows ⇄ domain dataclasses, per resource (the ports of service/ports.py). Every method
+runs inside the unit of work's transaction (adapters/unit_of_work.py).
 
 The hot paths (assignment batches, metric ingestion) are set-based: one statement per table per batch.
 On PostgreSQL they go straight to asyncpg with `unnest` arrays (no per-row SQL compilation);
@@ -8,6 +9,7 @@ on SQLite they use SQLAlchemy Core `INSERT ... ON CONFLICT` with multi-row VALUE
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -35,7 +37,7 @@ from . import tables as t
 _SQLITE_CHUNK = 2000  # rows per multi-row statement (SQLite allows 32,766 bound variables)
 
 
-# One ingest batch on PostgreSQL (see `ExperimentsRepository.ingest_pg`). Data-modifying CTEs all run, once;
+# One ingest batch on PostgreSQL (see `SqlMetricRepository.ingest`). Data-modifying CTEs all run, once;
 # each sees the others' rows only through RETURNING, which is all this needs.
 _INGEST_SQL = """
 WITH ev AS (
@@ -128,7 +130,7 @@ def _finite(x: float, default: float) -> float:
     return default if math.isnan(x) else x
 
 
-class ExperimentsRepository:
+class _Repository:
     def __init__(self, session: AsyncSession, is_postgres: bool) -> None:
         self.s = session
         self.pg = is_postgres
@@ -139,16 +141,26 @@ class ExperimentsRepository:
         raw = await conn.get_raw_connection()
         return raw.driver_connection
 
-    # -- experiments -----------------------------------------------------------------------------
 
-    async def experiment_row(self, name: str, *, for_update: bool = False):
+class SqlExperimentRepository(_Repository):
+    async def get(self, name: str, *, lock: bool = False) -> Experiment | None:
         query = select(t.experiments).where(t.experiments.c.name == name)
-        if for_update:
+        if lock:
             query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+        row = (await self.s.execute(query)).first()
+        return to_experiment(row) if row is not None else None
 
-    async def revision_of(self, experiment_id: int) -> int | None:
-        query = select(t.experiments.c.revision).where(t.experiments.c.id == experiment_id)
+    async def current(self, known: Experiment, *, share: bool = False) -> Experiment | None:
+        query = select(t.experiments).where(t.experiments.c.id == known.key)
+        if share:
+            query = query.with_for_update(read=True)  # FOR SHARE (SQLite: its transactions hold the database lock)
+        row = (await self.s.execute(query)).first()
+        if row is None:
+            return None
+        return known if row.revision == known.revision else to_experiment(row)
+
+    async def revision(self, key: int) -> int | None:
+        query = select(t.experiments.c.revision).where(t.experiments.c.id == key)
         return (await self.s.execute(query)).scalar()
 
     @staticmethod
@@ -177,53 +189,28 @@ class ExperimentsRepository:
             end_time=exp.end_time,
         )
 
-    async def insert_experiment(self, exp: Experiment, project: str) -> None:
-        await self.s.execute(
+    async def add(self, experiment: Experiment, project: str) -> None:
+        result = await self.s.execute(
             t.experiments.insert().values(
-                name=exp.name, project=project, create_time=exp.create_time, revision=1, **self._values(exp)
+                name=experiment.name,
+                project=project,
+                create_time=experiment.create_time,
+                revision=1,
+                **self._values(experiment),
             )
         )
+        experiment.key, experiment.revision = int(result.inserted_primary_key[0]), 1
 
-    async def save_experiment(self, experiment_id: int, exp: Experiment) -> None:
-        """Writes every mutable field and bumps the revision (so the etag changes)."""
+    async def save(self, experiment: Experiment) -> None:
         await self.s.execute(
             update(t.experiments)
-            .where(t.experiments.c.id == experiment_id)
-            .values(revision=t.experiments.c.revision + 1, **self._values(exp))
+            .where(t.experiments.c.id == experiment.key)
+            .values(revision=t.experiments.c.revision + 1, **self._values(experiment))
         )
 
-    @staticmethod
-    def to_experiment(row) -> Experiment:
-        return Experiment(
-            name=row.name,
-            display_name=row.display_name,
-            description=row.description,
-            variants=[Variant(**v) for v in row.variants],
-            weights_history=[list(w) for w in row.weights_history],
-            hash_seed=row.hash_seed,
-            coverage=row.coverage,
-            primary_metric=metric_from_json(row.primary_metric) if row.primary_metric else None,
-            guardrail_metrics=[metric_from_json(m) for m in row.guardrail_metrics],
-            secondary_metrics=[metric_from_json(m) for m in row.secondary_metrics],
-            min_sample_size=row.min_sample_size,
-            significance_level=row.significance_level,
-            analysis=AnalysisMethod(row.analysis),
-            auto_conclude=row.auto_conclude,
-            promote_alias=row.promote_alias,
-            labels=dict(row.labels or {}),
-            state=ExperimentState(row.state),
-            winner=row.winner,
-            conclusion=row.conclusion,
-            create_time=aware(row.create_time),
-            update_time=aware(row.update_time),
-            start_time=aware(row.start_time),
-            end_time=aware(row.end_time),
-            revision=row.revision,
-        )
-
-    async def list_experiments(
+    async def page(
         self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
-    ) -> list:
+    ) -> tuple[list[Experiment], list | None]:
         c = t.experiments.c
         query = select(t.experiments).where(c.project == project)
         for f in filters:
@@ -243,67 +230,71 @@ class ExperimentsRepository:
             else:
                 query = query.where(or_(order_col > value, and_(order_col == value, c.name > tie)))
         query = query.order_by(order_col.desc(), c.name.desc()) if desc else query.order_by(order_col, c.name)
-        return list((await self.s.execute(query.limit(limit))).all())
+        rows = list((await self.s.execute(query.limit(limit + 1))).all())
+        after = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            value = getattr(last, order_field)
+            after = [value.isoformat() if order_field != "name" else value, last.name]
+        return [to_experiment(r) for r in rows[:limit]], after
 
-    # -- assignments and exposures ----------------------------------------------------------------
 
-    async def stored_assignments(self, experiment_id: int, units: Sequence[str]) -> dict[str, str]:
-        """unit → variant for the units that have a sticky assignment."""
+def to_experiment(row) -> Experiment:
+    return Experiment(
+        name=row.name,
+        display_name=row.display_name,
+        description=row.description,
+        variants=[Variant(**v) for v in row.variants],
+        weights_history=[list(w) for w in row.weights_history],
+        hash_seed=row.hash_seed,
+        coverage=row.coverage,
+        primary_metric=metric_from_json(row.primary_metric) if row.primary_metric else None,
+        guardrail_metrics=[metric_from_json(m) for m in row.guardrail_metrics],
+        secondary_metrics=[metric_from_json(m) for m in row.secondary_metrics],
+        min_sample_size=row.min_sample_size,
+        significance_level=row.significance_level,
+        analysis=AnalysisMethod(row.analysis),
+        auto_conclude=row.auto_conclude,
+        promote_alias=row.promote_alias,
+        labels=dict(row.labels or {}),
+        state=ExperimentState(row.state),
+        winner=row.winner,
+        conclusion=row.conclusion,
+        create_time=aware(row.create_time),
+        update_time=aware(row.update_time),
+        start_time=aware(row.start_time),
+        end_time=aware(row.end_time),
+        revision=row.revision,
+        key=row.id,
+    )
+
+
+class SqlAssignmentRepository(_Repository):
+    async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
         if not units:
             return {}
         if self.pg:
             rows = await (await self._raw()).fetch(
                 "SELECT unit_id, variant FROM assignments WHERE experiment_id = $1 AND unit_id = ANY($2::text[])",
-                experiment_id,
+                key,
                 list(units),
             )
             return {r[0]: r[1] for r in rows}
         out: dict[str, str] = {}
         a = t.assignments.c
         for chunk in _chunks(list(units), 10_000):
-            rows = await self.s.execute(
-                select(a.unit_id, a.variant).where(a.experiment_id == experiment_id, a.unit_id.in_(chunk))
-            )
+            rows = await self.s.execute(select(a.unit_id, a.variant).where(a.experiment_id == key, a.unit_id.in_(chunk)))
             out.update({r.unit_id: r.variant for r in rows})
         return out
 
-    async def insert_assignments(self, experiment_id: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
-        """Inserts (unit, variant, bucket) rows that are not there yet; returns the units actually inserted."""
+    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
         if not rows:
             return set()
-        if self.pg:
-            units, variants, buckets = zip(*rows, strict=True)
-            result = await (await self._raw()).fetch(
-                "INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
-                "SELECT $1, u, v, b, $5 FROM unnest($2::text[], $3::text[], $4::int[]) AS x(u, v, b) "
-                "ON CONFLICT DO NOTHING RETURNING unit_id",
-                experiment_id,
-                list(units),
-                list(variants),
-                list(buckets),
-                now,
-            )
-            return {r[0] for r in result}
-        inserted: set[str] = set()
-        for chunk in _chunks(rows):
-            stmt = (
-                sqlite_insert(t.assignments)
-                .values([dict(experiment_id=experiment_id, unit_id=u, variant=v, bucket=b, create_time=now) for u, v, b in chunk])
-                .on_conflict_do_nothing()
-                .returning(t.assignments.c.unit_id)
-            )
-            inserted.update(r[0] for r in await self.s.execute(stmt))
-        return inserted
-
-    async def insert_assignments_exposed(
-        self, experiment_id: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime
-    ) -> set[str] | None:
-        """PostgreSQL: `insert_assignments` and `add_exposures` of the units actually inserted, in one statement
-        (one round trip). Returns the inserted units; None on SQLite (use the two calls)."""
         if not self.pg:
-            return None
-        if not rows:
-            return set()
+            inserted = await self._insert_sqlite(key, rows, now)
+            await self._add_exposures_sqlite(key, epoch, Counter(v for u, v, _ in rows if u in inserted))
+            return inserted
+        # PostgreSQL: the insert and the exposure counts of the inserted units in one statement (one round trip)
         units, variants, buckets = zip(*rows, strict=True)
         result = await (await self._raw()).fetch(
             "WITH ins AS (INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
@@ -313,7 +304,7 @@ class ExperimentsRepository:
             "SELECT $1, $6, variant, count(*) FROM ins GROUP BY variant ORDER BY variant "
             "ON CONFLICT (experiment_id, epoch, variant) DO UPDATE SET units = ec.units + excluded.units) "
             "SELECT unit_id FROM ins",
-            experiment_id,
+            key,
             list(units),
             list(variants),
             list(buckets),
@@ -322,51 +313,54 @@ class ExperimentsRepository:
         )
         return {r[0] for r in result}
 
-    async def add_exposures(self, experiment_id: int, epoch: int, counts: dict[str, int]) -> None:
+    async def _insert_sqlite(self, key: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        inserted: set[str] = set()
+        for chunk in _chunks(rows):
+            stmt = (
+                sqlite_insert(t.assignments)
+                .values([dict(experiment_id=key, unit_id=u, variant=v, bucket=b, create_time=now) for u, v, b in chunk])
+                .on_conflict_do_nothing()
+                .returning(t.assignments.c.unit_id)
+            )
+            inserted.update(r[0] for r in await self.s.execute(stmt))
+        return inserted
+
+    async def _add_exposures_sqlite(self, key: int, epoch: int, counts: Counter[str]) -> None:
         """Adds first exposures per variant (in variant order, so concurrent writers lock rows alike)."""
         for variant in sorted(counts):
-            n = counts[variant]
-            if not n:
-                continue
-            if self.pg:
-                await (await self._raw()).execute(
-                    "INSERT INTO exposure_counts (experiment_id, epoch, variant, units) VALUES ($1, $2, $3, $4) "
-                    "ON CONFLICT (experiment_id, epoch, variant) DO UPDATE SET units = exposure_counts.units + excluded.units",
-                    experiment_id,
-                    epoch,
-                    variant,
-                    n,
-                )
-            else:
-                stmt = sqlite_insert(t.exposure_counts).values(experiment_id=experiment_id, epoch=epoch, variant=variant, units=n)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["experiment_id", "epoch", "variant"],
-                    set_={"units": t.exposure_counts.c.units + stmt.excluded.units},
-                )
-                await self.s.execute(stmt)
+            stmt = sqlite_insert(t.exposure_counts).values(experiment_id=key, epoch=epoch, variant=variant, units=counts[variant])
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["experiment_id", "epoch", "variant"],
+                set_={"units": t.exposure_counts.c.units + stmt.excluded.units},
+            )
+            await self.s.execute(stmt)
 
-    async def exposures(self, experiment_id: int) -> dict[int, dict[str, int]]:
-        """epoch → variant → exposed units."""
+    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
         c = t.exposure_counts.c
-        rows = await self.s.execute(select(c.epoch, c.variant, c.units).where(c.experiment_id == experiment_id))
+        rows = await self.s.execute(select(c.epoch, c.variant, c.units).where(c.experiment_id == key))
         out: dict[int, dict[str, int]] = {}
         for r in rows:
             out.setdefault(int(r.epoch), {})[r.variant] = int(r.units)
         return out
 
-    # -- metric ingestion -------------------------------------------------------------------------
 
-    async def insert_events(self, experiment_id: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
-        """SQLite: appends raw events (unit, metric, value, time, key or None) whose key is not stored yet; returns
-        the keys that were new (an event with a stored key is a duplicate and is not written). Keys must be
-        unique within `events`."""
+class SqlMetricRepository(_Repository):
+    """Ingestion on PostgreSQL is set-based (`ingest`, one statement per batch); on SQLite the use case folds a batch
+    through `add_events`, `add_unit_metrics` and `add_variant_stats` (multi-row statements)."""
+
+    @property
+    def set_based(self) -> bool:
+        return self.pg
+
+    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+        """SQLite: an event with a stored key is a duplicate and is not written."""
         new: set[str] = set()
         for chunk in _chunks(list(events)):
             stmt = (
                 sqlite_insert(t.metric_events)
                 .values(
                     [
-                        dict(experiment_id=experiment_id, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
+                        dict(experiment_id=key, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
                         for u, m, v, ts, k in chunk
                     ]
                 )
@@ -376,11 +370,10 @@ class ExperimentsRepository:
             new.update(r[0] for r in await self.s.execute(stmt) if r[0] is not None)
         return new
 
-    async def upsert_unit_metrics(
-        self, experiment_id: int, rows: Sequence[tuple[str, str, str, int, float, int]]
+    async def add_unit_metrics(
+        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]
     ) -> list[tuple[str, str, int, float, int]]:
-        """SQLite: adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
-        (metric, unit, count, total, positives). Rows must be unique per (metric, unit) and sorted (lock order)."""
+        """SQLite (see the port)."""
         if not rows:
             return []
         c = t.unit_metrics.c
@@ -388,7 +381,7 @@ class ExperimentsRepository:
         for chunk in _chunks(rows):
             stmt = sqlite_insert(t.unit_metrics).values(
                 [
-                    dict(experiment_id=experiment_id, metric=m, unit_id=u, variant=v, count=n, total=s, positives=p)
+                    dict(experiment_id=key, metric=m, unit_id=u, variant=v, count=n, total=s, positives=p)
                     for m, u, v, n, s, p in chunk
                 ]
             )
@@ -403,7 +396,7 @@ class ExperimentsRepository:
             out.extend((r[0], r[1], r[2], r[3], r[4]) for r in await self.s.execute(stmt))
         return out
 
-    async def add_variant_stats(self, experiment_id: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
         """SQLite: adds (n, sum, sum_sq) deltas per (metric, variant), in key order."""
         keys = sorted(deltas)
         if not keys:
@@ -411,16 +404,16 @@ class ExperimentsRepository:
         c = t.variant_stats.c
         for m, v in keys:
             n, s, q = deltas[(m, v)]
-            stmt = sqlite_insert(t.variant_stats).values(experiment_id=experiment_id, metric=m, variant=v, n=n, sum=s, sum_sq=q)
+            stmt = sqlite_insert(t.variant_stats).values(experiment_id=key, metric=m, variant=v, n=n, sum=s, sum_sq=q)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "variant"],
                 set_={"n": c.n + stmt.excluded.n, "sum": c.sum + stmt.excluded.sum, "sum_sq": c.sum_sq + stmt.excluded.sum_sq},
             )
             await self.s.execute(stmt)
 
-    async def ingest_pg(
+    async def ingest(
         self,
-        experiment_id: int,
+        key: int,
         events: tuple[list[str], list[str], list[float], list[datetime | None], list[str]],
         variant_of: dict[str, str],
         proportion_metrics: Sequence[str],
@@ -443,7 +436,7 @@ class ExperimentsRepository:
         await raw.execute("SET LOCAL jit = off")
         row = await raw.fetchrow(
             _INGEST_SQL,
-            experiment_id,
+            key,
             _text_array(units),
             _text_array(metrics),
             _float_array(values),
@@ -456,20 +449,17 @@ class ExperimentsRepository:
         )
         return int(row[0])
 
-    async def variant_stats(self, experiment_id: int) -> dict[str, dict[str, SufficientStats]]:
-        """metric → variant → sufficient statistics."""
+    async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         c = t.variant_stats.c
-        rows = await self.s.execute(select(c.metric, c.variant, c.n, c.sum, c.sum_sq).where(c.experiment_id == experiment_id))
+        rows = await self.s.execute(select(c.metric, c.variant, c.n, c.sum, c.sum_sq).where(c.experiment_id == key))
         out: dict[str, dict[str, SufficientStats]] = {}
         for r in rows:
             out.setdefault(r.metric, {})[r.variant] = SufficientStats(int(r.n), float(r.sum), float(r.sum_sq))
         return out
 
-    # -- sequential state -------------------------------------------------------------------------
-
-    async def sequential_states(self, experiment_id: int) -> dict[str, dict[str, SequentialState]]:
+    async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]:
         c = t.sequential_states.c
-        rows = await self.s.execute(select(t.sequential_states).where(c.experiment_id == experiment_id))
+        rows = await self.s.execute(select(t.sequential_states).where(c.experiment_id == key))
         out: dict[str, dict[str, SequentialState]] = {}
         for r in rows:
             out.setdefault(r.metric, {})[r.variant] = SequentialState(
@@ -477,7 +467,7 @@ class ExperimentsRepository:
             )
         return out
 
-    async def save_sequential_states(self, experiment_id: int, states: dict[tuple[str, str], SequentialState]) -> None:
+    async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None:
         c = t.sequential_states.c
         inf = math.inf
         for (metric, variant), st in sorted(states.items()):
@@ -489,7 +479,7 @@ class ExperimentsRepository:
                 lift_upper=_finite(st.lift.upper, inf),
             )
             stmt = pg_insert(t.sequential_states) if self.pg else sqlite_insert(t.sequential_states)
-            stmt = stmt.values(experiment_id=experiment_id, metric=metric, variant=variant, looks=1, **values)
+            stmt = stmt.values(experiment_id=key, metric=metric, variant=variant, looks=1, **values)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "variant"], set_={**values, "looks": c.looks + 1}
             )

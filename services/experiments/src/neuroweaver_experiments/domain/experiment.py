@@ -86,6 +86,7 @@ class Experiment:
     start_time: datetime | None = None
     end_time: datetime | None = None
     revision: int = 1
+    key: int = 0  # the store's key (set by the repositories; 0 = not stored yet)
 
     @property
     def variant_ids(self) -> list[str]:

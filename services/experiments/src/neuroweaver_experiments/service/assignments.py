@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import InvalidArgument, NotFound
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters.repository import ExperimentsRepository
 from ..domain.assignment import Assignment, AssignmentPlan
 from ..domain.experiment import EXPERIMENT, Experiment
+from .ports import UnitOfWorkFactory
 
 MAX_CACHED_UNITS = 2_000_000  # per process; the cache is cleared when it grows past this (the store stays exact)
 MAX_CACHED_REPLIES = 500_000  # per experiment snapshot (rendered AssignVariant replies, ~0.3 KB each)
@@ -71,8 +69,8 @@ class StickyCache:
 class AssignmentWriter:
     """Group commit of new assignments (see the module docstring)."""
 
-    def __init__(self, db: Database, cache: StickyCache) -> None:
-        self.db = db
+    def __init__(self, uow: UnitOfWorkFactory, cache: StickyCache) -> None:
+        self.uow = uow
         self.cache = cache
         # experiment id → (epoch, unit → (variant or None for lookup-only, bucket, futures))
         self._pending: dict[int, tuple[int, dict[str, tuple[str | None, int, list[asyncio.Future]]]]] = {}
@@ -120,17 +118,13 @@ class AssignmentWriter:
     async def _write(self, batch) -> dict[int, dict[str, str | None]]:
         now = utcnow()
         out: dict[int, dict[str, str | None]] = {}
-        async with self.db.transaction() as s:
-            repo = ExperimentsRepository(s, self.db.is_postgres)
+        async with self.uow.transaction() as uow:
             for exp_id in sorted(batch):
                 epoch, units = batch[exp_id]
                 rows = sorted((u, v, b) for u, (v, b, _) in units.items() if v is not None)
-                inserted = await repo.insert_assignments_exposed(exp_id, epoch, rows, now)  # PostgreSQL: one round trip
-                if inserted is None:
-                    inserted = await repo.insert_assignments(exp_id, rows, now)
-                    await repo.add_exposures(exp_id, epoch, dict(Counter(units[u][0] for u in inserted)))
+                inserted = await uow.assignments.add(exp_id, epoch, rows, now)  # PostgreSQL: one round trip
                 others = [u for u in units if u not in inserted]
-                stored: dict[str, str | None] = dict(await repo.stored_assignments(exp_id, others))
+                stored: dict[str, str | None] = dict(await uow.assignments.stored(exp_id, others))
                 for u in inserted:
                     stored[u] = units[u][0]
                 out[exp_id] = stored
@@ -138,11 +132,11 @@ class AssignmentWriter:
 
 
 class Assigner:
-    def __init__(self, db: Database, *, snapshot_ttl: float = 1.0) -> None:
-        self.db = db
+    def __init__(self, uow: UnitOfWorkFactory, *, snapshot_ttl: float = 1.0) -> None:
+        self.uow = uow
         self.ttl = snapshot_ttl
         self.cache = StickyCache()
-        self.writer = AssignmentWriter(db, self.cache)
+        self.writer = AssignmentWriter(uow, self.cache)
         self._snapshots: dict[str, Snapshot] = {}
         # One (re)validation per experiment at a time: when the TTL runs out under load, every request in flight
         # would otherwise run its own query (and the pool opens overflow connections for them).
@@ -186,16 +180,14 @@ class Assigner:
         this = asyncio.current_task()
         now = time.monotonic()
         try:
-            async with self.db.transaction() as s:
-                repo = ExperimentsRepository(s, self.db.is_postgres)
-                if snap is not None and await repo.revision_of(snap.id) == snap.experiment.revision:
+            async with self.uow.transaction() as uow:
+                if snap is not None and await uow.experiments.revision(snap.id) == snap.experiment.revision:
                     snap.checked = now
                     return snap
-                row = await repo.experiment_row(name)
-            if row is None:
+                exp = await uow.experiments.get(name)
+            if exp is None:
                 raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
-            exp = ExperimentsRepository.to_experiment(row)
-            fresh = Snapshot(row.id, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
+            fresh = Snapshot(exp.key, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
             if self._loading.get(name) is this:
                 self._snapshots[name] = fresh
             return fresh

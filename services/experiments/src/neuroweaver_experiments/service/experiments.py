@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from neuroweaver_runtime import idempotency
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
@@ -15,9 +14,6 @@ from neuroweaver_runtime.names import PROJECT, validate_id
 from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters import tables
-from ..adapters.clients import DeployerClient, RegistryClient
-from ..adapters.repository import ExperimentsRepository
 from ..domain.assignment import Assignment
 from ..domain.experiment import (
     EXPERIMENT,
@@ -38,6 +34,7 @@ from ..domain.experiment import (
 from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
 from .assignments import Assigner, Snapshot
 from .ingest import EventBatch, Ingestor, IngestResult
+from .ports import ExperimentRepository, UnitOfWorkFactory, VariantEndpoints, VersionAliases
 
 log = logging.getLogger(__name__)
 
@@ -55,62 +52,67 @@ class Results:
 class ExperimentsService:
     def __init__(
         self,
-        db: Database,
+        uow: UnitOfWorkFactory,
         page_tokens: PageTokens,
-        deployer: DeployerClient,
-        registry: RegistryClient,
+        deployer: VariantEndpoints,
+        registry: VersionAliases,
         *,
         snapshot_ttl: float = 1.0,
     ) -> None:
-        self.db = db
+        self.uow = uow
         self.tokens = page_tokens
         self.deployer = deployer
         self.registry = registry
-        self.assigner = Assigner(db, snapshot_ttl=snapshot_ttl)
-        self.ingestor = Ingestor(db, self.assigner)
+        self.assigner = Assigner(uow, snapshot_ttl=snapshot_ttl)
+        self.ingestor = Ingestor(uow, self.assigner)
 
-    def _repo(self, session) -> ExperimentsRepository:
-        return ExperimentsRepository(session, self.db.is_postgres)
-
-    async def _row(self, repo: ExperimentsRepository, name: str, *, for_update: bool = False, field: str = "name"):
+    @staticmethod
+    async def _get(repo: ExperimentRepository, name: str, *, lock: bool = False, field: str = "name") -> Experiment:
         EXPERIMENT.parse(name, field)
-        row = await repo.experiment_row(name, for_update=for_update)
-        if row is None:
+        exp = await repo.get(name, lock=lock)
+        if exp is None:
             raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
-        return row
+        return exp
+
+    @staticmethod
+    async def _reread(repo: ExperimentRepository, name: str) -> Experiment:
+        """The experiment as this transaction stored it (revision and update time as the store has them)."""
+        exp = await repo.get(name)
+        assert exp is not None  # written in this transaction, under its row lock
+        return exp
 
     # -- CRUD ------------------------------------------------------------------------------------
 
     async def create(self, parent: str, experiment_id: str, exp: Experiment, request_id: str, fingerprint: str) -> Experiment:
         project = PROJECT.parse(parent, "parent")["project"]
         validate_id(experiment_id, "experiment_id", "experiment id")
-        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateExperiment", request_id, fingerprint)
+        request_id = idempotency.validate_request_id(request_id)
         name = EXPERIMENT.format(project=project, experiment=experiment_id)
         apply_defaults(exp, experiment_id)
         for v in exp.variants:  # output-only fields are ignored on input
             v.endpoint = v.openai_base_url = v.served_model_name = ""
         validate_experiment(exp)
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            earlier = await once.earlier(s)
+        async with self.uow.transaction() as uow:
+            earlier = await uow.find_request(request_id, "CreateExperiment", fingerprint)
             if earlier is None:
-                if await repo.experiment_row(name) is not None:
-                    raise AlreadyExists(
-                        f"experiment {name} already exists", reason="EXPERIMENT_ALREADY_EXISTS", metadata={"experiment": name}
-                    )
+                exists = AlreadyExists(
+                    f"experiment {name} already exists", reason="EXPERIMENT_ALREADY_EXISTS", metadata={"experiment": name}
+                )
+                if await uow.experiments.get(name) is not None:
+                    raise exists
                 now = utcnow()
                 exp.name, exp.state, exp.winner, exp.conclusion = name, ExperimentState.DRAFT, "", ""
                 exp.create_time = exp.update_time = now
                 exp.start_time = exp.end_time = None
                 exp.weights_history = [exp.weights]
-                await repo.insert_experiment(exp, project)
-                await once.remember(s, name)
-            return repo.to_experiment(await repo.experiment_row(earlier or name))
+                with uow.duplicate(exists):
+                    await uow.experiments.add(exp, project)
+                await uow.remember_request(request_id, "CreateExperiment", fingerprint, name)
+            return await self._reread(uow.experiments, earlier or name)
 
     async def get(self, name: str) -> Experiment:
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            return repo.to_experiment(await self._row(repo, name))
+        async with self.uow.transaction() as uow:
+            return await self._get(uow.experiments, name)
 
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
@@ -119,23 +121,14 @@ class ExperimentsService:
         order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, str if order_field == "name" else datetime, str)
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            rows = await repo.list_experiments(project, filters, order_field, desc, cursor, limit + 1)
-        items = [ExperimentsRepository.to_experiment(r) for r in rows[:limit]]
-        next_token = ""
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            value = getattr(last, order_field)
-            next_token = self.tokens.encode([value.isoformat() if order_field != "name" else value, last.name], query)
-        return Page(items, next_token)
+        async with self.uow.transaction() as uow:
+            items, after = await uow.experiments.page(project, filters, order_field, desc, cursor, limit)
+        return Page(items, self.tokens.encode(after, query) if after is not None else "")
 
     async def update(self, patch: Experiment, paths: set[str], etag: str) -> Experiment:
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            row = await self._row(repo, patch.name, for_update=True, field="experiment.name")
-            check_etag(row.name, row.revision, etag)
-            old = repo.to_experiment(row)
+        async with self.uow.transaction() as uow:
+            old = await self._get(uow.experiments, patch.name, lock=True, field="experiment.name")
+            check_etag(old.name, old.revision, etag)
             if old.state is ExperimentState.CONCLUDED and not paths <= UPDATABLE_WHEN_CONCLUDED:
                 raise FailedPrecondition(
                     f"experiment {old.name} is concluded: only {sorted(UPDATABLE_WHEN_CONCLUDED)} can change",
@@ -160,9 +153,9 @@ class ExperimentsService:
                 else:
                     new.weights_history.append(new.weights)
             new.update_time = utcnow()
-            await repo.save_experiment(row.id, new)
-            result = repo.to_experiment(await repo.experiment_row(row.name))
-        self.assigner.invalidate(row.name)
+            await uow.experiments.save(new)
+            result = await self._reread(uow.experiments, old.name)
+        self.assigner.invalidate(old.name)
         return result
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -175,10 +168,8 @@ class ExperimentsService:
         for v in exp.variants:
             if v.deployment:
                 resolved[v.id] = await self.deployer.endpoint(v.deployment)
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            row = await self._row(repo, name, for_update=True)
-            exp = repo.to_experiment(row)
+        async with self.uow.transaction() as uow:
+            exp = await self._get(uow.experiments, name, lock=True)
             exp.state = transition(exp.state, "start", name)
             for v in exp.variants:
                 ep = resolved.get(v.id)
@@ -190,24 +181,22 @@ class ExperimentsService:
             exp.start_time = exp.start_time or now
             exp.end_time = None
             exp.update_time = now
-            await repo.save_experiment(row.id, exp)
-            result = repo.to_experiment(await repo.experiment_row(name))
+            await uow.experiments.save(exp)
+            result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
         return result
 
     async def stop(self, name: str, reason: str) -> Experiment:
         if len(reason) > 1024:
             raise InvalidArgument("reason is at most 1024 characters", field="reason", reason="FIELD_TOO_LONG")
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            row = await self._row(repo, name, for_update=True)
-            exp = repo.to_experiment(row)
+        async with self.uow.transaction() as uow:
+            exp = await self._get(uow.experiments, name, lock=True)
             exp.state = transition(exp.state, "stop", name)
             exp.end_time = exp.update_time = utcnow()
             if reason:
                 exp.conclusion = f"stopped: {reason}"
-            await repo.save_experiment(row.id, exp)
-            result = repo.to_experiment(await repo.experiment_row(name))
+            await uow.experiments.save(exp)
+            result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
         return result
 
@@ -216,10 +205,8 @@ class ExperimentsService:
         (compare-and-set on `expected_version`). If the registry refuses, nothing changes here."""
         if len(reason) > 1000:
             raise InvalidArgument("reason is at most 1000 characters", field="reason", reason="FIELD_TOO_LONG")
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            row = await self._row(repo, name, for_update=True)
-            exp = repo.to_experiment(row)
+        async with self.uow.transaction() as uow:
+            exp = await self._get(uow.experiments, name, lock=True)
             exp.state = transition(exp.state, "conclude", name)
             variant: Variant | None = None
             if winner:
@@ -259,8 +246,8 @@ class ExperimentsService:
             now = utcnow()
             exp.end_time = now
             exp.update_time = now
-            await repo.save_experiment(row.id, exp)
-            result = repo.to_experiment(await repo.experiment_row(name))
+            await uow.experiments.save(exp)
+            result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
         return result
 
@@ -292,15 +279,14 @@ class ExperimentsService:
     # -- results ---------------------------------------------------------------------------------
 
     async def results(self, name: str) -> Results:
-        async with self.db.transaction() as s:
-            repo = self._repo(s)
-            row = await self._row(repo, name, for_update=True)  # one look at a time: sequential state is a running min
-            exp = repo.to_experiment(row)
+        async with self.uow.transaction() as uow:
+            # one look at a time: sequential state is a running min
+            exp = await self._get(uow.experiments, name, lock=True)
             if exp.primary_metric is None:
                 raise FailedPrecondition(f"experiment {name} has no primary metric", reason="NO_PRIMARY_METRIC")
-            stats = await repo.variant_stats(row.id)
-            exposures = await repo.exposures(row.id)
-            previous = await repo.sequential_states(row.id)
+            stats = await uow.metrics.variant_stats(exp.key)
+            exposures = await uow.assignments.exposures(exp.key)
+            previous = await uow.metrics.sequential_states(exp.key)
             ids = exp.variant_ids
             exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
             weights = srm_weights(ids, exp.weights_history or [exp.weights], exposures)
@@ -321,7 +307,7 @@ class ExperimentsService:
                 for mr in (analysis.primary, *analysis.guardrails, *analysis.secondary):
                     for c in mr.comparisons:
                         states[(mr.metric.name, c.variant)] = c.state
-                await repo.save_sequential_states(row.id, states)
+                await uow.metrics.save_sequential_states(exp.key, states)
         result = Results(exp, analysis, utcnow())
         if (
             exp.auto_conclude

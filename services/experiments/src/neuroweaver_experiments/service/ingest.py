@@ -8,8 +8,9 @@ before the experiment started, another experiment's name) rejects the whole batc
 applied partially, so a client may fix and resend the whole batch. Duplicates (idempotency keys already
 recorded, or repeated within the batch) are skipped and counted.
 
-The experiment row is read `FOR SHARE` inside the transaction, so a concurrent StopExperiment (which takes
-the row `FOR UPDATE`) orders strictly before or after a batch: no event lands after the stop.
+The experiment is read with a shared row lock inside the transaction (`ExperimentRepository.current`), so a
+concurrent StopExperiment (which locks the row) orders strictly before or after a batch: no event lands after
+the stop.
 """
 
 from __future__ import annotations
@@ -19,18 +20,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
-
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import FieldViolation, InvalidArgument, NotFound
-from neuroweaver_runtime.timestamps import aware, utcnow
+from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters import tables as t
-from ..adapters.repository import ExperimentsRepository
 from ..domain.aggregation import UnitAggregate, contribution_delta
 from ..domain.experiment import EXPERIMENT, ExperimentState, require_running
 from ..domain.statistics import MetricKind
 from .assignments import Assigner
+from .ports import EventColumns, MetricRepository, UnitOfWorkFactory
 
 MAX_BATCH = 10_000
 MAX_VIOLATIONS = 100
@@ -100,8 +97,8 @@ def _first_of_each_key(keys: list[str]) -> list[int]:
 
 
 class Ingestor:
-    def __init__(self, db: Database, assigner: Assigner) -> None:
-        self.db = db
+    def __init__(self, uow: UnitOfWorkFactory, assigner: Assigner) -> None:
+        self.uow = uow
         self.assigner = assigner
 
     async def record(self, experiment: str, events: EventBatch) -> IngestResult:
@@ -135,27 +132,20 @@ class Ingestor:
         bad.raise_if_any()
 
         now = utcnow()
-        async with self.db.transaction() as s:
-            repo = ExperimentsRepository(s, self.db.is_postgres)
-            query = select(t.experiments).where(t.experiments.c.id == exp_id)
-            if self.db.is_postgres:
-                query = query.with_for_update(read=True)
-            row = (await s.execute(query)).first()
-            if row is None:
+        async with self.uow.transaction() as uow:
+            exp = await uow.experiments.current(snap.experiment, share=True)
+            if exp is None:
                 raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND")
-            state = ExperimentState(row.state)
-            if state is not ExperimentState.RUNNING:
-                exp = ExperimentsRepository.to_experiment(row)
+            if exp.state is not ExperimentState.RUNNING:
                 require_running(exp, "metric events are accepted")
-            exp = snap.experiment if snap.experiment.revision == row.revision else ExperimentsRepository.to_experiment(row)
-            start = aware(row.start_time)
+            start = exp.start_time
             kinds = {m.name: m.kind for m in exp.metrics}
 
             # exposure: units with a stored assignment (cache first, then one query for the rest)
             known = self.assigner.cache.known(exp_id)
             batch_units = set(events.unit_ids)
             unknown_units = [u for u in batch_units if u not in known]
-            found = await repo.stored_assignments(exp_id, unknown_units) if unknown_units else {}
+            found = await uow.assignments.stored(exp_id, unknown_units) if unknown_units else {}
             if found:
                 self.assigner.cache.put_many(exp_id, found)
             for i, (unit, metric, ts) in enumerate(zip(events.unit_ids, events.metrics, events.times, strict=True)):
@@ -177,13 +167,13 @@ class Ingestor:
             bad.raise_if_any()
 
             variant_of = {u: known[u] if u in known else found[u] for u in batch_units}
-            if self.db.is_postgres:
-                return await self._record_pg(repo, exp_id, events, variant_of, kinds, now)
+            if uow.metrics.set_based:
+                return await self._record_set_based(uow.metrics, exp_id, events, variant_of, kinds, now)
 
             # duplicates: keys repeated in this batch, or already stored (`insert_events` skips those)
             keys = events.keys
             candidates = _first_of_each_key(keys)
-            new_keys = await repo.insert_events(
+            new_keys = await uow.metrics.add_events(
                 exp_id,
                 [
                     (events.unit_ids[i], events.metrics[i], events.values[i], events.times[i] or now, keys[i] or None)
@@ -205,7 +195,7 @@ class Ingestor:
                 if value > 0:
                     a[2] += 1
             rows = sorted((m, u, variant_of[u], a[0], a[1], a[2]) for (m, u), a in agg.items())
-            updated = await repo.upsert_unit_metrics(exp_id, rows)
+            updated = await uow.metrics.add_unit_metrics(exp_id, rows)
             deltas: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0.0])
             for metric, unit, count, total, positives in updated:
                 added = agg[(metric, unit)]
@@ -218,17 +208,23 @@ class Ingestor:
                 acc[0] += d.n
                 acc[1] += d.sum
                 acc[2] += d.sum_sq
-            await repo.add_variant_stats(exp_id, {k: (v[0], v[1], v[2]) for k, v in deltas.items()})
+            await uow.metrics.add_variant_stats(exp_id, {k: (v[0], v[1], v[2]) for k, v in deltas.items()})
         return IngestResult(len(take), duplicates)
 
     @staticmethod
-    async def _record_pg(repo: ExperimentsRepository, exp_id: int, events: EventBatch, variant_of, kinds, now) -> IngestResult:
-        """PostgreSQL: drop in-batch key repeats here, everything else in one set-based statement
-        (`ExperimentsRepository.ingest_pg`)."""
-        columns = (events.unit_ids, events.metrics, events.values, events.times, events.keys)
+    async def _record_set_based(
+        metrics: MetricRepository,
+        exp_id: int,
+        events: EventBatch,
+        variant_of: dict[str, str],
+        kinds: dict[str, MetricKind],
+        now: datetime,
+    ) -> IngestResult:
+        """PostgreSQL: drop in-batch key repeats here, everything else in the store's one set-based statement."""
+        columns: EventColumns = (events.unit_ids, events.metrics, events.values, events.times, events.keys)
         first = _first_of_each_key(events.keys)
         if len(first) < len(events):
             columns = tuple([column[i] for i in first] for column in columns)  # type: ignore[assignment]
         proportions = [m for m, k in kinds.items() if k is MetricKind.PROPORTION]
-        accepted = await repo.ingest_pg(exp_id, columns, variant_of, proportions, now)
+        accepted = await metrics.ingest(exp_id, columns, variant_of, proportions, now)
         return IngestResult(accepted, len(events) - accepted)

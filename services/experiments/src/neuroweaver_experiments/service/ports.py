@@ -1,0 +1,127 @@
+"""What the use cases need from storage: repositories of domain objects inside a unit of work.
+
+`adapters/` implements these on SQLAlchemy (SQLite and PostgreSQL; the hot paths go straight to asyncpg); the unit
+tests implement them in memory. Experiments are addressed by `Experiment.key` once stored. Lists take and return
+an opaque keyset cursor (a list of JSON values) that the use cases sign into page tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from datetime import datetime
+from typing import Protocol
+
+from neuroweaver_runtime.errors import DomainError
+from neuroweaver_runtime.filtering import Comparison
+
+from ..domain.experiment import Experiment
+from ..domain.statistics import SequentialState, SufficientStats
+
+# One ingest batch as columns: units, metrics, values, event times (None = the batch's time), keys ("" = none).
+EventColumns = tuple[list[str], list[str], list[float], list[datetime | None], list[str]]
+
+
+class ExperimentRepository(Protocol):
+    async def get(self, name: str, *, lock: bool = False) -> Experiment | None:
+        """`lock`: hold the experiment's row lock until the end of the transaction (serialises its writers)."""
+
+    async def current(self, known: Experiment, *, share: bool = False) -> Experiment | None:
+        """The stored experiment `known.key` in one read: `known` itself while its revision is current, else the
+        stored one; None once deleted. `share`: hold a shared row lock until the end of the transaction, so a
+        writer holding `lock` orders strictly before or after."""
+
+    async def revision(self, key: int) -> int | None: ...
+    async def add(self, experiment: Experiment, project: str) -> None:
+        """Raises the unit of work's duplicate error when the name exists (see `UnitOfWork.duplicate`)."""
+
+    async def save(self, experiment: Experiment) -> None:
+        """Writes every mutable field and bumps the revision (so the etag changes)."""
+
+    async def page(
+        self, project: str, filters: list[Comparison], order_field: str, desc: bool, cursor: list | None, limit: int
+    ) -> tuple[list[Experiment], list | None]:
+        """Up to `limit` experiments after `cursor`, and the cursor after the last one if more follow."""
+
+
+class AssignmentRepository(Protocol):
+    async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
+        """unit → variant for the units that have a sticky assignment."""
+
+    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        """Inserts the (unit, variant, bucket) rows that are not there yet and counts the inserted ones as first
+        exposures of `epoch`; returns the units actually inserted. Rows sorted by unit (lock order)."""
+
+    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
+        """epoch → variant → exposed units."""
+
+
+class MetricRepository(Protocol):
+    @property
+    def set_based(self) -> bool:
+        """True when `ingest` folds a whole batch in the store (PostgreSQL: one statement); otherwise the use case
+        folds it step by step with `add_events`, `add_unit_metrics` and `add_variant_stats`."""
+
+    async def ingest(
+        self, key: int, events: EventColumns, variant_of: dict[str, str], proportion_metrics: Sequence[str], now: datetime
+    ) -> int:
+        """Only when `set_based`: appends the events whose key is not stored yet (keys unique within the batch),
+        folds them into per-unit aggregates and per-variant statistics; returns the number appended."""
+
+    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+        """Appends (unit, metric, value, time, key or None) events whose key is not stored yet; returns the keys
+        that were new. Keys unique within `events`."""
+
+    async def add_unit_metrics(
+        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]
+    ) -> list[tuple[str, str, int, float, int]]:
+        """Adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
+        (metric, unit, count, total, positives). Rows unique per (metric, unit) and sorted (lock order)."""
+
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
+        """Adds (n, sum, sum_sq) per (metric, variant), in key order."""
+
+    async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
+        """metric → variant → sufficient statistics."""
+
+    async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]: ...
+    async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: the repositories, idempotency keys and the mapping of integrity errors. It commits when its
+    block ends without an exception and rolls back otherwise."""
+
+    experiments: ExperimentRepository
+    assignments: AssignmentRepository
+    metrics: MetricRepository
+
+    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
+        """The resource an earlier call with this request_id created (AIP-155), or None; REQUEST_ID_REUSED when the
+        id came with another method or body."""
+
+    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None: ...
+    def duplicate(self, error: DomainError) -> AbstractContextManager[None]:
+        """Raises `error` instead of a unique-constraint violation from the block."""
+
+
+class Endpoint(Protocol):
+    endpoint: str
+    openai_base_url: str
+    served_model_name: str
+
+
+class VariantEndpoints(Protocol):
+    """The deployer: where a variant's deployment serves (UNAVAILABLE / FAILED_PRECONDITION as domain errors)."""
+
+    async def endpoint(self, deployment: str) -> Endpoint: ...
+
+
+class VersionAliases(Protocol):
+    """The registry: moves a model alias (compare-and-set on `expected_version`) when a winner is promoted."""
+
+    async def set_alias(self, model: str, alias: str, version: str, expected_version: str, reason: str) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[UnitOfWork, bool | None]: ...

@@ -1,0 +1,243 @@
+"""In-memory fakes of the experiments' repositories and unit of work (the use cases' ports, service/ports.py).
+
+A transaction works on a deep copy of the store and swaps it in on a clean exit, so a failed use case leaves
+nothing behind, as a rolled-back database transaction would. Objects handed out are copies: a use case changes
+stored state only through the repositories. Ingestion takes the step-wise path (`set_based` is False), as on
+SQLite. The API tests run the same use cases on the SQL repositories (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pytest
+
+from neuroweaver_experiments.domain.experiment import Experiment
+from neuroweaver_experiments.domain.statistics import SequentialState, SufficientStats
+from neuroweaver_experiments.service.experiments import ExperimentsService
+from neuroweaver_runtime.errors import Aborted, DomainError, InvalidArgument
+from neuroweaver_runtime.pagination import PageTokens
+
+
+class Duplicate(Exception):
+    """The fake's unique-constraint violation."""
+
+
+@dataclass
+class Store:
+    last_key: int = 0
+    experiments: dict[str, tuple[str, Experiment]] = field(default_factory=dict)  # name → (project, experiment)
+    assignments: dict[tuple[int, str], str] = field(default_factory=dict)  # (experiment key, unit) → variant
+    exposures: dict[tuple[int, int, str], int] = field(default_factory=dict)  # (key, epoch, variant) → units
+    events: list[tuple[int, str, str, float, datetime, str | None]] = field(default_factory=list)
+    unit_metrics: dict[tuple[int, str, str], list] = field(default_factory=dict)  # (key, metric, unit) → [n, Σ, positives]
+    variant_stats: dict[tuple[int, str, str], SufficientStats] = field(default_factory=dict)
+    sequential: dict[tuple[int, str, str], SequentialState] = field(default_factory=dict)
+    requests: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # request_id → (method, fingerprint, name)
+
+    def by_key(self, key: int) -> Experiment | None:
+        return next((e for _, e in self.experiments.values() if e.key == key), None)
+
+
+class _Repo:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+
+class FakeExperiments(_Repo):
+    async def get(self, name: str, *, lock: bool = False) -> Experiment | None:
+        found = self.store.experiments.get(name)
+        return copy.deepcopy(found[1]) if found else None
+
+    async def current(self, known: Experiment, *, share: bool = False) -> Experiment | None:
+        stored = self.store.by_key(known.key)
+        if stored is None:
+            return None
+        return known if stored.revision == known.revision else copy.deepcopy(stored)
+
+    async def revision(self, key: int) -> int | None:
+        stored = self.store.by_key(key)
+        return stored.revision if stored else None
+
+    async def add(self, experiment: Experiment, project: str) -> None:
+        if experiment.name in self.store.experiments:
+            raise Duplicate(experiment.name)
+        self.store.last_key += 1
+        experiment.key, experiment.revision = self.store.last_key, 1
+        self.store.experiments[experiment.name] = (project, copy.deepcopy(experiment))
+
+    async def save(self, experiment: Experiment) -> None:
+        project, stored = self.store.experiments[experiment.name]
+        saved = copy.deepcopy(experiment)
+        saved.revision = stored.revision + 1
+        self.store.experiments[experiment.name] = (project, saved)
+
+    async def page(self, project, filters, order_field, desc, cursor, limit):
+        assert not filters and order_field == "name", "the fake lists by name only"
+        names = sorted((n for n, (p, _) in self.store.experiments.items() if p == project), reverse=desc)
+        if cursor is not None:
+            names = [n for n in names if (n < cursor[1] if desc else n > cursor[1])]
+        page = [await self.get(n) for n in names[: limit + 1]]
+        last = page[limit - 1] if len(page) > limit else None
+        return page[:limit], ([last.name, last.name] if last else None)
+
+
+class FakeAssignments(_Repo):
+    async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
+        return {u: self.store.assignments[(key, u)] for u in units if (key, u) in self.store.assignments}
+
+    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        inserted = set()
+        for unit, variant, _ in rows:
+            if (key, unit) not in self.store.assignments:
+                self.store.assignments[(key, unit)] = variant
+                self.store.exposures[(key, epoch, variant)] = self.store.exposures.get((key, epoch, variant), 0) + 1
+                inserted.add(unit)
+        return inserted
+
+    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for (k, epoch, variant), n in self.store.exposures.items():
+            if k == key:
+                out.setdefault(epoch, {})[variant] = n
+        return out
+
+
+class FakeMetrics(_Repo):
+    set_based = False
+
+    async def ingest(self, key, events, variant_of, proportion_metrics, now) -> int:
+        raise AssertionError("not set-based: the use case folds batches step by step")
+
+    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+        stored = {e[5] for e in self.store.events if e[0] == key and e[5] is not None}
+        new = set()
+        for unit, metric, value, time, idem in events:
+            if idem is not None and idem in stored:
+                continue
+            self.store.events.append((key, unit, metric, value, time, idem))
+            if idem is not None:
+                new.add(idem)
+        return new
+
+    async def add_unit_metrics(self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]):
+        out = []
+        for metric, unit, _variant, n, total, positives in rows:
+            agg = self.store.unit_metrics.setdefault((key, metric, unit), [0, 0.0, 0])
+            agg[0], agg[1], agg[2] = agg[0] + n, agg[1] + total, agg[2] + positives
+            out.append((metric, unit, agg[0], agg[1], agg[2]))
+        return out
+
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
+        for (metric, variant), (n, s, q) in deltas.items():
+            old = self.store.variant_stats.get((key, metric, variant), SufficientStats(0, 0.0, 0.0))
+            self.store.variant_stats[(key, metric, variant)] = SufficientStats(old.n + n, old.sum + s, old.sum_sq + q)
+
+    async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
+        out: dict[str, dict[str, SufficientStats]] = {}
+        for (k, metric, variant), stats in self.store.variant_stats.items():
+            if k == key:
+                out.setdefault(metric, {})[variant] = stats
+        return out
+
+    async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]:
+        out: dict[str, dict[str, SequentialState]] = {}
+        for (k, metric, variant), state in self.store.sequential.items():
+            if k == key:
+                out.setdefault(metric, {})[variant] = state
+        return out
+
+    async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None:
+        for (metric, variant), state in states.items():
+            self.store.sequential[(key, metric, variant)] = state
+
+
+class FakeUnitOfWork:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.experiments, self.assignments, self.metrics = FakeExperiments(store), FakeAssignments(store), FakeMetrics(store)
+
+    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
+        earlier = self.store.requests.get(request_id) if request_id else None
+        if earlier is None:
+            return None
+        if earlier[:2] != (method, fingerprint):
+            raise InvalidArgument(
+                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
+            )
+        return earlier[2]
+
+    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
+        if request_id in self.store.requests:
+            raise Aborted("another call with this request_id completed meanwhile", reason="REQUEST_ID_IN_FLIGHT")
+        if request_id:
+            self.store.requests[request_id] = (method, fingerprint, resource)
+
+    @contextmanager
+    def duplicate(self, error: DomainError) -> Iterator[None]:
+        try:
+            yield
+        except Duplicate:
+            raise error from None
+
+
+class FakeUnitOfWorkFactory:
+    def __init__(self) -> None:
+        self.store = Store()
+        self.commits = self.rollbacks = 0
+
+    @asynccontextmanager
+    async def transaction(self):
+        work = copy.deepcopy(self.store)
+        try:
+            yield FakeUnitOfWork(work)
+        except BaseException:
+            self.rollbacks += 1
+            raise
+        self.store = work
+        self.commits += 1
+
+
+class FakeDeployer:
+    def __init__(self) -> None:
+        self.endpoints: dict[str, object] = {}
+
+    async def endpoint(self, deployment: str) -> object:
+        return self.endpoints[deployment]
+
+
+class FakeRegistry:
+    """Records alias moves; `refuse` makes the next one fail with that error."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[str, str, str, str]] = []
+        self.refuse: DomainError | None = None
+
+    async def set_alias(self, model: str, alias: str, version: str, expected_version: str, reason: str) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.moves.append((model, alias, version, expected_version))
+
+
+@dataclass
+class Fakes:
+    service: ExperimentsService
+    uow: FakeUnitOfWorkFactory
+    deployer: FakeDeployer
+    registry: FakeRegistry
+
+    @property
+    def store(self) -> Store:
+        return self.uow.store
+
+
+@pytest.fixture
+def fakes() -> Fakes:
+    uow, deployer, registry = FakeUnitOfWorkFactory(), FakeDeployer(), FakeRegistry()
+    # snapshot_ttl 0: every call revalidates its snapshot against the store (as another replica's writes would need)
+    service = ExperimentsService(uow, PageTokens("unit-test-secret"), deployer, registry, snapshot_ttl=0.0)
+    return Fakes(service, uow, deployer, registry)
