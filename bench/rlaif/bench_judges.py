@@ -1,6 +1,6 @@
 """Judge throughput: scored answers/s of the OpenAI-compatible judge at concurrency 1/4/8
 
-* against the project's own model server (`python -m neuroweaver_deployer.model_server`, a real OpenAI-compatible
+* against the project's own model server (`python -m neuroweaver_model_server`, a real OpenAI-compatible
   endpoint) serving SmolLM2-135M-Instruct on this machine's CPU: real generation, the real judge prompt (`--model-server`);
 * against neuroweaver_ml.rlaif.judge_server (a real aiohttp HTTP server that answers at once after `--latency`
   seconds, standing in for a remote LLM: it isolates the client's own overhead);
@@ -78,7 +78,7 @@ def start_model_server(threads):
         [
             sys.executable,
             "-m",
-            "neuroweaver_deployer.model_server",
+            "neuroweaver_model_server",
             "--grpc-port",
             str(grpc_port),
             "--http-port",

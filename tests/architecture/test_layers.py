@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["registry", "trainer", "deployer", "experiments"]
+SERVICES = ["registry", "trainer", "deployer", "experiments", "model_server"]
 
 # Imports the domain package and every module in it, then lists what of gRPC got loaded.
 _IMPORT_DOMAIN = """

@@ -151,7 +151,7 @@ def replica_ports(deployer: ServiceProcess) -> dict[str, int]:
     """The gRPC and HTTP ports of one of the deployer's local model-server processes (from its command line)."""
     for child in psutil.Process(deployer.proc.pid).children(recursive=True):
         cmdline = " ".join(child.cmdline())
-        if "neuroweaver_deployer.model_server" in cmdline:
+        if "neuroweaver_model_server" in cmdline:
             return {k: int(re.search(rf"--{k}-port (\d+)", cmdline).group(1)) for k in ("grpc", "http")}  # type: ignore[union-attr]
     raise AssertionError("the deployer runs no model server")
 

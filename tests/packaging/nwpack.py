@@ -85,7 +85,7 @@ def config_fields() -> dict[str, set[str]]:
             if n.endswith("Config") and dataclasses.is_dataclass(c) and n.lower() == f"{svc}config"
         ]
         out[svc] = {f.name for f in dataclasses.fields(cls)}
-    from neuroweaver_deployer.model_server.app import ModelServerConfig
+    from neuroweaver_model_server.app import ModelServerConfig
 
     out["model_server"] = {f.name for f in dataclasses.fields(ModelServerConfig)}
     return out

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, default_ports, grpc_service_names
 
-DOCKERFILES = {svc: DEPLOY / f"docker/{svc}.Dockerfile" for svc in SERVICES}
+IMAGES = [*SERVICES, "model-server"]
+DOCKERFILES = {name: DEPLOY / f"docker/{name}.Dockerfile" for name in IMAGES}
+PACKAGES = {name: "neuroweaver_" + name.replace("-", "_") for name in IMAGES}
 HEALTH = DEPLOY / "docker/grpc_health_check.py"
 
 
@@ -49,7 +51,7 @@ def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-@pytest.mark.parametrize("svc", SERVICES)
+@pytest.mark.parametrize("svc", IMAGES)
 def test_hadolint_passes(svc):
     result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILES[svc])], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,15 +65,12 @@ def test_hadolint_is_not_vacuous(tmp_path):
 
 def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
     all_stages = stages(DOCKERFILES[svc])
-    if svc == "deployer":
-        return {
-            "deployer": all_stages["runtime"] + all_stages["deployer"],
-            "model-server": all_stages["runtime"] + all_stages["model-server"],
-        }
+    if svc in ("deployer", "model-server"):
+        return {svc: all_stages["runtime"] + all_stages[svc]}
     return {svc: all_stages["runtime"]}
 
 
-@pytest.mark.parametrize("svc", SERVICES)
+@pytest.mark.parametrize("svc", IMAGES)
 def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
     names = grpc_service_names()
     ports = {**default_ports(), "model-server": 50051}
@@ -82,8 +81,7 @@ def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
         words = dict(ins)  # last one wins, as in Docker
         assert words["USER"] == "10001:10001", target
         assert set(words["EXPOSE"].split()) == {str(ports[target]), str(metrics[target]), *api.get(target, ())}
-        module = "neuroweaver_deployer.model_server" if target == "model-server" else f"neuroweaver_{svc}"
-        assert json.loads(words["ENTRYPOINT"]) == ["python", "-m", module]
+        assert json.loads(words["ENTRYPOINT"]) == ["python", "-m", PACKAGES[target]]
         assert json.loads(words["CMD"]) == ["--host", "0.0.0.0"]
         check = words["HEALTHCHECK"].split("CMD", 1)[1]
         cmd = json.loads(check.strip())
@@ -106,13 +104,20 @@ def _local_deps(package_dir: Path) -> set[str]:
     return {d.split()[0] for d in data["project"]["dependencies"] if d.startswith("neuroweaver-")}
 
 
+def _source_dir(package: str) -> str:
+    """Where a repo package lives: libs/neuroweaver-<x>, or services/<x> (the deployer needs the model server)."""
+    lib = f"libs/{package}"
+    return lib if (ROOT / lib).is_dir() else f"services/{package.removeprefix('neuroweaver-')}"
+
+
 def _closure(svc: str) -> set[str]:
-    todo, seen = list(_local_deps(ROOT / "services" / svc)), set()
+    """Source dirs of every repo package the image's service needs, transitively."""
+    todo, seen = [_source_dir(d) for d in _local_deps(ROOT / "services" / svc)], set()
     while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += _local_deps(ROOT / "libs" / name)
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += [_source_dir(d) for d in _local_deps(ROOT / path)]
     return seen
 
 
@@ -130,16 +135,16 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return result
 
 
-@pytest.mark.parametrize("svc", SERVICES)
+@pytest.mark.parametrize("svc", IMAGES)
 def test_every_library_the_service_needs_is_copied_and_wheeled(svc):
     wheels = stages(DOCKERFILES[svc])["wheels"]
     copied = {r.split()[0] for w, r in wheels if w == "COPY"}
     built = next(r for w, r in wheels if w == "RUN" and "pip wheel" in r)
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
-    for lib in _closure(svc):
-        assert f"libs/{lib}" in copied and f"./libs/{lib}" in built, lib
+    for path in _closure(svc):
+        assert path in copied and f"./{path}" in built, path
     assert f"services/{svc}" in copied and f"./services/{svc}" in built
-    for source in copied | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/neuroweaver_{svc}/app.py"}:
+    for source in copied | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/{PACKAGES[svc]}/app.py"}:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
     for excluded in (
@@ -236,7 +241,7 @@ async def test_health_check_script_dials_tls_and_mtls_with_the_service_client_se
 
 def _model_server_healthcheck() -> list[str]:
     """The model-server image's HEALTHCHECK command after `python /usr/local/bin/nw-grpc-health`."""
-    words = dict(_final_stages("deployer")["model-server"])
+    words = dict(_final_stages("model-server")["model-server"])
     return json.loads(words["HEALTHCHECK"].split("CMD", 1)[1].strip())[2:]
 
 
@@ -244,8 +249,8 @@ async def test_model_server_health_check_with_and_without_tls(tmp_path):
     """The image's HEALTHCHECK arguments against a real model server (a tiny random Llama), configured through the
     NW_MODEL_SERVER_* environment as the deployer and the Kubernetes manifests configure it. With mTLS and a
     certificate for the Service's name (not 127.0.0.1) the gRPC check cannot pass; the ops port's /healthz can."""
-    from neuroweaver_deployer.model_server.app import ModelServer, ModelServerConfig
     from neuroweaver_ml.models import build_tiny_llama
+    from neuroweaver_model_server.app import ModelServer, ModelServerConfig
     from neuroweaver_runtime.testing import TestCA
 
     base = str(build_tiny_llama(tmp_path / "tiny-llama"))

@@ -647,14 +647,14 @@ def seed_default_project(procs: dict) -> None:
 
 
 class _ModelServerProcess:
-    """`python -m neuroweaver_deployer.model_server` on free ports, with the same helpers as nwstack's processes."""
+    """`python -m neuroweaver_model_server` on free ports, with the same helpers as nwstack's processes."""
 
     def __init__(self, work: Path, base: str) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = work / "model-server.log"
         args = [
-            sys.executable, "-m", "neuroweaver_deployer.model_server", "--host", "127.0.0.1",
+            sys.executable, "-m", "neuroweaver_model_server", "--host", "127.0.0.1",
             "--grpc-port", str(self.port), "--http-port", "0", "--metrics-port", "-1", "--base-model", base,
             "--served-model-name", "tiny", "--model-version", "projects/default/models/tiny/versions/1.0.0",
             "--project", "default", "--max-new-tokens-limit", "8", "--max-queue", "16", "--max-message-bytes", str(LIMIT),

@@ -26,7 +26,7 @@ TABLE_SERVICES = {
         "ExperimentsService",
     ),
     "model server": (
-        "neuroweaver_deployer.model_server.servicer",
+        "neuroweaver_model_server.api.servicer",
         "neuroweaver.inference.v1.inference_service_pb2",
         "InferenceService",
     ),

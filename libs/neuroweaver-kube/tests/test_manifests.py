@@ -138,7 +138,7 @@ def test_gpu_deployment_shape():
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["command"] == ["python", "-m", "neuroweaver_deployer.model_server"]
+    assert c["command"] == ["python", "-m", "neuroweaver_model_server"]
     args = c["args"]
     assert args[args.index("--adapter-sha256") + 1] == SHA and "--load-in-4bit" in args
     assert args[args.index("--grpc-port") + 1] == "50051" and args[args.index("--http-port") + 1] == "8080"

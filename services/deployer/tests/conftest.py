@@ -8,8 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import make_adapter  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
@@ -22,8 +20,10 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapters(tiny_base, tmp_path_factory) -> list[tuple[Path, str]]:
     """Three LoRA adapters (different random weights) on the tiny base: (dir, sha256)."""
+    from neuroweaver_ml.testing import make_lora_adapter
+
     root = tmp_path_factory.mktemp("adapters")
-    return [make_adapter(tiny_base, root / f"adapter-{i}", seed=i) for i in range(3)]
+    return [make_lora_adapter(tiny_base, root / f"adapter-{i}", seed=i) for i in range(3)]
 
 
 @pytest.fixture(scope="session")

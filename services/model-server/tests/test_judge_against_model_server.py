@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from helpers import start_http_app
+from model_server_testkit import start_http_app
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuroweaver_deployer.model_server.app import ModelServer, ModelServerConfig
 from neuroweaver_ml.rlaif.judges import JudgeCache, JudgeConfig, OpenAICompatibleJudge
+from neuroweaver_model_server.app import ModelServer, ModelServerConfig
 
 NAME = "judge-tiny-1-0-0-0123abcd"
 

@@ -11,14 +11,14 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import wait_until
+from model_server_testkit import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuroweaver.inference.v1 import inference_pb2 as pb
 from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
-from neuroweaver_deployer.model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
 from neuroweaver_kube.manifests import ModelServerSpec, alert_expressions
+from neuroweaver_model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
 from neuroweaver_runtime.grpc_errors import error_info
 
 NAME = "tiny-1-0-0-abcdef12"

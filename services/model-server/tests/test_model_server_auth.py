@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from neuroweaver.inference.v1 import inference_pb2 as pb
 from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
-from neuroweaver_deployer.model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
+from neuroweaver_model_server.app import SERVICE_NAME, ModelServer, ModelServerConfig
 from neuroweaver_runtime.client import ClientTLS, open_channel
 from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import TestCA

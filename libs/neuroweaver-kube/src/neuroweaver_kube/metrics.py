@@ -1,6 +1,6 @@
 """Prometheus metric names the model server exports, in one place.
 
-The model server (``neuroweaver_deployer.model_server``) must register its metrics under these
+The model server (``neuroweaver_model_server``) must register its metrics under these
 names, and the PrometheusRule built by :mod:`neuroweaver_kube.manifests` only refers to these names,
 so a test can check that every alert queries a series the server really exports.
 """

@@ -1,4 +1,4 @@
-"""`python -m neuroweaver_deployer.model_server --grpc-port P --http-port Q --metrics-port M --base-model B
+"""`python -m neuroweaver_model_server --grpc-port P --http-port Q --metrics-port M --base-model B
 --served-model-name N --model-version V [--adapter-uri U --adapter-sha256 S] [--load-in-4bit] [--project P]`
 (flags or NW_MODEL_SERVER_* variables). Credentials and TLS are best given as variables (never secrets on a
 command line, which /proc shows to everyone): NW_MODEL_SERVER_AUTH_TOKENS (the token table: a JSON file path or

@@ -24,10 +24,11 @@ from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 from neuroweaver_runtime.tls import ServerTLS
 
+from .adapters.loading import LoadSpec
+from .api.openai_http import OpenAIApi
+from .api.servicer import METHOD_ROLES, InferenceServicer
 from .domain import Limits, ServedModel, validate_served_name
-from .http_api import OpenAIApi
-from .service import InferenceService, LoadSpec
-from .servicer import METHOD_ROLES, InferenceServicer
+from .service import InferenceService
 
 SERVICE_NAME = "neuroweaver.inference.v1.InferenceService"
 ERROR_DOMAIN = "inference.neuroweaver.v1"

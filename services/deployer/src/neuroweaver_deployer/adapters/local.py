@@ -1,7 +1,8 @@
 """LOCAL backend: supervised model-server processes on this host, behind one router per deployment.
 
-- Each replica is `python -m neuroweaver_deployer.model_server` on three free ports (gRPC, OpenAI API, ops port with
-  /metrics), started in its own process group with PR_SET_PDEATHSIG, so replicas never outlive the deployer.
+- Each replica is `python -m neuroweaver_model_server` (the module the Kubernetes pods run) on three free ports
+  (gRPC, OpenAI API, ops port with /metrics), started in its own process group with PR_SET_PDEATHSIG, so replicas
+  never outlive the deployer.
 - Credentials and TLS reach a replica through its environment, never its command line (/proc/PID/cmdline is
   world-readable; /proc/PID/environ is not): NW_MODEL_SERVER_AUTH_TOKENS is the deployer's own token table setting
   (auth on: inference needs a token of the deployment's project, passed as --project), and
@@ -30,6 +31,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver_kube.manifests import MODEL_SERVER_MODULE
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.ports import free_port
@@ -48,7 +50,7 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
     """The replica's command line: nothing secret goes here (see the module docstring)."""
     v, s = target.version, target.serving.with_defaults()
     args = [
-        sys.executable, "-m", "neuroweaver_deployer.model_server",
+        sys.executable, "-m", MODEL_SERVER_MODULE,
         "--host", host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--metrics-port", str(metrics_port), "--project", project_of(target.deployment) or "default",
         "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,

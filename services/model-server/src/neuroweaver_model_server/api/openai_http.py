@@ -20,9 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from neuroweaver_runtime.auth import Role, TokenAuthenticator, authorize
 from neuroweaver_runtime.errors import DomainError, InvalidArgument
 
-from . import metrics
-from .domain import GenerationInput, Message, Sampling
-from .service import InferenceService
+from .. import metrics
+from ..domain import GenerationInput, Message, Sampling
+from ..service import InferenceService
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,

@@ -14,9 +14,9 @@ from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime.auth import Role, authorize, principal_var
 from neuroweaver_runtime.errors import DomainError
 
-from . import metrics
-from .domain import Completion, GenerationInput, Message, Sampling
-from .service import InferenceService
+from .. import metrics
+from ..domain import Completion, GenerationInput, Message, Sampling
+from ..service import InferenceService
 
 METHOD_ROLES = {"Generate": Role.VIEWER, "GenerateStream": Role.VIEWER, "ListModels": Role.VIEWER}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}

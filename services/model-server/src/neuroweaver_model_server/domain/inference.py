@@ -1,4 +1,4 @@
-"""Inference requests as plain dataclasses and the rules that check them (no protobuf, no torch)."""
+"""Inference requests and the rules that check them: served names, model resolution, request validation."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from neuroweaver_ml.generation import Decoder, SamplingParams, stop_holdback
 from neuroweaver_runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, ResourceExhausted, Unavailable
 
-from . import metrics
-from .domain import Delta, Sampling
+from .. import metrics
+from ..domain import Delta, Sampling
 
 log = logging.getLogger("neuroweaver.model_server.engine")
 

@@ -6,24 +6,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from neuroweaver_runtime.errors import InvalidArgument, Unavailable
 
-from . import metrics
-from .domain import Completion, Delta, GenerationInput, Limits, ServedModel, prompt_too_long, resolve_model, validate
-from .engine import Engine
+from .. import metrics
+from ..adapters.loading import LoadSpec, load_model
+from ..domain import Completion, Delta, GenerationInput, Limits, ServedModel, prompt_too_long, resolve_model, validate
+from ..engines import Engine
 
 log = logging.getLogger("neuroweaver.model_server")
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    base_model: str  # builtin:..., a local dir or a file:// URI
-    adapter_uri: str  # file:// URI or path of a PEFT adapter dir; empty = base model only
-    adapter_sha256: str
-    load_in_4bit: bool
-    device: str = "auto"
 
 
 class InferenceService:
@@ -36,23 +27,9 @@ class InferenceService:
     # -- loading -----------------------------------------------------------------------------
 
     def load_blocking(self, spec: LoadSpec) -> None:
-        """Resolves the base model, verifies the adapter's sha256 and loads both (run it in a thread)."""
-        from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path
-
+        """Loads the model (adapter digest checked first) and starts the engine on it (run it in a thread)."""
         started = time.monotonic()
-        base_dir = resolve_base_model(spec.base_model)
-        adapter_dir = uri_to_path(spec.adapter_uri) if spec.adapter_uri else None
-        loaded = load_for_inference(
-            base_dir,
-            adapter_dir,
-            spec.load_in_4bit,
-            expected_adapter_sha256=spec.adapter_sha256 or None,
-            device=spec.device,
-            # One server serves one version: folding the LoRA weights into the base removes the adapter's extra
-            # matmuls from every decode step (the demo's unmerged candidate answered ~1.4x slower than its base).
-            # Not with 4-bit weights, where load_for_inference keeps the adapter separate.
-            merge_adapter=True,
-        )
+        loaded = load_model(spec)
         self.context_length = loaded.context_length
         if loaded.adapter_sha256:
             self.served = ServedModel(

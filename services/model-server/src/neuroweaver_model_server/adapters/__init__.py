@@ -1,0 +1,1 @@
+"""External systems of the model server: model files and weights (`loading.py`)."""

@@ -1,0 +1,27 @@
+"""Inference requests as plain dataclasses and the rules that check them (no protobuf, no torch)."""
+
+from .inference import (
+    DEFAULT_MAX_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    ROLES,
+    Completion,
+    Delta,
+    FinishReason,
+    GenerationInput,
+    Limits,
+    Message,
+    Sampling,
+    ServedModel,
+    prompt_too_long,
+    resolve_model,
+    validate,
+    validate_served_name,
+)
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS", "MAX_PROMPT_CHARS", "MAX_STOP_CHARS", "MAX_STOP_SEQUENCES", "ROLES", "Completion", "Delta",
+    "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "prompt_too_long",
+    "resolve_model", "validate", "validate_served_name",
+]  # fmt: skip

@@ -1,0 +1,5 @@
+"""Model-server use cases (`inference.InferenceService`)."""
+
+from .inference import InferenceService
+
+__all__ = ["InferenceService"]

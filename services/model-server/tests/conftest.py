@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model_server_testkit (a name of its own: --import-mode=importlib shares sys.modules with the other test trees)
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, ChatML template) saved like a real checkpoint."""
+    from neuroweaver_ml.models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_base, tmp_path_factory) -> list[tuple[Path, str]]:
+    """Two LoRA adapters (different random weights) on the tiny base: (dir, sha256)."""
+    from neuroweaver_ml.testing import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_lora_adapter(tiny_base, root / f"adapter-{i}", seed=i) for i in range(2)]
