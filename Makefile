@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+# Packages mypy checks in `make lint` (settings in pyproject.toml).
+# Not yet: libs/neuroweaver-sdk and the services (errors being fixed while their protos and layers change).
+MYPY_SRC := libs/neuroweaver-runtime/src libs/neuroweaver-proto/src libs/neuroweaver-kube/src libs/neuroweaver-ml/src
 
 .PHONY: install proto proto-check lint format test test-fast up demo clean
 
@@ -39,7 +42,7 @@ lint: install ## ruff (lint + format check), buf format check, buf lint, mypy on
 	.venv/bin/ruff format --check .
 	npx buf format -d --exit-code || { echo "protos are not buf-formatted: run npx buf format -w"; exit 1; }
 	npx buf lint
-	.venv/bin/mypy libs/neuroweaver-runtime/src
+	.venv/bin/mypy $(MYPY_SRC)
 
 format: install ## format the Python code (CI checks it with ruff format --check)
 	.venv/bin/ruff format .
