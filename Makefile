@@ -37,11 +37,12 @@ proto-check: ## fail when the committed generated code (Python and TypeScript) d
 	git diff --exit-code --stat -- libs/neuroweaver-proto protos/google || { echo "generated code or vendored google/api protos are stale: run make proto"; exit 1; }
 	clients/typescript/scripts/check-generated.sh
 
-lint: install ## ruff (lint + format check), buf format check, buf lint, mypy on libs
+lint: install ## ruff (lint + format check), buf format check, buf lint, buf breaking against main, mypy on libs
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	npx buf format -d --exit-code || { echo "protos are not buf-formatted: run npx buf format -w"; exit 1; }
 	npx buf lint
+	npx buf breaking --against '.git#branch=main' || { echo "breaking contract change: see protos/CHANGES.md"; exit 1; }
 	.venv/bin/mypy $(MYPY_SRC)
 
 format: install ## format the Python code (CI checks it with ruff format --check)

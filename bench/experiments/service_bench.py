@@ -28,6 +28,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
@@ -98,11 +99,15 @@ async def create_running(stub, exp_id: str) -> pb.Experiment:
             pb.Variant(id="control", model_version="projects/default/models/m/versions/1.0.0", weight=0.5),
             pb.Variant(id="treatment", model_version="projects/default/models/m/versions/1.0.1", weight=0.5),
         ],
-        primary_metric=pb.MetricSpec(name="score", kind=pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_INCREASE),
+        primary_metric=pb.MetricSpec(name="score", kind=pb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
         guardrail_metrics=[
-            pb.MetricSpec(name="latency_ms", kind=pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_DECREASE, tolerance=0.1)
+            pb.MetricSpec(
+                name="latency_ms", kind=pb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER, tolerance=0.1
+            )
         ],
-        secondary_metrics=[pb.MetricSpec(name="thumbs_up", kind=pb.METRIC_KIND_PROPORTION, direction=pb.DIRECTION_INCREASE)],
+        secondary_metrics=[
+            pb.MetricSpec(name="thumbs_up", kind=pb.METRIC_KIND_PROPORTION, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER)
+        ],
         analysis=pb.ANALYSIS_METHOD_SEQUENTIAL,
     )
     created = await stub.CreateExperiment(

@@ -29,6 +29,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
@@ -225,7 +226,7 @@ async def main() -> None:
                 await r.read()
 
         create_req = rs.CreateModelVersionRequest(
-            parent=model.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
+            parent=model.name, bump=cpb.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
         )
 
         async def reg_create():

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -259,7 +260,7 @@ def test_control_plane_flow_over_mtls(stack, pki, inputs):
                         for v, version in (("control", first.name), ("treatment", second.name))
                     ],
                     promote_alias="production", min_sample_size=1,
-                    primary_metric=epb.MetricSpec(name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
+                    primary_metric=epb.MetricSpec(name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
                 ),
             )
         )  # fmt: skip
@@ -271,7 +272,7 @@ def test_control_plane_flow_over_mtls(stack, pki, inputs):
             )
         )
         assert concluded.state == epb.Experiment.STATE_CONCLUDED
-        history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production"))
+        history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(parent=f"{MODEL}/aliases/production"))
         assert (history.entries[0].from_version, history.entries[0].to_version) == (first.version, second.version)
         # the deployer's alias watch (a stream over mTLS) rolls the control deployment over to the promoted version
         wait_until_deployed(dep, available["control"].name, second.name)

@@ -33,6 +33,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -338,13 +339,13 @@ def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.
                     for v, version in zip(("control", "treatment"), versions, strict=True)
                 ],
                 promote_alias="production",
-                primary_metric=epb.MetricSpec(name="judge_score", kind=mean, direction=epb.DIRECTION_INCREASE),
+                primary_metric=epb.MetricSpec(name="judge_score", kind=mean, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
                 guardrail_metrics=[
-                    epb.MetricSpec(name="latency_ms", kind=mean, direction=epb.DIRECTION_DECREASE, tolerance=10.0)
+                    epb.MetricSpec(name="latency_ms", kind=mean, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER, tolerance=10.0)
                 ],
                 secondary_metrics=[
-                    epb.MetricSpec(name="completion_tokens", kind=mean, direction=epb.DIRECTION_INCREASE),
-                    epb.MetricSpec(name="thumbs_up", kind=prop, direction=epb.DIRECTION_INCREASE),
+                    epb.MetricSpec(name="completion_tokens", kind=mean, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
+                    epb.MetricSpec(name="thumbs_up", kind=prop, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
                 ],
                 min_sample_size=1,
             ),
@@ -412,7 +413,7 @@ def conclude_and_roll_over(exp, reg, dep, experiment: str, deployments: dict, ve
         )
     )
     assert concluded.state == epb.Experiment.STATE_CONCLUDED and concluded.winner == "treatment"
-    history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production"))
+    history = reg.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(parent=f"{MODEL}/aliases/production"))
     latest = history.entries[0]
     assert (latest.from_version, latest.to_version) == ("1.0.0", versions[1].rsplit("/", 1)[1])
     assert experiment in latest.reason

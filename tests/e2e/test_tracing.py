@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as egrpc
@@ -165,7 +166,7 @@ def test_conclude_with_promote_is_one_trace_from_client_through_experiments_to_r
                 display_name="tone", promote_alias="production",
                 variants=[epb.Variant(id="control", model_version=f"{model}/versions/1.0.0", weight=0.5),
                           epb.Variant(id="treatment", model_version=f"{model}/versions/1.0.1", weight=0.5)],
-                primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
+                primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
             ),
         ), timeout=10)  # fmt: skip
         exp.StartExperiment(esvc.StartExperimentRequest(name=created.name), timeout=10)
@@ -260,7 +261,7 @@ def test_training_job_registers_its_version_in_the_trace_of_create_training_job(
             parent="projects/default", training_job_id="traced",
             training_job=tpb.TrainingJob(
                 base_model=str(tiny), dataset_uri=(datasets / "chat.jsonl").as_uri(), method=tpb.TRAINING_METHOD_SFT_LORA,
-                target_model="projects/default/models/advisor", version_bump="minor", lora=tpb.LoraConfig(r=4, alpha=8),
+                target_model="projects/default/models/advisor", version_bump=cpb.VERSION_BUMP_MINOR, lora=tpb.LoraConfig(r=4, alpha=8),
                 hyperparameters=tpb.Hyperparameters(max_steps=2, batch_size=2, max_seq_length=64, checkpoint_every_steps=2,
                                                     eval_every_steps=2, eval_split=0.1, learning_rate=1e-3),
             ),

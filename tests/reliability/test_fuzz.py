@@ -47,6 +47,7 @@ from nwstack import (
     wait_for,
 )
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver_runtime.grpc_errors import field_violations
 from neuroweaver_runtime.testing import free_port
 
@@ -615,7 +616,7 @@ def seed_default_project(procs: dict) -> None:
         spec = rpb.ModelVersion(
             artifact=rpb.Artifact(uri="file:///srv/outside/adapter", sha256="ab" * 32, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
             lineage=rpb.Lineage(base_model="builtin:smollm2-135m-instruct", method="sft-lora"),
-            metrics=[rpb.Metric(name="accuracy", value=0.5, direction=rpb.METRIC_DIRECTION_HIGHER_IS_BETTER)],
+            metrics=[rpb.Metric(name="accuracy", value=0.5, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER)],
         )
         ok("registry", "CreateModelVersion", rs.CreateModelVersionRequest(parent=model, version=version, model_version=spec))
     ok("registry", "SetModelAlias", rs.SetModelAliasRequest(model=model, alias="prod", version="1.0.0"))
@@ -629,7 +630,9 @@ def seed_default_project(procs: dict) -> None:
             epb.Variant(id="control", model_version=f"{model}/versions/1.0.0", weight=0.5),
             epb.Variant(id="treatment", model_version=f"{model}/versions/1.0.1", weight=0.5),
         ],
-        primary_metric=epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE),
+        primary_metric=epb.MetricSpec(
+            name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER
+        ),
         promote_alias="prod",
     )
     ok(

@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from nwstack import SERVICES, health_status, start_service, wait_for
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as es
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as eg
@@ -121,7 +122,7 @@ class Load:
                 display_name="restart",
                 variants=[epb.Variant(id="control", model_version="projects/default/models/m/versions/1.0.0", weight=0.5),
                           epb.Variant(id="treatment", model_version="projects/default/models/m/versions/1.0.1", weight=0.5)],
-                primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
+                primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
             )  # fmt: skip
             made = self._op("CreateExperiment", lambda exp_id=exp_id, exp=exp, erid=erid: self.exp.CreateExperiment(
                 es.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp, request_id=erid), timeout=5))  # fmt: skip

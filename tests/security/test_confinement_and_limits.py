@@ -14,6 +14,7 @@ import grpc
 import pytest
 from nwstack import reason_of, start_service
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as ds
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dg
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -85,7 +86,7 @@ def _job(base_model: str, dataset_uri: str) -> tpb.TrainingJob:
         dataset_uri=dataset_uri,
         method=tpb.TRAINING_METHOD_SFT_LORA,
         target_model="projects/default/models/m1",
-        version_bump="minor",
+        version_bump=cpb.VERSION_BUMP_MINOR,
         lora=tpb.LoraConfig(r=4, alpha=8),
         hyperparameters=tpb.Hyperparameters(max_steps=2, batch_size=1, max_seq_length=64),
     )

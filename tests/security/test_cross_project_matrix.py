@@ -34,6 +34,7 @@ import pytest
 from google.protobuf import field_mask_pb2, json_format
 from nwstack import SERVICES, message_class, service_databases, service_descriptor, start_service, wait_for
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as ds
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
@@ -111,7 +112,9 @@ def experiment_spec(p: str) -> epb.Experiment:
             epb.Variant(id="control", model_version=r.version, deployment=r.deployment, weight=0.5),
             epb.Variant(id="treatment", model_version=r.version2, deployment=r.deployment, weight=0.5),
         ],
-        primary_metric=epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE),
+        primary_metric=epb.MetricSpec(
+            name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER
+        ),
         promote_alias="prod",
         description=f"experiment of {SECRET_B if p == 'b' else p}",
     )
@@ -162,10 +165,10 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ),
         ("registry", "SetModelAlias"): lambda: rs.SetModelAliasRequest(model=r.model, alias="prod", version="1.0.0"),
         ("registry", "GetModelAlias"): lambda: rs.GetModelAliasRequest(name=r.alias),
-        ("registry", "ListModelAliases"): lambda: rs.ListModelAliasesRequest(model=r.model),
+        ("registry", "ListModelAliases"): lambda: rs.ListModelAliasesRequest(parent=r.model),
         ("registry", "DeleteModelAlias"): lambda: rs.DeleteModelAliasRequest(name=r.alias),
         ("registry", "RollbackModelAlias"): lambda: rs.RollbackModelAliasRequest(name=r.alias),
-        ("registry", "ListModelAliasHistory"): lambda: rs.ListModelAliasHistoryRequest(name=r.alias),
+        ("registry", "ListModelAliasHistory"): lambda: rs.ListModelAliasHistoryRequest(parent=r.alias),
         ("registry", "ListModelEvents"): lambda: rs.ListModelEventsRequest(parent=r.project, model=r.model),
         ("registry", "WatchModelEvents"): lambda: rs.WatchModelEventsRequest(parent=r.project, model=r.model),
         ("registry", "CreateJudge"): lambda: rs.CreateJudgeRequest(
@@ -520,10 +523,10 @@ def project_state(stack, p: str) -> dict:
     for m in models.models:
         versions = rpc(reg, "registry", "ListModelVersions", rs.ListModelVersionsRequest(parent=m.name, page_size=1000))
         out[f"versions {m.name}"] = [_dict(v) for v in versions.model_versions]
-        aliases = rpc(reg, "registry", "ListModelAliases", rs.ListModelAliasesRequest(model=m.name))
+        aliases = rpc(reg, "registry", "ListModelAliases", rs.ListModelAliasesRequest(parent=m.name))
         out[f"aliases {m.name}"] = [_dict(a) for a in aliases.aliases]
         for a in aliases.aliases:
-            hist = rpc(reg, "registry", "ListModelAliasHistory", rs.ListModelAliasHistoryRequest(name=a.name, page_size=1000))
+            hist = rpc(reg, "registry", "ListModelAliasHistory", rs.ListModelAliasHistoryRequest(parent=a.name, page_size=1000))
             out[f"alias history {a.name}"] = [_dict(e) for e in hist.entries]
     events = rpc(reg, "registry", "ListModelEvents", rs.ListModelEventsRequest(parent=r.project, page_size=1000))
     out["model events"] = [_dict(e) for e in events.events]
@@ -771,7 +774,7 @@ def test_promotion_through_the_registry_names_the_real_caller(stack):
     request = es.ConcludeExperimentRequest(name=r.promote, winner="control", promote=True, alias="prod", reason="audit check")
     _ok(stack, "experiments", "ConcludeExperiment", request, "a_operator")
     history = _ok(
-        stack, "registry", "ListModelAliasHistory", rs.ListModelAliasHistoryRequest(name=r.alias, page_size=1000), "a_admin"
+        stack, "registry", "ListModelAliasHistory", rs.ListModelAliasHistoryRequest(parent=r.alias, page_size=1000), "a_admin"
     )
     last = max(history.entries, key=lambda e: e.sequence)
     assert last.to_version == "1.0.0" and "audit check" in last.reason

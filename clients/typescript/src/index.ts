@@ -27,6 +27,7 @@ import { InferenceService } from "./gen/neuroweaver/inference/v1/inference_servi
 import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/health_pb.js";
 
 export { RegistryService, TrainerService, DeployerService, ExperimentsService, InferenceService, Health };
+export * as commonv1 from "./common.js";
 export * as registryv1 from "./registry.js";
 export * as trainerv1 from "./trainer.js";
 export * as deployerv1 from "./deployer.js";

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
@@ -55,7 +56,7 @@ def job_pb(
         dataset_uri=dataset.as_uri(),
         method=method,
         target_model=kw.pop("target_model", TARGET_MODEL),
-        version_bump=kw.pop("version_bump", "minor"),
+        version_bump=kw.pop("version_bump", cpb.VERSION_BUMP_MINOR),
         lora=tpb.LoraConfig(r=4, alpha=8),
         hyperparameters=tpb.Hyperparameters(
             max_steps=max_steps,

@@ -89,7 +89,6 @@ async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, 
         data_root / "chat.jsonl",
         method=h.tpb.TRAINING_METHOD_UNSPECIFIED,
         target_model="models/x",
-        version_bump="huge",
     )
     job.hyperparameters.learning_rate = -1
     job.hyperparameters.lr_scheduler = "zigzag"
@@ -98,8 +97,15 @@ async def test_unknown_base_model_and_bad_fields(api, h, data_root, tiny_model, 
     code, reason, violations = rpc_err(exc)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     fields = {f for f, _ in violations}
-    assert {"training_job.method", "training_job.target_model", "training_job.version_bump",
+    assert {"training_job.method", "training_job.target_model",
             "training_job.hyperparameters.learning_rate", "training_job.hyperparameters.lr_scheduler"} <= fields  # fmt: skip
+
+    # version_bump is the shared VersionBump enum: a number outside it is refused by name, not stored.
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl", version_bump=99)))
+    code, reason, violations = rpc_err(exc)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ENUM")
+    assert [f for f, _ in violations] == ["training_job.version_bump"]
 
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_DPO)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver_ml import digest_path, uri_to_path
 
 
@@ -84,7 +85,7 @@ async def test_qlora_job_end_to_end(trainers, registry, tiny_model, data_root, h
     assert lin.dataset_uri == dataset.as_uri() and lin.dataset_digest == done.dataset_digest
     assert lin.hyperparameters["max_steps"] == "8" and lin.hyperparameters["lora_r"] == "4"
     metrics = {m.name: m for m in mv.metrics}
-    assert metrics["eval_loss"].direction == h.rpb.METRIC_DIRECTION_LOWER_IS_BETTER
+    assert metrics["eval_loss"].direction == cpb.METRIC_DIRECTION_LOWER_IS_BETTER
     assert metrics["eval_loss"].value == done.metrics["eval_loss"]
     adapter = uri_to_path(mv.artifact.uri)
     assert mv.artifact.format == h.rpb.ARTIFACT_FORMAT_LORA_ADAPTER

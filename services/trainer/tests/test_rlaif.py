@@ -11,6 +11,7 @@ import signal
 import grpc
 import pytest
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver_runtime.testing import free_port
 
 QUESTIONS = [
@@ -120,8 +121,8 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
         "reward_model_accuracy",
     ):
         assert name in metrics, (name, sorted(metrics))
-    assert metrics["judge_win_rate_vs_parent"].direction == h.rpb.METRIC_DIRECTION_HIGHER_IS_BETTER
-    assert metrics["judge_cost_usd"].direction == h.rpb.METRIC_DIRECTION_LOWER_IS_BETTER
+    assert metrics["judge_win_rate_vs_parent"].direction == cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+    assert metrics["judge_cost_usd"].direction == cpb.METRIC_DIRECTION_LOWER_IS_BETTER
     assert metrics["judged"].value == 8
     assert done.metrics["judge_win_rate_vs_parent"] == metrics["judge_win_rate_vs_parent"].value
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
@@ -161,12 +162,12 @@ async def test_registration_retries_a_busy_registry_on_behalf_of_the_creator(fak
     request, metadata = registry.calls[-1]
     assert request.request_id == registration_request_id("projects/p/trainingJobs/j") == registry.calls[0][0].request_id
     assert metadata[ON_BEHALF_OF_HEADER] == "p:operator:alice"
-    assert request.bump == rsvc.VERSION_BUMP_MINOR and request.model_version.artifact.sha256 == NEW.sha256
+    assert request.bump == cpb.VERSION_BUMP_MINOR and request.model_version.artifact.sha256 == NEW.sha256
     directions = {m.name: m.direction for m in request.model_version.metrics}
     assert directions == {
-        "judge_win_rate_vs_base_ci_low": rpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
-        "tokens": rpb.METRIC_DIRECTION_UNSPECIFIED,
-        "train_loss": rpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+        "judge_win_rate_vs_base_ci_low": cpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+        "tokens": cpb.METRIC_DIRECTION_UNSPECIFIED,
+        "train_loss": cpb.METRIC_DIRECTION_LOWER_IS_BETTER,
     }
     assert request.model_version.notes == "sft-lora of tiny by projects/p/trainingJobs/j: 3 steps"
 

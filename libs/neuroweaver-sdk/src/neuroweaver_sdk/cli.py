@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
@@ -186,11 +187,13 @@ async def versions_get(c: Ctx):
     c.show(await c.nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=c.version(c.args.model, c.args.version))))
 
 
+# --bump of `versions create` and `train`: the enum the registry and the trainer share.
+_BUMPS = {"major": cpb.VERSION_BUMP_MAJOR, "minor": cpb.VERSION_BUMP_MINOR, "patch": cpb.VERSION_BUMP_PATCH}
+
+
 async def versions_create(c: Ctx):
     a = c.args
-    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}.get(
-        a.bump or "", 0
-    )
+    bump = _BUMPS.get(a.bump or "", cpb.VERSION_BUMP_UNSPECIFIED)
     mv = rpb.ModelVersion(
         artifact=rpb.Artifact(
             uri=a.artifact_uri, sha256=a.sha256, size_bytes=a.size_bytes, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER
@@ -267,7 +270,7 @@ async def alias_get(c: Ctx):
 
 async def alias_list(c: Ctx):
     c.show(
-        await c.nw.registry.ListModelAliases(rsvc.ListModelAliasesRequest(model=c.model(c.args.model))),
+        await c.nw.registry.ListModelAliases(rsvc.ListModelAliasesRequest(parent=c.model(c.args.model))),
         ["name", "version", "actor", "reason"],
         "aliases",
     )
@@ -285,7 +288,7 @@ async def alias_delete(c: Ctx):
 async def alias_history(c: Ctx):
     a = c.args
     resp = await c.nw.registry.ListModelAliasHistory(
-        rsvc.ListModelAliasHistoryRequest(name=c.alias(a.model, a.alias), page_size=a.page_size, page_token=a.page_token)
+        rsvc.ListModelAliasHistoryRequest(parent=c.alias(a.model, a.alias), page_size=a.page_size, page_token=a.page_token)
     )
     c.show(resp, ["sequence", "action", "from_version", "to_version", "actor", "reason", "create_time"], "entries")
 
@@ -354,7 +357,7 @@ async def train_start(c: Ctx):
         eval_dataset_uri=a.eval_dataset or "",
         method=_METHODS[a.method],
         target_model=c.model(a.target_model) if a.target_model else "",
-        version_bump=a.bump,
+        version_bump=_BUMPS[a.bump],
         labels=_labels(a.label),
         hyperparameters=tpb.Hyperparameters(
             learning_rate=a.learning_rate,
@@ -509,7 +512,8 @@ def _metric(spec: str) -> epb.MetricSpec:
     """`name[:mean|proportion][:increase|decrease][:tolerance]`."""
     parts = spec.split(":")
     kind = epb.METRIC_KIND_PROPORTION if len(parts) > 1 and parts[1] == "proportion" else epb.METRIC_KIND_MEAN
-    direction = epb.DIRECTION_DECREASE if len(parts) > 2 and parts[2] == "decrease" else epb.DIRECTION_INCREASE
+    lower = len(parts) > 2 and parts[2] == "decrease"
+    direction = cpb.METRIC_DIRECTION_LOWER_IS_BETTER if lower else cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
     tolerance = float(parts[3]) if len(parts) > 3 else 0.0
     return epb.MetricSpec(name=parts[0], kind=kind, direction=direction, tolerance=tolerance)
 
@@ -718,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         versions_create,
         ("model", {}),
         ("--version", {}),
-        ("--bump", {"choices": ["major", "minor", "patch"]}),
+        ("--bump", {"choices": list(_BUMPS)}),
         ("--artifact-uri", {"required": True}),
         ("--sha256", {"required": True}),
         ("--size-bytes", {"type": int, "default": 0}),
@@ -785,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--eval-dataset", {}),
         ("--method", {"choices": list(_METHODS), "default": "qlora"}),
         ("--target-model", {}),
-        ("--bump", {"default": "minor"}),
+        ("--bump", {"choices": list(_BUMPS), "default": "minor"}),
         ("--display-name", {"default": ""}),
         ("--label", {"action": "append"}),
         ("--learning-rate", {"type": float, "default": 0.0}),

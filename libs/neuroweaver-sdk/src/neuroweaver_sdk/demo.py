@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
@@ -168,7 +169,7 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
             seed=7,
         ),
         target_model=MODEL,
-        version_bump="minor",
+        version_bump=cpb.VERSION_BUMP_MINOR,
         labels={"demo": "true"},
     )
     if args.method == "rlaif":
@@ -235,12 +236,21 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                     epb.Variant(id="control", model_version=base_version, deployment=prod.name, weight=0.5),
                     epb.Variant(id="tuned", model_version=new_version, deployment=cand.name, weight=0.5),
                 ],
-                primary_metric=epb.MetricSpec(name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_INCREASE),
+                primary_metric=epb.MetricSpec(
+                    name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+                ),
                 guardrail_metrics=[
-                    epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE, tolerance=1.0)
+                    epb.MetricSpec(
+                        name="latency_ms",
+                        kind=epb.METRIC_KIND_MEAN,
+                        direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+                        tolerance=1.0,
+                    )
                 ],
                 secondary_metrics=[
-                    epb.MetricSpec(name="completion_tokens", kind=epb.METRIC_KIND_MEAN, direction=epb.DIRECTION_DECREASE)
+                    epb.MetricSpec(
+                        name="completion_tokens", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER
+                    )
                 ],
                 min_sample_size=args.min_units,
                 significance_level=0.05,
@@ -379,7 +389,7 @@ async def demo(args, data_dir: Path) -> dict:
                     rolled = await wait_rollover(nw, prod.name, new_version)
                     console.print(f"advisor-prod now serves {rolled.served_version} (revision {rolled.revision})")
                 history = await nw.registry.ListModelAliasHistory(
-                    rsvc.ListModelAliasHistoryRequest(name=f"{MODEL}/aliases/production")
+                    rsvc.ListModelAliasHistoryRequest(parent=f"{MODEL}/aliases/production")
                 )
                 summary["promotion"] = {
                     "promoted": promoted,

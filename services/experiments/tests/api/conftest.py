@@ -11,6 +11,7 @@ import tempfile
 import grpc
 import pytest
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.deployer.v1 import deployment_pb2
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
@@ -122,9 +123,13 @@ def make_experiment(stub):
             display_name="test",
             variants=variants,
             coverage=coverage,
-            primary_metric=pb.MetricSpec(name="score", kind=primary_kind or pb.METRIC_KIND_MEAN, direction=pb.DIRECTION_INCREASE),
+            primary_metric=pb.MetricSpec(
+                name="score", kind=primary_kind or pb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+            ),
             guardrail_metrics=list(guardrails),
-            secondary_metrics=[pb.MetricSpec(name="thumbs_up", kind=pb.METRIC_KIND_PROPORTION, direction=pb.DIRECTION_INCREASE)],
+            secondary_metrics=[
+                pb.MetricSpec(name="thumbs_up", kind=pb.METRIC_KIND_PROPORTION, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER)
+            ],
             analysis=analysis,
             min_sample_size=min_sample_size,
             **fields,

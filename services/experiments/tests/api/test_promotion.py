@@ -62,7 +62,7 @@ async def test_conclude_with_promote_moves_the_alias(stub, registry, make_experi
     )
     assert done.state == pb.Experiment.STATE_CONCLUDED and done.winner == "treatment"
     assert await alias_version(registry, model) == "1.0.1"
-    history = await registry.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(name=f"{model}/aliases/production"))
+    history = await registry.ListModelAliasHistory(rsvc.ListModelAliasHistoryRequest(parent=f"{model}/aliases/production"))
     latest = max(history.entries, key=lambda e: e.sequence)
     assert latest.from_version == "1.0.0" and latest.to_version == "1.0.1"
     assert exp.name in latest.reason and "judge score +12%" in latest.reason

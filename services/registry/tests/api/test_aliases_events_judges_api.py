@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 
@@ -43,8 +44,22 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
 
     got = await stub.GetModelAlias(rs.GetModelAliasRequest(name=alias_name))
     assert got.version == "1.2.0" and got.reason == "best"
-    listed = await stub.ListModelAliases(rs.ListModelAliasesRequest(model=m.name))
+    listed = await stub.ListModelAliases(rs.ListModelAliasesRequest(parent=m.name))
     assert [(x.name.rsplit("/", 1)[1], x.version) for x in listed.aliases] == [("canary", "1.2.0"), ("prod", "1.2.0")]
+    assert listed.next_page_token == ""
+    # paged by parent (AIP-158): one alias a page, in name order, and a token only for the same model
+    first = await stub.ListModelAliases(rs.ListModelAliasesRequest(parent=m.name, page_size=1))
+    assert [x.name.rsplit("/", 1)[1] for x in first.aliases] == ["canary"] and first.next_page_token
+    second = await stub.ListModelAliases(rs.ListModelAliasesRequest(parent=m.name, page_size=1, page_token=first.next_page_token))
+    assert [x.name.rsplit("/", 1)[1] for x in second.aliases] == ["prod"] and second.next_page_token == ""
+    other = await stub.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="other-aliases"))
+    await expect_error(
+        stub.ListModelAliases(rs.ListModelAliasesRequest(parent=other.name, page_token=first.next_page_token)),
+        INVALID, "PAGE_TOKEN_QUERY_MISMATCH",
+    )  # fmt: skip
+    await expect_error(
+        stub.ListModelAliases(rs.ListModelAliasesRequest(parent=m.name, page_size=-1)), INVALID, "INVALID_PAGE_SIZE"
+    )
     model = await stub.GetModel(rs.GetModelRequest(name=m.name))
     assert dict(model.aliases) == {"canary": "1.2.0", "prod": "1.2.0"}
 
@@ -64,7 +79,7 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
 
     history, token = [], ""
     while True:
-        page = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=alias_name, page_size=2, page_token=token))
+        page = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(parent=alias_name, page_size=2, page_token=token))
         history += page.entries
         token = page.next_page_token
         if not token:
@@ -104,7 +119,7 @@ async def test_alias_lifecycle_with_history(registry, expect_error):
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
     await expect_error(stub.DeleteModelAlias(rs.DeleteModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
     await expect_error(stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=alias_name)), NOT_FOUND, "ALIAS_NOT_FOUND")
-    last = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=alias_name, page_size=1))
+    last = await stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(parent=alias_name, page_size=1))
     assert (last.entries[0].action, last.entries[0].from_version, last.entries[0].to_version, last.entries[0].reason) == (
         A.ACTION_DELETE, "1.0.0", "", "retire",
     )  # fmt: skip
@@ -138,14 +153,16 @@ async def test_alias_bad_inputs(registry, expect_error):
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/aliases/")), INVALID, "MALFORMED_NAME")
     await expect_error(stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/versions/prod")), INVALID, "MALFORMED_NAME")
     await expect_error(
-        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/never")), NOT_FOUND, "ALIAS_NOT_FOUND"
+        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(parent=m.name + "/aliases/never")),
+        NOT_FOUND,
+        "ALIAS_NOT_FOUND",
     )
     await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
     await expect_error(
         stub.RollbackModelAlias(rs.RollbackModelAliasRequest(name=m.name + "/aliases/prod")), FAILED, "NO_PREVIOUS_VERSION"
     )
     await expect_error(
-        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/prod", page_token="x")),
+        stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(parent=m.name + "/aliases/prod", page_token="x")),
         INVALID,
         "INVALID_PAGE_TOKEN",
     )
@@ -200,7 +217,7 @@ async def test_watch_replays_from_cursor_then_follows_live(registry, expect_erro
     try:
         replayed = await asyncio.wait_for(stream.__anext__(), 10)
         assert replayed.event.type == pb.ModelEvent.TYPE_VERSION_CREATED  # the model creation lies before the cursor
-        live_write = asyncio.create_task(registry.version(m.name, bump=rs.VERSION_BUMP_MINOR))
+        live_write = asyncio.create_task(registry.version(m.name, bump=cpb.VERSION_BUMP_MINOR))
         live = await asyncio.wait_for(stream.__anext__(), 10)
         assert live.event.type == pb.ModelEvent.TYPE_VERSION_CREATED and live.event.details["version"] == "1.1.0"
         assert live.event.sequence > replayed.event.sequence

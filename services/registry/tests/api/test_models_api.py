@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver_runtime.grpc_errors import field_violations
@@ -45,10 +46,10 @@ async def test_create_get_update_archive_restore_delete(registry, expect_error):
 
     archived = await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name, etag=upd.etag))
     assert archived.state == pb.Model.STATE_ARCHIVED
-    await expect_error(registry.version(m.name, bump=rs.VERSION_BUMP_PATCH), FAILED, "MODEL_ARCHIVED")
+    await expect_error(registry.version(m.name, bump=cpb.VERSION_BUMP_PATCH), FAILED, "MODEL_ARCHIVED")
     restored = await stub.RestoreModel(rs.RestoreModelRequest(name=m.name))
     assert restored.state == pb.Model.STATE_ACTIVE
-    await registry.version(m.name, bump=rs.VERSION_BUMP_PATCH)
+    await registry.version(m.name, bump=cpb.VERSION_BUMP_PATCH)
 
     err = await expect_error(stub.DeleteModel(rs.DeleteModelRequest(name=m.name)), FAILED, "MODEL_HAS_VERSIONS")
     assert "force" in err.details()

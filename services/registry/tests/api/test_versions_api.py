@@ -9,14 +9,15 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver_runtime.grpc_errors import field_violations
 
 INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
-UP, DOWN = pb.METRIC_DIRECTION_HIGHER_IS_BETTER, pb.METRIC_DIRECTION_LOWER_IS_BETTER
+UP, DOWN = cpb.METRIC_DIRECTION_HIGHER_IS_BETTER, cpb.METRIC_DIRECTION_LOWER_IS_BETTER
 FAILED, EXISTS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
-PATCH, MINOR, MAJOR = rs.VERSION_BUMP_PATCH, rs.VERSION_BUMP_MINOR, rs.VERSION_BUMP_MAJOR
+PATCH, MINOR, MAJOR = cpb.VERSION_BUMP_PATCH, cpb.VERSION_BUMP_MINOR, cpb.VERSION_BUMP_MAJOR
 
 
 async def test_explicit_and_bumped_versions(registry, expect_error):
@@ -220,7 +221,7 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
     assert cmp.recommendation == rs.RECOMMENDATION_PROMOTE, cmp.reason
     deltas = {d.name: d for d in cmp.metric_deltas}
     assert deltas["accuracy"].delta == pytest.approx(0.1) and deltas["accuracy"].improved
-    assert deltas["eval_loss"].direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER and deltas["eval_loss"].improved
+    assert deltas["eval_loss"].direction == cpb.METRIC_DIRECTION_LOWER_IS_BETTER and deltas["eval_loss"].improved
     assert [(d.field, d.base_value, d.candidate_value) for d in cmp.hyperparameter_diffs] == [
         ("hyperparameters.lr", "1e-4", "2e-4")
     ]
@@ -248,13 +249,13 @@ async def test_metrics_state_labels_and_compare(registry, expect_error):
         rs.CompareModelVersionsRequest(base_version=m.name + "/versions/1.1.0", candidate_version=plain.name)
     )
     loss = {d.name: d for d in unjudged.metric_deltas}["eval_loss"]
-    assert loss.direction == pb.METRIC_DIRECTION_LOWER_IS_BETTER  # the base declares it
+    assert loss.direction == cpb.METRIC_DIRECTION_LOWER_IS_BETTER  # the base declares it
     undeclared = await registry.version(m.name, version="1.3.0", metrics=[pb.Metric(name="eval_loss", value=0.4)])
     neither = await registry.stub.CompareModelVersions(
         rs.CompareModelVersionsRequest(base_version=plain.name, candidate_version=undeclared.name)
     )
     loss = {d.name: d for d in neither.metric_deltas}["eval_loss"]
-    assert loss.direction == pb.METRIC_DIRECTION_UNSPECIFIED and loss.HasField("delta")
+    assert loss.direction == cpb.METRIC_DIRECTION_UNSPECIFIED and loss.HasField("delta")
     assert not loss.improved and not loss.regressed
     assert neither.recommendation == rs.RECOMMENDATION_EXPERIMENT and "direction" in neither.reason
     other = await registry.model()

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from sqlalchemy import text
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
@@ -33,7 +34,7 @@ async def test_get_version_matches_list_for_every_reference(registry, expect_err
             name=v.name,
             metrics=[
                 pb.Metric(name="accuracy", value=0.5),
-                pb.Metric(name="loss", value=1.25, direction=pb.METRIC_DIRECTION_LOWER_IS_BETTER),
+                pb.Metric(name="loss", value=1.25, direction=cpb.METRIC_DIRECTION_LOWER_IS_BETTER),
             ],
         )
     )
@@ -83,7 +84,7 @@ async def test_create_version_returns_what_a_read_returns(registry):
         notes="n",
     )
     created = await registry.stub.CreateModelVersion(
-        rs.CreateModelVersionRequest(parent=m.name, bump=rs.VERSION_BUMP_MINOR, model_version=mv)
+        rs.CreateModelVersionRequest(parent=m.name, bump=cpb.VERSION_BUMP_MINOR, model_version=mv)
     )
     again = await registry.stub.GetModelVersion(rs.GetModelVersionRequest(name=created.name))
     assert created == again
@@ -110,7 +111,7 @@ async def test_create_version_retry_after_model_recreated_is_not_found(registry,
     request_id = str(uuid.uuid4())
     art = pb.Artifact(uri="file:///tmp/a", sha256=SHA, size_bytes=1)
     req = rs.CreateModelVersionRequest(
-        parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art), request_id=request_id
+        parent=m.name, bump=cpb.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art), request_id=request_id
     )
     v = await registry.stub.CreateModelVersion(req)
     assert await registry.stub.CreateModelVersion(req) == v

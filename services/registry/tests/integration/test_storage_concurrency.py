@@ -11,6 +11,7 @@ import semver
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
@@ -63,7 +64,7 @@ async def test_concurrent_patch_bumps_give_consecutive_versions(registry):
         calls = [
             stubs[i % 5].CreateModelVersion(
                 rs.CreateModelVersionRequest(
-                    parent=m.name, bump=rs.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
+                    parent=m.name, bump=cpb.VERSION_BUMP_PATCH, model_version=pb.ModelVersion(artifact=art)
                 ),
                 timeout=60,
             )
@@ -99,7 +100,7 @@ async def test_concurrent_alias_compare_and_set_has_one_winner(registry):
     assert {error_info(e).reason for e in losers} == {"ALIAS_VERSION_MISMATCH"}
     current = await registry.stub.GetModelAlias(rs.GetModelAliasRequest(name=m.name + "/aliases/prod"))
     assert current.version == winners[0].version
-    history = await registry.stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(name=m.name + "/aliases/prod"))
+    history = await registry.stub.ListModelAliasHistory(rs.ListModelAliasHistoryRequest(parent=m.name + "/aliases/prod"))
     assert len(history.entries) == 2
 
 

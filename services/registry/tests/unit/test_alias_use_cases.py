@@ -129,7 +129,7 @@ async def test_delete_is_compare_and_set_and_kept_in_history(fakes):
     with pytest.raises(Aborted):
         await fakes.registry.aliases.delete(alias, "2.0.0", "")
     await fakes.registry.aliases.delete(alias, "1.0.0", "retired")
-    assert await fakes.registry.aliases.list(model) == []
+    assert (await fakes.registry.aliases.list(model, 0, "")).items == []
     with pytest.raises(NotFound):
         await fakes.registry.aliases.get(alias)
     with pytest.raises(NotFound):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver_runtime.errors import InvalidArgument
@@ -32,7 +33,10 @@ _STATE = {
 }
 _KIND = {st.MetricKind.MEAN: pb.METRIC_KIND_MEAN, st.MetricKind.PROPORTION: pb.METRIC_KIND_PROPORTION}
 _KIND_FROM_PB = {v: k for k, v in _KIND.items()}
-_DIRECTION = {st.Direction.INCREASE: pb.DIRECTION_INCREASE, st.Direction.DECREASE: pb.DIRECTION_DECREASE}
+_DIRECTION = {
+    st.Direction.INCREASE: cpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+    st.Direction.DECREASE: cpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+}
 _DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION.items()}
 _ANALYSIS = {
     st.AnalysisMethod.FIXED_HORIZON: pb.ANALYSIS_METHOD_FIXED_HORIZON,
@@ -75,7 +79,7 @@ def metric_from_pb(m: pb.MetricSpec, field: str) -> st.MetricSpec:
             field=f"{field}.kind",
             reason="INVALID_METRIC_KIND",
         )
-    if m.direction not in _DIRECTION_FROM_PB and m.direction != pb.DIRECTION_UNSPECIFIED:
+    if m.direction not in _DIRECTION_FROM_PB and m.direction != cpb.METRIC_DIRECTION_UNSPECIFIED:
         raise InvalidArgument(
             f"{field}.direction has unknown value {m.direction}", field=f"{field}.direction", reason="INVALID_ENUM"
         )

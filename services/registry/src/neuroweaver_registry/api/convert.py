@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver_runtime.etag import etag_for
 from neuroweaver_runtime.timestamps import to_timestamp
@@ -20,9 +21,9 @@ VERSION_STATE_FROM_PB = {v: k for k, v in _VERSION_STATE.items()}
 _FORMAT = {d.ArtifactFormat.LORA_ADAPTER: pb.ARTIFACT_FORMAT_LORA_ADAPTER, d.ArtifactFormat.MERGED: pb.ARTIFACT_FORMAT_MERGED}
 _FORMAT_FROM_PB = {v: k for k, v in _FORMAT.items()}
 _DIRECTION = {
-    d.Direction.UNSPECIFIED: pb.METRIC_DIRECTION_UNSPECIFIED,
-    d.Direction.HIGHER: pb.METRIC_DIRECTION_HIGHER_IS_BETTER,
-    d.Direction.LOWER: pb.METRIC_DIRECTION_LOWER_IS_BETTER,
+    d.Direction.UNSPECIFIED: cpb.METRIC_DIRECTION_UNSPECIFIED,
+    d.Direction.HIGHER: cpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+    d.Direction.LOWER: cpb.METRIC_DIRECTION_LOWER_IS_BETTER,
 }
 _DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION.items()}
 _ALIAS_ACTION = {

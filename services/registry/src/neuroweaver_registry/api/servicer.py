@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import empty_pb2
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as svc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as svc_grpc
@@ -30,7 +31,7 @@ METHOD_ROLES = {
     "ListJudgeVersions": V,
 }  # fmt: skip
 
-_BUMP = {svc.VERSION_BUMP_MAJOR: "major", svc.VERSION_BUMP_MINOR: "minor", svc.VERSION_BUMP_PATCH: "patch"}
+_BUMP = {cpb.VERSION_BUMP_MAJOR: "major", cpb.VERSION_BUMP_MINOR: "minor", cpb.VERSION_BUMP_PATCH: "patch"}
 _RELATION = {
     "NEWER": svc.SEMVER_RELATION_NEWER, "OLDER": svc.SEMVER_RELATION_OLDER,
     "EQUAL": svc.SEMVER_RELATION_EQUAL, "UNRELATED": svc.SEMVER_RELATION_UNRELATED,
@@ -49,7 +50,7 @@ def _enum_value(value: int, enum_type, field: str) -> int:
 
 def _check_metric_directions(metrics, field: str) -> None:
     for i, metric in enumerate(metrics):
-        _enum_value(metric.direction, pb.MetricDirection, f"{field}[{i}].direction")
+        _enum_value(metric.direction, cpb.MetricDirection, f"{field}[{i}].direction")
 
 
 def _check_judge_enums(version: pb.JudgeVersion, field: str) -> None:
@@ -101,7 +102,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
 
     # versions
     async def CreateModelVersion(self, request, context):
-        _enum_value(request.bump, svc.VersionBump, "bump")
+        _enum_value(request.bump, cpb.VersionBump, "bump")
         _enum_value(request.model_version.artifact.format, pb.ArtifactFormat, "model_version.artifact.format")
         _check_metric_directions(request.model_version.metrics, "model_version.metrics")
         mv = await self.versions.create(
@@ -178,7 +179,10 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.alias_to_pb(await self.aliases.get(request.name))
 
     async def ListModelAliases(self, request, context):
-        return svc.ListModelAliasesResponse(aliases=[convert.alias_to_pb(a) for a in await self.aliases.list(request.model)])
+        page = await self.aliases.list(request.parent, request.page_size, request.page_token)
+        return svc.ListModelAliasesResponse(
+            aliases=[convert.alias_to_pb(a) for a in page.items], next_page_token=page.next_page_token
+        )
 
     async def DeleteModelAlias(self, request, context):
         await self.aliases.delete(request.name, request.expected_version, request.reason)
@@ -189,7 +193,7 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         return convert.alias_to_pb(alias)
 
     async def ListModelAliasHistory(self, request, context):
-        page = await self.aliases.history(request.name, request.page_size, request.page_token)
+        page = await self.aliases.history(request.parent, request.page_size, request.page_token)
         return svc.ListModelAliasHistoryResponse(
             entries=[convert.history_to_pb(e) for e in page.items], next_page_token=page.next_page_token
         )

@@ -3,7 +3,6 @@ recorded in the history and the audit log, and logged (aliases route production 
 
 from __future__ import annotations
 
-import builtins
 import logging
 
 from neuroweaver_runtime.auth import current_actor
@@ -28,9 +27,9 @@ def _log_alias_move(what: str, alias: ModelAlias) -> None:
     )
 
 
-def _model_of(alias_name: str) -> tuple[str, str]:
+def _model_of(alias_name: str, field: str = "name") -> tuple[str, str]:
     """(model name, alias id) of `projects/{p}/models/{m}/aliases/{a}`."""
-    parts = ALIAS.parse(alias_name)
+    parts = ALIAS.parse(alias_name, field)
     return MODEL.format(project=parts["project"], model=parts["model"]), parts["alias"]
 
 
@@ -89,10 +88,17 @@ class AliasUseCases(UseCases):
             raise _missing(name)
         return found
 
-    async def list(self, model: str) -> builtins.list[ModelAlias]:
+    async def list(self, parent: str, size: int, token: str) -> Page[ModelAlias]:
+        """A page of the model's aliases in name order; the token is the last alias name (keyset)."""
+        limit = page_size(size)
+        cursor = self.tokens.decode(token, [parent], str)
         async with self.uow.read() as uow:
             # One query in this transaction: a nested transaction per alias deadlocks on SQLite (BEGIN IMMEDIATE).
-            return await uow.aliases.all(await get_model(uow, model, field="model"))
+            aliases = await uow.aliases.all(await get_model(uow, parent, field="parent"))
+        # A model has a handful of aliases (deployment stages), so the page is cut here rather than in SQL.
+        rest = [a for a in aliases if cursor is None or a.name.rsplit("/", 1)[-1] > cursor[0]]
+        next_token = self.tokens.encode([rest[limit - 1].name.rsplit("/", 1)[-1]], [parent]) if len(rest) > limit else ""
+        return Page(rest[:limit], next_token)
 
     async def delete(self, name: str, expected: str, reason: str) -> None:
         model_name, alias = _model_of(name)
@@ -132,7 +138,7 @@ class AliasUseCases(UseCases):
         return result
 
     async def history(self, name: str, size: int, token: str) -> Page[AliasHistoryEntry]:
-        model_name, alias = _model_of(name)
+        model_name, alias = _model_of(name, "parent")
         limit = page_size(size)
         cursor = self.tokens.decode(token, [name], int)
         async with self.uow.read() as uow:

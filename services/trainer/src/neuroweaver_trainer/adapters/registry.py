@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from neuroweaver_runtime.auth import ANONYMOUS_ADMIN, Principal, Role, acting_as
-from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.client import ClientTLS, ServiceClient
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from ..domain.job import TrainingJob, hyperparameters_as_strings, lineage_method, registration_request_id
@@ -36,16 +36,21 @@ _DEADLINE = 10.0  # seconds per call
 _tracer = trace.get_tracer("neuroweaver.trainer.registry")
 
 
-def _open(target: str, token: str | None, tls: ClientTLS | None) -> grpc.aio.Channel:
-    return open_channel(target, token=token or None, deadline=_DEADLINE, tls=tls)
+def _registry(target: str, token: str | None, tls: ClientTLS | None) -> ServiceClient:
+    """A registry client for one look-up or one registration (closed after it: `async with`)."""
+    return ServiceClient(target, token, _DEADLINE, tls)
 
 
 async def _call(target: str, token: str | None, tls: ClientTLS | None, method: str, request, what: str, field: str):
     from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
 
-    channel = _open(target, token, tls)
+    async with _registry(target, token, tls) as registry:
+        return await _lookup(registry.stub(rgrpc.RegistryServiceStub), target, method, request, what, field)
+
+
+async def _lookup(stub, target: str, method: str, request, what: str, field: str):
     try:
-        return await getattr(rgrpc.RegistryServiceStub(channel), method)(request, timeout=_DEADLINE)
+        return await getattr(stub, method)(request, timeout=_DEADLINE)
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code is grpc.StatusCode.NOT_FOUND:
@@ -69,8 +74,6 @@ async def _call(target: str, token: str | None, tls: ClientTLS | None, method: s
             reason="REGISTRY_REFUSED",
             metadata={"name": request.name},
         ) from None
-    finally:
-        await channel.close()
 
 
 def judge_config_from_version(v) -> dict[str, Any]:
@@ -195,15 +198,16 @@ class RegistrationFailed(Exception):
 
 def version_request(job: TrainingJob, new: NewVersion):
     """The CreateModelVersionRequest of a job's result; its request_id is the job's, so a retry never registers twice."""
+    from neuroweaver.common.v1 import common_pb2 as cpb
     from neuroweaver.registry.v1 import registry_pb2 as rpb
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
     directions = {
-        "higher": rpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
-        "lower": rpb.METRIC_DIRECTION_LOWER_IS_BETTER,
-        "": rpb.METRIC_DIRECTION_UNSPECIFIED,
+        "higher": cpb.METRIC_DIRECTION_HIGHER_IS_BETTER,
+        "lower": cpb.METRIC_DIRECTION_LOWER_IS_BETTER,
+        "": cpb.METRIC_DIRECTION_UNSPECIFIED,
     }
-    bump = {"major": rsvc.VERSION_BUMP_MAJOR, "minor": rsvc.VERSION_BUMP_MINOR, "patch": rsvc.VERSION_BUMP_PATCH}[
+    bump = {"major": cpb.VERSION_BUMP_MAJOR, "minor": cpb.VERSION_BUMP_MINOR, "patch": cpb.VERSION_BUMP_PATCH}[
         job.version_bump or "minor"
     ]
     return rsvc.CreateModelVersionRequest(
@@ -239,30 +243,29 @@ async def register_version(
     """Registers `new` as the next version of the job's target model, on behalf of the job's creator; returns its
     name. An unreachable registry is retried (backoff 0.5 s doubling to 5 s) for `retry_seconds`, each retry
     announced to `on_retry`; anything else the registry answers, or the time running out, is RegistrationFailed."""
-    request = version_request(job, new)
-    channel = _open(target, token, tls)
-    # a client span around the registration (all retries): open_channel injects it as the traceparent
-    span = _tracer.start_span(
-        "RegistryService/CreateModelVersion", kind=SpanKind.CLIENT,
-        attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "CreateModelVersion"},
-    )  # fmt: skip
-    try:
-        with trace.use_span(span, record_exception=False, set_status_on_exception=False), _as_creator(job):
-            return await _create_with_retries(channel, request, target, job, new, retry_seconds, on_retry)
-    except RegistrationFailed as exc:
-        span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
-        raise
-    finally:
-        span.end()
-        await channel.close()
-
-
-async def _create_with_retries(channel, request, target, job, new, retry_seconds, on_retry) -> str:
     from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
 
+    request = version_request(job, new)
+    async with _registry(target, token, tls) as registry:
+        # a client span around the registration (all retries): the client's channel injects it as the traceparent
+        span = _tracer.start_span(
+            "RegistryService/CreateModelVersion", kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "CreateModelVersion"},
+        )  # fmt: skip
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False), _as_creator(job):
+                stub = registry.stub(rgrpc.RegistryServiceStub)
+                return await _create_with_retries(stub, request, target, job, new, retry_seconds, on_retry)
+        except RegistrationFailed as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+            raise
+        finally:
+            span.end()
+
+
+async def _create_with_retries(stub, request, target, job, new, retry_seconds, on_retry) -> str:
     deadline = time.monotonic() + retry_seconds
     delay, tries = 0.5, 0
-    stub = rgrpc.RegistryServiceStub(channel)
     while True:
         tries += 1
         try:

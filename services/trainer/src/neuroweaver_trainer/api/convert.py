@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.duration_pb2 import Duration
 
+from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.trainer.v1 import training_job_pb2 as pb
 from neuroweaver_runtime.errors import InvalidArgument
 from neuroweaver_runtime.timestamps import to_timestamp
@@ -35,6 +36,9 @@ _REWARD_SOURCE = {
 }  # fmt: skip
 _REWARD_SOURCE_FROM_PB = {v: k for k, v in _REWARD_SOURCE.items()}
 _EVENT = {t: pb.EventType.Value(f"EVENT_TYPE_{t.value}") for t in d.EventType}
+# The domain keeps the bump as the word it stores (major, minor, patch); the wire carries the shared enum.
+_VERSION_BUMP = {"major": cpb.VERSION_BUMP_MAJOR, "minor": cpb.VERSION_BUMP_MINOR, "patch": cpb.VERSION_BUMP_PATCH}
+_VERSION_BUMP_FROM_PB = {v: k for k, v in _VERSION_BUMP.items()}
 
 
 def _enum(value: int, enum_type, field: str) -> int:
@@ -48,6 +52,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.executor, pb.Executor, "training_job.executor")
     _enum(m.rlaif.algorithm, pb.RlaifConfig.PolicyAlgorithm, "training_job.rlaif.algorithm")
     _enum(m.rlaif.reward_source, pb.RlaifConfig.RewardSource, "training_job.rlaif.reward_source")
+    _enum(m.version_bump, cpb.VersionBump, "training_job.version_bump")
     h, lo, r, rl = m.hyperparameters, m.lora, m.resources, m.rlaif
     return d.TrainingJob(
         rlaif=d.RlaifSettings(
@@ -73,7 +78,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=dict(r.node_selector), image=r.image,
             tolerations=[{"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect} for t in r.tolerations],
         ),
-        target_model=m.target_model, version_bump=m.version_bump, labels=dict(m.labels),
+        target_model=m.target_model, version_bump=_VERSION_BUMP_FROM_PB.get(m.version_bump, ""), labels=dict(m.labels),
     )  # fmt: skip
 
 
@@ -106,7 +111,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=r.node_selector, image=r.image,
             tolerations=[pb.Toleration(**t) for t in r.tolerations],
         ),
-        target_model=j.target_model, version_bump=j.version_bump, labels=j.labels,
+        target_model=j.target_model, version_bump=_VERSION_BUMP.get(j.version_bump, 0), labels=j.labels,
         state=_STATE[j.state] if j.state else 0, stage=j.stage, error=j.error, model_version=j.model_version,
         output_uri=j.output_uri, dataset_digest=j.dataset_digest, current_step=j.current_step, total_steps=j.total_steps,
         resumed_from_step=j.resumed_from_step, attempts=j.attempts, metrics=j.metrics,

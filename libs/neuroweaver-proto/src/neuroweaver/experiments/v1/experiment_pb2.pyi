@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from neuroweaver.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -41,24 +42,6 @@ METRIC_KIND_MEAN: MetricKind.ValueType  # 1
 METRIC_KIND_PROPORTION: MetricKind.ValueType  # 2
 """A per-unit 0/1 outcome (thumbs-up, conversion); a unit counts as 1 if any of its values is > 0."""
 Global___MetricKind: _TypeAlias = MetricKind  # noqa: Y015
-
-class _Direction:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _DirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Direction.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    DIRECTION_UNSPECIFIED: _Direction.ValueType  # 0
-    DIRECTION_INCREASE: _Direction.ValueType  # 1
-    DIRECTION_DECREASE: _Direction.ValueType  # 2
-
-class Direction(_Direction, metaclass=_DirectionEnumTypeWrapper):
-    """Which direction of a metric is good."""
-
-DIRECTION_UNSPECIFIED: Direction.ValueType  # 0
-DIRECTION_INCREASE: Direction.ValueType  # 1
-DIRECTION_DECREASE: Direction.ValueType  # 2
-Global___Direction: _TypeAlias = Direction  # noqa: Y015
 
 class _AnalysisMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -119,7 +102,8 @@ class MetricSpec(_message.Message):
     name: _builtins.str
     """For example `judge_score`, `latency_ms`, `thumbs_up`."""
     kind: Global___MetricKind.ValueType
-    direction: Global___Direction.ValueType
+    direction: _common_pb2.MetricDirection.ValueType
+    """UNSPECIFIED means HIGHER_IS_BETTER."""
     tolerance: _builtins.float
     """Guardrails only: largest tolerated relative change in the bad direction (0.1 = 10%)."""
     def __init__(
@@ -127,7 +111,7 @@ class MetricSpec(_message.Message):
         *,
         name: _builtins.str = ...,
         kind: Global___MetricKind.ValueType = ...,
-        direction: Global___Direction.ValueType = ...,
+        direction: _common_pb2.MetricDirection.ValueType = ...,
         tolerance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from neuroweaver.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -41,24 +42,6 @@ ARTIFACT_FORMAT_LORA_ADAPTER: ArtifactFormat.ValueType  # 1
 ARTIFACT_FORMAT_MERGED: ArtifactFormat.ValueType  # 2
 """A full, merged transformers checkpoint."""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
-
-class _MetricDirection:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _MetricDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricDirection.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    METRIC_DIRECTION_UNSPECIFIED: _MetricDirection.ValueType  # 0
-    METRIC_DIRECTION_HIGHER_IS_BETTER: _MetricDirection.ValueType  # 1
-    METRIC_DIRECTION_LOWER_IS_BETTER: _MetricDirection.ValueType  # 2
-
-class MetricDirection(_MetricDirection, metaclass=_MetricDirectionEnumTypeWrapper):
-    """Which way is better for a metric."""
-
-METRIC_DIRECTION_UNSPECIFIED: MetricDirection.ValueType  # 0
-METRIC_DIRECTION_HIGHER_IS_BETTER: MetricDirection.ValueType  # 1
-METRIC_DIRECTION_LOWER_IS_BETTER: MetricDirection.ValueType  # 2
-Global___MetricDirection: _TypeAlias = MetricDirection  # noqa: Y015
 
 class _JudgeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -365,7 +348,7 @@ class Metric(_message.Message):
     name: _builtins.str
     """For example `eval_loss`, `judge_win_rate_vs_parent`."""
     value: _builtins.float
-    direction: Global___MetricDirection.ValueType
+    direction: _common_pb2.MetricDirection.ValueType
     source: _builtins.str
     """Who measured it, for example `trainer` or `experiments/projects/default/experiments/ab1`."""
     @_builtins.property
@@ -375,7 +358,7 @@ class Metric(_message.Message):
         *,
         name: _builtins.str = ...,
         value: _builtins.float = ...,
-        direction: Global___MetricDirection.ValueType = ...,
+        direction: _common_pb2.MetricDirection.ValueType = ...,
         source: _builtins.str = ...,
         record_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...

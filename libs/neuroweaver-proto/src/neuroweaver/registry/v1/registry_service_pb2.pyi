@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from neuroweaver.common.v1 import common_pb2 as _common_pb2
 from neuroweaver.registry.v1 import registry_pb2 as _registry_pb2
 import builtins as _builtins
 import sys
@@ -20,26 +21,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _VersionBump:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _VersionBumpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersionBump.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    VERSION_BUMP_UNSPECIFIED: _VersionBump.ValueType  # 0
-    VERSION_BUMP_MAJOR: _VersionBump.ValueType  # 1
-    VERSION_BUMP_MINOR: _VersionBump.ValueType  # 2
-    VERSION_BUMP_PATCH: _VersionBump.ValueType  # 3
-
-class VersionBump(_VersionBump, metaclass=_VersionBumpEnumTypeWrapper):
-    """How to choose the next version number from the highest existing one."""
-
-VERSION_BUMP_UNSPECIFIED: VersionBump.ValueType  # 0
-VERSION_BUMP_MAJOR: VersionBump.ValueType  # 1
-VERSION_BUMP_MINOR: VersionBump.ValueType  # 2
-VERSION_BUMP_PATCH: VersionBump.ValueType  # 3
-Global___VersionBump: _TypeAlias = VersionBump  # noqa: Y015
 
 class _SemverRelation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -326,7 +307,7 @@ class CreateModelVersionRequest(_message.Message):
     """The model, `projects/{project}/models/{model}`."""
     version: _builtins.str
     """Explicit semver; exactly one of `version` and `bump` must be set."""
-    bump: Global___VersionBump.ValueType
+    bump: _common_pb2.VersionBump.ValueType
     """Next version from the highest existing (0.0.0 when none): MAJOR 1.4.2 -> 2.0.0, MINOR -> 1.5.0, PATCH -> 1.4.3."""
     request_id: _builtins.str
     """Optional UUID; a retry with the same request_id returns the version the first call created."""
@@ -339,7 +320,7 @@ class CreateModelVersionRequest(_message.Message):
         *,
         parent: _builtins.str = ...,
         version: _builtins.str = ...,
-        bump: Global___VersionBump.ValueType = ...,
+        bump: _common_pb2.VersionBump.ValueType = ...,
         model_version: _registry_pb2.ModelVersion | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
@@ -574,7 +555,7 @@ class MetricDelta(_message.Message):
     IMPROVED_FIELD_NUMBER: _builtins.int
     REGRESSED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    direction: _registry_pb2.MetricDirection.ValueType
+    direction: _common_pb2.MetricDirection.ValueType
     """The direction the metric declares (on either side that has it); UNSPECIFIED when neither declares one or
     the two disagree: then a change gets no verdict (improved and regressed stay false).
     """
@@ -593,7 +574,7 @@ class MetricDelta(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        direction: _registry_pb2.MetricDirection.ValueType = ...,
+        direction: _common_pb2.MetricDirection.ValueType = ...,
         base_value: _builtins.float | None = ...,
         candidate_value: _builtins.float | None = ...,
         delta: _builtins.float | None = ...,
@@ -762,16 +743,25 @@ Global___GetModelAliasRequest: _TypeAlias = GetModelAliasRequest  # noqa: Y015
 class ListModelAliasesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    MODEL_FIELD_NUMBER: _builtins.int
-    model: _builtins.str
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The model, `projects/{project}/models/{model}`."""
+    page_size: _builtins.int
+    """Default 50, at most 1000; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """From a previous response."""
     def __init__(
         self,
         *,
-        model: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -782,16 +772,22 @@ class ListModelAliasesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ALIASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.ModelAlias]: ...
+    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.ModelAlias]:
+        """In alias-name order."""
+
     def __init__(
         self,
         *,
         aliases: _abc.Iterable[_registry_pb2.ModelAlias] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -859,23 +855,23 @@ Global___RollbackModelAliasRequest: _TypeAlias = RollbackModelAliasRequest  # no
 class ListModelAliasHistoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """`projects/{project}/models/{model}/aliases/{alias}`."""
+    parent: _builtins.str
+    """The alias whose history is listed, `projects/{project}/models/{model}/aliases/{alias}`."""
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
+        parent: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

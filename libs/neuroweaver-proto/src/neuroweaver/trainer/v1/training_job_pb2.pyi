@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from neuroweaver.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -537,8 +538,8 @@ class TrainingJob(_message.Message):
     executor: Global___Executor.ValueType
     target_model: _builtins.str
     """Registry model to register the result into, `projects/{project}/models/{model}`."""
-    version_bump: _builtins.str
-    """Bump level for the new version: `major`, `minor` or `patch` (default `minor`)."""
+    version_bump: _common_pb2.VersionBump.ValueType
+    """Bump level for the new version (UNSPECIFIED means MINOR). Field 13 was the same setting as a string."""
     state: Global___TrainingJob.State.ValueType
     stage: _builtins.str
     """Current stage while running, for example `sft`, `judge`, `policy`."""
@@ -593,7 +594,7 @@ class TrainingJob(_message.Message):
         executor: Global___Executor.ValueType = ...,
         resources: Global___Resources | None = ...,
         target_model: _builtins.str = ...,
-        version_bump: _builtins.str = ...,
+        version_bump: _common_pb2.VersionBump.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         state: Global___TrainingJob.State.ValueType = ...,
         stage: _builtins.str = ...,
