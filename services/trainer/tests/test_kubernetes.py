@@ -81,7 +81,7 @@ async def test_kubernetes_executor_against_standin(trainers, registry, standin, 
     await h.wait_state(stub, ok.name, {h.tpb.TrainingJob.STATE_RUNNING}, 30)
     c3 = obj3["spec"]["template"]["spec"]["containers"][0]
     env = {**os.environ, **{e["name"]: e["value"] for e in c3["env"] if "value" in e}}
-    env["NW_TRAINER_DATABASE_URL"] = trainer.service.trainer.db.url  # the Secret's database-url
+    env["NW_TRAINER_DATABASE_URL"] = trainer.service.db.url  # the Secret's database-url
     env["NW_TRAINER_DATA_DIR"] = trainer.config["data_dir"]
     proc = await asyncio.create_subprocess_exec(sys.executable, *c3["args"], env=env)
     assert await asyncio.wait_for(proc.wait(), 180) == 0

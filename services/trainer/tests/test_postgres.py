@@ -13,7 +13,7 @@ from neuroweaver_runtime import migrations
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.testing import create_postgres_database
 from neuroweaver_runtime.timestamps import utcnow
-from neuroweaver_trainer.adapters.repository import JobRepository
+from neuroweaver_trainer.adapters.repository import SqlJobRepository
 from neuroweaver_trainer.app import MIGRATIONS
 from neuroweaver_trainer.domain.job import EventType, JobEvent, JobState, Method, StepMetrics, TrainingJob, apply_defaults
 
@@ -31,14 +31,14 @@ async def pg_url():
 async def test_skip_locked_claims_never_double_claim(pg_url):
     setup = Database(pg_url)
     async with setup.transaction() as s:
-        repo = JobRepository(s)
+        repo = SqlJobRepository(s)
         for i in range(30):
             job = TrainingJob(
                 name=f"projects/default/trainingJobs/q-{i}", base_model="b", dataset_uri="file:///d.jsonl", method=Method.SFT_LORA,
                 target_model="projects/default/models/m", state=JobState.QUEUED, create_time=utcnow(),
             )  # fmt: skip
             apply_defaults(job)
-            await repo.insert_job(job, "default")
+            await repo.add(job, "default")
     await setup.dispose()
 
     async def replica(owner: str) -> list[int]:
@@ -47,13 +47,13 @@ async def test_skip_locked_claims_never_double_claim(pg_url):
         try:
             while True:
                 async with db.transaction() as s:
-                    repo = JobRepository(s)
-                    row = await repo.claim_next(owner, time.time(), 60.0, ["LOCAL"])
-                    if row is None:
+                    repo = SqlJobRepository(s)
+                    job = await repo.claim_next(owner, time.time(), 60.0, ["LOCAL"])
+                    if job is None:
                         return claimed
                     await asyncio.sleep(0.01)  # hold the row lock so the replicas overlap
-                    await repo.update_job(row.id, state=JobState.RUNNING.value, attempts=row.attempts + 1)
-                    claimed.append(row.id)
+                    await repo.update(job.key, state=JobState.RUNNING.value, attempts=job.attempts + 1)
+                    claimed.append(job.key)
         finally:
             await db.dispose()
 
@@ -64,7 +64,7 @@ async def test_skip_locked_claims_never_double_claim(pg_url):
 
     check = Database(pg_url)
     async with check.transaction() as s:
-        counts = await JobRepository(s).count_by_state()
+        counts = await SqlJobRepository(s).count_by_state()
     await check.dispose()
     assert counts == {"RUNNING": 30}
 
@@ -87,19 +87,21 @@ async def test_watch_on_another_server_follows_notify(pg_url, trainers, tiny_mod
 
     writer = Database(pg_url)  # stands in for the worker process: its own connection, NOTIFY on commit
     async with writer.transaction() as s:
-        pk = (await JobRepository(s).job_row(job.name)).id
+        pk = (await SqlJobRepository(s).get(job.name)).key
     latencies = []
     for step in range(1, 6):
         arrived.clear()
         sent = time.monotonic()
         async with writer.transaction() as s:
-            await JobRepository(s).append_event(
+            await SqlJobRepository(s).append_event(
                 pk, JobEvent(EventType.STEP, stage="sft", step=StepMetrics(step=step, total_steps=5), create_time=utcnow())
             )
         await asyncio.wait_for(arrived.wait(), 5)
         latencies.append(received[-1][1] - sent)
     async with writer.transaction() as s:
-        await JobRepository(s).append_event(pk, JobEvent(EventType.STATE_CHANGED, state=JobState.SUCCEEDED, create_time=utcnow()))
+        await SqlJobRepository(s).append_event(
+            pk, JobEvent(EventType.STATE_CHANGED, state=JobState.SUCCEEDED, create_time=utcnow())
+        )
     await writer.dispose()
     events = await asyncio.wait_for(watcher, 10)
     h.assert_gap_free(events)

@@ -16,8 +16,10 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 
 from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
-from .adapters.inputs import default_dataset_roots, default_model_roots, parse_roots
+from .adapters.inputs import check_inputs, default_dataset_roots, default_model_roots, parse_roots
+from .adapters.registry_lookups import RegistryClientLookups
 from .adapters.repository import EVENT_CHANNEL
+from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
 from .domain.judge_endpoints import JudgeEndpoints
@@ -110,7 +112,8 @@ def build(config: TrainerConfig) -> GrpcService:
     notifier = _JobNotifier()
     secret = config.page_token_key("trainer")
     poll = config.watch_poll_seconds or (2.0 if db.is_postgres else 1.0)
-    hub = FeedHub(db, notifier, poll)
+    uow = SqlUnitOfWorkFactory(db, notifier)
+    hub = FeedHub(uow, notifier, poll)
     client_tls = ClientTLS.from_config(config)
     worker = WorkerSettings(
         database_url=db.url,
@@ -147,7 +150,7 @@ def build(config: TrainerConfig) -> GrpcService:
             worker,
         )
     scheduler = Scheduler(
-        db,
+        uow,
         notifier,
         SchedulerSettings(
             max_concurrent_jobs=config.max_concurrent_jobs, lease_seconds=config.lease_seconds, heartbeat_seconds=config.heartbeat_seconds,
@@ -159,19 +162,20 @@ def build(config: TrainerConfig) -> GrpcService:
     model_cache_dir = config.model_cache_dir or str(Path(config.data_dir) / "models")
     policy = JobPolicy(
         dataset_roots=parse_roots(config.dataset_roots, default_dataset_roots(config.data_dir)),
+        check_inputs=check_inputs,
         model_roots=parse_roots(
             config.model_roots,
             default_model_roots(model_cache_dir, config.artifacts_dir or str(Path(config.data_dir) / "artifacts")),
         ),
         model_cache_dir=model_cache_dir,
         executors={Executor.LOCAL} | ({Executor.KUBERNETES} if kube else set()),
-        registry_target=config.registry_target,
-        registry_token=config.registry_token,
-        registry_tls=client_tls,
+        registry=RegistryClientLookups(config.registry_target, config.registry_token, client_tls)
+        if config.registry_target
+        else None,
         judge_endpoints=_judge_endpoints(config),
     )
     service = TrainerService(
-        db, notifier, PageTokens(secret), policy, hub,
+        uow, PageTokens(secret), policy, hub,
         on_queued=scheduler.wake, on_cancel=scheduler.cancel,
     )  # fmt: skip
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
@@ -205,6 +209,7 @@ def build(config: TrainerConfig) -> GrpcService:
         on_stop=[stop_work],
     )
     grpc_service.trainer = service  # type: ignore[attr-defined]  # handy for in-process tests
+    grpc_service.db = db  # type: ignore[attr-defined]
     grpc_service.scheduler = scheduler  # type: ignore[attr-defined]
     return grpc_service
 

@@ -22,9 +22,9 @@ from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.process import Child, spawn
 
 from ..domain.job import TrainingJob
+from ..service.ports import EXIT_INTERRUPTED
 
-# Exit code of a worker that stopped because it was asked to (SIGTERM at shutdown), not because it failed.
-EXIT_INTERRUPTED = 75
+__all__ = ["EXIT_INTERRUPTED", "KubernetesExecutor", "LocalExecutor"]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Trainer persistence: rows ⇄ domain dataclasses, the durable queue and gap-free event sequences.
 
-Every method runs inside the caller's transaction. Used by the server's use cases, its scheduler and
-the worker processes (which open their own connection to the same database).
+Every method runs inside the caller's transaction (adapters/unit_of_work.py). Used by the server's use cases, its
+scheduler and the worker processes (which open their own connection to the same database).
 """
 
 from __future__ import annotations
@@ -29,17 +29,15 @@ from ..domain.job import (
     StepMetrics,
     TrainingJob,
 )
+from ..service.ports import notify_key
 from . import tables as t
 
 EVENT_CHANNEL = "nw_trainer_events"
 
-
-def notify_key(job_pk: int) -> str:
-    """Notifier key of a job's event stream (the NOTIFY payload is `<key>:<sequence>`)."""
-    return f"job{job_pk}"
+__all__ = ["EVENT_CHANNEL", "SqlJobRepository", "notify_key"]
 
 
-class JobRepository:
+class SqlJobRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
@@ -49,19 +47,18 @@ class JobRepository:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    async def job_row(self, name: str, *, for_update: bool = False):
+    async def get(self, name: str, *, lock: bool = False) -> TrainingJob | None:
         query = select(t.jobs).where(t.jobs.c.name == name)
-        if for_update:
+        if lock:
             query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+        row = (await self.s.execute(query)).first()
+        return job_from_row(row) if row is not None else None
 
-    async def job_row_by_id(self, job_pk: int, *, for_update: bool = False):
-        query = select(t.jobs).where(t.jobs.c.id == job_pk)
-        if for_update:
-            query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+    async def get_by_key(self, key: int) -> TrainingJob | None:
+        row = (await self.s.execute(select(t.jobs).where(t.jobs.c.id == key))).first()
+        return job_from_row(row) if row is not None else None
 
-    async def insert_job(self, job: TrainingJob, project: str) -> int:
+    async def add(self, job: TrainingJob, project: str) -> None:
         spec = {
             "lora": dataclasses.asdict(job.lora),
             "hyperparameters": dataclasses.asdict(job.hyperparameters),
@@ -81,20 +78,22 @@ class JobRepository:
                 trace_parent=job.trace_parent,
             )
         )  # fmt: skip
-        return int(result.inserted_primary_key[0])
+        job.key = int(result.inserted_primary_key[0])
 
-    async def update_job(self, job_pk: int, *, fence_attempt: int | None = None, **values: Any) -> bool:
+    async def update(self, key: int, *, fence_attempt: int | None = None, **values: Any) -> bool:
         """Updates a job; with `fence_attempt`, only while that attempt still owns it. True when a row changed."""
-        query = update(t.jobs).where(t.jobs.c.id == job_pk)
+        query = update(t.jobs).where(t.jobs.c.id == key)
         if fence_attempt is not None:
             query = query.where(t.jobs.c.attempts == fence_attempt)
         return (await self.s.execute(query.values(**values))).rowcount > 0
 
-    async def delete_job(self, job_pk: int) -> None:
-        await self.s.execute(delete(t.events).where(t.events.c.job_id == job_pk))
-        await self.s.execute(delete(t.jobs).where(t.jobs.c.id == job_pk))
+    async def delete(self, key: int) -> None:
+        await self.s.execute(delete(t.events).where(t.events.c.job_id == key))
+        await self.s.execute(delete(t.jobs).where(t.jobs.c.id == key))
 
-    async def list_jobs(self, project: str, filters: list[Comparison], desc: bool, cursor: list | None, limit: int) -> list:
+    async def page(
+        self, project: str, filters: list[Comparison], desc: bool, cursor: list | None, limit: int
+    ) -> tuple[list[TrainingJob], list | None]:
         c = t.jobs.c
         query = select(t.jobs).where(c.project == project)
         for f in filters:
@@ -114,18 +113,20 @@ class JobRepository:
             else:
                 query = query.where(or_(c.create_time > value, and_(c.create_time == value, c.id > tie)))
         order = (c.create_time.desc(), c.id.desc()) if desc else (c.create_time, c.id)
-        return list((await self.s.execute(query.order_by(*order).limit(limit))).all())
+        rows = list((await self.s.execute(query.order_by(*order).limit(limit + 1))).all())
+        after = [rows[limit - 1].create_time.isoformat(), rows[limit - 1].id] if len(rows) > limit else None
+        return [job_from_row(r) for r in rows[:limit]], after
 
     # -- events ----------------------------------------------------------------------------------
 
-    async def append_event(self, job_pk: int, event: JobEvent, *, fence_attempt: int | None = None) -> int | None:
+    async def append_event(self, key: int, event: JobEvent, *, fence_attempt: int | None = None) -> int | None:
         """Appends an event with the job's next sequence; None when the fence no longer holds.
 
         The sequence comes from `UPDATE ... SET last_sequence = last_sequence + 1`, which locks the job row
         until commit, so per-job sequences are gap-free and committed in order (a reader of `seq > cursor`
         can never skip a late-committing event).
         """
-        query = update(t.jobs).where(t.jobs.c.id == job_pk)
+        query = update(t.jobs).where(t.jobs.c.id == key)
         if fence_attempt is not None:
             query = query.where(t.jobs.c.attempts == fence_attempt)
         query = query.values(last_sequence=t.jobs.c.last_sequence + 1).returning(t.jobs.c.last_sequence)
@@ -134,31 +135,31 @@ class JobRepository:
             return None
         await self.s.execute(
             t.events.insert().values(
-                job_id=job_pk, sequence=seq, type=event.type.value, stage=event.stage,
+                job_id=key, sequence=seq, type=event.type.value, stage=event.stage,
                 state=event.state.value if event.state else "", step=dataclasses.asdict(event.step) if event.step else None,
                 metrics=event.metrics, message=event.message, create_time=event.create_time,
             )
         )  # fmt: skip
         if self.is_postgres:
-            await self.s.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENT_CHANNEL, "p": f"{notify_key(job_pk)}:{seq}"})
+            await self.s.execute(text("SELECT pg_notify(:c, :p)"), {"c": EVENT_CHANNEL, "p": f"{notify_key(key)}:{seq}"})
         return int(seq)
 
-    async def events_after(self, job_pk: int, job_name: str, after: int, limit: int) -> list[JobEvent]:
+    async def events_after(self, key: int, job_name: str, after: int, limit: int) -> list[JobEvent]:
         c = t.events.c
-        query = select(t.events).where(c.job_id == job_pk, c.sequence > after).order_by(c.sequence).limit(limit)
+        query = select(t.events).where(c.job_id == key, c.sequence > after).order_by(c.sequence).limit(limit)
         return [event_from_row(r, job_name) for r in (await self.s.execute(query)).all()]
 
-    async def last_sequence(self, job_pk: int) -> tuple[int, str] | None:
+    async def last_sequence(self, key: int) -> tuple[int, str] | None:
         """(last sequence, state) of a job, or None when it was deleted."""
-        row = (await self.s.execute(select(t.jobs.c.last_sequence, t.jobs.c.state).where(t.jobs.c.id == job_pk))).first()
+        row = (await self.s.execute(select(t.jobs.c.last_sequence, t.jobs.c.state).where(t.jobs.c.id == key))).first()
         return (int(row.last_sequence), row.state) if row else None
 
     # -- queue -----------------------------------------------------------------------------------
 
-    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]):
+    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
         """Claims the oldest queued job, or a running/cancelling one whose lease expired (its worker or
         whole replica died). PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never claim the same row;
-        SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the row before the claim."""
+        SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the job before the claim."""
         c = t.jobs.c
         claimable = or_(
             c.state == JobState.QUEUED.value,
@@ -171,15 +172,15 @@ class JobRepository:
         if row is None:
             return None
         await self.s.execute(update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=now + lease_seconds))
-        return row
+        return job_from_row(row)
 
-    async def renew_leases(self, owner: str, job_pks: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
+    async def renew_leases(self, owner: str, keys: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
         """Extends the leases this owner still holds; returns {job id: (state, lease owner)} of every listed job."""
-        if not job_pks:
+        if not keys:
             return {}
         c = t.jobs.c
-        await self.s.execute(update(t.jobs).where(c.id.in_(job_pks), c.lease_owner == owner).values(lease_expires_at=expires_at))
-        rows = (await self.s.execute(select(c.id, c.state, c.lease_owner).where(c.id.in_(job_pks)))).all()
+        await self.s.execute(update(t.jobs).where(c.id.in_(keys), c.lease_owner == owner).values(lease_expires_at=expires_at))
+        rows = (await self.s.execute(select(c.id, c.state, c.lease_owner).where(c.id.in_(keys)))).all()
         return {r.id: (r.state, r.lease_owner) for r in rows}
 
     async def count_by_state(self) -> dict[str, int]:
@@ -204,7 +205,7 @@ def job_from_row(row) -> TrainingJob:
         current_step=int(row.current_step), total_steps=int(row.total_steps), resumed_from_step=int(row.resumed_from_step),
         attempts=int(row.attempts), metrics={k: float(v) for k, v in (row.metrics or {}).items()},
         create_time=aware(row.create_time), start_time=aware(row.start_time), end_time=aware(row.end_time),
-        creator=row.creator, last_sequence=int(row.last_sequence), trace_parent=row.trace_parent or "",
+        creator=row.creator, last_sequence=int(row.last_sequence), trace_parent=row.trace_parent or "", key=row.id,
     )  # fmt: skip
 
 

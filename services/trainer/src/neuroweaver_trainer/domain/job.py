@@ -191,6 +191,7 @@ class TrainingJob:
     last_sequence: int = 0
     # internal: W3C traceparent of the call that created the job; the worker runs the job under it
     trace_parent: str = ""
+    key: int = 0  # the store's key (set by the repositories; 0 = not stored yet)
 
     @property
     def job_id(self) -> str:

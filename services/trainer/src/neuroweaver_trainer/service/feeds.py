@@ -15,11 +15,10 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 
-from ..adapters.repository import JobRepository, notify_key
 from ..domain.job import JobEvent
+from .ports import UnitOfWorkFactory, notify_key
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ class _Feed:
         key = notify_key(self.job_pk)
         wake = self.hub.notifier.subscribe(key)
         try:
-            async with self.hub.db.transaction() as s:
-                current = await JobRepository(s).last_sequence(self.job_pk)
+            async with self.hub.uow.transaction() as uow:
+                current = await uow.jobs.last_sequence(self.job_pk)
             self.last = current[0] if current else 0
             self.ready.set()
             while self.subscribers:
@@ -74,16 +73,15 @@ class _Feed:
 
     async def _read(self) -> None:
         while True:
-            async with self.hub.db.transaction() as s:
-                repo = JobRepository(s)
-                current = await repo.last_sequence(self.job_pk)
+            async with self.hub.uow.transaction() as uow:
+                current = await uow.jobs.last_sequence(self.job_pk)
                 if current is None:
                     for sub in list(self.subscribers):
                         sub.push(GONE)
                     return
                 if current[0] <= self.last:
                     return
-                events = await repo.events_after(self.job_pk, self.job_name, self.last, BATCH)
+                events = await uow.jobs.events_after(self.job_pk, self.job_name, self.last, BATCH)
             for event in events:
                 for sub in list(self.subscribers):
                     sub.push(event)
@@ -93,8 +91,8 @@ class _Feed:
 
 
 class FeedHub:
-    def __init__(self, db: Database, notifier: Notifier, poll_seconds: float) -> None:
-        self.db, self.notifier, self.poll_seconds = db, notifier, poll_seconds
+    def __init__(self, uow: UnitOfWorkFactory, notifier: Notifier, poll_seconds: float) -> None:
+        self.uow, self.notifier, self.poll_seconds = uow, notifier, poll_seconds
         self.feeds: dict[int, _Feed] = {}
 
     async def subscribe(self, job_pk: int, job_name: str) -> Subscriber:

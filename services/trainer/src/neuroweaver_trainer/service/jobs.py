@@ -13,19 +13,12 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from neuroweaver_ml import PathRoots
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
-from neuroweaver_runtime.client import ClientTLS
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
-from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters import tables
-from ..adapters.inputs import check_inputs
-from ..adapters.registry import fetch_judge, fetch_start_version
-from ..adapters.repository import JobRepository, job_from_row, notify_key
 from ..domain.job import (
     JOB,
     EventType,
@@ -40,6 +33,7 @@ from ..domain.job import (
 )
 from ..domain.judge_endpoints import JudgeEndpoints
 from .feeds import GONE, LAGGED, FeedHub
+from .ports import InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
 
 EVENT_PAGE = 500
 
@@ -49,13 +43,12 @@ class JobPolicy:
     """What the deployment allows: where datasets and base models may come from, which executors exist."""
 
     dataset_roots: PathRoots
+    check_inputs: InputCheck  # reads and digests the datasets, checks the base model (adapters/inputs.py)
     model_roots: PathRoots = field(default_factory=lambda: PathRoots([]))
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
-    # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time
-    registry_target: str = ""
-    registry_token: str = ""
-    registry_tls: ClientTLS | None = None
+    # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time (None: none set)
+    registry: RegistryLookups | None = None
     judge_endpoints: JudgeEndpoints = field(default_factory=JudgeEndpoints)
 
 
@@ -72,29 +65,28 @@ def current_traceparent() -> str:
 class TrainerService:
     def __init__(
         self,
-        db: Database,
-        notifier: Notifier,
+        uow: UnitOfWorkFactory,
         page_tokens: PageTokens,
         policy: JobPolicy,
         hub: FeedHub,
         on_queued: Callable[[], None] = lambda: None,
         on_cancel: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
-        self.db, self.notifier, self.tokens, self.policy, self.hub = db, notifier, page_tokens, policy, hub
+        self.uow, self.tokens, self.policy, self.hub = uow, page_tokens, policy, hub
         self.on_queued = on_queued
         self.on_cancel = on_cancel
 
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
-    async def _row(repo: JobRepository, name: str, *, for_update: bool = False, field: str = "name"):
+    async def _get(jobs: JobRepository, name: str, *, lock: bool = False, field: str = "name") -> TrainingJob:
         JOB.parse(name, field)
-        row = await repo.job_row(name, for_update=for_update)
-        if row is None:
+        job = await jobs.get(name, lock=lock)
+        if job is None:
             raise NotFound(
                 f"training job {name} does not exist", reason="TRAINING_JOB_NOT_FOUND", metadata={"training_job": name}
             )
-        return row
+        return job
 
     # -- create ----------------------------------------------------------------------------------
 
@@ -106,12 +98,12 @@ class TrainerService:
             validate_id(job_id, "training_job_id", "training job id")
         else:
             job_id = "tj-" + uuid.uuid4().hex[:12]
-        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateTrainingJob", request_id, fingerprint)
-        if once.request_id and not validate_only:  # a retry answers before the (slow) input checks run again
-            async with self.db.transaction() as s:
-                earlier = await once.earlier(s)
+        request_id = idempotency.validate_request_id(request_id)
+        if request_id and not validate_only:  # a retry answers before the (slow) input checks run again
+            async with self.uow.transaction() as uow:
+                earlier = await uow.find_request(request_id, "CreateTrainingJob", fingerprint)
                 if earlier is not None:
-                    return job_from_row(await JobRepository(s).job_row(earlier))
+                    return await self._get(uow.jobs, earlier)
         v = Violations()
         validate_job(job, v)
         v.raise_if_any()
@@ -127,7 +119,7 @@ class TrainerService:
         if job.method is Method.RLAIF:
             await self._resolve_rlaif(job)
         checked = await asyncio.to_thread(
-            check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
+            self.policy.check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
             job.hyperparameters.max_seq_length, self.policy.model_cache_dir, model_roots=self.policy.model_roots, method=job.method.value,
             prompts_uri=job.rlaif.prompts_uri, eval_prompts_uri=job.rlaif.eval_prompts_uri,
         )  # fmt: skip
@@ -142,21 +134,22 @@ class TrainerService:
         job.trace_parent = current_traceparent()
         if validate_only:
             return job
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            earlier = await once.earlier(s)
+        async with self.uow.transaction() as uow:
+            earlier = await uow.find_request(request_id, "CreateTrainingJob", fingerprint)
             if earlier is not None:
-                return job_from_row(await repo.job_row(earlier))
-            if await repo.job_row(job.name) is not None:
-                raise AlreadyExists(f"training job {job.name} already exists", reason="TRAINING_JOB_ALREADY_EXISTS")
-            pk = await repo.insert_job(job, project)
-            await repo.append_event(
-                pk,
+                return await self._get(uow.jobs, earlier)
+            exists = AlreadyExists(f"training job {job.name} already exists", reason="TRAINING_JOB_ALREADY_EXISTS")
+            if await uow.jobs.get(job.name) is not None:
+                raise exists
+            with uow.duplicate(exists):
+                await uow.jobs.add(job, project)
+            await uow.jobs.append_event(
+                job.key,
                 JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=queued, create_time=job.create_time),
             )
-            await once.remember(s, job.name)
-            result = job_from_row(await repo.job_row(job.name))
-        self.notifier.wake(notify_key(pk))
+            await uow.remember_request(request_id, "CreateTrainingJob", fingerprint, job.name)
+            result = await self._get(uow.jobs, job.name)
+            uow.wake(job.key)
         self.on_queued()
         return result
 
@@ -164,20 +157,17 @@ class TrainerService:
         """Judge version → JudgeConfig (stored on the job; `latest` becomes the concrete version); the start
         version → its adapter (uri + sha256) and base model."""
         r = job.rlaif
-        if not self.policy.registry_target:
+        registry = self.policy.registry
+        if registry is None:
             raise FailedPrecondition(
                 "this trainer has no registry configured; RLAIF needs one to resolve judge versions",
                 reason="REGISTRY_NOT_CONFIGURED",
             )
-        r.judge = await fetch_judge(
-            self.policy.registry_target, self.policy.registry_token, r.judge_version, tls=self.policy.registry_tls
-        )
+        r.judge = await registry.judge(r.judge_version)
         self.policy.judge_endpoints.check(r.judge)
         r.judge_version = r.judge["name"]
         if r.start_from_version:
-            name, uri, sha, base = await fetch_start_version(
-                self.policy.registry_target, self.policy.registry_token, r.start_from_version, tls=self.policy.registry_tls
-            )
+            name, uri, sha, base = await registry.start_version(r.start_from_version)
             if job.base_model and job.base_model != base:
                 raise InvalidArgument(
                     f"base_model {job.base_model!r} differs from {name}'s lineage.base_model {base!r}; leave base_model empty or use that base",
@@ -190,8 +180,8 @@ class TrainerService:
     # -- read ------------------------------------------------------------------------------------
 
     async def get_job(self, name: str) -> TrainingJob:
-        async with self.db.transaction() as s:
-            return job_from_row(await self._row(JobRepository(s), name))
+        async with self.uow.transaction() as uow:
+            return await self._get(uow.jobs, name)
 
     async def list_jobs(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
@@ -200,54 +190,48 @@ class TrainerService:
         _, desc = parse_order_by(order_by, {"create_time"}, "create_time desc")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, datetime, int)
-        async with self.db.transaction() as s:
-            rows = await JobRepository(s).list_jobs(project, filters, desc, cursor, limit + 1)
-        next_token = ""
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            next_token = self.tokens.encode([last.create_time.isoformat(), last.id], query)
-        return Page([job_from_row(r) for r in rows[:limit]], next_token)
+        async with self.uow.transaction() as uow:
+            jobs, after = await uow.jobs.page(project, filters, desc, cursor, limit)
+        return Page(jobs, self.tokens.encode(after, query) if after is not None else "")
 
     # -- state changes ---------------------------------------------------------------------------
 
     async def cancel_job(self, name: str) -> TrainingJob:
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            row = await self._row(repo, name, for_update=True)
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name, lock=True)
             try:
-                target = cancel_transition(JobState(row.state))
+                target = cancel_transition(job.state)
             except ValueError as exc:
-                raise FailedPrecondition(str(exc), reason="TRAINING_JOB_FINISHED", metadata={"state": row.state}) from None
+                raise FailedPrecondition(str(exc), reason="TRAINING_JOB_FINISHED", metadata={"state": job.state.value}) from None
             if target is not None:
                 now = utcnow()
                 values = {"state": target.value}
                 if target is JobState.CANCELLED:
                     values.update(end_time=now, lease_owner="", lease_expires_at=0.0)
-                await repo.update_job(row.id, **values)
+                await uow.jobs.update(job.key, **values)
                 message = (
                     "cancelled before it started" if target is JobState.CANCELLED else "cancel requested; stopping the worker"
                 )
-                await repo.append_event(
-                    row.id, JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=target, message=message, create_time=now)
+                await uow.jobs.append_event(
+                    job.key, JobEvent(EventType.STATE_CHANGED, stage=job.stage, state=target, message=message, create_time=now)
                 )
-            result = job_from_row(await repo.job_row(name))
-        self.notifier.wake(notify_key(row.id))
+            result = await self._get(uow.jobs, name)
+            uow.wake(job.key)
         if target is JobState.CANCELLING and self.on_cancel is not None:
-            await self.on_cancel(row.id)
+            await self.on_cancel(job.key)
         return result
 
     async def delete_job(self, name: str) -> None:
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            row = await self._row(repo, name, for_update=True)
-            if not JobState(row.state).terminal:
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name, lock=True)
+            if not job.state.terminal:
                 raise FailedPrecondition(
-                    f"training job {name} is {row.state.lower()}; cancel it and wait until it is cancelled before deleting",
+                    f"training job {name} is {job.state.value.lower()}; cancel it and wait until it is cancelled before deleting",
                     reason="TRAINING_JOB_NOT_FINISHED",
-                    metadata={"state": row.state},
+                    metadata={"state": job.state.value},
                 )
-            await repo.delete_job(row.id)
-        self.notifier.wake(notify_key(row.id))
+            await uow.jobs.delete(job.key)
+            uow.wake(job.key)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -258,10 +242,9 @@ class TrainerService:
         query = [parent, after]
         cursor = self.tokens.decode(token, query, int)
         start = int(cursor[0]) if cursor else after
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            row = await self._row(repo, parent, field="parent")
-            events = await repo.events_after(row.id, row.name, start, limit + 1)
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, parent, field="parent")
+            events = await uow.jobs.events_after(job.key, job.name, start, limit + 1)
         next_token = self.tokens.encode([events[limit - 1].sequence], query) if len(events) > limit else ""
         return Page(events[:limit], next_token)
 
@@ -269,9 +252,9 @@ class TrainerService:
         """Replays events after the cursor, then follows live; ends after the terminal state's event."""
         if after < 0:
             raise InvalidArgument("after_sequence must not be negative", field="after_sequence", reason="INVALID_CURSOR")
-        async with self.db.transaction() as s:
-            row = await self._row(JobRepository(s), name)
-        pk = row.id
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name)
+        pk = job.key
         sub = await self.hub.subscribe(pk, name)
         try:
             sent = after
@@ -279,10 +262,9 @@ class TrainerService:
                 # Replay from the table (history, or catching up after lagging behind the feed). Pages are
                 # read in short transactions and sent outside them: a slow client never holds a lock.
                 while True:
-                    async with self.db.transaction() as s:
-                        repo = JobRepository(s)
-                        events = await repo.events_after(pk, name, sent, EVENT_PAGE)
-                        current = await repo.last_sequence(pk)
+                    async with self.uow.transaction() as uow:
+                        events = await uow.jobs.events_after(pk, name, sent, EVENT_PAGE)
+                        current = await uow.jobs.last_sequence(pk)
                     for event in events:
                         yield event
                         sent = event.sequence

@@ -19,14 +19,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.process import Child
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters.executors import EXIT_INTERRUPTED, KubernetesExecutor, LocalExecutor
-from ..adapters.repository import JobRepository, job_from_row, notify_key
 from ..domain.job import EventType, Executor, JobEvent, JobState
+from .ports import EXIT_INTERRUPTED, ClusterWorkers, LocalWorkers, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +56,13 @@ class _Running:
 class Scheduler:
     def __init__(
         self,
-        db: Database,
+        uow: UnitOfWorkFactory,
         notifier: Notifier,
         settings: SchedulerSettings,
-        local: LocalExecutor,
-        kube: KubernetesExecutor | None = None,
+        local: LocalWorkers,
+        kube: ClusterWorkers | None = None,
     ) -> None:
-        self.db, self.notifier, self.s = db, notifier, settings
+        self.uow, self.notifier, self.s = uow, notifier, settings
         self.local, self.kube = local, kube
         self.running: dict[int, _Running] = {}
         self._wake = asyncio.Event()
@@ -95,14 +93,14 @@ class Scheduler:
                 pass
         for r in list(self.running.values()):
             if r.proc is not None:
-                LocalExecutor.signal(r.proc, signal.SIGTERM)
+                self.local.signal(r.proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for r in list(self.running.values()):
             if r.proc is not None:
                 try:
                     await asyncio.wait_for(r.proc.wait(), max(0.1, deadline - time.monotonic()))
                 except TimeoutError:
-                    LocalExecutor.signal(r.proc, signal.SIGKILL)
+                    self.local.signal(r.proc, signal.SIGKILL)
                     await r.proc.wait()
         for r in list(self.running.values()):
             if r.task is not None:
@@ -137,51 +135,56 @@ class Scheduler:
     async def _claim_one(self) -> bool:
         """Claims and starts one job; False when the queue has nothing claimable."""
         now = utcnow()
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            row = await repo.claim_next(self.s.owner, time.time(), self.s.lease_seconds, self.executors)
-            if row is None:
+        async with self.uow.transaction() as uow:
+            repo = uow.jobs
+            claimed = await repo.claim_next(self.s.owner, time.time(), self.s.lease_seconds, self.executors)
+            if claimed is None:
                 return False
-            state = JobState(row.state)
+            state = claimed.state
             if state is JobState.CANCELLING:  # its worker died while stopping: nothing left to stop
-                await repo.update_job(row.id, state=JobState.CANCELLED.value, end_time=now, lease_owner="", lease_expires_at=0.0)
+                await repo.update(claimed.key, state=JobState.CANCELLED.value, end_time=now, lease_owner="", lease_expires_at=0.0)
                 await repo.append_event(
-                    row.id,
+                    claimed.key,
                     JobEvent(
                         EventType.STATE_CHANGED,
-                        stage=row.stage,
+                        stage=claimed.stage,
                         state=JobState.CANCELLED,
                         message="cancelled (its worker had already stopped)",
                         create_time=now,
                     ),
                 )
                 pk = None
-            elif row.attempts >= self.s.max_attempts:
-                reason = f"gave up after {row.attempts} attempts: the worker kept dying (last: lease expired, no heartbeat)"
-                await repo.update_job(
-                    row.id, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0
+            elif claimed.attempts >= self.s.max_attempts:
+                reason = f"gave up after {claimed.attempts} attempts: the worker kept dying (last: lease expired, no heartbeat)"
+                await repo.update(
+                    claimed.key, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0
                 )
                 await repo.append_event(
-                    row.id,
-                    JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.FAILED, message=reason, create_time=now),
+                    claimed.key,
+                    JobEvent(
+                        EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.FAILED, message=reason, create_time=now
+                    ),
                 )
                 pk = None
             else:
-                attempt = row.attempts + 1
-                await repo.update_job(
-                    row.id, state=JobState.RUNNING.value, attempts=attempt, start_time=row.start_time or now, error=""
+                attempt = claimed.attempts + 1
+                await repo.update(
+                    claimed.key, state=JobState.RUNNING.value, attempts=attempt, start_time=claimed.start_time or now, error=""
                 )
                 message = f"attempt {attempt} claimed by {self.s.owner}"
                 if state is JobState.RUNNING:
-                    message = f"lease of attempt {row.attempts} expired (its worker or trainer died); attempt {attempt} resumes from the last checkpoint"
+                    message = f"lease of attempt {claimed.attempts} expired (its worker or trainer died); attempt {attempt} resumes from the last checkpoint"
                 await repo.append_event(
-                    row.id,
-                    JobEvent(EventType.STATE_CHANGED, stage=row.stage, state=JobState.RUNNING, message=message, create_time=now),
+                    claimed.key,
+                    JobEvent(
+                        EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.RUNNING, message=message, create_time=now
+                    ),
                     fence_attempt=attempt,
                 )
-                pk = row.id
-            job = job_from_row(await repo.job_row_by_id(row.id))
-        self.notifier.wake(notify_key(row.id))
+                pk = claimed.key
+            job = await repo.get_by_key(claimed.key)
+            assert job is not None  # claimed in this transaction, under its claimed lock
+            uow.wake(claimed.key)
         if pk is None:
             return True
         r = _Running(pk, job.name, job.attempts, job.executor)
@@ -190,8 +193,8 @@ class Scheduler:
             if job.executor is Executor.KUBERNETES:
                 assert self.kube is not None
                 r.ref = await self.kube.start(job)
-                async with self.db.transaction() as s:
-                    await JobRepository(s).update_job(pk, fence_attempt=r.attempt, external_ref=r.ref)
+                async with self.uow.transaction() as uow:
+                    await uow.jobs.update(pk, fence_attempt=r.attempt, external_ref=r.ref)
                 r.task = asyncio.create_task(self._watch_kube(r))
             else:
                 r.proc = await self.local.start(job, r.attempt, on_event=self.notifier.wake)
@@ -205,19 +208,19 @@ class Scheduler:
     async def _heartbeat(self) -> None:
         if not self.running:
             return
-        async with self.db.transaction() as s:
-            states = await JobRepository(s).renew_leases(self.s.owner, list(self.running), time.time() + self.s.lease_seconds)
+        async with self.uow.transaction() as uow:
+            states = await uow.jobs.renew_leases(self.s.owner, list(self.running), time.time() + self.s.lease_seconds)
         for pk, r in list(self.running.items()):
             state, owner = states.get(pk, ("", ""))
             if state and JobState(state).terminal:
                 # The worker wrote its final state and is exiting; make sure it does.
                 r.terminal_seen = r.terminal_seen or time.monotonic()
                 if r.proc is not None and time.monotonic() - r.terminal_seen > self.s.cancel_grace_seconds:
-                    LocalExecutor.signal(r.proc, signal.SIGKILL)
+                    self.local.signal(r.proc, signal.SIGKILL)
             elif owner != self.s.owner:  # lost the lease (or the job was deleted): our worker is fenced anyway
                 log.warning("lost the lease of %s; stopping its worker", r.name)
                 if r.proc is not None:
-                    LocalExecutor.signal(r.proc, signal.SIGKILL)
+                    self.local.signal(r.proc, signal.SIGKILL)
             elif state == JobState.CANCELLING.value:
                 await self.cancel(pk)
 
@@ -231,9 +234,9 @@ class Scheduler:
         if r.proc is not None:
             if not r.cancel_sent:
                 r.cancel_sent = time.monotonic()
-                LocalExecutor.signal(r.proc, signal.SIGTERM)
+                self.local.signal(r.proc, signal.SIGTERM)
             elif time.monotonic() - r.cancel_sent > self.s.cancel_grace_seconds:
-                LocalExecutor.signal(r.proc, signal.SIGKILL)
+                self.local.signal(r.proc, signal.SIGKILL)
         elif r.ref and self.kube is not None and not r.cancel_sent:
             r.cancel_sent = time.monotonic()
             await self.kube.delete(r.ref)
@@ -251,11 +254,11 @@ class Scheduler:
         self.wake()
 
     async def _after_exit(self, r: _Running, code: int) -> None:
-        async with self.db.transaction() as s:
-            row = await JobRepository(s).job_row_by_id(r.pk)
-        if row is None or row.attempts != r.attempt:
+        async with self.uow.transaction() as uow:
+            job = await uow.jobs.get_by_key(r.pk)
+        if job is None or job.attempts != r.attempt:
             return
-        state = JobState(row.state)
+        state = job.state
         if state.terminal:
             return
         if state is JobState.CANCELLING:
@@ -279,16 +282,16 @@ class Scheduler:
         while True:
             await asyncio.sleep(self.s.heartbeat_seconds)
             try:
-                async with self.db.transaction() as s:
-                    row = await JobRepository(s).job_row_by_id(r.pk)
-                if row is None or row.attempts != r.attempt or JobState(row.state).terminal:
+                async with self.uow.transaction() as uow:
+                    job = await uow.jobs.get_by_key(r.pk)
+                if job is None or job.attempts != r.attempt or job.state.terminal:
                     break  # the in-cluster worker reported its result (or someone else owns the job)
                 st = await self.kube.state(r.ref)
                 if st.phase == "Succeeded":
                     # Re-read: the worker writes its final state before the pod exits.
-                    async with self.db.transaction() as s:
-                        row = await JobRepository(s).job_row_by_id(r.pk)
-                    if row is not None and not JobState(row.state).terminal:
+                    async with self.uow.transaction() as uow:
+                        job = await uow.jobs.get_by_key(r.pk)
+                    if job is not None and not job.state.terminal:
                         await self._finish(
                             r.pk,
                             r.attempt,
@@ -305,14 +308,14 @@ class Scheduler:
                     )
                     break
                 if st.phase == "Missing":
-                    if row.state == JobState.CANCELLING.value:
+                    if job.state is JobState.CANCELLING:
                         await self._finish(r.pk, r.attempt, JobState.CANCELLED, f"cancelled; Kubernetes Job {r.ref} deleted")
                     else:
                         await self._finish(
                             r.pk, r.attempt, JobState.FAILED, f"Kubernetes Job {r.ref} disappeared (deleted outside the trainer?)"
                         )
                     break
-                if row.state == JobState.CANCELLING.value:
+                if job.state is JobState.CANCELLING:
                     await self.cancel(r.pk)
             except asyncio.CancelledError:
                 raise
@@ -325,23 +328,21 @@ class Scheduler:
 
     async def _finish(self, pk: int, attempt: int, state: JobState, message: str) -> None:
         now = utcnow()
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
+        async with self.uow.transaction() as uow:
             values = {"state": state.value, "end_time": now, "lease_owner": "", "lease_expires_at": 0.0}
             if state is JobState.FAILED:
                 values["error"] = message
-            if await repo.update_job(pk, fence_attempt=attempt, **values):
-                await repo.append_event(pk, JobEvent(EventType.STATE_CHANGED, state=state, message=message, create_time=now))
-        self.notifier.wake(notify_key(pk))
+            if await uow.jobs.update(pk, fence_attempt=attempt, **values):
+                await uow.jobs.append_event(pk, JobEvent(EventType.STATE_CHANGED, state=state, message=message, create_time=now))
+            uow.wake(pk)
 
     async def _requeue(self, r: _Running, message: str) -> None:
         now = utcnow()
-        async with self.db.transaction() as s:
-            repo = JobRepository(s)
-            if await repo.update_job(
+        async with self.uow.transaction() as uow:
+            if await uow.jobs.update(
                 r.pk, fence_attempt=r.attempt, state=JobState.QUEUED.value, lease_owner="", lease_expires_at=0.0
             ):
-                await repo.append_event(
+                await uow.jobs.append_event(
                     r.pk, JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=message, create_time=now)
                 )
-        self.notifier.wake(notify_key(r.pk))
+            uow.wake(r.pk)

@@ -13,7 +13,7 @@ import threading
 from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters.repository import JobRepository, notify_key
+from ..adapters.repository import SqlJobRepository, notify_key
 from ..domain.job import EventType, JobEvent, JobState
 
 
@@ -42,12 +42,12 @@ class Journal:
     async def write(self, event: JobEvent, **job_values) -> None:
         event.create_time = event.create_time or utcnow()
         async with self.db.transaction() as s:
-            repo = JobRepository(s)
+            repo = SqlJobRepository(s)
             sequence = await repo.append_event(self.pk, event, fence_attempt=self.attempt)
             if sequence is None:
                 raise Fenced()
             if job_values:
-                await repo.update_job(self.pk, fence_attempt=self.attempt, **job_values)
+                await repo.update(self.pk, fence_attempt=self.attempt, **job_values)
         if self.notify_fd >= 0:  # after the commit: a woken watcher must find the event
             try:
                 os.write(self.notify_fd, f"{notify_key(self.pk)}:{sequence}\n".encode())
@@ -72,8 +72,8 @@ class Journal:
     async def state(self) -> tuple[str, int] | None:
         """(state, attempts) of the job as the database has it; None once it is deleted."""
         async with self.db.transaction() as s:
-            row = await JobRepository(s).job_row_by_id(self.pk)
-        return (row.state, row.attempts) if row else None
+            job = await SqlJobRepository(s).get_by_key(self.pk)
+        return (job.state.value, job.attempts) if job else None
 
     async def watch_cancel(self, poll_seconds: float) -> None:
         """Kubernetes workers get no signal on cancel: poll the job's state (cheap) and stop on CANCELLING."""

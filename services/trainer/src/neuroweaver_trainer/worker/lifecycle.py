@@ -26,7 +26,7 @@ from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.logs import configure_logging, trace_id_var
 from neuroweaver_runtime.process import die_with_parent
 
-from ..adapters.repository import JobRepository, job_from_row
+from ..adapters.repository import SqlJobRepository
 from ..domain.job import JobState
 from .attempt import run_attempt
 from .config import WorkerConfig
@@ -43,22 +43,21 @@ async def run(cfg: WorkerConfig, stop: threading.Event, tls: ClientTLS) -> int:
     attempt = cfg.attempt
     try:
         async with db.transaction() as s:
-            row = await JobRepository(s).job_row(cfg.job)
-        if row is None:
+            job = await SqlJobRepository(s).get(cfg.job)
+        if job is None:
             log.error("training job %s does not exist", cfg.job)
             return 2
-        job = job_from_row(row)
-        attempt = cfg.attempt or row.attempts
-        if row.attempts != attempt or row.state not in (JobState.RUNNING.value, JobState.CANCELLING.value):
+        attempt = cfg.attempt or job.attempts
+        if job.attempts != attempt or job.state not in (JobState.RUNNING, JobState.CANCELLING):
             log.warning(
-                "job %s is %s at attempt %s; this is attempt %s: nothing to do", row.name, row.state, row.attempts, attempt
+                "job %s is %s at attempt %s; this is attempt %s: nothing to do", job.name, job.state.value, job.attempts, attempt
             )
             return 0
-        journal = Journal(db, row.id, attempt, stop, cfg.notify_fd)
-        parent = TraceContextTextMapPropagator().extract({"traceparent": row.trace_parent}) if row.trace_parent else None
+        journal = Journal(db, job.key, attempt, stop, cfg.notify_fd)
+        parent = TraceContextTextMapPropagator().extract({"traceparent": job.trace_parent}) if job.trace_parent else None
         with _tracer.start_as_current_span(
             "TrainingJob/run", context=parent, kind=SpanKind.INTERNAL,
-            attributes={"neuroweaver.training_job": row.name, "neuroweaver.attempt": attempt},
+            attributes={"neuroweaver.training_job": job.name, "neuroweaver.attempt": attempt},
         ) as span:  # fmt: skip
             trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
             watcher = asyncio.create_task(journal.watch_cancel(cfg.stop_poll_seconds))

@@ -1,0 +1,124 @@
+"""What the use cases, the scheduler and the event feeds need from outside: storage (repositories inside a unit of
+work), the registry, input checks and the places workers run.
+
+`adapters/` implements these (SQLAlchemy on SQLite and PostgreSQL, the registry client, the local and Kubernetes
+executors); the unit tests implement storage in memory. Jobs are addressed by `TrainingJob.key` once stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from os import PathLike
+from typing import Any, Protocol
+
+from neuroweaver_runtime.errors import DomainError
+from neuroweaver_runtime.filtering import Comparison
+from neuroweaver_runtime.process import Child
+
+from ..domain.job import JobEvent, TrainingJob
+
+# Exit code of a worker that stopped because it was asked to (SIGTERM at shutdown), not because it failed.
+EXIT_INTERRUPTED = 75
+
+
+def notify_key(job_key: int) -> str:
+    """Notifier key of a job's event stream (a NOTIFY or worker-pipe payload is `<key>:<sequence>`)."""
+    return f"job{job_key}"
+
+
+class JobRepository(Protocol):
+    """Training jobs, their gap-free event sequences and the durable queue. `fence_attempt` makes a write conditional
+    on the job still being in that attempt (the lease's fencing token); such writes report whether they happened."""
+
+    async def get(self, name: str, *, lock: bool = False) -> TrainingJob | None:
+        """`lock`: hold the job's row lock until the end of the transaction."""
+
+    async def get_by_key(self, key: int) -> TrainingJob | None: ...
+    async def add(self, job: TrainingJob, project: str) -> None:
+        """Stores a new job and sets its `key`; raises the unit of work's duplicate error when the name exists."""
+
+    async def update(self, key: int, *, fence_attempt: int | None = None, **values: Any) -> bool:
+        """Sets the named columns; True when the job was there (and, with `fence_attempt`, still in that attempt)."""
+
+    async def delete(self, key: int) -> None:
+        """The job and its events."""
+
+    async def page(
+        self, project: str, filters: list[Comparison], desc: bool, cursor: list | None, limit: int
+    ) -> tuple[list[TrainingJob], list | None]:
+        """Up to `limit` jobs by create time after `cursor`, and the cursor after the last one if more follow."""
+
+    async def append_event(self, key: int, event: JobEvent, *, fence_attempt: int | None = None) -> int | None:
+        """Appends the event with the job's next sequence (gap-free, committed in order) and announces it to other
+        processes once committed; None when the fence no longer holds."""
+
+    async def events_after(self, key: int, job_name: str, after: int, limit: int) -> list[JobEvent]: ...
+    async def last_sequence(self, key: int) -> tuple[int, str] | None:
+        """(last sequence, state) of a job, or None when it was deleted."""
+
+    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
+        """Claims the oldest queued job, or a running/cancelling one whose lease expired (before `now`, epoch
+        seconds), for `owner` until `now + lease_seconds`; concurrent claimers never get the same job. Returns the
+        job as it was before the claim."""
+
+    async def renew_leases(self, owner: str, keys: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
+        """Extends the leases this owner still holds; {job key: (state, lease owner)} of every listed job."""
+
+
+class UnitOfWork(Protocol):
+    """One transaction: the jobs, idempotency keys, the mapping of integrity errors and the wake-ups of the jobs'
+    watchers. It commits when its block ends without an exception and rolls back otherwise."""
+
+    jobs: JobRepository
+
+    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
+        """The resource an earlier call with this request_id created (AIP-155), or None; REQUEST_ID_REUSED when the
+        id came with another method or body."""
+
+    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None: ...
+    def duplicate(self, error: DomainError) -> AbstractContextManager[None]:
+        """Raises `error` instead of a unique-constraint violation from the block."""
+
+    def wake(self, key: int) -> None:
+        """Wakes the job's watchers (and the event feed) in this process once the transaction commits."""
+
+
+class UnitOfWorkFactory(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[UnitOfWork, bool | None]: ...
+
+
+class RegistryLookups(Protocol):
+    """What RLAIF jobs resolve in the registry at create time (NOT_FOUND / UNAVAILABLE ... as domain errors)."""
+
+    async def judge(self, judge_version: str) -> dict[str, Any]:
+        """The judge version's configuration (`name` is the concrete version, also for `latest`)."""
+
+    async def start_version(self, model_version: str) -> tuple[str, str, str, str]:
+        """(version name, adapter uri, adapter sha256, base model) of the version an RLAIF job starts from."""
+
+
+# check_inputs(base_model, dataset_uri, eval_dataset_uri, dataset_roots, max_seq_length, model_cache_dir, *,
+# model_roots, method, prompts_uri, eval_prompts_uri) → digests and row counts (adapters/inputs.py)
+InputCheck = Callable[..., Any]
+
+
+class LocalWorkers(Protocol):
+    """Worker subprocesses on this machine."""
+
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None]) -> Child: ...
+    def signal(self, proc: Child, sig: int) -> None: ...
+    def log_path(self, job_id: str, attempt: int) -> str | PathLike[str]: ...
+
+
+class ClusterJobState(Protocol):
+    phase: str  # Pending, Running, Succeeded, Failed, Missing
+    reason: str
+
+
+class ClusterWorkers(Protocol):
+    """Workers as Kubernetes Jobs (`ref` = namespace/name)."""
+
+    async def start(self, job: TrainingJob) -> str: ...
+    async def state(self, ref: str) -> ClusterJobState: ...
+    async def delete(self, ref: str) -> bool: ...
