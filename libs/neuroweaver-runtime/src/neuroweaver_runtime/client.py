@@ -3,6 +3,9 @@
     channel = open_channel("127.0.0.1:50051", token="...")
     registry = RegistryServiceStub(channel)
 
+Every outbound client of a service, the SDK and the CLI is a `ServiceClient`: one target, its channel (opened on
+first use through `open_channel`), its stubs and its close; subclasses add the calls and map remote failures.
+
 Every call gets a default deadline unless it sets its own; UNAVAILABLE is retried with exponential
 backoff by gRPC's retry policy (only safe because writes carry request_id / etag).
 
@@ -18,6 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self, TypeVar, cast
 
 import grpc
 
@@ -25,6 +29,7 @@ from .auth import ANONYMOUS_ADMIN, ON_BEHALF_OF_HEADER, principal_var
 from .telemetry import inject_metadata
 
 DEFAULT_DEADLINE_SECONDS = 30.0
+StubT = TypeVar("StubT")
 
 _SERVICE_CONFIG = json.dumps(
     {
@@ -186,3 +191,48 @@ def open_channel(
         options += tls.channel_options()
         return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+class ServiceClient:
+    """One remote service: `target`, its channel through `open_channel` (UNAVAILABLE retried, `deadline` for calls
+    that set none, bearer `token`, on-behalf-of the caller being served, trace context, `tls`), opened on first use
+    and shared by its stubs, and `close()` (or `async with`). Subclasses hold the calls and the error mapping."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        deadline: float | None = DEFAULT_DEADLINE_SECONDS,
+        tls: ClientTLS | None = None,
+    ) -> None:
+        self.target = target
+        self.deadline = deadline
+        self._token = token or None  # "" (an unset setting) sends no authorization header
+        self._tls = tls
+        self._channel: grpc.aio.Channel | None = None
+        self._stubs: dict[type, object] = {}
+
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = open_channel(self.target, token=self._token, deadline=self.deadline, tls=self._tls)
+        return self._channel
+
+    def stub(self, stub_type: type[StubT]) -> StubT:
+        """The generated stub `stub_type` on this client's channel (one per type)."""
+        stub = self._stubs.get(stub_type)
+        if stub is None:
+            stub = self._stubs[stub_type] = stub_type(self.channel())  # type: ignore[call-arg]
+        return cast(StubT, stub)
+
+    async def close(self) -> None:
+        """Closes the channel if it was opened; a later call opens a new one."""
+        channel, self._channel = self._channel, None
+        self._stubs.clear()
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

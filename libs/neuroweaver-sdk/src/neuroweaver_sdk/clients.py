@@ -15,7 +15,7 @@ from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as experiments_grpc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
-from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.client import ClientTLS, ServiceClient
 
 DEFAULT_TARGETS = {
     "registry": "127.0.0.1:50051",
@@ -46,23 +46,24 @@ class Endpoints:
 
 
 class Clients:
+    """A runtime `ServiceClient` per service (one token, TLS setting and default deadline for all) and its stub."""
+
     def __init__(self, endpoints: Endpoints, deadline: float = 30.0) -> None:
         self.endpoints = endpoints
-        self._channels = {
-            name: open_channel(getattr(endpoints, name), token=endpoints.token, deadline=deadline, tls=endpoints.tls)
-            for name in DEFAULT_TARGETS
+        self._clients = {
+            name: ServiceClient(getattr(endpoints, name), endpoints.token, deadline, endpoints.tls) for name in DEFAULT_TARGETS
         }
-        self.registry = registry_grpc.RegistryServiceStub(self._channels["registry"])
-        self.trainer = trainer_grpc.TrainerServiceStub(self._channels["trainer"])
-        self.deployer = deployer_grpc.DeployerServiceStub(self._channels["deployer"])
-        self.experiments = experiments_grpc.ExperimentsServiceStub(self._channels["experiments"])
+        self.registry = self._clients["registry"].stub(registry_grpc.RegistryServiceStub)
+        self.trainer = self._clients["trainer"].stub(trainer_grpc.TrainerServiceStub)
+        self.deployer = self._clients["deployer"].stub(deployer_grpc.DeployerServiceStub)
+        self.experiments = self._clients["experiments"].stub(experiments_grpc.ExperimentsServiceStub)
 
     def channel(self, service: str):
-        return self._channels[service]
+        return self._clients[service].channel()
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        for client in self._clients.values():
+            await client.close()
 
     async def __aenter__(self) -> Clients:
         return self

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.client import ClientTLS, ServiceClient
 
 from .clients import DEFAULT_TARGETS
 
@@ -87,8 +87,8 @@ class LocalPlatform:
     async def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for name in self.services:
-            async with open_channel(DEFAULT_TARGETS[name], tls=self.tls, deadline=None) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
+            async with ServiceClient(DEFAULT_TARGETS[name], deadline=None, tls=self.tls) as client:
+                stub = client.stub(health_pb2_grpc.HealthStub)
                 while True:
                     proc = self.processes[name]
                     if proc.poll() is not None:

@@ -10,7 +10,7 @@ import grpc
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
-from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.client import ClientTLS, ServiceClient
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from ..domain.model import ResolvedVersion
@@ -29,7 +29,9 @@ class AliasEvent:
     to_version: str
 
 
-class RegistryGateway:
+class RegistryGateway(ServiceClient):
+    """Look-ups and the event stream of the registry, on one channel for the deployer's lifetime."""
+
     def __init__(
         self,
         target: str,
@@ -40,14 +42,13 @@ class RegistryGateway:
     ) -> None:
         from neuroweaver_ml import PathRoots
 
-        self.target = target
+        super().__init__(target, token, deadline, tls)
         # None = no restriction (embedded mode); otherwise every local file a model server is handed lies inside
         self.artifact_roots = PathRoots(artifact_roots) if artifact_roots else None
-        self._channel = open_channel(target, token=token or None, deadline=deadline, tls=tls)
-        self._stub = rgrpc.RegistryServiceStub(self._channel)
 
-    async def close(self) -> None:
-        await self._channel.close()
+    @property
+    def _stub(self) -> rgrpc.RegistryServiceStub:
+        return self.stub(rgrpc.RegistryServiceStub)
 
     async def resolve(self, version_name: str, field: str = "model_version") -> ResolvedVersion:
         """A version name (`.../versions/1.2.0` or `.../versions/<alias>`) → the version and its artifact."""

@@ -1,4 +1,5 @@
 """Other services, through their generated stubs: the deployer (variant endpoints) and the registry (promotion).
+Both are runtime `ServiceClient`s (channel opened on first use; token, TLS and deadline from the service's settings).
 
 Remote failures become domain errors a caller can act on: an unreachable service is UNAVAILABLE
 (`DEPLOYER_UNAVAILABLE` / `REGISTRY_UNAVAILABLE`), a compare-and-set conflict is ABORTED with the registry's
@@ -15,7 +16,7 @@ from neuroweaver.deployer.v1 import deployer_service_pb2 as deployer_pb
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.registry.v1 import registry_service_pb2 as registry_pb
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
-from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.client import ServiceClient
 from neuroweaver_runtime.errors import Aborted, FailedPrecondition, Unavailable
 from neuroweaver_runtime.grpc_errors import error_info
 
@@ -34,28 +35,9 @@ def _remote_reason(err: grpc.aio.AioRpcError) -> str:
     return info.reason if info is not None else err.code().name
 
 
-class _Remote:
-    def __init__(self, target: str, token: str, deadline: float, tls: ClientTLS | None = None) -> None:
-        self.target = target
-        self._token = token or None
-        self._deadline = deadline
-        self._tls = tls
-        self._channel: grpc.aio.Channel | None = None
-
-    def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = open_channel(self.target, token=self._token, deadline=self._deadline, tls=self._tls)
-        return self._channel
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-
-
-class DeployerClient(_Remote):
+class DeployerClient(ServiceClient):
     async def endpoint(self, deployment: str) -> DeploymentEndpoint:
-        stub = deployer_grpc.DeployerServiceStub(self.channel())
+        stub = self.stub(deployer_grpc.DeployerServiceStub)
         try:
             d = await stub.GetDeployment(deployer_pb.GetDeploymentRequest(name=deployment))
         except grpc.aio.AioRpcError as err:
@@ -74,9 +56,9 @@ class DeployerClient(_Remote):
         return DeploymentEndpoint(d.endpoint, d.openai_base_url, d.served_model_name)
 
 
-class RegistryClient(_Remote):
+class RegistryClient(ServiceClient):
     async def set_alias(self, model: str, alias: str, version: str, expected_version: str, reason: str) -> None:
-        stub = registry_grpc.RegistryServiceStub(self.channel())
+        stub = self.stub(registry_grpc.RegistryServiceStub)
         request = registry_pb.SetModelAliasRequest(
             model=model, alias=alias, version=version, expected_version=expected_version, reason=reason
         )
