@@ -77,6 +77,7 @@ def test_bad_arguments(tiny):
         generate(model, tok, "x", top_p=0)
 
 
+@pytest.mark.slow
 def test_adapter_digest_is_verified(tiny_model_dir, chat_file, tmp_path):
     from neuroweaver_ml.training import SFTConfig, run_sft
 

@@ -61,6 +61,7 @@ def test_wilson():
     assert wilson_interval(0, 0) == (None, None)
 
 
+@pytest.mark.slow
 def test_rlaif_grpo_local_judge_end_to_end(tiny_model_dir, prompt_files, tmp_path):
     events = []
     cfg = _cfg(tiny_model_dir, prompt_files, tmp_path / "run", algorithm="grpo", reward_source="both")
@@ -96,6 +97,7 @@ def test_rlaif_grpo_local_judge_end_to_end(tiny_model_dir, prompt_files, tmp_pat
     assert again.adapter_sha256 == res.adapter_sha256
 
 
+@pytest.mark.slow
 def test_rlaif_dpo_from_sft_parent_with_policy_reward_model(tiny_model_dir, chat_file, prompt_files, tmp_path):
     from neuroweaver_ml.training import SFTConfig, run_sft
 
@@ -167,6 +169,7 @@ def _kill(proc):
     proc.wait(30)
 
 
+@pytest.mark.slow
 def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(
     tiny_model_dir, prompt_files, tmp_path, judge_server, monkeypatch
 ):
@@ -231,6 +234,7 @@ def test_openai_judge_run_killed_in_judging_and_in_policy_resumes(
     assert statuses[:2] == [429, 500] or (429 in statuses and 500 in statuses)
 
 
+@pytest.mark.slow
 def test_rloo_with_reward_model_no_eval(tiny_model_dir, prompt_files, tmp_path):
     cfg = _cfg(
         tiny_model_dir,
@@ -248,6 +252,7 @@ def test_rloo_with_reward_model_no_eval(tiny_model_dir, prompt_files, tmp_path):
     assert any(e.kind == "rl_step" and "rewards/reward_model/mean" in e.metrics for e in events)
 
 
+@pytest.mark.slow
 def test_direct_reward_model_and_dpo_on_preference_file(tiny_model_dir, tmp_path):
     from neuroweaver_ml.rlaif import DPOJobConfig, RewardModelConfig, run_dpo, run_reward_model
 

@@ -39,6 +39,7 @@ def _cfg(tiny_model_dir, chat_file, out, **kw):
     return SFTConfig(**base)
 
 
+@pytest.mark.slow
 def test_lora_sft_end_to_end(tiny_model_dir, chat_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -78,6 +79,7 @@ def test_lora_sft_end_to_end(tiny_model_dir, chat_file, tmp_path):
     assert again == res and again_events == []
 
 
+@pytest.mark.slow
 def test_qlora_really_quantizes_on_cpu(tiny_model_dir, chat_file, tmp_path):
     import bitsandbytes as bnb
 
@@ -125,6 +127,7 @@ def test_padding_free_batches_give_the_same_loss_as_padded(tiny_model_dir):
         assert torch.allclose(loss_sum(flat), loss_sum(padded), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(tiny_model_dir, chat_file, tmp_path):
     seen = []
     res = run_sft(
@@ -138,6 +141,7 @@ def test_cancel_stops_within_a_step_and_keeps_the_checkpoint(tiny_model_dir, cha
     assert not (tmp_path / "c" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tiny_model_dir, chat_file, tmp_path):
     out = tmp_path / "r"
     cfg = _cfg(tiny_model_dir, chat_file, out, max_steps=8, checkpoint_every_steps=3)
@@ -181,6 +185,7 @@ def test_resume_after_sigkill(tiny_model_dir, chat_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(tiny_model_dir, chat_file, tmp_path):
     cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "m", max_steps=10)
     seen = []

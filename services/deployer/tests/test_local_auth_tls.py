@@ -71,6 +71,7 @@ def gen() -> isvc.GenerateRequest:
     )
 
 
+@pytest.mark.slow
 async def test_a_local_deployment_with_auth_and_mtls_serves_only_its_projects_callers(secure_stack, pki):
     ca, _, _, (caller_cert, caller_key) = pki
     dep = secure_stack.dep

@@ -23,6 +23,8 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver_deployer.domain.model import Backend
 from neuroweaver_runtime.grpc_errors import error_info
 
+pytestmark = pytest.mark.slow  # model-server processes
+
 AVAILABLE = dpb.Deployment.STATE_AVAILABLE
 DEGRADED = dpb.Deployment.STATE_DEGRADED
 

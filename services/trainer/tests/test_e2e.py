@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver_ml import digest_path, uri_to_path
+
+pytestmark = pytest.mark.slow  # every test trains in a worker process
 
 
 async def test_qlora_job_end_to_end(trainers, registry, tiny_model, data_root, h):

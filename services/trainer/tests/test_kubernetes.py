@@ -44,6 +44,7 @@ def create(h, stub, job_id, tiny_model, data_root, **kw):
     )
 
 
+@pytest.mark.slow
 async def test_kubernetes_executor_against_standin(trainers, registry, standin, tiny_model, data_root, h):
     trainer = await trainers(kube_api=standin.url, kube_namespace="training", kube_token="t0ken")
     stub = trainer.stub

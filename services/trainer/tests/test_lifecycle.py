@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from neuroweaver_runtime.client import open_channel
 from neuroweaver_runtime.testing import free_port
+
+pytestmark = pytest.mark.slow  # every test trains in worker processes
 
 
 def _attempt_two(h, events, total: int) -> int:

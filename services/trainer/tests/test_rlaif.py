@@ -73,6 +73,7 @@ def _stage_order(h, events) -> list[tuple[str, str]]:
     return [(e.stage, names[e.type]) for e in events if e.type in names]
 
 
+@pytest.mark.slow
 async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, data_root, prompts, h):
     judge = await local_judge(registry, h)
     trainer = await trainers()
@@ -127,6 +128,7 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
     assert done.metrics["judge_win_rate_vs_parent"] == metrics["judge_win_rate_vs_parent"].value
 
 
+@pytest.mark.slow
 async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(
     trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
 ):
@@ -284,6 +286,7 @@ async def test_rlaif_bad_inputs(trainers, registry, tiny_model, data_root, promp
     assert rpc_err(exc)[:2] == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
 
 
+@pytest.mark.slow
 async def test_dpo_and_reward_model_jobs_register(trainers, registry, tiny_model, data_root, h):
     rows = [{"prompt": q, "chosen": a, "rejected": "I don't know."} for q, a in QUESTIONS] * 2
     prefs = h.write_jsonl(data_root / "prefs.jsonl", rows)
