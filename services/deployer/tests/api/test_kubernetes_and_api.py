@@ -19,7 +19,7 @@ from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver_kube.manifests import dns1123_name
 from neuroweaver_runtime.grpc_errors import error_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "libs" / "neuroweaver-kube" / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "libs" / "neuroweaver-kube" / "tests"))
 from crd_schemas import PROMETHEUS_RULE, SERVICE_MONITOR  # noqa: E402
 
 AVAILABLE = dpb.Deployment.STATE_AVAILABLE
