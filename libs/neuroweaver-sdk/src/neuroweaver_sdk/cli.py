@@ -75,7 +75,7 @@ class Ctx:
         if self.args.json:
             print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
             return
-        if rows_field is not None:
+        if rows_field is not None and columns is not None:
             rows = getattr(message, rows_field)
             table = Table(*columns)
             for row in rows:

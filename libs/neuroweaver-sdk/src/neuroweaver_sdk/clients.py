@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as experiments_grpc
@@ -37,7 +38,9 @@ class Endpoints:
 
     @classmethod
     def from_env(cls, **overrides) -> Endpoints:
-        values = {name: os.environ.get(f"NW_{name.upper()}_TARGET", default) for name, default in DEFAULT_TARGETS.items()}
+        values: dict[str, Any] = {
+            name: os.environ.get(f"NW_{name.upper()}_TARGET", default) for name, default in DEFAULT_TARGETS.items()
+        }
         values["token"] = os.environ.get("NW_TOKEN") or None
         values["project"] = os.environ.get("NW_PROJECT", "default")
         values["tls"] = ClientTLS.from_env("NW_")

@@ -289,6 +289,8 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             )
             latency_ms = (time.perf_counter() - t0) * 1000
             answer = reply.choices[0].message.content or ""
+            if reply.usage is None:  # the model server always reports usage; without it there is no token metric to record
+                raise RuntimeError(f"variant {variant.id}'s model server replied without usage")
             judgement = await judge.score(item["prompt"], answer, item["reference"])
             latencies[variant.id].append(latency_ms)
             events = [

@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
@@ -47,7 +47,7 @@ async def watch_training_job(clients, name: str, *, console: Console, after_sequ
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     with Progress(*columns, console=console, transient=False) as progress:
         async for event in follow_training_job(clients, name, after_sequence):
             stage = event.stage or "job"
