@@ -76,7 +76,7 @@ class SqlModelRepository(_Repository):
                 revision=1,
             )
         )
-        model.key = int(result.inserted_primary_key[0])
+        model.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def update(self, model: Model, **values: Any) -> None:
         values = {k: v.value if isinstance(v, ModelState) else v for k, v in values.items()}
@@ -128,7 +128,7 @@ class SqlVersionRepository(_Repository):
 
     async def resolve(self, kind: str, model_name: str, ref: str) -> Resolved:
         """One statement (model ⟕ [alias] ⟕ version ⟕ metrics, aliases aggregated), one row per metric."""
-        dialect = self.s.bind.dialect.name
+        dialect = self.s.get_bind().dialect.name
         statement = _version_statements(dialect)[kind]
         rows = list((await self.s.execute(statement, {"model_name": model_name, "ref": ref})).all())
         if not rows:
@@ -176,7 +176,7 @@ class SqlVersionRepository(_Repository):
                 revision=1,
             )
         )
-        mv.key = int(result.inserted_primary_key[0])
+        mv.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
         await self.add_metrics(mv, mv.metrics)
 
     async def add_metrics(self, version: ModelVersion, metrics: Sequence[Metric]) -> None:
@@ -260,7 +260,7 @@ class SqlAliasRepository(_Repository):
         result = await self.s.execute(
             update(t.aliases).where(t.aliases.c.model_id == model.key, t.aliases.c.alias == alias).values(**values)
         )
-        if result.rowcount == 0:
+        if result.rowcount == 0:  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
             await self.s.execute(t.aliases.insert().values(model_id=model.key, alias=alias, **values))
 
     async def delete(self, model: Model, alias: str) -> None:
@@ -297,7 +297,7 @@ class SqlAliasRepository(_Repository):
 
 class SqlEventRepository(_Repository):
     async def append(self, project: str, event: ModelEvent) -> int:
-        if self.s.bind.dialect.name == "postgresql":
+        if self.s.get_bind().dialect.name == "postgresql":
             # One round trip: the advisory lock is taken (FROM lock) before the row's sequence is drawn,
             # and the NOTIFY is queued for commit time.
             result = await self.s.execute(
@@ -320,7 +320,7 @@ class SqlEventRepository(_Repository):
                 create_time=event.create_time,
             )
         )
-        return int(result.inserted_primary_key[0])
+        return int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
         c = t.events.c
@@ -354,7 +354,7 @@ class SqlJudgeRepository(_Repository):
                 create_time=judge.create_time,
             )
         )
-        judge.key = int(result.inserted_primary_key[0])
+        judge.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def add_version(self, judge: Judge, version: JudgeVersion) -> None:
         await self.s.execute(

@@ -198,5 +198,6 @@ def judge_version_to_pb(j: d.JudgeVersion) -> pb.JudgeVersion:
     msg.kind = pb.JudgeKind.Value("JUDGE_KIND_" + kind)
     msg.mode = pb.JudgeMode.Value("JUDGE_MODE_" + mode)
     msg.name, msg.version, msg.creator = j.name, j.version, j.creator
-    msg.create_time.CopyFrom(to_timestamp(j.create_time))
+    if (created := to_timestamp(j.create_time)) is not None:
+        msg.create_time.CopyFrom(created)
     return msg

@@ -102,11 +102,18 @@ class UnitOfWork(Protocol):
     projects whose events it appended are woken (watchers, caches).
     """
 
-    models: ModelRepository
-    versions: VersionRepository
-    aliases: AliasRepository
-    events: EventRepository
-    judges: JudgeRepository
+    # Read-only members: a unit of work may hold any implementation of each repository (mutable protocol
+    # attributes would be invariant and refuse the SQL repositories).
+    @property
+    def models(self) -> ModelRepository: ...
+    @property
+    def versions(self) -> VersionRepository: ...
+    @property
+    def aliases(self) -> AliasRepository: ...
+    @property
+    def events(self) -> EventRepository: ...
+    @property
+    def judges(self) -> JudgeRepository: ...
 
     async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
         """The resource an earlier call with this request_id created (AIP-155), or None; REQUEST_ID_REUSED when the
