@@ -199,7 +199,7 @@ class SqlExperimentRepository(_Repository):
                 **self._values(experiment),
             )
         )
-        experiment.key, experiment.revision = int(result.inserted_primary_key[0]), 1
+        experiment.key, experiment.revision = int(result.inserted_primary_key[0]), 1  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def save(self, experiment: Experiment) -> None:
         await self.s.execute(
@@ -222,13 +222,12 @@ class SqlExperimentRepository(_Repository):
                 query = query.where(c.state == value if f.op == "=" else c.state != value)
         order_col = getattr(c, order_field)
         if cursor is not None:
-            value, tie = cursor
-            if order_field != "name":
-                value = datetime.fromisoformat(value)
+            text, tie = cursor
+            bound: str | datetime = text if order_field == "name" else datetime.fromisoformat(text)
             if desc:
-                query = query.where(or_(order_col < value, and_(order_col == value, c.name < tie)))
+                query = query.where(or_(order_col < bound, and_(order_col == bound, c.name < tie)))
             else:
-                query = query.where(or_(order_col > value, and_(order_col == value, c.name > tie)))
+                query = query.where(or_(order_col > bound, and_(order_col == bound, c.name > tie)))
         query = query.order_by(order_col.desc(), c.name.desc()) if desc else query.order_by(order_col, c.name)
         rows = list((await self.s.execute(query.limit(limit + 1))).all())
         after = None
@@ -379,18 +378,18 @@ class SqlMetricRepository(_Repository):
         c = t.unit_metrics.c
         out: list[tuple[str, str, int, float, int]] = []
         for chunk in _chunks(rows):
-            stmt = sqlite_insert(t.unit_metrics).values(
+            values = sqlite_insert(t.unit_metrics).values(
                 [
                     dict(experiment_id=key, metric=m, unit_id=u, variant=v, count=n, total=s, positives=p)
                     for m, u, v, n, s, p in chunk
                 ]
             )
-            stmt = stmt.on_conflict_do_update(
+            stmt = values.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "unit_id"],
                 set_={
-                    "count": c.count + stmt.excluded.count,
-                    "total": c.total + stmt.excluded.total,
-                    "positives": c.positives + stmt.excluded.positives,
+                    "count": c.count + values.excluded.count,
+                    "total": c.total + values.excluded.total,
+                    "positives": c.positives + values.excluded.positives,
                 },
             ).returning(c.metric, c.unit_id, c.count, c.total, c.positives)
             out.extend((r[0], r[1], r[2], r[3], r[4]) for r in await self.s.execute(stmt))

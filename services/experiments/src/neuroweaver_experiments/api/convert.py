@@ -67,8 +67,10 @@ def _interval(iv: st.Interval) -> tuple[float, float]:
 
 
 def metric_to_pb(m: st.MetricSpec | None) -> pb.MetricSpec | None:
-    if m is None:
-        return None
+    return None if m is None else _metric_pb(m)
+
+
+def _metric_pb(m: st.MetricSpec) -> pb.MetricSpec:
     return pb.MetricSpec(name=m.name, kind=_KIND[m.kind], direction=_DIRECTION[m.direction], tolerance=m.tolerance)
 
 
@@ -111,8 +113,8 @@ def experiment_to_pb(e: Experiment) -> pb.Experiment:
         hash_seed=e.hash_seed,
         coverage=e.coverage,
         primary_metric=metric_to_pb(e.primary_metric),
-        guardrail_metrics=[metric_to_pb(m) for m in e.guardrail_metrics],
-        secondary_metrics=[metric_to_pb(m) for m in e.secondary_metrics],
+        guardrail_metrics=[_metric_pb(m) for m in e.guardrail_metrics],
+        secondary_metrics=[_metric_pb(m) for m in e.secondary_metrics],
         min_sample_size=e.min_sample_size,
         significance_level=e.significance_level,
         analysis=_ANALYSIS[e.analysis],

@@ -679,8 +679,8 @@ def analyze_metric(
 
     comparisons: list[Comparison] = []
     for r, p, sp in zip(raw, adj_p, adj_seq, strict=True):
-        test: TestResult = r["test"]
-        lift: Lift = r["lift"]
+        test = r["test"]
+        lift = r["lift"]
         decision_p = sp if method is AnalysisMethod.SEQUENTIAL else p
         good = test.difference > 0 if spec.direction is Direction.INCREASE else test.difference < 0
         cmp = Comparison(

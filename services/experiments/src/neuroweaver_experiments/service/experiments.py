@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -144,8 +145,8 @@ class ExperimentsService:
                 if old.start_time is None:
                     new.variants = [replace(v, endpoint="", openai_base_url="", served_model_name="") for v in patch.variants]
                 else:
-                    for v, p in zip(new.variants, patch.variants, strict=True):
-                        v.weight = p.weight
+                    for v, patched in zip(new.variants, patch.variants, strict=True):
+                        v.weight = patched.weight
             validate_experiment(new)
             if new.weights != old.weights:
                 if old.start_time is None:
@@ -253,13 +254,15 @@ class ExperimentsService:
 
     # -- assignment ------------------------------------------------------------------------------
 
-    async def assign(self, experiment: str, units: list[str], *, batch: bool = False) -> tuple[Experiment, list[Assignment]]:
+    async def assign(
+        self, experiment: str, units: builtins.list[str], *, batch: bool = False
+    ) -> tuple[Experiment, builtins.list[Assignment]]:
         snap, assignments = await self.assign_snapshot(experiment, units, batch=batch)
         return snap.experiment, assignments
 
     async def assign_snapshot(
-        self, experiment: str, units: list[str], *, batch: bool = False
-    ) -> tuple[Snapshot, list[Assignment]]:
+        self, experiment: str, units: builtins.list[str], *, batch: bool = False
+    ) -> tuple[Snapshot, builtins.list[Assignment]]:
         if batch:
             if not units:
                 raise InvalidArgument("unit_ids must not be empty", field="unit_ids", reason="INVALID_UNIT_ID")

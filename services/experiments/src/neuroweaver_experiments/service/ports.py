@@ -92,9 +92,13 @@ class UnitOfWork(Protocol):
     """One transaction: the repositories, idempotency keys and the mapping of integrity errors. It commits when its
     block ends without an exception and rolls back otherwise."""
 
-    experiments: ExperimentRepository
-    assignments: AssignmentRepository
-    metrics: MetricRepository
+    # Read-only members: mutable protocol attributes would be invariant and refuse the SQL repositories.
+    @property
+    def experiments(self) -> ExperimentRepository: ...
+    @property
+    def assignments(self) -> AssignmentRepository: ...
+    @property
+    def metrics(self) -> MetricRepository: ...
 
     async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
         """The resource an earlier call with this request_id created (AIP-155), or None; REQUEST_ID_REUSED when the
@@ -106,9 +110,13 @@ class UnitOfWork(Protocol):
 
 
 class Endpoint(Protocol):
-    endpoint: str
-    openai_base_url: str
-    served_model_name: str
+    # Read-only, so that frozen dataclasses match.
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def openai_base_url(self) -> str: ...
+    @property
+    def served_model_name(self) -> str: ...
 
 
 class VariantEndpoints(Protocol):
