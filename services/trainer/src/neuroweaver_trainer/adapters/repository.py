@@ -43,7 +43,7 @@ class SqlJobRepository:
 
     @property
     def is_postgres(self) -> bool:
-        return self.s.bind.dialect.name == "postgresql"
+        return self.s.get_bind().dialect.name == "postgresql"
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -66,6 +66,7 @@ class SqlJobRepository:
         }
         if job.rlaif.configured or job.rlaif.judge:
             spec["rlaif"] = dataclasses.asdict(job.rlaif)
+        assert job.method is not None  # validate_job refuses a job without a method before it is stored
         result = await self.s.execute(
             t.jobs.insert().values(
                 name=job.name, project=project, display_name=job.display_name, base_model=job.base_model,
@@ -78,14 +79,14 @@ class SqlJobRepository:
                 trace_parent=job.trace_parent,
             )
         )  # fmt: skip
-        job.key = int(result.inserted_primary_key[0])
+        job.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def update(self, key: int, *, fence_attempt: int | None = None, **values: Any) -> bool:
         """Updates a job; with `fence_attempt`, only while that attempt still owns it. True when a row changed."""
         query = update(t.jobs).where(t.jobs.c.id == key)
         if fence_attempt is not None:
             query = query.where(t.jobs.c.attempts == fence_attempt)
-        return (await self.s.execute(query.values(**values))).rowcount > 0
+        return (await self.s.execute(query.values(**values))).rowcount > 0  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def delete(self, key: int) -> None:
         await self.s.execute(delete(t.events).where(t.events.c.job_id == key))
@@ -107,11 +108,11 @@ class SqlJobRepository:
                 value = value.upper().removeprefix("STATE_").removeprefix("TRAINING_METHOD_")
             query = query.where(column == value if f.op == "=" else column != value)
         if cursor is not None:
-            value, tie = datetime.fromisoformat(cursor[0]), cursor[1]
+            bound, tie = datetime.fromisoformat(cursor[0]), cursor[1]
             if desc:
-                query = query.where(or_(c.create_time < value, and_(c.create_time == value, c.id < tie)))
+                query = query.where(or_(c.create_time < bound, and_(c.create_time == bound, c.id < tie)))
             else:
-                query = query.where(or_(c.create_time > value, and_(c.create_time == value, c.id > tie)))
+                query = query.where(or_(c.create_time > bound, and_(c.create_time == bound, c.id > tie)))
         order = (c.create_time.desc(), c.id.desc()) if desc else (c.create_time, c.id)
         rows = list((await self.s.execute(query.order_by(*order).limit(limit + 1))).all())
         after = [rows[limit - 1].create_time.isoformat(), rows[limit - 1].id] if len(rows) > limit else None

@@ -88,15 +88,15 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
     if j.method is d.Method.RLAIF or rl.configured:
         rlaif = pb.RlaifConfig(
             prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
-            candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM.get(rl.algorithm, 0),
-            reward_source=_REWARD_SOURCE.get(rl.reward_source, 0), reward_model_backbone=rl.reward_model_backbone,
+            candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM.get(rl.algorithm, pb.RlaifConfig.POLICY_ALGORITHM_UNSPECIFIED),
+            reward_source=_REWARD_SOURCE.get(rl.reward_source, pb.RlaifConfig.REWARD_SOURCE_UNSPECIFIED), reward_model_backbone=rl.reward_model_backbone,
             kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
             start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
         )  # fmt: skip
     return pb.TrainingJob(
         rlaif=rlaif,
         name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
-        eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else 0,
+        eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else pb.TRAINING_METHOD_UNSPECIFIED,
         lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules),
         hyperparameters=pb.Hyperparameters(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps, batch_size=h.batch_size,
@@ -111,8 +111,8 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=r.node_selector, image=r.image,
             tolerations=[pb.Toleration(**t) for t in r.tolerations],
         ),
-        target_model=j.target_model, version_bump=_VERSION_BUMP.get(j.version_bump, 0), labels=j.labels,
-        state=_STATE[j.state] if j.state else 0, stage=j.stage, error=j.error, model_version=j.model_version,
+        target_model=j.target_model, version_bump=_VERSION_BUMP.get(j.version_bump, cpb.VERSION_BUMP_UNSPECIFIED), labels=j.labels,
+        state=_STATE[j.state], stage=j.stage, error=j.error, model_version=j.model_version,
         output_uri=j.output_uri, dataset_digest=j.dataset_digest, current_step=j.current_step, total_steps=j.total_steps,
         resumed_from_step=j.resumed_from_step, attempts=j.attempts, metrics=j.metrics,
         create_time=to_timestamp(j.create_time), start_time=to_timestamp(j.start_time), end_time=to_timestamp(j.end_time),
@@ -123,7 +123,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
 def event_to_pb(e: d.JobEvent) -> pb.TrainingJobEvent:
     out = pb.TrainingJobEvent(
         job=e.job, sequence=e.sequence, type=_EVENT[e.type], stage=e.stage, create_time=to_timestamp(e.create_time),
-        state=_STATE[e.state] if e.state else 0, metrics=e.metrics, message=e.message,
+        state=_STATE[e.state] if e.state else pb.TrainingJob.STATE_UNSPECIFIED, metrics=e.metrics, message=e.message,
     )  # fmt: skip
     if e.step is not None:
         s = e.step

@@ -172,7 +172,7 @@ class TrainingJob:
     version_bump: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     # output only
-    state: JobState | None = None
+    state: JobState = JobState.QUEUED
     stage: str = ""
     error: str = ""
     model_version: str = ""

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -118,6 +119,7 @@ class TrainerService:
         apply_defaults(job)
         if job.method is Method.RLAIF:
             await self._resolve_rlaif(job)
+        assert job.method is not None  # validate_job refused a job without a method
         checked = await asyncio.to_thread(
             self.policy.check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
             job.hyperparameters.max_seq_length, self.policy.model_cache_dir, model_roots=self.policy.model_roots, method=job.method.value,
@@ -205,7 +207,7 @@ class TrainerService:
                 raise FailedPrecondition(str(exc), reason="TRAINING_JOB_FINISHED", metadata={"state": job.state.value}) from None
             if target is not None:
                 now = utcnow()
-                values = {"state": target.value}
+                values: dict[str, Any] = {"state": target.value}
                 if target is JobState.CANCELLED:
                     values.update(end_time=now, lease_owner="", lease_expires_at=0.0)
                 await uow.jobs.update(job.key, **values)

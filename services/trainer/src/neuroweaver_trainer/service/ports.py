@@ -70,7 +70,8 @@ class UnitOfWork(Protocol):
     """One transaction: the jobs, idempotency keys, the mapping of integrity errors and the wake-ups of the jobs'
     watchers. It commits when its block ends without an exception and rolls back otherwise."""
 
-    jobs: JobRepository
+    @property  # read-only: a mutable protocol attribute would be invariant and refuse the SQL repository
+    def jobs(self) -> JobRepository: ...
 
     async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
         """The resource an earlier call with this request_id created (AIP-155), or None; REQUEST_ID_REUSED when the
@@ -112,8 +113,11 @@ class LocalWorkers(Protocol):
 
 
 class ClusterJobState(Protocol):
-    phase: str  # Pending, Running, Succeeded, Failed, Missing
-    reason: str
+    # read-only, so that the executor's frozen dataclass matches
+    @property
+    def phase(self) -> str: ...  # Pending, Running, Succeeded, Failed, Missing
+    @property
+    def reason(self) -> str: ...
 
 
 class ClusterWorkers(Protocol):
