@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -123,7 +124,7 @@ class DeployerRepository:
                 **spec_values(d),
             )
         )
-        return result.inserted_primary_key[0]
+        return result.inserted_primary_key[0]  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
     async def update(self, row_id: int, *, bump: bool = True, **values: Any) -> None:
         if "conditions" in values:
@@ -175,7 +176,7 @@ class DeployerRepository:
             )
         )
 
-    async def revisions(self, deployment_id: int, deployment: str, before: int | None, limit: int) -> list[Revision]:
+    async def revisions(self, deployment_id: int, deployment: str, before: int | None, limit: int) -> builtins.list[Revision]:
         c = t.revisions.c
         query = select(t.revisions).where(c.deployment_id == deployment_id)
         if before is not None:

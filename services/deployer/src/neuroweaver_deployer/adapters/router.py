@@ -25,6 +25,7 @@ import itertools
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import grpc
@@ -247,13 +248,13 @@ class Router(grpc.GenericRpcHandler):
             except aiohttp.ClientConnectionError as exc:
                 log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
                 continue
-        body = {
+        error = {
             "error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}
         }
-        return web.json_response(body, status=503)
+        return web.json_response(error, status=503)
 
     @property
-    def _server_hostname(self) -> dict[str, str]:
+    def _server_hostname(self) -> dict[str, Any]:
         """The name checked on a replica's certificate when it is not the address dialled (`ClientTLS.server_name`)."""
         return {"server_hostname": self.client_tls.server_name} if self.client_tls.server_name else {}
 
@@ -328,6 +329,7 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
 async def _abort(context, error: grpc.aio.AioRpcError | None) -> None:
     if error is None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "no ready replica of this deployment")
+        return  # not reached: abort raises
     trailing = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin")
     await context.abort(error.code(), error.details() or "", trailing_metadata=trailing)
 

@@ -293,13 +293,13 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
         if t.effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
             v.add(f"{path}.resources.tolerations[{i}].effect", "must be NoSchedule, PreferNoSchedule or NoExecute")
     s = d.serving
-    for name, value, hi in (
+    for setting, number, hi in (
         ("max_queue", s.max_queue, 100_000),
         ("max_new_tokens_limit", s.max_new_tokens_limit, 131_072),
         ("max_batch_size", s.max_batch_size, 256),
     ):
-        if not 0 <= value <= hi:
-            v.add(f"{path}.serving.{name}", f"must be in 0..{hi} (0 = default)")
+        if not 0 <= number <= hi:
+            v.add(f"{path}.serving.{setting}", f"must be in 0..{hi} (0 = default)")
     if d.namespace and not DNS_LABEL.match(d.namespace):
         v.add(f"{path}.namespace", "must be a DNS-1123 label")
     if len(d.display_name) > 200:

@@ -61,9 +61,10 @@ class Controller:
     async def _load(self, name: str) -> tuple[Deployment, ResolvedVersion] | None:
         async with self.db.read() as s:
             row = await DeployerRepository(s).row(name)
-        if row is None or row.target is None:
+        resolved = to_resolved(row) if row is not None else None  # None until the row has a target
+        if row is None or resolved is None:
             return None
-        return to_deployment(row), to_resolved(row)
+        return to_deployment(row), resolved
 
     async def _work(self, name: str) -> None:
         event = self._dirty[name]

@@ -3,9 +3,10 @@ asks the controller to converge. Status is written by the controller, never here
 
 from __future__ import annotations
 
+import builtins
 import copy
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from neuroweaver_kube.manifests import model_server_manifests, to_yaml
@@ -55,7 +56,7 @@ class DeployerService:
         self.db, self.notifier, self.tokens = db, notifier, tokens
         self.registry, self.controller = registry, controller
         self.kube = kube
-        self.on_alias_change = None  # set by the app: re-syncs the alias follower
+        self.on_alias_change: Callable[[], None] | None = None  # set by the app: re-syncs the alias follower
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -146,7 +147,8 @@ class DeployerService:
                 backend = value
             else:
                 labels_eq.append((c.label_key or "", c.value, c.op == "="))
-        items, last = [], None
+        items: list[Deployment] = []
+        last = None
         async with self.db.read() as s:
             repo = DeployerRepository(s)
             while len(items) <= limit:
@@ -164,6 +166,7 @@ class DeployerService:
         if len(items) > limit:
             items = items[:limit]
             d = items[-1]
+            assert d.create_time is not None  # every stored deployment has one
             last = [d.name] if order_field == "name" else [d.create_time.isoformat(), d.name]
             next_token = self.tokens.encode(last, query)
         return Page(items, next_token)
@@ -319,11 +322,13 @@ class DeployerService:
         finally:
             subscription.close()
 
-    async def render(self, name: str, spec: Deployment | None) -> tuple[str, list[str]]:
+    async def render(self, name: str, spec: Deployment | None) -> tuple[str, builtins.list[str]]:
         if name:
             async with self.db.read() as s:
                 row = await self._row(DeployerRepository(s), name)
-            d, version = to_deployment(row), to_resolved(row)
+            d, resolved = to_deployment(row), to_resolved(row)
+            assert resolved is not None  # a stored deployment has its resolved target
+            version = resolved
         else:
             if spec is None or not spec.name:
                 raise InvalidArgument("set name, or deployment with its name", field="deployment.name", reason="MISSING_NAME")
