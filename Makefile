@@ -3,9 +3,8 @@ SHELL := /bin/bash
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
-# Packages mypy checks in `make lint` (settings in pyproject.toml).
-# Not yet: libs/neuroweaver-sdk and the services (errors being fixed while their protos and layers change).
-MYPY_SRC := libs/neuroweaver-runtime/src libs/neuroweaver-proto/src libs/neuroweaver-kube/src libs/neuroweaver-ml/src
+# mypy in `make lint` checks every lib and service (settings in pyproject.toml).
+MYPY_SRC := $(wildcard libs/*/src services/*/src)
 
 .PHONY: install proto proto-check lint format test test-fast up demo clean
 
