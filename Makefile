@@ -36,7 +36,7 @@ proto-check: ## fail when the committed generated code (Python and TypeScript) d
 	git diff --exit-code --stat -- libs/neuroweaver-proto protos/google || { echo "generated code or vendored google/api protos are stale: run make proto"; exit 1; }
 	clients/typescript/scripts/check-generated.sh
 
-lint: install ## ruff (lint + format check), buf format check, buf lint, buf breaking against main, mypy on libs
+lint: install ## ruff (lint + format check), buf format check, buf lint, buf breaking against main, mypy on every lib and service
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	npx buf format -d --exit-code || { echo "protos are not buf-formatted: run npx buf format -w"; exit 1; }
