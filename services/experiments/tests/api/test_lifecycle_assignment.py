@@ -242,7 +242,9 @@ async def test_unreachable_deployer_fails_start_clearly(backend, make_experiment
         svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
     )
     deployer = backend.service.experiments.deployer
-    saved, deployer.target, deployer._channel = deployer.target, f"127.0.0.1:{free_port()}", None
+    saved = deployer.target
+    await deployer.close()  # the next call opens a channel to the new target
+    deployer.target = f"127.0.0.1:{free_port()}"
     try:
         await expect_error(
             stub.StartExperiment(svc.StartExperimentRequest(name=exp.name)), grpc.StatusCode.UNAVAILABLE, "DEPLOYER_UNAVAILABLE"
