@@ -125,3 +125,34 @@ def test_training_and_experiment_charts_are_real_pngs(tmp_path):
     for png in (training_png, experiment_png):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_cli_compare_shows_the_registrys_verdicts(registry):
+    """Verdicts only for declared directions beyond the tolerance; an undirected change is shown as such."""
+    from neuroweaver.common.v1 import common_pb2 as cpb
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver.registry.v1 import registry_service_pb2 as rs
+    from neuroweaver.registry.v1 import registry_service_pb2_grpc as rs_grpc
+
+    lower, higher = cpb.METRIC_DIRECTION_LOWER_IS_BETTER, cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+    with grpc.insecure_channel(registry) as channel:
+        stub = rs_grpc.RegistryServiceStub(channel)
+        model = stub.CreateModel(rs.CreateModelRequest(parent="projects/default", model_id="cmp", model=rpb.Model()))
+        for version, (loss, acc, bleu) in (("1.0.0", (2.0, 0.800, 0.3)), ("1.1.0", (1.5, 0.801, 0.5))):
+            metrics = [
+                rpb.Metric(name="eval_loss", value=loss, direction=lower),
+                rpb.Metric(name="accuracy", value=acc, direction=higher),
+                rpb.Metric(name="bleu", value=bleu),
+            ]
+            artifact = rpb.Artifact(uri="file:///a", sha256=SHA, size_bytes=1)
+            stub.CreateModelVersion(
+                rs.CreateModelVersionRequest(
+                    parent=model.name, version=version, model_version=rpb.ModelVersion(artifact=artifact, metrics=metrics)
+                )
+            )
+    shown = nw(registry, "versions", "compare", "cmp", "1.0.0", "1.1.0")
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") >= 5}
+    assert "better" in rows["eval_loss"]
+    assert "same (within tolerance)" in rows["accuracy"]
+    assert "changed (no direction declared)" in rows["bleu"]

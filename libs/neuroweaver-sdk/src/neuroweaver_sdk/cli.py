@@ -219,18 +219,30 @@ async def versions_compare(c: Ctx):
         return c.show(resp)
     table = Table("metric", "base", "candidate", "delta", "verdict")
     for d in resp.metric_deltas:
-        verdict = "better" if d.improved else "worse" if d.regressed else "same" if d.HasField("delta") else "missing"
         table.add_row(
             d.name,
             f"{d.base_value:.4g}" if d.HasField("base_value") else "-",
             f"{d.candidate_value:.4g}" if d.HasField("candidate_value") else "-",
             f"{d.delta:+.4g}" if d.HasField("delta") else "-",
-            verdict,
+            _verdict(d),
         )
     console.print(table)
     for diff in list(resp.hyperparameter_diffs) + list(resp.lineage_diffs):
         console.print(f"  {diff.field}: {diff.base_value!r} -> {diff.candidate_value!r}")
     console.print(f"[bold]{rsvc.Recommendation.Name(resp.recommendation).removeprefix('RECOMMENDATION_')}[/bold]: {resp.reason}")
+
+
+def _verdict(d) -> str:
+    """The registry's verdict on one metric: it judges only declared directions, beyond a tolerance."""
+    if d.improved:
+        return "better"
+    if d.regressed:
+        return "worse"
+    if not d.HasField("delta"):
+        return "missing"
+    if d.direction == cpb.METRIC_DIRECTION_UNSPECIFIED and d.delta != 0:
+        return "changed (no direction declared)"
+    return "same (within tolerance)" if d.delta != 0 else "same"
 
 
 async def versions_state(c: Ctx):

@@ -150,7 +150,8 @@ async def fetch_start_version(target: str, token: str | None, name: str, *, tls:
 
 # -- registration of a training job's result (the worker) ------------------------------------------
 
-# Registry metric directions of what the trainer reports (unlisted names: the registry infers them).
+# Directions the trainer declares for the metrics it reports; an unlisted metric is registered without one, and the
+# registry's compare then reports its change without a verdict.
 HIGHER = (
     "reward_model_accuracy",
     "reward_model_mean_margin",
