@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 from neuroweaver_runtime.tls import ServerTLS
 
-from .adapters.kube import KubeDefaults
+from .adapters.kube import KubeDefaults, render_manifests
 from .adapters.local import LocalBackend
 from .adapters.registry import RegistryGateway
+from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, DeployerServicer
 from .domain.model import Backend
 from .service.controller import Controller
@@ -114,7 +116,8 @@ def build(config: DeployerConfig) -> GrpcService:
         raise SystemExit(f"configuration error: {exc}") from None
     registry = RegistryGateway(config.registry_target, config.registry_token, artifact_roots=roots, tls=client_tls)
     backends: dict = {}
-    controller = Controller(db, notifier, backends)
+    uow = SqlUnitOfWorkFactory(db)
+    controller = Controller(uow, notifier, backends)
     backends[Backend.LOCAL] = LocalBackend(
         controller.on_status,
         host=config.local_host,
@@ -146,14 +149,14 @@ def build(config: DeployerConfig) -> GrpcService:
             poll_seconds=config.kube_poll_seconds,
         )
     service = DeployerService(
-        db,
+        uow,
         notifier,
         PageTokens(secret),
         registry,
         controller,
-        kube=kube,
+        render_manifests=functools.partial(render_manifests, defaults=kube),
     )
-    follower = AliasFollower(db, registry, service)
+    follower = AliasFollower(uow, registry, service)
     service.on_alias_change = follower.request_sync
 
     grpc_service = database_service(

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from neuroweaver_kube.client import DeploymentStatus, KubeApiError, KubeClient, KubeNotFound
-from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests
+from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests, to_yaml
 from neuroweaver_kube.manifests import Resources as KubeResources
 from neuroweaver_runtime.names import project_of
 
@@ -74,6 +74,13 @@ def model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec
         labels={k: val for k, val in target.labels.items() if k.replace(".", "").replace("-", "").replace("_", "").isalnum()},
         env=env,
     )
+
+
+def render_manifests(target: Target, defaults: KubeDefaults) -> tuple[str, list[str]]:
+    """The model-server manifests of a target as YAML and their `Kind/name`s (RenderManifests); ValueError when the
+    spec cannot be rendered."""
+    objects = model_server_manifests(model_server_spec(target, defaults))
+    return to_yaml(objects), [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
 
 
 class KubeBackend:

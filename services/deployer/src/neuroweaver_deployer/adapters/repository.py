@@ -1,8 +1,9 @@
-"""Deployer persistence: rows ⇄ domain dataclasses. Every method runs inside the caller's transaction."""
+"""Deployer persistence: rows ⇄ domain dataclasses. Every method runs inside its unit of work's session."""
 
 from __future__ import annotations
 
 import builtins
+import enum
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -72,11 +73,9 @@ def to_deployment(row) -> Deployment:
         create_time=aware(row.create_time),
         update_time=aware(row.update_time),
         generation=row.generation,
+        target=ResolvedVersion(**row.target) if row.target else None,
+        key=row.id,
     )
-
-
-def to_resolved(row) -> ResolvedVersion | None:
-    return ResolvedVersion(**row.target) if row.target else None
 
 
 def spec_values(d: Deployment) -> dict[str, Any]:
@@ -94,25 +93,38 @@ def spec_values(d: Deployment) -> dict[str, Any]:
     }
 
 
-class DeployerRepository:
+def _column(name: str, value: Any) -> Any:
+    """A domain value of a `Deployment` field → what its column stores."""
+    if name == "conditions":
+        return _conditions_out(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if name in ("autoscaling", "resources", "serving", "target") and value is not None:
+        return asdict(value)
+    return value
+
+
+class SqlDeploymentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
-    async def row(self, name: str, *, for_update: bool = False):
+    async def get(self, name: str, *, lock: bool = False) -> Deployment | None:
         query = select(t.deployments).where(t.deployments.c.name == name)
-        if for_update:
+        if lock:
             query = query.with_for_update()
-        return (await self.s.execute(query)).first()
+        row = (await self.s.execute(query)).first()
+        return to_deployment(row) if row is not None else None
 
-    async def insert(self, d: Deployment, target: ResolvedVersion) -> int:
+    async def add(self, d: Deployment) -> None:
+        assert d.target is not None  # a deployment is stored with the version it serves
         result = await self.s.execute(
             t.deployments.insert().values(
                 name=d.name,
                 project=d.project,
                 state=d.state.value,
-                served_version=target.name,
+                served_version=d.target.name,
                 served_model_name=d.served_model_name,
-                target=asdict(target),
+                target=asdict(d.target),
                 endpoint="",
                 openai_base_url="",
                 ready_replicas=0,
@@ -124,33 +136,37 @@ class DeployerRepository:
                 **spec_values(d),
             )
         )
-        return result.inserted_primary_key[0]  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
+        d.key = result.inserted_primary_key[0]  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
-    async def update(self, row_id: int, *, bump: bool = True, **values: Any) -> None:
-        if "conditions" in values:
-            values["conditions"] = _conditions_out(values["conditions"])
-        if "target" in values and values["target"] is not None:
-            values["target"] = asdict(values["target"])
+    async def update(self, key: int, *, bump: bool = True, **values: Any) -> None:
+        columns = {name: _column(name, value) for name, value in values.items()}
         if bump:
-            values["generation"] = t.deployments.c.generation + 1
-        await self.s.execute(update(t.deployments).where(t.deployments.c.id == row_id).values(**values))
+            columns["generation"] = t.deployments.c.generation + 1
+        await self.s.execute(update(t.deployments).where(t.deployments.c.id == key).values(**columns))
 
-    async def delete(self, row_id: int) -> None:
-        await self.s.execute(delete(t.revisions).where(t.revisions.c.deployment_id == row_id))
-        await self.s.execute(delete(t.deployments).where(t.deployments.c.id == row_id))
+    async def delete(self, key: int) -> None:
+        await self.s.execute(delete(t.revisions).where(t.revisions.c.deployment_id == key))
+        await self.s.execute(delete(t.deployments).where(t.deployments.c.id == key))
 
-    async def list(
-        self, project: str, state: str | None, backend: str | None, order: str, desc: bool, cursor: list | None, limit: int
-    ):
+    async def page(
+        self,
+        project: str,
+        state: State | None,
+        backend: Backend | None,
+        order_field: str,
+        desc: bool,
+        cursor: builtins.list | None,
+        limit: int,
+    ) -> builtins.list[Deployment]:
         c = t.deployments.c
         query = select(t.deployments).where(c.project == project)
-        if state:
-            query = query.where(c.state == state)
-        if backend:
-            query = query.where(c.backend == backend)
-        col = c.name if order == "name" else c.create_time
+        if state is not None:
+            query = query.where(c.state == state.value)
+        if backend is not None:
+            query = query.where(c.backend == backend.value)
+        col = c.name if order_field == "name" else c.create_time
         if cursor is not None:
-            if order == "name":
+            if order_field == "name":
                 query = query.where(c.name < cursor[0] if desc else c.name > cursor[0])
             else:
                 value = datetime.fromisoformat(cursor[0])
@@ -159,32 +175,32 @@ class DeployerRepository:
                 else:
                     query = query.where(or_(col > value, and_(col == value, c.name > cursor[1])))
         query = query.order_by(col.desc() if desc else col.asc(), c.name.desc() if desc else c.name.asc()).limit(limit)
-        return list((await self.s.execute(query)).all())
+        return [to_deployment(r) for r in (await self.s.execute(query)).all()]
 
-    async def all_rows(self):
-        return list((await self.s.execute(select(t.deployments))).all())
+    async def all(self) -> builtins.list[Deployment]:
+        return [to_deployment(r) for r in (await self.s.execute(select(t.deployments))).all()]
 
-    async def add_revision(self, deployment_id: int, rev: Revision) -> None:
+    async def add_revision(self, key: int, revision: Revision) -> None:
         await self.s.execute(
             t.revisions.insert().values(
-                deployment_id=deployment_id,
-                revision=rev.revision,
-                model_version=rev.model_version,
-                cause=rev.cause,
-                actor=rev.actor,
-                create_time=rev.create_time,
+                deployment_id=key,
+                revision=revision.revision,
+                model_version=revision.model_version,
+                cause=revision.cause,
+                actor=revision.actor,
+                create_time=revision.create_time,
             )
         )
 
-    async def revisions(self, deployment_id: int, deployment: str, before: int | None, limit: int) -> builtins.list[Revision]:
+    async def revisions(self, key: int, deployment: str, before: int | None, limit: int) -> builtins.list[Revision]:
         c = t.revisions.c
-        query = select(t.revisions).where(c.deployment_id == deployment_id)
+        query = select(t.revisions).where(c.deployment_id == key)
         if before is not None:
             query = query.where(c.revision < before)
         rows = (await self.s.execute(query.order_by(c.revision.desc()).limit(limit))).all()
         return [Revision(deployment, r.revision, r.model_version, r.cause, r.actor, aware(r.create_time)) for r in rows]
 
-    async def revision(self, deployment_id: int, deployment: str, number: int) -> Revision | None:
+    async def revision(self, key: int, deployment: str, number: int) -> Revision | None:
         c = t.revisions.c
-        r = (await self.s.execute(select(t.revisions).where(c.deployment_id == deployment_id, c.revision == number))).first()
+        r = (await self.s.execute(select(t.revisions).where(c.deployment_id == key, c.revision == number))).first()
         return Revision(deployment, r.revision, r.model_version, r.cause, r.actor, aware(r.create_time)) if r else None

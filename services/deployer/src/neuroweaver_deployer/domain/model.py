@@ -117,6 +117,9 @@ class Deployment:
     create_time: datetime | None = None
     update_time: datetime | None = None
     generation: int = 1  # bumped on every change; the etag derives from it
+    # stored only
+    target: ResolvedVersion | None = None  # the resolved version being served (None only before it is stored)
+    key: int = 0  # the store's key (set by the repositories; 0 = not stored yet)
 
     @property
     def project(self) -> str:

@@ -11,22 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
 
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters.repository import DeployerRepository, to_deployment, to_resolved
 from ..domain.model import Backend, BackendStatus, Deployment, ResolvedVersion, State, Target, derive_state, merge_conditions
+from .ports import DeploymentBackend, UnitOfWorkFactory
 
 log = logging.getLogger("neuroweaver.deployer.controller")
-
-
-class DeploymentBackend(Protocol):
-    async def apply(self, target: Target) -> None: ...
-    async def remove(self, name: str, target: Target | None = None) -> None: ...
-    async def close(self) -> None: ...
 
 
 def target_of(d: Deployment, version: ResolvedVersion) -> Target:
@@ -44,8 +36,8 @@ def target_of(d: Deployment, version: ResolvedVersion) -> Target:
 
 
 class Controller:
-    def __init__(self, db: Database, notifier: Notifier, backends: dict[Backend, DeploymentBackend]) -> None:
-        self.db = db
+    def __init__(self, uow: UnitOfWorkFactory, notifier: Notifier, backends: dict[Backend, DeploymentBackend]) -> None:
+        self.uow = uow
         self.notifier = notifier
         self.backends = backends
         self._workers: dict[str, asyncio.Task] = {}
@@ -59,12 +51,11 @@ class Controller:
             self._workers[name] = asyncio.create_task(self._work(name), name=f"converge-{name}")
 
     async def _load(self, name: str) -> tuple[Deployment, ResolvedVersion] | None:
-        async with self.db.read() as s:
-            row = await DeployerRepository(s).row(name)
-        resolved = to_resolved(row) if row is not None else None  # None until the row has a target
-        if row is None or resolved is None:
+        async with self.uow.read() as view:
+            d = await view.deployments.get(name)
+        if d is None or d.target is None:  # None until it has a target
             return None
-        return to_deployment(row), resolved
+        return d, d.target
 
     async def _work(self, name: str) -> None:
         event = self._dirty[name]
@@ -85,26 +76,24 @@ class Controller:
     async def on_status(self, name: str, status: BackendStatus) -> None:
         if name in self._deleting:
             return
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await repo.row(name, for_update=True)
-            if row is None:
+        async with self.uow.transaction() as uow:
+            d = await uow.deployments.get(name, lock=True)
+            if d is None:
                 return
-            d = to_deployment(row)
             state, conditions = derive_state(status)
             conditions = merge_conditions(d.conditions, conditions, utcnow())
             values = {
-                "state": state.value,
+                "state": state,
                 "ready_replicas": status.ready,
                 "endpoint": status.endpoint or d.endpoint,
                 "openai_base_url": status.openai_base_url or d.openai_base_url,
             }
-            same = all(getattr(row, k) == v for k, v in values.items()) and [
+            same = all(getattr(d, k) == v for k, v in values.items()) and [
                 (c.type, c.status, c.reason, c.message) for c in d.conditions
             ] == [(c.type, c.status, c.reason, c.message) for c in conditions]
             if same:
                 return
-            await repo.update(row.id, bump=False, conditions=conditions, update_time=utcnow(), **values)
+            await uow.deployments.update(d.key, bump=False, conditions=conditions, update_time=utcnow(), **values)
         self.notifier.wake(name)
 
     async def remove(self, d: Deployment, version: ResolvedVersion | None) -> None:
@@ -127,11 +116,11 @@ class Controller:
 
     async def resume_all(self) -> None:
         """At start: converge every stored deployment again (local replicas do not survive a deployer restart)."""
-        async with self.db.read() as s:
-            rows = await DeployerRepository(s).all_rows()
-        for row in rows:
-            if row.state != State.DELETING.value and row.target:
-                self.kick(row.name)
+        async with self.uow.read() as view:
+            stored = await view.deployments.all()
+        for d in stored:
+            if d.state is not State.DELETING and d.target is not None:
+                self.kick(d.name)
 
     async def close(self) -> None:
         for task in self._workers.values():

@@ -9,11 +9,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from neuroweaver_kube.manifests import model_server_manifests, to_yaml
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.auth import current_actor
-from neuroweaver_runtime.db import Database
-from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
+from neuroweaver_runtime.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
@@ -21,10 +19,6 @@ from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..adapters import tables
-from ..adapters.kube import KubeDefaults, model_server_spec
-from ..adapters.registry import RegistryGateway
-from ..adapters.repository import DeployerRepository, to_deployment, to_resolved
 from ..domain.model import (
     DEPLOYMENT,
     Backend,
@@ -38,6 +32,7 @@ from ..domain.model import (
     validate_spec,
 )
 from .controller import Controller, target_of
+from .ports import DeploymentReads, DeploymentRepository, Registry, RenderManifests, UnitOfWorkFactory
 
 log = logging.getLogger("neuroweaver.deployer")
 
@@ -45,17 +40,17 @@ log = logging.getLogger("neuroweaver.deployer")
 class DeployerService:
     def __init__(
         self,
-        db: Database,
+        uow: UnitOfWorkFactory,
         notifier: Notifier,
         tokens: PageTokens,
-        registry: RegistryGateway,
+        registry: Registry,
         controller: Controller,
         *,
-        kube: KubeDefaults,
+        render_manifests: RenderManifests,
     ) -> None:
-        self.db, self.notifier, self.tokens = db, notifier, tokens
+        self.uow, self.notifier, self.tokens = uow, notifier, tokens
         self.registry, self.controller = registry, controller
-        self.kube = kube
+        self.render_manifests = render_manifests
         self.on_alias_change: Callable[[], None] | None = None  # set by the app: re-syncs the alias follower
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -66,12 +61,19 @@ class DeployerService:
         return await self.registry.resolve(d.model_version, "deployment.model_version")
 
     @staticmethod
-    async def _row(repo: DeployerRepository, name: str, *, for_update: bool = False, field: str = "name"):
-        DEPLOYMENT.parse(name, field)
-        row = await repo.row(name, for_update=for_update)
-        if row is None:
+    def _found(name: str, d: Deployment | None) -> Deployment:
+        if d is None:
             raise NotFound(f"deployment {name} does not exist", reason="DEPLOYMENT_NOT_FOUND", metadata={"deployment": name})
-        return row
+        return d
+
+    async def _get(self, repo: DeploymentReads, name: str, *, field: str = "name") -> Deployment:
+        DEPLOYMENT.parse(name, field)
+        return self._found(name, await repo.get(name))
+
+    async def _locked(self, repo: DeploymentRepository, name: str) -> Deployment:
+        """The deployment under its row lock until the transaction ends (its writers take turns)."""
+        DEPLOYMENT.parse(name, "name")
+        return self._found(name, await repo.get(name, lock=True))
 
     def _check_backend(self, d: Deployment) -> None:
         if d.backend not in self.controller.backends:
@@ -91,36 +93,38 @@ class DeployerService:
     async def create(self, parent: str, deployment_id: str, d: Deployment, request_id: str, fingerprint: str) -> Deployment:
         project = PROJECT.parse(parent, "parent")["project"]
         validate_id(deployment_id, "deployment_id", "deployment id")
-        once = idempotency.CreateOnce.of(tables.idempotency_keys, "CreateDeployment", request_id, fingerprint)
+        request_id = idempotency.validate_request_id(request_id)
         v = Violations()
         validate_spec(d, v, creating=True)
         v.raise_if_any()
         d.name = DEPLOYMENT.format(project=project, deployment=deployment_id)
         self._check_backend(d)
         version = await self._resolve(d)
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            earlier = await once.earlier(s)
+        async with self.uow.transaction() as uow:
+            earlier = await uow.find_request(request_id, "CreateDeployment", fingerprint)
             if earlier is None:
-                if await repo.row(d.name) is not None:
-                    raise AlreadyExists(
-                        f"deployment {d.name} already exists", reason="DEPLOYMENT_ALREADY_EXISTS", metadata={"deployment": d.name}
-                    )
+                exists = AlreadyExists(
+                    f"deployment {d.name} already exists", reason="DEPLOYMENT_ALREADY_EXISTS", metadata={"deployment": d.name}
+                )
+                if await uow.deployments.get(d.name) is not None:
+                    raise exists
                 now = utcnow()
                 d.state, d.revision, d.served_model_name = State.PENDING, 1, served_model_name(version)
+                d.served_version, d.target = version.name, version
                 d.create_time = d.update_time = now
-                row_id = await repo.insert(d, version)
-                await repo.add_revision(row_id, Revision(d.name, 1, version.name, "create", current_actor(), now))
-                await once.remember(s, d.name)
-            result = to_deployment(await repo.row(earlier or d.name))
+                with uow.duplicate(exists):  # a concurrent create of the same name committed first
+                    await uow.deployments.add(d)
+                await uow.deployments.add_revision(d.key, Revision(d.name, 1, version.name, "create", current_actor(), now))
+                await uow.remember_request(request_id, "CreateDeployment", fingerprint, d.name)
+            result = self._found(earlier or d.name, await uow.deployments.get(earlier or d.name))
         if earlier is None:
             self._changed(d.name)
             self.controller.kick(d.name)
         return result
 
     async def get(self, name: str) -> Deployment:
-        async with self.db.read() as s:
-            return to_deployment(await self._row(DeployerRepository(s), name))
+        async with self.uow.read() as view:
+            return await self._get(view.deployments, name)
 
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
@@ -129,7 +133,8 @@ class DeployerService:
         order_field, desc = parse_order_by(order_by, {"name", "create_time"}, "name")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, *((str,) if order_field == "name" else (datetime, str)))
-        state = backend = None
+        state: State | None = None
+        backend: Backend | None = None
         labels_eq: list[tuple[str, str, bool]] = []
         for c in filters:
             value = c.value.upper().removeprefix("STATE_").removeprefix("BACKEND_")
@@ -140,52 +145,45 @@ class DeployerService:
                         field="filter",
                         reason="INVALID_FILTER",
                     )
-                state = value
+                state = State(value)
             elif c.field == "backend":
                 if value not in Backend.__members__ or c.op != "=":
                     raise InvalidArgument("filter: backend = LOCAL|KUBERNETES", field="filter", reason="INVALID_FILTER")
-                backend = value
+                backend = Backend(value)
             else:
                 labels_eq.append((c.label_key or "", c.value, c.op == "="))
         items: list[Deployment] = []
-        last = None
-        async with self.db.read() as s:
-            repo = DeployerRepository(s)
+        async with self.uow.read() as view:
             while len(items) <= limit:
-                rows = await repo.list(project, state, backend, order_field, desc, cursor, limit + 1)
-                for r in rows:
-                    cursor = [r.name] if order_field == "name" else [r.create_time.isoformat(), r.name]
-                    if all((r.labels.get(k) == val) == eq for k, val, eq in labels_eq):
-                        items.append(to_deployment(r))
-                        last = cursor
+                found = await view.deployments.page(project, state, backend, order_field, desc, cursor, limit + 1)
+                for d in found:
+                    cursor = _cursor(d, order_field)
+                    if all((d.labels.get(k) == val) == eq for k, val, eq in labels_eq):
+                        items.append(d)
                         if len(items) > limit:
                             break
-                if len(rows) <= limit:
+                if len(found) <= limit:
                     break
         next_token = ""
         if len(items) > limit:
             items = items[:limit]
-            d = items[-1]
-            assert d.create_time is not None  # every stored deployment has one
-            last = [d.name] if order_field == "name" else [d.create_time.isoformat(), d.name]
-            next_token = self.tokens.encode(last, query)
+            next_token = self.tokens.encode(_cursor(items[-1], order_field), query)
         return Page(items, next_token)
 
     async def list_revisions(self, parent: str, size: int, token: str) -> Page:
         limit = page_size(size)
         cursor = self.tokens.decode(token, [parent], int)
-        async with self.db.read() as s:
-            repo = DeployerRepository(s)
-            row = await self._row(repo, parent, field="parent")
-            revs = await repo.revisions(row.id, row.name, int(cursor[0]) if cursor else None, limit + 1)
+        async with self.uow.read() as view:
+            d = await self._get(view.deployments, parent, field="parent")
+            revs = await view.deployments.revisions(d.key, d.name, int(cursor[0]) if cursor else None, limit + 1)
         next_token = self.tokens.encode([revs[limit - 1].revision], [parent]) if len(revs) > limit else ""
         return Page(revs[:limit], next_token)
 
     # -- changes ---------------------------------------------------------------------------------
 
     async def update(self, d: Deployment, paths: set[str], etag: str) -> Deployment:
-        async with self.db.transaction() as s:
-            current = to_deployment(await self._row(DeployerRepository(s), d.name, field="deployment.name"))
+        async with self.uow.transaction() as uow:
+            current = await self._get(uow.deployments, d.name, field="deployment.name")
         check_etag(current.name, current.generation, etag)
         merged = copy.deepcopy(current)
         for p in paths:
@@ -203,41 +201,42 @@ class DeployerService:
     async def _write_spec(
         self, d: Deployment, paths: set[str], version: ResolvedVersion | None, cause: str, generation: int
     ) -> Deployment:
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await self._row(repo, d.name, for_update=True)
-            check_etag_generation(row, generation)
-            if row.state == State.DELETING.value:
+        async with self.uow.transaction() as uow:
+            stored = await self._locked(uow.deployments, d.name)
+            if stored.generation != generation:  # writes based on a read see no change in between
+                raise Aborted(f"{d.name} changed while this request was processed; retry", reason="CONCURRENT_MODIFICATION")
+            if stored.state is State.DELETING:
                 raise FailedPrecondition(f"{d.name} is being deleted", reason="DEPLOYMENT_DELETING")
-            values = {p: _column_value(d, p) for p in paths}
+            values = {p: getattr(d, p) for p in paths}
             values["model_version"], values["model_alias"] = d.model_version, d.model_alias
             now = utcnow()
-            if version is not None and version.name != row.served_version:
-                revision = row.revision + 1
+            if version is not None and version.name != stored.served_version:
+                revision = stored.revision + 1
                 values.update(
                     revision=revision,
                     served_version=version.name,
                     target=version,
                     served_model_name=served_model_name(version),
-                    state=State.PROGRESSING.value,  # until the backend reports the new version rolled out
+                    state=State.PROGRESSING,  # until the backend reports the new version rolled out
                 )
-                await repo.add_revision(row.id, Revision(d.name, revision, version.name, cause, current_actor(), now))
-            await repo.update(row.id, update_time=now, **values)
-            result = to_deployment(await repo.row(d.name))
+                await uow.deployments.add_revision(
+                    stored.key, Revision(d.name, revision, version.name, cause, current_actor(), now)
+                )
+            await uow.deployments.update(stored.key, update_time=now, **values)
+            result = self._found(d.name, await uow.deployments.get(d.name))
         self._changed(d.name)
         self.controller.kick(d.name)
         return result
 
     async def scale(self, name: str, replicas: int) -> Deployment:
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await self._row(repo, name, for_update=True)
-            validate_replicas(replicas, Backend(row.backend))
-            if row.state == State.DELETING.value:
+        async with self.uow.transaction() as uow:
+            stored = await self._locked(uow.deployments, name)
+            validate_replicas(replicas, stored.backend)
+            if stored.state is State.DELETING:
                 raise FailedPrecondition(f"{name} is being deleted", reason="DEPLOYMENT_DELETING")
-            if row.replicas != replicas:
-                await repo.update(row.id, replicas=replicas, update_time=utcnow())
-            result = to_deployment(await repo.row(name))
+            if stored.replicas != replicas:
+                await uow.deployments.update(stored.key, replicas=replicas, update_time=utcnow())
+            result = self._found(name, await uow.deployments.get(name))
         self._changed(name)
         self.controller.kick(name)
         return result
@@ -245,18 +244,16 @@ class DeployerService:
     async def rollback(self, name: str, to_revision: int) -> Deployment:
         if to_revision < 0:
             raise InvalidArgument("to_revision must not be negative", field="to_revision", reason="INVALID_REVISION")
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await self._row(repo, name)
-            number = to_revision or row.revision - 1
-            if number >= row.revision and to_revision:
+        async with self.uow.transaction() as uow:
+            current = await self._get(uow.deployments, name)
+            number = to_revision or current.revision - 1
+            if number >= current.revision and to_revision:
                 raise InvalidArgument(
-                    f"to_revision must be below the current revision {row.revision}",
+                    f"to_revision must be below the current revision {current.revision}",
                     field="to_revision",
                     reason="INVALID_REVISION",
                 )
-            rev = await repo.revision(row.id, name, number) if number >= 1 else None
-            current = to_deployment(row)
+            rev = await uow.deployments.revision(current.key, name, number) if number >= 1 else None
         if rev is None:
             raise FailedPrecondition(
                 f"{name} has no revision {number} to roll back to" if to_revision else f"{name} has no previous revision",
@@ -281,19 +278,16 @@ class DeployerService:
         return True
 
     async def delete(self, name: str, etag: str) -> None:
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await self._row(repo, name, for_update=True)
-            check_etag(row.name, row.generation, etag)
-            await repo.update(row.id, bump=False, state=State.DELETING.value, update_time=utcnow())
-            d, version = to_deployment(row), to_resolved(row)
+        async with self.uow.transaction() as uow:
+            d = await self._locked(uow.deployments, name)
+            check_etag(d.name, d.generation, etag)
+            await uow.deployments.update(d.key, bump=False, state=State.DELETING, update_time=utcnow())
         self.notifier.wake(name)
-        await self.controller.remove(d, version)
-        async with self.db.transaction() as s:
-            repo = DeployerRepository(s)
-            row = await repo.row(name, for_update=True)
-            if row is not None:
-                await repo.delete(row.id)
+        await self.controller.remove(d, d.target)
+        async with self.uow.transaction() as uow:
+            stored = await uow.deployments.get(name, lock=True)
+            if stored is not None:
+                await uow.deployments.delete(stored.key)
         self._changed(name)
 
     # -- watch & render --------------------------------------------------------------------------
@@ -305,14 +299,13 @@ class DeployerService:
             last = None
             first = True
             while True:
-                async with self.db.read() as s:
-                    row = await DeployerRepository(s).row(name)
-                if row is None:
+                async with self.uow.read() as view:
+                    d = await view.deployments.get(name)
+                if d is None:
                     if first:
                         raise NotFound(f"deployment {name} does not exist", reason="DEPLOYMENT_NOT_FOUND")
                     return
                 first = False
-                d = to_deployment(row)
                 key = (d.state, d.ready_replicas, d.endpoint, d.served_version, d.revision, d.replicas, d.generation,
                        tuple((c.type, c.status, c.reason) for c in d.conditions))  # fmt: skip
                 if key != last:
@@ -324,11 +317,10 @@ class DeployerService:
 
     async def render(self, name: str, spec: Deployment | None) -> tuple[str, builtins.list[str]]:
         if name:
-            async with self.db.read() as s:
-                row = await self._row(DeployerRepository(s), name)
-            d, resolved = to_deployment(row), to_resolved(row)
-            assert resolved is not None  # a stored deployment has its resolved target
-            version = resolved
+            async with self.uow.read() as view:
+                d = await self._get(view.deployments, name)
+            assert d.target is not None  # a stored deployment has its resolved target
+            version = d.target
         else:
             if spec is None or not spec.name:
                 raise InvalidArgument("set name, or deployment with its name", field="deployment.name", reason="MISSING_NAME")
@@ -340,25 +332,17 @@ class DeployerService:
             version = await self._resolve(d)
             d.served_model_name = served_model_name(version)
         try:
-            objects = model_server_manifests(model_server_spec(target_of(d, version), self.kube))
+            return self.render_manifests(target_of(d, version))
         except ValueError as exc:
             raise InvalidArgument(f"cannot render manifests: {exc}", field="deployment", reason="INVALID_MANIFEST_SPEC") from exc
-        return to_yaml(objects), [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
 
 
-def check_etag_generation(row, generation: int) -> None:
-    """Writes based on a read see no change in between (update/rollback read, then write)."""
-    from neuroweaver_runtime.errors import Aborted
-
-    if row.generation != generation:
-        raise Aborted(f"{row.name} changed while this request was processed; retry", reason="CONCURRENT_MODIFICATION")
-
-
-def _column_value(d: Deployment, path: str):
-    from dataclasses import asdict
-
-    value = getattr(d, path)
-    return asdict(value) if path in ("autoscaling", "resources", "serving") else value
+def _cursor(d: Deployment, order_field: str) -> builtins.list:
+    """The keyset position of `d` in a list ordered by `order_field`."""
+    if order_field == "name":
+        return [d.name]
+    assert d.create_time is not None  # every stored deployment has one
+    return [d.create_time.isoformat(), d.name]
 
 
 __all__ = ["DeployerService", "Page"]

@@ -13,20 +13,18 @@ import contextlib
 import logging
 
 from neuroweaver_runtime.auth import Principal, Role, acting_as
-from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.errors import DomainError
 
-from ..adapters.registry import RegistryGateway
-from ..adapters.repository import DeployerRepository
-from ..domain.model import alias_model
+from ..domain.model import State, alias_model
 from .deployer import DeployerService
+from .ports import Registry, UnitOfWorkFactory
 
 log = logging.getLogger("neuroweaver.deployer.follower")
 
 
 class AliasFollower:
-    def __init__(self, db: Database, registry: RegistryGateway, deployer: DeployerService) -> None:
-        self.db, self.registry, self.deployer = db, registry, deployer
+    def __init__(self, uow: UnitOfWorkFactory, registry: Registry, deployer: DeployerService) -> None:
+        self.uow, self.registry, self.deployer = uow, registry, deployer
         self._tasks: dict[str, asyncio.Task] = {}
         self._sync_task: asyncio.Task | None = None
 
@@ -36,12 +34,12 @@ class AliasFollower:
 
     async def _followers(self) -> dict[str, list[tuple[str, str]]]:
         """model → [(deployment, alias name)] of every deployment following an alias."""
-        async with self.db.read() as s:
-            rows = await DeployerRepository(s).all_rows()
+        async with self.uow.read() as view:
+            stored = await view.deployments.all()
         out: dict[str, list[tuple[str, str]]] = {}
-        for r in rows:
-            if r.model_alias and r.state != "DELETING":
-                out.setdefault(alias_model(r.model_alias)[0], []).append((r.name, r.model_alias))
+        for d in stored:
+            if d.model_alias and d.state is not State.DELETING:
+                out.setdefault(alias_model(d.model_alias)[0], []).append((d.name, d.model_alias))
         return out
 
     async def sync(self) -> None:
