@@ -103,18 +103,30 @@ def test_registry_with_grpcurl_metrics_and_sigterm(registry_process):
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
-    handled = {
-        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("grpc_server_handled_total{")
-    }
+
+    def series(name: str) -> dict[str, float]:
+        return {
+            line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith(name + "{")
+        }
+
+    handled = series("grpc_server_handled_total")
 
     def count(method: str, code: str) -> float:
         return sum(v for labels, v in handled.items() if f'grpc_method="{method}"' in labels and f'grpc_code="{code}"' in labels)
 
+    # go-grpc-prometheus code names, which community alerts match
     assert count("CreateModel", "OK") == 1
-    assert count("GetModel", "OK") == 1 and count("GetModel", "NOT_FOUND") == 1
-    assert count("CreateModelVersion", "INVALID_ARGUMENT") == 1
+    assert count("GetModel", "OK") == 1 and count("GetModel", "NotFound") == 1
+    assert count("CreateModelVersion", "InvalidArgument") == 1
+
+    def messages(name: str, method: str) -> float:
+        return sum(v for labels, v in series(name).items() if f'grpc_method="{method}"' in labels)
+
+    # unary calls: every request is received, only successful ones send a response
+    assert messages("grpc_server_msg_received_total", "GetModel") == 2
+    assert messages("grpc_server_msg_sent_total", "GetModel") == 1
     assert "grpc_server_handling_seconds_bucket" in metrics
 
     proc.send_signal(signal.SIGTERM)

@@ -31,11 +31,26 @@ def test_method_metrics_are_the_labelled_children():
     import grpc
 
     m = _MethodMetrics("unary", "test.Service", "Cost")
-    before = telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NOT_FOUND")._value.get()
+    before = telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NotFound")._value.get()
     m.handled(grpc.StatusCode.NOT_FOUND).inc()
+    assert m.handled(grpc.StatusCode.NOT_FOUND) is m.handled(grpc.StatusCode.NOT_FOUND)  # cached per code
     m.handled(grpc.StatusCode.NOT_FOUND).inc()
-    assert telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NOT_FOUND")._value.get() == before + 2
+    assert telemetry.GRPC_HANDLED.labels("unary", "test.Service", "Cost", "NotFound")._value.get() == before + 2
     assert m.started is telemetry.GRPC_STARTED.labels("unary", "test.Service", "Cost")
+    assert m.received is telemetry.GRPC_MSG_RECEIVED.labels("unary", "test.Service", "Cost")
+    assert m.sent is telemetry.GRPC_MSG_SENT.labels("unary", "test.Service", "Cost")
+
+
+def test_grpc_code_labels_are_go_grpc_prometheus_names():
+    """go-grpc-prometheus writes Go's codes.Code.String(): community alerts match `NotFound`, not `NOT_FOUND`."""
+    import grpc
+
+    assert set(telemetry.GRPC_CODE_LABELS) == set(grpc.StatusCode)
+    assert [telemetry.grpc_code_label(c) for c in grpc.StatusCode] == [
+        "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+        "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+        "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+    ]  # fmt: skip
 
 
 def test_spans_are_recorded_unless_configured_without_exporter(monkeypatch):

@@ -151,10 +151,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             authorize(principal, required, targets, references=found.references, grants=self._grants)
         return request.message
 
-    async def _checked_stream(self, requests, principal: Principal, required: Role):
-        """A client stream whose every message passes the same checks as a unary request."""
+    async def _checked_stream(self, requests, principal: Principal, required: Role, received):
+        """A client stream whose every message passes the same checks as a unary request (and is counted)."""
         index = 0
         async for request in requests:
+            received.inc()
             yield self._check_message(principal, request, required, prefix=f"message[{index}].")
             index += 1
 
@@ -208,10 +209,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 with trace.use_span(span, end_on_exit=False):
                     if kind == "unary":
+                        metrics.received.inc()  # as go-grpc-prometheus: the request counts before auth
                         self._check_auth(md, request, required, context)
-                        return await behavior(request.message, context)
-                    principal = self._check_auth(md, None, required, context)
-                    return await behavior(self._checked_stream(request, principal, required), context)
+                        response = await behavior(request.message, context)
+                    else:
+                        principal = self._check_auth(md, None, required, context)
+                        response = await behavior(self._checked_stream(request, principal, required, metrics.received), context)
+                metrics.sent.inc()  # the single response; not counted when the call fails
+                return response
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:  # the client went away (or shutdown): the call reports no status of its own
@@ -227,6 +232,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior: Callable, kind: str, service: str, name: str, required: Role):
         metrics = _MethodMetrics(kind, service, name)
+        sent = metrics.sent
 
         async def wrapper(request, context):
             started = time.perf_counter()
@@ -237,13 +243,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             principal = None
             try:
                 with trace.use_span(span, end_on_exit=False):
+                    if kind == "server_stream":
+                        metrics.received.inc()  # the single request, counted before auth like a unary one
                     caller = self._check_auth(md, request if kind == "server_stream" else None, required, context)
                     self._enter_stream(caller)
                     principal = caller
                     if kind == "server_stream":
                         responses = aiter(behavior(request.message, context))
                     else:
-                        responses = aiter(behavior(self._checked_stream(request, caller, required), context))
+                        responses = aiter(behavior(self._checked_stream(request, caller, required, metrics.received), context))
                 # The span is current while the handler runs, never across `yield`: when the client goes away
                 # while this generator waits at a `yield`, grpc.aio drops it and the event loop closes it later
                 # from another task, where detaching a context attached here fails (OpenTelemetry logs an ERROR).
@@ -254,6 +262,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                         except StopAsyncIteration:
                             break
                     yield response
+                    sent.inc()  # grpc.aio resumes the generator once the message is written
             except grpc.aio.AbortError:
                 raise
             except (asyncio.CancelledError, GeneratorExit):  # cancelled, or dropped by grpc.aio when the client left
@@ -274,18 +283,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class _MethodMetrics:
     """The labelled Prometheus children of one method, looked up once instead of on every call."""
 
-    __slots__ = ("_labels", "started", "seconds", "_handled")
+    __slots__ = ("_labels", "started", "seconds", "received", "sent", "_handled")
 
     def __init__(self, kind: str, service: str, name: str) -> None:
         self._labels = (kind, service, name)
         self.started = telemetry.GRPC_STARTED.labels(kind, service, name)
         self.seconds = telemetry.GRPC_HANDLING_SECONDS.labels(kind, service, name)
+        self.received = telemetry.GRPC_MSG_RECEIVED.labels(kind, service, name)
+        self.sent = telemetry.GRPC_MSG_SENT.labels(kind, service, name)
         self._handled: dict[grpc.StatusCode, object] = {}
 
     def handled(self, code: grpc.StatusCode):
         child = self._handled.get(code)
         if child is None:
-            child = self._handled[code] = telemetry.GRPC_HANDLED.labels(*self._labels, code.name)
+            child = self._handled[code] = telemetry.GRPC_HANDLED.labels(*self._labels, telemetry.grpc_code_label(code))
         return child
 
 

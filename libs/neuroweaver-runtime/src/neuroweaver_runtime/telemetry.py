@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Sequence
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -18,12 +19,49 @@ GRPC_HANDLED = Counter(
     "RPCs completed on the server, regardless of success or failure.",
     ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
 )
+GRPC_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received_total",
+    "Messages received by the server (1 per unary request; each message of a client stream).",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_MSG_SENT = Counter(
+    "grpc_server_msg_sent_total",
+    "Messages sent by the server (1 per successful unary response; each message of a server stream).",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
 GRPC_HANDLING_SECONDS = Histogram(
     "grpc_server_handling_seconds",
     "Response latency of RPCs handled by the server (for streams: until the stream ends).",
     ["grpc_type", "grpc_service", "grpc_method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+# `grpc_code` values as go-grpc-prometheus writes them (Go's codes.Code.String()), so community dashboards and
+# alerts (e.g. `grpc_code!="OK"`, `grpc_code=~"Unknown|Internal|Unavailable|DeadlineExceeded|DataLoss"`) match.
+GRPC_CODE_LABELS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "OK",
+    grpc.StatusCode.CANCELLED: "Canceled",
+    grpc.StatusCode.UNKNOWN: "Unknown",
+    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
+    grpc.StatusCode.ABORTED: "Aborted",
+    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
+    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
+    grpc.StatusCode.INTERNAL: "Internal",
+    grpc.StatusCode.UNAVAILABLE: "Unavailable",
+    grpc.StatusCode.DATA_LOSS: "DataLoss",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
+}
+
+
+def grpc_code_label(code: grpc.StatusCode) -> str:
+    """The `grpc_code` label value of a status code (`NotFound`, not `NOT_FOUND`)."""
+    return GRPC_CODE_LABELS[code]
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
