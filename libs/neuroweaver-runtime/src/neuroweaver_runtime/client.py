@@ -9,6 +9,11 @@ first use through `open_channel`), its stubs and its close; subclasses add the c
 Every call gets a default deadline unless it sets its own; UNAVAILABLE is retried with exponential
 backoff by gRPC's retry policy (only safe because writes carry request_id / etag).
 
+Load balancing: `round_robin` over every address the target resolves to (gRPC's default `pick_first` keeps one
+HTTP/2 connection, so behind a ClusterIP VIP every call lands on one replica). A bare `host:port` resolves
+through DNS (`dns:///host:port` spelled out); with a Kubernetes headless Service the answer is every ready pod,
+and `ipv4:a:p,b:p` names a static list. One address (a VIP, a mesh sidecar) behaves as before.
+
 TLS: `open_channel(target, tls=ClientTLS(ca=..., cert=..., key=...))`. Every internal caller builds its
 `ClientTLS` from the service's `--client-tls-*` settings (`ClientTLS.from_config`), the CLI and SDK from
 `NW_TLS_*` (`ClientTLS.from_env`); there is no other way to configure outbound TLS.
@@ -33,6 +38,7 @@ StubT = TypeVar("StubT")
 
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
@@ -44,7 +50,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
