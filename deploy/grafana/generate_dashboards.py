@@ -3,8 +3,9 @@
     .venv/bin/python deploy/grafana/generate_dashboards.py
 
 Only metrics the code really exports are queried: the shared runtime's grpc-ecosystem metrics
-(`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`, labels
-grpc_type/grpc_service/grpc_method/grpc_code) and the model server's `nw_inference_*` metrics.
+(`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`,
+`grpc_server_msg_received_total`, `grpc_server_msg_sent_total`, labels grpc_type/grpc_service/grpc_method/grpc_code
+with go-grpc-prometheus code names such as `NotFound`) and the model server's `nw_inference_*` metrics.
 tests/packaging checks every series and every grpc_method named here against the code and protos.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from neuroweaver_kube.metrics import SERVER_ERROR_CODES_REGEX
 
 OUT = Path(__file__).parent / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -169,10 +172,10 @@ def grpc_board() -> dict:
             "reqps",
             (
                 f"sum by (grpc_service, grpc_method, grpc_code) (rate(grpc_server_handled_total{{{sel}, "
-                f'grpc_code=~"INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS"}}[{RI}]))',
+                f'grpc_code=~"Unknown|Internal|Unavailable|DeadlineExceeded|DataLoss"}}[{RI}]))',
                 "{{grpc_method}} {{grpc_code}}",
             ),
-            description="Codes that are the server's fault; client errors (INVALID_ARGUMENT...) are left out.",
+            description="Codes that are the server's fault; client errors (InvalidArgument...) are left out.",
         ),
     )
     b.row("Latency (unary calls)")
@@ -205,6 +208,20 @@ def grpc_board() -> dict:
                 "{{grpc_service}}/{{grpc_method}}",
             ),
             description="Started minus finished streaming calls (WatchTrainingJob, WatchDeployment, GenerateStream...).",
+        ),
+        ts(
+            "Stream messages per second by method",
+            "short",
+            (
+                f'sum by (grpc_service, grpc_method) (rate(grpc_server_msg_sent_total{{{sel}, grpc_type!="unary"}}[{RI}]))',
+                "sent {{grpc_service}}/{{grpc_method}}",
+            ),
+            (
+                "sum by (grpc_service, grpc_method) "
+                f'(rate(grpc_server_msg_received_total{{{sel}, grpc_type=~"client_stream|bidi_stream"}}[{RI}]))',
+                "received {{grpc_service}}/{{grpc_method}}",
+            ),
+            description="Messages written to server streams and read from client streams.",
         ),
     )
     return b.render()
@@ -296,8 +313,8 @@ def inference_board() -> dict:
             "Server error ratio",
             "percentunit",
             (
-                f'sum(rate(nw_inference_requests_total{{{sel}, code=~"INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|'
-                f'DATA_LOSS|RESOURCE_EXHAUSTED|5.."}}[{RI}])) / sum(rate(nw_inference_requests_total{{{sel}}}[{RI}]))',
+                f'sum(rate(nw_inference_requests_total{{{sel}, code=~"{SERVER_ERROR_CODES_REGEX}"}}[{RI}]))'
+                f" / sum(rate(nw_inference_requests_total{{{sel}}}[{RI}]))",
                 "server errors / all",
             ),
         ),

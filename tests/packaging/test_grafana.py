@@ -90,6 +90,21 @@ def test_every_queried_series_is_exported_by_the_code():
                     assert ident in series, f"{name}: {ident} is not exported by any service"
 
 
+def test_grpc_codes_in_panels_are_go_grpc_prometheus_names():
+    """Values matched against grpc_code / code are the names the servers export (`NotFound`, not `NOT_FOUND`)."""
+    from neuroweaver_runtime.telemetry import GRPC_CODE_LABELS
+
+    names = set(GRPC_CODE_LABELS.values())
+    matched = 0
+    for name, board in dashboards().items():
+        for expr in exprs(board):
+            for value in re.findall(r'\b(?:grpc_code|code)\s*(?:!=|=~|!~|=)\s*"([^"]*)"', expr):
+                for alternative in value.split("|"):
+                    matched += 1
+                    assert alternative in names or re.fullmatch(r"[1-5][0-9.]{2}", alternative), f"{name}: {alternative}"
+    assert matched
+
+
 def test_every_grpc_method_named_in_a_panel_exists_in_the_contracts():
     methods = grpc_methods()
     pairs = 0

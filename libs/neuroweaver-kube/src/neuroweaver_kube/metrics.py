@@ -15,12 +15,12 @@ INFERENCE_REQUEST_DURATION_SECONDS = "nw_inference_request_duration_seconds"
 #: Counter of finished requests (labels: ``method``, ``code``). With prometheus_client register it as
 #: ``Counter("nw_inference_requests", ...)``: the client appends ``_total`` on exposition.
 INFERENCE_REQUESTS_TOTAL = "nw_inference_requests_total"
-#: Label carrying the outcome: the gRPC status code name (``OK``, ``INTERNAL``...) for gRPC calls and
-#: the HTTP status (``200``, ``503``...) for the OpenAI-compatible HTTP endpoint.
+#: Label carrying the outcome: the gRPC code as go-grpc-prometheus names it (``OK``, ``NotFound``, ``Internal``...)
+#: for gRPC calls and the HTTP status (``200``, ``503``...) for the OpenAI-compatible HTTP endpoint.
 CODE_LABEL = "code"
 #: Outcomes counted as server errors by the error-rate alert (a regex on ``CODE_LABEL``). Client
-#: errors (INVALID_ARGUMENT, 4xx) are not the server's fault and are left out.
-SERVER_ERROR_CODES_REGEX = "INTERNAL|UNKNOWN|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS|RESOURCE_EXHAUSTED|5.."
+#: errors (InvalidArgument, 4xx) are not the server's fault and are left out.
+SERVER_ERROR_CODES_REGEX = "Unknown|Internal|Unavailable|DeadlineExceeded|DataLoss|ResourceExhausted|5.."
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime.auth import Role, authorize, principal_var
 from neuroweaver_runtime.errors import DomainError
+from neuroweaver_runtime.grpc_errors import status_code
+from neuroweaver_runtime.telemetry import grpc_code_label
 
 from .. import metrics
 from ..domain import Completion, GenerationInput, Message, Sampling
@@ -61,13 +63,15 @@ def _deadline(context) -> float | None:
 
 
 def _code_of(deadline: float | None):
+    """The `code` label of a failed call, as go-grpc-prometheus names gRPC codes (`NotFound`, `Canceled`...)."""
+
     def code(exc: BaseException) -> str:
         if isinstance(exc, DomainError):
-            return exc.kind.name
+            return grpc_code_label(status_code(exc.kind))
         if isinstance(exc, asyncio.CancelledError):
             expired = deadline is not None and time.monotonic() >= deadline
-            return grpc.StatusCode.DEADLINE_EXCEEDED.name if expired else grpc.StatusCode.CANCELLED.name
-        return grpc.StatusCode.INTERNAL.name
+            return grpc_code_label(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+        return grpc_code_label(grpc.StatusCode.INTERNAL)
 
     return code
 
