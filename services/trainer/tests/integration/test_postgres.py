@@ -48,7 +48,7 @@ async def test_skip_locked_claims_never_double_claim(pg_url):
             while True:
                 async with db.transaction() as s:
                     repo = SqlJobRepository(s)
-                    job = await repo.claim_next(owner, time.time(), 60.0, ["LOCAL"])
+                    job = await repo.claim_next(owner, 60.0, ["LOCAL"])
                     if job is None:
                         return claimed
                     await asyncio.sleep(0.01)  # hold the row lock so the replicas overlap

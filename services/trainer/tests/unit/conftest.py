@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -115,7 +116,8 @@ class FakeJobs:
         stored = self.store.jobs.get(key)
         return (stored.job.last_sequence, stored.job.state.value) if stored else None
 
-    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
+    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
+        now = time.time()  # the fake store's clock (the SQL repository uses the database's)
         claimable = [
             s
             for s in self.store.jobs.values()
@@ -132,8 +134,8 @@ class FakeJobs:
         first.lease_owner, first.lease_expires_at = owner, now + lease_seconds
         return before
 
-    async def renew_leases(self, owner: str, keys: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
-        out = {}
+    async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
+        expires_at, out = time.time() + lease_seconds, {}
         for key in keys:
             stored = self.store.jobs.get(key)
             if stored is None:

@@ -10,7 +10,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Float, and_, cast, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.filtering import Comparison
@@ -44,6 +44,14 @@ class SqlJobRepository:
     @property
     def is_postgres(self) -> bool:
         return self.s.get_bind().dialect.name == "postgresql"
+
+    def database_now(self) -> ColumnElement[float]:
+        """The database's clock in epoch seconds, evaluated in the statement: every replica's lease decisions
+        (claim, renew, expiry) use this one clock, whatever its own says."""
+        if self.is_postgres:
+            # clock_timestamp(), not now(): a claim late in a long transaction still sees the current time.
+            return cast(func.extract("epoch", func.clock_timestamp()), Float)
+        return (func.julianday("now") - 2440587.5) * 86400.0  # the Unix epoch is Julian day 2440587.5
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -157,14 +165,15 @@ class SqlJobRepository:
 
     # -- queue -----------------------------------------------------------------------------------
 
-    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
+    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
         """Claims the oldest queued job, or a running/cancelling one whose lease expired (its worker or
-        whole replica died). PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never claim the same row;
-        SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the job before the claim."""
+        whole replica died) by the database's clock. PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never
+        claim the same row; SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the job
+        before the claim."""
         c = t.jobs.c
         claimable = or_(
             c.state == JobState.QUEUED.value,
-            and_(c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]), c.lease_expires_at < now),
+            and_(c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]), c.lease_expires_at < self.database_now()),
         )
         query = select(t.jobs).where(claimable, c.executor.in_(executors)).order_by(c.create_time, c.id).limit(1)
         if self.is_postgres:
@@ -172,15 +181,18 @@ class SqlJobRepository:
         row = (await self.s.execute(query)).first()
         if row is None:
             return None
-        await self.s.execute(update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=now + lease_seconds))
+        expires = self.database_now() + lease_seconds
+        await self.s.execute(update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=expires))
         return job_from_row(row)
 
-    async def renew_leases(self, owner: str, keys: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
-        """Extends the leases this owner still holds; returns {job id: (state, lease owner)} of every listed job."""
+    async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
+        """Extends the leases this owner still holds to `lease_seconds` from the database's now; returns
+        {job id: (state, lease owner)} of every listed job."""
         if not keys:
             return {}
         c = t.jobs.c
-        await self.s.execute(update(t.jobs).where(c.id.in_(keys), c.lease_owner == owner).values(lease_expires_at=expires_at))
+        expires = self.database_now() + lease_seconds
+        await self.s.execute(update(t.jobs).where(c.id.in_(keys), c.lease_owner == owner).values(lease_expires_at=expires))
         rows = (await self.s.execute(select(c.id, c.state, c.lease_owner).where(c.id.in_(keys)))).all()
         return {r.id: (r.state, r.lease_owner) for r in rows}
 

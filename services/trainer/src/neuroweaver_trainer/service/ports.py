@@ -57,13 +57,15 @@ class JobRepository(Protocol):
     async def last_sequence(self, key: int) -> tuple[int, str] | None:
         """(last sequence, state) of a job, or None when it was deleted."""
 
-    async def claim_next(self, owner: str, now: float, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
-        """Claims the oldest queued job, or a running/cancelling one whose lease expired (before `now`, epoch
-        seconds), for `owner` until `now + lease_seconds`; concurrent claimers never get the same job. Returns the
-        job as it was before the claim."""
+    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
+        """Claims the oldest queued job, or a running/cancelling one whose lease expired, for `owner` for
+        `lease_seconds`; concurrent claimers never get the same job. Returns the job as it was before the claim.
+        Leases are timed by the store's clock (the database's), never the caller's: replicas with skewed clocks
+        agree on which leases are live."""
 
-    async def renew_leases(self, owner: str, keys: list[int], expires_at: float) -> dict[int, tuple[str, str]]:
-        """Extends the leases this owner still holds; {job key: (state, lease owner)} of every listed job."""
+    async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
+        """Extends the leases this owner still holds to `lease_seconds` from now (the store's clock);
+        {job key: (state, lease owner)} of every listed job."""
 
 
 class UnitOfWork(Protocol):

@@ -3,7 +3,9 @@
 * Claim: the oldest QUEUED job, or a RUNNING/CANCELLING one whose lease expired because its worker or
   whole replica died (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas share the queue safely).
 * Lease: renewed every `heartbeat_seconds` while this replica's worker lives; `attempts` is the fencing
-  token every worker write carries, so a worker that lost its lease cannot write any more.
+  token every worker write carries, so a worker that lost its lease cannot write any more. Expiry is timed by
+  the database's clock (the repository's), never this replica's, so a skewed clock neither steals a live lease
+  nor stretches its own.
 * Exit: a worker writes SUCCEEDED/FAILED/CANCELLED itself. If it dies without doing so, the job is requeued
   (it resumes from its last checkpoint) up to `max_attempts`, then fails with the reason.
 * Cancel: SIGTERM to the local worker (it stops after the current step and keeps the last checkpoint);
@@ -137,7 +139,7 @@ class Scheduler:
         now = utcnow()
         async with self.uow.transaction() as uow:
             repo = uow.jobs
-            claimed = await repo.claim_next(self.s.owner, time.time(), self.s.lease_seconds, self.executors)
+            claimed = await repo.claim_next(self.s.owner, self.s.lease_seconds, self.executors)
             if claimed is None:
                 return False
             state = claimed.state
@@ -209,7 +211,7 @@ class Scheduler:
         if not self.running:
             return
         async with self.uow.transaction() as uow:
-            states = await uow.jobs.renew_leases(self.s.owner, list(self.running), time.time() + self.s.lease_seconds)
+            states = await uow.jobs.renew_leases(self.s.owner, list(self.running), self.s.lease_seconds)
         for pk, r in list(self.running.items()):
             state, owner = states.get(pk, ("", ""))
             if state and JobState(state).terminal:
