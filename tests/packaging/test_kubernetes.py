@@ -78,7 +78,8 @@ def test_every_object_is_valid_kubernetes_1_30(name, rendered):
 
 def test_validation_is_not_vacuous():
     """A misspelt field must fail strict validation (guards against a validator that accepts anything)."""
-    dep = yaml.safe_load((K8S / "base/registry.yaml").read_text().split("---\n")[3])
+    docs = yaml.safe_load_all((K8S / "base/registry.yaml").read_text())
+    dep = next(d for d in docs if d and d["kind"] == "Deployment")
     dep["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, "1.30.0", strict=True)
@@ -93,7 +94,7 @@ def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
     for svc, dep in deps.items():
         c = _container(dep)
         container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert container_ports == {"grpc": ports[svc], "metrics": METRICS_PORTS[svc]}
+        assert container_ports == {"grpc": ports[svc], "http-metrics": METRICS_PORTS[svc]}
         env = _env(c)
         assert env[f"NW_{svc.upper()}_PORT"]["value"] == str(ports[svc])
         assert env[f"NW_{svc.upper()}_METRICS_PORT"]["value"] == str(METRICS_PORTS[svc])
@@ -127,20 +128,58 @@ def test_pods_are_non_root_read_only_and_bounded(name, rendered):
         assert pod["automountServiceAccountToken"] is (svc in ("trainer", "deployer"))
 
 
+def _services(objs, headless: bool) -> dict:
+    return {
+        o["metadata"]["name"].removeprefix("neuroweaver-").removesuffix("-headless"): o
+        for o in objs
+        if o["kind"] == "Service" and (o["spec"].get("clusterIP") == "None") is headless
+    }
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_services_select_their_pods_and_declare_grpc(name, rendered):
+    """Per service a ClusterIP Service (gRPC + metrics: one address for outside callers, the scrape target) and a
+    headless one (gRPC only: DNS answers every ready pod, for the platform's round_robin clients). Port names carry
+    the protocol the way meshes read it (`grpc`, `http-*`), and every port declares its appProtocol."""
     objs = rendered[name]
     deps = _deployments(objs)
-    services = {o["metadata"]["name"].removeprefix("neuroweaver-"): o for o in objs if o["kind"] == "Service"}
-    assert set(services) == set(SERVICES)
-    for svc, s in services.items():
+    clusterip, headless = _services(objs, False), _services(objs, True)
+    assert set(clusterip) == set(headless) == set(SERVICES)
+    for svc in SERVICES:
         pod_labels = deps[svc]["spec"]["template"]["metadata"]["labels"]
-        assert s["spec"]["selector"].items() <= pod_labels.items()
         assert deps[svc]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-        grpc = next(p for p in s["spec"]["ports"] if p["name"] == "grpc")
-        assert grpc["appProtocol"] == "grpc" and grpc["port"] == default_ports()[svc]
         named = {p["name"] for p in _container(deps[svc])["ports"]}
-        assert {p["targetPort"] for p in s["spec"]["ports"]} <= named
+        for s in (clusterip[svc], headless[svc]):
+            assert s["spec"]["selector"].items() <= pod_labels.items()
+            grpc = next(p for p in s["spec"]["ports"] if p["name"] == "grpc")
+            assert grpc["appProtocol"] == "grpc" and grpc["port"] == default_ports()[svc]
+            assert {p["targetPort"] for p in s["spec"]["ports"]} <= named
+            for p in s["spec"]["ports"]:
+                assert p["name"] == "grpc" or p["name"].startswith("http-"), p
+                assert p["appProtocol"] == ("grpc" if p["name"] == "grpc" else "http"), p
+        assert clusterip[svc]["spec"].get("type", "ClusterIP") == "ClusterIP"
+        assert headless[svc]["metadata"]["name"] == f"neuroweaver-{svc}-headless"
+        assert [p["name"] for p in headless[svc]["spec"]["ports"]] == ["grpc"]
+        assert not headless[svc]["spec"].get("publishNotReadyAddresses"), "only ready pods take calls"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_internal_targets_dial_headless_services_through_dns(name, rendered):
+    """Every NW_<SVC>_<PEER>_TARGET is dns:///neuroweaver-<peer>-headless:<its gRPC port>, a headless Service of this
+    package: the runtime client's round_robin then spreads calls over every ready replica of the peer."""
+    objs = rendered[name]
+    headless = {s["metadata"]["name"]: s for s in _services(objs, True).values()}
+    targets = 0
+    for svc, dep in _deployments(objs).items():
+        for var, e in _env(_container(dep)).items():
+            if not var.endswith("_TARGET"):
+                continue
+            peer = var.removeprefix(f"NW_{svc.upper()}_").removesuffix("_TARGET").lower()
+            assert e["value"] == f"dns:///neuroweaver-{peer}-headless:{default_ports()[peer]}", var
+            host, port = e["value"].removeprefix("dns:///").rsplit(":", 1)
+            assert int(port) in {p["port"] for p in headless[host]["spec"]["ports"]}
+            targets += 1
+    assert targets >= 4  # trainer, deployer, experiments → registry; experiments → deployer
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -149,9 +188,17 @@ def test_service_monitors_scrape_every_service_metrics_port(name, rendered):
     services = [o for o in objs if o["kind"] == "Service"]
     monitors = [o for o in objs if o["kind"] == "ServiceMonitor"]
     covered = set()
+
+    def selects(selector, labels) -> bool:
+        for expr in selector.get("matchExpressions", []):
+            assert expr["operator"] == "DoesNotExist", expr  # the only operator these selectors use
+            if expr["key"] in labels:
+                return False
+        return selector["matchLabels"].items() <= labels.items()
+
     for m in monitors:
-        sel = m["spec"]["selector"]["matchLabels"]
-        (target,) = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+        # One Service per monitor: the headless twin (same pods) is left out, or each pod would be scraped twice.
+        (target,) = [s for s in services if selects(m["spec"]["selector"], s["metadata"]["labels"])]
         ports = {p["name"] for p in target["spec"]["ports"]}
         assert all(e["port"] in ports for e in m["spec"]["endpoints"])
         covered.add(target["metadata"]["name"])
@@ -281,7 +328,7 @@ def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name
         labels = dep["spec"]["template"]["metadata"]["labels"]
         ports = {p["name"]: p["containerPort"] for p in _container(dep)["ports"]}
         assert ports["grpc"] in allowed_ports(labels, "podSelector"), svc
-        assert ports["metrics"] in allowed_ports(labels, "namespaceSelector"), svc
+        assert ports["http-metrics"] in allowed_ports(labels, "namespaceSelector"), svc
 
 
 def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
@@ -309,7 +356,7 @@ def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
             assert cmd[cmd.index("--tls-server-name") + 1] == f"neuroweaver-{svc}" in services
         for var, e in _env(c).items():
             if var.endswith("_TARGET"):  # the name its peers' certificates must carry is the Service it dials
-                assert e["value"].rsplit(":", 1)[0] in services, var
+                assert e["value"].removeprefix("dns:///").rsplit(":", 1)[0] in services, var
     trainer = _env(_container(deps["trainer"]))
     assert trainer["NW_TRAINER_KUBE_TLS_SECRET"]["value"] == "neuroweaver-trainer-tls"
     # ... and the model-server pods the deployer creates get their certificate (mTLS: the deployer has a client CA).
