@@ -95,6 +95,9 @@ class GrpcService:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # GOAWAY after 5 min: clients re-resolve their dns:/// target, so replicas added since (a
+                # scale-up behind a headless Service) get calls too. No grace limit: open streams finish.
+                ("grpc.max_connection_age_ms", 300_000),
             ],
         )
         d.add_servicers(server)
