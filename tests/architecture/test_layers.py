@@ -35,11 +35,14 @@ def test_domain_packages_load_no_grpc(service):
 
 
 def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports (and `module.name` for from-imports); relative ones keep their dots (`..adapters`)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
@@ -59,3 +62,25 @@ def test_production_code_never_imports_test_helpers():
         if path.name != "testing.py" and any(_is_test_helper(m) for m in _imported_modules(path))
     ]
     assert not offenders, offenders
+
+
+# What use cases and domain may not import: storage, wire formats, and the adapters that hide them behind ports.
+_BELOW_THE_PORTS = {"sqlalchemy", "asyncpg", "grpc", "google", "aiohttp", "neuroweaver_kube"}
+
+
+@pytest.mark.parametrize("service", ["registry", "trainer", "deployer", "experiments"])
+def test_use_cases_and_domain_reach_storage_only_through_ports(service):
+    """service/ and domain/ import no SQLAlchemy, gRPC, protobuf or adapters: the unit of work and the repositories
+    (service/ports.py) are their only way to storage and to other services."""
+    package = ROOT / "services" / service / "src" / f"neuroweaver_{service}"
+    checked = sorted((package / "service").glob("*.py")) + sorted((package / "domain").glob("*.py"))
+    assert len(checked) >= 6
+    for path in checked:
+        bad = {
+            name
+            for name in _imported_modules(path)
+            if name.split(".")[0] in _BELOW_THE_PORTS
+            or name.lstrip(".").startswith("adapters")
+            or name.startswith("neuroweaver.")
+        }
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -7,13 +7,15 @@ as an admin connection and create one throw-away database per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from .errors import DomainError, InvalidArgument
 from .ports import free_port as free_port  # re-exported: tests import it from here
 
 ADMIN_URL = os.environ.get("NW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -146,3 +148,36 @@ class TestCA:
         path = self.directory / filename
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return path
+
+
+class Duplicate(Exception):
+    """An in-memory fake's unique-constraint violation."""
+
+
+class FakeUnitOfWorkBase:
+    """The in-memory twin of `unit_of_work.SqlUnitOfWorkBase` for use-case tests: idempotency keys in `requests`
+    (request_id → (method, fingerprint, resource)) and `Duplicate` mapped like an integrity error."""
+
+    def __init__(self, requests: dict[str, tuple[str, str, str]]) -> None:
+        self._requests = requests
+
+    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
+        earlier = self._requests.get(request_id) if request_id else None
+        if earlier is None:
+            return None
+        if earlier[:2] != (method, fingerprint):
+            raise InvalidArgument(
+                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
+            )
+        return earlier[2]
+
+    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
+        if request_id:
+            self._requests[request_id] = (method, fingerprint, resource)
+
+    @contextlib.contextmanager
+    def duplicate(self, error: DomainError) -> Iterator[None]:
+        try:
+            yield
+        except Duplicate:
+            raise error from None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
@@ -33,15 +33,12 @@ from neuroweaver_deployer.domain.model import (
 )
 from neuroweaver_deployer.service.controller import Controller
 from neuroweaver_deployer.service.deployer import DeployerService
-from neuroweaver_runtime.errors import DomainError, InvalidArgument, NotFound
+from neuroweaver_runtime.errors import NotFound
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.testing import Duplicate, FakeUnitOfWorkBase
 
 FIELDS = {f.name for f in dataclasses.fields(Deployment)}
-
-
-class Duplicate(Exception):
-    """The fake's unique-constraint violation."""
 
 
 @dataclass
@@ -122,31 +119,11 @@ class FakeDeployments:
         return copy.deepcopy(next((r for r in self.store.revisions.get(key, []) if r.revision == number), None))
 
 
-class FakeUnitOfWork:
+class FakeUnitOfWork(FakeUnitOfWorkBase):
     def __init__(self, store: Store) -> None:
+        super().__init__(store.requests)
         self.deployments = FakeDeployments(store)
         self.store = store
-
-    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        earlier = self.store.requests.get(request_id) if request_id else None
-        if earlier is None:
-            return None
-        if earlier[:2] != (method, fingerprint):
-            raise InvalidArgument(
-                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
-            )
-        return earlier[2]
-
-    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
-        if request_id:
-            self.store.requests[request_id] = (method, fingerprint, resource)
-
-    @contextmanager
-    def duplicate(self, error: DomainError) -> Iterator[None]:
-        try:
-            yield
-        except Duplicate:
-            raise error from None
 
 
 class FakeUnitOfWorkFactory:

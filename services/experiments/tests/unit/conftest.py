@@ -9,8 +9,8 @@ SQLite. The API tests run the same use cases on the SQL repositories (SQLite and
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,12 +19,9 @@ import pytest
 from neuroweaver_experiments.domain.experiment import Experiment
 from neuroweaver_experiments.domain.statistics import SequentialState, SufficientStats
 from neuroweaver_experiments.service.experiments import ExperimentsService
-from neuroweaver_runtime.errors import Aborted, DomainError, InvalidArgument
+from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.pagination import PageTokens
-
-
-class Duplicate(Exception):
-    """The fake's unique-constraint violation."""
+from neuroweaver_runtime.testing import Duplicate, FakeUnitOfWorkBase
 
 
 @dataclass
@@ -156,33 +153,11 @@ class FakeMetrics(_Repo):
             self.store.sequential[(key, metric, variant)] = state
 
 
-class FakeUnitOfWork:
+class FakeUnitOfWork(FakeUnitOfWorkBase):
     def __init__(self, store: Store) -> None:
+        super().__init__(store.requests)
         self.store = store
         self.experiments, self.assignments, self.metrics = FakeExperiments(store), FakeAssignments(store), FakeMetrics(store)
-
-    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        earlier = self.store.requests.get(request_id) if request_id else None
-        if earlier is None:
-            return None
-        if earlier[:2] != (method, fingerprint):
-            raise InvalidArgument(
-                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
-            )
-        return earlier[2]
-
-    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
-        if request_id in self.store.requests:
-            raise Aborted("another call with this request_id completed meanwhile", reason="REQUEST_ID_IN_FLIGHT")
-        if request_id:
-            self.store.requests[request_id] = (method, fingerprint, resource)
-
-    @contextmanager
-    def duplicate(self, error: DomainError) -> Iterator[None]:
-        try:
-            yield
-        except Duplicate:
-            raise error from None
 
 
 class FakeUnitOfWorkFactory:

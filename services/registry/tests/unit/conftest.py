@@ -8,8 +8,8 @@ stored state only through the repositories. The API tests run the same use cases
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +28,9 @@ from neuroweaver_registry.domain.model import (
 )
 from neuroweaver_registry.service.ports import Resolved
 from neuroweaver_registry.service.registry import Registry
-from neuroweaver_runtime.errors import DomainError, InvalidArgument
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
-
-
-class Duplicate(Exception):
-    """The fake's unique-constraint violation."""
+from neuroweaver_runtime.testing import Duplicate, FakeUnitOfWorkBase
 
 
 @dataclass
@@ -232,33 +228,13 @@ class FakeJudges(_Repo):
         return [copy.deepcopy(self.store.judge_versions[(judge.key, n)]) for n in numbers]
 
 
-class FakeUnitOfWork:
+class FakeUnitOfWork(FakeUnitOfWorkBase):
     def __init__(self, store: Store) -> None:
+        super().__init__(store.requests)
         self.store = store
         self.models, self.versions, self.aliases = FakeModels(store), FakeVersions(store), FakeAliases(store)
         self.events, self.judges = FakeEvents(store), FakeJudges(store)
         self.woken: set[str] = set()
-
-    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        earlier = self.store.requests.get(request_id) if request_id else None
-        if earlier is None:
-            return None
-        if earlier[:2] != (method, fingerprint):
-            raise InvalidArgument(
-                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
-            )
-        return earlier[2]
-
-    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
-        if request_id:
-            self.store.requests[request_id] = (method, fingerprint, resource)
-
-    @contextmanager
-    def duplicate(self, error: DomainError) -> Iterator[None]:
-        try:
-            yield
-        except Duplicate:
-            raise error from None
 
     async def append_event(self, project: str, event: ModelEvent) -> None:
         await self.events.append(project, event)

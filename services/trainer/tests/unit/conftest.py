@@ -10,8 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -19,17 +18,13 @@ from typing import Any
 import pytest
 
 from neuroweaver_ml import PathRoots
-from neuroweaver_runtime.errors import DomainError, InvalidArgument
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
+from neuroweaver_runtime.testing import Duplicate, FakeUnitOfWorkBase
 from neuroweaver_trainer.domain.job import Executor, JobEvent, JobState, TrainingJob
 from neuroweaver_trainer.service.feeds import FeedHub
 from neuroweaver_trainer.service.jobs import JobPolicy, TrainerService
 from neuroweaver_trainer.service.ports import notify_key
-
-
-class Duplicate(Exception):
-    """The fake's unique-constraint violation."""
 
 
 @dataclass
@@ -146,32 +141,12 @@ class FakeJobs:
         return out
 
 
-class FakeUnitOfWork:
+class FakeUnitOfWork(FakeUnitOfWorkBase):
     def __init__(self, store: Store) -> None:
+        super().__init__(store.requests)
         self.store = store
         self.jobs = FakeJobs(store)
         self.woken: set[int] = set()
-
-    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        earlier = self.store.requests.get(request_id) if request_id else None
-        if earlier is None:
-            return None
-        if earlier[:2] != (method, fingerprint):
-            raise InvalidArgument(
-                "request_id was already used for a different request", field="request_id", reason="REQUEST_ID_REUSED"
-            )
-        return earlier[2]
-
-    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
-        if request_id:
-            self.store.requests[request_id] = (method, fingerprint, resource)
-
-    @contextmanager
-    def duplicate(self, error: DomainError) -> Iterator[None]:
-        try:
-            yield
-        except Duplicate:
-            raise error from None
 
     def wake(self, key: int) -> None:
         self.woken.add(key)

@@ -2,47 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from neuroweaver_runtime.db import Database
-from neuroweaver_runtime.errors import Aborted, DomainError
-from neuroweaver_runtime.idempotency import CreateOnce
+from neuroweaver_runtime.unit_of_work import SqlUnitOfWorkBase
 
 from . import tables
 from .repository import SqlAssignmentRepository, SqlExperimentRepository, SqlMetricRepository
 
 
-class SqlUnitOfWork:
+class SqlUnitOfWork(SqlUnitOfWorkBase):
     def __init__(self, session: AsyncSession, is_postgres: bool) -> None:
-        self.session = session
+        super().__init__(session, tables.idempotency_keys)
         self.experiments = SqlExperimentRepository(session, is_postgres)
         self.assignments = SqlAssignmentRepository(session, is_postgres)
         self.metrics = SqlMetricRepository(session, is_postgres)
-
-    async def find_request(self, request_id: str, method: str, fingerprint: str) -> str | None:
-        return await CreateOnce(tables.idempotency_keys, method, request_id, fingerprint).earlier(self.session)
-
-    async def remember_request(self, request_id: str, method: str, fingerprint: str, resource: str) -> None:
-        # A concurrent call with the same request_id got there first (both missed in `find_request`): this one rolls
-        # back, and its retry finds what the other created.
-        with self.duplicate(
-            Aborted(
-                "another call with this request_id completed meanwhile; retry to get its result",
-                reason="REQUEST_ID_IN_FLIGHT",
-            )
-        ):
-            await CreateOnce(tables.idempotency_keys, method, request_id, fingerprint).remember(self.session, resource)
-
-    @contextmanager
-    def duplicate(self, error: DomainError) -> Iterator[None]:
-        try:
-            yield
-        except IntegrityError:
-            raise error from None
 
 
 class SqlUnitOfWorkFactory:
