@@ -303,6 +303,8 @@ NOT_NAMES = {
     "neuroweaver.deployer.v1.Deployment.served_model_name": "output-only engine-facing model label",
     "neuroweaver.experiments.v1.Experiment.display_name": "free text",
     "neuroweaver.experiments.v1.Variant.served_model_name": "output-only engine-facing model label",
+    "neuroweaver.deployer.v1.Deployment.model_names": "output-only names the model server answers to (ignored on input)",
+    "neuroweaver.experiments.v1.Variant.model": "output-only model name to send (ignored on input)",
     "neuroweaver.experiments.v1.MetricSpec.name": "metric name",
     "neuroweaver.experiments.v1.Experiment.promote_alias": "alias id of the winner's model",
     "neuroweaver.experiments.v1.ConcludeExperimentRequest.alias": "alias id of the winner's model",

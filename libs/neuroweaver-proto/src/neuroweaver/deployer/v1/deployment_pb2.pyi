@@ -271,6 +271,7 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    MODEL_NAMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     model_version: _builtins.str
@@ -287,7 +288,9 @@ class Deployment(_message.Message):
     served_version: _builtins.str
     """Version currently served (resolved from the alias when following one)."""
     served_model_name: _builtins.str
-    """Adapter name the model server serves it under (unique per version)."""
+    """Name unique to the served version and its weights (`<model>-<version>-<sha256[:8]>`). The model server
+    accepts it too, but it changes with every version: callers send one of `model_names` instead.
+    """
     endpoint: _builtins.str
     """gRPC endpoint (`host:port`) of the model server or its Service."""
     openai_base_url: _builtins.str
@@ -311,6 +314,14 @@ class Deployment(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names the deployment's model server answers to, the same across rollovers, rollbacks and scaling: the
+        deployment's resource name (first), its id, and while it follows an alias `{model}@{alias}` and
+        `projects/{p}/models/{model}@{alias}`. Responses say which version served each request
+        (`GenerateResponse.model_version`, the `x-neuroweaver-model-version` header).
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +347,11 @@ class Deployment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        model_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "create_time", b"create_time", "resources", b"resources", "serving", b"serving", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "backend", b"backend", "conditions", b"conditions", "create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "labels", b"labels", "model_alias", b"model_alias", "model_version", b"model_version", "name", b"name", "namespace", b"namespace", "openai_base_url", b"openai_base_url", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "resources", b"resources", "revision", b"revision", "served_model_name", b"served_model_name", "served_version", b"served_version", "serving", b"serving", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "backend", b"backend", "conditions", b"conditions", "create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "labels", b"labels", "model_alias", b"model_alias", "model_names", b"model_names", "model_version", b"model_version", "name", b"name", "namespace", b"namespace", "openai_base_url", b"openai_base_url", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "resources", b"resources", "revision", b"revision", "served_model_name", b"served_model_name", "served_version", b"served_version", "serving", b"serving", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _MetricKind:
@@ -135,6 +140,7 @@ class Variant(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     OPENAI_BASE_URL_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Short id, for example `control` or `treatment`."""
     model_version: _builtins.str
@@ -144,11 +150,29 @@ class Variant(_message.Message):
     weight: _builtins.float
     """Traffic share; all weights sum to 1."""
     endpoint: _builtins.str
-    """Endpoint of the deployment at start (`host:port`), returned by AssignVariant."""
+    """Endpoint of the deployment (`host:port`; the same across its rollovers), resolved at start, returned by
+    AssignVariant.
+    """
     openai_base_url: _builtins.str
     """OpenAI-compatible base URL of the deployment."""
-    served_model_name: _builtins.str
-    """Model name to send to the endpoint."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def served_model_name(self) -> _builtins.str:
+        """Deprecated: use `model`. Holds the same stable name (it held a version-specific name before, which stopped
+        working when the deployment rolled over).
+        """
+
+    @served_model_name.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def served_model_name(self, value: _builtins.str) -> None:
+        """Deprecated: use `model`. Holds the same stable name (it held a version-specific name before, which stopped
+        working when the deployment rolled over).
+        """
+
+    model: _builtins.str
+    """Model name to send to the endpoint: the deployment's resource name, which its model server answers to across
+    rollovers (responses say which version served). Empty when the variant names no deployment.
+    """
     def __init__(
         self,
         *,
@@ -159,10 +183,11 @@ class Variant(_message.Message):
         endpoint: _builtins.str = ...,
         openai_base_url: _builtins.str = ...,
         served_model_name: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "endpoint", b"endpoint", "id", b"id", "model_version", b"model_version", "openai_base_url", b"openai_base_url", "served_model_name", b"served_model_name", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "endpoint", b"endpoint", "id", b"id", "model", b"model", "model_version", b"model_version", "openai_base_url", b"openai_base_url", "served_model_name", b"served_model_name", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from neuroweaver.inference.v1 import inference_pb2 as neuroweaver_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0neuroweaver/inference/v1/inference_service.proto\x12\x18neuroweaver.inference.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a(neuroweaver/inference/v1/inference.proto\"\xb1\x01\n\x0fGenerateRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32%.neuroweaver.inference.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12@\n\x08sampling\x18\x04 \x01(\x0b\x32(.neuroweaver.inference.v1.SamplingParamsB\x04\xe2\x41\x01\x01\"\x82\x02\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12=\n\rfinish_reason\x18\x03 \x01(\x0e\x32&.neuroweaver.inference.v1.FinishReason\x12.\n\x05usage\x18\x04 \x01(\x0b\x32\x1f.neuroweaver.inference.v1.Usage\x12*\n\x07latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x01\n\x15GenerateStreamRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32%.neuroweaver.inference.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12@\n\x08sampling\x18\x04 \x01(\x0b\x32(.neuroweaver.inference.v1.SamplingParamsB\x04\xe2\x41\x01\x01\"\xfa\x01\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12=\n\rfinish_reason\x18\x02 \x01(\x0e\x32&.neuroweaver.inference.v1.FinishReason\x12.\n\x05usage\x18\x03 \x01(\x0b\x32\x1f.neuroweaver.inference.v1.Usage\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x13\n\x11ListModelsRequest\"K\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32%.neuroweaver.inference.v1.ServedModel\"\xa1\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\rmodel_version\x18\x02 \x01(\tB)\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x04 \x01(\t\x12\x16\n\x0equantized_4bit\x18\x05 \x01(\x08\x32\xda\x02\n\x10InferenceService\x12\x61\n\x08Generate\x12).neuroweaver.inference.v1.GenerateRequest\x1a*.neuroweaver.inference.v1.GenerateResponse\x12u\n\x0eGenerateStream\x12/.neuroweaver.inference.v1.GenerateStreamRequest\x1a\x30.neuroweaver.inference.v1.GenerateStreamResponse0\x01\x12l\n\nListModels\x12+.neuroweaver.inference.v1.ListModelsRequest\x1a,.neuroweaver.inference.v1.ListModelsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0neuroweaver/inference/v1/inference_service.proto\x12\x18neuroweaver.inference.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a(neuroweaver/inference/v1/inference.proto\"\xb1\x01\n\x0fGenerateRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32%.neuroweaver.inference.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12@\n\x08sampling\x18\x04 \x01(\x0b\x32(.neuroweaver.inference.v1.SamplingParamsB\x04\xe2\x41\x01\x01\"\xf6\x02\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12=\n\rfinish_reason\x18\x03 \x01(\x0e\x32&.neuroweaver.inference.v1.FinishReason\x12.\n\x05usage\x18\x04 \x01(\x0b\x32\x1f.neuroweaver.inference.v1.Usage\x12*\n\x07latency\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12@\n\rmodel_version\x18\x07 \x01(\tB)\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x14\n\x0cserved_model\x18\x08 \x01(\t\x12\x1a\n\x12system_fingerprint\x18\t \x01(\t\"\xb7\x01\n\x15GenerateStreamRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32%.neuroweaver.inference.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12@\n\x08sampling\x18\x04 \x01(\x0b\x32(.neuroweaver.inference.v1.SamplingParamsB\x04\xe2\x41\x01\x01\"\xfd\x02\n\x16GenerateStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12=\n\rfinish_reason\x18\x02 \x01(\x0e\x32&.neuroweaver.inference.v1.FinishReason\x12.\n\x05usage\x18\x03 \x01(\x0b\x32\x1f.neuroweaver.inference.v1.Usage\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05model\x18\x06 \x01(\t\x12@\n\rmodel_version\x18\x07 \x01(\tB)\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x14\n\x0cserved_model\x18\x08 \x01(\t\x12\x1a\n\x12system_fingerprint\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"K\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32%.neuroweaver.inference.v1.ServedModel\"\xd3\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\rmodel_version\x18\x02 \x01(\tB)\xfa\x41&\n$registry.neuroweaver.ai/ModelVersion\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x04 \x01(\t\x12\x16\n\x0equantized_4bit\x18\x05 \x01(\x08\x12\x14\n\x0cstable_names\x18\x06 \x03(\t\x12\x1a\n\x12system_fingerprint\x18\x07 \x01(\t2\xda\x02\n\x10InferenceService\x12\x61\n\x08Generate\x12).neuroweaver.inference.v1.GenerateRequest\x1a*.neuroweaver.inference.v1.GenerateResponse\x12u\n\x0eGenerateStream\x12/.neuroweaver.inference.v1.GenerateStreamRequest\x1a\x30.neuroweaver.inference.v1.GenerateStreamResponse0\x01\x12l\n\nListModels\x12+.neuroweaver.inference.v1.ListModelsRequest\x1a,.neuroweaver.inference.v1.ListModelsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\001'
   _globals['_GENERATEREQUEST'].fields_by_name['sampling']._loaded_options = None
   _globals['_GENERATEREQUEST'].fields_by_name['sampling']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATERESPONSE'].fields_by_name['model_version']._loaded_options = None
+  _globals['_GENERATERESPONSE'].fields_by_name['model_version']._serialized_options = b'\372A&\n$registry.neuroweaver.ai/ModelVersion'
   _globals['_GENERATESTREAMREQUEST'].fields_by_name['model']._loaded_options = None
   _globals['_GENERATESTREAMREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\001'
   _globals['_GENERATESTREAMREQUEST'].fields_by_name['sampling']._loaded_options = None
   _globals['_GENERATESTREAMREQUEST'].fields_by_name['sampling']._serialized_options = b'\342A\001\001'
+  _globals['_GENERATESTREAMRESPONSE'].fields_by_name['model_version']._loaded_options = None
+  _globals['_GENERATESTREAMRESPONSE'].fields_by_name['model_version']._serialized_options = b'\372A&\n$registry.neuroweaver.ai/ModelVersion'
   _globals['_SERVEDMODEL'].fields_by_name['model_version']._loaded_options = None
   _globals['_SERVEDMODEL'].fields_by_name['model_version']._serialized_options = b'\372A&\n$registry.neuroweaver.ai/ModelVersion'
   _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._loaded_options = None
@@ -50,17 +54,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=213
   _globals['_GENERATEREQUEST']._serialized_end=390
   _globals['_GENERATERESPONSE']._serialized_start=393
-  _globals['_GENERATERESPONSE']._serialized_end=651
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=654
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=837
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=840
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1090
-  _globals['_LISTMODELSREQUEST']._serialized_start=1092
-  _globals['_LISTMODELSREQUEST']._serialized_end=1111
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1113
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1188
-  _globals['_SERVEDMODEL']._serialized_start=1191
-  _globals['_SERVEDMODEL']._serialized_end=1352
-  _globals['_INFERENCESERVICE']._serialized_start=1355
-  _globals['_INFERENCESERVICE']._serialized_end=1701
+  _globals['_GENERATERESPONSE']._serialized_end=767
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=770
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=953
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=956
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1337
+  _globals['_LISTMODELSREQUEST']._serialized_start=1339
+  _globals['_LISTMODELSREQUEST']._serialized_end=1358
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1360
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1435
+  _globals['_SERVEDMODEL']._serialized_start=1438
+  _globals['_SERVEDMODEL']._serialized_end=1649
+  _globals['_INFERENCESERVICE']._serialized_start=1652
+  _globals['_INFERENCESERVICE']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)

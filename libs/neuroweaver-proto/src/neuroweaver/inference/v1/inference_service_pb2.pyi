@@ -29,7 +29,9 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Served model name (see ListModels); empty selects the only model served."""
+    """Any name the server answers to (see ListModels: `ServedModel.stable_names` or `name`); empty selects the
+    only model served. Any other name is NOT_FOUND (`MODEL_NOT_FOUND`).
+    """
     prompt: _builtins.str
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
@@ -63,9 +65,19 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The name the request used (the server's first stable name when the request left it empty)."""
     text: _builtins.str
     finish_reason: _inference_pb2.FinishReason.ValueType
+    model_version: _builtins.str
+    """Registry version that served this request (full name), when known."""
+    served_model: _builtins.str
+    """Name unique to that version and its weights (`ServedModel.name`), for example `auto-advisor-1-2-0-3f2a9c1d`."""
+    system_fingerprint: _builtins.str
+    """Short stable fingerprint of the version and its weights, as the OpenAI API's `system_fingerprint`."""
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage: ...
     @_builtins.property
@@ -85,10 +97,13 @@ class GenerateResponse(_message.Message):
         usage: _inference_pb2.Usage | None = ...,
         latency: _duration_pb2.Duration | None = ...,
         time_to_first_token: _duration_pb2.Duration | None = ...,
+        model_version: _builtins.str = ...,
+        served_model: _builtins.str = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "latency", b"latency", "model", b"model", "text", b"text", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "latency", b"latency", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "text", b"text", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -133,10 +148,19 @@ class GenerateStreamResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """Text generated since the previous message."""
     finish_reason: _inference_pb2.FinishReason.ValueType
     """Set on the last message only."""
+    model: _builtins.str
+    """On the last message only: what GenerateResponse has in the fields of the same names."""
+    model_version: _builtins.str
+    served_model: _builtins.str
+    system_fingerprint: _builtins.str
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage: ...
     @_builtins.property
@@ -151,10 +175,14 @@ class GenerateStreamResponse(_message.Message):
         usage: _inference_pb2.Usage | None = ...,
         latency: _duration_pb2.Duration | None = ...,
         time_to_first_token: _duration_pb2.Duration | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        served_model: _builtins.str = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "latency", b"latency", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "latency", b"latency", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,14 +234,27 @@ class ServedModel(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     QUANTIZED_4BIT_FIELD_NUMBER: _builtins.int
+    STABLE_NAMES_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique per model version, for example `auto-advisor-1-2-0`."""
+    """Unique per model version and weights, for example `auto-advisor-1-2-0-3f2a9c1d`: naming it pins the version
+    (a caller naming it gets NOT_FOUND once the deployment serves another version).
+    """
     model_version: _builtins.str
     """Registry version it serves (full name), when known."""
     base_model: _builtins.str
     adapter_sha256: _builtins.str
     """sha256 of the adapter that was loaded (checked against the registry's digest)."""
     quantized_4bit: _builtins.bool
+    system_fingerprint: _builtins.str
+    """What responses carry as `system_fingerprint`."""
+    @_builtins.property
+    def stable_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names that stay the same across the deployment's versions (first: the default), for example
+        `projects/default/deployments/advisor`, `advisor`, `auto-advisor@production`. Empty when the server runs on
+        its own, outside a deployment.
+        """
+
     def __init__(
         self,
         *,
@@ -222,10 +263,12 @@ class ServedModel(_message.Message):
         base_model: _builtins.str = ...,
         adapter_sha256: _builtins.str = ...,
         quantized_4bit: _builtins.bool = ...,
+        stable_names: _abc.Iterable[_builtins.str] | None = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "base_model", b"base_model", "model_version", b"model_version", "name", b"name", "quantized_4bit", b"quantized_4bit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "base_model", b"base_model", "model_version", b"model_version", "name", b"name", "quantized_4bit", b"quantized_4bit", "stable_names", b"stable_names", "system_fingerprint", b"system_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

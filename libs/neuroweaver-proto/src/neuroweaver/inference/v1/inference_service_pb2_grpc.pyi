@@ -27,8 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """The model server: a base model plus a LoRA adapter, served under a name unique to the model version.
-    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+    """The model server: a base model plus a LoRA adapter. It answers to a set of names: the stable names of the
+    deployment it belongs to (the deployment's resource name `projects/{p}/deployments/{d}`, its id `{d}`, and
+    `{model}@{alias}` / `projects/{p}/models/{model}@{alias}` while the deployment follows an alias), which keep
+    working when the deployment rolls over to another version, plus a name unique to the model version
+    (`ServedModel.name`) for callers that pin one. Every response says which version served it.
+    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`), whose
+    responses carry the version in the `x-neuroweaver-model-version` header and in `system_fingerprint`.
     Errors carry a google.rpc.ErrorInfo with domain `inference.neuroweaver.v1`.
     """
 
@@ -45,8 +50,13 @@ class InferenceServiceStub:
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """The model server: a base model plus a LoRA adapter, served under a name unique to the model version.
-    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+    """The model server: a base model plus a LoRA adapter. It answers to a set of names: the stable names of the
+    deployment it belongs to (the deployment's resource name `projects/{p}/deployments/{d}`, its id `{d}`, and
+    `{model}@{alias}` / `projects/{p}/models/{model}@{alias}` while the deployment follows an alias), which keep
+    working when the deployment rolls over to another version, plus a name unique to the model version
+    (`ServedModel.name`) for callers that pin one. Every response says which version served it.
+    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`), whose
+    responses carry the version in the `x-neuroweaver-model-version` header and in `system_fingerprint`.
     Errors carry a google.rpc.ErrorInfo with domain `inference.neuroweaver.v1`.
     """
 
@@ -59,8 +69,13 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Lists the models this server serves."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The model server: a base model plus a LoRA adapter, served under a name unique to the model version.
-    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+    """The model server: a base model plus a LoRA adapter. It answers to a set of names: the stable names of the
+    deployment it belongs to (the deployment's resource name `projects/{p}/deployments/{d}`, its id `{d}`, and
+    `{model}@{alias}` / `projects/{p}/models/{model}@{alias}` while the deployment follows an alias), which keep
+    working when the deployment rolls over to another version, plus a name unique to the model version
+    (`ServedModel.name`) for callers that pin one. Every response says which version served it.
+    The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`), whose
+    responses carry the version in the `x-neuroweaver-model-version` header and in `system_fingerprint`.
     Errors carry a google.rpc.ErrorInfo with domain `inference.neuroweaver.v1`.
     """
 

@@ -16,14 +16,15 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/inference/v1/inference_service.proto.
  */
 export const file_neuroweaver_inference_v1_inference_service: GenFile = /*@__PURE__*/
-  fileDesc("CjBuZXVyb3dlYXZlci9pbmZlcmVuY2UvdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SGG5ldXJvd2VhdmVyLmluZmVyZW5jZS52MSKxAQoPR2VuZXJhdGVSZXF1ZXN0EhMKBW1vZGVsGAEgASgJQgTiQQEBEjcKCG1lc3NhZ2VzGAIgAygLMiUubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkNoYXRNZXNzYWdlEg4KBnByb21wdBgDIAEoCRJACghzYW1wbGluZxgEIAEoCzIoLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5TYW1wbGluZ1BhcmFtc0IE4kEBASKCAgoQR2VuZXJhdGVSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIMCgR0ZXh0GAIgASgJEj0KDWZpbmlzaF9yZWFzb24YAyABKA4yJi5uZXVyb3dlYXZlci5pbmZlcmVuY2UudjEuRmluaXNoUmVhc29uEi4KBXVzYWdlGAQgASgLMh8ubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLlVzYWdlEioKB2xhdGVuY3kYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNgoTdGltZV90b19maXJzdF90b2tlbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiK3AQoVR2VuZXJhdGVTdHJlYW1SZXF1ZXN0EhMKBW1vZGVsGAEgASgJQgTiQQEBEjcKCG1lc3NhZ2VzGAIgAygLMiUubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkNoYXRNZXNzYWdlEg4KBnByb21wdBgDIAEoCRJACghzYW1wbGluZxgEIAEoCzIoLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5TYW1wbGluZ1BhcmFtc0IE4kEBASL6AQoWR2VuZXJhdGVTdHJlYW1SZXNwb25zZRINCgVkZWx0YRgBIAEoCRI9Cg1maW5pc2hfcmVhc29uGAIgASgOMiYubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkZpbmlzaFJlYXNvbhIuCgV1c2FnZRgDIAEoCzIfLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5Vc2FnZRIqCgdsYXRlbmN5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjYKE3RpbWVfdG9fZmlyc3RfdG9rZW4YBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iEwoRTGlzdE1vZGVsc1JlcXVlc3QiSwoSTGlzdE1vZGVsc1Jlc3BvbnNlEjUKBm1vZGVscxgBIAMoCzIlLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5TZXJ2ZWRNb2RlbCKhAQoLU2VydmVkTW9kZWwSDAoEbmFtZRgBIAEoCRJACg1tb2RlbF92ZXJzaW9uGAIgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhISCgpiYXNlX21vZGVsGAMgASgJEhYKDmFkYXB0ZXJfc2hhMjU2GAQgASgJEhYKDnF1YW50aXplZF80Yml0GAUgASgIMtoCChBJbmZlcmVuY2VTZXJ2aWNlEmEKCEdlbmVyYXRlEikubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkdlbmVyYXRlUmVxdWVzdBoqLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5HZW5lcmF0ZVJlc3BvbnNlEnUKDkdlbmVyYXRlU3RyZWFtEi8ubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkdlbmVyYXRlU3RyZWFtUmVxdWVzdBowLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5HZW5lcmF0ZVN0cmVhbVJlc3BvbnNlMAESbAoKTGlzdE1vZGVscxIrLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5MaXN0TW9kZWxzUmVxdWVzdBosLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5MaXN0TW9kZWxzUmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_neuroweaver_inference_v1_inference]);
+  fileDesc("CjBuZXVyb3dlYXZlci9pbmZlcmVuY2UvdjEvaW5mZXJlbmNlX3NlcnZpY2UucHJvdG8SGG5ldXJvd2VhdmVyLmluZmVyZW5jZS52MSKxAQoPR2VuZXJhdGVSZXF1ZXN0EhMKBW1vZGVsGAEgASgJQgTiQQEBEjcKCG1lc3NhZ2VzGAIgAygLMiUubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkNoYXRNZXNzYWdlEg4KBnByb21wdBgDIAEoCRJACghzYW1wbGluZxgEIAEoCzIoLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5TYW1wbGluZ1BhcmFtc0IE4kEBASL2AgoQR2VuZXJhdGVSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIMCgR0ZXh0GAIgASgJEj0KDWZpbmlzaF9yZWFzb24YAyABKA4yJi5uZXVyb3dlYXZlci5pbmZlcmVuY2UudjEuRmluaXNoUmVhc29uEi4KBXVzYWdlGAQgASgLMh8ubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLlVzYWdlEioKB2xhdGVuY3kYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNgoTdGltZV90b19maXJzdF90b2tlbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhJACg1tb2RlbF92ZXJzaW9uGAcgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhIUCgxzZXJ2ZWRfbW9kZWwYCCABKAkSGgoSc3lzdGVtX2ZpbmdlcnByaW50GAkgASgJIrcBChVHZW5lcmF0ZVN0cmVhbVJlcXVlc3QSEwoFbW9kZWwYASABKAlCBOJBAQESNwoIbWVzc2FnZXMYAiADKAsyJS5uZXVyb3dlYXZlci5pbmZlcmVuY2UudjEuQ2hhdE1lc3NhZ2USDgoGcHJvbXB0GAMgASgJEkAKCHNhbXBsaW5nGAQgASgLMigubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLlNhbXBsaW5nUGFyYW1zQgTiQQEBIv0CChZHZW5lcmF0ZVN0cmVhbVJlc3BvbnNlEg0KBWRlbHRhGAEgASgJEj0KDWZpbmlzaF9yZWFzb24YAiABKA4yJi5uZXVyb3dlYXZlci5pbmZlcmVuY2UudjEuRmluaXNoUmVhc29uEi4KBXVzYWdlGAMgASgLMh8ubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLlVzYWdlEioKB2xhdGVuY3kYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNgoTdGltZV90b19maXJzdF90b2tlbhgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVtb2RlbBgGIAEoCRJACg1tb2RlbF92ZXJzaW9uGAcgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhIUCgxzZXJ2ZWRfbW9kZWwYCCABKAkSGgoSc3lzdGVtX2ZpbmdlcnByaW50GAkgASgJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IksKEkxpc3RNb2RlbHNSZXNwb25zZRI1CgZtb2RlbHMYASADKAsyJS5uZXVyb3dlYXZlci5pbmZlcmVuY2UudjEuU2VydmVkTW9kZWwi0wEKC1NlcnZlZE1vZGVsEgwKBG5hbWUYASABKAkSQAoNbW9kZWxfdmVyc2lvbhgCIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SEgoKYmFzZV9tb2RlbBgDIAEoCRIWCg5hZGFwdGVyX3NoYTI1NhgEIAEoCRIWCg5xdWFudGl6ZWRfNGJpdBgFIAEoCBIUCgxzdGFibGVfbmFtZXMYBiADKAkSGgoSc3lzdGVtX2ZpbmdlcnByaW50GAcgASgJMtoCChBJbmZlcmVuY2VTZXJ2aWNlEmEKCEdlbmVyYXRlEikubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkdlbmVyYXRlUmVxdWVzdBoqLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5HZW5lcmF0ZVJlc3BvbnNlEnUKDkdlbmVyYXRlU3RyZWFtEi8ubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLkdlbmVyYXRlU3RyZWFtUmVxdWVzdBowLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5HZW5lcmF0ZVN0cmVhbVJlc3BvbnNlMAESbAoKTGlzdE1vZGVscxIrLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5MaXN0TW9kZWxzUmVxdWVzdBosLm5ldXJvd2VhdmVyLmluZmVyZW5jZS52MS5MaXN0TW9kZWxzUmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_neuroweaver_inference_v1_inference]);
 
 /**
  * @generated from message neuroweaver.inference.v1.GenerateRequest
  */
 export type GenerateRequest = Message<"neuroweaver.inference.v1.GenerateRequest"> & {
   /**
-   * Served model name (see ListModels); empty selects the only model served.
+   * Any name the server answers to (see ListModels: `ServedModel.stable_names` or `name`); empty selects the
+   * only model served. Any other name is NOT_FOUND (`MODEL_NOT_FOUND`).
    *
    * @generated from field: string model = 1;
    */
@@ -59,6 +60,8 @@ export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
  */
 export type GenerateResponse = Message<"neuroweaver.inference.v1.GenerateResponse"> & {
   /**
+   * The name the request used (the server's first stable name when the request left it empty).
+   *
    * @generated from field: string model = 1;
    */
   model: string;
@@ -91,6 +94,27 @@ export type GenerateResponse = Message<"neuroweaver.inference.v1.GenerateRespons
    * @generated from field: google.protobuf.Duration time_to_first_token = 6;
    */
   timeToFirstToken?: Duration | undefined;
+
+  /**
+   * Registry version that served this request (full name), when known.
+   *
+   * @generated from field: string model_version = 7;
+   */
+  modelVersion: string;
+
+  /**
+   * Name unique to that version and its weights (`ServedModel.name`), for example `auto-advisor-1-2-0-3f2a9c1d`.
+   *
+   * @generated from field: string served_model = 8;
+   */
+  servedModel: string;
+
+  /**
+   * Short stable fingerprint of the version and its weights, as the OpenAI API's `system_fingerprint`.
+   *
+   * @generated from field: string system_fingerprint = 9;
+   */
+  systemFingerprint: string;
 };
 
 /**
@@ -164,6 +188,28 @@ export type GenerateStreamResponse = Message<"neuroweaver.inference.v1.GenerateS
    * @generated from field: google.protobuf.Duration time_to_first_token = 5;
    */
   timeToFirstToken?: Duration | undefined;
+
+  /**
+   * On the last message only: what GenerateResponse has in the fields of the same names.
+   *
+   * @generated from field: string model = 6;
+   */
+  model: string;
+
+  /**
+   * @generated from field: string model_version = 7;
+   */
+  modelVersion: string;
+
+  /**
+   * @generated from field: string served_model = 8;
+   */
+  servedModel: string;
+
+  /**
+   * @generated from field: string system_fingerprint = 9;
+   */
+  systemFingerprint: string;
 };
 
 /**
@@ -210,7 +256,8 @@ export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PUR
  */
 export type ServedModel = Message<"neuroweaver.inference.v1.ServedModel"> & {
   /**
-   * Unique per model version, for example `auto-advisor-1-2-0`.
+   * Unique per model version and weights, for example `auto-advisor-1-2-0-3f2a9c1d`: naming it pins the version
+   * (a caller naming it gets NOT_FOUND once the deployment serves another version).
    *
    * @generated from field: string name = 1;
    */
@@ -239,6 +286,22 @@ export type ServedModel = Message<"neuroweaver.inference.v1.ServedModel"> & {
    * @generated from field: bool quantized_4bit = 5;
    */
   quantized4bit: boolean;
+
+  /**
+   * Names that stay the same across the deployment's versions (first: the default), for example
+   * `projects/default/deployments/advisor`, `advisor`, `auto-advisor@production`. Empty when the server runs on
+   * its own, outside a deployment.
+   *
+   * @generated from field: repeated string stable_names = 6;
+   */
+  stableNames: string[];
+
+  /**
+   * What responses carry as `system_fingerprint`.
+   *
+   * @generated from field: string system_fingerprint = 7;
+   */
+  systemFingerprint: string;
 };
 
 /**
@@ -249,8 +312,13 @@ export const ServedModelSchema: GenMessage<ServedModel> = /*@__PURE__*/
   messageDesc(file_neuroweaver_inference_v1_inference_service, 6);
 
 /**
- * The model server: a base model plus a LoRA adapter, served under a name unique to the model version.
- * The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+ * The model server: a base model plus a LoRA adapter. It answers to a set of names: the stable names of the
+ * deployment it belongs to (the deployment's resource name `projects/{p}/deployments/{d}`, its id `{d}`, and
+ * `{model}@{alias}` / `projects/{p}/models/{model}@{alias}` while the deployment follows an alias), which keep
+ * working when the deployment rolls over to another version, plus a name unique to the model version
+ * (`ServedModel.name`) for callers that pin one. Every response says which version served it.
+ * The same process also serves an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`), whose
+ * responses carry the version in the `x-neuroweaver-model-version` header and in `system_fingerprint`.
  * Errors carry a google.rpc.ErrorInfo with domain `inference.neuroweaver.v1`.
  *
  * @generated from service neuroweaver.inference.v1.InferenceService
