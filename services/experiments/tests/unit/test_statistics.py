@@ -290,3 +290,64 @@ def test_invalid_inputs():
     # empty variants analyse without crashing and decide nothing
     res = analyze_metric(MetricSpec("x"), [("c", SufficientStats()), ("t", SufficientStats())])
     assert res.comparisons[0].p_value == 1.0 and not res.comparisons[0].significant
+
+
+# ------------------------------------------------------------- issue 18: guardrails with a negative control mean
+
+
+def test_guardrail_harm_follows_the_difference_when_the_control_mean_is_negative():
+    # A higher-is-better guardrail falling from −5.00 to −6.04 is harm (its lift (−6.04/−5) − 1 = +20.8 % is not
+    # an improvement); rising from −5 to −4 is an improvement, not a violation.
+    primary = MetricSpec("judge_score", MetricKind.MEAN, Direction.INCREASE)
+    reward = MetricSpec("reward", MetricKind.MEAN, Direction.INCREASE, tolerance=0.1)
+    ids, w, n = ["control", "treatment"], [0.5, 0.5], 3000
+    rng = np.random.default_rng(18)
+    good = {"control": _ss(rng.normal(7.0, 1.5, n)), "treatment": _ss(rng.normal(7.3, 1.5, n))}
+    control = rng.normal(-5.0, 1.0, n)
+    fell = {"control": _ss(control), "treatment": _ss(rng.normal(-6.04, 1.0, n))}
+    rose = {"control": _ss(control), "treatment": _ss(rng.normal(-4.0, 1.0, n))}
+    exposures = {"control": n, "treatment": n}
+
+    for method in AnalysisMethod:
+        a = analyze_experiment(ids, w, exposures, (primary, good), [(reward, fell)], method=method)
+        c = a.guardrails[0].comparisons[0]
+        assert c.difference == pytest.approx(-1.04, abs=0.1) and math.isnan(c.relative_lift)
+        assert c.guardrail is GuardrailStatus.VIOLATED, method
+        assert a.outcome.decision is Decision.STOP_FOR_HARM, a.outcome.reason
+        assert "relative lift undefined (control mean ≤ 0)" in a.outcome.reason
+        assert "+20" not in a.outcome.reason
+
+        a = analyze_experiment(ids, w, exposures, (primary, good), [(reward, rose)], method=method)
+        assert a.guardrails[0].comparisons[0].guardrail is GuardrailStatus.WITHIN_TOLERANCE, method
+        assert a.outcome.decision is Decision.SHIP_VARIANT, a.outcome.reason
+
+    # lower-is-better with a negative control mean: −5 → −4 is harm, −5 → −6 is within tolerance
+    loss = MetricSpec("loss", MetricKind.MEAN, Direction.DECREASE, tolerance=0.1)
+    a = analyze_experiment(ids, w, exposures, (primary, good), [(loss, rose)])
+    assert a.guardrails[0].comparisons[0].guardrail is GuardrailStatus.VIOLATED
+    a = analyze_experiment(ids, w, exposures, (primary, good), [(loss, fell)])
+    assert a.guardrails[0].comparisons[0].guardrail is GuardrailStatus.WITHIN_TOLERANCE
+
+    # the tolerance is relative to |control mean|: a drop of 0.3 on −5 is within 10 %, a drop of 0.8 is not
+    small = {"control": _ss(control), "treatment": _ss(control - 0.3)}
+    big = {"control": _ss(control), "treatment": _ss(control - 0.8)}
+    assert (
+        analyze_metric(reward, list(small.items()), guardrail=True).comparisons[0].guardrail is GuardrailStatus.WITHIN_TOLERANCE
+    )
+    assert analyze_metric(reward, list(big.items()), guardrail=True).comparisons[0].guardrail is GuardrailStatus.VIOLATED
+
+
+def test_winner_reason_on_a_negative_primary_is_a_difference_not_a_negative_lift():
+    primary = MetricSpec("reward", MetricKind.MEAN, Direction.INCREASE)
+    rng = np.random.default_rng(181)
+    n = 3000
+    better = {"control": _ss(rng.normal(-5.0, 1.0, n)), "treatment": _ss(rng.normal(-3.96, 1.0, n))}
+    a = analyze_experiment(["control", "treatment"], [0.5, 0.5], {"control": n, "treatment": n}, (primary, better))
+    assert a.outcome.decision is Decision.SHIP_VARIANT
+    assert "difference +1.0" in a.outcome.reason and "relative lift undefined (control mean ≤ 0)" in a.outcome.reason
+    assert "-20" not in a.outcome.reason and "−20" not in a.outcome.reason
+    # a positive control mean still reports the relative lift
+    pos = {"control": _ss(rng.normal(5.0, 1.0, n)), "treatment": _ss(rng.normal(6.0, 1.0, n))}
+    a = analyze_experiment(["control", "treatment"], [0.5, 0.5], {"control": n, "treatment": n}, (primary, pos))
+    assert ", lift +1" in a.outcome.reason
+    assert math.isnan(relative_lift(_ss([-1.0, -2.0]), _ss([1.0, 2.0]), MetricKind.MEAN).estimate)

@@ -18,7 +18,11 @@ Methods (all two-sided, level `alpha`):
 * Difference, PROPORTION: two-proportion z-test with the pooled variance under H0 (= statsmodels
   `proportions_ztest`), interval with the unpooled (Wald) standard error.
 * Relative lift ``(m_t − m_c) / m_c`` with a delta-method normal interval,
-  ``Var ≈ Var(m_t)/m_c² + m_t²·Var(m_c)/m_c⁴``; NaN when the control mean is 0.
+  ``Var ≈ Var(m_t)/m_c² + m_t²·Var(m_c)/m_c⁴``; only where the control mean is > 0 (NaN otherwise: with a
+  negative control mean the ratio's sign is the opposite of the change's, and at 0 it has no scale).
+* Guardrails are judged by the difference ``m_t − m_c`` in the metric's bad direction, never by the lift's
+  sign: harm = −difference for a higher-is-better metric, +difference for lower-is-better; the tolerance
+  is relative to the control mean's magnitude (absolute margin ``tolerance · |m_c|``, 0 when m_c = 0).
 * Several treatments: Holm–Bonferroni adjusted p-values (fixed-horizon and sequential alike).
 * Sample-ratio mismatch: chi-square goodness of fit of exposed units against the expected weights
   (= scipy `chisquare`); p < 0.001 means the assignment is broken.
@@ -120,9 +124,10 @@ class AnalysisMethod(StrEnum):
 
 
 class GuardrailStatus(StrEnum):
-    """Guardrail verdict from the lift interval (CI, or confidence sequence when sequential).
+    """Guardrail verdict from the difference interval (CI, or confidence sequence when sequential), read in
+    the metric's bad direction against the margin ``tolerance · |control mean|``.
 
-    WITHIN_TOLERANCE: even the worst end of the interval is within the tolerated relative change.
+    WITHIN_TOLERANCE: even the worst end of the interval is within the tolerated change.
     VIOLATED: even the best end of the interval is beyond the tolerance in the bad direction.
     INCONCLUSIVE: the interval straddles the tolerance.
     """
@@ -145,8 +150,8 @@ class Decision(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
-    """A tracked metric. `tolerance` (guardrails only) is the largest tolerated relative change in the bad
-    direction, e.g. 0.1 = 10 %."""
+    """A tracked metric. `tolerance` (guardrails only) is the largest tolerated change in the bad direction,
+    relative to the control mean's magnitude, e.g. 0.1 = 10 % of |control mean|."""
 
     name: str
     kind: MetricKind = MetricKind.MEAN
@@ -386,8 +391,10 @@ class Lift:
 
 
 def relative_lift(control: SufficientStats, treatment: SufficientStats, kind: MetricKind, alpha: float = DEFAULT_ALPHA) -> Lift:
+    """(m_t − m_c)/m_c, defined only for a control mean > 0: below 0 its sign is the opposite of the change's
+    (−5 → −6 would read as +20 %), at 0 it has no scale. Undefined → NaN estimate, unbounded interval."""
     mc, mt = control.mean, treatment.mean
-    if not (control.n and treatment.n) or mc == 0:
+    if not (control.n and treatment.n) or not mc > 0:
         return Lift(_NAN, _NAN, _UNBOUNDED)
     est = mt / mc - 1.0
     vc, vt = _mean_var(control, kind), _mean_var(treatment, kind)
@@ -609,22 +616,19 @@ class MetricResult:
     guardrail_violated: bool = False
 
 
-def _guardrail_status(spec: MetricSpec, lift: Interval, diff: Interval, lift_estimate: float) -> GuardrailStatus:
-    sign = 1.0 if spec.direction is Direction.DECREASE else -1.0  # harm = sign · change
-    if math.isnan(lift_estimate):
-        # No relative scale (control mean 0): only a difference that is surely in the bad direction counts.
-        harm_lo = min(sign * diff.lower, sign * diff.upper)
-        harm_hi = max(sign * diff.lower, sign * diff.upper)
-        if harm_lo > 0:
-            return GuardrailStatus.VIOLATED
-        if harm_hi <= 0:
-            return GuardrailStatus.WITHIN_TOLERANCE
+def _guardrail_status(spec: MetricSpec, diff: Interval, control_mean: float) -> GuardrailStatus:
+    """Judged by the difference in the metric's bad direction (harm = −diff when higher is better, +diff when
+    lower is better) against ``tolerance · |control mean|``: the sign of a relative lift flips with the
+    control mean's sign, the difference's does not."""
+    sign = 1.0 if spec.direction is Direction.DECREASE else -1.0
+    margin = spec.tolerance * abs(control_mean)
+    if math.isnan(margin):
         return GuardrailStatus.INCONCLUSIVE
-    harm_lo = min(sign * lift.lower, sign * lift.upper)
-    harm_hi = max(sign * lift.lower, sign * lift.upper)
-    if harm_lo > spec.tolerance:
+    harm_lo = min(sign * diff.lower, sign * diff.upper)
+    harm_hi = max(sign * diff.lower, sign * diff.upper)
+    if harm_lo > margin:
         return GuardrailStatus.VIOLATED
-    if harm_hi <= spec.tolerance:
+    if harm_hi <= margin:
         return GuardrailStatus.WITHIN_TOLERANCE
     return GuardrailStatus.INCONCLUSIVE
 
@@ -703,7 +707,7 @@ def analyze_metric(
             state=SequentialState(r["seq_p"], r["diff_cs"], r["lift_cs"]),
         )
         if guardrail:
-            status = _guardrail_status(spec, cmp.decision_lift_interval, cmp.decision_interval, lift.estimate)
+            status = _guardrail_status(spec, cmp.decision_interval, control.mean)
             cmp = replace(cmp, guardrail=status)
         comparisons.append(cmp)
 
@@ -767,6 +771,16 @@ def _fmt_interval_pct(iv: Interval) -> str:
     return f"[{_fmt_pct(iv.lower)}, {_fmt_pct(iv.upper)}]"
 
 
+def _fmt_change(c: Comparison) -> str:
+    """The change of a comparison as a difference with its decision interval, and as a relative lift only
+    where that is defined (control mean > 0)."""
+    iv = c.decision_interval
+    diff = f"difference {c.difference:+.4g} (interval [{iv.lower:+.4g}, {iv.upper:+.4g}])"
+    if math.isnan(c.relative_lift):
+        return f"{diff}; relative lift undefined (control mean ≤ 0)"
+    return f"{diff}, lift {_fmt_pct(c.relative_lift)} (interval {_fmt_interval_pct(c.decision_lift_interval)})"
+
+
 def decide(
     primary: MetricResult,
     guardrails: Sequence[MetricResult] = (),
@@ -823,9 +837,8 @@ def decide(
                     (
                         c.decision_p_value,
                         c.variant,
-                        f"guardrail {g.metric.name!r} of {c.variant!r} changed {_fmt_pct(c.relative_lift)} "
-                        f"(interval {_fmt_interval_pct(c.decision_lift_interval)}), beyond the tolerated "
-                        f"{g.metric.tolerance * 100:.1f}% in the bad direction",
+                        f"guardrail {g.metric.name!r} of {c.variant!r} changed: {_fmt_change(c)}; beyond the "
+                        f"tolerated {g.metric.tolerance * 100:.1f}% of |control mean| in the bad direction",
                     )
                 )
     for c in comps:
@@ -834,8 +847,8 @@ def decide(
                 (
                     c.decision_p_value,
                     c.variant,
-                    f"{c.variant!r} is significantly worse than control on {name!r}: lift "
-                    f"{_fmt_pct(c.relative_lift)}, {method_word} = {c.decision_p_value:.3g}",
+                    f"{c.variant!r} is significantly worse than control on {name!r}: {_fmt_change(c)}, "
+                    f"{method_word} = {c.decision_p_value:.3g}",
                 )
             )
     if harms:
@@ -855,10 +868,7 @@ def decide(
             for c in g.comparisons
             if c.variant == best.variant and c.guardrail is not GuardrailStatus.WITHIN_TOLERANCE
         ]
-        what = (
-            f"{best.variant!r} improves {name!r} by {_fmt_pct(best.relative_lift)} "
-            f"(interval {_fmt_interval_pct(best.decision_lift_interval)}, {method_word} = {best.decision_p_value:.3g})"
-        )
+        what = f"{best.variant!r} improves {name!r}: {_fmt_change(best)}, {method_word} = {best.decision_p_value:.3g}"
         if pending and cfg.require_guardrails_within_tolerance:
             return DecisionOutcome(
                 Decision.KEEP_RUNNING,
