@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from opentelemetry import trace
 
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.auth import TokenAuthenticator
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.names import project_of
@@ -27,13 +29,14 @@ from neuroweaver_runtime.tls import ServerTLS
 from .adapters.loading import LoadSpec
 from .api.openai_http import OpenAIApi
 from .api.servicer import METHOD_ROLES, InferenceServicer
-from .domain import Limits, ServedModel, validate_served_name
+from .domain import Limits, ServedModel, parse_stable_names, validate_served_name
 from .service import InferenceService
 
 SERVICE_NAME = "neuroweaver.inference.v1.InferenceService"
 ERROR_DOMAIN = "inference.neuroweaver.v1"
 DEFAULT_METRICS_PORT = 9460
 DEFAULT_PROJECT = "default"
+_tracer = trace.get_tracer("neuroweaver.model_server")
 
 
 @dataclass
@@ -49,7 +52,16 @@ class ModelServerConfig(ServiceConfig):
         metadata={"help": "project whose callers may use this server when auth is on (default: --model-version's project)"},
     )
     base_model: str = field(default="", metadata={"help": "base model: builtin:<name>, a local dir or a file:// URI"})
-    served_model_name: str = field(default="", metadata={"help": "name clients address the model by (unique per version)"})
+    served_model_name: str = field(
+        default="", metadata={"help": "name unique to this version and its weights (accepted; naming it pins the version)"}
+    )
+    model_names: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated stable names also accepted, the same on every version the deployment rolls over "
+            "to (first = default), e.g. projects/p/deployments/d,d,m@production"
+        },
+    )
     model_version: str = field(default="", metadata={"help": "registry version served (full resource name)"})
     adapter_uri: str = field(default="", metadata={"help": "LoRA adapter directory (file:// URI or path)"})
     adapter_sha256: str = field(default="", metadata={"help": "expected sha256 of the adapter (checked before loading)"})
@@ -71,7 +83,11 @@ class ModelServer:
             raise SystemExit("configuration error: --adapter-uri needs --adapter-sha256")
         if min(config.max_queue, config.max_new_tokens_limit, config.max_batch_size) < 1:
             raise SystemExit("configuration error: --max-queue, --max-new-tokens-limit and --max-batch-size must be >= 1")
-        name = validate_served_name(config.served_model_name or "model")
+        try:
+            name = validate_served_name(config.served_model_name or "model")
+            stable_names = parse_stable_names(config.model_names)
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
         self.tls = ServerTLS.from_config(config)  # HTTPS and the ops port; gRPC reads the same settings
         try:
             self.authenticator = TokenAuthenticator.from_setting(config.auth_tokens)
@@ -80,7 +96,7 @@ class ModelServer:
         self.project = config.project or project_of(config.model_version) or DEFAULT_PROJECT
         self.config = config
         self.service = InferenceService(
-            ServedModel(name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit),
+            ServedModel(name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit, stable_names),
             Limits(config.max_new_tokens_limit, config.max_queue, config.max_batch_size),
         )
         self.load_spec = LoadSpec(
@@ -125,7 +141,13 @@ class ModelServer:
     async def _ready(self) -> None:
         if self.http_runner is None:
             await self.start_http()
-        await self.service.load(self.load_spec)
+        # A replica the deployer started loads under the deployer's span (TRACEPARENT): the rollout's trace shows it.
+        with _tracer.start_as_current_span(
+            "ModelServer/load",
+            context=telemetry.context_from_environment(),
+            attributes={"neuroweaver.model_version": self.config.model_version, "neuroweaver.base_model": self.config.base_model},
+        ):  # fmt: skip
+            await self.service.load(self.load_spec)
 
     async def _close(self) -> None:
         self.service.stop()

@@ -2,6 +2,11 @@
 plus the ops app of the separate ops port (`/metrics` for Prometheus, `/healthz`), served by aiohttp on the model
 server's event loop.
 
+Callers name the model by any name the server answers to (`model` in the body; `GET /v1/models` lists them,
+stable names first); `model` in the answer echoes that name, as OpenAI's does, while the version that served it
+is in the `x-neuroweaver-model-version` header and `system_fingerprint` (`nw-<version>-<sha8>`), streaming
+included. An unknown name is 404 `MODEL_NOT_FOUND`.
+
 With auth on, every API path but `/healthz` needs `Authorization: Bearer <token>` (what OpenAI clients send as
 their API key): no or an unknown token → 401, a token of another project or below viewer → 403, each with an
 OpenAI-style error body."""
@@ -23,6 +28,7 @@ from neuroweaver_runtime.errors import DomainError, InvalidArgument
 from .. import metrics
 from ..domain import GenerationInput, Message, Sampling
 from ..service import InferenceService
+from .http_tracing import tracing_middleware
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
@@ -33,6 +39,7 @@ _ERROR_TYPE = {
     429: "rate_limit_error", 503: "service_unavailable",
 }  # fmt: skip
 OPEN_PATHS = frozenset({"/healthz"})  # readiness probes carry no token
+VERSION_HEADER = "x-neuroweaver-model-version"  # the registry version that served a chat completion
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
@@ -115,7 +122,7 @@ class OpenAIApi:
         self.project = project
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[tracing_middleware(OPEN_PATHS), self._authenticate])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/healthz", self.healthz)
@@ -145,10 +152,26 @@ class OpenAIApi:
         ready = self.svc.engine is not None
         return web.json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
 
+    def _version_headers(self) -> dict[str, str]:
+        """Which version served a response, for callers that name a stable model (it changes across rollovers)."""
+        served = self.svc.served
+        return {VERSION_HEADER: served.model_version or served.name}
+
     async def list_models(self, request: web.Request) -> web.Response:
+        """One entry per accepted name, stable names first (the first is the default); `root` is the name unique to
+        the version behind them all."""
         data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "neuroweaver", "model_version": m.model_version}
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": self.project or "neuroweaver",
+                "root": m.name,
+                "model_version": m.model_version,
+                "system_fingerprint": m.fingerprint,
+            }  # fmt: skip
             for m in self.svc.models()
+            for name in m.names
         ]
         return web.json_response({"object": "list", "data": data})
 
@@ -177,31 +200,36 @@ class OpenAIApi:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": c.model,
+                "system_fingerprint": self.svc.served.fingerprint,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
                 "usage": {
                     "prompt_tokens": c.prompt_tokens,
                     "completion_tokens": c.completion_tokens,
                     "total_tokens": c.prompt_tokens + c.completion_tokens,
                 },
-            }
+            },
+            headers=self._version_headers(),
         )
 
     async def _stream(self, request: web.Request, req: GenerationInput, include_usage: bool) -> web.StreamResponse:
         method = "ChatCompletionsStream"
         deltas = self.svc.stream(req, None, method)
-        chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.svc.served.name
+        chunk_id, created, fingerprint = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.svc.served.fingerprint
         with metrics.observe(method, _http_code, ok="200"):
             try:
                 first = await anext(deltas)  # errors before the first token still get a JSON error status
             except DomainError as exc:
                 return _domain_error(exc)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            model = self.svc.resolve(req.model)  # accepted: the stream above has started
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **self._version_headers()}
+            )
             await response.prepare(request)
 
             def chunk(delta: dict, finish: str | None, usage: dict | None = None) -> bytes:
                 body: dict[str, Any] = {
                     "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "system_fingerprint": fingerprint, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
                 }  # fmt: skip
                 if usage is not None:
                     body["usage"] = usage

@@ -17,7 +17,7 @@ from neuroweaver_runtime.grpc_errors import status_code
 from neuroweaver_runtime.telemetry import grpc_code_label
 
 from .. import metrics
-from ..domain import Completion, GenerationInput, Message, Sampling
+from ..domain import Completion, GenerationInput, Message, Sampling, ServedModel
 from ..service import InferenceService
 
 METHOD_ROLES = {"Generate": Role.VIEWER, "GenerateStream": Role.VIEWER, "ListModels": Role.VIEWER}
@@ -46,7 +46,7 @@ def input_from_pb(request) -> GenerationInput:
     )
 
 
-def completion_to_pb(c: Completion) -> svc.GenerateResponse:
+def completion_to_pb(c: Completion, served: ServedModel) -> svc.GenerateResponse:
     return svc.GenerateResponse(
         model=c.model,
         text=c.text,
@@ -54,6 +54,9 @@ def completion_to_pb(c: Completion) -> svc.GenerateResponse:
         usage=pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
         latency=_duration(c.latency_s),
         time_to_first_token=_duration(c.ttft_s),
+        model_version=served.model_version,
+        served_model=served.name,
+        system_fingerprint=served.fingerprint,
     )
 
 
@@ -91,22 +94,28 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
         deadline = _deadline(context)
         with metrics.observe("Generate", _code_of(deadline)):
             completion = await self.svc.generate(input_from_pb(request), deadline, "Generate")
-        return completion_to_pb(completion)
+        return completion_to_pb(completion, self.svc.served)
 
     async def GenerateStream(self, request, context):
         self._check_project()
         deadline = _deadline(context)
         with metrics.observe("GenerateStream", _code_of(deadline)):
+            model = self.svc.resolve(request.model)
             async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
                 if d.finish_reason is None:
                     yield svc.GenerateStreamResponse(delta=d.text)
                 else:
+                    served = self.svc.served
                     yield svc.GenerateStreamResponse(
                         delta=d.text,
                         finish_reason=_FINISH[d.finish_reason],
                         usage=pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens),
                         latency=_duration(d.latency_s),
                         time_to_first_token=_duration(d.ttft_s),
+                        model=model,
+                        model_version=served.model_version,
+                        served_model=served.name,
+                        system_fingerprint=served.fingerprint,
                     )
 
     async def ListModels(self, request, context):
@@ -119,6 +128,8 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
                     base_model=m.base_model,
                     adapter_sha256=m.adapter_sha256,
                     quantized_4bit=m.quantized_4bit,
+                    stable_names=m.stable_names,
+                    system_fingerprint=m.fingerprint,
                 )
                 for m in self.svc.models()
             ]

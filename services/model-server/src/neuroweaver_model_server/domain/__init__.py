@@ -14,6 +14,7 @@ from .inference import (
     Message,
     Sampling,
     ServedModel,
+    parse_stable_names,
     prompt_too_long,
     resolve_model,
     validate,
@@ -22,6 +23,7 @@ from .inference import (
 
 __all__ = [
     "DEFAULT_MAX_TOKENS", "MAX_PROMPT_CHARS", "MAX_STOP_CHARS", "MAX_STOP_SEQUENCES", "ROLES", "Completion", "Delta",
-    "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "prompt_too_long",
+    "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "parse_stable_names",
+    "prompt_too_long",
     "resolve_model", "validate", "validate_served_name",
 ]  # fmt: skip

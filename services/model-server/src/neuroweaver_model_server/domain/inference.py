@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,16 +43,35 @@ class GenerationInput:
 
 @dataclass(frozen=True)
 class ServedModel:
+    """What this server serves and the names it answers to. `name` is unique to the version and its weights (a
+    caller naming it pins that version); `stable_names` are the deployment's names, the same on every version it
+    rolls over to, so callers naming one of them never see NOT_FOUND because of a rollover."""
+
     name: str
     model_version: str
     base_model: str
     adapter_sha256: str
     quantized_4bit: bool
+    stable_names: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every accepted name, stable ones first (the first is the default)."""
+        return tuple(dict.fromkeys((*self.stable_names, self.name)))
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint`: `nw-<version>-<adapter sha256[:8]>`, short and stable per version and weights
+        (the served name's digest stands in for parts that are unknown)."""
+        version = self.model_version.rsplit("/", 1)[-1] if self.model_version else ""
+        digest = self.adapter_sha256[:8] or hashlib.sha256(f"{self.name}|{self.base_model}".encode()).hexdigest()[:8]
+        slug = re.sub(r"[^a-z0-9]+", "-", version.lower()).strip("-")
+        return f"nw-{slug}-{digest}" if slug else f"nw-{digest}"
 
 
 @dataclass
 class Completion:
-    model: str
+    model: str  # the name the request used (or the default)
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
@@ -80,6 +100,8 @@ class Limits:
 
 
 _SERVED_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-_]{0,127}$")
+# Stable names are resource names too: `projects/p/deployments/d`, `projects/p/models/m@alias`, `m@alias`.
+_STABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_/@]{0,255}$")
 
 
 def validate_served_name(name: str) -> str:
@@ -88,14 +110,27 @@ def validate_served_name(name: str) -> str:
     return name
 
 
-def resolve_model(requested: str, served: ServedModel) -> None:
-    """Empty selects the only model served; any other name must be exactly the served one."""
-    if requested and requested != served.name:
+def parse_stable_names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of stable names (`--model-names`), checked, duplicates dropped, order kept."""
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    for n in names:
+        if not _STABLE_NAME.match(n):
+            raise ValueError(f"model name {n!r} must match {_STABLE_NAME.pattern}")
+    return names
+
+
+def resolve_model(requested: str, served: ServedModel) -> str:
+    """The name a response echoes: the requested one when it is any accepted name, the default when empty.
+    Anything else is NOT_FOUND; the error names no served name (a caller learns those from ListModels)."""
+    if not requested:
+        return served.names[0]
+    if requested not in served.names:
         raise NotFound(
-            f"model {requested!r} is not served here; this server serves {served.name!r} (see ListModels / GET /v1/models)",
+            f"model {requested!r} is not served here (see ListModels / GET /v1/models)",
             reason="MODEL_NOT_FOUND",
-            metadata={"model": requested, "served_model": served.name},
+            metadata={"model": requested},
         )
+    return requested
 
 
 def validate(req: GenerationInput, limits: Limits, prefix: str = "") -> GenerationInput:

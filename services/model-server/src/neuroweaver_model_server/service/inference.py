@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from neuroweaver_runtime.errors import InvalidArgument, Unavailable
 
@@ -32,9 +33,7 @@ class InferenceService:
         loaded = load_model(spec)
         self.context_length = loaded.context_length
         if loaded.adapter_sha256:
-            self.served = ServedModel(
-                self.served.name, self.served.model_version, self.served.base_model, loaded.adapter_sha256, spec.load_in_4bit
-            )
+            self.served = replace(self.served, adapter_sha256=loaded.adapter_sha256, quantized_4bit=spec.load_in_4bit)
         self.engine = Engine(
             loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size
         )
@@ -55,8 +54,12 @@ class InferenceService:
     def models(self) -> list[ServedModel]:
         return [self.served]
 
+    def resolve(self, model: str) -> str:
+        """The name a response to a request naming `model` echoes; NOT_FOUND for a name this server does not answer to."""
+        return resolve_model(model, self.served)
+
     def _prepare(self, req: GenerationInput, field_prefix: str = "") -> tuple[Engine, list[int]]:
-        resolve_model(req.model, self.served)
+        self.resolve(req.model)
         validate(req, self.limits, field_prefix)
         engine = self.engine
         if engine is None:
@@ -89,7 +92,7 @@ class InferenceService:
             parts.append(delta.text)
             if delta.finish_reason is not None:
                 return Completion(
-                    model=self.served.name,
+                    model=self.resolve(req.model),
                     text="".join(parts),
                     finish_reason=delta.finish_reason,
                     prompt_tokens=delta.prompt_tokens,
