@@ -72,7 +72,9 @@ def start(tmp_path):
                "--shutdown-grace-seconds", "2", *args]  # fmt: skip
         if trace_file is not None:
             cmd += ["--trace-file", str(trace_file)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # Spans leave through a batch processor: a short schedule delay keeps the waits below short.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OTEL_BSP_SCHEDULE_DELAY": "100"}  # fmt: skip
         with open(log, "wb") as fh:
             popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=data)
         proc = Proc(popen, port, log, trace_file)
@@ -186,7 +188,7 @@ def test_conclude_with_promote_is_one_trace_from_client_through_experiments_to_r
         alias = reg.GetModelAlias(rsvc.GetModelAliasRequest(name=f"{model}/aliases/production"), timeout=10)
         assert alias.version == "1.0.1"
 
-    # Spans are exported when they end, before the response leaves; the poll only guards against slow disks.
+    # Spans are exported in batches (every 100 ms here), in the order they ended.
     conclude = wait_for(
         lambda: next((s for s in experiments.spans() if s["name"] == f"{EXPERIMENTS}/ConcludeExperiment" and s["trace_id"] == trace_id), None),
         "the experiments ConcludeExperiment span",
@@ -283,7 +285,9 @@ def test_training_job_registers_its_version_in_the_trace_of_create_training_job(
         "the registry CreateModelVersion span in the trace of CreateTrainingJob",
     )  # fmt: skip
     # trainer server span → worker process span (from the traceparent stored on the job) → client span → registry
-    spans = trainer.spans()  # the worker writes to the trainer's trace file
+    # the worker writes to the trainer's trace file; its run span ends after the job's final state is written
+    wait_for(lambda: any(s["name"] == "TrainingJob/run" for s in trainer.spans()), "the worker's run span")
+    spans = trainer.spans()
     run = one_span(spans, "TrainingJob/run", trace_id)
     client = one_span(spans, "RegistryService/CreateModelVersion", trace_id)
     assert run["service"] == "neuroweaver-trainer-worker" and run["parent_span_id"] == create["span_id"]

@@ -5,14 +5,19 @@ from __future__ import annotations
 from opentelemetry import trace
 
 from neuroweaver_runtime import telemetry
-from neuroweaver_runtime.interceptors import _MethodMetrics, _propagating_span
+from neuroweaver_runtime.interceptors import _MethodMetrics
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_TRACER = trace.get_tracer("test")
+
+
+def _propagating_span(carrier):
+    return telemetry.server_span(_TRACER, "test.Service/Cost", carrier, {}, record=False)
 
 
 def test_non_recording_span_continues_the_callers_trace():
     metadata = (("traceparent", TRACEPARENT), ("x-request-id", "r1"))
-    span = _propagating_span(metadata, dict(metadata))
+    span = _propagating_span(dict(metadata))
     ctx = span.get_span_context()
     assert format(ctx.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert ctx.span_id != 0x00F067AA0BA902B7 and ctx.is_valid and not span.is_recording()
@@ -23,7 +28,7 @@ def test_non_recording_span_continues_the_callers_trace():
 
 
 def test_non_recording_span_without_caller_trace_starts_a_new_one():
-    a, b = _propagating_span((), {}), _propagating_span((), {})
+    a, b = _propagating_span({}), _propagating_span({})
     assert a.get_span_context().is_valid and a.get_span_context().trace_id != b.get_span_context().trace_id
 
 

@@ -1,4 +1,5 @@
-"""Typed gRPC clients with deadlines, retries, auth and trace propagation.
+"""Typed gRPC clients with deadlines, retries, auth and trace propagation (a CLIENT span per call when spans are
+exported, its context in the `traceparent` metadata).
 
     channel = open_channel("127.0.0.1:50051", token="...")
     registry = RegistryServiceStub(channel)
@@ -29,12 +30,15 @@ from pathlib import Path
 from typing import Self, TypeVar, cast
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from .auth import ANONYMOUS_ADMIN, ON_BEHALF_OF_HEADER, principal_var
-from .telemetry import inject_metadata
+from .telemetry import inject_metadata, spans_are_recorded
 
 DEFAULT_DEADLINE_SECONDS = 30.0
 StubT = TypeVar("StubT")
+_tracer = trace.get_tracer("neuroweaver.grpc.client")
 
 _SERVICE_CONFIG = json.dumps(
     {
@@ -77,37 +81,92 @@ class _CallMetadata:
         return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
 
 
+def _client_span(method: str | bytes) -> Span | None:
+    """A CLIENT span for one call, when this process exports spans and the caller has not opened the client span
+    itself (the trainer's registration spans its retries): the callee's server span becomes its child."""
+    if not spans_are_recorded():
+        return None
+    current = trace.get_current_span()
+    if current.is_recording() and getattr(current, "kind", None) is SpanKind.CLIENT:
+        return None
+    full = method.decode() if isinstance(method, bytes) else method
+    service, _, name = full.lstrip("/").partition("/")
+    return _tracer.start_span(
+        f"{service}/{name}",
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
+
+
+def _end(span: Span, code: grpc.StatusCode | None) -> None:
+    if code is not None:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
 # grpc.aio files each interceptor under the first call kind it implements, so one object per kind.
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryResponse:
     def __init__(self, call: _CallMetadata) -> None:
         self._call = call
 
+    async def _intercept(self, continuation, client_call_details, request):
+        span = _client_span(client_call_details.method)
+        if span is None:
+            return await continuation(self._call.details(client_call_details, False), request)
+        with trace.use_span(span, end_on_exit=False):  # the metadata carries this span as the callee's parent
+            details = self._call.details(client_call_details, False)
+        code: grpc.StatusCode | None = None
+        try:
+            call = await continuation(details, request)
+            try:
+                await call
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()  # the caller gets the same error when it awaits the call
+            return call
+        finally:
+            _end(span, code)
+
+
+class _StreamResponse:
+    def __init__(self, call: _CallMetadata) -> None:
+        self._call = call
+
+    async def _intercept(self, continuation, client_call_details, request):
+        span = _client_span(client_call_details.method)
+        if span is None:
+            return await continuation(self._call.details(client_call_details, True), request)
+        with trace.use_span(span, end_on_exit=False):
+            details = self._call.details(client_call_details, True)
+        try:
+            call = await continuation(details, request)
+        except BaseException:
+            _end(span, None)
+            raise
+        call.add_done_callback(lambda _call: _end(span, None))  # the stream's status is only awaitable there
+        return call
+
+
+class _UnaryUnary(_UnaryResponse, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._call.details(client_call_details, False), request)
+        return await self._intercept(continuation, client_call_details, request)
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, call: _CallMetadata) -> None:
-        self._call = call
-
+class _UnaryStream(_StreamResponse, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._call.details(client_call_details, True), request)
+        return await self._intercept(continuation, client_call_details, request)
 
 
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, call: _CallMetadata) -> None:
-        self._call = call
-
+class _StreamUnary(_UnaryResponse, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._call.details(client_call_details, False), request_iterator)
+        return await self._intercept(continuation, client_call_details, request_iterator)
 
 
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, call: _CallMetadata) -> None:
-        self._call = call
-
+class _StreamStream(_StreamResponse, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._call.details(client_call_details, True), request_iterator)
+        return await self._intercept(continuation, client_call_details, request_iterator)
 
 
 @dataclass(frozen=True)

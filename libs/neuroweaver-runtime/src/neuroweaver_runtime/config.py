@@ -67,6 +67,13 @@ class ServiceConfig:
     client_tls_key: str = field(default="", metadata={"help": "private key (PEM) of --client-tls-cert"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})
+    otlp_endpoint: str = field(
+        default="",
+        metadata={
+            "help": "OTLP collector for spans, e.g. http://otel-collector:4317 (http:// = plaintext); empty = "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, unset = no export"
+        },
+    )
     max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "largest request/response"})
     shutdown_grace_seconds: float = field(default=10.0, metadata={"help": "in-flight calls get this long on SIGTERM"})
     shutdown_drain_seconds: float = field(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,7 +20,7 @@ from collections.abc import Callable, Mapping
 import grpc
 from grpc_status import rpc_status
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Status, StatusCode
 
 from . import telemetry
 from .auth import NO_GRANTS, ON_BEHALF_OF_HEADER, Principal, ProjectGrants, Role, TokenAuthenticator, authorize, principal_var
@@ -115,15 +114,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         md = {k: v for k, v in metadata}
         request_id_var.set(str(md.get("x-request-id") or uuid.uuid4().hex[:16]))
         metrics.started.inc()
-        if self._record_spans:
-            span = self._tracer.start_span(
-                f"{service}/{name}",
-                context=telemetry.extract_context(metadata),
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-            )
-        else:
-            span = _propagating_span(metadata, md)
+        span = telemetry.server_span(
+            self._tracer,
+            f"{service}/{name}",
+            md,
+            {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            record=self._record_spans,
+        )
         trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
         return md, span
 
@@ -298,21 +295,6 @@ class _MethodMetrics:
         if child is None:
             child = self._handled[code] = telemetry.GRPC_HANDLED.labels(*self._labels, telemetry.grpc_code_label(code))
         return child
-
-
-def _propagating_span(metadata, md: dict) -> NonRecordingSpan:
-    """A span that records nothing but continues the caller's trace (W3C traceparent) or starts a new one."""
-    parent = None
-    if "traceparent" in md:
-        parent = trace.get_current_span(telemetry.extract_context(metadata)).get_span_context()
-    span_id = random.getrandbits(64) or 1
-    if parent is not None and parent.is_valid:
-        ctx = SpanContext(
-            parent.trace_id, span_id, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state
-        )
-    else:
-        ctx = SpanContext(random.getrandbits(128) or 1, span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    return NonRecordingSpan(ctx)
 
 
 def _code_for(exc: BaseException) -> grpc.StatusCode:

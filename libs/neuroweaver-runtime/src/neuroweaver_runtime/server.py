@@ -2,7 +2,7 @@
 
 `GrpcService` builds a grpc.aio server with the service interceptor, health (per service name,
 SERVING only after `ready()` succeeds, NOT_SERVING first on shutdown), reflection, optional TLS/mTLS,
-Prometheus metrics on their own port, and graceful SIGTERM/SIGINT shutdown.
+Prometheus metrics on their own port, and graceful SIGTERM/SIGINT shutdown (the last spans exported before exit).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class GrpcService:
 
     async def start(self) -> int:
         d = self.definition
-        telemetry.configure_tracing(d.name, self.config.trace_file)
+        telemetry.configure_tracing(d.name, self.config.trace_file, self.config.otlp_endpoint)
         authenticator = TokenAuthenticator.from_setting(self.config.auth_tokens, self.config.cert_identities)
         limit = self.config.max_message_bytes
         self.interceptor = ServiceInterceptor(
@@ -146,6 +146,7 @@ class GrpcService:
         for hook in self.definition.on_stop:
             await hook()
         self.server = None
+        await asyncio.to_thread(telemetry.flush_tracing)  # the spans of the last calls reach the collector
         self._stopped.set()
         log.info("stopped")
 
@@ -161,3 +162,4 @@ class GrpcService:
         print(f"neuroweaver-{self.definition.name} listening on {self.config.host}:{self.port}", flush=True)
         await stop_requested.wait()
         await self.stop()
+        await asyncio.to_thread(telemetry.shutdown_tracing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from google.protobuf import field_mask_pb2, json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +32,7 @@ from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
@@ -36,6 +40,7 @@ from .clients import DEFAULT_TARGETS, Clients, Endpoints
 from .watch import watch_deployment, watch_training_job
 
 console = Console()
+_tracer = trace.get_tracer("neuroweaver.cli")
 err_console = Console(stderr=True)
 
 
@@ -684,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--project", help="project (env NW_PROJECT, default `default`)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="OTLP collector for this command's spans, e.g. http://127.0.0.1:4317 "
+        "(env OTEL_EXPORTER_OTLP_ENDPOINT; TRACEPARENT, when set, is the parent)",
+    )
+    parser.add_argument("--trace-file", help="append this command's spans as JSON lines (env NW_TRACE_FILE)")
     groups = parser.add_subparsers(dest="group", required=True)
 
     def group(name: str, help_text: str):
@@ -912,20 +923,33 @@ async def run(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]error[/red] {exc}")
         return 2
     args.project = endpoints.project
-    async with clients:
-        try:
-            await args.fn(Ctx(args, clients))
-        except grpc.aio.AioRpcError as exc:
-            print_rpc_error(exc)
-            return 1
+    # The root span of the command (or a child of TRACEPARENT, a pipeline's trace): every call it makes carries its
+    # context, so the services' spans and log lines share one trace id; exported when a collector or file is set.
+    telemetry.configure_tracing(
+        "cli", args.trace_file or os.environ.get("NW_TRACE_FILE", ""), args.otlp_endpoint or "", package="neuroweaver-sdk"
+    )
+    command = " ".join(part for part in ("nw", args.group, getattr(args, "command", None)) if part)
+    with _tracer.start_as_current_span(
+        command, context=telemetry.context_from_environment(), record_exception=False, set_status_on_exception=False
+    ) as span:
+        async with clients:
+            try:
+                await args.fn(Ctx(args, clients))
+            except grpc.aio.AioRpcError as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.code().name))
+                print_rpc_error(exc)
+                return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        sys.exit(asyncio.run(run(argv)))
+        code = asyncio.run(run(argv))
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    finally:
+        telemetry.shutdown_tracing()  # the command's spans are exported before it exits
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
   NW_MODEL_SERVER_TLS_CERT/_KEY/_CLIENT_CA are the deployer's server TLS files. The router and the readiness
   check dial replicas with the deployer's outbound ClientTLS.
 - A replica is ready when its gRPC health for the inference service turns SERVING (health Watch, no polling).
+- Tracing: replicas export spans where the deployer does (`telemetry.child_environment`); a replica's start is a
+  span in the trace of the call that asked for it, with the replica's model load beneath it.
 - A replica that exits is restarted with exponential backoff (0.5 s doubling to 10 s); meanwhile it is out of
   the router's rotation and the deployment reports `restarting` (DEGRADED). A replica that fails
   `max_start_failures` times before it was ever ready makes the rollout fail.
@@ -30,8 +32,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 
 from neuroweaver_kube.manifests import MODEL_SERVER_MODULE
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.ports import free_port
@@ -44,6 +50,7 @@ log = logging.getLogger("neuroweaver.deployer.local")
 
 StatusCallback = Callable[[str, BackendStatus], Awaitable[None]]
 INFERENCE_SERVICE = "neuroweaver.inference.v1.InferenceService"
+_tracer = trace.get_tracer("neuroweaver.deployer.local")
 
 
 def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, metrics_port: int, grace: float) -> list[str]:
@@ -57,6 +64,8 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
         "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
         "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace), "--die-with-parent",
     ]  # fmt: skip
+    if target.model_names:
+        args += ["--model-names", ",".join(target.model_names)]
     if v.artifact_uri:
         args += ["--adapter-uri", v.artifact_uri, "--adapter-sha256", v.artifact_sha256]
     if s.load_in_4bit:
@@ -100,7 +109,7 @@ class Replica:
             self.process = await asyncio.create_subprocess_exec(
                 *model_server_command(self.target, cfg.host, grpc_port, http_port, metrics_port, cfg.grace_seconds),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **cfg.env, **cfg.credentials_env()},
+                start_new_session=True, env=telemetry.child_environment({**os.environ, **cfg.env, **cfg.credentials_env()}),
             )  # fmt: skip
         log.info(
             "replica started",
@@ -134,13 +143,28 @@ class Replica:
     async def _supervise(self) -> None:
         backoff = 0.5
         cfg = self.dep.backend
+        # The first start belongs to the trace of the change that asked for the replica (create, scale, rollout);
+        # a restart after a crash begins a trace of its own. The replica's model load is a child span (TRACEPARENT).
+        parent: Context | None = None
         while not self._stopping:
-            await self._spawn()
-            assert self.process is not None
-            exited = asyncio.ensure_future(self.process.wait())
-            serving = asyncio.ensure_future(asyncio.wait_for(self._wait_serving(), cfg.startup_timeout))
-            await asyncio.wait({exited, serving}, return_when=asyncio.FIRST_COMPLETED)
-            if serving.done() and not serving.cancelled() and serving.exception() is None and not exited.done():
+            span = _tracer.start_span(
+                "LocalReplica/start", context=parent,
+                attributes={"neuroweaver.deployment": self.dep.name, "neuroweaver.replica": self.index},
+            )  # fmt: skip
+            parent = Context()
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    await self._spawn()
+                assert self.process is not None
+                exited = asyncio.ensure_future(self.process.wait())
+                serving = asyncio.ensure_future(asyncio.wait_for(self._wait_serving(), cfg.startup_timeout))
+                await asyncio.wait({exited, serving}, return_when=asyncio.FIRST_COMPLETED)
+                ready = serving.done() and not serving.cancelled() and serving.exception() is None and not exited.done()
+                if not ready:
+                    span.set_status(Status(StatusCode.ERROR, "not SERVING"))
+            finally:
+                span.end()
+            if ready:
                 self.state, self.ever_ready, backoff = "ready", True, 0.5
                 self.settled.set()
                 await self.dep.changed()
@@ -371,6 +395,10 @@ class LocalBackend:
         dep = self.deployments.pop(name, None)
         if dep is not None:
             await dep.shutdown()
+
+    async def release(self, name: str) -> None:
+        """Another replica owns the deployment now and starts replicas of its own: stop ours."""
+        await self.remove(name)
 
     async def close(self) -> None:
         for name in list(self.deployments):

@@ -86,4 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # checked before any training: unreadable certificates would otherwise fail only at registration
     tls = ClientTLS.from_config(cfg)
-    sys.exit(asyncio.run(run(cfg, stop, tls)))
+    try:
+        code = asyncio.run(run(cfg, stop, tls))
+    finally:
+        telemetry.shutdown_tracing()  # the job's last spans reach the file / collector before the process ends
+    sys.exit(code)
