@@ -51,6 +51,8 @@ KINDS: dict[str, Kind] = {
     "Pod": Kind("pods"),
     "Deployment": Kind("deployments"),
     "Job": Kind("jobs"),
+    "StatefulSet": Kind("statefulsets"),
+    "Endpoints": Kind("endpoints"),
     "HorizontalPodAutoscaler": Kind("horizontalpodautoscalers"),
     "ServiceMonitor": Kind("servicemonitors"),
     "PrometheusRule": Kind("prometheusrules"),
