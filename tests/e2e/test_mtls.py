@@ -131,6 +131,9 @@ def stack(pki, inputs, tmp_path_factory):
             procs["deployer"] = start_service(
                 "deployer", work, *pki.service_args("deployer"), "--registry-target", registry,
                 "--kubernetes", "--kube-api-url", kube.url, "--kube-poll-seconds", "0.2",
+                # model-server pods would mount the artifact store and the models where adapters and the base lie
+                "--kube-artifacts-mount-path", str(work), "--kube-models-claim", "models",
+                "--kube-models-mount-path", str(inputs),
             )  # fmt: skip
             procs["experiments"] = start_service(
                 "experiments", work, *pki.service_args("experiments"),

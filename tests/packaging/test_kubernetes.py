@@ -412,6 +412,42 @@ def test_trainer_job_secret_has_the_keys_the_job_pods_read(rendered):
     assert any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == pvc for o in rendered["base"])
 
 
+def test_trained_adapters_resolve_in_model_server_pods(rendered):
+    """One claim, one path: the trainer (and its Jobs) write adapters under the data dir on the artifacts claim; the
+    deployer's model-server pods mount that claim read-only at that same path, so the file:// URI resolves unchanged."""
+    from neuroweaver_kube.manifests import ClaimMount, ModelServerSpec, TrainingJobSpec, model_server_manifests, training_job
+
+    deps = _deployments(rendered["base"])
+    trainer_pod, deployer_pod = (deps[svc]["spec"]["template"]["spec"] for svc in ("trainer", "deployer"))
+    trainer_env, deployer_env = _env(_container(deps["trainer"])), _env(_container(deps["deployer"]))
+    claim = deployer_env["NW_DEPLOYER_KUBE_ARTIFACTS_CLAIM"]["value"]
+    root = deployer_env["NW_DEPLOYER_KUBE_ARTIFACTS_MOUNT_PATH"]["value"]
+    assert trainer_env["NW_TRAINER_KUBE_CHECKPOINT_PVC"]["value"] == claim and trainer_env["NW_DATA_DIR"]["value"] == root
+    for pod in (trainer_pod, deployer_pod):
+        (mount,) = [m for m in _container({"spec": {"template": {"spec": pod}}})["volumeMounts"] if m["mountPath"] == root]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim
+    # The deployer only serves artifacts from under the mounted store.
+    assert all(r.startswith(root + "/") for r in deployer_env["NW_DEPLOYER_ARTIFACT_ROOTS"]["value"].split(","))
+    job = training_job(
+        TrainingJobSpec(job="projects/p/trainingJobs/sft", namespace="neuroweaver", image="t", checkpoint_pvc=claim)
+    )
+    job_env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert job_env["NW_TRAINER_ARTIFACTS_DIR"].startswith(root + "/")
+    assert job_env["NW_TRAINER_CHECKPOINT_DIR"].startswith(root + "/")  # a rescheduled pod resumes from the claim
+    adapter = f"file://{job_env['NW_TRAINER_ARTIFACTS_DIR']}/projects/p/adapter"
+    spec = ModelServerSpec(
+        name="projects/p/deployments/d", namespace="neuroweaver", image="m", model_version="projects/p/models/m/versions/1",
+        served_model_name="m-1", base_model_uri=f"{root}/models/base", adapter_uri=adapter, adapter_sha256="a" * 64,
+        data_volumes=[ClaimMount(claim, root)],
+    )  # fmt: skip
+    deployment = next(o for o in model_server_manifests(spec) if o["kind"] == "Deployment")
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "data-0", "mountPath": root, "readOnly": True} in _container(deployment)["volumeMounts"]
+    assert {"name": "data-0", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} in pod["volumes"]
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_model_server_pods_get_the_token_table_and_tls_from_secrets(name, rendered):
     """With auth on (it is, in every overlay) the deployer's model-server pods mount the token table from the Secret

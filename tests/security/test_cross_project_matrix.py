@@ -605,6 +605,9 @@ def _matrix_stack(work, urls, data, prompts, kind, tiny_model):
             procs["deployer"] = start_service(
                 "deployer", work, *common, *db("deployer"), "--registry-target", reg.target, "--registry-token", TOK["deployer"],
                 "--kubernetes", "--kube-api-url", kube.url, "--kube-poll-seconds", "0.3",
+                # model-server pods would mount the stores where the seeded versions' adapters and base model lie
+                "--kube-artifacts-mount-path", "/srv/artifacts", "--kube-models-claim", "models",
+                "--kube-models-mount-path", str(Path(tiny_model).parent),
             )  # fmt: skip
             procs["trainer"] = start_service(
                 "trainer", work, *common, *db("trainer"), "--no-run-jobs", "--registry-target", reg.target,

@@ -11,9 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from neuroweaver_kube import metrics
 from neuroweaver_kube.manifests import (
     INFERENCE_SERVICE,
+    ClaimMount,
     ModelServerSpec,
     Resources,
     TrainingJobSpec,
+    UnmountedPathError,
     alert_expressions,
     dns1123_name,
     is_dns1123_label,
@@ -24,6 +26,9 @@ from neuroweaver_kube.manifests import (
 
 K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 SHA = "a" * 64
+# The Kustomize package's layout: one shared claim at the trainer's data directory (adapters under artifacts/,
+# the model cache under models/).
+STORE = (ClaimMount("neuroweaver-artifacts", "/var/lib/neuroweaver"),)
 
 
 def gpu_spec(**kw):
@@ -33,8 +38,9 @@ def gpu_spec(**kw):
         image="ghcr.io/neuroweaver/model-server:0.1.0",
         model_version="projects/default/models/service-advisor/versions/1.4.0",
         served_model_name="service-advisor-1.4.0",
-        base_model_uri="file:///models/smollm2-135m",
-        adapter_uri="file:///artifacts/adapters/sa-1.4.0",
+        base_model_uri="file:///var/lib/neuroweaver/models/smollm2-135m",
+        adapter_uri="file:///var/lib/neuroweaver/artifacts/adapters/sa-1.4.0",
+        data_volumes=STORE,
         adapter_sha256=SHA,
         load_in_4bit=True,
         min_replicas=2,
@@ -57,7 +63,7 @@ def cpu_spec(**kw):
         image="ghcr.io/neuroweaver/model-server:0.1.0",
         model_version="projects/default/models/chat/versions/0.1.0",
         served_model_name="chat-0.1.0",
-        base_model_uri="file:///models/smollm2-135m",
+        base_model_uri="builtin:smollm2-135m",
         replicas=2,
     )
     base.update(kw)
@@ -267,6 +273,47 @@ def test_cpu_deployment_has_no_gpu_and_fixed_replicas():
     assert "--adapter-uri" not in pod["containers"][0]["args"]
 
 
+def test_model_servers_mount_the_artifact_store_read_only_where_the_trainer_wrote():
+    spec = gpu_spec(data_volumes=(*STORE, ClaimMount("nw-models", "/srv/models")), base_model_uri="/srv/models/base")
+    pod = model_server_manifests(spec)[1]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    # file:///var/lib/neuroweaver/artifacts/... and /srv/models/base resolve to paths on these read-only claims.
+    store, models = mounts["/var/lib/neuroweaver"], mounts["/srv/models"]
+    assert store["readOnly"] and models["readOnly"]
+    assert claims[store["name"]] == {"claimName": "neuroweaver-artifacts", "readOnly": True}
+    assert claims[models["name"]] == {"claimName": "nw-models", "readOnly": True}
+    args = c["args"]
+    assert args[args.index("--adapter-uri") + 1].startswith("file:///var/lib/neuroweaver/")
+
+
+@pytest.mark.parametrize(
+    "field, uri",
+    [
+        ("adapter_uri", "file:///checkpoints/artifacts/sa"),  # the old Job layout: on no mounted path
+        ("adapter_uri", "file:///var/lib/neuroweaver-other/sa"),  # a sibling, not a child, of the mount
+        ("adapter_uri", "file:///var/lib/neuroweaver/../etc/sa"),
+        ("base_model_uri", "/models/base"),
+    ],
+)
+def test_inputs_on_no_mounted_claim_are_refused_at_render_time(field, uri):
+    with pytest.raises(UnmountedPathError, match=field) as exc:
+        gpu_spec(**{field: uri})
+    assert exc.value.field == field
+    with pytest.raises(UnmountedPathError):
+        gpu_spec(data_volumes=(), **{field: uri})
+    gpu_spec(base_model_uri="HuggingFaceTB/SmolLM2-135M")  # hub ids and builtin: names are not paths
+
+
+def test_claim_mount_validation():
+    for claim, path in [("Bad_Claim", "/data"), ("ok", "relative"), ("ok", "/tmp"), ("ok", "/")]:
+        with pytest.raises(ValueError):
+            ClaimMount(claim, path)
+    with pytest.raises(ValueError, match="distinct"):
+        gpu_spec(data_volumes=(*STORE, ClaimMount("other", "/var/lib/neuroweaver/")))
+
+
 def test_version_change_keeps_selector_and_changes_template():
     a = model_server_manifests(gpu_spec())[1]
     b = model_server_manifests(
@@ -302,12 +349,18 @@ def test_multi_gpu_training_job():
         "key": "database-url",
     }
     assert env["NW_TRAINER_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
-    ckpt = env["NW_TRAINER_CHECKPOINT_DIR"]["value"]
-    assert ckpt.startswith("/checkpoints/")
+    # The claim is the shared store, mounted where the trainer, deployer and model servers mount it: checkpoints
+    # (a killed pod resumes from them) and adapters (file:// URIs the model servers resolve) both live on it.
+    assert env["NW_DATA_DIR"]["value"] == "/var/lib/neuroweaver"
+    assert env["NW_TRAINER_CHECKPOINT_DIR"]["value"] == f"/var/lib/neuroweaver/checkpoints/{job['metadata']['name']}"
+    assert env["NW_TRAINER_ARTIFACTS_DIR"]["value"] == "/var/lib/neuroweaver/artifacts"
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "nw-checkpoints"
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert {"name": "checkpoints", "mountPath": "/checkpoints"} in c["volumeMounts"]
+    assert {"name": "checkpoints", "mountPath": "/var/lib/neuroweaver"} in c["volumeMounts"]
+    named = training_job(multi_gpu_job(env={"NW_TRAINER_ARTIFACTS_DIR": "/var/lib/neuroweaver/adapters"}))
+    named_env = {e["name"]: e.get("value") for e in named["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert named_env["NW_TRAINER_ARTIFACTS_DIR"] == "/var/lib/neuroweaver/adapters"
     # Same job id -> same checkpoint dir on a retried pod.
     assert training_job(multi_gpu_job())["spec"]["template"]["spec"]["containers"][0]["env"] == c["env"]
 

@@ -51,20 +51,20 @@ class Stack:
             )
         )
         await self.registry.start()
-        self.deployer = build_deployer(
-            DeployerConfig(
-                port=free_port(),
-                metrics_port=-1,
-                data_dir=str(self.root / "deployer"),
-                database_url=f"sqlite:///{self.root / 'deployer.db'}",
-                registry_target=f"127.0.0.1:{self.registry.port}",
-                replica_grace_seconds=5.0,
-                kubernetes=True,
-                kube_api_url=self.kube_url,
-                kube_poll_seconds=0.2,
-                **self.deployer_extra,
-            )  # fmt: skip
-        )
+        settings = dict(
+            port=free_port(),
+            metrics_port=-1,
+            data_dir=str(self.root / "deployer"),
+            database_url=f"sqlite:///{self.root / 'deployer.db'}",
+            registry_target=f"127.0.0.1:{self.registry.port}",
+            replica_grace_seconds=5.0,
+            kubernetes=True,
+            kube_api_url=self.kube_url,
+            kube_poll_seconds=0.2,
+            # The base model and adapters live under pytest's base temp dir: model-server pods "mount" it there.
+            kube_artifacts_mount_path=str(self.root.parent),
+        )  # fmt: skip
+        self.deployer = build_deployer(DeployerConfig(**{**settings, **self.deployer_extra}))
         await self.deployer.start()
         self.registry_channel = self.channel(f"127.0.0.1:{self.registry.port}")
         self.deployer_channel = self.channel(f"127.0.0.1:{self.deployer.port}")

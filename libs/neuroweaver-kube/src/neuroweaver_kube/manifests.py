@@ -8,6 +8,7 @@ of objects as multi-document YAML in apply order.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +187,47 @@ def _metadata(
     return md
 
 
+# --------------------------------------------------------------------------- shared volumes
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    """A PersistentVolumeClaim mounted read-only into model-server pods at ``mount_path``.
+
+    Mount it at the path the trainer writes to, so the ``file://`` URIs it registers resolve unchanged.
+    """
+
+    claim: str
+    mount_path: str
+    sub_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not is_dns1123_label(self.claim):
+            raise ValueError(f"claim {self.claim!r} is not a DNS-1123 name")
+        if not posixpath.isabs(self.mount_path) or posixpath.normpath(self.mount_path) in ("/", "/tmp", "/cache"):
+            raise ValueError(f"mount path {self.mount_path!r} must be an absolute path other than /, /tmp and /cache")
+
+
+class UnmountedPathError(ValueError):
+    """A ``file://`` (or absolute path) model input lies on no volume the pod mounts: the pod could never load it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field  # which input: adapter_uri or base_model_uri
+
+
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a ``file://`` URI or absolute path; None for names (hub ids, ``builtin:``, ``s3://``)."""
+    if uri.startswith("file://"):
+        return posixpath.normpath(uri.removeprefix("file://") or "/")
+    return posixpath.normpath(uri) if uri.startswith("/") else None
+
+
+def _is_under(path: str, root: str) -> bool:
+    root = posixpath.normpath(root)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
 # --------------------------------------------------------------------------- model server
 
 
@@ -248,6 +290,8 @@ class ModelServerSpec:
     image_pull_policy: str = "IfNotPresent"
     service_account: str | None = None
     cache_size_limit: str = "20Gi"
+    #: Claims holding adapters and path base models (read-only); a ``file://`` input must lie under one.
+    data_volumes: Sequence[ClaimMount] = ()
     startup_timeout_seconds: int = 600
     monitoring: bool = True
     scrape_interval: str = "15s"
@@ -278,6 +322,21 @@ class ModelServerSpec:
             raise ValueError("tls_client_auth needs tls_secret")
         if len({self.grpc_port, self.http_port, self.metrics_port}) != 3:
             raise ValueError("grpc_port, http_port and metrics_port must differ")
+        if len({posixpath.normpath(m.mount_path) for m in self.data_volumes}) != len(self.data_volumes):
+            raise ValueError("data_volumes must have distinct mount paths")
+        self._check_mounted("adapter_uri", self.adapter_uri)
+        self._check_mounted("base_model_uri", self.base_model_uri)
+
+    def _check_mounted(self, what: str, uri: str | None) -> None:
+        path = local_path(uri) if uri else None
+        if path is None or any(_is_under(path, m.mount_path) for m in self.data_volumes):
+            return
+        mounted = ", ".join(f"{m.claim} at {m.mount_path}" for m in self.data_volumes) or "none"
+        raise UnmountedPathError(
+            what,
+            f"{what} {uri} is on no volume model-server pods mount (mounted: {mounted}); "
+            "mount the claim holding it at the path the trainer wrote it under",
+        )
 
     @property
     def object_name(self) -> str:
@@ -396,10 +455,24 @@ def _credential_volumes(spec: ModelServerSpec) -> tuple[dict[str, str], list[dic
     return env, mounts, volumes
 
 
+def _data_volumes(claims: Sequence[ClaimMount]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumeMounts, volumes) of the read-only data claims (volume names data-0, data-1, ...)."""
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    for i, m in enumerate(claims):
+        mount: dict[str, Any] = {"name": f"data-{i}", "mountPath": m.mount_path, "readOnly": True}
+        if m.sub_path:
+            mount["subPath"] = m.sub_path
+        mounts.append(mount)
+        volumes.append({"name": f"data-{i}", "persistentVolumeClaim": {"claimName": m.claim, "readOnly": True}})
+    return mounts, volumes
+
+
 def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
     """apps/v1 Deployment running the model server with health probes and a zero-downtime rollout."""
     labels = spec.labels_all()
     credential_env, credential_mounts, credential_volumes = _credential_volumes(spec)
+    data_mounts, data_vols = _data_volumes(spec.data_volumes)
     env = {
         "HF_HOME": "/cache/huggingface",
         "HOME": "/tmp",
@@ -427,6 +500,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
         "volumeMounts": [
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
+            *data_mounts,
             *credential_mounts,
         ],
     }
@@ -441,6 +515,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
             {"name": "cache", "emptyDir": {"sizeLimit": spec.cache_size_limit}},
+            *data_vols,
             *credential_volumes,
         ],
     }
@@ -661,8 +736,11 @@ class TrainingJobSpec:
     """Desired batch/v1 Job running one training job's worker.
 
     ``job`` is the trainer's job id / resource name passed as ``--job``; the Job object name derives
-    from it. With ``checkpoint_pvc`` set the PVC is mounted at ``checkpoint_mount_path`` and
-    ``NW_TRAINER_CHECKPOINT_DIR`` points at a per-job directory, so a retried pod resumes. With
+    from it. With ``checkpoint_pvc`` set that claim (the shared artifact store) is mounted at
+    ``checkpoint_mount_path``, the same path the trainer, deployer and model servers mount it at, and it
+    becomes the worker's data directory: checkpoints go to ``<mount>/checkpoints/<job object name>`` (a
+    retried or rescheduled pod resumes from there) and adapters to ``<mount>/artifacts`` (unless ``env``
+    names another ``NW_TRAINER_ARTIFACTS_DIR``), so the ``file://`` URIs it registers resolve everywhere. With
     ``tls_secret`` set (keys ``ca.crt``, ``tls.crt``, ``tls.key``, as cert-manager writes them) it is
     mounted read-only at ``tls_mount_path`` and the worker's client TLS settings point at it.
     """
@@ -683,7 +761,7 @@ class TrainingJobSpec:
     secret_name: str | None = "neuroweaver-trainer"
     secret_env: Sequence[SecretEnv] = DEFAULT_TRAINER_SECRET_ENV
     checkpoint_pvc: str | None = None
-    checkpoint_mount_path: str = "/checkpoints"
+    checkpoint_mount_path: str = "/var/lib/neuroweaver"
     tls_secret: str | None = None
     tls_mount_path: str = "/var/run/secrets/neuroweaver-tls"
     backoff_limit: int = 3
@@ -735,9 +813,11 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
     if spec.checkpoint_pvc:
-        sub = spec.object_name
-        env["NW_TRAINER_CHECKPOINT_DIR"] = f"{spec.checkpoint_mount_path}/{sub}"
-        mounts.append({"name": "checkpoints", "mountPath": spec.checkpoint_mount_path})
+        root = spec.checkpoint_mount_path
+        env["NW_DATA_DIR"] = root
+        env.setdefault("NW_TRAINER_ARTIFACTS_DIR", f"{root}/artifacts")
+        env["NW_TRAINER_CHECKPOINT_DIR"] = f"{root}/checkpoints/{spec.object_name}"
+        mounts.append({"name": "checkpoints", "mountPath": root})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint_pvc}})
     if spec.tls_secret:
         for setting, key in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key")):

@@ -77,6 +77,24 @@ class DeployerConfig(ServiceConfig):
             "mount when auth is on"
         },
     )
+    kube_artifacts_claim: str = field(
+        default="neuroweaver-artifacts",
+        metadata={
+            "help": "PVC holding the trainer's artifact store, mounted read-only into model-server pods at "
+            "--kube-artifacts-mount-path; empty = none (then only hub/builtin models can be served)"
+        },
+    )
+    kube_artifacts_mount_path: str = field(
+        default="/var/lib/neuroweaver",
+        metadata={"help": "where model-server pods mount --kube-artifacts-claim: the path the trainer writes under"},
+    )
+    kube_models_claim: str = field(
+        default="",
+        metadata={"help": "PVC of base models given as paths, when not on --kube-artifacts-claim; empty = none"},
+    )
+    kube_models_mount_path: str = field(
+        default="/var/lib/neuroweaver/models", metadata={"help": "where model-server pods mount --kube-models-claim"}
+    )
     kube_model_server_tls_secret: str = field(
         default="",
         metadata={
@@ -109,7 +127,12 @@ def build(config: DeployerConfig) -> GrpcService:
             auth_secret=(config.kube_model_server_auth_secret or None) if config.auth_tokens else None,
             tls_secret=config.kube_model_server_tls_secret or None,
             tls_client_auth=bool(config.kube_model_server_tls_secret and config.tls_client_ca),
+            artifacts_claim=config.kube_artifacts_claim or None,
+            artifacts_mount_path=config.kube_artifacts_mount_path,
+            models_claim=config.kube_models_claim or None,
+            models_mount_path=config.kube_models_mount_path,
         )
+        kube.data_volumes()  # a bad claim name or mount path stops the start, not the first deployment
         if config.auth_tokens and config.kubernetes and not kube.auth_secret:
             raise ValueError("auth is on: set --kube-model-server-auth-secret so model-server pods can authenticate callers")
     except ValueError as exc:

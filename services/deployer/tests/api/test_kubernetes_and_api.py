@@ -56,6 +56,45 @@ async def test_rendered_gpu_autoscaling_manifests_validate(stack, version):
     assert "replicas" not in deployment["spec"]  # the HPA owns the count
     assert objects[2]["spec"]["minReplicas"] == 2 and objects[2]["spec"]["maxReplicas"] == 6
     assert deployment["metadata"]["namespace"] == "serving"
+    # The artifact store claim is mounted read-only where the adapter's file:// path points.
+    pod = deployment["spec"]["template"]["spec"]
+    (store,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert store["persistentVolumeClaim"] == {"claimName": "neuroweaver-artifacts", "readOnly": True}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == store["name"]]
+    adapter = container["args"][container["args"].index("--adapter-uri") + 1]
+    assert mount["readOnly"] and adapter.removeprefix("file://").startswith(mount["mountPath"] + "/")
+
+
+async def test_an_adapter_on_no_mounted_claim_is_refused_not_left_to_a_pod_that_cannot_start(stack, kube_standin):
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+
+    elsewhere = "/srv/elsewhere/adapters/advisor-9"  # outside the mounted store: no pod could read it
+    mv = await stack.reg.CreateModelVersion(
+        rsvc.CreateModelVersionRequest(
+            parent=stack.MODEL, version="9.0.0",
+            model_version=rpb.ModelVersion(
+                artifact=rpb.Artifact(uri=f"file://{elsewhere}", sha256="c" * 64, format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER),
+                lineage=rpb.Lineage(base_model=str(stack.base), method="sft-lora"),
+            ),
+        )
+    )  # fmt: skip
+    spec = gpu_spec(stack, name="projects/default/deployments/unmounted")
+    spec.model_version = mv.name
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stack.dep.RenderManifests(dsvc.RenderManifestsRequest(deployment=spec))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(err.value)
+    assert info.reason == "ARTIFACT_NOT_MOUNTED" and info.metadata["model_version"] == mv.name
+    assert "/srv/elsewhere" not in err.value.details()  # server paths are never echoed
+    # Created anyway (the registry may hold it elsewhere later), the KUBERNETES backend reports FAILED, applies nothing.
+    await stack.dep.CreateDeployment(create(stack, "unmounted", model_version=mv.name, backend=dpb.BACKEND_KUBERNETES))
+    d = await watch_until(
+        stack.dep, "projects/default/deployments/unmounted", lambda d: d.state == dpb.Deployment.STATE_FAILED, timeout=30
+    )
+    assert any("no volume model-server pods mount" in c.message for c in d.conditions)
+    assert kube_standin.get_object("apps/v1", "Deployment", "serving", dns1123_name(d.name)) is None
+    await stack.dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=d.name))
 
 
 async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 from neuroweaver_kube.client import DeploymentStatus, KubeApiError, KubeClient, KubeNotFound
-from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests, to_yaml
+from neuroweaver_kube.manifests import ClaimMount, ModelServerSpec, UnmountedPathError, model_server_manifests, to_yaml
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime.errors import FailedPrecondition
 from neuroweaver_runtime.names import project_of
 
 from ..domain.model import BackendStatus, Target
@@ -33,10 +35,35 @@ class KubeDefaults:
     auth_secret: str | None = None  # the token table's Secret; None = auth off (the deployer's own auth is off)
     tls_secret: str | None = None  # the model server's certificate; None = plaintext
     tls_client_auth: bool = False  # mTLS: callers must present certificates (ca.crt of tls_secret)
+    # The trainer's artifact store (and, when separate, its base-model directory), mounted read-only at the path the
+    # trainer writes under so a version's file:// adapter resolves unchanged in the pod; None = not mounted.
+    artifacts_claim: str | None = "neuroweaver-artifacts"
+    artifacts_mount_path: str = "/var/lib/neuroweaver"
+    models_claim: str | None = None
+    models_mount_path: str = "/var/lib/neuroweaver/models"
+
+    def data_volumes(self) -> list[ClaimMount]:
+        pairs = ((self.artifacts_claim, self.artifacts_mount_path), (self.models_claim, self.models_mount_path))
+        return [ClaimMount(claim, path) for claim, path in pairs if claim]
 
 
 def model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec:
-    """Domain target → the kube library's model-server spec (also what RenderManifests renders)."""
+    """Domain target → the kube library's model-server spec (also what RenderManifests renders); FAILED_PRECONDITION
+    when the version's adapter (or path base model) lies on no volume the pod would mount."""
+    try:
+        return _model_server_spec(target, defaults)
+    except UnmountedPathError as exc:
+        # Like ARTIFACT_PATH_NOT_ALLOWED, the message names no server path (the mount layout is the operator's).
+        what = "adapter" if exc.field == "adapter_uri" else "base model"
+        raise FailedPrecondition(
+            f"{target.version.name} cannot be served on Kubernetes: its {what} is on no volume model-server pods "
+            "mount (deployer --kube-artifacts-claim/--kube-artifacts-mount-path, --kube-models-claim)",
+            reason="ARTIFACT_NOT_MOUNTED",
+            metadata={"model_version": target.version.name},
+        ) from exc
+
+
+def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec:
     v, s, r, a = target.version, target.serving.with_defaults(), target.resources, target.autoscaling
     resources = KubeResources(
         cpu_request=r.cpu or "1",
@@ -73,6 +100,7 @@ def model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec
         tolerations=[{k: val for k, val in vars(t).items() if val} for t in r.tolerations],
         labels={k: val for k, val in target.labels.items() if k.replace(".", "").replace("-", "").replace("_", "").isalnum()},
         env=env,
+        data_volumes=defaults.data_volumes(),
     )
 
 
@@ -97,6 +125,12 @@ class KubeBackend:
 
     def spec(self, target: Target) -> ModelServerSpec:
         return model_server_spec(target, self.defaults)
+
+    def _names_of(self, target: Target) -> ModelServerSpec:
+        """A spec that names the target's objects for deletion, even when its version could never be rendered for
+        applying (an unmounted adapter): what an earlier version left must still go."""
+        unloaded = dataclasses.replace(target.version, artifact_uri="", artifact_sha256="", base_model="")
+        return self.spec(dataclasses.replace(target, version=unloaded))
 
     async def apply(self, target: Target) -> None:
         spec = self.spec(target)
@@ -145,7 +179,7 @@ class KubeBackend:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        spec = self._specs.pop(name, None) or (self.spec(target) if target is not None else None)
+        spec = self._specs.pop(name, None) or (self._names_of(target) if target is not None else None)
         self._fingerprints.pop(name, None)
         if spec is not None:
             await self.client.delete(model_server_manifests(spec))

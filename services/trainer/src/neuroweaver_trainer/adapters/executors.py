@@ -157,10 +157,9 @@ class KubernetesExecutor:
             env={
                 "NW_TRAINER_REGISTRY_TARGET": self.worker.registry_target,
                 "NW_TRAINER_REGISTRY_RETRY_SECONDS": str(self.worker.registry_retry_seconds),
-                # Worker pods have a read-only root filesystem: adapters go to the shared claim when one is mounted.
-                "NW_TRAINER_ARTIFACTS_DIR": "/checkpoints/artifacts"
-                if self.settings.checkpoint_pvc
-                else self.worker.artifacts_dir,
+                # Worker pods have a read-only root filesystem: with the shared claim mounted the Job writes
+                # adapters to <mount>/artifacts (the path the deployer and model servers mount it at).
+                **({} if self.settings.checkpoint_pvc else {"NW_TRAINER_ARTIFACTS_DIR": self.worker.artifacts_dir}),
                 "HF_HUB_OFFLINE": "1",
             },
             secret_name=self.settings.secret_name or None,
