@@ -10,6 +10,9 @@ Credentials pass through: the caller's `authorization` metadata / `Authorization
 which authorizes that caller (auth on: a token of the deployment's project), so the router never lends its own
 identity to a caller and a refusal (401/403, UNAUTHENTICATED/PERMISSION_DENIED) comes back unchanged.
 
+Tracing: an HTTP call is a SERVER span of the router and a CLIENT span per attempt (the replica's span is the
+latter's child); gRPC calls pass through with the caller's `traceparent` (the replica's span is the caller's child).
+
 TLS: with `server_tls` the router serves gRPC and HTTPS with the deployer's certificate (mTLS when it has a client
 CA); it dials replicas with `client_tls`, the deployer's outbound `ClientTLS`.
 
@@ -31,7 +34,10 @@ import aiohttp
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.tls import ServerTLS, client_ssl_context
 
@@ -41,6 +47,8 @@ INFERENCE_PREFIX = "/neuroweaver.inference.v1.InferenceService/"
 STREAMING = {"GenerateStream"}
 _SKIP_METADATA = {"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-timeout"}
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+_TRACE_HEADERS = {"traceparent", "tracestate"}  # replaced by the router's own span context
+_tracer = trace.get_tracer("neuroweaver.deployer.router")
 
 
 @dataclass(frozen=True)
@@ -222,32 +230,59 @@ class Router(grpc.GenericRpcHandler):
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _http(self, request: web.Request) -> web.StreamResponse:
+        """Forwards to a replica, as a hop of the caller's trace: a SERVER span here and a CLIENT span per attempt,
+        whose context replaces the caller's `traceparent` towards the replica."""
+        span = telemetry.server_span(
+            _tracer, f"{request.method} {request.path}", request.headers,
+            {"http.request.method": request.method, "url.path": request.path}, record=telemetry.spans_are_recorded(),
+        )  # fmt: skip
+        status = 500
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                response = await self._forward_http(request)
+            status = response.status
+            return response
+        finally:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    async def _forward_http(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | _TRACE_HEADERS}
         for _ in range(self._attempts()):
             up = self._pick()
             if up is None or self._session is None:
                 break
-            try:
-                async with self._session.request(
-                    request.method, up.http_url + request.path_qs, data=body, headers=headers, **self._server_hostname
-                ) as resp:
-                    out_headers = {
-                        k: v
-                        for k, v in resp.headers.items()
-                        if k.lower() not in _HOP_HEADERS | {"content-encoding", "date", "server"}
-                    }
-                    if resp.content_type == "text/event-stream":
-                        stream = web.StreamResponse(status=resp.status, headers=out_headers)
-                        await stream.prepare(request)
-                        async for chunk in resp.content.iter_any():
-                            await stream.write(chunk)
-                        await stream.write_eof()
-                        return stream
-                    return web.Response(status=resp.status, body=await resp.read(), headers=out_headers)
-            except aiohttp.ClientConnectionError as exc:
-                log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
-                continue
+            attempt = _tracer.start_span(
+                request.method, kind=SpanKind.CLIENT, attributes={"http.request.method": request.method, "url.full": up.http_url}
+            )
+            with trace.use_span(attempt, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+                sent = dict(headers)
+                propagate.inject(sent)
+                try:
+                    async with self._session.request(
+                        request.method, up.http_url + request.path_qs, data=body, headers=sent, **self._server_hostname
+                    ) as resp:
+                        attempt.set_attribute("http.response.status_code", resp.status)
+                        out_headers = {
+                            k: v
+                            for k, v in resp.headers.items()
+                            if k.lower() not in _HOP_HEADERS | {"content-encoding", "date", "server"}
+                        }
+                        if resp.content_type == "text/event-stream":
+                            stream = web.StreamResponse(status=resp.status, headers=out_headers)
+                            await stream.prepare(request)
+                            async for chunk in resp.content.iter_any():
+                                await stream.write(chunk)
+                            await stream.write_eof()
+                            return stream
+                        return web.Response(status=resp.status, body=await resp.read(), headers=out_headers)
+                except aiohttp.ClientConnectionError as exc:
+                    attempt.set_status(Status(StatusCode.ERROR, "unreachable"))
+                    log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
+                    continue
         error = {
             "error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}
         }

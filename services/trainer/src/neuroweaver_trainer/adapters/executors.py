@@ -18,6 +18,7 @@ from pathlib import Path
 from neuroweaver_kube import KubeClient, KubeNotFound, TrainingJobSpec, training_job
 from neuroweaver_kube.client import KubeConflict
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.process import Child, spawn
 
@@ -81,7 +82,9 @@ class LocalExecutor:
             self.python, "-m", "neuroweaver_trainer.worker", "--job", job.name, "--attempt", str(attempt),
             "--die-with-parent", *self.settings.args(), "--notify-fd", str(write_fd),
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        env = telemetry.child_environment(
+            {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        )  # the worker exports where the trainer does
         if self.settings.registry_token:
             env["NW_TRAINER_REGISTRY_TOKEN"] = self.settings.registry_token
         try:
