@@ -80,10 +80,10 @@ async def main(args) -> None:
                     text(
                         """WITH u AS (SELECT metric, variant, CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8
                                                        ELSE total / count END AS x FROM unit_metrics)
-                   SELECT count(*) FROM (SELECT metric, variant, count(*) AS n, sum(x) AS s, sum(x * x) AS q FROM u
-                                         GROUP BY metric, variant) r
+                   SELECT count(*) FROM (SELECT metric, variant, count(*) AS n, avg(x) AS m, var_pop(x) * count(*) AS q
+                                         FROM u GROUP BY metric, variant) r
                    JOIN variant_stats v USING (metric, variant)
-                   WHERE r.n <> v.n OR abs(r.s - v.sum) > 1e-6 * greatest(1, abs(r.s)) OR abs(r.q - v.sum_sq) > 1e-6 * greatest(1, abs(r.q))"""
+                   WHERE r.n <> v.n OR abs(r.m - v.mean) > 1e-6 * greatest(1, abs(r.m)) OR abs(r.q - v.m2) > 1e-6 * greatest(1, abs(r.q))"""
                     )
                 )
             ).scalar()

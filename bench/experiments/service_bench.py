@@ -254,11 +254,12 @@ async def load_big(url: str, name: str, n_events: int) -> None:
                 n_events,
             )
             await conn.execute(
-                """INSERT INTO variant_stats (experiment_id, metric, variant, n, sum, sum_sq)
-                   SELECT experiment_id, metric, variant, count(*),
-                          sum(CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8 ELSE total / count END),
-                          sum(CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8 ELSE (total / count) ^ 2 END)
-                   FROM unit_metrics WHERE experiment_id = $1 GROUP BY experiment_id, metric, variant""",
+                """INSERT INTO variant_stats (experiment_id, metric, variant, n, mean, m2)
+                   SELECT experiment_id, metric, variant, count(*), avg(x), var_pop(x) * count(*)
+                   FROM (SELECT experiment_id, metric, variant,
+                                CASE WHEN metric = 'thumbs_up' THEN (positives > 0)::int::float8 ELSE total / count END AS x
+                         FROM unit_metrics WHERE experiment_id = $1) u
+                   GROUP BY experiment_id, metric, variant""",
                 exp_id,
             )
         assert await conn.fetchval("SELECT sum(count) FROM unit_metrics WHERE experiment_id = $1", exp_id) == n_events

@@ -1,5 +1,6 @@
-"""Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses, and 0002 (idempotency keys
-moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways."""
+"""Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses; 0002 (idempotency keys
+moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways;
+0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back."""
 
 from __future__ import annotations
 
@@ -80,5 +81,39 @@ async def test_event_keys_move_into_metric_events_and_back(empty_db):
         async with engine.connect() as conn:
             keys = (await conn.execute(sa.text("SELECT key FROM event_keys ORDER BY key"))).scalars().all()
         assert keys == ["k1", "k2", "k3"]
+    finally:
+        await engine.dispose()
+
+
+async def test_variant_stats_convert_to_centred_moments_and_back(empty_db):
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0002")
+    engine = create_async_engine(normalize_url(empty_db))
+    xs = [3.0, 5.0, 10.0]
+    try:
+        async with engine.begin() as conn:  # (n, Σx, Σx²) as 0002's ingest kept them
+            await conn.execute(sa.text(
+                "INSERT INTO experiments (id, name, project, display_name, description, variants, weights_history, hash_seed, "
+                "coverage, primary_metric, guardrail_metrics, secondary_metrics, min_sample_size, significance_level, analysis, "
+                "auto_conclude, promote_alias, labels, state, winner, conclusion, create_time, update_time, revision) VALUES "
+                "(7, 'projects/p/experiments/e', 'p', '', '', '[]', '[]', 's', 1, '{}', '[]', '[]', 1, 0.05, 'sequential', "
+                "false, '', '{}', 'RUNNING', '', '', :t, :t, 1)"), {"t": datetime(2026, 11, 1, tzinfo=UTC)})  # fmt: skip
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO variant_stats (experiment_id, metric, variant, n, sum, sum_sq) VALUES (7, 'm', :v, :n, :s, :q)"
+                ),
+                [
+                    dict(v="a", n=3, s=sum(xs), q=sum(x * x for x in xs)),
+                    dict(v="b", n=1, s=2.0, q=4.0),
+                    dict(v="c", n=0, s=0.0, q=0.0),
+                ],
+            )
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0003")
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT variant, n, mean, m2 FROM variant_stats ORDER BY variant"))).all()
+        assert [tuple(r) for r in rows] == [("a", 3, 6.0, pytest.approx(26.0)), ("b", 1, 2.0, 0.0), ("c", 0, 0.0, 0.0)]
+        await asyncio.to_thread(migrations.downgrade, empty_db, MIGRATIONS, "0002")
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT variant, n, sum, sum_sq FROM variant_stats ORDER BY variant"))).all()
+        assert [tuple(r) for r in rows] == [("a", 3, 18.0, pytest.approx(134.0)), ("b", 1, 2.0, 4.0), ("c", 0, 0.0, 0.0)]
     finally:
         await engine.dispose()

@@ -16,6 +16,7 @@ from datetime import datetime
 
 import pytest
 
+from neuroweaver_experiments.domain.aggregation import StatsDelta
 from neuroweaver_experiments.domain.experiment import Experiment
 from neuroweaver_experiments.domain.statistics import SequentialState, SufficientStats
 from neuroweaver_experiments.service.experiments import ExperimentsService
@@ -129,10 +130,10 @@ class FakeMetrics(_Repo):
             out.append((metric, unit, agg[0], agg[1], agg[2]))
         return out
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
-        for (metric, variant), (n, s, q) in deltas.items():
-            old = self.store.variant_stats.get((key, metric, variant), SufficientStats(0, 0.0, 0.0))
-            self.store.variant_stats[(key, metric, variant)] = SufficientStats(old.n + n, old.sum + s, old.sum_sq + q)
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
+        for (metric, variant), delta in deltas.items():
+            old = self.store.variant_stats.get((key, metric, variant), SufficientStats())
+            self.store.variant_stats[(key, metric, variant)] = delta.apply(old)
 
     async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         out: dict[str, dict[str, SufficientStats]] = {}

@@ -6,6 +6,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
+from neuroweaver_experiments.domain.aggregation import StatsDelta, fold_changes
 from neuroweaver_experiments.domain.statistics import (
     AnalysisMethod,
     Decision,
@@ -39,6 +40,12 @@ RNG = np.random.default_rng(20240611)
 
 def _ss(x):
     return SufficientStats.from_values(x)
+
+
+def _prop(n, successes):
+    """Statistics of n 0/1 values with this many ones."""
+    p = successes / n
+    return SufficientStats(n, p, successes * (1 - p) ** 2 + (n - successes) * p * p)
 
 
 @pytest.mark.parametrize("n0,n1,shift", [(10, 12, 0.0), (200, 150, 0.3), (5000, 5000, 0.02), (3, 40, 1.0)])
@@ -85,9 +92,9 @@ def test_sufficient_stats_merge_and_unit_values():
     x = RNG.normal(0, 1, 100)
     merged, whole = _ss(x[:40]) + _ss(x[40:]), _ss(x)
     assert merged.n == 100
-    assert (merged.sum, merged.sum_sq) == pytest.approx((whole.sum, whole.sum_sq), rel=1e-12, abs=1e-12)
-    assert SufficientStats().add(2.0).add(4.0) == SufficientStats(2, 6.0, 20.0)
-    assert math.isnan(SufficientStats().mean) and math.isnan(SufficientStats(1, 1.0, 1.0).std)
+    assert (merged.mean, merged.m2) == pytest.approx((whole.mean, whole.m2), rel=1e-12, abs=1e-12)
+    assert SufficientStats().add(2.0).add(4.0) == SufficientStats(2, 3.0, 2.0)
+    assert math.isnan(SufficientStats().mean) and math.isnan(SufficientStats(1, 1.0, 0.0).std)
     assert unit_value([0, 0, 3], MetricKind.PROPORTION) == 1.0
     assert unit_value([0, 0], MetricKind.PROPORTION) == 0.0
     assert unit_value([1, 2, 6], MetricKind.MEAN) == 3.0
@@ -160,15 +167,14 @@ def _aa_simulation(n_experiments, looks, batch, effect=0.0, kind=MetricKind.MEAN
         else:
             a = (rng.random((looks, batch)) < 0.2).astype(float)
             b = (rng.random((looks, batch)) < 0.2 + effect).astype(float)
-        ca, cb = np.cumsum(a.sum(1)), np.cumsum(b.sum(1))
-        qa, qb = np.cumsum((a * a).sum(1)), np.cumsum((b * b).sum(1))
+        sa, sb = SufficientStats(), SufficientStats()
         seq = naive = False
         prev = None
         for k in range(looks):
-            n = (k + 1) * batch
+            sa, sb = sa + _ss(a[k]), sb + _ss(b[k])
             res = analyze_metric(
                 spec,
-                [("c", SufficientStats(n, ca[k], qa[k])), ("t", SufficientStats(n, cb[k], qb[k]))],
+                [("c", sa), ("t", sb)],
                 method=AnalysisMethod.SEQUENTIAL,
                 previous=prev,
             )
@@ -243,8 +249,8 @@ def test_decide_no_detectable_difference():
     ids, w = ["control", "treatment"], [0.5, 0.5]
     n = 200_000
     same = {
-        "control": SufficientStats(n, 0.5 * n, 0.5 * n),
-        "treatment": SufficientStats(n, 0.5 * n + 50, 0.5 * n + 50),
+        "control": _prop(n, 0.5 * n),
+        "treatment": _prop(n, 0.5 * n + 50),
     }
     exposures = {"control": n, "treatment": n}
     a = analyze_experiment(ids, w, exposures, (primary, same), config=DecisionConfig(equivalence_margin=0.02))
@@ -255,7 +261,7 @@ def test_decide_no_detectable_difference():
     assert fixed.outcome.decision is Decision.NO_DETECTABLE_DIFFERENCE
     # a sequential look at a smaller, still-ambiguous sample keeps running
     m = 2000
-    few = {"control": SufficientStats(m, 0.5 * m, 0.5 * m), "treatment": SufficientStats(m, 0.5 * m + 20, 0.5 * m + 20)}
+    few = {"control": _prop(m, 0.5 * m), "treatment": _prop(m, 0.5 * m + 20)}
     a = analyze_experiment(ids, w, {"control": m, "treatment": m}, (primary, few))
     assert a.outcome.decision is Decision.KEEP_RUNNING
 
@@ -351,3 +357,86 @@ def test_winner_reason_on_a_negative_primary_is_a_difference_not_a_negative_lift
     a = analyze_experiment(["control", "treatment"], [0.5, 0.5], {"control": n, "treatment": n}, (primary, pos))
     assert ", lift +1" in a.outcome.reason
     assert math.isnan(relative_lift(_ss([-1.0, -2.0]), _ss([1.0, 2.0]), MetricKind.MEAN).estimate)
+
+
+# ------------------------------------------------------------------- issue 18: numerically stable variance
+
+
+def _folded(xs, rng):
+    """xs folded in as the ingest does: batches of new units, then some units' values replaced by others."""
+    stats, placed = SufficientStats(), []
+    for chunk in np.array_split(np.asarray(xs), 4):
+        stats = fold_changes([(None, float(x)) for x in chunk]).apply(stats)
+        placed.extend(float(x) for x in chunk)
+    for i in rng.choice(len(placed), len(placed) // 3, replace=False):  # downdates: value i becomes xs[i] again
+        wrong = placed[i] + float(rng.normal(0, 1))
+        stats = fold_changes([(placed[i], wrong)]).apply(stats)
+        stats = fold_changes([(wrong, placed[i])]).apply(stats)
+    return stats
+
+
+@pytest.mark.parametrize("offset,sd,n", [(1e8, 1.0, 500), (1e11, 1e3, 400), (-1e12 + 1e6, 1e4, 300)])
+def test_variance_of_large_offsets_matches_scipy(offset, sd, n):
+    rng = np.random.default_rng(int(abs(offset)) % 1000)
+    a = offset + rng.normal(0.0, sd, n)
+    b = offset + rng.normal(0.25 * sd, sd, n)
+    # scipy on the same values shifted by the offset (x - offset is exact here): the well-conditioned reference
+    exact = sps.ttest_ind(b - offset, a - offset, equal_var=False)
+    for make in (_ss, lambda x: _ss(x[: n // 3]) + _ss(x[n // 3 :]), lambda x: _folded(x, rng)):
+        sa, sb = make(a), make(b)
+        assert sa.n == n and sa.std == pytest.approx(np.std(a, ddof=1), rel=1e-9)
+        assert sb.std == pytest.approx(np.std(b, ddof=1), rel=1e-9)
+        res = welch_t_test(sa, sb)
+        assert res.df == pytest.approx(exact.df, rel=1e-9)
+        # a mean near 1e8..1e12 is a double to ulp(offset), so the difference of two means (scipy's on the raw
+        # values too) carries ~ulp(offset)/difference relative error: 1e-7 at 1e8 + N(0, 1); p follows it
+        assert res.difference == pytest.approx(np.mean(b - offset) - np.mean(a - offset), abs=4 * np.spacing(abs(offset)))
+        assert res.p_value == pytest.approx(exact.pvalue, rel=1e-5)
+    # the raw sums of the old SufficientStats (even summed exactly) are off by more than 0.1 % here
+    raw_var = (math.fsum(a * a) - math.fsum(a) ** 2 / n) / (n - 1)
+    assert abs(raw_var - np.var(a, ddof=1)) > 1e-3 * np.var(a, ddof=1)
+
+
+def test_the_issue_repro_1e8_plus_noise():
+    rng = np.random.default_rng(3)
+    a, b = 1e8 + rng.normal(0, 1, 1000), 1e8 + rng.normal(0.17, 1, 1000)
+    ref = sps.ttest_ind(b, a, equal_var=False)
+    res = welch_t_test(_ss(a), _ss(b))
+    assert ref.pvalue < 1e-3 and res.p_value == pytest.approx(ref.pvalue, rel=1e-5)
+    assert res.statistic == pytest.approx(ref.statistic, rel=1e-6) and res.df == pytest.approx(ref.df, rel=1e-9)
+
+
+def test_overflowed_or_nan_moments_never_decide():
+    # one value of 1e200 (ingest now rejects it): its square overflows, the variance is inf, p is 1 — not sd 0, p 0
+    primary = MetricSpec("score")
+    rng = np.random.default_rng(5)
+    t = list(rng.normal(0, 1, 500))
+    t[7] = 1e200
+    rows = {"control": _ss(rng.normal(0, 1, 500)), "treatment": _ss(t)}
+    assert math.isinf(rows["treatment"].variance)
+    for method in AnalysisMethod:
+        a = analyze_experiment(
+            ["control", "treatment"], [0.5, 0.5], {"control": 500, "treatment": 500}, (primary, rows), method=method
+        )
+        c = a.primary.comparisons[0]
+        assert c.p_value == 1.0 and c.sequential_p_value == 1.0 and not c.significant
+        assert a.outcome.decision is not Decision.SHIP_VARIANT
+    nan = SufficientStats(500, 0.0, math.nan)
+    assert math.isnan(nan.variance) and math.isnan(nan.std)
+    res = welch_t_test(_ss(rng.normal(0, 1, 500)), nan)
+    assert res.p_value == 1.0 and math.isinf(res.ci.upper)
+    assert msprt_p_value(1.0, math.inf, 1.0) == 1.0 and msprt_p_value(1.0, 0.1, math.nan) == 1.0
+
+
+def test_stats_delta_is_independent_of_its_shift():
+    xs = [3.0, 5.0, 11.0, 2.5]
+    base = _ss([1.0, 2.0, 4.0])
+    changes = [(None, x) for x in xs] + [(2.0, 7.0)]
+    want = _ss([1.0, 7.0, 4.0, *xs])
+    folded = fold_changes(changes)
+    for shift in (folded.shift, 0.0, -1e3):
+        # the same changes shifted by another value
+        ds = sum(x - shift for x in xs) + 5.0
+        dq = sum((x - shift) ** 2 for x in xs) + (7.0 - shift) ** 2 - (2.0 - shift) ** 2
+        got = StatsDelta(len(xs), shift, ds, dq).apply(base)
+        assert (got.n, got.mean, got.m2) == (want.n, pytest.approx(want.mean, rel=1e-12), pytest.approx(want.m2, rel=1e-9))

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from neuroweaver_runtime.filtering import Comparison
 from neuroweaver_runtime.timestamps import aware
 
+from ..domain.aggregation import StatsDelta
 from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..domain.statistics import (
     AnalysisMethod,
@@ -35,6 +36,17 @@ from ..domain.statistics import (
 from . import tables as t
 
 _SQLITE_CHUNK = 2000  # rows per multi-row statement (SQLite allows 32,766 bound variables)
+
+
+def _mul(a: str, b: str) -> str:
+    """a * b in SQL, 0 where a factor is below 1e-150: PostgreSQL raises "underflow" where IEEE arithmetic (and
+    the SQLite path) gives ~0 or a subnormal; the difference from the Python path stays below ~1e-138."""
+    return f"(CASE WHEN abs({a}) < 1e-150 OR abs({b}) < 1e-150 THEN 0 ELSE ({a}) * ({b}) END)"
+
+
+def _div(a: str, b: str) -> str:
+    """a / b for a divisor of at least 1 (a count), 0 where |a| < 1e-280 (the same underflow)."""
+    return f"(CASE WHEN abs({a}) < 1e-280 THEN 0 ELSE ({a}) / ({b}) END)"
 
 
 # One ingest batch on PostgreSQL (see `SqlMetricRepository.ingest`). Data-modifying CTEs all run, once;
@@ -62,7 +74,7 @@ WITH ev AS (
         total = um.total + excluded.total, positives = um.positives + excluded.positives
     RETURNING um.metric, um.unit_id, um.variant, um.count, um.total, um.positives
 ), vals AS (
-    SELECT u.metric, u.variant, u.count - a.c AS old_count,
+    SELECT u.metric, u.variant, u.count - a.c <= 0 AS is_new,
         CASE WHEN u.metric = ANY($9::text[]) THEN (u.positives > 0)::int::float8
              WHEN abs(u.total) < 1e-300 THEN 0 ELSE u.total / u.count END AS x_new,
         CASE WHEN u.count - a.c <= 0 THEN NULL
@@ -70,26 +82,42 @@ WITH ev AS (
              WHEN abs(u.total - a.s) < 1e-300 THEN 0
              ELSE (u.total - a.s) / (u.count - a.c) END AS x_old
     FROM units u JOIN added a USING (metric, unit_id)
-), squares AS (
-    -- PostgreSQL raises "underflow" where IEEE arithmetic (and the SQLite path) gives ~0, so tiny values are 0
-    -- here (|mean| with |total| < 1e-300, |x| < 1e-150 squared): a difference below 1e-300 from the Python path
-    SELECT *, CASE WHEN abs(x_new) < 1e-150 THEN 0 ELSE x_new * x_new END AS x_new_sq,
-        CASE WHEN abs(x_old) < 1e-150 THEN 0 ELSE x_old * x_old END AS x_old_sq
-    FROM vals
-), deltas AS (
-    SELECT metric, variant,
-        CASE WHEN old_count <= 0 THEN 1 ELSE 0 END AS dn,
-        CASE WHEN old_count <= 0 THEN x_new WHEN x_old = x_new THEN 0 ELSE x_new - x_old END AS ds,
-        CASE WHEN old_count <= 0 THEN x_new_sq WHEN x_old = x_new THEN 0 ELSE x_new_sq - x_old_sq END AS dq
-    FROM squares
+), shifts AS (
+    SELECT metric, variant, percentile_cont(0.5) WITHIN GROUP (ORDER BY x_new) AS k FROM vals GROUP BY metric, variant
+), terms AS (
+    -- domain.aggregation.fold_changes: new units add (x - k) and (x - k)^2, changed units (x_new - x_old) and
+    -- (x_new - x_old)((x_new - k) + (x_old - k))
+    SELECT metric, variant, k, is_new::int AS dn,
+        CASE WHEN is_new THEN x_new - k ELSE x_new - x_old END AS ds,
+        CASE WHEN is_new THEN {mul_new} ELSE {mul_changed} END AS dq
+    FROM vals JOIN shifts USING (metric, variant)
+    WHERE is_new OR x_old <> x_new
+), batch AS (
+    SELECT metric, variant, k, sum(dn) AS dn, sum(ds) AS ds, sum(dq) AS dq FROM terms GROUP BY metric, variant, k
 ), stats AS (
-    INSERT INTO variant_stats AS vs (experiment_id, metric, variant, n, sum, sum_sq)
-    SELECT $1, metric, variant, sum(dn), sum(ds), sum(dq) FROM deltas GROUP BY metric, variant ORDER BY metric, variant
-    ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET n = vs.n + excluded.n, sum = vs.sum + excluded.sum,
-        sum_sq = vs.sum_sq + excluded.sum_sq
+    -- a new row is the batch's own (n, mean, M2); an existing one merges it around its mean, as
+    -- domain.aggregation.StatsDelta.apply (a = mean - k): the row is locked here, so vs is its latest version
+    INSERT INTO variant_stats AS vs (experiment_id, metric, variant, n, mean, m2)
+    SELECT $1, metric, variant, dn, CASE WHEN dn > 0 THEN k + {new_mean} ELSE 0 END,
+        CASE WHEN dn > 0 THEN dq - {new_m2} ELSE 0 END
+    FROM batch ORDER BY metric, variant
+    ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET (n, mean, m2) = (
+        SELECT vs.n + b.dn, vs.mean + {merged_mean}, vs.m2 + b.dq - {merged_m2}
+        FROM batch b WHERE b.metric = vs.metric AND b.variant = vs.variant)
 )
 SELECT count(*) FROM taken
-"""
+""".format(
+    mul_new=_mul("x_new - k", "x_new - k"),
+    mul_changed=_mul("x_new - x_old", "(x_new - k) + (x_old - k)"),
+    new_mean=_div("ds", "dn"),
+    new_m2=_div(_mul("ds", "ds"), "dn"),
+    merged_mean=_div("b.ds - " + _mul("b.dn", "vs.mean - b.k"), "vs.n + b.dn"),
+    merged_m2=_div(
+        f"{_mul('b.ds', 'b.ds')} + 2 * {_mul('vs.n * (vs.mean - b.k)', 'b.ds')}"
+        f" - vs.n * b.dn * {_mul('vs.mean - b.k', 'vs.mean - b.k')}",
+        "vs.n + b.dn",
+    ),
+)
 
 
 def _text_array(items: Sequence[str]) -> str:
@@ -395,18 +423,26 @@ class SqlMetricRepository(_Repository):
             out.extend((r[0], r[1], r[2], r[3], r[4]) for r in await self.s.execute(stmt))
         return out
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
-        """SQLite: adds (n, sum, sum_sq) deltas per (metric, variant), in key order."""
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
+        """SQLite: reads the touched rows, merges each delta (`StatsDelta.apply`) and writes them back, in key order.
+        Read-modify-write is safe here: the ingest transaction already wrote its events, so it holds SQLite's write
+        lock and no other writer can change these rows before it commits."""
         keys = sorted(deltas)
         if not keys:
             return
         c = t.variant_stats.c
+        rows = await self.s.execute(
+            select(c.metric, c.variant, c.n, c.mean, c.m2).where(c.experiment_id == key, c.metric.in_({m for m, _ in keys}))
+        )
+        stored = {(r.metric, r.variant): SufficientStats(int(r.n), float(r.mean), float(r.m2)) for r in rows}
         for m, v in keys:
-            n, s, q = deltas[(m, v)]
-            stmt = sqlite_insert(t.variant_stats).values(experiment_id=key, metric=m, variant=v, n=n, sum=s, sum_sq=q)
+            merged = deltas[(m, v)].apply(stored.get((m, v), SufficientStats()))
+            stmt = sqlite_insert(t.variant_stats).values(
+                experiment_id=key, metric=m, variant=v, n=merged.n, mean=merged.mu, m2=merged.m2
+            )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "variant"],
-                set_={"n": c.n + stmt.excluded.n, "sum": c.sum + stmt.excluded.sum, "sum_sq": c.sum_sq + stmt.excluded.sum_sq},
+                set_={"n": stmt.excluded.n, "mean": stmt.excluded.mean, "m2": stmt.excluded.m2},
             )
             await self.s.execute(stmt)
 
@@ -421,8 +457,9 @@ class SqlMetricRepository(_Repository):
         """PostgreSQL hot path of one ingest batch, in ONE statement (one round trip) of the caller's transaction:
         append the raw events whose idempotency key is not stored yet (the others are duplicates), upsert the
         per-unit aggregates of the appended ones and fold each touched unit's change of value into the
-        per-variant sufficient statistics — the arithmetic of `domain.aggregation.contribution_delta`, done
-        set-based. `events` are columns (units, metrics, values, times or None for `now`, keys or '' for none),
+        per-variant sufficient statistics — the arithmetic of `domain.aggregation.fold_changes` and
+        `StatsDelta.apply`, done set-based (each variant's batch shifted by its median new value, merged into the
+        stored n, mean, M2 under the row's lock). `events` are columns (units, metrics, values, times or None for `now`, keys or '' for none),
         keys unique within the batch; `variant_of` maps every unit of the batch to its variant. Returns the
         number of events appended. Locks: events, unit rows and variant rows are written in key, (metric, unit)
         and (metric, variant) order, as in the SQLite path, so concurrent batches do not deadlock."""
@@ -450,10 +487,10 @@ class SqlMetricRepository(_Repository):
 
     async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         c = t.variant_stats.c
-        rows = await self.s.execute(select(c.metric, c.variant, c.n, c.sum, c.sum_sq).where(c.experiment_id == key))
+        rows = await self.s.execute(select(c.metric, c.variant, c.n, c.mean, c.m2).where(c.experiment_id == key))
         out: dict[str, dict[str, SufficientStats]] = {}
         for r in rows:
-            out.setdefault(r.metric, {})[r.variant] = SufficientStats(int(r.n), float(r.sum), float(r.sum_sq))
+            out.setdefault(r.metric, {})[r.variant] = SufficientStats(int(r.n), float(r.mean), float(r.m2))
         return out
 
     async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]:

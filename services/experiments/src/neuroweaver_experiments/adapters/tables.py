@@ -115,7 +115,8 @@ unit_metrics = Table(
     postgresql_with={"fillfactor": 70},  # room for in-place (HOT) updates: every batch updates its units' rows
 )
 
-# Sufficient statistics (n, sum, sum of squares) of unit values per variant and metric.
+# Sufficient statistics of unit values per variant and metric: n, mean and M2 = Σ(x − mean)² (centred, so the
+# variance does not cancel when |mean| ≫ sd; merged per batch by domain.aggregation.StatsDelta's arithmetic).
 variant_stats = Table(
     "variant_stats",
     metadata,
@@ -123,8 +124,8 @@ variant_stats = Table(
     Column("metric", String(64), primary_key=True),
     Column("variant", String(64), primary_key=True),
     Column("n", BigInteger, nullable=False),
-    Column("sum", Float, nullable=False),
-    Column("sum_sq", Float, nullable=False),
+    Column("mean", Float, nullable=False),
+    Column("m2", Float, nullable=False),
 )
 
 # Running state of the sequential test per comparison (running minimum p, intersected confidence sequences).

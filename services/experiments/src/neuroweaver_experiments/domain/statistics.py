@@ -1,7 +1,9 @@
 """Experiment statistics from per-variant sufficient statistics.
 
-Every test here works from `SufficientStats` (units n, sum and sum of squares of the per-unit values), so an
-analysis costs the same at 10 events or 10 million: the store keeps three numbers per (variant, metric).
+Every test here works from `SufficientStats` (units n, mean and M2 = Σ(x − mean)² of the per-unit values), so
+an analysis costs the same at 10 events or 10 million: the store keeps three numbers per (variant, metric).
+Centred moments rather than raw sums keep the variance exact to ~1e-15 relative when |mean| ≫ sd (1e8 + N(0,1)).
+Metric values are accepted only when finite and |x| ≤ `MAX_ABS_VALUE` (1e12), checked at ingest.
 
 Per-unit values: a unit's value for a MEAN metric is the average of its events; for a PROPORTION metric it
 is 1 if any of its events is > 0, else 0 (`unit_value`). The randomisation unit is the analysis unit, so the
@@ -35,9 +37,9 @@ Methods (all two-sided, level `alpha`):
   is most powerful for effects of about that size). Lift confidence sequences apply the same mixture to
   the delta-method lift with τ scaled by 1/|m_c|.
 
-Undefined quantities are ``math.nan`` (means of empty variants, lift with a zero control mean); p-values
-that cannot be computed (fewer than 2 units in an arm, zero variance everywhere) are 1.0 and their
-intervals are (−inf, inf): such data never produces a decision.
+Undefined quantities are ``math.nan`` (means of empty variants, lift with a control mean ≤ 0); p-values
+that cannot be computed (fewer than 2 units in an arm, zero variance everywhere, moments that overflowed or
+are NaN) are 1.0 and their intervals are (−inf, inf): such data never produces a decision.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_EFFECT_SIZE",
     "DEFAULT_MIN_SAMPLE_SIZE",
+    "MAX_ABS_VALUE",
     "SRM_THRESHOLD",
     "AnalysisMethod",
     "Comparison",
@@ -95,6 +98,9 @@ __all__ = [
 ]
 
 DEFAULT_ALPHA = 0.05
+# Largest accepted |metric value| (every metric; ingest rejects larger, NaN and inf with INVALID_ARGUMENT). Squares
+# stay ≤ 1e24 and sums over a billion units far from overflow; a bug's 1e200 cannot reach the statistics.
+MAX_ABS_VALUE = 1e12
 DEFAULT_MIN_SAMPLE_SIZE = 100
 DEFAULT_EFFECT_SIZE = 0.1
 SRM_THRESHOLD = 0.001
@@ -171,41 +177,59 @@ class MetricSpec:
 
 @dataclass(frozen=True, slots=True)
 class SufficientStats:
-    """Units, sum and sum of squares of per-unit values of one variant on one metric. Add two to merge."""
+    """Units `n`, mean `mu` and ``m2 = Σ(x − mean)²`` of the per-unit values of one variant on one metric.
+
+    Centred moments, not raw sums: ``Σx² − (Σx)²/n`` cancels every digit once |mean| ≫ sd (1e8 + N(0,1) lost
+    the variance; 1e200 overflowed to a variance of 0). Two are merged with ``+`` (Chan, Golub, LeVeque 1979);
+    `aggregation.StatsDelta` folds a batch of changed unit values in. Build from many values with `from_values`
+    (two-pass) or merge batches: each merge rounds the mean to a double, so value-by-value updates (`add`) lose
+    ~√n·ulp(mean)/sd of relative accuracy in the variance.
+    `mu` is 0 when n = 0 (`mean` is NaN then)."""
 
     n: int = 0
-    sum: float = 0.0
-    sum_sq: float = 0.0
+    mu: float = 0.0
+    m2: float = 0.0
 
     @classmethod
     def from_values(cls, values: Iterable[float]) -> SufficientStats:
-        n, s, ss = 0, 0.0, 0.0
-        for v in values:
-            v = float(v)
-            n += 1
-            s += v
-            ss += v * v
-        return cls(n, s, ss)
+        """Two-pass: the exactly rounded mean (fsum), then the sum of squared deviations from it."""
+        xs = [float(v) for v in values]
+        if not xs:
+            return cls()
+        mu = math.fsum(xs) / len(xs)
+        return cls(len(xs), mu, math.fsum((x - mu) * (x - mu) for x in xs))
 
     def add(self, value: float) -> SufficientStats:
-        v = float(value)
-        return SufficientStats(self.n + 1, self.sum + v, self.sum_sq + v * v)
+        return self + SufficientStats(1, float(value), 0.0)
 
     def __add__(self, other: SufficientStats) -> SufficientStats:
         if not isinstance(other, SufficientStats):
             return NotImplemented
-        return SufficientStats(self.n + other.n, self.sum + other.sum, self.sum_sq + other.sum_sq)
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mu - self.mu
+        return SufficientStats(n, self.mu + delta * other.n / n, self.m2 + other.m2 + delta * delta * self.n * other.n / n)
 
     @property
     def mean(self) -> float:
-        return self.sum / self.n if self.n > 0 else _NAN
+        return self.mu if self.n > 0 else _NAN
+
+    @property
+    def sum(self) -> float:
+        """Σx (for a 0/1 metric: the number of successes)."""
+        return self.n * self.mu
 
     @property
     def variance(self) -> float:
-        """Sample variance (ddof=1); NaN below 2 units. Clamped at 0 against rounding."""
+        """Sample variance (ddof=1); NaN below 2 units. NaN and inf stay what they are (no decision is taken on
+        them); a slightly negative m2 left by rounding in a downdate is 0."""
         if self.n < 2:
             return _NAN
-        return max(0.0, (self.sum_sq - self.sum * self.sum / self.n) / (self.n - 1))
+        v = self.m2 / (self.n - 1)
+        return 0.0 if v < 0 else v
 
     @property
     def std(self) -> float:
@@ -216,8 +240,8 @@ class SufficientStats:
         """Bernoulli variance p(1−p) of a 0/1 metric (ddof=0)."""
         if self.n == 0:
             return _NAN
-        p = self.sum / self.n
-        return max(0.0, p * (1.0 - p))
+        v = self.mu * (1.0 - self.mu)
+        return 0.0 if v < 0 else v
 
 
 def unit_value(values: Iterable[float], kind: MetricKind) -> float:
@@ -344,6 +368,9 @@ def welch_t_test(control: SufficientStats, treatment: SufficientStats, alpha: fl
     vc = control.variance / control.n
     vt = treatment.variance / treatment.n
     var = vc + vt
+    if not (math.isfinite(var) and math.isfinite(diff)):
+        # overflowed or undefined moments carry no evidence: never a certain p-value from them
+        return TestResult(diff, _NAN, _NAN, 1.0, _NAN, _UNBOUNDED)
     if var <= 0.0:
         # Both arms constant: identical → no evidence; different → certain (scipy returns t=±inf, p=0).
         p = 1.0 if diff == 0 else 0.0
@@ -474,7 +501,7 @@ def msprt_p_value(estimate: float, variance: float, tau2: float, null: float = 0
     `variance` is the variance of `estimate` (V), `tau2` the mixing variance τ² on the effect scale.
     Take the running minimum over looks (see `SequentialState`). 1.0 when V or τ² is not positive.
     """
-    if not (variance > 0 and tau2 > 0) or math.isnan(estimate):
+    if not (0 < variance < _INF and 0 < tau2 < _INF) or not math.isfinite(estimate):
         return 1.0
     d = estimate - null
     log_lambda = 0.5 * math.log(variance / (variance + tau2)) + tau2 * d * d / (2.0 * variance * (variance + tau2))
@@ -486,7 +513,7 @@ def msprt_p_value(estimate: float, variance: float, tau2: float, null: float = 0
 def confidence_sequence(estimate: float, variance: float, tau2: float, alpha: float = DEFAULT_ALPHA) -> Interval:
     """Always-valid (1−α) confidence sequence of the normal mixture: {θ0 : Λ(θ0) < 1/α}, i.e.
     ``estimate ± √(V(V+τ²)/τ² · (ln((V+τ²)/V) − 2 ln α))``. Intersect over looks for a running interval."""
-    if not (variance > 0 and tau2 > 0) or math.isnan(estimate):
+    if not (0 < variance < _INF and 0 < tau2 < _INF) or not math.isfinite(estimate):
         return _UNBOUNDED
     half = math.sqrt(variance * (variance + tau2) / tau2 * (math.log((variance + tau2) / variance) - 2 * math.log(alpha)))
     return Interval(estimate - half, estimate + half)

@@ -1,7 +1,8 @@
 """Metric ingestion: validate a batch, drop duplicates, fold the rest into per-unit aggregates and per-variant
 sufficient statistics, all in one transaction.
 
-A batch is all-or-nothing: any bad event (unknown metric, unit never exposed, value not finite, event time
+A batch is all-or-nothing: any bad event (unknown metric, unit never exposed, value not finite or beyond
+±`MAX_ABS_VALUE` (1e12), event time
 before the experiment started, another experiment's name) rejects the whole batch with INVALID_ARGUMENT whose
 `BadRequest` names every bad event (`events[i].field`, the first 100) and whose ErrorInfo metadata carries
 `first_bad_event_index`; a batch for an experiment that is not RUNNING is FAILED_PRECONDITION. Nothing is
@@ -23,9 +24,9 @@ from datetime import datetime
 from neuroweaver_runtime.errors import FieldViolation, InvalidArgument, NotFound
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..domain.aggregation import UnitAggregate, contribution_delta
+from ..domain.aggregation import StatsDelta, UnitAggregate, fold_changes, unit_change
 from ..domain.experiment import EXPERIMENT, ExperimentState, require_running
-from ..domain.statistics import MetricKind
+from ..domain.statistics import MAX_ABS_VALUE, MetricKind
 from .assignments import Assigner
 from .ports import EventColumns, MetricRepository, UnitOfWorkFactory
 
@@ -125,6 +126,8 @@ class Ingestor:
                 bad.add(i, "unit_id", "unit_id must be 1-256 characters", "INVALID_UNIT_ID")
             if not math.isfinite(value):
                 bad.add(i, "value", f"value must be finite, got {value}", "INVALID_VALUE")
+            elif abs(value) > MAX_ABS_VALUE:
+                bad.add(i, "value", f"|value| must be at most {MAX_ABS_VALUE:g}, got {value!r}", "VALUE_OUT_OF_RANGE")
             if len(key) > 256:
                 bad.add(i, "idempotency_key", "idempotency_key is at most 256 characters", "INVALID_IDEMPOTENCY_KEY")
             if len(metric) > 64:
@@ -196,19 +199,18 @@ class Ingestor:
                     a[2] += 1
             rows = sorted((m, u, variant_of[u], a[0], a[1], a[2]) for (m, u), a in agg.items())
             updated = await uow.metrics.add_unit_metrics(exp_id, rows)
-            deltas: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0.0])
+            changes: dict[tuple[str, str], list[tuple[float | None, float]]] = defaultdict(list)
             for metric, unit, count, total, positives in updated:
                 added = agg[(metric, unit)]
-                d = contribution_delta(
-                    kinds[metric],
-                    UnitAggregate(int(count), float(total), int(positives)),
-                    UnitAggregate(added[0], added[1], added[2]),
+                changes[(metric, variant_of[unit])].append(
+                    unit_change(
+                        kinds[metric],
+                        UnitAggregate(int(count), float(total), int(positives)),
+                        UnitAggregate(added[0], added[1], added[2]),
+                    )
                 )
-                acc = deltas[(metric, variant_of[unit])]
-                acc[0] += d.n
-                acc[1] += d.sum
-                acc[2] += d.sum_sq
-            await uow.metrics.add_variant_stats(exp_id, {k: (v[0], v[1], v[2]) for k, v in deltas.items()})
+            deltas: dict[tuple[str, str], StatsDelta] = {k: fold_changes(c) for k, c in changes.items()}
+            await uow.metrics.add_variant_stats(exp_id, deltas)
         return IngestResult(len(take), duplicates)
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Protocol
 from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.filtering import Comparison
 
+from ..domain.aggregation import StatsDelta
 from ..domain.experiment import Experiment
 from ..domain.statistics import SequentialState, SufficientStats
 
@@ -78,8 +79,9 @@ class MetricRepository(Protocol):
         """Adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
         (metric, unit, count, total, positives). Rows unique per (metric, unit) and sorted (lock order)."""
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], tuple[int, float, float]]) -> None:
-        """Adds (n, sum, sum_sq) per (metric, variant), in key order."""
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
+        """Merges each (metric, variant)'s batch delta into its stored statistics (`StatsDelta.apply`), in key
+        order. Runs after this transaction's other writes (SQLite: it already holds the write lock)."""
 
     async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         """metric → variant → sufficient statistics."""
