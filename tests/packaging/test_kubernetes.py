@@ -121,11 +121,66 @@ def test_pods_are_non_root_read_only_and_bounded(name, rendered):
         sc = c["securityContext"]
         assert sc["runAsNonRoot"] and sc["runAsUser"] == 10001 and sc["readOnlyRootFilesystem"]
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
-        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+        _assert_bounded(pod)
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         assert "/tmp" in mounts, "read-only root needs a writable /tmp"
         assert pod["serviceAccountName"] == f"neuroweaver-{svc}"
         assert pod["automountServiceAccountToken"] is (svc in ("trainer", "deployer"))
+
+
+def _assert_bounded(pod: dict) -> None:
+    """Every container, init containers included, requests CPU and memory and has a memory limit."""
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"], c["name"]
+
+
+def test_objects_the_platform_creates_are_bounded_too():
+    """Model-server pods (the deployer's defaults and a request's resources) and training Job pods."""
+    from neuroweaver_deployer.adapters.kube import KubeDefaults, model_server_spec
+    from neuroweaver_deployer.domain.model import Autoscaling, ResolvedVersion, Resources, Serving, Target
+    from neuroweaver_kube.manifests import TrainingJobSpec, model_server_manifests, training_job
+
+    version = ResolvedVersion("projects/p/models/m/versions/1", "1", "", "", "builtin:tiny")
+    for resources in (Resources(), Resources(cpu="2", memory="6Gi", gpus=1)):
+        target = Target("projects/p/deployments/d", version, "m-1", 1, Serving(), resources, Autoscaling(), "", {})
+        spec = model_server_spec(target, KubeDefaults(image="m", namespace="neuroweaver"))
+        deployment = next(o for o in model_server_manifests(spec) if o["kind"] == "Deployment")
+        _assert_bounded(deployment["spec"]["template"]["spec"])
+    job = training_job(TrainingJobSpec(job="projects/p/trainingJobs/j", namespace="neuroweaver", image="t", gpus=2))
+    _assert_bounded(job["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_deployment_has_a_disruption_budget_that_lets_drains_through(name, rendered):
+    objs = rendered[name]
+    budgets = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    for svc, dep in _deployments(objs).items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        (pdb,) = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        # maxUnavailable 1: a drain takes one replica at a time and is never blocked (minAvailable 1 with one replica
+        # would block it forever).
+        assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1} and "minAvailable" not in pdb["spec"], svc
+    replicas = {svc: dep["spec"]["replicas"] for svc, dep in _deployments(objs).items()}
+    assert replicas["registry"] >= 2 and replicas["experiments"] >= 2, replicas
+
+
+def test_prometheus_adapter_example_serves_the_metric_the_hpa_names():
+    from neuroweaver_kube.manifests import prometheus_adapter_rule
+
+    (cm,) = yaml.safe_load_all((K8S / "extras" / "prometheus-adapter-config.yaml").read_text())
+    kubernetes_validate.validate(cm, "1.30.0", strict=True)
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == {"rules": [prometheus_adapter_rule()]}
+
+
+def test_the_model_server_exports_the_series_the_adapter_reads():
+    import prometheus_client
+
+    import neuroweaver_model_server.metrics  # noqa: F401  (registers the server's metrics)
+    from neuroweaver_kube.metrics import DEFAULT_METRICS
+
+    text = prometheus_client.generate_latest().decode()
+    for series in (DEFAULT_METRICS.inflight_requests, DEFAULT_METRICS.queue_depth):
+        assert f"\n{series} " in text, series
 
 
 def _services(objs, headless: bool) -> dict:
@@ -231,6 +286,7 @@ def test_rbac_is_least_privilege(name, rendered):
         ("neuroweaver-deployer", "", "services"),
         ("neuroweaver-deployer", "", "pods"),
         ("neuroweaver-deployer", "autoscaling", "horizontalpodautoscalers"),
+        ("neuroweaver-deployer", "policy", "poddisruptionbudgets"),
         ("neuroweaver-deployer", "monitoring.coreos.com", "servicemonitors"),
         ("neuroweaver-deployer", "monitoring.coreos.com", "prometheusrules"),
         ("neuroweaver-trainer", "batch", "jobs"),
@@ -238,6 +294,17 @@ def test_rbac_is_least_privilege(name, rendered):
         ("neuroweaver-trainer", "", "pods/log"),
     }
     assert grants[("neuroweaver-trainer", "", "pods/log")] == {"get"}
+    # Whatever the deployer's backend applies and deletes, its Role allows.
+    from neuroweaver_kube.manifests import ModelServerSpec, model_server_manifests
+
+    spec = ModelServerSpec(
+        name="d", namespace="neuroweaver", image="m", model_version="projects/p/models/m/versions/1",
+        served_model_name="m-1", base_model_uri="builtin:tiny", min_replicas=1, max_replicas=3, target_inflight_requests=4,
+    )  # fmt: skip
+    for obj in model_server_manifests(spec):
+        group = obj["apiVersion"].rpartition("/")[0]
+        plural = {"PodDisruptionBudget": "poddisruptionbudgets"}.get(obj["kind"], obj["kind"].lower() + "s")
+        assert {"create", "patch", "delete"} <= grants[("neuroweaver-deployer", group, plural)], obj["kind"]
     assert grants[("neuroweaver-trainer", "", "pods")] == {"get", "list", "watch"}
     accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
     for binding in (o for o in objs if o["kind"] == "RoleBinding"):

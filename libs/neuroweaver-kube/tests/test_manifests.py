@@ -20,6 +20,7 @@ from neuroweaver_kube.manifests import (
     dns1123_name,
     is_dns1123_label,
     model_server_manifests,
+    prometheus_adapter_rule,
     to_yaml,
     training_job,
 )
@@ -103,8 +104,17 @@ def validate_all(objs, version):
         lambda: [training_job(multi_gpu_job(gpus=1))],
         lambda: [training_job(multi_gpu_job(gpus=1, tls_secret="neuroweaver-trainer-tls"))],
         lambda: model_server_manifests(secured_spec()),
+        lambda: model_server_manifests(gpu_spec(target_inflight_requests=8)),
     ],
-    ids=["gpu-deployment-hpa", "cpu-deployment", "multi-gpu-job", "single-gpu-job", "tls-job", "auth-mtls-deployment"],
+    ids=[
+        "gpu-deployment-hpa",
+        "cpu-deployment",
+        "multi-gpu-job",
+        "single-gpu-job",
+        "tls-job",
+        "auth-mtls-deployment",
+        "inflight-hpa",
+    ],
 )
 def test_manifests_validate_against_official_schemas(make, version):
     validate_all(make(), version)
@@ -131,16 +141,20 @@ def test_gpu_deployment_shape():
         "Service",
         "Deployment",
         "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
         "ServiceMonitor",
         "PrometheusRule",
     ]
-    svc, dep, hpa, sm, rule = objs
+    svc, dep, hpa, pdb, sm, rule = objs
     name = dep["metadata"]["name"]
     assert all(o["metadata"]["name"] == name and o["metadata"]["namespace"] == "neuroweaver" for o in objs)
     assert "replicas" not in dep["spec"], "HPA owns replicas; SSA must not fight it"
     assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 6
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 65
+    assert hpa["spec"]["metrics"] == [  # no in-flight target: CPU only
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 65}}}
+    ]
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"] == dep["spec"]["selector"]
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -198,7 +212,7 @@ def _secret_volume_files(pod, container, env_value):
 
 
 def test_credentials_and_tls_come_from_secrets_never_from_the_manifest():
-    svc, dep, sm, _rule = model_server_manifests(secured_spec())
+    svc, dep, _pdb, sm, _rule = model_server_manifests(secured_spec())
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     env = {e["name"]: e for e in c["env"]}
@@ -264,7 +278,7 @@ def test_tls_without_client_auth_mounts_no_client_ca_and_plain_specs_mount_nothi
 
 def test_cpu_deployment_has_no_gpu_and_fixed_replicas():
     objs = model_server_manifests(cpu_spec(monitoring=False))
-    assert [o["kind"] for o in objs] == ["Service", "Deployment"]
+    assert [o["kind"] for o in objs] == ["Service", "Deployment", "PodDisruptionBudget"]
     dep = objs[1]
     assert dep["spec"]["replicas"] == 2
     pod = dep["spec"]["template"]["spec"]
@@ -312,6 +326,38 @@ def test_claim_mount_validation():
             ClaimMount(claim, path)
     with pytest.raises(ValueError, match="distinct"):
         gpu_spec(data_volumes=(*STORE, ClaimMount("other", "/var/lib/neuroweaver/")))
+
+
+def test_hpa_scales_on_inflight_requests_per_replica_with_cpu_as_the_fallback():
+    hpa = next(
+        o
+        for o in model_server_manifests(gpu_spec(target_inflight_requests=4))
+        if o["kind"] == "HorizontalPodAutoscaler"
+    )
+    inflight, cpu = hpa["spec"]["metrics"]
+    assert inflight == {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": "neuroweaver_model_server_inflight_requests"},
+            "target": {"type": "AverageValue", "averageValue": "4"},
+        },
+    }
+    assert cpu["resource"]["target"]["averageUtilization"] == 65
+    with pytest.raises(ValueError, match="target_inflight_requests"):
+        gpu_spec(target_inflight_requests=0)
+
+
+def test_prometheus_adapter_serves_the_hpas_metric_from_series_the_server_exports():
+    """The custom metric the HPA names is what the adapter rule exposes, computed from exported series only."""
+    m = metrics.DEFAULT_METRICS
+    rule = prometheus_adapter_rule(m)
+    assert rule["name"]["as"] == m.custom_inflight_metric
+    assert re.fullmatch(rule["name"]["matches"], m.inflight_requests)
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}  # per-pod values: a Pods metric
+    queried = _promql_metric_names(rule["metricsQuery"].replace("<<.LabelMatchers>>", 'pod="p"'))
+    assert queried == {m.inflight_requests, m.queue_depth} and queried <= _exported_by_a_real_registry(m)
+    renamed = prometheus_adapter_rule(metrics.ModelServerMetrics(custom_inflight_metric="x_inflight"))
+    assert renamed["name"]["as"] == "x_inflight"
 
 
 def test_version_change_keeps_selector_and_changes_template():
@@ -424,6 +470,7 @@ def test_to_yaml_is_multidoc_in_apply_order():
         "Deployment",
         "Job",
         "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
         "ServiceMonitor",
         "PrometheusRule",
     ]
@@ -439,6 +486,8 @@ def _exported_by_a_real_registry(m: metrics.ModelServerMetrics) -> set[str]:
     )
     h.labels("Generate", "OK").observe(0.1)
     c.labels("Generate", "OK").inc()
+    for gauge in (m.inflight_requests, m.queue_depth):
+        prometheus_client.Gauge(gauge, "requests", registry=reg).set(1)
     text = prometheus_client.generate_latest(reg).decode()
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 

@@ -54,6 +54,7 @@ KINDS: dict[str, Kind] = {
     "StatefulSet": Kind("statefulsets"),
     "Endpoints": Kind("endpoints"),
     "HorizontalPodAutoscaler": Kind("horizontalpodautoscalers"),
+    "PodDisruptionBudget": Kind("poddisruptionbudgets"),
     "ServiceMonitor": Kind("servicemonitors"),
     "PrometheusRule": Kind("prometheusrules"),
 }

@@ -45,6 +45,7 @@ APPLY_ORDER = (
     "Deployment",
     "Job",
     "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
     "ServiceMonitor",
     "PrometheusRule",
 )
@@ -266,6 +267,9 @@ class ModelServerSpec:
     min_replicas: int | None = None
     max_replicas: int | None = None
     target_cpu_utilization: int = 70
+    #: In-flight (decoding + waiting) requests per replica the HPA aims at, through the custom-metrics API
+    #: (``metrics.custom_inflight_metric``, served by prometheus-adapter); CPU stays as the fallback metric.
+    target_inflight_requests: int | None = None
     resources: Resources = field(default_factory=Resources)
     gpus: int = 0
     gpu_resource: str = GPU_RESOURCE
@@ -315,6 +319,8 @@ class ModelServerSpec:
                 raise ValueError("need 1 <= min_replicas <= max_replicas")
         if not 1 <= self.target_cpu_utilization <= 100:
             raise ValueError("target_cpu_utilization must be in 1..100")
+        if self.target_inflight_requests is not None and self.target_inflight_requests < 1:
+            raise ValueError("target_inflight_requests must be >= 1 (None = CPU only)")
         for what, secret in (("auth_secret", self.auth_secret), ("tls_secret", self.tls_secret)):
             if secret is not None and not is_dns1123_label(secret):
                 raise ValueError(f"{what} must be a DNS-1123 name")
@@ -584,8 +590,24 @@ def model_server_service(spec: ModelServerSpec) -> dict[str, Any]:
 
 
 def model_server_hpa(spec: ModelServerSpec) -> dict[str, Any]:
-    """autoscaling/v2 HorizontalPodAutoscaler on CPU utilisation."""
+    """autoscaling/v2 HorizontalPodAutoscaler on in-flight requests per replica (when a target is set) and CPU.
+
+    The HPA takes the largest replica count any metric asks for, and when one metric cannot be read (no
+    custom-metrics adapter, no samples yet) it still scales up on the others but never down: CPU is the fallback.
+    """
     lo = spec.min_replicas if spec.min_replicas is not None else 1
+    utilization = {"type": "Utilization", "averageUtilization": spec.target_cpu_utilization}
+    cpu = {"type": "Resource", "resource": {"name": "cpu", "target": utilization}}
+    metrics: list[dict[str, Any]] = [cpu]
+    if spec.target_inflight_requests:
+        inflight = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": spec.metrics.custom_inflight_metric},
+                "target": {"type": "AverageValue", "averageValue": str(spec.target_inflight_requests)},
+            },
+        }
+        metrics = [inflight, cpu]
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -594,15 +616,7 @@ def model_server_hpa(spec: ModelServerSpec) -> dict[str, Any]:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.object_name},
             "minReplicas": lo,
             "maxReplicas": spec.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {"type": "Utilization", "averageUtilization": spec.target_cpu_utilization},
-                    },
-                }
-            ],
+            "metrics": metrics,
             # Model servers are slow to start: scale up promptly, scale down cautiously.
             "behavior": {
                 "scaleUp": {
@@ -615,6 +629,43 @@ def model_server_hpa(spec: ModelServerSpec) -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def model_server_pdb(spec: ModelServerSpec) -> dict[str, Any]:
+    """policy/v1 PodDisruptionBudget: voluntary disruptions (node drains) take one replica at a time.
+
+    ``maxUnavailable: 1`` rather than ``minAvailable``: with one replica it still lets a drain through (a
+    ``minAvailable: 1`` budget would block it forever), and it keeps holding when the deployer or the HPA scales
+    through the scale subresource without re-applying. Unhealthy pods may always be evicted.
+    """
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec.object_name, spec.namespace, spec.labels_all()),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": spec.selector_labels()},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def prometheus_adapter_rule(metrics: ModelServerMetrics = DEFAULT_METRICS) -> dict[str, Any]:
+    """The prometheus-adapter rule that serves ``metrics.custom_inflight_metric`` per pod (custom.metrics.k8s.io).
+
+    Requests in flight = being decoded + waiting for the generation worker, from the model server's two gauges as
+    Prometheus scraped them through the ServiceMonitor (``namespace`` and ``pod`` target labels).
+    """
+    matchers = "<<.LabelMatchers>>"
+    return {
+        "seriesQuery": f'{metrics.inflight_requests}{{namespace!="",pod!=""}}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": f"^{metrics.inflight_requests}$", "as": metrics.custom_inflight_metric},
+        "metricsQuery": (
+            f"sum by (<<.GroupBy>>) ({metrics.inflight_requests}{{{matchers}}})"
+            f" + sum by (<<.GroupBy>>) ({metrics.queue_depth}{{{matchers}}})"
+        ),
     }
 
 
@@ -704,7 +755,7 @@ def model_server_prometheus_rule(spec: ModelServerSpec) -> dict[str, Any]:
 
 def model_server_manifests(spec: ModelServerSpec) -> list[dict[str, Any]]:
     """All objects of a model-server deployment, in apply order."""
-    objs = [model_server_service(spec), model_server_deployment(spec)]
+    objs = [model_server_service(spec), model_server_deployment(spec), model_server_pdb(spec)]
     if spec.autoscaling:
         objs.append(model_server_hpa(spec))
     if spec.monitoring:

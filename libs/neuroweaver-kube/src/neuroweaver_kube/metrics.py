@@ -21,6 +21,12 @@ CODE_LABEL = "code"
 #: Outcomes counted as server errors by the error-rate alert (a regex on ``CODE_LABEL``). Client
 #: errors (InvalidArgument, 4xx) are not the server's fault and are left out.
 SERVER_ERROR_CODES_REGEX = "Unknown|Internal|Unavailable|DeadlineExceeded|DataLoss|ResourceExhausted|5.."
+#: Gauges of requests being decoded and of requests waiting for the generation worker (no labels).
+INFERENCE_INFLIGHT_REQUESTS = "nw_inference_inflight_requests"
+INFERENCE_QUEUE_DEPTH = "nw_inference_queue_depth"
+#: Custom metric (custom.metrics.k8s.io, per pod) the model-server HPA scales on: decoding + waiting requests.
+#: prometheus-adapter serves it from the two gauges above (:func:`neuroweaver_kube.manifests.prometheus_adapter_rule`).
+CUSTOM_INFLIGHT_METRIC = "neuroweaver_model_server_inflight_requests"
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,16 @@ class ModelServerMetrics:
     requests_total: str = INFERENCE_REQUESTS_TOTAL
     code_label: str = CODE_LABEL
     server_error_codes_regex: str = SERVER_ERROR_CODES_REGEX
+    inflight_requests: str = INFERENCE_INFLIGHT_REQUESTS
+    queue_depth: str = INFERENCE_QUEUE_DEPTH
+    custom_inflight_metric: str = CUSTOM_INFLIGHT_METRIC
 
     def exported_series(self) -> frozenset[str]:
         """Every series name a Prometheus scrape of the model server yields for these metrics."""
         h = self.request_duration_seconds
-        return frozenset({f"{h}_bucket", f"{h}_sum", f"{h}_count", self.requests_total})
+        return frozenset(
+            {f"{h}_bucket", f"{h}_sum", f"{h}_count", self.requests_total, self.inflight_requests, self.queue_depth}
+        )
 
 
 DEFAULT_METRICS = ModelServerMetrics()

@@ -28,7 +28,7 @@ AVAILABLE = dpb.Deployment.STATE_AVAILABLE
 def gpu_spec(stack, name="projects/default/deployments/advisor-gpu", **kw) -> dpb.Deployment:
     return dpb.Deployment(
         name=name, model_version=stack.versions[1], backend=dpb.BACKEND_KUBERNETES, replicas=2,
-        autoscaling=dpb.Autoscaling(min_replicas=2, max_replicas=6, target_cpu_utilization=60),
+        autoscaling=dpb.Autoscaling(min_replicas=2, max_replicas=6, target_cpu_utilization=60, target_inflight_requests=6),
         resources=dpb.Resources(cpu="4", memory="16Gi", gpus=1, node_selector={"nvidia.com/gpu.product": "NVIDIA-L4"},
                                 tolerations=[dpb.Toleration(key="dedicated", operator="Equal", value="inference", effect="NoSchedule")]),
         serving=dpb.ServingConfig(load_in_4bit=True, image="ghcr.io/neuroweaver/model-server:0.1.0"), namespace="serving", **kw,
@@ -40,7 +40,14 @@ async def test_rendered_gpu_autoscaling_manifests_validate(stack, version):
     out = await stack.dep.RenderManifests(dsvc.RenderManifestsRequest(deployment=gpu_spec(stack)))
     objects = list(yaml.safe_load_all(out.yaml))
     kinds = [o["kind"] for o in objects]
-    assert kinds == ["Service", "Deployment", "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"]
+    assert kinds == [
+        "Service",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ]
     assert out.objects == [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":
@@ -55,6 +62,10 @@ async def test_rendered_gpu_autoscaling_manifests_validate(stack, version):
     assert "--load-in-4bit" in container["args"] and "--adapter-sha256" in container["args"]
     assert "replicas" not in deployment["spec"]  # the HPA owns the count
     assert objects[2]["spec"]["minReplicas"] == 2 and objects[2]["spec"]["maxReplicas"] == 6
+    # The requested in-flight target drives the HPA through the custom-metrics API; CPU stays as the fallback.
+    inflight, cpu = objects[2]["spec"]["metrics"]
+    assert inflight["pods"]["target"] == {"type": "AverageValue", "averageValue": "6"}
+    assert cpu["resource"]["target"]["averageUtilization"] == 60
     assert deployment["metadata"]["namespace"] == "serving"
     # The artifact store claim is mounted read-only where the adapter's file:// path points.
     pod = deployment["spec"]["template"]["spec"]
@@ -111,6 +122,7 @@ async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
     for api_version, kind in [
         ("v1", "Service"),
         ("apps/v1", "Deployment"),
+        ("policy/v1", "PodDisruptionBudget"),
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("monitoring.coreos.com/v1", "PrometheusRule"),
     ]:

@@ -94,6 +94,7 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         min_replicas=a.min_replicas if a.enabled else None,
         max_replicas=a.max_replicas if a.enabled else None,
         target_cpu_utilization=a.target_cpu_utilization or 70,
+        target_inflight_requests=a.target_inflight_requests or None,
         resources=resources,
         gpus=r.gpus,
         node_selector=dict(r.node_selector),
