@@ -327,7 +327,11 @@ def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.
     for variant, target in targets.items():
         dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent=PROJECT, deployment_id=f"advisor-{variant}", deployment=target))
     deployments = {v: wait_available(dep, f"{PROJECT}/deployments/advisor-{v}") for v in targets}
+    return start_ab_experiment(exp, versions, deployments), deployments
 
+
+def start_ab_experiment(exp, versions: list[str], deployments: dict[str, dpb.Deployment]) -> str:
+    """The A/B experiment `advisor-ab` over the control and treatment deployments, started; returns its name."""
     mean, prop = epb.METRIC_KIND_MEAN, epb.METRIC_KIND_PROPORTION
     experiment = exp.CreateExperiment(
         esvc.CreateExperimentRequest(
@@ -352,7 +356,7 @@ def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.
         )
     )
     exp.StartExperiment(esvc.StartExperimentRequest(name=experiment.name))
-    return experiment.name, deployments
+    return experiment.name
 
 
 def run_relaycore(example: Path, experiments: ServiceProcess, experiment: str, users: int, *args: str) -> dict:
