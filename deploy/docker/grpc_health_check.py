@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--port-env", default="")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host-env",
+        default="",
+        help="variable holding the address the server binds (e.g. NW_REGISTRY_HOST = the pod IP); dialled instead of "
+        "--host when set to a specific address (not 0.0.0.0 or ::)",
+    )
     parser.add_argument("--timeout", type=float, default=4.0)
     parser.add_argument(
         "--tls-env-prefix", default="", help="e.g. NW_REGISTRY_CLIENT_: TLS settings from <prefix>TLS_CA/_CERT/_KEY"
@@ -88,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops-port", type=int, default=0, help="ops port (/healthz) for --server-tls-env")
     parser.add_argument("--ops-port-env", default="", help="variable that overrides --ops-port when set")
     args = parser.parse_args(argv)
+    bound = os.environ.get(args.host_env, "") if args.host_env else ""
+    if bound not in ("", "0.0.0.0", "::", "[::]"):
+        args.host = bound  # a server bound to one address (the pod IP) does not answer on loopback
     if args.server_tls_env and os.environ.get(args.server_tls_env):
         if not args.ops_port:
             parser.error("--server-tls-env needs --ops-port")

@@ -206,6 +206,24 @@ async def test_health_check_script_against_a_real_grpc_health_server(health_serv
     assert await _run_check("neuroweaver.registry.v1.RegistryService", "--port", port, "--tls-env-prefix", "NW_X_CLIENT_") == 0
 
 
+async def test_health_check_follows_a_server_bound_to_one_address():
+    """Pod-IP binding: the server listens on one address (127.0.0.2 stands for the pod IP), not on loopback."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = str(server.add_insecure_port("127.0.0.2:0"))
+    await server.start()
+    try:
+        check = ("", "--port", port, "--timeout", "2", "--host-env", "NW_X_HOST")
+        assert await _run_check(*check, env={"NW_X_HOST": "127.0.0.2"}) == 0
+        assert await _run_check(*check, env={"NW_X_HOST": "0.0.0.0"}) == 1  # a wildcard bind: loopback, not here
+        assert await _run_check(*check[:5]) == 1  # no --host-env: 127.0.0.1, where nothing listens
+    finally:
+        await server.stop(None)
+
+
 async def test_health_check_script_dials_tls_and_mtls_with_the_service_client_settings(tmp_path):
     """Against the services' own server bootstrap with mTLS on: the check passes with the service's client
     settings (the env of --tls-env-prefix), and fails without a client certificate or with plaintext."""

@@ -98,7 +98,18 @@ def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
         env = _env(c)
         assert env[f"NW_{svc.upper()}_PORT"]["value"] == str(ports[svc])
         assert env[f"NW_{svc.upper()}_METRICS_PORT"]["value"] == str(METRICS_PORTS[svc])
-        assert env[f"NW_{svc.upper()}_HOST"]["value"] == "0.0.0.0"
+        host = f"NW_{svc.upper()}_HOST"
+        # Pod-IP binding (dev: 0.0.0.0, for kubectl port-forward); the flag names the variable, as the image's CMD
+        # passes --host 0.0.0.0 and a flag wins over the env.
+        if name == "overlays/dev":
+            assert env[host] == {"name": host, "value": "0.0.0.0"}
+        else:
+            assert env[host] == {"name": host, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        assert c["args"] == ["--host", f"$({host})"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "exec" in c[probe]:  # exec probes run inside the pod: they dial the address the server binds
+                cmd = c[probe]["exec"]["command"]
+                assert cmd[cmd.index("--host-env") + 1] == host, (svc, probe)
         for probe in ("startupProbe", "readinessProbe"):
             assert _probed(c[probe]) == {"port": ports[svc], "service": names[svc]}, (svc, probe)
         # Liveness asks for the server as a whole ("" is set SERVING together with the service).

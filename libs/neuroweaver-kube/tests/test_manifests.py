@@ -159,6 +159,11 @@ def test_gpu_deployment_shape():
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["command"] == ["python", "-m", "neuroweaver_model_server"]
+    env = {e["name"]: e for e in c["env"]}  # every port binds the pod IP, not 0.0.0.0
+    assert env["NW_MODEL_SERVER_HOST"] == {
+        "name": "NW_MODEL_SERVER_HOST",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }
     args = c["args"]
     assert args[args.index("--adapter-sha256") + 1] == SHA and "--load-in-4bit" in args
     assert args[args.index("--grpc-port") + 1] == "50051" and args[args.index("--http-port") + 1] == "8080"

@@ -488,6 +488,9 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
     }
     env_list = _env(env)
     env_list.append({"name": "NW_MODEL_SERVER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    if "NW_MODEL_SERVER_HOST" not in env:
+        # Bind the pod IP (gRPC, HTTP and ops ports), not 0.0.0.0: probes, Services and meshes reach pods there.
+        env_list.append({"name": "NW_MODEL_SERVER_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     container: dict[str, Any] = {
         "name": "model-server",
         "image": spec.image,
