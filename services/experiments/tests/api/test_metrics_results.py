@@ -239,3 +239,24 @@ async def test_raw_events_keep_their_time_key_and_value(backend, make_experiment
     assert a_time.replace(tzinfo=None) == timed.event_time.ToDatetime()
     assert b_time.replace(tzinfo=None) >= exp.start_time.ToDatetime()
     await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))  # and the statistics take them
+
+
+async def test_fixed_horizon_decision_is_stored_once(stub, make_experiment):
+    """Issue 18: a fixed-horizon experiment decides at its planned sample size; later looks report that decision."""
+    exp = await make_experiment(min_sample_size=15)
+    units = [f"fh-{i}" for i in range(120)]
+    variant_of = await assign(stub, exp.name, units)
+    arms = {v: [u for u in units if variant_of[u] == v] for v in ("control", "treatment")}
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert res.decision == pb.DECISION_KEEP_RUNNING and "waiting for planned sample size 15" in res.reason
+    same = [ev(u, "score", float(i % 5)) for v in arms for i, u in enumerate(arms[v][:15])]
+    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=same))
+    first = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert first.decision == pb.DECISION_NO_DETECTABLE_DIFFERENCE
+    effect = [ev(u, "score", 50.0 + i % 3) for i, u in enumerate(arms["treatment"][15:45])]
+    effect += [ev(u, "score", float(i % 3)) for i, u in enumerate(arms["control"][15:45])]
+    await stub.RecordMetricEvents(svc.RecordMetricEventsRequest(experiment=exp.name, events=effect))
+    later = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert later.primary.comparisons[0].p_value < 1e-6
+    assert later.decision == pb.DECISION_NO_DETECTABLE_DIFFERENCE and later.reason.startswith(first.reason)
+    assert "fixed horizon: decided at the first look with the planned 15 units" in later.reason

@@ -18,7 +18,7 @@ import pytest
 
 from neuroweaver_experiments.domain.aggregation import StatsDelta
 from neuroweaver_experiments.domain.experiment import Experiment
-from neuroweaver_experiments.domain.statistics import SequentialState, SufficientStats
+from neuroweaver_experiments.domain.statistics import DecisionOutcome, SequentialState, SufficientStats
 from neuroweaver_experiments.service.experiments import ExperimentsService
 from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.pagination import PageTokens
@@ -35,6 +35,7 @@ class Store:
     unit_metrics: dict[tuple[int, str, str], list] = field(default_factory=dict)  # (key, metric, unit) → [n, Σ, positives]
     variant_stats: dict[tuple[int, str, str], SufficientStats] = field(default_factory=dict)
     sequential: dict[tuple[int, str, str], SequentialState] = field(default_factory=dict)
+    horizon: dict[int, DecisionOutcome] = field(default_factory=dict)
     requests: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # request_id → (method, fingerprint, name)
 
     def by_key(self, key: int) -> Experiment | None:
@@ -152,6 +153,12 @@ class FakeMetrics(_Repo):
     async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None:
         for (metric, variant), state in states.items():
             self.store.sequential[(key, metric, variant)] = state
+
+    async def horizon_decision(self, key: int) -> DecisionOutcome | None:
+        return self.store.horizon.get(key)
+
+    async def save_horizon_decision(self, key: int, outcome: DecisionOutcome, now: datetime) -> None:
+        self.store.horizon.setdefault(key, outcome)
 
 
 class FakeUnitOfWork(FakeUnitOfWorkBase):

@@ -168,3 +168,37 @@ async def test_conclude_promotes_through_the_registry_or_changes_nothing(fakes):
     assert "promoted" in done.conclusion and done.end_time is not None
     with pytest.raises(FailedPrecondition):
         await fakes.service.conclude(exp.name, "", False, "", "", "")
+
+
+async def test_fixed_horizon_results_wait_for_the_planned_size_then_keep_their_decision(fakes):
+    exp = _exp()
+    exp.min_sample_size = 20
+    await fakes.service.create(P, "fh", exp, "", "fp")
+    name = f"{P}/experiments/fh"
+    await fakes.service.start(name)
+    units = [f"u{i}" for i in range(200)]
+    _, assigned = await fakes.service.assign(name, units, batch=True)
+    arm = {u: a.variant for u, a in zip(units, assigned, strict=True)}
+    control, treatment = [u for u in units if arm[u] == 0], [u for u in units if arm[u] == 1]
+
+    first = control[:10] + treatment[:10]
+    await fakes.service.record(name, _batch(*((u, "score", float(i % 7), "") for i, u in enumerate(first))))
+    waiting = (await fakes.service.results(name)).analysis.outcome
+    assert waiting.decision.value == "keep_running" and "waiting for planned sample size 20" in waiting.reason
+
+    # at the planned size: no difference (the same values in both arms)
+    more = control[10:20] + treatment[10:20]
+    await fakes.service.record(name, _batch(*((u, "score", float(i % 7), "") for i, u in enumerate(more))))
+    at_horizon = (await fakes.service.results(name)).analysis.outcome
+    assert at_horizon.decision.value == "no_detectable_difference" and at_horizon.at_horizon
+
+    # later data with a huge effect does not turn it into a ship decision: the test was decided at its horizon
+    late = [(u, "score", 100.0 + i % 3, "") for i, u in enumerate(treatment[20:60])] + [
+        (u, "score", float(i % 3), "") for i, u in enumerate(control[20:60])
+    ]
+    await fakes.service.record(name, _batch(*late))
+    for _ in range(2):
+        later = (await fakes.service.results(name)).analysis
+        assert later.primary.comparisons[0].p_value < 1e-6  # the statistics themselves stay current
+        assert later.outcome.decision.value == "no_detectable_difference" and not later.outcome.at_horizon
+        assert "fixed horizon: decided at the first look with the planned 20 units" in later.outcome.reason

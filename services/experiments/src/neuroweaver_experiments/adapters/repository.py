@@ -26,6 +26,8 @@ from ..domain.aggregation import StatsDelta
 from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..domain.statistics import (
     AnalysisMethod,
+    Decision,
+    DecisionOutcome,
     Direction,
     Interval,
     MetricKind,
@@ -502,6 +504,28 @@ class SqlMetricRepository(_Repository):
                 r.p_value, Interval(r.diff_lower, r.diff_upper), Interval(r.lift_lower, r.lift_upper)
             )
         return out
+
+    async def horizon_decision(self, key: int) -> DecisionOutcome | None:
+        c = t.horizon_decisions.c
+        row = (await self.s.execute(select(t.horizon_decisions).where(c.experiment_id == key))).first()
+        if row is None:
+            return None
+        power = math.nan if row.power is None else float(row.power)
+        return DecisionOutcome(Decision(row.decision), row.variant, row.reason, float(row.progress), power, at_horizon=True)
+
+    async def save_horizon_decision(self, key: int, outcome: DecisionOutcome, now: datetime) -> None:
+        stmt = pg_insert(t.horizon_decisions) if self.pg else sqlite_insert(t.horizon_decisions)
+        await self.s.execute(
+            stmt.values(
+                experiment_id=key,
+                decision=outcome.decision.value,
+                variant=outcome.recommended_variant,
+                reason=outcome.reason,
+                progress=outcome.progress,
+                power=None if math.isnan(outcome.power) else outcome.power,
+                decide_time=now,
+            ).on_conflict_do_nothing(index_elements=["experiment_id"])
+        )
 
     async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None:
         c = t.sequential_states.c

@@ -143,4 +143,18 @@ sequential_states = Table(
     Column("looks", Integer, nullable=False, default=0),
 )
 
+# The one decision of a fixed-horizon experiment, taken at the first look with the planned sample size; every later
+# look reports it (statistics.decide): re-deciding at each look would be peeking.
+horizon_decisions = Table(
+    "horizon_decisions",
+    metadata,
+    Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("decision", String(32), nullable=False),
+    Column("variant", String(64), nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("progress", Float, nullable=False),
+    Column("power", Float, nullable=True),  # NULL = NaN (SQLite has no NaN)
+    Column("decide_time", DateTime(timezone=True), nullable=False),
+)
+
 idempotency_keys = idempotency_table(metadata)

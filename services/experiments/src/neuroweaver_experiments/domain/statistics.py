@@ -781,13 +781,16 @@ class DecisionOutcome:
     """`recommended_variant` is the variant to ship (SHIP_VARIANT) or the variant that caused the stop
     (STOP_FOR_HARM); None otherwise. `progress` is min(1, smallest variant's units / min_sample_size);
     `power` is the power to detect the observed primary effect of the winner (else of the treatment with
-    the smallest p-value) at the current sample size (NaN when undefined)."""
+    the smallest p-value) at the current sample size (NaN when undefined). `at_horizon` marks the one
+    decision of a FIXED_HORIZON test, taken at the first look with the planned sample size: keep it and pass
+    it back to `decide` as `decided` at every later look."""
 
     decision: Decision
     recommended_variant: str | None
     reason: str
     progress: float
     power: float
+    at_horizon: bool = False
 
 
 def _fmt_pct(x: float) -> str:
@@ -813,6 +816,35 @@ def decide(
     guardrails: Sequence[MetricResult] = (),
     srm: SrmResult | None = None,
     config: DecisionConfig | None = None,
+    decided: DecisionOutcome | None = None,
+) -> DecisionOutcome:
+    """What to do next (see `_decide` for the rules).
+
+    A FIXED_HORIZON test decides once: at the first look where the smallest variant has the planned sample size
+    (`min_sample_size`); that outcome has `at_horizon` set, and passed back as `decided` it is the answer at every
+    later look (only a sample ratio mismatch still overrides it). Re-deciding at every look past the horizon is
+    peeking: in simulation it took the false-positive rate of A/A tests from 5 % to ~30 %. Before the horizon
+    the answer is KEEP_RUNNING, "waiting for planned sample size N". SEQUENTIAL tests decide at every look.
+    """
+    cfg = config or DecisionConfig()
+    out = _decide(primary, guardrails, srm, cfg)
+    if primary.method is not AnalysisMethod.FIXED_HORIZON or out.decision is Decision.INVALID_SAMPLE_RATIO:
+        return out
+    n = cfg.min_sample_size
+    if decided is not None:
+        return replace(
+            decided,
+            reason=f"{decided.reason} [fixed horizon: decided at the first look with the planned {n} units per variant; "
+            "later data does not change it]",
+            at_horizon=False,
+        )
+    if out.progress < 1.0:
+        return out
+    return replace(out, at_horizon=True)
+
+
+def _decide(
+    primary: MetricResult, guardrails: Sequence[MetricResult], srm: SrmResult | None, cfg: DecisionConfig
 ) -> DecisionOutcome:
     """What to do next, in this order:
 
@@ -826,7 +858,6 @@ def decide(
        min_sample_size; SEQUENTIAL at max_sample_size or when equivalence within ±equivalence_margin is
        shown), else KEEP_RUNNING.
     """
-    cfg = config or DecisionConfig()
     units = [v.units for v in primary.variants]
     smallest = min(units)
     progress = min(1.0, smallest / cfg.min_sample_size)
@@ -847,10 +878,15 @@ def decide(
             pw,
         )
     if smallest < cfg.min_sample_size:
+        what = (
+            f"waiting for planned sample size {cfg.min_sample_size}"
+            if primary.method is AnalysisMethod.FIXED_HORIZON
+            else "collecting data"
+        )
         return DecisionOutcome(
             Decision.KEEP_RUNNING,
             None,
-            f"collecting data: smallest variant has {smallest} of {cfg.min_sample_size} units on {name!r}",
+            f"{what}: smallest variant has {smallest} of {cfg.min_sample_size} units on {name!r}",
             progress,
             pw,
         )
@@ -971,10 +1007,11 @@ def analyze_experiment(
     config: DecisionConfig | None = None,
     effect_size: float = DEFAULT_EFFECT_SIZE,
     previous: Mapping[str, Mapping[str, SequentialState]] | None = None,
+    decided: DecisionOutcome | None = None,
 ) -> ExperimentAnalysis:
     """Analyse a whole experiment. Variants are ordered as `variant_ids` (control first); a variant missing
     from a stats mapping or from `exposures` counts as empty. `previous` maps metric name → variant id →
-    `SequentialState` from the last look."""
+    `SequentialState` from the last look; `decided` is a FIXED_HORIZON test's stored decision (see `decide`)."""
     prev = previous or {}
 
     def run(spec: MetricSpec, by_variant: Mapping[str, SufficientStats], is_guardrail: bool) -> MetricResult:
@@ -993,4 +1030,4 @@ def analyze_experiment(
     gs = tuple(run(s, d, True) for s, d in guardrails)
     ss = tuple(run(s, d, False) for s, d in secondary)
     srm = srm_test([exposures.get(v, 0) for v in variant_ids], weights)
-    return ExperimentAnalysis(p, gs, ss, srm, decide(p, gs, srm, config))
+    return ExperimentAnalysis(p, gs, ss, srm, decide(p, gs, srm, config, decided))

@@ -290,6 +290,8 @@ class ExperimentsService:
             stats = await uow.metrics.variant_stats(exp.key)
             exposures = await uow.assignments.exposures(exp.key)
             previous = await uow.metrics.sequential_states(exp.key)
+            fixed = exp.analysis is AnalysisMethod.FIXED_HORIZON
+            decided = await uow.metrics.horizon_decision(exp.key) if fixed else None
             ids = exp.variant_ids
             exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
             weights = srm_weights(ids, exp.weights_history or [exp.weights], exposures)
@@ -304,7 +306,10 @@ class ExperimentsService:
                 method=exp.analysis,
                 config=DecisionConfig(min_sample_size=exp.min_sample_size),
                 previous=previous,
+                decided=decided,
             )
+            if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
+                await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())
             if exp.state is not ExperimentState.CONCLUDED:
                 states = {}
                 for mr in (analysis.primary, *analysis.guardrails, *analysis.secondary):

@@ -17,7 +17,7 @@ from neuroweaver_runtime.filtering import Comparison
 
 from ..domain.aggregation import StatsDelta
 from ..domain.experiment import Experiment
-from ..domain.statistics import SequentialState, SufficientStats
+from ..domain.statistics import DecisionOutcome, SequentialState, SufficientStats
 
 # One ingest batch as columns: units, metrics, values, event times (None = the batch's time), keys ("" = none).
 EventColumns = tuple[list[str], list[str], list[float], list[datetime | None], list[str]]
@@ -88,6 +88,11 @@ class MetricRepository(Protocol):
 
     async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]: ...
     async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None: ...
+    async def horizon_decision(self, key: int) -> DecisionOutcome | None:
+        """The stored decision of a fixed-horizon experiment (taken at its planned sample size), if any."""
+
+    async def save_horizon_decision(self, key: int, outcome: DecisionOutcome, now: datetime) -> None:
+        """Stores it once (a later save for the same experiment changes nothing)."""
 
 
 class UnitOfWork(Protocol):
