@@ -234,6 +234,17 @@ def read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, str | int]]:
+    """The channel arguments of every NeuroWeaver client: round_robin, UNAVAILABLE retries, message limits.
+    `open_channel` uses them; a synchronous `grpc.Channel` (tests, scripts) takes the same."""
+    return [
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 def open_channel(
     target: str,
     *,
@@ -244,12 +255,7 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """The one way NeuroWeaver code dials a gRPC server: retries, default deadline, bearer token, trace
     context, and TLS/mTLS when `tls` is enabled (plaintext otherwise)."""
-    options = [
-        ("grpc.service_config", _SERVICE_CONFIG),
-        ("grpc.enable_retries", 1),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
+    options = channel_options(max_message_bytes)
     call = _CallMetadata(token, deadline)
     interceptors = [_UnaryUnary(call), _UnaryStream(call), _StreamUnary(call), _StreamStream(call)]
     if tls is not None and tls.enabled:
