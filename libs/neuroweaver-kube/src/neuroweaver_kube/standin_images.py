@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ ETC_ESSENTIALS = (
 class Bind:
     source: str
     dest: str
-    kind: str = "ro-bind"  # ro-bind | bind | symlink
+    kind: str = "ro-bind"  # ro-bind | symlink (source = target) | tmpfs | remount-ro (dest only)
 
 
 @dataclass
@@ -170,6 +171,7 @@ def parse_dockerfile(path: Path, repo_root: Path, venv: Path, name: str | None =
         chain.insert(0, stage)
         stage = parents.get(stage)
     image = Image(name=name or path.name.removesuffix(".Dockerfile"))
+    copies: list[Bind] = []
     image.binds = _host_binds() + _venv_binds(venv)
     for stage_name in chain:
         for word, rest in stages[stage_name]:
@@ -196,8 +198,29 @@ def parse_dockerfile(path: Path, repo_root: Path, venv: Path, name: str | None =
                     host = repo_root / src
                     if host.exists():
                         target = dest if not dest.endswith("/") else dest + host.name
-                        image.binds.append(Bind(str(host), target))
+                        copies.append(Bind(str(host), target))
+    image.binds += _copied_files(copies)
     return image
+
+
+def _copied_files(copies: list[Bind]) -> list[Bind]:
+    """Binds for files a Dockerfile copies into a directory of the read-only install (``/usr/local/bin``): that
+    directory becomes a tmpfs holding the host's entries (bound one by one) and the copied files, then read-only."""
+    out: list[Bind] = []
+    for parent in sorted({posixpath.dirname(c.dest) for c in copies}):
+        if parent == "/usr" or parent.startswith("/usr/"):
+            out.append(Bind("", parent, "tmpfs"))
+            host_dir = Path(parent)
+            if host_dir.is_dir():
+                names = {posixpath.basename(c.dest) for c in copies if posixpath.dirname(c.dest) == parent}
+                for entry in sorted(host_dir.iterdir()):
+                    if entry.name not in names:
+                        kind = "symlink" if entry.is_symlink() else "ro-bind"
+                        out.append(Bind(os.readlink(entry) if entry.is_symlink() else str(entry), str(entry), kind))
+        out += [c for c in copies if posixpath.dirname(c.dest) == parent]
+        if parent == "/usr" or parent.startswith("/usr/"):
+            out.append(Bind("", parent, "remount-ro"))
+    return out
 
 
 def python_image(venv: Path, name: str = "python") -> Image:

@@ -124,6 +124,10 @@ class ServiceProxy:
             except OSError as e:
                 self.errors.append(f"cannot listen on {key[0]}:{key[1]}: {e}")
 
+    def drop_endpoint(self, ip: str) -> None:
+        """Stop routing to ``ip`` now (a pod being deleted), before its processes get SIGTERM."""
+        self._endpoints = {k: [e for e in v if e[0] != ip] for k, v in self._endpoints.items()}
+
     async def _listen(self, key: tuple[str, int]) -> asyncio.Server:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._forward(key, reader, writer)

@@ -227,8 +227,11 @@ class _Container:
         while not self._stop.is_set():
             try:
                 argv, env, sandbox = self.pod.prepare(self)
-            except _ConfigError as e:
-                self.state.waiting = (e.reason, e.message)
+            except (_ConfigError, OSError, ValueError) as e:
+                reason, message = (
+                    (e.reason, e.message) if isinstance(e, _ConfigError) else ("CreateContainerError", str(e))
+                )
+                self.state.waiting = (reason, message)
                 self._stop.wait(min(0.2 * 2 ** min(failures_in_a_row, 5), 2.0))
                 failures_in_a_row += 1
                 continue
@@ -422,6 +425,7 @@ class _Pod:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "volumes").mkdir(exist_ok=True)
         self.hosts_path = self.dir / "hosts"
+        (self.dir / "hostname").write_text((self.spec.get("hostname") or self.name)[:63] + "\n")
         write_in_place(self.hosts_path, runner.hosts_for(self))
         self.containers = [_Container(self, c) for c in self.spec.get("containers") or ()]
         self.pending_reason: str | None = None
@@ -452,7 +456,14 @@ class _Pod:
         )
 
     def available(self, min_ready_seconds: float) -> bool:
-        return self.ready and self.ready_since is not None and time.monotonic() - self.ready_since >= min_ready_seconds
+        self._track_ready()
+        return self.ready_since is not None and time.monotonic() - self.ready_since >= min_ready_seconds
+
+    def _track_ready(self) -> None:
+        if not self.ready:
+            self.ready_since = None
+        elif self.ready_since is None:
+            self.ready_since = time.monotonic()
 
     @property
     def phase(self) -> str:
@@ -466,10 +477,7 @@ class _Pod:
         return "Pending"
 
     def status(self) -> dict[str, Any]:
-        if self.ready and self.ready_since is None:
-            self.ready_since = time.monotonic()
-        elif not self.ready:
-            self.ready_since = None
+        self._track_ready()
         phase = self.phase
         ready = self.ready
         containers = [c.status(c.spec.get("image", "")) for c in self.containers]
@@ -679,6 +687,8 @@ class _Pod:
         for b in image.binds:
             if b.kind == "symlink":
                 args += ["--symlink", b.source, b.dest]
+            elif b.kind in ("tmpfs", "remount-ro"):
+                args += [f"--{b.kind}", b.dest]
             elif Path(b.source).exists():
                 args += ["--ro-bind", b.source, b.dest]
         args += ["--proc", "/proc", "--dev", "/dev"]
@@ -686,6 +696,7 @@ class _Pod:
         args += ["--ro-bind", str(runner.etc_dir / "group"), "/etc/group"]
         args += ["--ro-bind", str(runner.etc_dir / "host.conf"), "/etc/host.conf"]
         args += ["--ro-bind", str(self.hosts_path), "/etc/hosts"]
+        args += ["--ro-bind", str(self.dir / "hostname"), "/etc/hostname"]
         volumes = self.volume_sources()
         mounts = sorted(spec.get("volumeMounts") or (), key=lambda m: m["mountPath"].count("/"))
         for m in mounts:
@@ -840,7 +851,7 @@ class PodRunner:
         self._conditions: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
         self._job_state: dict[str, dict[str, Any]] = {}
         self._progress: dict[str, tuple[str, float]] = {}
-        self._sa_tokens: dict[tuple[str, str], str] = {}
+        self._files_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -1028,12 +1039,12 @@ class PodRunner:
     def service_account_dir(self, namespace: str, pod_spec: Mapping[str, Any]) -> Path:
         account = pod_spec.get("serviceAccountName", "default")
         path = self.state_dir / "serviceaccounts" / namespace / account
-        if not path.exists():
-            path.mkdir(parents=True)
-            token = self._sa_tokens.setdefault((namespace, account), pysecrets.token_urlsafe(32))
-            (path / "token").write_text(token)
-            (path / "namespace").write_text(namespace)
-            (path / "ca.crt").write_bytes(self.ca_cert.read_bytes() if self.ca_cert else b"")
+        with self._files_lock:  # containers of several pods start at once
+            if not (path / "token").exists():
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "namespace").write_text(namespace)
+                (path / "ca.crt").write_bytes(self.ca_cert.read_bytes() if self.ca_cert else b"")
+                (path / "token").write_text(pysecrets.token_urlsafe(32))
         return path
 
     def service_links(self, namespace: str) -> dict[str, str]:
@@ -1140,6 +1151,8 @@ class PodRunner:
     def _kill(self, key: tuple[str, str]) -> None:
         pod = self._pods.pop(key)
         pod.deleted = True  # out of every Service now; the processes get SIGTERM next
+        if self.proxy:
+            self.proxy.drop_endpoint(pod.ip)
 
         def stop() -> None:
             pod.stop()
@@ -1192,6 +1205,8 @@ class PodRunner:
     def _delete_pod(self, pod: _Pod) -> None:
         assert self._standin is not None
         pod.deleted = True
+        if self.proxy:
+            self.proxy.drop_endpoint(pod.ip)
         self._standin.remove("Pod", pod.namespace, pod.name)
 
     def _collect_garbage(self) -> None:
