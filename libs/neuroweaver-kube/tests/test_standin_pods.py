@@ -654,3 +654,81 @@ def _processes_with(mark: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_the_official_client_works_in_cluster_from_a_pod(standin):
+    # load_incluster_config: KUBERNETES_SERVICE_HOST/PORT, the service-account token and ca.crt (HTTPS listener)
+    script = """
+from kubernetes import client, config
+config.load_incluster_config()
+names = [p.metadata.name for p in client.CoreV1Api().list_namespaced_pod("pods").items]
+print(names)
+assert any(n.startswith("incluster-") for n in names), names
+"""
+    create(standin, job("incluster", script))
+    expect_complete(standin, "incluster")
+
+
+def test_statefulset_pods_keep_their_names_claims_and_dns(standin):
+    script = (
+        "import os, pathlib, time; p = pathlib.Path('/data/history');"
+        "p.write_text(p.read_text() + os.environ['HOSTNAME'] + ' ' if p.exists() else os.environ['HOSTNAME'] + ' ');"
+        "print(p.read_text(), flush=True); time.sleep(600)"
+    )
+    container = {
+        "name": "db",
+        "image": "python:3.11-slim-bookworm",
+        "command": ["python3", "-c", script],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    claim = {
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    sts = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "db"},
+        "spec": {
+            "replicas": 2,
+            "serviceName": "db",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [container]}},
+            "volumeClaimTemplates": [claim],
+        },
+    }
+    create(
+        standin,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "db"},
+            "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]},
+        },
+    )
+    create(standin, sts)
+    runner = standin.pods
+
+    def sts_ready() -> bool:
+        return ((standin.get_object("apps/v1", "StatefulSet", NS, "db") or {}).get("status") or {}).get(
+            "readyReplicas"
+        ) == 2
+
+    runner.wait_for(sts_ready, 20, "two ready pods")
+    pods = {p["metadata"]["name"]: p for p in standin.objects("Pod", NS)}
+    assert set(pods) == {"db-0", "db-1"}
+    assert standin.get_object("v1", "PersistentVolumeClaim", NS, "data-db-0") is not None
+    ip0 = pods["db-0"]["status"]["podIP"]
+    check = f"import socket, sys; sys.exit(socket.gethostbyname('db-0.db.pods.svc.cluster.local') != {ip0!r})"
+    create(standin, job("resolve", check))
+    expect_complete(standin, "resolve")
+    api(standin, "DELETE", f"/api/v1/namespaces/{NS}/pods/db-0")
+    runner.wait_for(
+        lambda: (
+            (p := standin.get_object("v1", "Pod", NS, "db-0"))
+            and p["metadata"]["uid"] != pods["db-0"]["metadata"]["uid"]
+            and "db-0 db-0" in runner.pod_log(NS, "db-0")
+        ),
+        30,
+        "db-0 back on its claim",
+    )
