@@ -142,8 +142,11 @@ async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
         )
     )
     d = await watch_until(dep, name, lambda d: d.served_version == stack.versions[2] and d.state == AVAILABLE, timeout=30)
-    args = kube_standin.get_object("apps/v1", "Deployment", "serving", obj)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert stack.versions[2] in args and d.served_model_name in args
+    container = kube_standin.get_object("apps/v1", "Deployment", "serving", obj)["spec"]["template"]["spec"]["containers"][0]
+    assert stack.versions[2] in container["args"] and d.served_model_name in container["args"]
+    # Pods answer to the deployment's stable names too, the same on every version (no NOT_FOUND after a rollover).
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NW_MODEL_SERVER_MODEL_NAMES"] == ",".join(d.model_names) and d.model_names[0] == name
 
     await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
     for api_version, kind in [("v1", "Service"), ("apps/v1", "Deployment"), ("monitoring.coreos.com/v1", "PrometheusRule")]:

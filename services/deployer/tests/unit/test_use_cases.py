@@ -255,11 +255,16 @@ async def test_follow_alias_rolls_only_when_the_alias_moved(fakes):
     assert (moved.served_version, moved.revision, moved.model_alias) == (fakes.v2.name, 2, ALIAS)
     assert (await svc.list_revisions(name, 1, "")).items[0].cause == "alias:1.0.0->1.1.0"
     assert (await _available(svc, name)).served_version == fakes.v2.name
+    # The names callers send stay the same across the move; only the version-specific name changes.
+    stable = (name, "d1", "m@prod", f"{P}/models/m@prod")
+    assert followed.model_names == moved.model_names == stable and followed.served_model_name != moved.served_model_name
+    assert fakes.backend.applied and {t.model_names for t in fakes.backend.applied} == {stable}
     # An event may carry the version it moved to: no registry look-up then.
     assert await svc.follow_alias(name, fakes.v3)
     assert (await svc.get(name)).served_version == fakes.v3.name
 
-    await svc.create(P, "pinned", _spec(), "", "fp")
+    pinned = await svc.create(P, "pinned", _spec(), "", "fp")
+    assert pinned.model_names == (f"{P}/deployments/pinned", "pinned")  # no alias followed: no alias names
     assert not await svc.follow_alias(f"{P}/deployments/pinned")
     with pytest.raises(NotFound):
         await svc.follow_alias(f"{P}/deployments/missing")

@@ -74,6 +74,7 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         "NW_MODEL_SERVER_MAX_QUEUE": str(s.max_queue),
         "NW_MODEL_SERVER_MAX_NEW_TOKENS_LIMIT": str(s.max_new_tokens_limit),
         "NW_MODEL_SERVER_MAX_BATCH_SIZE": str(s.max_batch_size),
+        "NW_MODEL_SERVER_MODEL_NAMES": ",".join(target.model_names),  # the stable names, as --model-names on the local backend
     }
     return ModelServerSpec(
         name=target.deployment,

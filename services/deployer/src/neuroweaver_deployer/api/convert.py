@@ -87,6 +87,7 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
         state=STATE_TO_PB[d.state],
         served_version=d.served_version,
         served_model_name=d.served_model_name,
+        model_names=d.model_names,
         endpoint=d.endpoint,
         openai_base_url=d.openai_base_url,
         ready_replicas=d.ready_replicas,

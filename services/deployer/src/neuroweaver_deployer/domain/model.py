@@ -129,6 +129,10 @@ class Deployment:
     def deployment_id(self) -> str:
         return DEPLOYMENT.parse(self.name)["deployment"]
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return stable_model_names(self.name, self.model_alias)
+
 
 @dataclass
 class Revision:
@@ -172,11 +176,14 @@ class Target:
     autoscaling: Autoscaling
     namespace: str
     labels: dict[str, str]
+    model_names: tuple[str, ...] = ()  # stable names (see stable_model_names); replicas answer to them too
 
     def fingerprint(self) -> str:
-        """Changes whenever replicas would have to be replaced (version or serving settings)."""
+        """Changes whenever replicas would have to be replaced (version, serving settings or the names they answer to)."""
         s = self.serving
         raw = f"{self.version.name}|{self.version.artifact_sha256}|{s.load_in_4bit}|{s.max_queue}|{s.max_new_tokens_limit}|{s.max_batch_size}|{s.image}"
+        if self.model_names:
+            raw += "|" + ",".join(self.model_names)
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
@@ -194,8 +201,24 @@ class BackendStatus:
     openai_base_url: str = ""
 
 
+def stable_model_names(deployment: str, model_alias: str = "") -> tuple[str, ...]:
+    """The names a deployment's model server answers to besides the version-specific one: derived from the deployment
+    (never from the version), so every replica of every version it rolls over to has the same ones and a caller
+    naming one never gets NOT_FOUND because of a rollover. The resource name first (the default, unique in the
+    platform), then the id, then, while following an alias, `<model>@<alias>` and `projects/<p>/models/<model>@<alias>`."""
+    names = [deployment, DEPLOYMENT.parse(deployment)["deployment"]]
+    if model_alias:
+        parts = ALIAS.parse(model_alias, "model_alias")
+        names += [
+            f"{parts['model']}@{parts['alias']}",
+            f"{MODEL.format(project=parts['project'], model=parts['model'])}@{parts['alias']}",
+        ]
+    return tuple(names)
+
+
 def served_model_name(v: ResolvedVersion) -> str:
-    """Unique per model version and weights: `<model>-<version with dashes>-<sha256[:8]>`."""
+    """Unique per model version and weights: `<model>-<version with dashes>-<sha256[:8]>`. Replicas accept it too, for
+    callers that pin a version; callers that want what the deployment serves send a stable name."""
     version = re.sub(r"[^a-z0-9]+", "-", v.version.lower()).strip("-")
     return f"{v.model_id}-{version}-{v.artifact_sha256[:8]}"
 

@@ -26,6 +26,7 @@ def target_of(d: Deployment, version: ResolvedVersion) -> Target:
         deployment=d.name,
         version=version,
         served_model_name=d.served_model_name,
+        model_names=d.model_names,
         replicas=d.replicas,
         serving=d.serving,
         resources=d.resources,
