@@ -212,11 +212,16 @@ async def test_start_resolves_deployment_endpoints(stub, deployer, make_experime
         svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
     )
     started = await stub.StartExperiment(svc.StartExperimentRequest(name=exp.name))
-    assert started.variants[1].endpoint == "10.0.0.1:50051" and started.variants[1].served_model_name == "m-1.0.1"
+    # The name to send is the deployment's stable name, not its current version-specific served_model_name (which
+    # stops working at the deployment's next rollover); the deprecated field carries the same stable name.
+    blue = started.variants[1]
+    assert blue.endpoint == "10.0.0.1:50051"
+    assert blue.model == blue.served_model_name == "projects/default/deployments/blue"
     plan = AssignmentPlan(exp.hash_seed, [0.5, 0.5])
     unit = next(f"d-{i}" for i in range(100) if plan.assign(f"d-{i}").variant == 1)
     a = await stub.AssignVariant(svc.AssignVariantRequest(experiment=exp.name, unit_id=unit))
     assert a.variant.endpoint == "10.0.0.1:50051" and a.variant.openai_base_url == "http://10.0.0.1:8080/v1"
+    assert a.variant.model == "projects/default/deployments/blue"
     # unknown deployment → FAILED_PRECONDITION, the experiment stays a draft
     exp2 = await make_experiment(start=False)
     patch = pb.Experiment(name=exp2.name, variants=list(exp2.variants))
@@ -252,3 +257,13 @@ async def test_unreachable_deployer_fails_start_clearly(backend, make_experiment
     finally:
         await deployer.close()
         deployer.target = saved
+
+
+def test_variants_stored_before_stable_names_still_load():
+    """Rows written when a variant stored a version-specific `served_model_name` load; the name to send is derived."""
+    from neuroweaver_experiments.adapters.repository import _variant
+
+    stored = {"id": "b", "model_version": "projects/p/models/m/versions/1", "deployment": "projects/p/deployments/blue",
+              "weight": 0.5, "endpoint": "10.0.0.1:1", "openai_base_url": "", "served_model_name": "m-1-0-0-abcdef12"}  # fmt: skip
+    v = _variant(stored)
+    assert (v.endpoint, v.model) == ("10.0.0.1:1", "projects/p/deployments/blue")

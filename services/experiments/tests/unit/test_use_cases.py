@@ -88,12 +88,11 @@ async def test_start_resolves_endpoints_and_a_failed_start_changes_nothing(fakes
     with pytest.raises(KeyError):  # the deployer stand-in knows no such deployment
         await svc.start(name)
     assert (await svc.get(name)).state is ExperimentState.DRAFT
-    fakes.deployer.endpoints[f"{P}/deployments/d"] = SimpleNamespace(
-        endpoint="10.0.0.1:80", openai_base_url="http://10.0.0.1/v1", served_model_name="m"
-    )
+    fakes.deployer.endpoints[f"{P}/deployments/d"] = SimpleNamespace(endpoint="10.0.0.1:80", openai_base_url="http://10.0.0.1/v1")
     started = await svc.start(name)
     assert started.state is ExperimentState.RUNNING and started.start_time is not None and started.revision == 2
-    assert (started.variants[0].endpoint, started.variants[0].served_model_name) == ("10.0.0.1:80", "m")
+    # The model name to send is the deployment's stable name, derived: it survives the deployment's rollovers.
+    assert (started.variants[0].endpoint, started.variants[0].model) == ("10.0.0.1:80", f"{P}/deployments/d")
     with pytest.raises(FailedPrecondition) as caught:
         await svc.start(name)
     assert caught.value.reason == "EXPERIMENT_RUNNING"

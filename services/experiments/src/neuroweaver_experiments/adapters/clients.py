@@ -27,7 +27,6 @@ _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 class DeploymentEndpoint:
     endpoint: str
     openai_base_url: str
-    served_model_name: str
 
 
 def _remote_reason(err: grpc.aio.AioRpcError) -> str:
@@ -53,7 +52,7 @@ class DeployerClient(ServiceClient):
                 reason="DEPLOYMENT_NOT_FOUND" if err.code() == grpc.StatusCode.NOT_FOUND else "DEPLOYMENT_UNUSABLE",
                 metadata={"deployment": deployment, "remote_reason": _remote_reason(err)},
             ) from None
-        return DeploymentEndpoint(d.endpoint, d.openai_base_url, d.served_model_name)
+        return DeploymentEndpoint(d.endpoint, d.openai_base_url)
 
 
 class RegistryClient(ServiceClient):

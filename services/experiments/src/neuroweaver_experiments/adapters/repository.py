@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
@@ -268,12 +269,21 @@ class SqlExperimentRepository(_Repository):
         return [to_experiment(r) for r in rows[:limit]], after
 
 
+_VARIANT_FIELDS = {f.name for f in fields(Variant)}
+
+
+def _variant(stored: dict) -> Variant:
+    """A stored variant; keys of older rows that are no field any more (`served_model_name`, a version-specific name
+    copied at start, replaced by the derived `Variant.model`) are dropped."""
+    return Variant(**{k: v for k, v in stored.items() if k in _VARIANT_FIELDS})
+
+
 def to_experiment(row) -> Experiment:
     return Experiment(
         name=row.name,
         display_name=row.display_name,
         description=row.description,
-        variants=[Variant(**v) for v in row.variants],
+        variants=[_variant(v) for v in row.variants],
         weights_history=[list(w) for w in row.weights_history],
         hash_seed=row.hash_seed,
         coverage=row.coverage,

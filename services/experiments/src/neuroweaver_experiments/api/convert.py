@@ -100,7 +100,8 @@ def variant_to_pb(v: Variant) -> pb.Variant:
         weight=v.weight,
         endpoint=v.endpoint,
         openai_base_url=v.openai_base_url,
-        served_model_name=v.served_model_name,
+        model=v.model,
+        served_model_name=v.model,  # deprecated field, kept filled for callers that still read it
     )
 
 

@@ -53,10 +53,16 @@ class Variant:
     model_version: str
     deployment: str = ""
     weight: float = 0.0
-    # Resolved through the deployer at StartExperiment.
+    # Resolved through the deployer at StartExperiment: the deployment's front door, the same across its rollovers.
     endpoint: str = ""
     openai_base_url: str = ""
-    served_model_name: str = ""
+
+    @property
+    def model(self) -> str:
+        """The model name callers send to the endpoint: the deployment's resource name, which its model server answers
+        to on every version it rolls over to. Derived, never copied from the deployment: a version-specific name
+        stored at start stopped working at the deployment's next rollover."""
+        return self.deployment
 
 
 @dataclass

@@ -91,7 +91,7 @@ class ExperimentsService:
         name = EXPERIMENT.format(project=project, experiment=experiment_id)
         apply_defaults(exp, experiment_id)
         for v in exp.variants:  # output-only fields are ignored on input
-            v.endpoint = v.openai_base_url = v.served_model_name = ""
+            v.endpoint = v.openai_base_url = ""
         validate_experiment(exp)
         async with self.uow.transaction() as uow:
             earlier = await uow.find_request(request_id, "CreateExperiment", fingerprint)
@@ -143,7 +143,7 @@ class ExperimentsService:
             if "variants" in paths:
                 check_weights_only(old, patch.variants)
                 if old.start_time is None:
-                    new.variants = [replace(v, endpoint="", openai_base_url="", served_model_name="") for v in patch.variants]
+                    new.variants = [replace(v, endpoint="", openai_base_url="") for v in patch.variants]
                 else:
                     for v, patched in zip(new.variants, patch.variants, strict=True):
                         v.weight = patched.weight
@@ -177,7 +177,7 @@ class ExperimentsService:
                 if v.deployment and ep is None:
                     raise FailedPrecondition(f"variant {v.id} changed while starting; retry", reason="CONCURRENT_UPDATE")
                 if ep is not None:
-                    v.endpoint, v.openai_base_url, v.served_model_name = ep.endpoint, ep.openai_base_url, ep.served_model_name
+                    v.endpoint, v.openai_base_url = ep.endpoint, ep.openai_base_url
             now = utcnow()
             exp.start_time = exp.start_time or now
             exp.end_time = None
