@@ -372,12 +372,13 @@ def run_relaycore(example: Path, experiments: ServiceProcess, experiment: str, u
 
 def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, versions: list[str], users: int) -> None:
     """What Node saw, and what the experiments service recorded from its reports (read back in Python)."""
-    # Every request went to the assigned variant's deployment, under its served name.
+    # Every request went to the assigned variant's deployment under its stable name (the deployment's resource name),
+    # and the model server said which version served it.
     assert out["ok"] is True and out["requests"] == 2 * users
-    served = {v: d.served_model_name for v, d in deployments.items()}
+    served = {v: d.name for v, d in deployments.items()}
     for r in out["results"]:
-        assert r["servedModel"] == served[r["variant"]], r
-        assert r["modelVersion"] == versions[0 if r["variant"] == "control" else 1]
+        assert r["model"] == served[r["variant"]], r
+        assert r["modelVersion"] == r["servedVersion"] == versions[0 if r["variant"] == "control" else 1], r
         assert r["completionTokens"] > 0 and r["latencyMs"] > 0
         assert r["recorded"] == {"accepted": 3, "duplicates": 0}
     assert {r["transport"] for r in out["results"]} == {"grpc", "openai"}

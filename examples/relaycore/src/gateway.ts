@@ -4,7 +4,9 @@
  *   1. ExperimentsService/AssignVariant: which variant (model version + deployment) serves this user;
  *      deterministic and sticky, and it logs the exposure.
  *   2. The variant's model server: gRPC InferenceService/Generate at `variant.endpoint` with
- *      `variant.servedModelName`, or the OpenAI-compatible `POST {variant.openaiBaseUrl}/chat/completions`.
+ *      `variant.model`, or the OpenAI-compatible `POST {variant.openaiBaseUrl}/chat/completions`. `variant.model`
+ *      is the deployment's stable name: it keeps working when the deployment rolls over to another version, and
+ *      each answer says which version served it (gRPC `modelVersion`, the `x-neuroweaver-model-version` header).
  *   3. ExperimentsService/RecordMetricEvents: the outcome (latency_ms, completion_tokens, judge_score and,
  *      when the user gave feedback, thumbs_up), each event with an idempotency key so a retried report is
  *      counted once.
@@ -70,8 +72,12 @@ export interface ChatResult {
   requestId: string;
   variant: string;
   inExperiment: boolean;
+  /** The variant's model version (what the experiment assigned). */
   modelVersion: string;
-  servedModel: string;
+  /** The model name sent and echoed: the deployment's stable name. */
+  model: string;
+  /** The registry version that served the answer, as the model server reports it. */
+  servedVersion: string;
   transport: Transport;
   text: string;
   finishReason: string;
@@ -123,7 +129,9 @@ export class Gateway {
       until(deadline),
     );
     const variant = assignment.variant;
-    if (!variant || !variant.endpoint || !variant.servedModelName) {
+    // `model` is the deployment's stable name (the deprecated `servedModelName` carries the same for older servers).
+    const model = variant?.model || variant?.servedModelName;
+    if (!variant || !variant.endpoint || !model) {
       throw new ConnectError(
         `variant ${variant?.id ?? "?"} of ${this.options.experiment} has no resolved endpoint (is its deployment running?)`,
         Code.FailedPrecondition,
@@ -134,8 +142,8 @@ export class Gateway {
     const started = performance.now();
     const answer =
       transport === "grpc"
-        ? await this.generateGrpc(variant.endpoint, variant.servedModelName, req, deadline)
-        : await this.generateOpenAI(variant.openaiBaseUrl, variant.servedModelName, req, deadline);
+        ? await this.generateGrpc(variant.endpoint, model, req, deadline)
+        : await this.generateOpenAI(variant.openaiBaseUrl, model, req, deadline);
     const latencyMs = performance.now() - started;
     const judgeScore = await this.judge(req.messages, answer.text);
 
@@ -153,7 +161,8 @@ export class Gateway {
       variant: variant.id,
       inExperiment: assignment.inExperiment,
       modelVersion: variant.modelVersion,
-      servedModel: answer.model,
+      model: answer.model,
+      servedVersion: answer.servedVersion,
       transport,
       text: answer.text,
       finishReason: answer.finishReason,
@@ -201,6 +210,7 @@ export class Gateway {
     );
     return {
       model: res.model,
+      servedVersion: res.modelVersion,
       text: res.text,
       finishReason: inferencev1.FinishReason[res.finishReason] ?? String(res.finishReason),
       promptTokens: res.usage?.promptTokens ?? 0,
@@ -226,6 +236,7 @@ export class Gateway {
     }
     return {
       model: body.model,
+      servedVersion: response.headers[MODEL_VERSION_HEADER] ?? "",
       text: body.choices[0]?.message.content ?? "",
       finishReason: body.choices[0]?.finish_reason ?? "",
       promptTokens: body.usage?.prompt_tokens ?? 0,
@@ -244,7 +255,7 @@ function postJson(
   signal: AbortSignal,
   tls?: TlsOptions,
   authorization?: string,
-): Promise<{ status: number; body: any }> {
+): Promise<{ status: number; headers: Record<string, string | undefined>; body: any }> {
   const data = Buffer.from(JSON.stringify(payload));
   const headers: Record<string, string> = { "content-type": "application/json", "content-length": String(data.length) };
   if (authorization) {
@@ -259,7 +270,10 @@ function postJson(
       res.on("end", () => {
         const text = Buffer.concat(chunks).toString("utf8");
         try {
-          resolve({ status: res.statusCode ?? 0, body: JSON.parse(text) });
+          const headers = Object.fromEntries(
+            Object.entries(res.headers).map(([k, v]) => [k, Array.isArray(v) ? v.join(", ") : v]),
+          );
+          resolve({ status: res.statusCode ?? 0, headers, body: JSON.parse(text) });
         } catch {
           reject(new Error(`model server HTTP ${res.statusCode}: not JSON: ${text.slice(0, 200)}`));
         }
@@ -279,8 +293,14 @@ async function bearer(token?: TokenSource): Promise<string | undefined> {
   return value ? `Bearer ${value}` : undefined;
 }
 
+/** The registry version that served an OpenAI-compatible answer (the gRPC answer has it as `modelVersion`). */
+const MODEL_VERSION_HEADER = "x-neuroweaver-model-version";
+
 interface Answer {
+  /** The name the model server echoes: the one sent. */
   model: string;
+  /** The registry version that served the answer. */
+  servedVersion: string;
   text: string;
   finishReason: string;
   promptTokens: number;

@@ -71,7 +71,7 @@ async function main(): Promise<void> {
       });
       results.push(result);
       console.error(
-        `${userId} -> ${result.variant} (${result.servedModel}) via ${transport}: ${result.completionTokens} tokens, ` +
+        `${userId} -> ${result.variant} (${result.model}, served by ${result.servedVersion}) via ${transport}: ${result.completionTokens} tokens, ` +
           `${result.latencyMs.toFixed(1)} ms, judge ${result.judgeScore.toFixed(2)}`,
       );
     }
@@ -100,11 +100,12 @@ async function main(): Promise<void> {
     missing = { code: e.codeName, reason: e.reason, domain: e.domain };
   }
 
-  const perVariant: Record<string, { requests: number; servedModels: string[]; modelVersion: string }> = {};
+  const perVariant: Record<string, { requests: number; models: string[]; servedVersions: string[]; modelVersion: string }> = {};
   for (const r of results) {
-    const v = (perVariant[r.variant] ??= { requests: 0, servedModels: [], modelVersion: r.modelVersion });
+    const v = (perVariant[r.variant] ??= { requests: 0, models: [], servedVersions: [], modelVersion: r.modelVersion });
     v.requests += 1;
-    if (!v.servedModels.includes(r.servedModel)) v.servedModels.push(r.servedModel);
+    if (!v.models.includes(r.model)) v.models.push(r.model);
+    if (!v.servedVersions.includes(r.servedVersion)) v.servedVersions.push(r.servedVersion);
   }
   console.log(
     JSON.stringify({

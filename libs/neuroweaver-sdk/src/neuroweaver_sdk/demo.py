@@ -282,7 +282,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             )
             t0 = time.perf_counter()
             reply = await client.chat.completions.create(
-                model=variant.served_model_name,
+                model=variant.model,  # the deployment's stable name: it keeps answering when the deployment rolls over
                 messages=[{"role": "user", "content": item["prompt"]}],
                 max_tokens=args.max_tokens,
                 temperature=0.0,
