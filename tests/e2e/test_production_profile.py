@@ -18,9 +18,9 @@ metrics; olivia concludes with promotion, `production` moves (experiments → re
 control deployment rolls over to 1.1.0.
 
 Background load during all of it: gRPC Generate and the official `openai` SDK (no SDK retries) against the control
-deployment's stable endpoint, naming the model by a stable name (`advisor@production`, which survives the rollover),
-AssignVariant on the experiments replicas, GetModelAlias on the registry replicas and GetDeployment on the deployer
-replicas. The test asserts 0 failed requests and that each inference client sees the served version switch exactly
+deployment's stable endpoint, naming the model by stable names that survive the rollover (gRPC `advisor@production`;
+the SDK the deployment's resource name, as `Variant.model` gives it), AssignVariant on the experiments replicas,
+GetModelAlias on the registry replicas and GetDeployment on the deployer replicas. The test asserts 0 failed requests and that each inference client sees the served version switch exactly
 once, 1.0.0 → 1.1.0.
 
 Killed mid-flow, before the promotion (SIGKILL, no goodbye): one registry replica (every client, the deployer's
@@ -267,9 +267,16 @@ class BackgroundLoad:
 
 
 def background_load(
-    *, control: dpb.Deployment, model: str, experiment: str, experiments: str, registry: str, deployer: str
+    *,
+    control: dpb.Deployment,
+    grpc_model: str,
+    openai_model: str,
+    experiment: str,
+    experiments: str,
+    registry: str,
+    deployer: str,
 ) -> BackgroundLoad:
-    """Inference on the control deployment's stable endpoint under the stable `model` name (2 gRPC, 2 OpenAI SDK
+    """Inference on the control deployment's stable endpoint under stable names (2 gRPC, 2 OpenAI SDK
     clients), and the platform reads a gateway and a dashboard make (AssignVariant ×2, GetModelAlias, GetDeployment),
     all as the `loadgen` viewer. Channels are opened inside the load's own event loop."""
     load = BackgroundLoad()
@@ -308,18 +315,23 @@ def background_load(
         return lazily(key, make)
 
     async def generate() -> str:
-        request = isvc.GenerateRequest(model=model, messages=messages, sampling=ipb.SamplingParams(max_tokens=4, temperature=0))
+        request = isvc.GenerateRequest(
+            model=grpc_model, messages=messages, sampling=ipb.SamplingParams(max_tokens=4, temperature=0)
+        )
         reply = await inference().Generate(request, metadata=bearer, timeout=60)
-        assert reply.model == model and reply.model_version and reply.system_fingerprint, reply
+        assert reply.model == grpc_model and reply.model_version and reply.system_fingerprint, reply
         return reply.model_version
 
     async def chat() -> str:
         raw = await openai_client().chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "Which oil does my sedan need?"}], max_tokens=4, temperature=0
+            model=openai_model,
+            messages=[{"role": "user", "content": "Which oil does my sedan need?"}],
+            max_tokens=4,
+            temperature=0,
         )
         completion = raw.parse()
         version = raw.headers.get("x-neuroweaver-model-version")
-        assert completion.model == model and version and completion.system_fingerprint, (completion, raw.headers)
+        assert completion.model == openai_model and version and completion.system_fingerprint, (completion, raw.headers)
         assert completion.choices and completion.usage is not None and completion.usage.completion_tokens > 0, completion
         return version
 
@@ -443,11 +455,11 @@ def test_production_profile(relaycore_example: Path, tmp_path: Path) -> None:  #
             assert listens_on(owner, control.endpoint) and not listens_on(other, control.endpoint)
             assert listens_on(other, deployments["treatment"].endpoint)
             stable = f"{MODEL.rsplit('/', 1)[1]}@production"
-            assert stable in control.model_names, control.model_names
+            assert {stable, control.name} <= set(control.model_names), control.model_names
 
             experiment = start_ab_experiment(exp, versions, deployments)
             load = background_load(
-                control=control, model=stable, experiment=experiment,
+                control=control, grpc_model=stable, openai_model=control.name, experiment=experiment,
                 experiments=both(experiments), registry=both(registries), deployer=both(deployers),
             )  # fmt: skip
             load.start()
