@@ -29,6 +29,7 @@ async def test_apply_uses_server_side_apply_at_real_paths(standin, kube):
         f"/api/v1/namespaces/neuroweaver/services/{name}",
         f"/apis/apps/v1/namespaces/neuroweaver/deployments/{name}",
         f"/apis/autoscaling/v2/namespaces/neuroweaver/horizontalpodautoscalers/{name}",
+        f"/apis/policy/v1/namespaces/neuroweaver/poddisruptionbudgets/{name}",
         f"/apis/monitoring.coreos.com/v1/namespaces/neuroweaver/servicemonitors/{name}",
         f"/apis/monitoring.coreos.com/v1/namespaces/neuroweaver/prometheusrules/{name}",
     ]
@@ -58,23 +59,54 @@ async def test_reapply_is_idempotent(standin, kube):
     assert third[1]["metadata"]["generation"] == 2 and third[0]["metadata"]["generation"] == 1
 
 
-async def test_read_status_scale_and_hpa_owned_replicas(standin, kube):
+async def test_without_pods_a_deployment_is_progressing_never_available(standin, kube):
     spec = gpu_spec()
-    objs = model_server_manifests(spec)
-    await kube.apply(objs)
+    await kube.apply(model_server_manifests(spec))
     name = spec.object_name
     st = await kube.read_deployment_status("neuroweaver", name)
-    assert st.available and st.rolled_out and st.ready_replicas == st.desired_replicas == 1
+    # What the deployment controller leaves on a cluster with no kubelet: pods created, none ready.
+    assert st.observed_generation == st.generation == 1 and (st.desired_replicas, st.replicas) == (1, 1)
+    assert (st.ready_replicas, st.available_replicas) == (0, 0) and not st.available and not st.rolled_out
+    assert st.condition("Available").reason == "MinimumReplicasUnavailable"
+    assert (st.condition("Progressing").status, st.condition("Progressing").reason) == ("True", "ReplicaSetUpdated")
+    obj = standin.get_object("apps/v1", "Deployment", "neuroweaver", name)
+    assert obj["status"]["unavailableReplicas"] == 1
+    status_entry = [e for e in obj["metadata"]["managedFields"] if e.get("subresource") == "status"]
+    assert [e["manager"] for e in status_entry] == ["kube-controller-manager"]  # written like a controller would
+
+
+async def test_scale_subresource_owns_replicas_and_apply_keeps_them(standin, kube):
+    spec = gpu_spec()
+    objs = model_server_manifests(spec)
+    assert "replicas" not in objs[1]["spec"]  # autoscaled: the manifest leaves the count to the HPA
+    await kube.apply(objs)
+    name = spec.object_name
     assert await kube.scale("neuroweaver", name, 3) == 3
     scale_req = standin.requests_to("PATCH", "/scale")[-1]
     assert scale_req.path == f"/apis/apps/v1/namespaces/neuroweaver/deployments/{name}/scale"
     assert scale_req.body == {"spec": {"replicas": 3}}
     st = await kube.read_deployment_status("neuroweaver", name)
-    assert (st.desired_replicas, st.ready_replicas, st.available_replicas) == (3, 3, 3)
-    assert st.generation == 2
-    # The manifest leaves replicas to the HPA, so re-applying keeps the scaled value.
+    assert (st.desired_replicas, st.generation, st.observed_generation) == (3, 2, 2) and not st.available
+    # The scale write is an Update of spec.replicas by the client's User-Agent manager, subresource "scale".
+    obj = standin.get_object("apps/v1", "Deployment", "neuroweaver", name)
+    (scaler,) = [e for e in obj["metadata"]["managedFields"] if e.get("subresource") == "scale"]
+    assert (scaler["manager"], scaler["operation"]) == ("OpenAPI-Generator", "Update")
+    assert scaler["fieldsV1"] == {"f:spec": {"f:replicas": {}}}
+    # Re-applying the manifest that omits replicas keeps the scaled value: another manager owns it.
     await kube.apply(objs)
     assert (await kube.read_deployment_status("neuroweaver", name)).desired_replicas == 3
+
+
+async def test_auto_ready_is_an_explicit_opt_in():
+    with KubeApiStandIn(auto_ready=True) as s:
+        kube = KubeClient.from_config(host=s.url, token="t")
+        try:
+            spec = gpu_spec()
+            await kube.apply(model_server_manifests(spec))
+            st = await kube.read_deployment_status("neuroweaver", spec.object_name)
+            assert st.available and st.rolled_out and st.ready_replicas == st.desired_replicas == 1
+        finally:
+            kube.close()
 
 
 async def test_status_reports_a_stuck_rollout(standin, kube):
@@ -105,14 +137,14 @@ async def test_status_reports_a_stuck_rollout(standin, kube):
 async def test_delete_is_foreground_and_tolerates_404(standin, kube):
     objs = model_server_manifests(gpu_spec())
     await kube.apply(objs)
-    assert await kube.delete(objs) == [True] * 5
+    assert await kube.delete(objs) == [True] * len(objs)
     deletes = standin.requests_to("DELETE")
     assert deletes[0].path.endswith("/prometheusrules/" + objs[0]["metadata"]["name"])  # reverse apply order
     assert all(r.body["propagationPolicy"] == "Foreground" for r in deletes)
     with pytest.raises(KubeNotFound) as e:
         await kube.read_deployment_status("neuroweaver", objs[1]["metadata"]["name"])
     assert e.value.code == 404 and e.value.reason == "NotFound"
-    assert await kube.delete(objs) == [False] * 5
+    assert await kube.delete(objs) == [False] * len(objs)
 
 
 async def test_job_create_status_delete(standin, kube):
@@ -149,7 +181,7 @@ async def test_standin_rejects_apply_without_field_manager(standin, kube):
     path = resource_path("v1", "Service", "neuroweaver", obj["metadata"]["name"])
     with pytest.raises(KubeApiError) as e:
         kube.request("PATCH", path, body=obj, content_type=APPLY_PATCH)
-    assert e.value.code == 400
+    assert e.value.code == 422 and "fieldManager: Required value" in e.value.message  # ValidatePatchOptions
 
 
 async def test_client_from_kubeconfig(standin, tmp_path):

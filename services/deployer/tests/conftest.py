@@ -30,7 +30,9 @@ def adapters(tiny_base, tmp_path_factory) -> list[tuple[Path, str]]:
 def kube_standin():
     from neuroweaver_kube.testing import KubeApiStandIn
 
-    with KubeApiStandIn() as standin:  # a local STAND-IN of the Kubernetes API, not a cluster
+    # A local STAND-IN of the Kubernetes API, not a cluster. It runs no pods: auto_ready opts in to reading every
+    # Deployment as rolled out, so these tests can see the deployer reach AVAILABLE.
+    with KubeApiStandIn(auto_ready=True) as standin:
         yield standin
 
 
