@@ -23,8 +23,8 @@ the SDK the deployment's resource name, as `Variant.model` gives it), AssignVari
 GetModelAlias on the registry replicas and GetDeployment on the deployer replicas. The test asserts 0 failed requests and that each inference client sees the served version switch exactly
 once, 1.0.0 → 1.1.0.
 
-Killed mid-flow, before the promotion (SIGKILL, no goodbye): one registry replica (every client, the deployer's
-alias watch included, carries on through the other) and the deployer replica that owns the treatment deployment but
+Killed mid-flow, before the promotion (SIGKILL, no goodbye): one registry replica (every client carries on through
+the other; so does the deployer's alias watch, which re-subscribes when its stream was on the dead one) and the deployer replica that owns the treatment deployment but
 NOT the control deployment under load. Why not the control's owner: with the local backend a deployment's endpoint
 is a router inside the deployer process that holds its lease (its replicas are that process's children and die with
 it), so killing that process necessarily breaks the endpoint until another replica takes the lease over and starts
@@ -452,8 +452,9 @@ def test_production_profile(relaycore_example: Path, tmp_path: Path) -> None:  #
                 "treatment": wait_for(lambda: available(dep, treatment_name), 180, "treatment AVAILABLE"),
             }
             control = deployments["control"]
-            assert listens_on(owner, control.endpoint) and not listens_on(other, control.endpoint)
-            assert listens_on(other, deployments["treatment"].endpoint)
+            # Each router lives in its owner: the control's in `owner`, the treatment's in `other`.
+            assert listens_on(owner, control.endpoint) and not listens_on(other, control.endpoint), "control moved"
+            assert listens_on(other, deployments["treatment"].endpoint), "the treatment is not the other replica's"
             stable = f"{MODEL.rsplit('/', 1)[1]}@production"
             assert {stable, control.name} <= set(control.model_names), control.model_names
 
