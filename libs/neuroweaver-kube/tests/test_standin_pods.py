@@ -732,3 +732,49 @@ def test_statefulset_pods_keep_their_names_claims_and_dns(standin):
         30,
         "db-0 back on its claim",
     )
+
+
+def test_a_selectorless_service_routes_to_the_endpoints_the_user_wrote(standin):
+    # How a cluster names an outside address (an external database): a Service without selector and an Endpoints
+    # object of the same name. Here the outside server is an HTTP server of this test process on 127.0.0.1.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"outside"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        spec = {"ports": [{"name": "http", "port": 80, "targetPort": port}]}
+        create(standin, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "outside"}, "spec": spec})
+        subsets = [{"addresses": [{"ip": "127.0.0.1"}], "ports": [{"name": "http", "port": port}]}]
+        endpoints = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "outside"}, "subsets": subsets}
+        api(standin, "POST", f"/api/v1/namespaces/{NS}/endpoints", endpoints)
+        runner = standin.pods
+        # the allocated address is in the Service object, as the API server's allocator writes it
+        ip = runner.wait_for(
+            lambda: (standin.get_object("v1", "Service", NS, "outside") or {}).get("spec", {}).get("clusterIP"),
+            10,
+            "the Service's clusterIP",
+        )
+        assert ip == runner.service_ip(NS, "outside")
+        assert standin.get_object("v1", "Service", NS, "outside")["spec"]["clusterIPs"] == [ip]
+        script = "import urllib.request; print(urllib.request.urlopen('http://outside/', timeout=10).read().decode())"
+        create(standin, job("reach-outside", script))
+        expect_complete(standin, "reach-outside")
+        pod = api(standin, "GET", f"/api/v1/namespaces/{NS}/pods?labelSelector=job-name%3Dreach-outside")["items"][0]
+        assert runner.pod_log(NS, pod["metadata"]["name"]).strip() == "outside"
+        # the runner leaves the user's Endpoints alone (it writes Endpoints only for Services with a selector)
+        assert standin.get_object("v1", "Endpoints", NS, "outside")["subsets"] == subsets
+    finally:
+        server.shutdown()
+        server.server_close()

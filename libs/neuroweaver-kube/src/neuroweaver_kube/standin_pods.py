@@ -1507,22 +1507,31 @@ class PodRunner:
                     and all((p.obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
                 ]
             ready = [p for p in backends if p.ready or (spec.get("publishNotReadyAddresses") and p.phase == "Running")]
+            # Without a selector the backends are whatever the user's Endpoints object of the same name lists (how a
+            # cluster names an outside address, e.g. an external database); with one, the ready pods.
+            manual = None if selector else self._manual_endpoints(ns, md["name"], spec.get("ports") or [])
             if headless:
                 for p in ready:
                     dns.append((p.ip, ns, md["name"]))
+                for address in sorted({a for ends in (manual or {}).values() for a, _ in ends}):
+                    dns.append((address, ns, md["name"]))
             else:
                 ip = self._service_ips.get((ns, md["name"]))
                 if ip is None:
                     ip = self._service_ips[(ns, md["name"])] = self.net.service_ip()
+                self._record_cluster_ip(ns, md["name"], ip)
                 dns.append((ip, ns, md["name"]))
                 for port in spec.get("ports") or ():
                     if port.get("protocol", "TCP") != "TCP":
                         continue
-                    target = port.get("targetPort", port["port"])
                     ends = []
-                    for p in ready:
-                        with contextlib.suppress(ValueError):
-                            ends.append((p.ip, p.resolve_port(target)))
+                    if manual is not None:
+                        ends = manual.get(int(port["port"]), [])
+                    else:
+                        target = port.get("targetPort", port["port"])
+                        for p in ready:
+                            with contextlib.suppress(ValueError):
+                                ends.append((p.ip, p.resolve_port(target)))
                     listeners[(ip, int(port["port"]))] = ends
             if selector:
                 self._write_endpoints(svc, backends)
@@ -1532,6 +1541,36 @@ class PodRunner:
         self._dns = dns
         for pod in list(self._pods.values()):
             write_in_place(pod.hosts_path, self.hosts_for(pod))
+
+    def _manual_endpoints(self, ns: str, name: str, ports: list[Mapping[str, Any]]) -> dict[int, list[tuple[str, int]]]:
+        """Backends of a selectorless Service by its port: each subset's ready ``addresses`` x the subset port of the
+        same ``name`` (an unnamed single port pairs with the subset's only port); ``notReadyAddresses`` are skipped."""
+        assert self._standin is not None
+        endpoints = self._standin.get_object("v1", "Endpoints", ns, name) or {}
+        out: dict[int, list[tuple[str, int]]] = {}
+        for subset in endpoints.get("subsets") or ():
+            addresses = [a["ip"] for a in subset.get("addresses") or () if a.get("ip")]
+            subset_ports = subset.get("ports") or []
+            for port in ports:
+                match = [sp for sp in subset_ports if sp.get("name", "") == port.get("name", "")]
+                if not match and len(ports) == 1 and len(subset_ports) == 1:
+                    match = subset_ports
+                for sp in match[:1]:
+                    out.setdefault(int(port["port"]), []).extend((a, int(sp["port"])) for a in addresses)
+        return out
+
+    def _record_cluster_ip(self, ns: str, name: str, ip: str) -> None:
+        """Write the allocated address into ``spec.clusterIP``/``clusterIPs`` as the API server's allocator does, so
+        clients read it from the Service (``kubectl get svc``); a Service that names an address keeps it."""
+        standin = self._standin
+        assert standin is not None
+        with standin._lock:  # read-modify-write against concurrent applies
+            svc = standin.get_object("v1", "Service", ns, name)
+            if svc is None or (svc.get("spec") or {}).get("clusterIP"):
+                return
+            svc["spec"]["clusterIP"] = ip
+            svc["spec"]["clusterIPs"] = [ip]
+            standin.put(svc, manager="kube-apiserver")
 
     def hosts_for(self, pod: _Pod) -> str:
         entries: list[tuple[str, str]] = []
