@@ -57,6 +57,10 @@ KINDS: dict[str, Kind] = {
     "PodDisruptionBudget": Kind("poddisruptionbudgets"),
     "ServiceMonitor": Kind("servicemonitors"),
     "PrometheusRule": Kind("prometheusrules"),
+    # the rest of what deploy/kubernetes ships, so the package applies through this client (kubectl apply --server-side)
+    "Role": Kind("roles"),
+    "RoleBinding": Kind("rolebindings"),
+    "NetworkPolicy": Kind("networkpolicies"),
 }
 
 
