@@ -105,7 +105,7 @@ async def test_a_local_deployment_with_auth_and_mtls_serves_only_its_projects_ca
                 await stub.Generate(gen(), credentials=call_token(FOREIGN))
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(err.value).reason == "WRONG_PROJECT"
             reply = await stub.Generate(gen(), credentials=call_token(VIEWER))
-            assert reply.model == d.served_model_name and reply.usage.completion_tokens > 0
+            assert reply.model == NAME and reply.served_model == d.served_model_name and reply.usage.completion_tokens > 0
             parts = [p async for p in stub.GenerateStream(isvc.GenerateStreamRequest(messages=gen().messages),
                                                           credentials=call_token(VIEWER))]  # fmt: skip
             assert parts[-1].usage.completion_tokens > 0

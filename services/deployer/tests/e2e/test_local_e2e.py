@@ -60,14 +60,14 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
 
     async with grpc.aio.insecure_channel(d.endpoint) as channel:
         inference = igrpc.InferenceServiceStub(channel)
-        reply = await inference.Generate(gen())
-        assert reply.model == d.served_model_name and reply.usage.completion_tokens > 0
+        reply = await inference.Generate(gen())  # no model named: the default, the deployment's name
+        assert (reply.model, reply.served_model, reply.model_version) == (name, d.served_model_name, stack.versions[0])
+        assert reply.usage.completion_tokens > 0
         client = openai.AsyncOpenAI(base_url=d.openai_base_url, api_key="unused", max_retries=0)
-        chat = await client.chat.completions.create(
-            model=d.served_model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
-        )
-        assert chat.model == d.served_model_name and chat.usage.completion_tokens > 0
-        assert [m.id for m in (await client.models.list()).data] == [d.served_model_name]
+        chat = await client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4)
+        assert chat.model == name and chat.usage.completion_tokens > 0
+        assert list(d.model_names) == [name, "advisor-local"]
+        assert [m.id for m in (await client.models.list()).data] == [*d.model_names, d.served_model_name]
 
         # scale to 2
         await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=name, replicas=2))
@@ -82,15 +82,17 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         assert len(replicas) == 2 and len({f.name for f in families}) == len(families)
 
         # update to a new version while a client keeps calling: not one failed request
-        counts = {"ok": 0, "failed": 0, "models": set()}
+        counts = {"ok": 0, "failed": 0, "versions": set()}
         stop = asyncio.Event()
 
         async def client_loop():
+            request = gen(2)
+            request.model = "advisor-local"  # a stable name: it keeps working across the version change
             while not stop.is_set():
                 try:
-                    r = await inference.Generate(gen(2), timeout=30)
+                    r = await inference.Generate(request, timeout=30)
                     counts["ok"] += 1
-                    counts["models"].add(r.model)
+                    counts["versions"].add(r.model_version)
                 except grpc.aio.AioRpcError as exc:
                     counts["failed"] += 1
                     counts.setdefault("errors", []).append(exc.code())
@@ -112,7 +114,7 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         stop.set()
         await asyncio.gather(*loops)
         assert counts["failed"] == 0, counts
-        assert d.served_model_name in counts["models"] and len(counts["models"]) == 2
+        assert counts["versions"] == {stack.versions[0], stack.versions[1]}
         assert d.served_model_name.startswith("advisor-1-1-0-")
 
         # SIGKILL a replica: degraded while it restarts, then available again
@@ -126,7 +128,7 @@ async def test_deploy_scale_update_kill_rollback_undeploy(stack):
         await watcher
         assert DEGRADED in seen
         assert victim.pid not in {p.pid for p in model_server_processes()} and len(model_server_processes()) == 2
-        assert (await inference.Generate(gen())).model == d.served_model_name
+        assert (await inference.Generate(gen())).served_model == d.served_model_name
 
     # scale down (stops one replica at once), then roll back to revision 1
     await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=name, replicas=1))
@@ -180,6 +182,9 @@ async def test_follows_a_registry_alias(stack):
     revisions = await dep.ListDeploymentRevisions(dsvc.ListDeploymentRevisionsRequest(parent=name))
     assert revisions.revisions[0].cause == "alias:1.0.0->1.2.0"
     async with grpc.aio.insecure_channel(d.endpoint) as channel:
-        assert (await igrpc.InferenceServiceStub(channel).Generate(gen())).model.startswith("advisor-1-2-0-")
+        request = gen()
+        request.model = "advisor@production"
+        reply = await igrpc.InferenceServiceStub(channel).Generate(request)
+        assert reply.model_version == stack.versions[2] and reply.served_model.startswith("advisor-1-2-0-")
     await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
     assert model_server_processes() == []
