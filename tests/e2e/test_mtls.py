@@ -118,7 +118,8 @@ def stack(pki, inputs, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("stack")
     procs: dict[str, ServiceProcess] = {}
-    with KubeApiStandIn() as kube:  # a local STAND-IN of the Kubernetes API, not a cluster
+    # a local STAND-IN of the Kubernetes API, not a cluster; no pods run, auto_ready reads Deployments as rolled out
+    with KubeApiStandIn(auto_ready=True) as kube:
         try:
             procs["registry"] = start_service("registry", work, *pki.service_args("registry"))
             registry = procs["registry"].target

@@ -599,7 +599,7 @@ def _matrix_stack(work, urls, data, prompts, kind, tiny_model):
     def db(svc):
         return ("--database-url", urls[svc]) if svc in urls else ()
 
-    with KubeApiStandIn() as kube:
+    with KubeApiStandIn(auto_ready=True) as kube:  # no pods run: Deployments read as rolled out (explicit opt-in)
         try:
             procs["registry"] = reg = start_service("registry", work, *common, *db("registry"))
             procs["deployer"] = start_service(
