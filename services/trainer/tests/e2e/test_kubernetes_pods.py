@@ -9,8 +9,9 @@ Service and write the job's progress to the trainer's database. The trainer itse
 host, because the paths a job names (base model, dataset, artifacts) must mean the same files to the trainer that
 checks them and to the Job pods that read them — as they do on a cluster, where both mount the claim at one path.
 
-The database: SQLite on the shared claim (trainer and Job pods open one file). The documented setup is an external
-PostgreSQL reached through a selectorless Service + Endpoints, which the pod runner does not route yet.
+The database is the documented one, an external PostgreSQL (NW_TEST_POSTGRES_URL, one fresh database per service):
+pods reach it as a cluster reaches an outside address, through a Service without selector (`postgres`) and the
+Endpoints object the operator writes for it, pointing at the host's server.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
@@ -36,8 +39,9 @@ from neuroweaver_kube import KubeClient, TrainingJobSpec
 from neuroweaver_kube.standin_pods import PodRunner, bwrap_path
 from neuroweaver_kube.testing import KubeApiStandIn
 from neuroweaver_runtime.client import open_channel
+from neuroweaver_runtime.testing import create_postgres_database, postgres_available
 
-pytestmark = pytest.mark.slow  # pods start the real services and train in Job pods
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]  # pods start the real services and train in Job pods
 
 if bwrap_path() is None:
     if os.environ.get("CI") == "true":
@@ -52,47 +56,62 @@ ADMIN_TOKEN = "pods-admin-token"
 SERVICE_TOKEN = "pods-trainer-service-token"
 BASE_MODEL = f"{MOUNT}/models/tiny-llama"
 DATASET = Path(f"{MOUNT}/datasets/chat.jsonl")
-DATABASE_URL = f"sqlite+aiosqlite:///{MOUNT}/trainer.db"
+POSTGRES_SERVICE = f"postgres.{NS}.svc.cluster.local"
 
 
 def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "stringData": data}
 
 
-def platform_objects() -> list[dict[str, Any]]:
-    """The base package's namespace, config (ConfigMap + claim), registry and trainer, with the Secrets an operator
-    creates (deploy/README: neuroweaver-auth, neuroweaver-database, neuroweaver-trainer for the Job pods)."""
+def external_postgres(admin_url: str) -> list[dict[str, Any]]:
+    """A selectorless Service `postgres` and its Endpoints: the host's PostgreSQL as an address outside the cluster."""
+    parts = urlsplit(admin_url)
+    ip, port = socket.gethostbyname(parts.hostname or "127.0.0.1"), parts.port or 5432
+    meta = {"name": "postgres", "namespace": NS}
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta,
+        "spec": {"ports": [{"name": "postgres", "port": 5432, "protocol": "TCP"}]},
+    }  # fmt: skip
+    endpoints = {
+        "apiVersion": "v1", "kind": "Endpoints", "metadata": meta,
+        "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "postgres", "port": port, "protocol": "TCP"}]}],
+    }  # fmt: skip
+    return [service, endpoints]
+
+
+def in_cluster(url: str) -> str:
+    """A database URL of the host's server as pods name it: the `postgres` Service instead of the host address."""
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{POSTGRES_SERVICE}:5432" if user else f"{POSTGRES_SERVICE}:5432"))
+
+
+def platform_objects(registry_db: str, trainer_db: str) -> list[dict[str, Any]]:
+    """The base package's namespace, config (ConfigMap + claim), registry and trainer as they are, with what an
+    operator adds (deploy/README): the Secrets neuroweaver-auth, neuroweaver-database and neuroweaver-trainer (read by
+    the Job pods), and the external database's Service."""
     docs: list[dict[str, Any]] = []
     for name in ("namespace", "config", "registry", "trainer"):
         docs += [d for d in yaml.safe_load_all((REPO / f"deploy/kubernetes/base/{name}.yaml").read_text()) if d]
     keep = {"Namespace", "ConfigMap", "PersistentVolumeClaim", "ServiceAccount", "Service", "Deployment"}
     docs = [d for d in docs if d["kind"] in keep]
-    for d in docs:
-        if d["kind"] == "Deployment":
-            d["spec"]["replicas"] = 1  # SQLite databases: one replica each
     tokens = {
         "tokens": [
             {"token": ADMIN_TOKEN, "project": "*", "role": "admin", "subject": "tester"},
             {"token": SERVICE_TOKEN, "project": "*", "role": "service", "subject": "svc-trainer"},
         ]
     }
+    auth = {
+        "auth-tokens.json": json.dumps(tokens),
+        "page-token-secret": "pods-page-token-secret",
+        "trainer-service-token": SERVICE_TOKEN,
+    }
     secrets = [
-        _secret(
-            "neuroweaver-auth",
-            {
-                "auth-tokens.json": json.dumps(tokens),
-                "page-token-secret": "pods-page-token-secret",
-                "trainer-service-token": SERVICE_TOKEN,
-            },
-        ),
-        # the registry keeps its database in its pod (emptyDir); the trainer's is on the claim its Job pods mount
-        _secret(
-            "neuroweaver-database",
-            {"registry-url": f"sqlite+aiosqlite:///{MOUNT}/registry.db", "trainer-url": DATABASE_URL},
-        ),
-        _secret("neuroweaver-trainer", {"database-url": DATABASE_URL, "registry-token": SERVICE_TOKEN}),
+        _secret("neuroweaver-auth", auth),
+        _secret("neuroweaver-database", {"registry-url": in_cluster(registry_db), "trainer-url": in_cluster(trainer_db)}),
+        _secret("neuroweaver-trainer", {"database-url": in_cluster(trainer_db), "registry-token": SERVICE_TOKEN}),
     ]
-    return secrets + docs
+    return docs[:1] + secrets + docs[1:]
 
 
 class Recorder:
@@ -139,6 +158,12 @@ async def _wait(runner: PodRunner, h, predicate, timeout: float, what: str, inte
 
 @pytest.fixture(scope="module")
 async def cluster(h, tiny_model):
+    from neuroweaver_runtime.testing import ADMIN_URL
+
+    if not await asyncio.to_thread(postgres_available):
+        pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
+    registry_db, drop_registry_db = await create_postgres_database("nwpods_registry")
+    trainer_db, drop_trainer_db = await create_postgres_database("nwpods_trainer")
     runner = PodRunner()
     with KubeApiStandIn(pods=runner) as standin:
         claim = runner.claim_dir(NS, CLAIM)  # the claim's host directory, filled before any pod mounts it
@@ -149,11 +174,12 @@ async def cluster(h, tiny_model):
         recorder = Recorder(standin)
         channels = []
         try:
-            await kube.apply(platform_objects())  # kubectl apply --server-side, as an operator would
+            # kubectl apply --server-side, as an operator would
+            await kube.apply(external_postgres(ADMIN_URL) + platform_objects(registry_db, trainer_db))
 
             def available(name: str) -> bool:
                 dep = standin.get_object("apps/v1", "Deployment", NS, name) or {}
-                return (dep.get("status") or {}).get("availableReplicas") == 1
+                return bool(dep) and (dep.get("status") or {}).get("availableReplicas") == dep["spec"].get("replicas", 1)
 
             await _wait(
                 runner,
@@ -181,6 +207,8 @@ async def cluster(h, tiny_model):
                 await channel.close()
             recorder.stop()
             kube.close()
+    await drop_registry_db()  # the pods (and their connections) are gone with the stand-in
+    await drop_trainer_db()
 
 
 async def _create(cluster, h, job_id: str, *, max_steps: int, checkpoint_every: int):
