@@ -175,6 +175,23 @@ def test_ports_metrics_and_databases_are_consistent(compose):
     assert ms["NW_MODEL_SERVER_GRPC_PORT"] == "50060"
 
 
+def test_local_deployments_report_endpoints_other_containers_reach(compose):
+    """The deployer's local routers bind every interface, on the fixed ports compose publishes, and report the
+    deployer's compose name (run for real with these settings: services/deployer/tests/e2e/test_compose_reachability.py)."""
+    deployer = compose["services"]["deployer"]
+    env = deployer["environment"]
+    assert env["NW_DEPLOYER_LOCAL_ROUTER_HOST"] == "0.0.0.0"
+    assert env["NW_DEPLOYER_LOCAL_ADVERTISE_HOST"] == "deployer" and "deployer" in compose["services"]
+    assert env.get("NW_DEPLOYER_LOCAL_HOST", "127.0.0.1") == "127.0.0.1", "replicas stay on the container's loopback"
+    routers = env["NW_DEPLOYER_LOCAL_ROUTER_PORTS"]
+    assert f"{routers}:{routers}" in deployer["ports"]  # published one to one: the reported port is the host's too
+    lo, hi = map(int, routers.split("-"))
+    assert (hi - lo + 1) % 3 == 0 and hi - lo + 1 >= 3  # 3 listeners per deployment
+    host_ports = [p.rsplit(":", 1)[0].rsplit(":", 1)[-1] for s in compose["services"].values() for p in s.get("ports", [])]
+    others = {int(p) for p in host_ports if "-" not in p}
+    assert not {p for p in others if lo <= p <= hi}, "the router range overlaps another published port"
+
+
 def test_service_to_service_targets_point_at_real_services(compose):
     ports = default_ports()
     for svc in SERVICES:

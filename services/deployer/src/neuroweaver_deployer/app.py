@@ -20,6 +20,7 @@ from neuroweaver_runtime.tls import ServerTLS
 from .adapters.kube import KubeDefaults, render_manifests
 from .adapters.local import LocalBackend
 from .adapters.registry import RegistryGateway
+from .adapters.router import PortRange
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, DeployerServicer
 from .domain.model import Backend
@@ -38,7 +39,25 @@ class DeployerConfig(ServiceConfig):
     migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
     registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     registry_token: str = field(default="", metadata={"help": "bearer token for the registry"})
-    local_host: str = field(default="127.0.0.1", metadata={"help": "address local replicas and routers bind"})
+    local_host: str = field(default="127.0.0.1", metadata={"help": "address local replicas (and routers) bind"})
+    local_router_host: str = field(
+        default="",
+        metadata={
+            "help": "address the routers of local deployments (their endpoints) bind; empty = --local-host. 0.0.0.0 in "
+            "a container, so other containers reach them (needs --local-advertise-host)"
+        },
+    )
+    local_advertise_host: str = field(
+        default="",
+        metadata={
+            "help": "host name local deployments report in endpoint/openai_base_url (what callers dial, e.g. the "
+            "compose service name); empty = the routers' bind address"
+        },
+    )
+    local_router_ports: str = field(
+        default="",
+        metadata={"help": "lo-hi: fixed ports routers listen on, 3 per deployment (publish them); empty = any free port"},
+    )
     replica_startup_timeout: float = field(default=600.0, metadata={"help": "seconds a local replica may take to load"})
     replica_grace_seconds: float = field(default=10.0, metadata={"help": "drain time of a stopping local replica"})
     kubernetes: bool = field(default=False, metadata={"help": "enable the kubernetes backend"})
@@ -119,6 +138,9 @@ def build(config: DeployerConfig) -> GrpcService:
             if config.local_tls_server_name
             else client_tls
         )
+        router_ports = PortRange(config.local_router_ports) if config.local_router_ports else None
+        if (config.local_router_host or config.local_host) in ("0.0.0.0", "::") and not config.local_advertise_host:
+            raise ValueError("local routers bind a wildcard address: set --local-advertise-host (what callers dial)")
         if server_tls.enabled and not local_client_tls.enabled:
             raise ValueError("local replicas serve TLS with --tls-cert: set --client-tls-ca so the deployer can reach them")
         kube = KubeDefaults(
@@ -150,6 +172,9 @@ def build(config: DeployerConfig) -> GrpcService:
         auth_tokens=config.auth_tokens,
         server_tls=server_tls,
         client_tls=local_client_tls,
+        router_host=config.local_router_host,
+        advertise_host=config.local_advertise_host,
+        router_ports=router_ports,
         env={
             "NW_DATA_DIR": config.data_dir,
             **(

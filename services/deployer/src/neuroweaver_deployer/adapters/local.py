@@ -44,7 +44,7 @@ from neuroweaver_runtime.ports import free_port
 from neuroweaver_runtime.tls import ServerTLS
 
 from ..domain.model import BackendStatus, Target
-from .router import Router, Upstream
+from .router import PortRange, Router, Upstream
 
 log = logging.getLogger("neuroweaver.deployer.local")
 
@@ -231,7 +231,13 @@ class LocalDeployment:
     def __init__(self, backend: LocalBackend, name: str) -> None:
         self.backend, self.name = backend, name
         self.object_id = name.rsplit("/", 1)[-1]
-        self.router = Router(backend.host, server_tls=backend.server_tls, client_tls=backend.client_tls)
+        self.router = Router(
+            backend.router_host,
+            advertise_host=backend.advertise_host,
+            ports=backend.router_ports,
+            server_tls=backend.server_tls,
+            client_tls=backend.client_tls,
+        )
         self.target: Target | None = None
         self.replicas: list[Replica] = []  # replicas of the current target
         self.rolling_out = False
@@ -359,15 +365,23 @@ class LocalBackend:
         auth_tokens: str = "",
         server_tls: ServerTLS | None = None,
         client_tls: ClientTLS | None = None,
+        router_host: str = "",
+        advertise_host: str = "",
+        router_ports: PortRange | None = None,
     ) -> None:
         """`auth_tokens`: the token-table setting replicas authenticate callers with (the deployer's own; empty = auth
         off). `server_tls`: what replicas and routers serve with. `client_tls`: how routers and readiness checks dial
-        replicas; it must be on whenever `server_tls` is."""
+        replicas; it must be on whenever `server_tls` is. Replicas bind `host`; routers, the deployments' front doors,
+        bind `router_host` (default `host`; 0.0.0.0 in a container) on `router_ports` (default any free port) and
+        report `advertise_host` (default their bind address) in the endpoints, so other containers can dial them."""
         self.server_tls = server_tls or ServerTLS()
         self.client_tls = client_tls or ClientTLS()
         self.auth_tokens = auth_tokens
         self.on_status = on_status
         self.host = host
+        self.router_host = router_host or host
+        self.advertise_host = advertise_host
+        self.router_ports = router_ports
         self.log_dir = Path(log_dir)
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout

@@ -19,6 +19,10 @@ CA); it dials replicas with `client_tls`, the deployer's outbound `ClientTLS`.
 `GET /metrics` on the router's own metrics port (`metrics_url`, never the API port) is every ready replica's
 metrics (read from their ops ports) in one Prometheus text exposition, each sample labelled
 `replica="<its gRPC address>"` (`merge_expositions`), so a scrape of the deployment sees all of them.
+
+Reachability: the router binds `host` (0.0.0.0 in a container, so other containers reach it) and reports
+`advertise_host` in its endpoints (a name they resolve, e.g. the compose service name); with `ports` (a
+`PortRange`) its three listeners take fixed ports that compose can publish instead of random ones.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import itertools
 import logging
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,11 +63,55 @@ class Upstream:
     metrics_url: str  # http(s)://host:port of the ops port (/metrics)
 
 
+class PortRange:
+    """Fixed ports for routers (`lo-hi`, both included), handed out lowest free first and taken back when a router
+    stops, so the ports a deployment reports are ones compose publishes."""
+
+    def __init__(self, spec: str) -> None:
+        lo, sep, hi = spec.partition("-")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit() and 0 < int(lo) <= int(hi) < 65536):
+            raise ValueError(f"port range {spec!r} must be lo-hi, e.g. 50100-50159")
+        self.lo, self.hi = int(lo), int(hi)
+        self._taken: set[int] = set()
+
+    def __str__(self) -> str:
+        return f"{self.lo}-{self.hi}"
+
+    def take(self, host: str) -> int:
+        for port in range(self.lo, self.hi + 1):
+            if port not in self._taken and _bindable(host, port):
+                self._taken.add(port)
+                return port
+        raise RuntimeError(f"no free port left in the router port range {self} (3 per local deployment): widen it")
+
+    def give_back(self, port: int) -> None:
+        self._taken.discard(port)
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class Router(grpc.GenericRpcHandler):
     def __init__(
-        self, host: str = "127.0.0.1", *, server_tls: ServerTLS | None = None, client_tls: ClientTLS | None = None
+        self,
+        host: str = "127.0.0.1",
+        *,
+        advertise_host: str = "",
+        ports: PortRange | None = None,
+        server_tls: ServerTLS | None = None,
+        client_tls: ClientTLS | None = None,
     ) -> None:
         self.host = host
+        self.advertise_host = advertise_host or host  # the name callers dial (bind address when not set)
+        self.ports = ports
         self.server_tls = server_tls or ServerTLS()
         self.client_tls = client_tls or ClientTLS()
         self._upstreams: list[Upstream] = []
@@ -79,7 +128,7 @@ class Router(grpc.GenericRpcHandler):
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{self.advertise_host}:{self.grpc_port}"
 
     @property
     def _scheme(self) -> str:
@@ -87,17 +136,17 @@ class Router(grpc.GenericRpcHandler):
 
     @property
     def openai_base_url(self) -> str:
-        return f"{self._scheme}://{self.host}:{self.http_port}/v1"
+        return f"{self._scheme}://{self.advertise_host}:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
-        return f"{self._scheme}://{self.host}:{self.metrics_port}/metrics"
+        return f"{self._scheme}://{self.advertise_host}:{self.metrics_port}/metrics"
 
     async def start(self) -> None:
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((self,))
-        address = f"{self.host}:0"
+        address = f"{self.host}:{self._port()}"
         tls = self.server_tls
         self.grpc_port = (
             server.add_secure_port(address, tls.grpc_credentials()) if tls.enabled else server.add_insecure_port(address)
@@ -119,8 +168,11 @@ class Router(grpc.GenericRpcHandler):
         await runner.setup()
         tls = self.server_tls
         ssl_context = tls.ssl_context(require_client_cert=require_client_cert) if tls.enabled else None
-        await web.TCPSite(runner, self.host, 0, ssl_context=ssl_context).start()
+        await web.TCPSite(runner, self.host, self._port(), ssl_context=ssl_context).start()
         return runner, runner.addresses[0][1]
+
+    def _port(self) -> int:
+        return self.ports.take(self.host) if self.ports is not None else 0
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -128,6 +180,9 @@ class Router(grpc.GenericRpcHandler):
         for runner in (self._runner, self._metrics_runner):
             if runner is not None:
                 await runner.cleanup()
+        if self.ports is not None:
+            for port in (self.grpc_port, self.http_port, self.metrics_port):
+                self.ports.give_back(port)
         if self._session is not None:
             await self._session.close()
         for channel in self._channels.values():
