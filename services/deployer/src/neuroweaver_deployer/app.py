@@ -12,7 +12,7 @@ from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
-from neuroweaver_runtime.notify import Notifier
+from neuroweaver_runtime.notify import Notifier, PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 from neuroweaver_runtime.tls import ServerTLS
@@ -20,6 +20,7 @@ from neuroweaver_runtime.tls import ServerTLS
 from .adapters.kube import KubeDefaults, render_manifests
 from .adapters.local import LocalBackend
 from .adapters.registry import RegistryGateway
+from .adapters.repository import CHANGES_CHANNEL
 from .adapters.router import PortRange
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, DeployerServicer
@@ -27,6 +28,7 @@ from .domain.model import Backend
 from .service.controller import Controller
 from .service.deployer import DeployerService
 from .service.follower import AliasFollower
+from .service.leases import instance_id
 
 SERVICE_NAME = "neuroweaver.deployer.v1.DeployerService"
 DEFAULT_PORT = 50053
@@ -68,6 +70,16 @@ class DeployerConfig(ServiceConfig):
         default="ghcr.io/neuroweaver/model-server:0.1.0", metadata={"help": "default model-server image"}
     )
     kube_poll_seconds: float = field(default=2.0, metadata={"help": "how often Deployment status is read back"})
+    lease_seconds: float = field(
+        default=15.0,
+        metadata={
+            "help": "ownership lease of a deployment (database clock): another replica takes over this long after its "
+            "owner stopped renewing (at once after a graceful stop)"
+        },
+    )
+    lease_renew_seconds: float = field(
+        default=5.0, metadata={"help": "how often a replica renews its leases and claims free ones; below --lease-seconds"}
+    )
     local_replica_threads: int = field(
         default=0,
         metadata={
@@ -123,10 +135,24 @@ class DeployerConfig(ServiceConfig):
     )
 
 
+class _ConvergingNotifier(Notifier):
+    """Every wake-up of a deployment (a commit here, or another replica's NOTIFY) also reaches the controller, which
+    converges it when this replica owns it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controller: Controller | None = None
+
+    def wake(self, key: str) -> None:
+        super().wake(key)
+        if self.controller is not None:
+            self.controller.on_notified(key)
+
+
 def build(config: DeployerConfig) -> GrpcService:
     database_url = config.database_url or config.sqlite_default("deployer")
     db = Database(database_url)
-    notifier = Notifier()
+    notifier = _ConvergingNotifier()
     secret = config.page_token_key("deployer")
     roots = [r for r in config.artifact_roots.split(",") if r]
     client_tls = ClientTLS.from_config(config)
@@ -155,6 +181,8 @@ def build(config: DeployerConfig) -> GrpcService:
             models_mount_path=config.kube_models_mount_path,
         )
         kube.data_volumes()  # a bad claim name or mount path stops the start, not the first deployment
+        if not 0 < config.lease_renew_seconds < config.lease_seconds:
+            raise ValueError("--lease-renew-seconds must be above 0 and below --lease-seconds")
         if config.auth_tokens and config.kubernetes and not kube.auth_secret:
             raise ValueError("auth is on: set --kube-model-server-auth-secret so model-server pods can authenticate callers")
     except ValueError as exc:
@@ -162,7 +190,11 @@ def build(config: DeployerConfig) -> GrpcService:
     registry = RegistryGateway(config.registry_target, config.registry_token, artifact_roots=roots, tls=client_tls)
     backends: dict = {}
     uow = SqlUnitOfWorkFactory(db)
-    controller = Controller(uow, notifier, backends)
+    controller = Controller(
+        uow, notifier, backends,
+        owner=instance_id(), lease_seconds=config.lease_seconds, renew_seconds=config.lease_renew_seconds,
+    )  # fmt: skip
+    notifier.controller = controller
     backends[Backend.LOCAL] = LocalBackend(
         controller.on_status,
         host=config.local_host,
@@ -195,6 +227,7 @@ def build(config: DeployerConfig) -> GrpcService:
             controller.on_status,
             defaults=kube,
             poll_seconds=config.kube_poll_seconds,
+            on_missing=controller.reapply,
         )
     service = DeployerService(
         uow,
@@ -204,8 +237,24 @@ def build(config: DeployerConfig) -> GrpcService:
         controller,
         render_manifests=functools.partial(render_manifests, defaults=kube),
     )
-    follower = AliasFollower(uow, registry, service)
+    follower = AliasFollower(uow, registry, service, controller.owns)
     service.on_alias_change = follower.request_sync
+    controller.on_ownership_change.append(follower.request_sync)
+    # PostgreSQL: every replica hears every deployment write (watchers wake, owners converge changes made elsewhere).
+    listener = PostgresListener(db.url, CHANGES_CHANNEL, notifier) if db.is_postgres else None
+
+    async def start_work() -> None:
+        if listener is not None:
+            await listener.start()
+        await controller.start()
+        await follower.sync()
+
+    async def stop_work() -> None:
+        await follower.close()
+        await controller.close()  # local replicas stop, then the leases are released for the other replicas
+        if listener is not None:
+            await listener.stop()
+        await registry.close()
 
     grpc_service = database_service(
         config,
@@ -218,8 +267,8 @@ def build(config: DeployerConfig) -> GrpcService:
         migrate=config.migrate,
         default_port=DEFAULT_PORT,
         default_metrics_port=DEFAULT_METRICS_PORT,
-        on_ready=[controller.resume_all, follower.sync],
-        on_stop=[follower.close, controller.close, registry.close],
+        on_ready=[start_work],
+        on_stop=[stop_work],
     )
     grpc_service.deployer = service  # type: ignore[attr-defined]  # handy for in-process tests
     grpc_service.controller = controller  # type: ignore[attr-defined]

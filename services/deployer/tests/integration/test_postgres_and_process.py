@@ -39,6 +39,7 @@ async def test_deployer_on_postgres(stack, kube_standin, tmp_path, pg_ok):
             kubernetes=True,
             kube_api_url=kube_standin.url,
             kube_poll_seconds=0.2,
+            kube_artifacts_mount_path=str(stack.root.parent),  # the adapters' directory, as the stack's deployer
         )  # fmt: skip
     )
     await deployer.start()

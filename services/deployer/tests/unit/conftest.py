@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ from neuroweaver_deployer.domain.model import (
     Deployment,
     ResolvedVersion,
     Revision,
+    State,
     Target,
 )
 from neuroweaver_deployer.service.controller import Controller
 from neuroweaver_deployer.service.deployer import DeployerService
+from neuroweaver_deployer.service.ports import Fence, HeldLease, LeaseLost
 from neuroweaver_runtime.errors import NotFound
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
@@ -47,6 +50,7 @@ class Store:
     deployments: dict[str, Deployment] = field(default_factory=dict)  # name → deployment
     revisions: dict[int, list[Revision]] = field(default_factory=dict)  # deployment key → revisions
     requests: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # request_id → (method, fingerprint, name)
+    leases: dict[str, tuple[str, float, int]] = field(default_factory=dict)  # name → (owner, expiry (monotonic), epoch)
 
     def by_key(self, key: int) -> Deployment:
         return next(d for d in self.deployments.values() if d.key == key)
@@ -56,8 +60,14 @@ class FakeDeployments:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def get(self, name: str, *, lock: bool = False) -> Deployment | None:
-        return copy.deepcopy(self.store.deployments.get(name))
+    def _holds(self, name: str, fence: Fence | None) -> bool:
+        if fence is None:
+            return True
+        owner, _, epoch = self.store.leases.get(name, ("", 0.0, 0))
+        return (owner, epoch) == (fence.owner, fence.epoch)
+
+    async def get(self, name: str, *, lock: bool = False, fence: Fence | None = None) -> Deployment | None:
+        return copy.deepcopy(self.store.deployments.get(name)) if self._holds(name, fence) else None
 
     async def add(self, d: Deployment) -> None:
         assert d.target is not None
@@ -76,17 +86,51 @@ class FakeDeployments:
         )
         self.store.revisions[d.key] = []
 
-    async def update(self, key: int, *, bump: bool = True, **values: Any) -> None:
+    async def update(self, key: int, *, bump: bool = True, fence: Fence | None = None, **values: Any) -> None:
         stored = self.store.by_key(key)
+        if not self._holds(stored.name, fence):
+            raise LeaseLost(stored.name)
         for name, value in values.items():
             assert name in FIELDS, name
             setattr(stored, name, copy.deepcopy(value))
         if bump:
             stored.generation += 1
 
-    async def delete(self, key: int) -> None:
-        del self.store.deployments[self.store.by_key(key).name]
+    async def delete(self, key: int, *, fence: Fence | None = None) -> None:
+        name = self.store.by_key(key).name
+        if not self._holds(name, fence):
+            raise LeaseLost(name)
+        del self.store.deployments[name]
         del self.store.revisions[key]
+        self.store.leases.pop(name, None)
+
+    def _held(self, owner: str) -> list[HeldLease]:
+        return [
+            HeldLease(name, epoch, d.generation, d.state is State.DELETING)
+            for name, (o, _, epoch) in self.store.leases.items()
+            if o == owner and (d := self.store.deployments.get(name)) is not None
+        ]
+
+    async def claim_leases(self, owner, lease_seconds, backends, name=None) -> list[HeldLease]:
+        now, taken = time.monotonic(), []
+        for d in self.store.deployments.values():
+            o, expires, epoch = self.store.leases.get(d.name, ("", 0.0, 0))
+            if d.backend in backends and name in (None, d.name) and o != owner and (not o or expires < now):
+                self.store.leases[d.name] = (owner, now + lease_seconds, epoch + 1)
+                taken.append(d.name)
+        return [h for h in self._held(owner) if h.name in taken]
+
+    async def renew_leases(self, owner: str, lease_seconds: float) -> list[HeldLease]:
+        for name, (o, _, epoch) in list(self.store.leases.items()):
+            if o == owner:
+                self.store.leases[name] = (owner, time.monotonic() + lease_seconds, epoch)
+        return self._held(owner)
+
+    async def release_leases(self, owner: str) -> list[str]:
+        released = [name for name, (o, _, _) in self.store.leases.items() if o == owner]
+        for name in released:
+            self.store.leases[name] = ("", 0.0, self.store.leases[name][2])
+        return released
 
     async def page(self, project, state, backend, order_field, desc, cursor, limit) -> list[Deployment]:
         def position(d: Deployment) -> tuple:
@@ -195,6 +239,9 @@ class FakeBackend:
     async def remove(self, name: str, target: Target | None = None) -> None:
         self.removed.append(name)
 
+    async def release(self, name: str) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
@@ -244,8 +291,9 @@ async def _storage(kind: str, tmp_path) -> AsyncIterator[Any]:
 async def fakes(request, tmp_path):
     async with _storage(request.param, tmp_path) as uow:
         registry, backend, notifier = FakeRegistry(), FakeBackend(), RecordingNotifier()
-        controller = Controller(uow, notifier, {Backend.LOCAL: backend})
+        controller = Controller(uow, notifier, {Backend.LOCAL: backend}, lease_seconds=3.0, renew_seconds=1.0)
         backend.controller = controller
+        await controller.start()
         service = DeployerService(
             uow,
             notifier,

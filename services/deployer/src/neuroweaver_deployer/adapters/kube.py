@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from neuroweaver_kube.client import DeploymentStatus, KubeApiError, KubeClient, KubeNotFound
+from neuroweaver_kube.client import DeploymentStatus, KubeClient, KubeNotFound
 from neuroweaver_kube.manifests import ClaimMount, ModelServerSpec, UnmountedPathError, model_server_manifests, to_yaml
 from neuroweaver_kube.manifests import Resources as KubeResources
 from neuroweaver_runtime.errors import FailedPrecondition
@@ -113,11 +114,25 @@ def render_manifests(target: Target, defaults: KubeDefaults) -> tuple[str, list[
 
 
 class KubeBackend:
+    """State lives in the cluster: the controller runs every apply inside its fenced transaction (`fenced_apply`), and
+    a takeover by another replica only resumes polling. A poller that finds the Deployment missing never re-applies by
+    itself: it asks `on_missing` (the controller), which re-applies only if this replica still holds the lease and
+    the deployment is not being deleted, so a stale poller cannot resurrect a deleted deployment."""
+
+    fenced_apply = True
+
     def __init__(
-        self, client: KubeClient, on_status: StatusCallback, *, defaults: KubeDefaults, poll_seconds: float = 2.0
+        self,
+        client: KubeClient,
+        on_status: StatusCallback,
+        *,
+        defaults: KubeDefaults,
+        poll_seconds: float = 2.0,
+        on_missing: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.on_status = on_status
+        self.on_missing = on_missing
         self.defaults = defaults
         self.poll_seconds = poll_seconds
         self._specs: dict[str, ModelServerSpec] = {}
@@ -167,9 +182,10 @@ class KubeBackend:
                     ),
                 )
             except KubeNotFound:
-                log.warning("deployment %s/%s is missing; re-applying", spec.namespace, spec.object_name)
-                with contextlib.suppress(KubeApiError):
-                    await self.client.apply(model_server_manifests(spec))
+                log.warning("deployment %s/%s is missing", spec.namespace, spec.object_name)
+                self._fingerprints.pop(name, None)  # the next apply is a full one, not a scale of nothing
+                if self.on_missing is not None:
+                    self.on_missing(name)
             except Exception:  # noqa: BLE001 - keep polling through API hiccups
                 log.exception("reading status of %s failed", name)
             await asyncio.sleep(self.poll_seconds)  # status poll interval
@@ -184,6 +200,15 @@ class KubeBackend:
         self._fingerprints.pop(name, None)
         if spec is not None:
             await self.client.delete(model_server_manifests(spec))
+
+    async def release(self, name: str) -> None:
+        task = self._pollers.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._specs.pop(name, None)
+        self._fingerprints.pop(name, None)
 
     async def close(self) -> None:
         for task in self._pollers.values():

@@ -1,4 +1,8 @@
-"""Deployer persistence: rows ⇄ domain dataclasses. Every method runs inside its unit of work's session."""
+"""Deployer persistence: rows ⇄ domain dataclasses. Every method runs inside its unit of work's session.
+
+Leases (service/leases.py) are timed by the database's clock, evaluated in the statement (`database_now`), never a
+replica's. On PostgreSQL every write of a deployment also `NOTIFY`s `CHANGES_CHANNEL` with its name (delivered at
+commit): every replica LISTENs, so watchers anywhere wake and the owner converges a change another replica stored."""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import Float, and_, cast, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from neuroweaver_runtime.timestamps import aware
 
@@ -25,7 +30,10 @@ from ..domain.model import (
     State,
     Toleration,
 )
+from ..service.ports import Fence, HeldLease, LeaseLost
 from . import tables as t
+
+CHANGES_CHANNEL = "nw_deployer_changes"
 
 
 def _conditions_out(conditions: list[Condition]) -> list[dict]:
@@ -104,12 +112,34 @@ def _column(name: str, value: Any) -> Any:
     return value
 
 
+def _fenced(query, fence: Fence | None):
+    c = t.deployments.c
+    return query if fence is None else query.where(c.lease_owner == fence.owner, c.lease_epoch == fence.epoch)
+
+
 class SqlDeploymentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
-    async def get(self, name: str, *, lock: bool = False) -> Deployment | None:
-        query = select(t.deployments).where(t.deployments.c.name == name)
+    @property
+    def is_postgres(self) -> bool:
+        return self.s.get_bind().dialect.name == "postgresql"
+
+    def database_now(self) -> ColumnElement[float]:
+        """The database's clock in epoch seconds, evaluated in the statement (as the trainer's leases)."""
+        if self.is_postgres:
+            # clock_timestamp(), not now(): a claim late in a long transaction still sees the current time.
+            return cast(func.extract("epoch", func.clock_timestamp()), Float)
+        return (func.julianday("now") - 2440587.5) * 86400.0  # the Unix epoch is Julian day 2440587.5
+
+    async def _notify(self, where: ColumnElement[bool]) -> None:
+        """NOTIFY each matching deployment's name (PostgreSQL; queued until commit, dropped on rollback)."""
+        if self.is_postgres:
+            c = t.deployments.c
+            await self.s.execute(select(func.pg_notify(CHANGES_CHANNEL, c.name)).where(where))
+
+    async def get(self, name: str, *, lock: bool = False, fence: Fence | None = None) -> Deployment | None:
+        query = _fenced(select(t.deployments).where(t.deployments.c.name == name), fence)
         if lock:
             query = query.with_for_update()
         row = (await self.s.execute(query)).first()
@@ -133,20 +163,75 @@ class SqlDeploymentRepository:
                 create_time=d.create_time,
                 update_time=d.update_time,
                 generation=1,
+                lease_owner="",
+                lease_expires_at=0.0,
+                lease_epoch=0,
                 **spec_values(d),
             )
         )
         d.key = result.inserted_primary_key[0]  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
+        await self._notify(t.deployments.c.id == d.key)
 
-    async def update(self, key: int, *, bump: bool = True, **values: Any) -> None:
+    async def update(self, key: int, *, bump: bool = True, fence: Fence | None = None, **values: Any) -> None:
+        c = t.deployments.c
         columns = {name: _column(name, value) for name, value in values.items()}
         if bump:
-            columns["generation"] = t.deployments.c.generation + 1
-        await self.s.execute(update(t.deployments).where(t.deployments.c.id == key).values(**columns))
+            columns["generation"] = c.generation + 1
+        result = await self.s.execute(_fenced(update(t.deployments).where(c.id == key), fence).values(**columns))
+        if fence is not None and result.rowcount != 1:  # type: ignore[attr-defined]  # a CursorResult
+            raise LeaseLost(f"deployment {key} is no longer leased to {fence.owner} at epoch {fence.epoch}")
+        await self._notify(c.id == key)
 
-    async def delete(self, key: int) -> None:
+    async def delete(self, key: int, *, fence: Fence | None = None) -> None:
+        c = t.deployments.c
+        await self._notify(c.id == key)
         await self.s.execute(delete(t.revisions).where(t.revisions.c.deployment_id == key))
-        await self.s.execute(delete(t.deployments).where(t.deployments.c.id == key))
+        result = await self.s.execute(_fenced(delete(t.deployments).where(c.id == key), fence))
+        if fence is not None and result.rowcount != 1:  # type: ignore[attr-defined]  # a CursorResult; rolls back
+            raise LeaseLost(f"deployment {key} is no longer leased to {fence.owner} at epoch {fence.epoch}")
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    async def _held(self, where: ColumnElement[bool]) -> builtins.list[HeldLease]:
+        c = t.deployments.c
+        rows = (await self.s.execute(select(c.name, c.lease_epoch, c.generation, c.state).where(where))).all()
+        return [HeldLease(r.name, r.lease_epoch, r.generation, r.state == State.DELETING.value) for r in rows]
+
+    async def claim_leases(
+        self, owner: str, lease_seconds: float, backends: builtins.list[Backend], name: str | None = None
+    ) -> builtins.list[HeldLease]:
+        c = t.deployments.c
+        free = or_(c.lease_owner == "", c.lease_expires_at < self.database_now())
+        query = select(c.id).where(free, c.lease_owner != owner, c.backend.in_([b.value for b in backends]))
+        if name is not None:
+            query = query.where(c.name == name)
+        if self.is_postgres:
+            # A row locked by a writer (its owner mid-apply, a delete marking it) is not free to take right now.
+            query = query.with_for_update(skip_locked=True)
+        ids = [r.id for r in (await self.s.execute(query)).all()]
+        if not ids:
+            return []
+        await self.s.execute(
+            update(t.deployments)
+            .where(c.id.in_(ids), free)  # re-checked: the statement's own clock and row versions decide
+            .values(lease_owner=owner, lease_expires_at=self.database_now() + lease_seconds, lease_epoch=c.lease_epoch + 1)
+        )
+        return await self._held(and_(c.id.in_(ids), c.lease_owner == owner))
+
+    async def renew_leases(self, owner: str, lease_seconds: float) -> builtins.list[HeldLease]:
+        c = t.deployments.c
+        await self.s.execute(
+            update(t.deployments).where(c.lease_owner == owner).values(lease_expires_at=self.database_now() + lease_seconds)
+        )
+        return await self._held(c.lease_owner == owner)
+
+    async def release_leases(self, owner: str) -> builtins.list[str]:
+        c = t.deployments.c
+        names = [r.name for r in (await self.s.execute(select(c.name).where(c.lease_owner == owner))).all()]
+        if names:
+            await self._notify(c.lease_owner == owner)  # the other replicas claim them at once
+            await self.s.execute(update(t.deployments).where(c.lease_owner == owner).values(lease_owner="", lease_expires_at=0.0))
+        return names
 
     async def page(
         self,

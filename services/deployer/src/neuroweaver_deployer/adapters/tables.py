@@ -1,8 +1,25 @@
-"""SQLAlchemy Core tables of the deployer (one schema for SQLite and PostgreSQL)."""
+"""SQLAlchemy Core tables of the deployer (one schema for SQLite and PostgreSQL).
+
+`deployments` also holds each deployment's ownership lease (see service/leases.py): `lease_owner` (a replica's
+instance id, "" = free), `lease_expires_at` (epoch seconds on the database's clock) and `lease_epoch`, the fencing
+token, incremented on every takeover; the owner's status writes and Kubernetes applies carry (owner, epoch)."""
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
 
 from neuroweaver_runtime.idempotency import idempotency_table
 
@@ -37,6 +54,10 @@ deployments = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
     Column("update_time", DateTime(timezone=True), nullable=False),
     Column("generation", Integer, nullable=False, default=1),
+    # ownership lease (which replica converges it)
+    Column("lease_owner", String(128), nullable=False, default="", server_default=""),
+    Column("lease_expires_at", Float, nullable=False, default=0.0, server_default="0"),
+    Column("lease_epoch", BigInteger, nullable=False, default=0, server_default="0"),
     Index("ix_deployments_project_name", "project", "name"),
 )
 

@@ -278,16 +278,26 @@ class DeployerService:
         return True
 
     async def delete(self, name: str, etag: str) -> None:
-        async with self.uow.transaction() as uow:
-            d = await self._locked(uow.deployments, name)
-            check_etag(d.name, d.generation, etag)
-            await uow.deployments.update(d.key, bump=False, state=State.DELETING, update_time=utcnow())
-        self.notifier.wake(name)
-        await self.controller.remove(d, d.target)
-        async with self.uow.transaction() as uow:
-            stored = await uow.deployments.get(name, lock=True)
-            if stored is not None:
-                await uow.deployments.delete(stored.key)
+        """Marks the deployment DELETING and returns once its lease holder (this replica or another) has torn down
+        everything it ran and removed the row (see service/controller.py)."""
+        gone = self.notifier.subscribe(name)  # before the mark: the teardown's wake-up must not be missed
+        try:
+            async with self.uow.transaction() as uow:
+                d = await self._locked(uow.deployments, name)
+                check_etag(d.name, d.generation, etag)
+                if d.state is not State.DELETING:
+                    await uow.deployments.update(d.key, bump=False, state=State.DELETING, update_time=utcnow())
+            self.notifier.wake(name)
+            self.controller.kick(name)
+            while True:
+                async with self.uow.read() as view:
+                    if await view.deployments.get(name) is None:
+                        break
+                # Woken by the teardown here or its NOTIFY from another replica; the timeout covers SQLite across
+                # processes, where the owner notices the mark at its next lease renewal.
+                await gone.wait(timeout=1.0)
+        finally:
+            gone.close()
         self._changed(name)
 
     # -- watch & render --------------------------------------------------------------------------

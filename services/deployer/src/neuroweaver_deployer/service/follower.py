@@ -4,6 +4,9 @@ On start (and after every reconnect) each following deployment re-resolves its a
 the stream was down are not lost; then every alias event of the model makes the affected deployments
 re-resolve and, when the alias points elsewhere, roll to the new version with a revision
 `alias:<from>-><to>` (see `DeployerService.follow_alias`).
+
+With several deployer replicas, each follows the aliases of the deployments it holds the lease of (`owns`), so one
+alias move makes one rollout; the controller re-syncs the follower whenever its leases change.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from neuroweaver_runtime.auth import Principal, Role, acting_as
 from neuroweaver_runtime.errors import DomainError
@@ -23,8 +27,10 @@ log = logging.getLogger("neuroweaver.deployer.follower")
 
 
 class AliasFollower:
-    def __init__(self, uow: UnitOfWorkFactory, registry: Registry, deployer: DeployerService) -> None:
-        self.uow, self.registry, self.deployer = uow, registry, deployer
+    def __init__(
+        self, uow: UnitOfWorkFactory, registry: Registry, deployer: DeployerService, owns: Callable[[str], bool]
+    ) -> None:
+        self.uow, self.registry, self.deployer, self.owns = uow, registry, deployer, owns
         self._tasks: dict[str, asyncio.Task] = {}
         self._sync_task: asyncio.Task | None = None
 
@@ -33,12 +39,12 @@ class AliasFollower:
             self._sync_task = asyncio.create_task(self.sync())
 
     async def _followers(self) -> dict[str, list[tuple[str, str]]]:
-        """model → [(deployment, alias name)] of every deployment following an alias."""
+        """model → [(deployment, alias name)] of every deployment this replica owns that follows an alias."""
         async with self.uow.read() as view:
             stored = await view.deployments.all()
         out: dict[str, list[tuple[str, str]]] = {}
         for d in stored:
-            if d.model_alias and d.state is not State.DELETING:
+            if d.model_alias and d.state is not State.DELETING and self.owns(d.name):
                 out.setdefault(alias_model(d.model_alias)[0], []).append((d.name, d.model_alias))
         return out
 

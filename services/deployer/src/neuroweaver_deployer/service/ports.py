@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from neuroweaver_runtime.errors import DomainError
@@ -17,10 +18,35 @@ from neuroweaver_runtime.errors import DomainError
 from ..domain.model import Backend, Deployment, ResolvedVersion, Revision, State, Target
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A replica's claim on one deployment: its instance id and the lease epoch it got when it took the lease. A
+    fenced write or apply happens only while the stored lease still carries both (service/leases.py)."""
+
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease a replica holds, with what it needs to tell whether the deployment changed since it last looked."""
+
+    name: str
+    epoch: int
+    generation: int
+    deleting: bool
+
+
+class LeaseLost(Exception):
+    """A fenced write found the lease in other hands (a takeover bumped the epoch) or the deployment gone."""
+
+
 class DeploymentReads(Protocol):
     """The reads every view of storage offers."""
 
-    async def get(self, name: str) -> Deployment | None: ...
+    async def get(self, name: str, *, fence: Fence | None = None) -> Deployment | None:
+        """`fence`: None unless the stored lease is still `fence`."""
+
     async def page(
         self,
         project: str,
@@ -42,19 +68,34 @@ class DeploymentReads(Protocol):
 
 
 class DeploymentRepository(DeploymentReads, Protocol):
-    async def get(self, name: str, *, lock: bool = False) -> Deployment | None:
-        """`lock`: hold the deployment's row lock until the end of the transaction (serialises its writers)."""
+    async def get(self, name: str, *, lock: bool = False, fence: Fence | None = None) -> Deployment | None:
+        """`lock`: hold the deployment's row lock until the end of the transaction (serialises its writers). `fence`:
+        None unless the stored lease is still `fence` (checked in the same statement as the lock)."""
 
     async def add(self, d: Deployment) -> None:
         """Stores a new deployment serving `d.target` (generation 1, no status yet) and sets its `key`; raises the
         unit of work's duplicate error when the name exists."""
 
-    async def update(self, key: int, *, bump: bool = True, **values: Any) -> None:
+    async def update(self, key: int, *, bump: bool = True, fence: Fence | None = None, **values: Any) -> None:
         """Sets the named `Deployment` fields (domain values; `target` is a ResolvedVersion). `bump` increments the
-        generation, so the etag changes: spec changes do, status reports and deletion marks do not."""
+        generation, so the etag changes: spec changes do, status reports and deletion marks do not. `fence`: only
+        while the stored lease is still `fence` (`UPDATE ... WHERE lease_owner AND lease_epoch`), else LeaseLost."""
 
-    async def delete(self, key: int) -> None:
-        """The deployment and its revisions."""
+    async def delete(self, key: int, *, fence: Fence | None = None) -> None:
+        """The deployment and its revisions; with `fence`, only while the lease is still `fence`, else LeaseLost."""
+
+    async def claim_leases(
+        self, owner: str, lease_seconds: float, backends: list[Backend], name: str | None = None
+    ) -> list[HeldLease]:
+        """Takes the lease of every deployment on `backends` that nobody holds or whose lease expired by the
+        database's clock (only `name`, when given), bumping each one's epoch; returns those taken. Rows another
+        transaction has locked are skipped (PostgreSQL), never waited for."""
+
+    async def renew_leases(self, owner: str, lease_seconds: float) -> list[HeldLease]:
+        """Extends every lease `owner` holds to `lease_seconds` from the database's now; returns them all."""
+
+    async def release_leases(self, owner: str) -> list[str]:
+        """Frees every lease `owner` holds (graceful shutdown), so another replica can take them over at once."""
 
     async def add_revision(self, key: int, revision: Revision) -> None: ...
 
@@ -107,8 +148,18 @@ class Registry(Protocol):
 
 
 class DeploymentBackend(Protocol):
+    """Runs targets. Optional class attributes the controller reads: `interruptible` (a cancelled apply leaves
+    nothing behind) and `fenced_apply` (its state is shared, e.g. a cluster: every apply runs inside the fenced
+    transaction that holds the deployment's row lock, so no apply can follow a takeover or a delete mark)."""
+
     async def apply(self, target: Target) -> None: ...
-    async def remove(self, name: str, target: Target | None = None) -> None: ...
+    async def remove(self, name: str, target: Target | None = None) -> None:
+        """Tears the deployment down wherever it runs (undeploy)."""
+
+    async def release(self, name: str) -> None:
+        """Stops acting on the deployment from this replica (lease lost or handed over): local replicas stop (the
+        new owner starts its own); cluster objects stay, only status polling ends."""
+
     async def close(self) -> None: ...
 
 
