@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/mtls"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/mtls", "overlays/tracing"]
 SERVICES = ["registry", "trainer", "deployer", "experiments"]
 METRICS_PORTS = {"registry": 9451, "trainer": 9452, "deployer": 9453, "experiments": 9454}
 

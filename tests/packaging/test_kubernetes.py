@@ -474,8 +474,18 @@ def test_every_nw_variable_is_a_real_setting_of_its_service(name, rendered):
         for var in _env(_container(dep)):
             if var.startswith(f"NW_{svc.upper()}_"):
                 assert var.removeprefix(f"NW_{svc.upper()}_").lower() in fields[svc], var
-            else:
-                assert var in ("NW_DATA_DIR", "HOME"), var
+            else:  # besides the runtime's own, the standard OpenTelemetry variables (overlays/tracing)
+                assert var in ("NW_DATA_DIR", "HOME", "POD_NAME") or var.startswith("OTEL_"), var
+
+
+def test_tracing_overlay_exports_every_service_with_its_pod_identity(rendered):
+    for svc, dep in _deployments(rendered["overlays/tracing"]).items():
+        env = _env(_container(dep))
+        names = list(env)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://"), svc
+        assert "$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")  # $(VAR) needs it defined first
+        assert not any(n in env for n in ("OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_HEADERS")), svc
 
 
 def test_trainer_job_secret_has_the_keys_the_job_pods_read(rendered):

@@ -104,7 +104,9 @@ def validate_all(objs, version):
         lambda: [training_job(multi_gpu_job(gpus=1))],
         lambda: [training_job(multi_gpu_job(gpus=1, tls_secret="neuroweaver-trainer-tls"))],
         lambda: model_server_manifests(secured_spec()),
-        lambda: model_server_manifests(gpu_spec(target_inflight_requests=8)),
+        lambda: model_server_manifests(
+            gpu_spec(target_inflight_requests=8, tracing=TRACING, tracing_headers_secret=("otel-auth", "headers"))
+        ),
     ],
     ids=[
         "gpu-deployment-hpa",
@@ -363,6 +365,48 @@ def test_prometheus_adapter_serves_the_hpas_metric_from_series_the_server_export
     assert queried == {m.inflight_requests, m.queue_depth} and queried <= _exported_by_a_real_registry(m)
     renamed = prometheus_adapter_rule(metrics.ModelServerMetrics(custom_inflight_metric="x_inflight"))
     assert renamed["name"]["as"] == "x_inflight"
+
+
+TRACING = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4317",
+    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "OTEL_SERVICE_NAME": "neuroweaver-deployer",  # the creator's: the pod reports its own
+    "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret",  # never inlined
+    "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
+    "TRACEPARENT": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+}
+
+
+@pytest.mark.parametrize(
+    "pod_of, pod_name_var",
+    [
+        (
+            lambda **kw: model_server_manifests(gpu_spec(**kw))[1]["spec"]["template"]["spec"],
+            "NW_MODEL_SERVER_POD_NAME",
+        ),
+        (lambda **kw: training_job(multi_gpu_job(**kw))["spec"]["template"]["spec"], "POD_NAME"),
+    ],
+    ids=["model-server", "training-job"],
+)
+def test_pods_export_traces_where_their_creator_does(pod_of, pod_name_var):
+    env = pod_of(tracing=TRACING, tracing_headers_secret=("otel-collector-auth", "headers"))["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == TRACING["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert by_name["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+    assert not {"OTEL_SERVICE_NAME", "TRACEPARENT"} & set(names)
+    assert by_name["OTEL_EXPORTER_OTLP_HEADERS"] == {
+        "name": "OTEL_EXPORTER_OTLP_HEADERS",
+        "valueFrom": {"secretKeyRef": {"name": "otel-collector-auth", "key": "headers"}},
+    }
+    assert "s3cret" not in str(env)
+    attributes = by_name["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(",")
+    assert f"service.instance.id=$({pod_name_var})" in attributes and "deployment.environment=prod" in attributes
+    # $(VAR) expands only variables defined earlier in the list.
+    assert by_name[pod_name_var]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert names.index(pod_name_var) < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    untraced = pod_of(tracing={"OTEL_TRACES_SAMPLER": "always_on"})["containers"][0]["env"]
+    assert not [e for e in untraced if e["name"].startswith("OTEL_")]  # no endpoint: no export, nothing set
 
 
 def test_version_change_keeps_selector_and_changes_template():

@@ -179,6 +179,37 @@ def _env(env: Mapping[str, str]) -> list[dict[str, Any]]:
     return [{"name": k, "value": str(v)} for k, v in env.items()]
 
 
+#: Never copied into a pod: its own service name, no parent span, and no inlined credentials (headers come from a
+#: Secret: ``tracing_headers_secret``).
+_NOT_FOR_PODS = (
+    "OTEL_SERVICE_NAME",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+)
+
+
+def _tracing_env(
+    tracing: Mapping[str, str], pod_name_var: str, namespace: str, headers_secret: tuple[str, str] | None
+) -> list[dict[str, Any]]:
+    """OTEL_* entries of a pod that exports traces where its creator does; nothing without an OTLP endpoint.
+
+    Goes after ``pod_name_var`` in the env list: ``$(VAR)`` only expands variables defined earlier.
+    """
+    if not any(tracing.get(k) for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return []
+    plain = {k: v for k, v in tracing.items() if k.startswith("OTEL_") and k not in _NOT_FOR_PODS}
+    extra = [a for a in plain.pop("OTEL_RESOURCE_ATTRIBUTES", "").split(",") if a.strip()]
+    pod = f"$({pod_name_var})"
+    attributes = [f"service.instance.id={pod}", f"k8s.pod.name={pod}", f"k8s.namespace.name={namespace}", *extra]
+    out = _env(plain) + [{"name": "OTEL_RESOURCE_ATTRIBUTES", "value": ",".join(attributes)}]
+    if headers_secret:
+        ref = {"name": headers_secret[0], "key": headers_secret[1]}
+        out.append({"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": ref}})
+    return out
+
+
 def _metadata(
     name: str, namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -296,6 +327,10 @@ class ModelServerSpec:
     cache_size_limit: str = "20Gi"
     #: Claims holding adapters and path base models (read-only); a ``file://`` input must lie under one.
     data_volumes: Sequence[ClaimMount] = ()
+    #: The deployer's tracing settings (its OTEL_* variables; other keys are ignored): pods export traces there too.
+    tracing: Mapping[str, str] = field(default_factory=dict)
+    #: (Secret, key) holding OTEL_EXPORTER_OTLP_HEADERS (collector credentials), never inlined.
+    tracing_headers_secret: tuple[str, str] | None = None
     startup_timeout_seconds: int = 600
     monitoring: bool = True
     scrape_interval: str = "15s"
@@ -488,6 +523,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
     }
     env_list = _env(env)
     env_list.append({"name": "NW_MODEL_SERVER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    env_list += _tracing_env(spec.tracing, "NW_MODEL_SERVER_POD_NAME", spec.namespace, spec.tracing_headers_secret)
     if "NW_MODEL_SERVER_HOST" not in env:
         # Bind the pod IP (gRPC, HTTP and ops ports), not 0.0.0.0: probes, Services and meshes reach pods there.
         env_list.append({"name": "NW_MODEL_SERVER_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
@@ -825,6 +861,9 @@ class TrainingJobSpec:
     image_pull_policy: str = "IfNotPresent"
     service_account: str | None = None
     extra_args: Sequence[str] = ()
+    #: As :attr:`ModelServerSpec.tracing`: the worker exports traces where the trainer does.
+    tracing: Mapping[str, str] = field(default_factory=dict)
+    tracing_headers_secret: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not is_dns1123_label(self.namespace):
@@ -883,6 +922,9 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size_limit}})
     env_list = _env(env)
+    traced = _tracing_env(spec.tracing, "POD_NAME", spec.namespace, spec.tracing_headers_secret)
+    if traced:
+        env_list += [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *traced]
     if spec.secret_name:
         for se in spec.secret_env:
             ref: dict[str, Any] = {"name": spec.secret_name, "key": se.key}

@@ -126,6 +126,13 @@ class DeployerConfig(ServiceConfig):
     kube_models_mount_path: str = field(
         default="/var/lib/neuroweaver/models", metadata={"help": "where model-server pods mount --kube-models-claim"}
     )
+    kube_otlp_headers_secret: str = field(
+        default="",
+        metadata={
+            "help": "Secret whose key otlp-headers holds OTEL_EXPORTER_OTLP_HEADERS (collector credentials) for "
+            "model-server pods that export traces; empty = none (headers are never copied into a manifest)"
+        },
+    )
     kube_model_server_tls_secret: str = field(
         default="",
         metadata={
@@ -179,6 +186,7 @@ def build(config: DeployerConfig) -> GrpcService:
             artifacts_mount_path=config.kube_artifacts_mount_path,
             models_claim=config.kube_models_claim or None,
             models_mount_path=config.kube_models_mount_path,
+            otlp_headers_secret=config.kube_otlp_headers_secret or None,
         )
         kube.data_volumes()  # a bad claim name or mount path stops the start, not the first deployment
         if not 0 < config.lease_renew_seconds < config.lease_seconds:

@@ -1,4 +1,5 @@
-"""Which claims model-server pods mount, from the deployer's flags; the base-model claim; bad settings stop the start."""
+"""What model-server pods get from the deployer's settings: the claims they mount (the base-model claim; bad
+settings stop the start) and where they export traces."""
 
 from __future__ import annotations
 
@@ -42,3 +43,20 @@ def test_base_models_on_their_own_claim():
 def test_bad_mount_settings_stop_the_start(flags, tmp_path):
     with pytest.raises(SystemExit, match="configuration error"):
         build(DeployerConfig(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path / 'd.db'}", **flags))
+
+
+def test_pods_export_traces_where_the_deployer_does(monkeypatch):
+    from neuroweaver_kube.manifests import model_server_manifests
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "neuroweaver-deployer")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer s3cret")
+    defaults = KubeDefaults(image="m", namespace="neuroweaver", otlp_headers_secret="otel-auth")
+    spec = model_server_spec(target("", "builtin:tiny"), defaults)
+    deployment = next(o for o in model_server_manifests(spec) if o["kind"] == "Deployment")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://collector:4317"
+    assert "OTEL_SERVICE_NAME" not in env  # the pod reports as the model server
+    assert env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"] == {"name": "otel-auth", "key": "otlp-headers"}
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+    assert not model_server_spec(target("", "builtin:tiny"), defaults).tracing.get("OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuroweaver_kube.client import DeploymentStatus, KubeClient, KubeNotFound
 from neuroweaver_kube.manifests import ClaimMount, ModelServerSpec, UnmountedPathError, model_server_manifests, to_yaml
 from neuroweaver_kube.manifests import Resources as KubeResources
+from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.errors import FailedPrecondition
 from neuroweaver_runtime.names import project_of
 
@@ -42,6 +44,7 @@ class KubeDefaults:
     artifacts_mount_path: str = "/var/lib/neuroweaver"
     models_claim: str | None = None
     models_mount_path: str = "/var/lib/neuroweaver/models"
+    otlp_headers_secret: str | None = None  # Secret (key otlp-headers) with the collector's headers for pods
 
     def data_volumes(self) -> list[ClaimMount]:
         pairs = ((self.artifacts_claim, self.artifacts_mount_path), (self.models_claim, self.models_mount_path))
@@ -103,6 +106,9 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         labels={k: val for k, val in target.labels.items() if k.replace(".", "").replace("-", "").replace("_", "").isalnum()},
         env=env,
         data_volumes=defaults.data_volumes(),
+        # Pods export traces where the deployer does (read now: --otlp-endpoint is known once tracing is set up).
+        tracing=telemetry.child_environment(os.environ),
+        tracing_headers_secret=(defaults.otlp_headers_secret, "otlp-headers") if defaults.otlp_headers_secret else None,
     )
 
 

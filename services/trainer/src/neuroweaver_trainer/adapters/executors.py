@@ -169,6 +169,7 @@ class KubernetesExecutor:
             tls_secret=self.settings.tls_secret or None,
             checkpoint_pvc=self.settings.checkpoint_pvc or None,
             backoff_limit=self.settings.backoff_limit,
+            tracing=telemetry.child_environment(os.environ),  # the worker exports traces where the trainer does
         )
         return training_job(spec)
 
