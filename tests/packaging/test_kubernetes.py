@@ -172,7 +172,7 @@ def test_every_deployment_has_a_disruption_budget_that_lets_drains_through(name,
         # would block it forever).
         assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1} and "minAvailable" not in pdb["spec"], svc
     replicas = {svc: dep["spec"]["replicas"] for svc, dep in _deployments(objs).items()}
-    assert replicas["registry"] >= 2 and replicas["experiments"] >= 2, replicas
+    assert replicas["registry"] >= 2 and replicas["experiments"] >= 2 and replicas["deployer"] >= 2, replicas
 
 
 def test_prometheus_adapter_example_serves_the_metric_the_hpa_names():
