@@ -232,11 +232,35 @@ def test_job_status_follows_the_exit_code(standin):
     assert api(standin, "GET", f"/api/v1/namespaces/{NS}/pods/{ok_pod['metadata']['name']}/log") == "done\n"
 
 
+def test_a_killed_job_pod_fails_with_137_and_is_replaced_until_the_backoff_limit(standin):
+    create(standin, job("victim", "import time; time.sleep(600)", backoff=1))
+    runner = standin.pods
+
+    def running_pods() -> list[str]:
+        return [
+            p["metadata"]["name"]
+            for p in standin.objects("Pod", NS)
+            if (p.get("status") or {}).get("phase") == "Running"
+        ]
+
+    first = runner.wait_for(running_pods, 20, "the Job's pod to run")[0]
+    runner.kill_container(NS, first)  # SIGKILL, as the OOM killer would
+    second = runner.wait_for(lambda: [n for n in running_pods() if n != first], 20, "a replacement pod")[0]
+    killed = standin.get_object("v1", "Pod", NS, first)
+    assert killed["status"]["phase"] == "Failed"
+    assert killed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    assert job_status(standin, "victim")["failed"] == 1
+    api(standin, "DELETE", f"/api/v1/namespaces/{NS}/pods/{second}")  # a deleted pod that had not succeeded fails
+    assert finished(standin, "victim") == "Failed"
+    assert job_status(standin, "victim")["failed"] == 2
+
+
 # --------------------------------------------------------------------------- Services, probes, Deployments
 
 # An HTTP server on the pod's address that answers "<pod name> <VERSION>", is ready while /shared/ready-<pod>
-# exists (when the test asks for that), and on SIGTERM keeps serving 0.5 s before it exits (what a preStop hook
-# or a graceful server does, so connections the proxy opened just before the pod left its Service complete).
+# exists (when the test asks for that), and on SIGTERM keeps serving 1.5 s, then finishes the requests in flight
+# before it exits (what a preStop hook and a graceful server do, so connections the proxy opened just before the
+# pod left its Service complete).
 SERVER = """
 import http.server, os, signal, sys, threading, time
 name, version = os.environ["HOSTNAME"], os.environ.get("VERSION", "v1")
@@ -249,11 +273,14 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *a): pass
 srv = http.server.ThreadingHTTPServer((os.environ["POD_IP"], 8080), H)
+srv.daemon_threads = False  # server_close() waits for requests in flight
 def stop(*_):
-    threading.Thread(target=lambda: (time.sleep(0.5), srv.shutdown())).start()
+    print("draining", flush=True)
+    threading.Thread(target=lambda: (time.sleep(1.5), srv.shutdown())).start()
 signal.signal(signal.SIGTERM, stop)
 print("serving", name, version, flush=True)
 srv.serve_forever()
+srv.server_close()
 """
 
 
@@ -401,7 +428,7 @@ def test_liveness_failure_restarts_the_container(standin):
     standin.pods.wait_for(lambda: container().get("restartCount", 0) >= 1, 30, "a restart after liveness failures")
     alive.touch()
     standin.pods.wait_for(lambda: "running" in container().get("state", {}), 20, "the container to run again")
-    assert standin.pods.pod_log(NS, "lively").count("started") >= 2
+    standin.pods.wait_for(lambda: standin.pods.pod_log(NS, "lively").count("started") >= 2, 20, "a second start")
     assert container()["lastState"]["terminated"]["reason"] == "Error"
 
 
@@ -492,7 +519,9 @@ def test_deleting_a_pod_starts_a_replacement(standin):
         "a ready replacement",
     )[0]
     assert get_via(runner.service_ip(NS, "phoenix")) == f"{replacement['metadata']['name']} v1"
-    assert get_via(victim["status"]["podIP"], 8080) is None  # the deleted pod's process is gone
+    # the deleted pod got SIGTERM (its handler ran: a graceful stop), then its process ended
+    runner.wait_for(lambda: "draining" in runner.pod_log(NS, name), 10, "the victim's SIGTERM handler")
+    runner.wait_for(lambda: get_via(victim["status"]["podIP"], 8080) is None, 10, "the victim's process to end")
 
 
 def test_scale_subresource_changes_the_pod_count(standin):

@@ -58,14 +58,15 @@ class AddressBlock:
         self._free_pods: list[str] = []
 
     def pod_ip(self) -> str:
-        if self._free_pods:
+        # A released address is reused only when the block is used up: a pod still draining on its old address
+        # must not answer the probes or the traffic meant for a new pod given that address.
+        if self._next_pod >= 199 * 250 and self._free_pods:
             return self._free_pods.pop(0)
         i = self._next_pod
         self._next_pod += 1
         return f"127.{self.net}.{1 + i // 250}.{1 + i % 250}"
 
     def release_pod_ip(self, ip: str) -> None:
-        # reused last, so a late connection to a dead pod's address does not reach its successor at once
         self._free_pods.append(ip)
 
     def service_ip(self) -> str:
@@ -147,23 +148,29 @@ class ServiceProxy:
             except (OSError, TimeoutError):
                 continue
         if upstream is None:
+            self.errors.append(f"{key[0]}:{key[1]}: no ready endpoint took the connection (tried {endpoints})")
             writer.close()
             return
         up_reader, up_writer = upstream
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:
+            sent = 0
             try:
                 while data := await src.read(65536):
                     dst.write(data)
+                    sent += len(data)
                     await dst.drain()
-            except (OSError, ConnectionError):
-                pass
+            except (OSError, ConnectionError) as e:
+                self.errors.append(f"{key[0]}:{key[1]} via {host}:{port}: {e!r} after {sent} bytes")
             finally:
                 with contextlib.suppress(Exception):
                     if dst.can_write_eof():
                         dst.write_eof()
+            return sent
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        sent, received = await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        if sent and not received:
+            self.errors.append(f"{key[0]}:{key[1]} via {host}:{port}: closed without answering")
         for w in (writer, up_writer):
             w.close()
 

@@ -31,7 +31,7 @@ pod's address; ``failureThreshold``, ``successThreshold`` and ``timeoutSeconds``
 others back; a failed liveness probe kills the container, which restarts by the pod's ``restartPolicy``;
 readiness gates the pod's Ready condition, Service routing and the controllers' ready counts. Restarts back off
 exponentially from 0.2 s, capped at 5 s (a kubelet: 10 s to 5 min). Termination: SIGTERM to the container's
-process group, SIGKILL after ``terminationGracePeriodSeconds`` capped at ``grace_cap`` (5 s).
+processes, SIGKILL to its process group after ``terminationGracePeriodSeconds`` capped at ``grace_cap`` (5 s).
 
 Controllers. Deployments: pods named ``<deployment>-<template hash>-<suffix>`` (owned by the Deployment itself;
 ReplicaSets are not modelled), ``spec.replicas`` as the API holds it (``/scale`` and other managers' changes
@@ -40,8 +40,9 @@ removed only while enough pods are available, so a rollout keeps serving through
 ``minReadySeconds`` (capped like the periods), status ``replicas``/``updatedReplicas``/``readyReplicas``/
 ``availableReplicas``/``unavailableReplicas``, conditions Available and Progressing (including
 ``ProgressDeadlineExceeded``). Jobs: ``parallelism``/``completions``, ``backoffLimit`` (pod failures with
-``restartPolicy: Never``, container restarts with ``OnFailure``), ``activeDeadlineSeconds``,
-``ttlSecondsAfterFinished``; status ``active``/``ready``/``succeeded``/``failed``, ``startTime``/
+``restartPolicy: Never``, container restarts with ``OnFailure``; a deleted pod that had not succeeded counts as
+failed), ``activeDeadlineSeconds``, ``ttlSecondsAfterFinished`` (honoured; ``ttl_cap`` shortens it);
+status ``active``/``ready``/``succeeded``/``failed``, ``startTime``/
 ``completionTime``, conditions Complete/SuccessCriteriaMet or Failed/FailureTarget; the container's exit code is
 in the pod's status. StatefulSets: pods ``<name>-<ordinal>`` with ``hostname``/``subdomain`` (so
 ``<pod>.<serviceName>.<ns>.svc.cluster.local`` resolves), PVCs from ``volumeClaimTemplates``
@@ -77,9 +78,11 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,14 +334,29 @@ class _Container:
         self.pod.runner.wake()
         self.terminate()
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the container's processes. SIGKILL goes to the whole process group (bwrap included, whose
+        death takes the PID namespace with it); any other signal spares the outer bwrap, which would die of it at
+        once and take the sandbox down before the program could handle the signal (a graceful SIGTERM)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            return
+        for pid in _process_group(proc.pid):
+            if pid != proc.pid:  # the sandbox's init (bwrap) ignores signals it has no handler for
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
     def terminate(self) -> None:
-        """SIGTERM to the process group, SIGKILL after the (capped) grace period."""
+        """SIGTERM to the container's processes, SIGKILL after the (capped) grace period."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         grace = min(float(self.pod.spec.get("terminationGracePeriodSeconds", 30)), self.pod.runner.grace_cap)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        self.signal(signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -785,6 +803,22 @@ class _Pod:
         return proc.returncode == 0
 
 
+def _process_group(pgid: int) -> list[int]:
+    """Every process whose process group is ``pgid`` (read from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
 def _expand(value: str, env: Mapping[str, str]) -> str:
     """Kubernetes ``$(VAR)`` expansion: defined variables replaced, ``$$(VAR)`` escapes, unknown ones kept."""
 
@@ -826,6 +860,7 @@ class PodRunner:
         state_dir: Path | None = None,
         period_cap: float = 1.0,
         grace_cap: float = 5.0,
+        ttl_cap: float | None = None,
         tls: bool = True,
     ) -> None:
         bwrap = bwrap_path()
@@ -839,6 +874,7 @@ class PodRunner:
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="nw-standin-pods-"))
         self.period_cap = period_cap
         self.grace_cap = grace_cap
+        self.ttl_cap = ttl_cap
         self.tls = tls
         self.api_host: str | None = None
         self.api_port = 0
@@ -855,6 +891,7 @@ class PodRunner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_pass = time.monotonic()
         self._tls_server: Any = None
         self.net: AddressBlock | None = None
         self.proxy: ServiceProxy | None = None
@@ -941,6 +978,14 @@ class PodRunner:
         files = sorted(logs.glob(f"{container or '*'}.log"))
         return "".join(f.read_text(errors="replace") for f in files)
 
+    def kill_container(self, namespace: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL) -> None:
+        """Signal a container's process group, as the OOM killer or a node failure would; the container then ends
+        (SIGKILL: exit code 137) and restarts or not by the pod's ``restartPolicy``."""
+        runtime = self._pods[(namespace, pod)]
+        for c in runtime.containers:
+            if container is None or c.name == container:
+                c.signal(sig)
+
     def service_ip(self, namespace: str, name: str) -> str | None:
         return self._service_ips.get((namespace, name))
 
@@ -968,6 +1013,11 @@ class PodRunner:
         if self.errors:
             out.append("== runner errors:")
             out += self.errors[-10:]
+        since = time.monotonic() - self._last_pass
+        if since > 2 and self._thread is not None:  # a stuck controller loop: where it is
+            frame = sys._current_frames().get(self._thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame else "(loop thread gone)"
+            out.append(f"== controller loop: last pass {since:.1f} s ago, now at:\n{where}")
         return "\n".join(out)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
@@ -1101,6 +1151,7 @@ class PodRunner:
                 self.errors.append(f"{type(e).__name__}: {e}")
                 if len(self.errors) > 200:
                     del self.errors[:100]
+            self._last_pass = time.monotonic()
             time.sleep(0.05)
 
     def _reconcile(self) -> None:
@@ -1330,7 +1381,15 @@ class PodRunner:
         template = spec.get("template") or {}
         policy = (template.get("spec") or {}).get("restartPolicy", "Never")
         owned = self._owned(job)
-        succeeded = sum(1 for p in owned if p.phase == "Succeeded")
+        # Pods that are gone (deleted through the API, or by this controller) still count, by their last phase: a
+        # deleted pod that had not succeeded is a failure, as the Job controller's pod tracking counts it.
+        phases = {p.uid: p.phase for p in owned}
+        for uid, phase in state.get("phases", {}).items():
+            if uid not in phases:
+                key = "succeeded_gone" if phase == "Succeeded" else "failed_gone"
+                state[key] = state.get(key, 0) + 1
+        state["phases"] = phases
+        succeeded = sum(1 for p in owned if p.phase == "Succeeded") + state.get("succeeded_gone", 0)
         failed_pods = [p for p in owned if p.phase == "Failed"]
         failed = len(failed_pods) + state.get("failed_gone", 0)
         restarts = sum(c.state.restarts for p in owned for c in p.containers) if policy == "OnFailure" else 0
@@ -1393,7 +1452,9 @@ class PodRunner:
                 messages = {"Failed": text, "FailureTarget": text}
             status["conditions"] = self.conditions_for(("job", md.get("namespace", ""), md["name"]), conds, messages)
             ttl = spec.get("ttlSecondsAfterFinished")
-            if ttl is not None and time.monotonic() - state["t_finished"] >= min(float(ttl), self.period_cap):
+            if ttl is not None and self.ttl_cap is not None:
+                ttl = min(float(ttl), self.ttl_cap)
+            if ttl is not None and time.monotonic() - state["t_finished"] >= float(ttl):
                 self._standin.remove("Job", md.get("namespace"), md["name"])
                 return
         self._standin.put_status("Job", md.get("namespace"), md["name"], status)
@@ -1536,8 +1597,8 @@ class PodRunner:
             if selector:
                 self._write_endpoints(svc, backends)
         self.proxy.set_listeners(listeners)
-        self.errors += [e for e in self.proxy.errors if e not in self.errors]
-        self.proxy.errors.clear()
+        proxy_errors, self.proxy.errors = self.proxy.errors, []
+        self.errors += proxy_errors
         self._dns = dns
         for pod in list(self._pods.values()):
             write_in_place(pod.hosts_path, self.hosts_for(pod))
