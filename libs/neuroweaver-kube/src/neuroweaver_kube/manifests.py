@@ -555,7 +555,7 @@ def model_server_deployment(spec: ModelServerSpec) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": _pod_security(),
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": 45,  # above the model server's drain (5 s) + grace (30 s) on SIGTERM
         "enableServiceLinks": False,
         "volumes": [
             {"name": "tmp", "emptyDir": {}},

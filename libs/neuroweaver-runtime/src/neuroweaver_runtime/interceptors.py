@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import grpc
 from grpc_status import rpc_status
@@ -53,12 +53,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = trace.get_tracer("neuroweaver.grpc")
         self._record_spans = telemetry.spans_are_recorded()
         self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (original handler, wrapped handler)
-        # Tasks of open streaming calls: watches never end by themselves, so shutdown cancels them
-        # (clients resume from their cursor on another replica) instead of waiting out the grace period.
-        self.streams: set[asyncio.Task] = set()
+        # Tasks of open streaming calls (task -> full method name): watches never end by themselves, so shutdown
+        # cancels them (clients resume from their cursor on another replica) instead of waiting out the grace period.
+        self.streams: dict[asyncio.Task, str] = {}
 
-    def cancel_streams(self) -> int:
-        tasks = [t for t in self.streams if not t.done()]
+    def cancel_streams(self, keep: Collection[str] = ()) -> int:
+        """Cancels open streaming calls, except those of the methods in `keep` (full names, `/pkg.Service/Method`:
+        streams that end by themselves, e.g. a generation, which shutdown lets finish)."""
+        tasks = [t for t, method in self.streams.items() if not t.done() and method not in keep]
         for task in tasks:
             task.cancel()
         return len(tasks)
@@ -230,13 +232,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, behavior: Callable, kind: str, service: str, name: str, required: Role):
         metrics = _MethodMetrics(kind, service, name)
         sent = metrics.sent
+        full_method = f"/{service}/{name}"
 
         async def wrapper(request, context):
             started = time.perf_counter()
             md, span = self._begin(context, metrics, service, name)
             code = None
             task = asyncio.current_task()
-            self.streams.add(task)
+            assert task is not None  # handlers always run in a task
+            self.streams[task] = full_method
             principal = None
             try:
                 with trace.use_span(span, end_on_exit=False):
@@ -269,7 +273,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_for(exc)
                 await self._fail(context, exc, span, service, name)
             finally:
-                self.streams.discard(task)
+                self.streams.pop(task, None)
                 if principal is not None:
                     self._leave_stream(principal)
                 self._finish(context, span, metrics, started, code)

@@ -38,6 +38,12 @@ class ServiceDefinition:
     add_servicers: Callable[[grpc.aio.Server], None]
     ready: Callable[[], Awaitable[None]] | None = None  # e.g. database ping; health is SERVING only after it
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Server-streaming methods (`/pkg.Service/Method`) that end by themselves, e.g. a generation: shutdown lets them
+    # finish within the grace period instead of cancelling them like watches (which never end).
+    finite_streams: frozenset[str] = frozenset()
+    # Other listeners of the service (the model server's HTTP API), closed alongside the gRPC server: each stops
+    # accepting and lets its in-flight requests finish within the grace period it is given (seconds).
+    close_listeners: Sequence[Callable[[float], Awaitable[None]]] = field(default_factory=list)
 
 
 class _DrainableHealth(health.aio.HealthServicer):
@@ -73,6 +79,7 @@ class GrpcService:
         self.health = _DrainableHealth()
         self.interceptor: ServiceInterceptor | None = None
         self.server: grpc.aio.Server | None = None
+        self.stopping = False  # shutdown began: readiness answers NOT_SERVING from now on
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -132,17 +139,20 @@ class GrpcService:
 
         1. health turns NOT_SERVING (Watch streams see it) so load balancers stop sending new calls;
         2. for `shutdown_drain_seconds` the server still serves whatever arrives meanwhile;
-        3. open streams (watches) are cancelled: their clients resume from their cursor elsewhere;
-        4. the server stops accepting calls and in-flight unary calls get up to the grace period.
+        3. open watch streams are cancelled: their clients resume from their cursor elsewhere;
+        4. the server (and every `close_listeners` listener) stops accepting calls; in-flight calls, including the
+           streams that end by themselves (`finite_streams`, a generation), get up to the grace period.
         """
         if self.server is None:
             return
+        self.stopping = True
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.config.shutdown_drain_seconds)
         self.health.cancel_watches()
         if self.interceptor is not None:
-            self.interceptor.cancel_streams()
-        await self.server.stop(self.config.shutdown_grace_seconds)
+            self.interceptor.cancel_streams(keep=self.definition.finite_streams)
+        grace = self.config.shutdown_grace_seconds
+        await asyncio.gather(self.server.stop(grace), *(close(grace) for close in self.definition.close_listeners))
         for hook in self.definition.on_stop:
             await hook()
         self.server = None

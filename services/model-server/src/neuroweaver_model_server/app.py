@@ -71,6 +71,18 @@ class ModelServerConfig(ServiceConfig):
     max_batch_size: int = field(default=8, metadata={"help": "requests decoded together"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the process that started it dies (local replicas)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    # A generation takes seconds to minutes, not the control plane's sub-second calls: longer shutdown defaults.
+    # Kubernetes pods get terminationGracePeriodSeconds above drain + grace (manifests.py).
+    shutdown_grace_seconds: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, in-flight generations (unary and streams, gRPC and HTTP) get this long"}
+    )
+    shutdown_drain_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "on SIGTERM, keep serving this long after readiness turns NOT_SERVING, so Kubernetes endpoints drop "
+            "the pod first (what a preStop sleep would do); 0 when a router already drained it (local replicas)"
+        },
+    )
 
 
 class ModelServer:
@@ -102,7 +114,7 @@ class ModelServer:
         self.load_spec = LoadSpec(
             config.base_model, config.adapter_uri, config.adapter_sha256, config.load_in_4bit, config.device
         )
-        self.api = OpenAIApi(self.service, self.authenticator, self.project)
+        self.api = OpenAIApi(self.service, self.authenticator, self.project, stopping=lambda: self.grpc.stopping)
         self.http_runner: web.AppRunner | None = None
         self.ops_runner: web.AppRunner | None = None
         self.http_port = config.http_port
@@ -119,6 +131,8 @@ class ModelServer:
             ),
             ready=self._ready,
             on_stop=[self._close],
+            finite_streams=frozenset({f"/{SERVICE_NAME}/GenerateStream"}),
+            close_listeners=[self._close_api],
         )
         self.grpc = GrpcService(definition, config, default_port=config.grpc_port, default_metrics_port=-1)
 
@@ -149,12 +163,18 @@ class ModelServer:
         ):  # fmt: skip
             await self.service.load(self.load_spec)
 
+    async def _close_api(self, grace: float) -> None:
+        """Alongside the gRPC server's stop: the API port stops accepting, in-flight completions (SSE streams
+        included) finish within the runner's shutdown_timeout (the grace period)."""
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+            self.http_runner = None
+
     async def _close(self) -> None:
         self.service.stop()
-        for runner in (self.http_runner, self.ops_runner):
-            if runner is not None:
-                await runner.cleanup()
-        self.http_runner = self.ops_runner = None
+        if self.ops_runner is not None:  # the ops port (probes, scrapes) answers until the very end
+            await self.ops_runner.cleanup()
+            self.ops_runner = None
 
     async def start(self) -> int:
         return await self.grpc.start()

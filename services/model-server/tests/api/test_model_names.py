@@ -36,6 +36,7 @@ async def server(tiny_base, adapters):
             adapter_uri=path.as_uri(),
             adapter_sha256=sha,
             shutdown_grace_seconds=1.0,
+            shutdown_drain_seconds=0,
         )  # fmt: skip
     )
     await s.start()

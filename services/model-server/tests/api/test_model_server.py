@@ -29,7 +29,7 @@ def config(tiny_base, adapter, **kw) -> ModelServerConfig:
     path, sha = adapter
     return ModelServerConfig(
         grpc_port=0, http_port=0, metrics_port=0, base_model=str(tiny_base), served_model_name=NAME, model_version=VERSION,
-        adapter_uri=path.as_uri(), adapter_sha256=sha, shutdown_grace_seconds=1.0, **kw,
+        adapter_uri=path.as_uri(), adapter_sha256=sha, shutdown_grace_seconds=1.0, shutdown_drain_seconds=0, **kw,
     )  # fmt: skip
 
 

@@ -25,7 +25,7 @@ async def server(tiny_base, adapters):
         ModelServerConfig(
             grpc_port=0, http_port=0, metrics_port=0, base_model=str(tiny_base), served_model_name=NAME,
             model_version="projects/default/models/judge/versions/1.0.0", adapter_uri=path.as_uri(), adapter_sha256=sha,
-            shutdown_grace_seconds=1.0,
+            shutdown_grace_seconds=1.0, shutdown_drain_seconds=0,
         )
     )  # fmt: skip
     await s.start()

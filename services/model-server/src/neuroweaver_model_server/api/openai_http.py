@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -116,10 +117,19 @@ def _http_code(exc: BaseException) -> str:
 
 
 class OpenAIApi:
-    def __init__(self, service: InferenceService, authenticator: TokenAuthenticator | None = None, project: str = "") -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        authenticator: TokenAuthenticator | None = None,
+        project: str = "",
+        *,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`stopping`: whether the server is shutting down (then /healthz is NOT_SERVING: readiness probes drop it)."""
         self.svc = service
         self.authenticator = authenticator or TokenAuthenticator({})
         self.project = project
+        self.stopping = stopping
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[tracing_middleware(OPEN_PATHS), self._authenticate])
@@ -149,7 +159,7 @@ class OpenAIApi:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        ready = self.svc.engine is not None
+        ready = self.svc.engine is not None and not self.stopping()
         return web.json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
 
     def _version_headers(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from ..service import InferenceService
 
 METHOD_ROLES = {"Generate": Role.VIEWER, "GenerateStream": Role.VIEWER, "ListModels": Role.VIEWER}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+VERSION_METADATA = "x-neuroweaver-model-version"  # GenerateStream's initial metadata: the version serving it
 
 
 def _duration(seconds: float) -> Duration:
@@ -101,11 +102,13 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
         deadline = _deadline(context)
         with metrics.observe("GenerateStream", _code_of(deadline)):
             model = self.svc.resolve(request.model)
+            # Which version serves the stream, known before its last message says so (the HTTP API's header).
+            served = self.svc.served
+            await context.send_initial_metadata(((VERSION_METADATA, served.model_version or served.name),))
             async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
                 if d.finish_reason is None:
                     yield svc.GenerateStreamResponse(delta=d.text)
                 else:
-                    served = self.svc.served
                     yield svc.GenerateStreamResponse(
                         delta=d.text,
                         finish_reason=_FINISH[d.finish_reason],
