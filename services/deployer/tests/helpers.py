@@ -57,7 +57,6 @@ class Stack:
             data_dir=str(self.root / "deployer"),
             database_url=f"sqlite:///{self.root / 'deployer.db'}",
             registry_target=f"127.0.0.1:{self.registry.port}",
-            replica_grace_seconds=5.0,
             kubernetes=True,
             kube_api_url=self.kube_url,
             kube_poll_seconds=0.2,

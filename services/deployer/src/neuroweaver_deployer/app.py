@@ -61,7 +61,13 @@ class DeployerConfig(ServiceConfig):
         metadata={"help": "lo-hi: fixed ports routers listen on, 3 per deployment (publish them); empty = any free port"},
     )
     replica_startup_timeout: float = field(default=600.0, metadata={"help": "seconds a local replica may take to load"})
-    replica_grace_seconds: float = field(default=10.0, metadata={"help": "drain time of a stopping local replica"})
+    replica_grace_seconds: float = field(
+        default=30.0,
+        metadata={
+            "help": "drain timeout of a retiring local replica (rollover, scale-down, delete): its calls and streams "
+            "get this long to finish before it stops"
+        },
+    )
     kubernetes: bool = field(default=False, metadata={"help": "enable the kubernetes backend"})
     kube_api_url: str = field(default="", metadata={"help": "API server URL; empty = in-cluster config or kubeconfig"})
     kube_token: str = field(default="", metadata={"help": "bearer token for kube_api_url"})

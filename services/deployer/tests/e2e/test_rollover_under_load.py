@@ -6,6 +6,12 @@ through the official `openai` SDK (no SDK retries, so a failure is seen). The al
 (each move rolls the deployment's two replicas over) and then the deployment scales 2 → 1. Not one call may fail,
 and each client's sequence of serving versions (`GenerateResponse.model_version`, the `x-neuroweaver-model-version`
 header) must switch exactly once per rollover: 1.0.0 ... 1.1.0 ... 1.2.0, never back.
+
+Two more clients stream all the time, each stream long (seconds) next to the short calls: gRPC `GenerateStream`
+and the openai SDK with `stream=True`. A replica being retired is drained first (the router waits for its calls to
+end before it stops), so every stream ends with a finish_reason and no error, on the version it started on (the
+`x-neuroweaver-model-version` initial metadata / header at its start = the version its last message names), and at
+least one stream that started on an old version was still open after a call had been served by the new one.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import openai
@@ -35,14 +42,29 @@ NAME = "projects/default/deployments/advisor-rollover"
 MODEL = f"advisor@{ALIAS}"  # a stable name: what a caller that wants "whatever the alias serves" sends
 HEADER = "x-neuroweaver-model-version"
 CLIENT_DEADLINE = 240.0  # every client loop ends by then at the latest, whatever happens to the test
+STREAM_TOKEN_LIMIT = 512  # the deployment's max_new_tokens_limit
+STREAM_SECONDS = 1.5  # how long a stream lasts when the deployment is idle (longer under the load)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One answered call: the version that served it and when it started and ended (time.monotonic())."""
+
+    key: str
+    version: str
+    started: float
+    ended: float
 
 
 class Load:
-    """Eight clients calling until `stop`; per client the versions that served its calls, in order, and failures."""
+    """Eight short-call clients and two streaming ones calling until `stop`; per short-call client the versions that
+    served its calls, in order; every answered call and stream (`calls`, `streams`); failures."""
 
-    def __init__(self, endpoint: str, openai_base_url: str) -> None:
-        self.endpoint, self.openai_base_url = endpoint, openai_base_url
+    def __init__(self, endpoint: str, openai_base_url: str, stream_tokens: int) -> None:
+        self.endpoint, self.openai_base_url, self.stream_tokens = endpoint, openai_base_url, stream_tokens
         self.served: dict[str, list[str]] = {f"grpc-{i}": [] for i in range(4)} | {f"openai-{i}": [] for i in range(4)}
+        self.calls: list[Call] = []
+        self.streams: list[Call] = []
         self.failures: list[tuple[str, str]] = []
         self.stop = asyncio.Event()
         self._until = time.monotonic() + CLIENT_DEADLINE
@@ -60,6 +82,7 @@ class Load:
                 model=MODEL, messages=[ipb.ChatMessage(role="user", content="Hi")], sampling=ipb.SamplingParams(max_tokens=2)
             )
             while self.running():
+                started = time.monotonic()
                 try:
                     reply = await stub.Generate(request, timeout=60)
                 except grpc.aio.AioRpcError as exc:
@@ -68,11 +91,13 @@ class Load:
                     if reply.model != MODEL or not (reply.served_model and reply.system_fingerprint):
                         self.failures.append((key, f"unexpected answer {reply.model!r} {reply.served_model!r}"))
                     self.served[key].append(reply.model_version)
+                    self.calls.append(Call(key, reply.model_version, started, time.monotonic()))
                 await self._pace()
 
     async def openai_client(self, key: str) -> None:
         async with openai.AsyncOpenAI(base_url=self.openai_base_url, api_key="-", max_retries=0, timeout=60) as client:
             while self.running():
+                started = time.monotonic()
                 try:
                     raw = await client.chat.completions.with_raw_response.create(
                         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
@@ -81,14 +106,60 @@ class Load:
                     self.failures.append((key, f"{type(exc).__name__}: {exc}"))
                 else:
                     chat, version = raw.parse(), raw.headers.get(HEADER, "")
-                    fingerprint = "nw-" + version.rsplit("/", 1)[-1].replace(".", "-") + "-"
-                    if chat.model != MODEL or not (chat.system_fingerprint or "").startswith(fingerprint):
+                    if chat.model != MODEL or not (chat.system_fingerprint or "").startswith(_fingerprint(version)):
                         self.failures.append((key, f"unexpected answer {chat.model!r} {chat.system_fingerprint!r}"))
                     self.served[key].append(version)
+                    self.calls.append(Call(key, version, started, time.monotonic()))
+                await self._pace()
+
+    async def grpc_stream_client(self, key: str) -> None:
+        async with grpc.aio.insecure_channel(self.endpoint) as channel:
+            stub = igrpc.InferenceServiceStub(channel)
+            request = isvc.GenerateStreamRequest(
+                model=MODEL, messages=[ipb.ChatMessage(role="user", content="Tell me a story")],
+                sampling=ipb.SamplingParams(max_tokens=self.stream_tokens),
+            )  # fmt: skip
+            while self.running():
+                started = time.monotonic()
+                call = stub.GenerateStream(request, timeout=120)
+                try:
+                    version = dict(await call.initial_metadata()).get(HEADER, "")  # the version the stream started on
+                    messages = [m async for m in call]
+                except grpc.aio.AioRpcError as exc:
+                    self.failures.append((key, f"{exc.code().name}: {exc.details()}"))
+                else:
+                    last = messages[-1] if messages else isvc.GenerateStreamResponse()
+                    if last.finish_reason == ipb.FINISH_REASON_UNSPECIFIED or last.model_version != version or not version:
+                        self.failures.append((key, f"stream started on {version!r} ended with {last}"))
+                    self.streams.append(Call(key, version, started, time.monotonic()))
+                await self._pace()
+
+    async def openai_stream_client(self, key: str) -> None:
+        async with openai.AsyncOpenAI(base_url=self.openai_base_url, api_key="-", max_retries=0, timeout=120) as client:
+            while self.running():
+                started = time.monotonic()
+                try:
+                    async with client.chat.completions.with_streaming_response.create(
+                        model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}],
+                        max_tokens=self.stream_tokens, temperature=0, stream=True,
+                    ) as streamed:  # fmt: skip
+                        version = streamed.headers.get(HEADER, "")
+                        chunks = [c async for c in await streamed.parse()]
+                except openai.APIError as exc:  # an error event mid-stream too
+                    self.failures.append((key, f"{type(exc).__name__}: {exc}"))
+                else:
+                    finish = chunks[-1].choices[0].finish_reason if chunks and chunks[-1].choices else None
+                    fingerprints = {c.system_fingerprint or "" for c in chunks}  # every chunk: the version serving it
+                    same = len(fingerprints) == 1 and fingerprints.pop().startswith(_fingerprint(version))
+                    if finish is None or not version or not same:
+                        self.failures.append((key, f"stream started on {version!r} ended {finish!r} {chunks[-1:]}"))
+                    self.streams.append(Call(key, version, started, time.monotonic()))
                 await self._pace()
 
     def start(self) -> list[asyncio.Task]:
-        return [asyncio.create_task(self.grpc_client(k) if k.startswith("grpc") else self.openai_client(k)) for k in self.served]
+        clients = [self.grpc_client(k) if k.startswith("grpc") else self.openai_client(k) for k in self.served]
+        clients += [self.grpc_stream_client("grpc-stream"), self.openai_stream_client("openai-stream")]
+        return [asyncio.create_task(c) for c in clients]
 
     async def until(self, condition: Callable[[str, list[str]], bool], what: str, timeout: float = 90.0) -> None:
         """Waits until `condition(client, versions)` holds for every client (failed calls are recorded, not raised)."""
@@ -98,6 +169,28 @@ class Load:
                 counts = {k: len(v) for k, v in self.served.items()}
                 raise AssertionError(f"timed out waiting until every client {what}: {counts}, failures {self.failures[:3]}")
             await asyncio.sleep(0.05)
+
+
+async def stream_tokens(endpoint: str) -> int:
+    """How many tokens make a stream last about STREAM_SECONDS on this machine with the deployment idle, so that
+    streams span the switch on a fast machine as on a slow one (greedy decoding of the tiny model never stops early).
+    Sizing only: nothing is asserted on time."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = igrpc.InferenceServiceStub(channel)
+        request = isvc.GenerateStreamRequest(
+            model=MODEL, messages=[ipb.ChatMessage(role="user", content="Tell me a story")],
+            sampling=ipb.SamplingParams(max_tokens=32),
+        )  # fmt: skip
+        for _ in range(2):  # the first one warms the replica up
+            started = time.monotonic()
+            last = [m async for m in stub.GenerateStream(request, timeout=60)][-1]
+            rate = last.usage.completion_tokens / max(time.monotonic() - started, 1e-3)
+    return max(24, min(STREAM_TOKEN_LIMIT, round(rate * STREAM_SECONDS)))
+
+
+def _fingerprint(version: str) -> str:
+    """The start of `system_fingerprint` for a version: nw-<version id with dashes>-<sha8>."""
+    return "nw-" + version.rsplit("/", 1)[-1].replace(".", "-") + "-"
 
 
 async def test_two_rollovers_and_a_scale_down_under_load_fail_no_request(stack):
@@ -112,14 +205,14 @@ async def test_two_rollovers_and_a_scale_down_under_load_fail_no_request(stack):
                 model_alias=f"{stack.MODEL}/aliases/{ALIAS}",
                 replicas=2,
                 backend=dpb.BACKEND_LOCAL,
-                serving=dpb.ServingConfig(max_new_tokens_limit=16),
+                serving=dpb.ServingConfig(max_new_tokens_limit=STREAM_TOKEN_LIMIT),
             ),
         )  # fmt: skip
     )
     try:
         d = await watch_until(dep, NAME, lambda d: d.state == AVAILABLE and d.ready_replicas == 2)
         assert list(d.model_names) == [NAME, "advisor-rollover", MODEL, f"{stack.MODEL}@{ALIAS}"]
-        load = Load(d.endpoint, d.openai_base_url)
+        load = Load(d.endpoint, d.openai_base_url, await stream_tokens(d.endpoint))
         clients = load.start()
         try:
             await load.until(lambda _, v: versions[0] in v, "was served by 1.0.0")
@@ -150,6 +243,16 @@ async def test_two_rollovers_and_a_scale_down_under_load_fail_no_request(stack):
         for key, served in load.served.items():
             switches = [v for v, _ in itertools.groupby(served)]
             assert switches == versions, f"{key} saw {switches} ({len(served)} calls)"
+        assert {s.key for s in load.streams} == {"grpc-stream", "openai-stream"}
+        # A stream open across a switch: served by an old version, still open when a call that the new version
+        # served had ended (so the router had switched before the stream ended), and it finished, drained.
+        spanning = [
+            s
+            for s in load.streams
+            for old, new in itertools.pairwise(versions)
+            if s.version == old and any(c.version == new and c.ended < s.ended for c in load.calls)
+        ]
+        assert spanning, f"no stream was open across a rollover: {load.streams}"
     finally:
         await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=NAME))
     assert model_server_processes() == []

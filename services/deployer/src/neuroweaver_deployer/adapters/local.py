@@ -15,9 +15,12 @@
   the router's rotation and the deployment reports `restarting` (DEGRADED). A replica that fails
   `max_start_failures` times before it was ever ready makes the rollout fail.
 - Scaling starts or stops replicas of the current version. A new version (or new serving settings) rolls out
-  without downtime: start the new replicas, wait until all are ready, switch the router to them, then stop
-  the old ones gracefully (SIGTERM: health NOT_SERVING, in-flight calls finish). If the new replicas fail,
-  the old ones keep serving.
+  without downtime: start the new replicas, wait until all are ready, switch the router to them, then retire
+  the old ones. If the new replicas fail, the old ones keep serving.
+- Retiring a replica (rollover, scale-down, removal) never cuts a call: out of the router's rotation first, then
+  the router drains it (waits until the calls it serves end, unary and streaming, gRPC and HTTP/SSE, for at most
+  `grace_seconds`, the deployer's --replica-grace-seconds), then SIGTERM (the model server finishes whatever is
+  left within the rest of that budget) and SIGKILL 10 s after the budget.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
         "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
         "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
         "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace), "--die-with-parent",
+        "--shutdown-drain-seconds", "0",  # the router drained it before its SIGTERM: nothing new arrives
     ]  # fmt: skip
     if target.model_names:
         args += ["--model-names", ",".join(target.model_names)]
@@ -207,14 +211,20 @@ class Replica:
                 self.process.kill()
 
     async def stop(self) -> None:
-        """SIGTERM (graceful: in-flight calls finish), SIGKILL after the grace period."""
+        """Retires the replica, already out of the router's rotation: waits until the calls the router still sends
+        it end (at most the grace period), then SIGTERM (the server finishes what is left), SIGKILL 10 s after the
+        grace period."""
         self._stopping = True
+        grace = self.dep.backend.grace_seconds
+        deadline = asyncio.get_running_loop().time() + grace
         proc = self.process
         if proc is not None and proc.returncode is None:
+            if self.upstream is not None:
+                await self.dep.router.drain(self.upstream, grace)
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), self.dep.backend.grace_seconds + 10)
+                await asyncio.wait_for(proc.wait(), max(0.0, deadline - asyncio.get_running_loop().time()) + 10)
             except TimeoutError:
                 await self._kill()
                 await proc.wait()
@@ -361,7 +371,7 @@ class LocalBackend:
         env: dict[str, str] | None = None,
         startup_timeout: float = 300.0,
         max_start_failures: int = 3,
-        grace_seconds: float = 10.0,
+        grace_seconds: float = 30.0,
         auth_tokens: str = "",
         server_tls: ServerTLS | None = None,
         client_tls: ClientTLS | None = None,
@@ -386,7 +396,7 @@ class LocalBackend:
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.max_start_failures = max_start_failures
-        self.grace_seconds = grace_seconds
+        self.grace_seconds = grace_seconds  # drain timeout of a retiring replica (see the module docstring)
         self.deployments: dict[str, LocalDeployment] = {}
 
     def credentials_env(self) -> dict[str, str]:
@@ -415,5 +425,5 @@ class LocalBackend:
         await self.remove(name)
 
     async def close(self) -> None:
-        for name in list(self.deployments):
-            await self.remove(name)
+        """Every deployment at once: each waits for its replicas' calls to drain."""
+        await asyncio.gather(*(self.remove(name) for name in list(self.deployments)))

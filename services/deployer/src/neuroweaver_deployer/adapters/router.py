@@ -16,6 +16,11 @@ latter's child); gRPC calls pass through with the caller's `traceparent` (the re
 TLS: with `server_tls` the router serves gRPC and HTTPS with the deployer's certificate (mTLS when it has a client
 CA); it dials replicas with `client_tls`, the deployer's outbound `ClientTLS`.
 
+Retiring a replica (rollover, scale-down, removal): `set_upstreams` without it stops new calls reaching it, then
+`drain(upstream, timeout)` waits until the calls it still serves (unary and streams, gRPC and HTTP incl. SSE) end;
+only then is its process stopped, so a stream started on a replica finishes there. The replica's initial metadata
+(e.g. the version serving a GenerateStream) passes through to the caller.
+
 `GET /metrics` on the router's own metrics port (`metrics_url`, never the API port) is every ready replica's
 metrics (read from their ops ports) in one Prometheus text exposition, each sample labelled
 `replica="<its gRPC address>"` (`merge_expositions`), so a scrape of the deployment sees all of them.
@@ -32,6 +37,9 @@ import itertools
 import logging
 import re
 import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +48,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
@@ -51,6 +59,7 @@ log = logging.getLogger("neuroweaver.deployer.router")
 INFERENCE_PREFIX = "/neuroweaver.inference.v1.InferenceService/"
 STREAMING = {"GenerateStream"}
 _SKIP_METADATA = {"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-timeout"}
+_SKIP_INITIAL = {"content-type", "grpc-encoding", "grpc-accept-encoding"}  # a replica's headers the router's own replace
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 _TRACE_HEADERS = {"traceparent", "tracestate"}  # replaced by the router's own span context
 _tracer = trace.get_tracer("neuroweaver.deployer.router")
@@ -116,6 +125,8 @@ class Router(grpc.GenericRpcHandler):
         self.client_tls = client_tls or ClientTLS()
         self._upstreams: list[Upstream] = []
         self._cycle = itertools.count()
+        self._inflight: dict[Upstream, int] = {}  # calls being served per replica (counted from the pick)
+        self._drained: dict[Upstream, asyncio.Event] = {}  # set when a draining replica's last call ends
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -194,6 +205,28 @@ class Router(grpc.GenericRpcHandler):
         self._upstreams = list(upstreams)
         await self._set_health()
 
+    async def drain(self, upstream: Upstream, timeout: float) -> bool:
+        """Waits until `upstream`, already out of the rotation, serves no call through this router (False: `timeout`
+        seconds passed first, and its calls are left to the replica's own graceful stop)."""
+        if not self._inflight.get(upstream):
+            return True
+        started = time.monotonic()
+        drained = self._drained.setdefault(upstream, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await drained.wait()
+        except TimeoutError:
+            log.warning("replica %s still serves %d call(s) after the %.0f s drain timeout: stopping it anyway",
+                        upstream.grpc_address, self._inflight.get(upstream, 0), timeout)  # fmt: skip
+            return False
+        finally:
+            self._drained.pop(upstream, None)
+        log.info("replica %s drained in %.1f s", upstream.grpc_address, time.monotonic() - started)
+        return True
+
+    def inflight(self, upstream: Upstream) -> int:
+        return self._inflight.get(upstream, 0)
+
     async def forget(self, upstream: Upstream) -> None:
         """Closes the channel to a stopped replica."""
         channel = self._channels.pop(upstream.grpc_address, None)
@@ -205,9 +238,26 @@ class Router(grpc.GenericRpcHandler):
         for name in ("", "neuroweaver.inference.v1.InferenceService"):
             await self._health.set(name, status)
 
-    def _pick(self) -> Upstream | None:
+    @contextmanager
+    def _pick(self) -> Iterator[Upstream | None]:
+        """The next replica of the rotation, counted in flight until the block ends (pick and count happen together,
+        with no await between, so a drain that starts after the rotation changed sees every call the replica got)."""
         ups = self._upstreams
-        return ups[next(self._cycle) % len(ups)] if ups else None
+        up = ups[next(self._cycle) % len(ups)] if ups else None
+        if up is None:
+            yield None
+            return
+        self._inflight[up] = self._inflight.get(up, 0) + 1
+        try:
+            yield up
+        finally:
+            left = self._inflight[up] - 1
+            if left:
+                self._inflight[up] = left
+            else:
+                del self._inflight[up]
+                if up in self._drained:
+                    self._drained[up].set()
 
     def _channel(self, up: Upstream) -> grpc.aio.Channel:
         channel = self._channels.get(up.grpc_address)
@@ -243,17 +293,20 @@ class Router(grpc.GenericRpcHandler):
         async def handle(request: bytes, context):
             error: grpc.aio.AioRpcError | None = None
             for _ in range(self._attempts()):
-                up = self._pick()
-                if up is None:
-                    break
-                try:
-                    return await self._channel(up).unary_unary(method)(
-                        request, timeout=context.time_remaining(), metadata=self._metadata(context)
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    error = exc
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                with self._pick() as up:
+                    if up is None:
                         break
+                    try:
+                        call = self._channel(up).unary_unary(method)(
+                            request, timeout=context.time_remaining(), metadata=self._metadata(context)
+                        )
+                        response = await call
+                        await _pass_initial_metadata(call, context)
+                        return response
+                    except grpc.aio.AioRpcError as exc:
+                        error = exc
+                        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                            break
             await _abort(context, error)
 
         return handle
@@ -262,22 +315,24 @@ class Router(grpc.GenericRpcHandler):
         async def handle(request: bytes, context):
             error: grpc.aio.AioRpcError | None = None
             for _ in range(self._attempts()):
-                up = self._pick()
-                if up is None:
-                    break
-                sent = False
-                try:
-                    call = self._channel(up).unary_stream(method)(
-                        request, timeout=context.time_remaining(), metadata=self._metadata(context)
-                    )
-                    async for message in call:
-                        sent = True
-                        yield message
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    error = exc
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or sent:
+                with self._pick() as up:
+                    if up is None:
                         break
+                    sent = False
+                    try:
+                        call = self._channel(up).unary_stream(method)(
+                            request, timeout=context.time_remaining(), metadata=self._metadata(context)
+                        )
+                        async for message in call:
+                            if not sent:  # headers of the attempt that answers, not of one that failed first
+                                await _pass_initial_metadata(call, context)
+                                sent = True
+                            yield message
+                        return
+                    except grpc.aio.AioRpcError as exc:
+                        error = exc
+                        if exc.code() != grpc.StatusCode.UNAVAILABLE or sent:
+                            break
             await _abort(context, error)
 
         return handle
@@ -307,13 +362,9 @@ class Router(grpc.GenericRpcHandler):
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | _TRACE_HEADERS}
         for _ in range(self._attempts()):
-            up = self._pick()
-            if up is None or self._session is None:
-                break
-            attempt = _tracer.start_span(
-                request.method, kind=SpanKind.CLIENT, attributes={"http.request.method": request.method, "url.full": up.http_url}
-            )
-            with trace.use_span(attempt, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            with self._pick() as up, self._attempt_span(request, up) as attempt:
+                if up is None or attempt is None or self._session is None:
+                    break
                 sent = dict(headers)
                 propagate.inject(sent)
                 try:
@@ -342,6 +393,18 @@ class Router(grpc.GenericRpcHandler):
             "error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}
         }
         return web.json_response(error, status=503)
+
+    @contextmanager
+    def _attempt_span(self, request: web.Request, up: Upstream | None) -> Iterator[Span | None]:
+        """The CLIENT span of one forwarding attempt, current while it runs."""
+        if up is None:
+            yield None
+            return
+        attempt = _tracer.start_span(
+            request.method, kind=SpanKind.CLIENT, attributes={"http.request.method": request.method, "url.full": up.http_url}
+        )
+        with trace.use_span(attempt, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            yield attempt
 
     @property
     def _server_hostname(self) -> dict[str, Any]:
@@ -414,6 +477,13 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
         lines.extend(family.meta.values())
         lines.extend(family.samples)
     return "\n".join(lines) + "\n" if lines else ""
+
+
+async def _pass_initial_metadata(call, context) -> None:
+    """The replica's initial metadata (e.g. `x-neuroweaver-model-version` of a GenerateStream) to the caller."""
+    metadata = tuple((k, v) for k, v in (await call.initial_metadata() or ()) if k not in _SKIP_INITIAL and not k.startswith(":"))
+    if metadata:
+        await context.send_initial_metadata(metadata)
 
 
 async def _abort(context, error: grpc.aio.AioRpcError | None) -> None:
