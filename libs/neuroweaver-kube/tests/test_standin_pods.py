@@ -255,6 +255,35 @@ def test_a_killed_job_pod_fails_with_137_and_is_replaced_until_the_backoff_limit
     assert job_status(standin, "victim")["failed"] == 2
 
 
+def test_init_containers_run_first_and_a_failed_one_fails_the_pod(standin):
+    scratch = {"volumes": [{"name": "work", "emptyDir": {}}]}
+    init = {
+        "name": "prepare",
+        "image": "python:3.11-slim-bookworm",
+        "command": ["python3", "-c", "open('/work/prepared', 'w').write('by init')"],
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+    }
+    check = "import sys; sys.exit(open('/work/prepared').read() != 'by init')"
+    mount = [{"name": "work", "mountPath": "/work"}]
+    create(standin, job("with-init", check, volumeMounts=mount, pod_spec={**scratch, "initContainers": [init]}))
+    expect_complete(standin, "with-init")
+    (pod,) = api(standin, "GET", f"/api/v1/namespaces/{NS}/pods?labelSelector=job-name%3Dwith-init")["items"]
+    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Initialized"] == "True"
+
+    broken = {**init, "command": ["python3", "-c", "raise SystemExit(2)"]}
+    spec = job(
+        "broken-init", "print('never runs')", volumeMounts=mount, pod_spec={**scratch, "initContainers": [broken]}
+    )
+    create(standin, spec)
+    assert finished(standin, "broken-init") == "Failed"
+    (pod,) = api(standin, "GET", f"/api/v1/namespaces/{NS}/pods?labelSelector=job-name%3Dbroken-init")["items"]
+    assert pod["status"]["phase"] == "Failed"
+    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 2
+    assert "running" not in pod["status"]["containerStatuses"][0]["state"]
+    assert "never runs" not in standin.pods.pod_log(NS, pod["metadata"]["name"])
+
+
 # --------------------------------------------------------------------------- Services, probes, Deployments
 
 # An HTTP server on the pod's address that answers "<pod name> <VERSION>", is ready while /shared/ready-<pod>

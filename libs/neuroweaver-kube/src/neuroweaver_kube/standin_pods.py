@@ -53,8 +53,11 @@ phase), takes it out of every Service at once, and terminates it; its controller
 Networking and DNS: :mod:`neuroweaver_kube.standin_network` (own loopback address per pod and per ClusterIP
 Service, a TCP proxy per Service port, ``/etc/hosts`` for DNS; Endpoints objects are written per Service).
 
+Init containers run one after another before the containers (retried on failure unless ``restartPolicy`` is
+Never, which fails the pod); sidecar init containers (their own ``restartPolicy: Always``) are not modelled.
+
 Not modelled: nodes, scheduling, resource limits (requests/limits are read by ``resourceFieldRef`` only),
-init and sidecar containers, ephemeral containers, network policies (every pod reaches every address), pod
+sidecar and ephemeral containers, network policies (every pod reaches every address), pod
 security admission, image pulls (unknown images wait in ``ErrImagePull``), ReplicaSet and ControllerRevision
 objects, EndpointSlices, ExternalName Services, ``hostNetwork``, the HPA controller, preStop/postStart hooks,
 secret/configMap updates after start, and watch streams.
@@ -209,9 +212,10 @@ class _ContainerState:
 
 
 class _Container:
-    def __init__(self, pod: _Pod, spec: dict[str, Any]) -> None:
+    def __init__(self, pod: _Pod, spec: dict[str, Any], *, init: bool = False) -> None:
         self.pod = pod
         self.spec = spec
+        self.init = init
         self.name: str = spec["name"]
         self.state = _ContainerState()
         self.log_path = pod.dir / "logs" / f"{self.name}.log"
@@ -226,6 +230,8 @@ class _Container:
     def _run(self) -> None:
         runner = self.pod.runner
         policy = self.pod.spec.get("restartPolicy", "Always")
+        if self.init and policy == "Always":  # an init container is retried until it succeeds, never restarted after
+            policy = "OnFailure"
         failures_in_a_row = 0
         while not self._stop.is_set():
             try:
@@ -445,21 +451,40 @@ class _Pod:
         self.hosts_path = self.dir / "hosts"
         (self.dir / "hostname").write_text((self.spec.get("hostname") or self.name)[:63] + "\n")
         write_in_place(self.hosts_path, runner.hosts_for(self))
+        self.init_containers = [_Container(self, c, init=True) for c in self.spec.get("initContainers") or ()]
         self.containers = [_Container(self, c) for c in self.spec.get("containers") or ()]
         self.pending_reason: str | None = None
         self.ready_since: float | None = None
         self.deleted = False
+        self._starter = threading.Thread(target=self._start, name=f"pod-{self.name}", daemon=True)
 
     def start(self) -> None:
+        self._starter.start()
+
+    def _start(self) -> None:
+        """Init containers one after another (each to a successful exit), then the containers."""
+        for c in self.init_containers:
+            c.thread.start()
+            c.thread.join()
+            if self.deleted or not (c.state.terminated and c.state.terminated["exitCode"] == 0):
+                self.runner.wake()
+                return  # failed for good (restartPolicy Never) or deleted: the containers never start
         for c in self.containers:
             c.thread.start()
+
+    @property
+    def initialized(self) -> bool:
+        return all(
+            c.state.done and c.state.terminated and c.state.terminated["exitCode"] == 0 for c in self.init_containers
+        )
 
     def stop(self) -> None:
         """Terminate every container (in parallel) and wait for them."""
         self.deleted = True
-        for c in self.containers:
+        for c in self.init_containers + self.containers:
             c.stop()
-        for c in self.containers:
+        self._starter.join(timeout=self.runner.grace_cap + 10)
+        for c in self.init_containers + self.containers:
             if c.thread.is_alive():
                 c.thread.join(timeout=self.runner.grace_cap + 10)
 
@@ -488,6 +513,8 @@ class _Pod:
         states = [c.state for c in self.containers]
         if not states:
             return "Pending"
+        if any(c.state.done and c.state.terminated and c.state.terminated["exitCode"] for c in self.init_containers):
+            return "Failed"  # an init container failed and restartPolicy is Never
         if all(s.done and s.terminated for s in states):
             return "Succeeded" if all(s.terminated and s.terminated["exitCode"] == 0 for s in states) else "Failed"
         if any(s.ever_ran for s in states):
@@ -500,11 +527,12 @@ class _Pod:
         ready = self.ready
         containers = [c.status(c.spec.get("image", "")) for c in self.containers]
         all_ready = all(c["ready"] for c in containers)
+        initialized = self.initialized
         cond = self.runner.conditions_for(
             ("pod", self.namespace, self.name),
             [
                 ("PodScheduled", True, None),
-                ("Initialized", True, None),
+                ("Initialized", initialized, None if initialized else "ContainersNotInitialized"),
                 ("ContainersReady", all_ready, None if all_ready else "ContainersNotReady"),
                 ("Ready", ready, None if ready else "ContainersNotReady"),
             ],
@@ -520,6 +548,8 @@ class _Pod:
             "containerStatuses": containers,
             "qosClass": "BestEffort",
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [c.status(c.spec.get("image", "")) for c in self.init_containers]
         if self.pending_reason:
             status["message"] = self.pending_reason
         return status
@@ -982,7 +1012,7 @@ class PodRunner:
         """Signal a container's process group, as the OOM killer or a node failure would; the container then ends
         (SIGKILL: exit code 137) and restarts or not by the pod's ``restartPolicy``."""
         runtime = self._pods[(namespace, pod)]
-        for c in runtime.containers:
+        for c in runtime.init_containers + runtime.containers:
             if container is None or c.name == container:
                 c.signal(sig)
 
