@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,8 +35,8 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
 from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 from neuroweaver_kube import KubeClient, TrainingJobSpec
-from neuroweaver_kube.standin_pods import PodRunner, bwrap_path
 from neuroweaver_kube.testing import KubeApiStandIn
+from neuroweaver_kube.testing.pods import PodRunner, bwrap_path
 from neuroweaver_runtime.client import open_channel
 from neuroweaver_runtime.testing import create_postgres_database, postgres_available
 
@@ -114,34 +113,6 @@ def platform_objects(registry_db: str, trainer_db: str) -> list[dict[str, Any]]:
     return docs[:1] + secrets + docs[1:]
 
 
-class Recorder:
-    """Every status the stand-in held for the namespace's Jobs and Pods, read from a thread until stopped: the pod
-    runner deletes a finished Job (and its pods) about a second after it ends, so the test reads them from here."""
-
-    def __init__(self, standin: KubeApiStandIn) -> None:
-        self.standin = standin
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.pods: dict[str, dict[str, Any]] = {}  # pod name -> last object seen
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-recorder", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for job in self.standin.objects("Job", NS):
-                self.jobs[job["metadata"]["name"]] = job
-            for pod in self.standin.objects("Pod", NS):
-                self.pods[pod["metadata"]["name"]] = pod
-
-    def job_pods(self, job_object: str) -> list[dict[str, Any]]:
-        pods = [p for p in self.pods.values() if p["metadata"].get("labels", {}).get("job-name") == job_object]
-        return pods
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def _condition(obj: dict[str, Any], ctype: str) -> str | None:
     for c in (obj.get("status") or {}).get("conditions") or ():
         if c["type"] == ctype:
@@ -164,51 +135,53 @@ async def cluster(h, tiny_model):
         pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
     registry_db, drop_registry_db = await create_postgres_database("nwpods_registry")
     trainer_db, drop_trainer_db = await create_postgres_database("nwpods_trainer")
-    runner = PodRunner()
-    with KubeApiStandIn(pods=runner) as standin:
-        claim = runner.claim_dir(NS, CLAIM)  # the claim's host directory, filled before any pod mounts it
-        await asyncio.to_thread(shutil.copytree, tiny_model, claim / "models" / "tiny-llama")
-        (claim / "datasets").mkdir()
-        h.write_jsonl(claim / "datasets" / "chat.jsonl", h.chat_rows(40))
-        kube = KubeClient.from_config(host=standin.url)
-        recorder = Recorder(standin)
-        channels = []
-        try:
-            # kubectl apply --server-side, as an operator would
-            await kube.apply(external_postgres(ADMIN_URL) + platform_objects(registry_db, trainer_db))
+    try:
+        runner = PodRunner()
+        with KubeApiStandIn(pods=runner) as standin:
+            claim = runner.claim_dir(NS, CLAIM)  # the claim's host directory, filled before any pod mounts it
+            await asyncio.to_thread(shutil.copytree, tiny_model, claim / "models" / "tiny-llama")
+            (claim / "datasets").mkdir()
+            h.write_jsonl(claim / "datasets" / "chat.jsonl", h.chat_rows(40))
+            kube = KubeClient.from_config(host=standin.url)
+            channels = []
+            try:
+                # kubectl apply --server-side, as an operator would
+                await kube.apply(external_postgres(ADMIN_URL) + platform_objects(registry_db, trainer_db))
 
-            def available(name: str) -> bool:
-                dep = standin.get_object("apps/v1", "Deployment", NS, name) or {}
-                return bool(dep) and (dep.get("status") or {}).get("availableReplicas") == dep["spec"].get("replicas", 1)
+                def available(name: str) -> bool:
+                    dep = standin.get_object("apps/v1", "Deployment", NS, name) or {}
+                    return bool(dep) and (dep.get("status") or {}).get("availableReplicas") == dep["spec"].get("replicas", 1)
 
-            await _wait(
-                runner,
-                h,
-                lambda: available("neuroweaver-registry") and available("neuroweaver-trainer"),
-                120,
-                "the registry and trainer pods to be ready",
-            )
-            # from the host (the test is outside the cluster) through the Services' ClusterIPs
-            registry_channel = open_channel(f"{runner.service_ip(NS, 'neuroweaver-registry')}:50051", token=ADMIN_TOKEN)
-            trainer_channel = open_channel(
-                f"{runner.service_ip(NS, 'neuroweaver-trainer')}:50052", token=ADMIN_TOKEN, deadline=60
-            )
-            channels += [registry_channel, trainer_channel]
-            registry = rgrpc.RegistryServiceStub(registry_channel)
-            await registry.CreateModel(
-                rsvc.CreateModelRequest(parent="projects/default", model_id="advisor", model=rpb.Model(display_name="Advisor"))
-            )
-            yield SimpleNamespace(
-                standin=standin, runner=runner, claim=claim, recorder=recorder, registry=registry,
-                trainer=tgrpc.TrainerServiceStub(trainer_channel),
-            )  # fmt: skip
-        finally:
-            for channel in channels:
-                await channel.close()
-            recorder.stop()
-            kube.close()
-    await drop_registry_db()  # the pods (and their connections) are gone with the stand-in
-    await drop_trainer_db()
+                await _wait(
+                    runner,
+                    h,
+                    lambda: available("neuroweaver-registry") and available("neuroweaver-trainer"),
+                    120,
+                    "the registry and trainer pods to be ready",
+                )
+                # from the host (the test is outside the cluster) through the Services' ClusterIPs
+                registry_channel = open_channel(f"{runner.service_ip(NS, 'neuroweaver-registry')}:50051", token=ADMIN_TOKEN)
+                trainer_channel = open_channel(
+                    f"{runner.service_ip(NS, 'neuroweaver-trainer')}:50052", token=ADMIN_TOKEN, deadline=60
+                )
+                channels += [registry_channel, trainer_channel]
+                registry = rgrpc.RegistryServiceStub(registry_channel)
+                await registry.CreateModel(
+                    rsvc.CreateModelRequest(
+                        parent="projects/default", model_id="advisor", model=rpb.Model(display_name="Advisor")
+                    )
+                )
+                yield SimpleNamespace(
+                    standin=standin, runner=runner, kube=kube, claim=claim, registry=registry,
+                    trainer=tgrpc.TrainerServiceStub(trainer_channel),
+                )  # fmt: skip
+            finally:
+                for channel in channels:
+                    await channel.close()
+                kube.close()
+    finally:
+        await drop_registry_db()  # the pods (and their connections) are gone with the stand-in
+        await drop_trainer_db()
 
 
 async def _create(cluster, h, job_id: str, *, max_steps: int, checkpoint_every: int):
@@ -257,13 +230,17 @@ async def _finished(cluster, h, name: str, timeout: float = 240):
         raise AssertionError(f"{e}\n{cluster.runner.describe()}") from None
 
 
+def _pods_of(cluster, job_object: str) -> list[dict[str, Any]]:
+    return [p for p in cluster.standin.objects("Pod", NS) if p["metadata"].get("labels", {}).get("job-name") == job_object]
+
+
 async def _completed_job(cluster, h, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The Job object and its pods as the recorder last saw them, once the Job is Complete and its pods ended."""
-    rec = cluster.recorder
+    """The Job object and its pods once the Job is Complete and its pods read as ended (they stay: the Job's TTL is a
+    day)."""
 
     def done() -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-        job, pods = rec.jobs.get(name, {}), rec.job_pods(name)
-        ended = pods and all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods)
+        job, pods = cluster.standin.get_object("batch/v1", "Job", NS, name) or {}, _pods_of(cluster, name)
+        ended = all((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods)
         return (job, pods) if _condition(job, "Complete") == "True" and ended else None
 
     return await _wait(cluster.runner, h, done, 30, f"Job {name} Complete and its pods ended")
@@ -304,38 +281,27 @@ async def test_a_training_job_runs_in_a_job_pod_and_registers(cluster, h):
     assert '"service": "trainer-worker"' in cluster.runner.pod_log(NS, pod["metadata"]["name"])  # the worker's log
 
 
-def _worker_pids(job_name: str) -> list[int]:
-    """The Python process of `job_name`'s worker inside its pod's sandbox (the host sees it in its PID namespace)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit():
-                continue
-            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "neuroweaver_trainer.worker" in argv and job_name in argv and "python" in Path(argv[0]).name:
-            found.append(int(proc.name))
-    return found
-
-
-async def test_a_killed_job_pod_is_replaced_and_resumes_from_its_checkpoint(cluster, h):
-    """The worker is SIGKILLed (as the OOM killer or a node failure would) once its first checkpoint is on the claim:
-    the pod fails, the Job controller starts another within backoffLimit, and that worker resumes from the
-    checkpoint on the claim — same trainer attempt, no step trained twice after the resume, one version."""
-    created = await _create(cluster, h, "pods-killed", max_steps=30, checkpoint_every=3)
+@pytest.mark.parametrize("how", ["sigkill", "delete"])
+async def test_a_killed_job_pod_is_replaced_and_resumes_from_its_checkpoint(cluster, h, how):
+    """Once the worker's first checkpoint is on the claim its pod goes away — `sigkill`: the container is SIGKILLed (as
+    the OOM killer or a node failure would) and the pod fails with 137; `delete`: the pod is deleted through the API
+    (kubectl delete pod: gone from the API at once, the worker gets SIGTERM, ends its step and exits to be resumed; a
+    replacement may start meanwhile, as with the default podReplacementPolicy). The Job controller starts another pod
+    within backoffLimit and that worker resumes from the newest complete checkpoint on the claim: same trainer
+    attempt, no step trained twice after the resume, one version."""
+    created = await _create(cluster, h, f"pods-{how}", max_steps=30, checkpoint_every=3)
     name = _job_object(created.name)
     checkpoints = _checkpoints_dir(cluster, name)
     first = await _wait(
-        cluster.runner,
-        h,
-        lambda: _complete_checkpoint(checkpoints),
-        180,
-        f"a complete checkpoint in {checkpoints}",
+        cluster.runner, h, lambda: _complete_checkpoint(checkpoints), 180, f"a complete checkpoint in {checkpoints}",
         interval=0.02,
-    )
-    (pid,) = _worker_pids(created.name)
-    os.kill(pid, signal.SIGKILL)
+    )  # fmt: skip
+    (pod,) = _pods_of(cluster, name)
+    victim = pod["metadata"]["name"]
+    if how == "sigkill":
+        cluster.runner.kill_container(NS, victim)
+    else:
+        await cluster.kube.delete([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": victim, "namespace": NS}}])
 
     final = await _finished(cluster, h, created.name)
     assert final.state == h.tpb.TrainingJob.STATE_SUCCEEDED, f"{final.error}\n{cluster.runner.describe()}"
@@ -353,9 +319,14 @@ async def test_a_killed_job_pod_is_replaced_and_resumes_from_its_checkpoint(clus
     await _check_version(cluster, h, final)
 
     job, pods = await _completed_job(cluster, h, name)
-    assert job["status"]["failed"] == 1 and job["status"]["succeeded"] == 1
-    (killed,) = [p for p in pods if p["status"]["phase"] == "Failed"]
-    (replacement,) = [p for p in pods if p["status"]["phase"] == "Succeeded"]
-    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
-    assert killed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + signal.SIGKILL
+    assert job["status"]["failed"] == 1 and job["status"]["succeeded"] == 1  # a deleted pod counts as failed too
+    (replacement,) = [p for p in pods if p["metadata"]["name"] != victim]
     assert replacement["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    if how == "sigkill":
+        (killed,) = [p for p in pods if p["metadata"]["name"] == victim]
+        assert killed["status"]["phase"] == "Failed"
+        assert killed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + signal.SIGKILL
+    else:
+        assert [p["metadata"]["name"] for p in pods] == [replacement["metadata"]["name"]]  # gone from the API
+        # the worker got SIGTERM and its grace period: it stopped after its step and exited to be resumed
+        assert "the job will resume from its last checkpoint" in cluster.runner.pod_log(NS, victim)
