@@ -1,15 +1,15 @@
 """Server-side apply field ownership of the API stand-in, over HTTP with the project's own KubeClient.
 
 The expected values follow the Kubernetes documentation (reference/using-api/server-side-apply) and the
-structured-merge-diff / apiserver sources the stand-in ports (neuroweaver_kube.standin_apply)."""
+structured-merge-diff / apiserver sources the stand-in ports (neuroweaver_kube.testing.apply)."""
 
 import pytest
 from test_manifests import cpu_spec
 
-from neuroweaver_kube import standin_apply as ssa
 from neuroweaver_kube.client import APPLY_PATCH, MERGE_PATCH, KubeApiError, KubeClient, KubeConflict, object_path
 from neuroweaver_kube.manifests import model_server_manifests
 from neuroweaver_kube.testing import KubeApiStandIn
+from neuroweaver_kube.testing import apply as ssa
 
 NS = "apply"
 

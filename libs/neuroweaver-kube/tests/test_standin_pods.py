@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from neuroweaver_kube.standin_pods import PodRunner, bwrap_path
 from neuroweaver_kube.testing import KubeApiStandIn
+from neuroweaver_kube.testing.pods import PodRunner, bwrap_path
 
 REPO = Path(__file__).resolve().parents[3]
 NS = "pods"

@@ -1,5 +1,5 @@
 """The KUBERNETES backend with pods that really run: the deployer applies its manifests to the API stand-in, whose
-pod runner (neuroweaver_kube.standin_pods) starts model-server pods from the model-server image's entry point in
+pod runner (neuroweaver_kube.testing.pods) starts model-server pods from the model-server image's entry point in
 sandboxes that see the artifact store only through the claim the manifests mount. Readiness comes from the pods'
 own gRPC probes; requests go through the Service's ClusterIP proxy. Not a cluster: see deploy/README.md."""
 
@@ -18,8 +18,8 @@ from neuroweaver.inference.v1 import inference_pb2 as ipb
 from neuroweaver.inference.v1 import inference_service_pb2 as isvc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as igrpc
 from neuroweaver_kube.manifests import dns1123_name
-from neuroweaver_kube.standin_pods import PodRunner, bwrap_path
 from neuroweaver_kube.testing import KubeApiStandIn
+from neuroweaver_kube.testing.pods import PodRunner, bwrap_path
 
 pytestmark = pytest.mark.slow  # model-server pods load a model
 

@@ -5,7 +5,7 @@ It is not a kubelet: it models what the platform's tests need, on one machine, a
 
 Pods. Each container runs as ``bwrap`` (bubblewrap) sandbox with its own mount, PID, IPC and UTS namespaces
 (``--die-with-parent``; killing a pod kills its process group, and the PID namespace takes the rest) that sees only
-its image's filesystem (:mod:`neuroweaver_kube.standin_images`), its volumes, a generated ``/etc/hosts``, and the
+its image's filesystem (:mod:`neuroweaver_kube.testing.images`), its volumes, a generated ``/etc/hosts``, and the
 service-account files. Command and args follow Kubernetes' rules over the image's ENTRYPOINT/CMD, with ``$(VAR)``
 expansion. Env: the image's ENV, ``envFrom`` and ``env`` with ``value``, ``secretKeyRef``, ``configMapKeyRef``
 (``optional`` honoured; a missing required key leaves the container Waiting in ``CreateContainerConfigError``
@@ -50,7 +50,7 @@ in the pod's status. StatefulSets: pods ``<name>-<ordinal>`` with ``hostname``/`
 Pods whose owner is gone are deleted. Deleting a pod removes it from the API at once (no ``deletionTimestamp``
 phase), takes it out of every Service at once, and terminates it; its controller replaces it.
 
-Networking and DNS: :mod:`neuroweaver_kube.standin_network` (own loopback address per pod and per ClusterIP
+Networking and DNS: :mod:`neuroweaver_kube.testing.network` (own loopback address per pod and per ClusterIP
 Service, a TCP proxy per Service port, ``/etc/hosts`` for DNS; Endpoints objects are written per Service).
 
 Init containers run one after another before the containers (retried on failure unless ``restartPolicy`` is
@@ -91,8 +91,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuroweaver_kube.standin_images import Image, default_images, image_key
-from neuroweaver_kube.standin_network import (
+from neuroweaver_kube.testing.images import Image, default_images, image_key
+from neuroweaver_kube.testing.network import (
     AddressBlock,
     ServiceProxy,
     hosts_text,
@@ -897,7 +897,7 @@ class PodRunner:
         if bwrap is None:
             raise RuntimeError("the pod runner needs bubblewrap (Debian package bubblewrap): bwrap is not on PATH")
         self.bwrap = bwrap
-        self.repo_root = repo_root or Path(__file__).resolve().parents[4]
+        self.repo_root = repo_root or Path(__file__).resolve().parents[5]
         self.images: dict[str, Image] = dict(default_images(self.repo_root))
         self.images.update(images or {})
         self._own_state = state_dir is None

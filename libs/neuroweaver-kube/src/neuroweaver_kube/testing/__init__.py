@@ -6,7 +6,7 @@ calls :class:`neuroweaver_kube.client.KubeClient` makes, at the real REST paths
 
 - ``PATCH`` with ``application/apply-patch+yaml`` (server-side apply): requires ``fieldManager`` (422
   otherwise); creates (201) or updates (200) the object under the real field-ownership rules
-  (:mod:`neuroweaver_kube.standin_apply`, a port of structured-merge-diff): ``metadata.managedFields``
+  (:mod:`neuroweaver_kube.testing.apply`, a port of structured-merge-diff): ``metadata.managedFields``
   records a ``FieldsV1`` set per manager and operation; fields a manager applied before and no longer
   sends are removed unless another manager owns them; changing a field another manager owns is a 409
   ``Conflict`` (causes ``FieldManagerConflict``, the server's message) unless ``force=true``, which moves
@@ -37,7 +37,7 @@ calls :class:`neuroweaver_kube.client.KubeClient` makes, at the real REST paths
   Invalid).
 - Discovery: ``/version``, ``/api``, ``/apis`` answer minimal documents.
 
-- With ``pods=PodRunner()`` (:mod:`neuroweaver_kube.standin_pods`) the pods of Deployments, Jobs and
+- With ``pods=PodRunner()`` (:mod:`neuroweaver_kube.testing.pods`) the pods of Deployments, Jobs and
   StatefulSets run as local sandboxed processes, Services route to ready pods and the runner writes the
   statuses; ``GET pods/{name}/log`` and ``labelSelector`` on lists are served.
 
@@ -62,11 +62,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from neuroweaver_kube import standin_apply as ssa
 from neuroweaver_kube.client import KINDS
+from neuroweaver_kube.testing import apply as ssa
 
 if TYPE_CHECKING:
-    from neuroweaver_kube.standin_pods import PodRunner
+    from neuroweaver_kube.testing.pods import PodRunner
 
 _PLURAL_TO_KIND = {k.plural: kind for kind, k in KINDS.items()}
 _CLUSTER_SCOPED = {k.plural for k in KINDS.values() if not k.namespaced}
@@ -232,7 +232,7 @@ class KubeApiStandIn:
     """Threaded HTTP stand-in of the Kubernetes API (see the module docstring for its semantics)."""
 
     def __init__(self, *, auto_ready: bool = False, host: str = "127.0.0.1", pods: PodRunner | None = None) -> None:
-        # With a pod runner (neuroweaver_kube.standin_pods) pods really run and controllers write the statuses.
+        # With a pod runner (neuroweaver_kube.testing.pods) pods really run and controllers write the statuses.
         self.pods = pods
         self.auto_ready = auto_ready and pods is None
         self.requests: list[RecordedRequest] = []
@@ -552,7 +552,7 @@ class KubeApiStandIn:
         return self._view(r, obj)
 
     def _list(self, r: _Route, label_selector: str = "") -> dict[str, Any]:
-        from neuroweaver_kube.standin_pods import selector_matches
+        from neuroweaver_kube.testing.pods import selector_matches
 
         items = [
             self._view(_Route(r.group, r.version, ns or None, p, n), o)
