@@ -255,6 +255,49 @@ def test_a_killed_job_pod_fails_with_137_and_is_replaced_until_the_backoff_limit
     assert job_status(standin, "victim")["failed"] == 2
 
 
+_STOPS_SLOWLY = """
+import os, signal, sys, time
+name = os.environ["POD_NAME"]
+log = lambda what: open("/data/log", "a").write(f"{what} {name}\\n")
+def stop(*_):
+    time.sleep(1.5)  # a training step finishing its checkpoint
+    log("end")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+log("start")
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("policy", ["Failed", "TerminatingOrFailed"])
+def test_pod_replacement_policy_decides_whether_a_replacement_waits_for_the_deleted_pod(standin, policy):
+    """podReplacementPolicy Failed (what training Jobs use): the replacement starts after the old pod has stopped;
+    the default starts it while the old one is still terminating."""
+    create(standin, pvc(f"log-{policy.lower()}"))
+    mount = {"volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+    env = {"env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}
+    volumes = {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": f"log-{policy.lower()}"}}]}
+    obj = job("slow-stop", _STOPS_SLOWLY, backoff=2, pod_spec=volumes, **mount, **env)
+    obj["spec"]["podReplacementPolicy"] = policy
+    create(standin, obj)
+    runner = standin.pods
+    log = runner.claim_dir(NS, f"log-{policy.lower()}") / "log"
+
+    def lines() -> list[str]:
+        return log.read_text().split() if log.exists() else []
+
+    runner.wait_for(lambda: len(lines()) >= 2, 20, "the first pod to start")
+    first = lines()[1]
+    api(standin, "DELETE", f"/api/v1/namespaces/{NS}/pods/{first}")
+    runner.wait_for(lambda: lines().count("start") == 2 and lines().count("end") == 1, 30, "a replacement pod")
+    words = lines()
+    events = [f"{what} {'old' if who == first else 'new'}" for what, who in zip(words[::2], words[1::2], strict=True)]
+    if policy == "Failed":
+        assert events == ["start old", "end old", "start new"], events
+    else:
+        assert events == ["start old", "start new", "end old"], events
+
+
 def test_init_containers_run_first_and_a_failed_one_fails_the_pod(standin):
     scratch = {"volumes": [{"name": "work", "emptyDir": {}}]}
     init = {

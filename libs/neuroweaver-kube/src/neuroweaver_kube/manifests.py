@@ -961,6 +961,9 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
         "backoffLimit": spec.backoff_limit,
         "completions": 1,
         "parallelism": 1,
+        # A replacement pod starts only once the old one has stopped (Kubernetes >= 1.29): with the default, a pod
+        # deleted or evicted mid-step would still be writing the checkpoint directory its replacement resumes from.
+        "podReplacementPolicy": "Failed",
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds is not None:

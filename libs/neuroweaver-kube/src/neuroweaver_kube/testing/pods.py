@@ -913,6 +913,8 @@ class PodRunner:
         self._standin: KubeApiStandIn | None = None
         self._pods: dict[tuple[str, str], _Pod] = {}
         self._dying: list[threading.Thread] = []
+        # owner uid → threads stopping its deleted pods (a Job's podReplacementPolicy Failed waits for them)
+        self._terminating: dict[str, list[threading.Thread]] = {}
         self._service_ips: dict[tuple[str, str], str] = {}
         self._conditions: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
         self._job_state: dict[str, dict[str, Any]] = {}
@@ -1240,9 +1242,13 @@ class PodRunner:
             if self.net:
                 self.net.release_pod_ip(pod.ip)
             shutil.rmtree(pod.dir / "volumes", ignore_errors=True)
+            self.wake()  # a Job with podReplacementPolicy Failed waits for this
 
         t = threading.Thread(target=stop, name=f"kill-{key[1]}", daemon=True)
         self._dying = [d for d in self._dying if d.is_alive()] + [t]
+        for ref in pod.obj["metadata"].get("ownerReferences") or ():
+            alive = [d for d in self._terminating.get(ref.get("uid", ""), []) if d.is_alive()]
+            self._terminating[ref.get("uid", "")] = [*alive, t]
         t.start()
 
     def _owned(self, owner: Mapping[str, Any]) -> list[_Pod]:
@@ -1443,7 +1449,11 @@ class PodRunner:
                 for p in active:
                     self._delete_pod(p)
                 active = []
-        if finished is None and not spec.get("suspend"):
+        terminating = [t for t in self._terminating.get(md["uid"], []) if t.is_alive()]
+        # Default TerminatingOrFailed replaces a deleted pod at once; Failed waits until it has stopped, so two
+        # pods of one Job never run side by side.
+        waits_for_terminating = spec.get("podReplacementPolicy") == "Failed" and bool(terminating)
+        if finished is None and not spec.get("suspend") and not waits_for_terminating:
             want = min(parallelism, completions - succeeded)
             delay = min(0.2 * 2 ** max(failed - 1, 0), 5.0) if failed else 0.0
             if len(active) < want and time.monotonic() - state["last_failure"] >= delay:
@@ -1459,6 +1469,8 @@ class PodRunner:
                 state["seen_failed"] = failed
                 state["last_failure"] = time.monotonic()
         status: dict[str, Any] = {"startTime": state["start"]}
+        if terminating:
+            status["terminating"] = len(terminating)
         if active:
             status["active"] = len(active)
             status["ready"] = sum(1 for p in active if p.ready)
