@@ -31,7 +31,9 @@ class Notifier:
         event = asyncio.Event()
         self._waiters[key].add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the wake-up.
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             pass
         finally:
@@ -54,7 +56,8 @@ class Subscription:
     async def wait(self, timeout: float | None) -> None:
         """Returns when woken (a wake-up since the last wait counts), or after `timeout` seconds (None: never)."""
         try:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.event.wait()
         except TimeoutError:
             pass
         self.event.clear()
