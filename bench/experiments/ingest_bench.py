@@ -32,7 +32,8 @@ async def main(args) -> None:
     url, drop = await create_postgres_database("nwbench")
     try:
         await asyncio.to_thread(migrations.upgrade, url, MIGRATIONS)
-        service = build(ExperimentsConfig(database_url=url, metrics_port=-1, migrate=False)).experiments  # type: ignore[attr-defined]
+        built = build(ExperimentsConfig(database_url=url, metrics_port=-1, migrate=False))
+        service, db = built.experiments, built.db  # type: ignore[attr-defined]
         servicer = ExperimentsServicer(service)
 
         class Stub:  # what create_running needs, in-process
@@ -72,7 +73,7 @@ async def main(args) -> None:
         assert resp.accepted == args.events, resp
         again = await servicer.StreamMetricEvents(gen(), None)  # every key again: all duplicates
         assert again.accepted == 0 and again.duplicates == args.events, again
-        async with service.db.transaction() as s:
+        async with db.transaction() as s:
             from sqlalchemy import text
 
             bad = (
@@ -92,7 +93,7 @@ async def main(args) -> None:
             f"ingest in-process: {args.events / elapsed:.0f} events/s ({args.events} events in {elapsed:.2f} s, {args.batch} per "
             f"message, {args.units} units, load {os.getloadavg()[0]:.2f}); duplicates resend ok; statistics consistent"
         )
-        await service.db.dispose()
+        await db.dispose()
     finally:
         await drop()
 

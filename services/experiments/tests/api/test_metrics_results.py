@@ -8,7 +8,8 @@ from collections import defaultdict
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import timestamp_pb2
+import sqlalchemy as sa
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from scipy import stats as sps
 
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
@@ -183,6 +184,39 @@ async def test_sample_ratio_mismatch_blocks_a_winner(stub, make_experiment):
     assert res.decision == pb.DECISION_INVALID_SAMPLE_RATIO and res.recommended_variant == ""
     assert res.primary.comparisons[0].significant  # the metric alone would have shipped it
     assert "sample ratio mismatch" in res.reason
+
+
+async def test_weight_change_with_partial_coverage_is_no_sample_ratio_mismatch(stub, make_experiment, backend):
+    """Issue 18's repro through the gRPC API: coverage 0.5, weights 0.5/0.5 → 0.2/0.8, the same 4,000 units before and
+    after. The units first exposed after the change were outside the old coverage and all land in the treatment; the
+    test expects that (first exposures counted per epoch and bucket class) instead of 0.2/0.8 (p = 1e-16 before)."""
+    exp = await make_experiment(coverage=0.5, hash_seed="exp-srm", min_sample_size=10)
+    units = [f"u-{i}" for i in range(4000)]
+    await assign(stub, exp.name, units)
+    patch = pb.Experiment(
+        name=exp.name,
+        variants=[
+            pb.Variant(id=v.id, model_version=v.model_version, weight=w) for v, w in zip(exp.variants, (0.2, 0.8), strict=True)
+        ],
+    )
+    await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
+    variant_of = await assign(stub, exp.name, units)
+    exposed = [
+        u for u in units if variant_of[u] != "control" or AssignmentPlan("exp-srm", [0.5, 0.5], 0.5).assign(u).variant == 0
+    ]
+    await stub.RecordMetricEvents(
+        svc.RecordMetricEventsRequest(experiment=exp.name, events=[ev(u, "score", 1.0) for u in exposed])
+    )
+    async with backend.service.db.transaction() as session:
+        rows = (await session.execute(sa.text("SELECT epoch, bucket_class, variant, units FROM exposure_counts ec "
+                                              "JOIN experiments e ON e.id = ec.experiment_id WHERE e.name = :n "
+                                              "ORDER BY epoch, bucket_class, variant"), {"n": exp.name})).all()  # fmt: skip
+    assert [tuple(r) for r in rows] == [(0, 0, "control", 961), (0, 0, "treatment", 974), (1, 2500, "treatment", 1077)]
+    res = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert not res.srm_detected and res.srm_p_value > 0.05, res.srm_p_value
+    assert res.decision != pb.DECISION_INVALID_SAMPLE_RATIO
 
 
 async def test_sequential_p_value_is_a_running_minimum(stub, make_experiment):

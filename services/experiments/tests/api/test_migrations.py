@@ -1,6 +1,6 @@
 """Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses; 0002 (idempotency keys
 moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways;
-0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back."""
+0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back; 0005 keys exposure_counts by bucket class too."""
 
 from __future__ import annotations
 
@@ -115,5 +115,52 @@ async def test_variant_stats_convert_to_centred_moments_and_back(empty_db):
         async with engine.connect() as conn:
             rows = (await conn.execute(sa.text("SELECT variant, n, sum, sum_sq FROM variant_stats ORDER BY variant"))).all()
         assert [tuple(r) for r in rows] == [("a", 3, 18.0, pytest.approx(134.0)), ("b", 1, 2.0, 4.0), ("c", 0, 0.0, 0.0)]
+    finally:
+        await engine.dispose()
+
+
+async def test_exposure_counts_gain_bucket_classes_and_back(empty_db):
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0004")
+    engine = create_async_engine(normalize_url(empty_db))
+    select = "SELECT epoch, bucket_class, variant, units FROM exposure_counts ORDER BY epoch, bucket_class, variant"
+    try:
+        async with engine.begin() as conn:  # per (epoch, variant) as 0004's assignment writer counted them
+            await conn.execute(sa.text(
+                "INSERT INTO experiments (id, name, project, display_name, description, variants, weights_history, hash_seed, "
+                "coverage, primary_metric, guardrail_metrics, secondary_metrics, min_sample_size, significance_level, analysis, "
+                "auto_conclude, promote_alias, labels, state, winner, conclusion, create_time, update_time, revision) VALUES "
+                "(7, 'projects/p/experiments/e', 'p', '', '', '[]', '[]', 's', 0.5, '{}', '[]', '[]', 1, 0.05, 'sequential', "
+                "false, '', '{}', 'RUNNING', '', '', :t, :t, 1)"), {"t": datetime(2026, 11, 1, tzinfo=UTC)})  # fmt: skip
+            await conn.execute(
+                sa.text("INSERT INTO exposure_counts (experiment_id, epoch, variant, units) VALUES (7, :e, :v, :n)"),
+                [dict(e=0, v="a", n=961), dict(e=0, v="b", n=974), dict(e=1, v="b", n=1077)],
+            )
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+        async with engine.begin() as conn:  # old rows: class not recorded (-1); new rows count per class
+            assert [tuple(r) for r in (await conn.execute(sa.text(select))).all()] == [
+                (0, -1, "a", 961),
+                (0, -1, "b", 974),
+                (1, -1, "b", 1077),
+            ]
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO exposure_counts (experiment_id, epoch, bucket_class, variant, units) VALUES (7, 1, :k, :v, :n)"
+                ),
+                [dict(k=0, v="a", n=5), dict(k=0, v="b", n=6), dict(k=2500, v="b", n=7)],
+            )
+        with pytest.raises(IntegrityError):  # the key is (experiment, epoch, class, variant)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO exposure_counts (experiment_id, epoch, bucket_class, variant, units) VALUES (7, 1, 0, 'a', 1)"
+                    )
+                )
+        await asyncio.to_thread(migrations.downgrade, empty_db, MIGRATIONS, "0004")
+        async with engine.connect() as conn:  # the classes of an (epoch, variant) summed into one row
+            rows = (
+                await conn.execute(sa.text("SELECT epoch, variant, units FROM exposure_counts ORDER BY epoch, variant"))
+            ).all()
+        assert [tuple(r) for r in rows] == [(0, "a", 961), (0, "b", 974), (1, "a", 5), (1, "b", 1090)]
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
     finally:
         await engine.dispose()

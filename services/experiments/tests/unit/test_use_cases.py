@@ -107,7 +107,7 @@ async def test_assignments_are_sticky_and_counted_once_as_exposures(fakes):
     _, first = await fakes.service.assign(exp.name, [f"u{i}" for i in range(40)], batch=True)
     _, again = await fakes.service.assign(exp.name, [f"u{i}" for i in range(40)], batch=True)
     assert [a.variant for a in again] == [a.variant for a in first] and all(a.sticky for a in again)
-    exposures = {variant: n for (key, epoch, variant), n in fakes.store.exposures.items() if key == exp.key and epoch == 0}
+    exposures = {variant: n for (key, epoch, _, variant), n in fakes.store.exposures.items() if key == exp.key and epoch == 0}
     assert sum(exposures.values()) == 40 and set(exposures) == {"control", "treatment"}
     with pytest.raises(InvalidArgument) as caught:
         await fakes.service.assign(exp.name, [], batch=True)

@@ -326,29 +326,32 @@ class SqlAssignmentRepository(_Repository):
             out.update({r.unit_id: r.variant for r in rows})
         return out
 
-    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+    async def add(self, key: int, rows: Sequence[tuple[str, str, int, int, int]], now: datetime) -> set[str]:
         if not rows:
             return set()
         if not self.pg:
-            inserted = await self._insert_sqlite(key, rows, now)
-            await self._add_exposures_sqlite(key, epoch, Counter(v for u, v, _ in rows if u in inserted))
+            inserted = await self._insert_sqlite(key, [(u, v, b) for u, v, b, _, _ in rows], now)
+            await self._add_exposures_sqlite(key, Counter((e, k, v) for u, v, _, e, k in rows if u in inserted))
             return inserted
-        # PostgreSQL: the insert and the exposure counts of the inserted units in one statement (one round trip)
-        units, variants, buckets = zip(*rows, strict=True)
+        # PostgreSQL: the insert and the exposure counts of the inserted units in one statement (one round trip);
+        # epoch and class are not columns of assignments, so the counts join the inserted units back to the input
+        units, variants, buckets, epochs, classes = zip(*rows, strict=True)
         result = await (await self._raw()).fetch(
-            "WITH ins AS (INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
-            "SELECT $1, u, v, b, $5 FROM unnest($2::text[], $3::text[], $4::int[]) AS x(u, v, b) "
-            "ON CONFLICT DO NOTHING RETURNING unit_id, variant), "
-            "exp AS (INSERT INTO exposure_counts AS ec (experiment_id, epoch, variant, units) "
-            "SELECT $1, $6, variant, count(*) FROM ins GROUP BY variant ORDER BY variant "
-            "ON CONFLICT (experiment_id, epoch, variant) DO UPDATE SET units = ec.units + excluded.units) "
+            "WITH x AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $6::int[], $7::int[]) AS r(u, v, b, e, k)), "
+            "ins AS (INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
+            "SELECT $1, u, v, b, $5 FROM x ON CONFLICT DO NOTHING RETURNING unit_id), "
+            "exp AS (INSERT INTO exposure_counts AS ec (experiment_id, epoch, bucket_class, variant, units) "
+            "SELECT $1, x.e, x.k, x.v, count(*) FROM ins JOIN x ON x.u = ins.unit_id GROUP BY x.e, x.k, x.v "
+            "ORDER BY x.e, x.k, x.v "
+            "ON CONFLICT (experiment_id, epoch, bucket_class, variant) DO UPDATE SET units = ec.units + excluded.units) "
             "SELECT unit_id FROM ins",
             key,
             list(units),
             list(variants),
             list(buckets),
             now,
-            epoch,
+            list(epochs),
+            list(classes),
         )
         return {r[0] for r in result}
 
@@ -364,22 +367,24 @@ class SqlAssignmentRepository(_Repository):
             inserted.update(r[0] for r in await self.s.execute(stmt))
         return inserted
 
-    async def _add_exposures_sqlite(self, key: int, epoch: int, counts: Counter[str]) -> None:
-        """Adds first exposures per variant (in variant order, so concurrent writers lock rows alike)."""
-        for variant in sorted(counts):
-            stmt = sqlite_insert(t.exposure_counts).values(experiment_id=key, epoch=epoch, variant=variant, units=counts[variant])
+    async def _add_exposures_sqlite(self, key: int, counts: Counter[tuple[int, int, str]]) -> None:
+        """Adds first exposures per (epoch, bucket class, variant), in key order (concurrent writers lock rows alike)."""
+        for epoch, klass, variant in sorted(counts):
+            stmt = sqlite_insert(t.exposure_counts).values(
+                experiment_id=key, epoch=epoch, bucket_class=klass, variant=variant, units=counts[(epoch, klass, variant)]
+            )
             stmt = stmt.on_conflict_do_update(
-                index_elements=["experiment_id", "epoch", "variant"],
+                index_elements=["experiment_id", "epoch", "bucket_class", "variant"],
                 set_={"units": t.exposure_counts.c.units + stmt.excluded.units},
             )
             await self.s.execute(stmt)
 
-    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
+    async def exposures(self, key: int) -> dict[tuple[int, int], dict[str, int]]:
         c = t.exposure_counts.c
-        rows = await self.s.execute(select(c.epoch, c.variant, c.units).where(c.experiment_id == key))
-        out: dict[int, dict[str, int]] = {}
+        rows = await self.s.execute(select(c.epoch, c.bucket_class, c.variant, c.units).where(c.experiment_id == key))
+        out: dict[tuple[int, int], dict[str, int]] = {}
         for r in rows:
-            out.setdefault(int(r.epoch), {})[r.variant] = int(r.units)
+            out.setdefault((int(r.epoch), int(r.bucket_class)), {})[r.variant] = int(r.units)
         return out
 
 

@@ -76,12 +76,14 @@ assignments = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
 )
 
-# Exposed units per weights epoch and variant (first exposures), maintained with each batch of new assignments.
+# First exposures per weights epoch, bucket class and variant (domain.assignment.BucketClasses: the sample-ratio
+# test's strata), maintained with each batch of new assignments. bucket_class -1: counted before classes were recorded.
 exposure_counts = Table(
     "exposure_counts",
     metadata,
     Column("experiment_id", Integer, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
     Column("epoch", Integer, primary_key=True),
+    Column("bucket_class", Integer, primary_key=True),
     Column("variant", String(64), primary_key=True),
     Column("units", BigInteger, nullable=False, default=0),
 )

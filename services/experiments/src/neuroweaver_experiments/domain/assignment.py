@@ -19,10 +19,29 @@ weights; here invalid weights are rejected with `InvalidArgument` (sum must be 1
 
 Everything is pure; `AssignmentPlan` precomputes the seed's hash state and a 10,000-entry bucket → variant
 table so the hot path is two short FNV loops and a list index.
+
+What the sample-ratio test may expect (`BucketClasses`). Each weight change starts a new epoch with its own
+plan. A unit's first exposure is the first time it is assigned while its bucket is inside the coverage of the
+plan of that moment (the assignment is stored then and sticky afterwards; outside the coverage nothing is
+stored). With coverage 1 every unit is stored on its first visit, so the units first exposed in epoch e are
+new units with uniform buckets and split as epoch e's buckets do. With coverage < 1 they are not: a unit seen
+in epoch 0 outside its coverage and coming back in epoch 1 has a bucket outside epoch 0's coverage, and the
+part of epoch 1's ranges that lies there can be far from epoch 1's weights (coverage 0.5, weights 0.5/0.5 →
+0.2/0.8: every such unit lands in the treatment). Which units come back is not recorded, but it does not need
+to be: group the buckets covered in epoch e by the set of earlier epochs that also covered them (their class).
+Whether a unit's first exposure falls in epoch e depends on its visits (independent of its hash) and on its
+bucket only through that set, so, given that it does and that its bucket is in class K, the bucket is uniform
+over K, and the units first exposed in (e, K) split over the variants exactly as epoch e's plan splits K's
+buckets. Each first exposure is therefore counted per (epoch, class key, variant), the key being the class's
+smallest bucket, and the test takes each (epoch, class) as a stratum with those shares
+(`experiment.srm_strata`, `statistics.srm_test_strata`). Memory is bounded by the classes (at most
+2 · variants · epochs + 1 per epoch), not by units. Not covered: for up to the assignment snapshot's TTL after a
+weight change, a replica still on the old plan may expose a unit another replica already saw under the new one.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +53,7 @@ __all__ = [
     "WEIGHT_SUM_TOLERANCE",
     "Assignment",
     "AssignmentPlan",
+    "BucketClasses",
     "assign",
     "bucket_ranges",
     "choose_variant",
@@ -44,6 +64,7 @@ __all__ = [
     "validate_coverage",
     "validate_variants",
     "validate_weights",
+    "variant_runs",
 ]
 
 BUCKETS = 10_000
@@ -163,6 +184,104 @@ def choose_variant(n: float, ranges: Sequence[tuple[float, float]]) -> int:
     return -1
 
 
+def variant_runs(weights: Sequence[float], coverage: float = 1.0) -> list[tuple[int, int, int]]:
+    """Each variant's buckets as ``(variant, first, end)`` (end exclusive; empty runs left out), with the SDK's float
+    comparisons (bucket / 10000 against the float range bounds). b / BUCKETS is monotonic in b, so each range owns
+    one contiguous run; where float rounding made two ranges overlap, the earlier variant keeps the bucket, as in
+    chooseVariation."""
+    runs: list[tuple[int, int, int]] = []
+    taken = 0  # buckets below this belong to an earlier variant
+    for idx, (lo, hi) in enumerate(bucket_ranges(weights, coverage)):
+        first = max(0, math.floor(lo * BUCKETS) - 1)
+        while first < BUCKETS and first / BUCKETS < lo:
+            first += 1
+        end = first
+        while end < BUCKETS and end / BUCKETS < hi:
+            end += 1
+        first = max(first, taken)
+        if first < end:
+            runs.append((idx, first, end))
+            taken = end
+    return runs
+
+
+class BucketClasses:
+    """The buckets of each epoch grouped by the earlier epochs whose plans covered them (see the module docstring).
+
+    A class is named by its key, the smallest bucket in it: stable for an epoch once the epoch exists (it depends
+    on the weights of that epoch and the earlier ones only) and recorded with each first exposure. The bucket line
+    is cut at every run boundary of every epoch; between two cuts every epoch's variant is constant, so classes
+    and shares come from the segments (at most 2·variants·epochs + 1), never from 10,000 buckets one by one.
+    """
+
+    __slots__ = ("_cuts", "_sizes", "_variant", "_keys", "_classes")
+
+    def __init__(self, weights_history: Sequence[Sequence[float]], coverage: float = 1.0) -> None:
+        epochs = [variant_runs(w, coverage) for w in weights_history]
+        self._sizes = [len(w) for w in weights_history]
+        cuts = sorted({0, BUCKETS} | {b for runs in epochs for _, first, end in runs for b in (first, end)})
+        self._cuts = cuts
+        at = {b: i for i, b in enumerate(cuts)}
+        # variant of each segment [cuts[s], cuts[s+1]) in each epoch (None: outside that epoch's coverage)
+        self._variant: list[list[int | None]] = []
+        for runs in epochs:
+            seg: list[int | None] = [None] * (len(cuts) - 1)
+            for idx, first, end in runs:
+                seg[at[first] : at[end]] = [idx] * (at[end] - at[first])
+            self._variant.append(seg)
+        # class key of each covered segment in each epoch, and each class's segments
+        self._keys: list[list[int | None]] = []
+        self._classes: list[dict[int, list[int]]] = []
+        covered = [0] * (len(cuts) - 1)  # bit e set: epoch e covered the segment
+        for e, seg in enumerate(self._variant):
+            by_signature: dict[int, int] = {}
+            keys: list[int | None] = [None] * len(seg)
+            classes: dict[int, list[int]] = {}
+            for s, variant in enumerate(seg):
+                if variant is None:
+                    continue
+                key = by_signature.setdefault(covered[s], cuts[s])  # segments in bucket order: the first is the smallest
+                keys[s] = key
+                classes.setdefault(key, []).append(s)
+                covered[s] |= 1 << e
+            self._keys.append(keys)
+            self._classes.append(classes)
+
+    @property
+    def epochs(self) -> int:
+        return len(self._variant)
+
+    def keys(self, epoch: int) -> list[int]:
+        """The class keys of `epoch`, smallest first."""
+        return sorted(self._classes[epoch])
+
+    def key(self, epoch: int, bucket: int) -> int | None:
+        """The class of `bucket` in `epoch`, None when the bucket is outside that epoch's coverage."""
+        return self._keys[epoch][bisect.bisect_right(self._cuts, bucket) - 1]
+
+    def table(self, epoch: int) -> list[int | None]:
+        """bucket → class key of `epoch` (None outside its coverage) for all 10,000 buckets: the hot path's lookup."""
+        out: list[int | None] = [None] * BUCKETS
+        for s, key in enumerate(self._keys[epoch]):
+            if key is not None:
+                out[self._cuts[s] : self._cuts[s + 1]] = [key] * (self._cuts[s + 1] - self._cuts[s])
+        return out
+
+    def shares(self, epoch: int, key: int) -> tuple[float, ...] | None:
+        """Share of the class's buckets that `epoch` assigns to each variant (what its new units must follow), or
+        None when `key` is no class of `epoch`."""
+        segments = self._classes[epoch].get(key) if 0 <= epoch < len(self._classes) else None
+        if not segments:
+            return None
+        counts = [0] * self._sizes[epoch]
+        for s in segments:
+            variant = self._variant[epoch][s]
+            assert variant is not None  # a class holds covered segments only
+            counts[variant] += self._cuts[s + 1] - self._cuts[s]
+        total = sum(counts)
+        return tuple(c / total for c in counts)
+
+
 # ------------------------------------------------------------------------------------------- assignment
 
 
@@ -207,18 +326,9 @@ class AssignmentPlan:
         self.coverage = validate_coverage(coverage)
         self.ranges = bucket_ranges(self.weights, self.coverage)
         self._seed_state = fnv1a32(seed)
-        # Same float comparisons as the SDK (n = bucket / 10000 against float range bounds), done once.
-        # b / BUCKETS is monotonic in b, so each range owns one contiguous run of buckets; the first range
-        # that holds a bucket wins, as in chooseVariation.
         table: list[int | None] = [None] * BUCKETS
-        for idx, (lo, hi) in enumerate(self.ranges):
-            b = max(0, math.floor(lo * BUCKETS) - 1)
-            while b < BUCKETS and b / BUCKETS < lo:
-                b += 1
-            while b < BUCKETS and b / BUCKETS < hi:
-                if table[b] is None:
-                    table[b] = idx
-                b += 1
+        for idx, first, end in variant_runs(self.weights, self.coverage):
+            table[first:end] = [idx] * (end - first)
         self._table = table
 
     def bucket(self, unit_id: str) -> int:

@@ -11,7 +11,7 @@ from enum import StrEnum
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Violations
 from neuroweaver_runtime.names import ID_PATTERN, ResourceName
 
-from .assignment import validate_coverage, validate_variants
+from .assignment import BucketClasses, validate_coverage, validate_variants
 from .statistics import DEFAULT_ALPHA, DEFAULT_MIN_SAMPLE_SIZE, AnalysisMethod, Direction, MetricKind, MetricSpec
 
 EXPERIMENT = ResourceName("projects/{project}/experiments/{experiment}")
@@ -23,6 +23,9 @@ METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_\-]{0,62}$")
 MAX_VARIANTS = 20
 MAX_METRICS = 50
+
+# Bucket class of first exposures counted before classes were recorded (migration 0005); see `srm_strata`.
+UNRECORDED_CLASS = -1
 
 # Fields UpdateExperiment may change. `variants` may change only the weights once the experiment has started.
 UPDATABLE = {
@@ -132,19 +135,30 @@ def apply_defaults(exp: Experiment, experiment_id: str) -> None:
     exp.significance_level = exp.significance_level or DEFAULT_ALPHA
 
 
-def srm_weights(variant_ids: list[str], weights_history: list[list[float]], exposures: dict[int, dict[str, int]]) -> list[float]:
-    """Expected share of each variant among exposed units when weights changed during the experiment: each
-    epoch's exposures are expected to follow that epoch's weights (Σ_e N_e·w_e,i / Σ_e N_e)."""
-    totals = {e: sum(c.values()) for e, c in exposures.items()}
-    n = sum(totals.values())
-    if n == 0 or not weights_history:
-        return list(weights_history[-1]) if weights_history else []
-    out = [0.0] * len(variant_ids)
-    for e, count in totals.items():
-        w = weights_history[min(e, len(weights_history) - 1)]
-        for i in range(len(variant_ids)):
-            out[i] += count * w[i] / n
-    return out
+def srm_strata(
+    variant_ids: list[str], weights_history: list[list[float]], coverage: float, exposures: dict[tuple[int, int], dict[str, int]]
+) -> list[tuple[list[int], list[float]]]:
+    """The sample-ratio test's strata (`statistics.srm_test_strata`): first exposures per (epoch, bucket class) with
+    the share of the class's buckets each variant has in that epoch (`assignment.BucketClasses`), which is what
+    assignment does with the units that class receives, whatever their history.
+
+    Counts stored before bucket classes were recorded (`UNRECORDED_CLASS`) are exact where their epoch has a
+    single class (epoch 0, or coverage 1); otherwise their shares are unknown and they are left out of the test.
+    """
+    classes = BucketClasses(weights_history, coverage)
+    strata: list[tuple[list[int], list[float]]] = []
+    for (epoch, key), counts in sorted(exposures.items()):
+        if not 0 <= epoch < classes.epochs:
+            continue
+        if key == UNRECORDED_CLASS:
+            keys = classes.keys(epoch)
+            if len(keys) != 1:
+                continue
+            key = keys[0]
+        shares = classes.shares(epoch, key)
+        if shares is not None:
+            strata.append(([counts.get(v, 0) for v in variant_ids], list(shares)))
+    return strata or [([0] * len(variant_ids), list(weights_history[-1]))]
 
 
 def validate_metric(spec: MetricSpec, path: str, v: Violations, *, guardrail: bool = False) -> None:

@@ -27,7 +27,9 @@ Methods (all two-sided, level `alpha`):
   is relative to the control mean's magnitude (absolute margin ``tolerance · |m_c|``, 0 when m_c = 0).
 * Several treatments: Holm–Bonferroni adjusted p-values (fixed-horizon and sequential alike).
 * Sample-ratio mismatch: chi-square goodness of fit of exposed units against the expected weights
-  (= scipy `chisquare`); p < 0.001 means the assignment is broken.
+  (= scipy `chisquare`); p < 0.001 means the assignment is broken. When the expected shares differ between
+  groups of units (after weight changes: first exposures per epoch and bucket class, see
+  `domain.assignment`), the groups are strata of one test whose covariance follows them (`srm_test_strata`).
 * Sequential: normal-mixture mSPRT (Johari, Pekelis, Walsh, "Always valid inference", 2017; Optimizely's
   stats engine). For an asymptotically normal estimate θ̂ with variance V and mixing distribution
   θ ~ N(θ0, τ²), ``Λ = √(V/(V+τ²)) · exp(τ²(θ̂−θ0)² / (2V(V+τ²)))``; the always-valid p-value is
@@ -44,11 +46,13 @@ are NaN) are 1.0 and their intervals are (−inf, inf): such data never produces
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+import numpy as np
 from scipy import special
 
 from neuroweaver_runtime.errors import InvalidArgument
@@ -90,6 +94,7 @@ __all__ = [
     "relative_lift",
     "required_sample_size",
     "srm_test",
+    "srm_test_strata",
     "summarize",
     "two_proportion_z_test",
     "unit_value",
@@ -471,25 +476,70 @@ def srm_test(counts: Sequence[int], weights: Sequence[float], threshold: float =
     Variants with weight 0 are left out of the test, unless they have units (then p = 0: units landed where
     none may). With no units at all p = 1.
     """
-    if len(counts) != len(weights):
-        raise InvalidArgument(f"{len(counts)} counts for {len(weights)} weights", field="counts", reason="SRM_SHAPE_MISMATCH")
-    total = sum(counts)
-    wsum = math.fsum(weights)
-    expected = tuple(total * w / wsum for w in weights) if wsum > 0 else tuple(0.0 for _ in weights)
-    observed = tuple(int(c) for c in counts)
-    if any(c < 0 for c in observed):
-        raise InvalidArgument("unit counts must be >= 0", field="counts", reason="INVALID_COUNT")
-    if total == 0:
-        return SrmResult(0.0, max(0, len(counts) - 1), 1.0, False, observed, expected)
-    if any(e == 0 and o > 0 for o, e in zip(observed, expected, strict=True)):
-        return SrmResult(_INF, len(counts) - 1, 0.0, True, observed, expected)
-    cells = [(o, e) for o, e in zip(observed, expected, strict=True) if e > 0]
-    df = len(cells) - 1
+    return srm_test_strata([(counts, weights)], threshold)
+
+
+def srm_test_strata(strata: Sequence[tuple[Sequence[int], Sequence[float]]], threshold: float = SRM_THRESHOLD) -> SrmResult:
+    """Sample-ratio test over independent strata, each ``(units per variant, expected share of each variant)``.
+
+    Within a stratum the number of units N_s is taken as given and its units split over the variants as a
+    multinomial with the stratum's shares p_s. The test pools the deviations, ``D = Σ_s (O_s − N_s·p_s)``, whose
+    covariance under the null is ``C = Σ_s N_s·(diag p_s − p_s p_sᵀ)``, and refers ``Dᵀ C⁺ D`` to χ² with rank(C)
+    degrees of freedom. With one stratum this is Pearson's statistic with k − 1 df (= scipy `chisquare`, computed
+    that way); a stratum whose units can only go to one variant adds nothing to D or C. Pooling (rather than a
+    sum of per-stratum statistics) keeps the degrees of freedom at k − 1, so a variant that loses a fraction of
+    its units in every stratum is found with the power of a single test. Units in a variant its stratum gives
+    share 0 make p = 0 (they landed where none may); with no units at all p = 1. `observed` and `expected` are
+    the pooled counts (Σ_s O_s and Σ_s N_s·p_s).
+    """
+    k = len(strata[0][0]) if strata else 0
+    observed = [0] * k
+    expected = [0.0] * k
+    live: list[tuple[list[int], list[float], int]] = []
+    impossible = False
+    for counts, weights in strata:
+        if len(counts) != k or len(weights) != k:
+            raise InvalidArgument(
+                f"{len(counts)} counts for {len(weights)} weights (expected {k} each)",
+                field="counts",
+                reason="SRM_SHAPE_MISMATCH",
+            )
+        obs = [int(c) for c in counts]
+        if any(c < 0 for c in obs):
+            raise InvalidArgument("unit counts must be >= 0", field="counts", reason="INVALID_COUNT")
+        n = sum(obs)
+        wsum = math.fsum(weights)
+        shares = [w / wsum for w in weights] if wsum > 0 else [0.0] * k
+        for i in range(k):
+            observed[i] += obs[i]
+            expected[i] += n * shares[i]
+        if n:
+            impossible = impossible or any(o > 0 and p == 0 for o, p in zip(obs, shares, strict=True))
+            live.append((obs, shares, n))
+    result = functools.partial(SrmResult, observed=tuple(observed), expected=tuple(expected))
+    if not live:
+        return result(0.0, max(0, k - 1), 1.0, False)
+    if impossible:
+        return result(_INF, k - 1, 0.0, True)
+    if len(live) == 1:
+        cells = [(o, e) for o, e in zip(observed, expected, strict=True) if e > 0]
+        df = len(cells) - 1
+        stat = math.fsum((o - e) ** 2 / e for o, e in cells)
+    else:
+        d = np.zeros(k)
+        cov = np.zeros((k, k))
+        for obs, shares, n in live:
+            p = np.asarray(shares)
+            d += np.asarray(obs, dtype=float) - n * p
+            cov += n * (np.diag(p) - np.outer(p, p))
+        eigenvalues, vectors = np.linalg.eigh(cov)
+        keep = eigenvalues > eigenvalues.max(initial=0.0) * 1e-9
+        df = int(keep.sum())
+        stat = float(np.sum((vectors[:, keep].T @ d) ** 2 / eigenvalues[keep])) if df else 0.0
     if df < 1:
-        return SrmResult(0.0, 0, 1.0, False, observed, expected)
-    stat = math.fsum((o - e) ** 2 / e for o, e in cells)
-    p = float(special.chdtrc(df, stat))
-    return SrmResult(stat, df, p, p < threshold, observed, expected)
+        return result(0.0, 0, 1.0, False)
+    p_value = float(special.chdtrc(df, stat))
+    return result(stat, df, p_value, p_value < threshold)
 
 
 # ------------------------------------------------------------------------------------------- sequential
@@ -1008,10 +1058,13 @@ def analyze_experiment(
     effect_size: float = DEFAULT_EFFECT_SIZE,
     previous: Mapping[str, Mapping[str, SequentialState]] | None = None,
     decided: DecisionOutcome | None = None,
+    srm_strata: Sequence[tuple[Sequence[int], Sequence[float]]] | None = None,
 ) -> ExperimentAnalysis:
     """Analyse a whole experiment. Variants are ordered as `variant_ids` (control first); a variant missing
     from a stats mapping or from `exposures` counts as empty. `previous` maps metric name → variant id →
-    `SequentialState` from the last look; `decided` is a FIXED_HORIZON test's stored decision (see `decide`)."""
+    `SequentialState` from the last look; `decided` is a FIXED_HORIZON test's stored decision (see `decide`).
+    `srm_strata` are the exposures as strata with their own expected shares (`srm_test_strata`); without them
+    the sample-ratio test is `exposures` against `weights`."""
     prev = previous or {}
 
     def run(spec: MetricSpec, by_variant: Mapping[str, SufficientStats], is_guardrail: bool) -> MetricResult:
@@ -1029,5 +1082,8 @@ def analyze_experiment(
     p = run(*primary, False)
     gs = tuple(run(s, d, True) for s, d in guardrails)
     ss = tuple(run(s, d, False) for s, d in secondary)
-    srm = srm_test([exposures.get(v, 0) for v in variant_ids], weights)
+    if srm_strata is None:
+        srm = srm_test([exposures.get(v, 0) for v in variant_ids], weights)
+    else:
+        srm = srm_test_strata(srm_strata)
     return ExperimentAnalysis(p, gs, ss, srm, decide(p, gs, srm, config, decided))

@@ -5,7 +5,8 @@ re-validated against the stored revision at most once per `snapshot_ttl` seconds
 writes), a hash, and a dict lookup of the unit's sticky variant. Only a unit this process has not seen goes
 to the database, and it does not go alone: `AssignmentWriter` gathers the new units of all concurrent
 requests and writes them in one transaction (`INSERT ... ON CONFLICT DO NOTHING`, then reads back the units
-some other writer stored first, then adds the first exposures per variant), and every waiting request is
+some other writer stored first, then counts the first exposures per epoch, bucket class and variant: what the
+sample-ratio test expects, see `domain.assignment`), and every waiting request is
 answered after that commit. So an answered assignment is durable, and throughput does not cost one
 transaction per request.
 """
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from neuroweaver_runtime.errors import InvalidArgument, NotFound
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..domain.assignment import Assignment, AssignmentPlan
-from ..domain.experiment import EXPERIMENT, Experiment
+from ..domain.assignment import Assignment, AssignmentPlan, BucketClasses
+from ..domain.experiment import EXPERIMENT, UNRECORDED_CLASS, Experiment
 from .ports import UnitOfWorkFactory
 
 MAX_CACHED_UNITS = 2_000_000  # per process; the cache is cleared when it grows past this (the store stays exact)
@@ -33,6 +34,8 @@ class Snapshot:
     experiment: Experiment
     plan: AssignmentPlan
     checked: float
+    # bucket → bucket class of the current epoch (None outside its coverage), recorded with each first exposure
+    classes: list[int | None] = field(default_factory=list)
     # Units of the current plan that are outside the coverage and have no stored assignment.
     outside: set[str] = field(default_factory=set)
     # unit → rendered reply (the API layer's response object) of units whose answer cannot change while this
@@ -72,23 +75,24 @@ class AssignmentWriter:
     def __init__(self, uow: UnitOfWorkFactory, cache: StickyCache) -> None:
         self.uow = uow
         self.cache = cache
-        # experiment id → (epoch, unit → (variant or None for lookup-only, bucket, futures))
-        self._pending: dict[int, tuple[int, dict[str, tuple[str | None, int, list[asyncio.Future]]]]] = {}
+        # experiment id → unit → (variant or None for lookup-only, bucket, epoch, bucket class, futures); epoch and
+        # class per unit: requests of one batch may come from snapshots on either side of a weight change
+        self._pending: dict[int, dict[str, tuple[str | None, int, int, int, list[asyncio.Future]]]] = {}
         self._task: asyncio.Task | None = None
 
-    async def resolve(self, experiment_id: int, epoch: int, items: list[tuple[str, str | None, int]]) -> list[str | None]:
-        """For each (unit, fresh variant or None, bucket): the stored variant after this call (inserting the
-        fresh one when the unit has none), or None when the unit has none and `fresh` was None."""
+    async def resolve(self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]) -> list[str | None]:
+        """For each (unit, fresh variant or None, bucket, epoch, bucket class): the stored variant after this call
+        (inserting the fresh one when the unit has none), or None when the unit has none and `fresh` was None."""
         loop = asyncio.get_running_loop()
-        _, units = self._pending.setdefault(experiment_id, (epoch, {}))
+        units = self._pending.setdefault(experiment_id, {})
         futures = []
-        for unit, variant, bucket in items:
+        for unit, variant, bucket, epoch, klass in items:
             fut = loop.create_future()
             entry = units.get(unit)
             if entry is None:
-                units[unit] = (variant, bucket, [fut])
+                units[unit] = (variant, bucket, epoch, klass, [fut])
             else:
-                entry[2].append(fut)
+                entry[4].append(fut)
             futures.append(fut)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -101,16 +105,16 @@ class AssignmentWriter:
             try:
                 results = await self._write(batch)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
-                for _, units in batch.values():
-                    for _, _, futs in units.values():
+                for units in batch.values():
+                    for *_, futs in units.values():
                         for f in futs:
                             if not f.done():
                                 f.set_exception(exc)
                 continue
-            for exp_id, (_, units) in batch.items():
+            for exp_id, units in batch.items():
                 stored = results[exp_id]
                 self.cache.put_many(exp_id, {u: v for u, v in stored.items() if v is not None})
-                for unit, (_, _, futs) in units.items():
+                for unit, (*_, futs) in units.items():
                     for f in futs:
                         if not f.done():
                             f.set_result(stored.get(unit))
@@ -120,9 +124,9 @@ class AssignmentWriter:
         out: dict[int, dict[str, str | None]] = {}
         async with self.uow.transaction() as uow:
             for exp_id in sorted(batch):
-                epoch, units = batch[exp_id]
-                rows = sorted((u, v, b) for u, (v, b, _) in units.items() if v is not None)
-                inserted = await uow.assignments.add(exp_id, epoch, rows, now)  # PostgreSQL: one round trip
+                units = batch[exp_id]
+                rows = sorted((u, v, b, e, k) for u, (v, b, e, k, _) in units.items() if v is not None)
+                inserted = await uow.assignments.add(exp_id, rows, now)  # PostgreSQL: one round trip
                 others = [u for u in units if u not in inserted]
                 stored: dict[str, str | None] = dict(await uow.assignments.stored(exp_id, others))
                 for u in inserted:
@@ -187,7 +191,9 @@ class Assigner:
                 exp = await uow.experiments.get(name)
             if exp is None:
                 raise NotFound(f"experiment {name} does not exist", reason="EXPERIMENT_NOT_FOUND", metadata={"experiment": name})
-            fresh = Snapshot(exp.key, exp, AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage), now)
+            plan = AssignmentPlan(exp.hash_seed, exp.weights, exp.coverage)
+            classes = BucketClasses(exp.weights_history or [exp.weights], exp.coverage).table(exp.epoch)
+            fresh = Snapshot(exp.key, exp, plan, now, classes=classes)
             if self._loading.get(name) is this:
                 self._snapshots[name] = fresh
             return fresh
@@ -216,8 +222,12 @@ class Assigner:
             else:
                 todo.append((i, unit, fresh))
         if todo:
-            items = [(unit, ids[a.variant] if a.variant is not None else None, a.bucket) for _, unit, a in todo]
-            stored_variants = await self.writer.resolve(snap.id, exp.epoch, items)
+            items: list[tuple[str, str | None, int, int, int]] = []
+            for _, unit, a in todo:
+                klass = snap.classes[a.bucket]  # None exactly where a.variant is None: same plan
+                variant = None if a.variant is None else ids[a.variant]
+                items.append((unit, variant, a.bucket, exp.epoch, UNRECORDED_CLASS if klass is None else klass))
+            stored_variants = await self.writer.resolve(snap.id, items)
             for (i, unit, fresh), stored in zip(todo, stored_variants, strict=True):
                 if stored is not None and stored in index:
                     results[i] = Assignment(index[stored], fresh.bucket, sticky=True)
