@@ -59,7 +59,7 @@ def build(config: ExperimentsConfig) -> GrpcService:
         migrate=config.migrate,
         default_port=DEFAULT_PORT,
         default_metrics_port=DEFAULT_METRICS_PORT,
-        on_stop=[deployer.close, registry.close],
+        on_stop=[service.close, deployer.close, registry.close],
     )
     grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests
     grpc_service.db = db  # type: ignore[attr-defined]

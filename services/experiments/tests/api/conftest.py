@@ -1,19 +1,20 @@
 """In-process servers for API tests: experiments (SQLite and PostgreSQL), a real registry, a stand-in deployer.
 
-The deployer stand-in implements only `GetDeployment` (the one RPC the experiments service calls); it
+The deployer stand-in implements `GetDeployment` and `WatchDeployment` (the RPCs the experiments service calls); it
 answers from a dict the tests fill, so StartExperiment resolves endpoints through the real generated stub.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 
 import grpc
 import pytest
 
 from neuroweaver.common.v1 import common_pb2 as cpb
+from neuroweaver.deployer.v1 import deployer_service_pb2, deployment_pb2
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
-from neuroweaver.deployer.v1 import deployment_pb2
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from neuroweaver_experiments.app import ExperimentsConfig, build
@@ -31,6 +32,13 @@ class FakeDeployer(deployer_grpc.DeployerServiceServicer):
         if d is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.name} not found")
         return d
+
+    async def WatchDeployment(self, request, context):
+        d = self.deployments.get(request.name)
+        if d is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.name} not found")
+        yield deployer_service_pb2.WatchDeploymentResponse(deployment=d)
+        await asyncio.Event().wait()  # no later change: open until the watcher leaves
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ SQLite. The API tests run the same use cases on the SQL repositories (SQLite and
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +31,7 @@ class Store:
     last_key: int = 0
     experiments: dict[str, tuple[str, Experiment]] = field(default_factory=dict)  # name → (project, experiment)
     assignments: dict[tuple[int, str], str] = field(default_factory=dict)  # (experiment key, unit) → variant
-    exposures: dict[tuple[int, int, int, str], int] = field(default_factory=dict)  # (key, epoch, class, variant) → units
+    exposures: dict[tuple[int, int, str], int] = field(default_factory=dict)  # (key, epoch, variant) → units
     events: list[tuple[int, str, str, float, datetime, str | None]] = field(default_factory=list)
     unit_metrics: dict[tuple[int, str, str], list] = field(default_factory=dict)  # (key, metric, unit) → [n, Σ, positives]
     variant_stats: dict[tuple[int, str, str], SufficientStats] = field(default_factory=dict)
@@ -89,21 +90,20 @@ class FakeAssignments(_Repo):
     async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
         return {u: self.store.assignments[(key, u)] for u in units if (key, u) in self.store.assignments}
 
-    async def add(self, key: int, rows: Sequence[tuple[str, str, int, int, int]], now: datetime) -> set[str]:
+    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
         inserted = set()
-        for unit, variant, _, epoch, klass in rows:
+        for unit, variant, _ in rows:
             if (key, unit) not in self.store.assignments:
                 self.store.assignments[(key, unit)] = variant
-                cell = (key, epoch, klass, variant)
-                self.store.exposures[cell] = self.store.exposures.get(cell, 0) + 1
+                self.store.exposures[(key, epoch, variant)] = self.store.exposures.get((key, epoch, variant), 0) + 1
                 inserted.add(unit)
         return inserted
 
-    async def exposures(self, key: int) -> dict[tuple[int, int], dict[str, int]]:
-        out: dict[tuple[int, int], dict[str, int]] = {}
-        for (k, epoch, klass, variant), n in self.store.exposures.items():
+    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for (k, epoch, variant), n in self.store.exposures.items():
             if k == key:
-                out.setdefault((epoch, klass), {})[variant] = n
+                out.setdefault(epoch, {})[variant] = n
         return out
 
 
@@ -187,11 +187,39 @@ class FakeUnitOfWorkFactory:
 
 
 class FakeDeployer:
+    """Endpoints from a dict; `move` changes one (as a deployer restart does) and wakes the watches; while `outage`
+    is set, watches fail with it (the deployer is unreachable)."""
+
     def __init__(self) -> None:
         self.endpoints: dict[str, object] = {}
+        self.outage: DomainError | None = None
+        self._watches: set[asyncio.Event] = set()
 
     async def endpoint(self, deployment: str) -> object:
         return self.endpoints[deployment]
+
+    def move(self, deployment: str, endpoint: object) -> None:
+        self.endpoints[deployment] = endpoint
+        for woken in self._watches:
+            woken.set()
+
+    def fail(self, outage: DomainError | None) -> None:
+        self.outage = outage
+        for woken in self._watches:
+            woken.set()
+
+    async def watch(self, deployment: str) -> AsyncIterator[object]:
+        woken = asyncio.Event()
+        self._watches.add(woken)
+        try:
+            while True:
+                if self.outage is not None:
+                    raise self.outage
+                yield self.endpoints[deployment]
+                woken.clear()
+                await woken.wait()
+        finally:
+            self._watches.discard(woken)
 
 
 class FakeRegistry:
@@ -220,8 +248,9 @@ class Fakes:
 
 
 @pytest.fixture
-def fakes() -> Fakes:
+async def fakes() -> AsyncIterator[Fakes]:
     uow, deployer, registry = FakeUnitOfWorkFactory(), FakeDeployer(), FakeRegistry()
     # snapshot_ttl 0: every call revalidates its snapshot against the store (as another replica's writes would need)
     service = ExperimentsService(uow, PageTokens("unit-test-secret"), deployer, registry, snapshot_ttl=0.0)
-    return Fakes(service, uow, deployer, registry)
+    yield Fakes(service, uow, deployer, registry)
+    await service.close()  # the endpoint watches

@@ -1,4 +1,5 @@
-"""Other services, through their generated stubs: the deployer (variant endpoints) and the registry (promotion).
+"""Other services, through their generated stubs: the deployer (variant endpoints, resolved and watched) and the
+registry (promotion).
 Both are runtime `ServiceClient`s (channel opened on first use; token, TLS and deadline from the service's settings).
 
 Remote failures become domain errors a caller can act on: an unreachable service is UNAVAILABLE
@@ -8,6 +9,7 @@ reason, anything the remote rejects is FAILED_PRECONDITION naming the remote rea
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -40,19 +42,33 @@ class DeployerClient(ServiceClient):
         try:
             d = await stub.GetDeployment(deployer_pb.GetDeploymentRequest(name=deployment))
         except grpc.aio.AioRpcError as err:
-            if err.code() in _UNREACHABLE:
-                raise Unavailable(
-                    f"deployer at {self.target} is unreachable ({err.code().name}: {err.details()}); "
-                    f"cannot resolve the endpoint of {deployment}. Start the deployer or fix --deployer-target, then retry",
-                    reason="DEPLOYER_UNAVAILABLE",
-                    metadata={"deployer_target": self.target, "deployment": deployment},
-                ) from None
-            raise FailedPrecondition(
-                f"deployer rejected deployment {deployment}: {err.code().name}: {err.details()}",
-                reason="DEPLOYMENT_NOT_FOUND" if err.code() == grpc.StatusCode.NOT_FOUND else "DEPLOYMENT_UNUSABLE",
-                metadata={"deployment": deployment, "remote_reason": _remote_reason(err)},
-            ) from None
+            raise self._error(err, deployment) from None
         return DeploymentEndpoint(d.endpoint, d.openai_base_url)
+
+    async def watch(self, deployment: str) -> AsyncIterator[DeploymentEndpoint]:
+        """WatchDeployment: the endpoint now, then at every change of the deployment; ends when it is deleted."""
+        call = self.stub(deployer_grpc.DeployerServiceStub).WatchDeployment(deployer_pb.WatchDeploymentRequest(name=deployment))
+        try:
+            async for message in call:
+                yield DeploymentEndpoint(message.deployment.endpoint, message.deployment.openai_base_url)
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err, deployment) from None
+        finally:
+            call.cancel()
+
+    def _error(self, err: grpc.aio.AioRpcError, deployment: str) -> Unavailable | FailedPrecondition:
+        if err.code() in _UNREACHABLE:
+            return Unavailable(
+                f"deployer at {self.target} is unreachable ({err.code().name}: {err.details()}); "
+                f"cannot resolve the endpoint of {deployment}. Start the deployer or fix --deployer-target, then retry",
+                reason="DEPLOYER_UNAVAILABLE",
+                metadata={"deployer_target": self.target, "deployment": deployment},
+            )
+        return FailedPrecondition(
+            f"deployer rejected deployment {deployment}: {err.code().name}: {err.details()}",
+            reason="DEPLOYMENT_NOT_FOUND" if err.code() == grpc.StatusCode.NOT_FOUND else "DEPLOYMENT_UNUSABLE",
+            metadata={"deployment": deployment, "remote_reason": _remote_reason(err)},
+        )
 
 
 class RegistryClient(ServiceClient):

@@ -28,12 +28,13 @@ from ..domain.experiment import (
     check_metric_kinds_kept,
     check_weights_only,
     require_running,
-    srm_strata,
+    srm_weights,
     transition,
     validate_experiment,
 )
 from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
 from .assignments import Assigner, Snapshot
+from .endpoints import LiveEndpoints
 from .ingest import EventBatch, Ingestor, IngestResult
 from .ports import ExperimentRepository, UnitOfWorkFactory, VariantEndpoints, VersionAliases
 
@@ -66,6 +67,11 @@ class ExperimentsService:
         self.registry = registry
         self.assigner = Assigner(uow, snapshot_ttl=snapshot_ttl)
         self.ingestor = Ingestor(uow, self.assigner)
+        # Variants' endpoints as the deployer reports them now (they move when it restarts), not as stored at start.
+        self.endpoints = LiveEndpoints(deployer, self.assigner.invalidate)
+
+    async def close(self) -> None:
+        await self.endpoints.close()
 
     @staticmethod
     async def _get(repo: ExperimentRepository, name: str, *, lock: bool = False, field: str = "name") -> Experiment:
@@ -113,7 +119,9 @@ class ExperimentsService:
 
     async def get(self, name: str) -> Experiment:
         async with self.uow.transaction() as uow:
-            return await self._get(uow.experiments, name)
+            exp = await self._get(uow.experiments, name)
+        await self.endpoints.apply(exp)
+        return exp
 
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
@@ -272,6 +280,8 @@ class ExperimentsService:
                 )
         snap = await self.assigner.snapshot(experiment)
         require_running(snap.experiment, "units are assigned")
+        if await self.endpoints.apply(snap.experiment):
+            snap.replies.clear()  # rendered with the endpoints it had before
         return snap, await self.assigner.assign_many(snap, units)
 
     # -- metrics ---------------------------------------------------------------------------------
@@ -294,10 +304,10 @@ class ExperimentsService:
             decided = await uow.metrics.horizon_decision(exp.key) if fixed else None
             ids = exp.variant_ids
             exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
-            strata = srm_strata(ids, exp.weights_history or [exp.weights], exp.coverage, exposures)
+            weights = srm_weights(ids, exp.weights_history or [exp.weights], exposures)
             analysis = analyze_experiment(
                 ids,
-                exp.weights,
+                weights,
                 exposed,
                 (exp.primary_metric, stats.get(exp.primary_metric.name, {})),
                 [(g, stats.get(g.name, {})) for g in exp.guardrail_metrics],
@@ -307,7 +317,6 @@ class ExperimentsService:
                 config=DecisionConfig(min_sample_size=exp.min_sample_size),
                 previous=previous,
                 decided=decided,
-                srm_strata=strata,
             )
             if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
                 await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())

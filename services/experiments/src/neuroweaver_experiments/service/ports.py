@@ -7,7 +7,7 @@ an opaque keyset cursor (a list of JSON values) that the use cases sign into pag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -49,13 +49,12 @@ class AssignmentRepository(Protocol):
     async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
         """unit → variant for the units that have a sticky assignment."""
 
-    async def add(self, key: int, rows: Sequence[tuple[str, str, int, int, int]], now: datetime) -> set[str]:
-        """Inserts the (unit, variant, bucket, epoch, bucket class) rows whose unit has no assignment yet and counts
-        the inserted ones as first exposures of their (epoch, bucket class, variant); returns the units actually
-        inserted. Rows sorted by unit (lock order)."""
+    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        """Inserts the (unit, variant, bucket) rows that are not there yet and counts the inserted ones as first
+        exposures of `epoch`; returns the units actually inserted. Rows sorted by unit (lock order)."""
 
-    async def exposures(self, key: int) -> dict[tuple[int, int], dict[str, int]]:
-        """(epoch, bucket class) → variant → first exposures."""
+    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
+        """epoch → variant → exposed units."""
 
 
 class MetricRepository(Protocol):
@@ -129,6 +128,10 @@ class VariantEndpoints(Protocol):
     """The deployer: where a variant's deployment serves (UNAVAILABLE / FAILED_PRECONDITION as domain errors)."""
 
     async def endpoint(self, deployment: str) -> Endpoint: ...
+
+    def watch(self, deployment: str) -> AsyncIterator[Endpoint]:
+        """The deployment's endpoint now, then again whenever the deployment changes; ends when it is deleted."""
+        ...
 
 
 class VersionAliases(Protocol):
