@@ -31,7 +31,7 @@ class Store:
     last_key: int = 0
     experiments: dict[str, tuple[str, Experiment]] = field(default_factory=dict)  # name → (project, experiment)
     assignments: dict[tuple[int, str], str] = field(default_factory=dict)  # (experiment key, unit) → variant
-    exposures: dict[tuple[int, int, str], int] = field(default_factory=dict)  # (key, epoch, variant) → units
+    exposures: dict[tuple[int, int, int, str], int] = field(default_factory=dict)  # (key, epoch, class, variant) → units
     events: list[tuple[int, str, str, float, datetime, str | None]] = field(default_factory=list)
     unit_metrics: dict[tuple[int, str, str], list] = field(default_factory=dict)  # (key, metric, unit) → [n, Σ, positives]
     variant_stats: dict[tuple[int, str, str], SufficientStats] = field(default_factory=dict)
@@ -90,20 +90,21 @@ class FakeAssignments(_Repo):
     async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
         return {u: self.store.assignments[(key, u)] for u in units if (key, u) in self.store.assignments}
 
-    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+    async def add(self, key: int, rows: Sequence[tuple[str, str, int, int, int]], now: datetime) -> set[str]:
         inserted = set()
-        for unit, variant, _ in rows:
+        for unit, variant, _, epoch, klass in rows:
             if (key, unit) not in self.store.assignments:
                 self.store.assignments[(key, unit)] = variant
-                self.store.exposures[(key, epoch, variant)] = self.store.exposures.get((key, epoch, variant), 0) + 1
+                cell = (key, epoch, klass, variant)
+                self.store.exposures[cell] = self.store.exposures.get(cell, 0) + 1
                 inserted.add(unit)
         return inserted
 
-    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
-        out: dict[int, dict[str, int]] = {}
-        for (k, epoch, variant), n in self.store.exposures.items():
+    async def exposures(self, key: int) -> dict[tuple[int, int], dict[str, int]]:
+        out: dict[tuple[int, int], dict[str, int]] = {}
+        for (k, epoch, klass, variant), n in self.store.exposures.items():
             if k == key:
-                out.setdefault(epoch, {})[variant] = n
+                out.setdefault((epoch, klass), {})[variant] = n
         return out
 
 

@@ -28,7 +28,7 @@ from ..domain.experiment import (
     check_metric_kinds_kept,
     check_weights_only,
     require_running,
-    srm_weights,
+    srm_strata,
     transition,
     validate_experiment,
 )
@@ -304,10 +304,10 @@ class ExperimentsService:
             decided = await uow.metrics.horizon_decision(exp.key) if fixed else None
             ids = exp.variant_ids
             exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
-            weights = srm_weights(ids, exp.weights_history or [exp.weights], exposures)
+            strata = srm_strata(ids, exp.weights_history or [exp.weights], exp.coverage, exposures)
             analysis = analyze_experiment(
                 ids,
-                weights,
+                exp.weights,
                 exposed,
                 (exp.primary_metric, stats.get(exp.primary_metric.name, {})),
                 [(g, stats.get(g.name, {})) for g in exp.guardrail_metrics],
@@ -317,6 +317,7 @@ class ExperimentsService:
                 config=DecisionConfig(min_sample_size=exp.min_sample_size),
                 previous=previous,
                 decided=decided,
+                srm_strata=strata,
             )
             if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
                 await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())

@@ -49,12 +49,13 @@ class AssignmentRepository(Protocol):
     async def stored(self, key: int, units: Sequence[str]) -> dict[str, str]:
         """unit → variant for the units that have a sticky assignment."""
 
-    async def add(self, key: int, epoch: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
-        """Inserts the (unit, variant, bucket) rows that are not there yet and counts the inserted ones as first
-        exposures of `epoch`; returns the units actually inserted. Rows sorted by unit (lock order)."""
+    async def add(self, key: int, rows: Sequence[tuple[str, str, int, int, int]], now: datetime) -> set[str]:
+        """Inserts the (unit, variant, bucket, epoch, bucket class) rows whose unit has no assignment yet and counts
+        the inserted ones as first exposures of their (epoch, bucket class, variant); returns the units actually
+        inserted. Rows sorted by unit (lock order)."""
 
-    async def exposures(self, key: int) -> dict[int, dict[str, int]]:
-        """epoch → variant → exposed units."""
+    async def exposures(self, key: int) -> dict[tuple[int, int], dict[str, int]]:
+        """(epoch, bucket class) → variant → first exposures."""
 
 
 class MetricRepository(Protocol):
