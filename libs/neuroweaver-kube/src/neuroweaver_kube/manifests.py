@@ -35,14 +35,21 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 # Kinds in the order they are applied (dependencies first; monitoring CRDs last).
+# Namespaces, identities and their permissions, policies and config before the workloads that use them (kubectl's
+# order): a pod never starts before its Role binding or the NetworkPolicy that should confine it.
 APPLY_ORDER = (
     "Namespace",
     "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "NetworkPolicy",
     "Secret",
     "ConfigMap",
     "PersistentVolumeClaim",
     "Service",
+    "Endpoints",
     "Deployment",
+    "StatefulSet",
     "Job",
     "HorizontalPodAutoscaler",
     "PodDisruptionBudget",
