@@ -42,8 +42,8 @@ NAME = "projects/default/deployments/advisor-rollover"
 MODEL = f"advisor@{ALIAS}"  # a stable name: what a caller that wants "whatever the alias serves" sends
 HEADER = "x-neuroweaver-model-version"
 CLIENT_DEADLINE = 240.0  # every client loop ends by then at the latest, whatever happens to the test
-STREAM_TOKEN_LIMIT = 512  # the deployment's max_new_tokens_limit
-STREAM_SECONDS = 1.5  # how long a stream lasts when the deployment is idle (longer under the load)
+STREAM_TOKEN_LIMIT = 128  # the deployment's max_new_tokens_limit; longer streams would only slow the rollovers
+STREAM_SECONDS = 1.0  # about how long a stream lasts next to the short calls (longer while replicas start)
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ class Load:
     """Eight short-call clients and two streaming ones calling until `stop`; per short-call client the versions that
     served its calls, in order; every answered call and stream (`calls`, `streams`); failures."""
 
-    def __init__(self, endpoint: str, openai_base_url: str, stream_tokens: int) -> None:
-        self.endpoint, self.openai_base_url, self.stream_tokens = endpoint, openai_base_url, stream_tokens
+    def __init__(self, endpoint: str, openai_base_url: str) -> None:
+        self.endpoint, self.openai_base_url = endpoint, openai_base_url
+        self.stream_tokens = 0  # max_tokens of each stream, sized by `start_streams`
         self.served: dict[str, list[str]] = {f"grpc-{i}": [] for i in range(4)} | {f"openai-{i}": [] for i in range(4)}
         self.calls: list[Call] = []
         self.streams: list[Call] = []
@@ -127,12 +128,13 @@ class Load:
                     messages = [m async for m in call]
                 except grpc.aio.AioRpcError as exc:
                     self.failures.append((key, f"{exc.code().name}: {exc.details()}"))
+                    await self._pace()
                 else:
                     last = messages[-1] if messages else isvc.GenerateStreamResponse()
                     if last.finish_reason == ipb.FINISH_REASON_UNSPECIFIED or last.model_version != version or not version:
                         self.failures.append((key, f"stream started on {version!r} ended with {last}"))
                     self.streams.append(Call(key, version, started, time.monotonic()))
-                await self._pace()
+                # No pause after a stream: one is open (almost) all the time, so also at each switch.
 
     async def openai_stream_client(self, key: str) -> None:
         async with openai.AsyncOpenAI(base_url=self.openai_base_url, api_key="-", max_retries=0, timeout=120) as client:
@@ -147,6 +149,7 @@ class Load:
                         chunks = [c async for c in await streamed.parse()]
                 except openai.APIError as exc:  # an error event mid-stream too
                     self.failures.append((key, f"{type(exc).__name__}: {exc}"))
+                    await self._pace()
                 else:
                     finish = chunks[-1].choices[0].finish_reason if chunks and chunks[-1].choices else None
                     fingerprints = {c.system_fingerprint or "" for c in chunks}  # every chunk: the version serving it
@@ -154,12 +157,19 @@ class Load:
                     if finish is None or not version or not same:
                         self.failures.append((key, f"stream started on {version!r} ended {finish!r} {chunks[-1:]}"))
                     self.streams.append(Call(key, version, started, time.monotonic()))
-                await self._pace()
+                # No pause after a stream: one is open (almost) all the time, so also at each switch.
 
     def start(self) -> list[asyncio.Task]:
-        clients = [self.grpc_client(k) if k.startswith("grpc") else self.openai_client(k) for k in self.served]
-        clients += [self.grpc_stream_client("grpc-stream"), self.openai_stream_client("openai-stream")]
-        return [asyncio.create_task(c) for c in clients]
+        """The eight short-call clients."""
+        return [asyncio.create_task(self.grpc_client(k) if k.startswith("grpc") else self.openai_client(k)) for k in self.served]
+
+    async def start_streams(self) -> list[asyncio.Task]:
+        """The two streaming clients, their streams sized next to the running short calls."""
+        self.stream_tokens = await stream_tokens(self.endpoint)
+        return [
+            asyncio.create_task(self.grpc_stream_client("grpc-stream")),
+            asyncio.create_task(self.openai_stream_client("openai-stream")),
+        ]
 
     async def until(self, condition: Callable[[str, list[str]], bool], what: str, timeout: float = 90.0) -> None:
         """Waits until `condition(client, versions)` holds for every client (failed calls are recorded, not raised)."""
@@ -172,7 +182,7 @@ class Load:
 
 
 async def stream_tokens(endpoint: str) -> int:
-    """How many tokens make a stream last about STREAM_SECONDS on this machine with the deployment idle, so that
+    """How many tokens make a stream last about STREAM_SECONDS on this machine under the short-call load, so that
     streams span the switch on a fast machine as on a slow one (greedy decoding of the tiny model never stops early).
     Sizing only: nothing is asserted on time."""
     async with grpc.aio.insecure_channel(endpoint) as channel:
@@ -181,11 +191,11 @@ async def stream_tokens(endpoint: str) -> int:
             model=MODEL, messages=[ipb.ChatMessage(role="user", content="Tell me a story")],
             sampling=ipb.SamplingParams(max_tokens=32),
         )  # fmt: skip
-        for _ in range(2):  # the first one warms the replica up
+        for _ in range(2):  # two replicas, each warmed up by the short calls already
             started = time.monotonic()
             last = [m async for m in stub.GenerateStream(request, timeout=60)][-1]
             rate = last.usage.completion_tokens / max(time.monotonic() - started, 1e-3)
-    return max(24, min(STREAM_TOKEN_LIMIT, round(rate * STREAM_SECONDS)))
+    return max(16, min(STREAM_TOKEN_LIMIT, round(rate * STREAM_SECONDS)))
 
 
 def _fingerprint(version: str) -> str:
@@ -212,10 +222,11 @@ async def test_two_rollovers_and_a_scale_down_under_load_fail_no_request(stack):
     try:
         d = await watch_until(dep, NAME, lambda d: d.state == AVAILABLE and d.ready_replicas == 2)
         assert list(d.model_names) == [NAME, "advisor-rollover", MODEL, f"{stack.MODEL}@{ALIAS}"]
-        load = Load(d.endpoint, d.openai_base_url, await stream_tokens(d.endpoint))
+        load = Load(d.endpoint, d.openai_base_url)
         clients = load.start()
         try:
             await load.until(lambda _, v: versions[0] in v, "was served by 1.0.0")
+            clients += await load.start_streams()
             for version in versions[1:]:  # two rollovers, each by moving the alias
                 old_pids = {p.pid for p in model_server_processes()}
                 await reg.SetModelAlias(
