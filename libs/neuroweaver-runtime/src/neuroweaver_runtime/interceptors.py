@@ -24,7 +24,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import telemetry
 from .auth import NO_GRANTS, ON_BEHALF_OF_HEADER, Principal, ProjectGrants, Role, TokenAuthenticator, authorize, principal_var
-from .errors import DomainError, ResourceExhausted, unavailable_from_db_error
+from .errors import DomainError, ResourceExhausted, Unavailable, unavailable_from_db_error
 from .grpc_errors import internal_status, status_code, to_rpc_status
 from .inspection import Incoming, Undecodable, inspect, lenient_deserializer, refuse_undecodable
 from .logs import request_id_var, trace_id_var
@@ -53,17 +53,31 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = trace.get_tracer("neuroweaver.grpc")
         self._record_spans = telemetry.spans_are_recorded()
         self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (original handler, wrapped handler)
-        # Tasks of open streaming calls (task -> full method name): watches never end by themselves, so shutdown
-        # cancels them (clients resume from their cursor on another replica) instead of waiting out the grace period.
-        self.streams: dict[asyncio.Task, str] = {}
+        # Open streaming calls (their handler tasks): watches never end by themselves, so shutdown ends them
+        # (`end_streams`) instead of waiting out the grace period.
+        self.streams: dict[asyncio.Task, _OpenStream] = {}
+        self._kept: frozenset[str] | None = None  # set by end_streams: the methods whose streams may go on
 
-    def cancel_streams(self, keep: Collection[str] = ()) -> int:
-        """Cancels open streaming calls, except those of the methods in `keep` (full names, `/pkg.Service/Method`:
-        streams that end by themselves, e.g. a generation, which shutdown lets finish)."""
-        tasks = [t for t, method in self.streams.items() if not t.done() and method not in keep]
-        for task in tasks:
-            task.cancel()
-        return len(tasks)
+    def end_streams(self, keep: Collection[str] = ()) -> int:
+        """Ends open streaming calls with UNAVAILABLE (reason SHUTTING_DOWN), except those of the methods in `keep`
+        (full names, `/pkg.Service/Method`: streams that end by themselves, e.g. a generation, which shutdown lets
+        finish); streams that start from now on end at once too. Returns how many were open.
+
+        A watch's client resumes from its cursor, on another replica, as soon as it sees the status. Only a handler
+        waiting for its next message is cancelled (the interceptor turns that cancellation into the status); one
+        whose message grpc is writing ends when the write is done. A cancelled handler must not be left to grpc.aio:
+        it sends no status then, and the call would stay open until the server stops after the grace period.
+        """
+        self._kept = frozenset(keep)
+        ended = 0
+        for task, stream in self.streams.items():
+            if task.done() or stream.method in self._kept:
+                continue
+            stream.ending = True
+            ended += 1
+            if stream.waiting:
+                task.cancel()
+        return ended
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -240,7 +254,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = None
             task = asyncio.current_task()
             assert task is not None  # handlers always run in a task
-            self.streams[task] = full_method
+            stream = self.streams[task] = _OpenStream(full_method, self._kept)
             principal = None
             try:
                 with trace.use_span(span, end_on_exit=False):
@@ -256,17 +270,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 # The span is current while the handler runs, never across `yield`: when the client goes away
                 # while this generator waits at a `yield`, grpc.aio drops it and the event loop closes it later
                 # from another task, where detaching a context attached here fails (OpenTelemetry logs an ERROR).
-                while True:
+                while not stream.ending:
+                    stream.waiting = True
                     with trace.use_span(span, end_on_exit=False):
                         try:
                             response = await anext(responses)
                         except StopAsyncIteration:
                             break
+                        finally:
+                            stream.waiting = False
                     yield response
                     sent.inc()  # grpc.aio resumes the generator once the message is written
+                else:  # shutdown: the handler stops at its `yield` (its `finally` blocks run here, in this task)
+                    await _close(responses)
+                    code = grpc.StatusCode.UNAVAILABLE
+                    await self._fail(context, _shutting_down(), span, service, name)
             except grpc.aio.AbortError:
                 raise
-            except (asyncio.CancelledError, GeneratorExit):  # cancelled, or dropped by grpc.aio when the client left
+            except (asyncio.CancelledError, GeneratorExit) as exc:  # cancelled, or dropped by grpc.aio when the client left
+                if stream.ending and isinstance(exc, asyncio.CancelledError):  # end_streams cancelled the handler
+                    task.uncancel()
+                    code = grpc.StatusCode.UNAVAILABLE
+                    await self._fail(context, _shutting_down(), span, service, name)
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -279,6 +304,30 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(context, span, metrics, started, code)
 
         return wrapper
+
+
+class _OpenStream:
+    """An open streaming call as `end_streams` sees it."""
+
+    __slots__ = ("method", "waiting", "ending")
+
+    def __init__(self, method: str, kept: frozenset[str] | None) -> None:
+        self.method = method
+        self.waiting = False  # the handler is computing its next message (cancelling it is safe)
+        self.ending = kept is not None and method not in kept  # started after end_streams: ends at once
+
+
+SHUTDOWN_MESSAGE = "server shutting down; reconnect"
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(SHUTDOWN_MESSAGE, reason="SHUTTING_DOWN")
+
+
+async def _close(responses) -> None:
+    aclose = getattr(responses, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class _MethodMetrics:

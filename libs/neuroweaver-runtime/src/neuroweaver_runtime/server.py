@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from . import telemetry
 from .auth import ProjectGrants, Role, TokenAuthenticator
 from .config import ServiceConfig
-from .interceptors import ServiceInterceptor
+from .interceptors import SHUTDOWN_MESSAGE, ServiceInterceptor
 from .tls import ServerTLS
 
 log = logging.getLogger("neuroweaver.server")
@@ -47,27 +47,64 @@ class ServiceDefinition:
 
 
 class _DrainableHealth(health.aio.HealthServicer):
-    """The standard health servicer, except that shutdown can end its Watch streams.
+    """The standard health servicer, except that shutdown can end its Watch streams (UNAVAILABLE).
 
     A Watch never ends by itself; left open it would hold `server.stop()` for the whole grace period.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.watches: set[asyncio.Task] = set()
+        self.watches: dict[asyncio.Task, _HealthWatch] = {}
+        self._ending = False
 
     async def Watch(self, request, context) -> None:
         task = asyncio.current_task()
         assert task is not None  # handlers always run in a task
-        self.watches.add(task)
+        watch = self.watches[task] = _HealthWatch(context, self._ending)
         try:
-            await super().Watch(request, context)
+            await super().Watch(request, watch)
+        except (asyncio.CancelledError, _WatchEnded) as exc:
+            if not watch.ending:
+                raise  # the client left
+            # A cancelled handler sends no status: grpc.aio would keep the call open until the grace period ends.
+            if isinstance(exc, asyncio.CancelledError):
+                task.uncancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
         finally:
-            self.watches.discard(task)
+            del self.watches[task]
 
-    def cancel_watches(self) -> None:
-        for task in list(self.watches):
-            task.cancel()
+    def end_watches(self) -> None:
+        self._ending = True
+        for task, watch in self.watches.items():
+            watch.ending = True
+            if not watch.writing:  # else it ends once its write is done
+                task.cancel()
+
+
+class _WatchEnded(Exception):
+    pass
+
+
+class _HealthWatch:
+    """The context a health Watch writes through: shutdown interrupts it between writes, never during one."""
+
+    __slots__ = ("_context", "writing", "ending")
+
+    def __init__(self, context, ending: bool) -> None:
+        self._context = context
+        self.writing = False
+        self.ending = ending
+
+    async def write(self, message) -> None:
+        if self.ending:
+            raise _WatchEnded
+        self.writing = True
+        try:
+            await self._context.write(message)
+        finally:
+            self.writing = False
+        if self.ending:
+            raise _WatchEnded
 
 
 class GrpcService:
@@ -139,18 +176,21 @@ class GrpcService:
 
         1. health turns NOT_SERVING (Watch streams see it) so load balancers stop sending new calls;
         2. for `shutdown_drain_seconds` the server still serves whatever arrives meanwhile;
-        3. open watch streams are cancelled: their clients resume from their cursor elsewhere;
+        3. open watch streams (every stream but `finite_streams`, health Watch included) end at once with
+           UNAVAILABLE "server shutting down; reconnect" (reason SHUTTING_DOWN), not OK, which a client would take
+           for the end of what it watches: it reconnects and resumes from its cursor on another replica;
         4. the server (and every `close_listeners` listener) stops accepting calls; in-flight calls, including the
-           streams that end by themselves (`finite_streams`, a generation), get up to the grace period.
+           streams that end by themselves (`finite_streams`, a generation), get up to the grace period, so with
+           only watches open the stop takes as long as the watches need to send their status.
         """
         if self.server is None:
             return
         self.stopping = True
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.config.shutdown_drain_seconds)
-        self.health.cancel_watches()
+        self.health.end_watches()
         if self.interceptor is not None:
-            self.interceptor.cancel_streams(keep=self.definition.finite_streams)
+            self.interceptor.end_streams(keep=self.definition.finite_streams)
         grace = self.config.shutdown_grace_seconds
         await asyncio.gather(self.server.stop(grace), *(close(grace) for close in self.definition.close_listeners))
         for hook in self.definition.on_stop:
