@@ -1,7 +1,9 @@
 """Service configuration: defaults < `NW_<SVC>_<FIELD>` environment variables < command-line flags.
 
 Each service declares a dataclass deriving from `ServiceConfig`; every field becomes a flag
-(`database_url` → `--database-url`) and an environment variable (`NW_REGISTRY_DATABASE_URL`).
+(`database_url` → `--database-url`) and an environment variable (`NW_REGISTRY_DATABASE_URL`), except the shared
+fields a service names in its `unused_settings` (a class attribute): those keep their defaults and are neither
+offered by `--help` nor accepted (flag or variable), so a setting the service would ignore fails at start instead.
 """
 
 from __future__ import annotations
@@ -99,12 +101,17 @@ def load_config(cls: type[T], service: str, argv: list[str] | None = None, *, de
     prefix = f"NW_{service.upper()}_"
     values: dict[str, typing.Any] = dict(defaults or {})
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    unused: frozenset[str] = getattr(cls, "unused_settings", frozenset())
+    settings = [f for f in dataclasses.fields(cls) if f.name not in unused]
+    for name in sorted(unused):
+        if os.environ.get(prefix + name.upper()) is not None:
+            raise SystemExit(f"configuration error: {prefix}{name.upper()} is set, but {service} has no {name} setting")
+    for f in settings:
         env = os.environ.get(prefix + f.name.upper())
         if env is not None:
             values[f.name] = _coerce(hints[f.name], env, f.name)
     parser = argparse.ArgumentParser(prog=f"python -m neuroweaver_{service}", description=f"NeuroWeaver {service} service")
-    for f in dataclasses.fields(cls):
+    for f in settings:
         kind = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} [env {prefix}{f.name.upper()}]"

@@ -1,6 +1,7 @@
 """`python -m neuroweaver_model_server --grpc-port P --http-port Q --metrics-port M --base-model B
 --served-model-name N --model-version V [--adapter-uri U --adapter-sha256 S] [--load-in-4bit] [--project P]`
-(flags or NW_MODEL_SERVER_* variables). Credentials and TLS are best given as variables (never secrets on a
+(flags or NW_MODEL_SERVER_* variables; `--help` lists them, and the shared settings it has no use for, such as
+--port or --database-url, are refused). Credentials and TLS are best given as variables (never secrets on a
 command line, which /proc shows to everyone): NW_MODEL_SERVER_AUTH_TOKENS (the token table: a JSON file path or
 `token=project:role,...`), NW_MODEL_SERVER_TLS_CERT / _TLS_KEY / _TLS_CLIENT_CA (PEM paths)."""
 

@@ -13,7 +13,9 @@ viewer role; health and the ops port stay open. With `--tls-cert/--tls-key` all 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from aiohttp import web
 from opentelemetry import trace
@@ -34,6 +36,8 @@ from .service import InferenceService
 
 SERVICE_NAME = "neuroweaver.inference.v1.InferenceService"
 ERROR_DOMAIN = "inference.neuroweaver.v1"
+DEFAULT_GRPC_PORT = 50060  # the control plane's services hold 50051-50054 (README's port table)
+DEFAULT_HTTP_PORT = 8080
 DEFAULT_METRICS_PORT = 9460
 DEFAULT_PROJECT = "default"
 _tracer = trace.get_tracer("neuroweaver.model_server")
@@ -41,8 +45,14 @@ _tracer = trace.get_tracer("neuroweaver.model_server")
 
 @dataclass
 class ModelServerConfig(ServiceConfig):
-    grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
-    http_port: int = field(default=8080, metadata={"help": "HTTP port: OpenAI API and /healthz (0 = any free port)"})
+    # Shared settings the model server has no use for (no database, no page tokens, no calls to other services, no
+    # resource references to grant): not offered as flags, so passing one fails at start. `port` is `--grpc-port`.
+    unused_settings: ClassVar[frozenset[str]] = frozenset(
+        {"port", "data_dir", "database_url", "page_token_secret", "project_grants", "client_tls_ca", "client_tls_cert",
+         "client_tls_key"}
+    )  # fmt: skip
+    grpc_port: int = field(default=DEFAULT_GRPC_PORT, metadata={"help": "gRPC port (0 = any free port)"})
+    http_port: int = field(default=DEFAULT_HTTP_PORT, metadata={"help": "HTTP port: OpenAI API and /healthz (0 = any free port)"})
     metrics_port: int = field(
         default=DEFAULT_METRICS_PORT,
         metadata={"help": "ops port: Prometheus /metrics and /healthz, apart from the API (0 = any free port, -1 = off)"},
@@ -93,6 +103,11 @@ class ModelServer:
             raise SystemExit("configuration error: --base-model is required")
         if config.adapter_uri and not config.adapter_sha256:
             raise SystemExit("configuration error: --adapter-uri needs --adapter-sha256")
+        ports = [p for p in (config.grpc_port, config.http_port, config.metrics_port) if p > 0]
+        if len(set(ports)) != len(ports):
+            raise SystemExit("configuration error: --grpc-port, --http-port and --metrics-port must differ")
+        if config.grpc_port < 0 or config.http_port < 0 or config.metrics_port < -1:
+            raise SystemExit("configuration error: ports must be >= 0 (--metrics-port -1 = no ops port)")
         if min(config.max_queue, config.max_new_tokens_limit, config.max_batch_size) < 1:
             raise SystemExit("configuration error: --max-queue, --max-new-tokens-limit and --max-batch-size must be >= 1")
         try:
@@ -119,8 +134,6 @@ class ModelServer:
         self.ops_runner: web.AppRunner | None = None
         self.http_port = config.http_port
         self.metrics_port = config.metrics_port
-        config.metrics_port = -1  # the shared server's own metrics listener stays off: the ops port serves /metrics
-        config.port = config.grpc_port
         definition = ServiceDefinition(
             name="model-server",
             full_names=[SERVICE_NAME],
@@ -134,7 +147,9 @@ class ModelServer:
             finite_streams=frozenset({f"/{SERVICE_NAME}/GenerateStream"}),
             close_listeners=[self._close_api],
         )
-        self.grpc = GrpcService(definition, config, default_port=config.grpc_port, default_metrics_port=-1)
+        # The shared server listens on --grpc-port; its own metrics listener stays off (the ops port serves /metrics).
+        grpc_config = dataclasses.replace(config, port=config.grpc_port, metrics_port=-1)
+        self.grpc = GrpcService(definition, grpc_config, default_port=config.grpc_port, default_metrics_port=-1)
 
     async def _serve(self, app: web.Application, port: int, *, require_client_cert: bool) -> tuple[web.AppRunner, int]:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_grace_seconds)

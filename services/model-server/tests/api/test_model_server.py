@@ -65,11 +65,10 @@ async def test_health_is_not_serving_until_the_model_is_loaded(tiny_base, adapte
     s.service.load = gated_load
     from neuroweaver_runtime.testing import free_port
 
-    s.config.port = s.config.grpc_port = free_port()
-    s.grpc.port = s.config.port
+    port = s.grpc.port = free_port()
     starting = asyncio.create_task(s.start())
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.config.port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), wait_for_ready=True)
             first = await watch.read()
