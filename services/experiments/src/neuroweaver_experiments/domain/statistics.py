@@ -51,11 +51,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import special
 
 from neuroweaver_runtime.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .cuped import PairedStats
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -669,6 +673,8 @@ class Comparison:
     method: AnalysisMethod
     guardrail: GuardrailStatus | None = None
     state: SequentialState = field(default_factory=SequentialState)
+    # fixed-horizon CI of the difference without CUPED (equal to `difference_ci` when CUPED was not applied)
+    unadjusted_ci: Interval = _UNBOUNDED
 
     @property
     def decision_interval(self) -> Interval:
@@ -691,6 +697,11 @@ class MetricResult:
     alpha: float
     method: AnalysisMethod
     guardrail_violated: bool = False
+    # CUPED (domain.cuped): whether the comparisons use covariate-adjusted means, the within-variant variance
+    # reduction 1 − Var(Y − θX)/Var(Y) and the share of units with a covariate (NaN when not applied)
+    cuped_applied: bool = False
+    variance_reduction: float = _NAN
+    covariate_coverage: float = _NAN
 
 
 def _guardrail_status(spec: MetricSpec, diff: Interval, control_mean: float) -> GuardrailStatus:
@@ -720,8 +731,13 @@ def analyze_metric(
     effect_size: float = DEFAULT_EFFECT_SIZE,
     tau2: float | None = None,
     previous: Mapping[str, SequentialState] | None = None,
+    covariates: Sequence[PairedStats | None] | None = None,
 ) -> MetricResult:
     """Analyse one metric: `stats` is ``[(variant_id, stats), ...]`` with the control first.
+
+    `covariates` (same order, None for a variant without co-moments) turns on CUPED (`domain.cuped`): when its
+    rule applies, the tests, lifts and sequences use the covariate-adjusted (n, mean, M2) with Welch's test for
+    both kinds (an adjusted 0/1 metric is no longer a proportion); variant summaries stay the raw ones.
 
     `tau2` fixes the mSPRT mixing variance (absolute units of the metric); by default it is
     `default_tau2(..., effect_size)` per comparison. `previous` maps variant id → the `Comparison.state`
@@ -732,8 +748,18 @@ def analyze_metric(
     if len(stats) < 2:
         raise InvalidArgument("need a control and at least one treatment", field="variants", reason="TOO_FEW_VARIANTS")
     kind = spec.kind
-    control = stats[0][1]
     summaries = tuple(summarize(vid, s, kind, alpha) for vid, s in stats)
+    raw_control = stats[0][1]
+    unadjusted = {vid: two_sample_test(raw_control, s, kind, alpha).ci for vid, s in stats[1:]}
+    adjustment = None
+    if covariates is not None:
+        from .cuped import cuped  # cuped builds on this module's SufficientStats
+
+        adjustment = cuped(covariates)
+    if adjustment is not None:
+        stats = [(vid, a) for (vid, _), a in zip(stats, adjustment.adjusted, strict=True)]
+        kind = MetricKind.MEAN
+    control = stats[0][1]
 
     raw: list[dict] = []
     for vid, s in stats[1:]:
@@ -782,14 +808,27 @@ def analyze_metric(
             power=power(test.difference, test.standard_error, alpha),
             method=method,
             state=SequentialState(r["seq_p"], r["diff_cs"], r["lift_cs"]),
+            unadjusted_ci=unadjusted[r["variant"]],
         )
         if guardrail:
-            status = _guardrail_status(spec, cmp.decision_interval, control.mean)
+            status = _guardrail_status(spec, cmp.decision_interval, raw_control.mean)
             cmp = replace(cmp, guardrail=status)
         comparisons.append(cmp)
 
     violated = guardrail and any(c.guardrail is GuardrailStatus.VIOLATED for c in comparisons)
-    return MetricResult(spec, summaries, tuple(comparisons), alpha, method, violated)
+    if adjustment is None:
+        return MetricResult(spec, summaries, tuple(comparisons), alpha, method, violated)
+    return MetricResult(
+        spec,
+        summaries,
+        tuple(comparisons),
+        alpha,
+        method,
+        violated,
+        True,
+        adjustment.variance_reduction,
+        adjustment.coverage,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- decision
@@ -1059,16 +1098,21 @@ def analyze_experiment(
     previous: Mapping[str, Mapping[str, SequentialState]] | None = None,
     decided: DecisionOutcome | None = None,
     srm_strata: Sequence[tuple[Sequence[int], Sequence[float]]] | None = None,
+    covariates: Mapping[str, Mapping[str, PairedStats | None]] | None = None,
 ) -> ExperimentAnalysis:
     """Analyse a whole experiment. Variants are ordered as `variant_ids` (control first); a variant missing
     from a stats mapping or from `exposures` counts as empty. `previous` maps metric name → variant id →
     `SequentialState` from the last look; `decided` is a FIXED_HORIZON test's stored decision (see `decide`).
     `srm_strata` are the exposures as strata with their own expected shares (`srm_test_strata`); without them
-    the sample-ratio test is `exposures` against `weights`."""
+    the sample-ratio test is `exposures` against `weights`. `covariates` maps metric name → variant id → its
+    CUPED co-moments (None: not tracked for that variant; a variant missing is empty)."""
+    from .cuped import PairedStats
+
     prev = previous or {}
 
     def run(spec: MetricSpec, by_variant: Mapping[str, SufficientStats], is_guardrail: bool) -> MetricResult:
         rows = [(v, by_variant.get(v, SufficientStats())) for v in variant_ids]
+        cov = (covariates or {}).get(spec.name)
         return analyze_metric(
             spec,
             rows,
@@ -1077,6 +1121,7 @@ def analyze_experiment(
             guardrail=is_guardrail,
             effect_size=effect_size,
             previous=prev.get(spec.name),
+            covariates=None if cov is None else [cov.get(v, PairedStats()) for v in variant_ids],
         )
 
     p = run(*primary, False)
