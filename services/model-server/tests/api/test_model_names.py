@@ -4,6 +4,8 @@ says which version served it; any other name is NOT_FOUND / 404 and the error li
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import openai
 import pytest
@@ -72,6 +74,16 @@ async def test_list_models_names_stable_names_first(server, stub, client, adapte
     models = (await client.models.list()).data
     assert [m.id for m in models] == [*STABLE, SERVED]
     assert {(m.owned_by, m.root) for m in models} == {("default", SERVED)}  # type: ignore[attr-defined]
+    assert {m.created for m in models} == {server.service.created}  # when the model was loaded, not 0
+    assert time.time() - 600 < server.service.created <= time.time()
+
+
+@pytest.mark.parametrize("name", [*STABLE, SERVED])
+async def test_retrieve_each_name(server, client, name):
+    """`client.models.retrieve` percent-encodes the slashes of stable names; each answers its own entry."""
+    model = await client.models.retrieve(name)
+    assert (model.id, model.object, model.owned_by) == (name, "model", "default")
+    assert model.created == server.service.created and model.root == SERVED  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", ["", *STABLE, SERVED])
@@ -127,6 +139,11 @@ async def test_other_names_are_not_found_and_list_nothing(stub, client, name):
         body = http_err.value.body
         assert isinstance(body, dict) and body["code"] == "MODEL_NOT_FOUND" and body["type"] == "not_found_error"
         assert not _names_in(body["message"].replace(repr(name), ""))
+    with pytest.raises(openai.NotFoundError) as http_err:
+        await client.models.retrieve(name)
+    body = http_err.value.body
+    assert isinstance(body, dict) and body["code"] == "MODEL_NOT_FOUND" and body["param"] is None
+    assert not _names_in(body["message"].replace(repr(name), ""))
 
 
 def _names_in(text: str) -> list[str]:

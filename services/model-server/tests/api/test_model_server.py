@@ -244,8 +244,14 @@ async def test_openai_client_against_the_http_endpoint(server):
     )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    # OpenAI's shape: usage in a final chunk of its own with no choices, `usage: null` on every other chunk
+    *body, last = chunks
+    assert last.choices == [] and last.usage is not None and all(c.choices and c.usage is None for c in body)
+    assert body[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    assert last.usage.completion_tokens == done.usage.completion_tokens
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    plain = [c async for c in await client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, stream=True)]
+    assert all(c.choices and c.usage is None for c in plain)  # no usage chunk unless asked
 
     with pytest.raises(openai.NotFoundError) as err:
         await client.chat.completions.create(model="nope", messages=messages)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`) and `/healthz`,
+"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`,
+`GET /v1/models/{id}`) and `/healthz`,
 plus the ops app of the separate ops port (`/metrics` for Prometheus, `/healthz`), served by aiohttp on the model
 server's event loop.
 
@@ -135,6 +136,7 @@ class OpenAIApi:
         app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[tracing_middleware(OPEN_PATHS), self._authenticate])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)  # stable names hold slashes
         app.router.add_get("/healthz", self.healthz)
         return app
 
@@ -167,14 +169,14 @@ class OpenAIApi:
         served = self.svc.served
         return {VERSION_HEADER: served.model_version or served.name}
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    def _model_entries(self) -> list[dict[str, Any]]:
         """One entry per accepted name, stable names first (the first is the default); `root` is the name unique to
-        the version behind them all."""
-        data = [
+        the version behind them all, `created` when it was loaded."""
+        return [
             {
                 "id": name,
                 "object": "model",
-                "created": 0,
+                "created": self.svc.created,
                 "owned_by": self.project or "neuroweaver",
                 "root": m.name,
                 "model_version": m.model_version,
@@ -183,7 +185,17 @@ class OpenAIApi:
             for m in self.svc.models()
             for name in m.names
         ]
-        return web.json_response({"object": "list", "data": data})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._model_entries()})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["model"]
+        try:
+            self.svc.resolve(wanted)  # the same NOT_FOUND as a completion naming an unknown model
+        except DomainError as exc:
+            return _domain_error(exc)
+        return web.json_response(next(e for e in self._model_entries() if e["id"] == wanted))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         method = "ChatCompletions"
@@ -236,29 +248,34 @@ class OpenAIApi:
             )
             await response.prepare(request)
 
-            def chunk(delta: dict, finish: str | None, usage: dict | None = None) -> bytes:
+            def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
                 body: dict[str, Any] = {
                     "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "system_fingerprint": fingerprint, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "system_fingerprint": fingerprint, "choices": choices,
                 }  # fmt: skip
-                if usage is not None:
+                if include_usage:  # as OpenAI: `usage: null` on every chunk but the last, which has no choices
                     body["usage"] = usage
                 return f"data: {json.dumps(body)}\n\n".encode()
 
-            await response.write(chunk({"role": "assistant", "content": ""}, None))
+            def choice(delta: dict, finish: str | None = None) -> list[dict]:
+                return [{"index": 0, "delta": delta, "finish_reason": finish}]
+
+            await response.write(chunk(choice({"role": "assistant", "content": ""})))
             d = first
             while True:
                 if d.finish_reason is None:
-                    await response.write(chunk({"content": d.text}, None))
+                    await response.write(chunk(choice({"content": d.text})))
                 else:
                     if d.text:
-                        await response.write(chunk({"content": d.text}, None))
-                    usage = {
-                        "prompt_tokens": d.prompt_tokens,
-                        "completion_tokens": d.completion_tokens,
-                        "total_tokens": d.prompt_tokens + d.completion_tokens,
-                    }
-                    await response.write(chunk({}, d.finish_reason, usage if include_usage else None))
+                        await response.write(chunk(choice({"content": d.text})))
+                    await response.write(chunk(choice({}, d.finish_reason)))
+                    if include_usage:
+                        usage = {
+                            "prompt_tokens": d.prompt_tokens,
+                            "completion_tokens": d.completion_tokens,
+                            "total_tokens": d.prompt_tokens + d.completion_tokens,
+                        }
+                        await response.write(chunk([], usage))
                     break
                 try:
                     d = await anext(deltas)

@@ -24,6 +24,7 @@ class InferenceService:
         self.limits = limits
         self.engine: Engine | None = None
         self.context_length = 0
+        self.created = int(time.time())  # unix seconds the model was loaded (OpenAI's `created`); start time until then
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -38,6 +39,7 @@ class InferenceService:
             loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size
         )
         seconds = time.monotonic() - started
+        self.created = int(time.time())
         metrics.LOAD_SECONDS.set(seconds)
         metrics.MODEL_LOADED.labels(self.served.name, self.served.model_version).set(1)
         log.info("model loaded", extra={"fields": {"served_model_name": self.served.name, "seconds": round(seconds, 2)}})
