@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -32,21 +33,61 @@ from ..domain import GenerationInput, Message, Sampling
 from ..service import InferenceService
 from .http_tracing import tracing_middleware
 
+log = logging.getLogger("neuroweaver.model_server.http")
+
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
 }  # fmt: skip
 _ERROR_TYPE = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    429: "rate_limit_error", 503: "service_unavailable",
+    405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+    503: "service_unavailable",
 }  # fmt: skip
+
 OPEN_PATHS = frozenset({"/healthz"})  # readiness probes carry no token
 VERSION_HEADER = "x-neuroweaver-model-version"  # the registry version that served a chat completion
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}}
-    return web.json_response(body, status=status)
+    return web.json_response({"error": _error_body(status, message, code, param)}, status=status)
+
+
+def _error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: `type` by HTTP status (what the SDK's exception classes follow), `code` our reason."""
+    return {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}
+
+
+def _http_refusal(request: web.Request, exc: web.HTTPException, reason: str) -> web.Response:
+    message = exc.text if exc.status == 413 and exc.text else f"{request.method} {request.path}: {exc.reason}"
+    response = _error(exc.status, message, reason)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    return response
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure of the API is an OpenAI error object: aiohttp's refusals and unexpected failures included
+    (the latter as a generic 500 `INTERNAL`; the details go to the log only)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals (no route, wrong method, body too large), in OpenAI's error shape too.
+        return _http_refusal(
+            request,
+            exc,
+            reason={404: "ROUTE_NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}.get(
+                exc.status, "INVALID_REQUEST"
+            ),
+        )
+    except (asyncio.CancelledError, ConnectionResetError):  # the caller left: nobody to answer
+        raise
+    except Exception:
+        log.exception("HTTP request failed", extra={"fields": {"path": request.path}})
+        return _error(500, "internal error; see the server log", "INTERNAL")
 
 
 def _domain_error(exc: DomainError) -> web.Response:
@@ -133,7 +174,10 @@ class OpenAIApi:
         self.stopping = stopping
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[tracing_middleware(OPEN_PATHS), self._authenticate])
+        app = web.Application(
+            client_max_size=4 * 1024 * 1024,
+            middlewares=[tracing_middleware(OPEN_PATHS), openai_errors, self._authenticate],
+        )
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)  # stable names hold slashes
@@ -279,9 +323,13 @@ class OpenAIApi:
                     break
                 try:
                     d = await anext(deltas)
-                except DomainError as exc:  # mid-stream failure: report it the way OpenAI does, as an error event
-                    err = {"error": {"message": exc.message, "type": "server_error", "code": exc.reason}}
-                    await response.write(f"data: {json.dumps(err)}\n\n".encode())
+                except Exception as exc:  # noqa: BLE001 - mid-stream failure: an error event, as OpenAI reports it
+                    if isinstance(exc, DomainError):
+                        err = _error_body(_HTTP_STATUS.get(exc.kind.name, 500), exc.message, exc.reason)
+                    else:
+                        log.exception("generation failed mid-stream")
+                        err = _error_body(500, "internal error; see the server log", "INTERNAL")
+                    await response.write(f"data: {json.dumps({'error': err})}\n\n".encode())
                     break
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
