@@ -129,6 +129,50 @@ async def test_stop_sequences_cut_the_text(stub):
     assert cut.text == full.text[: full.text.find(stop)]
 
 
+async def test_openai_stop_strings_end_the_text_before_them(server):
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    full = (await client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)).choices[0]
+    text = full.message.content or ""
+    if len(text) < 6:
+        pytest.fail(f"need a longer greedy completion to test stop strings, got {text!r}")
+    for stop in (text[3:5], ["never-in-the-text", text[3:5]]):
+        cut = await client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stop=stop)
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].message.content == text[: text.find(text[3:5])]  # ends before the first stop string
+        streamed = await client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=20, temperature=0, stop=stop, stream=True
+        )
+        chunks = [c async for c in streamed]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_seeded_sampling_repeats_for_the_same_seed_and_request(server, stub):
+    """At temperature 1, the same seed gives the same text, alone or while other requests (the same one included)
+    are decoded at the same time; gRPC and HTTP alike. Other seeds give other samples."""
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="-", max_retries=0)
+    messages = [{"role": "user", "content": "Say something."}]
+
+    async def sample(seed: int) -> str:
+        reply = await client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=1.0, seed=seed)
+        return reply.choices[0].message.content or ""
+
+    alone = await sample(7)
+    engine = server.service.engine
+    busy = asyncio.ensure_future(stub.Generate(chat(max_tokens=200)))  # greedy: queued requests wait behind it
+    await wait_until(lambda: engine.running == 1, what="the greedy request to start decoding")
+    waiting = [asyncio.ensure_future(sample(seed)) for seed in (7, 7, 8)]  # within the server's queue of 4
+    await wait_until(lambda: engine.queue_depth == 3 or busy.done(), what="the seeded requests to queue")
+    together = await asyncio.gather(*waiting)
+    await busy
+    assert together[:2] == [alone] * 2  # not drawn in one batch from one generator
+    request = chat(text="Say something.", max_tokens=12, temperature=1.0, seed=7)
+    assert (await stub.Generate(request)).text == alone  # the same request over gRPC
+    others = {alone, together[2], *[await sample(s) for s in (9, 10, 11, 12)]}
+    assert len(others) > 1  # the seed matters (six seeds drawing one 12-token sample each)
+
+
 @pytest.mark.parametrize(
     "request_, code, reason",
     [

@@ -1,8 +1,8 @@
 """The generation engine: a bounded queue in front of one worker thread running a dynamic batcher.
 
 Requests are admitted into a bounded queue (full → RESOURCE_EXHAUSTED). The worker thread takes the oldest
-request plus every waiting request with compatible sampling settings (same temperature, top_p, stop strings,
-seed; up to `max_batch_size`) and decodes them together in one left-padded batch with a KV cache, using
+request plus every waiting request with compatible sampling settings (same temperature, top_p, stop strings;
+up to `max_batch_size`; a request sampling with a seed is decoded alone, so that its seed reproduces it) and decodes them together in one left-padded batch with a KV cache, using
 `neuroweaver_ml`'s decoding loop step by step so that every request gets its own deltas, its own max_tokens
 and its own time to first token. Requests whose deadline passed while queued are dropped before decoding;
 a cancelled or expired request stops being decoded at the next step. Nothing here blocks the event loop:
@@ -42,6 +42,9 @@ class Job:
 
     def key(self) -> tuple:
         s = self.sampling
+        if s.seed is not None and s.temperature > 0:
+            # One generator draws for the whole batch: a seeded sample repeats only when decoded alone.
+            return (id(self),)
         return (s.temperature, s.top_p, tuple(s.stop), s.seed)
 
     def expired(self, now: float) -> bool:
