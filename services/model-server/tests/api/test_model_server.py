@@ -173,6 +173,48 @@ async def test_seeded_sampling_repeats_for_the_same_seed_and_request(server, stu
     assert len(others) > 1  # the seed matters (six seeds drawing one 12-token sample each)
 
 
+async def test_text_completions_over_the_openai_sdk(server):
+    """`/v1/completions`: the prompt as is, the same sampling options as chat (stop, seed), streaming with usage."""
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="-", max_retries=0)
+    prompt = "Once upon a time"
+    done = await client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+    assert done.object == "text_completion" and done.model == NAME and done.id.startswith("cmpl-")
+    text, choice = done.choices[0].text, done.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
+    assert done.usage is not None and done.usage.completion_tokens > 0
+    # the prompt is not wrapped in the chat template: fewer prompt tokens than the same words as a chat message
+    chat_reply = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=1)
+    assert chat_reply.usage is not None and done.usage.prompt_tokens < chat_reply.usage.prompt_tokens
+    if len(text) < 6:
+        pytest.fail(f"need a longer greedy completion to test stop strings, got {text!r}")
+
+    stream = await client.completions.create(
+        model=NAME, prompt=[prompt], max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    *chunks, last = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks) == text and chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == done.usage.completion_tokens
+
+    cut = await client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[text[3:5]])
+    assert cut.choices[0].text == text[: text.find(text[3:5])] and cut.choices[0].finish_reason == "stop"
+    seeded = [
+        (await client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=5)).choices[0].text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+
+    for kwargs, param in ((dict(logprobs=2), "logprobs"), (dict(echo=True), "echo"), (dict(best_of=2), "best_of")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.completions.create(model=NAME, prompt=prompt, max_tokens=2, **kwargs)
+        assert err.value.body["code"] == "UNSUPPORTED_PARAMETER" and err.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], logprobs=True)
+    assert err.value.body["code"] == "UNSUPPORTED_PARAMETER" and err.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model=NAME, prompt="", max_tokens=2)
+    assert err.value.body["param"] == "prompt"
+
+
 @pytest.mark.parametrize(
     "request_, code, reason",
     [

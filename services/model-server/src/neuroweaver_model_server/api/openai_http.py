@@ -1,7 +1,7 @@
-"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`,
-`GET /v1/models/{id}`) and `/healthz`,
-plus the ops app of the separate ops port (`/metrics` for Prometheus, `/healthz`), served by aiohttp on the model
-server's event loop.
+"""OpenAI-compatible HTTP API (`POST /v1/chat/completions` and `POST /v1/completions` with SSE streaming,
+`GET /v1/models`, `GET /v1/models/{id}`) and `/healthz`, plus the ops app of the separate ops port (`/metrics` for
+Prometheus, `/healthz`), served by aiohttp on the model server's event loop. Options the engine cannot honour
+(`logprobs`, `n` > 1, ...) are refused with 400 `UNSUPPORTED_PARAMETER`, never ignored.
 
 Callers name the model by any name the server answers to (`model` in the body; `GET /v1/models` lists them,
 stable names first); `model` in the answer echoes that name, as OpenAI's does, while the version that served it
@@ -110,23 +110,25 @@ def _content(raw: Any, index: int) -> str:
     raise InvalidArgument("only text content is supported", field=f"messages[{index}].content", reason="UNSUPPORTED_CONTENT")
 
 
-def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
-    """OpenAI chat-completions JSON → (input, stream, include_usage). Raises INVALID_ARGUMENT."""
+def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object", reason="INVALID_JSON")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidArgument("messages must be a non-empty list", field="messages", reason="INVALID_GENERATION_REQUEST")
-    parsed = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidArgument("each message must be an object", field=f"messages[{i}]", reason="INVALID_GENERATION_REQUEST")
-        role = m.get("role")
-        if role == "developer":
-            role = "system"
-        parsed.append(Message(str(role), _content(m.get("content"), i)))
-    if body.get("n", 1) != 1:
-        raise InvalidArgument("only n=1 is supported", field="n", reason="UNSUPPORTED_PARAMETER")
+    return body
+
+
+def _unsupported(body: dict[str, Any]) -> None:
+    """Options this server cannot honour are refused, never ignored (the engine reports no log-probabilities)."""
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+        if body.get(name):  # absent, false, null, 0, empty: the default, fine
+            raise InvalidArgument(f"{name} is not supported by this server", field=name, reason="UNSUPPORTED_PARAMETER")
+    for name in ("n", "best_of"):
+        if body.get(name, 1) not in (1, None):
+            raise InvalidArgument(f"only {name}=1 is supported", field=name, reason="UNSUPPORTED_PARAMETER")
+
+
+def _request(body: dict[str, Any], messages: list[Message], prompt: str) -> tuple[GenerationInput, bool, bool]:
+    """The sampling options chat and text completions share → (input, stream, include_usage)."""
+    _unsupported(body)
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -147,7 +149,35 @@ def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
     sampling = Sampling(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens), stop=stop, seed=seed)
     stream = bool(body.get("stream", False))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-    return GenerationInput(model=model, messages=parsed, prompt="", sampling=sampling), stream, include_usage
+    return GenerationInput(model=model, messages=messages, prompt=prompt, sampling=sampling), stream, include_usage
+
+
+def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
+    """OpenAI chat-completions JSON → (input, stream, include_usage). Raises INVALID_ARGUMENT."""
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages must be a non-empty list", field="messages", reason="INVALID_GENERATION_REQUEST")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidArgument("each message must be an object", field=f"messages[{i}]", reason="INVALID_GENERATION_REQUEST")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        parsed.append(Message(str(role), _content(m.get("content"), i)))
+    return _request(body, parsed, "")
+
+
+def parse_completion_request(body: Any) -> tuple[GenerationInput, bool, bool]:
+    """OpenAI (legacy) completions JSON: `prompt` is raw text, sent to the model as is (no chat template)."""
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidArgument("prompt must be a non-empty string", field="prompt", reason="INVALID_GENERATION_REQUEST")
+    return _request(body, [], prompt)
 
 
 def _http_code(exc: BaseException) -> str:
@@ -179,6 +209,7 @@ class OpenAIApi:
             middlewares=[tracing_middleware(OPEN_PATHS), openai_errors, self._authenticate],
         )
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)  # stable names hold slashes
         app.router.add_get("/healthz", self.healthz)
@@ -242,32 +273,43 @@ class OpenAIApi:
         return web.json_response(next(e for e in self._model_entries() if e["id"] == wanted))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        method = "ChatCompletions"
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        """Chat (`messages`, the chat template) and text (`prompt` as is) completions: one path, two wire shapes."""
+        method = "ChatCompletions" if chat else "Completions"
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             metrics.REQUESTS.labels(method, "400").inc()
             return _error(400, "the request body is not valid JSON", "INVALID_JSON")
         try:
-            req, stream, include_usage = parse_chat_request(body)
+            req, stream, include_usage = (parse_chat_request if chat else parse_completion_request)(body)
         except DomainError as exc:
             metrics.REQUESTS.labels(method, "400").inc()
             return _domain_error(exc)
         if stream:
-            return await self._stream(request, req, include_usage)
+            return await self._stream(request, req, include_usage, chat=chat)
         try:
             with metrics.observe(method, _http_code, ok="200"):
                 c = await self.svc.generate(req, None, method)
         except DomainError as exc:
             return _domain_error(exc)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+        else:
+            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
         return web.json_response(
             {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": c.model,
                 "system_fingerprint": self.svc.served.fingerprint,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
+                "choices": [choice],
                 "usage": {
                     "prompt_tokens": c.prompt_tokens,
                     "completion_tokens": c.completion_tokens,
@@ -277,10 +319,11 @@ class OpenAIApi:
             headers=self._version_headers(),
         )
 
-    async def _stream(self, request: web.Request, req: GenerationInput, include_usage: bool) -> web.StreamResponse:
-        method = "ChatCompletionsStream"
+    async def _stream(self, request: web.Request, req: GenerationInput, include_usage: bool, *, chat: bool) -> web.StreamResponse:
+        method = "ChatCompletionsStream" if chat else "CompletionsStream"
         deltas = self.svc.stream(req, None, method)
-        chunk_id, created, fingerprint = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.svc.served.fingerprint
+        chunk_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        fingerprint = self.svc.served.fingerprint
         with metrics.observe(method, _http_code, ok="200"):
             try:
                 first = await anext(deltas)  # errors before the first token still get a JSON error status
@@ -294,17 +337,20 @@ class OpenAIApi:
 
             def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
                 body: dict[str, Any] = {
-                    "id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "system_fingerprint": fingerprint, "choices": choices,
+                    "id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                    "model": model, "system_fingerprint": fingerprint, "choices": choices,
                 }  # fmt: skip
                 if include_usage:  # as OpenAI: `usage: null` on every chunk but the last, which has no choices
                     body["usage"] = usage
                 return f"data: {json.dumps(body)}\n\n".encode()
 
             def choice(delta: dict, finish: str | None = None) -> list[dict]:
-                return [{"index": 0, "delta": delta, "finish_reason": finish}]
+                if chat:
+                    return [{"index": 0, "delta": delta, "finish_reason": finish}]
+                return [{"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}]
 
-            await response.write(chunk(choice({"role": "assistant", "content": ""})))
+            if chat:
+                await response.write(chunk(choice({"role": "assistant", "content": ""})))
             d = first
             while True:
                 if d.finish_reason is None:
