@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
@@ -222,6 +223,23 @@ def test_config_precedence_defaults_env_flags(monkeypatch, tmp_path):
     assert config.data_dir == str(tmp_path)
     assert load_config(DemoConfig, "demo", ["--migrate"]).migrate is True
     assert load_config(DemoConfig, "demo", ["--metrics-port", "-1"]).metrics_port == -1
+
+
+def test_config_unused_settings_are_neither_offered_nor_accepted(monkeypatch, capsys):
+    @dataclass
+    class NoDatabase(DemoConfig):
+        unused_settings: ClassVar[frozenset[str]] = frozenset({"database_url", "port"})
+
+    with pytest.raises(SystemExit):
+        load_config(NoDatabase, "demo", ["--help"])
+    assert "--database-url" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        load_config(NoDatabase, "demo", ["--database-url", "sqlite://"])
+    assert "unrecognized arguments: --database-url" in capsys.readouterr().err
+    monkeypatch.setenv("NW_DEMO_PORT", "7000")
+    with pytest.raises(SystemExit, match="NW_DEMO_PORT is set, but demo has no port setting"):
+        load_config(NoDatabase, "demo", [])
+    assert load_config(DemoConfig, "demo", []).port == 7000  # the same variable, for a config that uses it
 
 
 def test_config_rejects_bad_env_values(monkeypatch):
