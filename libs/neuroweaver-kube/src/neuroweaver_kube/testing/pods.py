@@ -757,6 +757,12 @@ class _Pod:
                     source.mkdir(parents=True)
             ro = ro or bool(m.get("readOnly"))
             args += ["--ro-bind" if ro else "--bind", str(source), m["mountPath"]]
+        # The install stays visible where a volume covers its host path (a checkout under /tmp, an emptyDir at /tmp):
+        # in an image the install never lies under a volume, so a pod must not lose it to one.
+        covered = [m["mountPath"].rstrip("/") + "/" for m in mounts]
+        for b in image.binds:
+            if b.kind == "ro-bind" and any(b.dest.startswith(c) for c in covered) and Path(b.source).exists():
+                args += ["--ro-bind", b.source, b.dest]
         if runner.automount(self.namespace, self.spec) and not any(
             m["mountPath"].rstrip("/") == SA_DIR for m in mounts
         ):
