@@ -1,6 +1,7 @@
 """Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses; 0002 (idempotency keys
 moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways;
-0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back; 0005 keys exposure_counts by bucket class too."""
+0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back; 0005 keys exposure_counts by bucket class too;
+0006 adds the CUPED covariate columns, NULL on existing rows, and drops them again."""
 
 from __future__ import annotations
 
@@ -162,5 +163,47 @@ async def test_exposure_counts_gain_bucket_classes_and_back(empty_db):
             ).all()
         assert [tuple(r) for r in rows] == [(0, "a", 961), (0, "b", 974), (1, "a", 5), (1, "b", 1090)]
         await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+    finally:
+        await engine.dispose()
+
+
+async def test_covariate_columns_arrive_null_and_go(empty_db):
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0005")
+    engine = create_async_engine(normalize_url(empty_db))
+    try:
+        async with engine.begin() as conn:  # statistics and a unit as 0005's ingest wrote them
+            await conn.execute(sa.text(
+                "INSERT INTO experiments (id, name, project, display_name, description, variants, weights_history, hash_seed, "
+                "coverage, primary_metric, guardrail_metrics, secondary_metrics, min_sample_size, significance_level, analysis, "
+                "auto_conclude, promote_alias, labels, state, winner, conclusion, create_time, update_time, revision) VALUES "
+                "(7, 'projects/p/experiments/e', 'p', '', '', '[]', '[]', 's', 1, '{}', '[]', '[]', 1, 0.05, 'sequential', "
+                "false, '', '{}', 'RUNNING', '', '', :t, :t, 1)"), {"t": datetime(2026, 11, 1, tzinfo=UTC)})  # fmt: skip
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO variant_stats (experiment_id, metric, variant, n, mean, m2) VALUES (7, 'm', 'a', 2, 1.5, 0.5)"
+                )
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO unit_metrics (experiment_id, metric, unit_id, variant, count, total, positives) "
+                    "VALUES (7, 'm', 'u', 'a', 2, 3.0, 2)"
+                )
+            )
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+        async with engine.connect() as conn:  # not tracked: the rows' covariates are unknown
+            stats = (
+                await conn.execute(
+                    sa.text("SELECT n, mean, m2, covariate_units, covariate_mean, covariate_m2, comoment FROM variant_stats")
+                )
+            ).one()
+            unit = (await conn.execute(sa.text("SELECT count, total, covariate, covariate_since FROM unit_metrics"))).one()
+        assert tuple(stats) == (2, 1.5, 0.5, None, None, None, None)
+        assert tuple(unit) == (2, 3.0, None, None)
+        await asyncio.to_thread(migrations.downgrade, empty_db, MIGRATIONS, "0005")
+        async with engine.connect() as conn:
+            for table in ("variant_stats", "unit_metrics", "metric_events"):
+                columns = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).keys()
+                assert not {c for c in columns if c.startswith("covariate") or c == "comoment"}, table
+            assert tuple((await conn.execute(sa.text("SELECT n, mean, m2 FROM variant_stats"))).one()) == (2, 1.5, 0.5)
     finally:
         await engine.dispose()

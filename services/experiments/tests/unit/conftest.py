@@ -17,7 +17,7 @@ from datetime import datetime
 
 import pytest
 
-from neuroweaver_experiments.domain.aggregation import StatsDelta
+from neuroweaver_experiments.domain.cuped import PairDelta, PairedStats
 from neuroweaver_experiments.domain.experiment import Experiment
 from neuroweaver_experiments.domain.statistics import DecisionOutcome, SequentialState, SufficientStats
 from neuroweaver_experiments.service.experiments import ExperimentsService
@@ -34,7 +34,7 @@ class Store:
     exposures: dict[tuple[int, int, int, str], int] = field(default_factory=dict)  # (key, epoch, class, variant) → units
     events: list[tuple[int, str, str, float, datetime, str | None]] = field(default_factory=list)
     unit_metrics: dict[tuple[int, str, str], list] = field(default_factory=dict)  # (key, metric, unit) → [n, Σ, positives]
-    variant_stats: dict[tuple[int, str, str], SufficientStats] = field(default_factory=dict)
+    variant_stats: dict[tuple[int, str, str], PairedStats] = field(default_factory=dict)
     sequential: dict[tuple[int, str, str], SequentialState] = field(default_factory=dict)
     horizon: dict[int, DecisionOutcome] = field(default_factory=dict)
     requests: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # request_id → (method, fingerprint, name)
@@ -114,10 +114,12 @@ class FakeMetrics(_Repo):
     async def ingest(self, key, events, variant_of, proportion_metrics, now) -> int:
         raise AssertionError("not set-based: the use case folds batches step by step")
 
-    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+    async def add_events(
+        self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None, float | None]]
+    ) -> set[str]:
         stored = {e[5] for e in self.store.events if e[0] == key and e[5] is not None}
         new = set()
-        for unit, metric, value, time, idem in events:
+        for unit, metric, value, time, idem, _covariate in events:
             if idem is not None and idem in stored:
                 continue
             self.store.events.append((key, unit, metric, value, time, idem))
@@ -125,21 +127,30 @@ class FakeMetrics(_Repo):
                 new.add(idem)
         return new
 
-    async def add_unit_metrics(self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]):
+    async def add_unit_metrics(self, key: int, rows: Sequence[tuple[str, str, str, int, float, int, float | None]]):
         out = []
-        for metric, unit, _variant, n, total, positives in rows:
-            agg = self.store.unit_metrics.setdefault((key, metric, unit), [0, 0.0, 0])
+        for metric, unit, _variant, n, total, positives, covariate in rows:
+            agg = self.store.unit_metrics.setdefault((key, metric, unit), [0, 0.0, 0, None, None])
             agg[0], agg[1], agg[2] = agg[0] + n, agg[1] + total, agg[2] + positives
-            out.append((metric, unit, agg[0], agg[1], agg[2]))
+            if agg[3] is None and covariate is not None:
+                agg[3], agg[4] = covariate, agg[0]
+            out.append((metric, unit, agg[0], agg[1], agg[2], agg[3], agg[4]))
         return out
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], PairDelta]) -> None:
         for (metric, variant), delta in deltas.items():
-            old = self.store.variant_stats.get((key, metric, variant), SufficientStats())
+            old = self.store.variant_stats.get((key, metric, variant), PairedStats())
             self.store.variant_stats[(key, metric, variant)] = delta.apply(old)
 
     async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         out: dict[str, dict[str, SufficientStats]] = {}
+        for (k, metric, variant), stats in self.store.variant_stats.items():
+            if k == key:
+                out.setdefault(metric, {})[variant] = stats.y
+        return out
+
+    async def covariate_stats(self, key: int) -> dict[str, dict[str, PairedStats | None]]:
+        out: dict[str, dict[str, PairedStats | None]] = {}
         for (k, metric, variant), stats in self.store.variant_stats.items():
             if k == key:
                 out.setdefault(metric, {})[variant] = stats

@@ -38,6 +38,7 @@ def _batch(*events: tuple[str, str, float, str]) -> EventBatch:
         batch.values.append(value)
         batch.times.append(None)
         batch.keys.append(key)
+        batch.covariates.append(None)
     return batch
 
 
@@ -126,7 +127,7 @@ async def test_record_folds_events_into_statistics_and_skips_duplicates(fakes):
         exp.name, _batch(("a", "score", 9.0, "k1"), ("b", "thumbs_up", 1.0, "k3"), ("b", "thumbs_up", 1.0, "k3"))
     )
     assert (result.accepted, result.duplicates) == (1, 2)  # k1 stored before, k3 repeated in the batch
-    stats = {(m, v): s for (k, m, v), s in fakes.store.variant_stats.items() if k == exp.key}
+    stats = {(m, v): s.y for (k, m, v), s in fakes.store.variant_stats.items() if k == exp.key}
     a, b = variant_of["a"], variant_of["b"]
     if a == b:
         assert stats[("score", a)].n == 2 and stats[("score", a)].sum == pytest.approx(3.0 + 1.0)

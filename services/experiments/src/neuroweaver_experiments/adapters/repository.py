@@ -15,7 +15,7 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from neuroweaver_runtime.filtering import Comparison
 from neuroweaver_runtime.timestamps import aware
 
-from ..domain.aggregation import StatsDelta
+from ..domain.cuped import PairDelta, PairedStats
 from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..domain.statistics import (
     AnalysisMethod,
@@ -53,71 +53,118 @@ def _div(a: str, b: str) -> str:
 
 
 # One ingest batch on PostgreSQL (see `SqlMetricRepository.ingest`). Data-modifying CTEs all run, once;
-# each sees the others' rows only through RETURNING, which is all this needs.
+# each sees the others' rows only through RETURNING, which is all this needs. x is the unit's CUPED covariate
+# (0 without one), y its value; the co-moment arithmetic is domain.cuped's (fold_pair_changes, PairDelta.apply).
 _INGEST_SQL = """
 WITH ev AS (
-    SELECT unit_id, metric, value, coalesce(event_time, $10) AS event_time, NULLIF(key, '') AS key, ord
-    FROM unnest($2::text::text[], $3::text::text[], $4::text::float8[], $5::text::timestamptz[], $6::text::text[])
-        WITH ORDINALITY AS e(unit_id, metric, value, event_time, key, ord)
+    SELECT unit_id, metric, value, coalesce(event_time, $10) AS event_time, NULLIF(key, '') AS key, covariate, ord
+    FROM unnest($2::text::text[], $3::text::text[], $4::text::float8[], $5::text::timestamptz[], $6::text::text[],
+                $11::text::float8[])
+        WITH ORDINALITY AS e(unit_id, metric, value, event_time, key, covariate, ord)
 ), taken AS (
-    INSERT INTO metric_events (experiment_id, unit_id, metric, value, event_time, idempotency_key)
-    SELECT $1, unit_id, metric, value, event_time, key FROM ev ORDER BY key, ord
+    INSERT INTO metric_events (experiment_id, unit_id, metric, value, event_time, idempotency_key, covariate)
+    SELECT $1, unit_id, metric, value, event_time, key, covariate FROM ev ORDER BY key, ord
     ON CONFLICT (experiment_id, idempotency_key) DO NOTHING
-    RETURNING id, unit_id, metric, value
+    RETURNING id, unit_id, metric, value, covariate
 ), variants AS (
     SELECT * FROM unnest($7::text::text[], $8::text::text[]) AS v(unit_id, variant)
 ), added AS (
-    SELECT metric, unit_id, count(*) AS c, sum(value ORDER BY id) AS s, count(*) FILTER (WHERE value > 0) AS p
+    SELECT metric, unit_id, count(*) AS c, sum(value ORDER BY id) AS s, count(*) FILTER (WHERE value > 0) AS p,
+        (array_agg(covariate ORDER BY id) FILTER (WHERE covariate IS NOT NULL))[1] AS cov
     FROM taken GROUP BY metric, unit_id
 ), units AS (
-    INSERT INTO unit_metrics AS um (experiment_id, metric, unit_id, variant, count, total, positives)
-    SELECT $1, a.metric, a.unit_id, v.variant, a.c, a.s, a.p FROM added a JOIN variants v USING (unit_id)
+    -- the first covariate stays; covariate_since = the count after the batch that set it
+    INSERT INTO unit_metrics AS um (experiment_id, metric, unit_id, variant, count, total, positives, covariate,
+        covariate_since)
+    SELECT $1, a.metric, a.unit_id, v.variant, a.c, a.s, a.p, a.cov, CASE WHEN a.cov IS NOT NULL THEN a.c END
+    FROM added a JOIN variants v USING (unit_id)
     ORDER BY a.metric, a.unit_id
     ON CONFLICT (experiment_id, metric, unit_id) DO UPDATE SET count = um.count + excluded.count,
-        total = um.total + excluded.total, positives = um.positives + excluded.positives
-    RETURNING um.metric, um.unit_id, um.variant, um.count, um.total, um.positives
+        total = um.total + excluded.total, positives = um.positives + excluded.positives,
+        covariate = coalesce(um.covariate, excluded.covariate),
+        covariate_since = CASE WHEN um.covariate IS NULL AND excluded.covariate IS NOT NULL
+            THEN um.count + excluded.count ELSE um.covariate_since END
+    RETURNING um.metric, um.unit_id, um.variant, um.count, um.total, um.positives, um.covariate, um.covariate_since
 ), vals AS (
     SELECT u.metric, u.variant, u.count - a.c <= 0 AS is_new,
         CASE WHEN u.metric = ANY($9::text[]) THEN (u.positives > 0)::int::float8
-             WHEN abs(u.total) < 1e-300 THEN 0 ELSE u.total / u.count END AS x_new,
+             WHEN abs(u.total) < 1e-300 THEN 0 ELSE u.total / u.count END AS y_new,
         CASE WHEN u.count - a.c <= 0 THEN NULL
              WHEN u.metric = ANY($9::text[]) THEN (u.positives - a.p > 0)::int::float8
              WHEN abs(u.total - a.s) < 1e-300 THEN 0
-             ELSE (u.total - a.s) / (u.count - a.c) END AS x_old
+             ELSE (u.total - a.s) / (u.count - a.c) END AS y_old,
+        coalesce(u.covariate, 0) AS x_new,
+        CASE WHEN u.covariate_since = u.count THEN 0 ELSE coalesce(u.covariate, 0) END AS x_old,
+        -- units with a covariate: +1 for a new unit with one, or an existing unit whose first one came now
+        (u.covariate_since IS NOT NULL AND u.covariate_since = u.count)::int AS dc
     FROM units u JOIN added a USING (metric, unit_id)
 ), shifts AS (
-    SELECT metric, variant, percentile_cont(0.5) WITHIN GROUP (ORDER BY x_new) AS k FROM vals GROUP BY metric, variant
+    SELECT metric, variant, percentile_cont(0.5) WITHIN GROUP (ORDER BY x_new) AS kx,
+        percentile_cont(0.5) WITHIN GROUP (ORDER BY y_new) AS ky
+    FROM vals GROUP BY metric, variant
 ), terms AS (
-    -- domain.aggregation.fold_changes: new units add (x - k) and (x - k)^2, changed units (x_new - x_old) and
-    -- (x_new - x_old)((x_new - k) + (x_old - k))
-    SELECT metric, variant, k, is_new::int AS dn,
-        CASE WHEN is_new THEN x_new - k ELSE x_new - x_old END AS ds,
-        CASE WHEN is_new THEN {mul_new} ELSE {mul_changed} END AS dq
+    -- domain.cuped.fold_pair_changes: new units add (x - kx), (y - ky) and their squares and product, changed
+    -- units the differences of those between the new and the old (x, y)
+    SELECT metric, variant, kx, ky, is_new::int AS dn, dc,
+        CASE WHEN is_new THEN x_new - kx ELSE x_new - x_old END AS dsx,
+        CASE WHEN is_new THEN y_new - ky ELSE y_new - y_old END AS dsy,
+        CASE WHEN is_new THEN {mul_new_x} ELSE {mul_changed_x} END AS dqx,
+        CASE WHEN is_new THEN {mul_new_y} ELSE {mul_changed_y} END AS dqy,
+        CASE WHEN is_new THEN {mul_new_xy} ELSE {mul_new_xy} - {mul_old_xy} END AS dqxy
     FROM vals JOIN shifts USING (metric, variant)
-    WHERE is_new OR x_old <> x_new
+    WHERE is_new OR y_old <> y_new OR x_old <> x_new OR dc <> 0
 ), batch AS (
-    SELECT metric, variant, k, sum(dn) AS dn, sum(ds) AS ds, sum(dq) AS dq FROM terms GROUP BY metric, variant, k
+    SELECT metric, variant, kx, ky, sum(dn) AS dn, sum(dc) AS dc, sum(dsx) AS sx, sum(dsy) AS ds, sum(dqx) AS sxx,
+        sum(dqy) AS dq, sum(dqxy) AS sxy
+    FROM terms GROUP BY metric, variant, kx, ky
 ), stats AS (
-    -- a new row is the batch's own (n, mean, M2); an existing one merges it around its mean, as
-    -- domain.aggregation.StatsDelta.apply (a = mean - k): the row is locked here, so vs is its latest version
-    INSERT INTO variant_stats AS vs (experiment_id, metric, variant, n, mean, m2)
-    SELECT $1, metric, variant, dn, CASE WHEN dn > 0 THEN k + {new_mean} ELSE 0 END,
-        CASE WHEN dn > 0 THEN dq - {new_m2} ELSE 0 END
+    -- a new row is the batch's own moments; an existing one merges it around its means, as
+    -- domain.cuped.PairDelta.apply (a = mean_x - kx, b = mean - ky): the row is locked here, so vs is its latest
+    -- version. NULL co-moments (rows from before covariates were tracked) stay NULL.
+    INSERT INTO variant_stats AS vs (experiment_id, metric, variant, n, mean, m2, covariate_units, covariate_mean,
+        covariate_m2, comoment)
+    SELECT $1, metric, variant, dn, CASE WHEN dn > 0 THEN ky + {new_mean} ELSE 0 END,
+        CASE WHEN dn > 0 THEN dq - {new_m2} ELSE 0 END, dc,
+        CASE WHEN dn > 0 THEN kx + {new_mean_x} ELSE 0 END,
+        CASE WHEN dn > 0 THEN sxx - {new_m2_x} ELSE 0 END,
+        CASE WHEN dn > 0 THEN sxy - {new_c} ELSE 0 END
     FROM batch ORDER BY metric, variant
-    ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET (n, mean, m2) = (
-        SELECT vs.n + b.dn, vs.mean + {merged_mean}, vs.m2 + b.dq - {merged_m2}
+    ON CONFLICT (experiment_id, metric, variant) DO UPDATE SET
+        (n, mean, m2, covariate_units, covariate_mean, covariate_m2, comoment) = (
+        SELECT vs.n + b.dn, vs.mean + {merged_mean}, vs.m2 + b.dq - {merged_m2}, vs.covariate_units + b.dc,
+            vs.covariate_mean + {merged_mean_x}, vs.covariate_m2 + b.sxx - {merged_m2_x},
+            vs.comoment + b.sxy - {merged_c}
         FROM batch b WHERE b.metric = vs.metric AND b.variant = vs.variant)
 )
 SELECT count(*) FROM taken
 """.format(
-    mul_new=_mul("x_new - k", "x_new - k"),
-    mul_changed=_mul("x_new - x_old", "(x_new - k) + (x_old - k)"),
+    mul_new_x=_mul("x_new - kx", "x_new - kx"),
+    mul_changed_x=_mul("x_new - x_old", "(x_new - kx) + (x_old - kx)"),
+    mul_new_y=_mul("y_new - ky", "y_new - ky"),
+    mul_changed_y=_mul("y_new - y_old", "(y_new - ky) + (y_old - ky)"),
+    mul_new_xy=_mul("x_new - kx", "y_new - ky"),
+    mul_old_xy=_mul("x_old - kx", "y_old - ky"),
     new_mean=_div("ds", "dn"),
     new_m2=_div(_mul("ds", "ds"), "dn"),
-    merged_mean=_div("b.ds - " + _mul("b.dn", "vs.mean - b.k"), "vs.n + b.dn"),
+    new_mean_x=_div("sx", "dn"),
+    new_m2_x=_div(_mul("sx", "sx"), "dn"),
+    new_c=_div(_mul("sx", "ds"), "dn"),
+    merged_mean=_div("b.ds - " + _mul("b.dn", "vs.mean - b.ky"), "vs.n + b.dn"),
     merged_m2=_div(
-        f"{_mul('b.ds', 'b.ds')} + 2 * {_mul('vs.n * (vs.mean - b.k)', 'b.ds')}"
-        f" - vs.n * b.dn * {_mul('vs.mean - b.k', 'vs.mean - b.k')}",
+        f"{_mul('b.ds', 'b.ds')} + 2 * {_mul('vs.n * (vs.mean - b.ky)', 'b.ds')}"
+        f" - vs.n * b.dn * {_mul('vs.mean - b.ky', 'vs.mean - b.ky')}",
+        "vs.n + b.dn",
+    ),
+    merged_mean_x=_div("b.sx - " + _mul("b.dn", "vs.covariate_mean - b.kx"), "vs.n + b.dn"),
+    merged_m2_x=_div(
+        f"{_mul('b.sx', 'b.sx')} + 2 * {_mul('vs.n * (vs.covariate_mean - b.kx)', 'b.sx')}"
+        f" - vs.n * b.dn * {_mul('vs.covariate_mean - b.kx', 'vs.covariate_mean - b.kx')}",
+        "vs.n + b.dn",
+    ),
+    merged_c=_div(
+        f"{_mul('b.sx', 'b.ds')} + {_mul('vs.n * (vs.covariate_mean - b.kx)', 'b.ds')}"
+        f" + {_mul('vs.n * (vs.mean - b.ky)', 'b.sx')}"
+        f" - vs.n * b.dn * {_mul('vs.covariate_mean - b.kx', 'vs.mean - b.ky')}",
         "vs.n + b.dn",
     ),
 )
@@ -137,6 +184,11 @@ def _float_array(values: Sequence[float]) -> str:
     """A float8[] literal (one text parameter): repr round-trips every finite double exactly, and skips asyncpg's
     per-element type checks (~4 ms per 5,000 values)."""
     return "{" + ",".join(map(repr, values)) + "}"
+
+
+def _optional_float_array(values: Sequence[float | None]) -> str:
+    """A float8[] literal with NULL for None."""
+    return "{" + ",".join("NULL" if v is None else repr(v) for v in values) + "}"
 
 
 def _time_array(times: Sequence[datetime | None]) -> str:
@@ -159,6 +211,19 @@ def _chunks(rows: Sequence, size: int = _SQLITE_CHUNK) -> Iterable[Sequence]:
 
 def _finite(x: float, default: float) -> float:
     return default if math.isnan(x) else x
+
+
+def _paired(row) -> PairedStats:
+    """A variant_stats row as co-moments (x parts 0 where NULL: callers check `comoment` for tracking)."""
+    return PairedStats(
+        int(row.n),
+        float(row.covariate_mean or 0.0),
+        float(row.mean),
+        float(row.covariate_m2 or 0.0),
+        float(row.m2),
+        float(row.comoment or 0.0),
+        int(row.covariate_units or 0),
+    )
 
 
 class _Repository:
@@ -396,7 +461,9 @@ class SqlMetricRepository(_Repository):
     def set_based(self) -> bool:
         return self.pg
 
-    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
+    async def add_events(
+        self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None, float | None]]
+    ) -> set[str]:
         """SQLite: an event with a stored key is a duplicate and is not written."""
         new: set[str] = set()
         for chunk in _chunks(list(events)):
@@ -404,8 +471,8 @@ class SqlMetricRepository(_Repository):
                 sqlite_insert(t.metric_events)
                 .values(
                     [
-                        dict(experiment_id=key, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k)
-                        for u, m, v, ts, k in chunk
+                        dict(experiment_id=key, unit_id=u, metric=m, value=v, event_time=ts, idempotency_key=k, covariate=x)
+                        for u, m, v, ts, k, x in chunk
                     ]
                 )
                 .on_conflict_do_nothing(index_elements=["experiment_id", "idempotency_key"])
@@ -415,58 +482,84 @@ class SqlMetricRepository(_Repository):
         return new
 
     async def add_unit_metrics(
-        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]
-    ) -> list[tuple[str, str, int, float, int]]:
+        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int, float | None]]
+    ) -> list[tuple[str, str, int, float, int, float | None, int | None]]:
         """SQLite (see the port)."""
         if not rows:
             return []
         c = t.unit_metrics.c
-        out: list[tuple[str, str, int, float, int]] = []
+        out: list[tuple[str, str, int, float, int, float | None, int | None]] = []
         for chunk in _chunks(rows):
             values = sqlite_insert(t.unit_metrics).values(
                 [
-                    dict(experiment_id=key, metric=m, unit_id=u, variant=v, count=n, total=s, positives=p)
-                    for m, u, v, n, s, p in chunk
+                    dict(
+                        experiment_id=key,
+                        metric=m,
+                        unit_id=u,
+                        variant=v,
+                        count=n,
+                        total=s,
+                        positives=p,
+                        covariate=x,
+                        covariate_since=None if x is None else n,
+                    )
+                    for m, u, v, n, s, p, x in chunk
                 ]
             )
+            ex = values.excluded
             stmt = values.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "unit_id"],
                 set_={
-                    "count": c.count + values.excluded.count,
-                    "total": c.total + values.excluded.total,
-                    "positives": c.positives + values.excluded.positives,
+                    "count": c.count + ex.count,
+                    "total": c.total + ex.total,
+                    "positives": c.positives + ex.positives,
+                    # the first covariate stays; a first one now marks the count it arrived with
+                    "covariate": func.coalesce(c.covariate, ex.covariate),
+                    "covariate_since": case(
+                        (and_(c.covariate.is_(None), ex.covariate.is_not(None)), c.count + ex.count),
+                        else_=c.covariate_since,
+                    ),
                 },
-            ).returning(c.metric, c.unit_id, c.count, c.total, c.positives)
-            out.extend((r[0], r[1], r[2], r[3], r[4]) for r in await self.s.execute(stmt))
+            ).returning(c.metric, c.unit_id, c.count, c.total, c.positives, c.covariate, c.covariate_since)
+            out.extend((r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in await self.s.execute(stmt))
         return out
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
-        """SQLite: reads the touched rows, merges each delta (`StatsDelta.apply`) and writes them back, in key order.
-        Read-modify-write is safe here: the ingest transaction already wrote its events, so it holds SQLite's write
-        lock and no other writer can change these rows before it commits."""
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], PairDelta]) -> None:
+        """SQLite: reads the touched rows, merges each delta (`PairDelta.apply`) and writes them back, in key order;
+        co-moments that are NULL (rows from before covariates were tracked) stay NULL. Read-modify-write is safe
+        here: the ingest transaction already wrote its events, so it holds SQLite's write lock and no other writer
+        can change these rows before it commits."""
         keys = sorted(deltas)
         if not keys:
             return
         c = t.variant_stats.c
-        rows = await self.s.execute(
-            select(c.metric, c.variant, c.n, c.mean, c.m2).where(c.experiment_id == key, c.metric.in_({m for m, _ in keys}))
-        )
-        stored = {(r.metric, r.variant): SufficientStats(int(r.n), float(r.mean), float(r.m2)) for r in rows}
+        rows = await self.s.execute(select(t.variant_stats).where(c.experiment_id == key, c.metric.in_({m for m, _ in keys})))
+        stored = {(r.metric, r.variant): r for r in rows}
         for m, v in keys:
-            merged = deltas[(m, v)].apply(stored.get((m, v), SufficientStats()))
+            row = stored.get((m, v))
+            tracked = row is None or row.comoment is not None
+            merged = deltas[(m, v)].apply(_paired(row) if row is not None else PairedStats())
+            cov: dict[str, Any] = dict(
+                covariate_units=merged.covered,
+                covariate_mean=merged.mu_x,
+                covariate_m2=merged.m2_x,
+                comoment=merged.c_xy,
+            )
+            if not tracked:
+                cov = {k: None for k in cov}
             stmt = sqlite_insert(t.variant_stats).values(
-                experiment_id=key, metric=m, variant=v, n=merged.n, mean=merged.mu, m2=merged.m2
+                experiment_id=key, metric=m, variant=v, n=merged.n, mean=merged.mu_y, m2=merged.m2_y, **cov
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["experiment_id", "metric", "variant"],
-                set_={"n": stmt.excluded.n, "mean": stmt.excluded.mean, "m2": stmt.excluded.m2},
+                set_={k: stmt.excluded[k] for k in ("n", "mean", "m2", *cov)},
             )
             await self.s.execute(stmt)
 
     async def ingest(
         self,
         key: int,
-        events: tuple[list[str], list[str], list[float], list[datetime | None], list[str]],
+        events: tuple[list[str], list[str], list[float], list[datetime | None], list[str], list[float | None]],
         variant_of: dict[str, str],
         proportion_metrics: Sequence[str],
         now: datetime,
@@ -480,7 +573,7 @@ class SqlMetricRepository(_Repository):
         keys unique within the batch; `variant_of` maps every unit of the batch to its variant. Returns the
         number of events appended. Locks: events, unit rows and variant rows are written in key, (metric, unit)
         and (metric, variant) order, as in the SQLite path, so concurrent batches do not deadlock."""
-        units, metrics, values, times, keys = events
+        units, metrics, values, times, keys, covariates = events
         if not units:
             return 0
         raw = await self._raw()
@@ -499,6 +592,7 @@ class SqlMetricRepository(_Repository):
             _text_array(list(variant_of.values())),
             list(proportion_metrics),
             now,
+            _optional_float_array(covariates),
         )
         return int(row[0])
 
@@ -508,6 +602,13 @@ class SqlMetricRepository(_Repository):
         out: dict[str, dict[str, SufficientStats]] = {}
         for r in rows:
             out.setdefault(r.metric, {})[r.variant] = SufficientStats(int(r.n), float(r.mean), float(r.m2))
+        return out
+
+    async def covariate_stats(self, key: int) -> dict[str, dict[str, PairedStats | None]]:
+        rows = await self.s.execute(select(t.variant_stats).where(t.variant_stats.c.experiment_id == key))
+        out: dict[str, dict[str, PairedStats | None]] = {}
+        for r in rows:
+            out.setdefault(r.metric, {})[r.variant] = _paired(r) if r.comoment is not None else None
         return out
 
     async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]:

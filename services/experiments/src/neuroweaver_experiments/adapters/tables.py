@@ -100,10 +100,13 @@ metric_events = Table(
     Column("value", Float, nullable=False),
     Column("event_time", DateTime(timezone=True), nullable=False),
     Column("idempotency_key", String(256), nullable=True),
+    Column("covariate", Float, nullable=True),  # the event's pre-experiment covariate (CUPED), if it had one
     Index("uq_metric_events_key", "experiment_id", "idempotency_key", unique=True),
 )
 
-# Per-unit aggregates: count, sum and number of positive values of the unit's events of one metric.
+# Per-unit aggregates: count, sum and number of positive values of the unit's events of one metric, and the unit's
+# CUPED covariate (the first one recorded; NULL = none yet). covariate_since is `count` as of the batch that set it,
+# so a batch's updated row tells whether that batch set it (covariate_since = count) without reading the row first.
 unit_metrics = Table(
     "unit_metrics",
     metadata,
@@ -114,6 +117,8 @@ unit_metrics = Table(
     Column("count", BigInteger, nullable=False),
     Column("total", Float, nullable=False),
     Column("positives", BigInteger, nullable=False),
+    Column("covariate", Float, nullable=True),
+    Column("covariate_since", BigInteger, nullable=True),
     postgresql_with={"fillfactor": 70},  # room for in-place (HOT) updates: every batch updates its units' rows
 )
 
@@ -128,6 +133,13 @@ variant_stats = Table(
     Column("n", BigInteger, nullable=False),
     Column("mean", Float, nullable=False),
     Column("m2", Float, nullable=False),
+    # CUPED co-moments with the units' covariates x (domain.cuped.PairedStats; x = 0 for a unit without one):
+    # units with a covariate, mean of x, M2 of x and Σ(x − mean_x)(value − mean). NULL: the row was written before
+    # covariates were tracked (migration 0006), and stays NULL (its units' covariates are unknown): no CUPED.
+    Column("covariate_units", BigInteger, nullable=True),
+    Column("covariate_mean", Float, nullable=True),
+    Column("covariate_m2", Float, nullable=True),
+    Column("comoment", Float, nullable=True),
 )
 
 # Running state of the sequential test per comparison (running minimum p, intersected confidence sequences).

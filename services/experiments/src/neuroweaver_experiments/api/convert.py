@@ -183,6 +183,7 @@ def events_from_pb(events) -> EventBatch:
         metrics.append(e.metric)
         values.append(e.value)
         keys.append(e.idempotency_key)
+        batch.covariates.append(e.covariate if e.HasField("covariate") else None)
         if e.HasField("event_time") and ((ts := e.event_time).seconds or ts.nanos):
             times.append(from_timestamp(ts, "events.event_time"))
         else:
@@ -205,6 +206,8 @@ def _metric_result(r: st.MetricResult) -> pb.MetricResult:
     comparisons = []
     for c in r.comparisons:
         lo, hi = _interval(c.decision_lift_interval)
+        d_lo, d_hi = _interval(c.difference_ci)
+        u_lo, u_hi = _interval(c.unadjusted_ci)
         comparisons.append(
             pb.Comparison(
                 variant=c.variant,
@@ -216,10 +219,21 @@ def _metric_result(r: st.MetricResult) -> pb.MetricResult:
                 sequential_p_value=num(c.sequential_p_value),
                 significant=c.significant,
                 improvement=c.improvement,
+                difference_ci_lower=d_lo,
+                difference_ci_upper=d_hi,
+                unadjusted_difference_ci_lower=u_lo,
+                unadjusted_difference_ci_upper=u_hi,
             )
         )
     return pb.MetricResult(
-        metric=metric_to_pb(r.metric), variants=variants, comparisons=comparisons, guardrail_violated=r.guardrail_violated
+        metric=metric_to_pb(r.metric),
+        variants=variants,
+        comparisons=comparisons,
+        guardrail_violated=r.guardrail_violated,
+        cuped_applied=r.cuped_applied,
+        variance_reduction=num(r.variance_reduction),
+        covariate_coverage=num(r.covariate_coverage),
+        cuped_note=r.cuped_note,
     )
 
 

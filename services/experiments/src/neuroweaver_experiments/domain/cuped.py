@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .statistics import SufficientStats
 
-__all__ = ["CupedResult", "PairDelta", "PairedStats", "cuped", "fold_pair_changes"]
+__all__ = ["CupedResult", "PairDelta", "PairedStats", "cuped", "fold_pair_changes", "not_applied_reason"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,3 +200,16 @@ def cuped(stats: Sequence[PairedStats | None]) -> CupedResult | None:
     )
     reduction = 1.0 - math.fsum(a.m2 for a in adjusted) / syy if syy > 0 else 0.0
     return CupedResult(theta, adjusted, reduction, covered / n)
+
+
+def not_applied_reason(stats: Sequence[PairedStats | None]) -> str:
+    """Why `cuped` returns None for these co-moments ("" when it does not)."""
+    if not stats or any(s is None for s in stats):
+        return "some variants' statistics were recorded before covariates were tracked (schema 0006)"
+    ps = [s for s in stats if s is not None]
+    if sum(s.covered for s in ps) < 2:
+        return "fewer than 2 units have a covariate"
+    sxx = math.fsum(s.m2_x for s in ps)
+    if not (sxx > 0 and math.isfinite(sxx) and math.isfinite(math.fsum(s.c_xy for s in ps))):
+        return "the covariate does not vary within variants"
+    return ""

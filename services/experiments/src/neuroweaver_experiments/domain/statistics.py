@@ -702,6 +702,7 @@ class MetricResult:
     cuped_applied: bool = False
     variance_reduction: float = _NAN
     covariate_coverage: float = _NAN
+    cuped_note: str = ""  # why CUPED was not applied ("" when it was, or when no covariates were given)
 
 
 def _guardrail_status(spec: MetricSpec, diff: Interval, control_mean: float) -> GuardrailStatus:
@@ -752,10 +753,12 @@ def analyze_metric(
     raw_control = stats[0][1]
     unadjusted = {vid: two_sample_test(raw_control, s, kind, alpha).ci for vid, s in stats[1:]}
     adjustment = None
+    note = ""
     if covariates is not None:
-        from .cuped import cuped  # cuped builds on this module's SufficientStats
+        from .cuped import cuped, not_applied_reason  # cuped builds on this module's SufficientStats
 
         adjustment = cuped(covariates)
+        note = not_applied_reason(covariates) if adjustment is None else ""
     if adjustment is not None:
         stats = [(vid, a) for (vid, _), a in zip(stats, adjustment.adjusted, strict=True)]
         kind = MetricKind.MEAN
@@ -817,7 +820,7 @@ def analyze_metric(
 
     violated = guardrail and any(c.guardrail is GuardrailStatus.VIOLATED for c in comparisons)
     if adjustment is None:
-        return MetricResult(spec, summaries, tuple(comparisons), alpha, method, violated)
+        return MetricResult(spec, summaries, tuple(comparisons), alpha, method, violated, cuped_note=note)
     return MetricResult(
         spec,
         summaries,

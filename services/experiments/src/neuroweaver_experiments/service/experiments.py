@@ -298,6 +298,7 @@ class ExperimentsService:
             if exp.primary_metric is None:
                 raise FailedPrecondition(f"experiment {name} has no primary metric", reason="NO_PRIMARY_METRIC")
             stats = await uow.metrics.variant_stats(exp.key)
+            covariates = await uow.metrics.covariate_stats(exp.key)
             exposures = await uow.assignments.exposures(exp.key)
             previous = await uow.metrics.sequential_states(exp.key)
             fixed = exp.analysis is AnalysisMethod.FIXED_HORIZON
@@ -318,6 +319,7 @@ class ExperimentsService:
                 previous=previous,
                 decided=decided,
                 srm_strata=strata,
+                covariates=covariates,
             )
             if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
                 await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())

@@ -1,13 +1,17 @@
 """Metric ingestion: validate a batch, drop duplicates, fold the rest into per-unit aggregates and per-variant
 sufficient statistics, all in one transaction.
 
-A batch is all-or-nothing: any bad event (unknown metric, unit never exposed, value not finite or beyond
-±`MAX_ABS_VALUE` (1e12), event time
+A batch is all-or-nothing: any bad event (unknown metric, unit never exposed, value or covariate not finite or
+beyond ±`MAX_ABS_VALUE` (1e12), event time
 before the experiment started, another experiment's name) rejects the whole batch with INVALID_ARGUMENT whose
 `BadRequest` names every bad event (`events[i].field`, the first 100) and whose ErrorInfo metadata carries
 `first_bad_event_index`; a batch for an experiment that is not RUNNING is FAILED_PRECONDITION. Nothing is
 applied partially, so a client may fix and resend the whole batch. Duplicates (idempotency keys already
 recorded, or repeated within the batch) are skipped and counted.
+
+An event may carry the unit's CUPED covariate (domain.cuped): the first one recorded for a (unit, metric) is kept,
+later ones are ignored; a unit's covariate may come after its first values. The per-variant statistics carry the
+(covariate, value) co-moments alongside (n, mean, M2).
 
 The experiment is read with a shared row lock inside the transaction (`ExperimentRepository.current`), so a
 concurrent StopExperiment (which locks the row) orders strictly before or after a batch: no event lands after
@@ -24,7 +28,8 @@ from datetime import datetime
 from neuroweaver_runtime.errors import FieldViolation, InvalidArgument, NotFound
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..domain.aggregation import StatsDelta, UnitAggregate, fold_changes, unit_change
+from ..domain.aggregation import UnitAggregate, unit_change
+from ..domain.cuped import PairDelta, fold_pair_changes
 from ..domain.experiment import EXPERIMENT, ExperimentState, require_running
 from ..domain.statistics import MAX_ABS_VALUE, MetricKind
 from .assignments import Assigner
@@ -46,6 +51,7 @@ class EventBatch:
     values: list[float] = field(default_factory=list)
     times: list[datetime | None] = field(default_factory=list)  # None = when the batch is recorded
     keys: list[str] = field(default_factory=list)  # "" = no idempotency key
+    covariates: list[float | None] = field(default_factory=list)  # None = no covariate
 
     def __len__(self) -> int:
         return len(self.unit_ids)
@@ -128,6 +134,11 @@ class Ingestor:
                 bad.add(i, "value", f"value must be finite, got {value}", "INVALID_VALUE")
             elif abs(value) > MAX_ABS_VALUE:
                 bad.add(i, "value", f"|value| must be at most {MAX_ABS_VALUE:g}, got {value!r}", "VALUE_OUT_OF_RANGE")
+            if (x := events.covariates[i]) is not None:
+                if not math.isfinite(x):
+                    bad.add(i, "covariate", f"covariate must be finite, got {x}", "INVALID_VALUE")
+                elif abs(x) > MAX_ABS_VALUE:
+                    bad.add(i, "covariate", f"|covariate| must be at most {MAX_ABS_VALUE:g}, got {x!r}", "VALUE_OUT_OF_RANGE")
             if len(key) > 256:
                 bad.add(i, "idempotency_key", "idempotency_key is at most 256 characters", "INVALID_IDEMPOTENCY_KEY")
             if len(metric) > 64:
@@ -179,7 +190,14 @@ class Ingestor:
             new_keys = await uow.metrics.add_events(
                 exp_id,
                 [
-                    (events.unit_ids[i], events.metrics[i], events.values[i], events.times[i] or now, keys[i] or None)
+                    (
+                        events.unit_ids[i],
+                        events.metrics[i],
+                        events.values[i],
+                        events.times[i] or now,
+                        keys[i] or None,
+                        events.covariates[i],
+                    )
                     for i in candidates
                 ],
             )
@@ -188,8 +206,8 @@ class Ingestor:
             if not take:
                 return IngestResult(0, duplicates)
 
-            # per-unit aggregates of this batch
-            agg: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0])
+            # per-unit aggregates of this batch (count, sum, positives, first covariate)
+            agg: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0, 0, None])
             for i in take:
                 unit, metric, value = events.unit_ids[i], events.metrics[i], events.values[i]
                 a = agg[(metric, unit)]
@@ -197,19 +215,23 @@ class Ingestor:
                 a[1] += value
                 if value > 0:
                     a[2] += 1
-            rows = sorted((m, u, variant_of[u], a[0], a[1], a[2]) for (m, u), a in agg.items())
+                if a[3] is None:
+                    a[3] = events.covariates[i]
+            rows = sorted((m, u, variant_of[u], a[0], a[1], a[2], a[3]) for (m, u), a in agg.items())
             updated = await uow.metrics.add_unit_metrics(exp_id, rows)
-            changes: dict[tuple[str, str], list[tuple[float | None, float]]] = defaultdict(list)
-            for metric, unit, count, total, positives in updated:
+            changes: dict[tuple[str, str], list] = defaultdict(list)
+            for metric, unit, count, total, positives, covariate, since in updated:
                 added = agg[(metric, unit)]
-                changes[(metric, variant_of[unit])].append(
-                    unit_change(
-                        kinds[metric],
-                        UnitAggregate(int(count), float(total), int(positives)),
-                        UnitAggregate(added[0], added[1], added[2]),
-                    )
+                y_old, y_new = unit_change(
+                    kinds[metric],
+                    UnitAggregate(int(count), float(total), int(positives)),
+                    UnitAggregate(added[0], added[1], added[2]),
                 )
-            deltas: dict[tuple[str, str], StatsDelta] = {k: fold_changes(c) for k, c in changes.items()}
+                # the covariate was set by this batch when covariate_since is the updated count
+                x_old = None if covariate is None or since == count else covariate
+                old = None if y_old is None else (x_old, y_old)
+                changes[(metric, variant_of[unit])].append((old, (covariate, y_new)))
+            deltas: dict[tuple[str, str], PairDelta] = {k: fold_pair_changes(c) for k, c in changes.items()}
             await uow.metrics.add_variant_stats(exp_id, deltas)
         return IngestResult(len(take), duplicates)
 
@@ -223,7 +245,14 @@ class Ingestor:
         now: datetime,
     ) -> IngestResult:
         """PostgreSQL: drop in-batch key repeats here, everything else in the store's one set-based statement."""
-        columns: EventColumns = (events.unit_ids, events.metrics, events.values, events.times, events.keys)
+        columns: EventColumns = (
+            events.unit_ids,
+            events.metrics,
+            events.values,
+            events.times,
+            events.keys,
+            events.covariates,
+        )
         first = _first_of_each_key(events.keys)
         if len(first) < len(events):
             columns = tuple([column[i] for i in first] for column in columns)  # type: ignore[assignment]

@@ -15,12 +15,12 @@ from typing import Protocol
 from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.filtering import Comparison
 
-from ..domain.aggregation import StatsDelta
+from ..domain.cuped import PairDelta, PairedStats
 from ..domain.experiment import Experiment
 from ..domain.statistics import DecisionOutcome, SequentialState, SufficientStats
 
 # One ingest batch as columns: units, metrics, values, event times (None = the batch's time), keys ("" = none).
-EventColumns = tuple[list[str], list[str], list[float], list[datetime | None], list[str]]
+EventColumns = tuple[list[str], list[str], list[float], list[datetime | None], list[str], list[float | None]]
 
 
 class ExperimentRepository(Protocol):
@@ -70,22 +70,29 @@ class MetricRepository(Protocol):
         """Only when `set_based`: appends the events whose key is not stored yet (keys unique within the batch),
         folds them into per-unit aggregates and per-variant statistics; returns the number appended."""
 
-    async def add_events(self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None]]) -> set[str]:
-        """Appends (unit, metric, value, time, key or None) events whose key is not stored yet; returns the keys
+    async def add_events(
+        self, key: int, events: Sequence[tuple[str, str, float, datetime, str | None, float | None]]
+    ) -> set[str]:
+        """Appends (unit, metric, value, time, key or None, covariate or None) events whose key is not stored yet; returns the keys
         that were new. Keys unique within `events`."""
 
     async def add_unit_metrics(
-        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int]]
-    ) -> list[tuple[str, str, int, float, int]]:
-        """Adds (metric, unit, variant, count, total, positives) to the per-unit aggregates; returns the updated
-        (metric, unit, count, total, positives). Rows unique per (metric, unit) and sorted (lock order)."""
+        self, key: int, rows: Sequence[tuple[str, str, str, int, float, int, float | None]]
+    ) -> list[tuple[str, str, int, float, int, float | None, int | None]]:
+        """Adds (metric, unit, variant, count, total, positives, covariate or None) to the per-unit aggregates (a
+        unit keeps its first covariate); returns the updated (metric, unit, count, total, positives, covariate,
+        covariate_since), covariate_since being the unit's count after the batch that set its covariate. Rows
+        unique per (metric, unit) and sorted (lock order)."""
 
-    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], StatsDelta]) -> None:
-        """Merges each (metric, variant)'s batch delta into its stored statistics (`StatsDelta.apply`), in key
-        order. Runs after this transaction's other writes (SQLite: it already holds the write lock)."""
+    async def add_variant_stats(self, key: int, deltas: dict[tuple[str, str], PairDelta]) -> None:
+        """Merges each (metric, variant)'s batch delta into its stored statistics and co-moments
+        (`PairDelta.apply`; co-moments stay NULL on rows written before they were tracked), in key order. Runs after this transaction's other writes (SQLite: it already holds the write lock)."""
 
     async def variant_stats(self, key: int) -> dict[str, dict[str, SufficientStats]]:
         """metric → variant → sufficient statistics."""
+
+    async def covariate_stats(self, key: int) -> dict[str, dict[str, PairedStats | None]]:
+        """metric → variant → CUPED co-moments (None: the row predates covariate tracking)."""
 
     async def sequential_states(self, key: int) -> dict[str, dict[str, SequentialState]]: ...
     async def save_sequential_states(self, key: int, states: dict[tuple[str, str], SequentialState]) -> None: ...

@@ -350,6 +350,7 @@ class MetricEvent(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    COVARIATE_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
     """`projects/{p}/experiments/{e}`."""
     unit_id: _builtins.str
@@ -357,6 +358,11 @@ class MetricEvent(_message.Message):
     value: _builtins.float
     idempotency_key: _builtins.str
     """Events with a key already seen are ignored (counted as duplicates)."""
+    covariate: _builtins.float
+    """The unit's pre-experiment value of this metric (or another covariate fixed before randomisation), for CUPED
+    variance reduction. The first covariate recorded for a (unit, metric) is kept; later ones are ignored.
+    Must be finite with |covariate| <= 1e12, as `value`.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -368,12 +374,15 @@ class MetricEvent(_message.Message):
         value: _builtins.float = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
+        covariate: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_covariate", b"_covariate", "covariate", b"covariate", "event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "experiment", b"experiment", "idempotency_key", b"idempotency_key", "metric", b"metric", "unit_id", b"unit_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_covariate", b"_covariate", "covariate", b"covariate", "event_time", b"event_time", "experiment", b"experiment", "idempotency_key", b"idempotency_key", "metric", b"metric", "unit_id", b"unit_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__covariate: _TypeAlias = _typing.Literal["covariate"]  # noqa: Y015
+    _WhichOneofArgType__covariate: _TypeAlias = _typing.Literal["_covariate", b"_covariate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__covariate) -> _WhichOneofReturnType__covariate | None: ...
 
 Global___MetricEvent: _TypeAlias = MetricEvent  # noqa: Y015
 
@@ -429,6 +438,10 @@ class Comparison(_message.Message):
     SEQUENTIAL_P_VALUE_FIELD_NUMBER: _builtins.int
     SIGNIFICANT_FIELD_NUMBER: _builtins.int
     IMPROVEMENT_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_CI_LOWER_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_CI_UPPER_FIELD_NUMBER: _builtins.int
+    UNADJUSTED_DIFFERENCE_CI_LOWER_FIELD_NUMBER: _builtins.int
+    UNADJUSTED_DIFFERENCE_CI_UPPER_FIELD_NUMBER: _builtins.int
     variant: _builtins.str
     difference: _builtins.float
     """Absolute difference treatment - control."""
@@ -443,6 +456,14 @@ class Comparison(_message.Message):
     significant: _builtins.bool
     improvement: _builtins.bool
     """True when the change is in the metric's good direction."""
+    difference_ci_lower: _builtins.float
+    """Fixed-horizon confidence interval of `difference`, CUPED-adjusted when `MetricResult.cuped_applied`
+    (0, 0 when undefined).
+    """
+    difference_ci_upper: _builtins.float
+    unadjusted_difference_ci_lower: _builtins.float
+    """The same interval without CUPED (equal to the one above when CUPED was not applied)."""
+    unadjusted_difference_ci_upper: _builtins.float
     def __init__(
         self,
         *,
@@ -455,10 +476,14 @@ class Comparison(_message.Message):
         sequential_p_value: _builtins.float = ...,
         significant: _builtins.bool = ...,
         improvement: _builtins.bool = ...,
+        difference_ci_lower: _builtins.float = ...,
+        difference_ci_upper: _builtins.float = ...,
+        unadjusted_difference_ci_lower: _builtins.float = ...,
+        unadjusted_difference_ci_upper: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "improvement", b"improvement", "lift_ci_lower", b"lift_ci_lower", "lift_ci_upper", b"lift_ci_upper", "p_value", b"p_value", "relative_lift", b"relative_lift", "sequential_p_value", b"sequential_p_value", "significant", b"significant", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference", b"difference", "difference_ci_lower", b"difference_ci_lower", "difference_ci_upper", b"difference_ci_upper", "improvement", b"improvement", "lift_ci_lower", b"lift_ci_lower", "lift_ci_upper", b"lift_ci_upper", "p_value", b"p_value", "relative_lift", b"relative_lift", "sequential_p_value", b"sequential_p_value", "significant", b"significant", "unadjusted_difference_ci_lower", b"unadjusted_difference_ci_lower", "unadjusted_difference_ci_upper", b"unadjusted_difference_ci_upper", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,8 +499,20 @@ class MetricResult(_message.Message):
     VARIANTS_FIELD_NUMBER: _builtins.int
     COMPARISONS_FIELD_NUMBER: _builtins.int
     GUARDRAIL_VIOLATED_FIELD_NUMBER: _builtins.int
+    CUPED_APPLIED_FIELD_NUMBER: _builtins.int
+    VARIANCE_REDUCTION_FIELD_NUMBER: _builtins.int
+    COVARIATE_COVERAGE_FIELD_NUMBER: _builtins.int
+    CUPED_NOTE_FIELD_NUMBER: _builtins.int
     guardrail_violated: _builtins.bool
     """Guardrails: whether any treatment breached the tolerance."""
+    cuped_applied: _builtins.bool
+    """CUPED: whether the comparisons use covariate-adjusted means (events' `covariate`)."""
+    variance_reduction: _builtins.float
+    """Within-variant variance reduction 1 - Var(Y - theta X) / Var(Y), about rho^2 (0 when not applied)."""
+    covariate_coverage: _builtins.float
+    """Share of the metric's units that have a covariate (0 when not applied)."""
+    cuped_note: _builtins.str
+    """Why CUPED was not applied (empty when it was)."""
     @_builtins.property
     def metric(self) -> Global___MetricSpec: ...
     @_builtins.property
@@ -489,10 +526,14 @@ class MetricResult(_message.Message):
         variants: _abc.Iterable[Global___VariantStatistics] | None = ...,
         comparisons: _abc.Iterable[Global___Comparison] | None = ...,
         guardrail_violated: _builtins.bool = ...,
+        cuped_applied: _builtins.bool = ...,
+        variance_reduction: _builtins.float = ...,
+        covariate_coverage: _builtins.float = ...,
+        cuped_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metric", b"metric"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparisons", b"comparisons", "guardrail_violated", b"guardrail_violated", "metric", b"metric", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparisons", b"comparisons", "covariate_coverage", b"covariate_coverage", "cuped_applied", b"cuped_applied", "cuped_note", b"cuped_note", "guardrail_violated", b"guardrail_violated", "metric", b"metric", "variance_reduction", b"variance_reduction", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
