@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -89,8 +88,6 @@ def start_model_server(threads):
             "smollm2-judge",
             "--max-batch-size",
             "8",
-            "--data-dir",
-            tempfile.mkdtemp(prefix="nw-bench-judge-"),
         ],
         env=env,
     )

@@ -42,15 +42,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/neuroweaver
 
-# Target `model-server` (the last stage): python -m neuroweaver_model_server (gRPC 50051, OpenAI-compatible HTTP 8080,
+# Target `model-server` (the last stage): python -m neuroweaver_model_server (gRPC 50060, OpenAI-compatible HTTP 8080,
 # ops port 9460 with /metrics and /healthz). Kubernetes passes its own command and args (neuroweaver_kube.manifests).
 # The health check asks gRPC health; with TLS set through NW_MODEL_SERVER_TLS_* (as the deployer and the Kubernetes
 # manifests set it) it reads /healthz on the ops port over HTTPS instead (nw-grpc-health --server-tls-env).
 FROM runtime AS model-server
 ENV NW_MODEL_SERVER_HOST=0.0.0.0
-EXPOSE 50051 8080 9460
+EXPOSE 50060 8080 9460
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.inference.v1.InferenceService", "--port", "50051", "--port-env", "NW_MODEL_SERVER_GRPC_PORT", "--server-tls-env", "NW_MODEL_SERVER_TLS_CERT", "--ops-port", "9460", "--ops-port-env", "NW_MODEL_SERVER_METRICS_PORT"]
+    CMD ["/opt/venv/bin/python", "/usr/local/bin/nw-grpc-health", "neuroweaver.inference.v1.InferenceService", "--port", "50060", "--port-env", "NW_MODEL_SERVER_GRPC_PORT", "--server-tls-env", "NW_MODEL_SERVER_TLS_CERT", "--ops-port", "9460", "--ops-port-env", "NW_MODEL_SERVER_METRICS_PORT"]
 ENTRYPOINT ["python", "-m", "neuroweaver_model_server"]
 CMD ["--host", "0.0.0.0"]
 

@@ -73,7 +73,9 @@ def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
 @pytest.mark.parametrize("svc", IMAGES)
 def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
     names = grpc_service_names()
-    ports = {**default_ports(), "model-server": 50051}
+    from neuroweaver_model_server.app import DEFAULT_GRPC_PORT  # the model server's own default, not a copy
+
+    ports = {**default_ports(), "model-server": DEFAULT_GRPC_PORT}
     metrics = {**METRICS_PORTS, "model-server": 9460}
     api = {"model-server": {"8080"}}  # the OpenAI-compatible HTTP API, apart from the metrics port
     assert len(stages(DOCKERFILES[svc])) >= 3

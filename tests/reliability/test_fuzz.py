@@ -661,7 +661,7 @@ class _ModelServerProcess:
             "--grpc-port", str(self.port), "--http-port", "0", "--metrics-port", "-1", "--base-model", base,
             "--served-model-name", "tiny", "--model-version", "projects/default/models/tiny/versions/1.0.0",
             "--project", "default", "--max-new-tokens-limit", "8", "--max-queue", "16", "--max-message-bytes", str(LIMIT),
-            "--data-dir", str(work), "--device", "cpu",
+            "--device", "cpu",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NW_MODEL_SERVER_AUTH_TOKENS": TOKENS, "TOKENIZERS_PARALLELISM": "false"}
         with open(self.log_path, "ab") as log:
