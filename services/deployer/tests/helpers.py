@@ -24,10 +24,14 @@ class Stack:
 
     def __init__(
         self, root: Path, base: Path, adapters, kube_url: str, *, registry_extra: dict | None = None,
-        deployer_extra: dict | None = None, credentials=None,
+        deployer_extra: dict | None = None, credentials=None, database_urls: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.root, self.base, self.adapters, self.kube_url = root, base, adapters, kube_url
         self.registry_extra, self.deployer_extra, self.credentials = registry_extra or {}, deployer_extra or {}, credentials
+        # {"registry": url, "deployer": url}; SQLite files under `root` when not given
+        self.database_urls = database_urls or {
+            svc: f"sqlite:///{root / f'{svc}.db'}" for svc in ("registry", "deployer")
+        }
 
     async def start(self) -> None:
 
@@ -46,7 +50,7 @@ class Stack:
                 port=free_port(),
                 metrics_port=-1,
                 data_dir=str(self.root / "registry"),
-                database_url=f"sqlite:///{self.root / 'registry.db'}",
+                database_url=self.database_urls["registry"],
                 **self.registry_extra,
             )
         )
@@ -55,7 +59,7 @@ class Stack:
             port=free_port(),
             metrics_port=-1,
             data_dir=str(self.root / "deployer"),
-            database_url=f"sqlite:///{self.root / 'deployer.db'}",
+            database_url=self.database_urls["deployer"],
             registry_target=f"127.0.0.1:{self.registry.port}",
             kubernetes=True,
             kube_api_url=self.kube_url,

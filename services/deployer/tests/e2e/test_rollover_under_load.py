@@ -34,7 +34,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as isvc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as igrpc
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
-pytestmark = pytest.mark.slow  # model-server processes
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]  # model-server processes, the production database
 
 AVAILABLE = dpb.Deployment.STATE_AVAILABLE
 ALIAS = "rollover"
@@ -201,6 +201,36 @@ async def stream_tokens(endpoint: str) -> int:
 def _fingerprint(version: str) -> str:
     """The start of `system_fingerprint` for a version: nw-<version id with dashes>-<sha8>."""
     return "nw-" + version.rsplit("/", 1)[-1].replace(".", "-") + "-"
+
+
+@pytest.fixture
+def postgres_server() -> None:
+    from neuroweaver_runtime.testing import postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not reachable at NW_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+async def stack(tmp_path, tiny_base, adapters, kube_standin, postgres_server):
+    """This test's own registry + deployer on PostgreSQL, the production database (skips without a server)."""
+    from helpers import Stack
+
+    from neuroweaver_runtime.testing import create_postgres_database
+
+    (registry_url, drop_registry), (deployer_url, drop_deployer) = [
+        await create_postgres_database(f"nwroll{svc}") for svc in ("reg", "dep")
+    ]
+    stack = Stack(
+        tmp_path, tiny_base, adapters, kube_standin.url, database_urls={"registry": registry_url, "deployer": deployer_url}
+    )
+    try:
+        await stack.start()
+        yield stack
+    finally:
+        await stack.stop()
+        await drop_registry()
+        await drop_deployer()
 
 
 async def test_two_rollovers_and_a_scale_down_under_load_fail_no_request(stack):
