@@ -29,9 +29,7 @@ class Stack:
         self.root, self.base, self.adapters, self.kube_url = root, base, adapters, kube_url
         self.registry_extra, self.deployer_extra, self.credentials = registry_extra or {}, deployer_extra or {}, credentials
         # {"registry": url, "deployer": url}; SQLite files under `root` when not given
-        self.database_urls = database_urls or {
-            svc: f"sqlite:///{root / f'{svc}.db'}" for svc in ("registry", "deployer")
-        }
+        self.database_urls = database_urls or {svc: f"sqlite:///{root / f'{svc}.db'}" for svc in ("registry", "deployer")}
 
     async def start(self) -> None:
 
