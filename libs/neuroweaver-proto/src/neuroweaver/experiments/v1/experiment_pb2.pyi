@@ -601,3 +601,120 @@ class ExperimentResults(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExperimentResults: _TypeAlias = ExperimentResults  # noqa: Y015
+
+@_typing.final
+class ExperimentConfig(_message.Message):
+    """What an SDK needs to evaluate AssignVariant in-process, exactly as the server does.
+
+    Rule, given the unit's bucket b = GrowthBook hash v2 (seed `hash_seed`) and the current phase (the last):
+    1. A unit with a sticky assignment (stored by the server or exposed earlier by this SDK) keeps it.
+    2. Otherwise, when b is ambiguous — an earlier phase covered b and gave it another answer than the current
+       phase (another variant, or the current phase leaves b outside its coverage) — the unit may have been exposed
+       in that phase by another evaluator: ask the server (AssignVariant, which also records the exposure) or a
+       sticky store shared by all evaluators.
+    3. Otherwise the current phase's bucket ranges decide; a bucket outside its coverage gets the control and is
+       not an exposure; one inside is a first exposure (reported through IngestEvents with the current phase).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    HASH_SEED_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    PHASES_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    """`projects/{p}/experiments/{e}`."""
+    revision: _builtins.int
+    """Changes with every update of the experiment; an SDK holding an older revision replaces it."""
+    hash_seed: _builtins.str
+    coverage: _builtins.float
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
+        """In order; the first is the control. `weight` is the current phase's weight; endpoints are current."""
+
+    @_builtins.property
+    def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignmentPhase]:
+        """Every assignment phase (epoch) so far, oldest first; the last is current. A weight change starts a phase."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        hash_seed: _builtins.str = ...,
+        coverage: _builtins.float = ...,
+        variants: _abc.Iterable[Global___Variant] | None = ...,
+        phases: _abc.Iterable[Global___AssignmentPhase] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "experiment", b"experiment", "hash_seed", b"hash_seed", "phases", b"phases", "revision", b"revision", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExperimentConfig: _TypeAlias = ExperimentConfig  # noqa: Y015
+
+@_typing.final
+class AssignmentPhase(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """0, 1, ... in order."""
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One weight per variant, in `variants` order."""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignmentPhase: _TypeAlias = AssignmentPhase  # noqa: Y015
+
+@_typing.final
+class Exposure(_message.Message):
+    """A unit's first exposure, evaluated by an SDK."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    UNIT_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    EXPOSURE_TIME_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    """`projects/{p}/experiments/{e}`."""
+    unit_id: _builtins.str
+    variant: _builtins.str
+    """The variant the SDK served; must be what phase `epoch` assigns the unit (else INVALID_ARGUMENT)."""
+    epoch: _builtins.int
+    """The phase the SDK evaluated with (ExperimentConfig.phases[].epoch)."""
+    @_builtins.property
+    def exposure_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        unit_id: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        exposure_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exposure_time", b"exposure_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "experiment", b"experiment", "exposure_time", b"exposure_time", "unit_id", b"unit_id", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Exposure: _TypeAlias = Exposure  # noqa: Y015

@@ -432,3 +432,161 @@ class GetExperimentResultsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExperimentResultsRequest: _TypeAlias = GetExperimentResultsRequest  # noqa: Y015
+
+@_typing.final
+class WatchExperimentConfigsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    SINCE_VERSION_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`projects/{project}`."""
+    since_version: _builtins.int
+    """Resume after this config version (the `version` of a response seen before): the first response is then a
+    snapshot only if something changed since. 0 = start with a full snapshot.
+    """
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        since_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "since_version", b"since_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchExperimentConfigsRequest: _TypeAlias = WatchExperimentConfigsRequest  # noqa: Y015
+
+@_typing.final
+class WatchExperimentConfigsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CONFIGS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The project's config version after this response: strictly increasing on one stream."""
+    snapshot: _builtins.bool
+    """True when `configs` is the complete set of RUNNING experiments (replace everything held); false when it
+    holds only the experiments that changed.
+    """
+    @_builtins.property
+    def configs(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.ExperimentConfig]:
+        """Running experiments that are new or changed."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Experiments that are no longer running (stopped, concluded or deleted): evaluate them no longer."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
+        configs: _abc.Iterable[_experiment_pb2.ExperimentConfig] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configs", b"configs", "removed", b"removed", "snapshot", b"snapshot", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchExperimentConfigsResponse: _TypeAlias = WatchExperimentConfigsResponse  # noqa: Y015
+
+@_typing.final
+class IngestEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    EXPOSURES_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    """Chosen by the client, echoed in the response; unique per stream."""
+    @_builtins.property
+    def exposures(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.Exposure]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.MetricEvent]: ...
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.int = ...,
+        exposures: _abc.Iterable[_experiment_pb2.Exposure] | None = ...,
+        events: _abc.Iterable[_experiment_pb2.MetricEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "events", b"events", "exposures", b"exposures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestEventsRequest: _TypeAlias = IngestEventsRequest  # noqa: Y015
+
+@_typing.final
+class IngestEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    EXPOSURES_ACCEPTED_FIELD_NUMBER: _builtins.int
+    EXPOSURES_DUPLICATE_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
+    EVENTS_ACCEPTED_FIELD_NUMBER: _builtins.int
+    EVENTS_DUPLICATE_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    exposures_accepted: _builtins.int
+    """New first exposures stored."""
+    exposures_duplicate: _builtins.int
+    """Exposures of units already assigned the same variant."""
+    events_accepted: _builtins.int
+    events_duplicate: _builtins.int
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExposureConflict]:
+        """Units already assigned a different variant (another evaluator exposed them first, e.g. under an earlier
+        phase): the stored variant stands and is returned here so the SDK can correct its sticky cache.
+        """
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.int = ...,
+        exposures_accepted: _builtins.int = ...,
+        exposures_duplicate: _builtins.int = ...,
+        conflicts: _abc.Iterable[Global___ExposureConflict] | None = ...,
+        events_accepted: _builtins.int = ...,
+        events_duplicate: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "conflicts", b"conflicts", "events_accepted", b"events_accepted", "events_duplicate", b"events_duplicate", "exposures_accepted", b"exposures_accepted", "exposures_duplicate", b"exposures_duplicate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestEventsResponse: _TypeAlias = IngestEventsResponse  # noqa: Y015
+
+@_typing.final
+class ExposureConflict(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    UNIT_ID_FIELD_NUMBER: _builtins.int
+    STORED_VARIANT_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    unit_id: _builtins.str
+    stored_variant: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        unit_id: _builtins.str = ...,
+        stored_variant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "stored_variant", b"stored_variant", "unit_id", b"unit_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExposureConflict: _TypeAlias = ExposureConflict  # noqa: Y015

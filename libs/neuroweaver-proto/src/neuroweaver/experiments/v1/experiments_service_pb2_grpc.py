@@ -99,6 +99,16 @@ class ExperimentsServiceStub:
                 request_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.GetExperimentResultsRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiment__pb2.ExperimentResults.FromString,
                 _registered_method=True)
+        self.WatchExperimentConfigs = channel.unary_stream(
+                '/neuroweaver.experiments.v1.ExperimentsService/WatchExperimentConfigs',
+                request_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsResponse.FromString,
+                _registered_method=True)
+        self.IngestEvents = channel.stream_stream(
+                '/neuroweaver.experiments.v1.ExperimentsService/IngestEvents',
+                request_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentsServiceServicer:
@@ -189,6 +199,25 @@ class ExperimentsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchExperimentConfigs(self, request, context):
+        """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
+        (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
+        in-process from it (see ExperimentConfig) and report exposures through IngestEvents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestEvents(self, request_iterator, context):
+        """Asynchronous ingest for SDKs: the client streams batches of exposures and metric events; the server answers
+        each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
+        per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
+        is counted twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +280,16 @@ def add_ExperimentsServiceServicer_to_server(servicer, server):
                     servicer.GetExperimentResults,
                     request_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.GetExperimentResultsRequest.FromString,
                     response_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiment__pb2.ExperimentResults.SerializeToString,
+            ),
+            'WatchExperimentConfigs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExperimentConfigs,
+                    request_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsRequest.FromString,
+                    response_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsResponse.SerializeToString,
+            ),
+            'IngestEvents': grpc.stream_stream_rpc_method_handler(
+                    servicer.IngestEvents,
+                    request_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.FromString,
+                    response_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +620,60 @@ class ExperimentsService:
             '/neuroweaver.experiments.v1.ExperimentsService/GetExperimentResults',
             neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.GetExperimentResultsRequest.SerializeToString,
             neuroweaver_dot_experiments_dot_v1_dot_experiment__pb2.ExperimentResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExperimentConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/neuroweaver.experiments.v1.ExperimentsService/WatchExperimentConfigs',
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsRequest.SerializeToString,
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.WatchExperimentConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/neuroweaver.experiments.v1.ExperimentsService/IngestEvents',
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.SerializeToString,
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,17 @@ class ExperimentsServiceStub:
     """High-volume ingest: the client streams batches, the server answers once with totals."""
     GetExperimentResults: _grpc.UnaryUnaryMultiCallable[_experiments_service_pb2.GetExperimentResultsRequest, _experiment_pb2.ExperimentResults]
     """Computes current results and the decision."""
+    WatchExperimentConfigs: _grpc.UnaryStreamMultiCallable[_experiments_service_pb2.WatchExperimentConfigsRequest, _experiments_service_pb2.WatchExperimentConfigsResponse]
+    """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
+    (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
+    in-process from it (see ExperimentConfig) and report exposures through IngestEvents.
+    """
+    IngestEvents: _grpc.StreamStreamMultiCallable[_experiments_service_pb2.IngestEventsRequest, _experiments_service_pb2.IngestEventsResponse]
+    """Asynchronous ingest for SDKs: the client streams batches of exposures and metric events; the server answers
+    each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
+    per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
+    is counted twice.
+    """
 
 @_typing.type_check_only
 class ExperimentsServiceAsyncStub(ExperimentsServiceStub):
@@ -90,6 +101,17 @@ class ExperimentsServiceAsyncStub(ExperimentsServiceStub):
     """High-volume ingest: the client streams batches, the server answers once with totals."""
     GetExperimentResults: _aio.UnaryUnaryMultiCallable[_experiments_service_pb2.GetExperimentResultsRequest, _experiment_pb2.ExperimentResults]  # type: ignore[assignment]
     """Computes current results and the decision."""
+    WatchExperimentConfigs: _aio.UnaryStreamMultiCallable[_experiments_service_pb2.WatchExperimentConfigsRequest, _experiments_service_pb2.WatchExperimentConfigsResponse]  # type: ignore[assignment]
+    """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
+    (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
+    in-process from it (see ExperimentConfig) and report exposures through IngestEvents.
+    """
+    IngestEvents: _aio.StreamStreamMultiCallable[_experiments_service_pb2.IngestEventsRequest, _experiments_service_pb2.IngestEventsResponse]  # type: ignore[assignment]
+    """Asynchronous ingest for SDKs: the client streams batches of exposures and metric events; the server answers
+    each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
+    per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
+    is counted twice.
+    """
 
 class ExperimentsServiceServicer(metaclass=_abc_1.ABCMeta):
     """A/B tests between model versions: deterministic assignment (GrowthBook-compatible hashing, sticky),
@@ -190,5 +212,28 @@ class ExperimentsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_pb2.ExperimentResults, _abc.Awaitable[_experiment_pb2.ExperimentResults]]:
         """Computes current results and the decision."""
+
+    @_abc_1.abstractmethod
+    def WatchExperimentConfigs(
+        self,
+        request: _experiments_service_pb2.WatchExperimentConfigsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_experiments_service_pb2.WatchExperimentConfigsResponse], _abc.AsyncIterator[_experiments_service_pb2.WatchExperimentConfigsResponse]]:
+        """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
+        (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
+        in-process from it (see ExperimentConfig) and report exposures through IngestEvents.
+        """
+
+    @_abc_1.abstractmethod
+    def IngestEvents(
+        self,
+        request_iterator: _MaybeAsyncIterator[_experiments_service_pb2.IngestEventsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_experiments_service_pb2.IngestEventsResponse], _abc.AsyncIterator[_experiments_service_pb2.IngestEventsResponse]]:
+        """Asynchronous ingest for SDKs: the client streams batches of exposures and metric events; the server answers
+        each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
+        per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
+        is counted twice.
+        """
 
 def add_ExperimentsServiceServicer_to_server(servicer: ExperimentsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

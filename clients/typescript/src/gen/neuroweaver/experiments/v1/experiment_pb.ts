@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/experiments/v1/experiment.proto.
  */
 export const file_neuroweaver_experiments_v1_experiment: GenFile = /*@__PURE__*/
-  fileDesc("CituZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50LnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSKkAQoKTWV0cmljU3BlYxISCgRuYW1lGAEgASgJQgTiQQECEjQKBGtpbmQYAiABKA4yJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNLaW5kEjkKCWRpcmVjdGlvbhgDIAEoDjImLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5NZXRyaWNEaXJlY3Rpb24SEQoJdG9sZXJhbmNlGAQgASgBIqECCgdWYXJpYW50EhAKAmlkGAEgASgJQgTiQQECEkQKDW1vZGVsX3ZlcnNpb24YAiABKAlCLeJBAQL6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI/CgpkZXBsb3ltZW50GAMgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Eg4KBndlaWdodBgEIAEoARIWCghlbmRwb2ludBgFIAEoCUIE4kEBAxIdCg9vcGVuYWlfYmFzZV91cmwYBiABKAlCBOJBAQMSIQoRc2VydmVkX21vZGVsX25hbWUYByABKAlCBhgB4kEBAxITCgVtb2RlbBgIIAEoCUIE4kEBAyKfCQoKRXhwZXJpbWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARIZCgtkZXNjcmlwdGlvbhgDIAEoCUIE4kEBARI7Cgh2YXJpYW50cxgEIAMoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRCBOJBAQISEQoJaGFzaF9zZWVkGAUgASgJEhAKCGNvdmVyYWdlGAYgASgBEj4KDnByaW1hcnlfbWV0cmljGAcgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxJBChFndWFyZHJhaWxfbWV0cmljcxgIIAMoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1NwZWMSQQoRc2Vjb25kYXJ5X21ldHJpY3MYCSADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNTcGVjEhcKD21pbl9zYW1wbGVfc2l6ZRgKIAEoAxIaChJzaWduaWZpY2FuY2VfbGV2ZWwYCyABKAESPAoIYW5hbHlzaXMYDCABKA4yKi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5BbmFseXNpc01ldGhvZBIVCg1hdXRvX2NvbmNsdWRlGA0gASgIEhUKDXByb21vdGVfYWxpYXMYDiABKAkSSAoGbGFiZWxzGA8gAygLMjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudC5MYWJlbHNFbnRyeUIE4kEBARJBCgVzdGF0ZRgUIAEoDjIsLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQuU3RhdGVCBOJBAQMSFAoGd2lubmVyGBUgASgJQgTiQQEDEhgKCmNvbmNsdXNpb24YFiABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjQKCnN0YXJ0X3RpbWUYGCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjIKCGVuZF90aW1lGBkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxISCgRldGFnGBogASgJQgTiQQEBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiagoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIPCgtTVEFURV9EUkFGVBABEhEKDVNUQVRFX1JVTk5JTkcQAhIRCg1TVEFURV9TVE9QUEVEEAMSEwoPU1RBVEVfQ09OQ0xVREVEEAQ6cOpBbQolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIrcHJvamVjdHMve3Byb2plY3R9L2V4cGVyaW1lbnRzL3tleHBlcmltZW50fSoLZXhwZXJpbWVudHMyCmV4cGVyaW1lbnQiiAIKC01ldHJpY0V2ZW50EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQH6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSFQoHdW5pdF9pZBgCIAEoCUIE4kEBAhIUCgZtZXRyaWMYAyABKAlCBOJBAQISDQoFdmFsdWUYBCABKAESLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHQoPaWRlbXBvdGVuY3lfa2V5GAYgASgJQgTiQQEBEhwKCWNvdmFyaWF0ZRgHIAEoAUIE4kEBAUgAiAEBQgwKCl9jb3ZhcmlhdGUigQEKEVZhcmlhbnRTdGF0aXN0aWNzEg8KB3ZhcmlhbnQYASABKAkSDQoFdW5pdHMYAiABKAMSDAoEbWVhbhgDIAEoARIaChJzdGFuZGFyZF9kZXZpYXRpb24YBCABKAESEAoIY2lfbG93ZXIYBSABKAESEAoIY2lfdXBwZXIYBiABKAEi1wIKCkNvbXBhcmlzb24SDwoHdmFyaWFudBgBIAEoCRISCgpkaWZmZXJlbmNlGAIgASgBEhUKDXJlbGF0aXZlX2xpZnQYAyABKAESFQoNbGlmdF9jaV9sb3dlchgEIAEoARIVCg1saWZ0X2NpX3VwcGVyGAUgASgBEg8KB3BfdmFsdWUYBiABKAESGgoSc2VxdWVudGlhbF9wX3ZhbHVlGAcgASgBEhMKC3NpZ25pZmljYW50GAggASgIEhMKC2ltcHJvdmVtZW50GAkgASgIEhsKE2RpZmZlcmVuY2VfY2lfbG93ZXIYCiABKAESGwoTZGlmZmVyZW5jZV9jaV91cHBlchgLIAEoARImCh51bmFkanVzdGVkX2RpZmZlcmVuY2VfY2lfbG93ZXIYDCABKAESJgoedW5hZGp1c3RlZF9kaWZmZXJlbmNlX2NpX3VwcGVyGA0gASgBIsMCCgxNZXRyaWNSZXN1bHQSNgoGbWV0cmljGAEgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxI/Cgh2YXJpYW50cxgCIAMoCzItLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRTdGF0aXN0aWNzEjsKC2NvbXBhcmlzb25zGAMgAygLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuQ29tcGFyaXNvbhIaChJndWFyZHJhaWxfdmlvbGF0ZWQYBCABKAgSFQoNY3VwZWRfYXBwbGllZBgFIAEoCBIaChJ2YXJpYW5jZV9yZWR1Y3Rpb24YBiABKAESGgoSY292YXJpYXRlX2NvdmVyYWdlGAcgASgBEhIKCmN1cGVkX25vdGUYCCABKAki7AMKEUV4cGVyaW1lbnRSZXN1bHRzEj4KCmV4cGVyaW1lbnQYASABKAlCKvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBI5CgdwcmltYXJ5GAIgASgLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EjwKCmd1YXJkcmFpbHMYAyADKAsyKC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNSZXN1bHQSOwoJc2Vjb25kYXJ5GAQgAygLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EhMKC3NybV9wX3ZhbHVlGAUgASgBEhQKDHNybV9kZXRlY3RlZBgGIAEoCBIQCghwcm9ncmVzcxgHIAEoARINCgVwb3dlchgIIAEoARI2CghkZWNpc2lvbhgJIAEoDjIkLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uEhsKE3JlY29tbWVuZGVkX3ZhcmlhbnQYCiABKAkSDgoGcmVhc29uGAsgASgJEjAKDGNvbXB1dGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqWwoKTWV0cmljS2luZBIbChdNRVRSSUNfS0lORF9VTlNQRUNJRklFRBAAEhQKEE1FVFJJQ19LSU5EX01FQU4QARIaChZNRVRSSUNfS0lORF9QUk9QT1JUSU9OEAIqdAoOQW5hbHlzaXNNZXRob2QSHwobQU5BTFlTSVNfTUVUSE9EX1VOU1BFQ0lGSUVEEAASIQodQU5BTFlTSVNfTUVUSE9EX0ZJWEVEX0hPUklaT04QARIeChpBTkFMWVNJU19NRVRIT0RfU0VRVUVOVElBTBACKsABCghEZWNpc2lvbhIYChRERUNJU0lPTl9VTlNQRUNJRklFRBAAEhkKFURFQ0lTSU9OX0tFRVBfUlVOTklORxABEhkKFURFQ0lTSU9OX1NISVBfVkFSSUFOVBACEiUKIURFQ0lTSU9OX05PX0RFVEVDVEFCTEVfRElGRkVSRU5DRRADEhoKFkRFQ0lTSU9OX1NUT1BfRk9SX0hBUk0QBBIhCh1ERUNJU0lPTl9JTlZBTElEX1NBTVBMRV9SQVRJTxAFYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
+  fileDesc("CituZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50LnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSKkAQoKTWV0cmljU3BlYxISCgRuYW1lGAEgASgJQgTiQQECEjQKBGtpbmQYAiABKA4yJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNLaW5kEjkKCWRpcmVjdGlvbhgDIAEoDjImLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5NZXRyaWNEaXJlY3Rpb24SEQoJdG9sZXJhbmNlGAQgASgBIqECCgdWYXJpYW50EhAKAmlkGAEgASgJQgTiQQECEkQKDW1vZGVsX3ZlcnNpb24YAiABKAlCLeJBAQL6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI/CgpkZXBsb3ltZW50GAMgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Eg4KBndlaWdodBgEIAEoARIWCghlbmRwb2ludBgFIAEoCUIE4kEBAxIdCg9vcGVuYWlfYmFzZV91cmwYBiABKAlCBOJBAQMSIQoRc2VydmVkX21vZGVsX25hbWUYByABKAlCBhgB4kEBAxITCgVtb2RlbBgIIAEoCUIE4kEBAyKfCQoKRXhwZXJpbWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARIZCgtkZXNjcmlwdGlvbhgDIAEoCUIE4kEBARI7Cgh2YXJpYW50cxgEIAMoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRCBOJBAQISEQoJaGFzaF9zZWVkGAUgASgJEhAKCGNvdmVyYWdlGAYgASgBEj4KDnByaW1hcnlfbWV0cmljGAcgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxJBChFndWFyZHJhaWxfbWV0cmljcxgIIAMoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1NwZWMSQQoRc2Vjb25kYXJ5X21ldHJpY3MYCSADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNTcGVjEhcKD21pbl9zYW1wbGVfc2l6ZRgKIAEoAxIaChJzaWduaWZpY2FuY2VfbGV2ZWwYCyABKAESPAoIYW5hbHlzaXMYDCABKA4yKi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5BbmFseXNpc01ldGhvZBIVCg1hdXRvX2NvbmNsdWRlGA0gASgIEhUKDXByb21vdGVfYWxpYXMYDiABKAkSSAoGbGFiZWxzGA8gAygLMjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudC5MYWJlbHNFbnRyeUIE4kEBARJBCgVzdGF0ZRgUIAEoDjIsLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQuU3RhdGVCBOJBAQMSFAoGd2lubmVyGBUgASgJQgTiQQEDEhgKCmNvbmNsdXNpb24YFiABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjQKCnN0YXJ0X3RpbWUYGCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjIKCGVuZF90aW1lGBkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxISCgRldGFnGBogASgJQgTiQQEBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiagoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIPCgtTVEFURV9EUkFGVBABEhEKDVNUQVRFX1JVTk5JTkcQAhIRCg1TVEFURV9TVE9QUEVEEAMSEwoPU1RBVEVfQ09OQ0xVREVEEAQ6cOpBbQolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIrcHJvamVjdHMve3Byb2plY3R9L2V4cGVyaW1lbnRzL3tleHBlcmltZW50fSoLZXhwZXJpbWVudHMyCmV4cGVyaW1lbnQiiAIKC01ldHJpY0V2ZW50EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQH6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSFQoHdW5pdF9pZBgCIAEoCUIE4kEBAhIUCgZtZXRyaWMYAyABKAlCBOJBAQISDQoFdmFsdWUYBCABKAESLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHQoPaWRlbXBvdGVuY3lfa2V5GAYgASgJQgTiQQEBEhwKCWNvdmFyaWF0ZRgHIAEoAUIE4kEBAUgAiAEBQgwKCl9jb3ZhcmlhdGUigQEKEVZhcmlhbnRTdGF0aXN0aWNzEg8KB3ZhcmlhbnQYASABKAkSDQoFdW5pdHMYAiABKAMSDAoEbWVhbhgDIAEoARIaChJzdGFuZGFyZF9kZXZpYXRpb24YBCABKAESEAoIY2lfbG93ZXIYBSABKAESEAoIY2lfdXBwZXIYBiABKAEi1wIKCkNvbXBhcmlzb24SDwoHdmFyaWFudBgBIAEoCRISCgpkaWZmZXJlbmNlGAIgASgBEhUKDXJlbGF0aXZlX2xpZnQYAyABKAESFQoNbGlmdF9jaV9sb3dlchgEIAEoARIVCg1saWZ0X2NpX3VwcGVyGAUgASgBEg8KB3BfdmFsdWUYBiABKAESGgoSc2VxdWVudGlhbF9wX3ZhbHVlGAcgASgBEhMKC3NpZ25pZmljYW50GAggASgIEhMKC2ltcHJvdmVtZW50GAkgASgIEhsKE2RpZmZlcmVuY2VfY2lfbG93ZXIYCiABKAESGwoTZGlmZmVyZW5jZV9jaV91cHBlchgLIAEoARImCh51bmFkanVzdGVkX2RpZmZlcmVuY2VfY2lfbG93ZXIYDCABKAESJgoedW5hZGp1c3RlZF9kaWZmZXJlbmNlX2NpX3VwcGVyGA0gASgBIsMCCgxNZXRyaWNSZXN1bHQSNgoGbWV0cmljGAEgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxI/Cgh2YXJpYW50cxgCIAMoCzItLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRTdGF0aXN0aWNzEjsKC2NvbXBhcmlzb25zGAMgAygLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuQ29tcGFyaXNvbhIaChJndWFyZHJhaWxfdmlvbGF0ZWQYBCABKAgSFQoNY3VwZWRfYXBwbGllZBgFIAEoCBIaChJ2YXJpYW5jZV9yZWR1Y3Rpb24YBiABKAESGgoSY292YXJpYXRlX2NvdmVyYWdlGAcgASgBEhIKCmN1cGVkX25vdGUYCCABKAki7AMKEUV4cGVyaW1lbnRSZXN1bHRzEj4KCmV4cGVyaW1lbnQYASABKAlCKvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBI5CgdwcmltYXJ5GAIgASgLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EjwKCmd1YXJkcmFpbHMYAyADKAsyKC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNSZXN1bHQSOwoJc2Vjb25kYXJ5GAQgAygLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EhMKC3NybV9wX3ZhbHVlGAUgASgBEhQKDHNybV9kZXRlY3RlZBgGIAEoCBIQCghwcm9ncmVzcxgHIAEoARINCgVwb3dlchgIIAEoARI2CghkZWNpc2lvbhgJIAEoDjIkLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uEhsKE3JlY29tbWVuZGVkX3ZhcmlhbnQYCiABKAkSDgoGcmVhc29uGAsgASgJEjAKDGNvbXB1dGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi0QEKEEV4cGVyaW1lbnRDb25maWcSEgoKZXhwZXJpbWVudBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoAxIRCgloYXNoX3NlZWQYAyABKAkSEAoIY292ZXJhZ2UYBCABKAESNQoIdmFyaWFudHMYBSADKAsyIy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5WYXJpYW50EjsKBnBoYXNlcxgGIAMoCzIrLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkFzc2lnbm1lbnRQaGFzZSIxCg9Bc3NpZ25tZW50UGhhc2USDQoFZXBvY2gYASABKAUSDwoHd2VpZ2h0cxgCIAMoASKgAQoIRXhwb3N1cmUSGAoKZXhwZXJpbWVudBgBIAEoCUIE4kEBAhIVCgd1bml0X2lkGAIgASgJQgTiQQECEhUKB3ZhcmlhbnQYAyABKAlCBOJBAQISEwoFZXBvY2gYBCABKAVCBOJBAQISNwoNZXhwb3N1cmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQEqWwoKTWV0cmljS2luZBIbChdNRVRSSUNfS0lORF9VTlNQRUNJRklFRBAAEhQKEE1FVFJJQ19LSU5EX01FQU4QARIaChZNRVRSSUNfS0lORF9QUk9QT1JUSU9OEAIqdAoOQW5hbHlzaXNNZXRob2QSHwobQU5BTFlTSVNfTUVUSE9EX1VOU1BFQ0lGSUVEEAASIQodQU5BTFlTSVNfTUVUSE9EX0ZJWEVEX0hPUklaT04QARIeChpBTkFMWVNJU19NRVRIT0RfU0VRVUVOVElBTBACKsABCghEZWNpc2lvbhIYChRERUNJU0lPTl9VTlNQRUNJRklFRBAAEhkKFURFQ0lTSU9OX0tFRVBfUlVOTklORxABEhkKFURFQ0lTSU9OX1NISVBfVkFSSUFOVBACEiUKIURFQ0lTSU9OX05PX0RFVEVDVEFCTEVfRElGRkVSRU5DRRADEhoKFkRFQ0lTSU9OX1NUT1BfRk9SX0hBUk0QBBIhCh1ERUNJU0lPTl9JTlZBTElEX1NBTVBMRV9SQVRJTxAFYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
 
 /**
  * A metric an experiment tracks.
@@ -658,6 +658,138 @@ export type ExperimentResults = Message<"neuroweaver.experiments.v1.ExperimentRe
  */
 export const ExperimentResultsSchema: GenMessage<ExperimentResults> = /*@__PURE__*/
   messageDesc(file_neuroweaver_experiments_v1_experiment, 7);
+
+/**
+ * What an SDK needs to evaluate AssignVariant in-process, exactly as the server does.
+ *
+ * Rule, given the unit's bucket b = GrowthBook hash v2 (seed `hash_seed`) and the current phase (the last):
+ * 1. A unit with a sticky assignment (stored by the server or exposed earlier by this SDK) keeps it.
+ * 2. Otherwise, when b is ambiguous — an earlier phase covered b and gave it another answer than the current
+ *    phase (another variant, or the current phase leaves b outside its coverage) — the unit may have been exposed
+ *    in that phase by another evaluator: ask the server (AssignVariant, which also records the exposure) or a
+ *    sticky store shared by all evaluators.
+ * 3. Otherwise the current phase's bucket ranges decide; a bucket outside its coverage gets the control and is
+ *    not an exposure; one inside is a first exposure (reported through IngestEvents with the current phase).
+ *
+ * @generated from message neuroweaver.experiments.v1.ExperimentConfig
+ */
+export type ExperimentConfig = Message<"neuroweaver.experiments.v1.ExperimentConfig"> & {
+  /**
+   * `projects/{p}/experiments/{e}`.
+   *
+   * @generated from field: string experiment = 1;
+   */
+  experiment: string;
+
+  /**
+   * Changes with every update of the experiment; an SDK holding an older revision replaces it.
+   *
+   * @generated from field: int64 revision = 2;
+   */
+  revision: bigint;
+
+  /**
+   * @generated from field: string hash_seed = 3;
+   */
+  hashSeed: string;
+
+  /**
+   * @generated from field: double coverage = 4;
+   */
+  coverage: number;
+
+  /**
+   * In order; the first is the control. `weight` is the current phase's weight; endpoints are current.
+   *
+   * @generated from field: repeated neuroweaver.experiments.v1.Variant variants = 5;
+   */
+  variants: Variant[];
+
+  /**
+   * Every assignment phase (epoch) so far, oldest first; the last is current. A weight change starts a phase.
+   *
+   * @generated from field: repeated neuroweaver.experiments.v1.AssignmentPhase phases = 6;
+   */
+  phases: AssignmentPhase[];
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.ExperimentConfig.
+ * Use `create(ExperimentConfigSchema)` to create a new message.
+ */
+export const ExperimentConfigSchema: GenMessage<ExperimentConfig> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiment, 8);
+
+/**
+ * @generated from message neuroweaver.experiments.v1.AssignmentPhase
+ */
+export type AssignmentPhase = Message<"neuroweaver.experiments.v1.AssignmentPhase"> & {
+  /**
+   * 0, 1, ... in order.
+   *
+   * @generated from field: int32 epoch = 1;
+   */
+  epoch: number;
+
+  /**
+   * One weight per variant, in `variants` order.
+   *
+   * @generated from field: repeated double weights = 2;
+   */
+  weights: number[];
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.AssignmentPhase.
+ * Use `create(AssignmentPhaseSchema)` to create a new message.
+ */
+export const AssignmentPhaseSchema: GenMessage<AssignmentPhase> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiment, 9);
+
+/**
+ * A unit's first exposure, evaluated by an SDK.
+ *
+ * @generated from message neuroweaver.experiments.v1.Exposure
+ */
+export type Exposure = Message<"neuroweaver.experiments.v1.Exposure"> & {
+  /**
+   * `projects/{p}/experiments/{e}`.
+   *
+   * @generated from field: string experiment = 1;
+   */
+  experiment: string;
+
+  /**
+   * @generated from field: string unit_id = 2;
+   */
+  unitId: string;
+
+  /**
+   * The variant the SDK served; must be what phase `epoch` assigns the unit (else INVALID_ARGUMENT).
+   *
+   * @generated from field: string variant = 3;
+   */
+  variant: string;
+
+  /**
+   * The phase the SDK evaluated with (ExperimentConfig.phases[].epoch).
+   *
+   * @generated from field: int32 epoch = 4;
+   */
+  epoch: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp exposure_time = 5;
+   */
+  exposureTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.Exposure.
+ * Use `create(ExposureSchema)` to create a new message.
+ */
+export const ExposureSchema: GenMessage<Exposure> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiment, 10);
 
 /**
  * Kind of a metric's per-unit value.

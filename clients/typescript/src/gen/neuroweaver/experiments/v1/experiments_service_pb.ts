@@ -8,7 +8,7 @@ import { file_google_api_field_behavior } from "../../../google/api/field_behavi
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
 import type { FieldMask } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
-import type { Experiment, ExperimentResultsSchema, ExperimentSchema, MetricEvent, Variant } from "./experiment_pb.js";
+import type { Experiment, ExperimentConfig, ExperimentResultsSchema, ExperimentSchema, Exposure, MetricEvent, Variant } from "./experiment_pb.js";
 import { file_neuroweaver_experiments_v1_experiment } from "./experiment_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/experiments/v1/experiments_service.proto.
  */
 export const file_neuroweaver_experiments_v1_experiments_service: GenFile = /*@__PURE__*/
-  fileDesc("CjRuZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50c19zZXJ2aWNlLnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSLSAQoXQ3JlYXRlRXhwZXJpbWVudFJlcXVlc3QSPgoGcGFyZW50GAEgASgJQi7iQQEC+kEnEiVleHBlcmltZW50cy5uZXVyb3dlYXZlci5haS9FeHBlcmltZW50EhsKDWV4cGVyaW1lbnRfaWQYAiABKAlCBOJBAQISQAoKZXhwZXJpbWVudBgDIAEoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnRCBOJBAQISGAoKcmVxdWVzdF9pZBgEIAEoCUIE4kEBASJUChRHZXRFeHBlcmltZW50UmVxdWVzdBI8CgRuYW1lGAEgASgJQi7iQQEC+kEnCiVleHBlcmltZW50cy5uZXVyb3dlYXZlci5haS9FeHBlcmltZW50IrkBChZMaXN0RXhwZXJpbWVudHNSZXF1ZXN0Ej4KBnBhcmVudBgBIAEoCUIu4kEBAvpBJxIlZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoXTGlzdEV4cGVyaW1lbnRzUmVzcG9uc2USOwoLZXhwZXJpbWVudHMYASADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKSAQoXVXBkYXRlRXhwZXJpbWVudFJlcXVlc3QSQAoKZXhwZXJpbWVudBgBIAEoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnRCBOJBAQISNQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQgTiQQECIlYKFlN0YXJ0RXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudCJrChVTdG9wRXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIUCgZyZWFzb24YAiABKAlCBOJBAQEi2QEKGUNvbmNsdWRlRXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIUCgZ3aW5uZXIYAiABKAlCBOJBAQESFQoHcHJvbW90ZRgDIAEoCEIE4kEBARITCgVhbGlhcxgEIAEoCUIE4kEBARImChhleHBlY3RlZF9jdXJyZW50X3ZlcnNpb24YBSABKAlCBOJBAQESFAoGcmVhc29uGAYgASgJQgTiQQEBInEKFEFzc2lnblZhcmlhbnRSZXF1ZXN0EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQL6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSFQoHdW5pdF9pZBgCIAEoCUIE4kEBAiJ0ChVBc3NpZ25WYXJpYW50UmVzcG9uc2USNAoHdmFyaWFudBgBIAEoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnQSFQoNaW5fZXhwZXJpbWVudBgCIAEoCBIOCgZidWNrZXQYAyABKAUieAoaQmF0Y2hBc3NpZ25WYXJpYW50c1JlcXVlc3QSQgoKZXhwZXJpbWVudBgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIWCgh1bml0X2lkcxgCIAMoCUIE4kEBAiJlChtCYXRjaEFzc2lnblZhcmlhbnRzUmVzcG9uc2USRgoLYXNzaWdubWVudHMYASADKAsyMS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5Bc3NpZ25WYXJpYW50UmVzcG9uc2UingEKGVJlY29yZE1ldHJpY0V2ZW50c1JlcXVlc3QSQgoKZXhwZXJpbWVudBgBIAEoCUIu4kEBAfpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBI9CgZldmVudHMYAiADKAsyJy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNFdmVudEIE4kEBAiJCChpSZWNvcmRNZXRyaWNFdmVudHNSZXNwb25zZRIQCghhY2NlcHRlZBgBIAEoAxISCgpkdXBsaWNhdGVzGAIgASgDIp4BChlTdHJlYW1NZXRyaWNFdmVudHNSZXF1ZXN0EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQH6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSPQoGZXZlbnRzGAIgAygLMicubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljRXZlbnRCBOJBAQIiQgoaU3RyZWFtTWV0cmljRXZlbnRzUmVzcG9uc2USEAoIYWNjZXB0ZWQYASABKAMSEgoKZHVwbGljYXRlcxgCIAEoAyJbChtHZXRFeHBlcmltZW50UmVzdWx0c1JlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudDLFCwoSRXhwZXJpbWVudHNTZXJ2aWNlEm8KEENyZWF0ZUV4cGVyaW1lbnQSMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5DcmVhdGVFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSbgoNR2V0RXhwZXJpbWVudBIwLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkdldEV4cGVyaW1lbnRSZXF1ZXN0GiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudCIDkAIBEn8KD0xpc3RFeHBlcmltZW50cxIyLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkxpc3RFeHBlcmltZW50c1JlcXVlc3QaMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5MaXN0RXhwZXJpbWVudHNSZXNwb25zZSIDkAIBEm8KEFVwZGF0ZUV4cGVyaW1lbnQSMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5VcGRhdGVFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSbQoPU3RhcnRFeHBlcmltZW50EjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuU3RhcnRFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSawoOU3RvcEV4cGVyaW1lbnQSMS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5TdG9wRXhwZXJpbWVudFJlcXVlc3QaJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EnMKEkNvbmNsdWRlRXhwZXJpbWVudBI1Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkNvbmNsdWRlRXhwZXJpbWVudFJlcXVlc3QaJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EnQKDUFzc2lnblZhcmlhbnQSMC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5Bc3NpZ25WYXJpYW50UmVxdWVzdBoxLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkFzc2lnblZhcmlhbnRSZXNwb25zZRKGAQoTQmF0Y2hBc3NpZ25WYXJpYW50cxI2Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkJhdGNoQXNzaWduVmFyaWFudHNSZXF1ZXN0GjcubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuQmF0Y2hBc3NpZ25WYXJpYW50c1Jlc3BvbnNlEoMBChJSZWNvcmRNZXRyaWNFdmVudHMSNS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5SZWNvcmRNZXRyaWNFdmVudHNSZXF1ZXN0GjYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuUmVjb3JkTWV0cmljRXZlbnRzUmVzcG9uc2UShQEKElN0cmVhbU1ldHJpY0V2ZW50cxI1Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlN0cmVhbU1ldHJpY0V2ZW50c1JlcXVlc3QaNi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5TdHJlYW1NZXRyaWNFdmVudHNSZXNwb25zZSgBEn4KFEdldEV4cGVyaW1lbnRSZXN1bHRzEjcubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuR2V0RXhwZXJpbWVudFJlc3VsdHNSZXF1ZXN0Gi0ubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudFJlc3VsdHNiBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_field_mask, file_neuroweaver_experiments_v1_experiment]);
+  fileDesc("CjRuZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50c19zZXJ2aWNlLnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSLSAQoXQ3JlYXRlRXhwZXJpbWVudFJlcXVlc3QSPgoGcGFyZW50GAEgASgJQi7iQQEC+kEnEiVleHBlcmltZW50cy5uZXVyb3dlYXZlci5haS9FeHBlcmltZW50EhsKDWV4cGVyaW1lbnRfaWQYAiABKAlCBOJBAQISQAoKZXhwZXJpbWVudBgDIAEoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnRCBOJBAQISGAoKcmVxdWVzdF9pZBgEIAEoCUIE4kEBASJUChRHZXRFeHBlcmltZW50UmVxdWVzdBI8CgRuYW1lGAEgASgJQi7iQQEC+kEnCiVleHBlcmltZW50cy5uZXVyb3dlYXZlci5haS9FeHBlcmltZW50IrkBChZMaXN0RXhwZXJpbWVudHNSZXF1ZXN0Ej4KBnBhcmVudBgBIAEoCUIu4kEBAvpBJxIlZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoXTGlzdEV4cGVyaW1lbnRzUmVzcG9uc2USOwoLZXhwZXJpbWVudHMYASADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKSAQoXVXBkYXRlRXhwZXJpbWVudFJlcXVlc3QSQAoKZXhwZXJpbWVudBgBIAEoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnRCBOJBAQISNQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQgTiQQECIlYKFlN0YXJ0RXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudCJrChVTdG9wRXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIUCgZyZWFzb24YAiABKAlCBOJBAQEi2QEKGUNvbmNsdWRlRXhwZXJpbWVudFJlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIUCgZ3aW5uZXIYAiABKAlCBOJBAQESFQoHcHJvbW90ZRgDIAEoCEIE4kEBARITCgVhbGlhcxgEIAEoCUIE4kEBARImChhleHBlY3RlZF9jdXJyZW50X3ZlcnNpb24YBSABKAlCBOJBAQESFAoGcmVhc29uGAYgASgJQgTiQQEBInEKFEFzc2lnblZhcmlhbnRSZXF1ZXN0EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQL6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSFQoHdW5pdF9pZBgCIAEoCUIE4kEBAiJ0ChVBc3NpZ25WYXJpYW50UmVzcG9uc2USNAoHdmFyaWFudBgBIAEoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnQSFQoNaW5fZXhwZXJpbWVudBgCIAEoCBIOCgZidWNrZXQYAyABKAUieAoaQmF0Y2hBc3NpZ25WYXJpYW50c1JlcXVlc3QSQgoKZXhwZXJpbWVudBgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIWCgh1bml0X2lkcxgCIAMoCUIE4kEBAiJlChtCYXRjaEFzc2lnblZhcmlhbnRzUmVzcG9uc2USRgoLYXNzaWdubWVudHMYASADKAsyMS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5Bc3NpZ25WYXJpYW50UmVzcG9uc2UingEKGVJlY29yZE1ldHJpY0V2ZW50c1JlcXVlc3QSQgoKZXhwZXJpbWVudBgBIAEoCUIu4kEBAfpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBI9CgZldmVudHMYAiADKAsyJy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNFdmVudEIE4kEBAiJCChpSZWNvcmRNZXRyaWNFdmVudHNSZXNwb25zZRIQCghhY2NlcHRlZBgBIAEoAxISCgpkdXBsaWNhdGVzGAIgASgDIp4BChlTdHJlYW1NZXRyaWNFdmVudHNSZXF1ZXN0EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQH6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSPQoGZXZlbnRzGAIgAygLMicubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljRXZlbnRCBOJBAQIiQgoaU3RyZWFtTWV0cmljRXZlbnRzUmVzcG9uc2USEAoIYWNjZXB0ZWQYASABKAMSEgoKZHVwbGljYXRlcxgCIAEoAyJbChtHZXRFeHBlcmltZW50UmVzdWx0c1JlcXVlc3QSPAoEbmFtZRgBIAEoCUIu4kEBAvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudCJSCh1XYXRjaEV4cGVyaW1lbnRDb25maWdzUmVxdWVzdBIUCgZwYXJlbnQYASABKAlCBOJBAQISGwoNc2luY2VfdmVyc2lvbhgCIAEoA0IE4kEBASKTAQoeV2F0Y2hFeHBlcmltZW50Q29uZmlnc1Jlc3BvbnNlEg8KB3ZlcnNpb24YASABKAMSEAoIc25hcHNob3QYAiABKAgSPQoHY29uZmlncxgDIAMoCzIsLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnRDb25maWcSDwoHcmVtb3ZlZBgEIAMoCSKrAQoTSW5nZXN0RXZlbnRzUmVxdWVzdBIWCghiYXRjaF9pZBgBIAEoA0IE4kEBAhI9CglleHBvc3VyZXMYAiADKAsyJC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBvc3VyZUIE4kEBARI9CgZldmVudHMYAyADKAsyJy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNFdmVudEIE4kEBASLVAQoUSW5nZXN0RXZlbnRzUmVzcG9uc2USEAoIYmF0Y2hfaWQYASABKAMSGgoSZXhwb3N1cmVzX2FjY2VwdGVkGAIgASgDEhsKE2V4cG9zdXJlc19kdXBsaWNhdGUYAyABKAMSPwoJY29uZmxpY3RzGAQgAygLMiwubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwb3N1cmVDb25mbGljdBIXCg9ldmVudHNfYWNjZXB0ZWQYBSABKAMSGAoQZXZlbnRzX2R1cGxpY2F0ZRgGIAEoAyJPChBFeHBvc3VyZUNvbmZsaWN0EhIKCmV4cGVyaW1lbnQYASABKAkSDwoHdW5pdF9pZBgCIAEoCRIWCg5zdG9yZWRfdmFyaWFudBgDIAEoCTLVDQoSRXhwZXJpbWVudHNTZXJ2aWNlEm8KEENyZWF0ZUV4cGVyaW1lbnQSMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5DcmVhdGVFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSbgoNR2V0RXhwZXJpbWVudBIwLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkdldEV4cGVyaW1lbnRSZXF1ZXN0GiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudCIDkAIBEn8KD0xpc3RFeHBlcmltZW50cxIyLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkxpc3RFeHBlcmltZW50c1JlcXVlc3QaMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5MaXN0RXhwZXJpbWVudHNSZXNwb25zZSIDkAIBEm8KEFVwZGF0ZUV4cGVyaW1lbnQSMy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5VcGRhdGVFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSbQoPU3RhcnRFeHBlcmltZW50EjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuU3RhcnRFeHBlcmltZW50UmVxdWVzdBomLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQSawoOU3RvcEV4cGVyaW1lbnQSMS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5TdG9wRXhwZXJpbWVudFJlcXVlc3QaJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EnMKEkNvbmNsdWRlRXhwZXJpbWVudBI1Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkNvbmNsdWRlRXhwZXJpbWVudFJlcXVlc3QaJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50EnQKDUFzc2lnblZhcmlhbnQSMC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5Bc3NpZ25WYXJpYW50UmVxdWVzdBoxLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkFzc2lnblZhcmlhbnRSZXNwb25zZRKGAQoTQmF0Y2hBc3NpZ25WYXJpYW50cxI2Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkJhdGNoQXNzaWduVmFyaWFudHNSZXF1ZXN0GjcubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuQmF0Y2hBc3NpZ25WYXJpYW50c1Jlc3BvbnNlEoMBChJSZWNvcmRNZXRyaWNFdmVudHMSNS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5SZWNvcmRNZXRyaWNFdmVudHNSZXF1ZXN0GjYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuUmVjb3JkTWV0cmljRXZlbnRzUmVzcG9uc2UShQEKElN0cmVhbU1ldHJpY0V2ZW50cxI1Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlN0cmVhbU1ldHJpY0V2ZW50c1JlcXVlc3QaNi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5TdHJlYW1NZXRyaWNFdmVudHNSZXNwb25zZSgBEn4KFEdldEV4cGVyaW1lbnRSZXN1bHRzEjcubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuR2V0RXhwZXJpbWVudFJlc3VsdHNSZXF1ZXN0Gi0ubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudFJlc3VsdHMSlgEKFldhdGNoRXhwZXJpbWVudENvbmZpZ3MSOS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5XYXRjaEV4cGVyaW1lbnRDb25maWdzUmVxdWVzdBo6Lm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLldhdGNoRXhwZXJpbWVudENvbmZpZ3NSZXNwb25zZSIDkAIBMAESdQoMSW5nZXN0RXZlbnRzEi8ubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuSW5nZXN0RXZlbnRzUmVxdWVzdBowLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkluZ2VzdEV2ZW50c1Jlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_field_mask, file_neuroweaver_experiments_v1_experiment]);
 
 /**
  * @generated from message neuroweaver.experiments.v1.CreateExperimentRequest
@@ -445,6 +445,179 @@ export const GetExperimentResultsRequestSchema: GenMessage<GetExperimentResultsR
   messageDesc(file_neuroweaver_experiments_v1_experiments_service, 16);
 
 /**
+ * @generated from message neuroweaver.experiments.v1.WatchExperimentConfigsRequest
+ */
+export type WatchExperimentConfigsRequest = Message<"neuroweaver.experiments.v1.WatchExperimentConfigsRequest"> & {
+  /**
+   * `projects/{project}`.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * Resume after this config version (the `version` of a response seen before): the first response is then a
+   * snapshot only if something changed since. 0 = start with a full snapshot.
+   *
+   * @generated from field: int64 since_version = 2;
+   */
+  sinceVersion: bigint;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.WatchExperimentConfigsRequest.
+ * Use `create(WatchExperimentConfigsRequestSchema)` to create a new message.
+ */
+export const WatchExperimentConfigsRequestSchema: GenMessage<WatchExperimentConfigsRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiments_service, 17);
+
+/**
+ * @generated from message neuroweaver.experiments.v1.WatchExperimentConfigsResponse
+ */
+export type WatchExperimentConfigsResponse = Message<"neuroweaver.experiments.v1.WatchExperimentConfigsResponse"> & {
+  /**
+   * The project's config version after this response: strictly increasing on one stream.
+   *
+   * @generated from field: int64 version = 1;
+   */
+  version: bigint;
+
+  /**
+   * True when `configs` is the complete set of RUNNING experiments (replace everything held); false when it
+   * holds only the experiments that changed.
+   *
+   * @generated from field: bool snapshot = 2;
+   */
+  snapshot: boolean;
+
+  /**
+   * Running experiments that are new or changed.
+   *
+   * @generated from field: repeated neuroweaver.experiments.v1.ExperimentConfig configs = 3;
+   */
+  configs: ExperimentConfig[];
+
+  /**
+   * Experiments that are no longer running (stopped, concluded or deleted): evaluate them no longer.
+   *
+   * @generated from field: repeated string removed = 4;
+   */
+  removed: string[];
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.WatchExperimentConfigsResponse.
+ * Use `create(WatchExperimentConfigsResponseSchema)` to create a new message.
+ */
+export const WatchExperimentConfigsResponseSchema: GenMessage<WatchExperimentConfigsResponse> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiments_service, 18);
+
+/**
+ * @generated from message neuroweaver.experiments.v1.IngestEventsRequest
+ */
+export type IngestEventsRequest = Message<"neuroweaver.experiments.v1.IngestEventsRequest"> & {
+  /**
+   * Chosen by the client, echoed in the response; unique per stream.
+   *
+   * @generated from field: int64 batch_id = 1;
+   */
+  batchId: bigint;
+
+  /**
+   * @generated from field: repeated neuroweaver.experiments.v1.Exposure exposures = 2;
+   */
+  exposures: Exposure[];
+
+  /**
+   * @generated from field: repeated neuroweaver.experiments.v1.MetricEvent events = 3;
+   */
+  events: MetricEvent[];
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.IngestEventsRequest.
+ * Use `create(IngestEventsRequestSchema)` to create a new message.
+ */
+export const IngestEventsRequestSchema: GenMessage<IngestEventsRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiments_service, 19);
+
+/**
+ * @generated from message neuroweaver.experiments.v1.IngestEventsResponse
+ */
+export type IngestEventsResponse = Message<"neuroweaver.experiments.v1.IngestEventsResponse"> & {
+  /**
+   * @generated from field: int64 batch_id = 1;
+   */
+  batchId: bigint;
+
+  /**
+   * New first exposures stored.
+   *
+   * @generated from field: int64 exposures_accepted = 2;
+   */
+  exposuresAccepted: bigint;
+
+  /**
+   * Exposures of units already assigned the same variant.
+   *
+   * @generated from field: int64 exposures_duplicate = 3;
+   */
+  exposuresDuplicate: bigint;
+
+  /**
+   * Units already assigned a different variant (another evaluator exposed them first, e.g. under an earlier
+   * phase): the stored variant stands and is returned here so the SDK can correct its sticky cache.
+   *
+   * @generated from field: repeated neuroweaver.experiments.v1.ExposureConflict conflicts = 4;
+   */
+  conflicts: ExposureConflict[];
+
+  /**
+   * @generated from field: int64 events_accepted = 5;
+   */
+  eventsAccepted: bigint;
+
+  /**
+   * @generated from field: int64 events_duplicate = 6;
+   */
+  eventsDuplicate: bigint;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.IngestEventsResponse.
+ * Use `create(IngestEventsResponseSchema)` to create a new message.
+ */
+export const IngestEventsResponseSchema: GenMessage<IngestEventsResponse> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiments_service, 20);
+
+/**
+ * @generated from message neuroweaver.experiments.v1.ExposureConflict
+ */
+export type ExposureConflict = Message<"neuroweaver.experiments.v1.ExposureConflict"> & {
+  /**
+   * @generated from field: string experiment = 1;
+   */
+  experiment: string;
+
+  /**
+   * @generated from field: string unit_id = 2;
+   */
+  unitId: string;
+
+  /**
+   * @generated from field: string stored_variant = 3;
+   */
+  storedVariant: string;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.ExposureConflict.
+ * Use `create(ExposureConflictSchema)` to create a new message.
+ */
+export const ExposureConflictSchema: GenMessage<ExposureConflict> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiments_service, 21);
+
+/**
  * A/B tests between model versions: deterministic assignment (GrowthBook-compatible hashing, sticky),
  * metric ingestion, statistics (Welch/z tests, delta-method lift, SRM gate, mSPRT sequential analysis,
  * guardrails) and promotion of the winner through a registry alias.
@@ -566,6 +739,31 @@ export const ExperimentsService: GenService<{
     methodKind: "unary";
     input: typeof GetExperimentResultsRequestSchema;
     output: typeof ExperimentResultsSchema;
+  },
+  /**
+   * Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
+   * (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
+   * in-process from it (see ExperimentConfig) and report exposures through IngestEvents.
+   *
+   * @generated from rpc neuroweaver.experiments.v1.ExperimentsService.WatchExperimentConfigs
+   */
+  watchExperimentConfigs: {
+    methodKind: "server_streaming";
+    input: typeof WatchExperimentConfigsRequestSchema;
+    output: typeof WatchExperimentConfigsResponseSchema;
+  },
+  /**
+   * Asynchronous ingest for SDKs: the client streams batches of exposures and metric events; the server answers
+   * each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
+   * per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
+   * is counted twice.
+   *
+   * @generated from rpc neuroweaver.experiments.v1.ExperimentsService.IngestEvents
+   */
+  ingestEvents: {
+    methodKind: "bidi_streaming";
+    input: typeof IngestEventsRequestSchema;
+    output: typeof IngestEventsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_neuroweaver_experiments_v1_experiments_service, 0);
