@@ -255,6 +255,7 @@ class Experiment(_message.Message):
     AUTO_CONCLUDE_FIELD_NUMBER: _builtins.int
     PROMOTE_ALIAS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ANSWER_JUDGING_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     WINNER_FIELD_NUMBER: _builtins.int
     CONCLUSION_FIELD_NUMBER: _builtins.int
@@ -299,6 +300,10 @@ class Experiment(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
+    def answer_judging(self) -> Global___AnswerJudging:
+        """Live answers recorded with RecordAnswers are scored by this registered judge (unset: RecordAnswers is refused)."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -322,6 +327,7 @@ class Experiment(_message.Message):
         auto_conclude: _builtins.bool = ...,
         promote_alias: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        answer_judging: Global___AnswerJudging | None = ...,
         state: Global___Experiment.State.ValueType = ...,
         winner: _builtins.str = ...,
         conclusion: _builtins.str = ...,
@@ -330,9 +336,9 @@ class Experiment(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "primary_metric", b"primary_metric", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_judging", b"answer_judging", "create_time", b"create_time", "end_time", b"end_time", "primary_metric", b"primary_metric", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "auto_conclude", b"auto_conclude", "conclusion", b"conclusion", "coverage", b"coverage", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "end_time", b"end_time", "etag", b"etag", "guardrail_metrics", b"guardrail_metrics", "hash_seed", b"hash_seed", "labels", b"labels", "min_sample_size", b"min_sample_size", "name", b"name", "primary_metric", b"primary_metric", "promote_alias", b"promote_alias", "secondary_metrics", b"secondary_metrics", "significance_level", b"significance_level", "start_time", b"start_time", "state", b"state", "variants", b"variants", "winner", b"winner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "answer_judging", b"answer_judging", "auto_conclude", b"auto_conclude", "conclusion", b"conclusion", "coverage", b"coverage", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "end_time", b"end_time", "etag", b"etag", "guardrail_metrics", b"guardrail_metrics", "hash_seed", b"hash_seed", "labels", b"labels", "min_sample_size", b"min_sample_size", "name", b"name", "primary_metric", b"primary_metric", "promote_alias", b"promote_alias", "secondary_metrics", b"secondary_metrics", "significance_level", b"significance_level", "start_time", b"start_time", "state", b"state", "variants", b"variants", "winner", b"winner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,6 +563,7 @@ class ExperimentResults(_message.Message):
     RECOMMENDED_VARIANT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    JUDGING_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
     srm_p_value: _builtins.float
     """Chi-square sample-ratio-mismatch test on exposed units; p < 0.001 blocks any winner."""
@@ -578,6 +585,10 @@ class ExperimentResults(_message.Message):
     def secondary(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricResult]: ...
     @_builtins.property
     def compute_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def judging(self) -> Global___JudgingStatus:
+        """Judging of recorded answers (RecordAnswers); unset when the experiment has no `answer_judging`."""
+
     def __init__(
         self,
         *,
@@ -593,10 +604,11 @@ class ExperimentResults(_message.Message):
         recommended_variant: _builtins.str = ...,
         reason: _builtins.str = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        judging: Global___JudgingStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "primary", b"primary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "judging", b"judging", "primary", b"primary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "decision", b"decision", "experiment", b"experiment", "guardrails", b"guardrails", "power", b"power", "primary", b"primary", "progress", b"progress", "reason", b"reason", "recommended_variant", b"recommended_variant", "secondary", b"secondary", "srm_detected", b"srm_detected", "srm_p_value", b"srm_p_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "decision", b"decision", "experiment", b"experiment", "guardrails", b"guardrails", "judging", b"judging", "power", b"power", "primary", b"primary", "progress", b"progress", "reason", b"reason", "recommended_variant", b"recommended_variant", "secondary", b"secondary", "srm_detected", b"srm_detected", "srm_p_value", b"srm_p_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -718,3 +730,100 @@ class Exposure(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Exposure: _TypeAlias = Exposure  # noqa: Y015
+
+@_typing.final
+class AnswerJudging(_message.Message):
+    """How an experiment scores live answers (RecordAnswers) with a registered judge version: a sample of the recorded
+    answers is judged in the background and each score becomes a metric event of `metric` whose lineage names the
+    judge version. The judge version and the metric are fixed once the experiment has started (one judge per metric);
+    the sample rate and the concurrency may change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JUDGE_VERSION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    judge_version: _builtins.str
+    """`projects/{p}/judges/{j}/versions/{v}` in the registry; `versions/latest` is resolved to the concrete version
+    when the experiment is created or updated. Pointwise judges only.
+    """
+    metric: _builtins.str
+    """Metric the score is recorded as: one of the experiment's metrics, of kind MEAN (for example `judge_score`)."""
+    sample_rate: _builtins.float
+    """Fraction of recorded answers that are judged, 0 < rate <= 1 (0 = 1). Deterministic per answer (a hash of its
+    idempotency key), so a retried answer is sampled or not exactly as the first time.
+    """
+    max_concurrency: _builtins.int
+    """Judge calls in flight at once for this experiment, 1..64 (0 = 4)."""
+    def __init__(
+        self,
+        *,
+        judge_version: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        sample_rate: _builtins.float = ...,
+        max_concurrency: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["judge_version", b"judge_version", "max_concurrency", b"max_concurrency", "metric", b"metric", "sample_rate", b"sample_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerJudging: _TypeAlias = AnswerJudging  # noqa: Y015
+
+@_typing.final
+class JudgingStatus(_message.Message):
+    """Where the judging of an experiment's recorded answers stands. Judge failures are counted here, never as scores."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JUDGE_VERSION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    judge_version: _builtins.str
+    """The experiment's judge version (the concrete version)."""
+    metric: _builtins.str
+    received: _builtins.int
+    """Answers recorded (duplicates excluded)."""
+    sampled: _builtins.int
+    """Recorded answers selected by the sample rate."""
+    scored: _builtins.int
+    """Sampled answers scored: each is one metric event."""
+    failed: _builtins.int
+    """Sampled answers the judge could not score (transport error after retries, malformed verdict, no reference for
+    an embedding judge, unusable judge version): no metric event.
+    """
+    pending: _builtins.int
+    """Sampled answers waiting for the judge (durable: they survive a restart). Only judged while the experiment runs."""
+    last_error: _builtins.str
+    """The latest failure (or transient error of a pending answer), for an operator."""
+    @_builtins.property
+    def last_error_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        judge_version: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        received: _builtins.int = ...,
+        sampled: _builtins.int = ...,
+        scored: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_error_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "judge_version", b"judge_version", "last_error", b"last_error", "last_error_time", b"last_error_time", "metric", b"metric", "pending", b"pending", "received", b"received", "sampled", b"sampled", "scored", b"scored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JudgingStatus: _TypeAlias = JudgingStatus  # noqa: Y015

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from neuroweaver.experiments.v1 import experiment_pb2 as _experiment_pb2
 import builtins as _builtins
@@ -590,3 +591,105 @@ class ExposureConflict(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExposureConflict: _TypeAlias = ExposureConflict  # noqa: Y015
+
+@_typing.final
+class Answer(_message.Message):
+    """One live answer to judge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ANSWER_TIME_FIELD_NUMBER: _builtins.int
+    unit_id: _builtins.str
+    """The unit that was served (it must have been exposed, as for metric events)."""
+    variant: _builtins.str
+    """The variant that answered; must be the unit's assignment when set (empty = the unit's stored assignment)."""
+    prompt: _builtins.str
+    """The user's prompt (at most 32 KiB)."""
+    answer: _builtins.str
+    """The model's answer (at most 32 KiB)."""
+    reference: _builtins.str
+    """A reference answer, when known (an embedding judge needs one; an LLM judge shows it to the grader)."""
+    idempotency_key: _builtins.str
+    """Answers with a key already recorded for the experiment are duplicates (not judged again). Empty = a key derived
+    from the unit, variant, prompt, answer and reference, so a retried identical answer is still a duplicate.
+    """
+    @_builtins.property
+    def answer_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was answered (default: when recorded); the score's metric event carries this time."""
+
+    def __init__(
+        self,
+        *,
+        unit_id: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        answer: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        answer_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_time", b"answer_time", "idempotency_key", b"idempotency_key", "prompt", b"prompt", "reference", b"reference", "unit_id", b"unit_id", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Answer: _TypeAlias = Answer  # noqa: Y015
+
+@_typing.final
+class RecordAnswersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    """`projects/{p}/experiments/{e}`: a RUNNING experiment with `answer_judging`."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Answer]: ...
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        answers: _abc.Iterable[Global___Answer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAnswersRequest: _TypeAlias = RecordAnswersRequest  # noqa: Y015
+
+@_typing.final
+class RecordAnswersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """New answers stored."""
+    duplicates: _builtins.int
+    """Answers whose idempotency key was already recorded (or repeated in this request)."""
+    sampled: _builtins.int
+    """Of the accepted answers, those selected for judging."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        sampled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "sampled", b"sampled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordAnswersResponse: _TypeAlias = RecordAnswersResponse  # noqa: Y015

@@ -109,6 +109,11 @@ class ExperimentsServiceStub:
                 request_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.FromString,
                 _registered_method=True)
+        self.RecordAnswers = channel.unary_unary(
+                '/neuroweaver.experiments.v1.ExperimentsService/RecordAnswers',
+                request_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentsServiceServicer:
@@ -218,6 +223,16 @@ class ExperimentsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordAnswers(self, request, context):
+        """Records live answers (at most 1,000 per call) for judging by the experiment's registered judge
+        (Experiment.answer_judging). Returns once the answers are durable; a sample of them is judged in the background
+        with bounded concurrency, each score recorded as a metric event. Progress and failures: the `judging` field of
+        GetExperimentResults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +305,11 @@ def add_ExperimentsServiceServicer_to_server(servicer, server):
                     servicer.IngestEvents,
                     request_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.FromString,
                     response_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.SerializeToString,
+            ),
+            'RecordAnswers': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordAnswers,
+                    request_deserializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersRequest.FromString,
+                    response_serializer=neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +694,33 @@ class ExperimentsService:
             '/neuroweaver.experiments.v1.ExperimentsService/IngestEvents',
             neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsRequest.SerializeToString,
             neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.IngestEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordAnswers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.experiments.v1.ExperimentsService/RecordAnswers',
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersRequest.SerializeToString,
+            neuroweaver_dot_experiments_dot_v1_dot_experiments__service__pb2.RecordAnswersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,12 @@ class ExperimentsServiceStub:
     per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
     is counted twice.
     """
+    RecordAnswers: _grpc.UnaryUnaryMultiCallable[_experiments_service_pb2.RecordAnswersRequest, _experiments_service_pb2.RecordAnswersResponse]
+    """Records live answers (at most 1,000 per call) for judging by the experiment's registered judge
+    (Experiment.answer_judging). Returns once the answers are durable; a sample of them is judged in the background
+    with bounded concurrency, each score recorded as a metric event. Progress and failures: the `judging` field of
+    GetExperimentResults.
+    """
 
 @_typing.type_check_only
 class ExperimentsServiceAsyncStub(ExperimentsServiceStub):
@@ -111,6 +117,12 @@ class ExperimentsServiceAsyncStub(ExperimentsServiceStub):
     each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
     per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
     is counted twice.
+    """
+    RecordAnswers: _aio.UnaryUnaryMultiCallable[_experiments_service_pb2.RecordAnswersRequest, _experiments_service_pb2.RecordAnswersResponse]  # type: ignore[assignment]
+    """Records live answers (at most 1,000 per call) for judging by the experiment's registered judge
+    (Experiment.answer_judging). Returns once the answers are durable; a sample of them is judged in the background
+    with bounded concurrency, each score recorded as a metric event. Progress and failures: the `judging` field of
+    GetExperimentResults.
     """
 
 class ExperimentsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -234,6 +246,18 @@ class ExperimentsServiceServicer(metaclass=_abc_1.ABCMeta):
         each batch, in order, once it is durable. A batch may be resent after a disconnect: exposures are idempotent
         per (experiment, unit) and metric events by their idempotency key, so nothing acknowledged is lost and nothing
         is counted twice.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordAnswers(
+        self,
+        request: _experiments_service_pb2.RecordAnswersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiments_service_pb2.RecordAnswersResponse, _abc.Awaitable[_experiments_service_pb2.RecordAnswersResponse]]:
+        """Records live answers (at most 1,000 per call) for judging by the experiment's registered judge
+        (Experiment.answer_judging). Returns once the answers are durable; a sample of them is judged in the background
+        with bounded concurrency, each score recorded as a metric event. Progress and failures: the `judging` field of
+        GetExperimentResults.
         """
 
 def add_ExperimentsServiceServicer_to_server(servicer: ExperimentsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/experiments/v1/experiment.proto.
  */
 export const file_neuroweaver_experiments_v1_experiment: GenFile = /*@__PURE__*/
-  fileDesc("CituZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50LnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSKkAQoKTWV0cmljU3BlYxISCgRuYW1lGAEgASgJQgTiQQECEjQKBGtpbmQYAiABKA4yJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNLaW5kEjkKCWRpcmVjdGlvbhgDIAEoDjImLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5NZXRyaWNEaXJlY3Rpb24SEQoJdG9sZXJhbmNlGAQgASgBIqECCgdWYXJpYW50EhAKAmlkGAEgASgJQgTiQQECEkQKDW1vZGVsX3ZlcnNpb24YAiABKAlCLeJBAQL6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI/CgpkZXBsb3ltZW50GAMgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Eg4KBndlaWdodBgEIAEoARIWCghlbmRwb2ludBgFIAEoCUIE4kEBAxIdCg9vcGVuYWlfYmFzZV91cmwYBiABKAlCBOJBAQMSIQoRc2VydmVkX21vZGVsX25hbWUYByABKAlCBhgB4kEBAxITCgVtb2RlbBgIIAEoCUIE4kEBAyKfCQoKRXhwZXJpbWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARIZCgtkZXNjcmlwdGlvbhgDIAEoCUIE4kEBARI7Cgh2YXJpYW50cxgEIAMoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRCBOJBAQISEQoJaGFzaF9zZWVkGAUgASgJEhAKCGNvdmVyYWdlGAYgASgBEj4KDnByaW1hcnlfbWV0cmljGAcgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxJBChFndWFyZHJhaWxfbWV0cmljcxgIIAMoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1NwZWMSQQoRc2Vjb25kYXJ5X21ldHJpY3MYCSADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNTcGVjEhcKD21pbl9zYW1wbGVfc2l6ZRgKIAEoAxIaChJzaWduaWZpY2FuY2VfbGV2ZWwYCyABKAESPAoIYW5hbHlzaXMYDCABKA4yKi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5BbmFseXNpc01ldGhvZBIVCg1hdXRvX2NvbmNsdWRlGA0gASgIEhUKDXByb21vdGVfYWxpYXMYDiABKAkSSAoGbGFiZWxzGA8gAygLMjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudC5MYWJlbHNFbnRyeUIE4kEBARJBCgVzdGF0ZRgUIAEoDjIsLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkV4cGVyaW1lbnQuU3RhdGVCBOJBAQMSFAoGd2lubmVyGBUgASgJQgTiQQEDEhgKCmNvbmNsdXNpb24YFiABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjQKCnN0YXJ0X3RpbWUYGCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjIKCGVuZF90aW1lGBkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxISCgRldGFnGBogASgJQgTiQQEBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiagoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIPCgtTVEFURV9EUkFGVBABEhEKDVNUQVRFX1JVTk5JTkcQAhIRCg1TVEFURV9TVE9QUEVEEAMSEwoPU1RBVEVfQ09OQ0xVREVEEAQ6cOpBbQolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBIrcHJvamVjdHMve3Byb2plY3R9L2V4cGVyaW1lbnRzL3tleHBlcmltZW50fSoLZXhwZXJpbWVudHMyCmV4cGVyaW1lbnQiiAIKC01ldHJpY0V2ZW50EkIKCmV4cGVyaW1lbnQYASABKAlCLuJBAQH6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSFQoHdW5pdF9pZBgCIAEoCUIE4kEBAhIUCgZtZXRyaWMYAyABKAlCBOJBAQISDQoFdmFsdWUYBCABKAESLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHQoPaWRlbXBvdGVuY3lfa2V5GAYgASgJQgTiQQEBEhwKCWNvdmFyaWF0ZRgHIAEoAUIE4kEBAUgAiAEBQgwKCl9jb3ZhcmlhdGUigQEKEVZhcmlhbnRTdGF0aXN0aWNzEg8KB3ZhcmlhbnQYASABKAkSDQoFdW5pdHMYAiABKAMSDAoEbWVhbhgDIAEoARIaChJzdGFuZGFyZF9kZXZpYXRpb24YBCABKAESEAoIY2lfbG93ZXIYBSABKAESEAoIY2lfdXBwZXIYBiABKAEi1wIKCkNvbXBhcmlzb24SDwoHdmFyaWFudBgBIAEoCRISCgpkaWZmZXJlbmNlGAIgASgBEhUKDXJlbGF0aXZlX2xpZnQYAyABKAESFQoNbGlmdF9jaV9sb3dlchgEIAEoARIVCg1saWZ0X2NpX3VwcGVyGAUgASgBEg8KB3BfdmFsdWUYBiABKAESGgoSc2VxdWVudGlhbF9wX3ZhbHVlGAcgASgBEhMKC3NpZ25pZmljYW50GAggASgIEhMKC2ltcHJvdmVtZW50GAkgASgIEhsKE2RpZmZlcmVuY2VfY2lfbG93ZXIYCiABKAESGwoTZGlmZmVyZW5jZV9jaV91cHBlchgLIAEoARImCh51bmFkanVzdGVkX2RpZmZlcmVuY2VfY2lfbG93ZXIYDCABKAESJgoedW5hZGp1c3RlZF9kaWZmZXJlbmNlX2NpX3VwcGVyGA0gASgBIsMCCgxNZXRyaWNSZXN1bHQSNgoGbWV0cmljGAEgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxI/Cgh2YXJpYW50cxgCIAMoCzItLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRTdGF0aXN0aWNzEjsKC2NvbXBhcmlzb25zGAMgAygLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuQ29tcGFyaXNvbhIaChJndWFyZHJhaWxfdmlvbGF0ZWQYBCABKAgSFQoNY3VwZWRfYXBwbGllZBgFIAEoCBIaChJ2YXJpYW5jZV9yZWR1Y3Rpb24YBiABKAESGgoSY292YXJpYXRlX2NvdmVyYWdlGAcgASgBEhIKCmN1cGVkX25vdGUYCCABKAki7AMKEUV4cGVyaW1lbnRSZXN1bHRzEj4KCmV4cGVyaW1lbnQYASABKAlCKvpBJwolZXhwZXJpbWVudHMubmV1cm93ZWF2ZXIuYWkvRXhwZXJpbWVudBI5CgdwcmltYXJ5GAIgASgLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EjwKCmd1YXJkcmFpbHMYAyADKAsyKC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNSZXN1bHQSOwoJc2Vjb25kYXJ5GAQgAygLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EhMKC3NybV9wX3ZhbHVlGAUgASgBEhQKDHNybV9kZXRlY3RlZBgGIAEoCBIQCghwcm9ncmVzcxgHIAEoARINCgVwb3dlchgIIAEoARI2CghkZWNpc2lvbhgJIAEoDjIkLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uEhsKE3JlY29tbWVuZGVkX3ZhcmlhbnQYCiABKAkSDgoGcmVhc29uGAsgASgJEjAKDGNvbXB1dGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi0QEKEEV4cGVyaW1lbnRDb25maWcSEgoKZXhwZXJpbWVudBgBIAEoCRIQCghyZXZpc2lvbhgCIAEoAxIRCgloYXNoX3NlZWQYAyABKAkSEAoIY292ZXJhZ2UYBCABKAESNQoIdmFyaWFudHMYBSADKAsyIy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5WYXJpYW50EjsKBnBoYXNlcxgGIAMoCzIrLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkFzc2lnbm1lbnRQaGFzZSIxCg9Bc3NpZ25tZW50UGhhc2USDQoFZXBvY2gYASABKAUSDwoHd2VpZ2h0cxgCIAMoASKgAQoIRXhwb3N1cmUSGAoKZXhwZXJpbWVudBgBIAEoCUIE4kEBAhIVCgd1bml0X2lkGAIgASgJQgTiQQECEhUKB3ZhcmlhbnQYAyABKAlCBOJBAQISEwoFZXBvY2gYBCABKAVCBOJBAQISNwoNZXhwb3N1cmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQEqWwoKTWV0cmljS2luZBIbChdNRVRSSUNfS0lORF9VTlNQRUNJRklFRBAAEhQKEE1FVFJJQ19LSU5EX01FQU4QARIaChZNRVRSSUNfS0lORF9QUk9QT1JUSU9OEAIqdAoOQW5hbHlzaXNNZXRob2QSHwobQU5BTFlTSVNfTUVUSE9EX1VOU1BFQ0lGSUVEEAASIQodQU5BTFlTSVNfTUVUSE9EX0ZJWEVEX0hPUklaT04QARIeChpBTkFMWVNJU19NRVRIT0RfU0VRVUVOVElBTBACKsABCghEZWNpc2lvbhIYChRERUNJU0lPTl9VTlNQRUNJRklFRBAAEhkKFURFQ0lTSU9OX0tFRVBfUlVOTklORxABEhkKFURFQ0lTSU9OX1NISVBfVkFSSUFOVBACEiUKIURFQ0lTSU9OX05PX0RFVEVDVEFCTEVfRElGRkVSRU5DRRADEhoKFkRFQ0lTSU9OX1NUT1BfRk9SX0hBUk0QBBIhCh1ERUNJU0lPTl9JTlZBTElEX1NBTVBMRV9SQVRJTxAFYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
+  fileDesc("CituZXVyb3dlYXZlci9leHBlcmltZW50cy92MS9leHBlcmltZW50LnByb3RvEhpuZXVyb3dlYXZlci5leHBlcmltZW50cy52MSKkAQoKTWV0cmljU3BlYxISCgRuYW1lGAEgASgJQgTiQQECEjQKBGtpbmQYAiABKA4yJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNLaW5kEjkKCWRpcmVjdGlvbhgDIAEoDjImLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5NZXRyaWNEaXJlY3Rpb24SEQoJdG9sZXJhbmNlGAQgASgBIqECCgdWYXJpYW50EhAKAmlkGAEgASgJQgTiQQECEkQKDW1vZGVsX3ZlcnNpb24YAiABKAlCLeJBAQL6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI/CgpkZXBsb3ltZW50GAMgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Eg4KBndlaWdodBgEIAEoARIWCghlbmRwb2ludBgFIAEoCUIE4kEBAxIdCg9vcGVuYWlfYmFzZV91cmwYBiABKAlCBOJBAQMSIQoRc2VydmVkX21vZGVsX25hbWUYByABKAlCBhgB4kEBAxITCgVtb2RlbBgIIAEoCUIE4kEBAyLoCQoKRXhwZXJpbWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARIZCgtkZXNjcmlwdGlvbhgDIAEoCUIE4kEBARI7Cgh2YXJpYW50cxgEIAMoCzIjLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRCBOJBAQISEQoJaGFzaF9zZWVkGAUgASgJEhAKCGNvdmVyYWdlGAYgASgBEj4KDnByaW1hcnlfbWV0cmljGAcgASgLMiYubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljU3BlYxJBChFndWFyZHJhaWxfbWV0cmljcxgIIAMoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1NwZWMSQQoRc2Vjb25kYXJ5X21ldHJpY3MYCSADKAsyJi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5NZXRyaWNTcGVjEhcKD21pbl9zYW1wbGVfc2l6ZRgKIAEoAxIaChJzaWduaWZpY2FuY2VfbGV2ZWwYCyABKAESPAoIYW5hbHlzaXMYDCABKA4yKi5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5BbmFseXNpc01ldGhvZBIVCg1hdXRvX2NvbmNsdWRlGA0gASgIEhUKDXByb21vdGVfYWxpYXMYDiABKAkSSAoGbGFiZWxzGA8gAygLMjIubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudC5MYWJlbHNFbnRyeUIE4kEBARJHCg5hbnN3ZXJfanVkZ2luZxgQIAEoCzIpLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkFuc3dlckp1ZGdpbmdCBOJBAQESQQoFc3RhdGUYFCABKA4yLC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5FeHBlcmltZW50LlN0YXRlQgTiQQEDEhQKBndpbm5lchgVIAEoCUIE4kEBAxIYCgpjb25jbHVzaW9uGBYgASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGBcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGBggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRgZIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSEgoEZXRhZxgaIAEoCUIE4kEBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImoKBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASDwoLU1RBVEVfRFJBRlQQARIRCg1TVEFURV9SVU5OSU5HEAISEQoNU1RBVEVfU1RPUFBFRBADEhMKD1NUQVRFX0NPTkNMVURFRBAEOnDqQW0KJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSK3Byb2plY3RzL3twcm9qZWN0fS9leHBlcmltZW50cy97ZXhwZXJpbWVudH0qC2V4cGVyaW1lbnRzMgpleHBlcmltZW50IogCCgtNZXRyaWNFdmVudBJCCgpleHBlcmltZW50GAEgASgJQi7iQQEB+kEnCiVleHBlcmltZW50cy5uZXVyb3dlYXZlci5haS9FeHBlcmltZW50EhUKB3VuaXRfaWQYAiABKAlCBOJBAQISFAoGbWV0cmljGAMgASgJQgTiQQECEg0KBXZhbHVlGAQgASgBEi4KCmV2ZW50X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh0KD2lkZW1wb3RlbmN5X2tleRgGIAEoCUIE4kEBARIcCgljb3ZhcmlhdGUYByABKAFCBOJBAQFIAIgBAUIMCgpfY292YXJpYXRlIoEBChFWYXJpYW50U3RhdGlzdGljcxIPCgd2YXJpYW50GAEgASgJEg0KBXVuaXRzGAIgASgDEgwKBG1lYW4YAyABKAESGgoSc3RhbmRhcmRfZGV2aWF0aW9uGAQgASgBEhAKCGNpX2xvd2VyGAUgASgBEhAKCGNpX3VwcGVyGAYgASgBItcCCgpDb21wYXJpc29uEg8KB3ZhcmlhbnQYASABKAkSEgoKZGlmZmVyZW5jZRgCIAEoARIVCg1yZWxhdGl2ZV9saWZ0GAMgASgBEhUKDWxpZnRfY2lfbG93ZXIYBCABKAESFQoNbGlmdF9jaV91cHBlchgFIAEoARIPCgdwX3ZhbHVlGAYgASgBEhoKEnNlcXVlbnRpYWxfcF92YWx1ZRgHIAEoARITCgtzaWduaWZpY2FudBgIIAEoCBITCgtpbXByb3ZlbWVudBgJIAEoCBIbChNkaWZmZXJlbmNlX2NpX2xvd2VyGAogASgBEhsKE2RpZmZlcmVuY2VfY2lfdXBwZXIYCyABKAESJgoedW5hZGp1c3RlZF9kaWZmZXJlbmNlX2NpX2xvd2VyGAwgASgBEiYKHnVuYWRqdXN0ZWRfZGlmZmVyZW5jZV9jaV91cHBlchgNIAEoASLDAgoMTWV0cmljUmVzdWx0EjYKBm1ldHJpYxgBIAEoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1NwZWMSPwoIdmFyaWFudHMYAiADKAsyLS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5WYXJpYW50U3RhdGlzdGljcxI7Cgtjb21wYXJpc29ucxgDIAMoCzImLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLkNvbXBhcmlzb24SGgoSZ3VhcmRyYWlsX3Zpb2xhdGVkGAQgASgIEhUKDWN1cGVkX2FwcGxpZWQYBSABKAgSGgoSdmFyaWFuY2VfcmVkdWN0aW9uGAYgASgBEhoKEmNvdmFyaWF0ZV9jb3ZlcmFnZRgHIAEoARISCgpjdXBlZF9ub3RlGAggASgJIqgEChFFeHBlcmltZW50UmVzdWx0cxI+CgpleHBlcmltZW50GAEgASgJQir6QScKJWV4cGVyaW1lbnRzLm5ldXJvd2VhdmVyLmFpL0V4cGVyaW1lbnQSOQoHcHJpbWFyeRgCIAEoCzIoLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1Jlc3VsdBI8CgpndWFyZHJhaWxzGAMgAygLMigubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuTWV0cmljUmVzdWx0EjsKCXNlY29uZGFyeRgEIAMoCzIoLm5ldXJvd2VhdmVyLmV4cGVyaW1lbnRzLnYxLk1ldHJpY1Jlc3VsdBITCgtzcm1fcF92YWx1ZRgFIAEoARIUCgxzcm1fZGV0ZWN0ZWQYBiABKAgSEAoIcHJvZ3Jlc3MYByABKAESDQoFcG93ZXIYCCABKAESNgoIZGVjaXNpb24YCSABKA4yJC5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5EZWNpc2lvbhIbChNyZWNvbW1lbmRlZF92YXJpYW50GAogASgJEg4KBnJlYXNvbhgLIAEoCRIwCgxjb21wdXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjoKB2p1ZGdpbmcYDSABKAsyKS5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5KdWRnaW5nU3RhdHVzItEBChBFeHBlcmltZW50Q29uZmlnEhIKCmV4cGVyaW1lbnQYASABKAkSEAoIcmV2aXNpb24YAiABKAMSEQoJaGFzaF9zZWVkGAMgASgJEhAKCGNvdmVyYWdlGAQgASgBEjUKCHZhcmlhbnRzGAUgAygLMiMubmV1cm93ZWF2ZXIuZXhwZXJpbWVudHMudjEuVmFyaWFudBI7CgZwaGFzZXMYBiADKAsyKy5uZXVyb3dlYXZlci5leHBlcmltZW50cy52MS5Bc3NpZ25tZW50UGhhc2UiMQoPQXNzaWdubWVudFBoYXNlEg0KBWVwb2NoGAEgASgFEg8KB3dlaWdodHMYAiADKAEioAEKCEV4cG9zdXJlEhgKCmV4cGVyaW1lbnQYASABKAlCBOJBAQISFQoHdW5pdF9pZBgCIAEoCUIE4kEBAhIVCgd2YXJpYW50GAMgASgJQgTiQQECEhMKBWVwb2NoGAQgASgFQgTiQQECEjcKDWV4cG9zdXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEBIqUBCg1BbnN3ZXJKdWRnaW5nEkQKDWp1ZGdlX3ZlcnNpb24YASABKAlCLeJBAQL6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL0p1ZGdlVmVyc2lvbhIUCgZtZXRyaWMYAiABKAlCBOJBAQISGQoLc2FtcGxlX3JhdGUYAyABKAFCBOJBAQESHQoPbWF4X2NvbmN1cnJlbmN5GAQgASgFQgTiQQEBItMBCg1KdWRnaW5nU3RhdHVzEhUKDWp1ZGdlX3ZlcnNpb24YASABKAkSDgoGbWV0cmljGAIgASgJEhAKCHJlY2VpdmVkGAMgASgDEg8KB3NhbXBsZWQYBCABKAMSDgoGc2NvcmVkGAUgASgDEg4KBmZhaWxlZBgGIAEoAxIPCgdwZW5kaW5nGAcgASgDEhIKCmxhc3RfZXJyb3IYCCABKAkSMwoPbGFzdF9lcnJvcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCpbCgpNZXRyaWNLaW5kEhsKF01FVFJJQ19LSU5EX1VOU1BFQ0lGSUVEEAASFAoQTUVUUklDX0tJTkRfTUVBThABEhoKFk1FVFJJQ19LSU5EX1BST1BPUlRJT04QAip0Cg5BbmFseXNpc01ldGhvZBIfChtBTkFMWVNJU19NRVRIT0RfVU5TUEVDSUZJRUQQABIhCh1BTkFMWVNJU19NRVRIT0RfRklYRURfSE9SSVpPThABEh4KGkFOQUxZU0lTX01FVEhPRF9TRVFVRU5USUFMEAIqwAEKCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASGQoVREVDSVNJT05fS0VFUF9SVU5OSU5HEAESGQoVREVDSVNJT05fU0hJUF9WQVJJQU5UEAISJQohREVDSVNJT05fTk9fREVURUNUQUJMRV9ESUZGRVJFTkNFEAMSGgoWREVDSVNJT05fU1RPUF9GT1JfSEFSTRAEEiEKHURFQ0lTSU9OX0lOVkFMSURfU0FNUExFX1JBVElPEAViBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
 
 /**
  * A metric an experiment tracks.
@@ -228,6 +228,13 @@ export type Experiment = Message<"neuroweaver.experiments.v1.Experiment"> & {
    * @generated from field: map<string, string> labels = 15;
    */
   labels: { [key: string]: string };
+
+  /**
+   * Live answers recorded with RecordAnswers are scored by this registered judge (unset: RecordAnswers is refused).
+   *
+   * @generated from field: neuroweaver.experiments.v1.AnswerJudging answer_judging = 16;
+   */
+  answerJudging?: AnswerJudging | undefined;
 
   /**
    * @generated from field: neuroweaver.experiments.v1.Experiment.State state = 20;
@@ -650,6 +657,13 @@ export type ExperimentResults = Message<"neuroweaver.experiments.v1.ExperimentRe
    * @generated from field: google.protobuf.Timestamp compute_time = 12;
    */
   computeTime?: Timestamp | undefined;
+
+  /**
+   * Judging of recorded answers (RecordAnswers); unset when the experiment has no `answer_judging`.
+   *
+   * @generated from field: neuroweaver.experiments.v1.JudgingStatus judging = 13;
+   */
+  judging?: JudgingStatus | undefined;
 };
 
 /**
@@ -790,6 +804,127 @@ export type Exposure = Message<"neuroweaver.experiments.v1.Exposure"> & {
  */
 export const ExposureSchema: GenMessage<Exposure> = /*@__PURE__*/
   messageDesc(file_neuroweaver_experiments_v1_experiment, 10);
+
+/**
+ * How an experiment scores live answers (RecordAnswers) with a registered judge version: a sample of the recorded
+ * answers is judged in the background and each score becomes a metric event of `metric` whose lineage names the
+ * judge version. The judge version and the metric are fixed once the experiment has started (one judge per metric);
+ * the sample rate and the concurrency may change.
+ *
+ * @generated from message neuroweaver.experiments.v1.AnswerJudging
+ */
+export type AnswerJudging = Message<"neuroweaver.experiments.v1.AnswerJudging"> & {
+  /**
+   * `projects/{p}/judges/{j}/versions/{v}` in the registry; `versions/latest` is resolved to the concrete version
+   * when the experiment is created or updated. Pointwise judges only.
+   *
+   * @generated from field: string judge_version = 1;
+   */
+  judgeVersion: string;
+
+  /**
+   * Metric the score is recorded as: one of the experiment's metrics, of kind MEAN (for example `judge_score`).
+   *
+   * @generated from field: string metric = 2;
+   */
+  metric: string;
+
+  /**
+   * Fraction of recorded answers that are judged, 0 < rate <= 1 (0 = 1). Deterministic per answer (a hash of its
+   * idempotency key), so a retried answer is sampled or not exactly as the first time.
+   *
+   * @generated from field: double sample_rate = 3;
+   */
+  sampleRate: number;
+
+  /**
+   * Judge calls in flight at once for this experiment, 1..64 (0 = 4).
+   *
+   * @generated from field: int32 max_concurrency = 4;
+   */
+  maxConcurrency: number;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.AnswerJudging.
+ * Use `create(AnswerJudgingSchema)` to create a new message.
+ */
+export const AnswerJudgingSchema: GenMessage<AnswerJudging> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiment, 11);
+
+/**
+ * Where the judging of an experiment's recorded answers stands. Judge failures are counted here, never as scores.
+ *
+ * @generated from message neuroweaver.experiments.v1.JudgingStatus
+ */
+export type JudgingStatus = Message<"neuroweaver.experiments.v1.JudgingStatus"> & {
+  /**
+   * The experiment's judge version (the concrete version).
+   *
+   * @generated from field: string judge_version = 1;
+   */
+  judgeVersion: string;
+
+  /**
+   * @generated from field: string metric = 2;
+   */
+  metric: string;
+
+  /**
+   * Answers recorded (duplicates excluded).
+   *
+   * @generated from field: int64 received = 3;
+   */
+  received: bigint;
+
+  /**
+   * Recorded answers selected by the sample rate.
+   *
+   * @generated from field: int64 sampled = 4;
+   */
+  sampled: bigint;
+
+  /**
+   * Sampled answers scored: each is one metric event.
+   *
+   * @generated from field: int64 scored = 5;
+   */
+  scored: bigint;
+
+  /**
+   * Sampled answers the judge could not score (transport error after retries, malformed verdict, no reference for
+   * an embedding judge, unusable judge version): no metric event.
+   *
+   * @generated from field: int64 failed = 6;
+   */
+  failed: bigint;
+
+  /**
+   * Sampled answers waiting for the judge (durable: they survive a restart). Only judged while the experiment runs.
+   *
+   * @generated from field: int64 pending = 7;
+   */
+  pending: bigint;
+
+  /**
+   * The latest failure (or transient error of a pending answer), for an operator.
+   *
+   * @generated from field: string last_error = 8;
+   */
+  lastError: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp last_error_time = 9;
+   */
+  lastErrorTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message neuroweaver.experiments.v1.JudgingStatus.
+ * Use `create(JudgingStatusSchema)` to create a new message.
+ */
+export const JudgingStatusSchema: GenMessage<JudgingStatus> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_experiments_v1_experiment, 12);
 
 /**
  * Kind of a metric's per-unit value.
