@@ -18,7 +18,7 @@ from datetime import datetime
 import pytest
 
 from neuroweaver_experiments.domain.cuped import PairDelta, PairedStats
-from neuroweaver_experiments.domain.experiment import Experiment
+from neuroweaver_experiments.domain.experiment import Experiment, ExperimentState
 from neuroweaver_experiments.domain.statistics import DecisionOutcome, SequentialState, SufficientStats
 from neuroweaver_experiments.service.experiments import ExperimentsService
 from neuroweaver_runtime.errors import DomainError
@@ -62,6 +62,13 @@ class FakeExperiments(_Repo):
     async def revision(self, key: int) -> int | None:
         stored = self.store.by_key(key)
         return stored.revision if stored else None
+
+    async def project_version(self, project: str) -> int:
+        return sum(e.revision for p, e in self.store.experiments.values() if p == project)
+
+    async def running(self, project: str) -> list[Experiment]:
+        found = [e for p, e in self.store.experiments.values() if p == project and e.state is ExperimentState.RUNNING]
+        return [copy.deepcopy(e) for e in sorted(found, key=lambda e: e.name)]
 
     async def add(self, experiment: Experiment, project: str) -> None:
         if experiment.name in self.store.experiments:

@@ -259,6 +259,18 @@ class SqlExperimentRepository(_Repository):
         query = select(t.experiments.c.revision).where(t.experiments.c.id == key)
         return (await self.s.execute(query)).scalar()
 
+    async def project_version(self, project: str) -> int:
+        query = select(func.coalesce(func.sum(t.experiments.c.revision), 0)).where(t.experiments.c.project == project)
+        return int((await self.s.execute(query)).scalar() or 0)
+
+    async def running(self, project: str) -> list[Experiment]:
+        query = (
+            select(t.experiments)
+            .where(t.experiments.c.project == project, t.experiments.c.state == ExperimentState.RUNNING.value)
+            .order_by(t.experiments.c.name)
+        )
+        return [to_experiment(row) for row in await self.s.execute(query)]
+
     @staticmethod
     def _values(exp: Experiment) -> dict[str, Any]:
         return dict(

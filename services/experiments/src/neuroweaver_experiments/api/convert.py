@@ -24,6 +24,7 @@ from ..domain import statistics as st
 from ..domain.assignment import Assignment
 from ..domain.experiment import Experiment, ExperimentState, Variant
 from ..service.ingest import EventBatch
+from ..service.local_eval import ExposureIn
 
 _STATE = {
     ExperimentState.DRAFT: pb.Experiment.STATE_DRAFT,
@@ -162,6 +163,32 @@ def assignment_to_pb(exp: Experiment, a: Assignment) -> svc.AssignVariantRespons
     return svc.AssignVariantResponse(
         variant=variant_to_pb(exp.variants[a.served_variant]), in_experiment=a.in_experiment, bucket=a.bucket
     )
+
+
+def config_to_pb(e: Experiment) -> pb.ExperimentConfig:
+    """What an SDK needs to evaluate AssignVariant in-process (see ExperimentConfig)."""
+    phases = e.weights_history or [e.weights]
+    return pb.ExperimentConfig(
+        experiment=e.name,
+        revision=e.revision,
+        hash_seed=e.hash_seed,
+        coverage=e.coverage,
+        variants=[variant_to_pb(v) for v in e.variants],
+        phases=[pb.AssignmentPhase(epoch=i, weights=w) for i, w in enumerate(phases)],
+    )
+
+
+def exposures_from_pb(exposures) -> list[ExposureIn]:
+    return [
+        ExposureIn(
+            x.experiment,
+            x.unit_id,
+            x.variant,
+            x.epoch,
+            from_timestamp(x.exposure_time, f"exposures[{i}].exposure_time") if x.HasField("exposure_time") else None,
+        )
+        for i, x in enumerate(exposures)
+    ]
 
 
 # -- events ----------------------------------------------------------------------------------------

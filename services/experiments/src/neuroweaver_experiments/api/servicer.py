@@ -24,6 +24,7 @@ METHOD_ROLES = {
     "AssignVariant": V, "BatchAssignVariants": V,
     "RecordMetricEvents": OP, "StreamMetricEvents": OP,
     "GetExperimentResults": V,
+    "WatchExperimentConfigs": V, "IngestEvents": OP,
 }  # fmt: skip
 
 
@@ -133,3 +134,32 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
     async def GetExperimentResults(self, request, context):
         r = await self.svc.results(request.name)
         return convert.results_to_pb(r.experiment.name, r.analysis, r.compute_time)
+
+    async def WatchExperimentConfigs(self, request, context):
+        async for change in self.svc.local.watch(request.parent, request.since_version):
+            yield svc.WatchExperimentConfigsResponse(
+                version=change.version,
+                snapshot=change.snapshot,
+                configs=[convert.config_to_pb(e) for e in change.configs],
+                removed=change.removed,
+            )
+
+    async def IngestEvents(self, request_iterator, context):
+        """One batch per message, answered in order once durable. A bad batch ends the stream with its error (its
+        ErrorInfo metadata names `batch_id`); the batches answered before it are stored."""
+        async for request in request_iterator:
+            try:
+                out = await self.svc.local.ingest(
+                    convert.exposures_from_pb(request.exposures), convert.events_from_pb(request.events)
+                )
+            except DomainError as exc:
+                exc.metadata.update(batch_id=str(request.batch_id))
+                raise
+            yield svc.IngestEventsResponse(
+                batch_id=request.batch_id,
+                exposures_accepted=out.exposures_accepted,
+                exposures_duplicate=out.exposures_duplicate,
+                conflicts=[svc.ExposureConflict(experiment=e, unit_id=u, stored_variant=v) for e, u, v in out.conflicts],
+                events_accepted=out.events_accepted,
+                events_duplicate=out.events_duplicate,
+            )

@@ -83,6 +83,12 @@ class AssignmentWriter:
     async def resolve(self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]) -> list[str | None]:
         """For each (unit, fresh variant or None, bucket, epoch, bucket class): the stored variant after this call
         (inserting the fresh one when the unit has none), or None when the unit has none and `fresh` was None."""
+        return [stored for stored, _ in await self.resolve_new(experiment_id, items)]
+
+    async def resolve_new(
+        self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]
+    ) -> list[tuple[str | None, bool]]:
+        """As `resolve`, with whether this batch stored the unit's first exposure (IngestEvents counts them)."""
         loop = asyncio.get_running_loop()
         units = self._pending.setdefault(experiment_id, {})
         futures = []
@@ -91,6 +97,8 @@ class AssignmentWriter:
             entry = units.get(unit)
             if entry is None:
                 units[unit] = (variant, bucket, epoch, klass, [fut])
+            elif entry[0] is None and variant is not None:  # a lookup joined by an exposure: the exposure is written
+                units[unit] = (variant, bucket, epoch, klass, [*entry[4], fut])
             else:
                 entry[4].append(fut)
             futures.append(fut)
@@ -112,16 +120,16 @@ class AssignmentWriter:
                                 f.set_exception(exc)
                 continue
             for exp_id, units in batch.items():
-                stored = results[exp_id]
+                stored, inserted = results[exp_id]
                 self.cache.put_many(exp_id, {u: v for u, v in stored.items() if v is not None})
                 for unit, (*_, futs) in units.items():
                     for f in futs:
                         if not f.done():
-                            f.set_result(stored.get(unit))
+                            f.set_result((stored.get(unit), unit in inserted))
 
-    async def _write(self, batch) -> dict[int, dict[str, str | None]]:
+    async def _write(self, batch) -> dict[int, tuple[dict[str, str | None], set[str]]]:
         now = utcnow()
-        out: dict[int, dict[str, str | None]] = {}
+        out: dict[int, tuple[dict[str, str | None], set[str]]] = {}
         async with self.uow.transaction() as uow:
             for exp_id in sorted(batch):
                 units = batch[exp_id]
@@ -131,7 +139,7 @@ class AssignmentWriter:
                 stored: dict[str, str | None] = dict(await uow.assignments.stored(exp_id, others))
                 for u in inserted:
                     stored[u] = units[u][0]
-                out[exp_id] = stored
+                out[exp_id] = (stored, inserted)
         return out
 
 

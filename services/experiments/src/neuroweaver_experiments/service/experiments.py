@@ -36,6 +36,7 @@ from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, Experi
 from .assignments import Assigner, Snapshot
 from .endpoints import LiveEndpoints
 from .ingest import EventBatch, Ingestor, IngestResult
+from .local_eval import LocalEvaluation
 from .ports import ExperimentRepository, UnitOfWorkFactory, VariantEndpoints, VersionAliases
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class ExperimentsService:
         self.ingestor = Ingestor(uow, self.assigner)
         # Variants' endpoints as the deployer reports them now (they move when it restarts), not as stored at start.
         self.endpoints = LiveEndpoints(deployer, self.assigner.invalidate)
+        # Local evaluation by SDKs: config watches and their exposure/event batches.
+        self.local = LocalEvaluation(uow, self.assigner, self.ingestor, self.endpoints)
 
     async def close(self) -> None:
         await self.endpoints.close()
@@ -165,6 +168,7 @@ class ExperimentsService:
             await uow.experiments.save(new)
             result = await self._reread(uow.experiments, old.name)
         self.assigner.invalidate(old.name)
+        self.local.changed()
         return result
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -193,6 +197,7 @@ class ExperimentsService:
             await uow.experiments.save(exp)
             result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
+        self.local.changed()
         return result
 
     async def stop(self, name: str, reason: str) -> Experiment:
@@ -207,6 +212,7 @@ class ExperimentsService:
             await uow.experiments.save(exp)
             result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
+        self.local.changed()
         return result
 
     async def conclude(self, name: str, winner: str, promote: bool, alias: str, expected_version: str, reason: str) -> Experiment:
@@ -258,6 +264,7 @@ class ExperimentsService:
             await uow.experiments.save(exp)
             result = await self._reread(uow.experiments, name)
         self.assigner.invalidate(name)
+        self.local.changed()
         return result
 
     # -- assignment ------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ class ExperimentRepository(Protocol):
         writer holding `lock` orders strictly before or after."""
 
     async def revision(self, key: int) -> int | None: ...
+    async def project_version(self, project: str) -> int:
+        """The sum of the revisions of the project's experiments: grows with every write to any of them (experiments
+        are never deleted), so a watch sees any change, through any replica, as a new version."""
+
+    async def running(self, project: str) -> list[Experiment]:
+        """The project's RUNNING experiments, by name."""
+
     async def add(self, experiment: Experiment, project: str) -> None:
         """Raises the unit of work's duplicate error when the name exists (see `UnitOfWork.duplicate`)."""
 

@@ -1,0 +1,265 @@
+"""Local evaluation: the assignment configs SDKs evaluate in-process, and the batches of exposures and metric events
+they send back.
+
+`watch` yields a snapshot of the project's RUNNING experiments, then each change. The project's config version is
+the sum of its experiments' revisions (`ExperimentRepository.project_version`): every write through any replica bumps
+it, so polling it (one indexed aggregate every `poll` seconds, sooner after a local write) notices other replicas'
+changes too. Endpoints are the deployer's current ones when a config is sent.
+
+`ingest` stores one batch: exposures first, validated against the phase they name (experiment RUNNING, the phase
+exists, the unit's bucket is inside that phase's coverage and the phase assigns it `variant`), through the same
+group-commit writer as AssignVariant (`INSERT ... ON CONFLICT DO NOTHING`, first exposures counted per epoch, bucket
+class and variant, so the sample-ratio test stays right); a unit already stored with another variant is a conflict
+and its stored variant is returned. Then the metric events, through the metric ingest use case (idempotency keys),
+one transaction per experiment. The caller acknowledges the batch only after both committed, so a batch resent after a
+disconnect changes nothing that was stored before: exposures are idempotent per unit, events per key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from neuroweaver_runtime.assignment import BucketClasses, PhasedPlan
+from neuroweaver_runtime.errors import FieldViolation, InvalidArgument
+from neuroweaver_runtime.names import PROJECT
+
+from ..domain.experiment import EXPERIMENT, UNRECORDED_CLASS, Experiment, require_running
+from .assignments import Assigner, Snapshot
+from .endpoints import LiveEndpoints
+from .ingest import MAX_BATCH, EventBatch, Ingestor
+from .ports import UnitOfWorkFactory
+
+MAX_EXPOSURES = 10_000
+MAX_VIOLATIONS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureIn:
+    experiment: str
+    unit_id: str
+    variant: str
+    epoch: int
+    time: datetime | None = None  # not stored: the first exposure's time is when it is stored
+
+
+@dataclass
+class ConfigChange:
+    version: int
+    snapshot: bool
+    configs: list[Experiment]
+    removed: list[str]
+
+
+@dataclass
+class IngestOutcome:
+    exposures_accepted: int = 0
+    exposures_duplicate: int = 0
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (experiment, unit, stored variant)
+    events_accepted: int = 0
+    events_duplicate: int = 0
+
+
+class _Plans:
+    """Per experiment revision: the phased plan and each epoch's bucket → class table (built on first use)."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.revision = exp.revision
+        phases = exp.weights_history or [exp.weights]
+        self.plan = PhasedPlan(exp.hash_seed, phases, exp.coverage)
+        self._classes = BucketClasses(phases, exp.coverage)
+        self._tables: dict[int, list[int | None]] = {}
+
+    def klass(self, epoch: int, bucket: int) -> int:
+        table = self._tables.get(epoch)
+        if table is None:
+            table = self._tables[epoch] = self._classes.table(epoch)
+        key = table[bucket]
+        return UNRECORDED_CLASS if key is None else key
+
+
+class LocalEvaluation:
+    def __init__(
+        self, uow: UnitOfWorkFactory, assigner: Assigner, ingestor: Ingestor, endpoints: LiveEndpoints, *, poll: float = 0.25
+    ) -> None:
+        self.uow = uow
+        self.assigner = assigner
+        self.ingestor = ingestor
+        self.endpoints = endpoints
+        self.poll = poll
+        self._plans: dict[int, _Plans] = {}
+        self._changed = asyncio.Event()  # set by local writes: watches look at once instead of at the next poll
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- watch -----------------------------------------------------------------------------------------------
+
+    async def watch(self, parent: str, since_version: int) -> AsyncIterator[ConfigChange]:
+        project = PROJECT.parse(parent, "parent")["project"]
+        if since_version < 0:
+            raise InvalidArgument("since_version must be >= 0", field="since_version", reason="INVALID_VERSION")
+        sent: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}  # name → (revision, endpoints) last sent
+        version = since_version
+        first = True
+        while True:
+            changed = self._changed
+            async with self.uow.transaction() as uow:
+                current = await uow.experiments.project_version(project)
+                running = await uow.experiments.running(project) if current != version or first else None
+            if running is not None:
+                for exp in running:
+                    await self.endpoints.apply(exp)
+                now = {e.name: (e.revision, tuple((v.endpoint, v.openai_base_url) for v in e.variants)) for e in running}
+                if first and (since_version == 0 or current != since_version):
+                    yield ConfigChange(current, True, running, [])
+                elif not first:
+                    configs = [e for e in running if sent.get(e.name) != now[e.name]]
+                    removed = sorted(set(sent) - set(now))
+                    if configs or removed:
+                        yield ConfigChange(current, False, configs, removed)
+                sent, version, first = now, current, False
+            try:
+                await asyncio.wait_for(changed.wait(), self.poll)
+            except TimeoutError:
+                pass
+
+    # -- ingest ----------------------------------------------------------------------------------------------
+
+    def _plans_for(self, snap: Snapshot) -> _Plans:
+        plans = self._plans.get(snap.id)
+        if plans is None or plans.revision != snap.experiment.revision:
+            plans = self._plans[snap.id] = _Plans(snap.experiment)
+        return plans
+
+    async def ingest(self, exposures: list[ExposureIn], events: EventBatch) -> IngestOutcome:
+        if len(exposures) > MAX_EXPOSURES:
+            raise InvalidArgument(
+                f"at most {MAX_EXPOSURES} exposures per batch, got {len(exposures)}", field="exposures", reason="BATCH_TOO_LARGE"
+            )
+        if len(events) > MAX_BATCH:
+            raise InvalidArgument(
+                f"at most {MAX_BATCH} events per batch, got {len(events)}", field="events", reason="BATCH_TOO_LARGE"
+            )
+        out = IngestOutcome()
+        bad: list[FieldViolation] = []
+        reasons: list[str] = []
+
+        def violation(i: int, name: str, description: str, reason: str) -> None:
+            if len(bad) < MAX_VIOLATIONS:
+                bad.append(FieldViolation(f"exposures[{i}].{name}", description))
+                reasons.append(reason)
+
+        by_experiment: dict[str, list[int]] = {}
+        for i, x in enumerate(exposures):
+            EXPERIMENT.parse(x.experiment, f"exposures[{i}].experiment")
+            by_experiment.setdefault(x.experiment, []).append(i)
+        rows: dict[str, tuple[Snapshot, list[tuple[int, str, str, int, int, int]]]] = {}
+        for name, indices in by_experiment.items():
+            snap = await self.assigner.snapshot(name, f"exposures[{indices[0]}].experiment")
+            if max(exposures[i].epoch for i in indices) > snap.experiment.epoch:  # the SDK saw a newer phase first
+                self.assigner.invalidate(name)
+                snap = await self.assigner.snapshot(name, f"exposures[{indices[0]}].experiment")
+            require_running(snap.experiment, "exposures are accepted")
+            plans = self._plans_for(snap)
+            ids = snap.experiment.variant_ids
+            seen: set[str] = set()
+            items = []
+            for i in indices:
+                x = exposures[i]
+                if not x.unit_id or len(x.unit_id) > 256:
+                    violation(i, "unit_id", "unit_id must be 1-256 characters", "INVALID_UNIT_ID")
+                    continue
+                if not 0 <= x.epoch <= snap.experiment.epoch:
+                    violation(i, "epoch", f"{name} has phases 0..{snap.experiment.epoch}, not {x.epoch}", "UNKNOWN_EPOCH")
+                    continue
+                if x.variant not in ids:
+                    violation(i, "variant", f"{x.variant!r} is not a variant of {name} (variants: {ids})", "UNKNOWN_VARIANT")
+                    continue
+                bucket = plans.plan.bucket(x.unit_id)
+                expected = plans.plan.variant_in(x.epoch, bucket)
+                if expected is None:
+                    violation(
+                        i,
+                        "unit_id",
+                        f"unit {x.unit_id!r} is outside the coverage of phase {x.epoch}: no exposure",
+                        "NOT_IN_COVERAGE",
+                    )
+                    continue
+                if ids[expected] != x.variant:
+                    violation(
+                        i,
+                        "variant",
+                        f"phase {x.epoch} assigns unit {x.unit_id!r} {ids[expected]!r}, not {x.variant!r}",
+                        "VARIANT_MISMATCH",
+                    )
+                    continue
+                if x.unit_id in seen:  # repeated in this batch
+                    out.exposures_duplicate += 1
+                    continue
+                seen.add(x.unit_id)
+                items.append((i, x.unit_id, x.variant, bucket, x.epoch, plans.klass(x.epoch, bucket)))
+            rows[name] = (snap, items)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise InvalidArgument(
+                f"batch rejected, nothing was recorded: {bad[0].field}: {bad[0].description}{more}",
+                reason=reasons[0],
+                violations=bad,
+            )
+
+        for name, (snap, items) in rows.items():
+            known = self.assigner.cache.known(snap.id)
+            todo = []
+            for item in items:
+                stored = known.get(item[1])
+                if stored is None:
+                    todo.append(item)
+                elif stored == item[2]:
+                    out.exposures_duplicate += 1
+                else:
+                    out.conflicts.append((name, item[1], stored))
+            if not todo:
+                continue
+            results = await self.assigner.writer.resolve_new(snap.id, [(u, v, b, e, k) for _, u, v, b, e, k in todo])
+            for (_, unit, variant, *_), (stored, inserted) in zip(todo, results, strict=True):
+                if inserted:
+                    out.exposures_accepted += 1
+                    snap.outside.discard(unit)  # AssignVariant's memo of "outside the coverage, nothing stored"
+                    snap.replies.pop(unit, None)
+                elif stored == variant:
+                    out.exposures_duplicate += 1
+                else:
+                    out.conflicts.append((name, unit, stored or ""))
+
+        if len(events):
+            groups: dict[str, list[int]] = {}
+            for i, e_exp in enumerate(events.experiments):
+                if not e_exp:
+                    raise InvalidArgument(
+                        "every event names its experiment in IngestEvents",
+                        field=f"events[{i}].experiment",
+                        reason="MISSING_EXPERIMENT",
+                    )
+                groups.setdefault(e_exp, []).append(i)
+            for name, indices in groups.items():
+                part = events if len(groups) == 1 else _select(events, indices)
+                result = await self.ingestor.record(name, part)
+                out.events_accepted += result.accepted
+                out.events_duplicate += result.duplicates
+        return out
+
+
+def _select(events: EventBatch, indices: list[int]) -> EventBatch:
+    return EventBatch(
+        [events.experiments[i] for i in indices],
+        [events.unit_ids[i] for i in indices],
+        [events.metrics[i] for i in indices],
+        [events.values[i] for i in indices],
+        [events.times[i] for i in indices],
+        [events.keys[i] for i in indices],
+        [events.covariates[i] for i in indices],
+    )
