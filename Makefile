@@ -5,10 +5,13 @@ PIP ?= .venv/bin/pip
 PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 # mypy in `make lint` checks every lib and service (settings in pyproject.toml).
 MYPY_SRC := $(wildcard libs/*/src services/*/src)
+# llama.cpp's converter scripts (convert_hf_to_gguf.py, convert_lora_to_gguf.py, gguf-py) for exports: not in the
+# llama-cpp-python wheel, so extracted from its sdist on PyPI, pinned to the installed version (neuroweaver_ml.export).
+LLAMA_CPP_TOOLS := .venv/share/neuroweaver/llama.cpp-0.3.36/.complete.json
 
 .PHONY: install proto proto-check lint format test test-fast up demo clean
 
-install: .venv/.installed node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
+install: .venv/.installed $(LLAMA_CPP_TOOLS) node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
 
 .venv/.installed: requirements.txt requirements-nodeps.txt $(PACKAGES)
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +20,9 @@ install: .venv/.installed node_modules/.installed clients/typescript/node_module
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	$(PIP) install -q --no-deps $(foreach p,$(PACKAGES),-e $(dir $(p)))
 	touch $@
+
+$(LLAMA_CPP_TOOLS): | .venv/.installed
+	$(PY) -m neuroweaver_ml.export fetch-tools
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error

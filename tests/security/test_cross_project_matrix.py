@@ -157,6 +157,15 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("registry", "SetModelVersionState"): lambda: rs.SetModelVersionStateRequest(
             name=r.version, state=rpb.ModelVersion.STATE_VALIDATED
         ),
+        ("registry", "AddModelVersionArtifact"): lambda: rs.AddModelVersionArtifactRequest(
+            name=r.version,
+            artifact=rpb.Artifact(
+                uri="file:///srv/artifacts/exports/model-f16.gguf",
+                sha256="cd" * 32,
+                format=rpb.ARTIFACT_FORMAT_GGUF,
+                quantization="f16",
+            ),
+        ),
         ("registry", "AppendModelVersionMetrics"): lambda: rs.AppendModelVersionMetricsRequest(
             name=r.version, metrics=[rpb.Metric(name="accuracy", value=0.5)]
         ),

@@ -174,6 +174,7 @@ class SqlVersionRepository(_Repository):
                 create_time=mv.create_time,
                 update_time=mv.update_time,
                 revision=1,
+                artifacts=[],
             )
         )
         mv.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
@@ -195,6 +196,9 @@ class SqlVersionRepository(_Repository):
                     for m in metrics
                 ],
             )
+
+    async def set_artifacts(self, version: ModelVersion) -> None:
+        await self.update(version, artifacts=[export_to_json(a) for a in version.artifacts], update_time=version.update_time)
 
     async def update(self, version: ModelVersion, **values: Any) -> None:
         values = {k: v.value if isinstance(v, VersionState) else v for k, v in values.items()}
@@ -412,8 +416,25 @@ def version_from_row(model_name: str, r, metrics: list[Metric], aliases: list[st
         create_time=aware(r.create_time),
         update_time=aware(r.update_time),
         revision=r.revision,
+        artifacts=[export_from_json(a) for a in (r.artifacts or [])],
         key=r.id,
     )
+
+
+def export_to_json(a: Artifact) -> dict[str, Any]:
+    return {
+        "uri": a.uri, "sha256": a.sha256, "size_bytes": a.size_bytes, "format": a.format.value,
+        "quantization": a.quantization, "produced_by": a.produced_by,
+        "create_time": a.create_time.isoformat() if a.create_time else None,
+    }  # fmt: skip
+
+
+def export_from_json(d: dict[str, Any]) -> Artifact:
+    created = d.get("create_time")
+    return Artifact(
+        d["uri"], d["sha256"], int(d["size_bytes"]), ArtifactFormat(d["format"]), d.get("quantization", ""),
+        d.get("produced_by", ""), aware(datetime.fromisoformat(created)) if created else None,
+    )  # fmt: skip
 
 
 def metric_from_row(r) -> Metric:

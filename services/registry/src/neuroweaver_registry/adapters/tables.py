@@ -64,6 +64,8 @@ versions = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
     Column("update_time", DateTime(timezone=True), nullable=False),
     Column("revision", Integer, nullable=False, default=1),
+    # exports (merged, GGUF, GGUF LoRA): [{uri, sha256, size_bytes, format, quantization, produced_by, create_time}] (0002)
+    Column("artifacts", JSON, nullable=False, default=list, server_default="[]"),
     UniqueConstraint("model_id", "sort_key", name="uq_version_precedence"),
     Index("ix_versions_model_create", "model_id", "create_time", "id"),
 )

@@ -18,7 +18,10 @@ _VERSION_STATE = {
     d.VersionState.DEPRECATED: pb.ModelVersion.STATE_DEPRECATED,
 }
 VERSION_STATE_FROM_PB = {v: k for k, v in _VERSION_STATE.items()}
-_FORMAT = {d.ArtifactFormat.LORA_ADAPTER: pb.ARTIFACT_FORMAT_LORA_ADAPTER, d.ArtifactFormat.MERGED: pb.ARTIFACT_FORMAT_MERGED}
+_FORMAT = {
+    d.ArtifactFormat.LORA_ADAPTER: pb.ARTIFACT_FORMAT_LORA_ADAPTER, d.ArtifactFormat.MERGED: pb.ARTIFACT_FORMAT_MERGED,
+    d.ArtifactFormat.GGUF: pb.ARTIFACT_FORMAT_GGUF, d.ArtifactFormat.GGUF_LORA: pb.ARTIFACT_FORMAT_GGUF_LORA,
+}  # fmt: skip
 _FORMAT_FROM_PB = {v: k for k, v in _FORMAT.items()}
 _DIRECTION = {
     d.Direction.UNSPECIFIED: cpb.METRIC_DIRECTION_UNSPECIFIED,
@@ -73,6 +76,19 @@ def metric_from_pb(m: pb.Metric) -> d.Metric:
     return d.Metric(m.name, m.value, _DIRECTION_FROM_PB.get(m.direction, d.Direction.UNSPECIFIED), m.source)
 
 
+def export_to_pb(a: d.Artifact) -> pb.Artifact:
+    return pb.Artifact(
+        uri=a.uri, sha256=a.sha256, size_bytes=a.size_bytes, format=_FORMAT[a.format], quantization=a.quantization,
+        produced_by=a.produced_by, create_time=to_timestamp(a.create_time),
+    )  # fmt: skip
+
+
+def export_from_pb(a: pb.Artifact) -> d.Artifact:
+    """An unspecified format reads as LORA_ADAPTER, which the use case refuses for an export (a field violation)."""
+    fmt = _FORMAT_FROM_PB.get(a.format, d.ArtifactFormat.LORA_ADAPTER)
+    return d.Artifact(a.uri, a.sha256, a.size_bytes, fmt, a.quantization, a.produced_by)
+
+
 def version_to_pb(v: d.ModelVersion) -> pb.ModelVersion:
     lin = v.lineage
     return pb.ModelVersion(
@@ -102,6 +118,7 @@ def version_to_pb(v: d.ModelVersion) -> pb.ModelVersion:
         create_time=to_timestamp(v.create_time),
         update_time=to_timestamp(v.update_time),
         etag=etag_for(v.name, v.revision),
+        artifacts=[export_to_pb(a) for a in v.artifacts],
     )
 
 

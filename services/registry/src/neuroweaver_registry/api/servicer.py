@@ -24,6 +24,7 @@ METHOD_ROLES = {
     "ArchiveModel": OP, "RestoreModel": OP,
     "CreateModelVersion": OP, "GetModelVersion": V, "ListModelVersions": V, "UpdateModelVersion": OP,
     "SetModelVersionState": OP, "AppendModelVersionMetrics": OP, "CompareModelVersions": V,
+    "AddModelVersionArtifact": OP,
     "SetModelAlias": OP, "GetModelAlias": V, "ListModelAliases": V, "DeleteModelAlias": OP,
     "RollbackModelAlias": OP, "ListModelAliasHistory": V,
     "ListModelEvents": V, "WatchModelEvents": V,
@@ -134,6 +135,10 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
         if state is None:
             raise InvalidArgument("state must be REGISTERED, VALIDATED or DEPRECATED", field="state", reason="INVALID_STATE")
         return convert.version_to_pb(await self.versions.set_state(request.name, state, request.reason, request.etag))
+
+    async def AddModelVersionArtifact(self, request, context):
+        _enum_value(request.artifact.format, pb.ArtifactFormat, "artifact.format")
+        return convert.version_to_pb(await self.versions.add_artifact(request.name, convert.export_from_pb(request.artifact)))
 
     async def AppendModelVersionMetrics(self, request, context):
         _check_metric_directions(request.metrics, "metrics")

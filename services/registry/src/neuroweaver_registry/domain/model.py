@@ -44,6 +44,12 @@ class VersionState(enum.Enum):
 class ArtifactFormat(enum.Enum):
     LORA_ADAPTER = "LORA_ADAPTER"
     MERGED = "MERGED"
+    GGUF = "GGUF"
+    GGUF_LORA = "GGUF_LORA"
+
+
+EXPORT_FORMATS = frozenset({ArtifactFormat.MERGED, ArtifactFormat.GGUF, ArtifactFormat.GGUF_LORA})
+QUANTIZATION = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
 class Direction(enum.Enum):
@@ -88,6 +94,10 @@ class Artifact:
     sha256: str = ""
     size_bytes: int = 0
     format: ArtifactFormat = ArtifactFormat.LORA_ADAPTER
+    # exports only (ModelVersion.artifacts): weights type, what made it, when it was added
+    quantization: str = ""
+    produced_by: str = ""
+    create_time: datetime | None = None
 
 
 @dataclass
@@ -128,6 +138,8 @@ class ModelVersion:
     create_time: datetime | None = None
     update_time: datetime | None = None
     revision: int = 1
+    # exports of `artifact` (merged, GGUF, GGUF LoRA), one per (format, quantization), oldest first
+    artifacts: list[Artifact] = field(default_factory=list)
     # Storage identity, set by the repository that loaded or stored it; opaque here and never part of equality.
     key: int | None = field(default=None, compare=False, repr=False)
 
@@ -239,6 +251,11 @@ def validate_new_version(mv: ModelVersion, v: Violations, prefix: str = "model_v
         v.add(f"{prefix}.artifact.sha256", "required: 64 lowercase hex characters")
     if art.size_bytes < 0:
         v.add(f"{prefix}.artifact.size_bytes", "must not be negative")
+    if art.format not in (ArtifactFormat.LORA_ADAPTER, ArtifactFormat.MERGED):
+        v.add(
+            f"{prefix}.artifact.format",
+            "a version's own artifact is LORA_ADAPTER or MERGED; add GGUF exports with AddModelVersionArtifact",
+        )
     lin = mv.lineage
     for attr in ("base_model", "training_job", "dataset_uri", "eval_dataset_uri", "parent_version", "judge_version"):
         check_length(getattr(lin, attr), 2048, f"{prefix}.lineage.{attr}", v)
@@ -255,6 +272,36 @@ def validate_new_version(mv: ModelVersion, v: Violations, prefix: str = "model_v
     validate_metrics(mv.metrics, v, f"{prefix}.metrics")
     check_labels(mv.labels, f"{prefix}.labels", v)
     check_length(mv.notes, MAX_TEXT, f"{prefix}.notes", v)
+
+
+def validate_export_artifact(art: Artifact, v: Violations, prefix: str = "artifact") -> None:
+    """An export added to a version: where, digest, size, an export format and a quantization name."""
+    if not art.uri:
+        v.add(f"{prefix}.uri", "required: where the export is stored")
+    check_length(art.uri, 2048, f"{prefix}.uri", v)
+    if not SHA256.match(art.sha256 or ""):
+        v.add(f"{prefix}.sha256", "required: 64 lowercase hex characters")
+    if art.size_bytes < 0:
+        v.add(f"{prefix}.size_bytes", "must not be negative")
+    if art.format not in EXPORT_FORMATS:
+        v.add(f"{prefix}.format", "an export is MERGED, GGUF or GGUF_LORA (the trained adapter is the version's artifact)")
+    if not QUANTIZATION.match(art.quantization or ""):
+        v.add(f"{prefix}.quantization", "required: 1-32 of [a-z0-9_], for example f16, q8_0, q4_k_m")
+    check_length(art.produced_by, 512, f"{prefix}.produced_by", v)
+
+
+def add_export(version: ModelVersion, art: Artifact) -> bool:
+    """Add an export to the version; False when the same export is already there (a retry). Artifacts are immutable:
+    the same (format, quantization) with other bytes → ``ValueError``."""
+    for existing in version.artifacts:
+        if (existing.format, existing.quantization) == (art.format, art.quantization):
+            if (existing.uri, existing.sha256) == (art.uri, art.sha256):
+                return False
+            raise ValueError(
+                f"{version.name} already has a {art.format.value} {art.quantization} artifact with sha256 {existing.sha256}"
+            )
+    version.artifacts.append(art)
+    return True
 
 
 def validate_metrics(metrics: list[Metric], v: Violations, path: str) -> None:

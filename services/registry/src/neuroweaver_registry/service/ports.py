@@ -58,6 +58,9 @@ class VersionRepository(Protocol):
         """Raises the unit of work's duplicate error when (model, sort_key) exists (see `UnitOfWork.duplicate`)."""
 
     async def add_metrics(self, version: ModelVersion, metrics: Sequence[Metric]) -> None: ...
+    async def set_artifacts(self, version: ModelVersion) -> None:
+        """Stores `version.artifacts` (the exports) and `version.update_time`, bumps the revision."""
+
     async def update(self, version: ModelVersion, **values: Any) -> None:
         """Sets the named fields, bumps the revision."""
 

@@ -21,11 +21,14 @@ from ..domain.compare import Comparison, compare_versions, validate_tolerances
 from ..domain.model import (
     MODEL,
     VERSION,
+    Artifact,
     Metric,
     Model,
     ModelVersion,
     VersionState,
+    add_export,
     check_labels,
+    validate_export_artifact,
     validate_metrics,
     validate_new_version,
 )
@@ -236,6 +239,34 @@ class VersionUseCases(UseCases):
             await uow.versions.update(version, update_time=now)
             metric_names = ",".join(m.name for m in metrics[:20])
             await event(uow, model.project, "VERSION_METRICS_APPENDED", version.name, model.name, metrics=metric_names)
+            return await self._reread(uow, model, version)
+
+    async def add_artifact(self, name: str, artifact: Artifact) -> ModelVersion:
+        """Add an export to a version (idempotent for the same bytes; other bytes for the same kind → ALREADY_EXISTS)."""
+        v = Violations()
+        validate_export_artifact(artifact, v, "artifact")
+        v.raise_if_any()
+        async with self.uow.transaction() as uow:
+            model, version = await resolve(uow, name, lock=True)
+            require_active(model)
+            now = utcnow()
+            artifact.create_time = now
+            try:
+                added = add_export(version, artifact)
+            except ValueError as exc:
+                raise AlreadyExists(
+                    f"{exc}; artifacts are immutable: delete nothing, export under another quantization",
+                    reason="ARTIFACT_ALREADY_EXISTS",
+                    metadata={"format": artifact.format.value, "quantization": artifact.quantization},
+                ) from None
+            if not added:
+                return version
+            version.update_time = now
+            await uow.versions.set_artifacts(version)
+            await event(
+                uow, model.project, "VERSION_ARTIFACT_ADDED", version.name, model.name, format=artifact.format.value,
+                quantization=artifact.quantization, sha256=artifact.sha256, uri=artifact.uri,
+            )  # fmt: skip
             return await self._reread(uow, model, version)
 
     async def compare(

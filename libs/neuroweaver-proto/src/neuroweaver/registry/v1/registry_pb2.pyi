@@ -31,7 +31,11 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     ARTIFACT_FORMAT_LORA_ADAPTER: _ArtifactFormat.ValueType  # 1
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied on the base model."""
     ARTIFACT_FORMAT_MERGED: _ArtifactFormat.ValueType  # 2
-    """A full, merged transformers checkpoint."""
+    """A full, merged transformers checkpoint (a directory: safetensors, tokenizer, model card)."""
+    ARTIFACT_FORMAT_GGUF: _ArtifactFormat.ValueType  # 3
+    """One GGUF file of the whole model (the adapter merged into its base), loadable by llama.cpp."""
+    ARTIFACT_FORMAT_GGUF_LORA: _ArtifactFormat.ValueType  # 4
+    """One GGUF file of the LoRA adapter alone (llama.cpp's convert_lora_to_gguf), applied on a GGUF of the version's base."""
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper):
     """Format of a version's weights artifact."""
@@ -40,7 +44,11 @@ ARTIFACT_FORMAT_UNSPECIFIED: ArtifactFormat.ValueType  # 0
 ARTIFACT_FORMAT_LORA_ADAPTER: ArtifactFormat.ValueType  # 1
 """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied on the base model."""
 ARTIFACT_FORMAT_MERGED: ArtifactFormat.ValueType  # 2
-"""A full, merged transformers checkpoint."""
+"""A full, merged transformers checkpoint (a directory: safetensors, tokenizer, model card)."""
+ARTIFACT_FORMAT_GGUF: ArtifactFormat.ValueType  # 3
+"""One GGUF file of the whole model (the adapter merged into its base), loadable by llama.cpp."""
+ARTIFACT_FORMAT_GGUF_LORA: ArtifactFormat.ValueType  # 4
+"""One GGUF file of the LoRA adapter alone (llama.cpp's convert_lora_to_gguf), applied on a GGUF of the version's base."""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _JudgeKind:
@@ -233,6 +241,9 @@ class Artifact(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    PRODUCED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """Artifact-store URI, for example `file:///var/lib/neuroweaver/artifacts/jobs/abc/adapter`."""
     sha256: _builtins.str
@@ -240,6 +251,16 @@ class Artifact(_message.Message):
     size_bytes: _builtins.int
     """Total size in bytes."""
     format: Global___ArtifactFormat.ValueType
+    quantization: _builtins.str
+    """Weights type of an export: `f16`, `q8_0`, `q4_k_m` (GGUF), `f16`/`bf16`/`f32` (merged); empty for the trained artifact."""
+    produced_by: _builtins.str
+    """What produced an export: the export job and the tool, for example
+    `projects/default/trainingJobs/exp-1 (llama.cpp convert_hf_to_gguf, llama-cpp-python 0.3.36)`.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When an export was added to the version."""
+
     def __init__(
         self,
         *,
@@ -247,10 +268,13 @@ class Artifact(_message.Message):
         sha256: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         format: Global___ArtifactFormat.ValueType = ...,
+        quantization: _builtins.str = ...,
+        produced_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "sha256", b"sha256", "size_bytes", b"size_bytes", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "format", b"format", "produced_by", b"produced_by", "quantization", b"quantization", "sha256", b"sha256", "size_bytes", b"size_bytes", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,6 +462,7 @@ class ModelVersion(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     """The semver string, the last segment of `name`."""
@@ -462,6 +487,12 @@ class ModelVersion(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
+        """Exports of `artifact` (merged weights, GGUF, GGUF LoRA), at most one per (format, quantization), oldest first.
+        Added with AddModelVersionArtifact (the trainer's EXPORT jobs do).
+        """
+
     def __init__(
         self,
         *,
@@ -478,10 +509,11 @@ class ModelVersion(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "create_time", b"create_time", "lineage", b"lineage", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact", b"artifact", "create_time", b"create_time", "creator", b"creator", "etag", b"etag", "labels", b"labels", "lineage", b"lineage", "metrics", b"metrics", "name", b"name", "notes", b"notes", "state", b"state", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact", b"artifact", "artifacts", b"artifacts", "create_time", b"create_time", "creator", b"creator", "etag", b"etag", "labels", b"labels", "lineage", b"lineage", "metrics", b"metrics", "name", b"name", "notes", b"notes", "state", b"state", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -618,6 +650,7 @@ class ModelEvent(_message.Message):
         TYPE_JUDGE_CREATED: ModelEvent._Type.ValueType  # 12
         TYPE_JUDGE_VERSION_CREATED: ModelEvent._Type.ValueType  # 13
         TYPE_MODEL_RESTORED: ModelEvent._Type.ValueType  # 14
+        TYPE_VERSION_ARTIFACT_ADDED: ModelEvent._Type.ValueType  # 15
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper):
         """What happened."""
@@ -637,6 +670,7 @@ class ModelEvent(_message.Message):
     TYPE_JUDGE_CREATED: ModelEvent.Type.ValueType  # 12
     TYPE_JUDGE_VERSION_CREATED: ModelEvent.Type.ValueType  # 13
     TYPE_MODEL_RESTORED: ModelEvent.Type.ValueType  # 14
+    TYPE_VERSION_ARTIFACT_ADDED: ModelEvent.Type.ValueType  # 15
 
     @_typing.final
     class DetailsEntry(_message.Message):

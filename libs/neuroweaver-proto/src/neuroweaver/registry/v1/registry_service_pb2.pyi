@@ -490,6 +490,35 @@ class AppendModelVersionMetricsRequest(_message.Message):
 Global___AppendModelVersionMetricsRequest: _TypeAlias = AppendModelVersionMetricsRequest  # noqa: Y015
 
 @_typing.final
+class AddModelVersionArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The version (semver or alias)."""
+    @_builtins.property
+    def artifact(self) -> _registry_pb2.Artifact:
+        """uri, sha256, size_bytes, format (not LORA_ADAPTER), quantization, produced_by. Adding the same
+        (format, quantization) again with the same uri and sha256 returns the version unchanged (a retry);
+        with other bytes it is ALREADY_EXISTS (ARTIFACT_ALREADY_EXISTS): artifacts are immutable.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        artifact: _registry_pb2.Artifact | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddModelVersionArtifactRequest: _TypeAlias = AddModelVersionArtifactRequest  # noqa: Y015
+
+@_typing.final
 class CompareModelVersionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

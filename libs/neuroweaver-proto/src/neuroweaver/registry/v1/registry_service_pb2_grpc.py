@@ -107,6 +107,11 @@ class RegistryServiceStub:
                 request_serializer=neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AppendModelVersionMetricsRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.AddModelVersionArtifact = channel.unary_unary(
+                '/neuroweaver.registry.v1.RegistryService/AddModelVersionArtifact',
+                request_serializer=neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AddModelVersionArtifactRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+                _registered_method=True)
         self.CompareModelVersions = channel.unary_unary(
                 '/neuroweaver.registry.v1.RegistryService/CompareModelVersions',
                 request_serializer=neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.CompareModelVersionsRequest.SerializeToString,
@@ -279,6 +284,13 @@ class RegistryServiceServicer:
 
     def AppendModelVersionMetrics(self, request, context):
         """Appends evaluation metrics to a version (earlier values are kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddModelVersionArtifact(self, request, context):
+        """Adds an export (merged weights, GGUF, GGUF LoRA) to a version's `artifacts`; one per (format, quantization).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -457,6 +469,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'AppendModelVersionMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendModelVersionMetrics,
                     request_deserializer=neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AppendModelVersionMetricsRequest.FromString,
+                    response_serializer=neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
+            ),
+            'AddModelVersionArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModelVersionArtifact,
+                    request_deserializer=neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AddModelVersionArtifactRequest.FromString,
                     response_serializer=neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'CompareModelVersions': grpc.unary_unary_rpc_method_handler(
@@ -891,6 +908,33 @@ class RegistryService:
             target,
             '/neuroweaver.registry.v1.RegistryService/AppendModelVersionMetrics',
             neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AppendModelVersionMetricsRequest.SerializeToString,
+            neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModelVersionArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.registry.v1.RegistryService/AddModelVersionArtifact',
+            neuroweaver_dot_registry_dot_v1_dot_registry__service__pb2.AddModelVersionArtifactRequest.SerializeToString,
             neuroweaver_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,

@@ -67,6 +67,8 @@ class RegistryServiceStub:
     """Moves a version between REGISTERED, VALIDATED and DEPRECATED."""
     AppendModelVersionMetrics: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.AppendModelVersionMetricsRequest, _registry_pb2.ModelVersion]
     """Appends evaluation metrics to a version (earlier values are kept)."""
+    AddModelVersionArtifact: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.AddModelVersionArtifactRequest, _registry_pb2.ModelVersion]
+    """Adds an export (merged weights, GGUF, GGUF LoRA) to a version's `artifacts`; one per (format, quantization)."""
     CompareModelVersions: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.CompareModelVersionsRequest, _registry_service_pb2.CompareModelVersionsResponse]
     """Compares two versions: metric deltas, hyperparameter and lineage diff, semver relation,
     base-model compatibility and a recommendation with its reason.
@@ -139,6 +141,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Moves a version between REGISTERED, VALIDATED and DEPRECATED."""
     AppendModelVersionMetrics: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.AppendModelVersionMetricsRequest, _registry_pb2.ModelVersion]  # type: ignore[assignment]
     """Appends evaluation metrics to a version (earlier values are kept)."""
+    AddModelVersionArtifact: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.AddModelVersionArtifactRequest, _registry_pb2.ModelVersion]  # type: ignore[assignment]
+    """Adds an export (merged weights, GGUF, GGUF LoRA) to a version's `artifacts`; one per (format, quantization)."""
     CompareModelVersions: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.CompareModelVersionsRequest, _registry_service_pb2.CompareModelVersionsResponse]  # type: ignore[assignment]
     """Compares two versions: metric deltas, hyperparameter and lineage diff, semver relation,
     base-model compatibility and a recommendation with its reason.
@@ -286,6 +290,14 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ModelVersion, _abc.Awaitable[_registry_pb2.ModelVersion]]:
         """Appends evaluation metrics to a version (earlier values are kept)."""
+
+    @_abc_1.abstractmethod
+    def AddModelVersionArtifact(
+        self,
+        request: _registry_service_pb2.AddModelVersionArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ModelVersion, _abc.Awaitable[_registry_pb2.ModelVersion]]:
+        """Adds an export (merged weights, GGUF, GGUF LoRA) to a version's `artifacts`; one per (format, quantization)."""
 
     @_abc_1.abstractmethod
     def CompareModelVersions(
