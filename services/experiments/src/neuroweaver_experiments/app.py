@@ -14,9 +14,11 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 
 from .adapters.clients import DeployerClient, RegistryClient
+from .adapters.judges import RegistryJudges
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, ExperimentsServicer
 from .service.experiments import ExperimentsService
+from .service.judging import JudgingSettings
 
 SERVICE_NAME = "neuroweaver.experiments.v1.ExperimentsService"
 DEFAULT_PORT = 50054
@@ -28,9 +30,22 @@ MIGRATIONS = str(Path(__file__).parent / "migrations")
 class ExperimentsConfig(ServiceConfig):
     migrate: bool = field(default=True, metadata={"help": "run Alembic migrations to head at start"})
     deployer_target: str = field(default="127.0.0.1:50053", metadata={"help": "deployer gRPC address (variant endpoints)"})
-    registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address (promotion)"})
+    registry_target: str = field(
+        default="127.0.0.1:50051", metadata={"help": "registry gRPC address (promotion, judge versions)"}
+    )
     service_token: str = field(default="", metadata={"help": "bearer token for calls to the deployer and registry"})
     remote_deadline_seconds: float = field(default=10.0, metadata={"help": "deadline of calls to other services"})
+    judge_concurrency: int = field(
+        default=8,
+        metadata={"help": "judge calls in flight for recorded answers, all experiments together (0 = this replica judges none)"},
+    )
+    judge_attempts: int = field(default=3, metadata={"help": "tries of an answer whose judge is unreachable before it fails"})
+    judge_retry_seconds: float = field(
+        default=5.0, metadata={"help": "wait before an unreachable judge is tried again (doubling)"}
+    )
+    judge_lease_seconds: float = field(
+        default=300.0, metadata={"help": "how long a claimed answer stays with a replica that stopped answering"}
+    )
     snapshot_ttl_seconds: float = field(
         default=1.0,
         metadata={"help": "how stale a cached experiment may be before re-checking its revision (other replicas' writes)"},
@@ -44,8 +59,20 @@ def build(config: ExperimentsConfig) -> GrpcService:
     tls = ClientTLS.from_config(config)
     deployer = DeployerClient(config.deployer_target, config.service_token, config.remote_deadline_seconds, tls)
     registry = RegistryClient(config.registry_target, config.service_token, config.remote_deadline_seconds, tls)
+    judging = JudgingSettings(
+        concurrency=config.judge_concurrency,
+        lease_seconds=config.judge_lease_seconds,
+        attempts=max(1, config.judge_attempts),
+        retry_seconds=config.judge_retry_seconds,
+    )
     service = ExperimentsService(
-        SqlUnitOfWorkFactory(db), PageTokens(secret), deployer, registry, snapshot_ttl=config.snapshot_ttl_seconds
+        SqlUnitOfWorkFactory(db),
+        PageTokens(secret),
+        deployer,
+        registry,
+        snapshot_ttl=config.snapshot_ttl_seconds,
+        judges=RegistryJudges(registry),
+        judging_settings=judging,
     )
 
     grpc_service = database_service(
@@ -59,6 +86,7 @@ def build(config: ExperimentsConfig) -> GrpcService:
         migrate=config.migrate,
         default_port=DEFAULT_PORT,
         default_metrics_port=DEFAULT_METRICS_PORT,
+        on_ready=[service.judging.start] if service.judging is not None else [],
         on_stop=[service.close, deployer.close, registry.close],
     )
     grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests

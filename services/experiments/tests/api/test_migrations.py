@@ -1,7 +1,7 @@
 """Schema migrations on SQLite and PostgreSQL: head matches the tables the code uses; 0002 (idempotency keys
 moved from `event_keys` into a unique index on `metric_events`) keeps every stored key a duplicate, both ways;
 0003 turns variant_stats' (n, Σx, Σx²) into (n, mean, M2) and back; 0005 keys exposure_counts by bucket class too;
-0006 adds the CUPED covariate columns, NULL on existing rows, and drops them again."""
+0006 adds the CUPED covariate columns, NULL on existing rows, and drops them again; 0007 adds judged answers."""
 
 from __future__ import annotations
 
@@ -205,5 +205,44 @@ async def test_covariate_columns_arrive_null_and_go(empty_db):
                 columns = (await conn.execute(sa.text(f"SELECT * FROM {table}"))).keys()
                 assert not {c for c in columns if c.startswith("covariate") or c == "comoment"}, table
             assert tuple((await conn.execute(sa.text("SELECT n, mean, m2 FROM variant_stats"))).one()) == (2, 1.5, 0.5)
+    finally:
+        await engine.dispose()
+
+
+async def test_judged_answers_arrive_and_go(empty_db):
+    """0007: experiments.answer_judging and metric_events.judge_version arrive NULL on existing rows, judged_answers is
+    created with its unique (experiment, key); downgrade drops them and keeps the rows."""
+    await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS, "0006")
+    engine = create_async_engine(normalize_url(empty_db))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO metric_events (experiment_id, unit_id, metric, value, event_time, idempotency_key) "
+                    "VALUES (7, 'u', 'score', 1.0, :t, 'k1')"
+                ),
+                {"t": datetime(2026, 11, 1, tzinfo=UTC)},
+            )
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
+        now = datetime(2026, 12, 7, tzinfo=UTC)
+        row = dict(
+            experiment_id=7, idempotency_key="a1", unit_id="u", variant="control", prompt="p", answer="a", reference="",
+            judge_version="projects/p/judges/j/versions/1", metric="score", state="PENDING", score=None, error="",
+            attempts=0, lease_owner="", lease_expires_at=0.0, answer_time=now, update_time=now,
+        )  # fmt: skip
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT judge_version FROM metric_events"))).scalar() is None
+            await conn.execute(t.judged_answers.insert(), [row])
+        with pytest.raises(IntegrityError):  # one answer per (experiment, key)
+            async with engine.begin() as conn:
+                await conn.execute(t.judged_answers.insert(), [row])
+        await asyncio.to_thread(migrations.downgrade, empty_db, MIGRATIONS, "0006")
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            assert "judged_answers" not in tables
+            assert "judge_version" not in (await conn.execute(sa.text("SELECT * FROM metric_events"))).keys()
+            assert "answer_judging" not in (await conn.execute(sa.text("SELECT * FROM experiments"))).keys()
+            assert (await conn.execute(sa.text("SELECT count(*) FROM metric_events"))).scalar() == 1
+        await asyncio.to_thread(migrations.upgrade, empty_db, MIGRATIONS)
     finally:
         await engine.dispose()

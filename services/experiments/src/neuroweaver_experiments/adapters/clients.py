@@ -1,5 +1,5 @@
 """Other services, through their generated stubs: the deployer (variant endpoints, resolved and watched) and the
-registry (promotion).
+registry (promotion, judge versions).
 Both are runtime `ServiceClient`s (channel opened on first use; token, TLS and deadline from the service's settings).
 
 Remote failures become domain errors a caller can act on: an unreachable service is UNAVAILABLE
@@ -19,7 +19,7 @@ from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as deployer_grpc
 from neuroweaver.registry.v1 import registry_service_pb2 as registry_pb
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as registry_grpc
 from neuroweaver_runtime.client import ServiceClient
-from neuroweaver_runtime.errors import Aborted, FailedPrecondition, Unavailable
+from neuroweaver_runtime.errors import Aborted, FailedPrecondition, NotFound, Unavailable
 from neuroweaver_runtime.grpc_errors import error_info
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -72,6 +72,31 @@ class DeployerClient(ServiceClient):
 
 
 class RegistryClient(ServiceClient):
+    async def judge_version(self, name: str):
+        """GetJudgeVersion (`latest` answers the newest, under its concrete name). NOT_FOUND and refusals become
+        FAILED_PRECONDITION naming the judge version, an unreachable registry UNAVAILABLE."""
+        try:
+            return await self.stub(registry_grpc.RegistryServiceStub).GetJudgeVersion(
+                registry_pb.GetJudgeVersionRequest(name=name)
+            )
+        except grpc.aio.AioRpcError as err:
+            meta = {"judge_version": name, "remote_reason": _remote_reason(err)}
+            if err.code() in _UNREACHABLE:
+                raise Unavailable(
+                    f"registry at {self.target} is unreachable ({err.code().name}); cannot read judge version {name}",
+                    reason="REGISTRY_UNAVAILABLE",
+                    metadata={**meta, "registry_target": self.target},
+                ) from None
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(
+                    f"judge version {name} does not exist in the registry", reason="JUDGE_VERSION_NOT_FOUND", metadata=meta
+                ) from None
+            raise FailedPrecondition(
+                f"judge version {name} is not usable: the registry answered {err.code().name}: {err.details()}",
+                reason="JUDGE_VERSION_UNUSABLE",
+                metadata=meta,
+            ) from None
+
     async def set_alias(self, model: str, alias: str, version: str, expected_version: str, reason: str) -> None:
         stub = self.stub(registry_grpc.RegistryServiceStub)
         request = registry_pb.SetModelAliasRequest(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from neuroweaver_runtime.timestamps import aware
 
 from ..domain.cuped import PairDelta, PairedStats
 from ..domain.experiment import Experiment, ExperimentState, Variant
+from ..domain.judging import AnswerJudging
 from ..domain.statistics import (
     AnalysisMethod,
     Decision,
@@ -289,6 +290,7 @@ class SqlExperimentRepository(_Repository):
             auto_conclude=exp.auto_conclude,
             promote_alias=exp.promote_alias,
             labels=exp.labels,
+            answer_judging=asdict(exp.answer_judging) if exp.answer_judging is not None else None,
             state=exp.state.value,
             winner=exp.winner,
             conclusion=exp.conclusion,
@@ -373,6 +375,7 @@ def to_experiment(row) -> Experiment:
         auto_conclude=row.auto_conclude,
         promote_alias=row.promote_alias,
         labels=dict(row.labels or {}),
+        answer_judging=AnswerJudging(**row.answer_judging) if row.answer_judging else None,
         state=ExperimentState(row.state),
         winner=row.winner,
         conclusion=row.conclusion,

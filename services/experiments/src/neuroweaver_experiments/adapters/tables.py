@@ -62,6 +62,8 @@ experiments = Table(
     Column("start_time", DateTime(timezone=True), nullable=True),
     Column("end_time", DateTime(timezone=True), nullable=True),
     Column("revision", Integer, nullable=False, default=1),
+    # domain.judging.AnswerJudging as JSON; NULL = answers are not judged (migration 0007)
+    Column("answer_judging", JSON(none_as_null=True), nullable=True),
     Index("ix_experiments_project_name", "project", "name"),
 )
 
@@ -101,6 +103,8 @@ metric_events = Table(
     Column("event_time", DateTime(timezone=True), nullable=False),
     Column("idempotency_key", String(256), nullable=True),
     Column("covariate", Float, nullable=True),  # the event's pre-experiment covariate (CUPED), if it had one
+    # lineage of a judge score (RecordAnswers): the judge version that produced the value; NULL for callers' events
+    Column("judge_version", String(256), nullable=True),
     Index("uq_metric_events_key", "experiment_id", "idempotency_key", unique=True),
 )
 
@@ -169,6 +173,34 @@ horizon_decisions = Table(
     Column("progress", Float, nullable=False),
     Column("power", Float, nullable=True),  # NULL = NaN (SQLite has no NaN)
     Column("decide_time", DateTime(timezone=True), nullable=False),
+)
+
+# Live answers recorded for judging (RecordAnswers; service.judging), durable so that a restart resumes them. A row
+# per answer key: SKIPPED (outside the sample: counted, texts not kept), PENDING (waiting for the judge; claimed by a
+# replica through lease_owner/lease_expires_at), SCORED (score = the metric event `judge:<key>`) or FAILED (error).
+judged_answers = Table(
+    "judged_answers",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("experiment_id", Integer, nullable=False),
+    Column("idempotency_key", String(256), nullable=False),
+    Column("unit_id", String(256), nullable=False),
+    Column("variant", String(64), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("reference", Text, nullable=False),
+    Column("judge_version", String(256), nullable=False),
+    Column("metric", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("score", Float, nullable=True),
+    Column("error", Text, nullable=False, default=""),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64), nullable=False, default=""),
+    Column("lease_expires_at", Float, nullable=False, default=0.0),
+    Column("answer_time", DateTime(timezone=True), nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+    Index("uq_judged_answers_key", "experiment_id", "idempotency_key", unique=True),
+    Index("ix_judged_answers_state", "state", "experiment_id", "id"),
 )
 
 idempotency_keys = idempotency_table(metadata)

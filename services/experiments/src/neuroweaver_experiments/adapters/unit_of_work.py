@@ -11,6 +11,7 @@ from neuroweaver_runtime.db import Database
 from neuroweaver_runtime.unit_of_work import SqlUnitOfWorkBase
 
 from . import tables
+from .answers import SqlAnswerRepository
 from .repository import SqlAssignmentRepository, SqlExperimentRepository, SqlMetricRepository
 
 
@@ -20,6 +21,7 @@ class SqlUnitOfWork(SqlUnitOfWorkBase):
         self.experiments = SqlExperimentRepository(session, is_postgres)
         self.assignments = SqlAssignmentRepository(session, is_postgres)
         self.metrics = SqlMetricRepository(session, is_postgres)
+        self.answers = SqlAnswerRepository(session, is_postgres)
 
 
 class SqlUnitOfWorkFactory:

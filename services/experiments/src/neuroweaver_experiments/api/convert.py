@@ -23,6 +23,7 @@ from neuroweaver_runtime.timestamps import from_timestamp, to_timestamp
 from ..domain import statistics as st
 from ..domain.assignment import Assignment
 from ..domain.experiment import Experiment, ExperimentState, Variant
+from ..domain.judging import AnswerJudging, JudgingStatus, RecordedAnswer
 from ..service.ingest import EventBatch
 from ..service.local_eval import ExposureIn
 
@@ -123,6 +124,7 @@ def experiment_to_pb(e: Experiment) -> pb.Experiment:
         auto_conclude=e.auto_conclude,
         promote_alias=e.promote_alias,
         labels=e.labels,
+        answer_judging=judging_to_pb(e.answer_judging),
         state=_STATE[e.state],
         winner=e.winner,
         conclusion=e.conclusion,
@@ -153,7 +155,54 @@ def experiment_from_pb(e: pb.Experiment) -> Experiment:
         auto_conclude=e.auto_conclude,
         promote_alias=e.promote_alias,
         labels=dict(e.labels),
+        answer_judging=judging_from_pb(e.answer_judging) if e.HasField("answer_judging") else None,
     )
+
+
+# -- judge-scored answers --------------------------------------------------------------------------
+
+
+def judging_to_pb(j: AnswerJudging | None) -> pb.AnswerJudging | None:
+    if j is None:
+        return None
+    return pb.AnswerJudging(
+        judge_version=j.judge_version, metric=j.metric, sample_rate=j.sample_rate, max_concurrency=j.max_concurrency
+    )
+
+
+def judging_from_pb(j: pb.AnswerJudging) -> AnswerJudging:
+    return AnswerJudging(j.judge_version, j.metric, j.sample_rate, j.max_concurrency)
+
+
+def judging_status_to_pb(s: JudgingStatus) -> pb.JudgingStatus:
+    return pb.JudgingStatus(
+        judge_version=s.judge_version,
+        metric=s.metric,
+        received=s.received,
+        sampled=s.sampled,
+        scored=s.scored,
+        failed=s.failed,
+        pending=s.pending,
+        last_error=s.last_error,
+        last_error_time=to_timestamp(s.last_error_time),
+    )
+
+
+def answers_from_pb(answers) -> list[RecordedAnswer]:
+    return [
+        RecordedAnswer(
+            a.unit_id,
+            a.variant,
+            a.prompt,
+            a.answer,
+            a.reference,
+            a.idempotency_key,
+            from_timestamp(a.answer_time, f"answers[{i}].answer_time")
+            if a.HasField("answer_time") and (a.answer_time.seconds or a.answer_time.nanos)
+            else None,
+        )
+        for i, a in enumerate(answers)
+    ]
 
 
 # -- assignment ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ METHOD_ROLES = {
     "AssignVariant": V, "BatchAssignVariants": V,
     "RecordMetricEvents": OP, "StreamMetricEvents": OP,
     "GetExperimentResults": V,
+    "RecordAnswers": OP,
     "WatchExperimentConfigs": V, "IngestEvents": OP,
 }  # fmt: skip
 
@@ -133,7 +134,15 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
 
     async def GetExperimentResults(self, request, context):
         r = await self.svc.results(request.name)
-        return convert.results_to_pb(r.experiment.name, r.analysis, r.compute_time)
+        reply = convert.results_to_pb(r.experiment.name, r.analysis, r.compute_time)
+        judging = await self.svc.judging_status(r.experiment)
+        if judging is not None:
+            reply.judging.CopyFrom(convert.judging_status_to_pb(judging))
+        return reply
+
+    async def RecordAnswers(self, request, context):
+        result = await self.svc.record_answers(request.experiment, convert.answers_from_pb(request.answers))
+        return svc.RecordAnswersResponse(accepted=result.accepted, duplicates=result.duplicates, sampled=result.sampled)
 
     async def WatchExperimentConfigs(self, request, context):
         async for change in self.svc.local.watch(request.parent, request.since_version):

@@ -12,6 +12,7 @@ from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Viol
 from neuroweaver_runtime.names import ID_PATTERN, ResourceName
 
 from .assignment import BucketClasses, validate_coverage, validate_variants
+from .judging import AnswerJudging, apply_judging_defaults, validate_judging
 from .statistics import DEFAULT_ALPHA, DEFAULT_MIN_SAMPLE_SIZE, AnalysisMethod, Direction, MetricKind, MetricSpec
 
 EXPERIMENT = ResourceName("projects/{project}/experiments/{experiment}")
@@ -38,6 +39,7 @@ UPDATABLE = {
     "variants",
     "auto_conclude",
     "promote_alias",
+    "answer_judging",
 }
 # What may still change after the experiment is concluded.
 UPDATABLE_WHEN_CONCLUDED = {"display_name", "description", "labels"}
@@ -87,6 +89,8 @@ class Experiment:
     auto_conclude: bool = False
     promote_alias: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # Judge-scored live answers (RecordAnswers); None = not judged.
+    answer_judging: AnswerJudging | None = None
     state: ExperimentState = ExperimentState.DRAFT
     winner: str = ""
     conclusion: str = ""
@@ -133,6 +137,8 @@ def apply_defaults(exp: Experiment, experiment_id: str) -> None:
     exp.coverage = exp.coverage or 1.0
     exp.min_sample_size = exp.min_sample_size or DEFAULT_MIN_SAMPLE_SIZE
     exp.significance_level = exp.significance_level or DEFAULT_ALPHA
+    if exp.answer_judging is not None:
+        apply_judging_defaults(exp.answer_judging)
 
 
 def srm_strata(
@@ -223,6 +229,8 @@ def validate_experiment(exp: Experiment) -> None:
     for key, value in exp.labels.items():
         if not LABEL_KEY.match(key) or len(value) > 63:
             v.add(f"experiment.labels[{key!r}]", "label keys: lowercase letters, digits, _ and -; values at most 63 characters")
+    if exp.answer_judging is not None:
+        validate_judging(exp.answer_judging, exp.metrics, v)
     v.raise_if_any()
     try:
         validate_coverage(exp.coverage, field="experiment.coverage")

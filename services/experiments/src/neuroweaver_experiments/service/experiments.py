@@ -6,6 +6,7 @@ import builtins
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import cast
 
 from neuroweaver_runtime import idempotency
 from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -32,10 +33,12 @@ from ..domain.experiment import (
     transition,
     validate_experiment,
 )
+from ..domain.judging import JudgingStatus, RecordedAnswer, apply_judging_defaults, check_judge_kept
 from ..domain.statistics import AnalysisMethod, Decision, DecisionConfig, ExperimentAnalysis, analyze_experiment
 from .assignments import Assigner, Snapshot
 from .endpoints import LiveEndpoints
 from .ingest import EventBatch, Ingestor, IngestResult
+from .judging import AnswerJudges, AnswerJudging, AnswerUnitOfWorkFactory, JudgingSettings, RecordAnswersResult
 from .local_eval import LocalEvaluation
 from .ports import ExperimentRepository, UnitOfWorkFactory, VariantEndpoints, VersionAliases
 
@@ -61,6 +64,8 @@ class ExperimentsService:
         registry: VersionAliases,
         *,
         snapshot_ttl: float = 1.0,
+        judges: AnswerJudges | None = None,
+        judging_settings: JudgingSettings | None = None,
     ) -> None:
         self.uow = uow
         self.tokens = page_tokens
@@ -68,12 +73,20 @@ class ExperimentsService:
         self.registry = registry
         self.assigner = Assigner(uow, snapshot_ttl=snapshot_ttl)
         self.ingestor = Ingestor(uow, self.assigner)
+        # Judge-scored live answers (RecordAnswers); None: this service has no judges (no registry client).
+        self.judging = (
+            AnswerJudging(cast(AnswerUnitOfWorkFactory, uow), self.ingestor, judges, judging_settings)
+            if judges is not None
+            else None
+        )
         # Variants' endpoints as the deployer reports them now (they move when it restarts), not as stored at start.
         self.endpoints = LiveEndpoints(deployer, self.assigner.invalidate)
         # Local evaluation by SDKs: config watches and their exposure/event batches.
         self.local = LocalEvaluation(uow, self.assigner, self.ingestor, self.endpoints)
 
     async def close(self) -> None:
+        if self.judging is not None:
+            await self.judging.close()
         await self.endpoints.close()
 
     @staticmethod
@@ -102,6 +115,7 @@ class ExperimentsService:
         for v in exp.variants:  # output-only fields are ignored on input
             v.endpoint = v.openai_base_url = ""
         validate_experiment(exp)
+        await self._resolve_judge(exp)
         async with self.uow.transaction() as uow:
             earlier = await uow.find_request(request_id, "CreateExperiment", fingerprint)
             if earlier is None:
@@ -138,6 +152,10 @@ class ExperimentsService:
         return Page(items, self.tokens.encode(after, query) if after is not None else "")
 
     async def update(self, patch: Experiment, paths: set[str], etag: str) -> Experiment:
+        if "answer_judging" in paths:
+            if patch.answer_judging is not None:
+                apply_judging_defaults(patch.answer_judging)
+            await self._resolve_judge(patch)
         async with self.uow.transaction() as uow:
             old = await self._get(uow.experiments, patch.name, lock=True, field="experiment.name")
             check_etag(old.name, old.revision, etag)
@@ -151,6 +169,8 @@ class ExperimentsService:
                 setattr(new, p, getattr(patch, p))
             if "primary_metric" in paths or "guardrail_metrics" in paths or "secondary_metrics" in paths:
                 check_metric_kinds_kept(old, new.metrics)
+            if "answer_judging" in paths:
+                check_judge_kept(old.answer_judging, new.answer_judging, old.start_time is not None)
             if "variants" in paths:
                 check_weights_only(old, patch.variants)
                 if old.start_time is None:
@@ -295,6 +315,26 @@ class ExperimentsService:
 
     async def record(self, experiment: str, events: EventBatch) -> IngestResult:
         return await self.ingestor.record(experiment, events)
+
+    # -- judge-scored answers --------------------------------------------------------------------
+
+    async def _resolve_judge(self, exp: Experiment) -> None:
+        """The experiment's judge version must exist in the registry and be usable; `latest` becomes concrete."""
+        if exp.answer_judging is None:
+            return
+        if self.judging is None:
+            raise FailedPrecondition(
+                "this experiments service has no judges configured; answer_judging cannot be set", reason="JUDGING_UNAVAILABLE"
+            )
+        await self.judging.resolve(exp)
+
+    async def record_answers(self, experiment: str, answers: builtins.list[RecordedAnswer]) -> RecordAnswersResult:
+        if self.judging is None:
+            raise FailedPrecondition("this experiments service has no judges configured", reason="JUDGING_UNAVAILABLE")
+        return await self.judging.record(experiment, answers)
+
+    async def judging_status(self, exp: Experiment) -> JudgingStatus | None:
+        return await self.judging.status(exp) if self.judging is not None else None
 
     # -- results ---------------------------------------------------------------------------------
 
