@@ -247,6 +247,9 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("experiments", "RecordMetricEvents"): lambda: es.RecordMetricEventsRequest(experiment=r.experiment, events=events),
         ("experiments", "StreamMetricEvents"): lambda: es.StreamMetricEventsRequest(experiment=r.experiment, events=events),
         ("experiments", "GetExperimentResults"): lambda: es.GetExperimentResultsRequest(name=r.experiment),
+        ("experiments", "RecordAnswers"): lambda: es.RecordAnswersRequest(
+            experiment=r.experiment, answers=[es.Answer(unit_id="u0", prompt="p", answer="a")]
+        ),
     }
     return build[(svc, method)]()
 
@@ -285,6 +288,7 @@ NESTED_NAMES = {
     "neuroweaver.experiments.v1.Variant.model_version": "version",
     "neuroweaver.experiments.v1.Variant.deployment": "deployment",
     "neuroweaver.experiments.v1.MetricEvent.experiment": "experiment",
+    "neuroweaver.experiments.v1.AnswerJudging.judge_version": "judge_version",
 }
 # Fields whose names look like references but hold something else (checked by test_every_name_field_is_classified,
 # so a new field that might hold a resource name has to be put in one of these tables).

@@ -3,7 +3,8 @@
 Starts the four services on the embedded default (SQLite, local executors, no auth), then:
 register the base model as version 1.0.0 and point `production` at it → QLoRA SFT → RLAIF with the
 local judge → the new version registered → deployed next to production → an A/B experiment whose
-traffic is held-out questions asked to the deployed models, scored by the judge → results → the
+traffic is held-out questions asked to the deployed models, whose answers the experiments service scores with
+the same registered judge version (RecordAnswers) → results → the
 winner promoted to `production` → the deployment following `production` rolls over. Everything is
 real (no canned numbers); the summary is printed and written to <data dir>/demo-summary.json.
 Nothing is left running at the end.
@@ -224,8 +225,6 @@ async def deploy(nw: Clients, new_version: str) -> tuple[dpb.Deployment, dpb.Dep
 
 
 async def run_experiment(nw: Clients, base_version: str, new_version: str, judge_version: str, prod, cand, args) -> tuple:
-    from neuroweaver_ml.rlaif.judges import JudgeConfig, LocalEmbeddingJudge
-
     exp = await nw.experiments.CreateExperiment(
         esvc.CreateExperimentRequest(
             parent=PROJECT,
@@ -256,15 +255,14 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                 significance_level=0.05,
                 analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON,
                 promote_alias="production",
+                # the experiments service scores the answers with the judge version RLAIF trained with
+                answer_judging=epb.AnswerJudging(judge_version=judge_version, metric="judge_score", sample_rate=1.0),
             ),
             request_id=str(uuid.uuid4()),
         )
     )
     exp = await nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=exp.name))
     prompts = load_jsonl(DATA / "prompts" / "eval.jsonl")
-    judge = LocalEmbeddingJudge(
-        JudgeConfig(name=judge_version, kind="local_embedding", mode="pointwise", score_min=1.0, score_max=10.0)
-    )
     from openai import AsyncOpenAI
 
     openai_clients: dict[str, AsyncOpenAI] = {}
@@ -291,7 +289,6 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             answer = reply.choices[0].message.content or ""
             if reply.usage is None:  # the model server always reports usage; without it there is no token metric to record
                 raise RuntimeError(f"variant {variant.id}'s model server replied without usage")
-            judgement = await judge.score(item["prompt"], answer, item["reference"])
             latencies[variant.id].append(latency_ms)
             events = [
                 epb.MetricEvent(unit_id=unit, metric="latency_ms", value=latency_ms, idempotency_key=f"{unit}:latency"),
@@ -302,11 +299,23 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                     idempotency_key=f"{unit}:tokens",
                 ),
             ]
-            if judgement.score is not None:
-                events.append(
-                    epb.MetricEvent(unit_id=unit, metric="judge_score", value=judgement.score, idempotency_key=f"{unit}:judge")
-                )
             await nw.experiments.RecordMetricEvents(esvc.RecordMetricEventsRequest(experiment=exp.name, events=events))
+            # judged by the service in the background (the registered judge version); the score becomes judge_score
+            await nw.experiments.RecordAnswers(
+                esvc.RecordAnswersRequest(
+                    experiment=exp.name,
+                    answers=[
+                        esvc.Answer(
+                            unit_id=unit,
+                            variant=variant.id,
+                            prompt=item["prompt"],
+                            answer=answer,
+                            reference=item["reference"],
+                            idempotency_key=f"{unit}:answer",
+                        )
+                    ],
+                )
+            )
         progress.advance(task)
 
     with Progress(TextColumn("[bold]traffic"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
@@ -314,9 +323,25 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
         await asyncio.gather(*(one_user(i, progress, task) for i in range(args.users)))
     for client in openai_clients.values():
         await client.close()
-    await judge.aclose()
-    results = await nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=exp.name))
+    results = await wait_for_judging(nw, exp.name)
     return exp, results, latencies
+
+
+async def wait_for_judging(nw: Clients, name: str, timeout_s: float = 600.0):
+    """Results once the service has judged every sampled answer (scored or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        results = await nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=name))
+        j = results.judging
+        if j.pending == 0 and j.sampled == j.received:
+            console.print(
+                f"judged by {j.judge_version}: {j.scored} scored, {j.failed} failed"
+                + (f" (last error: {j.last_error})" if j.last_error else "")
+            )
+            return results
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the experiments service did not finish judging in {timeout_s:.0f} s: {j}")
+        await asyncio.sleep(0.5)  # polling the judging status
 
 
 async def conclude(nw: Clients, exp, results, new_version: str):
@@ -410,6 +435,11 @@ def _results_summary(results, latencies) -> dict:
         "decision": epb.Decision.Name(results.decision),
         "reason": results.reason,
         "srm_p_value": results.srm_p_value,
+        "judging": {
+            "judge_version": results.judging.judge_version,
+            "scored": results.judging.scored,
+            "failed": results.judging.failed,
+        },
         "variants": {
             v.variant: {
                 "units": v.units,
