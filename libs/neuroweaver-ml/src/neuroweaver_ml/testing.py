@@ -45,3 +45,37 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, seed: int) -> tuple[Path, s
     peft_model.save_pretrained(str(out_dir))
     sha, _ = digest_path(out_dir)
     return out_dir, sha
+
+
+def make_gguf_lora(
+    base_gguf: Path, out_file: Path, *, seed: int = 0, rank: int = 4, alpha: float = 8.0, std: float = 0.05, zero: bool = False
+) -> tuple[Path, str]:
+    """A LoRA adapter for a Llama-architecture GGUF base written directly as a GGUF LoRA (llama.cpp's adapter format:
+    `general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`, `<weight>.lora_a` [r, in] and `.lora_b`
+    [out, r] for every attn_q/attn_v of the base), random A and B (`zero`: B = 0, an adapter that changes nothing),
+    with its sha256."""
+    import gguf
+    import numpy as np
+
+    from .artifacts import digest_path
+
+    rng = np.random.default_rng(seed)
+    reader = gguf.GGUFReader(str(base_gguf))
+    writer = gguf.GGUFWriter(str(out_file), arch="llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for t in reader.tensors:
+        if not t.name.endswith((".attn_q.weight", ".attn_v.weight")):
+            continue
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        a = rng.normal(0.0, std, size=(rank, n_in)).astype(np.float32)
+        b = np.zeros((n_out, rank), np.float32) if zero else rng.normal(0.0, std, size=(n_out, rank)).astype(np.float32)
+        writer.add_tensor(f"{t.name}.lora_a", a)
+        writer.add_tensor(f"{t.name}.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    sha, _ = digest_path(out_file)
+    return out_file, sha

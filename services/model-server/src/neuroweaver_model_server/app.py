@@ -28,7 +28,7 @@ from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.server import GrpcService, ServiceDefinition
 from neuroweaver_runtime.tls import ServerTLS
 
-from .adapters.loading import LoadSpec
+from .adapters.loading import LoadSpec, check_spec
 from .api.openai_http import OpenAIApi
 from .api.servicer import METHOD_ROLES, InferenceServicer
 from .domain import Limits, ServedModel, parse_stable_names, validate_served_name
@@ -81,6 +81,22 @@ class ModelServerConfig(ServiceConfig):
     max_batch_size: int = field(default=8, metadata={"help": "requests decoded together"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the process that started it dies (local replicas)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "decoding engine: transformers, llama.cpp (GGUF base + GGUF LoRA, CPU), vllm (CUDA) or auto "
+            "(CUDA: vllm if installed, else transformers; CPU: llama.cpp when the base has a GGUF and the adapter, if "
+            "any, is a GGUF LoRA, else transformers)"
+        },
+    )
+    threads: int = field(default=0, metadata={"help": "llama.cpp engine: CPU threads (0 = every core it may use)"})
+    context_length: int = field(
+        default=0,
+        metadata={
+            "help": "llama.cpp engine: tokens (prompt + completion) per request; each of --max-batch-size parallel "
+            "requests has a KV cache this long (0 = the model's context, at most 2048)"
+        },
+    )
     # A generation takes seconds to minutes, not the control plane's sub-second calls: longer shutdown defaults.
     # Kubernetes pods get terminationGracePeriodSeconds above drain + grace (manifests.py).
     shutdown_grace_seconds: float = field(
@@ -108,6 +124,8 @@ class ModelServer:
             raise SystemExit("configuration error: --grpc-port, --http-port and --metrics-port must differ")
         if config.grpc_port < 0 or config.http_port < 0 or config.metrics_port < -1:
             raise SystemExit("configuration error: ports must be >= 0 (--metrics-port -1 = no ops port)")
+        if config.threads < 0 or config.context_length < 0:
+            raise SystemExit("configuration error: --threads and --context-length must be >= 0 (0 = the default)")
         if min(config.max_queue, config.max_new_tokens_limit, config.max_batch_size) < 1:
             raise SystemExit("configuration error: --max-queue, --max-new-tokens-limit and --max-batch-size must be >= 1")
         try:
@@ -127,8 +145,19 @@ class ModelServer:
             Limits(config.max_new_tokens_limit, config.max_queue, config.max_batch_size),
         )
         self.load_spec = LoadSpec(
-            config.base_model, config.adapter_uri, config.adapter_sha256, config.load_in_4bit, config.device
+            config.base_model,
+            config.adapter_uri,
+            config.adapter_sha256,
+            config.load_in_4bit,
+            config.device,
+            config.engine,
+            config.threads,
+            config.context_length,
         )
+        try:
+            self.engine_name = check_spec(self.load_spec)  # refused combinations fail at start, before loading
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
         self.api = OpenAIApi(self.service, self.authenticator, self.project, stopping=lambda: self.grpc.stopping)
         self.http_runner: web.AppRunner | None = None
         self.ops_runner: web.AppRunner | None = None

@@ -38,6 +38,7 @@ BATCH_SIZE = Histogram("nw_inference_batch_size", "Requests decoded together per
 MODEL_LOADED = Gauge(
     "nw_inference_model_loaded", "1 once the model is loaded and serving.", ["served_model_name", "model_version"]
 )
+ENGINE = Gauge("nw_inference_engine", "1 for the engine decoding this server's model.", ["engine"])
 LOAD_SECONDS = Gauge("nw_inference_model_load_seconds", "Seconds the model took to load.")
 
 

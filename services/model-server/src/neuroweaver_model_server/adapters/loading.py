@@ -1,33 +1,205 @@
-"""Loads what a model server serves: the base model (builtin, a local dir or a file:// URI) and its LoRA adapter,
-whose sha256 is checked before any weight is read. Blocking (disk, torch): the service runs it in a thread."""
+"""Loads what a model server serves into the engine that decodes it: the base model (builtin, a local dir, a GGUF
+file or a file:// URI) and its LoRA adapter (a PEFT directory or a GGUF LoRA file), whose sha256 is checked before
+any weight is read. Blocking (disk, torch, llama.cpp): the service runs it in a thread.
+
+Engines: `transformers` (HF checkpoint + PEFT adapter), `llama.cpp` (GGUF base + GGUF LoRA, CPU), `vllm` (HF
+checkpoint + PEFT adapter, CUDA). `auto` follows the device: CUDA → vllm when installed, else transformers; CPU →
+llama.cpp when the base has a GGUF (a builtin model or a .gguf file) and the adapter, if any, is a GGUF LoRA, else
+transformers. A GGUF LoRA adapter only llama.cpp can load.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch loads only when a model does
-    from neuroweaver_ml.generation import LoadedModel
+from ..engines.base import ENGINES
+
+if TYPE_CHECKING:  # torch and llama.cpp load only when a model does
+    from ..domain import Limits
+    from ..engines.base import QueuedEngine
+
+ENGINE_CHOICES = ("auto", *ENGINES)
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    base_model: str  # builtin:..., a local dir or a file:// URI
-    adapter_uri: str  # file:// URI or path of a PEFT adapter dir; empty = base model only
+    base_model: str  # builtin:..., a local dir, a .gguf file or a file:// URI
+    adapter_uri: str  # file:// URI or path of a PEFT adapter dir or a GGUF LoRA file; empty = base model only
     adapter_sha256: str
     load_in_4bit: bool
     device: str = "auto"
+    engine: str = "auto"
+    threads: int = 0  # llama.cpp: CPU threads (0 = every core this process may use)
+    context_length: int = 0  # llama.cpp: tokens per request (0 = the model's, at most 2048)
 
 
-def load_model(spec: LoadSpec) -> LoadedModel:
-    """Resolves the base model, verifies the adapter's digest and loads both ."""
-    from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path
+@dataclass(frozen=True)
+class Loaded:
+    engine: QueuedEngine
+    adapter_sha256: str  # of the adapter actually loaded ("" without one)
 
-    base_dir = resolve_base_model(spec.base_model)
-    adapter_dir = uri_to_path(spec.adapter_uri) if spec.adapter_uri else None
-    return load_for_inference(
-        base_dir,
-        adapter_dir,
+
+def _local_path(ref: str) -> Path | None:
+    from neuroweaver_ml import uri_to_path
+
+    if ref.startswith("builtin:"):
+        return None
+    try:
+        return uri_to_path(ref)
+    except ValueError:
+        return None
+
+
+def gguf_file(path: Path) -> Path | None:
+    """A .gguf file, or the only .gguf file of a directory (an exported artifact); None otherwise."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "adapter_config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+    return None
+
+
+def gguf_base(base_model: str) -> Path | None:
+    """The GGUF file of a base model: a builtin model's own GGUF (installed package) or a .gguf path."""
+    if base_model.startswith("builtin:"):
+        from neuroweaver_ml.models import BUILTIN_MODELS, builtin_gguf_path
+
+        name = base_model[len("builtin:") :].lower()
+        if name not in BUILTIN_MODELS:
+            return None
+        try:
+            return builtin_gguf_path(name)
+        except Exception:  # noqa: BLE001 - ModelNotFound: the package is missing
+            return None
+    path = _local_path(base_model)
+    return gguf_file(path) if path is not None and path.exists() else None
+
+
+def is_gguf_adapter(adapter_uri: str) -> bool:
+    path = _local_path(adapter_uri) if adapter_uri else None
+    return path is not None and gguf_file(path) is not None
+
+
+def cuda_available(device: str) -> bool:
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    # auto: look for an NVIDIA driver before importing torch (the llama.cpp path never needs torch)
+    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")):
+        return False
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_engine(spec: LoadSpec) -> str:
+    """The engine `spec.engine` names, or the one `auto` picks (see the module docstring)."""
+    if spec.engine != "auto":
+        return spec.engine
+    from ..engines import llamacpp
+
+    if is_gguf_adapter(spec.adapter_uri):
+        return "llama.cpp"
+    if cuda_available(spec.device):
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if llamacpp.available() and not spec.load_in_4bit and not spec.adapter_uri and gguf_base(spec.base_model) is not None:
+        return "llama.cpp"
+    return "transformers"
+
+
+def check_spec(spec: LoadSpec) -> str:
+    """Refuses combinations an engine cannot serve before anything loads; returns the chosen engine.
+    Raises ValueError with a message for the operator."""
+    if spec.engine not in ENGINE_CHOICES:
+        raise ValueError(f"--engine {spec.engine!r} must be one of {', '.join(ENGINE_CHOICES)}")
+    engine = choose_engine(spec)
+    gguf_adapter = is_gguf_adapter(spec.adapter_uri)
+    if engine == "llama.cpp":
+        from ..engines import llamacpp
+
+        if not llamacpp.available():
+            raise ValueError("the llama.cpp engine needs llama-cpp-python (pip install llama-cpp-python)")
+        if spec.load_in_4bit:
+            raise ValueError("--load-in-4bit is bitsandbytes NF4 (transformers); llama.cpp serves the GGUF's own quantization")
+        if spec.device.startswith("cuda"):
+            raise ValueError("the llama.cpp engine runs on the CPU here; use --device cpu or auto")
+        if gguf_base(spec.base_model) is None:
+            raise ValueError(
+                f"the llama.cpp engine needs a GGUF base model (a builtin model or a .gguf file), not {spec.base_model!r}"
+            )
+        if spec.adapter_uri and not gguf_adapter:
+            raise ValueError("the llama.cpp engine needs the adapter as a GGUF LoRA (.gguf), not a PEFT directory")
+    else:
+        if gguf_adapter:
+            raise ValueError(f"a GGUF LoRA adapter is served by the llama.cpp engine only, not {engine}")
+        path = _local_path(spec.base_model)
+        if path is not None and path.suffix == ".gguf":
+            raise ValueError(f"the {engine} engine needs a transformers checkpoint directory, not a .gguf file")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("the vllm engine needs vLLM installed (pip install vllm) and a CUDA GPU")
+    return engine
+
+
+def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
+    """Checks the adapter's digest, loads base + adapter into the chosen engine and starts it."""
+    from neuroweaver_ml import uri_to_path, verify_digest
+
+    engine = check_spec(spec)
+    adapter = uri_to_path(spec.adapter_uri) if spec.adapter_uri else None
+    if engine == "llama.cpp":
+        from ..engines.llamacpp import LlamaCppEngine
+
+        base = gguf_base(spec.base_model)
+        assert base is not None  # check_spec
+        lora = None
+        sha = ""
+        if adapter is not None:
+            if spec.adapter_sha256:
+                sha, _ = verify_digest(adapter, spec.adapter_sha256)
+            lora = gguf_file(adapter)
+        return Loaded(
+            LlamaCppEngine(
+                str(base),
+                lora_path=str(lora) if lora else None,
+                max_queue=limits.max_queue,
+                max_batch_size=limits.max_batch_size,
+                threads=spec.threads,
+                context_length=spec.context_length,
+            ),
+            sha,
+        )
+    if engine == "vllm":
+        from neuroweaver_ml import resolve_base_model
+
+        from ..engines.vllm_engine import VllmEngine
+
+        sha = verify_digest(adapter, spec.adapter_sha256)[0] if adapter is not None and spec.adapter_sha256 else ""
+        return Loaded(
+            VllmEngine(
+                str(resolve_base_model(spec.base_model)),
+                adapter_dir=str(adapter) if adapter is not None else None,
+                max_queue=limits.max_queue,
+                max_batch_size=limits.max_batch_size,
+                max_new_tokens_limit=limits.max_new_tokens_limit,
+            ),
+            sha,
+        )
+    from neuroweaver_ml import load_for_inference, resolve_base_model
+
+    from ..engines.batcher import Engine
+
+    loaded = load_for_inference(
+        resolve_base_model(spec.base_model),
+        adapter,
         spec.load_in_4bit,
         expected_adapter_sha256=spec.adapter_sha256 or None,
         device=spec.device,
@@ -35,4 +207,8 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         # matmuls from every decode step (the demo's unmerged candidate answered ~1.4x slower than its base).
         # Not with 4-bit weights, where load_for_inference keeps the adapter separate.
         merge_adapter=True,
+    )
+    return Loaded(
+        Engine(loaded.model, loaded.tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size),
+        loaded.adapter_sha256 or "",
     )

@@ -256,6 +256,7 @@ class OpenAIApi:
                 "root": m.name,
                 "model_version": m.model_version,
                 "system_fingerprint": m.fingerprint,
+                "engine": m.engine,
             }  # fmt: skip
             for m in self.svc.models()
             for name in m.names

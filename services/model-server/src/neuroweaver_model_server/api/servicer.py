@@ -133,6 +133,7 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
                     quantized_4bit=m.quantized_4bit,
                     stable_names=m.stable_names,
                     system_fingerprint=m.fingerprint,
+                    engine=m.engine,
                 )
                 for m in self.svc.models()
             ]

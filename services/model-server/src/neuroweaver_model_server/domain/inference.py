@@ -53,6 +53,7 @@ class ServedModel:
     adapter_sha256: str
     quantized_4bit: bool
     stable_names: tuple[str, ...] = ()
+    engine: str = ""  # the engine decoding it (transformers, llama.cpp, vllm), known once loaded
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -1,6 +1,9 @@
-"""Decoding engines. Today one: `batcher.Engine`, a bounded queue and a dynamic batcher over transformers models
-(`neuroweaver_ml.generation`'s decoding loop)."""
+"""Decoding engines behind the model server's one contract: `transformers` (`batcher.Engine`, a dynamic batcher over
+`neuroweaver_ml`'s decoding loop), `llama.cpp` (`llamacpp.LlamaCppEngine`, GGUF on the CPU with continuous batching)
+and `vllm` (`vllm_engine.VllmEngine`, CUDA, multi-LoRA). Each is a `base.QueuedEngine`: encode a prompt, run a request
+(deltas, the last with finish reason and usage), queue depth, stop. The heavy ones import their library lazily."""
 
+from .base import ENGINES, QueuedEngine
 from .batcher import Engine
 
-__all__ = ["Engine"]
+__all__ = ["ENGINES", "Engine", "QueuedEngine"]

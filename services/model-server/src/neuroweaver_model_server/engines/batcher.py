@@ -1,4 +1,4 @@
-"""The generation engine: a bounded queue in front of one worker thread running a dynamic batcher.
+"""The transformers engine: a bounded queue in front of one worker thread running a dynamic batcher.
 
 Requests are admitted into a bounded queue (full → RESOURCE_EXHAUSTED). The worker thread takes the oldest
 request plus every waiting request with compatible sampling settings (same temperature, top_p, stop strings;
@@ -11,128 +11,34 @@ results travel back through `loop.call_soon_threadsafe`.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from neuroweaver_ml.generation import Decoder, SamplingParams, stop_holdback
-from neuroweaver_runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, ResourceExhausted, Unavailable
+from neuroweaver_runtime.errors import DomainError, InvalidArgument
 
 from .. import metrics
-from ..domain import Delta, Sampling
+from ..domain import Delta
+from .base import Job, Prompt, QueuedEngine
 
 log = logging.getLogger("neuroweaver.model_server.engine")
 
 
-@dataclass(eq=False)
-class Job:
-    ids: list[int]
-    sampling: Sampling
-    deadline: float | None  # time.monotonic() value, or None
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    admitted: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    cancelled: bool = False
-    finished: bool = False
+class Engine(QueuedEngine):
+    """The transformers engine: any HF checkpoint (+ PEFT adapter) decoded by a dynamic batcher."""
 
-    def key(self) -> tuple:
-        s = self.sampling
-        if s.seed is not None and s.temperature > 0:
-            # One generator draws for the whole batch: a seeded sample repeats only when decoded alone.
-            return (id(self),)
-        return (s.temperature, s.top_p, tuple(s.stop), s.seed)
+    name = "transformers"
 
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-
-@dataclass
-class EngineStats:
-    batches: int = 0
-    largest_batch: int = 0
-    dropped_expired: int = 0
-    aborted: int = 0
-    completed: int = 0
-
-
-class Engine:
     def __init__(self, model, tokenizer, *, max_queue: int, max_batch_size: int) -> None:
+        super().__init__(max_queue=max_queue, max_batch_size=max_batch_size)
         self.model, self.tokenizer = model, tokenizer
-        self.max_queue, self.max_batch_size = max_queue, max_batch_size
-        self.stats = EngineStats()
-        self._pending: collections.deque[Job] = collections.deque()
-        self._cv = threading.Condition()
-        self._running: list[Job] = []
-        self._stopped = False
-        self._thread = threading.Thread(target=self._work, name="generation", daemon=True)
-        self._thread.start()
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.start_worker()
 
-    # -- admission (event loop side) ---------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        from neuroweaver_ml import encode_prompt
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    def submit(self, ids: list[int], sampling: Sampling, deadline: float | None) -> Job:
-        job = Job(ids, sampling, deadline, asyncio.get_running_loop())
-        with self._cv:
-            if self._stopped:
-                raise Unavailable("the model server is shutting down", reason="SHUTTING_DOWN")
-            if len(self._pending) >= self.max_queue:
-                raise ResourceExhausted(
-                    f"the request queue is full ({self.max_queue} waiting); retry with backoff",
-                    reason="QUEUE_FULL",
-                    metadata={"max_queue": str(self.max_queue)},
-                )
-            self._pending.append(job)
-            metrics.QUEUE_DEPTH.set(len(self._pending))
-            self._cv.notify()
-        return job
-
-    def cancel(self, job: Job) -> None:
-        job.cancelled = True
-        with self._cv:
-            try:
-                self._pending.remove(job)
-                metrics.QUEUE_DEPTH.set(len(self._pending))
-            except ValueError:
-                pass
-
-    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None) -> AsyncIterator[Delta]:
-        """Admits a request and yields its deltas; the last one carries finish reason and accounting."""
-        job = self.submit(ids, sampling, deadline)
-        try:
-            while True:
-                item = await job.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if not job.finished:
-                self.cancel(job)
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopped = True
-            pending = list(self._pending)
-            self._pending.clear()
-            self._cv.notify_all()
-        for job in pending:
-            job.emit(Unavailable("the model server is shutting down", reason="SHUTTING_DOWN"))
+        return encode_prompt(self.tokenizer, prompt)
 
     # -- worker thread -----------------------------------------------------------------------
 
@@ -165,10 +71,7 @@ class Engine:
                     continue
                 if job.expired(now):
                     self.stats.dropped_expired += 1
-                    job.finished = True
-                    job.emit(
-                        DeadlineExceeded("the request's deadline passed while it waited in the queue", reason="DEADLINE_EXCEEDED")
-                    )
+                    job.expire_in_queue()
                     continue
                 live.append(job)
             if not live:
@@ -214,10 +117,8 @@ class Engine:
             for i, job in enumerate(jobs):
                 if dec.finish[i] is None and (job.cancelled or job.expired(now)):
                     dec.finish[i] = "length"
-                    job.finished = True
                     self.stats.aborted += 1
-                    if not job.cancelled:
-                        job.emit(DeadlineExceeded("the request's deadline passed during generation", reason="DEADLINE_EXCEEDED"))
+                    job.expire_in_decoding()
             if all(f is not None for f in dec.finish) and all(j.finished for j in jobs):
                 return
             dec.step()

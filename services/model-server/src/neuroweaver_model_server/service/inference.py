@@ -11,9 +11,9 @@ from dataclasses import replace
 from neuroweaver_runtime.errors import InvalidArgument, Unavailable
 
 from .. import metrics
-from ..adapters.loading import LoadSpec, load_model
+from ..adapters.loading import LoadSpec, load_engine
 from ..domain import Completion, Delta, GenerationInput, Limits, ServedModel, prompt_too_long, resolve_model, validate
-from ..engines import Engine
+from ..engines import QueuedEngine
 
 log = logging.getLogger("neuroweaver.model_server")
 
@@ -22,27 +22,31 @@ class InferenceService:
     def __init__(self, served: ServedModel, limits: Limits) -> None:
         self.served = served
         self.limits = limits
-        self.engine: Engine | None = None
+        self.engine: QueuedEngine | None = None
         self.context_length = 0
         self.created = int(time.time())  # unix seconds the model was loaded (OpenAI's `created`); start time until then
 
     # -- loading -----------------------------------------------------------------------------
 
     def load_blocking(self, spec: LoadSpec) -> None:
-        """Loads the model (adapter digest checked first) and starts the engine on it (run it in a thread)."""
+        """Loads the model (adapter digest checked first) into its engine and starts it (run it in a thread)."""
         started = time.monotonic()
-        loaded = load_model(spec)
-        self.context_length = loaded.context_length
+        loaded = load_engine(spec, self.limits)
+        engine = loaded.engine
+        self.context_length = engine.context_length
         if loaded.adapter_sha256:
             self.served = replace(self.served, adapter_sha256=loaded.adapter_sha256, quantized_4bit=spec.load_in_4bit)
-        self.engine = Engine(
-            loaded.model, loaded.tokenizer, max_queue=self.limits.max_queue, max_batch_size=self.limits.max_batch_size
-        )
+        self.served = replace(self.served, engine=engine.name)
+        self.engine = engine
         seconds = time.monotonic() - started
         self.created = int(time.time())
         metrics.LOAD_SECONDS.set(seconds)
         metrics.MODEL_LOADED.labels(self.served.name, self.served.model_version).set(1)
-        log.info("model loaded", extra={"fields": {"served_model_name": self.served.name, "seconds": round(seconds, 2)}})
+        metrics.ENGINE.labels(engine.name).set(1)
+        log.info(
+            "model loaded",
+            extra={"fields": {"served_model_name": self.served.name, "seconds": round(seconds, 2), **engine.describe()}},
+        )
 
     async def load(self, spec: LoadSpec) -> None:
         await asyncio.to_thread(self.load_blocking, spec)
@@ -60,17 +64,15 @@ class InferenceService:
         """The name a response to a request naming `model` echoes; NOT_FOUND for a name this server does not answer to."""
         return resolve_model(model, self.served)
 
-    def _prepare(self, req: GenerationInput, field_prefix: str = "") -> tuple[Engine, list[int]]:
+    def _prepare(self, req: GenerationInput, field_prefix: str = "") -> tuple[QueuedEngine, list[int]]:
         self.resolve(req.model)
         validate(req, self.limits, field_prefix)
         engine = self.engine
         if engine is None:
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
-        from neuroweaver_ml import encode_prompt
-
         prompt = req.prompt if req.prompt else [{"role": m.role, "content": m.content} for m in req.messages]
         try:
-            ids = encode_prompt(engine.tokenizer, prompt)
+            ids = engine.encode(prompt)
         except ValueError as exc:
             raise InvalidArgument(str(exc), field=f"{field_prefix}messages", reason="INVALID_PROMPT") from exc
         if not ids:

@@ -236,6 +236,7 @@ class ServedModel(_message.Message):
     QUANTIZED_4BIT_FIELD_NUMBER: _builtins.int
     STABLE_NAMES_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique per model version and weights, for example `auto-advisor-1-2-0-3f2a9c1d`: naming it pins the version
     (a caller naming it gets NOT_FOUND once the deployment serves another version).
@@ -248,6 +249,8 @@ class ServedModel(_message.Message):
     quantized_4bit: _builtins.bool
     system_fingerprint: _builtins.str
     """What responses carry as `system_fingerprint`."""
+    engine: _builtins.str
+    """The engine decoding it: `transformers`, `llama.cpp` or `vllm`."""
     @_builtins.property
     def stable_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names that stay the same across the deployment's versions (first: the default), for example
@@ -265,10 +268,11 @@ class ServedModel(_message.Message):
         quantized_4bit: _builtins.bool = ...,
         stable_names: _abc.Iterable[_builtins.str] | None = ...,
         system_fingerprint: _builtins.str = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "base_model", b"base_model", "model_version", b"model_version", "name", b"name", "quantized_4bit", b"quantized_4bit", "stable_names", b"stable_names", "system_fingerprint", b"system_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "base_model", b"base_model", "engine", b"engine", "model_version", b"model_version", "name", b"name", "quantized_4bit", b"quantized_4bit", "stable_names", b"stable_names", "system_fingerprint", b"system_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

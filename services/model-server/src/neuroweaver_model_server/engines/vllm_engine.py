@@ -1,0 +1,141 @@
+"""The vLLM engine (CUDA): an HF checkpoint served by vLLM's `AsyncLLM` (continuous batching, paged KV cache) with
+the version's PEFT adapter as a LoRA request (`enable_lora`), written against vLLM's v1 API (`vllm.v1.engine.
+async_llm.AsyncLLM`, `AsyncEngineArgs`, `SamplingParams` with `RequestOutputKind.DELTA`, `TokensPrompt`,
+`LoRARequest`). vLLM is imported only when this engine is chosen.
+
+Not exercised on this project's machines: vLLM is too large to carry to the GPU machine the project is lent, and
+the CPU machines have no GPU. The admission rules are the other engines': at most `max_queue + max_batch_size`
+requests in flight (more → RESOURCE_EXHAUSTED `QUEUE_FULL`), deadlines abort the request inside vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from neuroweaver_runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+from ..domain import Delta, Sampling
+from .base import Prompt, QueuedEngine
+
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _lora_rank(adapter_dir: str) -> int:
+    r = int(json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("r", 8))
+    return next((x for x in _LORA_RANKS if x >= r), _LORA_RANKS[-1])
+
+
+class VllmEngine(QueuedEngine):
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: str, *, adapter_dir: str | None, max_queue: int, max_batch_size: int, max_new_tokens_limit: int
+    ) -> None:
+        super().__init__(max_queue=max_queue, max_batch_size=max_batch_size)
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        tok_src = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else model_dir
+        args = AsyncEngineArgs(
+            model=model_dir,
+            tokenizer=tok_src,
+            max_num_seqs=max_batch_size,
+            enable_lora=adapter_dir is not None,
+            max_loras=1,
+            max_lora_rank=_lora_rank(adapter_dir) if adapter_dir else 16,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._lora = LoRARequest("adapter", 1, adapter_dir) if adapter_dir else None
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        self.context_length = int(self._llm.model_config.max_model_len)
+        self.model_dir, self.adapter_dir = model_dir, adapter_dir
+        self._inflight = 0
+        self._waiting = 0  # admitted, no token yet (vLLM's queue plus prefill)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        from neuroweaver_ml import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._inflight - self._waiting
+
+    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._stopped:
+            raise Unavailable("the model server is shutting down", reason="SHUTTING_DOWN")
+        if self._inflight >= self.max_queue + self.max_batch_size:
+            raise ResourceExhausted(
+                f"the request queue is full ({self.max_queue} waiting); retry with backoff",
+                reason="QUEUE_FULL",
+                metadata={"max_queue": str(self.max_queue)},
+            )
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = uuid.uuid4().hex
+        admitted = time.monotonic()
+        first: float | None = None
+        completion_tokens = 0
+        finished = False
+        self._inflight += 1
+        self._waiting += 1
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            async with asyncio.timeout(remaining):
+                async for out in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=self._lora
+                ):
+                    c = out.outputs[0]
+                    completion_tokens += len(c.token_ids)
+                    if first is None and c.token_ids:
+                        first = time.monotonic()
+                        self._waiting -= 1
+                    if out.finished:
+                        finished = True
+                        now = time.monotonic()
+                        yield Delta(
+                            text=c.text,
+                            finish_reason="length" if c.finish_reason == "length" else "stop",
+                            prompt_tokens=len(ids),
+                            completion_tokens=completion_tokens,
+                            latency_s=now - admitted,
+                            ttft_s=(first or now) - admitted,
+                        )
+                        self.stats.completed += 1
+                        return
+                    if c.text:
+                        yield Delta(text=c.text)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed during generation", reason="DEADLINE_EXCEEDED") from None
+        finally:
+            self._inflight -= 1
+            if first is None:
+                self._waiting -= 1
+            if not finished:
+                self.stats.aborted += 1
+                await self._llm.abort(request_id)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._llm.shutdown()
