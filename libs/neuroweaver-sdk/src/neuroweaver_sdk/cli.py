@@ -522,6 +522,64 @@ async def deploy_revisions(c: Ctx):
     c.show(resp, ["revision", "model_version", "cause", "actor", "create_time"], "revisions")
 
 
+def _seconds(stats, field: str) -> str:
+    """A latency in ms (or s when long), '-' when unset (no request finished in the window)."""
+    if not stats.HasField(field):
+        return "-"
+    value = getattr(stats, field)
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def _rate(stats, field: str) -> str:
+    return f"{getattr(stats, field) * 100:.1f}%" if stats.HasField(field) else "-"
+
+
+def top_table(m: dsvc.DeploymentMetrics) -> Table:
+    """One sample of GetDeploymentMetrics as a table: a row per replica, then the total."""
+    source = dsvc.DeploymentMetrics.Source.Name(m.source).removeprefix("SOURCE_").lower()
+    window = m.window.ToTimedelta().total_seconds()
+    table = Table(
+        "replica", "req/s", "p50", "p95", "p99", "ttft p50", "ttft p95", "ttft p99", "tok/s", "errors", "5xx",
+        "queue", "in flight", "covered",
+        title=f"{m.name}  window {window:g} s  source {source}  at {m.sample_time.ToDatetime():%H:%M:%S} UTC",
+    )  # fmt: skip
+
+    def row(label: str, s, covered: str, style: str | None = None) -> None:
+        table.add_row(
+            label, f"{s.requests_per_second:.2f}", _seconds(s, "latency_p50_seconds"), _seconds(s, "latency_p95_seconds"),
+            _seconds(s, "latency_p99_seconds"), _seconds(s, "time_to_first_token_p50_seconds"),
+            _seconds(s, "time_to_first_token_p95_seconds"), _seconds(s, "time_to_first_token_p99_seconds"),
+            f"{s.output_tokens_per_second:.1f}", _rate(s, "error_rate"), _rate(s, "server_error_rate"),
+            f"{s.queue_depth:g}", f"{s.inflight_requests:g}", covered, style=style,
+        )  # fmt: skip
+
+    for r in m.replicas:
+        row(r.replica, r.stats, f"{r.covered.ToTimedelta().total_seconds():.0f} s")
+    row("total", m.total, "", style="bold")
+    return table
+
+
+async def deploy_top(c: Ctx):
+    """Live performance: refreshes a table (a row per replica + the total) every --interval seconds; --json prints
+    one sample and exits."""
+    from google.protobuf import duration_pb2
+    from rich.live import Live
+
+    a = c.args
+    request = dsvc.GetDeploymentMetricsRequest(name=c.deployment(a.deployment), window=duration_pb2.Duration(seconds=a.window))
+    if a.json:
+        c.show(await c.nw.deployer.GetDeploymentMetrics(request))
+        return
+    m = await c.nw.deployer.GetDeploymentMetrics(request)
+    shown = 1
+    with Live(top_table(m), console=console, auto_refresh=False) as live:
+        while not a.count or shown < a.count:
+            await asyncio.sleep(a.interval)  # refresh period of the live table
+            m = await c.nw.deployer.GetDeploymentMetrics(request)
+            live.update(top_table(m), refresh=True)
+            shown += 1
+
+
 # -- experiments ---------------------------------------------------------------------------------
 
 
@@ -697,8 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace-file", help="append this command's spans as JSON lines (env NW_TRACE_FILE)")
     groups = parser.add_subparsers(dest="group", required=True)
 
-    def group(name: str, help_text: str):
-        return groups.add_parser(name, help=help_text).add_subparsers(dest="command", required=True)
+    def group(name: str, help_text: str, aliases: tuple[str, ...] = ()):
+        return groups.add_parser(name, help=help_text, aliases=list(aliases)).add_subparsers(dest="command", required=True)
 
     def cmd(sub, name: str, fn: Callable[[Ctx], Awaitable], *args: tuple[str, dict]) -> argparse.ArgumentParser:
         p = sub.add_parser(name)
@@ -835,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(g, "cancel", train_cancel, ("job", {}))
     cmd(g, "plot", train_plot, ("job", {}), ("--out", {"default": "training.png"}))
 
-    g = group("deploy", "deployments")
+    g = group("deploy", "deployments", ("deployments",))
     cmd(
         g,
         "create",
@@ -862,6 +920,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(g, "watch", deploy_watch, ("deployment", {}))
     cmd(g, "render", deploy_render, ("deployment", {}))
     cmd(g, "revisions", deploy_revisions, ("deployment", {}))
+    cmd(
+        g,
+        "top",
+        deploy_top,
+        ("deployment", {}),
+        ("--window", {"type": int, "default": 60, "help": "seconds the rates and quantiles look back (1-3600)"}),
+        ("--interval", {"type": float, "default": 2.0, "help": "seconds between refreshes"}),
+        ("--count", {"type": int, "default": 0, "help": "stop after this many samples (0 = until Ctrl-C)"}),
+    )
 
     g = group("ab", "A/B experiments")
     cmd(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as svc_grpc
+from neuroweaver_kube.manifests import dns1123_name
 from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
@@ -19,6 +20,7 @@ from neuroweaver_runtime.tls import ServerTLS
 
 from .adapters.kube import KubeDefaults, render_manifests
 from .adapters.local import LocalBackend
+from .adapters.metrics import LocalMetrics, ReplicaScraper
 from .adapters.registry import RegistryGateway
 from .adapters.repository import CHANGES_CHANNEL
 from .adapters.router import PortRange
@@ -29,6 +31,7 @@ from .service.controller import Controller
 from .service.deployer import DeployerService
 from .service.follower import AliasFollower
 from .service.leases import instance_id
+from .service.metrics import DeploymentMetrics
 
 SERVICE_NAME = "neuroweaver.deployer.v1.DeployerService"
 DEFAULT_PORT = 50053
@@ -146,6 +149,20 @@ class DeployerConfig(ServiceConfig):
             "--tls-client-ca set they also require client certificates (mTLS)"
         },
     )
+    prometheus_url: str = field(
+        default="",
+        metadata={
+            "help": "Prometheus (http(s)://host:port) that scrapes model-server pods through their ServiceMonitor: "
+            "GetDeploymentMetrics of Kubernetes deployments queries it; empty = the deployer scrapes the pods itself"
+        },
+    )
+    metrics_sample_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "how often the deployer samples its local replicas' (and, without --prometheus-url, pods') /metrics "
+            "for GetDeploymentMetrics windows; 0 = only when asked (windows then reach back to the replica's start)"
+        },
+    )
 
 
 class _ConvergingNotifier(Notifier):
@@ -251,6 +268,16 @@ def build(config: DeployerConfig) -> GrpcService:
         controller,
         render_manifests=functools.partial(render_manifests, defaults=kube),
     )
+    scraper = ReplicaScraper(interval=config.metrics_sample_seconds, client_tls=local_client_tls)
+    local_metrics = LocalMetrics(backends[Backend.LOCAL], controller.owns, scraper)
+    metric_sources: dict = {Backend.LOCAL: local_metrics}
+    if config.kubernetes and config.prometheus_url:
+        from .adapters.prometheus import PrometheusMetrics
+
+        metric_sources[Backend.KUBERNETES] = PrometheusMetrics(
+            config.prometheus_url, lambda d: (d.namespace or kube.namespace, dns1123_name(d.name))
+        )
+    metrics = DeploymentMetrics(uow, metric_sources)
     follower = AliasFollower(uow, registry, service, controller.owns)
     service.on_alias_change = follower.request_sync
     controller.on_ownership_change.append(follower.request_sync)
@@ -262,8 +289,14 @@ def build(config: DeployerConfig) -> GrpcService:
             await listener.start()
         await controller.start()
         await follower.sync()
+        local_metrics.start()
 
     async def stop_work() -> None:
+        await local_metrics.close()
+        for source in metric_sources.values():
+            if hasattr(source, "close") and source is not local_metrics:
+                await source.close()
+        await scraper.close()
         await follower.close()
         await controller.close()  # local replicas stop, then the leases are released for the other replicas
         if listener is not None:
@@ -276,7 +309,7 @@ def build(config: DeployerConfig) -> GrpcService:
         name="deployer",
         full_name=SERVICE_NAME,
         method_roles=METHOD_ROLES,
-        add_servicers=lambda server: svc_grpc.add_DeployerServiceServicer_to_server(DeployerServicer(service), server),
+        add_servicers=lambda server: svc_grpc.add_DeployerServiceServicer_to_server(DeployerServicer(service, metrics), server),
         migrations_dir=MIGRATIONS,
         migrate=config.migrate,
         default_port=DEFAULT_PORT,

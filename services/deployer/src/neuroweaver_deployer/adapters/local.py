@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class Replica:
         self.failures = 0
         self.process: asyncio.subprocess.Process | None = None
         self.upstream: Upstream | None = None
+        self.started_at = 0.0  # wall-clock start of the current process
         self.last_error = ""
         self.settled = asyncio.Event()  # ready or failed
         self._stopping = False
@@ -106,6 +108,7 @@ class Replica:
         self.upstream = Upstream(
             f"{cfg.host}:{grpc_port}", f"{scheme}://{cfg.host}:{http_port}", f"{scheme}://{cfg.host}:{metrics_port}/metrics"
         )
+        self.started_at = time.time()  # its metrics count from 0 from here (GetDeploymentMetrics' first sample)
         log_path = cfg.log_dir / f"{self.dep.object_id}-{self.target.fingerprint()}-{self.index}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path

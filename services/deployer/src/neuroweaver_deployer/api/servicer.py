@@ -12,19 +12,21 @@ from neuroweaver_runtime.fieldmask import validate_update_mask
 
 from ..domain.model import UPDATABLE
 from ..service.deployer import DeployerService
-from . import convert
+from ..service.metrics import DeploymentMetrics
+from . import convert, convert_metrics
 
 V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 METHOD_ROLES = {
     "CreateDeployment": OP, "GetDeployment": V, "ListDeployments": V, "UpdateDeployment": OP, "DeleteDeployment": OP,
     "ScaleDeployment": OP, "RollbackDeployment": OP, "ListDeploymentRevisions": V, "WatchDeployment": V,
-    "RenderManifests": V,
+    "RenderManifests": V, "GetDeploymentMetrics": V,
 }  # fmt: skip
 
 
 class DeployerServicer(svc_grpc.DeployerServiceServicer):
-    def __init__(self, service: DeployerService) -> None:
+    def __init__(self, service: DeployerService, metrics: DeploymentMetrics) -> None:
         self.svc = service
+        self.metrics = metrics
 
     async def CreateDeployment(self, request, context):
         d = await self.svc.create(
@@ -76,3 +78,7 @@ class DeployerServicer(svc_grpc.DeployerServiceServicer):
             spec.name = request.deployment.name
         yaml_text, objects = await self.svc.render(request.name, spec)
         return svc.RenderManifestsResponse(yaml=yaml_text, objects=objects)
+
+    async def GetDeploymentMetrics(self, request, context):
+        performance = await self.metrics.get(request.name, convert_metrics.window_from_pb(request))
+        return convert_metrics.performance_to_pb(performance)

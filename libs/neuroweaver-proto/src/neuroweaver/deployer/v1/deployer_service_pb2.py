@@ -24,12 +24,14 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from neuroweaver.deployer.v1 import deployment_pb2 as neuroweaver_dot_deployer_dot_v1_dot_deployment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.neuroweaver/deployer/v1/deployer_service.proto\x12\x17neuroweaver.deployer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a(neuroweaver/deployer/v1/deployment.proto\"\xcc\x01\n\x17\x43reateDeploymentRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x1b\n\rdeployment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12=\n\ndeployment\x18\x03 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Q\n\x14GetDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"\xb6\x01\n\x16ListDeploymentsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"l\n\x17ListDeploymentsResponse\x12\x38\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x17UpdateDeploymentRequest\x12=\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"h\n\x17\x44\x65leteDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x16ScaleDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x16\n\x08replicas\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"q\n\x19RollbackDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x19\n\x0bto_revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\x98\x01\n\x1eListDeploymentRevisionsRequest\x12\x43\n\x06parent\x18\x01 \x01(\tB3\xe2\x41\x01\x02\xfa\x41,\x12*deployer.neuroweaver.ai/DeploymentRevision\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"z\n\x1fListDeploymentRevisionsResponse\x12>\n\trevisions\x18\x01 \x03(\x0b\x32+.neuroweaver.deployer.v1.DeploymentRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x16WatchDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"R\n\x17WatchDeploymentResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\"\x92\x01\n\x16RenderManifestsRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x01\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12=\n\ndeployment\x18\x02 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x01\"8\n\x17RenderManifestsResponse\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t2\x8e\t\n\x0f\x44\x65ployerService\x12i\n\x10\x43reateDeployment\x12\x30.neuroweaver.deployer.v1.CreateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12h\n\rGetDeployment\x12-.neuroweaver.deployer.v1.GetDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\"\x03\x90\x02\x01\x12y\n\x0fListDeployments\x12/.neuroweaver.deployer.v1.ListDeploymentsRequest\x1a\x30.neuroweaver.deployer.v1.ListDeploymentsResponse\"\x03\x90\x02\x01\x12i\n\x10UpdateDeployment\x12\x30.neuroweaver.deployer.v1.UpdateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\\\n\x10\x44\x65leteDeployment\x12\x30.neuroweaver.deployer.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0fScaleDeployment\x12/.neuroweaver.deployer.v1.ScaleDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12m\n\x12RollbackDeployment\x12\x32.neuroweaver.deployer.v1.RollbackDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\x91\x01\n\x17ListDeploymentRevisions\x12\x37.neuroweaver.deployer.v1.ListDeploymentRevisionsRequest\x1a\x38.neuroweaver.deployer.v1.ListDeploymentRevisionsResponse\"\x03\x90\x02\x01\x12{\n\x0fWatchDeployment\x12/.neuroweaver.deployer.v1.WatchDeploymentRequest\x1a\x30.neuroweaver.deployer.v1.WatchDeploymentResponse\"\x03\x90\x02\x01\x30\x01\x12y\n\x0fRenderManifests\x12/.neuroweaver.deployer.v1.RenderManifestsRequest\x1a\x30.neuroweaver.deployer.v1.RenderManifestsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.neuroweaver/deployer/v1/deployer_service.proto\x12\x17neuroweaver.deployer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a(neuroweaver/deployer/v1/deployment.proto\"\xcc\x01\n\x17\x43reateDeploymentRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x1b\n\rdeployment_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12=\n\ndeployment\x18\x03 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"Q\n\x14GetDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"\xb6\x01\n\x16ListDeploymentsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"deployer.neuroweaver.ai/Deployment\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"l\n\x17ListDeploymentsResponse\x12\x38\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32#.neuroweaver.deployer.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8f\x01\n\x17UpdateDeploymentRequest\x12=\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"h\n\x17\x44\x65leteDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x12\n\x04\x65tag\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x16ScaleDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x16\n\x08replicas\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"q\n\x19RollbackDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12\x19\n\x0bto_revision\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\x98\x01\n\x1eListDeploymentRevisionsRequest\x12\x43\n\x06parent\x18\x01 \x01(\tB3\xe2\x41\x01\x02\xfa\x41,\x12*deployer.neuroweaver.ai/DeploymentRevision\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"z\n\x1fListDeploymentRevisionsResponse\x12>\n\trevisions\x18\x01 \x03(\x0b\x32+.neuroweaver.deployer.v1.DeploymentRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x16WatchDeploymentRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\"R\n\x17WatchDeploymentResponse\x12\x37\n\ndeployment\x18\x01 \x01(\x0b\x32#.neuroweaver.deployer.v1.Deployment\"\x92\x01\n\x16RenderManifestsRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x01\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12=\n\ndeployment\x18\x02 \x01(\x0b\x32#.neuroweaver.deployer.v1.DeploymentB\x04\xe2\x41\x01\x01\"8\n\x17RenderManifestsResponse\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t\"\x89\x01\n\x1bGetDeploymentMetricsRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"deployer.neuroweaver.ai/Deployment\x12/\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\"\x95\x05\n\x10PerformanceStats\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x01\x12 \n\x13latency_p50_seconds\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13latency_p95_seconds\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12 \n\x13latency_p99_seconds\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12,\n\x1ftime_to_first_token_p50_seconds\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12,\n\x1ftime_to_first_token_p95_seconds\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12,\n\x1ftime_to_first_token_p99_seconds\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12 \n\x18output_tokens_per_second\x18\t \x01(\x01\x12\x17\n\nerror_rate\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11server_error_rate\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x13\n\x0bqueue_depth\x18\x0c \x01(\x01\x12\x19\n\x11inflight_requests\x18\r \x01(\x01\x42\x16\n\x14_latency_p50_secondsB\x16\n\x14_latency_p95_secondsB\x16\n\x14_latency_p99_secondsB\"\n _time_to_first_token_p50_secondsB\"\n _time_to_first_token_p95_secondsB\"\n _time_to_first_token_p99_secondsB\r\n\x0b_error_rateB\x14\n\x12_server_error_rate\"\x8b\x01\n\x12ReplicaPerformance\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x38\n\x05stats\x18\x02 \x01(\x0b\x32).neuroweaver.deployer.v1.PerformanceStats\x12*\n\x07\x63overed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x98\x03\n\x11\x44\x65ploymentMetrics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bsample_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x05total\x18\x04 \x01(\x0b\x32).neuroweaver.deployer.v1.PerformanceStats\x12=\n\x08replicas\x18\x05 \x03(\x0b\x32+.neuroweaver.deployer.v1.ReplicaPerformance\x12\x41\n\x06source\x18\x06 \x01(\x0e\x32\x31.neuroweaver.deployer.v1.DeploymentMetrics.Source\"]\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSOURCE_REPLICAS\x10\x01\x12\x15\n\x11SOURCE_PROMETHEUS\x10\x02\x12\x0f\n\x0bSOURCE_PODS\x10\x03\x32\x8d\n\n\x0f\x44\x65ployerService\x12i\n\x10\x43reateDeployment\x12\x30.neuroweaver.deployer.v1.CreateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12h\n\rGetDeployment\x12-.neuroweaver.deployer.v1.GetDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\"\x03\x90\x02\x01\x12y\n\x0fListDeployments\x12/.neuroweaver.deployer.v1.ListDeploymentsRequest\x1a\x30.neuroweaver.deployer.v1.ListDeploymentsResponse\"\x03\x90\x02\x01\x12i\n\x10UpdateDeployment\x12\x30.neuroweaver.deployer.v1.UpdateDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\\\n\x10\x44\x65leteDeployment\x12\x30.neuroweaver.deployer.v1.DeleteDeploymentRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0fScaleDeployment\x12/.neuroweaver.deployer.v1.ScaleDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12m\n\x12RollbackDeployment\x12\x32.neuroweaver.deployer.v1.RollbackDeploymentRequest\x1a#.neuroweaver.deployer.v1.Deployment\x12\x91\x01\n\x17ListDeploymentRevisions\x12\x37.neuroweaver.deployer.v1.ListDeploymentRevisionsRequest\x1a\x38.neuroweaver.deployer.v1.ListDeploymentRevisionsResponse\"\x03\x90\x02\x01\x12{\n\x0fWatchDeployment\x12/.neuroweaver.deployer.v1.WatchDeploymentRequest\x1a\x30.neuroweaver.deployer.v1.WatchDeploymentResponse\"\x03\x90\x02\x01\x30\x01\x12y\n\x0fRenderManifests\x12/.neuroweaver.deployer.v1.RenderManifestsRequest\x1a\x30.neuroweaver.deployer.v1.RenderManifestsResponse\"\x03\x90\x02\x01\x12}\n\x14GetDeploymentMetrics\x12\x34.neuroweaver.deployer.v1.GetDeploymentMetricsRequest\x1a*.neuroweaver.deployer.v1.DeploymentMetrics\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -84,6 +86,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\001\372A$\n\"deployer.neuroweaver.ai/Deployment'
   _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['deployment']._loaded_options = None
   _globals['_RENDERMANIFESTSREQUEST'].fields_by_name['deployment']._serialized_options = b'\342A\001\001'
+  _globals['_GETDEPLOYMENTMETRICSREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETDEPLOYMENTMETRICSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"deployer.neuroweaver.ai/Deployment'
+  _globals['_GETDEPLOYMENTMETRICSREQUEST'].fields_by_name['window']._loaded_options = None
+  _globals['_GETDEPLOYMENTMETRICSREQUEST'].fields_by_name['window']._serialized_options = b'\342A\001\001'
   _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeployment']._loaded_options = None
   _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeployment']._serialized_options = b'\220\002\001'
   _globals['_DEPLOYERSERVICE'].methods_by_name['ListDeployments']._loaded_options = None
@@ -94,34 +100,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEPLOYERSERVICE'].methods_by_name['WatchDeployment']._serialized_options = b'\220\002\001'
   _globals['_DEPLOYERSERVICE'].methods_by_name['RenderManifests']._loaded_options = None
   _globals['_DEPLOYERSERVICE'].methods_by_name['RenderManifests']._serialized_options = b'\220\002\001'
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=241
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=445
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=447
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=528
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=531
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=713
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=715
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=823
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=826
-  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=969
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=971
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1075
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=1077
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1184
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=1186
-  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=1299
-  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_start=1302
-  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_end=1454
-  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_start=1456
-  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_end=1578
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1580
-  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1663
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1665
-  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1747
-  _globals['_RENDERMANIFESTSREQUEST']._serialized_start=1750
-  _globals['_RENDERMANIFESTSREQUEST']._serialized_end=1896
-  _globals['_RENDERMANIFESTSRESPONSE']._serialized_start=1898
-  _globals['_RENDERMANIFESTSRESPONSE']._serialized_end=1954
-  _globals['_DEPLOYERSERVICE']._serialized_start=1957
-  _globals['_DEPLOYERSERVICE']._serialized_end=3123
+  _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeploymentMetrics']._loaded_options = None
+  _globals['_DEPLOYERSERVICE'].methods_by_name['GetDeploymentMetrics']._serialized_options = b'\220\002\001'
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=306
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=510
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=512
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=593
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=596
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=778
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=780
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=888
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_start=891
+  _globals['_UPDATEDEPLOYMENTREQUEST']._serialized_end=1034
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1036
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1140
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=1142
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1249
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_start=1251
+  _globals['_ROLLBACKDEPLOYMENTREQUEST']._serialized_end=1364
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_start=1367
+  _globals['_LISTDEPLOYMENTREVISIONSREQUEST']._serialized_end=1519
+  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_start=1521
+  _globals['_LISTDEPLOYMENTREVISIONSRESPONSE']._serialized_end=1643
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_start=1645
+  _globals['_WATCHDEPLOYMENTREQUEST']._serialized_end=1728
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_start=1730
+  _globals['_WATCHDEPLOYMENTRESPONSE']._serialized_end=1812
+  _globals['_RENDERMANIFESTSREQUEST']._serialized_start=1815
+  _globals['_RENDERMANIFESTSREQUEST']._serialized_end=1961
+  _globals['_RENDERMANIFESTSRESPONSE']._serialized_start=1963
+  _globals['_RENDERMANIFESTSRESPONSE']._serialized_end=2019
+  _globals['_GETDEPLOYMENTMETRICSREQUEST']._serialized_start=2022
+  _globals['_GETDEPLOYMENTMETRICSREQUEST']._serialized_end=2159
+  _globals['_PERFORMANCESTATS']._serialized_start=2162
+  _globals['_PERFORMANCESTATS']._serialized_end=2823
+  _globals['_REPLICAPERFORMANCE']._serialized_start=2826
+  _globals['_REPLICAPERFORMANCE']._serialized_end=2965
+  _globals['_DEPLOYMENTMETRICS']._serialized_start=2968
+  _globals['_DEPLOYMENTMETRICS']._serialized_end=3376
+  _globals['_DEPLOYMENTMETRICS_SOURCE']._serialized_start=3283
+  _globals['_DEPLOYMENTMETRICS_SOURCE']._serialized_end=3376
+  _globals['_DEPLOYERSERVICE']._serialized_start=3379
+  _globals['_DEPLOYERSERVICE']._serialized_end=4672
 # @@protoc_insertion_point(module_scope)

@@ -5,9 +5,12 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from neuroweaver.deployer.v1 import deployment_pb2 as _deployment_pb2
 import builtins as _builtins
 import sys
@@ -354,3 +357,232 @@ class RenderManifestsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenderManifestsResponse: _TypeAlias = RenderManifestsResponse  # noqa: Y015
+
+@_typing.final
+class GetDeploymentMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """How far back rates and quantiles look: 1 s to 1 h (whole seconds); unset = 60 s."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentMetricsRequest: _TypeAlias = GetDeploymentMetricsRequest  # noqa: Y015
+
+@_typing.final
+class PerformanceStats(_message.Message):
+    """Performance over a window. Counts and rates cover requests that finished in the window; quantiles are
+    interpolated within the model server's histogram buckets exactly as Prometheus' histogram_quantile does
+    (so they are estimates, never beyond the bucket that holds them); unset when no request finished.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_SECONDS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_SECONDS_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_P50_SECONDS_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_P95_SECONDS_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_P99_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    SERVER_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    INFLIGHT_REQUESTS_FIELD_NUMBER: _builtins.int
+    requests_per_second: _builtins.float
+    """Finished requests per second (every outcome, gRPC and HTTP)."""
+    requests: _builtins.float
+    """Requests finished in the window (a non-integer when Prometheus extrapolates)."""
+    latency_p50_seconds: _builtins.float
+    """Latency from admission to the last token, in seconds."""
+    latency_p95_seconds: _builtins.float
+    latency_p99_seconds: _builtins.float
+    time_to_first_token_p50_seconds: _builtins.float
+    """Time from admission to the first generated token, in seconds."""
+    time_to_first_token_p95_seconds: _builtins.float
+    time_to_first_token_p99_seconds: _builtins.float
+    output_tokens_per_second: _builtins.float
+    """Generated (completion) tokens per second."""
+    error_rate: _builtins.float
+    """Share of finished requests that failed, any failure (invalid requests included), 0..1."""
+    server_error_rate: _builtins.float
+    """Share of finished requests that failed with a server error (the codes the error-ratio alert counts:
+    Unknown, Internal, Unavailable, DeadlineExceeded, DataLoss, ResourceExhausted, HTTP 5xx), 0..1.
+    """
+    queue_depth: _builtins.float
+    """Requests waiting for the engine at the sample time."""
+    inflight_requests: _builtins.float
+    """Requests being decoded at the sample time."""
+    def __init__(
+        self,
+        *,
+        requests_per_second: _builtins.float = ...,
+        requests: _builtins.float = ...,
+        latency_p50_seconds: _builtins.float | None = ...,
+        latency_p95_seconds: _builtins.float | None = ...,
+        latency_p99_seconds: _builtins.float | None = ...,
+        time_to_first_token_p50_seconds: _builtins.float | None = ...,
+        time_to_first_token_p95_seconds: _builtins.float | None = ...,
+        time_to_first_token_p99_seconds: _builtins.float | None = ...,
+        output_tokens_per_second: _builtins.float = ...,
+        error_rate: _builtins.float | None = ...,
+        server_error_rate: _builtins.float | None = ...,
+        queue_depth: _builtins.float = ...,
+        inflight_requests: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate", "_latency_p50_seconds", b"_latency_p50_seconds", "_latency_p95_seconds", b"_latency_p95_seconds", "_latency_p99_seconds", b"_latency_p99_seconds", "_server_error_rate", b"_server_error_rate", "_time_to_first_token_p50_seconds", b"_time_to_first_token_p50_seconds", "_time_to_first_token_p95_seconds", b"_time_to_first_token_p95_seconds", "_time_to_first_token_p99_seconds", b"_time_to_first_token_p99_seconds", "error_rate", b"error_rate", "latency_p50_seconds", b"latency_p50_seconds", "latency_p95_seconds", b"latency_p95_seconds", "latency_p99_seconds", b"latency_p99_seconds", "server_error_rate", b"server_error_rate", "time_to_first_token_p50_seconds", b"time_to_first_token_p50_seconds", "time_to_first_token_p95_seconds", b"time_to_first_token_p95_seconds", "time_to_first_token_p99_seconds", b"time_to_first_token_p99_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate", "_latency_p50_seconds", b"_latency_p50_seconds", "_latency_p95_seconds", b"_latency_p95_seconds", "_latency_p99_seconds", b"_latency_p99_seconds", "_server_error_rate", b"_server_error_rate", "_time_to_first_token_p50_seconds", b"_time_to_first_token_p50_seconds", "_time_to_first_token_p95_seconds", b"_time_to_first_token_p95_seconds", "_time_to_first_token_p99_seconds", b"_time_to_first_token_p99_seconds", "error_rate", b"error_rate", "inflight_requests", b"inflight_requests", "latency_p50_seconds", b"latency_p50_seconds", "latency_p95_seconds", b"latency_p95_seconds", "latency_p99_seconds", b"latency_p99_seconds", "output_tokens_per_second", b"output_tokens_per_second", "queue_depth", b"queue_depth", "requests", b"requests", "requests_per_second", b"requests_per_second", "server_error_rate", b"server_error_rate", "time_to_first_token_p50_seconds", b"time_to_first_token_p50_seconds", "time_to_first_token_p95_seconds", b"time_to_first_token_p95_seconds", "time_to_first_token_p99_seconds", b"time_to_first_token_p99_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error_rate: _TypeAlias = _typing.Literal["error_rate"]  # noqa: Y015
+    _WhichOneofArgType__error_rate: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p50_seconds: _TypeAlias = _typing.Literal["latency_p50_seconds"]  # noqa: Y015
+    _WhichOneofArgType__latency_p50_seconds: _TypeAlias = _typing.Literal["_latency_p50_seconds", b"_latency_p50_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p95_seconds: _TypeAlias = _typing.Literal["latency_p95_seconds"]  # noqa: Y015
+    _WhichOneofArgType__latency_p95_seconds: _TypeAlias = _typing.Literal["_latency_p95_seconds", b"_latency_p95_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p99_seconds: _TypeAlias = _typing.Literal["latency_p99_seconds"]  # noqa: Y015
+    _WhichOneofArgType__latency_p99_seconds: _TypeAlias = _typing.Literal["_latency_p99_seconds", b"_latency_p99_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__server_error_rate: _TypeAlias = _typing.Literal["server_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__server_error_rate: _TypeAlias = _typing.Literal["_server_error_rate", b"_server_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__time_to_first_token_p50_seconds: _TypeAlias = _typing.Literal["time_to_first_token_p50_seconds"]  # noqa: Y015
+    _WhichOneofArgType__time_to_first_token_p50_seconds: _TypeAlias = _typing.Literal["_time_to_first_token_p50_seconds", b"_time_to_first_token_p50_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__time_to_first_token_p95_seconds: _TypeAlias = _typing.Literal["time_to_first_token_p95_seconds"]  # noqa: Y015
+    _WhichOneofArgType__time_to_first_token_p95_seconds: _TypeAlias = _typing.Literal["_time_to_first_token_p95_seconds", b"_time_to_first_token_p95_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__time_to_first_token_p99_seconds: _TypeAlias = _typing.Literal["time_to_first_token_p99_seconds"]  # noqa: Y015
+    _WhichOneofArgType__time_to_first_token_p99_seconds: _TypeAlias = _typing.Literal["_time_to_first_token_p99_seconds", b"_time_to_first_token_p99_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_rate) -> _WhichOneofReturnType__error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p50_seconds) -> _WhichOneofReturnType__latency_p50_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p95_seconds) -> _WhichOneofReturnType__latency_p95_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p99_seconds) -> _WhichOneofReturnType__latency_p99_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__server_error_rate) -> _WhichOneofReturnType__server_error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_to_first_token_p50_seconds) -> _WhichOneofReturnType__time_to_first_token_p50_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_to_first_token_p95_seconds) -> _WhichOneofReturnType__time_to_first_token_p95_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__time_to_first_token_p99_seconds) -> _WhichOneofReturnType__time_to_first_token_p99_seconds | None: ...
+
+Global___PerformanceStats: _TypeAlias = PerformanceStats  # noqa: Y015
+
+@_typing.final
+class ReplicaPerformance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    COVERED_FIELD_NUMBER: _builtins.int
+    replica: _builtins.str
+    """The replica: its gRPC address (local) or its pod (Kubernetes)."""
+    @_builtins.property
+    def stats(self) -> Global___PerformanceStats: ...
+    @_builtins.property
+    def covered(self) -> _duration_pb2.Duration:
+        """The span the numbers really cover: the window, or less when the replica started within it."""
+
+    def __init__(
+        self,
+        *,
+        replica: _builtins.str = ...,
+        stats: Global___PerformanceStats | None = ...,
+        covered: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "replica", b"replica", "stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaPerformance: _TypeAlias = ReplicaPerformance  # noqa: Y015
+
+@_typing.final
+class DeploymentMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Source:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _SourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[DeploymentMetrics._Source.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        SOURCE_UNSPECIFIED: DeploymentMetrics._Source.ValueType  # 0
+        SOURCE_REPLICAS: DeploymentMetrics._Source.ValueType  # 1
+        """The deployer read each local replica's /metrics (a ring of recent scrapes per replica)."""
+        SOURCE_PROMETHEUS: DeploymentMetrics._Source.ValueType  # 2
+        """PromQL over Prometheus' HTTP API (--prometheus-url)."""
+        SOURCE_PODS: DeploymentMetrics._Source.ValueType  # 3
+        """The deployer read each Kubernetes pod's /metrics (no Prometheus configured)."""
+
+    class Source(_Source, metaclass=_SourceEnumTypeWrapper):
+        """Where the numbers come from."""
+
+    SOURCE_UNSPECIFIED: DeploymentMetrics.Source.ValueType  # 0
+    SOURCE_REPLICAS: DeploymentMetrics.Source.ValueType  # 1
+    """The deployer read each local replica's /metrics (a ring of recent scrapes per replica)."""
+    SOURCE_PROMETHEUS: DeploymentMetrics.Source.ValueType  # 2
+    """PromQL over Prometheus' HTTP API (--prometheus-url)."""
+    SOURCE_PODS: DeploymentMetrics.Source.ValueType  # 3
+    """The deployer read each Kubernetes pod's /metrics (no Prometheus configured)."""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    SAMPLE_TIME_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deployment."""
+    source: Global___DeploymentMetrics.Source.ValueType
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window asked for."""
+
+    @_builtins.property
+    def sample_time(self) -> _timestamp_pb2.Timestamp:
+        """When the newest sample was taken."""
+
+    @_builtins.property
+    def total(self) -> Global___PerformanceStats:
+        """All replicas together (rates summed, quantiles over the merged histograms)."""
+
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaPerformance]:
+        """One entry per replica serving now, in a stable order."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+        sample_time: _timestamp_pb2.Timestamp | None = ...,
+        total: Global___PerformanceStats | None = ...,
+        replicas: _abc.Iterable[Global___ReplicaPerformance] | None = ...,
+        source: Global___DeploymentMetrics.Source.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sample_time", b"sample_time", "total", b"total", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "replicas", b"replicas", "sample_time", b"sample_time", "source", b"source", "total", b"total", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentMetrics: _TypeAlias = DeploymentMetrics  # noqa: Y015

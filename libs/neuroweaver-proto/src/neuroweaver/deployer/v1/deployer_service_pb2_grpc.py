@@ -89,6 +89,11 @@ class DeployerServiceStub:
                 request_serializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsResponse.FromString,
                 _registered_method=True)
+        self.GetDeploymentMetrics = channel.unary_unary(
+                '/neuroweaver.deployer.v1.DeployerService/GetDeploymentMetrics',
+                request_serializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.GetDeploymentMetricsRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.DeploymentMetrics.FromString,
+                _registered_method=True)
 
 
 class DeployerServiceServicer:
@@ -166,6 +171,16 @@ class DeployerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDeploymentMetrics(self, request, context):
+        """Live performance over a window the caller picks: requests/s, latency and time-to-first-token quantiles,
+        output tokens/s, error rates, queue depth, per replica and in total. LOCAL: read from the replicas' /metrics
+        by the deployer replica that runs them (another deployer replica answers FAILED_PRECONDITION
+        METRICS_ELSEWHERE); KUBERNETES: PromQL against --prometheus-url when set, else the pods' /metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeployerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +233,11 @@ def add_DeployerServiceServicer_to_server(servicer, server):
                     servicer.RenderManifests,
                     request_deserializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsRequest.FromString,
                     response_serializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsResponse.SerializeToString,
+            ),
+            'GetDeploymentMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeploymentMetrics,
+                    request_deserializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.GetDeploymentMetricsRequest.FromString,
+                    response_serializer=neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.DeploymentMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +513,33 @@ class DeployerService:
             '/neuroweaver.deployer.v1.DeployerService/RenderManifests',
             neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsRequest.SerializeToString,
             neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.RenderManifestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeploymentMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.deployer.v1.DeployerService/GetDeploymentMetrics',
+            neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.GetDeploymentMetricsRequest.SerializeToString,
+            neuroweaver_dot_deployer_dot_v1_dot_deployer__service__pb2.DeploymentMetrics.FromString,
             options,
             channel_credentials,
             insecure,

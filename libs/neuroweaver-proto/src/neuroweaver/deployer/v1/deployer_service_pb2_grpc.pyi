@@ -58,6 +58,12 @@ class DeployerServiceStub:
     """Streams the deployment on every status change, starting with its current state; ends when it is deleted."""
     RenderManifests: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.RenderManifestsRequest, _deployer_service_pb2.RenderManifestsResponse]
     """Renders the Kubernetes manifests of a deployment spec without applying anything."""
+    GetDeploymentMetrics: _grpc.UnaryUnaryMultiCallable[_deployer_service_pb2.GetDeploymentMetricsRequest, _deployer_service_pb2.DeploymentMetrics]
+    """Live performance over a window the caller picks: requests/s, latency and time-to-first-token quantiles,
+    output tokens/s, error rates, queue depth, per replica and in total. LOCAL: read from the replicas' /metrics
+    by the deployer replica that runs them (another deployer replica answers FAILED_PRECONDITION
+    METRICS_ELSEWHERE); KUBERNETES: PromQL against --prometheus-url when set, else the pods' /metrics.
+    """
 
 @_typing.type_check_only
 class DeployerServiceAsyncStub(DeployerServiceStub):
@@ -87,6 +93,12 @@ class DeployerServiceAsyncStub(DeployerServiceStub):
     """Streams the deployment on every status change, starting with its current state; ends when it is deleted."""
     RenderManifests: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.RenderManifestsRequest, _deployer_service_pb2.RenderManifestsResponse]  # type: ignore[assignment]
     """Renders the Kubernetes manifests of a deployment spec without applying anything."""
+    GetDeploymentMetrics: _aio.UnaryUnaryMultiCallable[_deployer_service_pb2.GetDeploymentMetricsRequest, _deployer_service_pb2.DeploymentMetrics]  # type: ignore[assignment]
+    """Live performance over a window the caller picks: requests/s, latency and time-to-first-token quantiles,
+    output tokens/s, error rates, queue depth, per replica and in total. LOCAL: read from the replicas' /metrics
+    by the deployer replica that runs them (another deployer replica answers FAILED_PRECONDITION
+    METRICS_ELSEWHERE); KUBERNETES: PromQL against --prometheus-url when set, else the pods' /metrics.
+    """
 
 class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves registered model versions (base + LoRA adapter) through the NeuroWeaver model server, as
@@ -173,5 +185,17 @@ class DeployerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_deployer_service_pb2.RenderManifestsResponse, _abc.Awaitable[_deployer_service_pb2.RenderManifestsResponse]]:
         """Renders the Kubernetes manifests of a deployment spec without applying anything."""
+
+    @_abc_1.abstractmethod
+    def GetDeploymentMetrics(
+        self,
+        request: _deployer_service_pb2.GetDeploymentMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deployer_service_pb2.DeploymentMetrics, _abc.Awaitable[_deployer_service_pb2.DeploymentMetrics]]:
+        """Live performance over a window the caller picks: requests/s, latency and time-to-first-token quantiles,
+        output tokens/s, error rates, queue depth, per replica and in total. LOCAL: read from the replicas' /metrics
+        by the deployer replica that runs them (another deployer replica answers FAILED_PRECONDITION
+        METRICS_ELSEWHERE); KUBERNETES: PromQL against --prometheus-url when set, else the pods' /metrics.
+        """
 
 def add_DeployerServiceServicer_to_server(servicer: DeployerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

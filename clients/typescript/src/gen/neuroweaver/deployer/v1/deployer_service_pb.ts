@@ -2,12 +2,12 @@
 // @generated from file neuroweaver/deployer/v1/deployer_service.proto (package neuroweaver.deployer.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
-import type { EmptySchema, FieldMask } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_empty, file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
+import type { Duration, EmptySchema, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Deployment, DeploymentRevision, DeploymentSchema } from "./deployment_pb.js";
 import { file_neuroweaver_deployer_v1_deployment } from "./deployment_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/deployer/v1/deployer_service.proto.
  */
 export const file_neuroweaver_deployer_v1_deployer_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci5uZXVyb3dlYXZlci9kZXBsb3llci92MS9kZXBsb3llcl9zZXJ2aWNlLnByb3RvEhduZXVyb3dlYXZlci5kZXBsb3llci52MSLMAQoXQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QSOwoGcGFyZW50GAEgASgJQiviQQEC+kEkEiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50EhsKDWRlcGxveW1lbnRfaWQYAiABKAlCBOJBAQISPQoKZGVwbG95bWVudBgDIAEoCzIjLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnRCBOJBAQISGAoKcmVxdWVzdF9pZBgEIAEoCUIE4kEBASJRChRHZXREZXBsb3ltZW50UmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50IrYBChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIiZGVwbG95ZXIubmV1cm93ZWF2ZXIuYWkvRGVwbG95bWVudBIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibAoXTGlzdERlcGxveW1lbnRzUmVzcG9uc2USOAoLZGVwbG95bWVudHMYASADKAsyIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKPAQoXVXBkYXRlRGVwbG95bWVudFJlcXVlc3QSPQoKZGVwbG95bWVudBgBIAEoCzIjLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnRCBOJBAQISNQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQgTiQQECImgKF0RlbGV0ZURlcGxveW1lbnRSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSEgoEZXRhZxgCIAEoCUIE4kEBASJrChZTY2FsZURlcGxveW1lbnRSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSFgoIcmVwbGljYXMYAiABKAVCBOJBAQIicQoZUm9sbGJhY2tEZXBsb3ltZW50UmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50EhkKC3RvX3JldmlzaW9uGAIgASgDQgTiQQEBIpgBCh5MaXN0RGVwbG95bWVudFJldmlzaW9uc1JlcXVlc3QSQwoGcGFyZW50GAEgASgJQjPiQQEC+kEsEipkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50UmV2aXNpb24SFwoJcGFnZV9zaXplGAIgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YAyABKAlCBOJBAQEiegofTGlzdERlcGxveW1lbnRSZXZpc2lvbnNSZXNwb25zZRI+CglyZXZpc2lvbnMYASADKAsyKy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50UmV2aXNpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlMKFldhdGNoRGVwbG95bWVudFJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoiZGVwbG95ZXIubmV1cm93ZWF2ZXIuYWkvRGVwbG95bWVudCJSChdXYXRjaERlcGxveW1lbnRSZXNwb25zZRI3CgpkZXBsb3ltZW50GAEgASgLMiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudCKSAQoWUmVuZGVyTWFuaWZlc3RzUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Ej0KCmRlcGxveW1lbnQYAiABKAsyIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50QgTiQQEBIjgKF1JlbmRlck1hbmlmZXN0c1Jlc3BvbnNlEgwKBHlhbWwYASABKAkSDwoHb2JqZWN0cxgCIAMoCTKOCQoPRGVwbG95ZXJTZXJ2aWNlEmkKEENyZWF0ZURlcGxveW1lbnQSMC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBojLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnQSaAoNR2V0RGVwbG95bWVudBItLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkdldERlcGxveW1lbnRSZXF1ZXN0GiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudCIDkAIBEnkKD0xpc3REZXBsb3ltZW50cxIvLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkxpc3REZXBsb3ltZW50c1JlcXVlc3QaMC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5MaXN0RGVwbG95bWVudHNSZXNwb25zZSIDkAIBEmkKEFVwZGF0ZURlcGxveW1lbnQSMC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5VcGRhdGVEZXBsb3ltZW50UmVxdWVzdBojLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnQSXAoQRGVsZXRlRGVwbG95bWVudBIwLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlbGV0ZURlcGxveW1lbnRSZXF1ZXN0GhYuZ29vZ2xlLnByb3RvYnVmLkVtcHR5EmcKD1NjYWxlRGVwbG95bWVudBIvLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLlNjYWxlRGVwbG95bWVudFJlcXVlc3QaIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50Em0KElJvbGxiYWNrRGVwbG95bWVudBIyLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLlJvbGxiYWNrRGVwbG95bWVudFJlcXVlc3QaIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50EpEBChdMaXN0RGVwbG95bWVudFJldmlzaW9ucxI3Lm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkxpc3REZXBsb3ltZW50UmV2aXNpb25zUmVxdWVzdBo4Lm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkxpc3REZXBsb3ltZW50UmV2aXNpb25zUmVzcG9uc2UiA5ACARJ7Cg9XYXRjaERlcGxveW1lbnQSLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5XYXRjaERlcGxveW1lbnRSZXF1ZXN0GjAubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuV2F0Y2hEZXBsb3ltZW50UmVzcG9uc2UiA5ACATABEnkKD1JlbmRlck1hbmlmZXN0cxIvLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLlJlbmRlck1hbmlmZXN0c1JlcXVlc3QaMC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5SZW5kZXJNYW5pZmVzdHNSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_google_protobuf_field_mask, file_neuroweaver_deployer_v1_deployment]);
+  fileDesc("Ci5uZXVyb3dlYXZlci9kZXBsb3llci92MS9kZXBsb3llcl9zZXJ2aWNlLnByb3RvEhduZXVyb3dlYXZlci5kZXBsb3llci52MSLMAQoXQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QSOwoGcGFyZW50GAEgASgJQiviQQEC+kEkEiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50EhsKDWRlcGxveW1lbnRfaWQYAiABKAlCBOJBAQISPQoKZGVwbG95bWVudBgDIAEoCzIjLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnRCBOJBAQISGAoKcmVxdWVzdF9pZBgEIAEoCUIE4kEBASJRChRHZXREZXBsb3ltZW50UmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50IrYBChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIiZGVwbG95ZXIubmV1cm93ZWF2ZXIuYWkvRGVwbG95bWVudBIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibAoXTGlzdERlcGxveW1lbnRzUmVzcG9uc2USOAoLZGVwbG95bWVudHMYASADKAsyIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKPAQoXVXBkYXRlRGVwbG95bWVudFJlcXVlc3QSPQoKZGVwbG95bWVudBgBIAEoCzIjLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnRCBOJBAQISNQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQgTiQQECImgKF0RlbGV0ZURlcGxveW1lbnRSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSEgoEZXRhZxgCIAEoCUIE4kEBASJrChZTY2FsZURlcGxveW1lbnRSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSFgoIcmVwbGljYXMYAiABKAVCBOJBAQIicQoZUm9sbGJhY2tEZXBsb3ltZW50UmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50EhkKC3RvX3JldmlzaW9uGAIgASgDQgTiQQEBIpgBCh5MaXN0RGVwbG95bWVudFJldmlzaW9uc1JlcXVlc3QSQwoGcGFyZW50GAEgASgJQjPiQQEC+kEsEipkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50UmV2aXNpb24SFwoJcGFnZV9zaXplGAIgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YAyABKAlCBOJBAQEiegofTGlzdERlcGxveW1lbnRSZXZpc2lvbnNSZXNwb25zZRI+CglyZXZpc2lvbnMYASADKAsyKy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50UmV2aXNpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlMKFldhdGNoRGVwbG95bWVudFJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoiZGVwbG95ZXIubmV1cm93ZWF2ZXIuYWkvRGVwbG95bWVudCJSChdXYXRjaERlcGxveW1lbnRSZXNwb25zZRI3CgpkZXBsb3ltZW50GAEgASgLMiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudCKSAQoWUmVuZGVyTWFuaWZlc3RzUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEB+kEkCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Ej0KCmRlcGxveW1lbnQYAiABKAsyIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50QgTiQQEBIjgKF1JlbmRlck1hbmlmZXN0c1Jlc3BvbnNlEgwKBHlhbWwYASABKAkSDwoHb2JqZWN0cxgCIAMoCSKJAQobR2V0RGVwbG95bWVudE1ldHJpY3NSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSLwoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgTiQQEBIpUFChBQZXJmb3JtYW5jZVN0YXRzEhsKE3JlcXVlc3RzX3Blcl9zZWNvbmQYASABKAESEAoIcmVxdWVzdHMYAiABKAESIAoTbGF0ZW5jeV9wNTBfc2Vjb25kcxgDIAEoAUgAiAEBEiAKE2xhdGVuY3lfcDk1X3NlY29uZHMYBCABKAFIAYgBARIgChNsYXRlbmN5X3A5OV9zZWNvbmRzGAUgASgBSAKIAQESLAofdGltZV90b19maXJzdF90b2tlbl9wNTBfc2Vjb25kcxgGIAEoAUgDiAEBEiwKH3RpbWVfdG9fZmlyc3RfdG9rZW5fcDk1X3NlY29uZHMYByABKAFIBIgBARIsCh90aW1lX3RvX2ZpcnN0X3Rva2VuX3A5OV9zZWNvbmRzGAggASgBSAWIAQESIAoYb3V0cHV0X3Rva2Vuc19wZXJfc2Vjb25kGAkgASgBEhcKCmVycm9yX3JhdGUYCiABKAFIBogBARIeChFzZXJ2ZXJfZXJyb3JfcmF0ZRgLIAEoAUgHiAEBEhMKC3F1ZXVlX2RlcHRoGAwgASgBEhkKEWluZmxpZ2h0X3JlcXVlc3RzGA0gASgBQhYKFF9sYXRlbmN5X3A1MF9zZWNvbmRzQhYKFF9sYXRlbmN5X3A5NV9zZWNvbmRzQhYKFF9sYXRlbmN5X3A5OV9zZWNvbmRzQiIKIF90aW1lX3RvX2ZpcnN0X3Rva2VuX3A1MF9zZWNvbmRzQiIKIF90aW1lX3RvX2ZpcnN0X3Rva2VuX3A5NV9zZWNvbmRzQiIKIF90aW1lX3RvX2ZpcnN0X3Rva2VuX3A5OV9zZWNvbmRzQg0KC19lcnJvcl9yYXRlQhQKEl9zZXJ2ZXJfZXJyb3JfcmF0ZSKLAQoSUmVwbGljYVBlcmZvcm1hbmNlEg8KB3JlcGxpY2EYASABKAkSOAoFc3RhdHMYAiABKAsyKS5uZXVyb3dlYXZlci5kZXBsb3llci52MS5QZXJmb3JtYW5jZVN0YXRzEioKB2NvdmVyZWQYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24imAMKEURlcGxveW1lbnRNZXRyaWNzEgwKBG5hbWUYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KC3NhbXBsZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI4CgV0b3RhbBgEIAEoCzIpLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLlBlcmZvcm1hbmNlU3RhdHMSPQoIcmVwbGljYXMYBSADKAsyKy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5SZXBsaWNhUGVyZm9ybWFuY2USQQoGc291cmNlGAYgASgOMjEubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudE1ldHJpY3MuU291cmNlIl0KBlNvdXJjZRIWChJTT1VSQ0VfVU5TUEVDSUZJRUQQABITCg9TT1VSQ0VfUkVQTElDQVMQARIVChFTT1VSQ0VfUFJPTUVUSEVVUxACEg8KC1NPVVJDRV9QT0RTEAMyjQoKD0RlcGxveWVyU2VydmljZRJpChBDcmVhdGVEZXBsb3ltZW50EjAubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QaIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50EmgKDUdldERlcGxveW1lbnQSLS5uZXVyb3dlYXZlci5kZXBsb3llci52MS5HZXREZXBsb3ltZW50UmVxdWVzdBojLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnQiA5ACARJ5Cg9MaXN0RGVwbG95bWVudHMSLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5MaXN0RGVwbG95bWVudHNSZXF1ZXN0GjAubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuTGlzdERlcGxveW1lbnRzUmVzcG9uc2UiA5ACARJpChBVcGRhdGVEZXBsb3ltZW50EjAubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuVXBkYXRlRGVwbG95bWVudFJlcXVlc3QaIy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50ElwKEERlbGV0ZURlcGxveW1lbnQSMC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZWxldGVEZXBsb3ltZW50UmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRJnCg9TY2FsZURlcGxveW1lbnQSLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5TY2FsZURlcGxveW1lbnRSZXF1ZXN0GiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudBJtChJSb2xsYmFja0RlcGxveW1lbnQSMi5uZXVyb3dlYXZlci5kZXBsb3llci52MS5Sb2xsYmFja0RlcGxveW1lbnRSZXF1ZXN0GiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudBKRAQoXTGlzdERlcGxveW1lbnRSZXZpc2lvbnMSNy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5MaXN0RGVwbG95bWVudFJldmlzaW9uc1JlcXVlc3QaOC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5MaXN0RGVwbG95bWVudFJldmlzaW9uc1Jlc3BvbnNlIgOQAgESewoPV2F0Y2hEZXBsb3ltZW50Ei8ubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuV2F0Y2hEZXBsb3ltZW50UmVxdWVzdBowLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLldhdGNoRGVwbG95bWVudFJlc3BvbnNlIgOQAgEwARJ5Cg9SZW5kZXJNYW5pZmVzdHMSLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5SZW5kZXJNYW5pZmVzdHNSZXF1ZXN0GjAubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuUmVuZGVyTWFuaWZlc3RzUmVzcG9uc2UiA5ACARJ9ChRHZXREZXBsb3ltZW50TWV0cmljcxI0Lm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkdldERlcGxveW1lbnRNZXRyaWNzUmVxdWVzdBoqLm5ldXJvd2VhdmVyLmRlcGxveWVyLnYxLkRlcGxveW1lbnRNZXRyaWNzIgOQAgFiBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_neuroweaver_deployer_v1_deployment]);
 
 /**
  * @generated from message neuroweaver.deployer.v1.CreateDeploymentRequest
@@ -356,6 +356,252 @@ export const RenderManifestsResponseSchema: GenMessage<RenderManifestsResponse> 
   messageDesc(file_neuroweaver_deployer_v1_deployer_service, 13);
 
 /**
+ * @generated from message neuroweaver.deployer.v1.GetDeploymentMetricsRequest
+ */
+export type GetDeploymentMetricsRequest = Message<"neuroweaver.deployer.v1.GetDeploymentMetricsRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * How far back rates and quantiles look: 1 s to 1 h (whole seconds); unset = 60 s.
+   *
+   * @generated from field: google.protobuf.Duration window = 2;
+   */
+  window?: Duration | undefined;
+};
+
+/**
+ * Describes the message neuroweaver.deployer.v1.GetDeploymentMetricsRequest.
+ * Use `create(GetDeploymentMetricsRequestSchema)` to create a new message.
+ */
+export const GetDeploymentMetricsRequestSchema: GenMessage<GetDeploymentMetricsRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_deployer_v1_deployer_service, 14);
+
+/**
+ * Performance over a window. Counts and rates cover requests that finished in the window; quantiles are
+ * interpolated within the model server's histogram buckets exactly as Prometheus' histogram_quantile does
+ * (so they are estimates, never beyond the bucket that holds them); unset when no request finished.
+ *
+ * @generated from message neuroweaver.deployer.v1.PerformanceStats
+ */
+export type PerformanceStats = Message<"neuroweaver.deployer.v1.PerformanceStats"> & {
+  /**
+   * Finished requests per second (every outcome, gRPC and HTTP).
+   *
+   * @generated from field: double requests_per_second = 1;
+   */
+  requestsPerSecond: number;
+
+  /**
+   * Requests finished in the window (a non-integer when Prometheus extrapolates).
+   *
+   * @generated from field: double requests = 2;
+   */
+  requests: number;
+
+  /**
+   * Latency from admission to the last token, in seconds.
+   *
+   * @generated from field: optional double latency_p50_seconds = 3;
+   */
+  latencyP50Seconds?: number | undefined;
+
+  /**
+   * @generated from field: optional double latency_p95_seconds = 4;
+   */
+  latencyP95Seconds?: number | undefined;
+
+  /**
+   * @generated from field: optional double latency_p99_seconds = 5;
+   */
+  latencyP99Seconds?: number | undefined;
+
+  /**
+   * Time from admission to the first generated token, in seconds.
+   *
+   * @generated from field: optional double time_to_first_token_p50_seconds = 6;
+   */
+  timeToFirstTokenP50Seconds?: number | undefined;
+
+  /**
+   * @generated from field: optional double time_to_first_token_p95_seconds = 7;
+   */
+  timeToFirstTokenP95Seconds?: number | undefined;
+
+  /**
+   * @generated from field: optional double time_to_first_token_p99_seconds = 8;
+   */
+  timeToFirstTokenP99Seconds?: number | undefined;
+
+  /**
+   * Generated (completion) tokens per second.
+   *
+   * @generated from field: double output_tokens_per_second = 9;
+   */
+  outputTokensPerSecond: number;
+
+  /**
+   * Share of finished requests that failed, any failure (invalid requests included), 0..1.
+   *
+   * @generated from field: optional double error_rate = 10;
+   */
+  errorRate?: number | undefined;
+
+  /**
+   * Share of finished requests that failed with a server error (the codes the error-ratio alert counts:
+   * Unknown, Internal, Unavailable, DeadlineExceeded, DataLoss, ResourceExhausted, HTTP 5xx), 0..1.
+   *
+   * @generated from field: optional double server_error_rate = 11;
+   */
+  serverErrorRate?: number | undefined;
+
+  /**
+   * Requests waiting for the engine at the sample time.
+   *
+   * @generated from field: double queue_depth = 12;
+   */
+  queueDepth: number;
+
+  /**
+   * Requests being decoded at the sample time.
+   *
+   * @generated from field: double inflight_requests = 13;
+   */
+  inflightRequests: number;
+};
+
+/**
+ * Describes the message neuroweaver.deployer.v1.PerformanceStats.
+ * Use `create(PerformanceStatsSchema)` to create a new message.
+ */
+export const PerformanceStatsSchema: GenMessage<PerformanceStats> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_deployer_v1_deployer_service, 15);
+
+/**
+ * @generated from message neuroweaver.deployer.v1.ReplicaPerformance
+ */
+export type ReplicaPerformance = Message<"neuroweaver.deployer.v1.ReplicaPerformance"> & {
+  /**
+   * The replica: its gRPC address (local) or its pod (Kubernetes).
+   *
+   * @generated from field: string replica = 1;
+   */
+  replica: string;
+
+  /**
+   * @generated from field: neuroweaver.deployer.v1.PerformanceStats stats = 2;
+   */
+  stats?: PerformanceStats | undefined;
+
+  /**
+   * The span the numbers really cover: the window, or less when the replica started within it.
+   *
+   * @generated from field: google.protobuf.Duration covered = 3;
+   */
+  covered?: Duration | undefined;
+};
+
+/**
+ * Describes the message neuroweaver.deployer.v1.ReplicaPerformance.
+ * Use `create(ReplicaPerformanceSchema)` to create a new message.
+ */
+export const ReplicaPerformanceSchema: GenMessage<ReplicaPerformance> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_deployer_v1_deployer_service, 16);
+
+/**
+ * @generated from message neuroweaver.deployer.v1.DeploymentMetrics
+ */
+export type DeploymentMetrics = Message<"neuroweaver.deployer.v1.DeploymentMetrics"> & {
+  /**
+   * The deployment.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The window asked for.
+   *
+   * @generated from field: google.protobuf.Duration window = 2;
+   */
+  window?: Duration | undefined;
+
+  /**
+   * When the newest sample was taken.
+   *
+   * @generated from field: google.protobuf.Timestamp sample_time = 3;
+   */
+  sampleTime?: Timestamp | undefined;
+
+  /**
+   * All replicas together (rates summed, quantiles over the merged histograms).
+   *
+   * @generated from field: neuroweaver.deployer.v1.PerformanceStats total = 4;
+   */
+  total?: PerformanceStats | undefined;
+
+  /**
+   * One entry per replica serving now, in a stable order.
+   *
+   * @generated from field: repeated neuroweaver.deployer.v1.ReplicaPerformance replicas = 5;
+   */
+  replicas: ReplicaPerformance[];
+
+  /**
+   * @generated from field: neuroweaver.deployer.v1.DeploymentMetrics.Source source = 6;
+   */
+  source: DeploymentMetrics_Source;
+};
+
+/**
+ * Describes the message neuroweaver.deployer.v1.DeploymentMetrics.
+ * Use `create(DeploymentMetricsSchema)` to create a new message.
+ */
+export const DeploymentMetricsSchema: GenMessage<DeploymentMetrics> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_deployer_v1_deployer_service, 17);
+
+/**
+ * Where the numbers come from.
+ *
+ * @generated from enum neuroweaver.deployer.v1.DeploymentMetrics.Source
+ */
+export enum DeploymentMetrics_Source {
+  /**
+   * @generated from enum value: SOURCE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The deployer read each local replica's /metrics (a ring of recent scrapes per replica).
+   *
+   * @generated from enum value: SOURCE_REPLICAS = 1;
+   */
+  REPLICAS = 1,
+
+  /**
+   * PromQL over Prometheus' HTTP API (--prometheus-url).
+   *
+   * @generated from enum value: SOURCE_PROMETHEUS = 2;
+   */
+  PROMETHEUS = 2,
+
+  /**
+   * The deployer read each Kubernetes pod's /metrics (no Prometheus configured).
+   *
+   * @generated from enum value: SOURCE_PODS = 3;
+   */
+  PODS = 3,
+}
+
+/**
+ * Describes the enum neuroweaver.deployer.v1.DeploymentMetrics.Source.
+ */
+export const DeploymentMetrics_SourceSchema: GenEnum<DeploymentMetrics_Source> = /*@__PURE__*/
+  enumDesc(file_neuroweaver_deployer_v1_deployer_service, 17, 0);
+
+/**
  * Serves registered model versions (base + LoRA adapter) through the NeuroWeaver model server, as
  * supervised local processes or on Kubernetes; scales, watches, rolls back, follows registry aliases.
  * Errors carry a google.rpc.ErrorInfo with domain `deployer.neuroweaver.v1`.
@@ -459,6 +705,19 @@ export const DeployerService: GenService<{
     methodKind: "unary";
     input: typeof RenderManifestsRequestSchema;
     output: typeof RenderManifestsResponseSchema;
+  },
+  /**
+   * Live performance over a window the caller picks: requests/s, latency and time-to-first-token quantiles,
+   * output tokens/s, error rates, queue depth, per replica and in total. LOCAL: read from the replicas' /metrics
+   * by the deployer replica that runs them (another deployer replica answers FAILED_PRECONDITION
+   * METRICS_ELSEWHERE); KUBERNETES: PromQL against --prometheus-url when set, else the pods' /metrics.
+   *
+   * @generated from rpc neuroweaver.deployer.v1.DeployerService.GetDeploymentMetrics
+   */
+  getDeploymentMetrics: {
+    methodKind: "unary";
+    input: typeof GetDeploymentMetricsRequestSchema;
+    output: typeof DeploymentMetricsSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_neuroweaver_deployer_v1_deployer_service, 0);
