@@ -8,7 +8,8 @@ the test covers the code as it is in the tree.
   `versions/production`, NOT_FOUND / ABORTED / INVALID_ARGUMENT with ErrorInfo and BadRequest decoded from
   `grpc-status-details-bin`, bearer tokens (missing, viewer, admin), deadlines, paging.
 - test_relaycore_flow: examples/relaycore — AssignVariant → the deployment's model server (gRPC Generate and the
-  OpenAI-compatible HTTP endpoint) → RecordMetricEvents, against real registry, deployer (local backend, real
+  OpenAI-compatible HTTP endpoint) → RecordMetricEvents → RecordAnswers (scored by the experiments service with a
+  registered LLM judge: neuroweaver_ml's OpenAI-compatible judge server), against real registry, deployer (local backend, real
   model-server processes on a tiny random Llama with LoRA adapters) and experiments processes; the recorded
   metrics are then read back through GetExperimentResults in Python. Every service runs as `python -m`, as
   operators run it: the deployer under uvloop, spawning its model servers from a threaded grpc.aio process.
@@ -317,9 +318,10 @@ def register_versions(reg, base: Path, adapters: list[tuple[Path, str]]) -> list
     return versions
 
 
-def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.Deployment]]:
+def start_experiment(dep, exp, versions: list[str], judge_version: str = "") -> tuple[str, dict[str, dpb.Deployment]]:
     """Two local deployments, control following `production` and treatment pinned to the candidate, each AVAILABLE;
-    then an A/B experiment over them, started. Returns (experiment name, deployments by variant)."""
+    then an A/B experiment over them, started (judging answers with `judge_version` when given). Returns (experiment
+    name, deployments by variant)."""
     targets = {
         "control": dpb.Deployment(model_alias=f"{MODEL}/aliases/production", replicas=1, backend=dpb.BACKEND_LOCAL),
         "treatment": dpb.Deployment(model_version=versions[1], replicas=1, backend=dpb.BACKEND_LOCAL),
@@ -327,11 +329,12 @@ def start_experiment(dep, exp, versions: list[str]) -> tuple[str, dict[str, dpb.
     for variant, target in targets.items():
         dep.CreateDeployment(dsvc.CreateDeploymentRequest(parent=PROJECT, deployment_id=f"advisor-{variant}", deployment=target))
     deployments = {v: wait_available(dep, f"{PROJECT}/deployments/advisor-{v}") for v in targets}
-    return start_ab_experiment(exp, versions, deployments), deployments
+    return start_ab_experiment(exp, versions, deployments, judge_version), deployments
 
 
-def start_ab_experiment(exp, versions: list[str], deployments: dict[str, dpb.Deployment]) -> str:
-    """The A/B experiment `advisor-ab` over the control and treatment deployments, started; returns its name."""
+def start_ab_experiment(exp, versions: list[str], deployments: dict[str, dpb.Deployment], judge_version: str = "") -> str:
+    """The A/B experiment `advisor-ab` over the control and treatment deployments, started; returns its name. With
+    `judge_version` the service scores the answers the gateway records into `judge_score` (the primary metric)."""
     mean, prop = epb.METRIC_KIND_MEAN, epb.METRIC_KIND_PROPORTION
     experiment = exp.CreateExperiment(
         esvc.CreateExperimentRequest(
@@ -352,6 +355,7 @@ def start_ab_experiment(exp, versions: list[str], deployments: dict[str, dpb.Dep
                     epb.MetricSpec(name="thumbs_up", kind=prop, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
                 ],
                 min_sample_size=1,
+                answer_judging=epb.AnswerJudging(judge_version=judge_version, metric="judge_score") if judge_version else None,
             ),
         )
     )
@@ -380,13 +384,13 @@ def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, vers
         assert r["model"] == served[r["variant"]], r
         assert r["modelVersion"] == r["servedVersion"] == versions[0 if r["variant"] == "control" else 1], r
         assert r["completionTokens"] > 0 and r["latencyMs"] > 0
-        assert r["recorded"] == {"accepted": 3, "duplicates": 0}
+        assert r["recorded"] == {"accepted": 2, "duplicates": 0}  # latency_ms, completion_tokens: no client-side score
     assert {r["transport"] for r in out["results"]} == {"grpc", "openai"}
     # Sticky: both transports of a user landed on the same variant.
     for i in range(1, users + 1):
         assert out["assignments"][f"req-user-{i}-grpc"] == out["assignments"][f"req-user-{i}-openai"]
     assert out["feedback"] == {"accepted": users, "duplicates": 0}
-    assert out["retry"] == {"accepted": 0, "duplicates": 3}
+    assert out["retry"] == {"accepted": 0, "duplicates": 2}
     assert out["missingExperiment"] == {
         "code": "NotFound", "reason": "EXPERIMENT_NOT_FOUND", "domain": "experiments.neuroweaver.v1",
     }  # fmt: skip
@@ -395,15 +399,17 @@ def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, vers
     by_variant = {s.variant: s for s in results.primary.variants}
     expected_units = {v: sum(1 for i in range(1, users + 1) if out["assignments"][f"req-user-{i}-grpc"] == v) for v in served}
     assert {v: by_variant[v].units for v in served} == expected_units
-    # judge_score is a per-unit mean (a user's two answers average first), then averaged over units.
-    for variant in served:
-        per_unit: dict[str, list[float]] = {}
-        for r in out["results"]:
-            if r["variant"] == variant:
-                per_unit.setdefault(r["requestId"].rsplit("-", 1)[0], []).append(r["judgeScore"])
-        if per_unit:
-            means = [sum(v) / len(v) for v in per_unit.values()]
-            assert by_variant[variant].mean == pytest.approx(sum(means) / len(means))
+    # judge_score comes only from the experiments service's judge (RecordAnswers), never from the gateway
+    judging = out["judging"]
+    if judging is None:
+        assert all(r["answerRecorded"] is None for r in out["results"])
+        assert {v: by_variant[v].units for v in served} == {v: 0 for v in served}
+    else:
+        assert all(r["answerRecorded"] == {"accepted": 1, "duplicates": 0, "sampled": 1} for r in out["results"])
+        assert out["answerRetry"] == {"accepted": 0, "duplicates": 1, "sampled": 0}
+        assert (judging["received"], judging["sampled"], judging["scored"], judging["failed"]) == (2 * users,) * 3 + (0,)
+        assert judging["metric"] == "judge_score" and results.judging.scored == 2 * users
+        assert all(1.0 <= by_variant[v].mean <= 10.0 for v in served if by_variant[v].units)
     secondary = {m.metric.name: m for m in results.secondary}
     assert sum(s.units for s in secondary["thumbs_up"].variants) == users
     assert sum(s.units for s in secondary["completion_tokens"].variants) == users
@@ -442,8 +448,10 @@ def delete_deployments(dep, deployments: dict) -> None:
 def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
     """AssignVariant → model server (gRPC Generate and OpenAI HTTP) → RecordMetricEvents, all from Node; then
     ConcludeExperiment(promote) moves `production` and the deployment following it rolls over."""
+    from neuroweaver_ml.rlaif.judge_server import JudgeServer
+
     base, adapters = tiny_base_and_adapters(tmp_path, 2)
-    with stopped_at_exit([]) as procs:
+    with stopped_at_exit([]) as procs, JudgeServer() as judge_server:
         registry = ServiceProcess("registry", tmp_path / "registry")
         procs.append(registry)
         deployer = ServiceProcess(
@@ -461,9 +469,20 @@ def test_relaycore_flow(relaycore_example: Path, tmp_path: Path) -> None:
         with open_grpc(registry.target) as rch, open_grpc(deployer.target) as dch, open_grpc(experiments.target) as ech:
             reg, dep, exp = rgrpc.RegistryServiceStub(rch), dgrpc.DeployerServiceStub(dch), egrpc.ExperimentsServiceStub(ech)
             versions = register_versions(reg, base, adapters)
-            experiment, deployments = start_experiment(dep, exp, versions)
+            # the answers' judge: an OpenAI-compatible LLM judge registered in the registry (a real local HTTP server)
+            judge = reg.CreateJudge(
+                rsvc.CreateJudgeRequest(
+                    parent=PROJECT, judge_id="advisor-judge", judge=rpb.Judge(),
+                    judge_version=rpb.JudgeVersion(
+                        kind=rpb.JUDGE_KIND_OPENAI_COMPATIBLE, mode=rpb.JUDGE_MODE_POINTWISE, score_min=1, score_max=10,
+                        openai=rpb.OpenAICompatibleJudge(base_url=judge_server.base_url, model="nw-judge"),
+                    ),
+                )
+            )  # fmt: skip
+            experiment, deployments = start_experiment(dep, exp, versions, f"{judge.name}/versions/1")
             users = 8
             out = run_relaycore(relaycore_example, experiments, experiment, users)
             check_relaycore_run(out, exp, experiment, deployments, versions, users)
+            assert len(judge_server.state.contents()) == 2 * users  # each answer judged once, by the service
             conclude_and_roll_over(exp, reg, dep, experiment, deployments, versions)
             delete_deployments(dep, deployments)

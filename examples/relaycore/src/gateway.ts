@@ -7,9 +7,12 @@
  *      `variant.model`, or the OpenAI-compatible `POST {variant.openaiBaseUrl}/chat/completions`. `variant.model`
  *      is the deployment's stable name: it keeps working when the deployment rolls over to another version, and
  *      each answer says which version served it (gRPC `modelVersion`, the `x-neuroweaver-model-version` header).
- *   3. ExperimentsService/RecordMetricEvents: the outcome (latency_ms, completion_tokens, judge_score and,
- *      when the user gave feedback, thumbs_up), each event with an idempotency key so a retried report is
- *      counted once.
+ *   3. ExperimentsService/RecordMetricEvents: the outcome (latency_ms, completion_tokens and, when the user gave
+ *      feedback, thumbs_up), each event with an idempotency key so a retried report is counted once.
+ *   4. ExperimentsService/RecordAnswers, when the experiment judges answers (`answerJudging`): the prompt and the
+ *      answer. The gateway scores nothing itself: the experiments service judges a sample of the answers in the
+ *      background with the experiment's registered judge version and records each score as the judging metric
+ *      (progress and failures in GetExperimentResults' `judging`).
  *
  * Every call runs under the request's overall budget (`until(deadline)`), so a slow dependency fails the
  * request with DEADLINE_EXCEEDED instead of holding it. With `tls` set, every hop (experiments service,
@@ -53,8 +56,6 @@ export interface GatewayOptions {
   tls?: TlsOptions;
   /** Budget of one chat request, all calls included (ms). */
   requestBudgetMs?: number;
-  /** Scores an answer in [0, 1] (an AI judge in production). Default: `lengthJudge`. */
-  judge?: (prompt: ChatMessage[], answer: string) => number | Promise<number>;
 }
 
 export interface ChatRequest {
@@ -66,6 +67,8 @@ export interface ChatRequest {
   transport?: Transport;
   /** Gateway request id; the metric events' idempotency keys derive from it. */
   requestId?: string;
+  /** A reference answer, when the application knows one (the judge sees it; an embedding judge needs it). */
+  reference?: string;
 }
 
 export interface ChatResult {
@@ -84,27 +87,29 @@ export interface ChatResult {
   promptTokens: number;
   completionTokens: number;
   latencyMs: number;
-  judgeScore: number;
   /** Events accepted / ignored as duplicates by RecordMetricEvents. */
   recorded: { accepted: number; duplicates: number };
+  /** RecordAnswers' answer (null when the experiment does not judge answers or the user is outside it). */
+  answerRecorded: AnswerRecorded | null;
 }
 
-/** A stand-in judge for the example: rewards answers that say something (≥ 1 word) without rambling. */
-export function lengthJudge(_prompt: ChatMessage[], answer: string): number {
-  const words = answer.trim().split(/\s+/).filter(Boolean).length;
-  return words === 0 ? 0 : Math.min(1, words / 20);
+/** RecordAnswers' counts for one answer: stored, duplicate, selected for judging. */
+export interface AnswerRecorded {
+  accepted: number;
+  duplicates: number;
+  sampled: number;
 }
 
 export class Gateway {
   private readonly experiments: ExperimentsClient;
   private readonly servers = new Map<string, InferenceClient>();
   private readonly budgetMs: number;
-  private readonly judge: NonNullable<GatewayOptions["judge"]>;
+  /** Whether the experiment judges answers (its `answerJudging`), read once. */
+  private judging?: Promise<boolean>;
 
   constructor(private readonly options: GatewayOptions) {
     this.experiments = createExperimentsClient({ endpoint: options.experimentsEndpoint, token: options.token, tls: options.tls });
     this.budgetMs = options.requestBudgetMs ?? 30_000;
-    this.judge = options.judge ?? lengthJudge;
   }
 
   /** One HTTP/2 connection per model-server endpoint, reused across requests. */
@@ -145,16 +150,19 @@ export class Gateway {
         ? await this.generateGrpc(variant.endpoint, model, req, deadline)
         : await this.generateOpenAI(variant.openaiBaseUrl, model, req, deadline);
     const latencyMs = performance.now() - started;
-    const judgeScore = await this.judge(req.messages, answer.text);
 
     // 3. Report the outcome. Units outside the experiment's coverage were not exposed: nothing to record.
     let recorded = { accepted: 0, duplicates: 0 };
+    let answerRecorded: AnswerRecorded | null = null;
     if (assignment.inExperiment) {
       recorded = await this.recordOutcome(req.userId, requestId, deadline, {
         latency_ms: latencyMs,
         completion_tokens: answer.completionTokens,
-        judge_score: judgeScore,
       });
+      // 4. The answer, for the service's judge.
+      if (await this.judgesAnswers(deadline)) {
+        answerRecorded = await this.recordAnswer(req.userId, variant.id, requestId, req, answer.text, deadline);
+      }
     }
     return {
       requestId,
@@ -169,9 +177,43 @@ export class Gateway {
       promptTokens: answer.promptTokens,
       completionTokens: answer.completionTokens,
       latencyMs,
-      judgeScore,
       recorded,
+      answerRecorded,
     };
+  }
+
+  /** Whether the experiment has `answerJudging` (GetExperiment once per gateway). */
+  private judgesAnswers(deadline: number): Promise<boolean> {
+    this.judging ??= this.experiments
+      .getExperiment({ name: this.options.experiment }, until(deadline))
+      .then((e) => e.answerJudging !== undefined);
+    this.judging.catch(() => (this.judging = undefined)); // a failed read is retried by the next request
+    return this.judging;
+  }
+
+  /**
+   * RecordAnswers for one answer: the last user message as the prompt, the variant that answered, and the key
+   * `{requestId}:answer`, so a retried report is a duplicate (and is sampled the same way).
+   */
+  async recordAnswer(
+    userId: string,
+    variant: string,
+    requestId: string,
+    req: Pick<ChatRequest, "messages" | "reference">,
+    text: string,
+    deadline: number,
+  ): Promise<AnswerRecorded> {
+    const prompt = [...req.messages].reverse().find((m) => m.role === "user")?.content ?? "";
+    const res = await this.experiments.recordAnswers(
+      {
+        experiment: this.options.experiment,
+        answers: [
+          { unitId: userId, variant, prompt, answer: text, reference: req.reference ?? "", idempotencyKey: `${requestId}:answer` },
+        ],
+      },
+      until(deadline),
+    );
+    return { accepted: Number(res.accepted), duplicates: Number(res.duplicates), sampled: Number(res.sampled) };
   }
 
   /** The user's thumbs up/down on an earlier answer, reported later (same idempotency scheme). */

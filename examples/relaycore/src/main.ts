@@ -6,8 +6,11 @@
  *     [--tls-ca ca.pem [--tls-cert me.pem --tls-key me-key.pem] [--tls-server-name NAME]]   (or env NW_TLS_*)
  *
  * Per user and transport: AssignVariant → Generate (gRPC) or POST /v1/chat/completions (OpenAI HTTP) →
- * RecordMetricEvents(latency_ms, completion_tokens, judge_score); then thumbs_up feedback on the first
- * answer of each user, and one deliberately repeated report to show idempotency (counted as duplicates).
+ * RecordMetricEvents(latency_ms, completion_tokens) → RecordAnswers (when the experiment judges answers: the
+ * experiments service scores them with its registered judge; nothing is scored here); then simulated thumbs_up
+ * feedback on the first answer of each user, and one deliberately repeated report (events and answer) to show
+ * idempotency (counted as duplicates). With judging, waits (up to --judging-wait-ms) until the service has judged
+ * every sampled answer and prints its judging status.
  * Exits 1 on any failure, printing the gRPC code and ErrorInfo reason.
  */
 import { parseArgs } from "node:util";
@@ -29,6 +32,7 @@ const { values } = parseArgs({
     "tls-server-name": { type: "string" },
     prompt: { type: "string", default: "My 2019 sedan shakes when I brake at highway speed. What should I check?" },
     "max-tokens": { type: "string", default: "16" },
+    "judging-wait-ms": { type: "string", default: "60000" },
   },
 });
 if (!values.experiment) {
@@ -72,12 +76,12 @@ async function main(): Promise<void> {
       results.push(result);
       console.error(
         `${userId} -> ${result.variant} (${result.model}, served by ${result.servedVersion}) via ${transport}: ${result.completionTokens} tokens, ` +
-          `${result.latencyMs.toFixed(1)} ms, judge ${result.judgeScore.toFixed(2)}`,
+          `${result.latencyMs.toFixed(1)} ms, answer ${result.answerRecorded ? (result.answerRecorded.sampled ? "sampled for judging" : "recorded") : "not judged"}`,
       );
     }
-    // The user's feedback on their first answer arrives later.
+    // The user's feedback on their first answer arrives later (simulated: odd-numbered users like it).
     const first = results.find((r) => r.requestId.startsWith(`req-${userId}-`))!;
-    const fb = await gateway.feedback(userId, first.requestId, first.judgeScore >= 0.5);
+    const fb = await gateway.feedback(userId, first.requestId, i % 2 === 1);
     feedback.accepted += fb.accepted;
     feedback.duplicates += fb.duplicates;
   }
@@ -87,11 +91,43 @@ async function main(): Promise<void> {
   const retry = await gateway.recordOutcome(`user-1`, again.requestId, Date.now() + 10_000, {
     latency_ms: again.latencyMs,
     completion_tokens: again.completionTokens,
-    judge_score: again.judgeScore,
   });
+  const answerRetry = again.answerRecorded
+    ? await gateway.recordAnswer(
+        "user-1",
+        again.variant,
+        again.requestId,
+        { messages: [{ role: "user", content: values.prompt! }] },
+        again.text,
+        Date.now() + 10_000,
+      )
+    : null;
 
   // Errors carry the canonical code and the ErrorInfo reason.
   const experiments = createExperimentsClient({ endpoint: values.experiments!, token: values.token, tls });
+
+  // The service judges in the background: wait until every sampled answer is scored or failed.
+  let judging = null;
+  if (results.some((r) => r.answerRecorded)) {
+    const waitUntil = Date.now() + Number(values["judging-wait-ms"]);
+    for (;;) {
+      const status = (await experiments.getExperimentResults({ name: values.experiment! })).judging;
+      if (status && (status.pending === 0n || Date.now() > waitUntil)) {
+        judging = {
+          judgeVersion: status.judgeVersion,
+          metric: status.metric,
+          received: Number(status.received),
+          sampled: Number(status.sampled),
+          scored: Number(status.scored),
+          failed: Number(status.failed),
+          pending: Number(status.pending),
+          lastError: status.lastError,
+        };
+        break;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200)); // polling the judging status
+    }
+  }
   let missing = null;
   try {
     await experiments.assignVariant({ experiment: "projects/default/experiments/no-such-experiment", unitId: "user-1" });
@@ -116,6 +152,8 @@ async function main(): Promise<void> {
       results: results.map(({ text: _text, ...rest }) => rest),
       feedback,
       retry,
+      answerRetry,
+      judging,
       missingExperiment: missing,
     }),
   );
