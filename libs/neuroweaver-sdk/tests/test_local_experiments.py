@@ -1,0 +1,191 @@
+"""LocalExperiments against a real experiments server process: in-process evaluation gives AssignVariant's answers
+(many seeds, weights, coverages, across a weight change), and exposures/events survive a server crash mid-stream with
+exact counts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import uuid
+
+import pytest
+from google.protobuf import field_mask_pb2
+
+from neuroweaver.common.v1 import common_pb2 as cpb
+from neuroweaver.experiments.v1 import experiment_pb2 as pb
+from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime.client import open_channel
+from neuroweaver_sdk.experiments import LocalExperiments
+
+NAMES = ["control", "treatment", "t2", "t3"]
+
+
+async def create(stub, weights, coverage, seed, project="default"):
+    exp = pb.Experiment(
+        display_name="sdk",
+        hash_seed=seed,
+        coverage=coverage,
+        variants=[
+            pb.Variant(id=NAMES[i], model_version=f"projects/{project}/models/m/versions/1.0.{i}", weight=w)
+            for i, w in enumerate(weights)
+        ],
+        primary_metric=pb.MetricSpec(name="score", kind=pb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER),
+        analysis=pb.ANALYSIS_METHOD_FIXED_HORIZON,
+    )
+    created = await stub.CreateExperiment(
+        svc.CreateExperimentRequest(parent=f"projects/{project}", experiment_id="e-" + uuid.uuid4().hex[:10], experiment=exp)
+    )
+    return await stub.StartExperiment(svc.StartExperimentRequest(name=created.name))
+
+
+async def set_weights(stub, exp, weights):
+    current = await stub.GetExperiment(svc.GetExperimentRequest(name=exp.name))
+    patch = pb.Experiment(
+        name=exp.name,
+        etag=current.etag,
+        variants=[
+            pb.Variant(id=v.id, model_version=v.model_version, weight=w) for v, w in zip(exp.variants, weights, strict=True)
+        ],
+    )
+    await stub.UpdateExperiment(
+        svc.UpdateExperimentRequest(experiment=patch, update_mask=field_mask_pb2.FieldMask(paths=["variants"]))
+    )
+
+
+def stored_assignments(db, name) -> dict[str, str]:
+    with sqlite3.connect(db) as conn:
+        (key,) = conn.execute("SELECT id FROM experiments WHERE name = ?", (name,)).fetchone()
+        return dict(conn.execute("SELECT unit_id, variant FROM assignments WHERE experiment_id = ?", (key,)))
+
+
+def exposure_counts(db, name) -> dict[tuple[int, str], int]:
+    with sqlite3.connect(db) as conn:
+        (key,) = conn.execute("SELECT id FROM experiments WHERE name = ?", (name,)).fetchone()
+        rows = conn.execute(
+            "SELECT epoch, variant, SUM(units) FROM exposure_counts WHERE experiment_id = ? GROUP BY 1, 2", (key,)
+        )
+        return {(e, v): n for e, v, n in rows}
+
+
+# (phase 0 weights, phase 1 weights): two arms, uneven moves, three arms, a reversal
+WEIGHT_CHANGES = [
+    ((0.5, 0.5), (0.2, 0.8)),
+    ((0.9, 0.1), (0.5, 0.5)),
+    ((0.34, 0.33, 0.33), (0.1, 0.1, 0.8)),
+    ((0.25, 0.25, 0.25, 0.25), (0.7, 0.1, 0.1, 0.1)),
+]
+COVERAGES = [1.0, 0.7, 0.35]
+SEEDS = ["s-alpha", "s-beta", "s-gamma"]
+
+
+async def test_sdk_agrees_with_assign_variant(experiments_server):
+    """Twin experiments (same seed, weights, coverage): one evaluated by the SDK, one by AssignVariant, with the same
+    visits in the same order, before and after a weight change. Every answer is identical, and after a flush both
+    experiments hold the same stored assignments and the same first-exposure counts per phase and variant."""
+    channel = open_channel(experiments_server.target)
+    stub = svc_grpc.ExperimentsServiceStub(channel)
+    sdk = LocalExperiments(stub, flush_interval=0.01)
+    await sdk.start()
+    rng = random.Random(7)
+    checked = server_asked = 0
+    try:
+        for seed in SEEDS:
+            for before, after in WEIGHT_CHANGES:
+                for coverage in COVERAGES:
+                    local = await create(stub, before, coverage, seed)
+                    remote = await create(stub, before, coverage, seed)
+                    await sdk.wait_for_config(lambda s, name=local.name: s.config(name) is not None)
+                    units = [f"{seed}-u{i}" for i in range(240)]
+                    for phase in (0, 1):
+                        if phase == 1:
+                            for exp in (local, remote):
+                                await set_weights(stub, exp, after)
+                            await sdk.wait_for_config(lambda s, name=local.name: len(s.config(name).phases) == 2)
+                        # returning and new units in a random order, some twice
+                        visits = rng.sample(units[: 160 + 80 * phase], 120) + rng.sample(units, 40)
+                        ours = [await sdk.assign(local.name, u) for u in visits]
+                        theirs = (
+                            await stub.BatchAssignVariants(
+                                svc.BatchAssignVariantsRequest(experiment=remote.name, unit_ids=visits)
+                            )
+                        ).assignments
+                        for u, a, b in zip(visits, ours, theirs, strict=True):
+                            assert (a.variant, a.in_experiment, a.bucket) == (b.variant.id, b.in_experiment, b.bucket), (
+                                seed, before, after, coverage, phase, u, a.source,
+                            )  # fmt: skip
+                            checked += 1
+                    await sdk.flush()
+                    assert stored_assignments(experiments_server.db, local.name) == stored_assignments(
+                        experiments_server.db, remote.name
+                    )
+                    assert exposure_counts(experiments_server.db, local.name) == exposure_counts(
+                        experiments_server.db, remote.name
+                    )
+        server_asked = sdk.stats.server_assignments
+    finally:
+        await sdk.close()
+        await channel.close()
+    assert checked == len(SEEDS) * len(WEIGHT_CHANGES) * len(COVERAGES) * 2 * 160
+    assert server_asked > 0  # ambiguous buckets were met and asked of the server
+    assert sdk.stats.conflicts == 0 and not sdk.stats.rejected
+
+
+async def test_exposures_and_events_survive_a_server_crash(experiments_server):
+    """A producer assigns and tracks 6,000 units while the server process is SIGKILLed and started again on the same
+    port and database: after the flush every unit is stored once and every event counted once."""
+    channel = open_channel(experiments_server.target)
+    stub = svc_grpc.ExperimentsServiceStub(channel)
+    exp = await create(stub, (0.5, 0.5), 1.0, "crash-seed")
+    sdk = LocalExperiments(stub, batch_size=300, flush_interval=0.01, max_queue=3_000, backoff=(0.05, 0.5))
+    await sdk.start()
+    await sdk.wait_for_config(lambda s: s.config(exp.name) is not None)
+    total = 6_000
+    crashed = asyncio.Event()
+
+    async def produce():
+        for i in range(total):
+            a = await sdk.assign(exp.name, f"c-{i}")
+            assert a.in_experiment
+            await sdk.track(exp.name, f"c-{i}", "score", float(i % 7), idempotency_key=f"ev-{i}")
+            if i == total // 3:
+                crashed.set()
+
+    async def crash():
+        await crashed.wait()
+        while sdk.stats.batches_acked < 5:  # mid-stream: some batches acknowledged, more in flight
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(experiments_server.kill)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(experiments_server.start)
+
+    try:
+        await asyncio.gather(produce(), crash())
+        await asyncio.wait_for(sdk.flush(), 60)
+    finally:
+        await sdk.close()
+    assert experiments_server.starts == 2
+    assert sdk.stats.reconnects >= 1 and not sdk.stats.rejected and sdk.pending == 0
+    stored = stored_assignments(experiments_server.db, exp.name)
+    assert len(stored) == total
+    assert sum(exposure_counts(experiments_server.db, exp.name).values()) == total
+    with sqlite3.connect(experiments_server.db) as conn:
+        (key,) = conn.execute("SELECT id FROM experiments WHERE name = ?", (exp.name,)).fetchone()
+        (events,) = conn.execute("SELECT COUNT(*) FROM metric_events WHERE experiment_id = ?", (key,)).fetchone()
+        (units, count) = conn.execute(
+            "SELECT COUNT(*), SUM(count) FROM unit_metrics WHERE experiment_id = ? AND metric = 'score'", (key,)
+        ).fetchone()
+    assert events == total and units == total and count == total
+    # acknowledged counts never exceed what is stored (what was resent after the crash came back as duplicates)
+    assert sdk.stats.exposures_accepted + sdk.stats.exposures_duplicate >= total
+    assert sdk.stats.exposures_accepted <= total and sdk.stats.events_accepted <= total
+    results = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
+    assert sum(v.units for v in results.primary.variants) == total
+    await channel.close()
+
+
+@pytest.fixture(autouse=True)
+def _server_up(experiments_server):
+    if experiments_server.popen is None or experiments_server.popen.poll() is not None:
+        experiments_server.start()
