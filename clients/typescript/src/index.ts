@@ -38,6 +38,17 @@ export * as healthv1 from "./gen/grpc/health/v1/health_pb.js";
 export { Code, ConnectError } from "@connectrpc/connect";
 export type { Client, Interceptor, Transport, CallOptions } from "@connectrpc/connect";
 export { errorDetails, type ErrorDetails, type FieldViolation } from "./errors.js";
+export {
+  ExperimentsSdk,
+  type ExperimentsSdkOptions,
+  type SdkAssignment,
+  type SdkError,
+  type SdkStats,
+  type StickyStore,
+  type TrackOptions,
+  type BackoffOptions,
+} from "./experiments-sdk.js";
+export * as assignment from "./assignment.js";
 
 export type RegistryClient = Client<typeof RegistryService>;
 export type TrainerClient = Client<typeof TrainerService>;
