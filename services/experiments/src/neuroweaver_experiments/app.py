@@ -17,6 +17,7 @@ from .adapters.clients import DeployerClient, RegistryClient
 from .adapters.judges import RegistryJudges
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, ExperimentsServicer
+from .domain.judging import JudgeEndpoints
 from .service.experiments import ExperimentsService
 from .service.judging import JudgingSettings
 
@@ -38,6 +39,13 @@ class ExperimentsConfig(ServiceConfig):
     judge_concurrency: int = field(
         default=8,
         metadata={"help": "judge calls in flight for recorded answers, all experiments together (0 = this replica judges none)"},
+    )
+    judge_endpoints: str = field(
+        default="",
+        metadata={
+            "help": "URL prefixes LLM judges may call, each with the key variables allowed to go there: "
+            "`https://api.openai.com/v1=OPENAI_API_KEY,http://judge:8080/v1`; empty = any with auth off, none with auth on"
+        },
     )
     judge_attempts: int = field(default=3, metadata={"help": "tries of an answer whose judge is unreachable before it fails"})
     judge_retry_seconds: float = field(
@@ -71,7 +79,12 @@ def build(config: ExperimentsConfig) -> GrpcService:
         deployer,
         registry,
         snapshot_ttl=config.snapshot_ttl_seconds,
-        judges=RegistryJudges(registry),
+        judges=RegistryJudges(
+            registry,
+            endpoints=JudgeEndpoints.from_setting(
+                config.judge_endpoints, auth_enabled=bool(config.auth_tokens or config.cert_identities)
+            ),
+        ),
         judging_settings=judging,
     )
 

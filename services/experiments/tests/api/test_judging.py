@@ -20,7 +20,7 @@ from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
-from neuroweaver_experiments.domain.judging import sampled
+from neuroweaver_experiments.domain.judging import JudgeEndpoints, sampled
 from neuroweaver_runtime.grpc_errors import error_info
 
 
@@ -215,7 +215,7 @@ async def test_sample_rate_is_deterministic_and_honoured(backend, stub, registry
         assert len(server.state.contents()) == expected
 
 
-async def test_recording_answers_validates(stub, registry, make_experiment):
+async def test_recording_answers_validates(backend, stub, registry, make_experiment):
     def reason(info) -> tuple:
         return info.value.code(), error_info(info.value).reason
 
@@ -241,6 +241,26 @@ async def test_recording_answers_validates(stub, registry, make_experiment):
             answer_judging=pb.AnswerJudging(judge_version=f"{judge}/versions/1", metric="score", sample_rate=1.5)
         )
     assert reason(info)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+    # LLM judges call only where this service allows (--judge-endpoints), and never with its own settings as key
+    leaky = llm_judge("http://127.0.0.1:9/v1")
+    leaky.openai.api_key_env = "NW_EXPERIMENTS_SERVICE_TOKEN"
+    leaky_judge = await make_judge(registry, leaky)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await make_experiment(answer_judging=pb.AnswerJudging(judge_version=f"{leaky_judge}/versions/1", metric="score"))
+    assert reason(info) == (grpc.StatusCode.FAILED_PRECONDITION, "JUDGE_ENDPOINT_NOT_ALLOWED")
+    assert "NW_EXPERIMENTS" not in info.value.details()
+    judges = backend.service.experiments.judging.judges
+    allowed = judges.endpoints
+    judges.endpoints = JudgeEndpoints.from_setting("http://judge.internal:8080/v1", auth_enabled=True)
+    try:
+        elsewhere = await make_judge(registry, llm_judge("http://169.254.169.254/v1"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await make_experiment(answer_judging=pb.AnswerJudging(judge_version=f"{elsewhere}/versions/1", metric="score"))
+        assert reason(info) == (grpc.StatusCode.FAILED_PRECONDITION, "JUDGE_ENDPOINT_NOT_ALLOWED")
+        await make_experiment(answer_judging=pb.AnswerJudging(judge_version=f"{judge}/versions/1", metric="score"))  # local
+    finally:
+        judges.endpoints = allowed
 
     exp, variants = await judged_experiment(make_experiment, f"{judge}/versions/1", 2, stub=stub)
     unit, variant = next(iter(variants.items()))

@@ -22,6 +22,7 @@ from neuroweaver_runtime.auth import Principal, Role, acting_as
 from neuroweaver_runtime.errors import DomainError, FailedPrecondition, Unavailable
 from neuroweaver_runtime.names import project_of
 
+from ..domain.judging import JudgeEndpoints
 from ..service.judging import Verdict
 from .clients import RegistryClient
 
@@ -66,8 +67,9 @@ def judge_config_fields(v: rpb.JudgeVersion, *, max_retries: int) -> dict[str, A
 class RegistryJudges:
     """`service.judging.AnswerJudges` on the registry and neuroweaver_ml."""
 
-    def __init__(self, registry: RegistryClient, *, max_retries: int = 1) -> None:
+    def __init__(self, registry: RegistryClient, *, endpoints: JudgeEndpoints | None = None, max_retries: int = 1) -> None:
         self.registry = registry
+        self.endpoints = endpoints or JudgeEndpoints()
         self.max_retries = max_retries
         self._judges: dict[str, Any] = {}
         self._lock = asyncio.Lock()
@@ -87,6 +89,7 @@ class RegistryJudges:
                 reason="JUDGE_VERSION_UNUSABLE",
             ) from None
         fields = judge_config_fields(v, max_retries=self.max_retries)
+        self.endpoints.check(fields)  # JUDGE_ENDPOINT_NOT_ALLOWED: not where this service may send prompts and keys
         try:
             return JudgeConfig(**fields)
         except (JudgeConfigError, TypeError, ValueError) as exc:

@@ -17,6 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Violations
+from neuroweaver_runtime.judge_endpoints import JudgeEndpoints as _JudgeEndpoints
 from neuroweaver_runtime.names import ResourceName
 
 from .statistics import MetricKind, MetricSpec
@@ -32,6 +33,15 @@ MAX_TEXT = 32 * 1024  # characters of a prompt, answer or reference
 MAX_KEY = 200  # characters of an answer's idempotency key (the score's event key adds a prefix)
 # Prefix of the score events' idempotency keys (`judge:` + the answer's key): reserved for the judge.
 SCORE_KEY_PREFIX = "judge:"
+
+
+@dataclass(frozen=True)
+class JudgeEndpoints(_JudgeEndpoints):
+    """Where this service may send LLM judges' prompts (`--judge-endpoints`; see neuroweaver_runtime.judge_endpoints):
+    judge versions are checked when an experiment names one and again before each call."""
+
+    SERVICE = "experiments service"
+    OWN_SETTINGS = "NW_EXPERIMENTS_"
 
 
 class AnswerState(StrEnum):
