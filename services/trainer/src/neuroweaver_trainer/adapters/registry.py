@@ -129,17 +129,23 @@ async def fetch_judge(target: str, token: str | None, name: str, *, tls: ClientT
     return judge_config_from_version(version)
 
 
-async def fetch_start_version(target: str, token: str | None, name: str, *, tls: ClientTLS | None = None):
-    """The version an RLAIF job starts from: (full name, artifact uri, sha256, lineage.base_model)."""
+async def fetch_start_version(
+    target: str,
+    token: str | None,
+    name: str,
+    *,
+    tls: ClientTLS | None = None,
+    field: str = "training_job.rlaif.start_from_version",
+    needs: str = "RLAIF continues an adapter",
+):
+    """The version an RLAIF job starts from (or an EXPORT job exports, `field` and `needs` saying so): (full name,
+    artifact uri, sha256, lineage.base_model)."""
     from neuroweaver.registry.v1 import registry_pb2 as rpb
     from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
-    field = "training_job.rlaif.start_from_version"
     v = await _call(target, token, tls, "GetModelVersion", rsvc.GetModelVersionRequest(name=name), f"model version {name}", field)
     if v.artifact.format not in (rpb.ARTIFACT_FORMAT_LORA_ADAPTER, rpb.ARTIFACT_FORMAT_UNSPECIFIED) or not v.artifact.uri:
-        raise FailedPrecondition(
-            f"{field}: {v.name} is not a LoRA adapter version; RLAIF continues an adapter", reason="START_VERSION_NOT_ADAPTER"
-        )
+        raise FailedPrecondition(f"{field}: {v.name} is not a LoRA adapter version; {needs}", reason="START_VERSION_NOT_ADAPTER")
     if not v.lineage.base_model:
         raise FailedPrecondition(
             f"{field}: {v.name} records no lineage.base_model; cannot tell which base it applies to",
@@ -265,26 +271,100 @@ async def register_version(
 
 
 async def _create_with_retries(stub, request, target, job, new, retry_seconds, on_retry) -> str:
+    version = await _with_retries(
+        lambda: stub.CreateModelVersion(request, timeout=_DEADLINE), target, retry_seconds, on_retry,
+        refused=lambda exc: (
+            f"the registry refused the new version of {job.target_model}: {exc.code().name}: {exc.details()}; "
+            f"the adapter is stored at {new.uri}"
+        ),
+        gone=lambda tries, exc: (
+            f"the registry at {target} was unreachable for {retry_seconds:.0f}s "
+            f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {new.uri} "
+            f"(sha256 {new.sha256}); re-run the job once the registry is back"
+        ),
+    )  # fmt: skip
+    return version.name
+
+
+async def _with_retries(call, target, retry_seconds, on_retry, *, refused, gone):
+    """`call()` until it answers; an unreachable registry is retried (0.5 s doubling to 5 s) for `retry_seconds`,
+    each retry announced to `on_retry`; a refusal or the time running out is RegistrationFailed(refused/gone text)."""
     deadline = time.monotonic() + retry_seconds
     delay, tries = 0.5, 0
     while True:
         tries += 1
         try:
-            version = await stub.CreateModelVersion(request, timeout=_DEADLINE)
-            return version.name
+            return await call()
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _RETRYABLE:
-                raise RegistrationFailed(
-                    f"the registry refused the new version of {job.target_model}: {exc.code().name}: {exc.details()}; "
-                    f"the adapter is stored at {new.uri}"
-                ) from None
+                raise RegistrationFailed(refused(exc)) from None
             if time.monotonic() + delay > deadline:
-                raise RegistrationFailed(
-                    f"the registry at {target} was unreachable for {retry_seconds:.0f}s "
-                    f"({tries} tries, last: {exc.code().name}); nothing was registered. The adapter is stored at {new.uri} "
-                    f"(sha256 {new.sha256}); re-run the job once the registry is back"
-                ) from None
+                raise RegistrationFailed(gone(tries, exc)) from None
             if on_retry is not None:
                 await on_retry(f"registry unreachable ({exc.code().name}), try {tries}; retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+@dataclass(frozen=True)
+class NewExport:
+    """What an EXPORT job adds to its version: the stored export and how it was made."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    format: str  # merged | gguf | gguf-lora
+    quantization: str
+    produced_by: str
+
+
+async def add_export_artifact(
+    target: str,
+    token: str | None,
+    job: TrainingJob,
+    new: NewExport,
+    *,
+    tls: ClientTLS | None = None,
+    retry_seconds: float = 120.0,
+    on_retry: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
+    """AddModelVersionArtifact of an EXPORT job's result on behalf of the job's creator (a retry of the same bytes is
+    answered as a success by the registry); returns the version's name. Retries as `register_version`."""
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+    from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+
+    fmt = {"merged": rpb.ARTIFACT_FORMAT_MERGED, "gguf": rpb.ARTIFACT_FORMAT_GGUF, "gguf-lora": rpb.ARTIFACT_FORMAT_GGUF_LORA}
+    request = rsvc.AddModelVersionArtifactRequest(
+        name=job.export.model_version,
+        artifact=rpb.Artifact(
+            uri=new.uri, sha256=new.sha256, size_bytes=new.size_bytes, format=fmt[new.format], quantization=new.quantization,
+            produced_by=new.produced_by,
+        ),
+    )  # fmt: skip
+    async with _registry(target, token, tls) as registry:
+        span = _tracer.start_span(
+            "RegistryService/AddModelVersionArtifact", kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": "neuroweaver.registry.v1.RegistryService", "rpc.method": "AddModelVersionArtifact"},
+        )  # fmt: skip
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False), _as_creator(job):
+                stub = registry.stub(rgrpc.RegistryServiceStub)
+                version = await _with_retries(
+                    lambda: stub.AddModelVersionArtifact(request, timeout=_DEADLINE), target, retry_seconds, on_retry,
+                    refused=lambda exc: (
+                        f"the registry refused the export of {job.export.model_version}: {exc.code().name}: {exc.details()}; "
+                        f"the export is stored at {new.uri}"
+                    ),
+                    gone=lambda tries, exc: (
+                        f"the registry at {target} was unreachable for {retry_seconds:.0f}s ({tries} tries, last: "
+                        f"{exc.code().name}); the export is stored at {new.uri} (sha256 {new.sha256}) but not recorded on "
+                        f"{job.export.model_version}; re-run the job once the registry is back"
+                    ),
+                )  # fmt: skip
+                return version.name
+        except RegistrationFailed as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+            raise
+        finally:
+            span.end()

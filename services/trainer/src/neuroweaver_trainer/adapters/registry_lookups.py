@@ -1,4 +1,4 @@
-"""The registry lookups RLAIF jobs make at create time (service/ports.py `RegistryLookups`), on adapters/registry.py."""
+"""The registry lookups RLAIF and EXPORT jobs make at create time (service/ports.py `RegistryLookups`), on adapters/registry.py."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ class RegistryClientLookups:
 
     async def start_version(self, model_version: str) -> tuple[str, str, str, str]:
         return await fetch_start_version(self.target, self.token, model_version, tls=self.tls)
+
+    async def export_version(self, model_version: str) -> tuple[str, str, str, str]:
+        return await fetch_start_version(
+            self.target, self.token, model_version, tls=self.tls, field="training_job.export.model_version",
+            needs="an export merges or converts a LoRA adapter",
+        )  # fmt: skip

@@ -19,6 +19,7 @@ from neuroweaver_runtime.timestamps import aware
 from ..domain.job import (
     EventType,
     Executor,
+    ExportSettings,
     Hyperparameters,
     JobEvent,
     JobState,
@@ -74,6 +75,8 @@ class SqlJobRepository:
         }
         if job.rlaif.configured or job.rlaif.judge:
             spec["rlaif"] = dataclasses.asdict(job.rlaif)
+        if job.export.configured:
+            spec["export"] = dataclasses.asdict(job.export)
         assert job.method is not None  # validate_job refuses a job without a method before it is stored
         result = await self.s.execute(
             t.jobs.insert().values(
@@ -211,7 +214,7 @@ def job_from_row(row) -> TrainingJob:
         eval_dataset_uri=row.eval_dataset_uri, method=Method(row.method),
         lora=LoraSettings(**spec.get("lora", {})), hyperparameters=Hyperparameters(**spec.get("hyperparameters", {})),
         executor=Executor(row.executor), resources=Resources(**spec.get("resources", {})),
-        rlaif=RlaifSettings(**spec.get("rlaif", {})),
+        rlaif=RlaifSettings(**spec.get("rlaif", {})), export=ExportSettings(**spec.get("export", {})),
         target_model=row.target_model, version_bump=row.version_bump, labels=dict(row.labels or {}),
         state=JobState(row.state), stage=row.stage, error=row.error, model_version=row.model_version,
         output_uri=row.output_uri, dataset_digest=row.dataset_digest, eval_dataset_digest=row.eval_dataset_digest,

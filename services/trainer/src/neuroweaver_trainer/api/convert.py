@@ -19,8 +19,10 @@ _STATE = {
 _METHOD = {
     d.Method.SFT_LORA: pb.TRAINING_METHOD_SFT_LORA, d.Method.SFT_QLORA: pb.TRAINING_METHOD_SFT_QLORA,
     d.Method.RLAIF: pb.TRAINING_METHOD_RLAIF, d.Method.DPO: pb.TRAINING_METHOD_DPO,
-    d.Method.REWARD_MODEL: pb.TRAINING_METHOD_REWARD_MODEL,
+    d.Method.REWARD_MODEL: pb.TRAINING_METHOD_REWARD_MODEL, d.Method.EXPORT: pb.TRAINING_METHOD_EXPORT,
 }  # fmt: skip
+_EXPORT_FORMAT = {"merged": pb.EXPORT_FORMAT_MERGED, "gguf": pb.EXPORT_FORMAT_GGUF, "gguf-lora": pb.EXPORT_FORMAT_GGUF_LORA}
+_EXPORT_FORMAT_FROM_PB = {v: k for k, v in _EXPORT_FORMAT.items()}
 _METHOD_FROM_PB = {v: k for k, v in _METHOD.items()}
 _EXECUTOR = {d.Executor.LOCAL: pb.EXECUTOR_LOCAL, d.Executor.KUBERNETES: pb.EXECUTOR_KUBERNETES}
 _EXECUTOR_FROM_PB = {v: k for k, v in _EXECUTOR.items()}
@@ -53,8 +55,13 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.rlaif.algorithm, pb.RlaifConfig.PolicyAlgorithm, "training_job.rlaif.algorithm")
     _enum(m.rlaif.reward_source, pb.RlaifConfig.RewardSource, "training_job.rlaif.reward_source")
     _enum(m.version_bump, cpb.VersionBump, "training_job.version_bump")
+    _enum(m.export.format, pb.ExportFormat, "training_job.export.format")
     h, lo, r, rl = m.hyperparameters, m.lora, m.resources, m.rlaif
     return d.TrainingJob(
+        export=d.ExportSettings(
+            model_version=m.export.model_version, format=_EXPORT_FORMAT_FROM_PB.get(m.export.format, ""),
+            quantization=m.export.quantization,
+        ),
         rlaif=d.RlaifSettings(
             prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
             candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM_FROM_PB.get(rl.algorithm, ""),
@@ -93,8 +100,15 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
             start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
         )  # fmt: skip
+    export = None
+    if j.export.configured:
+        export = pb.ExportConfig(
+            model_version=j.export.model_version, quantization=j.export.quantization,
+            format=_EXPORT_FORMAT.get(j.export.format, pb.EXPORT_FORMAT_UNSPECIFIED),
+        )  # fmt: skip
     return pb.TrainingJob(
         rlaif=rlaif,
+        export=export,
         name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
         eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else pb.TRAINING_METHOD_UNSPECIFIED,
         lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules),

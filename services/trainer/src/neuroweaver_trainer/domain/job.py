@@ -42,6 +42,7 @@ class Method(enum.Enum):
     RLAIF = "RLAIF"
     DPO = "DPO"
     REWARD_MODEL = "REWARD_MODEL"
+    EXPORT = "EXPORT"
 
     @property
     def lineage_name(self) -> str:
@@ -145,6 +146,30 @@ class RlaifSettings:
         )
 
 
+# Export formats and their weights types (the first is the default); the same table as neuroweaver_ml.export.QUANTIZATIONS.
+EXPORT_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
+    "merged": ("f16", "bf16", "f32"),
+    "gguf": ("f16", "q8_0", "q4_k_m", "f32", "bf16"),
+    "gguf-lora": ("f16", "q8_0", "f32", "bf16"),
+}
+
+
+@dataclass
+class ExportSettings:
+    """`ExportConfig` of an EXPORT job, plus what create resolved from the registry (versions are immutable)."""
+
+    model_version: str = ""  # the full name; create replaces an alias by the concrete version
+    format: str = ""  # merged | gguf | gguf-lora
+    quantization: str = ""
+    # resolved at create: the version's adapter
+    artifact_uri: str = ""
+    artifact_sha256: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model_version or self.format or self.quantization)
+
+
 @dataclass
 class Resources:
     gpus: int = 0
@@ -166,6 +191,7 @@ class TrainingJob:
     lora: LoraSettings = field(default_factory=LoraSettings)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     rlaif: RlaifSettings = field(default_factory=RlaifSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     executor: Executor = Executor.LOCAL
     resources: Resources = field(default_factory=Resources)
     target_model: str = ""
@@ -261,6 +287,8 @@ def apply_defaults(job: TrainingJob) -> None:
         r.policy_steps = r.policy_steps or 20
         r.min_margin = r.min_margin or 1.0
         r.max_new_tokens = r.max_new_tokens or 96
+    if job.method is Method.EXPORT:
+        job.export.quantization = job.export.quantization or EXPORT_QUANTIZATIONS.get(job.export.format, ("",))[0]
     job.version_bump = job.version_bump or "minor"
     job.display_name = job.display_name or job.job_id
 
@@ -269,9 +297,14 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
     """Field rules that need no I/O. Paths, datasets and base models are checked by the use case."""
     p = "training_job."
     if job.method is None:
-        v.add(p + "method", "method is required: TRAINING_METHOD_SFT_LORA, _SFT_QLORA, _RLAIF, _DPO or _REWARD_MODEL")
+        v.add(p + "method", "method is required: TRAINING_METHOD_SFT_LORA, _SFT_QLORA, _RLAIF, _DPO, _REWARD_MODEL or _EXPORT")
     elif job.method not in SUPPORTED_METHODS:
         v.add(p + "method", f"method {job.method.value} is not available in this trainer")
+    if job.method is Method.EXPORT:
+        _validate_export(job, v)
+        return
+    if job.export.configured:
+        v.add(p + "export", "export settings apply only to method EXPORT")
     rl = job.rlaif
     starts_from_version = job.method is Method.RLAIF and bool(rl.start_from_version)
     if not job.base_model.strip() and not starts_from_version:
@@ -378,6 +411,36 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
     for i, module in enumerate(lo.target_modules):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", module):
             v.add(f"{p}lora.target_modules[{i}]", f"{module!r} is not a module name")
+    if job.resources.gpus < 0:
+        v.add(p + "resources.gpus", "gpus must not be negative")
+    if len(job.labels) > 64:
+        v.add(p + "labels", "at most 64 labels")
+    for key, value in job.labels.items():
+        if not _LABEL_KEY.match(key):
+            v.add(f"{p}labels.{key}", "label keys are 1-63 lowercase letters, digits, _ or -, starting with a letter")
+        if len(value) > 256:
+            v.add(f"{p}labels.{key}", "label values are at most 256 characters")
+
+
+def _validate_export(job: TrainingJob, v: Violations) -> None:
+    """An EXPORT job names a version, a format and a quantization; base and target model come from the version."""
+    p = "training_job."
+    e = job.export
+    if not e.model_version:
+        v.add(p + "export.model_version", "model_version is required: projects/{project}/models/{model}/versions/{version}")
+    elif not _MODEL_VERSION.match(e.model_version):
+        v.add(p + "export.model_version", "model_version must be projects/{project}/models/{model}/versions/{version or alias}")
+    if e.format not in EXPORT_QUANTIZATIONS:
+        v.add(p + "export.format", "format is required: EXPORT_FORMAT_MERGED, _GGUF or _GGUF_LORA")
+    elif e.quantization and e.quantization not in EXPORT_QUANTIZATIONS[e.format]:
+        v.add(p + "export.quantization", f"{e.format} quantization is one of {', '.join(EXPORT_QUANTIZATIONS[e.format])}")
+    for attr in ("base_model", "dataset_uri", "eval_dataset_uri", "target_model"):
+        if getattr(job, attr):
+            v.add(p + attr, f"an EXPORT job takes {attr} from nothing but the version: leave it empty")
+    if job.rlaif.configured:
+        v.add(p + "rlaif", "rlaif settings apply only to method RLAIF, not EXPORT")
+    if len(job.display_name) > 200:
+        v.add(p + "display_name", "display_name is longer than 200 characters")
     if job.resources.gpus < 0:
         v.add(p + "resources.gpus", "gpus must not be negative")
     if len(job.labels) > 64:

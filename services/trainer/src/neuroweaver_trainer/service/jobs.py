@@ -119,6 +119,8 @@ class TrainerService:
         apply_defaults(job)
         if job.method is Method.RLAIF:
             await self._resolve_rlaif(job)
+        elif job.method is Method.EXPORT:
+            await self._resolve_export(job)
         assert job.method is not None  # validate_job refused a job without a method
         checked = await asyncio.to_thread(
             self.policy.check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
@@ -128,7 +130,9 @@ class TrainerService:
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
         job.rlaif.prompts_digest, job.rlaif.eval_prompts_digest = checked.prompts_digest, checked.eval_prompts_digest
         queued = (
-            f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)"
+            f"queued (export {job.export.model_version} as {job.export.format} {job.export.quantization})"
+            if job.method is Method.EXPORT
+            else f"queued (dataset sha256 {job.dataset_digest[:12]}…, {checked.dataset_rows} rows)"
             if job.dataset_uri
             else f"queued (prompts sha256 {job.rlaif.prompts_digest[:12]}…, {checked.prompts_rows} prompts; starts from {job.rlaif.start_from_version})"
         )
@@ -178,6 +182,19 @@ class TrainerService:
                 )
             r.start_from_version, r.parent_artifact_uri, r.parent_artifact_sha256 = name, uri, sha
             job.base_model = base
+
+    async def _resolve_export(self, job: TrainingJob) -> None:
+        """The exported version → its adapter (uri + sha256), base model (the job's base) and model (the target)."""
+        registry = self.policy.registry
+        if registry is None:
+            raise FailedPrecondition(
+                "this trainer has no registry configured; EXPORT needs one to read the version and record the export",
+                reason="REGISTRY_NOT_CONFIGURED",
+            )
+        e = job.export
+        name, e.artifact_uri, e.artifact_sha256, job.base_model = await registry.export_version(e.model_version)
+        e.model_version = name
+        job.target_model = name.split("/versions/")[0]
 
     # -- read ------------------------------------------------------------------------------------
 

@@ -92,13 +92,16 @@ class UnitOfWorkFactory(Protocol):
 
 
 class RegistryLookups(Protocol):
-    """What RLAIF jobs resolve in the registry at create time (NOT_FOUND / UNAVAILABLE ... as domain errors)."""
+    """What RLAIF and EXPORT jobs resolve in the registry at create time (NOT_FOUND / UNAVAILABLE ... as domain errors)."""
 
     async def judge(self, judge_version: str) -> dict[str, Any]:
         """The judge version's configuration (`name` is the concrete version, also for `latest`)."""
 
     async def start_version(self, model_version: str) -> tuple[str, str, str, str]:
         """(version name, adapter uri, adapter sha256, base model) of the version an RLAIF job starts from."""
+
+    async def export_version(self, model_version: str) -> tuple[str, str, str, str]:
+        """The same of the version an EXPORT job exports (field `training_job.export.model_version`)."""
 
 
 # check_inputs(base_model, dataset_uri, eval_dataset_uri, dataset_roots, max_seq_length, model_cache_dir, *,

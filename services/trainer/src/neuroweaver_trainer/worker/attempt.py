@@ -14,7 +14,7 @@ import threading
 from neuroweaver_runtime.client import ClientTLS
 
 from ..adapters.executors import EXIT_INTERRUPTED
-from ..domain.job import EventType, JobEvent, JobState, TrainingJob
+from ..domain.job import EventType, JobEvent, JobState, Method, TrainingJob
 from .config import WorkerConfig
 from .journal import Fenced, Journal
 from .results import register, store
@@ -25,6 +25,10 @@ log = logging.getLogger("neuroweaver.trainer.worker")
 
 async def run_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: threading.Event) -> int:
     """The process's exit code: 0 once the job is in a final state, EXIT_INTERRUPTED when it is to be resumed."""
+    if job.method is Method.EXPORT:
+        from .export import run_export_attempt
+
+        return await run_export_attempt(cfg, tls, job, journal, stop)
     try:
         outcome = await Training.for_job(cfg, job, journal, stop).train()
     except JobFailed as exc:

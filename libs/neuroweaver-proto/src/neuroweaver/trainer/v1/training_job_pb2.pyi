@@ -39,6 +39,8 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     """Direct preference optimization on a preference dataset (prompt/chosen/rejected)."""
     TRAINING_METHOD_REWARD_MODEL: _TrainingMethod.ValueType  # 5
     """Reward-model training on a preference dataset."""
+    TRAINING_METHOD_EXPORT: _TrainingMethod.ValueType  # 6
+    """Trains nothing: exports a registered version (`export`) and adds the result to the version's artifacts."""
 
 class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
     """How a job trains."""
@@ -54,7 +56,35 @@ TRAINING_METHOD_DPO: TrainingMethod.ValueType  # 4
 """Direct preference optimization on a preference dataset (prompt/chosen/rejected)."""
 TRAINING_METHOD_REWARD_MODEL: TrainingMethod.ValueType  # 5
 """Reward-model training on a preference dataset."""
+TRAINING_METHOD_EXPORT: TrainingMethod.ValueType  # 6
+"""Trains nothing: exports a registered version (`export`) and adds the result to the version's artifacts."""
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
+
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    EXPORT_FORMAT_MERGED: _ExportFormat.ValueType  # 1
+    """The adapter merged into its base through the unquantized (16/32-bit) base: safetensors + tokenizer + model card."""
+    EXPORT_FORMAT_GGUF: _ExportFormat.ValueType  # 2
+    """The merged model as one GGUF file (llama.cpp's convert_hf_to_gguf; k-quants through llama.cpp's quantizer)."""
+    EXPORT_FORMAT_GGUF_LORA: _ExportFormat.ValueType  # 3
+    """The adapter alone as a GGUF LoRA (llama.cpp's convert_lora_to_gguf)."""
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
+    """What an EXPORT job writes."""
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+EXPORT_FORMAT_MERGED: ExportFormat.ValueType  # 1
+"""The adapter merged into its base through the unquantized (16/32-bit) base: safetensors + tokenizer + model card."""
+EXPORT_FORMAT_GGUF: ExportFormat.ValueType  # 2
+"""The merged model as one GGUF file (llama.cpp's convert_hf_to_gguf; k-quants through llama.cpp's quantizer)."""
+EXPORT_FORMAT_GGUF_LORA: ExportFormat.ValueType  # 3
+"""The adapter alone as a GGUF LoRA (llama.cpp's convert_lora_to_gguf)."""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 class _Executor:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -111,6 +141,39 @@ EVENT_TYPE_RESUMED: EventType.ValueType  # 8
 EVENT_TYPE_JUDGE: EventType.ValueType  # 9
 EVENT_TYPE_REGISTERED: EventType.ValueType  # 10
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+@_typing.final
+class ExportConfig(_message.Message):
+    """EXPORT job settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """The version to export, `projects/{project}/models/{model}/versions/{version or alias}`; its artifact must be a
+    LoRA adapter. The job's base_model and target_model come from it.
+    """
+    format: Global___ExportFormat.ValueType
+    quantization: _builtins.str
+    """GGUF: `f16` (default), `q8_0`, `q4_k_m`, `f32`, `bf16`; GGUF LoRA: `f16` (default), `q8_0`, `f32`, `bf16`;
+    merged: `f16` (default), `bf16`, `f32`.
+    """
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        format: Global___ExportFormat.ValueType = ...,
+        quantization: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "model_version", b"model_version", "quantization", b"quantization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportConfig: _TypeAlias = ExportConfig  # noqa: Y015
 
 @_typing.final
 class LoraConfig(_message.Message):
@@ -509,6 +572,7 @@ class TrainingJob(_message.Message):
     EXECUTOR_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     TARGET_MODEL_FIELD_NUMBER: _builtins.int
+    EXPORT_FIELD_NUMBER: _builtins.int
     VERSION_BUMP_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -568,6 +632,10 @@ class TrainingJob(_message.Message):
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     @_builtins.property
+    def export(self) -> Global___ExportConfig:
+        """Method EXPORT: what to export."""
+
+    @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -594,6 +662,7 @@ class TrainingJob(_message.Message):
         executor: Global___Executor.ValueType = ...,
         resources: Global___Resources | None = ...,
         target_model: _builtins.str = ...,
+        export: Global___ExportConfig | None = ...,
         version_bump: _common_pb2.VersionBump.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         state: Global___TrainingJob.State.ValueType = ...,
@@ -612,9 +681,9 @@ class TrainingJob(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         creator: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "hyperparameters", b"hyperparameters", "lora", b"lora", "resources", b"resources", "rlaif", b"rlaif", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "export", b"export", "hyperparameters", b"hyperparameters", "lora", b"lora", "resources", b"resources", "rlaif", b"rlaif", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "version_bump", b"version_bump"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "export", b"export", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "version_bump", b"version_bump"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

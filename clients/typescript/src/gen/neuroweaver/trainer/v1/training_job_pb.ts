@@ -16,7 +16,42 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/trainer/v1/training_job.proto.
  */
 export const file_neuroweaver_trainer_v1_training_job: GenFile = /*@__PURE__*/
-  fileDesc("CiluZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluaW5nX2pvYi5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSJPCgpMb3JhQ29uZmlnEgkKAXIYASABKAUSDQoFYWxwaGEYAiABKAUSDwoHZHJvcG91dBgDIAEoARIWCg50YXJnZXRfbW9kdWxlcxgEIAMoCSL1AgoPSHlwZXJwYXJhbWV0ZXJzEhUKDWxlYXJuaW5nX3JhdGUYASABKAESEgoKbnVtX2Vwb2NocxgCIAEoARIRCgltYXhfc3RlcHMYAyABKAUSEgoKYmF0Y2hfc2l6ZRgEIAEoBRIjChtncmFkaWVudF9hY2N1bXVsYXRpb25fc3RlcHMYBSABKAUSFgoObWF4X3NlcV9sZW5ndGgYBiABKAUSFAoMd2FybXVwX3JhdGlvGAcgASgBEhQKDHdlaWdodF9kZWNheRgIIAEoARIMCgRzZWVkGAkgASgFEh4KFmNoZWNrcG9pbnRfZXZlcnlfc3RlcHMYCiABKAUSGAoQZXZhbF9ldmVyeV9zdGVwcxgLIAEoBRIeChZncmFkaWVudF9jaGVja3BvaW50aW5nGAwgASgIEhIKCmV2YWxfc3BsaXQYDSABKAESFAoMbHJfc2NoZWR1bGVyGA4gASgJEhUKDW1heF9ncmFkX25vcm0YDyABKAEi/wEKCVJlc291cmNlcxIMCgRncHVzGAEgASgFEgsKA2NwdRgCIAEoCRIOCgZtZW1vcnkYAyABKAkSSgoNbm9kZV9zZWxlY3RvchgEIAMoCzIzLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjcKC3RvbGVyYXRpb25zGAUgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Ub2xlcmF0aW9uEg0KBWltYWdlGAYgASgJGjMKEU5vZGVTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoKVG9sZXJhdGlvbhILCgNrZXkYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDQoFdmFsdWUYAyABKAkSDgoGZWZmZWN0GAQgASgJIvQFCgtSbGFpZkNvbmZpZxITCgtwcm9tcHRzX3VyaRgBIAEoCRIYChBldmFsX3Byb21wdHNfdXJpGAIgASgJEkAKDWp1ZGdlX3ZlcnNpb24YAyABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvSnVkZ2VWZXJzaW9uEh0KFWNhbmRpZGF0ZXNfcGVyX3Byb21wdBgEIAEoBRJGCglhbGdvcml0aG0YBSABKA4yMy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlJsYWlmQ29uZmlnLlBvbGljeUFsZ29yaXRobRJHCg1yZXdhcmRfc291cmNlGAYgASgOMjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZy5SZXdhcmRTb3VyY2USHQoVcmV3YXJkX21vZGVsX2JhY2tib25lGAcgASgJEhYKDmtsX2NvZWZmaWNpZW50GAggASgBEhQKDHBvbGljeV9zdGVwcxgJIAEoBRISCgptaW5fbWFyZ2luGAogASgBEkUKEnN0YXJ0X2Zyb21fdmVyc2lvbhgLIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SFgoObWF4X25ld190b2tlbnMYDCABKAUigwEKD1BvbGljeUFsZ29yaXRobRIgChxQT0xJQ1lfQUxHT1JJVEhNX1VOU1BFQ0lGSUVEEAASGQoVUE9MSUNZX0FMR09SSVRITV9HUlBPEAESGQoVUE9MSUNZX0FMR09SSVRITV9STE9PEAISGAoUUE9MSUNZX0FMR09SSVRITV9EUE8QAyJ+CgxSZXdhcmRTb3VyY2USHQoZUkVXQVJEX1NPVVJDRV9VTlNQRUNJRklFRBAAEh4KGlJFV0FSRF9TT1VSQ0VfUkVXQVJEX01PREVMEAESFwoTUkVXQVJEX1NPVVJDRV9KVURHRRACEhYKElJFV0FSRF9TT1VSQ0VfQk9USBADIswMCgtUcmFpbmluZ0pvYhISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARISCgpiYXNlX21vZGVsGAMgASgJEhMKC2RhdGFzZXRfdXJpGAQgASgJEhgKEGV2YWxfZGF0YXNldF91cmkYBSABKAkSNgoGbWV0aG9kGAYgASgOMiYubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ01ldGhvZBIwCgRsb3JhGAcgASgLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Mb3JhQ29uZmlnEkAKD2h5cGVycGFyYW1ldGVycxgIIAEoCzInLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuSHlwZXJwYXJhbWV0ZXJzEjIKBXJsYWlmGAkgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZxIyCghleGVjdXRvchgKIAEoDjIgLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhlY3V0b3ISNAoJcmVzb3VyY2VzGAsgASgLMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXNvdXJjZXMSOAoMdGFyZ2V0X21vZGVsGAwgASgJQiL6QR8KHXJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsEj4KDHZlcnNpb25fYnVtcBgPIAEoDjIiLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5WZXJzaW9uQnVtcEIE4kEBARJFCgZsYWJlbHMYDiADKAsyLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iLkxhYmVsc0VudHJ5QgTiQQEBEj4KBXN0YXRlGBQgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZUIE4kEBAxITCgVzdGFnZRgVIAEoCUIE4kEBAxITCgVlcnJvchgWIAEoCUIE4kEBAxJECg1tb2RlbF92ZXJzaW9uGBcgASgJQi3iQQED+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SGAoKb3V0cHV0X3VyaRgYIAEoCUIE4kEBAxIcCg5kYXRhc2V0X2RpZ2VzdBgZIAEoCUIE4kEBAxIaCgxjdXJyZW50X3N0ZXAYGiABKANCBOJBAQMSGQoLdG90YWxfc3RlcHMYGyABKANCBOJBAQMSHwoRcmVzdW1lZF9mcm9tX3N0ZXAYHCABKANCBOJBAQMSFgoIYXR0ZW1wdHMYHSABKAVCBOJBAQMSRwoHbWV0cmljcxgeIAMoCzIwLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuTWV0cmljc0VudHJ5QgTiQQEDEjUKC2NyZWF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGCAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRghIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSFQoHY3JlYXRvchgiIAEoCUIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIpUBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX1FVRVVFRBABEhEKDVNUQVRFX1JVTk5JTkcQAhITCg9TVEFURV9TVUNDRUVERUQQAxIQCgxTVEFURV9GQUlMRUQQBBIUChBTVEFURV9DQU5DRUxMSU5HEAUSEwoPU1RBVEVfQ0FOQ0VMTEVEEAY6aepBZgoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIlcHJvamVjdHMve3Byb2plY3R9L3RyYWluaW5nSm9icy97am9ifSoMdHJhaW5pbmdKb2JzMgt0cmFpbmluZ0pvYkoECA0QDiLnAQoLU3RlcE1ldHJpY3MSDAoEc3RlcBgBIAEoAxITCgt0b3RhbF9zdGVwcxgCIAEoAxINCgVlcG9jaBgDIAEoARIMCgRsb3NzGAQgASgBEhUKDWxlYXJuaW5nX3JhdGUYBSABKAESEQoJZ3JhZF9ub3JtGAYgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAcgASgBEiYKA2V0YRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCglyc3NfYnl0ZXMYCSABKAMSGAoQZ3B1X21lbW9yeV9ieXRlcxgKIAEoAyLBAwoQVHJhaW5pbmdKb2JFdmVudBI0CgNqb2IYASABKAlCJ/pBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIQCghzZXF1ZW5jZRgCIAEoAxIvCgR0eXBlGAMgASgOMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5FdmVudFR5cGUSDQoFc3RhZ2UYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKBXN0YXRlGAYgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZRIxCgRzdGVwGAcgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5TdGVwTWV0cmljcxJGCgdtZXRyaWNzGAggAygLMjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50Lk1ldHJpY3NFbnRyeRIPCgdtZXNzYWdlGAkgASgJGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBKsQBCg5UcmFpbmluZ01ldGhvZBIfChtUUkFJTklOR19NRVRIT0RfVU5TUEVDSUZJRUQQABIcChhUUkFJTklOR19NRVRIT0RfU0ZUX0xPUkEQARIdChlUUkFJTklOR19NRVRIT0RfU0ZUX1FMT1JBEAISGQoVVFJBSU5JTkdfTUVUSE9EX1JMQUlGEAMSFwoTVFJBSU5JTkdfTUVUSE9EX0RQTxAEEiAKHFRSQUlOSU5HX01FVEhPRF9SRVdBUkRfTU9ERUwQBSpRCghFeGVjdXRvchIYChRFWEVDVVRPUl9VTlNQRUNJRklFRBAAEhIKDkVYRUNVVE9SX0xPQ0FMEAESFwoTRVhFQ1VUT1JfS1VCRVJORVRFUxACKqUCCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhwKGEVWRU5UX1RZUEVfU1RBVEVfQ0hBTkdFRBABEhwKGEVWRU5UX1RZUEVfU1RBR0VfU1RBUlRFRBACEh4KGkVWRU5UX1RZUEVfU1RBR0VfQ09NUExFVEVEEAMSEwoPRVZFTlRfVFlQRV9TVEVQEAQSEwoPRVZFTlRfVFlQRV9FVkFMEAUSGQoVRVZFTlRfVFlQRV9DSEVDS1BPSU5UEAYSEgoORVZFTlRfVFlQRV9MT0cQBxIWChJFVkVOVF9UWVBFX1JFU1VNRUQQCBIUChBFVkVOVF9UWVBFX0pVREdFEAkSGQoVRVZFTlRfVFlQRV9SRUdJU1RFUkVEEApiBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
+  fileDesc("CiluZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluaW5nX2pvYi5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSKcAQoMRXhwb3J0Q29uZmlnEkAKDW1vZGVsX3ZlcnNpb24YASABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEjQKBmZvcm1hdBgCIAEoDjIkLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhwb3J0Rm9ybWF0EhQKDHF1YW50aXphdGlvbhgDIAEoCSJPCgpMb3JhQ29uZmlnEgkKAXIYASABKAUSDQoFYWxwaGEYAiABKAUSDwoHZHJvcG91dBgDIAEoARIWCg50YXJnZXRfbW9kdWxlcxgEIAMoCSL1AgoPSHlwZXJwYXJhbWV0ZXJzEhUKDWxlYXJuaW5nX3JhdGUYASABKAESEgoKbnVtX2Vwb2NocxgCIAEoARIRCgltYXhfc3RlcHMYAyABKAUSEgoKYmF0Y2hfc2l6ZRgEIAEoBRIjChtncmFkaWVudF9hY2N1bXVsYXRpb25fc3RlcHMYBSABKAUSFgoObWF4X3NlcV9sZW5ndGgYBiABKAUSFAoMd2FybXVwX3JhdGlvGAcgASgBEhQKDHdlaWdodF9kZWNheRgIIAEoARIMCgRzZWVkGAkgASgFEh4KFmNoZWNrcG9pbnRfZXZlcnlfc3RlcHMYCiABKAUSGAoQZXZhbF9ldmVyeV9zdGVwcxgLIAEoBRIeChZncmFkaWVudF9jaGVja3BvaW50aW5nGAwgASgIEhIKCmV2YWxfc3BsaXQYDSABKAESFAoMbHJfc2NoZWR1bGVyGA4gASgJEhUKDW1heF9ncmFkX25vcm0YDyABKAEi/wEKCVJlc291cmNlcxIMCgRncHVzGAEgASgFEgsKA2NwdRgCIAEoCRIOCgZtZW1vcnkYAyABKAkSSgoNbm9kZV9zZWxlY3RvchgEIAMoCzIzLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjcKC3RvbGVyYXRpb25zGAUgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Ub2xlcmF0aW9uEg0KBWltYWdlGAYgASgJGjMKEU5vZGVTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoKVG9sZXJhdGlvbhILCgNrZXkYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDQoFdmFsdWUYAyABKAkSDgoGZWZmZWN0GAQgASgJIvQFCgtSbGFpZkNvbmZpZxITCgtwcm9tcHRzX3VyaRgBIAEoCRIYChBldmFsX3Byb21wdHNfdXJpGAIgASgJEkAKDWp1ZGdlX3ZlcnNpb24YAyABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvSnVkZ2VWZXJzaW9uEh0KFWNhbmRpZGF0ZXNfcGVyX3Byb21wdBgEIAEoBRJGCglhbGdvcml0aG0YBSABKA4yMy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlJsYWlmQ29uZmlnLlBvbGljeUFsZ29yaXRobRJHCg1yZXdhcmRfc291cmNlGAYgASgOMjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZy5SZXdhcmRTb3VyY2USHQoVcmV3YXJkX21vZGVsX2JhY2tib25lGAcgASgJEhYKDmtsX2NvZWZmaWNpZW50GAggASgBEhQKDHBvbGljeV9zdGVwcxgJIAEoBRISCgptaW5fbWFyZ2luGAogASgBEkUKEnN0YXJ0X2Zyb21fdmVyc2lvbhgLIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SFgoObWF4X25ld190b2tlbnMYDCABKAUigwEKD1BvbGljeUFsZ29yaXRobRIgChxQT0xJQ1lfQUxHT1JJVEhNX1VOU1BFQ0lGSUVEEAASGQoVUE9MSUNZX0FMR09SSVRITV9HUlBPEAESGQoVUE9MSUNZX0FMR09SSVRITV9STE9PEAISGAoUUE9MSUNZX0FMR09SSVRITV9EUE8QAyJ+CgxSZXdhcmRTb3VyY2USHQoZUkVXQVJEX1NPVVJDRV9VTlNQRUNJRklFRBAAEh4KGlJFV0FSRF9TT1VSQ0VfUkVXQVJEX01PREVMEAESFwoTUkVXQVJEX1NPVVJDRV9KVURHRRACEhYKElJFV0FSRF9TT1VSQ0VfQk9USBADIoINCgtUcmFpbmluZ0pvYhISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARISCgpiYXNlX21vZGVsGAMgASgJEhMKC2RhdGFzZXRfdXJpGAQgASgJEhgKEGV2YWxfZGF0YXNldF91cmkYBSABKAkSNgoGbWV0aG9kGAYgASgOMiYubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ01ldGhvZBIwCgRsb3JhGAcgASgLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Mb3JhQ29uZmlnEkAKD2h5cGVycGFyYW1ldGVycxgIIAEoCzInLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuSHlwZXJwYXJhbWV0ZXJzEjIKBXJsYWlmGAkgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZxIyCghleGVjdXRvchgKIAEoDjIgLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhlY3V0b3ISNAoJcmVzb3VyY2VzGAsgASgLMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXNvdXJjZXMSOAoMdGFyZ2V0X21vZGVsGAwgASgJQiL6QR8KHXJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsEjQKBmV4cG9ydBgQIAEoCzIkLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhwb3J0Q29uZmlnEj4KDHZlcnNpb25fYnVtcBgPIAEoDjIiLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5WZXJzaW9uQnVtcEIE4kEBARJFCgZsYWJlbHMYDiADKAsyLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iLkxhYmVsc0VudHJ5QgTiQQEBEj4KBXN0YXRlGBQgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZUIE4kEBAxITCgVzdGFnZRgVIAEoCUIE4kEBAxITCgVlcnJvchgWIAEoCUIE4kEBAxJECg1tb2RlbF92ZXJzaW9uGBcgASgJQi3iQQED+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SGAoKb3V0cHV0X3VyaRgYIAEoCUIE4kEBAxIcCg5kYXRhc2V0X2RpZ2VzdBgZIAEoCUIE4kEBAxIaCgxjdXJyZW50X3N0ZXAYGiABKANCBOJBAQMSGQoLdG90YWxfc3RlcHMYGyABKANCBOJBAQMSHwoRcmVzdW1lZF9mcm9tX3N0ZXAYHCABKANCBOJBAQMSFgoIYXR0ZW1wdHMYHSABKAVCBOJBAQMSRwoHbWV0cmljcxgeIAMoCzIwLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuTWV0cmljc0VudHJ5QgTiQQEDEjUKC2NyZWF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGCAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRghIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSFQoHY3JlYXRvchgiIAEoCUIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIpUBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX1FVRVVFRBABEhEKDVNUQVRFX1JVTk5JTkcQAhITCg9TVEFURV9TVUNDRUVERUQQAxIQCgxTVEFURV9GQUlMRUQQBBIUChBTVEFURV9DQU5DRUxMSU5HEAUSEwoPU1RBVEVfQ0FOQ0VMTEVEEAY6aepBZgoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIlcHJvamVjdHMve3Byb2plY3R9L3RyYWluaW5nSm9icy97am9ifSoMdHJhaW5pbmdKb2JzMgt0cmFpbmluZ0pvYkoECA0QDiLnAQoLU3RlcE1ldHJpY3MSDAoEc3RlcBgBIAEoAxITCgt0b3RhbF9zdGVwcxgCIAEoAxINCgVlcG9jaBgDIAEoARIMCgRsb3NzGAQgASgBEhUKDWxlYXJuaW5nX3JhdGUYBSABKAESEQoJZ3JhZF9ub3JtGAYgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAcgASgBEiYKA2V0YRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCglyc3NfYnl0ZXMYCSABKAMSGAoQZ3B1X21lbW9yeV9ieXRlcxgKIAEoAyLBAwoQVHJhaW5pbmdKb2JFdmVudBI0CgNqb2IYASABKAlCJ/pBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIQCghzZXF1ZW5jZRgCIAEoAxIvCgR0eXBlGAMgASgOMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5FdmVudFR5cGUSDQoFc3RhZ2UYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKBXN0YXRlGAYgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZRIxCgRzdGVwGAcgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5TdGVwTWV0cmljcxJGCgdtZXRyaWNzGAggAygLMjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50Lk1ldHJpY3NFbnRyeRIPCgdtZXNzYWdlGAkgASgJGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBKuABCg5UcmFpbmluZ01ldGhvZBIfChtUUkFJTklOR19NRVRIT0RfVU5TUEVDSUZJRUQQABIcChhUUkFJTklOR19NRVRIT0RfU0ZUX0xPUkEQARIdChlUUkFJTklOR19NRVRIT0RfU0ZUX1FMT1JBEAISGQoVVFJBSU5JTkdfTUVUSE9EX1JMQUlGEAMSFwoTVFJBSU5JTkdfTUVUSE9EX0RQTxAEEiAKHFRSQUlOSU5HX01FVEhPRF9SRVdBUkRfTU9ERUwQBRIaChZUUkFJTklOR19NRVRIT0RfRVhQT1JUEAYqfAoMRXhwb3J0Rm9ybWF0Eh0KGUVYUE9SVF9GT1JNQVRfVU5TUEVDSUZJRUQQABIYChRFWFBPUlRfRk9STUFUX01FUkdFRBABEhYKEkVYUE9SVF9GT1JNQVRfR0dVRhACEhsKF0VYUE9SVF9GT1JNQVRfR0dVRl9MT1JBEAMqUQoIRXhlY3V0b3ISGAoURVhFQ1VUT1JfVU5TUEVDSUZJRUQQABISCg5FWEVDVVRPUl9MT0NBTBABEhcKE0VYRUNVVE9SX0tVQkVSTkVURVMQAiqlAgoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIcChhFVkVOVF9UWVBFX1NUQVRFX0NIQU5HRUQQARIcChhFVkVOVF9UWVBFX1NUQUdFX1NUQVJURUQQAhIeChpFVkVOVF9UWVBFX1NUQUdFX0NPTVBMRVRFRBADEhMKD0VWRU5UX1RZUEVfU1RFUBAEEhMKD0VWRU5UX1RZUEVfRVZBTBAFEhkKFUVWRU5UX1RZUEVfQ0hFQ0tQT0lOVBAGEhIKDkVWRU5UX1RZUEVfTE9HEAcSFgoSRVZFTlRfVFlQRV9SRVNVTUVEEAgSFAoQRVZFTlRfVFlQRV9KVURHRRAJEhkKFUVWRU5UX1RZUEVfUkVHSVNURVJFRBAKYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
+
+/**
+ * EXPORT job settings.
+ *
+ * @generated from message neuroweaver.trainer.v1.ExportConfig
+ */
+export type ExportConfig = Message<"neuroweaver.trainer.v1.ExportConfig"> & {
+  /**
+   * The version to export, `projects/{project}/models/{model}/versions/{version or alias}`; its artifact must be a
+   * LoRA adapter. The job's base_model and target_model come from it.
+   *
+   * @generated from field: string model_version = 1;
+   */
+  modelVersion: string;
+
+  /**
+   * @generated from field: neuroweaver.trainer.v1.ExportFormat format = 2;
+   */
+  format: ExportFormat;
+
+  /**
+   * GGUF: `f16` (default), `q8_0`, `q4_k_m`, `f32`, `bf16`; GGUF LoRA: `f16` (default), `q8_0`, `f32`, `bf16`;
+   * merged: `f16` (default), `bf16`, `f32`.
+   *
+   * @generated from field: string quantization = 3;
+   */
+  quantization: string;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.ExportConfig.
+ * Use `create(ExportConfigSchema)` to create a new message.
+ */
+export const ExportConfigSchema: GenMessage<ExportConfig> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 0);
 
 /**
  * LoRA adapter settings.
@@ -58,7 +93,7 @@ export type LoraConfig = Message<"neuroweaver.trainer.v1.LoraConfig"> & {
  * Use `create(LoraConfigSchema)` to create a new message.
  */
 export const LoraConfigSchema: GenMessage<LoraConfig> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 0);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 1);
 
 /**
  * Hyperparameters. Zero values take the documented defaults.
@@ -177,7 +212,7 @@ export type Hyperparameters = Message<"neuroweaver.trainer.v1.Hyperparameters"> 
  * Use `create(HyperparametersSchema)` to create a new message.
  */
 export const HyperparametersSchema: GenMessage<Hyperparameters> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 1);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 2);
 
 /**
  * Compute resources of the worker (Kubernetes executor; advisory for local).
@@ -227,7 +262,7 @@ export type Resources = Message<"neuroweaver.trainer.v1.Resources"> & {
  * Use `create(ResourcesSchema)` to create a new message.
  */
 export const ResourcesSchema: GenMessage<Resources> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 2);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 3);
 
 /**
  * A Kubernetes toleration.
@@ -261,7 +296,7 @@ export type Toleration = Message<"neuroweaver.trainer.v1.Toleration"> & {
  * Use `create(TolerationSchema)` to create a new message.
  */
 export const TolerationSchema: GenMessage<Toleration> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 3);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 4);
 
 /**
  * RLAIF stage settings (method RLAIF).
@@ -355,7 +390,7 @@ export type RlaifConfig = Message<"neuroweaver.trainer.v1.RlaifConfig"> & {
  * Use `create(RlaifConfigSchema)` to create a new message.
  */
 export const RlaifConfigSchema: GenMessage<RlaifConfig> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 4);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 5);
 
 /**
  * Policy-optimization algorithm.
@@ -394,7 +429,7 @@ export enum RlaifConfig_PolicyAlgorithm {
  * Describes the enum neuroweaver.trainer.v1.RlaifConfig.PolicyAlgorithm.
  */
 export const RlaifConfig_PolicyAlgorithmSchema: GenEnum<RlaifConfig_PolicyAlgorithm> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_trainer_v1_training_job, 4, 0);
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 5, 0);
 
 /**
  * What rewards the policy step.
@@ -427,7 +462,7 @@ export enum RlaifConfig_RewardSource {
  * Describes the enum neuroweaver.trainer.v1.RlaifConfig.RewardSource.
  */
 export const RlaifConfig_RewardSourceSchema: GenEnum<RlaifConfig_RewardSource> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_trainer_v1_training_job, 4, 1);
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 5, 1);
 
 /**
  * A fine-tuning job. Resource name: `projects/{project}/trainingJobs/{job}`.
@@ -502,6 +537,13 @@ export type TrainingJob = Message<"neuroweaver.trainer.v1.TrainingJob"> & {
    * @generated from field: string target_model = 12;
    */
   targetModel: string;
+
+  /**
+   * Method EXPORT: what to export.
+   *
+   * @generated from field: neuroweaver.trainer.v1.ExportConfig export = 16;
+   */
+  export?: ExportConfig | undefined;
 
   /**
    * Bump level for the new version (UNSPECIFIED means MINOR). Field 13 was the same setting as a string.
@@ -614,7 +656,7 @@ export type TrainingJob = Message<"neuroweaver.trainer.v1.TrainingJob"> & {
  * Use `create(TrainingJobSchema)` to create a new message.
  */
 export const TrainingJobSchema: GenMessage<TrainingJob> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 5);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 6);
 
 /**
  * Lifecycle; changed only by the service (and CancelTrainingJob).
@@ -662,7 +704,7 @@ export enum TrainingJob_State {
  * Describes the enum neuroweaver.trainer.v1.TrainingJob.State.
  */
 export const TrainingJob_StateSchema: GenEnum<TrainingJob_State> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_trainer_v1_training_job, 5, 0);
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 6, 0);
 
 /**
  * Metrics of one optimizer step.
@@ -728,7 +770,7 @@ export type StepMetrics = Message<"neuroweaver.trainer.v1.StepMetrics"> & {
  * Use `create(StepMetricsSchema)` to create a new message.
  */
 export const StepMetricsSchema: GenMessage<StepMetrics> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 6);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 7);
 
 /**
  * A durable progress event. Per job, `sequence` increases by one from 1 with no gaps.
@@ -799,7 +841,7 @@ export type TrainingJobEvent = Message<"neuroweaver.trainer.v1.TrainingJobEvent"
  * Use `create(TrainingJobEventSchema)` to create a new message.
  */
 export const TrainingJobEventSchema: GenMessage<TrainingJobEvent> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_training_job, 7);
+  messageDesc(file_neuroweaver_trainer_v1_training_job, 8);
 
 /**
  * How a job trains.
@@ -846,6 +888,13 @@ export enum TrainingMethod {
    * @generated from enum value: TRAINING_METHOD_REWARD_MODEL = 5;
    */
   REWARD_MODEL = 5,
+
+  /**
+   * Trains nothing: exports a registered version (`export`) and adds the result to the version's artifacts.
+   *
+   * @generated from enum value: TRAINING_METHOD_EXPORT = 6;
+   */
+  EXPORT = 6,
 }
 
 /**
@@ -853,6 +902,45 @@ export enum TrainingMethod {
  */
 export const TrainingMethodSchema: GenEnum<TrainingMethod> = /*@__PURE__*/
   enumDesc(file_neuroweaver_trainer_v1_training_job, 0);
+
+/**
+ * What an EXPORT job writes.
+ *
+ * @generated from enum neuroweaver.trainer.v1.ExportFormat
+ */
+export enum ExportFormat {
+  /**
+   * @generated from enum value: EXPORT_FORMAT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The adapter merged into its base through the unquantized (16/32-bit) base: safetensors + tokenizer + model card.
+   *
+   * @generated from enum value: EXPORT_FORMAT_MERGED = 1;
+   */
+  MERGED = 1,
+
+  /**
+   * The merged model as one GGUF file (llama.cpp's convert_hf_to_gguf; k-quants through llama.cpp's quantizer).
+   *
+   * @generated from enum value: EXPORT_FORMAT_GGUF = 2;
+   */
+  GGUF = 2,
+
+  /**
+   * The adapter alone as a GGUF LoRA (llama.cpp's convert_lora_to_gguf).
+   *
+   * @generated from enum value: EXPORT_FORMAT_GGUF_LORA = 3;
+   */
+  GGUF_LORA = 3,
+}
+
+/**
+ * Describes the enum neuroweaver.trainer.v1.ExportFormat.
+ */
+export const ExportFormatSchema: GenEnum<ExportFormat> = /*@__PURE__*/
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 1);
 
 /**
  * Where the job's worker runs.
@@ -884,7 +972,7 @@ export enum Executor {
  * Describes the enum neuroweaver.trainer.v1.Executor.
  */
 export const ExecutorSchema: GenEnum<Executor> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_trainer_v1_training_job, 1);
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 2);
 
 /**
  * Kind of a job event.
@@ -952,5 +1040,5 @@ export enum EventType {
  * Describes the enum neuroweaver.trainer.v1.EventType.
  */
 export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_trainer_v1_training_job, 2);
+  enumDesc(file_neuroweaver_trainer_v1_training_job, 3);
 
