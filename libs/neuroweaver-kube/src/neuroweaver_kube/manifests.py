@@ -301,6 +301,7 @@ class ModelServerSpec:
     adapter_uri: str | None = None
     adapter_sha256: str | None = None
     load_in_4bit: bool = False
+    engine: str = ""  # the model server's --engine (transformers, llama.cpp, vllm); "" = its auto
     replicas: int = 1
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -445,6 +446,8 @@ def model_server_args(spec: ModelServerSpec) -> list[str]:
         args += ["--adapter-uri", spec.adapter_uri, "--adapter-sha256", str(spec.adapter_sha256)]
     if spec.load_in_4bit:
         args.append("--load-in-4bit")
+    if spec.engine:
+        args += ["--engine", spec.engine]
     return args
 
 

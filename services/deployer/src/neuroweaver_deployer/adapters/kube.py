@@ -94,6 +94,7 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         adapter_uri=v.artifact_uri or None,
         adapter_sha256=v.artifact_sha256 or None,
         load_in_4bit=s.load_in_4bit,
+        engine=s.engine,
         replicas=target.replicas,
         min_replicas=a.min_replicas if a.enabled else None,
         max_replicas=a.max_replicas if a.enabled else None,

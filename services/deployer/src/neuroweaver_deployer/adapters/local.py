@@ -75,6 +75,8 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
         args += ["--adapter-uri", v.artifact_uri, "--adapter-sha256", v.artifact_sha256]
     if s.load_in_4bit:
         args.append("--load-in-4bit")
+    if s.engine:
+        args += ["--engine", s.engine]
     return args
 
 

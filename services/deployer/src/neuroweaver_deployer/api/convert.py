@@ -18,6 +18,21 @@ BACKEND_TO_PB = {Backend.LOCAL: pb.BACKEND_LOCAL, Backend.KUBERNETES: pb.BACKEND
 STATE_TO_PB = {s: getattr(pb.Deployment, f"STATE_{s.value}") for s in State}
 
 
+ENGINE_FROM_PB: dict[int, str] = {
+    pb.ServingConfig.ENGINE_UNSPECIFIED: "",
+    pb.ServingConfig.ENGINE_TRANSFORMERS: "transformers",
+    pb.ServingConfig.ENGINE_LLAMA_CPP: "llama.cpp",
+    pb.ServingConfig.ENGINE_VLLM: "vllm",
+}
+ENGINE_TO_PB = {v: k for k, v in ENGINE_FROM_PB.items()}
+
+
+def _engine(value: int) -> str:
+    if value not in ENGINE_FROM_PB:
+        raise InvalidArgument(f"engine has unknown value {value}", field="deployment.serving.engine", reason="INVALID_ENUM")
+    return ENGINE_FROM_PB[value]
+
+
 def deployment_from_pb(m: pb.Deployment) -> Deployment:
     if m.backend not in BACKEND_FROM_PB:
         raise InvalidArgument(f"backend has unknown value {m.backend}", field="deployment.backend", reason="INVALID_ENUM")
@@ -37,7 +52,7 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
             dict(r.node_selector),
             [Toleration(t.key, t.operator, t.value, t.effect) for t in r.tolerations],
         ),
-        serving=Serving(s.load_in_4bit, s.max_queue, s.max_new_tokens_limit, s.max_batch_size, s.image),
+        serving=Serving(s.load_in_4bit, s.max_queue, s.max_new_tokens_limit, s.max_batch_size, s.image, _engine(s.engine)),
         namespace=m.namespace,
         labels=dict(m.labels),
     )
@@ -81,6 +96,7 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
             max_new_tokens_limit=s.max_new_tokens_limit,
             max_batch_size=s.max_batch_size,
             image=s.image,
+            engine=ENGINE_TO_PB.get(s.engine, pb.ServingConfig.ENGINE_UNSPECIFIED),  # type: ignore[arg-type]
         ),  # fmt: skip
         namespace=d.namespace,
         labels=d.labels,

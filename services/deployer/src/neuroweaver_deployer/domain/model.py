@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from neuroweaver_runtime.errors import InvalidArgument, Violations
+from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Violations
 from neuroweaver_runtime.names import ResourceName
 
 DEPLOYMENT = ResourceName("projects/{project}/deployments/{deployment}")
@@ -69,6 +69,9 @@ class Resources:
     tolerations: list[Toleration] = field(default_factory=list)
 
 
+ENGINES = ("transformers", "llama.cpp", "vllm")  # the model server's --engine values; "" = follows the device
+
+
 @dataclass
 class Serving:
     load_in_4bit: bool = False
@@ -76,10 +79,16 @@ class Serving:
     max_new_tokens_limit: int = 0
     max_batch_size: int = 0
     image: str = ""
+    engine: str = ""  # one of ENGINES, or "" (the model server's auto: follows the device and the GGUF artifacts)
 
     def with_defaults(self) -> Serving:
         return Serving(
-            self.load_in_4bit, self.max_queue or 64, self.max_new_tokens_limit or 1024, self.max_batch_size or 8, self.image
+            self.load_in_4bit,
+            self.max_queue or 64,
+            self.max_new_tokens_limit or 1024,
+            self.max_batch_size or 8,
+            self.image,
+            self.engine,
         )
 
 
@@ -182,6 +191,8 @@ class Target:
         """Changes whenever replicas would have to be replaced (version, serving settings or the names they answer to)."""
         s = self.serving
         raw = f"{self.version.name}|{self.version.artifact_sha256}|{s.load_in_4bit}|{s.max_queue}|{s.max_new_tokens_limit}|{s.max_batch_size}|{s.image}"
+        if s.engine:  # appended only when set: replicas of deployments that name no engine keep their fingerprint
+            raw += f"|engine={s.engine}"
         if self.model_names:
             raw += "|" + ",".join(self.model_names)
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -326,11 +337,47 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
     ):
         if not 0 <= number <= hi:
             v.add(f"{path}.serving.{setting}", f"must be in 0..{hi} (0 = default)")
+    if s.engine and s.engine not in ENGINES:
+        v.add(f"{path}.serving.engine", f"must be one of {', '.join(ENGINES)} (or unset: follows the device)")
+    if s.engine == "llama.cpp" and s.load_in_4bit:
+        v.add(f"{path}.serving.load_in_4bit", "4-bit NF4 is the transformers engine's; llama.cpp serves the GGUF's quantization")
+    if s.engine == "llama.cpp" and r.gpus:
+        v.add(f"{path}.serving.engine", "the llama.cpp engine runs on the CPU; ask for no GPUs or choose vllm")
+    if s.engine == "vllm" and d.backend is Backend.KUBERNETES and not r.gpus:
+        v.add(f"{path}.serving.engine", "the vllm engine needs a CUDA GPU: set resources.gpus")
+    if s.engine == "vllm" and s.load_in_4bit:
+        v.add(f"{path}.serving.load_in_4bit", "4-bit NF4 is the transformers engine's; vLLM loads the checkpoint as it is")
     if d.namespace and not DNS_LABEL.match(d.namespace):
         v.add(f"{path}.namespace", "must be a DNS-1123 label")
     if len(d.display_name) > 200:
         v.add(f"{path}.display_name", "at most 200 characters")
     check_labels(d.labels, v, f"{path}.labels")
+
+
+def _is_gguf(reference: str) -> bool:
+    return reference.lower().split("?", 1)[0].endswith(".gguf")
+
+
+def check_engine_fits(serving: Serving, version: ResolvedVersion) -> None:
+    """The engine a deployment names can load the version: llama.cpp needs a GGUF base model (a builtin model ships
+    one, or a .gguf file) and the adapter as a GGUF LoRA (.gguf); transformers and vllm cannot load a GGUF LoRA."""
+    adapter_gguf = _is_gguf(version.artifact_uri)
+    if serving.engine == "llama.cpp":
+        base_ok = version.base_model.startswith("builtin:") or _is_gguf(version.base_model)
+        if not base_ok or (version.artifact_uri and not adapter_gguf):
+            missing = "base model" if not base_ok else "adapter"
+            raise FailedPrecondition(
+                f"{version.name} has no GGUF {missing}: the llama.cpp engine serves a GGUF base and a GGUF LoRA adapter "
+                "(export the version to GGUF, or choose the transformers engine)",
+                reason="GGUF_ARTIFACT_MISSING",
+                metadata={"model_version": version.name, "missing": missing.replace(" ", "_")},
+            )
+    elif serving.engine and adapter_gguf:
+        raise FailedPrecondition(
+            f"{version.name}'s adapter is a GGUF LoRA, which only the llama.cpp engine loads",
+            reason="ENGINE_CANNOT_LOAD_ARTIFACT",
+            metadata={"model_version": version.name, "engine": serving.engine},
+        )
 
 
 def validate_replicas(replicas: int, backend: Backend) -> None:

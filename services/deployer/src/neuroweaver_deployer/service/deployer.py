@@ -27,6 +27,7 @@ from ..domain.model import (
     Revision,
     State,
     alias_version_name,
+    check_engine_fits,
     served_model_name,
     validate_replicas,
     validate_spec,
@@ -57,8 +58,11 @@ class DeployerService:
 
     async def _resolve(self, d: Deployment) -> ResolvedVersion:
         if d.model_alias:
-            return await self.registry.resolve(alias_version_name(d.model_alias), "deployment.model_alias")
-        return await self.registry.resolve(d.model_version, "deployment.model_version")
+            version = await self.registry.resolve(alias_version_name(d.model_alias), "deployment.model_alias")
+        else:
+            version = await self.registry.resolve(d.model_version, "deployment.model_version")
+        check_engine_fits(d.serving, version)
+        return version
 
     @staticmethod
     def _found(name: str, d: Deployment | None) -> Deployment:
@@ -196,6 +200,8 @@ class DeployerService:
         validate_spec(merged, v, creating=False)
         v.raise_if_any()
         version = await self._resolve(merged) if paths & {"model_version", "model_alias"} else None
+        if version is None and "serving" in paths and merged.target is not None:
+            check_engine_fits(merged.serving, merged.target)  # a new engine for the version served now
         return await self._write_spec(merged, paths, version, "update", current.generation)
 
     async def _write_spec(

@@ -166,11 +166,43 @@ class ServingConfig(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _Engine:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _EngineEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ServingConfig._Engine.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ENGINE_UNSPECIFIED: ServingConfig._Engine.ValueType  # 0
+        """Follows the device: on CUDA vllm when installed, else transformers; on the CPU llama.cpp when the version
+        has a GGUF (base model and adapter), else transformers.
+        """
+        ENGINE_TRANSFORMERS: ServingConfig._Engine.ValueType  # 1
+        """transformers + PEFT: any checkpoint and adapter, 4-bit NF4 too."""
+        ENGINE_LLAMA_CPP: ServingConfig._Engine.ValueType  # 2
+        """llama.cpp (CPU): a GGUF base model and the adapter as a GGUF LoRA; parallel requests decoded in one batch."""
+        ENGINE_VLLM: ServingConfig._Engine.ValueType  # 3
+        """vLLM (CUDA GPU): the checkpoint with the adapter as a LoRA; needs resources.gpus on Kubernetes."""
+
+    class Engine(_Engine, metaclass=_EngineEnumTypeWrapper):
+        """The engine that decodes for the model server."""
+
+    ENGINE_UNSPECIFIED: ServingConfig.Engine.ValueType  # 0
+    """Follows the device: on CUDA vllm when installed, else transformers; on the CPU llama.cpp when the version
+    has a GGUF (base model and adapter), else transformers.
+    """
+    ENGINE_TRANSFORMERS: ServingConfig.Engine.ValueType  # 1
+    """transformers + PEFT: any checkpoint and adapter, 4-bit NF4 too."""
+    ENGINE_LLAMA_CPP: ServingConfig.Engine.ValueType  # 2
+    """llama.cpp (CPU): a GGUF base model and the adapter as a GGUF LoRA; parallel requests decoded in one batch."""
+    ENGINE_VLLM: ServingConfig.Engine.ValueType  # 3
+    """vLLM (CUDA GPU): the checkpoint with the adapter as a LoRA; needs resources.gpus on Kubernetes."""
+
     LOAD_IN_4BIT_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     load_in_4bit: _builtins.bool
     """Load the base in 4-bit NF4 (bitsandbytes)."""
     max_queue: _builtins.int
@@ -181,6 +213,8 @@ class ServingConfig(_message.Message):
     """Requests batched together per generation step (default 8)."""
     image: _builtins.str
     """Container image (Kubernetes backend)."""
+    engine: Global___ServingConfig.Engine.ValueType
+    """The model server's decoding engine; changing it replaces the replicas."""
     def __init__(
         self,
         *,
@@ -189,10 +223,11 @@ class ServingConfig(_message.Message):
         max_new_tokens_limit: _builtins.int = ...,
         max_batch_size: _builtins.int = ...,
         image: _builtins.str = ...,
+        engine: Global___ServingConfig.Engine.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "load_in_4bit", b"load_in_4bit", "max_batch_size", b"max_batch_size", "max_new_tokens_limit", b"max_new_tokens_limit", "max_queue", b"max_queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "image", b"image", "load_in_4bit", b"load_in_4bit", "max_batch_size", b"max_batch_size", "max_new_tokens_limit", b"max_new_tokens_limit", "max_queue", b"max_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

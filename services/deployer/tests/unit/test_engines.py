@@ -1,0 +1,148 @@
+"""The deployment spec names the model server's engine: validation, the version's artifacts checked against it,
+the proto enum, and the flag reaching the model server (local command line and Kubernetes pod args)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from neuroweaver.deployer.v1 import deployment_pb2 as pb
+from neuroweaver_deployer.adapters.kube import KubeDefaults, model_server_spec
+from neuroweaver_deployer.adapters.local import model_server_command
+from neuroweaver_deployer.api.convert import deployment_from_pb, deployment_to_pb
+from neuroweaver_deployer.domain.model import (
+    VERSION,
+    Autoscaling,
+    Backend,
+    Deployment,
+    ResolvedVersion,
+    Resources,
+    Serving,
+    Target,
+)
+from neuroweaver_kube.manifests import model_server_args
+from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument
+
+P = "projects/default"
+
+
+def version(model: str, number: str) -> ResolvedVersion:  # a PEFT adapter directory on a local base (as conftest's)
+    name = VERSION.format(project="default", model=model, version=number)
+    return ResolvedVersion(
+        name,
+        number,
+        f"file:///artifacts/{model}/{number}",
+        f"{model}{number}".encode().hex().ljust(64, "0"),
+        "file:///models/base",
+    )
+
+
+def gguf_version(number: str = "3.0.0", base: str = "builtin:smollm2-135m-instruct") -> ResolvedVersion:
+    v = version("smol", number)
+    return dataclasses.replace(v, artifact_uri=f"file:///artifacts/smol/{number}/adapter.gguf", base_model=base)
+
+
+def spec(v: ResolvedVersion, **serving) -> Deployment:
+    return Deployment(name="", model_version=v.name, serving=Serving(**serving))
+
+
+async def test_the_engine_must_fit_the_version(fakes):
+    svc = fakes.service
+    gguf = fakes.registry.add(gguf_version())
+    with pytest.raises(FailedPrecondition) as caught:  # a PEFT adapter directory: no GGUF LoRA
+        await svc.create(P, "peft-on-llama", spec(fakes.v1, engine="llama.cpp"), "", "b")
+    assert caught.value.reason == "GGUF_ARTIFACT_MISSING" and caught.value.metadata["missing"] == "base_model"
+    local_base = fakes.registry.add(gguf_version("3.1.0", base="/models/smol.gguf"))
+    no_gguf_adapter = fakes.registry.add(
+        dataclasses.replace(version("smol", "3.2.0"), base_model="builtin:smollm2-135m-instruct")
+    )
+    with pytest.raises(FailedPrecondition) as caught:
+        await svc.create(P, "adapter-not-gguf", spec(no_gguf_adapter, engine="llama.cpp"), "", "b")
+    assert caught.value.reason == "GGUF_ARTIFACT_MISSING" and caught.value.metadata["missing"] == "adapter"
+    for engine in ("transformers", "vllm"):
+        with pytest.raises(FailedPrecondition) as caught:
+            await svc.create(P, f"gguf-on-{engine}", spec(gguf, engine=engine), "", "b")
+        assert caught.value.reason == "ENGINE_CANNOT_LOAD_ARTIFACT"
+    assert [d.name for d in (await svc.list(P, 10, "", "", "")).items] == []  # nothing stored
+
+    created = await svc.create(P, "smol", spec(gguf, engine="llama.cpp"), "", "b")
+    assert created.serving.engine == "llama.cpp"
+    assert (await svc.create(P, "smol-file", spec(local_base, engine="llama.cpp"), "", "b")).serving.engine == "llama.cpp"
+    auto = await svc.create(P, "auto", spec(fakes.v1), "", "b")  # unset: the model server's auto
+    assert auto.serving.engine == ""
+
+    # changing only the engine is checked against the version served now, and replaces the replicas
+    with pytest.raises(FailedPrecondition) as caught:
+        await svc.update(Deployment(name=created.name, serving=Serving(engine="transformers")), {"serving"}, "")
+    assert caught.value.reason == "ENGINE_CANNOT_LOAD_ARTIFACT"
+    async with asyncio.timeout(10):
+        while not any(t.deployment == auto.name for t in fakes.backend.applied):  # the controller runs it first
+            await asyncio.sleep(0.01)
+    applied = len(fakes.backend.applied)
+    updated = await svc.update(Deployment(name=auto.name, serving=Serving(engine="transformers")), {"serving"}, "")
+    assert updated.serving.engine == "transformers"
+    assert updated.target is not None
+
+    async with asyncio.timeout(10):
+        while len(fakes.backend.applied) == applied:  # the controller converges in a task of its own
+            await asyncio.sleep(0.01)
+    new = fakes.backend.applied[-1]
+    before = next(t for t in fakes.backend.applied if t.deployment == auto.name)
+    assert new.deployment == auto.name and new.serving.engine == "transformers" and before.serving.engine == ""
+    assert new.fingerprint() != before.fingerprint()  # another engine: the replicas are replaced
+
+
+def test_validation_of_the_engine():
+    from neuroweaver_deployer.domain.model import validate_spec
+    from neuroweaver_runtime.errors import Violations
+
+    def violations(d: Deployment) -> dict[str, str]:
+        v = Violations()
+        validate_spec(d, v, creating=True)
+        return {f.field: f.description for f in v.items}
+
+    base = dict(name="", model_version=f"{P}/models/m/versions/1.0.0")
+    assert violations(Deployment(**base, serving=Serving(engine="llama.cpp"))) == {}
+    assert "deployment.serving.engine" in violations(Deployment(**base, serving=Serving(engine="onnx")))
+    assert "deployment.serving.load_in_4bit" in violations(
+        Deployment(**base, serving=Serving(engine="llama.cpp", load_in_4bit=True))
+    )
+    kube = dict(base, backend=Backend.KUBERNETES)
+    assert "GPU" in violations(Deployment(**kube, serving=Serving(engine="vllm")))["deployment.serving.engine"]
+    assert violations(Deployment(**kube, serving=Serving(engine="vllm"), resources=Resources(gpus=1))) == {}
+    assert (
+        "CPU"
+        in violations(Deployment(**kube, serving=Serving(engine="llama.cpp"), resources=Resources(gpus=1)))[
+            "deployment.serving.engine"
+        ]
+    )
+
+
+def test_the_proto_enum_round_trips_and_unknown_values_are_refused():
+    for value, engine in (
+        (pb.ServingConfig.ENGINE_UNSPECIFIED, ""),
+        (pb.ServingConfig.ENGINE_TRANSFORMERS, "transformers"),
+        (pb.ServingConfig.ENGINE_LLAMA_CPP, "llama.cpp"),
+        (pb.ServingConfig.ENGINE_VLLM, "vllm"),
+    ):
+        d = deployment_from_pb(pb.Deployment(name=f"{P}/deployments/d", serving=pb.ServingConfig(engine=value)))
+        assert d.serving.engine == engine
+        assert deployment_to_pb(d).serving.engine == value
+    with pytest.raises(InvalidArgument) as caught:
+        deployment_from_pb(pb.Deployment(serving=pb.ServingConfig(engine=42)))  # type: ignore[arg-type]
+    assert caught.value.reason == "INVALID_ENUM"
+
+
+def test_the_engine_reaches_the_model_server_locally_and_on_kubernetes():
+    v = gguf_version()
+    target = Target(
+        f"{P}/deployments/smol", v, "smol-3-0-0-x", 1, Serving(engine="llama.cpp"), Resources(), Autoscaling(), "", {}
+    )
+    command = model_server_command(target, "127.0.0.1", 1, 2, 3, 5.0)
+    assert command[command.index("--engine") + 1] == "llama.cpp"
+    assert "--engine" not in model_server_command(dataclasses.replace(target, serving=Serving()), "127.0.0.1", 1, 2, 3, 5.0)
+    pod = model_server_spec(target, KubeDefaults(image="m", namespace="neuroweaver", artifacts_mount_path="/artifacts"))
+    args = model_server_args(pod)
+    assert args[args.index("--engine") + 1] == "llama.cpp"
