@@ -20,7 +20,7 @@ from neuroweaver_runtime.tls import ServerTLS
 
 from .adapters.kube import KubeDefaults, render_manifests
 from .adapters.local import LocalBackend
-from .adapters.metrics import LocalMetrics, ReplicaScraper
+from .adapters.metrics import LocalMetrics, PodMetrics, ReplicaScraper
 from .adapters.registry import RegistryGateway
 from .adapters.repository import CHANGES_CHANNEL
 from .adapters.router import PortRange
@@ -271,11 +271,20 @@ def build(config: DeployerConfig) -> GrpcService:
     scraper = ReplicaScraper(interval=config.metrics_sample_seconds, client_tls=local_client_tls)
     local_metrics = LocalMetrics(backends[Backend.LOCAL], controller.owns, scraper)
     metric_sources: dict = {Backend.LOCAL: local_metrics}
+    scrapers = [scraper]
+
+    def locate(d) -> tuple[str, str]:  # the namespace and object name of a deployment's Kubernetes objects
+        return d.namespace or kube.namespace, dns1123_name(d.name)
+
     if config.kubernetes and config.prometheus_url:
         from .adapters.prometheus import PrometheusMetrics
 
-        metric_sources[Backend.KUBERNETES] = PrometheusMetrics(
-            config.prometheus_url, lambda d: (d.namespace or kube.namespace, dns1123_name(d.name))
+        metric_sources[Backend.KUBERNETES] = PrometheusMetrics(config.prometheus_url, locate)
+    elif config.kubernetes:  # no Prometheus: the deployer scrapes the pods itself (rings of their own)
+        pod_scraper = ReplicaScraper(interval=config.metrics_sample_seconds, client_tls=client_tls)
+        scrapers.append(pod_scraper)
+        metric_sources[Backend.KUBERNETES] = PodMetrics(
+            backends[Backend.KUBERNETES].client, locate, pod_scraper, tls=bool(kube.tls_secret)
         )
     metrics = DeploymentMetrics(uow, metric_sources)
     follower = AliasFollower(uow, registry, service, controller.owns)
@@ -296,7 +305,8 @@ def build(config: DeployerConfig) -> GrpcService:
         for source in metric_sources.values():
             if hasattr(source, "close") and source is not local_metrics:
                 await source.close()
-        await scraper.close()
+        for each in scrapers:
+            await each.close()
         await follower.close()
         await controller.close()  # local replicas stop, then the leases are released for the other replicas
         if listener is not None:

@@ -162,3 +162,65 @@ async def test_live_metrics_of_a_local_deployment_match_the_traffic(stack):
         assert out.returncode == 1 and "INVALID_WINDOW" in out.stderr and "window" in out.stderr
     finally:
         await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=NAME))
+
+
+@pytest.fixture
+async def kube_pods_stack(tmp_path, tiny_base, adapters):
+    """The deployer on the Kubernetes API stand-in whose pod runner really starts model-server pods (bubblewrap
+    sandboxes; see test_kube_pods.py); no Prometheus, so the deployer scrapes the pods."""
+    import shutil
+
+    from helpers import Stack
+
+    from neuroweaver_kube.testing import KubeApiStandIn
+    from neuroweaver_kube.testing.pods import PodRunner, bwrap_path
+
+    if bwrap_path() is None:
+        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+    runner = PodRunner(state_dir=tmp_path / "standin")
+    with KubeApiStandIn(pods=runner) as standin:
+        standin.put({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "neuroweaver-artifacts", "namespace": "serving"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        })  # fmt: skip
+        store = runner.claim_dir("serving", "neuroweaver-artifacts")
+        base = shutil.copytree(tiny_base, store / "models" / "tiny-llama")
+        adapter = shutil.copytree(adapters[0][0], store / "adapters" / "advisor-1")
+        (tmp_path / "stack").mkdir()
+        stack = Stack(tmp_path / "stack", base, [(adapter, adapters[0][1])], standin.url,
+                      deployer_extra={"kube_artifacts_mount_path": str(store), "kube_namespace": "serving"})  # fmt: skip
+        await stack.start()
+        try:
+            yield stack, standin
+        finally:
+            await stack.stop()
+
+
+async def test_kubernetes_pods_are_scraped_without_prometheus(kube_pods_stack):
+    from neuroweaver_kube.manifests import dns1123_name
+
+    stack, standin = kube_pods_stack
+    name = "projects/default/deployments/advisor-pods"
+    spec = dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, replicas=1, namespace="serving")
+    await stack.dep.CreateDeployment(
+        dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="advisor-pods", deployment=spec)
+    )
+    await watch_until(stack.dep, name, lambda d: d.state == dpb.Deployment.STATE_AVAILABLE and d.ready_replicas == 1)
+    obj = dns1123_name(name)
+    (pod,) = [p["metadata"]["name"] for p in standin.objects("Pod", "serving") if p["metadata"]["name"].startswith(obj)]
+    tokens = 0
+    async with grpc.aio.insecure_channel(f"{standin.pods.service_ip('serving', obj)}:50051") as channel:
+        inference = igrpc.InferenceServiceStub(channel)
+        for _ in range(3):
+            tokens += (await inference.Generate(gen(4), timeout=60)).usage.completion_tokens
+        with pytest.raises(grpc.aio.AioRpcError):
+            await inference.Generate(gen(100000), timeout=60)
+    request = dsvc.GetDeploymentMetricsRequest(name=name, window=duration_pb2.Duration(seconds=3600))
+    m = await stack.dep.GetDeploymentMetrics(request)
+    assert m.source == dsvc.DeploymentMetrics.SOURCE_PODS
+    assert [r.replica for r in m.replicas] == [pod]
+    assert m.total.requests == 4 and m.total.error_rate == pytest.approx(1 / 4) and m.total.requests_per_second > 0
+    covered = m.replicas[0].covered.ToTimedelta().total_seconds()
+    assert m.replicas[0].stats.output_tokens_per_second * covered == pytest.approx(tokens)
+    assert m.total.HasField("latency_p50_seconds") and m.total.HasField("time_to_first_token_p99_seconds")
+    await stack.dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))

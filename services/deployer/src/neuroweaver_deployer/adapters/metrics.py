@@ -18,13 +18,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuroweaver_runtime.client import ClientTLS
-from neuroweaver_runtime.errors import FailedPrecondition
+from neuroweaver_runtime.errors import FailedPrecondition, Unavailable
 from neuroweaver_runtime.tls import client_ssl_context
 
 from ..domain.metrics import (
@@ -88,6 +89,7 @@ class ScrapeTarget:
     replica: str  # the row's name: a replica's gRPC address, a pod's name
     metrics_url: str
     started_at: float = 0.0  # wall-clock start of the process (counters were 0 then); 0 = unknown
+    server_name: str = ""  # the name checked on its certificate when not the address dialled (a pod's IP)
 
 
 class ReplicaScraper:
@@ -120,7 +122,8 @@ class ReplicaScraper:
         return self._session
 
     async def _scrape_one(self, t: ScrapeTarget) -> None:
-        extra: dict[str, Any] = {"server_hostname": self.client_tls.server_name} if self.client_tls.server_name else {}
+        server_name = t.server_name or self.client_tls.server_name
+        extra: dict[str, Any] = {"server_hostname": server_name} if server_name else {}
         try:
             async with self._http().get(t.metrics_url, headers={"Accept": "text/plain;version=0.0.4"}, **extra) as resp:
                 if resp.status != 200:
@@ -219,6 +222,86 @@ class LocalMetrics:
 
     def start(self) -> None:
         self._sampler.start()
+
+    async def close(self) -> None:
+        await self._sampler.close()
+
+
+class PodMetrics:
+    """Kubernetes deployments without Prometheus: the deployment's ready pods (listed through the API server with the
+    manifests' selector labels) scraped on their `metrics` container port by pod IP. A container's start time
+    (`state.running.startedAt`) is its zero sample; deployments asked about within the last hour are sampled in the
+    background, so a first call covers the pods' lives so far and later calls the window asked for."""
+
+    source = "pods"
+    SELECTOR = "app.kubernetes.io/name=neuroweaver-model-server,app.kubernetes.io/instance={instance}"
+
+    def __init__(
+        self, client: Any, locate: Callable[[Deployment], tuple[str, str]], scraper: ReplicaScraper, *, tls: bool = False
+    ) -> None:
+        """`locate`: a deployment → (namespace, object name). `tls`: the pods serve their ops port over HTTPS (their
+        certificate names the Service, `<object>.<namespace>.svc`, which is checked instead of the pod IP)."""
+        self.client, self.locate, self.scraper, self.tls = client, locate, scraper, tls
+        self._asked: dict[str, tuple[str, str, float]] = {}
+        self._sampler = _Sampler(scraper, self._all_targets)
+
+    async def _list(self, namespace: str, instance: str) -> list[ScrapeTarget]:
+        from functools import partial
+
+        import urllib3
+
+        from neuroweaver_kube.client import KubeApiError
+
+        request = partial(
+            self.client.request, "GET", f"/api/v1/namespaces/{namespace}/pods",
+            query=[("labelSelector", self.SELECTOR.format(instance=instance))],
+        )  # fmt: skip
+        try:
+            pods = await asyncio.get_running_loop().run_in_executor(None, request)
+        except (KubeApiError, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise Unavailable(
+                f"the Kubernetes API did not list the deployment's pods: {str(exc)[:200]}", reason="KUBERNETES_UNAVAILABLE"
+            ) from exc
+        return [t for pod in pods.get("items") or () if (t := self._target(pod, namespace, instance)) is not None]
+
+    def _target(self, pod: dict[str, Any], namespace: str, instance: str) -> ScrapeTarget | None:
+        status, spec = pod.get("status") or {}, pod.get("spec") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+        ip = status.get("podIP")
+        if status.get("phase") != "Running" or not ready or not ip:
+            return None
+        for container in spec.get("containers") or ():
+            port = next((p.get("containerPort") for p in container.get("ports") or () if p.get("name") == "metrics"), None)
+            if port is None:
+                continue
+            started = 0.0
+            for cs in status.get("containerStatuses") or ():
+                at = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+                if cs.get("name") == container.get("name") and at:
+                    started = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+            host = f"[{ip}]" if ":" in ip else ip
+            scheme = "https" if self.tls else "http"
+            return ScrapeTarget(
+                pod.get("metadata", {}).get("name", ip), f"{scheme}://{host}:{port}/metrics", started,
+                f"{instance}.{namespace}.svc" if self.tls else "",
+            )  # fmt: skip
+        return None
+
+    async def _all_targets(self) -> list[ScrapeTarget]:
+        now = time.time()
+        for name in [n for n, (_, _, at) in self._asked.items() if now - at > MAX_WINDOW_SECONDS]:
+            del self._asked[name]
+        targets: list[ScrapeTarget] = []
+        for namespace, instance, _ in list(self._asked.values()):
+            with contextlib.suppress(Unavailable):
+                targets += await self._list(namespace, instance)
+        return targets
+
+    async def performance(self, d: Deployment, window: float) -> DeploymentPerformance:
+        namespace, instance = self.locate(d)
+        self._asked[d.name] = (namespace, instance, time.time())
+        self._sampler.start()
+        return await self.scraper.performance(d.name, window, self.source, await self._list(namespace, instance))
 
     async def close(self) -> None:
         await self._sampler.close()
