@@ -477,6 +477,16 @@ async def train_plot(c: Ctx):
 # -- deployer ------------------------------------------------------------------------------------
 
 
+# `nw deploy create --engine`: the model server's decoding engine (auto: CUDA -> vllm/transformers, CPU -> llama.cpp
+# when the version has a GGUF)
+ENGINES = {
+    "auto": dpb.ServingConfig.ENGINE_UNSPECIFIED,
+    "transformers": dpb.ServingConfig.ENGINE_TRANSFORMERS,
+    "llama.cpp": dpb.ServingConfig.ENGINE_LLAMA_CPP,
+    "vllm": dpb.ServingConfig.ENGINE_VLLM,
+}
+
+
 async def deploy_create(c: Ctx):
     a = c.args
     dep = dpb.Deployment(
@@ -493,6 +503,7 @@ async def deploy_create(c: Ctx):
         dep.autoscaling.min_replicas, dep.autoscaling.max_replicas = a.replicas, a.max_replicas
     dep.resources.gpus = a.gpus
     dep.serving.load_in_4bit = a.load_in_4bit
+    dep.serving.engine = ENGINES[a.engine]
     created = await c.nw.deployer.CreateDeployment(
         dsvc.CreateDeploymentRequest(parent=c.parent(), deployment_id=a.deployment, deployment=dep, request_id=str(uuid.uuid4()))
     )
@@ -954,6 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--backend", {"choices": ["local", "kubernetes"], "default": "local"}),
         ("--namespace", {}),
         ("--load-in-4bit", {"action": "store_true"}),
+        ("--engine", {"choices": list(ENGINES), "default": "auto", "help": "decoding engine (auto follows the device)"}),
         ("--display-name", {"default": ""}),
         ("--watch", {"action": "store_true"}),
     )
