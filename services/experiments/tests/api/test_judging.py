@@ -295,3 +295,47 @@ async def test_recording_answers_validates(backend, stub, registry, make_experim
         svc.UpdateExperimentRequest(experiment=update, update_mask={"paths": ["answer_judging"]})
     )
     assert (changed.answer_judging.judge_version, changed.answer_judging.sample_rate) == (f"{judge}/versions/1", 0.5)
+
+
+async def test_judging_concurrency_is_bounded_per_experiment_and_in_all(backend, stub, registry, make_experiment):
+    """max_concurrency bounds one experiment's judge calls in flight, --judge-concurrency all of them (measured at the
+    service's judge port around the real LLM judge, whose server answers after a delay)."""
+    from neuroweaver_ml.rlaif.judge_server import JudgeServer
+
+    judging = backend.service.experiments.judging
+    judges, total = judging.judges, judging.settings.concurrency
+    in_flight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    class Counting:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def score(self, judge_version, prompt, answer, reference):
+            exp = prompt  # the prompt names the experiment (below)
+            in_flight[exp] = in_flight.get(exp, 0) + 1
+            all_now = sum(in_flight.values())
+            peak[exp], peak["all"] = max(peak.get(exp, 0), in_flight[exp]), max(peak.get("all", 0), all_now)
+            try:
+                return await self.inner.score(judge_version, prompt, answer, reference)
+            finally:
+                in_flight[exp] -= 1
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    with JudgeServer() as server:
+        server.state.latency_s = 0.2
+        judge = await make_judge(registry, llm_judge(server.base_url))
+        judging.judges, judging.settings.concurrency = Counting(judges), 3
+        try:
+            exps = [await judged_experiment(make_experiment, f"{judge}/versions/1", 8, stub=stub) for _ in range(2)]
+            for exp, variants in exps:
+                answers = [svc.Answer(unit_id=u, prompt=exp.name, answer="a", reference="a") for u in variants]
+                await stub.RecordAnswers(svc.RecordAnswersRequest(experiment=exp.name, answers=answers))
+            for exp, _ in exps:
+                assert (await settled(stub, exp.name, 8)).scored == 8
+        finally:
+            judging.judges, judging.settings.concurrency = judges, total
+    assert all(peak[exp.name] == 2 for exp, _ in exps), peak  # max_concurrency=2 each (judged_experiment)
+    assert peak["all"] == 3, peak  # the process-wide bound
