@@ -222,6 +222,7 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("deployer", "RollbackDeployment"): lambda: ds.RollbackDeploymentRequest(name=r.deployment),
         ("deployer", "ListDeploymentRevisions"): lambda: ds.ListDeploymentRevisionsRequest(parent=r.deployment),
         ("deployer", "WatchDeployment"): lambda: ds.WatchDeploymentRequest(name=r.deployment),
+        ("deployer", "GetDeploymentMetrics"): lambda: ds.GetDeploymentMetricsRequest(name=r.deployment),
         ("deployer", "RenderManifests"): lambda: ds.RenderManifestsRequest(
             deployment=dpb.Deployment(
                 name=f"{r.project}/deployments/render", model_version=r.version, backend=dpb.BACKEND_KUBERNETES, replicas=1
