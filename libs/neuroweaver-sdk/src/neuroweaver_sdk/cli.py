@@ -572,7 +572,7 @@ def _seconds(stats, field: str) -> str:
     if not stats.HasField(field):
         return "-"
     value = getattr(stats, field)
-    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def _rate(stats, field: str) -> str:
@@ -584,7 +584,7 @@ def top_table(m: dsvc.DeploymentMetrics) -> Table:
     source = dsvc.DeploymentMetrics.Source.Name(m.source).removeprefix("SOURCE_").lower()
     window = m.window.ToTimedelta().total_seconds()
     table = Table(
-        "replica", "req/s", "p50", "p95", "p99", "ttft p50", "ttft p95", "ttft p99", "tok/s", "errors", "5xx",
+        "replica", "req/s", "p50", "p95", "p99", "ttft p50", "ttft p95", "ttft p99", "tok/s", "errors", "server err",
         "queue", "in flight", "covered",
         title=f"{m.name}  window {window:g} s  source {source}  at {m.sample_time.ToDatetime():%H:%M:%S} UTC",
     )  # fmt: skip

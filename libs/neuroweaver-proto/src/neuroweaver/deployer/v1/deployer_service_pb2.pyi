@@ -498,7 +498,10 @@ class ReplicaPerformance(_message.Message):
     def stats(self) -> Global___PerformanceStats: ...
     @_builtins.property
     def covered(self) -> _duration_pb2.Duration:
-        """The span the numbers really cover: the window, or less when the replica started within it."""
+        """The span the numbers cover: from the newest sample at or before the window's start (samples lie
+        --metrics-sample-seconds apart, so up to that much more than the window) to the sample time; less when the
+        replica started within the window; the window itself with Prometheus (which extrapolates).
+        """
 
     def __init__(
         self,

@@ -496,7 +496,9 @@ export type ReplicaPerformance = Message<"neuroweaver.deployer.v1.ReplicaPerform
   stats?: PerformanceStats | undefined;
 
   /**
-   * The span the numbers really cover: the window, or less when the replica started within it.
+   * The span the numbers cover: from the newest sample at or before the window's start (samples lie
+   * --metrics-sample-seconds apart, so up to that much more than the window) to the sample time; less when the
+   * replica started within the window; the window itself with Prometheus (which extrapolates).
    *
    * @generated from field: google.protobuf.Duration covered = 3;
    */
