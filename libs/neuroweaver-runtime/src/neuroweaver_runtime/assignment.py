@@ -351,6 +351,11 @@ class AssignmentPlan:
     def variant_for_bucket(self, bucket: int) -> int | None:
         return self._table[bucket]
 
+    @property
+    def table(self) -> list[int | None]:
+        """bucket → variant index (None outside the coverage) for all 10,000 buckets; do not modify."""
+        return self._table
+
 
 def assign(seed: str, unit_id: str, weights: Sequence[float], coverage: float = 1.0) -> Assignment:
     """One-shot assignment (builds a plan; prefer `AssignmentPlan` when assigning many units)."""

@@ -436,15 +436,20 @@ class SqlAssignmentRepository(_Repository):
         return {r[0] for r in result}
 
     async def _insert_sqlite(self, key: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
+        """Multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING as driver SQL: SQLAlchemy's compilation of a 2,000-row
+        VALUES clause cost more than the insert itself (about 60% of a 5,000-exposure IngestEvents batch)."""
         inserted: set[str] = set()
+        conn = await self.s.connection()
+        bind = t.assignments.c.create_time.type.bind_processor(conn.dialect)
+        when = bind(now) if bind is not None else now
         for chunk in _chunks(rows):
-            stmt = (
-                sqlite_insert(t.assignments)
-                .values([dict(experiment_id=key, unit_id=u, variant=v, bucket=b, create_time=now) for u, v, b in chunk])
-                .on_conflict_do_nothing()
-                .returning(t.assignments.c.unit_id)
+            sql = (
+                "INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT DO NOTHING RETURNING unit_id"
             )
-            inserted.update(r[0] for r in await self.s.execute(stmt))
+            params = tuple(x for u, v, b in chunk for x in (key, u, v, b, when))
+            inserted.update(r[0] for r in await conn.exec_driver_sql(sql, params))
         return inserted
 
     async def _add_exposures_sqlite(self, key: int, counts: Counter[tuple[int, int, str]]) -> None:

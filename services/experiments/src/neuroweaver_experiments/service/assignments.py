@@ -75,9 +75,11 @@ class AssignmentWriter:
     def __init__(self, uow: UnitOfWorkFactory, cache: StickyCache) -> None:
         self.uow = uow
         self.cache = cache
-        # experiment id → unit → (variant or None for lookup-only, bucket, epoch, bucket class, futures); epoch and
-        # class per unit: requests of one batch may come from snapshots on either side of a weight change
-        self._pending: dict[int, dict[str, tuple[str | None, int, int, int, list[asyncio.Future]]]] = {}
+        # experiment id → unit → (variant or None for lookup-only, bucket, epoch, bucket class); epoch and class per
+        # unit: requests of one batch may come from snapshots on either side of a weight change
+        self._pending: dict[int, dict[str, tuple[str | None, int, int, int]]] = {}
+        # one future per waiting request (not per unit: an IngestEvents batch brings thousands of units)
+        self._waiters: list[asyncio.Future] = []
         self._task: asyncio.Task | None = None
 
     async def resolve(self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]) -> list[str | None]:
@@ -89,43 +91,36 @@ class AssignmentWriter:
         self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]
     ) -> list[tuple[str | None, bool]]:
         """As `resolve`, with whether this batch stored the unit's first exposure (IngestEvents counts them)."""
-        loop = asyncio.get_running_loop()
         units = self._pending.setdefault(experiment_id, {})
-        futures = []
         for unit, variant, bucket, epoch, klass in items:
-            fut = loop.create_future()
             entry = units.get(unit)
-            if entry is None:
-                units[unit] = (variant, bucket, epoch, klass, [fut])
-            elif entry[0] is None and variant is not None:  # a lookup joined by an exposure: the exposure is written
-                units[unit] = (variant, bucket, epoch, klass, [*entry[4], fut])
-            else:
-                entry[4].append(fut)
-            futures.append(fut)
+            # a lookup joined by an exposure (or a fresh assignment): the one with a variant is written
+            if entry is None or (entry[0] is None and variant is not None):
+                units[unit] = (variant, bucket, epoch, klass)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
-        return list(await asyncio.gather(*futures))
+        stored, inserted = (await fut)[experiment_id]
+        return [(stored.get(unit), unit in inserted) for unit, *_ in items]
 
     async def _run(self) -> None:
         await asyncio.sleep(0)  # let requests that arrived in the same loop iteration join this batch
         while self._pending:
             batch, self._pending = self._pending, {}
+            waiters, self._waiters = self._waiters, []
             try:
                 results = await self._write(batch)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
-                for units in batch.values():
-                    for *_, futs in units.values():
-                        for f in futs:
-                            if not f.done():
-                                f.set_exception(exc)
+                for f in waiters:
+                    if not f.done():
+                        f.set_exception(exc)
                 continue
-            for exp_id, units in batch.items():
-                stored, inserted = results[exp_id]
+            for exp_id, (stored, _) in results.items():
                 self.cache.put_many(exp_id, {u: v for u, v in stored.items() if v is not None})
-                for unit, (*_, futs) in units.items():
-                    for f in futs:
-                        if not f.done():
-                            f.set_result((stored.get(unit), unit in inserted))
+            for f in waiters:
+                if not f.done():
+                    f.set_result(results)
 
     async def _write(self, batch) -> dict[int, tuple[dict[str, str | None], set[str]]]:
         now = utcnow()
@@ -133,7 +128,8 @@ class AssignmentWriter:
         async with self.uow.transaction() as uow:
             for exp_id in sorted(batch):
                 units = batch[exp_id]
-                rows = sorted((u, v, b, e, k) for u, (v, b, e, k, _) in units.items() if v is not None)
+                rows = [(u, v, b, e, k) for u, (v, b, e, k) in units.items() if v is not None]
+                rows.sort()
                 inserted = await uow.assignments.add(exp_id, rows, now)  # PostgreSQL: one round trip
                 others = [u for u in units if u not in inserted]
                 stored: dict[str, str | None] = dict(await uow.assignments.stored(exp_id, others))

@@ -72,6 +72,10 @@ class _Plans:
         self._classes = BucketClasses(phases, exp.coverage)
         self._tables: dict[int, list[int | None]] = {}
 
+    def variants(self, epoch: int) -> list[int | None]:
+        """bucket → what phase `epoch` assigns (None outside its coverage)."""
+        return self.plan.plans[epoch].table
+
     def klass(self, epoch: int, bucket: int) -> int:
         table = self._tables.get(epoch)
         if table is None:
@@ -155,8 +159,11 @@ class LocalEvaluation:
 
         by_experiment: dict[str, list[int]] = {}
         for i, x in enumerate(exposures):
-            EXPERIMENT.parse(x.experiment, f"exposures[{i}].experiment")
-            by_experiment.setdefault(x.experiment, []).append(i)
+            indices = by_experiment.get(x.experiment)
+            if indices is None:  # each name parsed once per batch
+                EXPERIMENT.parse(x.experiment, f"exposures[{i}].experiment")
+                indices = by_experiment[x.experiment] = []
+            indices.append(i)
         rows: dict[str, tuple[Snapshot, list[tuple[int, str, str, int, int, int]]]] = {}
         for name, indices in by_experiment.items():
             snap = await self.assigner.snapshot(name, f"exposures[{indices[0]}].experiment")
@@ -166,42 +173,42 @@ class LocalEvaluation:
             require_running(snap.experiment, "exposures are accepted")
             plans = self._plans_for(snap)
             ids = snap.experiment.variant_ids
+            last = snap.experiment.epoch
+            bucket_of = plans.plan.bucket
             seen: set[str] = set()
             items = []
-            for i in indices:
+            for i in indices:  # the hot loop of IngestEvents: locals only
                 x = exposures[i]
-                if not x.unit_id or len(x.unit_id) > 256:
+                unit, variant, epoch = x.unit_id, x.variant, x.epoch
+                if not unit or len(unit) > 256:
                     violation(i, "unit_id", "unit_id must be 1-256 characters", "INVALID_UNIT_ID")
                     continue
-                if not 0 <= x.epoch <= snap.experiment.epoch:
-                    violation(i, "epoch", f"{name} has phases 0..{snap.experiment.epoch}, not {x.epoch}", "UNKNOWN_EPOCH")
+                if not 0 <= epoch <= last:
+                    violation(i, "epoch", f"{name} has phases 0..{last}, not {epoch}", "UNKNOWN_EPOCH")
                     continue
-                if x.variant not in ids:
-                    violation(i, "variant", f"{x.variant!r} is not a variant of {name} (variants: {ids})", "UNKNOWN_VARIANT")
+                if variant not in ids:
+                    violation(i, "variant", f"{variant!r} is not a variant of {name} (variants: {ids})", "UNKNOWN_VARIANT")
                     continue
-                bucket = plans.plan.bucket(x.unit_id)
-                expected = plans.plan.variant_in(x.epoch, bucket)
+                bucket = bucket_of(unit)
+                expected = plans.variants(epoch)[bucket]
                 if expected is None:
                     violation(
-                        i,
-                        "unit_id",
-                        f"unit {x.unit_id!r} is outside the coverage of phase {x.epoch}: no exposure",
-                        "NOT_IN_COVERAGE",
+                        i, "unit_id", f"unit {unit!r} is outside the coverage of phase {epoch}: no exposure", "NOT_IN_COVERAGE"
                     )
                     continue
-                if ids[expected] != x.variant:
+                if ids[expected] != variant:
                     violation(
                         i,
                         "variant",
-                        f"phase {x.epoch} assigns unit {x.unit_id!r} {ids[expected]!r}, not {x.variant!r}",
+                        f"phase {epoch} assigns unit {unit!r} {ids[expected]!r}, not {variant!r}",
                         "VARIANT_MISMATCH",
                     )
                     continue
-                if x.unit_id in seen:  # repeated in this batch
+                if unit in seen:  # repeated in this batch
                     out.exposures_duplicate += 1
                     continue
-                seen.add(x.unit_id)
-                items.append((i, x.unit_id, x.variant, bucket, x.epoch, plans.klass(x.epoch, bucket)))
+                seen.add(unit)
+                items.append((i, unit, variant, bucket, epoch, plans.klass(epoch, bucket)))
             rows[name] = (snap, items)
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
