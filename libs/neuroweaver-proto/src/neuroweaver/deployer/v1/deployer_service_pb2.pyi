@@ -570,7 +570,7 @@ class DeploymentMetrics(_message.Message):
 
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaPerformance]:
-        """One entry per replica serving now, in a stable order."""
+        """One entry per replica serving now whose metrics were read at least once, in a stable order."""
 
     def __init__(
         self,

@@ -545,7 +545,7 @@ export type DeploymentMetrics = Message<"neuroweaver.deployer.v1.DeploymentMetri
   total?: PerformanceStats | undefined;
 
   /**
-   * One entry per replica serving now, in a stable order.
+   * One entry per replica serving now whose metrics were read at least once, in a stable order.
    *
    * @generated from field: repeated neuroweaver.deployer.v1.ReplicaPerformance replicas = 5;
    */
