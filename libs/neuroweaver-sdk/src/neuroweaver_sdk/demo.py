@@ -39,6 +39,7 @@ from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_runtime.client import ClientTLS
 
 from .clients import Clients, Endpoints
+from .experiments import LocalExperiments
 from .platform import LocalPlatform
 from .watch import watch_deployment, watch_training_job
 
@@ -262,6 +263,10 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
         )
     )
     exp = await nw.experiments.StartExperiment(esvc.StartExperimentRequest(name=exp.name))
+    # assignment evaluated in-process (the server's answer, without a call per user); exposures and metric events
+    # leave in batches over IngestEvents
+    local = await LocalExperiments(nw.experiments, PROJECT.split("/")[1]).start()
+    await local.wait_for_config(lambda s: s.config(exp.name) is not None)
     prompts = load_jsonl(DATA / "prompts" / "eval.jsonl")
     from openai import AsyncOpenAI
 
@@ -273,8 +278,8 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
         item = prompts[i % len(prompts)]
         unit = f"user-{i:04d}"
         async with semaphore:
-            assignment = await nw.experiments.AssignVariant(esvc.AssignVariantRequest(experiment=exp.name, unit_id=unit))
-            variant = assignment.variant
+            assignment = await local.assign(exp.name, unit)
+            variant = local.variant(exp.name, assignment.variant)
             client = openai_clients.setdefault(
                 variant.openai_base_url, AsyncOpenAI(base_url=variant.openai_base_url, api_key="unused", max_retries=2)
             )
@@ -290,16 +295,11 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             if reply.usage is None:  # the model server always reports usage; without it there is no token metric to record
                 raise RuntimeError(f"variant {variant.id}'s model server replied without usage")
             latencies[variant.id].append(latency_ms)
-            events = [
-                epb.MetricEvent(unit_id=unit, metric="latency_ms", value=latency_ms, idempotency_key=f"{unit}:latency"),
-                epb.MetricEvent(
-                    unit_id=unit,
-                    metric="completion_tokens",
-                    value=reply.usage.completion_tokens,
-                    idempotency_key=f"{unit}:tokens",
-                ),
-            ]
-            await nw.experiments.RecordMetricEvents(esvc.RecordMetricEventsRequest(experiment=exp.name, events=events))
+            await local.track(exp.name, unit, "latency_ms", latency_ms, idempotency_key=f"{unit}:latency")
+            await local.track(
+                exp.name, unit, "completion_tokens", reply.usage.completion_tokens, idempotency_key=f"{unit}:tokens"
+            )
+            await local.flush()  # RecordAnswers checks the unit's exposure: it must have reached the server
             # judged by the service in the background (the registered judge version); the score becomes judge_score
             await nw.experiments.RecordAnswers(
                 esvc.RecordAnswersRequest(
@@ -323,6 +323,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
         await asyncio.gather(*(one_user(i, progress, task) for i in range(args.users)))
     for client in openai_clients.values():
         await client.close()
+    await local.close()  # flushes: every exposure and metric event acknowledged before the results are read
     results = await wait_for_judging(nw, exp.name)
     return exp, results, latencies
 

@@ -202,6 +202,11 @@ class LocalExperiments:
         held = self._configs.get(experiment)
         return held.config if held else None
 
+    def variant(self, experiment: str, variant_id: str) -> epb.Variant:
+        """The variant as the config holds it (id, model, endpoint, openai_base_url, weight): what AssignVariant's
+        reply carries. KeyError when the experiment or the variant is unknown."""
+        return self._configs[experiment].variants[variant_id]
+
     async def wait_for_config(self, predicate: Callable[[LocalExperiments], bool], timeout: float = 10.0) -> None:
         """Waits until `predicate(self)` holds after a config update (e.g. a new phase was received)."""
 
