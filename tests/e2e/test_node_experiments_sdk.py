@@ -6,7 +6,8 @@ against `python -m neuroweaver_experiments` (SQLite); it prints what it saw as o
 - agreement: 24 experiments (hash seeds with non-ASCII and astral characters, 2-4 variants, weights such as
   0.1/0.2/0.7, 1/3 each, 0/0.5/0.5 and random ones, coverages 0.05..1): 96,000 units evaluated by the SDK from the
   config WatchExperimentConfigs delivered equal BatchAssignVariants unit by unit (variant, in_experiment, bucket);
-  then SDK.assign() for fresh units, exposures flushed over IngestEvents, and the server's answers equal the SDK's.
+  then SDK.assign() for fresh units, exposures flushed over IngestEvents, and the server's answers equal the SDK's;
+  GrowthBook's JS SDK (`@growthbook/growthbook`, a dev dependency) gives the same answers for the same units.
 - weight-change: 7 experiments over three phases (two UpdateExperiment weight changes, coverage 0.05..1); units
   exposed in every phase by the server (another evaluator) and by an SDK; afterwards that SDK and a fresh one assign
   every unit plus new ones, and each answer equals the server's (stickiness after weight changes included): local
@@ -94,6 +95,10 @@ def test_sdk_agrees_with_assign_variant(node_client: Path, experiments: ServiceP
     assert out["mismatchCount"] == 0, out["mismatches"]
     assert out["experiments"] == 24 and out["units"] == 24 * 4000
     assert 0 < out["inCoverage"] < out["units"]  # coverages < 1 put units on both sides
+    # GrowthBook's own JS SDK on the same seeds, weights, coverages and units: same variant and in-experiment flag for
+    # all, same hash value wherever it reports one (units it puts in the experiment).
+    assert out["growthbook"]["mismatchCount"] == 0, out["growthbook"]["examples"]
+    assert out["growthbook"]["bucketsCompared"] == out["inCoverage"]
     assert out["sdk"]["mismatchCount"] == 0, out["sdk"]["mismatches"]
     assert out["sdk"]["local"] == out["sdk"]["assigned"] == 4000  # one phase: nothing needs the server
     stats = out["stats"]

@@ -372,16 +372,30 @@ export class ExperimentsSdk {
     return true;
   }
 
-  /** Resolves when every item queued before the call is acknowledged (or rejected and reported). */
-  flush(): Promise<void> {
+  /**
+   * Resolves when every item queued before the call is acknowledged (or rejected and reported); with `timeoutMs`,
+   * rejects with DEADLINE_EXCEEDED when that takes longer (the items stay queued).
+   */
+  flush(timeoutMs?: number): Promise<void> {
     const seq = this.nextSeq;
     if (this.minOutstanding() >= seq) {
       return Promise.resolve();
     }
-    return new Promise((resolve) => {
+    const flushed = new Promise<void>((resolve) => {
       this.flushWaiters.push({ seq, resolve });
       this.wake();
     });
+    if (timeoutMs === undefined) {
+      return flushed;
+    }
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new ConnectError("exposures/events not acknowledged in time", Code.DeadlineExceeded)),
+        Math.max(0, timeoutMs),
+      );
+    });
+    return Promise.race([flushed, timeout]).finally(() => clearTimeout(timer));
   }
 
   /**

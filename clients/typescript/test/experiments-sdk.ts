@@ -7,7 +7,9 @@
  * agreement:     many experiments (seeds incl. non-ASCII, 2-4 variants, awkward weights, coverages 0.05..1); for
  *                every unit the SDK's pure evaluation (hash v2 over UTF-16, bucket ranges, coverage) from the config
  *                the watch delivered vs BatchAssignVariants (bucket, variant, in_experiment); then sdk.assign() for
- *                fresh units, flushed over IngestEvents, equal to the server's (now sticky) answers.
+ *                fresh units, flushed over IngestEvents, equal to the server's (now sticky) answers. The same units
+ *                through GrowthBook's JS SDK (`@growthbook/growthbook`, runInlineExperiment with hashVersion 2, the
+ *                experiment's seed, weights and coverage) give the same variant, in-experiment flag and hash value.
  * weight-change: three phases per experiment (two UpdateExperiment weight changes); in each phase units are
  *                exposed by the server (another evaluator) and by an SDK; then an SDK that saw them and a fresh SDK
  *                assign every unit (old and new) and the server's answers afterwards must be the same, unit by unit.
@@ -18,6 +20,7 @@
  * delivery:      metric events over IngestEvents: duplicates by key counted once, an invalid event isolated and
  *                dropped while the rest of its batch lands, the memory bound refusing events, flush/close.
  */
+import { GrowthBookClient } from "@growthbook/growthbook";
 import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
 
@@ -197,6 +200,10 @@ async function agreement(client: ExperimentsClient) {
   let units = 0;
   let inCoverage = 0;
   const mismatches: string[] = [];
+  const gb = new GrowthBookClient({});
+  let gbMismatches = 0;
+  let gbBuckets = 0;
+  const gbExamples: string[] = [];
   for (const exp of experiments) {
     const cfg = sdk.config(exp.name)!;
     const ids = unitIds("pure", 4_000);
@@ -216,6 +223,21 @@ async function agreement(client: ExperimentsClient) {
       inCoverage += local.kind === "variant" ? 1 : 0;
       if (mine !== server.get(unit)) {
         mismatches.push(`${exp.name} (${exp.weights}, ${exp.coverage}, seed ${exp.seed}) ${unit}: sdk ${mine} server ${server.get(unit)}`);
+      }
+      const r = gb.runInlineExperiment(
+        { key: exp.name, variations: exp.weights.map((_, i) => i) as [number, number, ...number[]], weights: exp.weights, coverage: exp.coverage, hashVersion: 2, seed: exp.seed },
+        { attributes: { id: unit } },
+      );
+      // GrowthBook reports the hash value (`bucket`) of units it puts in the experiment only.
+      const gbBucket = r.bucket === undefined ? "-" : String(Math.round(r.bucket * 10_000));
+      const mineComparable = r.bucket === undefined ? mine.replace(/\|\d+$/, "|-") : mine;
+      const theirs = `${cfg.variants[r.variationId]!.id}|${r.inExperiment}|${gbBucket}`;
+      gbBuckets += r.bucket === undefined ? 0 : 1;
+      if (theirs !== mineComparable) {
+        gbMismatches++;
+        if (gbExamples.length < 10) {
+          gbExamples.push(`${exp.name} ${unit}: sdk ${mine} growthbook ${theirs}`);
+        }
       }
     }
   }
@@ -252,6 +274,7 @@ async function agreement(client: ExperimentsClient) {
     inCoverage,
     mismatches: mismatches.slice(0, 20),
     mismatchCount: mismatches.length,
+    growthbook: { mismatchCount: gbMismatches, bucketsCompared: gbBuckets, examples: gbExamples },
     sdk: { assigned, local, mismatches: sdkMismatches.slice(0, 20), mismatchCount: sdkMismatches.length },
     stats: jsonStats(stats),
     vectors,
