@@ -389,6 +389,11 @@ def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, vers
     # Sticky: both transports of a user landed on the same variant.
     for i in range(1, users + 1):
         assert out["assignments"][f"req-user-{i}-grpc"] == out["assignments"][f"req-user-{i}-openai"]
+    # Assigned in-process by the TS SDK (one phase, coverage 1: no AssignVariant call): each user's first request a
+    # local first exposure sent over IngestEvents, the second sticky.
+    assert [r["assignedBy"] for r in out["results"]] == ["local", "sticky"] * users
+    local = out["localEvaluation"]
+    assert local["serverAssignments"] == 0 and local["exposuresAccepted"] == users and local["pending"] == 0
     assert out["feedback"] == {"accepted": users, "duplicates": 0}
     assert out["retry"] == {"accepted": 0, "duplicates": 2}
     assert out["missingExperiment"] == {

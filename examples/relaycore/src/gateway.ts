@@ -1,8 +1,11 @@
 /**
  * The NeuroWeaver side of a RelayCore-style AI gateway, on @neuroweaver/client:
  *
- *   1. ExperimentsService/AssignVariant: which variant (model version + deployment) serves this user;
- *      deterministic and sticky, and it logs the exposure.
+ *   1. Which variant (model version + deployment) serves this user: evaluated in-process by the SDK's
+ *      `ExperimentsSdk` from the configs WatchExperimentConfigs streams (exactly AssignVariant's answer, sticky;
+ *      only units in buckets a weight change made ambiguous cost an AssignVariant call). A first exposure is sent in
+ *      the background over IngestEvents while the model answers, and is acknowledged before step 3 reports
+ *      outcomes for the unit. `localEvaluation: false` calls AssignVariant for every request instead.
  *   2. The variant's model server: gRPC InferenceService/Generate at `variant.endpoint` with
  *      `variant.model`, or the OpenAI-compatible `POST {variant.openaiBaseUrl}/chat/completions`. `variant.model`
  *      is the deployment's stable name: it keeps working when the deployment rolls over to another version, and
@@ -30,6 +33,7 @@ import {
   createExperimentsClient,
   createInferenceClient,
   errorDetails,
+  ExperimentsSdk,
   inferencev1,
   until,
   type ExperimentsClient,
@@ -56,6 +60,8 @@ export interface GatewayOptions {
   tls?: TlsOptions;
   /** Budget of one chat request, all calls included (ms). */
   requestBudgetMs?: number;
+  /** Assign in-process with `ExperimentsSdk` (default true); false: one AssignVariant call per request. */
+  localEvaluation?: boolean;
 }
 
 export interface ChatRequest {
@@ -75,6 +81,8 @@ export interface ChatResult {
   requestId: string;
   variant: string;
   inExperiment: boolean;
+  /** Who decided the variant: the SDK in-process (`local`, `sticky`) or AssignVariant (`server`). */
+  assignedBy: "local" | "sticky" | "server";
   /** The variant's model version (what the experiment assigned). */
   modelVersion: string;
   /** The model name sent and echoed: the deployment's stable name. */
@@ -102,6 +110,8 @@ export interface AnswerRecorded {
 
 export class Gateway {
   private readonly experiments: ExperimentsClient;
+  /** Local evaluation of the experiment's assignment (undefined with `localEvaluation: false`). */
+  private readonly sdk?: ExperimentsSdk;
   private readonly servers = new Map<string, InferenceClient>();
   private readonly budgetMs: number;
   /** Whether the experiment judges answers (its `answerJudging`), read once. */
@@ -110,6 +120,30 @@ export class Gateway {
   constructor(private readonly options: GatewayOptions) {
     this.experiments = createExperimentsClient({ endpoint: options.experimentsEndpoint, token: options.token, tls: options.tls });
     this.budgetMs = options.requestBudgetMs ?? 30_000;
+    if (options.localEvaluation !== false) {
+      const project = options.experiment.split("/").slice(0, 2).join("/");
+      this.sdk = new ExperimentsSdk({
+        client: this.experiments,
+        project,
+        onError: (e) => console.error(`experiments SDK (${e.kind}): ${describeError(e.error)}`),
+      }).start();
+    }
+  }
+
+  /** Waits for the SDK's first config snapshot (until then assignments are asked from the server). */
+  async ready(timeoutMs = 10_000): Promise<void> {
+    await this.sdk?.ready(timeoutMs);
+  }
+
+  /** Flushes the exposures and stops the SDK's streams. */
+  async close(): Promise<void> {
+    await this.sdk?.close();
+  }
+
+  /** The SDK's counters (local/sticky/server answers, exposures sent), or null without local evaluation. */
+  localEvaluationStats(): Record<string, number> | null {
+    const stats = this.sdk?.stats();
+    return stats ? Object.fromEntries(Object.entries(stats).map(([k, v]) => [k, Number(v)])) : null;
   }
 
   /** One HTTP/2 connection per model-server endpoint, reused across requests. */
@@ -129,10 +163,15 @@ export class Gateway {
     const transport = req.transport ?? "grpc";
 
     // 1. Which variant serves this user.
-    const assignment = await this.experiments.assignVariant(
-      { experiment: this.options.experiment, unitId: req.userId },
-      until(deadline),
-    );
+    const unit = { experiment: this.options.experiment, unitId: req.userId };
+    const assignment = this.sdk
+      ? await this.sdk.assign(unit.experiment, unit.unitId, until(deadline))
+      : { ...(await this.experiments.assignVariant(unit, until(deadline))), source: "server" as const };
+    // A first exposure evaluated here is queued: have it acknowledged (while the model answers) before outcomes of
+    // the unit are recorded, which the service accepts only for exposed units.
+    const exposed =
+      assignment.source === "local" && assignment.inExperiment ? this.sdk!.flush(deadline - Date.now()) : undefined;
+    exposed?.catch(() => {}); // awaited below; not an unhandled rejection if generation fails first
     const variant = assignment.variant;
     // `model` is the deployment's stable name (the deprecated `servedModelName` carries the same for older servers).
     const model = variant?.model || variant?.servedModelName;
@@ -155,6 +194,7 @@ export class Gateway {
     let recorded = { accepted: 0, duplicates: 0 };
     let answerRecorded: AnswerRecorded | null = null;
     if (assignment.inExperiment) {
+      await exposed;
       recorded = await this.recordOutcome(req.userId, requestId, deadline, {
         latency_ms: latencyMs,
         completion_tokens: answer.completionTokens,
@@ -168,6 +208,7 @@ export class Gateway {
       requestId,
       variant: variant.id,
       inExperiment: assignment.inExperiment,
+      assignedBy: assignment.source,
       modelVersion: variant.modelVersion,
       model: answer.model,
       servedVersion: answer.servedVersion,

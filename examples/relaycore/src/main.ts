@@ -5,7 +5,8 @@
  *     [--users 6] [--transport grpc|openai|both] [--token T] [--prompt "..."] \
  *     [--tls-ca ca.pem [--tls-cert me.pem --tls-key me-key.pem] [--tls-server-name NAME]]   (or env NW_TLS_*)
  *
- * Per user and transport: AssignVariant → Generate (gRPC) or POST /v1/chat/completions (OpenAI HTTP) →
+ * Per user and transport: the variant (evaluated in-process by ExperimentsSdk; --local-evaluation false: AssignVariant)
+ * → Generate (gRPC) or POST /v1/chat/completions (OpenAI HTTP) →
  * RecordMetricEvents(latency_ms, completion_tokens) → RecordAnswers (when the experiment judges answers: the
  * experiments service scores them with its registered judge; nothing is scored here); then simulated thumbs_up
  * feedback on the first answer of each user, and one deliberately repeated report (events and answer) to show
@@ -33,6 +34,7 @@ const { values } = parseArgs({
     prompt: { type: "string", default: "My 2019 sedan shakes when I brake at highway speed. What should I check?" },
     "max-tokens": { type: "string", default: "16" },
     "judging-wait-ms": { type: "string", default: "60000" },
+    "local-evaluation": { type: "string", default: "true" },
   },
 });
 if (!values.experiment) {
@@ -57,7 +59,9 @@ async function main(): Promise<void> {
     token: values.token,
     tls,
     requestBudgetMs: 60_000,
+    localEvaluation: values["local-evaluation"] !== "false",
   });
+  await gateway.ready(); // the SDK's first config snapshot: assignments are evaluated in-process from here on
   const results: ChatResult[] = [];
   const feedback = { accepted: 0, duplicates: 0 };
   for (let i = 1; i <= Number(values.users); i++) {
@@ -136,6 +140,7 @@ async function main(): Promise<void> {
     missing = { code: e.codeName, reason: e.reason, domain: e.domain };
   }
 
+  await gateway.close(); // flushes the SDK's exposures
   const perVariant: Record<string, { requests: number; models: string[]; servedVersions: string[]; modelVersion: string }> = {};
   for (const r of results) {
     const v = (perVariant[r.variant] ??= { requests: 0, models: [], servedVersions: [], modelVersion: r.modelVersion });
@@ -155,6 +160,7 @@ async function main(): Promise<void> {
       answerRetry,
       judging,
       missingExperiment: missing,
+      localEvaluation: gateway.localEvaluationStats(),
     }),
   );
 }
