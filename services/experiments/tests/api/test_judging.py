@@ -339,3 +339,24 @@ async def test_judging_concurrency_is_bounded_per_experiment_and_in_all(backend,
             judging.judges, judging.settings.concurrency = judges, total
     assert all(peak[exp.name] == 2 for exp, _ in exps), peak  # max_concurrency=2 each (judged_experiment)
     assert peak["all"] == 3, peak  # the process-wide bound
+
+
+async def test_a_judge_slower_than_the_lease_is_asked_once(backend, stub, registry, make_experiment):
+    """The worker renews the leases of the answers it is judging: a judge that takes several lease lengths keeps its
+    answers (no second claim, no second judge call)."""
+    from neuroweaver_ml.rlaif.judge_server import JudgeServer
+
+    judging = backend.service.experiments.judging
+    lease = judging.settings.lease_seconds
+    with JudgeServer() as server:
+        server.state.latency_s = 1.5
+        judge = await make_judge(registry, llm_judge(server.base_url))
+        judging.settings.lease_seconds = 0.4
+        try:
+            exp, variants = await judged_experiment(make_experiment, f"{judge}/versions/1", 2, stub=stub)
+            answers = [svc.Answer(unit_id=u, prompt="p", answer="a", reference="a") for u in variants]
+            await stub.RecordAnswers(svc.RecordAnswersRequest(experiment=exp.name, answers=answers))
+            assert (await settled(stub, exp.name, 2)).scored == 2
+        finally:
+            judging.settings.lease_seconds = lease
+        assert len(server.state.contents()) == 2

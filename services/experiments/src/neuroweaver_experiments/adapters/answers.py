@@ -54,14 +54,18 @@ class SqlAnswerRepository:
         )
         return [(int(k), str(n)) for k, n in await self.s.execute(query)]
 
-    async def claim(self, experiment_key: int, limit: int, owner: str, now: float, until: float) -> list[PendingAnswer]:
-        """Leases up to `limit` claimable answers of the experiment to `owner`, oldest first."""
+    async def claim(
+        self, experiment_key: int, limit: int, owner: str, now: float, until: float, exclude: Sequence[int] = ()
+    ) -> list[PendingAnswer]:
+        """Leases up to `limit` claimable answers of the experiment to `owner`, oldest first (not those in `exclude`)."""
         pick = (
             select(_A.id)
             .where(_A.experiment_id == experiment_key, _A.state == AnswerState.PENDING.value, _A.lease_expires_at < now)
             .order_by(_A.id)
             .limit(limit)
         )
+        if exclude:
+            pick = pick.where(_A.id.notin_(list(exclude)))
         if self.pg:
             pick = pick.with_for_update(skip_locked=True)
         ids = [r[0] for r in await self.s.execute(pick)]
@@ -108,6 +112,15 @@ class SqlAnswerRepository:
             .where(_A.id == answer_id, _A.lease_owner == owner, _A.state == AnswerState.PENDING.value)
             .values(error=error, attempts=_A.attempts + 1, lease_owner="", lease_expires_at=not_before, update_time=now)
         )
+
+    async def renew(self, owner: str, ids: Sequence[int], until: float) -> None:
+        """Extends `owner`'s leases of these answers (still being judged) to `until`."""
+        if ids:
+            await self.s.execute(
+                update(t.judged_answers)
+                .where(_A.id.in_(list(ids)), _A.lease_owner == owner, _A.state == AnswerState.PENDING.value)
+                .values(lease_expires_at=until)
+            )
 
     async def release(self, owner: str, ids: Sequence[int] | None = None) -> None:
         """Gives `owner`'s leases back (all of them, or `ids`) without counting an attempt."""

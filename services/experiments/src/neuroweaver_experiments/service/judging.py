@@ -77,7 +77,10 @@ class AnswerJudges(Protocol):
 class AnswerRepository(Protocol):
     async def add(self, rows: Sequence[dict]) -> set[str]: ...
     async def claimable(self, now: float) -> list[tuple[int, str]]: ...
-    async def claim(self, experiment_key: int, limit: int, owner: str, now: float, until: float) -> list[PendingAnswer]: ...
+    async def claim(
+        self, experiment_key: int, limit: int, owner: str, now: float, until: float, exclude: Sequence[int] = ()
+    ) -> list[PendingAnswer]: ...
+    async def renew(self, owner: str, ids: Sequence[int], until: float) -> None: ...
     async def settle(
         self, answer_id: int, owner: str, state: AnswerState, now: datetime, *, score: float | None = None, error: str = ""
     ) -> bool: ...
@@ -130,6 +133,7 @@ class AnswerJudging:
         self._per_experiment: dict[int, int] = {}
         self._loop_task: asyncio.Task | None = None
         self._closing = False
+        self._renewed = 0.0  # time.monotonic() of the last lease renewal
 
     # -- settings of an experiment ---------------------------------------------------------------
 
@@ -255,8 +259,12 @@ class AnswerJudging:
         await self.judges.close()
 
     async def _run(self) -> None:
+        # Leases of answers being judged are renewed every third of their length: a slow judge keeps its answers,
+        # and only a process that stopped renewing (killed, or cut off from the database) loses them.
         while not self._closing:
+            tick = max(0.05, min(self.settings.poll_seconds, self.settings.lease_seconds / 3))
             try:
+                await self._renew_leases()
                 await self.claim_and_judge()
             except asyncio.CancelledError:
                 raise
@@ -264,7 +272,14 @@ class AnswerJudging:
                 log.warning("answer judging round failed; retrying", exc_info=True)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), tick)
+
+    async def _renew_leases(self) -> None:
+        if not self._inflight or time.monotonic() - self._renewed < self.settings.lease_seconds / 3:
+            return
+        self._renewed = time.monotonic()
+        async with self.uow.transaction() as uow:
+            await uow.answers.renew(self.owner, list(self._inflight), time.time() + self.settings.lease_seconds)
 
     async def claim_and_judge(self) -> int:
         """One round: claims what the free slots allow and starts judging it; returns the number claimed."""
@@ -281,7 +296,9 @@ class AnswerJudging:
                 slots = min(free, exp.answer_judging.max_concurrency - self._per_experiment.get(exp_key, 0))
                 if slots <= 0:
                     continue
-                got = await uow.answers.claim(exp_key, slots, self.owner, now, now + self.settings.lease_seconds)
+                got = await uow.answers.claim(
+                    exp_key, slots, self.owner, now, now + self.settings.lease_seconds, exclude=list(self._inflight)
+                )
                 claimed += [(p, exp) for p in got]
                 free -= len(got)
                 if free <= 0:
