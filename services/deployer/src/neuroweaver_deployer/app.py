@@ -214,6 +214,10 @@ def build(config: DeployerConfig) -> GrpcService:
         kube.data_volumes()  # a bad claim name or mount path stops the start, not the first deployment
         if not 0 < config.lease_renew_seconds < config.lease_seconds:
             raise ValueError("--lease-renew-seconds must be above 0 and below --lease-seconds")
+        if config.prometheus_url and not config.prometheus_url.startswith(("http://", "https://")):
+            raise ValueError("--prometheus-url must be an http:// or https:// URL (Prometheus' HTTP API root)")
+        if config.metrics_sample_seconds < 0:
+            raise ValueError("--metrics-sample-seconds must be 0 (only when asked) or more")
         if config.auth_tokens and config.kubernetes and not kube.auth_secret:
             raise ValueError("auth is on: set --kube-model-server-auth-secret so model-server pods can authenticate callers")
     except ValueError as exc:

@@ -61,3 +61,14 @@ async def test_refusals(deployer):
     assert foreign.code() == grpc.StatusCode.PERMISSION_DENIED and error_info(foreign).reason == "WRONG_PROJECT"
     unauthenticated = await call(deployer, "projects/default/deployments/nope", metadata=())
     assert unauthenticated.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"prometheus_url": "prometheus:9090"}, "--prometheus-url"), ({"metrics_sample_seconds": -1}, "--metrics-sample")],
+)
+def test_bad_metrics_settings_stop_the_start(tmp_path, setting, message):
+    from neuroweaver_deployer.app import DeployerConfig, build
+
+    with pytest.raises(SystemExit, match=message):
+        build(DeployerConfig(port=free_port(), metrics_port=-1, data_dir=str(tmp_path), kubernetes=True, **setting))

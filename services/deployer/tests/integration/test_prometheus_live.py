@@ -22,10 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from neuroweaver_deployer.adapters.prometheus import PrometheusMetrics
 from neuroweaver_deployer.domain.metrics import histogram_quantile
 from neuroweaver_deployer.domain.model import Backend, Deployment
+from neuroweaver_kube.manifests import dns1123_name
 from neuroweaver_runtime.testing import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+DEPLOYED = "projects/default/deployments/advisor-prom"  # a deployment of the stack: its pod's series
+DEPLOYED_POD = "advisor-prom-5d8b9-x2x7q"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 120)
 
 
@@ -65,8 +68,9 @@ class Pod:
 
 @pytest.fixture
 async def prometheus(tmp_path):
-    pods, runners, targets = {"advisor-a": Pod(), "advisor-b": Pod()}, [], []
+    pods, runners, targets = {"advisor-a": Pod(), "advisor-b": Pod(), DEPLOYED_POD: Pod()}, [], []
     for name, pod in pods.items():
+        namespace, service = ("serving", "advisor") if name != DEPLOYED_POD else ("neuroweaver", dns1123_name(DEPLOYED))
         app = web.Application()
 
         async def metrics(_request, pod=pod):
@@ -76,7 +80,7 @@ async def prometheus(tmp_path):
         runner, port = await start_http_app(app)
         runners.append(runner)
         targets.append(
-            f"      - targets: ['127.0.0.1:{port}']\n        labels: {{namespace: serving, service: advisor, pod: {name}}}\n"
+            f"      - targets: ['127.0.0.1:{port}']\n        labels: {{namespace: {namespace}, service: {service}, pod: {name}}}\n"
         )
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -164,7 +168,7 @@ async def test_prometheus_source_per_pod_and_total(prometheus):
         p = await source.performance(Deployment(name="projects/p/deployments/advisor", backend=Backend.KUBERNETES), 10)
     finally:
         await source.close()
-    assert p.source == "prometheus" and [r.replica for r in p.replicas] == ["advisor-a", "advisor-b"]
+    assert p.source == "prometheus" and [r.replica for r in p.replicas] == ["advisor-a", "advisor-b"]  # not DEPLOYED_POD
     ra, rb = p.replicas[0].stats, p.replicas[1].stats
     assert ra.error_rate == pytest.approx(4 / 10) and ra.server_error_rate == pytest.approx(2 / 10)
     assert rb.error_rate == pytest.approx(1 / 4) and rb.server_error_rate == 0
@@ -185,3 +189,41 @@ async def test_prometheus_source_per_pod_and_total(prometheus):
     # increases are extrapolated alike, so check the bounds instead: within the pods' own range.
     for q in (0.5, 0.95):
         assert min(ra.latency[q], rb.latency[q]) <= p.total.latency[q] <= max(ra.latency[q], rb.latency[q])
+
+
+async def test_the_deployer_answers_kubernetes_deployments_from_prometheus(
+    prometheus, tmp_path, tiny_base, adapters, kube_standin
+):
+    """--prometheus-url wired end to end: GetDeploymentMetrics over gRPC for a Kubernetes deployment (API stand-in)
+    answers from Prometheus with the series of the deployment's Service."""
+    from google.protobuf import duration_pb2
+    from helpers import Stack, watch_until
+
+    from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
+    from neuroweaver.deployer.v1 import deployment_pb2 as dpb
+
+    url, pods, http = prometheus
+    pods[DEPLOYED_POD].serve([0.2, 0.3], 1, 0, 20)
+    stack = Stack(tmp_path, tiny_base, adapters[:1], kube_standin.url, deployer_extra={"prometheus_url": url})
+    await stack.start()
+    try:
+        spec = dpb.Deployment(model_version=stack.versions[0], backend=dpb.BACKEND_KUBERNETES, replicas=1)
+        await stack.dep.CreateDeployment(
+            dsvc.CreateDeploymentRequest(parent="projects/default", deployment_id="advisor-prom", deployment=spec)
+        )
+        await watch_until(stack.dep, DEPLOYED, lambda d: d.state == dpb.Deployment.STATE_AVAILABLE)
+        await scraped(http, url, pods)
+        pods[DEPLOYED_POD].serve([0.2, 0.3, 0.3], 1, 0, 30)  # within the window, after a scraped sample
+        await scraped(http, url, pods)
+        m = await stack.dep.GetDeploymentMetrics(
+            dsvc.GetDeploymentMetricsRequest(name=DEPLOYED, window=duration_pb2.Duration(seconds=120))
+        )
+        assert m.source == dsvc.DeploymentMetrics.SOURCE_PROMETHEUS
+        assert [r.replica for r in m.replicas] == [DEPLOYED_POD] and m.replicas[0].covered.seconds == 120
+        t = m.total  # Prometheus extrapolates the increases, so bounds rather than exact counts
+        assert t.requests > 0 and t.requests_per_second > 0 and t.output_tokens_per_second > 0
+        assert 0 < t.error_rate < 1 and t.server_error_rate == 0
+        assert 0.1 < t.latency_p50_seconds <= 0.5 and t.latency_p50_seconds <= t.latency_p99_seconds <= 0.5
+        await stack.dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=DEPLOYED))
+    finally:
+        await stack.stop()
