@@ -4,12 +4,13 @@ them every second with the target labels a ServiceMonitor gives (namespace, serv
 - our histogram_quantile gives what Prometheus' histogram_quantile gives on the same buckets;
 - PrometheusMetrics' PromQL answers per pod and in total: request counts, error rates, latency quantiles equal to
   ours on the bucket increases (ratios are untouched by Prometheus' extrapolation), queue depth, tokens/s.
-Skipped (with the reason) where no prometheus binary is installed."""
+Skipped (with the reason) where no prometheus binary is installed; on CI (.ci/run installs it) a missing one fails."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shutil
 import subprocess
 
@@ -26,6 +27,8 @@ from neuroweaver_kube.manifests import dns1123_name
 from neuroweaver_runtime.testing import free_port
 
 PROMETHEUS = shutil.which("prometheus")
+if PROMETHEUS is None and os.environ.get("CI") == "true":
+    raise RuntimeError("prometheus is missing on CI: .ci/run installs the Debian package prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 DEPLOYED = "projects/default/deployments/advisor-prom"  # a deployment of the stack: its pod's series
 DEPLOYED_POD = "advisor-prom-5d8b9-x2x7q"
