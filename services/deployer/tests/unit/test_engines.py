@@ -146,3 +146,57 @@ def test_the_engine_reaches_the_model_server_locally_and_on_kubernetes():
     pod = model_server_spec(target, KubeDefaults(image="m", namespace="neuroweaver", artifacts_mount_path="/artifacts"))
     args = model_server_args(pod)
     assert args[args.index("--engine") + 1] == "llama.cpp"
+
+
+def test_which_weights_each_engine_gets_from_the_versions_exports():
+    from neuroweaver_deployer.domain.model import check_engine_fits, server_load
+
+    peft = dataclasses.replace(version("smol", "4.0.0"), base_model="builtin:smollm2-135m-instruct")
+    lora = dataclasses.replace(peft, gguf_lora_uri="file:///exports/a-f16.gguf", gguf_lora_sha256="c" * 64)
+    merged = dataclasses.replace(lora, gguf_uri="file:///exports/m-q4_k_m.gguf", gguf_sha256="d" * 64)
+
+    def load(v: ResolvedVersion, gpus: int = 0, **serving):
+        t = Target(f"{P}/deployments/d", v, "n", 1, Serving(**serving), Resources(gpus=gpus), Autoscaling(), "", {})
+        got = server_load(t)
+        return got.engine, got.base_model, got.adapter_uri
+
+    # no export: the model server's auto with the PEFT adapter (transformers on a CPU)
+    assert load(peft) == ("", "builtin:smollm2-135m-instruct", peft.artifact_uri)
+    # a GGUF LoRA export on a GGUF base: llama.cpp on a CPU, by default and when named
+    assert load(lora) == ("llama.cpp", "builtin:smollm2-135m-instruct", "file:///exports/a-f16.gguf")
+    assert load(lora, engine="llama.cpp") == load(lora)
+    # a merged GGUF export is preferred: no adapter matmuls
+    assert load(merged) == ("llama.cpp", "file:///exports/m-q4_k_m.gguf", "")
+    # GPUs, 4-bit or another engine named: the trained PEFT adapter
+    assert load(merged, gpus=1) == ("", "builtin:smollm2-135m-instruct", peft.artifact_uri)
+    assert load(merged, load_in_4bit=True)[0] == ""
+    assert load(merged, engine="transformers") == ("transformers", "builtin:smollm2-135m-instruct", peft.artifact_uri)
+    # a GGUF LoRA on a transformers checkpoint base is no llama.cpp load
+    on_dir = dataclasses.replace(lora, base_model="file:///models/base")
+    assert load(on_dir)[0] == ""
+    with pytest.raises(FailedPrecondition):
+        check_engine_fits(Serving(engine="llama.cpp"), on_dir)
+    check_engine_fits(Serving(engine="llama.cpp"), lora)  # the export makes it fit
+    check_engine_fits(Serving(engine="llama.cpp"), dataclasses.replace(on_dir, gguf_uri="file:///exports/m.gguf"))
+    # another export changes what replicas load: they are replaced
+    fp = [
+        Target(f"{P}/deployments/d", v, "n", 1, Serving(), Resources(), Autoscaling(), "", {}).fingerprint()
+        for v in (peft, lora, merged)
+    ]
+    assert len(set(fp)) == 3
+
+
+def test_the_registry_gateway_picks_the_exports():
+    from neuroweaver.registry.v1 import registry_pb2 as rpb
+    from neuroweaver_deployer.adapters.registry import GGUF_LORA_PREFERENCE, GGUF_PREFERENCE, _pick
+
+    artifacts = [
+        rpb.Artifact(uri="file:///e/m-f16.gguf", format=rpb.ARTIFACT_FORMAT_GGUF, quantization="f16"),
+        rpb.Artifact(uri="file:///e/m-q4.gguf", format=rpb.ARTIFACT_FORMAT_GGUF, quantization="q4_k_m"),
+        rpb.Artifact(uri="file:///e/a-q8.gguf", format=rpb.ARTIFACT_FORMAT_GGUF_LORA, quantization="q8_0"),
+        rpb.Artifact(uri="file:///e/a-f16.gguf", format=rpb.ARTIFACT_FORMAT_GGUF_LORA, quantization="f16"),
+        rpb.Artifact(uri="file:///e/merged", format=rpb.ARTIFACT_FORMAT_MERGED, quantization="f16"),
+    ]
+    assert _pick(artifacts, rpb.ARTIFACT_FORMAT_GGUF, GGUF_PREFERENCE).uri == "file:///e/m-q4.gguf"
+    assert _pick(artifacts, rpb.ARTIFACT_FORMAT_GGUF_LORA, GGUF_LORA_PREFERENCE).uri == "file:///e/a-f16.gguf"
+    assert _pick(artifacts[4:], rpb.ARTIFACT_FORMAT_GGUF, GGUF_PREFERENCE) is None

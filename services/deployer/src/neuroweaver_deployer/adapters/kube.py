@@ -23,7 +23,7 @@ from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.errors import FailedPrecondition
 from neuroweaver_runtime.names import project_of
 
-from ..domain.model import BackendStatus, Target
+from ..domain.model import BackendStatus, Target, server_load
 from .local import StatusCallback
 
 log = logging.getLogger("neuroweaver.deployer.kube")
@@ -69,6 +69,7 @@ def model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec
 
 def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpec:
     v, s, r, a = target.version, target.serving.with_defaults(), target.resources, target.autoscaling
+    load = server_load(target)
     resources = KubeResources(
         cpu_request=r.cpu or "1",
         memory_request=r.memory or "4Gi",
@@ -90,11 +91,11 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         tls_client_auth=defaults.tls_client_auth,
         model_version=v.name,
         served_model_name=target.served_model_name,
-        base_model_uri=v.base_model,
-        adapter_uri=v.artifact_uri or None,
-        adapter_sha256=v.artifact_sha256 or None,
+        base_model_uri=load.base_model,
+        adapter_uri=load.adapter_uri or None,
+        adapter_sha256=load.adapter_sha256 or None,
         load_in_4bit=s.load_in_4bit,
-        engine=s.engine,
+        engine=load.engine,
         replicas=target.replicas,
         min_replicas=a.min_replicas if a.enabled else None,
         max_replicas=a.max_replicas if a.enabled else None,
@@ -152,7 +153,9 @@ class KubeBackend:
     def _names_of(self, target: Target) -> ModelServerSpec:
         """A spec that names the target's objects for deletion, even when its version could never be rendered for
         applying (an unmounted adapter): what an earlier version left must still go."""
-        unloaded = dataclasses.replace(target.version, artifact_uri="", artifact_sha256="", base_model="")
+        unloaded = dataclasses.replace(
+            target.version, artifact_uri="", artifact_sha256="", base_model="", gguf_uri="", gguf_lora_uri=""
+        )
         return self.spec(dataclasses.replace(target, version=unloaded))
 
     async def apply(self, target: Target) -> None:

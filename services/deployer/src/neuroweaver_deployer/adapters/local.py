@@ -47,7 +47,7 @@ from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.ports import free_port
 from neuroweaver_runtime.tls import ServerTLS
 
-from ..domain.model import BackendStatus, Target
+from ..domain.model import BackendStatus, Target, server_load
 from .router import PortRange, Router, Upstream
 
 log = logging.getLogger("neuroweaver.deployer.local")
@@ -59,24 +59,24 @@ _tracer = trace.get_tracer("neuroweaver.deployer.local")
 
 def model_server_command(target: Target, host: str, grpc_port: int, http_port: int, metrics_port: int, grace: float) -> list[str]:
     """The replica's command line: nothing secret goes here (see the module docstring)."""
-    v, s = target.version, target.serving.with_defaults()
+    v, s, load = target.version, target.serving.with_defaults(), server_load(target)
     args = [
         sys.executable, "-m", MODEL_SERVER_MODULE,
         "--host", host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--metrics-port", str(metrics_port), "--project", project_of(target.deployment) or "default",
-        "--base-model", v.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
+        "--base-model", load.base_model, "--served-model-name", target.served_model_name, "--model-version", v.name,
         "--max-queue", str(s.max_queue), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
         "--max-batch-size", str(s.max_batch_size), "--shutdown-grace-seconds", str(grace), "--die-with-parent",
         "--shutdown-drain-seconds", "0",  # the router drained it before its SIGTERM: nothing new arrives
     ]  # fmt: skip
     if target.model_names:
         args += ["--model-names", ",".join(target.model_names)]
-    if v.artifact_uri:
-        args += ["--adapter-uri", v.artifact_uri, "--adapter-sha256", v.artifact_sha256]
+    if load.adapter_uri:
+        args += ["--adapter-uri", load.adapter_uri, "--adapter-sha256", load.adapter_sha256]
     if s.load_in_4bit:
         args.append("--load-in-4bit")
-    if s.engine:
-        args += ["--engine", s.engine]
+    if load.engine:
+        args += ["--engine", load.engine]
     return args
 
 

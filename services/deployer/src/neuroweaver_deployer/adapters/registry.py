@@ -67,13 +67,24 @@ class RegistryGateway(ServiceClient):
                 reason="NOT_A_GENERATIVE_MODEL",
                 metadata={"model_version": mv.name, "method": mv.lineage.method},
             )
+        gguf = _pick(mv.artifacts, rpb.ARTIFACT_FORMAT_GGUF, GGUF_PREFERENCE)
+        lora = _pick(mv.artifacts, rpb.ARTIFACT_FORMAT_GGUF_LORA, GGUF_LORA_PREFERENCE)
+        for export in (gguf, lora):
+            if export is not None:
+                self._check_confined(mv.name, export.uri)
+        exports = dict(
+            gguf_uri=gguf.uri if gguf else "",
+            gguf_sha256=gguf.sha256 if gguf else "",
+            gguf_lora_uri=lora.uri if lora else "",
+            gguf_lora_sha256=lora.sha256 if lora else "",
+        )
         if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
-            return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri)
+            return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri, **exports)
         if not mv.lineage.base_model:
             raise FailedPrecondition(
                 f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN"
             )
-        return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model)
+        return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model, **exports)
 
     def _check_confined(self, version: str, uri: str, base_model: str = "") -> None:
         """With artifact roots configured, a version whose local artifact or base-model checkpoint (a path in its
@@ -122,6 +133,20 @@ class RegistryGateway(ServiceClient):
             token = page.next_page_token
             if not token:
                 return last
+
+
+# Which export the llama.cpp engine gets when a version has several: the fastest merged GGUF on a CPU first; the
+# GGUF LoRA closest to the trained weights first.
+GGUF_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16", "f32")
+GGUF_LORA_PREFERENCE = ("f16", "bf16", "f32", "q8_0")
+
+
+def _pick(artifacts, fmt: int, preference: tuple[str, ...]):
+    found = [a for a in artifacts if a.format == fmt and a.uri]
+    if not found:
+        return None
+    rank = {q: i for i, q in enumerate(preference)}
+    return min(found, key=lambda a: rank.get(a.quantization, len(rank)))
 
 
 def _map(exc: grpc.aio.AioRpcError, name: str, field: str):

@@ -166,6 +166,12 @@ class ResolvedVersion:
     artifact_uri: str
     artifact_sha256: str
     base_model: str
+    # Exports of the version (registry `artifacts`) the llama.cpp engine can load: a merged GGUF (format GGUF) and
+    # the adapter as a GGUF LoRA (format GGUF_LORA); "" when the version has none.
+    gguf_uri: str = ""
+    gguf_sha256: str = ""
+    gguf_lora_uri: str = ""
+    gguf_lora_sha256: str = ""
 
     @property
     def model_id(self) -> str:
@@ -191,8 +197,10 @@ class Target:
         """Changes whenever replicas would have to be replaced (version, serving settings or the names they answer to)."""
         s = self.serving
         raw = f"{self.version.name}|{self.version.artifact_sha256}|{s.load_in_4bit}|{s.max_queue}|{s.max_new_tokens_limit}|{s.max_batch_size}|{s.image}"
-        if s.engine:  # appended only when set: replicas of deployments that name no engine keep their fingerprint
-            raw += f"|engine={s.engine}"
+        load = server_load(self)
+        # appended only when an engine is named or a GGUF export is served: other replicas keep their fingerprint
+        if load.engine:
+            raw += f"|engine={load.engine}|{load.base_model}|{load.adapter_sha256}"
         if self.model_names:
             raw += "|" + ",".join(self.model_names)
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
@@ -358,13 +366,45 @@ def _is_gguf(reference: str) -> bool:
     return reference.lower().split("?", 1)[0].endswith(".gguf")
 
 
+def _gguf_base(version: ResolvedVersion) -> bool:
+    """A base model llama.cpp loads: a builtin model (shipped as a GGUF) or a .gguf file."""
+    return version.base_model.startswith("builtin:") or _is_gguf(version.base_model)
+
+
+@dataclass(frozen=True)
+class ServerLoad:
+    """What a replica of a target loads: the engine flag ("" = the model server's auto), base model and adapter."""
+
+    engine: str
+    base_model: str
+    adapter_uri: str
+    adapter_sha256: str
+
+
+def server_load(target: Target) -> ServerLoad:
+    """The engine and weights a replica gets. A deployment that names no engine and asks for no GPU is served by
+    llama.cpp when the version has a GGUF export (a merged GGUF, or a GGUF LoRA on a GGUF base); llama.cpp loads the
+    merged GGUF when there is one (no adapter matmuls), else the GGUF LoRA on the base; other engines load the
+    version's own artifact."""
+    v, engine = target.version, target.serving.engine
+    has_gguf = bool(v.gguf_uri) or (bool(v.gguf_lora_uri) and _gguf_base(v))
+    if not engine and not target.resources.gpus and not target.serving.load_in_4bit and has_gguf:
+        engine = "llama.cpp"
+    if engine == "llama.cpp" and v.gguf_uri:
+        return ServerLoad(engine, v.gguf_uri, "", "")
+    if engine == "llama.cpp" and v.gguf_lora_uri:
+        return ServerLoad(engine, v.base_model, v.gguf_lora_uri, v.gguf_lora_sha256)
+    return ServerLoad(engine, v.base_model, v.artifact_uri, v.artifact_sha256)
+
+
 def check_engine_fits(serving: Serving, version: ResolvedVersion) -> None:
-    """The engine a deployment names can load the version: llama.cpp needs a GGUF base model (a builtin model ships
-    one, or a .gguf file) and the adapter as a GGUF LoRA (.gguf); transformers and vllm cannot load a GGUF LoRA."""
+    """The engine a deployment names can load the version: llama.cpp needs a merged GGUF export, or a GGUF base model
+    (a builtin model ships one, or a .gguf file) with the adapter as a GGUF LoRA (an export, or the version's own
+    .gguf artifact); transformers and vllm cannot load a GGUF LoRA."""
     adapter_gguf = _is_gguf(version.artifact_uri)
-    if serving.engine == "llama.cpp":
-        base_ok = version.base_model.startswith("builtin:") or _is_gguf(version.base_model)
-        if not base_ok or (version.artifact_uri and not adapter_gguf):
+    if serving.engine == "llama.cpp" and not version.gguf_uri:
+        base_ok = _gguf_base(version)
+        if not base_ok or (version.artifact_uri and not adapter_gguf and not version.gguf_lora_uri):
             missing = "base model" if not base_ok else "adapter"
             raise FailedPrecondition(
                 f"{version.name} has no GGUF {missing}: the llama.cpp engine serves a GGUF base and a GGUF LoRA adapter "
