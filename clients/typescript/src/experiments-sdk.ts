@@ -84,6 +84,8 @@ export interface ExperimentsSdkOptions {
 }
 
 export interface SdkError {
+  /** watch/ingest: a stream broke (retried); rejected: an item dropped; config: an unusable config or a failed
+   * sticky store read (the server answered instead). */
   kind: "watch" | "ingest" | "rejected" | "config";
   error: unknown;
   /** For `rejected`: the dropped item. */
@@ -137,6 +139,8 @@ export interface SdkStats {
 
 interface Item {
   seq: number;
+  /** When it was queued (epoch ms): the exposure's or default event time, turned into a Timestamp when sent. */
+  at: number;
   exposure?: ExposureInit;
   event?: MetricEventInit;
 }
@@ -266,7 +270,12 @@ export class ExperimentsSdk {
     if (cfg && locallyEvaluable(unitId)) {
       let stored = this.sticky.get(experiment)?.get(unitId);
       if (stored === undefined && this.store) {
-        stored = await this.store.get(experiment, unitId);
+        try {
+          stored = await this.store.get(experiment, unitId);
+        } catch (error) {
+          this.onError({ kind: "config", error }); // the store is down: the server knows the unit's answer
+          return this.assignRemote(experiment, unitId, options);
+        }
       }
       const local = this.evaluateWith(cfg, unitId, stored);
       if (local) {
@@ -310,12 +319,12 @@ export class ExperimentsSdk {
     }
     this.enqueue({
       seq: this.nextSeq++,
+      at: Date.now(),
       exposure: {
         experiment: cfg.experiment,
         unitId,
         variant: variant.id,
         epoch: cfg.epoch,
-        exposureTime: timestampFromMs(Date.now()),
       },
     });
     this.counters.exposuresQueued++;
@@ -358,12 +367,12 @@ export class ExperimentsSdk {
     const seq = this.nextSeq++;
     this.enqueue({
       seq,
+      at: options.eventTime?.getTime() ?? Date.now(),
       event: {
         experiment,
         unitId,
         metric,
         value,
-        eventTime: timestampFromMs((options.eventTime ?? new Date()).getTime()),
         idempotencyKey: options.idempotencyKey ?? `sdk:${this.instance}:${seq}`,
         covariate: options.covariate,
       },
@@ -448,7 +457,7 @@ export class ExperimentsSdk {
     if (this.store) {
       void Promise.resolve()
         .then(() => this.store!.set(experiment, unitId, variant))
-        .catch((error) => this.onError({ kind: "ingest", error }));
+        .catch((error) => this.onError({ kind: "config", error }));
     }
     if (this.stickySize > this.maxSticky) {
       this.evict();
@@ -768,9 +777,9 @@ function toRequest(batch: Batch): IngestRequestInit {
   const events: MetricEventInit[] = [];
   for (const item of batch.items) {
     if (item.exposure) {
-      exposures.push(item.exposure);
+      exposures.push({ ...item.exposure, exposureTime: timestampFromMs(item.at) });
     } else if (item.event) {
-      events.push(item.event);
+      events.push({ ...item.event, eventTime: timestampFromMs(item.at) });
     }
   }
   return { batchId: batch.id, exposures, events };

@@ -17,6 +17,9 @@
  *                and database): prints {"stage":"running"} once under way, keeps going until the file
  *                --restarted-flag exists and 300 more units are done, then flushes; the Python side compares the
  *                server's results with what Node counted (no exposure or event lost, none counted twice).
+ * bench:         (not asserted: numbers only) evaluations/s and p99 of the SDK's in-process evaluation vs GrowthBook's
+ *                JS SDK on the same config and units, identical answers counted; then 50,000 local first exposures
+ *                through IngestEvents, timed until all are acknowledged.
  * delivery:      metric events over IngestEvents: duplicates by key counted once, an invalid event isolated and
  *                dropped while the rest of its batch lands, the memory bound refusing events, flush/close.
  */
@@ -468,6 +471,63 @@ async function restart(client: ExperimentsClient) {
   };
 }
 
+async function bench(client: ExperimentsClient) {
+  const errors: SdkError[] = [];
+  const weights = [0.5, 0.5];
+  const name = await createExperiment(client, `bench-${args.seed}`, weights, 1, "bench-seed");
+  const sdk = newSdk(client, errors, { maxPendingItems: 200_000, batchSize: 5_000, maxInFlightBatches: 4 });
+  await sdk.ready();
+  await until("the experiment's config", () => sdk.config(name) !== undefined);
+  const cfg = sdk.config(name)!;
+  const units = Array.from({ length: 200_000 }, (_, i) => `bench-user-${i}`);
+  const gb = new GrowthBookClient({});
+  const gbExperiment = { key: name, variations: [0, 1] as [number, number], weights, coverage: 1, hashVersion: 2, seed: "bench-seed" };
+  const timeIt = (f: (u: string) => unknown) => {
+    const sample: number[] = [];
+    const started = process.hrtime.bigint();
+    for (let i = 0; i < units.length; i++) {
+      if (i % 100 === 0) {
+        const t0 = process.hrtime.bigint();
+        f(units[i]!);
+        sample.push(Number(process.hrtime.bigint() - t0));
+      } else {
+        f(units[i]!);
+      }
+    }
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    sample.sort((a, b) => a - b);
+    return { perSecond: Math.round(units.length / seconds), p99Ns: sample[Math.floor(sample.length * 0.99)] };
+  };
+  let same = 0;
+  for (const unit of units) {
+    const a = cfg.evaluate(unit);
+    const r = gb.runInlineExperiment(gbExperiment, { attributes: { id: unit } });
+    same += a.kind === "variant" && a.variant === r.variationId && a.bucket === Math.round(r.bucket! * 10_000) ? 1 : 0;
+  }
+  const growthbook = timeIt((u) => gb.runInlineExperiment(gbExperiment, { attributes: { id: u } }));
+  const local = timeIt((u) => cfg.evaluate(u));
+  // End to end: local first exposures, queued by evaluate() and delivered over IngestEvents.
+  const exposures = units.slice(0, 50_000);
+  const started = performance.now();
+  for (const unit of exposures) {
+    sdk.evaluate(name, unit);
+  }
+  const queuedMs = performance.now() - started;
+  await sdk.flush();
+  const deliveredMs = performance.now() - started;
+  const stats = jsonStats(sdk.stats());
+  await sdk.close();
+  return {
+    units: units.length,
+    identical: same,
+    sdkEvaluate: local,
+    growthbookRunInline: growthbook,
+    exposures: { count: exposures.length, queuedMs: Math.round(queuedMs), acknowledgedMs: Math.round(deliveredMs), perSecond: Math.round(exposures.length / (deliveredMs / 1000)) },
+    stats,
+    errors: errors.map(describe),
+  };
+}
+
 function jsonStats(stats: ReturnType<ExperimentsSdk["stats"]>): Record<string, number> {
   return Object.fromEntries(Object.entries(stats).map(([k, v]) => [k, Number(v)]));
 }
@@ -482,6 +542,7 @@ async function main() {
     "weight-change": weightChange,
     delivery,
     restart,
+    bench,
   };
   const run = scenarios[args.scenario];
   if (!run) {
