@@ -148,7 +148,9 @@ class LocalExperiments:
         self._configs: dict[str, _Config] = {}
         self._sticky: dict[str, dict[str, str]] = {}  # experiment -> unit -> variant
         self._sticky_size = 0
-        self._queue: deque[tuple[int, epb.Exposure | epb.MetricEvent]] = deque()  # (sequence number, item)
+        # (sequence number, item): an exposure as (experiment, unit, variant, epoch), built into the batch's message
+        # only when sent (one protobuf construction instead of two)
+        self._queue: deque[tuple[int, tuple[str, str, str, int] | epb.MetricEvent]] = deque()
         self._seq = 0  # items queued so far
         self._unacked: dict[int, tuple[int, esvc.IngestEventsRequest]] = {}  # batch id -> (first seq, batch), sent order
         self._held = 0  # items queued or in unacknowledged batches
@@ -297,7 +299,7 @@ class LocalExperiments:
         self._remember(held, unit_id, variant)
         if self.store is not None:
             await self.store.put(experiment, unit_id, variant)
-        await self._enqueue(epb.Exposure(experiment=experiment, unit_id=unit_id, variant=variant, epoch=held.epoch))
+        await self._enqueue((experiment, unit_id, variant, held.epoch))
         self.stats.exposures_queued += 1
         return self._result(held, unit_id, variant, True, bucket, "local")
 
@@ -328,7 +330,7 @@ class LocalExperiments:
         self.stats.events_queued += 1
         return key
 
-    async def _enqueue(self, item: epb.Exposure | epb.MetricEvent) -> None:
+    async def _enqueue(self, item: tuple[str, str, str, int] | epb.MetricEvent) -> None:
         while self._held >= self.max_queue:
             self._room.clear()
             await self._room.wait()
@@ -364,15 +366,18 @@ class LocalExperiments:
         if not self._queue:
             return None
         first = self._queue[0][0]
-        exposures: list[epb.Exposure] = []
-        events: list[epb.MetricEvent] = []
-        while self._queue and len(exposures) < self.batch_size and len(events) < self.batch_size:
-            _, item = self._queue.popleft()
-            if isinstance(item, epb.Exposure):
-                exposures.append(item)
+        batch = esvc.IngestEventsRequest(batch_id=next(self._batch_ids))
+        add_exposure, events = batch.exposures.add, batch.events
+        queue, limit = self._queue, self.batch_size
+        exposures = n_events = 0
+        while queue and exposures < limit and n_events < limit:
+            _, item = queue.popleft()
+            if isinstance(item, tuple):
+                add_exposure(experiment=item[0], unit_id=item[1], variant=item[2], epoch=item[3])
+                exposures += 1
             else:
                 events.append(item)
-        batch = esvc.IngestEventsRequest(batch_id=next(self._batch_ids), exposures=exposures, events=events)
+                n_events += 1
         self._unacked[batch.batch_id] = (first, batch)
         return batch
 

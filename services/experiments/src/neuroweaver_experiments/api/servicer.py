@@ -155,20 +155,48 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
 
     async def IngestEvents(self, request_iterator, context):
         """One batch per message, answered in order once durable. A bad batch ends the stream with its error (its
-        ErrorInfo metadata names `batch_id`); the batches answered before it are stored."""
-        async for request in request_iterator:
+        ErrorInfo metadata names `batch_id`); the batches answered before it are stored. Batch k+1 is received and
+        checked while batch k is stored (the check writes nothing; batches are stored one after another)."""
+        local = self.svc.local
+        iterator = aiter(request_iterator)
+
+        async def receive():
             try:
-                out = await self.svc.local.ingest(
-                    convert.exposures_from_pb(request.exposures), convert.events_from_pb(request.events)
-                )
+                request = await anext(iterator)
+            except StopAsyncIteration:
+                return None
+            try:
+                checked = await local.check(convert.exposures_from_pb(request.exposures), convert.events_from_pb(request.events))
             except DomainError as exc:
                 exc.metadata.update(batch_id=str(request.batch_id))
-                raise
-            yield svc.IngestEventsResponse(
-                batch_id=request.batch_id,
-                exposures_accepted=out.exposures_accepted,
-                exposures_duplicate=out.exposures_duplicate,
-                conflicts=[svc.ExposureConflict(experiment=e, unit_id=u, stored_variant=v) for e, u, v in out.conflicts],
-                events_accepted=out.events_accepted,
-                events_duplicate=out.events_duplicate,
-            )
+                return request, exc
+            return request, checked
+
+        ahead = asyncio.ensure_future(receive())
+        try:
+            while True:
+                item = await ahead
+                if item is None:
+                    break
+                request, checked = item
+                if isinstance(checked, DomainError):
+                    raise checked
+                ahead = asyncio.ensure_future(receive())
+                try:
+                    out = await local.store(checked)
+                except DomainError as exc:
+                    exc.metadata.update(batch_id=str(request.batch_id))
+                    raise
+                yield svc.IngestEventsResponse(
+                    batch_id=request.batch_id,
+                    exposures_accepted=out.exposures_accepted,
+                    exposures_duplicate=out.exposures_duplicate,
+                    conflicts=[svc.ExposureConflict(experiment=e, unit_id=u, stored_variant=v) for e, u, v in out.conflicts],
+                    events_accepted=out.events_accepted,
+                    events_duplicate=out.events_duplicate,
+                )
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead

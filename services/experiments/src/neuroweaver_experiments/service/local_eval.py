@@ -62,6 +62,14 @@ class IngestOutcome:
     events_duplicate: int = 0
 
 
+@dataclass
+class CheckedBatch:
+    # experiment → (snapshot, [(index, unit, variant, bucket, epoch, bucket class)]) of the exposures to store
+    rows: dict[str, tuple[Snapshot, list[tuple[int, str, str, int, int, int]]]]
+    events: EventBatch
+    outcome: IngestOutcome  # duplicates within the batch, counted while checking
+
+
 class _Plans:
     """Per experiment revision: the phased plan and each epoch's bucket → class table (built on first use)."""
 
@@ -140,6 +148,11 @@ class LocalEvaluation:
         return plans
 
     async def ingest(self, exposures: list[ExposureIn], events: EventBatch) -> IngestOutcome:
+        return await self.store(await self.check(exposures, events))
+
+    async def check(self, exposures: list[ExposureIn], events: EventBatch) -> CheckedBatch:
+        """Validates a batch's exposures against the phases they name (no writes: a stream checks batch k+1 while
+        batch k is stored)."""
         if len(exposures) > MAX_EXPOSURES:
             raise InvalidArgument(
                 f"at most {MAX_EXPOSURES} exposures per batch, got {len(exposures)}", field="exposures", reason="BATCH_TOO_LARGE"
@@ -217,7 +230,11 @@ class LocalEvaluation:
                 reason=reasons[0],
                 violations=bad,
             )
+        return CheckedBatch(rows, events, out)
 
+    async def store(self, batch: CheckedBatch) -> IngestOutcome:
+        """Stores a checked batch: exposures (one group commit), then its metric events; returns once both committed."""
+        rows, events, out = batch.rows, batch.events, batch.outcome
         for name, (snap, items) in rows.items():
             known = self.assigner.cache.known(snap.id)
             todo = []
