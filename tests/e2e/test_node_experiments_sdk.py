@@ -143,6 +143,14 @@ def test_sdk_event_delivery(node_client: Path, experiments: ServiceProcess) -> N
     assert out["small"]["taken"] == 10 and out["small"]["refused"] == 15
     assert out["small"]["stats"]["eventsAccepted"] == 10 and out["small"]["stats"]["eventsRefused"] == 15
     assert out["closedError"] == "FailedPrecondition"
+    # A shared sticky store: after a weight change a fresh SDK answers the first SDK's units from it, as the server.
+    assert out["store"] == {"units": 300, "sources": {"sticky": 300}, "mismatches": 0, "entries": 300}
+    # Not running / not there: the SDK holds no config and throws the server's own error.
+    assert out["stopped"] == {
+        "sdk": "FailedPrecondition EXPERIMENT_NOT_RUNNING",
+        "server": "FailedPrecondition EXPERIMENT_NOT_RUNNING",
+    }
+    assert out["missing"] == {"sdk": "NotFound EXPERIMENT_NOT_FOUND", "server": "NotFound EXPERIMENT_NOT_FOUND"}
     assert out["errors"] == []
 
 

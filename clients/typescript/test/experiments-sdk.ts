@@ -21,7 +21,9 @@
  *                JS SDK on the same config and units, identical answers counted; then 50,000 local first exposures
  *                through IngestEvents, timed until all are acknowledged.
  * delivery:      metric events over IngestEvents: duplicates by key counted once, an invalid event isolated and
- *                dropped while the rest of its batch lands, the memory bound refusing events, flush/close.
+ *                dropped while the rest of its batch lands, the memory bound refusing events, flush/close; a shared
+ *                sticky store answering a fresh SDK after a weight change without the server; a stopped experiment
+ *                leaving the SDK's configs, after which assign() throws what AssignVariant throws.
  */
 import { GrowthBookClient } from "@growthbook/growthbook";
 import { existsSync } from "node:fs";
@@ -408,6 +410,59 @@ async function delivery(client: ExperimentsClient) {
   }
   const results = await client.getExperimentResults({ name });
   const rejected = errors.filter((e) => e.kind === "rejected");
+
+  // A sticky store shared by two SDKs: the second, fresh, answers units the first exposed before a weight change
+  // from the store (no AssignVariant call), as the server does.
+  const shared = new Map<string, string>();
+  const store = {
+    get: async (experiment: string, unit: string) => shared.get(`${experiment}|${unit}`),
+    set: (experiment: string, unit: string, variant: string) => void shared.set(`${experiment}|${unit}`, variant),
+  };
+  const storeExp = await createExperiment(client, `store-${args.seed}`, [0.5, 0.5], 1, "store-seed");
+  const first = newSdk(client, errors, { stickyStore: store });
+  await first.ready();
+  await until("the store experiment's config", () => first.config(storeExp) !== undefined);
+  const storeUnits = unitIds("store", 300);
+  const before = new Map<string, string>();
+  for (const unit of storeUnits) {
+    before.set(unit, key(await first.assign(storeExp, unit)));
+  }
+  await first.close();
+  await setWeights(client, storeExp, [0.1, 0.9]);
+  const second = newSdk(client, errors, { stickyStore: store });
+  await second.ready();
+  await until("phase 1 in the second SDK", () => second.config(storeExp)?.epoch === 1);
+  const sources: Record<string, number> = {};
+  let storeMismatches = 0;
+  for (const unit of storeUnits) {
+    const a = await second.assign(storeExp, unit);
+    sources[a.source] = (sources[a.source] ?? 0) + 1;
+    storeMismatches += key(a) === before.get(unit) ? 0 : 1;
+  }
+  const storeServer = await serverAnswers(client, storeExp, storeUnits);
+  storeMismatches += storeUnits.filter((u) => storeServer.get(u) !== before.get(u)).length;
+
+  // A stopped experiment leaves the configs; assign() then throws what AssignVariant throws.
+  await client.stopExperiment({ name: storeExp });
+  await until("the stopped experiment removed", () => second.config(storeExp) === undefined);
+  const codeOf = async (f: () => Promise<unknown>) => {
+    try {
+      await f();
+      return "OK";
+    } catch (err) {
+      const e = errorDetails(err);
+      return `${e.codeName} ${e.reason}`;
+    }
+  };
+  const stopped = {
+    sdk: await codeOf(() => second.assign(storeExp, storeUnits[0]!)),
+    server: await codeOf(() => client.assignVariant({ experiment: storeExp, unitId: storeUnits[0]! })),
+  };
+  const missing = {
+    sdk: await codeOf(() => second.assign(`${PROJECT}/experiments/no-such-experiment`, "u")),
+    server: await codeOf(() => client.assignVariant({ experiment: `${PROJECT}/experiments/no-such-experiment`, unitId: "u" })),
+  };
+  await second.close();
   return {
     name,
     exposed: units.length,
@@ -417,6 +472,9 @@ async function delivery(client: ExperimentsClient) {
     rejected: rejected.map((e) => ({ metric: e.item?.event?.metric, error: describe(e) })),
     primaryUnits: Object.fromEntries((results.primary?.variants ?? []).map((v) => [v.variant, Number(v.units)])),
     closedError,
+    store: { units: storeUnits.length, sources, mismatches: storeMismatches, entries: shared.size },
+    stopped,
+    missing,
     errors: errors.filter((e) => e.kind !== "rejected").map(describe),
   };
 }
