@@ -160,6 +160,22 @@ async def test_live_metrics_of_a_local_deployment_match_the_traffic(stack):
         assert "total" in out.stdout and all(r.replica in out.stdout for r in rows) and "req/s" in out.stdout
         out = await nw(env, "deployments", "top", "advisor-metrics", "--window", "0")
         assert out.returncode == 1 and "INVALID_WINDOW" in out.stderr and "window" in out.stderr
+
+        # no replica left: the router answers calls itself; they count as server errors in a row "router"
+        await dep.ScaleDeployment(dsvc.ScaleDeploymentRequest(name=NAME, replicas=0))
+        d = await watch_until(dep, NAME, lambda d: d.replicas == 0 and d.ready_replicas == 0)
+        async with grpc.aio.insecure_channel(d.endpoint) as channel:
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await igrpc.InferenceServiceStub(channel).Generate(gen(4), timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with aiohttp.ClientSession() as http:
+            body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            async with http.post(d.openai_base_url + "/chat/completions", json=body) as resp:
+                assert resp.status == 503
+        down = await metrics(dep, 3600)
+        assert [r.replica for r in down.replicas] == ["router"]
+        assert down.total.requests == 3 and down.total.error_rate == 1 and down.total.server_error_rate == 1
     finally:
         await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=NAME))
 

@@ -4,7 +4,8 @@
   `/metrics` (ops port), fed by a background sampler every `interval` seconds and by each query (a fresh scrape).
   A replica's ring starts with an implicit zero sample at its start time (counters count from 0 in a new process),
   so a replica younger than the window covers its whole life. Rings of replicas that went away are dropped.
-- `LocalMetrics`: the local backend's replicas, read by the deployer replica that runs them.
+- `LocalMetrics`: the local backend's replicas, read by the deployer replica that runs them, plus a row `router` for
+  calls the deployment's router answered itself because no replica could take them (counted in the router).
 - `PodMetrics` (Kubernetes without Prometheus): the deployment's running pods, listed through the API server
   (label selector of the manifests) and scraped on their metrics port by pod IP, with the same rings.
 - Prometheus (`adapters/prometheus.py`) answers Kubernetes deployments when `--prometheus-url` is set.
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -90,6 +91,9 @@ class ScrapeTarget:
     metrics_url: str
     started_at: float = 0.0  # wall-clock start of the process (counters were 0 then); 0 = unknown
     server_name: str = ""  # the name checked on its certificate when not the address dialled (a pod's IP)
+    # In-process instead of HTTP: a count of calls that failed with a server error before reaching any replica
+    # (the local router's `refused`); excluded from equality so targets stay comparable keys.
+    count: Callable[[], float] | None = field(default=None, compare=False)
 
 
 class ReplicaScraper:
@@ -122,6 +126,10 @@ class ReplicaScraper:
         return self._session
 
     async def _scrape_one(self, t: ScrapeTarget) -> None:
+        if t.count is not None:
+            refused = t.count()
+            self._ring(t).add(Sample(time.time(), requests=refused, errors=refused, server_errors=refused))
+            return
         server_name = t.server_name or self.client_tls.server_name
         extra: dict[str, Any] = {"server_hostname": server_name} if server_name else {}
         try:
@@ -150,7 +158,11 @@ class ReplicaScraper:
             samples = ring.window(window) if ring is not None else []
             if samples:
                 rows.append((t.replica, samples))
-        return performance_from_rings(name, window, source, rows)
+        p = performance_from_rings(name, window, source, rows)
+        # the router's row only when it refused calls in the window (it is no replica)
+        routers = {t.replica for t in targets if t.count is not None}
+        p.replicas = [r for r in p.replicas if r.replica not in routers or r.stats.requests > 0]
+        return p
 
     async def close(self) -> None:
         if self._session is not None:
@@ -201,11 +213,15 @@ class LocalMetrics:
         dep = self.backend.deployments.get(name)
         if dep is None:
             return []
-        return [
+        replicas = [
             ScrapeTarget(r.upstream.grpc_address, r.upstream.metrics_url, getattr(r, "started_at", 0.0))
             for r in dep.replicas
             if r.state == "ready" and r.upstream is not None
         ]
+        router = dep.router
+        if not router.started_at:
+            return replicas
+        return [*replicas, ScrapeTarget("router", f"router:{name}", router.started_at, count=lambda: router.refused)]
 
     async def _all_targets(self) -> list[ScrapeTarget]:
         return [t for name in list(self.backend.deployments) for t in self.targets(name)]

@@ -136,6 +136,10 @@ class Router(grpc.GenericRpcHandler):
         self.grpc_port = 0
         self.http_port = 0
         self.metrics_port = 0
+        # Calls the router answered itself (UNAVAILABLE / 503) because no replica could take them: they never reach a
+        # replica's metrics, so GetDeploymentMetrics counts them from here (a row "router"). Counted from `started_at`.
+        self.refused = 0
+        self.started_at = 0.0
 
     @property
     def endpoint(self) -> str:
@@ -154,6 +158,7 @@ class Router(grpc.GenericRpcHandler):
         return f"{self._scheme}://{self.advertise_host}:{self.metrics_port}/metrics"
 
     async def start(self) -> None:
+        self.started_at = time.time()
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((self,))
@@ -307,6 +312,8 @@ class Router(grpc.GenericRpcHandler):
                         error = exc
                         if exc.code() != grpc.StatusCode.UNAVAILABLE:
                             break
+            if error is None:
+                self.refused += 1
             await _abort(context, error)
 
         return handle
@@ -333,6 +340,8 @@ class Router(grpc.GenericRpcHandler):
                         error = exc
                         if exc.code() != grpc.StatusCode.UNAVAILABLE or sent:
                             break
+            if error is None:
+                self.refused += 1
             await _abort(context, error)
 
         return handle
@@ -389,6 +398,7 @@ class Router(grpc.GenericRpcHandler):
                     attempt.set_status(Status(StatusCode.ERROR, "unreachable"))
                     log.info("replica %s unreachable (%s); trying another", up.http_url, exc)
                     continue
+        self.refused += 1  # no replica answered (none ready, or every one unreachable)
         error = {
             "error": {"message": "no ready replica", "type": "service_unavailable", "param": None, "code": "NO_READY_REPLICA"}
         }
