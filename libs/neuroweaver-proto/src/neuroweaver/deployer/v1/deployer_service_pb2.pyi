@@ -493,7 +493,9 @@ class ReplicaPerformance(_message.Message):
     STATS_FIELD_NUMBER: _builtins.int
     COVERED_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
-    """The replica: its gRPC address (local) or its pod (Kubernetes)."""
+    """The replica: its gRPC address (local) or its pod (Kubernetes); `router` for calls a local deployment's
+    router answered itself because no replica could take them (server errors that reached no replica).
+    """
     @_builtins.property
     def stats(self) -> Global___PerformanceStats: ...
     @_builtins.property

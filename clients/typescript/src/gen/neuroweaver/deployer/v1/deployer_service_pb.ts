@@ -484,7 +484,8 @@ export const PerformanceStatsSchema: GenMessage<PerformanceStats> = /*@__PURE__*
  */
 export type ReplicaPerformance = Message<"neuroweaver.deployer.v1.ReplicaPerformance"> & {
   /**
-   * The replica: its gRPC address (local) or its pod (Kubernetes).
+   * The replica: its gRPC address (local) or its pod (Kubernetes); `router` for calls a local deployment's
+   * router answered itself because no replica could take them (server errors that reached no replica).
    *
    * @generated from field: string replica = 1;
    */
