@@ -1,9 +1,10 @@
 """Export: merged weights give base+adapter's logits; GGUFs load in llama.cpp and decode like the merged model.
 
-Tolerances (measured on tiny Llamas, stated where asserted): merged float32 vs base+adapter (PEFT, unmerged)
-max |Δlogit| < 1e-4; merged float16 < 2e-2 (float16 rounding of the weights), while the adapter itself moves the
-logits by > 0.1, so a merge that lost the adapter fails. GGUF f16 / q8_0 / GGUF LoRA on the f16 base: the first
-greedy tokens equal the merged model's.
+Tolerances (tiny Llamas; measured max |Δlogit| in brackets): merged float32 vs base+adapter (PEFT, unmerged) < 1e-4
+[3e-7]; merged float16 < 2e-2 [4e-4] while the adapter moves the logits by > 0.1 [1.1], so a merge that lost the
+adapter fails; a QLoRA-trained adapter merged through the float32 base < 1e-4 [3e-7], merged into the 4-bit layers
+instead > 10x that [0.13]. GGUF f16 / q8_0 / GGUF LoRA on the f16 base: the first 8 greedy tokens equal the merged
+model's. SmolLM2 (smollm2 marker): f16 gives the 12 greedy tokens; q8_0 and q4_k_m predict every confident one.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _greedy_hf(model_dir: Path, ids: torch.Tensor) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-def _greedy_llama(ids: torch.Tensor, model_path: Path, lora_path: Path | None = None) -> list[int]:
+def _greedy_llama(ids: torch.Tensor, model_path: Path, lora_path: Path | None = None, n: int = GREEDY_TOKENS) -> list[int]:
     from llama_cpp import Llama
 
     kw = {"lora_path": str(lora_path)} if lora_path else {}
@@ -157,7 +158,7 @@ def _greedy_llama(ids: torch.Tensor, model_path: Path, lora_path: Path | None = 
     out = []
     for tok in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
         out.append(int(tok))
-        if len(out) == GREEDY_TOKENS:
+        if len(out) == n:
             break
     llm.close()
     return out
@@ -199,3 +200,67 @@ def test_gguf_exports_load_in_llama_cpp_and_decode_like_the_merged_model(smoltok
 def test_fetch_tools_keeps_a_complete_dir(tmp_path):
     done = require_tools()
     assert fetch_tools(done) == done  # complete: not downloaded again
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_gguf_exports_decode_like_the_merged_model(smollm2_dir, tmp_path):
+    """The demo model (SmolLM2-135M-Instruct + an adapter): llama.cpp's f16 GGUF decodes the merged model's 12 greedy
+    tokens. q8_0 and q4_k_m, fed the merged model's greedy tokens (teacher forcing), predict each of them wherever the
+    merged model is confident (top-2 logit margin >= 1.0; quantization may flip a near tie, not a confident choice),
+    and at least 6 of the 12 steps are confident."""
+    import gguf
+
+    adapter, _ = make_lora_adapter(smollm2_dir, tmp_path / "adapter", seed=1)
+    # a milder update (B scaled by 0.3), as a short fine-tune makes: the model stays confident in its first answer
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v * 0.3 if "lora_B" in k else v for k, v in weights.items()}, str(adapter / "adapter_model.safetensors"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "How often should I rotate my tires?"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    merged = merge_adapter(smollm2_dir, adapter, tmp_path / "merged", quantization="f32")
+    model = _load(merged.path)
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0
+        )
+    expected = out.sequences[0, ids.shape[1] :].tolist()
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    base_out = _load(smollm2_dir).generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert base_out[0, ids.shape[1] :].tolist() != expected  # the adapter changes the answer
+    del model
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        res = convert_to_gguf(merged.path, tmp_path / f"model-{quant}.gguf", quant)
+        assert gguf.GGUFReader(str(res.path)).get_field("general.file_type").contents() == {
+            "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        }[quant]  # fmt: skip
+        if quant == "f16":
+            got = _greedy_llama(ids, res.path, n=12)
+            assert got == expected, (quant, tok.decode(got), tok.decode(expected))
+        else:
+            predicted = _teacher_forced_llama(ids, expected, res.path)
+            confident = [i for i, m in enumerate(margins) if m >= 1.0]
+            assert len(confident) >= 6, margins
+            assert [predicted[i] for i in confident] == [expected[i] for i in confident], (quant, predicted, expected, margins)
+        res.path.unlink()
+
+
+def _teacher_forced_llama(ids: torch.Tensor, continuation: list[int], model_path: Path) -> list[int]:
+    """llama.cpp's top-1 next token at each step of prompt + continuation (its own choices never fed back)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model_path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    tokens = ids[0].tolist() + continuation[:-1]
+    llm.eval(tokens)
+    start = ids.shape[1] - 1
+    out = [int(np.argmax(llm.scores[start + i])) for i in range(len(continuation))]
+    llm.close()
+    return out
