@@ -80,9 +80,13 @@ class ExperimentsService:
             else None
         )
         # Variants' endpoints as the deployer reports them now (they move when it restarts), not as stored at start.
-        self.endpoints = LiveEndpoints(deployer, self.assigner.invalidate)
+        self.endpoints = LiveEndpoints(deployer, self._endpoint_moved)
         # Local evaluation by SDKs: config watches and their exposure/event batches.
         self.local = LocalEvaluation(uow, self.assigner, self.ingestor, self.endpoints)
+
+    def _endpoint_moved(self, name: str) -> None:
+        self.assigner.invalidate(name)
+        self.local.endpoint_moved()  # config watches send the experiments whose endpoints moved
 
     async def close(self) -> None:
         if self.judging is not None:

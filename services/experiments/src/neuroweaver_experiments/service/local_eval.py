@@ -1,10 +1,12 @@
 """Local evaluation: the assignment configs SDKs evaluate in-process, and the batches of exposures and metric events
 they send back.
 
-`watch` yields a snapshot of the project's RUNNING experiments, then each change. The project's config version is
-the sum of its experiments' revisions (`ExperimentRepository.project_version`): every write through any replica bumps
-it, so polling it (one indexed aggregate every `poll` seconds, sooner after a local write) notices other replicas'
-changes too. Endpoints are the deployer's current ones when a config is sent.
+`watch` yields a snapshot of the project's RUNNING experiments, then each change. The stored part of the config
+version is the sum of the project's experiments' revisions (`ExperimentRepository.project_version`): every write
+through any replica bumps it, so polling it (one indexed aggregate every `poll` seconds, sooner after a local write)
+notices other replicas' changes too. Endpoints are the deployer's current ones (`LiveEndpoints`); a move of one is a
+change too, so the version sent is `stored << 20 | moves`, `moves` counting this process's endpoint moves: strictly
+increasing on one stream; a stream resumed on another replica (other `moves`) starts with a snapshot.
 
 `ingest` stores one batch: exposures first, validated against the phase they name (experiment RUNNING, the phase
 exists, the unit's bucket is inside that phase's coverage and the phase assigns it `variant`), through the same
@@ -33,6 +35,8 @@ from .ingest import MAX_BATCH, EventBatch, Ingestor
 from .ports import UnitOfWorkFactory
 
 MAX_EXPOSURES = 10_000
+_MOVES_BITS = 20  # low bits of a config version: endpoint moves seen by this process
+_MOVES_MASK = (1 << _MOVES_BITS) - 1
 MAX_VIOLATIONS = 100
 
 
@@ -103,10 +107,18 @@ class LocalEvaluation:
         self.poll = poll
         self._plans: dict[int, _Plans] = {}
         self._changed = asyncio.Event()  # set by local writes: watches look at once instead of at the next poll
+        self._moves = 0  # endpoint moves reported by the deployer (LiveEndpoints)
 
     def changed(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def endpoint_moved(self) -> None:
+        self._moves += 1
+        self.changed()
+
+    def _version(self, stored: int, moves: int) -> int:
+        return (stored << _MOVES_BITS) | (moves & _MOVES_MASK)
 
     # -- watch -----------------------------------------------------------------------------------------------
 
@@ -115,25 +127,29 @@ class LocalEvaluation:
         if since_version < 0:
             raise InvalidArgument("since_version must be >= 0", field="since_version", reason="INVALID_VERSION")
         sent: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}  # name → (revision, endpoints) last sent
-        version = since_version
+        stored, moves = since_version >> _MOVES_BITS, since_version & _MOVES_MASK
         first = True
         while True:
             changed = self._changed
+            now_moves = self._moves
             async with self.uow.transaction() as uow:
                 current = await uow.experiments.project_version(project)
-                running = await uow.experiments.running(project) if current != version or first else None
+                look = first or current != stored or now_moves != moves
+                running = await uow.experiments.running(project) if look else None
             if running is not None:
                 for exp in running:
                     await self.endpoints.apply(exp)
                 now = {e.name: (e.revision, tuple((v.endpoint, v.openai_base_url) for v in e.variants)) for e in running}
-                if first and (since_version == 0 or current != since_version):
-                    yield ConfigChange(current, True, running, [])
-                elif not first:
+                version = self._version(current, now_moves)
+                if first:
+                    if since_version == 0 or version != since_version:
+                        yield ConfigChange(version, True, running, [])
+                else:
                     configs = [e for e in running if sent.get(e.name) != now[e.name]]
                     removed = sorted(set(sent) - set(now))
                     if configs or removed:
-                        yield ConfigChange(current, False, configs, removed)
-                sent, version, first = now, current, False
+                        yield ConfigChange(version, False, configs, removed)
+                sent, stored, moves, first = now, current, now_moves, False
             try:
                 await asyncio.wait_for(changed.wait(), self.poll)
             except TimeoutError:
