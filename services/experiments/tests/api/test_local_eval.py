@@ -10,6 +10,7 @@ from google.protobuf import field_mask_pb2
 
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
 from neuroweaver_runtime.assignment import PhasedPlan
 from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
@@ -85,7 +86,9 @@ async def test_watch_snapshot_then_changes(stub, make_experiment):
     assert resumed.snapshot and resumed.version > gone.version
     assert other.name in {c.experiment for c in resumed.configs} and exp.name not in {c.experiment for c in resumed.configs}
     again.cancel()
-    quiet = stub.WatchExperimentConfigs(svc.WatchExperimentConfigsRequest(parent="projects/default", since_version=resumed.version))
+    quiet = stub.WatchExperimentConfigs(
+        svc.WatchExperimentConfigsRequest(parent="projects/default", since_version=resumed.version)
+    )
     await asyncio.sleep(0.5)  # the stream is open and has nothing to say
     await set_weights(stub, other, (0.3, 0.7))
     later = await next_with(quiet, lambda r: True)
@@ -197,3 +200,37 @@ async def test_ingest_rejects_bad_exposures(stub, make_experiment):
             ),
         )
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_watch_sees_changes_made_through_another_replica(stub, make_experiment, backend, deployer, registry):
+    """Two replicas on one database: a watch on the second sees a weight change and a stop made through the first."""
+    from neuroweaver_experiments.app import ExperimentsConfig, build
+    from neuroweaver_runtime.testing import free_port
+
+    replica = build(
+        ExperimentsConfig(
+            port=free_port(),
+            metrics_port=-1,
+            database_url=backend.url,
+            deployer_target=deployer.target,
+            registry_target=registry.target,
+            migrate=False,
+        )
+    )
+    port = await replica.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        other = svc_grpc.ExperimentsServiceStub(channel)
+        exp = await make_experiment(weights=(0.5, 0.5))  # through the first replica
+        stream = other.WatchExperimentConfigs(svc.WatchExperimentConfigsRequest(parent="projects/default"))
+        first = await next_with(stream, lambda r: True)
+        assert exp.name in {c.experiment for c in first.configs}
+        await set_weights(stub, exp, (0.4, 0.6))
+        change = await next_with(stream, lambda r: any(c.experiment == exp.name for c in r.configs))
+        assert [list(p.weights) for p in next(c for c in change.configs if c.experiment == exp.name).phases][-1] == [0.4, 0.6]
+        await stub.StopExperiment(svc.StopExperimentRequest(name=exp.name))
+        await next_with(stream, lambda r: exp.name in r.removed)
+        stream.cancel()
+    finally:
+        await channel.close()
+        await replica.stop()
