@@ -98,7 +98,8 @@ class ScrapeTarget:
 
 class ReplicaScraper:
     """Rings of scrapes per replica. Memory is bounded: one ring per live replica, each at most
-    `MAX_WINDOW_SECONDS / interval + 2` samples spaced at least `interval` apart (a few hundred bytes each)."""
+    `MAX_WINDOW_SECONDS / interval + 2` samples spaced at least `interval` apart (about 3 KB each: some 2 MB
+    per replica with an hour of history at the default 5 s)."""
 
     def __init__(self, *, interval: float = 5.0, client_tls: ClientTLS | None = None, timeout: float = 5.0) -> None:
         self.interval = interval
