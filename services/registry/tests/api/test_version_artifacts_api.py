@@ -46,6 +46,9 @@ async def test_exports_are_added_listed_and_immutable(registry, expect_error):
         uri="file:///store/exports/adapter-f16.gguf", sha256="e" * 64, size_bytes=99, format=pb.ARTIFACT_FORMAT_GGUF_LORA,
         quantization="f16",
     )  # fmt: skip
+    # a read now (cached on PostgreSQL) must not hide the next additions
+    cached = await stub.GetModelVersion(rs.GetModelVersionRequest(name=f"{m.name}/versions/production"))
+    assert len(cached.artifacts) == 1
     await stub.AddModelVersionArtifact(rs.AddModelVersionArtifactRequest(name=v.name, artifact=_gguf("f16")))
     await stub.AddModelVersionArtifact(rs.AddModelVersionArtifactRequest(name=v.name, artifact=lora))
     read = await stub.GetModelVersion(rs.GetModelVersionRequest(name=f"{m.name}/versions/production"))
