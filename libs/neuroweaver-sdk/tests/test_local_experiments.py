@@ -9,6 +9,7 @@ import random
 import sqlite3
 import uuid
 
+import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
@@ -182,6 +183,15 @@ async def test_exposures_and_events_survive_a_server_crash(experiments_server):
     assert sdk.stats.exposures_accepted <= total and sdk.stats.events_accepted <= total
     results = await stub.GetExperimentResults(svc.GetExperimentResultsRequest(name=exp.name))
     assert sum(v.units for v in results.primary.variants) == total
+    await channel.close()
+
+
+async def test_a_refused_watch_fails_start(experiments_server):
+    channel = open_channel(experiments_server.target)
+    sdk = LocalExperiments(svc_grpc.ExperimentsServiceStub(channel), project="no/such")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await sdk.start(timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await channel.close()
 
 

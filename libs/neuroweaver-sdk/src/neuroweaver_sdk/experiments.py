@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -161,17 +162,31 @@ class LocalExperiments:
         self._acked = asyncio.Condition()
         self._config_changed = asyncio.Condition()
         self._first_config = asyncio.Event()
+        self._watch_refused = asyncio.Event()
+        self._watch_error: grpc.aio.AioRpcError | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10.0) -> LocalExperiments:
-        """Starts the watch and the sender; waits for the first config snapshot (TimeoutError after `timeout`)."""
+        """Starts the watch and the sender; waits for the first config snapshot (TimeoutError after `timeout`). A watch
+        the server refuses before any snapshot (PERMISSION_DENIED, INVALID_ARGUMENT, ...) raises that error here."""
         if not self._tasks:
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._send())]
-        await asyncio.wait_for(self._first_config.wait(), timeout)
-        return self
+        first = asyncio.ensure_future(self._first_config.wait())
+        refused = asyncio.ensure_future(self._watch_refused.wait())
+        try:
+            await asyncio.wait({first, refused}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
+            refused.cancel()
+        if self._first_config.is_set():
+            return self
+        if self._watch_error is not None:
+            await self.close()
+            raise self._watch_error
+        raise TimeoutError(f"no experiment configs from the server after {timeout} s")
 
     async def __aenter__(self) -> LocalExperiments:
         return await self.start()
@@ -233,9 +248,12 @@ class LocalExperiments:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     log.error("experiment config watch refused (%s): %s; retrying", exc.code().name, exc.details())
+                    if not self._first_config.is_set():
+                        self._watch_error = exc
+                        self._watch_refused.set()
             except Exception:  # noqa: BLE001 - keep watching whatever happened
                 log.exception("experiment config watch failed; retrying")
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: replicas of a client do not retry in step
             delay = min(delay * 2, self.backoff[1])
 
     def _apply(self, resp: esvc.WatchExperimentConfigsResponse) -> None:
@@ -446,7 +464,7 @@ class LocalExperiments:
                         await reader
             self.stats.reconnects += 1
             if delay:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(max(delay, self.backoff[0]) * 2, self.backoff[1])
 
     def _release(self, n: int) -> None:
