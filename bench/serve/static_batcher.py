@@ -1,4 +1,7 @@
-"""The transformers engine: a bounded queue in front of one worker thread running a dynamic batcher.
+"""Bench only: the model server's former transformers engine (until issue 17), a static batcher over `generate`-style
+decoding, kept so bench/serve can compare it with the continuous-batching engine. Not a product option.
+
+A bounded queue in front of one worker thread running a dynamic batcher.
 
 Requests are admitted into a bounded queue (full → RESOURCE_EXHAUSTED). The worker thread takes the oldest
 request plus every waiting request with compatible sampling settings (same temperature, top_p, stop strings;
@@ -15,19 +18,18 @@ import logging
 import time
 
 from neuroweaver_ml.generation import Decoder, SamplingParams, stop_holdback
+from neuroweaver_model_server import metrics
+from neuroweaver_model_server.domain import Delta
+from neuroweaver_model_server.engines.base import Job, Prompt, QueuedEngine
 from neuroweaver_runtime.errors import DomainError, InvalidArgument
-
-from .. import metrics
-from ..domain import Delta
-from .base import Job, Prompt, QueuedEngine
 
 log = logging.getLogger("neuroweaver.model_server.engine")
 
 
-class Engine(QueuedEngine):
-    """The transformers engine: any HF checkpoint (+ PEFT adapter) decoded by a dynamic batcher."""
+class StaticBatcherEngine(QueuedEngine):
+    """The former transformers engine: batches of compatible requests decoded together until the last one ends."""
 
-    name = "transformers"
+    name = "transformers-static"
 
     def __init__(self, model, tokenizer, *, max_queue: int, max_batch_size: int) -> None:
         super().__init__(max_queue=max_queue, max_batch_size=max_batch_size)

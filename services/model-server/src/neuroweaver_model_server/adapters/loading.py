@@ -195,7 +195,7 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
         )
     from neuroweaver_ml import load_for_inference, resolve_base_model
 
-    from ..engines.batcher import Engine
+    from ..engines.transformers_engine import TransformersEngine
 
     loaded = load_for_inference(
         resolve_base_model(spec.base_model),
@@ -209,6 +209,6 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
         merge_adapter=True,
     )
     return Loaded(
-        Engine(loaded.model, loaded.tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size),
+        TransformersEngine(loaded.model, loaded.tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size),
         loaded.adapter_sha256 or "",
     )
