@@ -14,16 +14,19 @@ against `python -m neuroweaver_experiments` (SQLite); it prints what it saw as o
   answers for unambiguous buckets, AssignVariant for ambiguous ones, no exposure conflict.
 - delivery: metric events with idempotency keys (a resent key counted once), an invalid event isolated by
   splitting its batch and dropped alone, the memory bound refusing events, flush and close.
-- restart: the server is SIGTERMed and started again (same port and database) while Node assigns and tracks; after
-  the flush the stored units and per-variant means equal what Node served and sent: nothing lost, nothing twice.
+- restart: while Node assigns and tracks, the server is frozen (SIGSTOP for 3 s: batches unanswered, the SDK's ack
+  timeout gives the stream up and resends), then SIGTERMed and started again (same port and database); after the
+  flush the stored units and per-variant means equal what Node served and sent: nothing lost, nothing twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,13 @@ def test_sdk_survives_server_restart(node_client: Path, tmp_path: Path) -> None:
             assert node.stdout is not None
             line = node.stdout.readline()
             assert json.loads(line) == {"stage": "running"}, line + (node.stderr.read() if node.stderr else "")
+            # Frozen: connections stay open, nothing is answered; the SDK gives its stream up after the 1 s ack
+            # timeout and keeps retrying while Node goes on assigning and tracking.
+            first.proc.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(3)  # how long the server stays frozen (no assertion on timing)
+            finally:
+                first.proc.send_signal(signal.SIGCONT)
             first.stop()  # SIGTERM while the SDK's streams are open and batches in flight
             second = ExperimentsAt(data_dir, first.port, "experiments-restarted.log")
             procs.append(second)
@@ -185,7 +195,7 @@ def test_sdk_survives_server_restart(node_client: Path, tmp_path: Path) -> None:
         assert out["afterFlag"] > 0  # units were assigned and tracked after the restart too
         stats = out["stats"]
         assert stats["pending"] == 0 and stats["rejected"] == 0 and stats["exposureConflicts"] == 0
-        assert stats["ingestReconnects"] >= 1 and stats["watchReconnects"] >= 1
+        assert stats["ingestReconnects"] >= 2 and stats["watchReconnects"] >= 1 and stats["ackTimeouts"] >= 1
         # Batches stored but not acknowledged before the stop were resent: counted as duplicates, never twice.
         assert stats["exposuresAccepted"] <= out["exposed"] <= stats["exposuresAccepted"] + stats["exposuresDuplicate"]
         assert stats["eventsAccepted"] <= out["events"] <= stats["eventsAccepted"] + stats["eventsDuplicate"]

@@ -77,6 +77,8 @@ export interface ExperimentsSdkOptions {
   maxStickyUnits?: number;
   /** Reconnect delays of the watch and the ingest stream. */
   backoff?: BackoffOptions;
+  /** A batch unanswered this long (ms, default 30,000) counts the stream as broken: reopened, batches resent. */
+  ackTimeoutMs?: number;
   /** Deadline of an AssignVariant fallback call (ms, default 5,000). */
   remoteTimeoutMs?: number;
   /** Errors the SDK handled itself (stream breaks, rejected items, unusable configs); default: ignored. */
@@ -135,6 +137,8 @@ export interface SdkStats {
   batchesSent: number;
   watchReconnects: number;
   ingestReconnects: number;
+  /** Streams given up because a batch stayed unanswered for `ackTimeoutMs`. */
+  ackTimeouts: number;
 }
 
 interface Item {
@@ -148,6 +152,8 @@ interface Item {
 interface Batch {
   id: bigint;
   items: Item[];
+  /** When it was (last) sent, epoch ms. */
+  sentAt?: number;
 }
 
 /** Codes for which a batch is at fault (it is split, then its bad item dropped); others are retried. */
@@ -165,6 +171,7 @@ export class ExperimentsSdk {
   private readonly backoffInitial: number;
   private readonly backoffMax: number;
   private readonly remoteTimeoutMs: number;
+  private readonly ackTimeoutMs: number;
   private readonly onError: (error: SdkError) => void;
   private readonly instance = randomUUID();
 
@@ -209,6 +216,7 @@ export class ExperimentsSdk {
     batchesSent: 0,
     watchReconnects: 0,
     ingestReconnects: 0,
+    ackTimeouts: 0,
   };
 
   constructor(options: ExperimentsSdkOptions) {
@@ -226,6 +234,7 @@ export class ExperimentsSdk {
     this.backoffInitial = Math.max(1, options.backoff?.initialMs ?? 100);
     this.backoffMax = Math.max(this.backoffInitial, options.backoff?.maxMs ?? 5_000);
     this.remoteTimeoutMs = options.remoteTimeoutMs ?? 5_000;
+    this.ackTimeoutMs = Math.max(1, options.ackTimeoutMs ?? 30_000);
     this.onError = options.onError ?? (() => {});
     this.readyPromise = new Promise((resolve) => (this.readyResolve = resolve));
   }
@@ -706,11 +715,19 @@ export class ExperimentsSdk {
     })();
     try {
       for (const batch of this.inflight) {
+        batch.sentAt = Date.now();
         requests.push(toRequest(batch));
         this.counters.batchesSent++;
       }
       while (!ended && !this.closed) {
         const now = Date.now();
+        const oldest = this.inflight[0]?.sentAt;
+        if (oldest !== undefined && now - oldest >= this.ackTimeoutMs) {
+          failure = new ConnectError(`IngestEvents: batch unanswered for ${now - oldest} ms`, Code.DeadlineExceeded);
+          this.counters.ackTimeouts++;
+          abort.abort();
+          break;
+        }
         const due =
           this.queue.length >= this.batchSize ||
           (this.queue.length > 0 &&
@@ -718,7 +735,7 @@ export class ExperimentsSdk {
         if (due && this.inflight.length < this.maxInFlight) {
           const items = this.queue.splice(0, this.batchSize);
           this.oldestQueuedAt = now;
-          const batch = { id: this.nextBatch++, items };
+          const batch = { id: this.nextBatch++, items, sentAt: now };
           this.inflight.push(batch);
           requests.push(toRequest(batch));
           this.counters.batchesSent++;
@@ -727,9 +744,12 @@ export class ExperimentsSdk {
         if (this.closing && this.queue.length === 0 && this.inflight.length === 0) {
           break;
         }
-        const wait = this.queue.length > 0 && this.inflight.length < this.maxInFlight
+        let wait = this.queue.length > 0 && this.inflight.length < this.maxInFlight
           ? Math.max(1, this.oldestQueuedAt + this.flushIntervalMs - now)
           : 60_000;
+        if (oldest !== undefined) {
+          wait = Math.min(wait, Math.max(1, oldest + this.ackTimeoutMs - now));
+        }
         await this.sleep(wait);
       }
     } finally {
@@ -737,7 +757,9 @@ export class ExperimentsSdk {
       if (!ended && this.closed) {
         abort.abort();
       }
+      const timedOut = failure;
       await reader;
+      failure = timedOut ?? failure; // the ack timeout, not the abort it caused
       this.abort.signal.removeEventListener("abort", onClose);
     }
     if (failure !== undefined && !this.closed) {

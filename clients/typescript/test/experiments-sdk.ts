@@ -13,8 +13,9 @@
  * weight-change: three phases per experiment (two UpdateExperiment weight changes); in each phase units are
  *                exposed by the server (another evaluator) and by an SDK; then an SDK that saw them and a fresh SDK
  *                assign every unit (old and new) and the server's answers afterwards must be the same, unit by unit.
- * restart:       units assigned and tracked at a steady pace while the test restarts the server (SIGTERM, same port
- *                and database): prints {"stage":"running"} once under way, keeps going until the file
+ * restart:       units assigned and tracked at a steady pace while the test freezes the server (SIGSTOP: batches go
+ *                unanswered, the SDK gives the stream up after its 1 s ack timeout) and then restarts it (SIGTERM,
+ *                same port and database): prints {"stage":"running"} once under way, keeps going until the file
  *                --restarted-flag exists and 300 more units are done, then flushes; the Python side compares the
  *                server's results with what Node counted (no exposure or event lost, none counted twice).
  * bench:         (not asserted: numbers only) evaluations/s and p99 of the SDK's in-process evaluation vs GrowthBook's
@@ -174,7 +175,10 @@ function newSdk(client: ExperimentsClient, errors: SdkError[], extra: Partial<Co
     project: PROJECT,
     flushIntervalMs: 50,
     backoff: { initialMs: 50, maxMs: 500 },
-    onError: (e) => errors.push(e),
+    onError: (e) => {
+      errors.push(e);
+      progress(`sdk ${describe(e)}`);
+    },
     ...extra,
   }).start();
 }
@@ -482,7 +486,7 @@ async function delivery(client: ExperimentsClient) {
 async function restart(client: ExperimentsClient) {
   const errors: SdkError[] = [];
   const name = await createExperiment(client, `restart-${args.seed}`, [0.3, 0.7], 0.8, "restart");
-  const sdk = newSdk(client, errors, { batchSize: 50, backoff: { initialMs: 50, maxMs: 400 } });
+  const sdk = newSdk(client, errors, { batchSize: 200, backoff: { initialMs: 50, maxMs: 400 }, ackTimeoutMs: 1_000 });
   await sdk.ready();
   await until("the experiment's config", () => sdk.config(name) !== undefined);
   // unit → [variant, values]: what the server must end up with.
@@ -504,8 +508,8 @@ async function restart(client: ExperimentsClient) {
     if (afterFlag < 0 && i % 20 === 0 && existsSync(args["restarted-flag"]!)) {
       afterFlag = i;
     }
-    if (i % 20 === 0) {
-      await new Promise((r) => setTimeout(r, 10));
+    if (i % 10 === 0) {
+      await new Promise((r) => setTimeout(r, 10)); // a steady pace, so the freeze and the restart fall mid-stream
     }
   }
   await sdk.flush();
