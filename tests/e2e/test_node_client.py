@@ -403,19 +403,21 @@ def check_relaycore_run(out: dict, exp, experiment: str, deployments: dict, vers
     results = exp.GetExperimentResults(esvc.GetExperimentResultsRequest(name=experiment))
     by_variant = {s.variant: s for s in results.primary.variants}
     expected_units = {v: sum(1 for i in range(1, users + 1) if out["assignments"][f"req-user-{i}-grpc"] == v) for v in served}
-    assert {v: by_variant[v].units for v in served} == expected_units
+    secondary = {m.metric.name: m for m in results.secondary}
+    tokens = {s.variant: s.units for s in secondary["completion_tokens"].variants}
+    assert {v: tokens.get(v, 0) for v in served} == expected_units
     # judge_score comes only from the experiments service's judge (RecordAnswers), never from the gateway
     judging = out["judging"]
     if judging is None:
         assert all(r["answerRecorded"] is None for r in out["results"])
         assert {v: by_variant[v].units for v in served} == {v: 0 for v in served}
     else:
+        assert {v: by_variant[v].units for v in served} == expected_units
         assert all(r["answerRecorded"] == {"accepted": 1, "duplicates": 0, "sampled": 1} for r in out["results"])
         assert out["answerRetry"] == {"accepted": 0, "duplicates": 1, "sampled": 0}
         assert (judging["received"], judging["sampled"], judging["scored"], judging["failed"]) == (2 * users,) * 3 + (0,)
         assert judging["metric"] == "judge_score" and results.judging.scored == 2 * users
         assert all(1.0 <= by_variant[v].mean <= 10.0 for v in served if by_variant[v].units)
-    secondary = {m.metric.name: m for m in results.secondary}
     assert sum(s.units for s in secondary["thumbs_up"].variants) == users
     assert sum(s.units for s in secondary["completion_tokens"].variants) == users
 
