@@ -154,6 +154,7 @@ def test_sdk_event_delivery(node_client: Path, experiments: ServiceProcess) -> N
         "server": "FailedPrecondition EXPERIMENT_NOT_RUNNING",
     }
     assert out["missing"] == {"sdk": "NotFound EXPERIMENT_NOT_FOUND", "server": "NotFound EXPERIMENT_NOT_FOUND"}
+    assert out["refusal"] == "InvalidArgument MALFORMED_NAME"  # ready() reports a refused watch, not a timeout
     assert out["errors"] == []
 
 

@@ -156,6 +156,9 @@ interface Batch {
   sentAt?: number;
 }
 
+/** Codes of a watch the server refuses (rather than fails to serve): `ready()` reports them at once. */
+const REFUSED = new Set([Code.InvalidArgument, Code.PermissionDenied, Code.Unauthenticated, Code.NotFound, Code.Unimplemented]);
+
 /** Codes for which a batch is at fault (it is split, then its bad item dropped); others are retried. */
 const REJECTED = new Set([Code.InvalidArgument, Code.FailedPrecondition, Code.NotFound, Code.OutOfRange, Code.AlreadyExists]);
 
@@ -180,6 +183,9 @@ export class ExperimentsSdk {
   private readyResolve!: () => void;
   private readonly readyPromise: Promise<void>;
   private isReady = false;
+  /** The server's refusal of the watch (see REFUSED) while no snapshot is held: `ready()` rejects with it. */
+  private watchRefusal?: ConnectError;
+  private readonly refusalWaiters = new Set<(error: ConnectError) => void>();
 
   /** experiment → unit → variant id, insertion order = age. */
   private readonly sticky = new Map<string, Map<string, string>>();
@@ -249,16 +255,30 @@ export class ExperimentsSdk {
     return this;
   }
 
-  /** Resolves once the first config snapshot is held (until then every assignment goes to the server). */
+  /**
+   * Resolves once the first config snapshot is held (until then every assignment goes to the server). Rejects with
+   * the server's error when it refuses the watch (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, NOT_FOUND,
+   * UNIMPLEMENTED; the watch keeps retrying in the background), or with DEADLINE_EXCEEDED after `timeoutMs`.
+   */
   async ready(timeoutMs = 10_000): Promise<void> {
+    if (this.isReady) {
+      return;
+    }
+    if (this.watchRefusal) {
+      throw this.watchRefusal;
+    }
     let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
+    let onRefusal: ((error: ConnectError) => void) | undefined;
+    const failure = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new ConnectError("no experiment config snapshot yet", Code.DeadlineExceeded)), timeoutMs);
+      onRefusal = reject;
+      this.refusalWaiters.add(onRefusal);
     });
     try {
-      await Promise.race([this.readyPromise, timeout]);
+      await Promise.race([this.readyPromise, failure]);
     } finally {
       clearTimeout(timer);
+      this.refusalWaiters.delete(onRefusal!);
     }
   }
 
@@ -508,6 +528,12 @@ export class ExperimentsSdk {
           break;
         }
         this.onError({ kind: "watch", error });
+        if (!this.isReady && error instanceof ConnectError && REFUSED.has(error.code)) {
+          this.watchRefusal = error;
+          for (const reject of [...this.refusalWaiters]) {
+            reject(error);
+          }
+        }
       }
       if (this.closing) {
         break;
@@ -543,6 +569,7 @@ export class ExperimentsSdk {
     this.version = res.version;
     if (!this.isReady) {
       this.isReady = true;
+      this.watchRefusal = undefined;
       this.readyResolve();
     }
   }

@@ -467,6 +467,11 @@ async function delivery(client: ExperimentsClient) {
     server: await codeOf(() => client.assignVariant({ experiment: `${PROJECT}/experiments/no-such-experiment`, unitId: "u" })),
   };
   await second.close();
+
+  // A watch the server refuses: ready() fails with the server's error at once (not a timeout).
+  const refused = new ExperimentsSdk({ client, project: "projects/Not_Valid!", onError: () => {} }).start();
+  const refusal = await codeOf(() => refused.ready(20_000));
+  await refused.close();
   return {
     name,
     exposed: units.length,
@@ -479,6 +484,7 @@ async function delivery(client: ExperimentsClient) {
     store: { units: storeUnits.length, sources, mismatches: storeMismatches, entries: shared.size },
     stopped,
     missing,
+    refusal,
     errors: errors.filter((e) => e.kind !== "rejected").map(describe),
   };
 }

@@ -61,7 +61,11 @@ async function main(): Promise<void> {
     requestBudgetMs: 60_000,
     localEvaluation: values["local-evaluation"] !== "false",
   });
-  await gateway.ready(); // the SDK's first config snapshot: assignments are evaluated in-process from here on
+  try {
+    await gateway.ready(); // the SDK's first config snapshot: assignments are evaluated in-process from here on
+  } catch (err) {
+    console.error(`local evaluation not ready (${describeError(err)}): assignments go to AssignVariant meanwhile`);
+  }
   const results: ChatResult[] = [];
   const feedback = { accepted: 0, duplicates: 0 };
   for (let i = 1; i <= Number(values.users); i++) {
