@@ -152,3 +152,17 @@ class StaticBatcherEngine(QueuedEngine):
                 if safe > sent[i]:
                     job.emit(Delta(text=text[sent[i] : safe]))
                     sent[i] = safe
+
+
+def main() -> None:
+    """`python bench/serve/static_batcher.py <model server flags>`: the model server with this engine in place of the
+    transformers engine (for bench/serve/bench_cbatch.py only)."""
+    from neuroweaver_model_server import __main__ as server_main
+    from neuroweaver_model_server.engines import transformers_engine
+
+    transformers_engine.TransformersEngine = StaticBatcherEngine  # type: ignore[misc, assignment]
+    server_main.main()
+
+
+if __name__ == "__main__":
+    main()
