@@ -35,7 +35,7 @@ TABLE_SERVICES = {
 
 def _kind(method) -> str:
     if method.client_streaming:
-        return "client stream"
+        return "bidi stream" if method.server_streaming else "client stream"
     return "server stream" if method.server_streaming else "unary"
 
 

@@ -248,6 +248,12 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("experiments", "RecordMetricEvents"): lambda: es.RecordMetricEventsRequest(experiment=r.experiment, events=events),
         ("experiments", "StreamMetricEvents"): lambda: es.StreamMetricEventsRequest(experiment=r.experiment, events=events),
         ("experiments", "GetExperimentResults"): lambda: es.GetExperimentResultsRequest(name=r.experiment),
+        ("experiments", "WatchExperimentConfigs"): lambda: es.WatchExperimentConfigsRequest(parent=r.project),
+        ("experiments", "IngestEvents"): lambda: es.IngestEventsRequest(
+            batch_id=1,
+            exposures=[epb.Exposure(experiment=r.experiment, unit_id=f"unit-{uid}", variant="control", epoch=0)],
+            events=[epb.MetricEvent(experiment=r.experiment, unit_id="u0", metric="latency_ms", value=1.0)],
+        ),
         ("experiments", "RecordAnswers"): lambda: es.RecordAnswersRequest(
             experiment=r.experiment, answers=[es.Answer(unit_id="u0", prompt="p", answer="a")]
         ),
@@ -290,6 +296,7 @@ NESTED_NAMES = {
     "neuroweaver.experiments.v1.Variant.model_version": "version",
     "neuroweaver.experiments.v1.Variant.deployment": "deployment",
     "neuroweaver.experiments.v1.MetricEvent.experiment": "experiment",
+    "neuroweaver.experiments.v1.Exposure.experiment": "experiment",
     "neuroweaver.experiments.v1.AnswerJudging.judge_version": "judge_version",
 }
 # Fields whose names look like references but hold something else (checked by test_every_name_field_is_classified,
@@ -470,7 +477,13 @@ def invoke(channel: grpc.Channel, svc: str, method_name: str, request, key: str,
     des = message_class(method.output_type).FromString
     messages = request if isinstance(request, list) else [request]
     try:
-        if method.client_streaming:
+        if method.client_streaming and method.server_streaming:  # bidi: every answer read; the last one kept
+            call = channel.stream_stream(path, request_serializer=ser, response_deserializer=des)(
+                iter(messages), metadata=bearer(key), timeout=timeout
+            )
+            responses = list(call)
+            response = responses[-1] if responses else None
+        elif method.client_streaming:
             response = channel.stream_unary(path, request_serializer=ser, response_deserializer=des)(
                 iter(messages), metadata=bearer(key), timeout=timeout
             )
