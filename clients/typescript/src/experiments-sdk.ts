@@ -343,8 +343,8 @@ export class ExperimentsSdk {
       return { variant: cfg.variants[0]!, inExperiment: false, bucket: answer.bucket, source: "local" };
     }
     const variant = cfg.variants[answer.variant]!;
-    if (!this.room()) {
-      return undefined; // queue full: AssignVariant records this exposure
+    if (this.closing || !this.room()) {
+      return undefined; // closing, or the queue is full: AssignVariant records this exposure
     }
     this.enqueue({
       seq: this.nextSeq++,
