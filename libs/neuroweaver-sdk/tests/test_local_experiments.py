@@ -186,6 +186,43 @@ async def test_exposures_and_events_survive_a_server_crash(experiments_server):
     await channel.close()
 
 
+class DictStore:
+    """A shared sticky store (what Redis would be in production)."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], str] = {}
+        self.gets = 0
+
+    async def get(self, experiment: str, unit_id: str) -> str | None:
+        self.gets += 1
+        return self.data.get((experiment, unit_id))
+
+    async def put(self, experiment: str, unit_id: str, variant: str) -> None:
+        self.data[(experiment, unit_id)] = variant
+
+
+async def test_shared_sticky_store_answers_ambiguous_buckets(experiments_server):
+    """SDK A exposes units and writes them to a shared store; after a weight change a fresh SDK B (empty cache) answers
+    the units in ambiguous buckets from the store, without asking the server, with A's variants."""
+    channel = open_channel(experiments_server.target)
+    stub = svc_grpc.ExperimentsServiceStub(channel)
+    exp = await create(stub, (0.5, 0.5), 0.8, "store-seed")
+    store = DictStore()
+    units = [f"s-{i}" for i in range(300)]
+    async with LocalExperiments(stub, sticky_store=store) as a:
+        await a.wait_for_config(lambda s: s.config(exp.name) is not None)
+        first = {u: await a.assign(exp.name, u) for u in units}
+    await set_weights(stub, exp, (0.1, 0.9))
+    async with LocalExperiments(stub, sticky_store=store) as b:
+        await b.wait_for_config(lambda s: s.config(exp.name) is not None and len(s.config(exp.name).phases) == 2)
+        again = {u: await b.assign(exp.name, u) for u in units}
+        asked = b.stats.server_assignments
+    moved = [u for u in units if first[u].in_experiment and again[u].source == "sticky"]
+    assert moved and all(again[u].variant == first[u].variant for u in units if first[u].in_experiment)
+    assert asked == 0 and store.gets >= len(moved)  # every ambiguous bucket was answered by the store
+    await channel.close()
+
+
 async def test_a_refused_watch_fails_start(experiments_server):
     channel = open_channel(experiments_server.target)
     sdk = LocalExperiments(svc_grpc.ExperimentsServiceStub(channel), project="no/such")
