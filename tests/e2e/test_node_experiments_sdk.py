@@ -155,6 +155,13 @@ def test_sdk_event_delivery(node_client: Path, experiments: ServiceProcess) -> N
     }
     assert out["missing"] == {"sdk": "NotFound EXPERIMENT_NOT_FOUND", "server": "NotFound EXPERIMENT_NOT_FOUND"}
     assert out["refusal"] == "InvalidArgument MALFORMED_NAME"  # ready() reports a refused watch, not a timeout
+    # The staleness window, made long on purpose (the SDK's watch held after the first snapshot, then a weight change):
+    # the units the server had assigned under the new phase in buckets whose answer changed were served the old answer
+    # once; each came back as an exposure conflict, and afterwards the SDK answers them all as the server does.
+    stale = out["stale"]
+    assert stale["expectedConflicts"] > 0
+    assert stale["servedDifferently"] == stale["conflicts"] == stale["expectedConflicts"]
+    assert stale["wrongAfter"] == 0
     assert out["errors"] == []
 
 

@@ -468,6 +468,49 @@ async function delivery(client: ExperimentsClient) {
   };
   await second.close();
 
+  // The staleness window: an SDK that missed a weight change serves the old phase's answer to units the server
+  // already assigned under the new one; their exposures come back as conflicts, which correct its sticky cache, and
+  // from then on it answers as the server does.
+  const staleExp = await createExperiment(client, `stale-${args.seed}`, [0.5, 0.5], 1, "stale-seed");
+  let gate = false; // set: the watch delivers nothing more (a stalled config feed)
+  const gated: ExperimentsClient = {
+    ...client,
+    watchExperimentConfigs: (req, opts) => {
+      const inner = client.watchExperimentConfigs(req, opts);
+      return (async function* () {
+        for await (const res of inner) {
+          if (!gate) {
+            yield res;
+          }
+        }
+      })();
+    },
+  };
+  const stale = newSdk(gated, errors);
+  await stale.ready();
+  await until("the stale experiment's config", () => stale.config(staleExp) !== undefined);
+  gate = true;
+  await setWeights(client, staleExp, [0.1, 0.9]);
+  const staleUnits = unitIds("stale", 400);
+  const serverFirst = await serverAnswers(client, staleExp, staleUnits); // exposed under phase 1 by the server
+  let staleServed = 0;
+  for (const unit of staleUnits) {
+    const a = await stale.assign(staleExp, unit);
+    staleServed += key(a) === serverFirst.get(unit) ? 0 : 1;
+  }
+  await stale.flush();
+  let staleAfter = 0;
+  for (const unit of staleUnits) {
+    staleAfter += key(await stale.assign(staleExp, unit)) === serverFirst.get(unit) ? 0 : 1;
+  }
+  const staleStats = jsonStats(stale.stats());
+  await stale.close();
+  // Phase 0 gives buckets 0-4999 the control, phase 1 only 0-999: the units in 1000-4999 differ.
+  const expectedConflicts = staleUnits.filter((u) => {
+    const b = hashBucket("stale-seed", u);
+    return b >= 1_000 && b < 5_000;
+  }).length;
+
   // A watch the server refuses: ready() fails with the server's error at once (not a timeout).
   const refused = new ExperimentsSdk({ client, project: "projects/Not_Valid!", onError: () => {} }).start();
   const refusal = await codeOf(() => refused.ready(20_000));
@@ -485,6 +528,7 @@ async function delivery(client: ExperimentsClient) {
     stopped,
     missing,
     refusal,
+    stale: { units: staleUnits.length, servedDifferently: staleServed, expectedConflicts, conflicts: staleStats.exposureConflicts, wrongAfter: staleAfter },
     errors: errors.filter((e) => e.kind !== "rejected").map(describe),
   };
 }
