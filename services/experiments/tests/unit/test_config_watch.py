@@ -51,3 +51,28 @@ async def test_endpoint_move_is_a_config_change(fakes):
     gone = await asyncio.wait_for(pending, 10)
     assert not gone.snapshot and gone.removed == [name] and gone.version > change.version
     await resumed.aclose()
+
+
+async def test_watches_of_a_project_share_one_version_read(fakes, monkeypatch):
+    svc = fakes.service
+    svc.local.poll = 3600.0  # the cached version stays fresh for the whole test
+    reads = 0
+    from neuroweaver_experiments.service import local_eval
+
+    real = local_eval.LocalEvaluation._read_version
+
+    async def counting(self, project):
+        nonlocal reads
+        reads += 1
+        return await real(self, project)
+
+    monkeypatch.setattr(local_eval.LocalEvaluation, "_read_version", counting)
+    versions = await asyncio.gather(*(svc.local._stored_version("default") for _ in range(50)))
+    assert reads == 1 and len(set(versions)) == 1
+    await svc.local._stored_version("default")
+    assert reads == 1  # cached
+    await svc.create(P, "w2", Experiment(name="", variants=[Variant("a", f"{P}/models/m/versions/1", weight=0.5),
+                                                            Variant("b", f"{P}/models/m/versions/2", weight=0.5)],
+                                         primary_metric=MetricSpec("score")), "", "fp")  # fmt: skip
+    await svc.start(f"{P}/experiments/w2")  # a local write: the next look reads the store again
+    assert await svc.local._stored_version("default") > versions[0] and reads == 2

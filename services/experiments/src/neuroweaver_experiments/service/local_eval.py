@@ -20,6 +20,7 @@ disconnect changes nothing that was stored before: exposures are idempotent per 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -108,8 +109,15 @@ class LocalEvaluation:
         self._plans: dict[int, _Plans] = {}
         self._changed = asyncio.Event()  # set by local writes: watches look at once instead of at the next poll
         self._moves = 0  # endpoint moves reported by the deployer (LiveEndpoints)
+        # project → (stored version, when read): one query per project per poll however many watches are open
+        self._versions: dict[str, tuple[int, float]] = {}
+        self._reading: dict[str, asyncio.Future[int]] = {}
+        self._writes = 0  # local writes so far: a read that started before one is not cached
 
     def changed(self) -> None:
+        self._versions.clear()  # a local write: the next look reads the store
+        self._reading.clear()
+        self._writes += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -132,10 +140,11 @@ class LocalEvaluation:
         while True:
             changed = self._changed
             now_moves = self._moves
-            async with self.uow.transaction() as uow:
-                current = await uow.experiments.project_version(project)
-                look = first or current != stored or now_moves != moves
-                running = await uow.experiments.running(project) if look else None
+            current = await self._stored_version(project)
+            running = None
+            if first or current != stored or now_moves != moves:
+                async with self.uow.transaction() as uow:
+                    running = await uow.experiments.running(project)
             if running is not None:
                 for exp in running:
                     await self.endpoints.apply(exp)
@@ -154,6 +163,29 @@ class LocalEvaluation:
                 await asyncio.wait_for(changed.wait(), self.poll)
             except TimeoutError:
                 pass
+
+    async def _stored_version(self, project: str) -> int:
+        """The project's stored config version, read at most once per `poll` seconds for all watches (single flight)."""
+        cached = self._versions.get(project)
+        if cached is not None and time.monotonic() - cached[1] < self.poll * 0.8:
+            return cached[0]
+        reading = self._reading.get(project)
+        if reading is None:
+            reading = self._reading[project] = asyncio.ensure_future(self._read_version(project))
+        return await asyncio.shield(reading)
+
+    async def _read_version(self, project: str) -> int:
+        writes, started = self._writes, time.monotonic()
+        reading = self._reading.get(project)
+        try:
+            async with self.uow.transaction() as uow:
+                version = await uow.experiments.project_version(project)
+            if writes == self._writes:
+                self._versions[project] = (version, started)
+            return version
+        finally:
+            if self._reading.get(project) is reading:
+                self._reading.pop(project, None)
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
