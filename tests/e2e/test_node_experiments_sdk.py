@@ -158,6 +158,12 @@ def test_sdk_event_delivery(node_client: Path, experiments: ServiceProcess) -> N
     # The staleness window, made long on purpose (the SDK's watch held after the first snapshot, then a weight change):
     # the units the server had assigned under the new phase in buckets whose answer changed were served the old answer
     # once; each came back as an exposure conflict, and afterwards the SDK answers them all as the server does.
+    # A sticky cache of 50 units: acknowledged entries are evicted; evicted units get the same answer again and their
+    # repeated exposures are duplicates on the server (300 distinct units stored, whatever was resent).
+    bounded = out["bounded"]
+    assert bounded["changed"] == 0
+    assert bounded["stats"]["exposuresAccepted"] == 300 and bounded["stats"]["pending"] == 0
+    assert bounded["stats"]["exposuresDuplicate"] == bounded["stats"]["exposuresQueued"] - 300 > 0
     stale = out["stale"]
     assert stale["expectedConflicts"] > 0
     assert stale["servedDifferently"] == stale["conflicts"] == stale["expectedConflicts"]

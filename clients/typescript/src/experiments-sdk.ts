@@ -134,6 +134,8 @@ export interface SdkStats {
   rejected: number;
   /** Items queued or in flight. */
   pending: number;
+  /** Units in the local sticky cache. */
+  stickyUnits: number;
   batchesSent: number;
   watchReconnects: number;
   ingestReconnects: number;
@@ -190,8 +192,6 @@ export class ExperimentsSdk {
   /** experiment → unit → variant id, insertion order = age. */
   private readonly sticky = new Map<string, Map<string, string>>();
   private stickySize = 0;
-  /** `${experiment}\0${unit}` of exposures not yet acknowledged (never evicted from the sticky cache). */
-  private readonly unacked = new Set<string>();
 
   private queue: Item[] = [];
   private inflight: Batch[] = [];
@@ -357,7 +357,6 @@ export class ExperimentsSdk {
       },
     });
     this.counters.exposuresQueued++;
-    this.unacked.add(stickyKey(cfg.experiment, unitId));
     this.remember(cfg.experiment, unitId, variant.id);
     this.counters.localAssignments++;
     return { variant, inExperiment: true, bucket: answer.bucket, source: "local" };
@@ -466,6 +465,7 @@ export class ExperimentsSdk {
       configVersion: this.version,
       experiments: this.configs.size,
       pending: this.pendingCount(),
+      stickyUnits: this.stickySize,
     };
   }
 
@@ -493,15 +493,24 @@ export class ExperimentsSdk {
     }
   }
 
-  /** Drops the oldest acknowledged entries down to 90 % of the bound (the server keeps them; see assignment.ts). */
+  /**
+   * Drops the oldest entries down to 90 % of the bound (the server keeps them; see assignment.ts), never those whose
+   * exposure is still queued or in flight (found by scanning them: eviction is rare, a first exposure is not).
+   */
   private evict(): void {
     const target = Math.floor(this.maxSticky * 0.9);
+    const unacked = new Set<string>();
+    for (const item of [...this.queue, ...this.inflight.flatMap((b) => b.items)]) {
+      if (item.exposure) {
+        unacked.add(stickyKey(item.exposure.experiment!, item.exposure.unitId!));
+      }
+    }
     for (const [experiment, units] of this.sticky) {
       for (const unit of units.keys()) {
         if (this.stickySize <= target) {
           return;
         }
-        if (!this.unacked.has(stickyKey(experiment, unit))) {
+        if (!unacked.has(stickyKey(experiment, unit))) {
           units.delete(unit);
           this.stickySize--;
         }
@@ -706,7 +715,6 @@ export class ExperimentsSdk {
     this.counters.rejected++;
     if (item.exposure) {
       const { experiment, unitId } = item.exposure;
-      this.unacked.delete(stickyKey(experiment!, unitId!));
       this.forget(experiment!, unitId!);
     }
     this.onError({ kind: "rejected", error, item: { exposure: item.exposure, event: item.event } });
@@ -802,12 +810,7 @@ export class ExperimentsSdk {
     if (at < 0) {
       return; // an answer to a batch already settled (cannot happen on one stream; ignored)
     }
-    const [batch] = this.inflight.splice(at, 1);
-    for (const item of batch!.items) {
-      if (item.exposure) {
-        this.unacked.delete(stickyKey(item.exposure.experiment!, item.exposure.unitId!));
-      }
-    }
+    this.inflight.splice(at, 1);
     this.counters.exposuresAccepted += Number(res.exposuresAccepted);
     this.counters.exposuresDuplicate += Number(res.exposuresDuplicate);
     this.counters.eventsAccepted += Number(res.eventsAccepted);

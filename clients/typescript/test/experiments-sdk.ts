@@ -511,6 +511,28 @@ async function delivery(client: ExperimentsClient) {
     return b >= 1_000 && b < 5_000;
   }).length;
 
+  // A small sticky cache: entries are evicted (never while their exposure is unacknowledged); an evicted unit is
+  // answered the same again and its repeated exposure is a duplicate on the server, not a second unit.
+  const bounded = newSdk(client, errors, { maxStickyUnits: 50 });
+  await bounded.ready();
+  const boundedUnits = unitIds("bounded", 200);
+  const firstPass = new Map<string, string>();
+  for (const unit of boundedUnits) {
+    firstPass.set(unit, key(await bounded.assign(name, unit)));
+  }
+  await bounded.flush();
+  for (const unit of unitIds("bounded-extra", 100)) {
+    await bounded.assign(name, unit); // new entries: the acknowledged old ones make room
+  }
+  await bounded.flush();
+  let boundedChanged = 0;
+  for (const unit of boundedUnits) {
+    boundedChanged += key(await bounded.assign(name, unit)) === firstPass.get(unit) ? 0 : 1;
+  }
+  await bounded.flush();
+  const boundedStats = jsonStats(bounded.stats());
+  await bounded.close();
+
   // A watch the server refuses: ready() fails with the server's error at once (not a timeout).
   const refused = new ExperimentsSdk({ client, project: "projects/Not_Valid!", onError: () => {} }).start();
   const refusal = await codeOf(() => refused.ready(20_000));
@@ -528,6 +550,7 @@ async function delivery(client: ExperimentsClient) {
     stopped,
     missing,
     refusal,
+    bounded: { units: boundedUnits.length, changed: boundedChanged, stats: boundedStats },
     stale: { units: staleUnits.length, servedDifferently: staleServed, expectedConflicts, conflicts: staleStats.exposureConflicts, wrongAfter: staleAfter },
     errors: errors.filter((e) => e.kind !== "rejected").map(describe),
   };
