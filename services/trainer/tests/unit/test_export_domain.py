@@ -29,6 +29,7 @@ def test_an_export_job_names_a_version_and_a_format_only():
     assert _violations(ok) == set()
     apply_defaults(ok)
     assert ok.export.quantization == "q4_k_m"
+    assert (ok.hyperparameters.learning_rate, ok.lora.r, ok.version_bump) == (0.0, 0, "")  # nothing to train
     for fmt, quants in EXPORT_QUANTIZATIONS.items():
         job = TrainingJob(name="projects/p/trainingJobs/e", method=Method.EXPORT, export=ExportSettings(V, fmt))
         apply_defaults(job)

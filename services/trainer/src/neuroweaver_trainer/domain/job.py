@@ -260,6 +260,10 @@ class JobEvent:
 
 def apply_defaults(job: TrainingJob) -> None:
     """Zero values take the documented defaults (proto comments), so stored jobs carry effective values."""
+    if job.method is Method.EXPORT:  # trains nothing: no hyperparameters, LoRA settings or bump to fill in
+        job.export.quantization = job.export.quantization or EXPORT_QUANTIZATIONS.get(job.export.format, ("",))[0]
+        job.display_name = job.display_name or job.job_id
+        return
     h, lo = job.hyperparameters, job.lora
     h.learning_rate = h.learning_rate or 2e-4
     h.num_epochs = h.num_epochs or 1.0
@@ -287,8 +291,6 @@ def apply_defaults(job: TrainingJob) -> None:
         r.policy_steps = r.policy_steps or 20
         r.min_margin = r.min_margin or 1.0
         r.max_new_tokens = r.max_new_tokens or 96
-    if job.method is Method.EXPORT:
-        job.export.quantization = job.export.quantization or EXPORT_QUANTIZATIONS.get(job.export.format, ("",))[0]
     job.version_bump = job.version_bump or "minor"
     job.display_name = job.display_name or job.job_id
 
