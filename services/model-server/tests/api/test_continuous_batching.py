@@ -47,7 +47,8 @@ def peft_model(tiny_base, adapters):
 
 @pytest.fixture
 async def engine(peft_model):
-    e = TransformersEngine(peft_model.model, peft_model.tokenizer, max_queue=32, max_batch_size=8)
+    # a small prefill budget: a burst joins over several steps, in groups of similar prompt lengths
+    e = TransformersEngine(peft_model.model, peft_model.tokenizer, max_queue=32, max_batch_size=8, prefill_tokens=24)
     yield e
     e.stop()
 

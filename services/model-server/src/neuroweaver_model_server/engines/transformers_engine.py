@@ -56,7 +56,9 @@ class TransformersEngine(QueuedEngine):
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, *, max_queue: int, max_batch_size: int, start: bool = True) -> None:
+    def __init__(
+        self, model, tokenizer, *, max_queue: int, max_batch_size: int, prefill_tokens: int = 512, start: bool = True
+    ) -> None:
         import torch
 
         super().__init__(max_queue=max_queue, max_batch_size=max_batch_size)
@@ -68,7 +70,11 @@ class TransformersEngine(QueuedEngine):
         self._torch = torch
         # transformers >= 5.25 names the cache argument `cache` (`past_key_values` is deprecated there)
         core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_arg = "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
+        params = inspect.signature(core.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits (a prefill would otherwise project every prompt token onto the vocabulary)
+        self._forward_kw: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per step at most (one longer prompt alone)
         self._rows: list[_Row] = []
         self._cache: Any = None  # DynamicCache of the running rows, batch order = self._rows
         self._finals: list[tuple[Job, Delta]] = []  # last deltas, sent once their rows left the batch
@@ -96,7 +102,12 @@ class TransformersEngine(QueuedEngine):
                 self.stats.dropped_expired += 1
                 job.expire_in_queue()
         joiners: list[Job] = []
+        tokens = 0
         while self._pending and len(self._rows) + len(joiners) < self.max_batch_size:
+            # a bounded prefill per step, so that running requests keep decoding while a burst joins
+            if joiners and tokens + len(self._pending[0].ids) > self.prefill_tokens:
+                break
+            tokens += len(self._pending[0].ids)
             joiners.append(self._pending.popleft())
         metrics.QUEUE_DEPTH.set(len(self._pending))
         return joiners
@@ -135,12 +146,23 @@ class TransformersEngine(QueuedEngine):
     def _iteration(self, joiners: list[Job]) -> None:
         self._drop_aborted()
         joiners = [j for j in joiners if not j.cancelled]
-        if joiners:
-            self._prefill(joiners)
+        for group in self._length_groups(joiners):
+            self._prefill(group)
             self._running = [r.job for r in self._rows]
             metrics.INFLIGHT.set(len(self._rows))
         if self._rows:
             self._decode()
+
+    @staticmethod
+    def _length_groups(jobs: list[Job]) -> list[list[Job]]:
+        """Joiners in groups of similar prompt lengths (shortest first), so that a prefill pads little."""
+        groups: list[list[Job]] = []
+        for job in sorted(jobs, key=lambda j: len(j.ids)):
+            if groups and len(job.ids) <= 1.25 * len(groups[-1][0].ids) + 8:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        return groups
 
     def _drop_aborted(self) -> None:
         now = time.monotonic()
@@ -183,7 +205,14 @@ class TransformersEngine(QueuedEngine):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         with torch.inference_mode():
-            o = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_arg: cache})
+            o = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{self._cache_arg: cache},
+                **self._forward_kw,
+            )
             tokens = self._sample(o.logits[:, -1, :], rows)
         self._merge(rows, cache)  # filled in place by the forward pass
         now = time.monotonic()
@@ -274,7 +303,14 @@ class TransformersEngine(QueuedEngine):
         ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
         pos = torch.tensor([[r.real] for r in rows], device=self.device)
         with torch.inference_mode():
-            o = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_arg: self._cache})
+            o = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{self._cache_arg: self._cache},
+                **self._forward_kw,
+            )
             tokens = self._sample(o.logits[:, -1, :], rows)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
