@@ -6,8 +6,9 @@ PACKAGES := $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 # mypy in `make lint` checks every lib and service (settings in pyproject.toml).
 MYPY_SRC := $(wildcard libs/*/src services/*/src)
 # llama.cpp's converter scripts (convert_hf_to_gguf.py, convert_lora_to_gguf.py, gguf-py) for exports: not in the
-# llama-cpp-python wheel, so extracted from its sdist on PyPI, pinned to the installed version (neuroweaver_ml.export).
-LLAMA_CPP_TOOLS := .venv/share/neuroweaver/llama.cpp-0.3.36/.complete.json
+# llama-cpp-python wheel, so extracted from its sdist on PyPI, pinned to requirements.txt's version (neuroweaver_ml.export;
+# tests/packaging/test_llama_cpp_pins.py keeps the copies of that version equal).
+LLAMA_CPP_TOOLS := .venv/share/neuroweaver/llama.cpp-$(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)/.complete.json
 
 .PHONY: install proto proto-check lint format test test-fast up demo clean
 
