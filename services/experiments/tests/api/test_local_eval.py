@@ -190,6 +190,19 @@ async def test_ingest_rejects_bad_exposures(stub, make_experiment):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert error_info(err).reason == reason and error_info(err).metadata["batch_id"] == "5"
         assert [v.field for v in field_violations(err)] == [field]
+    # the batches before a bad one are stored and acknowledged before the error ends the stream
+    good = pb.Exposure(experiment=exp.name, unit_id=inside, variant=right, epoch=0)
+
+    async def good_then_bad():
+        yield svc.IngestEventsRequest(batch_id=4, exposures=[good])
+        yield svc.IngestEventsRequest(batch_id=5, exposures=[cases[0][0]])
+
+    acks = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for ack in stub.IngestEvents(good_then_bad()):
+            acks.append(ack)
+    assert [(a.batch_id, a.exposures_accepted) for a in acks] == [(4, 1)]
+    assert error_info(info.value).metadata["batch_id"] == "5"
     # a stopped experiment takes no exposures
     await stub.StopExperiment(svc.StopExperimentRequest(name=exp.name))
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -27,6 +27,7 @@ METHOD_ROLES = {
     "RecordAnswers": OP,
     "WatchExperimentConfigs": V, "IngestEvents": OP,
 }  # fmt: skip
+INGEST_READ_AHEAD = 3  # IngestEvents batches received and checked ahead of the one being stored
 
 
 class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
@@ -155,33 +156,39 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
 
     async def IngestEvents(self, request_iterator, context):
         """One batch per message, answered in order once durable. A bad batch ends the stream with its error (its
-        ErrorInfo metadata names `batch_id`); the batches answered before it are stored. Batch k+1 is received and
-        checked while batch k is stored (the check writes nothing; batches are stored one after another)."""
+        ErrorInfo metadata names `batch_id`); the batches answered before it are stored. Up to `INGEST_READ_AHEAD`
+        batches are received and checked while an earlier one is stored (the check writes nothing; batches are stored
+        one after another), so the client's window keeps moving."""
         local = self.svc.local
-        iterator = aiter(request_iterator)
+        ready: asyncio.Queue = asyncio.Queue(maxsize=INGEST_READ_AHEAD)
 
-        async def receive():
+        async def receive() -> None:
             try:
-                request = await anext(iterator)
-            except StopAsyncIteration:
-                return None
-            try:
-                checked = await local.check(convert.exposures_from_pb(request.exposures), convert.events_from_pb(request.events))
-            except DomainError as exc:
-                exc.metadata.update(batch_id=str(request.batch_id))
-                return request, exc
-            return request, checked
+                async for request in request_iterator:
+                    try:
+                        checked = await local.check(
+                            convert.exposures_from_pb(request.exposures), convert.events_from_pb(request.events)
+                        )
+                    except DomainError as exc:
+                        exc.metadata.update(batch_id=str(request.batch_id))
+                        await ready.put(exc)
+                        return
+                    await ready.put((request, checked))
+                await ready.put(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to the handler, which ends the stream with it
+                await ready.put(exc)
 
-        ahead = asyncio.ensure_future(receive())
+        reader = asyncio.ensure_future(receive())
         try:
             while True:
-                item = await ahead
+                item = await ready.get()
                 if item is None:
                     break
+                if isinstance(item, Exception):
+                    raise item
                 request, checked = item
-                if isinstance(checked, DomainError):
-                    raise checked
-                ahead = asyncio.ensure_future(receive())
                 try:
                     out = await local.store(checked)
                 except DomainError as exc:
@@ -196,7 +203,6 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
                     events_duplicate=out.events_duplicate,
                 )
         finally:
-            if not ahead.done():
-                ahead.cancel()
+            reader.cancel()
             with contextlib.suppress(BaseException):
-                await ahead
+                await reader
