@@ -106,6 +106,8 @@ def minimal_request(svc: str, method) -> object:
             setattr(request, f.name, value)
         elif f.type == f.TYPE_MESSAGE and not f.is_repeated and "name" in f.message_type.fields_by_name:
             getattr(request, f.name).name = names["name"]
+    if (svc, method.name) == ("experiments", "IngestEvents"):  # names its experiments only inside the batch
+        request.exposures.add(experiment=names["experiment"], unit_id="u1", variant="control", epoch=0)
     return request
 
 
