@@ -39,6 +39,7 @@ class Job:
     first_token: float | None = None
     cancelled: bool = False
     finished: bool = False
+    adapter: str = ""  # the engine's name of the adapter to decode with when it holds several; "" = the only one
 
     def key(self) -> tuple:
         """Jobs with equal keys may share a batch of the transformers engine (one sampling setting per batch)."""
@@ -114,8 +115,8 @@ class QueuedEngine:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, ids: list[int], sampling: Sampling, deadline: float | None) -> Job:
-        job = Job(ids, sampling, deadline, asyncio.get_running_loop())
+    def submit(self, ids: list[int], sampling: Sampling, deadline: float | None, adapter: str = "") -> Job:
+        job = Job(ids, sampling, deadline, asyncio.get_running_loop(), adapter=adapter)
         with self._cv:
             if self._stopped:
                 raise Unavailable("the model server is shutting down", reason="SHUTTING_DOWN")
@@ -140,9 +141,10 @@ class QueuedEngine:
                 pass
             self._cv.notify()
 
-    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None) -> AsyncIterator[Delta]:
-        """Admits a request and yields its deltas; the last one carries finish reason and accounting."""
-        job = self.submit(ids, sampling, deadline)
+    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None, adapter: str = "") -> AsyncIterator[Delta]:
+        """Admits a request and yields its deltas; the last one carries finish reason and accounting. `adapter`: which
+        of the engine's adapters decodes it when it holds several (multi-LoRA); "" = the only one."""
+        job = self.submit(ids, sampling, deadline, adapter)
         try:
             while True:
                 item = await job.events.get()

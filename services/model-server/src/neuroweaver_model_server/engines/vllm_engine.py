@@ -34,25 +34,37 @@ class VllmEngine(QueuedEngine):
     name = "vllm"
 
     def __init__(
-        self, model_dir: str, *, adapter_dir: str | None, max_queue: int, max_batch_size: int, max_new_tokens_limit: int
+        self,
+        model_dir: str,
+        *,
+        adapter_dir: str | None,
+        max_queue: int,
+        max_batch_size: int,
+        max_new_tokens_limit: int,
+        adapters: dict[str, str] | None = None,
     ) -> None:
+        """`adapter_dir`: the one version's PEFT adapter; `adapters`: several versions' adapters by engine name
+        (multi-LoRA: one LoRARequest each, chosen per request by `run(..., adapter=name)`)."""
         super().__init__(max_queue=max_queue, max_batch_size=max_batch_size)
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        named = dict(adapters or {})
+        if adapter_dir and not named:
+            named = {"": adapter_dir}
         tok_src = adapter_dir if adapter_dir and Path(adapter_dir, "tokenizer_config.json").is_file() else model_dir
         args = AsyncEngineArgs(
             model=model_dir,
             tokenizer=tok_src,
             max_num_seqs=max_batch_size,
-            enable_lora=adapter_dir is not None,
-            max_loras=1,
-            max_lora_rank=_lora_rank(adapter_dir) if adapter_dir else 16,
+            enable_lora=bool(named),
+            max_loras=max(1, len(named)),
+            max_lora_rank=max((_lora_rank(d) for d in named.values()), default=16),
         )
         self._llm = AsyncLLM.from_engine_args(args)
-        self._lora = LoRARequest("adapter", 1, adapter_dir) if adapter_dir else None
+        self._loras = {name: LoRARequest(name or "adapter", i + 1, d) for i, (name, d) in enumerate(named.items())}
         self.tokenizer = AutoTokenizer.from_pretrained(tok_src)
         self.context_length = int(self._llm.model_config.max_model_len)
         self.model_dir, self.adapter_dir = model_dir, adapter_dir
@@ -72,7 +84,7 @@ class VllmEngine(QueuedEngine):
     def running(self) -> int:
         return self._inflight - self._waiting
 
-    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None) -> AsyncIterator[Delta]:
+    async def run(self, ids: list[int], sampling: Sampling, deadline: float | None, adapter: str = "") -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -85,6 +97,7 @@ class VllmEngine(QueuedEngine):
                 reason="QUEUE_FULL",
                 metadata={"max_queue": str(self.max_queue)},
             )
+        lora = self._loras.get(adapter) if adapter else next(iter(self._loras.values()), None)
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
@@ -103,9 +116,7 @@ class VllmEngine(QueuedEngine):
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             async with asyncio.timeout(remaining):
-                async for out in self._llm.generate(
-                    TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=self._lora
-                ):
+                async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=lora):
                     c = out.outputs[0]
                     completion_tokens += len(c.token_ids)
                     if first is None and c.token_ids:
