@@ -223,6 +223,29 @@ async def test_shared_sticky_store_answers_ambiguous_buckets(experiments_server)
     await channel.close()
 
 
+async def test_a_stopped_experiment_drops_only_its_own_items(experiments_server):
+    """Exposures and events of two experiments wait in one batch; one experiment stops before the batch leaves: the
+    server refuses the batch naming it, the SDK drops only its items and the other experiment's are stored."""
+    channel = open_channel(experiments_server.target)
+    stub = svc_grpc.ExperimentsServiceStub(channel)
+    stays, stops = await create(stub, (0.5, 0.5), 1.0, "keep-seed"), await create(stub, (0.5, 0.5), 1.0, "stop-seed")
+    sdk = LocalExperiments(stub, flush_interval=3600, batch_size=10_000)  # nothing leaves before flush()
+    await sdk.start()
+    await sdk.wait_for_config(lambda s: s.config(stays.name) is not None and s.config(stops.name) is not None)
+    for i in range(50):
+        for exp in (stops, stays):
+            await sdk.assign(exp.name, f"m-{i}")
+            await sdk.track(exp.name, f"m-{i}", "score", 1.0, idempotency_key=f"{exp.name}-{i}")
+    await stub.StopExperiment(svc.StopExperimentRequest(name=stops.name))
+    await asyncio.wait_for(sdk.flush(), 30)
+    await sdk.close()
+    await channel.close()
+    assert len(stored_assignments(experiments_server.db, stays.name)) == 50
+    assert stored_assignments(experiments_server.db, stops.name) == {}
+    assert sdk.stats.exposures_accepted == 50 and sdk.stats.events_accepted == 50
+    assert [n for n, _ in sdk.stats.rejected] == [100] and "EXPERIMENT" in sdk.stats.rejected[0][1].upper()
+
+
 async def test_a_refused_watch_fails_start(experiments_server):
     channel = open_channel(experiments_server.target)
     sdk = LocalExperiments(svc_grpc.ExperimentsServiceStub(channel), project="no/such")

@@ -22,8 +22,9 @@ when it is full, so memory stays bounded and nothing is dropped silently). A sen
 the server acknowledges it (after its commit). When the stream breaks (server restart, network) it reconnects with
 exponential backoff and resends the unacknowledged batches; the server counts each exposure once per unit and each
 event once per idempotency key (`track` makes one when you pass none), so nothing acknowledged is lost and nothing is
-counted twice. A batch the server refuses as invalid (INVALID_ARGUMENT, FAILED_PRECONDITION: e.g. the experiment
-stopped) is dropped and kept in `rejected` with the error. `flush()` waits until everything queued so far is
+counted twice. When the server refuses a batch because one experiment is no longer running (FAILED_PRECONDITION or
+NOT_FOUND naming it), only that experiment's items are dropped and the rest is resent; a batch refused as invalid
+(INVALID_ARGUMENT) is dropped. Either way `stats.rejected` keeps the count and the error. `flush()` waits until everything queued so far is
 acknowledged; `close()` flushes (bounded by `close_timeout`) and stops.
 
 Consistency bounds (what is not covered): between a weight change and the SDK receiving it (one watch poll, ~0.25 s),
@@ -66,6 +67,8 @@ _RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 }
+# Refusals naming an experiment that is no longer running (or no longer exists): only its items are dropped.
+_EXPERIMENT_GONE = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
 MAX_SERVER_BATCH = 10_000  # the server's limit per batch for exposures and for events
 
 
@@ -445,10 +448,14 @@ class LocalExperiments:
                 if exc.code() in _RETRYABLE or bad is None or int(bad) not in self._unacked:
                     log.info("IngestEvents stream broke (%s); %d batches to resend", exc.code().name, len(self._unacked))
                 else:
-                    _, dropped = self._unacked.pop(int(bad))
-                    n = len(dropped.exposures) + len(dropped.events)
+                    gone = info.metadata.get("experiment") if info is not None else None
+                    if exc.code() in _EXPERIMENT_GONE and gone:
+                        n = self._drop_experiment(int(bad), gone)  # the rest of the batch is resent
+                    else:
+                        _, dropped = self._unacked.pop(int(bad))
+                        n = len(dropped.exposures) + len(dropped.events)
                     self.stats.rejected.append((n, f"{exc.code().name}: {exc.details()}"))
-                    log.error("IngestEvents refused batch %s (%d items): %s", bad, n, exc.details())
+                    log.error("IngestEvents refused %d items of batch %s: %s", n, bad, exc.details())
                     self._release(n)
                     async with self._acked:
                         self._acked.notify_all()
@@ -466,6 +473,22 @@ class LocalExperiments:
             if delay:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(max(delay, self.backoff[0]) * 2, self.backoff[1])
+
+    def _drop_experiment(self, batch_id: int, experiment: str) -> int:
+        """Removes one experiment's items from an unacknowledged batch (it stopped, concluded or is gone: the server
+        refuses them), keeping the batch's place and its other experiments' items; returns how many were removed."""
+        first, batch = self._unacked[batch_id]
+        kept = esvc.IngestEventsRequest(
+            batch_id=batch_id,
+            exposures=[x for x in batch.exposures if x.experiment != experiment],
+            events=[e for e in batch.events if e.experiment != experiment],
+        )
+        removed = len(batch.exposures) + len(batch.events) - len(kept.exposures) - len(kept.events)
+        if kept.exposures or kept.events:
+            self._unacked[batch_id] = (first, kept)
+        else:
+            del self._unacked[batch_id]
+        return removed
 
     def _release(self, n: int) -> None:
         self._held -= n
