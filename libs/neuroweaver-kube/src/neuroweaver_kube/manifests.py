@@ -8,6 +8,7 @@ of objects as multi-document YAML in apply order.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -302,6 +303,10 @@ class ModelServerSpec:
     adapter_sha256: str | None = None
     load_in_4bit: bool = False
     engine: str = ""  # the model server's --engine (transformers, llama.cpp, vllm); "" = its auto
+    #: Several versions on one base (multi-LoRA): the model server's ``--extra-versions``, one mapping per
+    #: additional version (served_model_name, model_version, model_names, adapter_uri, adapter_sha256); each
+    #: adapter must lie on a mounted volume.
+    extra_versions: Sequence[Mapping[str, Any]] = ()
     replicas: int = 1
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -374,6 +379,8 @@ class ModelServerSpec:
         if len({posixpath.normpath(m.mount_path) for m in self.data_volumes}) != len(self.data_volumes):
             raise ValueError("data_volumes must have distinct mount paths")
         self._check_mounted("adapter_uri", self.adapter_uri)
+        for extra in self.extra_versions:
+            self._check_mounted("adapter_uri", str(extra.get("adapter_uri", "")))
         self._check_mounted("base_model_uri", self.base_model_uri)
 
     def _check_mounted(self, what: str, uri: str | None) -> None:
@@ -448,6 +455,8 @@ def model_server_args(spec: ModelServerSpec) -> list[str]:
         args.append("--load-in-4bit")
     if spec.engine:
         args += ["--engine", spec.engine]
+    if spec.extra_versions:
+        args += ["--extra-versions", json.dumps([dict(e) for e in spec.extra_versions], separators=(",", ":"))]
     return args
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.errors import FailedPrecondition
 from neuroweaver_runtime.names import project_of
 
-from ..domain.model import BackendStatus, Target, server_load
+from ..domain.model import BackendStatus, Target, extra_versions_json, server_load
 from .local import StatusCallback
 
 log = logging.getLogger("neuroweaver.deployer.kube")
@@ -96,6 +97,7 @@ def _model_server_spec(target: Target, defaults: KubeDefaults) -> ModelServerSpe
         adapter_sha256=load.adapter_sha256 or None,
         load_in_4bit=s.load_in_4bit,
         engine=load.engine,
+        extra_versions=json.loads(extra_versions_json(target)) if v.co_served else (),
         replicas=target.replicas,
         min_replicas=a.min_replicas if a.enabled else None,
         max_replicas=a.max_replicas if a.enabled else None,

@@ -47,7 +47,7 @@ from neuroweaver_runtime.names import project_of
 from neuroweaver_runtime.ports import free_port
 from neuroweaver_runtime.tls import ServerTLS
 
-from ..domain.model import BackendStatus, Target, server_load
+from ..domain.model import BackendStatus, Target, extra_versions_json, server_load
 from .router import PortRange, Router, Upstream
 
 log = logging.getLogger("neuroweaver.deployer.local")
@@ -77,6 +77,8 @@ def model_server_command(target: Target, host: str, grpc_port: int, http_port: i
         args.append("--load-in-4bit")
     if load.engine:
         args += ["--engine", load.engine]
+    if v.co_served:  # several versions on one base: each answers to its own names, with its own adapter
+        args += ["--extra-versions", extra_versions_json(target)]
     return args
 
 

@@ -72,19 +72,19 @@ class RegistryGateway(ServiceClient):
         for export in (gguf, lora):
             if export is not None:
                 self._check_confined(mv.name, export.uri)
-        exports = dict(
-            gguf_uri=gguf.uri if gguf else "",
-            gguf_sha256=gguf.sha256 if gguf else "",
-            gguf_lora_uri=lora.uri if lora else "",
-            gguf_lora_sha256=lora.sha256 if lora else "",
+        exports: tuple[str, str, str, str] = (  # gguf_uri, gguf_sha256, gguf_lora_uri, gguf_lora_sha256
+            gguf.uri if gguf else "",
+            gguf.sha256 if gguf else "",
+            lora.uri if lora else "",
+            lora.sha256 if lora else "",
         )
         if mv.artifact.format == rpb.ARTIFACT_FORMAT_MERGED:
-            return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri, **exports)
+            return ResolvedVersion(mv.name, mv.version, "", "", mv.artifact.uri, *exports)
         if not mv.lineage.base_model:
             raise FailedPrecondition(
                 f"{mv.name} has no lineage.base_model; the adapter cannot be loaded", reason="BASE_MODEL_UNKNOWN"
             )
-        return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model, **exports)
+        return ResolvedVersion(mv.name, mv.version, mv.artifact.uri, mv.artifact.sha256, mv.lineage.base_model, *exports)
 
     def _check_confined(self, version: str, uri: str, base_model: str = "") -> None:
         """With artifact roots configured, a version whose local artifact or base-model checkpoint (a path in its

@@ -81,9 +81,16 @@ def to_deployment(row) -> Deployment:
         create_time=aware(row.create_time),
         update_time=aware(row.update_time),
         generation=row.generation,
-        target=ResolvedVersion(**row.target) if row.target else None,
+        target=_resolved(row.target) if row.target else None,
         key=row.id,
     )
+
+
+def _resolved(raw: dict[str, Any]) -> ResolvedVersion:
+    """A stored target (JSON) → the resolved version, with the versions served beside it (co_served)."""
+    values = dict(raw)
+    co_served = tuple(_resolved(x) for x in values.pop("co_served", ()))
+    return ResolvedVersion(**values, co_served=co_served)
 
 
 def spec_values(d: Deployment) -> dict[str, Any]:

@@ -52,7 +52,15 @@ def deployment_from_pb(m: pb.Deployment) -> Deployment:
             dict(r.node_selector),
             [Toleration(t.key, t.operator, t.value, t.effect) for t in r.tolerations],
         ),
-        serving=Serving(s.load_in_4bit, s.max_queue, s.max_new_tokens_limit, s.max_batch_size, s.image, _engine(s.engine)),
+        serving=Serving(
+            s.load_in_4bit,
+            s.max_queue,
+            s.max_new_tokens_limit,
+            s.max_batch_size,
+            s.image,
+            _engine(s.engine),
+            list(s.additional_versions),
+        ),
         namespace=m.namespace,
         labels=dict(m.labels),
     )
@@ -97,6 +105,7 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
             max_batch_size=s.max_batch_size,
             image=s.image,
             engine=ENGINE_TO_PB.get(s.engine, pb.ServingConfig.ENGINE_UNSPECIFIED),  # type: ignore[arg-type]
+            additional_versions=s.additional_versions,
         ),  # fmt: skip
         namespace=d.namespace,
         labels=d.labels,
@@ -104,6 +113,10 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
         served_version=d.served_version,
         served_model_name=d.served_model_name,
         model_names=d.model_names,
+        served_versions=[
+            pb.ServedVersion(model_version=v.model_version, served_model_name=v.served_model_name, model_names=v.model_names)
+            for v in d.served_versions
+        ],
         endpoint=d.endpoint,
         openai_base_url=d.openai_base_url,
         ready_replicas=d.ready_replicas,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ ALIAS = ResourceName("projects/{project}/models/{model}/aliases/{alias}")
 MODEL = ResourceName("projects/{project}/models/{model}")
 
 MAX_LOCAL_REPLICAS = 16
+MAX_ADDITIONAL_VERSIONS = 7  # versions served beside the deployment's own on one base (serving.additional_versions)
 MAX_REPLICAS = 1000
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.\-]{0,62}$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -80,6 +82,9 @@ class Serving:
     max_batch_size: int = 0
     image: str = ""
     engine: str = ""  # one of ENGINES, or "" (the model server's auto: follows the device and the GGUF artifacts)
+    # Several versions on one base (multi-LoRA): fixed versions (`projects/p/models/m/versions/v`) served beside the
+    # deployment's own by the same model-server processes, the base weights loaded once, one adapter per version.
+    additional_versions: list[str] = field(default_factory=list)
 
     def with_defaults(self) -> Serving:
         return Serving(
@@ -89,6 +94,7 @@ class Serving:
             self.max_batch_size or 8,
             self.image,
             self.engine,
+            list(self.additional_versions),
         )
 
 
@@ -140,7 +146,27 @@ class Deployment:
 
     @property
     def model_names(self) -> tuple[str, ...]:
-        return stable_model_names(self.name, self.model_alias)
+        names = stable_model_names(self.name, self.model_alias)
+        if self.serving.additional_versions and self.model_version:  # `<deployment>/<version>` beside the others'
+            names += version_model_names(self.name, VERSION.parse(self.model_version)["version"])
+        return names
+
+    @property
+    def served_versions(self) -> list[ServedVersion]:
+        """Every version its model servers serve: its own first (the default), then serving.additional_versions."""
+        if self.target is None:
+            return []
+        own = ServedVersion(self.target.name, self.served_model_name or served_model_name(self.target), self.model_names)
+        return [own, *co_served_versions(self.name, self.target)]
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One version a deployment's model servers serve and the names that route a request to it."""
+
+    model_version: str
+    served_model_name: str
+    model_names: tuple[str, ...]
 
 
 @dataclass
@@ -172,6 +198,9 @@ class ResolvedVersion:
     gguf_sha256: str = ""
     gguf_lora_uri: str = ""
     gguf_lora_sha256: str = ""
+    # The deployment's additional versions (serving.additional_versions), resolved with it: served beside this one on
+    # the same base by the same processes. Stored with the target; empty for a version served alone.
+    co_served: tuple[ResolvedVersion, ...] = ()
 
     @property
     def model_id(self) -> str:
@@ -203,7 +232,14 @@ class Target:
             raw += f"|engine={load.engine}|{load.base_model}|{load.adapter_sha256}"
         if self.model_names:
             raw += "|" + ",".join(self.model_names)
+        for other in self.co_served:  # appended only with additional versions: other replicas keep their fingerprint
+            raw += f"|+{other.model_version}|{other.served_model_name}|{','.join(other.model_names)}"
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+    @property
+    def co_served(self) -> list[ServedVersion]:
+        """The additional versions its replicas serve beside `version` (same base, one adapter each)."""
+        return co_served_versions(self.deployment, self.version)
 
 
 @dataclass(frozen=True)
@@ -233,6 +269,34 @@ def stable_model_names(deployment: str, model_alias: str = "") -> tuple[str, ...
             f"{MODEL.format(project=parts['project'], model=parts['model'])}@{parts['alias']}",
         ]
     return tuple(names)
+
+
+def version_model_names(deployment: str, version: str) -> tuple[str, ...]:
+    """The names of one version among a deployment's several (multi-LoRA): `<deployment name>/<version>` and
+    `<deployment id>/<version>`, e.g. `projects/p/deployments/advisor-ab/1.1.0` and `advisor-ab/1.1.0`."""
+    return (f"{deployment}/{version}", f"{DEPLOYMENT.parse(deployment)['deployment']}/{version}")
+
+
+def extra_versions_json(target: Target) -> str:
+    """The model server's `--extra-versions`: the additional versions with their names and adapters."""
+    names = {v.model_version: v for v in target.co_served}
+    return json.dumps(
+        [
+            {
+                "served_model_name": names[v.name].served_model_name,
+                "model_version": v.name,
+                "model_names": list(names[v.name].model_names),
+                "adapter_uri": v.artifact_uri,
+                "adapter_sha256": v.artifact_sha256,
+            }
+            for v in target.version.co_served
+        ],
+        separators=(",", ":"),
+    )
+
+
+def co_served_versions(deployment: str, target: ResolvedVersion) -> list[ServedVersion]:
+    return [ServedVersion(v.name, served_model_name(v), version_model_names(deployment, v.version)) for v in target.co_served]
 
 
 def served_model_name(v: ResolvedVersion) -> str:
@@ -345,6 +409,7 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
     ):
         if not 0 <= number <= hi:
             v.add(f"{path}.serving.{setting}", f"must be in 0..{hi} (0 = default)")
+    check_additional_versions(d, v, path)
     if s.engine and s.engine not in ENGINES:
         v.add(f"{path}.serving.engine", f"must be one of {', '.join(ENGINES)} (or unset: follows the device)")
     if s.engine == "llama.cpp" and s.load_in_4bit:
@@ -360,6 +425,48 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
     if len(d.display_name) > 200:
         v.add(f"{path}.display_name", "at most 200 characters")
     check_labels(d.labels, v, f"{path}.labels")
+
+
+def check_additional_versions(d: Deployment, v: Violations, path: str = "deployment") -> None:
+    """serving.additional_versions: fixed version names, none twice nor the deployment's own, at most
+    MAX_ADDITIONAL_VERSIONS, on an engine that serves several adapters on one base."""
+    extra = d.serving.additional_versions
+    if not extra:
+        return
+    field_path = f"{path}.serving.additional_versions"
+    if len(extra) > MAX_ADDITIONAL_VERSIONS:
+        v.add(field_path, f"at most {MAX_ADDITIONAL_VERSIONS} versions beside the deployment's own")
+    seen = {d.model_version} if d.model_version else set()
+    for i, name in enumerate(extra):
+        try:
+            VERSION.parse(name, f"{field_path}[{i}]")
+        except InvalidArgument as exc:
+            v.add(f"{field_path}[{i}]", f"{exc.message} (a fixed version: projects/p/models/m/versions/v)")
+            continue
+        if name in seen:
+            v.add(f"{field_path}[{i}]", f"{name} is listed twice (or is the deployment's own version)")
+        seen.add(name)
+    if d.serving.engine == "llama.cpp":
+        v.add(f"{path}.serving.engine", "several versions on one base are served by the transformers or vllm engine")
+
+
+def check_co_served(primary: ResolvedVersion, others: list[ResolvedVersion]) -> None:
+    """Versions served together share the base model and each brings its own adapter (the only weights that differ)."""
+    for other in others:
+        if other.base_model != primary.base_model:
+            raise FailedPrecondition(
+                f"{other.name} is trained on {other.base_model}, not on {primary.base_model} like {primary.name}: "
+                "only versions of one base model share a model server",
+                reason="SHARED_BASE_MISMATCH",
+                metadata={"model_version": other.name, "base_model": other.base_model, "expected": primary.base_model},
+            )
+    for v in (primary, *others):
+        if not v.artifact_uri or _is_gguf(v.artifact_uri):
+            raise FailedPrecondition(
+                f"{v.name} has no PEFT adapter to load beside the others on the shared base",
+                reason="ADAPTER_REQUIRED",
+                metadata={"model_version": v.name},
+            )
 
 
 def _is_gguf(reference: str) -> bool:
@@ -388,6 +495,8 @@ def server_load(target: Target) -> ServerLoad:
     version's own artifact."""
     v, engine = target.version, target.serving.engine
     has_gguf = bool(v.gguf_uri) or (bool(v.gguf_lora_uri) and _gguf_base(v))
+    if v.co_served:  # several PEFT adapters on one base: transformers (CPU) or vllm (CUDA), the model server's auto
+        return ServerLoad(engine, v.base_model, v.artifact_uri, v.artifact_sha256)
     if not engine and not target.resources.gpus and not target.serving.load_in_4bit and has_gguf:
         engine = "llama.cpp"
     if engine == "llama.cpp" and v.gguf_uri:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -27,6 +28,7 @@ from ..domain.model import (
     Revision,
     State,
     alias_version_name,
+    check_co_served,
     check_engine_fits,
     served_model_name,
     validate_replicas,
@@ -62,7 +64,17 @@ class DeployerService:
         else:
             version = await self.registry.resolve(d.model_version, "deployment.model_version")
         check_engine_fits(d.serving, version)
-        return version
+        return await self._with_co_served(d, version)
+
+    async def _with_co_served(self, d: Deployment, version: ResolvedVersion) -> ResolvedVersion:
+        """`version` with the deployment's additional versions resolved beside it (same base, each with an adapter)."""
+        others = [
+            await self.registry.resolve(name, f"deployment.serving.additional_versions[{i}]")
+            for i, name in enumerate(d.serving.additional_versions)
+        ]
+        if others:
+            check_co_served(version, others)
+        return dataclasses.replace(version, co_served=tuple(others))
 
     @staticmethod
     def _found(name: str, d: Deployment | None) -> Deployment:
@@ -201,6 +213,9 @@ class DeployerService:
         v.raise_if_any()
         version = await self._resolve(merged) if paths & {"model_version", "model_alias"} else None
         if version is None and "serving" in paths and merged.target is not None:
+            if merged.serving.additional_versions or merged.target.co_served:  # the versions served beside it
+                version = await self._with_co_served(merged, dataclasses.replace(merged.target, co_served=()))
+        if version is None and "serving" in paths and merged.target is not None:
             check_engine_fits(merged.serving, merged.target)  # a new engine for the version served now
         return await self._write_spec(merged, paths, version, "update", current.generation)
 
@@ -228,6 +243,8 @@ class DeployerService:
                 await uow.deployments.add_revision(
                     stored.key, Revision(d.name, revision, version.name, cause, current_actor(), now)
                 )
+            elif version is not None and stored.target is not None and version.co_served != stored.target.co_served:
+                values["target"] = version  # other additional versions beside the same one: no new revision
             await uow.deployments.update(stored.key, update_time=now, **values)
             result = self._found(d.name, await uow.deployments.get(d.name))
         self._changed(d.name)
@@ -265,7 +282,7 @@ class DeployerService:
                 f"{name} has no revision {number} to roll back to" if to_revision else f"{name} has no previous revision",
                 reason="NO_PREVIOUS_REVISION",
             )
-        version = await self.registry.resolve(rev.model_version, "to_revision")
+        version = await self._with_co_served(current, await self.registry.resolve(rev.model_version, "to_revision"))
         # Rolling back pins the version: a followed alias would otherwise move it forward again.
         current.model_version, current.model_alias = rev.model_version, ""
         return await self._write_spec(current, set(), version, "rollback", current.generation)
@@ -278,6 +295,7 @@ class DeployerService:
         version = alias_version or await self.registry.resolve(alias_version_name(d.model_alias), "model_alias")
         if version.name == d.served_version:
             return False
+        version = await self._with_co_served(d, version)
         before = d.served_version.rsplit("/", 1)[-1]
         await self._write_spec(d, set(), version, f"alias:{before}->{version.version}", d.generation)
         log.info("alias moved", extra={"fields": {"deployment": name, "from": before, "to": version.version}})

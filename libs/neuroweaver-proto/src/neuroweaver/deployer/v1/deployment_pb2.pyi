@@ -203,6 +203,7 @@ class ServingConfig(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
+    ADDITIONAL_VERSIONS_FIELD_NUMBER: _builtins.int
     load_in_4bit: _builtins.bool
     """Load the base in 4-bit NF4 (bitsandbytes)."""
     max_queue: _builtins.int
@@ -215,6 +216,16 @@ class ServingConfig(_message.Message):
     """Container image (Kubernetes backend)."""
     engine: Global___ServingConfig.Engine.ValueType
     """The model server's decoding engine; changing it replaces the replicas."""
+    @_builtins.property
+    def additional_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Several versions on one base (multi-LoRA): fixed versions (`projects/{p}/models/{m}/versions/{v}`, at most 7)
+        served beside the deployment's own by the same model-server processes, the base weights loaded once and one
+        adapter per version. Every version must share the deployment's base model and have a PEFT adapter
+        (FAILED_PRECONDITION `SHARED_BASE_MISMATCH`, `ADAPTER_REQUIRED`); engine transformers or vllm (or unset).
+        A request picks a version by model name: see `Deployment.served_versions`. Changing the list replaces the
+        replicas without a new revision.
+        """
+
     def __init__(
         self,
         *,
@@ -224,14 +235,48 @@ class ServingConfig(_message.Message):
         max_batch_size: _builtins.int = ...,
         image: _builtins.str = ...,
         engine: Global___ServingConfig.Engine.ValueType = ...,
+        additional_versions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "image", b"image", "load_in_4bit", b"load_in_4bit", "max_batch_size", b"max_batch_size", "max_new_tokens_limit", b"max_new_tokens_limit", "max_queue", b"max_queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_versions", b"additional_versions", "engine", b"engine", "image", b"image", "load_in_4bit", b"load_in_4bit", "max_batch_size", b"max_batch_size", "max_new_tokens_limit", b"max_new_tokens_limit", "max_queue", b"max_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServingConfig: _TypeAlias = ServingConfig  # noqa: Y015
+
+@_typing.final
+class ServedVersion(_message.Message):
+    """One version a deployment's model servers serve and the names that route a request to it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_NAMES_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    served_model_name: _builtins.str
+    """Unique to the version and its weights (`<model>-<version>-<sha256[:8]>`)."""
+    @_builtins.property
+    def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The deployment's own version: `model_names`; an additional version: `{deployment}/{version}` and
+        `{deployment id}/{version}` (e.g. `projects/p/deployments/advisor-ab/1.1.0`, `advisor-ab/1.1.0`).
+        """
+
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        served_model_name: _builtins.str = ...,
+        model_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_names", b"model_names", "model_version", b"model_version", "served_model_name", b"served_model_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServedVersion: _TypeAlias = ServedVersion  # noqa: Y015
 
 @_typing.final
 class Deployment(_message.Message):
@@ -307,6 +352,7 @@ class Deployment(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     MODEL_NAMES_FIELD_NUMBER: _builtins.int
+    SERVED_VERSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     model_version: _builtins.str
@@ -357,6 +403,13 @@ class Deployment(_message.Message):
         (`GenerateResponse.model_version`, the `x-neuroweaver-model-version` header).
         """
 
+    @_builtins.property
+    def served_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServedVersion]:
+        """Every version the model servers serve, the deployment's own first (the default for requests naming no model),
+        then `serving.additional_versions`; one entry when the deployment serves one version. With additional
+        versions the deployment's own also answers to `{deployment}/{version}` when it is a fixed version.
+        """
+
     def __init__(
         self,
         *,
@@ -383,10 +436,11 @@ class Deployment(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
         model_names: _abc.Iterable[_builtins.str] | None = ...,
+        served_versions: _abc.Iterable[Global___ServedVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "create_time", b"create_time", "resources", b"resources", "serving", b"serving", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "backend", b"backend", "conditions", b"conditions", "create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "labels", b"labels", "model_alias", b"model_alias", "model_names", b"model_names", "model_version", b"model_version", "name", b"name", "namespace", b"namespace", "openai_base_url", b"openai_base_url", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "resources", b"resources", "revision", b"revision", "served_model_name", b"served_model_name", "served_version", b"served_version", "serving", b"serving", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "backend", b"backend", "conditions", b"conditions", "create_time", b"create_time", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "labels", b"labels", "model_alias", b"model_alias", "model_names", b"model_names", "model_version", b"model_version", "name", b"name", "namespace", b"namespace", "openai_base_url", b"openai_base_url", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "resources", b"resources", "revision", b"revision", "served_model_name", b"served_model_name", "served_version", b"served_version", "served_versions", b"served_versions", "serving", b"serving", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

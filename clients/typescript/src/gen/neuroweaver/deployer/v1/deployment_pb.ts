@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/deployer/v1/deployment.proto.
  */
 export const file_neuroweaver_deployer_v1_deployment: GenFile = /*@__PURE__*/
-  fileDesc("CihuZXVyb3dlYXZlci9kZXBsb3llci92MS9kZXBsb3ltZW50LnByb3RvEhduZXVyb3dlYXZlci5kZXBsb3llci52MSLyAQoJUmVzb3VyY2VzEgsKA2NwdRgBIAEoCRIOCgZtZW1vcnkYAiABKAkSDAoEZ3B1cxgDIAEoBRJLCg1ub2RlX3NlbGVjdG9yGAQgAygLMjQubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjgKC3RvbGVyYXRpb25zGAUgAygLMiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuVG9sZXJhdGlvbhozChFOb2RlU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKClRvbGVyYXRpb24SCwoDa2V5GAEgASgJEhAKCG9wZXJhdG9yGAIgASgJEg0KBXZhbHVlGAMgASgJEg4KBmVmZmVjdBgEIAEoCSJ7CgtBdXRvc2NhbGluZxIUCgxtaW5fcmVwbGljYXMYASABKAUSFAoMbWF4X3JlcGxpY2FzGAIgASgFEh4KFnRhcmdldF9jcHVfdXRpbGl6YXRpb24YAyABKAUSIAoYdGFyZ2V0X2luZmxpZ2h0X3JlcXVlc3RzGAQgASgFIp4CCg1TZXJ2aW5nQ29uZmlnEhQKDGxvYWRfaW5fNGJpdBgBIAEoCBIRCgltYXhfcXVldWUYAiABKAUSHAoUbWF4X25ld190b2tlbnNfbGltaXQYAyABKAUSFgoObWF4X2JhdGNoX3NpemUYBCABKAUSDQoFaW1hZ2UYBSABKAkSPQoGZW5naW5lGAYgASgOMi0ubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuU2VydmluZ0NvbmZpZy5FbmdpbmUiYAoGRW5naW5lEhYKEkVOR0lORV9VTlNQRUNJRklFRBAAEhcKE0VOR0lORV9UUkFOU0ZPUk1FUlMQARIUChBFTkdJTkVfTExBTUFfQ1BQEAISDwoLRU5HSU5FX1ZMTE0QAyK6CgoKRGVwbG95bWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARJACg1tb2RlbF92ZXJzaW9uGAMgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI8Cgttb2RlbF9hbGlhcxgEIAEoCUIn+kEkCiJyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbEFsaWFzEjcKB2JhY2tlbmQYBSABKA4yIC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5CYWNrZW5kQgTiQQEFEhAKCHJlcGxpY2FzGAYgASgFEjkKC2F1dG9zY2FsaW5nGAcgASgLMiQubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuQXV0b3NjYWxpbmcSNQoJcmVzb3VyY2VzGAggASgLMiIubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuUmVzb3VyY2VzEjcKB3NlcnZpbmcYCSABKAsyJi5uZXVyb3dlYXZlci5kZXBsb3llci52MS5TZXJ2aW5nQ29uZmlnEhcKCW5hbWVzcGFjZRgKIAEoCUIE4kEBBRJFCgZsYWJlbHMYCyADKAsyLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50LkxhYmVsc0VudHJ5QgTiQQEBEj4KBXN0YXRlGBQgASgOMikubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudC5TdGF0ZUIE4kEBAxJFCg5zZXJ2ZWRfdmVyc2lvbhgVIAEoCUIt4kEBA/pBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEh8KEXNlcnZlZF9tb2RlbF9uYW1lGBYgASgJQgTiQQEDEhYKCGVuZHBvaW50GBcgASgJQgTiQQEDEh0KD29wZW5haV9iYXNlX3VybBgYIAEoCUIE4kEBAxIcCg5yZWFkeV9yZXBsaWNhcxgZIAEoBUIE4kEBAxIWCghyZXZpc2lvbhgaIAEoA0IE4kEBAxI8Cgpjb25kaXRpb25zGBsgAygLMiIubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuQ29uZGl0aW9uQgTiQQEDEjUKC2NyZWF0ZV90aW1lGBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgdIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSEgoEZXRhZxgeIAEoCUIE4kEBARIZCgttb2RlbF9uYW1lcxgfIAMoCUIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpcBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhEKDVNUQVRFX1BFTkRJTkcQARIVChFTVEFURV9QUk9HUkVTU0lORxACEhMKD1NUQVRFX0FWQUlMQUJMRRADEhIKDlNUQVRFX0RFR1JBREVEEAQSEAoMU1RBVEVfRkFJTEVEEAUSEgoOU1RBVEVfREVMRVRJTkcQBjpt6kFqCiJkZXBsb3llci5uZXVyb3dlYXZlci5haS9EZXBsb3ltZW50Eitwcm9qZWN0cy97cHJvamVjdH0vZGVwbG95bWVudHMve2RlcGxveW1lbnR9KgtkZXBsb3ltZW50czIKZGVwbG95bWVudCKEAQoJQ29uZGl0aW9uEgwKBHR5cGUYASABKAkSDgoGc3RhdHVzGAIgASgJEg4KBnJlYXNvbhgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEjgKFGxhc3RfdHJhbnNpdGlvbl90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKFAwoSRGVwbG95bWVudFJldmlzaW9uEhIKBG5hbWUYASABKAlCBOJBAQgSFgoIcmV2aXNpb24YAiABKANCBOJBAQMSRAoNbW9kZWxfdmVyc2lvbhgDIAEoCUIt4kEBA/pBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEhMKBWNhdXNlGAQgASgJQgTiQQEDEhMKBWFjdG9yGAUgASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAzqbAepBlwEKKmRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnRSZXZpc2lvbhJAcHJvamVjdHMve3Byb2plY3R9L2RlcGxveW1lbnRzL3tkZXBsb3ltZW50fS9yZXZpc2lvbnMve3JldmlzaW9ufSoTZGVwbG95bWVudFJldmlzaW9uczISZGVwbG95bWVudFJldmlzaW9uKk0KB0JhY2tlbmQSFwoTQkFDS0VORF9VTlNQRUNJRklFRBAAEhEKDUJBQ0tFTkRfTE9DQUwQARIWChJCQUNLRU5EX0tVQkVSTkVURVMQAmIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("CihuZXVyb3dlYXZlci9kZXBsb3llci92MS9kZXBsb3ltZW50LnByb3RvEhduZXVyb3dlYXZlci5kZXBsb3llci52MSLyAQoJUmVzb3VyY2VzEgsKA2NwdRgBIAEoCRIOCgZtZW1vcnkYAiABKAkSDAoEZ3B1cxgDIAEoBRJLCg1ub2RlX3NlbGVjdG9yGAQgAygLMjQubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjgKC3RvbGVyYXRpb25zGAUgAygLMiMubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuVG9sZXJhdGlvbhozChFOb2RlU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKClRvbGVyYXRpb24SCwoDa2V5GAEgASgJEhAKCG9wZXJhdG9yGAIgASgJEg0KBXZhbHVlGAMgASgJEg4KBmVmZmVjdBgEIAEoCSJ7CgtBdXRvc2NhbGluZxIUCgxtaW5fcmVwbGljYXMYASABKAUSFAoMbWF4X3JlcGxpY2FzGAIgASgFEh4KFnRhcmdldF9jcHVfdXRpbGl6YXRpb24YAyABKAUSIAoYdGFyZ2V0X2luZmxpZ2h0X3JlcXVlc3RzGAQgASgFIuYCCg1TZXJ2aW5nQ29uZmlnEhQKDGxvYWRfaW5fNGJpdBgBIAEoCBIRCgltYXhfcXVldWUYAiABKAUSHAoUbWF4X25ld190b2tlbnNfbGltaXQYAyABKAUSFgoObWF4X2JhdGNoX3NpemUYBCABKAUSDQoFaW1hZ2UYBSABKAkSPQoGZW5naW5lGAYgASgOMi0ubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuU2VydmluZ0NvbmZpZy5FbmdpbmUSRgoTYWRkaXRpb25hbF92ZXJzaW9ucxgHIAMoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24iYAoGRW5naW5lEhYKEkVOR0lORV9VTlNQRUNJRklFRBAAEhcKE0VOR0lORV9UUkFOU0ZPUk1FUlMQARIUChBFTkdJTkVfTExBTUFfQ1BQEAISDwoLRU5HSU5FX1ZMTE0QAyKBAQoNU2VydmVkVmVyc2lvbhJACg1tb2RlbF92ZXJzaW9uGAEgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhIZChFzZXJ2ZWRfbW9kZWxfbmFtZRgCIAEoCRITCgttb2RlbF9uYW1lcxgDIAMoCSKBCwoKRGVwbG95bWVudBISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARJACg1tb2RlbF92ZXJzaW9uGAMgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhI8Cgttb2RlbF9hbGlhcxgEIAEoCUIn+kEkCiJyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbEFsaWFzEjcKB2JhY2tlbmQYBSABKA4yIC5uZXVyb3dlYXZlci5kZXBsb3llci52MS5CYWNrZW5kQgTiQQEFEhAKCHJlcGxpY2FzGAYgASgFEjkKC2F1dG9zY2FsaW5nGAcgASgLMiQubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuQXV0b3NjYWxpbmcSNQoJcmVzb3VyY2VzGAggASgLMiIubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuUmVzb3VyY2VzEjcKB3NlcnZpbmcYCSABKAsyJi5uZXVyb3dlYXZlci5kZXBsb3llci52MS5TZXJ2aW5nQ29uZmlnEhcKCW5hbWVzcGFjZRgKIAEoCUIE4kEBBRJFCgZsYWJlbHMYCyADKAsyLy5uZXVyb3dlYXZlci5kZXBsb3llci52MS5EZXBsb3ltZW50LkxhYmVsc0VudHJ5QgTiQQEBEj4KBXN0YXRlGBQgASgOMikubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuRGVwbG95bWVudC5TdGF0ZUIE4kEBAxJFCg5zZXJ2ZWRfdmVyc2lvbhgVIAEoCUIt4kEBA/pBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEh8KEXNlcnZlZF9tb2RlbF9uYW1lGBYgASgJQgTiQQEDEhYKCGVuZHBvaW50GBcgASgJQgTiQQEDEh0KD29wZW5haV9iYXNlX3VybBgYIAEoCUIE4kEBAxIcCg5yZWFkeV9yZXBsaWNhcxgZIAEoBUIE4kEBAxIWCghyZXZpc2lvbhgaIAEoA0IE4kEBAxI8Cgpjb25kaXRpb25zGBsgAygLMiIubmV1cm93ZWF2ZXIuZGVwbG95ZXIudjEuQ29uZGl0aW9uQgTiQQEDEjUKC2NyZWF0ZV90aW1lGBwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgdIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSEgoEZXRhZxgeIAEoCUIE4kEBARIZCgttb2RlbF9uYW1lcxgfIAMoCUIE4kEBAxJFCg9zZXJ2ZWRfdmVyc2lvbnMYICADKAsyJi5uZXVyb3dlYXZlci5kZXBsb3llci52MS5TZXJ2ZWRWZXJzaW9uQgTiQQEDGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEilwEKBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASEQoNU1RBVEVfUEVORElORxABEhUKEVNUQVRFX1BST0dSRVNTSU5HEAISEwoPU1RBVEVfQVZBSUxBQkxFEAMSEgoOU1RBVEVfREVHUkFERUQQBBIQCgxTVEFURV9GQUlMRUQQBRISCg5TVEFURV9ERUxFVElORxAGOm3qQWoKImRlcGxveWVyLm5ldXJvd2VhdmVyLmFpL0RlcGxveW1lbnQSK3Byb2plY3RzL3twcm9qZWN0fS9kZXBsb3ltZW50cy97ZGVwbG95bWVudH0qC2RlcGxveW1lbnRzMgpkZXBsb3ltZW50IoQBCglDb25kaXRpb24SDAoEdHlwZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkSDgoGcmVhc29uGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSOAoUbGFzdF90cmFuc2l0aW9uX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoUDChJEZXBsb3ltZW50UmV2aXNpb24SEgoEbmFtZRgBIAEoCUIE4kEBCBIWCghyZXZpc2lvbhgCIAEoA0IE4kEBAxJECg1tb2RlbF92ZXJzaW9uGAMgASgJQi3iQQED+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SEwoFY2F1c2UYBCABKAlCBOJBAQMSEwoFYWN0b3IYBSABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDOpsB6kGXAQoqZGVwbG95ZXIubmV1cm93ZWF2ZXIuYWkvRGVwbG95bWVudFJldmlzaW9uEkBwcm9qZWN0cy97cHJvamVjdH0vZGVwbG95bWVudHMve2RlcGxveW1lbnR9L3JldmlzaW9ucy97cmV2aXNpb259KhNkZXBsb3ltZW50UmV2aXNpb25zMhJkZXBsb3ltZW50UmV2aXNpb24qTQoHQmFja2VuZBIXChNCQUNLRU5EX1VOU1BFQ0lGSUVEEAASEQoNQkFDS0VORF9MT0NBTBABEhYKEkJBQ0tFTkRfS1VCRVJORVRFUxACYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
  * Compute per replica.
@@ -176,6 +176,18 @@ export type ServingConfig = Message<"neuroweaver.deployer.v1.ServingConfig"> & {
    * @generated from field: neuroweaver.deployer.v1.ServingConfig.Engine engine = 6;
    */
   engine: ServingConfig_Engine;
+
+  /**
+   * Several versions on one base (multi-LoRA): fixed versions (`projects/{p}/models/{m}/versions/{v}`, at most 7)
+   * served beside the deployment's own by the same model-server processes, the base weights loaded once and one
+   * adapter per version. Every version must share the deployment's base model and have a PEFT adapter
+   * (FAILED_PRECONDITION `SHARED_BASE_MISMATCH`, `ADAPTER_REQUIRED`); engine transformers or vllm (or unset).
+   * A request picks a version by model name: see `Deployment.served_versions`. Changing the list replaces the
+   * replicas without a new revision.
+   *
+   * @generated from field: repeated string additional_versions = 7;
+   */
+  additionalVersions: string[];
 };
 
 /**
@@ -226,6 +238,40 @@ export enum ServingConfig_Engine {
  */
 export const ServingConfig_EngineSchema: GenEnum<ServingConfig_Engine> = /*@__PURE__*/
   enumDesc(file_neuroweaver_deployer_v1_deployment, 3, 0);
+
+/**
+ * One version a deployment's model servers serve and the names that route a request to it.
+ *
+ * @generated from message neuroweaver.deployer.v1.ServedVersion
+ */
+export type ServedVersion = Message<"neuroweaver.deployer.v1.ServedVersion"> & {
+  /**
+   * @generated from field: string model_version = 1;
+   */
+  modelVersion: string;
+
+  /**
+   * Unique to the version and its weights (`<model>-<version>-<sha256[:8]>`).
+   *
+   * @generated from field: string served_model_name = 2;
+   */
+  servedModelName: string;
+
+  /**
+   * The deployment's own version: `model_names`; an additional version: `{deployment}/{version}` and
+   * `{deployment id}/{version}` (e.g. `projects/p/deployments/advisor-ab/1.1.0`, `advisor-ab/1.1.0`).
+   *
+   * @generated from field: repeated string model_names = 3;
+   */
+  modelNames: string[];
+};
+
+/**
+ * Describes the message neuroweaver.deployer.v1.ServedVersion.
+ * Use `create(ServedVersionSchema)` to create a new message.
+ */
+export const ServedVersionSchema: GenMessage<ServedVersion> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_deployer_v1_deployment, 4);
 
 /**
  * What a deployment serves. Resource name: `projects/{project}/deployments/{deployment}`.
@@ -372,6 +418,15 @@ export type Deployment = Message<"neuroweaver.deployer.v1.Deployment"> & {
    * @generated from field: repeated string model_names = 31;
    */
   modelNames: string[];
+
+  /**
+   * Every version the model servers serve, the deployment's own first (the default for requests naming no model),
+   * then `serving.additional_versions`; one entry when the deployment serves one version. With additional
+   * versions the deployment's own also answers to `{deployment}/{version}` when it is a fixed version.
+   *
+   * @generated from field: repeated neuroweaver.deployer.v1.ServedVersion served_versions = 32;
+   */
+  servedVersions: ServedVersion[];
 };
 
 /**
@@ -379,7 +434,7 @@ export type Deployment = Message<"neuroweaver.deployer.v1.Deployment"> & {
  * Use `create(DeploymentSchema)` to create a new message.
  */
 export const DeploymentSchema: GenMessage<Deployment> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_deployer_v1_deployment, 4);
+  messageDesc(file_neuroweaver_deployer_v1_deployment, 5);
 
 /**
  * Status of the deployment as a whole.
@@ -427,7 +482,7 @@ export enum Deployment_State {
  * Describes the enum neuroweaver.deployer.v1.Deployment.State.
  */
 export const Deployment_StateSchema: GenEnum<Deployment_State> = /*@__PURE__*/
-  enumDesc(file_neuroweaver_deployer_v1_deployment, 4, 0);
+  enumDesc(file_neuroweaver_deployer_v1_deployment, 5, 0);
 
 /**
  * A Kubernetes-style condition (`Available`, `Progressing`, `Degraded`).
@@ -468,7 +523,7 @@ export type Condition = Message<"neuroweaver.deployer.v1.Condition"> & {
  * Use `create(ConditionSchema)` to create a new message.
  */
 export const ConditionSchema: GenMessage<Condition> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_deployer_v1_deployment, 5);
+  messageDesc(file_neuroweaver_deployer_v1_deployment, 6);
 
 /**
  * One served version of a deployment, kept for rollback.
@@ -516,7 +571,7 @@ export type DeploymentRevision = Message<"neuroweaver.deployer.v1.DeploymentRevi
  * Use `create(DeploymentRevisionSchema)` to create a new message.
  */
 export const DeploymentRevisionSchema: GenMessage<DeploymentRevision> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_deployer_v1_deployment, 6);
+  messageDesc(file_neuroweaver_deployer_v1_deployment, 7);
 
 /**
  * Where a deployment runs.
