@@ -246,6 +246,47 @@ async def test_a_stopped_experiment_drops_only_its_own_items(experiments_server)
     assert [n for n, _ in sdk.stats.rejected] == [100] and "EXPERIMENT" in sdk.stats.rejected[0][1].upper()
 
 
+async def test_a_bad_event_drops_only_itself(experiments_server):
+    """An event of a unit never exposed (outside the coverage), between good items of two experiments in one batch: the
+    server names it (in the batch's numbering), the SDK drops it alone and the rest is stored."""
+    channel = open_channel(experiments_server.target)
+    stub = svc_grpc.ExperimentsServiceStub(channel)
+    a, b = await create(stub, (0.5, 0.5), 0.5, "bad-a"), await create(stub, (0.5, 0.5), 1.0, "bad-b")
+    sdk = LocalExperiments(stub, flush_interval=3600, batch_size=10_000)
+    await sdk.start()
+    await sdk.wait_for_config(lambda s: s.config(a.name) is not None and s.config(b.name) is not None)
+    outside, inside = None, []
+    for i in range(400):
+        got = await sdk.assign(a.name, f"u-{i}")
+        if not got.in_experiment:
+            outside = outside or got.unit_id
+        elif len(inside) < 20:
+            inside.append(got.unit_id)
+    assert outside is not None and len(inside) == 20
+    for i, u in enumerate(inside):
+        await sdk.assign(b.name, u)
+        await sdk.track(b.name, u, "score", 2.0, idempotency_key=f"b-{i}")
+        await sdk.track(a.name, u, "score", 1.0, idempotency_key=f"a-{i}")
+        if i == 10:
+            await sdk.track(a.name, outside, "score", 5.0, idempotency_key="never-exposed")
+    await asyncio.wait_for(sdk.flush(), 30)
+    await sdk.close()
+    await channel.close()
+    # the refused attempt had stored what came before the bad event: the resend counts those as duplicates
+    assert sdk.stats.events_accepted + sdk.stats.events_duplicate >= 2 * len(inside)
+    with sqlite3.connect(experiments_server.db) as conn:
+        stored = dict(
+            conn.execute(
+                "SELECT e.name, COUNT(*) FROM metric_events m JOIN experiments e ON e.id = m.experiment_id "
+                "WHERE e.name IN (?, ?) GROUP BY e.name",
+                (a.name, b.name),
+            )
+        )
+    assert stored == {a.name: len(inside), b.name: len(inside)}
+    assert len(stored_assignments(experiments_server.db, b.name)) == len(inside)
+    assert len(sdk.stats.rejected) == 1 and sdk.stats.rejected[0][0] == 1 and "never exposed" in sdk.stats.rejected[0][1]
+
+
 async def test_a_refused_watch_fails_start(experiments_server):
     channel = open_channel(experiments_server.target)
     sdk = LocalExperiments(svc_grpc.ExperimentsServiceStub(channel), project="no/such")

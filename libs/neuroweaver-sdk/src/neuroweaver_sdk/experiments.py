@@ -23,9 +23,11 @@ the server acknowledges it (after its commit). When the stream breaks (server re
 exponential backoff and resends the unacknowledged batches; the server counts each exposure once per unit and each
 event once per idempotency key (`track` makes one when you pass none), so nothing acknowledged is lost and nothing is
 counted twice. When the server refuses a batch because one experiment is no longer running (FAILED_PRECONDITION or
-NOT_FOUND naming it), only that experiment's items are dropped and the rest is resent; a batch refused as invalid
-(INVALID_ARGUMENT) is dropped. Either way `stats.rejected` keeps the count and the error. `flush()` waits until everything queued so far is
-acknowledged; `close()` flushes (bounded by `close_timeout`) and stops.
+NOT_FOUND naming it), only that experiment's items are dropped and the rest is resent; from a batch refused as
+invalid (INVALID_ARGUMENT) the items the error names (`exposures[i]`, `events[i]`: e.g. an event of a unit never
+exposed) are dropped and the rest is resent (a batch whose error names no item is dropped). Either way
+`stats.rejected` keeps the count and the error. `flush()` waits until everything queued so far is acknowledged;
+`close()` flushes (bounded by `close_timeout`) and stops.
 
 Consistency bounds (what is not covered): between a weight change and the SDK receiving it (one watch poll, ~0.25 s),
 the SDK still evaluates with the old phase; and an exposure reaches the server only when its batch is acknowledged,
@@ -41,6 +43,7 @@ import contextlib
 import itertools
 import logging
 import random
+import re
 import time
 import uuid
 from collections import deque
@@ -54,7 +57,7 @@ from google.protobuf import timestamp_pb2
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as esvc
 from neuroweaver_runtime.assignment import PhasedPlan
-from neuroweaver_runtime.grpc_errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,20 @@ _RETRYABLE = {
 # Refusals naming an experiment that is no longer running (or no longer exists): only its items are dropped.
 _EXPERIMENT_GONE = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
 MAX_SERVER_BATCH = 10_000  # the server's limit per batch for exposures and for events
+
+
+_ITEM = re.compile(r"^(exposures|events)\[(\d+)\]")
+
+
+def _bad_items(exc: grpc.aio.AioRpcError) -> tuple[set[int], set[int]] | None:
+    """The exposures and events an INVALID_ARGUMENT names in its field violations (None when it names none)."""
+    exposures: set[int] = set()
+    events: set[int] = set()
+    for v in field_violations(exc):
+        m = _ITEM.match(v.field)
+        if m:
+            (exposures if m.group(1) == "exposures" else events).add(int(m.group(2)))
+    return (exposures, events) if exposures or events else None
 
 
 class StickyStore(Protocol):
@@ -449,8 +466,11 @@ class LocalExperiments:
                     log.info("IngestEvents stream broke (%s); %d batches to resend", exc.code().name, len(self._unacked))
                 else:
                     gone = info.metadata.get("experiment") if info is not None else None
-                    if exc.code() in _EXPERIMENT_GONE and gone:
-                        n = self._drop_experiment(int(bad), gone)  # the rest of the batch is resent
+                    items = _bad_items(exc) if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else None
+                    if exc.code() in _EXPERIMENT_GONE and gone:  # only that experiment's items; the rest is resent
+                        n = self._drop(int(bad), experiment=gone)
+                    elif items:  # only the items the server named (it names at most 100 at a time)
+                        n = self._drop(int(bad), named=items)
                     else:
                         _, dropped = self._unacked.pop(int(bad))
                         n = len(dropped.exposures) + len(dropped.events)
@@ -474,14 +494,15 @@ class LocalExperiments:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(max(delay, self.backoff[0]) * 2, self.backoff[1])
 
-    def _drop_experiment(self, batch_id: int, experiment: str) -> int:
-        """Removes one experiment's items from an unacknowledged batch (it stopped, concluded or is gone: the server
-        refuses them), keeping the batch's place and its other experiments' items; returns how many were removed."""
+    def _drop(self, batch_id: int, *, experiment: str | None = None, named: tuple[set[int], set[int]] | None = None) -> int:
+        """Removes items from an unacknowledged batch: those of `experiment`, and the indices in `named` (exposures,
+        events); the batch keeps its place with the rest. Returns how many were removed."""
         first, batch = self._unacked[batch_id]
+        bad_x, bad_e = named or (set(), set())
         kept = esvc.IngestEventsRequest(
             batch_id=batch_id,
-            exposures=[x for x in batch.exposures if x.experiment != experiment],
-            events=[e for e in batch.events if e.experiment != experiment],
+            exposures=[x for i, x in enumerate(batch.exposures) if i not in bad_x and x.experiment != experiment],
+            events=[e for i, e in enumerate(batch.events) if i not in bad_e and e.experiment != experiment],
         )
         removed = len(batch.exposures) + len(batch.events) - len(kept.exposures) - len(kept.events)
         if kept.exposures or kept.events:

@@ -20,13 +20,14 @@ disconnect changes nothing that was stored before: exposures are idempotent per 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from neuroweaver_runtime.assignment import BucketClasses, PhasedPlan, hash_buckets
-from neuroweaver_runtime.errors import FieldViolation, InvalidArgument
+from neuroweaver_runtime.errors import DomainError, FieldViolation, InvalidArgument
 from neuroweaver_runtime.names import PROJECT
 
 from ..domain.experiment import EXPERIMENT, UNRECORDED_CLASS, Experiment, require_running
@@ -318,10 +319,30 @@ class LocalEvaluation:
                 groups.setdefault(e_exp, []).append(i)
             for name, indices in groups.items():
                 part = events if len(groups) == 1 else _select(events, indices)
-                result = await self.ingestor.record(name, part)
+                try:
+                    result = await self.ingestor.record(name, part)
+                except DomainError as exc:
+                    if len(groups) > 1:  # the error names events of this experiment's part: name them in the batch
+                        _to_batch_indices(exc, indices)
+                    raise
                 out.events_accepted += result.accepted
                 out.events_duplicate += result.duplicates
         return out
+
+
+_EVENT_FIELD = re.compile(r"\bevents\[(\d+)\]")
+
+
+def _to_batch_indices(exc: DomainError, indices: list[int]) -> None:
+    """Rewrites `events[j]` (j within one experiment's part of a batch) to the event's index in the whole batch."""
+    exc.violations = [
+        FieldViolation(_EVENT_FIELD.sub(lambda m: f"events[{indices[int(m.group(1))]}]", v.field), v.description)
+        for v in exc.violations
+    ]
+    first = exc.metadata.get("first_bad_event_index")
+    if first is not None and first.isdigit() and int(first) < len(indices):
+        exc.metadata["first_bad_event_index"] = str(indices[int(first)])
+    exc.message = _EVENT_FIELD.sub(lambda m: f"events[{indices[int(m.group(1))]}]", exc.message)
 
 
 def _select(events: EventBatch, indices: list[int]) -> EventBatch:
