@@ -53,11 +53,12 @@ class ExperimentsProcess:
                     raise AssertionError(f"experiments not SERVING after 60 s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.05)  # polling interval while waiting for the process
 
-    def kill(self) -> None:
-        """SIGKILL: no graceful stop, transactions in flight are lost (what a crash does)."""
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL: no graceful stop, transactions in flight are lost (what a crash does); SIGTERM: a graceful stop
+        (open streams end UNAVAILABLE)."""
         assert self.popen is not None
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=20)
+        self.popen.send_signal(sig)
+        self.popen.wait(timeout=30)
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import sqlite3
 import uuid
 
@@ -133,12 +134,15 @@ async def test_sdk_agrees_with_assign_variant(experiments_server):
     assert sdk.stats.conflicts == 0 and not sdk.stats.rejected
 
 
-async def test_exposures_and_events_survive_a_server_crash(experiments_server):
-    """A producer assigns and tracks 6,000 units while the server process is SIGKILLed and started again on the same
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_exposures_and_events_survive_a_server_crash(experiments_server, sig):
+    """A producer assigns and tracks 6,000 units while the server process is SIGKILLed (or SIGTERMed: its open streams
+    end UNAVAILABLE) and started again on the same
     port and database: after the flush every unit is stored once and every event counted once."""
     channel = open_channel(experiments_server.target)
     stub = svc_grpc.ExperimentsServiceStub(channel)
     exp = await create(stub, (0.5, 0.5), 1.0, "crash-seed")
+    starts = experiments_server.starts
     sdk = LocalExperiments(stub, batch_size=300, flush_interval=0.01, max_queue=3_000, backoff=(0.05, 0.5))
     await sdk.start()
     await sdk.wait_for_config(lambda s: s.config(exp.name) is not None)
@@ -157,7 +161,7 @@ async def test_exposures_and_events_survive_a_server_crash(experiments_server):
         await crashed.wait()
         while sdk.stats.batches_acked < 5:  # mid-stream: some batches acknowledged, more in flight
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(experiments_server.kill)
+        await asyncio.to_thread(experiments_server.kill, sig)
         await asyncio.sleep(0.3)
         await asyncio.to_thread(experiments_server.start)
 
@@ -166,7 +170,7 @@ async def test_exposures_and_events_survive_a_server_crash(experiments_server):
         await asyncio.wait_for(sdk.flush(), 60)
     finally:
         await sdk.close()
-    assert experiments_server.starts == 2
+    assert experiments_server.starts == starts + 1
     assert sdk.stats.reconnects >= 1 and not sdk.stats.rejected and sdk.pending == 0
     stored = stored_assignments(experiments_server.db, exp.name)
     assert len(stored) == total
