@@ -137,8 +137,8 @@ async def test_sdk_agrees_with_assign_variant(experiments_server):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 async def test_exposures_and_events_survive_a_server_crash(experiments_server, sig):
     """A producer assigns and tracks 6,000 units while the server process is SIGKILLed (or SIGTERMed: its open streams
-    end UNAVAILABLE) and started again on the same
-    port and database: after the flush every unit is stored once and every event counted once."""
+    end UNAVAILABLE) and started again on the same port and database: after the flush every unit is stored once and
+    every event counted once."""
     channel = open_channel(experiments_server.target)
     stub = svc_grpc.ExperimentsServiceStub(channel)
     exp = await create(stub, (0.5, 0.5), 1.0, "crash-seed")
