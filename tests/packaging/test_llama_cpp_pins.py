@@ -23,3 +23,11 @@ def test_trainer_image_fetches_the_pinned_sdist():
     dockerfile = (ROOT / "deploy/docker/trainer.Dockerfile").read_text()
     versions = set(re.findall(r"llama[-_]cpp[-_]python(?:==|-)(\d+\.\d+\.\d+)", dockerfile))
     assert versions == {_pin()}, versions
+
+
+def test_model_server_package_pins_the_same_llama_cpp_python():
+    """The llama.cpp engine's runtime library: the model server's package (what its image installs) pins the same."""
+    pyproject = (ROOT / "services/model-server/pyproject.toml").read_text()
+    assert re.findall(r'"llama-cpp-python==([^"]+)"', pyproject) == [_pin()]
+    dockerfile = (ROOT / "deploy/docker/model-server.Dockerfile").read_text()
+    assert "cmake" in dockerfile and "libgomp1" in dockerfile  # it compiles from the sdist; OpenMP at run time
