@@ -212,6 +212,7 @@ class TransformersEngine(QueuedEngine):
                 use_cache=True,
                 **{self._cache_arg: cache},
                 **self._forward_kw,
+                **self._adapters([r.job for r in rows]),
             )
             tokens = self._sample(o.logits[:, -1, :], rows)
         self._merge(rows, cache)  # filled in place by the forward pass
@@ -239,6 +240,14 @@ class TransformersEngine(QueuedEngine):
             old.keys = torch.cat([old.keys, new.keys], dim=0)
             old.values = torch.cat([old.values, new.values], dim=0)
         self._rows = self._rows + rows
+
+    @staticmethod
+    def _adapters(jobs: list[Job]) -> dict[str, Any]:
+        """Several versions on one base: each row's adapter for this forward pass (PEFT mixed-adapter batches,
+        `adapter_names`); nothing when the server serves one version."""
+        if not any(j.adapter for j in jobs):
+            return {}
+        return {"adapter_names": [j.adapter for j in jobs]}
 
     def _layers(self, cache) -> list:
         from transformers.cache_utils import DynamicLayer
@@ -310,6 +319,7 @@ class TransformersEngine(QueuedEngine):
                 use_cache=True,
                 **{self._cache_arg: self._cache},
                 **self._forward_kw,
+                **self._adapters([r.job for r in rows]),
             )
             tokens = self._sample(o.logits[:, -1, :], rows)
         self.stats.batches += 1
