@@ -31,7 +31,7 @@ from neuroweaver_runtime.tls import ServerTLS
 from .adapters.loading import LoadSpec, check_spec
 from .api.openai_http import OpenAIApi
 from .api.servicer import METHOD_ROLES, InferenceServicer
-from .domain import Limits, ServedModel, parse_stable_names, validate_served_name
+from .domain import Limits, ServedModel, parse_extra_versions, parse_stable_names, validate_served_name
 from .service import InferenceService
 
 SERVICE_NAME = "neuroweaver.inference.v1.InferenceService"
@@ -75,6 +75,13 @@ class ModelServerConfig(ServiceConfig):
     model_version: str = field(default="", metadata={"help": "registry version served (full resource name)"})
     adapter_uri: str = field(default="", metadata={"help": "LoRA adapter directory (file:// URI or path)"})
     adapter_sha256: str = field(default="", metadata={"help": "expected sha256 of the adapter (checked before loading)"})
+    extra_versions: str = field(
+        default="",
+        metadata={
+            "help": "more versions served on the same base (multi-LoRA), a JSON list of {served_model_name, "
+            "model_version, model_names, adapter_uri, adapter_sha256}; requests pick one by model name"
+        },
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base in 4-bit NF4 (bitsandbytes)"})
     max_queue: int = field(default=64, metadata={"help": "bounded request queue; full → RESOURCE_EXHAUSTED"})
     max_new_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
@@ -131,6 +138,7 @@ class ModelServer:
         try:
             name = validate_served_name(config.served_model_name or "model")
             stable_names = parse_stable_names(config.model_names)
+            extra = parse_extra_versions(config.extra_versions)
         except ValueError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
         self.tls = ServerTLS.from_config(config)  # HTTPS and the ops port; gRPC reads the same settings
@@ -140,10 +148,22 @@ class ModelServer:
             raise SystemExit(f"configuration error: {exc}") from None
         self.project = config.project or project_of(config.model_version) or DEFAULT_PROJECT
         self.config = config
-        self.service = InferenceService(
-            ServedModel(name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit, stable_names),
-            Limits(config.max_new_tokens_limit, config.max_queue, config.max_batch_size),
+        extra_served = tuple(
+            ServedModel(
+                e.served_model_name, e.model_version, config.base_model, e.adapter_sha256, config.load_in_4bit, e.model_names
+            )
+            for e in extra
         )
+        try:
+            self.service = InferenceService(
+                ServedModel(
+                    name, config.model_version, config.base_model, config.adapter_sha256, config.load_in_4bit, stable_names
+                ),
+                Limits(config.max_new_tokens_limit, config.max_queue, config.max_batch_size),
+                extra_served,
+            )
+        except ValueError as exc:  # a name given to two versions
+            raise SystemExit(f"configuration error: {exc}") from None
         self.load_spec = LoadSpec(
             config.base_model,
             config.adapter_uri,
@@ -153,6 +173,7 @@ class ModelServer:
             config.engine,
             config.threads,
             config.context_length,
+            tuple((e.adapter_uri, e.adapter_sha256) for e in extra),
         )
         try:
             self.engine_name = check_spec(self.load_spec)  # refused combinations fail at start, before loading

@@ -35,6 +35,18 @@ class LoadSpec:
     engine: str = "auto"
     threads: int = 0  # llama.cpp: CPU threads (0 = every core this process may use)
     context_length: int = 0  # llama.cpp: tokens per request (0 = the model's, at most 2048)
+    # Several versions on one base (multi-LoRA): the other versions' adapters (uri, sha256), loaded beside
+    # `adapter_uri` as engine adapters v1, v2, ... (`adapter_uri` is v0); the base weights are loaded once.
+    extra_adapters: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def adapters(self) -> list[tuple[str, str, str]]:
+        """(engine adapter name, uri, sha256) of every version when several share the base; [] with one version."""
+        if not self.extra_adapters:
+            return []
+        return [
+            (f"v{i}", uri, sha) for i, (uri, sha) in enumerate(((self.adapter_uri, self.adapter_sha256), *self.extra_adapters))
+        ]
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,8 @@ def choose_engine(spec: LoadSpec) -> str:
         return spec.engine
     from ..engines import llamacpp
 
+    if spec.extra_adapters and not cuda_available(spec.device):
+        return "llama.cpp" if all(is_gguf_adapter(uri) for _, uri, _ in spec.adapters) else "transformers"
     if is_gguf_adapter(spec.adapter_uri):
         return "llama.cpp"
     if cuda_available(spec.device):
@@ -123,6 +137,14 @@ def check_spec(spec: LoadSpec) -> str:
         raise ValueError(f"--engine {spec.engine!r} must be one of {', '.join(ENGINE_CHOICES)}")
     engine = choose_engine(spec)
     gguf_adapter = is_gguf_adapter(spec.adapter_uri)
+    if spec.extra_adapters:
+        if not spec.adapter_uri:
+            raise ValueError("several versions on one base (--extra-versions) need an adapter for every version (--adapter-uri)")
+        kinds = {is_gguf_adapter(uri) for _, uri, _ in spec.adapters}
+        if len(kinds) > 1:
+            raise ValueError("versions on one base need adapters of one kind: all PEFT directories or all GGUF LoRA files")
+        if engine == "llama.cpp":
+            raise ValueError("the llama.cpp engine serves one version per server here; use --engine transformers")
     if engine == "llama.cpp":
         from ..engines import llamacpp
 
@@ -147,6 +169,30 @@ def check_spec(spec: LoadSpec) -> str:
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("the vllm engine needs vLLM installed (pip install vllm) and a CUDA GPU")
     return engine
+
+
+def _load_peft_adapters(spec: LoadSpec):
+    """The base once, then every version's PEFT adapter on it under its engine name (v0, v1, ...), unmerged: the
+    transformers engine picks each row's adapter per forward pass (PEFT `adapter_names`)."""
+    from peft import PeftModel
+
+    from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path, verify_digest
+
+    paths = []
+    for name, uri, sha in spec.adapters:
+        path = uri_to_path(uri)
+        verify_digest(path, sha)  # every digest checked before any weight is read
+        paths.append((name, path))
+    loaded = load_for_inference(resolve_base_model(spec.base_model), None, spec.load_in_4bit, device=spec.device)
+    model = None
+    for name, path in paths:
+        if model is None:
+            model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    assert model is not None
+    model.eval()
+    return model, loaded.tokenizer
 
 
 def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
@@ -183,6 +229,10 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
         from ..engines.vllm_engine import VllmEngine
 
         sha = verify_digest(adapter, spec.adapter_sha256)[0] if adapter is not None and spec.adapter_sha256 else ""
+        named = {}
+        for name, uri, digest in spec.adapters:  # several versions: one LoRARequest each (vLLM multi-LoRA)
+            named[name] = str(uri_to_path(uri))
+            verify_digest(named[name], digest)
         return Loaded(
             VllmEngine(
                 str(resolve_base_model(spec.base_model)),
@@ -190,12 +240,17 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
                 max_queue=limits.max_queue,
                 max_batch_size=limits.max_batch_size,
                 max_new_tokens_limit=limits.max_new_tokens_limit,
+                **({"adapters": named} if named else {}),
             ),
             sha,
         )
     from neuroweaver_ml import load_for_inference, resolve_base_model
 
     from ..engines.transformers_engine import TransformersEngine
+
+    if spec.extra_adapters:
+        model, tokenizer = _load_peft_adapters(spec)
+        return Loaded(TransformersEngine(model, tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size), "")
 
     loaded = load_for_inference(
         resolve_base_model(spec.base_model),

@@ -29,7 +29,7 @@ from neuroweaver_runtime.auth import Role, TokenAuthenticator, authorize
 from neuroweaver_runtime.errors import DomainError, InvalidArgument
 
 from .. import metrics
-from ..domain import GenerationInput, Message, Sampling
+from ..domain import GenerationInput, Message, Sampling, ServedModel
 from ..service import InferenceService
 from .http_tracing import tracing_middleware
 
@@ -239,14 +239,16 @@ class OpenAIApi:
         ready = self.svc.engine is not None and not self.stopping()
         return web.json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
 
-    def _version_headers(self) -> dict[str, str]:
+    @staticmethod
+    def _version_headers(served: ServedModel) -> dict[str, str]:
         """Which version served a response, for callers that name a stable model (it changes across rollovers)."""
-        served = self.svc.served
         return {VERSION_HEADER: served.model_version or served.name}
 
     def _model_entries(self) -> list[dict[str, Any]]:
         """One entry per accepted name, stable names first (the first is the default); `root` is the name unique to
-        the version behind them all, `created` when it was loaded."""
+        the version behind it, `created` when it was loaded. With several versions on one base (multi-LoRA) every
+        version's names are listed and `parent` is the base model they share (null with one version), as vLLM lists
+        LoRA adapters."""
         return [
             {
                 "id": name,
@@ -254,6 +256,7 @@ class OpenAIApi:
                 "created": self.svc.created,
                 "owned_by": self.project or "neuroweaver",
                 "root": m.name,
+                "parent": m.parent or None,
                 "model_version": m.model_version,
                 "system_fingerprint": m.fingerprint,
                 "engine": m.engine,
@@ -299,6 +302,7 @@ class OpenAIApi:
                 c = await self.svc.generate(req, None, method)
         except DomainError as exc:
             return _domain_error(exc)
+        served = c.served or self.svc.served
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
         else:
@@ -309,7 +313,7 @@ class OpenAIApi:
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": c.model,
-                "system_fingerprint": self.svc.served.fingerprint,
+                "system_fingerprint": served.fingerprint,
                 "choices": [choice],
                 "usage": {
                     "prompt_tokens": c.prompt_tokens,
@@ -317,22 +321,22 @@ class OpenAIApi:
                     "total_tokens": c.prompt_tokens + c.completion_tokens,
                 },
             },
-            headers=self._version_headers(),
+            headers=self._version_headers(served),
         )
 
     async def _stream(self, request: web.Request, req: GenerationInput, include_usage: bool, *, chat: bool) -> web.StreamResponse:
         method = "ChatCompletionsStream" if chat else "CompletionsStream"
         deltas = self.svc.stream(req, None, method)
         chunk_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        fingerprint = self.svc.served.fingerprint
         with metrics.observe(method, _http_code, ok="200"):
             try:
                 first = await anext(deltas)  # errors before the first token still get a JSON error status
             except DomainError as exc:
                 return _domain_error(exc)
-            model = self.svc.resolve(req.model)  # accepted: the stream above has started
+            served, model = self.svc.route(req.model)  # accepted: the stream above has started
+            fingerprint = served.fingerprint
             response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **self._version_headers()}
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **self._version_headers(served)}
             )
             await response.prepare(request)
 

@@ -95,15 +95,14 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
         deadline = _deadline(context)
         with metrics.observe("Generate", _code_of(deadline)):
             completion = await self.svc.generate(input_from_pb(request), deadline, "Generate")
-        return completion_to_pb(completion, self.svc.served)
+        return completion_to_pb(completion, completion.served or self.svc.served)
 
     async def GenerateStream(self, request, context):
         self._check_project()
         deadline = _deadline(context)
         with metrics.observe("GenerateStream", _code_of(deadline)):
-            model = self.svc.resolve(request.model)
             # Which version serves the stream, known before its last message says so (the HTTP API's header).
-            served = self.svc.served
+            served, model = self.svc.route(request.model)
             await context.send_initial_metadata(((VERSION_METADATA, served.model_version or served.name),))
             async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
                 if d.finish_reason is None:

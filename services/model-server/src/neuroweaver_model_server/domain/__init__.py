@@ -14,9 +14,13 @@ from .inference import (
     Message,
     Sampling,
     ServedModel,
+    VersionSpec,
+    check_unique_names,
+    parse_extra_versions,
     parse_stable_names,
     prompt_too_long,
     resolve_model,
+    route_model,
     validate,
     validate_served_name,
 )
@@ -24,6 +28,6 @@ from .inference import (
 __all__ = [
     "DEFAULT_MAX_TOKENS", "MAX_PROMPT_CHARS", "MAX_STOP_CHARS", "MAX_STOP_SEQUENCES", "ROLES", "Completion", "Delta",
     "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "parse_stable_names",
-    "prompt_too_long",
+    "prompt_too_long", "VersionSpec", "check_unique_names", "parse_extra_versions", "route_model",
     "resolve_model", "validate", "validate_served_name",
 ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,6 +55,10 @@ class ServedModel:
     quantized_4bit: bool
     stable_names: tuple[str, ...] = ()
     engine: str = ""  # the engine decoding it (transformers, llama.cpp, vllm), known once loaded
+    # Several versions on one base (multi-LoRA): the engine's name for this version's adapter ("" = the server's
+    # only version); `parent` = the base model they share (OpenAI/vLLM `parent` in GET /v1/models).
+    adapter: str = ""
+    parent: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -70,6 +75,64 @@ class ServedModel:
         return f"nw-{slug}-{digest}" if slug else f"nw-{digest}"
 
 
+@dataclass(frozen=True)
+class VersionSpec:
+    """One more version a server serves on the same base (`--extra-versions`): its names and its adapter."""
+
+    served_model_name: str
+    model_version: str = ""
+    model_names: tuple[str, ...] = ()
+    adapter_uri: str = ""
+    adapter_sha256: str = ""
+
+
+def parse_extra_versions(raw: str) -> tuple[VersionSpec, ...]:
+    """`--extra-versions`: a JSON list of objects {served_model_name, model_version, model_names (list or comma
+    separated), adapter_uri, adapter_sha256}; each one another adapter on the server's base. ValueError when malformed."""
+    if not raw.strip():
+        return ()
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--extra-versions is not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise ValueError("--extra-versions must be a JSON list of objects")
+    known = {"served_model_name", "model_version", "model_names", "adapter_uri", "adapter_sha256"}
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - known:
+            raise ValueError(f"--extra-versions[{i}] must be an object with keys among {', '.join(sorted(known))}")
+        if not all(isinstance(v, str) for k, v in item.items() if k != "model_names"):
+            raise ValueError(f"--extra-versions[{i}]: values must be strings")
+        names = item.get("model_names", ())
+        names = ",".join(names) if isinstance(names, list) else str(names)
+        adapter_uri, sha = item.get("adapter_uri", ""), item.get("adapter_sha256", "")
+        if not adapter_uri or not sha:
+            raise ValueError(
+                f"--extra-versions[{i}] needs adapter_uri and adapter_sha256 (versions on one base differ by their adapter)"
+            )
+        out.append(
+            VersionSpec(
+                validate_served_name(item.get("served_model_name", "")),
+                item.get("model_version", ""),
+                parse_stable_names(names),
+                adapter_uri,
+                sha,
+            )
+        )
+    return tuple(out)
+
+
+def check_unique_names(served: list[ServedModel]) -> None:
+    """Every name routes to one version: a name two versions answer to is a configuration error."""
+    seen: dict[str, str] = {}
+    for m in served:
+        for n in m.names:
+            if n in seen and seen[n] != m.name:
+                raise ValueError(f"model name {n!r} is given to two versions ({seen[n]} and {m.name})")
+            seen[n] = m.name
+
+
 @dataclass
 class Completion:
     model: str  # the name the request used (or the default)
@@ -79,6 +142,7 @@ class Completion:
     completion_tokens: int
     latency_s: float
     ttft_s: float
+    served: ServedModel | None = None  # the version that answered (several versions on one base)
 
 
 @dataclass
@@ -123,15 +187,22 @@ def parse_stable_names(raw: str) -> tuple[str, ...]:
 def resolve_model(requested: str, served: ServedModel) -> str:
     """The name a response echoes: the requested one when it is any accepted name, the default when empty.
     Anything else is NOT_FOUND; the error names no served name (a caller learns those from ListModels)."""
+    return route_model(requested, [served])[1]
+
+
+def route_model(requested: str, served: list[ServedModel]) -> tuple[ServedModel, str]:
+    """The version a request naming `requested` goes to and the name its response echoes. An empty name goes to the
+    first version's default name; a name no version answers to is NOT_FOUND, naming no served name."""
     if not requested:
-        return served.names[0]
-    if requested not in served.names:
-        raise NotFound(
-            f"model {requested!r} is not served here (see ListModels / GET /v1/models)",
-            reason="MODEL_NOT_FOUND",
-            metadata={"model": requested},
-        )
-    return requested
+        return served[0], served[0].names[0]
+    for m in served:
+        if requested in m.names:
+            return m, requested
+    raise NotFound(
+        f"model {requested!r} is not served here (see ListModels / GET /v1/models)",
+        reason="MODEL_NOT_FOUND",
+        metadata={"model": requested},
+    )
 
 
 def validate(req: GenerationInput, limits: Limits, prefix: str = "") -> GenerationInput:

@@ -12,15 +12,30 @@ from neuroweaver_runtime.errors import InvalidArgument, Unavailable
 
 from .. import metrics
 from ..adapters.loading import LoadSpec, load_engine
-from ..domain import Completion, Delta, GenerationInput, Limits, ServedModel, prompt_too_long, resolve_model, validate
+from ..domain import (
+    Completion,
+    Delta,
+    GenerationInput,
+    Limits,
+    ServedModel,
+    check_unique_names,
+    prompt_too_long,
+    route_model,
+    validate,
+)
 from ..engines import QueuedEngine
 
 log = logging.getLogger("neuroweaver.model_server")
 
 
 class InferenceService:
-    def __init__(self, served: ServedModel, limits: Limits) -> None:
-        self.served = served
+    def __init__(self, served: ServedModel, limits: Limits, extra: tuple[ServedModel, ...] = ()) -> None:
+        # Several versions on one base (multi-LoRA): `served` first (its first name is the default), then `extra`;
+        # each has the engine's name for its adapter. One version alone keeps adapter "" (the engine's only one).
+        self.versions = [served, *extra]
+        if extra:
+            self.versions = [replace(m, adapter=f"v{i}", parent=served.base_model) for i, m in enumerate(self.versions)]
+        check_unique_names(self.versions)
         self.limits = limits
         self.engine: QueuedEngine | None = None
         self.context_length = 0
@@ -34,18 +49,25 @@ class InferenceService:
         loaded = load_engine(spec, self.limits)
         engine = loaded.engine
         self.context_length = engine.context_length
-        if loaded.adapter_sha256:
+        if loaded.adapter_sha256 and len(self.versions) == 1:
             self.served = replace(self.served, adapter_sha256=loaded.adapter_sha256, quantized_4bit=spec.load_in_4bit)
-        self.served = replace(self.served, engine=engine.name)
+        self.versions = [replace(m, engine=engine.name, quantized_4bit=spec.load_in_4bit) for m in self.versions]
         self.engine = engine
         seconds = time.monotonic() - started
         self.created = int(time.time())
         metrics.LOAD_SECONDS.set(seconds)
-        metrics.MODEL_LOADED.labels(self.served.name, self.served.model_version).set(1)
+        for m in self.versions:
+            metrics.MODEL_LOADED.labels(m.name, m.model_version).set(1)
         metrics.ENGINE.labels(engine.name).set(1)
         log.info(
             "model loaded",
-            extra={"fields": {"served_model_name": self.served.name, "seconds": round(seconds, 2), **engine.describe()}},
+            extra={
+                "fields": {
+                    "served_model_name": ",".join(m.name for m in self.versions),
+                    "seconds": round(seconds, 2),
+                    **engine.describe(),
+                }
+            },
         )
 
     async def load(self, spec: LoadSpec) -> None:
@@ -57,15 +79,29 @@ class InferenceService:
 
     # -- requests ----------------------------------------------------------------------------
 
+    @property
+    def served(self) -> ServedModel:
+        """The first (default) version: the only one unless several versions share the base."""
+        return self.versions[0]
+
+    @served.setter
+    def served(self, value: ServedModel) -> None:
+        self.versions[0] = value
+
     def models(self) -> list[ServedModel]:
-        return [self.served]
+        return list(self.versions)
+
+    def route(self, model: str) -> tuple[ServedModel, str]:
+        """The version serving a request naming `model` and the name its response echoes; NOT_FOUND for a name this
+        server does not answer to."""
+        return route_model(model, self.versions)
 
     def resolve(self, model: str) -> str:
         """The name a response to a request naming `model` echoes; NOT_FOUND for a name this server does not answer to."""
-        return resolve_model(model, self.served)
+        return self.route(model)[1]
 
     def _prepare(self, req: GenerationInput, field_prefix: str = "") -> tuple[QueuedEngine, list[int]]:
-        self.resolve(req.model)
+        self.route(req.model)
         validate(req, self.limits, field_prefix)
         engine = self.engine
         if engine is None:
@@ -83,7 +119,14 @@ class InferenceService:
 
     async def stream(self, req: GenerationInput, deadline: float | None, method: str) -> AsyncIterator[Delta]:
         engine, ids = self._prepare(req)
-        async for delta in engine.run(ids, req.sampling, deadline):
+        served = self.route(req.model)[0]
+        # the version's adapter, named only when several versions share the base (engines with one adapter take none)
+        run = (
+            engine.run(ids, req.sampling, deadline, adapter=served.adapter)
+            if served.adapter
+            else engine.run(ids, req.sampling, deadline)
+        )
+        async for delta in run:
             if delta.finish_reason is not None:
                 metrics.TIME_TO_FIRST_TOKEN.labels(method).observe(delta.ttft_s)
                 metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
@@ -95,8 +138,10 @@ class InferenceService:
         async for delta in self.stream(req, deadline, method):
             parts.append(delta.text)
             if delta.finish_reason is not None:
+                served, model = self.route(req.model)
                 return Completion(
-                    model=self.resolve(req.model),
+                    served=served,
+                    model=model,
                     text="".join(parts),
                     finish_reason=delta.finish_reason,
                     prompt_tokens=delta.prompt_tokens,
