@@ -229,6 +229,8 @@ async def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--no-plain", action="store_true")
+    ap.add_argument("--no-servers", action="store_true", help="only plain generate (and the cold start)")
+    ap.add_argument("--plain-concurrency", default="", help="levels for plain generate (default: --concurrency)")
     ap.add_argument("--no-cold-start", action="store_true")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -240,15 +242,17 @@ async def main() -> None:
     base_dir = resolve_base_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="nw-bench-cbatch-"))
     adapter = make_adapter(base_dir, tmp / "adapter")
-    cb = await start_server([sys.executable, "-m", "neuroweaver_model_server"], base_dir, adapter)
-    static = await start_server([sys.executable, str(ROOT / "bench" / "serve" / "static_batcher.py")], base_dir, adapter)
-    systems = {"continuous batching": cb, "static batcher": static}
     results: dict[tuple[str, str, int], dict] = {}
+    systems = {}
+    if not args.no_servers:
+        cb = await start_server([sys.executable, "-m", "neuroweaver_model_server"], base_dir, adapter)
+        static = await start_server([sys.executable, str(ROOT / "bench" / "serve" / "static_batcher.py")], base_dir, adapter)
+        systems = {"continuous batching": cb, "static batcher": static}
     try:
         for _, channel, http in systems.values():  # warm-up
             await drive(http_client(http), workload(2), 2)
             await drive(grpc_client(svc_grpc.InferenceServiceStub(channel)), workload(2), 2)
-        for c in levels:
+        for c in levels if systems else []:
             work = workload(max(c, int(count.get(c, 2 * c) * args.scale)))
             for front in ("HTTP (openai)", "gRPC"):
                 for name, (_, channel, http) in systems.items():
@@ -264,7 +268,7 @@ async def main() -> None:
     if not args.no_plain:
         peer = PlainTransformers(base_dir, adapter[0])
         await peer.one(*workload(1)[0])  # warm-up
-        for c in levels:
+        for c in [int(c) for c in args.plain_concurrency.split(",")] if args.plain_concurrency else levels:
             work = workload(max(c, int(count.get(c, 2 * c) * args.scale)))
             r = await drive(peer.one, work, c)
             results[("in-process", "plain transformers generate", c)] = r
