@@ -181,6 +181,11 @@ def _text_array(items: Sequence[str]) -> str:
     return '{"' + '","'.join(items) + '"}' if items else "{}"
 
 
+def _int_array(values: Sequence[int]) -> str:
+    """An int[] literal (one text parameter)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def _float_array(values: Sequence[float]) -> str:
     """A float8[] literal (one text parameter): repr round-trips every finite double exactly, and skips asyncpg's
     per-element type checks (~4 ms per 5,000 values)."""
@@ -394,9 +399,9 @@ class SqlAssignmentRepository(_Repository):
             return {}
         if self.pg:
             rows = await (await self._raw()).fetch(
-                "SELECT unit_id, variant FROM assignments WHERE experiment_id = $1 AND unit_id = ANY($2::text[])",
+                "SELECT unit_id, variant FROM assignments WHERE experiment_id = $1 AND unit_id = ANY($2::text::text[])",
                 key,
-                list(units),
+                _text_array(units),
             )
             return {r[0]: r[1] for r in rows}
         out: dict[str, str] = {}
@@ -415,9 +420,12 @@ class SqlAssignmentRepository(_Repository):
             return inserted
         # PostgreSQL: the insert and the exposure counts of the inserted units in one statement (one round trip);
         # epoch and class are not columns of assignments, so the counts join the inserted units back to the input
+        # The columns go as array literals (one text parameter each, cast in SQL): asyncpg's array encoder checks
+        # every element (~6 ms per 5,000 strings), more than the statement's own work per row.
         units, variants, buckets, epochs, classes = zip(*rows, strict=True)
         result = await (await self._raw()).fetch(
-            "WITH x AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $6::int[], $7::int[]) AS r(u, v, b, e, k)), "
+            "WITH x AS (SELECT * FROM unnest($2::text::text[], $3::text::text[], $4::text::int[], $6::text::int[], "
+            "$7::text::int[]) AS r(u, v, b, e, k)), "
             "ins AS (INSERT INTO assignments (experiment_id, unit_id, variant, bucket, create_time) "
             "SELECT $1, u, v, b, $5 FROM x ON CONFLICT DO NOTHING RETURNING unit_id), "
             "exp AS (INSERT INTO exposure_counts AS ec (experiment_id, epoch, bucket_class, variant, units) "
@@ -426,12 +434,12 @@ class SqlAssignmentRepository(_Repository):
             "ON CONFLICT (experiment_id, epoch, bucket_class, variant) DO UPDATE SET units = ec.units + excluded.units) "
             "SELECT unit_id FROM ins",
             key,
-            list(units),
-            list(variants),
-            list(buckets),
+            _text_array(units),
+            _text_array(variants),
+            _int_array(buckets),
             now,
-            list(epochs),
-            list(classes),
+            _int_array(epochs),
+            _int_array(classes),
         )
         return {r[0] for r in result}
 

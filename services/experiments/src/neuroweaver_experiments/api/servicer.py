@@ -27,7 +27,7 @@ METHOD_ROLES = {
     "RecordAnswers": OP,
     "WatchExperimentConfigs": V, "IngestEvents": OP,
 }  # fmt: skip
-INGEST_READ_AHEAD = 3  # IngestEvents batches received and checked ahead of the one being stored
+INGEST_READ_AHEAD = 3  # IngestEvents batches received, checked and being stored ahead of the one acknowledged next
 
 
 class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
@@ -156,13 +156,17 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
 
     async def IngestEvents(self, request_iterator, context):
         """One batch per message, answered in order once durable. A bad batch ends the stream with its error (its
-        ErrorInfo metadata names `batch_id`); the batches answered before it are stored. Up to `INGEST_READ_AHEAD`
-        batches are received and checked while an earlier one is stored (the check writes nothing; batches are stored
-        one after another), so the client's window keeps moving."""
+        ErrorInfo metadata names `batch_id`); the batches answered before it are stored (later ones may be stored
+        too: a resend reports them as duplicates). A reader task receives and checks each batch and starts storing it
+        at once, up to `INGEST_READ_AHEAD` batches ahead of the one answered next: their exposures share the
+        group-commit writer's transactions (one transaction for several batches), their events are stored in batch
+        order, and the answers go out in order, each once its batch committed."""
         local = self.svc.local
         ready: asyncio.Queue = asyncio.Queue(maxsize=INGEST_READ_AHEAD)
+        storing: list[asyncio.Future] = []  # started stores not answered yet (cancelled if the stream ends early)
 
         async def receive() -> None:
+            previous: asyncio.Future | None = None
             try:
                 async for request in request_iterator:
                     try:
@@ -173,7 +177,9 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
                         exc.metadata.update(batch_id=str(request.batch_id))
                         await ready.put(exc)
                         return
-                    await ready.put((request, checked))
+                    previous = asyncio.ensure_future(local.store(checked, after=previous))
+                    storing.append(previous)
+                    await ready.put((request, previous))
                 await ready.put(None)
             except asyncio.CancelledError:
                 raise
@@ -188,9 +194,10 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
                     break
                 if isinstance(item, Exception):
                     raise item
-                request, checked = item
+                request, task = item
                 try:
-                    out = await local.store(checked)
+                    out = await task
+                    storing.remove(task)
                 except DomainError as exc:
                     exc.metadata.update(batch_id=str(request.batch_id))
                     raise
@@ -204,5 +211,8 @@ class ExperimentsServicer(svc_grpc.ExperimentsServiceServicer):
                 )
         finally:
             reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for task in storing:
+                task.cancel()
+            for task in [reader, *storing]:
+                with contextlib.suppress(BaseException):
+                    await task

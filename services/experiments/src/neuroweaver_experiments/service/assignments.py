@@ -75,9 +75,11 @@ class AssignmentWriter:
     def __init__(self, uow: UnitOfWorkFactory, cache: StickyCache) -> None:
         self.uow = uow
         self.cache = cache
-        # experiment id → unit → (variant or None for lookup-only, bucket, epoch, bucket class); epoch and class per
-        # unit: requests of one batch may come from snapshots on either side of a weight change
-        self._pending: dict[int, dict[str, tuple[str | None, int, int, int]]] = {}
+        # experiment id → unit → (variant or None for lookup-only, bucket, epoch, bucket class, owner); epoch and class
+        # per unit: requests of one batch may come from snapshots on either side of a weight change. The owner is the
+        # waiter of the request whose row is written: only it stored the unit's first exposure (another request of
+        # the same unit in the same group gets a duplicate, or a conflict when it named another variant).
+        self._pending: dict[int, dict[str, tuple[str | None, int, int, int, asyncio.Future]]] = {}
         # one future per waiting request (not per unit: an IngestEvents batch brings thousands of units)
         self._waiters: list[asyncio.Future] = []
         self._task: asyncio.Task | None = None
@@ -85,24 +87,29 @@ class AssignmentWriter:
     async def resolve(self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]) -> list[str | None]:
         """For each (unit, fresh variant or None, bucket, epoch, bucket class): the stored variant after this call
         (inserting the fresh one when the unit has none), or None when the unit has none and `fresh` was None."""
-        return [stored for stored, _ in await self.resolve_new(experiment_id, items)]
+        stored, _ = await self.resolve_new(experiment_id, items)
+        return [stored.get(unit) for unit, *_ in items]
 
     async def resolve_new(
         self, experiment_id: int, items: list[tuple[str, str | None, int, int, int]]
-    ) -> list[tuple[str | None, bool]]:
-        """As `resolve`, with whether this batch stored the unit's first exposure (IngestEvents counts them)."""
-        units = self._pending.setdefault(experiment_id, {})
-        for unit, variant, bucket, epoch, klass in items:
-            entry = units.get(unit)
-            # a lookup joined by an exposure (or a fresh assignment): the one with a variant is written
-            if entry is None or (entry[0] is None and variant is not None):
-                units[unit] = (variant, bucket, epoch, klass)
+    ) -> tuple[dict[str, str], list[str]]:
+        """As `resolve`, for IngestEvents: unit → stored variant (covering every stored unit of `items`), and the units
+        whose first exposure this call stored (those counted in the exposure counts)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        units = self._pending.get(experiment_id)
+        if units is None:  # the first request of this group for the experiment (a whole IngestEvents batch): no merge
+            self._pending[experiment_id] = {u: (v, b, e, k, fut) for u, v, b, e, k in items}
+        else:
+            for unit, variant, bucket, epoch, klass in items:
+                entry = units.get(unit)
+                # a lookup joined by an exposure (or a fresh assignment): the one with a variant is written
+                if entry is None or (entry[0] is None and variant is not None):
+                    units[unit] = (variant, bucket, epoch, klass, fut)
         self._waiters.append(fut)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
-        stored, inserted = (await fut)[experiment_id]
-        return [(stored.get(unit), unit in inserted) for unit, *_ in items]
+        stored, owners = (await fut)[experiment_id]
+        return stored, owners.get(fut, [])
 
     async def _run(self) -> None:
         await asyncio.sleep(0)  # let requests that arrived in the same loop iteration join this batch
@@ -117,25 +124,34 @@ class AssignmentWriter:
                         f.set_exception(exc)
                 continue
             for exp_id, (stored, _) in results.items():
-                self.cache.put_many(exp_id, {u: v for u, v in stored.items() if v is not None})
+                self.cache.put_many(exp_id, stored)
             for f in waiters:
                 if not f.done():
                     f.set_result(results)
 
-    async def _write(self, batch) -> dict[int, tuple[dict[str, str | None], set[str]]]:
+    async def _write(self, batch) -> dict[int, tuple[dict[str, str], dict[asyncio.Future, list[str]]]]:
+        """One transaction for the group: per experiment, unit → stored variant, and per request (its waiter) the
+        units whose first exposure it stored."""
         now = utcnow()
-        out: dict[int, tuple[dict[str, str | None], set[str]]] = {}
+        out: dict[int, tuple[dict[str, str], dict[asyncio.Future, list[str]]]] = {}
         async with self.uow.transaction() as uow:
             for exp_id in sorted(batch):
                 units = batch[exp_id]
-                rows = [(u, v, b, e, k) for u, (v, b, e, k) in units.items() if v is not None]
-                rows.sort()
+                rows = [(u, v, b, e, k) for u, (v, b, e, k, _) in units.items() if v is not None]
+                rows.sort()  # key order: concurrent writers lock rows alike
                 inserted = await uow.assignments.add(exp_id, rows, now)  # PostgreSQL: one round trip
-                others = [u for u in units if u not in inserted]
-                stored: dict[str, str | None] = dict(await uow.assignments.stored(exp_id, others))
+                stored: dict[str, str] = {}
+                if len(inserted) < len(units):  # units stored before (or by a concurrent writer): read them back
+                    stored.update(await uow.assignments.stored(exp_id, [u for u in units if u not in inserted]))
+                owners: dict[asyncio.Future, list[str]] = {}
                 for u in inserted:
-                    stored[u] = units[u][0]
-                out[exp_id] = (stored, inserted)
+                    variant, _, _, _, owner = units[u]
+                    stored[u] = variant
+                    mine = owners.get(owner)
+                    if mine is None:
+                        mine = owners[owner] = []
+                    mine.append(u)
+                out[exp_id] = (stored, owners)
         return out
 
 

@@ -14,7 +14,9 @@ group-commit writer as AssignVariant (`INSERT ... ON CONFLICT DO NOTHING`, first
 class and variant, so the sample-ratio test stays right); a unit already stored with another variant is a conflict
 and its stored variant is returned. Then the metric events, through the metric ingest use case (idempotency keys),
 one transaction per experiment. The caller acknowledges the batch only after both committed, so a batch resent after a
-disconnect changes nothing that was stored before: exposures are idempotent per unit, events per key.
+disconnect changes nothing that was stored before: exposures are idempotent per unit, events per key. A stream may
+store several batches at once (`store(..., after=previous)`): their exposures share the writer's transactions, their
+events follow in batch order, and the acknowledgements stay in order.
 """
 
 from __future__ import annotations
@@ -280,8 +282,13 @@ class LocalEvaluation:
             )
         return CheckedBatch(rows, events, out)
 
-    async def store(self, batch: CheckedBatch) -> IngestOutcome:
-        """Stores a checked batch: exposures (one group commit), then its metric events; returns once both committed."""
+    async def store(self, batch: CheckedBatch, after: asyncio.Future | None = None) -> IngestOutcome:
+        """Stores a checked batch: exposures (one group commit), then its metric events; returns once both committed.
+
+        `after`: the store of the stream's previous batch, when batches are stored concurrently. The exposures of both
+        go to the group-commit writer at once (they share transactions), but this batch's events wait until `after`
+        is done, so an event always finds its unit's exposure from an earlier batch stored (events of one stream are
+        recorded in batch order, as before)."""
         rows, events, out = batch.rows, batch.events, batch.outcome
         for name, (snap, items) in rows.items():
             known = self.assigner.cache.known(snap.id)
@@ -296,17 +303,29 @@ class LocalEvaluation:
                     out.conflicts.append((name, item[1], stored))
             if not todo:
                 continue
-            results = await self.assigner.writer.resolve_new(snap.id, [(u, v, b, e, k) for _, u, v, b, e, k in todo])
-            for (_, unit, variant, *_), (stored, inserted) in zip(todo, results, strict=True):
-                if inserted:
-                    out.exposures_accepted += 1
-                    snap.outside.discard(unit)  # AssignVariant's memo of "outside the coverage, nothing stored"
+            variants, mine = await self.assigner.writer.resolve_new(snap.id, [(u, v, b, e, k) for _, u, v, b, e, k in todo])
+            out.exposures_accepted += len(mine)
+            if len(mine) < len(todo):  # the others were stored before (or by another request of the same group)
+                first = set(mine)
+                for _, unit, variant, *_ in todo:
+                    if unit in first:
+                        continue
+                    held = variants.get(unit)
+                    if held == variant:
+                        out.exposures_duplicate += 1
+                    else:
+                        out.conflicts.append((name, unit, held or ""))
+            # AssignVariant's memos of "outside the coverage, nothing stored" for these units are stale now
+            if snap.outside:
+                snap.outside.difference_update(mine)
+            if snap.replies:
+                for unit in mine:
                     snap.replies.pop(unit, None)
-                elif stored == variant:
-                    out.exposures_duplicate += 1
-                else:
-                    out.conflicts.append((name, unit, stored or ""))
 
+        if after is not None:
+            await asyncio.wait({after})
+            if after.cancelled() or after.exception() is not None:  # the stream ends with that batch's error
+                raise asyncio.CancelledError("the stream's previous batch was not stored")
         if len(events):
             groups: dict[str, list[int]] = {}
             for i, e_exp in enumerate(events.experiments):
