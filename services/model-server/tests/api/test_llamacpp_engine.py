@@ -119,6 +119,8 @@ async def test_parallel_requests_decode_in_one_batch_with_serial_greedy_answers(
     assert [r.text for r in parallel] == serial
     assert engine.stats.largest_batch >= 2  # decoded together, in one llama_decode per step
     assert all(r.usage.completion_tokens == 12 for r in parallel)
+    # the chat template's system prompt stays in a freed sequence's KV cache: later prompts decode only the rest
+    assert engine.stats.cached_prompt_tokens >= 20 * len(QUESTIONS)
 
 
 async def test_stop_seed_and_temperature(server, stub, client):

@@ -72,6 +72,7 @@ class EngineStats:
     dropped_expired: int = 0
     aborted: int = 0
     completed: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens a request found in a sequence's KV cache (llama.cpp)
 
 
 class QueuedEngine:

@@ -57,6 +57,7 @@ class _Slot:
     job: Job
     sampler: Any
     fed: int = 0  # prompt tokens already in the KV cache
+    kv: list[int] = field(default_factory=list)  # the tokens in this sequence's KV cache, by position
     pos: int = 0  # next position of this sequence
     next_token: int | None = None  # sampled, still to be fed
     out: list[int] = field(default_factory=list)
@@ -67,6 +68,14 @@ class _Slot:
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.job.ids)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int:
@@ -144,6 +153,10 @@ class LlamaCppEngine(QueuedEngine):
         self._eog_cache: dict[int, bool] = {}
         self._template = self._chat_formatter()
         self._slots: list[_Slot | None] = [None] * max_batch_size
+        # What each free sequence's KV cache still holds (its last request's tokens): a new request takes the free
+        # sequence sharing the longest prefix with its prompt and decodes only the rest (the chat template's system
+        # prompt, a conversation's earlier turns), as llama.cpp's server does with its slots.
+        self._cached: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.start_worker()
 
     def describe(self) -> dict[str, Any]:
@@ -245,13 +258,28 @@ class LlamaCppEngine(QueuedEngine):
                 job.expire_in_queue()
         while self._pending and None in self._slots:
             job = self._pending.popleft()
-            seq = self._slots.index(None)
-            self._slots[seq] = _Slot(seq, job, self._sampler(job))
+            free = [i for i, slot in enumerate(self._slots) if slot is None]
+            seq, common = max(((i, _common_prefix(self._cached[i], job.ids)) for i in free), key=lambda x: x[1])
+            common = min(common, len(job.ids) - 1)  # the last prompt token is decoded again: its logits sample
+            if not self._lc.llama_memory_seq_rm(self._mem, seq, common, -1):
+                self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                common = 0
+            slot = self._slots[seq] = _Slot(seq, job, self._sampler(job))
+            slot.fed = slot.pos = common
+            slot.kv = list(job.ids[:common])
+            self._cached[seq] = []
+            self.stats.cached_prompt_tokens += common
         metrics.QUEUE_DEPTH.set(len(self._pending))
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: _Slot, *, keep: bool = True) -> None:
+        """Frees the slot; its KV cache stays for a later prompt with the same prefix (`keep`), or is cleared (after a
+        failed decode, whose cache state is unknown)."""
         lc = self._lc
-        lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        if keep:
+            self._cached[slot.seq] = slot.kv
+        else:
+            lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+            self._cached[slot.seq] = []
         lc.llama_sampler_free(slot.sampler)
         self._slots[slot.seq] = None
 
@@ -276,7 +304,7 @@ class LlamaCppEngine(QueuedEngine):
                             if not slot.job.finished:
                                 slot.job.finished = True
                                 slot.job.emit(RuntimeError(f"generation failed: {exc}"))
-                            self._release(slot)
+                            self._release(slot, keep=False)
                 self._running = [s.job for s in self._active()]
                 metrics.INFLIGHT.set(len(self._running))
         finally:
@@ -284,7 +312,7 @@ class LlamaCppEngine(QueuedEngine):
                 if not slot.job.finished:
                     slot.job.finished = True
                     slot.job.emit(Unavailable("the model server is shutting down", reason="SHUTTING_DOWN"))
-                self._release(slot)
+                self._release(slot, keep=False)
             self._running = []
             metrics.INFLIGHT.set(0)
             self._free()
@@ -315,6 +343,7 @@ class LlamaCppEngine(QueuedEngine):
             b.logits[n] = 1 if logits else 0
             if logits:
                 outputs.append((slot, n))
+            slot.kv.append(token)
             slot.pos += 1
             n += 1
 
