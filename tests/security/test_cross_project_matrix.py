@@ -292,6 +292,8 @@ NESTED_NAMES = {
     "neuroweaver.deployer.v1.Deployment.model_version": "version",
     "neuroweaver.deployer.v1.Deployment.model_alias": "alias",
     "neuroweaver.deployer.v1.Deployment.served_version": "version",
+    "neuroweaver.deployer.v1.ServingConfig.additional_versions": "version",
+    "neuroweaver.deployer.v1.ServedVersion.model_version": "version",
     "neuroweaver.experiments.v1.Experiment.name": "experiment",
     "neuroweaver.experiments.v1.Variant.model_version": "version",
     "neuroweaver.experiments.v1.Variant.deployment": "deployment",
@@ -326,6 +328,8 @@ NOT_NAMES = {
     "neuroweaver.experiments.v1.Experiment.display_name": "free text",
     "neuroweaver.experiments.v1.Variant.served_model_name": "output-only engine-facing model label",
     "neuroweaver.deployer.v1.Deployment.model_names": "output-only names the model server answers to (ignored on input)",
+    "neuroweaver.deployer.v1.ServedVersion.served_model_name": "output-only engine-facing model label",
+    "neuroweaver.deployer.v1.ServedVersion.model_names": "output-only names the model server answers to (ignored on input)",
     "neuroweaver.experiments.v1.Variant.model": "output-only model name to send (ignored on input)",
     "neuroweaver.experiments.v1.MetricSpec.name": "metric name",
     "neuroweaver.experiments.v1.Experiment.promote_alias": "alias id of the winner's model",
@@ -391,11 +395,19 @@ def _container(request, path, create: bool):
 
 def get_at(request, path) -> str:
     msg = _container(request, path, create=False)
-    return "" if msg is None else getattr(msg, path[-1][0].name)
+    if msg is None:
+        return ""
+    value = getattr(msg, path[-1][0].name)
+    if path[-1][0].is_repeated:  # a list of names (ServingConfig.additional_versions)
+        return value[0] if value else ""
+    return value
 
 
 def set_at(request, path, value: str) -> None:
     msg = _container(request, path, create=True)
+    if path[-1][0].is_repeated:
+        getattr(msg, path[-1][0].name)[:] = [value]
+        return
     setattr(msg, path[-1][0].name, value)
     if path[-1][0].full_name == "neuroweaver.deployer.v1.Deployment.model_alias":
         # A deployment follows an alias or pins a version, never both: keep the request valid otherwise.
