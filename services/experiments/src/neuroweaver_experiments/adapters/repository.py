@@ -432,7 +432,8 @@ class SqlAssignmentRepository(_Repository):
             "SELECT $1, x.e, x.k, x.v, count(*) FROM ins JOIN x ON x.u = ins.unit_id GROUP BY x.e, x.k, x.v "
             "ORDER BY x.e, x.k, x.v "
             "ON CONFLICT (experiment_id, epoch, bucket_class, variant) DO UPDATE SET units = ec.units + excluded.units) "
-            "SELECT unit_id FROM ins",
+            # one row back: the inserted units only when some were not (rows are unique per unit), not a row each
+            "SELECT count(*), CASE WHEN count(*) < $8 THEN array_agg(unit_id) END FROM ins",
             key,
             _text_array(units),
             _text_array(variants),
@@ -440,8 +441,9 @@ class SqlAssignmentRepository(_Repository):
             now,
             _int_array(epochs),
             _int_array(classes),
+            len(rows),
         )
-        return {r[0] for r in result}
+        return set(units) if result[0][0] == len(rows) else set(result[0][1] or ())
 
     async def _insert_sqlite(self, key: int, rows: Sequence[tuple[str, str, int]], now: datetime) -> set[str]:
         """Multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING as driver SQL: SQLAlchemy's compilation of a 2,000-row
