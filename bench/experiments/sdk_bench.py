@@ -9,6 +9,8 @@ exposure logging through IngestEvents.
 2. Exposure logging: a producer paced at `--rate` new units/s (default 50,000) for `--seconds`, every unit a first
    exposure (coverage 1), sent in batches over IngestEvents to the real `python -m neuroweaver_experiments` process;
    after the flush the store must hold exactly one assignment per unit (no loss, no double count).
+3. Server capacity: `--capacity-batches` prebuilt batches of `--batch` first exposures sent over one IngestEvents
+   stream as fast as the server acknowledges them (no SDK producer sharing the machine); every one must be stored.
 
 The server runs pinned to CPU 0 and this process to CPU 1 when the machine has 2+ cores.
 
@@ -37,6 +39,7 @@ from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as svc_grpc
+from neuroweaver_runtime.assignment import PhasedPlan
 from neuroweaver_runtime.client import open_channel
 from neuroweaver_runtime.testing import create_postgres_database, free_port
 from neuroweaver_sdk.experiments import LocalExperiments
@@ -201,12 +204,46 @@ async def run(args) -> None:
         stored2 = await count_assignments(args, db_path, exp2.name)
         print_report(args, rows, total, produced_s, drained_s, behind, stored2, stats)
         assert stored2 == total and stats.exposures_accepted == total and not stats.rejected
+
+        # -- 3. the server's store capacity: prebuilt batches of first exposures over one stream, no producer --------
+        if args.capacity_batches:
+            await server_capacity(args, stub, db_path)
     finally:
         await channel.close()
         proc.terminate()
         proc.wait(timeout=30)
         if drop:
             await drop()
+
+
+async def server_capacity(args, stub, db_path: str | None) -> None:
+    exp = await create(stub, [0.5, 0.5], 1.0, "bench-capacity")
+    plan = PhasedPlan(exp.hash_seed, [[0.5, 0.5]], 1.0)
+    ids = [v.id for v in exp.variants]
+    batches = []
+    for b in range(args.capacity_batches):
+        units = [f"c-{i}" for i in range(b * args.batch, (b + 1) * args.batch)]
+        batches.append(
+            svc.IngestEventsRequest(
+                batch_id=b + 1,
+                exposures=[pb.Exposure(experiment=exp.name, unit_id=u, variant=ids[plan.evaluate(u)[1]], epoch=0) for u in units],
+            )
+        )
+
+    async def requests():
+        for r in batches:
+            yield r
+
+    t0 = time.perf_counter()
+    accepted = 0
+    async for ack in stub.IngestEvents(requests()):
+        accepted += ack.exposures_accepted
+    took = time.perf_counter() - t0
+    total = args.capacity_batches * args.batch
+    stored = await count_assignments(args, db_path, exp.name)
+    assert accepted == stored == total, (accepted, stored, total)
+    print(f"server capacity: {total:,} first exposures in {args.capacity_batches} prebuilt batches over one stream: "
+          f"all acknowledged after {took:.2f} s ({total / took:,.0f}/s); stored {stored:,}")  # fmt: skip
 
 
 async def count_assignments(args, db_path: str | None, name: str) -> int:
@@ -254,6 +291,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=5_000)
     ap.add_argument("--max-queue", type=int, default=200_000)
     ap.add_argument("--postgres", action="store_true", help="the server on a fresh PostgreSQL database (else SQLite)")
+    ap.add_argument("--capacity-batches", type=int, default=100, help="prebuilt batches for the server capacity (0: skip)")
     args = ap.parse_args()
     asyncio.run(run(args))
 
