@@ -100,6 +100,31 @@ async def test_changing_the_additional_versions_replaces_replicas_without_a_revi
     assert rolled.revision == 2 and rolled.target is not None and rolled.target.co_served == (fakes.v2,)
 
 
+async def test_an_alias_moving_onto_an_additional_version_serves_it_once(fakes):
+    """The A/B's end: production (followed) moves to the candidate served beside it; the candidate is then served
+    once, as the deployment's own version, and its name `<deployment>/<version>` still reaches it."""
+    svc, alias = fakes.service, f"{P}/models/m/aliases/production"
+    fakes.registry.aliases[f"{P}/models/m/versions/production"] = fakes.v1.name
+    d = await svc.create(
+        P, "ab", Deployment(name="", model_alias=alias, serving=Serving(additional_versions=[fakes.v2.name])), "", "b"
+    )
+    dep = f"{P}/deployments/ab"
+    assert d.model_names == (dep, "ab", "m@production", f"{P}/models/m@production", f"{dep}/1.0.0", "ab/1.0.0")
+    assert [v.model_names for v in d.served_versions][1] == (f"{dep}/1.1.0", "ab/1.1.0")
+    fakes.registry.aliases[f"{P}/models/m/versions/production"] = fakes.v2.name
+    assert await svc.follow_alias(d.name)
+    moved = await svc.get(d.name)
+    assert moved.served_version == fakes.v2.name and moved.target is not None and moved.target.co_served == ()
+    assert [v.model_version for v in moved.served_versions] == [fakes.v2.name]
+    assert f"{dep}/1.1.0" in moved.model_names and "ab/1.1.0" in moved.model_names
+    async with asyncio.timeout(10):
+        while not [t for t in fakes.backend.applied if t.deployment == d.name and t.version.name == fakes.v2.name]:
+            await asyncio.sleep(0.01)
+    target = [t for t in fakes.backend.applied if t.deployment == d.name][-1]
+    assert target.version.name == fakes.v2.name and "ab/1.1.0" in target.model_names
+    assert "--extra-versions" not in model_server_command(target, "h", 1, 2, 3, 5.0)
+
+
 async def test_versions_of_another_base_or_without_an_adapter_are_refused(fakes):
     svc = fakes.service
     other_base = fakes.registry.add(dataclasses.replace(fakes.v3, base_model="file:///models/other"))

@@ -147,8 +147,11 @@ class Deployment:
     @property
     def model_names(self) -> tuple[str, ...]:
         names = stable_model_names(self.name, self.model_alias)
-        if self.serving.additional_versions and self.model_version:  # `<deployment>/<version>` beside the others'
-            names += version_model_names(self.name, VERSION.parse(self.model_version)["version"])
+        if self.serving.additional_versions:  # `<deployment>/<version>` beside the other versions' names
+            if self.model_version:
+                names += version_model_names(self.name, VERSION.parse(self.model_version)["version"])
+            elif self.target is not None:  # following an alias: the version it serves now
+                names += version_model_names(self.name, self.target.version)
         return names
 
     @property
