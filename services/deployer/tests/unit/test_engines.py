@@ -77,7 +77,7 @@ async def test_the_engine_must_fit_the_version(fakes):
     with pytest.raises(FailedPrecondition) as caught:
         await svc.update(Deployment(name=created.name, serving=Serving(engine="transformers")), {"serving"}, "")
     assert caught.value.reason == "ENGINE_CANNOT_LOAD_ARTIFACT"
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(60):
         while not any(t.deployment == auto.name for t in fakes.backend.applied):  # the controller runs it first
             await asyncio.sleep(0.01)
     applied = len(fakes.backend.applied)
@@ -85,7 +85,7 @@ async def test_the_engine_must_fit_the_version(fakes):
     assert updated.serving.engine == "transformers"
     assert updated.target is not None
 
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(60):
         while len(fakes.backend.applied) == applied:  # the controller converges in a task of its own
             await asyncio.sleep(0.01)
     new = fakes.backend.applied[-1]
