@@ -162,3 +162,15 @@ def test_validation_of_additional_versions():
 def test_the_proto_field_round_trips():
     m = pb.Deployment(name=f"{P}/deployments/d", serving=pb.ServingConfig(additional_versions=[f"{P}/models/m/versions/2"]))
     assert deployment_from_pb(m).serving.additional_versions == [f"{P}/models/m/versions/2"]
+
+
+async def test_an_additional_adapter_on_no_mounted_volume_is_refused_for_kubernetes(fakes):
+    d = await fakes.service.create(P, "ab", ab(fakes.v1, fakes.v2), "", "b")
+    target = await applied(fakes, d.name)
+    defaults = KubeDefaults(image="img", namespace="nw", artifacts_mount_path="/artifacts", models_claim="models",
+                            models_mount_path="/models")  # fmt: skip
+    elsewhere = dataclasses.replace(fakes.v2, artifact_uri="file:///elsewhere/m/1.1.0")
+    moved = dataclasses.replace(target, version=dataclasses.replace(target.version, co_served=(elsewhere,)))
+    with pytest.raises(FailedPrecondition) as caught:
+        model_server_spec(moved, defaults)
+    assert caught.value.reason == "ARTIFACT_NOT_MOUNTED" and "elsewhere" not in caught.value.message
