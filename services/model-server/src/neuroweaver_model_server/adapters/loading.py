@@ -143,8 +143,6 @@ def check_spec(spec: LoadSpec) -> str:
         kinds = {is_gguf_adapter(uri) for _, uri, _ in spec.adapters}
         if len(kinds) > 1:
             raise ValueError("versions on one base need adapters of one kind: all PEFT directories or all GGUF LoRA files")
-        if engine == "llama.cpp":
-            raise ValueError("the llama.cpp engine serves one version per server here; use --engine transformers")
     if engine == "llama.cpp":
         from ..engines import llamacpp
 
@@ -208,6 +206,13 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
         assert base is not None  # check_spec
         lora = None
         sha = ""
+        named = {}
+        for name, uri, digest in spec.adapters:  # several versions: every GGUF LoRA on the one model, digests first
+            path = uri_to_path(uri)
+            verify_digest(path, digest)
+            named[name] = str(gguf_file(path))
+        if named:
+            adapter = None  # the first version is "v0" among them; a request always names its version's adapter
         if adapter is not None:
             if spec.adapter_sha256:
                 sha, _ = verify_digest(adapter, spec.adapter_sha256)
@@ -216,6 +221,7 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
             LlamaCppEngine(
                 str(base),
                 lora_path=str(lora) if lora else None,
+                adapters=named or None,
                 max_queue=limits.max_queue,
                 max_batch_size=limits.max_batch_size,
                 threads=spec.threads,

@@ -12,6 +12,17 @@ request samples its own next token with its own sampler chain (greedy, or temper
 different sampling settings share a batch and a seed reproduces its sample whatever runs beside it. Requests join
 at the next step after a slot frees and leave the batch as soon as they finish, are cancelled or pass their
 deadline. Text is decoded incrementally (UTF-8 safe), stop strings are matched on it and never streamed.
+
+Several versions on one base (`adapters={name: gguf_lora}`): the base weights are loaded once (one `llama_model`)
+and every version's GGUF LoRA on it; one context serves them all. llama.cpp applies adapters per context, not per
+sequence, so each step decodes the running requests grouped by adapter: `llama_set_adapters_lora` (a no-op when the
+set is unchanged) then one `llama_decode` holding only that adapter's sequences, group after group. This is correct
+because a sequence's KV cache only ever holds tokens decoded with its own adapter (every decode call that touches it
+has its adapter set), and attention reads only the sequence's own cells (per-sequence streams): switching the
+adapter between calls changes nothing already cached. A freed sequence's cache is reused for a prompt prefix only by
+a request of the same adapter. Chosen over one context per adapter, which would hold a KV cache of
+`--max-batch-size` x `--context-length` per version (and its own compute buffers) for the same result; the price is
+one `llama_decode` per adapter present in a step instead of one per step.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from neuroweaver_ml.generation import stop_holdback
 from neuroweaver_runtime.errors import Unavailable
 
 from .. import metrics
-from ..domain import Delta
+from ..domain import Delta, Sampling
 from .base import Job, Prompt, QueuedEngine
 
 log = logging.getLogger("neuroweaver.model_server.engine.llamacpp")
@@ -56,6 +67,7 @@ class _Slot:
     seq: int
     job: Job
     sampler: Any
+    adapter: str = ""  # the job's adapter name (its key in the engine's adapters)
     fed: int = 0  # prompt tokens already in the KV cache
     kv: list[int] = field(default_factory=list)  # the tokens in this sequence's KV cache, by position
     pos: int = 0  # next position of this sequence
@@ -96,6 +108,7 @@ class LlamaCppEngine(QueuedEngine):
         *,
         lora_path: str | None = None,
         lora_scale: float = 1.0,
+        adapters: dict[str, str] | None = None,
         max_queue: int,
         max_batch_size: int,
         threads: int = 0,
@@ -135,35 +148,63 @@ class LlamaCppEngine(QueuedEngine):
             raise ValueError("llama.cpp could not create a context (out of memory?)")
         self._ctx = ctx
         self._mem = lc.llama_get_memory(ctx)
-        self._adapter = None
-        if lora_path:
-            adapter = lc.llama_adapter_lora_init(model, lora_path.encode())
+        self.lora_scale = lora_scale
+        # Adapter name → the GGUF LoRA loaded on the one model ("" = the job's default: `lora_path`, or none).
+        self.adapter_paths = {"": lora_path, **(adapters or {})}
+        self._loras: dict[str, Any] = {}
+        for name, path in self.adapter_paths.items():
+            if not path:
+                self._loras[name] = None
+                continue
+            adapter = lc.llama_adapter_lora_init(model, path.encode())
             if not adapter:
                 self._free()
-                raise ValueError(
-                    f"llama.cpp could not load {os.path.basename(lora_path)!r} as a GGUF LoRA adapter of this base model"
-                )
-            self._adapter = adapter
-            adapters = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
-            scales = (ctypes.c_float * 1)(lora_scale)
-            if lc.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
-                self._free()
-                raise ValueError("llama.cpp could not apply the LoRA adapter")
+                raise ValueError(f"llama.cpp could not load {os.path.basename(path)!r} as a GGUF LoRA adapter of this base model")
+            self._loras[name] = adapter
+        self._applied: Any = object()  # the adapter set on the context (none set yet)
+        try:
+            self._apply("")
+        except RuntimeError as exc:
+            self._free()
+            raise ValueError(str(exc)) from exc
         self._batch = lc.llama_batch_init(self.batch_tokens, 0, 1)
         self._eog_cache: dict[int, bool] = {}
         self._template = self._chat_formatter()
         self._slots: list[_Slot | None] = [None] * max_batch_size
         # What each free sequence's KV cache still holds (its last request's tokens): a new request takes the free
         # sequence sharing the longest prefix with its prompt and decodes only the rest (the chat template's system
-        # prompt, a conversation's earlier turns), as llama.cpp's server does with its slots.
+        # prompt, a conversation's earlier turns), as llama.cpp's server does with its slots; only for a request of the
+        # adapter that computed that cache (`_cached_adapter`).
         self._cached: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._cached_adapter: list[str] = [""] * max_batch_size
         self.start_worker()
+
+    def _apply(self, name: str) -> None:
+        """Sets the context's adapter to `name`'s (worker thread, between decode calls)."""
+        lc = self._lc
+        adapter = self._loras[name]
+        if self._applied is adapter:
+            return
+        if adapter is None:
+            rc = lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            arr = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
+            rc = lc.llama_set_adapters_lora(self._ctx, arr, 1, (ctypes.c_float * 1)(self.lora_scale))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {name or 'of this server'!r} ({rc})")
+        self._applied = adapter
+
+    def submit(self, ids: list[int], sampling: Sampling, deadline: float | None, adapter: str = "") -> Job:
+        if adapter not in self._loras:
+            raise ValueError(f"this llama.cpp engine has no adapter {adapter!r}")
+        return super().submit(ids, sampling, deadline, adapter)
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "model": os.path.basename(self.model_path),
             "lora": os.path.basename(self.lora_path) if self.lora_path else "",
+            "adapters": {k: os.path.basename(v) for k, v in self.adapter_paths.items() if k and v},
             "threads": self.threads,
         }
 
@@ -259,12 +300,15 @@ class LlamaCppEngine(QueuedEngine):
         while self._pending and None in self._slots:
             job = self._pending.popleft()
             free = [i for i, slot in enumerate(self._slots) if slot is None]
-            seq, common = max(((i, _common_prefix(self._cached[i], job.ids)) for i in free), key=lambda x: x[1])
+            seq, common = max(
+                ((i, _common_prefix(self._cached[i], job.ids) if self._cached_adapter[i] == job.adapter else 0) for i in free),
+                key=lambda x: x[1],
+            )
             common = min(common, len(job.ids) - 1)  # the last prompt token is decoded again: its logits sample
             if not self._lc.llama_memory_seq_rm(self._mem, seq, common, -1):
                 self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 common = 0
-            slot = self._slots[seq] = _Slot(seq, job, self._sampler(job))
+            slot = self._slots[seq] = _Slot(seq, job, self._sampler(job), job.adapter)
             slot.fed = slot.pos = common
             slot.kv = list(job.ids[:common])
             self._cached[seq] = []
@@ -277,6 +321,7 @@ class LlamaCppEngine(QueuedEngine):
         lc = self._lc
         if keep:
             self._cached[slot.seq] = slot.kv
+            self._cached_adapter[slot.seq] = slot.adapter
         else:
             lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
             self._cached[slot.seq] = []
@@ -318,7 +363,6 @@ class LlamaCppEngine(QueuedEngine):
             self._free()
 
     def _step(self, active: list[_Slot]) -> None:
-        lc = self._lc
         now = time.monotonic()
         live = []
         for slot in active:
@@ -330,6 +374,19 @@ class LlamaCppEngine(QueuedEngine):
                 live.append(slot)
         if not live:
             return
+        groups: dict[str, list[_Slot]] = {}
+        for slot in live:  # one llama_decode per adapter: a call holds sequences of one adapter only
+            groups.setdefault(slot.adapter, []).append(slot)
+        sampled = 0
+        for name, slots in groups.items():
+            sampled += self._decode(name, slots)
+        self.stats.largest_batch = max(self.stats.largest_batch, sampled)
+        metrics.BATCH_SIZE.observe(sampled)
+
+    def _decode(self, adapter: str, live: list[_Slot]) -> int:
+        """One `llama_decode` of `live` (all of `adapter`): their next tokens, then prompt chunks; samples each
+        request whose last position was decoded. Returns how many sampled."""
+        lc = self._lc
         b = self._batch
         n = 0
         outputs: list[tuple[_Slot, int]] = []
@@ -355,17 +412,19 @@ class LlamaCppEngine(QueuedEngine):
             while slot.prefilling and n < self.batch_tokens:
                 add(ids[slot.fed], slot, slot.fed == len(ids) - 1)
                 slot.fed += 1
+        if n == 0:
+            return 0
         b.n_tokens = n
+        self._apply(adapter)
         rc = lc.llama_decode(self._ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(outputs))
-        metrics.BATCH_SIZE.observe(len(outputs))
         now = time.monotonic()
         for slot, idx in outputs:
             token = lc.llama_sampler_sample(slot.sampler, self._ctx, idx)
             self._on_token(slot, int(token), now)
+        return len(outputs)
 
     def _on_token(self, slot: _Slot, token: int, now: float) -> None:
         job = slot.job
