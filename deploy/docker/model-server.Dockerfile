@@ -22,6 +22,9 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
 FROM ${PYTHON_IMAGE} AS venv
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Debian's packages come unpinned (hadolint DL3008): the base image's tag fixes the release, and exact versions vanish
+# from its mirrors at every point release.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=wheels /wheels /wheels
@@ -32,6 +35,7 @@ RUN python -m venv /opt/venv \
 
 # Stage 3: common runtime, non-root, no build tools.
 FROM ${PYTHON_IMAGE} AS runtime
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 neuroweaver \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/neuroweaver \

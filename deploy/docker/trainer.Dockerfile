@@ -21,11 +21,11 @@ COPY libs/neuroweaver-runtime libs/neuroweaver-runtime
 COPY libs/neuroweaver-ml libs/neuroweaver-ml
 COPY libs/neuroweaver-kube libs/neuroweaver-kube
 COPY services/trainer services/trainer
+# The wheels, and llama.cpp's converter scripts for EXPORT jobs (GGUF: in llama-cpp-python's sdist, not its wheel).
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
         ./libs/neuroweaver-proto ./libs/neuroweaver-runtime ./libs/neuroweaver-ml \
-        ./libs/neuroweaver-kube ./services/trainer
-# llama.cpp's converter scripts for EXPORT jobs (GGUF): in llama-cpp-python's sdist, not in its wheel.
-RUN pip download --no-cache-dir --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /sdist
+        ./libs/neuroweaver-kube ./services/trainer \
+    && pip download --no-cache-dir --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /sdist
 
 # Stage 2: CPython 3.11 + virtualenv with CUDA torch, bitsandbytes (QLoRA) and the wheels.
 FROM ${CUDA_IMAGE} AS venv
