@@ -38,7 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import PROMPTS, cold_start, make_adapter, pct  # noqa: E402
+from bench_serve import PROMPTS, cold_start, make_adapter  # noqa: E402
+from bench_serve import summarize as serve_summarize  # noqa: E402
 
 SECTION = "## Serving: transformers engine (continuous batching)"
 CONTEXT = (
@@ -70,18 +71,8 @@ def workload(n: int) -> list[tuple[list[dict], dict]]:
 
 
 def summarize(results: list[tuple[float, float, int]], wall: float) -> dict:
-    lat = [r[0] for r in results]
-    ttft = [r[1] for r in results]
-    tokens = sum(r[2] for r in results)
-    return {
-        "tok_s": tokens / wall,
-        "p50": pct(lat, 0.5),
-        "p99": pct(lat, 0.99),
-        "ttft50": pct(ttft, 0.5),
-        "ttft99": pct(ttft, 0.99),
-        "tokens": tokens,
-        "load": os.getloadavg()[0],
-    }
+    """bench_serve's row plus the 1-minute load average (this bench runs beside other work)."""
+    return {**serve_summarize(results, wall), "load": os.getloadavg()[0]}
 
 
 async def drive(one, work, concurrency: int) -> dict:
