@@ -27,6 +27,12 @@ def test_non_recording_span_continues_the_callers_trace():
     assert carrier["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+def test_trace_context_is_read_from_any_header_case():
+    """HTTP headers (the model server's OpenAI front) may come capitalized; gRPC metadata is lowercase."""
+    span = _propagating_span({"Traceparent": TRACEPARENT, "User-Agent": "x"})
+    assert format(span.get_span_context().trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 def test_non_recording_span_without_caller_trace_starts_a_new_one():
     a, b = _propagating_span({}), _propagating_span({})
     assert a.get_span_context().is_valid and a.get_span_context().trace_id != b.get_span_context().trace_id

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 
 import grpc
 from grpc_status import rpc_status
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -125,18 +126,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     # -- shared pieces ---------------------------------------------------------------------------
 
-    def _begin(self, context, metrics: _MethodMetrics, service: str, name: str):
-        metadata = context.invocation_metadata() or ()
-        md = {k: v for k, v in metadata}
-        request_id_var.set(str(md.get("x-request-id") or uuid.uuid4().hex[:16]))
+    def _begin(self, context, metrics: _MethodMetrics):
+        md = dict(context.invocation_metadata() or ())
+        # A request id only correlates log lines: a random 64-bit value, not a uuid4 (which reads os.urandom).
+        request_id_var.set(str(md.get("x-request-id") or f"{random.getrandbits(64):016x}"))
         metrics.started.inc()
-        span = telemetry.server_span(
-            self._tracer,
-            f"{service}/{name}",
-            md,
-            {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-            record=self._record_spans,
-        )
+        span = telemetry.server_span(self._tracer, metrics.span_name, md, metrics.span_attributes, record=self._record_spans)
         trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
         return md, span
 
@@ -217,10 +212,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapper(request, context):
             started = time.perf_counter()
-            md, span = self._begin(context, metrics, service, name)
+            md, span = self._begin(context, metrics)
             code = None
             try:
-                with trace.use_span(span, end_on_exit=False):
+                # The span is current while the handler runs (attach/detach: the cheap form of trace.use_span;
+                # failures reach the span through _fail).
+                current = otel_context.attach(trace.set_span_in_context(span))
+                try:
                     if kind == "unary":
                         metrics.received.inc()  # as go-grpc-prometheus: the request counts before auth
                         self._check_auth(md, request, required, context)
@@ -228,6 +226,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     else:
                         principal = self._check_auth(md, None, required, context)
                         response = await behavior(self._checked_stream(request, principal, required, metrics.received), context)
+                finally:
+                    otel_context.detach(current)
                 metrics.sent.inc()  # the single response; not counted when the call fails
                 return response
             except grpc.aio.AbortError:
@@ -250,7 +250,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapper(request, context):
             started = time.perf_counter()
-            md, span = self._begin(context, metrics, service, name)
+            md, span = self._begin(context, metrics)
             code = None
             task = asyncio.current_task()
             assert task is not None  # handlers always run in a task
@@ -331,12 +331,15 @@ async def _close(responses) -> None:
 
 
 class _MethodMetrics:
-    """The labelled Prometheus children of one method, looked up once instead of on every call."""
+    """What every call of one method shares (its labelled Prometheus children, span name and attributes), built once
+    instead of on every call."""
 
-    __slots__ = ("_labels", "started", "seconds", "received", "sent", "_handled")
+    __slots__ = ("_labels", "started", "seconds", "received", "sent", "_handled", "span_name", "span_attributes")
 
     def __init__(self, kind: str, service: str, name: str) -> None:
         self._labels = (kind, service, name)
+        self.span_name = f"{service}/{name}"
+        self.span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         self.started = telemetry.GRPC_STARTED.labels(kind, service, name)
         self.seconds = telemetry.GRPC_HANDLING_SECONDS.labels(kind, service, name)
         self.received = telemetry.GRPC_MSG_RECEIVED.labels(kind, service, name)

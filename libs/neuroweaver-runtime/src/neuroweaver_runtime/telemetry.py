@@ -239,17 +239,35 @@ def spans_are_recorded() -> bool:
     return True
 
 
+_fields_of: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _propagation_fields() -> frozenset[str]:
+    """The header names the global propagator reads (W3C: traceparent, tracestate, baggage), cached per propagator."""
+    global _fields_of
+    textmap = propagate.get_global_textmap()
+    if _fields_of[0] is not textmap:
+        _fields_of = (textmap, frozenset(f.lower() for f in textmap.fields))
+    return _fields_of[1]
+
+
 def server_span(
     tracer: trace.Tracer, name: str, carrier: Mapping[str, str | bytes], attributes: Mapping[str, str], *, record: bool
 ) -> trace.Span:
     """The span a server handles one call under, continuing the caller's W3C trace context in `carrier` (gRPC
     metadata or HTTP headers). With `record` a SERVER span (to be ended by the caller); without, a span that
     records nothing yet carries the caller's trace id (or a fresh one), so log lines and outgoing calls have it."""
-    parent_context = propagate.extract({k.lower(): v for k, v in carrier.items() if isinstance(v, str)})
     if record:
+        parent_context = propagate.extract({k.lower(): v for k, v in carrier.items() if isinstance(v, str)})
         return tracer.start_span(name, context=parent_context, kind=trace.SpanKind.SERVER, attributes=attributes)
-    parent = trace.get_current_span(parent_context).get_span_context()
     span_id = random.getrandbits(64) or 1
+    # Most calls carry no trace context: skip the propagators' parsing then.
+    fields = _propagation_fields()
+    if any(key.lower() in fields for key in carrier):
+        parent_context = propagate.extract({k.lower(): v for k, v in carrier.items() if isinstance(v, str)})
+        parent = trace.get_current_span(parent_context).get_span_context()
+    else:
+        parent = trace.INVALID_SPAN_CONTEXT
     if parent.is_valid:
         ctx = trace.SpanContext(
             parent.trace_id, span_id, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state
