@@ -2,14 +2,23 @@
 GGUF LoRA adapters (two versions). Each name answers with its adapter's greedy output as a single-adapter llama.cpp
 server gives it (also when a freed sequence's KV cache holds the same chat-template prefix computed with the other
 adapter), mixed concurrent requests of both versions keep their adapters while decoded in the same steps, and
-`/v1/models` / ListModels list both. Few tokens: 2 shared cores."""
+`/v1/models` / ListModels list both. Few tokens: 2 shared cores.
+
+On some CPUs llama.cpp's kernels, and so its last bits, differ with the batch shape, and a greedy answer flips where its
+two best tokens are nearly tied (a CI run: "A check engine light refers to ..." alone, "A check engine light, also
+known as" beside three other requests; on this development machine the logits are bit-identical across the test's
+batch shapes). The reference answers therefore record, token by token, the gap between the two largest logits, and an
+answer must equal its reference as far as every token was decided by more than `NEAR_TIE`; the test asserts that these
+decided parts still tell each adapter from the other and from the base, so a swapped or missing adapter fails."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import openai
 import pytest
 
@@ -23,11 +32,18 @@ BASE = "builtin:smollm2-135m-instruct"
 VERSIONS = ["projects/default/models/smol/versions/1.0.0", "projects/default/models/smol/versions/1.1.0"]
 SERVED = ["smol-1-0-0-aaaaaaaa", "smol-1-1-0-bbbbbbbb"]
 NAMES = [["smol-ab", "smol-ab/1.0.0"], ["smol-ab/1.1.0"]]
-# Prompts without near-ties: with a LoRA applied, llama.cpp's logits are not bit-identical across batch shapes (a
-# single-adapter engine answered "How often should I rotate my tires?" with "... for a vehicle is" alone and
-# "... for a vehicle's" beside one other request), so a greedy answer on a near-tie may flip with what it is batched with.
-PROMPTS = ["What is the capital of France?", "What does a check engine light mean?"]
+# Four prompts: the adapters' decided parts (below) must tell the versions apart on at least one of them, whatever
+# the CPU's kernels make of the near-ties.
+PROMPTS = [
+    "What is the capital of France?",
+    "What does a check engine light mean?",
+    "Name a primary color.",
+    "How many legs does a spider have?",
+]
 TOKENS = 8
+# Logit gap under which a greedy choice counts as undecided: far above kernel-to-kernel drift (last bits of float32
+# sums through 30 layers), far below the gaps of the tokens these adapters change (typically 1-7).
+NEAR_TIE = 0.5
 
 
 def config(**kw) -> ModelServerConfig:
@@ -60,6 +76,59 @@ def loras(base_gguf, tmp_path_factory):
     return [make_gguf_lora(base_gguf, d / f"v{i}.gguf", seed=i + 1) for i in range(2)]
 
 
+@dataclass(frozen=True)
+class Greedy:
+    """A reference greedy answer: its text, and the part of it decided by more than `NEAR_TIE` at every token."""
+
+    text: str
+    decided: str
+
+    def admits(self, answer: str) -> bool:
+        return answer == self.text if self.decided == self.text else answer.startswith(self.decided)
+
+
+class SampledGaps:
+    """Stands in for the engine's `llama_cpp` module: passes every call through and records, at each sampled
+    position, the token and the gap between its two largest logits."""
+
+    def __init__(self, lc, n_vocab: int) -> None:
+        self._lc, self._n_vocab = lc, n_vocab
+        self.sampled: list[tuple[int, float]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._lc, name)
+
+    def llama_sampler_sample(self, sampler, ctx, idx):
+        token = self._lc.llama_sampler_sample(sampler, ctx, idx)
+        logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
+        second, first = np.partition(logits, -2)[-2:]
+        self.sampled.append((int(token), float(first - second)))
+        return token
+
+
+async def references(server: ModelServer) -> dict[str, Greedy]:
+    """Each prompt's greedy answer on `server` (one request at a time), with its decided part."""
+    engine = server.service.engine
+    gaps = engine._lc = SampledGaps(engine._lc, engine._lc.llama_vocab_n_tokens(engine._vocab))
+    out = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
+        stub = svc_grpc.InferenceServiceStub(channel)
+        for q in PROMPTS:
+            gaps.sampled.clear()
+            text = (await stub.Generate(chat(q))).text
+            tokens = [t for t, _ in gaps.sampled]
+            near = [i for i, (_, gap) in enumerate(gaps.sampled) if gap < NEAR_TIE]
+            decided = engine.detokenize(tokens[: near[0]]) if near else text
+            assert text.startswith(decided)
+            out[q] = Greedy(text, decided)
+    return out
+
+
+def assert_admitted(got: dict[str, str], expected: dict[str, Greedy], label: str) -> None:
+    for q, answer in got.items():
+        assert expected[q].admits(answer), (label, q, answer, expected[q])
+
+
 async def answers(server: ModelServer, model: str = "") -> dict[str, str]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
         stub = svc_grpc.InferenceServiceStub(channel)
@@ -78,11 +147,14 @@ async def alone(base_gguf, loras):
         s = ModelServer(config(**extra))
         await s.start()
         try:
-            out.append(await answers(s))
+            out.append(await references(s))
         finally:
             await s.stop()
     base, *per_version = out
-    assert per_version[0] != per_version[1] and base not in per_version, "the adapters must change the answers"
+    # the decided parts tell each adapter from the other and from the base, for some prompt: a swapped adapter fails
+    for version, mine in enumerate(per_version):
+        for other in (base, per_version[1 - version]):
+            assert any(not mine[q].admits(other[q].text) for q in PROMPTS), "the adapters must change the answers"
     return per_version
 
 
@@ -115,8 +187,8 @@ async def test_each_name_answers_with_its_adapter_alone(server, alone):
     # adapter, which must not be reused
     for version, names in enumerate(NAMES):
         for name in (*names, SERVED[version]):
-            assert await answers(server, name) == alone[version], name
-    assert await answers(server) == alone[0]  # no model name: the first version
+            assert_admitted(await answers(server, name), alone[version], name)
+    assert_admitted(await answers(server), alone[0], "no model name: the first version")
 
 
 async def test_mixed_concurrent_requests_keep_their_adapters(server, alone):
@@ -133,14 +205,16 @@ async def test_mixed_concurrent_requests_keep_their_adapters(server, alone):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
             stub = svc_grpc.InferenceServiceStub(channel)
             calls, expected = [], []
-            for i in range(4):  # max_batch_size 4: all decode together
+            for i in range(2 * len(PROMPTS)):  # 4 at once (max_batch_size), the others join as slots free
                 version, q = i % 2, PROMPTS[i // 2]
                 calls.append(stub.Generate(chat(q, NAMES[version][0])))
                 expected.append((alone[version][q], VERSIONS[version]))
             replies = await asyncio.gather(*calls)
     finally:
         del engine._step
-    assert [(r.text, r.model_version) for r in replies] == expected
+    assert [r.model_version for r in replies] == [v for _, v in expected]
+    for reply, (reference, _) in zip(replies, expected, strict=True):
+        assert reference.admits(reply.text), (reply.text, reference)
     assert any(s == {"v0", "v1"} for s in steps), "no step decoded both versions"
 
 
