@@ -1,7 +1,14 @@
 """OpenAI-compatible HTTP API (`POST /v1/chat/completions` and `POST /v1/completions` with SSE streaming,
 `GET /v1/models`, `GET /v1/models/{id}`) and `/healthz`, plus the ops app of the separate ops port (`/metrics` for
 Prometheus, `/healthz`), served by aiohttp on the model server's event loop. Options the engine cannot honour
-(`logprobs`, `n` > 1, ...) are refused with 400 `UNSUPPORTED_PARAMETER`, never ignored.
+(`echo`, `n` > 1, ...) are refused with 400 `UNSUPPORTED_PARAMETER`, never ignored.
+
+Log-probabilities as OpenAI shapes them: chat's `logprobs: true` + `top_logprobs: 0-20` →
+`choices[].logprobs.content[]` ({token, logprob, bytes, top_logprobs}); the legacy completions' `logprobs: N` (0-20)
+→ `choices[].logprobs` {tokens, token_logprobs, top_logprobs (the N most likely and the sampled token), text_offset
+(characters into the completion)}; streamed chunks carry those of the tokens their text holds. Values are the
+model's distribution (before temperature and top_p); neither a stop string's tokens nor the end-of-sequence token
+are listed.
 
 Callers name the model by any name the server answers to (`model` in the body; `GET /v1/models` lists them,
 stable names first); `model` in the answer echoes that name, as OpenAI's does, while the version that served it
@@ -29,7 +36,7 @@ from neuroweaver_runtime.auth import Role, TokenAuthenticator, authorize
 from neuroweaver_runtime.errors import DomainError, InvalidArgument
 
 from .. import metrics
-from ..domain import GenerationInput, Message, Sampling, ServedModel
+from ..domain import MAX_TOP_LOGPROBS, GenerationInput, Message, Sampling, ServedModel, TokenLogprob
 from ..service import InferenceService
 from .http_tracing import tracing_middleware
 
@@ -116,9 +123,11 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _unsupported(body: dict[str, Any]) -> None:
-    """Options this server cannot honour are refused, never ignored (the engine reports no log-probabilities)."""
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+def _unsupported(body: dict[str, Any], *, chat: bool) -> None:
+    """Options this server cannot honour are refused, never ignored (`top_logprobs` is chat's; the legacy
+    completions API takes the count in `logprobs`)."""
+    names = ("echo", "suffix", "logit_bias", "tools", "functions", *(() if chat else ("top_logprobs",)))
+    for name in names:
         if body.get(name):  # absent, false, null, 0, empty: the default, fine
             raise InvalidArgument(f"{name} is not supported by this server", field=name, reason="UNSUPPORTED_PARAMETER")
     for name in ("n", "best_of"):
@@ -126,9 +135,37 @@ def _unsupported(body: dict[str, Any]) -> None:
             raise InvalidArgument(f"only {name}=1 is supported", field=name, reason="UNSUPPORTED_PARAMETER")
 
 
-def _request(body: dict[str, Any], messages: list[Message], prompt: str) -> tuple[GenerationInput, bool, bool]:
+def _int_option(body: dict[str, Any], name: str) -> int | None:
+    """An optional count in [0, MAX_TOP_LOGPROBS] (null = absent)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(
+            f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}]", field=name, reason="INVALID_GENERATION_REQUEST"
+        )
+    return value
+
+
+def _logprobs_options(body: dict[str, Any], *, chat: bool) -> tuple[bool, int]:
+    """(report logprobs, alternatives per token). Chat: `logprobs` a boolean, `top_logprobs` needs it; completions
+    (legacy): `logprobs` the number of alternatives, 0 = the sampled token's only, null = none."""
+    if not chat:
+        n = _int_option(body, "logprobs")
+        return n is not None, n or 0
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidArgument("logprobs must be a boolean", field="logprobs", reason="INVALID_GENERATION_REQUEST")
+    top = _int_option(body, "top_logprobs")
+    if top is not None and not wanted:
+        raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs", reason="INVALID_GENERATION_REQUEST")
+    return bool(wanted), top or 0
+
+
+def _request(body: dict[str, Any], messages: list[Message], prompt: str, *, chat: bool) -> tuple[GenerationInput, bool, bool]:
     """The sampling options chat and text completions share → (input, stream, include_usage)."""
-    _unsupported(body)
+    _unsupported(body, chat=chat)
+    logprobs, top_logprobs = _logprobs_options(body, chat=chat)
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -146,7 +183,15 @@ def _request(body: dict[str, Any], messages: list[Message], prompt: str) -> tupl
     model = body.get("model") or ""
     if not isinstance(model, str):
         raise InvalidArgument("model must be a string", field="model", reason="INVALID_GENERATION_REQUEST")
-    sampling = Sampling(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens), stop=stop, seed=seed)
+    sampling = Sampling(
+        temperature=float(temperature),
+        top_p=float(top_p),
+        max_tokens=int(max_tokens),
+        stop=stop,
+        seed=seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
     stream = bool(body.get("stream", False))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
     return GenerationInput(model=model, messages=messages, prompt=prompt, sampling=sampling), stream, include_usage
@@ -166,7 +211,7 @@ def parse_chat_request(body: Any) -> tuple[GenerationInput, bool, bool]:
         if role == "developer":
             role = "system"
         parsed.append(Message(str(role), _content(m.get("content"), i)))
-    return _request(body, parsed, "")
+    return _request(body, parsed, "", chat=True)
 
 
 def parse_completion_request(body: Any) -> tuple[GenerationInput, bool, bool]:
@@ -177,7 +222,39 @@ def parse_completion_request(body: Any) -> tuple[GenerationInput, bool, bool]:
         prompt = prompt[0]  # a batch of one
     if not isinstance(prompt, str) or not prompt:
         raise InvalidArgument("prompt must be a non-empty string", field="prompt", reason="INVALID_GENERATION_REQUEST")
-    return _request(body, [], prompt)
+    return _request(body, [], prompt, chat=False)
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's `choices[].logprobs`: one object per token, the alternatives most likely first."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.raw),
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)} for t in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """The legacy completions' `choices[].logprobs`: parallel lists; each `top_logprobs` dict maps the most likely
+    tokens' text to their logprob, with the sampled token always in it (as OpenAI: up to N+1 keys)."""
+    tops = []
+    for e in entries:
+        top = {t.token: t.logprob for t in e.top}
+        top.setdefault(e.token, e.logprob)
+        tops.append(top)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": [e.offset for e in entries],
+    }
 
 
 def _http_code(exc: BaseException) -> str:
@@ -305,8 +382,11 @@ class OpenAIApi:
         served = c.served or self.svc.served
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                choice["logprobs"] = chat_logprobs(c.logprobs)
         else:
-            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            logprobs = completion_logprobs(c.logprobs) if c.logprobs is not None else None
+            choice = {"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
         return web.json_response(
             {
                 "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -349,20 +429,26 @@ class OpenAIApi:
                     body["usage"] = usage
                 return f"data: {json.dumps(body)}\n\n".encode()
 
-            def choice(delta: dict, finish: str | None = None) -> list[dict]:
+            wants_logprobs = req.sampling.logprobs
+
+            def choice(delta: dict, finish: str | None = None, logprobs: list[TokenLogprob] | None = None) -> list[dict]:
                 if chat:
-                    return [{"index": 0, "delta": delta, "finish_reason": finish}]
-                return [{"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}]
+                    c: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+                    if wants_logprobs and logprobs is not None:
+                        c["logprobs"] = chat_logprobs(logprobs)
+                    return [c]
+                lp = completion_logprobs(logprobs) if wants_logprobs and logprobs is not None else None
+                return [{"index": 0, "text": delta.get("content", ""), "logprobs": lp, "finish_reason": finish}]
 
             if chat:
                 await response.write(chunk(choice({"role": "assistant", "content": ""})))
             d = first
             while True:
                 if d.finish_reason is None:
-                    await response.write(chunk(choice({"content": d.text})))
+                    await response.write(chunk(choice({"content": d.text}, logprobs=d.logprobs)))
                 else:
-                    if d.text:
-                        await response.write(chunk(choice({"content": d.text})))
+                    if d.text or d.logprobs:
+                        await response.write(chunk(choice({"content": d.text}, logprobs=d.logprobs)))
                     await response.write(chunk(choice({}, d.finish_reason)))
                     if include_usage:
                         usage = {

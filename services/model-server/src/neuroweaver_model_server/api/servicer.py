@@ -17,7 +17,7 @@ from neuroweaver_runtime.grpc_errors import status_code
 from neuroweaver_runtime.telemetry import grpc_code_label
 
 from .. import metrics
-from ..domain import Completion, GenerationInput, Message, Sampling, ServedModel
+from ..domain import Completion, GenerationInput, Message, Sampling, ServedModel, TokenLogprob
 from ..service import InferenceService
 
 METHOD_ROLES = {"Generate": Role.VIEWER, "GenerateStream": Role.VIEWER, "ListModels": Role.VIEWER}
@@ -43,8 +43,23 @@ def input_from_pb(request) -> GenerationInput:
             max_tokens=s.max_tokens,
             stop=list(s.stop),
             seed=s.seed if s.HasField("seed") else None,
+            logprobs=s.logprobs,
+            top_logprobs=s.top_logprobs,
         ),
     )
+
+
+def logprobs_to_pb(entries: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=e.token,
+            logprob=e.logprob,
+            token_bytes=e.raw,
+            top_logprobs=[pb.TopLogprob(token=t.token, logprob=t.logprob, token_bytes=t.raw) for t in e.top],
+            text_offset=e.offset,
+        )
+        for e in entries or ()
+    ]
 
 
 def completion_to_pb(c: Completion, served: ServedModel) -> svc.GenerateResponse:
@@ -58,6 +73,7 @@ def completion_to_pb(c: Completion, served: ServedModel) -> svc.GenerateResponse
         model_version=served.model_version,
         served_model=served.name,
         system_fingerprint=served.fingerprint,
+        logprobs=logprobs_to_pb(c.logprobs),
     )
 
 
@@ -106,7 +122,7 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
             await context.send_initial_metadata(((VERSION_METADATA, served.model_version or served.name),))
             async for d in self.svc.stream(input_from_pb(request), deadline, "GenerateStream"):
                 if d.finish_reason is None:
-                    yield svc.GenerateStreamResponse(delta=d.text)
+                    yield svc.GenerateStreamResponse(delta=d.text, logprobs=logprobs_to_pb(d.logprobs))
                 else:
                     yield svc.GenerateStreamResponse(
                         delta=d.text,
@@ -118,6 +134,7 @@ class InferenceServicer(svc_grpc.InferenceServiceServicer):
                         model_version=served.model_version,
                         served_model=served.name,
                         system_fingerprint=served.fingerprint,
+                        logprobs=logprobs_to_pb(d.logprobs),
                     )
 
     async def ListModels(self, request, context):

@@ -5,6 +5,7 @@ from .inference import (
     MAX_PROMPT_CHARS,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
     ROLES,
     Completion,
     Delta,
@@ -14,6 +15,8 @@ from .inference import (
     Message,
     Sampling,
     ServedModel,
+    TokenLogprob,
+    TopLogprob,
     VersionSpec,
     check_unique_names,
     parse_extra_versions,
@@ -26,8 +29,8 @@ from .inference import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_TOKENS", "MAX_PROMPT_CHARS", "MAX_STOP_CHARS", "MAX_STOP_SEQUENCES", "ROLES", "Completion", "Delta",
-    "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "parse_stable_names",
+    "DEFAULT_MAX_TOKENS", "MAX_PROMPT_CHARS", "MAX_STOP_CHARS", "MAX_STOP_SEQUENCES", "MAX_TOP_LOGPROBS", "ROLES", "Completion", "Delta",
+    "FinishReason", "GenerationInput", "Limits", "Message", "Sampling", "ServedModel", "TokenLogprob", "TopLogprob", "parse_stable_names",
     "prompt_too_long", "VersionSpec", "check_unique_names", "parse_extra_versions", "route_model",
     "resolve_model", "validate", "validate_served_name",
 ]  # fmt: skip

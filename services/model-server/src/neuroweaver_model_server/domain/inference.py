@@ -15,6 +15,7 @@ ROLES = {"system", "user", "assistant"}
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 128
 MAX_PROMPT_CHARS = 200_000
+MAX_TOP_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's limit for chat's top_logprobs)
 
 FinishReason = Literal["stop", "length"]
 
@@ -32,6 +33,32 @@ class Sampling:
     max_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # with logprobs: this many most likely alternatives per token too
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position: its text, log-probability and raw bytes."""
+
+    token: str
+    logprob: float
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its distribution before temperature and top_p, as
+    OpenAI and vLLM report it), with the most likely alternatives at its position (most likely first). `token` is
+    the token's text (bytes that are not UTF-8 on their own as \\xNN escapes), `raw` its bytes (OpenAI's `bytes`: a
+    character split over several tokens joins from them), `offset` where its text starts in the completion
+    (characters)."""
+
+    token: str
+    logprob: float
+    raw: bytes
+    offset: int
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass
@@ -143,6 +170,7 @@ class Completion:
     latency_s: float
     ttft_s: float
     served: ServedModel | None = None  # the version that answered (several versions on one base)
+    logprobs: list[TokenLogprob] | None = None  # one per completion token when the request asked for them
 
 
 @dataclass
@@ -155,6 +183,9 @@ class Delta:
     completion_tokens: int = 0
     latency_s: float = 0.0
     ttft_s: float = 0.0
+    # With `Sampling.logprobs`: the tokens whose text this delta completes (a token held back with a possible stop
+    # string travels with the delta that sends its text); tokens of a stop string or the end-of-sequence token none.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -234,6 +265,10 @@ def validate(req: GenerationInput, limits: Limits, prefix: str = "") -> Generati
         v.add(f"{prefix}sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
     if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
         v.add(f"{prefix}sampling.stop", f"stop sequences must be 1-{MAX_STOP_CHARS} characters")
+    if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+        v.add(f"{prefix}sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    elif s.top_logprobs and not s.logprobs:
+        v.add(f"{prefix}sampling.top_logprobs", "needs logprobs")
     v.raise_if_any("INVALID_GENERATION_REQUEST")
     s.max_tokens = s.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens_limit)
     s.top_p = s.top_p or 1.0

@@ -9,7 +9,9 @@ whatever else is decoded beside it; with one shared cache the attention sums dif
 answers flip on near-ties). At every step the worker builds one batch: the next token of every decoding request,
 then prompt tokens of newly admitted requests (chunked to the batch size), and calls `llama_decode` once; each
 request samples its own next token with its own sampler chain (greedy, or temperature → top_p → seeded draw), so
-different sampling settings share a batch and a seed reproduces its sample whatever runs beside it. Requests join
+different sampling settings share a batch and a seed reproduces its sample whatever runs beside it. A request asking
+for log-probabilities gets the log-softmax (numpy, float64) of the logits its token was sampled from
+(`llama_get_logits_ith` at its batch index), before temperature and top_p: the model's distribution. Requests join
 at the next step after a slot frees and leave the batch as soon as they finish, are cancelled or pass their
 deadline. Text is decoded incrementally (UTF-8 safe), stop strings are matched on it and never streamed.
 
@@ -41,6 +43,7 @@ from neuroweaver_runtime.errors import Unavailable
 from .. import metrics
 from ..domain import Delta, Sampling
 from .base import Job, Prompt, QueuedEngine
+from .logprobs import Trail, top_entries
 
 log = logging.getLogger("neuroweaver.model_server.engine.llamacpp")
 
@@ -76,6 +79,7 @@ class _Slot:
     text: str = ""
     sent: int = 0
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    trail: Trail | None = None  # scored tokens not sent yet (requests asking for logprobs)
 
     @property
     def prefilling(self) -> bool:
@@ -131,6 +135,7 @@ class LlamaCppEngine(QueuedEngine):
             raise ValueError(f"llama.cpp could not load {os.path.basename(model_path)!r} as a GGUF model")
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
+        self._n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         n_train = int(lc.llama_model_n_ctx_train(model)) or DEFAULT_CONTEXT
         self.context_length = min(n_train, context_length or DEFAULT_CONTEXT)
         self.batch_tokens = max(batch_tokens, max_batch_size)
@@ -308,7 +313,9 @@ class LlamaCppEngine(QueuedEngine):
             if not self._lc.llama_memory_seq_rm(self._mem, seq, common, -1):
                 self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 common = 0
-            slot = self._slots[seq] = _Slot(seq, job, self._sampler(job), job.adapter)
+            slot = self._slots[seq] = _Slot(
+                seq, job, self._sampler(job), job.adapter, trail=Trail() if job.sampling.logprobs else None
+            )
             slot.fed = slot.pos = common
             slot.kv = list(job.ids[:common])
             self._cached[seq] = []
@@ -422,15 +429,40 @@ class LlamaCppEngine(QueuedEngine):
         self.stats.batches += 1
         now = time.monotonic()
         for slot, idx in outputs:
-            token = lc.llama_sampler_sample(slot.sampler, self._ctx, idx)
-            self._on_token(slot, int(token), now)
+            logits = self._logits(idx) if slot.trail is not None else None
+            token = int(lc.llama_sampler_sample(slot.sampler, self._ctx, idx))
+            self._on_token(slot, token, now, self._score(logits, token, slot.job.sampling.top_logprobs))
         return len(outputs)
 
-    def _on_token(self, slot: _Slot, token: int, now: float) -> None:
+    def _logits(self, idx: int):
+        """A copy of the logits of batch position `idx` (the row the request's sampler draws from)."""
+        import numpy as np
+
+        ptr = self._lc.llama_get_logits_ith(self._ctx, idx)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch position {idx}")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+
+    def _score(self, logits, token: int, k: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """The sampled token's log-probability and the `k` most likely tokens (most likely first, ties by id)."""
+        if logits is None:
+            return None
+        import numpy as np
+
+        m = logits.max()
+        lp = logits - (m + np.log(np.exp(logits - m).sum()))
+        top: list[tuple[int, float]] = []
+        if k:
+            part = np.argpartition(-lp, k - 1)[:k]
+            top = [(int(t), float(lp[t])) for t in sorted(part.tolist(), key=lambda t: (-lp[t], t))]
+        return float(lp[token]), top
+
+    def _on_token(self, slot: _Slot, token: int, now: float, score: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         job = slot.job
         if job.first_token is None:
             job.first_token = now
         finish = None
+        cut = -1
         stops = job.sampling.stop
         if self._is_eog(token):
             finish = "stop"
@@ -438,6 +470,9 @@ class LlamaCppEngine(QueuedEngine):
             slot.out.append(token)
             before = len(slot.text)
             slot.text += slot.decoder.decode(self._piece_bytes(token))
+            if slot.trail is not None and score is not None:
+                top = top_entries([(self._piece_bytes(t, special=True), v) for t, v in score[1]])
+                slot.trail.add(self._piece_bytes(token, special=True), score[0], top, before, len(slot.text))
             if stops:
                 cut = _find_stop(slot.text, stops, max(0, before - max(len(s) for s in stops) + 1))
                 if cut != -1:
@@ -449,7 +484,7 @@ class LlamaCppEngine(QueuedEngine):
             slot.next_token = token
             safe = len(slot.text) - stop_holdback(slot.text, stops)
             if safe > slot.sent:
-                job.emit(Delta(text=slot.text[slot.sent : safe]))
+                job.emit(Delta(text=slot.text[slot.sent : safe], logprobs=slot.trail.take(safe) if slot.trail else []))
                 slot.sent = safe
             return
         if finish == "length":
@@ -464,6 +499,7 @@ class LlamaCppEngine(QueuedEngine):
                 completion_tokens=len(slot.out),
                 latency_s=now - job.admitted,
                 ttft_s=job.first_token - job.admitted,
+                logprobs=slot.trail.final(len(slot.text), cut=cut != -1) if slot.trail else [],
             )
         )
         self._release(slot)

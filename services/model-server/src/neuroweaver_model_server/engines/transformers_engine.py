@@ -11,7 +11,9 @@ One worker thread runs a step loop over one batched KV cache (`DynamicCache`, le
 
 Sampling is per row: greedy rows take the argmax; sampled rows apply their own temperature and top_p and draw from
 their own `torch.Generator` seeded with the request's seed, so a seeded request gives the same text whatever runs
-beside it, and greedy/sampled requests with any stop strings and max_tokens share one batch. Position ids count each
+beside it, and greedy/sampled requests with any stop strings and max_tokens share one batch. A request asking for
+log-probabilities gets the log_softmax of the very logits row its token was drawn from, taken before temperature and
+top_p (the model's own distribution, as OpenAI and vLLM report it), in float32. Position ids count each
 row's real tokens, and padded columns are masked, so a row's answer does not depend on its companions' lengths.
 
 Why not transformers' own `ContinuousBatchingManager` (`generate_batch`/`init_continuous_batching`, transformers
@@ -34,6 +36,7 @@ from neuroweaver_runtime.errors import Unavailable
 from .. import metrics
 from ..domain import Delta
 from .base import Job, Prompt, QueuedEngine
+from .logprobs import HFTokenBytes, Trail, top_entries
 
 log = logging.getLogger("neuroweaver.model_server.engine")
 
@@ -49,6 +52,7 @@ class _Row:
     sent: int = 0
     next_token: int | None = None  # sampled, not yet fed
     finish: str | None = None
+    trail: Trail | None = None  # scored tokens not sent yet (requests asking for logprobs)
 
 
 class TransformersEngine(QueuedEngine):
@@ -78,6 +82,7 @@ class TransformersEngine(QueuedEngine):
         self._rows: list[_Row] = []
         self._cache: Any = None  # DynamicCache of the running rows, batch order = self._rows
         self._finals: list[tuple[Job, Delta]] = []  # last deltas, sent once their rows left the batch
+        self._token_bytes = HFTokenBytes(tokenizer)
         if start:
             self.start_worker()
 
@@ -184,6 +189,24 @@ class TransformersEngine(QueuedEngine):
                 tokens[i] = int(_sample_next(logits[i : i + 1], s.temperature, s.top_p, r.generator)[0])
         return tokens
 
+    def _score(self, logits, rows: list[_Row], tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Per row asking for logprobs: the chosen token's log-probability and its `top_logprobs` most likely
+        alternatives (most likely first), from `logits` [len(rows), vocab] before temperature and top_p."""
+        torch = self._torch
+        want = [i for i, r in enumerate(rows) if r.job.sampling.logprobs]
+        scores: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        if not want:
+            return scores
+        lp = torch.log_softmax(logits[want].float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=lp.device)).squeeze(1).tolist()
+        k = max(rows[i].job.sampling.top_logprobs for i in want)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            n = rows[i].job.sampling.top_logprobs
+            scores[i] = (chosen[j], [(int(t), v) for t, v in zip(top_i[j][:n], top_v[j][:n], strict=True)])
+        return scores
+
     def _prefill(self, jobs: list[Job]) -> None:
         torch = self._torch
         from transformers import DynamicCache
@@ -200,7 +223,7 @@ class TransformersEngine(QueuedEngine):
             gen = None
             if s.temperature > 0 and s.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(int(s.seed))
-            rows.append(_Row(job, gen, pad=longest - n, real=n))
+            rows.append(_Row(job, gen, pad=longest - n, real=n, trail=Trail() if s.logprobs else None))
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -215,10 +238,11 @@ class TransformersEngine(QueuedEngine):
                 **self._adapters([r.job for r in rows]),
             )
             tokens = self._sample(o.logits[:, -1, :], rows)
+            scores = self._score(o.logits[:, -1, :], rows, tokens)
         self._merge(rows, cache)  # filled in place by the forward pass
         now = time.monotonic()
-        for r, t in zip(rows, tokens, strict=True):
-            self._on_token(r, t, now)
+        for r, t, score in zip(rows, tokens, scores, strict=True):
+            self._on_token(r, t, now, score)
         self._compact()
 
     def _merge(self, rows: list[_Row], cache) -> None:
@@ -322,25 +346,30 @@ class TransformersEngine(QueuedEngine):
                 **self._adapters([r.job for r in rows]),
             )
             tokens = self._sample(o.logits[:, -1, :], rows)
+            scores = self._score(o.logits[:, -1, :], rows, tokens)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         metrics.BATCH_SIZE.observe(len(rows))
         now = time.monotonic()
-        for r, t in zip(rows, tokens, strict=True):
+        for r, t, score in zip(rows, tokens, scores, strict=True):
             r.real += 1
-            self._on_token(r, t, now)
+            self._on_token(r, t, now, score)
         self._compact()
 
-    def _on_token(self, row: _Row, token: int, now: float) -> None:
+    def _on_token(self, row: _Row, token: int, now: float, score: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         job = row.job
         if job.first_token is None:
             job.first_token = now
         stops = job.sampling.stop
+        cut = -1
         if token in self.eos:
             row.finish = "stop"
         else:
             row.out.append(token)
             text = self.tokenizer.decode(row.out, skip_special_tokens=True)
+            if row.trail is not None and score is not None:
+                top = top_entries([(self._token_bytes(t), v) for t, v in score[1]])
+                row.trail.add(self._token_bytes(token), score[0], top, len(row.text), len(text))
             cut = _find_stop(text, stops)
             if cut != -1:
                 row.text, row.finish = text[:cut], "stop"
@@ -352,7 +381,7 @@ class TransformersEngine(QueuedEngine):
             row.next_token = token
             safe = len(row.text) - stop_holdback(row.text, stops)
             if safe > row.sent:
-                job.emit(Delta(text=row.text[row.sent : safe]))
+                job.emit(Delta(text=row.text[row.sent : safe], logprobs=row.trail.take(safe) if row.trail else []))
                 row.sent = safe
             return
         job.finished = True
@@ -367,6 +396,7 @@ class TransformersEngine(QueuedEngine):
                     completion_tokens=len(row.out),
                     latency_s=now - job.admitted,
                     ttft_s=job.first_token - job.admitted,
+                    logprobs=row.trail.final(len(row.text), cut=cut != -1) if row.trail else [],
                 ),
             )
         )

@@ -6,6 +6,11 @@ async_llm.AsyncLLM`, `AsyncEngineArgs`, `SamplingParams` with `RequestOutputKind
 Not exercised on this project's machines: vLLM is too large to carry to the GPU machine the project is lent, and
 the CPU machines have no GPU. The admission rules are the other engines': at most `max_queue + max_batch_size`
 requests in flight (more → RESOURCE_EXHAUSTED `QUEUE_FULL`), deadlines abort the request inside vLLM.
+
+Log-probabilities are vLLM's own (`SamplingParams.logprobs` = the request's top_logprobs): per generated token a
+`{token_id: Logprob(logprob, rank, decoded_token)}` holding the top ones and the sampled one, computed by default
+from the raw logits before temperature and top_p (vLLM's `logprobs_mode="raw_logprobs"`), as the other engines
+report them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from neuroweaver_runtime.errors import DeadlineExceeded, ResourceExhausted, Unav
 
 from ..domain import Delta, Sampling
 from .base import Prompt, QueuedEngine
+from .logprobs import HFTokenBytes, Trail, top_entries
 
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -66,6 +72,7 @@ class VllmEngine(QueuedEngine):
         self._llm = AsyncLLM.from_engine_args(args)
         self._loras = {name: LoRARequest(name or "adapter", i + 1, d) for i, (name, d) in enumerate(named.items())}
         self.tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        self._token_bytes = HFTokenBytes(self.tokenizer)
         self.context_length = int(self._llm.model_config.max_model_len)
         self.model_dir, self.adapter_dir = model_dir, adapter_dir
         self._inflight = 0
@@ -104,6 +111,8 @@ class VllmEngine(QueuedEngine):
             top_p=sampling.top_p,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
+            # vLLM returns the sampled token's logprob and the `logprobs` most likely ones (0 = the sampled one only)
+            logprobs=sampling.top_logprobs if sampling.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
         )
         request_id = uuid.uuid4().hex
@@ -111,6 +120,8 @@ class VllmEngine(QueuedEngine):
         first: float | None = None
         completion_tokens = 0
         finished = False
+        trail = Trail() if sampling.logprobs else None
+        text_length = 0  # characters of completion text so far (the offsets of logprob entries)
         self._inflight += 1
         self._waiting += 1
         try:
@@ -122,6 +133,9 @@ class VllmEngine(QueuedEngine):
                     if first is None and c.token_ids:
                         first = time.monotonic()
                         self._waiting -= 1
+                    if trail is not None:
+                        self._add_logprobs(trail, c, text_length, sampling.top_logprobs)
+                    text_length += len(c.text)
                     if out.finished:
                         finished = True
                         now = time.monotonic()
@@ -132,11 +146,14 @@ class VllmEngine(QueuedEngine):
                             completion_tokens=completion_tokens,
                             latency_s=now - admitted,
                             ttft_s=(first or now) - admitted,
+                            # as the other engines: neither a stop string's tokens (vLLM cut its text already) nor
+                            # the end-of-sequence token are reported
+                            logprobs=trail.final(text_length, cut=c.finish_reason == "stop") if trail else [],
                         )
                         self.stats.completed += 1
                         return
                     if c.text:
-                        yield Delta(text=c.text)
+                        yield Delta(text=c.text, logprobs=trail.take(text_length) if trail else [])
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed during generation", reason="DEADLINE_EXCEEDED") from None
         finally:
@@ -146,6 +163,26 @@ class VllmEngine(QueuedEngine):
             if not finished:
                 self.stats.aborted += 1
                 await self._llm.abort(request_id)
+
+    def _add_logprobs(self, trail: Trail, c, start: int, k: int) -> None:
+        """vLLM's logprobs of this delta's tokens (`c.logprobs`: one {token_id: Logprob} per token of `c.token_ids`,
+        a list or vLLM's FlatLogprobs, which reads as one) onto `trail`. vLLM's delta text is not split per token:
+        offsets advance by each token's own text, within the delta's text (a stop string's tokens and the
+        end-of-sequence token, which have none there, start where it ends). When vLLM holds text back (stop strings),
+        a token's entry may come with the delta before its text and its `text_offset` be early by that text."""
+        end = start + len(c.text)
+        offset = start
+        for token, entries in zip(c.token_ids, c.logprobs or (), strict=False):
+            raw = self._token_bytes(token)
+            nxt = min(end, offset + len(raw.decode("utf-8", "ignore")))
+            if entries and token in entries:
+                ranked = sorted(
+                    ((t, e) for t, e in entries.items() if e.rank is not None and e.rank <= k),
+                    key=lambda item: item[1].rank,
+                )
+                top = top_entries([(self._token_bytes(t), float(e.logprob)) for t, e in ranked])
+                trail.add(raw, float(entries[token].logprob), top, offset, nxt)
+            offset = nxt
 
     def stop(self) -> None:
         self._stopped = True

@@ -18,6 +18,7 @@ from ..domain import (
     GenerationInput,
     Limits,
     ServedModel,
+    TokenLogprob,
     check_unique_names,
     prompt_too_long,
     route_model,
@@ -135,8 +136,10 @@ class InferenceService:
 
     async def generate(self, req: GenerationInput, deadline: float | None, method: str) -> Completion:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async for delta in self.stream(req, deadline, method):
             parts.append(delta.text)
+            logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 served, model = self.route(req.model)
                 return Completion(
@@ -148,5 +151,6 @@ class InferenceService:
                     completion_tokens=delta.completion_tokens,
                     latency_s=delta.latency_s,
                     ttft_s=delta.ttft_s,
+                    logprobs=logprobs if req.sampling.logprobs else None,
                 )
         raise RuntimeError("generation ended without a final delta")

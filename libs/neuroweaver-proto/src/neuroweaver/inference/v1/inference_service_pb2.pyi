@@ -68,6 +68,7 @@ class GenerateResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The name the request used (the server's first stable name when the request left it empty)."""
     text: _builtins.str
@@ -88,6 +89,10 @@ class GenerateResponse(_message.Message):
     def time_to_first_token(self) -> _duration_pb2.Duration:
         """Time to the first generated token."""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]:
+        """One per completion token when SamplingParams.logprobs was set (the tokens of `text`, in order)."""
+
     def __init__(
         self,
         *,
@@ -100,10 +105,11 @@ class GenerateResponse(_message.Message):
         model_version: _builtins.str = ...,
         served_model: _builtins.str = ...,
         system_fingerprint: _builtins.str = ...,
+        logprobs: _abc.Iterable[_inference_pb2.TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "latency", b"latency", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "text", b"text", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "latency", b"latency", "logprobs", b"logprobs", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "text", b"text", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +158,7 @@ class GenerateStreamResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_FIELD_NUMBER: _builtins.int
     SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """Text generated since the previous message."""
     finish_reason: _inference_pb2.FinishReason.ValueType
@@ -167,6 +174,12 @@ class GenerateStreamResponse(_message.Message):
     def latency(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def time_to_first_token(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]:
+        """When SamplingParams.logprobs was set: the tokens whose text this message completes (a token whose text is held
+        back, while it may start a stop string, comes with the message that sends it).
+        """
+
     def __init__(
         self,
         *,
@@ -179,10 +192,11 @@ class GenerateStreamResponse(_message.Message):
         model_version: _builtins.str = ...,
         served_model: _builtins.str = ...,
         system_fingerprint: _builtins.str = ...,
+        logprobs: _abc.Iterable[_inference_pb2.TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "latency", b"latency", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "latency", b"latency", "logprobs", b"logprobs", "model", b"model", "model_version", b"model_version", "served_model", b"served_model", "system_fingerprint", b"system_fingerprint", "time_to_first_token", b"time_to_first_token", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

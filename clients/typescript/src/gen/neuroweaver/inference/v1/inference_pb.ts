@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/inference/v1/inference.proto.
  */
 export const file_neuroweaver_inference_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("CihuZXVyb3dlYXZlci9pbmZlcmVuY2UvdjEvaW5mZXJlbmNlLnByb3RvEhhuZXVyb3dlYXZlci5pbmZlcmVuY2UudjEiLAoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJInIKDlNhbXBsaW5nUGFyYW1zEhMKC3RlbXBlcmF0dXJlGAEgASgBEg0KBXRvcF9wGAIgASgBEhIKCm1heF90b2tlbnMYAyABKAUSDAoEc3RvcBgEIAMoCRIRCgRzZWVkGAUgASgDSACIAQFCBwoFX3NlZWQiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoBRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoBSpfCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAJiBnByb3RvMw");
+  fileDesc("CihuZXVyb3dlYXZlci9pbmZlcmVuY2UvdjEvaW5mZXJlbmNlLnByb3RvEhhuZXVyb3dlYXZlci5pbmZlcmVuY2UudjEiLAoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJIpoBCg5TYW1wbGluZ1BhcmFtcxITCgt0ZW1wZXJhdHVyZRgBIAEoARINCgV0b3BfcBgCIAEoARISCgptYXhfdG9rZW5zGAMgASgFEgwKBHN0b3AYBCADKAkSEQoEc2VlZBgFIAEoA0gAiAEBEhAKCGxvZ3Byb2JzGAYgASgIEhQKDHRvcF9sb2dwcm9icxgHIAEoBUIHCgVfc2VlZCKUAQoMVG9rZW5Mb2dwcm9iEg0KBXRva2VuGAEgASgJEg8KB2xvZ3Byb2IYAiABKAESEwoLdG9rZW5fYnl0ZXMYAyABKAwSOgoMdG9wX2xvZ3Byb2JzGAQgAygLMiQubmV1cm93ZWF2ZXIuaW5mZXJlbmNlLnYxLlRvcExvZ3Byb2ISEwoLdGV4dF9vZmZzZXQYBSABKAUiQQoKVG9wTG9ncHJvYhINCgV0b2tlbhgBIAEoCRIPCgdsb2dwcm9iGAIgASgBEhMKC3Rva2VuX2J5dGVzGAMgASgMIjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAUqXwoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACYgZwcm90bzM");
 
 /**
  * One chat message.
@@ -78,6 +78,20 @@ export type SamplingParams = Message<"neuroweaver.inference.v1.SamplingParams"> 
    * @generated from field: optional int64 seed = 5;
    */
   seed?: bigint | undefined;
+
+  /**
+   * Report each generated token's log-probability (the response's `logprobs`), as OpenAI's `logprobs: true`.
+   *
+   * @generated from field: bool logprobs = 6;
+   */
+  logprobs: boolean;
+
+  /**
+   * With logprobs: also the 0-20 most likely tokens at each position, as OpenAI's `top_logprobs`.
+   *
+   * @generated from field: int32 top_logprobs = 7;
+   */
+  topLogprobs: number;
 };
 
 /**
@@ -86,6 +100,84 @@ export type SamplingParams = Message<"neuroweaver.inference.v1.SamplingParams"> 
  */
 export const SamplingParamsSchema: GenMessage<SamplingParams> = /*@__PURE__*/
   messageDesc(file_neuroweaver_inference_v1_inference, 1);
+
+/**
+ * A generated token's log-probability under the model (its distribution before temperature and top_p, as OpenAI
+ * and vLLM report it) and the most likely tokens at its position. Neither a stop string's tokens nor the
+ * end-of-sequence token are reported.
+ *
+ * @generated from message neuroweaver.inference.v1.TokenLogprob
+ */
+export type TokenLogprob = Message<"neuroweaver.inference.v1.TokenLogprob"> & {
+  /**
+   * The token's text; bytes that are not UTF-8 on their own (part of a character) as `\xNN` escapes.
+   *
+   * @generated from field: string token = 1;
+   */
+  token: string;
+
+  /**
+   * @generated from field: double logprob = 2;
+   */
+  logprob: number;
+
+  /**
+   * The token's raw bytes (a character split over several tokens joins from them).
+   *
+   * @generated from field: bytes token_bytes = 3;
+   */
+  tokenBytes: Uint8Array;
+
+  /**
+   * The most likely tokens at this position, most likely first (SamplingParams.top_logprobs of them).
+   *
+   * @generated from field: repeated neuroweaver.inference.v1.TopLogprob top_logprobs = 4;
+   */
+  topLogprobs: TopLogprob[];
+
+  /**
+   * Where the token's text starts in the completion, in characters (Unicode code points).
+   *
+   * @generated from field: int32 text_offset = 5;
+   */
+  textOffset: number;
+};
+
+/**
+ * Describes the message neuroweaver.inference.v1.TokenLogprob.
+ * Use `create(TokenLogprobSchema)` to create a new message.
+ */
+export const TokenLogprobSchema: GenMessage<TokenLogprob> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_inference_v1_inference, 2);
+
+/**
+ * One of the most likely tokens at a position.
+ *
+ * @generated from message neuroweaver.inference.v1.TopLogprob
+ */
+export type TopLogprob = Message<"neuroweaver.inference.v1.TopLogprob"> & {
+  /**
+   * @generated from field: string token = 1;
+   */
+  token: string;
+
+  /**
+   * @generated from field: double logprob = 2;
+   */
+  logprob: number;
+
+  /**
+   * @generated from field: bytes token_bytes = 3;
+   */
+  tokenBytes: Uint8Array;
+};
+
+/**
+ * Describes the message neuroweaver.inference.v1.TopLogprob.
+ * Use `create(TopLogprobSchema)` to create a new message.
+ */
+export const TopLogprobSchema: GenMessage<TopLogprob> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_inference_v1_inference, 3);
 
 /**
  * Token accounting of one request.
@@ -109,7 +201,7 @@ export type Usage = Message<"neuroweaver.inference.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_inference_v1_inference, 2);
+  messageDesc(file_neuroweaver_inference_v1_inference, 4);
 
 /**
  * Why generation stopped.
