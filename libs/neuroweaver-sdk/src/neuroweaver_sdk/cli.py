@@ -1,14 +1,17 @@
 """`nw`: the NeuroWeaver command line.
 
 Every resource of every service: `nw models|versions|alias|judges|train|deploy|ab|health ...`.
-Tables for people, `--json` for scripts. Short ids expand to full resource names in `--project`.
-Errors print the gRPC status, the ErrorInfo reason and the fields at fault, and exit with status 1.
+Every command prints a table for people, `--json` (the full resources) or `-q` (names/ids, one per line) for scripts;
+`-o table|json|quiet` is the same setting, and all of them work before or after the command. Short ids expand to full
+resource names in `--project`. Errors print the gRPC status, the ErrorInfo reason and the fields at fault to stderr, and
+exit with status 1. Output is wrapped and fitted to the width only on a terminal: piped, every value is printed whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import sys
@@ -21,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuroweaver.common.v1 import common_pb2 as cpb
@@ -39,9 +43,18 @@ from neuroweaver_runtime.grpc_errors import error_info, field_violations
 from .clients import DEFAULT_TARGETS, Clients, Endpoints
 from .watch import watch_deployment, watch_training_job
 
-console = Console()
 _tracer = trace.get_tracer("neuroweaver.cli")
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping to its width; a pipe or file gets every line and cell whole (no width to fit)."""
+    tty = Console(stderr=stderr)
+    return tty if tty.is_terminal else Console(stderr=stderr, width=1_000_000, soft_wrap=True)
+
+
+# set again by run() for the streams of that invocation
+console = _console()
+err_console = _console(stderr=True)
 
 
 class Ctx:
@@ -76,24 +89,55 @@ class Ctx:
 
     # -- output ------------------------------------------------------------------------------------
 
-    def show(self, message, columns: list[str] | None = None, rows_field: str | None = None) -> None:
-        if self.args.json:
+    @property
+    def output(self) -> str:
+        return self.args.output
+
+    def progress_console(self) -> Console:
+        """Where live progress goes: stdout for a table; stderr with --json (stdout stays one document); nowhere with -q."""
+        if self.output == "table":
+            return console
+        return err_console if self.output == "json" else Console(stderr=True, quiet=True)
+
+    def show(self, message, columns: list[str] | None = None, rows_field: str | None = None, quiet: str = "name") -> None:
+        """One message (or a list response's rows_field) as JSON, its `quiet` field per row/message, or a table."""
+        if self.output == "json":
             print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+            return
+        if self.output == "quiet":
+            rows = getattr(message, rows_field) if rows_field is not None else [message]
+            for row in rows:
+                value = _cell(json_format.MessageToDict(row, preserving_proto_field_name=True), quiet)
+                if value:
+                    print(value)
+            if getattr(message, "next_page_token", ""):
+                err_console.print(f"more: --page-token {message.next_page_token}", markup=False)
             return
         if rows_field is not None and columns is not None:
             rows = getattr(message, rows_field)
             table = Table(*columns)
             for row in rows:
                 data = json_format.MessageToDict(row, preserving_proto_field_name=True)
-                table.add_row(*[_cell(data, c) for c in columns])
+                table.add_row(*[escape(_cell(data, c)) for c in columns])
             console.print(table)
             token = getattr(message, "next_page_token", "")
             if token:
-                console.print(f"[dim]more: --page-token {token}[/dim]")
+                console.print(f"[dim]more: --page-token {escape(token)}[/dim]")
             return
         data = json_format.MessageToDict(message, preserving_proto_field_name=True)
         for key, value in data.items():
-            console.print(f"[bold]{key}[/bold]: {value if not isinstance(value, dict | list) else json.dumps(value)}")
+            console.print(
+                f"[bold]{key}[/bold]: {escape(str(value) if not isinstance(value, dict | list) else json.dumps(value))}"
+            )
+
+    def said(self, text: str, data: dict, quiet: str) -> None:
+        """A command's outcome that is no resource (deleted, wrote a file): text, a JSON object, or the quiet value."""
+        if self.output == "json":
+            print(json.dumps(data, indent=2))
+        elif self.output == "quiet":
+            print(quiet)
+        else:
+            console.print(text, markup=False, highlight=False)
 
 
 def _cell(data: dict, column: str) -> str:
@@ -149,8 +193,9 @@ async def models_create(c: Ctx):
 
 
 async def models_delete(c: Ctx):
-    await c.nw.registry.DeleteModel(rsvc.DeleteModelRequest(name=c.model(c.args.model), force=c.args.force))
-    console.print(f"deleted {c.model(c.args.model)}")
+    name = c.model(c.args.model)
+    await c.nw.registry.DeleteModel(rsvc.DeleteModelRequest(name=name, force=c.args.force))
+    c.said(f"deleted {name}", {"name": name, "deleted": True}, name)
 
 
 async def models_archive(c: Ctx):
@@ -214,16 +259,16 @@ async def versions_export(c: Ctx):
     if not a.wait:
         c.show(created)
         return
-    done = await watch_training_job(c.nw, created.name, console=err_console if a.json else console)
+    done = await watch_training_job(c.nw, created.name, console=c.progress_console())
     if done is None or done.state != tpb.TrainingJob.STATE_SUCCEEDED:
-        err_console.print(f"[red]export {created.name} did not succeed[/red]: {done.error if done else 'no final state'}")
+        err_console.print(f"[red]export {created.name} did not succeed[/red]: {escape(done.error if done else 'no final state')}")
         raise SystemExit(1)
     version = await c.nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=done.model_version))
     fmt = {"gguf": rpb.ARTIFACT_FORMAT_GGUF, "gguf-lora": rpb.ARTIFACT_FORMAT_GGUF_LORA, "merged": rpb.ARTIFACT_FORMAT_MERGED}
     added = [x for x in version.artifacts if x.format == fmt[a.format] and x.quantization == created.export.quantization]
     if not added:
         raise SystemExit(f"{done.model_version} holds no {a.format} {created.export.quantization} artifact after {created.name}")
-    c.show(added[0])
+    c.show(added[0], quiet="uri")
 
 
 # --bump of `versions create` and `train`: the enum the registry and the trainer share.
@@ -254,12 +299,15 @@ async def versions_compare(c: Ctx):
             base_version=c.version(a.model, a.base), candidate_version=c.version(a.model, a.candidate)
         )
     )
-    if c.args.json:
+    recommendation = rsvc.Recommendation.Name(resp.recommendation).removeprefix("RECOMMENDATION_")
+    if c.output == "json":
         return c.show(resp)
+    if c.output == "quiet":
+        return print(recommendation)
     table = Table("metric", "base", "candidate", "delta", "verdict")
     for d in resp.metric_deltas:
         table.add_row(
-            d.name,
+            escape(d.name),
             f"{d.base_value:.4g}" if d.HasField("base_value") else "-",
             f"{d.candidate_value:.4g}" if d.HasField("candidate_value") else "-",
             f"{d.delta:+.4g}" if d.HasField("delta") else "-",
@@ -267,8 +315,8 @@ async def versions_compare(c: Ctx):
         )
     console.print(table)
     for diff in list(resp.hyperparameter_diffs) + list(resp.lineage_diffs):
-        console.print(f"  {diff.field}: {diff.base_value!r} -> {diff.candidate_value!r}")
-    console.print(f"[bold]{rsvc.Recommendation.Name(resp.recommendation).removeprefix('RECOMMENDATION_')}[/bold]: {resp.reason}")
+        console.print(f"  {diff.field}: {diff.base_value!r} -> {diff.candidate_value!r}", markup=False)
+    console.print(f"[bold]{recommendation}[/bold]: {escape(resp.reason)}")
 
 
 def _verdict(d) -> str:
@@ -328,12 +376,11 @@ async def alias_list(c: Ctx):
 
 
 async def alias_delete(c: Ctx):
+    name = c.alias(c.args.model, c.args.alias)
     await c.nw.registry.DeleteModelAlias(
-        rsvc.DeleteModelAliasRequest(
-            name=c.alias(c.args.model, c.args.alias), expected_version=c.args.expect or "", reason=c.args.reason
-        )
+        rsvc.DeleteModelAliasRequest(name=name, expected_version=c.args.expect or "", reason=c.args.reason)
     )
-    console.print("deleted")
+    c.said(f"deleted {name}", {"name": name, "deleted": True}, name)
 
 
 async def alias_history(c: Ctx):
@@ -432,11 +479,13 @@ async def train_start(c: Ctx):
     )
     c.show(created)
     if a.watch:
-        await watch_training_job(c.nw, created.name, console=console)
+        await watch_training_job(c.nw, created.name, console=c.progress_console())
 
 
 async def train_watch(c: Ctx):
-    job = await watch_training_job(c.nw, c.job(c.args.job), console=console, after_sequence=c.args.after)
+    job = await watch_training_job(c.nw, c.job(c.args.job), console=c.progress_console(), after_sequence=c.args.after)
+    if c.output != "table":
+        c.show(job, quiet="model_version")  # -q: the version the job registered
     if job is not None and job.state != tpb.TrainingJob.STATE_SUCCEEDED:
         raise SystemExit(1)
 
@@ -471,7 +520,7 @@ async def train_plot(c: Ctx):
         if not token:
             break
     path = plot_training(events, c.args.out, title=c.job(c.args.job))
-    console.print(f"wrote {path}")
+    c.said(f"wrote {path}", {"path": path}, path)
 
 
 # -- deployer ------------------------------------------------------------------------------------
@@ -509,7 +558,7 @@ async def deploy_create(c: Ctx):
     )
     c.show(created)
     if a.watch:
-        await watch_deployment(c.nw, created.name, console=console, until_available=True)
+        await watch_deployment(c.nw, created.name, console=c.progress_console(), until_available=True)
 
 
 async def deploy_get(c: Ctx):
@@ -547,17 +596,30 @@ async def deploy_rollback(c: Ctx):
 
 
 async def deploy_delete(c: Ctx):
-    await c.nw.deployer.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=c.deployment(c.args.deployment)))
-    console.print(f"deleted {c.deployment(c.args.deployment)}")
+    name = c.deployment(c.args.deployment)
+    await c.nw.deployer.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
+    c.said(f"deleted {name}", {"name": name, "deleted": True}, name)
 
 
 async def deploy_watch(c: Ctx):
-    await watch_deployment(c.nw, c.deployment(c.args.deployment), console=console, until_available=False)
+    # --json: a JSON object per change, one a line (JSON Lines); -q: its state per change
+    def emit(d: dpb.Deployment) -> None:
+        if c.output == "json":
+            print(json_format.MessageToJson(d, preserving_proto_field_name=True, indent=None), flush=True)
+        else:
+            print(dpb.Deployment.State.Name(d.state).removeprefix("STATE_"), flush=True)
+
+    await watch_deployment(
+        c.nw, c.deployment(c.args.deployment), console=console, until_available=False,
+        emit=None if c.output == "table" else emit,
+    )  # fmt: skip
 
 
 async def deploy_render(c: Ctx):
     resp = await c.nw.deployer.RenderManifests(dsvc.RenderManifestsRequest(name=c.deployment(c.args.deployment)))
-    print(resp.yaml)
+    if c.output == "json":
+        return c.show(resp)
+    print(resp.yaml)  # the manifests are the output, whole, for table and -q alike
 
 
 async def deploy_revisions(c: Ctx):
@@ -612,7 +674,7 @@ async def deploy_top(c: Ctx):
 
     a = c.args
     request = dsvc.GetDeploymentMetricsRequest(name=c.deployment(a.deployment), window=duration_pb2.Duration(seconds=a.window))
-    if a.json:
+    if c.output != "table":
         c.show(await c.nw.deployer.GetDeploymentMetrics(request))
         return
     m = await c.nw.deployer.GetDeploymentMetrics(request)
@@ -701,17 +763,21 @@ async def ab_assign(c: Ctx):
     c.show(
         await c.nw.experiments.AssignVariant(
             esvc.AssignVariantRequest(experiment=c.experiment(c.args.experiment), unit_id=c.args.unit)
-        )
+        ),
+        quiet="variant.id",
     )
 
 
 async def ab_results(c: Ctx):
     resp = await c.nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=c.experiment(c.args.experiment)))
-    if c.args.json:
+    decision = epb.Decision.Name(resp.decision).removeprefix("DECISION_")
+    if c.output == "json":
         return c.show(resp)
+    if c.output == "quiet":
+        return print(decision)
     table = Table("variant", "units", "mean", "95% CI")
     for v in resp.primary.variants:
-        table.add_row(v.variant, str(v.units), f"{v.mean:.4g}", f"[{v.ci_lower:.4g}, {v.ci_upper:.4g}]")
+        table.add_row(escape(v.variant), str(v.units), f"{v.mean:.4g}", f"[{v.ci_lower:.4g}, {v.ci_upper:.4g}]")
     console.print(table)
     for comp in resp.primary.comparisons:
         console.print(
@@ -721,7 +787,7 @@ async def ab_results(c: Ctx):
     console.print(
         f"SRM p={resp.srm_p_value:.4g}{' [red]MISMATCH[/red]' if resp.srm_detected else ''}; progress {resp.progress:.0%}"
     )
-    console.print(f"[bold]{epb.Decision.Name(resp.decision).removeprefix('DECISION_')}[/bold]: {resp.reason}")
+    console.print(f"[bold]{decision}[/bold]: {escape(resp.reason)}")
 
 
 async def ab_conclude(c: Ctx):
@@ -741,7 +807,8 @@ async def ab_plot(c: Ctx):
     from .plots import plot_experiment
 
     resp = await c.nw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=c.experiment(c.args.experiment)))
-    console.print(f"wrote {plot_experiment(resp, c.args.out)}")
+    path = plot_experiment(resp, c.args.out)
+    c.said(f"wrote {path}", {"path": path}, path)
 
 
 # -- health --------------------------------------------------------------------------------------
@@ -755,32 +822,79 @@ _SERVICE_NAMES = {
 
 
 async def health(c: Ctx):
-    table = Table("service", "endpoint", "status")
-    failed = False
-    for short, full in _SERVICE_NAMES.items():
+    async def check(short: str, full: str) -> dict[str, str]:
         stub = health_pb2_grpc.HealthStub(c.nw.channel(short))
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=full), timeout=3)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         except grpc.aio.AioRpcError as exc:
             status = f"{exc.code().name}"
-        failed |= status != "SERVING"
-        table.add_row(short, getattr(c.nw.endpoints, short), status)
-    console.print(table)
-    if failed:
+        return {"service": short, "endpoint": getattr(c.nw.endpoints, short), "status": status}
+
+    # all at once: services that are down cost one wait, not one each
+    rows = await asyncio.gather(*(check(short, full) for short, full in _SERVICE_NAMES.items()))
+    failing = [r["service"] for r in rows if r["status"] != "SERVING"]
+    if c.output == "json":
+        print(json.dumps({"services": rows}, indent=2))
+    elif c.output == "quiet":
+        for name in failing:
+            print(name)
+    else:
+        table = Table("service", "endpoint", "status")
+        for r in rows:
+            table.add_row(r["service"], escape(r["endpoint"]), r["status"])
+        console.print(table)
+    if failing:
         raise SystemExit(1)
 
 
 # -- argument parsing ----------------------------------------------------------------------------
 
+OUTPUTS = ("table", "json", "quiet")
+
+
+def _output_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """-o/--output, --json and -q/--quiet write one setting. The root parser holds the default; every group and command
+    parser takes the same flags with a SUPPRESS default, so they work before or after the command and a flag given
+    earlier is not reset by a later parser."""
+    p.add_argument(
+        "-o", "--output", choices=OUTPUTS, default=default,
+        help="output format: table (for people, default), json (the full resource), quiet (names/ids only, one per line)",
+    )  # fmt: skip
+    p.add_argument("--json", dest="output", action="store_const", const="json", default=default, help="same as --output json")
+    p.add_argument(
+        "-q", "--quiet", dest="output", action="store_const", const="quiet", default=default, help="same as --output quiet"
+    )
+
 
 def _pages(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--page-size", type=int, default=0)
-    p.add_argument("--page-token", default="")
+    p.add_argument("--page-size", type=int, default=0, help="items per page (0 = the server's default)")
+    p.add_argument("--page-token", default="", help="the page to show: the token a previous page printed after `more:`")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("neuroweaver-sdk")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+# help strings shared by many commands
+MODEL = {"help": "model id in --project, or a full name projects/P/models/M"}
+LABEL = {"action": "append", "metavar": "KEY=VALUE", "help": "a label; repeat for several"}
+REASON = {"default": "", "help": "why, recorded in the audit trail / history"}
+EXPECT = {"help": "compare-and-set: the version the alias must point to now, or - for none"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nw", description="NeuroWeaver command line")
+    parser = argparse.ArgumentParser(
+        prog="nw",
+        description="NeuroWeaver command line: every resource of every service.",
+        epilog="examples:\n  nw health\n  nw models list --json\n  nw versions list advisor -q\n\n"
+        "-o/--json/-q work before or after the command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nw {_version()}", help="print the nw version and exit")
     for name, target in DEFAULT_TARGETS.items():
         parser.add_argument(f"--{name}", help=f"{name} endpoint (env NW_{name.upper()}_TARGET, default {target})")
     parser.add_argument("--token", help="bearer token (env NW_TOKEN)")
@@ -791,252 +905,359 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-server-name", help="name to verify in the server certificates instead of the host (env NW_TLS_SERVER_NAME)"
     )
     parser.add_argument("--project", help="project (env NW_PROJECT, default `default`)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _output_flags(parser, "table")
     parser.add_argument(
         "--otlp-endpoint",
         help="OTLP collector for this command's spans, e.g. http://127.0.0.1:4317 "
         "(env OTEL_EXPORTER_OTLP_ENDPOINT; TRACEPARENT, when set, is the parent)",
     )
     parser.add_argument("--trace-file", help="append this command's spans as JSON lines (env NW_TRACE_FILE)")
-    groups = parser.add_subparsers(dest="group", required=True)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
-    def group(name: str, help_text: str, aliases: tuple[str, ...] = ()):
-        return groups.add_parser(name, help=help_text, aliases=list(aliases)).add_subparsers(dest="command", required=True)
-
-    def cmd(sub, name: str, fn: Callable[[Ctx], Awaitable], *args: tuple[str, dict]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name)
-        p.set_defaults(fn=fn)
-        for flag, kwargs in args:
-            p.add_argument(flag, **kwargs)
+    def sub(name: str, help_text: str, example: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = groups.add_parser(
+            name, help=help_text, description=help_text, aliases=list(aliases),
+            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        _output_flags(p, argparse.SUPPRESS)
         return p
 
-    g = group("models", "registered models")
-    _pages(cmd(g, "list", models_list, ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
-    cmd(g, "get", models_get, ("model", {}))
-    cmd(
-        g,
-        "create",
-        models_create,
-        ("model", {}),
-        ("--display-name", {"default": ""}),
-        ("--description", {"default": ""}),
-        ("--specialization", {"default": ""}),
-        ("--base-model", {"default": ""}),
-        ("--label", {"action": "append"}),
-    )
-    cmd(
-        g,
-        "update",
-        models_update,
-        ("model", {}),
-        ("--display-name", {}),
-        ("--description", {}),
-        ("--specialization", {}),
-        ("--base-model", {}),
-        ("--label", {"action": "append"}),
-    )
-    cmd(g, "delete", models_delete, ("model", {}), ("--force", {"action": "store_true"}))
-    cmd(g, "archive", models_archive, ("model", {}))
-    cmd(g, "restore", models_restore, ("model", {}))
+    def group(name: str, help_text: str, example: str, aliases: tuple[str, ...] = ()):
+        return sub(name, help_text, example, aliases).add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = group("versions", "model versions")
-    _pages(cmd(g, "list", versions_list, ("model", {}), ("--filter", {"default": ""}), ("--order-by", {"default": ""})))
-    cmd(g, "get", versions_get, ("model", {}), ("version", {"help": "semver, alias or `latest`"}))
+    def cmd(g, name: str, fn: Callable[[Ctx], Awaitable], help_text: str, example: str, *args: tuple[str, dict]):
+        p = g.add_parser(
+            name, help=help_text, description=help_text, epilog="example:\n  " + example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        p.set_defaults(fn=fn)
+        for flag, kwargs in args:
+            assert kwargs.get("help"), f"nw {name} {flag}: every argument has help"
+            p.add_argument(flag, **kwargs)
+        _output_flags(p, argparse.SUPPRESS)
+        return p
+
+    g = group("models", "registered models", "nw models list")
+    _pages(
+        cmd(
+            g, "list", models_list, "list the project's models", "nw models list --filter 'state = ACTIVE' -q",
+            ("--filter", {"default": "", "help": "AIP-160 filter, e.g. `specialization = \"service_advisor\"`"}),
+            ("--order-by", {"default": "", "help": "sort, e.g. `create_time desc`"}),
+        )
+    )  # fmt: skip
+    cmd(g, "get", models_get, "show one model", "nw models get advisor --json", ("model", MODEL))
+    cmd(
+        g, "create", models_create, "register a new model",
+        "nw models create advisor --specialization service_advisor --base-model builtin:smollm2-135m-instruct",
+        ("model", {"help": "model id to create (lowercase, digits, -)"}),
+        ("--display-name", {"default": "", "help": "human-readable name"}),
+        ("--description", {"default": "", "help": "free text"}),
+        ("--specialization", {"default": "", "help": "what the model is for, e.g. service_advisor"}),
+        ("--base-model", {"default": "", "help": "the base checkpoint its versions fine-tune"}),
+        ("--label", LABEL),
+    )  # fmt: skip
+    cmd(
+        g, "update", models_update, "change a model's fields (only those given)",
+        "nw models update advisor --description 'answers service questions' --label team=ml",
+        ("model", MODEL),
+        ("--display-name", {"help": "new human-readable name"}),
+        ("--description", {"help": "new description"}),
+        ("--specialization", {"help": "new specialization"}),
+        ("--base-model", {"help": "new base model"}),
+        ("--label", {**LABEL, "help": "a label to set (merged into the existing ones); repeat for several"}),
+    )  # fmt: skip
+    cmd(
+        g, "delete", models_delete, "delete a model", "nw models delete advisor --force",
+        ("model", MODEL), ("--force", {"action": "store_true", "help": "also delete its versions and aliases"}),
+    )  # fmt: skip
+    cmd(g, "archive", models_archive, "archive a model (it becomes read-only)", "nw models archive advisor", ("model", MODEL))
+    cmd(g, "restore", models_restore, "restore an archived model", "nw models restore advisor", ("model", MODEL))
+
+    g = group("versions", "model versions", "nw versions list advisor")
+    _pages(
+        cmd(
+            g, "list", versions_list, "list a model's versions, newest first", "nw versions list advisor -q",
+            ("model", MODEL),
+            ("--filter", {"default": "", "help": "AIP-160 filter, e.g. `state = VALIDATED`"}),
+            ("--order-by", {"default": "", "help": "sort, e.g. `create_time`"}),
+        )
+    )  # fmt: skip
+    version_ref = {"help": "semver, alias or `latest`"}
     cmd(
         g,
-        "create",
-        versions_create,
-        ("model", {}),
-        ("--version", {}),
-        ("--bump", {"choices": list(_BUMPS)}),
-        ("--artifact-uri", {"required": True}),
-        ("--sha256", {"required": True}),
-        ("--size-bytes", {"type": int, "default": 0}),
-        ("--base-model", {}),
-        ("--notes", {"default": ""}),
-        ("--label", {"action": "append"}),
+        "get",
+        versions_get,
+        "show one version",
+        "nw versions get advisor production",
+        ("model", MODEL),
+        ("version", version_ref),
     )
-    cmd(g, "compare", versions_compare, ("model", {}), ("base", {}), ("candidate", {}))
     cmd(
-        g,
-        "state",
-        versions_state,
-        ("model", {}),
-        ("version", {}),
-        ("state", {"choices": ["registered", "validated", "deprecated"]}),
-        ("--reason", {"default": ""}),
-    )
-    cmd(g, "metrics", versions_metrics, ("model", {}), ("version", {}), ("metric", {"nargs": "+", "help": "name=value"}))
+        g, "create", versions_create, "register a version from an adapter artifact",
+        "nw versions create advisor --bump minor --artifact-uri s3://bucket/adapter --sha256 <64 hex>",
+        ("model", MODEL),
+        ("--version", {"help": "explicit semver (else --bump picks the next)"}),
+        ("--bump", {"choices": list(_BUMPS), "help": "the part of the latest version to increase"}),
+        ("--artifact-uri", {"required": True, "help": "where the LoRA adapter is stored"}),
+        ("--sha256", {"required": True, "help": "the artifact's SHA-256 (64 hex digits)"}),
+        ("--size-bytes", {"type": int, "default": 0, "help": "the artifact's size"}),
+        ("--base-model", {"help": "the checkpoint it was trained on (lineage)"}),
+        ("--notes", {"default": "", "help": "release notes"}),
+        ("--label", LABEL),
+    )  # fmt: skip
     cmd(
-        g,
-        "export",
-        versions_export,
-        ("model", {}),
+        g, "compare", versions_compare, "metric deltas, hyperparameter and lineage diffs, and a recommendation",
+        "nw versions compare advisor production latest",
+        ("model", MODEL), ("base", {"help": "the version compared against (semver or alias)"}),
+        ("candidate", {"help": "the version judged (semver or alias)"}),
+    )  # fmt: skip
+    cmd(
+        g, "state", versions_state, "set a version's lifecycle state",
+        "nw versions state advisor 1.2.0 validated --reason 'passed the eval suite'",
+        ("model", MODEL), ("version", version_ref),
+        ("state", {"choices": ["registered", "validated", "deprecated"], "help": "the new state"}),
+        ("--reason", REASON),
+    )  # fmt: skip
+    cmd(
+        g, "metrics", versions_metrics, "append metrics to a version", "nw versions metrics advisor 1.2.0 eval_loss=1.31 win_rate=0.58",
+        ("model", MODEL), ("version", version_ref), ("metric", {"nargs": "+", "metavar": "NAME=VALUE", "help": "name=value"}),
+    )  # fmt: skip
+    cmd(
+        g, "export", versions_export, "export a version (GGUF, GGUF LoRA, merged) with a trainer job",
+        "nw versions export advisor 1.1.0 --format gguf --quant q4_k_m",
+        ("model", MODEL),
         ("version", {"help": "semver or alias"}),
-        ("--format", {"choices": list(_EXPORT_FORMATS), "required": True}),
+        ("--format", {"choices": list(_EXPORT_FORMATS), "required": True, "help": "artifact format to produce"}),
         ("--quant", {"default": "", "help": "gguf: f16 (default), q8_0, q4_k_m; gguf-lora: f16, q8_0; merged: f16, bf16, f32"}),
-        ("--executor", {"choices": ["local", "kubernetes"], "default": "local"}),
-        ("--label", {"action": "append"}),
-        ("--wait", {"action": argparse.BooleanOptionalAction, "default": True, "help": "follow the job (default)"}),
-    )
+        ("--executor", {"choices": ["local", "kubernetes"], "default": "local", "help": "where the job runs"}),
+        ("--label", LABEL),
+        ("--wait", {"action": argparse.BooleanOptionalAction, "default": True, "help": "follow the job and print the artifact (default)"}),
+    )  # fmt: skip
 
-    g = group("alias", "aliases such as production")
+    g = group("alias", "aliases such as production", "nw alias history advisor production")
+    alias_name = {"help": "alias name, e.g. production"}
     cmd(
-        g,
-        "set",
-        alias_set,
-        ("model", {}),
-        ("alias", {}),
-        ("version", {}),
-        ("--expect", {"help": "compare-and-set: current version, or - for none"}),
-        ("--reason", {"default": ""}),
-    )
-    cmd(g, "get", alias_get, ("model", {}), ("alias", {}))
-    cmd(g, "list", alias_list, ("model", {}))
-    cmd(g, "delete", alias_delete, ("model", {}), ("alias", {}), ("--expect", {}), ("--reason", {"default": ""}))
-    _pages(cmd(g, "history", alias_history, ("model", {}), ("alias", {})))
+        g, "set", alias_set, "point an alias at a version",
+        "nw alias set advisor production 1.2.0 --expect 1.1.0 --reason 'won ab-42'",
+        ("model", MODEL), ("alias", alias_name), ("version", {"help": "semver to point at"}),
+        ("--expect", EXPECT), ("--reason", REASON),
+    )  # fmt: skip
+    cmd(g, "get", alias_get, "show an alias", "nw alias get advisor production", ("model", MODEL), ("alias", alias_name))
+    cmd(g, "list", alias_list, "list a model's aliases", "nw alias list advisor", ("model", MODEL))
     cmd(
-        g, "rollback", alias_rollback, ("model", {}), ("alias", {}), ("--to", {}), ("--expect", {}), ("--reason", {"default": ""})
-    )
+        g, "delete", alias_delete, "remove an alias", "nw alias delete advisor canary --expect 1.3.0",
+        ("model", MODEL), ("alias", alias_name), ("--expect", EXPECT), ("--reason", REASON),
+    )  # fmt: skip
+    _pages(
+        cmd(
+            g, "history", alias_history, "every move of an alias, newest first", "nw alias history advisor production",
+            ("model", MODEL), ("alias", alias_name),
+        )
+    )  # fmt: skip
+    cmd(
+        g, "rollback", alias_rollback, "move an alias back (to its previous version by default)",
+        "nw alias rollback advisor production --reason 'latency regression'",
+        ("model", MODEL), ("alias", alias_name),
+        ("--to", {"help": "the version to move to (default: the one before the current)"}),
+        ("--expect", EXPECT), ("--reason", REASON),
+    )  # fmt: skip
 
-    g = group("judges", "versioned AI judges")
-    _pages(cmd(g, "list", judges_list))
-    cmd(g, "get", judges_get, ("judge", {}), ("--version", {"default": "latest"}))
+    g = group("judges", "versioned AI judges", "nw judges list")
+    _pages(cmd(g, "list", judges_list, "list the project's judges", "nw judges list -q"))
+    judge_id = {"help": "judge id in --project, or a full name projects/P/judges/J"}
     cmd(
-        g,
-        "create",
-        judges_create,
-        ("judge", {}),
-        ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding"}),
-        ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise"}),
-        ("--rubric-file", {}),
-        ("--score-min", {"type": float, "default": 1.0}),
-        ("--score-max", {"type": float, "default": 10.0}),
-        ("--base-url", {"default": ""}),
-        ("--model", {"default": ""}),
-        ("--api-key-env", {"default": ""}),
-    )
+        g, "get", judges_get, "show a judge version", "nw judges get helpfulness --version 2",
+        ("judge", judge_id), ("--version", {"default": "latest", "help": "judge version number or `latest`"}),
+    )  # fmt: skip
+    cmd(
+        g, "create", judges_create, "create a judge (its first version)",
+        "nw judges create helpfulness --kind openai --base-url http://127.0.0.1:8000/v1 --model gpt-4o-mini "
+        "--api-key-env OPENAI_API_KEY --rubric-file rubric.md",
+        ("judge", {"help": "judge id to create"}),
+        ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding", "help": "how it scores"}),
+        ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise", "help": "score one answer, or prefer one of two"}),
+        ("--rubric-file", {"help": "file with the rubric the judge applies"}),
+        ("--score-min", {"type": float, "default": 1.0, "help": "lowest score"}),
+        ("--score-max", {"type": float, "default": 10.0, "help": "highest score"}),
+        ("--base-url", {"default": "", "help": "openai: the OpenAI-compatible endpoint"}),
+        ("--model", {"default": "", "help": "openai: the model to ask; local-embedding: the embedding model"}),
+        ("--api-key-env", {"default": "", "help": "openai: the environment variable that holds the API key"}),
+    )  # fmt: skip
 
-    g = group("train", "training jobs")
+    g = group("train", "training jobs", "nw train list")
+    hp = "hyperparameter (0 = the method's default)"
     cmd(
-        g,
-        "start",
-        train_start,
-        ("--base-model", {"required": True}),
-        ("--dataset", {"required": True}),
-        ("--eval-dataset", {}),
-        ("--method", {"choices": list(_METHODS), "default": "qlora"}),
-        ("--target-model", {}),
-        ("--bump", {"choices": list(_BUMPS), "default": "minor"}),
-        ("--display-name", {"default": ""}),
-        ("--label", {"action": "append"}),
-        ("--learning-rate", {"type": float, "default": 0.0}),
-        ("--epochs", {"type": float, "default": 0.0}),
-        ("--max-steps", {"type": int, "default": 0}),
-        ("--batch-size", {"type": int, "default": 0}),
-        ("--max-seq-length", {"type": int, "default": 0}),
-        ("--checkpoint-every", {"type": int, "default": 0}),
-        ("--seed", {"type": int, "default": 0}),
-        ("--lora-r", {"type": int, "default": 0}),
-        ("--lora-alpha", {"type": int, "default": 0}),
-        ("--prompts", {}),
-        ("--eval-prompts", {}),
-        ("--judge-version", {}),
-        ("--watch", {"action": "store_true"}),
-    )
-    cmd(g, "watch", train_watch, ("job", {}), ("--after", {"type": int, "default": 0}))
-    cmd(g, "get", train_get, ("job", {}))
-    _pages(cmd(g, "list", train_list, ("--filter", {"default": ""})))
-    cmd(g, "cancel", train_cancel, ("job", {}))
-    cmd(g, "plot", train_plot, ("job", {}), ("--out", {"default": "training.png"}))
+        g, "start", train_start, "start a training job",
+        "nw train start --base-model builtin:smollm2-135m-instruct --dataset file:///data/train.jsonl "
+        "--method lora --target-model advisor --watch",
+        ("--base-model", {"required": True, "help": "checkpoint to fine-tune"}),
+        ("--dataset", {"required": True, "help": "training data URI (JSONL)"}),
+        ("--eval-dataset", {"help": "evaluation data URI (JSONL)"}),
+        ("--method", {"choices": list(_METHODS), "default": "qlora", "help": "training method"}),
+        ("--target-model", {"help": "model that receives the new version"}),
+        ("--bump", {"choices": list(_BUMPS), "default": "minor", "help": "the part of the version to increase"}),
+        ("--display-name", {"default": "", "help": "human-readable name"}),
+        ("--label", LABEL),
+        ("--learning-rate", {"type": float, "default": 0.0, "help": hp}),
+        ("--epochs", {"type": float, "default": 0.0, "help": hp}),
+        ("--max-steps", {"type": int, "default": 0, "help": hp}),
+        ("--batch-size", {"type": int, "default": 0, "help": hp}),
+        ("--max-seq-length", {"type": int, "default": 0, "help": hp}),
+        ("--checkpoint-every", {"type": int, "default": 0, "help": "steps between checkpoints (0 = default)"}),
+        ("--seed", {"type": int, "default": 0, "help": "random seed (0 = default)"}),
+        ("--lora-r", {"type": int, "default": 0, "help": "LoRA rank (0 = default)"}),
+        ("--lora-alpha", {"type": int, "default": 0, "help": "LoRA alpha (0 = default)"}),
+        ("--prompts", {"help": "rlaif: prompts URI the policy answers"}),
+        ("--eval-prompts", {"help": "rlaif: held-out prompts URI for the final evaluation"}),
+        ("--judge-version", {"help": "rlaif: judge version that labels the preferences"}),
+        ("--watch", {"action": "store_true", "help": "follow the job until it ends"}),
+    )  # fmt: skip
+    job_id = {"help": "job id in --project, or a full name projects/P/trainingJobs/J"}
+    cmd(
+        g, "watch", train_watch, "follow a job's progress until it ends (exit 1 unless it succeeds)", "nw train watch 7f3a",
+        ("job", job_id), ("--after", {"type": int, "default": 0, "help": "show only events after this sequence number"}),
+    )  # fmt: skip
+    cmd(g, "get", train_get, "show a job", "nw train get 7f3a --json", ("job", job_id))
+    _pages(
+        cmd(
+            g, "list", train_list, "list the project's jobs", "nw train list --filter 'state = RUNNING' -q",
+            ("--filter", {"default": "", "help": "AIP-160 filter, e.g. `state = RUNNING`"}),
+        )
+    )  # fmt: skip
+    cmd(g, "cancel", train_cancel, "cancel a job", "nw train cancel 7f3a", ("job", job_id))
+    cmd(
+        g, "plot", train_plot, "PNG of a job's loss curves, one panel per training stage", "nw train plot 7f3a --out loss.png",
+        ("job", job_id), ("--out", {"default": "training.png", "help": "PNG file to write"}),
+    )  # fmt: skip
 
-    g = group("deploy", "deployments", ("deployments",))
+    g = group("deploy", "deployments", "nw deploy list", ("deployments",))
+    dep_id = {"help": "deployment id in --project, or a full name projects/P/deployments/D"}
     cmd(
-        g,
-        "create",
-        deploy_create,
-        ("deployment", {}),
-        ("--model", {"required": True}),
-        ("--version", {}),
-        ("--alias", {}),
-        ("--replicas", {"type": int, "default": 1}),
-        ("--max-replicas", {"type": int, "default": 0}),
-        ("--gpus", {"type": int, "default": 0}),
-        ("--backend", {"choices": ["local", "kubernetes"], "default": "local"}),
-        ("--namespace", {}),
-        ("--load-in-4bit", {"action": "store_true"}),
+        g, "create", deploy_create, "deploy a model version (or whatever an alias points to)",
+        "nw deploy create advisor-prod --model advisor --alias production --watch",
+        ("deployment", {"help": "deployment id to create"}),
+        ("--model", {"required": True, "help": "model id or full name"}),
+        ("--version", {"help": "semver to serve (or --alias)"}),
+        ("--alias", {"help": "serve the version this alias points to, following its moves"}),
+        ("--replicas", {"type": int, "default": 1, "help": "replicas (the minimum with --max-replicas)"}),
+        ("--max-replicas", {"type": int, "default": 0, "help": "set = autoscale between --replicas and this"}),
+        ("--gpus", {"type": int, "default": 0, "help": "GPUs per replica"}),
+        ("--backend", {"choices": ["local", "kubernetes"], "default": "local", "help": "where the replicas run"}),
+        ("--namespace", {"help": "kubernetes: the namespace"}),
+        ("--load-in-4bit", {"action": "store_true", "help": "load the weights 4-bit quantized (transformers on CUDA)"}),
         ("--engine", {"choices": list(ENGINES), "default": "auto", "help": "decoding engine (auto follows the device)"}),
-        ("--display-name", {"default": ""}),
-        ("--watch", {"action": "store_true"}),
-    )
-    cmd(g, "get", deploy_get, ("deployment", {}))
-    _pages(cmd(g, "list", deploy_list))
-    cmd(g, "scale", deploy_scale, ("deployment", {}), ("replicas", {"type": int}))
-    cmd(g, "update", deploy_update, ("deployment", {}), ("--model", {"required": True}), ("--version", {"required": True}))
-    cmd(g, "rollback", deploy_rollback, ("deployment", {}), ("--to-revision", {"type": int, "default": 0}))
-    cmd(g, "delete", deploy_delete, ("deployment", {}))
-    cmd(g, "watch", deploy_watch, ("deployment", {}))
-    cmd(g, "render", deploy_render, ("deployment", {}))
-    cmd(g, "revisions", deploy_revisions, ("deployment", {}))
+        ("--display-name", {"default": "", "help": "human-readable name"}),
+        ("--watch", {"action": "store_true", "help": "follow it until it is available"}),
+    )  # fmt: skip
+    cmd(g, "get", deploy_get, "show a deployment", "nw deploy get advisor-prod --json", ("deployment", dep_id))
+    _pages(cmd(g, "list", deploy_list, "list the project's deployments", "nw deploy list -q"))
+    cmd(
+        g, "scale", deploy_scale, "set the replica count", "nw deploy scale advisor-prod 3",
+        ("deployment", dep_id), ("replicas", {"type": int, "help": "replicas wanted"}),
+    )  # fmt: skip
+    cmd(
+        g, "update", deploy_update, "serve another version (a new revision)", "nw deploy update advisor-prod --model advisor --version 1.3.0",
+        ("deployment", dep_id), ("--model", {"required": True, "help": "model id or full name"}),
+        ("--version", {"required": True, "help": "semver to serve"}),
+    )  # fmt: skip
+    cmd(
+        g, "rollback", deploy_rollback, "go back to an earlier revision", "nw deploy rollback advisor-prod --to-revision 2",
+        ("deployment", dep_id), ("--to-revision", {"type": int, "default": 0, "help": "revision number (0 = the previous)"}),
+    )  # fmt: skip
+    cmd(g, "delete", deploy_delete, "delete a deployment", "nw deploy delete advisor-prod", ("deployment", dep_id))
     cmd(
         g,
-        "top",
-        deploy_top,
-        ("deployment", {}),
+        "watch",
+        deploy_watch,
+        "print each status change until the stream ends",
+        "nw deploy watch advisor-prod --json",
+        ("deployment", dep_id),
+    )
+    cmd(
+        g,
+        "render",
+        deploy_render,
+        "the Kubernetes manifests of a deployment (YAML)",
+        "nw deploy render advisor-prod > advisor.yaml",
+        ("deployment", dep_id),
+    )
+    cmd(g, "revisions", deploy_revisions, "a deployment's revisions", "nw deploy revisions advisor-prod", ("deployment", dep_id))
+    cmd(
+        g, "top", deploy_top, "live performance per replica (--json: one sample)", "nw deploy top advisor-prod --window 300",
+        ("deployment", dep_id),
         ("--window", {"type": int, "default": 60, "help": "seconds the rates and quantiles look back (1-3600)"}),
         ("--interval", {"type": float, "default": 2.0, "help": "seconds between refreshes"}),
         ("--count", {"type": int, "default": 0, "help": "stop after this many samples (0 = until Ctrl-C)"}),
-    )
+    )  # fmt: skip
 
-    g = group("ab", "A/B experiments")
+    g = group("ab", "A/B experiments", "nw ab results ab-42")
+    exp_id = {"help": "experiment id in --project, or a full name projects/P/experiments/E"}
     cmd(
-        g,
-        "create",
-        ab_create,
-        ("experiment", {}),
+        g, "create", ab_create, "create an experiment (the first variant is the control)",
+        "nw ab create ab-42 --variant control=advisor@1.1.0,advisor-prod --variant tuned=advisor@1.2.0,advisor-cand "
+        "--metric judge_score --promote-alias production",
+        ("experiment", {"help": "experiment id to create"}),
         ("--variant", {"action": "append", "required": True, "help": "id=model@version[,deployment]; the first is the control"}),
-        ("--weights", {"type": float, "nargs": "+"}),
-        ("--metric", {"required": True, "help": "name[:mean|proportion][:increase|decrease]"}),
-        ("--guardrail", {"action": "append", "help": "name:kind:direction:tolerance"}),
-        ("--min-sample-size", {"type": int, "default": 0}),
-        ("--alpha", {"type": float, "default": 0.0}),
-        ("--fixed-horizon", {"action": "store_true"}),
-        ("--promote-alias", {}),
-        ("--display-name", {"default": ""}),
-    )
-    cmd(g, "start", ab_start, ("experiment", {}))
-    cmd(g, "stop", ab_stop, ("experiment", {}), ("--reason", {"default": ""}))
-    cmd(g, "get", ab_get, ("experiment", {}))
-    _pages(cmd(g, "list", ab_list))
-    cmd(g, "assign", ab_assign, ("experiment", {}), ("unit", {}))
-    cmd(g, "results", ab_results, ("experiment", {}))
+        ("--weights", {"type": float, "nargs": "+", "help": "traffic share per variant, in --variant order (default: even)"}),
+        ("--metric", {"required": True, "help": "primary metric: name[:mean|proportion][:increase|decrease][:tolerance]"}),
+        ("--guardrail", {"action": "append", "help": "guardrail metric, same form as --metric; repeat for several"}),
+        ("--min-sample-size", {"type": int, "default": 0, "help": "units per variant before a decision (0 = default)"}),
+        ("--alpha", {"type": float, "default": 0.0, "help": "significance level (0 = default 0.05)"}),
+        ("--fixed-horizon", {"action": "store_true", "help": "fixed-horizon test instead of the always-valid sequential one"}),
+        ("--promote-alias", {"help": "alias `ab conclude --promote` moves to the winner"}),
+        ("--display-name", {"default": "", "help": "human-readable name"}),
+    )  # fmt: skip
+    cmd(g, "start", ab_start, "start assigning units", "nw ab start ab-42", ("experiment", exp_id))
+    cmd(
+        g, "stop", ab_stop, "stop assigning units", "nw ab stop ab-42 --reason 'guardrail breached'",
+        ("experiment", exp_id), ("--reason", REASON),
+    )  # fmt: skip
+    cmd(g, "get", ab_get, "show an experiment", "nw ab get ab-42 --json", ("experiment", exp_id))
+    _pages(cmd(g, "list", ab_list, "list the project's experiments", "nw ab list -q"))
+    cmd(
+        g, "assign", ab_assign, "the variant a unit gets (sticky)", "nw ab assign ab-42 user-1001 -q",
+        ("experiment", exp_id), ("unit", {"help": "unit id, e.g. a user id"}),
+    )  # fmt: skip
     cmd(
         g,
-        "conclude",
-        ab_conclude,
-        ("experiment", {}),
-        ("--winner", {}),
-        ("--promote", {"action": "store_true"}),
-        ("--alias", {}),
-        ("--expect", {}),
-        ("--reason", {"default": ""}),
+        "results",
+        ab_results,
+        "per-variant statistics, SRM check and the decision",
+        "nw ab results ab-42",
+        ("experiment", exp_id),
     )
-    cmd(g, "plot", ab_plot, ("experiment", {}), ("--out", {"default": "experiment.png"}))
+    cmd(
+        g, "conclude", ab_conclude, "end an experiment, optionally promoting the winner",
+        "nw ab conclude ab-42 --winner tuned --promote --expect 1.1.0 --reason 'won on judge_score'",
+        ("experiment", exp_id),
+        ("--winner", {"help": "winner variant id (none: concluded with no winner)"}),
+        ("--promote", {"action": "store_true", "help": "move the promote alias to the winner's version"}),
+        ("--alias", {"help": "alias to move instead of the experiment's promote alias"}),
+        ("--expect", {"help": "compare-and-set: the version the alias must point to now"}),
+        ("--reason", REASON),
+    )  # fmt: skip
+    cmd(
+        g, "plot", ab_plot, "PNG of the per-variant means with confidence intervals", "nw ab plot ab-42 --out ab-42.png",
+        ("experiment", exp_id), ("--out", {"default": "experiment.png", "help": "PNG file to write"}),
+    )  # fmt: skip
 
-    health_parser = groups.add_parser("health", help="health of every service")
-    health_parser.set_defaults(fn=health)
+    sub(
+        "health", "health of every service (exit 1 unless all are SERVING; -q prints those that are not)", "nw health --json"
+    ).set_defaults(fn=health)
     return parser
 
 
 def print_rpc_error(exc: grpc.aio.AioRpcError) -> None:
     info = error_info(exc)
     reason = f" [{info.reason}]" if info else ""
-    err_console.print(f"[red]error[/red] {exc.code().name}{reason}: {exc.details()}")
+    err_console.print(f"[red]error[/red] {exc.code().name}{escape(reason)}: {escape(exc.details() or '')}")
     for violation in field_violations(exc):
-        err_console.print(f"  field [bold]{violation.field}[/bold]: {violation.description}")
+        err_console.print(f"  field [bold]{escape(violation.field)}[/bold]: {escape(violation.description)}")
 
 
 async def run(argv: list[str] | None = None) -> int:
+    global console, err_console
+    console, err_console = _console(), _console(stderr=True)  # the streams of this invocation (a test may capture them)
     args = build_parser().parse_args(argv)
     try:
         tls = ClientTLS.from_env("NW_", ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
@@ -1045,7 +1266,7 @@ async def run(argv: list[str] | None = None) -> int:
         )
         clients = Clients(endpoints)
     except ValueError as exc:  # unusable TLS settings: say which, before any call
-        err_console.print(f"[red]error[/red] {exc}")
+        err_console.print(f"[red]error[/red] {escape(str(exc))}")
         return 2
     args.project = endpoints.project
     # The root span of the command (or a child of TRACEPARENT, a pipeline's trace): every call it makes carries its

@@ -7,6 +7,7 @@ sequence it saw and reconnects with `after_sequence` — no event is shown twice
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 from rich.console import Console
@@ -79,8 +80,11 @@ async def watch_training_job(clients, name: str, *, console: Console, after_sequ
     return job
 
 
-async def watch_deployment(clients, name: str, *, console: Console, until_available: bool):
-    """Prints each status change; with until_available, returns once the deployment is AVAILABLE."""
+async def watch_deployment(
+    clients, name: str, *, console: Console, until_available: bool, emit: Callable[[dpb.Deployment], None] | None = None
+):
+    """Prints each status change (or hands the deployment to `emit`); with until_available, returns once the deployment
+    is AVAILABLE."""
     last = None
     reconnects = 0
     while True:
@@ -90,7 +94,10 @@ async def watch_deployment(clients, name: str, *, console: Console, until_availa
                 state = dpb.Deployment.State.Name(d.state).removeprefix("STATE_")
                 line = f"{state} version={d.served_version} ready={d.ready_replicas}/{d.replicas} endpoint={d.endpoint}"
                 if line != last:
-                    console.print(line)
+                    if emit is None:
+                        console.print(line, markup=False)
+                    else:
+                        emit(d)
                     last = line
                 if until_available and d.state == dpb.Deployment.STATE_AVAILABLE:
                     return d
