@@ -114,3 +114,31 @@ def test_a_scoring_adapter_is_refused(tiny_model_dir, tmp_path):
     get_peft_model(scorer, lora).save_pretrained(str(tmp_path / "reward"))
     with pytest.raises(ValueError, match="SEQ_CLS adapter .* cannot generate text"):
         load_for_inference(tiny_model_dir, tmp_path / "reward")
+
+
+def test_unused_imports_are_blocked_only_while_loading(tmp_path):
+    """In a fresh interpreter: inside `unused_imports_blocked` scipy and bitsandbytes cannot be imported and transformers
+    and peft see them as not installed; afterwards they import again and the availability checks say so."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, importlib.util
+import transformers.utils.import_utils as t
+from neuroweaver_ml.generation import unused_imports_blocked
+with unused_imports_blocked():
+    import peft.import_utils as p  # `import peft` imports both when it can
+    assert importlib.util.find_spec("scipy") is None and importlib.util.find_spec("bitsandbytes") is None
+    assert not t.is_scipy_available() and not t.is_bitsandbytes_available() and not p.is_bnb_available()
+    try:
+        import scipy  # noqa: F401
+        raise SystemExit("scipy imported")
+    except ImportError:
+        pass
+assert t.is_scipy_available() and p.is_bnb_available() and importlib.import_module("scipy.optimize")
+with unused_imports_blocked(load_in_4bit=True):  # a 4-bit model: nothing blocked
+    assert importlib.util.find_spec("bitsandbytes") is not None
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

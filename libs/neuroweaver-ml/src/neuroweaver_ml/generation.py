@@ -7,6 +7,7 @@ on decoded text; a streamed delta never contains any part of a stop string.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,56 @@ class SamplingParams:
     seed: int | None = None
 
 
+# Installed libraries that transformers and peft import whenever they are present, though loading a float causal LM
+# for inference never uses them (measured on a model server's cold start, 2 CPU cores):
+# - bitsandbytes (~1.9 s): peft imports it at `import peft` (`peft.helpers`, a try/except for an SVD helper) and when
+#   it injects LoRA layers (`peft.tuners.lora.bnb`, to recognise quantized layers); its own import wraps its CPU
+#   kernels in `torch.compile`, which imports torch._dynamo and torch._inductor. Used by 4-bit models only.
+# - scipy (~0.6 s): every transformers model class imports `transformers.loss`, whose object-detection losses import
+#   `scipy.optimize` for Hungarian matching when scipy is installed (it is: the experiments service's statistics).
+# Neither library has a switch (both checks are `importlib.util.find_spec`).
+_UNUSED_BY_INFERENCE = ("scipy", "bitsandbytes")
+_AVAILABILITY_CHECKS = (
+    ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+    ("transformers.utils.import_utils", ("is_bitsandbytes_available", "is_scipy_available")),
+)
+
+
+@contextlib.contextmanager
+def unused_imports_blocked(load_in_4bit: bool = False) -> Iterator[None]:
+    """Inside, `import` of the libraries above fails and transformers and peft take them for not installed; those
+    already imported stay as they are. Nothing is blocked for a 4-bit model (bitsandbytes, which may use scipy).
+
+    `sys.modules[name] = None` is Python's documented way to make an import fail (find_spec then says None). Afterwards
+    the entries are removed and transformers' and peft's cached availability checks cleared, so the libraries work
+    again in this process; what was imported meanwhile keeps going without them (peft's SVD helper for quantized
+    weights and transformers' object-detection matchers). Not thread-safe against a concurrent first import of one
+    of them (a model server loads its model once, before serving)."""
+    import sys
+
+    def forget_availability() -> None:
+        for module, checks in _AVAILABILITY_CHECKS:
+            for check in checks:
+                clear = getattr(getattr(sys.modules.get(module), check, None), "cache_clear", None)
+                if clear is not None:
+                    clear()
+
+    names = [] if load_in_4bit else [n for n in _UNUSED_BY_INFERENCE if n not in sys.modules]
+    if not names:
+        yield
+        return
+    for name in names:
+        sys.modules[name] = None  # type: ignore[assignment]
+    forget_availability()  # a check that said "installed" before would make transformers import it regardless
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+        forget_availability()
+
+
 def _device(device: str) -> str:
     import torch
 
@@ -91,9 +142,15 @@ def load_for_inference(
     ``expected_adapter_sha256`` before loading (``DigestMismatch`` otherwise).
     ``merge_adapter=True`` folds the LoRA weights into the base (faster decoding; not with 4-bit).
     The tokenizer comes from the adapter dir when it has one, else from the base; padding side left.
+    Libraries inference never uses are not imported meanwhile (``unused_imports_blocked``).
     """
+    with unused_imports_blocked(load_in_4bit):
+        return _load_for_inference(base_dir, adapter_dir, load_in_4bit, expected_adapter_sha256, device, merge_adapter)
+
+
+def _load_for_inference(base_dir, adapter_dir, load_in_4bit, expected_adapter_sha256, device, merge_adapter) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = _device(device)
     on_gpu = dev.startswith("cuda")
@@ -119,6 +176,8 @@ def load_for_inference(
     # Any: transformers' stubs reject .to(str) (a decorated method) and PeftModel is no PreTrainedModel
     model: Any
     if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
         q = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )

@@ -172,9 +172,8 @@ def check_spec(spec: LoadSpec) -> str:
 def _load_peft_adapters(spec: LoadSpec):
     """The base once, then every version's PEFT adapter on it under its engine name (v0, v1, ...), unmerged: the
     transformers engine picks each row's adapter per forward pass (PEFT `adapter_names`)."""
-    from peft import PeftModel
-
     from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path, verify_digest
+    from neuroweaver_ml.generation import unused_imports_blocked
 
     paths = []
     for name, uri, sha in spec.adapters:
@@ -183,11 +182,14 @@ def _load_peft_adapters(spec: LoadSpec):
         paths.append((name, path))
     loaded = load_for_inference(resolve_base_model(spec.base_model), None, spec.load_in_4bit, device=spec.device)
     model = None
-    for name, path in paths:
-        if model is None:
-            model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
-        else:
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    with unused_imports_blocked(spec.load_in_4bit):  # peft imports bitsandbytes for nothing on a float base (seconds)
+        from peft import PeftModel
+
+        for name, path in paths:
+            if model is None:
+                model = PeftModel.from_pretrained(loaded.model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
     assert model is not None
     model.eval()
     return model, loaded.tokenizer
