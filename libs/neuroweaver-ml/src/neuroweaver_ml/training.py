@@ -417,6 +417,45 @@ def _base_identity(base_dir: str) -> str:
     return h.hexdigest()
 
 
+def sft_training_arguments(cfg: SFTConfig, ckdir: Path, has_eval: bool, device: str):
+    """The transformers TrainingArguments of an SFT run: every setting of ``cfg`` as written (0 warmup, 0 clipping,
+    seed 0 and ``eval_every_steps`` 0 — one evaluation at the end — included)."""
+    from transformers import TrainingArguments
+
+    on_gpu = device.startswith("cuda")
+    return TrainingArguments(
+        output_dir=str(ckdir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps" if cfg.checkpoint_every_steps > 0 else "no",
+        save_steps=cfg.checkpoint_every_steps if cfg.checkpoint_every_steps > 0 else 500,
+        save_total_limit=max(1, cfg.keep_checkpoints),
+        eval_strategy="steps" if (has_eval and cfg.eval_every_steps > 0) else "no",
+        eval_steps=cfg.eval_every_steps if cfg.eval_every_steps > 0 else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
+        save_only_model=False,
+    )
+
+
 def run_sft(
     config: SFTConfig,
     on_event: Callable[[Event], None] | None = None,
@@ -429,7 +468,7 @@ def run_sft(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, Trainer, set_seed
 
     cfg = config
     t_start = time.monotonic()
@@ -498,40 +537,9 @@ def run_sft(
         ),
     )
 
-    on_gpu = device.startswith("cuda")
     eval_examples = eval_tok.examples if eval_tok is not None else []
     has_eval = bool(eval_examples)
-    args = TrainingArguments(
-        output_dir=str(ckdir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accumulation,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=1,
-        save_strategy="steps" if cfg.checkpoint_every_steps > 0 else "no",
-        save_steps=cfg.checkpoint_every_steps if cfg.checkpoint_every_steps > 0 else 500,
-        save_total_limit=max(1, cfg.keep_checkpoints),
-        eval_strategy="steps" if (has_eval and cfg.eval_every_steps > 0) else "no",
-        eval_steps=cfg.eval_every_steps if cfg.eval_every_steps > 0 else None,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
-        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
-        save_only_model=False,
-    )
+    args = sft_training_arguments(cfg, ckdir, has_eval, device)
     bridge = _make_callback(on_event, should_stop, ckdir)
     trainer = Trainer(
         model=model,

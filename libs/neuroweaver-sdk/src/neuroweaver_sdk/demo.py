@@ -159,7 +159,7 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
         dataset_uri=str(DATA / "train.jsonl"),
         eval_dataset_uri=str(DATA / "eval.jsonl"),
         method=tpb.TRAINING_METHOD_RLAIF if args.method == "rlaif" else tpb.TRAINING_METHOD_SFT_QLORA,
-        lora=tpb.LoraConfig(r=16, alpha=32, dropout=0.05),
+        lora=tpb.LoraConfig(r=16, alpha=32, lora_dropout=0.05),
         hyperparameters=tpb.Hyperparameters(
             learning_rate=3e-4,
             max_steps=args.sft_steps,
@@ -167,8 +167,8 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
             gradient_accumulation_steps=1,
             max_seq_length=512,
             checkpoint_every_steps=20,
-            eval_every_steps=max(args.sft_steps // 2, 1),
-            seed=7,
+            eval_interval_steps=max(args.sft_steps // 2, 1),
+            random_seed=7,
         ),
         target_model=MODEL,
         version_bump=cpb.VERSION_BUMP_MINOR,
@@ -188,7 +188,8 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
                 reward_source=tpb.RlaifConfig.REWARD_SOURCE_REWARD_MODEL,
                 policy_steps=args.policy_steps,
                 max_new_tokens=48,
-                min_margin=0.5,
+                min_score_margin=0.5,
+                qlora=True,  # the SFT stage trains QLoRA, as the demo says (and the policy stage on the same 4-bit base)
             )
         )
     created = await nw.trainer.CreateTrainingJob(

@@ -129,6 +129,35 @@ async def test_rlaif_job_end_to_end_local_judge(trainers, registry, tiny_model, 
 
 
 @pytest.mark.slow
+async def test_rlaif_qlora_trains_sft_and_policy_on_the_4bit_base(trainers, registry, tiny_model, data_root, prompts, h):
+    """`rlaif.qlora`: stage sft trains QLoRA (its run config says so), the policy stage (DPO here) loads the 4-bit base,
+    and the job's events say both."""
+    import json
+    from pathlib import Path
+
+    judge = await local_judge(registry, h)
+    trainer = await trainers()
+    job = await trainer.stub.CreateTrainingJob(h.tsvc.CreateTrainingJobRequest(
+        parent="projects/default", training_job_id="rlaif-qlora",
+        training_job=rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/latest", qlora=True),
+    ))  # fmt: skip
+    assert job.rlaif.qlora and job.hyperparameters.use_gradient_checkpointing  # QLoRA's default
+    events = await asyncio.wait_for(h.watch_all(trainer.stub, job.name), 400)
+    assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
+    sft_start = next(e for e in events if e.type == h.tpb.EVENT_TYPE_STAGE_STARTED and e.stage == "sft")
+    assert "QLoRA" in sft_start.message
+    assert any(e.type == h.tpb.EVENT_TYPE_LOG and e.stage == "policy" and "4-bit NF4" in e.message for e in events)
+    job_dir = Path(trainer.config["data_dir"]) / "jobs" / "rlaif-qlora"
+    sft = json.loads((job_dir / "run" / "run_config.json").read_text())["config"]
+    assert sft["method"] == "qlora" and sft["gradient_checkpointing"] is True
+    policy = json.loads((job_dir / "rlaif" / "policy" / "policy_report.json").read_text())["config"]
+    assert policy["quantize_4bit"] is True
+    assert "4-bit NF4" in (job_dir / "rlaif" / "policy" / "adapter" / "README.md").read_text()
+    versions = await h.registry_versions_of(registry.stub, job.name)
+    assert len(versions) == 1 and versions[0].lineage.hyperparameters["rlaif_qlora"] == "true"
+
+
+@pytest.mark.slow
 async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(
     trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
 ):

@@ -54,7 +54,7 @@ def test_validation_collects_every_violation():
     validate_job(job, v)
     fields = {x.field for x in v.items}
     assert {"training_job.method", "training_job.target_model", "training_job.version_bump", "training_job.hyperparameters.batch_size",
-            "training_job.hyperparameters.eval_split", "training_job.labels.Bad Key"} <= fields  # fmt: skip
+            "training_job.hyperparameters.eval_fraction", "training_job.labels.Bad Key"} <= fields  # fmt: skip
     with pytest.raises(InvalidArgument):
         v.raise_if_any()
     ok = Violations()

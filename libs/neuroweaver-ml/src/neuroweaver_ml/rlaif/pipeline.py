@@ -119,9 +119,12 @@ class RlaifConfig:
     judge_device: str = "cpu"  # local embedding judge
     base_model_ref: str | None = None
     adapter_name: str | None = None
+    quantize_4bit: bool = False  # QLoRA policy: GRPO/RLOO/DPO train the LoRA on the base in 4-bit NF4
 
     def fingerprint(self) -> str:
         d = dataclasses.asdict(self)
+        if not d["quantize_4bit"]:  # absent before the setting existed: unchanged fingerprints for older jobs
+            d.pop("quantize_4bit")
         for k in (
             "output_dir",
             "checkpoint_every_steps",
@@ -624,6 +627,7 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
         cfg.parent_adapter_dir,
         PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
         device,
+        quantize_4bit=cfg.quantize_4bit,
     )
     g = max(2, cfg.candidates_per_prompt)
     chat = bool(getattr(tok, "chat_template", None))
@@ -681,6 +685,7 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
             "KL beta": cfg.kl_coefficient,
             "steps": cfg.policy_steps,
             "group size": g,
+            "base": "4-bit NF4 (QLoRA)" if cfg.quantize_4bit else "full precision",
         },
     )
     try:
@@ -715,6 +720,7 @@ def _policy_stage(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | None) 
             device=cfg.device,
             base_model_ref=cfg.base_model_ref,
             adapter_name=cfg.adapter_name,
+            quantize_4bit=cfg.quantize_4bit,
         )
         return run_dpo(jc, ctx.on_event, ctx.should_stop)
     return _run_online_policy(ctx, prompts, rm)

@@ -464,10 +464,13 @@ class PolicyLoraSettings:
     target_modules: list[str] | None = None
 
 
-def load_policy(base_model_dir: str, parent_adapter_dir: str | None, lora: PolicyLoraSettings, device: str):
+def load_policy(
+    base_model_dir: str, parent_adapter_dir: str | None, lora: PolicyLoraSettings, device: str, *, quantize_4bit: bool = False
+):
     """(model, peft_config): with a parent adapter the policy continues training it (TRL keeps a frozen
     copy as the "ref" adapter, so the KL/DPO reference is the parent); otherwise a fresh LoRA on the
-    base (reference: the base with adapters disabled)."""
+    base (reference: the base with adapters disabled). ``quantize_4bit``: the base is loaded in 4-bit NF4
+    with double quantization (QLoRA, as SFT's ``method="qlora"``); the LoRA weights stay in full precision."""
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
@@ -475,7 +478,20 @@ def load_policy(base_model_dir: str, parent_adapter_dir: str | None, lora: Polic
     from ..lora import find_lora_target_modules
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype).to(device)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model_dir, quantization_config=bnb, dtype=dtype, device_map={"": device}
+        )
+        # the policy stages train without gradient checkpointing (_common_args): short generations, small batches
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype).to(device)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
     if parent_adapter_dir:
         return PeftModel.from_pretrained(model, parent_adapter_dir, is_trainable=True), None
     targets = list(lora.target_modules) if lora.target_modules else find_lora_target_modules(model)
@@ -531,6 +547,7 @@ class DPOJobConfig:
     device: str = "auto"
     base_model_ref: str | None = None
     adapter_name: str | None = None
+    quantize_4bit: bool = False  # QLoRA: the policy's base in 4-bit NF4
 
 
 @dataclass
@@ -602,6 +619,7 @@ def run_dpo(
         cfg.parent_adapter_dir,
         PolicyLoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules),
         device,
+        quantize_4bit=cfg.quantize_4bit,
     )
     ckdir = out / "checkpoints"
     args = DPOConfig(
@@ -634,7 +652,7 @@ def run_dpo(
             cfg.base_model_ref or cfg.base_model_dir,
             cfg.adapter_name or out.name,
             cfg.parent_adapter_dir,
-            {"beta": cfg.beta, "pairs": len(rows)},
+            {"beta": cfg.beta, "pairs": len(rows), "base": "4-bit NF4 (QLoRA)" if cfg.quantize_4bit else "full precision"},
         ),
     )
 

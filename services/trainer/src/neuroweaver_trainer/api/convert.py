@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.duration_pb2 import Duration
 
 from neuroweaver.common.v1 import common_pb2 as cpb
@@ -49,6 +51,19 @@ def _enum(value: int, enum_type, field: str) -> int:
     return value
 
 
+def _present(m, new: str, old: str) -> Any:
+    """A setting where 0 means something: the `optional` field when set, else the deprecated field it replaces (whose
+    zero/false meant "unset"), else None (unset: apply_defaults fills in the documented default)."""
+    if m.HasField(new):
+        return getattr(m, new)
+    return getattr(m, old) or None
+
+
+def _both(new: str, old: str, value: Any) -> dict[str, Any]:
+    """The effective value under the `optional` field and under the deprecated one (older clients read that)."""
+    return {} if value is None else {new: value, old: value}
+
+
 def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.method, pb.TrainingMethod, "training_job.method")
     _enum(m.executor, pb.Executor, "training_job.executor")
@@ -66,19 +81,24 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
             candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM_FROM_PB.get(rl.algorithm, ""),
             reward_source=_REWARD_SOURCE_FROM_PB.get(rl.reward_source, ""), reward_model_backbone=rl.reward_model_backbone,
-            kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
-            start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
+            kl_coefficient=_present(rl, "kl_beta", "kl_coefficient"), policy_steps=rl.policy_steps,
+            min_margin=_present(rl, "min_score_margin", "min_margin"), start_from_version=rl.start_from_version,
+            max_new_tokens=rl.max_new_tokens, qlora=rl.qlora,
         ),
         display_name=m.display_name, base_model=m.base_model, dataset_uri=m.dataset_uri, eval_dataset_uri=m.eval_dataset_uri,
         method=_METHOD_FROM_PB.get(m.method),
-        lora=d.LoraSettings(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)),
+        lora=d.LoraSettings(
+            r=lo.r, alpha=lo.alpha, dropout=_present(lo, "lora_dropout", "dropout"), target_modules=list(lo.target_modules),
+        ),
         hyperparameters=d.Hyperparameters(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps, batch_size=h.batch_size,
             gradient_accumulation_steps=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length,
-            warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay, seed=h.seed,
-            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
-            gradient_checkpointing=h.gradient_checkpointing, eval_split=h.eval_split, lr_scheduler=h.lr_scheduler,
-            max_grad_norm=h.max_grad_norm,
+            warmup_ratio=_present(h, "warmup_fraction", "warmup_ratio"), weight_decay=h.weight_decay,
+            seed=_present(h, "random_seed", "seed"), checkpoint_every_steps=h.checkpoint_every_steps,
+            eval_every_steps=_present(h, "eval_interval_steps", "eval_every_steps"),
+            gradient_checkpointing=_present(h, "use_gradient_checkpointing", "gradient_checkpointing"),
+            eval_split=_present(h, "eval_fraction", "eval_split"), lr_scheduler=h.lr_scheduler,
+            max_grad_norm=_present(h, "gradient_clip_norm", "max_grad_norm"),
         ),
         executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
         resources=d.Resources(
@@ -97,8 +117,8 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
             candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM.get(rl.algorithm, pb.RlaifConfig.POLICY_ALGORITHM_UNSPECIFIED),
             reward_source=_REWARD_SOURCE.get(rl.reward_source, pb.RlaifConfig.REWARD_SOURCE_UNSPECIFIED), reward_model_backbone=rl.reward_model_backbone,
-            kl_coefficient=rl.kl_coefficient, policy_steps=rl.policy_steps, min_margin=rl.min_margin,
-            start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens,
+            policy_steps=rl.policy_steps, start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens, qlora=rl.qlora,
+            **_both("kl_beta", "kl_coefficient", rl.kl_coefficient), **_both("min_score_margin", "min_margin", rl.min_margin),
         )  # fmt: skip
     export = None
     if j.export.configured:
@@ -111,14 +131,15 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
         export=export,
         name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
         eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else pb.TRAINING_METHOD_UNSPECIFIED,
-        lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules),
+        lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, target_modules=lo.target_modules, **_both("lora_dropout", "dropout", lo.dropout)),
         hyperparameters=pb.Hyperparameters(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps, batch_size=h.batch_size,
             gradient_accumulation_steps=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length,
-            warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay, seed=h.seed,
-            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
-            gradient_checkpointing=h.gradient_checkpointing, eval_split=h.eval_split, lr_scheduler=h.lr_scheduler,
-            max_grad_norm=h.max_grad_norm,
+            weight_decay=h.weight_decay, checkpoint_every_steps=h.checkpoint_every_steps, lr_scheduler=h.lr_scheduler,
+            **_both("warmup_fraction", "warmup_ratio", h.warmup_ratio), **_both("random_seed", "seed", h.seed),
+            **_both("eval_interval_steps", "eval_every_steps", h.eval_every_steps),
+            **_both("use_gradient_checkpointing", "gradient_checkpointing", h.gradient_checkpointing),
+            **_both("eval_fraction", "eval_split", h.eval_split), **_both("gradient_clip_norm", "max_grad_norm", h.max_grad_norm),
         ),
         executor=_EXECUTOR[j.executor],
         resources=pb.Resources(

@@ -80,11 +80,15 @@ VERSION_BUMPS = ("major", "minor", "patch")
 _LABEL_KEY = re.compile(r"^[a-z]([a-z0-9_-]{0,62})$")
 
 
+# Settings typed `X | None` are the ones where 0 (or false) means something: None is "unset" until apply_defaults
+# fills in the documented default, so an explicit 0 survives to the worker. Stored jobs carry effective values.
+
+
 @dataclass
 class LoraSettings:
     r: int = 0
     alpha: int = 0
-    dropout: float = 0.0
+    dropout: float | None = None
     target_modules: list[str] = field(default_factory=list)
 
 
@@ -96,15 +100,15 @@ class Hyperparameters:
     batch_size: int = 0
     gradient_accumulation_steps: int = 0
     max_seq_length: int = 0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float | None = None
     weight_decay: float = 0.0
-    seed: int = 0
+    seed: int | None = None
     checkpoint_every_steps: int = 0
-    eval_every_steps: int = 0
-    gradient_checkpointing: bool = False
-    eval_split: float = 0.0
+    eval_every_steps: int | None = None
+    gradient_checkpointing: bool | None = None
+    eval_split: float | None = None
     lr_scheduler: str = ""
-    max_grad_norm: float = 0.0
+    max_grad_norm: float | None = None
 
 
 @dataclass
@@ -118,11 +122,12 @@ class RlaifSettings:
     algorithm: str = ""  # grpo | rloo | dpo ("" until defaults)
     reward_source: str = ""  # reward_model | judge | both
     reward_model_backbone: str = ""
-    kl_coefficient: float = 0.0
+    kl_coefficient: float | None = None
     policy_steps: int = 0
-    min_margin: float = 0.0
+    min_margin: float | None = None
     start_from_version: str = ""
     max_new_tokens: int = 0
+    qlora: bool = False  # both trained stages on the 4-bit NF4 base
     # resolved at create (internal; judge versions and model versions are immutable)
     prompts_digest: str = ""
     eval_prompts_digest: str = ""
@@ -142,6 +147,7 @@ class RlaifSettings:
                 self.algorithm,
                 self.reward_source,
                 self.policy_steps,
+                self.qlora,
             )
         )
 
@@ -258,6 +264,11 @@ class JobEvent:
 # -- defaults and validation ---------------------------------------------------------------------
 
 
+def quantized_base(job: TrainingJob) -> bool:
+    """Whether the job trains on the base quantized to 4-bit NF4 (QLoRA): SFT_QLORA, and RLAIF with rlaif.qlora."""
+    return job.method is Method.SFT_QLORA or (job.method is Method.RLAIF and job.rlaif.qlora)
+
+
 def apply_defaults(job: TrainingJob) -> None:
     """Zero values take the documented defaults (proto comments), so stored jobs carry effective values."""
     if job.method is Method.EXPORT:  # trains nothing: no hyperparameters, LoRA settings or bump to fill in
@@ -270,26 +281,27 @@ def apply_defaults(job: TrainingJob) -> None:
     h.batch_size = h.batch_size or 4
     h.gradient_accumulation_steps = h.gradient_accumulation_steps or 1
     h.max_seq_length = h.max_seq_length or 512
-    h.warmup_ratio = h.warmup_ratio or 0.03
-    h.seed = h.seed or 42
+    h.warmup_ratio = 0.03 if h.warmup_ratio is None else h.warmup_ratio
+    h.seed = 42 if h.seed is None else h.seed
     h.checkpoint_every_steps = h.checkpoint_every_steps or 50
-    h.eval_every_steps = h.eval_every_steps or 50
-    h.eval_split = h.eval_split or 0.05
+    h.eval_every_steps = 50 if h.eval_every_steps is None else h.eval_every_steps
+    if h.eval_split is None:  # the reward model reports held-out pairwise accuracy: it holds out more by default
+        h.eval_split = 0.2 if job.method is Method.REWARD_MODEL else 0.05
     h.lr_scheduler = h.lr_scheduler or "cosine"
-    h.max_grad_norm = h.max_grad_norm or 1.0
-    if job.method is Method.SFT_QLORA:
-        h.gradient_checkpointing = True  # documented default on QLoRA
+    h.max_grad_norm = 1.0 if h.max_grad_norm is None else h.max_grad_norm
+    if h.gradient_checkpointing is None:  # documented default: on when the base is 4-bit quantized
+        h.gradient_checkpointing = quantized_base(job)
     lo.r = lo.r or 8
     lo.alpha = lo.alpha or 16
-    lo.dropout = lo.dropout or 0.05
+    lo.dropout = 0.05 if lo.dropout is None else lo.dropout
     if job.method is Method.RLAIF:
         r = job.rlaif
         r.candidates_per_prompt = r.candidates_per_prompt or 4
         r.algorithm = r.algorithm or "grpo"
         r.reward_source = r.reward_source or "reward_model"
-        r.kl_coefficient = r.kl_coefficient or 0.04
+        r.kl_coefficient = 0.04 if r.kl_coefficient is None else r.kl_coefficient
         r.policy_steps = r.policy_steps or 20
-        r.min_margin = r.min_margin or 1.0
+        r.min_margin = 1.0 if r.min_margin is None else r.min_margin
         r.max_new_tokens = r.max_new_tokens or 96
     job.version_bump = job.version_bump or "minor"
     job.display_name = job.display_name or job.job_id
@@ -349,10 +361,12 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
             v.add(rp + "candidates_per_prompt", "candidates_per_prompt must be at least 2: preferences compare candidates")
         if not 0 <= rl.policy_steps <= 100000:
             v.add(rp + "policy_steps", "policy_steps must be in [0, 100000]")
-        if rl.kl_coefficient < 0:
-            v.add(rp + "kl_coefficient", "kl_coefficient must not be negative")
-        if rl.min_margin < 0:
-            v.add(rp + "min_margin", "min_margin must not be negative")
+        if rl.kl_coefficient is not None and rl.kl_coefficient < 0:
+            v.add(rp + "kl_beta", "kl_beta (or the deprecated kl_coefficient) must not be negative")
+        elif rl.kl_coefficient == 0 and rl.algorithm == "dpo":
+            v.add(rp + "kl_beta", "kl_beta must be > 0 for DPO (it scales the preference loss); 0 is for GRPO/RLOO")
+        if rl.min_margin is not None and rl.min_margin < 0:
+            v.add(rp + "min_score_margin", "min_score_margin (or the deprecated min_margin) must not be negative")
         if not 0 <= rl.max_new_tokens <= 4096:
             v.add(rp + "max_new_tokens", "max_new_tokens must be in [0, 4096]")
         if rl.reward_model_backbone and len(rl.reward_model_backbone) > 2048:
@@ -384,23 +398,31 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
         "gradient_accumulation_steps",
         "max_seq_length",
         "checkpoint_every_steps",
-        "eval_every_steps",
-        "seed",
     ):
         if getattr(h, name) < 0:
             v.add(hp + name, f"{name} must not be negative")
+    if h.eval_every_steps is not None and h.eval_every_steps < 0:
+        v.add(
+            hp + "eval_interval_steps",
+            "eval_interval_steps (or the deprecated eval_every_steps) must not be negative (0 = evaluate only at the end)",
+        )
+    if h.seed is not None and h.seed < 0:
+        v.add(hp + "random_seed", "random_seed (or the deprecated seed) must not be negative")
     if h.batch_size > 1024:
         v.add(hp + "batch_size", "batch_size must be at most 1024")
     if h.max_seq_length > 131072:
         v.add(hp + "max_seq_length", "max_seq_length must be at most 131072")
-    if not 0 <= h.warmup_ratio < 1:
-        v.add(hp + "warmup_ratio", "warmup_ratio must be in [0, 1)")
+    if h.warmup_ratio is not None and not 0 <= h.warmup_ratio < 1:
+        v.add(hp + "warmup_fraction", "warmup_fraction (or the deprecated warmup_ratio) must be in [0, 1)")
     if h.weight_decay < 0:
         v.add(hp + "weight_decay", "weight_decay must not be negative")
-    if not 0 <= h.eval_split < 1:
-        v.add(hp + "eval_split", "eval_split must be in [0, 1)")
-    if h.max_grad_norm < 0:
-        v.add(hp + "max_grad_norm", "max_grad_norm must not be negative")
+    if h.eval_split is not None and not 0 <= h.eval_split < 1:
+        v.add(hp + "eval_fraction", "eval_fraction (or the deprecated eval_split) must be in [0, 1)")
+    if h.max_grad_norm is not None and h.max_grad_norm < 0:
+        v.add(
+            hp + "gradient_clip_norm",
+            "gradient_clip_norm (or the deprecated max_grad_norm) must not be negative (0 = no clipping)",
+        )
     if h.lr_scheduler and h.lr_scheduler not in LR_SCHEDULERS:
         v.add(hp + "lr_scheduler", f"lr_scheduler must be one of {', '.join(sorted(LR_SCHEDULERS))}")
     lo = job.lora
@@ -408,8 +430,8 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
         v.add(p + "lora.r", "r must be in [0, 1024]")
     if lo.alpha < 0:
         v.add(p + "lora.alpha", "alpha must not be negative")
-    if not 0 <= lo.dropout < 1:
-        v.add(p + "lora.dropout", "dropout must be in [0, 1)")
+    if lo.dropout is not None and not 0 <= lo.dropout < 1:
+        v.add(p + "lora.lora_dropout", "lora_dropout (or the deprecated dropout) must be in [0, 1)")
     for i, module in enumerate(lo.target_modules):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", module):
             v.add(f"{p}lora.target_modules[{i}]", f"{module!r} is not a module name")
@@ -496,6 +518,7 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
             "rlaif_policy_steps": r.policy_steps, "rlaif_min_margin": r.min_margin,
             "rlaif_max_new_tokens": r.max_new_tokens, "rlaif_reward_model_backbone": r.reward_model_backbone or "all-minilm-l6-v2",
             "rlaif_prompts_uri": r.prompts_uri, "rlaif_prompts_digest": r.prompts_digest,
+            "rlaif_qlora": str(r.qlora).lower(),
         })  # fmt: skip
     return {k: str(v) for k, v in out.items()}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..domain.job import EventType, JobEvent, Method
 from .events import numeric
-from .training import JobFailed, Outcome, Training
+from .training import JobFailed, Outcome, Training, effective
 
 
 class PreferenceTraining(Training):
@@ -56,7 +56,7 @@ class PreferenceTraining(Training):
         common: dict[str, Any] = dict(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps if h.max_steps > 0 else -1,
             batch_size=h.batch_size, grad_accumulation=h.gradient_accumulation_steps, max_length=h.max_seq_length,
-            lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, seed=h.seed, checkpoint_every_steps=h.checkpoint_every_steps,
+            lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=effective(lo.dropout), seed=effective(h.seed), checkpoint_every_steps=h.checkpoint_every_steps,
         )  # fmt: skip
         try:
             if job.method is Method.DPO:
@@ -69,7 +69,7 @@ class PreferenceTraining(Training):
                 else None
             )
             rm = RewardModelConfig(preference_file=prefs, output_dir=str(out), backbone="policy", base_model_dir=base_dir,
-                                   eval_file=eval_file, eval_fraction=0.0 if eval_file else max(h.eval_split, 0.2), **common)  # fmt: skip
+                                   eval_file=eval_file, eval_fraction=0.0 if eval_file else effective(h.eval_split), **common)  # fmt: skip
             return await asyncio.to_thread(run_reward_model, rm, self.on_event, self.stop.is_set)
         except (DatasetInvalid, ResumeMismatch) as exc:
             raise JobFailed(str(exc)) from None

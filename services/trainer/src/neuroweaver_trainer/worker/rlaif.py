@@ -7,17 +7,17 @@ from pathlib import Path
 
 from ..domain.job import EventType, JobEvent
 from .events import numeric
-from .training import JobFailed, Outcome, Training, sft_cancel_message, sft_metrics
+from .training import JobFailed, Outcome, Training, effective, sft_cancel_message, sft_metrics
 
 
 class RlaifTraining(Training):
     async def train(self) -> Outcome:
         """generate, judge, pairs, reward_model, policy, evaluate, all under the job's directory so that a re-claimed
         job resumes where the last attempt stopped."""
-        from neuroweaver_ml.rlaif import JudgeConfig, JudgeConfigError, RlaifConfig
+        from neuroweaver_ml.rlaif import JudgeConfig, JudgeConfigError
 
         job = self.job
-        r, h, lo = job.rlaif, job.hyperparameters, job.lora
+        r = job.rlaif
         metrics: dict[str, float] = {}
         if r.start_from_version:
             parent_dir = await self._parent_adapter()
@@ -35,17 +35,14 @@ class RlaifTraining(Training):
             judge = JudgeConfig(**r.judge)
         except (JudgeConfigError, TypeError) as exc:
             raise JobFailed(f"judge version {r.judge_version} is not usable: {exc}") from None
-        cfg = RlaifConfig(
-            base_model_dir=base_dir, prompts_file=prompts, output_dir=str(self.job_dir() / "rlaif"), judge=judge,
-            eval_prompts_file=eval_prompts, parent_adapter_dir=str(parent_dir), candidates_per_prompt=r.candidates_per_prompt,
-            algorithm=r.algorithm, reward_source=r.reward_source, reward_model_backbone=r.reward_model_backbone,  # type: ignore[arg-type]
-            # the reward model is trained when the policy uses it, and for DPO (its held-out pairwise accuracy on
-            # the judge's pairs is reported); GRPO/RLOO rewarded by the judge alone skip the stage
-            train_reward_model=r.algorithm == "dpo" or r.reward_source != "judge",
-            kl_coefficient=r.kl_coefficient, policy_steps=r.policy_steps, min_margin=r.min_margin, max_new_tokens=r.max_new_tokens,
-            judge_chunk_size=max(1, self.cfg.rlaif_judge_chunk_size), max_length=h.max_seq_length, lora_r=lo.r,
-            lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules) or None,
-            checkpoint_every_steps=h.checkpoint_every_steps, seed=h.seed, base_model_ref=job.base_model, adapter_name=job.name,
+        cfg = self.rlaif_config(base_dir, prompts, eval_prompts, str(parent_dir), judge)
+        await self.journal.write(
+            JobEvent(
+                EventType.LOG, stage="policy",
+                message=f"attempt {self.journal.attempt}: the policy stage ({r.algorithm}) will train its LoRA on the "
+                + ("base quantized to 4-bit NF4 (QLoRA)" if cfg.quantize_4bit else "full-precision base")
+                + "; generation, judging and evaluation use the full-precision base with the adapter merged",
+            )
         )  # fmt: skip
         result = await self._run(cfg)
         if result.status == "cancelled":
@@ -60,6 +57,26 @@ class RlaifTraining(Training):
             extra_artifacts=[(str(out / n), n) for n in ("preferences.jsonl", "evaluation.json") if (out / n).is_file()],
             parent_version=r.start_from_version, judge_version=result.judge_version,
             dataset_uri=job.dataset_uri or r.prompts_uri, dataset_digest=job.dataset_digest or r.prompts_digest,
+        )  # fmt: skip
+
+    def rlaif_config(self, base_dir: str, prompts: str, eval_prompts: str | None, parent_dir: str, judge):
+        """run_rlaif's config: the job's stored (effective) settings, zeros included, as written."""
+        from neuroweaver_ml.rlaif import RlaifConfig
+
+        job = self.job
+        r, h, lo = job.rlaif, job.hyperparameters, job.lora
+        return RlaifConfig(
+            base_model_dir=base_dir, prompts_file=prompts, output_dir=str(self.job_dir() / "rlaif"), judge=judge,
+            eval_prompts_file=eval_prompts, parent_adapter_dir=parent_dir, candidates_per_prompt=r.candidates_per_prompt,
+            algorithm=r.algorithm, reward_source=r.reward_source, reward_model_backbone=r.reward_model_backbone,  # type: ignore[arg-type]
+            # the reward model is trained when the policy uses it, and for DPO (its held-out pairwise accuracy on
+            # the judge's pairs is reported); GRPO/RLOO rewarded by the judge alone skip the stage
+            train_reward_model=r.algorithm == "dpo" or r.reward_source != "judge",
+            kl_coefficient=effective(r.kl_coefficient), policy_steps=r.policy_steps, min_margin=effective(r.min_margin),
+            max_new_tokens=r.max_new_tokens, judge_chunk_size=max(1, self.cfg.rlaif_judge_chunk_size),
+            max_length=h.max_seq_length, lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=effective(lo.dropout),
+            target_modules=list(lo.target_modules) or None, checkpoint_every_steps=h.checkpoint_every_steps,
+            seed=effective(h.seed), base_model_ref=job.base_model, adapter_name=job.name, quantize_4bit=r.qlora,
         )  # fmt: skip
 
     async def _parent_adapter(self) -> Path:

@@ -11,8 +11,9 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from ..domain.job import EventType, JobEvent, Method, TrainingJob
+from ..domain.job import EventType, JobEvent, Method, TrainingJob, quantized_base
 from .config import WorkerConfig
 from .events import EventMapper
 from .journal import Journal
@@ -20,6 +21,16 @@ from .journal import Journal
 
 class JobFailed(Exception):
     """A failure with a reason a person can act on."""
+
+
+T = TypeVar("T")
+
+
+def effective(value: T | None) -> T:
+    """A setting of a stored job: create's apply_defaults gave every optional setting its value."""
+    if value is None:
+        raise JobFailed("the stored job has an unset setting; it was not created through the service")
+    return value
 
 
 @dataclass
@@ -128,27 +139,35 @@ class Training:
             )
         return str(path)
 
-    async def sft_stage(self):
-        """The `sft` stage (SFT methods, and RLAIF's first stage); resumes from its newest checkpoint."""
-        from neuroweaver_ml import DatasetInvalid, ResumeMismatch, SFTConfig, run_sft, uri_to_path
+    def sft_config(self, base_dir: str, train_file: str, eval_file: str | None):
+        """The SFTConfig of the job's `sft` stage: its stored (effective) settings, zeros included, as written."""
+        from neuroweaver_ml import SFTConfig
 
         job = self.job
-        await self.start_stage("sft", f"{job.method.value} on {job.base_model}")
+        h, lo = job.hyperparameters, job.lora
+        return SFTConfig(
+            base_model_dir=base_dir, train_file=train_file, output_dir=str(self.job_dir() / "run"), eval_file=eval_file,
+            eval_fraction=0.0 if eval_file else effective(h.eval_split), method="qlora" if quantized_base(job) else "lora",
+            lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=effective(lo.dropout), target_modules=list(lo.target_modules) or None,
+            learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps if h.max_steps > 0 else -1,
+            batch_size=h.batch_size, grad_accumulation=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length,
+            warmup_ratio=effective(h.warmup_ratio), lr_scheduler=h.lr_scheduler, weight_decay=h.weight_decay,
+            max_grad_norm=effective(h.max_grad_norm), seed=effective(h.seed), checkpoint_every_steps=h.checkpoint_every_steps,
+            eval_every_steps=effective(h.eval_every_steps), gradient_checkpointing=effective(h.gradient_checkpointing),
+            base_model_ref=job.base_model, adapter_name=job.name,
+        )  # fmt: skip
+
+    async def sft_stage(self):
+        """The `sft` stage (SFT methods, and RLAIF's first stage); resumes from its newest checkpoint."""
+        from neuroweaver_ml import DatasetInvalid, ResumeMismatch, run_sft, uri_to_path
+
+        job = self.job
+        qlora = " (QLoRA: 4-bit NF4 base)" if quantized_base(job) else ""
+        await self.start_stage("sft", f"{job.method.value}{qlora} on {job.base_model}")
         base_dir = await self.base_dir()
         train_file = await self.input_file(job.dataset_uri, job.dataset_digest, "dataset")
         eval_file = uri_to_path(job.eval_dataset_uri) if job.eval_dataset_uri else None
-        h, lo = job.hyperparameters, job.lora
-        sft = SFTConfig(
-            base_model_dir=base_dir, train_file=train_file, output_dir=str(self.job_dir() / "run"),
-            eval_file=str(eval_file) if eval_file else None, eval_fraction=0.0 if eval_file else h.eval_split,
-            method="qlora" if job.method is Method.SFT_QLORA else "lora", lora_r=lo.r, lora_alpha=lo.alpha,
-            lora_dropout=lo.dropout, target_modules=list(lo.target_modules) or None, learning_rate=h.learning_rate,
-            num_epochs=h.num_epochs, max_steps=h.max_steps if h.max_steps > 0 else -1, batch_size=h.batch_size,
-            grad_accumulation=h.gradient_accumulation_steps, max_seq_length=h.max_seq_length, warmup_ratio=h.warmup_ratio,
-            lr_scheduler=h.lr_scheduler, weight_decay=h.weight_decay, max_grad_norm=h.max_grad_norm, seed=h.seed,
-            checkpoint_every_steps=h.checkpoint_every_steps, eval_every_steps=h.eval_every_steps,
-            gradient_checkpointing=h.gradient_checkpointing, base_model_ref=job.base_model, adapter_name=job.name,
-        )  # fmt: skip
+        sft = self.sft_config(base_dir, train_file, str(eval_file) if eval_file else None)
         try:
             result = await asyncio.to_thread(run_sft, sft, self.on_event, self.stop.is_set)
         except (DatasetInvalid, ResumeMismatch) as exc:

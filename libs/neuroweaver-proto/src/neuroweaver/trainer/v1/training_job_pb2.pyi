@@ -20,6 +20,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _TrainingMethod:
@@ -185,12 +190,23 @@ class LoraConfig(_message.Message):
     ALPHA_FIELD_NUMBER: _builtins.int
     DROPOUT_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    LORA_DROPOUT_FIELD_NUMBER: _builtins.int
     r: _builtins.int
     """Rank (default 8)."""
     alpha: _builtins.int
     """Scaling alpha (default 16)."""
-    dropout: _builtins.float
-    """Dropout (default 0.05)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def dropout(self) -> _builtins.float:
+        """Deprecated: 0 here cannot mean "no dropout" (0 = unset = 0.05). Use lora_dropout, which wins when set."""
+
+    @dropout.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def dropout(self, value: _builtins.float) -> None:
+        """Deprecated: 0 here cannot mean "no dropout" (0 = unset = 0.05). Use lora_dropout, which wins when set."""
+
+    lora_dropout: _builtins.float
+    """Dropout on the adapter's input (unset: `dropout`, else 0.05; an explicit 0 means no dropout)."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Module names to adapt; empty means every linear projection of the architecture's attention and MLP blocks."""
@@ -202,18 +218,25 @@ class LoraConfig(_message.Message):
         alpha: _builtins.int = ...,
         dropout: _builtins.float = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        lora_dropout: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "lora_dropout", b"lora_dropout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "dropout", b"dropout", "r", b"r", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "alpha", b"alpha", "dropout", b"dropout", "lora_dropout", b"lora_dropout", "r", b"r", "target_modules", b"target_modules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lora_dropout: _TypeAlias = _typing.Literal["lora_dropout"]  # noqa: Y015
+    _WhichOneofArgType__lora_dropout: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lora_dropout) -> _WhichOneofReturnType__lora_dropout | None: ...
 
 Global___LoraConfig: _TypeAlias = LoraConfig  # noqa: Y015
 
 @_typing.final
 class Hyperparameters(_message.Message):
-    """Hyperparameters. Zero values take the documented defaults."""
+    """Hyperparameters. An unset field takes its documented default. The `optional` fields carry presence, so an
+    explicit 0 (or false) is honoured as written; each replaces a deprecated field whose 0 meant "unset" (the
+    replacement wins when set; the deprecated field is read only when its replacement is unset, with its old meaning).
+    Jobs returned by the service carry the effective value in both.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -232,6 +255,12 @@ class Hyperparameters(_message.Message):
     EVAL_SPLIT_FIELD_NUMBER: _builtins.int
     LR_SCHEDULER_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    WARMUP_FRACTION_FIELD_NUMBER: _builtins.int
+    RANDOM_SEED_FIELD_NUMBER: _builtins.int
+    EVAL_INTERVAL_STEPS_FIELD_NUMBER: _builtins.int
+    USE_GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    EVAL_FRACTION_FIELD_NUMBER: _builtins.int
+    GRADIENT_CLIP_NORM_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Default 2e-4."""
     num_epochs: _builtins.float
@@ -244,24 +273,84 @@ class Hyperparameters(_message.Message):
     """Default 1."""
     max_seq_length: _builtins.int
     """Sequences are truncated to this many tokens (default 512)."""
-    warmup_ratio: _builtins.float
-    """Default 0.03."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def warmup_ratio(self) -> _builtins.float:
+        """Deprecated: use warmup_fraction (0 here means 0.03)."""
+
+    @warmup_ratio.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def warmup_ratio(self, value: _builtins.float) -> None:
+        """Deprecated: use warmup_fraction (0 here means 0.03)."""
+
     weight_decay: _builtins.float
     """Default 0."""
-    seed: _builtins.int
-    """Default 42."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def seed(self) -> _builtins.int:
+        """Deprecated: use random_seed (0 here means 42)."""
+
+    @seed.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def seed(self, value: _builtins.int) -> None:
+        """Deprecated: use random_seed (0 here means 42)."""
+
     checkpoint_every_steps: _builtins.int
     """Save a resumable checkpoint every N optimizer steps (default 50)."""
-    eval_every_steps: _builtins.int
-    """Evaluate every N optimizer steps (default 50; 0 = only at the end)."""
-    gradient_checkpointing: _builtins.bool
-    """Trade compute for memory (default true on QLoRA)."""
-    eval_split: _builtins.float
-    """Fraction of the dataset held out for evaluation when no eval dataset is given (default 0.05; 0 = none)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def eval_every_steps(self) -> _builtins.int:
+        """Deprecated: use eval_interval_steps (0 here means 50)."""
+
+    @eval_every_steps.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def eval_every_steps(self, value: _builtins.int) -> None:
+        """Deprecated: use eval_interval_steps (0 here means 50)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def gradient_checkpointing(self) -> _builtins.bool:
+        """Deprecated: use use_gradient_checkpointing (false here means the method's default)."""
+
+    @gradient_checkpointing.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def gradient_checkpointing(self, value: _builtins.bool) -> None:
+        """Deprecated: use use_gradient_checkpointing (false here means the method's default)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def eval_split(self) -> _builtins.float:
+        """Deprecated: use eval_fraction (0 here means 0.05)."""
+
+    @eval_split.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def eval_split(self, value: _builtins.float) -> None:
+        """Deprecated: use eval_fraction (0 here means 0.05)."""
+
     lr_scheduler: _builtins.str
     """Default `cosine`."""
-    max_grad_norm: _builtins.float
-    """Clip gradient norm (default 1.0)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def max_grad_norm(self) -> _builtins.float:
+        """Deprecated: use gradient_clip_norm (0 here means 1.0)."""
+
+    @max_grad_norm.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def max_grad_norm(self, value: _builtins.float) -> None:
+        """Deprecated: use gradient_clip_norm (0 here means 1.0)."""
+
+    warmup_fraction: _builtins.float
+    """Fraction of the optimizer steps that warm the learning rate up (unset: 0.03; 0 = no warmup)."""
+    random_seed: _builtins.int
+    """Seed of initialization, shuffling and the eval split (unset: 42; 0 is a seed like any other)."""
+    eval_interval_steps: _builtins.int
+    """Evaluate every N optimizer steps (unset: 50; 0 = only once, at the end)."""
+    use_gradient_checkpointing: _builtins.bool
+    """Trade compute for memory (unset: true when the base is 4-bit quantized, false otherwise)."""
+    eval_fraction: _builtins.float
+    """Fraction of the dataset held out for evaluation when no eval dataset is given (unset: 0.05; 0 = no evaluation)."""
+    gradient_clip_norm: _builtins.float
+    """Clip the gradient norm to this value (unset: 1.0; 0 = no clipping)."""
     def __init__(
         self,
         *,
@@ -280,12 +369,41 @@ class Hyperparameters(_message.Message):
         eval_split: _builtins.float = ...,
         lr_scheduler: _builtins.str = ...,
         max_grad_norm: _builtins.float = ...,
+        warmup_fraction: _builtins.float | None = ...,
+        random_seed: _builtins.int | None = ...,
+        eval_interval_steps: _builtins.int | None = ...,
+        use_gradient_checkpointing: _builtins.bool | None = ...,
+        eval_fraction: _builtins.float | None = ...,
+        gradient_clip_norm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "gradient_clip_norm", b"gradient_clip_norm", "random_seed", b"random_seed", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_every_steps", b"checkpoint_every_steps", "eval_every_steps", b"eval_every_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "batch_size", b"batch_size", "checkpoint_every_steps", b"checkpoint_every_steps", "eval_every_steps", b"eval_every_steps", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "gradient_clip_norm", b"gradient_clip_norm", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "random_seed", b"random_seed", "seed", b"seed", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__eval_fraction: _TypeAlias = _typing.Literal["eval_fraction"]  # noqa: Y015
+    _WhichOneofArgType__eval_fraction: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__eval_interval_steps: _TypeAlias = _typing.Literal["eval_interval_steps"]  # noqa: Y015
+    _WhichOneofArgType__eval_interval_steps: _TypeAlias = _typing.Literal["_eval_interval_steps", b"_eval_interval_steps"]  # noqa: Y015
+    _WhichOneofReturnType__gradient_clip_norm: _TypeAlias = _typing.Literal["gradient_clip_norm"]  # noqa: Y015
+    _WhichOneofArgType__gradient_clip_norm: _TypeAlias = _typing.Literal["_gradient_clip_norm", b"_gradient_clip_norm"]  # noqa: Y015
+    _WhichOneofReturnType__random_seed: _TypeAlias = _typing.Literal["random_seed"]  # noqa: Y015
+    _WhichOneofArgType__random_seed: _TypeAlias = _typing.Literal["_random_seed", b"_random_seed"]  # noqa: Y015
+    _WhichOneofReturnType__use_gradient_checkpointing: _TypeAlias = _typing.Literal["use_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofArgType__use_gradient_checkpointing: _TypeAlias = _typing.Literal["_use_gradient_checkpointing", b"_use_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_fraction: _TypeAlias = _typing.Literal["warmup_fraction"]  # noqa: Y015
+    _WhichOneofArgType__warmup_fraction: _TypeAlias = _typing.Literal["_warmup_fraction", b"_warmup_fraction"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_fraction) -> _WhichOneofReturnType__eval_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_interval_steps) -> _WhichOneofReturnType__eval_interval_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_clip_norm) -> _WhichOneofReturnType__gradient_clip_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__random_seed) -> _WhichOneofReturnType__random_seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_gradient_checkpointing) -> _WhichOneofReturnType__use_gradient_checkpointing | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_fraction) -> _WhichOneofReturnType__warmup_fraction | None: ...
 
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
@@ -443,6 +561,9 @@ class RlaifConfig(_message.Message):
     MIN_MARGIN_FIELD_NUMBER: _builtins.int
     START_FROM_VERSION_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    KL_BETA_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_MARGIN_FIELD_NUMBER: _builtins.int
+    QLORA_FIELD_NUMBER: _builtins.int
     prompts_uri: _builtins.str
     """Prompts with reference answers (JSONL: prompt, reference)."""
     eval_prompts_uri: _builtins.str
@@ -455,16 +576,44 @@ class RlaifConfig(_message.Message):
     reward_source: Global___RlaifConfig.RewardSource.ValueType
     reward_model_backbone: _builtins.str
     """Reward-model backbone: empty for all-MiniLM-L6-v2, `policy` for a LoRA on the policy's base."""
-    kl_coefficient: _builtins.float
-    """KL coefficient (beta) for the policy step (default 0.04)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kl_coefficient(self) -> _builtins.float:
+        """Deprecated: use kl_beta (0 here means 0.04)."""
+
+    @kl_coefficient.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def kl_coefficient(self, value: _builtins.float) -> None:
+        """Deprecated: use kl_beta (0 here means 0.04)."""
+
     policy_steps: _builtins.int
     """Policy-step optimizer steps (default 20)."""
-    min_margin: _builtins.float
-    """Minimum score margin for a preference pair (default 1.0 on the judge's scale)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def min_margin(self) -> _builtins.float:
+        """Deprecated: use min_score_margin (0 here means 1.0)."""
+
+    @min_margin.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def min_margin(self, value: _builtins.float) -> None:
+        """Deprecated: use min_score_margin (0 here means 1.0)."""
+
     start_from_version: _builtins.str
     """Skip SFT and start from this registered version (full name), else SFT runs first."""
     max_new_tokens: _builtins.int
     """Generation length of candidates (default 96 tokens)."""
+    kl_beta: _builtins.float
+    """KL coefficient (beta) of the policy step (unset: 0.04; 0 = no KL penalty, GRPO/RLOO only: DPO needs > 0)."""
+    min_score_margin: _builtins.float
+    """Minimum judge-score margin of a preference pair (unset: 1.0 on the judge's scale; 0 = any two candidates whose
+    scores differ).
+    """
+    qlora: _builtins.bool
+    """QLoRA: train on the base quantized to 4-bit NF4 (double quantization, bitsandbytes). The SFT stage trains exactly
+    like TRAINING_METHOD_SFT_QLORA (gradient checkpointing on unless use_gradient_checkpointing is false) and the
+    policy stage (GRPO, RLOO or DPO) trains its LoRA on the same 4-bit base; generation, judging and evaluation load
+    the full-precision base with the adapter merged. Default false (both stages on the full-precision base).
+    """
     def __init__(
         self,
         *,
@@ -480,12 +629,22 @@ class RlaifConfig(_message.Message):
         min_margin: _builtins.float = ...,
         start_from_version: _builtins.str = ...,
         max_new_tokens: _builtins.int = ...,
+        kl_beta: _builtins.float | None = ...,
+        min_score_margin: _builtins.float | None = ...,
+        qlora: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta", "_min_score_margin", b"_min_score_margin", "kl_beta", b"kl_beta", "min_score_margin", b"min_score_margin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "candidates_per_prompt", b"candidates_per_prompt", "eval_prompts_uri", b"eval_prompts_uri", "judge_version", b"judge_version", "kl_coefficient", b"kl_coefficient", "max_new_tokens", b"max_new_tokens", "min_margin", b"min_margin", "policy_steps", b"policy_steps", "prompts_uri", b"prompts_uri", "reward_model_backbone", b"reward_model_backbone", "reward_source", b"reward_source", "start_from_version", b"start_from_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta", "_min_score_margin", b"_min_score_margin", "algorithm", b"algorithm", "candidates_per_prompt", b"candidates_per_prompt", "eval_prompts_uri", b"eval_prompts_uri", "judge_version", b"judge_version", "kl_beta", b"kl_beta", "kl_coefficient", b"kl_coefficient", "max_new_tokens", b"max_new_tokens", "min_margin", b"min_margin", "min_score_margin", b"min_score_margin", "policy_steps", b"policy_steps", "prompts_uri", b"prompts_uri", "qlora", b"qlora", "reward_model_backbone", b"reward_model_backbone", "reward_source", b"reward_source", "start_from_version", b"start_from_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__kl_beta: _TypeAlias = _typing.Literal["kl_beta"]  # noqa: Y015
+    _WhichOneofArgType__kl_beta: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta"]  # noqa: Y015
+    _WhichOneofReturnType__min_score_margin: _TypeAlias = _typing.Literal["min_score_margin"]  # noqa: Y015
+    _WhichOneofArgType__min_score_margin: _TypeAlias = _typing.Literal["_min_score_margin", b"_min_score_margin"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_beta) -> _WhichOneofReturnType__kl_beta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score_margin) -> _WhichOneofReturnType__min_score_margin | None: ...
 
 Global___RlaifConfig: _TypeAlias = RlaifConfig  # noqa: Y015
 

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/trainer/v1/training_job.proto.
  */
 export const file_neuroweaver_trainer_v1_training_job: GenFile = /*@__PURE__*/
-  fileDesc("CiluZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluaW5nX2pvYi5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSKcAQoMRXhwb3J0Q29uZmlnEkAKDW1vZGVsX3ZlcnNpb24YASABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEjQKBmZvcm1hdBgCIAEoDjIkLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhwb3J0Rm9ybWF0EhQKDHF1YW50aXphdGlvbhgDIAEoCSJPCgpMb3JhQ29uZmlnEgkKAXIYASABKAUSDQoFYWxwaGEYAiABKAUSDwoHZHJvcG91dBgDIAEoARIWCg50YXJnZXRfbW9kdWxlcxgEIAMoCSL1AgoPSHlwZXJwYXJhbWV0ZXJzEhUKDWxlYXJuaW5nX3JhdGUYASABKAESEgoKbnVtX2Vwb2NocxgCIAEoARIRCgltYXhfc3RlcHMYAyABKAUSEgoKYmF0Y2hfc2l6ZRgEIAEoBRIjChtncmFkaWVudF9hY2N1bXVsYXRpb25fc3RlcHMYBSABKAUSFgoObWF4X3NlcV9sZW5ndGgYBiABKAUSFAoMd2FybXVwX3JhdGlvGAcgASgBEhQKDHdlaWdodF9kZWNheRgIIAEoARIMCgRzZWVkGAkgASgFEh4KFmNoZWNrcG9pbnRfZXZlcnlfc3RlcHMYCiABKAUSGAoQZXZhbF9ldmVyeV9zdGVwcxgLIAEoBRIeChZncmFkaWVudF9jaGVja3BvaW50aW5nGAwgASgIEhIKCmV2YWxfc3BsaXQYDSABKAESFAoMbHJfc2NoZWR1bGVyGA4gASgJEhUKDW1heF9ncmFkX25vcm0YDyABKAEi/wEKCVJlc291cmNlcxIMCgRncHVzGAEgASgFEgsKA2NwdRgCIAEoCRIOCgZtZW1vcnkYAyABKAkSSgoNbm9kZV9zZWxlY3RvchgEIAMoCzIzLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjcKC3RvbGVyYXRpb25zGAUgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Ub2xlcmF0aW9uEg0KBWltYWdlGAYgASgJGjMKEU5vZGVTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoKVG9sZXJhdGlvbhILCgNrZXkYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDQoFdmFsdWUYAyABKAkSDgoGZWZmZWN0GAQgASgJIvQFCgtSbGFpZkNvbmZpZxITCgtwcm9tcHRzX3VyaRgBIAEoCRIYChBldmFsX3Byb21wdHNfdXJpGAIgASgJEkAKDWp1ZGdlX3ZlcnNpb24YAyABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvSnVkZ2VWZXJzaW9uEh0KFWNhbmRpZGF0ZXNfcGVyX3Byb21wdBgEIAEoBRJGCglhbGdvcml0aG0YBSABKA4yMy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlJsYWlmQ29uZmlnLlBvbGljeUFsZ29yaXRobRJHCg1yZXdhcmRfc291cmNlGAYgASgOMjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZy5SZXdhcmRTb3VyY2USHQoVcmV3YXJkX21vZGVsX2JhY2tib25lGAcgASgJEhYKDmtsX2NvZWZmaWNpZW50GAggASgBEhQKDHBvbGljeV9zdGVwcxgJIAEoBRISCgptaW5fbWFyZ2luGAogASgBEkUKEnN0YXJ0X2Zyb21fdmVyc2lvbhgLIAEoCUIp+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SFgoObWF4X25ld190b2tlbnMYDCABKAUigwEKD1BvbGljeUFsZ29yaXRobRIgChxQT0xJQ1lfQUxHT1JJVEhNX1VOU1BFQ0lGSUVEEAASGQoVUE9MSUNZX0FMR09SSVRITV9HUlBPEAESGQoVUE9MSUNZX0FMR09SSVRITV9STE9PEAISGAoUUE9MSUNZX0FMR09SSVRITV9EUE8QAyJ+CgxSZXdhcmRTb3VyY2USHQoZUkVXQVJEX1NPVVJDRV9VTlNQRUNJRklFRBAAEh4KGlJFV0FSRF9TT1VSQ0VfUkVXQVJEX01PREVMEAESFwoTUkVXQVJEX1NPVVJDRV9KVURHRRACEhYKElJFV0FSRF9TT1VSQ0VfQk9USBADIoINCgtUcmFpbmluZ0pvYhISCgRuYW1lGAEgASgJQgTiQQEIEhoKDGRpc3BsYXlfbmFtZRgCIAEoCUIE4kEBARISCgpiYXNlX21vZGVsGAMgASgJEhMKC2RhdGFzZXRfdXJpGAQgASgJEhgKEGV2YWxfZGF0YXNldF91cmkYBSABKAkSNgoGbWV0aG9kGAYgASgOMiYubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ01ldGhvZBIwCgRsb3JhGAcgASgLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Mb3JhQ29uZmlnEkAKD2h5cGVycGFyYW1ldGVycxgIIAEoCzInLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuSHlwZXJwYXJhbWV0ZXJzEjIKBXJsYWlmGAkgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZxIyCghleGVjdXRvchgKIAEoDjIgLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhlY3V0b3ISNAoJcmVzb3VyY2VzGAsgASgLMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXNvdXJjZXMSOAoMdGFyZ2V0X21vZGVsGAwgASgJQiL6QR8KHXJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsEjQKBmV4cG9ydBgQIAEoCzIkLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhwb3J0Q29uZmlnEj4KDHZlcnNpb25fYnVtcBgPIAEoDjIiLm5ldXJvd2VhdmVyLmNvbW1vbi52MS5WZXJzaW9uQnVtcEIE4kEBARJFCgZsYWJlbHMYDiADKAsyLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iLkxhYmVsc0VudHJ5QgTiQQEBEj4KBXN0YXRlGBQgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZUIE4kEBAxITCgVzdGFnZRgVIAEoCUIE4kEBAxITCgVlcnJvchgWIAEoCUIE4kEBAxJECg1tb2RlbF92ZXJzaW9uGBcgASgJQi3iQQED+kEmCiRyZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbFZlcnNpb24SGAoKb3V0cHV0X3VyaRgYIAEoCUIE4kEBAxIcCg5kYXRhc2V0X2RpZ2VzdBgZIAEoCUIE4kEBAxIaCgxjdXJyZW50X3N0ZXAYGiABKANCBOJBAQMSGQoLdG90YWxfc3RlcHMYGyABKANCBOJBAQMSHwoRcmVzdW1lZF9mcm9tX3N0ZXAYHCABKANCBOJBAQMSFgoIYXR0ZW1wdHMYHSABKAVCBOJBAQMSRwoHbWV0cmljcxgeIAMoCzIwLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuTWV0cmljc0VudHJ5QgTiQQEDEjUKC2NyZWF0ZV90aW1lGB8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI0CgpzdGFydF90aW1lGCAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIyCghlbmRfdGltZRghIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSFQoHY3JlYXRvchgiIAEoCUIE4kEBAxotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBIpUBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX1FVRVVFRBABEhEKDVNUQVRFX1JVTk5JTkcQAhITCg9TVEFURV9TVUNDRUVERUQQAxIQCgxTVEFURV9GQUlMRUQQBBIUChBTVEFURV9DQU5DRUxMSU5HEAUSEwoPU1RBVEVfQ0FOQ0VMTEVEEAY6aepBZgoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIlcHJvamVjdHMve3Byb2plY3R9L3RyYWluaW5nSm9icy97am9ifSoMdHJhaW5pbmdKb2JzMgt0cmFpbmluZ0pvYkoECA0QDiLnAQoLU3RlcE1ldHJpY3MSDAoEc3RlcBgBIAEoAxITCgt0b3RhbF9zdGVwcxgCIAEoAxINCgVlcG9jaBgDIAEoARIMCgRsb3NzGAQgASgBEhUKDWxlYXJuaW5nX3JhdGUYBSABKAESEQoJZ3JhZF9ub3JtGAYgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAcgASgBEiYKA2V0YRgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIRCglyc3NfYnl0ZXMYCSABKAMSGAoQZ3B1X21lbW9yeV9ieXRlcxgKIAEoAyLBAwoQVHJhaW5pbmdKb2JFdmVudBI0CgNqb2IYASABKAlCJ/pBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIQCghzZXF1ZW5jZRgCIAEoAxIvCgR0eXBlGAMgASgOMiEubmV1cm93ZWF2ZXIudHJhaW5lci52MS5FdmVudFR5cGUSDQoFc3RhZ2UYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKBXN0YXRlGAYgASgOMikubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5TdGF0ZRIxCgRzdGVwGAcgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5TdGVwTWV0cmljcxJGCgdtZXRyaWNzGAggAygLMjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50Lk1ldHJpY3NFbnRyeRIPCgdtZXNzYWdlGAkgASgJGi4KDE1ldHJpY3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAE6AjgBKuABCg5UcmFpbmluZ01ldGhvZBIfChtUUkFJTklOR19NRVRIT0RfVU5TUEVDSUZJRUQQABIcChhUUkFJTklOR19NRVRIT0RfU0ZUX0xPUkEQARIdChlUUkFJTklOR19NRVRIT0RfU0ZUX1FMT1JBEAISGQoVVFJBSU5JTkdfTUVUSE9EX1JMQUlGEAMSFwoTVFJBSU5JTkdfTUVUSE9EX0RQTxAEEiAKHFRSQUlOSU5HX01FVEhPRF9SRVdBUkRfTU9ERUwQBRIaChZUUkFJTklOR19NRVRIT0RfRVhQT1JUEAYqfAoMRXhwb3J0Rm9ybWF0Eh0KGUVYUE9SVF9GT1JNQVRfVU5TUEVDSUZJRUQQABIYChRFWFBPUlRfRk9STUFUX01FUkdFRBABEhYKEkVYUE9SVF9GT1JNQVRfR0dVRhACEhsKF0VYUE9SVF9GT1JNQVRfR0dVRl9MT1JBEAMqUQoIRXhlY3V0b3ISGAoURVhFQ1VUT1JfVU5TUEVDSUZJRUQQABISCg5FWEVDVVRPUl9MT0NBTBABEhcKE0VYRUNVVE9SX0tVQkVSTkVURVMQAiqlAgoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIcChhFVkVOVF9UWVBFX1NUQVRFX0NIQU5HRUQQARIcChhFVkVOVF9UWVBFX1NUQUdFX1NUQVJURUQQAhIeChpFVkVOVF9UWVBFX1NUQUdFX0NPTVBMRVRFRBADEhMKD0VWRU5UX1RZUEVfU1RFUBAEEhMKD0VWRU5UX1RZUEVfRVZBTBAFEhkKFUVWRU5UX1RZUEVfQ0hFQ0tQT0lOVBAGEhIKDkVWRU5UX1RZUEVfTE9HEAcSFgoSRVZFTlRfVFlQRV9SRVNVTUVEEAgSFAoQRVZFTlRfVFlQRV9KVURHRRAJEhkKFUVWRU5UX1RZUEVfUkVHSVNURVJFRBAKYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
+  fileDesc("CiluZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluaW5nX2pvYi5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSKcAQoMRXhwb3J0Q29uZmlnEkAKDW1vZGVsX3ZlcnNpb24YASABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEjQKBmZvcm1hdBgCIAEoDjIkLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXhwb3J0Rm9ybWF0EhQKDHF1YW50aXphdGlvbhgDIAEoCSJ/CgpMb3JhQ29uZmlnEgkKAXIYASABKAUSDQoFYWxwaGEYAiABKAUSEwoHZHJvcG91dBgDIAEoAUICGAESFgoOdGFyZ2V0X21vZHVsZXMYBCADKAkSGQoMbG9yYV9kcm9wb3V0GAUgASgBSACIAQFCDwoNX2xvcmFfZHJvcG91dCLRBQoPSHlwZXJwYXJhbWV0ZXJzEhUKDWxlYXJuaW5nX3JhdGUYASABKAESEgoKbnVtX2Vwb2NocxgCIAEoARIRCgltYXhfc3RlcHMYAyABKAUSEgoKYmF0Y2hfc2l6ZRgEIAEoBRIjChtncmFkaWVudF9hY2N1bXVsYXRpb25fc3RlcHMYBSABKAUSFgoObWF4X3NlcV9sZW5ndGgYBiABKAUSGAoMd2FybXVwX3JhdGlvGAcgASgBQgIYARIUCgx3ZWlnaHRfZGVjYXkYCCABKAESEAoEc2VlZBgJIAEoBUICGAESHgoWY2hlY2twb2ludF9ldmVyeV9zdGVwcxgKIAEoBRIcChBldmFsX2V2ZXJ5X3N0ZXBzGAsgASgFQgIYARIiChZncmFkaWVudF9jaGVja3BvaW50aW5nGAwgASgIQgIYARIWCgpldmFsX3NwbGl0GA0gASgBQgIYARIUCgxscl9zY2hlZHVsZXIYDiABKAkSGQoNbWF4X2dyYWRfbm9ybRgPIAEoAUICGAESHAoPd2FybXVwX2ZyYWN0aW9uGBAgASgBSACIAQESGAoLcmFuZG9tX3NlZWQYESABKAVIAYgBARIgChNldmFsX2ludGVydmFsX3N0ZXBzGBIgASgFSAKIAQESJwoadXNlX2dyYWRpZW50X2NoZWNrcG9pbnRpbmcYEyABKAhIA4gBARIaCg1ldmFsX2ZyYWN0aW9uGBQgASgBSASIAQESHwoSZ3JhZGllbnRfY2xpcF9ub3JtGBUgASgBSAWIAQFCEgoQX3dhcm11cF9mcmFjdGlvbkIOCgxfcmFuZG9tX3NlZWRCFgoUX2V2YWxfaW50ZXJ2YWxfc3RlcHNCHQobX3VzZV9ncmFkaWVudF9jaGVja3BvaW50aW5nQhAKDl9ldmFsX2ZyYWN0aW9uQhUKE19ncmFkaWVudF9jbGlwX25vcm0i/wEKCVJlc291cmNlcxIMCgRncHVzGAEgASgFEgsKA2NwdRgCIAEoCRIOCgZtZW1vcnkYAyABKAkSSgoNbm9kZV9zZWxlY3RvchgEIAMoCzIzLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzb3VyY2VzLk5vZGVTZWxlY3RvckVudHJ5EjcKC3RvbGVyYXRpb25zGAUgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5Ub2xlcmF0aW9uEg0KBWltYWdlGAYgASgJGjMKEU5vZGVTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSgoKVG9sZXJhdGlvbhILCgNrZXkYASABKAkSEAoIb3BlcmF0b3IYAiABKAkSDQoFdmFsdWUYAyABKAkSDgoGZWZmZWN0GAQgASgJIuEGCgtSbGFpZkNvbmZpZxITCgtwcm9tcHRzX3VyaRgBIAEoCRIYChBldmFsX3Byb21wdHNfdXJpGAIgASgJEkAKDWp1ZGdlX3ZlcnNpb24YAyABKAlCKfpBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvSnVkZ2VWZXJzaW9uEh0KFWNhbmRpZGF0ZXNfcGVyX3Byb21wdBgEIAEoBRJGCglhbGdvcml0aG0YBSABKA4yMy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlJsYWlmQ29uZmlnLlBvbGljeUFsZ29yaXRobRJHCg1yZXdhcmRfc291cmNlGAYgASgOMjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SbGFpZkNvbmZpZy5SZXdhcmRTb3VyY2USHQoVcmV3YXJkX21vZGVsX2JhY2tib25lGAcgASgJEhoKDmtsX2NvZWZmaWNpZW50GAggASgBQgIYARIUCgxwb2xpY3lfc3RlcHMYCSABKAUSFgoKbWluX21hcmdpbhgKIAEoAUICGAESRQoSc3RhcnRfZnJvbV92ZXJzaW9uGAsgASgJQin6QSYKJHJlZ2lzdHJ5Lm5ldXJvd2VhdmVyLmFpL01vZGVsVmVyc2lvbhIWCg5tYXhfbmV3X3Rva2VucxgMIAEoBRIUCgdrbF9iZXRhGA0gASgBSACIAQESHQoQbWluX3Njb3JlX21hcmdpbhgOIAEoAUgBiAEBEg0KBXFsb3JhGA8gASgIIoMBCg9Qb2xpY3lBbGdvcml0aG0SIAocUE9MSUNZX0FMR09SSVRITV9VTlNQRUNJRklFRBAAEhkKFVBPTElDWV9BTEdPUklUSE1fR1JQTxABEhkKFVBPTElDWV9BTEdPUklUSE1fUkxPTxACEhgKFFBPTElDWV9BTEdPUklUSE1fRFBPEAMifgoMUmV3YXJkU291cmNlEh0KGVJFV0FSRF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIeChpSRVdBUkRfU09VUkNFX1JFV0FSRF9NT0RFTBABEhcKE1JFV0FSRF9TT1VSQ0VfSlVER0UQAhIWChJSRVdBUkRfU09VUkNFX0JPVEgQA0IKCghfa2xfYmV0YUITChFfbWluX3Njb3JlX21hcmdpbiKCDQoLVHJhaW5pbmdKb2ISEgoEbmFtZRgBIAEoCUIE4kEBCBIaCgxkaXNwbGF5X25hbWUYAiABKAlCBOJBAQESEgoKYmFzZV9tb2RlbBgDIAEoCRITCgtkYXRhc2V0X3VyaRgEIAEoCRIYChBldmFsX2RhdGFzZXRfdXJpGAUgASgJEjYKBm1ldGhvZBgGIAEoDjImLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdNZXRob2QSMAoEbG9yYRgHIAEoCzIiLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTG9yYUNvbmZpZxJACg9oeXBlcnBhcmFtZXRlcnMYCCABKAsyJy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkh5cGVycGFyYW1ldGVycxIyCgVybGFpZhgJIAEoCzIjLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmxhaWZDb25maWcSMgoIZXhlY3V0b3IYCiABKA4yIC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkV4ZWN1dG9yEjQKCXJlc291cmNlcxgLIAEoCzIhLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzb3VyY2VzEjgKDHRhcmdldF9tb2RlbBgMIAEoCUIi+kEfCh1yZWdpc3RyeS5uZXVyb3dlYXZlci5haS9Nb2RlbBI0CgZleHBvcnQYECABKAsyJC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkV4cG9ydENvbmZpZxI+Cgx2ZXJzaW9uX2J1bXAYDyABKA4yIi5uZXVyb3dlYXZlci5jb21tb24udjEuVmVyc2lvbkJ1bXBCBOJBAQESRQoGbGFiZWxzGA4gAygLMi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYi5MYWJlbHNFbnRyeUIE4kEBARI+CgVzdGF0ZRgUIAEoDjIpLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuU3RhdGVCBOJBAQMSEwoFc3RhZ2UYFSABKAlCBOJBAQMSEwoFZXJyb3IYFiABKAlCBOJBAQMSRAoNbW9kZWxfdmVyc2lvbhgXIAEoCUIt4kEBA/pBJgokcmVnaXN0cnkubmV1cm93ZWF2ZXIuYWkvTW9kZWxWZXJzaW9uEhgKCm91dHB1dF91cmkYGCABKAlCBOJBAQMSHAoOZGF0YXNldF9kaWdlc3QYGSABKAlCBOJBAQMSGgoMY3VycmVudF9zdGVwGBogASgDQgTiQQEDEhkKC3RvdGFsX3N0ZXBzGBsgASgDQgTiQQEDEh8KEXJlc3VtZWRfZnJvbV9zdGVwGBwgASgDQgTiQQEDEhYKCGF0dGVtcHRzGB0gASgFQgTiQQEDEkcKB21ldHJpY3MYHiADKAsyMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iLk1ldHJpY3NFbnRyeUIE4kEBAxI1CgtjcmVhdGVfdGltZRgfIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSNAoKc3RhcnRfdGltZRggIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSMgoIZW5kX3RpbWUYISABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhUKB2NyZWF0b3IYIiABKAlCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASKVAQoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIQCgxTVEFURV9RVUVVRUQQARIRCg1TVEFURV9SVU5OSU5HEAISEwoPU1RBVEVfU1VDQ0VFREVEEAMSEAoMU1RBVEVfRkFJTEVEEAQSFAoQU1RBVEVfQ0FOQ0VMTElORxAFEhMKD1NUQVRFX0NBTkNFTExFRBAGOmnqQWYKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISJXByb2plY3RzL3twcm9qZWN0fS90cmFpbmluZ0pvYnMve2pvYn0qDHRyYWluaW5nSm9iczILdHJhaW5pbmdKb2JKBAgNEA4i5wEKC1N0ZXBNZXRyaWNzEgwKBHN0ZXAYASABKAMSEwoLdG90YWxfc3RlcHMYAiABKAMSDQoFZXBvY2gYAyABKAESDAoEbG9zcxgEIAEoARIVCg1sZWFybmluZ19yYXRlGAUgASgBEhEKCWdyYWRfbm9ybRgGIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgHIAEoARImCgNldGEYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEQoJcnNzX2J5dGVzGAkgASgDEhgKEGdwdV9tZW1vcnlfYnl0ZXMYCiABKAMiwQMKEFRyYWluaW5nSm9iRXZlbnQSNAoDam9iGAEgASgJQif6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISEAoIc2VxdWVuY2UYAiABKAMSLwoEdHlwZRgDIAEoDjIhLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuRXZlbnRUeXBlEg0KBXN0YWdlGAQgASgJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI4CgVzdGF0ZRgGIAEoDjIpLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuU3RhdGUSMQoEc3RlcBgHIAEoCzIjLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuU3RlcE1ldHJpY3MSRgoHbWV0cmljcxgIIAMoCzI1Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudC5NZXRyaWNzRW50cnkSDwoHbWVzc2FnZRgJIAEoCRouCgxNZXRyaWNzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgBOgI4ASrgAQoOVHJhaW5pbmdNZXRob2QSHwobVFJBSU5JTkdfTUVUSE9EX1VOU1BFQ0lGSUVEEAASHAoYVFJBSU5JTkdfTUVUSE9EX1NGVF9MT1JBEAESHQoZVFJBSU5JTkdfTUVUSE9EX1NGVF9RTE9SQRACEhkKFVRSQUlOSU5HX01FVEhPRF9STEFJRhADEhcKE1RSQUlOSU5HX01FVEhPRF9EUE8QBBIgChxUUkFJTklOR19NRVRIT0RfUkVXQVJEX01PREVMEAUSGgoWVFJBSU5JTkdfTUVUSE9EX0VYUE9SVBAGKnwKDEV4cG9ydEZvcm1hdBIdChlFWFBPUlRfRk9STUFUX1VOU1BFQ0lGSUVEEAASGAoURVhQT1JUX0ZPUk1BVF9NRVJHRUQQARIWChJFWFBPUlRfRk9STUFUX0dHVUYQAhIbChdFWFBPUlRfRk9STUFUX0dHVUZfTE9SQRADKlEKCEV4ZWN1dG9yEhgKFEVYRUNVVE9SX1VOU1BFQ0lGSUVEEAASEgoORVhFQ1VUT1JfTE9DQUwQARIXChNFWEVDVVRPUl9LVUJFUk5FVEVTEAIqpQIKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASHAoYRVZFTlRfVFlQRV9TVEFURV9DSEFOR0VEEAESHAoYRVZFTlRfVFlQRV9TVEFHRV9TVEFSVEVEEAISHgoaRVZFTlRfVFlQRV9TVEFHRV9DT01QTEVURUQQAxITCg9FVkVOVF9UWVBFX1NURVAQBBITCg9FVkVOVF9UWVBFX0VWQUwQBRIZChVFVkVOVF9UWVBFX0NIRUNLUE9JTlQQBhISCg5FVkVOVF9UWVBFX0xPRxAHEhYKEkVWRU5UX1RZUEVfUkVTVU1FRBAIEhQKEEVWRU5UX1RZUEVfSlVER0UQCRIZChVFVkVOVF9UWVBFX1JFR0lTVEVSRUQQCmIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_timestamp, file_neuroweaver_common_v1_common]);
 
 /**
  * EXPORT job settings.
@@ -74,9 +74,10 @@ export type LoraConfig = Message<"neuroweaver.trainer.v1.LoraConfig"> & {
   alpha: number;
 
   /**
-   * Dropout (default 0.05).
+   * Deprecated: 0 here cannot mean "no dropout" (0 = unset = 0.05). Use lora_dropout, which wins when set.
    *
-   * @generated from field: double dropout = 3;
+   * @generated from field: double dropout = 3 [deprecated = true];
+   * @deprecated
    */
   dropout: number;
 
@@ -86,6 +87,13 @@ export type LoraConfig = Message<"neuroweaver.trainer.v1.LoraConfig"> & {
    * @generated from field: repeated string target_modules = 4;
    */
   targetModules: string[];
+
+  /**
+   * Dropout on the adapter's input (unset: `dropout`, else 0.05; an explicit 0 means no dropout).
+   *
+   * @generated from field: optional double lora_dropout = 5;
+   */
+  loraDropout?: number | undefined;
 };
 
 /**
@@ -96,7 +104,10 @@ export const LoraConfigSchema: GenMessage<LoraConfig> = /*@__PURE__*/
   messageDesc(file_neuroweaver_trainer_v1_training_job, 1);
 
 /**
- * Hyperparameters. Zero values take the documented defaults.
+ * Hyperparameters. An unset field takes its documented default. The `optional` fields carry presence, so an
+ * explicit 0 (or false) is honoured as written; each replaces a deprecated field whose 0 meant "unset" (the
+ * replacement wins when set; the deprecated field is read only when its replacement is unset, with its old meaning).
+ * Jobs returned by the service carry the effective value in both.
  *
  * @generated from message neuroweaver.trainer.v1.Hyperparameters
  */
@@ -144,9 +155,10 @@ export type Hyperparameters = Message<"neuroweaver.trainer.v1.Hyperparameters"> 
   maxSeqLength: number;
 
   /**
-   * Default 0.03.
+   * Deprecated: use warmup_fraction (0 here means 0.03).
    *
-   * @generated from field: double warmup_ratio = 7;
+   * @generated from field: double warmup_ratio = 7 [deprecated = true];
+   * @deprecated
    */
   warmupRatio: number;
 
@@ -158,9 +170,10 @@ export type Hyperparameters = Message<"neuroweaver.trainer.v1.Hyperparameters"> 
   weightDecay: number;
 
   /**
-   * Default 42.
+   * Deprecated: use random_seed (0 here means 42).
    *
-   * @generated from field: int32 seed = 9;
+   * @generated from field: int32 seed = 9 [deprecated = true];
+   * @deprecated
    */
   seed: number;
 
@@ -172,23 +185,26 @@ export type Hyperparameters = Message<"neuroweaver.trainer.v1.Hyperparameters"> 
   checkpointEverySteps: number;
 
   /**
-   * Evaluate every N optimizer steps (default 50; 0 = only at the end).
+   * Deprecated: use eval_interval_steps (0 here means 50).
    *
-   * @generated from field: int32 eval_every_steps = 11;
+   * @generated from field: int32 eval_every_steps = 11 [deprecated = true];
+   * @deprecated
    */
   evalEverySteps: number;
 
   /**
-   * Trade compute for memory (default true on QLoRA).
+   * Deprecated: use use_gradient_checkpointing (false here means the method's default).
    *
-   * @generated from field: bool gradient_checkpointing = 12;
+   * @generated from field: bool gradient_checkpointing = 12 [deprecated = true];
+   * @deprecated
    */
   gradientCheckpointing: boolean;
 
   /**
-   * Fraction of the dataset held out for evaluation when no eval dataset is given (default 0.05; 0 = none).
+   * Deprecated: use eval_fraction (0 here means 0.05).
    *
-   * @generated from field: double eval_split = 13;
+   * @generated from field: double eval_split = 13 [deprecated = true];
+   * @deprecated
    */
   evalSplit: number;
 
@@ -200,11 +216,54 @@ export type Hyperparameters = Message<"neuroweaver.trainer.v1.Hyperparameters"> 
   lrScheduler: string;
 
   /**
-   * Clip gradient norm (default 1.0).
+   * Deprecated: use gradient_clip_norm (0 here means 1.0).
    *
-   * @generated from field: double max_grad_norm = 15;
+   * @generated from field: double max_grad_norm = 15 [deprecated = true];
+   * @deprecated
    */
   maxGradNorm: number;
+
+  /**
+   * Fraction of the optimizer steps that warm the learning rate up (unset: 0.03; 0 = no warmup).
+   *
+   * @generated from field: optional double warmup_fraction = 16;
+   */
+  warmupFraction?: number | undefined;
+
+  /**
+   * Seed of initialization, shuffling and the eval split (unset: 42; 0 is a seed like any other).
+   *
+   * @generated from field: optional int32 random_seed = 17;
+   */
+  randomSeed?: number | undefined;
+
+  /**
+   * Evaluate every N optimizer steps (unset: 50; 0 = only once, at the end).
+   *
+   * @generated from field: optional int32 eval_interval_steps = 18;
+   */
+  evalIntervalSteps?: number | undefined;
+
+  /**
+   * Trade compute for memory (unset: true when the base is 4-bit quantized, false otherwise).
+   *
+   * @generated from field: optional bool use_gradient_checkpointing = 19;
+   */
+  useGradientCheckpointing?: boolean | undefined;
+
+  /**
+   * Fraction of the dataset held out for evaluation when no eval dataset is given (unset: 0.05; 0 = no evaluation).
+   *
+   * @generated from field: optional double eval_fraction = 20;
+   */
+  evalFraction?: number | undefined;
+
+  /**
+   * Clip the gradient norm to this value (unset: 1.0; 0 = no clipping).
+   *
+   * @generated from field: optional double gradient_clip_norm = 21;
+   */
+  gradientClipNorm?: number | undefined;
 };
 
 /**
@@ -350,9 +409,10 @@ export type RlaifConfig = Message<"neuroweaver.trainer.v1.RlaifConfig"> & {
   rewardModelBackbone: string;
 
   /**
-   * KL coefficient (beta) for the policy step (default 0.04).
+   * Deprecated: use kl_beta (0 here means 0.04).
    *
-   * @generated from field: double kl_coefficient = 8;
+   * @generated from field: double kl_coefficient = 8 [deprecated = true];
+   * @deprecated
    */
   klCoefficient: number;
 
@@ -364,9 +424,10 @@ export type RlaifConfig = Message<"neuroweaver.trainer.v1.RlaifConfig"> & {
   policySteps: number;
 
   /**
-   * Minimum score margin for a preference pair (default 1.0 on the judge's scale).
+   * Deprecated: use min_score_margin (0 here means 1.0).
    *
-   * @generated from field: double min_margin = 10;
+   * @generated from field: double min_margin = 10 [deprecated = true];
+   * @deprecated
    */
   minMargin: number;
 
@@ -383,6 +444,31 @@ export type RlaifConfig = Message<"neuroweaver.trainer.v1.RlaifConfig"> & {
    * @generated from field: int32 max_new_tokens = 12;
    */
   maxNewTokens: number;
+
+  /**
+   * KL coefficient (beta) of the policy step (unset: 0.04; 0 = no KL penalty, GRPO/RLOO only: DPO needs > 0).
+   *
+   * @generated from field: optional double kl_beta = 13;
+   */
+  klBeta?: number | undefined;
+
+  /**
+   * Minimum judge-score margin of a preference pair (unset: 1.0 on the judge's scale; 0 = any two candidates whose
+   * scores differ).
+   *
+   * @generated from field: optional double min_score_margin = 14;
+   */
+  minScoreMargin?: number | undefined;
+
+  /**
+   * QLoRA: train on the base quantized to 4-bit NF4 (double quantization, bitsandbytes). The SFT stage trains exactly
+   * like TRAINING_METHOD_SFT_QLORA (gradient checkpointing on unless use_gradient_checkpointing is false) and the
+   * policy stage (GRPO, RLOO or DPO) trains its LoRA on the same 4-bit base; generation, judging and evaluation load
+   * the full-precision base with the adapter merged. Default false (both stages on the full-precision base).
+   *
+   * @generated from field: bool qlora = 15;
+   */
+  qlora: boolean;
 };
 
 /**
