@@ -125,6 +125,8 @@ def test_valid_judge_configs():
     assert judge_fields(_judge()) == []
     assert judge_fields({"kind": "LOCAL_EMBEDDING", "mode": "POINTWISE", "score_min": 0.0, "score_max": 1.0}) == []
     assert judge_fields(_judge(mode="PAIRWISE", prompt_template="{response_a} vs {response_b}")) == []
+    priced = {"base_url": "http://x", "model": "m", "price_per_1k_prompt_tokens": 0.15, "price_per_1k_completion_tokens": 0.6}
+    assert judge_fields(_judge(openai=priced)) == []
 
 
 @pytest.mark.parametrize(
@@ -140,6 +142,14 @@ def test_valid_judge_configs():
         ({"openai": {"base_url": "http://x", "model": "m", "api_key_env": "sk-abcdef"}}, "jv.openai.api_key_env"),
         ({"openai": {"base_url": "http://x", "model": "m", "api_key_env": "lower_case"}}, "jv.openai.api_key_env"),
         ({"openai": {"base_url": "http://x", "model": "m", "max_tokens": -1}}, "jv.openai.max_tokens"),
+        (
+            {"openai": {"base_url": "http://x", "model": "m", "price_per_1k_prompt_tokens": -0.5}},
+            "jv.openai.price_per_1k_prompt_tokens",
+        ),
+        (
+            {"openai": {"base_url": "http://x", "model": "m", "price_per_1k_completion_tokens": "NaN"}},
+            "jv.openai.price_per_1k_completion_tokens",
+        ),
         ({"rubric": "r" * 16001}, "jv.rubric"),
     ],
 )

@@ -158,6 +158,37 @@ async def test_rlaif_qlora_trains_sft_and_policy_on_the_4bit_base(trainers, regi
 
 
 @pytest.mark.slow
+async def test_judge_prices_of_the_judge_version_give_the_job_its_cost(
+    trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
+):
+    """The judge version's prices reach the worker: judge_cost_usd (job, JUDGE events, registered metric) is the
+    tokens the OpenAI-compatible judge reported × its prices, not 0."""
+    from neuroweaver_ml.rlaif.judge_server import JudgeServer
+
+    monkeypatch.setenv("NW_TEST_JUDGE_KEY", "sk-test")
+    with JudgeServer() as server:
+        judge = await _judge(registry, h, f"priced-{server.base_url.rsplit(':', 1)[-1].split('/')[0]}", h.rpb.JudgeVersion(
+            kind=h.rpb.JUDGE_KIND_OPENAI_COMPATIBLE, mode=h.rpb.JUDGE_MODE_POINTWISE, score_min=1, score_max=10,
+            openai=h.rpb.OpenAICompatibleJudge(base_url=server.base_url, model="nw-judge", api_key_env="NW_TEST_JUDGE_KEY",
+                                               price_per_1k_prompt_tokens=2.0, price_per_1k_completion_tokens=2.0),
+        ))  # fmt: skip
+        trainer = await trainers()
+        job = rlaif_job(h, tiny_model, data_root, prompts, judge + "/versions/1", algorithm="GRPO", eval_prompts_uri="",
+                        policy_steps=1, reward_source=h.tpb.RlaifConfig.REWARD_SOURCE_JUDGE)  # fmt: skip
+        created = await trainer.stub.CreateTrainingJob(
+            h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id="rlaif-priced", training_job=job)
+        )
+        events = await asyncio.wait_for(h.watch_all(trainer.stub, created.name), 400)
+    assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
+    last = [e for e in events if e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge"][-1].metrics
+    assert last["tokens"] > 0 and last["cost_usd"] == pytest.approx(last["tokens"] * 2.0 / 1000)
+    done = await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=created.name))
+    assert done.metrics["judge_cost_usd"] == pytest.approx(last["cost_usd"])
+    (version,) = await h.registry_versions_of(registry.stub, created.name)
+    assert {m.name: m.value for m in version.metrics}["judge_cost_usd"] == pytest.approx(last["cost_usd"])
+
+
+@pytest.mark.slow
 async def test_rlaif_grpo_resumes_after_sigkill_in_judging_and_in_policy(
     trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
 ):

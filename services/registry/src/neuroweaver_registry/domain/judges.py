@@ -47,3 +47,7 @@ def validate_judge_config(config: dict, v: Violations, prefix: str) -> None:
         for key in ("requests_per_minute", "tokens_per_minute", "max_concurrency", "max_tokens"):
             if int(openai.get(key, 0) or 0) < 0:
                 v.add(f"{prefix}.openai.{key}", "must not be negative")
+        for key in ("price_per_1k_prompt_tokens", "price_per_1k_completion_tokens"):
+            price = float(openai.get(key, 0.0) or 0.0)
+            if not 0 <= price <= 1000:  # also refuses NaN; USD per 1,000 tokens
+                v.add(f"{prefix}.openai.{key}", "must be in [0, 1000] USD per 1,000 tokens")

@@ -100,7 +100,15 @@ def judge_config_from_version(v) -> dict[str, Any]:
         values.update(
             {
                 k: getattr(o, k)
-                for k in ("max_tokens", "requests_per_minute", "tokens_per_minute", "max_concurrency", "timeout_seconds")
+                for k in (
+                    "max_tokens",
+                    "requests_per_minute",
+                    "tokens_per_minute",
+                    "max_concurrency",
+                    "timeout_seconds",
+                    "price_per_1k_prompt_tokens",
+                    "price_per_1k_completion_tokens",  # so judge_cost_usd is real
+                )  # fmt: skip
                 if getattr(o, k)
             }
         )

@@ -787,6 +787,8 @@ class OpenAICompatibleJudge(_message.Message):
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    PRICE_PER_1K_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    PRICE_PER_1K_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     base_url: _builtins.str
     """For example `http://127.0.0.1:8081/v1`."""
     model: _builtins.str
@@ -801,6 +803,12 @@ class OpenAICompatibleJudge(_message.Message):
     max_concurrency: _builtins.int
     timeout_seconds: _builtins.float
     """Per-request timeout in seconds."""
+    price_per_1k_prompt_tokens: _builtins.float
+    """What the endpoint charges, in USD per 1,000 prompt (input) tokens and per 1,000 completion (output) tokens, as the
+    response's `usage` counts them. Training jobs report judge cost (`judge_cost_usd`, JUDGE events' `cost_usd`) as
+    tokens × these prices; 0 (the default) = free, for example a self-hosted judge.
+    """
+    price_per_1k_completion_tokens: _builtins.float
     def __init__(
         self,
         *,
@@ -813,10 +821,12 @@ class OpenAICompatibleJudge(_message.Message):
         tokens_per_minute: _builtins.int = ...,
         max_concurrency: _builtins.int = ...,
         timeout_seconds: _builtins.float = ...,
+        price_per_1k_prompt_tokens: _builtins.float = ...,
+        price_per_1k_completion_tokens: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_env", b"api_key_env", "base_url", b"base_url", "max_concurrency", b"max_concurrency", "max_tokens", b"max_tokens", "model", b"model", "requests_per_minute", b"requests_per_minute", "temperature", b"temperature", "timeout_seconds", b"timeout_seconds", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_env", b"api_key_env", "base_url", b"base_url", "max_concurrency", b"max_concurrency", "max_tokens", b"max_tokens", "model", b"model", "price_per_1k_completion_tokens", b"price_per_1k_completion_tokens", "price_per_1k_prompt_tokens", b"price_per_1k_prompt_tokens", "requests_per_minute", b"requests_per_minute", "temperature", b"temperature", "timeout_seconds", b"timeout_seconds", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
