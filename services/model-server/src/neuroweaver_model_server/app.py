@@ -79,7 +79,8 @@ class ModelServerConfig(ServiceConfig):
         default="",
         metadata={
             "help": "more versions served on the same base (multi-LoRA), a JSON list of {served_model_name, "
-            "model_version, model_names, adapter_uri, adapter_sha256}; requests pick one by model name"
+            "model_version, model_names, adapter_uri, adapter_sha256}; requests pick one by model name; one version "
+            "(this one or an extra) may have no adapter: it is the base itself"
         },
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base in 4-bit NF4 (bitsandbytes)"})
@@ -141,6 +142,8 @@ class ModelServer:
             extra = parse_extra_versions(config.extra_versions)
         except ValueError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
+        if extra and config.adapter_sha256 and not config.adapter_uri:  # a digest names an adapter (see adapter_name)
+            raise SystemExit("configuration error: --adapter-sha256 needs --adapter-uri")
         self.tls = ServerTLS.from_config(config)  # HTTPS and the ops port; gRPC reads the same settings
         try:
             self.authenticator = TokenAuthenticator.from_setting(config.auth_tokens)

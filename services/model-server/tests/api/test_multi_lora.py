@@ -193,7 +193,7 @@ def test_configuration_errors(tiny_base, adapters):
     bad = {
         "not JSON": "[{",
         "must be a JSON list": json.dumps(one),
-        "needs adapter_uri and adapter_sha256": json.dumps([{"served_model_name": SERVED[1]}]),
+        "needs adapter_uri and adapter_sha256": json.dumps([{"served_model_name": SERVED[1], "adapter_uri": path1.as_uri()}]),
         "keys among": json.dumps([{**one, "engine": "vllm"}]),
         "served model name": json.dumps([{**one, "served_model_name": "Bad Name"}]),
         "given to two versions": json.dumps([{**one, "model_names": [NAMES[0][1]]}]),
@@ -201,5 +201,13 @@ def test_configuration_errors(tiny_base, adapters):
     for message, raw in bad.items():
         with pytest.raises(SystemExit, match=f"configuration error: .*{message}"):
             ModelServer(config(tiny_base, adapters, extra_versions=raw))
-    with pytest.raises(SystemExit, match="need an adapter for every version"):
-        ModelServer(config(tiny_base, adapters, adapter_uri="", adapter_sha256=""))
+    with pytest.raises(SystemExit, match="at most one may be the base"):  # no adapter: both are the base itself
+        ModelServer(
+            config(
+                tiny_base,
+                adapters,
+                adapter_uri="",
+                adapter_sha256="",
+                extra_versions=json.dumps([{"served_model_name": SERVED[1]}]),
+            )
+        )

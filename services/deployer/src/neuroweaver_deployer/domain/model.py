@@ -233,6 +233,8 @@ class Target:
         # appended only when an engine is named or a GGUF export is served: other replicas keep their fingerprint
         if load.engine:
             raw += f"|engine={load.engine}|{load.base_model}|{load.adapter_sha256}"
+        if load.engine == "llama.cpp" and load.co_served:  # the GGUF LoRAs picked (served names carry the PEFT digests)
+            raw += "|" + ",".join(sha for _, sha in load.co_served)
         if self.model_names:
             raw += "|" + ",".join(self.model_names)
         for other in self.co_served:  # appended only with additional versions: other replicas keep their fingerprint
@@ -281,18 +283,20 @@ def version_model_names(deployment: str, version: str) -> tuple[str, ...]:
 
 
 def extra_versions_json(target: Target) -> str:
-    """The model server's `--extra-versions`: the additional versions with their names and adapters."""
+    """The model server's `--extra-versions`: the additional versions with their names and adapters (the adapter the
+    engine loads: a GGUF LoRA on llama.cpp, the PEFT adapter otherwise; none for a version that is the base)."""
     names = {v.model_version: v for v in target.co_served}
+    adapters = server_load(target).co_served
     return json.dumps(
         [
             {
                 "served_model_name": names[v.name].served_model_name,
                 "model_version": v.name,
                 "model_names": list(names[v.name].model_names),
-                "adapter_uri": v.artifact_uri,
-                "adapter_sha256": v.artifact_sha256,
+                "adapter_uri": uri,
+                "adapter_sha256": sha,
             }
-            for v in target.version.co_served
+            for v, (uri, sha) in zip(target.version.co_served, adapters, strict=True)
         ],
         separators=(",", ":"),
     )
@@ -432,7 +436,7 @@ def validate_spec(d: Deployment, v: Violations, *, creating: bool, path: str = "
 
 def check_additional_versions(d: Deployment, v: Violations, path: str = "deployment") -> None:
     """serving.additional_versions: fixed version names, none twice nor the deployment's own, at most
-    MAX_ADDITIONAL_VERSIONS, on an engine that serves several adapters on one base."""
+    MAX_ADDITIONAL_VERSIONS. (Whether the engine can load them is checked once they are resolved: check_co_served.)"""
     extra = d.serving.additional_versions
     if not extra:
         return
@@ -449,12 +453,13 @@ def check_additional_versions(d: Deployment, v: Violations, path: str = "deploym
         if name in seen:
             v.add(f"{field_path}[{i}]", f"{name} is listed twice (or is the deployment's own version)")
         seen.add(name)
-    if d.serving.engine == "llama.cpp":
-        v.add(f"{path}.serving.engine", "several versions on one base are served by the transformers or vllm engine")
 
 
-def check_co_served(primary: ResolvedVersion, others: list[ResolvedVersion]) -> None:
-    """Versions served together share the base model and each brings its own adapter (the only weights that differ)."""
+def check_co_served(primary: ResolvedVersion, others: list[ResolvedVersion], serving: Serving, gpus: int = 0) -> None:
+    """Versions served together share the base model; each brings its own adapter (the only weights that differ) or
+    is the base itself (no adapter: a merged artifact that is the shared base). On llama.cpp (named, or chosen for a
+    CPU deployment whose versions all have GGUF LoRAs) the base is a GGUF and every adapter a GGUF LoRA; on the other
+    engines every adapter is a PEFT directory."""
     for other in others:
         if other.base_model != primary.base_model:
             raise FailedPrecondition(
@@ -463,13 +468,62 @@ def check_co_served(primary: ResolvedVersion, others: list[ResolvedVersion]) -> 
                 reason="SHARED_BASE_MISMATCH",
                 metadata={"model_version": other.name, "base_model": other.base_model, "expected": primary.base_model},
             )
-    for v in (primary, *others):
-        if not v.artifact_uri or _is_gguf(v.artifact_uri):
+    versions = (primary, *others)
+    bases = [v.name for v in versions if not v.artifact_uri]
+    if len(bases) > 1:
+        raise FailedPrecondition(
+            f"{bases[1]} has no adapter, like {bases[0]}: both are the base itself; only one version served on a base "
+            "may be the base (the others differ from it by their adapters)",
+            reason="ADAPTER_REQUIRED",
+            metadata={"model_version": bases[1]},
+        )
+    if co_served_engine(serving, gpus, versions) == "llama.cpp":
+        if not _gguf_base(primary):
             raise FailedPrecondition(
-                f"{v.name} has no PEFT adapter to load beside the others on the shared base",
+                f"{primary.base_model} is no GGUF base model: the llama.cpp engine serves versions on one base as GGUF "
+                "LoRA adapters on a GGUF base (a builtin model or a .gguf file); choose the transformers engine",
+                reason="GGUF_ARTIFACT_MISSING",
+                metadata={"model_version": primary.name, "missing": "base_model"},
+            )
+        for v in versions:
+            if v.artifact_uri and not gguf_lora(v)[0]:
+                raise FailedPrecondition(
+                    f"{v.name} has no GGUF LoRA export: the llama.cpp engine serves versions on one base as GGUF LoRA "
+                    "adapters on the shared GGUF base, never a merged GGUF (export the adapter: nw versions export "
+                    "<model> <version> --format gguf-lora; or choose the transformers engine)",
+                    reason="GGUF_ARTIFACT_MISSING",
+                    metadata={"model_version": v.name, "missing": "adapter"},
+                )
+        return
+    for v in versions:
+        if _is_gguf(v.artifact_uri):
+            raise FailedPrecondition(
+                f"{v.name} has no PEFT adapter to load beside the others on the shared base (its adapter is a GGUF "
+                "LoRA: serve them on the llama.cpp engine)",
                 reason="ADAPTER_REQUIRED",
                 metadata={"model_version": v.name},
             )
+
+
+def co_served_engine(serving: Serving, gpus: int, versions: tuple[ResolvedVersion, ...]) -> str:
+    """The engine flag for versions served together: the one the deployment names; unset, llama.cpp on a CPU when the
+    base is a GGUF and every version has a GGUF LoRA or is the base (as for one version with a GGUF export), else
+    "" (the model server's auto: transformers, or vllm on CUDA, with the PEFT adapters)."""
+    if serving.engine:
+        return serving.engine
+    if gpus or serving.load_in_4bit or not _gguf_base(versions[0]):
+        return ""
+    return "llama.cpp" if all(not v.artifact_uri or gguf_lora(v)[0] for v in versions) else ""
+
+
+def gguf_lora(v: ResolvedVersion) -> tuple[str, str]:
+    """The version's adapter as a GGUF LoRA (uri, sha256): its GGUF_LORA export, else its own artifact when that is a
+    .gguf; ("", "") when it has none."""
+    if v.gguf_lora_uri:
+        return v.gguf_lora_uri, v.gguf_lora_sha256
+    if _is_gguf(v.artifact_uri):
+        return v.artifact_uri, v.artifact_sha256
+    return "", ""
 
 
 def _is_gguf(reference: str) -> bool:
@@ -489,17 +543,24 @@ class ServerLoad:
     base_model: str
     adapter_uri: str
     adapter_sha256: str
+    # Several versions on one base: each co-served version's adapter (uri, sha256), in order; ("", "") = the base.
+    co_served: tuple[tuple[str, str], ...] = ()
 
 
 def server_load(target: Target) -> ServerLoad:
     """The engine and weights a replica gets. A deployment that names no engine and asks for no GPU is served by
     llama.cpp when the version has a GGUF export (a merged GGUF, or a GGUF LoRA on a GGUF base); llama.cpp loads the
     merged GGUF when there is one (no adapter matmuls), else the GGUF LoRA on the base; other engines load the
-    version's own artifact."""
+    version's own artifact. Several versions on one base (co_served_engine): llama.cpp loads every version's GGUF
+    LoRA on the GGUF base, the other engines every version's PEFT adapter; a version that is the base loads none."""
     v, engine = target.version, target.serving.engine
     has_gguf = bool(v.gguf_uri) or (bool(v.gguf_lora_uri) and _gguf_base(v))
-    if v.co_served:  # several PEFT adapters on one base: transformers (CPU) or vllm (CUDA), the model server's auto
-        return ServerLoad(engine, v.base_model, v.artifact_uri, v.artifact_sha256)
+    if v.co_served:
+        versions = (v, *v.co_served)
+        engine = co_served_engine(target.serving, target.resources.gpus, versions)
+        pick = gguf_lora if engine == "llama.cpp" else (lambda x: (x.artifact_uri, x.artifact_sha256))
+        (own_uri, own_sha), *others = [pick(x) if x.artifact_uri else ("", "") for x in versions]
+        return ServerLoad(engine, v.base_model, own_uri, own_sha, tuple(others))
     if not engine and not target.resources.gpus and not target.serving.load_in_4bit and has_gguf:
         engine = "llama.cpp"
     if engine == "llama.cpp" and v.gguf_uri:

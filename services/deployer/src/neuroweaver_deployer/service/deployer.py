@@ -67,16 +67,16 @@ class DeployerService:
         return await self._with_co_served(d, version)
 
     async def _with_co_served(self, d: Deployment, version: ResolvedVersion) -> ResolvedVersion:
-        """`version` with the deployment's additional versions resolved beside it (same base, each with an adapter).
-        An additional version that is the deployment's own (its alias moved onto it) is served once, as its own, which
-        then also answers to `<deployment>/<version>`."""
+        """`version` with the deployment's additional versions resolved beside it (same base, each with an adapter the
+        engine loads, or the base itself). An additional version that is the deployment's own (its alias moved onto it)
+        is served once, as its own, which then also answers to `<deployment>/<version>`."""
         others = [
             await self.registry.resolve(name, f"deployment.serving.additional_versions[{i}]")
             for i, name in enumerate(d.serving.additional_versions)
             if name != version.name
         ]
         if others:
-            check_co_served(version, others)
+            check_co_served(version, others, d.serving, d.resources.gpus)
         return dataclasses.replace(version, co_served=tuple(others))
 
     @staticmethod

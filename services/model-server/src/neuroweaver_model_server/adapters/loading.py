@@ -23,6 +23,14 @@ if TYPE_CHECKING:  # torch and llama.cpp load only when a model does
     from ..engines.base import QueuedEngine
 
 ENGINE_CHOICES = ("auto", *ENGINES)
+# The engine adapter name of a version that is the base itself (no adapter) among several on one base: PEFT's name for
+# rows without an adapter in a mixed batch; llama.cpp decodes it with no LoRA set, vLLM with no LoRARequest.
+BASE_ADAPTER = "__base__"
+
+
+def adapter_name(index: int, has_adapter: bool) -> str:
+    """The engine's name for the adapter of the version at `index` among several on one base (0 = the first)."""
+    return f"v{index}" if has_adapter else BASE_ADAPTER
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,8 @@ class LoadSpec:
     threads: int = 0  # llama.cpp: CPU threads (0 = every core this process may use)
     context_length: int = 0  # llama.cpp: tokens per request (0 = the model's, at most 2048)
     # Several versions on one base (multi-LoRA): the other versions' adapters (uri, sha256), loaded beside
-    # `adapter_uri` as engine adapters v1, v2, ... (`adapter_uri` is v0); the base weights are loaded once.
+    # `adapter_uri` as engine adapters v1, v2, ... (`adapter_uri` is v0); the base weights are loaded once. ("", "")
+    # (and an empty `adapter_uri`): that version is the base itself, engine adapter BASE_ADAPTER.
     extra_adapters: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -44,9 +53,13 @@ class LoadSpec:
         """(engine adapter name, uri, sha256) of every version when several share the base; [] with one version."""
         if not self.extra_adapters:
             return []
-        return [
-            (f"v{i}", uri, sha) for i, (uri, sha) in enumerate(((self.adapter_uri, self.adapter_sha256), *self.extra_adapters))
-        ]
+        every = ((self.adapter_uri, self.adapter_sha256), *self.extra_adapters)
+        return [(adapter_name(i, bool(uri)), uri, sha) for i, (uri, sha) in enumerate(every)]
+
+    @property
+    def loras(self) -> list[tuple[str, str, str]]:
+        """`adapters` less the version that is the base (nothing to load for it)."""
+        return [a for a in self.adapters if a[1]]
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,8 @@ def choose_engine(spec: LoadSpec) -> str:
         return spec.engine
     from ..engines import llamacpp
 
-    if spec.extra_adapters and not cuda_available(spec.device):
-        return "llama.cpp" if all(is_gguf_adapter(uri) for _, uri, _ in spec.adapters) else "transformers"
+    if spec.loras and not cuda_available(spec.device):  # several versions, adapters of one kind (check_spec)
+        return "llama.cpp" if is_gguf_adapter(spec.loras[0][1]) else "transformers"
     if is_gguf_adapter(spec.adapter_uri):
         return "llama.cpp"
     if cuda_available(spec.device):
@@ -138,11 +151,15 @@ def check_spec(spec: LoadSpec) -> str:
     engine = choose_engine(spec)
     gguf_adapter = is_gguf_adapter(spec.adapter_uri)
     if spec.extra_adapters:
-        if not spec.adapter_uri:
-            raise ValueError("several versions on one base (--extra-versions) need an adapter for every version (--adapter-uri)")
-        kinds = {is_gguf_adapter(uri) for _, uri, _ in spec.adapters}
+        if len(spec.adapters) - len(spec.loras) > 1:
+            raise ValueError(
+                "several versions on one base (--extra-versions): at most one may be the base itself (no adapter); "
+                "two would be the same weights"
+            )
+        kinds = {is_gguf_adapter(uri) for _, uri, _ in spec.loras}
         if len(kinds) > 1:
             raise ValueError("versions on one base need adapters of one kind: all PEFT directories or all GGUF LoRA files")
+        gguf_adapter = kinds == {True}  # an adapter of any version stands for all of them below
     if engine == "llama.cpp":
         from ..engines import llamacpp
 
@@ -156,7 +173,7 @@ def check_spec(spec: LoadSpec) -> str:
             raise ValueError(
                 f"the llama.cpp engine needs a GGUF base model (a builtin model or a .gguf file), not {spec.base_model!r}"
             )
-        if spec.adapter_uri and not gguf_adapter:
+        if (spec.adapter_uri or spec.loras) and not gguf_adapter:
             raise ValueError("the llama.cpp engine needs the adapter as a GGUF LoRA (.gguf), not a PEFT directory")
     else:
         if gguf_adapter:
@@ -171,12 +188,13 @@ def check_spec(spec: LoadSpec) -> str:
 
 def _load_peft_adapters(spec: LoadSpec):
     """The base once, then every version's PEFT adapter on it under its engine name (v0, v1, ...), unmerged: the
-    transformers engine picks each row's adapter per forward pass (PEFT `adapter_names`)."""
+    transformers engine picks each row's adapter per forward pass (PEFT `adapter_names`; BASE_ADAPTER, the version
+    that is the base, is PEFT's `__base__`: the adapters are skipped for its rows)."""
     from neuroweaver_ml import load_for_inference, resolve_base_model, uri_to_path, verify_digest
     from neuroweaver_ml.generation import unused_imports_blocked
 
     paths = []
-    for name, uri, sha in spec.adapters:
+    for name, uri, sha in spec.loras:
         path = uri_to_path(uri)
         verify_digest(path, sha)  # every digest checked before any weight is read
         paths.append((name, path))
@@ -209,10 +227,12 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
         lora = None
         sha = ""
         named = {}
-        for name, uri, digest in spec.adapters:  # several versions: every GGUF LoRA on the one model, digests first
+        for name, uri, digest in spec.loras:  # several versions: every GGUF LoRA on the one model, digests first
             path = uri_to_path(uri)
             verify_digest(path, digest)
             named[name] = str(gguf_file(path))
+        if named and len(spec.loras) < len(spec.adapters):
+            named[BASE_ADAPTER] = ""  # the version that is the base: decoded with no LoRA set
         if named:
             adapter = None  # the first version is "v0" among them; a request always names its version's adapter
         if adapter is not None:
@@ -238,7 +258,7 @@ def load_engine(spec: LoadSpec, limits: Limits) -> Loaded:
 
         sha = verify_digest(adapter, spec.adapter_sha256)[0] if adapter is not None and spec.adapter_sha256 else ""
         named = {}
-        for name, uri, digest in spec.adapters:  # several versions: one LoRARequest each (vLLM multi-LoRA)
+        for name, uri, digest in spec.loras:  # several versions: one LoRARequest each (vLLM multi-LoRA; none for the base)
             named[name] = str(uri_to_path(uri))
             verify_digest(named[name], digest)
         return Loaded(

@@ -115,7 +115,8 @@ class VersionSpec:
 
 def parse_extra_versions(raw: str) -> tuple[VersionSpec, ...]:
     """`--extra-versions`: a JSON list of objects {served_model_name, model_version, model_names (list or comma
-    separated), adapter_uri, adapter_sha256}; each one another adapter on the server's base. ValueError when malformed."""
+    separated), adapter_uri, adapter_sha256}; each one another adapter on the server's base, or, with neither
+    adapter_uri nor adapter_sha256, the base itself. ValueError when malformed."""
     if not raw.strip():
         return ()
     try:
@@ -131,12 +132,12 @@ def parse_extra_versions(raw: str) -> tuple[VersionSpec, ...]:
             raise ValueError(f"--extra-versions[{i}] must be an object with keys among {', '.join(sorted(known))}")
         if not all(isinstance(v, str) for k, v in item.items() if k != "model_names"):
             raise ValueError(f"--extra-versions[{i}]: values must be strings")
-        names = item.get("model_names", ())
+        names = item.get("model_names", [])  # none: the served name only
         names = ",".join(names) if isinstance(names, list) else str(names)
         adapter_uri, sha = item.get("adapter_uri", ""), item.get("adapter_sha256", "")
-        if not adapter_uri or not sha:
+        if bool(adapter_uri) != bool(sha):
             raise ValueError(
-                f"--extra-versions[{i}] needs adapter_uri and adapter_sha256 (versions on one base differ by their adapter)"
+                f"--extra-versions[{i}] needs adapter_uri and adapter_sha256 together (neither: the version is the base)"
             )
         out.append(
             VersionSpec(

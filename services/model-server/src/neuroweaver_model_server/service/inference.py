@@ -11,7 +11,7 @@ from dataclasses import replace
 from neuroweaver_runtime.errors import InvalidArgument, Unavailable
 
 from .. import metrics
-from ..adapters.loading import LoadSpec, load_engine
+from ..adapters.loading import LoadSpec, adapter_name, load_engine
 from ..domain import (
     Completion,
     Delta,
@@ -32,10 +32,14 @@ log = logging.getLogger("neuroweaver.model_server")
 class InferenceService:
     def __init__(self, served: ServedModel, limits: Limits, extra: tuple[ServedModel, ...] = ()) -> None:
         # Several versions on one base (multi-LoRA): `served` first (its first name is the default), then `extra`;
-        # each has the engine's name for its adapter. One version alone keeps adapter "" (the engine's only one).
+        # each has the engine's name for its adapter (as LoadSpec.adapters names them; a version without an adapter
+        # digest is the base itself). One version alone keeps adapter "" (the engine's only one).
         self.versions = [served, *extra]
         if extra:
-            self.versions = [replace(m, adapter=f"v{i}", parent=served.base_model) for i, m in enumerate(self.versions)]
+            self.versions = [
+                replace(m, adapter=adapter_name(i, bool(m.adapter_sha256)), parent=served.base_model)
+                for i, m in enumerate(self.versions)
+            ]
         check_unique_names(self.versions)
         self.limits = limits
         self.engine: QueuedEngine | None = None
