@@ -4,8 +4,8 @@ using that deployment, with a higher version; resuming from the last version sen
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
+from neuroweaver_experiments.adapters.clients import DeploymentEndpoint
 from neuroweaver_experiments.domain.experiment import Experiment, Variant
 from neuroweaver_experiments.domain.statistics import MetricSpec
 
@@ -13,8 +13,8 @@ P = "projects/default"
 DEP = f"{P}/deployments/d"
 
 
-def _ep(port: int) -> SimpleNamespace:
-    return SimpleNamespace(endpoint=f"127.0.0.1:{port}", openai_base_url=f"http://127.0.0.1:{port + 1}/v1")
+def _ep(port: int) -> DeploymentEndpoint:
+    return DeploymentEndpoint(f"127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}/v1")
 
 
 async def test_endpoint_move_is_a_config_change(fakes):

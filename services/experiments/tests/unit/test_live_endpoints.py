@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
+from neuroweaver_experiments.adapters.clients import DeploymentEndpoint
 from neuroweaver_experiments.domain.experiment import Experiment, Variant
 from neuroweaver_experiments.domain.statistics import MetricSpec
 from neuroweaver_runtime.errors import Unavailable
@@ -16,8 +16,8 @@ P = "projects/default"
 DEP = f"{P}/deployments/d"
 
 
-def _ep(port: int) -> SimpleNamespace:
-    return SimpleNamespace(endpoint=f"127.0.0.1:{port}", openai_base_url=f"http://127.0.0.1:{port + 1}/v1")
+def _ep(port: int) -> DeploymentEndpoint:
+    return DeploymentEndpoint(f"127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}/v1")
 
 
 def _exp() -> Experiment:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from neuroweaver_experiments.adapters.clients import DeploymentEndpoint
 from neuroweaver_experiments.domain.experiment import Experiment, ExperimentState, Variant
 from neuroweaver_experiments.domain.statistics import AnalysisMethod, MetricKind, MetricSpec
 from neuroweaver_experiments.service.ingest import EventBatch
@@ -89,7 +88,7 @@ async def test_start_resolves_endpoints_and_a_failed_start_changes_nothing(fakes
     with pytest.raises(KeyError):  # the deployer stand-in knows no such deployment
         await svc.start(name)
     assert (await svc.get(name)).state is ExperimentState.DRAFT
-    fakes.deployer.endpoints[f"{P}/deployments/d"] = SimpleNamespace(endpoint="10.0.0.1:80", openai_base_url="http://10.0.0.1/v1")
+    fakes.deployer.endpoints[f"{P}/deployments/d"] = DeploymentEndpoint("10.0.0.1:80", "http://10.0.0.1/v1")
     started = await svc.start(name)
     assert started.state is ExperimentState.RUNNING and started.start_time is not None and started.revision == 2
     # The model name to send is the deployment's stable name, derived: it survives the deployment's rollovers.

@@ -29,6 +29,18 @@ _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 class DeploymentEndpoint:
     endpoint: str
     openai_base_url: str
+    # (model version, the name selecting it: `<deployment>/<version>`) of each version when it serves several on one base
+    version_models: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, d) -> DeploymentEndpoint:
+        """From a deployer `Deployment` message."""
+        versions = []
+        if len(d.served_versions) > 1:
+            for v in d.served_versions:
+                own = f"{d.name}/{v.model_version.rsplit('/', 1)[-1]}"  # the deployment's own version has its names too
+                versions.append((v.model_version, v.model_names[0] if own not in v.model_names and v.model_names else own))
+        return cls(d.endpoint, d.openai_base_url, tuple(versions))
 
 
 def _remote_reason(err: grpc.aio.AioRpcError) -> str:
@@ -43,14 +55,14 @@ class DeployerClient(ServiceClient):
             d = await stub.GetDeployment(deployer_pb.GetDeploymentRequest(name=deployment))
         except grpc.aio.AioRpcError as err:
             raise self._error(err, deployment) from None
-        return DeploymentEndpoint(d.endpoint, d.openai_base_url)
+        return DeploymentEndpoint.of(d)
 
     async def watch(self, deployment: str) -> AsyncIterator[DeploymentEndpoint]:
         """WatchDeployment: the endpoint now, then at every change of the deployment; ends when it is deleted."""
         call = self.stub(deployer_grpc.DeployerServiceStub).WatchDeployment(deployer_pb.WatchDeploymentRequest(name=deployment))
         try:
             async for message in call:
-                yield DeploymentEndpoint(message.deployment.endpoint, message.deployment.openai_base_url)
+                yield DeploymentEndpoint.of(message.deployment)
         except grpc.aio.AioRpcError as err:
             raise self._error(err, deployment) from None
         finally:

@@ -61,13 +61,31 @@ class Variant:
     # Resolved through the deployer at StartExperiment: the deployment's front door, the same across its rollovers.
     endpoint: str = ""
     openai_base_url: str = ""
+    # Resolved with the endpoint and followed with it: the name selecting this variant's version when its deployment
+    # serves several versions on one base (see `model`); "" when it serves one.
+    version_model: str = ""
 
     @property
     def model(self) -> str:
         """The model name callers send to the endpoint: the deployment's resource name, which its model server answers
-        to on every version it rolls over to. Derived, never copied from the deployment: a version-specific name
-        stored at start stopped working at the deployment's next rollover."""
-        return self.deployment
+        to on every version it rolls over to (a version-specific name stored at start stopped working at the
+        deployment's next rollover). When the deployment serves several versions on one base (its
+        serving.additional_versions; two variants on one shared server), `<deployment>/<version>`: the name that
+        selects this variant's version there, as the deployer reports it now."""
+        return self.version_model or self.deployment
+
+    def follow(self, endpoint: str, openai_base_url: str, version_models: tuple[tuple[str, str], ...]) -> bool:
+        """Takes where its deployment serves now and which versions it serves there (`version_models`: (model version,
+        the name selecting it) when it serves several, else ()); True when anything changed. Serving several, the
+        variant's version is selected by its name there, or `<deployment>/<version>` when the deployment no longer
+        serves it (NOT_FOUND: never another version's answers)."""
+        served = dict(version_models)
+        model = (served.get(self.model_version) or f"{self.deployment}/{self.model_version.rsplit('/', 1)[-1]}") if served else ""
+        now = (endpoint, openai_base_url, model)
+        if now == (self.endpoint, self.openai_base_url, self.version_model):
+            return False
+        self.endpoint, self.openai_base_url, self.version_model = now
+        return True
 
 
 @dataclass

@@ -69,8 +69,7 @@ class LiveEndpoints:
                     await asyncio.wait_for(followed.answered.wait(), self.first_wait)
                 followed.answered.set()  # answered or not: later uses do not wait
             ep = followed.current
-            if ep is not None and (v.endpoint, v.openai_base_url) != (ep.endpoint, ep.openai_base_url):
-                v.endpoint, v.openai_base_url = ep.endpoint, ep.openai_base_url
+            if ep is not None and v.follow(ep.endpoint, ep.openai_base_url, ep.version_models):
                 changed = True
         return changed
 
@@ -104,7 +103,7 @@ class LiveEndpoints:
 
     def _update(self, deployment: str, followed: _Followed, ep: Endpoint) -> None:
         before = followed.current
-        if ep.endpoint and (before is None or (before.endpoint, before.openai_base_url) != (ep.endpoint, ep.openai_base_url)):
+        if ep.endpoint and (before is None or _seen(before) != _seen(ep)):
             followed.current = ep
             if before is not None:
                 log.info("deployment %s now serves at %s (was %s)", deployment, ep.endpoint, before.endpoint)
@@ -120,3 +119,8 @@ class LiveEndpoints:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _seen(ep: Endpoint) -> tuple:
+    """What the variants take from a deployment: its front door and the versions it serves beside each other."""
+    return ep.endpoint, ep.openai_base_url, tuple(ep.version_models)

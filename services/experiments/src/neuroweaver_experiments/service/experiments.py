@@ -213,7 +213,7 @@ class ExperimentsService:
                 if v.deployment and ep is None:
                     raise FailedPrecondition(f"variant {v.id} changed while starting; retry", reason="CONCURRENT_UPDATE")
                 if ep is not None:
-                    v.endpoint, v.openai_base_url = ep.endpoint, ep.openai_base_url
+                    v.follow(ep.endpoint, ep.openai_base_url, ep.version_models)
             now = utcnow()
             exp.start_time = exp.start_time or now
             exp.end_time = None

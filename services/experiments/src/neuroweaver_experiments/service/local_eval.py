@@ -137,7 +137,7 @@ class LocalEvaluation:
         project = PROJECT.parse(parent, "parent")["project"]
         if since_version < 0:
             raise InvalidArgument("since_version must be >= 0", field="since_version", reason="INVALID_VERSION")
-        sent: dict[str, tuple[int, tuple[tuple[str, str], ...]]] = {}  # name → (revision, endpoints) last sent
+        sent: dict[str, tuple[int, tuple[tuple[str, str, str], ...]]] = {}  # name → (revision, endpoints) last sent
         stored, moves = since_version >> _MOVES_BITS, since_version & _MOVES_MASK
         first = True
         while True:
@@ -151,7 +151,7 @@ class LocalEvaluation:
             if running is not None:
                 for exp in running:
                     await self.endpoints.apply(exp)
-                now = {e.name: (e.revision, tuple((v.endpoint, v.openai_base_url) for v in e.variants)) for e in running}
+                now = {e.name: (e.revision, tuple((v.endpoint, v.openai_base_url, v.model) for v in e.variants)) for e in running}
                 version = self._version(current, now_moves)
                 if first:
                     if since_version == 0 or version != since_version:

@@ -137,6 +137,12 @@ class Endpoint(Protocol):
     def endpoint(self) -> str: ...
     @property
     def openai_base_url(self) -> str: ...
+    @property
+    def version_models(self) -> tuple[tuple[str, str], ...]:
+        """(model version, the model name selecting it) of every version the deployment serves when it serves several
+        on one base (Deployment.served_versions); () when it serves one."""
+        ...
+
 
 
 class VariantEndpoints(Protocol):
