@@ -144,7 +144,6 @@ class Endpoint(Protocol):
         ...
 
 
-
 class VariantEndpoints(Protocol):
     """The deployer: where a variant's deployment serves (UNAVAILABLE / FAILED_PRECONDITION as domain errors)."""
 
