@@ -80,6 +80,8 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     completion_only_loss: bool = True
     padding_free: bool = True
+    optim: str = ""  # transformers optimizer name; "" → paged_adamw_8bit on a GPU, adamw_torch without
+    precision: str = "auto"  # auto (bf16 on a GPU, fp32 without) | fp32 | bf16 | fp16 (CUDA only)
     device: str = "auto"  # auto | cpu | cuda
     base_model_ref: str | None = None  # how the base was referenced (for the model card / report)
     adapter_name: str | None = None  # for the model card
@@ -100,6 +102,9 @@ class SFTConfig:
             "base_model_dir",
         ):
             d.pop(k)
+        for k, default in (("optim", ""), ("precision", "auto")):  # added later: older runs' fingerprints unchanged
+            if d[k] == default:
+                d.pop(k)
         return d
 
 
@@ -275,13 +280,26 @@ def _device(cfg: SFTConfig) -> str:
     return cfg.device
 
 
-def load_base_for_training(cfg: SFTConfig, device: str):
-    """Load the base model for LoRA (full precision; bf16 on GPU) or QLoRA (NF4 4-bit)."""
+def _weights_dtype(cfg: SFTConfig, device: str):
+    """The base's dtype (QLoRA: the compute dtype): bf16 on a GPU unless fp32/fp16 is asked for; fp32 without a GPU
+    (bf16 there is autocast over fp32 weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     on_gpu = device.startswith("cuda")
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if cfg.precision == "fp16":
+        if not on_gpu:
+            raise ValueError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+        return torch.float16
+    if cfg.precision == "fp32" or not on_gpu:
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_base_for_training(cfg: SFTConfig, device: str):
+    """Load the base model for LoRA (full precision; bf16 on GPU) or QLoRA (NF4 4-bit)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = _weights_dtype(cfg, device)
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -443,9 +461,10 @@ def sft_training_arguments(cfg: SFTConfig, ckdir: Path, has_eval: bool, device: 
         eval_steps=cfg.eval_every_steps if cfg.eval_every_steps > 0 else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=on_gpu,
+        bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
+        fp16=cfg.precision == "fp16",
         use_cpu=not on_gpu,
-        optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
+        optim=cfg.optim or ("paged_adamw_8bit" if on_gpu else "adamw_torch"),
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -476,10 +495,13 @@ def run_sft(
         raise ValueError(f"unknown method {cfg.method!r}; expected 'lora' or 'qlora'")
     if cfg.batch_size < 1 or cfg.grad_accumulation < 1 or cfg.max_seq_length < 2:
         raise ValueError("batch_size and grad_accumulation must be >= 1 and max_seq_length >= 2")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; expected auto, fp32, bf16 or fp16")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckdir = out / CHECKPOINTS_DIRNAME
     device = _device(cfg)
+    _weights_dtype(cfg, device)  # fp16 without a GPU: refused before any work
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model_dir)
     if tokenizer.pad_token_id is None:

@@ -180,3 +180,91 @@ def test_rlaif_qlora_trains_the_sft_stage_and_the_policy_on_the_4bit_base(tiny_m
     assert peft_config is not None and isinstance(policy.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     plain, _ = load_policy(tiny_model, None, PolicyLoraSettings(target_modules=["q_proj"]), "cpu")
     assert not isinstance(plain.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+# -- settings users expect: each reaches the worker's configuration, each bad value is a field violation -------------
+
+
+def test_sft_settings_reach_the_training_arguments(tmp_path):
+    from neuroweaver_ml.training import sft_training_arguments
+
+    hyper = pb.Hyperparameters(
+        max_steps=4, warmup_steps=3, optimizer="adafactor", precision=pb.PRECISION_BF16, sequence_packing=False,
+        train_on_inputs=True,
+    )  # fmt: skip
+    job = _created(_pb_job(method=pb.TRAINING_METHOD_SFT_LORA, hyper=hyper))
+    out = job_to_pb(job).hyperparameters
+    assert (out.warmup_steps, out.optimizer, out.precision, out.train_on_inputs) == (3, "adafactor", pb.PRECISION_BF16, True)
+    assert out.HasField("sequence_packing") and out.sequence_packing is False
+    sft = _worker(job, tmp_path).sft_config("/base", "/train.jsonl", None)
+    assert (sft.warmup_steps, sft.optim, sft.precision, sft.padding_free, sft.completion_only_loss) == (
+        3, "adafactor", "bf16", False, False,
+    )  # fmt: skip
+    args = sft_training_arguments(sft, tmp_path / "ck", False, "cpu")
+    assert (args.warmup_steps, args.optim, args.bf16, args.fp16) == (3, "adafactor", True, False)  # bf16 autocast on CPU
+
+    default = _worker(_created(_pb_job(method=pb.TRAINING_METHOD_SFT_LORA)), tmp_path).sft_config("/b", "/t.jsonl", None)
+    assert (default.warmup_steps, default.optim, default.precision, default.padding_free, default.completion_only_loss) == (
+        0, "", "auto", True, True,
+    )  # fmt: skip
+    args = sft_training_arguments(default, tmp_path / "ck", False, "cpu")
+    assert (args.optim, args.bf16, args.fp16) == ("adamw_torch", False, False)
+
+
+def test_precision_picks_the_weights_dtype_and_fp16_needs_a_gpu():
+    import torch
+
+    from neuroweaver_ml import SFTConfig
+    from neuroweaver_ml.training import _weights_dtype
+
+    def dtype(precision, device):
+        return _weights_dtype(SFTConfig("/b", "/t", "/o", precision=precision), device)
+
+    assert (dtype("auto", "cuda"), dtype("auto", "cpu"), dtype("fp32", "cuda")) == (torch.bfloat16, torch.float32, torch.float32)
+    assert (dtype("bf16", "cpu"), dtype("fp16", "cuda")) == (torch.float32, torch.float16)  # bf16 on CPU: autocast
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        dtype("fp16", "cpu")
+
+
+def test_dpo_beta_and_policy_learning_rate_reach_the_trl_configs(tmp_path):
+    from neuroweaver_trainer.worker.preferences import PreferenceTraining
+
+    dpo = _created(_pb_job(method=pb.TRAINING_METHOD_DPO, hyper=pb.Hyperparameters(dpo_beta=0.3)))
+    assert _worker(dpo, tmp_path, PreferenceTraining).dpo_config("/b", "/p.jsonl", "/o").beta == 0.3  # type: ignore[attr-defined]
+    unset = _created(_pb_job(method=pb.TRAINING_METHOD_DPO))
+    assert unset.hyperparameters.dpo_beta == 0.1 and job_to_pb(unset).hyperparameters.dpo_beta == 0.1
+    assert _worker(unset, tmp_path, PreferenceTraining).dpo_config("/b", "/p.jsonl", "/o").beta == 0.1  # type: ignore[attr-defined]
+
+    rlaif = _created(_pb_job(method=pb.TRAINING_METHOD_RLAIF, rlaif=_rlaif(policy_learning_rate=3e-5)))
+    assert _worker(rlaif, tmp_path, RlaifTraining).rlaif_config("/b", "/p", None, "/s", None).learning_rate == 3e-5  # type: ignore[attr-defined]
+    assert job_to_pb(rlaif).rlaif.policy_learning_rate == 3e-5
+    assert _created(_pb_job(method=pb.TRAINING_METHOD_RLAIF, rlaif=_rlaif())).rlaif.policy_learning_rate == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("method", "hyper", "rlaif", "field"),
+    [
+        (pb.TRAINING_METHOD_SFT_LORA, pb.Hyperparameters(optimizer="adam"), None, "hyperparameters.optimizer"),
+        (pb.TRAINING_METHOD_SFT_LORA, pb.Hyperparameters(warmup_steps=-1), None, "hyperparameters.warmup_steps"),
+        (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(warmup_steps=5), None, "hyperparameters.warmup_steps"),
+        (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(optimizer="sgd"), None, "hyperparameters.optimizer"),
+        (pb.TRAINING_METHOD_REWARD_MODEL, pb.Hyperparameters(precision=pb.PRECISION_FP32), None, "hyperparameters.precision"),
+        (pb.TRAINING_METHOD_REWARD_MODEL, pb.Hyperparameters(sequence_packing=True), None, "hyperparameters.sequence_packing"),
+        (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(train_on_inputs=True), None, "hyperparameters.train_on_inputs"),
+        (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(dpo_beta=0), None, "hyperparameters.dpo_beta"),
+        (pb.TRAINING_METHOD_SFT_LORA, pb.Hyperparameters(dpo_beta=0.1), None, "hyperparameters.dpo_beta"),
+        (pb.TRAINING_METHOD_RLAIF, None, _rlaif(policy_learning_rate=2), "rlaif.policy_learning_rate"),
+    ],
+)
+def test_new_settings_are_field_violations_where_they_do_not_apply_or_are_out_of_range(method, hyper, rlaif, field):
+    v = Violations()
+    validate_job(job_from_pb(_pb_job(method=method, hyper=hyper, rlaif=rlaif)), v)
+    assert "training_job." + field in {x.field for x in v.items}
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    from neuroweaver_runtime.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as exc:
+        job_from_pb(_pb_job(hyper=pb.Hyperparameters(precision=9)))  # type: ignore[arg-type]
+    assert "training_job.hyperparameters.precision" in str(exc.value)

@@ -39,6 +39,8 @@ _REWARD_SOURCE = {
     "both": pb.RlaifConfig.REWARD_SOURCE_BOTH,
 }  # fmt: skip
 _REWARD_SOURCE_FROM_PB = {v: k for k, v in _REWARD_SOURCE.items()}
+_PRECISION = {"fp32": pb.PRECISION_FP32, "bf16": pb.PRECISION_BF16, "fp16": pb.PRECISION_FP16}
+_PRECISION_FROM_PB = {v: k for k, v in _PRECISION.items()}
 _EVENT = {t: pb.EventType.Value(f"EVENT_TYPE_{t.value}") for t in d.EventType}
 # The domain keeps the bump as the word it stores (major, minor, patch); the wire carries the shared enum.
 _VERSION_BUMP = {"major": cpb.VERSION_BUMP_MAJOR, "minor": cpb.VERSION_BUMP_MINOR, "patch": cpb.VERSION_BUMP_PATCH}
@@ -64,6 +66,11 @@ def _both(new: str, old: str, value: Any) -> dict[str, Any]:
     return {} if value is None else {new: value, old: value}
 
 
+def _set(name: str, value: Any) -> dict[str, Any]:
+    """An `optional` field set only when the setting has a value."""
+    return {} if value is None else {name: value}
+
+
 def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.method, pb.TrainingMethod, "training_job.method")
     _enum(m.executor, pb.Executor, "training_job.executor")
@@ -71,6 +78,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
     _enum(m.rlaif.reward_source, pb.RlaifConfig.RewardSource, "training_job.rlaif.reward_source")
     _enum(m.version_bump, cpb.VersionBump, "training_job.version_bump")
     _enum(m.export.format, pb.ExportFormat, "training_job.export.format")
+    _enum(m.hyperparameters.precision, pb.Precision, "training_job.hyperparameters.precision")
     h, lo, r, rl = m.hyperparameters, m.lora, m.resources, m.rlaif
     return d.TrainingJob(
         export=d.ExportSettings(
@@ -83,7 +91,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             reward_source=_REWARD_SOURCE_FROM_PB.get(rl.reward_source, ""), reward_model_backbone=rl.reward_model_backbone,
             kl_coefficient=_present(rl, "kl_beta", "kl_coefficient"), policy_steps=rl.policy_steps,
             min_margin=_present(rl, "min_score_margin", "min_margin"), start_from_version=rl.start_from_version,
-            max_new_tokens=rl.max_new_tokens, qlora=rl.qlora,
+            max_new_tokens=rl.max_new_tokens, qlora=rl.qlora, policy_learning_rate=rl.policy_learning_rate,
         ),
         display_name=m.display_name, base_model=m.base_model, dataset_uri=m.dataset_uri, eval_dataset_uri=m.eval_dataset_uri,
         method=_METHOD_FROM_PB.get(m.method),
@@ -98,7 +106,10 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             eval_every_steps=_present(h, "eval_interval_steps", "eval_every_steps"),
             gradient_checkpointing=_present(h, "use_gradient_checkpointing", "gradient_checkpointing"),
             eval_split=_present(h, "eval_fraction", "eval_split"), lr_scheduler=h.lr_scheduler,
-            max_grad_norm=_present(h, "gradient_clip_norm", "max_grad_norm"),
+            max_grad_norm=_present(h, "gradient_clip_norm", "max_grad_norm"), warmup_steps=h.warmup_steps,
+            optimizer=h.optimizer, precision=_PRECISION_FROM_PB.get(h.precision, ""),
+            sequence_packing=h.sequence_packing if h.HasField("sequence_packing") else None,
+            train_on_inputs=h.train_on_inputs, dpo_beta=h.dpo_beta if h.HasField("dpo_beta") else None,
         ),
         executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
         resources=d.Resources(
@@ -118,6 +129,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM.get(rl.algorithm, pb.RlaifConfig.POLICY_ALGORITHM_UNSPECIFIED),
             reward_source=_REWARD_SOURCE.get(rl.reward_source, pb.RlaifConfig.REWARD_SOURCE_UNSPECIFIED), reward_model_backbone=rl.reward_model_backbone,
             policy_steps=rl.policy_steps, start_from_version=rl.start_from_version, max_new_tokens=rl.max_new_tokens, qlora=rl.qlora,
+            policy_learning_rate=rl.policy_learning_rate,
             **_both("kl_beta", "kl_coefficient", rl.kl_coefficient), **_both("min_score_margin", "min_margin", rl.min_margin),
         )  # fmt: skip
     export = None
@@ -140,6 +152,8 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             **_both("eval_interval_steps", "eval_every_steps", h.eval_every_steps),
             **_both("use_gradient_checkpointing", "gradient_checkpointing", h.gradient_checkpointing),
             **_both("eval_fraction", "eval_split", h.eval_split), **_both("gradient_clip_norm", "max_grad_norm", h.max_grad_norm),
+            warmup_steps=h.warmup_steps, optimizer=h.optimizer, precision=_PRECISION.get(h.precision, pb.PRECISION_UNSPECIFIED),
+            train_on_inputs=h.train_on_inputs, **_set("sequence_packing", h.sequence_packing), **_set("dpo_beta", h.dpo_beta),
         ),
         executor=_EXECUTOR[j.executor],
         resources=pb.Resources(

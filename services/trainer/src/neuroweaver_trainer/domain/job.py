@@ -109,6 +109,13 @@ class Hyperparameters:
     eval_split: float | None = None
     lr_scheduler: str = ""
     max_grad_norm: float | None = None
+    # SFT-stage settings (jobs stored before they existed read back as the defaults)
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    optimizer: str = ""  # "" = adamw_torch without a GPU, paged_adamw_8bit on one
+    precision: str = ""  # "" (auto: bf16 on a GPU, fp32 without) | fp32 | bf16 | fp16
+    sequence_packing: bool | None = None
+    train_on_inputs: bool = False
+    dpo_beta: float | None = None  # method DPO
 
 
 @dataclass
@@ -124,6 +131,7 @@ class RlaifSettings:
     reward_model_backbone: str = ""
     kl_coefficient: float | None = None
     policy_steps: int = 0
+    policy_learning_rate: float = 0.0
     min_margin: float | None = None
     start_from_version: str = ""
     max_new_tokens: int = 0
@@ -148,6 +156,7 @@ class RlaifSettings:
                 self.reward_source,
                 self.policy_steps,
                 self.qlora,
+                self.policy_learning_rate,
             )
         )
 
@@ -291,6 +300,9 @@ def apply_defaults(job: TrainingJob) -> None:
     h.max_grad_norm = 1.0 if h.max_grad_norm is None else h.max_grad_norm
     if h.gradient_checkpointing is None:  # documented default: on when the base is 4-bit quantized
         h.gradient_checkpointing = quantized_base(job)
+    h.sequence_packing = True if h.sequence_packing is None else h.sequence_packing
+    if job.method is Method.DPO:
+        h.dpo_beta = 0.1 if h.dpo_beta is None else h.dpo_beta
     lo.r = lo.r or 8
     lo.alpha = lo.alpha or 16
     lo.dropout = 0.05 if lo.dropout is None else lo.dropout
@@ -303,8 +315,41 @@ def apply_defaults(job: TrainingJob) -> None:
         r.policy_steps = r.policy_steps or 20
         r.min_margin = 1.0 if r.min_margin is None else r.min_margin
         r.max_new_tokens = r.max_new_tokens or 96
+        r.policy_learning_rate = r.policy_learning_rate or 1e-5
     job.version_bump = job.version_bump or "minor"
     job.display_name = job.display_name or job.job_id
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_SFT_METHODS = frozenset({Method.SFT_LORA, Method.SFT_QLORA, Method.RLAIF})
+
+
+def _validate_sft_settings(job: TrainingJob, v: Violations) -> None:
+    """Settings only the SFT stage honours are refused elsewhere rather than silently ignored."""
+    h, hp = job.hyperparameters, "training_job.hyperparameters."
+    if not 0 <= h.warmup_steps <= 1_000_000:
+        v.add(hp + "warmup_steps", "warmup_steps must be in [0, 1000000] (0 = use warmup_fraction)")
+    if h.optimizer and h.optimizer not in OPTIMIZERS:
+        v.add(hp + "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)} (empty = the device's default)")
+    if h.precision and h.precision not in PRECISIONS:
+        v.add(hp + "precision", "precision must be PRECISION_FP32, _BF16 or _FP16")
+    if job.method is not None and job.method not in _SFT_METHODS:
+        for name, set_ in (
+            ("warmup_steps", h.warmup_steps), ("optimizer", h.optimizer), ("precision", h.precision),
+            ("sequence_packing", h.sequence_packing is not None), ("train_on_inputs", h.train_on_inputs),
+        ):  # fmt: skip
+            if set_:
+                v.add(hp + name, f"{name} applies to the SFT stage (SFT_LORA, SFT_QLORA, RLAIF), not {job.method.value}")
+    if h.dpo_beta is not None:
+        if job.method is not Method.DPO:
+            what = "; RLAIF's DPO policy step takes rlaif.kl_beta" if job.method is Method.RLAIF else ""
+            v.add(hp + "dpo_beta", f"dpo_beta applies to method DPO only{what}")
+        elif not 0 < h.dpo_beta <= 100:
+            v.add(hp + "dpo_beta", "dpo_beta must be in (0, 100]")
+    rl = job.rlaif
+    if not 0 <= rl.policy_learning_rate <= 1:
+        v.add("training_job.rlaif.policy_learning_rate", "policy_learning_rate must be in [0, 1] (0 = 1e-5)")
 
 
 def validate_job(job: TrainingJob, v: Violations) -> None:
@@ -425,6 +470,7 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
         )
     if h.lr_scheduler and h.lr_scheduler not in LR_SCHEDULERS:
         v.add(hp + "lr_scheduler", f"lr_scheduler must be one of {', '.join(sorted(LR_SCHEDULERS))}")
+    _validate_sft_settings(job, v)
     lo = job.lora
     if not 0 <= lo.r <= 1024:
         v.add(p + "lora.r", "r must be in [0, 1024]")
@@ -510,6 +556,13 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
         "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_target_modules": ",".join(lo.target_modules) or "auto",
     }  # fmt: skip
+    if job.method in (Method.SFT_LORA, Method.SFT_QLORA, Method.RLAIF):
+        out.update({
+            "warmup_steps": h.warmup_steps, "optimizer": h.optimizer or "auto", "precision": h.precision or "auto",
+            "sequence_packing": str(h.sequence_packing is not False).lower(), "train_on_inputs": str(h.train_on_inputs).lower(),
+        })  # fmt: skip
+    if job.method is Method.DPO:
+        out["dpo_beta"] = h.dpo_beta
     if job.method is Method.RLAIF:
         r = job.rlaif
         out.update({
@@ -518,7 +571,7 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
             "rlaif_policy_steps": r.policy_steps, "rlaif_min_margin": r.min_margin,
             "rlaif_max_new_tokens": r.max_new_tokens, "rlaif_reward_model_backbone": r.reward_model_backbone or "all-minilm-l6-v2",
             "rlaif_prompts_uri": r.prompts_uri, "rlaif_prompts_digest": r.prompts_digest,
-            "rlaif_qlora": str(r.qlora).lower(),
+            "rlaif_qlora": str(r.qlora).lower(), "rlaif_policy_learning_rate": r.policy_learning_rate,
         })  # fmt: skip
     return {k: str(v) for k, v in out.items()}
 

@@ -46,23 +46,36 @@ class PreferenceTraining(Training):
         return Outcome("completed", f"{res.global_step} steps", adapter_dir=str(adapter), adapter_sha256=str(sha), report_path=res.report_path,
                        metrics=metrics, dataset_uri=job.dataset_uri, dataset_digest=job.dataset_digest)  # fmt: skip
 
-    async def _run(self, stage: str, base_dir: str, prefs: str):
-        from neuroweaver_ml import DatasetInvalid, ResumeMismatch
-        from neuroweaver_ml.rlaif import DPOJobConfig, RewardModelConfig, run_dpo, run_reward_model
-
-        job = self.job
-        h, lo = job.hyperparameters, job.lora
-        out = self.job_dir() / stage
-        common: dict[str, Any] = dict(
+    def common_settings(self) -> dict[str, Any]:
+        h, lo = self.job.hyperparameters, self.job.lora
+        return dict(
             learning_rate=h.learning_rate, num_epochs=h.num_epochs, max_steps=h.max_steps if h.max_steps > 0 else -1,
             batch_size=h.batch_size, grad_accumulation=h.gradient_accumulation_steps, max_length=h.max_seq_length,
             lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=effective(lo.dropout), seed=effective(h.seed), checkpoint_every_steps=h.checkpoint_every_steps,
         )  # fmt: skip
+
+    def dpo_config(self, base_dir: str, prefs: str, out: str):
+        """run_dpo's config: the job's stored settings (dpo_beta None: a job stored before the setting, so 0.1)."""
+        from neuroweaver_ml.rlaif import DPOJobConfig
+
+        job = self.job
+        beta = job.hyperparameters.dpo_beta
+        return DPOJobConfig(base_model_dir=base_dir, preference_file=prefs, output_dir=out, target_modules=list(job.lora.target_modules) or None,
+                            beta=0.1 if beta is None else beta, base_model_ref=job.base_model, adapter_name=job.name, **self.common_settings())  # fmt: skip
+
+    async def _run(self, stage: str, base_dir: str, prefs: str):
+        from neuroweaver_ml import DatasetInvalid, ResumeMismatch
+        from neuroweaver_ml.rlaif import RewardModelConfig, run_dpo, run_reward_model
+
+        job = self.job
+        h = job.hyperparameters
+        out = self.job_dir() / stage
+        common = self.common_settings()
         try:
             if job.method is Method.DPO:
-                dpo = DPOJobConfig(base_model_dir=base_dir, preference_file=prefs, output_dir=str(out), target_modules=list(lo.target_modules) or None,
-                                   base_model_ref=job.base_model, adapter_name=job.name, **common)  # fmt: skip
-                return await asyncio.to_thread(run_dpo, dpo, self.on_event, self.stop.is_set)
+                return await asyncio.to_thread(
+                    run_dpo, self.dpo_config(base_dir, prefs, str(out)), self.on_event, self.stop.is_set
+                )
             eval_file = (
                 await self.input_file(job.eval_dataset_uri, job.eval_dataset_digest, "eval preference dataset")
                 if job.eval_dataset_uri

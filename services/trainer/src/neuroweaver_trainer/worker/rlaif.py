@@ -77,6 +77,7 @@ class RlaifTraining(Training):
             max_length=h.max_seq_length, lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=effective(lo.dropout),
             target_modules=list(lo.target_modules) or None, checkpoint_every_steps=h.checkpoint_every_steps,
             seed=effective(h.seed), base_model_ref=job.base_model, adapter_name=job.name, quantize_4bit=r.qlora,
+            learning_rate=r.policy_learning_rate or 1e-5,  # 0: a job stored before the setting existed
         )  # fmt: skip
 
     async def _parent_adapter(self) -> Path:

@@ -154,6 +154,9 @@ class Training:
             warmup_ratio=effective(h.warmup_ratio), lr_scheduler=h.lr_scheduler, weight_decay=h.weight_decay,
             max_grad_norm=effective(h.max_grad_norm), seed=effective(h.seed), checkpoint_every_steps=h.checkpoint_every_steps,
             eval_every_steps=effective(h.eval_every_steps), gradient_checkpointing=effective(h.gradient_checkpointing),
+            # settings added later read back as their defaults from jobs stored before them
+            warmup_steps=h.warmup_steps, optim=h.optimizer, precision=h.precision or "auto",
+            padding_free=h.sequence_packing is not False, completion_only_loss=not h.train_on_inputs,
             base_model_ref=job.base_model, adapter_name=job.name,
         )  # fmt: skip
 

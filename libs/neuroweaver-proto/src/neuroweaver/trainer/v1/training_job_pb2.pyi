@@ -113,6 +113,34 @@ EXECUTOR_KUBERNETES: Executor.ValueType  # 2
 """A Kubernetes batch/v1 Job."""
 Global___Executor: _TypeAlias = Executor  # noqa: Y015
 
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    """bf16 on a GPU, fp32 without one."""
+    PRECISION_FP32: _Precision.ValueType  # 1
+    """float32 weights and math."""
+    PRECISION_BF16: _Precision.ValueType  # 2
+    """bfloat16: bf16 weights on a GPU; without one, fp32 weights under bf16 autocast."""
+    PRECISION_FP16: _Precision.ValueType  # 3
+    """float16 weights with fp16 mixed precision (loss scaling); needs a CUDA GPU (a job without one fails saying so)."""
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """Numeric precision of training: the base's weights and the autocast of the forward pass."""
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+"""bf16 on a GPU, fp32 without one."""
+PRECISION_FP32: Precision.ValueType  # 1
+"""float32 weights and math."""
+PRECISION_BF16: Precision.ValueType  # 2
+"""bfloat16: bf16 weights on a GPU; without one, fp32 weights under bf16 autocast."""
+PRECISION_FP16: Precision.ValueType  # 3
+"""float16 weights with fp16 mixed precision (loss scaling); needs a CUDA GPU (a job without one fails saying so)."""
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
 class _EventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -261,6 +289,12 @@ class Hyperparameters(_message.Message):
     USE_GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
     EVAL_FRACTION_FIELD_NUMBER: _builtins.int
     GRADIENT_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    SEQUENCE_PACKING_FIELD_NUMBER: _builtins.int
+    TRAIN_ON_INPUTS_FIELD_NUMBER: _builtins.int
+    DPO_BETA_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Default 2e-4."""
     num_epochs: _builtins.float
@@ -351,6 +385,24 @@ class Hyperparameters(_message.Message):
     """Fraction of the dataset held out for evaluation when no eval dataset is given (unset: 0.05; 0 = no evaluation)."""
     gradient_clip_norm: _builtins.float
     """Clip the gradient norm to this value (unset: 1.0; 0 = no clipping)."""
+    warmup_steps: _builtins.int
+    """Learning-rate warmup in optimizer steps; when > 0 it overrides warmup_fraction. SFT stage."""
+    optimizer: _builtins.str
+    """Optimizer, by its transformers name: `adamw_torch` (default without a GPU), `paged_adamw_8bit` (default on a GPU),
+    `adamw_torch_fused`, `adamw_8bit`, `paged_adamw_32bit`, `adafactor` or `sgd`. SFT stage.
+    """
+    precision: Global___Precision.ValueType
+    """Numeric precision of training. SFT stage."""
+    sequence_packing: _builtins.bool
+    """Pack each batch's sequences into one row without padding (position ids restart per sequence, so sequences do not
+    attend to each other); false pads every sequence to the batch's longest (unset: true). SFT stage.
+    """
+    train_on_inputs: _builtins.bool
+    """Compute the loss on every token, prompts and user turns included (default false: assistant/completion tokens
+    only). SFT stage.
+    """
+    dpo_beta: _builtins.float
+    """Method DPO: the preference loss's beta, the strength of the pull towards the reference model (unset: 0.1; > 0)."""
     def __init__(
         self,
         *,
@@ -375,11 +427,19 @@ class Hyperparameters(_message.Message):
         use_gradient_checkpointing: _builtins.bool | None = ...,
         eval_fraction: _builtins.float | None = ...,
         gradient_clip_norm: _builtins.float | None = ...,
+        warmup_steps: _builtins.int = ...,
+        optimizer: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
+        sequence_packing: _builtins.bool | None = ...,
+        train_on_inputs: _builtins.bool = ...,
+        dpo_beta: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "gradient_clip_norm", b"gradient_clip_norm", "random_seed", b"random_seed", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta", "_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_sequence_packing", b"_sequence_packing", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "dpo_beta", b"dpo_beta", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "gradient_clip_norm", b"gradient_clip_norm", "random_seed", b"random_seed", "sequence_packing", b"sequence_packing", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "batch_size", b"batch_size", "checkpoint_every_steps", b"checkpoint_every_steps", "eval_every_steps", b"eval_every_steps", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "gradient_clip_norm", b"gradient_clip_norm", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "random_seed", b"random_seed", "seed", b"seed", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta", "_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_sequence_packing", b"_sequence_packing", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "batch_size", b"batch_size", "checkpoint_every_steps", b"checkpoint_every_steps", "dpo_beta", b"dpo_beta", "eval_every_steps", b"eval_every_steps", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "gradient_clip_norm", b"gradient_clip_norm", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "optimizer", b"optimizer", "precision", b"precision", "random_seed", b"random_seed", "seed", b"seed", "sequence_packing", b"sequence_packing", "train_on_inputs", b"train_on_inputs", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dpo_beta: _TypeAlias = _typing.Literal["dpo_beta"]  # noqa: Y015
+    _WhichOneofArgType__dpo_beta: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta"]  # noqa: Y015
     _WhichOneofReturnType__eval_fraction: _TypeAlias = _typing.Literal["eval_fraction"]  # noqa: Y015
     _WhichOneofArgType__eval_fraction: _TypeAlias = _typing.Literal["_eval_fraction", b"_eval_fraction"]  # noqa: Y015
     _WhichOneofReturnType__eval_interval_steps: _TypeAlias = _typing.Literal["eval_interval_steps"]  # noqa: Y015
@@ -388,10 +448,14 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__gradient_clip_norm: _TypeAlias = _typing.Literal["_gradient_clip_norm", b"_gradient_clip_norm"]  # noqa: Y015
     _WhichOneofReturnType__random_seed: _TypeAlias = _typing.Literal["random_seed"]  # noqa: Y015
     _WhichOneofArgType__random_seed: _TypeAlias = _typing.Literal["_random_seed", b"_random_seed"]  # noqa: Y015
+    _WhichOneofReturnType__sequence_packing: _TypeAlias = _typing.Literal["sequence_packing"]  # noqa: Y015
+    _WhichOneofArgType__sequence_packing: _TypeAlias = _typing.Literal["_sequence_packing", b"_sequence_packing"]  # noqa: Y015
     _WhichOneofReturnType__use_gradient_checkpointing: _TypeAlias = _typing.Literal["use_gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__use_gradient_checkpointing: _TypeAlias = _typing.Literal["_use_gradient_checkpointing", b"_use_gradient_checkpointing"]  # noqa: Y015
     _WhichOneofReturnType__warmup_fraction: _TypeAlias = _typing.Literal["warmup_fraction"]  # noqa: Y015
     _WhichOneofArgType__warmup_fraction: _TypeAlias = _typing.Literal["_warmup_fraction", b"_warmup_fraction"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dpo_beta) -> _WhichOneofReturnType__dpo_beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_fraction) -> _WhichOneofReturnType__eval_fraction | None: ...
     @_typing.overload
@@ -400,6 +464,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_clip_norm) -> _WhichOneofReturnType__gradient_clip_norm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_seed) -> _WhichOneofReturnType__random_seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sequence_packing) -> _WhichOneofReturnType__sequence_packing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__use_gradient_checkpointing) -> _WhichOneofReturnType__use_gradient_checkpointing | None: ...
     @_typing.overload
@@ -564,6 +630,7 @@ class RlaifConfig(_message.Message):
     KL_BETA_FIELD_NUMBER: _builtins.int
     MIN_SCORE_MARGIN_FIELD_NUMBER: _builtins.int
     QLORA_FIELD_NUMBER: _builtins.int
+    POLICY_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     prompts_uri: _builtins.str
     """Prompts with reference answers (JSONL: prompt, reference)."""
     eval_prompts_uri: _builtins.str
@@ -614,6 +681,8 @@ class RlaifConfig(_message.Message):
     policy stage (GRPO, RLOO or DPO) trains its LoRA on the same 4-bit base; generation, judging and evaluation load
     the full-precision base with the adapter merged. Default false (both stages on the full-precision base).
     """
+    policy_learning_rate: _builtins.float
+    """Learning rate of the policy stage (default 1e-5)."""
     def __init__(
         self,
         *,
@@ -632,10 +701,11 @@ class RlaifConfig(_message.Message):
         kl_beta: _builtins.float | None = ...,
         min_score_margin: _builtins.float | None = ...,
         qlora: _builtins.bool = ...,
+        policy_learning_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta", "_min_score_margin", b"_min_score_margin", "kl_beta", b"kl_beta", "min_score_margin", b"min_score_margin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta", "_min_score_margin", b"_min_score_margin", "algorithm", b"algorithm", "candidates_per_prompt", b"candidates_per_prompt", "eval_prompts_uri", b"eval_prompts_uri", "judge_version", b"judge_version", "kl_beta", b"kl_beta", "kl_coefficient", b"kl_coefficient", "max_new_tokens", b"max_new_tokens", "min_margin", b"min_margin", "min_score_margin", b"min_score_margin", "policy_steps", b"policy_steps", "prompts_uri", b"prompts_uri", "qlora", b"qlora", "reward_model_backbone", b"reward_model_backbone", "reward_source", b"reward_source", "start_from_version", b"start_from_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta", "_min_score_margin", b"_min_score_margin", "algorithm", b"algorithm", "candidates_per_prompt", b"candidates_per_prompt", "eval_prompts_uri", b"eval_prompts_uri", "judge_version", b"judge_version", "kl_beta", b"kl_beta", "kl_coefficient", b"kl_coefficient", "max_new_tokens", b"max_new_tokens", "min_margin", b"min_margin", "min_score_margin", b"min_score_margin", "policy_learning_rate", b"policy_learning_rate", "policy_steps", b"policy_steps", "prompts_uri", b"prompts_uri", "qlora", b"qlora", "reward_model_backbone", b"reward_model_backbone", "reward_source", b"reward_source", "start_from_version", b"start_from_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__kl_beta: _TypeAlias = _typing.Literal["kl_beta"]  # noqa: Y015
     _WhichOneofArgType__kl_beta: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta"]  # noqa: Y015
