@@ -146,7 +146,8 @@ async def test_rlaif_qlora_trains_sft_and_policy_on_the_4bit_base(trainers, regi
     assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
     sft_start = next(e for e in events if e.type == h.tpb.EVENT_TYPE_STAGE_STARTED and e.stage == "sft")
     assert "QLoRA" in sft_start.message
-    assert any(e.type == h.tpb.EVENT_TYPE_LOG and e.stage == "policy" and "4-bit NF4" in e.message for e in events)
+    policy_start = next(e for e in events if e.type == h.tpb.EVENT_TYPE_STAGE_STARTED and e.stage == "policy")
+    assert "dpo: LoRA on the base quantized to 4-bit NF4 (QLoRA)" in policy_start.message
     job_dir = Path(trainer.config["data_dir"]) / "jobs" / "rlaif-qlora"
     sft = json.loads((job_dir / "run" / "run_config.json").read_text())["config"]
     assert sft["method"] == "qlora" and sft["gradient_checkpointing"] is True

@@ -39,6 +39,7 @@ class Running:
 
     attempt: int
     stage: str = "sft"
+    notes: dict[str, str] = field(default_factory=dict)  # stage → what its STAGE_STARTED message adds (how it trains)
 
 
 Rule = Callable[[Any, Running], Mapped]
@@ -46,7 +47,8 @@ Rule = Callable[[Any, Running], Mapped]
 
 def _stage_started(ev, run: Running) -> Mapped:
     name = _stage(ev)
-    return Mapped(JobEvent(EventType.STAGE_STARTED, stage=name, message=f"attempt {run.attempt}: {name}"), {"stage": name})
+    note = f" ({run.notes[name]})" if name in run.notes else ""
+    return Mapped(JobEvent(EventType.STAGE_STARTED, stage=name, message=f"attempt {run.attempt}: {name}{note}"), {"stage": name})
 
 
 def _stage_completed(ev, run: Running) -> Mapped:

@@ -36,14 +36,10 @@ class RlaifTraining(Training):
         except (JudgeConfigError, TypeError) as exc:
             raise JobFailed(f"judge version {r.judge_version} is not usable: {exc}") from None
         cfg = self.rlaif_config(base_dir, prompts, eval_prompts, str(parent_dir), judge)
-        await self.journal.write(
-            JobEvent(
-                EventType.LOG, stage="policy",
-                message=f"attempt {self.journal.attempt}: the policy stage ({r.algorithm}) will train its LoRA on the "
-                + ("base quantized to 4-bit NF4 (QLoRA)" if cfg.quantize_4bit else "full-precision base")
-                + "; generation, judging and evaluation use the full-precision base with the adapter merged",
-            )
-        )  # fmt: skip
+        # the policy stage's STAGE_STARTED message says how it trains
+        self.events.running.notes["policy"] = f"{r.algorithm}: LoRA on the " + (
+            "base quantized to 4-bit NF4 (QLoRA)" if cfg.quantize_4bit else "full-precision base"
+        )
         result = await self._run(cfg)
         if result.status == "cancelled":
             return Outcome("cancelled", f"cancelled in stage {self.events.stage}; completed stages and checkpoints kept")
