@@ -162,9 +162,9 @@ async def test_rlaif_qlora_trains_sft_and_policy_on_the_4bit_base(trainers, regi
 async def test_judge_prices_of_the_judge_version_give_the_job_its_cost(
     trainers, registry, tiny_model, data_root, prompts, h, monkeypatch
 ):
-    """The judge version's prices reach the worker: judge_cost_usd (job, JUDGE events, registered metric) is the
-    tokens the OpenAI-compatible judge reported × its prices, not 0."""
-    from neuroweaver_ml.rlaif.judge_server import JudgeServer
+    """The judge version's prices reach the worker: judge_cost_usd (job, registered metric) is every token the
+    OpenAI-compatible judge billed × its prices (the judge stage's and the judge-rewarded GRPO steps'), not 0."""
+    from neuroweaver_ml.rlaif.judge_server import JudgeServer, judge_text
 
     monkeypatch.setenv("NW_TEST_JUDGE_KEY", "sk-test")
     with JudgeServer() as server:
@@ -180,13 +180,15 @@ async def test_judge_prices_of_the_judge_version_give_the_job_its_cost(
             h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id="rlaif-priced", training_job=job)
         )
         events = await asyncio.wait_for(h.watch_all(trainer.stub, created.name), 400)
+        billed = sum(len(c.split()) + len(judge_text(c).split()) for c in server.state.contents())  # the server's usage
     assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
     last = [e for e in events if e.type == h.tpb.EVENT_TYPE_JUDGE and e.stage == "judge"][-1].metrics
     assert last["tokens"] > 0 and last["cost_usd"] == pytest.approx(last["tokens"] * 2.0 / 1000)
+    assert billed > last["tokens"]  # the policy stage's rewards were judged too
     done = await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=created.name))
-    assert done.metrics["judge_cost_usd"] == pytest.approx(last["cost_usd"])
+    assert done.metrics["judge_cost_usd"] == pytest.approx(billed * 2.0 / 1000)
     (version,) = await h.registry_versions_of(registry.stub, created.name)
-    assert {m.name: m.value for m in version.metrics}["judge_cost_usd"] == pytest.approx(last["cost_usd"])
+    assert {m.name: m.value for m in version.metrics}["judge_cost_usd"] == pytest.approx(billed * 2.0 / 1000)
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ class RlaifResult:
     policy: PolicyResult | None
     win_rate_vs_parent: WinRate | None
     win_rate_vs_base: WinRate | None
-    judge_cost_usd: float  # all judge stages (cached verdicts carry their original cost)
+    judge_cost_usd: float  # judge, policy (judge-rewarded GRPO/RLOO) and evaluate stages; each verdict paid once
     judge_prompt_tokens: int
     judge_completion_tokens: int
     judge_requests: int  # HTTP requests this process sent (retries included; 0 for the local judge)
@@ -567,12 +567,36 @@ def _build_preferences(ctx: _Ctx) -> dict:
 # stage 5: GRPO / RLOO
 
 
+POLICY_JUDGE_USAGE = "judge_usage.json"  # under <output>/policy: what the policy stage's judge calls cost
+
+
+def policy_judge_usage(out: Path) -> dict[str, float]:
+    """The policy stage's judge spend over every attempt (cost_usd, prompt_tokens, completion_tokens); zeros if none."""
+    path = out / "policy" / POLICY_JUDGE_USAGE
+    usage = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: usage.get(k, 0) for k in ("cost_usd", "prompt_tokens", "completion_tokens")}
+
+
 def _judge_reward_fn(ctx: _Ctx):
     """Async reward function calling the judge (normalised to [0, 1]; unusable verdicts → None, which
-    TRL ignores). In pairwise mode: the completion vs the reference answer (win 1, tie 0.5, loss 0)."""
+    TRL ignores). In pairwise mode: the completion vs the reference answer (win 1, tie 0.5, loss 0).
+    After every call the stage's judge spend is added to ``policy/judge_usage.json`` (fresh verdicts only: cached
+    ones were paid for when first given), so an attempt killed mid-stage still counts what it paid."""
     cfg = ctx.cfg
     judge = ctx.judge()
     lo, hi = cfg.judge.score_min, cfg.judge.score_max
+    earlier = policy_judge_usage(ctx.out)  # attempts before this one
+
+    def record() -> None:
+        s = judge.stats
+        atomic_write_json(
+            ctx.out / "policy" / POLICY_JUDGE_USAGE,
+            {
+                "cost_usd": earlier["cost_usd"] + s.cost_usd,
+                "prompt_tokens": earlier["prompt_tokens"] + s.prompt_tokens,
+                "completion_tokens": earlier["completion_tokens"] + s.completion_tokens,
+            },
+        )
 
     async def judge_reward(prompts, completions, reference=None, **kw):
         refs = reference or [None] * len(prompts)
@@ -580,8 +604,10 @@ def _judge_reward_fn(ctx: _Ctx):
         cs = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         if cfg.judge.mode == "pairwise":
             prefs = await judge.compare_many([(p, c, r or "", r) for p, c, r in zip(ps, cs, refs, strict=True)])
+            record()
             return [None if p.winner is None else {"a": 1.0, "tie": 0.5, "b": 0.0}[p.winner] for p in prefs]
         js = await judge.score_many(list(zip(ps, cs, refs, strict=True)))
+        record()
         return [None if j.score is None else (j.score - lo) / (hi - lo) for j in js]
 
     judge_reward.__name__ = "judge"
@@ -933,7 +959,8 @@ def run_rlaif(
     js, es = jud["summary"], (ev or {}).get("summary", {})
     wrp = WinRate(**ev["win_rates"]["parent"]) if ev else None
     wrb = WinRate(**ev["win_rates"]["base"]) if ev else None
-    cost = js.get("cost_usd", 0.0) + es.get("cost_usd", 0.0)
+    pu = policy_judge_usage(out)  # GRPO/RLOO rewarded by the judge: its calls in the policy stage
+    cost = js.get("cost_usd", 0.0) + es.get("cost_usd", 0.0) + pu["cost_usd"]
     result = RlaifResult(
         status="completed",
         output_dir=str(out),
@@ -955,8 +982,8 @@ def run_rlaif(
         win_rate_vs_parent=wrp,
         win_rate_vs_base=wrb,
         judge_cost_usd=round(cost, 8),
-        judge_prompt_tokens=js["prompt_tokens"] + es.get("prompt_tokens", 0),
-        judge_completion_tokens=js["completion_tokens"] + es.get("completion_tokens", 0),
+        judge_prompt_tokens=js["prompt_tokens"] + es.get("prompt_tokens", 0) + int(pu["prompt_tokens"]),
+        judge_completion_tokens=js["completion_tokens"] + es.get("completion_tokens", 0) + int(pu["completion_tokens"]),
         judge_requests=ctx.judge_requests,
         stage_seconds=ctx.stage_seconds,
         skipped_stages=ctx.skipped,
