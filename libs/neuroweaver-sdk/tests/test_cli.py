@@ -202,3 +202,30 @@ def test_training_chart_draws_each_stage_as_its_own_series(tmp_path):
     }  # no line holds points of two stages; each runs forward
     png = Path(plot_training(_rlaif_events(), str(tmp_path / "rlaif.png"), title="job")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("seed", "present"), [(["--seed", "0"], True), ([], False)])
+def test_train_start_sends_an_explicit_seed_0_and_qlora(seed, present):
+    """`--seed 0` is a seed (the optional `random_seed` carries presence); unset leaves the trainer's default; `--qlora`
+    asks for RLAIF on the 4-bit base."""
+    import asyncio
+
+    from neuroweaver_sdk.cli import Ctx, train_start
+
+    sent = []
+
+    class Trainer:
+        async def CreateTrainingJob(self, request):
+            sent.append(request)
+            return request.training_job
+
+    class Clients:
+        trainer = Trainer()
+
+    args = build_parser().parse_args(
+        ["-q", "train", "start", "--base-model", "b", "--dataset", "file:///d", "--method", "rlaif", "--qlora", *seed]
+    )
+    asyncio.run(train_start(Ctx(args, Clients())))  # type: ignore[arg-type]
+    job = sent[0].training_job
+    assert job.hyperparameters.HasField("random_seed") is present and job.hyperparameters.random_seed == 0
+    assert job.rlaif.qlora and job.hyperparameters.seed == 0  # the deprecated field is not used

@@ -464,7 +464,7 @@ async def train_start(c: Ctx):
             batch_size=a.batch_size,
             max_seq_length=a.max_seq_length,
             checkpoint_every_steps=a.checkpoint_every,
-            seed=a.seed,
+            random_seed=a.seed,  # None: unset (the default seed); an explicit 0 is a seed like any other
         ),
         lora=tpb.LoraConfig(r=a.lora_r, alpha=a.lora_alpha),
     )
@@ -474,6 +474,7 @@ async def train_start(c: Ctx):
             a.eval_prompts or "",
             a.judge_version or "",
         )
+        job.rlaif.qlora = a.qlora
     created = await c.nw.trainer.CreateTrainingJob(
         tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4()))
     )
@@ -1104,12 +1105,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--batch-size", {"type": int, "default": 0, "help": hp}),
         ("--max-seq-length", {"type": int, "default": 0, "help": hp}),
         ("--checkpoint-every", {"type": int, "default": 0, "help": "steps between checkpoints (0 = default)"}),
-        ("--seed", {"type": int, "default": 0, "help": "random seed (0 = default)"}),
+        ("--seed", {"type": int, "default": None, "help": "random seed (unset: the trainer's default; 0 is a seed)"}),
         ("--lora-r", {"type": int, "default": 0, "help": "LoRA rank (0 = default)"}),
         ("--lora-alpha", {"type": int, "default": 0, "help": "LoRA alpha (0 = default)"}),
         ("--prompts", {"help": "rlaif: prompts URI the policy answers"}),
         ("--eval-prompts", {"help": "rlaif: held-out prompts URI for the final evaluation"}),
         ("--judge-version", {"help": "rlaif: judge version that labels the preferences"}),
+        ("--qlora", {"action": "store_true", "help": "rlaif: train the SFT and policy stages on the 4-bit NF4 base"}),
         ("--watch", {"action": "store_true", "help": "follow the job until it ends"}),
     )  # fmt: skip
     job_id = {"help": "job id in --project, or a full name projects/P/trainingJobs/J"}
