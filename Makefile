@@ -14,11 +14,11 @@ LLAMA_CPP_TOOLS := .venv/share/neuroweaver/llama.cpp-$(shell sed -n 's/^llama-cp
 
 install: .venv/.installed $(LLAMA_CPP_TOOLS) node_modules/.installed clients/typescript/node_modules/.installed examples/relaycore/node_modules/.installed ## .venv with everything (torch pinned to the CPU build) and the Node tools
 
-.venv/.installed: requirements.txt requirements-nodeps.txt $(PACKAGES)
+.venv/.installed: requirements.txt requirements-nodeps.txt constraints.txt $(PACKAGES)
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q -r requirements.txt -c constraints.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt -c constraints.txt
 	$(PIP) install -q --no-deps $(foreach p,$(PACKAGES),-e $(dir $(p)))
 	touch $@
 
