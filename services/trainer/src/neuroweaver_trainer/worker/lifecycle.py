@@ -60,6 +60,9 @@ async def run(cfg: WorkerConfig, stop: threading.Event, tls: ClientTLS) -> int:
             attributes={"neuroweaver.training_job": job.name, "neuroweaver.attempt": attempt},
         ) as span:  # fmt: skip
             trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
+            log.info(
+                "attempt %s of %s starts (%s on %s)", attempt, job.name, job.method.value if job.method else "?", job.base_model
+            )
             watcher = asyncio.create_task(journal.watch_cancel(cfg.stop_poll_seconds))
             try:
                 return await run_attempt(cfg, tls, job, journal, stop)
