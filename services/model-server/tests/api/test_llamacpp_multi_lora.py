@@ -7,18 +7,17 @@ adapter), mixed concurrent requests of both versions keep their adapters while d
 On some CPUs llama.cpp's kernels, and so its last bits, differ with the batch shape, and a greedy answer flips where its
 two best tokens are nearly tied (a CI run: "A check engine light refers to ..." alone, "A check engine light, also
 known as" beside three other requests; on this development machine the logits are bit-identical across the test's
-batch shapes). The reference answers therefore record, token by token, the gap between the two largest logits, and an
-answer must equal its reference as far as every token was decided by more than `NEAR_TIE`; the test asserts that these
-decided parts still tell each adapter from the other and from the base, so a swapped or missing adapter fails."""
+batch shapes). The references (`neuroweaver_model_server.testing`) therefore record, token by token, the gap between the two largest
+logits, and an answer must equal its reference as far as every token was decided by more than `NEAR_TIE`; the test
+asserts that these decided parts still tell each adapter from the other and from the base, so a swapped or missing
+adapter fails."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import openai
 import pytest
 
@@ -27,6 +26,7 @@ from neuroweaver.inference.v1 import inference_service_pb2 as svc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as svc_grpc
 from neuroweaver_model_server.adapters.loading import gguf_base
 from neuroweaver_model_server.app import ModelServer, ModelServerConfig
+from neuroweaver_model_server.testing import Greedy, llamacpp_references
 
 BASE = "builtin:smollm2-135m-instruct"
 VERSIONS = ["projects/default/models/smol/versions/1.0.0", "projects/default/models/smol/versions/1.1.0"]
@@ -41,9 +41,6 @@ PROMPTS = [
     "How many legs does a spider have?",
 ]
 TOKENS = 8
-# Logit gap under which a greedy choice counts as undecided: far above kernel-to-kernel drift (last bits of float32
-# sums through 30 layers), far below the gaps of the tokens these adapters change (typically 1-7).
-NEAR_TIE = 0.5
 
 
 def config(**kw) -> ModelServerConfig:
@@ -76,54 +73,6 @@ def loras(base_gguf, tmp_path_factory):
     return [make_gguf_lora(base_gguf, d / f"v{i}.gguf", seed=i + 1) for i in range(2)]
 
 
-@dataclass(frozen=True)
-class Greedy:
-    """A reference greedy answer: its text, and the part of it decided by more than `NEAR_TIE` at every token."""
-
-    text: str
-    decided: str
-
-    def admits(self, answer: str) -> bool:
-        return answer == self.text if self.decided == self.text else answer.startswith(self.decided)
-
-
-class SampledGaps:
-    """Stands in for the engine's `llama_cpp` module: passes every call through and records, at each sampled
-    position, the token and the gap between its two largest logits."""
-
-    def __init__(self, lc, n_vocab: int) -> None:
-        self._lc, self._n_vocab = lc, n_vocab
-        self.sampled: list[tuple[int, float]] = []
-
-    def __getattr__(self, name: str):
-        return getattr(self._lc, name)
-
-    def llama_sampler_sample(self, sampler, ctx, idx):
-        token = self._lc.llama_sampler_sample(sampler, ctx, idx)
-        logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
-        second, first = np.partition(logits, -2)[-2:]
-        self.sampled.append((int(token), float(first - second)))
-        return token
-
-
-async def references(server: ModelServer) -> dict[str, Greedy]:
-    """Each prompt's greedy answer on `server` (one request at a time), with its decided part."""
-    engine = server.service.engine
-    gaps = engine._lc = SampledGaps(engine._lc, engine._lc.llama_vocab_n_tokens(engine._vocab))
-    out = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
-        stub = svc_grpc.InferenceServiceStub(channel)
-        for q in PROMPTS:
-            gaps.sampled.clear()
-            text = (await stub.Generate(chat(q))).text
-            tokens = [t for t, _ in gaps.sampled]
-            near = [i for i, (_, gap) in enumerate(gaps.sampled) if gap < NEAR_TIE]
-            decided = engine.detokenize(tokens[: near[0]]) if near else text
-            assert text.startswith(decided)
-            out[q] = Greedy(text, decided)
-    return out
-
-
 def assert_admitted(got: dict[str, str], expected: dict[str, Greedy], label: str) -> None:
     for q, answer in got.items():
         assert expected[q].admits(answer), (label, q, answer, expected[q])
@@ -140,17 +89,10 @@ async def answers(server: ModelServer, model: str = "") -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 async def alone(base_gguf, loras):
-    """Greedy answers of the base and of each adapter, each on a llama.cpp server of its own."""
-    out = []
-    for adapter in (None, *loras):
-        extra = dict(adapter_uri=adapter[0].as_uri(), adapter_sha256=adapter[1]) if adapter else {}
-        s = ModelServer(config(**extra))
-        await s.start()
-        try:
-            out.append(await references(s))
-        finally:
-            await s.stop()
-    base, *per_version = out
+    """Greedy answers of the base and of each adapter, each on a llama.cpp engine of its own."""
+    base, *per_version = [
+        await llamacpp_references(str(base_gguf), adapter and str(adapter[0]), PROMPTS, TOKENS) for adapter in (None, *loras)
+    ]
     # the decided parts tell each adapter from the other and from the base, for some prompt: a swapped adapter fails
     for version, mine in enumerate(per_version):
         for other in (base, per_version[1 - version]):
