@@ -6,17 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from neuroweaver.experiments.v1 import experiment_pb2 as epb
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
-from neuroweaver_runtime.testing import free_port
+from neuroweaver_runtime.testing import serving_process
 from neuroweaver_sdk.plots import plot_experiment, plot_training
 
 SHA = "ab" * 32
@@ -24,29 +22,8 @@ SHA = "ab" * 32
 
 @pytest.fixture
 def registry(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neuroweaver_registry", "--port", str(port), "--metrics-port", "-1", "--data-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert proc.poll() is None, "registry exited"
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "registry did not become SERVING"
-            time.sleep(0.05)  # polling interval while waiting for a condition
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(15)
+    with serving_process("neuroweaver_registry", "--data-dir", str(tmp_path), timeout=30) as target:
+        yield target
 
 
 def nw(target: str, *args: str) -> subprocess.CompletedProcess:

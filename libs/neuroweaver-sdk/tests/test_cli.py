@@ -10,15 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
-from neuroweaver_runtime.testing import free_port
+from neuroweaver_runtime.testing import free_port, serving_process
 from neuroweaver_sdk.cli import build_parser
 from neuroweaver_sdk.plots import plot_training, training_curves, training_figure
 
@@ -29,34 +26,13 @@ LONG = "m" + "-long" * 11 + "-name-x"  # 63 characters: the longest id; its full
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    port = free_port()
-    data = tmp_path_factory.mktemp("nw-cli-registry")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neuroweaver_registry", "--port", str(port), "--metrics-port", "-1", "--data-dir", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert proc.poll() is None, "registry exited"
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "registry did not become SERVING"
-            time.sleep(0.05)  # polling interval while waiting for the process
-    target = f"127.0.0.1:{port}"
-    assert nw(target, "models", "create", LONG, "--description", "d " * 100).returncode == 0
-    for _ in range(2):
-        made = nw(target, "versions", "create", LONG, "--bump", "minor", "--artifact-uri", "file:///a", "--sha256", SHA)
-        assert made.returncode == 0, made.stderr
-    assert nw(target, "models", "create", "short").returncode == 0
-    yield target
-    proc.terminate()
-    proc.wait(15)
+    with serving_process("neuroweaver_registry", "--data-dir", str(tmp_path_factory.mktemp("nw-cli-registry"))) as target:
+        assert nw(target, "models", "create", LONG, "--description", "d " * 100).returncode == 0
+        for _ in range(2):
+            made = nw(target, "versions", "create", LONG, "--bump", "minor", "--artifact-uri", "file:///a", "--sha256", SHA)
+            assert made.returncode == 0, made.stderr
+        assert nw(target, "models", "create", "short").returncode == 0
+        yield target
 
 
 def nw(registry: str, *args: str) -> subprocess.CompletedProcess:

@@ -181,3 +181,41 @@ class FakeUnitOfWorkBase:
             yield
         except Duplicate:
             raise error from None
+
+
+@contextlib.contextmanager
+def serving_process(module: str, *args: str, timeout: float = 60.0) -> Iterator[str]:
+    """`python -m module --port P --metrics-port -1 *args` started and waited for until its gRPC health says SERVING;
+    yields its target (`127.0.0.1:P`) and terminates it afterwards."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", str(port), "--metrics-port", "-1", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert proc.poll() is None, f"{module} exited"
+                try:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, f"{module} did not become SERVING"
+                time.sleep(0.05)  # polling interval while waiting for the process
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
