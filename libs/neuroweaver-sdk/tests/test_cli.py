@@ -205,3 +205,29 @@ def test_train_start_sends_an_explicit_seed_0_and_qlora(seed, present):
     job = sent[0].training_job
     assert job.hyperparameters.HasField("random_seed") is present and job.hyperparameters.random_seed == 0
     assert job.rlaif.qlora and job.hyperparameters.seed == 0  # the deprecated field is not used
+
+
+def test_train_start_sends_the_tracking_flags():
+    """`--mlflow-tracking-uri`, `--mlflow-experiment` and `--tensorboard` reach the job's `tracking`; without them the
+    job carries none (the trainer's defaults apply)."""
+    import asyncio
+
+    from neuroweaver_sdk.cli import Ctx, train_start
+
+    sent = []
+
+    class Trainer:
+        async def CreateTrainingJob(self, request):
+            sent.append(request)
+            return request.training_job
+
+    class Clients:
+        trainer = Trainer()
+
+    base = ["-q", "train", "start", "--base-model", "b", "--dataset", "file:///d", "--method", "lora"]
+    flags = ["--mlflow-tracking-uri", "http://mlflow:5000", "--mlflow-experiment", "advisors", "--tensorboard"]
+    for argv in (base + flags, base):
+        asyncio.run(train_start(Ctx(build_parser().parse_args(argv), Clients())))  # type: ignore[arg-type]
+    t = sent[0].training_job.tracking
+    assert (t.mlflow_tracking_uri, t.mlflow_experiment, t.tensorboard) == ("http://mlflow:5000", "advisors", True)
+    assert not sent[1].training_job.HasField("tracking")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -79,3 +81,49 @@ def make_gguf_lora(
     writer.close()
     sha, _ = digest_path(out_file)
     return out_file, sha
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, timeout: float = 120.0) -> Iterator[str]:
+    """A real MLflow tracking server (`mlflow server`, the venv's) on a free port with a SQLite backend store and an
+    artifact root under `root`; yields its URI and stops it (and its uvicorn workers) on exit."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+                time.sleep(0.3)
+            yield uri
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers (their own process group)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

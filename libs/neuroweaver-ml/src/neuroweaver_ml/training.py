@@ -37,6 +37,7 @@ from .artifacts import digest_path
 from .datasets import IGNORE_INDEX, load_rows, split_train_eval, tokenize_rows
 from .errors import DatasetInvalid, ResumeMismatch
 from .lora import find_lora_target_modules
+from .tracking import attach_trackers
 
 log = logging.getLogger(__name__)
 
@@ -576,6 +577,7 @@ def run_sft(
 
     trainer.remove_callback(PrinterCallback)  # events go through on_event, not stdout
     trainer.remove_callback(ProgressCallback)
+    attach_trackers(trainer, "sft")  # MLflow / TensorBoard when a tracking session is active (tracking.py)
 
     resume = find_resume_checkpoint(out)
     resumed_from = 0

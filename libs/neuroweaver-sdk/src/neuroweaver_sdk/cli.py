@@ -475,6 +475,12 @@ async def train_start(c: Ctx):
             a.judge_version or "",
         )
         job.rlaif.qlora = a.qlora
+    if a.mlflow_tracking_uri or a.mlflow_experiment or a.tensorboard:  # else the trainer's defaults apply
+        job.tracking.CopyFrom(
+            tpb.Tracking(
+                mlflow_tracking_uri=a.mlflow_tracking_uri, mlflow_experiment=a.mlflow_experiment, tensorboard=a.tensorboard
+            )
+        )
     created = await c.nw.trainer.CreateTrainingJob(
         tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4()))
     )
@@ -1112,6 +1118,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--eval-prompts", {"help": "rlaif: held-out prompts URI for the final evaluation"}),
         ("--judge-version", {"help": "rlaif: judge version that labels the preferences"}),
         ("--qlora", {"action": "store_true", "help": "rlaif: train the SFT and policy stages on the 4-bit NF4 base"}),
+        ("--mlflow-tracking-uri", {"default": "", "help": "log params, per-step metrics, report and adapter to this MLflow server (http://host:5000); empty = the trainer's default"}),
+        ("--mlflow-experiment", {"default": "", "help": "MLflow experiment (empty = the target model's name)"}),
+        ("--tensorboard", {"action": "store_true", "help": "write TensorBoard event files (stored with the job's artifacts)"}),
         ("--watch", {"action": "store_true", "help": "follow the job until it ends"}),
     )  # fmt: skip
     job_id = {"help": "job id in --project, or a full name projects/P/trainingJobs/J"}

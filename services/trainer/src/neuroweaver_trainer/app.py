@@ -11,6 +11,7 @@ from neuroweaver_runtime.app import database_service
 from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.config import ServiceConfig
 from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.errors import Violations
 from neuroweaver_runtime.notify import Notifier, PostgresListener
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
@@ -23,6 +24,7 @@ from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
 from .domain.judge_endpoints import JudgeEndpoints
+from .domain.tracking import TrackingSettings, validate_tracking
 from .service.feeds import FeedHub
 from .service.jobs import JobPolicy, TrainerService
 from .service.scheduler import Scheduler, SchedulerSettings
@@ -69,6 +71,16 @@ class TrainerConfig(ServiceConfig):
     )
     registry_retry_seconds: float = field(
         default=120.0, metadata={"help": "how long a worker retries an unreachable registry before failing the job"}
+    )
+    mlflow_tracking_uri: str = field(
+        default="",
+        metadata={"help": "MLflow tracking server every job logs to unless it names its own (http://host:5000); empty = none"},
+    )
+    mlflow_experiment: str = field(
+        default="", metadata={"help": "MLflow experiment of jobs that name none; empty = the job's target model"}
+    )
+    tensorboard: bool = field(
+        default=False, metadata={"help": "every job writes TensorBoard event files (stored with its artifacts)"}
     )
     run_jobs: bool = field(default=True, metadata={"help": "claim and run queued jobs (off: API only)"})
     max_concurrent_jobs: int = field(default=1, metadata={"help": "jobs this replica runs at once"})
@@ -173,6 +185,7 @@ def build(config: TrainerConfig) -> GrpcService:
         if config.registry_target
         else None,
         judge_endpoints=_judge_endpoints(config),
+        tracking=_tracking_defaults(config),
     )
     service = TrainerService(
         uow, PageTokens(secret), policy, hub,
@@ -221,3 +234,13 @@ def _judge_endpoints(config: TrainerConfig) -> JudgeEndpoints:
         )
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+
+
+def _tracking_defaults(config: TrainerConfig) -> TrackingSettings:
+    """The trainer-wide tracker defaults, checked by the rules a job's own settings follow."""
+    defaults = TrackingSettings(config.mlflow_tracking_uri, config.mlflow_experiment, config.tensorboard)
+    v = Violations()
+    validate_tracking(defaults, v, prefix="")
+    if v.items:
+        raise SystemExit(f"configuration error: {v.items[0].field}: {v.items[0].description}")
+    return defaults

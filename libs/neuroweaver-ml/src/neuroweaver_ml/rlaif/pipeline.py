@@ -39,6 +39,7 @@ from typing import Any, Literal
 from ..artifacts import digest_path
 from ..datasets import load_rows
 from ..errors import ResumeMismatch
+from ..tracking import attach_trackers
 from ..training import _base_identity, _f
 from .events import JudgeProgressEvent, MetricsEvent, StageEvent
 from .judges import Judge, JudgeCache, JudgeConfig, Judgement, Preference, make_judge
@@ -699,6 +700,7 @@ def _run_online_policy(ctx: _Ctx, prompts: list[dict], rm: RewardModelResult | N
         callbacks=[bridge],
     )
     _quiet(trainer)
+    attach_trackers(trainer, "policy")
     cfg_dict = {"fingerprint": cfg.fingerprint(), "algorithm": cfg.algorithm, "reward_source": cfg.reward_source}
     card = _card(
         cfg.algorithm.upper(),

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from ..artifacts import digest_path
 from ..datasets import load_rows, split_train_eval
+from ..tracking import attach_trackers
 from ..training import CheckpointEvent, ResumedEvent, _checkpoint_step, _f
 from .events import MetricsEvent, RLStepEvent
 
@@ -387,6 +388,7 @@ def run_reward_model(
         model=model, args=args, train_dataset=ds(train_rows), processing_class=tok, peft_config=peft_config, callbacks=[bridge]
     )
     _quiet(trainer)
+    attach_trackers(trainer, stage)
     resume = _find_resume(ckdir, ("adapter_config.json",) if use_peft else ("model.safetensors",))
     resumed_from = 0
     if resume is not None:
@@ -637,6 +639,7 @@ def run_dpo(
         callbacks=[bridge],
     )
     _quiet(trainer)
+    attach_trackers(trainer, stage)
     return _finish_policy_training(
         trainer,
         bridge,

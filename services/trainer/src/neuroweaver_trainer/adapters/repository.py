@@ -28,6 +28,7 @@ from ..domain.job import (
     Resources,
     RlaifSettings,
     StepMetrics,
+    TrackingSettings,
     TrainingJob,
 )
 from ..service.ports import notify_key
@@ -77,6 +78,8 @@ class SqlJobRepository:
             spec["rlaif"] = dataclasses.asdict(job.rlaif)
         if job.export.configured:
             spec["export"] = dataclasses.asdict(job.export)
+        if job.tracking.configured:
+            spec["tracking"] = dataclasses.asdict(job.tracking)
         assert job.method is not None  # validate_job refuses a job without a method before it is stored
         result = await self.s.execute(
             t.jobs.insert().values(
@@ -215,6 +218,7 @@ def job_from_row(row) -> TrainingJob:
         lora=LoraSettings(**spec.get("lora", {})), hyperparameters=Hyperparameters(**spec.get("hyperparameters", {})),
         executor=Executor(row.executor), resources=Resources(**spec.get("resources", {})),
         rlaif=RlaifSettings(**spec.get("rlaif", {})), export=ExportSettings(**spec.get("export", {})),
+        tracking=TrackingSettings(**spec.get("tracking", {})),
         target_model=row.target_model, version_bump=row.version_bump, labels=dict(row.labels or {}),
         state=JobState(row.state), stage=row.stage, error=row.error, model_version=row.model_version,
         output_uri=row.output_uri, dataset_digest=row.dataset_digest, eval_dataset_digest=row.eval_dataset_digest,

@@ -85,6 +85,10 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             model_version=m.export.model_version, format=_EXPORT_FORMAT_FROM_PB.get(m.export.format, ""),
             quantization=m.export.quantization,
         ),
+        tracking=d.TrackingSettings(
+            mlflow_tracking_uri=m.tracking.mlflow_tracking_uri, mlflow_experiment=m.tracking.mlflow_experiment,
+            tensorboard=m.tracking.tensorboard,
+        ),
         rlaif=d.RlaifSettings(
             prompts_uri=rl.prompts_uri, eval_prompts_uri=rl.eval_prompts_uri, judge_version=rl.judge_version,
             candidates_per_prompt=rl.candidates_per_prompt, algorithm=_ALGORITHM_FROM_PB.get(rl.algorithm, ""),
@@ -141,6 +145,12 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
     return pb.TrainingJob(
         rlaif=rlaif,
         export=export,
+        tracking=pb.Tracking(
+            mlflow_tracking_uri=j.tracking.mlflow_tracking_uri, mlflow_experiment=j.tracking.mlflow_experiment,
+            tensorboard=j.tracking.tensorboard,
+        )
+        if j.tracking.configured
+        else None,
         name=j.name, display_name=j.display_name, base_model=j.base_model, dataset_uri=j.dataset_uri,
         eval_dataset_uri=j.eval_dataset_uri, method=_METHOD[j.method] if j.method else pb.TRAINING_METHOD_UNSPECIFIED,
         lora=pb.LoraConfig(r=lo.r, alpha=lo.alpha, target_modules=lo.target_modules, **_both("lora_dropout", "dropout", lo.dropout)),

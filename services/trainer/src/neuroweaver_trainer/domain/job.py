@@ -12,6 +12,8 @@ from typing import Any
 from neuroweaver_runtime.errors import Violations
 from neuroweaver_runtime.names import ResourceName
 
+from .tracking import TrackingSettings
+
 JOB = ResourceName("projects/{project}/trainingJobs/{job}")
 TARGET_MODEL = ResourceName("projects/{project}/models/{model}")
 
@@ -207,6 +209,7 @@ class TrainingJob:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     rlaif: RlaifSettings = field(default_factory=RlaifSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # MLflow / TensorBoard (domain/tracking.py)
     executor: Executor = Executor.LOCAL
     resources: Resources = field(default_factory=Resources)
     target_model: str = ""

@@ -33,6 +33,7 @@ from ..domain.job import (
     validate_job,
 )
 from ..domain.judge_endpoints import JudgeEndpoints
+from ..domain.tracking import TrackingSettings, apply_tracking_defaults, validate_tracking
 from .feeds import GONE, LAGGED, FeedHub
 from .ports import InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
 
@@ -48,6 +49,7 @@ class JobPolicy:
     model_roots: PathRoots = field(default_factory=lambda: PathRoots([]))
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # trainer-wide tracker defaults
     # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time (None: none set)
     registry: RegistryLookups | None = None
     judge_endpoints: JudgeEndpoints = field(default_factory=JudgeEndpoints)
@@ -107,6 +109,7 @@ class TrainerService:
                     return await self._get(uow.jobs, earlier)
         v = Violations()
         validate_job(job, v)
+        validate_tracking(job.tracking, v, export=job.method is Method.EXPORT)
         v.raise_if_any()
         if job.executor not in self.policy.executors:
             raise FailedPrecondition(
@@ -129,6 +132,8 @@ class TrainerService:
         )  # fmt: skip
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
         job.rlaif.prompts_digest, job.rlaif.eval_prompts_digest = checked.prompts_digest, checked.eval_prompts_digest
+        if job.method is not Method.EXPORT:
+            apply_tracking_defaults(job.tracking, self.policy.tracking, job.target_model)
         queued = (
             f"queued (export {job.export.model_version} as {job.export.format} {job.export.quantization})"
             if job.method is Method.EXPORT

@@ -76,13 +76,15 @@ class Training:
     def for_job(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> Training:
         from .preferences import PreferenceTraining
         from .rlaif import RlaifTraining
+        from .tracking import Tracked
 
         kind: dict[Method | None, type[Training]] = {
             Method.RLAIF: RlaifTraining,
             Method.DPO: PreferenceTraining,
             Method.REWARD_MODEL: PreferenceTraining,
         }
-        return kind.get(job.method, Training)(cfg, job, journal, stop)
+        training = kind.get(job.method, Training)(cfg, job, journal, stop)
+        return Tracked(training) if job.tracking.configured else training  # MLflow / TensorBoard: worker/tracking.py
 
     async def train(self) -> Outcome:
         job = self.job

@@ -719,6 +719,47 @@ class RlaifConfig(_message.Message):
 Global___RlaifConfig: _TypeAlias = RlaifConfig  # noqa: Y015
 
 @_typing.final
+class Tracking(_message.Message):
+    """Experiment trackers a job logs to (every stage that trains: sft, dpo, reward_model, policy). A tracker that fails
+    never fails the job: the worker says so in a LOG event and trains on. Unset fields take the trainer's defaults
+    (`--mlflow-tracking-uri`, `--mlflow-experiment`, `--tensorboard`); the job stores the effective values.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MLFLOW_TRACKING_URI_FIELD_NUMBER: _builtins.int
+    MLFLOW_EXPERIMENT_FIELD_NUMBER: _builtins.int
+    TENSORBOARD_FIELD_NUMBER: _builtins.int
+    mlflow_tracking_uri: _builtins.str
+    """MLflow tracking server, `http://host:port` or `https://...` (a `file:///abs/dir` store is also accepted). One
+    MLflow run per job: parameters (the job's settings), per-step metrics named `<stage>/<name>` (for example
+    `sft/loss`, `reward_model/loss`, `policy/reward`), the final metrics, and the training report and adapter as
+    artifacts. A resumed job continues the same run. Credentials do not belong in the URI: the worker's environment
+    (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN) carries them. Empty: no MLflow.
+    """
+    mlflow_experiment: _builtins.str
+    """MLflow experiment name (created when missing). Empty: the job's target model, `projects/{project}/models/{model}`."""
+    tensorboard: _builtins.bool
+    """Write TensorBoard event files (one run directory per stage, scalars `train/loss` ...). They are written under the
+    job's directory while it runs (a LOG event gives the path for `tensorboard --logdir`) and stored with the
+    job's artifacts (`<output_uri>/tensorboard`) when it succeeds.
+    """
+    def __init__(
+        self,
+        *,
+        mlflow_tracking_uri: _builtins.str = ...,
+        mlflow_experiment: _builtins.str = ...,
+        tensorboard: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlflow_experiment", b"mlflow_experiment", "mlflow_tracking_uri", b"mlflow_tracking_uri", "tensorboard", b"tensorboard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tracking: _TypeAlias = Tracking  # noqa: Y015
+
+@_typing.final
 class TrainingJob(_message.Message):
     """A fine-tuning job. Resource name: `projects/{project}/trainingJobs/{job}`."""
 
@@ -802,6 +843,7 @@ class TrainingJob(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     TARGET_MODEL_FIELD_NUMBER: _builtins.int
     EXPORT_FIELD_NUMBER: _builtins.int
+    TRACKING_FIELD_NUMBER: _builtins.int
     VERSION_BUMP_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -865,6 +907,10 @@ class TrainingJob(_message.Message):
         """Method EXPORT: what to export."""
 
     @_builtins.property
+    def tracking(self) -> Global___Tracking:
+        """Experiment trackers (MLflow, TensorBoard); see Tracking."""
+
+    @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
@@ -892,6 +938,7 @@ class TrainingJob(_message.Message):
         resources: Global___Resources | None = ...,
         target_model: _builtins.str = ...,
         export: Global___ExportConfig | None = ...,
+        tracking: Global___Tracking | None = ...,
         version_bump: _common_pb2.VersionBump.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         state: Global___TrainingJob.State.ValueType = ...,
@@ -910,9 +957,9 @@ class TrainingJob(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         creator: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "export", b"export", "hyperparameters", b"hyperparameters", "lora", b"lora", "resources", b"resources", "rlaif", b"rlaif", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "export", b"export", "hyperparameters", b"hyperparameters", "lora", b"lora", "resources", b"resources", "rlaif", b"rlaif", "start_time", b"start_time", "tracking", b"tracking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "export", b"export", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "version_bump", b"version_bump"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "export", b"export", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "tracking", b"tracking", "version_bump", b"version_bump"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
