@@ -73,7 +73,7 @@ export interface ChatRequest {
   transport?: Transport;
   /** Gateway request id; the metric events' idempotency keys derive from it. */
   requestId?: string;
-  /** A reference answer, when the application knows one (the judge sees it; an embedding judge needs it). */
+  /** A reference answer, when the application knows one (the judge sees it; a reference-similarity judge needs it). */
   reference?: string;
 }
 

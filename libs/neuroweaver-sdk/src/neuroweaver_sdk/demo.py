@@ -1,8 +1,9 @@
 """`make demo`: the whole NeuroWeaver loop on SmolLM2-135M-Instruct and the automotive kit.
 
 Starts the four services on the embedded default (SQLite, local executors, no auth), then:
-register the base model as version 1.0.0 and point `production` at it → QLoRA SFT → RLAIF with the
-local judge → the new version registered → its adapter exported as a GGUF LoRA → one deployment following
+register the base model as version 1.0.0 and point `production` at it → QLoRA SFT → RLAIF judged by
+reference similarity (cosine similarity of all-MiniLM-L6-v2 sentence embeddings of an answer and the reference
+answer: closeness to the reference, not an LLM's grade) → the new version registered → its adapter exported as a GGUF LoRA → one deployment following
 production with the new version beside it on the same base (one llama.cpp model server: the GGUF base loaded once,
 1.0.0 = the base, the new version = its GGUF LoRA) → an A/B experiment whose traffic is held-out questions, each
 arm sending its version's name to that server, whose answers the experiments service scores with the same
@@ -138,9 +139,10 @@ async def create_judge(nw: Clients) -> str:
     judge = await nw.registry.CreateJudge(
         rsvc.CreateJudgeRequest(
             parent=PROJECT,
-            judge_id="automotive-embedding",
+            judge_id="automotive-reference-similarity",
             judge=rpb.Judge(
-                display_name="Automotive agreement judge", description="all-MiniLM-L6-v2 agreement with reference answers"
+                display_name="Automotive reference similarity",
+                description="cosine similarity of all-MiniLM-L6-v2 sentence embeddings of an answer and its reference answer",
             ),
             judge_version=rpb.JudgeVersion(
                 kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING,
@@ -153,7 +155,10 @@ async def create_judge(nw: Clients) -> str:
             request_id=str(uuid.uuid4()),
         )
     )
-    console.print(f"judge {judge.name} version {judge.latest_version}")
+    console.print(
+        f"judge {judge.name} version {judge.latest_version}: reference similarity (cosine similarity of all-MiniLM-L6-v2 "
+        "embeddings of an answer and the reference answer, on 1-10)"
+    )
     return f"{judge.name}/versions/{judge.latest_version}"
 
 
@@ -259,7 +264,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                     epb.Variant(id="tuned", model_version=new_version, deployment=prod.name, weight=0.5),
                 ],
                 primary_metric=epb.MetricSpec(
-                    name="judge_score", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+                    name="reference_similarity", kind=epb.METRIC_KIND_MEAN, direction=cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
                 ),
                 guardrail_metrics=[
                     epb.MetricSpec(
@@ -279,7 +284,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                 analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON,
                 promote_alias="production",
                 # the experiments service scores the answers with the judge version RLAIF trained with
-                answer_judging=epb.AnswerJudging(judge_version=judge_version, metric="judge_score", sample_rate=1.0),
+                answer_judging=epb.AnswerJudging(judge_version=judge_version, metric="reference_similarity", sample_rate=1.0),
             ),
             request_id=str(uuid.uuid4()),
         )
@@ -322,7 +327,7 @@ async def run_experiment(nw: Clients, base_version: str, new_version: str, judge
                 exp.name, unit, "completion_tokens", reply.usage.completion_tokens, idempotency_key=f"{unit}:tokens"
             )
             await local.flush()  # RecordAnswers checks the unit's exposure: it must have reached the server
-            # judged by the service in the background (the registered judge version); the score becomes judge_score
+            # judged by the service in the background (the registered judge version); the score becomes reference_similarity
             await nw.experiments.RecordAnswers(
                 esvc.RecordAnswersRequest(
                     experiment=exp.name,
@@ -479,7 +484,7 @@ def _results_summary(results, latencies) -> dict:
         "variants": {
             v.variant: {
                 "units": v.units,
-                "judge_score_mean": round(v.mean, 3),
+                "reference_similarity_mean": round(v.mean, 3),
                 "ci": [round(v.ci_lower, 3), round(v.ci_upper, 3)],
             }
             for v in results.primary.variants
@@ -498,7 +503,7 @@ def _results_summary(results, latencies) -> dict:
 
 
 def print_results(results) -> None:
-    table = Table("variant", "units", "judge score (mean)", "95% CI")
+    table = Table("variant", "units", "reference similarity 1-10 (mean)", "95% CI")
     for v in results.primary.variants:
         table.add_row(v.variant, str(v.units), f"{v.mean:.3f}", f"[{v.ci_lower:.3f}, {v.ci_upper:.3f}]")
     console.print(table)

@@ -1,4 +1,5 @@
-"""AI judges for RLAIF: a local embedding judge and an OpenAI-compatible LLM judge.
+"""AI judges for RLAIF: reference similarity (a local sentence-embedding model's cosine similarity of the answer to
+the reference answer) and an OpenAI-compatible LLM judge.
 
 Both implement one async interface:
 
@@ -499,9 +500,10 @@ def shared_embedder(model_dir: str | os.PathLike, device: str = "cpu") -> Embedd
 
 
 class LocalEmbeddingJudge(Judge):
-    """Scores semantic agreement with the reference answer: cosine similarity of MiniLM embeddings,
-    clipped to [0, 1] and mapped linearly onto [score_min, score_max]. Items without a reference are
-    malformed (nothing to compare against). Pairwise compares the two scores (position-free)."""
+    """Reference similarity: the cosine similarity of the answer's sentence embedding (MiniLM) to the reference
+    answer's, clipped to [0, 1] and mapped linearly onto [score_min, score_max]. It measures closeness to the
+    reference, not quality (the rubric is not read). Items without a reference are malformed (nothing to compare
+    against). Pairwise compares the two scores (position-free)."""
 
     def __init__(self, config: JudgeConfig, cache: JudgeCache | None = None, device: str = "cpu"):
         super().__init__(config, cache)

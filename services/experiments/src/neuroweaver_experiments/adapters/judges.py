@@ -1,13 +1,14 @@
 """Judges for live answers: judge versions read from the registry, scored with neuroweaver_ml's judges (the ones
-the trainer's RLAIF loop uses: the local all-MiniLM embedding judge and the OpenAI-compatible LLM judge).
+the trainer's RLAIF loop uses: reference similarity with all-MiniLM embeddings and the OpenAI-compatible LLM judge,
+for example a deployment's own model server).
 
 A judge version is immutable, so each is read once and its judge kept for the life of the process. Reads made for
 the background worker run as a viewer of the judge's project (`acting_as`), never as whichever caller recorded the
 answers. `neuroweaver_ml` (torch, transformers, openai) is imported on first use: an experiments service without
 it still serves everything else, and its judging fails with a message saying what to install.
 
-Outcomes (`service.judging.Verdict`): a score; a permanent failure (malformed verdict, no reference for an embedding
-judge, unusable version or API key variable); or a transient one (the judge endpoint or the registry unreachable),
+Outcomes (`service.judging.Verdict`): a score; a permanent failure (malformed verdict, no reference for a
+reference-similarity judge, unusable version or API key variable); or a transient one (the judge endpoint or the registry unreachable),
 which the worker retries later.
 """
 

@@ -799,7 +799,7 @@ class JudgingStatus(_message.Message):
     """Sampled answers scored: each is one metric event."""
     failed: _builtins.int
     """Sampled answers the judge could not score (transport error after retries, malformed verdict, no reference for
-    an embedding judge, unusable judge version): no metric event.
+    a reference-similarity judge, unusable judge version): no metric event.
     """
     pending: _builtins.int
     """Sampled answers waiting for the judge (durable: they survive a restart). Only judged while the experiment runs."""

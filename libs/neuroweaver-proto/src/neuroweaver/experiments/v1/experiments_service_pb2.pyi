@@ -614,7 +614,7 @@ class Answer(_message.Message):
     answer: _builtins.str
     """The model's answer (at most 32 KiB)."""
     reference: _builtins.str
-    """A reference answer, when known (an embedding judge needs one; an LLM judge shows it to the grader)."""
+    """A reference answer, when known (a reference-similarity judge needs one; an LLM judge shows it to the grader)."""
     idempotency_key: _builtins.str
     """Answers with a key already recorded for the experiment are duplicates (not judged again). Empty = a key derived
     from the unit, variant, prompt, answer and reference, so a retried identical answer is still a duplicate.

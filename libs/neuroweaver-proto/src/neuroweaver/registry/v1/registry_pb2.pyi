@@ -59,18 +59,30 @@ class _JudgeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JudgeKind.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     JUDGE_KIND_UNSPECIFIED: _JudgeKind.ValueType  # 0
     JUDGE_KIND_OPENAI_COMPATIBLE: _JudgeKind.ValueType  # 1
-    """An OpenAI-compatible chat-completions model (including NeuroWeaver's own model server)."""
+    """An LLM judge: an OpenAI-compatible chat-completions model that grades answers against the rubric. Any endpoint,
+    including a NeuroWeaver deployment's own model server (`nw judges create J --from-deployment D`).
+    """
     JUDGE_KIND_LOCAL_EMBEDDING: _JudgeKind.ValueType  # 2
-    """A local sentence-embedding model scoring semantic agreement with reference answers."""
+    """Reference similarity (the CLI's `reference-similarity`): the cosine similarity of a sentence embedding of the
+    answer to one of the reference answer, mapped onto score_min..score_max. It measures closeness to the
+    reference, not quality, reads no rubric, and cannot score an answer without a reference. The value's name is
+    kept for wire compatibility.
+    """
 
 class JudgeKind(_JudgeKind, metaclass=_JudgeKindEnumTypeWrapper):
     """How the judge scores."""
 
 JUDGE_KIND_UNSPECIFIED: JudgeKind.ValueType  # 0
 JUDGE_KIND_OPENAI_COMPATIBLE: JudgeKind.ValueType  # 1
-"""An OpenAI-compatible chat-completions model (including NeuroWeaver's own model server)."""
+"""An LLM judge: an OpenAI-compatible chat-completions model that grades answers against the rubric. Any endpoint,
+including a NeuroWeaver deployment's own model server (`nw judges create J --from-deployment D`).
+"""
 JUDGE_KIND_LOCAL_EMBEDDING: JudgeKind.ValueType  # 2
-"""A local sentence-embedding model scoring semantic agreement with reference answers."""
+"""Reference similarity (the CLI's `reference-similarity`): the cosine similarity of a sentence embedding of the
+answer to one of the reference answer, mapped onto score_min..score_max. It measures closeness to the
+reference, not quality, reads no rubric, and cannot score an answer without a reference. The value's name is
+kept for wire compatibility.
+"""
 Global___JudgeKind: _TypeAlias = JudgeKind  # noqa: Y015
 
 class _JudgeMode:
@@ -834,7 +846,9 @@ Global___OpenAICompatibleJudge: _TypeAlias = OpenAICompatibleJudge  # noqa: Y015
 
 @_typing.final
 class LocalEmbeddingJudge(_message.Message):
-    """A local sentence-embedding judge."""
+    """Reference similarity (JUDGE_KIND_LOCAL_EMBEDDING): the sentence-embedding model that embeds answer and reference,
+    run in the calling process.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -881,7 +895,7 @@ class JudgeVersion(_message.Message):
     kind: Global___JudgeKind.ValueType
     mode: Global___JudgeMode.ValueType
     rubric: _builtins.str
-    """Scoring rubric shown to the judge."""
+    """Scoring rubric shown to an LLM judge (reference similarity does not read it)."""
     prompt_template: _builtins.str
     """Prompt template with `{rubric}`, `{prompt}`, `{response}` (pointwise) or `{response_a}`/`{response_b}` (pairwise)."""
     score_min: _builtins.float
@@ -897,7 +911,7 @@ class JudgeVersion(_message.Message):
 
     @_builtins.property
     def local_embedding(self) -> Global___LocalEmbeddingJudge:
-        """Set when kind is LOCAL_EMBEDDING."""
+        """Set when kind is LOCAL_EMBEDDING (reference similarity)."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...

@@ -893,7 +893,7 @@ export type JudgingStatus = Message<"neuroweaver.experiments.v1.JudgingStatus"> 
 
   /**
    * Sampled answers the judge could not score (transport error after retries, malformed verdict, no reference for
-   * an embedding judge, unusable judge version): no metric event.
+   * a reference-similarity judge, unusable judge version): no metric event.
    *
    * @generated from field: int64 failed = 6;
    */

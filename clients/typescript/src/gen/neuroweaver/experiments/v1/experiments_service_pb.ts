@@ -652,7 +652,7 @@ export type Answer = Message<"neuroweaver.experiments.v1.Answer"> & {
   answer: string;
 
   /**
-   * A reference answer, when known (an embedding judge needs one; an LLM judge shows it to the grader).
+   * A reference answer, when known (a reference-similarity judge needs one; an LLM judge shows it to the grader).
    *
    * @generated from field: string reference = 5;
    */

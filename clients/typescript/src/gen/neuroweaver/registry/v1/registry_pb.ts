@@ -900,7 +900,8 @@ export const OpenAICompatibleJudgeSchema: GenMessage<OpenAICompatibleJudge> = /*
   messageDesc(file_neuroweaver_registry_v1_registry, 9);
 
 /**
- * A local sentence-embedding judge.
+ * Reference similarity (JUDGE_KIND_LOCAL_EMBEDDING): the sentence-embedding model that embeds answer and reference,
+ * run in the calling process.
  *
  * @generated from message neuroweaver.registry.v1.LocalEmbeddingJudge
  */
@@ -955,14 +956,14 @@ export type JudgeVersion = Message<"neuroweaver.registry.v1.JudgeVersion"> & {
   openai?: OpenAICompatibleJudge | undefined;
 
   /**
-   * Set when kind is LOCAL_EMBEDDING.
+   * Set when kind is LOCAL_EMBEDDING (reference similarity).
    *
    * @generated from field: neuroweaver.registry.v1.LocalEmbeddingJudge local_embedding = 6;
    */
   localEmbedding?: LocalEmbeddingJudge | undefined;
 
   /**
-   * Scoring rubric shown to the judge.
+   * Scoring rubric shown to an LLM judge (reference similarity does not read it).
    *
    * @generated from field: string rubric = 7;
    */
@@ -1075,14 +1076,18 @@ export enum JudgeKind {
   UNSPECIFIED = 0,
 
   /**
-   * An OpenAI-compatible chat-completions model (including NeuroWeaver's own model server).
+   * An LLM judge: an OpenAI-compatible chat-completions model that grades answers against the rubric. Any endpoint,
+   * including a NeuroWeaver deployment's own model server (`nw judges create J --from-deployment D`).
    *
    * @generated from enum value: JUDGE_KIND_OPENAI_COMPATIBLE = 1;
    */
   OPENAI_COMPATIBLE = 1,
 
   /**
-   * A local sentence-embedding model scoring semantic agreement with reference answers.
+   * Reference similarity (the CLI's `reference-similarity`): the cosine similarity of a sentence embedding of the
+   * answer to one of the reference answer, mapped onto score_min..score_max. It measures closeness to the
+   * reference, not quality, reads no rubric, and cannot score an answer without a reference. The value's name is
+   * kept for wire compatibility.
    *
    * @generated from enum value: JUDGE_KIND_LOCAL_EMBEDDING = 2;
    */
