@@ -428,9 +428,11 @@ def test_multi_gpu_training_job():
     assert pod["restartPolicy"] == "Never"
     c = pod["containers"][0]
     assert c["command"] + c["args"] == [
-        "accelerate",
-        "launch",
-        "--num_processes",
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
         "4",
         "-m",
         "neuroweaver_trainer.worker",

@@ -858,6 +858,8 @@ class TrainingJobSpec:
     namespace: str
     image: str
     gpus: int = 0
+    #: Training processes (torch.distributed.run ranks); 0 = one per GPU, or 1.
+    processes: int = 0
     gpu_resource: str = GPU_RESOURCE
     resources: Resources = field(
         default_factory=lambda: Resources(cpu_request="2", memory_request="8Gi", memory_limit="16Gi")
@@ -887,8 +889,8 @@ class TrainingJobSpec:
     def __post_init__(self) -> None:
         if not is_dns1123_label(self.namespace):
             raise ValueError(f"namespace {self.namespace!r} is not a DNS-1123 label")
-        if self.gpus < 0 or self.backoff_limit < 0:
-            raise ValueError("gpus and backoff_limit must be >= 0")
+        if self.gpus < 0 or self.processes < 0 or self.backoff_limit < 0:
+            raise ValueError("gpus, processes and backoff_limit must be >= 0")
         if self.checkpoint_pvc is not None and not is_dns1123_label(self.checkpoint_pvc):
             raise ValueError("checkpoint_pvc must be a DNS-1123 name")
         if self.tls_secret is not None and not is_dns1123_label(self.tls_secret):
@@ -911,10 +913,13 @@ class TrainingJobSpec:
 
 
 def training_command(spec: TrainingJobSpec) -> list[str]:
-    """Worker entrypoint: plain python for 0-1 GPU, ``accelerate launch`` across GPUs otherwise."""
+    """Worker entrypoint: plain python for one process, ``torch.distributed.run`` (torchrun) for several: the same
+    launcher a local trainer uses, one rank per GPU."""
     worker = ["--job", spec.job, *spec.extra_args]
-    if spec.gpus > 1:
-        return ["accelerate", "launch", "--num_processes", str(spec.gpus), "-m", TRAINER_WORKER_MODULE, *worker]
+    processes = spec.processes or max(1, spec.gpus)
+    if processes > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+        return ["python", *launcher, "-m", TRAINER_WORKER_MODULE, *worker]
     return ["python", "-m", TRAINER_WORKER_MODULE, *worker]
 
 
@@ -936,8 +941,8 @@ def training_job(spec: TrainingJobSpec) -> dict[str, Any]:
             env[f"NW_TRAINER_CLIENT_TLS_{setting}"] = f"{spec.tls_mount_path}/{key}"
         mounts.append({"name": "tls", "mountPath": spec.tls_mount_path, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
-    if spec.gpus > 1:
-        # NCCL needs a large /dev/shm; the default 64Mi breaks multi-GPU collectives.
+    if spec.gpus > 1 or spec.processes > 1:
+        # NCCL (and gloo across CPU processes) need a large /dev/shm; the default 64Mi breaks collectives.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size_limit}})
     env_list = _env(env)

@@ -14,6 +14,7 @@ from .artifacts import (
     uri_to_path,
     verify_digest,
 )
+from .control import StopSignal
 from .datasets import (
     DatasetProblem,
     ValidationReport,
@@ -89,6 +90,7 @@ __all__ = [
     "SFTConfig",
     "SFTResult",
     "StepEvent",
+    "StopSignal",
     "StreamDelta",
     "UNCONFINED",
     "ValidationReport",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .artifacts import digest_path
+from .control import after_step, is_main_process, local_rank, world_size
 from .datasets import IGNORE_INDEX, load_rows, split_train_eval, tokenize_rows
 from .errors import DatasetInvalid, ResumeMismatch
 from .lora import find_lora_target_modules
@@ -277,7 +278,9 @@ def _device(cfg: SFTConfig) -> str:
     import torch
 
     if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{local_rank()}" if world_size() > 1 else "cuda"  # each rank on its own GPU
     return cfg.device
 
 
@@ -369,10 +372,8 @@ def _make_callback(on_event: Callable[[Event], None] | None, should_stop: Callab
             self.tokens0 = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            if should_stop is not None and should_stop():
+            if after_step(should_stop, control):
                 self.cancelled = True
-                control.should_training_stop = True
-                control.should_save = False
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -543,7 +544,9 @@ def run_sft(
             res = SFTResult(**rep["result"])
             if res.adapter_dir and Path(res.adapter_dir).is_dir() and digest_path(res.adapter_dir)[0] == res.adapter_sha256:
                 return res
-    run_cfg_path.write_text(json.dumps({"fingerprint": fp, "config": dataclasses.asdict(cfg)}, indent=2))
+    main = is_main_process()  # under torch.distributed.run every rank trains; rank 0 alone writes files
+    if main:
+        run_cfg_path.write_text(json.dumps({"fingerprint": fp, "config": dataclasses.asdict(cfg)}, indent=2))
 
     set_seed(cfg.seed)
     model = load_base_for_training(cfg, device)
@@ -624,6 +627,17 @@ def run_sft(
     if has_eval and (eval_loss is None or cfg.eval_every_steps <= 0 or state.global_step % cfg.eval_every_steps):
         eval_loss = _f(trainer.evaluate().get("eval_loss"))
 
+    if not main:  # the adapter, model card and report are rank 0's
+        return SFTResult(
+            status="completed",
+            adapter_dir=None,
+            adapter_sha256=None,
+            adapter_size_bytes=None,
+            eval_loss=eval_loss,
+            report_path=None,
+            **common,
+        )
+
     adapter_dir = out / ADAPTER_DIRNAME
     staging = out / f".{ADAPTER_DIRNAME}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -659,6 +673,7 @@ def run_sft(
             "train_label_tokens_per_epoch": train_tok.num_label_tokens,
         },
         "device": device,
+        "world_size": world_size(),
         "torch": torch.__version__,
         "log_history": state.log_history,
     }

@@ -515,6 +515,8 @@ async def train_start(c: Ctx):
             random_seed=a.seed,  # None: unset (the default seed); an explicit 0 is a seed like any other
         ),
         lora=tpb.LoraConfig(r=a.lora_r, alpha=a.lora_alpha),
+        priority=a.priority,
+        resources=tpb.Resources(gpus=a.gpus, processes=a.processes),
     )
     if a.method == "rlaif":
         job.rlaif.prompts_uri, job.rlaif.eval_prompts_uri, job.rlaif.judge_version = (
@@ -559,6 +561,36 @@ async def train_list(c: Ctx):
 
 async def train_cancel(c: Ctx):
     c.show(await c.nw.trainer.CancelTrainingJob(tsvc.CancelTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_pause(c: Ctx):
+    c.show(await c.nw.trainer.PauseTrainingJob(tsvc.PauseTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_resume(c: Ctx):
+    c.show(await c.nw.trainer.ResumeTrainingJob(tsvc.ResumeTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_checkpoint(c: Ctx):
+    c.show(await c.nw.trainer.CheckpointTrainingJob(tsvc.CheckpointTrainingJobRequest(name=c.job(c.args.job))))
+
+
+async def train_queue(c: Ctx):
+    """The project's queued jobs in the order they will run, with why each waits."""
+    queued, token = [], ""
+    while True:
+        resp = await c.nw.trainer.ListTrainingJobs(
+            tsvc.ListTrainingJobsRequest(parent=c.parent(), filter="state = QUEUED", page_size=1000, page_token=token)
+        )
+        queued.extend(resp.training_jobs)
+        if not (token := resp.next_page_token):
+            break
+    queued.sort(key=lambda j: j.queue_position or 1 << 30)
+    c.show(
+        tsvc.ListTrainingJobsResponse(training_jobs=queued),
+        ["queue_position", "name", "priority", "resources.gpus", "wait_reason"],
+        "training_jobs",
+    )
 
 
 async def train_plot(c: Ctx):
@@ -1173,6 +1205,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-seq-length", {"type": int, "default": 0, "help": hp}),
         ("--checkpoint-every", {"type": int, "default": 0, "help": "steps between checkpoints (0 = default)"}),
         ("--seed", {"type": int, "default": None, "help": "random seed (unset: the trainer's default; 0 is a seed)"}),
+        ("--priority", {"type": int, "default": 0, "help": "queue priority in [-1000, 1000]; higher runs first and may preempt"}),
+        ("--gpus", {"type": int, "default": 0, "help": "GPUs the job gets (0 = CPU only)"}),
+        ("--processes", {"type": int, "default": 0, "help": "data-parallel training processes (0 = one per GPU, or 1)"}),
         ("--lora-r", {"type": int, "default": 0, "help": "LoRA rank (0 = default)"}),
         ("--lora-alpha", {"type": int, "default": 0, "help": "LoRA alpha (0 = default)"}),
         ("--prompts", {"help": "rlaif: prompts URI the policy answers"}),
@@ -1197,6 +1232,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )  # fmt: skip
     cmd(g, "cancel", train_cancel, "cancel a job", "nw train cancel 7f3a", ("job", job_id))
+    cmd(
+        g, "pause", train_pause, "pause a job (a running one saves a checkpoint first)", "nw train pause 7f3a",
+        ("job", job_id),
+    )  # fmt: skip
+    cmd(
+        g,
+        "resume",
+        train_resume,
+        "queue a paused job again; it resumes from its checkpoint",
+        "nw train resume 7f3a",
+        ("job", job_id),
+    )
+    cmd(
+        g, "checkpoint", train_checkpoint, "ask a running job to save a checkpoint after its current step",
+        "nw train checkpoint 7f3a", ("job", job_id),
+    )  # fmt: skip
+    cmd(g, "queue", train_queue, "the project's queued jobs in run order, and why each waits", "nw train queue")
     cmd(
         g, "plot", train_plot, "PNG of a job's loss curves, one panel per training stage", "nw train plot 7f3a --out loss.png",
         ("job", job_id), ("--out", {"default": "training.png", "help": "PNG file to write"}),

@@ -17,6 +17,7 @@ from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.server import GrpcService
 
 from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
+from .adapters.gpus import detect_devices, parse_devices
 from .adapters.inputs import check_inputs, default_dataset_roots, default_model_roots, parse_roots
 from .adapters.registry_lookups import RegistryClientLookups
 from .adapters.repository import EVENT_CHANNEL
@@ -24,6 +25,7 @@ from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
 from .domain.judge_endpoints import JudgeEndpoints
+from .domain.scheduling import Quotas
 from .domain.tracking import TrackingSettings, validate_tracking
 from .service.feeds import FeedHub
 from .service.jobs import JobPolicy, TrainerService
@@ -84,7 +86,27 @@ class TrainerConfig(ServiceConfig):
     )
     run_jobs: bool = field(default=True, metadata={"help": "claim and run queued jobs (off: API only)"})
     max_concurrent_jobs: int = field(default=1, metadata={"help": "jobs this replica runs at once"})
-    max_attempts: int = field(default=3, metadata={"help": "worker starts per job before it fails"})
+    gpu_devices: str = field(
+        default="",
+        metadata={
+            "help": "GPU indices this replica gives to local jobs, each job its own (`0,1,2,3`; `none`); empty = "
+            "CUDA_VISIBLE_DEVICES, else what nvidia-smi lists"
+        },
+    )
+    project_quotas: str = field(
+        default="",
+        metadata={
+            "help": "per-project caps over all replicas: `team-a=jobs:2,gpus:4;*=jobs:8` (`*` = every other project); "
+            "empty = none"
+        },
+    )
+    preemption_grace_seconds: float = field(
+        default=10.0,
+        metadata={
+            "help": "a queued job waiting this long for room on this replica preempts lower-priority jobs here; < 0 = never"
+        },
+    )
+    max_attempts: int = field(default=3, metadata={"help": "failed worker starts per job before it fails"})
     lease_seconds: float = field(
         default=30.0, metadata={"help": "a job whose lease is not renewed for this long is picked up again"}
     )
@@ -161,12 +183,18 @@ def build(config: TrainerConfig) -> GrpcService:
             ),
             worker,
         )
+    try:
+        gpu_devices = parse_devices(config.gpu_devices) if config.gpu_devices else detect_devices()
+        quotas = Quotas.parse(config.project_quotas)
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     scheduler = Scheduler(
         uow,
         notifier,
         SchedulerSettings(
             max_concurrent_jobs=config.max_concurrent_jobs, lease_seconds=config.lease_seconds, heartbeat_seconds=config.heartbeat_seconds,
             poll_seconds=config.queue_poll_seconds, max_attempts=config.max_attempts, cancel_grace_seconds=config.cancel_grace_seconds,
+            gpu_devices=gpu_devices, quotas=quotas, preemption_grace_seconds=config.preemption_grace_seconds,
         ),
         LocalExecutor(worker),
         kube,
@@ -186,6 +214,9 @@ def build(config: TrainerConfig) -> GrpcService:
         else None,
         judge_endpoints=_judge_endpoints(config),
         tracking=_tracking_defaults(config),
+        quotas=quotas,
+        replica_slots=config.max_concurrent_jobs,
+        replica_gpus=len(gpu_devices),
     )
     service = TrainerService(
         uow, PageTokens(secret), policy, hub,

@@ -33,9 +33,7 @@ def create(h, stub, job_id, tiny_model, data_root, **kw):
         data_root / "chat.jsonl",
         method=h.tpb.TRAINING_METHOD_SFT_LORA,
         executor=h.tpb.EXECUTOR_KUBERNETES,
-        max_steps=2,
-        eval_every=2,
-        **kw,
+        **{"max_steps": 2, "eval_every": 2, **kw},
     )
     job.resources.image = "registry.example/neuroweaver-trainer:1.0"
     job.resources.gpus = 1
@@ -91,6 +89,36 @@ async def test_kubernetes_executor_against_standin(trainers, registry, standin, 
     assert final.state == h.tpb.TrainingJob.STATE_SUCCEEDED, final.error
     versions = await h.registry_versions_of(registry.stub, ok.name)
     assert [v.name for v in versions] == [final.model_version]
+
+    # 4. Pause: the pod's worker (it gets no signal) reads PAUSING from the job's row, saves a checkpoint and writes
+    # PAUSED; the trainer deletes the finished Job. Resume creates a new Job whose worker resumes from that checkpoint.
+    async def run_pod(index: int):
+        obj = await _created_job(h, standin, index)
+        c = obj["spec"]["template"]["spec"]["containers"][0]
+        pod_env = {**os.environ, **{e["name"]: e["value"] for e in c["env"] if "value" in e}}
+        pod_env.update(NW_TRAINER_DATABASE_URL=trainer.service.db.url, NW_TRAINER_DATA_DIR=trainer.config["data_dir"])
+        pod_env["NW_TRAINER_STOP_POLL_SECONDS"] = "0.2"  # reads its row often: the pause lands well before the end
+        return obj, await asyncio.create_subprocess_exec(sys.executable, *c["args"], env=pod_env)
+
+    long = await create(h, stub, "k8s-pause", tiny_model, data_root, max_steps=100, checkpoint_every=1000, eval_every=1000)
+    obj4, pod = await run_pod(3)
+
+    async def stepped():
+        return (await stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=long.name))).current_step >= 3
+
+    await h.wait_for(stepped, 120, what="the pod to train a few steps")
+    await stub.PauseTrainingJob(h.tsvc.PauseTrainingJobRequest(name=long.name))
+    paused = await h.wait_state(stub, long.name, {h.tpb.TrainingJob.STATE_PAUSED}, 60)
+    assert await asyncio.wait_for(pod.wait(), 60) == 0
+    await h.wait_for(lambda: standin.get_object("batch/v1", "Job", "training", obj4["metadata"]["name"]) is None, 30,
+                     what="the paused Job to be deleted")  # fmt: skip
+    await stub.ResumeTrainingJob(h.tsvc.ResumeTrainingJobRequest(name=long.name))
+    _, pod = await run_pod(4)
+    assert await asyncio.wait_for(pod.wait(), 300) == 0
+    standin.finish_job("training", obj4["metadata"]["name"], succeeded=True)
+    final = await h.wait_state(stub, long.name, timeout=30)
+    assert final.state == h.tpb.TrainingJob.STATE_SUCCEEDED, final.error
+    assert final.attempts == 2 and final.resumed_from_step == paused.current_step > 0
 
 
 def test_client_tls_reaches_the_workers_and_kube_jobs_need_a_tls_secret(tmp_path):

@@ -39,7 +39,7 @@ class HeldWorkers:
     def __init__(self) -> None:
         self.started: list[HeldWorker] = []
 
-    async def start(self, job, attempt, on_event):
+    async def start(self, job, attempt, on_event, devices=()):
         self.started.append(HeldWorker())
         return self.started[-1]
 

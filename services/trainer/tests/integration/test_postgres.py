@@ -1,4 +1,5 @@
-"""PostgreSQL variants: replicas sharing the queue with SKIP LOCKED never claim a job twice, and a watcher on
+"""PostgreSQL variants: replicas claiming from the shared queue at once never claim a job twice nor exceed a project's
+quota (claims are serialised by an advisory lock), and a watcher on
 one server sees events written by another process through LISTEN/NOTIFY (the poll fallback is set to 30 s,
 so only a notification can deliver them in time)."""
 
@@ -11,11 +12,15 @@ import pytest
 
 from neuroweaver_runtime import migrations
 from neuroweaver_runtime.db import Database
+from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.testing import create_postgres_database
 from neuroweaver_runtime.timestamps import utcnow
 from neuroweaver_trainer.adapters.repository import SqlJobRepository
+from neuroweaver_trainer.adapters.unit_of_work import SqlUnitOfWorkFactory
 from neuroweaver_trainer.app import MIGRATIONS
 from neuroweaver_trainer.domain.job import EventType, JobEvent, JobState, Method, StepMetrics, TrainingJob, apply_defaults
+from neuroweaver_trainer.domain.scheduling import Quota, Quotas
+from neuroweaver_trainer.service.scheduler import Scheduler, SchedulerSettings
 
 pytestmark = pytest.mark.postgres
 
@@ -28,45 +33,81 @@ async def pg_url():
     await drop()
 
 
-async def test_skip_locked_claims_never_double_claim(pg_url):
+class HeldWorkers:
+    """Local workers that never exit (the test only looks at what was claimed)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    async def start(self, job, attempt, on_event, devices=()):
+        self.started.append(job.name)
+        return _Held()
+
+    def signal(self, proc, sig):
+        pass
+
+    def log_path(self, job_id, attempt):
+        return f"/logs/{job_id}-{attempt}.log"
+
+
+class _Held:
+    returncode = None
+
+    async def wait(self) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+
+async def test_replicas_claiming_at_once_never_double_claim_nor_exceed_a_quota(pg_url):
     setup = Database(pg_url)
     async with setup.transaction() as s:
         repo = SqlJobRepository(s)
         for i in range(30):
+            project = "default" if i % 2 else "other"
             job = TrainingJob(
-                name=f"projects/default/trainingJobs/q-{i}", base_model="b", dataset_uri="file:///d.jsonl", method=Method.SFT_LORA,
-                target_model="projects/default/models/m", state=JobState.QUEUED, create_time=utcnow(),
+                name=f"projects/{project}/trainingJobs/q-{i}", base_model="b", dataset_uri="file:///d.jsonl",
+                method=Method.SFT_LORA, target_model=f"projects/{project}/models/m", state=JobState.QUEUED, create_time=utcnow(),
             )  # fmt: skip
             apply_defaults(job)
-            await repo.add(job, "default")
+            await repo.add(job, project)
     await setup.dispose()
 
-    async def replica(owner: str) -> list[int]:
-        db = Database(pg_url)
-        claimed = []
-        try:
-            while True:
-                async with db.transaction() as s:
-                    repo = SqlJobRepository(s)
-                    job = await repo.claim_next(owner, 60.0, ["LOCAL"])
-                    if job is None:
-                        return claimed
-                    await asyncio.sleep(0.01)  # hold the row lock so the replicas overlap
-                    await repo.update(job.key, state=JobState.RUNNING.value, attempts=job.attempts + 1)
-                    claimed.append(job.key)
-        finally:
-            await db.dispose()
+    quotas = Quotas({"default": Quota(max_jobs=4)})  # "other" has no cap: all 15 of its jobs run
+    dbs = [Database(pg_url) for _ in range(3)]
+    workers = [HeldWorkers() for _ in dbs]
+    schedulers = [
+        Scheduler(
+            SqlUnitOfWorkFactory(db, Notifier()), Notifier(),
+            SchedulerSettings(owner=f"r{i}", max_concurrent_jobs=30, quotas=quotas, preemption_grace_seconds=-1), w,
+        )
+        for i, (db, w) in enumerate(zip(dbs, workers, strict=True))
+    ]  # fmt: skip
 
-    a, b, c = await asyncio.gather(replica("r1"), replica("r2"), replica("r3"))
-    assert len(a) + len(b) + len(c) == 30
-    assert len(set(a) | set(b) | set(c)) == 30
-    assert a and b and c  # all replicas got work: SKIP LOCKED let them pass each other
+    async def claim_all(scheduler: Scheduler) -> None:
+        while await scheduler._claim_one():
+            await asyncio.sleep(0)  # let the other replicas' claims interleave
+
+    try:
+        await asyncio.gather(*(claim_all(s) for s in schedulers))
+        started = [name for w in workers for name in w.started]
+        assert len(started) == len(set(started)) == 15 + 4
+        assert sum("/default/" in name for name in started) == 4
+        # every replica got work: serialised claims never pick a row another replica is taking (without the lock
+        # they all pick the same head, block on its row lock and find it gone)
+        assert all(w.started for w in workers)
+    finally:
+        for scheduler in schedulers:
+            for r in scheduler.running.values():
+                if r.task is not None:
+                    r.task.cancel()
+        for db in dbs:
+            await db.dispose()
 
     check = Database(pg_url)
     async with check.transaction() as s:
         counts = await SqlJobRepository(s).count_by_state()
     await check.dispose()
-    assert counts == {"RUNNING": 30}
+    assert counts == {"RUNNING": 19, "QUEUED": 11}
 
 
 async def test_watch_on_another_server_follows_notify(pg_url, trainers, tiny_model, data_root, h):

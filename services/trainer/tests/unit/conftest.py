@@ -21,7 +21,8 @@ from neuroweaver_ml import PathRoots
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import PageTokens
 from neuroweaver_runtime.testing import Duplicate, FakeUnitOfWorkBase
-from neuroweaver_trainer.domain.job import Executor, JobEvent, JobState, TrainingJob
+from neuroweaver_trainer.domain.job import Executor, Interrupt, JobEvent, JobState, TrainingJob
+from neuroweaver_trainer.domain.scheduling import QueuedJob, Usage
 from neuroweaver_trainer.service.feeds import FeedHub
 from neuroweaver_trainer.service.jobs import JobPolicy, TrainerService
 from neuroweaver_trainer.service.ports import notify_key
@@ -77,7 +78,7 @@ class FakeJobs:
             if name in _QUEUE_COLUMNS:
                 setattr(stored, name, value)
             else:
-                setattr(stored.job, name, JobState(value) if name == "state" else value)
+                setattr(stored.job, name, {"state": JobState, "interrupt": Interrupt}.get(name, lambda v: v)(value))
         return True
 
     async def delete(self, key: int) -> None:
@@ -111,23 +112,56 @@ class FakeJobs:
         stored = self.store.jobs.get(key)
         return (stored.job.last_sequence, stored.job.state.value) if stored else None
 
-    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
-        now = time.time()  # the fake store's clock (the SQL repository uses the database's)
-        claimable = [
-            s
-            for s in self.store.jobs.values()
-            if s.job.executor.value in executors
-            and (
-                s.job.state is JobState.QUEUED
-                or (s.job.state in (JobState.RUNNING, JobState.CANCELLING) and s.lease_expires_at < now)
-            )
+    async def lock_queue(self) -> None:
+        pass  # a fake transaction works on its own copy of the store: claims cannot race
+
+    def _expired(self, stored: Stored) -> bool:
+        return stored.job.state.active and stored.lease_expires_at < time.time()  # the fake store's clock
+
+    def _in_queue_order(self, stored: list[Stored]) -> list[Stored]:
+        return sorted(stored, key=lambda s: (-s.job.priority, s.job.create_time, s.job.key))
+
+    async def expired(self, executors: list[str], limit: int = 20) -> list[TrainingJob]:
+        stale = [s for s in self.store.jobs.values() if s.job.executor.value in executors and self._expired(s)]
+        return copy.deepcopy([s.job for s in self._in_queue_order(stale)][:limit])
+
+    async def queued(self, executors: list[str] | None = None, limit: int = 1000) -> list[QueuedJob]:
+        waiting = [
+            s for s in self.store.jobs.values()
+            if s.job.state is JobState.QUEUED and (executors is None or s.job.executor.value in executors)
+        ]  # fmt: skip
+        return [
+            QueuedJob(s.job.key, s.job.name, s.project, s.job.priority, s.job.resources.gpus, s.job.executor is Executor.LOCAL)
+            for s in self._in_queue_order(waiting)[:limit]
         ]
-        if not claimable:
+
+    async def usage(self) -> dict[str, Usage]:
+        out: dict[str, Usage] = {}
+        for s in self.store.jobs.values():
+            if s.job.state.active:
+                u = out.setdefault(s.project, Usage())
+                u.jobs, u.gpus = u.jobs + 1, u.gpus + s.job.resources.gpus
+        return out
+
+    async def claim(self, key: int, owner: str, lease_seconds: float) -> TrainingJob | None:
+        stored = self.store.jobs.get(key)
+        if stored is None or not (stored.job.state is JobState.QUEUED or self._expired(stored)):
             return None
-        first = min(claimable, key=lambda s: (s.job.create_time, s.job.key))
-        before = copy.deepcopy(first.job)
-        first.lease_owner, first.lease_expires_at = owner, now + lease_seconds
+        before = copy.deepcopy(stored.job)
+        stored.lease_owner, stored.lease_expires_at = owner, time.time() + lease_seconds
         return before
+
+    async def hand_back(self, key: int, attempt: int, state: JobState) -> bool:
+        stored = self.store.jobs.get(key)
+        if stored is None or stored.job.attempts != attempt:
+            return False
+        stored.job.state, stored.job.interrupt = state, Interrupt.NONE
+        stored.job.yielded_attempts += 1
+        stored.lease_owner, stored.lease_expires_at = "", 0.0
+        return True
+
+    async def request_checkpoint(self, key: int) -> None:
+        self.store.jobs[key].job.checkpoint_requests += 1
 
     async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
         expires_at, out = time.time() + lease_seconds, {}

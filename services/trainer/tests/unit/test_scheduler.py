@@ -14,7 +14,7 @@ class BrokenWorkers:
     def __init__(self) -> None:
         self.started: list[tuple[str, int]] = []
 
-    async def start(self, job, attempt, on_event):
+    async def start(self, job, attempt, on_event, devices=()):
         self.started.append((job.name, attempt))
         raise OSError("no python here")
 
@@ -52,5 +52,5 @@ async def test_an_expired_lease_after_the_last_attempt_fails_the_job_at_claim(fa
     scheduler = Scheduler(fakes.uow, fakes.notifier, SchedulerSettings(owner="replica-b", max_attempts=3), BrokenWorkers())
     assert await scheduler._claim_one()
     stored = fakes.store.jobs[job.key]
-    assert stored.job.state is JobState.FAILED and stored.job.error.startswith("gave up after 3 attempts")
+    assert stored.job.state is JobState.FAILED and stored.job.error.startswith("gave up after 3 failed attempts")
     assert fakes.notifier.woken[-1] == f"job{job.key}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..artifacts import digest_path
+from ..control import after_step
 from ..datasets import load_rows, split_train_eval
 from ..tracking import attach_trackers
 from ..training import CheckpointEvent, ResumedEvent, _checkpoint_step, _f
@@ -97,10 +98,8 @@ def make_stage_callback(stage: str, on_event: Callable | None, should_stop: Call
             self.history: list[dict[str, float]] = []
 
         def on_step_end(self, args, state, control, **kw):
-            if should_stop is not None and should_stop():
+            if after_step(should_stop, control):
                 self.cancelled = True
-                control.should_training_stop = True
-                control.should_save = False
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):

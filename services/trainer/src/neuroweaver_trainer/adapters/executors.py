@@ -71,8 +71,8 @@ class LocalExecutor:
     def log_path(self, job_id: str, attempt: int) -> Path:
         return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
 
-    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None]) -> Child:
-        """Starts the worker. The worker also writes each committed event's notify payload (`<job key>:<sequence>`)
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None], devices: list[str]) -> Child:
+        """Starts the worker on the GPUs `devices` (CUDA_VISIBLE_DEVICES; empty = CPU only, never another job's GPU). The worker also writes each committed event's notify payload (`<job key>:<sequence>`)
         to a pipe and `on_event` gets it at once: watchers on this replica then see events without polling the
         database (SQLite has no NOTIFY; on PostgreSQL it saves the round trip)."""
         log_path = self.log_path(job.job_id, attempt)
@@ -82,9 +82,14 @@ class LocalExecutor:
             self.python, "-m", "neuroweaver_trainer.worker", "--job", job.name, "--attempt", str(attempt),
             "--die-with-parent", *self.settings.args(), "--notify-fd", str(write_fd),
         ]  # fmt: skip
+        if job.resources.world_size > 1:  # the worker re-runs itself under torch.distributed.run, one rank each
+            args += ["--processes", str(job.resources.world_size)]
         env = telemetry.child_environment(
-            {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-        )  # the worker exports where the trainer does
+            {
+                **os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+                "CUDA_VISIBLE_DEVICES": ",".join(devices),
+            }
+        )  # the worker exports where the trainer does  # fmt: skip
         if self.settings.registry_token:
             env["NW_TRAINER_REGISTRY_TOKEN"] = self.settings.registry_token
         try:
@@ -153,6 +158,7 @@ class KubernetesExecutor:
             namespace=self.settings.namespace,
             image=r.image or self.settings.image,
             gpus=r.gpus,
+            processes=r.world_size,
             resources=resources,
             node_selector=dict(r.node_selector),
             tolerations=[{k: v for k, v in t.items() if v} for t in r.tolerations],

@@ -17,10 +17,12 @@ from neuroweaver_runtime.filtering import Comparison
 from neuroweaver_runtime.timestamps import aware
 
 from ..domain.job import (
+    ACTIVE_STATES,
     EventType,
     Executor,
     ExportSettings,
     Hyperparameters,
+    Interrupt,
     JobEvent,
     JobState,
     LoraSettings,
@@ -31,10 +33,12 @@ from ..domain.job import (
     TrackingSettings,
     TrainingJob,
 )
+from ..domain.scheduling import QueuedJob, Usage
 from ..service.ports import notify_key
 from . import tables as t
 
 EVENT_CHANNEL = "nw_trainer_events"
+QUEUE_LOCK = 0x6E775F7175657565  # pg_advisory_xact_lock key of the trainer's claims ("nw_queue")
 
 __all__ = ["EVENT_CHANNEL", "SqlJobRepository", "notify_key"]
 
@@ -90,7 +94,7 @@ class SqlJobRepository:
                 dataset_digest=job.dataset_digest, eval_dataset_digest=job.eval_dataset_digest, current_step=0,
                 total_steps=0, resumed_from_step=0, attempts=0, metrics={}, creator=job.creator,
                 create_time=job.create_time, last_sequence=0, lease_owner="", lease_expires_at=0.0, external_ref="",
-                trace_parent=job.trace_parent,
+                trace_parent=job.trace_parent, priority=job.priority, gpus=job.resources.gpus,
             )
         )  # fmt: skip
         job.key = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
@@ -171,25 +175,73 @@ class SqlJobRepository:
 
     # -- queue -----------------------------------------------------------------------------------
 
-    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
-        """Claims the oldest queued job, or a running/cancelling one whose lease expired (its worker or
-        whole replica died) by the database's clock. PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never
-        claim the same row; SQLite: the transaction's `BEGIN IMMEDIATE` serialises claimers. Returns the job
-        before the claim."""
+    async def lock_queue(self) -> None:
+        """Serialises claims across replicas for the rest of the transaction, so quota counts cannot race:
+        a transaction-scoped advisory lock on PostgreSQL (SQLite's `BEGIN IMMEDIATE` already serialises writers)."""
+        if self.is_postgres:
+            await self.s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUEUE_LOCK})
+
+    async def expired(self, executors: list[str], limit: int = 20) -> list[TrainingJob]:
+        """Active jobs whose lease expired by the database's clock (their worker or whole replica died), in queue
+        order: a replica adopts them before it starts anything new."""
+        c = t.jobs.c
+        query = (
+            select(t.jobs)
+            .where(c.state.in_([s.value for s in ACTIVE_STATES]), c.lease_expires_at < self.database_now())
+            .where(c.executor.in_(executors))
+            .order_by(c.priority.desc(), c.create_time, c.id)
+            .limit(limit)
+        )
+        return [job_from_row(r) for r in (await self.s.execute(query)).all()]
+
+    async def queued(self, executors: list[str] | None = None, limit: int = 1000) -> list[QueuedJob]:
+        """Queued jobs in queue order (priority, then age), lightly: what scheduling decisions need."""
+        c = t.jobs.c
+        query = select(c.id, c.name, c.project, c.priority, c.gpus, c.executor).where(c.state == JobState.QUEUED.value)
+        if executors is not None:
+            query = query.where(c.executor.in_(executors))
+        rows = (await self.s.execute(query.order_by(c.priority.desc(), c.create_time, c.id).limit(limit))).all()
+        return [
+            QueuedJob(r.id, r.name, r.project, int(r.priority), int(r.gpus), r.executor == Executor.LOCAL.value) for r in rows
+        ]
+
+    async def usage(self) -> dict[str, Usage]:
+        """Jobs and GPUs each project's active jobs hold (on every replica and in the cluster)."""
+        c = t.jobs.c
+        query = (
+            select(c.project, func.count(), func.coalesce(func.sum(c.gpus), 0))
+            .where(c.state.in_([s.value for s in ACTIVE_STATES]))
+            .group_by(c.project)
+        )
+        return {r[0]: Usage(int(r[1]), int(r[2])) for r in (await self.s.execute(query)).all()}
+
+    async def claim(self, key: int, owner: str, lease_seconds: float) -> TrainingJob | None:
+        """Takes the lease of a queued job, or of an active one whose lease expired; None when it is no longer
+        claimable (cancelled, paused or claimed meanwhile). Returns the job before the claim."""
         c = t.jobs.c
         claimable = or_(
             c.state == JobState.QUEUED.value,
-            and_(c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]), c.lease_expires_at < self.database_now()),
+            and_(c.state.in_([s.value for s in ACTIVE_STATES]), c.lease_expires_at < self.database_now()),
         )
-        query = select(t.jobs).where(claimable, c.executor.in_(executors)).order_by(c.create_time, c.id).limit(1)
-        if self.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        row = (await self.s.execute(query)).first()
+        row = (await self.s.execute(select(t.jobs).where(c.id == key, claimable).with_for_update())).first()
         if row is None:
             return None
         expires = self.database_now() + lease_seconds
-        await self.s.execute(update(t.jobs).where(c.id == row.id).values(lease_owner=owner, lease_expires_at=expires))
+        await self.s.execute(update(t.jobs).where(c.id == key).values(lease_owner=owner, lease_expires_at=expires))
         return job_from_row(row)
+
+    async def hand_back(self, key: int, attempt: int, state: JobState) -> bool:
+        """This attempt gives the job back (paused or queued again): lease released, controls cleared, the attempt
+        counted as yielded. Fenced by the attempt."""
+        c = t.jobs.c
+        query = update(t.jobs).where(c.id == key, c.attempts == attempt)
+        values = dict(state=state.value, lease_owner="", lease_expires_at=0.0, interrupt=Interrupt.NONE.value)
+        result = await self.s.execute(query.values(**values, yielded_attempts=c.yielded_attempts + 1))
+        return result.rowcount > 0  # type: ignore[attr-defined]  # DML executes to a CursorResult
+
+    async def request_checkpoint(self, key: int) -> None:
+        c = t.jobs.c
+        await self.s.execute(update(t.jobs).where(c.id == key).values(checkpoint_requests=c.checkpoint_requests + 1))
 
     async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
         """Extends the leases this owner still holds to `lease_seconds` from the database's now; returns
@@ -226,6 +278,8 @@ def job_from_row(row) -> TrainingJob:
         attempts=int(row.attempts), metrics={k: float(v) for k, v in (row.metrics or {}).items()},
         create_time=aware(row.create_time), start_time=aware(row.start_time), end_time=aware(row.end_time),
         creator=row.creator, last_sequence=int(row.last_sequence), trace_parent=row.trace_parent or "", key=row.id,
+        priority=int(row.priority), interrupt=Interrupt(row.interrupt), checkpoint_requests=int(row.checkpoint_requests),
+        yielded_attempts=int(row.yielded_attempts),
     )  # fmt: skip
 
 

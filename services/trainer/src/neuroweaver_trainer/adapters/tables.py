@@ -1,7 +1,7 @@
 """SQLAlchemy Core tables of the trainer (one schema for SQLite and PostgreSQL).
 
-`training_jobs` doubles as the durable queue: a job is claimed by setting `lease_owner` and
-`lease_expires_at` (epoch seconds) in one transaction (`FOR UPDATE SKIP LOCKED` on PostgreSQL), and
+`training_jobs` doubles as the durable queue (highest `priority` first, then oldest): a job is claimed by setting
+`lease_owner` and `lease_expires_at` (epoch seconds) in one transaction (claims are serialised), and
 `last_sequence` hands out gap-free per-job event sequences under the job row's lock.
 """
 
@@ -65,8 +65,15 @@ jobs = Table(
     Column("external_ref", String(512), nullable=False, default=""),  # Kubernetes Job `namespace/name`
     # W3C traceparent of the CreateTrainingJob call: the worker continues that trace (0002)
     Column("trace_parent", String(128), nullable=False, default="", server_default=""),
+    # scheduling (0003): queue order, quota accounting (GPUs of the job's resources), the worker's controls
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    Column("gpus", Integer, nullable=False, default=0, server_default="0"),
+    Column("interrupt", String(16), nullable=False, default="", server_default=""),
+    Column("checkpoint_requests", Integer, nullable=False, default=0, server_default="0"),
+    Column("yielded_attempts", Integer, nullable=False, default=0, server_default="0"),
     Index("ix_jobs_project_create", "project", "create_time", "id"),
     Index("ix_jobs_queue", "state", "create_time", "id"),
+    Index("ix_jobs_queue_priority", "state", "priority", "create_time", "id"),
 )
 
 events = Table(

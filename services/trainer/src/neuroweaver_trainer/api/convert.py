@@ -17,6 +17,7 @@ _STATE = {
     d.JobState.QUEUED: pb.TrainingJob.STATE_QUEUED, d.JobState.RUNNING: pb.TrainingJob.STATE_RUNNING,
     d.JobState.SUCCEEDED: pb.TrainingJob.STATE_SUCCEEDED, d.JobState.FAILED: pb.TrainingJob.STATE_FAILED,
     d.JobState.CANCELLING: pb.TrainingJob.STATE_CANCELLING, d.JobState.CANCELLED: pb.TrainingJob.STATE_CANCELLED,
+    d.JobState.PAUSING: pb.TrainingJob.STATE_PAUSING, d.JobState.PAUSED: pb.TrainingJob.STATE_PAUSED,
 }  # fmt: skip
 _METHOD = {
     d.Method.SFT_LORA: pb.TRAINING_METHOD_SFT_LORA, d.Method.SFT_QLORA: pb.TRAINING_METHOD_SFT_QLORA,
@@ -117,10 +118,11 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
         ),
         executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
         resources=d.Resources(
-            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=dict(r.node_selector), image=r.image,
+            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=dict(r.node_selector), image=r.image, processes=r.processes,
             tolerations=[{"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect} for t in r.tolerations],
         ),
         target_model=m.target_model, version_bump=_VERSION_BUMP_FROM_PB.get(m.version_bump, ""), labels=dict(m.labels),
+        priority=m.priority,
     )  # fmt: skip
 
 
@@ -167,7 +169,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
         ),
         executor=_EXECUTOR[j.executor],
         resources=pb.Resources(
-            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=r.node_selector, image=r.image,
+            gpus=r.gpus, cpu=r.cpu, memory=r.memory, node_selector=r.node_selector, image=r.image, processes=r.processes,
             tolerations=[pb.Toleration(**t) for t in r.tolerations],
         ),
         target_model=j.target_model, version_bump=_VERSION_BUMP.get(j.version_bump, cpb.VERSION_BUMP_UNSPECIFIED), labels=j.labels,
@@ -175,7 +177,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
         output_uri=j.output_uri, dataset_digest=j.dataset_digest, current_step=j.current_step, total_steps=j.total_steps,
         resumed_from_step=j.resumed_from_step, attempts=j.attempts, metrics=j.metrics,
         create_time=to_timestamp(j.create_time), start_time=to_timestamp(j.start_time), end_time=to_timestamp(j.end_time),
-        creator=j.creator,
+        creator=j.creator, priority=j.priority, queue_position=j.queue_position, wait_reason=j.wait_reason,
     )  # fmt: skip
 
 

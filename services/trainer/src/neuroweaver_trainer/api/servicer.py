@@ -15,7 +15,8 @@ from . import convert
 V, OP, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 METHOD_ROLES = {
     "CreateTrainingJob": OP, "GetTrainingJob": V, "ListTrainingJobs": V, "CancelTrainingJob": OP,
-    "DeleteTrainingJob": A, "ListTrainingJobEvents": V, "WatchTrainingJob": V,
+    "DeleteTrainingJob": A, "ListTrainingJobEvents": V, "WatchTrainingJob": V, "PauseTrainingJob": OP,
+    "ResumeTrainingJob": OP, "CheckpointTrainingJob": OP,
 }  # fmt: skip
 
 
@@ -45,6 +46,15 @@ class TrainerServicer(svc_grpc.TrainerServiceServicer):
 
     async def CancelTrainingJob(self, request, context):
         return convert.job_to_pb(await self.svc.cancel_job(request.name))
+
+    async def PauseTrainingJob(self, request, context):
+        return convert.job_to_pb(await self.svc.pause_job(request.name))
+
+    async def ResumeTrainingJob(self, request, context):
+        return convert.job_to_pb(await self.svc.resume_job(request.name))
+
+    async def CheckpointTrainingJob(self, request, context):
+        return convert.job_to_pb(await self.svc.checkpoint_job(request.name))
 
     async def DeleteTrainingJob(self, request, context):
         await self.svc.delete_job(request.name)

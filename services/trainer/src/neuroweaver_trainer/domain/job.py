@@ -29,13 +29,29 @@ class JobState(enum.Enum):
     FAILED = "FAILED"
     CANCELLING = "CANCELLING"
     CANCELLED = "CANCELLED"
+    PAUSING = "PAUSING"  # the worker saves a checkpoint and stops
+    PAUSED = "PAUSED"  # held out of the queue until resumed
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL_STATES
 
+    @property
+    def active(self) -> bool:
+        """A worker holds (or held, until its lease expires) the job."""
+        return self in ACTIVE_STATES
+
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING, JobState.PAUSING})
+PRIORITY_RANGE = (-1000, 1000)
+
+
+class Interrupt(enum.Enum):
+    """Why a running worker is asked to save a checkpoint and hand its job back (kept on the job row)."""
+
+    NONE = ""
+    PREEMPT = "preempt"  # a higher-priority job needs the room: back to the queue, resumed later
 
 
 class Method(enum.Enum):
@@ -195,6 +211,12 @@ class Resources:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
     image: str = ""
+    processes: int = 0  # data-parallel processes (0: one per GPU, else 1)
+
+    @property
+    def world_size(self) -> int:
+        """How many training processes the job runs."""
+        return self.processes or max(1, self.gpus)
 
 
 @dataclass
@@ -215,6 +237,7 @@ class TrainingJob:
     target_model: str = ""
     version_bump: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    priority: int = 0  # higher runs first; may preempt lower-priority running jobs
     # output only
     state: JobState = JobState.QUEUED
     stage: str = ""
@@ -233,8 +256,14 @@ class TrainingJob:
     end_time: datetime | None = None
     creator: str = ""
     last_sequence: int = 0
+    queue_position: int = 0  # 1-based among all queued jobs, 0 when not queued (filled on read)
+    wait_reason: str = ""  # why a queued job is not running yet (filled on read)
     # internal: W3C traceparent of the call that created the job; the worker runs the job under it
     trace_parent: str = ""
+    # internal: the worker's controls (polled by the worker) and the attempts that ended by handing the job back
+    interrupt: Interrupt = Interrupt.NONE
+    checkpoint_requests: int = 0  # bumped by each CheckpointTrainingJob; the worker saves when it grows
+    yielded_attempts: int = 0  # attempts that ended paused, preempted or interrupted: not counted against max_attempts
     key: int = 0  # the store's key (set by the repositories; 0 = not stored yet)
 
     @property
@@ -484,8 +513,24 @@ def validate_job(job: TrainingJob, v: Violations) -> None:
     for i, module in enumerate(lo.target_modules):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", module):
             v.add(f"{p}lora.target_modules[{i}]", f"{module!r} is not a module name")
-    if job.resources.gpus < 0:
-        v.add(p + "resources.gpus", "gpus must not be negative")
+    _validate_placement(job, v)
+
+
+def _validate_placement(job: TrainingJob, v: Violations) -> None:
+    """Resources, priority and labels: the same rules for every method."""
+    p = "training_job."
+    r = job.resources
+    if not 0 <= r.gpus <= 64:
+        v.add(p + "resources.gpus", "gpus must be in [0, 64] (0 = CPU only)")
+    if not 0 <= r.processes <= 64:
+        v.add(p + "resources.processes", "processes must be in [0, 64] (0 = one per GPU, or 1)")
+    elif r.gpus and r.processes and r.processes != r.gpus:
+        v.add(p + "resources.processes", f"with GPUs, processes must equal gpus ({r.gpus}): one process per GPU")
+    elif r.world_size > 1 and job.method not in (Method.SFT_LORA, Method.SFT_QLORA, None):
+        v.add(p + "resources.processes", f"{job.method.value} trains in one process: leave processes 0 and gpus at most 1")
+    low, high = PRIORITY_RANGE
+    if not low <= job.priority <= high:
+        v.add(p + "priority", f"priority must be in [{low}, {high}] (higher runs first; default 0)")
     if len(job.labels) > 64:
         v.add(p + "labels", "at most 64 labels")
     for key, value in job.labels.items():
@@ -514,15 +559,7 @@ def _validate_export(job: TrainingJob, v: Violations) -> None:
         v.add(p + "rlaif", "rlaif settings apply only to method RLAIF, not EXPORT")
     if len(job.display_name) > 200:
         v.add(p + "display_name", "display_name is longer than 200 characters")
-    if job.resources.gpus < 0:
-        v.add(p + "resources.gpus", "gpus must not be negative")
-    if len(job.labels) > 64:
-        v.add(p + "labels", "at most 64 labels")
-    for key, value in job.labels.items():
-        if not _LABEL_KEY.match(key):
-            v.add(f"{p}labels.{key}", "label keys are 1-63 lowercase letters, digits, _ or -, starting with a letter")
-        if len(value) > 256:
-            v.add(f"{p}labels.{key}", "label values are at most 256 characters")
+    _validate_placement(job, v)
 
 
 # -- state machine -------------------------------------------------------------------------------
@@ -533,13 +570,36 @@ def cancel_transition(state: JobState) -> JobState | None:
 
     Raises ValueError for finished jobs (the use case maps it to FAILED_PRECONDITION).
     """
-    if state is JobState.QUEUED:
+    if state in (JobState.QUEUED, JobState.PAUSED):
         return JobState.CANCELLED
-    if state is JobState.RUNNING:
+    if state in (JobState.RUNNING, JobState.PAUSING):
         return JobState.CANCELLING
     if state in (JobState.CANCELLING, JobState.CANCELLED):
         return None
-    raise ValueError(f"the job already {state.value.lower()}; only queued or running jobs can be cancelled")
+    raise ValueError(f"the job already {state.value.lower()}; only queued, running or paused jobs can be cancelled")
+
+
+def pause_transition(state: JobState) -> JobState | None:
+    """Next state when a pause is requested (None: already pausing or paused). A queued job is simply held;
+    a running one saves a checkpoint first. Raises ValueError when there is nothing to pause."""
+    if state is JobState.QUEUED:
+        return JobState.PAUSED
+    if state is JobState.RUNNING:
+        return JobState.PAUSING
+    if state in (JobState.PAUSING, JobState.PAUSED):
+        return None
+    raise ValueError(f"the job is {state.value.lower()}; only queued or running jobs can be paused")
+
+
+def resume_transition(state: JobState) -> JobState | None:
+    """Next state when a resume is requested (None: not paused, nothing to do for a queued or running job)."""
+    if state is JobState.PAUSED:
+        return JobState.QUEUED
+    if state in (JobState.QUEUED, JobState.RUNNING):
+        return None
+    if state is JobState.PAUSING:
+        raise ValueError("the job is still saving its checkpoint; resume it once it is paused")
+    raise ValueError(f"the job is {state.value.lower()}; only paused jobs can be resumed")
 
 
 def registration_request_id(job_name: str) -> str:

@@ -1,4 +1,5 @@
-"""Trainer use cases: create (validate + queue), read, list, cancel, delete, events and watch."""
+"""Trainer use cases: create (validate + queue), read (with queue positions), list, cancel, pause, resume,
+checkpoint on request, delete, events and watch."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ from ..domain.job import (
     TrainingJob,
     apply_defaults,
     cancel_transition,
+    pause_transition,
+    resume_transition,
     validate_job,
 )
 from ..domain.judge_endpoints import JudgeEndpoints
+from ..domain.scheduling import Capacity, Quotas, wait_reasons
 from ..domain.tracking import TrackingSettings, apply_tracking_defaults, validate_tracking
 from .feeds import GONE, LAGGED, FeedHub
 from .ports import InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
@@ -53,6 +57,10 @@ class JobPolicy:
     # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time (None: none set)
     registry: RegistryLookups | None = None
     judge_endpoints: JudgeEndpoints = field(default_factory=JudgeEndpoints)
+    # what a replica offers and what each project may hold (the scheduler's settings, for errors and wait reasons)
+    quotas: Quotas = field(default_factory=Quotas)
+    replica_slots: int = 1
+    replica_gpus: int = 0
 
 
 def current_traceparent() -> str:
@@ -117,6 +125,13 @@ class TrainerService:
                 f"{', '.join(sorted(e.value for e in self.policy.executors))})",
                 reason="EXECUTOR_NOT_CONFIGURED",
                 metadata={"executor": job.executor.value},
+            )
+        if job.executor is Executor.LOCAL and job.resources.gpus > self.policy.replica_gpus:
+            raise FailedPrecondition(
+                f"the job asks for {job.resources.gpus} GPUs; a replica of this trainer gives local jobs "
+                f"{self.policy.replica_gpus} (its gpu_devices)",
+                reason="NOT_ENOUGH_GPUS",
+                metadata={"gpus": str(job.resources.gpus), "replica_gpus": str(self.policy.replica_gpus)},
             )
         job.name = JOB.format(project=project, job=job_id)
         apply_defaults(job)
@@ -205,7 +220,25 @@ class TrainerService:
 
     async def get_job(self, name: str) -> TrainingJob:
         async with self.uow.transaction() as uow:
-            return await self._get(uow.jobs, name)
+            job = await self._get(uow.jobs, name)
+            await self._explain_queue(uow.jobs, [job])
+            return job
+
+    async def _explain_queue(self, jobs: JobRepository, page: list[TrainingJob]) -> None:
+        """Fills queue_position and wait_reason of the queued jobs in `page` (the queue as a replica sees it)."""
+        if not any(j.state is JobState.QUEUED for j in page):
+            return
+        queue = await jobs.queued()
+        reasons = wait_reasons(queue, await jobs.usage(), self.policy.quotas, self.replica_capacity())
+        positions = {q.key: i for i, q in enumerate(queue, 1)}
+        for job in page:
+            if job.state is JobState.QUEUED:
+                job.queue_position = positions.get(job.key, 0)
+                job.wait_reason = reasons.get(job.key, "more than 1000 jobs ahead in the queue")
+
+    def replica_capacity(self) -> Capacity:
+        p = self.policy
+        return Capacity(p.replica_slots, 0, p.replica_gpus, p.replica_gpus)
 
     async def list_jobs(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
@@ -216,6 +249,7 @@ class TrainerService:
         cursor = self.tokens.decode(token, query, datetime, int)
         async with self.uow.transaction() as uow:
             jobs, after = await uow.jobs.page(project, filters, desc, cursor, limit)
+            await self._explain_queue(uow.jobs, jobs)
         return Page(jobs, self.tokens.encode(after, query) if after is not None else "")
 
     # -- state changes ---------------------------------------------------------------------------
@@ -244,6 +278,74 @@ class TrainerService:
         if target is JobState.CANCELLING and self.on_cancel is not None:
             await self.on_cancel(job.key)
         return result
+
+    async def pause_job(self, name: str) -> TrainingJob:
+        """A queued job is held (PAUSED); a running one saves a checkpoint and stops (PAUSING → PAUSED, by its worker)."""
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name, lock=True)
+            try:
+                target = pause_transition(job.state)
+            except ValueError as exc:
+                raise FailedPrecondition(
+                    str(exc), reason="TRAINING_JOB_NOT_PAUSABLE", metadata={"state": job.state.value}
+                ) from None
+            if target is not None:
+                message = (
+                    "paused before it started; ResumeTrainingJob queues it again"
+                    if target is JobState.PAUSED
+                    else "pause requested: the worker saves a checkpoint after its current step and stops"
+                )
+                await self._transition(uow, job, target, message)
+            result = await self._get(uow.jobs, name)
+            uow.wake(job.key)
+        return result
+
+    async def resume_job(self, name: str) -> TrainingJob:
+        """A paused job is queued again; its next attempt resumes from the checkpoint saved when it paused."""
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name, lock=True)
+            try:
+                target = resume_transition(job.state)
+            except ValueError as exc:
+                raise FailedPrecondition(
+                    str(exc), reason="TRAINING_JOB_NOT_PAUSED", metadata={"state": job.state.value}
+                ) from None
+            if target is not None:
+                await self._transition(uow, job, target, "resumed: queued again; it continues from its last checkpoint")
+            result = await self._get(uow.jobs, name)
+            await self._explain_queue(uow.jobs, [result])
+            uow.wake(job.key)
+        if target is not None:
+            self.on_queued()
+        return result
+
+    async def checkpoint_job(self, name: str) -> TrainingJob:
+        """Asks the running worker for a checkpoint after its current training step (a CHECKPOINT event follows)."""
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name, lock=True)
+            if job.state is not JobState.RUNNING:
+                raise FailedPrecondition(
+                    f"training job {name} is {job.state.value.lower()}; only a running job can save a checkpoint on request",
+                    reason="TRAINING_JOB_NOT_RUNNING",
+                    metadata={"state": job.state.value},
+                )
+            await uow.jobs.request_checkpoint(job.key)
+            await uow.jobs.append_event(
+                job.key,
+                JobEvent(EventType.LOG, stage=job.stage, create_time=utcnow(),
+                         message="checkpoint requested: saved after the current training step"),
+            )  # fmt: skip
+            result = await self._get(uow.jobs, name)
+            uow.wake(job.key)
+        return result
+
+    @staticmethod
+    async def _transition(uow, job: TrainingJob, target: JobState, message: str) -> None:
+        now = utcnow()
+        await uow.jobs.update(job.key, state=target.value)
+        await uow.jobs.append_event(
+            job.key, JobEvent(EventType.STATE_CHANGED, stage=job.stage, state=target, message=message, create_time=now)
+        )
 
     async def delete_job(self, name: str) -> None:
         async with self.uow.transaction() as uow:

@@ -16,7 +16,8 @@ from neuroweaver_runtime.errors import DomainError
 from neuroweaver_runtime.filtering import Comparison
 from neuroweaver_runtime.process import Child
 
-from ..domain.job import JobEvent, TrainingJob
+from ..domain.job import JobEvent, JobState, TrainingJob
+from ..domain.scheduling import QueuedJob, Usage
 
 # Exit code of a worker that stopped because it was asked to (SIGTERM at shutdown), not because it failed.
 EXIT_INTERRUPTED = 75
@@ -57,11 +58,28 @@ class JobRepository(Protocol):
     async def last_sequence(self, key: int) -> tuple[int, str] | None:
         """(last sequence, state) of a job, or None when it was deleted."""
 
-    async def claim_next(self, owner: str, lease_seconds: float, executors: list[str]) -> TrainingJob | None:
-        """Claims the oldest queued job, or a running/cancelling one whose lease expired, for `owner` for
-        `lease_seconds`; concurrent claimers never get the same job. Returns the job as it was before the claim.
-        Leases are timed by the store's clock (the database's), never the caller's: replicas with skewed clocks
-        agree on which leases are live."""
+    async def lock_queue(self) -> None:
+        """Serialises claims across replicas until the transaction ends (quota counts must not race)."""
+
+    async def expired(self, executors: list[str], limit: int = 20) -> list[TrainingJob]:
+        """Active jobs whose lease expired (their worker or replica died), in queue order. Leases are timed by the
+        store's clock (the database's), never the caller's: replicas with skewed clocks agree on which are live."""
+
+    async def queued(self, executors: list[str] | None = None, limit: int = 1000) -> list[QueuedJob]:
+        """Queued jobs in queue order: priority (highest first), then age."""
+
+    async def usage(self) -> dict[str, Usage]:
+        """Jobs and GPUs held by each project's active jobs."""
+
+    async def claim(self, key: int, owner: str, lease_seconds: float) -> TrainingJob | None:
+        """Takes the lease of a queued job (or an active one whose lease expired) for `owner`; None when it is no
+        longer claimable. Returns the job as it was before the claim."""
+
+    async def hand_back(self, key: int, attempt: int, state: JobState) -> bool:
+        """The attempt gives the job back (PAUSED or QUEUED): lease released, controls cleared, attempt yielded."""
+
+    async def request_checkpoint(self, key: int) -> None:
+        """Asks the job's worker for a checkpoint (it polls the count)."""
 
     async def renew_leases(self, owner: str, keys: list[int], lease_seconds: float) -> dict[int, tuple[str, str]]:
         """Extends the leases this owner still holds to `lease_seconds` from now (the store's clock);
@@ -112,7 +130,9 @@ InputCheck = Callable[..., Any]
 class LocalWorkers(Protocol):
     """Worker subprocesses on this machine."""
 
-    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None]) -> Child: ...
+    async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None], devices: list[str]) -> Child:
+        """`devices`: the GPU indices the worker may use (its CUDA_VISIBLE_DEVICES; [] = none)."""
+
     def signal(self, proc: Child, sig: int) -> None: ...
     def log_path(self, job_id: str, attempt: int) -> str | PathLike[str]: ...
 

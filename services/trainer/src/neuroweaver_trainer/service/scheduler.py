@@ -1,7 +1,12 @@
 """The durable queue's consumer: claims jobs, starts their workers, keeps their leases, reacts to exits.
 
-* Claim: the oldest QUEUED job, or a RUNNING/CANCELLING one whose lease expired because its worker or
-  whole replica died (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas share the queue safely).
+* Claim: first an active job whose lease expired because its worker or whole replica died, else the first
+  QUEUED job in priority order that fits its project's quota and this replica's free slots and GPUs
+  (domain/scheduling.py). Claims are serialised across replicas (an advisory lock on PostgreSQL), so quota
+  counts cannot race. A local job gets its own GPUs (CUDA_VISIBLE_DEVICES), never another job's.
+* Preemption: when the first job that fits its quota waits only for this replica's room for longer than
+  `preemption_grace_seconds` (another replica with room would have taken it), running jobs of lower priority
+  are asked to save a checkpoint and go back to the queue; they resume from that checkpoint later.
 * Lease: renewed every `heartbeat_seconds` while this replica's worker lives; `attempts` is the fencing
   token every worker write carries, so a worker that lost its lease cannot write any more. Expiry is timed by
   the database's clock (the repository's), never this replica's, so a skewed clock neither steals a live lease
@@ -25,7 +30,17 @@ from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.process import Child
 from neuroweaver_runtime.timestamps import utcnow
 
-from ..domain.job import EventType, Executor, JobEvent, JobState
+from ..domain.job import EventType, Executor, Interrupt, JobEvent, JobState, TrainingJob
+from ..domain.scheduling import (
+    Capacity,
+    Quotas,
+    RunningJob,
+    Usage,
+    capacity_block,
+    next_runnable,
+    preemption_victims,
+    quota_block,
+)
 from .ports import EXIT_INTERRUPTED, ClusterWorkers, LocalWorkers, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
@@ -34,6 +49,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class SchedulerSettings:
     max_concurrent_jobs: int = 1
+    gpu_devices: list[str] = field(default_factory=list)  # GPU indices this replica gives to local jobs
+    quotas: Quotas = field(default_factory=Quotas)
+    preemption_grace_seconds: float = 10.0  # < 0: never preempt
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     poll_seconds: float = 2.0
@@ -48,6 +66,10 @@ class _Running:
     name: str
     attempt: int
     executor: Executor
+    priority: int = 0
+    devices: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    preempting: bool = False
     proc: Child | None = None
     ref: str = ""  # Kubernetes Job `namespace/name`
     cancel_sent: float = 0.0
@@ -71,6 +93,7 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._last_heartbeat = 0.0
+        self._blocked_since: dict[int, float] = {}  # queued job → when it was first seen waiting for room here
 
     @property
     def executors(self) -> list[str]:
@@ -121,9 +144,8 @@ class Scheduler:
                 if now - self._last_heartbeat >= self.s.heartbeat_seconds:
                     self._last_heartbeat = now
                     await self._heartbeat()
-                while len(self.running) < self.s.max_concurrent_jobs and not self._stopping:
-                    if not await self._claim_one():
-                        break
+                while not self._stopping and await self._claim_one():
+                    pass
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must survive database hiccups
@@ -134,62 +156,47 @@ class Scheduler:
             except TimeoutError:
                 pass
 
+    def capacity(self) -> Capacity:
+        busy = {d for r in self.running.values() for d in r.devices}
+        gpus = len(self.s.gpu_devices)
+        return Capacity(self.s.max_concurrent_jobs, self.s.max_concurrent_jobs - len(self.running), gpus, gpus - len(busy))
+
+    def _free_devices(self, count: int) -> list[str]:
+        busy = {d for r in self.running.values() for d in r.devices}
+        return [d for d in self.s.gpu_devices if d not in busy][:count]
+
     async def _claim_one(self) -> bool:
-        """Claims and starts one job; False when the queue has nothing claimable."""
+        """Claims and starts one job; False when nothing claimable fits this replica now."""
         now = utcnow()
+        capacity = self.capacity()
+        if capacity.free_slots <= 0:
+            await self._consider_preemption(capacity)
+            return False
         async with self.uow.transaction() as uow:
             repo = uow.jobs
-            claimed = await repo.claim_next(self.s.owner, self.s.lease_seconds, self.executors)
+            await repo.lock_queue()
+            claimed = None
+            for stale in await repo.expired(self.executors):  # adopted before anything new starts
+                if stale.executor is Executor.LOCAL and stale.resources.gpus > capacity.free_gpus:
+                    continue
+                if claimed := await repo.claim(stale.key, self.s.owner, self.s.lease_seconds):
+                    break
             if claimed is None:
-                return False
-            state = claimed.state
-            if state is JobState.CANCELLING:  # its worker died while stopping: nothing left to stop
-                await repo.update(claimed.key, state=JobState.CANCELLED.value, end_time=now, lease_owner="", lease_expires_at=0.0)
-                await repo.append_event(
-                    claimed.key,
-                    JobEvent(
-                        EventType.STATE_CHANGED,
-                        stage=claimed.stage,
-                        state=JobState.CANCELLED,
-                        message="cancelled (its worker had already stopped)",
-                        create_time=now,
-                    ),
-                )
-                pk = None
-            elif claimed.attempts >= self.s.max_attempts:
-                reason = f"gave up after {claimed.attempts} attempts: the worker kept dying (last: lease expired, no heartbeat)"
-                await repo.update(
-                    claimed.key, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0
-                )
-                await repo.append_event(
-                    claimed.key,
-                    JobEvent(
-                        EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.FAILED, message=reason, create_time=now
-                    ),
-                )
-                pk = None
-            else:
-                attempt = claimed.attempts + 1
-                await repo.update(
-                    claimed.key, state=JobState.RUNNING.value, attempts=attempt, start_time=claimed.start_time or now, error=""
-                )
-                message = f"attempt {attempt} claimed by {self.s.owner}"
-                if state is JobState.RUNNING:
-                    message = f"lease of attempt {claimed.attempts} expired (its worker or trainer died); attempt {attempt} resumes from the last checkpoint"
-                await repo.append_event(
-                    claimed.key,
-                    JobEvent(
-                        EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.RUNNING, message=message, create_time=now
-                    ),
-                    fence_attempt=attempt,
-                )
-                pk = claimed.key
-            job = await repo.get_by_key(claimed.key)
-            assert job is not None  # claimed in this transaction, under its claimed lock
-            uow.wake(claimed.key)
-        if pk is None:
+                pick = next_runnable(await repo.queued(self.executors), await repo.usage(), self.s.quotas, capacity)
+                claimed = await repo.claim(pick.key, self.s.owner, self.s.lease_seconds) if pick else None
+            job = None
+            if claimed is not None:
+                if await self._take(repo, claimed, now):
+                    job = await repo.get_by_key(claimed.key)
+                uow.wake(claimed.key)
+        if claimed is None:
+            await self._consider_preemption(capacity)
+            return False
+        if job is None:  # the claim settled the job instead of starting it
             return True
-        r = _Running(pk, job.name, job.attempts, job.executor)
+        pk = job.key
+        devices = self._free_devices(job.resources.gpus) if job.executor is Executor.LOCAL else []
+        r = _Running(pk, job.name, job.attempts, job.executor, job.priority, devices)
         self.running[pk] = r
         try:
             if job.executor is Executor.KUBERNETES:
@@ -199,13 +206,101 @@ class Scheduler:
                     await uow.jobs.update(pk, fence_attempt=r.attempt, external_ref=r.ref)
                 r.task = asyncio.create_task(self._watch_kube(r))
             else:
-                r.proc = await self.local.start(job, r.attempt, on_event=self.notifier.wake)
+                r.proc = await self.local.start(job, r.attempt, on_event=self.notifier.wake, devices=devices)
                 r.task = asyncio.create_task(self._watch_local(r))
         except Exception as exc:  # noqa: BLE001 - a start failure is the job's failure, not the loop's
             log.exception("could not start worker for %s", job.name)
             self.running.pop(pk, None)
             await self._finish(pk, r.attempt, JobState.FAILED, f"could not start the worker: {exc}")
         return True
+
+    async def _take(self, repo, claimed: TrainingJob, now) -> bool:
+        """Starts the claimed job's next attempt; False when the claim settled it instead (a worker that died while
+        cancelling or pausing leaves nothing to run; one that kept dying fails the job)."""
+        state = claimed.state
+        settled = {JobState.CANCELLING: (JobState.CANCELLED, "cancelled (its worker had already stopped)"),
+                   JobState.PAUSING: (JobState.PAUSED, "paused (its worker stopped; it resumes from its last checkpoint)")}  # fmt: skip
+        failed_attempts = claimed.attempts - claimed.yielded_attempts
+        if state in settled:
+            target, message = settled[state]
+            values: dict = {"state": target.value, "lease_owner": "", "lease_expires_at": 0.0, "interrupt": ""}
+            if target.terminal:
+                values["end_time"] = now
+            await repo.update(claimed.key, **values)
+            await repo.append_event(
+                claimed.key, JobEvent(EventType.STATE_CHANGED, stage=claimed.stage, state=target, message=message, create_time=now)
+            )  # fmt: skip
+            return False
+        if failed_attempts >= self.s.max_attempts:
+            reason = f"gave up after {failed_attempts} failed attempts: the worker kept dying (last: lease expired, no heartbeat)"
+            await repo.update(
+                claimed.key, state=JobState.FAILED.value, error=reason, end_time=now, lease_owner="", lease_expires_at=0.0
+            )
+            await repo.append_event(
+                claimed.key,
+                JobEvent(EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.FAILED, message=reason, create_time=now),
+            )
+            return False
+        attempt = claimed.attempts + 1
+        await repo.update(
+            claimed.key, state=JobState.RUNNING.value, attempts=attempt, start_time=claimed.start_time or now, error="",
+            interrupt="",
+        )  # fmt: skip
+        message = f"attempt {attempt} claimed by {self.s.owner}"
+        if state is JobState.RUNNING:
+            message = f"lease of attempt {claimed.attempts} expired (its worker or trainer died); attempt {attempt} resumes from the last checkpoint"
+        elif claimed.attempts:
+            message += "; it resumes from the last checkpoint"
+        await repo.append_event(
+            claimed.key,
+            JobEvent(EventType.STATE_CHANGED, stage=claimed.stage, state=JobState.RUNNING, message=message, create_time=now),
+            fence_attempt=attempt,
+        )
+        self._blocked_since.pop(claimed.key, None)
+        return True
+
+    async def _consider_preemption(self, capacity: Capacity) -> None:
+        """Asks lower-priority jobs on this replica to make room for the first queued job that fits its quota but
+        not this replica, once it has waited `preemption_grace_seconds` (a replica with room would have taken it)."""
+        if self.s.preemption_grace_seconds < 0 or self._stopping:
+            return
+        async with self.uow.transaction() as uow:
+            queue = await uow.jobs.queued(self.executors)
+            usage = await uow.jobs.usage()
+        waiting = {j.key for j in queue}
+        for key in list(self._blocked_since):
+            if key not in waiting:
+                del self._blocked_since[key]
+        head = next((j for j in queue if not quota_block(j, self.s.quotas.of(j.project), usage.get(j.project, Usage()))), None)
+        if head is None or not capacity_block(head, capacity):
+            return
+        since = self._blocked_since.setdefault(head.key, time.monotonic())
+        if time.monotonic() - since < self.s.preemption_grace_seconds:
+            return
+        running = [
+            RunningJob(r.pk, r.name, r.priority, len(r.devices), r.started)
+            for r in self.running.values()
+            if not r.preempting and not r.cancel_sent
+        ]
+        victims = preemption_victims(head, running, capacity)
+        for victim in victims:
+            r = self.running[victim.key]
+            r.preempting = True
+            now = utcnow()
+            async with self.uow.transaction() as uow:
+                if await uow.jobs.update(
+                    r.pk, fence_attempt=r.attempt, interrupt=Interrupt.PREEMPT.value
+                ):  # the worker polls it: checkpoint, then back to the queue
+                    await uow.jobs.append_event(
+                        r.pk,
+                        JobEvent(
+                            EventType.LOG, message=f"preempted by {head.name} (priority {head.priority} > {r.priority}): "
+                            "saving a checkpoint, then back to the queue", create_time=now,
+                        ),
+                        fence_attempt=r.attempt,
+                    )  # fmt: skip
+                    uow.wake(r.pk)
+            log.info("preempting %s for %s", r.name, head.name)
 
     async def _heartbeat(self) -> None:
         if not self.running:
@@ -214,8 +309,8 @@ class Scheduler:
             states = await uow.jobs.renew_leases(self.s.owner, list(self.running), self.s.lease_seconds)
         for pk, r in list(self.running.items()):
             state, owner = states.get(pk, ("", ""))
-            if state and JobState(state).terminal:
-                # The worker wrote its final state and is exiting; make sure it does.
+            if state and (JobState(state).terminal or JobState(state) in (JobState.QUEUED, JobState.PAUSED)):
+                # The worker wrote its final state (or handed the job back) and is exiting; make sure it does.
                 r.terminal_seen = r.terminal_seen or time.monotonic()
                 if r.proc is not None and time.monotonic() - r.terminal_seen > self.s.cancel_grace_seconds:
                     self.local.signal(r.proc, signal.SIGKILL)
@@ -261,22 +356,24 @@ class Scheduler:
         if job is None or job.attempts != r.attempt:
             return
         state = job.state
-        if state.terminal:
-            return
+        if state.terminal or state in (JobState.QUEUED, JobState.PAUSED):
+            return  # the worker wrote the outcome (or handed the job back) itself
+        what = f"signal {-code}" if code < 0 else f"exit code {code}"
         if state is JobState.CANCELLING:
             await self._finish(r.pk, r.attempt, JobState.CANCELLED, "cancelled; the last checkpoint is kept")
-        elif code == EXIT_INTERRUPTED or self._stopping:
-            await self._requeue(
-                r, "the trainer is shutting down; the job is queued again and will resume from its last checkpoint"
-            )
-        elif r.attempt >= self.s.max_attempts:
-            what = f"signal {-code}" if code < 0 else f"exit code {code}"
+        elif state is JobState.PAUSING:
+            await self._hand_back(r, JobState.PAUSED, f"paused (the worker stopped: {what}); it resumes from its last checkpoint")
+        elif code == EXIT_INTERRUPTED or self._stopping or job.interrupt is Interrupt.PREEMPT:
+            await self._hand_back(
+                r, JobState.QUEUED, "the trainer is shutting down; the job is queued again and will resume from its last checkpoint"
+                if job.interrupt is Interrupt.NONE else f"preempted (the worker stopped: {what}); queued again to resume from its last checkpoint",
+            )  # fmt: skip
+        elif r.attempt - job.yielded_attempts >= self.s.max_attempts:
             await self._finish(
                 r.pk, r.attempt, JobState.FAILED,
-                f"the worker died ({what}) on attempt {r.attempt} of {self.s.max_attempts}; see {self.local.log_path(r.name.rsplit('/', 1)[-1], r.attempt)}",
+                f"the worker died ({what}) on attempt {r.attempt} ({r.attempt - job.yielded_attempts} failed of at most {self.s.max_attempts}); see {self.local.log_path(r.name.rsplit('/', 1)[-1], r.attempt)}",
             )  # fmt: skip
         else:
-            what = f"signal {-code}" if code < 0 else f"exit code {code}"
             await self._requeue(r, f"the worker died ({what}); queued again to resume from its last checkpoint")
 
     async def _watch_kube(self, r: _Running) -> None:
@@ -288,6 +385,10 @@ class Scheduler:
                     job = await uow.jobs.get_by_key(r.pk)
                 if job is None or job.attempts != r.attempt or job.state.terminal:
                     break  # the in-cluster worker reported its result (or someone else owns the job)
+                if job.state in (JobState.QUEUED, JobState.PAUSED):
+                    # Handed back (paused or preempted): remove the finished Job so the next attempt can create one.
+                    await self.kube.delete(r.ref)
+                    break
                 st = await self.kube.state(r.ref)
                 if st.phase == "Succeeded":
                     # Re-read: the worker writes its final state before the pod exits.
@@ -339,6 +440,7 @@ class Scheduler:
             uow.wake(pk)
 
     async def _requeue(self, r: _Running, message: str) -> None:
+        """The worker died: the job is queued again (the attempt counts against max_attempts)."""
         now = utcnow()
         async with self.uow.transaction() as uow:
             if await uow.jobs.update(
@@ -346,5 +448,15 @@ class Scheduler:
             ):
                 await uow.jobs.append_event(
                     r.pk, JobEvent(EventType.STATE_CHANGED, state=JobState.QUEUED, message=message, create_time=now)
+                )
+            uow.wake(r.pk)
+
+    async def _hand_back(self, r: _Running, state: JobState, message: str) -> None:
+        """The attempt ended without failing (shutdown, pause, preemption): PAUSED or QUEUED, not counted as failed."""
+        now = utcnow()
+        async with self.uow.transaction() as uow:
+            if await uow.jobs.hand_back(r.pk, r.attempt, state):
+                await uow.jobs.append_event(
+                    r.pk, JobEvent(EventType.STATE_CHANGED, state=state, message=message, create_time=now)
                 )
             uow.wake(r.pk)

@@ -1,19 +1,18 @@
 """One attempt at a job, from training to its final state: train → store → register → SUCCEEDED.
 
-A failure with a reason (`JobFailed`) or any other error ends the job FAILED with that reason; a stop ends it
-CANCELLED when a cancel was requested, otherwise (trainer shutdown) the process exits EXIT_INTERRUPTED and the
-job is resumed later from its checkpoints. A lost lease (`Fenced`) propagates: nothing more is written.
+A failure with a reason (`JobFailed`) or any other error ends the job FAILED with that reason; a stop ends as the
+job's row asks (Journal.settle_stop: cancelled, paused, preempted, or EXIT_INTERRUPTED at a trainer shutdown). A lost lease (`Fenced`) propagates: nothing more is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import os
 
+from neuroweaver_ml.control import StopSignal, world_size
 from neuroweaver_runtime.client import ClientTLS
 
-from ..adapters.executors import EXIT_INTERRUPTED
 from ..domain.job import EventType, JobEvent, JobState, Method, TrainingJob
 from .config import WorkerConfig
 from .journal import Fenced, Journal
@@ -23,7 +22,15 @@ from .training import JobFailed, Training
 log = logging.getLogger("neuroweaver.trainer.worker")
 
 
-async def run_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: threading.Event) -> int:
+async def follow_attempt(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: StopSignal) -> int:
+    """Ranks 1..N-1 of a multi-process job: train alongside rank 0 (which decides when to stop and save, and writes
+    every event and result); an error exits non-zero and the launcher stops the whole attempt."""
+    outcome = await Training.for_job(cfg, job, journal, stop).train()
+    log.info("rank %s of %s finished its share (%s)", os.environ.get("RANK"), world_size(), outcome.status)
+    return 0
+
+
+async def run_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: StopSignal) -> int:
     """The process's exit code: 0 once the job is in a final state, EXIT_INTERRUPTED when it is to be resumed."""
     if job.method is Method.EXPORT:
         from .export import run_export_attempt
@@ -38,17 +45,16 @@ async def run_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journ
         raise
     except Exception as exc:  # noqa: BLE001 - every failure ends as FAILED with its reason
         log.exception("training %s failed", job.name)
+        if world_size() > 1:
+            # Across processes an error is often a peer's death surfacing in a collective: the launcher stops the
+            # other ranks and exits non-zero, and the trainer retries the job from its checkpoint (up to max_attempts).
+            return 1
         await journal.finish(JobState.FAILED, f"training failed: {type(exc).__name__}: {exc}", job.stage)
         return 0
     if journal.fenced:
         raise Fenced()
     if outcome.status == "cancelled":
-        current = await journal.state()
-        if current and current[0] == JobState.CANCELLING.value:
-            await journal.finish(JobState.CANCELLED, outcome.message, job.stage)
-            return 0
-        log.info("interrupted (%s, shutdown); the job will resume from its last checkpoint", outcome.message)
-        return EXIT_INTERRUPTED
+        return await journal.settle_stop(outcome.message, job.stage)
     metrics = outcome.metrics
     job.stage = "register"
     await journal.write(

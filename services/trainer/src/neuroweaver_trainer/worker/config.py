@@ -23,12 +23,18 @@ class WorkerConfig:
     client_tls_key: str = field(default="", metadata={"help": "private key (PEM) of --client-tls-cert"})
     model_cache_dir: str = field(default="", metadata={"help": "converted builtin models cache"})
     die_with_parent: bool = field(default=False, metadata={"help": "exit when the trainer process dies (local executor)"})
+    processes: int = field(
+        default=1,
+        metadata={"help": "training processes: > 1 re-runs this worker under torch.distributed.run, one rank each"},
+    )
     notify_fd: int = field(
         default=-1, metadata={"help": "pipe to the local trainer: each committed event's `<job key>:<sequence>` is written to it"}
     )
     rlaif_judge_chunk_size: int = field(
         default=16, metadata={"help": "RLAIF: verdicts per JUDGE progress event (and per cancel check)"}
     )
-    stop_poll_seconds: float = field(default=1.0, metadata={"help": "how often the job's state is checked for a cancel"})
+    stop_poll_seconds: float = field(
+        default=1.0, metadata={"help": "how often the job's row is read for a cancel, pause, preemption or checkpoint request"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     trace_file: str = field(default="", metadata={"help": "write OpenTelemetry spans as JSON lines to this file"})

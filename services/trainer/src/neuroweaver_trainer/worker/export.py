@@ -13,9 +13,9 @@ import asyncio
 import hashlib
 import logging
 import shutil
-import threading
 from pathlib import Path
 
+from neuroweaver_ml.control import StopSignal
 from neuroweaver_runtime.client import ClientTLS
 
 from ..adapters.registry import NewExport, RegistrationFailed, add_export_artifact
@@ -37,7 +37,7 @@ def _store_prefix(cfg: WorkerConfig, job: TrainingJob) -> tuple[Path, str]:
     return root, f"exports/{parts[1]}/{parts[3]}/{parts[5]}/{job.job_id}-{uid}/{name}"
 
 
-async def run_export_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: threading.Event) -> int:
+async def run_export_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob, journal: Journal, stop: StopSignal) -> int:
     """The process's exit code (0 once the job is in a final state)."""
     try:
         new = await _export(cfg, job, journal, stop)
@@ -51,13 +51,7 @@ async def run_export_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob
         await journal.finish(JobState.FAILED, f"export failed: {type(exc).__name__}: {exc}", job.stage)
         return 0
     if new is None:  # stopped before the export began
-        current = await journal.state()
-        if current and current[0] == JobState.CANCELLING.value:
-            await journal.finish(JobState.CANCELLED, "cancelled before the export", job.stage)
-            return 0
-        from ..adapters.executors import EXIT_INTERRUPTED
-
-        return EXIT_INTERRUPTED
+        return await journal.settle_stop("stopped before the export", job.stage)
     metrics = {"size_bytes": float(new.size_bytes)}
     job.stage = "register"
     await journal.write(
@@ -86,7 +80,7 @@ async def run_export_attempt(cfg: WorkerConfig, tls: ClientTLS, job: TrainingJob
     return 0
 
 
-async def _export(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> NewExport | None:
+async def _export(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: StopSignal) -> NewExport | None:
     from neuroweaver_ml import digest_path, path_to_uri, store_artifact, uri_to_path, verify_digest
     from neuroweaver_ml.errors import DigestMismatch
     from neuroweaver_ml.export import ExportFailed, export

@@ -73,9 +73,7 @@ class PreferenceTraining(Training):
         common = self.common_settings()
         try:
             if job.method is Method.DPO:
-                return await asyncio.to_thread(
-                    run_dpo, self.dpo_config(base_dir, prefs, str(out)), self.on_event, self.stop.is_set
-                )
+                return await asyncio.to_thread(run_dpo, self.dpo_config(base_dir, prefs, str(out)), self.on_event, self.stop)
             eval_file = (
                 await self.input_file(job.eval_dataset_uri, job.eval_dataset_digest, "eval preference dataset")
                 if job.eval_dataset_uri
@@ -83,7 +81,7 @@ class PreferenceTraining(Training):
             )
             rm = RewardModelConfig(preference_file=prefs, output_dir=str(out), backbone="policy", base_model_dir=base_dir,
                                    eval_file=eval_file, eval_fraction=0.0 if eval_file else effective(h.eval_split), **common)  # fmt: skip
-            return await asyncio.to_thread(run_reward_model, rm, self.on_event, self.stop.is_set)
+            return await asyncio.to_thread(run_reward_model, rm, self.on_event, self.stop)
         except (DatasetInvalid, ResumeMismatch) as exc:
             raise JobFailed(str(exc)) from None
         except ValueError as exc:

@@ -105,7 +105,7 @@ class RlaifTraining(Training):
 
         self.events.stage = "generate"
         try:
-            return await asyncio.to_thread(run_rlaif, cfg, self.on_event, self.stop.is_set)
+            return await asyncio.to_thread(run_rlaif, cfg, self.on_event, self.stop)
         except (DatasetInvalid, ResumeMismatch, JudgeConfigError) as exc:
             raise JobFailed(str(exc)) from None
         except ValueError as exc:

@@ -8,10 +8,11 @@ writes under the job's directory, so a later attempt resumes from the newest com
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from neuroweaver_ml.control import StopSignal
 
 from ..domain.job import EventType, JobEvent, Method, TrainingJob, quantized_base
 from .config import WorkerConfig
@@ -65,7 +66,7 @@ def sft_metrics(result) -> dict[str, float]:
 class Training:
     """SFT_LORA / SFT_QLORA: the `sft` stage. Subclasses train the other methods (`for_job` picks)."""
 
-    def __init__(self, cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> None:
+    def __init__(self, cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: StopSignal) -> None:
         self.cfg = cfg
         self.job = job
         self.journal = journal
@@ -73,7 +74,7 @@ class Training:
         self.events = EventMapper(journal.attempt)
 
     @staticmethod
-    def for_job(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: threading.Event) -> Training:
+    def for_job(cfg: WorkerConfig, job: TrainingJob, journal: Journal, stop: StopSignal) -> Training:
         from .preferences import PreferenceTraining
         from .rlaif import RlaifTraining
         from .tracking import Tracked
@@ -174,7 +175,7 @@ class Training:
         eval_file = uri_to_path(job.eval_dataset_uri) if job.eval_dataset_uri else None
         sft = self.sft_config(base_dir, train_file, str(eval_file) if eval_file else None)
         try:
-            result = await asyncio.to_thread(run_sft, sft, self.on_event, self.stop.is_set)
+            result = await asyncio.to_thread(run_sft, sft, self.on_event, self.stop)
         except (DatasetInvalid, ResumeMismatch) as exc:
             raise JobFailed(str(exc)) from None
         except ValueError as exc:

@@ -59,6 +59,21 @@ class TrainerServiceStub:
                 request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CancelTrainingJobRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
                 _registered_method=True)
+        self.PauseTrainingJob = channel.unary_unary(
+                '/neuroweaver.trainer.v1.TrainerService/PauseTrainingJob',
+                request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PauseTrainingJobRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ResumeTrainingJob = channel.unary_unary(
+                '/neuroweaver.trainer.v1.TrainerService/ResumeTrainingJob',
+                request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ResumeTrainingJobRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.CheckpointTrainingJob = channel.unary_unary(
+                '/neuroweaver.trainer.v1.TrainerService/CheckpointTrainingJob',
+                request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CheckpointTrainingJobRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+                _registered_method=True)
         self.DeleteTrainingJob = channel.unary_unary(
                 '/neuroweaver.trainer.v1.TrainerService/DeleteTrainingJob',
                 request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.DeleteTrainingJobRequest.SerializeToString,
@@ -103,7 +118,30 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTrainingJob(self, request, context):
-        """Stops a queued or running job within seconds; the last checkpoint is kept.
+        """Stops a queued, running or paused job within seconds; the last checkpoint is kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseTrainingJob(self, request, context):
+        """Pauses a job: a queued one is held (PAUSED); a running one saves a checkpoint after its current step and stops
+        (PAUSING, then PAUSED). Pausing a pausing or paused job changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTrainingJob(self, request, context):
+        """Queues a paused job again; it resumes from the checkpoint saved when it paused. Resuming a queued or running
+        job changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointTrainingJob(self, request, context):
+        """Asks a running job to save a checkpoint after its current training step; a CHECKPOINT event follows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +189,21 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'CancelTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTrainingJob,
                     request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CancelTrainingJobRequest.FromString,
+                    response_serializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.SerializeToString,
+            ),
+            'PauseTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTrainingJob,
+                    request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PauseTrainingJobRequest.FromString,
+                    response_serializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.SerializeToString,
+            ),
+            'ResumeTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTrainingJob,
+                    request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ResumeTrainingJobRequest.FromString,
+                    response_serializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.SerializeToString,
+            ),
+            'CheckpointTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointTrainingJob,
+                    request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CheckpointTrainingJobRequest.FromString,
                     response_serializer=neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.SerializeToString,
             ),
             'DeleteTrainingJob': grpc.unary_unary_rpc_method_handler(
@@ -279,6 +332,87 @@ class TrainerService:
             target,
             '/neuroweaver.trainer.v1.TrainerService/CancelTrainingJob',
             neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CancelTrainingJobRequest.SerializeToString,
+            neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.trainer.v1.TrainerService/PauseTrainingJob',
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PauseTrainingJobRequest.SerializeToString,
+            neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.trainer.v1.TrainerService/ResumeTrainingJob',
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ResumeTrainingJobRequest.SerializeToString,
+            neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.trainer.v1.TrainerService/CheckpointTrainingJob',
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.CheckpointTrainingJobRequest.SerializeToString,
             neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2.TrainingJob.FromString,
             options,
             channel_credentials,

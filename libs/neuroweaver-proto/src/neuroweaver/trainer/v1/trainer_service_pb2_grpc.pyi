@@ -45,7 +45,17 @@ class TrainerServiceStub:
     GetTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTrainingJobRequest, _training_job_pb2.TrainingJob]
     ListTrainingJobs: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingJobsRequest, _trainer_service_pb2.ListTrainingJobsResponse]
     CancelTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.CancelTrainingJobRequest, _training_job_pb2.TrainingJob]
-    """Stops a queued or running job within seconds; the last checkpoint is kept."""
+    """Stops a queued, running or paused job within seconds; the last checkpoint is kept."""
+    PauseTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.PauseTrainingJobRequest, _training_job_pb2.TrainingJob]
+    """Pauses a job: a queued one is held (PAUSED); a running one saves a checkpoint after its current step and stops
+    (PAUSING, then PAUSED). Pausing a pausing or paused job changes nothing.
+    """
+    ResumeTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ResumeTrainingJobRequest, _training_job_pb2.TrainingJob]
+    """Queues a paused job again; it resumes from the checkpoint saved when it paused. Resuming a queued or running
+    job changes nothing.
+    """
+    CheckpointTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.CheckpointTrainingJobRequest, _training_job_pb2.TrainingJob]
+    """Asks a running job to save a checkpoint after its current training step; a CHECKPOINT event follows."""
     DeleteTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.DeleteTrainingJobRequest, _empty_pb2.Empty]
     """Deletes a finished job and its events (not its registered version or artifacts)."""
     ListTrainingJobEvents: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingJobEventsRequest, _trainer_service_pb2.ListTrainingJobEventsResponse]
@@ -68,7 +78,17 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     GetTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTrainingJobRequest, _training_job_pb2.TrainingJob]  # type: ignore[assignment]
     ListTrainingJobs: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingJobsRequest, _trainer_service_pb2.ListTrainingJobsResponse]  # type: ignore[assignment]
     CancelTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.CancelTrainingJobRequest, _training_job_pb2.TrainingJob]  # type: ignore[assignment]
-    """Stops a queued or running job within seconds; the last checkpoint is kept."""
+    """Stops a queued, running or paused job within seconds; the last checkpoint is kept."""
+    PauseTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.PauseTrainingJobRequest, _training_job_pb2.TrainingJob]  # type: ignore[assignment]
+    """Pauses a job: a queued one is held (PAUSED); a running one saves a checkpoint after its current step and stops
+    (PAUSING, then PAUSED). Pausing a pausing or paused job changes nothing.
+    """
+    ResumeTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ResumeTrainingJobRequest, _training_job_pb2.TrainingJob]  # type: ignore[assignment]
+    """Queues a paused job again; it resumes from the checkpoint saved when it paused. Resuming a queued or running
+    job changes nothing.
+    """
+    CheckpointTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.CheckpointTrainingJobRequest, _training_job_pb2.TrainingJob]  # type: ignore[assignment]
+    """Asks a running job to save a checkpoint after its current training step; a CHECKPOINT event follows."""
     DeleteTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.DeleteTrainingJobRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a finished job and its events (not its registered version or artifacts)."""
     ListTrainingJobEvents: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListTrainingJobEventsRequest, _trainer_service_pb2.ListTrainingJobEventsResponse]  # type: ignore[assignment]
@@ -112,7 +132,35 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_service_pb2.CancelTrainingJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_job_pb2.TrainingJob, _abc.Awaitable[_training_job_pb2.TrainingJob]]:
-        """Stops a queued or running job within seconds; the last checkpoint is kept."""
+        """Stops a queued, running or paused job within seconds; the last checkpoint is kept."""
+
+    @_abc_1.abstractmethod
+    def PauseTrainingJob(
+        self,
+        request: _trainer_service_pb2.PauseTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_job_pb2.TrainingJob, _abc.Awaitable[_training_job_pb2.TrainingJob]]:
+        """Pauses a job: a queued one is held (PAUSED); a running one saves a checkpoint after its current step and stops
+        (PAUSING, then PAUSED). Pausing a pausing or paused job changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeTrainingJob(
+        self,
+        request: _trainer_service_pb2.ResumeTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_job_pb2.TrainingJob, _abc.Awaitable[_training_job_pb2.TrainingJob]]:
+        """Queues a paused job again; it resumes from the checkpoint saved when it paused. Resuming a queued or running
+        job changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckpointTrainingJob(
+        self,
+        request: _trainer_service_pb2.CheckpointTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_job_pb2.TrainingJob, _abc.Awaitable[_training_job_pb2.TrainingJob]]:
+        """Asks a running job to save a checkpoint after its current training step; a CHECKPOINT event follows."""
 
     @_abc_1.abstractmethod
     def DeleteTrainingJob(

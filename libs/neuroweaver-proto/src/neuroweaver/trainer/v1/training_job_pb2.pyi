@@ -475,7 +475,7 @@ Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):
-    """Compute resources of the worker (Kubernetes executor; advisory for local)."""
+    """Compute resources of the worker."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -505,12 +505,22 @@ class Resources(_message.Message):
     NODE_SELECTOR_FIELD_NUMBER: _builtins.int
     TOLERATIONS_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
     gpus: _builtins.int
+    """GPUs the job gets, in [0, 64]: a local worker sees exactly its own devices (CUDA_VISIBLE_DEVICES; 0 = CPU
+    only); a Kubernetes Job requests nvidia.com/gpu. They count against the project's GPU quota.
+    """
     cpu: _builtins.str
     """Kubernetes quantities, for example `4` and `16Gi`."""
     memory: _builtins.str
     image: _builtins.str
     """Container image of the worker (Kubernetes executor)."""
+    processes: _builtins.int
+    """Data-parallel training processes of the job (PyTorch DDP under `torch.distributed.run`, locally and in the
+    Kubernetes Job alike): every process trains on its share of each batch, process 0 alone writes events, saves,
+    stores and registers. 0 = one per GPU (`gpus`), or 1 without GPUs; with GPUs it must equal `gpus`; without GPUs,
+    N CPU processes (gloo) share the machine. Methods SFT_LORA and SFT_QLORA only.
+    """
     @_builtins.property
     def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Node selector and tolerations for GPU pools."""
@@ -526,10 +536,11 @@ class Resources(_message.Message):
         node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tolerations: _abc.Iterable[Global___Toleration] | None = ...,
         image: _builtins.str = ...,
+        processes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpus", b"gpus", "image", b"image", "memory", b"memory", "node_selector", b"node_selector", "tolerations", b"tolerations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpus", b"gpus", "image", b"image", "memory", b"memory", "node_selector", b"node_selector", "processes", b"processes", "tolerations", b"tolerations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -778,6 +789,10 @@ class TrainingJob(_message.Message):
         STATE_FAILED: TrainingJob._State.ValueType  # 4
         STATE_CANCELLING: TrainingJob._State.ValueType  # 5
         STATE_CANCELLED: TrainingJob._State.ValueType  # 6
+        STATE_PAUSING: TrainingJob._State.ValueType  # 7
+        """PauseTrainingJob on a running job: the worker saves a checkpoint after its current step and stops."""
+        STATE_PAUSED: TrainingJob._State.ValueType  # 8
+        """Held out of the queue (its checkpoint kept) until ResumeTrainingJob queues it again."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Lifecycle; changed only by the service (and CancelTrainingJob)."""
@@ -789,6 +804,10 @@ class TrainingJob(_message.Message):
     STATE_FAILED: TrainingJob.State.ValueType  # 4
     STATE_CANCELLING: TrainingJob.State.ValueType  # 5
     STATE_CANCELLED: TrainingJob.State.ValueType  # 6
+    STATE_PAUSING: TrainingJob.State.ValueType  # 7
+    """PauseTrainingJob on a running job: the worker saves a checkpoint after its current step and stops."""
+    STATE_PAUSED: TrainingJob.State.ValueType  # 8
+    """Held out of the queue (its checkpoint kept) until ResumeTrainingJob queues it again."""
 
     @_typing.final
     class LabelsEntry(_message.Message):
@@ -846,6 +865,7 @@ class TrainingJob(_message.Message):
     TRACKING_FIELD_NUMBER: _builtins.int
     VERSION_BUMP_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
@@ -861,6 +881,8 @@ class TrainingJob(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     base_model: _builtins.str
@@ -875,6 +897,10 @@ class TrainingJob(_message.Message):
     """Registry model to register the result into, `projects/{project}/models/{model}`."""
     version_bump: _common_pb2.VersionBump.ValueType
     """Bump level for the new version (UNSPECIFIED means MINOR). Field 13 was the same setting as a string."""
+    priority: _builtins.int
+    """Queue priority in [-1000, 1000], default 0: higher runs first, and a queued job may preempt running jobs of
+    lower priority on a replica without room (they save a checkpoint, return to the queue and resume from it).
+    """
     state: Global___TrainingJob.State.ValueType
     stage: _builtins.str
     """Current stage while running, for example `sft`, `judge`, `policy`."""
@@ -894,6 +920,10 @@ class TrainingJob(_message.Message):
     attempts: _builtins.int
     """Number of times a worker was started for this job."""
     creator: _builtins.str
+    queue_position: _builtins.int
+    """Queued jobs: 1-based position in the trainer's queue (every project's jobs, priority then age); 0 otherwise."""
+    wait_reason: _builtins.str
+    """Queued jobs: why the job is not running yet (a project quota, GPUs, jobs ahead of it)."""
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
@@ -941,6 +971,7 @@ class TrainingJob(_message.Message):
         tracking: Global___Tracking | None = ...,
         version_bump: _common_pb2.VersionBump.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        priority: _builtins.int = ...,
         state: Global___TrainingJob.State.ValueType = ...,
         stage: _builtins.str = ...,
         error: _builtins.str = ...,
@@ -956,10 +987,12 @@ class TrainingJob(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         creator: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        wait_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "export", b"export", "hyperparameters", b"hyperparameters", "lora", b"lora", "resources", b"resources", "rlaif", b"rlaif", "start_time", b"start_time", "tracking", b"tracking"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "export", b"export", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "tracking", b"tracking", "version_bump", b"version_bump"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "create_time", b"create_time", "creator", b"creator", "current_step", b"current_step", "dataset_digest", b"dataset_digest", "dataset_uri", b"dataset_uri", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "eval_dataset_uri", b"eval_dataset_uri", "executor", b"executor", "export", b"export", "hyperparameters", b"hyperparameters", "labels", b"labels", "lora", b"lora", "method", b"method", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "output_uri", b"output_uri", "priority", b"priority", "queue_position", b"queue_position", "resources", b"resources", "resumed_from_step", b"resumed_from_step", "rlaif", b"rlaif", "stage", b"stage", "start_time", b"start_time", "state", b"state", "target_model", b"target_model", "total_steps", b"total_steps", "tracking", b"tracking", "version_bump", b"version_bump", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

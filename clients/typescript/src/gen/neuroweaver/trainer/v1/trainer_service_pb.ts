@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/trainer/v1/trainer_service.proto.
  */
 export const file_neuroweaver_trainer_v1_trainer_service: GenFile = /*@__PURE__*/
-  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudDK4BgoOVHJhaW5lclNlcnZpY2USagoRQ3JlYXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNyZWF0ZVRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaQoOR2V0VHJhaW5pbmdKb2ISLS5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkdldFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IiA5ACARJ6ChBMaXN0VHJhaW5pbmdKb2JzEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JzUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlIgOQAgESagoRQ2FuY2VsVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNhbmNlbFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISXQoRRGVsZXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRlbGV0ZVRyYWluaW5nSm9iUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRKJAQoVTGlzdFRyYWluaW5nSm9iRXZlbnRzEjQubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXF1ZXN0GjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXNwb25zZSIDkAIBEnwKEFdhdGNoVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLldhdGNoVHJhaW5pbmdKb2JSZXF1ZXN0GjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVzcG9uc2UiA5ACATABYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_neuroweaver_trainer_v1_training_job]);
+  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJUChdQYXVzZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlUKGFJlc3VtZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlkKHENoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudDKCCQoOVHJhaW5lclNlcnZpY2USagoRQ3JlYXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNyZWF0ZVRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaQoOR2V0VHJhaW5pbmdKb2ISLS5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkdldFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IiA5ACARJ6ChBMaXN0VHJhaW5pbmdKb2JzEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JzUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlIgOQAgESagoRQ2FuY2VsVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNhbmNlbFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaAoQUGF1c2VUcmFpbmluZ0pvYhIvLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUGF1c2VUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmoKEVJlc3VtZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXN1bWVUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEnIKFUNoZWNrcG9pbnRUcmFpbmluZ0pvYhI0Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuQ2hlY2twb2ludFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISXQoRRGVsZXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRlbGV0ZVRyYWluaW5nSm9iUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRKJAQoVTGlzdFRyYWluaW5nSm9iRXZlbnRzEjQubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXF1ZXN0GjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXNwb25zZSIDkAIBEnwKEFdhdGNoVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLldhdGNoVHJhaW5pbmdKb2JSZXF1ZXN0GjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVzcG9uc2UiA5ACATABYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_neuroweaver_trainer_v1_training_job]);
 
 /**
  * @generated from message neuroweaver.trainer.v1.CreateTrainingJobRequest
@@ -161,6 +161,57 @@ export const CancelTrainingJobRequestSchema: GenMessage<CancelTrainingJobRequest
   messageDesc(file_neuroweaver_trainer_v1_trainer_service, 4);
 
 /**
+ * @generated from message neuroweaver.trainer.v1.PauseTrainingJobRequest
+ */
+export type PauseTrainingJobRequest = Message<"neuroweaver.trainer.v1.PauseTrainingJobRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.PauseTrainingJobRequest.
+ * Use `create(PauseTrainingJobRequestSchema)` to create a new message.
+ */
+export const PauseTrainingJobRequestSchema: GenMessage<PauseTrainingJobRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 5);
+
+/**
+ * @generated from message neuroweaver.trainer.v1.ResumeTrainingJobRequest
+ */
+export type ResumeTrainingJobRequest = Message<"neuroweaver.trainer.v1.ResumeTrainingJobRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.ResumeTrainingJobRequest.
+ * Use `create(ResumeTrainingJobRequestSchema)` to create a new message.
+ */
+export const ResumeTrainingJobRequestSchema: GenMessage<ResumeTrainingJobRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 6);
+
+/**
+ * @generated from message neuroweaver.trainer.v1.CheckpointTrainingJobRequest
+ */
+export type CheckpointTrainingJobRequest = Message<"neuroweaver.trainer.v1.CheckpointTrainingJobRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.CheckpointTrainingJobRequest.
+ * Use `create(CheckpointTrainingJobRequestSchema)` to create a new message.
+ */
+export const CheckpointTrainingJobRequestSchema: GenMessage<CheckpointTrainingJobRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 7);
+
+/**
  * @generated from message neuroweaver.trainer.v1.DeleteTrainingJobRequest
  */
 export type DeleteTrainingJobRequest = Message<"neuroweaver.trainer.v1.DeleteTrainingJobRequest"> & {
@@ -175,7 +226,7 @@ export type DeleteTrainingJobRequest = Message<"neuroweaver.trainer.v1.DeleteTra
  * Use `create(DeleteTrainingJobRequestSchema)` to create a new message.
  */
 export const DeleteTrainingJobRequestSchema: GenMessage<DeleteTrainingJobRequest> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 5);
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 8);
 
 /**
  * @generated from message neuroweaver.trainer.v1.ListTrainingJobEventsRequest
@@ -209,7 +260,7 @@ export type ListTrainingJobEventsRequest = Message<"neuroweaver.trainer.v1.ListT
  * Use `create(ListTrainingJobEventsRequestSchema)` to create a new message.
  */
 export const ListTrainingJobEventsRequestSchema: GenMessage<ListTrainingJobEventsRequest> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 6);
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 9);
 
 /**
  * @generated from message neuroweaver.trainer.v1.ListTrainingJobEventsResponse
@@ -231,7 +282,7 @@ export type ListTrainingJobEventsResponse = Message<"neuroweaver.trainer.v1.List
  * Use `create(ListTrainingJobEventsResponseSchema)` to create a new message.
  */
 export const ListTrainingJobEventsResponseSchema: GenMessage<ListTrainingJobEventsResponse> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 7);
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 10);
 
 /**
  * @generated from message neuroweaver.trainer.v1.WatchTrainingJobRequest
@@ -255,7 +306,7 @@ export type WatchTrainingJobRequest = Message<"neuroweaver.trainer.v1.WatchTrain
  * Use `create(WatchTrainingJobRequestSchema)` to create a new message.
  */
 export const WatchTrainingJobRequestSchema: GenMessage<WatchTrainingJobRequest> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 8);
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 11);
 
 /**
  * @generated from message neuroweaver.trainer.v1.WatchTrainingJobResponse
@@ -272,7 +323,7 @@ export type WatchTrainingJobResponse = Message<"neuroweaver.trainer.v1.WatchTrai
  * Use `create(WatchTrainingJobResponseSchema)` to create a new message.
  */
 export const WatchTrainingJobResponseSchema: GenMessage<WatchTrainingJobResponse> = /*@__PURE__*/
-  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 9);
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 12);
 
 /**
  * Fine-tuning jobs: SFT with LoRA/QLoRA and RLAIF, run by a durable queue in worker processes or
@@ -310,13 +361,45 @@ export const TrainerService: GenService<{
     output: typeof ListTrainingJobsResponseSchema;
   },
   /**
-   * Stops a queued or running job within seconds; the last checkpoint is kept.
+   * Stops a queued, running or paused job within seconds; the last checkpoint is kept.
    *
    * @generated from rpc neuroweaver.trainer.v1.TrainerService.CancelTrainingJob
    */
   cancelTrainingJob: {
     methodKind: "unary";
     input: typeof CancelTrainingJobRequestSchema;
+    output: typeof TrainingJobSchema;
+  },
+  /**
+   * Pauses a job: a queued one is held (PAUSED); a running one saves a checkpoint after its current step and stops
+   * (PAUSING, then PAUSED). Pausing a pausing or paused job changes nothing.
+   *
+   * @generated from rpc neuroweaver.trainer.v1.TrainerService.PauseTrainingJob
+   */
+  pauseTrainingJob: {
+    methodKind: "unary";
+    input: typeof PauseTrainingJobRequestSchema;
+    output: typeof TrainingJobSchema;
+  },
+  /**
+   * Queues a paused job again; it resumes from the checkpoint saved when it paused. Resuming a queued or running
+   * job changes nothing.
+   *
+   * @generated from rpc neuroweaver.trainer.v1.TrainerService.ResumeTrainingJob
+   */
+  resumeTrainingJob: {
+    methodKind: "unary";
+    input: typeof ResumeTrainingJobRequestSchema;
+    output: typeof TrainingJobSchema;
+  },
+  /**
+   * Asks a running job to save a checkpoint after its current training step; a CHECKPOINT event follows.
+   *
+   * @generated from rpc neuroweaver.trainer.v1.TrainerService.CheckpointTrainingJob
+   */
+  checkpointTrainingJob: {
+    methodKind: "unary";
+    input: typeof CheckpointTrainingJobRequestSchema;
     output: typeof TrainingJobSchema;
   },
   /**
