@@ -200,3 +200,27 @@ def test_invalid_dataset_raises(tiny_model_dir, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(DatasetInvalid, match="line 1: 'messages' must end with an assistant message"):
         run_sft(_cfg(tiny_model_dir, bad, tmp_path / "x"))
+
+
+@pytest.mark.parametrize("flag", ["liger_kernels", "offload_activations"])
+def test_gpu_memory_features_are_refused_without_a_gpu_before_any_work(tiny_model_dir, chat_file, tmp_path, flag):
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "m", device="cpu", **{flag: True})
+    with pytest.raises(ValueError, match=f"{flag} need a CUDA GPU \\(device here: cpu\\)"):
+        run_sft(cfg)
+    assert not (tmp_path / "m" / "run_config.json").exists()  # nothing written: refused before the run started
+    # off by default and, off, left out of the fingerprint: runs fingerprinted before these settings still resume
+    assert flag not in _cfg(tiny_model_dir, chat_file, tmp_path / "n").fingerprint_fields()
+    assert cfg.fingerprint_fields()[flag] is True
+
+
+def test_gpu_memory_features_reach_the_trainer():
+    from neuroweaver_ml.training import _trainer_class, sft_training_arguments
+
+    cfg = SFTConfig(base_model_dir="b", train_file="t", output_dir="o", liger_kernels=True, offload_activations=True)
+    args = sft_training_arguments(cfg, Path("/tmp/nw-unused"), False, "cpu")
+    assert args.use_liger_kernel is True  # transformers' Trainer applies Liger to the (PEFT-unwrapped) model at init
+    from transformers import Trainer
+
+    offloading = _trainer_class(cfg)  # its training step runs inside TRL's activation-offloading context
+    assert issubclass(offloading, Trainer) and offloading.training_step is not Trainer.training_step
+    assert _trainer_class(dataclasses.replace(cfg, offload_activations=False)) is Trainer

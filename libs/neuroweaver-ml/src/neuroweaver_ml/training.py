@@ -85,6 +85,12 @@ class SFTConfig:
     optim: str = ""  # transformers optimizer name; "" → paged_adamw_8bit on a GPU, adamw_torch without
     precision: str = "auto"  # auto (bf16 on a GPU, fp32 without) | fp32 | bf16 | fp16 (CUDA only)
     device: str = "auto"  # auto | cpu | cuda
+    # Memory/speed on a CUDA GPU (refused elsewhere, before any work): Liger's Triton kernels for the model's family
+    # (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: no full logits tensor), applied by transformers'
+    # ``use_liger_kernel``; TRL's activation offloading (saved activations to pinned CPU memory on a side stream;
+    # with gradient_checkpointing only the checkpointed layer inputs are left to offload).
+    liger_kernels: bool = False
+    offload_activations: bool = False
     base_model_ref: str | None = None  # how the base was referenced (for the model card / report)
     adapter_name: str | None = None  # for the model card
 
@@ -104,7 +110,8 @@ class SFTConfig:
             "base_model_dir",
         ):
             d.pop(k)
-        for k, default in (("optim", ""), ("precision", "auto")):  # added later: older runs' fingerprints unchanged
+        added_later = (("optim", ""), ("precision", "auto"), ("liger_kernels", False), ("offload_activations", False))
+        for k, default in added_later:  # older runs' fingerprints unchanged
             if d[k] == default:
                 d.pop(k)
         return d
@@ -299,8 +306,41 @@ def _weights_dtype(cfg: SFTConfig, device: str):
     return torch.bfloat16
 
 
+def _check_gpu_features(cfg: SFTConfig, device: str) -> None:
+    """liger_kernels / offload_activations need a CUDA GPU and their package: refused up front, not silently ignored."""
+    import importlib.util
+
+    asked = [n for n in ("liger_kernels", "offload_activations") if getattr(cfg, n)]
+    if asked and not device.startswith("cuda"):
+        raise ValueError(f"{' and '.join(asked)} need a CUDA GPU (device here: {device}); turn them off on this device")
+    if cfg.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("liger_kernels needs the liger-kernel package (pip install liger-kernel)")
+    if cfg.offload_activations and importlib.util.find_spec("trl") is None:
+        raise ValueError("offload_activations needs the trl package (its activation offloading is used)")
+
+
+def _trainer_class(cfg: SFTConfig):
+    """The transformers ``Trainer``, or with ``offload_activations`` one whose training step (forward + backward) runs
+    inside TRL's activation-offloading context, as TRL's own SFTTrainer does."""
+    from transformers import Trainer
+
+    if not cfg.offload_activations:
+        return Trainer
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    class _OffloadingTrainer(Trainer):
+        def training_step(self, *args, **kwargs):
+            if not hasattr(self, "_offload_ctx"):  # built on the final (PEFT) model: it finds the output head there
+                self._offload_ctx = get_act_offloading_ctx_manager(model=self.model)
+            with self._offload_ctx:
+                return super().training_step(*args, **kwargs)
+
+    return _OffloadingTrainer
+
+
 def load_base_for_training(cfg: SFTConfig, device: str):
     """Load the base model for LoRA (full precision; bf16 on GPU) or QLoRA (NF4 4-bit)."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = _weights_dtype(cfg, device)
@@ -324,6 +364,13 @@ def load_base_for_training(cfg: SFTConfig, device: str):
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        if cfg.liger_kernels and dtype == torch.bfloat16:
+            # prepare_model_for_kbit_training upcasts every weight that is not 4-bit to fp32. The frozen embeddings
+            # and lm_head go back to bf16 (2 GB less at Llama-3's 128k vocabulary): Liger's fused linear
+            # cross-entropy, under bf16 autocast, would otherwise cast the fp32 head anew for every chunk.
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None:
+                    module.to(dtype)
     elif cfg.method == "lora":
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model_dir, dtype=dtype)
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to() (functools.wraps): its stub takes the str for self
@@ -468,6 +515,7 @@ def sft_training_arguments(cfg: SFTConfig, ckdir: Path, has_eval: bool, device: 
         use_cpu=not on_gpu,
         optim=cfg.optim or ("paged_adamw_8bit" if on_gpu else "adamw_torch"),
         report_to="none",
+        use_liger_kernel=cfg.liger_kernels,
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -489,7 +537,7 @@ def run_sft(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, Trainer, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     cfg = config
     t_start = time.monotonic()
@@ -504,6 +552,7 @@ def run_sft(
     ckdir = out / CHECKPOINTS_DIRNAME
     device = _device(cfg)
     _weights_dtype(cfg, device)  # fp16 without a GPU: refused before any work
+    _check_gpu_features(cfg, device)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model_dir)
     if tokenizer.pad_token_id is None:
@@ -567,7 +616,7 @@ def run_sft(
     has_eval = bool(eval_examples)
     args = sft_training_arguments(cfg, ckdir, has_eval, device)
     bridge = _make_callback(on_event, should_stop, ckdir)
-    trainer = Trainer(
+    trainer = _trainer_class(cfg)(
         model=model,
         args=args,
         data_collator=SFTCollator(tokenizer.pad_token_id, cfg.padding_free),
