@@ -91,6 +91,10 @@ class SFTConfig:
     # with gradient_checkpointing only the checkpointed layer inputs are left to offload).
     liger_kernels: bool = False
     offload_activations: bool = False
+    # > 0: stop once eval_loss has not improved for this many evaluations, and keep the best evaluation's weights as
+    # the adapter (a checkpoint is saved at every evaluation then). Needs evaluation (eval data, eval_every_steps > 0).
+    early_stopping_patience: int = 0
+    chat_template: str | None = None  # Jinja chat template replacing the tokenizer's (saved with the adapter)
     base_model_ref: str | None = None  # how the base was referenced (for the model card / report)
     adapter_name: str | None = None  # for the model card
 
@@ -110,7 +114,10 @@ class SFTConfig:
             "base_model_dir",
         ):
             d.pop(k)
-        added_later = (("optim", ""), ("precision", "auto"), ("liger_kernels", False), ("offload_activations", False))
+        added_later = (
+            ("optim", ""), ("precision", "auto"), ("liger_kernels", False), ("offload_activations", False),
+            ("early_stopping_patience", 0), ("chat_template", None),
+        )  # fmt: skip
         for k, default in added_later:  # older runs' fingerprints unchanged
             if d[k] == default:
                 d.pop(k)
@@ -184,6 +191,8 @@ class SFTResult:
     dataset_sha256: str | None = None
     method: str = "lora"
     target_modules: list[str] = field(default_factory=list)
+    best_step: int | None = None  # with early stopping: the evaluation whose weights the adapter holds
+    stopped_early: bool = False  # early stopping ended the run before its planned steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +468,12 @@ def _make_callback(on_event: Callable[[Event], None] | None, should_stop: Callab
     return _Bridge()
 
 
+def _early_stopping(cfg: SFTConfig) -> list:
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)] if cfg.early_stopping_patience > 0 else []
+
+
 def _f(v) -> float | None:
     try:
         return None if v is None else float(v)
@@ -490,6 +505,9 @@ def sft_training_arguments(cfg: SFTConfig, ckdir: Path, has_eval: bool, device: 
     from transformers import TrainingArguments
 
     on_gpu = device.startswith("cuda")
+    early = cfg.early_stopping_patience > 0
+    if early and not (has_eval and cfg.eval_every_steps > 0):
+        raise ValueError("early_stopping_patience needs evaluation: eval data and eval_every_steps > 0")
     return TrainingArguments(
         output_dir=str(ckdir),
         per_device_train_batch_size=cfg.batch_size,
@@ -503,8 +521,12 @@ def sft_training_arguments(cfg: SFTConfig, ckdir: Path, has_eval: bool, device: 
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=1,
-        save_strategy="steps" if cfg.checkpoint_every_steps > 0 else "no",
-        save_steps=cfg.checkpoint_every_steps if cfg.checkpoint_every_steps > 0 else 500,
+        save_strategy="steps" if cfg.checkpoint_every_steps > 0 or early else "no",
+        # with early stopping every evaluation is a checkpoint, so the best one can be restored at the end
+        save_steps=cfg.eval_every_steps if early else cfg.checkpoint_every_steps if cfg.checkpoint_every_steps > 0 else 500,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
         save_total_limit=max(1, cfg.keep_checkpoints),
         eval_strategy="steps" if (has_eval and cfg.eval_every_steps > 0) else "no",
         eval_steps=cfg.eval_every_steps if cfg.eval_every_steps > 0 else None,
@@ -555,6 +577,8 @@ def run_sft(
     _check_gpu_features(cfg, device)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model_dir)
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template  # tokenization, and the adapter's saved tokenizer, use it
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     sft_formats = ("chat", "prompt_completion")
@@ -623,7 +647,7 @@ def run_sft(
         train_dataset=_ListDataset(train_tok.examples),
         eval_dataset=_ListDataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
-        callbacks=[bridge],
+        callbacks=[bridge, *_early_stopping(cfg)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -661,6 +685,10 @@ def run_sft(
         method=cfg.method,
         target_modules=targets,
     )
+    if cfg.early_stopping_patience > 0 and state.best_global_step:
+        common.update(
+            best_step=int(state.best_global_step), stopped_early=not bridge.cancelled and state.global_step < state.max_steps
+        )
     if bridge.cancelled and state.global_step < state.max_steps:
         return SFTResult(
             status="cancelled",
@@ -673,7 +701,9 @@ def run_sft(
         )
 
     eval_loss = bridge.last_eval
-    if has_eval and (eval_loss is None or cfg.eval_every_steps <= 0 or state.global_step % cfg.eval_every_steps):
+    if cfg.early_stopping_patience > 0 and state.best_metric is not None:
+        eval_loss = _f(state.best_metric)  # the restored best weights' loss
+    elif has_eval and (eval_loss is None or cfg.eval_every_steps <= 0 or state.global_step % cfg.eval_every_steps):
         eval_loss = _f(trainer.evaluate().get("eval_loss"))
 
     if not main:  # the adapter, model card and report are rank 0's

@@ -80,3 +80,31 @@ async def test_sft_settings_users_expect_reach_the_training_run(trainers, regist
     # the trainer state transformers wrote: warmup 2 → the first step's learning rate is below the peak
     steps = [e for e in events if e.type == h.tpb.EVENT_TYPE_STEP]
     assert len(steps) == 3 and steps[0].step.learning_rate < hp.learning_rate
+
+
+async def test_early_stopping_and_a_chat_template_through_a_real_run(trainers, registry, tiny_model, data_root, h):
+    """A learning rate that makes the eval loss worse: early stopping ends the job before max_steps and registers the
+    best evaluation's weights; the job's chat template ships with the registered adapter's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from neuroweaver_ml import uri_to_path
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    trainer = await trainers()
+    job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_SFT_LORA, max_steps=60, eval_every=2)
+    hp = job.hyperparameters
+    hp.learning_rate, hp.lr_scheduler, hp.early_stopping_patience, hp.chat_template = 0.3, "constant", 2, template
+    created = await trainer.stub.CreateTrainingJob(
+        h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id="early", training_job=job)
+    )
+    events = await asyncio.wait_for(h.watch_all(trainer.stub, created.name), 240)
+    assert events[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED, events[-1].message
+    done = [e for e in events if e.type == h.tpb.EVENT_TYPE_STAGE_COMPLETED and e.stage == "sft"]
+    assert "early stopping kept step" in done[0].message
+    steps = [e.step.step for e in events if e.type == h.tpb.EVENT_TYPE_STEP]
+    assert steps[-1] < 60
+    final = await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=created.name))
+    evals = {int(e.metrics["step"]): e.metrics["eval_loss"] for e in events if e.type == h.tpb.EVENT_TYPE_EVAL}
+    assert final.metrics["eval_loss"] == pytest.approx(min(evals.values()))  # the kept weights' loss
+    adapter = uri_to_path(final.output_uri) / "adapter"
+    assert AutoTokenizer.from_pretrained(str(adapter)).chat_template == template

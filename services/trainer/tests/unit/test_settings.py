@@ -254,12 +254,60 @@ def test_dpo_beta_and_policy_learning_rate_reach_the_trl_configs(tmp_path):
         (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(dpo_beta=0), None, "hyperparameters.dpo_beta"),
         (pb.TRAINING_METHOD_SFT_LORA, pb.Hyperparameters(dpo_beta=0.1), None, "hyperparameters.dpo_beta"),
         (pb.TRAINING_METHOD_RLAIF, None, _rlaif(policy_learning_rate=2), "rlaif.policy_learning_rate"),
+        (
+            pb.TRAINING_METHOD_SFT_LORA,
+            pb.Hyperparameters(early_stopping_patience=-1),
+            None,
+            "hyperparameters.early_stopping_patience",
+        ),
+        (
+            pb.TRAINING_METHOD_SFT_LORA,
+            pb.Hyperparameters(early_stopping_patience=2, eval_fraction=0),
+            None,
+            "hyperparameters.early_stopping_patience",
+        ),
+        (
+            pb.TRAINING_METHOD_SFT_LORA,
+            pb.Hyperparameters(early_stopping_patience=2, eval_interval_steps=0),
+            None,
+            "hyperparameters.early_stopping_patience",
+        ),
+        (pb.TRAINING_METHOD_DPO, pb.Hyperparameters(early_stopping_patience=2), None, "hyperparameters.early_stopping_patience"),
+        (
+            pb.TRAINING_METHOD_SFT_LORA,
+            pb.Hyperparameters(chat_template="{% for m in messages %}{{ m.content }"),
+            None,
+            "hyperparameters.chat_template",
+        ),
+        (pb.TRAINING_METHOD_SFT_LORA, pb.Hyperparameters(chat_template="hello"), None, "hyperparameters.chat_template"),
+        (
+            pb.TRAINING_METHOD_SFT_LORA,
+            pb.Hyperparameters(chat_template="{{ messages }}" + "x" * 70000),
+            None,
+            "hyperparameters.chat_template",
+        ),
+        (
+            pb.TRAINING_METHOD_REWARD_MODEL,
+            pb.Hyperparameters(chat_template="{{ messages }}"),
+            None,
+            "hyperparameters.chat_template",
+        ),
     ],
 )
 def test_new_settings_are_field_violations_where_they_do_not_apply_or_are_out_of_range(method, hyper, rlaif, field):
     v = Violations()
     validate_job(job_from_pb(_pb_job(method=method, hyper=hyper, rlaif=rlaif)), v)
     assert "training_job." + field in {x.field for x in v.items}
+
+
+def test_early_stopping_and_a_chat_template_reach_the_sft_config(tmp_path):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    job = _created(_pb_job(hyper=pb.Hyperparameters(early_stopping_patience=3, chat_template=template)))
+    assert job_to_pb(job).hyperparameters.early_stopping_patience == 3
+    sft = _worker(job, tmp_path).sft_config("/base", "/train.jsonl", None)
+    assert (sft.early_stopping_patience, sft.chat_template) == (3, template)
+    plain = _worker(_created(_pb_job()), tmp_path).sft_config("/base", "/train.jsonl", None)
+    assert (plain.early_stopping_patience, plain.chat_template) == (0, None)
 
 
 def test_an_unknown_precision_is_refused_by_name():

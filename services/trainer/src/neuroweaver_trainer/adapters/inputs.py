@@ -6,6 +6,7 @@ Blocking (tokenizer loading, file reads): call through `asyncio.to_thread`. Ever
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ def check_inputs(
     method: str = "SFT_LORA",
     prompts_uri: str = "",
     eval_prompts_uri: str = "",
+    chat_template: str = "",
 ) -> CheckedInputs:
     """SFT (and RLAIF's SFT stage): chat / prompt_completion; DPO / REWARD_MODEL: preference rows; RLAIF prompt
     files: `{prompt, reference?}` rows. Every problem is line-numbered (`DATASET_INVALID`)."""
@@ -162,6 +164,9 @@ def check_inputs(
         raise InvalidArgument(
             f"{BASE_MODEL} has no loadable tokenizer ({type(exc).__name__})", field=BASE_MODEL, reason="BASE_MODEL_INVALID"
         ) from None
+    if chat_template:  # the job's override renders its conversations (a copy: the cached tokenizer stays as loaded)
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = chat_template
     path, digest, rows = "", "", 0
     if dataset_uri:
         p, digest, rows = check_dataset(dataset_uri, roots, "training_job.dataset_uri", tokenizer, max_seq_length, formats)

@@ -115,6 +115,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             optimizer=h.optimizer, precision=_PRECISION_FROM_PB.get(h.precision, ""),
             sequence_packing=h.sequence_packing if h.HasField("sequence_packing") else None,
             train_on_inputs=h.train_on_inputs, dpo_beta=h.dpo_beta if h.HasField("dpo_beta") else None,
+            early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template,
         ),
         executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
         resources=d.Resources(
@@ -166,6 +167,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             **_both("eval_fraction", "eval_split", h.eval_split), **_both("gradient_clip_norm", "max_grad_norm", h.max_grad_norm),
             warmup_steps=h.warmup_steps, optimizer=h.optimizer, precision=_PRECISION.get(h.precision, pb.PRECISION_UNSPECIFIED),
             train_on_inputs=h.train_on_inputs, **_set("sequence_packing", h.sequence_packing), **_set("dpo_beta", h.dpo_beta),
+            early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template,
         ),
         executor=_EXECUTOR[j.executor],
         resources=pb.Resources(

@@ -134,6 +134,8 @@ class Hyperparameters:
     sequence_packing: bool | None = None
     train_on_inputs: bool = False
     dpo_beta: float | None = None  # method DPO
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    chat_template: str = ""  # "" = the base tokenizer's
 
 
 @dataclass
@@ -357,6 +359,22 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _SFT_METHODS = frozenset({Method.SFT_LORA, Method.SFT_QLORA, Method.RLAIF})
 
 
+def chat_template_problem(template: str) -> str:
+    """Why a chat template cannot be used ("" when it can): size, and Jinja syntax (parsed, never rendered here)."""
+    if len(template.encode()) > 64 * 1024:
+        return "chat_template is longer than 64 KiB"
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as exc:
+        return f"chat_template is not a valid Jinja template: {exc.message} (line {exc.lineno})"
+    if "messages" not in template:
+        return "chat_template never reads `messages`: it would render every conversation the same"
+    return ""
+
+
 def _validate_sft_settings(job: TrainingJob, v: Violations) -> None:
     """Settings only the SFT stage honours are refused elsewhere rather than silently ignored."""
     h, hp = job.hyperparameters, "training_job.hyperparameters."
@@ -366,10 +384,22 @@ def _validate_sft_settings(job: TrainingJob, v: Violations) -> None:
         v.add(hp + "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)} (empty = the device's default)")
     if h.precision and h.precision not in PRECISIONS:
         v.add(hp + "precision", "precision must be PRECISION_FP32, _BF16 or _FP16")
+    if not 0 <= h.early_stopping_patience <= 1000:
+        v.add(hp + "early_stopping_patience", "early_stopping_patience must be in [0, 1000] (0 = off)")
+    elif h.early_stopping_patience and (h.eval_every_steps == 0 or (h.eval_split == 0 and not job.eval_dataset_uri)):
+        v.add(
+            hp + "early_stopping_patience",
+            "early stopping needs evaluation: eval_interval_steps > 0 and an eval dataset or eval_fraction > 0",
+        )
+    if h.chat_template:
+        problem = chat_template_problem(h.chat_template)
+        if problem:
+            v.add(hp + "chat_template", problem)
     if job.method is not None and job.method not in _SFT_METHODS:
         for name, set_ in (
             ("warmup_steps", h.warmup_steps), ("optimizer", h.optimizer), ("precision", h.precision),
             ("sequence_packing", h.sequence_packing is not None), ("train_on_inputs", h.train_on_inputs),
+            ("early_stopping_patience", h.early_stopping_patience), ("chat_template", h.chat_template),
         ):  # fmt: skip
             if set_:
                 v.add(hp + name, f"{name} applies to the SFT stage (SFT_LORA, SFT_QLORA, RLAIF), not {job.method.value}")
@@ -623,6 +653,8 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
         out.update({
             "warmup_steps": h.warmup_steps, "optimizer": h.optimizer or "auto", "precision": h.precision or "auto",
             "sequence_packing": str(h.sequence_packing is not False).lower(), "train_on_inputs": str(h.train_on_inputs).lower(),
+            "early_stopping_patience": h.early_stopping_patience,
+            "chat_template": "custom" if h.chat_template else "base",
         })  # fmt: skip
     if job.method is Method.DPO:
         out["dpo_beta"] = h.dpo_beta

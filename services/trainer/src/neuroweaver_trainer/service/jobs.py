@@ -144,6 +144,7 @@ class TrainerService:
             self.policy.check_inputs, job.base_model, job.dataset_uri, job.eval_dataset_uri, self.policy.dataset_roots,
             job.hyperparameters.max_seq_length, self.policy.model_cache_dir, model_roots=self.policy.model_roots, method=job.method.value,
             prompts_uri=job.rlaif.prompts_uri, eval_prompts_uri=job.rlaif.eval_prompts_uri,
+            chat_template=job.hyperparameters.chat_template,
         )  # fmt: skip
         job.dataset_digest, job.eval_dataset_digest = checked.dataset_digest, checked.eval_dataset_digest
         job.rlaif.prompts_digest, job.rlaif.eval_prompts_digest = checked.prompts_digest, checked.eval_prompts_digest

@@ -160,6 +160,7 @@ class Training:
             # settings added later read back as their defaults from jobs stored before them
             warmup_steps=h.warmup_steps, optim=h.optimizer, precision=h.precision or "auto",
             padding_free=h.sequence_packing is not False, completion_only_loss=not h.train_on_inputs,
+            early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template or None,
             base_model_ref=job.base_model, adapter_name=job.name,
         )  # fmt: skip
 
@@ -189,7 +190,8 @@ class Training:
                     EventType.STAGE_COMPLETED,
                     stage="sft",
                     metrics=metrics,
-                    message=f"trained {result.global_step} steps, {result.tokens_seen} tokens",
+                    message=f"trained {result.global_step} steps, {result.tokens_seen} tokens"
+                    + (f"; early stopping kept step {result.best_step}'s weights" if result.best_step else ""),
                 ),
                 current_step=result.global_step,
                 total_steps=result.total_steps,
