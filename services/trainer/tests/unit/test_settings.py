@@ -292,6 +292,8 @@ def test_dpo_beta_and_policy_learning_rate_reach_the_trl_configs(tmp_path):
             None,
             "hyperparameters.chat_template",
         ),
+        (pb.TRAINING_METHOD_SFT_QLORA, pb.Hyperparameters(liger_kernels=True), None, "hyperparameters.liger_kernels"),
+        (pb.TRAINING_METHOD_SFT_QLORA, pb.Hyperparameters(offload_activations=True), None, "hyperparameters.offload_activations"),
     ],
 )
 def test_new_settings_are_field_violations_where_they_do_not_apply_or_are_out_of_range(method, hyper, rlaif, field):
@@ -306,6 +308,10 @@ def test_early_stopping_and_a_chat_template_reach_the_sft_config(tmp_path):
     assert job_to_pb(job).hyperparameters.early_stopping_patience == 3
     sft = _worker(job, tmp_path).sft_config("/base", "/train.jsonl", None)
     assert (sft.early_stopping_patience, sft.chat_template) == (3, template)
+    gpu = _pb_job(hyper=pb.Hyperparameters(liger_kernels=True, offload_activations=True))
+    gpu.resources.gpus = 1
+    sft = _worker(_created(gpu), tmp_path).sft_config("/base", "/train.jsonl", None)
+    assert (sft.liger_kernels, sft.offload_activations) == (True, True)
     plain = _worker(_created(_pb_job()), tmp_path).sft_config("/base", "/train.jsonl", None)
     assert (plain.early_stopping_patience, plain.chat_template) == (0, None)
 

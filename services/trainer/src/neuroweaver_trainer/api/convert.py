@@ -116,6 +116,7 @@ def job_from_pb(m: pb.TrainingJob) -> d.TrainingJob:
             sequence_packing=h.sequence_packing if h.HasField("sequence_packing") else None,
             train_on_inputs=h.train_on_inputs, dpo_beta=h.dpo_beta if h.HasField("dpo_beta") else None,
             early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template,
+            liger_kernels=h.liger_kernels, offload_activations=h.offload_activations,
         ),
         executor=_EXECUTOR_FROM_PB.get(m.executor, d.Executor.LOCAL),
         resources=d.Resources(
@@ -168,6 +169,7 @@ def job_to_pb(j: d.TrainingJob) -> pb.TrainingJob:
             warmup_steps=h.warmup_steps, optimizer=h.optimizer, precision=_PRECISION.get(h.precision, pb.PRECISION_UNSPECIFIED),
             train_on_inputs=h.train_on_inputs, **_set("sequence_packing", h.sequence_packing), **_set("dpo_beta", h.dpo_beta),
             early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template,
+            liger_kernels=h.liger_kernels, offload_activations=h.offload_activations,
         ),
         executor=_EXECUTOR[j.executor],
         resources=pb.Resources(

@@ -136,6 +136,8 @@ class Hyperparameters:
     dpo_beta: float | None = None  # method DPO
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     chat_template: str = ""  # "" = the base tokenizer's
+    liger_kernels: bool = False  # CUDA only
+    offload_activations: bool = False  # CUDA only
 
 
 @dataclass
@@ -395,11 +397,15 @@ def _validate_sft_settings(job: TrainingJob, v: Violations) -> None:
         problem = chat_template_problem(h.chat_template)
         if problem:
             v.add(hp + "chat_template", problem)
+    for name in ("liger_kernels", "offload_activations"):
+        if getattr(h, name) and job.resources.gpus == 0:
+            v.add(hp + name, f"{name} runs on CUDA GPUs only: ask for resources.gpus > 0")
     if job.method is not None and job.method not in _SFT_METHODS:
         for name, set_ in (
             ("warmup_steps", h.warmup_steps), ("optimizer", h.optimizer), ("precision", h.precision),
             ("sequence_packing", h.sequence_packing is not None), ("train_on_inputs", h.train_on_inputs),
             ("early_stopping_patience", h.early_stopping_patience), ("chat_template", h.chat_template),
+            ("liger_kernels", h.liger_kernels), ("offload_activations", h.offload_activations),
         ):  # fmt: skip
             if set_:
                 v.add(hp + name, f"{name} applies to the SFT stage (SFT_LORA, SFT_QLORA, RLAIF), not {job.method.value}")
@@ -655,6 +661,7 @@ def hyperparameters_as_strings(job: TrainingJob) -> dict[str, str]:
             "sequence_packing": str(h.sequence_packing is not False).lower(), "train_on_inputs": str(h.train_on_inputs).lower(),
             "early_stopping_patience": h.early_stopping_patience,
             "chat_template": "custom" if h.chat_template else "base",
+            "liger_kernels": str(h.liger_kernels).lower(), "offload_activations": str(h.offload_activations).lower(),
         })  # fmt: skip
     if job.method is Method.DPO:
         out["dpo_beta"] = h.dpo_beta

@@ -161,6 +161,7 @@ class Training:
             warmup_steps=h.warmup_steps, optim=h.optimizer, precision=h.precision or "auto",
             padding_free=h.sequence_packing is not False, completion_only_loss=not h.train_on_inputs,
             early_stopping_patience=h.early_stopping_patience, chat_template=h.chat_template or None,
+            liger_kernels=h.liger_kernels, offload_activations=h.offload_activations,
             base_model_ref=job.base_model, adapter_name=job.name,
         )  # fmt: skip
 

@@ -297,6 +297,8 @@ class Hyperparameters(_message.Message):
     DPO_BETA_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    LIGER_KERNELS_FIELD_NUMBER: _builtins.int
+    OFFLOAD_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Default 2e-4."""
     num_epochs: _builtins.float
@@ -415,6 +417,14 @@ class Hyperparameters(_message.Message):
     training conversations and ships with the adapter's tokenizer, so serving renders prompts the same way. At most
     64 KiB. Empty = the tokenizer's own. SFT stage.
     """
+    liger_kernels: _builtins.bool
+    """Liger's Triton kernels for the model's family (RMSNorm, RoPE, SwiGLU, and the fused linear cross-entropy that
+    never builds the full logits tensor). CUDA GPUs only: a job without GPUs (`resources.gpus` 0) is refused. SFT stage.
+    """
+    offload_activations: _builtins.bool
+    """Offload saved activations to pinned CPU memory during each training step (TRL's activation offloading; with
+    gradient checkpointing, the checkpointed layer inputs). CUDA GPUs only, like liger_kernels. SFT stage.
+    """
     def __init__(
         self,
         *,
@@ -447,10 +457,12 @@ class Hyperparameters(_message.Message):
         dpo_beta: _builtins.float | None = ...,
         early_stopping_patience: _builtins.int = ...,
         chat_template: _builtins.str = ...,
+        liger_kernels: _builtins.bool = ...,
+        offload_activations: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta", "_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_sequence_packing", b"_sequence_packing", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "dpo_beta", b"dpo_beta", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "gradient_clip_norm", b"gradient_clip_norm", "random_seed", b"random_seed", "sequence_packing", b"sequence_packing", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta", "_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_sequence_packing", b"_sequence_packing", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "batch_size", b"batch_size", "chat_template", b"chat_template", "checkpoint_every_steps", b"checkpoint_every_steps", "dpo_beta", b"dpo_beta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "gradient_clip_norm", b"gradient_clip_norm", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "optimizer", b"optimizer", "precision", b"precision", "random_seed", b"random_seed", "seed", b"seed", "sequence_packing", b"sequence_packing", "train_on_inputs", b"train_on_inputs", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta", "_eval_fraction", b"_eval_fraction", "_eval_interval_steps", b"_eval_interval_steps", "_gradient_clip_norm", b"_gradient_clip_norm", "_random_seed", b"_random_seed", "_sequence_packing", b"_sequence_packing", "_use_gradient_checkpointing", b"_use_gradient_checkpointing", "_warmup_fraction", b"_warmup_fraction", "batch_size", b"batch_size", "chat_template", b"chat_template", "checkpoint_every_steps", b"checkpoint_every_steps", "dpo_beta", b"dpo_beta", "early_stopping_patience", b"early_stopping_patience", "eval_every_steps", b"eval_every_steps", "eval_fraction", b"eval_fraction", "eval_interval_steps", b"eval_interval_steps", "eval_split", b"eval_split", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "gradient_clip_norm", b"gradient_clip_norm", "learning_rate", b"learning_rate", "liger_kernels", b"liger_kernels", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "num_epochs", b"num_epochs", "offload_activations", b"offload_activations", "optimizer", b"optimizer", "precision", b"precision", "random_seed", b"random_seed", "seed", b"seed", "sequence_packing", b"sequence_packing", "train_on_inputs", b"train_on_inputs", "use_gradient_checkpointing", b"use_gradient_checkpointing", "warmup_fraction", b"warmup_fraction", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dpo_beta: _TypeAlias = _typing.Literal["dpo_beta"]  # noqa: Y015
     _WhichOneofArgType__dpo_beta: _TypeAlias = _typing.Literal["_dpo_beta", b"_dpo_beta"]  # noqa: Y015
