@@ -837,6 +837,10 @@ DEFAULT_TRAINER_SECRET_ENV = (
     SecretEnv("NW_TRAINER_DATABASE_URL", "database-url"),
     SecretEnv("NW_TRAINER_AUTH_TOKEN", "auth-token", optional=True),
     SecretEnv("NW_TRAINER_REGISTRY_TOKEN", "registry-token", optional=True),
+    # experiment trackers: MLflow reads its credentials from the environment (never from the job's tracking URI)
+    SecretEnv("MLFLOW_TRACKING_USERNAME", "mlflow-tracking-username", optional=True),
+    SecretEnv("MLFLOW_TRACKING_PASSWORD", "mlflow-tracking-password", optional=True),
+    SecretEnv("MLFLOW_TRACKING_TOKEN", "mlflow-tracking-token", optional=True),
 )
 
 
