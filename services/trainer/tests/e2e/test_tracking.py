@@ -136,3 +136,44 @@ async def test_an_unreachable_tracker_does_not_fail_the_job(trainers, registry, 
     first_step = next(e for e in events if e.type == h.tpb.EVENT_TYPE_STEP)
     started = next(e for e in events if e.type == h.tpb.EVENT_TYPE_STATE_CHANGED and e.state == h.tpb.TrainingJob.STATE_RUNNING)
     assert first_step.create_time.ToDatetime() - started.create_time.ToDatetime() < __import__("datetime").timedelta(seconds=60)
+
+
+async def test_a_paused_job_keeps_its_run_open_and_a_cancelled_one_ends_it_killed(
+    trainers, registry, tiny_model, data_root, h, mlflow_server, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("NW_TRAINER_STOP_POLL_SECONDS", "0.2")  # the workers read the pause and cancel quickly
+    trainer = await trainers()
+    job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_SFT_LORA, max_steps=200,
+                   checkpoint_every=1000, eval_every=1000)  # fmt: skip
+    job.tracking.mlflow_tracking_uri, job.tracking.mlflow_experiment = mlflow_server, "nw-e2e-stops"
+    created = await trainer.stub.CreateTrainingJob(
+        h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id="tracked-stops", training_job=job)
+    )
+
+    async def stepped():
+        return (await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=created.name))).current_step >= 2
+
+    client = MlflowClient(mlflow_server)
+
+    def run_status() -> str:
+        exp = client.get_experiment_by_name("nw-e2e-stops")
+        (run,) = client.search_runs([exp.experiment_id])
+        return run.info.status
+
+    await h.wait_for(stepped, 120, what="training steps")
+    await trainer.stub.PauseTrainingJob(h.tsvc.PauseTrainingJobRequest(name=created.name))
+    paused = await h.wait_state(trainer.stub, created.name, {h.tpb.TrainingJob.STATE_PAUSED}, 60)
+    assert run_status() == "RUNNING"  # the resumed attempt continues it
+    await trainer.stub.ResumeTrainingJob(h.tsvc.ResumeTrainingJobRequest(name=created.name))
+
+    async def resumed_and_stepping():
+        job = await trainer.stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=created.name))
+        return job.current_step > paused.current_step + 1
+
+    await h.wait_for(resumed_and_stepping, 120, what="the resumed attempt to train")
+    await trainer.stub.CancelTrainingJob(h.tsvc.CancelTrainingJobRequest(name=created.name))
+    done = await h.wait_state(trainer.stub, created.name, timeout=60)
+    assert done.state == h.tpb.TrainingJob.STATE_CANCELLED and done.attempts == 2
+    assert run_status() == "KILLED"

@@ -4,8 +4,8 @@ Before training: the MLflow run is created, or the one an earlier attempt record
 continued (a job re-claimed after a crash, a preemption or a pause logs into the same run), and a LOG event names
 the run and the TensorBoard directory. While training: `neuroweaver_ml.tracking` hooks every stage's trainer.
 After a completed training: the final metrics, the training report, the adapter and the method's other outputs are
-logged to the run, which ends FINISHED (FAILED when the training failed; a stopped job — cancelled, paused,
-interrupted — leaves it open for the attempt that resumes it); the TensorBoard files go to the artifact store with
+logged to the run, which ends FINISHED (FAILED when the training failed, KILLED when it was cancelled; a paused,
+preempted or interrupted job leaves it open for the attempt that resumes it); the TensorBoard files go to the artifact store with
 the adapter. Tracker failures are LOG events ("... training goes on"), never the job's failure.
 """
 
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..domain.job import EventType, JobEvent, Method
+from ..domain.job import EventType, JobEvent, JobState, Method
 from .journal import Fenced
 from .training import Training
 
@@ -110,7 +110,11 @@ class Tracked(Training):
             await asyncio.to_thread(session.close)
             raise
         if outcome.status != "completed":
-            await asyncio.to_thread(session.close)  # the attempt that resumes continues the run
+            current = await inner.journal.controls()
+            if current is not None and current.state is JobState.CANCELLING:
+                await asyncio.to_thread(session.finish, "KILLED")  # cancelled: no attempt will continue the run
+            else:
+                await asyncio.to_thread(session.close)  # paused, preempted, shut down: the resumed attempt continues it
             return outcome
         if tb_dir is not None and tb_dir.is_dir():
             outcome.extra_artifacts.append((str(tb_dir), TENSORBOARD_DIR))

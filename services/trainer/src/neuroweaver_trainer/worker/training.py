@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from neuroweaver_ml.control import StopSignal
+from neuroweaver_ml.control import StopSignal, is_main_process
 
 from ..domain.job import EventType, JobEvent, Method, TrainingJob, quantized_base
 from .config import WorkerConfig
@@ -85,7 +85,8 @@ class Training:
             Method.REWARD_MODEL: PreferenceTraining,
         }
         training = kind.get(job.method, Training)(cfg, job, journal, stop)
-        return Tracked(training) if job.tracking.configured else training  # MLflow / TensorBoard: worker/tracking.py
+        tracked = job.tracking.configured and is_main_process()  # one run per job: rank 0 of several logs it
+        return Tracked(training) if tracked else training  # MLflow / TensorBoard: worker/tracking.py
 
     async def train(self) -> Outcome:
         job = self.job
