@@ -156,14 +156,13 @@ class Scheduler:
             except TimeoutError:
                 pass
 
-    def capacity(self) -> Capacity:
+    def _free_devices(self) -> list[str]:
         busy = {d for r in self.running.values() for d in r.devices}
-        gpus = len(self.s.gpu_devices)
-        return Capacity(self.s.max_concurrent_jobs, self.s.max_concurrent_jobs - len(self.running), gpus, gpus - len(busy))
+        return [d for d in self.s.gpu_devices if d not in busy]
 
-    def _free_devices(self, count: int) -> list[str]:
-        busy = {d for r in self.running.values() for d in r.devices}
-        return [d for d in self.s.gpu_devices if d not in busy][:count]
+    def capacity(self) -> Capacity:
+        slots, gpus = self.s.max_concurrent_jobs, len(self.s.gpu_devices)
+        return Capacity(slots, slots - len(self.running), gpus, len(self._free_devices()))
 
     async def _claim_one(self) -> bool:
         """Claims and starts one job; False when nothing claimable fits this replica now."""
@@ -195,7 +194,7 @@ class Scheduler:
         if job is None:  # the claim settled the job instead of starting it
             return True
         pk = job.key
-        devices = self._free_devices(job.resources.gpus) if job.executor is Executor.LOCAL else []
+        devices = self._free_devices()[: job.resources.gpus] if job.executor is Executor.LOCAL else []
         r = _Running(pk, job.name, job.attempts, job.executor, job.priority, devices)
         self.running[pk] = r
         try:
