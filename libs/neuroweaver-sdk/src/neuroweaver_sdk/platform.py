@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,16 @@ SERVICES = {
     "deployer": "neuroweaver.deployer.v1.DeployerService",
     "experiments": "neuroweaver.experiments.v1.ExperimentsService",
 }
+
+
+CONSOLE_PORT = 8090  # the web console (HTTP), when started (`make up`)
+
+
+def console_installed() -> bool:
+    try:
+        return importlib.util.find_spec("neuroweaver_console.__main__") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def installed_services() -> list[str]:
@@ -52,9 +63,14 @@ class LocalPlatform:
     extra_env: dict[str, str] = field(default_factory=dict)  # environment of every service, e.g. NW_<SVC>_* settings
     tls: ClientTLS = field(default_factory=lambda: ClientTLS.from_env("NW_"))  # how the health checks dial
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    console: bool = False  # also the web console (services/console) on CONSOLE_PORT, once the services are healthy
 
     def targets(self) -> dict[str, str]:
         return {name: DEFAULT_TARGETS[name] for name in self.services}
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{CONSOLE_PORT}"
 
     def start(self, timeout: float = 120.0) -> None:
         for name in self.services:
@@ -80,9 +96,54 @@ class LocalPlatform:
             )
         try:
             asyncio.run(self._wait_healthy(timeout))
+            if self.console:
+                self._start_console(env, logs, timeout)
         except BaseException:
             self.stop()  # never leave half a platform running
             raise
+
+    def _start_console(self, env: dict[str, str], logs: Path, timeout: float) -> None:
+        """The console dials the services as the CLI does: their default targets, TLS from `NW_TLS_*` unless its own
+        `NW_CONSOLE_CLIENT_TLS_*` are set."""
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", CONSOLE_PORT)) == 0:
+                raise RuntimeError(f"port {CONSOLE_PORT} (console) is already in use")
+        env = dict(env)
+        for part in ("ca", "cert", "key", "server_name"):
+            value = getattr(self.tls, part)
+            if value:
+                env.setdefault(f"NW_CONSOLE_CLIENT_TLS_{part.upper()}", value)
+        log = open(logs / "console.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        proc = self.processes["console"] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "neuroweaver_console",
+                "--port",
+                str(CONSOLE_PORT),
+                "--registry-target",
+                DEFAULT_TARGETS["registry"],
+                "--trainer-target",
+                DEFAULT_TARGETS["trainer"],
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"console exited with {proc.returncode}; see {logs}/console.log")
+            try:
+                with urllib.request.urlopen(f"{self.console_url}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the console did not answer within {timeout:.0f}s")
+            time.sleep(0.2)
 
     async def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

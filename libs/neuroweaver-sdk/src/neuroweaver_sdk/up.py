@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .platform import LocalPlatform
+from .platform import LocalPlatform, console_installed
 
 
 def main() -> None:
@@ -16,12 +16,15 @@ def main() -> None:
     # Handlers, not a blocked signal mask: children inherit a blocked mask and would then ignore SIGTERM.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    platform = LocalPlatform(data_dir)
-    print(f"starting {', '.join(platform.services)} (data in {data_dir}, logs in {data_dir / 'logs'})", flush=True)
+    platform = LocalPlatform(data_dir, console=console_installed())
+    names = [*platform.services, *(["console"] if platform.console else [])]
+    print(f"starting {', '.join(names)} (data in {data_dir}, logs in {data_dir / 'logs'})", flush=True)
     platform.start()
     try:
         for name, target in platform.targets().items():
             print(f"  {name:<12} {target}   grpcurl -plaintext {target} list", flush=True)
+        if platform.console:
+            print(f"  {'console':<12} {platform.console_url}   open it in a browser", flush=True)
         print("serving; Ctrl-C stops everything", flush=True)
         while not stop.wait(1.0):
             for name, proc in platform.processes.items():

@@ -1,0 +1,89 @@
+"""The console as a deployable component, without a browser: health and metrics on the ops port, the login's token
+forwarded to a registry with auth on, over TLS verified with the console's client CA."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
+from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
+from neuroweaver_runtime.client import ClientTLS, open_channel
+from neuroweaver_runtime.testing import TestCA
+
+
+async def test_health_and_metrics(console):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{console.url}/jobs") as resp:
+            assert resp.status == 200
+        async with http.get(f"{console.metrics_url}/healthz") as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "ok"
+        async with http.get(f"{console.metrics_url}/metrics") as resp:
+            text = await resp.text()
+    assert 'console_http_requests_total{code="200",route="/jobs"}' in text
+    assert "console_http_request_seconds_bucket" in text
+
+
+@pytest.fixture
+async def secured_registry(tmp_path):
+    """A registry with auth on, serving TLS with a test CA's certificate."""
+    from neuroweaver_registry.app import RegistryConfig, build
+
+    ca = TestCA(tmp_path / "pki")
+    cert, key = ca.issue("registry")
+    service = build(
+        RegistryConfig(
+            port=0,
+            metrics_port=-1,
+            data_dir=str(tmp_path / "registry"),
+            shutdown_grace_seconds=1,
+            auth_tokens="viewer-token=default:viewer,admin-token=default:admin",
+            page_token_secret="s3cret",
+            tls_cert=str(cert),
+            tls_key=str(key),
+        )  # fmt: skip
+    )
+    service.port = 0
+    port = await service.start()
+    channel = open_channel(f"127.0.0.1:{port}", token="admin-token", tls=ClientTLS(ca=str(ca.cert)))
+    await rgrpc.RegistryServiceStub(channel).CreateModel(
+        rsvc.CreateModelRequest(parent="projects/default", model_id="secured", model=rpb.Model(display_name="Secured bot"))
+    )
+    await channel.close()
+    yield f"127.0.0.1:{port}", ca
+    await service.stop()
+
+
+async def test_login_token_is_forwarded_over_tls(secured_registry):
+    from neuroweaver_console.app import Console
+    from neuroweaver_console.config import ConsoleConfig
+
+    target, ca = secured_registry
+    console = Console(
+        ConsoleConfig(port=0, metrics_port=-1, registry_target=target, trainer_target="127.0.0.1:1", client_tls_ca=str(ca.cert))
+    )
+    await console.start()
+    url = f"http://127.0.0.1:{console.port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # unsafe: an IP host
+            # No token: the registry says UNAUTHENTICATED and the console asks for a login.
+            async with http.get(f"{url}/models", allow_redirects=False) as resp:
+                assert resp.status == 303
+                assert resp.headers["Location"].startswith("/login?next=/models")
+            async with http.post(f"{url}/login", data={"token": "wrong", "next": "/models"}, allow_redirects=False) as resp:
+                assert resp.status == 303 and "HttpOnly" in resp.headers["Set-Cookie"]
+            async with http.get(f"{url}/models", allow_redirects=False) as resp:
+                assert resp.status == 303  # a token the registry does not know is no login
+            async with http.post(f"{url}/login", data={"token": "viewer-token", "next": "//evil.example/"}) as resp:
+                assert resp.url.path == "/jobs"  # not the foreign `next`: no open redirect
+            async with http.get(f"{url}/models") as resp:
+                assert resp.status == 200
+                assert "Secured bot" in await resp.text()
+            # A viewer may look but not move aliases: the registry's PERMISSION_DENIED is the page's 403.
+            async with http.post(
+                f"{url}/models/secured/alias", data={"alias": "prod", "version": "1.0.0", "expected": "-", "reason": "x"}
+            ) as resp:
+                assert resp.status == 403
+    finally:
+        await console.stop()

@@ -1,0 +1,119 @@
+"""Training screens in a real browser against a real trainer (worker subprocesses training a tiny model): the jobs
+list, the job page whose loss curve grows from WatchTrainingJob over server-sent events while the job runs, and the
+actions (checkpoint, pause, resume, cancel)."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuroweaver.common.v1 import common_pb2 as cpb
+from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+
+pytestmark = pytest.mark.slow
+RUNNING = tpb.TrainingJob.STATE_RUNNING
+
+
+def job(data_root, tiny_model, *, steps: int, eval_every: int, name: str) -> tsvc.CreateTrainingJobRequest:
+    return tsvc.CreateTrainingJobRequest(
+        parent="projects/default",
+        training_job=tpb.TrainingJob(
+            display_name=name,
+            base_model=tiny_model,
+            dataset_uri=(data_root / "chat.jsonl").as_uri(),
+            method=tpb.TRAINING_METHOD_SFT_LORA,
+            target_model="projects/default/models/advisor",
+            version_bump=cpb.VERSION_BUMP_MINOR,
+            lora=tpb.LoraConfig(r=4, alpha=8),
+            hyperparameters=tpb.Hyperparameters(
+                max_steps=steps,
+                batch_size=2,
+                max_seq_length=64,
+                checkpoint_every_steps=1000,
+                eval_interval_steps=eval_every,
+                eval_fraction=0.1,
+                learning_rate=1e-3,
+            ),
+        ),
+    )
+
+
+async def points(page) -> int:
+    return int(await page.locator("#loss-chart").get_attribute("data-points") or 0)
+
+
+async def test_curve_grows_while_the_job_runs(page, console, trainer, data_root, tiny_model, h):
+    created = await trainer.stub.CreateTrainingJob(job(data_root, tiny_model, steps=80, eval_every=20, name="curve"))
+    job_id = created.name.rsplit("/", 1)[-1]
+
+    await page.goto(f"{console.url}/jobs")
+    row = page.locator("#jobs tr", has_text="curve")
+    await row.wait_for()
+    await h.check_screen(page, "jobs")
+    await row.get_by_role("link", name="curve").click()
+    await page.wait_for_url(f"**/jobs/{job_id}")
+    assert "max_steps" in await page.locator("#hyperparameters").inner_text()
+
+    # Samples of the chart while the trainer reports the job running: the count of points must rise between them.
+    samples: list[int] = []
+
+    async def running_sample():
+        state = (await trainer.stub.GetTrainingJob(tsvc.GetTrainingJobRequest(name=created.name))).state
+        if state == RUNNING:
+            n = await points(page)
+            if n and (not samples or n != samples[-1]):
+                samples.append(n)
+        elif state in (tpb.TrainingJob.STATE_SUCCEEDED, tpb.TrainingJob.STATE_FAILED):
+            return True
+        return len(samples) >= 3
+
+    await h.wait_for(running_sample, timeout=240, interval=0.3, what="the curve to grow while the job runs")
+    assert len(samples) >= 3 and samples == sorted(samples) and samples[0] < samples[-1], samples
+    await h.check_screen(page, "job-running")
+
+    # To the end: the stream says `end`, every step is on the chart, the events list has the eval and the state changes.
+    await page.wait_for_selector("body[data-stream-ended='1']", timeout=240_000)
+    final = await trainer.stub.GetTrainingJob(tsvc.GetTrainingJobRequest(name=created.name))
+    assert final.state == tpb.TrainingJob.STATE_SUCCEEDED, final.error
+    assert await points(page) >= 80  # one loss point per step, plus the eval points
+    events = await page.locator("#events").inner_text()
+    assert "eval" in events and "succeeded" in events
+    assert await page.locator("#job-state").inner_text() == "succeeded"
+    await h.check_screen(page, "job-finished")
+
+    # A page opened after the end replays the whole history from the stream.
+    await page.reload()
+    await page.wait_for_selector("body[data-stream-ended='1']")
+    assert await points(page) >= 80
+
+
+async def test_actions_checkpoint_pause_resume_cancel(page, console, trainer, data_root, tiny_model, h):
+    created = await trainer.stub.CreateTrainingJob(job(data_root, tiny_model, steps=5000, eval_every=1000, name="actions"))
+    job_id = created.name.rsplit("/", 1)[-1]
+    await page.goto(f"{console.url}/jobs/{job_id}")
+
+    async def running_with_steps():
+        return await points(page) > 2
+
+    await h.wait_for(running_with_steps, timeout=180, what="the job to train")
+    await page.reload()  # the buttons follow the job's state at page load
+    await page.get_by_role("button", name="Checkpoint").click()
+    await page.wait_for_url("**?done=checkpoint")
+    await page.locator("#events li", has_text="checkpoint").first.wait_for(timeout=60_000)
+
+    await page.get_by_role("button", name="Pause").click()
+    await page.wait_for_url("**?done=pause")
+    await page.locator("#job-state", has_text="paused").wait_for(timeout=60_000)
+    await page.reload()
+    await h.check_screen(page, "job-paused")
+    await page.get_by_role("button", name="Resume").click()
+    await page.wait_for_url("**?done=resume")
+    await page.locator("#events li", has_text="resumed").first.wait_for(timeout=120_000)
+
+    page.once("dialog", lambda dialog: dialog.accept())  # the confirmation before cancelling
+    await page.reload()
+    await page.get_by_role("button", name="Cancel").click()
+    await page.wait_for_url("**?done=cancel")
+    await page.wait_for_selector("body[data-stream-ended='1']", timeout=120_000)
+    final = await trainer.stub.GetTrainingJob(tsvc.GetTrainingJobRequest(name=created.name))
+    assert final.state == tpb.TrainingJob.STATE_CANCELLED
