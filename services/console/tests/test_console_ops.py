@@ -13,6 +13,14 @@ from neuroweaver_runtime.client import ClientTLS, open_channel
 from neuroweaver_runtime.testing import TestCA
 
 
+async def test_unknown_job_and_model_are_404_pages(console):
+    async with aiohttp.ClientSession() as http:
+        for path in ("/jobs/tj-nope", "/jobs/tj-nope/events", "/models/nope", "/models/nope/compare?base=1.0.0&candidate=1.1.0"):
+            async with http.get(f"{console.url}{path}") as resp:
+                assert resp.status == 404, path
+                assert "The service said NOT_FOUND" in await resp.text()
+
+
 async def test_health_and_metrics(console):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{console.url}/jobs") as resp:

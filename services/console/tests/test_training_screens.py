@@ -4,6 +4,7 @@ actions (checkpoint, pause, resume, cancel)."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from neuroweaver.common.v1 import common_pb2 as cpb
@@ -85,6 +86,14 @@ async def test_curve_grows_while_the_job_runs(page, console, trainer, data_root,
     await page.reload()
     await page.wait_for_selector("body[data-stream-ended='1']")
     assert await points(page) >= 80
+
+    # The browser's reconnect (Last-Event-ID) resumes after that event, then the stream ends.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{console.url}/jobs/{job_id}/events", headers={"Last-Event-ID": "5"}) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            body = await resp.text()
+    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+    assert ids[0] == 6 and ids == list(range(6, 6 + len(ids))) and body.endswith("event: end\ndata: {}\n\n")
 
 
 async def test_actions_checkpoint_pause_resume_cancel(page, console, trainer, data_root, tiny_model, h):
