@@ -25,6 +25,8 @@ async def test_health_and_metrics(console):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{console.url}/jobs") as resp:
             assert resp.status == 200
+            assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
         async with http.get(f"{console.metrics_url}/healthz") as resp:
             assert resp.status == 200 and (await resp.json())["status"] == "ok"
         async with http.get(f"{console.metrics_url}/metrics") as resp:
