@@ -73,8 +73,12 @@ async def test_models_and_compare_show_deltas(page, console, parts_bot, h):
     assert versions == ["1.1.0", "1.0.0"]  # semver order, newest first
     await h.check_screen(page, "model")
 
+    # Keyboard: the first Tab reaches the skip link; the compare button is reachable and works with Enter.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.get_by_role("button", name="Compare base with candidate").focus()
     # The defaults: the newest as candidate, the one before as base.
-    await page.get_by_role("button", name="Compare base with candidate").click()
+    await page.keyboard.press("Enter")
     await page.wait_for_url("**/compare?**")
     assert "1.0.0 → 1.1.0" in await page.locator("h1").inner_text()
     rows = {}
