@@ -326,6 +326,7 @@ NOT_NAMES = {
     "neuroweaver.registry.v1.LocalEmbeddingJudge.model": "embedding model name",
     "neuroweaver.trainer.v1.TrainingJob.display_name": "free text",
     "neuroweaver.trainer.v1.TrainingJob.base_model": "base checkpoint path/URI",
+    "neuroweaver.trainer.v1.Tracking.mlflow_experiment": "an MLflow experiment's name on the job's tracking server",
     "neuroweaver.deployer.v1.Deployment.display_name": "free text",
     "neuroweaver.deployer.v1.Deployment.served_model_name": "output-only engine-facing model label",
     "neuroweaver.experiments.v1.Experiment.display_name": "free text",
