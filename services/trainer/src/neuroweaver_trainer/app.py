@@ -26,7 +26,7 @@ from .api.servicer import METHOD_ROLES, TrainerServicer
 from .domain.job import Executor
 from .domain.judge_endpoints import JudgeEndpoints
 from .domain.scheduling import Quotas
-from .domain.tracking import TrackingSettings, validate_tracking
+from .domain.tracking import TrackingServers, TrackingSettings, validate_tracking
 from .service.feeds import FeedHub
 from .service.jobs import JobPolicy, TrainerService
 from .service.scheduler import Scheduler, SchedulerSettings
@@ -77,6 +77,13 @@ class TrainerConfig(ServiceConfig):
     mlflow_tracking_uri: str = field(
         default="",
         metadata={"help": "MLflow tracking server every job logs to unless it names its own (http://host:5000); empty = none"},
+    )
+    mlflow_tracking_uris: str = field(
+        default="",
+        metadata={
+            "help": "URI prefixes of the MLflow servers a job may name (comma-separated); --mlflow-tracking-uri is always "
+            "allowed; empty = any http(s) server with auth off, none with auth on; a file:// store only when listed"
+        },
     )
     mlflow_experiment: str = field(
         default="", metadata={"help": "MLflow experiment of jobs that name none; empty = the job's target model"}
@@ -214,6 +221,7 @@ def build(config: TrainerConfig) -> GrpcService:
         else None,
         judge_endpoints=_judge_endpoints(config),
         tracking=_tracking_defaults(config),
+        tracking_servers=_tracking_servers(config),
         quotas=quotas,
         replica_slots=config.max_concurrent_jobs,
         replica_gpus=len(gpu_devices),
@@ -263,6 +271,16 @@ def _judge_endpoints(config: TrainerConfig) -> JudgeEndpoints:
         return JudgeEndpoints.from_setting(
             config.judge_endpoints, auth_enabled=bool(config.auth_tokens or config.cert_identities)
         )
+    except ValueError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+
+
+def _tracking_servers(config: TrainerConfig) -> TrackingServers:
+    try:
+        return TrackingServers.from_setting(
+            config.mlflow_tracking_uris, config.mlflow_tracking_uri,
+            auth_enabled=bool(config.auth_tokens or config.cert_identities),
+        )  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
 

@@ -112,3 +112,39 @@ def test_job_params_flatten_the_effective_settings():
     assert params["method"] == "SFT_LORA" and params["job"] == "projects/p/trainingJobs/j"
     assert params["hyperparameters.learning_rate"] == 1e-3 and params["hyperparameters.seed"] == 0  # 0 is a value
     assert params["lora.target_modules"] == "q_proj,v_proj" and "rlaif.algorithm" not in params
+
+
+def test_where_a_jobs_own_mlflow_uri_may_point():
+    """A job's tracking URI is a request the worker sends (and a file:// store it writes): only allowed servers."""
+    from neuroweaver_runtime.errors import FailedPrecondition
+    from neuroweaver_trainer.domain.tracking import TrackingServers
+
+    def refused(servers: TrackingServers, uri: str) -> bool:
+        try:
+            servers.check(uri)
+        except FailedPrecondition as exc:
+            assert exc.reason == "TRACKING_URI_NOT_ALLOWED"
+            return True
+        return False
+
+    listed = TrackingServers.from_setting(
+        "http://mlflow.internal:5000/, file:///srv/mlruns", "https://default:5000", auth_enabled=True
+    )
+    assert not refused(listed, "http://mlflow.internal:5000") and not refused(listed, "http://mlflow.internal:5000/x")
+    assert not refused(listed, "file:///srv/mlruns/team-a") and not refused(listed, "https://default:5000")
+    assert not refused(listed, "")  # no tracker of its own: the default (or none)
+    for uri in ("http://mlflow.internal:5000.evil.example", "http://169.254.169.254", "file:///srv/mlrunsx",
+                "file:///var/lib/neuroweaver/artifacts"):  # fmt: skip
+        assert refused(listed, uri), uri
+    open_single_user = TrackingServers.from_setting("", "", auth_enabled=False)
+    assert not refused(open_single_user, "http://anything:5000") and refused(open_single_user, "file:///tmp/mlruns")
+    assert refused(TrackingServers.from_setting("", "", auth_enabled=True), "http://anything:5000")
+    with pytest.raises(ValueError):
+        TrackingServers.from_setting("ftp://x", "", auth_enabled=True)
+    assert validate_problem("file:///srv/mlruns/../../etc")
+
+
+def validate_problem(uri: str) -> bool:
+    v = Violations()
+    validate_tracking(TrackingSettings(mlflow_tracking_uri=uri), v)
+    return bool(v.items)

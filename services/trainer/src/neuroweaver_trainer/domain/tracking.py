@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from neuroweaver_runtime.errors import Violations
+from neuroweaver_runtime.errors import FailedPrecondition, Violations
 
 MLFLOW_SCHEMES = ("http", "https", "file")
 MAX_URI = 2048
@@ -47,6 +47,8 @@ def mlflow_uri_problem(uri: str) -> str | None:
     if parts.scheme == "file":
         if parts.netloc or not parts.path.startswith("/"):
             return "a file tracking URI must be absolute: file:///path/to/mlruns"
+        if ".." in parts.path.split("/"):
+            return "a file tracking URI must not contain `..`"
         return None
     if not parts.hostname:
         return "mlflow_tracking_uri needs a host: http://host:port"
@@ -84,3 +86,41 @@ def apply_tracking_defaults(t: TrackingSettings, defaults: TrackingSettings, tar
     t.tensorboard = t.tensorboard or defaults.tensorboard
     if t.mlflow_tracking_uri:
         t.mlflow_experiment = t.mlflow_experiment or defaults.mlflow_experiment or target_model or "neuroweaver"
+
+
+@dataclass(frozen=True)
+class TrackingServers:
+    """Where a job's own `mlflow_tracking_uri` may point: the worker sends the job's parameters, metrics and adapter
+    there, and a `file://` store is written on the trainer's (or the worker pod's) file system. Unchecked, that is a
+    server-side request forgery and a write anywhere the worker can write, for any operator of any project. So the
+    trainer's `--mlflow-tracking-uris` lists the allowed URI prefixes (the trainer-wide default is always allowed);
+    with no list, a trainer with auth off (one user on their own machine) accepts any http(s) server and one with
+    auth on accepts none. A `file://` store is accepted only when listed."""
+
+    prefixes: tuple[str, ...] = ()
+    default: str = ""
+    open_when_unset: bool = True
+
+    @classmethod
+    def from_setting(cls, setting: str, default: str, *, auth_enabled: bool) -> TrackingServers:
+        prefixes = tuple(p.strip().rstrip("/") for p in (setting or "").split(",") if p.strip())
+        for prefix in prefixes:
+            if problem := mlflow_uri_problem(prefix):
+                raise ValueError(f"mlflow tracking URI prefix {prefix[:60]!r}: {problem}")
+        return cls(prefixes, default, open_when_unset=not auth_enabled)
+
+    def check(self, uri: str) -> None:
+        """Raises FAILED_PRECONDITION `TRACKING_URI_NOT_ALLOWED` for a URI a job may not log to."""
+        if not uri or uri == self.default:
+            return
+        if any(uri == p or uri.startswith(p + "/") for p in self.prefixes):
+            return
+        if not self.prefixes and self.open_when_unset and not uri.startswith("file:"):
+            return
+        what = "lists none" if not self.prefixes else "does not list it"
+        if not self.prefixes and self.open_when_unset:
+            what = "accepts a file:// store only when it lists it"
+        raise FailedPrecondition(
+            f"training_job.tracking.mlflow_tracking_uri is not allowed here: the trainer's --mlflow-tracking-uris {what}",
+            reason="TRACKING_URI_NOT_ALLOWED",
+        )

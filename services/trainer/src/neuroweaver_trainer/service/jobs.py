@@ -37,7 +37,7 @@ from ..domain.job import (
 )
 from ..domain.judge_endpoints import JudgeEndpoints
 from ..domain.scheduling import Capacity, Quotas, wait_reasons
-from ..domain.tracking import TrackingSettings, apply_tracking_defaults, validate_tracking
+from ..domain.tracking import TrackingServers, TrackingSettings, apply_tracking_defaults, validate_tracking
 from .feeds import GONE, LAGGED, FeedHub
 from .ports import InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
 
@@ -54,6 +54,7 @@ class JobPolicy:
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
     tracking: TrackingSettings = field(default_factory=TrackingSettings)  # trainer-wide tracker defaults
+    tracking_servers: TrackingServers = field(default_factory=TrackingServers)  # where a job's own MLflow URI may point
     # RLAIF jobs resolve their judge version (and start_from_version) in the registry at create time (None: none set)
     registry: RegistryLookups | None = None
     judge_endpoints: JudgeEndpoints = field(default_factory=JudgeEndpoints)
@@ -119,6 +120,7 @@ class TrainerService:
         validate_job(job, v)
         validate_tracking(job.tracking, v, export=job.method is Method.EXPORT)
         v.raise_if_any()
+        self.policy.tracking_servers.check(job.tracking.mlflow_tracking_uri)
         if job.executor not in self.policy.executors:
             raise FailedPrecondition(
                 f"executor {job.executor.value} is not configured on this trainer (configured: "
