@@ -103,8 +103,8 @@ class TrainerConfig(ServiceConfig):
     project_quotas: str = field(
         default="",
         metadata={
-            "help": "per-project caps over all replicas: `team-a=jobs:2,gpus:4;*=jobs:8` (`*` = every other project); "
-            "empty = none"
+            "help": "per-project caps over all replicas: `team-a=jobs:2,gpus:4,priority:50;*=jobs:8,priority:0` (`*` = "
+            "every other project; priority = the highest a job may ask for); empty = none"
         },
     )
     preemption_grace_seconds: float = field(

@@ -36,13 +36,15 @@ ROOMY = Capacity(slots=4, free_slots=4, gpus=4, free_gpus=4)
 
 
 def test_quotas_parse_and_fall_back_to_the_default():
-    quotas = Quotas.parse("team-a=jobs:2,gpus:4; team-b=jobs:1 ;*=gpus:8")
-    assert quotas.of("team-a") == Quota(2, 4) and quotas.of("team-b") == Quota(1, None)
-    assert quotas.of("anyone") == Quota(None, 8)
+    quotas = Quotas.parse("team-a=jobs:2,gpus:4,priority:100; team-b=jobs:1 ;*=gpus:8,priority:-5")
+    assert quotas.of("team-a") == Quota(2, 4, 100) and quotas.of("team-b") == Quota(1, None)
+    assert quotas.of("anyone") == Quota(None, 8, -5)
     assert Quotas.parse("").of("x") == Quota()
 
 
-@pytest.mark.parametrize("text", ["team-a", "team-a=jobs", "team-a=jobs:-1", "Team=jobs:1", "a=cpus:2", "a="])
+@pytest.mark.parametrize(
+    "text", ["team-a", "team-a=jobs", "team-a=jobs:-1", "Team=jobs:1", "a=cpus:2", "a=", "a=priority:x", "a=priority:"]
+)
 def test_quotas_refuse_what_they_cannot_read(text):
     with pytest.raises(ValueError):
         Quotas.parse(text)
@@ -254,3 +256,15 @@ async def test_yielded_attempts_do_not_count_against_max_attempts(fakes):
     scheduler = Scheduler(fakes.uow, fakes.notifier, SchedulerSettings(owner="r1", max_attempts=3), workers)
     await _claim_all(scheduler)
     assert fakes.store.jobs[job.key].job.state is JobState.RUNNING and job.name in workers.started
+
+
+async def test_a_project_may_not_ask_for_more_priority_than_its_ceiling(fakes):
+    """On a shared trainer the operator caps each project's priority: otherwise any project could preempt the rest."""
+    fakes.service.policy.quotas = Quotas({"default": Quota(max_priority=10)}, default=Quota(max_priority=0))
+    assert (await _create(fakes, "ok", priority=10)).priority == 10
+    with pytest.raises(FailedPrecondition) as err:
+        await _create(fakes, "too-high", priority=11)
+    assert err.value.reason == "PRIORITY_ABOVE_QUOTA"
+    with pytest.raises(FailedPrecondition):
+        await _create(fakes, "elsewhere", priority=1, project="other")
+    assert (await _create(fakes, "background", priority=-50, project="other")).priority == -50

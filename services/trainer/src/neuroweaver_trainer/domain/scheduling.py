@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Quota:
-    """Caps of one project across all replicas (None = no cap)."""
+    """Caps of one project across all replicas (None = no cap). `max_priority` bounds the priority its jobs may ask
+    for: on a shared trainer a project could otherwise preempt every other project's work."""
 
     max_jobs: int | None = None
     max_gpus: int | None = None
+    max_priority: int | None = None
 
 
 @dataclass
@@ -33,7 +35,8 @@ class Quotas:
 
     @classmethod
     def parse(cls, text: str) -> Quotas:
-        """`team-a=jobs:2,gpus:4;team-b=jobs:1;*=gpus:8` (`*` is every other project). Raises ValueError."""
+        """`team-a=jobs:2,gpus:4,priority:100;team-b=jobs:1;*=gpus:8,priority:0` (`*` is every other project).
+        Raises ValueError."""
         out = cls()
         for entry in filter(None, (e.strip() for e in text.split(";"))):
             project, sep, limits = entry.partition("=")
@@ -43,12 +46,12 @@ class Quotas:
             caps: dict[str, int] = {}
             for part in filter(None, (x.strip() for x in limits.split(","))):
                 key, _, value = part.partition(":")
-                if key not in ("jobs", "gpus") or not value.isdigit():
-                    raise ValueError(f"quota {part!r} of {project} is not jobs:<n> or gpus:<n>")
+                if not (key in ("jobs", "gpus") and value.isdigit() or key == "priority" and re.fullmatch(r"-?\d+", value)):
+                    raise ValueError(f"quota {part!r} of {project} is not jobs:<n>, gpus:<n> or priority:<n>")
                 caps[key] = int(value)
             if not caps:
                 raise ValueError(f"quota entry {entry!r} sets no limit")
-            quota = Quota(caps.get("jobs"), caps.get("gpus"))
+            quota = Quota(caps.get("jobs"), caps.get("gpus"), caps.get("priority"))
             if project == "*":
                 out.default = quota
             else:

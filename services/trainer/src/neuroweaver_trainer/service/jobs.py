@@ -128,6 +128,13 @@ class TrainerService:
                 reason="EXECUTOR_NOT_CONFIGURED",
                 metadata={"executor": job.executor.value},
             )
+        ceiling = self.policy.quotas.of(project).max_priority
+        if ceiling is not None and job.priority > ceiling:
+            raise FailedPrecondition(
+                f"priority {job.priority} is above project {project}'s ceiling of {ceiling} (the trainer's project quotas)",
+                reason="PRIORITY_ABOVE_QUOTA",
+                metadata={"priority": str(job.priority), "max_priority": str(ceiling)},
+            )
         if job.executor is Executor.LOCAL and job.resources.gpus > self.policy.replica_gpus:
             raise FailedPrecondition(
                 f"the job asks for {job.resources.gpus} GPUs; a replica of this trainer gives local jobs "
