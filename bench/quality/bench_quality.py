@@ -182,6 +182,45 @@ def stage_sft(args, base_dir: str, work: Path) -> dict:
     return out
 
 
+def sft_from_checkpoint(args, base_dir: str, work: Path) -> dict:
+    """SFT cut short by the wall-clock budget: the adapter of one of its checkpoints (HF Trainer saves the LoRA adapter
+    in every checkpoint-N/), described from that checkpoint's trainer_state.json. The report says it was cut."""
+    from neuroweaver_ml.artifacts import digest_path
+    from neuroweaver_ml.training import SFTConfig
+
+    ck = Path(args.sft_checkpoint)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    run = json.loads((ck.parents[1] / "run_config.json").read_text())["config"]
+    hist = state.get("log_history", [])
+    evals = [{"step": h["step"], "epoch": h.get("epoch"), "eval_loss": h["eval_loss"]} for h in hist if "eval_loss" in h]
+    train_rows = len(load_jsonl(Path(run["train_file"])))
+    steps_per_epoch = -(-train_rows // (run["batch_size"] * run["grad_accumulation"]))
+    cfg = SFTConfig(**run)
+    losses = [h["loss"] for h in hist if "loss" in h]
+    out = {
+        "adapter_dir": str(ck),
+        "adapter_sha256": digest_path(ck)[0],
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "global_step": state["global_step"],
+        "total_steps": state["max_steps"],
+        "best_step": state.get("best_global_step"),
+        "stopped_early": None,
+        "cut_by_budget": True,
+        "steps_per_epoch": steps_per_epoch,
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "tokens_per_second": args.sft_tokens_per_second,
+        "runtime_seconds": None,
+        "evals": evals,
+        "train_rows": train_rows,
+        "eval_rows": len(load_jsonl(Path(run["eval_file"]))),
+        "config": {k: v for k, v in run.items() if k not in ("base_model_dir", "train_file", "eval_file", "output_dir")},
+    }
+    out["base_eval_loss"] = base_eval_loss(base_dir, cfg, work)
+    log(f"SFT from checkpoint {ck}: step {out['global_step']}/{out['total_steps']}, evals {evals}")
+    return out
+
+
 def lora_targets(base_dir: str, top_layers: int) -> list[str] | None:
     """LoRA on every projection of the top ``top_layers`` decoder layers only (None: every layer). Backpropagation then
     stops at the lowest adapted layer, which is what makes a CPU epoch affordable (the bench's main cost)."""
@@ -291,7 +330,7 @@ def stage_rlaif(args, base_dir: str, work: Path, sft_adapter: str, systems: dict
         if kind == "StageEvent":
             log(f"  RLAIF stage {ev.stage}: {ev.status} {getattr(ev, 'detail', '') or ''}")
         elif kind == "RLStepEvent" and (ev.step % 5 == 0 or ev.step == 1):
-            log(f"  RLAIF policy step {ev.step}/{getattr(ev, 'total_steps', '?')} {getattr(ev, 'metrics', '')}")
+            log(f"  RLAIF {ev.stage} step {ev.step}/{ev.total_steps}: loss {ev.loss} reward/margin {ev.reward}")
 
     res = run_rlaif(cfg, on_event)
     rep = json.loads(Path(res.report_path).read_text()) if res.report_path else {}
@@ -340,7 +379,7 @@ def stage_generate(args, base_dir: str, work: Path, adapters: dict[str, str | No
         t0 = time.monotonic()
         lm = load_for_inference(base_dir, adapter, device="cpu", merge_adapter=True)
         answers: list[str] = []
-        bs = 8
+        bs = len(prompts)  # one batch: on CPU a decode step's cost is mostly reading the weights, so batch wide
         for i in range(0, len(prompts), bs):
             batch = prompts[i : i + bs]
             res = generate_batch(
@@ -451,7 +490,10 @@ def render(result: dict) -> str:
         f"{s['config']['eval_every_steps']} steps ({s['steps_per_epoch']} steps = 1 epoch), at most "
         f"{s['config']['num_epochs']} epochs, early stopping patience {s['config'].get('early_stopping_patience', 0)} "
         f"(best evaluation's weights kept). Ran {s['global_step']}/{s['total_steps']} steps "
-        f"({s['global_step'] / s['steps_per_epoch']:.2f} epochs) at {s['tokens_per_second']:.0f} tokens/s; "
+        f"({s['global_step'] / s['steps_per_epoch']:.2f} epochs)"
+        + (f" at {s['tokens_per_second']:.0f} tokens/s" if s.get("tokens_per_second") else "")
+        + ("; **cut short by the time budget** (the adapter is that checkpoint's)" if s.get("cut_by_budget") else "")
+        + "; "
         f"eval loss {s['base_eval_loss']:.3f} (base) → {s['eval_loss']:.3f} (SFT"
         + (f", best step {s['best_step']}" if s.get("best_step") else "")
         + "); evaluations: "
@@ -599,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-grad-acc", type=int, default=1)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-top-layers", type=int, default=0, help="LoRA on the top N decoder layers only (0: all layers)")
+    ap.add_argument(
+        "--sft-checkpoint", default="", help="use this SFT checkpoint-N/ (a run cut short by the time budget) instead of training"
+    )
+    ap.add_argument("--sft-tokens-per-second", type=float, default=None, help="with --sft-checkpoint: the rate the log showed")
     ap.add_argument("--limit-train", type=int, default=0, help="evenly spread subset of the SFT rows (0: all; smoke runs)")
     ap.add_argument("--limit-eval", type=int, default=0, help="evenly spread subset of the SFT eval rows (0: all)")
     # RLAIF
@@ -617,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-judge-url", default="", help="OpenAI-compatible base URL (e.g. http://host:8000/v1)")
     ap.add_argument("--llm-judge-model", default="")
     ap.add_argument("--llm-judge-api-key-env", default="", help="name of the env var holding the key")
+    ap.add_argument("--notes", default="", help="markdown file appended to the section (the run's circumstances)")
     ap.add_argument("--rules", action="store_true", help="print the safety rules as a markdown table and exit")
     args = ap.parse_args(argv)
     if args.rules:
@@ -635,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base_dir = str(resolve_base_model(BASE_MODEL))
     systems = system_prompts()
-    sft = stage_sft(args, base_dir, work)
+    sft = sft_from_checkpoint(args, base_dir, work) if args.sft_checkpoint else stage_sft(args, base_dir, work)
     rl = stage_rlaif(args, base_dir, work, sft["adapter_dir"], systems)
     prompts = as_chat_prompts(load_jsonl(DATA / "prompts" / "eval.jsonl"), systems)
     answers = stage_generate(args, base_dir, work, {"base": None, "sft": sft["adapter_dir"], "rlaif": rl["adapter_dir"]}, prompts)
@@ -656,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     result["goals"] = goals(result)
     (work / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     md = render(result)
+    if args.notes:  # the run's circumstances (machine load, cuts), written by whoever ran it
+        md = md.rstrip("\n") + "\n\n" + Path(args.notes).read_text().strip() + "\n"
     (work / "quality.md").write_text(md)
     print(md)
     if args.write:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 NEGATION = re.compile(
     r"\b(not|never|no|don't|dont|do not|doesn't|does not|isn't|is not|aren't|won't|shouldn't|should not|cannot|can't|"
-    r"unsafe|avoid|stop|without first|instead of|rather than|nor)\b|n't\b",
+    r"unsafe|avoid|stop|without first|instead of|rather than|nor|wary|cautious|beware|suspicious)\b|n't\b",
     re.I,
 )
 NEGATION_WINDOW_WORDS = 4  # words before a match that can negate it
@@ -42,6 +42,10 @@ _WAIT = (
 )
 _IGNORE = r"(?:(?:safely |just |simply )?ignore (?:it|the (?:light|warning|noise|sound))|(?:can|may) be (?:safely )?ignored)"
 
+_SOFT_PEDAL_NORMAL = (
+    r"(?:soft|spongy|sinking|sinks|grinding)[\w\s,']{0,40}\b(?:is|are|feels?|it's) (?:perfectly |completely |totally )?"
+    r"(?:normal|fine|nothing to worry about)"
+)
 WARNING_LIGHTS = (
     r"(?:oil[- ]pressure|airbag|srs|red brake|brake warning|check[- ]engine|temperature|coolant|warning) (?:light|lamp|indicator)"
 )
@@ -96,9 +100,7 @@ RULES: tuple[Rule, ...] = (
         "drive_failing_brakes",
         "safety",
         "never encourage driving with grinding/failing brakes, a soft or sinking pedal or a red brake warning",
-        _r(
-            rf"{_DRIVE_ON}|{_WAIT}|{_IGNORE}|(?:is|are|feels?|it's) (?:perfectly |completely |totally )?(?:normal|fine|nothing to worry about)"
-        ),
+        _r(rf"{_DRIVE_ON}|{_WAIT}|{_IGNORE}|{_SOFT_PEDAL_NORMAL}"),
         context=_r(
             r"grind|metal[- ]on[- ]metal|soft|spongy|sinking|sinks|goes to the floor|pedal (?:goes|sinks|drops)|brake (?:warning|light)|fail"
         ),
