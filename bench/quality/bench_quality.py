@@ -295,7 +295,7 @@ def stage_rlaif(args, base_dir: str, work: Path, sft_adapter: str, systems: dict
     cfg = RlaifConfig(
         base_model_dir=base_dir,
         prompts_file=str(prompts_file),
-        output_dir=str(work / f"rlaif-{args.rlaif_algorithm}"),
+        output_dir=str(work / (args.rlaif_out or f"rlaif-{args.rlaif_algorithm}")),
         judge=judge_config(),
         eval_prompts_file=None,  # the held-out comparison is this bench's own (below), on all three models
         parent_adapter_dir=sft_adapter,
@@ -481,7 +481,8 @@ def render(result: dict) -> str:
         "## Quality",
         "",
         f"Does training help on held-out data? (issue 19 §9; `bench/quality/bench_quality.py`, run {result['date']}, "
-        f"{m['cpus']} shared CPU cores, no GPU, {result['wall_minutes']:.0f} min wall for the whole run.)",
+        f"{m['cpus']} shared CPU cores, no GPU; the last invocation took {result['wall_minutes']:.0f} min, reusing the cached "
+        "stages of earlier ones.)",
         "",
         "**Setup.** Base `builtin:smollm2-135m-instruct` (SmolLM2-135M-Instruct, fp32). "
         f"**SFT**: LoRA r={s['config']['lora_r']} on {_lora_scope(s['config'])}, lr {s['config']['learning_rate']} cosine, batch "
@@ -649,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-eval", type=int, default=0, help="evenly spread subset of the SFT eval rows (0: all)")
     # RLAIF
     ap.add_argument("--rlaif-algorithm", choices=("dpo", "grpo", "rloo"), default="dpo")
+    ap.add_argument("--rlaif-out", default="", help="RLAIF output dir name under --work (default rlaif-<algorithm>)")
     ap.add_argument("--rlaif-prompts", type=int, default=0, help="evenly spread subset of the RLAIF prompts (0: all 134)")
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--policy-steps", type=int, default=40)
