@@ -147,6 +147,25 @@ def test_length_limits(tmp_path, tiny_model_dir):
     assert validate_dataset(f, tokenizer=tok, max_tokens=5000).ok
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ raise_exception('roles must alternate') }}{{ messages }}",  # how real templates refuse a conversation
+        "{{ messages[0].content.nope() }}",
+        "{% for m in messages %}{{ m['content'] / 2 }}{% endfor %}",
+    ],
+)
+def test_a_chat_template_failing_on_a_row_is_that_rows_problem(tmp_path, tiny_model_dir, template):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = template
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD])
+    r = validate_dataset(f, tokenizer=tok, max_tokens=128)
+    assert [p.line for p in r.problems] == [1, 2]
+    assert all(p.message.startswith("the chat template cannot render this row: ") for p in r.problems)
+
+
 def test_split_is_seeded_and_disjoint():
     rows = list(range(100))
     tr, ev = split_train_eval(rows, 0.1, seed=3)

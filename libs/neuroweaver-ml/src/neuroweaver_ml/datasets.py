@@ -290,7 +290,11 @@ def validate_dataset(
                 add(n, err)
                 continue
             if max_chars is not None or (max_tokens is not None and tokenizer is not None):
-                txt = row_text(row, dataset_fmt, tokenizer)
+                try:
+                    txt = row_text(row, dataset_fmt, tokenizer)
+                except Exception as e:  # noqa: BLE001 - a chat template is code: it raises what it likes on a row
+                    add(n, f"the chat template cannot render this row: {type(e).__name__}: {str(e)[:200]}")
+                    continue
                 if max_chars is not None and len(txt) > max_chars:
                     add(n, f"row is {len(txt)} characters, over the maximum of {max_chars}")
                     continue
