@@ -41,6 +41,11 @@ class JobState(enum.Enum):
         """A worker holds (or held, until its lease expires) the job."""
         return self in ACTIVE_STATES
 
+    @property
+    def waiting(self) -> bool:
+        """Queued or paused: no worker holds the job (an attempt that handed it back is over)."""
+        return self in (JobState.QUEUED, JobState.PAUSED)
+
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING, JobState.PAUSING})

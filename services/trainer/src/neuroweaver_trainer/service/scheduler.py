@@ -308,7 +308,7 @@ class Scheduler:
             states = await uow.jobs.renew_leases(self.s.owner, list(self.running), self.s.lease_seconds)
         for pk, r in list(self.running.items()):
             state, owner = states.get(pk, ("", ""))
-            if state and (JobState(state).terminal or JobState(state) in (JobState.QUEUED, JobState.PAUSED)):
+            if state and (JobState(state).terminal or JobState(state).waiting):
                 # The worker wrote its final state (or handed the job back) and is exiting; make sure it does.
                 r.terminal_seen = r.terminal_seen or time.monotonic()
                 if r.proc is not None and time.monotonic() - r.terminal_seen > self.s.cancel_grace_seconds:
@@ -355,7 +355,7 @@ class Scheduler:
         if job is None or job.attempts != r.attempt:
             return
         state = job.state
-        if state.terminal or state in (JobState.QUEUED, JobState.PAUSED):
+        if state.terminal or state.waiting:
             return  # the worker wrote the outcome (or handed the job back) itself
         what = f"signal {-code}" if code < 0 else f"exit code {code}"
         if state is JobState.CANCELLING:
@@ -384,7 +384,7 @@ class Scheduler:
                     job = await uow.jobs.get_by_key(r.pk)
                 if job is None or job.attempts != r.attempt or job.state.terminal:
                     break  # the in-cluster worker reported its result (or someone else owns the job)
-                if job.state in (JobState.QUEUED, JobState.PAUSED):
+                if job.state.waiting:
                     # Handed back (paused or preempted): remove the finished Job so the next attempt can create one.
                     await self.kube.delete(r.ref)
                     break
