@@ -126,11 +126,62 @@ async def trainer(tmp_path_factory, data_root, registry, tiny_model):
 
 
 @pytest.fixture(scope="session")
-async def console(registry, trainer):
+async def deployer(tmp_path_factory, registry):
+    """The deployer on its LOCAL backend: a deployment is model-server processes on this machine."""
+    from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
+    from neuroweaver_deployer.app import DeployerConfig, build
+
+    service = build(
+        DeployerConfig(
+            port=0, metrics_port=-1, data_dir=str(tmp_path_factory.mktemp("deployer")), registry_target=registry.target
+        )
+    )
+    service.port = 0
+    port = await service.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    yield SimpleNamespace(target=f"127.0.0.1:{port}", stub=dgrpc.DeployerServiceStub(channel), service=service)
+    await channel.close()
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def experiments(tmp_path_factory, registry, deployer):
+    from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as egrpc
+    from neuroweaver_experiments.app import ExperimentsConfig, build
+
+    tmp = tmp_path_factory.mktemp("experiments")
+    service = build(
+        ExperimentsConfig(
+            port=0,
+            metrics_port=-1,
+            database_url=f"sqlite+aiosqlite:///{tmp}/experiments.db",
+            deployer_target=deployer.target,
+            registry_target=registry.target,
+        )
+    )
+    service.port = 0
+    port = await service.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    yield SimpleNamespace(target=f"127.0.0.1:{port}", stub=egrpc.ExperimentsServiceStub(channel), service=service)
+    await channel.close()
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def console(registry, trainer, deployer, experiments):
     from neuroweaver_console.app import Console
     from neuroweaver_console.config import ConsoleConfig
 
-    app = Console(ConsoleConfig(port=0, metrics_port=0, registry_target=registry.target, trainer_target=trainer.target))
+    app = Console(
+        ConsoleConfig(
+            port=0,
+            metrics_port=0,
+            registry_target=registry.target,
+            trainer_target=trainer.target,
+            deployer_target=deployer.target,
+            experiments_target=experiments.target,
+        )
+    )
     await app.start()
     yield SimpleNamespace(url=f"http://127.0.0.1:{app.port}", metrics_url=f"http://127.0.0.1:{app.metrics_port}", app=app)
     await app.stop()

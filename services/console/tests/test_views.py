@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
-from neuroweaver_console.web import _allowed_actions, event_json, job_summary
+from neuroweaver_console.training import _allowed_actions, event_json, job_summary
 
 S = tpb.TrainingJob
 

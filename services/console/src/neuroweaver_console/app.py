@@ -13,12 +13,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from neuroweaver_runtime.client import ClientTLS
 
+from . import audit, deployments, experiments, playground, registry, training
 from . import web as pages
 from .config import ConsoleConfig
 from .gateway import Gateways
 
 log = logging.getLogger("neuroweaver.console")
 STATIC = Path(__file__).parent / "static"
+# Each screen module registers its routes; earlier ones first (a literal path such as /jobs/new before /jobs/{job}).
+SCREENS = (training, registry, deployments, playground, experiments, audit)
 # npm packages the pages load (the repo root's package.json; `make install` runs npm ci).
 ASSETS = {
     "/assets/chart.umd.min.js": "chart.js/dist/chart.umd.min.js",
@@ -53,9 +56,8 @@ class Console:
         if bool(config.tls_cert) != bool(config.tls_key):
             raise SystemExit("configuration error: --tls-cert and --tls-key go together")
         self.config = config
-        self.gateways = Gateways(
-            config.project, config.registry_target, config.trainer_target, client_tls(config), config.rpc_deadline_seconds
-        )
+        targets = (config.registry_target, config.trainer_target, config.deployer_target, config.experiments_target)
+        self.gateways = Gateways(config.project, targets, client_tls(config), config.rpc_deadline_seconds)
         self.assets = find_assets(config.assets_dir)
         self.port = config.port
         self.metrics_port = config.metrics_port
@@ -68,6 +70,8 @@ class Console:
         app[pages.default_token_key] = self.config.token
         app[pages.project_key] = self.config.project
         app[pages.secure_cookie_key] = bool(self.config.tls_cert)
+        for screen in SCREENS:
+            screen.routes(app)
         pages.routes(app, STATIC, self.assets)
         return app
 

@@ -19,6 +19,8 @@ class ConsoleConfig:
     project: str = field(default="default", metadata={"help": "the project whose resources the console shows"})
     registry_target: str = field(default="127.0.0.1:50051", metadata={"help": "registry gRPC address"})
     trainer_target: str = field(default="127.0.0.1:50052", metadata={"help": "trainer gRPC address"})
+    deployer_target: str = field(default="127.0.0.1:50053", metadata={"help": "deployer gRPC address"})
+    experiments_target: str = field(default="127.0.0.1:50054", metadata={"help": "experiments gRPC address"})
     client_tls_ca: str = field(default="", metadata={"help": "CA bundle (PEM) verifying the services; set = TLS"})
     client_tls_cert: str = field(default="", metadata={"help": "client certificate (PEM) for services requiring mTLS"})
     client_tls_key: str = field(default="", metadata={"help": "private key (PEM) of --client-tls-cert"})

@@ -1,11 +1,15 @@
 """The console's only way to the platform: the services' gRPC APIs through typed stubs, on behalf of the browser's
-user (their bearer token), with the console's client TLS. One pair of clients per token, kept while in use."""
+user (their bearer token), with the console's client TLS. One set of clients per token, kept while in use.
+
+Each screen module (deployments.py, experiments.py, ...) makes its own calls through `Gateway`'s stubs."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 
+from neuroweaver.deployer.v1 import deployer_service_pb2_grpc as dgrpc
+from neuroweaver.experiments.v1 import experiments_service_pb2_grpc as egrpc
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.registry.v1 import registry_service_pb2_grpc as rgrpc
@@ -15,15 +19,16 @@ from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_runtime.client import ClientTLS, ServiceClient
 
 MAX_CACHED_TOKENS = 64
+ServiceClients = tuple[ServiceClient, ServiceClient, ServiceClient, ServiceClient]  # registry, trainer, deployer, experiments
 
 
 class Gateway:
     """Calls for one user (token); every call is a single RPC."""
 
-    def __init__(self, project: str, registry: ServiceClient, trainer: ServiceClient) -> None:
+    def __init__(self, project: str, clients: ServiceClients, tls: ClientTLS, token: str, deadline: float) -> None:
         self.project = project
-        self._registry = registry
-        self._trainer = trainer
+        self._registry, self._trainer, self._deployer, self._experiments = clients
+        self.tls, self.token, self.deadline = tls, token, deadline  # for channels to model servers (the playground)
 
     @property
     def registry(self) -> rgrpc.RegistryServiceStub:
@@ -32,6 +37,14 @@ class Gateway:
     @property
     def trainer(self) -> tgrpc.TrainerServiceStub:
         return self._trainer.stub(tgrpc.TrainerServiceStub)
+
+    @property
+    def deployer(self) -> dgrpc.DeployerServiceStub:
+        return self._deployer.stub(dgrpc.DeployerServiceStub)
+
+    @property
+    def experiments(self) -> egrpc.ExperimentsServiceStub:
+        return self._experiments.stub(egrpc.ExperimentsServiceStub)
 
     # trainer
     async def list_jobs(self, page_token: str = "") -> tsvc.ListTrainingJobsResponse:
@@ -104,12 +117,12 @@ class Gateway:
 class Gateways:
     """Clients per bearer token (the logged-in user's, or the console's default), least recently used closed first."""
 
-    def __init__(self, project: str, registry_target: str, trainer_target: str, tls: ClientTLS, deadline: float) -> None:
+    def __init__(self, project: str, targets: tuple[str, str, str, str], tls: ClientTLS, deadline: float) -> None:
         self._project = project
-        self._targets = (registry_target, trainer_target)
+        self._targets = targets  # registry, trainer, deployer, experiments
         self._tls = tls
         self._deadline = deadline
-        self._cache: OrderedDict[str, tuple[ServiceClient, ServiceClient]] = OrderedDict()
+        self._cache: OrderedDict[str, ServiceClients] = OrderedDict()
 
     async def for_token(self, token: str) -> Gateway:
         clients = self._cache.pop(token, None)
@@ -123,7 +136,7 @@ class Gateways:
                     await client.close()
         assert clients is not None
         self._cache[token] = clients
-        return Gateway(self._project, clients[0], clients[1])
+        return Gateway(self._project, clients, self._tls, token, self._deadline)
 
     async def close(self) -> None:
         while self._cache:
