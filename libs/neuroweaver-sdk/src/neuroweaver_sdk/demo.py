@@ -43,7 +43,7 @@ from neuroweaver_runtime.client import ClientTLS
 
 from .clients import Clients, Endpoints
 from .experiments import LocalExperiments
-from .platform import LocalPlatform
+from .platform import CONSOLE_PORT, LocalPlatform, console_installed, port_in_use
 from .watch import watch_deployment, watch_training_job
 
 REPO = Path(__file__).resolve().parents[4]
@@ -554,9 +554,15 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     # One model server serves both arms (llama.cpp, every core it may use).
-    platform = LocalPlatform(data_dir)
+    # The web console too, to watch the run live; a port taken by another program only costs the console.
+    with_console = console_installed() and not port_in_use(CONSOLE_PORT)
+    platform = LocalPlatform(data_dir, console=with_console)
     console.print(f"starting {', '.join(platform.services)} in {data_dir} (logs in {data_dir / 'logs'})")
     platform.start()
+    if with_console:
+        console.print(f"[bold]web console[/bold] {platform.console_url} — open it to watch the run (it stops with the demo)")
+    elif console_installed():
+        console.print(f"[yellow]port {CONSOLE_PORT} is in use: the web console is not started[/yellow]")
     try:
         summary = asyncio.run(demo(args, data_dir))
     finally:

@@ -44,6 +44,11 @@ def console_installed() -> bool:
         return False
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
 def installed_services() -> list[str]:
     """Services whose package has a `__main__` (so `python -m neuroweaver_<name>` runs)."""
     found = []
@@ -75,11 +80,10 @@ class LocalPlatform:
     def start(self, timeout: float = 120.0) -> None:
         for name in self.services:
             host, port = DEFAULT_TARGETS[name].rsplit(":", 1)
-            with socket.socket() as sock:
-                if sock.connect_ex((host, int(port))) == 0:
-                    raise RuntimeError(
-                        f"port {port} ({name}) is already in use: is another NeuroWeaver running? (`make up` stops with Ctrl-C)"
-                    )
+            if port_in_use(int(port), host):
+                raise RuntimeError(
+                    f"port {port} ({name}) is already in use: is another NeuroWeaver running? (`make up` stops with Ctrl-C)"
+                )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -105,9 +109,8 @@ class LocalPlatform:
     def _start_console(self, env: dict[str, str], logs: Path, timeout: float) -> None:
         """The console dials the services as the CLI does: their default targets, TLS from `NW_TLS_*` unless its own
         `NW_CONSOLE_CLIENT_TLS_*` are set."""
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", CONSOLE_PORT)) == 0:
-                raise RuntimeError(f"port {CONSOLE_PORT} (console) is already in use")
+        if port_in_use(CONSOLE_PORT):
+            raise RuntimeError(f"port {CONSOLE_PORT} (console) is already in use")
         env = dict(env)
         for part in ("ca", "cert", "key", "server_name"):
             value = getattr(self.tls, part)
@@ -125,6 +128,10 @@ class LocalPlatform:
                 DEFAULT_TARGETS["registry"],
                 "--trainer-target",
                 DEFAULT_TARGETS["trainer"],
+                "--deployer-target",
+                DEFAULT_TARGETS["deployer"],
+                "--experiments-target",
+                DEFAULT_TARGETS["experiments"],
             ],
             env=env,
             stdout=log,

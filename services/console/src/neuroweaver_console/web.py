@@ -4,7 +4,6 @@ only translate between HTTP and one or two gRPC calls; live views are server-sen
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,10 +19,6 @@ from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
-from neuroweaver.common.v1 import common_pb2 as cpb
-from neuroweaver.registry.v1 import registry_pb2 as rpb
-from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
-from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_runtime.logs import request_id_var
 
 from .gateway import Gateway, Gateways
