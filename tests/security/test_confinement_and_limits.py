@@ -114,9 +114,8 @@ def _assert_names_nothing(err: grpc.RpcError, ns, *extra: str) -> None:
         assert needle not in text, (needle, text)
 
 
-def test_trainer_refuses_dataset_paths_outside_its_roots(procs):
-    root, outside = procs.root, procs.outside
-    escapes = [
+def _escapes(root: Path, outside: Path) -> list[str]:
+    return [
         f"{root}/../outside.jsonl",
         f"file://{root}/../outside.jsonl",
         f"file://{root}/../../../../../../etc/passwd",
@@ -136,6 +135,11 @@ def test_trainer_refuses_dataset_paths_outside_its_roots(procs):
         "/" + "a" * 300,
         "/a" * 3000,
     ]
+
+
+def test_trainer_refuses_dataset_paths_outside_its_roots(procs):
+    root, outside = procs.root, procs.outside
+    escapes = _escapes(root, outside)
     with grpc.insecure_channel(procs.trainer.target) as ch:
         stub = tg.TrainerServiceStub(ch)
         for field in ("dataset_uri", "eval_dataset_uri"):
@@ -170,6 +174,33 @@ def test_trainer_refuses_dataset_paths_outside_its_roots(procs):
             assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID"), (uri, err)
             _assert_names_nothing(err, procs)
         assert stub.ListTrainingJobs(ts.ListTrainingJobsRequest(parent="projects/default"), timeout=10).training_jobs == []
+    assert procs.trainer.proc.poll() is None
+
+
+def test_dataset_previews_refuse_the_same_paths(procs):
+    """PreviewDataset reads datasets under the same rules as CreateTrainingJob: the same refusals, no path echoed,
+    existing and missing outside files answered alike; a FIFO inside the root is never opened."""
+    root, outside = procs.root, procs.outside
+
+    def refusal(stub, uri: str) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.PreviewDataset(ts.PreviewDatasetRequest(parent="projects/default", dataset_uri=uri), timeout=60)
+        return exc.value
+
+    with grpc.insecure_channel(procs.trainer.target) as ch:
+        stub = tg.TrainerServiceStub(ch)
+        for uri in _escapes(root, outside):
+            err = refusal(stub, uri)
+            assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_PATH_NOT_ALLOWED"), (uri, err)
+            assert [v.field for v in field_violations(err)] == ["dataset_uri"]
+            _assert_names_nothing(err, procs)
+        assert _status_bytes(refusal(stub, str(outside))) == _status_bytes(refusal(stub, str(procs.work / "no-such.jsonl")))
+        for uri in (root / "fifo.jsonl", root / "a-directory"):
+            err = refusal(stub, str(uri))
+            assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, "DATASET_INVALID"), (uri, err)
+            _assert_names_nothing(err, procs)
+        ok = stub.PreviewDataset(ts.PreviewDatasetRequest(parent="projects/default", dataset_uri=str(root / "ok.jsonl")))
+        assert ok.rows and ok.sha256
     assert procs.trainer.proc.poll() is None
 
 

@@ -210,6 +210,7 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("trainer", "DeleteTrainingJob"): lambda: ts.DeleteTrainingJobRequest(name=r.job),
         ("trainer", "ListTrainingJobEvents"): lambda: ts.ListTrainingJobEventsRequest(parent=r.job),
         ("trainer", "WatchTrainingJob"): lambda: ts.WatchTrainingJobRequest(name=r.job),
+        ("trainer", "PreviewDataset"): lambda: ts.PreviewDatasetRequest(parent=r.project, dataset_uri=env.prompts, max_rows=2),
         ("deployer", "CreateDeployment"): lambda: ds.CreateDeploymentRequest(
             parent=r.project,
             deployment_id=f"d-{uid}",
@@ -326,6 +327,7 @@ NOT_NAMES = {
     "neuroweaver.registry.v1.LocalEmbeddingJudge.model": "embedding model name",
     "neuroweaver.trainer.v1.TrainingJob.display_name": "free text",
     "neuroweaver.trainer.v1.TrainingJob.base_model": "base checkpoint path/URI",
+    "neuroweaver.trainer.v1.PreviewDatasetRequest.base_model": "base checkpoint path/URI",
     "neuroweaver.trainer.v1.Tracking.mlflow_experiment": "an MLflow experiment's name on the job's tracking server",
     "neuroweaver.deployer.v1.Deployment.display_name": "free text",
     "neuroweaver.deployer.v1.Deployment.served_model_name": "output-only engine-facing model label",

@@ -310,6 +310,26 @@ def validate_dataset(
     return report
 
 
+def first_rows(path: str | os.PathLike, limit: int, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, dict]]:
+    """(1-based line number, row) of the first ``limit`` lines that are JSON objects, read as ``validate_dataset``
+    reads them (bounded lines; lines that are not objects are skipped: they are its problems)."""
+    rows: list[tuple[int, dict]] = []
+    if limit <= 0:
+        return rows
+    for n, text in _iter_lines(Path(path), max_line_bytes):
+        if not isinstance(text, str) or not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append((n, row))
+            if len(rows) >= limit:
+                break
+    return rows
+
+
 def load_rows(path: str | os.PathLike, fmt: str = "auto", **validate_kwargs) -> tuple[str, list[dict]]:
     """Validate then load a dataset; returns ``(format, rows)`` or raises ``DatasetInvalid``."""
     report = validate_dataset(path, fmt, **validate_kwargs)

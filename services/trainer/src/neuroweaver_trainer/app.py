@@ -18,7 +18,7 @@ from neuroweaver_runtime.server import GrpcService
 
 from .adapters.executors import KubernetesExecutor, KubeSettings, LocalExecutor, WorkerSettings
 from .adapters.gpus import detect_devices, parse_devices
-from .adapters.inputs import check_inputs, default_dataset_roots, default_model_roots, parse_roots
+from .adapters.inputs import check_inputs, default_dataset_roots, default_model_roots, parse_roots, preview_dataset
 from .adapters.registry_lookups import RegistryClientLookups
 from .adapters.repository import EVENT_CHANNEL
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
@@ -210,6 +210,7 @@ def build(config: TrainerConfig) -> GrpcService:
     policy = JobPolicy(
         dataset_roots=parse_roots(config.dataset_roots, default_dataset_roots(config.data_dir)),
         check_inputs=check_inputs,
+        preview_dataset=preview_dataset,
         model_roots=parse_roots(
             config.model_roots,
             default_model_roots(model_cache_dir, config.artifacts_dir or str(Path(config.data_dir) / "artifacts")),

@@ -25,7 +25,7 @@ from neuroweaver_trainer.domain.job import Executor, Interrupt, JobEvent, JobSta
 from neuroweaver_trainer.domain.scheduling import QueuedJob, Usage
 from neuroweaver_trainer.service.feeds import FeedHub
 from neuroweaver_trainer.service.jobs import JobPolicy, TrainerService
-from neuroweaver_trainer.service.ports import notify_key
+from neuroweaver_trainer.service.ports import DatasetPreview, notify_key
 
 
 @dataclass
@@ -223,6 +223,12 @@ def checked_inputs(*args: Any, **kwargs: Any) -> SimpleNamespace:
     )
 
 
+def previewed(*args: Any, **kwargs: Any) -> DatasetPreview:
+    """Stands in for adapters/inputs.preview_dataset (which reads the file)."""
+    return DatasetPreview(rows=[(1, {"prompt": "p", "completion": "c"}, False)], row_count=1, format="prompt_completion",
+                          sha256="ab" * 32, size_bytes=40)  # fmt: skip
+
+
 @dataclass
 class Fakes:
     service: TrainerService
@@ -247,7 +253,9 @@ async def fakes():
     async def on_cancel(key: int) -> None:
         cancelled.append(key)
 
-    policy = JobPolicy(dataset_roots=PathRoots([]), check_inputs=checked_inputs, executors={Executor.LOCAL})
+    policy = JobPolicy(
+        dataset_roots=PathRoots([]), check_inputs=checked_inputs, preview_dataset=previewed, executors={Executor.LOCAL}
+    )
     service = TrainerService(
         uow, PageTokens("unit-test-secret"), policy, hub, on_queued=lambda: queued.append(1), on_cancel=on_cancel
     )

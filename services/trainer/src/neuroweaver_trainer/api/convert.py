@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
 from neuroweaver.common.v1 import common_pb2 as cpb
+from neuroweaver.trainer.v1 import trainer_service_pb2 as svc
 from neuroweaver.trainer.v1 import training_job_pb2 as pb
 from neuroweaver_runtime.errors import InvalidArgument
 from neuroweaver_runtime.timestamps import to_timestamp
 
 from ..domain import job as d
+from ..service.ports import DatasetPreview
 
 _STATE = {
     d.JobState.QUEUED: pb.TrainingJob.STATE_QUEUED, d.JobState.RUNNING: pb.TrainingJob.STATE_RUNNING,
@@ -207,3 +210,20 @@ def event_to_pb(e: d.JobEvent) -> pb.TrainingJobEvent:
             )
         )
     return out
+
+
+def method_from_pb(value: int, field: str) -> d.Method | None:
+    """UNSPECIFIED → None; a number outside the enum is INVALID_ENUM."""
+    return _METHOD_FROM_PB.get(pb.TrainingMethod.ValueType(_enum(value, pb.TrainingMethod, field)))
+
+
+def preview_to_pb(p: DatasetPreview) -> svc.PreviewDatasetResponse:
+    return svc.PreviewDatasetResponse(
+        rows=[
+            svc.DatasetRow(line=line, content=json_format.ParseDict(row, struct_pb2.Struct()), truncated=cut)
+            for line, row, cut in p.rows
+        ],
+        row_count=p.row_count, format=p.format, sha256=p.sha256, size_bytes=p.size_bytes,
+        problems=[svc.DatasetProblem(line=line or 0, message=message) for line, message in p.problems],
+        problems_truncated=p.problems_truncated,
+    )  # fmt: skip

@@ -17,6 +17,9 @@ METHOD_ROLES = {
     "CreateTrainingJob": OP, "GetTrainingJob": V, "ListTrainingJobs": V, "CancelTrainingJob": OP,
     "DeleteTrainingJob": A, "ListTrainingJobEvents": V, "WatchTrainingJob": V, "PauseTrainingJob": OP,
     "ResumeTrainingJob": OP, "CheckpointTrainingJob": OP,
+    # operator, as CreateTrainingJob: the dataset roots are shared by every project, and a viewer could otherwise
+    # read rows of files no one in their project chose to train on
+    "PreviewDataset": OP,
 }  # fmt: skip
 
 
@@ -69,3 +72,10 @@ class TrainerServicer(svc_grpc.TrainerServiceServicer):
     async def WatchTrainingJob(self, request, context):
         async for event in self.svc.watch(request.name, request.after_sequence):
             yield svc.WatchTrainingJobResponse(event=convert.event_to_pb(event))
+
+    async def PreviewDataset(self, request, context):
+        preview = await self.svc.preview_dataset(
+            request.parent, request.dataset_uri, convert.method_from_pb(request.method, "method"), request.base_model,
+            request.max_seq_length, request.chat_template, request.max_rows,
+        )  # fmt: skip
+        return convert.preview_to_pb(preview)

@@ -1,5 +1,5 @@
 """Trainer use cases: create (validate + queue), read (with queue positions), list, cancel, pause, resume,
-checkpoint on request, delete, events and watch."""
+checkpoint on request, delete, events and watch, and previewing a dataset."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ..domain.job import (
     TrainingJob,
     apply_defaults,
     cancel_transition,
+    chat_template_problem,
     pause_transition,
     resume_transition,
     validate_job,
@@ -39,9 +40,10 @@ from ..domain.judge_endpoints import JudgeEndpoints
 from ..domain.scheduling import Capacity, Quotas, wait_reasons
 from ..domain.tracking import TrackingServers, TrackingSettings, apply_tracking_defaults, validate_tracking
 from .feeds import GONE, LAGGED, FeedHub
-from .ports import InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
+from .ports import DatasetPreview, DatasetPreviewer, InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
 
 EVENT_PAGE = 500
+MAX_PREVIEW_ROWS = 20
 
 
 @dataclass
@@ -50,6 +52,7 @@ class JobPolicy:
 
     dataset_roots: PathRoots
     check_inputs: InputCheck  # reads and digests the datasets, checks the base model (adapters/inputs.py)
+    preview_dataset: DatasetPreviewer  # the same reading, and a dataset's first rows (adapters/inputs.py)
     model_roots: PathRoots = field(default_factory=lambda: PathRoots([]))
     model_cache_dir: str | None = None
     executors: set[Executor] = field(default_factory=lambda: {Executor.LOCAL})
@@ -225,6 +228,35 @@ class TrainerService:
         name, e.artifact_uri, e.artifact_sha256, job.base_model = await registry.export_version(e.model_version)
         e.model_version = name
         job.target_model = name.split("/versions/")[0]
+
+    # -- datasets --------------------------------------------------------------------------------
+
+    async def preview_dataset(
+        self, parent: str, dataset_uri: str, method: Method | None, base_model: str, max_seq_length: int,
+        chat_template: str, max_rows: int,
+    ) -> DatasetPreview:  # fmt: skip
+        """A dataset's first rows and its check, with CreateTrainingJob's roots, path rules and validation."""
+        PROJECT.parse(parent, "parent")
+        v = Violations()
+        if not dataset_uri.strip():
+            v.add("dataset_uri", "dataset_uri is required (a JSONL file under one of the trainer's dataset roots)")
+        if method is Method.EXPORT:
+            v.add("method", "an EXPORT job has no dataset")
+        if not 0 <= max_rows <= MAX_PREVIEW_ROWS:
+            v.add("max_rows", f"max_rows must be in [0, {MAX_PREVIEW_ROWS}] (0 = 5)")
+        if not 0 <= max_seq_length <= 131072:
+            v.add("max_seq_length", "max_seq_length must be in [0, 131072] (0 = 512)")
+        if (max_seq_length or chat_template) and not base_model:
+            v.add("base_model", "max_seq_length and chat_template need the base model whose tokenizer measures the rows")
+        if chat_template and (problem := chat_template_problem(chat_template)):
+            v.add("chat_template", problem)
+        v.raise_if_any()
+        p = self.policy
+        return await asyncio.to_thread(
+            p.preview_dataset, dataset_uri, p.dataset_roots, method=method.value if method else "", base_model=base_model,
+            max_seq_length=max_seq_length or 512, chat_template=chat_template, model_cache_dir=p.model_cache_dir,
+            model_roots=p.model_roots, max_rows=max_rows or 5,
+        )  # fmt: skip
 
     # -- read ------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Protocol
 
@@ -125,6 +126,24 @@ class RegistryLookups(Protocol):
 # check_inputs(base_model, dataset_uri, eval_dataset_uri, dataset_roots, max_seq_length, model_cache_dir, *,
 # model_roots, method, prompts_uri, eval_prompts_uri) → digests and row counts (adapters/inputs.py)
 InputCheck = Callable[..., Any]
+
+
+@dataclass
+class DatasetPreview:
+    """A dataset's first rows and what its check found (PreviewDataset)."""
+
+    rows: list[tuple[int, dict[str, Any], bool]]  # (1-based line, row, cut short)
+    row_count: int
+    format: str
+    sha256: str
+    size_bytes: int
+    problems: list[tuple[int | None, str]] = field(default_factory=list)  # (1-based line or None, message)
+    problems_truncated: bool = False
+
+
+# preview_dataset(dataset_uri, dataset_roots, *, method, base_model, max_seq_length, chat_template, model_cache_dir,
+# model_roots, max_rows) → DatasetPreview, with the path and model rules of check_inputs (adapters/inputs.py)
+DatasetPreviewer = Callable[..., DatasetPreview]
 
 
 class LocalWorkers(Protocol):

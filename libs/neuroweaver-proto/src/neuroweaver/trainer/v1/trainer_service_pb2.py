@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from neuroweaver.trainer.v1 import training_job_pb2 as neuroweaver_dot_trainer_dot_v1_dot_training__job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,neuroweaver/trainer/v1/trainer_service.proto\x12\x16neuroweaver.trainer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a)neuroweaver/trainer/v1/training_job.proto\"\xee\x01\n\x18\x43reateTrainingJobRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x1d\n\x0ftraining_job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12?\n\x0ctraining_job\x18\x03 \x01(\x0b\x32#.neuroweaver.trainer.v1.TrainingJobB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"R\n\x15GetTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xb7\x01\n\x17ListTrainingJobsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x18ListTrainingJobsResponse\x12:\n\rtraining_jobs\x18\x01 \x03(\x0b\x32#.neuroweaver.trainer.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18\x43\x61ncelTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"T\n\x17PauseTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"U\n\x18ResumeTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"Y\n\x1c\x43heckpointTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"U\n\x18\x44\x65leteTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xac\x01\n\x1cListTrainingJobEventsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"r\n\x1dListTrainingJobEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x17WatchTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"S\n\x18WatchTrainingJobResponse\x12\x37\n\x05\x65vent\x18\x01 \x01(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent2\x82\t\n\x0eTrainerService\x12j\n\x11\x43reateTrainingJob\x12\x30.neuroweaver.trainer.v1.CreateTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12i\n\x0eGetTrainingJob\x12-.neuroweaver.trainer.v1.GetTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\"\x03\x90\x02\x01\x12z\n\x10ListTrainingJobs\x12/.neuroweaver.trainer.v1.ListTrainingJobsRequest\x1a\x30.neuroweaver.trainer.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12j\n\x11\x43\x61ncelTrainingJob\x12\x30.neuroweaver.trainer.v1.CancelTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12h\n\x10PauseTrainingJob\x12/.neuroweaver.trainer.v1.PauseTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12j\n\x11ResumeTrainingJob\x12\x30.neuroweaver.trainer.v1.ResumeTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12r\n\x15\x43heckpointTrainingJob\x12\x34.neuroweaver.trainer.v1.CheckpointTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12]\n\x11\x44\x65leteTrainingJob\x12\x30.neuroweaver.trainer.v1.DeleteTrainingJobRequest\x1a\x16.google.protobuf.Empty\x12\x89\x01\n\x15ListTrainingJobEvents\x12\x34.neuroweaver.trainer.v1.ListTrainingJobEventsRequest\x1a\x35.neuroweaver.trainer.v1.ListTrainingJobEventsResponse\"\x03\x90\x02\x01\x12|\n\x10WatchTrainingJob\x12/.neuroweaver.trainer.v1.WatchTrainingJobRequest\x1a\x30.neuroweaver.trainer.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,neuroweaver/trainer/v1/trainer_service.proto\x12\x16neuroweaver.trainer.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a)neuroweaver/trainer/v1/training_job.proto\"\xee\x01\n\x18\x43reateTrainingJobRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x1d\n\x0ftraining_job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12?\n\x0ctraining_job\x18\x03 \x01(\x0b\x32#.neuroweaver.trainer.v1.TrainingJobB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"R\n\x15GetTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xb7\x01\n\x17ListTrainingJobsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66ilter\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08order_by\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"o\n\x18ListTrainingJobsResponse\x12:\n\rtraining_jobs\x18\x01 \x03(\x0b\x32#.neuroweaver.trainer.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18\x43\x61ncelTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"T\n\x17PauseTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"U\n\x18ResumeTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"Y\n\x1c\x43heckpointTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"U\n\x18\x44\x65leteTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\"\xac\x01\n\x1cListTrainingJobEventsRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"r\n\x1dListTrainingJobEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x17WatchTrainingJobRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"trainer.neuroweaver.ai/TrainingJob\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"S\n\x18WatchTrainingJobResponse\x12\x37\n\x05\x65vent\x18\x01 \x01(\x0b\x32(.neuroweaver.trainer.v1.TrainingJobEvent\"\x9a\x02\n\x15PreviewDatasetRequest\x12;\n\x06parent\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\x12\"trainer.neuroweaver.ai/TrainingJob\x12\x19\n\x0b\x64\x61taset_uri\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x06method\x18\x03 \x01(\x0e\x32&.neuroweaver.trainer.v1.TrainingMethodB\x04\xe2\x41\x01\x01\x12\x18\n\nbase_model\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1c\n\x0emax_seq_length\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x1b\n\rchat_template\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\x12\x16\n\x08max_rows\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x01\"\xe7\x01\n\x16PreviewDatasetResponse\x12\x30\n\x04rows\x18\x01 \x03(\x0b\x32\".neuroweaver.trainer.v1.DatasetRow\x12\x11\n\trow_count\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x38\n\x08problems\x18\x06 \x03(\x0b\x32&.neuroweaver.trainer.v1.DatasetProblem\x12\x1a\n\x12problems_truncated\x18\x07 \x01(\x08\"W\n\nDatasetRow\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12(\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"/\n\x0e\x44\x61tasetProblem\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t2\xf8\t\n\x0eTrainerService\x12j\n\x11\x43reateTrainingJob\x12\x30.neuroweaver.trainer.v1.CreateTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12i\n\x0eGetTrainingJob\x12-.neuroweaver.trainer.v1.GetTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\"\x03\x90\x02\x01\x12z\n\x10ListTrainingJobs\x12/.neuroweaver.trainer.v1.ListTrainingJobsRequest\x1a\x30.neuroweaver.trainer.v1.ListTrainingJobsResponse\"\x03\x90\x02\x01\x12j\n\x11\x43\x61ncelTrainingJob\x12\x30.neuroweaver.trainer.v1.CancelTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12h\n\x10PauseTrainingJob\x12/.neuroweaver.trainer.v1.PauseTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12j\n\x11ResumeTrainingJob\x12\x30.neuroweaver.trainer.v1.ResumeTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12r\n\x15\x43heckpointTrainingJob\x12\x34.neuroweaver.trainer.v1.CheckpointTrainingJobRequest\x1a#.neuroweaver.trainer.v1.TrainingJob\x12]\n\x11\x44\x65leteTrainingJob\x12\x30.neuroweaver.trainer.v1.DeleteTrainingJobRequest\x1a\x16.google.protobuf.Empty\x12\x89\x01\n\x15ListTrainingJobEvents\x12\x34.neuroweaver.trainer.v1.ListTrainingJobEventsRequest\x1a\x35.neuroweaver.trainer.v1.ListTrainingJobEventsResponse\"\x03\x90\x02\x01\x12|\n\x10WatchTrainingJob\x12/.neuroweaver.trainer.v1.WatchTrainingJobRequest\x1a\x30.neuroweaver.trainer.v1.WatchTrainingJobResponse\"\x03\x90\x02\x01\x30\x01\x12t\n\x0ePreviewDataset\x12-.neuroweaver.trainer.v1.PreviewDatasetRequest\x1a..neuroweaver.trainer.v1.PreviewDatasetResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -79,6 +80,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A$\n\"trainer.neuroweaver.ai/TrainingJob'
   _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['after_sequence']._loaded_options = None
   _globals['_WATCHTRAININGJOBREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A$\022\"trainer.neuroweaver.ai/TrainingJob'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['dataset_uri']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['dataset_uri']._serialized_options = b'\342A\001\002'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['method']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['method']._serialized_options = b'\342A\001\001'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['base_model']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['base_model']._serialized_options = b'\342A\001\001'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['max_seq_length']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['max_seq_length']._serialized_options = b'\342A\001\001'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['chat_template']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['chat_template']._serialized_options = b'\342A\001\001'
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['max_rows']._loaded_options = None
+  _globals['_PREVIEWDATASETREQUEST'].fields_by_name['max_rows']._serialized_options = b'\342A\001\001'
   _globals['_TRAINERSERVICE'].methods_by_name['GetTrainingJob']._loaded_options = None
   _globals['_TRAINERSERVICE'].methods_by_name['GetTrainingJob']._serialized_options = b'\220\002\001'
   _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobs']._loaded_options = None
@@ -87,32 +102,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINERSERVICE'].methods_by_name['ListTrainingJobEvents']._serialized_options = b'\220\002\001'
   _globals['_TRAINERSERVICE'].methods_by_name['WatchTrainingJob']._loaded_options = None
   _globals['_TRAINERSERVICE'].methods_by_name['WatchTrainingJob']._serialized_options = b'\220\002\001'
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=205
-  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=443
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=445
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=527
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=530
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=713
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=715
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=826
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=828
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=913
-  _globals['_PAUSETRAININGJOBREQUEST']._serialized_start=915
-  _globals['_PAUSETRAININGJOBREQUEST']._serialized_end=999
-  _globals['_RESUMETRAININGJOBREQUEST']._serialized_start=1001
-  _globals['_RESUMETRAININGJOBREQUEST']._serialized_end=1086
-  _globals['_CHECKPOINTTRAININGJOBREQUEST']._serialized_start=1088
-  _globals['_CHECKPOINTTRAININGJOBREQUEST']._serialized_end=1177
-  _globals['_DELETETRAININGJOBREQUEST']._serialized_start=1179
-  _globals['_DELETETRAININGJOBREQUEST']._serialized_end=1264
-  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_start=1267
-  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_end=1439
-  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_start=1441
-  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_end=1555
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=1557
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1671
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1673
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1756
-  _globals['_TRAINERSERVICE']._serialized_start=1759
-  _globals['_TRAINERSERVICE']._serialized_end=2913
+  _globals['_TRAINERSERVICE'].methods_by_name['PreviewDataset']._loaded_options = None
+  _globals['_TRAINERSERVICE'].methods_by_name['PreviewDataset']._serialized_options = b'\220\002\001'
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_start=235
+  _globals['_CREATETRAININGJOBREQUEST']._serialized_end=473
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=475
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=557
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=560
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=743
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=745
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=856
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=858
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=943
+  _globals['_PAUSETRAININGJOBREQUEST']._serialized_start=945
+  _globals['_PAUSETRAININGJOBREQUEST']._serialized_end=1029
+  _globals['_RESUMETRAININGJOBREQUEST']._serialized_start=1031
+  _globals['_RESUMETRAININGJOBREQUEST']._serialized_end=1116
+  _globals['_CHECKPOINTTRAININGJOBREQUEST']._serialized_start=1118
+  _globals['_CHECKPOINTTRAININGJOBREQUEST']._serialized_end=1207
+  _globals['_DELETETRAININGJOBREQUEST']._serialized_start=1209
+  _globals['_DELETETRAININGJOBREQUEST']._serialized_end=1294
+  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_start=1297
+  _globals['_LISTTRAININGJOBEVENTSREQUEST']._serialized_end=1469
+  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_start=1471
+  _globals['_LISTTRAININGJOBEVENTSRESPONSE']._serialized_end=1585
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=1587
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1701
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=1703
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=1786
+  _globals['_PREVIEWDATASETREQUEST']._serialized_start=1789
+  _globals['_PREVIEWDATASETREQUEST']._serialized_end=2071
+  _globals['_PREVIEWDATASETRESPONSE']._serialized_start=2074
+  _globals['_PREVIEWDATASETRESPONSE']._serialized_end=2305
+  _globals['_DATASETROW']._serialized_start=2307
+  _globals['_DATASETROW']._serialized_end=2394
+  _globals['_DATASETPROBLEM']._serialized_start=2396
+  _globals['_DATASETPROBLEM']._serialized_end=2443
+  _globals['_TRAINERSERVICE']._serialized_start=2446
+  _globals['_TRAINERSERVICE']._serialized_end=3718
 # @@protoc_insertion_point(module_scope)

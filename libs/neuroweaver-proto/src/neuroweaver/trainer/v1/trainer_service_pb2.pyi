@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from neuroweaver.trainer.v1 import training_job_pb2 as _training_job_pb2
 import builtins as _builtins
@@ -319,3 +320,154 @@ class WatchTrainingJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchTrainingJobResponse: _TypeAlias = WatchTrainingJobResponse  # noqa: Y015
+
+@_typing.final
+class PreviewDatasetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    DATASET_URI_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    MAX_SEQ_LENGTH_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`projects/{project}`: the project that would train on the dataset."""
+    dataset_uri: _builtins.str
+    """A JSONL file under one of the trainer's dataset roots, as `TrainingJob.dataset_uri` (a path or `file://` URI)."""
+    method: _training_job_pb2.TrainingMethod.ValueType
+    """The method the rows are for: SFT_LORA, SFT_QLORA and RLAIF take chat or prompt/completion rows, DPO and
+    REWARD_MODEL preference rows. UNSPECIFIED accepts any format; EXPORT has no dataset.
+    """
+    base_model: _builtins.str
+    """Base model whose tokenizer renders chat rows and measures them against `max_seq_length`, as at job creation.
+    Empty: rows are checked without their token lengths.
+    """
+    max_seq_length: _builtins.int
+    """With `base_model`: rows longer than this many tokens are problems (0 = 512, the job default)."""
+    chat_template: _builtins.str
+    """With `base_model`: the job's chat template override (`Hyperparameters.chat_template`)."""
+    max_rows: _builtins.int
+    """Rows to return from the start of the file, in [0, 20] (0 = 5)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        dataset_uri: _builtins.str = ...,
+        method: _training_job_pb2.TrainingMethod.ValueType = ...,
+        base_model: _builtins.str = ...,
+        max_seq_length: _builtins.int = ...,
+        chat_template: _builtins.str = ...,
+        max_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "chat_template", b"chat_template", "dataset_uri", b"dataset_uri", "max_rows", b"max_rows", "max_seq_length", b"max_seq_length", "method", b"method", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewDatasetRequest: _TypeAlias = PreviewDatasetRequest  # noqa: Y015
+
+@_typing.final
+class PreviewDatasetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    PROBLEMS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    row_count: _builtins.int
+    """Rows in the file (non-blank lines of a detected format)."""
+    format: _builtins.str
+    """`chat`, `prompt_completion`, `preference` or `prompt`; empty when no row tells."""
+    sha256: _builtins.str
+    """sha256 of the file, the digest CreateTrainingJob records as `TrainingJob.dataset_digest`."""
+    size_bytes: _builtins.int
+    problems_truncated: _builtins.bool
+    """More problems exist than are listed."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetRow]:
+        """The first rows that are JSON objects, in file order."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetProblem]:
+        """Why CreateTrainingJob would refuse the dataset (empty: it passes), at most 10, in file order."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___DatasetRow] | None = ...,
+        row_count: _builtins.int = ...,
+        format: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        problems: _abc.Iterable[Global___DatasetProblem] | None = ...,
+        problems_truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "problems", b"problems", "problems_truncated", b"problems_truncated", "row_count", b"row_count", "rows", b"rows", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewDatasetResponse: _TypeAlias = PreviewDatasetResponse  # noqa: Y015
+
+@_typing.final
+class DatasetRow(_message.Message):
+    """One row of a previewed dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line number in the file."""
+    truncated: _builtins.bool
+    @_builtins.property
+    def content(self) -> _struct_pb2.Struct:
+        """The row. Strings longer than 2,000 characters and lists longer than 50 items are cut (`truncated`)."""
+
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        content: _struct_pb2.Struct | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "line", b"line", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetRow: _TypeAlias = DatasetRow  # noqa: Y015
+
+@_typing.final
+class DatasetProblem(_message.Message):
+    """A dataset validation finding."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line number; 0 for the whole file (for example "dataset has no rows")."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetProblem: _TypeAlias = DatasetProblem  # noqa: Y015

@@ -89,6 +89,11 @@ class TrainerServiceStub:
                 request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobResponse.FromString,
                 _registered_method=True)
+        self.PreviewDataset = channel.unary_unary(
+                '/neuroweaver.trainer.v1.TrainerService/PreviewDataset',
+                request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -168,6 +173,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewDataset(self, request, context):
+        """Reads a dataset the way CreateTrainingJob checks it (the same dataset roots and path rules, the same validation)
+        and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
+        still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
+        Needs the role that may train on the dataset (operator): the roots are shared by every project.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +235,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchTrainingJob,
                     request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobRequest.FromString,
                     response_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobResponse.SerializeToString,
+            ),
+            'PreviewDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewDataset,
+                    request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.FromString,
+                    response_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -495,6 +515,33 @@ class TrainerService:
             '/neuroweaver.trainer.v1.TrainerService/WatchTrainingJob',
             neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobRequest.SerializeToString,
             neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.WatchTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.trainer.v1.TrainerService/PreviewDataset',
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.SerializeToString,
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,12 @@ class TrainerServiceStub:
     """Pages the durable events of a job in sequence order."""
     WatchTrainingJob: _grpc.UnaryStreamMultiCallable[_trainer_service_pb2.WatchTrainingJobRequest, _trainer_service_pb2.WatchTrainingJobResponse]
     """Replays events after `after_sequence`, then follows live; ends after the terminal state's event."""
+    PreviewDataset: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.PreviewDatasetRequest, _trainer_service_pb2.PreviewDatasetResponse]
+    """Reads a dataset the way CreateTrainingJob checks it (the same dataset roots and path rules, the same validation)
+    and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
+    still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
+    Needs the role that may train on the dataset (operator): the roots are shared by every project.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -95,6 +101,12 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Pages the durable events of a job in sequence order."""
     WatchTrainingJob: _aio.UnaryStreamMultiCallable[_trainer_service_pb2.WatchTrainingJobRequest, _trainer_service_pb2.WatchTrainingJobResponse]  # type: ignore[assignment]
     """Replays events after `after_sequence`, then follows live; ends after the terminal state's event."""
+    PreviewDataset: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.PreviewDatasetRequest, _trainer_service_pb2.PreviewDatasetResponse]  # type: ignore[assignment]
+    """Reads a dataset the way CreateTrainingJob checks it (the same dataset roots and path rules, the same validation)
+    and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
+    still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
+    Needs the role that may train on the dataset (operator): the roots are shared by every project.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Fine-tuning jobs: SFT with LoRA/QLoRA and RLAIF, run by a durable queue in worker processes or
@@ -185,5 +197,17 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_service_pb2.WatchTrainingJobResponse], _abc.AsyncIterator[_trainer_service_pb2.WatchTrainingJobResponse]]:
         """Replays events after `after_sequence`, then follows live; ends after the terminal state's event."""
+
+    @_abc_1.abstractmethod
+    def PreviewDataset(
+        self,
+        request: _trainer_service_pb2.PreviewDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.PreviewDatasetResponse, _abc.Awaitable[_trainer_service_pb2.PreviewDatasetResponse]]:
+        """Reads a dataset the way CreateTrainingJob checks it (the same dataset roots and path rules, the same validation)
+        and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
+        still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
+        Needs the role that may train on the dataset (operator): the roots are shared by every project.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,16 +7,16 @@ import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
 import type { EmptySchema } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_empty } from "@bufbuild/protobuf/wkt";
-import type { TrainingJob, TrainingJobEvent, TrainingJobSchema } from "./training_job_pb.js";
+import { file_google_protobuf_empty, file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
+import type { TrainingJob, TrainingJobEvent, TrainingJobSchema, TrainingMethod } from "./training_job_pb.js";
 import { file_neuroweaver_trainer_v1_training_job } from "./training_job_pb.js";
-import type { Message } from "@bufbuild/protobuf";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file neuroweaver/trainer/v1/trainer_service.proto.
  */
 export const file_neuroweaver_trainer_v1_trainer_service: GenFile = /*@__PURE__*/
-  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJUChdQYXVzZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlUKGFJlc3VtZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlkKHENoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudDKCCQoOVHJhaW5lclNlcnZpY2USagoRQ3JlYXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNyZWF0ZVRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaQoOR2V0VHJhaW5pbmdKb2ISLS5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkdldFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IiA5ACARJ6ChBMaXN0VHJhaW5pbmdKb2JzEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JzUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlIgOQAgESagoRQ2FuY2VsVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNhbmNlbFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaAoQUGF1c2VUcmFpbmluZ0pvYhIvLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUGF1c2VUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmoKEVJlc3VtZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXN1bWVUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEnIKFUNoZWNrcG9pbnRUcmFpbmluZ0pvYhI0Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuQ2hlY2twb2ludFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISXQoRRGVsZXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRlbGV0ZVRyYWluaW5nSm9iUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRKJAQoVTGlzdFRyYWluaW5nSm9iRXZlbnRzEjQubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXF1ZXN0GjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXNwb25zZSIDkAIBEnwKEFdhdGNoVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLldhdGNoVHJhaW5pbmdKb2JSZXF1ZXN0GjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVzcG9uc2UiA5ACATABYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_neuroweaver_trainer_v1_training_job]);
+  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJUChdQYXVzZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlUKGFJlc3VtZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlkKHENoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudCKaAgoVUHJldmlld0RhdGFzZXRSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIZCgtkYXRhc2V0X3VyaRgCIAEoCUIE4kEBAhI8CgZtZXRob2QYAyABKA4yJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nTWV0aG9kQgTiQQEBEhgKCmJhc2VfbW9kZWwYBCABKAlCBOJBAQESHAoObWF4X3NlcV9sZW5ndGgYBSABKAVCBOJBAQESGwoNY2hhdF90ZW1wbGF0ZRgGIAEoCUIE4kEBARIWCghtYXhfcm93cxgHIAEoBUIE4kEBASLnAQoWUHJldmlld0RhdGFzZXRSZXNwb25zZRIwCgRyb3dzGAEgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5EYXRhc2V0Um93EhEKCXJvd19jb3VudBgCIAEoAxIOCgZmb3JtYXQYAyABKAkSDgoGc2hhMjU2GAQgASgJEhIKCnNpemVfYnl0ZXMYBSABKAMSOAoIcHJvYmxlbXMYBiADKAsyJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRhdGFzZXRQcm9ibGVtEhoKEnByb2JsZW1zX3RydW5jYXRlZBgHIAEoCCJXCgpEYXRhc2V0Um93EgwKBGxpbmUYASABKAMSKAoHY29udGVudBgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJdHJ1bmNhdGVkGAMgASgIIi8KDkRhdGFzZXRQcm9ibGVtEgwKBGxpbmUYASABKAMSDwoHbWVzc2FnZRgCIAEoCTL4CQoOVHJhaW5lclNlcnZpY2USagoRQ3JlYXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNyZWF0ZVRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaQoOR2V0VHJhaW5pbmdKb2ISLS5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkdldFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IiA5ACARJ6ChBMaXN0VHJhaW5pbmdKb2JzEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JzUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlIgOQAgESagoRQ2FuY2VsVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNhbmNlbFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaAoQUGF1c2VUcmFpbmluZ0pvYhIvLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUGF1c2VUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmoKEVJlc3VtZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXN1bWVUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEnIKFUNoZWNrcG9pbnRUcmFpbmluZ0pvYhI0Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuQ2hlY2twb2ludFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISXQoRRGVsZXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRlbGV0ZVRyYWluaW5nSm9iUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRKJAQoVTGlzdFRyYWluaW5nSm9iRXZlbnRzEjQubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXF1ZXN0GjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXNwb25zZSIDkAIBEnwKEFdhdGNoVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLldhdGNoVHJhaW5pbmdKb2JSZXF1ZXN0GjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVzcG9uc2UiA5ACATABEnQKDlByZXZpZXdEYXRhc2V0Ei0ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5QcmV2aWV3RGF0YXNldFJlcXVlc3QaLi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlByZXZpZXdEYXRhc2V0UmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_google_protobuf_struct, file_neuroweaver_trainer_v1_training_job]);
 
 /**
  * @generated from message neuroweaver.trainer.v1.CreateTrainingJobRequest
@@ -326,6 +326,187 @@ export const WatchTrainingJobResponseSchema: GenMessage<WatchTrainingJobResponse
   messageDesc(file_neuroweaver_trainer_v1_trainer_service, 12);
 
 /**
+ * @generated from message neuroweaver.trainer.v1.PreviewDatasetRequest
+ */
+export type PreviewDatasetRequest = Message<"neuroweaver.trainer.v1.PreviewDatasetRequest"> & {
+  /**
+   * `projects/{project}`: the project that would train on the dataset.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * A JSONL file under one of the trainer's dataset roots, as `TrainingJob.dataset_uri` (a path or `file://` URI).
+   *
+   * @generated from field: string dataset_uri = 2;
+   */
+  datasetUri: string;
+
+  /**
+   * The method the rows are for: SFT_LORA, SFT_QLORA and RLAIF take chat or prompt/completion rows, DPO and
+   * REWARD_MODEL preference rows. UNSPECIFIED accepts any format; EXPORT has no dataset.
+   *
+   * @generated from field: neuroweaver.trainer.v1.TrainingMethod method = 3;
+   */
+  method: TrainingMethod;
+
+  /**
+   * Base model whose tokenizer renders chat rows and measures them against `max_seq_length`, as at job creation.
+   * Empty: rows are checked without their token lengths.
+   *
+   * @generated from field: string base_model = 4;
+   */
+  baseModel: string;
+
+  /**
+   * With `base_model`: rows longer than this many tokens are problems (0 = 512, the job default).
+   *
+   * @generated from field: int32 max_seq_length = 5;
+   */
+  maxSeqLength: number;
+
+  /**
+   * With `base_model`: the job's chat template override (`Hyperparameters.chat_template`).
+   *
+   * @generated from field: string chat_template = 6;
+   */
+  chatTemplate: string;
+
+  /**
+   * Rows to return from the start of the file, in [0, 20] (0 = 5).
+   *
+   * @generated from field: int32 max_rows = 7;
+   */
+  maxRows: number;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.PreviewDatasetRequest.
+ * Use `create(PreviewDatasetRequestSchema)` to create a new message.
+ */
+export const PreviewDatasetRequestSchema: GenMessage<PreviewDatasetRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 13);
+
+/**
+ * @generated from message neuroweaver.trainer.v1.PreviewDatasetResponse
+ */
+export type PreviewDatasetResponse = Message<"neuroweaver.trainer.v1.PreviewDatasetResponse"> & {
+  /**
+   * The first rows that are JSON objects, in file order.
+   *
+   * @generated from field: repeated neuroweaver.trainer.v1.DatasetRow rows = 1;
+   */
+  rows: DatasetRow[];
+
+  /**
+   * Rows in the file (non-blank lines of a detected format).
+   *
+   * @generated from field: int64 row_count = 2;
+   */
+  rowCount: bigint;
+
+  /**
+   * `chat`, `prompt_completion`, `preference` or `prompt`; empty when no row tells.
+   *
+   * @generated from field: string format = 3;
+   */
+  format: string;
+
+  /**
+   * sha256 of the file, the digest CreateTrainingJob records as `TrainingJob.dataset_digest`.
+   *
+   * @generated from field: string sha256 = 4;
+   */
+  sha256: string;
+
+  /**
+   * @generated from field: int64 size_bytes = 5;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Why CreateTrainingJob would refuse the dataset (empty: it passes), at most 10, in file order.
+   *
+   * @generated from field: repeated neuroweaver.trainer.v1.DatasetProblem problems = 6;
+   */
+  problems: DatasetProblem[];
+
+  /**
+   * More problems exist than are listed.
+   *
+   * @generated from field: bool problems_truncated = 7;
+   */
+  problemsTruncated: boolean;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.PreviewDatasetResponse.
+ * Use `create(PreviewDatasetResponseSchema)` to create a new message.
+ */
+export const PreviewDatasetResponseSchema: GenMessage<PreviewDatasetResponse> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 14);
+
+/**
+ * One row of a previewed dataset.
+ *
+ * @generated from message neuroweaver.trainer.v1.DatasetRow
+ */
+export type DatasetRow = Message<"neuroweaver.trainer.v1.DatasetRow"> & {
+  /**
+   * 1-based line number in the file.
+   *
+   * @generated from field: int64 line = 1;
+   */
+  line: bigint;
+
+  /**
+   * The row. Strings longer than 2,000 characters and lists longer than 50 items are cut (`truncated`).
+   *
+   * @generated from field: google.protobuf.Struct content = 2;
+   */
+  content?: JsonObject | undefined;
+
+  /**
+   * @generated from field: bool truncated = 3;
+   */
+  truncated: boolean;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.DatasetRow.
+ * Use `create(DatasetRowSchema)` to create a new message.
+ */
+export const DatasetRowSchema: GenMessage<DatasetRow> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 15);
+
+/**
+ * A dataset validation finding.
+ *
+ * @generated from message neuroweaver.trainer.v1.DatasetProblem
+ */
+export type DatasetProblem = Message<"neuroweaver.trainer.v1.DatasetProblem"> & {
+  /**
+   * 1-based line number; 0 for the whole file (for example "dataset has no rows").
+   *
+   * @generated from field: int64 line = 1;
+   */
+  line: bigint;
+
+  /**
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.DatasetProblem.
+ * Use `create(DatasetProblemSchema)` to create a new message.
+ */
+export const DatasetProblemSchema: GenMessage<DatasetProblem> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 16);
+
+/**
  * Fine-tuning jobs: SFT with LoRA/QLoRA and RLAIF, run by a durable queue in worker processes or
  * Kubernetes Jobs, resumable from checkpoints, with live progress streamed over gRPC.
  * Errors carry a google.rpc.ErrorInfo with domain `trainer.neuroweaver.v1`.
@@ -431,6 +612,19 @@ export const TrainerService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchTrainingJobRequestSchema;
     output: typeof WatchTrainingJobResponseSchema;
+  },
+  /**
+   * Reads a dataset the way CreateTrainingJob checks it (the same dataset roots and path rules, the same validation)
+   * and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
+   * still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
+   * Needs the role that may train on the dataset (operator): the roots are shared by every project.
+   *
+   * @generated from rpc neuroweaver.trainer.v1.TrainerService.PreviewDataset
+   */
+  previewDataset: {
+    methodKind: "unary";
+    input: typeof PreviewDatasetRequestSchema;
+    output: typeof PreviewDatasetResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_neuroweaver_trainer_v1_trainer_service, 0);
