@@ -42,7 +42,7 @@ async def ab_bot(registry):
     return MODEL
 
 
-async def create(experiments, exp_id: str, *, start: bool = True, **fields) -> epb.Experiment:
+async def create(experiments, exp_id: str, *, start: bool = True, analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON) -> epb.Experiment:
     exp = epb.Experiment(
         display_name=exp_id.replace("-", " "),
         variants=[
@@ -52,10 +52,9 @@ async def create(experiments, exp_id: str, *, start: bool = True, **fields) -> e
         primary_metric=epb.MetricSpec(name="score", kind=epb.METRIC_KIND_MEAN, direction=HIGHER),
         guardrail_metrics=[epb.MetricSpec(name="latency_ms", kind=epb.METRIC_KIND_MEAN, direction=LOWER, tolerance=0.2)],
         secondary_metrics=[epb.MetricSpec(name="thumbs_up", kind=epb.METRIC_KIND_PROPORTION, direction=HIGHER)],
-        analysis=epb.ANALYSIS_METHOD_FIXED_HORIZON,
+        analysis=analysis,
         min_sample_size=50,
         promote_alias="production",
-        **fields,
     )
     created = await experiments.stub.CreateExperiment(
         esvc.CreateExperimentRequest(parent="projects/default", experiment_id=exp_id, experiment=exp)
@@ -165,6 +164,21 @@ async def test_results_page_shows_the_rpc_numbers_and_offers_ship(page, console,
     await h.check_screen(page, "experiment-results")
 
 
+async def test_sequential_results_show_the_always_valid_p_and_confidence_sequences(page, console, experiments, ab_bot):
+    exp = await create(experiments, "sequential", analysis=epb.ANALYSIS_METHOD_SEQUENTIAL)
+    await expose_and_measure(experiments, exp, [f"q-{i}" for i in range(200)])
+    res = await results(experiments, exp)  # no data arrives after this look: the page's look gives the same numbers
+
+    await page.goto(f"{console.url}/experiments/sequential")
+    rows = await table_rows(page, "metric-primary-0")
+    treatment, c = rows["treatment"], res.primary.comparisons[0]
+    assert sig(treatment["Always-valid p"], c.sequential_p_value, 3) and sig(treatment["p-value"], c.p_value, 3)
+    lo, hi = interval(treatment["Lift 95% confidence sequence"])
+    assert pct(lo, c.lift_ci_lower) and pct(hi, c.lift_ci_upper), treatment
+    assert rows["control"]["Always-valid p"] == "–"
+    assert "sequential" in await page.locator("#progress-h + dl").inner_text()
+
+
 async def test_sample_ratio_mismatch_blocks_ship_and_conclude(page, console, experiments, ab_bot, h):
     exp = await create(experiments, "mismatched")
     plan = AssignmentPlan(exp.hash_seed, [0.5, 0.5])
@@ -256,3 +270,24 @@ async def test_unknown_experiment_is_a_404_page_with_the_reason(page, console):
     response = await page.goto(f"{console.url}/experiments/Bad%20Name")
     assert response is not None and response.status == 400  # a malformed id: INVALID_ARGUMENT, not a crash
     page.errors[:] = [e for e in page.errors if "404" not in e and "400" not in e]  # the pages' own statuses
+
+
+async def test_stale_promotion_is_refused_and_the_experiment_keeps_running(page, console, experiments, registry, ab_bot):
+    """Compare-and-set: the confirmation carries the alias version it showed; a move in between wins, the service
+    refuses the promotion and the experiment is not concluded."""
+    exp = await create(experiments, "stale-promotion")
+    alias_name = f"{MODEL}/aliases/production"
+    before = (await registry.stub.GetModelAlias(rsvc.GetModelAliasRequest(name=alias_name))).version
+    await page.goto(f"{console.url}/experiments/stale-promotion/conclude?winner=treatment")
+    assert f"points at {before} now" in await page.locator("#promotion-change").inner_text()
+    other = "1.0.0" if before != "1.0.0" else "1.1.0"
+    await registry.stub.SetModelAlias(
+        rsvc.SetModelAliasRequest(model=MODEL, alias="production", version=other, reason="someone else")
+    )
+    await page.get_by_label("Reason (kept in the conclusion and the alias history)").fill("mine")
+    await page.get_by_role("button", name="Conclude and promote treatment to production").click()
+    assert await page.locator("h1").inner_text() == "The service said ABORTED"
+    page.errors[:] = [e for e in page.errors if "409" not in e]  # the refusal page's own status, expected
+    assert (await registry.stub.GetModelAlias(rsvc.GetModelAliasRequest(name=alias_name))).version == other
+    got = await experiments.stub.GetExperiment(esvc.GetExperimentRequest(name=exp.name))
+    assert got.state == epb.Experiment.STATE_RUNNING and got.winner == ""
