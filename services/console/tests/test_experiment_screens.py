@@ -266,6 +266,7 @@ async def test_unknown_experiment_is_a_404_page_with_the_reason(page, console):
     response = await page.goto(f"{console.url}/experiments/no-such-experiment")
     assert response is not None and response.status == 404
     assert await page.locator("h1").inner_text() == "The service said NOT_FOUND"
+    assert await page.locator("#error-reason").inner_text() == "EXPERIMENT_NOT_FOUND"  # docs/errors.md's reason
     assert "projects/default/experiments/no-such-experiment does not exist" in await page.locator(".error").inner_text()
     response = await page.goto(f"{console.url}/experiments/Bad%20Name")
     assert response is not None and response.status == 400  # a malformed id: INVALID_ARGUMENT, not a crash

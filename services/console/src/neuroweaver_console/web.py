@@ -19,6 +19,7 @@ from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 from neuroweaver_runtime.logs import request_id_var
 
 from .gateway import Gateway, Gateways
@@ -131,12 +132,15 @@ async def observe(request: web.Request, handler):
             code = exc.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise web.HTTPSeeOther(f"/login?next={quote(request.path)}&reason=unauthenticated") from None
+            info = error_info(exc)
             response = _render(
                 request,
                 "error.html",
                 status=_HTTP_STATUS.get(code, 502),
                 code=code.name,
+                reason=info.reason if info else "",
                 message=exc.details() or "",
+                violations=[(v.field, v.description) for v in field_violations(exc)],
             )
         status = response.status
         if not response.prepared:  # a finished SSE stream sent its headers long ago
