@@ -1,10 +1,12 @@
 """The pure parts of the pages: what a training-job event becomes for the browser, the list's progress and ETA,
-which actions a job's state offers; the lineage graph's layout and metric verdicts."""
+which actions a job's state offers; the lineage graph's layout, metric verdicts; the audit page's newest events from an
+oldest-first API, its filter and rows."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -12,6 +14,7 @@ from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_console import audit
 from neuroweaver_console.lineage import lineage_graph, version_href, version_label
 from neuroweaver_console.registry import latest_metrics, metric_verdict, size
 from neuroweaver_console.training import _allowed_actions, event_json, job_summary
@@ -147,3 +150,60 @@ def test_latest_metric_of_each_name_and_sizes():
           rpb.Metric(name="acc", value=0.5, record_time=old)]  # fmt: skip
     assert [(m.name, m.value) for m in latest_metrics(ms)] == [("acc", 0.5), ("loss", 2)]
     assert (size(0), size(512), size(3 * 1024 * 1024)) == ("–", "512 B", "3.0 MiB")
+
+
+# --- audit: the newest events of an oldest-first API, filters, rows ------------------------------------------------
+
+
+def fake_events(sequences, actor=lambda s: "alice" if s % 3 else "bob"):
+    """A ListModelEvents over these sequences (sparse, like one model's events in a registry-wide sequence)."""
+    events = [rpb.ModelEvent(sequence=s, type=rpb.ModelEvent.TYPE_ALIAS_SET, actor=actor(s)) for s in sequences]
+    calls = []
+
+    async def fetch(after: int, size: int) -> list[rpb.ModelEvent]:
+        calls.append((after, size))
+        return [e for e in events if e.sequence > after][:size]
+
+    return fetch, calls
+
+
+async def test_newest_events_find_the_tail_without_reading_everything():
+    fetch, calls = fake_events(range(7, 100_000, 7))
+    assert await audit.newest_sequence(fetch) == 99_995
+    calls.clear()
+    events, newest = await audit.newest_events(fetch, 5, lambda e: True)
+    assert newest == 99_995 and [e.sequence for e in events] == [99_995, 99_988, 99_981, 99_974, 99_967]
+    assert len(calls) < 60  # bisection and one window, not 100 pages
+
+    events, _ = await audit.newest_events(fetch, 3, lambda e: e.sequence < 50)  # a rare match: windows widen to the start
+    assert [e.sequence for e in events] == [49, 42, 35]
+    assert await audit.newest_events(fake_events([])[0], 5, lambda e: True) == ([], 0)
+    one, _ = await audit.newest_events(fake_events([1])[0], 5, lambda e: True)
+    assert [e.sequence for e in one] == [1]
+
+
+def test_audit_filter_and_rows():
+    f = audit.Filter.parse({"type": "alias_set", "actor": "ALI", "model": "advisor"})
+    assert f.query() == "model=advisor&type=alias_set&actor=ALI"
+    alias_set = rpb.ModelEvent(type=rpb.ModelEvent.TYPE_ALIAS_SET, actor="token:alice")
+    assert f.keep(alias_set) and not f.keep(rpb.ModelEvent(type=rpb.ModelEvent.TYPE_ALIAS_SET, actor="bob"))
+    assert not f.keep(rpb.ModelEvent(type=rpb.ModelEvent.TYPE_MODEL_CREATED, actor="alice"))
+    with pytest.raises(ValueError, match="unknown event type"):
+        audit.Filter.parse({"type": "drop_table"})
+
+    ev = rpb.ModelEvent(sequence=9, type=rpb.ModelEvent.TYPE_ALIAS_SET, resource=f"{M}/aliases/production", model=M,
+                        actor="alice", details={"to_version": "1.1.0", "from_version": "1.0.0"})  # fmt: skip
+    row = audit.event_row(ev, "default")
+    assert (row["model"], row["model_href"], row["resource"], row["resource_href"], row["type"]) == (
+        "advisor",
+        "/models/advisor",
+        "alias production",
+        "/models/advisor#aliases",
+        "alias set",
+    )
+    assert row["details"] == [("from_version", "1.0.0"), ("to_version", "1.1.0")]
+    version = audit.event_row(rpb.ModelEvent(resource=f"{M}/versions/1.1.0", model=M), "default")
+    assert (version["resource"], version["resource_href"]) == ("version 1.1.0", "/models/advisor/versions/1.1.0")
+    assert audit.event_row(rpb.ModelEvent(resource=M, model=M), "default")["resource"] == ""
+    judge = audit.event_row(rpb.ModelEvent(resource="projects/default/judges/helpful/versions/2"), "default")
+    assert (judge["model"], judge["resource"]) == ("", "judge helpful v2")
