@@ -4,7 +4,9 @@ No image is built or pulled. An image is "the install" a container of it would s
 machine: ``/usr`` (and the ``/bin``, ``/lib*``, ``/sbin`` links), a few ``/etc`` essentials, the Python prefix the
 repository's virtualenv was made from, the virtualenv itself (at ``/opt/venv``, where the images keep it, and at
 its own path so its scripts' shebangs resolve) with the editable source directories its ``.pth`` files point at,
-and the repository files the Dockerfile copies into the image (``COPY deploy/docker/... /usr/local/bin/...``).
+and the repository files the Dockerfile copies into the image (``COPY deploy/docker/... /usr/local/bin/...``); a
+``node_modules`` copied from a Node stage (``COPY --from=assets /assets/node_modules ...``: npm files at the versions
+``package-lock.json`` pins) is the repository's ``node_modules``, which ``make install`` fills from the same lock.
 Nothing else of the host is visible: not the repository's data or artifact folders, not ``/tmp``, not ``/root``.
 
 ENTRYPOINT, CMD, ENV, WORKDIR and USER come from ``deploy/docker/<name>.Dockerfile`` (exec form; the last stage and
@@ -191,6 +193,9 @@ def parse_dockerfile(path: Path, repo_root: Path, venv: Path, name: str | None =
                 image.cmd = []  # a new ENTRYPOINT resets CMD, as in docker
             elif word == "CMD":
                 image.cmd = _exec_form(rest)
+            elif word == "COPY" and rest.startswith("--from=") and rest.split()[1].endswith("/node_modules"):
+                if (repo_root / "node_modules").is_dir():
+                    copies.append(Bind(str(repo_root / "node_modules"), rest.split()[2]))
             elif word == "COPY" and "--from=" not in rest:
                 parts = [p for p in shlex.split(rest) if not p.startswith("--")]
                 *sources, dest = parts
