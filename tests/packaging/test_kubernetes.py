@@ -17,6 +17,7 @@ from nwpack import (
     ROOT,
     SERVICES,
     config_fields,
+    console_ports,
     default_ports,
     grpc_service_names,
     kubectl,
@@ -31,7 +32,13 @@ def _key(obj):
 
 
 def _deployments(objs):
+    """Every Deployment of the package by component: the four gRPC services and the web console."""
     return {o["metadata"]["name"].removeprefix("neuroweaver-"): o for o in objs if o["kind"] == "Deployment"}
+
+
+def _grpc_deployments(objs):
+    """The four gRPC services' Deployments (their probes, databases and TLS serving are checked alike)."""
+    return {svc: dep for svc, dep in _deployments(objs).items() if svc in SERVICES}
 
 
 def _container(dep):
@@ -90,8 +97,8 @@ def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
     names = grpc_service_names()
     ports = default_ports()
     deps = _deployments(rendered[name])
-    assert set(deps) == set(SERVICES)
-    for svc, dep in deps.items():
+    assert set(deps) == {*SERVICES, "console"}
+    for svc, dep in _grpc_deployments(rendered[name]).items():
         c = _container(dep)
         container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert container_ports == {"grpc": ports[svc], "http-metrics": METRICS_PORTS[svc]}
@@ -114,6 +121,33 @@ def test_deployments_have_grpc_probes_on_the_real_service_names(name, rendered):
             assert _probed(c[probe]) == {"port": ports[svc], "service": names[svc]}, (svc, probe)
         # Liveness asks for the server as a whole ("" is set SERVING together with the service).
         assert _probed(c["livenessProbe"]) == {"port": ports[svc], "service": ""}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_console_probes_its_ops_port_and_calls_the_four_services(name, rendered):
+    """The web console: its own ports (its config's defaults), bound like the services (pod IP; dev: 0.0.0.0),
+    readiness and liveness as GET /healthz on the ops port (plain HTTP, also with TLS on), a client of each of the
+    four services, and no Secret of its own: users log in with their own tokens, so no default token is set."""
+    c = _container(_deployments(rendered[name])["console"])
+    ports = console_ports()
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == ports
+    env = _env(c)
+    assert env["NW_CONSOLE_PORT"]["value"] == str(ports["http"])
+    assert env["NW_CONSOLE_METRICS_PORT"]["value"] == str(ports["http-metrics"])
+    host = "NW_CONSOLE_HOST"
+    if name == "overlays/dev":
+        assert env[host] == {"name": host, "value": "0.0.0.0"}
+    else:
+        assert env[host] == {"name": host, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    assert c["args"] == ["--host", f"$({host})"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}, probe
+    targets = {var.removeprefix("NW_CONSOLE_").removesuffix("_TARGET").lower() for var in env if var.endswith("_TARGET")}
+    assert targets == set(SERVICES)  # each dials the peer's headless Service: test_internal_targets_dial_...
+    assert "NW_CONSOLE_TOKEN" not in env
+    assert not [e for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})]
+    secret_volumes = [v for v in _deployments(rendered[name])["console"]["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    assert [v["secret"]["secretName"] for v in secret_volumes] == (["neuroweaver-console-tls"] if name == "overlays/mtls" else [])
 
 
 def test_registry_default_ports_match_its_code():
@@ -210,7 +244,7 @@ def test_services_select_their_pods_and_declare_grpc(name, rendered):
     objs = rendered[name]
     deps = _deployments(objs)
     clusterip, headless = _services(objs, False), _services(objs, True)
-    assert set(clusterip) == set(headless) == set(SERVICES)
+    assert set(clusterip) == {*SERVICES, "console"} and set(headless) == set(SERVICES)
     for svc in SERVICES:
         pod_labels = deps[svc]["spec"]["template"]["metadata"]["labels"]
         assert deps[svc]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -227,6 +261,12 @@ def test_services_select_their_pods_and_declare_grpc(name, rendered):
         assert headless[svc]["metadata"]["name"] == f"neuroweaver-{svc}-headless"
         assert [p["name"] for p in headless[svc]["spec"]["ports"]] == ["grpc"]
         assert not headless[svc]["spec"].get("publishNotReadyAddresses"), "only ready pods take calls"
+    # The console: HTTP only (no gRPC, no headless twin: browsers and the ingress controller call it, not the platform).
+    console = clusterip["console"]["spec"]
+    assert console["selector"].items() <= deps["console"]["spec"]["template"]["metadata"]["labels"].items()
+    assert {p["name"]: (p["port"], p["targetPort"], p["appProtocol"]) for p in console["ports"]} == {
+        port: (number, port, "http") for port, number in console_ports().items()
+    }
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -245,7 +285,7 @@ def test_internal_targets_dial_headless_services_through_dns(name, rendered):
             host, port = e["value"].removeprefix("dns:///").rsplit(":", 1)
             assert int(port) in {p["port"] for p in headless[host]["spec"]["ports"]}
             targets += 1
-    assert targets >= 4  # trainer, deployer, experiments → registry; experiments → deployer
+    assert targets >= 8  # trainer, deployer, experiments → registry; experiments → deployer; the console → all four
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -268,7 +308,7 @@ def test_service_monitors_scrape_every_service_metrics_port(name, rendered):
         ports = {p["name"] for p in target["spec"]["ports"]}
         assert all(e["port"] in ports for e in m["spec"]["endpoints"])
         covered.add(target["metadata"]["name"])
-    assert covered == {f"neuroweaver-{s}" for s in SERVICES}
+    assert covered == {f"neuroweaver-{s}" for s in [*SERVICES, "console"]}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -337,7 +377,7 @@ def test_auth_and_database_come_from_secrets(name, rendered):
     else:
         assert not secrets, "real Secrets are never part of the base or the production overlay"
     config = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
-    for svc, dep in _deployments(objs).items():
+    for svc, dep in _grpc_deployments(objs).items():  # the console reads no Secret (its own test)
         env = _env(_container(dep))
         up = svc.upper()
         for var in (f"NW_{up}_DATABASE_URL", f"NW_{up}_PAGE_TOKEN_SECRET"):
@@ -394,9 +434,8 @@ def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name
             ps = p["spec"]["podSelector"]
             if ps.get("matchLabels") and not ps["matchLabels"].items() <= pod_labels.items():
                 continue
-            for expr in ps.get("matchExpressions", []):
-                if pod_labels.get(expr["key"]) not in expr["values"]:
-                    continue
+            if any(pod_labels.get(e["key"]) not in e["values"] for e in ps.get("matchExpressions", [])):
+                continue
             for rule in p["spec"].get("ingress", []):
                 if any(source in f for f in rule["from"]):
                     ports |= {x["port"] for x in rule["ports"]}
@@ -405,7 +444,10 @@ def test_network_policies_deny_by_default_and_open_exactly_the_ports_in_use(name
     for svc, dep in _deployments(objs).items():
         labels = dep["spec"]["template"]["metadata"]["labels"]
         ports = {p["name"]: p["containerPort"] for p in _container(dep)["ports"]}
-        assert ports["grpc"] in allowed_ports(labels, "podSelector"), svc
+        if svc == "console":  # browsers reach it through the ingress controller's namespace
+            assert ports["http"] in allowed_ports(labels, "namespaceSelector"), svc
+        else:
+            assert ports["grpc"] in allowed_ports(labels, "podSelector"), svc
         assert ports["http-metrics"] in allowed_ports(labels, "namespaceSelector"), svc
 
 
@@ -417,7 +459,7 @@ def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
     objs = rendered["overlays/mtls"]
     deps = _deployments(objs)
     services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
-    for svc, dep in deps.items():
+    for svc, dep in _grpc_deployments(objs).items():
         up, c = svc.upper(), _container(dep)
         pod = dep["spec"]["template"]["spec"]
         (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
@@ -440,6 +482,19 @@ def test_mtls_overlay_serves_and_calls_with_each_service_certificate(rendered):
     # ... and the model-server pods the deployer creates get their certificate (mTLS: the deployer has a client CA).
     deployer = _env(_container(deps["deployer"]))
     assert deployer["NW_DEPLOYER_KUBE_MODEL_SERVER_TLS_SECRET"]["value"] == "neuroweaver-model-server-tls"
+    # The console calls the four with its own certificate (client TLS only: its pages stay HTTP behind the ingress).
+    console = deps["console"]
+    c = _container(console)
+    (volume,) = [v for v in console["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert volume["secret"] == {"secretName": "neuroweaver-console-tls", "defaultMode": 0o440}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True
+    files = {k: v["value"] for k, v in _env(c).items() if "_TLS_" in k}
+    expected = {"CLIENT_TLS_CA": "ca.crt", "CLIENT_TLS_CERT": "tls.crt", "CLIENT_TLS_KEY": "tls.key"}
+    assert files == {f"NW_CONSOLE_{k}": f"{mount['mountPath']}/{f}" for k, f in expected.items()}
+    for var, e in _env(c).items():
+        if var.endswith("_TARGET"):
+            assert e["value"].removeprefix("dns:///").rsplit(":", 1)[0] in services, var
     for dep in _deployments(rendered["base"]).values():
         assert not [k for k in _env(_container(dep)) if "_TLS_" in k]
 
@@ -479,7 +534,9 @@ def test_every_nw_variable_is_a_real_setting_of_its_service(name, rendered):
 
 
 def test_tracing_overlay_exports_every_service_with_its_pod_identity(rendered):
-    for svc, dep in _deployments(rendered["overlays/tracing"]).items():
+    deps = _deployments(rendered["overlays/tracing"])
+    assert not [v for v in _env(_container(deps["console"])) if v.startswith("OTEL_")], "the console exports no spans"
+    for svc, dep in _grpc_deployments(rendered["overlays/tracing"]).items():
         env = _env(_container(dep))
         names = list(env)
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://"), svc
