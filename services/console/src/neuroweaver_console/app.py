@@ -86,7 +86,9 @@ class Console:
         return app
 
     async def _serve(self, app: web.Application, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a browser that leaves cancels its handler at once, so an SSE stream's gRPC call ends
+        # then instead of at its next write.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
