@@ -83,6 +83,11 @@ async def test_login_token_is_forwarded_over_tls(secured_registry):
                 assert resp.headers["Location"].startswith("/login?next=/models")
             async with http.post(f"{url}/login", data={"token": "wrong", "next": "/models"}, allow_redirects=False) as resp:
                 assert resp.status == 303 and "HttpOnly" in resp.headers["Set-Cookie"]
+                assert "Secure" not in resp.headers["Set-Cookie"]  # plain HTTP: a Secure cookie would never come back
+            async with http.post(
+                f"{url}/login", data={"token": "t"}, headers={"X-Forwarded-Proto": "https"}, allow_redirects=False
+            ) as resp:
+                assert "Secure" in resp.headers["Set-Cookie"]  # HTTPS ended at an Ingress in front of the console
             async with http.get(f"{url}/models", allow_redirects=False) as resp:
                 assert resp.status == 303  # a token the registry does not know is no login
             async with http.post(f"{url}/login", data={"token": "viewer-token", "next": "//evil.example/"}) as resp:

@@ -180,10 +180,10 @@ async def login(request: web.Request) -> web.Response:
         target = "/jobs"  # no open redirects
     response = web.HTTPSeeOther(target)
     if token:
-        # HttpOnly: scripts never read it; SameSite=Strict: other sites cannot post actions with it.
-        response.set_cookie(
-            TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=request.app[secure_cookie_key], path="/"
-        )
+        # HttpOnly: scripts never read it; SameSite=Strict: other sites cannot post actions with it; Secure when the
+        # browser speaks HTTPS, to the console or to the Ingress in front of it (X-Forwarded-Proto can only tighten).
+        https = request.app[secure_cookie_key] or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=https, path="/")
     else:
         response.del_cookie(TOKEN_COOKIE, path="/")
     raise response
