@@ -532,7 +532,7 @@ async def train_start(c: Ctx):
             )
         )
     created = await c.nw.trainer.CreateTrainingJob(
-        tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job=job, request_id=str(uuid.uuid4()))
+        tsvc.CreateTrainingJobRequest(parent=c.parent(), training_job_id=a.job_id, training_job=job, request_id=str(uuid.uuid4()))
     )
     c.show(created)
     if a.watch:
@@ -1197,6 +1197,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--target-model", {"help": "model that receives the new version"}),
         ("--bump", {"choices": list(_BUMPS), "default": "minor", "help": "the part of the version to increase"}),
         ("--display-name", {"default": "", "help": "human-readable name"}),
+        ("--job-id", {"default": "", "help": "the job's id in --project (default: generated)"}),
         ("--label", LABEL),
         ("--learning-rate", {"type": float, "default": 0.0, "help": hp}),
         ("--epochs", {"type": float, "default": 0.0, "help": hp}),
