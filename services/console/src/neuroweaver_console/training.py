@@ -1,5 +1,7 @@
-"""Training screens: the jobs list, a job's page with its live events (server-sent events from WatchTrainingJob) and
-its actions (cancel, pause, resume, checkpoint)."""
+"""Training screens: the jobs list; the new-job form (CreateTrainingJob, its refusals shown next to the fields, the
+same request as an `nw` command and a grpcurl call, a dataset preview); a job's page with its live events
+(server-sent events from WatchTrainingJob: curves, stage timeline, filterable events), its dataset's first rows
+(PreviewDataset) and its actions (cancel, pause, resume, checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,28 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 
+from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
-from .web import SECURITY_HEADERS, SSE_EVENTS, _duration, _enum, _gateway, _render, _ts, project_key
+from . import job_form
+from .gateway import Gateway
+from .web import (
+    _HTTP_STATUS,
+    SECURITY_HEADERS,
+    SSE_EVENTS,
+    TOKEN_COOKIE,
+    _duration,
+    _enum,
+    _gateway,
+    _render,
+    _ts,
+    default_token_key,
+    project_key,
+    templates_key,
+)
 
 ACTIONS = ("cancel", "pause", "resume", "checkpoint")
 TERMINAL = {tpb.TrainingJob.STATE_SUCCEEDED, tpb.TrainingJob.STATE_FAILED, tpb.TrainingJob.STATE_CANCELLED}
@@ -45,6 +65,7 @@ def event_json(event: tpb.TrainingJobEvent) -> dict[str, Any]:
         "type": _enum(tpb.EventType.Name(event.type)),
         "stage": event.stage,
         "time": _ts(event.create_time),
+        "ts": event.create_time.seconds + event.create_time.nanos / 1e9,  # for the stage timeline's durations
         "message": event.message,
     }
     if event.type == tpb.EVENT_TYPE_STATE_CHANGED:
@@ -61,7 +82,6 @@ def event_json(event: tpb.TrainingJobEvent) -> dict[str, Any]:
     if event.metrics:
         out["metrics"] = {k: (v if math.isfinite(v) else None) for k, v in event.metrics.items()}
     return out
-
 
 
 def _job_name(request: web.Request) -> str:
@@ -143,9 +163,154 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# --- dataset preview ------------------------------------------------------------------------------------------------
+
+PREVIEW_ROWS = 5
+
+
+def row_parts(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """A dataset row as (label, text) pairs: each chat message under its role, other fields under their names."""
+    parts: list[tuple[str, str]] = []
+    for key, value in row.items():
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+            parts += [(str(m["role"]), m["content"] if isinstance(m.get("content"), str) else json.dumps(m)) for m in value]
+        else:
+            parts.append((key, value if isinstance(value, str) else json.dumps(value)))
+    return parts
+
+
+async def preview(gw: Gateway, uri: str, method: tpb.TrainingMethod.ValueType) -> tsvc.PreviewDatasetResponse:
+    return await gw.trainer.PreviewDataset(
+        tsvc.PreviewDatasetRequest(parent=f"projects/{gw.project}", dataset_uri=uri, method=method, max_rows=PREVIEW_ROWS)
+    )
+
+
+def preview_view(resp: tsvc.PreviewDatasetResponse, recorded_digest: str = "") -> dict[str, Any]:
+    return {
+        "rows": [
+            {"line": r.line, "parts": row_parts(json_format.MessageToDict(r.content)), "truncated": r.truncated}
+            for r in resp.rows
+        ],
+        "count": resp.row_count,
+        "format": resp.format.replace("_", "/") or "unknown",
+        "sha256": resp.sha256,
+        "size": resp.size_bytes,
+        "changed": bool(recorded_digest and resp.sha256 and resp.sha256 != recorded_digest),
+        "matches": bool(recorded_digest and resp.sha256 == recorded_digest),
+        "problems": [(p.line or None, p.message) for p in resp.problems],
+        "more_problems": resp.problems_truncated,
+    }
+
+
+async def job_dataset(request: web.Request) -> web.Response:
+    """The job page's dataset section (fetched by job.js): the first rows of the job's dataset as the trainer reads
+    it now, and whether the file still has the digest recorded at submission. An error is said in the section."""
+    gw = await _gateway(request)
+    job = await gw.get_job(_job_name(request))
+    context: dict[str, Any] = {"preview": None, "preview_error": ""}
+    try:
+        context["preview"] = preview_view(await preview(gw, job.dataset_uri, job.method), job.dataset_digest)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        context["preview_error"] = f"{exc.code().name}: {exc.details() or ''}"
+    page = request.app[templates_key].get_template("_dataset_preview.html").render(**context)
+    return web.Response(text=page, content_type="text/html")
+
+
+# --- new job --------------------------------------------------------------------------------------------------------
+
+
+def _trainer_target(gw: Gateway) -> str:
+    return gw._trainer.target  # the address the console dials, for the commands it shows
+
+
+def _form_page(request: web.Request, form: job_form.Form, status: int = 200, **extra: Any) -> web.Response:
+    context: dict[str, Any] = {"checked": None, "preview": None, "preview_error": "", "commands": None}
+    context.update(extra)
+    return _render(
+        request, "new_job.html", status=status, form=form, fields=job_form.BY_NAME, options=job_form.OPTIONS,
+        rlaif_only=job_form.RLAIF_ONLY, **context,
+    )  # fmt: skip
+
+
+async def new_job_form(request: web.Request) -> web.Response:
+    return _form_page(request, job_form.Form.blank())
+
+
+def _refusal(form: job_form.Form, exc: grpc.aio.AioRpcError) -> None:
+    """The trainer's refusal on the form: each field violation next to its field, the rest in the summary."""
+    violations = field_violations(exc)
+    for v in violations:
+        form.error(v.field, v.description)
+    info = error_info(exc)
+    field = job_form.REASON_FIELDS.get(info.reason if info else "")
+    if field:
+        form.errors.setdefault(field, []).append(exc.details() or "")
+    elif not violations:
+        form.other_errors.append(f"{exc.code().name}: {exc.details() or ''}")
+
+
+async def new_job_submit(request: web.Request) -> web.Response:
+    """`action=create` (the default, also Enter in a field) creates the job and opens its page; `action=check` asks
+    the trainer to validate it (validate_only), previews its dataset and shows the same request as commands."""
+    data = await request.post()
+    form = job_form.Form.parse(data)
+    project = request.app[project_key]
+    gw = await _gateway(request)
+    create = job_form.build_request(form, project)
+    if str(data.get("action", "create")) == "check":
+        return await _check(request, gw, form, create)
+    if form.failed:
+        return _form_page(request, form, status=400)
+    try:
+        created = await gw.trainer.CreateTrainingJob(create)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        _refusal(form, exc)
+        return _form_page(request, form, status=_HTTP_STATUS.get(exc.code(), 502))
+    raise web.HTTPSeeOther(f"/jobs/{created.name.rsplit('/', 1)[-1]}")
+
+
+async def _check(request: web.Request, gw: Gateway, form: job_form.Form, create: tsvc.CreateTrainingJobRequest) -> web.Response:
+    checked = None
+    if not form.failed:
+        validate = tsvc.CreateTrainingJobRequest()
+        validate.CopyFrom(create)
+        validate.validate_only = True
+        try:
+            checked = await gw.trainer.CreateTrainingJob(validate)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            _refusal(form, exc)
+    dataset, preview_error = None, ""
+    if form.values["dataset_uri"]:
+        try:
+            dataset = preview_view(await preview(gw, form.values["dataset_uri"], create.training_job.method))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            preview_error = f"{exc.code().name}: {exc.details() or ''}"
+    target = _trainer_target(gw)
+    tls = gw.tls.enabled
+    token = bool(request.cookies.get(TOKEN_COOKIE) or request.app[default_token_key])
+    commands = {
+        "nw": job_form.nw_command(form, request.app[project_key], target),
+        "grpcurl": job_form.grpcurl_command(create, target, tls=tls, token=token),
+    }
+    return _form_page(
+        request, form, status=400 if form.failed else 200, checked=checked, preview=dataset, preview_error=preview_error,
+        commands=commands,
+    )  # fmt: skip
+
 
 def routes(app: web.Application) -> None:
     app.router.add_get("/jobs", jobs)
+    app.router.add_get("/jobs/new", new_job_form)  # before /jobs/{job}: `new` is not a job id
+    app.router.add_post("/jobs/new", new_job_submit)
     app.router.add_get("/jobs/{job}", job)
+    app.router.add_get("/jobs/{job}/dataset", job_dataset)
     app.router.add_get("/jobs/{job}/events", job_events)
     app.router.add_post("/jobs/{job}/{action}", job_action)

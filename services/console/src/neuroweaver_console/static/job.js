@@ -1,6 +1,7 @@
-// Job page: the loss/eval curves and the events list, fed by server-sent events from the trainer's
-// WatchTrainingJob (the console forwards the gRPC stream; the browser never polls). One line per (stage, series)
-// so an RLAIF job's SFT and policy losses are separate lines, never joined.
+// Job page: the loss/eval curves, the stage timeline and the events list (filterable by stage and type), fed by
+// server-sent events from the trainer's WatchTrainingJob (the console forwards the gRPC stream; the browser never
+// polls). One line per (stage, series) so an RLAIF job's SFT and policy losses are separate lines, never joined.
+// The dataset section is fetched once (PreviewDataset reads the file: not on the page's critical path).
 (function () {
   "use strict";
   const script = document.currentScript;
@@ -43,7 +44,110 @@
     if (el && value !== undefined && value !== "") el.textContent = value;
   }
 
+  // --- stage timeline: each stage from its first event to its STAGE_COMPLETED (or the job's end) ---------------------
+  const stages = new Map();  // name → {start, end, state, row}
+  const stageTable = document.getElementById("stages");
+  const TERMINAL = { succeeded: "completed", failed: "failed", cancelled: "cancelled" };
+  let ended = false;
+
+  function clock(ts) {
+    return new Date(ts * 1000).toISOString().slice(11, 19);
+  }
+
+  function span(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+    return h ? h + "h " + String(m).padStart(2, "0") + "m" : m + "m " + String(s).padStart(2, "0") + "s";
+  }
+
+  function stageOf(ev) {
+    let st = stages.get(ev.stage);
+    if (!st) {
+      const row = stageTable.tBodies[0].insertRow();
+      row.id = "stage-" + ev.stage;
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = ev.stage;
+      row.appendChild(th);
+      for (let i = 0; i < 5; i++) row.insertCell();
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.setAttribute("aria-hidden", "true");
+      bar.appendChild(document.createElement("span"));
+      row.cells[5].appendChild(bar);
+      st = { start: ev.ts, end: null, state: "running", row: row };
+      stages.set(ev.stage, st);
+      stageTable.hidden = false;
+      document.getElementById("stages-empty").hidden = true;
+    }
+    return st;
+  }
+
+  function onStage(ev) {
+    if (ev.stage && ev.ts) {
+      const st = stageOf(ev);
+      if (ev.type === "stage completed") {
+        st.end = ev.ts;
+        st.state = "completed";
+      } else if (ev.type === "stage started" || (st.state !== "completed" && (!ev.state || ev.state === "running"))) {
+        st.end = null;  // a resumed attempt runs the stage again
+        st.state = "running";
+      }
+    }
+    if (ev.state === "paused" || TERMINAL[ev.state]) {
+      for (const st of stages.values()) {
+        if (st.state === "running") {
+          st.end = ev.ts;
+          st.state = TERMINAL[ev.state] || "paused";
+        }
+      }
+    }
+  }
+
+  function drawStages() {
+    const all = Array.from(stages.values());
+    if (!all.length) return;
+    const now = Date.now() / 1000;
+    const first = Math.min.apply(null, all.map(function (st) { return st.start; }));
+    const last = Math.max.apply(null, all.map(function (st) { return st.end === null ? now : st.end; }));
+    const total = Math.max(last - first, 1);
+    for (const st of all) {
+      const end = st.end === null ? now : st.end;
+      const cells = st.row.cells;
+      st.row.className = "stage-" + st.state;
+      cells[1].textContent = st.state;
+      cells[2].textContent = clock(st.start);
+      cells[3].textContent = st.end === null ? "–" : clock(st.end);
+      cells[4].textContent = span(end - st.start) + (st.end === null ? " so far" : "");
+      const bar = cells[5].firstChild.firstChild;
+      bar.style.left = (100 * (st.start - first)) / total + "%";
+      bar.style.width = (100 * (end - st.start)) / total + "%";
+    }
+  }
+  // Running stages' durations grow between events.
+  const ticker = setInterval(function () { if (ended) clearInterval(ticker); drawStages(); }, 1000);
+
+  // --- event filters ---------------------------------------------------------------------------------------------
+  const stageFilter = document.getElementById("events-stage");
+  const typeFilter = document.getElementById("events-type");
+
+  function option(select, value) {
+    if (!value || Array.from(select.options).some(function (o) { return o.value === value; })) return;
+    select.add(new Option(value, value));
+  }
+
+  function shown(li) {
+    return (!stageFilter.value || li.dataset.stage === stageFilter.value) && (!typeFilter.value || li.dataset.type === typeFilter.value);
+  }
+
+  function filter() {
+    for (const li of list.children) li.hidden = !shown(li);
+  }
+  stageFilter.addEventListener("change", filter);
+  typeFilter.addEventListener("change", filter);
+
   function onEvent(ev) {
+    onStage(ev);
     const stage = ev.stage || "train";
     if (ev.step) {
       lastStep = ev.step.step;
@@ -66,6 +170,11 @@
       const li = document.createElement("li");
       const metrics = ev.metrics ? " " + Object.entries(ev.metrics).map(([k, v]) => k + "=" + (v === null ? "nan" : +v.toPrecision(4))).join(" ") : "";
       li.textContent = ev.time + " [" + (ev.stage || "-") + "] " + ev.type + (ev.state ? " → " + ev.state : "") + metrics + (ev.message ? " — " + ev.message : "");
+      li.dataset.stage = ev.stage || "";
+      li.dataset.type = ev.type;
+      li.hidden = !shown(li);
+      option(stageFilter, ev.stage);
+      option(typeFilter, ev.type);
       list.insertBefore(li, list.firstChild);
     }
   }
@@ -79,13 +188,16 @@
       pending = false;
       chart.update("none");
       canvas.dataset.points = String(points);
+      drawStages();
     });
   }
 
   const source = new EventSource(script.dataset.events);
   source.addEventListener("job", function (msg) { onEvent(JSON.parse(msg.data)); redraw(); });
   source.addEventListener("end", function () {
-    source.close();  // the job is over; without close() the browser would reconnect and replay again
+    source.close();
+    ended = true;
+    drawStages();  // the job is over; without close() the browser would reconnect and replay again
     for (const form of document.querySelectorAll(".actions form")) form.remove();
     text("live-status", "The job has ended; reload for its final state.");
     document.body.dataset.streamEnded = "1";
@@ -95,6 +207,17 @@
     const detail = JSON.parse(msg.data);
     text("live-status", "Live updates stopped: " + detail.code + " " + detail.message);
   });
+
+  const dataset = document.getElementById("dataset-preview");
+  if (dataset) {
+    fetch(dataset.dataset.src, { credentials: "same-origin" })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        return resp.text();
+      })
+      .then(function (html) { dataset.innerHTML = html; })  // rendered and escaped by the console's templates
+      .catch(function (err) { dataset.textContent = "The dataset preview could not be loaded: " + err.message; });
+  }
 
   for (const form of document.querySelectorAll("form[data-confirm]")) {
     form.addEventListener("submit", function (e) { if (!window.confirm(form.dataset.confirm)) e.preventDefault(); });
