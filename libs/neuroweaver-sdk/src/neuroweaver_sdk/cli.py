@@ -539,6 +539,19 @@ async def train_start(c: Ctx):
         await watch_training_job(c.nw, created.name, console=c.progress_console())
 
 
+async def train_preview_dataset(c: Ctx):
+    a = c.args
+    resp = await c.nw.trainer.PreviewDataset(
+        tsvc.PreviewDatasetRequest(
+            parent=c.parent(), dataset_uri=a.dataset, method=_METHODS[a.method] if a.method else tpb.TRAINING_METHOD_UNSPECIFIED,
+            base_model=a.base_model or "", max_seq_length=a.max_seq_length, max_rows=a.rows,
+        )
+    )  # fmt: skip
+    c.show(resp, quiet="sha256")
+    if resp.problems:
+        raise SystemExit(1)  # a job on this dataset would be refused
+
+
 async def train_watch(c: Ctx):
     job = await watch_training_job(c.nw, c.job(c.args.job), console=c.progress_console(), after_sequence=c.args.after)
     if c.output != "table":
@@ -1219,6 +1232,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--mlflow-experiment", {"default": "", "help": "MLflow experiment (empty = the target model's name)"}),
         ("--tensorboard", {"action": "store_true", "help": "write TensorBoard event files (stored with the job's artifacts)"}),
         ("--watch", {"action": "store_true", "help": "follow the job until it ends"}),
+    )  # fmt: skip
+    cmd(
+        g, "preview-dataset", train_preview_dataset,
+        "a dataset's first rows, row count, sha256 and the problems the trainer finds in it (exit 1 when it has any)",
+        "nw train preview-dataset file:///data/train.jsonl --method lora --rows 3",
+        ("dataset", {"help": "training data URI (JSONL) under the trainer's dataset roots"}),
+        ("--method", {"choices": list(_METHODS), "help": "the method the rows are for (default: any format)"}),
+        ("--base-model", {"help": "measure the rows with this base model's tokenizer, as a job would"}),
+        ("--max-seq-length", {"type": int, "default": 0, "help": "with --base-model: the row limit in tokens (0 = 512)"}),
+        ("--rows", {"type": int, "default": 5, "help": "rows to show (at most 20)"}),
     )  # fmt: skip
     job_id = {"help": "job id in --project, or a full name projects/P/trainingJobs/J"}
     cmd(

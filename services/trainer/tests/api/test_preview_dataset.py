@@ -106,3 +106,17 @@ async def test_operators_of_the_project_only(trainers, h, data_root, rpc_err):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await call(token, parent)
         assert rpc_err(exc)[:2] == (grpc.StatusCode.PERMISSION_DENIED, reason), (token, parent)
+
+
+async def test_nw_train_preview_dataset(trainers, h, data_root, capsys):
+    """`nw train preview-dataset`: the answer as JSON (or its sha256 with -q); exit 1 when a job would be refused."""
+    from neuroweaver_sdk.cli import run
+
+    trainer = await trainers(run_jobs=False)
+    base = ["--trainer", f"127.0.0.1:{trainer.port}", "train", "preview-dataset"]
+    assert await run([*base, (data_root / "chat.jsonl").as_uri(), "--method", "lora", "--rows", "2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (len(shown["rows"]), shown["row_count"], shown["format"]) == (2, "40", "chat")
+    with pytest.raises(SystemExit) as exc:
+        await run([*base, (data_root / "chat.jsonl").as_uri(), "--method", "dpo", "-q"])
+    assert exc.value.code == 1 and len(capsys.readouterr().out.strip()) == 64
