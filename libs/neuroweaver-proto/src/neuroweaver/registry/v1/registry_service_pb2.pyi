@@ -938,14 +938,25 @@ class ListModelEventsRequest(_message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`projects/{project}`."""
     model: _builtins.str
     """Only events of this model (full name), when set."""
     after_sequence: _builtins.int
-    """Only events with a larger sequence."""
+    """Only events with a larger sequence (in both orders)."""
     page_size: _builtins.int
+    """Default 50, at most 1000; negative is INVALID_ARGUMENT."""
     page_token: _builtins.str
+    """From a previous response; must be used with the same model, after_sequence, filter and order_by."""
+    order_by: _builtins.str
+    """`sequence` (default: oldest first) or `sequence desc` (newest first)."""
+    filter: _builtins.str
+    """Conjunction of comparisons, for example `type = TYPE_ALIAS_SET AND actor = "alice"`.
+    Fields: type (a ModelEvent.Type name; the `TYPE_` prefix may be left out), actor, resource.
+    Operators: `=`, `!=`.
+    """
     def __init__(
         self,
         *,
@@ -954,10 +965,12 @@ class ListModelEventsRequest(_message.Message):
         after_sequence: _builtins.int = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        order_by: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "filter", b"filter", "model", b"model", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,22 +1006,26 @@ class WatchModelEventsRequest(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`projects/{project}`."""
     model: _builtins.str
     """Only events of this model (full name), when set."""
     after_sequence: _builtins.int
     """Replay stored events with a larger sequence first, then follow live."""
+    filter: _builtins.str
+    """Only events that match, stored and live; the syntax and fields of ListModelEventsRequest.filter."""
     def __init__(
         self,
         *,
         parent: _builtins.str = ...,
         model: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model", b"model", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "filter", b"filter", "model", b"model", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -347,7 +347,7 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModelEvents(self, request, context):
-        """Pages audit events in sequence order.
+        """Pages audit events in sequence order, oldest first or (`order_by = "sequence desc"`) newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

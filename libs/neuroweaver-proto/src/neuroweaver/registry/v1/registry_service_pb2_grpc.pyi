@@ -86,7 +86,7 @@ class RegistryServiceStub:
     ListModelAliasHistory: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelAliasHistoryRequest, _registry_service_pb2.ListModelAliasHistoryResponse]
     """Pages the full history of an alias, newest first."""
     ListModelEvents: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]
-    """Pages audit events in sequence order."""
+    """Pages audit events in sequence order, oldest first or (`order_by = "sequence desc"`) newest first."""
     WatchModelEvents: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelEventsRequest, _registry_service_pb2.WatchModelEventsResponse]
     """Streams audit events after `after_sequence`: first the stored ones, then live ones. Never ends by
     itself; reconnect with the last sequence seen.
@@ -160,7 +160,7 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ListModelAliasHistory: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelAliasHistoryRequest, _registry_service_pb2.ListModelAliasHistoryResponse]  # type: ignore[assignment]
     """Pages the full history of an alias, newest first."""
     ListModelEvents: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListModelEventsRequest, _registry_service_pb2.ListModelEventsResponse]  # type: ignore[assignment]
-    """Pages audit events in sequence order."""
+    """Pages audit events in sequence order, oldest first or (`order_by = "sequence desc"`) newest first."""
     WatchModelEvents: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchModelEventsRequest, _registry_service_pb2.WatchModelEventsResponse]  # type: ignore[assignment]
     """Streams audit events after `after_sequence`: first the stored ones, then live ones. Never ends by
     itself; reconnect with the last sequence seen.
@@ -363,7 +363,7 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.ListModelEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.ListModelEventsResponse, _abc.Awaitable[_registry_service_pb2.ListModelEventsResponse]]:
-        """Pages audit events in sequence order."""
+        """Pages audit events in sequence order, oldest first or (`order_by = "sequence desc"`) newest first."""
 
     @_abc_1.abstractmethod
     def WatchModelEvents(
