@@ -21,6 +21,28 @@ async def test_unknown_job_and_model_are_404_pages(console):
                 assert "The service said NOT_FOUND" in await resp.text()
 
 
+async def test_actions_from_another_site_are_refused(console, trainer):
+    """A form on another site posting to the console would act with the console's default token: refused by the
+    browser's Sec-Fetch-Site (or, without it, Origin) before any call reaches a service."""
+    from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+
+    before = await trainer.stub.ListTrainingJobs(tsvc.ListTrainingJobsRequest(parent="projects/default", page_size=100))
+    form = {"method": "TRAINING_METHOD_SFT", "base_model": "x", "dataset_uri": "x", "action": "create"}
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"}):
+            async with http.post(f"{console.url}/jobs/new", data=form, headers=headers, allow_redirects=False) as resp:
+                assert resp.status == 403, headers
+            async with http.post(f"{console.url}/jobs/tj-nope/cancel", headers=headers, allow_redirects=False) as resp:
+                assert resp.status == 403, headers
+        # The console's own pages (same origin) reach the service: its NOT_FOUND, not the console's 403.
+        host = console.url.removeprefix("http://")
+        for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Origin": f"http://{host}"}, {}):
+            async with http.post(f"{console.url}/jobs/tj-nope/cancel", headers=headers, allow_redirects=False) as resp:
+                assert resp.status == 404, headers
+    after = await trainer.stub.ListTrainingJobs(tsvc.ListTrainingJobsRequest(parent="projects/default", page_size=100))
+    assert len(after.training_jobs) == len(before.training_jobs)
+
+
 async def test_health_and_metrics(console):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{console.url}/jobs") as resp:

@@ -31,6 +31,11 @@ class Gateway:
         self.tls, self.token, self.deadline = tls, token, deadline  # for channels to model servers (the playground)
 
     @property
+    def trainer_target(self) -> str:
+        """The trainer's address as the console dials it (for the commands the new-job form shows)."""
+        return self._trainer.target
+
+    @property
     def registry(self) -> rgrpc.RegistryServiceStub:
         return self._registry.stub(rgrpc.RegistryServiceStub)
 

@@ -221,10 +221,6 @@ async def job_dataset(request: web.Request) -> web.Response:
 # --- new job --------------------------------------------------------------------------------------------------------
 
 
-def _trainer_target(gw: Gateway) -> str:
-    return gw._trainer.target  # the address the console dials, for the commands it shows
-
-
 def _form_page(request: web.Request, form: job_form.Form, status: int = 200, **extra: Any) -> web.Response:
     context: dict[str, Any] = {"checked": None, "preview": None, "preview_error": "", "commands": None}
     context.update(extra)
@@ -293,7 +289,7 @@ async def _check(request: web.Request, gw: Gateway, form: job_form.Form, create:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise
             preview_error = f"{exc.code().name}: {exc.details() or ''}"
-    target = _trainer_target(gw)
+    target = gw.trainer_target
     tls = gw.tls.enabled
     token = bool(request.cookies.get(TOKEN_COOKIE) or request.app[default_token_key])
     commands = {

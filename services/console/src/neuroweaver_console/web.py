@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import grpc
 import jinja2
@@ -118,6 +118,21 @@ def _render(request: web.Request, template: str, status: int = 200, **context: A
     return web.Response(text=page, status=status, content_type="text/html")
 
 
+def _refuse_cross_site(request: web.Request) -> None:
+    """Actions (POST) only from the console's own pages. The SameSite cookie is not enough: without a login the console
+    acts with its default --token, which a form on another site could otherwise use."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        if fetch_site not in ("same-origin", "none"):  # none: the user typed or bookmarked it
+            raise web.HTTPForbidden(text="cross-site request refused")
+        return
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:  # browsers without Sec-Fetch-* headers
+        raise web.HTTPForbidden(text="cross-site request refused")
+
+
 @web.middleware
 async def observe(request: web.Request, handler):
     """Request id, JSON access log, Prometheus metrics, and gRPC errors as pages a person can act on."""
@@ -126,6 +141,7 @@ async def observe(request: web.Request, handler):
     start = time.perf_counter()
     status = 500
     try:
+        _refuse_cross_site(request)
         try:
             response = await handler(request)
         except grpc.aio.AioRpcError as exc:
