@@ -6,6 +6,7 @@ each other). Every test creates its own uniquely named models, so one server per
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 
@@ -65,19 +66,31 @@ class Registry:
         )
 
 
-@pytest_asyncio.fixture(scope="module", params=BACKENDS)
-async def registry(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("registry")
-    url, drop = await database_url(request.param, tmp)
-    service = await start_registry(url, tmp)
+@contextlib.asynccontextmanager
+async def running_registry(backend: str, tmp_dir, **overrides):
+    """A Registry on a fresh database of `backend`, stopped (and its PostgreSQL database dropped) on exit."""
+    url, drop = await database_url(backend, tmp_dir)
+    service = await start_registry(url, tmp_dir, **overrides)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
     try:
-        yield Registry(request.param, service, channel, rs_grpc.RegistryServiceStub(channel), url)
+        yield Registry(backend, service, channel, rs_grpc.RegistryServiceStub(channel), url)
     finally:
         await channel.close()
         await service.stop()
         if drop is not None:
             await drop()
+
+
+@pytest_asyncio.fixture(scope="module", params=BACKENDS)
+async def registry(request, tmp_path_factory):
+    async with running_registry(request.param, tmp_path_factory.mktemp("registry")) as started:
+        yield started
+
+
+@pytest.fixture
+def own_registry(tmp_path):
+    """`async with own_registry(backend, **config) as r:` a registry of the test's own, e.g. with auth on."""
+    return lambda backend, **overrides: running_registry(backend, tmp_path, **overrides)
 
 
 @pytest.fixture

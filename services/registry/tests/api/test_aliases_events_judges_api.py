@@ -10,6 +10,8 @@ import grpc
 from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
+from neuroweaver_registry.domain.model import EVENT_TYPES
+from neuroweaver_runtime.grpc_errors import field_violations
 
 INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
 FAILED = grpc.StatusCode.FAILED_PRECONDITION
@@ -204,6 +206,163 @@ async def test_list_events_pages_and_filters_by_model(registry, expect_error):
         INVALID,
         "PAGE_TOKEN_QUERY_MISMATCH",
     )
+
+
+async def _pages(stub, page_size: int, **fields) -> list[pb.ModelEvent]:
+    """Every event of a ListModelEvents query, page by page."""
+    events, token = [], ""
+    while True:
+        page = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=page_size, page_token=token, **fields))
+        assert len(page.events) <= page_size
+        events += page.events
+        token = page.next_page_token
+        if not token:
+            return events
+
+
+async def test_list_events_newest_first_pages_in_both_orders(registry, expect_error):
+    stub = registry.stub
+    m = await registry.model()
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        await registry.version(m.name, version=v)
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0"))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.2.0"))
+    await stub.ArchiveModel(rs.ArchiveModelRequest(name=m.name))
+
+    oldest_first = await _pages(stub, 2, model=m.name)
+    assert len(oldest_first) == 7 and [e.sequence for e in oldest_first] == sorted(e.sequence for e in oldest_first)
+    newest_first = await _pages(stub, 2, model=m.name, order_by="sequence desc")
+    assert newest_first == oldest_first[::-1]
+    assert await _pages(stub, 3, model=m.name, order_by="sequence asc") == oldest_first
+    assert await _pages(stub, 1000, model=m.name, order_by="sequence desc") == newest_first  # one page, no token
+    # after_sequence bounds both orders from below: newest first down to (not including) it.
+    after = oldest_first[2].sequence
+    assert await _pages(stub, 2, model=m.name, after_sequence=after, order_by="sequence desc") == oldest_first[3:][::-1]
+    assert await _pages(stub, 2, model=m.name, after_sequence=after) == oldest_first[3:]
+    # Project-wide, newest first: the first event is the newest there is (the archive just written).
+    newest = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, page_size=1, order_by="sequence desc"))
+    assert list(newest.events) == [oldest_first[-1]] and newest.next_page_token
+
+    # A token is bound to its order: `sequence` and `sequence asc` are one, `sequence desc` another.
+    asc = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, page_size=2))
+    again = await stub.ListModelEvents(
+        rs.ListModelEventsRequest(parent=P, model=m.name, page_size=2, order_by="sequence asc", page_token=asc.next_page_token)
+    )
+    assert list(again.events) == oldest_first[2:4]
+    desc = await stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, model=m.name, page_size=2, order_by="sequence desc"))
+    for order_by, token in (
+        ("sequence desc", asc.next_page_token),
+        ("", desc.next_page_token),
+        ("sequence", desc.next_page_token),
+    ):
+        err = await expect_error(
+            stub.ListModelEvents(
+                rs.ListModelEventsRequest(parent=P, model=m.name, page_size=2, order_by=order_by, page_token=token)
+            ),
+            INVALID,
+            "PAGE_TOKEN_QUERY_MISMATCH",
+        )
+        assert [v.field for v in field_violations(err)] == ["page_token"]
+    for order_by in ("create_time", "sequence up", "sequence desc now", "-sequence"):
+        err = await expect_error(
+            stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, order_by=order_by)), INVALID, "INVALID_ORDER_BY"
+        )
+        assert [v.field for v in field_violations(err)] == ["order_by"]
+
+
+async def test_list_events_filters_by_type_and_resource(registry, expect_error):
+    assert {n.removeprefix("TYPE_") for n in pb.ModelEvent.Type.keys()} - {"UNSPECIFIED"} == EVENT_TYPES
+    stub, E = registry.stub, pb.ModelEvent
+    m = await registry.model()
+    await registry.version(m.name, version="1.0.0")
+    await registry.version(m.name, version="1.1.0")
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="canary", version="1.1.0"))
+    await stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.1.0"))
+    everything = await _pages(stub, 1000, model=m.name)
+
+    async def listed(filter_text: str, **fields) -> list[pb.ModelEvent]:
+        return await _pages(stub, 1, model=m.name, filter=filter_text, **fields)
+
+    alias_sets = [e for e in everything if e.type == E.TYPE_ALIAS_SET]
+    assert len(alias_sets) == 3
+    assert await listed("type = TYPE_ALIAS_SET") == alias_sets
+    assert await listed('type = "alias_set"', order_by="sequence desc") == alias_sets[::-1]  # prefix and case optional
+    assert await listed("type != TYPE_ALIAS_SET") == [e for e in everything if e.type != E.TYPE_ALIAS_SET]
+    prod = m.name + "/aliases/prod"
+    assert [e.details["to_version"] for e in await listed(f'resource = "{prod}" AND type = TYPE_ALIAS_SET')] == ["1.0.0", "1.1.0"]
+    assert await listed('actor = "anonymous" AND type = TYPE_VERSION_CREATED') == [
+        e for e in everything if e.type == E.TYPE_VERSION_CREATED
+    ]
+    assert await listed('actor = "someone-else"') == []
+    assert await listed("type = TYPE_MODEL_DELETED") == []
+
+    first = await stub.ListModelEvents(
+        rs.ListModelEventsRequest(parent=P, model=m.name, page_size=1, filter="type = TYPE_ALIAS_SET")
+    )
+    await expect_error(
+        stub.ListModelEvents(
+            rs.ListModelEventsRequest(
+                parent=P, model=m.name, page_size=1, filter="type = ALIAS_SET", page_token=first.next_page_token
+            )
+        ),
+        INVALID,
+        "PAGE_TOKEN_QUERY_MISMATCH",
+    )
+    for bad, says in (
+        ("type = TYPE_DROP_TABLE", "unknown event type 'TYPE_DROP_TABLE'; one of: TYPE_ALIAS_DELETED"),
+        ("type = TYPE_UNSPECIFIED", "unknown event type"),
+        ('model = "x"', "unknown field 'model'; filterable fields: actor, resource, type"),
+        ("labels.team = ml", "unknown field 'labels.team'"),
+        ("type = TYPE_ALIAS_SET OR type = TYPE_ALIAS_DELETED", "comparisons must be joined with AND"),
+        ("actor ~ alice", "unexpected character"),
+    ):
+        err = await expect_error(stub.ListModelEvents(rs.ListModelEventsRequest(parent=P, filter=bad)), INVALID, "INVALID_FILTER")
+        assert [v.field for v in field_violations(err)] == ["filter"] and says in err.details(), err.details()
+    watch = stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, filter="type = TYPE_DROP_TABLE"))
+    await expect_error(watch.read(), INVALID, "INVALID_FILTER")
+
+
+async def test_events_filtered_by_actor_listed_and_watched(registry, own_registry):
+    """With auth on, events name their callers: a filter by actor lists one caller's events and a filtered watch
+    replays and follows only theirs."""
+    tokens = "alice-token=default:operator:alice,bob-token=default:operator:bob"
+    async with own_registry(registry.backend, auth_tokens=tokens, page_token_secret="s") as r:
+        alice, bob = ([("authorization", f"Bearer {who}-token")] for who in ("alice", "bob"))
+        m = await r.stub.CreateModel(
+            rs.CreateModelRequest(parent=P, model_id="shared", model=pb.Model(base_model="b")), metadata=alice
+        )
+
+        async def version(v: str, caller) -> None:
+            mv = pb.ModelVersion(artifact=pb.Artifact(uri="file:///tmp/a", sha256="ab" * 32, size_bytes=1))
+            await r.stub.CreateModelVersion(
+                rs.CreateModelVersionRequest(parent=m.name, version=v, model_version=mv), metadata=caller
+            )
+
+        await version("1.0.0", bob)
+        await r.stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.0.0"), metadata=alice)
+        await version("1.1.0", bob)
+
+        async def listed(filter_text: str, order_by: str = "") -> list[tuple[str, str]]:
+            request = rs.ListModelEventsRequest(parent=P, filter=filter_text, order_by=order_by)
+            return [
+                (e.actor, pb.ModelEvent.Type.Name(e.type)) for e in (await r.stub.ListModelEvents(request, metadata=alice)).events
+            ]
+
+        assert await listed('actor = "bob"', "sequence desc") == [("bob", "TYPE_VERSION_CREATED")] * 2
+        assert await listed('actor != "bob"') == [("alice", "TYPE_MODEL_CREATED"), ("alice", "TYPE_ALIAS_SET")]
+        assert await listed("actor = bob AND type = TYPE_ALIAS_SET") == []
+
+        call = r.stub.WatchModelEvents(rs.WatchModelEventsRequest(parent=P, filter='actor = "alice"'), metadata=bob)
+        try:
+            replayed = [await asyncio.wait_for(call.read(), 10) for _ in range(2)]
+            assert [pb.ModelEvent.Type.Name(e.event.type) for e in replayed] == ["TYPE_MODEL_CREATED", "TYPE_ALIAS_SET"]
+            await version("1.2.0", bob)  # not alice's: not sent
+            await r.stub.SetModelAlias(rs.SetModelAliasRequest(model=m.name, alias="prod", version="1.2.0"), metadata=alice)
+            live = await asyncio.wait_for(call.read(), 10)
+            assert (live.event.actor, live.event.details["to_version"]) == ("alice", "1.2.0")
+        finally:
+            call.cancel()
 
 
 async def test_watch_replays_from_cursor_then_follows_live(registry, expect_error):

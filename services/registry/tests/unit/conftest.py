@@ -196,9 +196,18 @@ class FakeEvents(_Repo):
         self.store.events.append((project, event))
         return event.sequence
 
-    async def after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
-        found = [e for p, e in self.store.events if p == project and e.sequence > after and (not model or e.model == model)]
-        return copy.deepcopy(found[:limit])
+    async def after(self, project: str, model: str, after: int, limit: int, *, filters=(), before=None, desc=False):
+        def matches(e: ModelEvent) -> bool:
+            return all((getattr(e, f.field) == f.value) == (f.op == "=") for f in filters)
+
+        found = [
+            e for p, e in self.store.events
+            if p == project and after < e.sequence < (before or 2**63) and (not model or e.model == model) and matches(e)
+        ]  # fmt: skip
+        return copy.deepcopy((found[::-1] if desc else found)[:limit])
+
+    async def newest(self, project: str) -> int:
+        return max((e.sequence for p, e in self.store.events if p == project), default=0)
 
 
 class FakeJudges(_Repo):

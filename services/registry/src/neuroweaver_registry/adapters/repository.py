@@ -326,16 +326,33 @@ class SqlEventRepository(_Repository):
         )
         return int(result.inserted_primary_key[0])  # type: ignore[attr-defined]  # DML executes to a CursorResult; AsyncSession.execute is typed Result
 
-    async def after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]:
+    async def after(
+        self,
+        project: str,
+        model: str,
+        after: int,
+        limit: int,
+        *,
+        filters: Sequence[Comparison] = (),
+        before: int | None = None,
+        desc: bool = False,
+    ) -> list[ModelEvent]:
         c = t.events.c
         query = select(t.events).where(c.project == project, c.sequence > after)
         if model:
             query = query.where(c.model == model)
-        rows = (await self.s.execute(query.order_by(c.sequence).limit(limit))).all()
+        if before is not None:
+            query = query.where(c.sequence < before)
+        query = query.where(*_filter_clauses(filters, {"type": c.type, "actor": c.actor, "resource": c.resource}, None))
+        rows = (await self.s.execute(query.order_by(c.sequence.desc() if desc else c.sequence).limit(limit))).all()
         return [
             ModelEvent(r.type, r.resource, r.model, r.actor, dict(r.details or {}), r.sequence, aware(r.create_time))
             for r in rows
         ]
+
+    async def newest(self, project: str) -> int:
+        c = t.events.c
+        return int((await self.s.execute(select(func.max(c.sequence)).where(c.project == project))).scalar() or 0)
 
 
 class SqlJudgeRepository(_Repository):
@@ -538,7 +555,7 @@ def _version_statements(dialect: str) -> dict:
     return cached
 
 
-def _filter_clauses(filters: list[Comparison], fields: dict, labels_col) -> list:
+def _filter_clauses(filters: Sequence[Comparison], fields: dict, labels_col) -> list:
     clauses = []
     for f in filters:
         if f.label_key is not None:

@@ -124,6 +124,10 @@ events = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
     Index("ix_events_project_seq", "project", "sequence"),
     Index("ix_events_model_seq", "model", "sequence"),
+    # ListModelEvents / WatchModelEvents filters: a page of matches newest (or oldest) first reads only its rows.
+    Index("ix_events_project_type_seq", "project", "type", "sequence"),
+    Index("ix_events_project_actor_seq", "project", "actor", "sequence"),
+    Index("ix_events_project_resource_seq", "project", "resource", "sequence"),
 )
 
 judges = Table(

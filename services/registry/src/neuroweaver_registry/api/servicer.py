@@ -206,14 +206,20 @@ class RegistryServicer(svc_grpc.RegistryServiceServicer):
     # events
     async def ListModelEvents(self, request, context):
         page = await self.events.list(
-            request.parent, request.model, request.after_sequence, request.page_size, request.page_token
+            request.parent,
+            request.model,
+            request.after_sequence,
+            request.page_size,
+            request.page_token,
+            request.filter,
+            request.order_by,
         )
         return svc.ListModelEventsResponse(
             events=[convert.event_to_pb(e) for e in page.items], next_page_token=page.next_page_token
         )
 
     async def WatchModelEvents(self, request, context):
-        async for event in self.events.watch(request.parent, request.model, request.after_sequence):
+        async for event in self.events.watch(request.parent, request.model, request.after_sequence, request.filter):
             yield svc.WatchModelEventsResponse(event=convert.event_to_pb(event))
 
     # judges

@@ -172,9 +172,20 @@ class AliasHistoryEntry:
     create_time: datetime | None = None
 
 
+# What an audit event can say happened (the contract's ModelEvent.Type names without their TYPE_ prefix).
+EVENT_TYPES = frozenset(
+    {
+        "MODEL_CREATED", "MODEL_UPDATED", "MODEL_ARCHIVED", "MODEL_RESTORED", "MODEL_DELETED",
+        "VERSION_CREATED", "VERSION_UPDATED", "VERSION_STATE_CHANGED", "VERSION_METRICS_APPENDED",
+        "VERSION_ARTIFACT_ADDED", "ALIAS_SET", "ALIAS_DELETED", "ALIAS_ROLLED_BACK",
+        "JUDGE_CREATED", "JUDGE_VERSION_CREATED",
+    }
+)  # fmt: skip
+
+
 @dataclass
 class ModelEvent:
-    type: str  # e.g. VERSION_CREATED (the proto enum without its TYPE_ prefix)
+    type: str  # one of EVENT_TYPES, e.g. VERSION_CREATED
     resource: str
     model: str = ""
     actor: str = ""

@@ -1,20 +1,23 @@
-"""Audit event use cases: list after a cursor, and watch (stored events, then live ones)."""
+"""Audit event use cases: list (oldest or newest first, filtered) after a cursor, and watch (stored events, then live
+ones)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 from neuroweaver_runtime.errors import InvalidArgument
+from neuroweaver_runtime.filtering import Comparison, parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT
 from neuroweaver_runtime.notify import Notifier
 from neuroweaver_runtime.pagination import Page, PageTokens, page_size
 
-from ..domain.model import MODEL, ModelEvent
+from ..domain.model import EVENT_TYPES, MODEL, ModelEvent
 from .base import UseCases
 from .ports import UnitOfWorkFactory
 
 EVENT_CHANNEL = "nw_registry_events"
 _WATCH_BATCH = 500
+_FILTER_FIELDS = {"type", "actor", "resource"}
 
 
 def _check(parent: str, model: str, after: int) -> str:
@@ -26,35 +29,68 @@ def _check(parent: str, model: str, after: int) -> str:
     return project
 
 
+def _filters(text: str) -> list[Comparison]:
+    """The filter's comparisons, a `type` as stored: `TYPE_ALIAS_SET` (the contract's enum name), `ALIAS_SET`, any
+    case. An unknown type is refused: it would silently match nothing."""
+    out = []
+    for c in parse_filter(text, _FILTER_FIELDS, allow_labels=False):
+        if c.field == "type":
+            stored = c.value.upper().removeprefix("TYPE_")
+            if stored not in EVENT_TYPES:
+                names = ", ".join(sorted("TYPE_" + t for t in EVENT_TYPES))
+                raise InvalidArgument(
+                    f"filter: unknown event type {c.value!r}; one of: {names}", field="filter", reason="INVALID_FILTER"
+                )
+            c = Comparison(c.field, c.op, stored)
+        out.append(c)
+    return out
+
+
 class EventUseCases(UseCases):
     def __init__(self, uow: UnitOfWorkFactory, page_tokens: PageTokens, notifier: Notifier) -> None:
         super().__init__(uow, page_tokens)
         self.notifier = notifier
 
-    async def list(self, parent: str, model: str, after: int, size: int, token: str) -> Page[ModelEvent]:
+    async def list(
+        self, parent: str, model: str, after: int, size: int, token: str, filter_text: str = "", order_by: str = ""
+    ) -> Page[ModelEvent]:
         project = _check(parent, model, after)
         limit = page_size(size)
-        query = [parent, model, after]
+        filters = _filters(filter_text)
+        _, desc = parse_order_by(order_by, {"sequence"}, "sequence")
+        # The default query keeps the fingerprint it had before filter and order_by, so its tokens stay valid; any
+        # other filter or order (`sequence` and `sequence asc` are one) is part of it: a token of one order used with
+        # the other is PAGE_TOKEN_QUERY_MISMATCH.
+        query = [parent, model, after, filter_text, desc] if filter_text or desc else [parent, model, after]
         cursor = self.tokens.decode(token, query, int)
-        start = cursor[0] if cursor else after
+        last = cursor[0] if cursor else None
         async with self.uow.read() as uow:
-            events = await uow.events.after(project, model, start, limit + 1)
+            if desc:  # below the last one returned, down to after_sequence
+                events = await uow.events.after(project, model, after, limit + 1, filters=filters, before=last, desc=True)
+            else:
+                events = await uow.events.after(project, model, after if last is None else last, limit + 1, filters=filters)
         next_token = self.tokens.encode([events[limit - 1].sequence], query) if len(events) > limit else ""
         return Page(events[:limit], next_token)
 
-    async def watch(self, parent: str, model: str, after: int) -> AsyncIterator[ModelEvent]:
+    async def watch(self, parent: str, model: str, after: int, filter_text: str = "") -> AsyncIterator[ModelEvent]:
         """Stored events after the cursor, then live ones; runs until the client goes away."""
         project = _check(parent, model, after)
+        filters = _filters(filter_text)
         subscription = self.notifier.subscribe(project)
         try:
             cursor = after
             while True:
                 async with self.uow.read() as uow:
-                    batch = await uow.events.after(project, model, cursor, _WATCH_BATCH)
+                    # Filtered: the newest sequence first. Appends commit in sequence order, so every event up to it
+                    # is visible to the read after it; once that read is done the cursor moves past the events that
+                    # did not match, and a narrow watch does not re-read them at every wake-up.
+                    newest = await uow.events.newest(project) if filters else 0
+                    batch = await uow.events.after(project, model, cursor, _WATCH_BATCH, filters=filters)
                 for event in batch:
                     cursor = event.sequence
                     yield event
                 if len(batch) < _WATCH_BATCH:
+                    cursor = max(cursor, newest)
                     # No polling: every commit here wakes it, and on PostgreSQL so does every replica's (LISTEN;
                     # a reconnected listener wakes all watchers to re-read what it may have missed).
                     await subscription.wait(timeout=None)

@@ -84,7 +84,22 @@ class AliasRepository(Protocol):
 
 class EventRepository(Protocol):
     async def append(self, project: str, event: ModelEvent) -> int: ...
-    async def after(self, project: str, model: str, after: int, limit: int) -> list[ModelEvent]: ...
+    async def after(
+        self,
+        project: str,
+        model: str,
+        after: int,
+        limit: int,
+        *,
+        filters: Sequence[Comparison] = (),
+        before: int | None = None,
+        desc: bool = False,
+    ) -> list[ModelEvent]:
+        """Events with after < sequence (< before), of `model` when set, matching every filter (fields: type, actor,
+        resource), oldest first or newest first."""
+
+    async def newest(self, project: str) -> int:
+        """The project's largest sequence, 0 for none."""
 
 
 class JudgeRepository(Protocol):
