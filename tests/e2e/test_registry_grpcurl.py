@@ -98,6 +98,19 @@ def test_registry_with_grpcurl_metrics_and_sigterm(registry_process):
     missing = grpcurl(port, "neuroweaver.registry.v1.RegistryService/GetModel", data={"name": "projects/default/models/nope"})
     assert missing.returncode != 0 and "NotFound" in missing.stderr
 
+    # The audit trail newest first, filtered by the registry (services/registry/README.md's example).
+    events = grpcurl(
+        port, "neuroweaver.registry.v1.RegistryService/ListModelEvents",
+        data={"parent": "projects/default", "order_by": "sequence desc", "page_size": 5,
+              "filter": 'type = TYPE_MODEL_CREATED AND actor = "anonymous"'},
+    )  # fmt: skip
+    assert events.returncode == 0, events.stderr
+    assert [(e["type"], e["resource"]) for e in json.loads(events.stdout)["events"]] == [("TYPE_MODEL_CREATED", model["name"])]
+    bad_filter = grpcurl(port, "neuroweaver.registry.v1.RegistryService/ListModelEvents", flags=("-format-error",),
+                         data={"parent": "projects/default", "filter": "kind = x"})  # fmt: skip
+    request = next(d for d in json.loads(bad_filter.stdout + bad_filter.stderr)["details"] if d["@type"].endswith("BadRequest"))
+    assert [v["field"] for v in request["field_violations"]] == ["filter"]
+
     health = grpcurl(port, "grpc.health.v1.Health/Check", data={"service": "neuroweaver.registry.v1.RegistryService"})
     assert health.returncode == 0 and json.loads(health.stdout)["status"] == "SERVING"
 
