@@ -1,6 +1,5 @@
 """The pure parts of the pages: what a training-job event becomes for the browser, the list's progress and ETA,
-which actions a job's state offers; the lineage graph's layout, metric verdicts; the audit page's newest events from an
-oldest-first API, its filter and rows."""
+which actions a job's state offers; the lineage graph's layout, metric verdicts; the audit page's filter and rows."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from neuroweaver_console import audit
 from neuroweaver_console.lineage import lineage_graph, version_href, version_label
 from neuroweaver_console.registry import latest_metrics, metric_verdict, size
 from neuroweaver_console.training import _allowed_actions, event_json, job_summary
+from neuroweaver_runtime.filtering import Comparison, parse_filter
 
 S = tpb.TrainingJob
 
@@ -152,42 +152,16 @@ def test_latest_metric_of_each_name_and_sizes():
     assert (size(0), size(512), size(3 * 1024 * 1024)) == ("–", "512 B", "3.0 MiB")
 
 
-# --- audit: the newest events of an oldest-first API, filters, rows ------------------------------------------------
-
-
-def fake_events(sequences, actor=lambda s: "alice" if s % 3 else "bob"):
-    """A ListModelEvents over these sequences (sparse, like one model's events in a registry-wide sequence)."""
-    events = [rpb.ModelEvent(sequence=s, type=rpb.ModelEvent.TYPE_ALIAS_SET, actor=actor(s)) for s in sequences]
-    calls = []
-
-    async def fetch(after: int, size: int) -> list[rpb.ModelEvent]:
-        calls.append((after, size))
-        return [e for e in events if e.sequence > after][:size]
-
-    return fetch, calls
-
-
-async def test_newest_events_find_the_tail_without_reading_everything():
-    fetch, calls = fake_events(range(7, 100_000, 7))
-    assert await audit.newest_sequence(fetch) == 99_995
-    calls.clear()
-    events, newest = await audit.newest_events(fetch, 5, lambda e: True)
-    assert newest == 99_995 and [e.sequence for e in events] == [99_995, 99_988, 99_981, 99_974, 99_967]
-    assert len(calls) < 60  # bisection and one window, not 100 pages
-
-    events, _ = await audit.newest_events(fetch, 3, lambda e: e.sequence < 50)  # a rare match: windows widen to the start
-    assert [e.sequence for e in events] == [49, 42, 35]
-    assert await audit.newest_events(fake_events([])[0], 5, lambda e: True) == ([], 0)
-    one, _ = await audit.newest_events(fake_events([1])[0], 5, lambda e: True)
-    assert [e.sequence for e in one] == [1]
+# --- audit: filters, rows -------------------------------------------------------------------------------------------
 
 
 def test_audit_filter_and_rows():
     f = audit.Filter.parse({"type": "alias_set", "actor": "ALI", "model": "advisor"})
     assert f.query() == "model=advisor&type=alias_set&actor=ALI"
-    alias_set = rpb.ModelEvent(type=rpb.ModelEvent.TYPE_ALIAS_SET, actor="token:alice")
-    assert f.keep(alias_set) and not f.keep(rpb.ModelEvent(type=rpb.ModelEvent.TYPE_ALIAS_SET, actor="bob"))
-    assert not f.keep(rpb.ModelEvent(type=rpb.ModelEvent.TYPE_MODEL_CREATED, actor="alice"))
+    assert f.text() == 'type = TYPE_ALIAS_SET AND actor = "ALI"'
+    assert audit.Filter.parse({"model": "advisor"}).text() == ""
+    odd = 'a "quoted" \\ actor AND type = TYPE_MODEL_DELETED'
+    assert parse_filter(audit.Filter(actor=odd).text(), {"actor"}) == [Comparison("actor", "=", odd)]  # the registry's parser
     with pytest.raises(ValueError, match="unknown event type"):
         audit.Filter.parse({"type": "drop_table"})
 

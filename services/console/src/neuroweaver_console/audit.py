@@ -1,17 +1,14 @@
 """The audit screen: the registry's event stream, newest first, live and filterable.
 
-The history is the newest events from ListModelEvents; live ones come from WatchModelEvents as server-sent events,
-from the newest sequence the history read, so nothing is missed or shown twice. Filters: the model is the RPCs' own
-`model` field; the RPCs have none for the event type and the actor, so the console applies those to what it reads
-(the history keeps reading older events until it has a page of matches or reaches the start, and the live stream
-forwards only matches). ListModelEvents pages oldest first, so `newest_events` finds the newest sequence by bisection
-over `after_sequence` and reads backwards from it in growing windows."""
+The history is one ListModelEvents call, newest first; live events come from WatchModelEvents as server-sent events,
+after the newest event the history shows, so nothing is missed or shown twice. Filters (model, event type, actor) are
+the registry's: both RPCs get the same `model` and `filter`, so a live match after the history's newest is one the
+history did not have."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -27,23 +24,25 @@ from .lineage import judge_label
 from .web import SECURITY_HEADERS, _gateway, _render, _ts, project_key
 
 HISTORY = 200  # rows the page opens with
-READ_SIZE = 1000  # the registry's largest page
 HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet stream, so that proxies keep it open
 TICK_SECONDS = 1.0  # how often a quiet stream checks that the browser is still there
 EVENT_TYPES = {name.removeprefix("TYPE_").lower(): value for name, value in rpb.ModelEvent.Type.items() if value}
-
-Fetch = Callable[[int, int], Awaitable[list[rpb.ModelEvent]]]  # (after_sequence, size) -> events, oldest first
 
 
 def type_label(value: rpb.ModelEvent.Type.ValueType) -> str:
     return rpb.ModelEvent.Type.Name(value).removeprefix("TYPE_").lower().replace("_", " ")
 
 
+def _quoted(value: str) -> str:
+    """A string literal of the registry's filter language."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 @dataclass(frozen=True)
 class Filter:
-    model: str = ""  # model id; the RPCs filter by it
+    model: str = ""  # model id; the RPCs' `model` field
     type: str = ""  # an EVENT_TYPES key
-    actor: str = ""  # case-insensitive substring of the actor
+    actor: str = ""  # the actor exactly as the table shows it
 
     @classmethod
     def parse(cls, query: Any) -> Filter:
@@ -52,61 +51,17 @@ class Filter:
             raise ValueError(f"unknown event type {f.type!r}; one of: {', '.join(EVENT_TYPES)}")
         return f
 
-    def keep(self, event: rpb.ModelEvent) -> bool:
-        if self.type and event.type != EVENT_TYPES[self.type]:
-            return False
-        return not self.actor or self.actor.lower() in event.actor.lower()
+    def text(self) -> str:
+        """The RPCs' `filter`: the event type and the actor."""
+        parts = [f"type = {rpb.ModelEvent.Type.Name(EVENT_TYPES[self.type])}"] if self.type else []
+        if self.actor:
+            parts.append(f"actor = {_quoted(self.actor)}")
+        return " AND ".join(parts)
 
     def query(self) -> str:
         return "&".join(
             f"{k}={quote(v, safe='')}" for k, v in (("model", self.model), ("type", self.type), ("actor", self.actor)) if v
         )
-
-
-async def newest_sequence(fetch: Fetch) -> int:
-    """The newest sequence `fetch` can see, 0 for none: grow a bound until nothing is after it, then bisect. About
-    2·log2(sequence) single-event reads, each an indexed lookup in the registry."""
-    found = await fetch(0, 1)
-    if not found:
-        return 0
-    known = found[0].sequence  # an event exists here
-    high = known * 2  # until shown otherwise, none after here
-    while found := await fetch(high, 1):
-        known = found[0].sequence
-        high = known * 2
-    while known < high:
-        mid = (known + high) // 2
-        found = await fetch(mid, 1)
-        if found:
-            known = found[0].sequence  # the first after mid; the newest is at or after it
-        else:
-            high = mid
-    return known
-
-
-async def _between(fetch: Fetch, start: int, end: int) -> list[rpb.ModelEvent]:
-    """Events with start < sequence <= end, oldest first."""
-    out: list[rpb.ModelEvent] = []
-    cursor = start
-    while cursor < end:
-        batch = await fetch(cursor, READ_SIZE)
-        out.extend(e for e in batch if e.sequence <= end)
-        if len(batch) < READ_SIZE or batch[-1].sequence >= end:
-            break
-        cursor = batch[-1].sequence
-    return out
-
-
-async def newest_events(fetch: Fetch, limit: int, keep: Callable[[rpb.ModelEvent], bool]) -> tuple[list[rpb.ModelEvent], int]:
-    """Up to `limit` events that `keep` accepts, newest first, and the sequence the live stream continues after."""
-    end = newest = await newest_sequence(fetch)
-    kept: list[rpb.ModelEvent] = []
-    width = limit
-    while end > 0 and len(kept) < limit:
-        start = max(0, end - width)
-        kept = [e for e in await _between(fetch, start, end) if keep(e)] + kept
-        end, width = start, width * 4  # sparse matches (a rare actor) widen the window fast
-    return kept[::-1][:limit], newest
 
 
 def _resource(event: rpb.ModelEvent, model_href: str) -> tuple[str, str]:
@@ -144,14 +99,6 @@ def event_row(event: rpb.ModelEvent, project: str) -> dict[str, Any]:
     }
 
 
-def _fetcher(gw: Gateway, model: str) -> Fetch:
-    async def fetch(after: int, size: int) -> list[rpb.ModelEvent]:
-        request = rsvc.ListModelEventsRequest(parent=f"projects/{gw.project}", model=model, after_sequence=after, page_size=size)
-        return list((await gw.registry.ListModelEvents(request)).events)
-
-    return fetch
-
-
 async def _filter(request: web.Request, gw: Gateway) -> tuple[Filter, str]:
     """The filter (ValueError for an unknown type) and the model's full name; an unknown model is the registry's
     NOT_FOUND."""
@@ -172,7 +119,12 @@ async def audit(request: web.Request) -> web.Response:
         f, model = await _filter(request, gw)
     except ValueError as exc:
         return _render(request, "error.html", status=400, code="INVALID_ARGUMENT", message=str(exc), reason="", violations=[])
-    events, newest = await newest_events(_fetcher(gw, model), HISTORY, f.keep)
+    history = rsvc.ListModelEventsRequest(
+        parent=f"projects/{gw.project}", model=model, filter=f.text(), order_by="sequence desc", page_size=HISTORY
+    )
+    events = (await gw.registry.ListModelEvents(history)).events
+    # Nothing matches yet: the live stream starts at the beginning and sends any match (the registry reads only those).
+    newest = events[0].sequence if events else 0
     models = [m.name.rsplit("/", 1)[-1] for m in (await gw.list_models()).models]
     if f.model and f.model not in models:
         models.append(f.model)  # beyond the first page of models
@@ -189,10 +141,10 @@ async def audit(request: web.Request) -> web.Response:
     )
 
 
-async def _forward(request: web.Request, response: web.StreamResponse, call: Any, f: Filter, project: str) -> None:
-    """WatchModelEvents messages that pass the filter, as `audit` events, until the browser leaves (checked every
-    TICK_SECONDS, so a closed tab does not hold a registry stream until the next event) or the registry ends the call
-    (`failure`). A comment line every HEARTBEAT_SECONDS keeps proxies from closing a quiet stream."""
+async def _forward(request: web.Request, response: web.StreamResponse, call: Any, project: str) -> None:
+    """WatchModelEvents messages as `audit` events, until the browser leaves (checked every TICK_SECONDS, so a closed
+    tab does not hold a registry stream until the next event) or the registry ends the call (`failure`). A comment line
+    every HEARTBEAT_SECONDS keeps proxies from closing a quiet stream."""
     loop = asyncio.get_running_loop()
     read: asyncio.Future[Any] | None = None
     written = loop.time()
@@ -211,10 +163,9 @@ async def _forward(request: web.Request, response: web.StreamResponse, call: Any
             if message is grpc.aio.EOF:
                 await response.write(_failure("UNAVAILABLE", "the registry ended the stream"))
                 return
-            if f.keep(message.event):
-                data = json.dumps(event_row(message.event, project), separators=(",", ":"))
-                await response.write(f"id: {message.event.sequence}\nevent: audit\ndata: {data}\n\n".encode())
-                written = loop.time()
+            data = json.dumps(event_row(message.event, project), separators=(",", ":"))
+            await response.write(f"id: {message.event.sequence}\nevent: audit\ndata: {data}\n\n".encode())
+            written = loop.time()
     except grpc.aio.AioRpcError as exc:
         await response.write(_failure(exc.code().name, exc.details() or ""))
     finally:
@@ -233,12 +184,12 @@ async def audit_events(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text=str(exc)) from None
     project = request.app[project_key]
     call = gw.registry.WatchModelEvents(
-        rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after)
+        rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after, filter=f.text())
     )
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **SECURITY_HEADERS})
     try:
         await response.prepare(request)
-        await _forward(request, response, call, f, project)
+        await _forward(request, response, call, project)
     except ConnectionResetError:
         pass  # the browser left between two checks
     finally:
