@@ -471,3 +471,94 @@ class DatasetProblem(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetProblem: _TypeAlias = DatasetProblem  # noqa: Y015
+
+@_typing.final
+class ReadTrainingJobLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    attempt: _builtins.int
+    """The attempt whose worker to read, 1-based (`TrainingJob.attempts` counts them); 0 = the latest. A Kubernetes job
+    keeps the pods of its latest attempt only.
+    """
+    tail_lines: _builtins.int
+    """In [0, 5000]. Without `offset`: the last lines of the log (0 = 200). With `offset`: the most lines returned from
+    there on (0 = 5000).
+    """
+    offset: _builtins.int
+    """Read forward from this position: the `next_offset` of an earlier read of the same attempt. A local log's offsets
+    are byte offsets (0 = from the start); a pod log's are the time of the last line read, in Unix nanoseconds.
+    Unset: the tail of the log.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        tail_lines: _builtins.int = ...,
+        offset: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_offset", b"_offset", "offset", b"offset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_offset", b"_offset", "attempt", b"attempt", "name", b"name", "offset", b"offset", "tail_lines", b"tail_lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__offset: _TypeAlias = _typing.Literal["offset"]  # noqa: Y015
+    _WhichOneofArgType__offset: _TypeAlias = _typing.Literal["_offset", b"_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__offset) -> _WhichOneofReturnType__offset | None: ...
+
+Global___ReadTrainingJobLogsRequest: _TypeAlias = ReadTrainingJobLogsRequest  # noqa: Y015
+
+@_typing.final
+class ReadTrainingJobLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    EXECUTOR_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt read (1-based)."""
+    attempts: _builtins.int
+    """The job's attempts so far: a follower moves to attempt + 1 (offset 0) when this grows."""
+    executor: _training_job_pb2.Executor.ValueType
+    """Where the attempt's worker ran."""
+    truncated: _builtins.bool
+    """The log has lines in the range asked for that are not returned: before the first line (a tail read), or after the
+    last one (a read from `offset`: read again from `next_offset` at once).
+    """
+    next_offset: _builtins.int
+    """The position after the last line returned: the `offset` of the next read."""
+    state: _training_job_pb2.TrainingJob.State.ValueType
+    """The job's state when the log was read: a follower stops once it is terminal and nothing is left to read."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Log lines in order, without line ends, decoded as UTF-8 (invalid bytes become U+FFFD); a line rewritten with
+        carriage returns (a progress bar) is its last version. At most 1 MiB of log per answer: a longer line comes in
+        pieces. A running attempt's last line is returned once it is complete.
+        """
+
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[_builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        executor: _training_job_pb2.Executor.ValueType = ...,
+        truncated: _builtins.bool = ...,
+        next_offset: _builtins.int = ...,
+        state: _training_job_pb2.TrainingJob.State.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "executor", b"executor", "lines", b"lines", "next_offset", b"next_offset", "state", b"state", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadTrainingJobLogsResponse: _TypeAlias = ReadTrainingJobLogsResponse  # noqa: Y015

@@ -94,6 +94,11 @@ class TrainerServiceStub:
                 request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.SerializeToString,
                 response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.FromString,
                 _registered_method=True)
+        self.ReadTrainingJobLogs = channel.unary_unary(
+                '/neuroweaver.trainer.v1.TrainerService/ReadTrainingJobLogs',
+                request_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsRequest.SerializeToString,
+                response_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -183,6 +188,18 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadTrainingJobLogs(self, request, context):
+        """Reads what an attempt's worker wrote to stdout and stderr (its log lines, Python warnings, tracebacks, the training
+        library's output): the last lines, or the lines after a position an earlier read returned (`next_offset`), so a
+        client can follow a running job by calling again. A local worker's log lies on the disk of the trainer replica
+        that ran it: another replica answers FAILED_PRECONDITION `LOGS_ELSEWHERE` naming that replica. A Kubernetes
+        worker's log is its pod's, read through the Kubernetes API. No log to read (a queued job, a pod not started) is
+        NOT_FOUND `LOGS_NOT_FOUND`. Needs operator, not viewer: a worker's output may quote dataset rows and settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +257,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.PreviewDataset,
                     request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.FromString,
                     response_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.SerializeToString,
+            ),
+            'ReadTrainingJobLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTrainingJobLogs,
+                    request_deserializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsRequest.FromString,
+                    response_serializer=neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +564,33 @@ class TrainerService:
             '/neuroweaver.trainer.v1.TrainerService/PreviewDataset',
             neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetRequest.SerializeToString,
             neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.PreviewDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTrainingJobLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuroweaver.trainer.v1.TrainerService/ReadTrainingJobLogs',
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsRequest.SerializeToString,
+            neuroweaver_dot_trainer_dot_v1_dot_trainer__service__pb2.ReadTrainingJobLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

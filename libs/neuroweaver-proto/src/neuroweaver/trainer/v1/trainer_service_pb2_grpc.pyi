@@ -68,6 +68,14 @@ class TrainerServiceStub:
     still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
     Needs the role that may train on the dataset (operator): the roots are shared by every project.
     """
+    ReadTrainingJobLogs: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ReadTrainingJobLogsRequest, _trainer_service_pb2.ReadTrainingJobLogsResponse]
+    """Reads what an attempt's worker wrote to stdout and stderr (its log lines, Python warnings, tracebacks, the training
+    library's output): the last lines, or the lines after a position an earlier read returned (`next_offset`), so a
+    client can follow a running job by calling again. A local worker's log lies on the disk of the trainer replica
+    that ran it: another replica answers FAILED_PRECONDITION `LOGS_ELSEWHERE` naming that replica. A Kubernetes
+    worker's log is its pod's, read through the Kubernetes API. No log to read (a queued job, a pod not started) is
+    NOT_FOUND `LOGS_NOT_FOUND`. Needs operator, not viewer: a worker's output may quote dataset rows and settings.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -106,6 +114,14 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
     still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
     Needs the role that may train on the dataset (operator): the roots are shared by every project.
+    """
+    ReadTrainingJobLogs: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ReadTrainingJobLogsRequest, _trainer_service_pb2.ReadTrainingJobLogsResponse]  # type: ignore[assignment]
+    """Reads what an attempt's worker wrote to stdout and stderr (its log lines, Python warnings, tracebacks, the training
+    library's output): the last lines, or the lines after a position an earlier read returned (`next_offset`), so a
+    client can follow a running job by calling again. A local worker's log lies on the disk of the trainer replica
+    that ran it: another replica answers FAILED_PRECONDITION `LOGS_ELSEWHERE` naming that replica. A Kubernetes
+    worker's log is its pod's, read through the Kubernetes API. No log to read (a queued job, a pod not started) is
+    NOT_FOUND `LOGS_NOT_FOUND`. Needs operator, not viewer: a worker's output may quote dataset rows and settings.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -208,6 +224,20 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         and returns its first rows, row count, sha256 digest and problems. Stores nothing. A dataset with problems is
         still previewed (they are listed); a path outside the roots is INVALID_ARGUMENT `DATASET_PATH_NOT_ALLOWED`.
         Needs the role that may train on the dataset (operator): the roots are shared by every project.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadTrainingJobLogs(
+        self,
+        request: _trainer_service_pb2.ReadTrainingJobLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ReadTrainingJobLogsResponse, _abc.Awaitable[_trainer_service_pb2.ReadTrainingJobLogsResponse]]:
+        """Reads what an attempt's worker wrote to stdout and stderr (its log lines, Python warnings, tracebacks, the training
+        library's output): the last lines, or the lines after a position an earlier read returned (`next_offset`), so a
+        client can follow a running job by calling again. A local worker's log lies on the disk of the trainer replica
+        that ran it: another replica answers FAILED_PRECONDITION `LOGS_ELSEWHERE` naming that replica. A Kubernetes
+        worker's log is its pod's, read through the Kubernetes API. No log to read (a queued job, a pod not started) is
+        NOT_FOUND `LOGS_NOT_FOUND`. Needs operator, not viewer: a worker's output may quote dataset rows and settings.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

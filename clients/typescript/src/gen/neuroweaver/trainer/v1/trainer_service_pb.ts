@@ -8,7 +8,7 @@ import { file_google_api_field_behavior } from "../../../google/api/field_behavi
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
 import type { EmptySchema } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_empty, file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
-import type { TrainingJob, TrainingJobEvent, TrainingJobSchema, TrainingMethod } from "./training_job_pb.js";
+import type { Executor, TrainingJob, TrainingJob_State, TrainingJobEvent, TrainingJobSchema, TrainingMethod } from "./training_job_pb.js";
 import { file_neuroweaver_trainer_v1_training_job } from "./training_job_pb.js";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file neuroweaver/trainer/v1/trainer_service.proto.
  */
 export const file_neuroweaver_trainer_v1_trainer_service: GenFile = /*@__PURE__*/
-  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJUChdQYXVzZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlUKGFJlc3VtZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlkKHENoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudCKaAgoVUHJldmlld0RhdGFzZXRSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIZCgtkYXRhc2V0X3VyaRgCIAEoCUIE4kEBAhI8CgZtZXRob2QYAyABKA4yJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nTWV0aG9kQgTiQQEBEhgKCmJhc2VfbW9kZWwYBCABKAlCBOJBAQESHAoObWF4X3NlcV9sZW5ndGgYBSABKAVCBOJBAQESGwoNY2hhdF90ZW1wbGF0ZRgGIAEoCUIE4kEBARIWCghtYXhfcm93cxgHIAEoBUIE4kEBASLnAQoWUHJldmlld0RhdGFzZXRSZXNwb25zZRIwCgRyb3dzGAEgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5EYXRhc2V0Um93EhEKCXJvd19jb3VudBgCIAEoAxIOCgZmb3JtYXQYAyABKAkSDgoGc2hhMjU2GAQgASgJEhIKCnNpemVfYnl0ZXMYBSABKAMSOAoIcHJvYmxlbXMYBiADKAsyJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRhdGFzZXRQcm9ibGVtEhoKEnByb2JsZW1zX3RydW5jYXRlZBgHIAEoCCJXCgpEYXRhc2V0Um93EgwKBGxpbmUYASABKAMSKAoHY29udGVudBgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJdHJ1bmNhdGVkGAMgASgIIi8KDkRhdGFzZXRQcm9ibGVtEgwKBGxpbmUYASABKAMSDwoHbWVzc2FnZRgCIAEoCTL4CQoOVHJhaW5lclNlcnZpY2USagoRQ3JlYXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNyZWF0ZVRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaQoOR2V0VHJhaW5pbmdKb2ISLS5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkdldFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IiA5ACARJ6ChBMaXN0VHJhaW5pbmdKb2JzEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JzUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlIgOQAgESagoRQ2FuY2VsVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNhbmNlbFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISaAoQUGF1c2VUcmFpbmluZ0pvYhIvLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUGF1c2VUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmoKEVJlc3VtZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZXN1bWVUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEnIKFUNoZWNrcG9pbnRUcmFpbmluZ0pvYhI0Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuQ2hlY2twb2ludFRyYWluaW5nSm9iUmVxdWVzdBojLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2ISXQoRRGVsZXRlVHJhaW5pbmdKb2ISMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRlbGV0ZVRyYWluaW5nSm9iUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRKJAQoVTGlzdFRyYWluaW5nSm9iRXZlbnRzEjQubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXF1ZXN0GjUubmV1cm93ZWF2ZXIudHJhaW5lci52MS5MaXN0VHJhaW5pbmdKb2JFdmVudHNSZXNwb25zZSIDkAIBEnwKEFdhdGNoVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLldhdGNoVHJhaW5pbmdKb2JSZXF1ZXN0GjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVzcG9uc2UiA5ACATABEnQKDlByZXZpZXdEYXRhc2V0Ei0ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5QcmV2aWV3RGF0YXNldFJlcXVlc3QaLi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlByZXZpZXdEYXRhc2V0UmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_google_protobuf_struct, file_neuroweaver_trainer_v1_training_job]);
+  fileDesc("CixuZXVyb3dlYXZlci90cmFpbmVyL3YxL3RyYWluZXJfc2VydmljZS5wcm90bxIWbmV1cm93ZWF2ZXIudHJhaW5lci52MSLuAQoYQ3JlYXRlVHJhaW5pbmdKb2JSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIdCg90cmFpbmluZ19qb2JfaWQYAiABKAlCBOJBAQESPwoMdHJhaW5pbmdfam9iGAMgASgLMiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkIE4kEBAhIYCgpyZXF1ZXN0X2lkGAQgASgJQgTiQQEBEhsKDXZhbGlkYXRlX29ubHkYBSABKAhCBOJBAQEiUgoVR2V0VHJhaW5pbmdKb2JSZXF1ZXN0EjkKBG5hbWUYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2IitwEKF0xpc3RUcmFpbmluZ0pvYnNSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIXCglwYWdlX3NpemUYAiABKAVCBOJBAQESGAoKcGFnZV90b2tlbhgDIAEoCUIE4kEBARIUCgZmaWx0ZXIYBCABKAlCBOJBAQESFgoIb3JkZXJfYnkYBSABKAlCBOJBAQEibwoYTGlzdFRyYWluaW5nSm9ic1Jlc3BvbnNlEjoKDXRyYWluaW5nX2pvYnMYASADKAsyIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJVChhDYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJUChdQYXVzZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlUKGFJlc3VtZVRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iIlkKHENoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiJVChhEZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYiKsAQocTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBI7CgZwYXJlbnQYASABKAlCK+JBAQL6QSQKInRyYWluZXIubmV1cm93ZWF2ZXIuYWkvVHJhaW5pbmdKb2ISHAoOYWZ0ZXJfc2VxdWVuY2UYAiABKANCBOJBAQESFwoJcGFnZV9zaXplGAMgASgFQgTiQQEBEhgKCnBhZ2VfdG9rZW4YBCABKAlCBOJBAQEicgodTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2USOAoGZXZlbnRzGAEgAygLMigubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJyChdXYXRjaFRyYWluaW5nSm9iUmVxdWVzdBI5CgRuYW1lGAEgASgJQiviQQEC+kEkCiJ0cmFpbmVyLm5ldXJvd2VhdmVyLmFpL1RyYWluaW5nSm9iEhwKDmFmdGVyX3NlcXVlbmNlGAIgASgDQgTiQQEBIlMKGFdhdGNoVHJhaW5pbmdKb2JSZXNwb25zZRI3CgVldmVudBgBIAEoCzIoLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2JFdmVudCKaAgoVUHJldmlld0RhdGFzZXRSZXF1ZXN0EjsKBnBhcmVudBgBIAEoCUIr4kEBAvpBJBIidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIZCgtkYXRhc2V0X3VyaRgCIAEoCUIE4kEBAhI8CgZtZXRob2QYAyABKA4yJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nTWV0aG9kQgTiQQEBEhgKCmJhc2VfbW9kZWwYBCABKAlCBOJBAQESHAoObWF4X3NlcV9sZW5ndGgYBSABKAVCBOJBAQESGwoNY2hhdF90ZW1wbGF0ZRgGIAEoCUIE4kEBARIWCghtYXhfcm93cxgHIAEoBUIE4kEBASLnAQoWUHJldmlld0RhdGFzZXRSZXNwb25zZRIwCgRyb3dzGAEgAygLMiIubmV1cm93ZWF2ZXIudHJhaW5lci52MS5EYXRhc2V0Um93EhEKCXJvd19jb3VudBgCIAEoAxIOCgZmb3JtYXQYAyABKAkSDgoGc2hhMjU2GAQgASgJEhIKCnNpemVfYnl0ZXMYBSABKAMSOAoIcHJvYmxlbXMYBiADKAsyJi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkRhdGFzZXRQcm9ibGVtEhoKEnByb2JsZW1zX3RydW5jYXRlZBgHIAEoCCJXCgpEYXRhc2V0Um93EgwKBGxpbmUYASABKAMSKAoHY29udGVudBgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJdHJ1bmNhdGVkGAMgASgIIi8KDkRhdGFzZXRQcm9ibGVtEgwKBGxpbmUYASABKAMSDwoHbWVzc2FnZRgCIAEoCSKuAQoaUmVhZFRyYWluaW5nSm9iTG9nc1JlcXVlc3QSOQoEbmFtZRgBIAEoCUIr4kEBAvpBJAoidHJhaW5lci5uZXVyb3dlYXZlci5haS9UcmFpbmluZ0pvYhIVCgdhdHRlbXB0GAIgASgFQgTiQQEBEhgKCnRhaWxfbGluZXMYAyABKAVCBOJBAQESGQoGb2Zmc2V0GAQgASgDQgTiQQEBSACIAQFCCQoHX29mZnNldCLlAQobUmVhZFRyYWluaW5nSm9iTG9nc1Jlc3BvbnNlEg0KBWxpbmVzGAEgAygJEg8KB2F0dGVtcHQYAiABKAUSEAoIYXR0ZW1wdHMYAyABKAUSMgoIZXhlY3V0b3IYBCABKA4yIC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkV4ZWN1dG9yEhEKCXRydW5jYXRlZBgFIAEoCBITCgtuZXh0X29mZnNldBgGIAEoAxI4CgVzdGF0ZRgHIAEoDjIpLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuVHJhaW5pbmdKb2IuU3RhdGUy/goKDlRyYWluZXJTZXJ2aWNlEmoKEUNyZWF0ZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5DcmVhdGVUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmkKDkdldFRyYWluaW5nSm9iEi0ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5HZXRUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iIgOQAgESegoQTGlzdFRyYWluaW5nSm9icxIvLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9ic1JlcXVlc3QaMC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkxpc3RUcmFpbmluZ0pvYnNSZXNwb25zZSIDkAIBEmoKEUNhbmNlbFRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5DYW5jZWxUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEmgKEFBhdXNlVHJhaW5pbmdKb2ISLy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlBhdXNlVHJhaW5pbmdKb2JSZXF1ZXN0GiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYhJqChFSZXN1bWVUcmFpbmluZ0pvYhIwLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUmVzdW1lVHJhaW5pbmdKb2JSZXF1ZXN0GiMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5UcmFpbmluZ0pvYhJyChVDaGVja3BvaW50VHJhaW5pbmdKb2ISNC5uZXVyb3dlYXZlci50cmFpbmVyLnYxLkNoZWNrcG9pbnRUcmFpbmluZ0pvYlJlcXVlc3QaIy5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlRyYWluaW5nSm9iEl0KEURlbGV0ZVRyYWluaW5nSm9iEjAubmV1cm93ZWF2ZXIudHJhaW5lci52MS5EZWxldGVUcmFpbmluZ0pvYlJlcXVlc3QaFi5nb29nbGUucHJvdG9idWYuRW1wdHkSiQEKFUxpc3RUcmFpbmluZ0pvYkV2ZW50cxI0Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVxdWVzdBo1Lm5ldXJvd2VhdmVyLnRyYWluZXIudjEuTGlzdFRyYWluaW5nSm9iRXZlbnRzUmVzcG9uc2UiA5ACARJ8ChBXYXRjaFRyYWluaW5nSm9iEi8ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5XYXRjaFRyYWluaW5nSm9iUmVxdWVzdBowLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuV2F0Y2hUcmFpbmluZ0pvYlJlc3BvbnNlIgOQAgEwARJ0Cg5QcmV2aWV3RGF0YXNldBItLm5ldXJvd2VhdmVyLnRyYWluZXIudjEuUHJldmlld0RhdGFzZXRSZXF1ZXN0Gi4ubmV1cm93ZWF2ZXIudHJhaW5lci52MS5QcmV2aWV3RGF0YXNldFJlc3BvbnNlIgOQAgESgwEKE1JlYWRUcmFpbmluZ0pvYkxvZ3MSMi5uZXVyb3dlYXZlci50cmFpbmVyLnYxLlJlYWRUcmFpbmluZ0pvYkxvZ3NSZXF1ZXN0GjMubmV1cm93ZWF2ZXIudHJhaW5lci52MS5SZWFkVHJhaW5pbmdKb2JMb2dzUmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_empty, file_google_protobuf_struct, file_neuroweaver_trainer_v1_training_job]);
 
 /**
  * @generated from message neuroweaver.trainer.v1.CreateTrainingJobRequest
@@ -507,6 +507,112 @@ export const DatasetProblemSchema: GenMessage<DatasetProblem> = /*@__PURE__*/
   messageDesc(file_neuroweaver_trainer_v1_trainer_service, 16);
 
 /**
+ * @generated from message neuroweaver.trainer.v1.ReadTrainingJobLogsRequest
+ */
+export type ReadTrainingJobLogsRequest = Message<"neuroweaver.trainer.v1.ReadTrainingJobLogsRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The attempt whose worker to read, 1-based (`TrainingJob.attempts` counts them); 0 = the latest. A Kubernetes job
+   * keeps the pods of its latest attempt only.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * In [0, 5000]. Without `offset`: the last lines of the log (0 = 200). With `offset`: the most lines returned from
+   * there on (0 = 5000).
+   *
+   * @generated from field: int32 tail_lines = 3;
+   */
+  tailLines: number;
+
+  /**
+   * Read forward from this position: the `next_offset` of an earlier read of the same attempt. A local log's offsets
+   * are byte offsets (0 = from the start); a pod log's are the time of the last line read, in Unix nanoseconds.
+   * Unset: the tail of the log.
+   *
+   * @generated from field: optional int64 offset = 4;
+   */
+  offset?: bigint | undefined;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.ReadTrainingJobLogsRequest.
+ * Use `create(ReadTrainingJobLogsRequestSchema)` to create a new message.
+ */
+export const ReadTrainingJobLogsRequestSchema: GenMessage<ReadTrainingJobLogsRequest> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 17);
+
+/**
+ * @generated from message neuroweaver.trainer.v1.ReadTrainingJobLogsResponse
+ */
+export type ReadTrainingJobLogsResponse = Message<"neuroweaver.trainer.v1.ReadTrainingJobLogsResponse"> & {
+  /**
+   * Log lines in order, without line ends, decoded as UTF-8 (invalid bytes become U+FFFD); a line rewritten with
+   * carriage returns (a progress bar) is its last version. At most 1 MiB of log per answer: a longer line comes in
+   * pieces. A running attempt's last line is returned once it is complete.
+   *
+   * @generated from field: repeated string lines = 1;
+   */
+  lines: string[];
+
+  /**
+   * The attempt read (1-based).
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * The job's attempts so far: a follower moves to attempt + 1 (offset 0) when this grows.
+   *
+   * @generated from field: int32 attempts = 3;
+   */
+  attempts: number;
+
+  /**
+   * Where the attempt's worker ran.
+   *
+   * @generated from field: neuroweaver.trainer.v1.Executor executor = 4;
+   */
+  executor: Executor;
+
+  /**
+   * The log has lines in the range asked for that are not returned: before the first line (a tail read), or after the
+   * last one (a read from `offset`: read again from `next_offset` at once).
+   *
+   * @generated from field: bool truncated = 5;
+   */
+  truncated: boolean;
+
+  /**
+   * The position after the last line returned: the `offset` of the next read.
+   *
+   * @generated from field: int64 next_offset = 6;
+   */
+  nextOffset: bigint;
+
+  /**
+   * The job's state when the log was read: a follower stops once it is terminal and nothing is left to read.
+   *
+   * @generated from field: neuroweaver.trainer.v1.TrainingJob.State state = 7;
+   */
+  state: TrainingJob_State;
+};
+
+/**
+ * Describes the message neuroweaver.trainer.v1.ReadTrainingJobLogsResponse.
+ * Use `create(ReadTrainingJobLogsResponseSchema)` to create a new message.
+ */
+export const ReadTrainingJobLogsResponseSchema: GenMessage<ReadTrainingJobLogsResponse> = /*@__PURE__*/
+  messageDesc(file_neuroweaver_trainer_v1_trainer_service, 18);
+
+/**
  * Fine-tuning jobs: SFT with LoRA/QLoRA and RLAIF, run by a durable queue in worker processes or
  * Kubernetes Jobs, resumable from checkpoints, with live progress streamed over gRPC.
  * Errors carry a google.rpc.ErrorInfo with domain `trainer.neuroweaver.v1`.
@@ -625,6 +731,21 @@ export const TrainerService: GenService<{
     methodKind: "unary";
     input: typeof PreviewDatasetRequestSchema;
     output: typeof PreviewDatasetResponseSchema;
+  },
+  /**
+   * Reads what an attempt's worker wrote to stdout and stderr (its log lines, Python warnings, tracebacks, the training
+   * library's output): the last lines, or the lines after a position an earlier read returned (`next_offset`), so a
+   * client can follow a running job by calling again. A local worker's log lies on the disk of the trainer replica
+   * that ran it: another replica answers FAILED_PRECONDITION `LOGS_ELSEWHERE` naming that replica. A Kubernetes
+   * worker's log is its pod's, read through the Kubernetes API. No log to read (a queued job, a pod not started) is
+   * NOT_FOUND `LOGS_NOT_FOUND`. Needs operator, not viewer: a worker's output may quote dataset rows and settings.
+   *
+   * @generated from rpc neuroweaver.trainer.v1.TrainerService.ReadTrainingJobLogs
+   */
+  readTrainingJobLogs: {
+    methodKind: "unary";
+    input: typeof ReadTrainingJobLogsRequestSchema;
+    output: typeof ReadTrainingJobLogsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_neuroweaver_trainer_v1_trainer_service, 0);
