@@ -49,6 +49,21 @@ def test_bad_filters(text):
     assert caught.value.reason == "INVALID_FILTER" and caught.value.field == "filter"
 
 
+def test_enum_fields_take_the_contract_name_or_the_bare_name_in_any_case():
+    enums = {"state": ("STATE_", {"ACTIVE", "ARCHIVED"})}
+    for spelling in ("STATE_ACTIVE", "ACTIVE", "active", "state_Active", '"STATE_ACTIVE"'):
+        assert parse_filter(f"state != {spelling}", {"name"}, enums=enums) == [Comparison("state", "!=", "ACTIVE")]
+    assert parse_filter("name = state_x", {"name"}, enums=enums) == [Comparison("name", "=", "state_x")]  # not an enum
+    for bad in ("BOGUS", "STATE_UNSPECIFIED", "UNSPECIFIED", "STATE_", "STATE_STATE_ACTIVE", "ACTIVE_STATE"):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_filter(f"name = x AND state = {bad}", {"name"}, enums=enums)
+        assert caught.value.reason == "INVALID_FILTER" and caught.value.field == "filter"
+        assert f"unknown state {bad!r}; one of: STATE_ACTIVE, STATE_ARCHIVED" in str(caught.value), str(caught.value)
+    with pytest.raises(InvalidArgument) as caught:  # enum fields are filterable fields
+        parse_filter("colour = red", {"name"}, enums=enums)
+    assert "filterable fields: name, state, labels.<key>" in str(caught.value)
+
+
 def test_labels_can_be_disallowed():
     with pytest.raises(InvalidArgument):
         parse_filter("labels.a = b", {"state"}, allow_labels=False)

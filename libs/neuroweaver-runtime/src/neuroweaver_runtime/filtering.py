@@ -2,11 +2,17 @@
 
 Grammar: comparison (AND comparison)*; comparison := field ("=" | "!=") value; value is a quoted
 string, a bare word or a number. Fields are checked against what each List method allows.
+
+An enum-valued field is declared with the contract's prefix of its value names and the values the service stores
+(`enums={"state": ("STATE_", {"ACTIVE", "ARCHIVED"})}`): its value may be the contract's name (`STATE_ACTIVE`) or the
+name without the prefix (`ACTIVE`), in any case, and the comparison carries the stored value. An unknown value (or
+`*_UNSPECIFIED`) is INVALID_FILTER: it would otherwise silently match nothing.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from .errors import InvalidArgument
@@ -25,7 +31,17 @@ class Comparison:
         return self.field[len("labels.") :] if self.field.startswith("labels.") else None
 
 
-def parse_filter(text: str, allowed_fields: set[str], *, allow_labels: bool = True) -> list[Comparison]:
+def parse_filter(
+    text: str,
+    allowed_fields: set[str],
+    *,
+    allow_labels: bool = True,
+    enums: Mapping[str, tuple[str, Collection[str]]] | None = None,
+) -> list[Comparison]:
+    """The comparisons of `text`. `allowed_fields` plus the `enums` fields (field -> (prefix, stored values)) may be
+    compared, and `labels.<key>` when `allow_labels`."""
+    enums = enums or {}
+    allowed_fields = set(allowed_fields) | set(enums)
     if not text or not text.strip():
         return []
     if len(text) > 2000:
@@ -54,6 +70,8 @@ def parse_filter(text: str, allowed_fields: set[str], *, allow_labels: bool = Tr
         if not ((allow_labels and is_label) or field in allowed_fields):
             fields = sorted(allowed_fields) + (["labels.<key>"] if allow_labels else [])
             raise _bad(f"unknown field {field!r}; filterable fields: {', '.join(fields)}")
+        if field in enums:
+            value = _enum_value(field, value, *enums[field])
         out.append(Comparison(field, op, value))
         i += 3
         if i == len(tokens):
@@ -61,6 +79,14 @@ def parse_filter(text: str, allowed_fields: set[str], *, allow_labels: bool = Tr
         if tokens[i] != ("word", "AND"):
             raise _bad("comparisons must be joined with AND")
         i += 1
+
+
+def _enum_value(field: str, value: str, prefix: str, stored: Collection[str]) -> str:
+    name = value.upper().removeprefix(prefix)
+    if name not in stored:
+        names = ", ".join(sorted(prefix + v for v in stored))
+        raise _bad(f"unknown {field} {value!r}; one of: {names} (the {prefix} prefix may be left out)")
+    return name
 
 
 def _unquote(raw: str) -> str:
