@@ -310,8 +310,8 @@ async def test_list_events_filters_by_type_and_resource(registry, expect_error):
         "PAGE_TOKEN_QUERY_MISMATCH",
     )
     for bad, says in (
-        ("type = TYPE_DROP_TABLE", "unknown event type 'TYPE_DROP_TABLE'; one of: TYPE_ALIAS_DELETED"),
-        ("type = TYPE_UNSPECIFIED", "unknown event type"),
+        ("type = TYPE_DROP_TABLE", "unknown type 'TYPE_DROP_TABLE'; one of: TYPE_ALIAS_DELETED"),
+        ("type = TYPE_UNSPECIFIED", "unknown type 'TYPE_UNSPECIFIED'"),
         ('model = "x"', "unknown field 'model'; filterable fields: actor, resource, type"),
         ("labels.team = ml", "unknown field 'labels.team'"),
         ("type = TYPE_ALIAS_SET OR type = TYPE_ALIAS_DELETED", "comparisons must be joined with AND"),

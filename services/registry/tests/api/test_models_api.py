@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2
 from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.registry.v1 import registry_pb2 as pb
 from neuroweaver.registry.v1 import registry_service_pb2 as rs
+from neuroweaver_registry.domain.model import ModelState, VersionState
 from neuroweaver_runtime.grpc_errors import field_violations
 
 INVALID, NOT_FOUND, ABORTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED
@@ -175,6 +176,14 @@ async def test_list_models_filters_order_and_pages(registry, expect_error):
     assert await collect(f"specialization = {spec} AND state = ARCHIVED") == [all_names[0]]
     assert await collect(f"specialization = {spec} AND state = active") == all_names[1:]
     assert await collect(f"specialization = {spec} AND labels.nothing = x") == []
+    for spelling in ("STATE_ARCHIVED", "ARCHIVED", "archived", '"state_Archived"'):  # the contract's name, or bare; any case
+        assert await collect(f"specialization = {spec} AND state = {spelling}") == [all_names[0]]
+        assert await collect(f"specialization = {spec} AND state != {spelling}") == all_names[1:]
+    for bad in ("BOGUS", "STATE_UNSPECIFIED"):  # would silently match nothing
+        err = await expect_error(
+            stub.ListModels(rs.ListModelsRequest(parent=P, filter=f"state = {bad}")), INVALID, "INVALID_FILTER"
+        )
+        assert [v.field for v in field_violations(err)] == ["filter"] and "one of: STATE_ACTIVE, STATE_ARCHIVED" in err.details()
 
     first = await stub.ListModels(rs.ListModelsRequest(parent=P, page_size=2, filter=f"specialization = {spec}"))
     assert first.next_page_token
@@ -208,6 +217,12 @@ async def test_list_models_filters_order_and_pages(registry, expect_error):
 async def test_list_models_bad_requests(registry, expect_error, request_kwargs, reason):
     kwargs = {"parent": P, **request_kwargs}
     await expect_error(registry.stub.ListModels(rs.ListModelsRequest(**kwargs)), INVALID, reason)
+
+
+def test_filter_state_values_are_the_contracts():
+    """The filters' allowed states (the domain's) are the contract's enum names without prefix and UNSPECIFIED."""
+    for domain, contract in ((ModelState, pb.Model.State), (VersionState, pb.ModelVersion.State)):
+        assert {s.value for s in domain} == {n.removeprefix("STATE_") for n in contract.keys()} - {"UNSPECIFIED"}
 
 
 async def test_list_models_page_size_is_capped_not_rejected(registry):

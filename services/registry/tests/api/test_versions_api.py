@@ -133,6 +133,20 @@ async def test_list_versions_by_precedence_across_pages(registry, expect_error):
     assert await collect("create_time", 3) == created
     assert await collect("create_time desc", 1) == created[::-1]
     assert await collect(filter_text='labels.odd = "1"') == [v for v in expected_desc if created.index(v) % 2]
+    await registry.stub.SetModelVersionState(
+        rs.SetModelVersionStateRequest(name=f"{m.name}/versions/1.1.0", state=pb.ModelVersion.STATE_DEPRECATED)
+    )
+    for spelling in ("STATE_DEPRECATED", "DEPRECATED", "deprecated"):  # the contract's name, or bare; any case
+        assert await collect(filter_text=f"state = {spelling}") == ["1.1.0"]
+        assert await collect(filter_text=f"state != {spelling}") == [v for v in expected_desc if v != "1.1.0"]
+    for bad in ("RETIRED", "STATE_UNSPECIFIED"):
+        err = await expect_error(
+            registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, filter=f"state = {bad}")),
+            INVALID,
+            "INVALID_FILTER",
+        )
+        assert [v.field for v in field_violations(err)] == ["filter"]
+        assert "one of: STATE_DEPRECATED, STATE_REGISTERED, STATE_VALIDATED" in err.details()
     first = await registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, page_size=2))
     await expect_error(
         registry.stub.ListModelVersions(rs.ListModelVersionsRequest(parent=m.name, page_size=2, order_by="version", page_token=first.next_page_token)),

@@ -563,8 +563,7 @@ def _filter_clauses(filters: Sequence[Comparison], fields: dict, labels_col) -> 
             clauses.append(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
         else:
             col = fields[f.field]
-            value = f.value.upper() if f.field == "state" else f.value
-            clauses.append(col == value if f.op == "=" else col != value)
+            clauses.append(col == f.value if f.op == "=" else col != f.value)
     return clauses
 
 

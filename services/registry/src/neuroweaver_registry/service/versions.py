@@ -185,7 +185,9 @@ class VersionUseCases(UseCases):
 
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page[ModelVersion]:
         limit = page_size(size)
-        filters = parse_filter(filter_text, {"state", "base_model", "training_job"})
+        filters = parse_filter(
+            filter_text, {"base_model", "training_job"}, enums={"state": ("STATE_", {s.value for s in VersionState})}
+        )
         order_field, desc = parse_order_by(order_by, {"version", "create_time"}, "version desc")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, str if order_field == "version" else datetime, int)
