@@ -10,6 +10,7 @@ from neuroweaver.deployer.v1 import deployment_pb2
 from neuroweaver.experiments.v1 import experiment_pb2 as pb
 from neuroweaver.experiments.v1 import experiments_service_pb2 as svc
 from neuroweaver_experiments.domain.assignment import AssignmentPlan
+from neuroweaver_experiments.domain.experiment import ExperimentState
 from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 
@@ -80,11 +81,33 @@ async def test_lifecycle_states_and_etag(stub, make_experiment):
         svc.ListExperimentsRequest(parent="projects/default", filter="state = CONCLUDED", page_size=1000)
     )
     assert exp.name in [e.name for e in listed.experiments]
+    for spelling in ("STATE_CONCLUDED", "concluded"):  # the contract's name, or bare; any case
+        same = await stub.ListExperiments(
+            svc.ListExperimentsRequest(parent="projects/default", filter=f"state = {spelling}", page_size=1000)
+        )
+        assert [e.name for e in same.experiments] == [e.name for e in listed.experiments]
+        others = await stub.ListExperiments(
+            svc.ListExperimentsRequest(parent="projects/default", filter=f"state != {spelling}", page_size=1000)
+        )
+        assert exp.name not in [e.name for e in others.experiments]
+    for bad in ("FINISHED", "STATE_UNSPECIFIED"):  # would silently match nothing
+        err = await expect_error(
+            stub.ListExperiments(svc.ListExperimentsRequest(parent="projects/default", filter=f"state = {bad}")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FILTER",
+        )
+        assert [v.field for v in field_violations(err)] == ["filter"]
+        assert "one of: STATE_CONCLUDED, STATE_DRAFT, STATE_RUNNING, STATE_STOPPED" in err.details()
     await expect_error(
         stub.GetExperiment(svc.GetExperimentRequest(name="projects/default/experiments/nope")),
         grpc.StatusCode.NOT_FOUND,
         "EXPERIMENT_NOT_FOUND",
     )
+
+
+def test_filter_states_are_the_contracts():
+    """The filter's allowed states (the domain's) are the contract's enum names without prefix and UNSPECIFIED."""
+    assert {s.value for s in ExperimentState} == {n.removeprefix("STATE_") for n in pb.Experiment.State.keys()} - {"UNSPECIFIED"}
 
 
 async def test_create_rejects_bad_input(stub, make_experiment):

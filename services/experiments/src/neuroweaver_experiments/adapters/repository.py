@@ -333,8 +333,7 @@ class SqlExperimentRepository(_Repository):
                 col = c.labels[f.label_key].as_string()
                 query = query.where(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
             else:
-                value = f.value.upper().removeprefix("STATE_")
-                query = query.where(c.state == value if f.op == "=" else c.state != value)
+                query = query.where(c.state == f.value if f.op == "=" else c.state != f.value)
         order_col = getattr(c, order_field)
         if cursor is not None:
             text, tie = cursor

@@ -147,7 +147,7 @@ class ExperimentsService:
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
         limit = page_size(size)
-        filters = parse_filter(filter_text, {"state"})
+        filters = parse_filter(filter_text, set(), enums={"state": ("STATE_", {s.value for s in ExperimentState})})
         order_field, desc = parse_order_by(order_by, {"name", "create_time", "update_time"}, "name")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, str if order_field == "name" else datetime, str)
