@@ -156,6 +156,17 @@ async def test_base_model_paths_are_confined_to_the_model_roots(api, h, data_roo
     assert checked.dataset_digest
 
 
+def test_filter_enums_are_the_contracts(h):
+    """The filter's allowed states and methods (the domain's) are the contract's names without prefix and UNSPECIFIED."""
+    from neuroweaver_trainer.domain.job import JobState, Method
+
+    for domain, names, prefix in (
+        (JobState, h.tpb.TrainingJob.State.keys(), "STATE_"),
+        (Method, h.tpb.TrainingMethod.keys(), "TRAINING_METHOD_"),
+    ):
+        assert {v.value for v in domain} == {n.removeprefix(prefix) for n in names} - {"UNSPECIFIED"}
+
+
 async def test_queue_cancel_delete_list(api, h, tiny_model, data_root, rpc_err):
     checked = await api.CreateTrainingJob(create(h, h.job_pb(tiny_model, data_root / "chat.jsonl"), validate_only=True))
     assert checked.dataset_digest and checked.state == h.tpb.TrainingJob.STATE_QUEUED
@@ -195,6 +206,26 @@ async def test_queue_cancel_delete_list(api, h, tiny_model, data_root, rpc_err):
     )
     listed = [j.name for j in page1.training_jobs] + [j.name for j in page2.training_jobs]
     assert listed == [names[2], names[1]] and not page2.next_page_token
+
+    async def matching(filter_text: str) -> list[str]:
+        page = await api.ListTrainingJobs(h.tsvc.ListTrainingJobsRequest(parent="projects/default", filter=filter_text))
+        return [j.name for j in page.training_jobs]
+
+    for state in ("STATE_QUEUED", "queued"):  # the contract's name, or bare; any case
+        for method in ("TRAINING_METHOD_SFT_QLORA", "SFT_QLORA", "sft_qlora"):
+            assert await matching(f"state = {state} AND method = {method}") == listed
+            assert await matching(f"state = {state} AND method != {method}") == []
+    for bad, says in (
+        ("state = BOGUS", "unknown state 'BOGUS'; one of: STATE_CANCELLED, STATE_CANCELLING, STATE_FAILED"),
+        ("state = STATE_UNSPECIFIED", "unknown state"),
+        ("method = TRAINING_METHOD_UNSPECIFIED", "one of: TRAINING_METHOD_DPO, TRAINING_METHOD_EXPORT"),
+        ("method = STATE_SFT_LORA", "unknown method 'STATE_SFT_LORA'"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await matching(bad)
+        code, reason, violations = rpc_err(exc)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER") and says in exc.value.details()
+        assert [f for f, _ in violations] == ["filter"]
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await api.ListTrainingJobs(h.tsvc.ListTrainingJobsRequest(parent="projects/default", page_token=page1.next_page_token))
     assert rpc_err(exc)[1] == "PAGE_TOKEN_QUERY_MISMATCH"

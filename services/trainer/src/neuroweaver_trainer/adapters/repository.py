@@ -121,10 +121,7 @@ class SqlJobRepository:
                 query = query.where(col == f.value if f.op == "=" else or_(col.is_(None), col != f.value))
                 continue
             column = {"state": c.state, "method": c.method, "target_model": c.target_model}[f.field]
-            value = f.value
-            if f.field in ("state", "method"):
-                value = value.upper().removeprefix("STATE_").removeprefix("TRAINING_METHOD_")
-            query = query.where(column == value if f.op == "=" else column != value)
+            query = query.where(column == f.value if f.op == "=" else column != f.value)
         if cursor is not None:
             bound, tie = datetime.fromisoformat(cursor[0]), cursor[1]
             if desc:

@@ -285,7 +285,11 @@ class TrainerService:
     async def list_jobs(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
         limit = page_size(size)
-        filters = parse_filter(filter_text, {"state", "method", "target_model"})
+        filters = parse_filter(
+            filter_text,
+            {"target_model"},
+            enums={"state": ("STATE_", {s.value for s in JobState}), "method": ("TRAINING_METHOD_", {m.value for m in Method})},
+        )
         _, desc = parse_order_by(order_by, {"create_time"}, "create_time desc")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, datetime, int)
