@@ -17,7 +17,7 @@ from helpers import watch_until
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver_kube.manifests import dns1123_name
-from neuroweaver_runtime.grpc_errors import error_info
+from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "libs" / "neuroweaver-kube" / "tests"))
 from crd_schemas import PROMETHEUS_RULE, SERVICE_MONITOR  # noqa: E402
@@ -151,6 +151,45 @@ async def test_kubernetes_backend_against_the_api_standin(stack, kube_standin):
     await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
     for api_version, kind in [("v1", "Service"), ("apps/v1", "Deployment"), ("monitoring.coreos.com/v1", "PrometheusRule")]:
         assert kube_standin.get_object(api_version, kind, "serving", obj) is None, kind
+
+
+async def test_list_filters_take_the_contracts_enum_names_with_or_without_prefix(stack):
+    dep, name = stack.dep, "projects/default/deployments/filtered"
+    await dep.CreateDeployment(
+        create(stack, "filtered", backend=dpb.BACKEND_KUBERNETES, namespace="serving", labels={"case": "enum-filters"})
+    )
+    await watch_until(dep, name, lambda d: d.state == AVAILABLE, timeout=30)
+
+    async def listed(filter_text: str) -> list[str]:
+        page = await dep.ListDeployments(
+            dsvc.ListDeploymentsRequest(parent="projects/default", filter=f'labels.case = "enum-filters" AND {filter_text}')
+        )
+        return [d.name for d in page.deployments]
+
+    for state, backend in (("STATE_AVAILABLE", "BACKEND_KUBERNETES"), ("AVAILABLE", "KUBERNETES"), ("available", "Kubernetes")):
+        assert await listed(f"state = {state} AND backend = {backend}") == [name]
+        assert await listed(f"state != {state}") == await listed(f"backend != {backend}") == []
+    assert await listed("state != STATE_DELETING AND backend != LOCAL") == [name]
+    assert await listed("state = AVAILABLE AND state = FAILED") == []
+    for bad, says in (
+        ("state = BOGUS", "unknown state 'BOGUS'; one of: STATE_AVAILABLE, STATE_DEGRADED, STATE_DELETING, STATE_FAILED"),
+        ("state = STATE_UNSPECIFIED", "unknown state 'STATE_UNSPECIFIED'"),
+        ("backend = BACKEND_UNSPECIFIED", "one of: BACKEND_KUBERNETES, BACKEND_LOCAL (the BACKEND_ prefix may be left out)"),
+        ("backend = STATE_LOCAL", "unknown backend 'STATE_LOCAL'"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await listed(bad)
+        assert (err.value.code(), error_info(err.value).reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+        assert [v.field for v in field_violations(err.value)] == ["filter"] and says in err.value.details(), err.value.details()
+    await dep.DeleteDeployment(dsvc.DeleteDeploymentRequest(name=name))
+
+
+def test_filter_enums_are_the_contracts():
+    """The filter's allowed states and backends (the domain's) are the contract's names without prefix and UNSPECIFIED."""
+    from neuroweaver_deployer.domain.model import Backend, State
+
+    for domain, names, prefix in ((State, dpb.Deployment.State.keys(), "STATE_"), (Backend, dpb.Backend.keys(), "BACKEND_")):
+        assert {v.value for v in domain} == {n.removeprefix(prefix) for n in names} - {"UNSPECIFIED"}
 
 
 def create(stack, deployment_id="bad", **fields):

@@ -102,6 +102,10 @@ async def test_get_and_list_with_filters_orders_and_pages(fakes):
         await _available(svc, f"{P}/deployments/d{i}")
     assert await all_pages("state = AVAILABLE") == ["d0", "d1", "d2", "d3", "d4"]
     assert await all_pages("state = STATE_PENDING") == []
+    for spelling in ("STATE_AVAILABLE", "available"):
+        assert await all_pages(f"state = {spelling}") == ["d0", "d1", "d2", "d3", "d4"]
+        assert await all_pages(f"state != {spelling}") == []
+    assert await all_pages('backend != KUBERNETES AND labels.team = "a"') == ["d1", "d3"]  # `!=`: checked on each row
     with pytest.raises(InvalidArgument) as caught:
         await svc.list(P, 2, "", "state = SLEEPING", "")
     assert caught.value.reason == "INVALID_FILTER"

@@ -148,36 +148,28 @@ class DeployerService:
     async def list(self, parent: str, size: int, token: str, filter_text: str, order_by: str) -> Page:
         project = PROJECT.parse(parent, "parent")["project"]
         limit = page_size(size)
-        filters = parse_filter(filter_text, {"state", "backend"})
+        enums = {"state": ("STATE_", {s.value for s in State}), "backend": ("BACKEND_", {b.value for b in Backend})}
+        filters = parse_filter(filter_text, set(), enums=enums)
         order_field, desc = parse_order_by(order_by, {"name", "create_time"}, "name")
         query = [parent, filter_text, order_by]
         cursor = self.tokens.decode(token, query, *((str,) if order_field == "name" else (datetime, str)))
         state: State | None = None
         backend: Backend | None = None
-        labels_eq: list[tuple[str, str, bool]] = []
+        checks = []  # checked on each row read: labels, `!=`, a second `=` on state or backend
         for c in filters:
-            value = c.value.upper().removeprefix("STATE_").removeprefix("BACKEND_")
-            if c.field == "state":
-                if value not in State.__members__ or c.op != "=":
-                    raise InvalidArgument(
-                        "filter: state = PENDING|PROGRESSING|AVAILABLE|DEGRADED|FAILED|DELETING",
-                        field="filter",
-                        reason="INVALID_FILTER",
-                    )
-                state = State(value)
-            elif c.field == "backend":
-                if value not in Backend.__members__ or c.op != "=":
-                    raise InvalidArgument("filter: backend = LOCAL|KUBERNETES", field="filter", reason="INVALID_FILTER")
-                backend = Backend(value)
+            if c.field == "state" and c.op == "=" and state is None:
+                state = State(c.value)
+            elif c.field == "backend" and c.op == "=" and backend is None:
+                backend = Backend(c.value)
             else:
-                labels_eq.append((c.label_key or "", c.value, c.op == "="))
+                checks.append(c)
         items: list[Deployment] = []
         async with self.uow.read() as view:
             while len(items) <= limit:
                 found = await view.deployments.page(project, state, backend, order_field, desc, cursor, limit + 1)
                 for d in found:
                     cursor = _cursor(d, order_field)
-                    if all((d.labels.get(k) == val) == eq for k, val, eq in labels_eq):
+                    if all((_field_value(d, c.field) == c.value) == (c.op == "=") for c in checks):
                         items.append(d)
                         if len(items) > limit:
                             break
@@ -372,6 +364,13 @@ class DeployerService:
             return self.render_manifests(target_of(d, version))
         except ValueError as exc:
             raise InvalidArgument(f"cannot render manifests: {exc}", field="deployment", reason="INVALID_MANIFEST_SPEC") from exc
+
+
+def _field_value(d: Deployment, field: str) -> str | None:
+    """What a filter compares on `d`: a label (None when it has none) or the stored state or backend."""
+    if field.startswith("labels."):
+        return d.labels.get(field[len("labels.") :])
+    return d.state.value if field == "state" else d.backend.value
 
 
 def _cursor(d: Deployment, order_field: str) -> builtins.list:
