@@ -117,6 +117,30 @@ async def test_alias_move_appears_in_history(page, console, parts_bot, registry,
     assert alias.version == "1.1.0" and alias.reason == "better on the parts eval"
 
 
+async def test_alias_rollback_from_the_console(page, console, parts_bot, registry, h):
+    """Roll back names the version it returns to, records a ROLLBACK in the history, and refuses an alias without an
+    earlier version."""
+    name = f"{MODEL}/aliases/canary"
+    await registry.stub.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="canary", version="1.0.0", reason="a"))
+    await registry.stub.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="canary", version="1.1.0", reason="b"))
+    await page.goto(f"{console.url}/models/parts-bot")
+    await page.locator("#rollback-canary").click()
+    assert "canary points at 1.1.0 now; it will point back at 1.0.0" in await page.locator("#alias-change").inner_text()
+    await page.get_by_label("Reason (kept in the alias history)").fill("1.1.0 regressed")
+    await h.check_screen(page, "alias-rollback")
+    await page.get_by_role("button", name="Roll back canary to 1.0.0").click()
+    await page.wait_for_url("**/models/parts-bot?moved=canary*")
+    history = await page.locator("#history-canary li").all_inner_texts()
+    assert "rollback 1.1.0 → 1.0.0" in history[0] and "1.1.0 regressed" in history[0], history
+    alias = await registry.stub.GetModelAlias(rsvc.GetModelAliasRequest(name=name))
+    assert alias.version == "1.0.0"
+    await registry.stub.SetModelAlias(rsvc.SetModelAliasRequest(model=MODEL, alias="fresh", version="1.0.0", reason="c"))
+    response = await page.goto(f"{console.url}/models/parts-bot/alias?alias=fresh&rollback=1")
+    assert response is not None and response.status == 409  # nothing earlier to go back to
+    assert "no earlier version" in await page.locator(".error").inner_text()
+    page.errors[:] = [e for e in page.errors if "409" not in e]
+
+
 async def test_stale_alias_move_is_refused(page, console, parts_bot, registry):
     """Compare-and-set: the confirmation page carries the version it showed; a move in between wins and the console
     shows the registry's refusal instead of overwriting it."""

@@ -113,6 +113,11 @@ class Gateway:
             rsvc.SetModelAliasRequest(model=model, alias=alias, version=version, expected_version=expected, reason=reason)
         )
 
+    async def rollback_alias(self, alias: str, to_version: str, expected: str, reason: str) -> rpb.ModelAlias:
+        return await self.registry.RollbackModelAlias(
+            rsvc.RollbackModelAliasRequest(name=alias, to_version=to_version, expected_version=expected, reason=reason)
+        )
+
     async def compare(self, base: str, candidate: str) -> rsvc.CompareModelVersionsResponse:
         return await self.registry.CompareModelVersions(
             rsvc.CompareModelVersionsRequest(base_version=base, candidate_version=candidate)

@@ -204,9 +204,24 @@ async def alias_confirm(request: web.Request) -> web.Response:
     gw = await _gateway(request)
     name = _model_name(request)
     alias, version = request.query.get("alias", "").strip(), request.query.get("version", "").strip()
-    if not alias or not version:
+    rollback = request.query.get("rollback") == "1"
+    if not alias or not (version or rollback):
         raise web.HTTPSeeOther(f"/models/{request.match_info['model']}")
     current = {a.name.rsplit("/", 1)[-1]: _version_id(a.version) for a in await gw.list_aliases(name)}
+    if rollback:
+        # Back to the version before the latest move (what RollbackModelAlias picks when given none), named on the
+        # page and sent explicitly: a move made meanwhile fails the compare-and-set instead of changing the target.
+        history = await gw.alias_history(f"{name}/aliases/{alias}")
+        previous = _version_id(history[0].from_version) if history and history[0].from_version else ""
+        if not previous:
+            return _render(
+                request,
+                "error.html",
+                status=409,
+                code="FAILED_PRECONDITION",
+                message=f"alias {alias} has no earlier version to roll back to",
+            )
+        version = previous
     return _render(
         request,
         "alias_confirm.html",
@@ -214,6 +229,7 @@ async def alias_confirm(request: web.Request) -> web.Response:
         alias=alias,
         version=version,
         current=current.get(alias, ""),
+        rollback=rollback,
     )
 
 
@@ -222,14 +238,11 @@ async def alias_set(request: web.Request) -> web.Response:
     name = _model_name(request)
     form = await request.post()
     alias, version = str(form.get("alias", "")), str(form.get("version", ""))
-    expected = str(form.get("expected", ""))
-    await gw.set_alias(
-        name,
-        alias,
-        version,
-        expected,
-        str(form.get("reason", "")),
-    )
+    expected, reason = str(form.get("expected", "")), str(form.get("reason", ""))
+    if form.get("rollback") == "1":  # recorded as a rollback in the alias history
+        await gw.rollback_alias(f"{name}/aliases/{alias}", version, expected, reason)
+    else:
+        await gw.set_alias(name, alias, version, expected, reason)
     raise web.HTTPSeeOther(f"/models/{request.match_info['model']}?moved={quote(alias)}#aliases")
 
 
