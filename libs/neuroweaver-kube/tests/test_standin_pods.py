@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -230,6 +231,44 @@ def test_job_status_follows_the_exit_code(standin):
     assert log == ""
     ok_pod = api(standin, "GET", f"/api/v1/namespaces/{NS}/pods?labelSelector=job-name%3Dok")["items"][0]
     assert api(standin, "GET", f"/api/v1/namespaces/{NS}/pods/{ok_pod['metadata']['name']}/log") == "done\n"
+
+
+def test_pod_logs_keep_line_times_and_serve_the_kubelets_query(standin):
+    """Each line is kept with the time it was read; KubeClient reads it back as the kubelet serves it: `timestamps`,
+    `sinceTime` (whole seconds), `tailLines`, then `limitBytes`; a container not started yet is a 400."""
+    import asyncio
+
+    from neuroweaver_kube import KubeClient
+
+    create(standin, job("talk", "import sys, time\nfor i in range(3): print('line', i, flush=True); time.sleep(0.3)\n"
+                                "sys.stdout.write('no line end')"))  # fmt: skip
+    expect_complete(standin, "talk")
+    client = KubeClient.from_config(host=standin.url)
+
+    async def read(**kw):
+        pod = (await client.list_pods(NS, "job-name=talk"))[0]["metadata"]["name"]
+        return (await client.read_pod_log(NS, pod, container="main", **kw)).decode()
+
+    try:
+        assert asyncio.run(read()) == "line 0\nline 1\nline 2\nno line end\n"
+        stamped = asyncio.run(read(timestamps=True)).splitlines()
+        stamps = [line.split(" ", 1)[0] for line in stamped]
+        assert [line.split(" ", 1)[1] for line in stamped] == ["line 0", "line 1", "line 2", "no line end"]
+        assert stamps == sorted(stamps) and all(len(s) == 30 and s.endswith("Z") for s in stamps)
+        assert asyncio.run(read(tail_lines=2)) == "line 2\nno line end\n"
+        assert asyncio.run(read(tail_lines=2, limit_bytes=9)) == "line 2\nno"
+        since = stamps[2][:19] + "Z"  # the lines of line 2's second and after
+        assert asyncio.run(read(since_time=since)).endswith("line 2\nno line end\n")
+        assert asyncio.run(read(since_time="2999-01-01T00:00:00Z")) == ""
+    finally:
+        client.close()
+    create(standin, job("never", "print('x')", image="unknown.example/never:1"))
+    runner = standin.pods
+    pod = runner.wait_for(lambda: [p for p in runner.pods(NS) if "never" in p["metadata"]["name"]], 10, "a pod")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        api(standin, "GET", f"/api/v1/namespaces/{NS}/pods/{pod[0]['metadata']['name']}/log")
+    body = json.loads(exc.value.read())
+    assert exc.value.code == 400 and "is waiting to start" in body["message"]
 
 
 def test_a_killed_job_pod_fails_with_137_and_is_replaced_until_the_backoff_limit(standin):

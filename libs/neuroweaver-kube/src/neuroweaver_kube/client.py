@@ -295,18 +295,35 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         """Blocking request; returns the decoded JSON answer or raises :class:`KubeApiError`."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        raw = self.request_raw(method, path, query=query, body=body, content_type=content_type)
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return {"message": raw.decode(errors="replace")}
+
+    def request_raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+    ) -> bytes:
+        """Blocking request; the answer's bytes (a pod log is text, not JSON), or :class:`KubeApiError`."""
+        headers = {"Accept": accept, "Content-Type": content_type}
         req = self.api.param_serialize(
             method, path, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
         )
         resp = self.api.call_api(*req, _request_timeout=self._timeout)
         raw = resp.read() or b""
+        if 200 <= resp.status < 300:
+            return raw
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
             data = {"message": raw.decode(errors="replace")}
-        if 200 <= resp.status < 300:
-            return data
         reason = data.get("reason") or resp.reason or ""
         message = data.get("message") or ""
         err = {404: KubeNotFound, 409: KubeConflict}.get(resp.status, KubeApiError)
@@ -372,3 +389,35 @@ class KubeClient:
     async def delete_job(self, namespace: str, name: str, *, propagation: str = "Foreground") -> bool:
         """Delete a Job and its pods (the API's default for Jobs would orphan the pods)."""
         return await self._run(self._delete_sync, resource_path("batch/v1", "Job", namespace, name), propagation)
+
+    # ------------------------------------------------------------------ pods
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        path = resource_path("v1", "Pod", namespace)
+        out = await self._run(partial(self.request, "GET", path, query=[("labelSelector", label_selector)]))
+        return list(out.get("items") or [])
+
+    async def read_pod_log(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        container: str | None = None,
+        tail_lines: int | None = None,
+        limit_bytes: int | None = None,
+        since_time: str | None = None,
+        timestamps: bool = False,
+    ) -> bytes:
+        """``GET pods/{name}/log`` (what ``read_namespaced_pod_log`` sends, plus ``sinceTime``, which that method
+        lacks): the current container's output, each line prefixed with its RFC 3339 time when ``timestamps``."""
+        query: list[tuple[str, Any]] = [
+            (key, value)
+            for key, value in (
+                ("container", container), ("tailLines", tail_lines), ("limitBytes", limit_bytes),
+                ("sinceTime", since_time), ("timestamps", "true" if timestamps else None),
+            )
+            if value is not None
+        ]  # fmt: skip
+        path = resource_path("v1", "Pod", namespace, name) + "/log"
+        accept = "text/plain, application/json"
+        return await self._run(partial(self.request_raw, "GET", path, query=query, accept=accept))

@@ -53,6 +53,11 @@ phase), takes it out of every Service at once, and terminates it; its controller
 Networking and DNS: :mod:`neuroweaver_kube.testing.network` (own loopback address per pod and per ClusterIP
 Service, a TCP proxy per Service port, ``/etc/hosts`` for DNS; Endpoints objects are written per Service).
 
+Logs: a container's stdout and stderr are read line by line and kept with the time each line was read (RFC 3339,
+nanoseconds), as a container runtime's log file keeps them; ``GET pods/{name}/log`` serves them with ``container``,
+``sinceTime``, ``sinceSeconds``, ``tailLines``, ``timestamps`` and ``limitBytes`` in the kubelet's order (since, tail,
+stamps, then the byte limit), and a container that has not started yet is a 400 ``waiting to start``.
+
 Init containers run one after another before the containers (retried on failure unless ``restartPolicy`` is
 Never, which fails the pod); sidecar init containers (their own ``restartPolicy: Always``) are not modelled.
 
@@ -115,6 +120,32 @@ def bwrap_path() -> str | None:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _stamp() -> bytes:
+    """The time a log line was read, RFC 3339 with nanoseconds; strictly increasing, so a reader's `sinceTime` cursor
+    (the time of the last line it read) never skips or repeats a line."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        ns = _last_stamp
+    seconds = dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{seconds}.{ns % 1_000_000_000:09d}Z".encode()
+
+
+def _stamp_ns(stamp: bytes) -> int:
+    seconds = dt.datetime.strptime(stamp[:19].decode(), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
+    fraction = stamp[20:-1] if stamp[19:20] == b"." else b""
+    return int(seconds.timestamp()) * 1_000_000_000 + int(fraction.ljust(9, b"0") or b"0")
+
+
+def _unstamped(log: str) -> str:
+    """A kept log as the container wrote it (the stamp and its space off every line)."""
+    return "".join(line.split(" ", 1)[-1] for line in log.splitlines(keepends=True))
 
 
 # --------------------------------------------------------------------------- label selectors
@@ -244,15 +275,16 @@ class _Container:
                 self._stop.wait(min(0.2 * 2 ** min(failures_in_a_row, 5), 2.0))
                 failures_in_a_row += 1
                 continue
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [*sandbox, "--", *argv],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self.proc = subprocess.Popen(
+                [*sandbox, "--", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            capture = threading.Thread(target=self._capture, args=(self.proc.stdout,), daemon=True)
+            capture.start()
             st = self.state
             st.waiting, st.terminated, st.ever_ran = None, None, True
             st.running_since = _now()
@@ -260,6 +292,7 @@ class _Container:
             st.ready = False
             self._killed_for_liveness = False
             code = self._probe_until_exit()
+            capture.join(timeout=5)  # its last lines are in the log before the container reads as terminated
             finished = _now()
             reason = "Completed" if code == 0 else ("Error" if code > 0 else "Error")
             if self._killed_for_liveness:
@@ -332,9 +365,17 @@ class _Container:
                     runner.wake()
             self._stop.wait(0.05)
 
+    def _capture(self, out: Any) -> None:
+        """Appends the container's output to its log, each line with the time it was read (a last line without a
+        line end gets one)."""
+        with out, open(self.log_path, "ab") as log:
+            for line in iter(out.readline, b""):
+                log.write(_stamp() + b" " + line + (b"" if line.endswith(b"\n") else b"\n"))
+                log.flush()
+
     def _kill_for_liveness(self, which: str) -> None:
         with open(self.log_path, "ab") as log:
-            log.write(f"[standin] {which} probe failed: killing the container\n".encode())
+            log.write(_stamp() + f" [standin] {which} probe failed: killing the container\n".encode())
         self._killed_for_liveness = True
         self.state.ready = False
         self.pod.runner.wake()
@@ -1004,7 +1045,13 @@ class PodRunner:
         assert self._standin is not None
         return self._standin.objects("Pod", namespace)
 
-    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
+    def pod_log(self, namespace: str, name: str, container: str | None = None, *, timestamps: bool = False) -> str:
+        """The container's output (every container's, without ``container``); ``timestamps``: each line prefixed
+        with the time it was read."""
+        log = self._kept_log(namespace, name, container)
+        return log if timestamps else _unstamped(log)
+
+    def _kept_log(self, namespace: str, name: str, container: str | None) -> str:
         pod = self._pods.get((namespace, name))
         if pod is None:
             matches = sorted(self.state_dir.glob(f"pods/{namespace}_{name}_*/logs"))
@@ -1046,7 +1093,7 @@ class PodRunner:
                 head += " (gone)"
             out.append(head)
             for log in sorted((d / "logs").glob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-tail:]
+                lines = _unstamped(log.read_text(errors="replace")).splitlines()[-tail:]
                 out += [f"   [{log.stem}] {line}" for line in lines]
         if self.errors:
             out.append("== runner errors:")
@@ -1073,18 +1120,48 @@ class PodRunner:
     def subresource(
         self, method: str, kind: str, namespace: str | None, name: str, sub: str, query: Mapping[str, list[str]]
     ) -> tuple[int, Any] | None:
-        """``GET pods/{name}/log`` (``container``, ``tailLines``); None for anything else."""
+        """``GET pods/{name}/log`` (``container``, ``sinceTime``, ``sinceSeconds``, ``tailLines``, ``timestamps``,
+        ``limitBytes``); None for anything else."""
         if kind != "Pod" or sub != "log" or method != "GET" or namespace is None:
             return None
+
+        def arg(key: str) -> str:
+            return (query.get(key) or [""])[0]
+
+        container = arg("container") or None
+        waiting = self._waiting_to_start(namespace, name, container)
+        if waiting is not None:
+            return 400, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": waiting,
+                         "reason": "BadRequest", "code": 400}  # fmt: skip
         try:
-            text = self.pod_log(namespace, name, (query.get("container") or [""])[0] or None)
+            lines = self._kept_log(namespace, name, container).splitlines(keepends=True)
         except KeyError:
             return None
-        tail = (query.get("tailLines") or [""])[0] or None
-        if tail is not None:
-            lines = text.splitlines(keepends=True)
-            text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
-        return 200, text.encode()
+        since = 0
+        if arg("sinceTime"):
+            since = _stamp_ns(arg("sinceTime").encode())
+        elif arg("sinceSeconds"):
+            since = time.time_ns() - int(arg("sinceSeconds")) * 1_000_000_000
+        if since:
+            lines = [line for line in lines if _stamp_ns(line.split(" ", 1)[0].encode()) >= since]
+        if arg("tailLines"):
+            lines = lines[-int(arg("tailLines")) :] if int(arg("tailLines")) > 0 else []
+        data = "".join(lines if arg("timestamps") == "true" else (line.split(" ", 1)[-1] for line in lines)).encode()
+        if arg("limitBytes"):
+            data = data[: int(arg("limitBytes"))]
+        return 200, data
+
+    def _waiting_to_start(self, namespace: str, name: str, container: str | None) -> str | None:
+        """The API's message for a container that has never run (its log cannot be read yet), else None."""
+        pod = self._pods.get((namespace, name))
+        if pod is None:  # the API has it but the runner has not taken it up yet
+            assert self._standin is not None
+            exists = self._standin.get_object("v1", "Pod", namespace, name) is not None
+            return f'container in pod "{name}" is waiting to start: ContainerCreating' if exists else None
+        for c in pod.containers:
+            if (container is None or c.name == container) and not c.state.ever_ran and c.state.waiting:
+                return f'container "{c.name}" in pod "{name}" is waiting to start: {c.state.waiting[0]}'
+        return None
 
     # ---------------------------------------------------------------- lookups used by pods
 
