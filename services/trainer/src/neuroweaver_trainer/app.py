@@ -195,6 +195,7 @@ def build(config: TrainerConfig) -> GrpcService:
         quotas = Quotas.parse(config.project_quotas)
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+    local = LocalExecutor(worker)
     scheduler = Scheduler(
         uow,
         notifier,
@@ -203,7 +204,7 @@ def build(config: TrainerConfig) -> GrpcService:
             poll_seconds=config.queue_poll_seconds, max_attempts=config.max_attempts, cancel_grace_seconds=config.cancel_grace_seconds,
             gpu_devices=gpu_devices, quotas=quotas, preemption_grace_seconds=config.preemption_grace_seconds,
         ),
-        LocalExecutor(worker),
+        local,
         kube,
     )  # fmt: skip
     model_cache_dir = config.model_cache_dir or str(Path(config.data_dir) / "models")
@@ -229,7 +230,7 @@ def build(config: TrainerConfig) -> GrpcService:
     )
     service = TrainerService(
         uow, PageTokens(secret), policy, hub,
-        on_queued=scheduler.wake, on_cancel=scheduler.cancel,
+        on_queued=scheduler.wake, on_cancel=scheduler.cancel, local=local, cluster=kube, replica=scheduler.s.owner,
     )  # fmt: skip
     listener = PostgresListener(db.url, EVENT_CHANNEL, notifier) if db.is_postgres else None
 

@@ -15,15 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from urllib3.exceptions import HTTPError
+
 from neuroweaver_kube import KubeClient, KubeNotFound, TrainingJobSpec, training_job
-from neuroweaver_kube.client import KubeConflict
+from neuroweaver_kube.client import KubeApiError, KubeConflict
 from neuroweaver_kube.manifests import Resources as KubeResources
 from neuroweaver_runtime import telemetry
 from neuroweaver_runtime.client import ClientTLS
+from neuroweaver_runtime.errors import Unavailable
 from neuroweaver_runtime.process import Child, spawn
 
 from ..domain.job import TrainingJob
-from ..service.ports import EXIT_INTERRUPTED
+from ..service.ports import EXIT_INTERRUPTED, LogChunk, LogQuery, LogUnavailable
+from .logs import parse_pod_log, pod_log_params, read_log_file
 
 __all__ = ["EXIT_INTERRUPTED", "KubernetesExecutor", "LocalExecutor"]
 
@@ -70,6 +74,9 @@ class LocalExecutor:
 
     def log_path(self, job_id: str, attempt: int) -> Path:
         return Path(self.settings.data_dir) / "jobs" / job_id / f"worker-{attempt}.log"
+
+    async def read_log(self, job_id: str, attempt: int, query: LogQuery) -> LogChunk | None:
+        return await asyncio.to_thread(read_log_file, self.log_path(job_id, attempt), query)
 
     async def start(self, job: TrainingJob, attempt: int, on_event: Callable[[str], None], devices: list[str]) -> Child:
         """Starts the worker on the GPUs `devices` (CUDA_VISIBLE_DEVICES; empty = CPU only, never another job's GPU). The worker also writes each committed event's notify payload (`<job key>:<sequence>`)
@@ -199,3 +206,30 @@ class KubernetesExecutor:
     async def delete(self, ref: str) -> bool:
         namespace, name = ref.split("/", 1)
         return await self.client.delete_job(namespace, name)
+
+    async def read_log(self, job: TrainingJob, query: LogQuery) -> LogChunk:
+        """The worker container's log in the newest pod of the job's Kubernetes Job (a Job retried by its backoff has
+        several), by the pods' `app.kubernetes.io/instance` label, which names the Job."""
+        meta = self.manifest(job)["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        where = f"Kubernetes Job {namespace}/{name}"
+        try:
+            pods = await self.client.list_pods(namespace, f"app.kubernetes.io/instance={name}")
+            if not pods:
+                raise LogUnavailable(f"{where} has no pod")
+            pod = max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+            where = f"pod {pod['metadata']['name']} of {where}"
+            data = await self.client.read_pod_log(namespace, pod["metadata"]["name"], container="worker", **pod_log_params(query))
+        except KubeApiError as exc:
+            if exc.code in (400, 404):  # gone meanwhile, or its container has not started ("waiting to start")
+                raise LogUnavailable(f"{where}: {exc.message or exc.reason}") from None
+            raise _kube_unavailable(where, exc) from None
+        except (HTTPError, OSError) as exc:
+            raise _kube_unavailable(where, exc) from None
+        return parse_pod_log(data, query)
+
+
+def _kube_unavailable(where: str, exc: Exception) -> Unavailable:
+    return Unavailable(
+        f"the Kubernetes API did not give the log of {where} ({type(exc).__name__}); retry", reason="KUBERNETES_UNAVAILABLE"
+    )

@@ -277,6 +277,7 @@ def job_from_row(row) -> TrainingJob:
         creator=row.creator, last_sequence=int(row.last_sequence), trace_parent=row.trace_parent or "", key=row.id,
         priority=int(row.priority), interrupt=Interrupt(row.interrupt), checkpoint_requests=int(row.checkpoint_requests),
         yielded_attempts=int(row.yielded_attempts),
+        attempt_owners={int(k): str(v) for k, v in (row.attempt_owners or {}).items()},
     )  # fmt: skip
 
 

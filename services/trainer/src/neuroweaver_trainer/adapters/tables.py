@@ -71,6 +71,8 @@ jobs = Table(
     Column("interrupt", String(16), nullable=False, default="", server_default=""),
     Column("checkpoint_requests", Integer, nullable=False, default=0, server_default="0"),
     Column("yielded_attempts", Integer, nullable=False, default=0, server_default="0"),
+    # {attempt: lease owner} of the replica that ran each attempt: a local worker's log lies on its disk (0004)
+    Column("attempt_owners", JSON, nullable=False, default=dict, server_default="{}"),
     Index("ix_jobs_project_create", "project", "create_time", "id"),
     Index("ix_jobs_queue", "state", "create_time", "id"),
     Index("ix_jobs_queue_priority", "state", "priority", "create_time", "id"),

@@ -14,7 +14,7 @@ from neuroweaver_runtime.errors import InvalidArgument
 from neuroweaver_runtime.timestamps import to_timestamp
 
 from ..domain import job as d
-from ..service.ports import DatasetPreview
+from ..service.ports import DatasetPreview, LogChunk
 
 _STATE = {
     d.JobState.QUEUED: pb.TrainingJob.STATE_QUEUED, d.JobState.RUNNING: pb.TrainingJob.STATE_RUNNING,
@@ -226,4 +226,11 @@ def preview_to_pb(p: DatasetPreview) -> svc.PreviewDatasetResponse:
         row_count=p.row_count, format=p.format, sha256=p.sha256, size_bytes=p.size_bytes,
         problems=[svc.DatasetProblem(line=line or 0, message=message) for line, message in p.problems],
         problems_truncated=p.problems_truncated,
+    )  # fmt: skip
+
+
+def logs_to_pb(job: d.TrainingJob, attempt: int, chunk: LogChunk) -> svc.ReadTrainingJobLogsResponse:
+    return svc.ReadTrainingJobLogsResponse(
+        lines=chunk.lines, attempt=attempt, attempts=job.attempts, executor=_EXECUTOR[job.executor],
+        truncated=chunk.truncated, next_offset=chunk.next_offset, state=_STATE[job.state],
     )  # fmt: skip

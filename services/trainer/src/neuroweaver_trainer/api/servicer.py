@@ -20,6 +20,9 @@ METHOD_ROLES = {
     # operator, as CreateTrainingJob: the dataset roots are shared by every project, and a viewer could otherwise
     # read rows of files no one in their project chose to train on
     "PreviewDataset": OP,
+    # operator, not viewer: a worker's output may quote dataset rows (a failing row, a sample), paths and settings
+    # that the job's events, a viewer's view of it, never carry
+    "ReadTrainingJobLogs": OP,
 }  # fmt: skip
 
 
@@ -79,3 +82,8 @@ class TrainerServicer(svc_grpc.TrainerServiceServicer):
             request.max_seq_length, request.chat_template, request.max_rows,
         )  # fmt: skip
         return convert.preview_to_pb(preview)
+
+    async def ReadTrainingJobLogs(self, request, context):
+        offset = request.offset if request.HasField("offset") else None
+        job, attempt, chunk = await self.svc.read_logs(request.name, request.attempt, request.tail_lines, offset)
+        return convert.logs_to_pb(job, attempt, chunk)

@@ -273,6 +273,7 @@ class TrainingJob:
     interrupt: Interrupt = Interrupt.NONE
     checkpoint_requests: int = 0  # bumped by each CheckpointTrainingJob; the worker saves when it grows
     yielded_attempts: int = 0  # attempts that ended paused, preempted or interrupted: not counted against max_attempts
+    attempt_owners: dict[int, str] = field(default_factory=dict)  # attempt → the trainer replica (lease owner) that ran it
     key: int = 0  # the store's key (set by the repositories; 0 = not stored yet)
 
     @property

@@ -1,5 +1,5 @@
 """Trainer use cases: create (validate + queue), read (with queue positions), list, cancel, pause, resume,
-checkpoint on request, delete, events and watch, and previewing a dataset."""
+checkpoint on request, delete, events and watch, previewing a dataset and reading a worker's log."""
 
 from __future__ import annotations
 
@@ -40,10 +40,24 @@ from ..domain.judge_endpoints import JudgeEndpoints
 from ..domain.scheduling import Capacity, Quotas, wait_reasons
 from ..domain.tracking import TrackingServers, TrackingSettings, apply_tracking_defaults, validate_tracking
 from .feeds import GONE, LAGGED, FeedHub
-from .ports import DatasetPreview, DatasetPreviewer, InputCheck, JobRepository, RegistryLookups, UnitOfWorkFactory
+from .ports import (
+    ClusterWorkers,
+    DatasetPreview,
+    DatasetPreviewer,
+    InputCheck,
+    JobRepository,
+    LocalWorkers,
+    LogChunk,
+    LogQuery,
+    LogUnavailable,
+    RegistryLookups,
+    UnitOfWorkFactory,
+)
 
 EVENT_PAGE = 500
 MAX_PREVIEW_ROWS = 20
+DEFAULT_LOG_LINES = 200  # a tail read's lines when tail_lines is 0
+MAX_LOG_LINES = 5000  # per read, and a read from an offset's lines when tail_lines is 0
 
 
 @dataclass
@@ -86,10 +100,17 @@ class TrainerService:
         hub: FeedHub,
         on_queued: Callable[[], None] = lambda: None,
         on_cancel: Callable[[int], Awaitable[None]] | None = None,
+        *,
+        local: LocalWorkers | None = None,
+        cluster: ClusterWorkers | None = None,
+        replica: str = "",
     ) -> None:
+        """`local`, `cluster`: where workers' logs are read; `replica`: this replica's lease owner id (a local worker's
+        log lies on the replica that ran it: `TrainingJob.attempt_owners`)."""
         self.uow, self.tokens, self.policy, self.hub = uow, page_tokens, policy, hub
         self.on_queued = on_queued
         self.on_cancel = on_cancel
+        self.local, self.cluster, self.replica = local, cluster, replica
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -257,6 +278,79 @@ class TrainerService:
             max_seq_length=max_seq_length or 512, chat_template=chat_template, model_cache_dir=p.model_cache_dir,
             model_roots=p.model_roots, max_rows=max_rows or 5,
         )  # fmt: skip
+
+    # -- worker logs -----------------------------------------------------------------------------
+
+    async def read_logs(self, name: str, attempt: int, tail_lines: int, offset: int | None) -> tuple[TrainingJob, int, LogChunk]:
+        """An attempt's worker output (0 = the latest attempt): its last lines, or forward from `offset`, a position
+        an earlier read returned. Returns the job as read, the attempt and the lines."""
+        v = Violations()
+        if attempt < 0:
+            v.add("attempt", "attempt must not be negative (0 = the latest)")
+        if not 0 <= tail_lines <= MAX_LOG_LINES:
+            v.add(
+                "tail_lines",
+                f"tail_lines must be in [0, {MAX_LOG_LINES}] (0 = {DEFAULT_LOG_LINES}, or {MAX_LOG_LINES} from an offset)",
+            )
+        if offset is not None and offset < 0:
+            v.add("offset", "offset must not be negative: pass the next_offset of an earlier read (or 0, the start)")
+        v.raise_if_any()
+        async with self.uow.transaction() as uow:
+            job = await self._get(uow.jobs, name)
+        facts = {"training_job": name, "state": job.state.value}
+        if job.attempts == 0:
+            raise NotFound(
+                f"training job {name} is {job.state.value.lower()} and no worker has started for it yet: its log exists "
+                "once its first attempt starts",
+                reason="LOGS_NOT_FOUND", metadata={**facts, "attempt": "0"},
+            )  # fmt: skip
+        if attempt > job.attempts:
+            raise InvalidArgument(
+                f"training job {name} has had {job.attempts} attempts: attempt must be in [0, {job.attempts}] (0 = the latest)",
+                field="attempt",
+            )
+        attempt = attempt or job.attempts
+        facts["attempt"] = str(attempt)
+        # a worker still running may be writing its last line: that line waits until it is complete
+        query = LogQuery(tail_lines or (DEFAULT_LOG_LINES if offset is None else MAX_LOG_LINES), offset,
+                         live=attempt == job.attempts and job.state.active)  # fmt: skip
+        if job.executor is Executor.KUBERNETES:
+            return job, attempt, await self._pod_log(job, attempt, query, facts)
+        chunk = await self.local.read_log(job.job_id, attempt, query) if self.local is not None else None
+        if chunk is not None:
+            return job, attempt, chunk
+        owner = job.attempt_owners.get(attempt, "")
+        if owner and owner != self.replica:
+            raise FailedPrecondition(
+                f"attempt {attempt} of {name} ran on trainer replica {owner}: its worker's log lies on that replica's "
+                "disk; ask again (calls are balanced over the replicas) or reach that replica",
+                reason="LOGS_ELSEWHERE", metadata={**facts, "replica": owner},
+            )  # fmt: skip
+        raise NotFound(
+            f"attempt {attempt} of training job {name} has no worker log on this trainer replica (yet)",
+            reason="LOGS_NOT_FOUND", metadata=facts,
+        )  # fmt: skip
+
+    async def _pod_log(self, job: TrainingJob, attempt: int, query: LogQuery, facts: dict[str, str]) -> LogChunk:
+        if self.cluster is None:
+            raise FailedPrecondition(
+                f"training job {job.name} runs on Kubernetes, which this trainer is not configured for; ask a trainer "
+                "that is (--kube-api)",
+                reason="EXECUTOR_NOT_CONFIGURED", metadata={"executor": Executor.KUBERNETES.value},
+            )  # fmt: skip
+        if attempt != job.attempts:  # each attempt starts from a new Kubernetes Job: the earlier one's pods are deleted
+            raise NotFound(
+                f"attempt {attempt} of training job {job.name} ran in a Kubernetes Job that no longer exists; only the "
+                f"latest attempt's ({job.attempts}) pod log can be read",
+                reason="LOGS_NOT_FOUND", metadata=facts,
+            )  # fmt: skip
+        try:
+            return await self.cluster.read_log(job, query)
+        except LogUnavailable as exc:
+            raise NotFound(
+                f"attempt {attempt} of training job {job.name} has no log to read (yet): {exc}",
+                reason="LOGS_NOT_FOUND", metadata=facts,
+            ) from None  # fmt: skip
 
     # -- read ------------------------------------------------------------------------------------
 

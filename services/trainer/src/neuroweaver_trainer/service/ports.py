@@ -146,6 +146,26 @@ class DatasetPreview:
 DatasetPreviewer = Callable[..., DatasetPreview]
 
 
+@dataclass(frozen=True)
+class LogQuery:
+    """What to read of a worker's log (ReadTrainingJobLogs)."""
+
+    lines: int  # without `offset`: the last `lines`; with it: at most `lines` from there on
+    offset: int | None = None  # a position an earlier read returned (LogChunk.next_offset)
+    live: bool = False  # the attempt may still write: a last line without its line end is held back until complete
+
+
+@dataclass
+class LogChunk:
+    lines: list[str]
+    truncated: bool  # lines in the range asked for were left out (before the first; after the last with an offset)
+    next_offset: int  # where the next read starts
+
+
+class LogUnavailable(Exception):
+    """The attempt has no log that can be read (yet); the message says why."""
+
+
 class LocalWorkers(Protocol):
     """Worker subprocesses on this machine."""
 
@@ -154,6 +174,8 @@ class LocalWorkers(Protocol):
 
     def signal(self, proc: Child, sig: int) -> None: ...
     def log_path(self, job_id: str, attempt: int) -> str | PathLike[str]: ...
+    async def read_log(self, job_id: str, attempt: int, query: LogQuery) -> LogChunk | None:
+        """The attempt's output as its worker wrote it on this machine; None when this machine has no such log."""
 
 
 class ClusterJobState(Protocol):
@@ -170,3 +192,5 @@ class ClusterWorkers(Protocol):
     async def start(self, job: TrainingJob) -> str: ...
     async def state(self, ref: str) -> ClusterJobState: ...
     async def delete(self, ref: str) -> bool: ...
+    async def read_log(self, job: TrainingJob, query: LogQuery) -> LogChunk:
+        """The log of the job's newest worker pod; LogUnavailable when there is none to read."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class SchedulerSettings:
     poll_seconds: float = 2.0
     max_attempts: int = 3
     cancel_grace_seconds: float = 15.0
-    owner: str = field(default_factory=lambda: f"trainer-{uuid.uuid4().hex[:10]}")
+    # this replica as a lease owner: its host name (the pod's on Kubernetes) says where its local workers' logs lie
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()[:80]}-trainer-{uuid.uuid4().hex[:10]}")
 
 
 @dataclass
@@ -243,7 +245,7 @@ class Scheduler:
         attempt = claimed.attempts + 1
         await repo.update(
             claimed.key, state=JobState.RUNNING.value, attempts=attempt, start_time=claimed.start_time or now, error="",
-            interrupt="",
+            interrupt="", attempt_owners={**claimed.attempt_owners, attempt: self.s.owner},
         )  # fmt: skip
         message = f"attempt {attempt} claimed by {self.s.owner}"
         if state is JobState.RUNNING:
