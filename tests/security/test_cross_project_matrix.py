@@ -211,6 +211,7 @@ def base_request(svc: str, method: str, p: str, uid: int, env):
         ("trainer", "ListTrainingJobEvents"): lambda: ts.ListTrainingJobEventsRequest(parent=r.job),
         ("trainer", "WatchTrainingJob"): lambda: ts.WatchTrainingJobRequest(name=r.job),
         ("trainer", "PreviewDataset"): lambda: ts.PreviewDatasetRequest(parent=r.project, dataset_uri=env.prompts, max_rows=2),
+        ("trainer", "ReadTrainingJobLogs"): lambda: ts.ReadTrainingJobLogsRequest(name=r.job, tail_lines=5),
         ("deployer", "CreateDeployment"): lambda: ds.CreateDeploymentRequest(
             parent=r.project,
             deployment_id=f"d-{uid}",
