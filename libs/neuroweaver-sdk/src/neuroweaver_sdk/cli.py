@@ -41,7 +41,7 @@ from neuroweaver_runtime.client import ClientTLS
 from neuroweaver_runtime.grpc_errors import error_info, field_violations
 
 from .clients import DEFAULT_TARGETS, Clients, Endpoints
-from .watch import watch_deployment, watch_training_job
+from .watch import follow_training_job_logs, watch_deployment, watch_training_job
 
 _tracer = trace.get_tracer("neuroweaver.cli")
 
@@ -558,6 +558,47 @@ async def train_watch(c: Ctx):
         c.show(job, quiet="model_version")  # -q: the version the job registered
     if job is not None and job.state != tpb.TrainingJob.STATE_SUCCEEDED:
         raise SystemExit(1)
+
+
+async def train_logs(c: Ctx):
+    """The worker's output: the tail of an attempt's log, or (--follow) the tail and then what it adds until the job
+    ends. Lines go to stdout as they are; with -o table a note on the attempt goes to stderr; --json prints the answers
+    (one JSON object per line when following)."""
+    a = c.args
+    name = c.job(a.job)
+    if not a.follow:
+        resp = await c.nw.trainer.ReadTrainingJobLogs(
+            tsvc.ReadTrainingJobLogsRequest(name=name, attempt=a.attempt, tail_lines=a.tail)
+        )
+        if c.output == "json":
+            c.show(resp)
+        else:
+            _log_lines(c, resp, None)
+        return
+    shown = None
+    waiting = (
+        (lambda message: err_console.print(f"[dim]waiting: {escape(message)}[/dim]")) if c.output == "table" else (lambda m: None)
+    )
+    async for resp in follow_training_job_logs(
+        c.nw, name, attempt=a.attempt, tail_lines=a.tail, interval=a.interval, on_waiting=waiting
+    ):
+        if c.output == "json":
+            print(json_format.MessageToJson(resp, preserving_proto_field_name=True, indent=None), flush=True)
+        else:
+            _log_lines(c, resp, shown)
+        shown = resp.attempt
+
+
+def _log_lines(c: Ctx, resp: tsvc.ReadTrainingJobLogsResponse, shown: int | None) -> None:
+    """The lines as the worker wrote them (never read as markup); a note on stderr when another attempt begins."""
+    if c.output == "table" and resp.attempt != shown:
+        executor = tpb.Executor.Name(resp.executor).removeprefix("EXECUTOR_").lower()
+        state = tpb.TrainingJob.State.Name(resp.state).removeprefix("STATE_").lower()
+        more = ", earlier lines not shown (--tail)" if resp.truncated and shown is None else ""
+        err_console.print(f"[dim]attempt {resp.attempt} of {resp.attempts} ({executor}, job {state}){more}[/dim]")
+    if resp.lines:
+        sys.stdout.write("".join(line + "\n" for line in resp.lines))
+        sys.stdout.flush()
 
 
 async def train_get(c: Ctx):
@@ -1249,6 +1290,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("job", job_id), ("--after", {"type": int, "default": 0, "help": "show only events after this sequence number"}),
     )  # fmt: skip
     cmd(g, "get", train_get, "show a job", "nw train get 7f3a --json", ("job", job_id))
+    cmd(
+        g, "logs", train_logs,
+        "the output of a job's worker (stdout and stderr: warnings, tracebacks, the trainer library's logs); -q prints "
+        "only the lines, --json the answers",
+        "nw train logs 7f3a --tail 50 --follow",
+        ("job", job_id),
+        ("--attempt", {"type": int, "default": 0, "help": "the attempt to read, 1-based (0 = the latest; with --follow, "
+                       "also the attempts the job starts later)"}),
+        ("--tail", {"type": int, "default": 200, "help": "show the last N lines first (at most 5000)"}),
+        ("--follow", {"action": "store_true", "help": "keep reading what the worker writes until the job ends "
+                            "(Ctrl-C stops)"}),
+        ("--interval", {"type": float, "default": 1.0, "help": "with --follow: seconds between reads"}),
+    )  # fmt: skip
     _pages(
         cmd(
             g, "list", train_list, "list the project's jobs", "nw train list --filter 'state = RUNNING' -q",

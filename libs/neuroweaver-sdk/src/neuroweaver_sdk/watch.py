@@ -17,6 +17,7 @@ from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
+from neuroweaver_runtime.grpc_errors import error_info
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
 _TERMINAL = {tpb.TrainingJob.STATE_SUCCEEDED, tpb.TrainingJob.STATE_FAILED, tpb.TrainingJob.STATE_CANCELLED}
@@ -37,6 +38,50 @@ async def follow_training_job(clients, name: str, after_sequence: int = 0, max_r
                 raise
             reconnects += 1
             await asyncio.sleep(min(0.2 * 2**reconnects, 5.0))
+
+
+async def follow_training_job_logs(
+    clients, name: str, *, attempt: int = 0, tail_lines: int = 0, interval: float = 1.0,
+    on_waiting: Callable[[str], None] = lambda message: None,
+):  # fmt: skip
+    """Yields ReadTrainingJobLogs answers: the tail of the attempt's log (0 = the latest attempt), then what each read
+    from the last `next_offset` adds, every `interval` seconds (at once while an answer says more is left). Following
+    the latest attempt moves on to the next one when the job starts it (a resume, a retry). Ends once the job is in a
+    terminal state and its log is read to the end. Until the job has a log (queued, its worker or pod starting),
+    `on_waiting` gets the trainer's explanation once and the reads are retried."""
+    pinned = attempt
+    offset: int | None = None
+    waiting_said = ended = False
+    while True:
+        try:
+            resp = await clients.trainer.ReadTrainingJobLogs(
+                tsvc.ReadTrainingJobLogsRequest(name=name, attempt=attempt, tail_lines=tail_lines if offset is None else 0,
+                                                offset=offset)
+            )  # fmt: skip
+        except grpc.aio.AioRpcError as exc:
+            info = error_info(exc)
+            if exc.code() != grpc.StatusCode.NOT_FOUND or info is None or info.reason != "LOGS_NOT_FOUND":
+                raise
+            if not waiting_said:
+                on_waiting(exc.details() or "")
+                waiting_said = True
+            job = await clients.trainer.GetTrainingJob(tsvc.GetTrainingJobRequest(name=name))
+            if job.state in _TERMINAL and (attempt or job.attempts) >= job.attempts:
+                return  # it ended without a log (cancelled while queued, a pod that never ran)
+            await asyncio.sleep(interval)
+            continue
+        yield resp
+        attempt, offset = resp.attempt, resp.next_offset
+        if resp.truncated:
+            continue  # more is there already
+        if not pinned and resp.attempts > attempt:
+            attempt, offset = attempt + 1, 0  # the job started another attempt: its log from the start
+            continue
+        if resp.state in _TERMINAL or (pinned and pinned < resp.attempts):
+            if ended:
+                return  # nothing more will be written to this attempt's log
+            ended = True  # one more read: the worker may still print its last lines as it exits
+        await asyncio.sleep(interval)
 
 
 async def watch_training_job(clients, name: str, *, console: Console, after_sequence: int = 0):

@@ -5,9 +5,13 @@ from its end only, and (PostgreSQL, two replicas) a local worker's log asked of 
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import sys
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -17,6 +21,8 @@ from neuroweaver_kube.testing.pods import PodRunner, bwrap_path
 from neuroweaver_runtime import migrations
 from neuroweaver_runtime.grpc_errors import error_info
 from neuroweaver_runtime.testing import create_postgres_database
+from neuroweaver_sdk.cli import run
+from neuroweaver_sdk.watch import follow_training_job_logs
 from neuroweaver_trainer.adapters.logs import text
 from neuroweaver_trainer.app import MIGRATIONS
 
@@ -32,13 +38,19 @@ def as_lines(log: bytes) -> list[str]:
     return [text(line) for line in log.removesuffix(b"\n").split(b"\n")]
 
 
+async def collect(answers_of, into: list) -> None:
+    async for answer in answers_of:
+        into.append(answer)
+
+
 def create(h, job_id: str, tiny_model, data_root, **kw):
     job = h.job_pb(tiny_model, data_root / "chat.jsonl", method=h.tpb.TRAINING_METHOD_SFT_LORA, **kw)
     return h.tsvc.CreateTrainingJobRequest(parent="projects/default", training_job_id=job_id, training_job=job)
 
 
 async def test_refusals_before_any_worker_ran(trainers, h, tiny_model, data_root, rpc_err):
-    stub = (await trainers(run_jobs=False)).stub
+    trainer = await trainers(run_jobs=False)
+    stub = trainer.stub
     queued = await stub.CreateTrainingJob(create(h, "logs-queued", tiny_model, data_root))
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await stub.ReadTrainingJobLogs(logs_request(h, queued.name))
@@ -53,8 +65,20 @@ async def test_refusals_before_any_worker_ran(trainers, h, tiny_model, data_root
         await stub.ReadTrainingJobLogs(logs_request(h, "projects/default/trainingJobs/nope"))
     assert rpc_err(exc)[:2] == (grpc.StatusCode.NOT_FOUND, "TRAINING_JOB_NOT_FOUND")
 
+    # `nw train logs --follow` (a real process) waits for a worker, says why, and Ctrl-C ends it cleanly.
+    nw = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "nw"), "--trainer", f"127.0.0.1:{trainer.port}", "train", "logs", "logs-queued",
+        "--follow", "--interval", "0.2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert nw.stderr is not None
+    said = await asyncio.wait_for(nw.stderr.readline(), 30)
+    assert said.startswith(b"waiting: training job projects/default/trainingJobs/logs-queued is queued"), said
+    nw.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(nw.communicate(), 30)
+    assert nw.returncode == 130 and out == b"" and b"Traceback" not in err, err
 
-async def test_tail_follow_attempts_and_a_huge_log(trainers, h, tiny_model, data_root, rpc_err):
+
+async def test_tail_follow_attempts_and_a_huge_log(trainers, h, tiny_model, data_root, rpc_err, capsys):
     trainer = await trainers()
     stub = trainer.stub
     job = await stub.CreateTrainingJob(
@@ -87,11 +111,36 @@ async def test_tail_follow_attempts_and_a_huge_log(trainers, h, tiny_model, data
     assert followed == as_lines(first_log) and offset == len(first_log) and reads > 2
     assert any(f"attempt 1 of {job.name} starts" in line for line in followed)
 
-    # Attempt 2 (resumed) to the end; the latest attempt is the default, attempt 1 stays readable.
+    # Attempt 2 (resumed) to the end, followed by the SDK's follower (what `nw train logs --follow` prints): it starts
+    # on attempt 1, the latest while paused, and moves to attempt 2 when the job starts it.
+    answers: list = []
+    follower = asyncio.create_task(
+        collect(follow_training_job_logs(SimpleNamespace(trainer=stub), job.name, interval=0.2), answers)
+    )
+    await h.wait_for(lambda: answers, 30, what="the follower's first read")
     await stub.ResumeTrainingJob(h.tsvc.ResumeTrainingJobRequest(name=job.name))
     done = await h.wait_state(stub, job.name, timeout=180)
     assert done.state == h.tpb.TrainingJob.STATE_SUCCEEDED and done.attempts == 2, done.error
+    await asyncio.wait_for(follower, 30)  # it ends by itself once the job is over and read to the end
     second_log = as_lines((logs_dir / "worker-2.log").read_bytes())
+    assert answers[0].attempt == 1 and list(answers[0].lines) == followed[-200:]
+    assert [line for a in answers if a.attempt == 2 for line in a.lines] == second_log
+    assert answers[-1].state == h.tpb.TrainingJob.STATE_SUCCEEDED
+
+    # `nw train logs`: the tail as it is (a note on the attempt on stderr), -q an earlier attempt's lines only,
+    # --follow --json one answer per line, ending with the job.
+    base = ["--trainer", f"127.0.0.1:{trainer.port}", "train", "logs", "logs-run"]
+    capsys.readouterr()
+    assert await run([*base, "--tail", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "".join(f"{line}\n" for line in second_log[-3:])
+    assert "attempt 2 of 2 (local, job succeeded), earlier lines not shown" in out.err
+    assert await run([*base, "--attempt", "1", "--tail", "2", "-q"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "".join(f"{line}\n" for line in followed[-2:]) and out.err == ""
+    assert await run([*base, "--follow", "--json", "--tail", "1", "--interval", "0.1"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert shown[0]["lines"] == second_log[-1:] and shown[0]["attempt"] == 2 and shown[-1]["state"] == "STATE_SUCCEEDED"
     latest = await stub.ReadTrainingJobLogs(logs_request(h, job.name))
     assert (latest.attempt, latest.attempts, latest.state) == (2, 2, h.tpb.TrainingJob.STATE_SUCCEEDED)
     assert list(latest.lines) == second_log[-200:] and any(f"attempt 2 of {job.name} starts" in x for x in latest.lines)
