@@ -18,6 +18,7 @@ from .adapters.judges import RegistryJudges
 from .adapters.unit_of_work import SqlUnitOfWorkFactory
 from .api.servicer import METHOD_ROLES, ExperimentsServicer
 from .domain.judging import JudgeEndpoints
+from .service.auto_conclude import AutoConcludeMonitor
 from .service.experiments import ExperimentsService
 from .service.judging import JudgingSettings
 
@@ -54,6 +55,13 @@ class ExperimentsConfig(ServiceConfig):
     judge_lease_seconds: float = field(
         default=300.0, metadata={"help": "how long a claimed answer stays with a replica that stopped answering"}
     )
+    auto_conclude_interval_seconds: float = field(
+        default=30.0,
+        metadata={
+            "help": "how often RUNNING sequential experiments with auto_conclude are looked at and concluded (their winner "
+            "promoted) once their test decides (0 = never: only ConcludeExperiment concludes)"
+        },
+    )
     snapshot_ttl_seconds: float = field(
         default=1.0,
         metadata={"help": "how stale a cached experiment may be before re-checking its revision (other replicas' writes)"},
@@ -87,6 +95,7 @@ def build(config: ExperimentsConfig) -> GrpcService:
         ),
         judging_settings=judging,
     )
+    auto_conclude = AutoConcludeMonitor(service, config.auto_conclude_interval_seconds)
 
     grpc_service = database_service(
         config,
@@ -99,9 +108,10 @@ def build(config: ExperimentsConfig) -> GrpcService:
         migrate=config.migrate,
         default_port=DEFAULT_PORT,
         default_metrics_port=DEFAULT_METRICS_PORT,
-        on_ready=[service.judging.start] if service.judging is not None else [],
-        on_stop=[service.close, deployer.close, registry.close],
+        on_ready=[auto_conclude.start] + ([service.judging.start] if service.judging is not None else []),
+        on_stop=[auto_conclude.close, service.close, deployer.close, registry.close],
     )
     grpc_service.experiments = service  # type: ignore[attr-defined]  # handy for in-process tests
+    grpc_service.auto_conclude = auto_conclude  # type: ignore[attr-defined]
     grpc_service.db = db  # type: ignore[attr-defined]
     return grpc_service

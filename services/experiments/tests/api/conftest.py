@@ -83,6 +83,7 @@ async def backend(request, deployer, registry):
             deployer_target=deployer.target,
             registry_target=registry.target,
             remote_deadline_seconds=5.0,
+            auto_conclude_interval_seconds=0,  # no monitor: auto-conclude tests start replicas with one, or tick it
         )
     )
     port = await service.start()

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,6 +41,8 @@ from ..domain.statistics import (
 from . import tables as t
 
 _SQLITE_CHUNK = 2000  # rows per multi-row statement (SQLite allows 32,766 bound variables)
+# First key of the (space, experiment id) advisory locks of auto-conclude looks (`claim_look`): "nwac".
+LOOK_LOCKS = 0x6E776163
 
 
 def _mul(a: str, b: str) -> str:
@@ -276,6 +279,27 @@ class SqlExperimentRepository(_Repository):
             .order_by(t.experiments.c.name)
         )
         return [to_experiment(row) for row in await self.s.execute(query)]
+
+    async def auto_concluding(self) -> list[Experiment]:
+        c = t.experiments.c
+        query = (
+            select(t.experiments)
+            .where(
+                c.state == ExperimentState.RUNNING.value,
+                c.auto_conclude.is_(True),
+                c.analysis == AnalysisMethod.SEQUENTIAL.value,
+            )
+            .order_by(c.name)
+        )
+        return [to_experiment(row) for row in await self.s.execute(query)]
+
+    async def claim_look(self, key: int) -> bool:
+        if not self.pg:
+            return True
+        claimed = await self.s.execute(
+            sql_text("SELECT pg_try_advisory_xact_lock(:space, :key)"), {"space": LOOK_LOCKS, "key": key}
+        )
+        return bool(claimed.scalar())
 
     @staticmethod
     def _values(exp: Experiment) -> dict[str, Any]:

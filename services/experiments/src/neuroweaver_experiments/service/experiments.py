@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import builtins
-import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import cast
 
 from neuroweaver_runtime import idempotency
-from neuroweaver_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from neuroweaver_runtime.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from neuroweaver_runtime.etag import check_etag
 from neuroweaver_runtime.filtering import parse_filter, parse_order_by
 from neuroweaver_runtime.names import PROJECT, validate_id
@@ -40,9 +39,7 @@ from .endpoints import LiveEndpoints
 from .ingest import EventBatch, Ingestor, IngestResult
 from .judging import AnswerJudges, AnswerJudging, AnswerUnitOfWorkFactory, JudgingSettings, RecordAnswersResult
 from .local_eval import LocalEvaluation
-from .ports import ExperimentRepository, UnitOfWorkFactory, VariantEndpoints, VersionAliases
-
-log = logging.getLogger(__name__)
+from .ports import ExperimentRepository, UnitOfWork, UnitOfWorkFactory, VariantEndpoints, VersionAliases
 
 MAX_BATCH_ASSIGN = 10_000
 _AUTO_CONCLUDE = {Decision.SHIP_VARIANT, Decision.STOP_FOR_HARM, Decision.NO_DETECTABLE_DIFFERENCE}
@@ -53,6 +50,12 @@ class Results:
     experiment: Experiment
     analysis: ExperimentAnalysis
     compute_time: datetime
+
+
+@dataclass
+class AutoConclusion:
+    experiment: Experiment  # as concluded
+    decision: Decision  # what the sequential test decided
 
 
 class ExperimentsService:
@@ -246,50 +249,63 @@ class ExperimentsService:
             raise InvalidArgument("reason is at most 1000 characters", field="reason", reason="FIELD_TOO_LONG")
         async with self.uow.transaction() as uow:
             exp = await self._get(uow.experiments, name, lock=True)
-            exp.state = transition(exp.state, "conclude", name)
-            variant: Variant | None = None
-            if winner:
-                variant = exp.variant(winner)
-                if variant is None:
-                    raise InvalidArgument(
-                        f"winner {winner!r} is not a variant of {name} (variants: {exp.variant_ids})",
-                        field="winner",
-                        reason="UNKNOWN_VARIANT",
-                    )
-            text = (
-                f"experiment {name} concluded with winner {winner!r}"
-                if winner
-                else f"experiment {name} concluded without a winner"
-            )
-            if reason:
-                text += f": {reason}"
-            if promote:
-                target_alias = alias or exp.promote_alias
-                if variant is None:
-                    raise InvalidArgument("promote needs a winner", field="winner", reason="PROMOTE_WITHOUT_WINNER")
-                if not target_alias:
-                    raise InvalidArgument(
-                        "promote needs an alias: set the experiment's promote_alias or pass alias",
-                        field="alias",
-                        reason="MISSING_ALIAS",
-                    )
-                validate_id(target_alias, "alias", "alias")
-                parts = MODEL_VERSION.parse(variant.model_version, f"variants[{winner}].model_version")
-                model = MODEL.format(project=parts["project"], model=parts["model"])
-                # The remote call runs under this experiment's row lock: a concurrent Conclude waits, and the
-                # experiment only becomes CONCLUDED if the alias moved.
-                await self.registry.set_alias(model, target_alias, parts["version"], expected_version, text[:1024])
-                text += f"; promoted {variant.model_version} to alias {target_alias!r}"
-            exp.winner = winner
-            exp.conclusion = text
-            now = utcnow()
-            exp.end_time = now
-            exp.update_time = now
-            await uow.experiments.save(exp)
-            result = await self._reread(uow.experiments, name)
+            result = await self._conclude_locked(uow.experiments, exp, winner, promote, alias, expected_version, reason)
         self.assigner.invalidate(name)
         self.local.changed()
         return result
+
+    async def _conclude_locked(
+        self,
+        repo: ExperimentRepository,
+        exp: Experiment,
+        winner: str,
+        promote: bool,
+        alias: str,
+        expected_version: str,
+        reason: str,
+    ) -> Experiment:
+        """Concludes `exp`, read under its row lock in the caller's transaction; returns it as stored. Raises (and
+        stores nothing) when it cannot: not RUNNING/STOPPED, an unknown winner, or the registry refused the promotion."""
+        name = exp.name
+        exp.state = transition(exp.state, "conclude", name)
+        variant: Variant | None = None
+        if winner:
+            variant = exp.variant(winner)
+            if variant is None:
+                raise InvalidArgument(
+                    f"winner {winner!r} is not a variant of {name} (variants: {exp.variant_ids})",
+                    field="winner",
+                    reason="UNKNOWN_VARIANT",
+                )
+        text = (
+            f"experiment {name} concluded with winner {winner!r}" if winner else f"experiment {name} concluded without a winner"
+        )
+        if reason:
+            text += f": {reason}"
+        if promote:
+            target_alias = alias or exp.promote_alias
+            if variant is None:
+                raise InvalidArgument("promote needs a winner", field="winner", reason="PROMOTE_WITHOUT_WINNER")
+            if not target_alias:
+                raise InvalidArgument(
+                    "promote needs an alias: set the experiment's promote_alias or pass alias",
+                    field="alias",
+                    reason="MISSING_ALIAS",
+                )
+            validate_id(target_alias, "alias", "alias")
+            parts = MODEL_VERSION.parse(variant.model_version, f"variants[{winner}].model_version")
+            model = MODEL.format(project=parts["project"], model=parts["model"])
+            # The remote call runs under this experiment's row lock: a concurrent Conclude waits, and the
+            # experiment only becomes CONCLUDED if the alias moved.
+            await self.registry.set_alias(model, target_alias, parts["version"], expected_version, text[:1024])
+            text += f"; promoted {variant.model_version} to alias {target_alias!r}"
+        exp.winner = winner
+        exp.conclusion = text
+        now = utcnow()
+        exp.end_time = now
+        exp.update_time = now
+        await repo.save(exp)
+        return await self._reread(repo, name)
 
     # -- assignment ------------------------------------------------------------------------------
 
@@ -343,68 +359,88 @@ class ExperimentsService:
     # -- results ---------------------------------------------------------------------------------
 
     async def results(self, name: str) -> Results:
+        """One look at the experiment (GetExperimentResults). It records the look's sequential state (the running
+        minimum the always-valid statistics are made of) but never concludes: that is `auto_conclude`'s, in the
+        background, or an explicit ConcludeExperiment's."""
         async with self.uow.transaction() as uow:
-            # one look at a time: sequential state is a running min
-            exp = await self._get(uow.experiments, name, lock=True)
-            if exp.primary_metric is None:
-                raise FailedPrecondition(f"experiment {name} has no primary metric", reason="NO_PRIMARY_METRIC")
-            stats = await uow.metrics.variant_stats(exp.key)
-            covariates = await uow.metrics.covariate_stats(exp.key)
-            exposures = await uow.assignments.exposures(exp.key)
-            previous = await uow.metrics.sequential_states(exp.key)
-            fixed = exp.analysis is AnalysisMethod.FIXED_HORIZON
-            decided = await uow.metrics.horizon_decision(exp.key) if fixed else None
-            ids = exp.variant_ids
-            exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
-            strata = srm_strata(ids, exp.weights_history or [exp.weights], exp.coverage, exposures)
-            analysis = analyze_experiment(
-                ids,
-                exp.weights,
-                exposed,
-                (exp.primary_metric, stats.get(exp.primary_metric.name, {})),
-                [(g, stats.get(g.name, {})) for g in exp.guardrail_metrics],
-                [(m, stats.get(m.name, {})) for m in exp.secondary_metrics],
-                alpha=exp.significance_level,
-                method=exp.analysis,
-                config=DecisionConfig(min_sample_size=exp.min_sample_size),
-                previous=previous,
-                decided=decided,
-                srm_strata=strata,
-                covariates=covariates,
-            )
-            if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
-                await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())
-            if exp.state is not ExperimentState.CONCLUDED:
-                states = {}
-                for mr in (analysis.primary, *analysis.guardrails, *analysis.secondary):
-                    for c in mr.comparisons:
-                        states[(mr.metric.name, c.variant)] = c.state
-                await uow.metrics.save_sequential_states(exp.key, states)
-        result = Results(exp, analysis, utcnow())
-        if (
-            exp.auto_conclude
-            and exp.analysis is AnalysisMethod.SEQUENTIAL
-            and exp.state is ExperimentState.RUNNING
-            and analysis.outcome.decision in _AUTO_CONCLUDE
-        ):
-            result.experiment = await self._auto_conclude(exp, analysis) or exp
-        return result
+            exp = await self._get(uow.experiments, name, lock=True)  # one look at a time: sequential state is a running min
+            analysis = await self._look(uow, exp)
+        return Results(exp, analysis, utcnow())
 
-    async def _auto_conclude(self, exp: Experiment, analysis: ExperimentAnalysis) -> Experiment | None:
-        outcome = analysis.outcome
-        ship = outcome.decision is Decision.SHIP_VARIANT
-        winner = (outcome.recommended_variant or "") if ship else ""
-        try:
-            return await self.conclude(
-                exp.name,
-                winner,
-                ship and bool(exp.promote_alias),
-                "",
-                "",
-                f"auto-concluded by the sequential test: {outcome.reason}",
-            )
-        except (FailedPrecondition, Unavailable, InvalidArgument) as exc:
-            log.warning("auto-conclude of %s failed, it keeps running: %s", exp.name, exc.message)
-        except Exception as exc:  # noqa: BLE001 - auto-conclude must never fail the results call
-            log.warning("auto-conclude of %s failed, it keeps running: %s", exp.name, exc)
-        return None
+    async def _look(self, uow: UnitOfWork, exp: Experiment) -> ExperimentAnalysis:
+        """The analysis of `exp` (read under its row lock in `uow`) as of now. A fixed-horizon test's decision at its
+        planned sample size is stored; a running experiment's sequential state is stored for the next look."""
+        if exp.primary_metric is None:
+            raise FailedPrecondition(f"experiment {exp.name} has no primary metric", reason="NO_PRIMARY_METRIC")
+        stats = await uow.metrics.variant_stats(exp.key)
+        covariates = await uow.metrics.covariate_stats(exp.key)
+        exposures = await uow.assignments.exposures(exp.key)
+        previous = await uow.metrics.sequential_states(exp.key)
+        fixed = exp.analysis is AnalysisMethod.FIXED_HORIZON
+        decided = await uow.metrics.horizon_decision(exp.key) if fixed else None
+        ids = exp.variant_ids
+        exposed = {v: sum(c.get(v, 0) for c in exposures.values()) for v in ids}
+        strata = srm_strata(ids, exp.weights_history or [exp.weights], exp.coverage, exposures)
+        analysis = analyze_experiment(
+            ids,
+            exp.weights,
+            exposed,
+            (exp.primary_metric, stats.get(exp.primary_metric.name, {})),
+            [(g, stats.get(g.name, {})) for g in exp.guardrail_metrics],
+            [(m, stats.get(m.name, {})) for m in exp.secondary_metrics],
+            alpha=exp.significance_level,
+            method=exp.analysis,
+            config=DecisionConfig(min_sample_size=exp.min_sample_size),
+            previous=previous,
+            decided=decided,
+            srm_strata=strata,
+            covariates=covariates,
+        )
+        if analysis.outcome.at_horizon:  # a fixed-horizon test decides once, at its planned sample size
+            await uow.metrics.save_horizon_decision(exp.key, analysis.outcome, utcnow())
+        if exp.state is not ExperimentState.CONCLUDED:
+            states = {}
+            for mr in (analysis.primary, *analysis.guardrails, *analysis.secondary):
+                for c in mr.comparisons:
+                    states[(mr.metric.name, c.variant)] = c.state
+            await uow.metrics.save_sequential_states(exp.key, states)
+        return analysis
+
+    # -- auto-conclusion (service/auto_conclude.py runs it in the background) ---------------------
+
+    async def auto_concluding(self) -> builtins.list[Experiment]:
+        """The RUNNING sequential experiments with `auto_conclude`: what the auto-conclude monitor looks at."""
+        async with self.uow.transaction() as uow:
+            return await uow.experiments.auto_concluding()
+
+    async def auto_conclude(self, exp: Experiment) -> AutoConclusion | None:
+        """One look by the auto-conclude monitor at `exp` (from `auto_concluding`): when the sequential test decides,
+        the experiment concludes in the same transaction, under the row lock the look holds, so it concludes on
+        exactly what was analysed (an UpdateExperiment waits) — with the winner promoted to `promote_alias` when the
+        test ships one. None when it keeps running, is no longer auto-concluding, or another replica is looking at it
+        now (it is skipped: one look per experiment at a time across replicas). When the conclusion fails (registry
+        unreachable or refusing) the look is still recorded, the experiment keeps running and the error is raised:
+        the next tick tries again."""
+        failure: DomainError | None = None
+        async with self.uow.transaction() as uow:
+            if not await uow.experiments.claim_look(exp.key):
+                return None
+            exp = await self._get(uow.experiments, exp.name, lock=True)
+            if not (exp.auto_conclude and exp.analysis is AnalysisMethod.SEQUENTIAL and exp.state is ExperimentState.RUNNING):
+                return None  # changed since it was listed (concluded elsewhere, stopped, auto_conclude turned off)
+            outcome = (await self._look(uow, exp)).outcome
+            if outcome.decision not in _AUTO_CONCLUDE:
+                return None
+            ship = outcome.decision is Decision.SHIP_VARIANT
+            winner = (outcome.recommended_variant or "") if ship else ""
+            promote = ship and bool(exp.promote_alias)
+            reason = f"auto-concluded by the sequential test: {outcome.reason}"[:1000]
+            try:
+                concluded = await self._conclude_locked(uow.experiments, exp, winner, promote, "", "", reason)
+            except DomainError as exc:
+                failure = exc  # raised once the look is committed
+        if failure is not None:
+            raise failure
+        self.assigner.invalidate(exp.name)
+        self.local.changed()
+        return AutoConclusion(concluded, outcome.decision)

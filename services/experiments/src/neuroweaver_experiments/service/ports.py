@@ -40,6 +40,14 @@ class ExperimentRepository(Protocol):
     async def running(self, project: str) -> list[Experiment]:
         """The project's RUNNING experiments, by name."""
 
+    async def auto_concluding(self) -> list[Experiment]:
+        """The RUNNING SEQUENTIAL experiments with `auto_conclude`, of every project, by name."""
+
+    async def claim_look(self, key: int) -> bool:
+        """Claims experiment `key`'s auto-conclude look for this transaction; False when another transaction holds
+        the claim (PostgreSQL: a transaction-scoped advisory lock, so replicas skip an experiment another one is
+        looking at; SQLite: always True, its write transactions already run one at a time)."""
+
     async def add(self, experiment: Experiment, project: str) -> None:
         """Raises the unit of work's duplicate error when the name exists (see `UnitOfWork.duplicate`)."""
 
