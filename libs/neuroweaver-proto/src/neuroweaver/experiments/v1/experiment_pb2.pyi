@@ -276,7 +276,14 @@ class Experiment(_message.Message):
     """Significance level alpha (default 0.05)."""
     analysis: Global___AnalysisMethod.ValueType
     auto_conclude: _builtins.bool
-    """Conclude (and promote when `promote_alias` is set) when the sequential test decides."""
+    """Conclude when the sequential test decides (ship a variant, stop for harm, no detectable difference), promoting
+    a shipped winner to `promote_alias` when it is set. SEQUENTIAL analysis only. The experiments service does it in
+    the background, whether or not anyone reads the results: every `--auto-conclude-interval-seconds` (default 30 s)
+    it looks at each RUNNING experiment with auto_conclude and concludes a decided one, once across its replicas.
+    The registry records the promotion as made by `auto-conclude`, an operator of the experiment's project. A
+    conclusion that fails (registry unreachable, promotion refused) leaves the experiment RUNNING and is tried again
+    at the next look. GetExperimentResults never concludes.
+    """
     promote_alias: _builtins.str
     """Alias the winner is promoted to, for example `production`."""
     state: Global___Experiment.State.ValueType

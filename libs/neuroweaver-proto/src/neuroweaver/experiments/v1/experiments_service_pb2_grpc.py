@@ -198,7 +198,9 @@ class ExperimentsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetExperimentResults(self, request, context):
-        """Computes current results and the decision.
+        """Computes current results and the decision. It changes nothing but the record of this look (the state the
+        sequential statistics carry from look to look): it never concludes, not even an experiment with `auto_conclude`
+        whose test has decided (the service's background monitor concludes that one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

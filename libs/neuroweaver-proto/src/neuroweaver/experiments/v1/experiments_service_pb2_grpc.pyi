@@ -58,7 +58,10 @@ class ExperimentsServiceStub:
     StreamMetricEvents: _grpc.StreamUnaryMultiCallable[_experiments_service_pb2.StreamMetricEventsRequest, _experiments_service_pb2.StreamMetricEventsResponse]
     """High-volume ingest: the client streams batches, the server answers once with totals."""
     GetExperimentResults: _grpc.UnaryUnaryMultiCallable[_experiments_service_pb2.GetExperimentResultsRequest, _experiment_pb2.ExperimentResults]
-    """Computes current results and the decision."""
+    """Computes current results and the decision. It changes nothing but the record of this look (the state the
+    sequential statistics carry from look to look): it never concludes, not even an experiment with `auto_conclude`
+    whose test has decided (the service's background monitor concludes that one).
+    """
     WatchExperimentConfigs: _grpc.UnaryStreamMultiCallable[_experiments_service_pb2.WatchExperimentConfigsRequest, _experiments_service_pb2.WatchExperimentConfigsResponse]
     """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
     (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
@@ -106,7 +109,10 @@ class ExperimentsServiceAsyncStub(ExperimentsServiceStub):
     StreamMetricEvents: _aio.StreamUnaryMultiCallable[_experiments_service_pb2.StreamMetricEventsRequest, _experiments_service_pb2.StreamMetricEventsResponse]  # type: ignore[assignment]
     """High-volume ingest: the client streams batches, the server answers once with totals."""
     GetExperimentResults: _aio.UnaryUnaryMultiCallable[_experiments_service_pb2.GetExperimentResultsRequest, _experiment_pb2.ExperimentResults]  # type: ignore[assignment]
-    """Computes current results and the decision."""
+    """Computes current results and the decision. It changes nothing but the record of this look (the state the
+    sequential statistics carry from look to look): it never concludes, not even an experiment with `auto_conclude`
+    whose test has decided (the service's background monitor concludes that one).
+    """
     WatchExperimentConfigs: _aio.UnaryStreamMultiCallable[_experiments_service_pb2.WatchExperimentConfigsRequest, _experiments_service_pb2.WatchExperimentConfigsResponse]  # type: ignore[assignment]
     """Local evaluation: a snapshot of every RUNNING experiment's assignment config in a project, then each change
     (start, weight change, stop, conclude, endpoint move) as it commits. SDKs evaluate AssignVariant's answer
@@ -223,7 +229,10 @@ class ExperimentsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiments_service_pb2.GetExperimentResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_pb2.ExperimentResults, _abc.Awaitable[_experiment_pb2.ExperimentResults]]:
-        """Computes current results and the decision."""
+        """Computes current results and the decision. It changes nothing but the record of this look (the state the
+        sequential statistics carry from look to look): it never concludes, not even an experiment with `auto_conclude`
+        whose test has decided (the service's background monitor concludes that one).
+        """
 
     @_abc_1.abstractmethod
     def WatchExperimentConfigs(

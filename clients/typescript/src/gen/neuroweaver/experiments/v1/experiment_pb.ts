@@ -211,7 +211,13 @@ export type Experiment = Message<"neuroweaver.experiments.v1.Experiment"> & {
   analysis: AnalysisMethod;
 
   /**
-   * Conclude (and promote when `promote_alias` is set) when the sequential test decides.
+   * Conclude when the sequential test decides (ship a variant, stop for harm, no detectable difference), promoting
+   * a shipped winner to `promote_alias` when it is set. SEQUENTIAL analysis only. The experiments service does it in
+   * the background, whether or not anyone reads the results: every `--auto-conclude-interval-seconds` (default 30 s)
+   * it looks at each RUNNING experiment with auto_conclude and concludes a decided one, once across its replicas.
+   * The registry records the promotion as made by `auto-conclude`, an operator of the experiment's project. A
+   * conclusion that fails (registry unreachable, promotion refused) leaves the experiment RUNNING and is tried again
+   * at the next look. GetExperimentResults never concludes.
    *
    * @generated from field: bool auto_conclude = 13;
    */

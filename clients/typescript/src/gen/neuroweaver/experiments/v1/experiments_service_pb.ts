@@ -852,7 +852,9 @@ export const ExperimentsService: GenService<{
     output: typeof StreamMetricEventsResponseSchema;
   },
   /**
-   * Computes current results and the decision.
+   * Computes current results and the decision. It changes nothing but the record of this look (the state the
+   * sequential statistics carry from look to look): it never concludes, not even an experiment with `auto_conclude`
+   * whose test has decided (the service's background monitor concludes that one).
    *
    * @generated from rpc neuroweaver.experiments.v1.ExperimentsService.GetExperimentResults
    */
