@@ -214,9 +214,7 @@ async def experiment(request: web.Request) -> web.Response:
     gw = await _gateway(request)
     name = _name(request)
     exp = await gw.experiments.GetExperiment(esvc.GetExperimentRequest(name=name))  # NOT_FOUND before anything else
-    results = await gw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=name))
-    if exp.auto_conclude and exp.state == E.STATE_RUNNING:
-        exp = await gw.experiments.GetExperiment(esvc.GetExperimentRequest(name=name))  # that look may have concluded it
+    results = await gw.experiments.GetExperimentResults(esvc.GetExperimentResultsRequest(name=name))  # concludes nothing
     project = request.app[project_key]
     sequential = exp.analysis == epb.ANALYSIS_METHOD_SEQUENTIAL
     variants = list(exp.variants)
