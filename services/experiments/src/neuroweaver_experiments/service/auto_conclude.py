@@ -33,6 +33,7 @@ from .experiments import ExperimentsService
 log = logging.getLogger(__name__)
 
 ACTOR = "auto-conclude"
+CLOSE_WAIT = 30.0  # seconds a stopping process waits for the look in progress (its registry call has a deadline)
 CONCLUSIONS = Counter(
     "nw_experiments_auto_conclusions", "Experiments concluded by the auto-conclude monitor, by decision", ["decision"]
 )
@@ -48,21 +49,27 @@ class AutoConcludeMonitor:
         self.service = service
         self.interval = interval  # seconds between ticks; 0 = no monitor (only ConcludeExperiment concludes)
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         if self.interval > 0 and self._task is None:
             self._task = asyncio.create_task(self._run(), name="auto-conclude")
 
     async def close(self) -> None:
+        """Stops after the look in progress, if any: a look cancelled during its registry call could leave the alias
+        moved and the experiment RUNNING (promoted a second time later). Cancelled after `CLOSE_WAIT` seconds."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(BaseException):
-                await self._task
+                await asyncio.wait_for(self._task, CLOSE_WAIT)
             self._task = None
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            if self._stopping.is_set():
+                return
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -75,6 +82,8 @@ class AutoConcludeMonitor:
         """One look at every auto-concluding experiment; returns how many this replica concluded."""
         concluded = 0
         for exp in await self.service.auto_concluding():
+            if self._stopping.is_set():
+                break
             project = EXPERIMENT.parse(exp.name)["project"]
             try:
                 with acting_as(Principal(ACTOR, project, Role.OPERATOR)):
