@@ -1,6 +1,6 @@
 """Training screens in a real browser against a real trainer (worker subprocesses training a tiny model): the jobs
-list, the job page whose loss curve grows from WatchTrainingJob over server-sent events while the job runs, and the
-actions (checkpoint, pause, resume, cancel)."""
+list, the job page whose loss curve grows from WatchTrainingJob over server-sent events while the job runs, the
+actions (checkpoint, pause, resume, cancel), and the worker's log (for an operator; a viewer is told why not)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from neuroweaver.common.v1 import common_pb2 as cpb
 from neuroweaver.trainer.v1 import trainer_service_pb2 as tsvc
+from neuroweaver.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 
 pytestmark = pytest.mark.slow
@@ -126,3 +127,67 @@ async def test_actions_checkpoint_pause_resume_cancel(page, console, trainer, da
     await page.wait_for_selector("body[data-stream-ended='1']", timeout=120_000)
     final = await trainer.stub.GetTrainingJob(tsvc.GetTrainingJobRequest(name=created.name))
     assert final.state == tpb.TrainingJob.STATE_CANCELLED
+
+
+async def test_job_logs_show_the_workers_output_while_it_runs(page, console, trainer, data_root, tiny_model, h):
+    """The job page's log section: the worker's own lines (its start line names the attempt and the job), read while
+    the job runs and to its end, in a keyboard-reachable region."""
+    created = await trainer.stub.CreateTrainingJob(job(data_root, tiny_model, steps=30, eval_every=1000, name="logs"))
+    await page.goto(f"{console.url}/jobs/{created.name.rsplit('/', 1)[-1]}")
+    logs = page.locator("#logs-text")
+    await logs.get_by_text(f"attempt 1 of {created.name} starts").wait_for(timeout=120_000)
+    assert await logs.get_attribute("tabindex") == "0" and await logs.get_attribute("aria-label")
+    assert (await page.locator("#logs-status").inner_text()).startswith("Attempt 1 of 1 (local), job ")
+    assert await page.locator("#logs-attempt-field").is_hidden()  # one attempt: nothing to choose
+    await logs.focus()
+    await h.check_screen(page, "job-logs")
+    await page.wait_for_selector("body[data-stream-ended='1']", timeout=240_000)
+    await page.locator("#logs-status", has_text="job succeeded").wait_for(timeout=30_000)
+    final = await trainer.stub.ReadTrainingJobLogs(tsvc.ReadTrainingJobLogsRequest(name=created.name, tail_lines=1))
+    await logs.get_by_text(final.lines[0], exact=True).last.wait_for(timeout=10_000)  # read to the end
+    assert await logs.locator("*").count() == await logs.locator("div").count()  # lines are text, never markup
+
+
+async def test_a_viewer_is_told_the_logs_need_an_operator(page, tmp_path, registry, data_root, tiny_model, h):
+    """With auth on, a viewer sees the job page; the log section says the trainer's PERMISSION_DENIED."""
+    from neuroweaver_console.app import Console
+    from neuroweaver_console.config import ConsoleConfig
+    from neuroweaver_runtime.client import open_channel
+    from neuroweaver_trainer.app import TrainerConfig, build
+
+    service = build(
+        TrainerConfig(
+            port=0,
+            metrics_port=-1,
+            data_dir=str(tmp_path / "trainer"),
+            dataset_roots=str(data_root),
+            run_jobs=False,
+            registry_target=registry.target,
+            model_roots=str(tiny_model.rsplit("/", 1)[0]),
+            shutdown_grace_seconds=1,
+            auth_tokens="viewer-token=default:viewer,operator-token=default:operator",
+            page_token_secret="s3cret",
+        )  # fmt: skip
+    )
+    service.port = 0
+    port = await service.start()
+    channel = open_channel(f"127.0.0.1:{port}", token="operator-token")
+    created = await tgrpc.TrainerServiceStub(channel).CreateTrainingJob(
+        job(data_root, tiny_model, steps=2, eval_every=2, name="secret")
+    )
+    await channel.close()
+    viewer_console = Console(
+        ConsoleConfig(port=0, metrics_port=-1, registry_target=registry.target, trainer_target=f"127.0.0.1:{port}",
+                      token="viewer-token")
+    )  # fmt: skip
+    await viewer_console.start()
+    try:
+        await page.goto(f"http://127.0.0.1:{viewer_console.port}/jobs/{created.name.rsplit('/', 1)[-1]}")
+        status = page.locator("#logs-status", has_text="Your role cannot read this job's logs (it takes an operator)")
+        await status.wait_for(timeout=30_000)
+        assert await page.locator("#logs-text").inner_text() == ""
+        assert await page.locator("#job-state").inner_text() == "queued"  # the rest of the page works
+    finally:
+        await page.goto("about:blank")  # the page's event stream ends before its console does
+        await viewer_console.stop()
+        await service.stop()

@@ -1,7 +1,8 @@
 """Training screens: the jobs list; the new-job form (CreateTrainingJob, its refusals shown next to the fields, the
 same request as an `nw` command and a grpcurl call, a dataset preview); a job's page with its live events
-(server-sent events from WatchTrainingJob: curves, stage timeline, filterable events), its dataset's first rows
-(PreviewDataset) and its actions (cancel, pause, resume, checkpoint)."""
+(server-sent events from WatchTrainingJob: curves, stage timeline, filterable events), its worker's log
+(ReadTrainingJobLogs, polled while the job runs), its dataset's first rows (PreviewDataset) and its actions (cancel,
+pause, resume, checkpoint)."""
 
 from __future__ import annotations
 
@@ -163,6 +164,44 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# --- worker logs ----------------------------------------------------------------------------------------------------
+
+LOG_TAIL = 500  # lines a page shows first
+
+
+async def job_logs(request: web.Request) -> web.Response:
+    """The job page's log section (polled by job.js every 2 s while the job runs): `?attempt=N` (0 = the latest) and
+    `offset` (the `next_offset` of the previous answer; none: the tail). JSON, so that the page inserts the lines as
+    text. A refusal (a viewer, no log yet, another replica's disk) is an `error` object with the trainer's words, said in
+    the section: the page around it works on."""
+    gw = await _gateway(request)
+    try:
+        attempt = int(request.query.get("attempt", "0"))
+        offset = int(request.query["offset"]) if "offset" in request.query else None
+    except ValueError:
+        raise web.HTTPBadRequest(text="attempt and offset are integers") from None
+    try:
+        resp = await gw.trainer.ReadTrainingJobLogs(
+            tsvc.ReadTrainingJobLogsRequest(
+                name=_job_name(request), attempt=attempt, offset=offset, tail_lines=LOG_TAIL if offset is None else 0
+            )
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        info = error_info(exc)
+        body = {"code": exc.code().name, "reason": info.reason if info else "", "message": exc.details() or ""}
+        return web.json_response({"error": body})  # said in the section, as the dataset preview does
+    return web.json_response(
+        {
+            "lines": list(resp.lines), "attempt": resp.attempt, "attempts": resp.attempts,
+            "executor": tpb.Executor.Name(resp.executor).removeprefix("EXECUTOR_").lower(), "truncated": resp.truncated,
+            "next_offset": str(resp.next_offset),  # a pod log's offset is in nanoseconds: past JavaScript's exact integers
+            "state": _enum(tpb.TrainingJob.State.Name(resp.state)), "terminal": resp.state in TERMINAL,
+        }
+    )  # fmt: skip
+
+
 # --- dataset preview ------------------------------------------------------------------------------------------------
 
 PREVIEW_ROWS = 5
@@ -309,4 +348,5 @@ def routes(app: web.Application) -> None:
     app.router.add_get("/jobs/{job}", job)
     app.router.add_get("/jobs/{job}/dataset", job_dataset)
     app.router.add_get("/jobs/{job}/events", job_events)
+    app.router.add_get("/jobs/{job}/logs", job_logs)
     app.router.add_post("/jobs/{job}/{action}", job_action)

@@ -1,7 +1,9 @@
 // Job page: the loss/eval curves, the stage timeline and the events list (filterable by stage and type), fed by
 // server-sent events from the trainer's WatchTrainingJob (the console forwards the gRPC stream; the browser never
 // polls). One line per (stage, series) so an RLAIF job's SFT and policy losses are separate lines, never joined.
-// The dataset section is fetched once (PreviewDataset reads the file: not on the page's critical path).
+// The dataset section is fetched once (PreviewDataset reads the file: not on the page's critical path). The worker's
+// log is read from the console every 2 s while the job runs (ReadTrainingJobLogs from the last offset; a log is not an
+// event stream) and its lines are inserted as text: they are the worker's output, never markup.
 (function () {
   "use strict";
   const script = document.currentScript;
@@ -207,6 +209,108 @@
     const detail = JSON.parse(msg.data);
     text("live-status", "Live updates stopped: " + detail.code + " " + detail.message);
   });
+
+  // --- worker log -------------------------------------------------------------------------------------------------
+  const logBox = document.getElementById("logs-text");
+  const logStatus = document.getElementById("logs-status");
+  const attemptField = document.getElementById("logs-attempt-field");
+  const attemptSelect = document.getElementById("logs-attempt");
+  const MAX_LOG_LINES = 5000;  // the oldest go first
+  let logChoice = 0;  // the attempt asked for; 0 follows the latest
+  let logAttempt = 0;  // the attempt whose lines are in the box
+  let offset = null;  // where the next read starts (a string: pod-log offsets are nanoseconds)
+  let logEnded = false;  // the attempt is over and read to its end, read once more after that
+  let logTimer = null;
+  let generation = 0;  // a newer choice of attempt discards the answers to older reads
+
+  function logLine(text, className) {
+    const div = document.createElement("div");
+    div.textContent = text;
+    if (className) div.className = className;
+    logBox.appendChild(div);
+  }
+
+  function addLogLines(lines) {
+    const atEnd = logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 8;
+    for (const line of lines) logLine(line);
+    while (logBox.childElementCount > MAX_LOG_LINES) logBox.firstElementChild.remove();
+    if (atEnd) logBox.scrollTop = logBox.scrollHeight;
+  }
+
+  function attemptOptions(count) {
+    if (attemptSelect.options.length === count + 1) return;
+    attemptSelect.textContent = "";
+    attemptSelect.add(new Option("latest", "0"));
+    for (let i = count; i >= 1; i--) attemptSelect.add(new Option(String(i), String(i)));
+    attemptSelect.value = String(logChoice);
+    attemptField.hidden = count < 2;
+  }
+
+  function nextRead(ms) {
+    clearTimeout(logTimer);
+    logTimer = setTimeout(readLog, ms);
+  }
+
+  function onLog(data, wasTail) {
+    if (!logAttempt) logAttempt = data.attempt;
+    addLogLines(data.lines);
+    offset = data.next_offset;
+    attemptOptions(data.attempts);
+    const over = data.terminal || data.attempt < data.attempts;
+    logStatus.textContent = "Attempt " + data.attempt + " of " + data.attempts + " (" + data.executor + "), job " + data.state +
+      (wasTail && data.truncated ? "; earlier lines not shown" : "") + (over ? "" : "; following");
+    if (data.truncated && !wasTail) return nextRead(0);  // more is there already
+    if (!logChoice && data.attempts > logAttempt) {  // the job started another attempt: its log from the start
+      logAttempt += 1;
+      offset = "0";
+      logLine("— attempt " + logAttempt + " —", "log-attempt");
+      return nextRead(0);
+    }
+    if (over) {
+      if (logEnded) return;
+      logEnded = true;  // the worker may print its last lines as it exits
+    }
+    nextRead(2000);
+  }
+
+  function readLog() {
+    const mine = generation;
+    const query = new URLSearchParams({ attempt: String(logChoice || logAttempt) });
+    if (offset !== null) query.set("offset", offset);
+    const wasTail = offset === null;
+    fetch(logBox.dataset.src + "?" + query, { credentials: "same-origin" })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        return resp.json();
+      })
+      .then(function (data) {
+        if (mine !== generation) return;
+        if (!data.error) return onLog(data, wasTail);
+        const e = data.error;
+        if (e.code === "PERMISSION_DENIED") {
+          logStatus.textContent = "Your role cannot read this job's logs (it takes an operator): " + e.message;
+          return;
+        }
+        logStatus.textContent = (e.reason === "LOGS_NOT_FOUND" ? "No log yet: " : e.code + ": ") + e.message;
+        if (!ended) nextRead(2000);  // the worker may start, another replica may answer
+      })
+      .catch(function (err) {
+        if (mine !== generation) return;
+        logStatus.textContent = "The log could not be read: " + err.message;
+        if (!ended) nextRead(2000);
+      });
+  }
+
+  attemptSelect.addEventListener("change", function () {
+    generation += 1;
+    logChoice = Number(attemptSelect.value);
+    logAttempt = logChoice;
+    offset = null;
+    logEnded = false;
+    logBox.textContent = "";
+    nextRead(0);
+  });
+  readLog();
 
   const dataset = document.getElementById("dataset-preview");
   if (dataset) {
