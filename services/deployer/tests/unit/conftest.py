@@ -233,7 +233,9 @@ class FakeBackend:
     async def apply(self, target: Target) -> None:
         self.applied.append(target)
         assert self.controller is not None
-        ready = BackendStatus(desired=target.replicas, ready=target.replicas, endpoint=f"local:{target.deployment}")
+        ready = BackendStatus(
+            desired=target.replicas, ready=target.replicas, observed=target.rollout_key(), endpoint=f"local:{target.deployment}"
+        )
         await self.controller.on_status(target.deployment, ready)
 
     async def remove(self, name: str, target: Target | None = None) -> None:

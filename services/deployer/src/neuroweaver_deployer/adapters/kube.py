@@ -147,6 +147,7 @@ class KubeBackend:
         self.poll_seconds = poll_seconds
         self._specs: dict[str, ModelServerSpec] = {}
         self._fingerprints: dict[str, str] = {}
+        self._rollout_keys: dict[str, str] = {}  # of the target last applied: what `_specs` renders
         self._pollers: dict[str, asyncio.Task] = {}
 
     def spec(self, target: Target) -> ModelServerSpec:
@@ -169,12 +170,15 @@ class KubeBackend:
             await self.client.apply(model_server_manifests(spec))
         self._specs[target.deployment] = spec
         self._fingerprints[target.deployment] = target.fingerprint()
+        self._rollout_keys[target.deployment] = target.rollout_key()
         if target.deployment not in self._pollers:
             self._pollers[target.deployment] = asyncio.create_task(self._poll(target.deployment))
 
     async def _poll(self, name: str) -> None:
         while True:
-            spec = self._specs[name]
+            # Read together, before the object: a status read after an apply is about that apply's target, and one
+            # read before says so (the controller then does not take it for a newer spec's).
+            spec, key = self._specs[name], self._rollout_keys[name]
             try:
                 obj = await self.client.get("apps/v1", "Deployment", spec.namespace, spec.object_name)
                 st = DeploymentStatus.parse(obj)
@@ -186,6 +190,7 @@ class KubeBackend:
                     BackendStatus(
                         desired=st.desired_replicas,
                         ready=st.ready_replicas,
+                        observed=key if current else "",  # else the pods are of an earlier template
                         rolling_out=not current or (not st.rolled_out and not st.progress_deadline_exceeded),
                         failed=st.progress_deadline_exceeded,
                         message="progress deadline exceeded" if st.progress_deadline_exceeded else "",
@@ -210,6 +215,7 @@ class KubeBackend:
                 await task
         spec = self._specs.pop(name, None) or (self._names_of(target) if target is not None else None)
         self._fingerprints.pop(name, None)
+        self._rollout_keys.pop(name, None)
         if spec is not None:
             await self.client.delete(model_server_manifests(spec))
 
@@ -221,6 +227,7 @@ class KubeBackend:
                 await task
         self._specs.pop(name, None)
         self._fingerprints.pop(name, None)
+        self._rollout_keys.pop(name, None)
 
     async def close(self) -> None:
         for task in self._pollers.values():

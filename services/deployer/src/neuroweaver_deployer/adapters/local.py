@@ -292,6 +292,7 @@ class LocalDeployment:
         status = BackendStatus(
             desired=desired,
             ready=ready,
+            observed=self.target.rollout_key() if self.target else "",  # `replicas` run `target` (see _roll)
             rolling_out=self.rolling_out,
             failed=bool(self.failed_message),
             restarting=restarting,
@@ -320,10 +321,9 @@ class LocalDeployment:
             self._forget_stopped()
         new = [self._new_replica(target) for _ in range(target.replicas - len(self.replicas))]
         self.replicas += new
+        self.rolling_out = bool(new)  # a scale-up is a rollout until its replicas are ready (not DEGRADED meanwhile)
         await self.changed()
         if new:
-            self.rolling_out = True
-            await self.report()
             await asyncio.gather(*(r.settled.wait() for r in new))
             self.rolling_out = False
             await self.changed()

@@ -6,7 +6,7 @@ import enum
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from neuroweaver_runtime.errors import FailedPrecondition, InvalidArgument, Violations
@@ -241,6 +241,11 @@ class Target:
             raw += f"|+{other.model_version}|{other.served_model_name}|{','.join(other.model_names)}"
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
+    def rollout_key(self) -> str:
+        """What must run for this target to be rolled out: replicas of its fingerprint, as many as it asks for.
+        Labels, the display name and autoscaling bounds change nothing that serves, so they are not part of it."""
+        return f"{self.fingerprint()}x{self.replicas}"
+
     @property
     def co_served(self) -> list[ServedVersion]:
         """The additional versions its replicas serve beside `version` (same base, one adapter each)."""
@@ -253,6 +258,9 @@ class BackendStatus:
 
     desired: int
     ready: int
+    # Target.rollout_key() of the target the backend counted replicas of (the one it runs, or rolls out first);
+    # "" when it runs none. A stored spec it does not match is not rolled out yet (derive_state).
+    observed: str = ""
     rolling_out: bool = False
     failed: bool = False
     restarting: int = 0
@@ -313,10 +321,16 @@ def served_model_name(v: ResolvedVersion) -> str:
     return f"{v.model_id}-{version}-{v.artifact_sha256[:8]}"
 
 
-def derive_state(status: BackendStatus, deleting: bool = False) -> tuple[State, list[Condition]]:
-    """The deployment state and its Kubernetes-style conditions from what the backend observes."""
+def derive_state(status: BackendStatus, deleting: bool = False, target: Target | None = None) -> tuple[State, list[Condition]]:
+    """The deployment state and its Kubernetes-style conditions from what the backend observes. `target`: the stored
+    spec. A status whose replicas belong to another target (the spec changed mid-rollout, or before the backend
+    applied it: its report was computed for the previous one) says nothing about the stored spec, whose rollout is
+    then still to come: PROGRESSING, or FAILED/DEGRADED when the status reports a failure, never AVAILABLE."""
     if deleting:
         return State.DELETING, [Condition("Available", "False", "Deleting", "the deployment is being removed")]
+    if target is not None and status.observed != target.rollout_key() and not status.failed:
+        waiting = f"rolling out {target.replicas} replica(s) of {target.version.name}"
+        status = replace(status, rolling_out=True, message=status.message or waiting)
     enough = status.ready >= status.desired
     available = Condition(
         "Available",

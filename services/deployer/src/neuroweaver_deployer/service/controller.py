@@ -8,6 +8,11 @@ PostgreSQL NOTIFY (app.py) or, at the latest, from its next lease renewal, which
 and deletion mark. Backends report status through `on_status`, which derives the state and conditions (domain rule)
 and stores them when they changed, fenced by the lease, and wakes watchers.
 
+Status is about the stored spec: a backend says which target its replicas run (`BackendStatus.observed`), and a
+report for another one (computed before a change stored mid-rollout, or before the backend applied it) cannot make
+the stored revision AVAILABLE (`derive_state`). An apply that failed is remembered until the next apply, so such
+reports keep saying the stored spec's rollout failed instead of hiding it.
+
 Fencing: status writes and the final row delete carry `(owner, epoch)`; an apply on a backend with shared state
 (`fenced_apply`: Kubernetes) runs inside the transaction that locked the row under that fence and saw it is not
 DELETING, so a takeover (which must update the row) and a delete mark (which locks it) wait for the apply to end, and
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -76,6 +82,7 @@ class Controller:
         self._dirty: dict[str, asyncio.Event] = {}
         self._seen: dict[str, tuple[int, bool]] = {}  # name → (generation, deleting) the worker last acted on
         self._applying: set[str] = set()  # names whose worker is inside an interruptible apply
+        self._apply_failed: dict[str, tuple[str, str]] = {}  # name → (rollout key of the target, why its apply failed)
         self._background: set[asyncio.Task] = set()
 
     # -- ownership ---------------------------------------------------------------------------------
@@ -125,6 +132,7 @@ class Controller:
         """The lease is gone (taken over, or the deployment deleted elsewhere): stop converging and polling it here."""
         await self._stop_worker(name)
         self._seen.pop(name, None)
+        self._apply_failed.pop(name, None)
         for backend in self.backends.values():
             try:
                 await backend.release(name)
@@ -191,7 +199,9 @@ class Controller:
             if self._seen.get(name) == seen or d.target is None:
                 continue  # nothing new since the last apply (a status write or a stray NOTIFY woke it)
             self._seen[name] = seen
+            self._apply_failed.pop(name, None)
             backend = self.backends[d.backend]
+            target = target_of(d, d.target)
             try:
                 if getattr(backend, "fenced_apply", False):
                     async with self.uow.transaction() as uow:
@@ -202,17 +212,20 @@ class Controller:
                         if locked.state is State.DELETING or locked.target is None:
                             event.set()  # go round again: tear down
                             continue
-                        await backend.apply(target_of(locked, locked.target))
+                        target = target_of(locked, locked.target)
+                        await backend.apply(target)
                 else:
                     self._applying.add(name)
                     try:
-                        await backend.apply(target_of(d, d.target))
+                        await backend.apply(target)
                     finally:
                         self._applying.discard(name)
             except Exception as exc:  # noqa: BLE001 - a failed apply becomes a FAILED/DEGRADED status, not a crash
                 log.exception("applying %s failed", name)
+                message = str(exc)[:500]
+                self._apply_failed[name] = (target.rollout_key(), message)
                 await self.on_status(
-                    name, BackendStatus(desired=d.replicas, ready=d.ready_replicas, failed=True, message=str(exc)[:500])
+                    name, BackendStatus(desired=d.replicas, ready=d.ready_replicas, failed=True, message=message)
                 )
 
     async def _tear_down(self, d: Deployment) -> None:
@@ -230,6 +243,7 @@ class Controller:
             pass  # the new owner tears down (idempotently) and deletes it
         self.leases.held.pop(d.name, None)
         self._seen.pop(d.name, None)
+        self._apply_failed.pop(d.name, None)
         self._workers.pop(d.name, None)
         self._dirty.pop(d.name, None)
         self.notifier.wake(d.name)
@@ -246,7 +260,11 @@ class Controller:
                     raise LeaseLost(name)
                 if d.state is State.DELETING:
                     return  # being torn down: DELETING stays until the row goes
-                state, conditions = derive_state(status)
+                target = target_of(d, d.target) if d.target is not None else None
+                failed = self._apply_failed.get(name)
+                if target is not None and failed is not None and failed[0] == target.rollout_key() != status.observed:
+                    status = dataclasses.replace(status, failed=True, message=failed[1])  # what still runs is older
+                state, conditions = derive_state(status, target=target)
                 conditions = merge_conditions(d.conditions, conditions, utcnow())
                 values = {
                     "state": state,

@@ -1,5 +1,6 @@
 """Deployer use cases: each public method validates, writes one transaction (deployment + revision), then
-asks the controller to converge. Status is written by the controller, never here."""
+asks the controller to converge. Status is written by the controller, never here, except that a change which needs
+other replicas is stored PROGRESSING (`_rolls_out`): the status before it was about the previous spec."""
 
 from __future__ import annotations
 
@@ -233,13 +234,14 @@ class DeployerService:
                     served_version=version.name,
                     target=version,
                     served_model_name=served_model_name(version),
-                    state=State.PROGRESSING,  # until the backend reports the new version rolled out
                 )
                 await uow.deployments.add_revision(
                     stored.key, Revision(d.name, revision, version.name, cause, current_actor(), now)
                 )
             elif version is not None and stored.target is not None and version.co_served != stored.target.co_served:
                 values["target"] = version  # other additional versions beside the same one: no new revision
+            if _rolls_out(stored, dataclasses.replace(stored, **values)):
+                values["state"] = State.PROGRESSING
             await uow.deployments.update(stored.key, update_time=now, **values)
             result = self._found(d.name, await uow.deployments.get(d.name))
         self._changed(d.name)
@@ -253,7 +255,8 @@ class DeployerService:
             if stored.state is State.DELETING:
                 raise FailedPrecondition(f"{name} is being deleted", reason="DEPLOYMENT_DELETING")
             if stored.replicas != replicas:
-                await uow.deployments.update(stored.key, replicas=replicas, update_time=utcnow())
+                # another count always rolls out (_rolls_out): PROGRESSING until the backend reports it done
+                await uow.deployments.update(stored.key, replicas=replicas, state=State.PROGRESSING, update_time=utcnow())
             result = self._found(name, await uow.deployments.get(name))
         self._changed(name)
         self.controller.kick(name)
@@ -364,6 +367,16 @@ class DeployerService:
             return self.render_manifests(target_of(d, version))
         except ValueError as exc:
             raise InvalidArgument(f"cannot render manifests: {exc}", field="deployment", reason="INVALID_MANIFEST_SPEC") from exc
+
+
+def _rolls_out(stored: Deployment, changed: Deployment) -> bool:
+    """Whether `changed` needs replicas the backend does not run yet (another version, serving settings or count).
+    It is PROGRESSING from the moment it is stored: whatever the deployment was (AVAILABLE included) described the
+    replicas of the spec before, and only the backend's report of the new spec's rollout may say otherwise
+    (derive_state refuses reports about the previous spec)."""
+    if stored.target is None or changed.target is None:
+        return False
+    return target_of(stored, stored.target).rollout_key() != target_of(changed, changed.target).rollout_key()
 
 
 def _field_value(d: Deployment, field: str) -> str | None:
