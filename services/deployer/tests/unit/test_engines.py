@@ -85,11 +85,13 @@ async def test_the_engine_must_fit_the_version(fakes):
     assert updated.serving.engine == "transformers"
     assert updated.target is not None
 
+    def applies_of_auto() -> list:  # the other deployments' applies may still come in between
+        return [t for t in fakes.backend.applied if t.deployment == auto.name]
+
     async with asyncio.timeout(60):
-        while len(fakes.backend.applied) == applied:  # the controller converges in a task of its own
+        while not any(t.deployment == auto.name for t in fakes.backend.applied[applied:]):  # converged in a task
             await asyncio.sleep(0.01)
-    new = fakes.backend.applied[-1]
-    before = next(t for t in fakes.backend.applied if t.deployment == auto.name)
+    before, *_, new = applies_of_auto()
     assert new.deployment == auto.name and new.serving.engine == "transformers" and before.serving.engine == ""
     assert new.fingerprint() != before.fingerprint()  # another engine: the replicas are replaced
 
