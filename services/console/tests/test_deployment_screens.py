@@ -292,25 +292,26 @@ async def test_sse_closes_its_upstream_when_the_browser_leaves(monkeypatch):
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
-    from neuroweaver_console import deployments
+    from neuroweaver_console import web as common
+    from neuroweaver_console.web import Event
 
-    monkeypatch.setattr(deployments, "KEEPALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(common, "KEEPALIVE_SECONDS", 0.1)
     closed = asyncio.Event()
 
     async def quiet():
         try:
-            yield "deployment", {"state": "available"}
+            yield Event("deployment", {"state": "available"})
             await asyncio.Event().wait()  # nothing more until the deployment changes
         finally:
             closed.set()
 
     async def failing():
-        yield "deployment", {"state": "available"}
+        yield Event("deployment", {"state": "available"}, 7)
         raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
 
     app = web.Application()
-    app.router.add_get("/quiet", lambda request: deployments.sse(request, quiet()))
-    app.router.add_get("/failing", lambda request: deployments.sse(request, failing()))
+    app.router.add_get("/quiet", lambda request: common.sse(request, "test", quiet()))
+    app.router.add_get("/failing", lambda request: common.sse(request, "test", failing()))
     async with TestServer(app) as server, aiohttp.ClientSession() as http:
         async with http.get(server.make_url("/quiet")) as r:
             assert await r.content.readuntil(b"\n\n") == b'event: deployment\ndata: {"state":"available"}\n\n'
@@ -318,4 +319,5 @@ async def test_sse_closes_its_upstream_when_the_browser_leaves(monkeypatch):
         await asyncio.wait_for(closed.wait(), 5)  # the connection closed above
         async with http.get(server.make_url("/failing")) as r:
             body = await r.text()
+        assert body.startswith("id: 7\nevent: deployment\n"), body  # an id: the browser's Last-Event-ID
         assert body.endswith('event: failure\ndata: {"code":"NOT_FOUND","reason":"","message":"gone"}\n\n'), body

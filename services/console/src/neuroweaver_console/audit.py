@@ -7,13 +7,11 @@ history did not have."""
 
 from __future__ import annotations
 
-import asyncio
-import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import grpc
 from aiohttp import web
 
 from neuroweaver.registry.v1 import registry_pb2 as rpb
@@ -21,11 +19,9 @@ from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 
 from .gateway import Gateway
 from .lineage import judge_label
-from .web import SECURITY_HEADERS, _gateway, _render, _ts, project_key
+from .web import Event, _gateway, _render, _ts, project_key, sse
 
 HISTORY = 200  # rows the page opens with
-HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet stream, so that proxies keep it open
-TICK_SECONDS = 1.0  # how often a quiet stream checks that the browser is still there
 EVENT_TYPES = {name.removeprefix("TYPE_").lower(): value for name, value in rpb.ModelEvent.Type.items() if value}
 
 
@@ -109,10 +105,6 @@ async def _filter(request: web.Request, gw: Gateway) -> tuple[Filter, str]:
     return f, model
 
 
-def _failure(code: str, message: str) -> bytes:
-    return f"event: failure\ndata: {json.dumps({'code': code, 'message': message})}\n\n".encode()
-
-
 async def audit(request: web.Request) -> web.Response:
     gw = await _gateway(request)
     try:
@@ -141,38 +133,6 @@ async def audit(request: web.Request) -> web.Response:
     )
 
 
-async def _forward(request: web.Request, response: web.StreamResponse, call: Any, project: str) -> None:
-    """WatchModelEvents messages as `audit` events, until the browser leaves (checked every TICK_SECONDS, so a closed
-    tab does not hold a registry stream until the next event) or the registry ends the call (`failure`). A comment line
-    every HEARTBEAT_SECONDS keeps proxies from closing a quiet stream."""
-    loop = asyncio.get_running_loop()
-    read: asyncio.Future[Any] | None = None
-    written = loop.time()
-    try:
-        while True:
-            read = read or asyncio.ensure_future(call.read())
-            done, _ = await asyncio.wait({read}, timeout=TICK_SECONDS)
-            if not done:
-                if request.transport is None or request.transport.is_closing():
-                    return
-                if loop.time() - written >= HEARTBEAT_SECONDS:
-                    await response.write(b": heartbeat\n\n")
-                    written = loop.time()
-                continue
-            message, read = read.result(), None
-            if message is grpc.aio.EOF:
-                await response.write(_failure("UNAVAILABLE", "the registry ended the stream"))
-                return
-            data = json.dumps(event_row(message.event, project), separators=(",", ":"))
-            await response.write(f"id: {message.event.sequence}\nevent: audit\ndata: {data}\n\n".encode())
-            written = loop.time()
-    except grpc.aio.AioRpcError as exc:
-        await response.write(_failure(exc.code().name, exc.details() or ""))
-    finally:
-        if read is not None:
-            read.cancel()
-
-
 async def audit_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events from WatchModelEvents after `Last-Event-ID` (the browser's reconnect) or `after`, filtered
     like the page. The registry's stream never ends by itself; this one ends when the browser leaves."""
@@ -186,15 +146,16 @@ async def audit_events(request: web.Request) -> web.StreamResponse:
     call = gw.registry.WatchModelEvents(
         rsvc.WatchModelEventsRequest(parent=f"projects/{project}", model=model, after_sequence=after, filter=f.text())
     )
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **SECURITY_HEADERS})
-    try:
-        await response.prepare(request)
-        await _forward(request, response, call, project)
-    except ConnectionResetError:
-        pass  # the browser left between two checks
-    finally:
-        call.cancel()  # now, not at garbage collection: ends the WatchModelEvents call on the registry
-    return response
+
+    async def events() -> AsyncGenerator[Event, None]:
+        try:
+            async for message in call:
+                yield Event("audit", event_row(message.event, project), message.event.sequence)
+            yield Event("failure", {"code": "UNAVAILABLE", "reason": "", "message": "the registry ended the stream"})
+        finally:
+            call.cancel()  # now, not at garbage collection: ends the WatchModelEvents call on the registry
+
+    return await sse(request, "audit", events())
 
 
 def routes(app: web.Application) -> None:

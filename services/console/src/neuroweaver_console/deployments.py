@@ -1,13 +1,8 @@
 """Deployment screens: the deployments list and a deployment's page (state, replicas, revisions, live performance),
-its live state (server-sent events from WatchDeployment) and its actions (scale, roll back) behind a confirmation.
-
-`sse` is the one way the console's deployment and playground streams reach the browser."""
+its live state (server-sent events from WatchDeployment) and its actions (scale, roll back) behind a confirmation."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -17,61 +12,12 @@ from google.protobuf import duration_pb2
 
 from neuroweaver.deployer.v1 import deployer_service_pb2 as dsvc
 from neuroweaver.deployer.v1 import deployment_pb2 as dpb
-from neuroweaver_runtime.grpc_errors import error_info
 
 from .gateway import Gateway
-from .web import SECURITY_HEADERS, _enum, _gateway, _render, _ts, project_key
+from .web import SECURITY_HEADERS, Event, _enum, _gateway, _render, _ts, project_key, rpc_error, sse
 
-log = logging.getLogger("neuroweaver.console")
-# An SSE comment this often: a browser that left is noticed (the write fails) even while the upstream stream is quiet,
-# so its gRPC stream is cancelled instead of waiting for the deployment's next change.
-KEEPALIVE_SECONDS = 15.0
 METRICS_WINDOW_SECONDS = 60
 MAX_REPLICAS_FIELD = 1000  # the form's bound only; the deployer decides what it accepts
-
-Event = tuple[str, dict[str, Any]]
-
-
-def rpc_error(exc: grpc.aio.AioRpcError) -> dict[str, str]:
-    """A failed call as the browser shows it: the gRPC code, the ErrorInfo reason when there is one, the message."""
-    info = error_info(exc)
-    return {"code": exc.code().name, "reason": info.reason if info else "", "message": exc.details() or ""}
-
-
-async def sse(request: web.Request, source: AsyncGenerator[Event, None]) -> web.StreamResponse:
-    """Forwards `(event, data)` pairs as server-sent events. A gRPC error from the source ends the stream with a
-    `failure` event (the page shows it); the source is closed when it ends, fails or the browser leaves, which
-    cancels its upstream call at once."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **SECURITY_HEADERS})
-    await response.prepare(request)
-
-    async def send(event: str, data: dict[str, Any]) -> None:
-        await response.write(f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
-
-    async def pump() -> None:
-        try:
-            async for event, data in source:
-                await send(event, data)
-        except grpc.aio.AioRpcError as exc:
-            await send("failure", rpc_error(exc))
-
-    async def keepalive() -> None:
-        while True:
-            await asyncio.sleep(KEEPALIVE_SECONDS)
-            await response.write(b": keepalive\n\n")
-
-    tasks = [asyncio.create_task(pump()), asyncio.create_task(keepalive())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        await source.aclose()
-    for result in results:
-        if isinstance(result, Exception) and not isinstance(result, ConnectionResetError):  # reset: the browser left
-            log.error("event stream failed", exc_info=result)
-    return response
 
 
 def version_ref(name: str) -> dict[str, str]:
@@ -230,12 +176,12 @@ async def deployment_events(request: web.Request) -> web.StreamResponse:
         call = gw.deployer.WatchDeployment(dsvc.WatchDeploymentRequest(name=name))
         try:
             async for msg in call:
-                yield "deployment", deployment_summary(msg.deployment)
-            yield "end", {}
+                yield Event("deployment", deployment_summary(msg.deployment))
+            yield Event("end", {})
         finally:
             call.cancel()
 
-    return await sse(request, states())
+    return await sse(request, "deployment", states())
 
 
 async def deployment_metrics(request: web.Request) -> web.Response:

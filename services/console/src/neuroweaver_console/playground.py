@@ -22,8 +22,8 @@ from neuroweaver.inference.v1 import inference_service_pb2 as isvc
 from neuroweaver.inference.v1 import inference_service_pb2_grpc as igrpc
 from neuroweaver_runtime.client import ServiceClient
 
-from .deployments import Event, deployment_summary, list_deployments, rpc_error, sse, version_ref
-from .web import _HTTP_STATUS, SECURITY_HEADERS, _gateway, _render, project_key
+from .deployments import deployment_summary, list_deployments, version_ref
+from .web import _HTTP_STATUS, SECURITY_HEADERS, Event, _gateway, _render, project_key, rpc_error, sse
 
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 64
@@ -143,13 +143,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
             try:
                 async for chunk in call:
                     if chunk.delta:
-                        yield "token", {"text": chunk.delta}
+                        yield Event("token", {"text": chunk.delta})
                     if chunk.finish_reason:
-                        yield "done", done_json(chunk)
+                        yield Event("done", done_json(chunk))
             finally:
                 call.cancel()  # the browser left or stopped: the model server stops generating
 
-    return await sse(request, tokens())
+    return await sse(request, "playground", tokens())
 
 
 def routes(app: web.Application) -> None:

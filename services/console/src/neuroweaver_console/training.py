@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import AsyncGenerator
 from datetime import UTC
 from typing import Any
 
@@ -24,9 +25,8 @@ from . import job_form
 from .gateway import Gateway
 from .web import (
     _HTTP_STATUS,
-    SECURITY_HEADERS,
-    SSE_EVENTS,
     TOKEN_COOKIE,
+    Event,
     _duration,
     _enum,
     _gateway,
@@ -34,6 +34,7 @@ from .web import (
     _ts,
     default_token_key,
     project_key,
+    sse,
     templates_key,
 )
 
@@ -145,23 +146,17 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     except ValueError:
         after = 0
     await gw.get_job(name)  # NOT_FOUND / PERMISSION_DENIED as an HTTP error before the stream starts
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **SECURITY_HEADERS})
-    await response.prepare(request)
-    events = gw.watch_job(name, after)
-    try:
-        async for event in events:
-            data = json.dumps(event_json(event), separators=(",", ":"))
-            await response.write(f"id: {event.sequence}\nevent: job\ndata: {data}\n\n".encode())
-            SSE_EVENTS.inc()
-        await response.write(b"event: end\ndata: {}\n\n")
-    except grpc.aio.AioRpcError as exc:
-        detail = json.dumps({"code": exc.code().name, "message": exc.details() or ""})
-        await response.write(f"event: failure\ndata: {detail}\n\n".encode())
-    except ConnectionResetError:
-        pass  # the browser left
-    finally:
-        await events.aclose()  # now, not at garbage collection: cancels the WatchTrainingJob call on the trainer
-    return response
+
+    async def events() -> AsyncGenerator[Event, None]:
+        watch = gw.watch_job(name, after)
+        try:
+            async for event in watch:
+                yield Event("job", event_json(event), event.sequence)
+            yield Event("end", {})
+        finally:
+            await watch.aclose()  # now, not at garbage collection: cancels the WatchTrainingJob call on the trainer
+
+    return await sse(request, "training-job", events())
 
 
 # --- worker logs ----------------------------------------------------------------------------------------------------

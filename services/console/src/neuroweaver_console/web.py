@@ -4,13 +4,16 @@ only translate between HTTP and one or two gRPC calls; live views are server-sen
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
 import grpc
@@ -29,7 +32,9 @@ TOKEN_COOKIE = "nw_token"
 # The console's own request metrics (the services export grpc_server_*; these are what the browser sees).
 REQUESTS = Counter("console_http_requests_total", "HTTP requests served by the console", ["route", "code"])
 LATENCY = Histogram("console_http_request_seconds", "HTTP request latency (SSE streams: until the stream ends)", ["route"])
-SSE_EVENTS = Counter("console_sse_events_total", "training-job events forwarded to browsers")
+SSE_EVENTS = Counter("console_sse_events_total", "events forwarded to browsers as server-sent events", ["stream"])
+# An SSE comment this often on a quiet stream: proxies keep it open, and a browser that left is noticed by the write.
+KEEPALIVE_SECONDS = 15.0
 
 # gRPC status -> HTTP status of the page that shows the error.
 _HTTP_STATUS = {
@@ -97,6 +102,60 @@ def templates() -> jinja2.Environment:
     )
     env.filters.update(ts=_ts, enum=_enum, num=_num, duration=_duration, urlq=lambda s: quote(str(s), safe=""))
     return env
+
+
+class Event(NamedTuple):
+    """One server-sent event: its name, its JSON data, and an id the browser sends back as Last-Event-ID when it
+    reconnects (for streams that can resume)."""
+
+    name: str
+    data: dict[str, Any]
+    id: int | None = None
+
+
+def rpc_error(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    """A failed call as the browser shows it: the gRPC code, the ErrorInfo reason when there is one, the message."""
+    info = error_info(exc)
+    return {"code": exc.code().name, "reason": info.reason if info else "", "message": exc.details() or ""}
+
+
+async def sse(request: web.Request, stream: str, source: AsyncGenerator[Event, None]) -> web.StreamResponse:
+    """The one way a gRPC stream reaches the browser: `source`'s events as server-sent events. A gRPC error from the
+    source ends the stream with a `failure` event (the page shows it); the source is closed when it ends, fails or the
+    browser leaves, which cancels its upstream call at once. `stream` labels the events in the console's metrics."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **SECURITY_HEADERS})
+    await response.prepare(request)
+    counter = SSE_EVENTS.labels(stream)
+
+    async def send(event: Event) -> None:
+        head = f"id: {event.id}\n" if event.id is not None else ""
+        await response.write(f"{head}event: {event.name}\ndata: {json.dumps(event.data, separators=(',', ':'))}\n\n".encode())
+        counter.inc()
+
+    async def pump() -> None:
+        try:
+            async for event in source:
+                await send(event)
+        except grpc.aio.AioRpcError as exc:
+            await send(Event("failure", rpc_error(exc)))
+
+    async def keepalive() -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_SECONDS)
+            await response.write(b": keepalive\n\n")
+
+    tasks = [asyncio.create_task(pump()), asyncio.create_task(keepalive())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await source.aclose()
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, ConnectionResetError):  # reset: the browser left
+            log.error("event stream failed", exc_info=result)
+    return response
 
 
 def _token(request: web.Request) -> str:
