@@ -369,8 +369,8 @@ def run_flow(cluster: Cluster, example: Path, databases: dict[str, str], postgre
     standin, runner = cluster.standin, cluster.runner
     package = render_package()
     replicas = {o["metadata"]["name"]: o["spec"]["replicas"] for o in package if o["kind"] == "Deployment"}
-    # the base itself runs registry and experiments replicated (no patch here)
-    assert set(replicas) == {f"neuroweaver-{svc}" for svc in SERVICES}
+    # the base itself runs registry and experiments replicated (no patch here); the web console comes along
+    assert set(replicas) == {f"neuroweaver-{svc}" for svc in (*SERVICES, "console")}
     assert replicas["neuroweaver-registry"] == replicas["neuroweaver-experiments"] == 2, replicas
     kube = KubeClient.from_config(host=standin.url, token="e2e-cluster-admin")
     try:
