@@ -19,19 +19,23 @@ COPY --from=wheels /wheels /wheels
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir /wheels/*.whl
 
-# Stage 3: the npm files the pages load: chart.js alone (its dist/chart.umd.min.js bundles its dependency), at the
-# version and integrity package-lock.json pins; not the repository's whole Node tooling.
+# Stage 3: the npm files the pages load: chart.js, cytoscape and cytoscape-dagre alone (their dist builds bundle what
+# they need), each at the version and integrity package-lock.json pins; not the repository's whole Node tooling.
 FROM ${NODE_IMAGE} AS assets
 WORKDIR /assets
 COPY package-lock.json /tmp/package-lock.json
 RUN set -eu; \
-    version="$(node -p "require('/tmp/package-lock.json').packages['node_modules/chart.js'].version")"; \
-    integrity="$(node -p "require('/tmp/package-lock.json').packages['node_modules/chart.js'].integrity")"; \
-    npm pack --json --silent "chart.js@${version}" > /tmp/pack.json; \
-    test "$(node -p "require('/tmp/pack.json')[0].integrity")" = "${integrity}"; \
-    mkdir -p node_modules/chart.js; \
-    tar -xzf "chart.js-${version}.tgz" --strip-components=1 --no-same-owner -C node_modules/chart.js; \
-    test -f node_modules/chart.js/dist/chart.umd.min.js
+    for package in chart.js cytoscape cytoscape-dagre; do \
+        version="$(node -p "require('/tmp/package-lock.json').packages['node_modules/${package}'].version")"; \
+        integrity="$(node -p "require('/tmp/package-lock.json').packages['node_modules/${package}'].integrity")"; \
+        npm pack --json --silent "${package}@${version}" > /tmp/pack.json; \
+        test "$(node -p "require('/tmp/pack.json')[0].integrity")" = "${integrity}"; \
+        mkdir -p "node_modules/${package}"; \
+        tar -xzf "${package}-${version}.tgz" --strip-components=1 --no-same-owner -C "node_modules/${package}"; \
+    done; \
+    test -f node_modules/chart.js/dist/chart.umd.min.js; \
+    test -f node_modules/cytoscape/dist/cytoscape.min.js; \
+    test -f node_modules/cytoscape-dagre/dist/cytoscape-dagre.min.js
 
 # Stage 4: runtime, non-root, no build tools.
 FROM ${PYTHON_IMAGE} AS runtime

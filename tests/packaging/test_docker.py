@@ -328,10 +328,10 @@ def _console_healthcheck() -> list[str]:
     return healthcheck(DOCKERFILES["console"])
 
 
-def test_console_image_serves_http_with_chart_js_from_the_lock():
+def test_console_image_serves_http_with_its_npm_files_from_the_lock():
     """The console's runtime stage: non-root, the venv only, its two ports (from its config's defaults), the npm files
-    of its pages from a stage that takes exactly the locked chart.js (NW_CONSOLE_ASSETS_DIR names where they land),
-    every NW_CONSOLE_* variable a real setting; the health check is a GET /healthz on the ops port (run for real in
+    of its pages from a stage that takes exactly the locked packages they come from (NW_CONSOLE_ASSETS_DIR names where
+    they land), every NW_CONSOLE_* variable a real setting; the health check is a GET /healthz on the ops port (run for real in
     test_console_health_check_against_a_real_console)."""
     from neuroweaver_console.app import ASSETS
 
@@ -356,10 +356,13 @@ def test_console_image_serves_http_with_chart_js_from_the_lock():
     lock = json.loads((ROOT / "package-lock.json").read_text())["packages"]
     (run,) = [r for w, r in all_stages["assets"] if w == "RUN"]
     packages = {rel.split("/dist/", 1)[0] for rel in ASSETS.values()}
-    assert packages == {"chart.js"}, "the assets stage unpacks chart.js alone: add the new package there"
+    loop = re.search(r"for package in ([^;]+); do", run)
+    assert loop and set(loop.group(1).split()) == packages, "the assets stage unpacks what the console serves: add it there"
+    assert "packages['node_modules/${package}'].version" in run and "packages['node_modules/${package}'].integrity" in run
     for package in packages:
         assert f"node_modules/{package}" in lock
-        assert f"packages['node_modules/{package}'].version" in run and f"packages['node_modules/{package}'].integrity" in run
+    for rel in ASSETS.values():
+        assert f"test -f node_modules/{rel}" in run
     assert "npm ci" not in run and "npm install" not in run, "only the files the console serves, not the Node tooling"
     cmd = _console_healthcheck()
     assert cmd[:2] == ["/opt/venv/bin/python", "-c"] and "/healthz" in cmd[2] and "NW_CONSOLE_METRICS_PORT" in cmd[2]
@@ -367,7 +370,7 @@ def test_console_image_serves_http_with_chart_js_from_the_lock():
 
 
 async def test_console_health_check_against_a_real_console():
-    """The image's HEALTHCHECK command against the console itself (chart.js from the repository's node_modules, laid
+    """The image's HEALTHCHECK command against the console itself (npm files from the repository's node_modules, laid
     out as the image's assets stage lays it out): 0 while it serves, 1 once it is gone; the ops port is followed
     through NW_CONSOLE_METRICS_PORT."""
     import asyncio

@@ -25,6 +25,8 @@ SCREENS = (training, registry, deployments, playground, experiments, audit)
 # npm packages the pages load (the repo root's package.json; `make install` runs npm ci).
 ASSETS = {
     "/assets/chart.umd.min.js": "chart.js/dist/chart.umd.min.js",
+    "/assets/cytoscape.min.js": "cytoscape/dist/cytoscape.min.js",
+    "/assets/cytoscape-dagre.min.js": "cytoscape-dagre/dist/cytoscape-dagre.min.js",
 }
 
 
@@ -37,7 +39,8 @@ def find_assets(assets_dir: str) -> dict[str, Path]:
         if all((root / rel).is_file() for rel in ASSETS.values()):
             return {url: root / rel for url, rel in ASSETS.items()}
     raise SystemExit(
-        "configuration error: chart.js not found (run `make install`, or point --assets-dir at a node_modules with it)"
+        "configuration error: chart.js, cytoscape or cytoscape-dagre not found (run `make install`, or point --assets-dir "
+        "at a node_modules with them)"
     )
 
 

@@ -35,7 +35,7 @@ class ConsoleConfig:
     )
     assets_dir: str = field(
         default="",
-        metadata={"help": "the npm node_modules holding chart.js (empty = found above the package or the cwd)"},
+        metadata={"help": "the node_modules with the npm files the pages load (empty = found above the package or the cwd)"},
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     rpc_deadline_seconds: float = field(default=10.0, metadata={"help": "deadline of each unary call to a service"})
