@@ -5,6 +5,7 @@ lineage graph and its text alternative, a version's page, and unknown models and
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -208,26 +209,39 @@ async def advisor_lineage(registry):
     return created
 
 
-def edge(page, kind: str, source: str, target: str):
-    return page.locator(f'#lineage-graph path.edge-{kind}[data-from="{source}"][data-to="{target}"]')
+async def drawn(page) -> dict:
+    """What static/lineage.js reports Cytoscape drew, once it has: nodes (id, kind, caption, focus, position in the
+    container) and edges (source, target, kind)."""
+    graph = page.locator("#lineage-graph[data-drawn]")
+    await graph.wait_for()
+    return json.loads(await graph.get_attribute("data-drawn"))
 
 
 async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h):
     v30, v31, v40 = (v.name for v in advisor_lineage)
     job1, job2 = "projects/default/trainingJobs/tj-lin-1", "projects/default/trainingJobs/tj-lin-2"
-    data_a = f"file:///d/a.jsonl@{'aa' * 32}"
+    data_a, data_b = f"file:///d/a.jsonl@{'aa' * 32}", f"file:///d/b.jsonl@{'bb' * 32}"
     judge = "projects/default/judges/helpful/versions/1"
+    warnings: list[str] = []  # Cytoscape warns about styles it cannot use and edges it cannot draw
+    page.on("console", lambda msg: warnings.append(msg.text) if msg.type == "warning" else None)
     await page.goto(f"{console.url}/models/advisor")
     graph = page.locator("#lineage-graph")
-    for name in (v30, v31, v40, job1, job2, data_a, judge, BASE):
-        assert await graph.locator(f'g.node[data-id="{name}"]').count() == 1, name  # inputs are shared nodes
-    for kind, source, target in (
+    shown = await drawn(page)
+    nodes = {n["id"]: n for n in shown["nodes"]}
+    assert sorted(nodes) == sorted({v30, v31, v40, job1, job2, data_a, data_b, judge, BASE})  # inputs are shared nodes
+    edges = {(e["kind"], e["source"], e["target"]) for e in shown["edges"]}
+    assert edges == {
         ("parent", v30, v31), ("parent", v30, v40), ("job", job1, v30), ("job", job2, v31),
         ("input", data_a, job1), ("input", data_a, v40), ("input", judge, job2), ("input", BASE, job1),
-    ):  # fmt: skip
-        assert await edge(page, kind, source, target).count() == 1, (kind, source, target)
-    assert await graph.locator(f'g.node[data-id="{v30}"] text.caption').text_content() == "version · stable"
-    assert await graph.get_attribute("aria-hidden") == "true"  # the table is the text alternative
+        ("input", BASE, job2), ("input", data_b, job2), ("input", BASE, v40),
+    }  # fmt: skip
+    assert (await graph.get_attribute("data-nodes"), await graph.get_attribute("data-edges")) == ("9", "11")
+    assert nodes[v30]["kind"] == "version" and nodes[v30]["caption"] == "version · stable"
+    assert not any(n["focus"] for n in nodes.values())
+    # Laid out in ranks left to right: every arrow points right (what went in, the jobs, each generation of versions).
+    assert all(nodes[source]["x"] < nodes[target]["x"] for _, source, target in edges)
+    # A picture for the mouse; the table is the text alternative.
+    assert await graph.get_attribute("role") == "img" and "table" in await graph.get_attribute("aria-label")
     # The text alternative: the same facts, full values, links.
     row = page.locator("#lineage-table tbody tr", has=page.locator("th", has_text="3.1.0"))
     cells = await row.locator("th, td").all_inner_texts()
@@ -236,8 +250,12 @@ async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h)
     assert await row.get_by_role("link", name="tj-lin-2").get_attribute("href") == "/jobs/tj-lin-2"
     await h.check_screen(page, "lineage")
 
-    # The version page: facts, metrics, artifacts, its lineage with itself highlighted, comparisons worth making.
-    await page.locator("#versions").get_by_role("link", name="3.1.0").click()
+    # The version page, opened from its node in the graph: facts, metrics, artifacts, its lineage with itself
+    # highlighted, comparisons worth making.
+    await graph.scroll_into_view_if_needed()
+    box = await graph.bounding_box()
+    assert box is not None
+    await page.mouse.click(box["x"] + nodes[v31]["x"], box["y"] + nodes[v31]["y"])
     await page.wait_for_url("**/models/advisor/versions/3.1.0")
     assert await page.locator("h1").inner_text() == "Version 3.1.0 of advisor"
     facts = await page.locator("#version-facts").inner_text()
@@ -246,8 +264,11 @@ async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h)
     assert metric[:4] == ["win_rate", "0.6", "higher is better", "trainer"] and metric[4].endswith("UTC")
     artifacts = await page.locator("#artifacts tbody").inner_text()
     assert "lora adapter" in artifacts and "3.0 MiB" in artifacts
-    assert await page.locator(f'#lineage-graph g.node.focus[data-id="{v31}"]').count() == 1
-    assert await page.locator(f'#lineage-graph g.node[data-id="{v40}"]').count() == 0  # a sibling, not a relative
+    shown = await drawn(page)
+    assert [n["id"] for n in shown["nodes"] if n["focus"]] == [v31]
+    assert {v30, job2, data_b, judge} <= {n["id"] for n in shown["nodes"]}
+    assert v40 not in {n["id"] for n in shown["nodes"]}  # a sibling, not a relative
+    assert warnings == []
     assert "beta" in await page.locator("#hyperparameters").inner_text()
     await h.check_screen(page, "version")
     await page.get_by_role("link", name="3.1.0 against parent 3.0.0").click()

@@ -1,5 +1,5 @@
 """The pure parts of the pages: what a training-job event becomes for the browser, the list's progress and ETA,
-which actions a job's state offers; the lineage graph's layout, metric verdicts; the audit page's filter and rows."""
+which actions a job's state offers; the lineage graph's nodes and edges, metric verdicts; the audit page's filter and rows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from neuroweaver.registry.v1 import registry_pb2 as rpb
 from neuroweaver.registry.v1 import registry_service_pb2 as rsvc
 from neuroweaver.trainer.v1 import training_job_pb2 as tpb
 from neuroweaver_console import audit
-from neuroweaver_console.lineage import lineage_graph, version_href, version_label
+from neuroweaver_console.lineage import Node, lineage_graph, version_href, version_label
 from neuroweaver_console.registry import latest_metrics, metric_verdict, size
 from neuroweaver_console.training import _allowed_actions, event_json, job_summary
 from neuroweaver_runtime.filtering import Comparison, parse_filter
@@ -64,7 +64,7 @@ def mv(version: str, **lineage) -> rpb.ModelVersion:
     return rpb.ModelVersion(name=f"{M}/versions/{version}", version=version, lineage=rpb.Lineage(**lineage))
 
 
-def test_lineage_graph_shares_inputs_and_puts_children_right_of_their_parent():
+def test_lineage_graph_shares_inputs_and_links_versions_to_their_parent():
     base = "builtin:smollm2-135m-instruct"
     v1 = mv(
         "1.0.0",
@@ -105,29 +105,35 @@ def test_lineage_graph_shares_inputs_and_puts_children_right_of_their_parent():
     assert edges[("projects/default/trainingJobs/tj-1", v1.name)] == "job"
     assert edges[(v1.name, v2.name)] == edges[(v1.name, v3.name)] == "parent"
     assert edges[("projects/default/judges/helpful/versions/2", "projects/default/trainingJobs/tj-2")] == "input"
-    # Columns: inputs, jobs, then one per generation; rows depth-first in the given order (v3 before v2).
-    assert [nodes[a].col, nodes["projects/default/trainingJobs/tj-1"].col, nodes[v1.name].col, nodes[v2.name].col] == [0, 1, 2, 3]
-    assert [nodes[v.name].row for v in (v1, v3, v2)] == [0, 1, 2]
-    inputs = sorted(n.row for n in g.nodes if n.col == 0)
-    assert all(b - a >= 1 for a, b in zip(inputs, inputs[1:], strict=False))  # no two boxes overlap
+    assert len(g.edges) == 11  # tj-1: base, a; tj-2: base, b, judge; v3: base, a; jobs; parents
     assert nodes[v2.name].focus and not nodes[v1.name].focus
     assert nodes[v3.name].caption == "version · production" and nodes[v3.name].label == "2.0.0"
     assert nodes["projects/default/judges/helpful/versions/2"].label == "helpful v2"
     assert nodes[a].caption == "dataset · sha256 aaaaaaaa" and nodes[a].label == "a.jsonl"
     assert nodes["projects/default/trainingJobs/tj-1"].href == "/jobs/tj-1"
-    assert nodes[v2.name].href == "/models/advisor/versions/1.1.0"
-    assert nodes[base].short.startswith("…") and len(nodes[base].short) == 24  # the end tells model ids apart
+    assert nodes[v2.name].href == "/models/advisor/versions/1.1.0" and nodes[a].href == ""
+    assert nodes[base].short == base  # fits; a longer label keeps its end, which tells model ids and files apart
+    assert Node("m", "base", "base model", "/srv/models/acme/smollm2-135m-instruct").short == "…ls/acme/smollm2-135m-instruct"
+    # The table: depth-first in the given order (v3 before v2).
     assert [r.version.label for r in g.rows] == ["1.0.0", "2.0.0", "1.1.0"] and g.rows[2].parent is nodes[v1.name]
-    assert g.width > 3 * 184 and g.height >= 3 * 48
+    # What the page carries as JSON for static/lineage.js: labels cut to fit, every edge by its ends.
+    elements = g.elements()
+    assert [n["id"] for n in elements["nodes"]] == [n.id for n in g.nodes]
+    (drawn,) = [n for n in elements["nodes"] if n["id"] == base]
+    assert drawn == {"id": base, "kind": "base", "caption": "base model", "label": nodes[base].short, "href": "", "focus": False}
+    assert {"source": v1.name, "target": v2.name, "kind": "parent"} in elements["edges"]
+    assert len(elements["edges"]) == len(g.edges)
 
 
 def test_lineage_graph_draws_parents_it_was_not_given_and_needs_no_inputs():
     other = "projects/default/models/base-advisor/versions/3.0.0"
     g = lineage_graph([mv("1.0.0", parent_version=other)], "default", M)
     nodes = {n.id: n for n in g.nodes}
-    assert nodes[other].label == "base-advisor 3.0.0" and nodes[other].col == 0 and nodes[M + "/versions/1.0.0"].col == 1
+    assert nodes[other].label == "base-advisor 3.0.0" and nodes[other].kind == "version"
+    assert nodes[other].href == "/models/base-advisor/versions/3.0.0"  # same project: its page is here
+    assert [r.version.id for r in g.rows] == [M + "/versions/1.0.0"] and g.rows[0].parent is nodes[other]
     assert [(e.source, e.kind) for e in g.edges] == [(other, "parent")]
-    assert lineage_graph([], "default", M).nodes == []
+    assert lineage_graph([], "default", M).elements() == {"nodes": [], "edges": []}
     assert version_label("projects/acme/models/x/versions/1.0.0", M) == "acme/x 1.0.0"
     assert version_href("projects/acme/models/x/versions/1.0.0", "default") == ""  # another project: no page here
 
