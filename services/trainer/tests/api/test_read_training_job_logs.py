@@ -82,7 +82,8 @@ async def test_tail_follow_attempts_and_a_huge_log(trainers, h, tiny_model, data
     trainer = await trainers()
     stub = trainer.stub
     job = await stub.CreateTrainingJob(
-        create(h, "logs-run", tiny_model, data_root, max_steps=20, checkpoint_every=1000, eval_every=1000)
+        # Steps enough that the pause (read by the worker once a second) lands long before the end on a busy machine.
+        create(h, "logs-run", tiny_model, data_root, max_steps=300, checkpoint_every=1000, eval_every=1000)
     )
     logs_dir = Path(trainer.config["data_dir"]) / "jobs" / "logs-run"
 
@@ -103,6 +104,8 @@ async def test_tail_follow_attempts_and_a_huge_log(trainers, h, tiny_model, data
         if exited and not resp.truncated:
             break
         paused = resp.state == h.tpb.TrainingJob.STATE_PAUSED
+        S = h.tpb.TrainingJob
+        assert resp.state not in (S.STATE_SUCCEEDED, S.STATE_FAILED, S.STATE_CANCELLED), "the job ended before its pause"
         if not pause_sent and (await stub.GetTrainingJob(h.tsvc.GetTrainingJobRequest(name=job.name))).current_step >= 2:
             await stub.PauseTrainingJob(h.tsvc.PauseTrainingJobRequest(name=job.name))
             pause_sent = True
