@@ -157,14 +157,14 @@ async def test_stale_alias_move_is_refused(page, console, parts_bot, registry):
     assert alias.version == "1.1.0"
 
 
-ADVISOR = "projects/default/models/advisor"  # conftest's model; training tests add 0.x versions to it
+LINEAGE = "projects/default/models/lineage-bot"  # its own model: other tests add versions to the shared ones
 BASE = "builtin:smollm2-135m-instruct"
 
 
 def lineage_version(n: int, lineage: rpb.Lineage, **metrics: float) -> rpb.ModelVersion:
     return rpb.ModelVersion(
         artifact=rpb.Artifact(
-            uri=f"file:///models/advisor/{n}", sha256=hashlib.sha256(b"%d" % n).hexdigest(), size_bytes=3 << 20,
+            uri=f"file:///models/lineage-bot/{n}", sha256=hashlib.sha256(b"%d" % n).hexdigest(), size_bytes=3 << 20,
             format=rpb.ARTIFACT_FORMAT_LORA_ADAPTER,
         ),
         lineage=lineage,
@@ -173,10 +173,11 @@ def lineage_version(n: int, lineage: rpb.Lineage, **metrics: float) -> rpb.Model
 
 
 @pytest.fixture(scope="module")
-async def advisor_lineage(registry):
+async def lineage_bot(registry):
     """3.0.0 trained on a.jsonl; 3.1.0 from it by DPO with a judge on b.jsonl; 4.0.0 from 3.0.0 again on a.jsonl, imported
     (no job)."""
     stub = registry.stub
+    await stub.CreateModel(rsvc.CreateModelRequest(parent="projects/default", model_id="lineage-bot", model=rpb.Model()))
     judge = await stub.CreateJudge(
         rsvc.CreateJudgeRequest(
             parent="projects/default",
@@ -194,18 +195,18 @@ async def advisor_lineage(registry):
                                   training_job="projects/default/trainingJobs/tj-lin-1"), {"win_rate": 0.5}),
         (31, "3.1.0", rpb.Lineage(base_model=BASE, dataset_uri="file:///d/b.jsonl", dataset_digest=b, method="dpo",
                                   training_job="projects/default/trainingJobs/tj-lin-2", judge_version=f"{judge.name}/versions/1",
-                                  parent_version=f"{ADVISOR}/versions/3.0.0", hyperparameters={"beta": "0.1"}), {"win_rate": 0.6}),
+                                  parent_version=f"{LINEAGE}/versions/3.0.0", hyperparameters={"beta": "0.1"}), {"win_rate": 0.6}),
         (40, "4.0.0", rpb.Lineage(base_model=BASE, dataset_uri="file:///d/a.jsonl", dataset_digest=a, method="sft_lora",
-                                  parent_version=f"{ADVISOR}/versions/3.0.0"), {}),
+                                  parent_version=f"{LINEAGE}/versions/3.0.0"), {}),
     ):  # fmt: skip
         created.append(
             await stub.CreateModelVersion(
                 rsvc.CreateModelVersionRequest(
-                    parent=ADVISOR, version=version, model_version=lineage_version(n, lineage, **metrics)
+                    parent=LINEAGE, version=version, model_version=lineage_version(n, lineage, **metrics)
                 )
             )
         )
-    await stub.SetModelAlias(rsvc.SetModelAliasRequest(model=ADVISOR, alias="stable", version="3.0.0", reason="lineage test"))
+    await stub.SetModelAlias(rsvc.SetModelAliasRequest(model=LINEAGE, alias="stable", version="3.0.0", reason="lineage test"))
     return created
 
 
@@ -217,14 +218,14 @@ async def drawn(page) -> dict:
     return json.loads(await graph.get_attribute("data-drawn"))
 
 
-async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h):
-    v30, v31, v40 = (v.name for v in advisor_lineage)
+async def test_lineage_graph_and_version_page(page, console, lineage_bot, h):
+    v30, v31, v40 = (v.name for v in lineage_bot)
     job1, job2 = "projects/default/trainingJobs/tj-lin-1", "projects/default/trainingJobs/tj-lin-2"
     data_a, data_b = f"file:///d/a.jsonl@{'aa' * 32}", f"file:///d/b.jsonl@{'bb' * 32}"
     judge = "projects/default/judges/helpful/versions/1"
     warnings: list[str] = []  # Cytoscape warns about styles it cannot use and edges it cannot draw
     page.on("console", lambda msg: warnings.append(msg.text) if msg.type == "warning" else None)
-    await page.goto(f"{console.url}/models/advisor")
+    await page.goto(f"{console.url}/models/lineage-bot")
     graph = page.locator("#lineage-graph")
     shown = await drawn(page)
     nodes = {n["id"]: n for n in shown["nodes"]}
@@ -256,8 +257,8 @@ async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h)
     box = await graph.bounding_box()
     assert box is not None
     await page.mouse.click(box["x"] + nodes[v31]["x"], box["y"] + nodes[v31]["y"])
-    await page.wait_for_url("**/models/advisor/versions/3.1.0")
-    assert await page.locator("h1").inner_text() == "Version 3.1.0 of advisor"
+    await page.wait_for_url("**/models/lineage-bot/versions/3.1.0")
+    assert await page.locator("h1").inner_text() == "Version 3.1.0 of lineage-bot"
     facts = await page.locator("#version-facts").inner_text()
     assert "registered" in facts and "3.0.0" in facts and "dpo" in facts
     metric = await page.locator("#metrics tbody tr").first.locator("th, td").all_inner_texts()
@@ -280,8 +281,11 @@ async def test_lineage_graph_and_version_page(page, console, advisor_lineage, h)
     assert "Recommendation: promote" in await page.locator("#recommendation").inner_text()
 
 
-async def test_unknown_model_or_version_is_a_404_page_with_the_reason(page, console, advisor_lineage):
-    for path, missing in (("/models/advisor/versions/9.9.9", "9.9.9"), ("/models/no-such-model/versions/1.0.0", "no-such-model")):
+async def test_unknown_model_or_version_is_a_404_page_with_the_reason(page, console, lineage_bot):
+    for path, missing in (
+        ("/models/lineage-bot/versions/9.9.9", "9.9.9"),
+        ("/models/no-such-model/versions/1.0.0", "no-such-model"),
+    ):
         response = await page.goto(f"{console.url}{path}")
         assert response is not None and response.status == 404
         assert await page.locator("h1").inner_text() == "The service said NOT_FOUND"
